@@ -1,0 +1,32 @@
+# Two commands for a fresh machine (Python 3.11, no GPU needed):
+#   make pretrain   - installs everything into .venv, then pretrains a small MAE on the built-in photos
+#   make test       - installs everything into .venv, then runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastmim-installed
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install pretrain test test-gpu lint clean
+
+$(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h kernels/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet setuptools wheel pybind11 cmake ninja
+	$(PY) -m pip install --quiet --no-build-isolation -e '.[samples,test]'
+	touch $@
+
+install: $(STAMP)
+
+pretrain: $(STAMP)
+	$(PY) -m fastmim.pretrain $(ARGS)
+
+test: $(STAMP)
+	FASTMIM_REQUIRE_EXT=1 $(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+clean:
+	rm -rf build fastmim/_C*.so *.egg-info

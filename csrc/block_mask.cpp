@@ -1,0 +1,125 @@
+#include "block_mask.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace fastmim {
+namespace {
+
+// splitmix64: decorrelates the per-sample seeds fed to the generator below.
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ULL;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+  return x ^ (x >> 31);
+}
+
+// xoshiro256** : small, fast, and its output is fully specified (unlike std:: distributions).
+class Rng {
+ public:
+  explicit Rng(uint64_t seed) {
+    for (auto& s : s_) s = seed = splitmix64(seed);
+  }
+  uint64_t next() {
+    const uint64_t result = rotl(s_[1] * 5, 7) * 9;
+    const uint64_t t = s_[1] << 17;
+    s_[2] ^= s_[0];
+    s_[3] ^= s_[1];
+    s_[1] ^= s_[2];
+    s_[0] ^= s_[3];
+    s_[2] ^= t;
+    s_[3] = rotl(s_[3], 45);
+    return result;
+  }
+  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }  // [0, 1)
+  double uniform(double a, double b) { return a + (b - a) * uniform(); }
+  int64_t randint(int64_t lo, int64_t hi) {  // inclusive, hi - lo is tiny so modulo bias is negligible
+    return lo + static_cast<int64_t>(next() % static_cast<uint64_t>(hi - lo + 1));
+  }
+
+ private:
+  static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+  uint64_t s_[4];
+};
+
+// One rectangle, as BEiT's generator draws it: up to max_attempts tries of a random area and log-uniform aspect
+// ratio; a try counts only if it masks at least one new cell and no more than `budget` new cells.
+int64_t add_block(const BlockMaskParams& p, int64_t budget, Rng& rng, uint8_t* m) {
+  const double log_lo = std::log(p.min_aspect), log_hi = std::log(p.max_aspect);
+  for (int64_t attempt = 0; attempt < p.max_attempts; ++attempt) {
+    const double area = rng.uniform(p.min_block, static_cast<double>(budget));
+    const double aspect = std::exp(rng.uniform(log_lo, log_hi));
+    const int64_t h = std::llround(std::sqrt(area * aspect));
+    const int64_t w = std::llround(std::sqrt(area / aspect));
+    if (h < 1 || w < 1 || h >= p.height || w >= p.width) continue;
+    const int64_t top = rng.randint(0, p.height - h);
+    const int64_t left = rng.randint(0, p.width - w);
+    int64_t already = 0;
+    for (int64_t i = top; i < top + h; ++i)
+      for (int64_t j = left; j < left + w; ++j) already += m[i * p.width + j];
+    const int64_t fresh = h * w - already;
+    if (fresh <= 0 || fresh > budget) continue;
+    for (int64_t i = top; i < top + h; ++i)
+      for (int64_t j = left; j < left + w; ++j) m[i * p.width + j] = 1;
+    return fresh;
+  }
+  return 0;
+}
+
+void one_sample(const BlockMaskParams& p, Rng& rng, uint8_t* m) {
+  const int64_t n = p.height * p.width;
+  std::fill(m, m + n, uint8_t{0});
+  int64_t count = 0;
+  while (count < p.num_masked) {
+    const int64_t budget = std::min<int64_t>(p.num_masked - count, static_cast<int64_t>(p.max_block));
+    const int64_t added = budget > 0 ? add_block(p, budget, rng, m) : 0;
+    if (added == 0) break;
+    count += added;
+  }
+  if (count == p.num_masked) return;
+  // Blocks could not reach the exact count (small grid or small remainder): mask random free cells.
+  std::vector<int64_t> free_cells;
+  free_cells.reserve(static_cast<size_t>(n - count));
+  for (int64_t i = 0; i < n; ++i)
+    if (!m[i]) free_cells.push_back(i);
+  const int64_t need = p.num_masked - count;
+  for (int64_t k = 0; k < need; ++k) {  // partial Fisher-Yates
+    const int64_t r = rng.randint(k, static_cast<int64_t>(free_cells.size()) - 1);
+    std::swap(free_cells[k], free_cells[r]);
+    m[free_cells[k]] = 1;
+  }
+}
+
+}  // namespace
+
+void validate(const BlockMaskParams& p) {
+  auto fail = [](const std::string& msg) { throw std::invalid_argument("block_mask: " + msg); };
+  if (p.height < 1 || p.width < 1) fail("grid height and width must be >= 1");
+  if (p.height > (1 << 15) || p.width > (1 << 15)) fail("grid height and width must be <= 32768");
+  const int64_t n = p.height * p.width;
+  if (p.num_masked < 0 || p.num_masked > n)
+    fail("num_masked=" + std::to_string(p.num_masked) + " is outside [0, " + std::to_string(n) + "]");
+  if (!(p.min_block >= 1.0) || !std::isfinite(p.min_block)) fail("min_num_patches must be a finite number >= 1");
+  if (!(p.max_block >= p.min_block) || std::isnan(p.max_block)) fail("max_num_patches must be >= min_num_patches");
+  if (!(p.min_aspect > 0.0) || !std::isfinite(p.min_aspect)) fail("min_aspect must be a finite number > 0");
+  if (!(p.max_aspect >= p.min_aspect) || !std::isfinite(p.max_aspect)) fail("max_aspect must be finite and >= min_aspect");
+  if (p.max_attempts < 1) fail("max_attempts must be >= 1");
+}
+
+void block_mask(const BlockMaskParams& p, int64_t batch, uint64_t seed, uint8_t* out) {
+  validate(p);
+  if (batch < 0) throw std::invalid_argument("block_mask: batch must be >= 0");
+  const int64_t n = p.height * p.width;
+#ifdef FASTMIM_OPENMP
+#pragma omp parallel for schedule(dynamic, 4)
+#endif
+  for (int64_t b = 0; b < batch; ++b) {
+    Rng rng(splitmix64(seed) ^ splitmix64(static_cast<uint64_t>(b) + 0x51ED270B7A3C0F1DULL));
+    one_sample(p, rng, out + b * n);
+  }
+}
+
+}  // namespace fastmim

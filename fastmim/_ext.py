@@ -1,0 +1,43 @@
+"""Loads the native extension ``fastmim._C`` once; fastmim falls back to its PyTorch reference paths without it."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from types import ModuleType
+
+
+class ExtensionWarning(RuntimeWarning):
+    """Issued once when fastmim runs without its native extension."""
+
+
+_C: ModuleType | None = None
+load_error: str | None = None
+
+if os.environ.get("FASTMIM_NO_EXT", "0") == "1":
+    load_error = "disabled by FASTMIM_NO_EXT=1"
+else:
+    try:
+        from fastmim import _C  # type: ignore[attr-defined,no-redef]
+    except ImportError as e:  # not built (FASTMIM_BUILD_EXT=0, a source checkout) or built for another Python
+        load_error = str(e)
+
+if _C is None:
+    warnings.warn(
+        f"fastmim is running without its native extension fastmim._C ({load_error}); "
+        "using the PyTorch reference paths. Build it with `pip install -e .`.",
+        ExtensionWarning,
+        stacklevel=2,
+    )
+
+
+def available() -> bool:
+    """True when ``fastmim._C`` is loaded."""
+    return _C is not None
+
+
+def require() -> ModuleType:
+    """Returns ``fastmim._C`` or raises a RuntimeError that says why it is missing."""
+    if _C is None:
+        raise RuntimeError(f"fastmim._C is not available: {load_error}")
+    return _C

@@ -1,0 +1,188 @@
+"""Pretraining configuration: a dataclass, filled from defaults < YAML (--config) < command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+
+
+@dataclass
+class PretrainConfig:
+    """Every option of a pretraining run. The defaults are sized for the built-in CPU demo (ViT-tiny, 30 epochs,
+    batch 16, blr 1.5e-3); configs/mae_vit_base_in1k.yaml holds the MAE paper's ImageNet recipe."""
+
+    # model (Encoder + Head)
+    model: str = field(default="mae_vit_tiny_patch16", metadata={"help": "registered model name"})
+    img_size: int = field(default=224, metadata={"help": "input side, divisible by the patch size"})
+    decoder_embed_dim: int | None = field(default=None, metadata={"help": "decoder width (None: the model's)"})
+    decoder_depth: int | None = field(default=None, metadata={"help": "decoder blocks (None: the model's)"})
+    decoder_num_heads: int | None = field(default=None, metadata={"help": "decoder heads (None: the model's)"})
+    attn_impl: str = field(default="auto", metadata={"help": "auto, sdpa, flash or math"})
+    # Mask + Target
+    mask_ratio: float = field(default=0.75, metadata={"help": "fraction of patches removed, in (0, 1)"})
+    mask_type: str = field(default="random", metadata={"help": "random (MAE) or block (BEiT-style)"})
+    norm_pix_loss: bool = field(default=True, metadata={"help": "normalise target patches (MAE norm-pix)"})
+    # data
+    data_path: str | None = field(default=None, metadata={"help": "image folder (None: built-in sample photos)"})
+    num_workers: int | None = field(default=None, metadata={"help": "loader processes per rank (None: auto)"})
+    # optimisation
+    epochs: int = field(default=30, metadata={"help": "training epochs"})
+    batch_size: int = field(default=16, metadata={"help": "images per device per step"})
+    accum_iter: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    blr: float = field(default=1.5e-3, metadata={"help": "base lr: lr = blr * effective batch / 256"})
+    lr: float | None = field(default=None, metadata={"help": "absolute lr (overrides blr)"})
+    min_lr: float = field(default=0.0, metadata={"help": "lr floor of the cosine schedule"})
+    warmup_epochs: float = field(default=3.0, metadata={"help": "linear warmup epochs"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    clip_grad: float | None = field(default=None, metadata={"help": "clip the gradient norm (None: no clip)"})
+    amp: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA), none, bf16 or fp16"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    # run
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda, cuda:N"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    output_dir: str | None = field(default=None, metadata={"help": "run directory (None: output/MODEL-TIME)"})
+    resume: str | None = field(default=None, metadata={"help": "checkpoint to resume ('auto': output_dir's)"})
+    log_interval: int = field(default=10, metadata={"help": "steps between logged metrics (host syncs)"})
+    save_interval: int = field(default=0, metadata={"help": "steps between checkpoints (0: every epoch)"})
+    vis_interval: int = field(default=10, metadata={"help": "epochs between reconstruction images"})
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first bad value."""
+        from fastmim.masking.random import check_mask_ratio
+
+        check_mask_ratio(self.mask_ratio)
+        positive = ("img_size", "epochs", "batch_size", "accum_iter", "log_interval", "vis_interval")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "max_steps"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        for name in ("blr", "min_lr", "warmup_epochs", "weight_decay", "save_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.mask_type not in ("random", "block"):
+            raise ValueError(f"mask_type must be 'random' or 'block', got {self.mask_type!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(PretrainConfig)}
+
+
+def _base_type(tp) -> tuple[type, bool]:
+    """(int/float/str/bool, optional?) of a field annotation such as ``int | None``."""
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return tp, False
+
+
+def _coerce(name: str, value, tp) -> object:
+    base, optional = _base_type(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ValueError(f"config key {name!r} cannot be null")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"config key {name!r} must be true or false, got {value!r}")
+    if base is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and base in (int, float):
+        try:
+            return base(value)
+        except ValueError:
+            pass
+    if base is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, base) or isinstance(value, bool) != (base is bool):
+        raise ValueError(f"config key {name!r} must be of type {base.__name__}, got {value!r}")
+    return value
+
+
+def apply_overrides(cfg: PretrainConfig, overrides: dict, source: str) -> PretrainConfig:
+    """Returns a copy of cfg with the given keys replaced; an unknown key raises ValueError naming it."""
+    fields = _fields()
+    hints = typing.get_type_hints(PretrainConfig)
+    values = {}
+    for key, value in overrides.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown config key {key!r} in {source}{hint}")
+        values[name] = _coerce(name, value, hints[name])
+    return dataclasses.replace(cfg, **values)
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Reads a YAML mapping of config keys; errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(p)!r} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def save_yaml(cfg: PretrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastmim.pretrain",
+        description="Masked image modeling pretraining (MAE). With no arguments: a small MAE on built-in photos.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", default=None, help="YAML file of config keys; flags override it")
+    hints = typing.get_type_hints(PretrainConfig)
+    for f in dataclasses.fields(PretrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        base, _ = _base_type(hints[f.name])
+        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} (default: {f.default})")
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "resume":
+            parser.add_argument(flag, nargs="?", const="auto", metavar="CHECKPOINT", **kw)
+        else:
+            parser.add_argument(flag, type=str, metavar=base.__name__.upper(), **kw)
+    return parser
+
+
+def cli_overrides(argv: list[str] | None) -> tuple[str | None, dict]:
+    """(--config path, the flags the user actually gave) from a command line."""
+    ns = vars(build_parser().parse_args(argv))
+    return ns.pop("config", None), ns

@@ -1,0 +1,58 @@
+"""Data: image folders, the built-in sample photos, MAE's augmentation, resumable sampling."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fastmim.data.folder import ImageFolderDataset, list_images
+from fastmim.data.sampler import ResumableDistributedSampler
+from fastmim.data.samples import default_dataset_path
+from fastmim.data.transforms import denormalize, eval_transform, pretrain_transform
+
+__all__ = [
+    "ImageFolderDataset",
+    "ResumableDistributedSampler",
+    "build_pretrain_loader",
+    "default_dataset_path",
+    "denormalize",
+    "eval_transform",
+    "list_images",
+    "pretrain_transform",
+]
+
+
+def default_num_workers(local_world_size: int = 1) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // max(1, local_world_size) - 1))
+
+
+def build_pretrain_loader(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    pin_memory: bool = False,
+) -> tuple[torch.utils.data.DataLoader, ResumableDistributedSampler]:
+    """A drop-last loader over a resumable, sharded sampler; raises if the data cannot fill one global batch."""
+    if len(dataset) < batch_size * world_size:
+        raise ValueError(
+            f"the dataset has {len(dataset)} images, fewer than one global batch "
+            f"({batch_size} per device x {world_size} devices): lower --batch-size or add images"
+        )
+    sampler = ResumableDistributedSampler(len(dataset), world_size, rank, seed=seed)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        # its own generator: creating an iterator must not consume the global RNG (exact resume)
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+    )
+    return loader, sampler

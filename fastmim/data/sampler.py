@@ -1,0 +1,51 @@
+"""A distributed sampler that can start in the middle of an epoch, for exact mid-epoch resume."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Sampler
+
+
+class ResumableDistributedSampler(Sampler[int]):
+    """Shuffles with a generator seeded by (seed, epoch), shards by rank (DistributedSampler's layout, padded
+    to a multiple of the world size) and skips the first ``start_index`` samples of this rank's share.
+
+    Args:
+        num_samples_total: dataset length.
+        num_replicas, rank: the data-parallel world.
+        seed: shuffling seed, identical on all ranks.
+        shuffle: shuffle each epoch.
+    """
+
+    def __init__(self, num_samples_total: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle=True):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
+        self.n = num_samples_total
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.start_index = 0
+        self.per_rank = -(-self.n // num_replicas)  # ceil
+
+    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
+        """Selects the epoch's order and the first sample (within this rank's share) to yield."""
+        self.epoch = epoch
+        self.start_index = start_index
+
+    def _rank_indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        total = self.per_rank * self.num_replicas
+        order += order[: total - len(order)]  # pad by repeating the start, as DistributedSampler
+        return order[self.rank : total : self.num_replicas]
+
+    def __iter__(self):
+        return iter(self._rank_indices()[self.start_index :])
+
+    def __len__(self) -> int:
+        return max(0, self.per_rank - self.start_index)

@@ -1,0 +1,77 @@
+"""The built-in default dataset: scikit-image's sample photographs, written once as a JPEG image folder.
+
+No network: the photos ship inside the scikit-image wheel. Each photo becomes a class folder holding the full photo
+and its four quadrants, so a short CPU run sees ~100 distinct images per epoch. The folder is then read through the
+same loader as a user's ImageFolder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+
+# Real photographs (and micrographs) among scikit-image's bundled files; synthetic test patterns are left out.
+SAMPLE_PHOTOS = (
+    "astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "coffee.png", "coins.png", "grass.png",
+    "gravel.png", "hubble_deep_field.jpg", "ihc.png", "microaneurysms.png", "moon.png", "motorcycle_left.png",
+    "motorcycle_right.png", "page.png", "retina.jpg", "rocket.jpg", "text.png", "clock_motion.png",
+)  # fmt: skip
+VERSION = "v1"  # bump when the layout changes, so old caches are not reused
+
+
+def cache_root() -> Path:
+    """$FASTMIM_CACHE, else $XDG_CACHE_HOME/fastmim, else ~/.cache/fastmim."""
+    if os.environ.get("FASTMIM_CACHE"):
+        return Path(os.environ["FASTMIM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastmim"
+
+
+def _skimage_data_dir() -> Path:
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "no --data-path was given and the built-in sample photos come from scikit-image, which is not installed: "
+            "pip install 'fastmim[samples]' (or scikit-image), or pass --data-path to an image folder"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def _write_photo(src: Path, dst_dir: Path) -> int:
+    img = Image.open(src).convert("RGB")
+    dst_dir.mkdir(parents=True)
+    img.save(dst_dir / "full.jpg", quality=95)
+    w, h = img.size
+    for i, (x, y) in enumerate(((0, 0), (w // 2, 0), (0, h // 2), (w // 2, h // 2))):
+        img.crop((x, y, x + w // 2, y + h // 2)).save(dst_dir / f"quadrant{i}.jpg", quality=95)
+    return 5
+
+
+def default_dataset_path() -> Path:
+    """Path of the built-in image folder, writing it on first use (safe when several processes race)."""
+    final = cache_root() / f"samples-{VERSION}"
+    if (final / ".complete").is_file():
+        return final
+    src_dir = _skimage_data_dir()
+    photos = [src_dir / name for name in SAMPLE_PHOTOS if (src_dir / name).is_file()]
+    if not photos:
+        raise RuntimeError(f"found none of scikit-image's sample photos in {src_dir}; pass --data-path instead")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".samples-tmp-", dir=final.parent))
+    try:
+        for src in photos:
+            _write_photo(src, tmp / src.stem)
+        (tmp / ".complete").write_text("scikit-image sample photos\n")
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first (or a stale incomplete folder is in the way)
+            if not (final / ".complete").is_file():
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,5 @@
+"""Recipes: each composes a Mask, an Encoder, a Target and a Head."""
+
+from fastmim.methods.mae import MaskedAutoencoderViT
+
+__all__ = ["MaskedAutoencoderViT"]

@@ -1,0 +1,181 @@
+"""MAE: random mask + ViT on the visible tokens + norm-pix target + transformer decoder, MSE on masked patches.
+
+This is the plain PyTorch path: readable, and the reference that fused ops must match. The state dict has the keys
+and shapes of the official implementation (facebookresearch/mae ``models_mae.py``), so its checkpoints load here, and
+``encoder_state_dict()`` loads into timm's VisionTransformer.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from fastmim.masking import BlockMaskConfig, BlockMaskGenerator, MaskInfo, masking_from_bool, random_masking
+from fastmim.masking.random import check_mask_ratio, num_visible
+from fastmim.models.pos_embed import sincos_2d
+from fastmim.models.registry import register_model
+from fastmim.models.vit import Block, VisionTransformer, init_weights, vit_sizes
+from fastmim.ops.reference import masked_mse_loss_ref, patch_stats_ref, patchify_ref, unpatchify_ref
+
+MASK_TYPES = ("random", "block")
+DECODER_KEYS = ("decoder_", "mask_token")  # state-dict prefixes that belong to the head, not the encoder
+
+
+class MaskedAutoencoderViT(VisionTransformer):
+    """MAE with a ViT encoder (inherited, so its parameters keep timm's names) and a transformer decoder.
+
+    Args:
+        decoder_embed_dim, decoder_depth, decoder_num_heads: decoder shape (MAE default 512, 8, 16).
+        mask_ratio: fraction of patches removed per sample.
+        mask_type: "random" (MAE) or "block" (BEiT-style block-wise masks with the same count).
+        norm_pix_loss: normalise each target patch by its mean and std.
+        Other arguments as ``VisionTransformer``.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        mask_ratio: float = 0.75,
+        mask_type: str = "random",
+        norm_pix_loss: bool = True,
+        attn_impl: str = "auto",
+    ):
+        check_mask_ratio(mask_ratio)
+        if mask_type not in MASK_TYPES:
+            raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl)
+        self.mask_ratio = float(mask_ratio)
+        self.mask_type = mask_type
+        self.norm_pix_loss = norm_pix_loss
+        n = self.num_patches
+        # --- Head: transformer decoder over visible latents + mask tokens ---
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n + 1, decoder_embed_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, attn_impl=attn_impl) for _ in range(decoder_depth)]
+        )
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
+        self._init_decoder()
+        self._block_masks: BlockMaskGenerator | None = None
+
+    def _init_decoder(self) -> None:
+        d = self.decoder_embed.out_features
+        self.decoder_pos_embed.data.copy_(sincos_2d(d, self.grid_size, cls_token=True).unsqueeze(0))
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            m.apply(init_weights)
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"mask_token", "decoder_pos_embed"}
+
+    # --- Target ---
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, N, p*p*C]."""
+        return patchify_ref(imgs, self.patch_size)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, p*p*C] -> [B, C, H, W]."""
+        return unpatchify_ref(x, self.patch_size, self.grid_size, self.in_chans)
+
+    # --- Mask ---
+    def make_mask(self, batch: int, device: torch.device, mask_ratio: float | None = None) -> MaskInfo:
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        if self.mask_type == "random":
+            return random_masking(batch, self.num_patches, ratio, device=device)
+        n_masked = self.num_patches - num_visible(self.num_patches, ratio)
+        gh, gw = self.grid_size
+        if self._block_masks is None or self._block_masks.cfg.num_masked != n_masked:
+            self._block_masks = BlockMaskGenerator(BlockMaskConfig(gh, gw, n_masked))
+        seed = int(torch.randint(0, 2**62, (1,)))  # from torch's RNG, so seeding and resume cover it
+        mask = self._block_masks(batch, seed=seed).reshape(batch, gh * gw)
+        return masking_from_bool(mask.to(device, non_blocking=True))
+
+    # --- Encoder ---
+    def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Encodes only the visible patches: [B, C, H, W], [B, K] -> [B, 1 + K, D]."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # [B, N, D]
+        d = x.shape[-1]
+        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))  # [B, K, D]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)  # [B, 1 + K, D]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    # --- Head ---
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """[B, 1 + K, D], [B, N] -> predicted patches [B, N, p*p*C]."""
+        x = self.decoder_embed(latent)  # [B, 1 + K, Dd]
+        b, n = ids_restore.shape
+        mask_tokens = self.mask_token.expand(b, n + 1 - x.shape[1], -1)  # [B, N - K, Dd]
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # [B, N, Dd] visible first, shuffled order
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # unshuffle
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed  # [B, 1 + N, Dd]
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_pred(self.decoder_norm(x))  # [B, 1 + N, p*p*C]
+        return x[:, 1:, :]
+
+    # --- Loss ---
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean over masked patches of the per-patch MSE against (norm-pix) targets; computed in fp32."""
+        return masked_mse_loss_ref(pred, imgs, mask, self.patch_size, norm_pix=self.norm_pix_loss)
+
+    def forward(
+        self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: MaskInfo | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (loss, pred [B, N, p*p*C], mask [B, N] with 1 = removed).
+
+        Args:
+            imgs: [B, C, H, W] normalised images.
+            mask_ratio: overrides the model's ratio for this call.
+            mask: a given mask (e.g. to compare two implementations on the same mask); drawn when None.
+        """
+        if mask is None:
+            mask = self.make_mask(imgs.shape[0], imgs.device, mask_ratio)
+        latent = self.forward_encoder(imgs, mask.ids_keep)
+        pred = self.forward_decoder(latent, mask.ids_restore)
+        loss = self.forward_loss(imgs, pred, mask.mask)
+        return loss, pred, mask.mask
+
+    @torch.no_grad()
+    def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Prediction [B, N, p*p*C] back in the images' (normalised) pixel space: norm-pix is undone with each target
+        patch's own mean and std, as MAE's visualisation does. Returns [B, C, H, W]."""
+        pred = pred.float()
+        if self.norm_pix_loss:
+            mean, std = patch_stats_ref(self.patchify(imgs.float()))
+            pred = pred * std + mean
+        return self.unpatchify(pred)
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights alone (no decoder, no mask token): loads into timm's VisionTransformer."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(DECODER_KEYS)}
+
+
+# Decoders: MAE's default (512 wide, 8 blocks, 16 heads) for small and up; ViT-tiny, the CPU demo model, gets a light
+# one (256 wide, 2 blocks) so the decoder does not cost several times the encoder. All are overridable.
+LIGHT_DECODER = dict(decoder_embed_dim=256, decoder_depth=2, decoder_num_heads=8)
+
+
+def _mae(size: str, patch: int, **kwargs) -> MaskedAutoencoderViT:
+    decoder = LIGHT_DECODER if size == "tiny" else {}
+    return MaskedAutoencoderViT(**{"patch_size": patch, **vit_sizes()[size], **decoder, **kwargs})
+
+
+for _size in vit_sizes():
+    for _patch in (14, 16):
+        register_model(f"mae_vit_{_size}_patch{_patch}", functools.partial(_mae, _size, _patch))

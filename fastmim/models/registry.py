@@ -1,0 +1,47 @@
+"""Model registry: ``fastmim.create_model("mae_vit_base_patch16")``."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+from collections.abc import Callable
+
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_PROVIDERS = ("fastmim.models.vit_zoo", "fastmim.methods")  # modules whose import registers models
+
+
+def register_model(name: str, fn: Callable[..., nn.Module]) -> None:
+    if name in _REGISTRY and _REGISTRY[name] is not fn:
+        raise ValueError(f"model {name!r} is registered twice")
+    _REGISTRY[name] = fn
+
+
+def _load_providers() -> None:
+    for mod in _PROVIDERS:
+        importlib.import_module(mod)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style pattern, sorted."""
+    _load_providers()
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Builds a registered model; keyword arguments override its defaults (e.g. ``img_size=112``).
+
+    Raises:
+        ValueError: unknown name (with the closest registered names) or an argument the model does not take.
+    """
+    _load_providers()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint} (fastmim.list_models() lists all {len(_REGISTRY)})")
+    try:
+        return _REGISTRY[name](**kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad arguments for model {name!r}: {e}") from e

@@ -1,0 +1,206 @@
+"""A lean Vision Transformer encoder whose parameter names match timm's ``VisionTransformer``.
+
+An encoder state dict from fastmim loads into ``timm.models.vision_transformer.VisionTransformer`` (and
+``timm.create_model("vit_base_patch16_224", num_classes=0)``) with strict key matching, and vice versa.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmim.models.pos_embed import sincos_2d
+
+try:  # optional: used for fp16/bf16 CUDA tensors when installed (pip install fastmim[flash])
+    from flash_attn import flash_attn_qkvpacked_func as _flash_qkvpacked
+except Exception:  # ImportError, or a broken build that fails at import
+    _flash_qkvpacked = None
+
+ATTN_IMPLS = ("auto", "sdpa", "flash", "math")
+
+
+def to_2tuple(x: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(x, int):
+        return (x, x)
+    if len(x) != 2:
+        raise ValueError(f"expected an int or a pair, got {x!r}")
+    return (int(x[0]), int(x[1]))
+
+
+class PatchEmbed(nn.Module):
+    """[B, C, H, W] -> [B, gh*gw, D] with a stride-p convolution (timm's ``patch_embed.proj``)."""
+
+    def __init__(self, img_size: int | tuple[int, int], patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        for side, p in zip(self.img_size, self.patch_size, strict=True):
+            if side % p:
+                raise ValueError(f"image size {self.img_size} is not divisible by the patch size {patch_size}")
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(f"expected images [B, C, {self.img_size[0]}, {self.img_size[1]}], got {tuple(x.shape)}")
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_impl: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+        if attn_impl == "flash" and _flash_qkvpacked is None:
+            raise ValueError("attn_impl='flash' needs the flash-attn package (pip install fastmim[flash])")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_impl = attn_impl
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def _use_flash(self, x: torch.Tensor) -> bool:
+        if _flash_qkvpacked is None or self.attn_impl in ("sdpa", "math"):
+            return False
+        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.head_dim <= 256
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)  # [B, N, 3, H, hd]
+        if self._use_flash(qkv):
+            out = _flash_qkvpacked(qkv, 0.0, self.head_dim**-0.5, False)  # [B, N, H, hd]
+            return self.proj(out.reshape(b, n, d))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, hd]
+        if self.attn_impl == "math":
+            attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # [B, H, N, N]
+            out = attn.softmax(dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm's ``Block`` without layer scale and drop path)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, attn_impl="auto"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_impl=attn_impl)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def init_weights(module: nn.Module) -> None:
+    """MAE's initialisation: xavier-uniform linears, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder with a class token and fixed 2-D sin-cos position embeddings.
+
+    Args:
+        img_size: input side (or (H, W)), divisible by patch_size.
+        patch_size: patch side (14 and 16 are the usual ones).
+        in_chans: image channels.
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: transformer shape.
+        num_classes: size of a linear classifier on the class token (0: none, as timm's ``.mae`` models).
+        attn_impl: "auto" (flash-attn for fp16/bf16 CUDA tensors when installed, else SDPA), "sdpa", "flash",
+            "math" (explicit softmax(QK^T)V, for checking).
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        num_classes: int = 0,
+        attn_impl: str = "auto",
+    ):
+        super().__init__()
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # fixed, but a parameter (requires_grad=False) so that it is in the state dict as in MAE and timm
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, attn_impl) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_encoder()
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.patch_embed.grid_size
+
+    def _init_encoder(self) -> None:
+        self.pos_embed.data.copy_(sincos_2d(self.embed_dim, self.grid_size, cls_token=True).unsqueeze(0))
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer, as MAE
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.apply(init_weights)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, 1 + N, D] normalised tokens, class token first."""
+        x = self.patch_embed(x) + self.pos_embed[:, 1:, :]  # [B, N, D]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class-token features [B, D], or logits [B, num_classes] when a head is configured."""
+        return self.head(self.forward_features(x)[:, 0])
+
+
+def vit_sizes() -> dict[str, dict]:
+    """Width, depth and heads of the standard ViT sizes."""
+    return {
+        "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+        "small": dict(embed_dim=384, depth=12, num_heads=6),
+        "base": dict(embed_dim=768, depth=12, num_heads=12),
+        "large": dict(embed_dim=1024, depth=24, num_heads=16),
+        "huge": dict(embed_dim=1280, depth=32, num_heads=16),
+    }
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["Block", "PatchEmbed", "VisionTransformer", "init_weights", "vit_sizes", "num_params"]

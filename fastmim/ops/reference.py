@@ -1,0 +1,90 @@
+"""Plain PyTorch references: the semantics every fused backend of ``fastmim.ops`` must match (MAE conventions)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _check_images(imgs: torch.Tensor, patch_size: int) -> tuple[int, int]:
+    if imgs.dim() != 4:
+        raise ValueError(f"images must be [B, C, H, W], got shape {tuple(imgs.shape)}")
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    h, w = imgs.shape[-2:]
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"image size {h}x{w} is not divisible by the patch size {patch_size}")
+    return h // patch_size, w // patch_size
+
+
+def patchify_ref(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, L, p*p*C], patch vectors in (p, q, c) order (channels last), as MAE."""
+    gh, gw = _check_images(imgs, patch_size)
+    b, c, p = imgs.shape[0], imgs.shape[1], patch_size
+    x = imgs.reshape(b, c, gh, p, gw, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)  # [B, gh, gw, p, p, C]
+    return x.reshape(b, gh * gw, p * p * c)
+
+
+def unpatchify_ref(x: torch.Tensor, patch_size: int, grid: tuple[int, int], channels: int = 3) -> torch.Tensor:
+    """[B, L, p*p*C] -> [B, C, H, W]; the inverse of ``patchify_ref``."""
+    gh, gw = grid
+    b, n, d = x.shape
+    p = patch_size
+    if n != gh * gw or d != p * p * channels:
+        raise ValueError(f"tokens {tuple(x.shape)} do not match grid {gh}x{gw}, patch {p}, channels {channels}")
+    x = x.reshape(b, gh, gw, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(b, channels, gh * p, gw * p)
+
+
+def patch_stats_ref(target: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch mean and std for MAE's norm-pix target: ``var`` is unbiased, std = sqrt(var + eps).
+
+    Args:
+        target: [B, L, D] patchified images.
+    Returns: mean [B, L, 1], std [B, L, 1], in fp32.
+    """
+    t = target.float()
+    mean = t.mean(dim=-1, keepdim=True)
+    var = t.var(dim=-1, keepdim=True)  # unbiased, as torch.var in MAE
+    return mean, (var + eps) ** 0.5
+
+
+def masked_mse_loss_ref(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+    p: int = 2,
+) -> torch.Tensor:
+    """MAE's reconstruction loss: mean over masked patches of the per-patch mean error.
+
+    Args:
+        pred: [B, L, p*p*C] predicted patches.
+        imgs: [B, C, H, W] images.
+        mask: [B, L], 1 for masked patches (the only ones that count), 0 for visible.
+        patch_size: patch side.
+        norm_pix: normalise each target patch by its own mean and std (MAE's norm_pix_loss).
+        eps: added to the per-patch variance.
+        p: 2 for squared error (MAE), 1 for absolute error (SimMIM).
+    """
+    target = patchify_ref(imgs, patch_size)  # [B, L, D]
+    if pred.shape != target.shape:
+        raise ValueError(f"pred has shape {tuple(pred.shape)}, the patchified images {tuple(target.shape)}")
+    if mask.shape != pred.shape[:2]:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(pred.shape[:2])}")
+    target = target.float()
+    if norm_pix:
+        mean, std = patch_stats_ref(target, eps)
+        target = (target - mean) / std
+    diff = pred.float() - target
+    err = diff.abs() if p == 1 else diff.square()
+    loss = err.mean(dim=-1)  # [B, L] mean error per patch
+    mask = mask.float()
+    denom = mask.sum()
+    # checked on CPU only: on an accelerator the check would cost a host sync every step
+    if denom.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(denom > 0):
+        raise ValueError("mask has no masked patch: the masked loss is undefined")
+    return (loss * mask).sum() / denom

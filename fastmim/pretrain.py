@@ -1,0 +1,174 @@
+"""Command line: ``python -m fastmim.pretrain [--config FILE] [--flags]``; ``torchrun`` for several processes.
+
+With no arguments it pretrains a small MAE on the built-in sample photos. Run ``--help`` for every option.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastmim.config import PretrainConfig, apply_overrides, cli_overrides, load_yaml, save_yaml
+from fastmim.train.checkpoint import CHECKPOINT_NAME, existing_run_markers, load_checkpoint
+from fastmim.train.distributed import DistInfo, broadcast_object, cleanup, init_distributed
+
+
+class UsageError(Exception):
+    """A problem with the user's input; printed without a traceback."""
+
+
+def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]:
+    """defaults < saved run config (when resuming) < --config YAML < flags. Returns (config, checkpoint or None)."""
+    config_path, flags = cli_overrides(argv)
+    cfg = PretrainConfig()
+    state = None
+    resume = flags.get("resume")
+    if resume is not None and str(resume).lower() not in ("none", "null"):
+        out = flags.get("output_dir")
+        if resume == "auto":
+            if not out:
+                raise UsageError("--resume without a checkpoint path needs --output-dir (the run to continue)")
+            ckpt_path = Path(out) / CHECKPOINT_NAME
+        else:
+            ckpt_path = Path(resume)
+        state = load_checkpoint(ckpt_path)
+        saved = {k: v for k, v in state.get("config", {}).items() if k not in ("resume", "output_dir")}
+        cfg = apply_overrides(cfg, saved, f"the config saved in {ckpt_path}")
+        cfg = apply_overrides(cfg, {"resume": str(ckpt_path), "output_dir": out or str(ckpt_path.parent)}, "resume")
+    if config_path:
+        cfg = apply_overrides(cfg, load_yaml(config_path), config_path)
+    cfg = apply_overrides(cfg, flags, "the command line")
+    if state is not None:  # flags were applied over the saved config; keep the resolved checkpoint path
+        cfg = apply_overrides(cfg, {"resume": str(ckpt_path)}, "resume")
+    cfg.validate()
+    return cfg, state
+
+
+def prepare_output_dir(cfg: PretrainConfig, info: DistInfo) -> Path:
+    """Creates the run directory, refusing one that already holds a run unless resuming it."""
+    out = cfg.output_dir or f"output/{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(broadcast_object(out, info))
+    markers = existing_run_markers(out)
+    if markers:
+        resuming_here = cfg.resume is not None and Path(cfg.resume).resolve().parent == out.resolve()
+        if not resuming_here:
+            raise UsageError(
+                f"output directory {str(out)!r} already holds a run ({', '.join(markers)}); pass --resume to "
+                "continue it, or choose another --output-dir. Nothing was overwritten."
+            )
+    elif out.exists() and not out.is_dir():
+        raise UsageError(f"output path {str(out)!r} exists and is not a directory")
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def build_dataset(cfg: PretrainConfig):
+    from fastmim.data import ImageFolderDataset, default_dataset_path, pretrain_transform
+
+    root = cfg.data_path or default_dataset_path()
+    try:
+        return ImageFolderDataset(root, pretrain_transform(cfg.img_size))
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        raise UsageError(str(e)) from e
+
+
+def build_model(cfg: PretrainConfig, device: torch.device):
+    import fastmim
+    from fastmim.methods.mae import MaskedAutoencoderViT
+
+    kwargs = dict(img_size=cfg.img_size, mask_ratio=cfg.mask_ratio, mask_type=cfg.mask_type,
+                  norm_pix_loss=cfg.norm_pix_loss, attn_impl=cfg.attn_impl)  # fmt: skip
+    for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+        if getattr(cfg, k) is not None:
+            kwargs[k] = getattr(cfg, k)
+    if not cfg.model.startswith("mae_"):
+        hint = f"; did you mean mae_{cfg.model}?" if f"mae_{cfg.model}" in fastmim.list_models() else ""
+        raise UsageError(f"model {cfg.model!r} is not a pretraining recipe (the MAE models are mae_*){hint}")
+    model = fastmim.create_model(cfg.model, **kwargs)
+    assert isinstance(model, MaskedAutoencoderViT)
+    return model.to(device)
+
+
+def run(argv: list[str] | None = None) -> Path:
+    """Runs pretraining; returns the output directory."""
+    cfg, state = resolve_config(argv)
+    info, device = init_distributed(cfg.device)
+    try:
+        return _run(cfg, state, info, device)
+    finally:
+        cleanup(info)
+
+
+def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.device) -> Path:
+    from fastmim import _ext
+    from fastmim.data import build_pretrain_loader, default_num_workers
+    from fastmim.train.engine import Trainer, resolve_amp
+    from fastmim.train.optim import build_adamw
+
+    out = prepare_output_dir(cfg, info)
+    torch.manual_seed(cfg.seed + info.rank)
+    np.random.seed(cfg.seed + info.rank)
+    random.seed(cfg.seed + info.rank)
+    dataset = build_dataset(cfg)
+    model = build_model(cfg, device)
+    workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(info.local_world_size)
+    loader, sampler = build_pretrain_loader(
+        dataset, cfg.batch_size, workers, info.rank, info.world_size, cfg.seed, pin_memory=device.type == "cuda"
+    )
+    eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
+    lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
+    optimizer = build_adamw(model, lr, cfg.weight_decay)
+    step_model = model
+    if info.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile:
+        step_model = torch.compile(step_model)
+    trainer = Trainer(cfg, info, device, step_model, model, optimizer, loader, sampler, dataset, out, lr,
+                      amp_dtype=resolve_amp(cfg.amp, device))  # fmt: skip
+    if state is not None:
+        trainer.load_state_dict(state)
+        del state
+    if info.is_main:
+        save_yaml(cfg, out / "config.yaml")
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        print(
+            f"fastmim: {cfg.model} ({n_params:.1f}M params) on {device} x{info.world_size}, "
+            f"amp={trainer.amp_dtype or 'fp32'}, native ext={'yes' if _ext.available() else 'no'}\n"
+            f"  data: {len(dataset)} images from {dataset.root}, {workers} workers\n"
+            f"  batch {eff_batch} (= {cfg.batch_size} x {cfg.accum_iter} accum x {info.world_size} procs), "
+            f"lr {lr:.3g}, {trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps\n"
+            f"  output: {out}"
+            + (
+                f"\n  resuming at step {trainer.pos.step} (epoch {trainer.pos.epoch})" if cfg.resume else ""
+            ),  # fmt: skip
+            flush=True,
+        )
+    pos = trainer.fit()
+    if info.is_main:
+        print(f"done: step {pos.step}, outputs in {out}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(argv)
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

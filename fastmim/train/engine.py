@@ -1,0 +1,216 @@
+"""The training loop: per-step lr, AMP, gradient accumulation, DDP, logging, checkpoints and resume mid-epoch."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from fastmim.config import PretrainConfig, save_yaml
+from fastmim.train import checkpoint as ckpt
+from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier
+from fastmim.train.logger import MetricsLogger
+from fastmim.train.optim import lr_at, set_lr
+from fastmim.train.visualize import save_reconstruction
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for --amp, or None for full fp32."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+@dataclass
+class Position:
+    """Where the run is: ``epoch`` in progress, ``batch`` loader batches of it done, ``step`` optimizer steps."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+
+@dataclass
+class Trainer:
+    cfg: PretrainConfig
+    info: DistInfo
+    device: torch.device
+    model: nn.Module  # what the step calls: possibly DDP- and compile-wrapped
+    raw_model: nn.Module  # the plain MaskedAutoencoderViT
+    optimizer: torch.optim.Optimizer
+    loader: torch.utils.data.DataLoader
+    sampler: object
+    dataset: object
+    output_dir: Path
+    lr: float
+    amp_dtype: torch.dtype | None = None
+    pos: Position = field(default_factory=Position)
+    scaler: torch.amp.GradScaler | None = None
+
+    def __post_init__(self) -> None:
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.batches_per_epoch = (len(self.loader) // self.cfg.accum_iter) * self.cfg.accum_iter
+        self.steps_per_epoch = self.batches_per_epoch // self.cfg.accum_iter
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"one epoch has {len(self.loader)} batches, fewer than --accum-iter {self.cfg.accum_iter}: "
+                "lower --accum-iter or --batch-size"
+            )
+        self.total_steps = self.steps_per_epoch * self.cfg.epochs
+        if self.cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, self.cfg.max_steps)
+        self.logger = MetricsLogger(self.output_dir, enabled=self.info.is_main)
+        self.images_per_step = self.cfg.batch_size * self.cfg.accum_iter * self.info.world_size
+
+    # --- state ---
+    def state_dict(self) -> dict:
+        rng = ckpt.rng_state()
+        rngs = [None] * self.info.world_size if self.info.enabled else [rng]
+        if self.info.enabled:
+            dist.all_gather_object(rngs, rng)
+        return {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.pos.epoch,
+            "batch": self.pos.batch,
+            "step": self.pos.step,
+            "world_size": self.info.world_size,
+            "rng": rngs,
+            "config": self.cfg.to_dict(),
+            "fastmim_version": __import__("fastmim").__version__,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            self.raw_model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise ValueError(f"the checkpoint does not fit model {self.cfg.model!r}: {e}") from e
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.pos = Position(state["epoch"], state["batch"], state["step"])
+        if state.get("world_size") == self.info.world_size:
+            ckpt.set_rng_state(state["rng"][self.info.rank])
+        else:  # a different world size reshards the data anyway; keep ranks distinct
+            torch.manual_seed(self.cfg.seed + self.info.rank + 7919 * self.pos.step)
+            if self.info.is_main:
+                print(f"note: resuming on {self.info.world_size} processes, saved on {state.get('world_size')}")
+
+    def save(self) -> None:
+        state = self.state_dict()  # collective: every rank takes part
+        if self.info.is_main:
+            ckpt.save_checkpoint(self.output_dir / ckpt.CHECKPOINT_NAME, state)
+            meta = {"model": self.cfg.model, "step": str(self.pos.step), "format": "timm VisionTransformer"}
+            ckpt.save_encoder(self.output_dir / "encoder.safetensors", self.raw_model.encoder_state_dict(), meta)
+            save_yaml(self.cfg, self.output_dir / "config.yaml")
+        barrier(self.info)
+
+    # --- loop ---
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def visualize(self) -> None:
+        if not self.info.is_main:
+            return
+        from fastmim.data.transforms import eval_transform
+
+        n = len(self.dataset)
+        idx = sorted({round(i * (n - 1) / 7) for i in range(8)}) if n > 1 else [0]
+        tf = eval_transform(self.cfg.img_size)
+        imgs = torch.stack([tf(self.dataset.load(i)) for i in idx]).to(self.device)
+        with self.autocast():
+            save_reconstruction(
+                self.raw_model, imgs, self.output_dir / "reconstructions" / f"epoch_{self.pos.epoch:04d}.png"
+            )
+
+    def _check_finite(self, value: float) -> None:
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"the loss became {value} by step {self.pos.step} (epoch {self.pos.epoch}); stopping without saving, "
+                f"so the last checkpoint in {self.output_dir} is intact. Try --amp bf16 instead of fp16, a lower "
+                "--blr, or --clip-grad."
+            )
+
+    def fit(self) -> Position:
+        cfg = self.cfg
+        if self.pos.step >= self.total_steps:
+            if self.info.is_main:
+                print(f"nothing to do: the run is at step {self.pos.step} of {self.total_steps}")
+            return self.pos
+        running = torch.zeros((), device=self.device)
+        count, t_log, step_log = 0, time.perf_counter(), self.pos.step
+        for epoch in range(self.pos.epoch, cfg.epochs):
+            self.pos.epoch = epoch
+            start = self.pos.batch
+            self.sampler.set_epoch(epoch, start * cfg.batch_size)
+            self.loader.generator.manual_seed(cfg.seed * 1000 + epoch)  # worker seeds: per epoch, not per resume
+            bar = tqdm(
+                total=self.batches_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                disable=not self.info.is_main, dynamic_ncols=True, mininterval=1.0,
+            )  # fmt: skip
+            data = iter(self.loader)
+            for b in range(start, self.batches_per_epoch):
+                imgs = next(data).to(self.device, non_blocking=True)
+                micro = b % cfg.accum_iter
+                if micro == 0:
+                    set_lr(self.optimizer, lr_at(self.pos.step / self.steps_per_epoch, self.lr, cfg.min_lr,
+                                                 cfg.warmup_epochs, cfg.epochs))  # fmt: skip
+                last_micro = micro == cfg.accum_iter - 1
+                no_sync = self.info.enabled and not last_micro and hasattr(self.model, "no_sync")
+                with self.model.no_sync() if no_sync else contextlib.nullcontext(), self.autocast():
+                    loss, _, _ = self.model(imgs)
+                self.scaler.scale(loss / cfg.accum_iter).backward()
+                running += loss.detach().float()
+                count += 1
+                bar.update(1)
+                self.pos.batch = b + 1
+                if not last_micro:
+                    continue
+                if cfg.clip_grad is not None:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.clip_grad)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.pos.step += 1
+                done = self.pos.step >= self.total_steps
+                save_now = bool(cfg.save_interval) and self.pos.step % cfg.save_interval == 0 and not done
+                end_of_epoch = self.pos.batch == self.batches_per_epoch
+                if self.pos.step % cfg.log_interval == 0 or done or end_of_epoch or save_now:
+                    loss_avg = float(all_reduce_mean(running / max(count, 1), self.info))  # host sync
+                    self._check_finite(loss_avg)
+                    now = time.perf_counter()
+                    ips = (self.pos.step - step_log) * self.images_per_step / max(now - t_log, 1e-9)
+                    lr_now = self.optimizer.param_groups[0]["lr"]
+                    row = {"epoch": epoch + self.pos.batch / self.batches_per_epoch, "loss": loss_avg, "lr": lr_now,
+                           "img_per_s": ips}  # fmt: skip
+                    if self.device.type == "cuda":
+                        row["max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    self.logger.log(row, self.pos.step)
+                    bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{ips:.1f}", lr=f"{lr_now:.2e}")
+                    running.zero_()
+                    count, t_log, step_log = 0, now, self.pos.step
+                if save_now:  # the loss was checked finite just above
+                    self.save()
+                if done:
+                    break
+            bar.close()
+            if self.pos.batch == self.batches_per_epoch:  # the epoch is complete
+                self.pos.epoch, self.pos.batch = epoch + 1, 0
+            last = self.pos.step >= self.total_steps
+            if last or self.pos.batch == 0 and self.pos.epoch % cfg.vis_interval == 0:
+                self.visualize()
+            self.save()
+            if last:
+                break
+        self.logger.close()
+        return self.pos

@@ -1,0 +1,42 @@
+"""AdamW with MAE's parameter groups and its per-step warmup + cosine learning rate."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms (1-D parameters) and the model's ``no_weight_decay()`` names."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW, fused when the parameters' device supports it (CUDA, and CPU on recent torch)."""
+    groups = param_groups(model, weight_decay)
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # fused unsupported for this device/dtype/torch
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+
+
+def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: int) -> float:
+    """Learning rate at a fractional epoch: linear warmup, then half-cycle cosine to min_lr."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    span = max(epochs - warmup_epochs, 1e-8)
+    progress = min(1.0, (epoch - warmup_epochs) / span)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, value: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = value

@@ -1,0 +1,66 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch)")
+    if not torch.cuda.is_available():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Tests write the built-in sample folder into a temporary cache, never the user's."""
+    if "FASTMIM_CACHE" not in os.environ:
+        os.environ["FASTMIM_CACHE"] = str(tmp_path_factory.mktemp("fastmim-cache"))
+    yield
+
+
+@pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def device(request):
+    return torch.device(request.param)
+
+
+def make_image_folder(root: Path, n: int = 24, size=(80, 72), classes: int = 2, seed: int = 0) -> Path:
+    """n random-but-structured RGB JPEGs in `classes` class folders."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        d = root / f"class{i % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        h, w = size
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([(xx * (i + 1)) % 256, (yy * 3 + i * 7) % 256, ((xx + yy) * 2) % 256], -1)
+        noise = rng.integers(0, 40, size=(h, w, 3))
+        Image.fromarray(((base + noise) % 256).astype(np.uint8)).save(d / f"img{i:03d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(tmp_path / "data")
+
+
+# Small but real: ViT-tiny encoder on a 4x4 grid with a one-block decoder. Seconds per run on 2 cores.
+TINY_ARGS = [
+    "--model", "mae_vit_tiny_patch16", "--img-size", "64", "--batch-size", "4", "--decoder-embed-dim", "64",
+    "--decoder-depth", "1", "--decoder-num-heads", "2", "--num-workers", "0", "--warmup-epochs", "1",
+    "--vis-interval", "1", "--device", "cpu", "--amp", "none",
+]  # fmt: skip
+
+
+def run_cli(args: list[str], env: dict | None = None, timeout: int = 300, module: list[str] | None = None):
+    """Runs `python -m fastmim.pretrain args` in a fresh process; returns CompletedProcess."""
+    cmd = [sys.executable, *(module or ["-m", "fastmim.pretrain"]), *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)

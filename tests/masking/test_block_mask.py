@@ -1,0 +1,137 @@
+"""Both block-mask generators (C++ and Python reference) against the same invariants."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastmim import _ext
+from fastmim.masking import BlockMaskConfig, BlockMaskGenerator
+
+BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(not _ext.available(), reason="fastmim._C not built"))]
+
+
+def neighbour_fraction(mask: torch.Tensor) -> float:
+    """Fraction of masked cells with a masked 4-neighbour: ~1 for blocks, ~ratio for independent cells."""
+    m = mask.bool()
+    padded = torch.nn.functional.pad(m.float(), (1, 1, 1, 1))
+    nb = padded[..., :-2, 1:-1] + padded[..., 2:, 1:-1] + padded[..., 1:-1, :-2] + padded[..., 1:-1, 2:]
+    return float(((nb > 0) & m).sum() / m.sum())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grid,count", [((14, 14), 75), ((14, 14), 118), ((7, 7), 29), ((16, 12), 1), ((5, 3), 14)])
+def test_exact_count_shape_dtype(backend, grid, count):
+    gen = BlockMaskGenerator(BlockMaskConfig(*grid, count), seed=3, backend=backend)
+    m = gen(32)
+    assert m.shape == (32, *grid) and m.dtype == torch.bool
+    assert (m.flatten(1).sum(1) == count).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masks_are_blocks_not_scattered_cells(backend):
+    m = BlockMaskGenerator(BlockMaskConfig(14, 14, 75), seed=0, backend=backend)(64)
+    assert neighbour_fraction(m) > 0.95  # uniformly random 38% masks give about 0.85
+    rnd = torch.zeros(64, 196, dtype=torch.bool)
+    rnd[:, :75] = True
+    rnd = rnd[:, torch.randperm(196)].reshape(64, 14, 14)
+    assert neighbour_fraction(rnd) < 0.9
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seeds_reproduce_and_differ(backend):
+    cfg = BlockMaskConfig(14, 14, 98)
+    a = BlockMaskGenerator(cfg, seed=1, backend=backend)
+    b = BlockMaskGenerator(cfg, seed=1, backend=backend)
+    c = BlockMaskGenerator(cfg, seed=2, backend=backend)
+    first = a(8)
+    assert torch.equal(first, b(8))
+    assert not torch.equal(first, c(8))
+    assert not torch.equal(first, a(8))  # successive calls advance
+    assert len({tuple(x.flatten().tolist()) for x in first}) == 8  # samples of one batch differ
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blocks_cover_the_whole_grid_over_many_samples(backend):
+    """Every cell, edges and corners included, gets masked sometimes: blocks are placed over the full grid."""
+    m = BlockMaskGenerator(BlockMaskConfig(9, 11, 30), seed=5, backend=backend)(400)
+    freq = m.float().mean(0)
+    assert (freq > 0).all()
+    assert freq.max() < 0.8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edge_counts(backend):
+    full = BlockMaskGenerator(BlockMaskConfig(4, 5, 20), backend=backend)(3)
+    assert full.all()
+    none = BlockMaskGenerator(BlockMaskConfig(4, 5, 0), backend=backend)(3)
+    assert not none.any()
+    assert BlockMaskGenerator(BlockMaskConfig(4, 5, 3), backend=backend)(0).shape == (0, 4, 5)
+    one_row = BlockMaskGenerator(BlockMaskConfig(1, 9, 4), backend=backend)(5)  # no block fits: random fill
+    assert (one_row.sum((1, 2)) == 4).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(h=st.integers(1, 20), w=st.integers(1, 20), frac=st.floats(0, 1), seed=st.integers(0, 2**40))
+def test_exact_count_for_any_grid(h, w, frac, seed):
+    n = int(round(frac * h * w))
+    for backend in ["torch"] + (["cpp"] if _ext.available() else []):
+        m = BlockMaskGenerator(BlockMaskConfig(h, w, n), backend=backend)(4, seed=seed)
+        assert (m.flatten(1).sum(1) == n).all(), (backend, h, w, n)
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        (dict(height=0, width=4, num_masked=1), "at least 1x1"),
+        (dict(height=4, width=4, num_masked=17), r"num_masked=17 is outside \[0, 16\]"),
+        (dict(height=4, width=4, num_masked=-1), "num_masked=-1"),
+        (dict(height=4, width=4, num_masked=4, min_num_patches=0), "min_num_patches"),
+        (dict(height=4, width=4, num_masked=4, min_aspect=0.0), "min_aspect"),
+        (dict(height=4, width=4, num_masked=4, min_aspect=2.0, max_aspect=1.0), "max_aspect"),
+        (dict(height=4, width=4, num_masked=4, max_num_patches=2), "max_num_patches"),
+    ],
+)
+def test_bad_config_is_rejected(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        BlockMaskConfig(**kwargs)
+
+
+def test_bad_config_types_and_batch():
+    with pytest.raises(TypeError, match="height must be an int"):
+        BlockMaskConfig(4.5, 4, 2)
+    gen = BlockMaskGenerator(BlockMaskConfig(4, 4, 4))
+    with pytest.raises(ValueError, match="batch must be a non-negative int"):
+        gen(-1)
+    with pytest.raises(ValueError, match="backend must be"):
+        BlockMaskGenerator(BlockMaskConfig(4, 4, 4), backend="cuda")
+
+
+@pytest.mark.skipif(not _ext.available(), reason="fastmim._C not built")
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        ((2, 0, 4, 1, 4.0, 8.0, 0.3, 3.3, 10, 0), "height and width must be >= 1"),
+        ((2, 4, 4, 99, 4.0, 8.0, 0.3, 3.3, 10, 0), "outside"),
+        ((-1, 4, 4, 2, 4.0, 8.0, 0.3, 3.3, 10, 0), "batch must be >= 0"),
+        ((2, 4, 4, 2, float("nan"), 8.0, 0.3, 3.3, 10, 0), "min_num_patches"),
+        ((2, 4, 4, 2, 4.0, 8.0, -1.0, 3.3, 10, 0), "min_aspect"),
+        ((2, 4, 4, 2, 4.0, 8.0, 0.3, float("inf"), 10, 0), "max_aspect"),
+        ((2, 4, 4, 2, 4.0, 8.0, 0.3, 3.3, 0, 0), "max_attempts"),
+        ((2**40, 2**15, 2**15, 2, 4.0, 8.0, 0.3, 3.3, 10, 0), "too large"),
+    ],
+)
+def test_native_function_validates_its_own_arguments(args, msg):
+    """Called directly, past the Python wrapper, bad arguments raise ValueError instead of crashing."""
+    with pytest.raises(ValueError, match=msg):
+        _ext.require().block_mask(*args)
+
+
+@pytest.mark.skipif(not _ext.available(), reason="fastmim._C not built")
+def test_native_result_does_not_depend_on_batch_position_or_threads():
+    """Sample b's stream depends on (seed, b) only: a batch of 16 starts with the batch of 4 for the same seed."""
+    C = _ext.require()
+    a = C.block_mask(16, 14, 14, 75, 4.0, 75.0, 0.3, 1 / 0.3, 10, 123)
+    b = C.block_mask(4, 14, 14, 75, 4.0, 75.0, 0.3, 1 / 0.3, 10, 123)
+    assert np.array_equal(a[:4], b)

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from fastmim.masking import masking_from_bool, num_visible, random_masking
+
+
+@pytest.mark.parametrize("b,n,ratio", [(1, 196, 0.75), (3, 197, 0.6), (2, 49, 0.9), (4, 2, 0.5)])
+def test_random_masking_exact_count_and_inverse(b, n, ratio):
+    info = random_masking(b, n, ratio, generator=torch.Generator().manual_seed(0))
+    k = int(n * (1 - ratio))
+    assert info.ids_keep.shape == (b, k)
+    assert (info.mask.sum(1) == n - k).all()
+    # ids_restore inverts the shuffle: kept ids map to the first K positions
+    pos = torch.gather(info.ids_restore, 1, info.ids_keep)
+    assert torch.equal(pos.sort(1).values, torch.arange(k).expand(b, k))
+    # the mask is 0 exactly at the kept ids
+    assert (torch.gather(info.mask, 1, info.ids_keep) == 0).all()
+
+
+def test_masks_differ_per_sample_and_follow_generator():
+    a = random_masking(8, 196, 0.75, generator=torch.Generator().manual_seed(1))
+    b = random_masking(8, 196, 0.75, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.mask, b.mask)
+    assert len({tuple(r.tolist()) for r in a.mask}) == 8
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5, "0.5", None])
+def test_bad_mask_ratio(ratio):
+    with pytest.raises(ValueError, match="mask_ratio must be a number in the open interval"):
+        random_masking(2, 16, ratio)
+
+
+def test_num_visible_keeps_at_least_one_token():
+    assert num_visible(196, 0.75) == 49
+    assert num_visible(4, 0.9) == 1
+
+
+def test_masking_from_bool_round_trip():
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[0, [1, 4, 5]] = True
+    mask[1, [0, 1, 2]] = True
+    mask[2, [7, 8, 9]] = True
+    info = masking_from_bool(mask)
+    assert torch.equal(info.mask.bool(), mask)
+    assert (torch.gather(mask, 1, info.ids_keep) == 0).all()
+    with pytest.raises(ValueError, match="same number"):
+        masking_from_bool(torch.tensor([[True, False], [True, True]]))

@@ -1,0 +1,171 @@
+"""MAE recipe: official state-dict layout, loss semantics, encoder-on-visible-tokens, decoder unshuffle."""
+
+import math
+
+import pytest
+import torch
+
+import fastmim
+from fastmim.masking import masking_from_noise
+from fastmim.ops import masked_mse_loss_ref, patchify_ref, unpatchify_ref
+
+
+def official_mae_base_shapes() -> dict[str, tuple]:
+    """Keys and shapes of facebookresearch/mae's mae_vit_base_patch16 (models_mae.py), written out by hand."""
+    d, dd, n, p = 768, 512, 196, 16
+    shapes = {
+        "cls_token": (1, 1, d), "pos_embed": (1, n + 1, d), "patch_embed.proj.weight": (d, 3, p, p),
+        "patch_embed.proj.bias": (d,), "norm.weight": (d,), "norm.bias": (d,), "mask_token": (1, 1, dd),
+        "decoder_pos_embed": (1, n + 1, dd), "decoder_embed.weight": (dd, d), "decoder_embed.bias": (dd,),
+        "decoder_norm.weight": (dd,), "decoder_norm.bias": (dd,), "decoder_pred.weight": (p * p * 3, dd),
+        "decoder_pred.bias": (p * p * 3,),
+    }  # fmt: skip
+    for prefix, width, depth in (("blocks", d, 12), ("decoder_blocks", dd, 8)):
+        for i in range(depth):
+            b = f"{prefix}.{i}."
+            shapes.update({
+                b + "norm1.weight": (width,), b + "norm1.bias": (width,),
+                b + "attn.qkv.weight": (3 * width, width), b + "attn.qkv.bias": (3 * width,),
+                b + "attn.proj.weight": (width, width), b + "attn.proj.bias": (width,),
+                b + "norm2.weight": (width,), b + "norm2.bias": (width,),
+                b + "mlp.fc1.weight": (4 * width, width), b + "mlp.fc1.bias": (4 * width,),
+                b + "mlp.fc2.weight": (width, 4 * width), b + "mlp.fc2.bias": (width,),
+            })  # fmt: skip
+    return shapes
+
+
+def tiny_mae(**kw):
+    args = dict(img_size=64, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2)
+    return fastmim.create_model("mae_vit_tiny_patch16", **{**args, **kw})
+
+
+def test_state_dict_matches_official_mae_layout():
+    with torch.device("meta"):
+        m = fastmim.create_model("mae_vit_base_patch16")
+    ours = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert ours == official_mae_base_shapes()
+
+
+def test_loss_against_hand_computed_values():
+    # one image, 1 channel, 2x4 pixels, patch 2 -> two patches: [1, 2, 3, 4] (left) and [5, 6, 7, 8] (right)
+    imgs = torch.tensor([[[[1.0, 2.0, 5.0, 6.0], [3.0, 4.0, 7.0, 8.0]]]])
+    pred = torch.zeros(1, 2, 4)
+    mask = torch.tensor([[1.0, 0.0]])
+    # norm-pix: mean 2.5, unbiased var (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3; mean of squares of normalised values
+    expected = (5.0 / (5.0 / 3.0 + 1e-6)) / 4.0
+    assert masked_mse_loss_ref(pred, imgs, mask, 2).item() == pytest.approx(expected, rel=1e-6)
+    # raw pixels, only the masked (left) patch counts: (1 + 4 + 9 + 16) / 4
+    assert masked_mse_loss_ref(pred, imgs, mask, 2, norm_pix=False).item() == pytest.approx(7.5)
+    # both patches masked: mean over the two patches' errors; right one is (25 + 36 + 49 + 64) / 4 = 43.5
+    both = torch.ones(1, 2)
+    assert masked_mse_loss_ref(pred, imgs, both, 2, norm_pix=False).item() == pytest.approx((7.5 + 43.5) / 2)
+    # L1 on pixels: (1 + 2 + 3 + 4) / 4
+    assert masked_mse_loss_ref(pred, imgs, mask, 2, norm_pix=False, p=1).item() == pytest.approx(2.5)
+
+
+def test_model_loss_equals_manual_norm_pix_mse():
+    torch.manual_seed(0)
+    m = tiny_mae()
+    imgs = torch.randn(2, 3, 64, 64)
+    loss, pred, mask = m(imgs)
+    target = patchify_ref(imgs, 16)
+    mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+    target = (target - mean) / (var + 1e-6) ** 0.5
+    manual = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss, manual)
+    assert mask.shape == (2, 16) and (mask.sum(1) == 12).all()
+
+
+def test_patchify_layout_is_channels_last_and_inverts():
+    imgs = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+    x = patchify_ref(imgs, 2)
+    assert x.shape == (2, 6, 12)
+    # patch 0, first vector entries are pixel (0,0) of channels 0,1,2
+    assert x[0, 0, :3].tolist() == [imgs[0, 0, 0, 0].item(), imgs[0, 1, 0, 0].item(), imgs[0, 2, 0, 0].item()]
+    assert torch.equal(unpatchify_ref(x, 2, (2, 3), 3), imgs)
+    with pytest.raises(ValueError, match="not divisible by the patch size 4"):
+        patchify_ref(torch.zeros(1, 3, 6, 8), 4)
+
+
+def test_encoder_on_all_tokens_in_order_equals_full_vit():
+    torch.manual_seed(0)
+    m = tiny_mae().eval()
+    imgs = torch.randn(2, 3, 64, 64)
+    ids_all = torch.arange(16).expand(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(m.forward_encoder(imgs, ids_all), m.forward_features(imgs))
+
+
+def test_encoder_sees_only_visible_patches():
+    torch.manual_seed(0)
+    m = tiny_mae().eval()
+    info = masking_from_noise(torch.rand(1, 16), 4)
+    a, b = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    pix = info.mask.reshape(1, 1, 4, 1, 4, 1).expand(1, 3, 4, 16, 4, 16).reshape(1, 3, 64, 64)
+    b = torch.where(pix.bool(), b, a)  # same visible patches, different masked ones
+    with torch.no_grad():
+        torch.testing.assert_close(m.forward_encoder(a, info.ids_keep), m.forward_encoder(b, info.ids_keep))
+
+
+def test_decoder_places_visible_latents_and_mask_tokens():
+    torch.manual_seed(0)
+    m = tiny_mae().eval()
+    info = masking_from_noise(torch.rand(2, 16), 4)
+    latent = torch.randn(2, 5, 192)
+    seen = {}
+    m.decoder_blocks[0].register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        m.forward_decoder(latent, info.ids_restore)
+        x = seen["x"] - m.decoder_pos_embed  # [B, 17, 64]
+        emb = m.decoder_embed(latent)
+        for b in range(2):
+            torch.testing.assert_close(x[b, 0], emb[b, 0])
+            for j, tok in enumerate(info.ids_keep[b].tolist()):
+                torch.testing.assert_close(x[b, 1 + tok], emb[b, 1 + j])
+            for tok in torch.nonzero(info.mask[b]).flatten().tolist():
+                torch.testing.assert_close(x[b, 1 + tok], m.mask_token[0, 0])
+
+
+def test_block_mask_type_trains_with_exact_count():
+    torch.manual_seed(0)
+    m = tiny_mae(mask_type="block", mask_ratio=0.6)
+    loss, _, mask = m(torch.randn(3, 3, 64, 64))
+    loss.backward()
+    assert (mask.sum(1) == 16 - int(16 * 0.4)).all()
+    assert m.decoder_pred.weight.grad is not None and torch.isfinite(loss)
+
+
+def test_reconstruct_undoes_norm_pix():
+    m = tiny_mae()
+    imgs = torch.randn(1, 3, 64, 64)
+    target = patchify_ref(imgs, 16)
+    normed = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    torch.testing.assert_close(m.reconstruct(imgs, normed), imgs, rtol=1e-4, atol=1e-4)
+
+
+def test_two_training_steps_reduce_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    m = tiny_mae()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    imgs = torch.randn(4, 3, 64, 64)
+    mask = masking_from_noise(torch.rand(4, 16), 4)
+    before = m.decoder_pred.weight.detach().clone()
+    losses = []
+    for _ in range(2):
+        loss, _, _ = m(imgs, mask=mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[1] < losses[0] and all(math.isfinite(v) for v in losses)
+    assert not torch.equal(before, m.decoder_pred.weight)
+    assert m.pos_embed.grad is None and m.decoder_pos_embed.grad is None  # fixed embeddings
+
+
+def test_bad_recipe_arguments():
+    with pytest.raises(ValueError, match="mask_ratio must be a number in the open interval"):
+        tiny_mae(mask_ratio=1.0)
+    with pytest.raises(ValueError, match="mask_type must be one of"):
+        tiny_mae(mask_type="checkerboard")
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        tiny_mae(img_size=70)

@@ -1,0 +1,127 @@
+"""ViT encoder: shapes, registry, and parameter-name and numerical compatibility with timm."""
+
+import pytest
+import torch
+
+import fastmim
+from fastmim.models import vit as vit_mod
+from fastmim.models.pos_embed import sincos_2d
+from fastmim.models.vit import vit_sizes
+
+timm = pytest.importorskip("timm", reason="timm is a test dependency (pip install -e '.[test]')")
+from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa: E402
+
+
+def timm_vit(size: str, patch: int, img_size: int = 224):
+    return TimmViT(img_size=img_size, patch_size=patch, num_classes=0, **vit_sizes()[size])
+
+
+@pytest.mark.parametrize("size", list(vit_sizes()))
+@pytest.mark.parametrize("patch", [14, 16])
+def test_all_sizes_match_timm_names_and_shapes(size, patch):
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        ours = fastmim.create_model(f"vit_{size}_patch{patch}")
+        theirs = timm_vit(size, patch)
+    ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    timm_shapes = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert ours_shapes == timm_shapes
+
+
+def test_encoder_matches_timm_numerically_both_ways():
+    torch.manual_seed(0)
+    ours = fastmim.create_model("vit_tiny_patch16", img_size=64).eval()
+    theirs = timm_vit("tiny", 16, img_size=64).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_features(x), theirs.forward_features(x), rtol=1e-5, atol=1e-5)
+    # and timm weights (its own random init) load into fastmim
+    theirs2 = timm_vit("tiny", 16, img_size=64).eval()
+    ours.load_state_dict(theirs2.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_features(x), theirs2.forward_features(x), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_create_model_accepts_mae_encoder_weights():
+    mae = fastmim.create_model("mae_vit_tiny_patch16", decoder_depth=1)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    model.load_state_dict(mae.encoder_state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("size,params_m", [("tiny", 5.5), ("small", 21.7), ("base", 85.8), ("large", 303.3)])
+def test_parameter_counts(size, params_m):
+    with torch.device("meta"):
+        m = fastmim.create_model(f"vit_{size}_patch16")
+    assert sum(p.numel() for p in m.parameters()) / 1e6 == pytest.approx(params_m, abs=0.1)
+
+
+def test_forward_shapes_and_classifier_head():
+    m = fastmim.create_model("vit_tiny_patch14", img_size=56, num_classes=7)
+    x = torch.randn(3, 3, 56, 56)
+    assert m.forward_features(x).shape == (3, 1 + 16, 192)
+    assert m(x).shape == (3, 7)
+    m2 = fastmim.create_model("vit_tiny_patch16", img_size=(32, 64))  # non-square
+    assert m2.forward_features(torch.randn(1, 3, 32, 64)).shape == (1, 1 + 8, 192)
+
+
+def test_pos_embed_is_fixed_sincos():
+    m = fastmim.create_model("vit_tiny_patch16", img_size=64)
+    pe = m.pos_embed[0]
+    assert not m.pos_embed.requires_grad
+    assert torch.equal(pe[0], torch.zeros(192))  # class token row
+    # token (row 0, col 1): first channel is sin(col * omega_0) = sin(1); the row half starts at channel 96
+    assert pe[2, 0].item() == pytest.approx(torch.sin(torch.tensor(1.0)).item(), abs=1e-6)
+    assert pe[2, 96].item() == pytest.approx(0.0, abs=1e-6)  # sin(row 0)
+    assert pe[5, 96].item() == pytest.approx(torch.sin(torch.tensor(1.0)).item(), abs=1e-6)  # row 1, col 0
+    assert torch.equal(pe, sincos_2d(192, (4, 4), cls_token=True))
+    assert len({tuple(r.tolist()) for r in pe}) == 17
+
+
+def test_attention_impls_agree():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    ref = fastmim.create_model("vit_tiny_patch16", img_size=32, attn_impl="math").eval()
+    sdpa = fastmim.create_model("vit_tiny_patch16", img_size=32, attn_impl="sdpa").eval()
+    sdpa.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa.forward_features(x), ref.forward_features(x), rtol=1e-5, atol=1e-5)
+
+
+def test_flash_attn_path_layout(monkeypatch):
+    """flash-attn is not installed here: a stand-in with flash_attn_qkvpacked_func's contract checks the plumbing."""
+
+    def fake_flash(qkv, dropout_p, softmax_scale, causal):
+        assert qkv.dim() == 5 and qkv.shape[2] == 3 and dropout_p == 0.0 and not causal  # [B, N, 3, H, hd]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=softmax_scale)
+        return out.transpose(1, 2)  # [B, N, H, hd]
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    m = fastmim.create_model("vit_tiny_patch16", img_size=32).eval()
+    with torch.no_grad():
+        expected = m.forward_features(x)
+        monkeypatch.setattr(vit_mod, "_flash_qkvpacked", fake_flash)
+        monkeypatch.setattr(vit_mod.Attention, "_use_flash", lambda self, t: True)
+        torch.testing.assert_close(m.forward_features(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match=r"unknown model 'vit_tiny_patch15'; did you mean"):
+        fastmim.create_model("vit_tiny_patch15")
+    with pytest.raises(ValueError, match="not divisible by the patch size 16"):
+        fastmim.create_model("vit_tiny_patch16", img_size=100)
+    with pytest.raises(ValueError, match="bad arguments for model"):
+        fastmim.create_model("vit_tiny_patch16", not_an_arg=1)
+    with pytest.raises(ValueError, match="attn_impl must be one of"):
+        fastmim.create_model("vit_tiny_patch16", attn_impl="xformers")
+    m = fastmim.create_model("vit_tiny_patch16", img_size=32)
+    with pytest.raises(ValueError, match=r"expected images \[B, C, 32, 32\], got \(1, 3, 48, 48\)"):
+        m(torch.randn(1, 3, 48, 48))
+
+
+def test_registry_lists_all_sizes():
+    names = fastmim.list_models("*vit_*")
+    for size in vit_sizes():
+        for p in (14, 16):
+            assert f"vit_{size}_patch{p}" in names and f"mae_vit_{size}_patch{p}" in names

@@ -1,0 +1,58 @@
+"""CUDA checks, run on a GPU machine (benchmarks/gpu_suite.sh); skipped where torch sees no GPU."""
+
+import json
+
+import pytest
+import torch
+
+import fastmim
+from fastmim.masking import random_masking
+from tests.conftest import TINY_ARGS, run_cli
+
+pytestmark = pytest.mark.gpu
+
+
+def test_mae_cuda_matches_cpu_fp32():
+    torch.manual_seed(0)
+    m = fastmim.create_model("mae_vit_tiny_patch16", img_size=64, decoder_depth=1).eval()
+    imgs = torch.randn(4, 3, 64, 64)
+    mask = random_masking(4, 16, 0.75, generator=torch.Generator().manual_seed(0))
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # the patch-embedding conv would otherwise round to TF32
+    try:
+        with torch.no_grad():
+            loss_cpu, pred_cpu, _ = m(imgs, mask=mask)
+            mc = m.cuda()
+            mask_c = type(mask)(*(t.cuda() for t in mask))
+            loss_gpu, pred_gpu, _ = mc(imgs.cuda(), mask=mask_c)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    torch.testing.assert_close(pred_gpu.cpu(), pred_cpu, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(loss_gpu.cpu(), loss_cpu, rtol=2e-3, atol=2e-3)
+
+
+def test_bf16_training_step_close_to_fp32():
+    torch.manual_seed(0)
+    m = fastmim.create_model("mae_vit_base_patch16").cuda()
+    imgs = torch.randn(8, 3, 224, 224, device="cuda")
+    mask = random_masking(8, 196, 0.75, device="cuda")
+    loss32, _, _ = m(imgs, mask=mask)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss16, _, _ = m(imgs, mask=mask)
+    loss16.backward()
+    assert torch.isfinite(loss16) and loss16.dtype == torch.float32
+    assert loss16.item() == pytest.approx(loss32.item(), rel=0.05)
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_cli_on_cuda_bf16(image_folder, tmp_path):
+    out = tmp_path / "gpu"
+    args = [a for a in TINY_ARGS]
+    args[args.index("--device") + 1] = "cuda"
+    args[args.index("--amp") + 1] = "bf16"
+    r = run_cli([*args, "--data-path", str(image_folder), "--epochs", "1", "--output-dir", str(out),
+                 "--log-interval", "1"])  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "on cuda:0" in r.stdout and "amp=torch.bfloat16" in r.stdout
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all("max_mem_gb" in r for r in rows)

@@ -1,0 +1,107 @@
+"""Bad input gets a clear error naming the problem, and nothing is lost."""
+
+import hashlib
+
+import pytest
+
+from fastmim import pretrain
+from tests.conftest import TINY_ARGS
+
+
+def fails(argv, capsys) -> str:
+    assert pretrain.main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_missing_data_path(tmp_path, capsys):
+    err = fails([*TINY_ARGS, "--data-path", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o")], capsys)
+    assert "does not exist" in err and "nope" in err
+
+
+def test_empty_data_path(tmp_path, capsys):
+    (tmp_path / "empty" / "class0").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    err = fails([*TINY_ARGS, "--data-path", str(tmp_path / "empty"), "--output-dir", str(tmp_path / "o")], capsys)
+    assert "holds no images" in err
+
+
+def test_dataset_smaller_than_a_batch(tmp_path, capsys):
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "few", n=3)
+    err = fails([*TINY_ARGS, "--data-path", str(data), "--output-dir", str(tmp_path / "o")], capsys)
+    assert "the dataset has 3 images, fewer than one global batch" in err
+
+
+def test_image_size_not_divisible_by_patch(image_folder, tmp_path, capsys):
+    err = fails([*TINY_ARGS, "--data-path", str(image_folder), "--img-size", "100", "--output-dir",
+                 str(tmp_path / "o")], capsys)  # fmt: skip
+    assert "not divisible by the patch size 16" in err
+
+
+@pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.2"])
+def test_mask_ratio_outside_open_interval(image_folder, tmp_path, capsys, ratio):
+    err = fails([*TINY_ARGS, "--data-path", str(image_folder), "--mask-ratio", ratio, "--output-dir",
+                 str(tmp_path / "o")], capsys)  # fmt: skip
+    assert "mask_ratio must be a number in the open interval (0, 1)" in err
+
+
+def test_unknown_model(image_folder, tmp_path, capsys):
+    err = fails([*TINY_ARGS, "--data-path", str(image_folder), "--model", "mae_vit_tiny_patch61", "--output-dir",
+                 str(tmp_path / "o")], capsys)  # fmt: skip
+    assert "unknown model 'mae_vit_tiny_patch61'" in err and "did you mean" in err
+    err = fails([*TINY_ARGS, "--data-path", str(image_folder), "--model", "vit_tiny_patch16", "--output-dir",
+                 str(tmp_path / "o")], capsys)  # fmt: skip
+    assert "not a pretraining recipe" in err and "mae_vit_tiny_patch16" in err
+
+
+def test_unknown_config_key(image_folder, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 1\nmask_ration: 0.5\n")
+    err = fails(["--config", str(cfg), *TINY_ARGS, "--output-dir", str(tmp_path / "o")], capsys)
+    assert "unknown config key 'mask_ration'" in err and "mask_ratio" in err and str(cfg) in err
+
+
+def test_bad_config_value_and_file(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: many\n")
+    assert "config key 'epochs' must be of type int" in fails(["--config", str(cfg)], capsys)
+    cfg.write_text("- a list\n")
+    assert "must hold a mapping" in fails(["--config", str(cfg)], capsys)
+    cfg.write_text("epochs: [1\n")
+    assert "is not valid YAML" in fails(["--config", str(cfg)], capsys)
+    assert "does not exist" in fails(["--config", str(tmp_path / "missing.yaml")], capsys)
+    assert "batch_size must be >= 1" in fails(["--batch-size", "0"], capsys)
+    assert "amp must be one of" in fails(["--amp", "fp8"], capsys)
+
+
+def test_existing_run_is_refused_and_left_untouched(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"precious weights")
+    (out / "config.yaml").write_text("model: x\n")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
+    err = fails([*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out)], capsys)
+    assert "already holds a run" in err and "--resume" in err
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()} == before
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    err = fails(["--resume", "--output-dir", str(tmp_path / "none")], capsys)
+    assert "no checkpoint to resume" in err
+    assert "needs --output-dir" in fails(["--resume"], capsys)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "checkpoint.pt").write_bytes(b"truncated")
+    with pytest.raises(RuntimeError, match="cannot be read"):
+        pretrain.run(["--resume", "--output-dir", str(bad)])
+
+
+def test_unreadable_image_is_named(tmp_path, capsys):
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "d", n=8)
+    broken = data / "class0" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(RuntimeError, match="cannot read image .*broken.jpg"):
+        pretrain.run([*TINY_ARGS, "--data-path", str(data), "--output-dir", str(tmp_path / "o"), "--epochs", "1"])

@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from fastmim.config import PretrainConfig
+from fastmim.data import ResumableDistributedSampler
+from fastmim.pretrain import resolve_config
+from fastmim.train.checkpoint import atomic_write
+from fastmim.train.optim import lr_at, param_groups
+
+
+def test_precedence_defaults_yaml_flags(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("epochs: 7\nbatch_size: 8\nnorm_pix_loss: false\nlr: 0.001\n")
+    cfg, state = resolve_config(["--config", str(cfg_file), "--batch-size", "32", "--lr", "none"])
+    assert state is None
+    assert cfg.epochs == 7 and cfg.batch_size == 32 and cfg.norm_pix_loss is False and cfg.lr is None
+    assert cfg.mask_ratio == PretrainConfig().mask_ratio
+    cfg, _ = resolve_config(["--no-norm-pix-loss", "--mask-ratio", "0.6", "--warmup-epochs", "2"])
+    assert cfg.norm_pix_loss is False and cfg.mask_ratio == 0.6 and cfg.warmup_epochs == 2.0
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_at(0, 1.0, 0.0, 4, 20) == 0.0
+    assert lr_at(2, 1.0, 0.0, 4, 20) == pytest.approx(0.5)
+    assert lr_at(4, 1.0, 0.0, 4, 20) == pytest.approx(1.0)
+    assert lr_at(12, 1.0, 0.1, 4, 20) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(20, 1.0, 0.1, 4, 20) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_groups():
+    import fastmim
+
+    m = fastmim.create_model("mae_vit_tiny_patch16", img_size=32)
+    no_decay, decay = param_groups(m, 0.05)
+    names = {id(p): n for n, p in m.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert "cls_token" in nd and "mask_token" in nd and "blocks.0.norm1.weight" in nd and "blocks.0.attn.qkv.bias" in nd
+    assert "blocks.0.attn.qkv.weight" in {names[id(p)] for p in decay["params"]}
+    assert "pos_embed" not in nd | {names[id(p)] for p in decay["params"]}  # frozen: in no group
+
+
+def test_sampler_resume_and_sharding():
+    full = ResumableDistributedSampler(10, 1, 0, seed=3)
+    full.set_epoch(2)
+    order = list(full)
+    assert sorted(order) == list(range(10))
+    part = ResumableDistributedSampler(10, 1, 0, seed=3)
+    part.set_epoch(2, start_index=4)
+    assert list(part) == order[4:] and len(part) == 6
+    full.set_epoch(3)
+    assert list(full) != order
+    shards = []
+    for r in range(3):
+        s = ResumableDistributedSampler(10, 3, r, seed=3)
+        s.set_epoch(2)
+        shards.append(list(s))
+    assert all(len(s) == 4 for s in shards) and set(sum(shards, [])) == set(range(10))
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "ckpt.pt"
+    torch.save({"a": 1}, target)
+
+    def broken(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, broken)
+    assert torch.load(target) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary left behind

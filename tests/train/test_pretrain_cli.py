@@ -1,0 +1,120 @@
+"""The pretraining CLI end to end: output files, resume, two-process torchrun, NaN handling."""
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from fastmim import pretrain
+from fastmim.train.checkpoint import load_checkpoint
+from tests.conftest import TINY_ARGS, run_cli
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_writes_all_outputs(image_folder, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli([*TINY_ARGS, "--data-path", str(image_folder), "--epochs", "2", "--output-dir", str(out),
+                 "--log-interval", "2"])  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "done: step 12" in r.stdout  # 24 images / batch 4 = 6 steps per epoch
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["epochs"] == 2 and cfg["model"] == "mae_vit_tiny_patch16" and cfg["data_path"] == str(image_folder)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+    assert all(r["loss"] > 0 and r["img_per_s"] > 0 and r["lr"] >= 0 for r in rows)
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert (state["epoch"], state["batch"], state["step"]) == (2, 0, 12)
+    for epoch in (1, 2):
+        png = Image.open(out / "reconstructions" / f"epoch_{epoch:04d}.png")
+        # 3 columns (original | masked | reconstruction) of 64 px, 8 rows, 2 px padding
+        assert png.size == (3 * 64 + 4 * 2, 8 * 64 + 9 * 2)
+    from safetensors.torch import load_file
+
+    timm = pytest.importorskip("timm", reason="timm is a test dependency")
+    enc = timm.models.vision_transformer.VisionTransformer(
+        img_size=64, patch_size=16, embed_dim=192, depth=12, num_heads=3, num_classes=0
+    )
+    enc.load_state_dict(load_file(out / "encoder.safetensors"), strict=True)
+
+
+@pytest.mark.slow
+def test_resume_mid_epoch_reproduces_an_uninterrupted_run(image_folder, tmp_path):
+    common = [*TINY_ARGS, "--data-path", str(image_folder), "--epochs", "2", "--log-interval", "1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    pretrain.run([*common, "--output-dir", str(straight), "--max-steps", "8"])
+    pretrain.run([*common, "--output-dir", str(split), "--max-steps", "3"])
+    first = load_checkpoint(split / "checkpoint.pt")
+    assert (first["epoch"], first["batch"], first["step"]) == (0, 3, 3)  # stopped mid-epoch
+    pretrain.run(["--resume", "--output-dir", str(split), "--max-steps", "8"])
+    a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")
+    assert (b["epoch"], b["batch"], b["step"]) == (1, 2, 8)
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+    assert [r["step"] for r in read_metrics(split)] == list(range(1, 9))
+    lr_straight = {r["step"]: r["lr"] for r in read_metrics(straight)}
+    assert all(lr_straight[r["step"]] == pytest.approx(r["lr"]) for r in read_metrics(split))
+    assert yaml.safe_load((split / "config.yaml").read_text())["max_steps"] == 8
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(image_folder, tmp_path):
+    out = tmp_path / "ddp"
+    r = run_cli(
+        ["--standalone", "--nproc_per_node", "2", "-m", "fastmim.pretrain", *TINY_ARGS, "--data-path",
+         str(image_folder), "--epochs", "2", "--output-dir", str(out), "--log-interval", "1", "--blr", "1e-3"],
+        module=["-m", "torch.distributed.run"], env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "x2" in r.stdout and "batch 8 (= 4 x 1 accum x 2 procs)" in r.stdout
+    assert r.stdout.count("done: step") == 1  # rank 0 alone reports
+    rows = read_metrics(out)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]  # 24 images / (4 x 2) per step, written once
+    # lr scaled by the effective batch 8: warmup of 1 epoch = 3 steps, lr at step s set from s-1 completed steps
+    assert rows[1]["lr"] == pytest.approx(1e-3 * 8 / 256 * 1 / 3)
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["step"] == 6
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(image_folder, tmp_path, monkeypatch, capsys):
+    from fastmim.methods.mae import MaskedAutoencoderViT
+
+    real = MaskedAutoencoderViT.forward_loss
+    calls = {"n": 0}
+
+    def poisoned(self, imgs, pred, mask):
+        calls["n"] += 1
+        loss = real(self, imgs, pred, mask)
+        return loss * float("nan") if calls["n"] > 4 else loss
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", poisoned)
+    out = tmp_path / "nan"
+    code = pretrain.main([*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out),
+                          "--save-interval", "2", "--log-interval", "1", "--vis-interval", "100"])  # fmt: skip
+    assert code == 2
+    assert "the loss became nan by step 5" in capsys.readouterr().err
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_default_data_folder_is_built_from_sample_photos(tmp_path, monkeypatch):
+    pytest.importorskip("skimage", reason="scikit-image provides the built-in photos")
+    from fastmim.data import list_images
+    from fastmim.data.samples import default_dataset_path
+
+    monkeypatch.setenv("FASTMIM_CACHE", str(tmp_path / "cache"))
+    root = default_dataset_path()
+    files = list_images(root)
+    assert len(files) >= 50 and all(f.endswith(".jpg") for f in files)
+    with Image.open(files[0]) as img:
+        assert img.mode == "RGB" and min(img.size) >= 64
+    mtime = os.path.getmtime(files[0])
+    assert default_dataset_path() == root and os.path.getmtime(files[0]) == mtime  # written once, then reused
