@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check for one H100/H200 machine (Python 3.12, torch + CUDA, triton, cmake, ninja, pybind11, timm;
 # no network, no DALI/spconv/flash-attn). Builds the extension, runs the GPU tests and the CPU suite there, measures
-# throughput, and runs the CLI on CUDA. Usage: bash benchmarks/gpu_suite.sh RESULTS_DIR   (about 3-5 minutes)
+# throughput, and runs the CLI on CUDA. Usage: bash benchmarks/gpu_suite.sh RESULTS_DIR   (about 3-4 minutes on an H100)
+# The tree sent to a GPU machine has no .git: pass FASTMIM_COMMIT=$(git rev-parse --short HEAD) so results name it.
 set -uo pipefail
 RESULTS=${1:?usage: gpu_suite.sh RESULTS_DIR}
 mkdir -p "$RESULTS"

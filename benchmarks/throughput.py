@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,9 @@ from fastmim.train.optim import build_adamw  # noqa: E402
 
 
 def git_commit() -> str:
+    """HEAD's short hash; FASTMIM_COMMIT names it where the tree has no .git (a copy sent to a GPU machine)."""
+    if os.environ.get("FASTMIM_COMMIT"):
+        return os.environ["FASTMIM_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
                               check=True).stdout.strip()  # fmt: skip
