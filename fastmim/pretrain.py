@@ -51,21 +51,28 @@ def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]
 
 
 def prepare_output_dir(cfg: PretrainConfig, info: DistInfo) -> Path:
-    """Creates the run directory, refusing one that already holds a run unless resuming it."""
+    """Creates the run directory, refusing one that already holds a run unless resuming it.
+
+    Rank 0 decides and tells the others, so a slow rank never mistakes rank 0's fresh files for an old run.
+    """
     out = cfg.output_dir or f"output/{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(broadcast_object(out, info))
-    markers = existing_run_markers(out)
-    if markers:
+    error = None
+    if info.is_main:
+        markers = existing_run_markers(out)
         resuming_here = cfg.resume is not None and Path(cfg.resume).resolve().parent == out.resolve()
-        if not resuming_here:
-            raise UsageError(
+        if markers and not resuming_here:
+            error = (
                 f"output directory {str(out)!r} already holds a run ({', '.join(markers)}); pass --resume to "
                 "continue it, or choose another --output-dir. Nothing was overwritten."
             )
-    elif out.exists() and not out.is_dir():
-        raise UsageError(f"output path {str(out)!r} exists and is not a directory")
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        elif out.exists() and not out.is_dir():
+            error = f"output path {str(out)!r} exists and is not a directory"
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+    error = broadcast_object(error, info)
+    if error:
+        raise UsageError(error)
     return out
 
 

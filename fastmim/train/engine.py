@@ -94,7 +94,8 @@ class Trainer:
         except RuntimeError as e:
             raise ValueError(f"the checkpoint does not fit model {self.cfg.model!r}: {e}") from e
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and self.scaler.is_enabled():  # empty when saved without fp16 (a changed --amp)
+            self.scaler.load_state_dict(state["scaler"])
         self.pos = Position(state["epoch"], state["batch"], state["step"])
         if state.get("world_size") == self.info.world_size:
             ckpt.set_rng_state(state["rng"][self.info.rank])

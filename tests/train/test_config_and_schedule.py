@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -70,3 +72,8 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         atomic_write(target, broken)
     assert torch.load(target) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary left behind
+    atomic_write(target, lambda tmp: torch.save({"a": 2}, tmp))
+    assert torch.load(target) == {"a": 2}
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (target.stat().st_mode & 0o777) == 0o666 & ~mask  # not mkstemp's private 0600

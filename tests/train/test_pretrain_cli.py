@@ -45,7 +45,7 @@ def test_cli_end_to_end_writes_all_outputs(image_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_mid_epoch_reproduces_an_uninterrupted_run(image_folder, tmp_path):
+def test_resume_mid_epoch_reproduces_an_uninterrupted_run(image_folder, tmp_path, capsys):
     common = [*TINY_ARGS, "--data-path", str(image_folder), "--epochs", "2", "--log-interval", "1"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     pretrain.run([*common, "--output-dir", str(straight), "--max-steps", "8"])
@@ -61,6 +61,9 @@ def test_resume_mid_epoch_reproduces_an_uninterrupted_run(image_folder, tmp_path
     lr_straight = {r["step"]: r["lr"] for r in read_metrics(straight)}
     assert all(lr_straight[r["step"]] == pytest.approx(r["lr"]) for r in read_metrics(split))
     assert yaml.safe_load((split / "config.yaml").read_text())["max_steps"] == 8
+    pretrain.run(["--resume", str(split / "checkpoint.pt")])  # finished: a no-op that leaves the run as it is
+    assert "nothing to do: the run is at step 8 of 8" in capsys.readouterr().out
+    assert load_checkpoint(split / "checkpoint.pt")["step"] == 8
 
 
 @pytest.mark.slow
