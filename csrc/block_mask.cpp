@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <exception>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -74,7 +75,8 @@ void one_sample(const BlockMaskParams& p, Rng& rng, uint8_t* m) {
   std::fill(m, m + n, uint8_t{0});
   int64_t count = 0;
   while (count < p.num_masked) {
-    const int64_t budget = std::min<int64_t>(p.num_masked - count, static_cast<int64_t>(p.max_block));
+    // clamp in double first: max_block may exceed int64's range, and that cast would be undefined
+    const int64_t budget = static_cast<int64_t>(std::min<double>(p.max_block, static_cast<double>(p.num_masked - count)));
     const int64_t added = budget > 0 ? add_block(p, budget, rng, m) : 0;
     if (added == 0) break;
     count += added;
@@ -113,13 +115,23 @@ void block_mask(const BlockMaskParams& p, int64_t batch, uint64_t seed, uint8_t*
   validate(p);
   if (batch < 0) throw std::invalid_argument("block_mask: batch must be >= 0");
   const int64_t n = p.height * p.width;
+  // An exception must not escape an OpenMP region (that would std::terminate): keep the first, rethrow after.
+  std::exception_ptr error = nullptr;
 #ifdef FASTMIM_OPENMP
 #pragma omp parallel for schedule(dynamic, 4)
 #endif
   for (int64_t b = 0; b < batch; ++b) {
-    Rng rng(splitmix64(seed) ^ splitmix64(static_cast<uint64_t>(b) + 0x51ED270B7A3C0F1DULL));
-    one_sample(p, rng, out + b * n);
+    try {
+      Rng rng(splitmix64(seed) ^ splitmix64(static_cast<uint64_t>(b) + 0x51ED270B7A3C0F1DULL));
+      one_sample(p, rng, out + b * n);
+    } catch (...) {
+#ifdef FASTMIM_OPENMP
+#pragma omp critical(fastmim_block_mask_error)
+#endif
+      if (!error) error = std::current_exception();
+    }
   }
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace fastmim

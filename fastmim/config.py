@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -70,10 +71,13 @@ class PretrainConfig:
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         for name in ("blr", "min_lr", "warmup_epochs", "weight_decay", "save_interval"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        for name in ("lr", "clip_grad"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0 (or none), got {v}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.amp not in AMP_MODES:
@@ -158,7 +162,11 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def save_yaml(cfg: PretrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Writes the resolved config; ``resume`` is left out, so passing the file back with --config starts (or is
+    refused as) a new run instead of silently resuming one."""
+    d = cfg.to_dict()
+    d["resume"] = None
+    Path(path).write_text(yaml.safe_dump(d, sort_keys=False))
 
 
 def build_parser() -> argparse.ArgumentParser:

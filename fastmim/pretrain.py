@@ -24,13 +24,18 @@ class UsageError(Exception):
 
 
 def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]:
-    """defaults < saved run config (when resuming) < --config YAML < flags. Returns (config, checkpoint or None)."""
+    """defaults < saved run config (when resuming) < --config YAML < flags. Returns (config, checkpoint or None).
+
+    ``resume`` and ``output_dir`` may come from the YAML file or the flags; with ``resume: auto`` the checkpoint is
+    ``output_dir/checkpoint.pt``.
+    """
     config_path, flags = cli_overrides(argv)
+    from_yaml = load_yaml(config_path) if config_path else {}
+    given = {**{str(k).replace("-", "_"): v for k, v in from_yaml.items()}, **flags}
     cfg = PretrainConfig()
     state = None
-    resume = flags.get("resume")
+    resume, out = given.get("resume"), given.get("output_dir")
     if resume is not None and str(resume).lower() not in ("none", "null"):
-        out = flags.get("output_dir")
         if resume == "auto":
             if not out:
                 raise UsageError("--resume without a checkpoint path needs --output-dir (the run to continue)")
@@ -40,12 +45,12 @@ def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]
         state = load_checkpoint(ckpt_path)
         saved = {k: v for k, v in state.get("config", {}).items() if k not in ("resume", "output_dir")}
         cfg = apply_overrides(cfg, saved, f"the config saved in {ckpt_path}")
-        cfg = apply_overrides(cfg, {"resume": str(ckpt_path), "output_dir": out or str(ckpt_path.parent)}, "resume")
+        given = {**given, "resume": str(ckpt_path), "output_dir": out or str(ckpt_path.parent)}
     if config_path:
-        cfg = apply_overrides(cfg, load_yaml(config_path), config_path)
-    cfg = apply_overrides(cfg, flags, "the command line")
-    if state is not None:  # flags were applied over the saved config; keep the resolved checkpoint path
-        cfg = apply_overrides(cfg, {"resume": str(ckpt_path)}, "resume")
+        cfg = apply_overrides(cfg, from_yaml, config_path)
+    run_keys = ("resume", "output_dir")
+    cfg = apply_overrides(cfg, {k: v for k, v in given.items() if k in run_keys}, "resume")
+    cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if k not in run_keys}, "the command line")
     cfg.validate()
     return cfg, state
 
@@ -81,7 +86,7 @@ def build_dataset(cfg: PretrainConfig):
 
     root = cfg.data_path or default_dataset_path()
     try:
-        return ImageFolderDataset(root, pretrain_transform(cfg.img_size))
+        return ImageFolderDataset(root, pretrain_transform(cfg.img_size), seed=cfg.seed)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise UsageError(str(e)) from e
 

@@ -39,12 +39,21 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     Args:
         root: folder of images or of class folders of images.
         transform: applied to each PIL image.
+        seed: when given, the transform's random draws for sample i in epoch e come from a generator seeded by
+            (seed, e, i), whichever process or worker loads it: augmentations do not depend on the number of
+            loader workers, and a run resumed mid-epoch sees exactly the crops it would have seen.
     """
 
-    def __init__(self, root: str | Path, transform: Callable | None = None):
+    def __init__(self, root: str | Path, transform: Callable | None = None, seed: int | None = None):
         self.root = str(root)
         self.files = list_images(root)
         self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch's augmentation seeds (call before creating the loader iterator)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.files)
@@ -59,4 +68,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         img = self.load(index)
-        return self.transform(img) if self.transform is not None else img
+        if self.transform is None:
+            return img
+        if self.seed is None:
+            return self.transform(img)
+        with torch.random.fork_rng(devices=[]):  # leaves the process's RNG (masks, dropout) untouched
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**63)
+            return self.transform(img)

@@ -68,10 +68,14 @@ def default_dataset_path() -> Path:
         (tmp / ".complete").write_text("scikit-image sample photos\n")
         try:
             os.rename(tmp, final)
-        except OSError:  # another process finished first (or a stale incomplete folder is in the way)
+        except OSError:  # another process finished first, or a stale incomplete folder is in the way
             if not (final / ".complete").is_file():
                 shutil.rmtree(final, ignore_errors=True)
-                os.rename(tmp, final)
+                try:
+                    os.rename(tmp, final)
+                except OSError:  # a racing process replaced the stale folder first
+                    if not (final / ".complete").is_file():
+                        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

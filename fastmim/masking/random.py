@@ -21,9 +21,10 @@ class MaskInfo(NamedTuple):
 
 
 def num_visible(num_tokens: int, mask_ratio: float) -> int:
-    """Number of kept tokens, as MAE computes it (truncating); at least one token stays visible."""
+    """Number of kept tokens, as MAE computes it (truncating); at least one token stays visible and, with two or more
+    tokens, at least one is masked (a ratio within rounding of 0 or 1 would otherwise leave nothing to learn)."""
     check_mask_ratio(mask_ratio)
-    return max(1, int(num_tokens * (1 - mask_ratio)))
+    return max(1, min(num_tokens - 1, int(num_tokens * (1 - mask_ratio))))
 
 
 def check_mask_ratio(mask_ratio: float) -> None:

@@ -83,20 +83,39 @@ class Trainer:
             "batch": self.pos.batch,
             "step": self.pos.step,
             "world_size": self.info.world_size,
+            "layout": self.data_layout(),
             "rng": rngs,
             "config": self.cfg.to_dict(),
             "fastmim_version": __import__("fastmim").__version__,
         }
+
+    def data_layout(self) -> dict:
+        """What positions are counted in: a change of any of these moves batch and step boundaries."""
+        return {"batch_size": self.cfg.batch_size, "accum_iter": self.cfg.accum_iter,
+                "world_size": self.info.world_size, "dataset_size": len(self.dataset)}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         try:
             self.raw_model.load_state_dict(state["model"])
         except RuntimeError as e:
             raise ValueError(f"the checkpoint does not fit model {self.cfg.model!r}: {e}") from e
+        fresh_hparams = [{k: g[k] for k in ("weight_decay", "betas")} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, hp in zip(self.optimizer.param_groups, fresh_hparams, strict=True):
+            group.update(hp)  # the config's values win over the saved ones (e.g. a changed --weight-decay)
         if state["scaler"] and self.scaler.is_enabled():  # empty when saved without fp16 (a changed --amp)
             self.scaler.load_state_dict(state["scaler"])
         self.pos = Position(state["epoch"], state["batch"], state["step"])
+        saved_layout, layout = state.get("layout"), self.data_layout()
+        if saved_layout != layout:
+            if self.pos.batch != 0:
+                raise ValueError(
+                    f"the checkpoint stopped mid-epoch with batch size, accumulation, processes and dataset "
+                    f"{saved_layout}; now they are {layout}. Resume mid-epoch with the same ones, or from a checkpoint "
+                    "saved at the end of an epoch."
+                )
+            # at an epoch boundary the position converts exactly: steps are counted in the new units from here on
+            self.pos.step = self.pos.epoch * self.steps_per_epoch
         if state.get("world_size") == self.info.world_size:
             ckpt.set_rng_state(state["rng"][self.info.rank])
         else:  # a different world size reshards the data anyway; keep ranks distinct
@@ -104,7 +123,19 @@ class Trainer:
             if self.info.is_main:
                 print(f"note: resuming on {self.info.world_size} processes, saved on {state.get('world_size')}")
 
+    def _check_weights_finite(self) -> None:
+        """A finite loss can still be followed by an update that makes weights non-finite (an infinite gradient):
+        never save those. One reduction and one host sync per save."""
+        total = torch.stack([p.detach().float().sum() for p in self.raw_model.parameters()]).sum()
+        if not math.isfinite(float(total)):
+            raise FloatingPointError(
+                f"the weights became non-finite by step {self.pos.step} (epoch {self.pos.epoch}); stopping without "
+                f"saving, so the last checkpoint in {self.output_dir} is intact. Try --clip-grad, a lower --blr, "
+                "or --amp bf16 instead of fp16."
+            )
+
     def save(self) -> None:
+        self._check_weights_finite()
         state = self.state_dict()  # collective: every rank takes part
         if self.info.is_main:
             ckpt.save_checkpoint(self.output_dir / ckpt.CHECKPOINT_NAME, state)
@@ -128,10 +159,10 @@ class Trainer:
         idx = sorted({round(i * (n - 1) / 7) for i in range(8)}) if n > 1 else [0]
         tf = eval_transform(self.cfg.img_size)
         imgs = torch.stack([tf(self.dataset.load(i)) for i in idx]).to(self.device)
+        # after a whole epoch: epoch_<epochs done>; a stop inside an epoch: step_<steps done>
+        name = f"epoch_{self.pos.epoch:04d}.png" if self.pos.batch == 0 else f"step_{self.pos.step:07d}.png"
         with self.autocast():
-            save_reconstruction(
-                self.raw_model, imgs, self.output_dir / "reconstructions" / f"epoch_{self.pos.epoch:04d}.png"
-            )
+            save_reconstruction(self.raw_model, imgs, self.output_dir / "reconstructions" / name)
 
     def _check_finite(self, value: float) -> None:
         if not math.isfinite(value):
@@ -153,7 +184,8 @@ class Trainer:
             self.pos.epoch = epoch
             start = self.pos.batch
             self.sampler.set_epoch(epoch, start * cfg.batch_size)
-            self.loader.generator.manual_seed(cfg.seed * 1000 + epoch)  # worker seeds: per epoch, not per resume
+            if hasattr(self.dataset, "set_epoch"):  # augmentation seeded per (seed, epoch, index): exact resume
+                self.dataset.set_epoch(epoch)
             bar = tqdm(
                 total=self.batches_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 disable=not self.info.is_main, dynamic_ncols=True, mininterval=1.0,

@@ -136,3 +136,11 @@ def test_native_result_does_not_depend_on_batch_position_or_threads():
     a = C.block_mask(16, 14, 14, 75, 4.0, 75.0, 0.3, 1 / 0.3, 10, 123)
     b = C.block_mask(4, 14, 14, 75, 4.0, 75.0, 0.3, 1 / 0.3, 10, 123)
     assert np.array_equal(a[:4], b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_block_cap_still_makes_blocks(backend):
+    """A cap beyond int64's range (here 1e30) must behave as 'no cap', not overflow into scattered cells."""
+    m = BlockMaskGenerator(BlockMaskConfig(14, 14, 75, max_num_patches=10**30), seed=0, backend=backend)(64)
+    assert (m.flatten(1).sum(1) == 75).all()
+    assert neighbour_fraction(m) > 0.95

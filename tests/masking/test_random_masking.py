@@ -33,6 +33,8 @@ def test_bad_mask_ratio(ratio):
 def test_num_visible_keeps_at_least_one_token():
     assert num_visible(196, 0.75) == 49
     assert num_visible(4, 0.9) == 1
+    assert num_visible(16, 1e-17) == 15  # at least one masked token, too
+    assert num_visible(1, 0.5) == 1
 
 
 def test_masking_from_bool_round_trip():

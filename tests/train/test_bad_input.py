@@ -73,6 +73,9 @@ def test_bad_config_value_and_file(tmp_path, capsys):
     assert "does not exist" in fails(["--config", str(tmp_path / "missing.yaml")], capsys)
     assert "batch_size must be >= 1" in fails(["--batch-size", "0"], capsys)
     assert "amp must be one of" in fails(["--amp", "fp8"], capsys)
+    assert "clip_grad must be a finite number > 0" in fails(["--clip-grad", "-1"], capsys)
+    assert "blr must be a finite number >= 0" in fails(["--blr", "nan"], capsys)
+    assert "lr must be a finite number > 0" in fails(["--lr", "0"], capsys)
 
 
 def test_existing_run_is_refused_and_left_untouched(image_folder, tmp_path, capsys):

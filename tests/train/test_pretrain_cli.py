@@ -46,12 +46,24 @@ def test_cli_end_to_end_writes_all_outputs(image_folder, tmp_path):
 
 @pytest.mark.slow
 def test_resume_mid_epoch_reproduces_an_uninterrupted_run(image_folder, tmp_path, capsys):
-    common = [*TINY_ARGS, "--data-path", str(image_folder), "--epochs", "2", "--log-interval", "1"]
+    # two loader workers: augmentations are seeded per sample, so resuming is exact whichever worker loads what
+    common = [
+        *TINY_ARGS,
+        "--data-path",
+        str(image_folder),
+        "--epochs",
+        "2",
+        "--log-interval",
+        "1",
+        "--num-workers",
+        "2",
+    ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     pretrain.run([*common, "--output-dir", str(straight), "--max-steps", "8"])
     pretrain.run([*common, "--output-dir", str(split), "--max-steps", "3"])
     first = load_checkpoint(split / "checkpoint.pt")
     assert (first["epoch"], first["batch"], first["step"]) == (0, 3, 3)  # stopped mid-epoch
+    assert (split / "reconstructions" / "step_0000003.png").is_file()
     pretrain.run(["--resume", "--output-dir", str(split), "--max-steps", "8"])
     a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")
     assert (b["epoch"], b["batch"], b["step"]) == (1, 2, 8)
@@ -121,3 +133,57 @@ def test_default_data_folder_is_built_from_sample_photos(tmp_path, monkeypatch):
         assert img.mode == "RGB" and min(img.size) >= 64
     mtime = os.path.getmtime(files[0])
     assert default_dataset_path() == root and os.path.getmtime(files[0]) == mtime  # written once, then reused
+
+
+@pytest.mark.slow
+def test_resume_with_changed_data_layout(image_folder, tmp_path, capsys):
+    common = [*TINY_ARGS, "--data-path", str(image_folder), "--vis-interval", "100"]
+    mid, boundary = tmp_path / "mid", tmp_path / "boundary"
+    pretrain.run([*common, "--output-dir", str(mid), "--max-steps", "3"])
+    with pytest.raises(ValueError, match="stopped mid-epoch with batch size"):
+        pretrain.run(["--resume", "--output-dir", str(mid), "--batch-size", "2"])
+    pretrain.run([*common, "--output-dir", str(boundary), "--epochs", "1"])  # 6 steps of 4 images
+    pretrain.run(["--resume", "--output-dir", str(boundary), "--epochs", "2", "--batch-size", "8",
+                  "--weight-decay", "0.3"])  # fmt: skip
+    state = load_checkpoint(boundary / "checkpoint.pt")
+    assert (state["epoch"], state["batch"], state["step"]) == (2, 0, 6)  # 1 epoch = 3 steps of 8 from here
+    assert state["layout"]["batch_size"] == 8
+    assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [0.0, 0.3]  # the new value wins
+
+
+def test_saved_config_does_not_resume_or_overwrite(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    pretrain.run([*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--max-steps", "2"])
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["resume"] is None and saved["output_dir"] == str(out)
+    before = (out / "checkpoint.pt").read_bytes()
+    assert pretrain.main(["--config", str(out / "config.yaml")]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    # resume and output_dir may come from a YAML file too
+    cfg = tmp_path / "resume.yaml"
+    cfg.write_text(f"resume: auto\noutput_dir: {out}\nmax_steps: 3\n")
+    pretrain.run(["--config", str(cfg)])
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 3
+
+
+@pytest.mark.slow
+def test_non_finite_weights_are_never_saved(image_folder, tmp_path, monkeypatch, capsys):
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def poisoned_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 4:  # the loss of this step was finite; the update is not
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
+    out = tmp_path / "inf"
+    code = pretrain.main([*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out),
+                          "--save-interval", "2", "--log-interval", "100", "--vis-interval", "100"])  # fmt: skip
+    assert code == 2
+    assert "the weights became non-finite by step 4" in capsys.readouterr().err
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
