@@ -76,7 +76,8 @@ void one_sample(const BlockMaskParams& p, Rng& rng, uint8_t* m) {
   int64_t count = 0;
   while (count < p.num_masked) {
     // clamp in double first: max_block may exceed int64's range, and that cast would be undefined
-    const int64_t budget = static_cast<int64_t>(std::min<double>(p.max_block, static_cast<double>(p.num_masked - count)));
+    const double remaining = static_cast<double>(p.num_masked - count);
+    const int64_t budget = static_cast<int64_t>(std::min<double>(p.max_block, remaining));
     const int64_t added = budget > 0 ? add_block(p, budget, rng, m) : 0;
     if (added == 0) break;
     count += added;

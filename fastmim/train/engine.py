@@ -123,19 +123,19 @@ class Trainer:
             if self.info.is_main:
                 print(f"note: resuming on {self.info.world_size} processes, saved on {state.get('world_size')}")
 
-    def _check_weights_finite(self) -> None:
-        """A finite loss can still be followed by an update that makes weights non-finite (an infinite gradient):
-        never save those. One reduction and one host sync per save."""
-        total = torch.stack([p.detach().float().sum() for p in self.raw_model.parameters()]).sum()
-        if not math.isfinite(float(total)):
+    def _check_finite(self, value: float, what: str) -> None:
+        """Stops the run, before anything is saved, when ``what`` (the loss, the weights) is not finite."""
+        if not math.isfinite(value):
             raise FloatingPointError(
-                f"the weights became non-finite by step {self.pos.step} (epoch {self.pos.epoch}); stopping without "
-                f"saving, so the last checkpoint in {self.output_dir} is intact. Try --clip-grad, a lower --blr, "
-                "or --amp bf16 instead of fp16."
+                f"{what} became {'non-finite' if what == 'the weights' else value} by step {self.pos.step} "
+                f"(epoch {self.pos.epoch}); stopping without saving, so the last checkpoint in {self.output_dir} is "
+                "intact. Try --amp bf16 instead of fp16, a lower --blr, or --clip-grad."
             )
 
     def save(self) -> None:
-        self._check_weights_finite()
+        # a finite loss can still be followed by an update that makes weights non-finite (an infinite gradient)
+        total = torch.stack([p.detach().float().sum() for p in self.raw_model.parameters()]).sum()
+        self._check_finite(float(total), "the weights")  # one reduction, one host sync per save
         state = self.state_dict()  # collective: every rank takes part
         if self.info.is_main:
             ckpt.save_checkpoint(self.output_dir / ckpt.CHECKPOINT_NAME, state)
@@ -163,14 +163,6 @@ class Trainer:
         name = f"epoch_{self.pos.epoch:04d}.png" if self.pos.batch == 0 else f"step_{self.pos.step:07d}.png"
         with self.autocast():
             save_reconstruction(self.raw_model, imgs, self.output_dir / "reconstructions" / name)
-
-    def _check_finite(self, value: float) -> None:
-        if not math.isfinite(value):
-            raise FloatingPointError(
-                f"the loss became {value} by step {self.pos.step} (epoch {self.pos.epoch}); stopping without saving, "
-                f"so the last checkpoint in {self.output_dir} is intact. Try --amp bf16 instead of fp16, a lower "
-                "--blr, or --clip-grad."
-            )
 
     def fit(self) -> Position:
         cfg = self.cfg
@@ -220,7 +212,7 @@ class Trainer:
                 end_of_epoch = self.pos.batch == self.batches_per_epoch
                 if self.pos.step % cfg.log_interval == 0 or done or end_of_epoch or save_now:
                     loss_avg = float(all_reduce_mean(running / max(count, 1), self.info))  # host sync
-                    self._check_finite(loss_avg)
+                    self._check_finite(loss_avg, "the loss")
                     now = time.perf_counter()
                     ips = (self.pos.step - step_log) * self.images_per_step / max(now - t_log, 1e-9)
                     lr_now = self.optimizer.param_groups[0]["lr"]
