@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check for one H100/H200 machine (Python 3.12, torch + CUDA, triton, cmake, ninja, pybind11, timm;
 # no network, no DALI/spconv/flash-attn). Builds the extension, runs the GPU tests and the CPU suite there, measures
-# throughput, and runs the CLI on CUDA. Usage: bash benchmarks/gpu_suite.sh RESULTS_DIR   (about 3-4 minutes on an H100)
+# throughput, and runs the CLI on CUDA. Usage: bash benchmarks/gpu_suite.sh RESULTS_DIR   (3-4 minutes on an H100 before the ops benchmark joined; not yet timed with it)
 # The tree sent to a GPU machine has no .git: pass FASTMIM_COMMIT=$(git rev-parse --short HEAD) so results name it.
 set -uo pipefail
 RESULTS=${1:?usage: gpu_suite.sh RESULTS_DIR}
@@ -29,11 +29,16 @@ FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider -m gpu tests || s
 step pytest CPU suite on this machine "(Python/torch versions differ from CI)"
 FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider -m "not gpu" -x tests || status=1
 
-step throughput: plain MAE path, bf16
+step "ops benchmark: fastmim.ops vs eager and compiled references (MAE ViT-B/16 shapes)"
+$PY benchmarks/ops.py --out "$RESULTS/ops.jsonl" 2>"$RESULTS/ops.log" || { status=1; tail -20 "$RESULTS/ops.log"; }
+
+step "throughput: MAE on fastmim.ops and on the plain reference path, bf16"
 for spec in "mae_vit_base_patch16 256" "mae_vit_large_patch16 128"; do
   set -- $spec
-  $PY benchmarks/throughput.py --model "$1" --batch-size "$2" --amp bf16 --steps 20 --warmup 5 --peak-tflops 790 \
-    --out "$RESULTS/throughput.jsonl" || status=1
+  for mode in "" "--reference"; do
+    $PY benchmarks/throughput.py --model "$1" --batch-size "$2" --amp bf16 --steps 20 --warmup 5 --peak-tflops 790 \
+      $mode --out "$RESULTS/throughput.jsonl" || status=1
+  done
 done
 
 step "CLI: the default demo run on CUDA"

@@ -3,18 +3,14 @@
     python benchmarks/throughput.py --model mae_vit_base_patch16 --batch-size 256 --amp bf16
 
 Times whole training steps (forward, backward, fused AdamW) after warm-up; prints and appends a JSON row (img/s,
-peak memory, device, versions, commit, date) to --out. This first version measures the plain PyTorch MAE path (the
-reference the fused ops replace); later versions add the fused and compiled modes side by side.
+peak memory, device, versions, commit, date) to --out. It measures the plain PyTorch MAE path (the
+reference the fused ops replace, ``--reference``) or the recipe on fastmim.ops (the default, mode "fastmim").
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,31 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fastmim  # noqa: E402
+from benchmarks.common import environment, write_row  # noqa: E402
 from fastmim.train.optim import build_adamw  # noqa: E402
-
-
-def git_commit() -> str:
-    """HEAD's short hash; FASTMIM_COMMIT names it where the tree has no .git (a copy sent to a GPU machine)."""
-    if os.environ.get("FASTMIM_COMMIT"):
-        return os.environ["FASTMIM_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              check=True).stdout.strip()  # fmt: skip
-    except Exception:
-        return "unknown"
-
-
-def environment(device: torch.device) -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": name, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-            "python": sys.version.split()[0], "commit": git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
 
 
 def flops_per_image(model) -> float:
@@ -81,12 +54,13 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak for MFU (H100 measured: 790)")
+    ap.add_argument("--reference", action="store_true", help="the plain PyTorch path instead of fastmim.ops")
     ap.add_argument("--out", default=None, help="append the JSON row to this file")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = fastmim.create_model(args.model, img_size=args.img_size).to(device)
+    model = fastmim.create_model(args.model, img_size=args.img_size, fused_ops=not args.reference).to(device)
     opt = build_adamw(model, 1e-4, 0.05)
     imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
@@ -113,7 +87,8 @@ def main(argv=None) -> int:
     med = statistics.median(times)
     ips = args.batch_size / med
     fpi = flops_per_image(model)
-    row = {"benchmark": "throughput", "mode": "reference", "recipe": "mae", "model": args.model,
+    mode = "reference" if args.reference else "fastmim"
+    row = {"benchmark": "throughput", "mode": mode, "recipe": "mae", "model": args.model,
            "batch_size": args.batch_size, "img_size": args.img_size, "amp": args.amp,
            "img_per_s": round(ips, 1), "step_ms_median": round(med * 1e3, 2),
            "step_ms_p20": round(statistics.quantiles(times, n=5)[0] * 1e3, 2),
@@ -124,11 +99,7 @@ def main(argv=None) -> int:
         row["mfu"] = round(fpi * ips / (args.peak_tflops * 1e12), 4)
     if device.type == "cuda":
         row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    print(json.dumps(row))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    write_row(row, args.out)
     return 0
 
 

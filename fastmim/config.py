@@ -28,6 +28,7 @@ class PretrainConfig:
     decoder_depth: int | None = field(default=None, metadata={"help": "decoder blocks (None: the model's)"})
     decoder_num_heads: int | None = field(default=None, metadata={"help": "decoder heads (None: the model's)"})
     attn_impl: str = field(default="auto", metadata={"help": "auto, sdpa, flash or math"})
+    fused_ops: bool = field(default=True, metadata={"help": "fastmim.ops fused kernels (--no-fused-ops: reference)"})
     # Mask + Target
     mask_ratio: float = field(default=0.75, metadata={"help": "fraction of patches removed, in (0, 1)"})
     mask_type: str = field(default="random", metadata={"help": "random (MAE) or block (BEiT-style)"})

@@ -96,7 +96,7 @@ def build_model(cfg: PretrainConfig, device: torch.device):
     from fastmim.methods.mae import MaskedAutoencoderViT
 
     kwargs = dict(img_size=cfg.img_size, mask_ratio=cfg.mask_ratio, mask_type=cfg.mask_type,
-                  norm_pix_loss=cfg.norm_pix_loss, attn_impl=cfg.attn_impl)  # fmt: skip
+                  norm_pix_loss=cfg.norm_pix_loss, attn_impl=cfg.attn_impl, fused_ops=cfg.fused_ops)  # fmt: skip
     for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         if getattr(cfg, k) is not None:
             kwargs[k] = getattr(cfg, k)

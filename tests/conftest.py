@@ -10,6 +10,11 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; it must be on before triton is
+# imported (torch does not import it; fastmim.ops imports it lazily).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch)")

@@ -41,3 +41,20 @@ def test_flop_formula_matches_torch_flop_counter():
         loss, _, _ = m(torch.randn(1, 3, 64, 64))
         loss.backward()
     assert throughput.flops_per_image(m) == pytest.approx(fc.get_total_flops(), rel=0.005)
+
+
+def test_ops_benchmark_smoke_on_cpu(tmp_path):
+    import ops
+
+    out = tmp_path / "ops.jsonl"
+    args = ["--device", "cpu", "--batch-size", "2", "--img-size", "32", "--patch-size", "8", "--encoder-dim", "16",
+            "--decoder-dim", "8", "--reps", "2", "--no-compile", "--out", str(out)]  # fmt: skip
+    assert ops.main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["op"] == "copy" and rows[0]["gbps"] > 0
+    timed = rows[1:]
+    assert {r["op"] for r in timed} == {"gather_visible", "scatter_masked", "masked_mse_loss", "patchify"}
+    assert {r["pass"] for r in timed} == {"fwd", "bwd", "fwd+bwd"}
+    fused = [r for r in timed if r["impl"].startswith("fastmim")]
+    assert len(fused) == 12 and all(r["speedup_vs_eager"] > 0 and r["ms_median"] > 0 for r in fused)
+    assert all(r["commit"] and r["torch"] and r["date"] and r["device"] == "cpu" for r in rows)

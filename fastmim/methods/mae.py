@@ -17,6 +17,7 @@ from fastmim.masking.random import check_mask_ratio, num_visible
 from fastmim.models.pos_embed import sincos_2d
 from fastmim.models.registry import register_model
 from fastmim.models.vit import Block, VisionTransformer, init_weights, vit_sizes
+from fastmim.ops import gather_visible, masked_mse_loss, scatter_masked
 from fastmim.ops.reference import masked_mse_loss_ref, patch_stats_ref, patchify_ref, unpatchify_ref
 
 MASK_TYPES = ("random", "block")
@@ -31,6 +32,8 @@ class MaskedAutoencoderViT(VisionTransformer):
         mask_ratio: fraction of patches removed per sample.
         mask_type: "random" (MAE) or "block" (BEiT-style block-wise masks with the same count).
         norm_pix_loss: normalise each target patch by its mean and std.
+        fused_ops: use fastmim.ops (fused gather, decoder-input scatter and loss); False keeps the plain PyTorch
+            reference path, which computes the same values.
         Other arguments as ``VisionTransformer``.
     """
 
@@ -50,6 +53,7 @@ class MaskedAutoencoderViT(VisionTransformer):
         mask_type: str = "random",
         norm_pix_loss: bool = True,
         attn_impl: str = "auto",
+        fused_ops: bool = True,
     ):
         check_mask_ratio(mask_ratio)
         if mask_type not in MASK_TYPES:
@@ -58,6 +62,7 @@ class MaskedAutoencoderViT(VisionTransformer):
         self.mask_ratio = float(mask_ratio)
         self.mask_type = mask_type
         self.norm_pix_loss = norm_pix_loss
+        self.fused_ops = fused_ops
         n = self.num_patches
         # --- Head: transformer decoder over visible latents + mask tokens ---
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
@@ -107,8 +112,10 @@ class MaskedAutoencoderViT(VisionTransformer):
     def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """Encodes only the visible patches: [B, C, H, W], [B, K] -> [B, 1 + K, D]."""
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # [B, N, D]
-        d = x.shape[-1]
-        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))  # [B, K, D]
+        if self.fused_ops:
+            x = gather_visible(x, ids_keep)  # [B, K, D]
+        else:
+            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, K, D]
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # [B, 1 + K, D]
         for blk in self.blocks:
@@ -119,11 +126,14 @@ class MaskedAutoencoderViT(VisionTransformer):
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """[B, 1 + K, D], [B, N] -> predicted patches [B, N, p*p*C]."""
         x = self.decoder_embed(latent)  # [B, 1 + K, Dd]
-        b, n = ids_restore.shape
-        mask_tokens = self.mask_token.expand(b, n + 1 - x.shape[1], -1)  # [B, N - K, Dd]
-        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # [B, N, Dd] visible first, shuffled order
-        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # unshuffle
-        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed  # [B, 1 + N, Dd]
+        if self.fused_ops:  # unshuffle + mask tokens + class token + position embedding in one pass
+            x = scatter_masked(x[:, 1:, :], ids_restore, self.mask_token, self.decoder_pos_embed, x[:, :1, :])
+        else:
+            b, n = ids_restore.shape
+            mask_tokens = self.mask_token.expand(b, n + 1 - x.shape[1], -1)  # [B, N - K, Dd]
+            x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # [B, N, Dd] visible first, shuffled order
+            x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # unshuffle
+            x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed  # [B, 1 + N, Dd]
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_pred(self.decoder_norm(x))  # [B, 1 + N, p*p*C]
@@ -132,7 +142,8 @@ class MaskedAutoencoderViT(VisionTransformer):
     # --- Loss ---
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean over masked patches of the per-patch MSE against (norm-pix) targets; computed in fp32."""
-        return masked_mse_loss_ref(pred, imgs, mask, self.patch_size, norm_pix=self.norm_pix_loss)
+        loss_fn = masked_mse_loss if self.fused_ops else masked_mse_loss_ref
+        return loss_fn(pred, imgs, mask, self.patch_size, norm_pix=self.norm_pix_loss)
 
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: MaskInfo | None = None

@@ -1,5 +1,36 @@
-"""fastmim.ops: masked-modeling ops. Each has a plain PyTorch reference (``*_ref``) that defines its semantics."""
+"""fastmim.ops: fused masked-modeling ops, importable on their own (``from fastmim.ops import masked_mse_loss``).
 
-from fastmim.ops.reference import masked_mse_loss_ref, patch_stats_ref, patchify_ref, unpatchify_ref
+Every op has a plain PyTorch reference (``*_ref``) that defines its semantics. Backends: Triton for CUDA tensors,
+C++ (``fastmim._C``, OpenMP) for CPU tensors, the reference otherwise; ``FASTMIM_BACKEND=triton|cpp|torch`` forces
+one. All are ``torch.library`` custom ops (``torch.ops.fastmim.*``) with fake kernels and autograd, safe under
+``torch.compile(fullgraph=True)``.
+"""
 
-__all__ = ["masked_mse_loss_ref", "patch_stats_ref", "patchify_ref", "unpatchify_ref"]
+from fastmim.ops.masked_loss import masked_mse_loss, masked_mse_loss_patchified
+from fastmim.ops.patchify import patchify, unpatchify
+from fastmim.ops.reference import (
+    gather_visible_ref,
+    masked_mse_loss_patchified_ref,
+    masked_mse_loss_ref,
+    patch_stats_ref,
+    patchify_ref,
+    scatter_masked_ref,
+    unpatchify_ref,
+)
+from fastmim.ops.tokens import gather_visible, scatter_masked
+
+__all__ = [
+    "gather_visible",
+    "gather_visible_ref",
+    "masked_mse_loss",
+    "masked_mse_loss_patchified",
+    "masked_mse_loss_patchified_ref",
+    "masked_mse_loss_ref",
+    "patch_stats_ref",
+    "patchify",
+    "patchify_ref",
+    "scatter_masked",
+    "scatter_masked_ref",
+    "unpatchify",
+    "unpatchify_ref",
+]

@@ -50,29 +50,62 @@ def patch_stats_ref(target: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tens
     return mean, (var + eps) ** 0.5
 
 
-def masked_mse_loss_ref(
+def gather_visible_ref(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    """Keeps the visible tokens: [B, N, D] -> [B, K, D] with ``out[b, k] = x[b, ids_keep[b, k]]`` (MAE's encoder)."""
+    return torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def scatter_masked_ref(
+    x_vis: torch.Tensor,
+    ids_restore: torch.Tensor,
+    mask_token: torch.Tensor,
+    pos_embed: torch.Tensor | None = None,
+    cls_token: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MAE's decoder input: visible tokens back in their places, the mask token everywhere else.
+
+    Args:
+        x_vis: [B, K, D] visible tokens (no class token).
+        ids_restore: [B, N]; ``ids_restore[b, n] < K`` picks ``x_vis[b, ids_restore[b, n]]``, larger values the mask
+            token (MAE's argsort of the shuffle).
+        mask_token: [D] or [1, 1, D].
+        pos_embed: optional [N(+1), D] or [1, N(+1), D], added to every row (row 0 is the class token's).
+        cls_token: optional [B or 1, 1, D] (or [B or 1, D], [D]) put in front as row 0.
+    Returns: [B, N(+1), D] in the promoted dtype of the inputs.
+    """
+    b, k, d = x_vis.shape
+    n = ids_restore.shape[1]
+    mask_tokens = mask_token.reshape(1, 1, d).expand(b, n - k, d)
+    x = torch.cat([x_vis, mask_tokens], dim=1)  # [B, N, D] (promotes dtypes as MAE's cat does)
+    x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))  # unshuffle
+    if cls_token is not None:
+        cls = cls_token.reshape(-1, 1, d).expand(b, 1, d)
+        x = torch.cat([cls, x], dim=1)
+    if pos_embed is not None:
+        x = x + pos_embed.reshape(1, -1, d)
+    return x
+
+
+def masked_mse_loss_patchified_ref(
     pred: torch.Tensor,
-    imgs: torch.Tensor,
+    target: torch.Tensor,
     mask: torch.Tensor,
-    patch_size: int,
     norm_pix: bool = True,
     eps: float = 1e-6,
     p: int = 2,
 ) -> torch.Tensor:
-    """MAE's reconstruction loss: mean over masked patches of the per-patch mean error.
+    """MAE's reconstruction loss on already-patchified targets: mean over masked patches of the per-patch mean error.
 
     Args:
-        pred: [B, L, p*p*C] predicted patches.
-        imgs: [B, C, H, W] images.
-        mask: [B, L], 1 for masked patches (the only ones that count), 0 for visible.
-        patch_size: patch side.
+        pred: [B, L, D] predicted patches.
+        target: [B, L, D] target patches.
+        mask: [B, L] weights, 1 for masked patches (the only ones that count), 0 for visible.
         norm_pix: normalise each target patch by its own mean and std (MAE's norm_pix_loss).
         eps: added to the per-patch variance.
         p: 2 for squared error (MAE), 1 for absolute error (SimMIM).
     """
-    target = patchify_ref(imgs, patch_size)  # [B, L, D]
     if pred.shape != target.shape:
-        raise ValueError(f"pred has shape {tuple(pred.shape)}, the patchified images {tuple(target.shape)}")
+        raise ValueError(f"pred has shape {tuple(pred.shape)}, the target patches {tuple(target.shape)}")
     if mask.shape != pred.shape[:2]:
         raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(pred.shape[:2])}")
     target = target.float()
@@ -88,3 +121,27 @@ def masked_mse_loss_ref(
     if denom.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(denom > 0):
         raise ValueError("mask has no masked patch: the masked loss is undefined")
     return (loss * mask).sum() / denom
+
+
+def masked_mse_loss_ref(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+    p: int = 2,
+) -> torch.Tensor:
+    """MAE's reconstruction loss from images: ``masked_mse_loss_patchified_ref(pred, patchify_ref(imgs), ...)``.
+
+    Args:
+        pred: [B, L, p*p*C] predicted patches.
+        imgs: [B, C, H, W] images.
+        mask: [B, L], 1 for masked patches (the only ones that count), 0 for visible.
+        patch_size: patch side.
+        norm_pix, eps, p: as ``masked_mse_loss_patchified_ref``.
+    """
+    target = patchify_ref(imgs, patch_size)  # [B, L, D]
+    if pred.shape != target.shape:
+        raise ValueError(f"pred has shape {tuple(pred.shape)}, the patchified images {tuple(target.shape)}")
+    return masked_mse_loss_patchified_ref(pred, target, mask, norm_pix, eps, p)

@@ -169,3 +169,34 @@ def test_bad_recipe_arguments():
         tiny_mae(mask_type="checkerboard")
     with pytest.raises(ValueError, match="not divisible by the patch size"):
         tiny_mae(img_size=70)
+
+
+@pytest.mark.parametrize("name", ["auto", "cpp", "triton", "torch"])
+def test_fused_ops_path_equals_reference_path(name, monkeypatch):
+    """The MAE recipe on fastmim.ops (default) and on the plain reference path: same loss, prediction and gradient
+    of every parameter, for the same weights and mask."""
+    from tests.ops.conftest import _skip_reason
+
+    why = _skip_reason("cpu", name) if name != "auto" else None
+    if why:
+        pytest.skip(why)
+    monkeypatch.setenv("FASTMIM_BACKEND", name)
+    torch.manual_seed(0)
+    kw = dict(img_size=32, decoder_depth=1, decoder_embed_dim=32, decoder_num_heads=2)
+    fused = fastmim.create_model("mae_vit_tiny_patch16", **kw)
+    plain = fastmim.create_model("mae_vit_tiny_patch16", fused_ops=False, **kw)
+    plain.load_state_dict(fused.state_dict())
+    assert fused.fused_ops and not plain.fused_ops
+    imgs = torch.randn(3, 3, 32, 32)
+    mask = fused.make_mask(3, imgs.device)
+    results = []
+    for m in (fused, plain):
+        loss, pred, _ = m(imgs, mask=mask)
+        loss.backward()
+        results.append((loss.detach(), pred.detach(), {k: p.grad for k, p in m.named_parameters() if p.requires_grad}))
+    (l1, p1, g1), (l2, p2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(p1, p2, rtol=1e-6, atol=1e-6)
+    assert g1.keys() == g2.keys() and "mask_token" in g1
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"grad of {k}: {m}")

@@ -1,0 +1,47 @@
+"""What every benchmark row carries: device, versions, commit and date; and how rows are written."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str:
+    """HEAD's short hash; FASTMIM_COMMIT names it where the tree has no .git (a copy sent to a GPU machine)."""
+    if os.environ.get("FASTMIM_COMMIT"):
+        return os.environ["FASTMIM_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                              check=True).stdout.strip()  # fmt: skip
+    except Exception:
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+            "python": sys.version.split()[0], "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+
+
+def write_row(row: dict, out: str | os.PathLike | None) -> None:
+    """Prints the JSON row and appends it to ``out`` when given."""
+    print(json.dumps(row))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")

@@ -1,0 +1,240 @@
+"""fastmim.ops against the eager PyTorch reference and torch.compile(reference), side by side in one process.
+
+    python benchmarks/ops.py                      # MAE ViT-B/16 shapes on a GPU, smaller ones on CPU
+    python benchmarks/ops.py --ops loss --batch-size 64 --out benchmarks/results/ops.jsonl
+
+For each op and pass (forward, backward, forward+backward): median time with p20/p80, extra peak memory (GPU), and
+achieved bandwidth counted as the bytes the op cannot avoid (what it must read and write once), plus the device's
+measured copy bandwidth for comparison. Dtypes are those the MAE recipe hands each op under bf16 autocast on a GPU
+(fp32 on CPU). Never asserts anything: the targets live in the issue and in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import environment, write_row  # noqa: E402
+from fastmim.masking import random_masking  # noqa: E402
+from fastmim.ops import (  # noqa: E402
+    gather_visible,
+    gather_visible_ref,
+    masked_mse_loss,
+    masked_mse_loss_ref,
+    patchify,
+    patchify_ref,
+    scatter_masked,
+    scatter_masked_ref,
+)
+from fastmim.ops._dispatch import choose_backend  # noqa: E402
+
+OPS = ("gather", "scatter", "loss", "patchify")
+PASSES = ("fwd", "bwd", "fwd+bwd")
+
+
+@dataclass
+class Case:
+    """One op at one shape: inputs (those requiring grad get gradients), the two functions, bytes per pass."""
+
+    op: str
+    shape: str
+    dtypes: str
+    inputs: list
+    fused: Callable
+    ref: Callable
+    bytes_fwd: int
+    bytes_bwd: int
+    backend: str
+
+
+def build_cases(ops, b: int, img: int, patch: int, enc_dim: int, dec_dim: int, ratio: float, device, lowp: bool):
+    n = (img // patch) ** 2
+    info = random_masking(b, n, ratio, device=device, generator=torch.Generator().manual_seed(0))
+    k = info.ids_keep.shape[1]
+    act = torch.bfloat16 if lowp else torch.float32  # autocast activations; parameters and images stay fp32
+    f32 = torch.float32
+
+    def t(*shape, dtype=f32, grad=True):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
+
+    cases = []
+    if "gather" in ops:  # encoder: patch embedding + fp32 pos embedding is fp32 under autocast
+        x = t(b, n, enc_dim)
+        es = x.element_size()
+        cases.append(Case("gather_visible", f"B{b} N{n} K{k} D{enc_dim}", str(x.dtype), [x, info.ids_keep],
+                          gather_visible, gather_visible_ref, 2 * b * k * enc_dim * es + b * k * 8,
+                          b * k * enc_dim * es + b * n * enc_dim * es,
+                          choose_backend("gather_visible", device, (x.dtype,))))  # fmt: skip
+    if "scatter" in ops:  # decoder: bf16 decoder_embed output, fp32 mask token and frozen fp32 pos embedding
+        xv, cls = t(b, k, dec_dim, dtype=act), t(b, 1, dec_dim, dtype=act)
+        mt, pos = t(1, 1, dec_dim), t(1, n + 1, dec_dim, grad=False)
+        out_es = torch.promote_types(act, f32).itemsize
+        fwd = b * k * dec_dim * xv.element_size() + (n + 1) * dec_dim * 4 + b * n * 8 + b * (n + 1) * dec_dim * out_es
+        bwd = b * (n + 1) * dec_dim * out_es + b * k * dec_dim * xv.element_size()
+        cases.append(Case("scatter_masked", f"B{b} N{n} K{k} D{dec_dim} +cls +pos", f"x {act}, params fp32",
+                          [xv, info.ids_restore, mt, pos, cls], scatter_masked, scatter_masked_ref, fwd, bwd,
+                          choose_backend("scatter_masked", device, (act, f32))))  # fmt: skip
+    if "loss" in ops:  # bf16 decoder predictions, fp32 images, 75% masked, norm-pix
+        d = patch * patch * 3
+        pred, imgs = t(b, n, d, dtype=act), t(b, 3, img, img, grad=False)
+        m = info.mask
+        frac = float(m.float().mean())
+        read = int(frac * b * n * d * (pred.element_size() + 4)) + b * n * 4
+        cases.append(Case("masked_mse_loss", f"B{b} {img}px p{patch} {ratio:.0%} masked", f"pred {act}, imgs fp32",
+                          [pred, imgs, m], lambda p, i, m: masked_mse_loss(p, i, m, patch),
+                          lambda p, i, m: masked_mse_loss_ref(p, i, m, patch), read,
+                          read + b * n * d * pred.element_size(),
+                          choose_backend("masked_mse_loss", device, (act, f32))))  # fmt: skip
+    if "patchify" in ops:
+        imgs = t(b, 3, img, img)
+        nbytes = 2 * imgs.numel() * 4
+        cases.append(Case("patchify", f"B{b} {img}px p{patch}", "fp32", [imgs], lambda x: patchify(x, patch),
+                          lambda x: patchify_ref(x, patch), nbytes, nbytes,
+                          choose_backend("patchify", device, (f32,))))  # fmt: skip
+    return cases
+
+
+def timer(device: torch.device, reps: int):
+    """Returns measure(fn) -> (median, p20, p80) in ms: triton's do_bench on CUDA, a perf_counter loop on CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        def measure(fn):
+            med, p20, p80 = do_bench(fn, warmup=25, rep=max(reps, 20) * 5, quantiles=[0.5, 0.2, 0.8])
+            return med, p20, p80
+
+        return measure
+
+    def measure_cpu(fn):
+        for _ in range(2):
+            fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
+        return statistics.median(times), q[0], q[-1]
+
+    return measure_cpu
+
+
+def passes(fn: Callable, inputs: list) -> dict[str, Callable]:
+    """The three timed closures for fn(*inputs): forward (graph built, as in training), backward alone on a kept
+    graph, forward + backward."""
+    leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+
+    def fwd():
+        return fn(*inputs)
+
+    out = fwd()
+    grad_out = torch.randn_like(out)
+
+    def bwd():
+        torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+
+    def fwd_bwd():
+        torch.autograd.grad(fn(*inputs), leaves, grad_out)
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+
+
+def peak_extra_mb(fn: Callable, device: torch.device) -> float | None:
+    """Memory the call allocates beyond what existed before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
+
+
+def copy_bandwidth(device: torch.device, measure, mbytes: int) -> float:
+    """Device copy bandwidth in GB/s, counting bytes read + written."""
+    src = torch.empty(mbytes * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    med, _, _ = measure(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / (med * 1e-3) / 1e9
+
+
+def main(argv=None) -> int:
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {', '.join(OPS)}")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: 256 on a GPU (MAE ViT-B/16), 32 on CPU")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--patch-size", type=int, default=16)
+    ap.add_argument("--encoder-dim", type=int, default=768)
+    ap.add_argument("--decoder-dim", type=int, default=512)
+    ap.add_argument("--mask-ratio", type=float, default=0.75)
+    ap.add_argument("--fp32", action="store_true", help="fp32 activations on a GPU too (default: bf16 as autocast)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 on GPU, 10 on CPU)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) column")
+    ap.add_argument("--out", default=None, help="append the JSON rows to this file")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        ap.error(f"unknown ops {unknown}; choose from {OPS}")
+    b = args.batch_size or (256 if device.type == "cuda" else 32)
+    reps = args.reps or (20 if device.type == "cuda" else 10)
+    torch.manual_seed(0)
+    measure = timer(device, reps)
+    env = environment(device)
+    copy_gbps = copy_bandwidth(device, measure, 1024 if device.type == "cuda" else 256)
+    write_row({"benchmark": "ops", "op": "copy", "impl": "torch copy_", "gbps": round(copy_gbps, 1), **env}, args.out)
+    lowp = device.type == "cuda" and not args.fp32
+    cases = build_cases(ops, b, args.img_size, args.patch_size, args.encoder_dim, args.decoder_dim,
+                        args.mask_ratio, device, lowp)  # fmt: skip
+    table = []
+    for case in cases:
+        impls = {f"fastmim[{case.backend}]": case.fused, "eager": case.ref}
+        if not args.no_compile:
+            torch._dynamo.reset()
+            impls["compiled"] = torch.compile(case.ref)
+        times: dict[tuple[str, str], float] = {}
+        for impl, fn in impls.items():
+            for pas, closure in passes(fn, case.inputs).items():
+                med, p20, p80 = measure(closure)
+                times[(impl, pas)] = med
+                nbytes = {"fwd": case.bytes_fwd, "bwd": case.bytes_bwd}.get(pas, case.bytes_fwd + case.bytes_bwd)
+                gbps = nbytes / (med * 1e-3) / 1e9
+                row = {"benchmark": "ops", "op": case.op, "pass": pas, "impl": impl, "shape": case.shape,
+                       "dtypes": case.dtypes, "ms_median": round(med, 4), "ms_p20": round(p20, 4),
+                       "ms_p80": round(p80, 4), "peak_extra_mb": peak_extra_mb(closure, device),
+                       "gbps": round(gbps, 1), "fraction_of_copy_bw": round(gbps / copy_gbps, 3), **env}  # fmt: skip
+                print(f"{case.op} {pas} {impl}: {med:.3f} ms", file=sys.stderr)
+                table.append(row)
+        for row in table:
+            if row["op"] == case.op and row["impl"].startswith("fastmim"):
+                row["speedup_vs_eager"] = round(times[("eager", row["pass"])] / row["ms_median"], 3)
+                if ("compiled", row["pass"]) in times:
+                    row["speedup_vs_compiled"] = round(times[("compiled", row["pass"])] / row["ms_median"], 3)
+    for row in table:
+        write_row(row, args.out)
+    print(f"\ncopy bandwidth {copy_gbps:.0f} GB/s on {env['device']}")
+    print(f"{'op':17} {'pass':8} {'impl':18} {'median ms':>10} {'GB/s':>8} {'x eager':>8} {'x compiled':>10}")
+    for r in table:
+        se, sc = r.get("speedup_vs_eager"), r.get("speedup_vs_compiled")
+        print(f"{r['op']:17} {r['pass']:8} {r['impl']:18} {r['ms_median']:10.3f} {r['gbps']:8.1f} "
+              f"{'' if se is None else se:>8} {'' if sc is None else sc:>10}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

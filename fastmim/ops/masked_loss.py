@@ -1,0 +1,231 @@
+"""Masked reconstruction loss (MAE norm-pix MSE, SimMIM-style L1) as one fused op, patchify included.
+
+Public: ``masked_mse_loss`` (targets are the images, read in NCHW directly) and ``masked_mse_loss_patchified``
+(targets already [B, L, D]). Both return ``sum_l(mask * patch_loss) / sum(mask)`` as a 0-d fp32 tensor, with a
+gradient for ``pred`` only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastmim.ops import _cpu
+from fastmim.ops._dispatch import check_device, check_float, check_patch_size, choose_backend
+from fastmim.ops.reference import masked_mse_loss_patchified_ref, masked_mse_loss_ref, patch_stats_ref, patchify_ref
+
+
+def _geometry(target: torch.Tensor, patch_size: int) -> tuple[int, ...]:
+    """Stride formula parameters (gw, s_b, s_row, s_col, P, C, s_pi, s_qi, s_c) that address target element e of
+    patch l of sample b (see ``fastmim/ops/triton/masked_loss.py``)."""
+    if target.dim() == 4:  # images [B, C, H, W]
+        p = patch_size
+        sb, sc, sh, sw = target.stride()
+        return (target.shape[3] // p, sb, p * sh, p * sw, p, target.shape[1], sh, sw, sc)
+    sb, sl, sd = target.stride()  # patches [B, L, D]
+    return (target.shape[1], sb, 0, sl, 1, target.shape[2], 0, 0, sd)
+
+
+def _backend(pred: torch.Tensor, target: torch.Tensor) -> str:
+    return choose_backend("masked_mse_loss", pred.device, (pred.dtype, target.dtype))
+
+
+def _triton_loss():
+    from fastmim.ops.triton import masked_loss
+
+    return masked_loss
+
+
+def _loss_fwd(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool, eps: float, p: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, mask weight sum), both 0-d fp32. target is [B, C, H, W] images or [B, L, D] patches."""
+    backend = _backend(pred, target)
+    if backend == "torch":
+        if target.dim() == 4:
+            loss = masked_mse_loss_ref(pred, target, mask, patch_size, norm_pix, eps, p)
+        else:
+            loss = masked_mse_loss_patchified_ref(pred, target, mask, norm_pix, eps, p)
+        return loss, mask.float().sum()
+    if backend == "cpp":
+        target = target.contiguous()
+        loss, denom = _cpu.masked_loss_forward(pred, target, mask, _geometry(target, patch_size), norm_pix, eps, p)
+    else:
+        loss, denom = _triton_loss().masked_loss_forward(
+            pred, target, mask, _geometry(target, patch_size), norm_pix, eps, p
+        )
+    if denom.device.type == "cpu" and not bool(denom > 0):  # on CUDA the check would cost a sync: NaN there
+        raise ValueError("masked_mse_loss: mask has no masked patch (its sum is 0): the masked loss is undefined")
+    return loss, denom
+
+
+_masked_loss_op = torch.library.custom_op("fastmim::masked_loss", _loss_fwd, mutates_args=())
+
+
+@_masked_loss_op.register_fake
+def _(pred, target, mask, patch_size, norm_pix, eps, p):
+    return pred.new_empty((), dtype=torch.float32), pred.new_empty((), dtype=torch.float32)
+
+
+def _loss_bwd(
+    grad_loss: torch.Tensor,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    denom: torch.Tensor,
+    patch_size: int,
+    norm_pix: bool,
+    eps: float,
+    p: int,
+) -> torch.Tensor:
+    backend = _backend(pred, target)
+    if backend == "torch":
+        return _masked_loss_backward_ref(grad_loss, pred, target, mask, denom, patch_size, norm_pix, eps, p)
+    if backend == "cpp":
+        target = target.contiguous()
+        args = (grad_loss, pred, target, mask, denom, _geometry(target, patch_size), norm_pix, eps, p)
+        return _cpu.masked_loss_backward(*args)
+    args = (grad_loss, pred, target, mask, denom, _geometry(target, patch_size), norm_pix, eps, p)
+    return _triton_loss().masked_loss_backward(*args)
+
+
+def _masked_loss_backward_ref(grad_loss, pred, target, mask, denom, patch_size, norm_pix, eps, p):
+    """The gradient of ``masked_mse_loss_ref`` w.r.t. pred, in closed form (autograd is off inside a custom op)."""
+    t = (patchify_ref(target, patch_size) if target.dim() == 4 else target).float()  # [B, L, D]
+    if norm_pix:
+        mean, std = patch_stats_ref(t, eps)
+        t = (t - mean) / std
+    diff = pred.float() - t
+    local = diff.sign() if p == 1 else 2 * diff
+    scale = grad_loss.float() / denom.float() / pred.shape[-1]
+    return (local * (mask.float() * scale).unsqueeze(-1)).to(pred.dtype)
+
+
+_masked_loss_backward_op = torch.library.custom_op("fastmim::masked_loss_backward", _loss_bwd, mutates_args=())
+
+
+@_masked_loss_backward_op.register_fake
+def _(grad_loss, pred, target, mask, denom, patch_size, norm_pix, eps, p):
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+def _loss_setup(ctx, inputs, output):
+    pred, target, mask, patch_size, norm_pix, eps, p = inputs
+    ctx.save_for_backward(pred, target, mask, output[1])
+    ctx.args = (patch_size, norm_pix, eps, p)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _loss_backward(ctx, grad_loss, _grad_denom, bwd=_masked_loss_backward_op):
+    pred, target, mask, denom = ctx.saved_tensors
+    grad = bwd(grad_loss, pred, target, mask, denom, *ctx.args)
+    return grad, None, None, None, None, None, None
+
+
+_masked_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
+
+
+class _MaskedLoss(torch.autograd.Function):
+    """The eager path: the same functions without the custom-op dispatch (about half its per-call overhead)."""
+
+    forward = staticmethod(_loss_fwd)
+    setup_context = staticmethod(_loss_setup)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_denom):
+        return _loss_backward(ctx, grad_loss, grad_denom, _loss_bwd)
+
+
+def _call(*args) -> torch.Tensor:
+    return (_masked_loss_op(*args) if torch.compiler.is_compiling() else _MaskedLoss.apply(*args))[0]
+
+
+def _validate(op: str, pred, target, mask, norm_pix: bool, eps: float, p: int) -> torch.Tensor:
+    if pred.dim() != 3:
+        raise ValueError(f"{op}: pred must be [B, L, D] patches, got shape {tuple(pred.shape)}")
+    check_float(op, "pred", pred)
+    check_float(op, "target", target)
+    check_device(op, "target", target, pred.device)
+    check_device(op, "mask", mask, pred.device)
+    if p not in (1, 2):
+        raise ValueError(f"{op}: p must be 1 (L1) or 2 (squared error), got {p!r}")
+    if not eps >= 0:  # also catches NaN
+        raise ValueError(f"{op}: eps must be >= 0, got {eps!r}")
+    if tuple(mask.shape) != tuple(pred.shape[:2]):
+        raise ValueError(f"{op}: mask has shape {tuple(mask.shape)}, expected [B, L] = {tuple(pred.shape[:2])}")
+    if mask.dtype == torch.bool or not mask.is_floating_point():
+        if mask.is_complex():
+            raise TypeError(f"{op}: mask must be bool, integer or float, got {mask.dtype}")
+        mask = mask.to(torch.float32)
+    if norm_pix and pred.shape[2] < 2:
+        raise ValueError(f"{op}: norm_pix needs at least 2 values per patch to take a variance, got D={pred.shape[2]}")
+    for name, t in (("target", target), ("mask", mask)):
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                f"{op}: {name} requires grad, but the fused loss differentiates pred only; detach it "
+                "(or use the *_ref function)"
+            )
+    return mask
+
+
+def masked_mse_loss(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+    p: int = 2,
+) -> torch.Tensor:
+    """MAE's reconstruction loss in one pass over the masked patches, reading the images in NCHW directly.
+
+    Per masked patch: the target patch (optionally normalised by its own mean and unbiased variance, in fp32), the
+    mean squared (``p=2``) or absolute (``p=1``) error; then ``sum(mask * patch_loss) / sum(mask)``. Same value and
+    gradient as ``masked_mse_loss_ref``.
+
+    Args:
+        pred: [B, L, p*p*C] predicted patches, (p, q, c) order inside a patch (MAE's patchify).
+        imgs: [B, C, H, W] images (any strides; H and W divisible by ``patch_size``).
+        mask: [B, L] weights: 1 for masked patches, 0 for visible ones (bool, integer or float).
+        patch_size: patch side.
+        norm_pix: normalise each target patch (MAE's ``norm_pix_loss``).
+        eps: added to the per-patch variance.
+        p: 2 for squared error, 1 for absolute error.
+    Returns: 0-d fp32 loss; the gradient flows to ``pred`` only.
+    """
+    op = "masked_mse_loss"
+    if imgs.dim() != 4:
+        raise ValueError(f"{op}: imgs must be [B, C, H, W], got shape {tuple(imgs.shape)}")
+    check_patch_size(op, patch_size)
+    b, c, h, w = imgs.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"{op}: image size {h}x{w} is not divisible by the patch size {patch_size}")
+    expected = (b, (h // patch_size) * (w // patch_size), patch_size * patch_size * c)
+    if tuple(pred.shape) != expected:
+        raise ValueError(
+            f"{op}: pred has shape {tuple(pred.shape)}, expected {expected} for images {tuple(imgs.shape)} "
+            f"and patch size {patch_size}"
+        )
+    mask = _validate(op, pred, imgs, mask, norm_pix, eps, p)
+    return _call(pred, imgs, mask, patch_size, norm_pix, float(eps), p)
+
+
+def masked_mse_loss_patchified(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+    p: int = 2,
+) -> torch.Tensor:
+    """``masked_mse_loss`` for targets that are already [B, L, D] patches (HOG features, teacher tokens, ...).
+
+    Args:
+        pred: [B, L, D] predictions.
+        target: [B, L, D] targets (any strides).
+        mask, norm_pix, eps, p: as ``masked_mse_loss``.
+    """
+    op = "masked_mse_loss_patchified"
+    if tuple(target.shape) != tuple(pred.shape):
+        raise ValueError(f"{op}: target has shape {tuple(target.shape)}, pred {tuple(pred.shape)}")
+    mask = _validate(op, pred, target, mask, norm_pix, eps, p)
+    return _call(pred, target, mask, 0, norm_pix, float(eps), p)

@@ -1,0 +1,138 @@
+"""``patchify`` / ``unpatchify`` as ops: [B, C, H, W] <-> [B, L, p*p*C], (p, q, c) order inside a patch (MAE).
+
+Each is the other's backward. Any patch size and channel count; non-contiguous inputs are read through strides
+(Triton) or copied first (C++).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastmim.ops import _cpu
+from fastmim.ops._dispatch import check_patch_size, choose_backend
+from fastmim.ops.reference import patchify_ref, unpatchify_ref
+
+
+def _triton_patchify():
+    from fastmim.ops.triton import patchify
+
+    return patchify
+
+
+def _fresh(out: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """A contiguous result that does not alias ``src`` (a reshape of a 1x1-patch image is a view)."""
+    if out.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
+        return out.clone(memory_format=torch.contiguous_format)
+    return out.contiguous()
+
+
+def _patchify_impl(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    backend = choose_backend("patchify", imgs.device, (imgs.dtype,))
+    if backend == "triton":
+        return _triton_patchify().patchify(imgs, p)
+    if backend == "cpp":
+        return _cpu.patchify(imgs, p)
+    return _fresh(patchify_ref(imgs, p), imgs)
+
+
+def _unpatchify_impl(x: torch.Tensor, p: int, gh: int, gw: int, channels: int) -> torch.Tensor:
+    backend = choose_backend("unpatchify", x.device, (x.dtype,))
+    if backend == "triton":
+        return _triton_patchify().unpatchify(x, p, (gh, gw), channels)
+    if backend == "cpp":
+        return _cpu.unpatchify(x, p, (gh, gw), channels)
+    return _fresh(unpatchify_ref(x, p, (gh, gw), channels), x)
+
+
+_patchify_op = torch.library.custom_op("fastmim::patchify", _patchify_impl, mutates_args=())
+
+
+@_patchify_op.register_fake
+def _(imgs, p):
+    b, c, h, w = imgs.shape
+    return imgs.new_empty((b, (h // p) * (w // p), p * p * c))
+
+
+_unpatchify_op = torch.library.custom_op("fastmim::unpatchify", _unpatchify_impl, mutates_args=())
+
+
+@_unpatchify_op.register_fake
+def _(x, p, gh, gw, channels):
+    return x.new_empty((x.shape[0], channels, gh * p, gw * p))
+
+
+def _patchify_setup(ctx, inputs, output):
+    imgs, p = inputs
+    ctx.p, ctx.shape = p, imgs.shape
+
+
+def _patchify_backward(ctx, grad, unpatchify_fn=_unpatchify_op):
+    _, c, h, w = ctx.shape
+    return unpatchify_fn(grad, ctx.p, h // ctx.p, w // ctx.p, c), None
+
+
+def _unpatchify_setup(ctx, inputs, output):
+    ctx.p = inputs[1]
+
+
+def _unpatchify_backward(ctx, grad, patchify_fn=_patchify_op):
+    return patchify_fn(grad, ctx.p), None, None, None, None
+
+
+_patchify_op.register_autograd(_patchify_backward, setup_context=_patchify_setup)
+_unpatchify_op.register_autograd(_unpatchify_backward, setup_context=_unpatchify_setup)
+
+
+class _Patchify(torch.autograd.Function):
+    """The eager path: the same functions without the custom-op dispatch (about half its per-call overhead)."""
+
+    forward = staticmethod(_patchify_impl)
+    setup_context = staticmethod(_patchify_setup)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _patchify_backward(ctx, grad, _Unpatchify.apply)
+
+
+class _Unpatchify(torch.autograd.Function):
+    forward = staticmethod(_unpatchify_impl)
+    setup_context = staticmethod(_unpatchify_setup)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _unpatchify_backward(ctx, grad, _Patchify.apply)
+
+
+def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, L, p*p*C] with L = (H/p)*(W/p), channels last inside a patch (as ``patchify_ref``).
+
+    Args:
+        imgs: [B, C, H, W]; H and W divisible by ``patch_size``.
+        patch_size: patch side p.
+    """
+    if imgs.dim() != 4:
+        raise ValueError(f"patchify: imgs must be [B, C, H, W], got shape {tuple(imgs.shape)}")
+    check_patch_size("patchify", patch_size)
+    h, w = imgs.shape[-2:]
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"patchify: image size {h}x{w} is not divisible by the patch size {patch_size}")
+    return (_patchify_op if torch.compiler.is_compiling() else _Patchify.apply)(imgs, patch_size)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int], channels: int = 3) -> torch.Tensor:
+    """[B, L, p*p*C] -> [B, C, gh*p, gw*p]; the inverse of ``patchify``.
+
+    Args:
+        x: [B, L, p*p*C] patches.
+        patch_size: patch side p.
+        grid: (gh, gw) patches per column and row, gh * gw = L.
+        channels: C.
+    """
+    check_patch_size("unpatchify", patch_size)
+    gh, gw = (int(v) for v in grid)
+    if x.dim() != 3 or x.shape[1] != gh * gw or x.shape[2] != patch_size * patch_size * channels:
+        raise ValueError(
+            f"unpatchify: x has shape {tuple(x.shape)}, expected [B, {gh * gw}, {patch_size * patch_size * channels}] "
+            f"for grid {gh}x{gw}, patch {patch_size}, {channels} channels"
+        )
+    return (_unpatchify_op if torch.compiler.is_compiling() else _Unpatchify.apply)(x, patch_size, gh, gw, channels)

@@ -1,0 +1,290 @@
+"""Visible-token gather (MAE encoder) and decoder-input scatter (MAE decoder) as fused ops.
+
+Public: ``gather_visible``, ``scatter_masked``. Registered as ``torch.library.custom_op`` (with fake kernels and
+autograd), so they run under ``torch.compile(fullgraph=True)``; the backend is picked per call (see ``_dispatch``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastmim.ops import _cpu
+from fastmim.ops._dispatch import check_device, check_float, check_id_values, check_ids, choose_backend
+from fastmim.ops.reference import gather_visible_ref, scatter_masked_ref
+
+
+def _triton_tokens():
+    from fastmim.ops.triton import tokens
+
+    return tokens
+
+
+# ---- gather_visible -------------------------------------------------------------------------------------------
+
+
+def _gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    check_id_values("gather_visible", "ids_keep", ids_keep, x.shape[1], distinct=True)
+    backend = choose_backend("gather_visible", x.device, (x.dtype,))
+    if backend == "triton":
+        return _triton_tokens().gather_visible(x, ids_keep)
+    if backend == "cpp":
+        return _cpu.gather_visible(x, ids_keep)
+    return gather_visible_ref(x, ids_keep.long())
+
+
+_gather_visible_op = torch.library.custom_op("fastmim::gather_visible", _gather_fwd, mutates_args=())
+
+
+@_gather_visible_op.register_fake
+def _(x, ids_keep):
+    return x.new_empty((x.shape[0], ids_keep.shape[1], x.shape[2]))
+
+
+def _gather_bwd(grad: torch.Tensor, ids_keep: torch.Tensor, n: int) -> torch.Tensor:
+    backend = choose_backend("gather_visible", grad.device, (grad.dtype,))
+    if backend == "triton":
+        return _triton_tokens().gather_visible_backward(grad, ids_keep, n)
+    if backend == "cpp":
+        return _cpu.gather_visible_backward(grad, ids_keep, n)
+    b, k, d = grad.shape
+    out = grad.new_zeros((b, n, d))
+    return out.scatter_add_(1, ids_keep.long().unsqueeze(-1).expand(b, k, d), grad)
+
+
+_gather_visible_backward_op = torch.library.custom_op("fastmim::gather_visible_backward", _gather_bwd, mutates_args=())
+
+
+@_gather_visible_backward_op.register_fake
+def _(grad, ids_keep, n):
+    return grad.new_empty((grad.shape[0], n, grad.shape[2]))
+
+
+def _gather_setup(ctx, inputs, output):
+    x, ids_keep = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.n = x.shape[1]
+
+
+def _gather_backward(ctx, grad, bwd=_gather_visible_backward_op):
+    (ids_keep,) = ctx.saved_tensors
+    return bwd(grad, ids_keep, ctx.n), None
+
+
+_gather_visible_op.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+class _GatherVisible(torch.autograd.Function):
+    """The eager path: the same functions without the custom-op dispatch (about half its per-call overhead)."""
+
+    forward = staticmethod(_gather_fwd)
+    setup_context = staticmethod(_gather_setup)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_backward(ctx, grad, _gather_bwd)
+
+
+def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    """Keeps the visible tokens: ``out[b, k] = x[b, ids_keep[b, k]]``, without expanding the index D times.
+
+    Args:
+        x: [B, N, D] tokens (float32, bfloat16 or float16 for the fused kernels; other dtypes use the reference).
+        ids_keep: [B, K] int64 (or int32) ids in [0, N), distinct within a row (as every masking strategy gives).
+    Returns: [B, K, D]. The backward writes the gradient rows back at ``ids_keep`` and zeros elsewhere.
+
+    Ids are checked on CPU tensors (range and distinctness); on CUDA that would cost a host sync per call, so there
+    the kernel is memory-safe instead: an out-of-range id gives a NaN row.
+    """
+    op = "gather_visible"
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be [B, N, D], got shape {tuple(x.shape)}")
+    check_float(op, "x", x)
+    check_ids(op, "ids_keep", ids_keep, (x.shape[0], ids_keep.shape[-1] if ids_keep.dim() else -1), x.device)
+    if ids_keep.shape[1] > x.shape[1]:
+        raise ValueError(f"{op}: ids_keep keeps {ids_keep.shape[1]} tokens of {x.shape[1]}; ids must be distinct")
+    if torch.compiler.is_compiling():
+        return _gather_visible_op(x, ids_keep)
+    return _GatherVisible.apply(x, ids_keep)
+
+
+# ---- scatter_masked -------------------------------------------------------------------------------------------
+
+
+def _scatter_dispatch(dtypes: tuple[torch.dtype, ...], device: torch.device) -> str:
+    return choose_backend("scatter_masked", device, dtypes)
+
+
+def _scatter_fwd(
+    x_vis: torch.Tensor,
+    ids_restore: torch.Tensor,
+    mask_token: torch.Tensor,
+    pos_embed: torch.Tensor | None,
+    cls_token: torch.Tensor | None,
+) -> torch.Tensor:
+    # mask_token [D], pos_embed [R, D], cls_token [B or 1, D] (the public function reshapes them)
+    check_id_values("scatter_masked", "ids_restore", ids_restore, ids_restore.shape[1], distinct=True)
+    out_dtype = _out_dtype(x_vis, mask_token, pos_embed, cls_token)
+    tensors = [t for t in (x_vis, mask_token, pos_embed, cls_token) if t is not None]
+    backend = _scatter_dispatch(tuple(t.dtype for t in tensors), x_vis.device)
+    if backend == "triton":
+        return _triton_tokens().scatter_masked(x_vis, ids_restore, mask_token, pos_embed, cls_token, out_dtype)
+    if backend == "cpp":
+        return _cpu.scatter_masked(x_vis, ids_restore, mask_token, pos_embed, cls_token, out_dtype)
+    return scatter_masked_ref(x_vis, ids_restore.long(), mask_token, pos_embed, cls_token).to(out_dtype)
+
+
+def _out_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+_scatter_masked_op = torch.library.custom_op("fastmim::scatter_masked", _scatter_fwd, mutates_args=())
+
+
+@_scatter_masked_op.register_fake
+def _(x_vis, ids_restore, mask_token, pos_embed, cls_token):
+    rows = ids_restore.shape[1] + (1 if cls_token is not None else 0)
+    dtype = _out_dtype(x_vis, mask_token, pos_embed, cls_token)
+    return x_vis.new_empty((x_vis.shape[0], rows, x_vis.shape[2]), dtype=dtype)
+
+
+def _scatter_bwd(
+    grad: torch.Tensor, ids_restore: torch.Tensor, k: int, has_cls: bool, need_pos: bool, x_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns grad_x_vis [B, K, D] (x_dtype), grad_mask_token [D] fp32, grad_pos [R, D] fp32 ([0, D] if unused)."""
+    backend = _scatter_dispatch((grad.dtype, x_dtype), grad.device)
+    if backend == "triton":
+        gx, gmt, gpos = _triton_tokens().scatter_masked_backward(grad, ids_restore, k, has_cls, need_pos, x_dtype)
+    elif backend == "cpp":
+        gx, gmt, gpos = _cpu.scatter_masked_backward(grad, ids_restore, k, has_cls, need_pos, x_dtype)
+    else:
+        gx, gmt, gpos = _scatter_backward_ref(grad, ids_restore, k, has_cls, need_pos, x_dtype)
+    if gpos is None:
+        gpos = grad.new_empty((0, grad.shape[2]), dtype=torch.float32)
+    return gx, gmt, gpos
+
+
+def _scatter_backward_ref(grad, ids_restore, k, has_cls, need_pos, x_dtype):
+    b, r, d = grad.shape
+    g = grad[:, int(has_cls) :].float()  # [B, N, D]
+    ids = ids_restore.long()
+    vis = ids < k
+    gx = torch.zeros((b, k, d), dtype=torch.float32, device=grad.device)
+    bi = torch.arange(b, device=grad.device).unsqueeze(1).expand_as(ids)
+    gx[bi[vis], ids[vis]] = g[vis]
+    gmt = g[~vis].sum(0) if (~vis).any() else g.new_zeros(d)
+    gpos = grad.float().sum(0) if need_pos else None
+    return gx.to(x_dtype), gmt, gpos
+
+
+_scatter_masked_backward_op = torch.library.custom_op("fastmim::scatter_masked_backward", _scatter_bwd, mutates_args=())
+
+
+@_scatter_masked_backward_op.register_fake
+def _(grad, ids_restore, k, has_cls, need_pos, x_dtype):
+    b, r, d = grad.shape
+    gx = grad.new_empty((b, k, d), dtype=x_dtype)
+    gmt = grad.new_empty((d,), dtype=torch.float32)
+    gpos = grad.new_empty((r if need_pos else 0, d), dtype=torch.float32)
+    return gx, gmt, gpos
+
+
+def _scatter_setup(ctx, inputs, output):
+    x_vis, ids_restore, mask_token, pos_embed, cls_token = inputs
+    ctx.save_for_backward(ids_restore)
+    ctx.k = x_vis.shape[1]
+    ctx.x_dtype = x_vis.dtype
+    ctx.mt_dtype = mask_token.dtype
+    ctx.has_cls = cls_token is not None
+    ctx.cls_shape = None if cls_token is None else cls_token.shape
+    ctx.cls_dtype = None if cls_token is None else cls_token.dtype
+    ctx.pos_dtype = None if pos_embed is None else pos_embed.dtype
+    ctx.need_pos = pos_embed is not None and pos_embed.requires_grad
+
+
+def _scatter_backward(ctx, grad, bwd=_scatter_masked_backward_op):
+    (ids_restore,) = ctx.saved_tensors
+    gx, gmt, gpos = bwd(grad, ids_restore, ctx.k, ctx.has_cls, ctx.need_pos, ctx.x_dtype)
+    g_pos = gpos.to(ctx.pos_dtype) if ctx.need_pos else None
+    g_cls = None
+    if ctx.has_cls:
+        g_cls = grad[:, 0].sum_to_size(ctx.cls_shape).to(ctx.cls_dtype)  # [B or 1, D]
+    return gx, None, gmt.to(ctx.mt_dtype), g_pos, g_cls
+
+
+_scatter_masked_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
+
+
+class _ScatterMasked(torch.autograd.Function):
+    """The eager path (see ``_GatherVisible``)."""
+
+    forward = staticmethod(_scatter_fwd)
+    setup_context = staticmethod(_scatter_setup)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _scatter_backward(ctx, grad, _scatter_bwd)
+
+
+def scatter_masked(
+    x_vis: torch.Tensor,
+    ids_restore: torch.Tensor,
+    mask_token: torch.Tensor,
+    pos_embed: torch.Tensor | None = None,
+    cls_token: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MAE's decoder input in one pass: visible tokens unshuffled to their places, the mask token elsewhere, the
+    class token in front and the position embedding added.
+
+    Equal to ``scatter_masked_ref``: ``cat([x_vis, mask tokens])``, gathered by ``ids_restore``, class token
+    prepended, ``+ pos_embed``; the output dtype is what those ops promote to.
+
+    Args:
+        x_vis: [B, K, D] visible tokens (without the class token).
+        ids_restore: [B, N] int64 (or int32), a permutation of [0, N) per row: values < K pick ``x_vis`` rows,
+            values >= K the mask token.
+        mask_token: [D] or [1, 1, D].
+        pos_embed: optional [N(+1), D] or [1, N(+1), D]; with a class token its row 0 is the class token's.
+        cls_token: optional [B, 1, D] (MAE: the encoder's class token after the decoder embedding) or [1, 1, D].
+    Returns: [B, N(+1), D]. Gradients flow to x_vis, mask_token, cls_token and (when it requires grad) pos_embed.
+    """
+    op = "scatter_masked"
+    if x_vis.dim() != 3:
+        raise ValueError(f"{op}: x_vis must be [B, K, D], got shape {tuple(x_vis.shape)}")
+    b, k, d = x_vis.shape
+    device = x_vis.device
+    check_float(op, "x_vis", x_vis)
+    if ids_restore.dim() != 2:
+        raise ValueError(f"{op}: ids_restore must be [B, N], got shape {tuple(ids_restore.shape)}")
+    check_ids(op, "ids_restore", ids_restore, (b, ids_restore.shape[1]), device)
+    n = ids_restore.shape[1]
+    if n < k:
+        raise ValueError(f"{op}: ids_restore has {n} positions, fewer than the {k} visible tokens")
+    check_float(op, "mask_token", mask_token)
+    check_device(op, "mask_token", mask_token, device)
+    if mask_token.numel() != d or (mask_token.dim() > 1 and mask_token.shape[-1] != d):
+        raise ValueError(f"{op}: mask_token has shape {tuple(mask_token.shape)}, expected [D] or [1, 1, D], D={d}")
+    rows = n + (cls_token is not None)
+    if pos_embed is not None:
+        check_float(op, "pos_embed", pos_embed)
+        check_device(op, "pos_embed", pos_embed, device)
+        if tuple(pos_embed.shape) not in ((rows, d), (1, rows, d)):
+            extra = " (with a class token, pos_embed has a row for it)" if cls_token is not None else ""
+            raise ValueError(
+                f"{op}: pos_embed has shape {tuple(pos_embed.shape)}, expected [{rows}, {d}] or [1, {rows}, {d}]{extra}"
+            )
+        pos_embed = pos_embed.reshape(rows, d)
+    if cls_token is not None:
+        check_float(op, "cls_token", cls_token)
+        check_device(op, "cls_token", cls_token, device)
+        ok = cls_token.shape[-1] == d and cls_token.numel() in (d, b * d) and cls_token.dim() in (1, 2, 3)
+        if cls_token.dim() == 3:
+            ok = ok and cls_token.shape[1] == 1
+        if not ok:
+            raise ValueError(f"{op}: cls_token has shape {tuple(cls_token.shape)}, expected [B, 1, D] or [1, 1, D]")
+        cls_token = cls_token.reshape(-1, d)
+    args = (x_vis, ids_restore, mask_token.reshape(d), pos_embed, cls_token)
+    return _scatter_masked_op(*args) if torch.compiler.is_compiling() else _ScatterMasked.apply(*args)

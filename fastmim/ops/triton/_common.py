@@ -1,0 +1,21 @@
+"""Helpers shared by the Triton kernels."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def cast_for_store(v, ptr):
+    """fp32 ``v`` -> the element type of ``ptr``, rounding to nearest even.
+
+    On a GPU ``.to(tl.bfloat16)`` already rounds to nearest even; Triton's interpreter truncates instead, so bf16 is
+    rounded here by hand (NaN kept) and both give PyTorch's result bit for bit.
+    """
+    if ptr.dtype.element_ty == tl.bfloat16:
+        v = v.to(tl.float32)
+        u = v.to(tl.uint32, bitcast=True)
+        r = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        v = tl.where(v == v, r.to(tl.float32, bitcast=True), v)
+    return v.to(ptr.dtype.element_ty)

@@ -1,0 +1,53 @@
+"""Fixtures for fastmim.ops: every backend that can run here, and the low-precision tolerance rule."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fastmim import _ext
+from fastmim.ops._dispatch import triton_available
+
+
+def _skip_reason(device: str, name: str) -> str | None:
+    if name == "cpp":
+        if device != "cpu":
+            return "the C++ backend is CPU-only"
+        return None if _ext.available() else f"fastmim._C not built ({_ext.load_error})"
+    if name == "triton":
+        why = triton_available()
+        if why is None and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            why = "TRITON_INTERPRET=1 is not set, so Triton cannot run CPU tensors"
+        return why
+    return None
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CASES = [
+    pytest.param(
+        (d, name),
+        id=f"{d}-{name}",
+        marks=[pytest.mark.skipif(why is not None, reason=str(why))] + ([pytest.mark.gpu] if d == "cuda" else []),
+    )
+    for d in DEVICES
+    for name in ("torch", "cpp", "triton")
+    if (why := _skip_reason(d, name)) != "the C++ backend is CPU-only"
+]
+
+
+@pytest.fixture(params=CASES)
+def backend(request, monkeypatch):
+    """(device, backend name) with FASTMIM_BACKEND forcing that backend for the test."""
+    device, name = request.param
+    monkeypatch.setenv("FASTMIM_BACKEND", name)
+    return torch.device(device), name
+
+
+def assert_lowp_close(out: torch.Tensor, torch_out: torch.Tensor, gold: torch.Tensor, what: str, atol: float = 1e-6):
+    """flash-attention's rule: the kernel's error against an fp32 ``gold`` is at most 2x PyTorch's own same-dtype
+    error (``torch_out``), plus ``atol`` for outputs both compute exactly."""
+    err = (out.double() - gold.double()).abs().max().item()
+    torch_err = (torch_out.double() - gold.double()).abs().max().item()
+    assert err <= 2 * torch_err + atol, f"{what}: error {err:.3g} > 2 x torch's {torch_err:.3g} + {atol:g}"

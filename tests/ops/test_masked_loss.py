@@ -1,0 +1,213 @@
+"""masked_mse_loss (patchify fused) and masked_mse_loss_patchified: every backend against the reference, value and
+gradient, odd shapes, low precision, strided inputs, bad inputs, opcheck, torch.compile and hypothesis shapes."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastmim import _ext
+from fastmim.ops import (
+    masked_mse_loss,
+    masked_mse_loss_patchified,
+    masked_mse_loss_patchified_ref,
+    masked_mse_loss_ref,
+    patchify_ref,
+)
+from tests.ops.helpers import check_against_reference, compile_backend
+
+
+def _case(b, c, h, w, p, device, dtype=torch.float32, pred_dtype=None, ratio=0.75, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    imgs = (torch.randn(b, c, h, w, generator=g) * 2 + 0.5).to(device, dtype)
+    n, d = (h // p) * (w // p), p * p * c
+    pred = torch.randn(b, n, d, generator=g).to(device, pred_dtype or dtype).requires_grad_()
+    mask = (torch.rand(b, n, generator=g) < ratio).float()
+    mask[0, 0] = 1.0  # never empty
+    return pred, imgs, mask.to(device)
+
+
+# (B, C, H, W, patch): ViT-B/16 at 224 with batch 1, C=1 and prime C=5, non-square grids, D=45 and 49
+SHAPES = [(1, 3, 224, 224, 16), (2, 3, 48, 80, 16), (2, 1, 14, 21, 7), (3, 5, 12, 9, 3)]
+MODES = [(True, 2), (False, 2), (True, 1), (False, 1)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: f"norm{int(m[0])}-p{m[1]}")
+def test_loss_matches_reference(backend, shape, mode):
+    device, name = backend
+    norm_pix, p = mode
+    pred, imgs, mask = _case(*shape, device)
+    fused = functools.partial(masked_mse_loss, patch_size=shape[-1], norm_pix=norm_pix, p=p)
+    ref = functools.partial(masked_mse_loss_ref, patch_size=shape[-1], norm_pix=norm_pix, p=p)
+    check_against_reference(lambda x: fused(x, imgs, mask), lambda x: ref(x, imgs, mask), [pred], f"loss[{name}]")
+
+
+def _loss_on(fn, x, imgs, mask, norm_pix, p):
+    return fn(x, imgs, mask, 16, norm_pix, p=p)
+
+
+@pytest.mark.parametrize("dtypes", ["bf16", "bf16-pred", "fp16"])
+def test_loss_low_precision(backend, dtypes):
+    device, name = backend
+    dt = torch.float16 if dtypes == "fp16" else torch.bfloat16
+    img_dt = torch.float32 if dtypes == "bf16-pred" else dt  # autocast: bf16 predictions, fp32 images
+    pred, imgs, mask = _case(2, 3, 32, 48, 16, device, dtype=img_dt, pred_dtype=dt)
+    for norm_pix, p in MODES:
+        check_against_reference(
+            functools.partial(_loss_on, masked_mse_loss, mask=mask, norm_pix=norm_pix, p=p),
+            functools.partial(_loss_on, masked_mse_loss_ref, mask=mask, norm_pix=norm_pix, p=p),
+            [pred, imgs],
+            f"loss[{name}, {dtypes}, norm={norm_pix}, p={p}]",
+        )
+
+
+def test_patchified_variant(backend):
+    device, name = backend
+    pred, imgs, mask = _case(2, 3, 32, 32, 8, device)
+    target = patchify_ref(imgs, 8)
+    for norm_pix, p in MODES:
+        check_against_reference(
+            functools.partial(masked_mse_loss_patchified, target=target, mask=mask, norm_pix=norm_pix, p=p),
+            functools.partial(masked_mse_loss_patchified_ref, target=target, mask=mask, norm_pix=norm_pix, p=p),
+            [pred],
+            f"patchified[{name}]",
+        )
+        # and the same number as the loss read from the images
+        a = masked_mse_loss_patchified(pred, target, mask, norm_pix, p=p)
+        torch.testing.assert_close(a, masked_mse_loss(pred, imgs, mask, 8, norm_pix, p=p))
+
+
+def test_mask_weights_bool_and_extremes(backend):
+    """Fractional weights, bool masks, a single masked patch and an all-masked batch."""
+    device, _ = backend
+    pred, imgs, _ = _case(2, 3, 16, 32, 8, device)
+    g = torch.Generator().manual_seed(3)
+    masks = {
+        "weights": torch.rand(2, 8, generator=g),
+        "one": torch.zeros(2, 8).index_put_((torch.tensor([1]), torch.tensor([5])), torch.tensor(1.0)),
+        "all": torch.ones(2, 8),
+    }
+    for what, m in masks.items():
+        m = m.to(device)
+        check_against_reference(
+            lambda x, m=m: masked_mse_loss(x, imgs, m, 8),
+            lambda x, m=m: masked_mse_loss_ref(x, imgs, m, 8),
+            [pred],
+            what,
+        )
+    bool_mask = masks["one"].to(device).bool()
+    torch.testing.assert_close(masked_mse_loss(pred, imgs, bool_mask, 8), masked_mse_loss_ref(pred, imgs, bool_mask, 8))
+
+
+def test_strided_inputs(backend):
+    """channels_last images, a strided prediction and a strided mask give the contiguous result."""
+    device, name = backend
+    pred, imgs, mask = _case(2, 3, 32, 16, 8, device)
+    imgs_cl = imgs.contiguous(memory_format=torch.channels_last)
+    pred_t = pred.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    mask_s = torch.stack([mask, mask], -1)[..., 0]
+    assert not (imgs_cl.is_contiguous() or pred_t.is_contiguous() or mask_s.is_contiguous())
+    check_against_reference(
+        lambda x: masked_mse_loss(x, imgs_cl, mask_s, 8), lambda x: masked_mse_loss_ref(x, imgs, mask, 8), [pred_t],
+        f"strided[{name}]",
+    )  # fmt: skip
+
+
+def test_opcheck(backend):
+    device, _ = backend
+    pred, imgs, mask = _case(2, 3, 16, 16, 8, device)
+    for args in [(pred, imgs, mask, 8, True, 1e-6, 2), (pred, patchify_ref(imgs, 8), mask, 0, False, 1e-6, 1)]:
+        torch.library.opcheck(torch.ops.fastmim.masked_loss.default, args)
+
+
+def test_compile_fullgraph(backend):
+    device, name = backend
+    pred, imgs, mask = _case(2, 3, 16, 24, 8, device)
+
+    def step(x, imgs, mask):
+        return masked_mse_loss(x * 1.5, imgs, mask, 8) + 0.1 * masked_mse_loss(x, imgs, mask, 8, p=1)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend(device, name))
+    check_against_reference(lambda x: compiled(x, imgs, mask), lambda x: step(x, imgs, mask), [pred], "compiled")
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    b=st.integers(1, 3),
+    c=st.integers(1, 4),
+    p=st.integers(1, 9),
+    gh=st.integers(1, 4),
+    gw=st.integers(1, 4),
+    norm_pix=st.booleans(),
+    l1=st.booleans(),
+    ratio=st.floats(0.05, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_hypothesis_shapes(backend, b, c, p, gh, gw, norm_pix, l1, ratio, seed):
+    device, name = backend
+    norm_pix = norm_pix and p * p * c > 1
+    pred, imgs, mask = _case(b, c, gh * p, gw * p, p, device, ratio=ratio, seed=seed)
+    check_against_reference(
+        lambda x: masked_mse_loss(x, imgs, mask, p, norm_pix, p=1 if l1 else 2),
+        lambda x: masked_mse_loss_ref(x, imgs, mask, p, norm_pix, p=1 if l1 else 2),
+        [pred],
+        f"loss[{name}]",
+        rtol=1e-5,
+    )
+
+
+# ---- bad input --------------------------------------------------------------------------------------------------
+
+
+def test_empty_mask_raises(backend):
+    device, _ = backend
+    if device.type != "cpu":
+        pytest.skip("checked on CPU tensors only: on CUDA the check would cost a host sync (the loss is NaN there)")
+    pred, imgs, mask = _case(2, 3, 16, 16, 8, device)
+    with pytest.raises(ValueError, match="no masked patch"):
+        masked_mse_loss(pred, imgs, torch.zeros_like(mask), 8)
+
+
+def test_bad_arguments_raise():
+    pred, imgs, mask = _case(2, 3, 16, 16, 8, "cpu")
+    cases = [
+        ((pred, imgs[..., :15], mask, 8), ValueError, "image size 16x15 is not divisible by the patch size 8"),
+        ((pred, imgs, mask, 0), ValueError, "patch_size must be a positive int"),
+        ((pred, imgs, mask, 4), ValueError, r"pred has shape \(2, 4, 192\), expected \(2, 16, 48\)"),
+        ((pred, imgs[0], mask, 8), ValueError, r"imgs must be \[B, C, H, W\]"),
+        ((pred, imgs, mask[:, :3], 8), ValueError, "mask has shape"),
+        ((pred.detach().long(), imgs, mask, 8), TypeError, "pred must be a floating-point"),
+        ((pred, imgs.to("meta"), mask, 8), ValueError, "target is on meta"),
+        ((pred, imgs, mask.to("meta"), 8), ValueError, "mask is on meta"),
+    ]
+    for args, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            masked_mse_loss(*args)
+    with pytest.raises(ValueError, match="p must be 1"):
+        masked_mse_loss(pred, imgs, mask, 8, p=3)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        masked_mse_loss(pred, imgs, mask, 8, eps=float("nan"))
+    with pytest.raises(ValueError, match="target requires grad"):
+        masked_mse_loss(pred, imgs.clone().requires_grad_(), mask, 8)
+    with pytest.raises(ValueError, match="norm_pix needs at least 2 values"):
+        masked_mse_loss(torch.zeros(1, 4, 1), imgs[:1, :1, :2, :2], mask[:1, :4], 1)
+    with pytest.raises(ValueError, match="target has shape"):
+        masked_mse_loss_patchified(pred, pred.detach()[:, :3], mask)
+
+
+@pytest.mark.skipif(not _ext.available(), reason=f"fastmim._C not built ({_ext.load_error})")
+def test_cpp_kernel_checks_bounds_itself():
+    """A geometry that would read past the target buffer raises in C++ instead of reading out of bounds."""
+    from fastmim.ops import _cpu
+
+    pred, imgs, mask = _case(2, 3, 16, 16, 8, "cpu")
+    small = imgs[:1].contiguous()  # half the buffer the geometry describes
+    geometry = (2, 3 * 16 * 16, 8 * 16, 8, 8, 3, 16, 1, 16 * 16)
+    with pytest.raises(ValueError):
+        _cpu.masked_loss_forward(pred.detach(), small, mask, geometry, True, 1e-6, 2)

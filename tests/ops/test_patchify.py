@@ -1,0 +1,64 @@
+"""patchify / unpatchify: every backend against the reference, any patch size and channel count, both gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastmim.ops import patchify, patchify_ref, unpatchify, unpatchify_ref
+from tests.ops.helpers import check_against_reference
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 224, 224, 16), (2, 5, 21, 14, 7), (3, 1, 4, 6, 1), (2, 2, 9, 9, 9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_patchify_round_trip_matches_reference(backend, shape, dtype):
+    device, name = backend
+    b, c, h, w, p = shape
+    imgs = torch.randn(b, c, h, w).to(device, dtype).requires_grad_()
+    check_against_reference(lambda x: patchify(x, p), lambda x: patchify_ref(x, p), [imgs], f"patchify[{name}]")
+    x = torch.randn(b, (h // p) * (w // p), p * p * c).to(device, dtype).requires_grad_()
+    grid = (h // p, w // p)
+    check_against_reference(
+        lambda t: unpatchify(t, p, grid, c), lambda t: unpatchify_ref(t, p, grid, c), [x], f"unpatchify[{name}]"
+    )
+    assert torch.equal(unpatchify(patchify(imgs, p), p, grid, c), imgs)
+
+
+def test_strided_images(backend):
+    device, _ = backend
+    imgs = torch.randn(2, 3, 8, 12, device=device).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(patchify(imgs, 4), patchify_ref(imgs, 4), rtol=0, atol=0)
+
+
+def test_opcheck_and_compile(backend):
+    device, name = backend
+    imgs = torch.randn(2, 3, 8, 12, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastmim.patchify.default, (imgs, 4))
+    torch.library.opcheck(torch.ops.fastmim.unpatchify.default, (patchify_ref(imgs, 4).detach(), 4, 2, 3, 3))
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: unpatchify(patchify(x, 4) * 2, 4, (2, 3), 3), fullgraph=True, backend="aot_eager")
+    check_against_reference(fn, lambda x: unpatchify_ref(patchify_ref(x, 4) * 2, 4, (2, 3), 3), [imgs], name)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(b=st.integers(1, 3), c=st.integers(1, 5), p=st.integers(1, 8), gh=st.integers(1, 4), gw=st.integers(1, 4))
+def test_hypothesis_shapes(backend, b, c, p, gh, gw):
+    device, _ = backend
+    imgs = torch.randn(b, c, gh * p, gw * p, device=device)
+    out = patchify(imgs, p)
+    assert torch.equal(out, patchify_ref(imgs, p))
+    assert torch.equal(unpatchify(out, p, (gh, gw), c), imgs)
+
+
+def test_bad_arguments_raise():
+    imgs = torch.randn(2, 3, 8, 12)
+    with pytest.raises(ValueError, match="not divisible by the patch size 5"):
+        patchify(imgs, 5)
+    with pytest.raises(ValueError, match="patch_size must be a positive int"):
+        patchify(imgs, 0)
+    with pytest.raises(ValueError, match=r"imgs must be \[B, C, H, W\]"):
+        patchify(imgs[0], 4)
+    with pytest.raises(ValueError, match=r"expected \[B, 6, 48\] for grid 2x3"):
+        unpatchify(torch.randn(2, 5, 48), 4, (2, 3), 3)
