@@ -123,6 +123,9 @@ def test_opcheck(backend):
     pred, imgs, mask = _case(2, 3, 16, 16, 8, device)
     for args in [(pred, imgs, mask, 8, True, 1e-6, 2), (pred, patchify_ref(imgs, 8), mask, 0, False, 1e-6, 1)]:
         torch.library.opcheck(torch.ops.fastmim.masked_loss.default, args)
+        grad_loss, denom = torch.tensor(0.5, device=device), mask.sum()
+        bwd_args = (grad_loss, pred.detach(), *args[1:3], denom, *args[3:])
+        torch.library.opcheck(torch.ops.fastmim.masked_loss_backward.default, bwd_args)
 
 
 def test_compile_fullgraph(backend):

@@ -112,11 +112,17 @@ def test_opcheck(backend, op):
         x = _randn(2, 11, 7, device=device)
         args = (x, _ids_keep(2, 11, 4, device))
         torch.library.opcheck(torch.ops.fastmim.gather_visible.default, args)
+        grad = _randn(2, 4, 7, device=device, grad=False)
+        torch.library.opcheck(torch.ops.fastmim.gather_visible_backward.default, (grad, args[1], 11))
     else:
         args = (_randn(2, 4, 7, device=device), _ids_restore(2, 11, device), _randn(7, device=device, seed=1),
                 _randn(12, 7, device=device, seed=2), _randn(2, 7, device=device, seed=3))  # fmt: skip
         torch.library.opcheck(torch.ops.fastmim.scatter_masked.default, args)
         torch.library.opcheck(torch.ops.fastmim.scatter_masked.default, (*args[:3], None, None))
+        grad = _randn(2, 12, 7, device=device, grad=False)
+        for need_pos in (True, False):
+            bwd_args = (grad, args[1], 4, True, need_pos, torch.float32)
+            torch.library.opcheck(torch.ops.fastmim.scatter_masked_backward.default, bwd_args)
 
 
 def test_compile_fullgraph(backend):

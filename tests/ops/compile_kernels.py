@@ -1,0 +1,92 @@
+"""Compiles every fastmim Triton kernel to PTX for an H100 (sm_90) without a GPU, for each specialisation the
+launchers use: catches code that Triton's interpreter accepts but the compiler rejects.
+
+    python tests/ops/compile_kernels.py        # TRITON_INTERPRET must be unset (the interpreter replaces @jit)
+
+Prints one line per kernel and exits 1 if any fails to compile.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("unset TRITON_INTERPRET: under the interpreter @triton.jit functions cannot be compiled")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fastmim.ops.triton import masked_loss, patchify, tokens  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def specs():
+    """(kernel, pointer element types by argument, constexprs): every combination the launchers can produce."""
+    for dt in ("fp32", "bf16", "fp16"):
+        yield (
+            tokens._gather_rows_kernel,
+            {"x_ptr": dt, "ids_ptr": "i64", "out_ptr": dt},
+            {"BLOCK_K": 4, "BLOCK_D": 1024},
+        )
+        yield (
+            tokens._scatter_back_kernel,
+            {"g_ptr": dt, "inv_ptr": "i32", "out_ptr": dt},
+            {"BLOCK_N": 4, "BLOCK_D": 256},
+        )
+    yield tokens._invert_ids_kernel, {"ids_ptr": "i32", "inv_ptr": "i32"}, {"BLOCK_K": 256}
+    for has_pos, has_cls, (x, p) in itertools.product(
+        (True, False), (True, False), (("bf16", "fp32"), ("fp16", "fp16"))
+    ):
+        out = "fp32" if "fp32" in (x, p) else x
+        ptrs = {"x_ptr": x, "ids_ptr": "i64", "mt_ptr": p, "pos_ptr": p, "cls_ptr": x, "out_ptr": out}
+        yield (
+            tokens._scatter_masked_kernel,
+            ptrs,
+            {"HAS_POS": has_pos, "HAS_CLS": has_cls, "BLOCK_R": 8, "BLOCK_D": 512},
+        )
+        ptrs = {"g_ptr": out, "ids_ptr": "i64", "gx_ptr": x, "gmt_ptr": "fp32", "gpos_ptr": "fp32"}
+        consts = {"HAS_CLS": has_cls, "NEED_POS": has_pos, "B_CHUNK": 8, "BLOCK_R": 4, "BLOCK_D": 512}
+        yield tokens._scatter_masked_bwd_kernel, ptrs, consts
+    for norm_pix, p_norm, (pred, tgt) in itertools.product((True, False), (1, 2), (("bf16", "fp32"), ("fp16", "fp16"))):
+        ptrs = {"pred_ptr": pred, "tgt_ptr": tgt, "mask_ptr": "fp32", "part_ptr": "fp32", "gl_ptr": "fp32",
+                "denom_ptr": "fp32", "grad_ptr": pred}  # fmt: skip
+        consts = {"NORM_PIX": norm_pix, "P_NORM": p_norm, "BLOCK_P": 4, "BLOCK_D": 1024}
+        yield masked_loss._masked_loss_fwd_kernel, ptrs, consts
+        yield masked_loss._masked_loss_bwd_kernel, ptrs, consts
+    for to_patches, dt in itertools.product((True, False), ("fp32", "bf16")):
+        yield patchify._patch_copy_kernel, {"img_ptr": dt, "pat_ptr": dt}, {"TO_PATCHES": to_patches, "BLOCK_P": 4,
+                                                                              "BLOCK_D": 1024}  # fmt: skip
+
+
+def signature(kernel, ptrs: dict, consts: dict) -> dict:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ptrs:
+            sig[name] = "*" + ptrs[name]
+        else:
+            sig[name] = "fp32" if name == "eps" else "i64"  # sizes and strides
+    return sig
+
+
+def main() -> int:
+    failed = 0
+    for kernel, ptrs, consts in specs():
+        what = f"{kernel.fn.__name__} {ptrs} {consts}"
+        try:
+            triton.compile(ASTSource(kernel, signature(kernel, ptrs, consts), consts), target=TARGET)
+            print("ok  ", what)
+        except Exception as e:  # report every kernel, then fail
+            failed += 1
+            print("FAIL", what, f"{type(e).__name__}: {e}")
+    print(f"{failed} failed" if failed else "all kernels compile for sm_90")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
