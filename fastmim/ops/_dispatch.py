@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -120,7 +121,7 @@ def check_id_values(op: str, name: str, ids: torch.Tensor, upper: int, distinct:
     """
     if ids.device.type != "cpu" or ids.numel() == 0 or torch.compiler.is_compiling():
         return
-    lo, hi = int(ids.min()), int(ids.max())
+    lo, hi = (int(v) for v in torch.aminmax(ids))
     if lo < 0 or hi >= upper:
         where = ((ids < 0) | (ids >= upper)).nonzero()[0].tolist()
         raise IndexError(
@@ -135,6 +136,23 @@ def check_id_values(op: str, name: str, ids: torch.Tensor, upper: int, distinct:
             row, value = (counts > 1).nonzero()[0].tolist()
             raise ValueError(f"{op}: {name} row {row} repeats index {value}; the ids of a row must be distinct")
 
+
 def check_patch_size(op: str, patch_size: int) -> None:
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
         raise ValueError(f"{op}: patch_size must be a positive int, got {patch_size!r}")
+
+
+def eager_function(name: str, forward: Callable, setup_context: Callable, backward: Callable) -> type:
+    """An ``autograd.Function`` for eager calls built from an op's own forward, setup_context and backward.
+
+    Eager calls skip the custom-op dispatcher, and the classic ``forward(ctx, ...)`` form also skips the
+    ``inspect.signature`` binding that ``Function.apply`` does for a ``setup_context`` Function; together about
+    50 us less per call. ``torch.compile`` traces the registered custom op instead.
+    """
+
+    def fwd(ctx, *args):
+        out = forward(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(backward)})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastmim.ops import _cpu
-from fastmim.ops._dispatch import check_device, check_float, check_patch_size, choose_backend
+from fastmim.ops._dispatch import check_device, check_float, check_patch_size, choose_backend, eager_function
 from fastmim.ops.reference import masked_mse_loss_patchified_ref, masked_mse_loss_ref, patch_stats_ref, patchify_ref
 
 
@@ -124,15 +124,9 @@ def _loss_backward(ctx, grad_loss, _grad_denom, bwd=_masked_loss_backward_op):
 _masked_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
-class _MaskedLoss(torch.autograd.Function):
-    """The eager path: the same functions without the custom-op dispatch (about half its per-call overhead)."""
-
-    forward = staticmethod(_loss_fwd)
-    setup_context = staticmethod(_loss_setup)
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_denom):
-        return _loss_backward(ctx, grad_loss, grad_denom, _loss_bwd)
+_MaskedLoss = eager_function(
+    "_MaskedLoss", _loss_fwd, _loss_setup, lambda ctx, gl, gd: _loss_backward(ctx, gl, gd, _loss_bwd)
+)
 
 
 def _call(*args) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastmim.ops import _cpu
-from fastmim.ops._dispatch import check_patch_size, choose_backend
+from fastmim.ops._dispatch import check_patch_size, choose_backend, eager_function
 from fastmim.ops.reference import patchify_ref, unpatchify_ref
 
 
@@ -83,24 +83,12 @@ _patchify_op.register_autograd(_patchify_backward, setup_context=_patchify_setup
 _unpatchify_op.register_autograd(_unpatchify_backward, setup_context=_unpatchify_setup)
 
 
-class _Patchify(torch.autograd.Function):
-    """The eager path: the same functions without the custom-op dispatch (about half its per-call overhead)."""
-
-    forward = staticmethod(_patchify_impl)
-    setup_context = staticmethod(_patchify_setup)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _patchify_backward(ctx, grad, _Unpatchify.apply)
-
-
-class _Unpatchify(torch.autograd.Function):
-    forward = staticmethod(_unpatchify_impl)
-    setup_context = staticmethod(_unpatchify_setup)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _unpatchify_backward(ctx, grad, _Patchify.apply)
+_Patchify = eager_function(
+    "_Patchify", _patchify_impl, _patchify_setup, lambda ctx, g: _patchify_backward(ctx, g, _Unpatchify.apply)
+)
+_Unpatchify = eager_function(
+    "_Unpatchify", _unpatchify_impl, _unpatchify_setup, lambda ctx, g: _unpatchify_backward(ctx, g, _Patchify.apply)
+)
 
 
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:

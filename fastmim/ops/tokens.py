@@ -9,7 +9,14 @@ from __future__ import annotations
 import torch
 
 from fastmim.ops import _cpu
-from fastmim.ops._dispatch import check_device, check_float, check_id_values, check_ids, choose_backend
+from fastmim.ops._dispatch import (
+    check_device,
+    check_float,
+    check_id_values,
+    check_ids,
+    choose_backend,
+    eager_function,
+)
 from fastmim.ops.reference import gather_visible_ref, scatter_masked_ref
 
 
@@ -73,15 +80,9 @@ def _gather_backward(ctx, grad, bwd=_gather_visible_backward_op):
 _gather_visible_op.register_autograd(_gather_backward, setup_context=_gather_setup)
 
 
-class _GatherVisible(torch.autograd.Function):
-    """The eager path: the same functions without the custom-op dispatch (about half its per-call overhead)."""
-
-    forward = staticmethod(_gather_fwd)
-    setup_context = staticmethod(_gather_setup)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_backward(ctx, grad, _gather_bwd)
+_GatherVisible = eager_function(
+    "_GatherVisible", _gather_fwd, _gather_setup, lambda ctx, grad: _gather_backward(ctx, grad, _gather_bwd)
+)
 
 
 def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
@@ -218,15 +219,9 @@ def _scatter_backward(ctx, grad, bwd=_scatter_masked_backward_op):
 _scatter_masked_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 
 
-class _ScatterMasked(torch.autograd.Function):
-    """The eager path (see ``_GatherVisible``)."""
-
-    forward = staticmethod(_scatter_fwd)
-    setup_context = staticmethod(_scatter_setup)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _scatter_backward(ctx, grad, _scatter_bwd)
+_ScatterMasked = eager_function(
+    "_ScatterMasked", _scatter_fwd, _scatter_setup, lambda ctx, grad: _scatter_backward(ctx, grad, _scatter_bwd)
+)
 
 
 def scatter_masked(
