@@ -5,8 +5,10 @@
 
 For each op and pass (forward, backward, forward+backward): median time with p20/p80, extra peak memory (GPU), and
 achieved bandwidth counted as the bytes the op cannot avoid (what it must read and write once), plus the device's
-measured copy bandwidth for comparison. Dtypes are those the MAE recipe hands each op under bf16 autocast on a GPU
-(fp32 on CPU). Never asserts anything: the targets live in the issue and in benchmarks/README.md.
+measured copy bandwidth for comparison. On a GPU each pass is also replayed from a CUDA graph (``ms_graph``): kernel
+time without the Python and launch overhead, which at these sizes can be as long as the kernels. Dtypes are those
+the MAE recipe hands each op under bf16 autocast on a GPU (fp32 on CPU). Never asserts anything: the targets live
+in the issue and the closing notes.
 """
 
 from __future__ import annotations
@@ -129,6 +131,23 @@ def timer(device: torch.device, reps: int):
     return measure_cpu
 
 
+def graph_timer(device: torch.device):
+    """On CUDA: measure(fn) -> median ms with the calls replayed from a CUDA graph (kernel time without Python and
+    launch overhead, which at these sizes can exceed the kernel itself); None elsewhere or if capture fails."""
+    if device.type != "cuda":
+        return lambda fn: None
+    from triton.testing import do_bench_cudagraph
+
+    def measure(fn):
+        try:
+            return do_bench_cudagraph(fn, rep=20, return_mode="median")
+        except Exception as e:  # a closure that cannot be captured: report, keep the other columns
+            print(f"CUDA graph capture failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return None
+
+    return measure
+
+
 def passes(fn: Callable, inputs: list) -> dict[str, Callable]:
     """The three timed closures for fn(*inputs): forward (graph built, as in training), backward alone on a kept
     graph, forward + backward."""
@@ -194,7 +213,7 @@ def main(argv=None) -> int:
     b = args.batch_size or (256 if device.type == "cuda" else 32)
     reps = args.reps or (20 if device.type == "cuda" else 10)
     torch.manual_seed(0)
-    measure = timer(device, reps)
+    measure, measure_graph = timer(device, reps), graph_timer(device)
     env = environment(device)
     copy_gbps = copy_bandwidth(device, measure, 1024 if device.type == "cuda" else 256)
     write_row({"benchmark": "ops", "op": "copy", "impl": "torch copy_", "gbps": round(copy_gbps, 1), **env}, args.out)
@@ -218,6 +237,11 @@ def main(argv=None) -> int:
                        "dtypes": case.dtypes, "ms_median": round(med, 4), "ms_p20": round(p20, 4),
                        "ms_p80": round(p80, 4), "peak_extra_mb": peak_extra_mb(closure, device),
                        "gbps": round(gbps, 1), "fraction_of_copy_bw": round(gbps / copy_gbps, 3), **env}  # fmt: skip
+                graph_ms = measure_graph(closure)
+                if graph_ms is not None:  # CUDA: the same pass replayed from a CUDA graph
+                    row["ms_graph"] = round(graph_ms, 4)
+                    row["gbps_graph"] = round(nbytes / (graph_ms * 1e-3) / 1e9, 1)
+                    row["fraction_of_copy_bw_graph"] = round(nbytes / (graph_ms * 1e-3) / 1e9 / copy_gbps, 3)
                 print(f"{case.op} {pas} {impl}: {med:.3f} ms", file=sys.stderr)
                 table.append(row)
         for row in table:
@@ -228,11 +252,14 @@ def main(argv=None) -> int:
     for row in table:
         write_row(row, args.out)
     print(f"\ncopy bandwidth {copy_gbps:.0f} GB/s on {env['device']}")
-    print(f"{'op':17} {'pass':8} {'impl':18} {'median ms':>10} {'GB/s':>8} {'x eager':>8} {'x compiled':>10}")
+    print(f"{'op':17} {'pass':8} {'impl':18} {'median ms':>10} {'GB/s':>8} {'x eager':>8} {'x compiled':>10} "
+          f"{'graph ms':>9} {'graph GB/s':>10}")  # fmt: skip
     for r in table:
         se, sc = r.get("speedup_vs_eager"), r.get("speedup_vs_compiled")
+        gms, ggb = r.get("ms_graph"), r.get("gbps_graph")
         print(f"{r['op']:17} {r['pass']:8} {r['impl']:18} {r['ms_median']:10.3f} {r['gbps']:8.1f} "
-              f"{'' if se is None else se:>8} {'' if sc is None else sc:>10}")  # fmt: skip
+              f"{'' if se is None else se:>8} {'' if sc is None else sc:>10} {'' if gms is None else gms:>9} "
+              f"{'' if ggb is None else ggb:>10}")  # fmt: skip
     return 0
 
 

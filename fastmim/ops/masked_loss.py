@@ -133,12 +133,12 @@ def _call(*args) -> torch.Tensor:
     return (_masked_loss_op(*args) if torch.compiler.is_compiling() else _MaskedLoss.apply(*args))[0]
 
 
-def _validate(op: str, pred, target, mask, norm_pix: bool, eps: float, p: int) -> torch.Tensor:
+def _validate(op: str, pred, target, mask, norm_pix: bool, eps: float, p: int, target_name: str) -> torch.Tensor:
     if pred.dim() != 3:
         raise ValueError(f"{op}: pred must be [B, L, D] patches, got shape {tuple(pred.shape)}")
     check_float(op, "pred", pred)
-    check_float(op, "target", target)
-    check_device(op, "target", target, pred.device)
+    check_float(op, target_name, target)
+    check_device(op, target_name, target, pred.device)
     check_device(op, "mask", mask, pred.device)
     if p not in (1, 2):
         raise ValueError(f"{op}: p must be 1 (L1) or 2 (squared error), got {p!r}")
@@ -152,7 +152,7 @@ def _validate(op: str, pred, target, mask, norm_pix: bool, eps: float, p: int) -
         mask = mask.to(torch.float32)
     if norm_pix and pred.shape[2] < 2:
         raise ValueError(f"{op}: norm_pix needs at least 2 values per patch to take a variance, got D={pred.shape[2]}")
-    for name, t in (("target", target), ("mask", mask)):
+    for name, t in ((target_name, target), ("mask", mask)):
         if t.requires_grad and torch.is_grad_enabled():
             raise ValueError(
                 f"{op}: {name} requires grad, but the fused loss differentiates pred only; detach it "
@@ -199,7 +199,7 @@ def masked_mse_loss(
             f"{op}: pred has shape {tuple(pred.shape)}, expected {expected} for images {tuple(imgs.shape)} "
             f"and patch size {patch_size}"
         )
-    mask = _validate(op, pred, imgs, mask, norm_pix, eps, p)
+    mask = _validate(op, pred, imgs, mask, norm_pix, eps, p, "imgs")
     return _call(pred, imgs, mask, patch_size, norm_pix, float(eps), p)
 
 
@@ -221,5 +221,5 @@ def masked_mse_loss_patchified(
     op = "masked_mse_loss_patchified"
     if tuple(target.shape) != tuple(pred.shape):
         raise ValueError(f"{op}: target has shape {tuple(target.shape)}, pred {tuple(pred.shape)}")
-    mask = _validate(op, pred, target, mask, norm_pix, eps, p)
+    mask = _validate(op, pred, target, mask, norm_pix, eps, p, "target")
     return _call(pred, target, mask, 0, norm_pix, float(eps), p)

@@ -186,7 +186,7 @@ def test_bad_arguments_raise():
         ((pred, imgs[0], mask, 8), ValueError, r"imgs must be \[B, C, H, W\]"),
         ((pred, imgs, mask[:, :3], 8), ValueError, "mask has shape"),
         ((pred.detach().long(), imgs, mask, 8), TypeError, "pred must be a floating-point"),
-        ((pred, imgs.to("meta"), mask, 8), ValueError, "target is on meta"),
+        ((pred, imgs.to("meta"), mask, 8), ValueError, "imgs is on meta"),
         ((pred, imgs, mask.to("meta"), 8), ValueError, "mask is on meta"),
     ]
     for args, exc, match in cases:
@@ -196,10 +196,12 @@ def test_bad_arguments_raise():
         masked_mse_loss(pred, imgs, mask, 8, p=3)
     with pytest.raises(ValueError, match="eps must be >= 0"):
         masked_mse_loss(pred, imgs, mask, 8, eps=float("nan"))
-    with pytest.raises(ValueError, match="target requires grad"):
+    with pytest.raises(ValueError, match="imgs requires grad"):
         masked_mse_loss(pred, imgs.clone().requires_grad_(), mask, 8)
     with pytest.raises(ValueError, match="norm_pix needs at least 2 values"):
         masked_mse_loss(torch.zeros(1, 4, 1), imgs[:1, :1, :2, :2], mask[:1, :4], 1)
+    with pytest.raises(TypeError, match="imgs must be a floating-point"):
+        masked_mse_loss(pred, imgs.to(torch.uint8), mask, 8)
     with pytest.raises(ValueError, match="target has shape"):
         masked_mse_loss_patchified(pred, pred.detach()[:, :3], mask)
 
