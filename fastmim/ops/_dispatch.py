@@ -116,10 +116,12 @@ def check_device(op: str, name: str, t: torch.Tensor, device: torch.device) -> N
 def check_id_values(op: str, name: str, ids: torch.Tensor, upper: int, distinct: bool) -> None:
     """Range (and, if asked, per-row distinctness) of ``ids`` in [0, upper): run on CPU tensors only.
 
-    On CUDA this would cost a host sync every call; there the kernels are memory-safe instead (an out-of-range id
-    gives NaN rows, never an out-of-bounds read).
+    On CUDA this would cost a host sync every call, so there it runs only with ``FASTMIM_CHECK_IDS=1`` (debugging);
+    otherwise the kernels are memory-safe instead (an out-of-range id gives NaN rows, never an out-of-bounds read).
     """
-    if ids.device.type != "cpu" or ids.numel() == 0 or torch.compiler.is_compiling():
+    if ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if ids.device.type != "cpu" and os.environ.get("FASTMIM_CHECK_IDS", "0") != "1":
         return
     lo, hi = (int(v) for v in torch.aminmax(ids))
     if lo < 0 or hi >= upper:
@@ -129,7 +131,7 @@ def check_id_values(op: str, name: str, ids: torch.Tensor, upper: int, distinct:
         )
     if distinct and ids.shape[-1] > 1:
         flat = ids.reshape(-1, ids.shape[-1]).long()
-        counts = torch.zeros(flat.shape[0], upper, dtype=torch.int32).scatter_add_(
+        counts = torch.zeros(flat.shape[0], upper, dtype=torch.int32, device=ids.device).scatter_add_(
             1, flat, torch.ones_like(flat, dtype=torch.int32)
         )  # [rows, upper]: how often each id occurs; a sort would cost ten times more
         if int(counts.max()) > 1:

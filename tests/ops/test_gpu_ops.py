@@ -69,3 +69,15 @@ def test_mae_fused_step_matches_reference_under_bf16_autocast():
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-3, atol=1e-4)
     cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
     assert cos > 0.999, f"gradient cosine similarity {cos:.5f}"
+
+
+def test_id_checks_on_cuda_on_request(monkeypatch):
+    """FASTMIM_CHECK_IDS=1 turns the (host-syncing) id checks on for CUDA tensors too; without it bad ids give NaN."""
+    x = torch.randn(2, 8, 4, device="cuda")
+    ids = torch.tensor([[0, 9], [1, 2]], device="cuda")
+    assert torch.isnan(gather_visible(x, ids)[0, 1]).all()
+    monkeypatch.setenv("FASTMIM_CHECK_IDS", "1")
+    with pytest.raises(IndexError, match=r"ids_keep\[0, 1\] = 9 is out of range \[0, 8\)"):
+        gather_visible(x, ids)
+    with pytest.raises(ValueError, match="repeats index 1"):
+        gather_visible(x, torch.tensor([[1, 1], [0, 2]], device="cuda"))
