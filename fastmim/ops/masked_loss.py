@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 
 from fastmim.ops import _cpu
-from fastmim.ops._dispatch import check_device, check_float, check_patch_size, choose_backend, eager_function
+from fastmim.ops._dispatch import (
+    check_device,
+    check_float,
+    check_patch_size,
+    choose_backend,
+    eager_function,
+    forced_backend,
+)
 from fastmim.ops.reference import masked_mse_loss_patchified_ref, masked_mse_loss_ref, patch_stats_ref, patchify_ref
 
 
@@ -25,8 +32,20 @@ def _geometry(target: torch.Tensor, patch_size: int) -> tuple[int, ...]:
     return (target.shape[1], sb, 0, sl, 1, target.shape[2], 0, 0, sd)
 
 
+# The Triton kernel keeps a whole patch in registers (one tile of next_pow2(D)); beyond this it would spill.
+TRITON_MAX_PATCH = 16384
+
+
 def _backend(pred: torch.Tensor, target: torch.Tensor) -> str:
-    return choose_backend("masked_mse_loss", pred.device, (pred.dtype, target.dtype))
+    backend = choose_backend("masked_mse_loss", pred.device, (pred.dtype, target.dtype))
+    if backend == "triton" and pred.shape[-1] > TRITON_MAX_PATCH:
+        if forced_backend() == "triton":
+            raise RuntimeError(
+                f"masked_mse_loss: FASTMIM_BACKEND=triton cannot run here: patches of {pred.shape[-1]} values exceed "
+                f"the Triton kernel's {TRITON_MAX_PATCH}"
+            )
+        return "torch"
+    return backend
 
 
 def _triton_loss():

@@ -216,3 +216,18 @@ def test_cpp_kernel_checks_bounds_itself():
     geometry = (2, 3 * 16 * 16, 8 * 16, 8, 8, 3, 16, 1, 16 * 16)
     with pytest.raises(ValueError):
         _cpu.masked_loss_forward(pred.detach(), small, mask, geometry, True, 1e-6, 2)
+
+
+def test_huge_patches_leave_the_triton_kernel(monkeypatch):
+    """Patches longer than one Triton tile run the reference when the backend is automatic, and a forced Triton
+    backend says why it cannot run them."""
+    from fastmim.ops import masked_loss
+
+    pred = torch.randn(1, 2, 8)
+    monkeypatch.setattr(masked_loss, "TRITON_MAX_PATCH", 4)
+    monkeypatch.setattr(masked_loss, "choose_backend", lambda *a, **k: "triton")
+    monkeypatch.setenv("FASTMIM_BACKEND", "auto")
+    assert masked_loss._backend(pred, pred) == "torch"
+    monkeypatch.setenv("FASTMIM_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="patches of 8 values exceed"):
+        masked_loss._backend(pred, pred)
