@@ -144,12 +144,16 @@ def check_patch_size(op: str, patch_size: int) -> None:
         raise ValueError(f"{op}: patch_size must be a positive int, got {patch_size!r}")
 
 
-def eager_function(name: str, forward: Callable, setup_context: Callable, backward: Callable) -> type:
+def eager_function(
+    name: str, forward: Callable, setup_context: Callable, backward: Callable, differentiable_backward: bool = False
+) -> type:
     """An ``autograd.Function`` for eager calls built from an op's own forward, setup_context and backward.
 
     Eager calls skip the custom-op dispatcher, and the classic ``forward(ctx, ...)`` form also skips the
     ``inspect.signature`` binding that ``Function.apply`` does for a ``setup_context`` Function; together about
-    50 us less per call. ``torch.compile`` traces the registered custom op instead.
+    50 us less per call. ``torch.compile`` traces the registered custom op instead. A backward that runs kernels is
+    not differentiable itself: it is marked ``once_differentiable``, so a second derivative raises instead of
+    silently missing terms.
     """
 
     def fwd(ctx, *args):
@@ -157,4 +161,5 @@ def eager_function(name: str, forward: Callable, setup_context: Callable, backwa
         setup_context(ctx, args, out)
         return out
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(backward)})
+    bwd = backward if differentiable_backward else torch.autograd.function.once_differentiable(backward)
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})

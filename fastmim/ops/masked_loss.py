@@ -115,8 +115,8 @@ def _masked_loss_backward_ref(grad_loss, pred, target, mask, denom, patch_size, 
         t = (t - mean) / std
     diff = pred.float() - t
     local = diff.sign() if p == 1 else 2 * diff
-    scale = grad_loss.float() / denom.float() / pred.shape[-1]
-    return (local * (mask.float() * scale).unsqueeze(-1)).to(pred.dtype)
+    coef = (mask.float() * (grad_loss.float() / denom.float() / pred.shape[-1])).unsqueeze(-1)  # [B, L, 1]
+    return torch.where(coef != 0, local * coef, 0.0).to(pred.dtype)  # weight-0 patches: 0 even if not finite
 
 
 _masked_loss_backward_op = torch.library.custom_op("fastmim::masked_loss_backward", _loss_bwd, mutates_args=())
@@ -156,11 +156,14 @@ def _validate(op: str, pred, target, mask, norm_pix: bool, eps: float, p: int, t
     if pred.dim() != 3:
         raise ValueError(f"{op}: pred must be [B, L, D] patches, got shape {tuple(pred.shape)}")
     check_float(op, "pred", pred)
-    check_float(op, target_name, target)
+    if target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"{op}: {target_name} must be real-valued (float or integer), got {target.dtype}")
     check_device(op, target_name, target, pred.device)
     check_device(op, "mask", mask, pred.device)
-    if p not in (1, 2):
-        raise ValueError(f"{op}: p must be 1 (L1) or 2 (squared error), got {p!r}")
+    if type(p) is not int or p not in (1, 2):
+        raise ValueError(f"{op}: p must be the int 1 (L1) or 2 (squared error), got {p!r}")
+    if pred.shape[2] == 0:
+        raise ValueError(f"{op}: pred has no values per patch (shape {tuple(pred.shape)})")
     if not eps >= 0:  # also catches NaN
         raise ValueError(f"{op}: eps must be >= 0, got {eps!r}")
     if tuple(mask.shape) != tuple(pred.shape[:2]):
@@ -180,6 +183,11 @@ def _validate(op: str, pred, target, mask, norm_pix: bool, eps: float, p: int, t
     return mask
 
 
+def _float_target(target: torch.Tensor) -> torch.Tensor:
+    """Integer images (uint8 straight from a decoder) become float32 once; float targets pass as they are."""
+    return target if target.is_floating_point() else target.float()
+
+
 def masked_mse_loss(
     pred: torch.Tensor,
     imgs: torch.Tensor,
@@ -197,8 +205,10 @@ def masked_mse_loss(
 
     Args:
         pred: [B, L, p*p*C] predicted patches, (p, q, c) order inside a patch (MAE's patchify).
-        imgs: [B, C, H, W] images (any strides; H and W divisible by ``patch_size``).
-        mask: [B, L] weights: 1 for masked patches, 0 for visible ones (bool, integer or float).
+        imgs: [B, C, H, W] images (any strides; H and W divisible by ``patch_size``; integer images are converted
+            to float32).
+        mask: [B, L] weights: 1 for masked patches, 0 for visible ones (bool, integer or float). Patches with weight
+            0 are never read, so NaN or inf there does not reach the loss (the reference ignores them too).
         patch_size: patch side.
         norm_pix: normalise each target patch (MAE's ``norm_pix_loss``).
         eps: added to the per-patch variance.
@@ -219,7 +229,7 @@ def masked_mse_loss(
             f"and patch size {patch_size}"
         )
     mask = _validate(op, pred, imgs, mask, norm_pix, eps, p, "imgs")
-    return _call(pred, imgs, mask, patch_size, norm_pix, float(eps), p)
+    return _call(pred, _float_target(imgs), mask, patch_size, norm_pix, float(eps), p)
 
 
 def masked_mse_loss_patchified(
@@ -241,4 +251,4 @@ def masked_mse_loss_patchified(
     if tuple(target.shape) != tuple(pred.shape):
         raise ValueError(f"{op}: target has shape {tuple(target.shape)}, pred {tuple(pred.shape)}")
     mask = _validate(op, pred, target, mask, norm_pix, eps, p, "target")
-    return _call(pred, target, mask, 0, norm_pix, float(eps), p)
+    return _call(pred, _float_target(target), mask, 0, norm_pix, float(eps), p)

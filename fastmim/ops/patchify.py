@@ -83,11 +83,16 @@ _patchify_op.register_autograd(_patchify_backward, setup_context=_patchify_setup
 _unpatchify_op.register_autograd(_unpatchify_backward, setup_context=_unpatchify_setup)
 
 
+# each is the other's backward, so both differentiate any number of times
 _Patchify = eager_function(
-    "_Patchify", _patchify_impl, _patchify_setup, lambda ctx, g: _patchify_backward(ctx, g, _Unpatchify.apply)
+    "_Patchify", _patchify_impl, _patchify_setup, lambda ctx, g: _patchify_backward(ctx, g, _Unpatchify.apply), True
 )
 _Unpatchify = eager_function(
-    "_Unpatchify", _unpatchify_impl, _unpatchify_setup, lambda ctx, g: _unpatchify_backward(ctx, g, _Patchify.apply)
+    "_Unpatchify",
+    _unpatchify_impl,
+    _unpatchify_setup,
+    lambda ctx, g: _unpatchify_backward(ctx, g, _Patchify.apply),
+    True,
 )
 
 

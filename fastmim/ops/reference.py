@@ -99,7 +99,8 @@ def masked_mse_loss_patchified_ref(
     Args:
         pred: [B, L, D] predicted patches.
         target: [B, L, D] target patches.
-        mask: [B, L] weights, 1 for masked patches (the only ones that count), 0 for visible.
+        mask: [B, L] weights, 1 for masked patches (the only ones that count), 0 for visible: patches with weight 0
+            are ignored entirely, even NaN or infinite ones.
         norm_pix: normalise each target patch by its own mean and std (MAE's norm_pix_loss).
         eps: added to the per-patch variance.
         p: 2 for squared error (MAE), 1 for absolute error (SimMIM).
@@ -120,7 +121,9 @@ def masked_mse_loss_patchified_ref(
     # checked on CPU only: on an accelerator the check would cost a host sync every step
     if denom.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(denom > 0):
         raise ValueError("mask has no masked patch: the masked loss is undefined")
-    return (loss * mask).sum() / denom
+    # patches with weight 0 do not count even when not finite (the fused kernels never read them); MAE's
+    # (loss * mask) would turn a NaN there into a NaN loss
+    return torch.where(mask != 0, loss * mask, 0.0).sum() / denom
 
 
 def masked_mse_loss_ref(

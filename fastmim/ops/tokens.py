@@ -252,6 +252,8 @@ def scatter_masked(
     b, k, d = x_vis.shape
     device = x_vis.device
     check_float(op, "x_vis", x_vis)
+    if d == 0:
+        raise ValueError(f"{op}: x_vis has no channels (shape {tuple(x_vis.shape)})")
     if ids_restore.dim() != 2:
         raise ValueError(f"{op}: ids_restore must be [B, N], got shape {tuple(ids_restore.shape)}")
     check_ids(op, "ids_restore", ids_restore, (b, ids_restore.shape[1]), device)

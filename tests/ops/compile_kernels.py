@@ -70,7 +70,7 @@ def signature(kernel, ptrs: dict, consts: dict) -> dict:
         elif name in ptrs:
             sig[name] = "*" + ptrs[name]
         else:
-            sig[name] = "fp32" if name == "eps" else "i64"  # sizes and strides
+            sig[name] = "fp32" if name == "eps" else "i32"  # sizes and strides as launches below 2^31 pass them
     return sig
 
 

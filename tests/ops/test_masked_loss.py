@@ -104,6 +104,13 @@ def test_mask_weights_bool_and_extremes(backend):
     torch.testing.assert_close(masked_mse_loss(pred, imgs, bool_mask, 8), masked_mse_loss_ref(pred, imgs, bool_mask, 8))
 
 
+def test_integer_images(backend):
+    device, _ = backend
+    pred, imgs, mask = _case(2, 3, 16, 16, 8, device)
+    u8 = (imgs.abs() * 40).clamp(0, 255).to(torch.uint8)
+    torch.testing.assert_close(masked_mse_loss(pred, u8, mask, 8), masked_mse_loss_ref(pred, u8, mask, 8))
+
+
 def test_strided_inputs(backend):
     """channels_last images, a strided prediction and a strided mask give the contiguous result."""
     device, name = backend
@@ -165,6 +172,35 @@ def test_hypothesis_shapes(backend, b, c, p, gh, gw, norm_pix, l1, ratio, seed):
     )
 
 
+def test_weight_zero_patches_are_ignored_even_when_not_finite(backend):
+    """NaN/inf in visible patches (or a constant visible patch with eps=0) never reach the loss or the gradient."""
+    device, name = backend
+    pred, imgs, mask = _case(2, 3, 16, 16, 8, device)
+    mask = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 0]], device=device)
+    bad_imgs = imgs.clone()
+    bad_imgs[0, :, 0:8, 8:16] = float("nan")  # patch 1 of sample 0: visible
+    bad_imgs[1, :, 8:16, 0:8] = 3.0  # patch 2 of sample 1: visible and constant
+    bad_pred = pred.detach().clone()
+    bad_pred[1, 3] = float("inf")
+    bad_pred.requires_grad_()
+    for eps in (1e-6, 0.0):
+        loss = masked_mse_loss(bad_pred, bad_imgs, mask, 8, eps=eps)
+        (grad,) = torch.autograd.grad(loss, bad_pred)
+        ref = masked_mse_loss_ref(bad_pred, bad_imgs, mask, 8, eps=eps)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all(), name
+        torch.testing.assert_close(loss, ref)
+        assert (grad[mask == 0] == 0).all()
+
+
+def test_double_backward_raises_instead_of_dropping_terms(backend):
+    """The fused backwards are kernels, not differentiable graphs: a second derivative must fail loudly."""
+    device, name = backend
+    pred, imgs, mask = _case(2, 3, 16, 16, 8, device)
+    (g,) = torch.autograd.grad(masked_mse_loss(pred, imgs, mask, 8), pred, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.square().sum().backward()
+
+
 # ---- bad input --------------------------------------------------------------------------------------------------
 
 
@@ -192,16 +228,19 @@ def test_bad_arguments_raise():
     for args, exc, match in cases:
         with pytest.raises(exc, match=match):
             masked_mse_loss(*args)
-    with pytest.raises(ValueError, match="p must be 1"):
-        masked_mse_loss(pred, imgs, mask, 8, p=3)
+    for bad_p in (3, 2.0, True):
+        with pytest.raises(ValueError, match="p must be the int 1"):
+            masked_mse_loss(pred, imgs, mask, 8, p=bad_p)
+    with pytest.raises(ValueError, match="no values per patch"):
+        masked_mse_loss_patchified(pred[..., :0], pred.detach()[..., :0], mask)
     with pytest.raises(ValueError, match="eps must be >= 0"):
         masked_mse_loss(pred, imgs, mask, 8, eps=float("nan"))
     with pytest.raises(ValueError, match="imgs requires grad"):
         masked_mse_loss(pred, imgs.clone().requires_grad_(), mask, 8)
     with pytest.raises(ValueError, match="norm_pix needs at least 2 values"):
         masked_mse_loss(torch.zeros(1, 4, 1), imgs[:1, :1, :2, :2], mask[:1, :4], 1)
-    with pytest.raises(TypeError, match="imgs must be a floating-point"):
-        masked_mse_loss(pred, imgs.to(torch.uint8), mask, 8)
+    with pytest.raises(TypeError, match="imgs must be real-valued"):
+        masked_mse_loss(pred, imgs > 0, mask, 8)
     with pytest.raises(ValueError, match="target has shape"):
         masked_mse_loss_patchified(pred, pred.detach()[:, :3], mask)
 

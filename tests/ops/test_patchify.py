@@ -52,6 +52,16 @@ def test_hypothesis_shapes(backend, b, c, p, gh, gw):
     assert torch.equal(unpatchify(out, p, (gh, gw), c), imgs)
 
 
+def test_double_backward(backend):
+    """patchify and unpatchify are linear and each other's backward: higher derivatives work (and vanish)."""
+    device, _ = backend
+    imgs = torch.randn(2, 3, 8, 12, device=device, requires_grad=True)
+    (g,) = torch.autograd.grad(patchify(imgs, 4).square().sum(), imgs, create_graph=True)
+    torch.testing.assert_close(g, 2 * imgs)
+    (gg,) = torch.autograd.grad(g.sum(), imgs)
+    torch.testing.assert_close(gg, torch.full_like(imgs, 2.0))
+
+
 def test_bad_arguments_raise():
     imgs = torch.randn(2, 3, 8, 12)
     with pytest.raises(ValueError, match="not divisible by the patch size 5"):

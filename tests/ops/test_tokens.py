@@ -165,6 +165,19 @@ def test_hypothesis_shapes(backend, b, n, d, frac, has_cls, has_pos, bf16, seed)
     check_against_reference(scatter_masked, scatter_masked_ref, inputs, f"scatter[{name}]")
 
 
+def test_double_backward_raises_instead_of_dropping_terms(backend):
+    device, _ = backend
+    x = _randn(2, 9, 4, device=device)
+    g = torch.autograd.grad(gather_visible(x, _ids_keep(2, 9, 3, device)).square().sum(), x, create_graph=True)[0]
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+    xv, mt = _randn(2, 3, 4, device=device), _randn(4, device=device, seed=1)
+    out = scatter_masked(xv, _ids_restore(2, 9, device), mt)
+    g = torch.autograd.grad(out.square().sum(), xv, create_graph=True)[0]
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
 # ---- bad input --------------------------------------------------------------------------------------------------
 
 
@@ -217,6 +230,8 @@ def test_wrong_dtype_shape_device_raise():
         scatter_masked(x[:, :3], rid, torch.zeros(4), None, torch.zeros(3, 1, 4))
     with pytest.raises(ValueError, match="fewer than the 3 visible"):
         scatter_masked(x[:, :3], rid[:, :2], torch.zeros(4))
+    with pytest.raises(ValueError, match="x_vis has no channels"):
+        scatter_masked(x[:, :3, :0], rid, torch.zeros(0))
     with pytest.raises(ValueError, match="mask_token is on meta"):
         scatter_masked(x[:, :3], rid, torch.zeros(4, device="meta"))
 

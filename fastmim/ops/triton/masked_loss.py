@@ -55,7 +55,8 @@ def _patch_tiles(
     active = qmask & (w != 0)
     e = tl.arange(0, BLOCK_D)
     emask = e < D
-    elem_off = (e // (P * C)) * s_pi + ((e // C) % P) * s_qi + (e % C) * s_c  # [BLOCK_D]
+    e64 = e.to(tl.int64)  # int32 index times a stride could wrap past 2^31
+    elem_off = (e64 // (P * C)) * s_pi + ((e64 // C) % P) * s_qi + (e64 % C) * s_c  # [BLOCK_D]
     patch_off = b * s_b + (n // gw) * s_row + (n % gw) * s_col  # [BLOCK_P]
     lmask = active[:, None] & emask[None, :]
     t = tl.load(tgt_ptr + patch_off[:, None] + elem_off[None, :], mask=lmask, other=0.0).to(tl.float32)
@@ -63,8 +64,8 @@ def _patch_tiles(
         mean = tl.sum(t, axis=1) / D  # [BLOCK_P]
         cent = tl.where(lmask, t - mean[:, None], 0.0)
         var = tl.sum(cent * cent, axis=1) / (D - 1)  # unbiased, as torch.var
-        t = cent / tl.sqrt(var + eps)[:, None]
-    x = tl.load(pred_ptr + b[:, None] * sp_b + n[:, None] * sp_l + e[None, :] * sp_d, mask=lmask, other=0.0)
+        t = cent / tl.sqrt(tl.where(active, var + eps, 1.0))[:, None]  # inactive rows: no 0/0 with eps=0
+    x = tl.load(pred_ptr + b[:, None] * sp_b + n[:, None] * sp_l + e64[None, :] * sp_d, mask=lmask, other=0.0)
     diff = tl.where(lmask, x.to(tl.float32) - t, 0.0)
     return q, w, qmask, active, diff
 

@@ -33,7 +33,7 @@ def _patch_copy_kernel(
     b = q // L
     n = q % L  # patch index in the sample
     for d0 in range(0, D, BLOCK_D):
-        e = d0 + tl.arange(0, BLOCK_D)
+        e = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)  # int32 index times a stride could wrap past 2^31
         emask = e < D
         m = qmask[:, None] & emask[None, :]
         img_off = (

@@ -36,14 +36,14 @@ def _gather_rows_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    b = tl.program_id(1)  # the batch on axis 1, row blocks on axis 0 (whose limit is 2^31 - 1, not 65535)
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K]
     kmask = k < K
     ids = tl.load(ids_ptr + b * si_b + k * si_k, mask=kmask, other=0).to(tl.int64)
     valid = (ids >= 0) & (ids < N)
     ids = tl.where(valid, ids, 0)
     for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+        d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)  # [BLOCK_D]
         dmask = d < D
         src = x_ptr + b.to(tl.int64) * sx_b + ids[:, None] * sx_n + d[None, :] * sx_d
         v = tl.load(src, mask=(kmask & valid)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
@@ -62,8 +62,8 @@ def _invert_ids_kernel(
     si_k,
     BLOCK_K: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    b = tl.program_id(1)
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = k < K
     ids = tl.load(ids_ptr + b * si_b + k * si_k, mask=kmask, other=-1).to(tl.int64)
     ok = kmask & (ids >= 0) & (ids < N)
@@ -78,7 +78,7 @@ def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     block_k, block_d = _blocks(d)
-    grid = (b, triton.cdiv(k, block_k))
+    grid = (triton.cdiv(k, block_k), b)
     _gather_rows_kernel[grid](
         x, ids_keep, out, n, k, d, *x.stride(), *ids_keep.stride(), BLOCK_K=block_k, BLOCK_D=block_d
     )
@@ -94,9 +94,9 @@ def gather_visible_backward(grad: torch.Tensor, ids_keep: torch.Tensor, n: int) 
     inv = torch.full((b, n), -1, dtype=torch.int32, device=grad.device)  # [B, N] which k fills row n
     if k:
         block_k = 256
-        _invert_ids_kernel[(b, triton.cdiv(k, block_k))](ids_keep, inv, n, k, *ids_keep.stride(), BLOCK_K=block_k)
+        _invert_ids_kernel[(triton.cdiv(k, block_k), b)](ids_keep, inv, n, k, *ids_keep.stride(), BLOCK_K=block_k)
     block_n, block_d = _blocks(d)
-    _scatter_back_kernel[(b, triton.cdiv(n, block_n))](
+    _scatter_back_kernel[(triton.cdiv(n, block_n), b)](
         grad, inv, out, n, k, d, *grad.stride(), BLOCK_N=block_n, BLOCK_D=block_d
     )
     return out
@@ -116,14 +116,14 @@ def _scatter_back_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = tl.program_id(1)
+    r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = r < N
     j = tl.load(inv_ptr + b.to(tl.int64) * N + r, mask=rmask, other=-1).to(tl.int64)
     hit = (j >= 0) & (j < K)
     j = tl.where(hit, j, 0)
     for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
+        d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         dmask = d < D
         src = g_ptr + b.to(tl.int64) * sg_b + j[:, None] * sg_k + d[None, :] * sg_d
         v = tl.load(src, mask=(rmask & hit)[:, None] & dmask[None, :], other=0.0)
@@ -157,9 +157,9 @@ def _scatter_masked_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(1)
     R = N + HAS_CLS
-    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] output rows
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] output rows
     rmask = r < R
     n = r - HAS_CLS  # patch index, -1 for the class row
     is_patch = rmask & (n >= 0)
@@ -169,14 +169,14 @@ def _scatter_masked_kernel(
     bad = is_patch & ~vis & ~msk
     j = tl.where(vis, j, 0)
     for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
+        d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         dmask = d < D
         src = x_ptr + b.to(tl.int64) * sx_b + j[:, None] * sx_k + d[None, :] * sx_d
         v = tl.load(src, mask=vis[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_D]
         mt = tl.load(mt_ptr + d * smt_d, mask=dmask, other=0.0).to(tl.float32)  # [BLOCK_D]
         v = tl.where(msk[:, None], mt[None, :], v)
         if HAS_CLS:
-            c = tl.load(cls_ptr + b * scls_b + d * scls_d, mask=dmask, other=0.0).to(tl.float32)
+            c = tl.load(cls_ptr + b.to(tl.int64) * scls_b + d * scls_d, mask=dmask, other=0.0).to(tl.float32)
             v = tl.where((r == 0)[:, None], c[None, :], v)
         if HAS_POS:
             pe = tl.load(pos_ptr + r[:, None] * spos_r + d[None, :] * spos_d, mask=rmask[:, None] & dmask[None, :])
@@ -217,7 +217,7 @@ def _scatter_masked_bwd_kernel(
     is_patch = rmask & (n >= 0)
     prog = pid_b * tl.num_programs(0) + pid_r
     for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
+        d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         dmask = d < D
         mt_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         pos_acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
@@ -261,7 +261,7 @@ def scatter_masked(
     pos = pos_embed if pos_embed is not None else dummy.view(1, -1)
     cls = cls_token if has_cls else dummy.view(1, -1)
     scls_b = cls.stride(0) if cls.shape[0] > 1 else 0
-    _scatter_masked_kernel[(b, triton.cdiv(r, block_r))](
+    _scatter_masked_kernel[(triton.cdiv(r, block_r), b)](
         x_vis, ids_restore, mask_token, pos, cls, out, n, k, d,
         *x_vis.stride(), *ids_restore.stride(), mask_token.stride(0), *pos.stride(), scls_b, cls.stride(1),
         HAS_POS=pos_embed is not None, HAS_CLS=has_cls, BLOCK_R=block_r, BLOCK_D=block_d,
