@@ -114,6 +114,9 @@ inline int64_t elem_size_of(const char* fn, const char* what, int64_t code) {
   return code == 0 ? 4 : 2;
 }
 
+// Copies of fewer bytes than this run on the calling thread: starting a parallel region costs more than it saves.
+constexpr int64_t kParallelBytes = int64_t{1} << 18;
+
 // A raw element size (ops that only copy bytes) must be positive.
 inline void require_elem_size(const char* fn, int64_t elem_size) {
   if (elem_size < 1) fail(fn, "elem_size = " + std::to_string(elem_size) + " must be >= 1");

@@ -15,14 +15,16 @@ constexpr int64_t kNoBad = std::numeric_limits<int64_t>::max();
 inline const char* cptr(uintptr_t p) { return reinterpret_cast<const char*>(p); }
 inline char* mptr(uintptr_t p) { return reinterpret_cast<char*>(p); }
 
-// The smallest f(i) over i in [0, n) (kNoBad when n == 0), every f(i) run once, in parallel (static schedule). The
-// kernels below return from f the flat position of a bad id they met, or kNoBad: the result is then the first bad id
-// whatever the number of threads.
+// The smallest f(i) over i in [0, n) (kNoBad when n == 0), every f(i) run once, in parallel (static schedule) unless
+// `parallel` is false. The kernels below return from f the flat position of a bad id they met, or kNoBad: the result
+// is then the first bad id whatever the number of threads.
 template <class F>
-int64_t parallel_min(int64_t n, const F& f) {
+int64_t parallel_min(int64_t n, const F& f, bool parallel = true) {
   int64_t m = kNoBad;
 #ifdef FASTMIM_OPENMP
-#pragma omp parallel for schedule(static) reduction(min : m)
+#pragma omp parallel for schedule(static) reduction(min : m) if (parallel)
+#else
+  (void)parallel;
 #endif
   for (int64_t i = 0; i < n; ++i) {
     const int64_t v = f(i);
@@ -211,7 +213,7 @@ void gather_visible(uintptr_t x, uintptr_t ids, uintptr_t out, int64_t B, int64_
     if (row_bytes > 0)
       std::memcpy(dst + i * row_bytes, src + ((i / K) * N + j) * row_bytes, static_cast<size_t>(row_bytes));
     return kNoBad;
-  });
+  }, s.tokens * elem_size >= kParallelBytes);
   require_ids_in_range(fn, "ids_keep", bad, id, K, N);
 }
 
@@ -232,7 +234,7 @@ void gather_visible_backward(uintptr_t grad, uintptr_t ids, uintptr_t out, int64
   const int64_t row_bytes = D * elem_size;
   if (row_bytes == 0) return;
 #ifdef FASTMIM_OPENMP
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (s.rows * elem_size >= kParallelBytes)
 #endif
   for (int64_t i = 0; i < B * N; ++i) {
     const int64_t k = src_of[i];
