@@ -18,7 +18,14 @@ from fastmim.models.pos_embed import sincos_2d
 from fastmim.models.registry import register_model
 from fastmim.models.vit import Block, VisionTransformer, init_weights, vit_sizes
 from fastmim.ops import gather_visible, masked_mse_loss, scatter_masked
-from fastmim.ops.reference import masked_mse_loss_ref, patch_stats_ref, patchify_ref, unpatchify_ref
+from fastmim.ops.reference import (
+    gather_visible_ref,
+    masked_mse_loss_ref,
+    patch_stats_ref,
+    patchify_ref,
+    scatter_masked_ref,
+    unpatchify_ref,
+)
 
 MASK_TYPES = ("random", "block")
 DECODER_KEYS = ("decoder_", "mask_token")  # state-dict prefixes that belong to the head, not the encoder
@@ -112,10 +119,7 @@ class MaskedAutoencoderViT(VisionTransformer):
     def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """Encodes only the visible patches: [B, C, H, W], [B, K] -> [B, 1 + K, D]."""
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # [B, N, D]
-        if self.fused_ops:
-            x = gather_visible(x, ids_keep)  # [B, K, D]
-        else:
-            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, K, D]
+        x = (gather_visible if self.fused_ops else gather_visible_ref)(x, ids_keep)  # [B, K, D]
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # [B, 1 + K, D]
         for blk in self.blocks:
@@ -126,14 +130,9 @@ class MaskedAutoencoderViT(VisionTransformer):
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """[B, 1 + K, D], [B, N] -> predicted patches [B, N, p*p*C]."""
         x = self.decoder_embed(latent)  # [B, 1 + K, Dd]
-        if self.fused_ops:  # unshuffle + mask tokens + class token + position embedding in one pass
-            x = scatter_masked(x[:, 1:, :], ids_restore, self.mask_token, self.decoder_pos_embed, x[:, :1, :])
-        else:
-            b, n = ids_restore.shape
-            mask_tokens = self.mask_token.expand(b, n + 1 - x.shape[1], -1)  # [B, N - K, Dd]
-            x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # [B, N, Dd] visible first, shuffled order
-            x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # unshuffle
-            x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed  # [B, 1 + N, Dd]
+        # unshuffle + mask tokens + class token + position embedding (fused: in one pass)
+        scatter = scatter_masked if self.fused_ops else scatter_masked_ref
+        x = scatter(x[:, 1:, :], ids_restore, self.mask_token, self.decoder_pos_embed, x[:, :1, :])  # [B, 1 + N, Dd]
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_pred(self.decoder_norm(x))  # [B, 1 + N, p*p*C]

@@ -77,11 +77,9 @@ def scatter_masked_backward(
     return gx.to(x_dtype), gmt, gpos
 
 
-def _loss_args(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, geometry: tuple[int, ...]):
-    return (
-        pred.data_ptr(), CPP_DTYPE[pred.dtype], target.data_ptr(), CPP_DTYPE[target.dtype], target.numel(),
-        mask.data_ptr(), *pred.shape, *geometry,
-    )  # fmt: skip
+def _pred_target(pred: torch.Tensor, target: torch.Tensor) -> tuple[int, ...]:
+    """The pointer/dtype/size arguments the two loss kernels share."""
+    return pred.data_ptr(), CPP_DTYPE[pred.dtype], target.data_ptr(), CPP_DTYPE[target.dtype], target.numel()
 
 
 def masked_loss_forward(
@@ -96,7 +94,9 @@ def masked_loss_forward(
     """``target`` and ``mask`` must already be contiguous (geometry was computed from their strides)."""
     pred = pred.contiguous()
     mask = mask.to(torch.float32).contiguous()
-    loss_sum, mask_sum = _c().masked_loss_forward(*_loss_args(pred, target, mask, geometry), norm_pix, eps, p)
+    loss_sum, mask_sum = _c().masked_loss_forward(
+        *_pred_target(pred, target), mask.data_ptr(), *pred.shape, *geometry, norm_pix, eps, p
+    )
     denom = torch.tensor(mask_sum, dtype=torch.float32)
     return torch.tensor(loss_sum / mask_sum if mask_sum else float("nan"), dtype=torch.float32), denom
 
@@ -117,9 +117,8 @@ def masked_loss_backward(
     grad = torch.empty(pred.shape, dtype=pred.dtype)
     scale = float(grad_loss) / float(denom)
     _c().masked_loss_backward(
-        scale, pred.data_ptr(), CPP_DTYPE[pred.dtype], target.data_ptr(), CPP_DTYPE[target.dtype], target.numel(),
-        mask.data_ptr(), grad.data_ptr(), *pred.shape, *geometry, norm_pix, eps, p,
-    )  # fmt: skip
+        scale, *_pred_target(pred, target), mask.data_ptr(), grad.data_ptr(), *pred.shape, *geometry, norm_pix, eps, p
+    )
     return grad
 
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from fastmim import _ext
+
 BACKENDS = ("triton", "cpp", "torch")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # dtype codes of fastmim._C
@@ -43,8 +45,6 @@ def forced_backend() -> str | None:
 
 
 def _cpp_problem(device: torch.device) -> str | None:
-    from fastmim import _ext
-
     if device.type != "cpu":
         return f"the C++ backend runs on CPU tensors, these are on {device}"
     if not _ext.available():
@@ -63,14 +63,13 @@ def _triton_problem(device: torch.device) -> str | None:
     return None
 
 
-def choose_backend(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...], cpp: bool = True) -> str:
+def choose_backend(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str:
     """The backend ``op`` runs on for tensors on ``device`` with ``dtypes``.
 
     Args:
         op: op name, for error messages.
         device: where the tensors are.
         dtypes: floating dtypes of the inputs; the kernels take float32, bfloat16 and float16.
-        cpp: whether the op has a C++ kernel.
     """
     forced = forced_backend()
     kernel_dtypes = all(dt in KERNEL_DTYPES for dt in dtypes)
@@ -78,8 +77,6 @@ def choose_backend(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...
         return "torch"
     if forced is not None:
         why = _triton_problem(device) if forced == "triton" else _cpp_problem(device)
-        if forced == "cpp" and not cpp:
-            why = "it has no C++ kernel"
         if why is None and not kernel_dtypes:
             why = f"its kernels take float32, bfloat16 and float16, not {', '.join(map(str, dtypes))}"
         if why:
@@ -89,7 +86,7 @@ def choose_backend(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...
         return "torch"
     if device.type == "cuda" and _triton_problem(device) is None:
         return "triton"
-    if device.type == "cpu" and cpp and _cpp_problem(device) is None:
+    if device.type == "cpu" and _cpp_problem(device) is None:
         return "cpp"
     return "torch"
 

@@ -48,10 +48,14 @@ def _backend(pred: torch.Tensor, target: torch.Tensor) -> str:
     return backend
 
 
-def _triton_loss():
+def _kernels(backend: str, target: torch.Tensor, patch_size: int):
+    """(kernel module, target as that backend reads it, its geometry) for backend "cpp" or "triton"."""
+    if backend == "cpp":
+        target = target.contiguous()  # the C++ kernels take dense buffers; Triton reads any strides
+        return _cpu, target, _geometry(target, patch_size)
     from fastmim.ops.triton import masked_loss
 
-    return masked_loss
+    return masked_loss, target, _geometry(target, patch_size)
 
 
 def _loss_fwd(
@@ -65,13 +69,8 @@ def _loss_fwd(
         else:
             loss = masked_mse_loss_patchified_ref(pred, target, mask, norm_pix, eps, p)
         return loss, mask.float().sum()
-    if backend == "cpp":
-        target = target.contiguous()
-        loss, denom = _cpu.masked_loss_forward(pred, target, mask, _geometry(target, patch_size), norm_pix, eps, p)
-    else:
-        loss, denom = _triton_loss().masked_loss_forward(
-            pred, target, mask, _geometry(target, patch_size), norm_pix, eps, p
-        )
+    kernels, target, geometry = _kernels(backend, target, patch_size)
+    loss, denom = kernels.masked_loss_forward(pred, target, mask, geometry, norm_pix, eps, p)
     if denom.device.type == "cpu" and not bool(denom > 0):  # on CUDA the check would cost a sync: NaN there
         raise ValueError("masked_mse_loss: mask has no masked patch (its sum is 0): the masked loss is undefined")
     return loss, denom
@@ -99,12 +98,8 @@ def _loss_bwd(
     backend = _backend(pred, target)
     if backend == "torch":
         return _masked_loss_backward_ref(grad_loss, pred, target, mask, denom, patch_size, norm_pix, eps, p)
-    if backend == "cpp":
-        target = target.contiguous()
-        args = (grad_loss, pred, target, mask, denom, _geometry(target, patch_size), norm_pix, eps, p)
-        return _cpu.masked_loss_backward(*args)
-    args = (grad_loss, pred, target, mask, denom, _geometry(target, patch_size), norm_pix, eps, p)
-    return _triton_loss().masked_loss_backward(*args)
+    kernels, target, geometry = _kernels(backend, target, patch_size)
+    return kernels.masked_loss_backward(grad_loss, pred, target, mask, denom, geometry, norm_pix, eps, p)
 
 
 def _masked_loss_backward_ref(grad_loss, pred, target, mask, denom, patch_size, norm_pix, eps, p):

@@ -100,7 +100,9 @@ def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be [B, N, D], got shape {tuple(x.shape)}")
     check_float(op, "x", x)
-    check_ids(op, "ids_keep", ids_keep, (x.shape[0], ids_keep.shape[-1] if ids_keep.dim() else -1), x.device)
+    if ids_keep.dim() != 2:
+        raise ValueError(f"{op}: ids_keep must be [B, K], got shape {tuple(ids_keep.shape)}")
+    check_ids(op, "ids_keep", ids_keep, (x.shape[0], ids_keep.shape[1]), x.device)
     if ids_keep.shape[1] > x.shape[1]:
         raise ValueError(f"{op}: ids_keep keeps {ids_keep.shape[1]} tokens of {x.shape[1]}; ids must be distinct")
     if torch.compiler.is_compiling():
@@ -109,10 +111,6 @@ def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
 
 
 # ---- scatter_masked -------------------------------------------------------------------------------------------
-
-
-def _scatter_dispatch(dtypes: tuple[torch.dtype, ...], device: torch.device) -> str:
-    return choose_backend("scatter_masked", device, dtypes)
 
 
 def _scatter_fwd(
@@ -126,7 +124,7 @@ def _scatter_fwd(
     check_id_values("scatter_masked", "ids_restore", ids_restore, ids_restore.shape[1], distinct=True)
     out_dtype = _out_dtype(x_vis, mask_token, pos_embed, cls_token)
     tensors = [t for t in (x_vis, mask_token, pos_embed, cls_token) if t is not None]
-    backend = _scatter_dispatch(tuple(t.dtype for t in tensors), x_vis.device)
+    backend = choose_backend("scatter_masked", x_vis.device, tuple(t.dtype for t in tensors))
     if backend == "triton":
         return _triton_tokens().scatter_masked(x_vis, ids_restore, mask_token, pos_embed, cls_token, out_dtype)
     if backend == "cpp":
@@ -156,7 +154,7 @@ def _scatter_bwd(
     grad: torch.Tensor, ids_restore: torch.Tensor, k: int, has_cls: bool, need_pos: bool, x_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns grad_x_vis [B, K, D] (x_dtype), grad_mask_token [D] fp32, grad_pos [R, D] fp32 ([0, D] if unused)."""
-    backend = _scatter_dispatch((grad.dtype, x_dtype), grad.device)
+    backend = choose_backend("scatter_masked", grad.device, (grad.dtype, x_dtype))
     if backend == "triton":
         gx, gmt, gpos = _triton_tokens().scatter_masked_backward(grad, ids_restore, k, has_cls, need_pos, x_dtype)
     elif backend == "cpp":
