@@ -1,21 +1,49 @@
 #!/usr/bin/env bash
-# The prepared GPU check for one H100/H200 machine (Python 3.12, torch + CUDA, triton, cmake, ninja, pybind11, timm;
-# no network, no DALI/spconv/flash-attn). Builds the extension, runs the GPU tests and the CPU suite there, measures
-# throughput, and runs the CLI on CUDA. Usage: bash benchmarks/gpu_suite.sh RESULTS_DIR   (3-4 minutes on an H100 before the ops benchmark joined; not yet timed with it)
-# The tree sent to a GPU machine has no .git: pass FASTMIM_COMMIT=$(git rev-parse --short HEAD) so results name it.
+# The prepared check for one H100/H200 machine (Python 3.12, torch + CUDA, triton, cmake, ninja, pybind11, timm; no
+# network, DALI, spconv or flash-attn: those parts are skipped and the log says so). In priority order, within a time
+# budget (GPU_SUITE_BUDGET_S, default 480 s; a step that would not fit is skipped and named):
+#   build fastmim._C; pytest -m gpu; throughput of MAE ViT-B/16 (batch 256, bf16) in all four modes with profiles;
+#   the ops benchmark; the other benchmarks that exist (masks, sparse conv, data loading); ViT-L/16 throughput
+#   (batch 128); the CLI's default run on CUDA; finally the results tables of this run.
+# Usage: FASTMIM_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_suite.sh RESULTS_DIR
+# (the tree sent to a GPU machine has no .git, so FASTMIM_COMMIT names the commit in every row). RESULTS_DIR gets at
+# most 7 files: suite.log, build.log, throughput.jsonl, ops.jsonl, profiles.tar (torch.profiler traces),
+# demo_metrics.jsonl, and one .jsonl per further benchmark.
 set -uo pipefail
 RESULTS=${1:?usage: gpu_suite.sh RESULTS_DIR}
 mkdir -p "$RESULTS"
+RESULTS=$(cd "$RESULTS" && pwd)
 cd "$(dirname "$0")/.."
+exec > >(tee -a "$RESULTS/suite.log") 2>&1
 export PYTHONUNBUFFERED=1 FASTMIM_CACHE=/tmp/fastmim-cache
 PY=${PYTHON:-python3}
+BUDGET=${GPU_SUITE_BUDGET_S:-480}
+START=$(date +%s)
+SCRATCH=$(mktemp -d)
 status=0
-step() { echo; echo "=== $* ($(date -u +%T))"; }
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+step() { echo; echo "=== $* (t=$(($(date +%s) - START))s)"; }
+# fits SECONDS NAME: true when SECONDS of the budget remain, else says the step is skipped
+fits() {
+  if [ "$(left)" -lt "$1" ]; then echo "SKIPPED: $2 needs about $1 s, $(left) s of the ${BUDGET} s budget left"; return 1; fi
+}
+# run LIMIT CMD...: CMD under a time limit (seconds), never past the budget; a failure or timeout fails the suite
+run() {
+  local limit=$1; shift
+  local l; l=$(left); [ "$l" -lt "$limit" ] && limit=$l
+  timeout --signal=INT --kill-after=15 "$limit" "$@"
+  local rc=$?
+  [ $rc -eq 124 ] && echo "TIMED OUT after ${limit} s: $*"
+  [ $rc -ne 0 ] && status=1
+  return $rc
+}
 
 step environment
 nvidia-smi -L
 $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
-$PY -c "import flash_attn" 2>/dev/null || echo "flash-attn: not installed here; its attention path is skipped"
+for mod in flash_attn nvidia.dali spconv; do
+  $PY -c "import $mod" 2>/dev/null && echo "$mod: installed" || echo "$mod: not installed here; its parts are skipped"
+done
 
 step build fastmim._C
 rm -f fastmim/_C*.so
@@ -23,29 +51,41 @@ $PY -m pip install --no-deps --no-build-isolation --no-index -e . >"$RESULTS/bui
   || $PY setup.py build_ext --inplace >>"$RESULTS/build.log" 2>&1 || { echo "BUILD FAILED"; tail -30 "$RESULTS/build.log"; status=1; }
 $PY -c "import fastmim; print('native extension:', fastmim.has_native_extension())"
 
-step pytest -m gpu
-FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider -m gpu tests || status=1
+step "pytest -m gpu"
+run 150 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider -m gpu tests
 
-step pytest CPU suite on this machine "(Python/torch versions differ from CI)"
-FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider -m "not gpu" -x tests || status=1
+step "throughput: MAE ViT-B/16, batch 256, bf16, four modes, profiled (MFU against 790 TFLOP/s and the measured peak)"
+fits 150 "ViT-B throughput" && run 260 $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 \
+  --amp bf16 --steps 20 --warmup 5 --peak-tflops 790 --profile --profile-dir "$SCRATCH/profiles" \
+  --out "$RESULTS/throughput.jsonl"
 
 step "ops benchmark: fastmim.ops vs eager and compiled references (MAE ViT-B/16 shapes)"
-$PY benchmarks/ops.py --out "$RESULTS/ops.jsonl" 2>"$RESULTS/ops.log" || { status=1; tail -20 "$RESULTS/ops.log"; }
+fits 60 "ops benchmark" && run 150 $PY benchmarks/ops.py --out "$RESULTS/ops.jsonl"
 
-step "throughput: MAE on fastmim.ops and on the plain reference path, bf16"
-for spec in "mae_vit_base_patch16 256" "mae_vit_large_patch16 128"; do
-  set -- $spec
-  for mode in "" "--reference"; do
-    $PY benchmarks/throughput.py --model "$1" --batch-size "$2" --amp bf16 --steps 20 --warmup 5 --peak-tflops 790 \
-      $mode --out "$RESULTS/throughput.jsonl" || status=1
-  done
+for bench in masks sparse_conv dataload; do
+  step "benchmarks/$bench.py"
+  if [ -f "benchmarks/$bench.py" ]; then
+    fits 45 "$bench benchmark" && run 90 $PY "benchmarks/$bench.py" --out "$RESULTS/$bench.jsonl"
+  else
+    echo "not written yet"
+  fi
 done
 
-step "CLI: the default demo run on CUDA"
-rm -rf /tmp/fastmim-demo
-/usr/bin/time -f "demo wall %e s" $PY -m fastmim.pretrain --output-dir /tmp/fastmim-demo 2>&1 | tr '\r' '\n' | grep -v "it/s]$" | tail -8 || status=1
-cp /tmp/fastmim-demo/metrics.jsonl "$RESULTS/demo_metrics.jsonl" 2>/dev/null
-cp /tmp/fastmim-demo/reconstructions/epoch_0030.png "$RESULTS/demo_reconstruction.png" 2>/dev/null
+step "throughput: MAE ViT-L/16, batch 128, bf16"
+fits 120 "ViT-L throughput" && run 200 $PY benchmarks/throughput.py --model vit_large_patch16 --batch-size 128 \
+  --amp bf16 --steps 15 --warmup 4 --peak-tflops 790 --modes reference,fastmim,fastmim+compile \
+  --out "$RESULTS/throughput.jsonl"
 
+step "CLI: the default demo run on CUDA"
+if fits 45 "CLI demo"; then
+  rm -rf "$SCRATCH/demo"
+  run 60 $PY -m fastmim.pretrain --output-dir "$SCRATCH/demo" >"$SCRATCH/demo.log" 2>&1
+  tr '\r' '\n' <"$SCRATCH/demo.log" | grep -v "it/s]$" | tail -4
+  cp "$SCRATCH/demo/metrics.jsonl" "$RESULTS/demo_metrics.jsonl" 2>/dev/null
+fi
+
+step "results of this run"
+[ -d "$SCRATCH/profiles" ] && tar -cf "$RESULTS/profiles.tar" -C "$SCRATCH" profiles && ls -la "$RESULTS"
+$PY benchmarks/report.py --results "$RESULTS" || status=1
 step "done, status $status"
 exit $status

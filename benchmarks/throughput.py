@@ -1,15 +1,35 @@
-"""End-to-end pretraining throughput of a recipe on synthetic data already on the device.
+"""End-to-end pretraining throughput: whole training steps of a recipe in several modes, side by side in one process.
 
-    python benchmarks/throughput.py --model mae_vit_base_patch16 --batch-size 256 --amp bf16
+    python benchmarks/throughput.py --recipe mae --model vit_base_patch16 --batch-size 256 --amp bf16
+    python benchmarks/throughput.py --model vit_large_patch16 --batch-size 128 --modes fastmim+compile --profile
+    python benchmarks/throughput.py --model vit_base_patch16 --data /data/imagenet/train   # data-bound img/s
 
-Times whole training steps (forward, backward, fused AdamW) after warm-up; prints and appends a JSON row (img/s,
-peak memory, device, versions, commit, date) to --out. It measures the plain PyTorch MAE path (the
-reference the fused ops replace, ``--reference``) or the recipe on fastmim.ops (the default, mode "fastmim").
+A step is forward, backward and the optimizer (fused AdamW, MAE's groups). Modes, each on a fresh model built from
+the same seed:
+
+  reference          the straightforward PyTorch implementation the recipe's paper describes (benchmarks/recipes.py)
+  fastmim            the recipe on fastmim.ops (fused gather, decoder-input scatter, loss)
+  reference+compile  the reference under torch.compile (--compile-mode)
+  fastmim+compile    fastmim under torch.compile
+
+Images are synthetic and already on the device unless --data names an image folder: then each step takes the next
+batch from fastmim's loader (decode + MAE augmentation in worker processes, pinned host memory) and img/s is what
+that data path sustains. Reports per mode: img/s (median over the timed steps after warm-up; on CUDA each step is
+the interval between consecutive CUDA events, so it includes any wait for the host or the data), p20/p80, img/s
+over the whole timed span, model FLOPs per image (recipes.py's formula, and torch.utils.flop_counter's count of
+one step), achieved TFLOP/s, MFU against the bf16 dense peak (--peak-tflops, else a measured large matmul), peak
+memory (CUDA), the first step's time (compilation), graph breaks, and speedups over the reference modes. One JSON
+row per mode (device, versions, commit, date) goes to stdout and --out. --profile adds a torch.profiler trace per
+mode and prints the top kernels by time and a breakdown by kind (matmul, attention, Triton, elementwise, ...).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import gc
+import itertools
+import re
 import statistics
 import sys
 import time
@@ -20,87 +40,403 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import fastmim  # noqa: E402
 from benchmarks.common import environment, write_row  # noqa: E402
+from benchmarks.recipes import RECIPES, get_recipe  # noqa: E402
 from fastmim.train.optim import build_adamw  # noqa: E402
 
+MODES = ("reference", "fastmim", "reference+compile", "fastmim+compile")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# kernel-name patterns, first match wins: where the device time of a step goes
+KERNEL_KINDS = (
+    ("attention", r"flash|fmha|attention|sdpa"),
+    ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|sm\d+_|addmm|\bmm\b|matmul|linear|conv"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("fastmim.ops", r"gather_visible|scatter_masked|masked_loss|patchify|_kernel_fastmim"),
+    ("triton (inductor)", r"triton"),
+    ("norm", r"layer_norm|layernorm|norm"),
+    ("copy/memset", r"copy|memcpy|memset|fill|cat"),
+)
 
-def flops_per_image(model) -> float:
-    """Training FLOPs per image (forward + backward) of MAE: encoder on visible tokens, decoder on all tokens.
 
-    Linear layers, the patch embedding and attention matmuls only (2 FLOPs per multiply-add)."""
-    n = model.num_patches
-    k = n - int(n * model.mask_ratio)
-    d, dd = model.embed_dim, model.decoder_embed.out_features
-    p2c = model.patch_size**2 * model.in_chans
+def parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {bad or text!r}; choose from {', '.join(MODES)}")
+    return list(dict.fromkeys(modes))
 
-    def blocks(depth, width, tokens):  # qkv + proj + mlp(4x) = 12 w^2 per token, attention 2 * t^2 * w
-        return depth * (2 * 12 * width * width * tokens + 2 * 2 * tokens * tokens * width)
 
-    embed = 2 * n * p2c * d  # patch embedding (all patches are embedded before the gather)
-    fwd = blocks(len(model.blocks), d, k + 1)
-    fwd += 2 * (k + 1) * d * dd + blocks(len(model.decoder_blocks), dd, n + 1) + 2 * (n + 1) * dd * p2c
-    # backward costs 2x forward, except the patch embedding: its input (the images) needs no gradient
-    return 3.0 * fwd + 2.0 * embed
+def parse_model_arg(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value  # a plain string such as attn_impl=math
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="mae", choices=sorted(RECIPES))
+    ap.add_argument("--model", default="vit_base_patch16", help="encoder name (the recipe prefix is optional)")
+    ap.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=parse_model_arg,
+        help="a model keyword argument, e.g. depth=2 or mask_ratio=0.6 (repeatable)",
+    )
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--amp", choices=sorted(AMP), default="bf16")
+    ap.add_argument("--modes", type=parse_modes, default=list(MODES), help=f"comma-separated, from {', '.join(MODES)}")
+    ap.add_argument("--compile-mode", choices=COMPILE_MODES, default="default", help="torch.compile's mode")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per mode")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens in the first)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--data", default=None, help="an image folder: feed the real loader instead of synthetic images")
+    ap.add_argument("--workers", type=int, default=None, help="loader workers with --data (default: per CPU count)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak for MFU; else measured")
+    ap.add_argument("--peak-matmul-size", type=int, default=None, help="side of the measuring matmul (8192 GPU)")
+    ap.add_argument("--no-flop-count", action="store_true", help="skip torch.utils.flop_counter's count of a step")
+    ap.add_argument("--profile", action="store_true", help="profile --profile-steps steps of each mode")
+    ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--profile-dir", default="benchmarks/profiles", help="where the traces (.json.gz) go")
+    ap.add_argument("--top", type=int, default=15, help="kernels listed per profiled mode")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="append the JSON rows to this file")
+    return ap
+
+
+def model_kwargs(args) -> dict:
+    return {"img_size": args.img_size, **dict(args.model_arg)}
+
+
+def check_args(ap: argparse.ArgumentParser, args) -> None:
+    for name in ("batch_size", "img_size", "steps", "profile_steps", "top"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        ap.error(f"--warmup must be 0 or more, got {args.warmup}")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        ap.error(f"--peak-tflops must be positive, got {args.peak_tflops}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+    if args.amp == "fp16" and not args.device.startswith("cuda"):
+        ap.error("--amp fp16 needs a CUDA device (CPU autocast runs bf16 or none)")
+
+
+# --- timing -------------------------------------------------------------------------------------------------------
+
+
+class StepTimer:
+    """Per-step times in seconds. CUDA: an event at every step boundary, read once at the end, so timing adds no host
+    sync and each interval includes any time the device waited for the host. CPU: perf_counter (execution is
+    synchronous)."""
+
+    def __init__(self, device: torch.device, steps: int):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+        self.steps = steps
+
+    def mark(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def times(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in itertools.pairwise(self.marks)]
+        return [b - a for a, b in itertools.pairwise(self.marks)]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype, size: int) -> float:
+    """Dense matmul TFLOP/s of one size^3 product in ``dtype`` (median of 10 after warm-up)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    timer = StepTimer(device, 10)
+    sync(device)
+    for _ in range(10):
+        timer.mark()
+        a @ b
+    timer.mark()
+    return 2.0 * size**3 / statistics.median(timer.times()) / 1e12
+
+
+def count_flops(recipe, model_name: str, args, device: torch.device, dtype) -> float:
+    """torch.utils.flop_counter's FLOPs for one image's training step (batch 1, explicit attention matmuls so that
+    every device counts them; the counter ignores norms, activations and the optimizer, as the formula does)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(args.seed)
+    kwargs = {**model_kwargs(args), "attn_impl": "math"}
+    model = recipe.build(model_name, "fastmim", **kwargs).to(device)
+    imgs = torch.randn(1, 3, args.img_size, args.img_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = model(imgs)[0]
+        loss.backward()
+    return float(counter.get_total_flops())
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+
+def make_batches(args, device: torch.device):
+    """Returns next_batch() -> images on the device: one fixed synthetic batch, or the real loader, cycled."""
+    if args.data is None:
+        g = torch.Generator().manual_seed(args.seed)
+        imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
+        return lambda: imgs, "synthetic"
+
+    from fastmim.data import ImageFolderDataset, build_pretrain_loader, default_num_workers, pretrain_transform
+
+    dataset = ImageFolderDataset(args.data, transform=pretrain_transform(args.img_size))
+    workers = args.workers if args.workers is not None else default_num_workers()
+    loader, sampler = build_pretrain_loader(dataset, args.batch_size, workers, pin_memory=device.type == "cuda")
+    state = {"it": iter(loader), "epoch": 0}
+
+    def next_batch():
+        try:
+            x = next(state["it"])
+        except StopIteration:
+            state["epoch"] += 1
+            sampler.set_epoch(state["epoch"])
+            state["it"] = iter(loader)
+            x = next(state["it"])
+        x = x[0] if isinstance(x, list | tuple) else x
+        return x.to(device, non_blocking=True)
+
+    return next_batch, f"{args.data} ({len(dataset)} images, {workers} workers)"
+
+
+# --- profile ------------------------------------------------------------------------------------------------------
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, pattern in KERNEL_KINDS:
+        if re.search(pattern, low):
+            return kind
+    return "elementwise/other"
+
+
+def profile_steps(step, device: torch.device, steps: int, trace_path: Path, top: int) -> dict:
+    """Runs ``steps`` steps under torch.profiler, writes a Chrome trace, returns the top kernels (CUDA; CPU ops on
+    CPU) by self time per step and the time per kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    trace_path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace_path))
+    events = prof.key_averages()
+
+    def device_time(e):  # microseconds; older torch names it cuda
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+
+    if device.type == "cuda":
+        kernels = [e for e in events if "CUDA" in str(getattr(e, "device_type", "")) and device_time(e) > 0]
+        kernels = kernels or [e for e in events if device_time(e) > 0]
+        timed = [(e.key, device_time(e), e.count) for e in kernels]
+    else:
+        timed = [(e.key, e.self_cpu_time_total, e.count) for e in events if e.self_cpu_time_total > 0]
+    total = sum(t for _, t, _ in timed) or 1.0
+    timed.sort(key=lambda r: -r[1])
+    kinds: dict[str, float] = {}
+    for name, t, _ in timed:
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + t
+    return {
+        "trace": str(trace_path),
+        "device": device.type,
+        "time_per_step_ms": round(total / steps / 1e3, 3),
+        "top": [
+            {
+                "name": name[:160],
+                "ms_per_step": round(t / steps / 1e3, 3),
+                "pct": round(100 * t / total, 1),
+                "calls_per_step": round(n / steps, 1),
+                "kind": kernel_kind(name),
+            }
+            for name, t, n in timed[:top]
+        ],  # fmt: skip
+        "kinds_pct": {k: round(100 * v / total, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+    }
+
+
+def print_profile(tag: str, prof: dict) -> None:
+    what = "kernel time" if prof["device"] == "cuda" else "self CPU time of ops"
+    print(f"\n--- {tag}: {prof['time_per_step_ms']:.2f} ms {what} per step; trace {prof['trace']}", file=sys.stderr)
+    print("    by kind: " + ", ".join(f"{k} {v}%" for k, v in prof["kinds_pct"].items()), file=sys.stderr)
+    for r in prof["top"]:
+        print(f"    {r['ms_per_step']:8.3f} ms {r['pct']:5.1f}%  x{r['calls_per_step']:<6g} {r['name'][:110]}",
+              file=sys.stderr)  # fmt: skip
+
+
+# --- one mode -----------------------------------------------------------------------------------------------------
+
+
+def graph_break_count() -> int | None:
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(sum(counters["graph_break"].values()))
+    except Exception:  # private API; its absence must not fail a benchmark
+        return None
+
+
+def run_mode(mode: str, recipe, model_name: str, args, device: torch.device, next_batch, fpi: float, peak: float):
+    """Builds, warms up and times one mode; returns its row."""
+    impl, _, compiled = mode.partition("+")
+    dtype = AMP[args.amp]
+    torch.manual_seed(args.seed)
+    model = recipe.build(model_name, impl, **model_kwargs(args)).to(device)
+    opt = build_adamw(model, 1.5e-4, 0.05)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # as the trainer does for fp16
+    fwd = model
+    if compiled:
+        torch._dynamo.reset()
+        fwd = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
+
+    def step():
+        imgs = next_batch()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = fwd(imgs)[0]
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    first_loss = step()
+    sync(device)
+    first_step_s = time.perf_counter() - t0
+    if not torch.isfinite(first_loss).item():
+        raise FloatingPointError(f"mode {mode}: the first step's loss is {first_loss.item()}")
+    for _ in range(args.warmup - 1):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timer = StepTimer(device, args.steps)
+    wall0 = time.perf_counter()
+    for _ in range(args.steps):
+        timer.mark()
+        loss = step()
+    timer.mark()
+    times = timer.times()
+    wall = time.perf_counter() - wall0
+    med = statistics.median(times)
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [med] * 4
+    ips = args.batch_size / med
+    row = {
+        "benchmark": "throughput", "recipe": recipe.name, "model": model_name, "mode": mode,
+        "compile_mode": args.compile_mode if compiled else None, "batch_size": args.batch_size,
+        "img_size": args.img_size, "amp": args.amp, "steps": args.steps, "warmup": args.warmup,
+        "img_per_s": round(ips, 1), "img_per_s_wall": round(args.batch_size * args.steps / wall, 1),
+        "step_ms_median": round(med * 1e3, 2), "step_ms_p20": round(q[0] * 1e3, 2),
+        "step_ms_p80": round(q[-1] * 1e3, 2), "first_step_s": round(first_step_s, 2),
+        "gflop_per_img": round(fpi / 1e9, 3), "achieved_tflops": round(fpi * ips / 1e12, 2),
+        "mfu": round(fpi * ips / (peak * 1e12), 4),
+        "loss": round(float(loss.detach()), 5),
+    }  # fmt: skip
+    if compiled:
+        row["graph_breaks"] = graph_break_count()
+    if device.type == "cuda":
+        row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if args.profile:
+        trace = Path(args.profile_dir) / f"{model_name}-b{args.batch_size}-{mode.replace('+', '_')}.json.gz"
+        row["profile"] = profile_steps(step, device, args.profile_steps, trace, args.top)
+        print_profile(mode, row["profile"])
+    return row
+
+
+def release(device: torch.device) -> None:
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's img/s over each reference mode's, where both were measured."""
+    ips = {r["mode"]: r["img_per_s"] for r in rows if "img_per_s" in r}
+    for r in rows:
+        for base in ("reference", "reference+compile"):
+            if "img_per_s" in r and base in ips and r["mode"] != base:
+                r[f"speedup_vs_{base.replace('+', '_')}"] = round(r["img_per_s"] / ips[base], 3)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="mae_vit_base_patch16")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--img-size", type=int, default=224)
-    ap.add_argument("--amp", choices=["none", "bf16", "fp16"], default="bf16")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak for MFU (H100 measured: 790)")
-    ap.add_argument("--reference", action="store_true", help="the plain PyTorch path instead of fastmim.ops")
-    ap.add_argument("--out", default=None, help="append the JSON row to this file")
+    ap = build_parser()
     args = ap.parse_args(argv)
-
+    check_args(ap, args)
+    recipe = get_recipe(args.recipe)
+    model_name = recipe.model_name(args.model)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = fastmim.create_model(args.model, img_size=args.img_size, fused_ops=not args.reference).to(device)
-    opt = build_adamw(model, 1e-4, 0.05)
-    imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss, _, _ = model(imgs)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(args.warmup):
-        step()
-    sync()
+    dtype = AMP[args.amp]
+    try:  # a bad model name or size fails here, before anything is timed
+        with torch.device("meta"):
+            fpi = recipe.flops(recipe.build(model_name, "fastmim", **model_kwargs(args)))
+    except ValueError as e:
+        ap.error(str(e))
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    ips = args.batch_size / med
-    fpi = flops_per_image(model)
-    mode = "reference" if args.reference else "fastmim"
-    row = {"benchmark": "throughput", "mode": mode, "recipe": "mae", "model": args.model,
-           "batch_size": args.batch_size, "img_size": args.img_size, "amp": args.amp,
-           "img_per_s": round(ips, 1), "step_ms_median": round(med * 1e3, 2),
-           "step_ms_p20": round(statistics.quantiles(times, n=5)[0] * 1e3, 2),
-           "step_ms_p80": round(statistics.quantiles(times, n=5)[-1] * 1e3, 2),
-           "gflop_per_img": round(fpi / 1e9, 2), "achieved_tflops": round(fpi * ips / 1e12, 1),
-           **environment(device)}  # fmt: skip
-    if args.peak_tflops:
-        row["mfu"] = round(fpi * ips / (args.peak_tflops * 1e12), 4)
-    if device.type == "cuda":
-        row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    write_row(row, args.out)
-    return 0
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs (--amp none) as a GPU user would run them
+        torch.backends.cudnn.allow_tf32 = True
+
+    env = environment(device)
+    common = {}
+    size = args.peak_matmul_size or (8192 if device.type == "cuda" else 1024)
+    peak_dtype = dtype or torch.float32
+    common["peak_tflops_measured"] = float(f"{measure_peak_tflops(device, peak_dtype, size):.4g}")
+    common["peak_measured_with"] = f"{str(peak_dtype).removeprefix('torch.')} matmul {size}^3"
+    common["peak_tflops"] = args.peak_tflops or common["peak_tflops_measured"]
+    common["peak_source"] = "given" if args.peak_tflops else "measured"
+    if not args.no_flop_count:
+        counted = count_flops(recipe, model_name, args, device, dtype)
+        common["gflop_per_img_counted"] = round(counted / 1e9, 3)
+        release(device)
+    next_batch, data_desc = make_batches(args, device)
+    common["data"] = data_desc
+    print(f"{recipe.name} {model_name}, batch {args.batch_size}, {args.amp}, on {env['device']}: "
+          f"{fpi / 1e9:.2f} GFLOP per image, peak {common['peak_tflops']} TFLOP/s ({common['peak_source']}), "
+          f"data {data_desc}", file=sys.stderr)  # fmt: skip
+
+    rows = []
+    for mode in args.modes:
+        try:
+            row = run_mode(mode, recipe, model_name, args, device, next_batch, fpi, common["peak_tflops"])
+        except torch.cuda.OutOfMemoryError as e:
+            row = {"benchmark": "throughput", "recipe": recipe.name, "model": model_name, "mode": mode,
+                   "batch_size": args.batch_size, "amp": args.amp,
+                   "error": f"out of memory: {str(e)[:200]}"}  # fmt: skip
+        release(device)
+        rows.append(row)
+        status = row.get("error") or f"{row['img_per_s']:.1f} img/s, MFU {row['mfu']:.1%}"
+        print(f"  {mode:<18} {status}", file=sys.stderr)
+    add_ratios(rows)
+    for row in rows:
+        write_row({**row, **common, **env}, args.out)
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":

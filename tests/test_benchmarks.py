@@ -1,46 +1,165 @@
+import gzip
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import fastmim
+from fastmim.masking import masking_from_noise
+from tests.conftest import make_image_folder
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import recipes  # noqa: E402
+import report  # noqa: E402
+import throughput  # noqa: E402
+
+# ViT-tiny, one encoder and one decoder block, 2x2 patches: compiles in seconds on 2 cores
+SMALL = ["--model", "vit_tiny_patch16", "--img-size", "32", "--batch-size", "2", "--model-arg", "depth=1",
+         "--model-arg", "decoder_depth=1", "--device", "cpu", "--amp", "none"]  # fmt: skip
 
 
-def test_throughput_smoke_on_cpu(tmp_path, capsys):
-    import throughput
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
+
+@pytest.mark.slow
+def test_throughput_all_modes_two_steps_on_cpu(tmp_path):
+    """The CI smoke test: every mode (both compiled ones too) runs two steps, profiled, and reports what it must."""
     out = tmp_path / "rows.jsonl"
-    args = ["--model", "mae_vit_tiny_patch16", "--img-size", "64", "--batch-size", "2", "--steps", "2"]
-    assert throughput.main([*args, "--warmup", "1", "--amp", "none", "--device", "cpu", "--out", str(out)]) == 0
-    row = json.loads(out.read_text().splitlines()[-1])
-    assert row["img_per_s"] > 0 and row["device"] == "cpu" and row["torch"] and row["date"]
+    args = [*SMALL, "--steps", "2", "--warmup", "1", "--profile", "--profile-steps", "1", "--profile-dir",
+            str(tmp_path / "prof"), "--out", str(out)]  # fmt: skip
+    assert throughput.main(args) == 0
+    rows = read_rows(out)
+    assert [r["mode"] for r in rows] == list(throughput.MODES)
+    for r in rows:
+        assert r["img_per_s"] > 0 and 0 < r["mfu"] < 5 and r["step_ms_p20"] <= r["step_ms_p80"]
+        assert r["device"] == "cpu" and r["torch"] and r["date"] and r["commit"] and r["data"] == "synthetic"
+        assert r["gflop_per_img"] == pytest.approx(r["gflop_per_img_counted"], rel=0.01)
+        assert r["peak_source"] == "measured" and r["peak_tflops"] == r["peak_tflops_measured"] > 0
+        prof = r["profile"]
+        assert Path(prof["trace"]).exists() and json.loads(gzip.open(prof["trace"]).read())["traceEvents"]
+        assert prof["top"] and sum(prof["kinds_pct"].values()) == pytest.approx(100, abs=0.5)
+    by_mode = {r["mode"]: r for r in rows}
+    # both compiled models trace as one graph: the fused ops are compile-safe, the reference too
+    assert by_mode["fastmim+compile"]["graph_breaks"] == 0 and by_mode["reference+compile"]["graph_breaks"] == 0
+    assert "speedup_vs_reference" not in by_mode["reference"]
+    for m in ("fastmim", "reference+compile", "fastmim+compile"):
+        ratio = by_mode[m]["img_per_s"] / by_mode["reference"]["img_per_s"]
+        assert by_mode[m]["speedup_vs_reference"] == pytest.approx(ratio, rel=0.01)
+    # same seed, same masks, same data: reference and fastmim train the same model to the same loss, eager and
+    # compiled (inductor draws its own random numbers, so compiled masks differ from eager ones)
+    for a, b in (("reference", "fastmim"), ("reference+compile", "fastmim+compile")):
+        assert by_mode[a]["loss"] == pytest.approx(by_mode[b]["loss"], rel=1e-3)
+
+
+def test_throughput_on_a_real_image_folder(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", n=6)
+    out = tmp_path / "rows.jsonl"
+    args = [*SMALL, "--modes", "fastmim", "--steps", "3", "--warmup", "1", "--data", str(folder), "--workers", "0"]
+    assert throughput.main([*args, "--no-flop-count", "--peak-tflops", "1", "--out", str(out)]) == 0
+    (row,) = read_rows(out)
+    assert str(folder) in row["data"] and "6 images" in row["data"] and row["img_per_s"] > 0
+    assert row["peak_source"] == "given"
+    assert row["mfu"] == pytest.approx(row["gflop_per_img"] * row["img_per_s"] / 1e3, rel=0.01)  # peak 1 TFLOP/s
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--modes", "fastmim,turbo"], "unknown mode"),
+        (["--model", "vit_gigantic_patch16"], "unknown model"),
+        (["--recipe", "simclr"], "invalid choice"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--model-arg", "depth"], "expected KEY=VALUE"),
+        (["--model-arg", "depthh=2"], "bad arguments for model"),
+        (["--peak-tflops", "-1"], "--peak-tflops must be positive"),
+    ],
+)
+def test_throughput_bad_arguments_name_the_problem(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        throughput.main([*SMALL, *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_throughput_missing_data_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        throughput.main([*SMALL, "--modes", "fastmim", "--no-flop-count", "--data", str(tmp_path / "nope")])
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_paper_reference_equals_fastmim_model(norm_pix):
+    """The benchmark's reference (the MAE paper's code path) computes what the fastmim model computes: same loss,
+    prediction, mask and gradients on the same weights and mask."""
+    torch.manual_seed(0)
+    fast = fastmim.create_model("mae_vit_tiny_patch16", img_size=48, decoder_depth=1, norm_pix_loss=norm_pix)
+    paper = recipes.PaperMAE(fastmim.create_model("mae_vit_tiny_patch16", img_size=48, decoder_depth=1,
+                                                  norm_pix_loss=norm_pix, fused_ops=False))  # fmt: skip
+    paper.mae.load_state_dict(fast.state_dict())
+    imgs = torch.randn(3, 3, 48, 48)
+    noise = torch.rand(3, fast.num_patches)
+    info = masking_from_noise(noise, fastmim.masking.random.num_visible(fast.num_patches, fast.mask_ratio))
+    loss_f, pred_f, mask_f = fast(imgs, mask=info)
+    loss_p, pred_p, mask_p = paper(imgs, ids_shuffle=torch.argsort(noise, dim=1))
+    torch.testing.assert_close(mask_p, mask_f)
+    torch.testing.assert_close(pred_p, pred_f, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_p, loss_f, rtol=1e-5, atol=1e-6)
+    loss_f.backward()
+    loss_p.backward()
+    grads_p = dict(paper.mae.named_parameters())
+    for name, p in fast.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads_p[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_paper_reference_draws_a_fresh_mask_with_the_recipe_count():
+    torch.manual_seed(0)
+    paper = recipes.PaperMAE(fastmim.create_model("mae_vit_tiny_patch16", img_size=64, decoder_depth=1))
+    _, _, m1 = paper(torch.randn(2, 3, 64, 64))
+    _, _, m2 = paper(torch.randn(2, 3, 64, 64))
+    assert (m1.sum(1) == 12).all() and not torch.equal(m1, m2)  # 16 patches, int(16 * 0.25) = 4 visible
 
 
 def test_flop_formula_matches_published_mae_base_count():
-    import throughput
-    import torch
-
-    import fastmim
-
     with torch.device("meta"):
         m = fastmim.create_model("mae_vit_base_patch16")
-    assert throughput.flops_per_image(m) / 1e9 == pytest.approx(58.7, abs=0.3)  # ~3x forward
+    assert recipes.mae_flops_per_image(m) / 1e9 == pytest.approx(58.7, abs=0.3)  # FIELD-NOTES: ~3x 19.6 forward
 
 
-def test_flop_formula_matches_torch_flop_counter():
-    import throughput
-    import torch
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(mask_ratio=0.6, decoder_depth=3, decoder_embed_dim=96, decoder_num_heads=4, mlp_ratio=2.0),
+        dict(patch_size=8, in_chans=1, depth=2),
+    ],
+)
+def test_flop_formula_matches_torch_flop_counter(kwargs):
     from torch.utils.flop_counter import FlopCounterMode
 
-    import fastmim
-
     # explicit attention matmuls: the counter does not see the CPU SDPA kernel
-    m = fastmim.create_model("mae_vit_tiny_patch16", img_size=64, attn_impl="math")
+    m = fastmim.create_model("mae_vit_tiny_patch16", img_size=64, attn_impl="math", **kwargs)
+    chans = kwargs.get("in_chans", 3)
     with FlopCounterMode(display=False) as fc:
-        loss, _, _ = m(torch.randn(1, 3, 64, 64))
+        loss, _, _ = m(torch.randn(1, chans, 64, 64))
         loss.backward()
-    assert throughput.flops_per_image(m) == pytest.approx(fc.get_total_flops(), rel=0.005)
+    assert recipes.mae_flops_per_image(m) == pytest.approx(fc.get_total_flops(), rel=0.005)
+
+
+def test_kernel_kinds():
+    kind = throughput.kernel_kind
+    assert kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert kind("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>") == "attention"
+    assert kind("triton_per_fused_native_layer_norm_0") == "triton (inductor)"
+    assert kind("_masked_loss_fwd_kernel") == "fastmim.ops"
+    assert kind("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamWMathFunctor>") == (
+        "optimizer"
+    )
+    assert kind("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>") == "elementwise/other"
 
 
 def test_ops_benchmark_smoke_on_cpu(tmp_path):
@@ -50,7 +169,7 @@ def test_ops_benchmark_smoke_on_cpu(tmp_path):
     args = ["--device", "cpu", "--batch-size", "2", "--img-size", "32", "--patch-size", "8", "--encoder-dim", "16",
             "--decoder-dim", "8", "--reps", "2", "--no-compile", "--out", str(out)]  # fmt: skip
     assert ops.main(args) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = read_rows(out)
     assert rows[0]["op"] == "copy" and rows[0]["gbps"] > 0
     timed = rows[1:]
     assert {r["op"] for r in timed} == {"gather_visible", "scatter_masked", "masked_mse_loss", "patchify"}
@@ -58,3 +177,65 @@ def test_ops_benchmark_smoke_on_cpu(tmp_path):
     fused = [r for r in timed if r["impl"].startswith("fastmim")]
     assert len(fused) == 12 and all(r["speedup_vs_eager"] > 0 and r["ms_median"] > 0 for r in fused)
     assert all(r["commit"] and r["torch"] and r["date"] and r["device"] == "cpu" for r in rows)
+
+
+# --- the results tables ---
+
+
+def _tp(mode, ips, date="2026-12-01T10:00:00+00:00", device="NVIDIA H100 80GB HBM3", **extra):
+    return {"benchmark": "throughput", "recipe": "mae", "model": "mae_vit_base_patch16", "mode": mode,
+            "batch_size": 256, "img_size": 224, "amp": "bf16", "img_per_s": ips, "img_per_s_wall": ips,
+            "mfu": ips / 13460, "peak_mem_gb": 10.0, "device": device, "date": date, "commit": "abc1234",
+            **extra}  # fmt: skip
+
+
+def test_report_one_row_per_device_and_date_with_the_latest_of_each_mode(tmp_path):
+    rows = [_tp("reference", 3000.0), _tp("fastmim", 3500.0), _tp("fastmim+compile", 6000.0),
+            _tp("fastmim+compile", 6800.0, date="2026-12-01T11:00:00+00:00"),  # later that day: replaces 6000
+            _tp("reference", 1000.0, device="cpu"),
+            _tp("reference", 3100.0, date="2026-12-02T09:00:00+00:00")]  # fmt: skip
+    (tmp_path / "run1").mkdir()
+    (tmp_path / "run1" / "throughput.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    table = report.throughput_table(report.load_rows(tmp_path))
+    lines = [line for line in table.splitlines() if line.startswith("| 2026")]
+    assert len(lines) == 3
+    h100 = next(line for line in lines if "H100" in line and "2026-12-01" in line)
+    assert "6,800" in h100 and "6,000" not in h100 and "3,500" in h100 and "2.27x (fastmim+compile)" in h100
+    assert "50.5%" in h100  # 6800 / 13460
+
+
+def test_report_rejects_a_broken_row_naming_the_file(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"benchmark": "ops"\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        report.load_rows(tmp_path)
+
+
+def test_report_write_and_check_round_trip(tmp_path):
+    results = tmp_path / "results"
+    (results / "r").mkdir(parents=True)
+    (results / "r" / "throughput.jsonl").write_text(json.dumps(_tp("reference", 3000.0)) + "\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Benchmarks\n\nintro\n\n{report.BEGIN}\nold\n{report.END}\n\nafter\n")
+    argv = ["--results", str(results), "--readme", str(readme)]
+    assert report.main([*argv, "--check"]) == 1
+    assert report.main([*argv, "--write"]) == 0
+    text = readme.read_text()
+    assert report.main([*argv, "--check"]) == 0 and "3,000" in text and "intro" in text and "after" in text
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        report.main([*argv, "--write"])
+
+
+def test_benchmarks_readme_tables_are_up_to_date():
+    """benchmarks/README.md shows what benchmarks/results/ holds: run `python benchmarks/report.py --write`."""
+    assert report.main(["--check"]) == 0
+
+
+def test_gpu_suite_script_is_valid_bash():
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash is not installed")
+    import subprocess
+
+    proc = subprocess.run([bash, "-n", str(BENCH / "gpu_suite.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

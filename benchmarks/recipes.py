@@ -1,0 +1,155 @@
+"""What benchmarks/throughput.py can time: each recipe's model builder, its reference and its FLOP formula.
+
+A recipe builds one model per mode from the same seed (so every mode starts from the same weights) and counts the
+model FLOPs of one training image. ``reference`` is the straightforward PyTorch implementation the recipe's paper
+describes, written here so that the speedups are measured against it and not against fastmim's own plain path.
+Later recipes (FCMAE on ConvNeXt V2) add a ``Recipe`` to ``RECIPES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import fastmim
+from fastmim.masking.random import num_visible
+
+
+class PaperMAE(nn.Module):
+    """MAE's forward pass as the paper's code writes it, over the parameters of a fastmim MAE model.
+
+    The same encoder and decoder blocks (SDPA attention, as timm uses today) and the same weights as fastmim's model;
+    what differs is everything around them, done the straightforward way: random masking by noise + argsort with
+    ``torch.gather`` over an index expanded D times, the decoder input built by concatenating mask tokens, an
+    expanded-index gather to unshuffle and a concatenation for the class token, and the norm-pix loss computed on
+    all patches and multiplied by the mask. Returns (loss, pred, mask) like the fastmim model.
+    """
+
+    def __init__(self, mae: nn.Module):
+        super().__init__()
+        self.mae = mae
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"mae.{n}" for n in self.mae.no_weight_decay()}
+
+    def random_masking(self, x: torch.Tensor, ids_shuffle: torch.Tensor | None = None):
+        b, n, d = x.shape  # [B, N, D]
+        len_keep = num_visible(n, self.mae.mask_ratio)
+        if ids_shuffle is None:
+            noise = torch.rand(b, n, device=x.device)  # [B, N]
+            ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :len_keep]
+        x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, d))  # [B, K, D]
+        mask = torch.ones(b, n, device=x.device)
+        mask[:, :len_keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        return x_masked, mask, ids_restore
+
+    def forward_encoder(self, imgs: torch.Tensor, ids_shuffle: torch.Tensor | None = None):
+        m = self.mae
+        x = m.patch_embed(imgs) + m.pos_embed[:, 1:, :]
+        x, mask, ids_restore = self.random_masking(x, ids_shuffle)
+        cls = (m.cls_token + m.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat((cls, x), dim=1)
+        for blk in m.blocks:
+            x = blk(x)
+        return m.norm(x), mask, ids_restore
+
+    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        m = self.mae
+        x = m.decoder_embed(x)
+        mask_tokens = m.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # no class token
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))  # unshuffle
+        x = torch.cat([x[:, :1, :], x_], dim=1)  # append the class token
+        x = x + m.decoder_pos_embed
+        for blk in m.decoder_blocks:
+            x = blk(x)
+        x = m.decoder_pred(m.decoder_norm(x))
+        return x[:, 1:, :]
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        target = self.mae.patchify(imgs)
+        if self.mae.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        loss = (pred - target) ** 2
+        loss = loss.mean(dim=-1)  # [B, N], mean loss per patch
+        return (loss * mask).sum() / mask.sum()  # mean loss on removed patches
+
+    def forward(self, imgs: torch.Tensor, ids_shuffle: torch.Tensor | None = None):
+        """imgs [B, C, H, W]; ``ids_shuffle`` [B, N] fixes the mask (for comparisons), drawn when None."""
+        latent, mask, ids_restore = self.forward_encoder(imgs, ids_shuffle)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+
+def _transformer_flops(depth: int, width: int, tokens: int, mlp_ratio: float = 4.0) -> float:
+    """Forward FLOPs of ``depth`` pre-norm blocks on ``tokens`` tokens: qkv (3 w^2) + proj (w^2) + MLP (2 r w^2)
+    multiply-adds per token, and QK^T + AV (2 t w each per token). 2 FLOPs per multiply-add."""
+    per_token = (4 + 2 * mlp_ratio) * width * width
+    return depth * (2.0 * per_token * tokens + 2.0 * 2.0 * tokens * tokens * width)
+
+
+def mae_flops_per_image(model: nn.Module) -> float:
+    """Model FLOPs of one MAE training image (forward + backward), counting matmuls only.
+
+    Forward = patch embedding of all N patches (2 N p^2 C D) + encoder blocks on the K + 1 visible tokens +
+    decoder_embed (2 (K+1) D Dd) + decoder blocks on N + 1 tokens + decoder_pred (2 (N+1) Dd p^2 C).
+    Backward costs twice the forward (gradients for inputs and for weights), except the patch embedding, whose input
+    (the images) needs no gradient: 1x. Recomputation (flash attention's backward) is not model FLOPs and is not
+    counted, nor are norms, activations, the loss and the optimizer (under 1% together). Cross-checked against
+    torch.utils.flop_counter in tests/test_benchmarks.py.
+    """
+    n = model.num_patches
+    k = num_visible(n, model.mask_ratio)
+    d, dd = model.embed_dim, model.decoder_embed.out_features
+    p2c = model.patch_size**2 * model.in_chans
+    mlp_ratio = model.blocks[0].mlp.fc1.out_features / d
+    dec_mlp_ratio = model.decoder_blocks[0].mlp.fc1.out_features / dd if len(model.decoder_blocks) else 4.0
+    embed = 2.0 * n * p2c * d
+    fwd = _transformer_flops(len(model.blocks), d, k + 1, mlp_ratio)
+    fwd += 2.0 * (k + 1) * d * dd + _transformer_flops(len(model.decoder_blocks), dd, n + 1, dec_mlp_ratio)
+    fwd += 2.0 * (n + 1) * dd * p2c
+    return 3.0 * fwd + 2.0 * embed
+
+
+def _build_mae(model_name: str, impl: str, **kwargs) -> nn.Module:
+    model = fastmim.create_model(model_name, fused_ops=impl == "fastmim", **kwargs)
+    return PaperMAE(model) if impl == "reference" else model
+
+
+def _core(model: nn.Module) -> nn.Module:
+    """The fastmim model inside a reference wrapper."""
+    return model.mae if isinstance(model, PaperMAE) else model
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """model_prefix + a --model name is a registered model; build(name, impl, **kwargs) makes it for one mode
+    (impl "reference" or "fastmim"); flops_per_image(model) is the formula; the model maps images to (loss, ...)."""
+
+    name: str
+    model_prefix: str
+    build: Callable[..., nn.Module]
+    flops_per_image: Callable[[nn.Module], float]
+
+    def model_name(self, model: str) -> str:
+        return model if model.startswith(self.model_prefix) else self.model_prefix + model
+
+    def flops(self, model: nn.Module) -> float:
+        return self.flops_per_image(_core(model))
+
+
+RECIPES = {"mae": Recipe("mae", "mae_", _build_mae, mae_flops_per_image)}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; available: {', '.join(RECIPES)}")
+    return RECIPES[name]
