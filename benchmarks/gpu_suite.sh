@@ -56,8 +56,8 @@ run 150 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider -m gp
 
 step "throughput: MAE ViT-B/16, batch 256, bf16, four modes, profiled (MFU against 790 TFLOP/s and the measured peak)"
 fits 150 "ViT-B throughput" && run 260 $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 \
-  --amp bf16 --steps 20 --warmup 5 --peak-tflops 790 --profile --profile-dir "$SCRATCH/profiles" \
-  --out "$RESULTS/throughput.jsonl"
+  --amp bf16 --steps 20 --warmup 5 --peak-tflops 790 --modes reference,fastmim,fastmim+compile,reference+compile \
+  --profile --profile-dir "$SCRATCH/profiles" --out "$RESULTS/throughput.jsonl"
 
 step "ops benchmark: fastmim.ops vs eager and compiled references (MAE ViT-B/16 shapes)"
 fits 60 "ops benchmark" && run 150 $PY benchmarks/ops.py --out "$RESULTS/ops.jsonl"

@@ -18,9 +18,10 @@ that data path sustains. Reports per mode: img/s (median over the timed steps af
 the interval between consecutive CUDA events, so it includes any wait for the host or the data), p20/p80, img/s
 over the whole timed span, model FLOPs per image (recipes.py's formula, and torch.utils.flop_counter's count of
 one step), achieved TFLOP/s, MFU against the bf16 dense peak (--peak-tflops, else a measured large matmul), peak
-memory (CUDA), the first step's time (compilation), graph breaks, and speedups over the reference modes. One JSON
-row per mode (device, versions, commit, date) goes to stdout and --out. --profile adds a torch.profiler trace per
-mode and prints the top kernels by time and a breakdown by kind (matmul, attention, Triton, elementwise, ...).
+memory (CUDA), the first step's time (compilation), graph breaks, and speedups over the reference modes measured
+before it (all ratios are printed at the end). One JSON row per mode (device, versions, commit, date) goes to stdout
+and --out as soon as the mode is done. --profile adds a torch.profiler trace per mode and prints the top kernels by
+time and a breakdown by kind (matmul, attention, Triton, elementwise, ...).
 """
 
 from __future__ import annotations
@@ -52,10 +53,12 @@ KERNEL_KINDS = (
     ("attention", r"flash|fmha|attention|sdpa"),
     ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|sm\d+_|addmm|\bmm\b|matmul|linear|conv"),
     ("optimizer", r"adam|multi_tensor|foreach"),
-    ("fastmim.ops", r"gather_visible|scatter_masked|masked_loss|patchify|_kernel_fastmim"),
+    # fastmim.ops' Triton kernels (fastmim/ops/triton) and its C++ ops on CPU
+    ("fastmim.ops", r"fastmim|_masked_loss_|_gather_rows_|_invert_ids_|_scatter_back_|_scatter_masked_|_patch_copy_"),
     ("triton (inductor)", r"triton"),
+    ("gather/scatter/index", r"gather|scatter|index"),
     ("norm", r"layer_norm|layernorm|norm"),
-    ("copy/memset", r"copy|memcpy|memset|fill|cat"),
+    ("copy/memset", r"(^|[^a-z])cat|copy|memcpy|memset|fill"),
 )
 
 
@@ -355,8 +358,8 @@ def run_mode(mode: str, recipe, model_name: str, args, device: torch.device, nex
         "img_per_s": round(ips, 1), "img_per_s_wall": round(args.batch_size * args.steps / wall, 1),
         "step_ms_median": round(med * 1e3, 2), "step_ms_p20": round(q[0] * 1e3, 2),
         "step_ms_p80": round(q[-1] * 1e3, 2), "first_step_s": round(first_step_s, 2),
-        "gflop_per_img": round(fpi / 1e9, 3), "achieved_tflops": round(fpi * ips / 1e12, 2),
-        "mfu": round(fpi * ips / (peak * 1e12), 4),
+        "gflop_per_img": float(f"{fpi / 1e9:.5g}"), "achieved_tflops": float(f"{fpi * ips / 1e12:.4g}"),
+        "mfu": float(f"{fpi * ips / (peak * 1e12):.4g}"),
         "loss": round(float(loss.detach()), 5),
     }  # fmt: skip
     if compiled:
@@ -377,13 +380,22 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def add_ratios(rows: list[dict]) -> None:
-    """Each row's img/s over each reference mode's, where both were measured."""
-    ips = {r["mode"]: r["img_per_s"] for r in rows if "img_per_s" in r}
-    for r in rows:
-        for base in ("reference", "reference+compile"):
-            if "img_per_s" in r and base in ips and r["mode"] != base:
-                r[f"speedup_vs_{base.replace('+', '_')}"] = round(r["img_per_s"] / ips[base], 3)
+def add_ratios(row: dict, done: list[dict]) -> None:
+    """The row's img/s over each reference mode's measured before it (the default order measures them first)."""
+    for base in done:
+        if base["mode"] in ("reference", "reference+compile") and "img_per_s" in base and "img_per_s" in row:
+            row[f"speedup_vs_{base['mode'].replace('+', '_')}"] = round(row["img_per_s"] / base["img_per_s"], 3)
+
+
+def print_summary(rows: list[dict]) -> None:
+    """Every measured mode against every other, so the ratios are complete whatever the order of --modes."""
+    ok = [r for r in rows if "img_per_s" in r]
+    if len(ok) < 2:
+        return
+    print("\n  img/s ratios (row / column): " + "  ".join(f"{r['mode']:>17}" for r in ok), file=sys.stderr)
+    for a in ok:
+        cells = "  ".join(f"{a['img_per_s'] / b['img_per_s']:>17.2f}" for b in ok)
+        print(f"  {a['mode']:<28} {cells}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -413,7 +425,7 @@ def main(argv=None) -> int:
     common["peak_source"] = "given" if args.peak_tflops else "measured"
     if not args.no_flop_count:
         counted = count_flops(recipe, model_name, args, device, dtype)
-        common["gflop_per_img_counted"] = round(counted / 1e9, 3)
+        common["gflop_per_img_counted"] = float(f"{counted / 1e9:.5g}")
         release(device)
     next_batch, data_desc = make_batches(args, device)
     common["data"] = data_desc
@@ -430,12 +442,12 @@ def main(argv=None) -> int:
                    "batch_size": args.batch_size, "amp": args.amp,
                    "error": f"out of memory: {str(e)[:200]}"}  # fmt: skip
         release(device)
+        add_ratios(row, rows)
         rows.append(row)
         status = row.get("error") or f"{row['img_per_s']:.1f} img/s, MFU {row['mfu']:.1%}"
         print(f"  {mode:<18} {status}", file=sys.stderr)
-    add_ratios(rows)
-    for row in rows:
-        write_row({**row, **common, **env}, args.out)
+        write_row({**row, **common, **env}, args.out)  # now: a later mode that fails or times out loses only itself
+    print_summary(rows)
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -7,7 +7,7 @@ import torch
 
 import fastmim
 from fastmim.masking import random_masking
-from tests.conftest import TINY_ARGS, run_cli
+from tests.conftest import ROOT, TINY_ARGS, run_cli
 
 pytestmark = pytest.mark.gpu
 
@@ -56,3 +56,28 @@ def test_cli_on_cuda_bf16(image_folder, tmp_path):
     assert "on cuda:0" in r.stdout and "amp=torch.bfloat16" in r.stdout
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all("max_mem_gb" in r for r in rows)
+
+
+def test_throughput_benchmark_on_cuda(tmp_path):
+    """The CUDA path of benchmarks/throughput.py: event timing, peak memory, a measured bf16 peak, and a profile
+    whose kernels are attributed (cuBLAS matmuls, fastmim.ops' Triton kernels)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import throughput
+
+    out = tmp_path / "rows.jsonl"
+    args = ["--model", "vit_tiny_patch16", "--img-size", "64", "--batch-size", "16", "--model-arg", "depth=2",
+            "--modes", "reference,fastmim", "--steps", "5", "--warmup", "2", "--peak-matmul-size", "4096",
+            "--profile", "--profile-steps", "2", "--profile-dir", str(tmp_path / "prof"),
+            "--out", str(out)]  # fmt: skip
+    assert throughput.main(args) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["mode"] for r in rows] == ["reference", "fastmim"]
+    for r in rows:
+        assert r["device"].startswith("NVIDIA") and r["peak_mem_gb"] > 0 and r["img_per_s"] > 0
+        assert r["peak_source"] == "measured" and r["peak_tflops"] > 50 and r["peak_measured_with"].startswith("bf16")
+        assert r["gflop_per_img"] == pytest.approx(r["gflop_per_img_counted"], rel=0.01)
+        assert r["profile"]["device"] == "cuda" and "matmul" in r["profile"]["kinds_pct"]
+    assert "fastmim.ops" in rows[1]["profile"]["kinds_pct"] and "fastmim.ops" not in rows[0]["profile"]["kinds_pct"]
+    assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=2e-2)  # same masks; bf16 rounding apart
