@@ -125,7 +125,7 @@ def timer(device: torch.device, reps: int):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-        q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
+        q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
         return statistics.median(times), q[0], q[-1]
 
     return measure_cpu

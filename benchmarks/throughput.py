@@ -30,6 +30,7 @@ import argparse
 import ast
 import gc
 import itertools
+import os
 import re
 import statistics
 import sys
@@ -348,14 +349,16 @@ def run_mode(mode: str, recipe, model_name: str, args, device: torch.device, nex
     timer.mark()
     times = timer.times()
     wall = time.perf_counter() - wall0
+    if os.environ.get("FASTMIM_BENCH_DEBUG"):
+        print(f"  {mode} step times (ms): {[round(t * 1e3, 2) for t in times]}", file=sys.stderr)
     med = statistics.median(times)
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [med] * 4
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [med] * 4
     ips = args.batch_size / med
     row = {
         "benchmark": "throughput", "recipe": recipe.name, "model": model_name, "mode": mode,
         "compile_mode": args.compile_mode if compiled else None, "batch_size": args.batch_size,
         "img_size": args.img_size, "amp": args.amp, "steps": args.steps, "warmup": args.warmup,
-        "img_per_s": round(ips, 1), "img_per_s_wall": round(args.batch_size * args.steps / wall, 1),
+        "img_per_s": float(f"{ips:.5g}"), "img_per_s_wall": float(f"{args.batch_size * args.steps / wall:.5g}"),
         "step_ms_median": round(med * 1e3, 2), "step_ms_p20": round(q[0] * 1e3, 2),
         "step_ms_p80": round(q[-1] * 1e3, 2), "first_step_s": round(first_step_s, 2),
         "gflop_per_img": float(f"{fpi / 1e9:.5g}"), "achieved_tflops": float(f"{fpi * ips / 1e12:.4g}"),
@@ -384,7 +387,7 @@ def add_ratios(row: dict, done: list[dict]) -> None:
     """The row's img/s over each reference mode's measured before it (the default order measures them first)."""
     for base in done:
         if base["mode"] in ("reference", "reference+compile") and "img_per_s" in base and "img_per_s" in row:
-            row[f"speedup_vs_{base['mode'].replace('+', '_')}"] = round(row["img_per_s"] / base["img_per_s"], 3)
+            row[f"speedup_vs_{base['mode'].replace('+', '_')}"] = float(f"{row['img_per_s'] / base['img_per_s']:.4g}")
 
 
 def print_summary(rows: list[dict]) -> None:

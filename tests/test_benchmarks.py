@@ -50,7 +50,7 @@ def test_throughput_all_modes_two_steps_on_cpu(tmp_path):
     assert "speedup_vs_reference" not in by_mode["reference"]
     for m in ("fastmim", "reference+compile", "fastmim+compile"):
         ratio = by_mode[m]["img_per_s"] / by_mode["reference"]["img_per_s"]
-        assert by_mode[m]["speedup_vs_reference"] == pytest.approx(ratio, rel=0.01)
+        assert by_mode[m]["speedup_vs_reference"] == pytest.approx(ratio, rel=0.002)  # rounding only
     # same seed, same masks, same data: reference and fastmim train the same model to the same loss, eager and
     # compiled (inductor draws its own random numbers, so compiled masks differ from eager ones)
     for a, b in (("reference", "fastmim"), ("reference+compile", "fastmim+compile")):
