@@ -3,12 +3,12 @@
 # network, DALI, spconv or flash-attn: those parts are skipped and the log says so). In priority order, within a time
 # budget (GPU_SUITE_BUDGET_S, default 480 s; a step that would not fit is skipped and named):
 #   build fastmim._C; pytest -m gpu; throughput of MAE ViT-B/16 (batch 256, bf16) in all four modes with profiles;
-#   the ops benchmark; the other benchmarks that exist (masks, sparse conv, data loading); ViT-L/16 throughput
-#   (batch 128); the CLI's default run on CUDA; finally the results tables of this run.
+#   the ops benchmark; the other benchmarks that exist (masks, sparse conv, data loading); FCMAE ConvNeXtV2-Base
+#   throughput (batch 64); ViT-L/16 throughput (batch 128); the CLI's default run on CUDA; the tables of this run.
 # Usage: FASTMIM_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_suite.sh RESULTS_DIR
 # (the tree sent to a GPU machine has no .git, so FASTMIM_COMMIT names the commit in every row). RESULTS_DIR gets at
-# most 7 files: suite.log, build.log, throughput.jsonl, ops.jsonl, profiles.tar (torch.profiler traces),
-# demo_metrics.jsonl, and one .jsonl per further benchmark.
+# most 8 files (what the device tool returns): suite.log (the build's log only when it fails), throughput.jsonl,
+# ops.jsonl, profiles.tar (torch.profiler traces), demo_metrics.jsonl, and sparse_conv/masks/dataload.jsonl.
 set -uo pipefail
 RESULTS=${1:?usage: gpu_suite.sh RESULTS_DIR}
 mkdir -p "$RESULTS"
@@ -47,8 +47,8 @@ done
 
 step build fastmim._C
 rm -f fastmim/_C*.so
-$PY -m pip install --no-deps --no-build-isolation --no-index -e . >"$RESULTS/build.log" 2>&1 \
-  || $PY setup.py build_ext --inplace >>"$RESULTS/build.log" 2>&1 || { echo "BUILD FAILED"; tail -30 "$RESULTS/build.log"; status=1; }
+$PY -m pip install --no-deps --no-build-isolation --no-index -e . >"$SCRATCH/build.log" 2>&1 \
+  || $PY setup.py build_ext --inplace >>"$SCRATCH/build.log" 2>&1 || { echo "BUILD FAILED"; cat "$SCRATCH/build.log"; status=1; }
 $PY -c "import fastmim; print('native extension:', fastmim.has_native_extension())"
 
 step "pytest -m gpu"
@@ -70,6 +70,11 @@ for bench in masks sparse_conv dataload; do
     echo "not written yet"
   fi
 done
+
+step "throughput: FCMAE ConvNeXtV2-Base, batch 64, bf16, ratio 0.6: dense_masked reference vs fastmim's sparse encoder"
+fits 90 "FCMAE throughput" && run 150 $PY benchmarks/throughput.py --recipe fcmae --model convnextv2_base \
+  --batch-size 64 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 --modes reference,fastmim \
+  --out "$RESULTS/throughput.jsonl"
 
 step "throughput: MAE ViT-L/16, batch 128, bf16"
 fits 120 "ViT-L throughput" && run 200 $PY benchmarks/throughput.py --model vit_large_patch16 --batch-size 128 \

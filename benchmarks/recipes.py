@@ -3,13 +3,14 @@
 A recipe builds one model per mode from the same seed (so every mode starts from the same weights) and counts the
 model FLOPs of one training image. ``reference`` is the straightforward PyTorch implementation the recipe's paper
 describes, written here so that the speedups are measured against it and not against fastmim's own plain path.
-Later recipes (FCMAE on ConvNeXt V2) add a ``Recipe`` to ``RECIPES``.
+Recipes: ``mae`` (ViT; reference = the MAE paper's code path) and ``fcmae`` (ConvNeXt V2; reference = the dense model
+times the mask, fastmim = visible pixels only).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -96,7 +97,7 @@ def _transformer_flops(depth: int, width: int, tokens: int, mlp_ratio: float = 4
     return depth * (2.0 * per_token * tokens + 2.0 * 2.0 * tokens * tokens * width)
 
 
-def mae_flops_per_image(model: nn.Module) -> float:
+def mae_flops_per_image(model: nn.Module, forward_only: bool = False) -> float:
     """Model FLOPs of one MAE training image (forward + backward), counting matmuls only.
 
     Forward = patch embedding of all N patches (2 N p^2 C D) + encoder blocks on the K + 1 visible tokens +
@@ -116,7 +117,54 @@ def mae_flops_per_image(model: nn.Module) -> float:
     fwd = _transformer_flops(len(model.blocks), d, k + 1, mlp_ratio)
     fwd += 2.0 * (k + 1) * d * dd + _transformer_flops(len(model.decoder_blocks), dd, n + 1, dec_mlp_ratio)
     fwd += 2.0 * (n + 1) * dd * p2c
-    return 3.0 * fwd + 2.0 * embed
+    return fwd + embed if forward_only else 3.0 * fwd + 2.0 * embed
+
+
+def fcmae_flops_per_image(model: nn.Module, visible: float | None = None, forward_only: bool = False) -> float:
+    """Model FLOPs of one FCMAE training image (forward + backward), counting convolutions and matmuls only, on the
+    visible pixels of the encoder (the work the sparse computation must do; the dense_masked reference does more).
+
+    Encoder at visible fraction v: stem 2 (HW/16) v 48 C0 (a 4x4x3 patch per pixel); per stage i with P_i = v H_i W_i
+    pixels of width d: downsampling 2 P_i 4 d_{i-1} d, and per block the depthwise conv 2 P_i k^2 d plus the MLP
+    2 P_i 2 r d^2 (r = 4). Decoder on all L patches: proj 2 L C3 Dd, its blocks, pred 2 L Dd p^2 C. Backward 2x
+    forward except the stem (the images need no gradient). ``visible`` defaults to the model's kept fraction.
+    Cross-checked against torch.utils.flop_counter on the forward pass: the counter over-counts a grouped conv's
+    weight gradient C times (it treats a depthwise conv's weight gradient as a dense one), so the backward is not
+    comparable there.
+    """
+    enc = model.encoder
+    h, w = model.img_size
+    v = num_visible(model.num_patches, model.mask_ratio) / model.num_patches if visible is None else visible
+    pixels = v * (h // 4) * (w // 4)
+    stem = 2.0 * pixels * 16 * model.in_chans * enc.dims[0]
+    fwd, prev = 0.0, enc.dims[0]
+    for i, stage in enumerate(enc.stages):
+        d = enc.dims[i]
+        if i > 0:
+            pixels /= 4
+            fwd += 2.0 * pixels * 4 * prev * d
+        fwd += len(stage.blocks) * _convnext_block_flops(pixels, d, stage.blocks[0] if len(stage.blocks) else None)
+        prev = d
+    dd, n = model.proj.out_channels, model.num_patches
+    fwd += 2.0 * n * enc.dims[-1] * dd
+    fwd += len(model.decoder) * _convnext_block_flops(n, dd, model.decoder[0] if len(model.decoder) else None)
+    fwd += 2.0 * n * dd * model.pred.out_channels
+    return fwd + stem if forward_only else 3.0 * fwd + 2.0 * stem
+
+
+def _convnext_block_flops(pixels: float, d: int, block) -> float:
+    if block is None:
+        return 0.0
+    k = block.conv_dw.kernel_size[0]
+    hidden = block.mlp.fc1.out_features
+    return 2.0 * pixels * k * k * d + 2.0 * pixels * 2 * d * hidden
+
+
+def _build_fcmae(model_name: str, impl: str, **kwargs) -> nn.Module:
+    """reference: the dense model times the mask after every layer, with the plain loss (the official code's dense
+    path); fastmim: visible pixels only, fused loss."""
+    backend = "dense_masked" if impl == "reference" else "fastmim"
+    return fastmim.create_model(model_name, sparse_backend=backend, fused_ops=impl == "fastmim", **kwargs)
 
 
 def _build_mae(model_name: str, impl: str, **kwargs) -> nn.Module:
@@ -132,21 +180,29 @@ def _core(model: nn.Module) -> nn.Module:
 @dataclass(frozen=True)
 class Recipe:
     """model_prefix + a --model name is a registered model; build(name, impl, **kwargs) makes it for one mode
-    (impl "reference" or "fastmim"); flops_per_image(model) is the formula; the model maps images to (loss, ...)."""
+    (impl "reference" or "fastmim"); flops_per_image(model, forward_only=False) is the formula; the model maps images
+    to (loss, ...); count_kwargs build the model torch.utils.flop_counter counts (every FLOP visible to it), over
+    forward and backward or, with count_backward False, the forward only."""
 
     name: str
     model_prefix: str
     build: Callable[..., nn.Module]
     flops_per_image: Callable[[nn.Module], float]
+    count_kwargs: dict = field(default_factory=dict)
+    count_backward: bool = True
 
     def model_name(self, model: str) -> str:
         return model if model.startswith(self.model_prefix) else self.model_prefix + model
 
-    def flops(self, model: nn.Module) -> float:
-        return self.flops_per_image(_core(model))
+    def flops(self, model: nn.Module, forward_only: bool = False) -> float:
+        return self.flops_per_image(_core(model), forward_only=forward_only)
 
 
-RECIPES = {"mae": Recipe("mae", "mae_", _build_mae, mae_flops_per_image)}
+RECIPES = {
+    "mae": Recipe("mae", "mae_", _build_mae, mae_flops_per_image, {"attn_impl": "math"}),
+    # the rows backend: its matmuls and the sparse depthwise conv (a registered flop formula) are what is counted
+    "fcmae": Recipe("fcmae", "fcmae_", _build_fcmae, fcmae_flops_per_image, count_backward=False),
+}
 
 
 def get_recipe(name: str) -> Recipe:

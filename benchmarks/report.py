@@ -102,11 +102,35 @@ def ops_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sparse_conv_table(rows: list[dict]) -> str:
+    rows = [r for r in rows if r.get("benchmark") == "sparse_conv" and "ms_median" in r]
+    latest = _latest(rows, lambda r: (r["device"], r["date"][:10], r["model"], r["batch_size"], r.get("amp"),
+                                      r["mask_ratio"], r["backend"]))  # fmt: skip
+    groups: dict[tuple, dict[str, dict]] = {}
+    for (dev, day, model, batch, amp, ratio, backend), r in latest.items():
+        groups.setdefault((day, dev, model, batch, amp, ratio), {})[backend] = r
+    head = ["date", "device", "model", "batch", "amp", "mask ratio", "dense ms", "dense_masked ms", "fastmim ms",
+            "fastmim / dense_masked", "commit"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (day, dev, model, batch, amp, ratio), b in sorted(groups.items()):
+        dense = b.get("dense")  # the unmasked dense model, filed under ratio 0
+        cells = [day, _short_device(dev), model, str(batch), amp or "", f"{ratio:g}",
+                 f"{dense['ms_median']:.1f}" if dense else ""]  # fmt: skip
+        cells += [f"{b[k]['ms_median']:.1f}" if k in b else "" for k in ("dense_masked", "fastmim")]
+        both = "dense_masked" in b and "fastmim" in b
+        cells.append(f"{b['dense_masked']['ms_median'] / b['fastmim']['ms_median']:.2f}x" if both else "")
+        cells.append(", ".join(sorted({r.get("commit", "?") for r in b.values()})))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render(results: Path = RESULTS) -> str:
     rows = load_rows(results)
     return (
         f"{BEGIN}\n\n### Training throughput (img/s)\n\n{throughput_table(rows)}\n\n"
-        f"### Fused ops, forward + backward\n\n{ops_table(rows)}\n\n{END}"
+        f"### Fused ops, forward + backward\n\n{ops_table(rows)}\n\n"
+        f"### Sparse ConvNeXt V2 encoder, forward + backward (speedup: dense_masked time / fastmim time)\n\n"
+        f"{sparse_conv_table(rows)}\n\n{END}"
     )
 
 

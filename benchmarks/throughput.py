@@ -16,9 +16,9 @@ Images are synthetic and already on the device unless --data names an image fold
 batch from fastmim's loader (decode + MAE augmentation in worker processes, pinned host memory) and img/s is what
 that data path sustains. Reports per mode: img/s (median over the timed steps after warm-up; on CUDA each step is
 the interval between consecutive CUDA events, so it includes any wait for the host or the data), p20/p80, img/s
-over the whole timed span, model FLOPs per image (recipes.py's formula, and torch.utils.flop_counter's count of
-one step), achieved TFLOP/s, MFU against the bf16 dense peak (--peak-tflops, else a measured large matmul), peak
-memory (CUDA), the first step's time (compilation), graph breaks, and speedups over the reference modes measured
+over the whole timed span, model FLOPs per image (recipes.py's formula, checked against torch.utils.flop_counter's
+count of one step), achieved TFLOP/s, MFU against the bf16 dense peak (--peak-tflops, else a measured large
+matmul), peak memory (CUDA), the first step's time (compilation), graph breaks, and speedups over the reference modes
 before it (all ratios are printed at the end). One JSON row per mode (device, versions, commit, date) goes to stdout
 and --out as soon as the mode is done. --profile adds a torch.profiler trace per mode and prints the top kernels by
 time and a breakdown by kind (matmul, attention, Triton, elementwise, ...).
@@ -181,20 +181,24 @@ def measure_peak_tflops(device: torch.device, dtype: torch.dtype, size: int) -> 
     return 2.0 * size**3 / statistics.median(timer.times()) / 1e12
 
 
-def count_flops(recipe, model_name: str, args, device: torch.device, dtype) -> float:
-    """torch.utils.flop_counter's FLOPs for one image's training step (batch 1, explicit attention matmuls so that
-    every device counts them; the counter ignores norms, activations and the optimizer, as the formula does)."""
+def flop_check(recipe, model_name: str, args, device: torch.device, dtype) -> dict:
+    """torch.utils.flop_counter's count of one image's training step beside the formula's, for the same pass (batch
+    1, the model built with the recipe's count_kwargs, e.g. explicit attention matmuls so that every device counts
+    them; forward only where the counter's backward is not comparable). Norms, activations and the optimizer count
+    in neither."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(args.seed)
-    kwargs = {**model_kwargs(args), "attn_impl": "math"}
-    model = recipe.build(model_name, "fastmim", **kwargs).to(device)
+    model = recipe.build(model_name, "fastmim", **{**model_kwargs(args), **recipe.count_kwargs}).to(device)
     imgs = torch.randn(1, 3, args.img_size, args.img_size, device=device)
     with FlopCounterMode(display=False) as counter:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = model(imgs)[0]
-        loss.backward()
-    return float(counter.get_total_flops())
+        if recipe.count_backward:
+            loss.backward()
+    formula = recipe.flops(model, forward_only=not recipe.count_backward)
+    return {"pass": "fwd+bwd" if recipe.count_backward else "fwd", "formula_gflop": float(f"{formula / 1e9:.5g}"),
+            "counted_gflop": float(f"{counter.get_total_flops() / 1e9:.5g}")}  # fmt: skip
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -427,8 +431,7 @@ def main(argv=None) -> int:
     common["peak_tflops"] = args.peak_tflops or common["peak_tflops_measured"]
     common["peak_source"] = "given" if args.peak_tflops else "measured"
     if not args.no_flop_count:
-        counted = count_flops(recipe, model_name, args, device, dtype)
-        common["gflop_per_img_counted"] = float(f"{counted / 1e9:.5g}")
+        common["flop_check"] = flop_check(recipe, model_name, args, device, dtype)
         release(device)
     next_batch, data_desc = make_batches(args, device)
     common["data"] = data_desc

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
+SPARSE_BACKENDS = ("auto", "fastmim", "dense_masked")
 
 
 @dataclass
@@ -30,8 +31,15 @@ class PretrainConfig:
     attn_impl: str = field(default="auto", metadata={"help": "auto, sdpa, flash or math"})
     fused_ops: bool = field(default=True, metadata={"help": "fastmim.ops fused kernels (--no-fused-ops: reference)"})
     # Mask + Target
-    mask_ratio: float = field(default=0.75, metadata={"help": "fraction of patches removed, in (0, 1)"})
-    mask_type: str = field(default="random", metadata={"help": "random (MAE) or block (BEiT-style)"})
+    mask_ratio: float | None = field(
+        default=None,
+        metadata={"help": "fraction of patches removed, in (0, 1) (None: the model's, MAE 0.75, FCMAE 0.6)"},
+    )
+    mask_type: str = field(default="random", metadata={"help": "random (MAE) or block (BEiT-style, MAE only)"})
+    sparse_backend: str = field(
+        default="auto",
+        metadata={"help": "FCMAE encoder: auto (fastmim on CUDA, dense_masked on CPU), fastmim, dense_masked"},
+    )
     norm_pix_loss: bool = field(default=True, metadata={"help": "normalise target patches (MAE norm-pix)"})
     # data
     data_path: str | None = field(default=None, metadata={"help": "image folder (None: built-in sample photos)"})
@@ -62,7 +70,10 @@ class PretrainConfig:
         """Raises ValueError naming the first bad value."""
         from fastmim.masking.random import check_mask_ratio
 
-        check_mask_ratio(self.mask_ratio)
+        if self.mask_ratio is not None:
+            check_mask_ratio(self.mask_ratio)
+        if self.sparse_backend not in SPARSE_BACKENDS:
+            raise ValueError(f"sparse_backend must be one of {SPARSE_BACKENDS}, got {self.sparse_backend!r}")
         positive = ("img_size", "epochs", "batch_size", "accum_iter", "log_interval", "vis_interval")
         for name in positive:
             if getattr(self, name) < 1:

@@ -92,20 +92,30 @@ def build_dataset(cfg: PretrainConfig):
 
 
 def build_model(cfg: PretrainConfig, device: torch.device):
+    """The recipe named by cfg.model (mae_* or fcmae_*) with the config's overrides."""
     import fastmim
-    from fastmim.methods.mae import MaskedAutoencoderViT
 
-    kwargs = dict(img_size=cfg.img_size, mask_ratio=cfg.mask_ratio, mask_type=cfg.mask_type,
-                  norm_pix_loss=cfg.norm_pix_loss, attn_impl=cfg.attn_impl, fused_ops=cfg.fused_ops)  # fmt: skip
+    kwargs = dict(img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss, fused_ops=cfg.fused_ops)
+    if cfg.mask_ratio is not None:
+        kwargs["mask_ratio"] = cfg.mask_ratio
     for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         if getattr(cfg, k) is not None:
             kwargs[k] = getattr(cfg, k)
-    if not cfg.model.startswith("mae_"):
-        hint = f"; did you mean mae_{cfg.model}?" if f"mae_{cfg.model}" in fastmim.list_models() else ""
-        raise UsageError(f"model {cfg.model!r} is not a pretraining recipe (the MAE models are mae_*){hint}")
-    model = fastmim.create_model(cfg.model, **kwargs)
-    assert isinstance(model, MaskedAutoencoderViT)
-    return model.to(device)
+    if cfg.model.startswith("mae_"):
+        kwargs.update(mask_type=cfg.mask_type, attn_impl=cfg.attn_impl)
+    elif cfg.model.startswith("fcmae_"):
+        if cfg.decoder_num_heads is not None:
+            raise UsageError("--decoder-num-heads does not apply to FCMAE: its decoder is convolutional")
+        if cfg.mask_type != "random":
+            raise UsageError(f"FCMAE masks are random 32-px patches; --mask-type {cfg.mask_type} is for MAE models")
+        kwargs["sparse_backend"] = cfg.sparse_backend
+    else:
+        recipes = [f"{p}{cfg.model}" for p in ("mae_", "fcmae_") if f"{p}{cfg.model}" in fastmim.list_models()]
+        hint = f"; did you mean {' or '.join(recipes)}?" if recipes else ""
+        raise UsageError(
+            f"model {cfg.model!r} is not a pretraining recipe (MAE models are mae_*, FCMAE models fcmae_*){hint}"
+        )
+    return fastmim.create_model(cfg.model, **kwargs).to(device)
 
 
 def run(argv: list[str] | None = None) -> Path:

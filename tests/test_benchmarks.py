@@ -39,7 +39,8 @@ def test_throughput_all_modes_two_steps_on_cpu(tmp_path):
     for r in rows:
         assert r["img_per_s"] > 0 and 0 < r["mfu"] < 5 and r["step_ms_p20"] <= r["step_ms_p80"]
         assert r["device"] == "cpu" and r["torch"] and r["date"] and r["commit"] and r["data"] == "synthetic"
-        assert r["gflop_per_img"] == pytest.approx(r["gflop_per_img_counted"], rel=0.01)
+        assert r["flop_check"]["formula_gflop"] == pytest.approx(r["flop_check"]["counted_gflop"], rel=0.01)
+        assert r["flop_check"]["pass"] == "fwd+bwd" and r["flop_check"]["formula_gflop"] == r["gflop_per_img"]
         assert r["peak_source"] == "measured" and r["peak_tflops"] == r["peak_tflops_measured"] > 0
         prof = r["profile"]
         assert Path(prof["trace"]).exists() and json.loads(gzip.open(prof["trace"]).read())["traceEvents"]
@@ -243,3 +244,67 @@ def test_gpu_suite_script_is_valid_bash():
 
     proc = subprocess.run([bash, "-n", str(BENCH / "gpu_suite.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# --- FCMAE and the sparse ConvNeXt V2 encoder ---
+
+
+def test_throughput_fcmae_recipe_on_cpu(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    args = ["--recipe", "fcmae", "--model", "convnextv2_atto", "--img-size", "64", "--batch-size", "2", "--device",
+            "cpu", "--amp", "none", "--modes", "reference,fastmim", "--steps", "2", "--warmup", "1",
+            "--out", str(out)]  # fmt: skip
+    assert throughput.main(args) == 0
+    rows = read_rows(out)
+    assert [r["mode"] for r in rows] == ["reference", "fastmim"] and rows[0]["model"] == "fcmae_convnextv2_atto"
+    # same weights and masks: the dense_masked reference and the sparse encoder train to the same loss
+    assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-4)
+    # the counter sees the rows backend's matmuls and the sparse depthwise conv (a registered formula); forward only
+    check = rows[1]["flop_check"]
+    assert check["pass"] == "fwd" and check["formula_gflop"] == pytest.approx(check["counted_gflop"], rel=0.01)
+
+
+def test_fcmae_flop_formula_matches_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastmim.masking import random_masking
+
+    for backend, visible in (("dense_masked", 1.0), ("fastmim", None)):
+        torch.manual_seed(0)
+        m = fastmim.create_model("fcmae_convnextv2_atto", img_size=96, decoder_embed_dim=64, sparse_backend=backend)
+        info = random_masking(1, 9, 0.6, generator=torch.Generator().manual_seed(0))
+        with FlopCounterMode(display=False) as fc:  # forward only: the counter's grouped-conv backward over-counts
+            m(torch.randn(1, 3, 96, 96), mask=info)
+        # dense_masked runs every conv densely: the formula at visible fraction 1 counts exactly that
+        formula = recipes.fcmae_flops_per_image(m, visible=visible, forward_only=True)
+        assert formula == pytest.approx(fc.get_total_flops(), rel=0.005)
+    # forward + backward: 3x the forward, except the stem's backward (no image gradient)
+    full, fwd = recipes.fcmae_flops_per_image(m), recipes.fcmae_flops_per_image(m, forward_only=True)
+    assert 2.9 * fwd < full < 3.0 * fwd
+
+
+def test_sparse_conv_benchmark_smoke_on_cpu(tmp_path):
+    import sparse_conv
+
+    out = tmp_path / "sc.jsonl"
+    args = ["--model", "convnextv2_atto", "--batch-size", "1", "--img-size", "64", "--ratios", "0,0.5", "--reps",
+            "1", "--warmup", "0", "--device", "cpu", "--amp", "none", "--out", str(out)]  # fmt: skip
+    assert sparse_conv.main(args) == 0
+    rows = read_rows(out)
+    assert [(r["backend"], r["mask_ratio"]) for r in rows] == [("dense", 0.0), ("dense_masked", 0.0), ("fastmim", 0.0),
+                                                               ("dense_masked", 0.5), ("fastmim", 0.5)]  # fmt: skip
+    assert [r["visible"] for r in rows] == [1.0, 1.0, 1.0, 0.5, 0.5]  # 2 of 4 patches
+    assert all(r["ms_median"] > 0 and r["device"] == "cpu" and r["commit"] for r in rows)
+    assert all(r["speedup_vs_dense_masked"] > 0 for r in rows if r["backend"] == "fastmim")
+    table = report.sparse_conv_table(rows)
+    assert table.count("| cpu | convnextv2_atto |") == 2
+
+
+def test_sparse_conv_benchmark_bad_arguments(capsys):
+    import sparse_conv
+
+    for args, message in ((["--ratios", "1.0"], "--ratios must lie in [0, 1)"), (["--backends", "mink"], "--backends"),
+                          (["--img-size", "100"], "multiple of 32")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            sparse_conv.main(["--model", "convnextv2_atto", "--device", "cpu", *args])
+        assert message in capsys.readouterr().err

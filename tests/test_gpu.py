@@ -77,7 +77,51 @@ def test_throughput_benchmark_on_cuda(tmp_path):
     for r in rows:
         assert r["device"].startswith("NVIDIA") and r["peak_mem_gb"] > 0 and r["img_per_s"] > 0
         assert r["peak_source"] == "measured" and r["peak_tflops"] > 50 and r["peak_measured_with"].startswith("bf16")
-        assert r["gflop_per_img"] == pytest.approx(r["gflop_per_img_counted"], rel=0.01)
+        assert r["flop_check"]["formula_gflop"] == pytest.approx(r["flop_check"]["counted_gflop"], rel=0.01)
+        assert r["flop_check"]["pass"] == "fwd+bwd" and r["flop_check"]["formula_gflop"] == r["gflop_per_img"]
         assert r["profile"]["device"] == "cuda" and "matmul" in r["profile"]["kinds_pct"]
     assert "fastmim.ops" in rows[1]["profile"]["kinds_pct"] and "fastmim.ops" not in rows[0]["profile"]["kinds_pct"]
     assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=2e-2)  # same masks; bf16 rounding apart
+
+
+def test_sparse_convnextv2_triton_backend_matches_dense_masked_on_cuda():
+    """The rows backend on CUDA (the Triton depthwise kernels) against the dense reference, fp32, values and grads."""
+    from fastmim.models.convnextv2_sparse import sparse_forward
+
+    torch.manual_seed(0)
+    model = fastmim.create_model("convnextv2_atto", head=False).cuda()
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    imgs = torch.randn(4, 3, 224, 224, device="cuda")
+    visible = torch.rand(4, 7, 7, device="cuda") > 0.6
+    results = []
+    for backend in ("dense_masked", "fastmim"):
+        model.zero_grad()
+        x = imgs.clone().requires_grad_(True)
+        out = sparse_forward(model, x, visible, backend)
+        (out * torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)).sum().backward()
+        results.append((out.detach(), x.grad, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (o1, gx1, g1), (o2, gx2, g2) = results
+    torch.testing.assert_close(o2, o1, rtol=2e-3, atol=2e-3)  # cuDNN's dense convs may use TF32
+    torch.testing.assert_close(gx2, gx1, rtol=2e-3, atol=2e-3)
+    for n in g1:
+        scale = g1[n].abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(g2[n] / scale, g1[n] / scale, rtol=2e-3, atol=2e-3, msg=n)
+
+
+def test_fcmae_bf16_training_step_on_cuda():
+    torch.manual_seed(0)
+    m = fastmim.create_model("fcmae_convnextv2_atto").cuda()
+    assert m.backend_for(torch.device("cuda")) == "fastmim"
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    imgs = torch.randn(8, 3, 224, 224, device="cuda")
+    losses = []
+    for _ in range(3):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, pred, mask = m(imgs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and pred.shape == (8, 49, 3072)
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)

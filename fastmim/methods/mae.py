@@ -17,21 +17,18 @@ from fastmim.masking.random import check_mask_ratio, num_visible
 from fastmim.models.pos_embed import sincos_2d
 from fastmim.models.registry import register_model
 from fastmim.models.vit import Block, VisionTransformer, init_weights, vit_sizes
-from fastmim.ops import gather_visible, masked_mse_loss, scatter_masked
+from fastmim.ops import gather_visible, scatter_masked
 from fastmim.ops.reference import (
     gather_visible_ref,
-    masked_mse_loss_ref,
-    patch_stats_ref,
-    patchify_ref,
     scatter_masked_ref,
-    unpatchify_ref,
 )
+from fastmim.targets import PixelTarget
 
 MASK_TYPES = ("random", "block")
 DECODER_KEYS = ("decoder_", "mask_token")  # state-dict prefixes that belong to the head, not the encoder
 
 
-class MaskedAutoencoderViT(VisionTransformer):
+class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
     """MAE with a ViT encoder (inherited, so its parameters keep timm's names) and a transformer decoder.
 
     Args:
@@ -93,14 +90,7 @@ class MaskedAutoencoderViT(VisionTransformer):
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token", "decoder_pos_embed"}
 
-    # --- Target ---
-    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, N, p*p*C]."""
-        return patchify_ref(imgs, self.patch_size)
-
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, N, p*p*C] -> [B, C, H, W]."""
-        return unpatchify_ref(x, self.patch_size, self.grid_size, self.in_chans)
+    # --- Target and loss: PixelTarget (patchify, unpatchify, forward_loss, reconstruct) ---
 
     # --- Mask ---
     def make_mask(self, batch: int, device: torch.device, mask_ratio: float | None = None) -> MaskInfo:
@@ -138,12 +128,7 @@ class MaskedAutoencoderViT(VisionTransformer):
         x = self.decoder_pred(self.decoder_norm(x))  # [B, 1 + N, p*p*C]
         return x[:, 1:, :]
 
-    # --- Loss ---
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean over masked patches of the per-patch MSE against (norm-pix) targets; computed in fp32."""
-        loss_fn = masked_mse_loss if self.fused_ops else masked_mse_loss_ref
-        return loss_fn(pred, imgs, mask, self.patch_size, norm_pix=self.norm_pix_loss)
-
+    # --- Forward ---
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: MaskInfo | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -160,16 +145,6 @@ class MaskedAutoencoderViT(VisionTransformer):
         pred = self.forward_decoder(latent, mask.ids_restore)
         loss = self.forward_loss(imgs, pred, mask.mask)
         return loss, pred, mask.mask
-
-    @torch.no_grad()
-    def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        """Prediction [B, N, p*p*C] back in the images' (normalised) pixel space: norm-pix is undone with each target
-        patch's own mean and std, as MAE's visualisation does. Returns [B, C, H, W]."""
-        pred = pred.float()
-        if self.norm_pix_loss:
-            mean, std = patch_stats_ref(self.patchify(imgs.float()))
-            pred = pred * std + mean
-        return self.unpatchify(pred)
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's weights alone (no decoder, no mask token): loads into timm's VisionTransformer."""

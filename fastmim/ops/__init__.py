@@ -15,11 +15,14 @@ from fastmim.ops.reference import (
     patch_stats_ref,
     patchify_ref,
     scatter_masked_ref,
+    sparse_dwconv_ref,
     unpatchify_ref,
 )
+from fastmim.ops.sparse_conv import SparseLayout, sparse_dwconv
 from fastmim.ops.tokens import gather_visible, scatter_masked
 
 __all__ = [
+    "SparseLayout",
     "gather_visible",
     "gather_visible_ref",
     "masked_mse_loss",
@@ -31,6 +34,8 @@ __all__ = [
     "patchify_ref",
     "scatter_masked",
     "scatter_masked_ref",
+    "sparse_dwconv",
+    "sparse_dwconv_ref",
     "unpatchify",
     "unpatchify_ref",
 ]

@@ -2,7 +2,8 @@
 
 Auto choice: CUDA tensors -> Triton, CPU tensors -> ``fastmim._C``, anything else (or a dtype the kernels do not
 take) -> the PyTorch reference. ``FASTMIM_BACKEND=triton|cpp|torch`` forces one; with ``TRITON_INTERPRET=1`` (set
-before triton is imported) the Triton kernels also run on CPU tensors, which is how CI tests them.
+before triton is imported) the Triton kernels also run on CPU tensors, which is how CI tests them. Ops in
+``NO_CPP_KERNEL`` run the reference where the C++ backend would be chosen (or forced).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ BACKENDS = ("triton", "cpp", "torch")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # dtype codes of fastmim._C
 CPP_DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# ops with no fastmim._C kernel yet: "cpp" (chosen or forced) runs their reference instead
+NO_CPP_KERNEL = frozenset({"sparse_dwconv"})
 
 
 @functools.cache
@@ -81,13 +84,13 @@ def choose_backend(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...
             why = f"its kernels take float32, bfloat16 and float16, not {', '.join(map(str, dtypes))}"
         if why:
             raise RuntimeError(f"{op}: FASTMIM_BACKEND={forced} cannot run here: {why}")
-        return forced
+        return "torch" if forced == "cpp" and op in NO_CPP_KERNEL else forced
     if not kernel_dtypes:
         return "torch"
     if device.type == "cuda" and _triton_problem(device) is None:
         return "triton"
     if device.type == "cpu" and _cpp_problem(device) is None:
-        return "cpp"
+        return "torch" if op in NO_CPP_KERNEL else "cpp"
     return "torch"
 
 
@@ -160,3 +163,14 @@ def eager_function(
 
     bwd = backward if differentiable_backward else torch.autograd.function.once_differentiable(backward)
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
+
+
+def use_custom_op() -> bool:
+    """True when a call must go through the registered custom op rather than the lower-overhead eager
+    ``autograd.Function``: while torch.compile traces, and while a dispatch mode is active (FlopCounterMode,
+    FakeTensorMode, ...), so that such modes see ``torch.ops.fastmim.*`` and their registered formulas."""
+    if torch.compiler.is_compiling():
+        return True
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is not None

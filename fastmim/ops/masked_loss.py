@@ -17,6 +17,7 @@ from fastmim.ops._dispatch import (
     choose_backend,
     eager_function,
     forced_backend,
+    use_custom_op,
 )
 from fastmim.ops.reference import masked_mse_loss_patchified_ref, masked_mse_loss_ref, patch_stats_ref, patchify_ref
 
@@ -144,7 +145,7 @@ _MaskedLoss = eager_function(
 
 
 def _call(*args) -> torch.Tensor:
-    return (_masked_loss_op(*args) if torch.compiler.is_compiling() else _MaskedLoss.apply(*args))[0]
+    return (_masked_loss_op(*args) if use_custom_op() else _MaskedLoss.apply(*args))[0]
 
 
 def _validate(op: str, pred, target, mask, norm_pix: bool, eps: float, p: int, target_name: str) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastmim.ops import _cpu
-from fastmim.ops._dispatch import check_patch_size, choose_backend, eager_function
+from fastmim.ops._dispatch import check_patch_size, choose_backend, eager_function, use_custom_op
 from fastmim.ops.reference import patchify_ref, unpatchify_ref
 
 
@@ -109,7 +109,7 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     h, w = imgs.shape[-2:]
     if h % patch_size or w % patch_size:
         raise ValueError(f"patchify: image size {h}x{w} is not divisible by the patch size {patch_size}")
-    return (_patchify_op if torch.compiler.is_compiling() else _Patchify.apply)(imgs, patch_size)
+    return (_patchify_op if use_custom_op() else _Patchify.apply)(imgs, patch_size)
 
 
 def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int], channels: int = 3) -> torch.Tensor:
@@ -128,4 +128,4 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int], channels
             f"unpatchify: x has shape {tuple(x.shape)}, expected [B, {gh * gw}, {patch_size * patch_size * channels}] "
             f"for grid {gh}x{gw}, patch {patch_size}, {channels} channels"
         )
-    return (_unpatchify_op if torch.compiler.is_compiling() else _Unpatchify.apply)(x, patch_size, gh, gw, channels)
+    return (_unpatchify_op if use_custom_op() else _Unpatchify.apply)(x, patch_size, gh, gw, channels)

@@ -148,3 +148,31 @@ def masked_mse_loss_ref(
     if pred.shape != target.shape:
         raise ValueError(f"pred has shape {tuple(pred.shape)}, the patchified images {tuple(target.shape)}")
     return masked_mse_loss_patchified_ref(pred, target, mask, norm_pix, eps, p)
+
+
+def sparse_dwconv_ref(
+    x: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Submanifold depthwise KxK convolution on the active pixels of a feature map, stored as rows (FCMAE's sparse
+    ConvNeXt): ``out[r, c] = bias[c] + sum_t weight[c, 0, t // K, t % K] * x[nbr[t, r], c]``, taps with
+    ``nbr = -1`` (masked or outside the image) reading zero.
+
+    Equal to scattering the rows into a zero [B, C, H, W] map, ``F.conv2d(dense, weight, bias, padding=K // 2,
+    groups=C)`` and reading the result back at the active pixels.
+
+    Args:
+        x: [M, C] active rows.
+        nbr: [K*K, M] int row id of tap t's input pixel, -1 for none (``SparseLayout.neighbors``).
+        weight: [C, 1, K, K], a depthwise ``nn.Conv2d`` weight.
+        bias: optional [C].
+    Returns: [M, C] in x's dtype (computed in the promoted dtype of the inputs).
+    """
+    m, c = x.shape
+    kk = nbr.shape[0]
+    rows = torch.cat([x, x.new_zeros(1, c)])  # [M + 1, C]: row M is the zero every empty tap reads
+    taps = rows[torch.where(nbr < 0, m, nbr.long())]  # [K*K, M, C]
+    w = weight.reshape(c, kk).t().unsqueeze(1)  # [K*K, 1, C]
+    out = (taps * w).sum(0)  # [M, C]
+    if bias is not None:
+        out = out + bias
+    return out.to(x.dtype)

@@ -16,6 +16,7 @@ from fastmim.ops._dispatch import (
     check_ids,
     choose_backend,
     eager_function,
+    use_custom_op,
 )
 from fastmim.ops.reference import gather_visible_ref, scatter_masked_ref
 
@@ -105,7 +106,7 @@ def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     check_ids(op, "ids_keep", ids_keep, (x.shape[0], ids_keep.shape[1]), x.device)
     if ids_keep.shape[1] > x.shape[1]:
         raise ValueError(f"{op}: ids_keep keeps {ids_keep.shape[1]} tokens of {x.shape[1]}; ids must be distinct")
-    if torch.compiler.is_compiling():
+    if use_custom_op():
         return _gather_visible_op(x, ids_keep)
     return _GatherVisible.apply(x, ids_keep)
 
@@ -282,4 +283,4 @@ def scatter_masked(
             raise ValueError(f"{op}: cls_token has shape {tuple(cls_token.shape)}, expected [B, 1, D] or [1, 1, D]")
         cls_token = cls_token.reshape(-1, d)
     args = (x_vis, ids_restore, mask_token.reshape(d), pos_embed, cls_token)
-    return _scatter_masked_op(*args) if torch.compiler.is_compiling() else _ScatterMasked.apply(*args)
+    return _scatter_masked_op(*args) if use_custom_op() else _ScatterMasked.apply(*args)

@@ -43,7 +43,7 @@ class Trainer:
     info: DistInfo
     device: torch.device
     model: nn.Module  # what the step calls: possibly DDP- and compile-wrapped
-    raw_model: nn.Module  # the plain MaskedAutoencoderViT
+    raw_model: nn.Module  # the plain recipe model (MaskedAutoencoderViT, FCMAE)
     optimizer: torch.optim.Optimizer
     loader: torch.utils.data.DataLoader
     sampler: object
@@ -139,7 +139,8 @@ class Trainer:
         state = self.state_dict()  # collective: every rank takes part
         if self.info.is_main:
             ckpt.save_checkpoint(self.output_dir / ckpt.CHECKPOINT_NAME, state)
-            meta = {"model": self.cfg.model, "step": str(self.pos.step), "format": "timm VisionTransformer"}
+            fmt = "timm ConvNeXt" if self.cfg.model.startswith("fcmae_") else "timm VisionTransformer"
+            meta = {"model": self.cfg.model, "step": str(self.pos.step), "format": fmt}
             ckpt.save_encoder(self.output_dir / "encoder.safetensors", self.raw_model.encoder_state_dict(), meta)
             save_yaml(self.cfg, self.output_dir / "config.yaml")
         barrier(self.info)

@@ -19,7 +19,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastmim.ops.triton import masked_loss, patchify, tokens  # noqa: E402
+from fastmim.ops.triton import masked_loss, patchify, sparse_conv, tokens  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -60,6 +60,17 @@ def specs():
     for to_patches, dt in itertools.product((True, False), ("fp32", "bf16")):
         yield patchify._patch_copy_kernel, {"img_ptr": dt, "pat_ptr": dt}, {"TO_PATCHES": to_patches, "BLOCK_P": 4,
                                                                               "BLOCK_D": 1024}  # fmt: skip
+    # sparse_dwconv (ConvNeXt's K=7): forward with bias in every dtype mix, without bias, grad_x (FLIP, no bias)
+    fwd = [(False, True, x, w) for x, w in (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"))]
+    fwd += [(False, False, "fp32", "fp32"), (True, False, "bf16", "fp32"), (True, False, "fp16", "fp16")]
+    for flip, has_bias, x, w in fwd:
+        ptrs = {"x_ptr": x, "nbr_ptr": "i32", "w_ptr": w, "b_ptr": w, "out_ptr": x}
+        consts = {"K": 7, "FLIP": flip, "HAS_BIAS": has_bias, "BLOCK_M": 32, "BLOCK_C": 128}
+        yield sparse_conv._sparse_dwconv_kernel, ptrs, consts
+    for k, dt in ((3, "fp32"), (7, "bf16")):
+        ptrs = {"g_ptr": dt, "x_ptr": dt, "nbr_ptr": "i32", "part_ptr": "fp32"}
+        consts = {"K": k, "KK_PAD": triton.next_power_of_2(k * k + 1), "BLOCK_M": 64, "BLOCK_C": 32}
+        yield sparse_conv._sparse_dwconv_wgrad_kernel, ptrs, consts
 
 
 def signature(kernel, ptrs: dict, consts: dict) -> dict:

@@ -1,0 +1,151 @@
+"""Sparse ConvNeXt V2 encoder: forward + backward time per backend and mask ratio, side by side in one process.
+
+    python benchmarks/sparse_conv.py                                  # ConvNeXtV2-Base, batch 64, on a GPU
+    python benchmarks/sparse_conv.py --model convnextv2_atto --batch-size 8 --device cpu --amp none
+
+For each mask ratio (default 0, 0.3, 0.6, 0.75, 0.9 of the 32-px patches removed, the same count per sample) and
+each backend of ``fastmim.models.convnextv2_sparse`` (``dense_masked``: the dense model times the mask after every
+layer, the reference; ``fastmim``: visible pixels only), times the encoder's forward + backward (a weighted sum of
+its output as the loss) and reports the median with p20/p80, peak memory (CUDA), the visible fraction, the time per
+visible fraction and the speedup over dense_masked at the same ratio. The dense model without a mask
+(``forward_features``) is the ``dense`` row. Never asserts anything: the targets live in the issue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import fastmim  # noqa: E402
+from benchmarks.common import environment, write_row  # noqa: E402
+from fastmim.models.convnextv2_sparse import BACKENDS, sparse_forward  # noqa: E402
+
+AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def patch_visible(batch: int, grid: tuple[int, int], ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """[B, gh, gw] bool: exactly round(L * (1 - ratio)) visible patches per sample, at random places."""
+    n = grid[0] * grid[1]
+    keep = round(n * (1.0 - ratio))
+    ids = torch.rand(batch, n, generator=generator).argsort(dim=1)[:, :keep]
+    visible = torch.zeros(batch, n, dtype=torch.bool)
+    visible.scatter_(1, ids, True)
+    return visible.view(batch, *grid)
+
+
+def timer(device: torch.device, reps: int, warmup: int):
+    """measure(fn) -> list of per-call seconds (CUDA events on a GPU, perf_counter on CPU), after warm-up calls."""
+
+    def measure(fn):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return times
+
+    return measure
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cuda = torch.cuda.is_available()
+    ap.add_argument("--model", default="convnextv2_base" if cuda else "convnextv2_atto")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: 64 on a GPU, 8 on CPU")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--ratios", default="0,0.3,0.6,0.75,0.9", help="comma-separated mask ratios in [0, 1)")
+    ap.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, from {', '.join(BACKENDS)}")
+    ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    ap.add_argument("--amp", choices=sorted(AMP), default="bf16" if cuda else "none")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 on GPU, 5 on CPU)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-dense", action="store_true", help="skip the unmasked dense row")
+    ap.add_argument("--out", default=None, help="append the JSON rows to this file")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not cuda:
+        ap.error(f"--device {args.device}: CUDA is not available here")
+    ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    if any(not 0.0 <= r < 1.0 for r in ratios):
+        ap.error(f"--ratios must lie in [0, 1), got {ratios}")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if any(b not in BACKENDS for b in backends):
+        ap.error(f"--backends must come from {BACKENDS}, got {backends}")
+    batch = args.batch_size or (64 if device.type == "cuda" else 8)
+    reps = args.reps or (20 if device.type == "cuda" else 5)
+    dtype = AMP[args.amp]
+    try:
+        model = fastmim.create_model(args.model, head=False).to(device)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.img_size % 32:
+        ap.error(f"--img-size must be a multiple of 32, got {args.img_size}")
+    grid = (args.img_size // 32, args.img_size // 32)
+    imgs = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
+    measure = timer(device, reps, args.warmup)
+    env = environment(device)
+    gen = torch.Generator().manual_seed(0)
+
+    def bench(run, **fields) -> dict:
+        def step():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                out = run()
+            out.float().square().mean().backward()
+            model.zero_grad(set_to_none=True)
+
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = measure(step)
+        q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
+        row = {"benchmark": "sparse_conv", "model": args.model, "batch_size": batch, "img_size": args.img_size,
+               "amp": args.amp, "pass": "fwd+bwd", **fields, "ms_median": round(statistics.median(times) * 1e3, 3),
+               "ms_p20": round(q[0] * 1e3, 3), "ms_p80": round(q[-1] * 1e3, 3)}  # fmt: skip
+        if device.type == "cuda":
+            row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        return row
+
+    rows = []
+    if not args.no_dense:
+        rows.append(bench(lambda: model.forward_features(imgs), backend="dense", mask_ratio=0.0, visible=1.0))
+    for ratio in ratios:
+        visible = patch_visible(batch, grid, ratio, gen).to(device)
+        frac = float(visible.float().mean())
+        for backend in backends:
+            row = bench(lambda b=backend, v=visible: sparse_forward(model, imgs, v, b), backend=backend,
+                        mask_ratio=ratio, visible=round(frac, 4))  # fmt: skip
+            row["ms_per_visible_fraction"] = round(row["ms_median"] / max(frac, 1e-9), 3)
+            rows.append(row)
+        ref = next((r for r in rows if r["backend"] == "dense_masked" and r["mask_ratio"] == ratio), None)
+        for r in rows:
+            if ref and r["mask_ratio"] == ratio and r["backend"] != "dense_masked" and r["backend"] != "dense":
+                r["speedup_vs_dense_masked"] = round(ref["ms_median"] / r["ms_median"], 3)
+    for r in rows:
+        line = f"  ratio {r['mask_ratio']:<5} {r['backend']:<13} {r['ms_median']:9.2f} ms"
+        if "speedup_vs_dense_masked" in r:
+            line += f"   {r['speedup_vs_dense_masked']:.2f}x vs dense_masked"
+        print(line, file=sys.stderr)
+        write_row({**r, **env}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""FCMAE (ConvNeXt V2): random patch mask + sparse ConvNeXt V2 + norm-pix target + a light ConvNeXt decoder.
+
+Mask: 32-px patches (a 7x7 grid at 224), 60% removed per sample (MAE's noise + argsort). Encoder: ConvNeXt V2 on
+the visible patches only (``fastmim.models.convnextv2_sparse``: "fastmim" rows backend or the "dense_masked"
+reference). Head: a 1x1 projection to the decoder width, mask tokens at the removed positions, ``decoder_depth``
+dense ConvNeXt V2 blocks and a 1x1 conv to the patch pixels. Loss: MSE against norm-pix targets on the removed
+patches (``fastmim.ops.masked_mse_loss``, read straight from the images). The encoder keeps timm's parameter names;
+the rest keeps the official implementation's (``proj``, ``mask_token``, ``decoder``, ``pred``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from fastmim.masking import MaskInfo, random_masking
+from fastmim.masking.random import check_mask_ratio
+from fastmim.models.convnextv2 import Block, ConvNeXtV2, convnextv2_sizes
+from fastmim.models.convnextv2_sparse import BACKENDS, sparse_forward
+from fastmim.models.registry import register_model
+from fastmim.targets import PixelTarget
+
+ENCODER_HEAD_KEYS = ("head.norm.weight", "head.norm.bias")
+
+
+class FCMAE(PixelTarget, nn.Module):
+    """Fully convolutional masked autoencoder on ConvNeXt V2.
+
+    Args:
+        img_size: input side (or (H, W)), divisible by patch_size.
+        patch_size: mask patch side in pixels: the encoder's total stride (32), one patch per last-stage pixel.
+        in_chans, depths, dims, drop_path_rate: the ConvNeXt V2 encoder.
+        decoder_embed_dim, decoder_depth: decoder width and blocks (official: 512, 1).
+        mask_ratio: fraction of patches removed per sample (official 0.6).
+        norm_pix_loss: normalise each target patch by its mean and std.
+        sparse_backend: "fastmim" (visible pixels only) or "dense_masked" (the dense reference); "auto" picks
+            "fastmim" for CUDA inputs and "dense_masked" on CPU, where the dense kernels are the faster ones.
+        fused_ops: the loss through fastmim.ops (False: the plain reference, same value).
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 32,
+        in_chans: int = 3,
+        depths: tuple[int, ...] = (3, 3, 9, 3),
+        dims: tuple[int, ...] = (96, 192, 384, 768),
+        drop_path_rate: float = 0.0,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 1,
+        mask_ratio: float = 0.6,
+        norm_pix_loss: bool = True,
+        sparse_backend: str = "auto",
+        fused_ops: bool = True,
+    ):
+        super().__init__()
+        check_mask_ratio(mask_ratio)
+        if sparse_backend not in (*BACKENDS, "auto"):
+            raise ValueError(f"sparse_backend must be one of {(*BACKENDS, 'auto')}, got {sparse_backend!r}")
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.encoder = ConvNeXtV2(in_chans, depths, dims, drop_path_rate, head=False)
+        stride = self.encoder.stride
+        if patch_size != stride:  # the decoder predicts one patch per last-stage pixel, as in the official code
+            raise ValueError(f"patch_size must equal the encoder's total stride {stride}, got {patch_size}")
+        if any(s % patch_size for s in self.img_size):
+            raise ValueError(f"image size {self.img_size} is not divisible by the patch size {patch_size}")
+        self.patch_size, self.in_chans = patch_size, in_chans
+        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.mask_ratio = float(mask_ratio)
+        self.norm_pix_loss = norm_pix_loss
+        self.sparse_backend = sparse_backend
+        self.fused_ops = fused_ops
+        # --- Head: projection, mask tokens, ConvNeXt V2 decoder blocks, per-patch pixel prediction ---
+        self.proj = nn.Conv2d(dims[-1], decoder_embed_dim, kernel_size=1)
+        self.mask_token = nn.Parameter(torch.zeros(1, decoder_embed_dim, 1, 1))
+        self.decoder = nn.Sequential(*[Block(decoder_embed_dim) for _ in range(decoder_depth)])
+        self.pred = nn.Conv2d(decoder_embed_dim, patch_size**2 * in_chans, kernel_size=1)
+        self._init_head()
+
+    def _init_head(self) -> None:
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in (self.proj, self.decoder, self.pred):
+            for mod in m.modules():
+                if isinstance(mod, nn.Conv2d | nn.Linear):
+                    nn.init.trunc_normal_(mod.weight, std=0.02)
+                    nn.init.zeros_(mod.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token"}
+
+    def backend_for(self, device: torch.device) -> str:
+        if self.sparse_backend != "auto":
+            return self.sparse_backend
+        return "fastmim" if device.type == "cuda" else "dense_masked"
+
+    # --- Mask ---
+    def make_mask(self, batch: int, device: torch.device, mask_ratio: float | None = None) -> MaskInfo:
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        return random_masking(batch, self.num_patches, ratio, device=device)
+
+    # --- Encoder ---
+    def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W], mask [B, L] (1 = removed) -> [B, dims[-1], H/32, W/32], zero at removed patches."""
+        visible = (mask < 0.5).view(-1, *self.grid_size)
+        return sparse_forward(self.encoder, imgs, visible, self.backend_for(imgs.device))
+
+    # --- Head ---
+    def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] -> predicted patches [B, L, p*p*C] (MAE's (p, q, c) order)."""
+        x = self.proj(latent)  # [B, Dd, gh, gw]
+        m = mask.view(x.shape[0], 1, *self.grid_size).to(x.dtype)
+        x = x * (1.0 - m) + self.mask_token.to(x.dtype) * m
+        x = self.pred(self.decoder(x))  # [B, p*p*C, gh, gw]
+        return x.flatten(2).transpose(1, 2)  # [B, L, p*p*C], a view
+
+    # --- Target and loss: PixelTarget (patchify, unpatchify, forward_loss, reconstruct) ---
+
+    # --- Forward ---
+    def forward(
+        self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: MaskInfo | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (loss, pred [B, L, p*p*C], mask [B, L] with 1 = removed)."""
+        if imgs.dim() != 4 or tuple(imgs.shape[1:]) != (self.in_chans, *self.img_size):
+            raise ValueError(f"expected images [B, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]}], "
+                             f"got {tuple(imgs.shape)}")  # fmt: skip
+        if mask is None:
+            mask = self.make_mask(imgs.shape[0], imgs.device, mask_ratio)
+        latent = self.forward_encoder(imgs, mask.mask)
+        pred = self.forward_decoder(latent, mask.mask)
+        return self.forward_loss(imgs, pred, mask.mask), pred, mask.mask
+
+    # --- Export ---
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder alone with timm's names; loads into ``timm.create_model("convnextv2_<size>", num_classes=0)``.
+        timm's classifier-head LayerNorm, which pretraining never uses, is included at its initial values (ones,
+        zeros) so the load is strict."""
+        state = {k.removeprefix("encoder."): v for k, v in self.state_dict().items() if k.startswith("encoder.")}
+        dim = self.encoder.num_features
+        ref = state["stem.0.weight"]
+        state[ENCODER_HEAD_KEYS[0]] = torch.ones(dim, dtype=ref.dtype, device=ref.device)
+        state[ENCODER_HEAD_KEYS[1]] = torch.zeros(dim, dtype=ref.dtype, device=ref.device)
+        return state
+
+
+def _fcmae(size: str, **kwargs) -> FCMAE:
+    return FCMAE(**{**convnextv2_sizes()[size], **kwargs})
+
+
+for _size in convnextv2_sizes():
+    register_model(f"fcmae_convnextv2_{_size}", functools.partial(_fcmae, _size))

@@ -1,0 +1,147 @@
+"""ConvNeXt V2 on masked input, where masked regions cost nothing (FCMAE's sparse encoder).
+
+``sparse_forward(model, imgs, visible, backend)`` runs a dense ``ConvNeXtV2``'s own modules on the visible patches
+only; every backend computes the same function (SparK's and FCMAE's semantics: each layer's output is kept at visible
+positions and is zero at masked ones, and masked inputs read as zero):
+
+- ``dense_masked``: the reference. Dense ops on the whole image, then masked positions set to zero after every layer
+  whose output would be non-zero there (convs, LayerNorm, the pointwise layers, GRN). Cost: the dense model.
+- ``fastmim``: the visible pixels of each stage as rows [M, C] (``fastmim.ops.SparseLayout``). The stem and the 2x2
+  downsampling convs are matmuls on the patches of active pixels only; the depthwise 7x7 conv is
+  ``fastmim.ops.sparse_dwconv`` (active outputs only, masked taps read as zero; Triton on GPUs); LayerNorm, the
+  pointwise MLP and GRN (its global statistic over each sample's visible pixels) run on the rows. Cost: proportional
+  to the visible fraction.
+
+Masks are patch-structured: a patch of P pixels (P a multiple of the model's total stride, 32) is P/4 x P/4 pixels
+at stage 0, P/8 at stage 1, ... , P/32 at the last stage, so a stage-i pixel is either wholly visible or wholly masked
+and the 2x2 downsampling never mixes the two.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmim.models.convnextv2 import Block, ConvNeXtV2, drop_path_keep
+from fastmim.ops import SparseLayout, sparse_dwconv
+
+BACKENDS = ("dense_masked", "fastmim")
+
+
+def stage_masks(visible: torch.Tensor, img_size: tuple[int, int], model: ConvNeXtV2) -> list[torch.Tensor]:
+    """The patch mask upsampled to each stage's resolution: a list of [B, H_i, W_i] bool (True = visible).
+
+    Raises:
+        ValueError: the mask grid does not tile the image into patches that are a multiple of the total stride.
+    """
+    if visible.dim() != 3 or visible.dtype != torch.bool:
+        raise ValueError(f"visible must be a bool mask [B, gh, gw], got {visible.dtype} {tuple(visible.shape)}")
+    (h, w), (gh, gw) = img_size, visible.shape[1:]
+    if gh == 0 or gw == 0 or h % gh or w % gw or (h // gh) % model.stride or (w // gw) % model.stride:
+        raise ValueError(
+            f"a {gh}x{gw} mask grid does not fit a {h}x{w} image: each patch must be a whole multiple of the "
+            f"encoder's total stride {model.stride} px (e.g. 32-px patches: a {h // 32}x{w // 32} grid)"
+        )
+    masks, scale = [], 4
+    for _ in model.stages:
+        fy, fx = h // gh // scale, w // gw // scale
+        masks.append(visible.repeat_interleave(fy, dim=1).repeat_interleave(fx, dim=2))
+        scale *= 2
+    return masks
+
+
+def sparse_forward(model: ConvNeXtV2, imgs: torch.Tensor, visible: torch.Tensor, backend: str = "fastmim"):
+    """Last-stage features [B, C, H/32, W/32] of ``imgs`` [B, C, H, W] seen through ``visible`` [B, gh, gw] (bool,
+    True = visible patch); zero at masked positions. ``backend``: "dense_masked" or "fastmim" (same values)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"sparse backend must be one of {BACKENDS}, got {backend!r}")
+    if imgs.dim() != 4 or imgs.shape[1] != model.in_chans:
+        raise ValueError(f"expected images [B, {model.in_chans}, H, W], got {tuple(imgs.shape)}")
+    if visible.shape[0] != imgs.shape[0]:
+        raise ValueError(f"the mask has {visible.shape[0]} samples, the images {imgs.shape[0]}")
+    masks = stage_masks(visible.to(imgs.device), tuple(imgs.shape[-2:]), model)
+    if backend == "dense_masked":
+        return _dense_masked(model, imgs, masks)
+    return _sparse_rows(model, imgs, masks)
+
+
+# --- dense_masked: the reference ------------------------------------------------------------------------------------
+
+
+def _dense_masked(model: ConvNeXtV2, imgs: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+    m = [mk.unsqueeze(1).to(imgs.dtype) for mk in masks]  # [B, 1, H_i, W_i], 1 = visible
+    x = model.stem[0](imgs) * m[0]
+    x = model.stem[1](x) * m[0]
+    for i, stage in enumerate(model.stages):
+        if not isinstance(stage.downsample, nn.Identity):
+            x = stage.downsample[0](x) * m[i - 1]
+            x = stage.downsample[1](x) * m[i]
+        mc = m[i].permute(0, 2, 3, 1)  # [B, H, W, 1]
+        for blk in stage.blocks:
+            x = _dense_masked_block(blk, x, m[i], mc)
+    return x
+
+
+def _dense_masked_block(blk: Block, x: torch.Tensor, m: torch.Tensor, mc: torch.Tensor) -> torch.Tensor:
+    y = (blk.conv_dw(x) * m).permute(0, 2, 3, 1)  # [B, H, W, C]
+    y = blk.norm(y) * mc
+    y = blk.mlp.act(blk.mlp.fc1(y) * mc)  # GELU(0) = 0
+    y = blk.mlp.grn(y) * mc  # masked positions are zero, so GRN's norm is over the visible ones
+    y = blk.mlp.fc2(y) * mc
+    return x + blk.drop_path(y.permute(0, 3, 1, 2))
+
+
+# --- fastmim: visible pixels as rows ---------------------------------------------------------------------------------
+
+
+def _sparse_rows(model: ConvNeXtV2, imgs: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+    b, c, h, w = imgs.shape
+    layouts = [SparseLayout.from_mask(mk) for mk in masks]
+    # stem: the 4x4 stride-4 conv at an active pixel is a matmul on its 4x4 image patch, in (c, ky, kx) order
+    stem_conv, stem_norm = model.stem[0], model.stem[1]
+    patches = imgs.reshape(b, c, h // 4, 4, w // 4, 4).permute(0, 2, 4, 1, 3, 5).reshape(b, h // 4, w // 4, c * 16)
+    x = F.linear(layouts[0].gather(patches), stem_conv.weight.flatten(1), stem_conv.bias)  # [M0, C0]
+    x = F.layer_norm(x, stem_norm.normalized_shape, stem_norm.weight, stem_norm.bias, stem_norm.eps)
+    for i, stage in enumerate(model.stages):
+        layout = layouts[i]
+        if not isinstance(stage.downsample, nn.Identity):
+            norm, conv = stage.downsample
+            x = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            x = _downsample_rows(x, layouts[i - 1], layout, conv)
+        if len(stage.blocks):
+            k = stage.blocks[0].conv_dw.kernel_size[0]
+            nbr = layout.neighbors(k)  # [k*k, M], shared by the stage's blocks, forward and backward
+        for blk in stage.blocks:
+            x = _rows_block(blk, x, nbr, layout.batch, b)
+    return layouts[-1].scatter(x).permute(0, 3, 1, 2)  # [B, C, H/32, W/32]
+
+
+def _downsample_rows(x: torch.Tensor, prev: SparseLayout, cur: SparseLayout, conv: nn.Conv2d) -> torch.Tensor:
+    """2x2 stride-2 conv at the active pixels of ``cur``: each reads the 2x2 block of ``prev`` rows below it (all
+    active, as masks are patch-aligned; a masked one would read as zero)."""
+    bsz, h2, w2 = prev.index.shape
+    blocks = prev.index.view(bsz, h2 // 2, 2, w2 // 2, 2).permute(0, 1, 3, 2, 4).reshape(bsz, h2 // 2, w2 // 2, 4)
+    ids = cur.gather(blocks).long()  # [M, 4] rows of prev in (ky, kx) order, -1 = masked
+    x_pad = torch.cat([x, x.new_zeros(1, x.shape[1])])  # row -1 reads the zero row
+    g = x_pad[ids].permute(0, 2, 1).reshape(ids.shape[0], -1)  # [M, C * 4] in (c, ky, kx) order
+    return F.linear(g, conv.weight.flatten(1), conv.bias)
+
+
+def _rows_block(blk: Block, x: torch.Tensor, nbr: torch.Tensor, batch: torch.Tensor, bsz: int) -> torch.Tensor:
+    y = sparse_dwconv(x, nbr, blk.conv_dw.weight, blk.conv_dw.bias)  # [M, C]
+    y = blk.mlp.act(blk.mlp.fc1(blk.norm(y)))
+    y = grn_rows(blk.mlp.grn, y, batch, bsz)
+    y = blk.mlp.fc2(y)
+    if blk.drop_path.p > 0.0 and blk.training:  # the same per-sample draw as the dense DropPath
+        y = y * drop_path_keep(bsz, blk.drop_path.p, y)[batch].unsqueeze(1)
+    return x + y
+
+
+def grn_rows(grn: nn.Module, y: torch.Tensor, batch: torch.Tensor, bsz: int) -> torch.Tensor:
+    """GRN on rows [M, C]: each sample's statistic over its own rows (its visible pixels)."""
+    sq = torch.zeros(bsz, y.shape[1], device=y.device, dtype=torch.float32)
+    sq = sq.index_add(0, batch, y.float().square())  # [B, C] sum of squares per sample and channel
+    gx = sq.clamp_min(1e-30).sqrt()  # clamp: a zero norm gets the zero subgradient, as vector_norm's does
+    nx = gx / (gx.mean(dim=-1, keepdim=True) + grn.eps)  # [B, C]
+    return y + torch.addcmul(grn.bias, grn.weight, y * nx[batch])

@@ -1,0 +1,202 @@
+"""Triton kernels for the submanifold sparse depthwise convolution (FCMAE's sparse ConvNeXt), forward and backward.
+
+Rows are the active pixels of a feature map, [M, C]; a neighbor table [K*K, M] gives the row each tap reads (-1: a
+masked or outside pixel, read as zero). The forward kernel also computes grad_x (the same convolution of grad_out
+with the kernel flipped, through the same symmetric table); a second kernel sums the weight and bias gradients over
+rows into fp32 partial sums per program. Loads are cast to fp32 (the interpreter has no bf16 arithmetic), stores
+round once. Ids are never trusted: an id outside [-1, M) gives a NaN output row (forward, grad_x) or is skipped
+(weight gradient), never an out-of-bounds access.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastmim.ops.triton._common import cast_for_store
+
+
+@triton.jit
+def _sparse_dwconv_kernel(
+    x_ptr,  # [M, C] input rows
+    nbr_ptr,  # [KK, M] int32, input row of each tap, -1 for none
+    w_ptr,  # [C, KK] taps per channel
+    b_ptr,  # [C] bias (if HAS_BIAS)
+    out_ptr,  # [M, C] contiguous
+    M,
+    C,
+    sx_m,
+    sx_c,
+    sn_t,
+    sn_m,
+    sw_c,
+    sw_t,
+    sb_c,
+    K: tl.constexpr,  # kernel size, KK = K * K taps
+    FLIP: tl.constexpr,  # tap t uses weight tap KK - 1 - t (grad_x)
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] output rows
+    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C] channels
+    rmask = r < M
+    cmask = c < C
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    nbad = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    nbr_row = nbr_ptr + r * sn_m  # [BLOCK_M] ids of tap 0, advanced one tap at a time (64-bit pointer arithmetic)
+    # kernel rows in a loop, the K taps of a row unrolled: K independent gathers in flight, and a 7x7 kernel
+    # compiles in seconds (all 49 taps unrolled take over a minute for sm_90)
+    for ky in range(K):
+        for kx in tl.static_range(K):
+            t = ky * K + kx
+            ids = tl.load(nbr_row, mask=rmask, other=-1).to(tl.int64)  # [BLOCK_M]
+            nbr_row += sn_t
+            hit = (ids >= 0) & (ids < M)
+            nbad += ((ids < -1) | (ids >= M)).to(tl.int32)
+            if FLIP:
+                wt = K * K - 1 - t
+            else:
+                wt = t
+            w = tl.load(w_ptr + c * sw_c + wt * sw_t, mask=cmask, other=0.0).to(tl.float32)  # [BLOCK_C]
+            src = x_ptr + tl.where(hit, ids, 0)[:, None] * sx_m + c[None, :] * sx_c
+            v = tl.load(src, mask=hit[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C]
+            acc += v * w[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c * sb_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    acc = tl.where((nbad > 0)[:, None], float("nan"), acc)
+    dst = out_ptr + r[:, None] * C + c[None, :]
+    tl.store(dst, cast_for_store(acc, out_ptr), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _sparse_dwconv_wgrad_kernel(
+    g_ptr,  # [M, C] gradient of the output
+    x_ptr,  # [M, C] input rows
+    nbr_ptr,  # [KK, M] int32
+    part_ptr,  # [P, KK + 1, C] fp32 partial sums of this program: rows < KK weight taps, row KK the bias
+    M,
+    C,
+    sg_m,
+    sg_c,
+    sx_m,
+    sx_c,
+    sn_t,
+    sn_m,
+    K: tl.constexpr,  # kernel size
+    KK_PAD: tl.constexpr,  # next power of two >= K * K + 1
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_p = tl.num_programs(0)
+    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    cmask = c < C
+    taps = tl.arange(0, KK_PAD)  # [KK_PAD]
+    # one accumulator row per tap (Triton has no arrays of tensors): each tap's column sum lands in its row
+    acc = tl.zeros((KK_PAD, BLOCK_C), dtype=tl.float32)
+    for blk in range(pid, tl.cdiv(M, BLOCK_M), num_p):  # persistent: row blocks pid, pid + P, ...
+        r = tl.arange(0, BLOCK_M).to(tl.int64) + blk * BLOCK_M  # [BLOCK_M]; blk * BLOCK_M < M < 2^31
+        rmask = r < M
+        g = tl.load(g_ptr + r[:, None] * sg_m + c[None, :] * sg_c, mask=rmask[:, None] & cmask[None, :], other=0.0)
+        g = g.to(tl.float32)  # [BLOCK_M, BLOCK_C], read once for all taps
+        acc += tl.where(taps[:, None] == K * K, tl.sum(g, axis=0)[None, :], 0.0)
+        nbr_row = nbr_ptr + r * sn_m  # [BLOCK_M], advanced one tap at a time as in the forward kernel
+        for ky in range(K):
+            for kx in tl.static_range(K):
+                t = ky * K + kx
+                ids = tl.load(nbr_row, mask=rmask, other=-1).to(tl.int64)
+                nbr_row += sn_t
+                hit = (ids >= 0) & (ids < M)
+                src = x_ptr + tl.where(hit, ids, 0)[:, None] * sx_m + c[None, :] * sx_c
+                v = tl.load(src, mask=hit[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                acc += tl.where(taps[:, None] == t, tl.sum(g * v, axis=0)[None, :], 0.0)
+    dst = part_ptr + (pid.to(tl.int64) * (K * K + 1) + taps[:, None]) * C + c[None, :]
+    tl.store(dst, acc, mask=(taps[:, None] <= K * K) & cmask[None, :])
+
+
+def _fwd_blocks(c: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_C): up to 128 channels a program, a [rows, C] tile of about 4096 fp32 accumulators."""
+    block_c = min(max(triton.next_power_of_2(max(c, 1)), 16), 128)
+    return max(16, min(128, 4096 // block_c)), block_c
+
+
+@functools.cache
+def _cuda_programs(index: int) -> int:
+    return 4 * torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs of the weight-gradient kernel in all: about 4 per SM on a GPU; few in the (sequential) interpreter."""
+    if device.type == "cuda":
+        return _cuda_programs(device.index if device.index is not None else torch.cuda.current_device())
+    return 2
+
+
+def sparse_dwconv(
+    x: torch.Tensor,
+    nbr: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    flip: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """[M, C] -> [M, C]: ``out[r] = bias + sum_t w[t] * x[nbr[t, r]]``; with ``flip`` tap t uses weight tap KK-1-t.
+
+    Args:
+        x: [M, C] rows (any strides).
+        nbr: [KK, M] int32.
+        weight: [C, 1, K, K].
+        bias: [C] or None.
+        flip: the flipped kernel (grad_x of the submanifold convolution).
+        out_dtype: dtype of the result, x's by default.
+    """
+    m, c = x.shape
+    kk = nbr.shape[0]
+    out = torch.empty((m, c), dtype=out_dtype or x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    w = weight.reshape(c, kk)  # [C, KK]
+    b = bias if bias is not None else w  # a dummy pointer when there is no bias
+    block_m, block_c = _fwd_blocks(c)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
+    _sparse_dwconv_kernel[grid](
+        x, nbr, w, b, out, m, c, *x.stride(), *nbr.stride(), *w.stride(), b.stride(0),
+        K=math.isqrt(kk), FLIP=flip, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c,
+    )  # fmt: skip
+    return out
+
+
+def sparse_dwconv_wgrad(
+    grad: torch.Tensor, x: torch.Tensor, nbr: torch.Tensor, programs: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias gradients: ``gw[c, t] = sum_r grad[r, c] * x[nbr[t, r], c]``, ``gb = grad.sum(0)``.
+
+    Args:
+        grad: [M, C] gradient of the output.
+        x: [M, C] the forward input.
+        nbr: [KK, M] int32.
+        programs: programs along M (default: about 4 per SM in all, split over the channel blocks).
+    Returns: gw [C, KK] fp32, gb [C] fp32.
+    """
+    m, c = x.shape
+    kk = nbr.shape[0]
+    if m == 0 or c == 0:
+        return torch.zeros((c, kk), dtype=torch.float32, device=x.device), x.new_zeros(c, dtype=torch.float32)
+    block_m = 64
+    block_c = min(max(triton.next_power_of_2(c), 16), 32)  # the accumulator is [next_pow2(KK + 1), BLOCK_C]
+    n_c = triton.cdiv(c, block_c)
+    if programs is None:
+        programs = _target_programs(x.device) // n_c
+    p = max(1, min(programs, triton.cdiv(m, block_m)))
+    part = torch.empty((p, kk + 1, c), dtype=torch.float32, device=x.device)  # [P, KK + 1, C]
+    _sparse_dwconv_wgrad_kernel[(p, n_c)](
+        grad, x, nbr, part, m, c, *grad.stride(), *x.stride(), *nbr.stride(),
+        K=math.isqrt(kk), KK_PAD=triton.next_power_of_2(kk + 1), BLOCK_M=block_m, BLOCK_C=block_c,
+    )  # fmt: skip
+    total = part.sum(0)  # [KK + 1, C]
+    return total[:kk].t().contiguous(), total[kk].clone()  # [C, KK], [C]: fresh tensors, no views
