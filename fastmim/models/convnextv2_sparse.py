@@ -98,6 +98,8 @@ def _dense_masked_block(blk: Block, x: torch.Tensor, m: torch.Tensor, mc: torch.
 def _sparse_rows(model: ConvNeXtV2, imgs: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
     b, c, h, w = imgs.shape
     layouts = [SparseLayout.from_mask(mk) for mk in masks]
+    counts = masks[-1].flatten(1).sum(1)  # visible last-stage pixels per sample (one host sync)
+    uniform = bool((counts == counts[0]).all())  # FCMAE: the same count in every sample
     # stem: the 4x4 stride-4 conv at an active pixel is a matmul on its 4x4 image patch, in (c, ky, kx) order
     stem_conv, stem_norm = model.stem[0], model.stem[1]
     patches = imgs.reshape(b, c, h // 4, 4, w // 4, 4).permute(0, 2, 4, 1, 3, 5).reshape(b, h // 4, w // 4, c * 16)
@@ -113,7 +115,7 @@ def _sparse_rows(model: ConvNeXtV2, imgs: torch.Tensor, masks: list[torch.Tensor
             k = stage.blocks[0].conv_dw.kernel_size[0]
             nbr = layout.neighbors(k)  # [k*k, M], shared by the stage's blocks, forward and backward
         for blk in stage.blocks:
-            x = _rows_block(blk, x, nbr, layout.batch, b)
+            x = _rows_block(blk, x, nbr, layout.batch, b, uniform)
     return layouts[-1].scatter(x).permute(0, 3, 1, 2)  # [B, C, H/32, W/32]
 
 
@@ -128,20 +130,28 @@ def _downsample_rows(x: torch.Tensor, prev: SparseLayout, cur: SparseLayout, con
     return F.linear(g, conv.weight.flatten(1), conv.bias)
 
 
-def _rows_block(blk: Block, x: torch.Tensor, nbr: torch.Tensor, batch: torch.Tensor, bsz: int) -> torch.Tensor:
+def _rows_block(
+    blk: Block, x: torch.Tensor, nbr: torch.Tensor, batch: torch.Tensor, bsz: int, uniform: bool
+) -> torch.Tensor:
     y = sparse_dwconv(x, nbr, blk.conv_dw.weight, blk.conv_dw.bias)  # [M, C]
     y = blk.mlp.act(blk.mlp.fc1(blk.norm(y)))
-    y = grn_rows(blk.mlp.grn, y, batch, bsz)
+    y = grn_rows(blk.mlp.grn, y, batch, bsz, uniform)
     y = blk.mlp.fc2(y)
     if blk.drop_path.p > 0.0 and blk.training:  # the same per-sample draw as the dense DropPath
         y = y * drop_path_keep(bsz, blk.drop_path.p, y)[batch].unsqueeze(1)
     return x + y
 
 
-def grn_rows(grn: nn.Module, y: torch.Tensor, batch: torch.Tensor, bsz: int) -> torch.Tensor:
-    """GRN on rows [M, C]: each sample's statistic over its own rows (its visible pixels)."""
-    sq = torch.zeros(bsz, y.shape[1], device=y.device, dtype=torch.float32)
-    sq = sq.index_add(0, batch, y.float().square())  # [B, C] sum of squares per sample and channel
+def grn_rows(grn: nn.Module, y: torch.Tensor, batch: torch.Tensor, bsz: int, uniform: bool = False) -> torch.Tensor:
+    """GRN on rows [M, C]: each sample's statistic over its own rows (its visible pixels).
+
+    Rows are in (sample, y, x) order, so with the same number of rows in every sample (``uniform``, as FCMAE's masks
+    give) the per-sample sums are a plain reduction over a [B, M / B, C] view; otherwise a scatter-add by sample."""
+    if uniform and bsz > 0 and y.shape[0] % bsz == 0:
+        sq = y.float().square().view(bsz, -1, y.shape[1]).sum(dim=1)  # [B, C], no atomics
+    else:
+        sq = torch.zeros(bsz, y.shape[1], device=y.device, dtype=torch.float32)
+        sq = sq.index_add(0, batch, y.float().square())  # [B, C] sum of squares per sample and channel
     gx = sq.clamp_min(1e-30).sqrt()  # clamp: a zero norm gets the zero subgradient, as vector_norm's does
     nx = gx / (gx.mean(dim=-1, keepdim=True) + grn.eps)  # [B, C]
     return y + torch.addcmul(grn.bias, grn.weight, y * nx[batch])

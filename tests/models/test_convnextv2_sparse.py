@@ -117,3 +117,23 @@ def test_bad_masks_name_the_problem():
         sparse_forward(model, imgs, torch.ones(2, 3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="sparse backend"):
         sparse_forward(model, imgs, torch.ones(1, 3, 3, dtype=torch.bool), "minkowski")
+
+
+def test_grn_rows_uniform_reduction_equals_the_scatter_add():
+    from fastmim.models.convnextv2 import GlobalResponseNorm
+    from fastmim.models.convnextv2_sparse import grn_rows
+
+    grn = GlobalResponseNorm(6)
+    grn.weight.data.normal_()
+    grn.bias.data.normal_()
+    y = torch.randn(12, 6, requires_grad=True)
+    batch = torch.arange(3).repeat_interleave(4)  # 4 rows per sample, in sample order
+    a = grn_rows(grn, y, batch, 3, uniform=True)
+    b = grn_rows(grn, y, batch, 3, uniform=False)
+    torch.testing.assert_close(a, b)
+    ga = torch.autograd.grad(a.square().sum(), y)[0]
+    gb = torch.autograd.grad(b.square().sum(), y)[0]
+    torch.testing.assert_close(ga, gb)
+    # and both equal the dense GRN of each sample's rows
+    dense = grn(y.detach().view(3, 4, 1, 6)).view(12, 6)
+    torch.testing.assert_close(a.detach(), dense, rtol=1e-5, atol=1e-6)
