@@ -114,6 +114,16 @@ PYBIND11_MODULE(_C, m) {
         "[B, C, H, W] -> [B, L, p*p*C], patch element (pi*p + qi)*C + c (any dtype).");
   m.def("unpatchify", &fastmim::unpatchify, nogil, py::arg("x_ptr"), py::arg("out_ptr"), py::arg("B"), py::arg("C"),
         py::arg("H"), py::arg("W"), py::arg("p"), py::arg("elem_size"), "The exact inverse of patchify.");
+  m.def("sparse_dwconv_forward", &fastmim::sparse_dwconv_forward, nogil, py::arg("x_ptr"), py::arg("nbr_ptr"),
+        py::arg("weight_ptr"), py::arg("bias_ptr"), py::arg("out_ptr"), py::arg("M"), py::arg("C"), py::arg("K"),
+        py::arg("x_dtype"), py::arg("weight_dtype"), py::arg("bias_dtype"), py::arg("out_dtype"), py::arg("flip"),
+        "Submanifold depthwise conv of rows x [M, C] through nbr [K*K, M] int32 (-1: zero): out [M, C] = bias + "
+        "sum_t weight[:, t] * x[nbr[t]] (weight [C, K*K], bias [C] or 0; flip: tap t uses weight tap K*K-1-t).");
+  m.def("sparse_dwconv_wgrad", &fastmim::sparse_dwconv_wgrad, nogil, py::arg("grad_ptr"), py::arg("x_ptr"),
+        py::arg("nbr_ptr"), py::arg("grad_weight_ptr"), py::arg("grad_bias_ptr"), py::arg("M"), py::arg("C"),
+        py::arg("K"), py::arg("grad_dtype"), py::arg("x_dtype"),
+        "Weight gradient [C, K*K] float32 (and bias gradient [C] float32, if its pointer is not 0) of "
+        "sparse_dwconv_forward for the output gradient grad [M, C].");
   m.def("num_threads", []() {
 #ifdef FASTMIM_OPENMP
     return omp_get_max_threads();

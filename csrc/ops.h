@@ -58,4 +58,17 @@ void patchify(uintptr_t img, uintptr_t out, int64_t B, int64_t C, int64_t H, int
 void unpatchify(uintptr_t x, uintptr_t out, int64_t B, int64_t C, int64_t H, int64_t W, int64_t p,
                 int64_t elem_size);
 
+// Submanifold sparse depthwise KxK convolution of active rows (FCMAE's sparse ConvNeXt V2). x [M, C], nbr [K*K, M]
+// int32 (input row of tap t for output row r, -1: none, reads zero; any other id outside [0, M) is an error),
+// weight [C, K*K], bias [C] (or 0), out [M, C] (dtype out_dtype): out[r, c] = bias[c] + sum_t w[c, t] *
+// x[nbr[t, r], c], in float. With flip, tap t uses weight tap K*K-1-t: grad_x, the table being symmetric.
+void sparse_dwconv_forward(uintptr_t x, uintptr_t nbr, uintptr_t weight, uintptr_t bias, uintptr_t out, int64_t M,
+                           int64_t C, int64_t K, int64_t x_dtype, int64_t w_dtype, int64_t b_dtype, int64_t out_dtype,
+                           bool flip);
+
+// grad_weight [C, K*K] float32 = sum_r grad[r, c] * x[nbr[t, r], c]; grad_bias [C] float32 (or 0) = sum_r grad[r, c].
+// grad, x [M, C] of their dtype codes.
+void sparse_dwconv_wgrad(uintptr_t grad, uintptr_t x, uintptr_t nbr, uintptr_t grad_weight, uintptr_t grad_bias,
+                         int64_t M, int64_t C, int64_t K, int64_t grad_dtype, int64_t x_dtype);
+
 }  // namespace fastmim

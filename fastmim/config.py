@@ -38,7 +38,7 @@ class PretrainConfig:
     mask_type: str = field(default="random", metadata={"help": "random (MAE) or block (BEiT-style, MAE only)"})
     sparse_backend: str = field(
         default="auto",
-        metadata={"help": "FCMAE encoder: auto (fastmim on CUDA, dense_masked on CPU), fastmim, dense_masked"},
+        metadata={"help": "FCMAE encoder: auto (fastmim where compiled kernels exist), fastmim, dense_masked"},
     )
     norm_pix_loss: bool = field(default=True, metadata={"help": "normalise target patches (MAE norm-pix)"})
     # data

@@ -95,18 +95,36 @@ def test_sparse_convnextv2_triton_backend_matches_dense_masked_on_cuda():
     imgs = torch.randn(4, 3, 224, 224, device="cuda")
     visible = torch.rand(4, 7, 7, device="cuda") > 0.6
     results = []
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # the dense reference's convs would otherwise round to TF32
     for backend in ("dense_masked", "fastmim"):
         model.zero_grad()
         x = imgs.clone().requires_grad_(True)
         out = sparse_forward(model, x, visible, backend)
         (out * torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)).sum().backward()
         results.append((out.detach(), x.grad, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.backends.cudnn.allow_tf32 = tf32
     (o1, gx1, g1), (o2, gx2, g2) = results
-    torch.testing.assert_close(o2, o1, rtol=2e-3, atol=2e-3)  # cuDNN's dense convs may use TF32
+    torch.testing.assert_close(o2, o1, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(gx2, gx1, rtol=2e-3, atol=2e-3)
     for n in g1:
         scale = g1[n].abs().max().clamp_min(1e-6)
         torch.testing.assert_close(g2[n] / scale, g1[n] / scale, rtol=2e-3, atol=2e-3, msg=n)
+
+
+def test_fcmae_bf16_sparse_loss_matches_dense_masked_on_cuda():
+    from fastmim.masking import random_masking
+
+    torch.manual_seed(0)
+    m = fastmim.create_model("fcmae_convnextv2_atto").cuda()
+    imgs = torch.randn(8, 3, 224, 224, device="cuda")
+    info = random_masking(8, 49, 0.6, device="cuda")
+    losses = {}
+    for backend in ("dense_masked", "fastmim"):
+        m.sparse_backend = backend
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            losses[backend] = m(imgs, mask=info)[0].item()
+    assert losses["fastmim"] == pytest.approx(losses["dense_masked"], rel=1e-2)
 
 
 def test_fcmae_bf16_training_step_on_cuda():

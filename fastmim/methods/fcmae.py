@@ -6,6 +6,12 @@ reference). Head: a 1x1 projection to the decoder width, mask tokens at the remo
 dense ConvNeXt V2 blocks and a 1x1 conv to the patch pixels. Loss: MSE against norm-pix targets on the removed
 patches (``fastmim.ops.masked_mse_loss``, read straight from the images). The encoder keeps timm's parameter names;
 the rest keeps the official implementation's (``proj``, ``mask_token``, ``decoder``, ``pred``).
+
+Where this differs from the official code (facebookresearch/ConvNeXt-V2), on purpose: GRN's statistic is taken per
+sample over its visible pixels, as the dense model computes it (the official MinkowskiGRN pools over the whole batch,
+a known upstream issue); weights start from timm's ConvNeXt initialisation (truncated normal, std 0.02) rather than
+the official FCMAE's std-1.0 re-initialisation; GRN parameters and the mask token get no weight decay (1-D
+parameters, as in timm's fine-tuning recipes).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import functools
 import torch
 from torch import nn
 
+from fastmim import _ext
 from fastmim.masking import MaskInfo, random_masking
 from fastmim.masking.random import check_mask_ratio
 from fastmim.models.convnextv2 import Block, ConvNeXtV2, convnextv2_sizes
@@ -36,7 +43,8 @@ class FCMAE(PixelTarget, nn.Module):
         mask_ratio: fraction of patches removed per sample (official 0.6).
         norm_pix_loss: normalise each target patch by its mean and std.
         sparse_backend: "fastmim" (visible pixels only) or "dense_masked" (the dense reference); "auto" picks
-            "fastmim" for CUDA inputs and "dense_masked" on CPU, where the dense kernels are the faster ones.
+            "fastmim" where its depthwise kernel is compiled (Triton on CUDA, the C++ extension on CPU), else
+            "dense_masked" (CPU without ``fastmim._C``: the pure-PyTorch sparse conv is slower than the dense one).
         fused_ops: the loss through fastmim.ops (False: the plain reference, same value).
     """
 
@@ -94,7 +102,9 @@ class FCMAE(PixelTarget, nn.Module):
     def backend_for(self, device: torch.device) -> str:
         if self.sparse_backend != "auto":
             return self.sparse_backend
-        return "fastmim" if device.type == "cuda" else "dense_masked"
+        if device.type == "cuda" or (device.type == "cpu" and _ext.available()):
+            return "fastmim"
+        return "dense_masked"
 
     # --- Mask ---
     def make_mask(self, batch: int, device: torch.device, mask_ratio: float | None = None) -> MaskInfo:

@@ -69,14 +69,19 @@ def sparse_forward(model: ConvNeXtV2, imgs: torch.Tensor, visible: torch.Tensor,
 # --- dense_masked: the reference ------------------------------------------------------------------------------------
 
 
+def _masked(y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """y with masked positions zeroed, in y's own dtype (a float mask of another dtype would promote bf16 to fp32)."""
+    return y * m.to(y.dtype)
+
+
 def _dense_masked(model: ConvNeXtV2, imgs: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
-    m = [mk.unsqueeze(1).to(imgs.dtype) for mk in masks]  # [B, 1, H_i, W_i], 1 = visible
-    x = model.stem[0](imgs) * m[0]
-    x = model.stem[1](x) * m[0]
+    m = [mk.unsqueeze(1) for mk in masks]  # [B, 1, H_i, W_i] bool, True = visible
+    x = _masked(model.stem[0](imgs), m[0])
+    x = _masked(model.stem[1](x), m[0])
     for i, stage in enumerate(model.stages):
         if not isinstance(stage.downsample, nn.Identity):
-            x = stage.downsample[0](x) * m[i - 1]
-            x = stage.downsample[1](x) * m[i]
+            x = _masked(stage.downsample[0](x), m[i - 1])
+            x = _masked(stage.downsample[1](x), m[i])
         mc = m[i].permute(0, 2, 3, 1)  # [B, H, W, 1]
         for blk in stage.blocks:
             x = _dense_masked_block(blk, x, m[i], mc)
@@ -84,11 +89,11 @@ def _dense_masked(model: ConvNeXtV2, imgs: torch.Tensor, masks: list[torch.Tenso
 
 
 def _dense_masked_block(blk: Block, x: torch.Tensor, m: torch.Tensor, mc: torch.Tensor) -> torch.Tensor:
-    y = (blk.conv_dw(x) * m).permute(0, 2, 3, 1)  # [B, H, W, C]
-    y = blk.norm(y) * mc
-    y = blk.mlp.act(blk.mlp.fc1(y) * mc)  # GELU(0) = 0
-    y = blk.mlp.grn(y) * mc  # masked positions are zero, so GRN's norm is over the visible ones
-    y = blk.mlp.fc2(y) * mc
+    y = _masked(blk.conv_dw(x), m).permute(0, 2, 3, 1)  # [B, H, W, C]
+    y = _masked(blk.norm(y), mc)
+    y = blk.mlp.act(_masked(blk.mlp.fc1(y), mc))  # GELU(0) = 0
+    y = _masked(blk.mlp.grn(y), mc)  # masked positions are zero, so GRN's norm is over the visible ones
+    y = _masked(blk.mlp.fc2(y), mc)
     return x + blk.drop_path(y.permute(0, 3, 1, 2))
 
 
@@ -126,14 +131,18 @@ def _downsample_rows(x: torch.Tensor, prev: SparseLayout, cur: SparseLayout, con
     blocks = prev.index.view(bsz, h2 // 2, 2, w2 // 2, 2).permute(0, 1, 3, 2, 4).reshape(bsz, h2 // 2, w2 // 2, 4)
     ids = cur.gather(blocks).long()  # [M, 4] rows of prev in (ky, kx) order, -1 = masked
     x_pad = torch.cat([x, x.new_zeros(1, x.shape[1])])  # row -1 reads the zero row
-    g = x_pad[ids].permute(0, 2, 1).reshape(ids.shape[0], -1)  # [M, C * 4] in (c, ky, kx) order
+    g = x_pad[ids].permute(0, 2, 1).reshape(ids.shape[0], x.shape[1] * 4)  # [M, C * 4] in (c, ky, kx) order
     return F.linear(g, conv.weight.flatten(1), conv.bias)
 
 
 def _rows_block(
     blk: Block, x: torch.Tensor, nbr: torch.Tensor, batch: torch.Tensor, bsz: int, uniform: bool
 ) -> torch.Tensor:
-    y = sparse_dwconv(x, nbr, blk.conv_dw.weight, blk.conv_dw.bias)  # [M, C]
+    if torch.is_autocast_enabled(x.device.type):  # as autocast casts the dense conv's input (the residual may be fp32)
+        x_in = x.to(torch.get_autocast_dtype(x.device.type))
+    else:
+        x_in = x
+    y = sparse_dwconv(x_in, nbr, blk.conv_dw.weight, blk.conv_dw.bias)  # [M, C]
     y = blk.mlp.act(blk.mlp.fc1(blk.norm(y)))
     y = grn_rows(blk.mlp.grn, y, batch, bsz, uniform)
     y = blk.mlp.fc2(y)
@@ -146,12 +155,16 @@ def grn_rows(grn: nn.Module, y: torch.Tensor, batch: torch.Tensor, bsz: int, uni
     """GRN on rows [M, C]: each sample's statistic over its own rows (its visible pixels).
 
     Rows are in (sample, y, x) order, so with the same number of rows in every sample (``uniform``, as FCMAE's masks
-    give) the per-sample sums are a plain reduction over a [B, M / B, C] view; otherwise a scatter-add by sample."""
+    give) the statistic is a norm over a [B, M / B, C] view, broadcast back without materialising it per row;
+    otherwise a scatter-add by sample. The norm is computed in fp32 (autocast runs the dense GRN's norm in fp32 too).
+    """
     if uniform and bsz > 0 and y.shape[0] % bsz == 0:
-        sq = y.float().square().view(bsz, -1, y.shape[1]).sum(dim=1)  # [B, C], no atomics
-    else:
-        sq = torch.zeros(bsz, y.shape[1], device=y.device, dtype=torch.float32)
-        sq = sq.index_add(0, batch, y.float().square())  # [B, C] sum of squares per sample and channel
+        yv = y.view(bsz, -1, y.shape[1])  # [B, R, C]
+        gx = torch.linalg.vector_norm(yv, ord=2, dim=1, keepdim=True, dtype=torch.float32)  # [B, 1, C]
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + grn.eps)
+        return (yv + torch.addcmul(grn.bias, grn.weight, yv * nx)).view(y.shape)
+    sq = torch.zeros(bsz, y.shape[1], device=y.device, dtype=torch.float32)
+    sq = sq.index_add(0, batch, y.float().square())  # [B, C] sum of squares per sample and channel
     gx = sq.clamp_min(1e-30).sqrt()  # clamp: a zero norm gets the zero subgradient, as vector_norm's does
     nx = gx / (gx.mean(dim=-1, keepdim=True) + grn.eps)  # [B, C]
     return y + torch.addcmul(grn.bias, grn.weight, y * nx[batch])

@@ -136,3 +136,60 @@ def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int], channels: int) ->
     out = torch.empty((x.shape[0], channels, gh * p, gw * p), dtype=x.dtype)
     _c().unpatchify(x.data_ptr(), out.data_ptr(), x.shape[0], channels, gh * p, gw * p, p, x.element_size())
     return out
+
+
+def _check_sparse(fn: str, x: torch.Tensor, nbr: torch.Tensor, k: int, *others: torch.Tensor | None) -> None:
+    """The buffer sizes the sparse conv kernels derive from x [M, C] and K: nbr must be [K*K, M] int32, every tensor
+    a CPU tensor of a kernel dtype (the pointers would otherwise be read past their end)."""
+    m = x.shape[0]
+    if nbr.dtype != torch.int32 or tuple(nbr.shape) != (k * k, m):
+        raise ValueError(f"{fn}: nbr must be [K*K, M] = [{k * k}, {m}] int32, got {tuple(nbr.shape)} {nbr.dtype}")
+    for t in (x, nbr, *others):
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"{fn}: the C++ kernels take CPU tensors, got one on {t.device}")
+        if t is not None and t is not nbr and t.dtype not in CPP_DTYPE:
+            raise ValueError(f"{fn}: the C++ kernels take float32, bfloat16 or float16, got {t.dtype}")
+
+
+def sparse_dwconv(
+    x: torch.Tensor,  # [M, C]
+    nbr: torch.Tensor,  # [KK, M] int32
+    weight: torch.Tensor,  # [C, 1, K, K]
+    bias: torch.Tensor | None,  # [C]
+    flip: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """[M, C] in ``out_dtype`` (x's by default): ``bias + sum_t w[:, t] * x[nbr[t]]``; ``flip``: tap t uses weight
+    tap KK-1-t (grad_x). Accumulates in fp32 whatever the input dtypes."""
+    m, c = x.shape
+    k = weight.shape[-1]
+    if tuple(weight.shape) != (c, 1, k, k) or (bias is not None and tuple(bias.shape) != (c,)):
+        raise ValueError(f"sparse_dwconv: weight must be [C, 1, K, K] and bias [C] for C = {c}")
+    _check_sparse("sparse_dwconv", x, nbr, k, weight, bias)
+    x, nbr, w = x.contiguous(), nbr.contiguous(), weight.reshape(c, k * k).contiguous()
+    b = bias.contiguous() if bias is not None else None
+    out = torch.empty((m, c), dtype=out_dtype or x.dtype)
+    _c().sparse_dwconv_forward(
+        x.data_ptr(), nbr.data_ptr(), w.data_ptr(), b.data_ptr() if b is not None else 0, out.data_ptr(), m, c, k,
+        CPP_DTYPE[x.dtype], CPP_DTYPE[w.dtype], CPP_DTYPE[b.dtype] if b is not None else 0, CPP_DTYPE[out.dtype], flip,
+    )  # fmt: skip
+    return out
+
+
+def sparse_dwconv_wgrad(
+    grad: torch.Tensor, x: torch.Tensor, nbr: torch.Tensor, k: int, need_bias: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """gw [C, K*K] fp32 ``= sum_r grad[r] * x[nbr[t, r]]`` and gb [C] fp32 ``= grad.sum(0)`` (None unless
+    ``need_bias``) for grad, x [M, C] and nbr [K*K, M] int32."""
+    m, c = x.shape
+    if tuple(grad.shape) != (m, c):
+        raise ValueError(f"sparse_dwconv_wgrad: grad has shape {tuple(grad.shape)}, x {tuple(x.shape)}")
+    _check_sparse("sparse_dwconv_wgrad", x, nbr, k, grad)
+    grad, x, nbr = grad.contiguous(), x.contiguous(), nbr.contiguous()
+    gw = torch.empty((c, k * k), dtype=torch.float32)
+    gb = torch.empty(c, dtype=torch.float32) if need_bias else None
+    _c().sparse_dwconv_wgrad(
+        grad.data_ptr(), x.data_ptr(), nbr.data_ptr(), gw.data_ptr(), gb.data_ptr() if need_bias else 0, m, c, k,
+        CPP_DTYPE[grad.dtype], CPP_DTYPE[x.dtype],
+    )  # fmt: skip
+    return gw, gb

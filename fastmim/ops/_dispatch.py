@@ -21,7 +21,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # dtype codes of fastmim._C
 CPP_DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # ops with no fastmim._C kernel yet: "cpp" (chosen or forced) runs their reference instead
-NO_CPP_KERNEL = frozenset({"sparse_dwconv"})
+NO_CPP_KERNEL: frozenset[str] = frozenset()
 
 
 @functools.cache

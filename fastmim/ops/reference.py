@@ -170,9 +170,14 @@ def sparse_dwconv_ref(
     m, c = x.shape
     kk = nbr.shape[0]
     rows = torch.cat([x, x.new_zeros(1, c)])  # [M + 1, C]: row M is the zero every empty tap reads
-    taps = rows[torch.where(nbr < 0, m, nbr.long())]  # [K*K, M, C]
-    w = weight.reshape(c, kk).t().unsqueeze(1)  # [K*K, 1, C]
-    out = (taps * w).sum(0)  # [M, C]
+    ids = torch.where(nbr < 0, m, nbr.long())  # [K*K, M]
+    w = weight.reshape(c, kk)  # [C, K*K]
+    out = None
+    for t in range(kk):  # one tap at a time: [M, C] memory, not [K*K, M, C]
+        term = rows.index_select(0, ids[t]) * w[:, t]
+        out = term if out is None else out + term
+    if out is None:  # K*K = 0 cannot happen (odd K); keeps the type checker honest
+        out = x.new_zeros(m, c)
     if bias is not None:
         out = out + bias
     return out.to(x.dtype)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fastmim.ops import _cpu
 from fastmim.ops._dispatch import check_device, check_float, choose_backend, eager_function, use_custom_op
 from fastmim.ops.reference import sparse_dwconv_ref
 
@@ -127,6 +128,8 @@ def _fwd(x: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor, bias: torch.T
     backend = choose_backend(_OP, x.device, _dtypes(x, weight, bias))
     if backend == "triton":
         return _triton_sparse_conv().sparse_dwconv(x, nbr, weight, bias)
+    if backend == "cpp":
+        return _cpu.sparse_dwconv(x, nbr, weight, bias)
     return sparse_dwconv_ref(x, nbr, weight, bias)
 
 
@@ -168,6 +171,13 @@ def _bwd(
             gx = kernels.sparse_dwconv(grad, nbr, weight, None, flip=True, out_dtype=x.dtype)
         if need_w:
             gw, gb = kernels.sparse_dwconv_wgrad(grad, x, nbr)
+        elif need_b:
+            gb = grad.float().sum(0)
+    elif backend == "cpp":
+        if need_x:  # the flipped kernel through the symmetric table, as Triton
+            gx = _cpu.sparse_dwconv(grad, nbr, weight, None, flip=True, out_dtype=x.dtype)
+        if need_w:
+            gw, gb = _cpu.sparse_dwconv_wgrad(grad, x, nbr, weight.shape[-1], need_bias=need_b)
         elif need_b:
             gb = grad.float().sum(0)
     else:

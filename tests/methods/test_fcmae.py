@@ -53,10 +53,15 @@ def test_backends_and_the_plain_loss_give_the_same_loss_and_gradients():
             torch.testing.assert_close(g / scale, results[0][1][n] / scale, rtol=1e-4, atol=1e-5, msg=n)
 
 
-def test_auto_backend_picks_by_device():
+def test_auto_backend_picks_the_compiled_sparse_kernels(monkeypatch):
+    from fastmim import _ext
+
     m = small_fcmae()
-    assert m.backend_for(torch.device("cpu")) == "dense_masked"
     assert m.backend_for(torch.device("cuda")) == "fastmim"
+    monkeypatch.setattr(_ext, "available", lambda: True)
+    assert m.backend_for(torch.device("cpu")) == "fastmim"
+    monkeypatch.setattr(_ext, "available", lambda: False)  # no fastmim._C: the dense kernels are faster
+    assert m.backend_for(torch.device("cpu")) == "dense_masked"
     m.sparse_backend = "fastmim"
     assert m.backend_for(torch.device("cpu")) == "fastmim"
 

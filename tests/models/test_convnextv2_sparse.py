@@ -137,3 +137,30 @@ def test_grn_rows_uniform_reduction_equals_the_scatter_add():
     # and both equal the dense GRN of each sample's rows
     dense = grn(y.detach().view(3, 4, 1, 6)).view(12, 6)
     torch.testing.assert_close(a.detach(), dense, rtol=1e-5, atol=1e-6)
+
+
+def test_an_all_masked_batch_gives_zeros_in_every_backend():
+    model = small_model()
+    visible = torch.zeros(2, 2, 2, dtype=torch.bool)
+    for backend in ("dense_masked", "fastmim"):
+        out = sparse_forward(model, torch.randn(2, 3, 64, 64), visible, backend)
+        assert out.shape == (2, 24, 2, 2) and (out == 0).all()
+
+
+def test_under_bf16_autocast_the_backends_agree_in_dtype_and_value():
+    """The reference must not promote activations to fp32 (a float mask of the images' dtype did), and the rows
+    backend must compute in the same precision."""
+    model = small_model()
+    imgs = torch.randn(2, 3, 96, 96)
+    visible = patch_mask(2, 3, 3, seed=5)
+    outs = {}
+    for backend in ("dense_masked", "fastmim"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[backend] = sparse_forward(model, imgs, visible, backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense = model.forward_features(imgs)
+    assert outs["dense_masked"].dtype == outs["fastmim"].dtype == dense.dtype
+    ref = sparse_forward(model, imgs, visible, "dense_masked")  # fp32
+    for out in outs.values():
+        err = (out.float() - ref).norm() / ref.norm()
+        assert err < 2e-2, err  # bf16 rounding through 5 blocks

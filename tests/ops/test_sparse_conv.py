@@ -14,19 +14,8 @@ from hypothesis import strategies as st
 from fastmim import _ext
 from fastmim.ops import SparseLayout, sparse_dwconv, sparse_dwconv_ref
 from fastmim.ops._dispatch import choose_backend
-from tests.ops.conftest import CASES, _skip_reason
+from tests.ops.conftest import _skip_reason
 from tests.ops.helpers import check_against_reference, compile_backend
-
-# this op has no C++ kernel ("cpp" runs the reference, see test_cpp_backend_runs_the_reference)
-SPARSE_CASES = [case for case in CASES if case.values[0][1] != "cpp"]
-
-
-@pytest.fixture(params=SPARSE_CASES)
-def backend(request, monkeypatch):
-    """(device, backend name) with FASTMIM_BACKEND forcing that backend for the test."""
-    device, name = request.param
-    monkeypatch.setenv("FASTMIM_BACKEND", name)
-    return torch.device(device), name
 
 
 def _active(b: int, h: int, w: int, kind: str, seed: int = 0) -> torch.Tensor:
@@ -216,18 +205,17 @@ def test_non_contiguous_inputs(backend):
     torch.testing.assert_close(gw, rw)
 
 
-def test_cpp_backend_runs_the_reference(monkeypatch):
-    """No C++ kernel yet: the "cpp" answer (auto on CPU, or forced) becomes the reference for this op."""
+def test_cpp_backend_is_chosen_on_cpu(monkeypatch):
+    """CPU tensors run the C++ kernels when fastmim._C is built (auto or forced), the reference when forced."""
     if not _ext.available():
         pytest.skip(f"fastmim._C not built ({_ext.load_error})")
     cpu = torch.device("cpu")
     monkeypatch.delenv("FASTMIM_BACKEND", raising=False)
+    assert choose_backend("sparse_dwconv", cpu, (torch.float32,)) == "cpp"
+    assert choose_backend("sparse_dwconv", cpu, (torch.bfloat16, torch.float32)) == "cpp"
+    assert choose_backend("sparse_dwconv", cpu, (torch.float64,)) == "torch"
+    monkeypatch.setenv("FASTMIM_BACKEND", "torch")
     assert choose_backend("sparse_dwconv", cpu, (torch.float32,)) == "torch"
-    assert choose_backend("gather_visible", cpu, (torch.float32,)) == "cpp"
-    monkeypatch.setenv("FASTMIM_BACKEND", "cpp")
-    assert choose_backend("sparse_dwconv", cpu, (torch.float32,)) == "torch"
-    _, _, inputs = _problem(1, 5, 7, 5, 3, "random", True, cpu)
-    check_against_reference(sparse_dwconv, sparse_dwconv_ref, inputs, "cpp")
 
 
 # ---- torch.library and torch.compile ---------------------------------------------------------------------------
@@ -374,3 +362,72 @@ def test_triton_kernels_are_memory_safe_on_bad_ids():
     gw, gb = kernels.sparse_dwconv_wgrad(torch.ones(4, 3), x, nbr)
     assert torch.isfinite(gw).all()
     torch.testing.assert_close(gw[:, 0], x[[0, 1]].sum(0))  # tap 0 reads rows 0 and 1; -1 and 9 are skipped
+
+
+# ---- the C++ kernels directly ----------------------------------------------------------------------------------
+
+
+def _cpp_or_skip():
+    why = _skip_reason("cpu", "cpp")
+    if why:
+        pytest.skip(why)
+    from fastmim.ops import _cpu
+
+    return _cpu
+
+
+@pytest.mark.parametrize("bad", [-2, 10**6, -(2**31)])
+def test_cpp_kernels_raise_on_bad_ids(bad):
+    """The Python id check runs first on CPU; the kernels check every id again and raise ValueError, never reading
+    out of bounds (also with no rows to write: C = 0)."""
+    _cpu = _cpp_or_skip()
+    _, _, (x, nbr, w, b) = _problem(2, 5, 7, 5, 3, "random", True, "cpu")
+    x, w, b = x.detach(), w.detach(), b.detach()
+    nbr = nbr.clone()
+    nbr[4, 3] = bad
+    msg = rf"nbr\[4, 3\] = {bad} is out of range \[-1, {x.shape[0]}\)"
+    with pytest.raises(ValueError, match="sparse_dwconv_forward: " + msg):
+        _cpu.sparse_dwconv(x, nbr, w, b)
+    with pytest.raises(ValueError, match="sparse_dwconv_forward: " + msg):
+        _cpu.sparse_dwconv(x, nbr, w, None, flip=True, out_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="sparse_dwconv_wgrad: " + msg):
+        _cpu.sparse_dwconv_wgrad(torch.randn_like(x), x, nbr, 3)
+    with pytest.raises(ValueError, match="sparse_dwconv_forward: " + msg):
+        _cpu.sparse_dwconv(x[:, :0], nbr, w[:0], None)
+    nbr[2, 1] = -7  # the first bad id in [t, r] order is reported
+    with pytest.raises(ValueError, match=r"nbr\[2, 1\] = -7 is out of range"):
+        _cpu.sparse_dwconv(x, nbr, w, b)
+
+
+def test_cpp_wrappers_check_shapes():
+    _cpu = _cpp_or_skip()
+    _, _, (x, nbr, w, b) = _problem(2, 5, 7, 5, 3, "random", True, "cpu")
+    x, w, b = x.detach(), w.detach(), b.detach()
+    with pytest.raises(ValueError, match=r"nbr must be \[K\*K, M\]"):
+        _cpu.sparse_dwconv(x, nbr[:, 1:], w, b)
+    with pytest.raises(ValueError, match=r"nbr must be \[K\*K, M\]"):
+        _cpu.sparse_dwconv(x, nbr.long(), w, b)
+    with pytest.raises(ValueError, match=r"weight must be \[C, 1, K, K\]"):
+        _cpu.sparse_dwconv(x, nbr, w[:4], b)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        _cpu.sparse_dwconv(x.double(), nbr, w, b)
+    with pytest.raises(ValueError, match="grad has shape"):
+        _cpu.sparse_dwconv_wgrad(x[1:], x, nbr, 3)
+    with pytest.raises(ValueError, match=r"nbr must be \[K\*K, M\] = \[25,"):
+        _cpu.sparse_dwconv_wgrad(x, x, nbr, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpp_weight_gradient_matches_reference(dtype):
+    """Many rows (several fixed-size chunks): the chunked fp32 sums match the fp32 reference, and gb = grad.sum(0)."""
+    _cpu = _cpp_or_skip()
+    from fastmim.ops.sparse_conv import _wgrad_ref
+
+    _, _, (x, nbr, _, _) = _problem(4, 31, 29, 24, 7, "random", False, "cpu", dtype=dtype)
+    assert x.shape[0] > 1000
+    x = x.detach()
+    grad = _randn(*x.shape, seed=9, grad=False).to(dtype)
+    gw, gb = _cpu.sparse_dwconv_wgrad(grad, x, nbr, 7)
+    torch.testing.assert_close(gw, _wgrad_ref(grad, x, nbr), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gb, grad.float().sum(0), rtol=1e-5, atol=1e-4)
+    assert _cpu.sparse_dwconv_wgrad(grad, x, nbr, 7, need_bias=False)[1] is None
