@@ -8,6 +8,7 @@
 #include <initializer_list>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace fastmim {
 
@@ -175,6 +176,26 @@ class ParallelError {
 
  private:
   std::exception_ptr error_ = nullptr;
+};
+
+// A thread's fp32 scratch row inside a parallel region: a failed allocation is kept in `error` (rethrown after the
+// region) and leaves ok() false, so the thread skips its work instead of terminating the process.
+class ThreadBuffer {
+ public:
+  ThreadBuffer(int64_t n, ParallelError& error) noexcept {
+    try {
+      data_.resize(static_cast<size_t>(n));
+    } catch (...) {
+      error.capture();
+      ok_ = false;
+    }
+  }
+  bool ok() const { return ok_; }
+  float* data() { return data_.data(); }
+
+ private:
+  std::vector<float> data_;
+  bool ok_ = true;
 };
 
 }  // namespace fastmim

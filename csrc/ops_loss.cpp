@@ -177,20 +177,13 @@ void for_each_patch(const TT* target, const float* mask, const PatchGeometry& g,
 #pragma omp parallel
 #endif
   {
-    std::vector<float> buf;
-    bool ok = true;
-    try {
-      buf.resize(static_cast<size_t>(D));
-    } catch (...) {
-      error.capture();
-      ok = false;
-    }
+    ThreadBuffer buf(D, error);
 #ifdef FASTMIM_OPENMP
 #pragma omp for schedule(static)
 #endif
     for (int64_t i = 0; i < patches; ++i) {
       const float w = mask[i];
-      if (w == 0.f || !ok) {
+      if (w == 0.f || !buf.ok()) {
         skip(i);
         continue;
       }

@@ -91,19 +91,12 @@ int64_t forward_impl(const TX* __restrict x, const int32_t* __restrict nbr, cons
   (void)parallel;
 #endif
   {
-    std::vector<float> buf;
-    bool ok = true;
-    try {
-      buf.resize(static_cast<size_t>(C));
-    } catch (...) {
-      error.capture();
-      ok = false;
-    }
+    ThreadBuffer buf(C, error);
 #ifdef FASTMIM_OPENMP
 #pragma omp for schedule(static)
 #endif
     for (int64_t r = 0; r < M; ++r) {
-      if (!ok) continue;
+      if (!buf.ok()) continue;
       float* __restrict acc = buf.data();
       if (b) {
         FASTMIM_SIMD
@@ -146,19 +139,12 @@ int64_t wgrad_impl(const TG* __restrict g, const TX* __restrict x, const int32_t
   (void)parallel;
 #endif
   {
-    std::vector<float> buf;
-    bool ok = true;
-    try {
-      buf.resize(static_cast<size_t>(C));
-    } catch (...) {
-      error.capture();
-      ok = false;
-    }
+    ThreadBuffer buf(C, error);
 #ifdef FASTMIM_OPENMP
 #pragma omp for schedule(static)
 #endif
     for (int64_t k = 0; k < chunks; ++k) {
-      if (!ok) continue;
+      if (!buf.ok()) continue;
       float* __restrict acc = part + k * (KK + 1) * C;
       for (int64_t i = 0; i < (KK + 1) * C; ++i) acc[i] = 0.f;
       float* __restrict gf = buf.data();
