@@ -112,10 +112,11 @@ class FCMAE(PixelTarget, nn.Module):
         return random_masking(batch, self.num_patches, ratio, device=device)
 
     # --- Encoder ---
-    def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W], mask [B, L] (1 = removed) -> [B, dims[-1], H/32, W/32], zero at removed patches."""
+    def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor, num_visible: int | None = None) -> torch.Tensor:
+        """[B, C, H, W], mask [B, L] (1 = removed) -> [B, dims[-1], H/32, W/32], zero at removed patches.
+        ``num_visible``: visible patches per sample when known (the same in every sample): no host syncs."""
         visible = (mask < 0.5).view(-1, *self.grid_size)
-        return sparse_forward(self.encoder, imgs, visible, self.backend_for(imgs.device))
+        return sparse_forward(self.encoder, imgs, visible, self.backend_for(imgs.device), num_visible)
 
     # --- Head ---
     def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -138,7 +139,7 @@ class FCMAE(PixelTarget, nn.Module):
                              f"got {tuple(imgs.shape)}")  # fmt: skip
         if mask is None:
             mask = self.make_mask(imgs.shape[0], imgs.device, mask_ratio)
-        latent = self.forward_encoder(imgs, mask.mask)
+        latent = self.forward_encoder(imgs, mask.mask, mask.ids_keep.shape[1])
         pred = self.forward_decoder(latent, mask.mask)
         return self.forward_loss(imgs, pred, mask.mask), pred, mask.mask
 

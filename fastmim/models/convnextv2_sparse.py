@@ -51,9 +51,18 @@ def stage_masks(visible: torch.Tensor, img_size: tuple[int, int], model: ConvNeX
     return masks
 
 
-def sparse_forward(model: ConvNeXtV2, imgs: torch.Tensor, visible: torch.Tensor, backend: str = "fastmim"):
+def sparse_forward(
+    model: ConvNeXtV2,
+    imgs: torch.Tensor,
+    visible: torch.Tensor,
+    backend: str = "fastmim",
+    visible_per_sample: int | None = None,
+):
     """Last-stage features [B, C, H/32, W/32] of ``imgs`` [B, C, H, W] seen through ``visible`` [B, gh, gw] (bool,
-    True = visible patch); zero at masked positions. ``backend``: "dense_masked" or "fastmim" (same values)."""
+    True = visible patch); zero at masked positions. ``backend``: "dense_masked" or "fastmim" (same values).
+    ``visible_per_sample``: the number of visible patches in every sample, when the caller knows it (FCMAE's masks
+    keep the same count per sample): the fastmim backend then runs without host syncs and traces under
+    torch.compile(fullgraph=True); otherwise it finds the counts from the mask (a few host syncs)."""
     if backend not in BACKENDS:
         raise ValueError(f"sparse backend must be one of {BACKENDS}, got {backend!r}")
     if imgs.dim() != 4 or imgs.shape[1] != model.in_chans:
@@ -63,7 +72,7 @@ def sparse_forward(model: ConvNeXtV2, imgs: torch.Tensor, visible: torch.Tensor,
     masks = stage_masks(visible.to(imgs.device), tuple(imgs.shape[-2:]), model)
     if backend == "dense_masked":
         return _dense_masked(model, imgs, masks)
-    return _sparse_rows(model, imgs, masks)
+    return _sparse_rows(model, imgs, masks, visible_per_sample)
 
 
 # --- dense_masked: the reference ------------------------------------------------------------------------------------
@@ -100,11 +109,21 @@ def _dense_masked_block(blk: Block, x: torch.Tensor, m: torch.Tensor, mc: torch.
 # --- fastmim: visible pixels as rows ---------------------------------------------------------------------------------
 
 
-def _sparse_rows(model: ConvNeXtV2, imgs: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+def _sparse_rows(
+    model: ConvNeXtV2, imgs: torch.Tensor, masks: list[torch.Tensor], per_sample: int | None
+) -> torch.Tensor:
     b, c, h, w = imgs.shape
-    layouts = [SparseLayout.from_mask(mk) for mk in masks]
-    counts = masks[-1].flatten(1).sum(1)  # visible last-stage pixels per sample (one host sync)
-    uniform = bool((counts == counts[0]).all())  # FCMAE: the same count in every sample
+    if per_sample is None:
+        layouts = [SparseLayout.from_mask(mk) for mk in masks]
+        counts = masks[-1].flatten(1).sum(1)  # visible last-stage pixels per sample (one host sync)
+        uniform = bool((counts == counts[0]).all())  # FCMAE: the same count in every sample
+    else:  # the row counts are known: no host sync
+        gh, gw = masks[-1].shape[1:]
+        layouts = []
+        for mk in masks:
+            pixels_per_patch = (mk.shape[1] // gh) * (mk.shape[2] // gw)
+            layouts.append(SparseLayout.from_mask(mk, num_rows=b * per_sample * pixels_per_patch))
+        uniform = True
     # stem: the 4x4 stride-4 conv at an active pixel is a matmul on its 4x4 image patch, in (c, ky, kx) order
     stem_conv, stem_norm = model.stem[0], model.stem[1]
     patches = imgs.reshape(b, c, h // 4, 4, w // 4, 4).permute(0, 2, 4, 1, 3, 5).reshape(b, h // 4, w // 4, c * 16)

@@ -48,14 +48,30 @@ class SparseLayout:
     _neighbors: dict = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
-    def from_mask(cls, active: torch.Tensor) -> SparseLayout:
-        """The layout of ``active`` [B, H, W] bool (True: active/visible pixel). Costs one host sync (M)."""
+    def from_mask(cls, active: torch.Tensor, num_rows: int | None = None) -> SparseLayout:
+        """The layout of ``active`` [B, H, W] bool (True: active/visible pixel).
+
+        Args:
+            active: the active pixels.
+            num_rows: the number of active pixels when the caller knows it (FCMAE: batch x kept patches x pixels per
+                patch): the layout is then built without a host sync (and traces under torch.compile). It must be
+                right: on CPU tensors it is checked; on CUDA a wrong count gives wrong rows. Without it, finding M
+                costs one host sync.
+        """
         if active.dtype != torch.bool:
             raise TypeError(f"SparseLayout.from_mask: active must be a bool tensor, got {active.dtype}")
         if active.dim() != 3:
             raise ValueError(f"SparseLayout.from_mask: active must be [B, H, W], got shape {tuple(active.shape)}")
         b, h, w = active.shape
-        pixel = active.reshape(-1).nonzero().squeeze(1)  # [M], ascending: raster order
+        flat = active.reshape(-1)
+        if num_rows is None:
+            pixel = flat.nonzero().squeeze(1)  # [M], ascending: raster order
+        else:
+            if num_rows < 0 or num_rows > flat.numel():
+                raise ValueError(f"SparseLayout.from_mask: num_rows {num_rows} is not in [0, {flat.numel()}]")
+            if active.device.type == "cpu" and not torch.compiler.is_compiling() and int(flat.sum()) != num_rows:
+                raise ValueError(f"SparseLayout.from_mask: num_rows is {num_rows} but {int(flat.sum())} are active")
+            pixel = torch.nonzero_static(flat, size=num_rows).squeeze(1)
         m = pixel.numel()
         if m >= 2**31:
             raise ValueError(f"SparseLayout.from_mask: {m} active pixels do not fit int32 row ids")

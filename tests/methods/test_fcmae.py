@@ -138,3 +138,16 @@ def test_cli_rejects_mae_only_options_for_fcmae(tmp_path, capsys):
     code = pretrain.main(["--model", "fcmae_convnextv2_atto", "--decoder-num-heads", "4", "--device", "cpu",
                           "--output-dir", str(tmp_path / "x")])  # fmt: skip
     assert code == 2 and "does not apply to FCMAE" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fcmae_compiles_as_one_graph_and_matches_eager():
+    """With FCMAE's fixed count of visible patches the sparse encoder needs no host sync: fullgraph=True traces it."""
+    torch.manual_seed(0)
+    m = fastmim.create_model("fcmae_convnextv2_atto", img_size=64, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32),
+                             decoder_embed_dim=16, sparse_backend="fastmim")  # fmt: skip
+    imgs = torch.randn(2, 3, 64, 64)
+    info = random_masking(2, 4, 0.5, generator=torch.Generator().manual_seed(0))
+    loss, _, _ = m(imgs, mask=info)
+    loss_c, _, _ = torch.compile(m, fullgraph=True, backend="aot_eager")(imgs, mask=info)
+    torch.testing.assert_close(loss_c, loss)

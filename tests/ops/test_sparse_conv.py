@@ -431,3 +431,17 @@ def test_cpp_weight_gradient_matches_reference(dtype):
     torch.testing.assert_close(gw, _wgrad_ref(grad, x, nbr), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(gb, grad.float().sum(0), rtol=1e-5, atol=1e-4)
     assert _cpu.sparse_dwconv_wgrad(grad, x, nbr, 7, need_bias=False)[1] is None
+
+
+def test_layout_with_a_known_row_count_equals_the_counted_one():
+    active = torch.rand(2, 5, 6, generator=torch.Generator().manual_seed(0)) > 0.5
+    m = int(active.sum())
+    a, b = SparseLayout.from_mask(active), SparseLayout.from_mask(active, num_rows=m)
+    assert a.num_rows == b.num_rows == m
+    for name in ("index", "batch", "pixel"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert torch.equal(a.neighbors(3), b.neighbors(3))
+    with pytest.raises(ValueError, match="num_rows is"):
+        SparseLayout.from_mask(active, num_rows=m - 1)
+    with pytest.raises(ValueError, match="not in"):
+        SparseLayout.from_mask(active, num_rows=61)
