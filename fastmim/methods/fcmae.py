@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastmim import _ext
@@ -124,8 +125,11 @@ class FCMAE(PixelTarget, nn.Module):
         x = self.proj(latent)  # [B, Dd, gh, gw]
         m = mask.view(x.shape[0], 1, *self.grid_size).to(x.dtype)
         x = x * (1.0 - m) + self.mask_token.to(x.dtype) * m
-        x = self.pred(self.decoder(x))  # [B, p*p*C, gh, gw]
-        return x.flatten(2).transpose(1, 2)  # [B, L, p*p*C], a view
+        x = self.decoder(x).permute(0, 2, 3, 1)  # [B, gh, gw, Dd]
+        # the 1x1 pred conv as a linear on channels-last pixels: [B, L, p*p*C] comes out contiguous, so the loss reads
+        # each patch's pixels in one run (a transposed conv output would be read with stride L)
+        x = F.linear(x, self.pred.weight.flatten(1), self.pred.bias)  # [B, gh, gw, p*p*C]
+        return x.flatten(1, 2)  # [B, L, p*p*C]
 
     # --- Target and loss: PixelTarget (patchify, unpatchify, forward_loss, reconstruct) ---
 

@@ -17,7 +17,7 @@ def small_fcmae(**kwargs):
 def test_forward_shapes_and_mask_count():
     m = small_fcmae()
     loss, pred, mask = m(torch.randn(3, 3, 96, 96))
-    assert pred.shape == (3, 9, 32 * 32 * 3) and mask.shape == (3, 9)
+    assert pred.shape == (3, 9, 32 * 32 * 3) and mask.shape == (3, 9) and pred.is_contiguous()
     assert (mask.sum(1) == 9 - int(9 * 0.4)).all() and loss.ndim == 0 and torch.isfinite(loss)
 
 
