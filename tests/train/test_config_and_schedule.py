@@ -8,6 +8,7 @@ from fastmim.data import ResumableDistributedSampler
 from fastmim.pretrain import resolve_config
 from fastmim.train.checkpoint import atomic_write
 from fastmim.train.optim import lr_at, param_groups
+from tests.conftest import ROOT
 
 
 def test_precedence_defaults_yaml_flags(tmp_path):
@@ -77,3 +78,14 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     mask = os.umask(0o022)
     os.umask(mask)
     assert (target.stat().st_mode & 0o777) == 0o666 & ~mask  # not mkstemp's private 0600
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_config_resolves_and_builds_its_model(path):
+    from fastmim.pretrain import build_model
+
+    cfg, state = resolve_config(["--config", str(path)])
+    assert state is None and cfg.model.split("_")[0] in ("mae", "fcmae")
+    with torch.device("meta"):  # the shapes, without allocating a large model
+        model = build_model(cfg, torch.device("meta"))
+    assert model.mask_ratio == cfg.mask_ratio
