@@ -10,6 +10,14 @@
 #include <string>
 #include <vector>
 
+// `#pragma omp simd` on the next loop where OpenMP is on (vectorises the channel loops of the CPU kernels).
+#ifdef FASTMIM_OPENMP
+#define FASTMIM_PRAGMA(x) _Pragma(#x)
+#define FASTMIM_SIMD FASTMIM_PRAGMA(omp simd)
+#else
+#define FASTMIM_SIMD
+#endif
+
 namespace fastmim {
 
 // 16-bit float storage types. Plain structs (not _Float16) so every conversion is integer code that the compiler

@@ -9,13 +9,6 @@
 #include "dtype.h"
 #include "ops.h"
 
-#ifdef FASTMIM_OPENMP
-#define FASTMIM_PRAGMA(x) _Pragma(#x)
-#define FASTMIM_SIMD FASTMIM_PRAGMA(omp simd)
-#else
-#define FASTMIM_SIMD
-#endif
-
 namespace fastmim {
 namespace {
 

@@ -113,8 +113,8 @@ def check_device(op: str, name: str, t: torch.Tensor, device: torch.device) -> N
         raise ValueError(f"{op}: {name} is on {t.device}, the other inputs on {device}")
 
 
-def check_id_values(op: str, name: str, ids: torch.Tensor, upper: int, distinct: bool) -> None:
-    """Range (and, if asked, per-row distinctness) of ``ids`` in [0, upper): run on CPU tensors only.
+def check_id_values(op: str, name: str, ids: torch.Tensor, upper: int, distinct: bool, lower: int = 0) -> None:
+    """Range (and, if asked, per-row distinctness) of ``ids`` in [lower, upper): run on CPU tensors only.
 
     On CUDA this would cost a host sync every call, so there it runs only with ``FASTMIM_CHECK_IDS=1`` (debugging);
     otherwise the kernels are memory-safe instead (an out-of-range id gives NaN rows, never an out-of-bounds read).
@@ -124,10 +124,10 @@ def check_id_values(op: str, name: str, ids: torch.Tensor, upper: int, distinct:
     if ids.device.type != "cpu" and os.environ.get("FASTMIM_CHECK_IDS", "0") != "1":
         return
     lo, hi = (int(v) for v in torch.aminmax(ids))
-    if lo < 0 or hi >= upper:
-        where = ((ids < 0) | (ids >= upper)).nonzero()[0].tolist()
+    if lo < lower or hi >= upper:
+        where = ((ids < lower) | (ids >= upper)).nonzero()[0].tolist()
         raise IndexError(
-            f"{op}: {name}{where} = {int(ids[tuple(where)])} is out of range [0, {upper}) (min {lo}, max {hi})"
+            f"{op}: {name}{where} = {int(ids[tuple(where)])} is out of range [{lower}, {upper}) (min {lo}, max {hi})"
         )
     if distinct and ids.shape[-1] > 1:
         flat = ids.reshape(-1, ids.shape[-1]).long()

@@ -10,14 +10,20 @@ Registered as ``torch.library.custom_op`` (fake kernels, autograd), so it runs u
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from fastmim.ops import _cpu
-from fastmim.ops._dispatch import check_device, check_float, choose_backend, eager_function, use_custom_op
+from fastmim.ops._dispatch import (
+    check_device,
+    check_float,
+    check_id_values,
+    choose_backend,
+    eager_function,
+    use_custom_op,
+)
 from fastmim.ops.reference import sparse_dwconv_ref
 
 _OP = "sparse_dwconv"
@@ -123,24 +129,12 @@ def _triton_sparse_conv():
     return sparse_conv
 
 
-def _check_nbr_values(nbr: torch.Tensor, m: int) -> None:
-    """Ids in [-1, M): on CPU tensors only (on CUDA a host sync per call; there with ``FASTMIM_CHECK_IDS=1``)."""
-    if nbr.numel() == 0 or torch.compiler.is_compiling():
-        return
-    if nbr.device.type != "cpu" and os.environ.get("FASTMIM_CHECK_IDS", "0") != "1":
-        return
-    lo, hi = (int(v) for v in torch.aminmax(nbr))
-    if lo < -1 or hi >= m:
-        where = ((nbr < -1) | (nbr >= m)).nonzero()[0].tolist()
-        raise IndexError(f"{_OP}: nbr{where} = {int(nbr[tuple(where)])} is out of range [-1, {m}) (min {lo}, max {hi})")
-
-
 def _dtypes(*tensors: torch.Tensor | None) -> tuple[torch.dtype, ...]:
     return tuple(t.dtype for t in tensors if t is not None)
 
 
 def _fwd(x: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    _check_nbr_values(nbr, x.shape[0])
+    check_id_values(_OP, "nbr", nbr, x.shape[0], distinct=False, lower=-1)  # -1: an empty tap
     backend = choose_backend(_OP, x.device, _dtypes(x, weight, bias))
     if backend == "triton":
         return _triton_sparse_conv().sparse_dwconv(x, nbr, weight, bias)
