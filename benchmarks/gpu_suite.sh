@@ -2,9 +2,10 @@
 # The prepared check for one H100/H200 machine (Python 3.12, torch + CUDA, triton, cmake, ninja, pybind11, timm; no
 # network, DALI, spconv or flash-attn: those parts are skipped and the log says so). In priority order, within a time
 # budget (GPU_SUITE_BUDGET_S, default 480 s; a step that would not fit is skipped and named):
-#   build fastmim._C; pytest -m gpu; throughput of MAE ViT-B/16 (batch 256, bf16) in all four modes with profiles;
-#   the ops benchmark; the other benchmarks that exist (masks, sparse conv, data loading); FCMAE ConvNeXtV2-Base
-#   throughput (batch 64); ViT-L/16 throughput (batch 128); the CLI's default run on CUDA; the tables of this run.
+#   build fastmim._C; pytest -m gpu (the torch.compile tests later); FCMAE ConvNeXtV2-Base throughput (batch 64) and
+#   the sparse conv benchmark, profiled; MAE ViT-B/16 throughput (batch 256, bf16) in all four modes, profiled; the
+#   ops benchmark; the compile tests; the other benchmarks that exist (masks, data loading); ViT-L/16 throughput
+#   (batch 128); the CLI's default run on CUDA; the tables of this run.
 # Usage: FASTMIM_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_suite.sh RESULTS_DIR
 # (the tree sent to a GPU machine has no .git, so FASTMIM_COMMIT names the commit in every row). RESULTS_DIR gets at
 # most 8 files (what the device tool returns): suite.log (the build's log only when it fails), throughput.jsonl,
@@ -51,18 +52,29 @@ $PY -m pip install --no-deps --no-build-isolation --no-index -e . >"$SCRATCH/bui
   || $PY setup.py build_ext --inplace >>"$SCRATCH/build.log" 2>&1 || { echo "BUILD FAILED"; cat "$SCRATCH/build.log"; status=1; }
 $PY -c "import fastmim; print('native extension:', fastmim.has_native_extension())"
 
-step "pytest -m gpu"
-run 150 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider -m gpu tests
+step "pytest -m gpu, all but the torch.compile tests"
+run 170 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider --durations=8 -m gpu -k "not compile" tests
+
+step "throughput: FCMAE ConvNeXtV2-Base, batch 64, bf16, ratio 0.6: dense_masked reference vs fastmim's sparse encoder"
+fits 90 "FCMAE throughput" && run 150 $PY benchmarks/throughput.py --recipe fcmae --model convnextv2_base \
+  --batch-size 64 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 --modes reference,fastmim \
+  --profile --profile-steps 2 --profile-dir "$SCRATCH/profiles" --out "$RESULTS/throughput.jsonl"
+
+step "benchmarks/sparse_conv.py: ConvNeXtV2-Base encoder fwd+bwd per backend and mask ratio"
+fits 45 "sparse_conv benchmark" && run 100 $PY benchmarks/sparse_conv.py --out "$RESULTS/sparse_conv.jsonl"
 
 step "throughput: MAE ViT-B/16, batch 256, bf16, four modes, profiled (MFU against 790 TFLOP/s and the measured peak)"
-fits 150 "ViT-B throughput" && run 260 $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 \
+fits 150 "ViT-B throughput" && run 240 $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 \
   --amp bf16 --steps 20 --warmup 5 --peak-tflops 790 --modes reference,fastmim,fastmim+compile,reference+compile \
   --profile --profile-steps 2 --profile-dir "$SCRATCH/profiles" --out "$RESULTS/throughput.jsonl"
 
 step "ops benchmark: fastmim.ops vs eager and compiled references (MAE ViT-B/16 shapes)"
-fits 60 "ops benchmark" && run 150 $PY benchmarks/ops.py --out "$RESULTS/ops.jsonl"
+fits 60 "ops benchmark" && run 120 $PY benchmarks/ops.py --out "$RESULTS/ops.jsonl"
 
-for bench in masks sparse_conv dataload; do
+step "pytest -m gpu, the torch.compile tests (inductor on CUDA)"
+fits 60 "compile tests" && run 150 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider -m gpu -k compile tests
+
+for bench in masks dataload; do
   step "benchmarks/$bench.py"
   if [ -f "benchmarks/$bench.py" ]; then
     fits 45 "$bench benchmark" && run 90 $PY "benchmarks/$bench.py" --out "$RESULTS/$bench.jsonl"
@@ -70,11 +82,6 @@ for bench in masks sparse_conv dataload; do
     echo "not written yet"
   fi
 done
-
-step "throughput: FCMAE ConvNeXtV2-Base, batch 64, bf16, ratio 0.6: dense_masked reference vs fastmim's sparse encoder"
-fits 90 "FCMAE throughput" && run 150 $PY benchmarks/throughput.py --recipe fcmae --model convnextv2_base \
-  --batch-size 64 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 --modes reference,fastmim \
-  --out "$RESULTS/throughput.jsonl"
 
 step "throughput: MAE ViT-L/16, batch 128, bf16"
 fits 120 "ViT-L throughput" && run 200 $PY benchmarks/throughput.py --model vit_large_patch16 --batch-size 128 \
