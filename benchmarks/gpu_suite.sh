@@ -7,9 +7,13 @@
 #   ops benchmark; the compile tests; the other benchmarks that exist (masks, data loading); ViT-L/16 throughput
 #   (batch 128); the CLI's default run on CUDA; the tables of this run.
 # Usage: FASTMIM_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_suite.sh RESULTS_DIR
+# GPU_SUITE_ONLY=tests,fcmae,... runs only the named steps (tests, fcmae, sparse_conv, tune, vit_b, ops,
+# compile_tests, other, fcmae_compile, vit_l, cli; the environment, the build and the tables always run), and
+# GPU_SUITE_TESTS_K replaces the -k filter of the tests step ("not compile").
 # (the tree sent to a GPU machine has no .git, so FASTMIM_COMMIT names the commit in every row). RESULTS_DIR gets at
 # most 8 files (what the device tool returns): suite.log (the build's log only when it fails), throughput.jsonl,
-# ops.jsonl, profiles.tar (torch.profiler traces), demo_metrics.jsonl, and sparse_conv/masks/dataload.jsonl.
+# ops.jsonl, profiles.tar (torch.profiler traces), demo_metrics.jsonl, sparse_conv.jsonl, tune_sparse_dwconv.jsonl
+# and (once written) masks/dataload.jsonl.
 set -uo pipefail
 RESULTS=${1:?usage: gpu_suite.sh RESULTS_DIR}
 mkdir -p "$RESULTS"
@@ -22,6 +26,9 @@ BUDGET=${GPU_SUITE_BUDGET_S:-480}
 START=$(date +%s)
 SCRATCH=$(mktemp -d)
 status=0
+ONLY=${GPU_SUITE_ONLY:-}
+# want STEP: true when GPU_SUITE_ONLY is unset or names STEP
+want() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 step() { echo; echo "=== $* (t=$(($(date +%s) - START))s)"; }
 # fits SECONDS NAME: true when SECONDS of the budget remain, else says the step is skipped
@@ -52,29 +59,32 @@ $PY -m pip install --no-deps --no-build-isolation --no-index -e . >"$SCRATCH/bui
   || $PY setup.py build_ext --inplace >>"$SCRATCH/build.log" 2>&1 || { echo "BUILD FAILED"; cat "$SCRATCH/build.log"; status=1; }
 $PY -c "import fastmim; print('native extension:', fastmim.has_native_extension())"
 
-step "pytest -m gpu, all but the torch.compile tests"
-run 170 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider --durations=8 -m gpu -k "not compile" tests
+want tests && step "pytest -m gpu (-k ${GPU_SUITE_TESTS_K:-not compile})" && run 200 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider --durations=8 -m gpu -k "${GPU_SUITE_TESTS_K:-not compile}" tests
 
-step "throughput: FCMAE ConvNeXtV2-Base, batch 64, bf16, ratio 0.6: dense_masked reference vs fastmim's sparse encoder"
-fits 90 "FCMAE throughput" && run 150 $PY benchmarks/throughput.py --recipe fcmae --model convnextv2_base \
+want fcmae && step "throughput: FCMAE ConvNeXtV2-Base, batch 64, bf16, ratio 0.6: dense_masked vs fastmim" &&
+  fits 90 "FCMAE throughput" && run 150 $PY benchmarks/throughput.py --recipe fcmae --model convnextv2_base \
   --batch-size 64 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 --modes reference,fastmim \
   --profile --profile-steps 2 --profile-dir "$SCRATCH/profiles" --out "$RESULTS/throughput.jsonl"
 
-step "benchmarks/sparse_conv.py: ConvNeXtV2-Base encoder fwd+bwd per backend and mask ratio"
-fits 45 "sparse_conv benchmark" && run 100 $PY benchmarks/sparse_conv.py --out "$RESULTS/sparse_conv.jsonl"
+want sparse_conv && step "benchmarks/sparse_conv.py: ConvNeXtV2-Base encoder fwd+bwd per backend and mask ratio" &&
+  fits 45 "sparse_conv benchmark" && run 100 $PY benchmarks/sparse_conv.py --out "$RESULTS/sparse_conv.jsonl"
 
-step "throughput: MAE ViT-B/16, batch 256, bf16, four modes, profiled (MFU against 790 TFLOP/s and the measured peak)"
-fits 150 "ViT-B throughput" && run 240 $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 \
+want tune && step "benchmarks/tune_sparse_dwconv.py: block sizes of the sparse depthwise kernels" &&
+  fits 40 "sparse dwconv tuning" && run 90 $PY benchmarks/tune_sparse_dwconv.py --out "$RESULTS/tune_sparse_dwconv.jsonl"
+
+want vit_b && step "throughput: MAE ViT-B/16, batch 256, bf16, four modes, profiled (MFU against 790 TFLOP/s)" &&
+  fits 150 "ViT-B throughput" && run 240 $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 \
   --amp bf16 --steps 20 --warmup 5 --peak-tflops 790 --modes reference,fastmim,fastmim+compile,reference+compile \
   --profile --profile-steps 2 --profile-dir "$SCRATCH/profiles" --out "$RESULTS/throughput.jsonl"
 
-step "ops benchmark: fastmim.ops vs eager and compiled references (MAE ViT-B/16 shapes)"
-fits 60 "ops benchmark" && run 120 $PY benchmarks/ops.py --out "$RESULTS/ops.jsonl"
+want ops && step "ops benchmark: fastmim.ops vs eager and compiled references (MAE ViT-B/16 shapes)" &&
+  fits 60 "ops benchmark" && run 120 $PY benchmarks/ops.py --out "$RESULTS/ops.jsonl"
 
-step "pytest -m gpu, the torch.compile tests (inductor on CUDA)"
-fits 60 "compile tests" && run 150 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider -m gpu -k compile tests
+want compile_tests && step "pytest -m gpu, the torch.compile tests (inductor on CUDA)" &&
+  fits 60 "compile tests" && run 150 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider -m gpu -k compile tests
 
 for bench in masks dataload; do
+  want other || continue
   step "benchmarks/$bench.py"
   if [ -f "benchmarks/$bench.py" ]; then
     fits 45 "$bench benchmark" && run 90 $PY "benchmarks/$bench.py" --out "$RESULTS/$bench.jsonl"
@@ -83,13 +93,18 @@ for bench in masks dataload; do
   fi
 done
 
-step "throughput: MAE ViT-L/16, batch 128, bf16"
-fits 120 "ViT-L throughput" && run 200 $PY benchmarks/throughput.py --model vit_large_patch16 --batch-size 128 \
+want fcmae_compile && step "throughput: FCMAE ConvNeXtV2-Base under torch.compile" &&
+  fits 120 "FCMAE compiled throughput" && run 200 $PY benchmarks/throughput.py --recipe fcmae --model convnextv2_base \
+  --batch-size 64 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 --modes fastmim+compile,reference+compile \
+  --out "$RESULTS/throughput.jsonl"
+
+want vit_l && step "throughput: MAE ViT-L/16, batch 128, bf16" &&
+  fits 120 "ViT-L throughput" && run 200 $PY benchmarks/throughput.py --model vit_large_patch16 --batch-size 128 \
   --amp bf16 --steps 15 --warmup 4 --peak-tflops 790 --modes reference,fastmim,fastmim+compile \
   --out "$RESULTS/throughput.jsonl"
 
-step "CLI: the default demo run on CUDA"
-if fits 45 "CLI demo"; then
+want cli && step "CLI: the default demo run on CUDA"
+if want cli && fits 45 "CLI demo"; then
   rm -rf "$SCRATCH/demo"
   run 60 $PY -m fastmim.pretrain --output-dir "$SCRATCH/demo" >"$SCRATCH/demo.log" 2>&1
   tr '\r' '\n' <"$SCRATCH/demo.log" | grep -v "it/s]$" | tail -4

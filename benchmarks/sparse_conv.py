@@ -5,7 +5,8 @@
 
 For each mask ratio (default 0, 0.3, 0.6, 0.75, 0.9 of the 32-px patches removed, the same count per sample) and
 each backend of ``fastmim.models.convnextv2_sparse`` (``dense_masked``: the dense model times the mask after every
-layer, the reference; ``fastmim``: visible pixels only), times the encoder's forward + backward (a weighted sum of
+layer, the reference; ``fastmim``: visible pixels only; ``spconv``: the same with the stem and downsampling convs
+through spconv, by default only where spconv is installed), times the encoder's forward + backward (a weighted sum of
 its output as the loss) and reports the median with p20/p80, peak memory (CUDA), the visible fraction, the time per
 visible fraction and the speedup over dense_masked at the same ratio. The dense model without a mask
 (``forward_features``) is the ``dense`` row. Never asserts anything: the targets live in the issue.
@@ -29,6 +30,22 @@ from benchmarks.common import environment, write_row  # noqa: E402
 from fastmim.models.convnextv2_sparse import BACKENDS, sparse_forward  # noqa: E402
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def spconv_missing() -> str | None:
+    """Why the spconv backend cannot run here (its ImportError), or None when it can."""
+    from fastmim.models.convnextv2_sparse import _spconv
+
+    try:
+        _spconv()
+    except ImportError as e:
+        return str(e)
+    return None
+
+
+def default_backends() -> list[str]:
+    """Every backend, spconv only where its optional dependency imports."""
+    return [b for b in BACKENDS if b != "spconv" or spconv_missing() is None]
 
 
 def patch_visible(batch: int, grid: tuple[int, int], ratio: float, generator: torch.Generator) -> torch.Tensor:
@@ -72,7 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="default: 64 on a GPU, 8 on CPU")
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--ratios", default="0,0.3,0.6,0.75,0.9", help="comma-separated mask ratios in [0, 1)")
-    ap.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, from {', '.join(BACKENDS)}")
+    ap.add_argument("--backends", default=None, help=f"comma-separated, from {', '.join(BACKENDS)} (default: all; "
+                    "spconv where installed)")  # fmt: skip
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
     ap.add_argument("--amp", choices=sorted(AMP), default="bf16" if cuda else "none")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 on GPU, 5 on CPU)")
@@ -86,9 +104,14 @@ def main(argv=None) -> int:
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     if any(not 0.0 <= r < 1.0 for r in ratios):
         ap.error(f"--ratios must lie in [0, 1), got {ratios}")
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if any(b not in BACKENDS for b in backends):
-        ap.error(f"--backends must come from {BACKENDS}, got {backends}")
+    if args.backends is None:
+        backends = default_backends()
+    else:
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        if any(b not in BACKENDS for b in backends):
+            ap.error(f"--backends must come from {BACKENDS}, got {backends}")
+        if "spconv" in backends and (why := spconv_missing()):
+            ap.error(f"--backends spconv: {why}")
     batch = args.batch_size or (64 if device.type == "cuda" else 8)
     reps = args.reps or (20 if device.type == "cuda" else 5)
     dtype = AMP[args.amp]

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
-SPARSE_BACKENDS = ("auto", "fastmim", "dense_masked")
+SPARSE_BACKENDS = ("auto", "fastmim", "dense_masked", "spconv")
 
 
 @dataclass
@@ -38,7 +38,7 @@ class PretrainConfig:
     mask_type: str = field(default="random", metadata={"help": "random (MAE) or block (BEiT-style, MAE only)"})
     sparse_backend: str = field(
         default="auto",
-        metadata={"help": "FCMAE encoder: auto (fastmim where compiled kernels exist), fastmim, dense_masked"},
+        metadata={"help": "FCMAE encoder: auto (fastmim where compiled kernels exist), fastmim, dense_masked, spconv"},
     )
     norm_pix_loss: bool = field(default=True, metadata={"help": "normalise target patches (MAE norm-pix)"})
     # data

@@ -291,11 +291,13 @@ def test_sparse_conv_benchmark_smoke_on_cpu(tmp_path):
             "1", "--warmup", "0", "--device", "cpu", "--amp", "none", "--out", str(out)]  # fmt: skip
     assert sparse_conv.main(args) == 0
     rows = read_rows(out)
-    assert [(r["backend"], r["mask_ratio"]) for r in rows] == [("dense", 0.0), ("dense_masked", 0.0), ("fastmim", 0.0),
-                                                               ("dense_masked", 0.5), ("fastmim", 0.5)]  # fmt: skip
-    assert [r["visible"] for r in rows] == [1.0, 1.0, 1.0, 0.5, 0.5]  # 2 of 4 patches
+    backends = sparse_conv.default_backends()  # dense_masked, fastmim, and spconv where it is installed
+    assert backends[:2] == ["dense_masked", "fastmim"]
+    assert [(r["backend"], r["mask_ratio"]) for r in rows] == [("dense", 0.0)] + [(b, ratio) for ratio in (0.0, 0.5)
+                                                                                  for b in backends]  # fmt: skip
+    assert [r["visible"] for r in rows] == [1.0] * (1 + len(backends)) + [0.5] * len(backends)  # 2 of 4 patches
     assert all(r["ms_median"] > 0 and r["device"] == "cpu" and r["commit"] for r in rows)
-    assert all(r["speedup_vs_dense_masked"] > 0 for r in rows if r["backend"] == "fastmim")
+    assert all(r["speedup_vs_dense_masked"] > 0 for r in rows if r["backend"] not in ("dense", "dense_masked"))
     table = report.sparse_conv_table(rows)
     assert table.count("| cpu | convnextv2_atto |") == 2
 
@@ -308,3 +310,15 @@ def test_sparse_conv_benchmark_bad_arguments(capsys):
         with pytest.raises(SystemExit):
             sparse_conv.main(["--model", "convnextv2_atto", "--device", "cpu", *args])
         assert message in capsys.readouterr().err
+
+
+def test_sparse_conv_benchmark_runs_spconv_only_where_installed(monkeypatch, capsys):
+    import sparse_conv
+
+    monkeypatch.setattr(sparse_conv, "spconv_missing", lambda: "needs spconv: pip install spconv-cu120")
+    assert sparse_conv.default_backends() == ["dense_masked", "fastmim"]
+    with pytest.raises(SystemExit):
+        sparse_conv.main(["--model", "convnextv2_atto", "--device", "cpu", "--backends", "fastmim,spconv"])
+    assert "pip install spconv-cu120" in capsys.readouterr().err
+    monkeypatch.setattr(sparse_conv, "spconv_missing", lambda: None)
+    assert sparse_conv.default_backends() == ["dense_masked", "fastmim", "spconv"]

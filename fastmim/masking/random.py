@@ -42,10 +42,14 @@ def random_masking(
         num_tokens: tokens per sample N (patches, no class token).
         mask_ratio: fraction of tokens to remove, in (0, 1).
         device: where the masks live.
-        generator: optional torch.Generator for reproducible masks.
+        generator: optional torch.Generator for reproducible masks; it may live on another device than ``device``
+            (a CPU generator gives the same masks on every device: the noise is drawn where the generator is).
     """
     len_keep = num_visible(num_tokens, mask_ratio)
-    noise = torch.rand(batch, num_tokens, device=device, generator=generator)  # [B, N]
+    if generator is not None and torch.device(device or "cpu").type != generator.device.type:
+        noise = torch.rand(batch, num_tokens, device=generator.device, generator=generator).to(device)  # [B, N]
+    else:
+        noise = torch.rand(batch, num_tokens, device=device, generator=generator)  # [B, N]
     return masking_from_noise(noise, len_keep)
 
 

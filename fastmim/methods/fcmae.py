@@ -1,9 +1,10 @@
 """FCMAE (ConvNeXt V2): random patch mask + sparse ConvNeXt V2 + norm-pix target + a light ConvNeXt decoder.
 
 Mask: 32-px patches (a 7x7 grid at 224), 60% removed per sample (MAE's noise + argsort). Encoder: ConvNeXt V2 on
-the visible patches only (``fastmim.models.convnextv2_sparse``: "fastmim" rows backend or the "dense_masked"
-reference). Head: a 1x1 projection to the decoder width, mask tokens at the removed positions, ``decoder_depth``
-dense ConvNeXt V2 blocks and a 1x1 conv to the patch pixels. Loss: MSE against norm-pix targets on the removed
+the visible patches only (``fastmim.models.convnextv2_sparse``: "fastmim" rows backend, "spconv" (the same with
+the stem and downsampling through the optional spconv library) or the "dense_masked" reference). Head: a 1x1
+projection to the decoder width, mask tokens at the removed positions, ``decoder_depth`` dense ConvNeXt V2 blocks and
+a 1x1 conv to the patch pixels. Loss: MSE against norm-pix targets on the removed
 patches (``fastmim.ops.masked_mse_loss``, read straight from the images). The encoder keeps timm's parameter names;
 the rest keeps the official implementation's (``proj``, ``mask_token``, ``decoder``, ``pred``).
 
@@ -43,9 +44,11 @@ class FCMAE(PixelTarget, nn.Module):
         decoder_embed_dim, decoder_depth: decoder width and blocks (official: 512, 1).
         mask_ratio: fraction of patches removed per sample (official 0.6).
         norm_pix_loss: normalise each target patch by its mean and std.
-        sparse_backend: "fastmim" (visible pixels only) or "dense_masked" (the dense reference); "auto" picks
-            "fastmim" where its depthwise kernel is compiled (Triton on CUDA, the C++ extension on CPU), else
-            "dense_masked" (CPU without ``fastmim._C``: the pure-PyTorch sparse conv is slower than the dense one).
+        sparse_backend: "fastmim" (visible pixels only), "spconv" (the same, with the stem and downsampling convs
+            as spconv sparse convolutions; needs ``pip install spconv-cu120``, raises ImportError at the first
+            forward without it) or "dense_masked" (the dense reference); "auto" picks "fastmim" where its depthwise
+            kernel is compiled (Triton on CUDA, the C++ extension on CPU), else "dense_masked" (CPU without
+            ``fastmim._C``: the pure-PyTorch sparse conv is slower than the dense one). "auto" never picks "spconv".
         fused_ops: the loss through fastmim.ops (False: the plain reference, same value).
     """
 

@@ -47,3 +47,14 @@ def test_masking_from_bool_round_trip():
     assert (torch.gather(mask, 1, info.ids_keep) == 0).all()
     with pytest.raises(ValueError, match="same number"):
         masking_from_bool(torch.tensor([[True, False], [True, True]]))
+
+
+def test_a_cpu_generator_serves_any_device():
+    """The noise is drawn on the generator's device and moved: the same masks wherever they are made (a CPU generator
+    with device="cuda" used to fail with "Expected a 'cuda' device type for generator")."""
+    a = random_masking(4, 49, 0.6, generator=torch.Generator().manual_seed(3))
+    b = random_masking(4, 49, 0.6, device="meta", generator=torch.Generator().manual_seed(3))
+    assert b.mask.device.type == "meta" and b.ids_keep.shape == a.ids_keep.shape
+    if torch.cuda.is_available():
+        c = random_masking(4, 49, 0.6, device="cuda", generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(c.mask.cpu(), a.mask)

@@ -53,6 +53,31 @@ def test_backends_and_the_plain_loss_give_the_same_loss_and_gradients():
             torch.testing.assert_close(g / scale, results[0][1][n] / scale, rtol=1e-4, atol=1e-5, msg=n)
 
 
+def test_spconv_backend_gives_the_fastmim_loss_and_gradients():
+    """sparse_backend="spconv" is accepted (spconv is only imported at the first forward) and, where spconv is
+    installed, trains the same as the fastmim rows backend (FCMAE's known per-sample count: the no-sync layouts)."""
+    m = small_fcmae(sparse_backend="spconv", drop_path_rate=0.2)
+    assert m.backend_for(torch.device("cpu")) == "spconv"
+    pytest.importorskip("spconv.pytorch", reason="optional dependency spconv missing: pip install spconv-cu120")
+    for p in m.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    imgs = torch.randn(2, 3, 96, 96)
+    info = random_masking(2, 9, 0.6, generator=torch.Generator().manual_seed(3))
+    results = []
+    for backend in ("fastmim", "spconv"):
+        m.sparse_backend = backend
+        m.zero_grad()
+        torch.manual_seed(7)
+        loss, _, _ = m(imgs, mask=info)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    for n, g in grads_b.items():
+        scale = grads_a[n].abs().max().clamp_min(1e-8)
+        torch.testing.assert_close(g / scale, grads_a[n] / scale, rtol=1e-4, atol=1e-5, msg=n)
+
+
 def test_auto_backend_picks_the_compiled_sparse_kernels(monkeypatch):
     from fastmim import _ext
 

@@ -69,7 +69,7 @@ def specs():
         yield sparse_conv._sparse_dwconv_kernel, ptrs, consts
     for k, dt in ((3, "fp32"), (7, "bf16")):
         ptrs = {"g_ptr": dt, "x_ptr": dt, "nbr_ptr": "i32", "part_ptr": "fp32"}
-        consts = {"K": k, "KK_PAD": triton.next_power_of_2(k * k + 1), "BLOCK_M": 64, "BLOCK_C": 32}
+        consts = {"K": k, "BLOCK_M": 32, "BLOCK_C": 128}
         yield sparse_conv._sparse_dwconv_wgrad_kernel, ptrs, consts
 
 

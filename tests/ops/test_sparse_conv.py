@@ -339,7 +339,7 @@ def _triton_or_skip():
 
 @pytest.mark.parametrize("programs", [1, 2, 3, 100])
 def test_weight_gradient_programs(programs):
-    """The persistent weight-gradient kernel gives the same sums however many programs share the rows."""
+    """The weight-gradient kernel gives the same sums however many splits share the rows."""
     kernels = _triton_or_skip()
     from fastmim.ops.sparse_conv import _wgrad_ref
 

@@ -78,9 +78,10 @@ def _sparse_dwconv_wgrad_kernel(
     g_ptr,  # [M, C] gradient of the output
     x_ptr,  # [M, C] input rows
     nbr_ptr,  # [KK, M] int32
-    part_ptr,  # [P, KK + 1, C] fp32 partial sums of this program: rows < KK weight taps, row KK the bias
+    part_ptr,  # [S, KK + 1, C] fp32 partial sums: split s, tap t (t = KK: the bias), channel c
     M,
     C,
+    rows_per_split,  # a multiple of BLOCK_M
     sg_m,
     sg_c,
     sx_m,
@@ -88,41 +89,50 @@ def _sparse_dwconv_wgrad_kernel(
     sn_t,
     sn_m,
     K: tl.constexpr,  # kernel size
-    KK_PAD: tl.constexpr,  # next power of two >= K * K + 1
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_p = tl.num_programs(0)
-    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    # program (split, tap, channel block): the tap's column sum over the split's rows, accumulated elementwise in a
+    # [BLOCK_M, BLOCK_C] tile and reduced across rows once at the end (a reduction per tap and row block, 49 of them
+    # per block, would cost more than the loads)
+    split = tl.program_id(0)
+    t = tl.program_id(1)
+    c = tl.program_id(2).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
     cmask = c < C
-    taps = tl.arange(0, KK_PAD)  # [KK_PAD]
-    # one accumulator row per tap (Triton has no arrays of tensors): each tap's column sum lands in its row
-    acc = tl.zeros((KK_PAD, BLOCK_C), dtype=tl.float32)
-    for blk in range(pid, tl.cdiv(M, BLOCK_M), num_p):  # persistent: row blocks pid, pid + P, ...
-        r = tl.arange(0, BLOCK_M).to(tl.int64) + blk * BLOCK_M  # [BLOCK_M]; blk * BLOCK_M < M < 2^31
-        rmask = r < M
-        g = tl.load(g_ptr + r[:, None] * sg_m + c[None, :] * sg_c, mask=rmask[:, None] & cmask[None, :], other=0.0)
-        g = g.to(tl.float32)  # [BLOCK_M, BLOCK_C], read once for all taps
-        acc += tl.where(taps[:, None] == K * K, tl.sum(g, axis=0)[None, :], 0.0)
-        nbr_row = nbr_ptr + r * sn_m  # [BLOCK_M], advanced one tap at a time as in the forward kernel
-        for ky in range(K):
-            for kx in tl.static_range(K):
-                t = ky * K + kx
-                ids = tl.load(nbr_row, mask=rmask, other=-1).to(tl.int64)
-                nbr_row += sn_t
-                hit = (ids >= 0) & (ids < M)
-                src = x_ptr + tl.where(hit, ids, 0)[:, None] * sx_m + c[None, :] * sx_c
-                v = tl.load(src, mask=hit[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-                acc += tl.where(taps[:, None] == t, tl.sum(g * v, axis=0)[None, :], 0.0)
-    dst = part_ptr + (pid.to(tl.int64) * (K * K + 1) + taps[:, None]) * C + c[None, :]
-    tl.store(dst, acc, mask=(taps[:, None] <= K * K) & cmask[None, :])
+    row0 = split.to(tl.int64) * rows_per_split
+    row1 = tl.minimum(row0 + rows_per_split, M)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    if t < K * K:
+        for r0 in range(row0, row1, BLOCK_M):
+            r = r0 + tl.arange(0, BLOCK_M).to(tl.int64)  # [BLOCK_M]
+            rmask = r < row1
+            g = tl.load(g_ptr + r[:, None] * sg_m + c[None, :] * sg_c, mask=rmask[:, None] & cmask[None, :], other=0.0)
+            ids = tl.load(nbr_ptr + t * sn_t + r * sn_m, mask=rmask, other=-1).to(tl.int64)  # [BLOCK_M]
+            hit = (ids >= 0) & (ids < M)
+            src = x_ptr + tl.where(hit, ids, 0)[:, None] * sx_m + c[None, :] * sx_c
+            v = tl.load(src, mask=hit[:, None] & cmask[None, :], other=0.0)
+            acc += g.to(tl.float32) * v.to(tl.float32)
+    else:
+        for r0 in range(row0, row1, BLOCK_M):
+            r = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
+            rmask = r < row1
+            g = tl.load(g_ptr + r[:, None] * sg_m + c[None, :] * sg_c, mask=rmask[:, None] & cmask[None, :], other=0.0)
+            acc += g.to(tl.float32)
+    dst = part_ptr + (split.to(tl.int64) * (K * K + 1) + t) * C + c
+    tl.store(dst, tl.sum(acc, axis=0), mask=cmask)
 
 
-def _fwd_blocks(c: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_C): up to 128 channels a program, a [rows, C] tile of about 4096 fp32 accumulators."""
+def _fwd_blocks(c: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_C, num_warps) of the forward kernel: up to 128 channels a program, a [rows, C] tile of about
+    4096 fp32 accumulators."""
     block_c = min(max(triton.next_power_of_2(max(c, 1)), 16), 128)
-    return max(16, min(128, 4096 // block_c)), block_c
+    return max(16, min(128, 4096 // block_c)), block_c, 4
+
+
+def _wgrad_blocks(c: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_C, num_warps) of the weight-gradient kernel."""
+    block_c = min(max(triton.next_power_of_2(max(c, 1)), 16), 128)
+    return max(16, min(128, 4096 // block_c)), block_c, 4
 
 
 @functools.cache
@@ -144,6 +154,7 @@ def sparse_dwconv(
     bias: torch.Tensor | None,
     flip: bool = False,
     out_dtype: torch.dtype | None = None,
+    blocks: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """[M, C] -> [M, C]: ``out[r] = bias + sum_t w[t] * x[nbr[t, r]]``; with ``flip`` tap t uses weight tap KK-1-t.
 
@@ -154,6 +165,7 @@ def sparse_dwconv(
         bias: [C] or None.
         flip: the flipped kernel (grad_x of the submanifold convolution).
         out_dtype: dtype of the result, x's by default.
+        blocks: (BLOCK_M, BLOCK_C, num_warps), to tune; by default ``_fwd_blocks(C)``.
     """
     m, c = x.shape
     kk = nbr.shape[0]
@@ -162,17 +174,21 @@ def sparse_dwconv(
         return out
     w = weight.reshape(c, kk)  # [C, KK]
     b = bias if bias is not None else w  # a dummy pointer when there is no bias
-    block_m, block_c = _fwd_blocks(c)
+    block_m, block_c, warps = blocks or _fwd_blocks(c)
     grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
     _sparse_dwconv_kernel[grid](
         x, nbr, w, b, out, m, c, *x.stride(), *nbr.stride(), *w.stride(), b.stride(0),
-        K=math.isqrt(kk), FLIP=flip, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c,
+        K=math.isqrt(kk), FLIP=flip, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
     )  # fmt: skip
     return out
 
 
 def sparse_dwconv_wgrad(
-    grad: torch.Tensor, x: torch.Tensor, nbr: torch.Tensor, programs: int | None = None
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    nbr: torch.Tensor,
+    programs: int | None = None,
+    blocks: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias gradients: ``gw[c, t] = sum_r grad[r, c] * x[nbr[t, r], c]``, ``gb = grad.sum(0)``.
 
@@ -180,23 +196,27 @@ def sparse_dwconv_wgrad(
         grad: [M, C] gradient of the output.
         x: [M, C] the forward input.
         nbr: [KK, M] int32.
-        programs: programs along M (default: about 4 per SM in all, split over the channel blocks).
+        programs: splits of the rows (default: enough for about 4 programs per SM in all, over the KK + 1 taps and
+            the channel blocks).
+        blocks: (BLOCK_M, BLOCK_C, num_warps), to tune; by default ``_wgrad_blocks(C)``.
     Returns: gw [C, KK] fp32, gb [C] fp32.
     """
     m, c = x.shape
     kk = nbr.shape[0]
     if m == 0 or c == 0:
         return torch.zeros((c, kk), dtype=torch.float32, device=x.device), x.new_zeros(c, dtype=torch.float32)
-    block_m = 64
-    block_c = min(max(triton.next_power_of_2(c), 16), 32)  # the accumulator is [next_pow2(KK + 1), BLOCK_C]
+    block_m, block_c, warps = blocks or _wgrad_blocks(c)
     n_c = triton.cdiv(c, block_c)
+    n_blocks = triton.cdiv(m, block_m)
     if programs is None:
-        programs = _target_programs(x.device) // n_c
-    p = max(1, min(programs, triton.cdiv(m, block_m)))
-    part = torch.empty((p, kk + 1, c), dtype=torch.float32, device=x.device)  # [P, KK + 1, C]
-    _sparse_dwconv_wgrad_kernel[(p, n_c)](
-        grad, x, nbr, part, m, c, *grad.stride(), *x.stride(), *nbr.stride(),
-        K=math.isqrt(kk), KK_PAD=triton.next_power_of_2(kk + 1), BLOCK_M=block_m, BLOCK_C=block_c,
+        programs = triton.cdiv(_target_programs(x.device), (kk + 1) * n_c)
+    splits = max(1, min(programs, n_blocks))
+    rows_per_split = triton.cdiv(n_blocks, splits) * block_m
+    splits = triton.cdiv(m, rows_per_split)
+    part = torch.empty((splits, kk + 1, c), dtype=torch.float32, device=x.device)  # [S, KK + 1, C]
+    _sparse_dwconv_wgrad_kernel[(splits, kk + 1, n_c)](
+        grad, x, nbr, part, m, c, rows_per_split, *grad.stride(), *x.stride(), *nbr.stride(),
+        K=math.isqrt(kk), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
     )  # fmt: skip
-    total = part.sum(0)  # [KK + 1, C]
+    total = part.sum(0) if splits > 1 else part[0]  # [KK + 1, C]
     return total[:kk].t().contiguous(), total[kk].clone()  # [C, KK], [C]: fresh tensors, no views
