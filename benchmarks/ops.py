@@ -31,6 +31,8 @@ from fastmim.masking import random_masking  # noqa: E402
 from fastmim.ops import (  # noqa: E402
     gather_visible,
     gather_visible_ref,
+    grn,
+    grn_ref,
     masked_mse_loss,
     masked_mse_loss_ref,
     patchify,
@@ -40,7 +42,7 @@ from fastmim.ops import (  # noqa: E402
 )
 from fastmim.ops._dispatch import choose_backend  # noqa: E402
 
-OPS = ("gather", "scatter", "loss", "patchify")
+OPS = ("gather", "scatter", "loss", "patchify", "grn")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -103,6 +105,11 @@ def build_cases(ops, b: int, img: int, patch: int, enc_dim: int, dec_dim: int, r
         cases.append(Case("patchify", f"B{b} {img}px p{patch}", "fp32", [imgs], lambda x: patchify(x, patch),
                           lambda x: patchify_ref(x, patch), nbytes, nbytes,
                           choose_backend("patchify", device, (f32,))))  # fmt: skip
+    if "grn" in ops:  # FCMAE ConvNeXtV2-Base's last-stage hidden activations: bf16 x, fp32 GRN parameters
+        x, w, bias = t(b, 76, 2048, dtype=act), t(2048), t(2048)
+        nbytes = x.numel() * x.element_size()
+        cases.append(Case("grn", f"B{b} N76 C2048", f"x {act}, params fp32", [x, w, bias], grn, grn_ref, 2 * nbytes,
+                          3 * nbytes, choose_backend("grn", device, (x.dtype, w.dtype))))  # fmt: skip
     return cases
 
 

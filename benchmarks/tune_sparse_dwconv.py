@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import environment, write_row  # noqa: E402
 from fastmim.ops import SparseLayout  # noqa: E402
+from fastmim.ops.triton._common import target_programs  # noqa: E402
 
 STAGES = [(56, 128), (28, 256), (14, 512), (7, 1024)]
 FWD = [(32, 128, 4), (64, 128, 4), (64, 128, 8), (128, 64, 8), (16, 128, 4), (32, 64, 4), (128, 128, 8)]
@@ -67,7 +68,7 @@ def tune_stage(vis: torch.Tensor, side: int, c: int, out: str | None, env: dict)
     for cfg in dict.fromkeys([default_wg, *WGRAD]):
         for split_mult in (1, 2):
             n_c = -(-c // cfg[1])
-            programs = split_mult * -(-kern._target_programs(dev) // (50 * n_c))
+            programs = split_mult * -(-target_programs(dev) // (50 * n_c))
             try:
                 ms = do_bench(lambda cfg=cfg, p=programs: kern.sparse_dwconv_wgrad(grad, x, nbr, p, blocks=cfg))
             except Exception as e:

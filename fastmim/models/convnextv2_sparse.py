@@ -35,6 +35,7 @@ from torch import nn
 
 from fastmim.models.convnextv2 import Block, ConvNeXtV2, drop_path_keep
 from fastmim.ops import SparseLayout, sparse_dwconv
+from fastmim.ops import grn as fused_grn
 
 BACKENDS = ("dense_masked", "fastmim", "spconv")
 
@@ -292,49 +293,14 @@ def grn_rows(grn: nn.Module, y: torch.Tensor, batch: torch.Tensor, bsz: int, uni
     """GRN on rows [M, C]: each sample's statistic over its own rows (its visible pixels).
 
     Rows are in (sample, y, x) order, so with the same number of rows in every sample (``uniform``, as FCMAE's masks
-    give) the statistic is a norm over a [B, M / B, C] view, broadcast back without materialising it per row;
-    otherwise a scatter-add by sample. The norm is computed in fp32 (autocast runs the dense GRN's norm in fp32 too).
+    give) it is the fused ``fastmim.ops.grn`` on a [B, M / B, C] view (Triton on GPUs: two launches forward, three
+    backward, in y's dtype with fp32 statistics); otherwise a scatter-add by sample. The norm is computed in fp32
+    (autocast runs the dense GRN's norm in fp32 too).
     """
     if uniform and bsz > 0 and y.shape[0] % bsz == 0:
-        return _GrnUniform.apply(y.view(bsz, -1, y.shape[1]), grn.weight, grn.bias, grn.eps).view(y.shape)
+        return fused_grn(y.view(bsz, -1, y.shape[1]), grn.weight, grn.bias, grn.eps).view(y.shape)
     sq = torch.zeros(bsz, y.shape[1], device=y.device, dtype=torch.float32)
     sq = sq.index_add(0, batch, y.float().square())  # [B, C] sum of squares per sample and channel
     gx = sq.clamp_min(1e-30).sqrt()  # clamp: a zero norm gets the zero subgradient, as vector_norm's does
     nx = gx / (gx.mean(dim=-1, keepdim=True) + grn.eps)  # [B, C]
     return y + torch.addcmul(grn.bias, grn.weight, y * nx[batch])
-
-
-class _GrnUniform(torch.autograd.Function):
-    """GRN on [B, R, C] (R rows of each sample), written as ``y * (1 + weight * nx) + bias``: the per-(sample, channel)
-    scale is an fp32 [B, 1, C] statistic, and the [B, R, C] tensors stay in y's dtype (bf16 under autocast): one
-    read for the norm and one fused multiply-add forward; backward reads dout and y for two [B, C] reductions and
-    writes dy in one fused multiply-add (autograd of the plain formula keeps several fp32 copies of the hidden
-    activations: about 3x the memory traffic and 4x the kernels). Gradients: with P = sum_r dout * y,
-    dweight = sum_b nx * P, dbias = sum dout, dnx = weight * P, dgx = dnx / d - sum_c(dnx * gx) / (C d^2) with
-    d = mean_c gx + eps, and dy = dout * (1 + weight * nx) + y * dgx / gx (zero where gx = 0, vector_norm's
-    subgradient)."""
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-        stat = torch.promote_types(y.dtype, torch.float32)  # fp32 statistics (float64 input: float64)
-        gx = torch.linalg.vector_norm(y, ord=2, dim=1, keepdim=True, dtype=stat)  # [B, 1, C]
-        d = gx.mean(dim=-1, keepdim=True) + eps  # [B, 1, 1]
-        nx = gx / d
-        scale = torch.addcmul(torch.ones_like(nx), weight.to(stat), nx)  # [B, 1, C] fp32
-        ctx.save_for_backward(y, weight, gx, d, nx, scale)
-        return torch.addcmul(bias.to(y.dtype), y, scale.to(y.dtype))
-
-    @staticmethod
-    def backward(ctx, dout: torch.Tensor):
-        y, weight, gx, d, nx, scale = ctx.saved_tensors
-        dout = dout.to(y.dtype)
-        p = (dout * y).sum(dim=1, keepdim=True, dtype=gx.dtype)  # [B, 1, C]
-        dweight = (p * nx).sum(dim=(0, 1)).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        dbias = dout.sum(dim=(0, 1), dtype=gx.dtype).to(weight.dtype) if ctx.needs_input_grad[2] else None
-        dy = None
-        if ctx.needs_input_grad[0]:
-            dnx = weight.to(gx.dtype) * p
-            dgx = dnx / d - (dnx * gx).sum(dim=-1, keepdim=True) / (gx.shape[-1] * d * d)
-            t = torch.where(gx > 0, dgx / gx.clamp_min(1e-30), torch.zeros_like(gx))  # [B, 1, C]
-            dy = torch.addcmul(dout * scale.to(y.dtype), y, t.to(y.dtype))
-        return dy, dweight, dbias, None

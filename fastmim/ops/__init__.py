@@ -1,15 +1,17 @@
 """fastmim.ops: fused masked-modeling ops, importable on their own (``from fastmim.ops import masked_mse_loss``).
 
 Every op has a plain PyTorch reference (``*_ref``) that defines its semantics. Backends: Triton for CUDA tensors,
-C++ (``fastmim._C``, OpenMP) for CPU tensors, the reference otherwise; ``FASTMIM_BACKEND=triton|cpp|torch`` forces
-one. All are ``torch.library`` custom ops (``torch.ops.fastmim.*``) with fake kernels and autograd, safe under
-``torch.compile(fullgraph=True)``.
+C++ (``fastmim._C``, OpenMP) for CPU tensors (``grn``, which has no C++ kernel: its PyTorch formulation), the
+reference otherwise; ``FASTMIM_BACKEND=triton|cpp|torch`` forces one. All are ``torch.library`` custom ops
+(``torch.ops.fastmim.*``) with fake kernels and autograd, safe under ``torch.compile(fullgraph=True)``.
 """
 
+from fastmim.ops.grn import grn
 from fastmim.ops.masked_loss import masked_mse_loss, masked_mse_loss_patchified
 from fastmim.ops.patchify import patchify, unpatchify
 from fastmim.ops.reference import (
     gather_visible_ref,
+    grn_ref,
     masked_mse_loss_patchified_ref,
     masked_mse_loss_ref,
     patch_stats_ref,
@@ -25,6 +27,8 @@ __all__ = [
     "SparseLayout",
     "gather_visible",
     "gather_visible_ref",
+    "grn",
+    "grn_ref",
     "masked_mse_loss",
     "masked_mse_loss_patchified",
     "masked_mse_loss_patchified_ref",

@@ -3,7 +3,7 @@
 Auto choice: CUDA tensors -> Triton, CPU tensors -> ``fastmim._C``, anything else (or a dtype the kernels do not
 take) -> the PyTorch reference. ``FASTMIM_BACKEND=triton|cpp|torch`` forces one; with ``TRITON_INTERPRET=1`` (set
 before triton is imported) the Triton kernels also run on CPU tensors, which is how CI tests them. Ops in
-``NO_CPP_KERNEL`` run the reference where the C++ backend would be chosen (or forced).
+``NO_CPP_KERNEL`` run their "torch" backend where the C++ backend would be chosen (or forced).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ BACKENDS = ("triton", "cpp", "torch")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # dtype codes of fastmim._C
 CPP_DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-# ops with no fastmim._C kernel yet: "cpp" (chosen or forced) runs their reference instead
-NO_CPP_KERNEL: frozenset[str] = frozenset()
+# ops with no fastmim._C kernel: "cpp" (chosen or forced) runs their "torch" backend instead
+NO_CPP_KERNEL: frozenset[str] = frozenset({"grn"})
 
 
 @functools.cache

@@ -181,3 +181,23 @@ def sparse_dwconv_ref(
     if bias is not None:
         out = out + bias
     return out.to(x.dtype)
+
+
+def grn_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Global Response Norm (ConvNeXt V2) of each sample's rows: ``gx[b, c] = ||x[b, :, c]||_2``,
+    ``nx = gx / (mean_c gx[b] + eps)``, ``out = x * (1 + weight * nx) + bias``.
+
+    Args:
+        x: [B, N, C], N rows per sample (its visible pixels, or all H*W of a dense map).
+        weight: [C] (the paper's gamma).
+        bias: [C] (the paper's beta).
+        eps: added to the mean norm.
+    Returns: [B, N, C] in x's dtype, computed in fp32 (float64 for float64 input) and rounded once. The norm's
+    gradient is zero where a channel is zero in a sample (``vector_norm``'s subgradient).
+    """
+    stat = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(stat)
+    gx = torch.linalg.vector_norm(xf, ord=2, dim=1, keepdim=True)  # [B, 1, C]
+    nx = gx / (gx.mean(dim=-1, keepdim=True) + eps)  # [B, 1, C]
+    out = xf * (1 + weight.to(stat) * nx) + bias.to(stat)  # [B, N, C]
+    return out.to(x.dtype)

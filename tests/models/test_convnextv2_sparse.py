@@ -41,7 +41,7 @@ def run(model, imgs, visible, backend, monkeypatch=None, ops_backend=None):
     x = imgs.clone().requires_grad_(True)
     torch.manual_seed(123)  # drop path draws: the same in every backend
     out = sparse_forward(model, x, visible, backend)
-    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    (out * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     if ops_backend:
         monkeypatch.delenv("FASTMIM_BACKEND")
@@ -207,10 +207,11 @@ def test_grn_rows_uniform_reduction_equals_the_scatter_add():
 
 
 def test_uniform_grn_gradients_are_exact():
-    """The hand-written backward of the uniform GRN against finite differences (float64), with a channel that is zero
-    in one sample (vector_norm's zero subgradient there) and weight/bias gradients; and under bf16 it stays within
-    bf16 rounding of the fp32 result."""
-    from fastmim.models.convnextv2_sparse import _GrnUniform
+    """The fused GRN the uniform rows path calls (fastmim.ops.grn, its closed-form backward) against finite
+    differences (float64), with a channel that is zero in one sample (vector_norm's zero subgradient there) and
+    weight/bias gradients; equal to the dense GRN's autograd; and under bf16 it stays within bf16 rounding of the
+    fp32 result, in bf16."""
+    from fastmim.ops import grn as fused_grn
 
     torch.manual_seed(0)
     y = torch.randn(3, 5, 7, dtype=torch.float64)
@@ -218,7 +219,7 @@ def test_uniform_grn_gradients_are_exact():
     w = torch.randn(7, dtype=torch.float64, requires_grad=True)
     b = torch.randn(7, dtype=torch.float64, requires_grad=True)
     y.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda y, w, b: _GrnUniform.apply(y, w, b, 1e-6), (y, w, b))
+    assert torch.autograd.gradcheck(lambda y, w, b: fused_grn(y, w, b, 1e-6), (y, w, b))
     # the plain formula's gradients (autograd of the dense GRN) on the same input, including the zero channel
     from fastmim.models.convnextv2 import GlobalResponseNorm
 
@@ -228,12 +229,12 @@ def test_uniform_grn_gradients_are_exact():
     g = torch.randn(3, 5, 7, dtype=torch.float64)
     y2 = y.detach().clone().requires_grad_(True)
     (grn(y2.unsqueeze(2)).squeeze(2) * g).sum().backward()
-    (_GrnUniform.apply(y, w, b, 1e-6) * g).sum().backward()
+    (fused_grn(y, w, b, 1e-6) * g).sum().backward()
     torch.testing.assert_close(y.grad, y2.grad)
     torch.testing.assert_close(w.grad, grn.weight.grad)
     torch.testing.assert_close(b.grad, grn.bias.grad)
     yb = y.detach().float().bfloat16()
-    out = _GrnUniform.apply(yb, w.detach().float(), b.detach().float(), 1e-6)
+    out = fused_grn(yb, w.detach().float(), b.detach().float(), 1e-6)
     assert out.dtype == torch.bfloat16
     ref = grn(yb.double().unsqueeze(2)).squeeze(2)
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)

@@ -19,7 +19,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastmim.ops.triton import masked_loss, patchify, sparse_conv, tokens  # noqa: E402
+from fastmim.ops.triton import grn, masked_loss, patchify, sparse_conv, tokens  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -65,12 +65,25 @@ def specs():
     fwd += [(False, False, "fp32", "fp32"), (True, False, "bf16", "fp32"), (True, False, "fp16", "fp16")]
     for flip, has_bias, x, w in fwd:
         ptrs = {"x_ptr": x, "nbr_ptr": "i32", "w_ptr": w, "b_ptr": w, "out_ptr": x}
-        consts = {"K": 7, "FLIP": flip, "HAS_BIAS": has_bias, "BLOCK_M": 32, "BLOCK_C": 128}
+        consts = {"K": 7, "FLIP": flip, "HAS_BIAS": has_bias, "BLOCK_M": 32, "BLOCK_C": 64}
         yield sparse_conv._sparse_dwconv_kernel, ptrs, consts
     for k, dt in ((3, "fp32"), (7, "bf16")):
         ptrs = {"g_ptr": dt, "x_ptr": dt, "nbr_ptr": "i32", "part_ptr": "fp32"}
-        consts = {"K": k, "BLOCK_M": 32, "BLOCK_C": 128}
+        consts = {"K": k, "BLOCK_M": 128, "BLOCK_C": 64}
         yield sparse_conv._sparse_dwconv_wgrad_kernel, ptrs, consts
+    # grn: bf16 activations with fp32 parameters (autocast), fp16 throughout, fp32 throughout
+    for x, w in (("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")):
+        for grad in (False, True):
+            consts = {"GRAD": grad, "BLOCK_N": 16 if grad else 32, "BLOCK_C": 128}
+            yield grn._grn_stats_kernel, {"x_ptr": x, "g_ptr": x, "part_ptr": "fp32"}, consts
+        ptrs = {"x_ptr": x, "part_ptr": "fp32", "w_ptr": w, "bias_ptr": w, "out_ptr": x}
+        yield grn._grn_fwd_kernel, ptrs, {"BLOCK_N": 32, "BLOCK_C": 128, "BLOCK_R": 1024}
+        for need_x in (True, False):
+            ptrs = {"g_ptr": x, "x_ptr": x, "part_ptr": "fp32", "w_ptr": w, "dx_ptr": x, "d_ptr": "fp32"}
+            yield grn._grn_bwd_kernel, ptrs, {"NEED_X": need_x, "BLOCK_N": 16, "BLOCK_C": 128, "BLOCK_R": 1024}
+    for need_w, need_b in ((True, True), (True, False), (False, True)):
+        ptrs = {"part_ptr": "fp32", "d_ptr": "fp32", "dw_ptr": "fp32", "db_ptr": "fp32"}
+        yield grn._grn_param_grad_kernel, ptrs, {"NEED_W": need_w, "NEED_B": need_b, "BLOCK_C": 64}
 
 
 def signature(kernel, ptrs: dict, consts: dict) -> dict:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastmim import _ext
-from fastmim.ops._dispatch import triton_available
+from fastmim.ops._dispatch import NO_CPP_KERNEL, triton_available
 
 
 def _skip_reason(device: str, name: str) -> str | None:
@@ -39,8 +39,12 @@ CASES = [
 
 @pytest.fixture(params=CASES)
 def backend(request, monkeypatch):
-    """(device, backend name) with FASTMIM_BACKEND forcing that backend for the test."""
+    """(device, backend name) with FASTMIM_BACKEND forcing that backend for the test. A test module whose op has no
+    C++ kernel (its ``OP`` in ``NO_CPP_KERNEL``) skips "cpp": forced, it runs the "torch" backend, tested as such."""
     device, name = request.param
+    op = getattr(request.module, "OP", None)
+    if name == "cpp" and op in NO_CPP_KERNEL:
+        pytest.skip(f"{op} has no C++ kernel: FASTMIM_BACKEND=cpp runs its torch backend, tested as 'torch'")
     monkeypatch.setenv("FASTMIM_BACKEND", name)
     return torch.device(device), name
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
@@ -19,3 +22,16 @@ def cast_for_store(v, ptr):
         r = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
         v = tl.where(v == v, r.to(tl.float32, bitcast=True), v)
     return v.to(ptr.dtype.element_ty)
+
+
+@functools.cache
+def _cuda_programs(index: int) -> int:
+    return 4 * torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs a launch that splits a reduction should aim for: about 4 per SM on a GPU; few in the
+    (sequential) interpreter."""
+    if device.type == "cuda":
+        return _cuda_programs(device.index if device.index is not None else torch.cuda.current_device())
+    return 2
