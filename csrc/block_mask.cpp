@@ -2,49 +2,14 @@
 
 #include <algorithm>
 #include <cmath>
-#include <exception>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "mask_rng.h"
+
 namespace fastmim {
 namespace {
-
-// splitmix64: decorrelates the per-sample seeds fed to the generator below.
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ULL;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
-  return x ^ (x >> 31);
-}
-
-// xoshiro256** : small, fast, and its output is fully specified (unlike std:: distributions).
-class Rng {
- public:
-  explicit Rng(uint64_t seed) {
-    for (auto& s : s_) s = seed = splitmix64(seed);
-  }
-  uint64_t next() {
-    const uint64_t result = rotl(s_[1] * 5, 7) * 9;
-    const uint64_t t = s_[1] << 17;
-    s_[2] ^= s_[0];
-    s_[3] ^= s_[1];
-    s_[1] ^= s_[2];
-    s_[0] ^= s_[3];
-    s_[2] ^= t;
-    s_[3] = rotl(s_[3], 45);
-    return result;
-  }
-  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }  // [0, 1)
-  double uniform(double a, double b) { return a + (b - a) * uniform(); }
-  int64_t randint(int64_t lo, int64_t hi) {  // inclusive, hi - lo is tiny so modulo bias is negligible
-    return lo + static_cast<int64_t>(next() % static_cast<uint64_t>(hi - lo + 1));
-  }
-
- private:
-  static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
-  uint64_t s_[4];
-};
 
 // One rectangle, as BEiT's generator draws it: up to max_attempts tries of a random area and log-uniform aspect
 // ratio; a try counts only if it masks at least one new cell and no more than `budget` new cells.
@@ -53,9 +18,11 @@ int64_t add_block(const BlockMaskParams& p, int64_t budget, Rng& rng, uint8_t* m
   for (int64_t attempt = 0; attempt < p.max_attempts; ++attempt) {
     const double area = rng.uniform(p.min_block, static_cast<double>(budget));
     const double aspect = std::exp(rng.uniform(log_lo, log_hi));
-    const int64_t h = std::llround(std::sqrt(area * aspect));
-    const int64_t w = std::llround(std::sqrt(area / aspect));
-    if (h < 1 || w < 1 || h >= p.height || w >= p.width) continue;
+    // compare in double before converting: a huge aspect ratio can make a side infinite
+    const double hd = std::round(std::sqrt(area * aspect)), wd = std::round(std::sqrt(area / aspect));
+    if (!(hd >= 1.0 && wd >= 1.0 && hd < static_cast<double>(p.height) && wd < static_cast<double>(p.width)))
+      continue;
+    const int64_t h = static_cast<int64_t>(hd), w = static_cast<int64_t>(wd);
     const int64_t top = rng.randint(0, p.height - h);
     const int64_t left = rng.randint(0, p.width - w);
     int64_t already = 0;
@@ -98,8 +65,8 @@ void one_sample(const BlockMaskParams& p, Rng& rng, uint8_t* m) {
 
 }  // namespace
 
-void validate(const BlockMaskParams& p) {
-  auto fail = [](const std::string& msg) { throw std::invalid_argument("block_mask: " + msg); };
+void validate(const BlockMaskParams& p, const char* fn) {
+  auto fail = [fn](const std::string& msg) { throw std::invalid_argument(std::string(fn) + ": " + msg); };
   if (p.height < 1 || p.width < 1) fail("grid height and width must be >= 1");
   if (p.height > (1 << 15) || p.width > (1 << 15)) fail("grid height and width must be <= 32768");
   const int64_t n = p.height * p.width;
@@ -112,27 +79,26 @@ void validate(const BlockMaskParams& p) {
   if (p.max_attempts < 1) fail("max_attempts must be >= 1");
 }
 
-void block_mask(const BlockMaskParams& p, int64_t batch, uint64_t seed, uint8_t* out) {
+void block_mask(const BlockMaskParams& p, int64_t batch, uint64_t seed, uint8_t* out, int64_t num_threads) {
   validate(p);
   if (batch < 0) throw std::invalid_argument("block_mask: batch must be >= 0");
   const int64_t n = p.height * p.width;
-  // An exception must not escape an OpenMP region (that would std::terminate): keep the first, rethrow after.
-  std::exception_ptr error = nullptr;
-#ifdef FASTMIM_OPENMP
-#pragma omp parallel for schedule(dynamic, 4)
-#endif
-  for (int64_t b = 0; b < batch; ++b) {
-    try {
-      Rng rng(splitmix64(seed) ^ splitmix64(static_cast<uint64_t>(b) + 0x51ED270B7A3C0F1DULL));
-      one_sample(p, rng, out + b * n);
-    } catch (...) {
-#ifdef FASTMIM_OPENMP
-#pragma omp critical(fastmim_block_mask_error)
-#endif
-      if (!error) error = std::current_exception();
-    }
-  }
-  if (error) std::rethrow_exception(error);
+  for_each_sample(batch, num_threads, [&](int64_t b) {
+    Rng rng(splitmix64(seed) ^ splitmix64(static_cast<uint64_t>(b) + 0x51ED270B7A3C0F1DULL));
+    one_sample(p, rng, out + b * n);
+  });
+}
+
+void block_mask_keys(const BlockMaskParams& p, const uint64_t* keys, int64_t batch, uint8_t* out,
+                     int64_t num_threads) {
+  validate(p, "block_mask_keys");
+  if (batch < 0) throw std::invalid_argument("block_mask_keys: batch must be >= 0");
+  if (batch > 0 && (keys == nullptr || out == nullptr)) throw std::invalid_argument("block_mask_keys: null buffer");
+  const int64_t n = p.height * p.width;
+  for_each_sample(batch, num_threads, [&](int64_t b) {
+    Rng rng = key_rng(keys[b], 0xB10C3A5C0FFEE001ULL);
+    one_sample(p, rng, out + b * n);
+  });
 }
 
 }  // namespace fastmim

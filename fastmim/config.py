@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
+MASK_TYPES = ("random", "block", "simmim", "uniform")
 SPARSE_BACKENDS = ("auto", "fastmim", "dense_masked", "spconv")
 
 
@@ -35,7 +36,11 @@ class PretrainConfig:
         default=None,
         metadata={"help": "fraction of patches removed, in (0, 1) (None: the model's, MAE 0.75, FCMAE 0.6)"},
     )
-    mask_type: str = field(default="random", metadata={"help": "random (MAE) or block (BEiT-style, MAE only)"})
+    mask_type: str = field(
+        default="random",
+        metadata={"help": "mask strategy (--mask): random (MAE), block (BEiT), simmim (32-px patches) or uniform "
+                          "(UM-MAE, 75%); MAE models only"},
+    )  # fmt: skip
     sparse_backend: str = field(
         default="auto",
         metadata={"help": "FCMAE encoder: auto (fastmim where compiled kernels exist), fastmim, dense_masked, spconv"},
@@ -94,8 +99,8 @@ class PretrainConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
-        if self.mask_type not in ("random", "block"):
-            raise ValueError(f"mask_type must be 'random' or 'block', got {self.mask_type!r}")
+        if self.mask_type not in MASK_TYPES:
+            raise ValueError(f"mask_type must be one of {', '.join(MASK_TYPES)}, got {self.mask_type!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -191,14 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     hints = typing.get_type_hints(PretrainConfig)
     for f in dataclasses.fields(PretrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        flags = (flag, "--mask") if f.name == "mask_type" else (flag,)
         base, _ = _base_type(hints[f.name])
         kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} (default: {f.default})")
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "resume":
-            parser.add_argument(flag, nargs="?", const="auto", metavar="CHECKPOINT", **kw)
+            parser.add_argument(*flags, nargs="?", const="auto", metavar="CHECKPOINT", **kw)
         else:
-            parser.add_argument(flag, type=str, metavar=base.__name__.upper(), **kw)
+            parser.add_argument(*flags, dest=f.name, type=str, metavar=base.__name__.upper(), **kw)
     return parser
 
 

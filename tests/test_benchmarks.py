@@ -322,3 +322,64 @@ def test_sparse_conv_benchmark_runs_spconv_only_where_installed(monkeypatch, cap
     assert "pip install spconv-cu120" in capsys.readouterr().err
     monkeypatch.setattr(sparse_conv, "spconv_missing", lambda: None)
     assert sparse_conv.default_backends() == ["dense_masked", "fastmim", "spconv"]
+
+
+# --- mask generation ---
+
+
+def test_masks_benchmark_smoke_on_cpu(tmp_path, capsys):
+    import masks
+
+    from fastmim.masking.strategies import STRATEGIES
+
+    out = tmp_path / "masks.jsonl"
+    args = ["--devices", "cpu", "--batch", "32", "--ref-batch", "4", "--reps", "2", "--min-reps", "1", "--warmup",
+            "0", "--budget-s", "0.05", "--grid", "8", "--out", str(out)]  # fmt: skip
+    assert masks.main(args) == 0
+    err = capsys.readouterr().err
+    rows = read_rows(out)
+    assert rows[0]["impl"] == "beit_loop" and rows[0]["speedup_vs_beit_loop"] == 1.0 and rows[0]["batch"] == 4
+    assert {r["strategy"] for r in rows if r["impl"] == "torch"} == set(STRATEGIES)
+    assert {r["strategy"] for r in rows if r["impl"] == "ref"} == set(STRATEGIES)
+    for r in rows:
+        assert r["benchmark"] == "masks" and r["grid"] == "8x8" and r["device"] == "cpu" and r["commit"] and r["torch"]
+        assert r["masks_per_s"] > 0 and r["ms_per_batch"] > 0 and r["speedup_vs_beit_loop"] > 0 and r["reps"] >= 1
+        assert r["batch"] == (4 if r["impl"] in ("ref", "beit_loop") else 32)
+        assert r["masks_per_s"] == pytest.approx(r["batch"] / r["ms_per_batch"] * 1e3, rel=1e-3)
+        assert r["speedup_vs_beit_loop"] == pytest.approx(r["masks_per_s"] / rows[0]["masks_per_s"], rel=0.01, abs=0.01)
+    # C++ rows (block, uniform, multiblock) on one core (a child process) and on all cores, or the reason they are
+    # missing (the extension is not built)
+    for name in (n for n, cls in STRATEGIES.items() if cls.has_cpp):
+        cpp = [r for r in rows if r["strategy"] == name and r["impl"] == "cpp"]
+        if _ext_has_masks():
+            assert sorted(r["threads"] for r in cpp)[0] == 1 and len(cpp) == 2
+        else:
+            assert f"SKIPPED {name} impl=cpp" in err
+    assert "targets (printed, never asserted)" in err and "50x" in err
+
+
+def _ext_has_masks() -> bool:
+    from fastmim import _ext
+
+    return _ext.available() and hasattr(_ext.require(), "block_mask_keys")
+
+
+def test_beit_loop_baseline_masks_blocks_up_to_the_count():
+    import masks
+
+    gen = masks.beit_generator((14, 14))
+    assert gen.num_masking_patches == 79 and gen.min_num_patches == 4  # the block strategy's ratio 0.4
+    batch = masks.beit_loop(gen, 64)
+    counts = batch.reshape(64, -1).sum(1)
+    assert batch.shape == (64, 14, 14) and (counts <= 79).all() and (counts == 79).mean() > 0.8
+
+
+def test_masks_benchmark_bad_arguments(capsys):
+    import masks
+
+    for args, message in ((["--strategies", "block,blob"], "--strategies must come from"),
+                          (["--impls", "cuda"], "--impls must come from"), (["--batch", "0"], "--batch must be"),
+                          (["--cpp-threads", "4"], "--cpp-threads"), (["--devices", "tpu"], "--devices")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            masks.main(args)
+        assert message in capsys.readouterr().err

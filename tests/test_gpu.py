@@ -209,3 +209,29 @@ def test_fcmae_compiles_on_cuda():
         eager, _, _ = m(imgs, mask=mask)
         compiled, _, _ = torch.compile(m, fullgraph=True)(imgs, mask=mask)
     torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["random", "block", "simmim", "uniform", "multiblock", "tube", "attention",
+                                  "hardpatch"])  # fmt: skip
+def test_mask_strategies_on_cuda(name):
+    """The batched strategies on the GPU: the integer-hash draws give the CPU's masks bit for bit where only
+    comparisons and sorts follow them; block and multiblock size their rectangles with float maths (sqrt, exp) that may
+    round differently, so there the invariants and determinism are checked."""
+    from fastmim.masking import build_mask
+
+    s = build_mask(name, 14, impl="torch", seed=5)
+    inputs = {}
+    if name in ("attention", "hardpatch"):
+        inputs = {"scores" if name == "attention" else "losses": torch.rand(256, 196)}
+    idx = torch.arange(1000, 1256)
+    cpu = s(indices=idx, epoch=2, **inputs)
+    gpu = s(indices=idx.cuda(), epoch=2, device="cuda", **{k: v.cuda() for k, v in inputs.items()})
+    assert gpu.mask.is_cuda
+    if name == "block":
+        assert (gpu.mask.flatten(1).sum(1) == s.num_hidden).all()
+    elif name == "multiblock":
+        assert not (~gpu.mask & gpu.targets.any(1)).any()
+    else:
+        assert torch.equal(gpu.mask.cpu(), cpu.mask)
+    again = s(indices=idx.cuda(), epoch=2, device="cuda", **{k: v.cuda() for k, v in inputs.items()})
+    assert torch.equal(again.mask, gpu.mask)

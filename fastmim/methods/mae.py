@@ -12,8 +12,10 @@ import functools
 import torch
 from torch import nn
 
-from fastmim.masking import BlockMaskConfig, BlockMaskGenerator, MaskInfo, masking_from_bool, random_masking
-from fastmim.masking.random import check_mask_ratio, num_visible
+from fastmim.masking import MaskInfo, random_masking
+from fastmim.masking.base import MaskStrategy
+from fastmim.masking.random import check_mask_ratio
+from fastmim.masking.strategies import build_mask
 from fastmim.models.pos_embed import sincos_2d
 from fastmim.models.registry import register_model
 from fastmim.models.vit import Block, VisionTransformer, init_weights, vit_sizes
@@ -24,7 +26,7 @@ from fastmim.ops.reference import (
 )
 from fastmim.targets import PixelTarget
 
-MASK_TYPES = ("random", "block")
+MASK_TYPES = ("random", "block", "simmim", "uniform")  # strategies with the same hidden count in every sample
 DECODER_KEYS = ("decoder_", "mask_token")  # state-dict prefixes that belong to the head, not the encoder
 
 
@@ -34,7 +36,9 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
     Args:
         decoder_embed_dim, decoder_depth, decoder_num_heads: decoder shape (MAE default 512, 8, 16).
         mask_ratio: fraction of patches removed per sample.
-        mask_type: "random" (MAE) or "block" (BEiT-style block-wise masks with the same count).
+        mask_type: "random" (MAE), "block" (BEiT-style block-wise masks with the same count), "simmim" (random
+            32-px mask patches, SimMIM) or "uniform" (UM-MAE's one visible token per 2x2 cell: 75% hidden); see
+            ``fastmim.masking.strategies``.
         norm_pix_loss: normalise each target patch by its mean and std.
         fused_ops: use fastmim.ops (fused gather, decoder-input scatter and loss); False keeps the plain PyTorch
             reference path, which computes the same values.
@@ -78,7 +82,8 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
         self._init_decoder()
-        self._block_masks: BlockMaskGenerator | None = None
+        self._mask_strategy: MaskStrategy | None = None
+        self._mask_strategy_ratio: float | None = None
 
     def _init_decoder(self) -> None:
         d = self.decoder_embed.out_features
@@ -97,13 +102,17 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         if self.mask_type == "random":
             return random_masking(batch, self.num_patches, ratio, device=device)
-        n_masked = self.num_patches - num_visible(self.num_patches, ratio)
-        gh, gw = self.grid_size
-        if self._block_masks is None or self._block_masks.cfg.num_masked != n_masked:
-            self._block_masks = BlockMaskGenerator(BlockMaskConfig(gh, gw, n_masked))
+        if self.mask_type == "uniform" and abs(ratio - 0.75) > 1e-9:
+            raise ValueError(f"uniform masking hides 75% of the tokens (one visible per 2x2 cell), got {ratio=}")
+        if self._mask_strategy is None or self._mask_strategy_ratio != ratio:
+            params = {"secondary_ratio": 0.0} if self.mask_type == "uniform" else {"ratio": ratio}
+            if self.mask_type == "simmim":
+                p = self.patch_embed.patch_size[0]
+                params.update(mask_patch_size=2 * p, patch_size=p)  # SimMIM's 32-px mask patches over 16-px tokens
+            self._mask_strategy = build_mask(self.mask_type, self.grid_size, **params)
+            self._mask_strategy_ratio = ratio
         seed = int(torch.randint(0, 2**62, (1,)))  # from torch's RNG, so seeding and resume cover it
-        mask = self._block_masks(batch, seed=seed).reshape(batch, gh * gw)
-        return masking_from_bool(mask.to(device, non_blocking=True))
+        return self._mask_strategy(indices=torch.arange(batch), seed=seed, device=device).info()
 
     # --- Encoder ---
     def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:

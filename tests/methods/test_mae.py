@@ -135,6 +135,26 @@ def test_block_mask_type_trains_with_exact_count():
     assert m.decoder_pred.weight.grad is not None and torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("mask_type, ratio, hidden", [("simmim", 0.5, 8), ("uniform", 0.75, 12)])
+def test_simmim_and_uniform_mask_types_train(mask_type, ratio, hidden):
+    """The 4x4 token grid: SimMIM hides 2 of its four 2x2-token (32-px) cells; uniform keeps one token per 2x2 cell."""
+    torch.manual_seed(0)
+    m = tiny_mae(mask_type=mask_type, mask_ratio=ratio)
+    loss, _, mask = m(torch.randn(3, 3, 64, 64))
+    loss.backward()
+    assert (mask.sum(1) == hidden).all() and torch.isfinite(loss)
+    cells = mask.view(3, 2, 2, 2, 2).permute(0, 1, 3, 2, 4).flatten(3)  # [B, 2, 2, 4]: the 2x2 cells
+    if mask_type == "simmim":
+        assert ((cells.sum(-1) == 0) | (cells.sum(-1) == 4)).all()
+    else:
+        assert (cells.sum(-1) == 3).all()
+    torch.manual_seed(0)  # masks come from torch's RNG: seeding repeats them, as for random masks
+    _, _, again = tiny_mae(mask_type=mask_type, mask_ratio=ratio)(torch.randn(3, 3, 64, 64))
+    assert torch.equal(again, mask)
+    with pytest.raises(ValueError, match="uniform masking hides 75%"):
+        tiny_mae(mask_type="uniform", mask_ratio=0.6)(torch.randn(1, 3, 64, 64))
+
+
 def test_reconstruct_undoes_norm_pix():
     m = tiny_mae()
     imgs = torch.randn(1, 3, 64, 64)

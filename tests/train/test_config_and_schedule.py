@@ -89,3 +89,12 @@ def test_every_shipped_recipe_config_resolves_and_builds_its_model(path):
     with torch.device("meta"):  # the shapes, without allocating a large model
         model = build_model(cfg, torch.device("meta"))
     assert model.mask_ratio == cfg.mask_ratio
+
+
+def test_mask_flag_selects_the_strategy():
+    cfg, _ = resolve_config(["--mask", "simmim", "--mask-ratio", "0.5"])
+    assert cfg.mask_type == "simmim" and cfg.mask_ratio == 0.5
+    cfg, _ = resolve_config(["--mask-type", "uniform"])
+    assert cfg.mask_type == "uniform"
+    with pytest.raises(ValueError, match="mask_type must be one of random, block, simmim, uniform, got 'tube'"):
+        resolve_config(["--mask", "tube"])

@@ -1,0 +1,199 @@
+"""The interface every mask strategy shares.
+
+A strategy is built once for a token grid and its parameters, then called per batch::
+
+    masks = strategy(indices=sample_ids, epoch=epoch, device="cuda")   # or strategy(batch) for a running counter
+    masks.mask        # [B, H, W] bool (tube: [B, T, H, W]), True = hidden from the encoder
+    masks.info()      # ids_keep / ids_restore / float mask for MAE-style encoders (same count in every sample)
+
+Masks are a pure function of (seed, epoch, sample index): the same whatever the number of data workers, ranks or
+restarts (``fastmim.masking.rng``). Implementations (``impl``): "torch" (batched, no per-sample Python loop: runs on
+the GPU), "cpp" (``fastmim._C``, multi-threaded, for CPU data workers; the loop-heavy strategies), "ref" (a readable
+per-sample Python loop, the semantics); "auto" picks cpp on CPU where it exists and is built, else torch. The three
+draw from different random streams: they agree in distribution, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import abc
+import random
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from fastmim import _ext
+from fastmim.masking.random import MaskInfo, masking_from_bool
+from fastmim.masking.rng import sample_keys
+
+IMPLS = ("auto", "torch", "cpp", "ref")
+
+
+@dataclass
+class Masks:
+    """One batch of masks.
+
+    mask:      [B, H, W] (tube: [B, T, H, W]) bool, True = hidden from the (context) encoder.
+    targets:   multi-block only: [B, K, H, W] bool, the K target blocks to predict.
+    secondary: uniform only: [B, H, W] bool, visible tokens the encoder sees as mask tokens (UM-MAE's secondary
+               masking); always a subset of ~mask.
+    """
+
+    mask: torch.Tensor
+    targets: torch.Tensor | None = None
+    secondary: torch.Tensor | None = None
+
+    def info(self) -> MaskInfo:
+        """MAE's index form of ``mask`` flattened per sample: needs the same hidden count in every sample."""
+        return masking_from_bool(self.mask.flatten(1))
+
+    def to(self, device) -> Masks:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Masks(move(self.mask), move(self.targets), move(self.secondary))
+
+
+def as_grid(grid: int | tuple[int, int], what: str = "grid") -> tuple[int, int]:
+    g = (grid, grid) if isinstance(grid, int) and not isinstance(grid, bool) else tuple(grid)
+    if len(g) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in g):
+        raise ValueError(f"{what} must be a positive int or (height, width) of positive ints, got {grid!r}")
+    return g  # type: ignore[return-value]
+
+
+def check_ratio(name: str, value: float, low_open: bool = True, high_open: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    ok_low = v > 0.0 if low_open else v >= 0.0
+    ok_high = v < 1.0 if high_open else v <= 1.0
+    if not (ok_low and ok_high):
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {lo}0, 1{hi}, got {value!r}")
+    return v
+
+
+def check_range(name: str, pair, positive: bool = True) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in pair)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a (min, max) pair of numbers, got {pair!r}") from None
+    if not (lo <= hi) or (positive and lo <= 0.0):
+        raise ValueError(f"{name} must be (min, max) with {'0 < ' if positive else ''}min <= max, got {pair!r}")
+    return lo, hi
+
+
+class MaskStrategy(abc.ABC):
+    """Base class. Subclasses set ``name``, implement ``_torch`` and ``_ref`` (and ``_cpp`` where listed in
+    ``cpp``), and validate their parameters in ``__init__`` (after calling ``super().__init__``).
+
+    Args:
+        grid: token grid (H, W) or one int for a square grid.
+        seed: the run's seed; masks depend on (seed, epoch, sample index) only.
+        impl: "auto", "torch", "cpp" or "ref".
+    """
+
+    name: ClassVar[str]
+    has_cpp: ClassVar[bool] = False
+    inputs: ClassVar[tuple[str, ...]] = ()  # per-batch tensors the strategy needs (scores, losses)
+
+    def __init__(self, grid: int | tuple[int, int], *, seed: int = 0, impl: str = "auto"):
+        self.grid = as_grid(grid)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.seed = seed
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if impl == "cpp":
+            if not self.has_cpp:
+                raise ValueError(f"mask strategy {self.name!r} has no C++ implementation (use 'torch' or 'ref')")
+            _ext.require()
+        self.impl = impl
+        self._drawn = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def resolve_impl(self, device: torch.device) -> str:
+        if self.impl != "auto":
+            return self.impl
+        if self.has_cpp and device.type == "cpu" and _ext.available():
+            return "cpp"
+        return "torch"
+
+    def __call__(
+        self,
+        batch: int | None = None,
+        *,
+        indices: torch.Tensor | None = None,
+        epoch: int = 0,
+        device: torch.device | str | None = None,
+        seed: int | None = None,
+        **inputs: torch.Tensor,
+    ) -> Masks:
+        """Masks for the samples ``indices`` ([B] int, dataset indices) at ``epoch``; without indices, ``batch``
+        consecutive indices continuing from the previous call (a reproducible stream for a fixed call sequence).
+        ``seed`` overrides the strategy's seed for this call."""
+        if indices is None:
+            if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+                raise ValueError(f"batch must be a non-negative int when no indices are given, got {batch!r}")
+            indices = torch.arange(self._drawn, self._drawn + batch, dtype=torch.int64)
+            self._drawn += batch
+        else:
+            indices = torch.as_tensor(indices)
+            if batch is not None and batch != indices.shape[0]:
+                raise ValueError(f"batch={batch} but {indices.shape[0]} indices were given")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        missing = [k for k in self.inputs if k not in inputs]
+        extra = [k for k in inputs if k not in self.inputs]
+        if missing or extra:
+            need = ", ".join(self.inputs) or "none"
+            raise TypeError(f"mask strategy {self.name!r} takes per-batch inputs: {need}; "
+                            f"missing {missing}, unexpected {extra}")  # fmt: skip
+        dev = torch.device(device) if device is not None else None
+        if dev is None:
+            dev = next((t.device for t in inputs.values()), torch.device("cpu"))
+        inputs = {k: self._check_input(k, torch.as_tensor(v).to(dev), indices.shape[0]) for k, v in inputs.items()}
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        keys = sample_keys(self.seed if seed is None else seed, epoch, indices.to(dev))
+        impl = self.resolve_impl(dev)
+        if impl == "torch":
+            return self._torch(keys, **inputs)
+        keys_cpu = keys.cpu()
+        inputs_cpu = {k: v.cpu() for k, v in inputs.items()}
+        out = self._cpp(keys_cpu, **inputs_cpu) if impl == "cpp" else self._ref_batch(keys_cpu, **inputs_cpu)
+        return out.to(dev)
+
+    def _check_input(self, name: str, value: torch.Tensor, batch: int) -> torch.Tensor:
+        h, w = self.grid
+        if value.shape not in ((batch, h * w), (batch, h, w)):
+            raise ValueError(f"mask strategy {self.name!r}: {name} must be [B, H*W] or [B, H, W] = [{batch}, {h * w}] "
+                             f"or [{batch}, {h}, {w}], got {tuple(value.shape)}")  # fmt: skip
+        if not value.is_floating_point():
+            raise TypeError(f"mask strategy {self.name!r}: {name} must be a float tensor, got {value.dtype}")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"mask strategy {self.name!r}: {name} has non-finite values")
+        return value.reshape(batch, h * w).float()
+
+    def _ref_batch(self, keys: torch.Tensor, **inputs: torch.Tensor) -> Masks:
+        outs = [self._ref(random.Random(int(k)), **{n: v[i] for n, v in inputs.items()}) for i, k in enumerate(keys)]
+        if not outs:
+            return self._torch(keys, **inputs)
+        stack = lambda f: None if getattr(outs[0], f) is None else torch.stack([getattr(o, f) for o in outs])  # noqa: E731
+        return Masks(stack("mask"), stack("targets"), stack("secondary"))
+
+    @abc.abstractmethod
+    def _torch(self, keys: torch.Tensor, **inputs: torch.Tensor) -> Masks:
+        """Batched: keys [B] int64 on the target device."""
+
+    @abc.abstractmethod
+    def _ref(self, rng: random.Random, **inputs: torch.Tensor) -> Masks:
+        """One sample (fields without the batch dimension), in plain Python."""
+
+    def _cpp(self, keys: torch.Tensor, **inputs: torch.Tensor) -> Masks:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "impl")
+        return f"{type(self).__name__}({params})"

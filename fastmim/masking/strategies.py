@@ -1,0 +1,477 @@
+"""Every mask family of masked modeling behind one interface (``fastmim.masking.base.MaskStrategy``).
+
+=================  ==========================================================================================
+``random``         MAE: exactly ``N - int(N * (1 - ratio))`` tokens hidden per sample, uniformly.
+``block``          BEiT: rectangles of random area and log-uniform aspect ratio until the target count (exact:
+                   a stuck sample is topped up with random cells).
+``simmim``         SimMIM: random masking of a coarser mask-patch grid (e.g. 32 px over 16-px tokens), upsampled.
+``uniform``        UM-MAE: one visible token per 2x2 cell; then ``secondary_ratio`` of the visible ones become
+                   mask tokens (``Masks.secondary``).
+``multiblock``     I-JEPA: K target blocks and one context block; the context excludes the targets.
+``tube``           VideoMAE: one spatial mask repeated over T frames ([B, T, H, W]).
+``attention``      AttMask / MILAN: hide the highest-scoring tokens of a given per-token score, a ``random_share``
+                   of the hidden ones drawn at random among the rest.
+``hardpatch``      HPM: hide tokens drawn without replacement with probability proportional to a given predicted
+                   loss (Gumbel top-k), a ``random_share`` of them uniformly.
+=================  ==========================================================================================
+
+``build_mask(name, grid, **params)`` builds one by name. Each has a batched PyTorch implementation (no per-sample
+Python loop; GPU) and a readable per-sample reference; block, multiblock and uniform also a C++ one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastmim.masking.base import Masks, MaskStrategy, as_grid, check_range, check_ratio
+from fastmim.masking.rng import randint, uniform
+
+
+def exact_hidden(n: int, ratio: float) -> int:
+    """Hidden tokens for a ratio, as MAE counts (visible = int(N * (1 - ratio))), at least one of each."""
+    return n - max(1, min(n - 1, int(n * (1 - ratio)))) if n > 1 else 0
+
+
+def _scatter_true(shape: tuple[int, int], ids: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(shape, dtype=torch.bool, device=ids.device)
+    return out.scatter_(1, ids, True)
+
+
+def _rank(values: torch.Tensor) -> torch.Tensor:
+    """[B, N] -> rank of each entry in ascending order (0 = smallest), ties broken by position."""
+    order = torch.argsort(values, dim=1, stable=True)
+    return torch.argsort(order, dim=1)
+
+
+class RandomMask(MaskStrategy):
+    """MAE's random masking. Args: grid, ratio (hidden fraction, in (0, 1)), seed, impl."""
+
+    name = "random"
+
+    def __init__(self, grid, ratio: float = 0.75, **kw):
+        super().__init__(grid, **kw)
+        self.ratio = check_ratio("ratio", ratio)
+        self.num_hidden = exact_hidden(self.num_tokens, self.ratio)
+
+    def _torch(self, keys):
+        ids = torch.argsort(uniform(keys, self.num_tokens), dim=1, stable=True)[:, : self.num_hidden]
+        return Masks(_scatter_true((keys.shape[0], self.num_tokens), ids).view(keys.shape[0], *self.grid))
+
+    def _ref(self, rng):
+        mask = torch.zeros(self.num_tokens, dtype=torch.bool)
+        mask[rng.sample(range(self.num_tokens), self.num_hidden)] = True
+        return Masks(mask.view(self.grid))
+
+
+class BlockMask(MaskStrategy):
+    """BEiT's block-wise masking with an exact count.
+
+    Each block: up to ``max_attempts`` tries of an area uniform in [min_num_patches, budget] (budget: what is left
+    to hide, at most ``max_num_patches``), a log-uniform aspect ratio in [min_aspect, max_aspect] (default
+    1 / min_aspect), h = round(sqrt(area * aspect)), w = round(sqrt(area / aspect)), a uniform position; a try counts
+    if it hides at least one new token and no more than the budget. When no try succeeds the remaining count is drawn
+    uniformly from the free tokens (BEiT would stop short).
+    """
+
+    name = "block"
+    has_cpp = True
+
+    def __init__(self, grid, ratio: float = 0.4, min_num_patches: int = 4, max_num_patches: int | None = None,
+                 min_aspect: float = 0.3, max_aspect: float | None = None, max_attempts: int = 10, **kw):  # fmt: skip
+        super().__init__(grid, **kw)
+        self.ratio = check_ratio("ratio", ratio)
+        self.num_hidden = exact_hidden(self.num_tokens, self.ratio)
+        from fastmim.masking.block import BlockMaskConfig
+
+        self.config = BlockMaskConfig(
+            self.grid[0],
+            self.grid[1],
+            self.num_hidden,
+            min_num_patches,
+            max_num_patches,
+            min_aspect,
+            max_aspect,
+            max_attempts,
+        )  # fmt: skip (validates)
+
+    def _torch(self, keys):
+        cfg = self.config
+        b, (h, w) = keys.shape[0], self.grid
+        dev = keys.device
+        mask = torch.zeros(b, h, w, dtype=torch.bool, device=dev)
+        count = torch.zeros(b, dtype=torch.int64, device=dev)
+        active = torch.ones(b, dtype=torch.bool, device=dev)
+        a = cfg.max_attempts
+        lo, hi = (math.log(x) for x in cfg.aspect_range)
+        yy = torch.arange(h, device=dev).view(1, h, 1)
+        xx = torch.arange(w, device=dev).view(1, 1, w)
+        rounds = 0
+        while rounds < cfg.num_masked:  # each accepted block hides >= 1 new token
+            budget = torch.clamp(cfg.num_masked - count, max=cfg.block_area_max).double()  # [B]
+            u = uniform(keys, 4 * a, stream=rounds).double().view(b, 4, a)
+            area = cfg.min_num_patches + u[:, 0] * (budget[:, None] - cfg.min_num_patches)  # [B, A]
+            aspect = torch.exp(lo + u[:, 1] * (hi - lo))
+            bh = torch.round(torch.sqrt(area * aspect)).long()
+            bw = torch.round(torch.sqrt(area / aspect)).long()
+            ok = (bh >= 1) & (bw >= 1) & (bh < h) & (bw < w)
+            top = torch.minimum((u[:, 2] * (h - bh + 1).clamp_min(1)).long(), (h - bh).clamp_min(0))
+            left = torch.minimum((u[:, 3] * (w - bw + 1).clamp_min(1)).long(), (w - bw).clamp_min(0))
+            # hidden tokens already under each candidate, from the summed-area table of the mask
+            sat = torch.nn.functional.pad(mask.long().cumsum(1).cumsum(2), (1, 0, 1, 0))  # [B, H+1, W+1]
+            flat = sat.view(b, (h + 1) * (w + 1))
+            ys, xs = (top + bh, top + bh, top, top), (left + bw, left, left + bw, left)
+            corners = [flat.gather(1, y.clamp(0, h) * (w + 1) + x.clamp(0, w)) for y, x in zip(ys, xs, strict=True)]
+            covered = corners[0] - corners[1] - corners[2] + corners[3]  # [B, A]
+            fresh = bh * bw - covered
+            good = ok & (fresh > 0) & (fresh <= budget[:, None].long()) & active[:, None]
+            first = torch.argmax(good.int(), dim=1)  # the first good try, as tries are sequential
+            took = good.any(dim=1)
+            t0, l0, h0, w0 = (t.gather(1, first[:, None]).view(b, 1, 1) for t in (top, left, bh, bw))
+            rect = (yy >= t0) & (yy < t0 + h0) & (xx >= l0) & (xx < l0 + w0) & took.view(b, 1, 1)
+            mask |= rect
+            count += torch.where(took, fresh.gather(1, first[:, None]).squeeze(1), 0)
+            active &= took & (count < cfg.num_masked)
+            rounds += 1
+            if rounds % 4 == 0 and not bool(active.any()):  # a host sync every few rounds
+                break
+        # the exact count: top up stuck samples with random free tokens
+        short = (cfg.num_masked - count).view(b, 1)
+        noise = uniform(keys, h * w, stream=1 << 20).masked_fill(mask.view(b, h * w), 2.0)
+        mask |= (_rank(noise) < short).view(b, h, w)
+        return Masks(mask)
+
+    def _ref(self, rng):
+        from fastmim.masking.block import block_mask_ref
+
+        return Masks(torch.from_numpy(block_mask_ref(self.config, rng)))
+
+    def _cpp(self, keys):
+        from fastmim import _ext
+
+        c = self.config
+        lo, hi = c.aspect_range
+        out = _ext.require().block_mask_keys(
+            keys.numpy().astype("uint64"), c.height, c.width, c.num_masked, float(c.min_num_patches),
+            float(c.block_area_max), lo, hi, c.max_attempts,
+        )  # fmt: skip
+        return Masks(torch.from_numpy(out))
+
+
+class SimMIMMask(MaskStrategy):
+    """SimMIM: ``ceil(ratio * M)`` of the M cells of a coarse grid of ``mask_patch_size`` px hidden, each cell then
+    covering (mask_patch_size / patch_size)^2 tokens. Args: grid (tokens), ratio, mask_patch_size, patch_size."""
+
+    name = "simmim"
+
+    def __init__(self, grid, ratio: float = 0.6, mask_patch_size: int = 32, patch_size: int = 16, **kw):
+        super().__init__(grid, **kw)
+        self.ratio = check_ratio("ratio", ratio)
+        if not all(isinstance(v, int) and v > 0 for v in (mask_patch_size, patch_size)) or mask_patch_size % patch_size:
+            raise ValueError(f"mask_patch_size ({mask_patch_size}) must be a positive multiple of patch_size "
+                             f"({patch_size})")  # fmt: skip
+        self.scale = mask_patch_size // patch_size
+        if self.grid[0] % self.scale or self.grid[1] % self.scale:
+            raise ValueError(f"the {self.grid[0]}x{self.grid[1]} token grid does not divide into {self.scale}x"
+                             f"{self.scale}-token mask patches ({mask_patch_size} over {patch_size} px)")  # fmt: skip
+        self.coarse = (self.grid[0] // self.scale, self.grid[1] // self.scale)
+        m = self.coarse[0] * self.coarse[1]
+        self.num_hidden_cells = min(m, int(math.ceil(m * self.ratio)))
+
+    def _up(self, coarse: torch.Tensor) -> torch.Tensor:
+        return coarse.repeat_interleave(self.scale, -2).repeat_interleave(self.scale, -1)
+
+    def _torch(self, keys):
+        m = self.coarse[0] * self.coarse[1]
+        ids = torch.argsort(uniform(keys, m), dim=1, stable=True)[:, : self.num_hidden_cells]
+        return Masks(self._up(_scatter_true((keys.shape[0], m), ids).view(keys.shape[0], *self.coarse)))
+
+    def _ref(self, rng):
+        m = self.coarse[0] * self.coarse[1]
+        coarse = torch.zeros(m, dtype=torch.bool)
+        coarse[rng.sample(range(m), self.num_hidden_cells)] = True
+        return Masks(self._up(coarse.view(self.coarse)))
+
+
+class UniformMask(MaskStrategy):
+    """UM-MAE's uniform sampling: in every 2x2 cell of the grid one token (uniformly chosen) stays visible, so 75% are
+    hidden; then ``round(secondary_ratio * visible)`` of the visible tokens are marked ``secondary`` (the encoder
+    sees them as mask tokens). Args: grid (even sides), secondary_ratio in [0, 1)."""
+
+    name = "uniform"
+    has_cpp = True
+
+    def __init__(self, grid, secondary_ratio: float = 0.25, **kw):
+        super().__init__(grid, **kw)
+        if self.grid[0] % 2 or self.grid[1] % 2:
+            raise ValueError(f"uniform masking needs an even token grid (2x2 cells), got {self.grid[0]}x{self.grid[1]}")
+        self.secondary_ratio = check_ratio("secondary_ratio", secondary_ratio, low_open=False)
+        self.cells = (self.grid[0] // 2, self.grid[1] // 2)
+        nc = self.cells[0] * self.cells[1]
+        self.num_secondary = int(round(self.secondary_ratio * nc))
+
+    def _from_choice(self, choice: torch.Tensor, sec_cells: torch.Tensor) -> Masks:
+        """choice [B, h, w] in 0..3 (the visible token of each cell, (dy, dx) = divmod(choice, 2)); sec_cells
+        [B, h, w] bool -> Masks."""
+        b = choice.shape[0]
+        onehot = torch.nn.functional.one_hot(choice, 4).bool().view(b, *self.cells, 2, 2)  # [B, h, w, dy, dx]
+        visible = onehot.permute(0, 1, 3, 2, 4).reshape(b, *self.grid)
+        sec = (onehot & sec_cells[..., None, None]).permute(0, 1, 3, 2, 4).reshape(b, *self.grid)
+        return Masks(~visible, secondary=sec)
+
+    def _torch(self, keys):
+        nc = self.cells[0] * self.cells[1]
+        choice = (uniform(keys, nc) * 4).long().clamp_max(3).view(keys.shape[0], *self.cells)
+        ids = torch.argsort(uniform(keys, nc, stream=1), dim=1, stable=True)[:, : self.num_secondary]
+        return self._from_choice(choice, _scatter_true((keys.shape[0], nc), ids).view(keys.shape[0], *self.cells))
+
+    def _ref(self, rng):
+        nc = self.cells[0] * self.cells[1]
+        choice = torch.tensor([rng.randrange(4) for _ in range(nc)]).view(1, *self.cells)
+        sec = torch.zeros(nc, dtype=torch.bool)
+        sec[rng.sample(range(nc), self.num_secondary)] = True
+        out = self._from_choice(choice, sec.view(1, *self.cells))
+        return Masks(out.mask[0], secondary=out.secondary[0])
+
+    def _cpp(self, keys):
+        from fastmim import _ext
+
+        choice, sec = _ext.require().uniform_mask_keys(keys.numpy().astype("uint64"), *self.cells, self.num_secondary)
+        return self._from_choice(torch.from_numpy(choice).long(), torch.from_numpy(sec))
+
+
+def _block_hw(scale: torch.Tensor, aspect: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """I-JEPA's block size: area scale * H * W, aspect ratio h / w; h = round(sqrt(area * aspect)),
+    w = round(sqrt(area / aspect)), each clipped to [1, side]."""
+    area = scale * (h * w)
+    bh = torch.round(torch.sqrt(area * aspect)).long().clamp(1, h)
+    bw = torch.round(torch.sqrt(area / aspect)).long().clamp(1, w)
+    return bh, bw
+
+
+class MultiBlockMask(MaskStrategy):
+    """I-JEPA's multi-block masking: ``num_targets`` target blocks (scale ``target_scale`` of the grid, aspect ratio in
+    ``aspect_range``) and one context block (scale ``context_scale``, aspect 1) from which every target token is
+    removed. ``mask`` hides everything but the context; ``targets`` [B, K, H, W] are the blocks to predict. A context
+    keeping fewer than ``min_keep`` tokens is redrawn (up to ``max_tries`` times, then an error).
+
+    Deviation from I-JEPA's collator: block sizes are drawn per sample (I-JEPA draws one size per batch and truncates
+    every sample's index lists to the batch minimum), so that a mask depends on its sample alone.
+    """
+
+    name = "multiblock"
+    has_cpp = True
+
+    def __init__(self, grid, num_targets: int = 4, target_scale=(0.15, 0.2), aspect_range=(0.75, 1.5),
+                 context_scale=(0.85, 1.0), min_keep: int = 10, max_tries: int = 20, **kw):  # fmt: skip
+        super().__init__(grid, **kw)
+        if isinstance(num_targets, bool) or not isinstance(num_targets, int) or num_targets < 1:
+            raise ValueError(f"num_targets must be a positive int, got {num_targets!r}")
+        self.num_targets = num_targets
+        self.target_scale = check_range("target_scale", target_scale)
+        self.aspect_range = check_range("aspect_range", aspect_range)
+        self.context_scale = check_range("context_scale", context_scale)
+        if self.target_scale[1] > 1 or self.context_scale[1] > 1:
+            raise ValueError("target_scale and context_scale are fractions of the grid: at most 1")
+        if isinstance(min_keep, bool) or not isinstance(min_keep, int) or not 0 <= min_keep <= self.num_tokens:
+            raise ValueError(f"min_keep must be an int in [0, {self.num_tokens}], got {min_keep!r}")
+        self.min_keep = min_keep
+        if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
+            raise ValueError(f"max_tries must be a positive int, got {max_tries!r}")
+        self.max_tries = max_tries
+        # the largest context must be able to keep min_keep tokens next to the largest targets
+        hmax, wmax = _block_hw(torch.tensor(self.context_scale[1]), torch.tensor(1.0), *self.grid)
+        if int(hmax) * int(wmax) < min_keep:
+            raise ValueError(f"a context block of scale {self.context_scale[1]} on a {self.grid[0]}x{self.grid[1]} "
+                             f"grid has {int(hmax) * int(wmax)} tokens, fewer than min_keep={min_keep}")  # fmt: skip
+
+    def _blocks(self, keys, stream, n, scale_range, aspect_range):
+        """[B, n] block sizes and positions -> [B, n, H, W] bool."""
+        h, w = self.grid
+        u = uniform(keys, 2 * n, stream).view(keys.shape[0], 2, n)
+        scale = scale_range[0] + u[:, 0] * (scale_range[1] - scale_range[0])
+        la, ha = math.log(aspect_range[0]), math.log(aspect_range[1])
+        aspect = torch.exp(la + u[:, 1] * (ha - la))
+        bh, bw = _block_hw(scale, aspect, h, w)
+        top = randint(keys, 0, h - bh, n, stream + 1)
+        left = randint(keys, 0, w - bw, n, stream + 2)
+        yy = torch.arange(h, device=keys.device).view(1, 1, h, 1)
+        xx = torch.arange(w, device=keys.device).view(1, 1, 1, w)
+        t, lft, bh, bw = (v[..., None, None] for v in (top, left, bh, bw))
+        return (yy >= t) & (yy < t + bh) & (xx >= lft) & (xx < lft + bw)
+
+    def _torch(self, keys):
+        targets = self._blocks(keys, 0, self.num_targets, self.target_scale, self.aspect_range)  # [B, K, H, W]
+        union = targets.any(dim=1)
+        context = torch.zeros_like(union)
+        need = torch.ones(keys.shape[0], dtype=torch.bool, device=keys.device)
+        for t in range(self.max_tries):
+            ctx = self._blocks(keys, 16 + 3 * t, 1, self.context_scale, (1.0, 1.0))[:, 0] & ~union
+            context = torch.where(need.view(-1, 1, 1), ctx, context)
+            need &= context.flatten(1).sum(1) < self.min_keep
+            if not bool(need.any()):
+                break
+        else:
+            raise RuntimeError(f"multi-block masking: no context block kept {self.min_keep} tokens in {self.max_tries} "
+                               "tries; lower min_keep or the target scale")  # fmt: skip
+        return Masks(~context, targets=targets)
+
+    def _ref(self, rng):
+        h, w = self.grid
+
+        def block(scale_range, aspect_range):
+            scale = rng.uniform(*scale_range)
+            aspect = math.exp(rng.uniform(math.log(aspect_range[0]), math.log(aspect_range[1])))
+            bh, bw = (int(v) for v in _block_hw(torch.tensor(scale), torch.tensor(aspect), h, w))
+            top, left = rng.randint(0, h - bh), rng.randint(0, w - bw)
+            m = torch.zeros(h, w, dtype=torch.bool)
+            m[top : top + bh, left : left + bw] = True
+            return m
+
+        targets = torch.stack([block(self.target_scale, self.aspect_range) for _ in range(self.num_targets)])
+        union = targets.any(0)
+        for _ in range(self.max_tries):
+            context = block(self.context_scale, (1.0, 1.0)) & ~union
+            if int(context.sum()) >= self.min_keep:
+                return Masks(~context, targets=targets)
+        raise RuntimeError(f"multi-block masking: no context block kept {self.min_keep} tokens in {self.max_tries} "
+                           "tries; lower min_keep or the target scale")  # fmt: skip
+
+    def _cpp(self, keys):
+        from fastmim import _ext
+
+        h, w = self.grid
+        ctx, tgt = _ext.require().multiblock_mask_keys(
+            keys.numpy().astype("uint64"), h, w, self.num_targets, *self.target_scale, *self.aspect_range,
+            *self.context_scale, self.min_keep, self.max_tries,
+        )  # fmt: skip
+        return Masks(~torch.from_numpy(ctx), targets=torch.from_numpy(tgt))
+
+
+class TubeMask(MaskStrategy):
+    """VideoMAE's tube masking: one random spatial mask (exact count) repeated over ``frames`` temporal tokens:
+    ``mask`` is [B, T, H, W]. Args: grid (spatial tokens), frames, ratio."""
+
+    name = "tube"
+
+    def __init__(self, grid, frames: int = 8, ratio: float = 0.9, **kw):
+        super().__init__(grid, **kw)
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise ValueError(f"frames must be a positive int, got {frames!r}")
+        self.frames = frames
+        self.ratio = check_ratio("ratio", ratio)
+        self._spatial = RandomMask(self.grid, ratio, seed=self.seed, impl="torch")
+
+    def _expand(self, m: torch.Tensor) -> Masks:
+        return Masks(m.unsqueeze(-3).expand(*m.shape[:-2], self.frames, *self.grid).contiguous())
+
+    def _torch(self, keys):
+        return self._expand(self._spatial._torch(keys).mask)
+
+    def _ref(self, rng):
+        return self._expand(self._spatial._ref(rng).mask)
+
+
+class _GuidedMask(MaskStrategy):
+    """Shared by the strategies driven by a per-token input: ``num_hidden`` tokens hidden, ``num_random`` of them
+    uniformly among those the input did not pick."""
+
+    def __init__(self, grid, ratio: float = 0.75, random_share: float = 0.0, **kw):
+        super().__init__(grid, **kw)
+        self.ratio = check_ratio("ratio", ratio)
+        self.random_share = check_ratio("random_share", random_share, low_open=False, high_open=False)
+        self.num_hidden = exact_hidden(self.num_tokens, self.ratio)
+        self.num_random = int(round(self.random_share * self.num_hidden))
+
+    def _with_random(self, keys: torch.Tensor, picked: torch.Tensor, stream: int) -> Masks:
+        """picked [B, N] bool (num_hidden - num_random per sample) plus num_random uniform others -> Masks."""
+        noise = uniform(keys, picked.shape[1], stream).masked_fill(picked, 2.0)
+        return Masks((picked | (_rank(noise) < self.num_random)).view(picked.shape[0], *self.grid))
+
+
+class AttentionMask(_GuidedMask):
+    """AttMask / MILAN attention-guided masking: of the ``N - int(N * (1 - ratio))`` hidden tokens,
+    ``round(random_share * hidden)`` are drawn uniformly and the rest are the highest ``scores`` among the others
+    (ties by position). Per-batch input: ``scores`` [B, H*W] or [B, H, W] (e.g. a teacher's class-token attention)."""
+
+    name = "attention"
+    inputs = ("scores",)
+
+    def _torch(self, keys, scores):
+        b, n = scores.shape
+        top = self.num_hidden - self.num_random
+        order = torch.argsort(-scores, dim=1, stable=True)[:, :top]
+        return self._with_random(keys, _scatter_true((b, n), order), stream=0)
+
+    def _ref(self, rng, scores):
+        n = self.num_tokens
+        ranked = sorted(range(n), key=lambda i: (-float(scores[i]), i))
+        hidden = set(ranked[: self.num_hidden - self.num_random])
+        hidden |= set(rng.sample([i for i in range(n) if i not in hidden], self.num_random))
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[list(hidden)] = True
+        return Masks(mask.view(self.grid))
+
+
+class HardPatchMask(_GuidedMask):
+    """HPM's hard-patch mining: the hidden tokens are drawn without replacement with probability proportional to
+    ``losses`` (a predicted reconstruction loss per token, >= 0; Gumbel top-k), except ``round(random_share *
+    hidden)`` drawn uniformly (HPM's easy-to-hard schedule raises the loss-driven share over training). Tokens of zero
+    loss are drawn only once the positive ones are exhausted. Per-batch input: ``losses`` [B, H*W] or [B, H, W]."""
+
+    name = "hardpatch"
+    inputs = ("losses",)
+
+    def _check_input(self, name, value, batch):
+        value = super()._check_input(name, value, batch)
+        if bool((value < 0).any()):
+            raise ValueError(f"mask strategy {self.name!r}: losses must be >= 0")
+        return value
+
+    def _torch(self, keys, losses):
+        b, n = losses.shape
+        u = uniform(keys, n).double().clamp_min(2**-25)
+        gumbel = -torch.log(-torch.log(u))
+        # zero-loss tokens after every positive one, in random order among themselves
+        key = torch.where(losses > 0, torch.log(losses.double()) + gumbel, gumbel - 1e6)
+        picked = _scatter_true((b, n), torch.argsort(-key, dim=1)[:, : self.num_hidden - self.num_random])
+        return self._with_random(keys, picked, stream=1)
+
+    def _ref(self, rng, losses):
+        n = self.num_tokens
+        weights = [float(x) for x in losses]
+        hidden: list[int] = []
+        free = list(range(n))
+        for _ in range(self.num_hidden - self.num_random):  # sequential draws proportional to the loss
+            total = sum(weights[i] for i in free)
+            if total > 0:
+                r, acc = rng.uniform(0, total), 0.0
+                pick = free[-1]
+                for i in free:
+                    acc += weights[i]
+                    if weights[i] > 0 and acc >= r:
+                        pick = i
+                        break
+            else:
+                pick = rng.choice(free)
+            hidden.append(pick)
+            free.remove(pick)
+        hidden += rng.sample(free, self.num_random)
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[hidden] = True
+        return Masks(mask.view(self.grid))
+
+
+STRATEGIES: dict[str, type[MaskStrategy]] = {
+    cls.name: cls
+    for cls in (RandomMask, BlockMask, SimMIMMask, UniformMask, MultiBlockMask, TubeMask, AttentionMask, HardPatchMask)
+}
+
+
+def build_mask(name: str, grid: int | tuple[int, int], **params) -> MaskStrategy:
+    """The strategy ``name`` (one of ``STRATEGIES``) for a token grid; ``params`` go to its constructor."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown mask strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+    as_grid(grid)
+    return STRATEGIES[name](grid, **params)

@@ -1,0 +1,227 @@
+"""Every mask strategy, batched PyTorch and readable reference: invariants, distributions, determinism, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmim.masking.strategies import STRATEGIES, build_mask, exact_hidden
+
+IMPLS = ["torch", "ref"]
+INPUTS = {"attention": "scores", "hardpatch": "losses"}
+
+
+def draw(name, impl, batch=64, grid=14, seed=0, epoch=0, indices=None, **params):
+    s = build_mask(name, grid, impl=impl, seed=seed, **params)
+    inputs = {}
+    if name in INPUTS:
+        g = torch.Generator().manual_seed(7)
+        inputs[INPUTS[name]] = torch.rand(batch if indices is None else len(indices), s.num_tokens, generator=g)
+    return s, s(None if indices is not None else batch, indices=indices, epoch=epoch, **inputs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", [n for n in STRATEGIES if n not in ("multiblock", "tube")])
+def test_exact_hidden_count_and_shape(name, impl):
+    s, m = draw(name, impl)
+    assert m.mask.dtype == torch.bool and m.mask.shape == (64, 14, 14)
+    counts = m.mask.flatten(1).sum(1)
+    expected = {"simmim": s.num_hidden_cells * s.scale**2 if name == "simmim" else None,
+                "uniform": 196 * 3 // 4}.get(name) or exact_hidden(196, s.ratio)  # fmt: skip
+    assert (counts == expected).all(), (name, counts.unique())
+    info = m.info()  # the same count everywhere: MAE's index form works
+    assert info.ids_keep.shape == (64, 196 - expected)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_simmim_hides_whole_mask_patches(impl):
+    s, m = draw("simmim", impl, grid=(12, 8), ratio=0.5, mask_patch_size=64, patch_size=16)  # 4x4-token cells
+    cells = m.mask.view(64, 3, 4, 2, 4).permute(0, 1, 3, 2, 4).flatten(3)  # [B, 3, 2, 16]
+    assert ((cells.all(-1)) | (~cells.any(-1))).all()  # each cell wholly hidden or wholly visible
+    assert (cells.all(-1).flatten(1).sum(1) == 3).all()  # ceil(0.5 * 6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_uniform_keeps_one_token_per_cell_and_secondary_is_a_subset(impl):
+    s, m = draw("uniform", impl, grid=(6, 10), secondary_ratio=0.4)
+    visible = (~m.mask).view(64, 3, 2, 5, 2).permute(0, 1, 3, 2, 4).flatten(3)  # [B, 3, 5, 4]
+    assert (visible.sum(-1) == 1).all()
+    assert not (m.secondary & m.mask).any()
+    assert (m.secondary.flatten(1).sum(1) == round(0.4 * 15)).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tube_is_constant_over_time(impl):
+    s, m = draw("tube", impl, grid=(7, 9), frames=5, ratio=0.9)
+    assert m.mask.shape == (64, 5, 7, 9)
+    assert (m.mask == m.mask[:, :1]).all()
+    assert (m.mask[:, 0].flatten(1).sum(1) == exact_hidden(63, 0.9)).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_multiblock_targets_are_blocks_and_disjoint_from_the_context(impl):
+    s, m = draw("multiblock", impl, batch=48, num_targets=3, min_keep=12)
+    assert m.targets.shape == (48, 3, 14, 14) and m.mask.shape == (48, 14, 14)
+    context = ~m.mask
+    assert not (context & m.targets.any(1)).any()
+    assert (context.flatten(1).sum(1) >= 12).all()
+    for block in m.targets.flatten(0, 1):  # each target is one filled rectangle within the scale range
+        ys, xs = block.nonzero(as_tuple=True)
+        h, w = int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
+        assert block.sum() == h * w
+        assert 0.5 * 0.15 * 196 <= h * w <= 2.0 * 0.2 * 196
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_attention_hides_the_top_scores(impl):
+    scores = torch.rand(16, 49, generator=torch.Generator().manual_seed(3))
+    s = build_mask("attention", 7, impl=impl, ratio=0.5)
+    m = s(indices=torch.arange(16), scores=scores).mask.flatten(1)
+    k = exact_hidden(49, 0.5)
+    top = torch.zeros_like(m).scatter_(1, scores.topk(k, dim=1).indices, True)
+    assert torch.equal(m, top)
+    # with a random share, the loss-driven part is still the top of the scores
+    s = build_mask("attention", 7, impl=impl, ratio=0.5, random_share=0.4)
+    m = s(indices=torch.arange(16), scores=scores).mask.flatten(1)
+    n_top = k - round(0.4 * k)
+    assert (m.sum(1) == k).all()
+    assert m.gather(1, scores.topk(n_top, dim=1).indices).all()
+    assert not torch.equal(m, top)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hardpatch_draws_in_proportion_to_the_loss(impl):
+    n = 3000 if impl == "torch" else 1500
+    losses = torch.tensor([[1.0, 2.0, 3.0, 4.0, 0.0]]).expand(n, 5)
+    s = build_mask("hardpatch", (1, 5), impl=impl, ratio=0.2)  # one hidden token of five
+    m = s(indices=torch.arange(n), losses=losses).mask.view(n, 5).float()
+    freq = m.mean(0)
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0]), atol=0.035, rtol=0)
+    # zero-loss tokens come only after every positive one
+    s = build_mask("hardpatch", (1, 5), impl=impl, ratio=0.8)
+    m = s(indices=torch.arange(50), losses=losses[:50]).mask.view(50, 5)
+    assert m[:, :4].all() and not m[:, 4].any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_random_positions_are_uniform(impl):
+    s, m = draw("random", impl, batch=2000 if impl == "torch" else 600, grid=8, ratio=0.75)
+    freq = m.mask.float().mean(0)
+    tol = 5 * (0.75 * 0.25 / m.mask.shape[0]) ** 0.5
+    assert (freq - 0.75).abs().max() < tol
+
+
+def test_block_torch_and_reference_agree_in_distribution():
+    """Per-position hidden frequency of the batched block masks against the per-sample reference."""
+    _, a = draw("block", "torch", batch=1500, grid=10, ratio=0.4)
+    _, b = draw("block", "ref", batch=1500, grid=10, ratio=0.4)
+    fa, fb = a.mask.float().mean(0), b.mask.float().mean(0)
+    assert (fa - fb).abs().max() < 0.08
+    assert fa[4:6, 4:6].mean() > fa[0, 0]  # blocks cover the centre more often than the corners: shape, not noise
+    # a different block shape is told apart by the same statistic (the test can fail)
+    _, c = draw("block", "torch", batch=1500, grid=10, ratio=0.4, min_num_patches=16, min_aspect=0.9)
+    pa = a.mask.view(1500, -1).float()
+    pc = c.mask.view(1500, -1).float()
+    row_runs = lambda p: (p.view(-1, 10, 10)[:, :, 1:] & p.view(-1, 10, 10)[:, :, :-1].bool()).float().mean()  # noqa: E731
+    assert abs(float(row_runs(pa.bool())) - float(row_runs(pc.bool()))) > 0.01
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_masks_are_a_pure_function_of_seed_epoch_and_index(name):
+    """One call for samples 0..31 equals two calls of 16 (workers), and a permuted call (a reshuffled shard); a
+    different epoch or seed changes them."""
+    idx = torch.arange(100, 132)
+    _, whole = draw(name, "torch", indices=idx, epoch=3)
+    _, first = draw(name, "torch", indices=idx[:16], epoch=3)
+    _, second = draw(name, "torch", indices=idx[16:], epoch=3)
+    if name in INPUTS:  # the inputs are per batch: give each part its rows of the same scores
+        g = torch.Generator().manual_seed(7)
+        full = torch.rand(32, 196, generator=g)
+        s = build_mask(name, 14, impl="torch")
+        whole = s(indices=idx, epoch=3, **{INPUTS[name]: full})
+        first = s(indices=idx[:16], epoch=3, **{INPUTS[name]: full[:16]})
+        second = s(indices=idx[16:], epoch=3, **{INPUTS[name]: full[16:]})
+    assert torch.equal(torch.cat([first.mask, second.mask]), whole.mask)
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(1))
+    if name not in INPUTS:
+        _, shuffled = draw(name, "torch", indices=idx[perm], epoch=3)
+        assert torch.equal(shuffled.mask, whole.mask[perm])
+        _, other_epoch = draw(name, "torch", indices=idx, epoch=4)
+        _, other_seed = draw(name, "torch", indices=idx, epoch=3, seed=1)
+        assert not torch.equal(other_epoch.mask, whole.mask) and not torch.equal(other_seed.mask, whole.mask)
+    _, again = draw(name, "ref", indices=idx[:4], epoch=3)
+    _, again2 = draw(name, "ref", indices=idx[:4], epoch=3)
+    assert torch.equal(again.mask, again2.mask)
+
+
+def test_consecutive_calls_without_indices_continue_the_stream():
+    s = build_mask("random", 14, impl="torch")
+    a, b = s(8), s(8)
+    t = build_mask("random", 14, impl="torch")
+    assert torch.equal(torch.cat([a.mask, b.mask]), t(indices=torch.arange(16)).mask)
+
+
+@pytest.mark.parametrize(
+    "name, params, match",
+    [
+        ("random", {"ratio": 1.0}, r"ratio must be in \(0, 1\)"),
+        ("random", {"ratio": 0.0}, r"ratio must be in \(0, 1\)"),
+        ("block", {"ratio": 1.5}, r"ratio must be in"),
+        ("block", {"min_num_patches": 0}, "min_num_patches must be >= 1"),
+        ("simmim", {"mask_patch_size": 24, "patch_size": 16}, "must be a positive multiple of patch_size"),
+        ("uniform", {"secondary_ratio": 1.0}, r"secondary_ratio must be in \[0, 1\)"),
+        ("multiblock", {"target_scale": (0.3, 0.2)}, r"target_scale must be \(min, max\)"),
+        ("multiblock", {"min_keep": 500}, r"min_keep must be an int in \[0, 196\]"),
+        ("multiblock", {"num_targets": 0}, "num_targets must be a positive int"),
+        ("multiblock", {"max_tries": 0}, "max_tries must be a positive int"),
+        ("tube", {"frames": 0}, "frames must be a positive int"),
+        ("attention", {"random_share": 1.5}, r"random_share must be in \[0, 1\]"),
+        ("random", {"impl": "cpp"}, "has no C\\+\\+ implementation"),
+        ("random", {"impl": "cuda"}, "impl must be one of"),
+    ],
+)
+def test_bad_parameters_name_the_problem(name, params, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        build_mask(name, 14, **params)
+
+
+def test_bad_grids_and_inputs_name_the_problem():
+    with pytest.raises(ValueError, match="unknown mask strategy 'blocks'; choose from random, block"):
+        build_mask("blocks", 14)
+    with pytest.raises(ValueError, match="grid must be a positive int"):
+        build_mask("random", (0, 14))
+    with pytest.raises(ValueError, match="does not divide into 2x2-token mask patches"):
+        build_mask("simmim", 7)
+    with pytest.raises(ValueError, match="needs an even token grid"):
+        build_mask("uniform", (14, 7))
+    with pytest.raises(ValueError, match="fewer than min_keep"):
+        build_mask("multiblock", 4, context_scale=(0.2, 0.3), min_keep=10)
+    s = build_mask("attention", 14)
+    with pytest.raises(ValueError, match=r"scores must be \[B, H\*W\] or \[B, H, W\]"):
+        s(4, scores=torch.rand(4, 195))
+    with pytest.raises(TypeError, match="takes per-batch inputs: scores; missing \\['scores'\\]"):
+        s(4)
+    with pytest.raises(ValueError, match="non-finite"):
+        s(2, scores=torch.tensor([[float("nan")] * 196] * 2))
+    with pytest.raises(ValueError, match="losses must be >= 0"):
+        build_mask("hardpatch", 14)(2, losses=-torch.ones(2, 196))
+    with pytest.raises(ValueError, match="batch=3 but 2 indices"):
+        build_mask("random", 14)(3, indices=torch.arange(2))
+    with pytest.raises(ValueError, match="sample indices must be >= 0"):
+        build_mask("random", 14)(indices=torch.tensor([-1, 2]))
+    with pytest.raises(ValueError, match="epoch must be a non-negative int"):
+        build_mask("random", 14)(2, epoch=-1)
+
+
+def test_a_multiblock_setting_that_cannot_keep_enough_context_raises():
+    s = build_mask("multiblock", 8, num_targets=4, target_scale=(0.3, 0.35), context_scale=(0.5, 0.55), min_keep=30,
+                   impl="torch", max_tries=3)  # fmt: skip
+    with pytest.raises(RuntimeError, match="no context block kept 30 tokens in 3 tries"):
+        s(4)
+
+
+def test_empty_batch():
+    for name in STRATEGIES:
+        s = build_mask(name, 14, impl="torch")
+        inputs = {INPUTS[name]: torch.rand(0, 196)} if name in INPUTS else {}
+        assert s(0, **inputs).mask.shape[0] == 0
