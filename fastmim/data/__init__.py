@@ -28,6 +28,20 @@ def default_num_workers(local_world_size: int = 1) -> int:
     return max(1, min(8, cpus // max(1, local_world_size) - 1))
 
 
+class WithIndex(torch.utils.data.Dataset):
+    """``dataset[i]`` as ``(dataset[i], i)``: the loader's batches carry their dataset indices, from which the
+    trainer draws each sample's mask (a pure function of seed, epoch and index)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset[index], index
+
+
 def build_pretrain_loader(
     dataset: torch.utils.data.Dataset,
     batch_size: int,
@@ -37,7 +51,8 @@ def build_pretrain_loader(
     seed: int = 0,
     pin_memory: bool = False,
 ) -> tuple[torch.utils.data.DataLoader, ResumableDistributedSampler]:
-    """A drop-last loader over a resumable, sharded sampler; raises if the data cannot fill one global batch."""
+    """A drop-last loader over a resumable, sharded sampler, yielding (images, dataset indices); raises if the data
+    cannot fill one global batch."""
     if len(dataset) < batch_size * world_size:
         raise ValueError(
             f"the dataset has {len(dataset)} images, fewer than one global batch "
@@ -45,7 +60,7 @@ def build_pretrain_loader(
         )
     sampler = ResumableDistributedSampler(len(dataset), world_size, rank, seed=seed)
     loader = torch.utils.data.DataLoader(
-        dataset,
+        WithIndex(dataset),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,

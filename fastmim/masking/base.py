@@ -37,19 +37,22 @@ class Masks:
     targets:   multi-block only: [B, K, H, W] bool, the K target blocks to predict.
     secondary: uniform only: [B, H, W] bool, visible tokens the encoder sees as mask tokens (UM-MAE's secondary
                masking); always a subset of ~mask.
+    num_hidden: the hidden count of every sample, where the strategy makes it exact (None: it varies).
     """
 
     mask: torch.Tensor
     targets: torch.Tensor | None = None
     secondary: torch.Tensor | None = None
+    num_hidden: int | None = None
 
     def info(self) -> MaskInfo:
-        """MAE's index form of ``mask`` flattened per sample: needs the same hidden count in every sample."""
-        return masking_from_bool(self.mask.flatten(1))
+        """MAE's index form of ``mask`` flattened per sample: needs the same hidden count in every sample (with an
+        exact count known, no host sync)."""
+        return masking_from_bool(self.mask.flatten(1), self.num_hidden)
 
     def to(self, device) -> Masks:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Masks(move(self.mask), move(self.targets), move(self.secondary))
+        return Masks(move(self.mask), move(self.targets), move(self.secondary), self.num_hidden)
 
 
 def as_grid(grid: int | tuple[int, int], what: str = "grid") -> tuple[int, int]:
@@ -159,11 +162,19 @@ class MaskStrategy(abc.ABC):
         keys = sample_keys(self.seed if seed is None else seed, epoch, indices.to(dev))
         impl = self.resolve_impl(dev)
         if impl == "torch":
-            return self._torch(keys, **inputs)
-        keys_cpu = keys.cpu()
-        inputs_cpu = {k: v.cpu() for k, v in inputs.items()}
-        out = self._cpp(keys_cpu, **inputs_cpu) if impl == "cpp" else self._ref_batch(keys_cpu, **inputs_cpu)
-        return out.to(dev)
+            out = self._torch(keys, **inputs)
+        else:
+            keys_cpu = keys.cpu()
+            inputs_cpu = {k: v.cpu() for k, v in inputs.items()}
+            out = self._cpp(keys_cpu, **inputs_cpu) if impl == "cpp" else self._ref_batch(keys_cpu, **inputs_cpu)
+            out = out.to(dev)
+        out.num_hidden = self.exact_hidden
+        return out
+
+    @property
+    def exact_hidden(self) -> int | None:
+        """Hidden tokens in every mask (tube: per frame times frames) where the strategy makes the count exact."""
+        return None
 
     def _check_input(self, name: str, value: torch.Tensor, batch: int) -> torch.Tensor:
         h, w = self.grid

@@ -64,19 +64,21 @@ def masking_from_noise(noise: torch.Tensor, len_keep: int) -> MaskInfo:
     return MaskInfo(ids_keep, ids_restore, mask)
 
 
-def masking_from_bool(mask: torch.Tensor) -> MaskInfo:
+def masking_from_bool(mask: torch.Tensor, num_hidden: int | None = None) -> MaskInfo:
     """Turns a given boolean mask [B, N] (True = masked, the same count in every row) into MAE's index form.
 
     Visible tokens keep their raster order, which is what the encoder sees either way since position embeddings
-    are added before the gather.
+    are added before the gather. ``num_hidden``: the count when the caller knows it (a mask strategy's exact count):
+    no check and no host sync.
     """
     if mask.dim() != 2:
         raise ValueError(f"mask must be [B, N], got shape {tuple(mask.shape)}")
-    counts = mask.sum(dim=1)
-    if counts.numel() and not bool((counts == counts[0]).all()):
-        raise ValueError("every sample's mask must hide the same number of tokens")
     n = mask.shape[1]
-    len_keep = n - int(counts[0]) if counts.numel() else n
+    if num_hidden is None:
+        counts = mask.sum(dim=1)
+        if counts.numel() and not bool((counts == counts[0]).all()):
+            raise ValueError("every sample's mask must hide the same number of tokens")
+        num_hidden = int(counts[0]) if counts.numel() else 0
     # visible tokens first, each group in raster order: a stable sort of the 0/1 mask
     noise = mask.float() * n + torch.arange(n, device=mask.device, dtype=torch.float32)
-    return masking_from_noise(noise, len_keep)
+    return masking_from_noise(noise, n - num_hidden)

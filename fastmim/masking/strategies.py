@@ -55,6 +55,10 @@ class RandomMask(MaskStrategy):
         self.ratio = check_ratio("ratio", ratio)
         self.num_hidden = exact_hidden(self.num_tokens, self.ratio)
 
+    @property
+    def exact_hidden(self) -> int | None:
+        return self.num_hidden
+
     def _torch(self, keys):
         ids = torch.argsort(uniform(keys, self.num_tokens), dim=1, stable=True)[:, : self.num_hidden]
         return Masks(_scatter_true((keys.shape[0], self.num_tokens), ids).view(keys.shape[0], *self.grid))
@@ -95,6 +99,10 @@ class BlockMask(MaskStrategy):
             max_aspect,
             max_attempts,
         )  # fmt: skip (validates)
+
+    @property
+    def exact_hidden(self) -> int | None:
+        return self.num_hidden
 
     def _torch(self, keys):
         cfg = self.config
@@ -182,6 +190,10 @@ class SimMIMMask(MaskStrategy):
     def _up(self, coarse: torch.Tensor) -> torch.Tensor:
         return coarse.repeat_interleave(self.scale, -2).repeat_interleave(self.scale, -1)
 
+    @property
+    def exact_hidden(self) -> int | None:
+        return self.num_hidden_cells * self.scale**2
+
     def _torch(self, keys):
         m = self.coarse[0] * self.coarse[1]
         ids = torch.argsort(uniform(keys, m), dim=1, stable=True)[:, : self.num_hidden_cells]
@@ -219,6 +231,10 @@ class UniformMask(MaskStrategy):
         visible = onehot.permute(0, 1, 3, 2, 4).reshape(b, *self.grid)
         sec = (onehot & sec_cells[..., None, None]).permute(0, 1, 3, 2, 4).reshape(b, *self.grid)
         return Masks(~visible, secondary=sec)
+
+    @property
+    def exact_hidden(self) -> int | None:
+        return 3 * self.num_tokens // 4
 
     def _torch(self, keys):
         nc = self.cells[0] * self.cells[1]
@@ -366,6 +382,10 @@ class TubeMask(MaskStrategy):
     def _expand(self, m: torch.Tensor) -> Masks:
         return Masks(m.unsqueeze(-3).expand(*m.shape[:-2], self.frames, *self.grid).contiguous())
 
+    @property
+    def exact_hidden(self) -> int | None:
+        return self._spatial.num_hidden * self.frames
+
     def _torch(self, keys):
         return self._expand(self._spatial._torch(keys).mask)
 
@@ -383,6 +403,10 @@ class _GuidedMask(MaskStrategy):
         self.random_share = check_ratio("random_share", random_share, low_open=False, high_open=False)
         self.num_hidden = exact_hidden(self.num_tokens, self.ratio)
         self.num_random = int(round(self.random_share * self.num_hidden))
+
+    @property
+    def exact_hidden(self) -> int | None:
+        return self.num_hidden
 
     def _with_random(self, keys: torch.Tensor, picked: torch.Tensor, stream: int) -> Masks:
         """picked [B, N] bool (num_hidden - num_random per sample) plus num_random uniform others -> Masks."""

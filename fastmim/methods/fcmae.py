@@ -25,7 +25,9 @@ from torch import nn
 
 from fastmim import _ext
 from fastmim.masking import MaskInfo, random_masking
+from fastmim.masking.base import MaskStrategy
 from fastmim.masking.random import check_mask_ratio
+from fastmim.masking.strategies import build_mask
 from fastmim.models.convnextv2 import Block, ConvNeXtV2, convnextv2_sizes
 from fastmim.models.convnextv2_sparse import BACKENDS, sparse_forward
 from fastmim.models.registry import register_model
@@ -114,6 +116,11 @@ class FCMAE(PixelTarget, nn.Module):
     def make_mask(self, batch: int, device: torch.device, mask_ratio: float | None = None) -> MaskInfo:
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         return random_masking(batch, self.num_patches, ratio, device=device)
+
+    def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:
+        """FCMAE's random patch masks as a ``fastmim.masking`` strategy: a pure function of (seed, epoch, sample
+        index), which the trainer calls with each batch's dataset indices."""
+        return build_mask("random", self.grid_size, ratio=self.mask_ratio if ratio is None else ratio, seed=seed)
 
     # --- Encoder ---
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor, num_visible: int | None = None) -> torch.Tensor:

@@ -102,17 +102,23 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         if self.mask_type == "random":
             return random_masking(batch, self.num_patches, ratio, device=device)
-        if self.mask_type == "uniform" and abs(ratio - 0.75) > 1e-9:
-            raise ValueError(f"uniform masking hides 75% of the tokens (one visible per 2x2 cell), got {ratio=}")
         if self._mask_strategy is None or self._mask_strategy_ratio != ratio:
-            params = {"secondary_ratio": 0.0} if self.mask_type == "uniform" else {"ratio": ratio}
-            if self.mask_type == "simmim":
-                p = self.patch_embed.patch_size[0]
-                params.update(mask_patch_size=2 * p, patch_size=p)  # SimMIM's 32-px mask patches over 16-px tokens
-            self._mask_strategy = build_mask(self.mask_type, self.grid_size, **params)
+            self._mask_strategy = self.mask_strategy(ratio=ratio)
             self._mask_strategy_ratio = ratio
         seed = int(torch.randint(0, 2**62, (1,)))  # from torch's RNG, so seeding and resume cover it
         return self._mask_strategy(indices=torch.arange(batch), seed=seed, device=device).info()
+
+    def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:
+        """This model's masks as a ``fastmim.masking`` strategy: a pure function of (seed, epoch, sample index), which
+        the trainer calls with each batch's dataset indices."""
+        ratio = self.mask_ratio if ratio is None else ratio
+        if self.mask_type == "uniform" and abs(ratio - 0.75) > 1e-9:
+            raise ValueError(f"uniform masking hides 75% of the tokens (one visible per 2x2 cell), got {ratio=}")
+        params = {"secondary_ratio": 0.0} if self.mask_type == "uniform" else {"ratio": ratio}
+        if self.mask_type == "simmim":
+            p = self.patch_embed.patch_size[0]
+            params.update(mask_patch_size=2 * p, patch_size=p)  # SimMIM's 32-px mask patches over 16-px tokens
+        return build_mask(self.mask_type, self.grid_size, seed=seed, **params)
 
     # --- Encoder ---
     def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,8 @@ class Trainer:
             self.total_steps = min(self.total_steps, self.cfg.max_steps)
         self.logger = MetricsLogger(self.output_dir, enabled=self.info.is_main)
         self.images_per_step = self.cfg.batch_size * self.cfg.accum_iter * self.info.world_size
+        # each sample's mask from (seed, epoch, dataset index): the same whatever the workers, ranks or restarts
+        self.masks = self.raw_model.mask_strategy(seed=self.cfg.seed)
 
     # --- state ---
     def state_dict(self) -> dict:
@@ -185,7 +187,9 @@ class Trainer:
             )  # fmt: skip
             data = iter(self.loader)
             for b in range(start, self.batches_per_epoch):
-                imgs = next(data).to(self.device, non_blocking=True)
+                imgs, idx = next(data)
+                imgs = imgs.to(self.device, non_blocking=True)
+                mask = self.masks(indices=idx, epoch=epoch, device=self.device).info()
                 micro = b % cfg.accum_iter
                 if micro == 0:
                     set_lr(self.optimizer, lr_at(self.pos.step / self.steps_per_epoch, self.lr, cfg.min_lr,
@@ -193,7 +197,7 @@ class Trainer:
                 last_micro = micro == cfg.accum_iter - 1
                 no_sync = self.info.enabled and not last_micro and hasattr(self.model, "no_sync")
                 with self.model.no_sync() if no_sync else contextlib.nullcontext(), self.autocast():
-                    loss, _, _ = self.model(imgs)
+                    loss, _, _ = self.model(imgs, mask=mask)
                 self.scaler.scale(loss / cfg.accum_iter).backward()
                 running += loss.detach().float()
                 count += 1

@@ -29,6 +29,7 @@ def test_exact_hidden_count_and_shape(name, impl):
     expected = {"simmim": s.num_hidden_cells * s.scale**2 if name == "simmim" else None,
                 "uniform": 196 * 3 // 4}.get(name) or exact_hidden(196, s.ratio)  # fmt: skip
     assert (counts == expected).all(), (name, counts.unique())
+    assert m.num_hidden == expected  # what info() trusts without a host sync
     info = m.info()  # the same count everywhere: MAE's index form works
     assert info.ids_keep.shape == (64, 196 - expected)
 
@@ -53,7 +54,7 @@ def test_uniform_keeps_one_token_per_cell_and_secondary_is_a_subset(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_tube_is_constant_over_time(impl):
     s, m = draw("tube", impl, grid=(7, 9), frames=5, ratio=0.9)
-    assert m.mask.shape == (64, 5, 7, 9)
+    assert m.mask.shape == (64, 5, 7, 9) and m.num_hidden == 5 * exact_hidden(63, 0.9)
     assert (m.mask == m.mask[:, :1]).all()
     assert (m.mask[:, 0].flatten(1).sum(1) == exact_hidden(63, 0.9)).all()
 
@@ -61,7 +62,7 @@ def test_tube_is_constant_over_time(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_multiblock_targets_are_blocks_and_disjoint_from_the_context(impl):
     s, m = draw("multiblock", impl, batch=48, num_targets=3, min_keep=12)
-    assert m.targets.shape == (48, 3, 14, 14) and m.mask.shape == (48, 14, 14)
+    assert m.targets.shape == (48, 3, 14, 14) and m.mask.shape == (48, 14, 14) and m.num_hidden is None
     context = ~m.mask
     assert not (context & m.targets.any(1)).any()
     assert (context.flatten(1).sum(1) >= 12).all()

@@ -79,6 +79,23 @@ def test_resume_mid_epoch_reproduces_an_uninterrupted_run(image_folder, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mask", ["random", "block"])
+def test_training_does_not_depend_on_the_number_of_loader_workers(image_folder, tmp_path, mask):
+    """Masks come from (seed, epoch, dataset index) and augmentations likewise: 0 and 2 loader workers train the same
+    model (block masks through the C++ generator on CPU)."""
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        args = [*TINY_ARGS, "--data-path", str(image_folder), "--max-steps", "3", "--output-dir", str(out),
+                "--mask", mask, "--mask-ratio", "0.6"]  # fmt: skip
+        args[args.index("--num-workers") + 1] = str(workers)
+        pretrain.run(args)
+        runs[workers] = load_checkpoint(out / "checkpoint.pt")["model"]
+    for k, v in runs[0].items():
+        torch.testing.assert_close(runs[2][k], v, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(image_folder, tmp_path):
     out = tmp_path / "ddp"
     r = run_cli(
