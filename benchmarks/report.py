@@ -124,13 +124,34 @@ def sparse_conv_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def masks_table(rows: list[dict]) -> str:
+    rows = [r for r in rows if r.get("benchmark") == "masks" and "masks_per_s" in r]
+    latest = _latest(rows, lambda r: (r["device"], r["date"][:10], r.get("grid"), r["strategy"], r["impl"],
+                                      r.get("threads")))  # fmt: skip
+    groups: dict[tuple, dict[str, dict]] = {}
+    for (dev, day, grid, strategy, impl, threads), r in latest.items():
+        col = f"{impl} ({threads} thr)" if impl == "cpp" else impl
+        groups.setdefault((day, dev, grid, strategy), {})[col] = r
+    cols = sorted({c for g in groups.values() for c in g}, key=lambda c: (c != "beit_loop", c != "ref", c))
+    head = ["date", "device", "grid", "strategy", *[f"{c} masks/s" for c in cols], "commit"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (day, dev, grid, strategy), g in sorted(groups.items()):
+        cells = [day, _short_device(dev), str(grid), strategy]
+        cells += [f"{g[c]['masks_per_s']:,.0f}" if c in g else "" for c in cols]
+        cells.append(", ".join(sorted({r.get("commit", "?") for r in g.values()})))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render(results: Path = RESULTS) -> str:
     rows = load_rows(results)
     return (
         f"{BEGIN}\n\n### Training throughput (img/s)\n\n{throughput_table(rows)}\n\n"
         f"### Fused ops, forward + backward\n\n{ops_table(rows)}\n\n"
         f"### Sparse ConvNeXt V2 encoder, forward + backward (speedup: dense_masked time / fastmim time)\n\n"
-        f"{sparse_conv_table(rows)}\n\n{END}"
+        f"{sparse_conv_table(rows)}\n\n"
+        f"### Mask generation (masks/s; beit_loop: a per-sample Python BEiT loop, the baseline)\n\n{masks_table(rows)}"
+        f"\n\n{END}"
     )
 
 

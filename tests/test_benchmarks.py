@@ -383,3 +383,17 @@ def test_masks_benchmark_bad_arguments(capsys):
         with pytest.raises(SystemExit):
             masks.main(args)
         assert message in capsys.readouterr().err
+
+
+def test_masks_table_puts_each_implementation_in_its_column():
+    base = {"benchmark": "masks", "grid": "14x14", "device": "NVIDIA H100 80GB HBM3", "commit": "abc1234"}
+    rows = [
+        {**base, "strategy": "block", "impl": "beit_loop", "threads": 1, "masks_per_s": 9000.0, "date": "2026-12-01"},
+        {**base, "strategy": "block", "impl": "cpp", "threads": 1, "masks_per_s": 900000.0, "date": "2026-12-01"},
+        {**base, "strategy": "block", "impl": "torch", "threads": 16, "masks_per_s": 1.5e6, "date": "2026-12-01"},
+        {**base, "strategy": "block", "impl": "torch", "threads": 16, "masks_per_s": 1.0e6, "date": "2026-11-30"},
+    ]
+    lines = report.masks_table(rows).splitlines()
+    assert lines[0].split(" | ")[4:7] == ["beit_loop masks/s", "cpp (1 thr) masks/s", "torch masks/s"]
+    assert "| 2026-12-01 | H100 | 14x14 | block | 9,000 | 900,000 | 1,500,000 | abc1234 |" in lines
+    assert any(line.startswith("| 2026-11-30 | H100 | 14x14 | block |") for line in lines)  # another day, own row
