@@ -226,11 +226,12 @@ class UniformMask(MaskStrategy):
     def _from_choice(self, choice: torch.Tensor, sec_cells: torch.Tensor) -> Masks:
         """choice [B, h, w] in 0..3 (the visible token of each cell, (dy, dx) = divmod(choice, 2)); sec_cells
         [B, h, w] bool -> Masks."""
+        h, w = self.grid
         b = choice.shape[0]
-        onehot = torch.nn.functional.one_hot(choice, 4).bool().view(b, *self.cells, 2, 2)  # [B, h, w, dy, dx]
-        visible = onehot.permute(0, 1, 3, 2, 4).reshape(b, *self.grid)
-        sec = (onehot & sec_cells[..., None, None]).permute(0, 1, 3, 2, 4).reshape(b, *self.grid)
-        return Masks(~visible, secondary=sec)
+        up = lambda t: t[:, :, None, :, None].expand(b, h // 2, 2, w // 2, 2).reshape(b, h, w)  # noqa: E731
+        offset = (torch.arange(h, device=choice.device) % 2 * 2)[:, None] + torch.arange(w, device=choice.device) % 2
+        visible = up(choice.to(torch.uint8)) == offset.to(torch.uint8)  # each token's offset in its cell
+        return Masks(~visible, secondary=visible & up(sec_cells))
 
     @property
     def exact_hidden(self) -> int | None:
@@ -254,7 +255,7 @@ class UniformMask(MaskStrategy):
         from fastmim import _ext
 
         choice, sec = _ext.require().uniform_mask_keys(keys.numpy().astype("uint64"), *self.cells, self.num_secondary)
-        return self._from_choice(torch.from_numpy(choice).long(), torch.from_numpy(sec))
+        return self._from_choice(torch.from_numpy(choice), torch.from_numpy(sec))
 
 
 def _block_hw(scale: torch.Tensor, aspect: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
