@@ -141,9 +141,13 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     dataset = build_dataset(cfg)
     model = build_model(cfg, device)
     workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(info.local_world_size)
+    # masks with a C++ generator are drawn in the loader workers; the others on the training device
+    masks = model.mask_strategy(seed=cfg.seed)
+    worker_masks = masks if masks.has_cpp and _ext.available() else None
     loader, sampler = build_pretrain_loader(
-        dataset, cfg.batch_size, workers, info.rank, info.world_size, cfg.seed, pin_memory=device.type == "cuda"
-    )
+        dataset, cfg.batch_size, workers, info.rank, info.world_size, cfg.seed, pin_memory=device.type == "cuda",
+        masks=worker_masks,
+    )  # fmt: skip
     eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
     lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
     optimizer = build_adamw(model, lr, cfg.weight_decay)

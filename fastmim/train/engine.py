@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastmim.config import PretrainConfig, save_yaml
+from fastmim.masking import Masks
 from fastmim.train import checkpoint as ckpt
 from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier
 from fastmim.train.logger import MetricsLogger
@@ -181,15 +182,21 @@ class Trainer:
             self.sampler.set_epoch(epoch, start * cfg.batch_size)
             if hasattr(self.dataset, "set_epoch"):  # augmentation seeded per (seed, epoch, index): exact resume
                 self.dataset.set_epoch(epoch)
+            if hasattr(self.loader.collate_fn, "set_epoch"):  # masks drawn in the workers: (seed, epoch, index)
+                self.loader.collate_fn.set_epoch(epoch)
             bar = tqdm(
                 total=self.batches_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 disable=not self.info.is_main, dynamic_ncols=True, mininterval=1.0,
             )  # fmt: skip
             data = iter(self.loader)
             for b in range(start, self.batches_per_epoch):
-                imgs, idx = next(data)
+                imgs, idx, *drawn = next(data)  # drawn: the masks, when the loader workers make them
                 imgs = imgs.to(self.device, non_blocking=True)
-                mask = self.masks(indices=idx, epoch=epoch, device=self.device).info()
+                if drawn:
+                    masks = Masks(drawn[0].to(self.device, non_blocking=True), num_hidden=self.masks.exact_hidden)
+                else:
+                    masks = self.masks(indices=idx, epoch=epoch, device=self.device)
+                mask = masks.info()
                 micro = b % cfg.accum_iter
                 if micro == 0:
                     set_lr(self.optimizer, lr_at(self.pos.step / self.steps_per_epoch, self.lr, cfg.min_lr,

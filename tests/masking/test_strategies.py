@@ -226,3 +226,20 @@ def test_empty_batch():
         s = build_mask(name, 14, impl="torch")
         inputs = {INPUTS[name]: torch.rand(0, 196)} if name in INPUTS else {}
         assert s(0, **inputs).mask.shape[0] == 0
+
+
+def test_masks_drawn_in_loader_workers_equal_the_strategy_on_those_indices():
+    """MaskCollate (the pretrain loader's collate when the mask has a C++ generator) gives each sample the mask of
+    its dataset index and epoch, whichever worker collates it."""
+    from fastmim.data import MaskCollate, WithIndex
+
+    data = WithIndex([torch.full((3, 4, 4), float(i)) for i in range(40)])
+    strategy = build_mask("block", 14, ratio=0.4, seed=11)
+    collate = MaskCollate(strategy)
+    collate.set_epoch(2)
+    loader = torch.utils.data.DataLoader(data, batch_size=8, collate_fn=collate, num_workers=2,
+                                         sampler=[5, 3, 39, 0, 17, 8, 9, 1, 22, 30, 31, 2, 4, 6, 7, 10])  # fmt: skip
+    for imgs, idx, mask in loader:
+        assert torch.equal(imgs[:, 0, 0, 0].long(), idx)
+        assert torch.equal(mask, strategy(indices=idx, epoch=2).mask)
+        assert not torch.equal(mask, strategy(indices=idx, epoch=3).mask)
