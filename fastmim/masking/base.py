@@ -159,7 +159,8 @@ class MaskStrategy(abc.ABC):
         inputs = {k: self._check_input(k, torch.as_tensor(v).to(dev), indices.shape[0]) for k, v in inputs.items()}
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        keys = sample_keys(self.seed if seed is None else seed, epoch, indices.to(dev))
+        # keys from the indices where they are (the loader's: CPU, where the check costs no host sync), then moved
+        keys = sample_keys(self.seed if seed is None else seed, epoch, indices).to(dev, non_blocking=True)
         impl = self.resolve_impl(dev)
         if impl == "torch":
             out = self._torch(keys, **inputs)

@@ -49,7 +49,7 @@ def sample_keys(seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
     if indices.dim() != 1:
         raise ValueError(f"sample indices must be [B], got shape {tuple(indices.shape)}")
     idx = indices.long()
-    if idx.numel() and bool((idx < 0).any()):
+    if idx.device.type == "cpu" and idx.numel() and bool((idx < 0).any()):  # on CPU: no host sync
         raise ValueError("sample indices must be >= 0")
     k = _scalar_key(seed, epoch)
     return hash32(hash32((idx & M32) ^ k) ^ ((idx >> 32) & M32))
@@ -73,8 +73,3 @@ def randint(keys: torch.Tensor, low: torch.Tensor | int, high: torch.Tensor | in
     u = uniform(keys, n, stream).double()
     span = torch.as_tensor(high, device=keys.device) - torch.as_tensor(low, device=keys.device) + 1
     return low + torch.minimum((u * span).long(), span - 1)
-
-
-def python_seed(key: int | torch.Tensor) -> int:
-    """The seed of a sample's ``random.Random`` in the readable references."""
-    return int(key)
