@@ -1,6 +1,7 @@
 """Mask generation: masks per second of every strategy and implementation, against a per-sample BEiT loop.
 
     python benchmarks/masks.py                                    # 14x14, all strategies; CUDA rows on a GPU
+    python benchmarks/masks.py --strategies block --impls torch,triton --gpu-batch 256,4096
     python benchmarks/masks.py --strategies block,multiblock --impls cpp --out benchmarks/results/masks.jsonl
 
 Rows (one per strategy, implementation, device and thread count; ``fastmim.masking.strategies``):
@@ -8,8 +9,10 @@ Rows (one per strategy, implementation, device and thread count; ``fastmim.maski
 - ``beit_loop``: the baseline the targets are stated against, written here: BEiT's ``MaskingGenerator`` algorithm
   (rectangles of random area and log-uniform aspect until the target count, Python's ``random``, a numpy mask), one
   sample at a time, with the block strategy's parameters (14x14: 79 tokens, blocks of at least 4, aspect 0.3-3.3).
-- ``torch``: the batched implementation, ``--batch`` masks per call on CPU (torch's threads) and ``--gpu-batch`` on
-  CUDA (timed between ``torch.cuda.synchronize()`` calls).
+- ``torch``: the batched implementation, ``--batch`` masks per call on CPU (torch's threads) and each of
+  ``--gpu-batch`` on CUDA (timed between ``torch.cuda.synchronize()`` calls; 256 is a training step's batch).
+- ``triton``: the strategies with a Triton kernel (block: the whole per-sample loop in one launch), CUDA only (on CPU
+  it would be Triton's interpreter), at each ``--gpu-batch``.
 - ``cpp``: ``fastmim._C`` (block, uniform, multiblock), ``--batch`` per call, on one core and on all cores. The
   one-core rows run in a child process started with ``OMP_NUM_THREADS=1`` (torch at one thread, pinned to one CPU
   where the OS allows it): the extension's OpenMP runtime takes its default thread count from the environment when
@@ -49,7 +52,7 @@ from benchmarks.common import environment, write_row  # noqa: E402
 from fastmim import _ext  # noqa: E402
 from fastmim.masking.strategies import STRATEGIES, build_mask  # noqa: E402
 
-IMPLS = ("torch", "cpp", "ref")
+IMPLS = ("torch", "triton", "cpp", "ref")
 ROW_TAG = "MASKS_ROW "  # how the one-core child process hands its rows back on stdout
 TARGET_CPP_SPEEDUP = 50.0
 TARGET_GPU_MASKS_PER_S = 1e6
@@ -162,8 +165,13 @@ def measure_rows(names: list[str], impls: list[str], args, grid, devices: list[t
         for impl in impls:
             if impl == "cpp" and not STRATEGIES[name].has_cpp:
                 continue
-            for device in devices if impl == "torch" else [torch.device("cpu")]:
-                batch = args.ref_batch if impl == "ref" else args.gpu_batch if device.type == "cuda" else args.batch
+            if impl == "triton" and not STRATEGIES[name].has_triton:
+                continue
+            runs = [(torch.device("cpu"), b) for b in [args.ref_batch if impl == "ref" else args.batch]]
+            if impl in ("torch", "triton"):
+                runs = [(d, b) for d in devices for b in (args.gpu_batch if d.type == "cuda" else [args.batch])]
+                runs = [(d, b) for d, b in runs if impl == "torch" or d.type == "cuda"]  # no interpreted Triton
+            for device, batch in runs:
                 try:
                     fn = strategy_call(name, impl, grid, batch, device)
                     fn()  # the first call: a missing or stale C++ build fails here
@@ -216,6 +224,16 @@ def one_core_worker(args, names: list[str]) -> int:
     return 0
 
 
+def parse_batches(text: str) -> list[int]:
+    try:
+        out = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints, got {text!r}")
+    return out
+
+
 def parse_grid(text: str) -> tuple[int, int]:
     parts = text.lower().split("x")
     try:
@@ -257,14 +275,14 @@ def report_targets(rows: list[dict], skipped: list[str]) -> None:
         why = next((s for s in block_skips if "(one core)" in s), block_skips[0] if block_skips else "no row")
         print(f"  C++ block on one core >= {TARGET_CPP_SPEEDUP:.0f}x the BEiT loop: not measured ({why})",
               file=sys.stderr)  # fmt: skip
-    gpu = find(impl="torch", on="cuda")
+    gpu = [r for r in rows if r["on"] == "cuda"]
     if not gpu:
         print(f"  batched GPU generation >= {TARGET_GPU_MASKS_PER_S:,.0f} masks/s (14x14, H100): not measured "
               "(no CUDA rows)", file=sys.stderr)  # fmt: skip
     for r in gpu:
         verdict = "met" if r["masks_per_s"] >= TARGET_GPU_MASKS_PER_S else "NOT met"
-        print(f"  batched GPU generation >= {TARGET_GPU_MASKS_PER_S:,.0f} masks/s: {r['strategy']:<10} "
-              f"{r['masks_per_s']:>14,.0f} masks/s at batch {r['batch']}: {verdict}", file=sys.stderr)  # fmt: skip
+        print(f"  batched GPU generation >= {TARGET_GPU_MASKS_PER_S:,.0f} masks/s: {r['strategy']:<10} {r['impl']:<7}"
+              f"{r['masks_per_s']:>14,.0f} masks/s at batch {r['batch']:>6}: {verdict}", file=sys.stderr)  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -277,7 +295,8 @@ def main(argv=None) -> int:
     ap.add_argument("--devices", default="cpu,cuda" if cuda else "cpu", help="devices of the torch rows (default: "
                     "cpu, and cuda where available)")  # fmt: skip
     ap.add_argument("--batch", type=int, default=4096, help="masks per call, torch on CPU and cpp (default 4096)")
-    ap.add_argument("--gpu-batch", type=int, default=16384, help="masks per call, torch on CUDA (default 16384)")
+    ap.add_argument("--gpu-batch", type=parse_batches, default=[256, 16384], help="masks per call on CUDA, "
+                    "comma-separated: a row each (default 256,16384)")  # fmt: skip
     ap.add_argument("--ref-batch", type=int, default=256, help="masks per call, ref and beit_loop (default 256)")
     ap.add_argument("--cpp-threads", default="1,all", help="thread counts of the cpp rows: 1 (a child process), all "
                     "(this process, the extension's default) or both (default)")  # fmt: skip
@@ -295,7 +314,7 @@ def main(argv=None) -> int:
     impls = [s.strip() for s in args.impls.split(",") if s.strip()]
     if any(s not in IMPLS for s in impls):
         ap.error(f"--impls must come from {', '.join(IMPLS)}, got {args.impls!r}")
-    for flag in ("batch", "gpu_batch", "ref_batch", "reps", "min_reps"):
+    for flag in ("batch", "ref_batch", "reps", "min_reps"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.warmup < 0 or args.budget_s <= 0:
@@ -334,9 +353,10 @@ def main(argv=None) -> int:
     one_core = cpp_one_core_rows(args, cpp_names, skipped) if cpp_names and "1" in cpp_threads else []
     in_process = [i for i in impls if i != "cpp" or "all" in cpp_threads]
     for name in names:
-        emit(measure_rows([name], [i for i in in_process if i == "torch"], args, args.grid, devices, skipped))
+        emit(measure_rows([name], [i for i in in_process if i in ("torch", "triton")], args, args.grid, devices,
+                          skipped))  # fmt: skip
         emit([r for r in one_core if r["strategy"] == name])
-        emit(measure_rows([name], [i for i in in_process if i != "torch"], args, args.grid, devices, skipped))
+        emit(measure_rows([name], [i for i in in_process if i in ("cpp", "ref")], args, args.grid, devices, skipped))
 
     print(f"\n  {'strategy':<11}{'impl':<10}{'on':<5}{'batch':>7}{'threads':>8}{'masks/s':>15}{'ms/batch':>11}"
           f"{'vs beit':>10}", file=sys.stderr)  # fmt: skip

@@ -127,10 +127,10 @@ def sparse_conv_table(rows: list[dict]) -> str:
 def masks_table(rows: list[dict]) -> str:
     rows = [r for r in rows if r.get("benchmark") == "masks" and "masks_per_s" in r]
     latest = _latest(rows, lambda r: (r["device"], r["date"][:10], r.get("grid"), r["strategy"], r["impl"],
-                                      r.get("threads")))  # fmt: skip
+                                      r.get("threads"), r["batch"] if r.get("on") == "cuda" else None))  # fmt: skip
     groups: dict[tuple, dict[str, dict]] = {}
-    for (dev, day, grid, strategy, impl, threads), r in latest.items():
-        col = f"{impl} ({threads} thr)" if impl == "cpp" else impl
+    for (dev, day, grid, strategy, impl, threads, gpu_batch), r in latest.items():
+        col = f"{impl} ({threads} thr)" if impl == "cpp" else f"{impl} (batch {gpu_batch})" if gpu_batch else impl
         groups.setdefault((day, dev, grid, strategy), {})[col] = r
     cols = sorted({c for g in groups.values() for c in g}, key=lambda c: (c != "beit_loop", c != "ref", c))
     head = ["date", "device", "grid", "strategy", *[f"{c} masks/s" for c in cols], "commit"]

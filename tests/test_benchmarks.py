@@ -341,6 +341,7 @@ def test_masks_benchmark_smoke_on_cpu(tmp_path, capsys):
     assert rows[0]["impl"] == "beit_loop" and rows[0]["speedup_vs_beit_loop"] == 1.0 and rows[0]["batch"] == 4
     assert {r["strategy"] for r in rows if r["impl"] == "torch"} == set(STRATEGIES)
     assert {r["strategy"] for r in rows if r["impl"] == "ref"} == set(STRATEGIES)
+    assert not [r for r in rows if r["impl"] == "triton"]  # CUDA only: on CPU it would time Triton's interpreter
     for r in rows:
         assert r["benchmark"] == "masks" and r["grid"] == "8x8" and r["device"] == "cpu" and r["commit"] and r["torch"]
         assert r["masks_per_s"] > 0 and r["ms_per_batch"] > 0 and r["speedup_vs_beit_loop"] > 0 and r["reps"] >= 1
@@ -397,3 +398,11 @@ def test_masks_table_puts_each_implementation_in_its_column():
     assert lines[0].split(" | ")[4:7] == ["beit_loop masks/s", "cpp (1 thr) masks/s", "torch masks/s"]
     assert "| 2026-12-01 | H100 | 14x14 | block | 9,000 | 900,000 | 1,500,000 | abc1234 |" in lines
     assert any(line.startswith("| 2026-11-30 | H100 | 14x14 | block |") for line in lines)  # another day, own row
+    # GPU rows: one column per batch size and implementation
+    cuda = {**base, "strategy": "block", "on": "cuda", "threads": None, "date": "2026-12-02"}
+    runs = (("torch", 256, 1e5), ("torch", 16384, 2e6), ("triton", 256, 3e6))
+    gpu = [{**cuda, "impl": i, "batch": b, "masks_per_s": v} for i, b, v in runs]
+    lines = report.masks_table(gpu).splitlines()
+    assert lines[0].split(" | ")[4:7] == ["torch (batch 16384) masks/s", "torch (batch 256) masks/s",
+                                          "triton (batch 256) masks/s"]  # fmt: skip
+    assert "| 2026-12-02 | H100 | 14x14 | block | 2,000,000 | 100,000 | 3,000,000 | abc1234 |" in lines

@@ -8,9 +8,10 @@ A strategy is built once for a token grid and its parameters, then called per ba
 
 Masks are a pure function of (seed, epoch, sample index): the same whatever the number of data workers, ranks or
 restarts (``fastmim.masking.rng``). Implementations (``impl``): "torch" (batched, no per-sample Python loop: runs on
-the GPU), "cpp" (``fastmim._C``, multi-threaded, for CPU data workers; the loop-heavy strategies), "ref" (a readable
-per-sample Python loop, the semantics); "auto" picks cpp on CPU where it exists and is built, else torch. The three
-draw from different random streams: they agree in distribution, not bit for bit.
+the GPU), "triton" (block: the whole per-sample loop in one GPU launch, the same masks as "torch"), "cpp"
+(``fastmim._C``, multi-threaded, for CPU data workers; the loop-heavy strategies), "ref" (a readable per-sample
+Python loop, the semantics); "auto" picks cpp on CPU where it exists and is built, triton on CUDA where it exists,
+else torch. torch, cpp and ref draw from different random streams: they agree in distribution, not bit for bit.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import torch
 from fastmim import _ext
 from fastmim.masking.random import MaskInfo, masking_from_bool
 from fastmim.masking.rng import sample_keys
+from fastmim.ops._dispatch import triton_available, triton_problem
 
-IMPLS = ("auto", "torch", "cpp", "ref")
+IMPLS = ("auto", "torch", "triton", "cpp", "ref")
 
 
 @dataclass
@@ -91,11 +93,12 @@ class MaskStrategy(abc.ABC):
     Args:
         grid: token grid (H, W) or one int for a square grid.
         seed: the run's seed; masks depend on (seed, epoch, sample index) only.
-        impl: "auto", "torch", "cpp" or "ref".
+        impl: "auto", "torch", "triton", "cpp" or "ref".
     """
 
     name: ClassVar[str]
     has_cpp: ClassVar[bool] = False
+    has_triton: ClassVar[bool] = False  # a Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1)
     inputs: ClassVar[tuple[str, ...]] = ()  # per-batch tensors the strategy needs (scores, losses)
 
     def __init__(self, grid: int | tuple[int, int], *, seed: int = 0, impl: str = "auto"):
@@ -109,6 +112,8 @@ class MaskStrategy(abc.ABC):
             if not self.has_cpp:
                 raise ValueError(f"mask strategy {self.name!r} has no C++ implementation (use 'torch' or 'ref')")
             _ext.require()
+        if impl == "triton" and not self.has_triton:
+            raise ValueError(f"mask strategy {self.name!r} has no Triton implementation (use 'torch' or 'ref')")
         self.impl = impl
         self._drawn = 0
 
@@ -121,6 +126,8 @@ class MaskStrategy(abc.ABC):
             return self.impl
         if self.has_cpp and device.type == "cpu" and _ext.available():
             return "cpp"
+        if self.has_triton and device.type == "cuda" and triton_available() is None:
+            return "triton"
         return "torch"
 
     def __call__(
@@ -164,6 +171,11 @@ class MaskStrategy(abc.ABC):
         impl = self.resolve_impl(dev)
         if impl == "torch":
             out = self._torch(keys, **inputs)
+        elif impl == "triton":
+            why = triton_problem(dev)
+            if why:
+                raise RuntimeError(f"mask strategy {self.name!r}: impl='triton' cannot run here: {why}")
+            out = self._triton(keys, **inputs)
         else:
             keys_cpu = keys.cpu()
             inputs_cpu = {k: v.cpu() for k, v in inputs.items()}
@@ -204,6 +216,9 @@ class MaskStrategy(abc.ABC):
         """One sample (fields without the batch dimension), in plain Python."""
 
     def _cpp(self, keys: torch.Tensor, **inputs: torch.Tensor) -> Masks:
+        raise NotImplementedError
+
+    def _triton(self, keys: torch.Tensor, **inputs: torch.Tensor) -> Masks:
         raise NotImplementedError
 
     def __repr__(self) -> str:

@@ -81,6 +81,7 @@ class BlockMask(MaskStrategy):
 
     name = "block"
     has_cpp = True
+    has_triton = True
 
     def __init__(self, grid, ratio: float = 0.4, min_num_patches: int = 4, max_num_patches: int | None = None,
                  min_aspect: float = 0.3, max_aspect: float | None = None, max_attempts: int = 10, **kw):  # fmt: skip
@@ -144,11 +145,19 @@ class BlockMask(MaskStrategy):
             rounds += 1
             if rounds % 4 == 0 and not bool(active.any()):  # a host sync every few rounds
                 break
-        # the exact count: top up stuck samples with random free tokens
-        short = (cfg.num_masked - count).view(b, 1)
+        return self._top_up(keys, mask, count)
+
+    def _triton(self, keys):
+        from fastmim.masking.triton_block import block_mask_blocks
+
+        return self._top_up(keys, *block_mask_blocks(keys, self.config))
+
+    def _top_up(self, keys, mask, count):
+        """The exact count: samples whose blocks got stuck get random free tokens until ``num_masked``."""
+        b, (h, w) = keys.shape[0], self.grid
+        short = (self.config.num_masked - count).view(b, 1)
         noise = uniform(keys, h * w, stream=1 << 20).masked_fill(mask.view(b, h * w), 2.0)
-        mask |= (_rank(noise) < short).view(b, h, w)
-        return Masks(mask)
+        return Masks(mask | (_rank(noise) < short).view(b, h, w))
 
     def _ref(self, rng):
         from fastmim.masking.block import block_mask_ref

@@ -55,7 +55,7 @@ def _cpp_problem(device: torch.device) -> str | None:
     return None
 
 
-def _triton_problem(device: torch.device) -> str | None:
+def triton_problem(device: torch.device) -> str | None:
     why = triton_available()
     if why:
         return why
@@ -79,7 +79,7 @@ def choose_backend(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...
     if forced == "torch":
         return "torch"
     if forced is not None:
-        why = _triton_problem(device) if forced == "triton" else _cpp_problem(device)
+        why = triton_problem(device) if forced == "triton" else _cpp_problem(device)
         if why is None and not kernel_dtypes:
             why = f"its kernels take float32, bfloat16 and float16, not {', '.join(map(str, dtypes))}"
         if why:
@@ -87,7 +87,7 @@ def choose_backend(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...
         return "torch" if forced == "cpp" and op in NO_CPP_KERNEL else forced
     if not kernel_dtypes:
         return "torch"
-    if device.type == "cuda" and _triton_problem(device) is None:
+    if device.type == "cuda" and triton_problem(device) is None:
         return "triton"
     if device.type == "cpu" and _cpp_problem(device) is None:
         return "torch" if op in NO_CPP_KERNEL else "cpp"

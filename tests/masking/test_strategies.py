@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from fastmim.masking.strategies import STRATEGIES, build_mask, exact_hidden
+from fastmim.ops._dispatch import triton_available
 
 IMPLS = ["torch", "ref"]
 INPUTS = {"attention": "scores", "hardpatch": "losses"}
@@ -127,6 +130,23 @@ def test_block_torch_and_reference_agree_in_distribution():
     assert abs(float(row_runs(pa.bool())) - float(row_runs(pc.bool()))) > 0.01
 
 
+@pytest.mark.skipif(triton_available() is not None, reason=f"optional dependency absent: {triton_available()}")
+@pytest.mark.parametrize("grid, ratio", [(14, 0.4), ((5, 9), 0.75)])
+def test_block_triton_kernel_gives_the_torch_loops_masks(grid, ratio, monkeypatch):
+    """The one-launch Triton block kernel (interpreted on CPU here) consumes the same random numbers with the same
+    float64 maths as the batched PyTorch loop: the same masks, sample for sample (on CUDA in tests/test_gpu.py)."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET=1 is not set, so Triton cannot run CPU tensors")
+    idx = torch.tensor([0, 1, 2, 3, 17, 400, 2**33 + 5, 9_999_999])
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    a = build_mask("block", grid, impl="torch", ratio=ratio, seed=11)(indices=idx, epoch=4, device=dev)
+    b = build_mask("block", grid, impl="triton", ratio=ratio, seed=11)(indices=idx, epoch=4, device=dev)
+    assert torch.equal(a.mask, b.mask)
+    assert (b.mask.flatten(1).sum(1) == a.num_hidden).all()
+    # and it is not the key-independent answer: other samples, other masks
+    assert len({tuple(m.flatten().tolist()) for m in b.mask}) == len(idx)
+
+
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_masks_are_a_pure_function_of_seed_epoch_and_index(name):
     """One call for samples 0..31 equals two calls of 16 (workers), and a permuted call (a reshuffled shard); a
@@ -179,6 +199,7 @@ def test_consecutive_calls_without_indices_continue_the_stream():
         ("attention", {"random_share": 1.5}, r"random_share must be in \[0, 1\]"),
         ("random", {"impl": "cpp"}, "has no C\\+\\+ implementation"),
         ("random", {"impl": "cuda"}, "impl must be one of"),
+        ("random", {"impl": "triton"}, "has no Triton implementation"),
     ],
 )
 def test_bad_parameters_name_the_problem(name, params, match):

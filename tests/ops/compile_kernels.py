@@ -19,6 +19,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from fastmim.masking import triton_block  # noqa: E402
 from fastmim.ops.triton import grn, masked_loss, patchify, sparse_conv, tokens  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -84,6 +85,11 @@ def specs():
     for need_w, need_b in ((True, True), (True, False), (False, True)):
         ptrs = {"part_ptr": "fp32", "d_ptr": "fp32", "dw_ptr": "fp32", "db_ptr": "fp32"}
         yield grn._grn_param_grad_kernel, ptrs, {"NEED_W": need_w, "NEED_B": need_b, "BLOCK_C": 64}
+    # block masks: 14x14 with BEiT's 10 tries, and a 64x64 grid (the largest the launcher takes)
+    for block, ablock in ((256, 16), (4096, 16)):
+        ptrs = {"keys_ptr": "i64", "streams_ptr": "i64", "mask_ptr": "i8", "count_ptr": "i32", "params_ptr": "fp64"}
+        consts = {"BLOCK": block, "ABLOCK": ablock, "MUL": triton_block._MUL, "GOLDEN": triton_block._GOLDEN}
+        yield triton_block._block_mask_kernel, ptrs, consts
 
 
 def signature(kernel, ptrs: dict, consts: dict) -> dict:
