@@ -13,16 +13,19 @@ namespace {
 
 // One rectangle, as BEiT's generator draws it: up to max_attempts tries of a random area and log-uniform aspect
 // ratio; a try counts only if it masks at least one new cell and no more than `budget` new cells.
-int64_t add_block(const BlockMaskParams& p, int64_t budget, Rng& rng, uint8_t* m) {
-  const double log_lo = std::log(p.min_aspect), log_hi = std::log(p.max_aspect);
+// log_lo, log_hi: the log of the aspect range's ends (computed once per sample, not per block).
+int64_t add_block(const BlockMaskParams& p, int64_t budget, double log_lo, double log_hi, Rng& rng, uint8_t* m) {
   for (int64_t attempt = 0; attempt < p.max_attempts; ++attempt) {
     const double area = rng.uniform(p.min_block, static_cast<double>(budget));
     const double aspect = std::exp(rng.uniform(log_lo, log_hi));
-    // compare in double before converting: a huge aspect ratio can make a side infinite
-    const double hd = std::round(std::sqrt(area * aspect)), wd = std::round(std::sqrt(area / aspect));
-    if (!(hd >= 1.0 && wd >= 1.0 && hd < static_cast<double>(p.height) && wd < static_cast<double>(p.width)))
+    // The sides rounded half away from zero must lie in [1, height) and [1, width): compared in double before
+    // converting (a huge aspect ratio can make a side infinite), then x + 0.5 truncated, which is that rounding for
+    // x >= 0.5 without a libm call (std::round is one, a tenth of the time here).
+    const double hx = std::sqrt(area * aspect), wx = std::sqrt(area / aspect);
+    if (!(hx >= 0.5 && wx >= 0.5 && hx < static_cast<double>(p.height) - 0.5 &&
+          wx < static_cast<double>(p.width) - 0.5))
       continue;
-    const int64_t h = static_cast<int64_t>(hd), w = static_cast<int64_t>(wd);
+    const int64_t h = static_cast<int64_t>(hx + 0.5), w = static_cast<int64_t>(wx + 0.5);
     const int64_t top = rng.randint(0, p.height - h);
     const int64_t left = rng.randint(0, p.width - w);
     int64_t already = 0;
@@ -41,11 +44,12 @@ void one_sample(const BlockMaskParams& p, Rng& rng, uint8_t* m) {
   const int64_t n = p.height * p.width;
   std::fill(m, m + n, uint8_t{0});
   int64_t count = 0;
+  const double log_lo = std::log(p.min_aspect), log_hi = std::log(p.max_aspect);
   while (count < p.num_masked) {
     // clamp in double first: max_block may exceed int64's range, and that cast would be undefined
     const double remaining = static_cast<double>(p.num_masked - count);
     const int64_t budget = static_cast<int64_t>(std::min<double>(p.max_block, remaining));
-    const int64_t added = budget > 0 ? add_block(p, budget, rng, m) : 0;
+    const int64_t added = budget > 0 ? add_block(p, budget, log_lo, log_hi, rng, m) : 0;
     if (added == 0) break;
     count += added;
   }

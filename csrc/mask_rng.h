@@ -40,8 +40,8 @@ class Rng {
   }
   double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }  // [0, 1)
   double uniform(double a, double b) { return a + (b - a) * uniform(); }
-  int64_t randint(int64_t lo, int64_t hi) {  // inclusive, hi - lo is tiny so modulo bias is negligible
-    return lo + static_cast<int64_t>(next() % static_cast<uint64_t>(hi - lo + 1));
+  int64_t randint(int64_t lo, int64_t hi) {  // inclusive; multiply-shift, no 64-bit division (bias < range / 2^64)
+    return lo + static_cast<int64_t>(below(static_cast<uint64_t>(hi - lo + 1)));
   }
   // Uniform integer in [0, n) for n >= 1 (multiply-shift: always < n, bias below n / 2^64).
   uint64_t below(uint64_t n) { return static_cast<uint64_t>((static_cast<unsigned __int128>(next()) * n) >> 64); }
@@ -59,9 +59,9 @@ inline Rng key_rng(uint64_t key, uint64_t salt) { return Rng(splitmix64(key ^ sa
 // torch.round round half to even, a difference of measure zero for continuous draws), clipped to [1, n]. Clipping
 // happens in double, so an infinite or NaN length never reaches an integer conversion.
 inline int64_t block_side(double x, int64_t n) {
-  const double r = std::round(x);
-  if (!(r >= 1.0)) return 1;  // also NaN
-  return r >= static_cast<double>(n) ? n : static_cast<int64_t>(r);
+  if (!(x >= 0.5)) return 1;  // also NaN
+  if (x >= static_cast<double>(n) - 0.5) return n;
+  return static_cast<int64_t>(x + 0.5);  // std::round for x >= 0.5, without its libm call
 }
 
 // Largest thread count a caller may ask for.
