@@ -126,7 +126,11 @@ def sparse_conv_table(rows: list[dict]) -> str:
 
 def masks_table(rows: list[dict]) -> str:
     rows = [r for r in rows if r.get("benchmark") == "masks" and "masks_per_s" in r]
-    latest = _latest(rows, lambda r: (r["device"], r["date"][:10], r.get("grid"), r["strategy"], r["impl"],
+
+    def device(r):  # CPU rows of different hosts (CI's, a GPU machine's) must not share a line
+        return f"cpu ({r['cpu_count']} cores)" if r["device"] == "cpu" and r.get("cpu_count") else r["device"]
+
+    latest = _latest(rows, lambda r: (device(r), r["date"][:10], r.get("grid"), r["strategy"], r["impl"],
                                       r.get("threads"), r["batch"] if r.get("on") == "cuda" else None))  # fmt: skip
     groups: dict[tuple, dict[str, dict]] = {}
     for (dev, day, grid, strategy, impl, threads, gpu_batch), r in latest.items():

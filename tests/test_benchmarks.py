@@ -406,3 +406,8 @@ def test_masks_table_puts_each_implementation_in_its_column():
     assert lines[0].split(" | ")[4:7] == ["torch (batch 16384) masks/s", "torch (batch 256) masks/s",
                                           "triton (batch 256) masks/s"]  # fmt: skip
     assert "| 2026-12-02 | H100 | 14x14 | block | 2,000,000 | 100,000 | 3,000,000 | abc1234 |" in lines
+    # CPU rows of two hosts stay on separate lines
+    cpu = {**base, "device": "cpu", "strategy": "block", "impl": "cpp", "threads": 1, "date": "2026-12-02"}
+    two_hosts = [{**cpu, "cpu_count": 2, "masks_per_s": 1e6}, {**cpu, "cpu_count": 16, "masks_per_s": 2e6}]
+    lines = report.masks_table(two_hosts).splitlines()
+    assert [line.split(" | ")[1] for line in lines[2:]] == ["cpu (16 cores)", "cpu (2 cores)"]
