@@ -14,6 +14,8 @@ from pathlib import Path
 import yaml
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
+LOADERS = ("auto", "dali", "torch")
+DALI_DEVICES = ("auto", "mixed", "cpu")
 MASK_TYPES = ("random", "block", "simmim", "uniform")
 SPARSE_BACKENDS = ("auto", "fastmim", "dense_masked", "spconv")
 
@@ -48,7 +50,21 @@ class PretrainConfig:
     norm_pix_loss: bool = field(default=True, metadata={"help": "normalise target patches (MAE norm-pix)"})
     # data
     data_path: str | None = field(default=None, metadata={"help": "image folder (None: built-in sample photos)"})
-    num_workers: int | None = field(default=None, metadata={"help": "loader processes per rank (None: auto)"})
+    num_workers: int | None = field(
+        default=None, metadata={"help": "loader processes (torch) or decoding threads (DALI) per rank (None: auto)"}
+    )
+    loader: str = field(
+        default="auto",
+        metadata={"help": "auto (DALI when installed and the data is scanned or built in, else torch), dali, torch"},
+    )
+    dali_device: str = field(
+        default="auto", metadata={"help": "DALI decoding: auto (mixed = nvJPEG on a CUDA run, else cpu), mixed, cpu"}
+    )
+    allow_unscanned: bool = field(
+        default=False,
+        metadata={"help": "let DALI read a folder never checked by python -m fastmim.data.scan (a bad file stops "
+                          "the run)"},
+    )  # fmt: skip
     # optimisation
     epochs: int = field(default=30, metadata={"help": "training epochs"})
     batch_size: int = field(default=16, metadata={"help": "images per device per step"})
@@ -99,6 +115,10 @@ class PretrainConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.loader not in LOADERS:
+            raise ValueError(f"loader must be one of {', '.join(LOADERS)}, got {self.loader!r}")
+        if self.dali_device not in DALI_DEVICES:
+            raise ValueError(f"dali_device must be one of {', '.join(DALI_DEVICES)}, got {self.dali_device!r}")
         if self.mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type must be one of {', '.join(MASK_TYPES)}, got {self.mask_type!r}")
 

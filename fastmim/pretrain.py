@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fastmim.config import PretrainConfig, apply_overrides, cli_overrides, load_yaml, save_yaml
+from fastmim.data.dali import DaliDecodeError
 from fastmim.train.checkpoint import CHECKPOINT_NAME, existing_run_markers, load_checkpoint
 from fastmim.train.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 
@@ -81,14 +82,81 @@ def prepare_output_dir(cfg: PretrainConfig, info: DistInfo) -> Path:
     return out
 
 
-def build_dataset(cfg: PretrainConfig):
+def build_dataset(cfg: PretrainConfig, root: str | None = None):
     from fastmim.data import ImageFolderDataset, default_dataset_path, pretrain_transform
 
-    root = cfg.data_path or default_dataset_path()
+    root = root or cfg.data_path or default_dataset_path()
     try:
         return ImageFolderDataset(root, pretrain_transform(cfg.img_size), seed=cfg.seed)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise UsageError(str(e)) from e
+
+
+def choose_loader(cfg: PretrainConfig, device: torch.device) -> tuple[str, str | None, str]:
+    """(loader, data root to read, why): "dali" reads a scanned file list (given, or the folder's up-to-date scan;
+    the built-in photos need none), "torch" the folder or list as given."""
+    from fastmim.data.dali import dali_problem
+
+    if cfg.loader == "torch":
+        return "torch", cfg.data_path, "--loader torch"
+    why_not = dali_problem()
+    if why_not:
+        if cfg.loader == "dali":
+            raise UsageError(f"--loader dali: {why_not}")
+        return "torch", cfg.data_path, "DALI is not installed (pip install 'fastmim[dali]')"
+    if cfg.data_path is None:
+        return "dali", None, "the built-in photos"
+    from fastmim.data.scan import find_scan
+
+    path = Path(cfg.data_path)
+    if path.is_file():
+        return "dali", cfg.data_path, "a scanned file list"
+    if path.is_dir():
+        scan = find_scan(path)
+        if scan is not None:
+            return "dali", str(scan), f"the folder's up-to-date scan {scan}"
+        if cfg.allow_unscanned:
+            return "dali", cfg.data_path, "--allow-unscanned (a bad image stops the run)"
+        if cfg.loader == "dali":
+            raise UsageError(
+                f"--loader dali: {cfg.data_path!r} has not been scanned (or changed since): a DALI pipeline stops at "
+                f"the first bad image. Run python -m fastmim.data.scan {cfg.data_path} first, or pass "
+                "--allow-unscanned"
+            )
+        return "torch", cfg.data_path, "the folder has no up-to-date scan for DALI (python -m fastmim.data.scan)"
+    return "torch", cfg.data_path, "the data path is neither a folder nor a file"  # build_dataset names the problem
+
+
+def build_loader(cfg: PretrainConfig, kind: str, dataset, masks, info: DistInfo, device: torch.device):
+    """(loader, sampler, description) for the trainer: DALI's loader is its own sampler."""
+    from fastmim import _ext
+    from fastmim.data import build_pretrain_loader, default_num_workers
+
+    if kind == "dali":
+        from fastmim.data.dali import DaliLoader
+
+        dali_device = cfg.dali_device
+        if dali_device == "auto":
+            dali_device = "mixed" if device.type == "cuda" else "cpu"
+        if dali_device == "mixed" and device.type != "cuda":
+            raise UsageError("--dali-device mixed decodes on the GPU: it needs a CUDA run (--device cuda)")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = cfg.num_workers or max(1, cores // info.local_world_size)
+        try:
+            loader = DaliLoader(dataset.files, cfg.batch_size, cfg.img_size, device=dali_device,
+                                device_id=device.index if device.type == "cuda" else None, rank=info.rank,
+                                world_size=info.world_size, seed=cfg.seed, num_threads=threads)  # fmt: skip
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+        return loader, loader, f"DALI ({dali_device}, {threads} threads)"
+    workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(info.local_world_size)
+    # masks with a C++ generator are drawn in the loader workers; the others on the training device
+    worker_masks = masks if masks.has_cpp and _ext.available() else None
+    loader, sampler = build_pretrain_loader(
+        dataset, cfg.batch_size, workers, info.rank, info.world_size, cfg.seed, pin_memory=device.type == "cuda",
+        masks=worker_masks,
+    )  # fmt: skip
+    return loader, sampler, f"torch ({workers} workers)"
 
 
 def build_model(cfg: PretrainConfig, device: torch.device):
@@ -130,7 +198,6 @@ def run(argv: list[str] | None = None) -> Path:
 
 def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.device) -> Path:
     from fastmim import _ext
-    from fastmim.data import build_pretrain_loader, default_num_workers
     from fastmim.train.engine import Trainer, resolve_amp
     from fastmim.train.optim import build_adamw
 
@@ -138,16 +205,10 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     torch.manual_seed(cfg.seed + info.rank)
     np.random.seed(cfg.seed + info.rank)
     random.seed(cfg.seed + info.rank)
-    dataset = build_dataset(cfg)
+    kind, root, why = choose_loader(cfg, device)
+    dataset = build_dataset(cfg, root)
     model = build_model(cfg, device)
-    workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(info.local_world_size)
-    # masks with a C++ generator are drawn in the loader workers; the others on the training device
-    masks = model.mask_strategy(seed=cfg.seed)
-    worker_masks = masks if masks.has_cpp and _ext.available() else None
-    loader, sampler = build_pretrain_loader(
-        dataset, cfg.batch_size, workers, info.rank, info.world_size, cfg.seed, pin_memory=device.type == "cuda",
-        masks=worker_masks,
-    )  # fmt: skip
+    loader, sampler, loader_desc = build_loader(cfg, kind, dataset, model.mask_strategy(seed=cfg.seed), info, device)
     eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
     lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
     optimizer = build_adamw(model, lr, cfg.weight_decay)
@@ -168,7 +229,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
         print(
             f"fastmim: {cfg.model} ({n_params:.1f}M params) on {device} x{info.world_size}, "
             f"amp={trainer.amp_dtype or 'fp32'}, native ext={'yes' if _ext.available() else 'no'}\n"
-            f"  data: {len(dataset)} images from {dataset.root}, {workers} workers\n"
+            f"  data: {len(dataset)} images from {dataset.root}, loader {loader_desc}: {why}\n"
             f"  batch {eff_batch} (= {cfg.batch_size} x {cfg.accum_iter} accum x {info.world_size} procs), "
             f"lr {lr:.3g}, {trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps\n"
             f"  output: {out}"
@@ -186,7 +247,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
 def main(argv: list[str] | None = None) -> int:
     try:
         run(argv)
-    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as e:
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, DaliDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -12,22 +12,43 @@ from PIL import Image
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def iter_files(root: str | Path) -> Iterator[str]:
+    """Every file below root, following symlinks; hidden folders (name starting with '.') are skipped, hidden files
+    are not. Unordered."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in filenames:
+            yield os.path.join(dirpath, f)
+
+
+def is_image_file(path: str) -> bool:
+    return path.lower().endswith(IMG_EXTENSIONS)
+
+
 def list_images(root: str | Path) -> list[str]:
-    """All image files below root (recursively, following class folders), sorted for a stable order.
+    """All image files below root (recursively, following class folders), sorted for a stable order; or, when root
+    is a file, the images named by that scan list (``python -m fastmim.data.scan``), in its order.
 
     Raises:
-        FileNotFoundError: root does not exist or is not a directory.
-        ValueError: root holds no image file.
+        FileNotFoundError: root does not exist, or a scan list's image folder does not.
+        NotADirectoryError: root is neither a directory nor a file.
+        ValueError: root holds no image file, or is a file but not a valid scan list.
     """
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"data path {str(root)!r} does not exist")
+    if root.is_file():
+        from fastmim.data.scan import read_file_list  # scan imports this module
+
+        image_root, files = read_file_list(root)
+        if not files:
+            raise ValueError(
+                f"scan list {str(root)!r} holds no images (every image under {image_root!r} failed the scan)"
+            )
+        return files
     if not root.is_dir():
         raise NotADirectoryError(f"data path {str(root)!r} is not a directory")
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files.extend(os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMG_EXTENSIONS))
+    files = [f for f in iter_files(root) if is_image_file(f)]
     if not files:
         raise ValueError(f"data path {str(root)!r} holds no images (looked for {', '.join(IMG_EXTENSIONS)})")
     return sorted(files)
@@ -37,7 +58,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """Unlabelled images for masked-modeling pretraining; item i is ``transform(RGB image)``.
 
     Args:
-        root: folder of images or of class folders of images.
+        root: folder of images or of class folders of images, or a scan list of one (``python -m fastmim.data.scan``:
+            the images that decode, so a corrupt file cannot stop a run).
         transform: applied to each PIL image.
         seed: when given, the transform's random draws for sample i in epoch e come from a generator seeded by
             (seed, e, i), whichever process or worker loads it: augmentations do not depend on the number of

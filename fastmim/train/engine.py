@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastmim.config import PretrainConfig, save_yaml
+from fastmim.data.dali import DaliDecodeError
 from fastmim.masking import Masks
 from fastmim.train import checkpoint as ckpt
 from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier
@@ -88,9 +89,20 @@ class Trainer:
             "world_size": self.info.world_size,
             "layout": self.data_layout(),
             "rng": rngs,
+            "loader": self._loader_states(),
             "config": self.cfg.to_dict(),
             "fastmim_version": __import__("fastmim").__version__,
         }
+
+    def _loader_states(self) -> list | None:
+        """Every rank's loader state where the loader has one (DALI's pipeline checkpoint), else None."""
+        if not hasattr(self.loader, "state_dict"):
+            return None
+        state = self.loader.state_dict()
+        states = [None] * self.info.world_size if self.info.enabled else [state]
+        if self.info.enabled:
+            dist.all_gather_object(states, state)
+        return states
 
     def data_layout(self) -> dict:
         """What positions are counted in: a change of any of these moves batch and step boundaries."""
@@ -119,6 +131,17 @@ class Trainer:
                 )
             # at an epoch boundary the position converts exactly: steps are counted in the new units from here on
             self.pos.step = self.pos.epoch * self.steps_per_epoch
+        if hasattr(self.loader, "load_state_dict"):  # DALI: its reader position and random state
+            states = state.get("loader")
+            if states and len(states) == self.info.world_size and saved_layout == layout:
+                self.loader.load_state_dict(states[self.info.rank])
+            elif self.pos.batch != 0:
+                raise ValueError(
+                    "the checkpoint stopped mid-epoch without the DALI loader's state (saved with the torch loader "
+                    "or another layout): resume with --loader torch, or from an end-of-epoch checkpoint"
+                )
+            else:  # an epoch boundary: DALI starts the epoch from its own seeded state
+                self.loader.start_at(self.pos.epoch)
         if state.get("world_size") == self.info.world_size:
             ckpt.set_rng_state(state["rng"][self.info.rank])
         else:  # a different world size reshards the data anyway; keep ranks distinct
@@ -168,6 +191,15 @@ class Trainer:
         with self.autocast():
             save_reconstruction(self.raw_model, imgs, self.output_dir / "reconstructions" / name)
 
+    def _stop_on_bad_file(self, batch: int) -> None:
+        """A file DALI cannot decode: a checkpoint of the run so far (one process, at a step boundary), so the run
+        resumes once the file is replaced; otherwise the last saved checkpoint stands."""
+        if self.info.enabled or batch % self.cfg.accum_iter or self.pos.step == 0:
+            return
+        self.save()
+        if self.info.is_main:
+            print(f"checkpointed at step {self.pos.step} before stopping on a file DALI cannot decode", flush=True)
+
     def fit(self) -> Position:
         cfg = self.cfg
         if self.pos.step >= self.total_steps:
@@ -182,15 +214,20 @@ class Trainer:
             self.sampler.set_epoch(epoch, start * cfg.batch_size)
             if hasattr(self.dataset, "set_epoch"):  # augmentation seeded per (seed, epoch, index): exact resume
                 self.dataset.set_epoch(epoch)
-            if hasattr(self.loader.collate_fn, "set_epoch"):  # masks drawn in the workers: (seed, epoch, index)
-                self.loader.collate_fn.set_epoch(epoch)
+            collate = getattr(self.loader, "collate_fn", None)
+            if hasattr(collate, "set_epoch"):  # masks drawn in the workers: (seed, epoch, index)
+                collate.set_epoch(epoch)
             bar = tqdm(
                 total=self.batches_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 disable=not self.info.is_main, dynamic_ncols=True, mininterval=1.0,
             )  # fmt: skip
             data = iter(self.loader)
             for b in range(start, self.batches_per_epoch):
-                imgs, idx, *drawn = next(data)  # drawn: the masks, when the loader workers make them
+                try:
+                    imgs, idx, *drawn = next(data)  # drawn: the masks, when the loader workers make them
+                except DaliDecodeError:
+                    self._stop_on_bad_file(b)
+                    raise
                 imgs = imgs.to(self.device, non_blocking=True)
                 if drawn:
                     masks = Masks(drawn[0].to(self.device, non_blocking=True), num_hidden=self.masks.exact_hidden)

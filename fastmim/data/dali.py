@@ -1,0 +1,288 @@
+"""An NVIDIA DALI loader for pretraining: JPEG decoding on the GPU (nvJPEG, ``device="mixed"``) or on CPU threads.
+
+Reader (``fn.readers.file`` over a file list) -> decode with MAE's
+random-resized crop (``fn.decoders.image_random_crop``: area 0.2-1.0 of the image, aspect 3/4-4/3) -> resize to
+``img_size`` (bicubic, antialiased) -> random horizontal flip -> ImageNet normalisation -> CHW float32, each batch
+with the samples' dataset indices (masks are drawn from (seed, epoch, index)).
+
+``DaliLoader`` stands in for the trainer's (DataLoader, sampler) pair: ``len()`` batches per epoch and rank, an
+iterator of ``(images, indices)`` per epoch, ``set_epoch``, and ``state_dict`` / ``load_state_dict`` carrying DALI's
+pipeline checkpoint (reader position and every random generator), so a resumed run continues mid-epoch with exactly
+the batches it would have seen.
+
+Sharding: the file list is shuffled once with the run's seed and cut into ``world_size`` contiguous shards of equal
+length (DALI's reader sharding; every rank keeps its shard, ``stick_to_shard``); each epoch the reader shuffles its
+shard through a buffer. A DALI pipeline cannot skip an undecodable file (it stops), so pretraining reads scanned file
+lists (``python -m fastmim.data.scan``); a decode error met anyway is raised as ``DaliDecodeError`` with the file's
+path, found by decoding the candidates of the failing batch with PIL.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import re
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+DEVICES = ("cpu", "mixed")
+READER = "reader"
+
+
+@functools.cache
+def dali_problem() -> str | None:
+    """None when NVIDIA DALI can be imported, else why not (with the install command)."""
+    try:
+        import nvidia.dali  # noqa: F401
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising anything at import
+        return (
+            f"NVIDIA DALI is not installed ({type(e).__name__}: {e}); install it with "
+            "pip install 'fastmim[dali]' (nvidia-dali-cuda130; nvidia-dali-cuda120 for CUDA 12)"
+        )
+    return None
+
+
+def require_dali() -> None:
+    why = dali_problem()
+    if why:
+        raise RuntimeError(why)
+
+
+class DaliDecodeError(RuntimeError):
+    """DALI stopped on a file it cannot decode; ``path`` names it where it could be found."""
+
+    def __init__(self, message: str, path: str | None):
+        super().__init__(message)
+        self.path = path
+
+
+def _pipeline(files, indices, batch_size, img_size, device, device_id, shard_id, num_shards, seed, num_threads,
+              scale, ratio, initial_fill, checkpoint):  # fmt: skip
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    @pipeline_def(enable_checkpointing=True)
+    def pipe():
+        jpegs, idx = fn.readers.file(
+            files=files, labels=indices, random_shuffle=True, initial_fill=initial_fill, seed=seed,
+            shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, name=READER,
+        )  # fmt: skip
+        images = fn.decoders.image_random_crop(
+            jpegs, device=device, output_type=types.RGB, random_area=list(scale), random_aspect_ratio=list(ratio),
+            num_attempts=10,
+        )  # fmt: skip
+        images = fn.resize(images, resize_x=img_size, resize_y=img_size, interp_type=types.INTERP_CUBIC,
+                           antialias=True)  # fmt: skip
+        images = fn.crop_mirror_normalize(
+            images, mirror=fn.random.coin_flip(probability=0.5), dtype=types.FLOAT, output_layout="CHW",
+            mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
+        )  # fmt: skip
+        return images, idx
+
+    return pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                checkpoint=checkpoint)  # fmt: skip
+
+
+class DaliLoader:
+    """Batches of ``(images [B, 3, S, S] float32, indices [B] int64)`` from DALI, one rank's shard.
+
+    Args:
+        files: image paths (a scanned list); the dataset index of ``files[i]`` is i.
+        batch_size: per rank; the last partial batch of an epoch is dropped.
+        img_size: output side S.
+        device: "mixed" (decode on the GPU, images on ``cuda:device_id``) or "cpu" (CPU threads, CPU tensors).
+        device_id: the GPU of "mixed" (the local rank's); ignored on "cpu".
+        rank, world_size: this rank's shard.
+        seed: the run's seed: the file order, the shuffles and the crops follow from it (and the rank).
+        num_threads: DALI's CPU threads (default: the usable cores).
+        scale, ratio: the random-resized crop's area fraction and aspect ranges (MAE's defaults).
+        initial_fill: the reader's shuffle buffer, in samples (capped at the shard).
+    """
+
+    def __init__(
+        self,
+        files: Sequence[str],
+        batch_size: int,
+        img_size: int = 224,
+        *,
+        device: str = "cpu",
+        device_id: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_threads: int | None = None,
+        scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        initial_fill: int = 1024,
+    ):
+        require_dali()
+        if device not in DEVICES:
+            raise ValueError(f"DALI device must be one of {DEVICES}, got {device!r}")
+        if device == "mixed" and not torch.cuda.is_available():
+            raise RuntimeError("DALI device 'mixed' decodes on a GPU and none is visible; use device='cpu'")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, {world_size})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.files = list(files)
+        n = len(self.files)
+        self.shard_size = n // world_size  # DALI shards: floor or ceil of n / world; equal lengths for every rank
+        if self.shard_size < batch_size:
+            raise ValueError(
+                f"{n} images over {world_size} ranks give {self.shard_size} per rank, fewer than one batch of "
+                f"{batch_size}: lower --batch-size or add images"
+            )
+        # one global shuffle of the list (seeded), so contiguous shards are random subsets; the dataset index of a
+        # sample stays its position in ``files``
+        order = list(range(n))
+        random.Random(seed).shuffle(order)
+        self._order = order[: self.shard_size * world_size]  # equal shards: the remainder is left out
+        self.batch_size, self.img_size, self.device = batch_size, img_size, device
+        self.device_id = (
+            (device_id if device_id is not None else torch.cuda.current_device()) if device == "mixed" else None
+        )
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.num_threads = num_threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                              else (os.cpu_count() or 1))  # fmt: skip
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.initial_fill = max(1, min(initial_fill, self.shard_size))
+        self.epoch = 0  # the epoch the reader is in
+        self.batch = 0  # batches of it handed out
+        self._build(None)
+
+    # --- the pipeline ---
+    def _build(self, checkpoint: str | None) -> None:
+        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        files = [self.files[i] for i in self._order]
+        pipe = _pipeline(
+            files, self._order, self.batch_size, self.img_size, self.device, self.device_id, self.rank,
+            self.world_size, self.seed * 1_000_003 + self.rank, self.num_threads, self.scale, self.ratio,
+            self.initial_fill, checkpoint,
+        )  # fmt: skip
+        pipe.build()
+        self._pipe = pipe
+        self._it = DALIGenericIterator(
+            [pipe],
+            ["images", "indices"],
+            reader_name=READER,
+            last_batch_policy=LastBatchPolicy.DROP,
+            auto_reset=True,
+            prepare_first_batch=False,
+        )  # fmt: skip (errors surface in next())
+
+    def __len__(self) -> int:
+        return self.shard_size // self.batch_size
+
+    # --- the trainer's sampler interface ---
+    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
+        """Positions the loader at ``epoch``, ``start_index`` samples into this rank's share: where a restored
+        checkpoint left it (mid-epoch), or the start of a later epoch (the rest of the current one is read and
+        dropped). Anything else cannot be reached: DALI's state moves forward only."""
+        if start_index % self.batch_size:
+            raise ValueError(f"start_index {start_index} is not a multiple of the batch size {self.batch_size}")
+        batch = start_index // self.batch_size
+        if (epoch, batch) == (self.epoch, self.batch):
+            return
+        if batch == 0 and epoch > self.epoch:
+            while epoch > self.epoch:
+                self._finish_epoch()
+            return
+        raise ValueError(
+            f"the DALI loader is at epoch {self.epoch}, batch {self.batch}; it cannot be moved to epoch {epoch}, "
+            f"batch {batch} (resume from the checkpoint saved with the run: it holds DALI's state)"
+        )
+
+    def start_at(self, epoch: int) -> None:
+        """Counts a fresh loader's first epoch as ``epoch``: resuming at an epoch boundary from a checkpoint without
+        DALI's state (the order then follows DALI's seeded state, not a replay of the epochs before)."""
+        if (self.epoch, self.batch) != (0, 0):
+            raise RuntimeError(f"start_at needs a fresh loader; this one is at epoch {self.epoch}, batch {self.batch}")
+        self.epoch = epoch
+
+    def _finish_epoch(self) -> None:
+        """Reads the current epoch's remaining batches (dropped) so the reader starts the next one."""
+        for _ in range(len(self) - self.batch):
+            self._next()
+        try:  # the iterator says the epoch is over and resets (auto_reset)
+            next(self._it)
+            raise RuntimeError("the DALI reader gave more batches than an epoch holds")  # never expected
+        except StopIteration:
+            pass
+        self.epoch, self.batch = self.epoch + 1, 0
+
+    def _next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            out = next(self._it)[0]
+        except StopIteration:
+            raise
+        except RuntimeError as e:
+            raise self._decode_error(e) from e
+        self.batch += 1
+        return out["images"], out["indices"].view(-1).long()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The rest of the current epoch's batches."""
+        while self.batch < len(self):
+            yield self._next()
+
+    # --- checkpoints ---
+    def state_dict(self) -> dict:
+        """DALI's checkpoint (reader position and random state) with the epoch and batch it stands at. At an
+        epoch's end the reader is moved to the next epoch's start first."""
+        if self.batch == len(self):
+            self._finish_epoch()
+        return {"epoch": self.epoch, "batch": self.batch, "dali": self._it.checkpoints()[0],
+                "files": len(self.files), "rank": self.rank, "world_size": self.world_size}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state.get("files"), state.get("world_size")) != (len(self.files), self.world_size):
+            raise ValueError(
+                f"the DALI checkpoint was saved for {state.get('files')} images over {state.get('world_size')} "
+                f"ranks; this run has {len(self.files)} over {self.world_size}"
+            )
+        self._build(state["dali"])
+        self.epoch, self.batch = state["epoch"], state["batch"]
+
+    # --- errors ---
+    def _decode_error(self, e: Exception) -> Exception:
+        """DALI's error as a ``DaliDecodeError`` naming the file when it is a decoding failure (DALI names the
+        sample's source; else the shard's files around the reader position are decoded with PIL to find it)."""
+        text = str(e)
+        if "decoders." not in text and "decode" not in text.lower():
+            return e
+        found = re.search(r"Failed to decode sample #\d+ : (.+)", text)
+        path = found.group(1).strip() if found else find_undecodable(self._candidates())
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "pipeline" not in ln.lower()]
+        detail = lines[-1] if lines else type(e).__name__
+        where = repr(path) if path else "a file of this rank's shard (PIL decodes all the candidates)"
+        return DaliDecodeError(
+            f"DALI cannot decode {where} ({detail}); the run stops: DALI cannot skip a sample. Replace the file at "
+            "the same path and resume, or remove it, scan again (python -m fastmim.data.scan) and resume from an "
+            "end-of-epoch checkpoint",
+            path,
+        )
+
+    def _candidates(self) -> list[str]:
+        """The files the failing batch can hold: the shard's next reads (sequential, through the shuffle buffer)
+        up to the prefetched batches, in reader order."""
+        shard = self._order[self.rank * self.shard_size : (self.rank + 1) * self.shard_size]
+        reach = (self.batch + 4) * self.batch_size + self.initial_fill
+        return [self.files[i] for i in shard[:reach]]
+
+
+def find_undecodable(paths) -> str | None:
+    """The first of ``paths`` that PIL cannot decode fully, or None."""
+    from fastmim.data.scan import check_image
+
+    for p in paths:
+        if check_image(p) is not None:
+            return p
+    return None

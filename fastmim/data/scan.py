@@ -1,0 +1,408 @@
+"""Dataset scan: decode every image under a folder once, name the bad files, write a list of the good ones.
+
+A DALI pipeline cannot skip a sample it fails to decode: it stops, without naming the file. Scanning the folder once
+before pretraining finds the corrupt, truncated and non-image files by path, and writes a clean file list that both
+loaders take as ``--data-path``::
+
+    python -m fastmim.data.scan /data/imagenet/train [--out FILE] [--workers N] [--report FILE.json] [--quiet]
+
+The list is UTF-8 text: a header line, then one path per line relative to the scanned root, sorted::
+
+    # fastmim-scan v1 root=/data/imagenet/train images=1281166 bad=1 files=1281167 mtime=1715000000.123
+    n01440764/n01440764_10026.JPEG
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import warnings
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from fastmim.data.folder import IMG_EXTENSIONS, is_image_file, iter_files
+from fastmim.data.samples import cache_root
+
+FORMAT = "v1"
+MAGIC = "# fastmim-scan"
+NON_IMAGE = "not an image file (extension)"
+_HEADER = re.compile(
+    r"# fastmim-scan v1 root=(?P<root>.+) images=(?P<images>\d+) bad=(?P<bad>\d+) files=(?P<files>\d+)"
+    r" mtime=(?P<mtime>\S+)"
+)
+_MAX_PRINTED_NON_IMAGES = 20
+
+
+@dataclass
+class ScanResult:
+    """What a scan found. Paths are absolute, below ``root`` (the resolved folder); each list is sorted.
+
+    Attributes:
+        good: images that decode fully (the clean list, in its order).
+        bad: ``(path, reason)`` for each image-named file that does not decode.
+        non_images: files without an image extension (never listed; not errors).
+        list_path: where the clean list was written.
+        files: files seen (good + bad + non_images); mtime: the newest modification time among them.
+    """
+
+    root: str
+    good: list[str]
+    bad: list[tuple[str, str]]
+    non_images: list[str]
+    list_path: Path
+    files: int = 0
+    mtime: float = 0.0
+
+    def counts(self) -> dict[str, int]:
+        """Bad files per reason (``corrupt: <message>`` counted as ``corrupt``), most common first."""
+        return dict(Counter(reason.split(":")[0] for _, reason in self.bad).most_common())
+
+    def to_json(self) -> dict:
+        return {
+            "root": self.root,
+            "list": str(self.list_path),
+            "files": self.files,
+            "images": len(self.good),
+            "bad": [{"path": p, "reason": r} for p, r in self.bad],
+            "counts": self.counts(),
+            "non_images": self.non_images,
+            "mtime": self.mtime,
+        }
+
+
+class _Header(NamedTuple):
+    root: str
+    images: int
+    bad: int
+    files: int
+    mtime: float
+
+
+def _resolve(root: str | Path) -> str:
+    return os.path.realpath(os.fspath(root))
+
+
+def default_list_path(root: str | Path) -> Path:
+    """Where ``scan(root)`` writes its list unless told otherwise: ``<cache>/scans/<sha1 of the resolved root>.txt``."""
+    digest = hashlib.sha1(_resolve(root).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return cache_root() / "scans" / f"{digest}.txt"
+
+
+def _walk(root: str) -> tuple[list[str], list[str], float]:
+    """(image files, other files, newest mtime) below root. Image files are exactly those ``list_images`` reads;
+    other files skip hidden ones (``.DS_Store``), which the folder loader never reads either."""
+    images, others, newest = [], [], 0.0
+    for path in iter_files(root):
+        if is_image_file(path):
+            images.append(path)
+        elif not os.path.basename(path).startswith("."):
+            others.append(path)
+        else:
+            continue
+        try:
+            newest = max(newest, os.stat(path).st_mtime)
+        except OSError:  # a broken link: counted, and reported as unreadable if it names an image
+            pass
+    return sorted(images), sorted(others), newest
+
+
+def _ends_with_eoi(data: bytes) -> bool:
+    """An end-of-image marker after the last start-of-scan: the last scan is complete. Entropy-coded data stuffs
+    every 0xFF byte, so FFD9 there is the marker; bytes after it (camera trailers) are allowed."""
+    return data.find(b"\xff\xd9", max(data.rfind(b"\xff\xda"), 0)) != -1
+
+
+def check_image(path: str) -> str | None:
+    """None when PIL decodes the whole file, else the reason it does not: ``empty``, ``truncated``, ``not an image``,
+    ``too large``, ``unreadable: <message>`` or ``corrupt: <message>``."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    if not data:
+        return "empty"
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail here, as it does in DALI
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # EXIF and size warnings: the image decodes, so it is good
+            with Image.open(io.BytesIO(data)) as img:
+                fmt = img.format
+                img.load()
+    except Image.DecompressionBombError:
+        return "too large"
+    except UnidentifiedImageError:
+        return "not an image"
+    except Exception as e:  # PIL raises OSError, SyntaxError, EOFError, ValueError, struct.error ...
+        message = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, EOFError) or "truncat" in message.lower():
+            return "truncated"
+        return f"corrupt: {message}"
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+    # libjpeg stops at the last complete scan; DALI's decoders reject a JPEG without its end-of-image marker
+    if fmt in ("JPEG", "MPO") and not _ends_with_eoi(data):
+        return "truncated"
+    return None
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which then cancels the work
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _check_all(paths: list[str], workers: int, progress: bool) -> list[str | None]:
+    from tqdm import tqdm
+
+    if workers <= 1 or len(paths) <= 1:
+        with tqdm(total=len(paths), desc="scan", unit="img", disable=not progress, file=sys.stderr) as bar:
+            reasons = []
+            for p in paths:
+                reasons.append(check_image(p))
+                bar.update()
+            return reasons
+    import multiprocessing
+
+    # fork: workers start at once without re-importing torch; the check itself uses only PIL
+    ctx = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
+    chunksize = max(1, min(256, len(paths) // (workers * 16)))
+    ex = ProcessPoolExecutor(min(workers, len(paths)), mp_context=ctx, initializer=_ignore_sigint)
+    try:
+        results = ex.map(check_image, paths, chunksize=chunksize)  # submits everything: the workers start here
+        with tqdm(total=len(paths), desc="scan", unit="img", disable=not progress, file=sys.stderr) as bar:
+            reasons = []
+            for r in results:
+                reasons.append(r)
+                bar.update()
+    except BrokenProcessPool as e:
+        raise RuntimeError(
+            "a scan worker died (a decoder crash, or out of memory) and the scan cannot say on which file; no list "
+            "was written"
+        ) from e
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+    return reasons
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Writes text to path through a temporary file in the same folder, so readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the list is as readable as any other file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def scan(
+    root: str | Path, workers: int | None = None, out: str | Path | None = None, progress: bool = True
+) -> ScanResult:
+    """Decodes every image file below root and writes the list of those that decode.
+
+    Args:
+        root: folder of images or of class folders (recursive, symlinks followed, hidden folders skipped).
+        workers: decoding processes; None: the usable CPU count; 0 or 1: in this process.
+        out: where to write the list; None: ``default_list_path(root)``.
+        progress: a progress bar on stderr.
+
+    Raises:
+        FileNotFoundError, NotADirectoryError: root is missing or not a folder.
+        ValueError: root holds no file, or no image file.
+    """
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"data path {str(root)!r} does not exist")
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"data path {str(root)!r} is not a directory")
+    resolved = _resolve(root)
+    if "\n" in resolved or "\r" in resolved:
+        raise ValueError(f"data path {str(root)!r} holds a line break; a file list cannot name it")
+    images, others, mtime = _walk(resolved)
+    if not images and not others:
+        raise ValueError(f"data path {str(root)!r} is empty (no files; hidden files and folders are skipped)")
+    if not images:
+        raise ValueError(
+            f"data path {str(root)!r} holds no images (looked for {', '.join(IMG_EXTENSIONS)}); "
+            f"it holds {len(others)} other file(s), such as {os.path.relpath(others[0], resolved)!r}"
+        )
+    prefix = os.path.join(resolved, "")
+    listable = [p for p in images if "\n" not in p and "\r" not in p]
+    n_workers = default_workers() if workers is None else workers
+    reasons = dict(zip(listable, _check_all(listable, n_workers, progress), strict=True))
+    good, bad = [], []
+    for p in images:
+        reason = reasons.get(p, "name holds a line break (a file list cannot name it)")
+        if reason is None:
+            good.append(p)
+        else:
+            bad.append((p, reason))
+    list_path = Path(out) if out is not None else default_list_path(resolved)
+    header = (
+        f"{MAGIC} {FORMAT} root={resolved} images={len(good)} bad={len(bad)} files={len(images) + len(others)} "
+        f"mtime={mtime!r}"
+    )
+    _write_atomic(list_path, "".join([header, "\n", *(p[len(prefix) :] + "\n" for p in good)]))
+    return ScanResult(resolved, good, bad, others, list_path, len(images) + len(others), mtime)
+
+
+def _read_header(path: Path) -> tuple[_Header, bytes]:
+    """The parsed header and the rest of the file; ValueError naming what is wrong when it is not a scan list."""
+    with open(path, "rb") as f:
+        first = f.readline(65536)
+        what = f"data path {str(path)!r} is a file but not a fastmim scan list"
+        if not first.startswith(MAGIC.encode() + b" "):
+            if is_image_file(str(path)):
+                raise ValueError(f"data path {str(path)!r} is an image file; pass the folder that holds the images")
+            raise ValueError(
+                f"{what} (its first line is not a {MAGIC!r} header); pass a folder of images, or write a list of "
+                "one with: python -m fastmim.data.scan FOLDER"
+            )
+        line = first.decode("utf-8", "surrogateescape").rstrip("\r\n")
+        version = line[len(MAGIC) :].split()[:1]
+        if version != [FORMAT]:
+            raise ValueError(
+                f"scan list {str(path)!r} has format {' '.join(version) or '(none)'!r}; this fastmim reads "
+                f"{FORMAT}: scan the folder again"
+            )
+        m = _HEADER.fullmatch(line)
+        if m is None:
+            raise ValueError(f"scan list {str(path)!r} has a damaged header {line!r}: scan the folder again")
+        try:
+            mtime = float(m["mtime"])
+        except ValueError:
+            raise ValueError(f"scan list {str(path)!r} has a damaged header {line!r}: scan the folder again") from None
+        header = _Header(m["root"], int(m["images"]), int(m["bad"]), int(m["files"]), mtime)
+        return header, f.read()
+
+
+def _read(path: str | Path) -> tuple[_Header, list[str]]:
+    path = Path(path)
+    header, body = _read_header(path)
+    text = body.decode("utf-8", "surrogateescape")
+    rel = [line.removesuffix("\r") for line in text.split("\n")]
+    rel = [r for r in rel if r]
+    if len(rel) != header.images:
+        raise ValueError(
+            f"scan list {str(path)!r} names {len(rel)} images but its header says images={header.images} "
+            "(cut short or edited): scan the folder again"
+        )
+    return header, [os.path.join(header.root, r) for r in rel]
+
+
+def read_file_list(path: str | Path) -> tuple[str, list[str]]:
+    """The image root and the absolute paths of the images named by a scan list, in its order.
+
+    Raises:
+        ValueError: the file is not a scan list (what is wrong is in the message).
+        FileNotFoundError: the list or the folder it was made for does not exist.
+    """
+    header, files = _read(path)
+    if not os.path.isdir(header.root):
+        raise FileNotFoundError(
+            f"scan list {str(path)!r} was made for {header.root!r}, which is not a folder now (moved?): scan it again"
+        )
+    return header.root, files
+
+
+def find_scan(root: str | Path) -> Path | None:
+    """The default scan list of root when it exists and is up to date, else None. Up to date: root holds as many
+    files as when it was scanned, none newer than the newest then, and every listed image is still there."""
+    resolved = _resolve(root)
+    path = default_list_path(resolved)
+    if not path.is_file():
+        return None
+    try:
+        header, files = _read(path)
+    except (OSError, ValueError):
+        return None
+    if header.root != resolved:
+        return None
+    images, others, mtime = _walk(resolved)
+    if len(images) + len(others) != header.files or mtime != header.mtime:
+        return None
+    present = set(images)
+    if not all(f in present for f in files):  # a rename keeps the count and mtime
+        return None
+    return path
+
+
+def format_summary(result: ScanResult) -> str:
+    """The scan's findings for people: counts, each bad file as ``path: reason``, the list and how to use it."""
+    lines = [
+        f"scanned {result.files} files under {result.root}: {len(result.good)} good images, {len(result.bad)} bad, "
+        f"{len(result.non_images)} non-image files"
+    ]
+    if result.bad:
+        lines.append("bad files (left out of the list): " + ", ".join(f"{n} {r}" for r, n in result.counts().items()))
+        lines += [f"  {p}: {r}" for p, r in result.bad]
+    if result.non_images:
+        lines.append(f"{NON_IMAGE}, left out:")
+        lines += [f"  {p}" for p in result.non_images[:_MAX_PRINTED_NON_IMAGES]]
+        if len(result.non_images) > _MAX_PRINTED_NON_IMAGES:
+            lines.append(f"  ... and {len(result.non_images) - _MAX_PRINTED_NON_IMAGES} more (all in --report)")
+    lines.append(f"clean list of {len(result.good)} images: {result.list_path}")
+    if result.good:
+        lines.append(f"use it: python -m fastmim.pretrain --data-path {result.list_path} ...")
+    else:
+        lines.append("no image decoded: the list is empty")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastmim.data.scan",
+        description="Decode every image below PATH; list the corrupt, truncated and non-image files; write a list of "
+        "the good images, to pass as --data-path.",
+    )
+    parser.add_argument("path", metavar="PATH", help="folder of images or of class folders")
+    parser.add_argument("--out", help="where to write the list (default: the cache, where find_scan looks)")
+    parser.add_argument("--workers", type=int, help="decoding processes (default: the usable CPUs; 0 or 1: none)")
+    parser.add_argument("--report", help="also write the findings as JSON to this file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 0:
+        parser.error("--workers must be 0 or more")
+    try:
+        result = scan(args.path, workers=args.workers, out=args.out, progress=not args.quiet)
+        if args.report:
+            _write_atomic(Path(args.report), json.dumps(result.to_json(), indent=1) + "\n")
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (the list is written only when the scan finishes)", file=sys.stderr)
+        return 130
+    print(format_summary(result))
+    if args.report:
+        print(f"report: {args.report}")
+    return 0
+
+
+if __name__ == "__main__":
+    for stream in (sys.stdout, sys.stderr):  # file names need not be valid UTF-8
+        stream.reconfigure(errors="backslashreplace")
+    sys.exit(main())

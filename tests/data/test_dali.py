@@ -1,0 +1,202 @@
+"""The DALI loader on CPU (device_id=None): shapes and values, seeding, checkpoint restore, sharding, decode errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from fastmim.data.dali import DaliDecodeError, dali_problem
+from fastmim.data.folder import list_images
+from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from tests.conftest import make_image_folder
+
+pytestmark = pytest.mark.skipif(dali_problem() is not None, reason=f"optional dependency absent: {dali_problem()}")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return list_images(make_image_folder(tmp_path_factory.mktemp("dali"), n=24, size=(90, 70)))
+
+
+def loader(files, batch=4, **kw):
+    from fastmim.data.dali import DaliLoader
+
+    return DaliLoader(files, batch, kw.pop("img_size", 32), num_threads=2, **kw)
+
+
+def epoch_batches(ld):
+    return [(x.clone(), i.clone()) for x, i in ld]
+
+
+def test_shapes_dtypes_and_value_range(files):
+    ld = loader(files, batch=5)
+    assert len(ld) == 24 // 5
+    batches = epoch_batches(ld)
+    assert len(batches) == 4
+    lo = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True))
+    hi = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True))
+    for x, idx in batches:
+        assert x.shape == (5, 3, 32, 32) and x.dtype == torch.float32 and x.device.type == "cpu"
+        assert idx.shape == (5,) and idx.dtype == torch.int64
+        assert lo - 1e-4 <= float(x.min()) and float(x.max()) <= hi + 1e-4
+        assert float(x.std()) > 0.05  # real pixels, not a constant
+    seen = torch.cat([i for _, i in batches]).tolist()
+    assert len(set(seen)) == 20 and all(0 <= i < 24 for i in seen)
+    # index i is files[i]: the pixels match that file's (cropped, flipped) colours in the mean
+    assert ld.files is not files and ld.files == files
+
+
+def test_the_same_seed_gives_the_same_batches_and_another_seed_others(files):
+    a, b, c = (epoch_batches(loader(files, seed=s)) for s in (3, 3, 4))
+    assert all(torch.equal(x, y) and torch.equal(i, j) for (x, i), (y, j) in zip(a, b, strict=True))
+    assert not all(torch.equal(i, j) for (_, i), (_, j) in zip(a, c, strict=True))
+
+
+def test_restoring_a_checkpoint_gives_the_next_batches_mid_epoch_and_across_epochs(files):
+    ld = loader(files, seed=1)
+    it = iter(ld)
+    next(it), next(it)
+    state = ld.state_dict()
+    assert (state["epoch"], state["batch"]) == (0, 2)
+    rest = [(x.clone(), i.clone()) for x, i in it]  # batches 2..5 of epoch 0
+    ld.set_epoch(1)
+    following = epoch_batches(ld)[:2]  # epoch 1 starts
+    again = loader(files, seed=1)
+    again.load_state_dict(state)
+    again.set_epoch(0, 2 * 4)  # what the trainer asks on resume: a no-op at the restored position
+    got = epoch_batches(again)
+    assert len(got) == len(rest) == 4
+    assert all(torch.equal(x, y) and torch.equal(i, j) for (x, i), (y, j) in zip(got, rest, strict=True))
+    again.set_epoch(1)
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(epoch_batches(again)[:2], following, strict=True))
+    # a checkpoint at an epoch's end stands at the next epoch's start
+    end = loader(files, seed=1)
+    epoch_batches(end)
+    s_end = end.state_dict()
+    assert (s_end["epoch"], s_end["batch"]) == (1, 0)
+    fresh = loader(files, seed=1)
+    fresh.load_state_dict(s_end)
+    assert torch.equal(epoch_batches(fresh)[0][0], following[0][0])
+
+
+def test_epochs_differ_and_the_loader_only_moves_forward(files):
+    ld = loader(files, seed=2)
+    e0 = torch.cat([i for _, i in epoch_batches(ld)])
+    ld.set_epoch(1)
+    e1 = torch.cat([i for _, i in epoch_batches(ld)])
+    assert sorted(e0.tolist()) == sorted(e1.tolist()) and not torch.equal(e0, e1)  # one shard, reshuffled
+    with pytest.raises(ValueError, match="cannot be moved to epoch 0, batch 1"):
+        ld.set_epoch(0, 4)
+    with pytest.raises(ValueError, match="not a multiple of the batch size"):
+        ld.set_epoch(2, 3)
+    ld.set_epoch(3)  # skipping ahead reads epoch 2 and drops it
+    assert (ld.epoch, ld.batch) == (3, 0)
+
+
+def test_shards_split_the_dataset_without_overlap_or_loss(files):
+    seen = []
+    for rank in range(3):
+        ld = loader(files, rank=rank, world_size=3, seed=5)
+        assert len(ld) == 2  # 24 / 3 = 8 per rank, batches of 4
+        seen.append(set(torch.cat([i for _, i in epoch_batches(ld)]).tolist()))
+    assert all(not (seen[a] & seen[b]) for a in range(3) for b in range(a + 1, 3))
+    assert set().union(*seen) == set(range(24))
+    # 25 images over 3 ranks: equal shards of 8, one image left out per epoch (DALI's sharding, drop-last)
+    assert loader(files + files[:1], rank=2, world_size=3).shard_size == 8
+
+
+def test_a_bad_file_stops_the_loader_with_its_path_and_the_checkpoint_resumes_after_a_fix(files, tmp_path):
+    bad_dir = tmp_path / "bad"
+    shutil.copytree(str(files[0].rsplit("/", 2)[0]), bad_dir)
+    paths = list_images(bad_dir)
+    victim = paths[7]
+    good_copy = tmp_path / "good.jpg"
+    shutil.copy(victim, good_copy)
+    data = open(victim, "rb").read()
+    open(victim, "wb").write(data[: len(data) // 3])  # truncated JPEG
+    ld = loader(paths, seed=0)
+    with pytest.raises(DaliDecodeError, match="cannot decode") as err:
+        epoch_batches(ld)
+    assert err.value.path == victim and victim in str(err.value)
+    state = ld.state_dict()  # the state after the last good batch
+    shutil.copy(good_copy, victim)  # the file fixed in place
+    resumed = loader(paths, seed=0)
+    resumed.load_state_dict(state)
+    rest = epoch_batches(resumed)
+    assert state["batch"] + len(rest) == len(ld) and 7 in torch.cat([i for _, i in rest]).tolist()
+
+
+def test_bad_arguments_name_the_problem(files):
+    with pytest.raises(ValueError, match="DALI device must be one of"):
+        loader(files, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="decodes on a GPU and none is visible"):
+            loader(files, device="mixed")
+    with pytest.raises(ValueError, match="fewer than one batch of 32"):
+        loader(files, batch=32)
+    with pytest.raises(ValueError, match="rank 3 is outside"):
+        loader(files, rank=3, world_size=2)
+    ld = loader(files)
+    with pytest.raises(ValueError, match="saved for 24 images over 1 ranks; this run has 23 over 1"):
+        loader(files[:-1]).load_state_dict(ld.state_dict())
+
+
+# --- the pretraining CLI with --loader dali ---
+
+
+@pytest.mark.slow
+def test_pretrain_with_dali_resumes_mid_epoch_to_the_uninterrupted_model(image_folder, tmp_path):
+    from fastmim import pretrain
+    from fastmim.train.checkpoint import load_checkpoint
+    from tests.conftest import TINY_ARGS
+
+    common = [*TINY_ARGS, "--data-path", str(image_folder), "--loader", "dali", "--allow-unscanned", "--epochs", "2",
+              "--log-interval", "1"]  # fmt: skip
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    pretrain.run([*common, "--output-dir", str(straight), "--max-steps", "8"])
+    pretrain.run([*common, "--output-dir", str(split), "--max-steps", "3"])
+    first = load_checkpoint(split / "checkpoint.pt")
+    assert (first["epoch"], first["batch"], first["step"]) == (0, 3, 3)
+    assert first["loader"][0]["batch"] == 3 and first["loader"][0]["dali"]
+    pretrain.run(["--resume", "--output-dir", str(split), "--max-steps", "8"])
+    a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")
+    assert (b["epoch"], b["batch"], b["step"]) == (1, 2, 8)
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_pretrain_refuses_an_unscanned_folder_for_dali_and_auto_falls_back(image_folder, tmp_path, capsys):
+    from fastmim import pretrain
+    from tests.conftest import TINY_ARGS
+
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--max-steps", "1", "--output-dir"]
+    with pytest.raises(pretrain.UsageError, match="has not been scanned .*python -m fastmim.data.scan"):
+        pretrain.run([*args, str(tmp_path / "a"), "--loader", "dali"])
+    pretrain.run([*args, str(tmp_path / "b")])  # auto: the torch loader, saying why
+    assert "loader torch (0 workers): the folder has no up-to-date scan for DALI" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_bad_file_met_in_training_checkpoints_names_the_file_and_the_run_resumes_once_fixed(image_folder, tmp_path,
+                                                                                              capsys):  # fmt: skip
+    from fastmim import pretrain
+    from fastmim.data.dali import DaliLoader
+    from fastmim.train.checkpoint import load_checkpoint
+    from tests.conftest import TINY_ARGS
+
+    files = list_images(image_folder)
+    third_batch = list(DaliLoader(files, 4, 64, num_threads=1, seed=0))[2][1].tolist()
+    victim = files[third_batch[1]]
+    good = open(victim, "rb").read()
+    open(victim, "wb").write(good[: len(good) // 3])
+    out = tmp_path / "run"
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--loader", "dali", "--allow-unscanned", "--epochs", "1"]
+    assert pretrain.main([*args, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr()
+    assert f"DALI cannot decode {victim!r}" in err.err and "checkpointed at step 2" in err.out
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
+    open(victim, "wb").write(good)  # fixed in place
+    assert pretrain.main(["--resume", "--output-dir", str(out)]) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 6

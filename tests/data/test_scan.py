@@ -1,0 +1,197 @@
+"""The dataset scan: each bad file found with its reason, a clean list both loaders accept, the CLI's exit codes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from fastmim.data.folder import ImageFolderDataset, list_images
+from fastmim.data.scan import default_list_path, find_scan, main, read_file_list, scan
+from fastmim.data.transforms import eval_transform
+from tests.conftest import ROOT, make_image_folder
+
+# planted file -> the reason the scan must give (None: a good image)
+PLANTED = {
+    "class0/corrupt.jpg": "corrupt",
+    "class0/truncated.jpg": "truncated",
+    "class1/random.jpg": "not an image",
+    "class1/empty.jpg": "empty",
+    "class1/no_eoi.jpg": "truncated",  # the end-of-image marker cut off: DALI rejects it, PIL decodes it
+    "class1/padded.jpg": None,  # zero padding after the end-of-image marker is allowed
+    "class1/trailer.jpg": None,  # so are bytes after it (camera trailers): DALI decodes those
+}
+
+
+def make_planted_folder(root: Path) -> tuple[Path, list[str]]:
+    """Good JPEGs and PNGs plus the PLANTED files and a notes.txt; returns (root, sorted good image paths)."""
+    make_image_folder(root, n=6, size=(40, 48))
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (36, 44, 3), dtype=np.uint8)).save(root / f"class{i}" / f"p{i}.png")
+    jpeg = (root / "class0" / "img000.jpg").read_bytes()
+    corrupt = bytearray(jpeg)
+    dqt = jpeg.index(b"\xff\xdb")  # the quantisation table header, overwritten: identifiable, not decodable
+    corrupt[dqt : dqt + 40] = bytes(40)
+    (root / "class0" / "corrupt.jpg").write_bytes(bytes(corrupt))
+    (root / "class0" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "class1" / "random.jpg").write_bytes(rng.integers(0, 256, 512, dtype=np.uint8).tobytes())
+    (root / "class1" / "empty.jpg").write_bytes(b"")
+    (root / "class1" / "no_eoi.jpg").write_bytes(jpeg[:-2])
+    (root / "class1" / "trailer.jpg").write_bytes(jpeg + b"trailer" * 10)
+    (root / "class1" / "padded.jpg").write_bytes(jpeg + b"\x00" * 7 + b"\n")
+    (root / "notes.txt").write_text("not an image\n")
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "skipped.jpg").write_bytes(b"")  # hidden folders are never read
+    bad = {str(root / p) for p, r in PLANTED.items() if r is not None}
+    good = sorted(p for p in list_images(root) if p not in bad)
+    return root, good
+
+
+@pytest.fixture
+def planted(tmp_path):
+    return make_planted_folder(tmp_path.resolve() / "data")
+
+
+def test_scan_names_each_bad_file_and_lists_the_good_ones(planted, tmp_path):
+    root, good = planted
+    result = scan(root, workers=0, out=tmp_path / "list.txt", progress=False)
+    assert result.root == str(root)
+    assert result.good == good and len(good) == 10  # 6 JPEGs, 2 PNGs, the padded and trailer JPEGs
+    reasons = {os.path.relpath(p, root): r for p, r in result.bad}
+    assert set(reasons) == {p for p, r in PLANTED.items() if r is not None}
+    for path, reason in reasons.items():
+        expected = PLANTED[path]
+        assert reason == expected or reason.startswith(f"{expected}: "), (path, reason)
+    assert reasons["class0/corrupt.jpg"] != "corrupt: "  # carries PIL's message
+    assert result.non_images == [str(root / "notes.txt")]
+    assert result.files == len(good) + len(reasons) + 1
+    assert result.counts() == {"truncated": 2, "corrupt": 1, "not an image": 1, "empty": 1}
+
+
+def test_list_round_trips_and_loads_as_a_dataset(planted, tmp_path):
+    root, good = planted
+    out = tmp_path / "lists" / "clean.txt"
+    result = scan(root, workers=0, out=out, progress=False)
+    assert result.list_path == out
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith(f"# fastmim-scan v1 root={root} images=10 bad=5 files=16 mtime=")
+    assert lines[1:] == [os.path.relpath(p, root) for p in good]
+    assert read_file_list(out) == (str(root), good)
+    assert not [p for p in os.listdir(out.parent) if p != "clean.txt"]  # no temporary file left behind
+    ds = ImageFolderDataset(out, transform=eval_transform(32))
+    assert ds.files == good and len(ds) == 10
+    assert tuple(ds[len(ds) - 1].shape) == (3, 32, 32)
+
+
+def test_find_scan_is_up_to_date_until_the_folder_changes(planted, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTMIM_CACHE", str(tmp_path / "cache"))
+    root, good = planted
+    assert find_scan(root) is None
+    result = scan(root, workers=0, progress=False)
+    assert result.list_path == default_list_path(root) and result.list_path.is_relative_to(tmp_path / "cache")
+    assert find_scan(root) == result.list_path
+    os.rename(good[0], good[0] + ".jpg")  # same count and mtimes, but a listed image is gone
+    assert find_scan(root) is None
+    os.rename(good[0] + ".jpg", good[0])
+    assert find_scan(root) == result.list_path
+    (root / "class0" / "new.png").write_bytes((root / "class0" / "p0.png").read_bytes())
+    assert find_scan(root) is None
+
+
+def test_workers_give_the_same_result_as_in_process(planted, tmp_path):
+    root, _ = planted
+    one = scan(root, workers=0, out=tmp_path / "a.txt", progress=False)
+    two = scan(root, workers=2, out=tmp_path / "b.txt", progress=False)
+    assert (two.good, two.bad, two.non_images) == (one.good, one.bad, one.non_images)
+    assert (tmp_path / "a.txt").read_bytes() == (tmp_path / "b.txt").read_bytes()
+
+
+def test_in_process_scan_leaves_pil_truncation_setting_alone(planted, tmp_path, monkeypatch):
+    root, _ = planted
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    result = scan(root, workers=1, out=tmp_path / "l.txt", progress=False)
+    assert str(root / "class0" / "truncated.jpg") in dict(result.bad)  # checked strictly all the same
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
+def test_cli_reports_bad_files_and_exits_2_on_a_missing_path(planted, tmp_path):
+    root, good = planted
+    out, report = tmp_path / "clean.txt", tmp_path / "report.json"
+    runs = {
+        "ok": [str(root), "--out", str(out), "--report", str(report), "--workers", "2"],
+        "missing": [str(tmp_path / "nope")],
+    }
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs = {  # concurrently: each start imports torch (seconds)
+        k: subprocess.Popen([sys.executable, "-m", "fastmim.data.scan", *a], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for k, a in runs.items()
+    }  # fmt: skip
+    res = {k: (p.communicate(timeout=120), p.returncode) for k, p in procs.items()}
+    (stdout, stderr), code = res["ok"]
+    assert code == 0, stderr
+    for rel in ("class0/corrupt.jpg", "class0/truncated.jpg", "class1/random.jpg", "class1/empty.jpg"):
+        assert f"{root / rel}: {PLANTED[rel]}" in stdout
+    assert str(root / "notes.txt") in stdout and f"--data-path {out}" in stdout
+    assert read_file_list(out)[1] == good
+    assert '"reason": "not an image"' in report.read_text()
+    (stdout, stderr), code = res["missing"]
+    assert code == 2 and stdout == ""
+    assert stderr == f"error: data path {str(tmp_path / 'nope')!r} does not exist\n"
+
+
+@pytest.mark.parametrize(
+    "kind, words",
+    [("empty", "is empty"), ("text", "holds no images"), ("file", "is not a directory")],
+)
+def test_cli_exits_2_on_an_unusable_folder(kind, words, tmp_path, capsys):
+    # main() is what `python -m fastmim.data.scan` runs; in-process, as each new process spends seconds importing torch
+    path = tmp_path / kind
+    if kind == "file":
+        path.write_text("not a folder\n")
+    else:
+        path.mkdir()
+    if kind == "text":
+        (path / "readme.txt").write_text("no images here\n")
+    assert main([str(path), "--quiet", "--out", str(tmp_path / "l.txt")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not (tmp_path / "l.txt").exists()
+    assert captured.err.startswith(f"error: data path {str(path)!r} ") and words in captured.err
+    assert len(captured.err.splitlines()) == 1
+
+
+def test_read_file_list_says_what_is_wrong(planted, tmp_path):
+    root, _ = planted
+    with pytest.raises(ValueError, match="not a fastmim scan list"):
+        read_file_list(root / "notes.txt")
+    with pytest.raises(ValueError, match="is an image file"):
+        read_file_list(root / "class0" / "img000.jpg")
+    out = scan(root, workers=0, out=tmp_path / "l.txt", progress=False).list_path
+    lines = out.read_text().splitlines(keepends=True)
+    cut = tmp_path / "cut.txt"
+    cut.write_text("".join(lines[:-2]))
+    with pytest.raises(ValueError, match="names 8 images but its header says images=10"):
+        read_file_list(cut)
+    newer = tmp_path / "v2.txt"
+    newer.write_text(lines[0].replace(" v1 ", " v2 ") + "".join(lines[1:]))
+    with pytest.raises(ValueError, match="format 'v2'"):
+        read_file_list(newer)
+    moved = tmp_path / "moved.txt"
+    moved.write_text(lines[0].replace(f"root={root} ", f"root={tmp_path / 'gone'} ") + "".join(lines[1:]))
+    with pytest.raises(FileNotFoundError, match="gone"):
+        read_file_list(moved)
+    with pytest.raises(ValueError, match="not a fastmim scan list"):  # the dataset's own error, for --data-path
+        ImageFolderDataset(root / "notes.txt")
+
+
+def test_a_list_with_no_good_image_is_refused_by_the_loader(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.jpg").write_bytes(b"")
+    result = scan(tmp_path / "bad", workers=0, out=tmp_path / "l.txt", progress=False)
+    assert result.good == [] and result.bad == [(str((tmp_path / "bad" / "a.jpg").resolve()), "empty")]
+    with pytest.raises(ValueError, match="holds no images"):
+        list_images(result.list_path)
