@@ -84,10 +84,12 @@ def prepare_output_dir(cfg: PretrainConfig, info: DistInfo) -> Path:
 
 def build_dataset(cfg: PretrainConfig, root: str | None = None):
     from fastmim.data import ImageFolderDataset, default_dataset_path, pretrain_transform
+    from fastmim.data.folder import TarShardDataset, list_tar_shards
 
     root = root or cfg.data_path or default_dataset_path()
     try:
-        return ImageFolderDataset(root, pretrain_transform(cfg.img_size), seed=cfg.seed)
+        kind = TarShardDataset if list_tar_shards(root) else ImageFolderDataset
+        return kind(root, pretrain_transform(cfg.img_size), seed=cfg.seed)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise UsageError(str(e)) from e
 
@@ -106,8 +108,18 @@ def choose_loader(cfg: PretrainConfig, device: torch.device) -> tuple[str, str |
         return "torch", cfg.data_path, "DALI is not installed (pip install 'fastmim[dali]')"
     if cfg.data_path is None:
         return "dali", None, "the built-in photos"
+    from fastmim.data.folder import list_tar_shards
     from fastmim.data.scan import find_scan
 
+    if list_tar_shards(cfg.data_path):  # DALI reads every sample of a tar: no clean list can leave one out
+        if cfg.allow_unscanned:
+            return "dali", cfg.data_path, "webdataset tar shards, --allow-unscanned (a bad image stops the run)"
+        if cfg.loader == "dali":
+            raise UsageError(
+                f"--loader dali: {cfg.data_path!r} holds tar shards, which DALI reads whole (a scan list cannot leave "
+                "a bad image out): pass --allow-unscanned to read them with DALI, or use --loader torch"
+            )
+        return "torch", cfg.data_path, "tar shards: DALI reads them only with --allow-unscanned"
     path = Path(cfg.data_path)
     if path.is_file():
         return "dali", cfg.data_path, "a scanned file list"
@@ -145,7 +157,8 @@ def build_loader(cfg: PretrainConfig, kind: str, dataset, masks, info: DistInfo,
         try:
             loader = DaliLoader(dataset.files, cfg.batch_size, cfg.img_size, device=dali_device,
                                 device_id=device.index if device.type == "cuda" else None, rank=info.rank,
-                                world_size=info.world_size, seed=cfg.seed, num_threads=threads)  # fmt: skip
+                                world_size=info.world_size, seed=cfg.seed, num_threads=threads,
+                                tars=getattr(dataset, "shards", None))  # fmt: skip
         except ValueError as e:
             raise UsageError(str(e)) from e
         return loader, loader, f"DALI ({dali_device}, {threads} threads)"

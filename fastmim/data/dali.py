@@ -1,6 +1,6 @@
 """An NVIDIA DALI loader for pretraining: JPEG decoding on the GPU (nvJPEG, ``device="mixed"``) or on CPU threads.
 
-Reader (``fn.readers.file`` over a file list) -> decode with MAE's
+Reader (``fn.readers.file`` over a file list, or ``fn.readers.webdataset`` over tar shards) -> decode with MAE's
 random-resized crop (``fn.decoders.image_random_crop``: area 0.2-1.0 of the image, aspect 3/4-4/3) -> resize to
 ``img_size`` (bicubic, antialiased) -> random horizontal flip -> ImageNet normalisation -> CHW float32, each batch
 with the samples' dataset indices (masks are drawn from (seed, epoch, index)).
@@ -27,9 +27,11 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from fastmim.data.folder import IMG_EXTENSIONS
 from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 DEVICES = ("cpu", "mixed")
+WDS_EXTS = tuple(e for x in IMG_EXTENSIONS for e in (x[1:], x[1:].upper()))  # the image components of a sample
 READER = "reader"
 
 
@@ -62,17 +64,25 @@ class DaliDecodeError(RuntimeError):
 
 
 def _pipeline(files, indices, batch_size, img_size, device, device_id, shard_id, num_shards, seed, num_threads,
-              scale, ratio, initial_fill, checkpoint):  # fmt: skip
+              scale, ratio, initial_fill, checkpoint, tars=None, id_bytes=0):  # fmt: skip
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
 
     @pipeline_def(enable_checkpointing=True)
     def pipe():
-        jpegs, idx = fn.readers.file(
-            files=files, labels=indices, random_shuffle=True, initial_fill=initial_fill, seed=seed,
-            shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, name=READER,
-        )  # fmt: skip
+        if tars:  # webdataset shards: the sample's id ("shard:offset:member") padded to id_bytes, mapped after
+            jpegs = fn.readers.webdataset(
+                paths=tars, ext=[";".join(WDS_EXTS)], missing_component_behavior="skip", random_shuffle=True,
+                initial_fill=initial_fill, seed=seed, shard_id=shard_id, num_shards=num_shards, stick_to_shard=True,
+                name=READER,
+            )  # fmt: skip
+            idx = fn.pad(fn.get_property(jpegs, key="source_info"), axes=[0], shape=[id_bytes], fill_value=0)
+        else:
+            jpegs, idx = fn.readers.file(
+                files=files, labels=indices, random_shuffle=True, initial_fill=initial_fill, seed=seed,
+                shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, name=READER,
+            )  # fmt: skip
         images = fn.decoders.image_random_crop(
             jpegs, device=device, output_type=types.RGB, random_area=list(scale), random_aspect_ratio=list(ratio),
             num_attempts=10,
@@ -103,6 +113,8 @@ class DaliLoader:
         num_threads: DALI's CPU threads (default: the usable cores).
         scale, ratio: the random-resized crop's area fraction and aspect ranges (MAE's defaults).
         initial_fill: the reader's shuffle buffer, in samples (capped at the shard).
+        tars: webdataset tar shards to read instead of files; ``files`` are then their samples' ids
+            (``fastmim.data.folder.list_tar_samples``), in order. Each rank reads a contiguous part of the samples.
     """
 
     def __init__(
@@ -120,6 +132,7 @@ class DaliLoader:
         scale: tuple[float, float] = (0.2, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         initial_fill: int = 1024,
+        tars: Sequence[str] | None = None,
     ):
         require_dali()
         if device not in DEVICES:
@@ -141,7 +154,13 @@ class DaliLoader:
         # one global shuffle of the list (seeded), so contiguous shards are random subsets; the dataset index of a
         # sample stays its position in ``files``
         order = list(range(n))
-        random.Random(seed).shuffle(order)
+        self.tars = list(tars) if tars else None
+        if self.tars:  # tar shards are read in order: the shuffle buffer is all the mixing there is
+            self._index = {f: i for i, f in enumerate(self.files)}
+            self._id_bytes = max(len(f.encode()) for f in self.files) + 1
+        else:
+            random.Random(seed).shuffle(order)
+            self._id_bytes = 0
         self._order = order[: self.shard_size * world_size]  # equal shards: the remainder is left out
         self.batch_size, self.img_size, self.device = batch_size, img_size, device
         self.device_id = (
@@ -165,7 +184,7 @@ class DaliLoader:
         pipe = _pipeline(
             files, self._order, self.batch_size, self.img_size, self.device, self.device_id, self.rank,
             self.world_size, self.seed * 1_000_003 + self.rank, self.num_threads, self.scale, self.ratio,
-            self.initial_fill, checkpoint,
+            self.initial_fill, checkpoint, self.tars, self._id_bytes,
         )  # fmt: skip
         pipe.build()
         self._pipe = pipe
@@ -208,14 +227,13 @@ class DaliLoader:
         self.epoch = epoch
 
     def _finish_epoch(self) -> None:
-        """Reads the current epoch's remaining batches (dropped) so the reader starts the next one."""
-        for _ in range(len(self) - self.batch):
-            self._next()
-        try:  # the iterator says the epoch is over and resets (auto_reset)
-            next(self._it)
-            raise RuntimeError("the DALI reader gave more batches than an epoch holds")  # never expected
-        except StopIteration:
-            pass
+        """Reads the current epoch's remaining batches (dropped) until the iterator ends it and resets (auto_reset),
+        so the reader starts the next one. (A webdataset rank may hold a batch more than ``len``: equal epochs.)"""
+        while True:
+            try:
+                self._next()
+            except StopIteration:
+                break
         self.epoch, self.batch = self.epoch + 1, 0
 
     def _next(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,6 +244,13 @@ class DaliLoader:
         except RuntimeError as e:
             raise self._decode_error(e) from e
         self.batch += 1
+        if self.tars:  # ids -> dataset indices
+            ids = out["indices"].cpu().numpy()
+            try:
+                idx = [self._index[bytes(row).rstrip(b"\0").decode()] for row in ids]
+            except KeyError as e:
+                raise RuntimeError(f"DALI read a tar sample not in the dataset's index: {e}") from None
+            return out["images"], torch.tensor(idx, dtype=torch.int64)
         return out["images"], out["indices"].view(-1).long()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -97,3 +97,78 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):  # leaves the process's RNG (masks, dropout) untouched
             torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**63)
             return self.transform(img)
+
+
+def list_tar_shards(root: str | Path) -> list[str] | None:
+    """The webdataset tar shards ``root`` names, sorted: a ``.tar`` file, or a folder holding ``.tar`` files and no
+    images; None for anything else (an image folder or a scan list)."""
+    root = Path(root)
+    if root.is_file():
+        return [str(root)] if root.suffix == ".tar" else None
+    if not root.is_dir():
+        return None
+    tars = sorted(str(p) for p in root.iterdir() if p.suffix == ".tar" and not p.name.startswith("."))
+    if not tars or any(is_image_file(p) for p in iter_files(root)):
+        return None
+    return tars
+
+
+def list_tar_samples(shards: list[str]) -> tuple[list[str], list[int]]:
+    """(ids, sizes) of every image of the tar shards, in shard and member order. An id is
+    ``"shard:offset:member"``, DALI's ``source_info`` of a webdataset sample (offset: the member's data). One image
+    per sample key (webdataset: the member name up to the first dot of its base name); uncompressed tars only (as
+    DALI reads them)."""
+    import tarfile
+
+    samples, sizes = [], []
+    for shard in shards:
+        keys: dict[str, str] = {}
+        try:
+            with tarfile.open(shard, "r:") as tar:
+                for m in tar:
+                    if not m.isfile() or not is_image_file(m.name):
+                        continue
+                    base = m.name.rsplit("/", 1)[-1]
+                    key = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
+                    if key in keys:
+                        raise ValueError(
+                            f"tar shard {shard!r}: sample {key!r} holds two images ({keys[key]}, {m.name})"
+                        )
+                    keys[key] = m.name
+                    samples.append(f"{shard}:{m.offset_data}:{m.name}")
+                    sizes.append(m.size)
+        except tarfile.ReadError as e:
+            raise ValueError(f"{shard!r} is not an uncompressed tar file ({e})") from e
+    if not samples:
+        raise ValueError(f"the tar shards {shards[0]!r}... hold no images (looked for {', '.join(IMG_EXTENSIONS)})")
+    return samples, sizes
+
+
+class TarShardDataset(ImageFolderDataset):
+    """The images of webdataset tar shards (``list_tar_samples``), read by seeking to each member: a map-style
+    dataset like ``ImageFolderDataset``; ``files[i]`` is ``"shard:offset:member"``."""
+
+    def __init__(self, root: str | Path, transform: Callable | None = None, seed: int | None = None):
+        shards = list_tar_shards(root)
+        if shards is None:
+            raise ValueError(f"data path {str(root)!r} is not a .tar file or a folder of .tar shards")
+        self.root = str(root)
+        self.shards = shards
+        self.files, self.sizes = list_tar_samples(shards)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def load(self, index: int) -> Image.Image:
+        import io
+
+        name = self.files[index]
+        shard, offset, _ = name.rsplit(":", 2)
+        try:
+            with open(shard, "rb") as f:
+                f.seek(int(offset))
+                data = f.read(self.sizes[index])
+            with Image.open(io.BytesIO(data)) as img:
+                return img.convert("RGB")
+        except Exception as e:  # PIL raises several types for truncated or non-image data
+            raise RuntimeError(f"cannot read image {name!r}: {e}") from e

@@ -1,0 +1,105 @@
+"""Webdataset tar shards: the sample index, the map-style dataset, and both loaders reading them."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastmim.data.dali import dali_problem
+from fastmim.data.folder import TarShardDataset, list_images, list_tar_samples, list_tar_shards
+from tests.conftest import make_image_folder
+
+
+def make_shards(root, files, per_shard=10, extra=True):
+    """Webdataset shards: sample k of shard s is ``s{s}/k{k:03d}.jpg`` (+ a ``.cls`` member, not an image)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(0, len(files), per_shard):
+        with tarfile.open(root / f"shard-{s // per_shard:04d}.tar", "w") as tar:
+            for k, f in enumerate(files[s : s + per_shard]):
+                tar.add(f, arcname=f"s{s // per_shard}/k{k:03d}.jpg")
+                if extra:
+                    info = tarfile.TarInfo(f"s{s // per_shard}/k{k:03d}.cls")
+                    info.size = 1
+                    tar.addfile(info, io.BytesIO(b"7"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    base = tmp_path_factory.mktemp("wds")
+    files = list_images(make_image_folder(base / "src", n=24, size=(90, 70)))
+    return make_shards(base / "shards", files), files
+
+
+def test_samples_are_indexed_in_shard_and_member_order_and_load_as_the_original_images(shards):
+    root, files = shards
+    assert list_tar_shards(root) == [str(root / f"shard-{i:04d}.tar") for i in range(3)]
+    assert list_tar_shards(root / "shard-0001.tar") == [str(root / "shard-0001.tar")]
+    assert list_tar_shards(files[0].rsplit("/", 2)[0]) is None  # an image folder is not shards
+    ids, sizes = list_tar_samples(list_tar_shards(root))
+    assert len(ids) == 24 and ids[11] == f"{root}/shard-0001.tar:{ids[11].split(':')[1]}:s1/k001.jpg"
+    ds = TarShardDataset(root)
+    assert len(ds) == 24 and ds.files == ids and sizes == ds.sizes
+    for i in (0, 11, 23):  # pixel for pixel the file that was packed
+        with Image.open(files[i]) as ref:
+            assert np.array_equal(np.asarray(ds.load(i)), np.asarray(ref.convert("RGB")))
+
+
+def test_bad_shards_name_the_problem(tmp_path, shards):
+    _, files = shards
+    (tmp_path / "gz").mkdir()
+    with tarfile.open(tmp_path / "gz" / "a.tar", "w:gz") as tar:
+        tar.add(files[0], arcname="x.jpg")
+    with pytest.raises(ValueError, match="is not an uncompressed tar file"):
+        TarShardDataset(tmp_path / "gz")
+    with tarfile.open(tmp_path / "two.tar", "w") as tar:
+        tar.add(files[0], arcname="x.jpg")
+        tar.add(files[1], arcname="x.png")
+    with pytest.raises(ValueError, match="sample 'x' holds two images"):
+        TarShardDataset(tmp_path / "two.tar")
+    with pytest.raises(ValueError, match="is not a .tar file or a folder of .tar shards"):
+        TarShardDataset(tmp_path / "missing.tar")
+
+
+def test_pretrain_reads_tar_shards_with_the_torch_loader_and_refuses_dali_without_the_flag(shards, tmp_path, capsys):
+    from fastmim import pretrain
+    from tests.conftest import TINY_ARGS
+
+    root, _ = shards
+    args = [*TINY_ARGS, "--data-path", str(root), "--max-steps", "2"]
+    pretrain.run([*args, "--output-dir", str(tmp_path / "t")])
+    out = capsys.readouterr().out
+    assert "24 images from" in out and "loader torch" in out and "done: step 2" in out
+    if dali_problem() is None:
+        with pytest.raises(pretrain.UsageError, match="holds tar shards, which DALI reads whole"):
+            pretrain.run([*args, "--output-dir", str(tmp_path / "d"), "--loader", "dali"])
+
+
+@pytest.mark.skipif(dali_problem() is not None, reason=f"optional dependency absent: {dali_problem()}")
+def test_dali_reads_tar_shards_sharded_checkpointed_and_with_dataset_indices(shards):
+    from fastmim.data.dali import DaliLoader
+
+    root, _ = shards
+    ds = TarShardDataset(root)
+    seen = []
+    for rank in range(2):
+        ld = DaliLoader(ds.files, 4, 32, num_threads=2, tars=ds.shards, rank=rank, world_size=2, seed=3)
+        got = [(x, i) for x, i in ld]
+        assert len(got) == 3 and all(x.shape == (4, 3, 32, 32) for x, _ in got)
+        seen.append(set(torch.cat([i for _, i in got]).tolist()))
+    assert not (seen[0] & seen[1]) and seen[0] | seen[1] == set(range(24))
+    assert seen[0] == set(range(12))  # rank 0 reads the first half of the samples, in order
+    ld = DaliLoader(ds.files, 4, 32, num_threads=2, tars=ds.shards, seed=3)
+    it = iter(ld)
+    next(it)
+    state = ld.state_dict()
+    rest = [(x.clone(), i.clone()) for x, i in it]
+    again = DaliLoader(ds.files, 4, 32, num_threads=2, tars=ds.shards, seed=3)
+    again.load_state_dict(state)
+    got = list(again)
+    assert all(torch.equal(a, b) and torch.equal(i, j) for (a, i), (b, j) in zip(got, rest, strict=True))
