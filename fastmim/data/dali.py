@@ -284,7 +284,10 @@ class DaliLoader:
         if "decoders." not in text and "decode" not in text.lower():
             return e
         found = re.search(r"Failed to decode sample #\d+ : (.+)", text)
-        path = found.group(1).strip() if found else find_undecodable(self._candidates())
+        if found:
+            path = found.group(1).strip()
+        else:  # tar samples are not files PIL can open: only DALI's own message can name them
+            path = None if self.tars else find_undecodable(self._candidates())
         lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "pipeline" not in ln.lower()]
         detail = lines[-1] if lines else type(e).__name__
         where = repr(path) if path else "a file of this rank's shard (PIL decodes all the candidates)"

@@ -200,3 +200,19 @@ def test_a_bad_file_met_in_training_checkpoints_names_the_file_and_the_run_resum
     open(victim, "wb").write(good)  # fixed in place
     assert pretrain.main(["--resume", "--output-dir", str(out)]) == 0
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 6
+
+
+def test_a_decode_error_without_a_path_is_traced_to_the_file_with_pil(files, tmp_path):
+    """Older DALI versions do not name the sample: the loader decodes the candidate files (the shard's reads up to
+    the failing batch) with PIL. A non-decoding error passes through unchanged."""
+    paths = [str(tmp_path / f"{i:02d}.jpg") for i in range(len(files))]
+    for src, dst in zip(files, paths, strict=True):
+        shutil.copy(src, dst)
+    ld = loader(paths, seed=0)
+    victim = paths[ld._order[5]]  # the shard's sixth read: within the candidates of the first batch
+    data = open(victim, "rb").read()
+    open(victim, "wb").write(data[: len(data) // 3])
+    err = ld._decode_error(RuntimeError("Error in CPU operator `nvidia.dali.fn.decoders.image_random_crop`"))
+    assert isinstance(err, DaliDecodeError) and err.path == victim and repr(victim) in str(err)
+    other = RuntimeError("Error in CPU operator `nvidia.dali.fn.resize`: out of memory")
+    assert ld._decode_error(other) is other
