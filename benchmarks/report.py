@@ -6,7 +6,8 @@
 
 Throughput: one row per device, date (UTC) and configuration (model, batch, precision, image size), holding the
 latest measurement of each mode that day. Ops: the fused ops' forward+backward against the eager and the compiled
-reference, one row per device, date and op.
+reference, one row per device, date and op. Data loading: img/s of each loader, one row per device (CPU rows: per
+core count), date, loader, worker / thread count and batch.
 """
 
 from __future__ import annotations
@@ -147,6 +148,35 @@ def masks_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+DATALOAD_LOADERS = ("torchvision", "dali-cpu", "dali-mixed")
+
+
+def dataload_table(rows: list[dict]) -> str:
+    rows = [r for r in rows if r.get("benchmark") == "dataload" and "img_per_s" in r]
+
+    def device(r):  # the loaders on CPU: the host's core count tells machines apart
+        return f"cpu ({r['cpu_count']} cores)" if r["device"] == "cpu" and r.get("cpu_count") else r["device"]
+
+    def count(r):
+        return f"{r['workers']} workers" if "workers" in r else f"{r.get('threads')} threads"
+
+    latest = _latest(rows, lambda r: (device(r), r["date"][:10], r["loader"], count(r), r["batch"],
+                                      r.get("img_size", 224), r.get("interp", "cubic")))  # fmt: skip
+    order = {name: i for i, name in enumerate(DATALOAD_LOADERS)}
+
+    def sort_key(kv):
+        dev, day, loader, cnt, batch, size, interp = kv[0]
+        return day, dev, order.get(loader, len(order)), loader, int(cnt.split()[0]), batch, size, interp
+
+    head = ["date", "device", "loader", "workers/threads", "batch", "shrink filter", "img/s", "commit"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (dev, day, loader, cnt, batch, size, interp), r in sorted(latest.items(), key=sort_key):
+        cells = [day, _short_device(dev), loader + ("" if size == 224 else f" @{size}"), cnt, str(batch), interp,
+                 f"{r['img_per_s']:,.0f}", r.get("commit", "?")]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render(results: Path = RESULTS) -> str:
     rows = load_rows(results)
     return (
@@ -155,7 +185,7 @@ def render(results: Path = RESULTS) -> str:
         f"### Sparse ConvNeXt V2 encoder, forward + backward (speedup: dense_masked time / fastmim time)\n\n"
         f"{sparse_conv_table(rows)}\n\n"
         f"### Mask generation (masks/s; beit_loop: a per-sample Python BEiT loop, the baseline)\n\n{masks_table(rows)}"
-        f"\n\n{END}"
+        f"\n\n### Data loading (img/s at 224 px, MAE augmentation)\n\n{dataload_table(rows)}\n\n{END}"
     )
 
 

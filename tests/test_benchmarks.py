@@ -411,3 +411,124 @@ def test_masks_table_puts_each_implementation_in_its_column():
     two_hosts = [{**cpu, "cpu_count": 2, "masks_per_s": 1e6}, {**cpu, "cpu_count": 16, "masks_per_s": 2e6}]
     lines = report.masks_table(two_hosts).splitlines()
     assert [line.split(" | ")[1] for line in lines[2:]] == ["cpu (16 cores)", "cpu (2 cores)"]
+
+
+# --- data loading ---
+
+
+def test_dataload_benchmark_smoke_on_cpu(tmp_path, capsys):
+    import dataload
+
+    from fastmim.data.dali import dali_problem
+
+    out, data = tmp_path / "dataload.jsonl", tmp_path / "jpegs"
+    args = ["--images", "24", "--batch", "8", "--workers", "1", "--threads", "1", "--seconds", "0", "--warmup", "1",
+            "--data", str(data), "--out", str(out)]  # fmt: skip
+    assert dataload.main(args) == 0
+    err = capsys.readouterr().err
+    rows = read_rows(out)
+    expected = ["torchvision"] + (["dali-cpu"] if dali_problem() is None else [])
+    expected += ["dali-mixed"] if dali_problem() is None and torch.cuda.is_available() else []
+    assert [r["loader"] for r in rows] == expected
+    for name in {"dali-cpu", "dali-mixed"} - set(expected):
+        assert f"not measured: {name}: " in err
+    for r in rows:
+        assert r["benchmark"] == "dataload" and r["batch"] == 8 and r["img_size"] == 224 and r["warmup_batches"] == 1
+        assert (r["workers"] if r["loader"] == "torchvision" else r["threads"]) == 1
+        # --seconds 0: one epoch's worth of batches (24 images, batch 8), timed across the epoch boundary
+        assert r["batches"] == 3 and r["images"] == 24 and r["passes"] == 1.0 and r["s"] > 0 and r["warmup_s"] > 0
+        assert r["img_per_s"] == pytest.approx(r["images"] / r["s"], rel=2e-3)
+        on = "cuda" if r["loader"] == "dali-mixed" else "cpu"
+        assert r["output"] == [f"[3, 224, 224] {on}"]
+        assert r["data"]["images"] == 24 and r["data"]["size"] == "500x375 q90" and 20 < r["data"]["mean_kb"] < 200
+        assert r["commit"] and r["torch"] and r["date"] and r["cpu_count"] >= 1
+        assert r["device"] == "cpu" or r["loader"] == "dali-mixed"
+        if Path("/proc/stat").exists():
+            assert r["cpu_cores_ours"] > 0 and r["cpu_cores_others"] >= 0
+    assert "targets (printed, never asserted)" in err and "1.5x torchvision" in err and "6,000 img/s" in err
+    if "dali-cpu" not in expected:
+        assert "1.5x torchvision at equal threads = workers (2-core CPU): not measured (" in err
+    # the generated set: class folders of 500x375 / 375x500 JPEGs, reused while its marker matches
+    files, marker = dataload.list_images(data), json.loads((data / dataload.MARKER).read_text())
+    assert len(files) == 24 and marker == dataload.data_params(24, 0)
+    from PIL import Image
+
+    with Image.open(files[0]) as img:
+        assert img.format == "JPEG" and img.mode == "RGB" and img.size in ((500, 375), (375, 500))
+    stamp = (data / dataload.MARKER).stat().st_mtime_ns
+    assert dataload.prepare_data(str(data), 24, 0)[1] == files and (data / dataload.MARKER).stat().st_mtime_ns == stamp
+    assert "reused" in capsys.readouterr().err
+
+
+def test_dataload_images_are_a_function_of_seed_and_index():
+    import dataload
+    import numpy as np
+
+    (a_cls, a), (b_cls, b) = dataload.make_image(5, 0), dataload.make_image(5, 0)
+    assert a_cls == b_cls and np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(dataload.make_image(5, 1)[1].resize(a.size)))
+
+
+def test_dataload_reads_a_folder_of_ones_own_as_found(tmp_path, capsys):
+    import dataload
+
+    own = make_image_folder(tmp_path / "own", n=12)
+    before = sorted(p.name for p in own.rglob("*"))
+    root, files, data = dataload.prepare_data(str(own), 8, seed=0)
+    assert root == own and len(files) == 8 and len(set(files)) == 8 and set(files) <= set(dataload.list_images(own))
+    assert data["images"] == 8 and data["size"] == "as found" and data["path"] == str(own) and data["mean_kb"] > 0
+    assert sorted(p.name for p in own.rglob("*")) == before  # nothing written
+    assert "a folder of your own" in capsys.readouterr().err
+
+
+def test_dataload_targets_printed_against_the_rows(capsys):
+    import dataload
+
+    tv = {"loader": "torchvision", "workers": 2, "img_per_s": 100.0}
+    mixed = {"loader": "dali-mixed", "threads": 16, "img_per_s": 5000.0, "device": "NVIDIA H100", "batch": 256}
+    rows = [tv, {"loader": "dali-cpu", "threads": 2, "img_per_s": 180.0}, mixed]
+    dataload.report_targets(rows, {})
+    err = capsys.readouterr().err
+    assert "1.80x at 2 (180 vs 100 img/s): met" in err and "5,000 img/s on NVIDIA H100" in err and "NOT met" in err
+    dataload.report_targets([tv], {"dali-cpu": "no DALI", "dali-mixed": "no CUDA device here"})
+    err = capsys.readouterr().err
+    assert "(2-core CPU): not measured (no DALI)" in err and "(H100): not measured (no CUDA device here)" in err
+    dataload.report_targets([tv, {"loader": "dali-cpu", "threads": 1, "img_per_s": 90.0}], {}, ["torchvision"])
+    assert "not measured (dali-cpu not in --loaders)" in capsys.readouterr().err
+
+
+def test_dataload_benchmark_bad_arguments(capsys):
+    import dataload
+
+    for args, message in ((["--loaders", "ffcv"], "--loaders must come from"), (["--workers", "-1"], "--workers"),
+                          (["--threads", "0"], "--threads"), (["--images", "8", "--batch", "16"], "at least one"),
+                          (["--seconds", "-1"], "--seconds")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            dataload.main(args)
+        assert message in capsys.readouterr().err
+
+
+def test_dataload_table_one_row_per_loader_and_count(tmp_path):
+    base = {"benchmark": "dataload", "batch": 64, "img_size": 224, "device": "cpu", "cpu_count": 2, "commit": "abc1234"}
+    rows = [
+        {**base, "loader": "dali-cpu", "threads": 2, "img_per_s": 300.0, "date": "2026-12-01T10:00:00+00:00",
+         "interp": "linear"},
+        {**base, "loader": "dali-cpu", "threads": 2, "img_per_s": 250.0, "date": "2026-12-01T10:00:00+00:00",
+         "interp": "cubic"},
+        {**base, "loader": "torchvision", "workers": 2, "img_per_s": 150.0, "date": "2026-12-01T10:00:00+00:00"},
+        {**base, "loader": "torchvision", "workers": 2, "img_per_s": 160.0, "date": "2026-12-01T11:00:00+00:00"},
+        {**base, "loader": "torchvision", "workers": 1, "img_per_s": 90.0, "date": "2026-12-01T11:00:00+00:00"},
+        {**base, "loader": "dali-mixed", "threads": 16, "batch": 256, "img_per_s": 7000.0, "cpu_count": 16,
+         "device": "NVIDIA H100 80GB HBM3", "date": "2026-12-02T09:00:00+00:00"},
+        {"benchmark": "masks", "masks_per_s": 1.0},
+    ]  # fmt: skip
+    lines = report.dataload_table(rows).splitlines()
+    assert lines[0] == "| date | device | loader | workers/threads | batch | shrink filter | img/s | commit |"
+    assert lines[2:] == [
+        "| 2026-12-01 | cpu (2 cores) | torchvision | 1 workers | 64 | cubic | 90 | abc1234 |",
+        "| 2026-12-01 | cpu (2 cores) | torchvision | 2 workers | 64 | cubic | 160 | abc1234 |",  # the later row
+        "| 2026-12-01 | cpu (2 cores) | dali-cpu | 2 threads | 64 | cubic | 250 | abc1234 |",  # a row per filter
+        "| 2026-12-01 | cpu (2 cores) | dali-cpu | 2 threads | 64 | linear | 300 | abc1234 |",
+        "| 2026-12-02 | H100 | dali-mixed | 16 threads | 256 | cubic | 7,000 | abc1234 |",
+    ]
+    assert "### Data loading (img/s at 224 px, MAE augmentation)" in report.render(tmp_path)

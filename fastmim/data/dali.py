@@ -2,8 +2,9 @@
 
 Reader (``fn.readers.file`` over a file list, or ``fn.readers.webdataset`` over tar shards) -> decode with MAE's
 random-resized crop (``fn.decoders.image_random_crop``: area 0.2-1.0 of the image, aspect 3/4-4/3) -> resize to
-``img_size`` (bicubic, antialiased) -> random horizontal flip -> ImageNet normalisation -> CHW float32, each batch
-with the samples' dataset indices (masks are drawn from (seed, epoch, index)).
+``img_size`` (antialiased; bicubic, or linear when shrinking on CPU threads: ``interp``) -> random horizontal flip
+-> ImageNet normalisation -> CHW float32, each batch with the samples' dataset indices (masks are drawn from
+(seed, epoch, index)).
 
 ``DaliLoader`` stands in for the trainer's (DataLoader, sampler) pair: ``len()`` batches per epoch and rank, an
 iterator of ``(images, indices)`` per epoch, ``set_epoch``, and ``state_dict`` / ``load_state_dict`` carrying DALI's
@@ -31,6 +32,7 @@ from fastmim.data.folder import IMG_EXTENSIONS
 from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 DEVICES = ("cpu", "mixed")
+INTERPS = ("auto", "cubic", "linear")
 WDS_EXTS = tuple(e for x in IMG_EXTENSIONS for e in (x[1:], x[1:].upper()))  # the image components of a sample
 READER = "reader"
 
@@ -64,7 +66,7 @@ class DaliDecodeError(RuntimeError):
 
 
 def _pipeline(files, indices, batch_size, img_size, device, device_id, shard_id, num_shards, seed, num_threads,
-              scale, ratio, initial_fill, checkpoint, tars=None, id_bytes=0):  # fmt: skip
+              scale, ratio, initial_fill, checkpoint, tars=None, id_bytes=0, interp="cubic"):  # fmt: skip
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
@@ -87,8 +89,9 @@ def _pipeline(files, indices, batch_size, img_size, device, device_id, shard_id,
             jpegs, device=device, output_type=types.RGB, random_area=list(scale), random_aspect_ratio=list(ratio),
             num_attempts=10,
         )  # fmt: skip
-        images = fn.resize(images, resize_x=img_size, resize_y=img_size, interp_type=types.INTERP_CUBIC,
-                           antialias=True)  # fmt: skip
+        down = types.INTERP_CUBIC if interp == "cubic" else types.INTERP_LINEAR
+        images = fn.resize(images, resize_x=img_size, resize_y=img_size, min_filter=down,
+                           mag_filter=types.INTERP_CUBIC, antialias=True)  # fmt: skip
         images = fn.crop_mirror_normalize(
             images, mirror=fn.random.coin_flip(probability=0.5), dtype=types.FLOAT, output_layout="CHW",
             mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
@@ -113,6 +116,9 @@ class DaliLoader:
         num_threads: DALI's CPU threads (default: the usable cores).
         scale, ratio: the random-resized crop's area fraction and aspect ranges (MAE's defaults).
         initial_fill: the reader's shuffle buffer, in samples (capped at the shard).
+        interp: the resize filter when shrinking the crop: "cubic" (torchvision's bicubic, antialiased), "linear"
+            (antialiased linear: 1.5x DALI's CPU throughput), or "auto": cubic on the GPU, linear on CPU threads.
+            Enlarging is bicubic with either.
         tars: webdataset tar shards to read instead of files; ``files`` are then their samples' ids
             (``fastmim.data.folder.list_tar_samples``), in order. Each rank reads a contiguous part of the samples.
     """
@@ -133,10 +139,15 @@ class DaliLoader:
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         initial_fill: int = 1024,
         tars: Sequence[str] | None = None,
+        interp: str = "auto",
     ):
         require_dali()
         if device not in DEVICES:
             raise ValueError(f"DALI device must be one of {DEVICES}, got {device!r}")
+        if interp not in INTERPS:
+            raise ValueError(f"interp must be one of {INTERPS}, got {interp!r}")
+        # the bicubic antialiased shrink is two thirds of DALI's CPU time; on the GPU it costs little
+        self.interp = interp if interp != "auto" else "cubic" if device == "mixed" else "linear"
         if device == "mixed" and not torch.cuda.is_available():
             raise RuntimeError("DALI device 'mixed' decodes on a GPU and none is visible; use device='cpu'")
         if not 0 <= rank < world_size:
@@ -184,7 +195,7 @@ class DaliLoader:
         pipe = _pipeline(
             files, self._order, self.batch_size, self.img_size, self.device, self.device_id, self.rank,
             self.world_size, self.seed * 1_000_003 + self.rank, self.num_threads, self.scale, self.ratio,
-            self.initial_fill, checkpoint, self.tars, self._id_bytes,
+            self.initial_fill, checkpoint, self.tars, self._id_bytes, self.interp,
         )  # fmt: skip
         pipe.build()
         self._pipe = pipe

@@ -131,6 +131,9 @@ def test_a_bad_file_stops_the_loader_with_its_path_and_the_checkpoint_resumes_af
 def test_bad_arguments_name_the_problem(files):
     with pytest.raises(ValueError, match="DALI device must be one of"):
         loader(files, device="gpu")
+    with pytest.raises(ValueError, match="interp must be one of"):
+        loader(files, interp="nearest")
+    assert loader(files).interp == "linear" and loader(files, interp="cubic").interp == "cubic"  # auto on CPU
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="decodes on a GPU and none is visible"):
             loader(files, device="mixed")
