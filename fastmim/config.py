@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         flags = (flag, "--mask") if f.name == "mask_type" else (flag,)
         base, _ = _base_type(hints[f.name])
-        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} (default: {f.default})")
+        text = f"{f.metadata.get('help', '')} (default: {f.default})".replace("%", "%%")  # argparse formats help
+        kw = dict(default=argparse.SUPPRESS, help=text)
         if base is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "resume":

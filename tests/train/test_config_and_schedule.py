@@ -1,3 +1,4 @@
+import dataclasses
 import os
 
 import pytest
@@ -98,3 +99,17 @@ def test_mask_flag_selects_the_strategy():
     assert cfg.mask_type == "uniform"
     with pytest.raises(ValueError, match="mask_type must be one of random, block, simmim, uniform, got 'tube'"):
         resolve_config(["--mask", "tube"])
+
+
+def test_help_prints_every_option(capsys):
+    """--help works (a '%' in a help text once broke argparse's formatting) and names every config field."""
+    from fastmim import pretrain
+    from fastmim.config import PretrainConfig
+
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(PretrainConfig):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    assert "75%;" in out or "75%)" in out
