@@ -253,3 +253,30 @@ def test_block_mask_triton_on_cuda_matches_the_torch_loop_and_auto_picks_it():
         assert (b.flatten(1).sum(1) == s.num_hidden).all()
     auto = build_mask("block", 14, ratio=0.4, seed=3)
     assert auto.resolve_impl(torch.device("cuda")) == "triton"
+
+
+@pytest.mark.gpu
+def test_dali_mixed_decodes_on_the_gpu_like_the_cpu_pipeline(tmp_path):
+    """DALI's nvJPEG path: CUDA batches of the CPU pipeline's shapes and sample order (the reader is the same), and
+    an exact restore from a checkpoint."""
+    from fastmim.data.dali import DaliLoader, dali_problem
+    from fastmim.data.folder import list_images
+    from tests.conftest import make_image_folder
+
+    if dali_problem() is not None:
+        pytest.skip(f"optional dependency absent: {dali_problem()}")
+    files = list_images(make_image_folder(tmp_path / "d", n=32, size=(120, 90)))
+    gpu = DaliLoader(files, 8, 64, device="mixed", seed=2, num_threads=2)
+    cpu = DaliLoader(files, 8, 64, device="cpu", seed=2, num_threads=2)
+    g, c = list(gpu), list(cpu)
+    assert len(g) == len(c) == 4
+    for (xg, ig), (xc, ic) in zip(g, c, strict=True):
+        assert xg.is_cuda and xg.shape == xc.shape == (8, 3, 64, 64) and torch.equal(ig, ic)
+    again = DaliLoader(files, 8, 64, device="mixed", seed=2, num_threads=2)
+    it = iter(again)
+    next(it)
+    state = again.state_dict()
+    rest = [x.clone() for x, _ in it]
+    restored = DaliLoader(files, 8, 64, device="mixed", seed=2, num_threads=2)
+    restored.load_state_dict(state)
+    assert all(torch.equal(a, b) for (a, _), b in zip(restored, rest, strict=True))
