@@ -37,7 +37,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import random
 import resource
 import shutil
@@ -52,7 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import environment, write_row  # noqa: E402
+from benchmarks.common import environment, host, usable_cpus, write_row  # noqa: E402
 from fastmim.data import ImageFolderDataset, build_pretrain_loader, list_images, pretrain_transform  # noqa: E402
 from fastmim.data.samples import _skimage_data_dir, cache_root  # noqa: E402
 
@@ -70,20 +69,6 @@ GREY_PHOTOS = ("brick.png", "camera.png", "cell.png", "coins.png", "grass.png", 
                "clock_motion.png")  # fmt: skip
 TEXTURES = ("grass.png", "gravel.png", "brick.png")  # the film-grain overlay: real fine detail, not white noise
 MARKER = ".params.json"
-
-
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # --- the data set ---
@@ -439,7 +424,7 @@ def main(argv=None) -> int:
             missing[loader] = why
             print(f"not measured: {loader}: {why}", file=sys.stderr)
     root, files, data = prepare_data(args.data, args.images, args.data_seed)
-    host = {"cpu_model": cpu_model(), "cpu_count": cpus}
+    host_info = host()
     rows: list[dict] = []
     # torchvision first: its workers fork before any DALI thread exists in this process
     for loader in [s for s in LOADERS if s in loaders and s not in missing]:
@@ -456,7 +441,7 @@ def main(argv=None) -> int:
             key = "workers" if loader == "torchvision" else "threads"
             interp = "cubic" if loader == "torchvision" else resolve_interp(args.dali_interp, loader)
             row = {"benchmark": "dataload", "loader": loader, key: count, "batch": args.batch, "interp": interp,
-                   "img_size": args.img_size, **timing, "data": data, **host,
+                   "img_size": args.img_size, **timing, "data": data, **host_info,
                    **environment(torch.device("cuda" if loader == "dali-mixed" else "cpu"))}  # fmt: skip
             rows.append(row)
             write_row(row, args.out)

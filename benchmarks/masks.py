@@ -48,7 +48,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import environment, write_row  # noqa: E402
+from benchmarks.common import environment, host, write_row  # noqa: E402
 from fastmim import _ext  # noqa: E402
 from fastmim.masking.strategies import STRATEGIES, build_mask  # noqa: E402
 
@@ -245,18 +245,6 @@ def parse_grid(text: str) -> tuple[int, int]:
     return g  # type: ignore[return-value]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
-
-
 def report_targets(rows: list[dict], skipped: list[str]) -> None:
     def find(**kw):
         return [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
@@ -331,8 +319,7 @@ def main(argv=None) -> int:
 
     skipped: list[str] = []
     rows: list[dict] = []
-    host = {"cpu_model": cpu_model(), "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count()}  # fmt: skip
+    host_info = host()
     envs: dict[str, dict] = {}
 
     def emit(new_rows: list[dict]) -> None:
@@ -341,7 +328,9 @@ def main(argv=None) -> int:
             r["speedup_vs_beit_loop"] = round(r["masks_per_s"] / rows[0]["masks_per_s"], 2) if rows else 1.0
             rows.append(r)
             env = envs.setdefault(r["on"], environment(torch.device(r["on"])))
-            write_row({"benchmark": "masks", "grid": f"{args.grid[0]}x{args.grid[1]}", **r, **host, **env}, args.out)
+            write_row(
+                {"benchmark": "masks", "grid": f"{args.grid[0]}x{args.grid[1]}", **r, **host_info, **env}, args.out
+            )
 
     gen = beit_generator(args.grid)
     random.seed(0)
