@@ -111,15 +111,24 @@ def choose_loader(cfg: PretrainConfig, device: torch.device) -> tuple[str, str |
     from fastmim.data.folder import list_tar_shards
     from fastmim.data.scan import find_scan
 
-    if list_tar_shards(cfg.data_path):  # DALI reads every sample of a tar: no clean list can leave one out
+    if list_tar_shards(cfg.data_path):  # DALI reads every sample of a shard: only a clean scan clears them
+        from fastmim.data.scan import scan_header
+
+        scan = find_scan(cfg.data_path)
+        bad = scan_header(scan)[2] if scan is not None else None
+        if bad == 0:
+            return "dali", cfg.data_path, f"webdataset tar shards, scanned clean ({scan})"
         if cfg.allow_unscanned:
             return "dali", cfg.data_path, "webdataset tar shards, --allow-unscanned (a bad image stops the run)"
+        problem = (
+            f"the scan found {bad} bad image(s) in them, and DALI reads every sample of a shard: rewrite the shards "
+            "without them (python -m fastmim.data.scan lists them)"
+            if bad
+            else f"they have not been scanned (or changed since): run python -m fastmim.data.scan {cfg.data_path}"
+        )
         if cfg.loader == "dali":
-            raise UsageError(
-                f"--loader dali: {cfg.data_path!r} holds tar shards, which DALI reads whole (a scan list cannot leave "
-                "a bad image out): pass --allow-unscanned to read them with DALI, or use --loader torch"
-            )
-        return "torch", cfg.data_path, "tar shards: DALI reads them only with --allow-unscanned"
+            raise UsageError(f"--loader dali: {cfg.data_path!r} holds tar shards; {problem}, or pass --allow-unscanned")
+        return "torch", cfg.data_path, f"tar shards not cleared for DALI: {problem}"
     path = Path(cfg.data_path)
     if path.is_file():
         return "dali", cfg.data_path, "a scanned file list"

@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from fastmim.data.folder import IMG_EXTENSIONS, is_image_file, iter_files
+from fastmim.data.folder import IMG_EXTENSIONS, is_image_file, iter_files, list_tar_samples, list_tar_shards
 from fastmim.data.samples import cache_root
 
 FORMAT = "v1"
@@ -133,6 +133,23 @@ def check_image(path: str) -> str | None:
             data = f.read()
     except OSError as e:
         return f"unreadable: {e.strerror or e}"
+    return check_bytes(data)
+
+
+def check_member(sample: tuple[str, int, int]) -> str | None:
+    """``check_image`` of a tar member: (shard, data offset, size)."""
+    shard, offset, size = sample
+    try:
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    return check_bytes(data) if len(data) == size or not data else "truncated"
+
+
+def check_bytes(data: bytes) -> str | None:
+    """``check_image`` of an encoded image's bytes."""
     if not data:
         return "empty"
     saved = ImageFile.LOAD_TRUNCATED_IMAGES
@@ -168,14 +185,14 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _check_all(paths: list[str], workers: int, progress: bool) -> list[str | None]:
+def _check_all(paths: list, workers: int, progress: bool, check=check_image) -> list[str | None]:
     from tqdm import tqdm
 
     if workers <= 1 or len(paths) <= 1:
         with tqdm(total=len(paths), desc="scan", unit="img", disable=not progress, file=sys.stderr) as bar:
             reasons = []
             for p in paths:
-                reasons.append(check_image(p))
+                reasons.append(check(p))
                 bar.update()
             return reasons
     import multiprocessing
@@ -185,7 +202,7 @@ def _check_all(paths: list[str], workers: int, progress: bool) -> list[str | Non
     chunksize = max(1, min(256, len(paths) // (workers * 16)))
     ex = ProcessPoolExecutor(min(workers, len(paths)), mp_context=ctx, initializer=_ignore_sigint)
     try:
-        results = ex.map(check_image, paths, chunksize=chunksize)  # submits everything: the workers start here
+        results = ex.map(check, paths, chunksize=chunksize)  # submits everything: the workers start here
         with tqdm(total=len(paths), desc="scan", unit="img", disable=not progress, file=sys.stderr) as bar:
             reasons = []
             for r in results:
@@ -236,6 +253,9 @@ def scan(
     """
     if not os.path.exists(root):
         raise FileNotFoundError(f"data path {str(root)!r} does not exist")
+    shards = list_tar_shards(root)
+    if shards is not None:
+        return _scan_tars(_resolve(root), shards, workers, out, progress)
     if not os.path.isdir(root):
         raise NotADirectoryError(f"data path {str(root)!r} is not a directory")
     resolved = _resolve(root)
@@ -267,6 +287,30 @@ def scan(
     )
     _write_atomic(list_path, "".join([header, "\n", *(p[len(prefix) :] + "\n" for p in good)]))
     return ScanResult(resolved, good, bad, others, list_path, len(images) + len(others), mtime)
+
+
+def _scan_tars(resolved: str, shards: list[str], workers, out, progress) -> ScanResult:
+    """The scan of webdataset tar shards (a .tar or a folder of them): every image member decoded; the list names the
+    good samples by id (``shard:offset:member``, the shard relative to the root). DALI reads every sample of a shard,
+    so only a scan that found no bad image clears the shards for it (``find_scan`` + ``scan_header``)."""
+    ids, sizes = list_tar_samples(shards)
+    samples = [(s, int(o), n) for (s, o, _), n in zip((i.rsplit(":", 2) for i in ids), sizes, strict=True)]
+    n_workers = default_workers() if workers is None else workers
+    reasons = _check_all(samples, n_workers, progress, check=check_member)
+    good = [i for i, r in zip(ids, reasons, strict=True) if r is None]
+    bad = [(i, r) for i, r in zip(ids, reasons, strict=True) if r is not None]
+    base = resolved if os.path.isdir(resolved) else os.path.dirname(resolved)
+    mtime = max(os.stat(s).st_mtime for s in shards)
+    list_path = Path(out) if out is not None else default_list_path(resolved)
+    header = f"{MAGIC} {FORMAT} root={resolved} images={len(good)} bad={len(bad)} files={len(shards)} mtime={mtime!r}"
+    _write_atomic(list_path, "".join([header, "\n", *(os.path.relpath(i, base) + "\n" for i in good)]))
+    return ScanResult(resolved, good, bad, [], list_path, len(shards), mtime)
+
+
+def scan_header(path: str | Path) -> tuple[str, int, int]:
+    """(root, good images, bad images) from a scan list's header."""
+    header, _ = _read_header(Path(path))
+    return header.root, header.images, header.bad
 
 
 def _read_header(path: Path) -> tuple[_Header, bytes]:
@@ -310,7 +354,8 @@ def _read(path: str | Path) -> tuple[_Header, list[str]]:
             f"scan list {str(path)!r} names {len(rel)} images but its header says images={header.images} "
             "(cut short or edited): scan the folder again"
         )
-    return header, [os.path.join(header.root, r) for r in rel]
+    base = os.path.dirname(header.root) if os.path.isfile(header.root) else header.root  # one tar shard: its folder
+    return header, [os.path.join(base, r) for r in rel]
 
 
 def read_file_list(path: str | Path) -> tuple[str, list[str]]:
@@ -321,6 +366,11 @@ def read_file_list(path: str | Path) -> tuple[str, list[str]]:
         FileNotFoundError: the list or the folder it was made for does not exist.
     """
     header, files = _read(path)
+    if list_tar_shards(header.root) is not None:
+        raise ValueError(
+            f"scan list {str(path)!r} is of the tar shards {header.root!r}: pass the shards themselves as the data "
+            "path (their scan clears them for DALI)"
+        )
     if not os.path.isdir(header.root):
         raise FileNotFoundError(
             f"scan list {str(path)!r} was made for {header.root!r}, which is not a folder now (moved?): scan it again"
@@ -341,6 +391,13 @@ def find_scan(root: str | Path) -> Path | None:
         return None
     if header.root != resolved:
         return None
+    shards = list_tar_shards(resolved)
+    if shards is not None:  # tar shards: the same shards, none changed since
+        newest = max(os.stat(s).st_mtime for s in shards)
+        if len(shards) != header.files or newest != header.mtime:
+            return None
+        known = set(shards)
+        return path if all(f.rsplit(":", 2)[0] in known for f in files) else None
     images, others, mtime = _walk(resolved)
     if len(images) + len(others) != header.files or mtime != header.mtime:
         return None

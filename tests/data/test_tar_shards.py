@@ -76,8 +76,43 @@ def test_pretrain_reads_tar_shards_with_the_torch_loader_and_refuses_dali_withou
     out = capsys.readouterr().out
     assert "24 images from" in out and "loader torch" in out and "done: step 2" in out
     if dali_problem() is None:
-        with pytest.raises(pretrain.UsageError, match="holds tar shards, which DALI reads whole"):
+        with pytest.raises(pretrain.UsageError, match="holds tar shards; they have not been scanned"):
             pretrain.run([*args, "--output-dir", str(tmp_path / "d"), "--loader", "dali"])
+
+
+def test_the_scan_reads_tar_shards_and_clears_clean_ones_for_dali(shards, tmp_path, capsys):
+    from fastmim import pretrain
+    from fastmim.data.scan import find_scan, read_file_list, scan, scan_header
+
+    root, files = shards
+    copy = make_shards(tmp_path / "copy", files)
+    clean = scan(copy, workers=2, progress=False)
+    assert len(clean.good) == 24 and clean.bad == [] and clean.good == TarShardDataset(copy).files
+    assert find_scan(copy) == clean.list_path and scan_header(clean.list_path) == (str(copy.resolve()), 24, 0)
+    with pytest.raises(ValueError, match="is of the tar shards"):
+        read_file_list(clean.list_path)  # not a list of files for --data-path
+    # a truncated member: found by id, and the shards are no longer cleared for DALI
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    data = open(files[5], "rb").read()
+    with tarfile.open(bad_dir / "shard-0000.tar", "w") as tar:
+        for k, f in enumerate(files[:8]):
+            blob = data[: len(data) // 2] if k == 5 else open(f, "rb").read()
+            info = tarfile.TarInfo(f"k{k:03d}.jpg")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    found = scan(bad_dir, workers=0, progress=False)
+    assert [(i.rsplit(":", 1)[1], r) for i, r in found.bad] == [("k005.jpg", "truncated")] and len(found.good) == 7
+    if dali_problem() is None:
+        from tests.conftest import TINY_ARGS
+
+        args = [*TINY_ARGS, "--max-steps", "1", "--output-dir"]
+        with pytest.raises(pretrain.UsageError, match="the scan found 1 bad image"):
+            pretrain.run([*args, str(tmp_path / "r1"), "--data-path", str(bad_dir), "--loader", "dali"])
+        pretrain.run([*args, str(tmp_path / "r2"), "--data-path", str(copy)])  # auto: scanned clean -> DALI
+        assert "loader DALI (cpu" in capsys.readouterr().out
+        (copy / "shard-0002.tar").touch()  # changed since the scan
+        assert find_scan(copy) is None
 
 
 @pytest.mark.skipif(dali_problem() is not None, reason=f"optional dependency absent: {dali_problem()}")
