@@ -11,11 +11,12 @@ iterator of ``(images, indices)`` per epoch, ``set_epoch``, and ``state_dict`` /
 pipeline checkpoint (reader position and every random generator), so a resumed run continues mid-epoch with exactly
 the batches it would have seen.
 
-Sharding: the file list is shuffled once with the run's seed and cut into ``world_size`` contiguous shards of equal
-length (DALI's reader sharding; every rank keeps its shard, ``stick_to_shard``); each epoch the reader shuffles its
-shard through a buffer. A DALI pipeline cannot skip an undecodable file (it stops), so pretraining reads scanned file
-lists (``python -m fastmim.data.scan``); a decode error met anyway is raised as ``DaliDecodeError`` with the file's
-path, found by decoding the candidates of the failing batch with PIL.
+Sharding: the file list (shuffled once with the run's seed, cut to a multiple of ``world_size``) is split by DALI's
+reader into ``world_size`` disjoint shards of equal length (DALI shuffles the list with its own fixed seed first);
+every rank keeps its shard (``stick_to_shard``) and each epoch the reader shuffles it through a buffer. A DALI
+pipeline cannot skip an undecodable file (it stops), so pretraining reads scanned file lists
+(``python -m fastmim.data.scan``); a decode error met anyway is raised as ``DaliDecodeError`` with the path DALI
+names.
 """
 
 from __future__ import annotations
@@ -28,12 +29,11 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from fastmim.data.folder import IMG_EXTENSIONS
+from fastmim.data.folder import TAR_IMAGE_EXTS, split_sample_id
 from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 DEVICES = ("cpu", "mixed")
 INTERPS = ("auto", "cubic", "linear")
-WDS_EXTS = tuple(e for x in IMG_EXTENSIONS for e in (x[1:], x[1:].upper()))  # the image components of a sample
 READER = "reader"
 
 
@@ -57,6 +57,13 @@ def require_dali() -> None:
         raise RuntimeError(why)
 
 
+def _dali_reason(e: Exception) -> str:
+    """The line of a DALI error that says what went wrong (the one after "encountered:")."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    after = [ln for i, ln in enumerate(lines) if i and lines[i - 1] == "encountered:"]
+    return (after or lines[-1:] or [type(e).__name__])[0]
+
+
 class DaliDecodeError(RuntimeError):
     """DALI stopped on a file it cannot decode; ``path`` names it where it could be found."""
 
@@ -75,7 +82,7 @@ def _pipeline(files, indices, batch_size, img_size, device, device_id, shard_id,
     def pipe():
         if tars:  # webdataset shards: the sample's id ("shard:offset:member") padded to id_bytes, mapped after
             jpegs = fn.readers.webdataset(
-                paths=tars, ext=[";".join(WDS_EXTS)], missing_component_behavior="skip", random_shuffle=True,
+                paths=tars, ext=[";".join(TAR_IMAGE_EXTS)], missing_component_behavior="skip", random_shuffle=True,
                 initial_fill=initial_fill, seed=seed, shard_id=shard_id, num_shards=num_shards, stick_to_shard=True,
                 name=READER,
             )  # fmt: skip
@@ -120,7 +127,7 @@ class DaliLoader:
             (antialiased linear: 1.5x DALI's CPU throughput), or "auto": cubic on the GPU, linear on CPU threads.
             Enlarging is bicubic with either.
         tars: webdataset tar shards to read instead of files; ``files`` are then their samples' ids
-            (``fastmim.data.folder.list_tar_samples``), in order. Each rank reads a contiguous part of the samples.
+            (``fastmim.data.folder.list_tar_samples``), in order. The ranks read disjoint parts of the samples.
     """
 
     def __init__(
@@ -162,13 +169,16 @@ class DaliLoader:
                 f"{n} images over {world_size} ranks give {self.shard_size} per rank, fewer than one batch of "
                 f"{batch_size}: lower --batch-size or add images"
             )
-        # one global shuffle of the list (seeded), so contiguous shards are random subsets; the dataset index of a
+        # one shuffle of the list with the run's seed (DALI's own shuffle uses a fixed seed); the dataset index of a
         # sample stays its position in ``files``
         order = list(range(n))
         self.tars = list(tars) if tars else None
         if self.tars:  # tar shards are read in order: the shuffle buffer is all the mixing there is
-            self._index = {f: i for i, f in enumerate(self.files)}
-            self._id_bytes = max(len(f.encode()) for f in self.files) + 1
+            # DALI's source_info is "shard:offset:member": samples are found by (shard, offset), which DALI reports
+            # exactly whatever it makes of the member's name (PAX names, bytes that are not UTF-8)
+            self._index = {split_sample_id(f)[:2]: i for i, f in enumerate(self.files)}
+            enc = lambda t: len(t.encode("utf-8", "surrogateescape"))  # noqa: E731
+            self._id_bytes = max(enc(sh) + 24 + 4 * enc(m) for sh, _, m in map(split_sample_id, self.files))
         else:
             random.Random(seed).shuffle(order)
             self._id_bytes = 0
@@ -197,7 +207,16 @@ class DaliLoader:
             self.world_size, self.seed * 1_000_003 + self.rank, self.num_threads, self.scale, self.ratio,
             self.initial_fill, checkpoint, self.tars, self._id_bytes, self.interp,
         )  # fmt: skip
-        pipe.build()
+        hint = ("tar members it skips (names over 100 characters in PAX headers, as Python's tarfile writes them?); "
+                "rewrite the shards with GNU tar (tar --format=gnu) or use --loader torch" if self.tars else
+                "files it cannot list")  # fmt: skip
+        try:
+            pipe.build()
+        except RuntimeError as e:  # e.g. a webdataset reader that found no sample it can read
+            raise ValueError(f"DALI cannot set up its reader ({_dali_reason(e)}): {hint}") from e
+        seen = pipe.reader_meta(READER)["epoch_size"]
+        if seen != len(self._order):
+            raise ValueError(f"DALI's reader finds {seen} samples where the index has {len(self._order)}: {hint}")
         self._pipe = pipe
         self._it = DALIGenericIterator(
             [pipe],
@@ -258,9 +277,10 @@ class DaliLoader:
         if self.tars:  # ids -> dataset indices
             ids = out["indices"].cpu().numpy()
             try:
-                idx = [self._index[bytes(row).rstrip(b"\0").decode()] for row in ids]
-            except KeyError as e:
-                raise RuntimeError(f"DALI read a tar sample not in the dataset's index: {e}") from None
+                infos = [bytes(row).rstrip(b"\0").decode("utf-8", "surrogateescape") for row in ids]
+                idx = [self._index[split_sample_id(info)[:2]] for info in infos]
+            except (KeyError, ValueError) as e:
+                raise RuntimeError(f"DALI read a tar sample the dataset's index does not hold: {e}") from None
             return out["images"], torch.tensor(idx, dtype=torch.int64)
         return out["images"], out["indices"].view(-1).long()
 
@@ -271,10 +291,9 @@ class DaliLoader:
 
     # --- checkpoints ---
     def state_dict(self) -> dict:
-        """DALI's checkpoint (reader position and random state) with the epoch and batch it stands at. At an
-        epoch's end the reader is moved to the next epoch's start first."""
-        if self.batch == len(self):
-            self._finish_epoch()
+        """DALI's checkpoint (reader position and random state) with the epoch and batch it stands at (possibly
+        ``len``: the epoch's end; ``set_epoch`` moves on from there, so a bad file in the dropped tail surfaces in
+        the next epoch, never while a checkpoint is written)."""
         return {"epoch": self.epoch, "batch": self.batch, "dali": self._it.checkpoints()[0],
                 "files": len(self.files), "rank": self.rank, "world_size": self.world_size}  # fmt: skip
 
@@ -289,39 +308,16 @@ class DaliLoader:
 
     # --- errors ---
     def _decode_error(self, e: Exception) -> Exception:
-        """DALI's error as a ``DaliDecodeError`` naming the file when it is a decoding failure (DALI names the
-        sample's source; else the shard's files around the reader position are decoded with PIL to find it)."""
+        """DALI's error as a ``DaliDecodeError`` naming the sample when DALI names it ("Failed to decode sample");
+        any other error (an older DALI's message, out of memory in a decoder) is passed on as it is."""
         text = str(e)
-        if "decoders." not in text and "decode" not in text.lower():
-            return e
         found = re.search(r"Failed to decode sample #\d+ : (.+)", text)
-        if found:
-            path = found.group(1).strip()
-        else:  # tar samples are not files PIL can open: only DALI's own message can name them
-            path = None if self.tars else find_undecodable(self._candidates())
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "pipeline" not in ln.lower()]
-        detail = lines[-1] if lines else type(e).__name__
-        where = repr(path) if path else "a file of this rank's shard (PIL decodes all the candidates)"
+        if not found:
+            return e
+        path = found.group(1).strip()
         return DaliDecodeError(
-            f"DALI cannot decode {where} ({detail}); the run stops: DALI cannot skip a sample. Replace the file at "
-            "the same path and resume, or remove it, scan again (python -m fastmim.data.scan) and resume from an "
-            "end-of-epoch checkpoint",
+            f"DALI cannot decode {path!r}; the run stops: DALI cannot skip a sample. Replace the file at the same "
+            "path and resume, or remove it, scan again (python -m fastmim.data.scan) and resume from an end-of-epoch "
+            "checkpoint",
             path,
         )
-
-    def _candidates(self) -> list[str]:
-        """The files the failing batch can hold: the shard's next reads (sequential, through the shuffle buffer)
-        up to the prefetched batches, in reader order."""
-        shard = self._order[self.rank * self.shard_size : (self.rank + 1) * self.shard_size]
-        reach = (self.batch + 4) * self.batch_size + self.initial_fill
-        return [self.files[i] for i in shard[:reach]]
-
-
-def find_undecodable(paths) -> str | None:
-    """The first of ``paths`` that PIL cannot decode fully, or None."""
-    from fastmim.data.scan import check_image
-
-    for p in paths:
-        if check_image(p) is not None:
-            return p
-    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -113,6 +114,20 @@ def list_tar_shards(root: str | Path) -> list[str] | None:
     return tars
 
 
+# a webdataset image component: DALI's extension is everything after the first dot of the member's base name,
+# matched exactly: these (lower or upper case) are the ones its webdataset reader is asked for
+TAR_IMAGE_EXTS = tuple(e for x in IMG_EXTENSIONS for e in (x[1:], x[1:].upper()))
+_SAMPLE_ID = re.compile(r"(.*?\.tar):(\d+):(.*)", re.S)
+
+
+def split_sample_id(sample: str) -> tuple[str, int, str]:
+    """(shard, data offset, member) of a tar sample id ``"shard:offset:member"`` (the member may hold ':')."""
+    m = _SAMPLE_ID.fullmatch(sample)
+    if m is None:
+        raise ValueError(f"{sample!r} is not a tar sample id (shard.tar:offset:member)")
+    return m[1], int(m[2]), m[3]
+
+
 def list_tar_samples(shards: list[str]) -> tuple[list[str], list[int]]:
     """(ids, sizes) of every image of the tar shards, in shard and member order. An id is
     ``"shard:offset:member"``, DALI's ``source_info`` of a webdataset sample (offset: the member's data). One image
@@ -126,9 +141,9 @@ def list_tar_samples(shards: list[str]) -> tuple[list[str], list[int]]:
         try:
             with tarfile.open(shard, "r:") as tar:
                 for m in tar:
-                    if not m.isfile() or not is_image_file(m.name):
-                        continue
                     base = m.name.rsplit("/", 1)[-1]
+                    if not m.isfile() or "." not in base or base.split(".", 1)[1] not in TAR_IMAGE_EXTS:
+                        continue  # what DALI's reader skips too (a dotted base name, an odd-case extension)
                     key = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
                     if key in keys:
                         raise ValueError(
@@ -163,10 +178,10 @@ class TarShardDataset(ImageFolderDataset):
         import io
 
         name = self.files[index]
-        shard, offset, _ = name.rsplit(":", 2)
+        shard, offset, _ = split_sample_id(name)
         try:
             with open(shard, "rb") as f:
-                f.seek(int(offset))
+                f.seek(offset)
                 data = f.read(self.sizes[index])
             with Image.open(io.BytesIO(data)) as img:
                 return img.convert("RGB")

@@ -33,10 +33,19 @@ from typing import NamedTuple
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from fastmim.data.folder import IMG_EXTENSIONS, is_image_file, iter_files, list_tar_samples, list_tar_shards
+from fastmim.data.folder import (
+    IMG_EXTENSIONS,
+    is_image_file,
+    iter_files,
+    list_tar_samples,
+    list_tar_shards,
+    split_sample_id,
+)
 from fastmim.data.samples import cache_root
 
 FORMAT = "v1"
+# what PIL may identify and DALI's decoders (nvImageCodec) read as well; the others (GIF, TGA, ICO, ...) stop DALI
+DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "PPM", "TIFF", "WEBP", "JPEG2000"})
 MAGIC = "# fastmim-scan"
 NON_IMAGE = "not an image file (extension)"
 _HEADER = re.compile(
@@ -160,6 +169,9 @@ def check_bytes(data: bytes) -> str | None:
             with Image.open(io.BytesIO(data)) as img:
                 fmt = img.format
                 img.load()
+            if fmt == "PNG":  # chunk checksums and the end chunk, which load() does not check and DALI does
+                with Image.open(io.BytesIO(data)) as img:
+                    img.verify()
     except Image.DecompressionBombError:
         return "too large"
     except UnidentifiedImageError:
@@ -171,7 +183,9 @@ def check_bytes(data: bytes) -> str | None:
         return f"corrupt: {message}"
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
-    # libjpeg stops at the last complete scan; DALI's decoders reject a JPEG without its end-of-image marker
+    if fmt not in DALI_FORMATS:  # PIL opens by content: a GIF named .jpg decodes here, and stops a DALI pipeline
+        return f"not a format DALI decodes ({fmt})"
+    # libjpeg stops at the last complete scan; DALI's decoders reject a JPEG cut before its end-of-image marker
     if fmt in ("JPEG", "MPO") and not _ends_with_eoi(data):
         return "truncated"
     return None
@@ -294,7 +308,7 @@ def _scan_tars(resolved: str, shards: list[str], workers, out, progress) -> Scan
     good samples by id (``shard:offset:member``, the shard relative to the root). DALI reads every sample of a shard,
     so only a scan that found no bad image clears the shards for it (``find_scan`` + ``scan_header``)."""
     ids, sizes = list_tar_samples(shards)
-    samples = [(s, int(o), n) for (s, o, _), n in zip((i.rsplit(":", 2) for i in ids), sizes, strict=True)]
+    samples = [(s, o, n) for (s, o, _), n in zip(map(split_sample_id, ids), sizes, strict=True)]
     n_workers = default_workers() if workers is None else workers
     reasons = _check_all(samples, n_workers, progress, check=check_member)
     good = [i for i, r in zip(ids, reasons, strict=True) if r is None]
@@ -397,7 +411,7 @@ def find_scan(root: str | Path) -> Path | None:
         if len(shards) != header.files or newest != header.mtime:
             return None
         known = set(shards)
-        return path if all(f.rsplit(":", 2)[0] in known for f in files) else None
+        return path if all(split_sample_id(f)[0] in known for f in files) else None
     images, others, mtime = _walk(resolved)
     if len(images) + len(others) != header.files or mtime != header.mtime:
         return None

@@ -106,8 +106,13 @@ class Trainer:
 
     def data_layout(self) -> dict:
         """What positions are counted in: a change of any of these moves batch and step boundaries."""
-        return {"batch_size": self.cfg.batch_size, "accum_iter": self.cfg.accum_iter,
-                "world_size": self.info.world_size, "dataset_size": len(self.dataset)}  # fmt: skip
+        return {
+            "batch_size": self.cfg.batch_size,
+            "accum_iter": self.cfg.accum_iter,
+            "world_size": self.info.world_size,
+            "dataset_size": len(self.dataset),
+            "loader_batches": len(self.loader),
+        }  # fmt: skip (torch pads a rank's share, DALI drops the rest)
 
     def load_state_dict(self, state: dict) -> None:
         try:
@@ -121,7 +126,10 @@ class Trainer:
         if state["scaler"] and self.scaler.is_enabled():  # empty when saved without fp16 (a changed --amp)
             self.scaler.load_state_dict(state["scaler"])
         self.pos = Position(state["epoch"], state["batch"], state["step"])
-        saved_layout, layout = state.get("layout"), self.data_layout()
+        layout = self.data_layout()
+        saved_layout = state.get("layout")
+        if saved_layout is not None:  # keys added since a checkpoint was written are not compared
+            layout = {k: v for k, v in layout.items() if k in saved_layout}
         if saved_layout != layout:
             if self.pos.batch != 0:
                 raise ValueError(
@@ -142,6 +150,12 @@ class Trainer:
                 )
             else:  # an epoch boundary: DALI starts the epoch from its own seeded state
                 self.loader.start_at(self.pos.epoch)
+        elif state.get("loader") and self.pos.batch != 0:
+            raise ValueError(
+                "the checkpoint stopped mid-epoch reading with DALI (its state is in the checkpoint); the torch loader "
+                "would see other samples for the rest of the epoch: resume with --loader dali, or from an "
+                "end-of-epoch checkpoint"
+            )
         if state.get("world_size") == self.info.world_size:
             ckpt.set_rng_state(state["rng"][self.info.rank])
         else:  # a different world size reshards the data anyway; keep ranks distinct
@@ -257,8 +271,10 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.pos.step += 1
                 done = self.pos.step >= self.total_steps
-                save_now = bool(cfg.save_interval) and self.pos.step % cfg.save_interval == 0 and not done
                 end_of_epoch = self.pos.batch == self.batches_per_epoch
+                # the interval's checkpoint, unless the run's end or the epoch's end saves one just after
+                save_now = bool(cfg.save_interval) and self.pos.step % cfg.save_interval == 0 and not done
+                save_now = save_now and not end_of_epoch
                 if self.pos.step % cfg.log_interval == 0 or done or end_of_epoch or save_now:
                     loss_avg = float(all_reduce_mean(running / max(count, 1), self.info))  # host sync
                     self._check_finite(loss_avg, "the loss")

@@ -71,13 +71,16 @@ def test_restoring_a_checkpoint_gives_the_next_batches_mid_epoch_and_across_epoc
     assert all(torch.equal(x, y) and torch.equal(i, j) for (x, i), (y, j) in zip(got, rest, strict=True))
     again.set_epoch(1)
     assert all(torch.equal(x, y) for (x, _), (y, _) in zip(epoch_batches(again)[:2], following, strict=True))
-    # a checkpoint at an epoch's end stands at the next epoch's start
+    # a checkpoint at an epoch's end stands there (nothing is read while saving); the next epoch follows from it
     end = loader(files, seed=1)
     epoch_batches(end)
     s_end = end.state_dict()
-    assert (s_end["epoch"], s_end["batch"]) == (1, 0)
+    assert (s_end["epoch"], s_end["batch"]) == (0, 6)
     fresh = loader(files, seed=1)
     fresh.load_state_dict(s_end)
+    fresh.set_epoch(0, 6 * 4)  # the trainer at the epoch's end: a no-op
+    assert epoch_batches(fresh) == []
+    fresh.set_epoch(1)
     assert torch.equal(epoch_batches(fresh)[0][0], following[0][0])
 
 
@@ -205,17 +208,28 @@ def test_a_bad_file_met_in_training_checkpoints_names_the_file_and_the_run_resum
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 6
 
 
-def test_a_decode_error_without_a_path_is_traced_to_the_file_with_pil(files, tmp_path):
-    """Older DALI versions do not name the sample: the loader decodes the candidate files (the shard's reads up to
-    the failing batch) with PIL. A non-decoding error passes through unchanged."""
-    paths = [str(tmp_path / f"{i:02d}.jpg") for i in range(len(files))]
-    for src, dst in zip(files, paths, strict=True):
-        shutil.copy(src, dst)
-    ld = loader(paths, seed=0)
-    victim = paths[ld._order[5]]  # the shard's sixth read: within the candidates of the first batch
-    data = open(victim, "rb").read()
-    open(victim, "wb").write(data[: len(data) // 3])
-    err = ld._decode_error(RuntimeError("Error in CPU operator `nvidia.dali.fn.decoders.image_random_crop`"))
-    assert isinstance(err, DaliDecodeError) and err.path == victim and repr(victim) in str(err)
-    other = RuntimeError("Error in CPU operator `nvidia.dali.fn.resize`: out of memory")
-    assert ld._decode_error(other) is other
+def test_only_errors_that_name_a_sample_become_decode_errors(files):
+    """DALI 2.x names the sample it cannot decode; any other error (an older DALI's message, out of memory in the
+    GPU decoder) passes through unchanged rather than being blamed on a file."""
+    ld = loader(files)
+    named = RuntimeError("Error in CPU operator `nvidia.dali.fn.decoders.image_random_crop`\nencountered:\n\n"
+                         "Failed to decode sample #3 : /data/x/bad file.jpg\nCurrent pipeline object is no longer "
+                         "valid.")  # fmt: skip
+    err = ld._decode_error(named)
+    assert isinstance(err, DaliDecodeError) and err.path == "/data/x/bad file.jpg"
+    for other in (RuntimeError("Error in CPU operator `nvidia.dali.fn.decoders.image_random_crop`: bad stream"),
+                  RuntimeError("Error in MIXED operator `nvidia.dali.fn.decoders.image`: out of memory")):  # fmt: skip
+        assert ld._decode_error(other) is other
+
+
+@pytest.mark.slow
+def test_a_dali_mid_epoch_checkpoint_is_not_resumed_by_the_torch_loader(image_folder, tmp_path):
+    """The torch sampler would read other samples for the rest of the epoch: refused, naming the way out."""
+    from fastmim import pretrain
+    from tests.conftest import TINY_ARGS
+
+    out = tmp_path / "run"
+    pretrain.run([*TINY_ARGS, "--data-path", str(image_folder), "--loader", "dali", "--allow-unscanned",
+                  "--max-steps", "2", "--output-dir", str(out)])  # fmt: skip
+    with pytest.raises(ValueError, match="resume with --loader dali"):
+        pretrain.run(["--resume", "--output-dir", str(out), "--loader", "torch", "--max-steps", "4"])

@@ -23,6 +23,8 @@ PLANTED = {
     "class1/no_eoi.jpg": "truncated",  # the end-of-image marker cut off: DALI rejects it, PIL decodes it
     "class1/padded.jpg": None,  # zero padding after the end-of-image marker is allowed
     "class1/trailer.jpg": None,  # so are bytes after it (camera trailers): DALI decodes those
+    "class0/gif.jpg": "not a format DALI decodes (GIF)",  # PIL opens by content; DALI stops on a GIF
+    "class1/no_iend.png": "truncated",  # a PNG without its end chunk: load() passes it, DALI does not
 }
 
 
@@ -43,6 +45,9 @@ def make_planted_folder(root: Path) -> tuple[Path, list[str]]:
     (root / "class1" / "no_eoi.jpg").write_bytes(jpeg[:-2])
     (root / "class1" / "trailer.jpg").write_bytes(jpeg + b"trailer" * 10)
     (root / "class1" / "padded.jpg").write_bytes(jpeg + b"\x00" * 7 + b"\n")
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / "class0" / "gif.jpg", "GIF")
+    png = (root / "class0" / "p0.png").read_bytes()
+    (root / "class1" / "no_iend.png").write_bytes(png[:-12])
     (root / "notes.txt").write_text("not an image\n")
     (root / ".hidden").mkdir()
     (root / ".hidden" / "skipped.jpg").write_bytes(b"")  # hidden folders are never read
@@ -69,7 +74,8 @@ def test_scan_names_each_bad_file_and_lists_the_good_ones(planted, tmp_path):
     assert reasons["class0/corrupt.jpg"] != "corrupt: "  # carries PIL's message
     assert result.non_images == [str(root / "notes.txt")]
     assert result.files == len(good) + len(reasons) + 1
-    assert result.counts() == {"truncated": 2, "corrupt": 1, "not an image": 1, "empty": 1}
+    assert result.counts() == {"truncated": 3, "corrupt": 1, "not an image": 1, "empty": 1,
+                               "not a format DALI decodes (GIF)": 1}  # fmt: skip
 
 
 def test_list_round_trips_and_loads_as_a_dataset(planted, tmp_path):
@@ -78,7 +84,7 @@ def test_list_round_trips_and_loads_as_a_dataset(planted, tmp_path):
     result = scan(root, workers=0, out=out, progress=False)
     assert result.list_path == out
     lines = out.read_text(encoding="utf-8").splitlines()
-    assert lines[0].startswith(f"# fastmim-scan v1 root={root} images=10 bad=5 files=16 mtime=")
+    assert lines[0].startswith(f"# fastmim-scan v1 root={root} images=10 bad=7 files=18 mtime=")
     assert lines[1:] == [os.path.relpath(p, root) for p in good]
     assert read_file_list(out) == (str(root), good)
     assert not [p for p in os.listdir(out.parent) if p != "clean.txt"]  # no temporary file left behind

@@ -138,3 +138,41 @@ def test_dali_reads_tar_shards_sharded_checkpointed_and_with_dataset_indices(sha
     again.load_state_dict(state)
     got = list(again)
     assert all(torch.equal(a, b) and torch.equal(i, j) for (a, i), (b, j) in zip(got, rest, strict=True))
+
+
+def test_member_names_with_colons_and_non_ascii_and_odd_extensions(shards, tmp_path):
+    """Ids split at the shard's '.tar:offset:', so a member may hold ':'; PAX names that DALI does not decode are
+    still found by (shard, offset); a dotted or odd-case extension is skipped by the index as DALI skips it."""
+    from fastmim.data.scan import scan
+
+    _, files = shards
+    (tmp_path / "odd").mkdir()
+    with tarfile.open(tmp_path / "odd" / "s.tar", "w") as tar:  # Python writes PAX headers for these names
+        for i, f in enumerate(files[:8]):
+            tar.add(f, arcname=f"2026-11-26T10:00:{i:02d}_ñandú.jpg")
+        tar.add(files[8], arcname="x.v2.jpg")  # DALI's extension "v2.jpg": not an image component
+        tar.add(files[9], arcname="y.Jpg")
+    ds = TarShardDataset(tmp_path / "odd")
+    assert len(ds) == 8 and ds.files[3].endswith(":2026-11-26T10:00:03_ñandú.jpg")
+    assert ds.load(3).size == Image.open(files[3]).size
+    assert len(scan(tmp_path / "odd", workers=0, progress=False).good) == 8
+    if dali_problem() is None:
+        from fastmim.data.dali import DaliLoader
+
+        got = torch.cat([i for _, i in DaliLoader(ds.files, 4, 32, num_threads=1, tars=ds.shards)])
+        assert sorted(got.tolist()) == list(range(8))
+
+
+@pytest.mark.skipif(dali_problem() is not None, reason=f"optional dependency absent: {dali_problem()}")
+def test_shards_dali_cannot_read_give_a_clear_error(shards, tmp_path):
+    from fastmim.data.dali import DaliLoader
+
+    _, files = shards
+    (tmp_path / "long").mkdir()
+    with tarfile.open(tmp_path / "long" / "s.tar", "w") as tar:  # names over 100 characters: PAX, skipped by DALI
+        for i, f in enumerate(files[:8]):
+            tar.add(f, arcname="L" * 120 + f"_{i}.jpg")
+    ds = TarShardDataset(tmp_path / "long")
+    assert len(ds) == 8
+    with pytest.raises(ValueError, match="rewrite the shards with GNU tar"):
+        DaliLoader(ds.files, 4, 32, num_threads=1, tars=ds.shards)
