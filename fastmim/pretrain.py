@@ -167,7 +167,8 @@ def build_loader(cfg: PretrainConfig, kind: str, dataset, masks, info: DistInfo,
             loader = DaliLoader(dataset.files, cfg.batch_size, cfg.img_size, device=dali_device,
                                 device_id=device.index if device.type == "cuda" else None, rank=info.rank,
                                 world_size=info.world_size, seed=cfg.seed, num_threads=threads,
-                                tars=getattr(dataset, "shards", None))  # fmt: skip
+                                tars=getattr(dataset, "shards", None),
+                                tar_sizes=getattr(dataset, "sizes", None))  # fmt: skip
         except ValueError as e:
             raise UsageError(str(e)) from e
         return loader, loader, f"DALI ({dali_device}, {threads} threads)"

@@ -55,6 +55,18 @@ def require_dali() -> None:
     why = dali_problem()
     if why:
         raise RuntimeError(why)
+    _collect_before_fork()
+
+
+@functools.cache
+def _collect_before_fork() -> None:
+    """A DALI pipeline left for the garbage collector (a loader dropped in a reference cycle) must be destroyed in
+    this process: collected in a forked child (a DataLoader worker, the scan's pool) its destructor waits for
+    threads the child does not have, forever. So every fork is preceded by a collection, once DALI is in use."""
+    import gc
+
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(before=gc.collect)
 
 
 def _dali_reason(e: Exception) -> str:
@@ -73,7 +85,8 @@ class DaliDecodeError(RuntimeError):
 
 
 def _pipeline(files, indices, batch_size, img_size, device, device_id, shard_id, num_shards, seed, num_threads,
-              scale, ratio, initial_fill, checkpoint, tars=None, id_bytes=0, interp="cubic"):  # fmt: skip
+              scale, ratio, initial_fill, checkpoint, tars=None, id_bytes=0, interp="cubic",
+              index_paths=None):  # fmt: skip
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
@@ -84,7 +97,7 @@ def _pipeline(files, indices, batch_size, img_size, device, device_id, shard_id,
             jpegs = fn.readers.webdataset(
                 paths=tars, ext=[";".join(TAR_IMAGE_EXTS)], missing_component_behavior="skip", random_shuffle=True,
                 initial_fill=initial_fill, seed=seed, shard_id=shard_id, num_shards=num_shards, stick_to_shard=True,
-                name=READER,
+                name=READER, index_paths=index_paths or [],
             )  # fmt: skip
             idx = fn.pad(fn.get_property(jpegs, key="source_info"), axes=[0], shape=[id_bytes], fill_value=0)
         else:
@@ -126,6 +139,8 @@ class DaliLoader:
         interp: the resize filter when shrinking the crop: "cubic" (torchvision's bicubic, antialiased), "linear"
             (antialiased linear: 1.5x DALI's CPU throughput), or "auto": cubic on the GPU, linear on CPU threads.
             Enlarging is bicubic with either.
+        tar_sizes: the members' sizes (``list_tar_samples``): given, DALI reads the shards through index files
+            written from ours (cached), else it infers its own index from every tar header at each build.
         tars: webdataset tar shards to read instead of files; ``files`` are then their samples' ids
             (``fastmim.data.folder.list_tar_samples``), in order. The ranks read disjoint parts of the samples.
     """
@@ -146,6 +161,7 @@ class DaliLoader:
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         initial_fill: int = 1024,
         tars: Sequence[str] | None = None,
+        tar_sizes: Sequence[int] | None = None,
         interp: str = "auto",
     ):
         require_dali()
@@ -179,9 +195,13 @@ class DaliLoader:
             self._index = {split_sample_id(f)[:2]: i for i, f in enumerate(self.files)}
             enc = lambda t: len(t.encode("utf-8", "surrogateescape"))  # noqa: E731
             self._id_bytes = max(enc(sh) + 24 + 4 * enc(m) for sh, _, m in map(split_sample_id, self.files))
+            # DALI's index files, from ours: DALI reads exactly the indexed members, without re-reading every tar
+            # header each time a pipeline is built (on every rank, and again on resume)
+            self._index_paths = write_wds_indexes(self.files, tar_sizes, self.tars) if tar_sizes else None
         else:
             random.Random(seed).shuffle(order)
             self._id_bytes = 0
+            self._index_paths = None
         self._order = order[: self.shard_size * world_size]  # equal shards: the remainder is left out
         self.batch_size, self.img_size, self.device = batch_size, img_size, device
         self.device_id = (
@@ -205,7 +225,7 @@ class DaliLoader:
         pipe = _pipeline(
             files, self._order, self.batch_size, self.img_size, self.device, self.device_id, self.rank,
             self.world_size, self.seed * 1_000_003 + self.rank, self.num_threads, self.scale, self.ratio,
-            self.initial_fill, checkpoint, self.tars, self._id_bytes, self.interp,
+            self.initial_fill, checkpoint, self.tars, self._id_bytes, self.interp, self._index_paths,
         )  # fmt: skip
         hint = ("tar members it skips (names over 100 characters in PAX headers, as Python's tarfile writes them?); "
                 "rewrite the shards with GNU tar (tar --format=gnu) or use --loader torch" if self.tars else
@@ -315,9 +335,46 @@ class DaliLoader:
         if not found:
             return e
         path = found.group(1).strip()
+        if self.tars:  # DALI names a tar sample by our index file's name for it: the real id from (shard, offset)
+            try:
+                path = self.files[self._index[split_sample_id(path)[:2]]]
+            except (KeyError, ValueError):
+                pass
         return DaliDecodeError(
             f"DALI cannot decode {path!r}; the run stops: DALI cannot skip a sample. Replace the file at the same "
             "path and resume, or remove it, scan again (python -m fastmim.data.scan) and resume from an end-of-epoch "
             "checkpoint",
             path,
         )
+
+
+def write_wds_indexes(ids: Sequence[str], sizes: Sequence[int], shards: Sequence[str]) -> list[str]:
+    """DALI webdataset index files (``wds2idx``'s "v1.2" text format: a sample per line, ``ext offset size name``)
+    for ``shards`` holding exactly the samples ``ids`` (``list_tar_samples``), written once into the cache (keyed by
+    the shard's path, size and mtime) and reused. Names are written as ``<n>.<ext>`` (no spaces for the format to
+    split); samples are found by (shard, offset) anyway."""
+    import hashlib
+
+    from fastmim.data.samples import cache_root
+
+    per_shard: dict[str, list[str]] = {sh: [] for sh in shards}
+    for n, (sample, size) in enumerate(zip(ids, sizes, strict=True)):
+        shard, offset, member = split_sample_id(sample)
+        ext = member.rsplit("/", 1)[-1].split(".", 1)[1]
+        per_shard[shard].append(f"{ext} {offset} {size} {n}.{ext}\n")
+    folder = cache_root() / "wds-index"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for shard in shards:
+        st = os.stat(shard)
+        key = hashlib.sha1(
+            f"{os.path.abspath(shard)}|{st.st_size}|{st.st_mtime_ns}|v1.2".encode(errors="surrogateescape")
+        )
+        path = folder / f"{key.hexdigest()[:20]}.idx"
+        if not path.is_file():
+            lines = per_shard[shard]
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(f"v1.2 {len(lines)}\n" + "".join(lines))
+            os.replace(tmp, path)  # atomic: ranks writing the same index race harmlessly
+        paths.append(str(path))
+    return paths

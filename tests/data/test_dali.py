@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ import torch
 from fastmim.data.dali import DaliDecodeError, dali_problem
 from fastmim.data.folder import list_images
 from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from tests.conftest import make_image_folder
+from tests.conftest import ROOT, make_image_folder
 
 pytestmark = pytest.mark.skipif(dali_problem() is not None, reason=f"optional dependency absent: {dali_problem()}")
 
@@ -233,3 +236,25 @@ def test_a_dali_mid_epoch_checkpoint_is_not_resumed_by_the_torch_loader(image_fo
                   "--max-steps", "2", "--output-dir", str(out)])  # fmt: skip
     with pytest.raises(ValueError, match="resume with --loader dali"):
         pretrain.run(["--resume", "--output-dir", str(out), "--loader", "torch", "--max-steps", "4"])
+
+
+def test_a_fork_after_a_dropped_loader_does_not_hang(files, tmp_path):
+    """A loader dropped in a reference cycle leaves its pipeline to the garbage collector; were it collected in a
+    forked DataLoader worker, its destructor would wait forever for threads the child lacks. Every fork is preceded
+    by a collection once DALI is in use (a fresh process, with a deadline, shows it)."""
+    script = tmp_path / "fork.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from fastmim.data.dali import DaliLoader\n"
+        "files = sys.argv[1:]\n"
+        "for _ in range(3):\n"
+        "    ld = DaliLoader(files, 4, 32, num_threads=2)\n"
+        "    next(iter(ld))\n"
+        "    ld.cycle = ld  # unreachable after del: only the collector frees it\n"
+        "    del ld\n"
+        "loader = torch.utils.data.DataLoader(list(range(8)), batch_size=4, num_workers=2)\n"
+        "print(sum(len(b) for b in loader))\n"
+    )
+    r = subprocess.run([sys.executable, str(script), *files], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert r.returncode == 0 and r.stdout.strip() == "8", r.stderr[-2000:]

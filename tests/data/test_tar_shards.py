@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,5 +175,34 @@ def test_shards_dali_cannot_read_give_a_clear_error(shards, tmp_path):
             tar.add(f, arcname="L" * 120 + f"_{i}.jpg")
     ds = TarShardDataset(tmp_path / "long")
     assert len(ds) == 8
-    with pytest.raises(ValueError, match="rewrite the shards with GNU tar"):
+    with pytest.raises(ValueError, match="rewrite the shards with GNU tar"):  # DALI's own index skips them
         DaliLoader(ds.files, 4, 32, num_threads=1, tars=ds.shards)
+    # through index files written from ours (what pretraining does), DALI reads exactly the indexed members
+    ld = DaliLoader(ds.files, 4, 32, num_threads=1, tars=ds.shards, tar_sizes=ds.sizes)
+    assert sorted(torch.cat([i for _, i in ld]).tolist()) == list(range(8))
+
+
+@pytest.mark.skipif(dali_problem() is not None, reason=f"optional dependency absent: {dali_problem()}")
+def test_index_files_are_written_once_and_a_bad_member_is_named_by_its_real_id(shards, tmp_path):
+    from fastmim.data.dali import DaliDecodeError, DaliLoader, write_wds_indexes
+
+    _, files = shards
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    data = open(files[2], "rb").read()
+    with tarfile.open(bad_dir / "s.tar", "w") as tar:
+        for k, f in enumerate(files[:8]):
+            blob = data[: len(data) // 3] if k == 2 else open(f, "rb").read()
+            info = tarfile.TarInfo(f"m {k:03d}.jpg")  # a space: the index format splits on spaces
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    ds = TarShardDataset(bad_dir)
+    first = write_wds_indexes(ds.files, ds.sizes, ds.shards)
+    stamp = [p.stat().st_mtime_ns for p in map(Path, first)]
+    assert write_wds_indexes(ds.files, ds.sizes, ds.shards) == first  # cached: the same files, not rewritten
+    assert [p.stat().st_mtime_ns for p in map(Path, first)] == stamp
+    assert Path(first[0]).read_text().splitlines()[0] == "v1.2 8"
+    ld = DaliLoader(ds.files, 4, 32, num_threads=1, tars=ds.shards, tar_sizes=ds.sizes)
+    with pytest.raises(DaliDecodeError) as err:
+        list(ld)
+    assert err.value.path == ds.files[2] and err.value.path.endswith(":m 002.jpg")
