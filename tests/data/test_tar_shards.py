@@ -30,6 +30,19 @@ def make_shards(root, files, per_shard=10, extra=True):
     return root
 
 
+def truncated_member_shard(path, files, bad, name):
+    """A one-shard folder: ``files`` as members ``name.format(k)``, member ``bad`` cut to a third."""
+    path.parent.mkdir(parents=True)
+    with tarfile.open(path, "w") as tar:
+        for k, f in enumerate(files):
+            blob = open(f, "rb").read()
+            blob = blob[: len(blob) // 3] if k == bad else blob
+            info = tarfile.TarInfo(name.format(k))
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return path.parent
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     base = tmp_path_factory.mktemp("wds")
@@ -93,15 +106,7 @@ def test_the_scan_reads_tar_shards_and_clears_clean_ones_for_dali(shards, tmp_pa
     with pytest.raises(ValueError, match="is of the tar shards"):
         read_file_list(clean.list_path)  # not a list of files for --data-path
     # a truncated member: found by id, and the shards are no longer cleared for DALI
-    bad_dir = tmp_path / "bad"
-    bad_dir.mkdir()
-    data = open(files[5], "rb").read()
-    with tarfile.open(bad_dir / "shard-0000.tar", "w") as tar:
-        for k, f in enumerate(files[:8]):
-            blob = data[: len(data) // 2] if k == 5 else open(f, "rb").read()
-            info = tarfile.TarInfo(f"k{k:03d}.jpg")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
+    bad_dir = truncated_member_shard(tmp_path / "bad" / "shard-0000.tar", files[:8], 5, "k{:03d}.jpg")
     found = scan(bad_dir, workers=0, progress=False)
     assert [(i.rsplit(":", 1)[1], r) for i, r in found.bad] == [("k005.jpg", "truncated")] and len(found.good) == 7
     if dali_problem() is None:
@@ -187,15 +192,8 @@ def test_index_files_are_written_once_and_a_bad_member_is_named_by_its_real_id(s
     from fastmim.data.dali import DaliDecodeError, DaliLoader, write_wds_indexes
 
     _, files = shards
-    bad_dir = tmp_path / "bad"
-    bad_dir.mkdir()
-    data = open(files[2], "rb").read()
-    with tarfile.open(bad_dir / "s.tar", "w") as tar:
-        for k, f in enumerate(files[:8]):
-            blob = data[: len(data) // 3] if k == 2 else open(f, "rb").read()
-            info = tarfile.TarInfo(f"m {k:03d}.jpg")  # a space: the index format splits on spaces
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
+    bad_dir = truncated_member_shard(tmp_path / "bad" / "s.tar", files[:8], 2, "m {:03d}.jpg")  # a space: the
+    # index format splits on spaces
     ds = TarShardDataset(bad_dir)
     first = write_wds_indexes(ds.files, ds.sizes, ds.shards)
     stamp = [p.stat().st_mtime_ns for p in map(Path, first)]
