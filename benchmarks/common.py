@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from fastmim.data.folder import usable_cpus
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,11 +50,6 @@ def write_row(row: dict, out: str | os.PathLike | None) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def host() -> dict:
     """The CPU rows' host: its model and usable core count (CPU rows of different machines stay apart)."""
     model = platform.processor() or "unknown"
@@ -64,3 +61,16 @@ def host() -> dict:
     except OSError:
         pass
     return {"cpu_model": model, "cpu_count": usable_cpus()}
+
+
+def parse_counts(text: str, minimum: int) -> list[int]:
+    """argparse type: comma-separated ints, each at least ``minimum``."""
+    import argparse
+
+    try:
+        out = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < minimum:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= {minimum}, got {text!r}")
+    return out

@@ -51,7 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import environment, host, usable_cpus, write_row  # noqa: E402
+from benchmarks.common import environment, host, parse_counts, usable_cpus, write_row  # noqa: E402
 from fastmim.data import ImageFolderDataset, build_pretrain_loader, list_images, pretrain_transform  # noqa: E402
 from fastmim.data.samples import _skimage_data_dir, cache_root  # noqa: E402
 
@@ -368,16 +368,6 @@ def report_targets(rows: list[dict], missing: dict[str, str], loaders=LOADERS) -
     if not mixed:
         why = missing.get("dali-mixed", "no row" if "dali-mixed" in loaders else "dali-mixed not in --loaders")
         print(f"  {target}: not measured ({why})", file=sys.stderr)
-
-
-def parse_counts(text: str, minimum: int) -> list[int]:
-    try:
-        out = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        out = []
-    if not out or min(out) < minimum:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= {minimum}, got {text!r}")
-    return out
 
 
 def main(argv=None) -> int:

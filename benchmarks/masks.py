@@ -48,7 +48,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import environment, host, write_row  # noqa: E402
+from benchmarks.common import environment, host, parse_counts, write_row  # noqa: E402
 from fastmim import _ext  # noqa: E402
 from fastmim.masking.strategies import STRATEGIES, build_mask  # noqa: E402
 
@@ -224,16 +224,6 @@ def one_core_worker(args, names: list[str]) -> int:
     return 0
 
 
-def parse_batches(text: str) -> list[int]:
-    try:
-        out = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        out = []
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints, got {text!r}")
-    return out
-
-
 def parse_grid(text: str) -> tuple[int, int]:
     parts = text.lower().split("x")
     try:
@@ -283,8 +273,8 @@ def main(argv=None) -> int:
     ap.add_argument("--devices", default="cpu,cuda" if cuda else "cpu", help="devices of the torch rows (default: "
                     "cpu, and cuda where available)")  # fmt: skip
     ap.add_argument("--batch", type=int, default=4096, help="masks per call, torch on CPU and cpp (default 4096)")
-    ap.add_argument("--gpu-batch", type=parse_batches, default=[256, 16384], help="masks per call on CUDA, "
-                    "comma-separated: a row each (default 256,16384)")  # fmt: skip
+    ap.add_argument("--gpu-batch", type=lambda t: parse_counts(t, 1), default=[256, 16384],
+                    help="masks per call on CUDA, comma-separated: a row each (default 256,16384)")  # fmt: skip
     ap.add_argument("--ref-batch", type=int, default=256, help="masks per call, ref and beit_loop (default 256)")
     ap.add_argument("--cpp-threads", default="1,all", help="thread counts of the cpp rows: 1 (a child process), all "
                     "(this process, the extension's default) or both (default)")  # fmt: skip

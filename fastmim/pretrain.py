@@ -151,7 +151,7 @@ def choose_loader(cfg: PretrainConfig, device: torch.device) -> tuple[str, str |
 def build_loader(cfg: PretrainConfig, kind: str, dataset, masks, info: DistInfo, device: torch.device):
     """(loader, sampler, description) for the trainer: DALI's loader is its own sampler."""
     from fastmim import _ext
-    from fastmim.data import build_pretrain_loader, default_num_workers
+    from fastmim.data import build_pretrain_loader, default_num_workers, usable_cpus
 
     if kind == "dali":
         from fastmim.data.dali import DaliLoader
@@ -161,8 +161,7 @@ def build_loader(cfg: PretrainConfig, kind: str, dataset, masks, info: DistInfo,
             dali_device = "mixed" if device.type == "cuda" else "cpu"
         if dali_device == "mixed" and device.type != "cuda":
             raise UsageError("--dali-device mixed decodes on the GPU: it needs a CUDA run (--device cuda)")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = cfg.num_workers or max(1, cores // info.local_world_size)
+        threads = cfg.num_workers or max(1, usable_cpus() // info.local_world_size)
         try:
             loader = DaliLoader(dataset.files, cfg.batch_size, cfg.img_size, device=dali_device,
                                 device_id=device.index if device.type == "cuda" else None, rank=info.rank,

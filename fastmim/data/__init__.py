@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from fastmim.data.folder import ImageFolderDataset, list_images
+from fastmim.data.folder import ImageFolderDataset, list_images, usable_cpus
 from fastmim.data.sampler import ResumableDistributedSampler
 from fastmim.data.samples import default_dataset_path
 from fastmim.data.transforms import denormalize, eval_transform, pretrain_transform
@@ -20,12 +18,12 @@ __all__ = [
     "eval_transform",
     "list_images",
     "pretrain_transform",
+    "usable_cpus",
 ]
 
 
 def default_num_workers(local_world_size: int = 1) -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cpus // max(1, local_world_size) - 1))
+    return max(1, min(8, usable_cpus() // max(1, local_world_size) - 1))
 
 
 class WithIndex(torch.utils.data.Dataset):

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from fastmim.data.folder import TAR_IMAGE_EXTS, split_sample_id
+from fastmim.data.folder import TAR_IMAGE_EXTS, split_sample_id, usable_cpus
 from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 DEVICES = ("cpu", "mixed")
@@ -208,8 +208,7 @@ class DaliLoader:
             (device_id if device_id is not None else torch.cuda.current_device()) if device == "mixed" else None
         )
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.num_threads = num_threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                              else (os.cpu_count() or 1))  # fmt: skip
+        self.num_threads = num_threads or usable_cpus()
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.initial_fill = max(1, min(initial_fill, self.shard_size))
         self.epoch = 0  # the epoch the reader is in

@@ -13,6 +13,11 @@ from PIL import Image
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def iter_files(root: str | Path) -> Iterator[str]:
     """Every file below root, following symlinks; hidden folders (name starting with '.') are skipped, hidden files
     are not. Unordered."""
@@ -69,10 +74,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: str | Path, transform: Callable | None = None, seed: int | None = None):
         self.root = str(root)
-        self.files = list_images(root)
+        self.files = self._list(root)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
+
+    def _list(self, root: str | Path) -> list[str]:
+        return list_images(root)
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch's augmentation seeds (call before creating the loader iterator)."""
@@ -163,16 +171,13 @@ class TarShardDataset(ImageFolderDataset):
     """The images of webdataset tar shards (``list_tar_samples``), read by seeking to each member: a map-style
     dataset like ``ImageFolderDataset``; ``files[i]`` is ``"shard:offset:member"``."""
 
-    def __init__(self, root: str | Path, transform: Callable | None = None, seed: int | None = None):
+    def _list(self, root: str | Path) -> list[str]:
         shards = list_tar_shards(root)
         if shards is None:
             raise ValueError(f"data path {str(root)!r} is not a .tar file or a folder of .tar shards")
-        self.root = str(root)
         self.shards = shards
-        self.files, self.sizes = list_tar_samples(shards)
-        self.transform = transform
-        self.seed = seed
-        self.epoch = 0
+        files, self.sizes = list_tar_samples(shards)
+        return files
 
     def load(self, index: int) -> Image.Image:
         import io

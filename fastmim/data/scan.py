@@ -40,6 +40,7 @@ from fastmim.data.folder import (
     list_tar_samples,
     list_tar_shards,
     split_sample_id,
+    usable_cpus,
 )
 from fastmim.data.samples import cache_root
 
@@ -196,7 +197,7 @@ def _ignore_sigint() -> None:
 
 
 def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return usable_cpus()
 
 
 def _check_all(paths: list, workers: int, progress: bool, check=check_image) -> list[str | None]:

@@ -26,12 +26,13 @@ import math
 import torch
 
 from fastmim.masking.base import Masks, MaskStrategy, as_grid, check_range, check_ratio
+from fastmim.masking.random import num_visible
 from fastmim.masking.rng import randint, uniform
 
 
 def exact_hidden(n: int, ratio: float) -> int:
-    """Hidden tokens for a ratio, as MAE counts (visible = int(N * (1 - ratio))), at least one of each."""
-    return n - max(1, min(n - 1, int(n * (1 - ratio)))) if n > 1 else 0
+    """Hidden tokens for a ratio, as MAE counts (``num_visible``: int(N * (1 - ratio)), at least one of each)."""
+    return n - num_visible(n, ratio)
 
 
 def _scatter_true(shape: tuple[int, int], ids: torch.Tensor) -> torch.Tensor:

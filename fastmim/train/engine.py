@@ -74,11 +74,14 @@ class Trainer:
         self.masks = self.raw_model.mask_strategy(seed=self.cfg.seed)
 
     # --- state ---
-    def state_dict(self) -> dict:
-        rng = ckpt.rng_state()
-        rngs = [None] * self.info.world_size if self.info.enabled else [rng]
+    def _from_every_rank(self, obj) -> list:
+        """[rank 0's obj, rank 1's, ...] (a collective: every rank calls it)."""
+        objs = [None] * self.info.world_size if self.info.enabled else [obj]
         if self.info.enabled:
-            dist.all_gather_object(rngs, rng)
+            dist.all_gather_object(objs, obj)
+        return objs
+
+    def state_dict(self) -> dict:
         return {
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -88,21 +91,11 @@ class Trainer:
             "step": self.pos.step,
             "world_size": self.info.world_size,
             "layout": self.data_layout(),
-            "rng": rngs,
-            "loader": self._loader_states(),
+            "rng": self._from_every_rank(ckpt.rng_state()),
+            "loader": self._from_every_rank(self.loader.state_dict()) if hasattr(self.loader, "state_dict") else None,
             "config": self.cfg.to_dict(),
             "fastmim_version": __import__("fastmim").__version__,
         }
-
-    def _loader_states(self) -> list | None:
-        """Every rank's loader state where the loader has one (DALI's pipeline checkpoint), else None."""
-        if not hasattr(self.loader, "state_dict"):
-            return None
-        state = self.loader.state_dict()
-        states = [None] * self.info.world_size if self.info.enabled else [state]
-        if self.info.enabled:
-            dist.all_gather_object(states, state)
-        return states
 
     def data_layout(self) -> dict:
         """What positions are counted in: a change of any of these moves batch and step boundaries."""
