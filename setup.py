@@ -2,7 +2,9 @@
 
 Environment:
     FASTMIM_BUILD_EXT=0     skip the native build (fastmim then runs on its PyTorch reference paths)
-    FASTMIM_CUDA=1          also compile CUDA sources (needs nvcc); FASTMIM_CUDA_ARCHS picks the archs (default "90")
+    FASTMIM_CUDA            the CUDA extension fastmim._cuda (kernels/): "auto" (default) builds it when nvcc is found,
+                            "1" requires it, "0" skips it; FASTMIM_CUDA_ARCHS picks the archs (CMake's
+                            CUDA_ARCHITECTURES, default "80-real;90": sm_80 and sm_90 code plus compute_90 PTX)
     FASTMIM_BUILD_TYPE      CMake build type (default Release)
     MAX_JOBS                parallel compile jobs
 """
@@ -39,13 +41,38 @@ def _cmake_executable() -> str:
         ) from None
 
 
+def _cuda_mode() -> str:
+    mode = os.environ.get("FASTMIM_CUDA", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "0", "1"):
+        raise RuntimeError(f"FASTMIM_CUDA={mode!r}: use auto, 0 or 1")
+    return mode
+
+
+def _nvcc() -> str | None:
+    for cand in (os.environ.get("CUDACXX"), shutil.which("nvcc")):
+        if cand and Path(cand).exists():
+            return cand
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return None
+
+
+def _build_cuda() -> bool:
+    mode = _cuda_mode()
+    return mode == "1" or (mode == "auto" and _nvcc() is not None)
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
+        if ext.name == "fastmim._cuda":
+            return  # built by the same CMake run as fastmim._C
         import pybind11
 
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
+        cuda_out = Path(self.get_ext_fullpath("fastmim._cuda")).resolve()
         build_dir = Path(self.build_temp).resolve() / ext.name
         build_dir.mkdir(parents=True, exist_ok=True)
         cfg = os.environ.get("FASTMIM_BUILD_TYPE", "Release")
@@ -55,9 +82,14 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DFASTMIM_OUTPUT_DIR={out.parent}",
             f"-DFASTMIM_OUTPUT_NAME={out.name}",
-            f"-DFASTMIM_CUDA={'ON' if os.environ.get('FASTMIM_CUDA') == '1' else 'OFF'}",
-            f"-DFASTMIM_CUDA_ARCHS={os.environ.get('FASTMIM_CUDA_ARCHS', '90')}",
+            f"-DFASTMIM_CUDA={'ON' if _build_cuda() else 'OFF'}",
+            f"-DFASTMIM_CUDA_REQUIRED={'ON' if _cuda_mode() == '1' else 'OFF'}",
+            f"-DFASTMIM_CUDA_ARCHS={os.environ.get('FASTMIM_CUDA_ARCHS', '80-real;90')}",
+            f"-DFASTMIM_CUDA_OUTPUT_NAME={cuda_out.name}",
         ]
+        nvcc = _nvcc()
+        if _build_cuda() and nvcc:
+            args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
         if shutil.which("ninja") or _has_ninja_wheel():
             args.append("-GNinja")
         cmake = _cmake_executable()
@@ -76,5 +108,9 @@ def _has_ninja_wheel() -> bool:
         return False
 
 
-ext_modules = [] if os.environ.get("FASTMIM_BUILD_EXT", "1") == "0" else [CMakeExtension("fastmim._C")]
+ext_modules = []
+if os.environ.get("FASTMIM_BUILD_EXT", "1") != "0":
+    ext_modules.append(CMakeExtension("fastmim._C"))
+    if _build_cuda():
+        ext_modules.append(CMakeExtension("fastmim._cuda"))
 setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild})

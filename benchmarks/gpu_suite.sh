@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# The prepared check for one H100/H200 machine (Python 3.12, torch + CUDA, triton, cmake, ninja, pybind11, timm; no
-# network, DALI, spconv or flash-attn: those parts are skipped and the log says so). In priority order, within a time
-# budget (GPU_SUITE_BUDGET_S, default 480 s; a step that would not fit is skipped and named):
-#   build fastmim._C; pytest -m gpu (the torch.compile tests later); FCMAE ConvNeXtV2-Base throughput (batch 64) and
-#   the sparse conv benchmark, profiled; MAE ViT-B/16 throughput (batch 256, bf16) in all four modes, profiled; the
-#   ops benchmark; the compile tests; the other benchmarks that exist (masks, data loading); ViT-L/16 throughput
-#   (batch 128); the CLI's default run on CUDA; the tables of this run.
+# The prepared check for one H100/H200 machine (Python 3.12, torch + CUDA, triton, nvcc, cmake, ninja, pybind11, timm;
+# no network, DALI, spconv or flash-attn: those parts are skipped and the log says so). In priority order, within a
+# time budget (GPU_SUITE_BUDGET_S, default 480 s; a step that would not fit is skipped and named):
+#   build fastmim._C and the CUDA kernels fastmim._cuda (sm_90 here); the ops' GPU tests for both GPU backends
+#   (ops_tests); the ops benchmark with host time and CUDA-graph timing (ops); MAE ViT-B/16 eager throughput with
+#   each GPU backend of the fused ops (vit_b_eager); the CUDA kernels under compute-sanitizer (sanitizer); then
+#   pytest -m gpu (the torch.compile tests later); FCMAE ConvNeXtV2-Base throughput (batch 64) and the sparse conv
+#   benchmark, profiled; MAE ViT-B/16 throughput (batch 256, bf16) in all four modes, profiled; the compile tests;
+#   the other benchmarks that exist (masks, data loading); ViT-L/16 throughput (batch 128); the CLI's default run on
+#   CUDA; the tables of this run.
 # Usage: FASTMIM_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_suite.sh RESULTS_DIR
-# GPU_SUITE_ONLY=tests,fcmae,... runs only the named steps (tests, fcmae, sparse_conv, tune, vit_b, ops,
-# compile_tests, other, fcmae_compile, vit_l, cli; the environment, the build and the tables always run), and
-# GPU_SUITE_TESTS_K replaces the -k filter of the tests step ("not compile").
+# GPU_SUITE_ONLY=ops_tests,ops,... runs only the named steps (ops_tests, ops, vit_b_eager, sanitizer, tests, fcmae,
+# sparse_conv, tune, vit_b, compile_tests, other, fcmae_compile, vit_l, cli; the environment, the build and the
+# tables always run), and GPU_SUITE_TESTS_K replaces the -k filter of the tests step ("not compile").
 # (the tree sent to a GPU machine has no .git, so FASTMIM_COMMIT names the commit in every row). RESULTS_DIR gets at
 # most 8 files (what the device tool returns): suite.log (the build's log only when it fails), throughput.jsonl,
 # ops.jsonl, profiles.tar (torch.profiler traces), demo_metrics.jsonl, sparse_conv.jsonl, tune_sparse_dwconv.jsonl
@@ -53,11 +56,34 @@ for mod in flash_attn nvidia.dali spconv; do
   $PY -c "import $mod" 2>/dev/null && echo "$mod: installed" || echo "$mod: not installed here; its parts are skipped"
 done
 
-step build fastmim._C
-rm -f fastmim/_C*.so
+step "build fastmim._C and fastmim._cuda (FASTMIM_CUDA_ARCHS=${FASTMIM_CUDA_ARCHS:-90})"
+rm -f fastmim/_C*.so fastmim/_cuda*.so
+export FASTMIM_CUDA=1 FASTMIM_CUDA_ARCHS=${FASTMIM_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16}
 $PY -m pip install --no-deps --no-build-isolation --no-index -e . >"$SCRATCH/build.log" 2>&1 \
   || $PY setup.py build_ext --inplace >>"$SCRATCH/build.log" 2>&1 || { echo "BUILD FAILED"; cat "$SCRATCH/build.log"; status=1; }
-$PY -c "import fastmim; print('native extension:', fastmim.has_native_extension())"
+$PY -c "import fastmim, fastmim._ext as e; print('native extension:', fastmim.has_native_extension(), '| fastmim._cuda:', e.cuda_available(), e.cuda_load_error or '')"
+
+want ops_tests && step "pytest: the ops on CUDA for the cuda backend (small odd shapes) and both GPU backends at MAE scale" &&
+  run 150 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider --durations=5 -m gpu \
+  -k "cuda-cuda or test_gpu_ops or cuda_extension" tests/ops tests/test_extension.py
+
+want ops && step "ops benchmark: fastmim.ops (cuda, triton) vs eager and compiled references, MAE ViT-B/16 shapes" &&
+  fits 60 "ops benchmark" && run 150 $PY benchmarks/ops.py --cuda-graph --out "$RESULTS/ops.jsonl"
+
+want vit_b_eager && step "throughput: MAE ViT-B/16, batch 256, bf16, eager: reference, fused ops on cuda, on triton" &&
+  fits 60 "ViT-B eager throughput" && {
+  run 90 env FASTMIM_BACKEND=cuda $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 --amp bf16 \
+    --steps 15 --warmup 4 --peak-tflops 790 --modes reference,fastmim --out "$RESULTS/throughput.jsonl"
+  fits 30 "ViT-B eager throughput (triton)" && run 60 env FASTMIM_BACKEND=triton $PY benchmarks/throughput.py \
+    --model vit_base_patch16 --batch-size 256 --amp bf16 --steps 15 --warmup 4 --peak-tflops 790 --modes fastmim \
+    --out "$RESULTS/throughput.jsonl"
+}
+
+want sanitizer && step "compute-sanitizer memcheck over every CUDA kernel" && fits 60 "compute-sanitizer" && {
+  if command -v compute-sanitizer >/dev/null; then
+    run 120 compute-sanitizer --tool memcheck --error-exitcode 9 $PY tests/ops/run_cuda_kernels.py
+  else echo "compute-sanitizer not on PATH: skipped"; fi
+}
 
 want tests && step "pytest -m gpu (-k ${GPU_SUITE_TESTS_K:-not compile})" && run 200 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider --durations=8 -m gpu -k "${GPU_SUITE_TESTS_K:-not compile}" tests
 
@@ -76,9 +102,6 @@ want vit_b && step "throughput: MAE ViT-B/16, batch 256, bf16, four modes, profi
   fits 150 "ViT-B throughput" && run 240 $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 \
   --amp bf16 --steps 20 --warmup 5 --peak-tflops 790 --modes reference,fastmim,fastmim+compile,reference+compile \
   --profile --profile-steps 2 --profile-dir "$SCRATCH/profiles" --out "$RESULTS/throughput.jsonl"
-
-want ops && step "ops benchmark: fastmim.ops vs eager and compiled references (MAE ViT-B/16 shapes)" &&
-  fits 60 "ops benchmark" && run 120 $PY benchmarks/ops.py --out "$RESULTS/ops.jsonl"
 
 want compile_tests && step "pytest -m gpu, the torch.compile tests (inductor on CUDA)" &&
   fits 60 "compile tests" && run 150 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider -m gpu -k compile tests

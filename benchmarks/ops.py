@@ -3,14 +3,16 @@
     python benchmarks/ops.py                      # MAE ViT-B/16 shapes on a GPU, smaller ones on CPU
     python benchmarks/ops.py --ops loss --batch-size 64 --out benchmarks/results/ops.jsonl
 
-For each op and pass (forward, backward, forward+backward): median time with p20/p80, extra peak memory (GPU), and
-achieved bandwidth counted as the bytes the op cannot avoid (what it must read and write once), plus the device's
-measured copy bandwidth for comparison. With ``--cuda-graph`` each pass on a GPU is also replayed from a CUDA graph
-(``ms_graph``): kernel time without the Python and launch overhead, which at these sizes can be as long as the
-kernels; a capture that fails (seen on torch 2.11 + triton 3.6) leaves CUDA's random state unusable, so graph timing
-stops for the rest of the run, and the other columns go on. Rows are written as each op finishes. Dtypes are those
-the MAE recipe hands each op under bf16 autocast on a GPU (fp32 on CPU). Never asserts anything: the targets live
-in the issue and the closing notes.
+For each op and pass (forward, backward, forward+backward): median time with p20/p80, host time per call (GPU: the
+wall-clock time of issuing a call while the GPU runs behind, so Python checks, backend choice, autograd, allocation
+and launches), extra peak memory (GPU), and achieved bandwidth counted as the bytes the op cannot avoid (what it must
+read and write once), plus the device's measured copy bandwidth for comparison. On a GPU every fused backend that can
+run is timed (``fastmim[cuda]``: the CUDA kernels of fastmim._cuda; ``fastmim[triton]``), each forced in turn.
+With ``--cuda-graph`` each pass on a GPU is also replayed from a CUDA graph (``ms_graph``): kernel time without the
+Python and launch overhead, which at these sizes can be as long as the kernels; a capture that fails (seen on
+torch 2.11 + triton 3.6) leaves CUDA's random state unusable, so graph timing stops for the rest of the run, and the
+other columns go on. Rows are written as each op finishes. Dtypes are those the MAE recipe hands each op under bf16
+autocast on a GPU (fp32 on CPU). Never asserts anything: the targets live in the issue and the closing notes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import environment, write_row  # noqa: E402
+from fastmim import _ext  # noqa: E402
 from fastmim.masking import random_masking  # noqa: E402
 from fastmim.ops import (  # noqa: E402
     gather_visible,
@@ -42,7 +45,7 @@ from fastmim.ops import (  # noqa: E402
     scatter_masked,
     scatter_masked_ref,
 )
-from fastmim.ops._dispatch import choose_backend  # noqa: E402
+from fastmim.ops._dispatch import NO_CUDA_KERNEL, choose_backend, set_backend  # noqa: E402
 
 OPS = ("gather", "scatter", "loss", "patchify", "grn")
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -60,7 +63,15 @@ class Case:
     ref: Callable
     bytes_fwd: int
     bytes_bwd: int
-    backend: str
+    backend: str  # what auto picks here
+    op_name: str = ""  # the name the dispatcher knows the op by
+
+    def fused_backends(self, device: torch.device) -> list[str]:
+        """The fused backends to time: on a GPU each one that runs there, else the one auto picks."""
+        if device.type != "cuda":
+            return [self.backend]
+        names = ["cuda"] if _ext.cuda_available() and (self.op_name or self.op) not in NO_CUDA_KERNEL else []
+        return names + ["triton"]
 
 
 def build_cases(ops, b: int, img: int, patch: int, enc_dim: int, dec_dim: int, ratio: float, device, lowp: bool):
@@ -184,6 +195,21 @@ def passes(fn: Callable, inputs: list) -> dict[str, Callable]:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
 
 
+def host_us(fn: Callable, device: torch.device, calls: int = 20) -> float | None:
+    """Host time per call on a GPU, in us: ``calls`` calls issued back to back without a sync (the launch queue holds
+    them while the GPU runs behind), timed on the host clock. None on CPU, where host time is the whole time."""
+    if device.type != "cuda":
+        return None
+    fn()
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize(device)
+    return round((t1 - t0) / calls * 1e6, 1)
+
+
 def peak_extra_mb(fn: Callable, device: torch.device) -> float | None:
     """Memory the call allocates beyond what existed before it (CUDA only)."""
     if device.type != "cuda":
@@ -239,28 +265,37 @@ def main(argv=None) -> int:
                         args.mask_ratio, device, lowp)  # fmt: skip
     table = []
     for case in cases:
-        impls = {f"fastmim[{case.backend}]": case.fused, "eager": case.ref}
+        impls: dict[str, tuple[Callable, str | None]] = {
+            f"fastmim[{name}]": (case.fused, name) for name in case.fused_backends(device)
+        }
+        impls["eager"] = (case.ref, None)
         if not args.no_compile:
             torch._dynamo.reset()
-            impls["compiled"] = torch.compile(case.ref)
+            impls["compiled"] = (torch.compile(case.ref), None)
         times: dict[tuple[str, str], float] = {}
-        for impl, fn in impls.items():
-            for pas, closure in passes(fn, case.inputs).items():
-                med, p20, p80 = measure(closure)
-                times[(impl, pas)] = med
-                nbytes = {"fwd": case.bytes_fwd, "bwd": case.bytes_bwd}.get(pas, case.bytes_fwd + case.bytes_bwd)
-                gbps = nbytes / (med * 1e-3) / 1e9
-                row = {"benchmark": "ops", "op": case.op, "pass": pas, "impl": impl, "shape": case.shape,
-                       "dtypes": case.dtypes, "ms_median": round(med, 4), "ms_p20": round(p20, 4),
-                       "ms_p80": round(p80, 4), "peak_extra_mb": peak_extra_mb(closure, device),
-                       "gbps": round(gbps, 1), "fraction_of_copy_bw": round(gbps / copy_gbps, 3), **env}  # fmt: skip
-                graph_ms = measure_graph(closure)
-                if graph_ms is not None:  # CUDA: the same pass replayed from a CUDA graph
-                    row["ms_graph"] = round(graph_ms, 4)
-                    row["gbps_graph"] = round(nbytes / (graph_ms * 1e-3) / 1e9, 1)
-                    row["fraction_of_copy_bw_graph"] = round(nbytes / (graph_ms * 1e-3) / 1e9 / copy_gbps, 3)
-                print(f"{case.op} {pas} {impl}: {med:.3f} ms", file=sys.stderr)
-                table.append(row)
+        for impl, (fn, backend) in impls.items():
+            prev = set_backend(backend) if backend else None
+            try:
+                for pas, closure in passes(fn, case.inputs).items():
+                    med, p20, p80 = measure(closure)
+                    times[(impl, pas)] = med
+                    nbytes = {"fwd": case.bytes_fwd, "bwd": case.bytes_bwd}.get(pas, case.bytes_fwd + case.bytes_bwd)
+                    gbps = nbytes / (med * 1e-3) / 1e9
+                    row = {"benchmark": "ops", "op": case.op, "pass": pas, "impl": impl, "shape": case.shape,
+                           "dtypes": case.dtypes, "ms_median": round(med, 4), "ms_p20": round(p20, 4),
+                           "ms_p80": round(p80, 4), "host_us": host_us(closure, device),
+                           "peak_extra_mb": peak_extra_mb(closure, device), "gbps": round(gbps, 1),
+                           "fraction_of_copy_bw": round(gbps / copy_gbps, 3), **env}  # fmt: skip
+                    graph_ms = measure_graph(closure)
+                    if graph_ms is not None:  # CUDA: the same pass replayed from a CUDA graph
+                        row["ms_graph"] = round(graph_ms, 4)
+                        row["gbps_graph"] = round(nbytes / (graph_ms * 1e-3) / 1e9, 1)
+                        row["fraction_of_copy_bw_graph"] = round(nbytes / (graph_ms * 1e-3) / 1e9 / copy_gbps, 3)
+                    print(f"{case.op} {pas} {impl}: {med:.3f} ms", file=sys.stderr)
+                    table.append(row)
+            finally:
+                if backend:
+                    set_backend(prev)
         for row in table:
             if row["op"] == case.op and row["impl"].startswith("fastmim"):
                 row["speedup_vs_eager"] = round(times[("eager", row["pass"])] / row["ms_median"], 3)
@@ -270,14 +305,16 @@ def main(argv=None) -> int:
             if row["op"] == case.op:
                 write_row(row, args.out)  # as each op finishes: a run cut short keeps what it measured
     print(f"\ncopy bandwidth {copy_gbps:.0f} GB/s on {env['device']}")
-    print(f"{'op':17} {'pass':8} {'impl':18} {'median ms':>10} {'GB/s':>8} {'x eager':>8} {'x compiled':>10} "
-          f"{'graph ms':>9} {'graph GB/s':>10}")  # fmt: skip
+    print(f"{'op':17} {'pass':8} {'impl':18} {'median ms':>10} {'host us':>8} {'GB/s':>8} {'x eager':>8} "
+          f"{'x compiled':>10} {'graph ms':>9} {'graph GB/s':>10}")  # fmt: skip
+
+    def cell(v):
+        return "" if v is None else v
+
     for r in table:
-        se, sc = r.get("speedup_vs_eager"), r.get("speedup_vs_compiled")
-        gms, ggb = r.get("ms_graph"), r.get("gbps_graph")
-        print(f"{r['op']:17} {r['pass']:8} {r['impl']:18} {r['ms_median']:10.3f} {r['gbps']:8.1f} "
-              f"{'' if se is None else se:>8} {'' if sc is None else sc:>10} {'' if gms is None else gms:>9} "
-              f"{'' if ggb is None else ggb:>10}")  # fmt: skip
+        print(f"{r['op']:17} {r['pass']:8} {r['impl']:18} {r['ms_median']:10.3f} {cell(r['host_us']):>8} "
+              f"{r['gbps']:8.1f} {cell(r.get('speedup_vs_eager')):>8} {cell(r.get('speedup_vs_compiled')):>10} "
+              f"{cell(r.get('ms_graph')):>9} {cell(r.get('gbps_graph')):>10}")  # fmt: skip
     return 0
 
 

@@ -1,4 +1,6 @@
-"""Loads the native extension ``fastmim._C`` once; fastmim falls back to its PyTorch reference paths without it."""
+"""Loads the native extensions once: ``fastmim._C`` (C++ CPU kernels, mask generators; fastmim falls back to its
+PyTorch reference paths without it) and ``fastmim._cuda`` (CUDA kernels, built when a CUDA toolkit was found; without
+it CUDA tensors run the Triton kernels)."""
 
 from __future__ import annotations
 
@@ -29,6 +31,22 @@ if _C is None:
         ExtensionWarning,
         stacklevel=2,
     )
+
+
+_cuda: ModuleType | None = None
+cuda_load_error: str | None = None
+if os.environ.get("FASTMIM_NO_EXT", "0") == "1":
+    cuda_load_error = "disabled by FASTMIM_NO_EXT=1"
+else:
+    try:
+        from fastmim import _cuda  # type: ignore[attr-defined,no-redef]
+    except ImportError as e:  # built without a CUDA toolkit (FASTMIM_CUDA=0), or for another Python
+        cuda_load_error = str(e)
+
+
+def cuda_available() -> bool:
+    """True when ``fastmim._cuda`` (the CUDA kernels) is loaded; it runs only where a CUDA device is."""
+    return _cuda is not None
 
 
 def available() -> bool:

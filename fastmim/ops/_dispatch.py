@@ -1,9 +1,14 @@
 """Backend choice and the input checks every op shares.
 
-Auto choice: CUDA tensors -> Triton, CPU tensors -> ``fastmim._C``, anything else (or a dtype the kernels do not
-take) -> the PyTorch reference. ``FASTMIM_BACKEND=triton|cpp|torch`` forces one; with ``TRITON_INTERPRET=1`` (set
-before triton is imported) the Triton kernels also run on CPU tensors, which is how CI tests them. Ops in
-``NO_CPP_KERNEL`` run their "torch" backend where the C++ backend would be chosen (or forced).
+Auto choice: CUDA tensors -> the backend that measured fastest for the op on a GPU (``AUTO_CUDA``: the CUDA kernels
+of ``fastmim._cuda`` or Triton), CPU tensors -> ``fastmim._C``, anything else (or a dtype the kernels do not take)
+-> the PyTorch reference. ``FASTMIM_BACKEND=cuda|triton|cpp|torch`` (or ``fastmim.ops.set_backend``) forces one;
+with ``TRITON_INTERPRET=1`` (set before triton is imported) the Triton kernels also run on CPU tensors, which is how
+CI tests them. Ops in ``NO_CPP_KERNEL`` run their "torch" backend where the C++ backend would be chosen (or forced),
+ops in ``NO_CUDA_KERNEL`` their "triton" backend where the CUDA one would.
+
+Every op calls ``choose_backend`` once per call, so it is cached per (op, device type, dtypes, forced backend) and
+reads the environment through the interpreter's own dict (``os.environ.get`` costs about 1 us a call).
 """
 
 from __future__ import annotations
@@ -16,12 +21,30 @@ import torch
 
 from fastmim import _ext
 
-BACKENDS = ("triton", "cpp", "torch")
+BACKENDS = ("cuda", "triton", "cpp", "torch")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# dtype codes of fastmim._C
+# dtype codes of fastmim._C and fastmim._cuda
 CPP_DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # ops with no fastmim._C kernel: "cpp" (chosen or forced) runs their "torch" backend instead
 NO_CPP_KERNEL: frozenset[str] = frozenset({"grn"})
+# ops with no fastmim._cuda kernel: "cuda" (chosen or forced) runs their "triton" backend instead
+NO_CUDA_KERNEL: frozenset[str] = frozenset({"grn", "sparse_dwconv"})
+
+# The auto backend of each op on CUDA tensors: whichever was faster (forward + backward, plain timing) in the
+# committed GPU results named here; an op not listed, or "cuda" without fastmim._cuda, runs Triton.
+AUTO_CUDA_SOURCE = "not measured yet: Triton everywhere until a GPU run of benchmarks/ops.py names the faster one"
+AUTO_CUDA: dict[str, str] = {}
+
+# os.environ's own mapping (bytes on POSIX): reading it skips os.environ's per-call encoding
+_ENVIRON = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def getenv(name: str, default: str = "") -> str:
+    """``os.environ.get(name, default)``, about ten times cheaper on POSIX."""
+    if _ENVIRON is not None:
+        v = _ENVIRON.get(name.encode())
+        return default if v is None else os.fsdecode(v)
+    return os.environ.get(name, default)
 
 
 @functools.cache
@@ -35,11 +58,34 @@ def triton_available() -> str | None:
 
 
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return getenv("TRITON_INTERPRET", "0") == "1"
+
+
+_override: str | None = None
+
+
+def set_backend(name: str | None) -> str | None:
+    """Forces a backend for every op in this process (``None`` or "auto": back to ``FASTMIM_BACKEND`` / auto);
+    returns the previous setting. Takes precedence over ``FASTMIM_BACKEND``.
+
+    Args:
+        name: one of cuda, triton, cpp, torch, auto, or None.
+    """
+    global _override
+    if name is not None:
+        name = name.strip().lower()
+        if name == "auto":
+            name = None
+        elif name not in BACKENDS:
+            raise ValueError(f"set_backend: {name!r} is not one of auto, {', '.join(BACKENDS)}")
+    prev, _override = _override, name
+    return prev
 
 
 def forced_backend() -> str | None:
-    name = os.environ.get("FASTMIM_BACKEND", "").strip().lower()
+    if _override is not None:
+        return _override
+    name = getenv("FASTMIM_BACKEND").strip().lower()
     if not name or name == "auto":
         return None
     if name not in BACKENDS:
@@ -66,6 +112,17 @@ def triton_problem(device: torch.device) -> str | None:
     return None
 
 
+def _cuda_problem(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"the CUDA backend runs on CUDA tensors, these are on {device}"
+    if not _ext.cuda_available():
+        return f"fastmim._cuda is not available ({_ext.cuda_load_error})"
+    return None
+
+
+_choices: dict[tuple, str] = {}
+
+
 def choose_backend(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str:
     """The backend ``op`` runs on for tensors on ``device`` with ``dtypes``.
 
@@ -75,11 +132,22 @@ def choose_backend(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...
         dtypes: floating dtypes of the inputs; the kernels take float32, bfloat16 and float16.
     """
     forced = forced_backend()
+    key = (op, device.type, dtypes, forced, triton_interpreted())
+    backend = _choices.get(key)
+    if backend is None:
+        backend = _choose(op, device, dtypes, forced)  # raises for a forced backend that cannot run: not cached
+        _choices[key] = backend
+    return backend
+
+
+def _choose(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...], forced: str | None) -> str:
     kernel_dtypes = all(dt in KERNEL_DTYPES for dt in dtypes)
     if forced == "torch":
         return "torch"
     if forced is not None:
-        why = triton_problem(device) if forced == "triton" else _cpp_problem(device)
+        if forced == "cuda" and op in NO_CUDA_KERNEL:
+            forced = "triton" if device.type == "cuda" else forced
+        why = {"triton": triton_problem, "cpp": _cpp_problem, "cuda": _cuda_problem}[forced](device)
         if why is None and not kernel_dtypes:
             why = f"its kernels take float32, bfloat16 and float16, not {', '.join(map(str, dtypes))}"
         if why:
@@ -87,8 +155,11 @@ def choose_backend(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...
         return "torch" if forced == "cpp" and op in NO_CPP_KERNEL else forced
     if not kernel_dtypes:
         return "torch"
-    if device.type == "cuda" and triton_problem(device) is None:
-        return "triton"
+    if device.type == "cuda":
+        if AUTO_CUDA.get(op) == "cuda" and _cuda_problem(device) is None:
+            return "cuda"
+        if triton_problem(device) is None:
+            return "triton"
     if device.type == "cpu" and _cpp_problem(device) is None:
         return "torch" if op in NO_CPP_KERNEL else "cpp"
     return "torch"
@@ -121,7 +192,7 @@ def check_id_values(op: str, name: str, ids: torch.Tensor, upper: int, distinct:
     """
     if ids.numel() == 0 or torch.compiler.is_compiling():
         return
-    if ids.device.type != "cpu" and os.environ.get("FASTMIM_CHECK_IDS", "0") != "1":
+    if ids.device.type != "cpu" and getenv("FASTMIM_CHECK_IDS", "0") != "1":
         return
     lo, hi = (int(v) for v in torch.aminmax(ids))
     if lo < lower or hi >= upper:
@@ -163,6 +234,46 @@ def eager_function(
 
     bwd = backward if differentiable_backward else torch.autograd.function.once_differentiable(backward)
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
+
+
+def unaliased(fn: Callable) -> Callable:
+    """``fn`` for registering as a custom op: a custom op's outputs may not alias its inputs or each other, while the
+    eager backends return views of one buffer (one allocation instead of several); such outputs are cloned here."""
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        out = fn(*args)
+        if not isinstance(out, tuple):
+            return out
+        seen = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor) and a.numel()}
+        fixed = []
+        for t in out:
+            ptr = t.untyped_storage().data_ptr() if t.numel() else None
+            if ptr is not None and ptr in seen:
+                t = t.clone()
+                ptr = t.untyped_storage().data_ptr()
+            if ptr is not None:
+                seen.add(ptr)
+            fixed.append(t)
+        return tuple(fixed)
+
+    return wrapper
+
+
+# Inductor may pass these ops inputs in any layout (their kernels read any strides; the C++ path copies): without the
+# tag it keeps each input's traced stride order, which can force a copy in front of the op.
+FLEXIBLE_LAYOUT = (torch.Tag.flexible_layout,) if hasattr(torch.Tag, "flexible_layout") else ()
+
+
+def custom_op(name: str, fn: Callable, flexible_layout: bool = True):
+    """``torch.library.custom_op(name, fn, mutates_args=())``, tagged ``flexible_layout`` where torch knows it."""
+    tags = FLEXIBLE_LAYOUT if flexible_layout else ()
+    if tags:
+        try:
+            return torch.library.custom_op(name, fn, mutates_args=(), tags=tags)
+        except TypeError:  # a torch whose custom_op takes no tags
+            pass
+    return torch.library.custom_op(name, fn, mutates_args=())
 
 
 def use_custom_op() -> bool:

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from fastmim.ops import _cpu
+from fastmim.ops import _cpu, _cuda
 from fastmim.ops._dispatch import (
     check_device,
     check_float,
     check_patch_size,
     choose_backend,
+    custom_op,
     eager_function,
     forced_backend,
+    unaliased,
     use_custom_op,
 )
 from fastmim.ops.reference import masked_mse_loss_patchified_ref, masked_mse_loss_ref, patch_stats_ref, patchify_ref
@@ -39,6 +41,13 @@ TRITON_MAX_PATCH = 16384
 
 def _backend(pred: torch.Tensor, target: torch.Tensor) -> str:
     backend = choose_backend("masked_mse_loss", pred.device, (pred.dtype, target.dtype))
+    if backend == "cuda" and pred.shape[-1] > _cuda.LOSS_MAX_D:
+        if forced_backend() == "cuda":
+            raise RuntimeError(
+                f"masked_mse_loss: FASTMIM_BACKEND=cuda cannot run here: patches of {pred.shape[-1]} values exceed "
+                f"the CUDA kernel's {_cuda.LOSS_MAX_D}"
+            )
+        backend = "triton"
     if backend == "triton" and pred.shape[-1] > TRITON_MAX_PATCH:
         if forced_backend() == "triton":
             raise RuntimeError(
@@ -52,8 +61,10 @@ def _backend(pred: torch.Tensor, target: torch.Tensor) -> str:
 def _kernels(backend: str, target: torch.Tensor, patch_size: int):
     """(kernel module, target as that backend reads it, its geometry) for backend "cpp" or "triton"."""
     if backend == "cpp":
-        target = target.contiguous()  # the C++ kernels take dense buffers; Triton reads any strides
+        target = target.contiguous()  # the C++ kernels take dense buffers; Triton and CUDA read any strides
         return _cpu, target, _geometry(target, patch_size)
+    if backend == "cuda":
+        return _cuda, target, _geometry(target, patch_size)
     from fastmim.ops.triton import masked_loss
 
     return masked_loss, target, _geometry(target, patch_size)
@@ -77,7 +88,7 @@ def _loss_fwd(
     return loss, denom
 
 
-_masked_loss_op = torch.library.custom_op("fastmim::masked_loss", _loss_fwd, mutates_args=())
+_masked_loss_op = custom_op("fastmim::masked_loss", unaliased(_loss_fwd))
 
 
 @_masked_loss_op.register_fake
@@ -115,7 +126,7 @@ def _masked_loss_backward_ref(grad_loss, pred, target, mask, denom, patch_size, 
     return torch.where(coef != 0, local * coef, 0.0).to(pred.dtype)  # weight-0 patches: 0 even if not finite
 
 
-_masked_loss_backward_op = torch.library.custom_op("fastmim::masked_loss_backward", _loss_bwd, mutates_args=())
+_masked_loss_backward_op = custom_op("fastmim::masked_loss_backward", _loss_bwd)
 
 
 @_masked_loss_backward_op.register_fake

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from fastmim.ops import _cpu
-from fastmim.ops._dispatch import check_patch_size, choose_backend, eager_function, use_custom_op
+from fastmim.ops import _cpu, _cuda
+from fastmim.ops._dispatch import check_patch_size, choose_backend, custom_op, eager_function, use_custom_op
 from fastmim.ops.reference import patchify_ref, unpatchify_ref
 
 
@@ -26,9 +26,16 @@ def _fresh(out: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return out.contiguous()
 
 
+def _cuda_fits(channels: int, p: int, element_size: int) -> bool:
+    """One patch must fit the CUDA kernel's shared memory; larger ones run the Triton kernel."""
+    return p * p * channels * element_size <= _cuda.PATCHIFY_MAX_BYTES
+
+
 def _patchify_impl(imgs: torch.Tensor, p: int) -> torch.Tensor:
     backend = choose_backend("patchify", imgs.device, (imgs.dtype,))
-    if backend == "triton":
+    if backend == "cuda" and _cuda_fits(imgs.shape[1], p, imgs.element_size()):
+        return _cuda.patchify(imgs, p)
+    if backend in ("triton", "cuda"):
         return _triton_patchify().patchify(imgs, p)
     if backend == "cpp":
         return _cpu.patchify(imgs, p)
@@ -37,14 +44,16 @@ def _patchify_impl(imgs: torch.Tensor, p: int) -> torch.Tensor:
 
 def _unpatchify_impl(x: torch.Tensor, p: int, gh: int, gw: int, channels: int) -> torch.Tensor:
     backend = choose_backend("unpatchify", x.device, (x.dtype,))
-    if backend == "triton":
+    if backend == "cuda" and _cuda_fits(channels, p, x.element_size()):
+        return _cuda.unpatchify(x, p, (gh, gw), channels)
+    if backend in ("triton", "cuda"):
         return _triton_patchify().unpatchify(x, p, (gh, gw), channels)
     if backend == "cpp":
         return _cpu.unpatchify(x, p, (gh, gw), channels)
     return _fresh(unpatchify_ref(x, p, (gh, gw), channels), x)
 
 
-_patchify_op = torch.library.custom_op("fastmim::patchify", _patchify_impl, mutates_args=())
+_patchify_op = custom_op("fastmim::patchify", _patchify_impl)
 
 
 @_patchify_op.register_fake
@@ -53,7 +62,7 @@ def _(imgs, p):
     return imgs.new_empty((b, (h // p) * (w // p), p * p * c))
 
 
-_unpatchify_op = torch.library.custom_op("fastmim::unpatchify", _unpatchify_impl, mutates_args=())
+_unpatchify_op = custom_op("fastmim::unpatchify", _unpatchify_impl)
 
 
 @_unpatchify_op.register_fake

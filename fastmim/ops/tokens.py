@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from fastmim.ops import _cpu
+from fastmim.ops import _cpu, _cuda
 from fastmim.ops._dispatch import (
     check_device,
     check_float,
     check_id_values,
     check_ids,
     choose_backend,
+    custom_op,
     eager_function,
+    unaliased,
     use_custom_op,
 )
 from fastmim.ops.reference import gather_visible_ref, scatter_masked_ref
@@ -33,6 +35,8 @@ def _triton_tokens():
 def _gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     check_id_values("gather_visible", "ids_keep", ids_keep, x.shape[1], distinct=True)
     backend = choose_backend("gather_visible", x.device, (x.dtype,))
+    if backend == "cuda":
+        return _cuda.gather_visible(x, ids_keep)
     if backend == "triton":
         return _triton_tokens().gather_visible(x, ids_keep)
     if backend == "cpp":
@@ -40,7 +44,7 @@ def _gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     return gather_visible_ref(x, ids_keep.long())
 
 
-_gather_visible_op = torch.library.custom_op("fastmim::gather_visible", _gather_fwd, mutates_args=())
+_gather_visible_op = custom_op("fastmim::gather_visible", _gather_fwd)
 
 
 @_gather_visible_op.register_fake
@@ -50,6 +54,8 @@ def _(x, ids_keep):
 
 def _gather_bwd(grad: torch.Tensor, ids_keep: torch.Tensor, n: int) -> torch.Tensor:
     backend = choose_backend("gather_visible", grad.device, (grad.dtype,))
+    if backend == "cuda":
+        return _cuda.gather_visible_backward(grad, ids_keep, n)
     if backend == "triton":
         return _triton_tokens().gather_visible_backward(grad, ids_keep, n)
     if backend == "cpp":
@@ -59,7 +65,7 @@ def _gather_bwd(grad: torch.Tensor, ids_keep: torch.Tensor, n: int) -> torch.Ten
     return out.scatter_add_(1, ids_keep.long().unsqueeze(-1).expand(b, k, d), grad)
 
 
-_gather_visible_backward_op = torch.library.custom_op("fastmim::gather_visible_backward", _gather_bwd, mutates_args=())
+_gather_visible_backward_op = custom_op("fastmim::gather_visible_backward", _gather_bwd)
 
 
 @_gather_visible_backward_op.register_fake
@@ -126,6 +132,8 @@ def _scatter_fwd(
     out_dtype = _out_dtype(x_vis, mask_token, pos_embed, cls_token)
     tensors = [t for t in (x_vis, mask_token, pos_embed, cls_token) if t is not None]
     backend = choose_backend("scatter_masked", x_vis.device, tuple(t.dtype for t in tensors))
+    if backend == "cuda":
+        return _cuda.scatter_masked(x_vis, ids_restore, mask_token, pos_embed, cls_token, out_dtype)
     if backend == "triton":
         return _triton_tokens().scatter_masked(x_vis, ids_restore, mask_token, pos_embed, cls_token, out_dtype)
     if backend == "cpp":
@@ -141,7 +149,7 @@ def _out_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return dtype
 
 
-_scatter_masked_op = torch.library.custom_op("fastmim::scatter_masked", _scatter_fwd, mutates_args=())
+_scatter_masked_op = custom_op("fastmim::scatter_masked", _scatter_fwd)  # one output
 
 
 @_scatter_masked_op.register_fake
@@ -152,11 +160,24 @@ def _(x_vis, ids_restore, mask_token, pos_embed, cls_token):
 
 
 def _scatter_bwd(
-    grad: torch.Tensor, ids_restore: torch.Tensor, k: int, has_cls: bool, need_pos: bool, x_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns grad_x_vis [B, K, D] (x_dtype), grad_mask_token [D] fp32, grad_pos [R, D] fp32 ([0, D] if unused)."""
+    grad: torch.Tensor,
+    ids_restore: torch.Tensor,
+    k: int,
+    has_cls: bool,
+    need_pos: bool,
+    x_dtype: torch.dtype,
+    cls_dtype: torch.dtype,
+    cls_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns grad_x_vis [B, K, D] (x_dtype), grad_mask_token [D] fp32, grad_pos [R, D] fp32 ([0, D] if unused),
+    grad_cls [cls_rows, D] in cls_dtype ([0, D] without a class token)."""
     backend = choose_backend("scatter_masked", grad.device, (grad.dtype, x_dtype))
-    if backend == "triton":
+    gcls = None
+    if backend == "cuda":
+        gx, gmt, gpos, gcls = _cuda.scatter_masked_backward(
+            grad, ids_restore, k, has_cls, need_pos, x_dtype, cls_dtype, cls_rows
+        )
+    elif backend == "triton":
         gx, gmt, gpos = _triton_tokens().scatter_masked_backward(grad, ids_restore, k, has_cls, need_pos, x_dtype)
     elif backend == "cpp":
         gx, gmt, gpos = _cpu.scatter_masked_backward(grad, ids_restore, k, has_cls, need_pos, x_dtype)
@@ -164,7 +185,14 @@ def _scatter_bwd(
         gx, gmt, gpos = _scatter_backward_ref(grad, ids_restore, k, has_cls, need_pos, x_dtype)
     if gpos is None:
         gpos = grad.new_empty((0, grad.shape[2]), dtype=torch.float32)
-    return gx, gmt, gpos
+    if gcls is None:
+        if has_cls:  # [B, D] rows of the class token, summed over the batch for a broadcast one
+            g0 = grad[:, 0]
+            gcls = g0.to(cls_dtype, copy=True) if cls_rows == grad.shape[0] else g0.float().sum(0, keepdim=True)
+            gcls = gcls.to(cls_dtype)
+        else:
+            gcls = grad.new_empty((0, grad.shape[2]), dtype=cls_dtype)
+    return gx, gmt, gpos, gcls
 
 
 def _scatter_backward_ref(grad, ids_restore, k, has_cls, need_pos, x_dtype):
@@ -180,16 +208,17 @@ def _scatter_backward_ref(grad, ids_restore, k, has_cls, need_pos, x_dtype):
     return gx.to(x_dtype), gmt, gpos
 
 
-_scatter_masked_backward_op = torch.library.custom_op("fastmim::scatter_masked_backward", _scatter_bwd, mutates_args=())
+_scatter_masked_backward_op = custom_op("fastmim::scatter_masked_backward", unaliased(_scatter_bwd))
 
 
 @_scatter_masked_backward_op.register_fake
-def _(grad, ids_restore, k, has_cls, need_pos, x_dtype):
+def _(grad, ids_restore, k, has_cls, need_pos, x_dtype, cls_dtype, cls_rows):
     b, r, d = grad.shape
     gx = grad.new_empty((b, k, d), dtype=x_dtype)
     gmt = grad.new_empty((d,), dtype=torch.float32)
     gpos = grad.new_empty((r if need_pos else 0, d), dtype=torch.float32)
-    return gx, gmt, gpos
+    gcls = grad.new_empty((cls_rows if has_cls else 0, d), dtype=cls_dtype)
+    return gx, gmt, gpos, gcls
 
 
 def _scatter_setup(ctx, inputs, output):
@@ -199,20 +228,19 @@ def _scatter_setup(ctx, inputs, output):
     ctx.x_dtype = x_vis.dtype
     ctx.mt_dtype = mask_token.dtype
     ctx.has_cls = cls_token is not None
-    ctx.cls_shape = None if cls_token is None else cls_token.shape
-    ctx.cls_dtype = None if cls_token is None else cls_token.dtype
+    ctx.cls_rows = 0 if cls_token is None else cls_token.shape[0]
+    ctx.cls_dtype = x_vis.dtype if cls_token is None else cls_token.dtype
     ctx.pos_dtype = None if pos_embed is None else pos_embed.dtype
     ctx.need_pos = pos_embed is not None and pos_embed.requires_grad
 
 
 def _scatter_backward(ctx, grad, bwd=_scatter_masked_backward_op):
     (ids_restore,) = ctx.saved_tensors
-    gx, gmt, gpos = bwd(grad, ids_restore, ctx.k, ctx.has_cls, ctx.need_pos, ctx.x_dtype)
+    gx, gmt, gpos, gcls = bwd(grad, ids_restore, ctx.k, ctx.has_cls, ctx.need_pos, ctx.x_dtype, ctx.cls_dtype,
+                              ctx.cls_rows)  # fmt: skip
     g_pos = gpos.to(ctx.pos_dtype) if ctx.need_pos else None
-    g_cls = None
-    if ctx.has_cls:
-        g_cls = grad[:, 0].sum_to_size(ctx.cls_shape).to(ctx.cls_dtype)  # [B or 1, D]
-    return gx, None, gmt.to(ctx.mt_dtype), g_pos, g_cls
+    g_mt = gmt if gmt.dtype == ctx.mt_dtype else gmt.to(ctx.mt_dtype)
+    return gx, None, g_mt, g_pos, gcls if ctx.has_cls else None
 
 
 _scatter_masked_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)

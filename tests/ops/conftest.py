@@ -8,14 +8,21 @@ import pytest
 import torch
 
 from fastmim import _ext
-from fastmim.ops._dispatch import NO_CPP_KERNEL, triton_available
+from fastmim.ops._dispatch import NO_CPP_KERNEL, NO_CUDA_KERNEL, triton_available
+
+CPU_ONLY = "the C++ backend is CPU-only"
+CUDA_ONLY = "the CUDA backend runs CUDA tensors only"
 
 
 def _skip_reason(device: str, name: str) -> str | None:
     if name == "cpp":
         if device != "cpu":
-            return "the C++ backend is CPU-only"
+            return CPU_ONLY
         return None if _ext.available() else f"fastmim._C not built ({_ext.load_error})"
+    if name == "cuda":
+        if device != "cuda":
+            return CUDA_ONLY
+        return None if _ext.cuda_available() else f"fastmim._cuda not built ({_ext.cuda_load_error})"
     if name == "triton":
         why = triton_available()
         if why is None and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -32,8 +39,8 @@ CASES = [
         marks=[pytest.mark.skipif(why is not None, reason=str(why))] + ([pytest.mark.gpu] if d == "cuda" else []),
     )
     for d in DEVICES
-    for name in ("torch", "cpp", "triton")
-    if (why := _skip_reason(d, name)) != "the C++ backend is CPU-only"
+    for name in ("torch", "cpp", "triton", "cuda")
+    if (why := _skip_reason(d, name)) not in (CPU_ONLY, CUDA_ONLY)
 ]
 
 
@@ -45,6 +52,8 @@ def backend(request, monkeypatch):
     op = getattr(request.module, "OP", None)
     if name == "cpp" and op in NO_CPP_KERNEL:
         pytest.skip(f"{op} has no C++ kernel: FASTMIM_BACKEND=cpp runs its torch backend, tested as 'torch'")
+    if name == "cuda" and op in NO_CUDA_KERNEL:
+        pytest.skip(f"{op} has no CUDA kernel: FASTMIM_BACKEND=cuda runs its Triton backend, tested as 'triton'")
     monkeypatch.setenv("FASTMIM_BACKEND", name)
     return torch.device(device), name
 

@@ -1,5 +1,8 @@
-"""fastmim.ops on CUDA at MAE ViT-B/16 scale, bf16 as under autocast (run by benchmarks/gpu_suite.sh; skipped where
-torch sees no GPU). The small-shape backend tests in this folder also run their cuda-* cases there."""
+"""fastmim.ops on CUDA at MAE ViT-B/16 scale, bf16 as under autocast, for both GPU backends (Triton and the CUDA
+kernels of fastmim._cuda; run by benchmarks/gpu_suite.sh, skipped where torch sees no GPU). The small-shape backend
+tests in this folder also run their cuda-* cases there (odd sizes: the kernels' element-wise paths); the shapes here
+take the 16-byte vector paths. Before each op the allocator's cache is filled with NaN, so an output element a kernel
+fails to write shows up."""
 
 from __future__ import annotations
 
@@ -7,25 +10,52 @@ import pytest
 import torch
 
 import fastmim
+from fastmim import _ext
 from fastmim.masking import random_masking
 from fastmim.ops import (
     gather_visible,
     gather_visible_ref,
     masked_mse_loss,
+    masked_mse_loss_patchified,
+    masked_mse_loss_patchified_ref,
     masked_mse_loss_ref,
+    patchify,
+    patchify_ref,
     scatter_masked,
     scatter_masked_ref,
+    unpatchify,
+    unpatchify_ref,
 )
 from tests.ops.helpers import check_against_reference
 
 pytestmark = pytest.mark.gpu
 
+GPU_BACKENDS = [
+    "triton",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not _ext.cuda_available(), reason=f"fastmim._cuda not built: {_ext.cuda_load_error}"),
+    ),
+]
+
+
+def poison(mb: int = 512) -> None:
+    """Fills the caching allocator's free memory with NaN: the next allocations reuse it."""
+    junk = torch.full((mb * 2**18,), float("nan"), device="cuda")
+    del junk
+
+
+@pytest.fixture(params=GPU_BACKENDS)
+def gpu_backend(request, monkeypatch):
+    monkeypatch.setenv("FASTMIM_BACKEND", request.param)
+    return request.param
+
 
 @pytest.fixture
-def mae_shapes(monkeypatch):
-    monkeypatch.setenv("FASTMIM_BACKEND", "triton")
+def mae_shapes(gpu_backend):
     torch.manual_seed(0)
     b, n = 64, 196
+    poison()
     return b, n, random_masking(b, n, 0.75, device="cuda")
 
 
@@ -51,7 +81,79 @@ def test_loss_at_vit_b_scale(mae_shapes, pred_dtype):
     )  # fmt: skip
 
 
-def test_mae_fused_step_matches_reference_under_bf16_autocast():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_patchify_at_vit_b_scale(gpu_backend, dtype):
+    poison()
+    imgs = torch.randn(32, 3, 224, 224, device="cuda", dtype=dtype)
+    out = patchify(imgs, 16)
+    assert torch.equal(out, patchify_ref(imgs, 16)), "patchify is a permutation: bit for bit"
+    back = unpatchify(out, 16, (14, 14), 3)
+    assert torch.equal(back, unpatchify_ref(out, 16, (14, 14), 3))
+    # strided: a channels-last image and a transposed patch tensor
+    cl = imgs.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(patchify(cl, 16), patchify_ref(imgs, 16))
+    pt = out.transpose(0, 1).contiguous().transpose(0, 1)
+    assert torch.equal(unpatchify(pt, 16, (14, 14), 3), back)
+    check_against_reference(lambda x: patchify(x, 16), lambda x: patchify_ref(x, 16),
+                            [imgs.float().requires_grad_()], "patchify grad")  # fmt: skip
+
+
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
+def test_tokens_ids_int32_and_bad_ids(gpu_backend, ids_dtype):
+    """int32 ids work; an id out of range gives a NaN row (never an out-of-bounds read) on CUDA without checks."""
+    poison()
+    b, n, d = 8, 196, 768
+    info = random_masking(b, n, 0.75, device="cuda")
+    x = torch.randn(b, n, d, device="cuda")
+    ids = info.ids_keep.to(ids_dtype)
+    assert torch.equal(gather_visible(x, ids), gather_visible_ref(x, info.ids_keep))
+    bad = ids.clone()
+    bad[0, 3] = n + 5
+    out = gather_visible(x, bad)
+    assert torch.isnan(out[0, 3]).all() and not torch.isnan(out[1:]).any()
+    restore = info.ids_restore.to(ids_dtype)
+    xv = torch.randn(b, 49, 512, device="cuda", dtype=torch.bfloat16)
+    mt = torch.randn(512, device="cuda")
+    assert torch.equal(scatter_masked(xv, restore, mt), scatter_masked_ref(xv, info.ids_restore, mt))
+
+
+def test_loss_patchified_and_l1_at_scale(mae_shapes):
+    b, n, info = mae_shapes
+    tgt = torch.randn(b, n, 768, device="cuda")
+    pred = torch.randn(b, n, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    check_against_reference(
+        lambda p: masked_mse_loss_patchified(p, tgt, info.mask),
+        lambda p: masked_mse_loss_patchified_ref(p, tgt, info.mask), [pred], "patchified loss",
+    )  # fmt: skip
+    imgs = torch.randn(b, 3, 224, 224, device="cuda")
+    check_against_reference(
+        lambda p: masked_mse_loss(p, imgs, info.mask, 16, norm_pix=False, p=1),
+        lambda p: masked_mse_loss_ref(p, imgs, info.mask, 16, norm_pix=False, p=1), [pred], "L1 loss",
+    )  # fmt: skip
+
+
+def test_ops_are_deterministic(mae_shapes):
+    """The same inputs give bit-identical values and gradients run after run (no atomics in the reductions)."""
+    b, n, info = mae_shapes
+    imgs = torch.randn(b, 3, 224, 224, device="cuda")
+    xv = torch.randn(b, 49, 512, device="cuda", dtype=torch.bfloat16)
+    mt = torch.randn(512, device="cuda")
+    runs = []
+    for _ in range(2):
+        gen = torch.Generator("cuda").manual_seed(1)
+        pred = torch.randn(b, n, 768, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+        x, m = xv.clone().requires_grad_(), mt.clone().requires_grad_()
+        loss = masked_mse_loss(pred, imgs, info.mask, 16)
+        out = scatter_masked(x, info.ids_restore, m)
+        (loss + out.float().square().mean()).backward()
+        runs.append((loss.detach(), pred.grad, x.grad, m.grad))
+    for a, c in zip(*runs, strict=True):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_mae_fused_step_matches_reference_under_bf16_autocast(backend, monkeypatch):
+    monkeypatch.setenv("FASTMIM_BACKEND", backend)
     torch.manual_seed(0)
     fused = fastmim.create_model("mae_vit_base_patch16").cuda()
     plain = fastmim.create_model("mae_vit_base_patch16", fused_ops=False).cuda()

@@ -17,6 +17,8 @@ from fastmim.ops._dispatch import choose_backend
 from tests.ops.conftest import _skip_reason
 from tests.ops.helpers import check_against_reference, compile_backend
 
+OP = "sparse_dwconv"  # no CUDA kernel: the backend fixture skips "cuda" (it would run the Triton one again)
+
 
 def _active(b: int, h: int, w: int, kind: str, seed: int = 0) -> torch.Tensor:
     """[B, H, W] bool: "random" pixels, "patchP" FCMAE-style (60% of a coarse grid of PxP blocks masked), "full"."""

@@ -121,8 +121,9 @@ def test_opcheck(backend, op):
         torch.library.opcheck(torch.ops.fastmim.scatter_masked.default, (*args[:3], None, None))
         grad = _randn(2, 12, 7, device=device, grad=False)
         for need_pos in (True, False):
-            bwd_args = (grad, args[1], 4, True, need_pos, torch.float32)
-            torch.library.opcheck(torch.ops.fastmim.scatter_masked_backward.default, bwd_args)
+            for cls_rows in (2, 1):  # per-sample class token, broadcast one
+                bwd_args = (grad, args[1], 4, True, need_pos, torch.float32, torch.bfloat16, cls_rows)
+                torch.library.opcheck(torch.ops.fastmim.scatter_masked_backward.default, bwd_args)
 
 
 def test_compile_fullgraph(backend):
