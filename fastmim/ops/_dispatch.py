@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastmim import _ext
 
@@ -282,6 +283,10 @@ def use_custom_op() -> bool:
     FakeTensorMode, ...), so that such modes see ``torch.ops.fastmim.*`` and their registered formulas."""
     if torch.compiler.is_compiling():
         return True
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     return _get_current_dispatch_mode() is not None
+
+
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd would record the call: grad mode is on and an input requires grad. Otherwise the eager
+    ops call their forward directly and skip ``autograd.Function.apply`` (about 4 us of host time)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

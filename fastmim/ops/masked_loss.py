@@ -18,6 +18,7 @@ from fastmim.ops._dispatch import (
     custom_op,
     eager_function,
     forced_backend,
+    needs_autograd,
     unaliased,
     use_custom_op,
 )
@@ -156,7 +157,9 @@ _MaskedLoss = eager_function(
 
 
 def _call(*args) -> torch.Tensor:
-    return (_masked_loss_op(*args) if use_custom_op() else _MaskedLoss.apply(*args))[0]
+    if use_custom_op():
+        return _masked_loss_op(*args)[0]
+    return (_MaskedLoss.apply(*args) if needs_autograd(args[0]) else _loss_fwd(*args))[0]
 
 
 def _validate(op: str, pred, target, mask, norm_pix: bool, eps: float, p: int, target_name: str) -> torch.Tensor:

@@ -9,7 +9,14 @@ from __future__ import annotations
 import torch
 
 from fastmim.ops import _cpu, _cuda
-from fastmim.ops._dispatch import check_patch_size, choose_backend, custom_op, eager_function, use_custom_op
+from fastmim.ops._dispatch import (
+    check_patch_size,
+    choose_backend,
+    custom_op,
+    eager_function,
+    needs_autograd,
+    use_custom_op,
+)
 from fastmim.ops.reference import patchify_ref, unpatchify_ref
 
 
@@ -118,7 +125,9 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     h, w = imgs.shape[-2:]
     if h % patch_size or w % patch_size:
         raise ValueError(f"patchify: image size {h}x{w} is not divisible by the patch size {patch_size}")
-    return (_patchify_op if use_custom_op() else _Patchify.apply)(imgs, patch_size)
+    if use_custom_op():
+        return _patchify_op(imgs, patch_size)
+    return _Patchify.apply(imgs, patch_size) if needs_autograd(imgs) else _patchify_impl(imgs, patch_size)
 
 
 def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int], channels: int = 3) -> torch.Tensor:
@@ -137,4 +146,8 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int], channels
             f"unpatchify: x has shape {tuple(x.shape)}, expected [B, {gh * gw}, {patch_size * patch_size * channels}] "
             f"for grid {gh}x{gw}, patch {patch_size}, {channels} channels"
         )
-    return (_unpatchify_op if use_custom_op() else _Unpatchify.apply)(x, patch_size, gh, gw, channels)
+    if use_custom_op():
+        return _unpatchify_op(x, patch_size, gh, gw, channels)
+    if needs_autograd(x):
+        return _Unpatchify.apply(x, patch_size, gh, gw, channels)
+    return _unpatchify_impl(x, patch_size, gh, gw, channels)

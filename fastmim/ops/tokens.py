@@ -17,6 +17,7 @@ from fastmim.ops._dispatch import (
     choose_backend,
     custom_op,
     eager_function,
+    needs_autograd,
     unaliased,
     use_custom_op,
 )
@@ -114,7 +115,7 @@ def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{op}: ids_keep keeps {ids_keep.shape[1]} tokens of {x.shape[1]}; ids must be distinct")
     if use_custom_op():
         return _gather_visible_op(x, ids_keep)
-    return _GatherVisible.apply(x, ids_keep)
+    return _GatherVisible.apply(x, ids_keep) if needs_autograd(x) else _gather_fwd(x, ids_keep)
 
 
 # ---- scatter_masked -------------------------------------------------------------------------------------------
@@ -311,4 +312,8 @@ def scatter_masked(
             raise ValueError(f"{op}: cls_token has shape {tuple(cls_token.shape)}, expected [B, 1, D] or [1, 1, D]")
         cls_token = cls_token.reshape(-1, d)
     args = (x_vis, ids_restore, mask_token.reshape(d), pos_embed, cls_token)
-    return _scatter_masked_op(*args) if use_custom_op() else _ScatterMasked.apply(*args)
+    if use_custom_op():
+        return _scatter_masked_op(*args)
+    return (
+        _ScatterMasked.apply(*args) if needs_autograd(x_vis, mask_token, pos_embed, cls_token) else _scatter_fwd(*args)
+    )
