@@ -10,9 +10,10 @@
 #   the other benchmarks that exist (masks, data loading); ViT-L/16 throughput (batch 128); the CLI's default run on
 #   CUDA; the tables of this run.
 # Usage: FASTMIM_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_suite.sh RESULTS_DIR
-# GPU_SUITE_ONLY=ops_tests,ops,... runs only the named steps (ops_tests, ops, vit_b_eager, sanitizer, tests, fcmae,
-# sparse_conv, tune, vit_b, compile_tests, other, fcmae_compile, vit_l, cli; the environment, the build and the
-# tables always run), and GPU_SUITE_TESTS_K replaces the -k filter of the tests step ("not compile").
+# GPU_SUITE_ONLY=ops_tests,ops,... runs only the named steps (ops_tests, host, ops, vit_b_eager, vit_b_compile,
+# sanitizer, tests, fcmae, sparse_conv, tune, vit_b, compile_tests, other, fcmae_compile, vit_l, cli; the environment,
+# the build and the tables always run), and GPU_SUITE_TESTS_K replaces the -k filter of the tests step
+# ("not compile").
 # (the tree sent to a GPU machine has no .git, so FASTMIM_COMMIT names the commit in every row). RESULTS_DIR gets at
 # most 8 files (what the device tool returns): suite.log (the build's log only when it fails), throughput.jsonl,
 # ops.jsonl, profiles.tar (torch.profiler traces), demo_metrics.jsonl, sparse_conv.jsonl, tune_sparse_dwconv.jsonl
@@ -67,6 +68,9 @@ want ops_tests && step "pytest: the ops on CUDA for the cuda backend (small odd 
   run 150 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider --durations=5 -m gpu \
   -k "cuda-cuda or test_gpu_ops or cuda_extension" tests/ops tests/test_extension.py
 
+want host && step "host time per call of the fused ops and of what they are made of (tiny tensors: host-bound)" &&
+  fits 30 "host overhead" && run 60 $PY benchmarks/host_overhead.py --out "$RESULTS/host_overhead.jsonl"
+
 want ops && step "ops benchmark: fastmim.ops (cuda, triton) vs eager and compiled references, MAE ViT-B/16 shapes" &&
   fits 60 "ops benchmark" && run 150 $PY benchmarks/ops.py --cuda-graph --out "$RESULTS/ops.jsonl"
 
@@ -78,6 +82,11 @@ want vit_b_eager && step "throughput: MAE ViT-B/16, batch 256, bf16, eager: refe
     --model vit_base_patch16 --batch-size 256 --amp bf16 --steps 15 --warmup 4 --peak-tflops 790 --modes fastmim \
     --out "$RESULTS/throughput.jsonl"
 }
+
+want vit_b_compile && step "throughput: MAE ViT-B/16, batch 256, bf16, under torch.compile: reference vs fused ops (auto backends)" &&
+  fits 120 "ViT-B compiled throughput" && run 200 $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 \
+  --amp bf16 --steps 15 --warmup 4 --peak-tflops 790 --modes reference+compile,fastmim+compile \
+  --out "$RESULTS/throughput.jsonl"
 
 want sanitizer && step "compute-sanitizer memcheck over every CUDA kernel" && fits 60 "compute-sanitizer" && {
   if command -v compute-sanitizer >/dev/null; then

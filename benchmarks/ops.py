@@ -8,7 +8,8 @@ wall-clock time of issuing a call while the GPU runs behind, so Python checks, b
 and launches), extra peak memory (GPU), and achieved bandwidth counted as the bytes the op cannot avoid (what it must
 read and write once), plus the device's measured copy bandwidth for comparison. On a GPU every fused backend that can
 run is timed (``fastmim[cuda]``: the CUDA kernels of fastmim._cuda; ``fastmim[triton]``), each forced in turn.
-With ``--cuda-graph`` each pass on a GPU is also replayed from a CUDA graph (``ms_graph``): kernel time without the
+With ``--cuda-graph`` the forward and the forward+backward passes on a GPU are also replayed from a CUDA graph
+(``ms_graph``; the backward alone cannot be captured: its forward ran outside the capture): kernel time without the
 Python and launch overhead, which at these sizes can be as long as the kernels; a capture that fails (seen on
 torch 2.11 + triton 3.6) leaves CUDA's random state unusable, so graph timing stops for the rest of the run, and the
 other columns go on. Rows are written as each op finishes. Dtypes are those the MAE recipe hands each op under bf16
@@ -286,7 +287,9 @@ def main(argv=None) -> int:
                            "ms_p80": round(p80, 4), "host_us": host_us(closure, device),
                            "peak_extra_mb": peak_extra_mb(closure, device), "gbps": round(gbps, 1),
                            "fraction_of_copy_bw": round(gbps / copy_gbps, 3), **env}  # fmt: skip
-                    graph_ms = measure_graph(closure)
+                    # the backward alone replays the graph of a forward run outside the capture, on another stream:
+                    # capturing it invalidates the capture (seen on the H200), so only fwd and fwd+bwd are replayed
+                    graph_ms = measure_graph(closure) if pas != "bwd" else None
                     if graph_ms is not None:  # CUDA: the same pass replayed from a CUDA graph
                         row["ms_graph"] = round(graph_ms, 4)
                         row["gbps_graph"] = round(nbytes / (graph_ms * 1e-3) / 1e9, 1)

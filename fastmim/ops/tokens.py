@@ -301,7 +301,8 @@ def scatter_masked(
             raise ValueError(
                 f"{op}: pos_embed has shape {tuple(pos_embed.shape)}, expected [{rows}, {d}] or [1, {rows}, {d}]{extra}"
             )
-        pos_embed = pos_embed.reshape(rows, d)
+        if pos_embed.dim() == 3:
+            pos_embed = pos_embed.reshape(rows, d)
     if cls_token is not None:
         check_float(op, "cls_token", cls_token)
         check_device(op, "cls_token", cls_token, device)
@@ -310,8 +311,9 @@ def scatter_masked(
             ok = ok and cls_token.shape[1] == 1
         if not ok:
             raise ValueError(f"{op}: cls_token has shape {tuple(cls_token.shape)}, expected [B, 1, D] or [1, 1, D]")
-        cls_token = cls_token.reshape(-1, d)
-    args = (x_vis, ids_restore, mask_token.reshape(d), pos_embed, cls_token)
+        if cls_token.dim() != 2:
+            cls_token = cls_token.reshape(-1, d)
+    args = (x_vis, ids_restore, mask_token if mask_token.dim() == 1 else mask_token.reshape(d), pos_embed, cls_token)
     if use_custom_op():
         return _scatter_masked_op(*args)
     return (
