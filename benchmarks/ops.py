@@ -175,9 +175,11 @@ def graph_timer(device: torch.device, enabled: bool = True):
     return measure
 
 
-def passes(fn: Callable, inputs: list) -> dict[str, Callable]:
+def passes(fn: Callable, inputs: list) -> tuple[dict[str, Callable], dict[str, Callable]]:
     """The three timed closures for fn(*inputs): forward (graph built, as in training), backward alone on a kept
-    graph, forward + backward."""
+    graph, forward + backward; and, for CUDA-graph replay, forward and forward + backward on fresh copies of the
+    leaves that nothing has run on yet (a leaf's gradient accumulator lives on the stream of its first backward: one
+    made outside the capture invalidates it)."""
     leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
 
     def fwd():
@@ -193,7 +195,17 @@ def passes(fn: Callable, inputs: list) -> dict[str, Callable]:
     def fwd_bwd():
         torch.autograd.grad(fn(*inputs), leaves, grad_out)
 
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+    fresh = [x.detach().clone().requires_grad_() if isinstance(x, torch.Tensor) and x.requires_grad else x
+             for x in inputs]  # fmt: skip
+    fresh_leaves = [x for x in fresh if isinstance(x, torch.Tensor) and x.requires_grad]
+
+    def graph_fwd():
+        return fn(*fresh)
+
+    def graph_fwd_bwd():
+        torch.autograd.grad(fn(*fresh), fresh_leaves, grad_out)
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}, {"fwd": graph_fwd, "fwd+bwd": graph_fwd_bwd}
 
 
 def host_us(fn: Callable, device: torch.device, calls: int = 20) -> float | None:
@@ -277,7 +289,8 @@ def main(argv=None) -> int:
         for impl, (fn, backend) in impls.items():
             prev = set_backend(backend) if backend else None
             try:
-                for pas, closure in passes(fn, case.inputs).items():
+                closures, graph_closures = passes(fn, case.inputs)
+                for pas, closure in closures.items():
                     med, p20, p80 = measure(closure)
                     times[(impl, pas)] = med
                     nbytes = {"fwd": case.bytes_fwd, "bwd": case.bytes_bwd}.get(pas, case.bytes_fwd + case.bytes_bwd)
@@ -287,9 +300,9 @@ def main(argv=None) -> int:
                            "ms_p80": round(p80, 4), "host_us": host_us(closure, device),
                            "peak_extra_mb": peak_extra_mb(closure, device), "gbps": round(gbps, 1),
                            "fraction_of_copy_bw": round(gbps / copy_gbps, 3), **env}  # fmt: skip
-                    # the backward alone replays the graph of a forward run outside the capture, on another stream:
-                    # capturing it invalidates the capture (seen on the H200), so only fwd and fwd+bwd are replayed
-                    graph_ms = measure_graph(closure) if pas != "bwd" else None
+                    # the backward alone would replay the graph of a forward run outside the capture, on another
+                    # stream: capturing it invalidates the capture (seen on the H200); fwd and fwd+bwd only
+                    graph_ms = measure_graph(graph_closures[pas]) if pas in graph_closures else None
                     if graph_ms is not None:  # CUDA: the same pass replayed from a CUDA graph
                         row["ms_graph"] = round(graph_ms, 4)
                         row["gbps_graph"] = round(nbytes / (graph_ms * 1e-3) / 1e9, 1)

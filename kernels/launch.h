@@ -85,7 +85,7 @@ struct LossArgs {
 constexpr int64_t kLossMaxD = 6144;
 // out[0] = sum(w * patch_loss) / sum(w), out[1] = sum(w); fp32. workspace: 2 * max_blocks floats (the grid is at
 // most max_blocks blocks; kLossBlocksPerSm per multiprocessor is what it uses when it can).
-constexpr int64_t kLossBlocksPerSm = 8;
+constexpr int64_t kLossBlocksPerSm = 12;  // 40 registers x 128 threads: 12 blocks fill an SM's register file
 cudaError_t masked_loss_forward(const LossArgs& a, float* out, float* workspace, int64_t max_blocks,
                                 cudaStream_t stream);
 // grad [B, L, D] contiguous in pred's dtype; grad_loss and denom are fp32 device scalars.

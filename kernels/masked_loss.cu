@@ -15,14 +15,48 @@ constexpr int kLossWarps = 4;
 constexpr int kLossThreads = kLossWarps * kWarp;
 constexpr int64_t kBlocksPerSm = kLossBlocksPerSm;
 
+// kP > 0: patches of kP x kP pixels with kC = 3 channels known at compile time (MAE's 16 x 16 RGB), so every loop
+// below has a constant trip count and unrolls: a lane has all its loads of a patch in flight at once (with run-time
+// bounds the loops issued a few loads per DRAM round trip, and the loss ran at a quarter of the copy bandwidth).
+constexpr int kFixedC = 3;
+
+template <int kP>
+__device__ __forceinline__ int64_t patch_values(const LossArgs& a) {
+  if constexpr (kP > 0) {
+    return kP * kP * kFixedC;
+  } else {
+    return a.D;
+  }
+}
+
 // Loads patch (b, l) into t[0, D) (prediction order) and returns its mean and 1/std (or 0 and 1 without norm_pix).
-template <class TT>
+template <class TT, int kP>
 __device__ __forceinline__ void load_target(const LossArgs& a, int64_t b, int64_t l, float* t, int lane, float& mean,
                                             float& rstd) {
   const TT* tgt = static_cast<const TT*>(a.target);
   const int64_t base = b * a.s_b + (l / a.gw) * a.s_row + (l % a.gw) * a.s_col;
+  const int64_t D = patch_values<kP>(a);
   float s = 0.f;
-  if (a.P == 1) {  // [B, L, D] targets: element e at base + e * s_c
+  if constexpr (kP > 0) {
+    static_assert((kP * kP) % kWarp == 0, "a patch row block must fill whole warps");
+    constexpr int kIters = kP * kP / kWarp;
+    float v[kIters][kFixedC];  // every load of the lane issued before the first use
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int idx = it * kWarp + lane;
+      const TT* src = tgt + base + (idx / kP) * a.s_pi + (idx % kP) * a.s_qi;
+#pragma unroll
+      for (int c = 0; c < kFixedC; ++c) v[it][c] = to_f32(src[c * a.s_c]);
+    }
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+#pragma unroll
+      for (int c = 0; c < kFixedC; ++c) {
+        t[(it * kWarp + lane) * kFixedC + c] = v[it][c];
+        s += v[it][c];
+      }
+    }
+  } else if (a.P == 1) {  // [B, L, D] targets: element e at base + e * s_c
     for (int64_t e = lane; e < a.D; e += kWarp) {
       const float v = to_f32(tgt[base + e * a.s_c]);
       t[e] = v;
@@ -47,13 +81,13 @@ __device__ __forceinline__ void load_target(const LossArgs& a, int64_t b, int64_
     rstd = 1.f;
     return;
   }
-  mean = warp_sum(s) / static_cast<float>(a.D);
+  mean = warp_sum(s) / static_cast<float>(D);
   float ss = 0.f;
-  for (int64_t e = lane; e < a.D; e += kWarp) {
+  for (int64_t e = lane; e < D; e += kWarp) {
     const float d = t[e] - mean;
     ss += d * d;
   }
-  const float var = warp_sum(ss) / static_cast<float>(a.D - 1);  // unbiased, as torch.var
+  const float var = warp_sum(ss) / static_cast<float>(D - 1);  // unbiased, as torch.var
   rstd = 1.f / sqrtf(var + a.eps);
 }
 
@@ -66,11 +100,12 @@ __device__ __forceinline__ void load_pred(const TP* row, int64_t e, int64_t sp_d
   }
 }
 
-template <class TP, class TT, int V>
+template <class TP, class TT, int V, int kP>
 __global__ void __launch_bounds__(kLossThreads) masked_loss_fwd_kernel(LossArgs a, float* __restrict__ part) {
   extern __shared__ float smem[];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  float* t = smem + warp * a.D;
+  const int64_t D = patch_values<kP>(a);
+  float* t = smem + warp * D;
   __shared__ float red[2][kLossWarps];
   float loss_acc = 0.f, w_acc = 0.f;
   const int64_t patches = a.B * a.L;
@@ -81,19 +116,35 @@ __global__ void __launch_bounds__(kLossThreads) masked_loss_fwd_kernel(LossArgs 
     w_acc += w;
     if (w == 0.f) continue;
     float mean, rstd;
-    load_target<TT>(a, b, l, t, lane, mean, rstd);
+    load_target<TT, kP>(a, b, l, t, lane, mean, rstd);
     const TP* row = static_cast<const TP*>(a.pred) + b * a.sp_b + l * a.sp_l;
     float err = 0.f;
-    for (int64_t e = static_cast<int64_t>(lane) * V; e < a.D; e += kWarp * V) {
-      float p[V];
-      load_pred<TP, V>(row, e, a.sp_d, p);
+    if constexpr (kP > 0) {  // all of the lane's prediction vectors in flight, then the arithmetic
+      constexpr int kVecs = kP * kP * kFixedC / (kWarp * V);
+      static_assert(kP * kP * kFixedC % (kWarp * V) == 0, "whole vectors per lane");
+      float p[kVecs][V];
 #pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const float diff = p[i] - (t[e + i] - mean) * rstd;
-        err += a.p_norm == 1 ? fabsf(diff) : diff * diff;
+      for (int j = 0; j < kVecs; ++j) load_pred<TP, V>(row, (j * kWarp + lane) * V, a.sp_d, p[j]);
+#pragma unroll
+      for (int j = 0; j < kVecs; ++j) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float diff = p[j][i] - (t[(j * kWarp + lane) * V + i] - mean) * rstd;
+          err += a.p_norm == 1 ? fabsf(diff) : diff * diff;
+        }
+      }
+    } else {
+      for (int64_t e = static_cast<int64_t>(lane) * V; e < D; e += kWarp * V) {
+        float p[V];
+        load_pred<TP, V>(row, e, a.sp_d, p);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float diff = p[i] - (t[e + i] - mean) * rstd;
+          err += a.p_norm == 1 ? fabsf(diff) : diff * diff;
+        }
       }
     }
-    loss_acc += w * (warp_sum(err) / static_cast<float>(a.D));
+    loss_acc += w * (warp_sum(err) / static_cast<float>(D));
     __syncwarp();  // t is rewritten by the next patch
   }
   if (lane == 0) {
@@ -136,24 +187,25 @@ __global__ void loss_finalize_kernel(const float* __restrict__ part, int n, floa
   }
 }
 
-template <class TP, class TT, int V>
+template <class TP, class TT, int V, int kP>
 __global__ void __launch_bounds__(kLossThreads)
     masked_loss_bwd_kernel(LossArgs a, const float* __restrict__ grad_loss, const float* __restrict__ denom,
                            TP* __restrict__ grad) {
   extern __shared__ float smem[];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  float* t = smem + warp * a.D;
-  const float scale = grad_loss[0] / denom[0] / static_cast<float>(a.D);
+  const int64_t D = patch_values<kP>(a);
+  float* t = smem + warp * D;
+  const float scale = grad_loss[0] / denom[0] / static_cast<float>(D);
   const int64_t patches = a.B * a.L;
   constexpr int VO = 16 / sizeof(TP) < V ? 16 / sizeof(TP) : V;  // the output row is contiguous
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * kLossWarps + warp; q < patches;
        q += static_cast<int64_t>(gridDim.x) * kLossWarps) {
     const int64_t b = q / a.L, l = q % a.L;
     const float w = load_any(a.mask, a.mask_dtype, b * a.sm_b + l * a.sm_l);
-    TP* out = grad + q * a.D;
+    TP* out = grad + q * D;
     const float coef = w * scale;
     if (w == 0.f) {  // weight 0: never read, so NaN or inf there cannot leak into the gradient
-      for (int64_t e = static_cast<int64_t>(lane) * VO; e < a.D; e += kWarp * VO) {
+      for (int64_t e = static_cast<int64_t>(lane) * VO; e < D; e += kWarp * VO) {
         float z[VO];
 #pragma unroll
         for (int i = 0; i < VO; ++i) z[i] = 0.f;
@@ -166,21 +218,39 @@ __global__ void __launch_bounds__(kLossThreads)
       continue;
     }
     float mean, rstd;
-    load_target<TT>(a, b, l, t, lane, mean, rstd);
+    load_target<TT, kP>(a, b, l, t, lane, mean, rstd);
     const TP* row = static_cast<const TP*>(a.pred) + b * a.sp_b + l * a.sp_l;
-    for (int64_t e = static_cast<int64_t>(lane) * V; e < a.D; e += kWarp * V) {
-      float p[V];
-      load_pred<TP, V>(row, e, a.sp_d, p);
+    if constexpr (kP > 0) {  // all of the lane's prediction vectors in flight, then the arithmetic and the stores
+      constexpr int kVecs = kP * kP * kFixedC / (kWarp * V);
+      float p[kVecs][V];
 #pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const float diff = p[i] - (t[e + i] - mean) * rstd;
-        const float local = a.p_norm == 1 ? (diff > 0.f ? 1.f : (diff < 0.f ? -1.f : 0.f)) : 2.f * diff;
-        p[i] = local * coef;
+      for (int j = 0; j < kVecs; ++j) load_pred<TP, V>(row, (j * kWarp + lane) * V, a.sp_d, p[j]);
+#pragma unroll
+      for (int j = 0; j < kVecs; ++j) {
+        const int e = (j * kWarp + lane) * V;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float diff = p[j][i] - (t[e + i] - mean) * rstd;
+          const float local = a.p_norm == 1 ? (diff > 0.f ? 1.f : (diff < 0.f ? -1.f : 0.f)) : 2.f * diff;
+          p[j][i] = local * coef;
+        }
+        store_vec<TP, V>(out + e, p[j]);
       }
-      if constexpr (V > 1) {
-        store_vec<TP, V>(out + e, p);
-      } else {
-        out[e] = from_f32<TP>(p[0]);
+    } else {
+      for (int64_t e = static_cast<int64_t>(lane) * V; e < D; e += kWarp * V) {
+        float p[V];
+        load_pred<TP, V>(row, e, a.sp_d, p);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float diff = p[i] - (t[e + i] - mean) * rstd;
+          const float local = a.p_norm == 1 ? (diff > 0.f ? 1.f : (diff < 0.f ? -1.f : 0.f)) : 2.f * diff;
+          p[i] = local * coef;
+        }
+        if constexpr (V > 1) {
+          store_vec<TP, V>(out + e, p);
+        } else {
+          out[e] = from_f32<TP>(p[0]);
+        }
       }
     }
     __syncwarp();
@@ -201,6 +271,10 @@ bool pred_vec_ok(const LossArgs& a) {
   constexpr int V = 16 / sizeof(TP);
   return a.sp_d == 1 && a.D % V == 0 && a.sp_l % V == 0 && a.sp_b % V == 0 && aligned(a.pred, 16);
 }
+
+// MAE's patches (16 x 16 RGB images) run the kernels compiled for that size.
+constexpr int kMaePatch = 16;
+bool fixed_patch(const LossArgs& a) { return a.P == kMaePatch && a.C == kFixedC && a.D == kMaePatch * kMaePatch * kFixedC; }
 
 // Kernels taking more than 48 KB of dynamic shared memory must say so once per device.
 template <class K>
@@ -225,14 +299,16 @@ cudaError_t masked_loss_forward(const LossArgs& a, float* out, float* workspace,
   FASTMIM_FLOAT_TYPE(a.pred_dtype, TP, {
     FASTMIM_FLOAT_TYPE(a.target_dtype, TT, {
       constexpr int V = 16 / sizeof(TP);
-      if (pred_vec_ok<TP>(a)) {
-        cudaError_t err = allow_smem(masked_loss_fwd_kernel<TP, TT, V>, smem);
+      if (pred_vec_ok<TP>(a) && fixed_patch(a)) {
+        masked_loss_fwd_kernel<TP, TT, V, kMaePatch><<<grid, kLossThreads, smem, stream>>>(a, workspace);
+      } else if (pred_vec_ok<TP>(a)) {
+        cudaError_t err = allow_smem(masked_loss_fwd_kernel<TP, TT, V, 0>, smem);
         if (err != cudaSuccess) return err;
-        masked_loss_fwd_kernel<TP, TT, V><<<grid, kLossThreads, smem, stream>>>(a, workspace);
+        masked_loss_fwd_kernel<TP, TT, V, 0><<<grid, kLossThreads, smem, stream>>>(a, workspace);
       } else {
-        cudaError_t err = allow_smem(masked_loss_fwd_kernel<TP, TT, 1>, smem);
+        cudaError_t err = allow_smem(masked_loss_fwd_kernel<TP, TT, 1, 0>, smem);
         if (err != cudaSuccess) return err;
-        masked_loss_fwd_kernel<TP, TT, 1><<<grid, kLossThreads, smem, stream>>>(a, workspace);
+        masked_loss_fwd_kernel<TP, TT, 1, 0><<<grid, kLossThreads, smem, stream>>>(a, workspace);
       }
     });
   });
@@ -251,15 +327,18 @@ cudaError_t masked_loss_backward(const LossArgs& a, const float* grad_loss, cons
   FASTMIM_FLOAT_TYPE(a.pred_dtype, TP, {
     FASTMIM_FLOAT_TYPE(a.target_dtype, TT, {
       constexpr int V = 16 / sizeof(TP);
-      if (pred_vec_ok<TP>(a) && aligned(grad, 16)) {
-        cudaError_t err = allow_smem(masked_loss_bwd_kernel<TP, TT, V>, smem);
+      if (pred_vec_ok<TP>(a) && aligned(grad, 16) && fixed_patch(a)) {
+        masked_loss_bwd_kernel<TP, TT, V, kMaePatch>
+            <<<grid, kLossThreads, smem, stream>>>(a, grad_loss, denom, static_cast<TP*>(grad));
+      } else if (pred_vec_ok<TP>(a) && aligned(grad, 16)) {
+        cudaError_t err = allow_smem(masked_loss_bwd_kernel<TP, TT, V, 0>, smem);
         if (err != cudaSuccess) return err;
-        masked_loss_bwd_kernel<TP, TT, V>
+        masked_loss_bwd_kernel<TP, TT, V, 0>
             <<<grid, kLossThreads, smem, stream>>>(a, grad_loss, denom, static_cast<TP*>(grad));
       } else {
-        cudaError_t err = allow_smem(masked_loss_bwd_kernel<TP, TT, 1>, smem);
+        cudaError_t err = allow_smem(masked_loss_bwd_kernel<TP, TT, 1, 0>, smem);
         if (err != cudaSuccess) return err;
-        masked_loss_bwd_kernel<TP, TT, 1>
+        masked_loss_bwd_kernel<TP, TT, 1, 0>
             <<<grid, kLossThreads, smem, stream>>>(a, grad_loss, denom, static_cast<TP*>(grad));
       }
     });
