@@ -532,3 +532,22 @@ def test_dataload_table_one_row_per_loader_and_count(tmp_path):
         "| 2026-12-02 | H100 | dali-mixed | 16 threads | 256 | cubic | 7,000 | abc1234 |",
     ]
     assert "### Data loading (img/s at 224 px, MAE augmentation)" in report.render(tmp_path)
+
+
+def test_auto_cuda_backends_are_the_fastest_in_the_results_they_name():
+    """fastmim.ops' auto choice on CUDA is a table read off a committed GPU run: each listed op's backend must be the
+    fused backend with the lowest fwd+bwd median in that file (so an edit of either shows up here)."""
+    from fastmim.ops._dispatch import AUTO_CUDA, AUTO_CUDA_SOURCE
+
+    path = BENCH.parent / AUTO_CUDA_SOURCE.split(" ")[0]
+    assert path.is_file(), f"AUTO_CUDA_SOURCE names {path}, which is not committed"
+    rows = [r for r in read_rows(path) if r.get("pass") == "fwd+bwd" and str(r.get("impl", "")).startswith("fastmim")]
+    best: dict[str, tuple[float, str]] = {}
+    for r in rows:
+        backend = r["impl"].removeprefix("fastmim[").rstrip("]")
+        if r["op"] not in best or r["ms_median"] < best[r["op"]][0]:
+            best[r["op"]] = (r["ms_median"], backend)
+    for op, backend in AUTO_CUDA.items():
+        measured = "patchify" if op == "unpatchify" else op  # unpatchify is patchify's backward
+        assert measured in best, f"{op}: no fwd+bwd row in {path}"
+        assert best[measured][1] == backend, f"{op}: AUTO_CUDA says {backend}, {path} measured {best[measured]}"

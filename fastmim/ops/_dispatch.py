@@ -33,12 +33,12 @@ NO_CUDA_KERNEL: frozenset[str] = frozenset({"grn", "sparse_dwconv"})
 
 # The auto backend of each op on CUDA tensors: whichever was faster (forward + backward, plain timing) in the
 # committed GPU results named here; an op not listed, or "cuda" without fastmim._cuda, runs Triton.
-AUTO_CUDA_SOURCE = "benchmarks/results/2026-12-04-h200-9d62092/ops.jsonl (H200, fwd+bwd medians)"
+AUTO_CUDA_SOURCE = "benchmarks/results/2026-12-04-h200-7365249/ops.jsonl (H200, fwd+bwd, plain median timing)"
 AUTO_CUDA: dict[str, str] = {
-    "gather_visible": "cuda",  # 0.191 ms vs Triton 0.320
-    "scatter_masked": "cuda",  # 0.515 ms vs Triton 0.821
-    "masked_mse_loss": "cuda",  # 0.328 ms vs Triton 1.169
-    "patchify": "triton",  # 0.254 ms vs CUDA 0.698
+    "gather_visible": "cuda",  # 0.179 ms vs Triton 0.208
+    "scatter_masked": "cuda",  # 0.357 ms vs Triton 0.665
+    "masked_mse_loss": "cuda",  # 0.220 ms vs Triton 0.471
+    "patchify": "triton",  # 0.230 ms vs CUDA 0.699
     "unpatchify": "triton",  # patchify's backward: the same kernels
 }
 
