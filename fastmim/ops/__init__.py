@@ -1,11 +1,13 @@
 """fastmim.ops: fused masked-modeling ops, importable on their own (``from fastmim.ops import masked_mse_loss``).
 
-Every op has a plain PyTorch reference (``*_ref``) that defines its semantics. Backends: Triton for CUDA tensors,
-C++ (``fastmim._C``, OpenMP) for CPU tensors (``grn``, which has no C++ kernel: its PyTorch formulation), the
-reference otherwise; ``FASTMIM_BACKEND=triton|cpp|torch`` forces one. All are ``torch.library`` custom ops
+Every op has a plain PyTorch reference (``*_ref``) that defines its semantics. Backends: CUDA C++ (``fastmim._cuda``)
+or Triton for CUDA tensors, whichever measured faster for the op; C++ (``fastmim._C``, OpenMP) for CPU tensors
+(``grn``, which has no C++ kernel: its PyTorch formulation); the reference otherwise. ``FASTMIM_BACKEND=cuda|triton|
+cpp|torch`` or ``set_backend(name)`` forces one. All are ``torch.library`` custom ops
 (``torch.ops.fastmim.*``) with fake kernels and autograd, safe under ``torch.compile(fullgraph=True)``.
 """
 
+from fastmim.ops._dispatch import set_backend
 from fastmim.ops.grn import grn
 from fastmim.ops.masked_loss import masked_mse_loss, masked_mse_loss_patchified
 from fastmim.ops.patchify import patchify, unpatchify
@@ -38,6 +40,7 @@ __all__ = [
     "patchify_ref",
     "scatter_masked",
     "scatter_masked_ref",
+    "set_backend",
     "sparse_dwconv",
     "sparse_dwconv_ref",
     "unpatchify",

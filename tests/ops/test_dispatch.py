@@ -1,0 +1,74 @@
+"""Backend choice: forcing (environment and set_backend), its precedence, clear errors, and the auto table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmim import ops
+from fastmim.ops import _dispatch
+from fastmim.ops._dispatch import choose_backend, forced_backend, getenv, set_backend
+
+
+@pytest.fixture(autouse=True)
+def _no_override():
+    """No forced backend, and an empty choice cache before and after (tests here patch what the choice reads)."""
+    prev = set_backend(None)
+    _dispatch._choices.clear()
+    yield
+    _dispatch._choices.clear()
+    set_backend(prev)
+
+
+def test_set_backend_takes_precedence_over_the_environment_and_auto_resets(monkeypatch):
+    monkeypatch.setenv("FASTMIM_BACKEND", "cpp")
+    assert forced_backend() == "cpp"
+    assert set_backend("torch") is None
+    assert forced_backend() == "torch"
+    assert choose_backend("gather_visible", torch.device("cpu"), (torch.float32,)) == "torch"
+    assert set_backend("auto") == "torch"
+    assert forced_backend() == "cpp"  # back to the environment
+    with pytest.raises(ValueError, match="'gpu' is not one of auto, cuda, triton, cpp, torch"):
+        set_backend("gpu")
+
+
+def test_environment_changes_are_seen_despite_the_cache(monkeypatch):
+    dev = torch.device("cpu")
+    monkeypatch.setenv("FASTMIM_BACKEND", "torch")
+    assert choose_backend("patchify", dev, (torch.float32,)) == "torch"
+    monkeypatch.setenv("FASTMIM_BACKEND", "auto")
+    assert choose_backend("patchify", dev, (torch.float32,)) == ("cpp" if ops._dispatch._ext.available() else "torch")
+    monkeypatch.setenv("FASTMIM_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FASTMIM_BACKEND='nonsense'"):
+        choose_backend("patchify", dev, (torch.float32,))
+
+
+def test_getenv_matches_os_environ(monkeypatch):
+    monkeypatch.setenv("FASTMIM_TEST_VAR", "välue")
+    assert getenv("FASTMIM_TEST_VAR") == "välue"
+    monkeypatch.delenv("FASTMIM_TEST_VAR")
+    assert getenv("FASTMIM_TEST_VAR", "x") == "x"
+
+
+def test_auto_on_cuda_follows_the_table_and_falls_back_to_triton(monkeypatch):
+    """Without a GPU the CUDA branch of the choice still runs: torch.device('cuda') needs no driver."""
+    dev = torch.device("cuda")
+    monkeypatch.setattr(_dispatch, "triton_problem", lambda device: None)
+    monkeypatch.setattr(_dispatch._ext, "_cuda", object())
+    assert choose_backend("masked_mse_loss", dev, (torch.bfloat16, torch.float32)) == _dispatch.AUTO_CUDA.get(
+        "masked_mse_loss", "triton"
+    )
+    assert choose_backend("grn", dev, (torch.float32,)) == "triton"  # no CUDA kernel, not in the table
+    monkeypatch.setattr(_dispatch._ext, "_cuda", None)  # not built: Triton
+    _dispatch._choices.clear()
+    assert choose_backend("masked_mse_loss", dev, (torch.bfloat16,)) == "triton"
+    monkeypatch.setenv("FASTMIM_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="FASTMIM_BACKEND=cuda cannot run here: fastmim._cuda is not available"):
+        choose_backend("masked_mse_loss", dev, (torch.bfloat16,))
+
+
+def test_forced_cuda_runs_triton_for_ops_without_a_cuda_kernel(monkeypatch):
+    monkeypatch.setattr(_dispatch, "triton_problem", lambda device: None)
+    monkeypatch.setenv("FASTMIM_BACKEND", "cuda")
+    assert choose_backend("grn", torch.device("cuda"), (torch.float32,)) == "triton"
+    assert choose_backend("sparse_dwconv", torch.device("cuda"), (torch.float32,)) == "triton"
