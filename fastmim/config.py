@@ -47,6 +47,9 @@ class PretrainConfig:
         default="auto",
         metadata={"help": "FCMAE encoder: auto (fastmim where compiled kernels exist), fastmim, dense_masked, spconv"},
     )
+    drop_path: float = field(
+        default=0.0, metadata={"help": "stochastic depth rate of the encoder (FCMAE's ConvNeXt V2; MAE's ViT has none)"}
+    )
     norm_pix_loss: bool = field(default=True, metadata={"help": "normalise target patches (MAE norm-pix)"})
     # data
     data_path: str | None = field(default=None, metadata={"help": "image folder (None: built-in sample photos)"})
@@ -111,6 +114,8 @@ class PretrainConfig:
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0 (or none), got {v}")
+        if not (math.isfinite(self.drop_path) and 0.0 <= self.drop_path < 1.0):
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.amp not in AMP_MODES:

@@ -192,6 +192,8 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         if getattr(cfg, k) is not None:
             kwargs[k] = getattr(cfg, k)
     if cfg.model.startswith("mae_"):
+        if cfg.drop_path:
+            raise UsageError("--drop-path applies to FCMAE's ConvNeXt V2 encoder; MAE's ViT has no stochastic depth")
         kwargs.update(mask_type=cfg.mask_type, attn_impl=cfg.attn_impl)
     elif cfg.model.startswith("fcmae_"):
         if cfg.decoder_num_heads is not None:
@@ -199,6 +201,7 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         if cfg.mask_type != "random":
             raise UsageError(f"FCMAE masks are random 32-px patches; --mask-type {cfg.mask_type} is for MAE models")
         kwargs["sparse_backend"] = cfg.sparse_backend
+        kwargs["drop_path_rate"] = cfg.drop_path
     else:
         recipes = [f"{p}{cfg.model}" for p in ("mae_", "fcmae_") if f"{p}{cfg.model}" in fastmim.list_models()]
         hint = f"; did you mean {' or '.join(recipes)}?" if recipes else ""

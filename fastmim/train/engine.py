@@ -58,7 +58,9 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.batches_per_epoch = (len(self.loader) // self.cfg.accum_iter) * self.cfg.accum_iter
+        # a whole epoch's batches, read before a resume starts the sampler mid-epoch (the loader is shorter then)
+        self.loader_batches = len(self.loader)
+        self.batches_per_epoch = (self.loader_batches // self.cfg.accum_iter) * self.cfg.accum_iter
         self.steps_per_epoch = self.batches_per_epoch // self.cfg.accum_iter
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -104,7 +106,7 @@ class Trainer:
             "accum_iter": self.cfg.accum_iter,
             "world_size": self.info.world_size,
             "dataset_size": len(self.dataset),
-            "loader_batches": len(self.loader),
+            "loader_batches": self.loader_batches,
         }  # fmt: skip (torch pads a rank's share, DALI drops the rest)
 
     def load_state_dict(self, state: dict) -> None:

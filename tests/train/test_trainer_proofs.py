@@ -1,0 +1,197 @@
+"""The training step's contracts, proven before the step is rewritten for speed: gradient accumulation equals the
+larger batch, a resume is exact step by step with stochastic depth drawing from the global RNG, fp16's gradient
+scaler skips a step with an infinite gradient and survives a checkpoint, gradient clipping sees unscaled gradients
+once per optimizer step, and bf16/fp16 autocast steps of the fused path match the reference path.
+
+Each test also shows it can fail: the resume test breaks the RNG restore and sees the runs part, the scaler test sees
+the skipped step in the weights.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fastmim
+from fastmim import pretrain
+from fastmim.masking import random_masking
+from fastmim.train import checkpoint as ckpt
+from fastmim.train.checkpoint import load_checkpoint
+from tests.conftest import TINY_ARGS
+
+
+def _metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _args(image_folder, out, *extra) -> list[str]:
+    return [*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--log-interval", "1",
+            "--vis-interval", "100", "--loader", "torch", *extra]  # fmt: skip
+
+
+def _set(args: list[str], flag: str, value: str) -> list[str]:
+    args = list(args)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    return args
+
+
+def _assert_states_close(a: dict, b: dict, atol: float, rel: float) -> None:
+    """Weights within ``atol``; optimizer moments within ``rel`` of each tensor's largest magnitude (their scale is the
+    gradients', ~1e-5 here)."""
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+    for pid, sa in a["optimizer"]["state"].items():
+        for name, t in sa.items():
+            tol = rel * float(t.abs().max()) if t.numel() else 0.0
+            torch.testing.assert_close(b["optimizer"]["state"][pid][name], t, rtol=0, atol=tol,
+                                       msg=lambda m, w=f"{pid}.{name}": f"optimizer state {w}: {m}")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_accumulation_equals_the_larger_batch(image_folder, tmp_path):
+    """--batch-size 4 --accum-iter 2 trains what --batch-size 8 trains: the same samples, masks and lr per step, so the
+    same weights, optimizer moments (which a missing 1/accum_iter would double: AdamW's update alone hides it) and
+    per-step losses, to float32 rounding. (Weights to 1e-6 absolute, about 1% of the three steps' updates: the key
+    biases of attention get no gradient but rounding noise, which AdamW scales up to a full step.)"""
+    big, acc = tmp_path / "b8", tmp_path / "b4x2"
+    pretrain.run(_set(_args(image_folder, big, "--max-steps", "3"), "--batch-size", "8"))
+    pretrain.run(_args(image_folder, acc, "--max-steps", "3", "--accum-iter", "2"))
+    a, b = load_checkpoint(big / "checkpoint.pt"), load_checkpoint(acc / "checkpoint.pt")
+    assert a["step"] == b["step"] == 3
+    _assert_states_close(a, b, atol=1e-6, rel=1e-5)
+    ma, mb = _metrics(big), _metrics(acc)
+    assert [r["step"] for r in ma] == [r["step"] for r in mb] == [1, 2, 3]
+    for ra, rb in zip(ma, mb, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6), (ra, rb)
+        assert rb["lr"] == pytest.approx(ra["lr"], rel=1e-12)
+
+
+FCMAE = ["--model", "fcmae_convnextv2_atto", "--img-size", "96", "--batch-size", "4", "--num-workers", "0",
+         "--warmup-epochs", "1", "--device", "cpu", "--amp", "none", "--drop-path", "0.3"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("restore_rng", [True, False], ids=["rng-restored", "rng-not-restored"])
+def test_resume_with_drop_path_is_exact_step_by_step(image_folder, tmp_path, monkeypatch, restore_rng):
+    """FCMAE with stochastic depth draws from the global RNG every step: a run stopped after 2 steps and resumed
+    reproduces the straight run's per-step losses, weights and optimizer state exactly. Without the RNG restore the
+    resumed run draws other drop masks and parts from the straight one (the control that this test can fail)."""
+    common = [*FCMAE, "--data-path", str(image_folder), "--log-interval", "1", "--vis-interval", "100",
+              "--loader", "torch"]  # fmt: skip
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    pretrain.run([*common, "--output-dir", str(straight), "--max-steps", "4"])
+    pretrain.run([*common, "--output-dir", str(split), "--max-steps", "2"])
+    torch.manual_seed(12345)  # what the process did in between must not matter
+    torch.rand(7)
+    if not restore_rng:
+        monkeypatch.setattr(ckpt, "set_rng_state", lambda state: None)
+    pretrain.run(["--resume", "--output-dir", str(split), "--max-steps", "4"])
+    a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")
+    la, lb = [r["loss"] for r in _metrics(straight)], [r["loss"] for r in _metrics(split)]
+    assert len(la) == len(lb) == 4
+    if restore_rng:
+        assert lb == la, (la, lb)  # bit for bit: the same computation in the same order
+        _assert_states_close(a, b, atol=0, rel=0)
+    else:
+        assert lb[:2] == la[:2] and lb[2:] != la[2:]
+        with pytest.raises(AssertionError):
+            _assert_states_close(a, b, atol=0, rel=0)
+
+
+@pytest.mark.slow
+def test_fp16_scaler_skips_a_step_with_an_infinite_gradient_and_round_trips(image_folder, tmp_path, monkeypatch):
+    """--amp fp16 on CPU: an infinite gradient at step 2 makes the GradScaler skip that optimizer step (the weights
+    after 2 steps are those after 1, AdamW's decay included) and halve its scale; the scale is saved, restored on
+    resume (a fresh scaler would start at 2^16 again), and a resume with --amp none from that checkpoint runs."""
+    from fastmim.methods.mae import MaskedAutoencoderViT
+
+    real = MaskedAutoencoderViT.forward_loss
+    calls = {"n": 0}
+
+    def poisoned(self, imgs, pred, mask):
+        calls["n"] += 1
+        if calls["n"] == 2 and pred.requires_grad:
+            pred.register_hook(lambda g: torch.full_like(g, float("inf")))
+        return real(self, imgs, pred, mask)
+
+    fp16 = _set(_args(image_folder, tmp_path / "x"), "--amp", "fp16")
+    one, skipped = tmp_path / "one", tmp_path / "skipped"
+    pretrain.run(_set(fp16, "--output-dir", str(one)) + ["--max-steps", "1"])
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", poisoned)
+    pretrain.run(_set(fp16, "--output-dir", str(skipped)) + ["--max-steps", "2"])
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", real)
+    a, b = load_checkpoint(one / "checkpoint.pt"), load_checkpoint(skipped / "checkpoint.pt")
+    assert b["step"] == 2 and a["step"] == 1
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=f"{k}: the step with inf was not skipped")
+    assert a["scaler"]["scale"] == 2.0**16 and b["scaler"]["scale"] == 2.0**15
+    pretrain.run(["--resume", "--output-dir", str(skipped), "--max-steps", "3"])
+    c = load_checkpoint(skipped / "checkpoint.pt")
+    assert c["step"] == 3 and c["scaler"]["scale"] == 2.0**15, "the scaler's state was not restored"
+    assert c["scaler"]["_growth_tracker"] == b["scaler"]["_growth_tracker"] + 1
+    pretrain.run(["--resume", "--output-dir", str(skipped), "--max-steps", "4", "--amp", "none"])
+    d = load_checkpoint(skipped / "checkpoint.pt")
+    assert d["step"] == 4 and not d["scaler"]  # a disabled scaler saves an empty state
+    assert all(torch.isfinite(v).all() for v in d["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_clip_grad_clips_unscaled_gradients_once_per_optimizer_step(image_folder, tmp_path, monkeypatch):
+    """--clip-grad with fp16 and accumulation: clipping runs once per optimizer step (not per micro-batch), on the
+    unscaled gradients (their norm is the fp32 run's, not 2^16 times it), and leaves their norm at most the limit."""
+    real = torch.nn.utils.clip_grad_norm_
+    seen: dict[str, list] = {}
+
+    def spy(key):
+        def clip(params, max_norm, *a, **k):
+            params = list(params)
+            total = real(params, max_norm, *a, **k)
+            after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            seen.setdefault(key, []).append((max_norm, float(total), float(after)))
+            return total
+
+        return clip
+
+    base = _args(image_folder, tmp_path / "x", "--max-steps", "2", "--accum-iter", "2", "--clip-grad", "0.01")
+    for key, amp in (("fp16", "fp16"), ("fp32", "none")):
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy(key))
+        pretrain.run(_set(_set(base, "--amp", amp), "--output-dir", str(tmp_path / key)))
+    assert len(seen["fp16"]) == len(seen["fp32"]) == 2  # two optimizer steps of two micro-batches each
+    for (m16, n16, after16), (m32, n32, _) in zip(seen["fp16"], seen["fp32"], strict=True):
+        assert m16 == m32 == 0.01
+        assert 0.5 < n16 / n32 < 2.0, f"fp16 run clipped a gradient of norm {n16}, the fp32 run {n32}: not unscaled"
+        assert after16 <= 0.01 * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_step_on_cpu_fused_matches_reference(dtype):
+    """A training step under CPU autocast: the fused ops' loss and gradients against the reference path's, by the
+    low-precision rule (the fused error against fp32 at most 2x the reference's own, plus a small floor)."""
+    torch.manual_seed(0)
+    kw = dict(img_size=64, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2)
+    fused = fastmim.create_model("mae_vit_tiny_patch16", **kw)
+    plain = fastmim.create_model("mae_vit_tiny_patch16", fused_ops=False, **kw)
+    plain.load_state_dict(fused.state_dict())
+    imgs = torch.randn(4, 3, 64, 64)
+    mask = random_masking(4, 16, 0.75, generator=torch.Generator().manual_seed(1))
+
+    def step(model, amp):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=dtype, enabled=amp):
+            loss, _, _ = model(imgs, mask=mask)
+        loss.backward()
+        grads = [torch.zeros(p.numel()) if p.grad is None else p.grad.flatten().float() for p in model.parameters()]
+        return loss.detach().float(), torch.cat(grads)
+
+    gold_loss, gold_grad = step(plain, amp=False)
+    f_loss, f_grad = step(fused, amp=True)
+    r_loss, r_grad = step(plain, amp=True)
+    assert abs(f_loss - gold_loss) <= 2 * abs(r_loss - gold_loss) + 1e-3 * abs(gold_loss)
+    f_err, r_err = (f_grad - gold_grad).norm(), (r_grad - gold_grad).norm()
+    assert f_err <= 2 * r_err + 1e-3 * gold_grad.norm(), (float(f_err), float(r_err))
+    assert torch.isfinite(f_grad).all()
