@@ -171,7 +171,14 @@ class Trainer:
         # a finite loss can still be followed by an update that makes weights non-finite (an infinite gradient)
         total = torch.stack([p.detach().float().sum() for p in self.raw_model.parameters()]).sum()
         self._check_finite(float(total), "the weights")  # one reduction, one host sync per save
+        # data-parallel ranks hold the same weights bit for bit; a rank that drifted would be saved as if it had not
+        sums = self._from_every_rank(float(total))  # collective
+        if len(set(sums)) > 1:
+            raise RuntimeError(
+                f"the ranks' weights differ at step {self.pos.step} (sums per rank: {sums}); stopping without saving"
+            )
         state = self.state_dict()  # collective: every rank takes part
+        state["weights_sum_per_rank"] = sums
         if self.info.is_main:
             ckpt.save_checkpoint(self.output_dir / ckpt.CHECKPOINT_NAME, state)
             fmt = "timm ConvNeXt" if self.cfg.model.startswith("fcmae_") else "timm VisionTransformer"

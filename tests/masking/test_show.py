@@ -175,15 +175,22 @@ def test_bad_arguments_exit_with_a_message(args, message, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not _ext.available(), reason="fastmim._C not built")
-def test_cpp_impl_draws_or_says_why_not(tmp_path, capsys):
-    """impl=cpp: a PNG where the C++ generators exist, else a clean argument error (no traceback)."""
-    out = tmp_path / "cpp.png"
-    try:
-        rc = show.main(["--strategy", "block", "--impl", "cpp", "--grid", "8", "--num", "2", "--out", str(out)])
-    except SystemExit as e:
-        assert e.value.code == 2 and "impl=cpp" in capsys.readouterr().err
-    else:
-        assert rc == 0 and out.is_file()
+@pytest.mark.parametrize("strategy", ["block", "uniform", "multiblock"])
+def test_cpp_impl_draws_with_a_cpp_generator(strategy, tmp_path):
+    """impl=cpp for a strategy with a C++ generator: the PNG, nothing else."""
+    out = tmp_path / f"{strategy}.png"
+    rc = show.main(["--strategy", strategy, "--impl", "cpp", "--grid", "8", "--num", "2", "--out", str(out)])
+    assert rc == 0 and out.is_file()
+    assert Image.open(out).size[0] > 0
+
+
+def test_cpp_impl_without_a_cpp_generator_says_why(tmp_path, capsys):
+    """impl=cpp for a strategy without one (random): a clean argument error saying so, and no file."""
+    out = tmp_path / "random.png"
+    with pytest.raises(SystemExit) as e:
+        show.main(["--strategy", "random", "--impl", "cpp", "--grid", "8", "--num", "2", "--out", str(out)])
+    assert e.value.code == 2 and "'random' has no C++ implementation" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_runs_as_a_module(tmp_path):

@@ -37,7 +37,7 @@ def specs():
             ptrs = {"g_ptr": dt, "ids_ptr": ids, "out_ptr": dt}
             yield tokens._put_rows_kernel, ptrs, {"BLOCK_K": 4, "BLOCK_D": 1024}
     for has_pos, has_cls, (x, p) in itertools.product(
-        (True, False), (True, False), (("bf16", "fp32"), ("fp16", "fp16"))
+        (True, False), (True, False), (("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32"))
     ):
         out = "fp32" if "fp32" in (x, p) else x
         ptrs = {"x_ptr": x, "ids_ptr": "i64", "mt_ptr": p, "pos_ptr": p, "cls_ptr": x, "out_ptr": out}
@@ -49,7 +49,8 @@ def specs():
         ptrs = {"g_ptr": out, "ids_ptr": "i64", "gx_ptr": x, "gmt_ptr": "fp32", "gpos_ptr": "fp32"}
         consts = {"HAS_CLS": has_cls, "NEED_POS": has_pos, "B_CHUNK": 8, "BLOCK_R": 4, "BLOCK_D": 512}
         yield tokens._scatter_masked_bwd_kernel, ptrs, consts
-    for norm_pix, p_norm, (pred, tgt) in itertools.product((True, False), (1, 2), (("bf16", "fp32"), ("fp16", "fp16"))):
+    pairs = (("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32"))  # autocast, fp16 throughout, fp32 throughout
+    for norm_pix, p_norm, (pred, tgt) in itertools.product((True, False), (1, 2), pairs):
         ptrs = {"pred_ptr": pred, "tgt_ptr": tgt, "mask_ptr": "fp32", "part_ptr": "fp32", "gl_ptr": "fp32",
                 "denom_ptr": "fp32", "grad_ptr": pred}  # fmt: skip
         consts = {"NORM_PIX": norm_pix, "P_NORM": p_norm, "BLOCK_P": 4, "BLOCK_D": 1024}

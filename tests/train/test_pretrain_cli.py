@@ -112,6 +112,20 @@ def test_torchrun_two_cpu_processes(image_folder, tmp_path):
     assert rows[1]["lr"] == pytest.approx(1e-3 * 8 / 256 * 1 / 3)
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["step"] == 6
+    sums = state["weights_sum_per_rank"]
+    assert len(sums) == 2 and sums[0] == sums[1]  # both ranks hold the same weights, bit for bit
+    # one process with the two ranks' batch (their shards interleave: the same 8 images per step) trains the same
+    one = tmp_path / "one"
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--epochs", "2", "--output-dir", str(one), "--blr", "1e-3"]
+    pretrain.run(args[: args.index("--batch-size") + 1] + ["8"] + args[args.index("--batch-size") + 2 :])
+    single = load_checkpoint(one / "checkpoint.pt")
+    assert single["step"] == 6
+    for k, v in single["model"].items():  # the all-reduce sums in another order: float32 rounding apart
+        torch.testing.assert_close(state["model"][k], v, rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    # the two-process run resumed on one process at its epoch boundary: steps counted in the new units from there
+    pretrain.run(["--resume", "--output-dir", str(out), "--epochs", "3", "--batch-size", "4"])
+    resumed = load_checkpoint(out / "checkpoint.pt")
+    assert resumed["world_size"] == 1 and (resumed["epoch"], resumed["batch"], resumed["step"]) == (3, 0, 18)
 
 
 @pytest.mark.slow
