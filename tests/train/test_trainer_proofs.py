@@ -195,3 +195,53 @@ def test_autocast_step_on_cpu_fused_matches_reference(dtype):
     f_err, r_err = (f_grad - gold_grad).norm(), (r_grad - gold_grad).norm()
     assert f_err <= 2 * r_err + 1e-3 * gold_grad.norm(), (float(f_err), float(r_err))
     assert torch.isfinite(f_grad).all()
+
+
+@pytest.mark.slow
+def test_resume_between_accumulated_steps_is_exact(image_folder, tmp_path):
+    """With --accum-iter 2 a run stops only at optimizer-step boundaries (batch 4 of the epoch after 2 steps); the
+    resumed run's weights, moments and per-step losses are the straight run's."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    pretrain.run(_args(image_folder, straight, "--accum-iter", "2", "--max-steps", "4"))
+    pretrain.run(_args(image_folder, split, "--accum-iter", "2", "--max-steps", "2"))
+    mid = load_checkpoint(split / "checkpoint.pt")
+    assert (mid["epoch"], mid["batch"], mid["step"]) == (0, 4, 2)
+    pretrain.run(["--resume", "--output-dir", str(split), "--max-steps", "4"])
+    a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")
+    assert (b["epoch"], b["batch"], b["step"]) == (a["epoch"], a["batch"], a["step"]) == (1, 2, 4)
+    _assert_states_close(a, b, atol=0, rel=0)
+    assert [r["loss"] for r in _metrics(split)] == [r["loss"] for r in _metrics(straight)]
+
+
+@pytest.mark.slow
+def test_bf16_autocast_run_on_cpu(image_folder, tmp_path):
+    """--amp bf16 trains on CPU through the whole trainer (no scaler: its saved state is empty) with losses close to
+    the fp32 run's."""
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    pretrain.run(_args(image_folder, fp32, "--max-steps", "3"))
+    pretrain.run(_set(_args(image_folder, bf16, "--max-steps", "3"), "--amp", "bf16"))
+    state = load_checkpoint(bf16 / "checkpoint.pt")
+    assert state["step"] == 3 and not state["scaler"] and state["config"]["amp"] == "bf16"
+    for ra, rb in zip(_metrics(fp32), _metrics(bf16), strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=3e-2), (ra, rb)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_ddp_with_accumulation_equals_one_process(image_folder, tmp_path):
+    """torchrun, 2 processes x batch 2 x accum 2 (DDP's no_sync on the first micro-batch) trains what one process
+    with batch 8 trains: the same 8 images per step, gradients all-reduced once per step."""
+    from tests.conftest import run_cli
+
+    ddp, one = tmp_path / "ddp", tmp_path / "one"
+    args = _set(_args(image_folder, ddp, "--max-steps", "3", "--accum-iter", "2"), "--batch-size", "2")
+    r = run_cli(["--standalone", "--nproc_per_node", "2", "-m", "fastmim.pretrain", *args],
+                module=["-m", "torch.distributed.run"], env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "batch 8 (= 2 x 2 accum x 2 procs)" in r.stdout
+    pretrain.run(_set(_args(image_folder, one, "--max-steps", "3"), "--batch-size", "8"))
+    a, b = load_checkpoint(one / "checkpoint.pt"), load_checkpoint(ddp / "checkpoint.pt")
+    assert a["step"] == b["step"] == 3 and len(set(b["weights_sum_per_rank"])) == 1
+    _assert_states_close(a, b, atol=1e-6, rel=1e-5)
+    for ra, rb in zip(_metrics(one), _metrics(ddp), strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
