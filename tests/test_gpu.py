@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 import fastmim
 from fastmim.masking import random_masking
@@ -280,3 +281,12 @@ def test_dali_mixed_decodes_on_the_gpu_like_the_cpu_pipeline(tmp_path):
     restored = DaliLoader(files, 8, 64, device="mixed", seed=2, num_threads=2)
     restored.load_state_dict(state)
     assert all(torch.equal(a, b) for (a, _), b in zip(restored, rest, strict=True))
+    # pixels: solid-colour images, each row the colour of the index beside it (nvJPEG decodes, GPU crops)
+    from tests.data import test_dali_rows as rows
+
+    solid = tmp_path / "solid"
+    solid.mkdir()
+    for i in range(rows.N):
+        Image.new("RGB", (48 + 3 * i, 40 + 2 * i), rows.colour(i)).save(solid / f"img{i:03d}.jpg", quality=95)
+    mixed = DaliLoader(list_images(solid), 4, 32, device="mixed", seed=5, num_threads=2)
+    assert rows.check_rows([(x.cpu(), i.cpu()) for x, i in mixed], "mixed") == rows.N
