@@ -142,8 +142,8 @@ fc::LossArgs loss_args(const char* op, uintptr_t pred, int pred_dtype, int64_t s
   if (geometry.size() != 9) throw std::invalid_argument(std::string(op) + ": geometry must have 9 values");
   if (p_norm != 1 && p_norm != 2) throw std::invalid_argument(std::string(op) + ": p must be 1 or 2");
   if (D < 1 || D > fc::kLossMaxD)
-    throw std::invalid_argument(std::string(op) + ": patches of " + std::to_string(D) + " values; the CUDA kernel takes 1 to " +
-                                std::to_string(fc::kLossMaxD));
+    throw std::invalid_argument(std::string(op) + ": patches of " + std::to_string(D) +
+                                " values; the CUDA kernel takes 1 to " + std::to_string(fc::kLossMaxD));
   int64_t g[9];
   for (int i = 0; i < 9; ++i) g[i] = geometry[i].cast<int64_t>();
   if (g[0] < 1 || g[4] < 1 || g[5] < 1 || g[4] * g[4] * g[5] != D)
@@ -183,7 +183,8 @@ void patchify(uintptr_t src, uintptr_t dst, int elem_size, int64_t B, int64_t C,
   const char* op = to_patches ? "patchify" : "unpatchify";
   check_sizes(op, {B, C, gh, gw, P});
   if (elem_size != 2 && elem_size != 4)
-    throw std::invalid_argument(std::string(op) + ": elements of " + std::to_string(elem_size) + " bytes; 2 or 4 expected");
+    throw std::invalid_argument(std::string(op) + ": elements of " + std::to_string(elem_size) +
+                                " bytes; 2 or 4 expected");
   if (P * P * C * elem_size > 200 * 1024)
     throw std::invalid_argument(std::string(op) + ": one patch (" + std::to_string(P * P * C * elem_size) +
                                 " bytes) does not fit the kernel's shared memory");

@@ -13,26 +13,32 @@ constexpr int kWarps = kThreads / kWarp;
 
 // ---- gather_visible ------------------------------------------------------------------------------------------
 
-template <class T, int V>
-__global__ void __launch_bounds__(kThreads) gather_rows_kernel(const T* __restrict__ x, const void* __restrict__ ids,
-                                                               bool ids64, T* __restrict__ out, int64_t rows,
-                                                               int64_t N, int64_t K, int64_t D, int64_t sx_b,
-                                                               int64_t sx_n, int64_t sx_d, int64_t si_b,
-                                                               int64_t si_k) {
+// One warp per row of D values, moved between row k of sample b of src ([B, K, D], strided) and row ids[b, k] of
+// sample b of the contiguous [B, N, D] side. kPut = false (gather): out[b, k] = src[b, ids[b, k]], a NaN row for an id
+// out of range. kPut = true (the gather's backward): out[b, ids[b, k]] = src[b, k] over a zero-filled out (the ids of
+// a row are distinct: no atomics), an id out of range is skipped. (The first backward wrote every output row once,
+// inverting the ids per block in shared memory; on the H200 it ran 94 us forward+backward against 78 us for
+// Triton's memset + put: the memset engine writes zeros at full speed.)
+template <class T, int V, bool kPut>
+__global__ void __launch_bounds__(kThreads) row_copy_kernel(const T* __restrict__ src, const void* __restrict__ ids,
+                                                            bool ids64, T* __restrict__ out, int64_t rows, int64_t N,
+                                                            int64_t K, int64_t D, int64_t ss_b, int64_t ss_n,
+                                                            int64_t ss_d, int64_t si_b, int64_t si_k) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (row >= rows) return;
   const int64_t b = row / K, k = row % K;
   const int64_t id = load_index(ids, ids64, b * si_b + k * si_k);
   const bool ok = id >= 0 && id < N;
-  const T* src = x + b * sx_b + (ok ? id : 0) * sx_n;
-  T* dst = out + row * D;
+  if (kPut && !ok) return;  // never written out of bounds; that row stays zero
+  const T* from = src + b * ss_b + (kPut ? k : (ok ? id : 0)) * ss_n;
+  T* dst = out + (kPut ? b * N + id : row) * D;
   if constexpr (V > 1) {
 #pragma unroll 4
     for (int64_t d = static_cast<int64_t>(lane) * V; d < D; d += kWarp * V) {
       Vec<T, V> v;
       if (ok) {
-        v = *reinterpret_cast<const Vec<T, V>*>(src + d);
+        v = *reinterpret_cast<const Vec<T, V>*>(from + d);
       } else {
 #pragma unroll
         for (int i = 0; i < V; ++i) v.v[i] = from_f32<T>(qnan());
@@ -40,32 +46,7 @@ __global__ void __launch_bounds__(kThreads) gather_rows_kernel(const T* __restri
       *reinterpret_cast<Vec<T, V>*>(dst + d) = v;
     }
   } else {
-    for (int64_t d = lane; d < D; d += kWarp) dst[d] = ok ? src[d * sx_d] : from_f32<T>(qnan());
-  }
-}
-
-// out[b, ids[b, k]] = g[b, k] over a zero-filled out: the ids of a row are distinct, so no atomics. (The first
-// version wrote every output row once, inverting the ids per block in shared memory; on the H200 it ran 94 us
-// forward+backward against 78 us for Triton's memset + put: the memset engine writes zeros at full speed.)
-template <class T, int V>
-__global__ void __launch_bounds__(kThreads) put_rows_kernel(const T* __restrict__ g, const void* __restrict__ ids,
-                                                            bool ids64, T* __restrict__ out, int64_t rows, int64_t N,
-                                                            int64_t K, int64_t D, int64_t sg_b, int64_t sg_k,
-                                                            int64_t sg_d, int64_t si_b, int64_t si_k) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  if (row >= rows) return;
-  const int64_t b = row / K, k = row % K;
-  const int64_t id = load_index(ids, ids64, b * si_b + k * si_k);
-  if (id < 0 || id >= N) return;  // never written out of bounds; that row stays zero
-  const T* src = g + b * sg_b + k * sg_k;
-  T* dst = out + (b * N + id) * D;
-  if constexpr (V > 1) {
-#pragma unroll 4
-    for (int64_t d = static_cast<int64_t>(lane) * V; d < D; d += kWarp * V)
-      *reinterpret_cast<Vec<T, V>*>(dst + d) = *reinterpret_cast<const Vec<T, V>*>(src + d);
-  } else {
-    for (int64_t d = lane; d < D; d += kWarp) dst[d] = src[d * sg_d];
+    for (int64_t d = lane; d < D; d += kWarp) dst[d] = ok ? from[d * ss_d] : from_f32<T>(qnan());
   }
 }
 
@@ -250,26 +231,30 @@ dim3 scatter_backward_grid(const ScatterBackwardArgs& a) {
               static_cast<unsigned>(cdiv(a.D, kChunk)));
 }
 
-}  // namespace
-
-cudaError_t gather_visible(const void* x, int dtype, int64_t sx_b, int64_t sx_n, int64_t sx_d, const void* ids,
-                           bool ids64, int64_t si_b, int64_t si_k, void* out, int64_t B, int64_t N, int64_t K,
-                           int64_t D, cudaStream_t stream) {
+// The row copy of gather_visible (kPut = false) or its backward (kPut = true) on the current stream.
+template <bool kPut>
+cudaError_t launch_row_copy(const void* src, int dtype, int64_t ss_b, int64_t ss_n, int64_t ss_d, const void* ids,
+                            bool ids64, int64_t si_b, int64_t si_k, void* out, int64_t B, int64_t N, int64_t K,
+                            int64_t D, cudaStream_t stream) {
   const int64_t rows = B * K;
   if (rows == 0 || D == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(cdiv(rows, kWarps)));
   FASTMIM_FLOAT_TYPE(dtype, T, {
     constexpr int V = 16 / sizeof(T);
-    if (vec_ok<T, V>(x, D, sx_b, sx_n, sx_d) && aligned(out, 16))
-      gather_rows_kernel<T, V><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), ids, ids64,
-                                                             static_cast<T*>(out), rows, N, K, D, sx_b, sx_n, sx_d,
-                                                             si_b, si_k);
-    else
-      gather_rows_kernel<T, 1><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), ids, ids64,
-                                                             static_cast<T*>(out), rows, N, K, D, sx_b, sx_n, sx_d,
-                                                             si_b, si_k);
+    const bool vec = vec_ok<T, V>(src, D, ss_b, ss_n, ss_d) && aligned(out, 16);
+    auto kernel = vec ? row_copy_kernel<T, V, kPut> : row_copy_kernel<T, 1, kPut>;
+    kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(src), ids, ids64, static_cast<T*>(out), rows, N, K, D,
+                                          ss_b, ss_n, ss_d, si_b, si_k);
   });
   return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t gather_visible(const void* x, int dtype, int64_t sx_b, int64_t sx_n, int64_t sx_d, const void* ids,
+                           bool ids64, int64_t si_b, int64_t si_k, void* out, int64_t B, int64_t N, int64_t K,
+                           int64_t D, cudaStream_t stream) {
+  return launch_row_copy<false>(x, dtype, sx_b, sx_n, sx_d, ids, ids64, si_b, si_k, out, B, N, K, D, stream);
 }
 
 cudaError_t gather_visible_backward(const void* g, int dtype, int64_t sg_b, int64_t sg_k, int64_t sg_d,
@@ -278,21 +263,8 @@ cudaError_t gather_visible_backward(const void* g, int dtype, int64_t sg_b, int6
   if (B * N == 0 || D == 0) return cudaSuccess;
   const int64_t elem = dtype == kF32 ? 4 : 2;
   cudaError_t err = cudaMemsetAsync(out, 0, static_cast<size_t>(B * N * D * elem), stream);
-  if (err != cudaSuccess || K == 0) return err;
-  const int64_t rows = B * K;
-  const dim3 grid(static_cast<unsigned>(cdiv(rows, kWarps)));
-  FASTMIM_FLOAT_TYPE(dtype, T, {
-    constexpr int V = 16 / sizeof(T);
-    if (vec_ok<T, V>(g, D, sg_b, sg_k, sg_d) && aligned(out, 16))
-      put_rows_kernel<T, V><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(g), ids, ids64,
-                                                          static_cast<T*>(out), rows, N, K, D, sg_b, sg_k, sg_d,
-                                                          si_b, si_k);
-    else
-      put_rows_kernel<T, 1><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(g), ids, ids64,
-                                                          static_cast<T*>(out), rows, N, K, D, sg_b, sg_k, sg_d,
-                                                          si_b, si_k);
-  });
-  return cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return launch_row_copy<true>(g, dtype, sg_b, sg_k, sg_d, ids, ids64, si_b, si_k, out, B, N, K, D, stream);
 }
 
 cudaError_t scatter_masked(const ScatterArgs& a, void* out, int out_dtype, cudaStream_t stream) {

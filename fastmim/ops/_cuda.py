@@ -106,9 +106,9 @@ def scatter_masked_backward(
     cls_dtype: torch.dtype | None,
     cls_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(grad_x_vis [B, K, D] x_dtype, grad_mask_token [D] fp32, grad_pos [R, D] fp32 or None, grad_cls
-    [cls_rows, D] in cls_dtype or None). A per-sample class token's gradient comes out of the kernel; a broadcast
-    one (cls_rows 1 < B) is the sum of the class rows, taken here."""
+    """(grad_x_vis [B, K, D] x_dtype, grad_mask_token [D] fp32, grad_pos [R, D] fp32 or None, grad_cls [B, D] in
+    cls_dtype or None). A per-sample class token's gradient comes out of the kernel; a broadcast one (cls_rows 1 < B,
+    None here) is the sum of the class rows, which the caller takes."""
     b, r, d = grad.shape
     n = ids_restore.shape[1]
     dev = grad.get_device()
@@ -127,8 +127,6 @@ def scatter_masked_backward(
         CPP_DTYPE[cls_dtype] if per_sample_cls else 0, buf.data_ptr() + 4 * (d + (r * d if need_pos else 0)),
         ws_size, dev, _raw_stream(dev),
     )  # fmt: skip
-    if has_cls and not per_sample_cls:
-        gcls = grad[:, 0].sum(0, keepdim=True, dtype=torch.float32).to(cls_dtype)
     return gx, gmt, gpos, gcls
 
 
