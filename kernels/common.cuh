@@ -46,39 +46,26 @@ __device__ __forceinline__ float load_any(const void* p, int dtype, int64_t i) {
   }
 }
 
-// N elements of T in one aligned access (N * sizeof(T) = 16 bytes for the vector paths, 1 element otherwise).
-template <class T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
-// V elements q[i * stride] of T into v (added to v when kAdd): one vector access when the run is contiguous and
-// aligned for it, else V scalar loads.
-template <class T, int V, bool kAdd>
-__device__ __forceinline__ void load_run(const T* q, int64_t stride, float (&v)[V]) {
-  if (V > 1 && stride == 1 && reinterpret_cast<uintptr_t>(q) % (sizeof(T) * V) == 0) {
-    const Vec<T, V> w = *reinterpret_cast<const Vec<T, V>*>(q);
-#pragma unroll
-    for (int i = 0; i < V; ++i) v[i] = (kAdd ? v[i] : 0.f) + to_f32(w.v[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < V; ++i) v[i] = (kAdd ? v[i] : 0.f) + to_f32(q[i * stride]);
-  }
-}
-
 // V elements p[off + i * stride] of a run-time dtype into v (added to v when kAdd); the dtype switch sits outside
-// the element loop, so each branch is one vector load (contiguous, aligned) or V plain loads.
+// the element loop, so each branch is V plain loads.
 template <int V, bool kAdd>
 __device__ __forceinline__ void load_any_vec(const void* p, int dtype, int64_t off, int64_t stride, float (&v)[V]) {
   switch (dtype) {
-    case kBF16:
-      load_run<__nv_bfloat16, V, kAdd>(static_cast<const __nv_bfloat16*>(p) + off, stride, v);
-      break;
-    case kF16:
-      load_run<__half, V, kAdd>(static_cast<const __half*>(p) + off, stride, v);
-      break;
-    default:
-      load_run<float, V, kAdd>(static_cast<const float*>(p) + off, stride, v);
+    case kBF16: {
+      const __nv_bfloat16* q = static_cast<const __nv_bfloat16*>(p) + off;
+#pragma unroll
+      for (int i = 0; i < V; ++i) v[i] = (kAdd ? v[i] : 0.f) + __bfloat162float(q[i * stride]);
+    } break;
+    case kF16: {
+      const __half* q = static_cast<const __half*>(p) + off;
+#pragma unroll
+      for (int i = 0; i < V; ++i) v[i] = (kAdd ? v[i] : 0.f) + __half2float(q[i * stride]);
+    } break;
+    default: {
+      const float* q = static_cast<const float*>(p) + off;
+#pragma unroll
+      for (int i = 0; i < V; ++i) v[i] = (kAdd ? v[i] : 0.f) + q[i * stride];
+    }
   }
 }
 
@@ -86,6 +73,12 @@ __device__ __forceinline__ void load_any_vec(const void* p, int dtype, int64_t o
 __device__ __forceinline__ int64_t load_index(const void* p, bool is64, int64_t i) {
   return is64 ? static_cast<const int64_t*>(p)[i] : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
 }
+
+// N elements of T in one aligned access (N * sizeof(T) = 16 bytes for the vector paths, 1 element otherwise).
+template <class T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
 
 template <class T, int N>
 __device__ __forceinline__ void load_vec(const T* p, float (&out)[N]) {

@@ -91,13 +91,6 @@ __device__ __forceinline__ void load_target(const LossArgs& a, int64_t b, int64_
   rstd = 1.f / sqrtf(var + a.eps);
 }
 
-// One element's error (|d| or d^2) and loss gradient (sign(d) or 2d, times coef) for prediction p, target t.
-__device__ __forceinline__ float diff_of(float p, float t, float mean, float rstd) { return p - (t - mean) * rstd; }
-__device__ __forceinline__ float err_of(float d, int p_norm) { return p_norm == 1 ? fabsf(d) : d * d; }
-__device__ __forceinline__ float grad_of(float d, int p_norm, float coef) {
-  return (p_norm == 1 ? (d > 0.f ? 1.f : (d < 0.f ? -1.f : 0.f)) : 2.f * d) * coef;
-}
-
 template <class TP, int V>
 __device__ __forceinline__ void load_pred(const TP* row, int64_t e, int64_t sp_d, float (&p)[V]) {
   if constexpr (V > 1) {
@@ -136,7 +129,8 @@ __global__ void __launch_bounds__(kLossThreads) masked_loss_fwd_kernel(LossArgs 
       for (int j = 0; j < kVecs; ++j) {
 #pragma unroll
         for (int i = 0; i < V; ++i) {
-          err += err_of(diff_of(p[j][i], t[(j * kWarp + lane) * V + i], mean, rstd), a.p_norm);
+          const float diff = p[j][i] - (t[(j * kWarp + lane) * V + i] - mean) * rstd;
+          err += a.p_norm == 1 ? fabsf(diff) : diff * diff;
         }
       }
     } else {
@@ -144,7 +138,10 @@ __global__ void __launch_bounds__(kLossThreads) masked_loss_fwd_kernel(LossArgs 
         float p[V];
         load_pred<TP, V>(row, e, a.sp_d, p);
 #pragma unroll
-        for (int i = 0; i < V; ++i) err += err_of(diff_of(p[i], t[e + i], mean, rstd), a.p_norm);
+        for (int i = 0; i < V; ++i) {
+          const float diff = p[i] - (t[e + i] - mean) * rstd;
+          err += a.p_norm == 1 ? fabsf(diff) : diff * diff;
+        }
       }
     }
     loss_acc += w * (warp_sum(err) / static_cast<float>(D));
@@ -232,7 +229,11 @@ __global__ void __launch_bounds__(kLossThreads)
       for (int j = 0; j < kVecs; ++j) {
         const int e = (j * kWarp + lane) * V;
 #pragma unroll
-        for (int i = 0; i < V; ++i) p[j][i] = grad_of(diff_of(p[j][i], t[e + i], mean, rstd), a.p_norm, coef);
+        for (int i = 0; i < V; ++i) {
+          const float diff = p[j][i] - (t[e + i] - mean) * rstd;
+          const float local = a.p_norm == 1 ? (diff > 0.f ? 1.f : (diff < 0.f ? -1.f : 0.f)) : 2.f * diff;
+          p[j][i] = local * coef;
+        }
         store_vec<TP, V>(out + e, p[j]);
       }
     } else {
@@ -240,7 +241,11 @@ __global__ void __launch_bounds__(kLossThreads)
         float p[V];
         load_pred<TP, V>(row, e, a.sp_d, p);
 #pragma unroll
-        for (int i = 0; i < V; ++i) p[i] = grad_of(diff_of(p[i], t[e + i], mean, rstd), a.p_norm, coef);
+        for (int i = 0; i < V; ++i) {
+          const float diff = p[i] - (t[e + i] - mean) * rstd;
+          const float local = a.p_norm == 1 ? (diff > 0.f ? 1.f : (diff < 0.f ? -1.f : 0.f)) : 2.f * diff;
+          p[i] = local * coef;
+        }
         if constexpr (V > 1) {
           store_vec<TP, V>(out + e, p);
         } else {

@@ -13,32 +13,26 @@ constexpr int kWarps = kThreads / kWarp;
 
 // ---- gather_visible ------------------------------------------------------------------------------------------
 
-// One warp per row of D values, moved between row k of sample b of src ([B, K, D], strided) and row ids[b, k] of
-// sample b of the contiguous [B, N, D] side. kPut = false (gather): out[b, k] = src[b, ids[b, k]], a NaN row for an id
-// out of range. kPut = true (the gather's backward): out[b, ids[b, k]] = src[b, k] over a zero-filled out (the ids of
-// a row are distinct: no atomics), an id out of range is skipped. (The first backward wrote every output row once,
-// inverting the ids per block in shared memory; on the H200 it ran 94 us forward+backward against 78 us for
-// Triton's memset + put: the memset engine writes zeros at full speed.)
-template <class T, int V, bool kPut>
-__global__ void __launch_bounds__(kThreads) row_copy_kernel(const T* __restrict__ src, const void* __restrict__ ids,
-                                                            bool ids64, T* __restrict__ out, int64_t rows, int64_t N,
-                                                            int64_t K, int64_t D, int64_t ss_b, int64_t ss_n,
-                                                            int64_t ss_d, int64_t si_b, int64_t si_k) {
+template <class T, int V>
+__global__ void __launch_bounds__(kThreads) gather_rows_kernel(const T* __restrict__ x, const void* __restrict__ ids,
+                                                               bool ids64, T* __restrict__ out, int64_t rows,
+                                                               int64_t N, int64_t K, int64_t D, int64_t sx_b,
+                                                               int64_t sx_n, int64_t sx_d, int64_t si_b,
+                                                               int64_t si_k) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (row >= rows) return;
   const int64_t b = row / K, k = row % K;
   const int64_t id = load_index(ids, ids64, b * si_b + k * si_k);
   const bool ok = id >= 0 && id < N;
-  if (kPut && !ok) return;  // never written out of bounds; that row stays zero
-  const T* from = src + b * ss_b + (kPut ? k : (ok ? id : 0)) * ss_n;
-  T* dst = out + (kPut ? b * N + id : row) * D;
+  const T* src = x + b * sx_b + (ok ? id : 0) * sx_n;
+  T* dst = out + row * D;
   if constexpr (V > 1) {
 #pragma unroll 4
     for (int64_t d = static_cast<int64_t>(lane) * V; d < D; d += kWarp * V) {
       Vec<T, V> v;
       if (ok) {
-        v = *reinterpret_cast<const Vec<T, V>*>(from + d);
+        v = *reinterpret_cast<const Vec<T, V>*>(src + d);
       } else {
 #pragma unroll
         for (int i = 0; i < V; ++i) v.v[i] = from_f32<T>(qnan());
@@ -46,7 +40,49 @@ __global__ void __launch_bounds__(kThreads) row_copy_kernel(const T* __restrict_
       *reinterpret_cast<Vec<T, V>*>(dst + d) = v;
     }
   } else {
-    for (int64_t d = lane; d < D; d += kWarp) dst[d] = ok ? from[d * ss_d] : from_f32<T>(qnan());
+    for (int64_t d = lane; d < D; d += kWarp) dst[d] = ok ? src[d * sx_d] : from_f32<T>(qnan());
+  }
+}
+
+// Rows [n0, n0 + kInvRows) of sample b: which gradient row (if any) lands in each, found by one pass over the ids.
+constexpr int kInvRows = 32;
+
+template <class T, int V>
+__global__ void __launch_bounds__(kThreads)
+    gather_backward_kernel(const T* __restrict__ g, const void* __restrict__ ids, bool ids64, T* __restrict__ out,
+                           int64_t N, int64_t K, int64_t D, int64_t sg_b, int64_t sg_k, int64_t sg_d, int64_t si_b,
+                           int64_t si_k) {
+  __shared__ int src_row[kInvRows];
+  const int64_t chunks = cdiv(N, kInvRows);
+  const int64_t b = blockIdx.x / chunks;
+  const int64_t n0 = (blockIdx.x % chunks) * kInvRows;
+  if (threadIdx.x < kInvRows) src_row[threadIdx.x] = -1;
+  __syncthreads();
+  for (int64_t k = threadIdx.x; k < K; k += kThreads) {
+    const int64_t id = load_index(ids, ids64, b * si_b + k * si_k);
+    if (id >= n0 && id < n0 + kInvRows && id < N) src_row[id - n0] = static_cast<int>(k);
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  for (int r = warp; r < kInvRows && n0 + r < N; r += kWarps) {
+    const int k = src_row[r];
+    const T* src = g + b * sg_b + static_cast<int64_t>(k < 0 ? 0 : k) * sg_k;
+    T* dst = out + (b * N + n0 + r) * D;
+    if constexpr (V > 1) {
+#pragma unroll 4
+      for (int64_t d = static_cast<int64_t>(lane) * V; d < D; d += kWarp * V) {
+        Vec<T, V> v;
+        if (k >= 0) {
+          v = *reinterpret_cast<const Vec<T, V>*>(src + d);
+        } else {
+#pragma unroll
+          for (int i = 0; i < V; ++i) v.v[i] = from_f32<T>(0.f);
+        }
+        *reinterpret_cast<Vec<T, V>*>(dst + d) = v;
+      }
+    } else {
+      for (int64_t d = lane; d < D; d += kWarp) dst[d] = k >= 0 ? src[d * sg_d] : from_f32<T>(0.f);
+    }
   }
 }
 
@@ -195,34 +231,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// out[c] = sum over p of part[p * width + c]. A block takes 32 columns; its 8 thread rows take every 8th part, four
-// independent sums each (so four loads are in flight), combined in a fixed order: deterministic. (The first version
-// summed all parts of a column in one thread, one L2 round trip per part: with 400 parts that was most of the
-// scatter backward's ~106 us on the H200.)
-constexpr int kSumCols = 32, kSumRows = 8;
-
-__global__ void __launch_bounds__(kSumCols* kSumRows)
-    sum_parts_kernel(const float* __restrict__ part, int64_t parts, int64_t width, float* __restrict__ out) {
-  __shared__ float red[kSumRows][kSumCols];
-  const int tx = threadIdx.x % kSumCols, ty = threadIdx.x / kSumCols;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kSumCols + tx;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  if (c < width) {
-    int64_t p = ty;
-    for (; p + 3 * kSumRows < parts; p += 4 * kSumRows) {
-#pragma unroll
-      for (int k = 0; k < 4; ++k) acc[k] += part[(p + k * kSumRows) * width + c];
-    }
-    for (; p < parts; p += kSumRows) acc[0] += part[p * width + c];
-  }
-  red[ty][tx] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-  __syncthreads();
-  if (ty == 0 && c < width) {
-    float s = 0.f;
-#pragma unroll
-    for (int r = 0; r < kSumRows; ++r) s += red[r][tx];
-    out[c] = s;
-  }
+// out[c] = sum over p of part[p * width + c], in order of p.
+__global__ void sum_parts_kernel(const float* __restrict__ part, int64_t parts, int64_t width,
+                                 float* __restrict__ out) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= width) return;
+  float s = 0.f;
+  for (int64_t p = 0; p < parts; ++p) s += part[p * width + c];
+  out[c] = s;
 }
 
 dim3 scatter_backward_grid(const ScatterBackwardArgs& a) {
@@ -231,40 +247,43 @@ dim3 scatter_backward_grid(const ScatterBackwardArgs& a) {
               static_cast<unsigned>(cdiv(a.D, kChunk)));
 }
 
-// The row copy of gather_visible (kPut = false) or its backward (kPut = true) on the current stream.
-template <bool kPut>
-cudaError_t launch_row_copy(const void* src, int dtype, int64_t ss_b, int64_t ss_n, int64_t ss_d, const void* ids,
-                            bool ids64, int64_t si_b, int64_t si_k, void* out, int64_t B, int64_t N, int64_t K,
-                            int64_t D, cudaStream_t stream) {
-  const int64_t rows = B * K;
-  if (rows == 0 || D == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(cdiv(rows, kWarps)));
-  FASTMIM_FLOAT_TYPE(dtype, T, {
-    constexpr int V = 16 / sizeof(T);
-    const bool vec = vec_ok<T, V>(src, D, ss_b, ss_n, ss_d) && aligned(out, 16);
-    auto kernel = vec ? row_copy_kernel<T, V, kPut> : row_copy_kernel<T, 1, kPut>;
-    kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(src), ids, ids64, static_cast<T*>(out), rows, N, K, D,
-                                          ss_b, ss_n, ss_d, si_b, si_k);
-  });
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 cudaError_t gather_visible(const void* x, int dtype, int64_t sx_b, int64_t sx_n, int64_t sx_d, const void* ids,
                            bool ids64, int64_t si_b, int64_t si_k, void* out, int64_t B, int64_t N, int64_t K,
                            int64_t D, cudaStream_t stream) {
-  return launch_row_copy<false>(x, dtype, sx_b, sx_n, sx_d, ids, ids64, si_b, si_k, out, B, N, K, D, stream);
+  const int64_t rows = B * K;
+  if (rows == 0 || D == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(cdiv(rows, kWarps)));
+  FASTMIM_FLOAT_TYPE(dtype, T, {
+    constexpr int V = 16 / sizeof(T);
+    if (vec_ok<T, V>(x, D, sx_b, sx_n, sx_d) && aligned(out, 16))
+      gather_rows_kernel<T, V><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), ids, ids64,
+                                                             static_cast<T*>(out), rows, N, K, D, sx_b, sx_n, sx_d,
+                                                             si_b, si_k);
+    else
+      gather_rows_kernel<T, 1><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), ids, ids64,
+                                                             static_cast<T*>(out), rows, N, K, D, sx_b, sx_n, sx_d,
+                                                             si_b, si_k);
+  });
+  return cudaGetLastError();
 }
 
 cudaError_t gather_visible_backward(const void* g, int dtype, int64_t sg_b, int64_t sg_k, int64_t sg_d,
                                     const void* ids, bool ids64, int64_t si_b, int64_t si_k, void* out, int64_t B,
                                     int64_t N, int64_t K, int64_t D, cudaStream_t stream) {
   if (B * N == 0 || D == 0) return cudaSuccess;
-  const int64_t elem = dtype == kF32 ? 4 : 2;
-  cudaError_t err = cudaMemsetAsync(out, 0, static_cast<size_t>(B * N * D * elem), stream);
-  if (err != cudaSuccess) return err;
-  return launch_row_copy<true>(g, dtype, sg_b, sg_k, sg_d, ids, ids64, si_b, si_k, out, B, N, K, D, stream);
+  const dim3 grid(static_cast<unsigned>(B * cdiv(N, kInvRows)));
+  FASTMIM_FLOAT_TYPE(dtype, T, {
+    constexpr int V = 16 / sizeof(T);
+    if (vec_ok<T, V>(g, D, sg_b, sg_k, sg_d) && aligned(out, 16))
+      gather_backward_kernel<T, V><<<grid, kThreads, 0, stream>>>(
+          static_cast<const T*>(g), ids, ids64, static_cast<T*>(out), N, K, D, sg_b, sg_k, sg_d, si_b, si_k);
+    else
+      gather_backward_kernel<T, 1><<<grid, kThreads, 0, stream>>>(
+          static_cast<const T*>(g), ids, ids64, static_cast<T*>(out), N, K, D, sg_b, sg_k, sg_d, si_b, si_k);
+  });
+  return cudaGetLastError();
 }
 
 cudaError_t scatter_masked(const ScatterArgs& a, void* out, int out_dtype, cudaStream_t stream) {
@@ -321,11 +340,10 @@ cudaError_t scatter_masked_backward(const ScatterBackwardArgs& a, void* gx, int 
   });
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  sum_parts_kernel<<<static_cast<unsigned>(cdiv(a.D, kSumCols)), kSumCols * kSumRows, 0, stream>>>(
+  sum_parts_kernel<<<static_cast<unsigned>(cdiv(a.D, 256)), 256, 0, stream>>>(
       part_mt, static_cast<int64_t>(grid.x) * grid.y, a.D, gmt);
   if (gpos != nullptr)
-    sum_parts_kernel<<<static_cast<unsigned>(cdiv(R * a.D, kSumCols)), kSumCols * kSumRows, 0, stream>>>(
-        part_pos, grid.y, R * a.D, gpos);
+    sum_parts_kernel<<<static_cast<unsigned>(cdiv(R * a.D, 256)), 256, 0, stream>>>(part_pos, grid.y, R * a.D, gpos);
   return cudaGetLastError();
 }
 
