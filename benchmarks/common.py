@@ -81,3 +81,10 @@ def parse_counts(text: str, minimum: int) -> list[int]:
     if not out or min(out) < minimum:
         raise argparse.ArgumentTypeError(f"expected comma-separated ints >= {minimum}, got {text!r}")
     return out
+
+
+def copy_bandwidth(device: torch.device, measure_ms, mbytes: int) -> float:
+    """Device copy bandwidth in GB/s, counting bytes read + written; ``measure_ms(fn)`` returns fn's time in ms."""
+    src = torch.empty(mbytes * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / (measure_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9

@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import environment, write_row  # noqa: E402
+from benchmarks.common import copy_bandwidth, environment, write_row  # noqa: E402
 from fastmim import _ext  # noqa: E402
 from fastmim.masking import random_masking  # noqa: E402
 from fastmim.ops import (  # noqa: E402
@@ -235,14 +235,6 @@ def peak_extra_mb(fn: Callable, device: torch.device) -> float | None:
     return round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
 
 
-def copy_bandwidth(device: torch.device, measure, mbytes: int) -> float:
-    """Device copy bandwidth in GB/s, counting bytes read + written."""
-    src = torch.empty(mbytes * 2**20 // 4, device=device)
-    dst = torch.empty_like(src)
-    med, _, _ = measure(lambda: dst.copy_(src))
-    return 2 * src.numel() * 4 / (med * 1e-3) / 1e9
-
-
 def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -271,7 +263,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     measure, measure_graph = timer(device, reps), graph_timer(device, args.cuda_graph)
     env = environment(device)
-    copy_gbps = copy_bandwidth(device, measure, 1024 if device.type == "cuda" else 256)
+    copy_gbps = copy_bandwidth(device, lambda fn: measure(fn)[0], 1024 if device.type == "cuda" else 256)
     write_row({"benchmark": "ops", "op": "copy", "impl": "torch copy_", "gbps": round(copy_gbps, 1), **env}, args.out)
     lowp = device.type == "cuda" and not args.fp32
     cases = build_cases(ops, b, args.img_size, args.patch_size, args.encoder_dim, args.decoder_dim,

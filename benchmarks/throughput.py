@@ -18,8 +18,10 @@ that data path sustains. Reports per mode: img/s (median over the timed steps af
 the interval between consecutive CUDA events, so it includes any wait for the host or the data), p20/p80, img/s
 over the whole timed span, model FLOPs per image (recipes.py's formula, checked against torch.utils.flop_counter's
 count of one step), achieved TFLOP/s, MFU against the bf16 dense peak (--peak-tflops, else a measured large
-matmul), peak memory (CUDA), the first step's time (compilation), graph breaks, and speedups over the reference modes
-before it (all ratios are printed at the end). One JSON row per mode (device, versions, commit, date) goes to stdout
+matmul), the step's floor (its matmul FLOPs at that peak plus the bytes it must move, 44 per trainable parameter, at
+the measured copy bandwidth; activations left out, so a lower bound) and the step's time over it (`floor_gap`),
+peak memory (CUDA), the first step's time (compilation), graph breaks, and speedups over the reference modes before
+it (all ratios are printed at the end). One JSON row per mode (device, versions, commit, date) goes to stdout
 and --out as soon as the mode is done. --profile adds a torch.profiler trace per mode and prints the top kernels by
 time and a breakdown by kind (matmul, attention, Triton, elementwise, ...).
 """
@@ -42,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import environment, write_row  # noqa: E402
+from benchmarks.common import copy_bandwidth, environment, write_row  # noqa: E402
 from benchmarks.recipes import RECIPES, get_recipe  # noqa: E402
 from fastmim.train.optim import build_adamw  # noqa: E402
 
@@ -181,6 +183,38 @@ def measure_peak_tflops(device: torch.device, dtype: torch.dtype, size: int) -> 
     return 2.0 * size**3 / statistics.median(timer.times()) / 1e12
 
 
+def median_ms(device: torch.device, fn, reps: int = 10) -> float:
+    """Median time of fn in ms over ``reps`` calls after 3 warm-ups (CUDA events on a GPU)."""
+    for _ in range(3):
+        fn()
+    timer = StepTimer(device, reps)
+    sync(device)
+    for _ in range(reps):
+        timer.mark()
+        fn()
+    timer.mark()
+    return statistics.median(timer.times()) * 1e3
+
+
+# The bytes a training step cannot avoid moving, per trainable fp32 parameter: the forward reads the weight, the
+# backward reads it again and writes its gradient, fused AdamW reads the weight, the gradient and both moments and
+# writes the weight and both moments: 11 accesses of 4 bytes. Activations are left out, so this is a lower bound.
+BYTES_PER_PARAM = 11 * 4
+
+
+def step_floor(flops_per_step: float, params: int, peak_tflops: float, copy_gbps: float) -> dict:
+    """The step's floor: its matmul FLOPs at the matmul peak plus the bytes it must move at the copy bandwidth."""
+    matmul_ms = flops_per_step / (peak_tflops * 1e12) * 1e3
+    nbytes = params * BYTES_PER_PARAM
+    bytes_ms = nbytes / (copy_gbps * 1e9) * 1e3
+
+    def sig(x: float) -> float:
+        return float(f"{x:.5g}")
+
+    return {"floor_ms": sig(matmul_ms + bytes_ms), "floor_matmul_ms": sig(matmul_ms), "floor_bytes_ms": sig(bytes_ms),
+            "floor_bytes_gb": sig(nbytes / 1e9)}  # fmt: skip
+
+
 def flop_check(recipe, model_name: str, args, device: torch.device, dtype) -> dict:
     """torch.utils.flop_counter's count of one image's training step beside the formula's, for the same pass (batch
     1, the model built with the recipe's count_kwargs, e.g. explicit attention matmuls so that every device counts
@@ -311,7 +345,17 @@ def graph_break_count() -> int | None:
         return None
 
 
-def run_mode(mode: str, recipe, model_name: str, args, device: torch.device, next_batch, fpi: float, peak: float):
+def run_mode(
+    mode: str,
+    recipe,
+    model_name: str,
+    args,
+    device: torch.device,
+    next_batch,
+    fpi: float,
+    peak: float,
+    copy_gbps: float,
+):
     """Builds, warms up and times one mode; returns its row."""
     impl, _, compiled = mode.partition("+")
     dtype = AMP[args.amp]
@@ -369,6 +413,9 @@ def run_mode(mode: str, recipe, model_name: str, args, device: torch.device, nex
         "mfu": float(f"{fpi * ips / (peak * 1e12):.4g}"),
         "loss": round(float(loss.detach()), 5),
     }  # fmt: skip
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    row.update(step_floor(fpi * args.batch_size, params, peak, copy_gbps))
+    row["floor_gap"] = float(f"{med * 1e3 / row['floor_ms']:.4g}")  # the step's time over its floor
     if compiled:
         row["graph_breaks"] = graph_break_count()
     if device.type == "cuda":
@@ -430,6 +477,9 @@ def main(argv=None) -> int:
     common["peak_measured_with"] = f"{str(peak_dtype).removeprefix('torch.')} matmul {size}^3"
     common["peak_tflops"] = args.peak_tflops or common["peak_tflops_measured"]
     common["peak_source"] = "given" if args.peak_tflops else "measured"
+    common["copy_gbps_measured"] = float(
+        f"{copy_bandwidth(device, lambda fn: median_ms(device, fn), 1024 if device.type == 'cuda' else 128):.4g}"
+    )
     if not args.no_flop_count:
         common["flop_check"] = flop_check(recipe, model_name, args, device, dtype)
         release(device)
@@ -442,7 +492,17 @@ def main(argv=None) -> int:
     rows = []
     for mode in args.modes:
         try:
-            row = run_mode(mode, recipe, model_name, args, device, next_batch, fpi, common["peak_tflops"])
+            row = run_mode(
+                mode,
+                recipe,
+                model_name,
+                args,
+                device,
+                next_batch,
+                fpi,
+                common["peak_tflops"],
+                common["copy_gbps_measured"],
+            )
         except torch.cuda.OutOfMemoryError as e:
             row = {"benchmark": "throughput", "recipe": recipe.name, "model": model_name, "mode": mode,
                    "batch_size": args.batch_size, "amp": args.amp,
@@ -450,7 +510,10 @@ def main(argv=None) -> int:
         release(device)
         add_ratios(row, rows)
         rows.append(row)
-        status = row.get("error") or f"{row['img_per_s']:.1f} img/s, MFU {row['mfu']:.1%}"
+        status = row.get("error") or (
+            f"{row['img_per_s']:.1f} img/s, MFU {row['mfu']:.1%}, step {row['step_ms_median']:.1f} "
+            f"ms = {row['floor_gap']:.2f}x its floor of {row['floor_ms']:.1f} ms"
+        )
         print(f"  {mode:<18} {status}", file=sys.stderr)
         write_row({**row, **common, **env}, args.out)  # now: a later mode that fails or times out loses only itself
     print_summary(rows)

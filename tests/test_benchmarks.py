@@ -42,6 +42,13 @@ def test_throughput_all_modes_two_steps_on_cpu(tmp_path):
         assert r["flop_check"]["formula_gflop"] == pytest.approx(r["flop_check"]["counted_gflop"], rel=0.01)
         assert r["flop_check"]["pass"] == "fwd+bwd" and r["flop_check"]["formula_gflop"] == r["gflop_per_img"]
         assert r["peak_source"] == "measured" and r["peak_tflops"] == r["peak_tflops_measured"] > 0
+        # the floor: FLOPs at the measured peak plus the parameter traffic at the measured copy bandwidth
+        flops = r["gflop_per_img"] * 1e9 * r["batch_size"]
+        assert r["floor_matmul_ms"] == pytest.approx(flops / (r["peak_tflops"] * 1e12) * 1e3, rel=1e-3)
+        assert r["copy_gbps_measured"] > 0 and r["floor_bytes_gb"] > 0
+        assert r["floor_bytes_ms"] == pytest.approx(r["floor_bytes_gb"] / r["copy_gbps_measured"] * 1e3, rel=2e-3)
+        assert r["floor_ms"] == pytest.approx(r["floor_matmul_ms"] + r["floor_bytes_ms"], rel=1e-4)
+        assert r["floor_gap"] == pytest.approx(r["step_ms_median"] / r["floor_ms"], rel=1e-2)
         prof = r["profile"]
         assert Path(prof["trace"]).exists() and json.loads(gzip.open(prof["trace"]).read())["traceEvents"]
         assert prof["top"] and sum(prof["kinds_pct"].values()) == pytest.approx(100, abs=0.5)
@@ -551,3 +558,12 @@ def test_auto_cuda_backends_are_the_fastest_in_the_results_they_name():
         measured = "patchify" if op == "unpatchify" else op  # unpatchify is patchify's backward
         assert measured in best, f"{op}: no fwd+bwd row in {path}"
         assert best[measured][1] == backend, f"{op}: AUTO_CUDA says {backend}, {path} measured {best[measured]}"
+
+
+def test_step_floor_counts_parameter_traffic_and_flops():
+    """ViT-B-sized numbers: 111M parameters x 44 bytes at 4.2 TB/s, 256 x 58.46 GFLOP at 790 TFLOP/s."""
+    f = throughput.step_floor(256 * 58.46e9, 111_000_000, 790.0, 4200.0)
+    assert f["floor_matmul_ms"] == pytest.approx(18.94, abs=0.01)
+    assert f["floor_bytes_gb"] == pytest.approx(4.884, abs=1e-3)
+    assert f["floor_bytes_ms"] == pytest.approx(1.163, abs=1e-3)
+    assert f["floor_ms"] == pytest.approx(20.11, abs=0.01)
