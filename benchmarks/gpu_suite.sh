@@ -11,9 +11,9 @@
 #   CUDA; the tables of this run.
 # Usage: FASTMIM_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_suite.sh RESULTS_DIR
 # GPU_SUITE_ONLY=ops_tests,ops,... runs only the named steps (ops_tests, host, ops, vit_b_eager, vit_b_compile,
-# sanitizer, tests, fcmae, sparse_conv, tune, vit_b, compile_tests, other, fcmae_compile, vit_l, cli; the environment,
-# the build and the tables always run), and GPU_SUITE_TESTS_K replaces the -k filter of the tests step
-# ("not compile").
+# compile_modes (the default mode's row comes from vit_b_compile), sanitizer, tests, fcmae, sparse_conv, tune, vit_b,
+# compile_tests, other, fcmae_compile, vit_l, cli; the environment, the build and the tables always run), and
+# GPU_SUITE_TESTS_K replaces the -k filter of the tests step ("not compile").
 # (the tree sent to a GPU machine has no .git, so FASTMIM_COMMIT names the commit in every row). RESULTS_DIR gets at
 # most 8 files (what the device tool returns): suite.log (the build's log only when it fails), throughput.jsonl,
 # ops.jsonl, profiles.tar (torch.profiler traces), demo_metrics.jsonl, sparse_conv.jsonl, tune_sparse_dwconv.jsonl
@@ -87,6 +87,16 @@ want vit_b_compile && step "throughput: MAE ViT-B/16, batch 256, bf16, under tor
   fits 120 "ViT-B compiled throughput" && run 200 $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 \
   --amp bf16 --steps 15 --warmup 4 --peak-tflops 790 --modes reference+compile,fastmim+compile \
   --out "$RESULTS/throughput.jsonl"
+
+# torch.compile's modes on the fused MAE step, one run each (issue 15: the best becomes --compile's default; a torch
+# whose mode regresses shows here, measured, not assumed)
+want compile_modes && step "throughput: MAE ViT-B/16, batch 256, bf16, fastmim+compile in each torch.compile mode" && {
+  for cmode in max-autotune-no-cudagraphs reduce-overhead; do
+    fits 120 "compile mode $cmode" && run 200 $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 \
+      --amp bf16 --steps 15 --warmup 4 --peak-tflops 790 --modes fastmim+compile --compile-mode "$cmode" \
+      --out "$RESULTS/throughput.jsonl"
+  done
+}
 
 want sanitizer && step "compute-sanitizer memcheck over every CUDA kernel" && fits 60 "compute-sanitizer" && {
   if command -v compute-sanitizer >/dev/null; then
