@@ -50,16 +50,23 @@ def _patch_copy_kernel(
                     tl.store(img, tl.load(pat, mask=m), mask=m)
 
 
-def _run(img: torch.Tensor, pat: torch.Tensor, p: int, to_patches: bool) -> None:
+def blocks(c: int, width: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_W, num_warps) for C channels and image rows of ``width`` pixels (the defaults
+    benchmarks/tune_triton_ops.py compares against)."""
+    block_w = min(triton.next_power_of_2(width), 1024)
+    block_c = min(triton.next_power_of_2(c), max(1, 2048 // block_w))
+    return block_c, block_w, 4
+
+
+def _run(img: torch.Tensor, pat: torch.Tensor, p: int, to_patches: bool, config: tuple[int, int, int] | None = None):
     b, c, h, w = img.shape
     if img.numel() == 0:
         return
     gh, gw = h // p, w // p
-    block_w = min(triton.next_power_of_2(gw * p), 1024)
-    block_c = min(triton.next_power_of_2(c), max(1, 2048 // block_w))
+    block_c, block_w, num_warps = config or blocks(c, gw * p)
     _patch_copy_kernel[(b, gh)](
         img, pat, gh, gw, p, c, gw * p, *img.stride(), *pat.stride(),
-        TO_PATCHES=to_patches, BLOCK_C=block_c, BLOCK_W=block_w, num_warps=4,
+        TO_PATCHES=to_patches, BLOCK_C=block_c, BLOCK_W=block_w, num_warps=num_warps,
     )  # fmt: skip
 
 
