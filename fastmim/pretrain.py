@@ -191,7 +191,7 @@ def build_model(cfg: PretrainConfig, device: torch.device):
     for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         if getattr(cfg, k) is not None:
             kwargs[k] = getattr(cfg, k)
-    if cfg.model.startswith("mae_"):
+    if cfg.model.startswith(("mae_", "pixmim_")):
         if cfg.drop_path:
             raise UsageError("--drop-path applies to FCMAE's ConvNeXt V2 encoder; MAE's ViT has no stochastic depth")
         kwargs.update(mask_type=cfg.mask_type, attn_impl=cfg.attn_impl)
@@ -203,10 +203,12 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         kwargs["sparse_backend"] = cfg.sparse_backend
         kwargs["drop_path_rate"] = cfg.drop_path
     else:
-        recipes = [f"{p}{cfg.model}" for p in ("mae_", "fcmae_") if f"{p}{cfg.model}" in fastmim.list_models()]
+        names = fastmim.list_models()
+        recipes = [f"{p}{cfg.model}" for p in ("mae_", "pixmim_", "fcmae_") if f"{p}{cfg.model}" in names]
         hint = f"; did you mean {' or '.join(recipes)}?" if recipes else ""
         raise UsageError(
-            f"model {cfg.model!r} is not a pretraining recipe (MAE models are mae_*, FCMAE models fcmae_*){hint}"
+            f"model {cfg.model!r} is not a pretraining recipe (MAE models are mae_*, PixMIM models pixmim_*, FCMAE "
+            f"models fcmae_*){hint}"
         )
     return fastmim.create_model(cfg.model, **kwargs).to(device)
 

@@ -2,5 +2,6 @@
 
 from fastmim.methods.fcmae import FCMAE
 from fastmim.methods.mae import MaskedAutoencoderViT
+from fastmim.methods.pixmim import PixMIMViT
 
-__all__ = ["FCMAE", "MaskedAutoencoderViT"]
+__all__ = ["FCMAE", "MaskedAutoencoderViT", "PixMIMViT"]

@@ -171,11 +171,16 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
 LIGHT_DECODER = dict(decoder_embed_dim=256, decoder_depth=2, decoder_num_heads=8)
 
 
-def _mae(size: str, patch: int, **kwargs) -> MaskedAutoencoderViT:
+def _build(cls: type, size: str, patch: int, **kwargs) -> MaskedAutoencoderViT:
     decoder = LIGHT_DECODER if size == "tiny" else {}
-    return MaskedAutoencoderViT(**{"patch_size": patch, **vit_sizes()[size], **decoder, **kwargs})
+    return cls(**{"patch_size": patch, **vit_sizes()[size], **decoder, **kwargs})
 
 
-for _size in vit_sizes():
-    for _patch in (14, 16):
-        register_model(f"mae_vit_{_size}_patch{_patch}", functools.partial(_mae, _size, _patch))
+def register_vit_family(prefix: str, cls: type) -> None:
+    """Registers ``{prefix}_vit_{size}_patch{14,16}`` for MaskedAutoencoderViT or a subclass (PixMIM, ...)."""
+    for size in vit_sizes():
+        for patch in (14, 16):
+            register_model(f"{prefix}_vit_{size}_patch{patch}", functools.partial(_build, cls, size, patch))
+
+
+register_vit_family("mae", MaskedAutoencoderViT)

@@ -1,0 +1,70 @@
+"""PixMIM's low-frequency pixel target (Liu et al. 2023; mmselfsup's LowFreqTargetGenerator).
+
+The normalised images are un-normalised to [0, 1], transformed (``fft2``), shifted (``fftshift``), kept inside an
+ideal circle ``(i - (h-1)/2)^2 + (j - (w-1)/2)^2 <= r^2`` of the shifted spectrum, transformed back (``ifft2``,
+without ``ifftshift``: the ``abs`` that follows removes the modulation the shift leaves) and normalised again. The
+model then learns MAE's (norm-pix) reconstruction of these images instead of the raw ones.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fastmim.targets.pixel import PixelTarget
+
+# PixMIM's radius at 224 px; other sizes keep the same fraction of the spectrum
+PIXMIM_RADIUS_224 = 40.0
+
+
+def default_radius(img_size: int) -> float:
+    """PixMIM's r = 40 at 224 px, scaled with the image side."""
+    return PIXMIM_RADIUS_224 * img_size / 224
+
+
+@functools.lru_cache(maxsize=16)
+def _circle(h: int, w: int, radius: float, device: str) -> torch.Tensor:
+    i = torch.arange(h, dtype=torch.float64).view(-1, 1) - (h - 1) / 2
+    j = torch.arange(w, dtype=torch.float64).view(1, -1) - (w - 1) / 2
+    return (i.square() + j.square() <= radius**2).to(device=device, dtype=torch.float32)  # [h, w]
+
+
+def low_pass_filter(h: int, w: int, radius: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The ideal circular filter [h, w] (1 inside, 0 outside) in fftshift's layout."""
+    if not radius >= 0:
+        raise ValueError(f"low_pass_filter: radius must be >= 0, got {radius!r}")
+    return _circle(int(h), int(w), float(radius), str(device))
+
+
+@torch.no_grad()
+def low_pass_images(imgs: torch.Tensor, radius: float, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """PixMIM's target: the low-frequency part of normalised images [B, C, H, W], normalised again (fp32).
+
+    Args:
+        imgs: [B, C, H, W] images normalised with ``mean`` / ``std`` (C = len(mean)).
+        radius: radius of the ideal circular filter in the shifted spectrum (PixMIM: 40 at 224 px).
+        mean, std: the normalisation the images carry.
+    """
+    if imgs.dim() != 4 or imgs.shape[1] != len(mean):
+        raise ValueError(f"low_pass_images: imgs must be [B, {len(mean)}, H, W], got {tuple(imgs.shape)}")
+    m = torch.tensor(mean, dtype=torch.float32, device=imgs.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=imgs.device).view(1, -1, 1, 1)
+    x = imgs.float() * s + m  # [0, 1]
+    spec = torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1))
+    spec = spec * low_pass_filter(x.shape[-2], x.shape[-1], radius, x.device)
+    low = torch.fft.ifft2(spec).abs()
+    return (low - m) / s
+
+
+class LowPassTarget(PixelTarget):
+    """PixelTarget on PixMIM's low-frequency images: the same (norm-pix) loss and reconstruction, the target images
+    filtered first. Mixed into a model that also has ``low_pass_radius``."""
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return super().forward_loss(low_pass_images(imgs, self.low_pass_radius), pred, mask)
+
+    @torch.no_grad()
+    def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        return super().reconstruct(low_pass_images(imgs, self.low_pass_radius), pred)
