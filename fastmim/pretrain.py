@@ -191,7 +191,15 @@ def build_model(cfg: PretrainConfig, device: torch.device):
     for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         if getattr(cfg, k) is not None:
             kwargs[k] = getattr(cfg, k)
-    if cfg.model.startswith(("mae_", "pixmim_")):
+    if cfg.model.startswith("simmim_"):
+        kwargs.pop("norm_pix_loss")  # SimMIM predicts the normalised image itself
+        for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+            if getattr(cfg, k) is not None:
+                raise UsageError(f"--{k.replace('_', '-')} does not apply to SimMIM: its head is a 1x1 convolution")
+        if cfg.mask_type not in ("random", "simmim"):  # random: the CLI's default, SimMIM's own masks are meant
+            raise UsageError(f"SimMIM masks 32-px patches (--mask simmim); --mask {cfg.mask_type} is for MAE models")
+        kwargs["attn_impl"] = cfg.attn_impl
+    elif cfg.model.startswith(("mae_", "pixmim_")):
         if cfg.drop_path:
             raise UsageError("--drop-path applies to FCMAE's ConvNeXt V2 encoder; MAE's ViT has no stochastic depth")
         kwargs.update(mask_type=cfg.mask_type, attn_impl=cfg.attn_impl)
@@ -204,11 +212,11 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         kwargs["drop_path_rate"] = cfg.drop_path
     else:
         names = fastmim.list_models()
-        recipes = [f"{p}{cfg.model}" for p in ("mae_", "pixmim_", "fcmae_") if f"{p}{cfg.model}" in names]
+        recipes = [f"{p}{cfg.model}" for p in ("mae_", "pixmim_", "simmim_", "fcmae_") if f"{p}{cfg.model}" in names]
         hint = f"; did you mean {' or '.join(recipes)}?" if recipes else ""
         raise UsageError(
-            f"model {cfg.model!r} is not a pretraining recipe (MAE models are mae_*, PixMIM models pixmim_*, FCMAE "
-            f"models fcmae_*){hint}"
+            f"model {cfg.model!r} is not a pretraining recipe (MAE models are mae_*, PixMIM pixmim_*, SimMIM simmim_*, "
+            f"FCMAE fcmae_*){hint}"
         )
     return fastmim.create_model(cfg.model, **kwargs).to(device)
 

@@ -3,5 +3,6 @@
 from fastmim.methods.fcmae import FCMAE
 from fastmim.methods.mae import MaskedAutoencoderViT
 from fastmim.methods.pixmim import PixMIMViT
+from fastmim.methods.simmim import SimMIMViT
 
-__all__ = ["FCMAE", "MaskedAutoencoderViT", "PixMIMViT"]
+__all__ = ["FCMAE", "MaskedAutoencoderViT", "PixMIMViT", "SimMIMViT"]

@@ -125,11 +125,7 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         """Encodes only the visible patches: [B, C, H, W], [B, K] -> [B, 1 + K, D]."""
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # [B, N, D]
         x = (gather_visible if self.fused_ops else gather_visible_ref)(x, ids_keep)  # [B, K, D]
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)  # [B, 1 + K, D]
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        return self.encode_tokens(x)  # [B, 1 + K, D]
 
     # --- Head ---
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -171,16 +167,18 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
 LIGHT_DECODER = dict(decoder_embed_dim=256, decoder_depth=2, decoder_num_heads=8)
 
 
-def _build(cls: type, size: str, patch: int, **kwargs) -> MaskedAutoencoderViT:
-    decoder = LIGHT_DECODER if size == "tiny" else {}
+def _build(cls: type, light_decoder: bool, size: str, patch: int, **kwargs) -> nn.Module:
+    decoder = LIGHT_DECODER if light_decoder and size == "tiny" else {}
     return cls(**{"patch_size": patch, **vit_sizes()[size], **decoder, **kwargs})
 
 
-def register_vit_family(prefix: str, cls: type) -> None:
-    """Registers ``{prefix}_vit_{size}_patch{14,16}`` for MaskedAutoencoderViT or a subclass (PixMIM, ...)."""
+def register_vit_family(prefix: str, cls: type, light_decoder: bool = True) -> None:
+    """Registers ``{prefix}_vit_{size}_patch{14,16}`` for a ViT recipe class (MAE, PixMIM, SimMIM, ...);
+    ``light_decoder``: ViT-tiny gets MAE's light transformer decoder."""
     for size in vit_sizes():
         for patch in (14, 16):
-            register_model(f"{prefix}_vit_{size}_patch{patch}", functools.partial(_build, cls, size, patch))
+            build = functools.partial(_build, cls, light_decoder, size, patch)
+            register_model(f"{prefix}_vit_{size}_patch{patch}", build)
 
 
 register_vit_family("mae", MaskedAutoencoderViT)

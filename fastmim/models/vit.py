@@ -174,14 +174,18 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, 1 + N, D] normalised tokens, class token first."""
-        x = self.patch_embed(x) + self.pos_embed[:, 1:, :]  # [B, N, D]
+    def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens that carry their position embedding [B, K, D] (all of them, or the visible ones) ->
+        [B, 1 + K, D]: the class token in front, the blocks, the final norm."""
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, 1 + N, D] normalised tokens, class token first."""
+        return self.encode_tokens(self.patch_embed(x) + self.pos_embed[:, 1:, :])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class-token features [B, D], or logits [B, num_classes] when a head is configured."""

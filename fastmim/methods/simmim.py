@@ -1,0 +1,113 @@
+"""SimMIM (Xie et al. 2022; microsoft/SimMIM) on a ViT.
+
+Mask: 32-px mask patches over 16-px tokens, 60% (``fastmim.masking`` "simmim"). Encoder: the ViT on every token, the
+masked patch embeddings replaced by a learned mask token right after the patch embedding (before the class token and
+the position embedding). Head: SimMIM's 1x1 convolution to p*p*3 channels + PixelShuffle(p) on the normed patch
+tokens. Target: the normalised image, no per-patch normalisation; L1 on the masked pixels, divided by their count
+times the channels. Deviation: the ViT keeps MAE's fixed sin-cos position embedding and no layer scale or relative
+position bias (SimMIM's ViT-B config uses a shared relative position bias and layer scale 0.1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastmim.masking import MaskInfo, build_mask
+from fastmim.masking.base import MaskStrategy
+from fastmim.methods.mae import register_vit_family
+from fastmim.models.vit import VisionTransformer
+from fastmim.ops import masked_mse_loss, masked_mse_loss_ref, patchify
+from fastmim.ops.reference import patchify_ref
+from fastmim.targets.pixel import PixelTarget
+
+SIMMIM_MASK_PATCH = 32
+
+
+class SimMIMViT(PixelTarget, VisionTransformer):
+    """SimMIM with a ViT encoder; its encoder keys are the ViT's (exports to timm like MAE's).
+
+    Args:
+        img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio: the ViT.
+        mask_ratio: fraction of 32-px mask patches hidden (SimMIM: 0.6).
+        fused_ops: fastmim.ops for the loss and patchify (False: the plain reference, the same values).
+        attn_impl: see VisionTransformer.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        mask_ratio: float = 0.6,
+        fused_ops: bool = True,
+        attn_impl: str = "auto",
+    ):
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl)
+        if SIMMIM_MASK_PATCH % patch_size:
+            raise ValueError(
+                f"SimMIM's {SIMMIM_MASK_PATCH}-px mask patches need a patch size dividing it, got {patch_size}"
+            )
+        self.mask_ratio = mask_ratio
+        self.fused_ops = fused_ops
+        self.norm_pix_loss = False  # SimMIM predicts the normalised image itself
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.decoder = nn.Sequential(nn.Conv2d(embed_dim, patch_size**2 * in_chans, 1), nn.PixelShuffle(patch_size))
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"mask_token"}
+
+    # --- Mask ---
+    def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:
+        """SimMIM's masks as a ``fastmim.masking`` strategy of (seed, epoch, sample index)."""
+        ratio = self.mask_ratio if ratio is None else ratio
+        p = self.patch_size
+        return build_mask("simmim", self.grid_size, seed=seed, ratio=ratio, mask_patch_size=SIMMIM_MASK_PATCH,
+                          patch_size=p)  # fmt: skip
+
+    def make_mask(self, batch: int, device: torch.device, mask_ratio: float | None = None) -> MaskInfo:
+        seed = int(torch.randint(0, 2**62, (1,)))  # from torch's RNG, so seeding and resume cover it
+        return self.mask_strategy(ratio=mask_ratio)(indices=torch.arange(batch), seed=seed, device=device).info()
+
+    # --- Encoder: every token, the masked ones as the mask token ---
+    def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W], mask [B, N] (1 = hidden) -> [B, 1 + N, D]."""
+        x = self.patch_embed(imgs)  # [B, N, D]
+        w = mask.unsqueeze(-1).to(x.dtype)
+        x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        return self.encode_tokens(x + self.pos_embed[:, 1:, :])
+
+    # --- Head ---
+    def forward_decoder(self, latent: torch.Tensor) -> torch.Tensor:
+        """[B, 1 + N, D] -> the predicted image [B, C, H, W]."""
+        gh, gw = self.grid_size
+        z = latent[:, 1:, :].transpose(1, 2).reshape(latent.shape[0], -1, gh, gw)  # [B, D, gh, gw]
+        return self.decoder(z)
+
+    # --- Loss: L1 on the masked pixels ---
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean absolute error over the masked pixels and channels (SimMIM's sum / (pixels * channels))."""
+        loss_fn = masked_mse_loss if self.fused_ops else masked_mse_loss_ref
+        return loss_fn(pred, imgs, mask, self.patch_size, norm_pix=False, p=1)
+
+    def forward(
+        self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: MaskInfo | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (loss, pred [B, N, p*p*C] in MAE's patch order, mask [B, N] with 1 = hidden)."""
+        if mask is None:
+            mask = self.make_mask(imgs.shape[0], imgs.device, mask_ratio)
+        rec = self.forward_decoder(self.forward_encoder(imgs, mask.mask))  # [B, C, H, W]
+        pred = (patchify if self.fused_ops else patchify_ref)(rec, self.patch_size)
+        return self.forward_loss(imgs, pred, mask.mask), pred, mask.mask
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights alone (no mask token, no head): loads into timm's VisionTransformer."""
+        return {k: v for k, v in self.state_dict().items() if k != "mask_token" and not k.startswith("decoder.")}
+
+
+register_vit_family("simmim", SimMIMViT, light_decoder=False)
