@@ -120,6 +120,19 @@ def mae_flops_per_image(model: nn.Module, forward_only: bool = False) -> float:
     return fwd + embed if forward_only else 3.0 * fwd + 2.0 * embed
 
 
+def simmim_flops_per_image(model: nn.Module, forward_only: bool = False) -> float:
+    """Model FLOPs of one SimMIM training image, matmuls only: patch embedding of all N patches (2 N p^2 C D), the
+    encoder blocks on all N + 1 tokens (the masked ones as the mask token), the 1x1-convolution head (2 N D p^2 C).
+    Backward 2x forward except the patch embedding (1x), as for MAE."""
+    n = model.num_patches
+    d = model.embed_dim
+    p2c = model.patch_size**2 * model.in_chans
+    mlp_ratio = model.blocks[0].mlp.fc1.out_features / d
+    embed = 2.0 * n * p2c * d
+    fwd = _transformer_flops(len(model.blocks), d, n + 1, mlp_ratio) + 2.0 * n * d * p2c
+    return fwd + embed if forward_only else 3.0 * fwd + 2.0 * embed
+
+
 def fcmae_flops_per_image(model: nn.Module, visible: float | None = None, forward_only: bool = False) -> float:
     """Model FLOPs of one FCMAE training image (forward + backward), counting convolutions and matmuls only, on the
     visible pixels of the encoder (the work the sparse computation must do; the dense_masked reference does more).
@@ -172,6 +185,11 @@ def _build_mae(model_name: str, impl: str, **kwargs) -> nn.Module:
     return PaperMAE(model) if impl == "reference" else model
 
 
+def _build_plain(model_name: str, impl: str, **kwargs) -> nn.Module:
+    """reference: the recipe on plain PyTorch ops (fused_ops=False, the same computation); fastmim: fused ops."""
+    return fastmim.create_model(model_name, fused_ops=impl == "fastmim", **kwargs)
+
+
 def _core(model: nn.Module) -> nn.Module:
     """The fastmim model inside a reference wrapper."""
     return model.mae if isinstance(model, PaperMAE) else model
@@ -200,6 +218,10 @@ class Recipe:
 
 RECIPES = {
     "mae": Recipe("mae", "mae_", _build_mae, mae_flops_per_image, {"attn_impl": "math"}),
+    # PixMIM is MAE's computation with another target (an FFT of the image: not matmul FLOPs); SimMIM runs its
+    # encoder on every token; both against their plain-PyTorch path
+    "pixmim": Recipe("pixmim", "pixmim_", _build_plain, mae_flops_per_image, {"attn_impl": "math"}),
+    "simmim": Recipe("simmim", "simmim_", _build_plain, simmim_flops_per_image, {"attn_impl": "math"}),
     # the rows backend: its matmuls and the sparse depthwise conv (a registered flop formula) are what is counted
     "fcmae": Recipe("fcmae", "fcmae_", _build_fcmae, fcmae_flops_per_image, count_backward=False),
 }

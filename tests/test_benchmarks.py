@@ -567,3 +567,20 @@ def test_step_floor_counts_parameter_traffic_and_flops():
     assert f["floor_bytes_gb"] == pytest.approx(4.884, abs=1e-3)
     assert f["floor_bytes_ms"] == pytest.approx(1.163, abs=1e-3)
     assert f["floor_ms"] == pytest.approx(20.11, abs=0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["simmim", "pixmim"])
+def test_new_recipes_in_the_throughput_benchmark(recipe, tmp_path):
+    """SimMIM and PixMIM run in both eager modes, train the same model to the same loss, and their FLOP formulas
+    agree with torch.utils.flop_counter's count of a real step."""
+    out = tmp_path / "rows.jsonl"
+    args = ["--recipe", recipe, "--model", "vit_tiny_patch16", "--img-size", "64", "--batch-size", "2",
+            "--model-arg", "depth=2", "--device", "cpu", "--amp", "none", "--steps", "1", "--warmup", "1",
+            "--modes", "reference,fastmim", "--out", str(out)]  # fmt: skip
+    assert throughput.main(args) == 0
+    rows = read_rows(out)
+    assert [r["mode"] for r in rows] == ["reference", "fastmim"] and all(r["recipe"] == recipe for r in rows)
+    check = rows[0]["flop_check"]
+    assert check["formula_gflop"] == pytest.approx(check["counted_gflop"], rel=0.005)
+    assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-3)
