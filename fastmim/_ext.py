@@ -4,6 +4,7 @@ it CUDA tensors run the Triton kernels)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from types import ModuleType
@@ -13,16 +14,19 @@ class ExtensionWarning(RuntimeWarning):
     """Issued once when fastmim runs without its native extension."""
 
 
-_C: ModuleType | None = None
-load_error: str | None = None
-
-if os.environ.get("FASTMIM_NO_EXT", "0") == "1":
-    load_error = "disabled by FASTMIM_NO_EXT=1"
-else:
+def _load(name: str) -> tuple[ModuleType | None, str | None]:
+    """(fastmim.<name>, None), or (None, why not): not built (FASTMIM_BUILD_EXT=0, FASTMIM_CUDA=0, a source
+    checkout), built for another Python, or disabled by FASTMIM_NO_EXT=1."""
+    if os.environ.get("FASTMIM_NO_EXT", "0") == "1":
+        return None, "disabled by FASTMIM_NO_EXT=1"
     try:
-        from fastmim import _C  # type: ignore[attr-defined,no-redef]
-    except ImportError as e:  # not built (FASTMIM_BUILD_EXT=0, a source checkout) or built for another Python
-        load_error = str(e)
+        return importlib.import_module(f"fastmim.{name}"), None
+    except ImportError as e:
+        return None, str(e)
+
+
+_C, load_error = _load("_C")
+_cuda, cuda_load_error = _load("_cuda")
 
 if _C is None:
     warnings.warn(
@@ -31,17 +35,6 @@ if _C is None:
         ExtensionWarning,
         stacklevel=2,
     )
-
-
-_cuda: ModuleType | None = None
-cuda_load_error: str | None = None
-if os.environ.get("FASTMIM_NO_EXT", "0") == "1":
-    cuda_load_error = "disabled by FASTMIM_NO_EXT=1"
-else:
-    try:
-        from fastmim import _cuda  # type: ignore[attr-defined,no-redef]
-    except ImportError as e:  # built without a CUDA toolkit (FASTMIM_CUDA=0), or for another Python
-        cuda_load_error = str(e)
 
 
 def cuda_available() -> bool:

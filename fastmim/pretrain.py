@@ -190,12 +190,11 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         kwargs["mask_ratio"] = cfg.mask_ratio
     for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         if getattr(cfg, k) is not None:
+            if cfg.model.startswith("simmim_"):
+                raise UsageError(f"--{k.replace('_', '-')} does not apply to SimMIM: its head is a 1x1 convolution")
             kwargs[k] = getattr(cfg, k)
     if cfg.model.startswith("simmim_"):
         kwargs.pop("norm_pix_loss")  # SimMIM predicts the normalised image itself
-        for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
-            if getattr(cfg, k) is not None:
-                raise UsageError(f"--{k.replace('_', '-')} does not apply to SimMIM: its head is a 1x1 convolution")
         if cfg.mask_type not in ("random", "simmim"):  # random: the CLI's default, SimMIM's own masks are meant
             raise UsageError(f"SimMIM masks 32-px patches (--mask simmim); --mask {cfg.mask_type} is for MAE models")
         kwargs["attn_impl"] = cfg.attn_impl

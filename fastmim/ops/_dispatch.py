@@ -281,12 +281,11 @@ def unaliased(fn: Callable) -> Callable:
 FLEXIBLE_LAYOUT = (torch.Tag.flexible_layout,) if hasattr(torch.Tag, "flexible_layout") else ()
 
 
-def custom_op(name: str, fn: Callable, flexible_layout: bool = True):
+def custom_op(name: str, fn: Callable):
     """``torch.library.custom_op(name, fn, mutates_args=())``, tagged ``flexible_layout`` where torch knows it."""
-    tags = FLEXIBLE_LAYOUT if flexible_layout else ()
-    if tags:
+    if FLEXIBLE_LAYOUT:
         try:
-            return torch.library.custom_op(name, fn, mutates_args=(), tags=tags)
+            return torch.library.custom_op(name, fn, mutates_args=(), tags=FLEXIBLE_LAYOUT)
         except TypeError:  # a torch whose custom_op takes no tags
             pass
     return torch.library.custom_op(name, fn, mutates_args=())

@@ -60,7 +60,7 @@ def _backend(pred: torch.Tensor, target: torch.Tensor) -> str:
 
 
 def _kernels(backend: str, target: torch.Tensor, patch_size: int):
-    """(kernel module, target as that backend reads it, its geometry) for backend "cpp" or "triton"."""
+    """(kernel module, target as that backend reads it, its geometry) for backend "cpp", "cuda" or "triton"."""
     if backend == "cpp":
         target = target.contiguous()  # the C++ kernels take dense buffers; Triton and CUDA read any strides
         return _cpu, target, _geometry(target, patch_size)

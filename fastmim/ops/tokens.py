@@ -187,10 +187,10 @@ def _scatter_bwd(
     if gpos is None:
         gpos = grad.new_empty((0, grad.shape[2]), dtype=torch.float32)
     if gcls is None:
-        if has_cls:  # [B, D] rows of the class token, summed over the batch for a broadcast one
+        if has_cls:  # [B, D] rows of the class token, summed over the batch for a broadcast one (a copy either way)
             g0 = grad[:, 0]
-            gcls = g0.to(cls_dtype, copy=True) if cls_rows == grad.shape[0] else g0.float().sum(0, keepdim=True)
-            gcls = gcls.to(cls_dtype)
+            g0 = g0 if cls_rows == grad.shape[0] else g0.float().sum(0, keepdim=True)
+            gcls = g0.to(cls_dtype, copy=True)
         else:
             gcls = grad.new_empty((0, grad.shape[2]), dtype=cls_dtype)
     return gx, gmt, gpos, gcls

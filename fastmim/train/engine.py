@@ -169,10 +169,10 @@ class Trainer:
 
     def save(self) -> None:
         # a finite loss can still be followed by an update that makes weights non-finite (an infinite gradient)
-        total = torch.stack([p.detach().float().sum() for p in self.raw_model.parameters()]).sum()
-        self._check_finite(float(total), "the weights")  # one reduction, one host sync per save
+        total = float(torch.stack([p.detach().float().sum() for p in self.raw_model.parameters()]).sum())
+        self._check_finite(total, "the weights")  # one reduction, one host sync per save
         # data-parallel ranks hold the same weights bit for bit; a rank that drifted would be saved as if it had not
-        sums = self._from_every_rank(float(total))  # collective
+        sums = self._from_every_rank(total)  # collective
         if len(set(sums)) > 1:
             raise RuntimeError(
                 f"the ranks' weights differ at step {self.pos.step} (sums per rank: {sums}); stopping without saving"
