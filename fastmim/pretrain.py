@@ -193,14 +193,14 @@ def build_model(cfg: PretrainConfig, device: torch.device):
             if cfg.model.startswith("simmim_"):
                 raise UsageError(f"--{k.replace('_', '-')} does not apply to SimMIM: its head is a 1x1 convolution")
             kwargs[k] = getattr(cfg, k)
+    if cfg.drop_path and not cfg.model.startswith("fcmae_"):
+        raise UsageError("--drop-path applies to FCMAE's ConvNeXt V2 encoder; the ViT recipes have no stochastic depth")
     if cfg.model.startswith("simmim_"):
         kwargs.pop("norm_pix_loss")  # SimMIM predicts the normalised image itself
         if cfg.mask_type not in ("random", "simmim"):  # random: the CLI's default, SimMIM's own masks are meant
             raise UsageError(f"SimMIM masks 32-px patches (--mask simmim); --mask {cfg.mask_type} is for MAE models")
         kwargs["attn_impl"] = cfg.attn_impl
     elif cfg.model.startswith(("mae_", "pixmim_")):
-        if cfg.drop_path:
-            raise UsageError("--drop-path applies to FCMAE's ConvNeXt V2 encoder; MAE's ViT has no stochastic depth")
         kwargs.update(mask_type=cfg.mask_type, attn_impl=cfg.attn_impl)
     elif cfg.model.startswith("fcmae_"):
         if cfg.decoder_num_heads is not None:

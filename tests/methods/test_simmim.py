@@ -74,5 +74,13 @@ def test_bad_simmim_options_are_refused(image_folder, tmp_path, capsys):
     args[args.index("--model") + 1] = "simmim_vit_tiny_patch16"
     assert pretrain.main(args) == 2
     assert "--decoder-embed-dim does not apply to SimMIM" in capsys.readouterr().err
+    plain = [a for a in args]
+    for flag in ("--decoder-embed-dim", "--decoder-depth", "--decoder-num-heads"):
+        i = plain.index(flag)
+        del plain[i : i + 2]
+    for model in ("simmim_vit_tiny_patch16", "mae_vit_tiny_patch16", "pixmim_vit_tiny_patch16"):
+        plain[plain.index("--model") + 1] = model
+        assert pretrain.main([*plain, "--drop-path", "0.1"]) == 2  # a ViT recipe: refused, not silently ignored
+        assert "--drop-path applies to FCMAE" in capsys.readouterr().err
     with pytest.raises(ValueError, match="32-px mask patches need a patch size dividing it"):
         fastmim.create_model("simmim_vit_tiny_patch14", img_size=56)
