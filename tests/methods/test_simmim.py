@@ -74,7 +74,7 @@ def test_bad_simmim_options_are_refused(image_folder, tmp_path, capsys):
     args[args.index("--model") + 1] = "simmim_vit_tiny_patch16"
     assert pretrain.main(args) == 2
     assert "--decoder-embed-dim does not apply to SimMIM" in capsys.readouterr().err
-    plain = [a for a in args]
+    plain = list(args)
     for flag in ("--decoder-embed-dim", "--decoder-depth", "--decoder-num-heads"):
         i = plain.index(flag)
         del plain[i : i + 2]
