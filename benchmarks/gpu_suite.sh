@@ -3,14 +3,15 @@
 # no network, DALI, spconv or flash-attn: those parts are skipped and the log says so). In priority order, within a
 # time budget (GPU_SUITE_BUDGET_S, default 480 s; a step that would not fit is skipped and named):
 #   build fastmim._C and the CUDA kernels fastmim._cuda (sm_90 here); the ops' GPU tests for both GPU backends
-#   (ops_tests); the ops benchmark with host time and CUDA-graph timing (ops); MAE ViT-B/16 eager throughput with
+#   (ops_tests); the CUDA-graph training step's tests (graph_tests) and its throughput, MAE ViT-B/16 eager and
+#   compiled, FCMAE ConvNeXtV2-Base (graph); the ops benchmark with host time and CUDA-graph timing (ops); MAE ViT-B/16 eager throughput with
 #   each GPU backend of the fused ops (vit_b_eager); the CUDA kernels under compute-sanitizer (sanitizer); then
 #   pytest -m gpu (the torch.compile tests later); FCMAE ConvNeXtV2-Base throughput (batch 64) and the sparse conv
 #   benchmark, profiled; MAE ViT-B/16 throughput (batch 256, bf16) in all four modes, profiled; the compile tests;
 #   the other benchmarks that exist (masks, data loading); ViT-L/16 throughput (batch 128); the CLI's default run on
 #   CUDA; the tables of this run.
 # Usage: FASTMIM_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_suite.sh RESULTS_DIR
-# GPU_SUITE_ONLY=ops_tests,ops,... runs only the named steps (ops_tests, host, ops, vit_b_eager, vit_b_compile,
+# GPU_SUITE_ONLY=ops_tests,ops,... runs only the named steps (ops_tests, graph_tests, graph, host, ops, vit_b_eager, vit_b_compile,
 # compile_modes (the default mode's row comes from vit_b_compile), sanitizer, tests, fcmae, sparse_conv, tune, vit_b,
 # compile_tests, other, fcmae_compile, vit_l, cli; the environment, the build and the tables always run), and
 # GPU_SUITE_TESTS_K replaces the -k filter of the tests step ("not compile").
@@ -68,6 +69,23 @@ want ops_tests && step "pytest: the ops on CUDA for the cuda backend (small odd 
   run 150 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider --durations=5 -m gpu \
   -k "cuda-cuda or test_gpu_ops or cuda_extension" tests/ops tests/test_extension.py
 
+want graph_tests && step "pytest: the training step captured in CUDA graphs against the eager step (tests/train/test_step_gpu.py)" &&
+  fits 60 "CUDA-graph step tests" && run 150 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider \
+  --durations=5 -m gpu tests/train/test_step_gpu.py
+
+# issue 15: the whole step replayed from CUDA graphs against eager and compiled, MAE ViT-B/16 and FCMAE ConvNeXtV2-B
+want graph && step "throughput: CUDA-graph modes, MAE ViT-B/16 b256 and FCMAE ConvNeXtV2-Base b64, bf16" && {
+  fits 90 "ViT-B graph throughput" && run 150 $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 \
+    --amp bf16 --steps 15 --warmup 5 --peak-tflops 790 --modes reference,fastmim,fastmim+graph \
+    --out "$RESULTS/throughput.jsonl"
+  fits 90 "FCMAE graph throughput" && run 150 $PY benchmarks/throughput.py --recipe fcmae --model convnextv2_base \
+    --batch-size 64 --amp bf16 --steps 10 --warmup 5 --peak-tflops 790 --modes reference,fastmim,fastmim+graph \
+    --out "$RESULTS/throughput.jsonl"
+  fits 150 "ViT-B compiled graph throughput" && run 240 $PY benchmarks/throughput.py --model vit_base_patch16 \
+    --batch-size 256 --amp bf16 --steps 15 --warmup 5 --peak-tflops 790 --modes fastmim+compile,fastmim+compile+graph \
+    --out "$RESULTS/throughput.jsonl"
+}
+
 want host && step "host time per call of the fused ops and of what they are made of (tiny tensors: host-bound)" &&
   fits 30 "host overhead" && run 60 $PY benchmarks/host_overhead.py --out "$RESULTS/host_overhead.jsonl"
 
@@ -104,7 +122,7 @@ want sanitizer && step "compute-sanitizer memcheck over every CUDA kernel" && fi
   else echo "compute-sanitizer not on PATH: skipped"; fi
 }
 
-want tests && step "pytest -m gpu (-k ${GPU_SUITE_TESTS_K:-not compile})" && run 200 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider --durations=8 -m gpu -k "${GPU_SUITE_TESTS_K:-not compile}" tests
+want tests && step "pytest -m gpu (-k ${GPU_SUITE_TESTS_K:-not compile})" && run 200 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider --durations=8 -m gpu -k "${GPU_SUITE_TESTS_K:-not compile}" --ignore=tests/train/test_step_gpu.py tests
 
 want fcmae && step "throughput: FCMAE ConvNeXtV2-Base, batch 64, bf16, ratio 0.6: dense_masked vs fastmim" &&
   fits 90 "FCMAE throughput" && run 150 $PY benchmarks/throughput.py --recipe fcmae --model convnextv2_base \

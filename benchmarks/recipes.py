@@ -190,7 +190,7 @@ def _build_plain(model_name: str, impl: str, **kwargs) -> nn.Module:
     return fastmim.create_model(model_name, fused_ops=impl == "fastmim", **kwargs)
 
 
-def _core(model: nn.Module) -> nn.Module:
+def core_model(model: nn.Module) -> nn.Module:
     """The fastmim model inside a reference wrapper."""
     return model.mae if isinstance(model, PaperMAE) else model
 
@@ -213,7 +213,7 @@ class Recipe:
         return model if model.startswith(self.model_prefix) else self.model_prefix + model
 
     def flops(self, model: nn.Module, forward_only: bool = False) -> float:
-        return self.flops_per_image(_core(model), forward_only=forward_only)
+        return self.flops_per_image(core_model(model), forward_only=forward_only)
 
 
 RECIPES = {

@@ -11,6 +11,10 @@ the same seed:
   fastmim            the recipe on fastmim.ops (fused gather, decoder-input scatter, loss)
   reference+compile  the reference under torch.compile (--compile-mode)
   fastmim+compile    fastmim under torch.compile
+  MODE+graph         any of them with the whole step (forward, backward, optimizer) replayed from CUDA graphs, as
+                     ``--cuda-graph`` trains (fastmim.train.step.TrainStep): 3 eager steps, the capture, then replays;
+                     masks are drawn outside the graph each step and copied in, as the trainer does (on CPU the same
+                     code runs uncaptured)
 
 Images are synthetic and already on the device unless --data names an image folder: then each step takes the next
 batch from fastmim's loader (decode + MAE augmentation in worker processes, pinned host memory) and img/s is what
@@ -45,10 +49,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import copy_bandwidth, environment, write_row  # noqa: E402
-from benchmarks.recipes import RECIPES, get_recipe  # noqa: E402
+from benchmarks.recipes import RECIPES, core_model, get_recipe  # noqa: E402
+from fastmim.masking import MaskInfo  # noqa: E402
 from fastmim.train.optim import build_adamw  # noqa: E402
+from fastmim.train.step import TrainStep  # noqa: E402
 
-MODES = ("reference", "fastmim", "reference+compile", "fastmim+compile")
+MODES = ("reference", "fastmim", "reference+compile", "fastmim+compile")  # the default --modes
+GRAPH_MODES = tuple(f"{m}+graph" for m in MODES)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # kernel-name patterns, first match wins: where the device time of a step goes
@@ -67,9 +74,11 @@ KERNEL_KINDS = (
 
 def parse_modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in MODES + GRAPH_MODES]
     if bad or not modes:
-        raise argparse.ArgumentTypeError(f"unknown mode(s) {bad or text!r}; choose from {', '.join(MODES)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown mode(s) {bad or text!r}; choose from {', '.join(MODES + GRAPH_MODES)}"
+        )
     return list(dict.fromkeys(modes))
 
 
@@ -98,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--amp", choices=sorted(AMP), default="bf16")
-    ap.add_argument("--modes", type=parse_modes, default=list(MODES), help=f"comma-separated, from {', '.join(MODES)}")
+    ap.add_argument("--modes", type=parse_modes, default=list(MODES),
+                    help=f"comma-separated, from {', '.join(MODES + GRAPH_MODES)}")  # fmt: skip
     ap.add_argument("--compile-mode", choices=COMPILE_MODES, default="default", help="torch.compile's mode")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per mode")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens in the first)")
@@ -357,26 +367,32 @@ def run_mode(
     copy_gbps: float,
 ):
     """Builds, warms up and times one mode; returns its row."""
-    impl, _, compiled = mode.partition("+")
+    impl, *flags = mode.split("+")
+    compiled, graph = "compile" in flags, "graph" in flags
     dtype = AMP[args.amp]
     torch.manual_seed(args.seed)
     model = recipe.build(model_name, impl, **model_kwargs(args)).to(device)
-    opt = build_adamw(model, 1.5e-4, 0.05)
+    opt = build_adamw(model, 1.5e-4, 0.05, graph=graph)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # as the trainer does for fp16
     fwd = model
     if compiled:
         torch._dynamo.reset()
         fwd = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
+    core = core_model(model)
+    # a graph replays what the host decided at capture: masks drawn on the host (a seed) come in as inputs; the
+    # paper's reference draws its noise on the device, which a replay redraws
+    masks_outside = graph and core is model and hasattr(core, "make_mask")
+
+    def forward(imgs, *mask):
+        return fwd(imgs, mask=MaskInfo(*mask))[0] if mask else fwd(imgs)[0]
+
+    runner = TrainStep(forward, model.parameters(), opt, scaler, device=device, amp_dtype=dtype, graph=graph)
 
     def step():
         imgs = next_batch()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = fwd(imgs)[0]
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        if masks_outside:
+            return runner(imgs, *core.make_mask(imgs.shape[0], device))
+        return runner(imgs)
 
     t0 = time.perf_counter()
     first_loss = step()
@@ -384,9 +400,12 @@ def run_mode(
     first_step_s = time.perf_counter() - t0
     if not torch.isfinite(first_loss).item():
         raise FloatingPointError(f"mode {mode}: the first step's loss is {first_loss.item()}")
-    for _ in range(args.warmup - 1):
+    # a graph mode runs its eager warm-up steps and the capture before anything is timed
+    for _ in range(max(args.warmup, runner.warmup + 2 if graph else 0) - 1):
         step()
     sync(device)
+    if runner.capture and runner.captured == 0:
+        raise RuntimeError(f"mode {mode}: no step was captured during the warm-up")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timer = StepTimer(device, args.steps)
@@ -404,7 +423,8 @@ def run_mode(
     ips = args.batch_size / med
     row = {
         "benchmark": "throughput", "recipe": recipe.name, "model": model_name, "mode": mode,
-        "compile_mode": args.compile_mode if compiled else None, "batch_size": args.batch_size,
+        "compile_mode": args.compile_mode if compiled else None, "cuda_graph": runner.capture,
+        "batch_size": args.batch_size,
         "img_size": args.img_size, "amp": args.amp, "steps": args.steps, "warmup": args.warmup,
         "img_per_s": float(f"{ips:.5g}"), "img_per_s_wall": float(f"{args.batch_size * args.steps / wall:.5g}"),
         "step_ms_median": round(med * 1e3, 2), "step_ms_p20": round(q[0] * 1e3, 2),

@@ -80,6 +80,10 @@ class PretrainConfig:
     clip_grad: float | None = field(default=None, metadata={"help": "clip the gradient norm (None: no clip)"})
     amp: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA), none, bf16 or fp16"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    cuda_graph: bool = field(
+        default=False,
+        metadata={"help": "replay each training step from a CUDA graph (CUDA only; captured after 3 eager steps)"},
+    )
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
     # run
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda, cuda:N"})

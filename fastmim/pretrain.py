@@ -220,6 +220,12 @@ def build_model(cfg: PretrainConfig, device: torch.device):
     return fastmim.create_model(cfg.model, **kwargs).to(device)
 
 
+def check_cuda_graph(cfg: PretrainConfig, device: torch.device) -> None:
+    """--cuda-graph captures CUDA work; elsewhere there is nothing to capture (tests run its code path on CPU)."""
+    if cfg.cuda_graph and device.type != "cuda":
+        raise UsageError(f"--cuda-graph needs a CUDA device; this run is on {device} (drop --cuda-graph)")
+
+
 def run(argv: list[str] | None = None) -> Path:
     """Runs pretraining; returns the output directory."""
     cfg, state = resolve_config(argv)
@@ -235,6 +241,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     from fastmim.train.engine import Trainer, resolve_amp
     from fastmim.train.optim import build_adamw
 
+    check_cuda_graph(cfg, device)  # before anything is written
     out = prepare_output_dir(cfg, info)
     torch.manual_seed(cfg.seed + info.rank)
     np.random.seed(cfg.seed + info.rank)
@@ -245,7 +252,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     loader, sampler, loader_desc = build_loader(cfg, kind, dataset, model.mask_strategy(seed=cfg.seed), info, device)
     eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
     lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
-    optimizer = build_adamw(model, lr, cfg.weight_decay)
+    optimizer = build_adamw(model, lr, cfg.weight_decay, graph=cfg.cuda_graph)
     step_model = model
     if info.enabled:
         ids = [device.index] if device.type == "cuda" else None

@@ -65,6 +65,22 @@ def test_throughput_all_modes_two_steps_on_cpu(tmp_path):
         assert by_mode[a]["loss"] == pytest.approx(by_mode[b]["loss"], rel=1e-3)
 
 
+def test_throughput_graph_modes_on_cpu(tmp_path):
+    """The +graph modes step through TrainStep(graph=True) (uncaptured on CPU: there is nothing to capture) with the
+    masks drawn outside the step; they train what the eager modes train, step for step."""
+    out = tmp_path / "rows.jsonl"
+    args = [*SMALL, "--steps", "2", "--warmup", "5", "--no-flop-count", "--peak-tflops", "0.01",
+            "--modes", "fastmim,fastmim+graph,reference,reference+graph", "--out", str(out)]  # fmt: skip
+    assert throughput.main(args) == 0
+    rows = {r["mode"]: r for r in read_rows(out)}
+    assert list(rows) == ["fastmim", "fastmim+graph", "reference", "reference+graph"]
+    assert not any(r["cuda_graph"] for r in rows.values())  # CPU: uncaptured
+    assert rows["fastmim+graph"]["loss"] == pytest.approx(rows["fastmim"]["loss"], rel=1e-4)
+    assert rows["reference+graph"]["loss"] == pytest.approx(rows["reference"]["loss"], rel=1e-4)
+    with pytest.raises(SystemExit):
+        throughput.main([*SMALL, "--modes", "fastmim+graph+compile"])  # the order is MODE+graph
+
+
 def test_throughput_on_a_real_image_folder(tmp_path):
     folder = make_image_folder(tmp_path / "imgs", n=6)
     out = tmp_path / "rows.jsonl"
@@ -214,6 +230,19 @@ def test_report_one_row_per_device_and_date_with_the_latest_of_each_mode(tmp_pat
     h100 = next(line for line in lines if "H100" in line and "2026-12-01" in line)
     assert "6,800" in h100 and "6,000" not in h100 and "3,500" in h100 and "2.27x (fastmim+compile)" in h100
     assert "50.5%" in h100  # 6800 / 13460
+
+
+def test_report_shows_graph_modes_once_measured(tmp_path):
+    (tmp_path / "r").mkdir()
+    rows = [_tp("reference", 3000.0), _tp("fastmim+compile", 5000.0)]
+    (tmp_path / "r" / "throughput.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert "+graph" not in report.throughput_table(report.load_rows(tmp_path))
+    rows.append(_tp("fastmim+compile+graph", 6000.0))
+    (tmp_path / "r" / "throughput.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    table = report.throughput_table(report.load_rows(tmp_path))
+    head = table.splitlines()[0].split(" | ")
+    assert "fastmim+compile+graph" in head and "reference+graph" not in head
+    assert "6,000" in table and "2.00x (fastmim+compile+graph)" in table
 
 
 def test_report_rejects_a_broken_row_naming_the_file(tmp_path):

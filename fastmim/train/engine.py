@@ -20,6 +20,7 @@ from fastmim.train import checkpoint as ckpt
 from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier
 from fastmim.train.logger import MetricsLogger
 from fastmim.train.optim import lr_at, set_lr
+from fastmim.train.step import TrainStep
 from fastmim.train.visualize import save_reconstruction
 
 
@@ -74,6 +75,22 @@ class Trainer:
         self.images_per_step = self.cfg.batch_size * self.cfg.accum_iter * self.info.world_size
         # each sample's mask from (seed, epoch, dataset index): the same whatever the workers, ranks or restarts
         self.masks = self.raw_model.mask_strategy(seed=self.cfg.seed)
+        if self.cfg.cuda_graph and self.masks.exact_hidden is None:
+            raise ValueError(
+                f"--cuda-graph needs masks that hide the same number of patches in every sample (a graph has fixed "
+                f"shapes); --mask-type {self.cfg.mask_type} varies it"
+            )
+        ddp = self.info.enabled and hasattr(self.model, "no_sync")
+        self.step = TrainStep(
+            self._forward, self.raw_model.parameters(), self.optimizer, self.scaler, device=self.device,
+            accum_iter=self.cfg.accum_iter, clip_grad=self.cfg.clip_grad, amp_dtype=self.amp_dtype,
+            graph=self.cfg.cuda_graph, warmup=11 if ddp else 3,  # DDP settles its buckets in its first iterations
+            no_sync=self.model.no_sync if ddp else None,
+        )  # fmt: skip
+
+    def _forward(self, imgs: torch.Tensor, mask: torch.Tensor, num_hidden: int | None) -> torch.Tensor:
+        """The loss of one micro-batch; the masks' index form is made here, inside a captured step."""
+        return self.model(imgs, mask=Masks(mask, num_hidden=num_hidden).info())[0]
 
     # --- state ---
     def _from_every_rank(self, obj) -> list:
@@ -114,10 +131,12 @@ class Trainer:
             self.raw_model.load_state_dict(state["model"])
         except RuntimeError as e:
             raise ValueError(f"the checkpoint does not fit model {self.cfg.model!r}: {e}") from e
-        fresh_hparams = [{k: g[k] for k in ("weight_decay", "betas")} for g in self.optimizer.param_groups]
+        # the config's settings win over the saved ones (a changed --weight-decay; --cuda-graph's tensor learning rate
+        # and capturable optimizer); the learning rate is set from the schedule before every step anyway
+        fresh_hparams = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         for group, hp in zip(self.optimizer.param_groups, fresh_hparams, strict=True):
-            group.update(hp)  # the config's values win over the saved ones (e.g. a changed --weight-decay)
+            group.update(hp)
         if state["scaler"] and self.scaler.is_enabled():  # empty when saved without fp16 (a changed --amp)
             self.scaler.load_state_dict(state["scaler"])
         self.pos = Position(state["epoch"], state["batch"], state["step"])
@@ -244,33 +263,26 @@ class Trainer:
                 except DaliDecodeError:
                     self._stop_on_bad_file(b)
                     raise
-                imgs = imgs.to(self.device, non_blocking=True)
                 if drawn:
-                    masks = Masks(drawn[0].to(self.device, non_blocking=True), num_hidden=self.masks.exact_hidden)
+                    masks = Masks(drawn[0], num_hidden=self.masks.exact_hidden)
                 else:
                     masks = self.masks(indices=idx, epoch=epoch, device=self.device)
-                mask = masks.info()
                 micro = b % cfg.accum_iter
+                lr_now = lr_at(self.pos.step / self.steps_per_epoch, self.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
                 if micro == 0:
-                    set_lr(self.optimizer, lr_at(self.pos.step / self.steps_per_epoch, self.lr, cfg.min_lr,
-                                                 cfg.warmup_epochs, cfg.epochs))  # fmt: skip
+                    set_lr(self.optimizer, lr_now)
                 last_micro = micro == cfg.accum_iter - 1
-                no_sync = self.info.enabled and not last_micro and hasattr(self.model, "no_sync")
-                with self.model.no_sync() if no_sync else contextlib.nullcontext(), self.autocast():
-                    loss, _, _ = self.model(imgs, mask=mask)
-                self.scaler.scale(loss / cfg.accum_iter).backward()
-                running += loss.detach().float()
+                # a graph-mode step copies the batch into its buffers itself (pinned host memory: asynchronously)
+                if not cfg.cuda_graph:
+                    imgs = imgs.to(self.device, non_blocking=True)
+                    masks.mask = masks.mask.to(self.device, non_blocking=True)
+                loss = self.step(imgs, masks.mask, masks.num_hidden, last=last_micro)
+                running += loss
                 count += 1
                 bar.update(1)
                 self.pos.batch = b + 1
                 if not last_micro:
                     continue
-                if cfg.clip_grad is not None:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.clip_grad)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
                 self.pos.step += 1
                 done = self.pos.step >= self.total_steps
                 end_of_epoch = self.pos.batch == self.batches_per_epoch
@@ -282,7 +294,6 @@ class Trainer:
                     self._check_finite(loss_avg, "the loss")
                     now = time.perf_counter()
                     ips = (self.pos.step - step_log) * self.images_per_step / max(now - t_log, 1e-9)
-                    lr_now = self.optimizer.param_groups[0]["lr"]
                     row = {"epoch": epoch + self.pos.batch / self.batches_per_epoch, "loss": loss_avg, "lr": lr_now,
                            "img_per_s": ips}  # fmt: skip
                     if self.device.type == "cuda":

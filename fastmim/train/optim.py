@@ -19,9 +19,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW, fused when the parameters' device supports it (CUDA, and CPU on recent torch)."""
+def build_adamw(
+    model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), graph: bool = False
+) -> torch.optim.AdamW:
+    """AdamW, fused when the parameters' device supports it (CUDA, and CPU on recent torch).
+
+    ``graph``: for a step captured in a CUDA graph: fused, capturable on CUDA (its step counts live on the device), and
+    the learning rate a device tensor that ``set_lr`` fills in place (a float would be frozen into the graph)."""
     groups = param_groups(model, weight_decay)
+    if graph:
+        device = next(p.device for g in groups for p in g["params"])
+        lr_t = torch.tensor(float(lr), dtype=torch.float32, device=device)
+        return torch.optim.AdamW(groups, lr=lr_t, betas=betas, fused=True, capturable=device.type == "cuda")
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
     except (RuntimeError, TypeError, ValueError):  # fused unsupported for this device/dtype/torch
@@ -38,5 +47,9 @@ def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, value: float) -> None:
+    """Sets every group's learning rate; a tensor learning rate (a graph-captured step reads it) is filled in place."""
     for g in optimizer.param_groups:
-        g["lr"] = value
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(value)
+        else:
+            g["lr"] = value

@@ -1,0 +1,127 @@
+"""The training step captured in CUDA graphs (``TrainStep(graph=True)``, ``--cuda-graph``) against the same step run
+eagerly: the same weights, losses and gradient-scaler state, with accumulation, clipping, fp16 loss scaling (a
+step with an infinite gradient skipped on the device), drop path drawing from the CUDA generator, torch.compile,
+and a resume. Needs a GPU (benchmarks/gpu_suite.sh runs them); tests/train/test_step.py runs the same code uncaptured
+on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fastmim
+from fastmim.masking import MaskInfo, random_masking
+from fastmim.train.checkpoint import load_checkpoint
+from fastmim.train.optim import build_adamw, set_lr
+from fastmim.train.step import TrainStep
+from tests.conftest import TINY_ARGS, run_cli
+
+pytestmark = pytest.mark.gpu
+
+MODELS = {
+    "mae": ("mae_vit_tiny_patch16", dict(img_size=64, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2), 64),
+    "fcmae": ("fcmae_convnextv2_atto", dict(img_size=96, drop_path_rate=0.3), 96),
+}
+
+
+def _build(kind: str):
+    name, kwargs, _ = MODELS[kind]
+    torch.manual_seed(0)
+    return fastmim.create_model(name, **kwargs).cuda()
+
+
+def _batches(kind: str, n: int, b: int = 4, inf_at: int | None = None):
+    model_img = MODELS[kind][2]
+    tokens = (model_img // (16 if kind == "mae" else 32)) ** 2
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        m = random_masking(b, tokens, 0.75 if kind == "mae" else 0.6, generator=g)
+        imgs = torch.randn(b, 3, model_img, model_img, generator=g)
+        if i == inf_at:
+            imgs[0, 0, 0, 0] = float("inf")  # a non-finite loss and gradients: fp16's scaler must skip this step
+        out.append((imgs.pin_memory(), m.ids_keep, m.ids_restore, m.mask))
+    return out
+
+
+def _train(kind: str, graph: bool, dtype, batches, accum: int = 2, compile: bool = False, clip: float | None = 1.0):
+    model = _build(kind)
+    fwd = torch.compile(model) if compile else model
+    opt = build_adamw(model, 1e-3, 0.05, graph=True)  # the same optimizer in both modes: results comparable bitwise
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16, init_scale=2.0**12)
+
+    def forward(imgs, ids_keep, ids_restore, mask):
+        return fwd(imgs, mask=MaskInfo(ids_keep, ids_restore, mask))[0]
+
+    step = TrainStep(forward, model.parameters(), opt, scaler, device=torch.device("cuda"), accum_iter=accum,
+                     clip_grad=clip, amp_dtype=dtype, graph=graph)  # fmt: skip
+    torch.manual_seed(123)  # drop path draws from the CUDA generator: the same stream for both modes
+    losses = []
+    for i, batch in enumerate(batches):
+        if i % accum == 0:
+            set_lr(opt, 1e-3 * (1 + i // accum))
+        losses.append(float(step(*batch, last=i % accum == accum - 1)))
+    torch.cuda.synchronize()
+    return model, step, scaler, losses
+
+
+@pytest.mark.parametrize(
+    "kind, dtype",
+    [("mae", torch.bfloat16), ("mae", torch.float16), ("fcmae", torch.bfloat16), ("mae", None)],
+    ids=["mae-bf16", "mae-fp16", "fcmae-bf16-drop-path", "mae-fp32"],
+)
+def test_captured_step_trains_as_the_eager_step(kind, dtype):
+    """8 optimizer steps of 2 micro-batches: 3 eager warm-up steps, the capture of both calls (micro-batch, last
+    micro-batch), then replays; the losses and weights follow the eager run's. fp16: one batch holds an infinite
+    pixel, and both modes skip that step and halve the scale."""
+    inf_at = 9 if dtype == torch.float16 else None
+    batches = _batches(kind, 16, inf_at=inf_at)
+    eager, _, eager_scaler, eager_losses = _train(kind, False, dtype, batches)
+    graph, step, graph_scaler, graph_losses = _train(kind, True, dtype, batches)
+    assert step.captured == 2
+    finite = [i for i, x in enumerate(eager_losses) if x == x and abs(x) != float("inf")]
+    assert len(finite) == 16 - (inf_at is not None)
+    assert [graph_losses[i] for i in finite] == pytest.approx([eager_losses[i] for i in finite], rel=1e-3, abs=1e-4)
+    for (name, a), b in zip(eager.named_parameters(), graph.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    if dtype == torch.float16:
+        assert graph_scaler.get_scale() == eager_scaler.get_scale() < 2.0**12  # the skipped step halved it
+    # the replays read new inputs: a graph that kept its first batch would repeat its losses
+    assert len({round(x, 6) for x in graph_losses[8:]}) == 8
+
+
+def test_captured_step_with_torch_compile():
+    batches = _batches("mae", 12)
+    eager, _, _, eager_losses = _train("mae", False, torch.bfloat16, batches, compile=True)
+    graph, step, _, graph_losses = _train("mae", True, torch.bfloat16, batches, compile=True)
+    assert step.captured == 2
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-3, abs=1e-4)
+    for a, b in zip(eager.parameters(), graph.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+
+
+def test_cli_cuda_graph_trains_as_eager_and_resumes_exactly(image_folder, tmp_path):
+    """--cuda-graph end to end: the eager run's losses, and a run stopped after one epoch and resumed (warm-up and
+    capture again) ends with the uninterrupted run's weights, bit for bit."""
+    args = list(TINY_ARGS)
+    args[args.index("--device") + 1] = "cuda"
+    args[args.index("--amp") + 1] = "bf16"
+    args += ["--data-path", str(image_folder), "--log-interval", "1", "--vis-interval", "100", "--loader", "torch"]
+
+    def run(out, *extra):
+        r = run_cli([*args, "--output-dir", str(out), *extra])
+        assert r.returncode == 0, r.stderr
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    eager = run(tmp_path / "eager", "--epochs", "2")
+    graph = run(tmp_path / "graph", "--epochs", "2", "--cuda-graph")
+    assert [r["loss"] for r in graph] == pytest.approx([r["loss"] for r in eager], rel=2e-3)
+    run(tmp_path / "half", "--epochs", "1", "--cuda-graph")
+    run(tmp_path / "half", "--epochs", "2", "--cuda-graph", "--resume", str(tmp_path / "half" / "checkpoint.pt"))
+    a = load_checkpoint(tmp_path / "graph" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "half" / "checkpoint.pt")
+    assert a["step"] == b["step"] == len(graph)
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
