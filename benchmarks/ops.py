@@ -35,6 +35,8 @@ from benchmarks.common import copy_bandwidth, environment, write_row  # noqa: E4
 from fastmim import _ext  # noqa: E402
 from fastmim.masking import random_masking  # noqa: E402
 from fastmim.ops import (  # noqa: E402
+    add_layer_norm,
+    add_layer_norm_ref,
     gather_visible,
     gather_visible_ref,
     grn,
@@ -48,7 +50,7 @@ from fastmim.ops import (  # noqa: E402
 )
 from fastmim.ops._dispatch import NO_CUDA_KERNEL, choose_backend, set_backend  # noqa: E402
 
-OPS = ("gather", "scatter", "loss", "patchify", "grn")
+OPS = ("gather", "scatter", "loss", "patchify", "grn", "add_ln")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -124,6 +126,17 @@ def build_cases(ops, b: int, img: int, patch: int, enc_dim: int, dec_dim: int, r
         nbytes = x.numel() * x.element_size()
         cases.append(Case("grn", f"B{b} N76 C2048", f"x {act}, params fp32", [x, w, bias], grn, grn_ref, 2 * nbytes,
                           3 * nbytes, choose_backend("grn", device, (x.dtype, w.dtype))))  # fmt: skip
+    if "add_ln" in ops:  # the MAE decoder's residual add + LayerNorm: bf16 branch output, fp32 stream and params
+        tokens = n + 1
+        x, r, w, bias = t(b, tokens, dec_dim, dtype=act), t(b, tokens, dec_dim), t(dec_dim), t(dec_dim)
+        elems = x.numel()
+        y_es = torch.tensor([], dtype=act).element_size()
+        fwd = elems * (x.element_size() + 4 + 4 + y_es) + b * tokens * 8  # x, stream in; s, y, mean/rstd out
+        bwd = elems * (y_es + 4 + 4 + 4 + x.element_size())  # dy, ds, s in; d stream, dx out
+        cases.append(Case("add_layer_norm", f"B{b} N{tokens} C{dec_dim}", f"x {act}, stream and params fp32",
+                          [x, r, w, bias], lambda *a: add_layer_norm(*a, 1e-6, act),
+                          lambda *a: add_layer_norm_ref(*a, 1e-6, act), fwd, bwd,
+                          choose_backend("add_layer_norm", device, (act, f32, f32, f32))))  # fmt: skip
     return cases
 
 
@@ -186,11 +199,13 @@ def passes(fn: Callable, inputs: list) -> tuple[dict[str, Callable], dict[str, C
         return fn(*inputs)
 
     out = fwd()
+    outs = out if isinstance(out, tuple) else (out,)  # every output gets a gradient (add_layer_norm: y and s)
     # from a CPU generator: CUDA's random state may be unusable after a failed graph capture (graph_timer)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.device, out.dtype)
+    gen = torch.Generator().manual_seed(0)
+    grad_out = tuple(torch.randn(o.shape, generator=gen).to(o.device, o.dtype) for o in outs)
 
     def bwd():
-        torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+        torch.autograd.grad(outs, leaves, grad_out, retain_graph=True)
 
     def fwd_bwd():
         torch.autograd.grad(fn(*inputs), leaves, grad_out)

@@ -58,7 +58,12 @@ def _latest(rows: list[dict], key) -> dict[tuple, dict]:
 
 def throughput_table(rows: list[dict]) -> str:
     rows = [r for r in rows if r.get("benchmark") == "throughput" and "img_per_s" in r]
-    latest = _latest(rows, lambda r: (r["device"], r["date"][:10], r["model"], r["batch_size"], r.get("amp"),
+
+    def model_cell(r: dict) -> str:  # --model-arg settings are part of the configuration
+        extra = r.get("model_args") or {}
+        return r["model"] + "".join(f" {k}={v}" for k, v in sorted(extra.items()))
+
+    latest = _latest(rows, lambda r: (r["device"], r["date"][:10], model_cell(r), r["batch_size"], r.get("amp"),
                                       r.get("img_size", 224), r["mode"]))  # fmt: skip
     groups: dict[tuple, dict[str, dict]] = {}
     for (dev, day, model, batch, amp, size, mode), r in latest.items():

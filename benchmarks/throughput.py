@@ -423,6 +423,7 @@ def run_mode(
     ips = args.batch_size / med
     row = {
         "benchmark": "throughput", "recipe": recipe.name, "model": model_name, "mode": mode,
+        "model_args": dict(args.model_arg) or None,
         "compile_mode": args.compile_mode if compiled else None, "cuda_graph": runner.capture,
         "batch_size": args.batch_size,
         "img_size": args.img_size, "amp": args.amp, "steps": args.steps, "warmup": args.warmup,

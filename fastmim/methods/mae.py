@@ -18,7 +18,7 @@ from fastmim.masking.random import check_mask_ratio
 from fastmim.masking.strategies import build_mask
 from fastmim.models.pos_embed import sincos_2d
 from fastmim.models.registry import register_model
-from fastmim.models.vit import Block, VisionTransformer, init_weights, vit_sizes
+from fastmim.models.vit import Block, VisionTransformer, init_weights, run_blocks, vit_sizes
 from fastmim.ops import gather_visible, scatter_masked
 from fastmim.ops.reference import (
     gather_visible_ref,
@@ -42,7 +42,7 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         norm_pix_loss: normalise each target patch by its mean and std.
         fused_ops: use fastmim.ops (fused gather, decoder-input scatter and loss); False keeps the plain PyTorch
             reference path, which computes the same values.
-        Other arguments as ``VisionTransformer``.
+        Other arguments as ``VisionTransformer`` (``fused_norm`` applies to the encoder and the decoder).
     """
 
     def __init__(
@@ -62,11 +62,13 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         norm_pix_loss: bool = True,
         attn_impl: str = "auto",
         fused_ops: bool = True,
+        fused_norm: bool = False,
     ):
         check_mask_ratio(mask_ratio)
         if mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
-        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl)
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
+                         fused_norm=fused_norm)  # fmt: skip
         self.mask_ratio = float(mask_ratio)
         self.mask_type = mask_type
         self.norm_pix_loss = norm_pix_loss
@@ -134,9 +136,7 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         # unshuffle + mask tokens + class token + position embedding (fused: in one pass)
         scatter = scatter_masked if self.fused_ops else scatter_masked_ref
         x = scatter(x[:, 1:, :], ids_restore, self.mask_token, self.decoder_pos_embed, x[:, :1, :])  # [B, 1 + N, Dd]
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        x = self.decoder_pred(self.decoder_norm(x))  # [B, 1 + N, p*p*C]
+        x = self.decoder_pred(run_blocks(self.decoder_blocks, x, self.decoder_norm, self.fused_norm))  # [B, 1+N, ppC]
         return x[:, 1:, :]
 
     # --- Forward ---

@@ -46,8 +46,10 @@ class SimMIMViT(PixelTarget, VisionTransformer):
         mask_ratio: float = 0.6,
         fused_ops: bool = True,
         attn_impl: str = "auto",
+        fused_norm: bool = False,
     ):
-        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl)
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
+                         fused_norm=fused_norm)  # fmt: skip
         if SIMMIM_MASK_PATCH % patch_size:
             raise ValueError(
                 f"SimMIM's {SIMMIM_MASK_PATCH}-px mask patches need a patch size dividing it, got {patch_size}"

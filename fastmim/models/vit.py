@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmim.models.pos_embed import sincos_2d
+from fastmim.ops.layer_norm import add_layer_norm
 
 try:  # optional: used for fp16/bf16 CUDA tensors when installed (pip install fastmim[flash])
     from flash_attn import flash_attn_qkvpacked_func as _flash_qkvpacked
@@ -108,6 +109,31 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
+    def forward_fused(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on the stream ``x + delta`` (``delta``: the previous block's MLP output, not yet added; None for
+        the first block) with each residual add fused into the LayerNorm after it (``fastmim.ops.add_layer_norm``).
+        Returns (stream, this block's MLP output): ``forward(x + delta) == stream + mlp_out``."""
+        if delta is None:
+            h, y = x, self.norm1(x)
+        else:
+            y, h = add_layer_norm(delta, x, self.norm1.weight, self.norm1.bias, self.norm1.eps)
+        y, h = add_layer_norm(self.attn(y), h, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        return h, self.mlp(y)
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, norm: nn.LayerNorm, fused_norm: bool = False) -> torch.Tensor:
+    """``norm(blocks(x))``; with ``fused_norm`` every residual add is fused with the LayerNorm that follows it, the
+    last one with ``norm`` (whose output keeps the stream's dtype, as LayerNorm's under autocast)."""
+    if not fused_norm or not len(blocks):
+        for blk in blocks:
+            x = blk(x)
+        return norm(x)
+    delta = None
+    for blk in blocks:
+        x, delta = blk.forward_fused(x, delta)
+    s_dtype = torch.promote_types(x.dtype, delta.dtype)
+    return add_layer_norm(delta, x, norm.weight, norm.bias, norm.eps, out_dtype=s_dtype)[0]
+
 
 def init_weights(module: nn.Module) -> None:
     """MAE's initialisation: xavier-uniform linears, zero biases, unit LayerNorms."""
@@ -131,6 +157,8 @@ class VisionTransformer(nn.Module):
         num_classes: size of a linear classifier on the class token (0: none, as timm's ``.mae`` models).
         attn_impl: "auto" (flash-attn for fp16/bf16 CUDA tensors when installed, else SDPA), "sdpa", "flash",
             "math" (explicit softmax(QK^T)V, for checking).
+        fused_norm: fuse each residual add with the LayerNorm after it (``fastmim.ops.add_layer_norm``); the same
+            function, fewer passes over the activations. Off until it measures faster in the training step.
     """
 
     def __init__(
@@ -145,8 +173,10 @@ class VisionTransformer(nn.Module):
         qkv_bias: bool = True,
         num_classes: int = 0,
         attn_impl: str = "auto",
+        fused_norm: bool = False,
     ):
         super().__init__()
+        self.fused_norm = fused_norm
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.embed_dim = embed_dim
@@ -179,9 +209,7 @@ class VisionTransformer(nn.Module):
         [B, 1 + K, D]: the class token in front, the blocks, the final norm."""
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        return run_blocks(self.blocks, x, self.norm, self.fused_norm)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, 1 + N, D] normalised tokens, class token first."""
@@ -207,4 +235,4 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["Block", "PatchEmbed", "VisionTransformer", "init_weights", "vit_sizes", "num_params"]
+__all__ = ["Block", "PatchEmbed", "VisionTransformer", "init_weights", "run_blocks", "vit_sizes", "num_params"]

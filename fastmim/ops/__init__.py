@@ -3,15 +3,18 @@
 Every op has a plain PyTorch reference (``*_ref``) that defines its semantics. Backends: CUDA C++ (``fastmim._cuda``)
 or Triton for CUDA tensors, whichever measured faster for the op; C++ (``fastmim._C``, OpenMP) for CPU tensors
 (``grn``, which has no C++ kernel: its PyTorch formulation); the reference otherwise. ``FASTMIM_BACKEND=cuda|triton|
-cpp|torch`` or ``set_backend(name)`` forces one. All are ``torch.library`` custom ops
+cpp|torch`` or ``set_backend(name)`` forces one. ``add_layer_norm`` fuses a pre-norm transformer block's residual
+add with the LayerNorm after it. All are ``torch.library`` custom ops
 (``torch.ops.fastmim.*``) with fake kernels and autograd, safe under ``torch.compile(fullgraph=True)``.
 """
 
 from fastmim.ops._dispatch import set_backend
 from fastmim.ops.grn import grn
+from fastmim.ops.layer_norm import add_layer_norm
 from fastmim.ops.masked_loss import masked_mse_loss, masked_mse_loss_patchified
 from fastmim.ops.patchify import patchify, unpatchify
 from fastmim.ops.reference import (
+    add_layer_norm_ref,
     gather_visible_ref,
     grn_ref,
     masked_mse_loss_patchified_ref,
@@ -26,6 +29,8 @@ from fastmim.ops.sparse_conv import SparseLayout, sparse_dwconv
 from fastmim.ops.tokens import gather_visible, scatter_masked
 
 __all__ = [
+    "add_layer_norm",
+    "add_layer_norm_ref",
     "SparseLayout",
     "gather_visible",
     "gather_visible_ref",

@@ -13,6 +13,7 @@ reads the environment through the interpreter's own dict (``os.environ.get`` cos
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable
@@ -27,9 +28,9 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # dtype codes of fastmim._C and fastmim._cuda
 CPP_DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # ops with no fastmim._C kernel: "cpp" (chosen or forced) runs their "torch" backend instead
-NO_CPP_KERNEL: frozenset[str] = frozenset({"grn"})
+NO_CPP_KERNEL: frozenset[str] = frozenset({"grn", "add_layer_norm"})
 # ops with no fastmim._cuda kernel: "cuda" (chosen or forced) runs their "triton" backend instead
-NO_CUDA_KERNEL: frozenset[str] = frozenset({"grn", "sparse_dwconv"})
+NO_CUDA_KERNEL: frozenset[str] = frozenset({"grn", "sparse_dwconv", "add_layer_norm"})
 
 # The auto backend of each op on CUDA tensors: whichever was faster (forward + backward, plain timing) in the
 # committed GPU results named here; an op not listed, or "cuda" without fastmim._cuda, runs Triton.
@@ -170,6 +171,19 @@ def _choose(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...], forc
     if device.type == "cpu" and _cpp_problem(device) is None:
         return "torch" if op in NO_CPP_KERNEL else "cpp"
     return "torch"
+
+
+def stat_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype of statistics and accumulation: fp32 for fp32/bf16/fp16 tensors, float64 for float64."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def no_autocast(device: torch.device):
+    """For a torch backend whose dtypes are explicit: autocast (still on inside a custom op's kernel) must not
+    recast."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def check_float(op: str, name: str, t: torch.Tensor) -> None:

@@ -13,12 +13,19 @@ are fp32 (float64 for float64 input) and the result is rounded once to x's dtype
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 
-from fastmim.ops._dispatch import check_device, check_float, choose_backend, eager_function, use_custom_op
+from fastmim.ops._dispatch import (
+    check_device,
+    check_float,
+    choose_backend,
+    eager_function,
+    no_autocast,
+    stat_dtype,
+    use_custom_op,
+)
 
 _OP = "grn"
 
@@ -29,28 +36,17 @@ def _triton_grn():
     return grn
 
 
-def _stat_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)  # fp32 statistics; float64 input keeps float64
-
-
-def _no_autocast(device: torch.device):
-    """The torch backend's dtypes are explicit: autocast (still on inside a custom op's kernel) must not recast."""
-    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _norms(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """gx [B, 1, C] and d = mean_c gx + eps [B, 1, 1], in the statistics dtype."""
-    gx = torch.linalg.vector_norm(x, ord=2, dim=1, keepdim=True, dtype=_stat_dtype(x))
+    gx = torch.linalg.vector_norm(x, ord=2, dim=1, keepdim=True, dtype=stat_dtype(x))
     return gx, gx.mean(dim=-1, keepdim=True) + eps
 
 
 def _fwd_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """``x * (1 + weight * nx) + bias`` with the per-(sample, channel) scale an fp32 [B, 1, C]: one pass for the norm,
     one fused multiply-add (in fp32: addcmul promotes) and the cast."""
-    stat = _stat_dtype(x)
-    with _no_autocast(x.device):
+    stat = stat_dtype(x)
+    with no_autocast(x.device):
         gx, d = _norms(x, eps)
         scale = torch.addcmul(torch.ones_like(gx), weight.to(stat), gx / d)  # [B, 1, C]
         return torch.addcmul(bias.to(stat), x, scale).to(x.dtype)
@@ -62,9 +58,9 @@ def _bwd_torch(
     """The closed-form gradients (autograd is off inside a custom op): with P = sum_n grad * x, dweight = sum_b nx * P,
     dbias = sum grad, dnx = weight * P, dgx = dnx / d - sum_c(dnx * gx) / (C d^2) and
     dx = grad * (1 + weight * nx) + x * dgx / gx, the last term zero where gx = 0 (vector_norm's subgradient)."""
-    stat = _stat_dtype(x)
+    stat = stat_dtype(x)
     dx = dw = db = None
-    with _no_autocast(x.device):
+    with no_autocast(x.device):
         if need_b:
             db = grad.sum(dim=(0, 1), dtype=stat)
         if not (need_x or need_w):
@@ -119,7 +115,7 @@ def _bwd(
         dx, dw, db = _bwd_torch(grad, x, weight, eps, need_x, need_w, need_b)
     if dx is None:
         dx = x.new_empty((0, 0, x.shape[2]))
-    none = x.new_empty((0,), dtype=_stat_dtype(x))
+    none = x.new_empty((0,), dtype=stat_dtype(x))
     return dx, none if dw is None else dw, none if db is None else db
 
 
@@ -129,7 +125,7 @@ _grn_backward_op = torch.library.custom_op("fastmim::grn_backward", _bwd, mutate
 @_grn_backward_op.register_fake
 def _(grad, x, weight, eps, need_x, need_w, need_b):
     b, n, c = x.shape
-    stat = _stat_dtype(x)
+    stat = stat_dtype(x)
     dx = x.new_empty((b, n, c) if need_x else (0, 0, c))
     return dx, x.new_empty((c if need_w else 0,), dtype=stat), x.new_empty((c if need_b else 0,), dtype=stat)
 

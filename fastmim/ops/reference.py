@@ -201,3 +201,32 @@ def grn_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     nx = gx / (gx.mean(dim=-1, keepdim=True) + eps)  # [B, 1, C]
     out = xf * (1 + weight.to(stat) * nx) + bias.to(stat)  # [B, N, C]
     return out.to(x.dtype)
+
+
+def default_norm_dtype(x: torch.Tensor, residual: torch.Tensor) -> torch.dtype:
+    """add_layer_norm's output dtype when none is given: the autocast dtype when autocast is on for x's device (what
+    the next matmul casts to), else the dtype of x + residual."""
+    dev = x.device.type
+    return (
+        torch.get_autocast_dtype(dev)
+        if torch.is_autocast_enabled(dev)
+        else torch.promote_types(x.dtype, residual.dtype)
+    )
+
+
+def add_layer_norm_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm transformer's residual add and the LayerNorm after it: ``s = x + residual`` (in their promoted
+    dtype), ``y = LayerNorm(s)`` over the last dim with fp32 statistics, cast to ``out_dtype`` (default: the
+    autocast dtype when autocast is on, else s's dtype: what the next matmul would cast it to). Returns (y, s)."""
+    s = x + residual
+    out_dtype = out_dtype or default_norm_dtype(x, residual)
+    stat = torch.promote_types(s.dtype, torch.float32)
+    y = torch.nn.functional.layer_norm(s.to(stat), (s.shape[-1],), weight.to(stat), bias.to(stat), eps)
+    return y.to(out_dtype), s

@@ -125,3 +125,56 @@ def test_registry_lists_all_sizes():
     for size in vit_sizes():
         for p in (14, 16):
             assert f"vit_{size}_patch{p}" in names and f"mae_vit_{size}_patch{p}" in names
+
+
+def _mae_pair(name: str, **kw):
+    torch.manual_seed(0)
+    plain = fastmim.create_model(name, img_size=64, **kw)
+    fused = fastmim.create_model(name, img_size=64, fused_norm=True, **kw)
+    fused.load_state_dict(plain.state_dict())
+    return plain, fused
+
+
+def _loss_and_grads(model, name, imgs, amp):
+    torch.manual_seed(2)  # the masks come from torch's RNG: the same for every run
+    mask = model.make_mask(imgs.shape[0], "cpu") if name.startswith("mae") else None
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):
+        loss = model(imgs, mask=mask)[0] if mask is not None else model(imgs)[0]
+    loss.backward()
+    return loss.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("name", ["mae_vit_tiny_patch16", "simmim_vit_tiny_patch16"])
+def test_fused_norm_blocks_compute_the_same_model(name, amp, backend, monkeypatch):
+    """fused_norm=True (each residual add fused with the next LayerNorm, across blocks, into the final norm) is the
+    same function: the loss and every gradient of MAE (encoder and decoder) and SimMIM match the plain blocks in
+    fp32; under bf16 autocast each is as close to the fp32 model's as the plain blocks' are (within 2x + 1e-3)."""
+    import os
+
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("FASTMIM_BACKEND", backend)
+    kw = dict(decoder_depth=2, decoder_embed_dim=64, decoder_num_heads=2) if name.startswith("mae") else {}
+    plain, fused = _mae_pair(name, **kw)
+    imgs = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    l0, g0 = _loss_and_grads(plain, name, imgs, amp)
+    l1, g1 = _loss_and_grads(fused, name, imgs, amp)
+    assert g0.keys() == g1.keys() and len(g0) > 20
+    if amp is None:
+        torch.testing.assert_close(l1, l0, rtol=1e-5, atol=0)
+        for k in g0:
+            torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-4 * g0[k].abs().max().item(),
+                                       msg=lambda m, k=k: f"{k}: {m}")  # fmt: skip
+        return
+    gold_loss, gold = _loss_and_grads(plain, name, imgs, None)
+    assert abs(float(l1 - gold_loss)) <= 2 * abs(float(l0 - gold_loss)) + 1e-3 * abs(float(gold_loss))
+    for k in g0:
+        e_fused, e_plain = _rel(g1[k], gold[k]), _rel(g0[k], gold[k])
+        assert e_fused <= 2 * e_plain + 1e-3, f"{k}: fused bf16 error {e_fused:.3g}, plain bf16 error {e_plain:.3g}"

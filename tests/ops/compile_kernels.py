@@ -20,7 +20,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastmim.masking import triton_block  # noqa: E402
-from fastmim.ops.triton import grn, masked_loss, patchify, sparse_conv, tokens  # noqa: E402
+from fastmim.ops.triton import grn, layer_norm, masked_loss, patchify, sparse_conv, tokens  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -83,6 +83,16 @@ def specs():
     for need_w, need_b in ((True, True), (True, False), (False, True)):
         ptrs = {"part_ptr": "fp32", "d_ptr": "fp32", "dw_ptr": "fp32", "db_ptr": "fp32"}
         yield grn._grn_param_grad_kernel, ptrs, {"NEED_W": need_w, "NEED_B": need_b, "BLOCK_C": 64}
+    # add_layer_norm: the model under autocast (bf16 branch, fp32 stream and parameters, bf16 y), and uniform dtypes
+    for x, r, y in (("bf16", "fp32", "bf16"), ("bf16", "bf16", "bf16"), ("fp16", "fp16", "fp16"), ("fp32",) * 3):
+        ptrs = {"x_ptr": x, "r_ptr": r, "w_ptr": "fp32", "b_ptr": "fp32", "s_ptr": r, "y_ptr": y, "mean_ptr": "fp32",
+                "rstd_ptr": "fp32"}  # fmt: skip
+        for block in (1024, 8192):
+            yield layer_norm._add_ln_fwd_kernel, ptrs, {"BLOCK_C": block}
+        ptrs = {"dy_ptr": y, "ds_ptr": r, "s_ptr": r, "w_ptr": "fp32", "mean_ptr": "fp32", "rstd_ptr": "fp32",
+                "dr_ptr": r, "dx_ptr": x, "part_ptr": "fp32"}  # fmt: skip
+        for has_ds, two in itertools.product((True, False), (x != r, False)):
+            yield layer_norm._add_ln_bwd_kernel, ptrs, {"HAS_DS": has_ds, "TWO_OUT": two, "BLOCK_C": 1024}
     # block masks: 14x14 with BEiT's 10 tries, and a 64x64 grid (the largest the launcher takes)
     for block, ablock in ((256, 16), (4096, 16)):
         ptrs = {"keys_ptr": "i64", "streams_ptr": "i64", "mask_ptr": "i8", "count_ptr": "i32", "params_ptr": "fp64"}

@@ -1,0 +1,230 @@
+"""The residual add of a pre-norm transformer block fused with the LayerNorm after it, as one op.
+
+``add_layer_norm(x, residual, weight, bias, eps, out_dtype)`` returns ``(y, s)``: ``s = x + residual`` (the residual
+stream, in the inputs' promoted dtype) and ``y = LayerNorm(s) * weight + bias`` with fp32 statistics, written
+directly in ``out_dtype`` (default: the autocast dtype when autocast is on, the dtype the next matmul casts to; else
+s's dtype). See ``add_layer_norm_ref``. A ViT block ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))`` becomes
+``y, x = add_layer_norm(attn_out, x, norm2)`` and so on across blocks: one read of each input and one write of each
+output where the unfused ops read s back and write y twice (LayerNorm's fp32 output, then its cast).
+
+Backends: Triton (CUDA tensors; one launch forward, one backward plus the sum of the weight and bias gradients'
+per-program partials) and "torch", its formulas in fp32 with the same roundings (CPU tensors, dtypes the kernels do
+not take). Registered as ``torch.library.custom_op`` (fake kernels, autograd), safe under
+``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastmim.ops._dispatch import (
+    check_device,
+    check_float,
+    choose_backend,
+    custom_op,
+    eager_function,
+    needs_autograd,
+    no_autocast,
+    stat_dtype,
+    use_custom_op,
+)
+from fastmim.ops.reference import default_norm_dtype
+
+_OP = "add_layer_norm"
+
+
+def _triton_ln():
+    from fastmim.ops.triton import layer_norm
+
+    return layer_norm
+
+
+def _fwd_torch(x, residual, weight, bias, eps, out_dtype):
+    s_dtype = torch.promote_types(x.dtype, residual.dtype)
+    with no_autocast(x.device):
+        s = x.to(s_dtype) + residual.to(s_dtype)
+        sf = s.to(stat_dtype(s))
+        if sf.shape[0] == 0:  # no rows (var_mean would warn about an empty reduction)
+            return s.new_empty(s.shape, dtype=out_dtype), s, sf.new_empty((0,)), sf.new_empty((0,))
+        var, mean = torch.var_mean(sf, dim=-1, correction=0)
+        rstd = torch.rsqrt(var + eps)
+        y = torch.addcmul(bias.to(sf.dtype), (sf - mean[:, None]) * rstd[:, None], weight.to(sf.dtype))
+        return y.to(out_dtype), s, mean, rstd  # statistics in fp32 (float64 for float64 inputs)
+
+
+def _bwd_torch(dy, ds, s, weight, mean, rstd, x_dtype, r_dtype, need_w, need_b):
+    stat = stat_dtype(s)
+    with no_autocast(s.device):
+        xhat = (s.to(stat) - mean[:, None].to(stat)) * rstd[:, None].to(stat)
+        dyf = dy.to(stat)
+        wdy = dyf * weight.to(stat)
+        d = (wdy - xhat * (wdy * xhat).mean(-1, keepdim=True) - wdy.mean(-1, keepdim=True)) * rstd[:, None].to(stat)
+        if ds is not None:
+            d = d + ds.to(stat)
+        dr = d.to(r_dtype)
+        dx = dr if x_dtype == r_dtype else d.to(x_dtype)
+        dw = (dyf * xhat).sum(0) if need_w else None
+        db = dyf.sum(0) if need_b else None
+    return dr, dx, dw, db
+
+
+def _backend(*tensors: torch.Tensor) -> str:
+    return choose_backend(_OP, tensors[0].device, tuple(t.dtype for t in tensors))
+
+
+def _fwd(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # x, residual [M, C] contiguous (the public function reshapes); -> y, s, mean [M], rstd [M]
+    if _backend(x, residual, weight, bias) == "triton":
+        s_dtype = torch.promote_types(x.dtype, residual.dtype)
+        x, residual, weight, bias = (t.contiguous() for t in (x, residual, weight, bias))  # the kernels' layout
+        return _triton_ln().add_layer_norm_fwd(x, residual, weight, bias, eps, s_dtype, out_dtype)
+    return _fwd_torch(x, residual, weight, bias, eps, out_dtype)
+
+
+_add_ln_op = custom_op("fastmim::add_layer_norm", _fwd)
+
+
+@_add_ln_op.register_fake
+def _(x, residual, weight, bias, eps, out_dtype):
+    m, c = x.shape
+    s_dtype = torch.promote_types(x.dtype, residual.dtype)
+    stats = x.new_empty((m,), dtype=torch.promote_types(s_dtype, torch.float32))
+    return x.new_empty((m, c), dtype=out_dtype), x.new_empty((m, c), dtype=s_dtype), stats, torch.empty_like(stats)
+
+
+def _bwd(
+    dy: torch.Tensor,
+    ds: torch.Tensor,
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    has_ds: bool,
+    x_dtype: torch.dtype,
+    r_dtype: torch.dtype,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_residual [M, C], d_x [M, C] or [0, C] when it is d_residual's dtype (then d_residual serves both),
+    d_weight [C] and d_bias [C] in the statistics dtype or [0]): a custom op returns no None and no aliases."""
+    ds_ = ds if has_ds else None
+    if _backend(dy, s, weight) == "triton":
+        # upstream gradients may be expanded (a .sum() gives stride 0): the kernels read contiguous rows
+        dy, s, weight = dy.contiguous(), s.contiguous(), weight.contiguous()
+        ds_ = None if ds_ is None else ds_.contiguous()
+        dr, dx, dw, db = _triton_ln().add_layer_norm_bwd(dy, ds_, s, weight, mean, rstd, x_dtype, r_dtype, need_w,
+                                                         need_b)  # fmt: skip
+    else:
+        dr, dx, dw, db = _bwd_torch(dy, ds_, s, weight, mean, rstd, x_dtype, r_dtype, need_w, need_b)
+    dx = s.new_empty((0, s.shape[1]), dtype=x_dtype) if dx is dr else dx
+    dw = s.new_empty((0,), dtype=stat_dtype(s)) if dw is None else dw
+    db = s.new_empty((0,), dtype=stat_dtype(s)) if db is None else db
+    return dr, dx, dw, db
+
+
+_add_ln_backward_op = custom_op("fastmim::add_layer_norm_backward", _bwd)
+
+
+@_add_ln_backward_op.register_fake
+def _(dy, ds, s, weight, mean, rstd, has_ds, x_dtype, r_dtype, need_w, need_b):
+    m, c = s.shape
+    dx = s.new_empty((m, c) if x_dtype != r_dtype else (0, c), dtype=x_dtype)
+    stat = stat_dtype(s)
+    return (s.new_empty((m, c), dtype=r_dtype), dx, s.new_empty((c if need_w else 0,), dtype=stat),
+            s.new_empty((c if need_b else 0,), dtype=stat))  # fmt: skip
+
+
+def _setup(ctx, inputs, output):
+    x, residual, weight, bias, eps, out_dtype = inputs
+    y, s, mean, rstd = output
+    ctx.save_for_backward(s, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # s unused elsewhere (a final norm): no zero gradient to read
+    ctx.dtypes = (x.dtype, residual.dtype, weight.dtype, bias.dtype)
+
+
+def _backward(ctx, dy, ds, _dmean=None, _drstd=None, bwd=_add_ln_backward_op):
+    s, weight, mean, rstd = ctx.saved_tensors
+    x_dtype, r_dtype, w_dtype, b_dtype = ctx.dtypes
+    need_x, need_r, need_w, need_b = ctx.needs_input_grad[:4]
+    if dy is None:  # only s was used: the add's gradient
+        if ds is None:
+            return None, None, None, None, None, None
+        return ds.to(x_dtype) if need_x else None, ds.to(r_dtype) if need_r else None, None, None, None, None
+    has_ds = ds is not None
+    dr, dx, dw, db = bwd(dy, ds if has_ds else dy, s, weight, mean, rstd, has_ds, x_dtype, r_dtype, need_w, need_b)
+    if dx.shape[0] == 0 and dr.shape[0] != 0:
+        dx = dr
+    return (
+        dx if need_x else None,
+        dr if need_r else None,
+        dw.to(w_dtype) if need_w else None,
+        db.to(b_dtype) if need_b else None,
+        None,
+        None,
+    )
+
+
+_add_ln_op.register_autograd(_backward, setup_context=_setup)
+
+_AddLayerNorm = eager_function("_AddLayerNorm", _fwd, _setup, lambda ctx, *g: _backward(ctx, *g, bwd=_bwd))
+
+
+def _check_inputs(x, residual, weight, bias, eps) -> None:
+    for name, t in (("x", x), ("residual", residual), ("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_OP}: {name} must be a tensor, got {type(t).__name__}")
+        check_float(_OP, name, t)
+        check_device(_OP, name, t, x.device)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{_OP}: x must be [..., C] with C >= 1, got shape {tuple(x.shape)}")
+    if residual.shape != x.shape:
+        raise ValueError(f"{_OP}: residual has shape {tuple(residual.shape)}, x {tuple(x.shape)}; they must match")
+    c = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if tuple(t.shape) != (c,):
+            raise ValueError(f"{_OP}: {name} has shape {tuple(t.shape)}, expected [C] = [{c}]")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{_OP}: eps must be a finite float >= 0, got {eps!r}")
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + residual`` and ``y = LayerNorm(s)`` (over the last dim, fp32 statistics) in one pass; returns (y, s).
+
+    Args:
+        x: [..., C], a block branch's output (e.g. bf16 under autocast).
+        residual: the residual stream, x's shape (e.g. fp32).
+        weight, bias: [C], the LayerNorm's affine parameters (fp32 parameters with bf16 inputs are fine).
+        eps: added to the variance.
+        out_dtype: y's dtype; default the autocast dtype when autocast is on for x's device, else s's dtype.
+    Returns: y [..., C] in out_dtype, s [..., C] in the promoted dtype of x and residual. Gradients flow to x,
+    residual, weight and bias (each in its own dtype) from both outputs. Under autocast the inputs are used as given.
+    """
+    _check_inputs(x, residual, weight, bias, eps)
+    shape, c = x.shape, x.shape[-1]
+    out_dtype = out_dtype or default_norm_dtype(x, residual)
+    x2, r2 = x.reshape(-1, c).contiguous(), residual.reshape(-1, c).contiguous()
+    eps = float(eps)
+    if use_custom_op():
+        y, s, _, _ = _add_ln_op(x2, r2, weight, bias, eps, out_dtype)
+    elif needs_autograd(x, residual, weight, bias):
+        y, s, _, _ = _AddLayerNorm.apply(x2, r2, weight, bias, eps, out_dtype)
+    else:
+        y, s, _, _ = _fwd(x2, r2, weight, bias, eps, out_dtype)
+    return y.view(shape), s.view(shape)
