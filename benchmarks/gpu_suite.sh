@@ -71,7 +71,7 @@ want ops_tests && step "pytest: the ops on CUDA for the cuda backend (small odd 
 
 want graph_tests && step "pytest: the training step captured in CUDA graphs against the eager step (tests/train/test_step_gpu.py)" &&
   fits 60 "CUDA-graph step tests" && run 150 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider \
-  --durations=5 -m gpu tests/train/test_step_gpu.py tests/ops/test_add_layer_norm.py
+  --durations=5 -m gpu -k "not compile" tests/train/test_step_gpu.py tests/ops/test_add_layer_norm.py
 
 # issue 15: the whole step replayed from CUDA graphs against eager and compiled, MAE ViT-B/16 and FCMAE ConvNeXtV2-B
 want graph && step "throughput: CUDA-graph modes, MAE ViT-B/16 b256 and FCMAE ConvNeXtV2-Base b64, bf16" && {

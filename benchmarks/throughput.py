@@ -132,6 +132,12 @@ def model_kwargs(args) -> dict:
 
 
 def check_args(ap: argparse.ArgumentParser, args) -> None:
+    graphs = [m for m in args.modes if m.endswith("+compile+graph")]
+    if graphs and args.compile_mode in ("reduce-overhead", "max-autotune"):
+        ap.error(
+            f"--compile-mode {args.compile_mode} records inductor's own CUDA graphs, which cannot be captured inside "
+            f"the whole step's graph of {', '.join(graphs)}: use default or max-autotune-no-cudagraphs"
+        )
     for name in ("batch_size", "img_size", "steps", "profile_steps", "top"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")

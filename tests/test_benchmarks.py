@@ -97,6 +97,7 @@ def test_throughput_on_a_real_image_folder(tmp_path):
     "args, message",
     [
         (["--modes", "fastmim,turbo"], "unknown mode"),
+        (["--modes", "fastmim+compile+graph", "--compile-mode", "reduce-overhead"], "inductor's own CUDA graphs"),
         (["--model", "vit_gigantic_patch16"], "unknown model"),
         (["--recipe", "simclr"], "invalid choice"),
         (["--steps", "0"], "--steps must be at least 1"),

@@ -137,6 +137,11 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         for group, hp in zip(self.optimizer.param_groups, fresh_hparams, strict=True):
             group.update(hp)
+            if group.get("fused") or group.get("capturable"):  # their step counts live with the parameters
+                for p in group["params"]:  # (a checkpoint of a foreach optimizer left them on the CPU)
+                    st = self.optimizer.state.get(p, {})
+                    if isinstance(st.get("step"), torch.Tensor):
+                        st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
         if state["scaler"] and self.scaler.is_enabled():  # empty when saved without fp16 (a changed --amp)
             self.scaler.load_state_dict(state["scaler"])
         self.pos = Position(state["epoch"], state["batch"], state["step"])

@@ -14,7 +14,8 @@ they train exactly as the replays do:
 - the learning rate is a device tensor that ``set_lr`` fills in place, the optimizer is fused and capturable
   (``build_adamw(graph=True)``), and fp16's GradScaler runs without a host sync (the fused optimizer takes its
   scale and found-inf flag as tensors and skips the update on the device);
-- autocast runs without its weight-cast cache (a cache filled during capture would be stale on replay).
+- autocast runs without its weight-cast cache (an autocast region around the step, whose cache outlives one call,
+  would otherwise hand a replay casts made before the weights' last update).
 
 Randomness stays exact: a replay draws from the CUDA generator at its current offset and advances it as the eager
 step would, so drop path and device-side masks match eager numbers and a checkpoint's RNG state resumes them. Host
@@ -156,6 +157,9 @@ class TrainStep:
                 "(a .item(), a data-dependent shape, a CPU tensor) or is not capturable; train without --cuda-graph "
                 "(TrainStep(graph=False)) or remove that call from the step"
             ) from e
+        # capture_begin wrote the RNG's seed and offset holders on the capture stream; the replay below refills
+        # them on the current stream: order the two
+        current.wait_stream(self._stream)
         if self._pool is None:
             self._pool = graph.pool()  # one memory pool for all graphs: they never run concurrently
         self._graphs[key] = (graph, loss)
