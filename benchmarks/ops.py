@@ -37,6 +37,7 @@ from fastmim.masking import random_masking  # noqa: E402
 from fastmim.ops import (  # noqa: E402
     add_layer_norm,
     add_layer_norm_ref,
+    attention,
     gather_visible,
     gather_visible_ref,
     grn,
@@ -50,7 +51,7 @@ from fastmim.ops import (  # noqa: E402
 )
 from fastmim.ops._dispatch import NO_CUDA_KERNEL, choose_backend, set_backend  # noqa: E402
 
-OPS = ("gather", "scatter", "loss", "patchify", "grn", "add_ln")
+OPS = ("gather", "scatter", "loss", "patchify", "grn", "add_ln", "attn", "attn_enc")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -137,7 +138,25 @@ def build_cases(ops, b: int, img: int, patch: int, enc_dim: int, dec_dim: int, r
                           [x, r, w, bias], lambda *a: add_layer_norm(*a, 1e-6, act),
                           lambda *a: add_layer_norm_ref(*a, 1e-6, act), fwd, bwd,
                           choose_backend("add_layer_norm", device, (act, f32, f32, f32))))  # fmt: skip
+    # attention from the packed qkv: the MAE decoder (N+1 tokens, 16 heads of 32) and encoder (K+1, 12 of 64); the
+    # reference is the model's SDPA path (permute views in, transpose + reshape copy out)
+    for key, tokens, heads, dim in (("attn", n + 1, 16, dec_dim), ("attn_enc", k + 1, 12, enc_dim)):
+        if key not in ops:
+            continue
+        heads = min(heads, max(1, dim // 8))  # small --*-dim runs (the CPU smoke test) keep a head dim of 8+
+        hd = dim // heads
+        qkv = t(b, tokens, 3, heads, hd, dtype=act)
+        nbytes = qkv.numel() * qkv.element_size()
+        cases.append(Case("attention" if key == "attn" else "attention (encoder)", f"B{b} N{tokens} H{heads} hd{hd}",
+                          str(act), [qkv], lambda q: attention(q).flatten(2), _sdpa_from_packed, nbytes * 4 // 3,
+                          nbytes * 2, choose_backend("attention", device, (act,)), op_name="attention"))  # fmt: skip
     return cases
+
+
+def _sdpa_from_packed(qkv: torch.Tensor) -> torch.Tensor:
+    """What the ViT's Attention does with SDPA: [B, N, 3, H, hd] -> [B, N, H * hd]."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
 
 def timer(device: torch.device, reps: int):

@@ -31,7 +31,12 @@ class PretrainConfig:
     decoder_embed_dim: int | None = field(default=None, metadata={"help": "decoder width (None: the model's)"})
     decoder_depth: int | None = field(default=None, metadata={"help": "decoder blocks (None: the model's)"})
     decoder_num_heads: int | None = field(default=None, metadata={"help": "decoder heads (None: the model's)"})
-    attn_impl: str = field(default="auto", metadata={"help": "auto, sdpa, flash or math"})
+    attn_impl: str = field(
+        default="auto", metadata={"help": "auto, sdpa, flash, math or fastmim (fastmim.ops.attention's kernels)"}
+    )
+    fused_norm: bool = field(
+        default=False, metadata={"help": "ViT recipes: fuse each residual add with the next LayerNorm (fastmim.ops)"}
+    )
     fused_ops: bool = field(default=True, metadata={"help": "fastmim.ops fused kernels (--no-fused-ops: reference)"})
     # Mask + Target
     mask_ratio: float | None = field(

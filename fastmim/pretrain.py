@@ -195,6 +195,12 @@ def build_model(cfg: PretrainConfig, device: torch.device):
             kwargs[k] = getattr(cfg, k)
     if cfg.drop_path and not cfg.model.startswith("fcmae_"):
         raise UsageError("--drop-path applies to FCMAE's ConvNeXt V2 encoder; the ViT recipes have no stochastic depth")
+    if cfg.fused_norm:
+        if cfg.model.startswith("fcmae_"):
+            raise UsageError(
+                "--fused-norm applies to the ViT recipes; FCMAE's ConvNeXt V2 has no pre-norm residual adds"
+            )
+        kwargs["fused_norm"] = True
     if cfg.model.startswith("simmim_"):
         kwargs.pop("norm_pix_loss")  # SimMIM predicts the normalised image itself
         if cfg.mask_type not in ("random", "simmim"):  # random: the CLI's default, SimMIM's own masks are meant

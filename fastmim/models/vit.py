@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmim.models.pos_embed import sincos_2d
+from fastmim.ops.attention import attention
 from fastmim.ops.layer_norm import add_layer_norm
 
 try:  # optional: used for fp16/bf16 CUDA tensors when installed (pip install fastmim[flash])
@@ -18,7 +19,7 @@ try:  # optional: used for fp16/bf16 CUDA tensors when installed (pip install fa
 except Exception:  # ImportError, or a broken build that fails at import
     _flash_qkvpacked = None
 
-ATTN_IMPLS = ("auto", "sdpa", "flash", "math")
+ATTN_IMPLS = ("auto", "sdpa", "flash", "math", "fastmim")
 
 
 def to_2tuple(x: int | tuple[int, int]) -> tuple[int, int]:
@@ -75,6 +76,8 @@ class Attention(nn.Module):
         if self._use_flash(qkv):
             out = _flash_qkvpacked(qkv, 0.0, self.head_dim**-0.5, False)  # [B, N, H, hd]
             return self.proj(out.reshape(b, n, d))
+        if self.attn_impl == "fastmim":  # reads the packed qkv, writes [B, N, H, hd]: no permute copies
+            return self.proj(attention(qkv, self.head_dim**-0.5).reshape(b, n, d))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, hd]
         if self.attn_impl == "math":
             attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # [B, H, N, N]
@@ -156,7 +159,8 @@ class VisionTransformer(nn.Module):
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: transformer shape.
         num_classes: size of a linear classifier on the class token (0: none, as timm's ``.mae`` models).
         attn_impl: "auto" (flash-attn for fp16/bf16 CUDA tensors when installed, else SDPA), "sdpa", "flash",
-            "math" (explicit softmax(QK^T)V, for checking).
+            "math" (explicit softmax(QK^T)V, for checking), "fastmim" (``fastmim.ops.attention``: Triton kernels
+            for short sequences reading the packed qkv; not the default until it measures faster in the step).
         fused_norm: fuse each residual add with the LayerNorm after it (``fastmim.ops.add_layer_norm``); the same
             function, fewer passes over the activations. Off until it measures faster in the training step.
     """

@@ -9,12 +9,14 @@ add with the LayerNorm after it. All are ``torch.library`` custom ops
 """
 
 from fastmim.ops._dispatch import set_backend
+from fastmim.ops.attention import attention
 from fastmim.ops.grn import grn
 from fastmim.ops.layer_norm import add_layer_norm
 from fastmim.ops.masked_loss import masked_mse_loss, masked_mse_loss_patchified
 from fastmim.ops.patchify import patchify, unpatchify
 from fastmim.ops.reference import (
     add_layer_norm_ref,
+    attention_ref,
     gather_visible_ref,
     grn_ref,
     masked_mse_loss_patchified_ref,
@@ -31,6 +33,8 @@ from fastmim.ops.tokens import gather_visible, scatter_masked
 __all__ = [
     "add_layer_norm",
     "add_layer_norm_ref",
+    "attention",
+    "attention_ref",
     "SparseLayout",
     "gather_visible",
     "gather_visible_ref",

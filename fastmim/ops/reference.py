@@ -230,3 +230,13 @@ def add_layer_norm_ref(
     stat = torch.promote_types(s.dtype, torch.float32)
     y = torch.nn.functional.layer_norm(s.to(stat), (s.shape[-1],), weight.to(stat), bias.to(stat), eps)
     return y.to(out_dtype), s
+
+
+def attention_ref(qkv: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Multi-head self-attention from a packed qkv [B, N, 3, H, hd] (a ViT's qkv projection, reshaped): per sample and
+    head ``softmax(q k^T * scale) v`` (scale default hd^-0.5), non-causal, no mask, computed in fp32 and returned in
+    qkv's dtype as [B, N, H, hd] (``.reshape(B, N, H * hd)`` is the output projection's input)."""
+    scale = qkv.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = qkv.float().permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, hd]
+    p = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+    return (p @ v).transpose(1, 2).to(qkv.dtype)  # [B, N, H, hd]

@@ -20,7 +20,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastmim.masking import triton_block  # noqa: E402
-from fastmim.ops.triton import grn, layer_norm, masked_loss, patchify, sparse_conv, tokens  # noqa: E402
+from fastmim.ops.triton import attention, grn, layer_norm, masked_loss, patchify, sparse_conv, tokens  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -93,6 +93,15 @@ def specs():
                 "dr_ptr": r, "dx_ptr": x, "part_ptr": "fp32"}  # fmt: skip
         for has_ds, two in itertools.product((True, False), (x != r, False)):
             yield layer_norm._add_ln_bwd_kernel, ptrs, {"HAS_DS": has_ds, "TWO_OUT": two, "BLOCK_C": 1024}
+    # attention: bf16/fp16 (GPU matmuls in the input dtype) and fp32 (IEEE), head dims 32 and 64 (16 x 16 tiles for
+    # the shortest sequences)
+    for dt, prec in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee")):
+        for block, block_d in ((64, 32), (64, 64), (16, 16)):
+            consts = {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": block_d, "UPCAST": False, "PRECISION": prec}
+            yield attention._attn_fwd_kernel, {"qkv_ptr": dt, "o_ptr": dt, "lse_ptr": "fp32"}, consts
+            ptrs = {"qkv_ptr": dt, "do_ptr": dt, "lse_ptr": "fp32", "delta_ptr": "fp32", "dqkv_ptr": dt}
+            for dq in (False, True):
+                yield attention._attn_bwd_kernel, ptrs, {**consts, "DQ": dq}
     # block masks: 14x14 with BEiT's 10 tries, and a 64x64 grid (the largest the launcher takes)
     for block, ablock in ((256, 16), (4096, 16)):
         ptrs = {"keys_ptr": "i64", "streams_ptr": "i64", "mask_ptr": "i8", "count_ptr": "i32", "params_ptr": "fp64"}
@@ -108,7 +117,8 @@ def signature(kernel, ptrs: dict, consts: dict) -> dict:
         elif name in ptrs:
             sig[name] = "*" + ptrs[name]
         else:
-            sig[name] = "fp32" if name == "eps" else "i32"  # sizes and strides as launches below 2^31 pass them
+            # sizes and strides as launches below 2^31 pass them
+            sig[name] = "fp32" if name in ("eps", "scale", "qk_scale") else "i32"
     return sig
 
 

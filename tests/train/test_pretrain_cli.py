@@ -218,3 +218,21 @@ def test_non_finite_weights_are_never_saved(image_folder, tmp_path, monkeypatch,
     assert code == 2
     assert "the weights became non-finite by step 4" in capsys.readouterr().err
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
+
+
+def test_fused_norm_and_fastmim_attention_train_as_the_plain_blocks(image_folder, tmp_path, capsys):
+    """--fused-norm (residual adds fused with the next LayerNorm) and --attn-impl fastmim (fastmim.ops.attention)
+    train the same MAE as the plain blocks and SDPA, step for step; --fused-norm is refused for FCMAE."""
+
+    def run(out, *extra):
+        pretrain.run([*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--log-interval", "1",
+                      "--vis-interval", "100", "--loader", "torch", "--max-steps", "3", *extra])  # fmt: skip
+        return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    plain = run(tmp_path / "plain")
+    fused = run(tmp_path / "fused", "--fused-norm", "--attn-impl", "fastmim")
+    assert len(plain) == 3 and fused == pytest.approx(plain, rel=1e-5)
+    fcmae = ["--model", "fcmae_convnextv2_atto", "--img-size", "64", "--device", "cpu", "--fused-norm",
+             "--data-path", str(image_folder), "--output-dir", str(tmp_path / "fcmae")]  # fmt: skip
+    assert pretrain.main(fcmae) == 2
+    assert "--fused-norm applies to the ViT recipes" in capsys.readouterr().err

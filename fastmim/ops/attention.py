@@ -1,0 +1,138 @@
+"""Multi-head self-attention for short sequences (MAE's encoder and decoder) from the packed qkv a ViT makes.
+
+``attention(qkv, scale)``: qkv [B, N, 3, H, hd] (``qkv_proj(x).reshape(B, N, 3, H, hd)``) -> [B, N, H, hd], the
+output projection's input after a free reshape. The kernels read q, k and v through their strides and write the
+output (and, backward, the packed gradient) in the layout the neighbouring matmuls use, so the permutes and copies
+around ``scaled_dot_product_attention`` disappear. See ``attention_ref``.
+
+Backends: Triton (CUDA tensors: flash-attention forward with the log-sum-exp saved, a deterministic two-kernel
+backward) and "torch" (the same formulas on fp32 matrices: CPU tensors, other dtypes). Registered as
+``torch.library.custom_op`` (fake kernels, autograd), safe under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastmim.ops._dispatch import (
+    check_float,
+    choose_backend,
+    custom_op,
+    eager_function,
+    needs_autograd,
+    no_autocast,
+    stat_dtype,
+    use_custom_op,
+)
+
+_OP = "attention"
+_LOG2E = 1.4426950408889634
+
+
+def _triton_attn():
+    from fastmim.ops.triton import attention
+
+    return attention
+
+
+def _fwd_torch(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    b, n, _, h, d = qkv.shape
+    with no_autocast(qkv.device):
+        q, k, v = qkv.to(stat_dtype(qkv)).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, hd], fp32 (f64 for f64)
+        s = (q @ k.transpose(-2, -1)) * scale
+        lse = torch.logsumexp(s, dim=-1)  # [B, H, N]
+        out = torch.exp(s - lse[..., None]) @ v
+        return out.transpose(1, 2).to(qkv.dtype).contiguous(), (lse * _LOG2E).reshape(b * h, n)
+
+
+def _bwd_torch(grad, qkv, out, lse, scale) -> torch.Tensor:
+    b, n, _, h, d = qkv.shape
+    with no_autocast(qkv.device):
+        stat = stat_dtype(qkv)
+        q, k, v = qkv.to(stat).permute(2, 0, 3, 1, 4).unbind(0)
+        do = grad.to(stat).transpose(1, 2)  # [B, H, N, hd]
+        p = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)  # recomputed whole: N is short
+        delta = (do * out.to(stat).transpose(1, 2)).sum(-1, keepdim=True)
+        dv = p.transpose(-2, -1) @ do
+        ds = p * (do @ v.transpose(-2, -1) - delta)
+        dq, dk = (ds @ k) * scale, (ds.transpose(-2, -1) @ q) * scale
+        return torch.stack((dq, dk, dv), dim=2).transpose(1, 3).to(qkv.dtype).contiguous()  # [B, N, 3, H, hd]
+
+
+def _backend(*tensors: torch.Tensor) -> str:
+    return choose_backend(_OP, tensors[0].device, tuple(t.dtype for t in tensors))
+
+
+def _fwd(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if _backend(qkv) == "triton":
+        return _triton_attn().attention_fwd(qkv, scale)
+    return _fwd_torch(qkv, scale)
+
+
+_attention_op = custom_op("fastmim::attention", _fwd)
+
+
+@_attention_op.register_fake
+def _(qkv, scale):
+    b, n, _, h, d = qkv.shape
+    return qkv.new_empty((b, n, h, d)), qkv.new_empty((b * h, n), dtype=stat_dtype(qkv))
+
+
+def _bwd(grad: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
+    if _backend(grad, qkv) == "triton":
+        return _triton_attn().attention_bwd(grad, qkv, out, lse, scale)
+    return _bwd_torch(grad, qkv, out, lse, scale)
+
+
+_attention_backward_op = custom_op("fastmim::attention_backward", _bwd)
+
+
+@_attention_backward_op.register_fake
+def _(grad, qkv, out, lse, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup(ctx, inputs, output):
+    qkv, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.mark_non_differentiable(lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad, _dlse=None, bwd=_attention_backward_op):
+    qkv, out, lse = ctx.saved_tensors
+    return bwd(grad, qkv, out, lse, ctx.scale), None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup)
+
+_Attention = eager_function("_Attention", _fwd, _setup, lambda ctx, *g: _backward(ctx, *g, bwd=_bwd))
+
+
+def attention(qkv: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` per sample and head from a packed qkv; returns [B, N, H, hd] in qkv's dtype.
+
+    Args:
+        qkv: [B, N, 3, H, hd], any strides (a view of the qkv projection's output); float32, bfloat16 or float16 for
+            the Triton kernels (other float dtypes run the torch backend).
+        scale: multiplies the scores; default hd^-0.5.
+    Under autocast the input is used as given (a bf16 projection gives bf16 attention with fp32 softmax).
+    """
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f"{_OP}: qkv must be [B, N, 3, H, hd], got {shape}")
+    check_float(_OP, "qkv", qkv)
+    if qkv.shape[-1] == 0:
+        raise ValueError(f"{_OP}: the head dim is 0 (qkv shape {tuple(qkv.shape)})")
+    scale = qkv.shape[-1] ** -0.5 if scale is None else scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{_OP}: scale must be a finite number, got {scale!r}")
+    scale = float(scale)
+    if use_custom_op():
+        return _attention_op(qkv, scale)[0]
+    if needs_autograd(qkv):
+        return _Attention.apply(qkv, scale)[0]
+    return _fwd(qkv, scale)[0]
