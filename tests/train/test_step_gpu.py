@@ -125,3 +125,25 @@ def test_cli_cuda_graph_trains_as_eager_and_resumes_exactly(image_folder, tmp_pa
     assert a["step"] == b["step"] == len(graph)
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_throughput_graph_modes_on_cuda(tmp_path):
+    """benchmarks/throughput.py's +graph modes on a GPU: the step is captured (cuda_graph true) and trains what the
+    eager modes train (the same masks and weights; bf16 rounding and the tensor learning rate apart)."""
+    import sys
+
+    from tests.conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import throughput
+
+    out = tmp_path / "rows.jsonl"
+    args = ["--model", "vit_tiny_patch16", "--img-size", "64", "--batch-size", "16", "--model-arg", "depth=2",
+            "--modes", "fastmim,fastmim+graph,reference,reference+graph", "--steps", "5", "--warmup", "5",
+            "--peak-tflops", "790", "--no-flop-count", "--out", str(out)]  # fmt: skip
+    assert throughput.main(args) == 0
+    rows = {r["mode"]: r for r in (json.loads(x) for x in out.read_text().splitlines())}
+    assert [rows[m]["cuda_graph"] for m in ("fastmim", "fastmim+graph", "reference", "reference+graph")] == [
+        False, True, False, True]  # fmt: skip
+    assert rows["fastmim+graph"]["loss"] == pytest.approx(rows["fastmim"]["loss"], rel=2e-2)
+    assert rows["reference+graph"]["loss"] == pytest.approx(rows["reference"]["loss"], rel=2e-2)
