@@ -182,7 +182,7 @@ def test_trainer_graph_mode_matches_eager_and_resumes(image_folder, tmp_path, mo
     final weights with accumulation and clipping; then a run saved in eager mode resumes in graph mode (its
     optimizer stays fused and capturable with a tensor learning rate, whatever the checkpoint held) and continues as
     the eager run does."""
-    monkeypatch.setattr(pretrain, "check_cuda_graph", lambda cfg, device: None)
+    monkeypatch.setenv("FASTMIM_CUDA_GRAPH_ON_CPU", "1")
     extra = ("--accum-iter", "2", "--clip-grad", "0.5")
     eager, graph = tmp_path / "eager", tmp_path / "graph"
     pretrain.run(_args(image_folder, eager, *extra))
@@ -210,7 +210,7 @@ def test_trainer_graph_mode_matches_eager_and_resumes(image_folder, tmp_path, mo
 
 
 def test_trainer_refuses_graph_mode_for_masks_of_varying_count(image_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(pretrain, "check_cuda_graph", lambda cfg, device: None)
+    monkeypatch.setenv("FASTMIM_CUDA_GRAPH_ON_CPU", "1")
     from fastmim.masking.strategies import RandomMask
 
     monkeypatch.setattr(RandomMask, "exact_hidden", property(lambda self: None))

@@ -228,15 +228,19 @@ def test_bf16_autocast_run_on_cpu(image_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_with_accumulation_equals_one_process(image_folder, tmp_path):
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph-mode"])
+def test_ddp_with_accumulation_equals_one_process(image_folder, tmp_path, graph):
     """torchrun, 2 processes x batch 2 x accum 2 (DDP's no_sync on the first micro-batch) trains what one process
-    with batch 8 trains: the same 8 images per step, gradients all-reduced once per step."""
+    with batch 8 trains: the same 8 images per step, gradients all-reduced once per step. ``graph-mode``: the ranks
+    step through --cuda-graph's code path (uncaptured on CPU: static buffers, gradients kept, tensor lr)."""
     from tests.conftest import run_cli
 
     ddp, one = tmp_path / "ddp", tmp_path / "one"
     args = _set(_args(image_folder, ddp, "--max-steps", "3", "--accum-iter", "2"), "--batch-size", "2")
+    env = {"OMP_NUM_THREADS": "1", **({"FASTMIM_CUDA_GRAPH_ON_CPU": "1"} if graph else {})}
+    args += ["--cuda-graph"] if graph else []
     r = run_cli(["--standalone", "--nproc_per_node", "2", "-m", "fastmim.pretrain", *args],
-                module=["-m", "torch.distributed.run"], env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+                module=["-m", "torch.distributed.run"], env=env)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert "batch 8 (= 2 x 2 accum x 2 procs)" in r.stdout
     pretrain.run(_set(_args(image_folder, one, "--max-steps", "3"), "--batch-size", "8"))
