@@ -42,6 +42,8 @@ from fastmim.ops import (  # noqa: E402
     gather_visible_ref,
     grn,
     grn_ref,
+    hog_target,
+    hog_target_ref,
     masked_mse_loss,
     masked_mse_loss_ref,
     patchify,
@@ -51,7 +53,7 @@ from fastmim.ops import (  # noqa: E402
 )
 from fastmim.ops._dispatch import NO_CUDA_KERNEL, choose_backend, set_backend  # noqa: E402
 
-OPS = ("gather", "scatter", "loss", "patchify", "grn", "add_ln", "attn", "attn_enc")
+OPS = ("gather", "scatter", "loss", "patchify", "grn", "add_ln", "attn", "attn_enc", "hog")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -150,6 +152,15 @@ def build_cases(ops, b: int, img: int, patch: int, enc_dim: int, dec_dim: int, r
         cases.append(Case("attention" if key == "attn" else "attention (encoder)", f"B{b} N{tokens} H{heads} hd{hd}",
                           str(act), [qkv], lambda q: attention(q).flatten(2), _sdpa_from_packed, nbytes * 4 // 3,
                           nbytes * 2, choose_backend("attention", device, (act,)), op_name="attention"))  # fmt: skip
+    if "hog" in ops:  # MaskFeat's target: HOG of the masked 40% of the patches vs the official whole-image HOG
+        imgs = t(b, 3, img, img, grad=False)
+        hog_mask = torch.rand(b, n, generator=torch.Generator().manual_seed(1)).to(device) < 0.4
+        cell = min(8, patch)
+        nbytes = imgs.numel() * 4 + b * n * 27 * (patch // cell) ** 2 * 4
+        cases.append(Case("hog_target", f"B{b} {img}px p{patch} 40% masked", "fp32", [imgs, hog_mask],
+                          lambda x, m: hog_target(x, m, patch, cell), lambda x, m: hog_target_ref(x, patch, cell),
+                          nbytes, 0,
+                          choose_backend("hog_target", device, (f32,))))  # fmt: skip
     return cases
 
 
@@ -217,6 +228,8 @@ def passes(fn: Callable, inputs: list) -> tuple[dict[str, Callable], dict[str, C
     def fwd():
         return fn(*inputs)
 
+    if not leaves:  # a target (hog_target): nothing to differentiate, the forward only
+        return {"fwd": fwd}, {"fwd": fwd}
     out = fwd()
     outs = out if isinstance(out, tuple) else (out,)  # every output gets a gradient (add_layer_norm: y and s)
     # from a CPU generator: CUDA's random state may be unusable after a failed graph capture (graph_timer)

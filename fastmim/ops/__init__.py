@@ -11,6 +11,7 @@ add with the LayerNorm after it. All are ``torch.library`` custom ops
 from fastmim.ops._dispatch import set_backend
 from fastmim.ops.attention import attention
 from fastmim.ops.grn import grn
+from fastmim.ops.hog import hog_target
 from fastmim.ops.layer_norm import add_layer_norm
 from fastmim.ops.masked_loss import masked_mse_loss, masked_mse_loss_patchified
 from fastmim.ops.patchify import patchify, unpatchify
@@ -19,6 +20,7 @@ from fastmim.ops.reference import (
     attention_ref,
     gather_visible_ref,
     grn_ref,
+    hog_target_ref,
     masked_mse_loss_patchified_ref,
     masked_mse_loss_ref,
     patch_stats_ref,
@@ -40,6 +42,8 @@ __all__ = [
     "gather_visible_ref",
     "grn",
     "grn_ref",
+    "hog_target",
+    "hog_target_ref",
     "masked_mse_loss",
     "masked_mse_loss_patchified",
     "masked_mse_loss_patchified_ref",

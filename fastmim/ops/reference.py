@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -240,3 +242,48 @@ def attention_ref(qkv: torch.Tensor, scale: float | None = None) -> torch.Tensor
     q, k, v = qkv.float().permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, hd]
     p = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
     return (p @ v).transpose(1, 2).to(qkv.dtype)  # [B, N, H, hd]
+
+
+def hog_gaussian_window(size: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """MaskFeat's (mmpretrain's) Gaussian window: ``size`` x ``size``, std size / 2, centred, summing to 1."""
+    n = torch.arange(size, dtype=torch.float64, device=device)
+    g = torch.exp(-0.5 * ((n - n.mean()) / (size // 2)) ** 2)
+    w = g[:, None] * g[None, :]
+    return (w / w.sum()).to(dtype)
+
+
+def hog_target_ref(
+    imgs: torch.Tensor, patch_size: int = 16, cell_size: int = 8, nbins: int = 9, gaussian_window: int = 0
+) -> torch.Tensor:
+    """MaskFeat's HOG target of every patch, computed on the whole image as the official code does (SlowFast's
+    ``HOGLayerC``, mmpretrain's ``HOGGenerator``): reflect-pad 1, per-channel Sobel ``gx`` (kernel
+    [[1, 0, -1], [2, 0, -2], [1, 0, -1]]) and ``gy`` (its transpose), magnitude ``|(gx, gy)|``, orientation bin
+    ``floor(atan2(gx, gy) / pi * nbins) mod nbins`` (unsigned, hard assignment of the magnitude), optionally times a
+    ``gaussian_window``-px Gaussian window (std half its size, normalised, tiled), summed over ``cell_size`` cells,
+    L2-normalised over the bins of each (channel, cell). Returns [B, L, C * nbins * (patch_size / cell_size)^2] fp32
+    (float64 for float64 images), each patch's values in the order [channel, bin, cell row, cell col].
+
+    A gradient exactly on a bin boundary (angle k * pi / nbins: with an even nbins, the vertical gradients of the top
+    and bottom rows, where reflect padding zeroes gy) falls in the bin above it in exact arithmetic; fp32 ``atan2``
+    may round it below, platform by platform. Float64 images give the exact bins (the fused kernels decide
+    boundaries exactly too)."""
+    b, c, h, w = imgs.shape
+    dt = torch.promote_types(imgs.dtype, torch.float32)
+    x = torch.nn.functional.pad(imgs.to(dt), (1, 1, 1, 1), mode="reflect")
+    wx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=imgs.device, dtype=dt)
+    kx = wx.view(1, 1, 3, 3).repeat(c, 1, 1, 1)
+    gx = torch.nn.functional.conv2d(x, kx, groups=c)
+    gy = torch.nn.functional.conv2d(x, kx.transpose(2, 3).contiguous(), groups=c)
+    mag = torch.stack([gx, gy], dim=-1).norm(dim=-1)  # [B, C, H, W]
+    phase = torch.atan2(gx, gy) / math.pi * nbins
+    if gaussian_window:
+        win = hog_gaussian_window(gaussian_window, imgs.device, dt)
+        mag = mag * win.repeat(h // gaussian_window, w // gaussian_window)
+    out = torch.zeros(b, c, nbins, h, w, device=imgs.device, dtype=dt)
+    out.scatter_add_(2, (phase.floor().long() % nbins).unsqueeze(2), mag.unsqueeze(2))
+    out = out.unfold(3, cell_size, cell_size).unfold(4, cell_size, cell_size).sum(dim=(-1, -2))  # [B, C, bins, h, w]
+    out = torch.nn.functional.normalize(out, p=2, dim=2)
+    k = patch_size // cell_size  # cells per patch side
+    out = out.flatten(1, 2).permute(0, 2, 3, 1)  # [B, H/cell, W/cell, C * bins]
+    out = out.unfold(1, k, k).unfold(2, k, k)  # [B, gh, gw, C * bins, k, k]
+    return out.flatten(1, 2).flatten(2)

@@ -20,7 +20,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastmim.masking import triton_block  # noqa: E402
-from fastmim.ops.triton import attention, grn, layer_norm, masked_loss, patchify, sparse_conv, tokens  # noqa: E402
+from fastmim.ops.triton import attention, grn, hog, layer_norm, masked_loss, patchify, sparse_conv, tokens  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -102,6 +102,13 @@ def specs():
             ptrs = {"qkv_ptr": dt, "do_ptr": dt, "lse_ptr": "fp32", "delta_ptr": "fp32", "dqkv_ptr": dt}
             for dq in (False, True):
                 yield attention._attn_bwd_kernel, ptrs, {**consts, "DQ": dq}
+    # hog_target: MaskFeat's 8-px cells over RGB (with and without the Gaussian window and a mask), 4-px cells
+    for dt in ("fp32", "bf16"):
+        for window, has_mask, cell in ((0, True, 8), (16, True, 8), (0, False, 4)):
+            ptrs = {"img_ptr": dt, "mask_ptr": "i8", "win_ptr": "fp32", "trig_ptr": "fp32", "out_ptr": "fp32"}
+            consts = {"C": 3, "NBINS": 9, "CELL": cell, "BLOCK": cell, "K": 16 // cell, "WINDOW": window,
+                      "HAS_MASK": has_mask}  # fmt: skip
+            yield hog._hog_cell_kernel, ptrs, consts
     # block masks: 14x14 with BEiT's 10 tries, and a 64x64 grid (the largest the launcher takes)
     for block, ablock in ((256, 16), (4096, 16)):
         ptrs = {"keys_ptr": "i64", "streams_ptr": "i64", "mask_ptr": "i8", "count_ptr": "i32", "params_ptr": "fp64"}
