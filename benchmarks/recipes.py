@@ -3,8 +3,9 @@
 A recipe builds one model per mode from the same seed (so every mode starts from the same weights) and counts the
 model FLOPs of one training image. ``reference`` is the straightforward PyTorch implementation the recipe's paper
 describes, written here so that the speedups are measured against it and not against fastmim's own plain path.
-Recipes: ``mae`` (ViT; reference = the MAE paper's code path) and ``fcmae`` (ConvNeXt V2; reference = the dense model
-times the mask, fastmim = visible pixels only).
+Recipes: ``mae`` (ViT; reference = the MAE paper's code path), ``pixmim``, ``simmim`` and ``maskfeat`` (ViT;
+reference = the recipe on plain PyTorch ops) and ``fcmae`` (ConvNeXt V2; reference = the dense model times the mask,
+fastmim = visible pixels only).
 """
 
 from __future__ import annotations
@@ -133,6 +134,17 @@ def simmim_flops_per_image(model: nn.Module, forward_only: bool = False) -> floa
     return fwd + embed if forward_only else 3.0 * fwd + 2.0 * embed
 
 
+def maskfeat_flops_per_image(model: nn.Module, forward_only: bool = False) -> float:
+    """Model FLOPs of one MaskFeat training image, matmuls only: patch embedding of all N patches, the encoder blocks
+    on all N + 1 tokens, the linear head (2 N D target_dim). The HOG target is not matmul work. Backward 2x forward
+    except the patch embedding (1x), as for MAE."""
+    n, d = model.num_patches, model.embed_dim
+    mlp_ratio = model.blocks[0].mlp.fc1.out_features / d
+    embed = 2.0 * n * model.patch_size**2 * model.in_chans * d
+    fwd = _transformer_flops(len(model.blocks), d, n + 1, mlp_ratio) + 2.0 * n * d * model.target_dim
+    return fwd + embed if forward_only else 3.0 * fwd + 2.0 * embed
+
+
 def fcmae_flops_per_image(model: nn.Module, visible: float | None = None, forward_only: bool = False) -> float:
     """Model FLOPs of one FCMAE training image (forward + backward), counting convolutions and matmuls only, on the
     visible pixels of the encoder (the work the sparse computation must do; the dense_masked reference does more).
@@ -222,6 +234,8 @@ RECIPES = {
     # encoder on every token; both against their plain-PyTorch path
     "pixmim": Recipe("pixmim", "pixmim_", _build_plain, mae_flops_per_image, {"attn_impl": "math"}),
     "simmim": Recipe("simmim", "simmim_", _build_plain, simmim_flops_per_image, {"attn_impl": "math"}),
+    # MaskFeat: SimMIM's encoder, a linear head; reference = the official whole-image HOG and the plain loss
+    "maskfeat": Recipe("maskfeat", "maskfeat_", _build_plain, maskfeat_flops_per_image, {"attn_impl": "math"}),
     # the rows backend: its matmuls and the sparse depthwise conv (a registered flop formula) are what is counted
     "fcmae": Recipe("fcmae", "fcmae_", _build_fcmae, fcmae_flops_per_image, count_backward=False),
 }

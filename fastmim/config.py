@@ -82,6 +82,10 @@ class PretrainConfig:
     min_lr: float = field(default=0.0, metadata={"help": "lr floor of the cosine schedule"})
     warmup_epochs: float = field(default=3.0, metadata={"help": "linear warmup epochs"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW's second-moment decay (MAE 0.95, SimMIM 0.999)"})
+    crop_min: float = field(
+        default=0.2, metadata={"help": "RandomResizedCrop's smallest area (MAE 0.2, MaskFeat 0.5, SimMIM 0.67)"}
+    )
     clip_grad: float | None = field(default=None, metadata={"help": "clip the gradient norm (None: no clip)"})
     amp: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA), none, bf16 or fp16"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
@@ -123,6 +127,10 @@ class PretrainConfig:
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0 (or none), got {v}")
+        if not (math.isfinite(self.beta2) and 0.0 < self.beta2 < 1.0):
+            raise ValueError(f"beta2 must be in (0, 1), got {self.beta2}")
+        if not (math.isfinite(self.crop_min) and 0.0 < self.crop_min <= 1.0):
+            raise ValueError(f"crop_min must be in (0, 1], got {self.crop_min}")
         if not (math.isfinite(self.drop_path) and 0.0 <= self.drop_path < 1.0):
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
         if self.num_workers is not None and self.num_workers < 0:

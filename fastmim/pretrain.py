@@ -89,7 +89,7 @@ def build_dataset(cfg: PretrainConfig, root: str | None = None):
     root = root or cfg.data_path or default_dataset_path()
     try:
         kind = TarShardDataset if list_tar_shards(root) else ImageFolderDataset
-        return kind(root, pretrain_transform(cfg.img_size), seed=cfg.seed)
+        return kind(root, pretrain_transform(cfg.img_size, cfg.crop_min), seed=cfg.seed)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise UsageError(str(e)) from e
 
@@ -166,6 +166,7 @@ def build_loader(cfg: PretrainConfig, kind: str, dataset, masks, info: DistInfo,
             loader = DaliLoader(dataset.files, cfg.batch_size, cfg.img_size, device=dali_device,
                                 device_id=device.index if device.type == "cuda" else None, rank=info.rank,
                                 world_size=info.world_size, seed=cfg.seed, num_threads=threads,
+                                scale=(cfg.crop_min, 1.0),
                                 tars=getattr(dataset, "shards", None),
                                 tar_sizes=getattr(dataset, "sizes", None))  # fmt: skip
         except ValueError as e:
@@ -190,8 +191,10 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         kwargs["mask_ratio"] = cfg.mask_ratio
     for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         if getattr(cfg, k) is not None:
-            if cfg.model.startswith("simmim_"):
-                raise UsageError(f"--{k.replace('_', '-')} does not apply to SimMIM: its head is a 1x1 convolution")
+            if cfg.model.startswith(("simmim_", "maskfeat_")):
+                head = "a 1x1 convolution" if cfg.model.startswith("simmim_") else "a linear layer"
+                name = "SimMIM" if cfg.model.startswith("simmim_") else "MaskFeat"
+                raise UsageError(f"--{k.replace('_', '-')} does not apply to {name}: its head is {head}")
             kwargs[k] = getattr(cfg, k)
     if cfg.drop_path and not cfg.model.startswith("fcmae_"):
         raise UsageError("--drop-path applies to FCMAE's ConvNeXt V2 encoder; the ViT recipes have no stochastic depth")
@@ -201,7 +204,12 @@ def build_model(cfg: PretrainConfig, device: torch.device):
                 "--fused-norm applies to the ViT recipes; FCMAE's ConvNeXt V2 has no pre-norm residual adds"
             )
         kwargs["fused_norm"] = True
-    if cfg.model.startswith("simmim_"):
+    if cfg.model.startswith("maskfeat_"):
+        kwargs.pop("norm_pix_loss")  # the target is HOG features
+        if cfg.mask_type not in ("random", "block"):  # random: the CLI's default, MaskFeat's own block masks are meant
+            raise UsageError(f"MaskFeat masks blocks of tokens (--mask-type block); --mask-type {cfg.mask_type} is not")
+        kwargs["attn_impl"] = cfg.attn_impl
+    elif cfg.model.startswith("simmim_"):
         kwargs.pop("norm_pix_loss")  # SimMIM predicts the normalised image itself
         if cfg.mask_type not in ("random", "simmim"):  # random: the CLI's default, SimMIM's own masks are meant
             raise UsageError(f"SimMIM masks 32-px patches (--mask simmim); --mask {cfg.mask_type} is for MAE models")
@@ -217,11 +225,12 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         kwargs["drop_path_rate"] = cfg.drop_path
     else:
         names = fastmim.list_models()
-        recipes = [f"{p}{cfg.model}" for p in ("mae_", "pixmim_", "simmim_", "fcmae_") if f"{p}{cfg.model}" in names]
+        prefixes = ("mae_", "pixmim_", "simmim_", "maskfeat_", "fcmae_")
+        recipes = [f"{p}{cfg.model}" for p in prefixes if f"{p}{cfg.model}" in names]
         hint = f"; did you mean {' or '.join(recipes)}?" if recipes else ""
         raise UsageError(
             f"model {cfg.model!r} is not a pretraining recipe (MAE models are mae_*, PixMIM pixmim_*, SimMIM simmim_*, "
-            f"FCMAE fcmae_*){hint}"
+            f"MaskFeat maskfeat_*, FCMAE fcmae_*){hint}"
         )
     return fastmim.create_model(cfg.model, **kwargs).to(device)
 
@@ -259,7 +268,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     loader, sampler, loader_desc = build_loader(cfg, kind, dataset, model.mask_strategy(seed=cfg.seed), info, device)
     eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
     lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
-    optimizer = build_adamw(model, lr, cfg.weight_decay, graph=cfg.cuda_graph)
+    optimizer = build_adamw(model, lr, cfg.weight_decay, betas=(0.9, cfg.beta2), graph=cfg.cuda_graph)
     step_model = model
     if info.enabled:
         ids = [device.index] if device.type == "cuda" else None

@@ -64,6 +64,16 @@ TINY_ARGS = [
 ]  # fmt: skip
 
 
+def tiny_args_for(model: str) -> list[str]:
+    """TINY_ARGS for another ViT recipe: ``model`` instead of MAE, without MAE's decoder flags."""
+    args = list(TINY_ARGS)
+    for flag in ("--decoder-embed-dim", "--decoder-depth", "--decoder-num-heads"):
+        i = args.index(flag)
+        del args[i : i + 2]
+    args[args.index("--model") + 1] = model
+    return args
+
+
 def run_cli(args: list[str], env: dict | None = None, timeout: int = 300, module: list[str] | None = None):
     """Runs `python -m fastmim.pretrain args` in a fresh process; returns CompletedProcess."""
     cmd = [sys.executable, *(module or ["-m", "fastmim.pretrain"]), *args]

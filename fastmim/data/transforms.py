@@ -9,11 +9,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def pretrain_transform(img_size: int) -> T.Compose:
-    """RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip + ImageNet normalisation."""
+def pretrain_transform(img_size: int, crop_min: float = 0.2) -> T.Compose:
+    """RandomResizedCrop(scale crop_min-1 (MAE: 0.2), bicubic) + horizontal flip + ImageNet normalisation."""
     return T.Compose(
         [
-            T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomResizedCrop(img_size, scale=(crop_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),

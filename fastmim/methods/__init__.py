@@ -2,7 +2,8 @@
 
 from fastmim.methods.fcmae import FCMAE
 from fastmim.methods.mae import MaskedAutoencoderViT
+from fastmim.methods.maskfeat import MaskFeatViT
 from fastmim.methods.pixmim import PixMIMViT
 from fastmim.methods.simmim import SimMIMViT
 
-__all__ = ["FCMAE", "MaskedAutoencoderViT", "PixMIMViT", "SimMIMViT"]
+__all__ = ["FCMAE", "MaskFeatViT", "MaskedAutoencoderViT", "PixMIMViT", "SimMIMViT"]

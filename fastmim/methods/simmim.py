@@ -24,7 +24,37 @@ from fastmim.targets.pixel import PixelTarget
 SIMMIM_MASK_PATCH = 32
 
 
-class SimMIMViT(PixelTarget, VisionTransformer):
+class MaskTokenViT(VisionTransformer):
+    """A ViT encoder that sees every token, the masked patch embeddings replaced by a learned mask token right after
+    the patch embedding (before the class token and the position embedding): SimMIM's and MaskFeat's encoder. Its
+    encoder keys are the ViT's (exports to timm like MAE's); ``mask_token`` and ``decoder.*`` are the head's."""
+
+    def __init__(self, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm):
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
+                         fused_norm=fused_norm)  # fmt: skip
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"mask_token"}
+
+    def make_mask(self, batch: int, device: torch.device, mask_ratio: float | None = None) -> MaskInfo:
+        seed = int(torch.randint(0, 2**62, (1,)))  # from torch's RNG, so seeding and resume cover it
+        return self.mask_strategy(ratio=mask_ratio)(indices=torch.arange(batch), seed=seed, device=device).info()
+
+    def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W], mask [B, N] (1 = hidden) -> [B, 1 + N, D]."""
+        x = self.patch_embed(imgs)  # [B, N, D]
+        w = mask.unsqueeze(-1).to(x.dtype)
+        x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        return self.encode_tokens(x + self.pos_embed[:, 1:, :])
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights alone (no mask token, no head): loads into timm's VisionTransformer."""
+        return {k: v for k, v in self.state_dict().items() if k != "mask_token" and not k.startswith("decoder.")}
+
+
+class SimMIMViT(PixelTarget, MaskTokenViT):
     """SimMIM with a ViT encoder; its encoder keys are the ViT's (exports to timm like MAE's).
 
     Args:
@@ -48,8 +78,7 @@ class SimMIMViT(PixelTarget, VisionTransformer):
         attn_impl: str = "auto",
         fused_norm: bool = False,
     ):
-        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
-                         fused_norm=fused_norm)  # fmt: skip
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm)
         if SIMMIM_MASK_PATCH % patch_size:
             raise ValueError(
                 f"SimMIM's {SIMMIM_MASK_PATCH}-px mask patches need a patch size dividing it, got {patch_size}"
@@ -57,12 +86,7 @@ class SimMIMViT(PixelTarget, VisionTransformer):
         self.mask_ratio = mask_ratio
         self.fused_ops = fused_ops
         self.norm_pix_loss = False  # SimMIM predicts the normalised image itself
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.decoder = nn.Sequential(nn.Conv2d(embed_dim, patch_size**2 * in_chans, 1), nn.PixelShuffle(patch_size))
-
-    def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"mask_token"}
 
     # --- Mask ---
     def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:
@@ -72,17 +96,7 @@ class SimMIMViT(PixelTarget, VisionTransformer):
         return build_mask("simmim", self.grid_size, seed=seed, ratio=ratio, mask_patch_size=SIMMIM_MASK_PATCH,
                           patch_size=p)  # fmt: skip
 
-    def make_mask(self, batch: int, device: torch.device, mask_ratio: float | None = None) -> MaskInfo:
-        seed = int(torch.randint(0, 2**62, (1,)))  # from torch's RNG, so seeding and resume cover it
-        return self.mask_strategy(ratio=mask_ratio)(indices=torch.arange(batch), seed=seed, device=device).info()
-
-    # --- Encoder: every token, the masked ones as the mask token ---
-    def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W], mask [B, N] (1 = hidden) -> [B, 1 + N, D]."""
-        x = self.patch_embed(imgs)  # [B, N, D]
-        w = mask.unsqueeze(-1).to(x.dtype)
-        x = x * (1 - w) + self.mask_token.to(x.dtype) * w
-        return self.encode_tokens(x + self.pos_embed[:, 1:, :])
+    # --- Encoder: MaskTokenViT (every token, the masked ones as the mask token) ---
 
     # --- Head ---
     def forward_decoder(self, latent: torch.Tensor) -> torch.Tensor:
@@ -106,10 +120,6 @@ class SimMIMViT(PixelTarget, VisionTransformer):
         rec = self.forward_decoder(self.forward_encoder(imgs, mask.mask))  # [B, C, H, W]
         pred = (patchify if self.fused_ops else patchify_ref)(rec, self.patch_size)
         return self.forward_loss(imgs, pred, mask.mask), pred, mask.mask
-
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """The encoder's weights alone (no mask token, no head): loads into timm's VisionTransformer."""
-        return {k: v for k, v in self.state_dict().items() if k != "mask_token" and not k.startswith("decoder.")}
 
 
 register_vit_family("simmim", SimMIMViT, light_decoder=False)

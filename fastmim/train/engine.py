@@ -218,7 +218,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def visualize(self) -> None:
-        if not self.info.is_main:
+        if not self.info.is_main or not getattr(self.raw_model, "predicts_pixels", True):  # MaskFeat predicts HOG
             return
         from fastmim.data.transforms import eval_transform
 

@@ -10,7 +10,7 @@ import fastmim
 from fastmim import pretrain
 from fastmim.masking import random_masking
 from fastmim.train.checkpoint import load_checkpoint
-from tests.conftest import TINY_ARGS
+from tests.conftest import TINY_ARGS, tiny_args_for
 
 
 def official_loss(imgs: torch.Tensor, rec: torch.Tensor, mask: torch.Tensor, p: int) -> torch.Tensor:
@@ -52,11 +52,15 @@ def test_masked_patches_reach_the_encoder_only_as_the_mask_token():
 @pytest.mark.slow
 def test_simmim_pretrains_from_the_cli_and_exports_a_timm_encoder(image_folder, tmp_path):
     out = tmp_path / "simmim"
-    args = [*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--max-steps", "2"]
-    for flag in ("--decoder-embed-dim", "--decoder-depth", "--decoder-num-heads"):  # MAE's decoder: not SimMIM's
-        i = args.index(flag)
-        del args[i : i + 2]
-    args[args.index("--model") + 1] = "simmim_vit_tiny_patch16"
+    args = [
+        *tiny_args_for("simmim_vit_tiny_patch16"),
+        "--data-path",
+        str(image_folder),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "2",
+    ]
     pretrain.run(args)
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["step"] == 2 and "mask_token" in state["model"] and "decoder.0.weight" in state["model"]

@@ -1,0 +1,100 @@
+"""MaskFeat (Wei et al. 2022; SlowFast's image model, mmpretrain's ``MaskFeat``) on a ViT.
+
+Mask: BEiT-style blocks, 40% of the tokens rounded down (78 of 196: ratio 78/196), blocks of at least 15 tokens
+(``fastmim.masking`` "block").
+Encoder: the ViT on every token, the masked patch embeddings replaced by a learned mask token before the position
+embedding (``MaskTokenViT``, as SimMIM). Target: the HOG features of each masked patch (``fastmim.ops.hog_target``:
+Sobel gradients, 9 unsigned orientation bins, 8-px cells, L2 per cell, 108 values per 16-px RGB patch), computed
+from the normalised input image for the masked patches only. Head: one linear layer from the final-normed patch
+tokens to the HOG dimension. Loss: MSE on the masked tokens (the mean over masked tokens of the mean over the 108
+values). Deviations: the ViT keeps MAE's fixed sin-cos position embedding (MaskFeat's is learned); the masks hide
+exactly 40% (BEiT's generator may stop a few tokens short).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastmim.masking import MaskInfo, build_mask
+from fastmim.masking.base import MaskStrategy
+from fastmim.methods.mae import register_vit_family
+from fastmim.methods.simmim import MaskTokenViT
+from fastmim.ops import hog_target, hog_target_ref, masked_mse_loss_patchified, masked_mse_loss_patchified_ref
+
+MASKFEAT_MIN_BLOCK = 15  # tokens per block (mmpretrain's MaskFeat: BEiTMaskGenerator(min_num_patches=15))
+
+
+class MaskFeatViT(MaskTokenViT):
+    """MaskFeat with a ViT encoder.
+
+    Args:
+        img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio: the ViT.
+        mask_ratio: fraction of tokens hidden in blocks (MaskFeat: 78 of 196, 40% rounded down).
+        hog_cell, hog_bins: HOG cell side in pixels (8) and orientation bins (9); patch_size must be a multiple of
+            the cell.
+        gaussian_window: side of the Gaussian window on the gradient magnitudes (0: none, the official image model;
+            mmpretrain uses 16).
+        fused_ops: fastmim.ops for the target and the loss (False: the official whole-image HOG and the plain
+            loss, the same values).
+        attn_impl, fused_norm: see VisionTransformer.
+    """
+
+    predicts_pixels = False  # the trainer shows no reconstructions
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        mask_ratio: float = 78 / 196,
+        hog_cell: int = 8,
+        hog_bins: int = 9,
+        gaussian_window: int = 0,
+        fused_ops: bool = True,
+        attn_impl: str = "auto",
+        fused_norm: bool = False,
+    ):
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm)
+        if patch_size % hog_cell:
+            raise ValueError(f"MaskFeat: patch_size {patch_size} must be a multiple of hog_cell {hog_cell}")
+        self.mask_ratio = mask_ratio
+        self.hog_cell, self.hog_bins, self.gaussian_window = hog_cell, hog_bins, gaussian_window
+        self.fused_ops = fused_ops
+        self.target_dim = in_chans * hog_bins * (patch_size // hog_cell) ** 2
+        self.decoder = nn.Linear(embed_dim, self.target_dim)
+        nn.init.trunc_normal_(self.decoder.weight, std=0.02)
+        nn.init.zeros_(self.decoder.bias)
+
+    # --- Mask ---
+    def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:
+        """MaskFeat's block masks as a ``fastmim.masking`` strategy of (seed, epoch, sample index)."""
+        ratio = self.mask_ratio if ratio is None else ratio
+        return build_mask("block", self.grid_size, seed=seed, ratio=ratio, min_num_patches=MASKFEAT_MIN_BLOCK)
+
+    # --- Target: HOG of the masked patches ---
+    def target(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, N, target_dim] fp32 HOG features (the rows of masked patches; fused_ops computes only those)."""
+        if self.fused_ops:
+            return hog_target(imgs, mask, self.patch_size, self.hog_cell, self.hog_bins, self.gaussian_window)
+        with torch.no_grad():
+            return hog_target_ref(imgs, self.patch_size, self.hog_cell, self.hog_bins, self.gaussian_window)
+
+    # --- Head and loss ---
+    def forward(
+        self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: MaskInfo | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (loss, pred [B, N, target_dim], mask [B, N] with 1 = hidden)."""
+        if mask is None:
+            mask = self.make_mask(imgs.shape[0], imgs.device, mask_ratio)
+        latent = self.forward_encoder(imgs, mask.mask)  # [B, 1 + N, D]
+        pred = self.decoder(latent[:, 1:, :])  # [B, N, target_dim]
+        loss_fn = masked_mse_loss_patchified if self.fused_ops else masked_mse_loss_patchified_ref
+        return loss_fn(pred, self.target(imgs, mask.mask), mask.mask, norm_pix=False), pred, mask.mask
+
+
+register_vit_family("maskfeat", MaskFeatViT, light_decoder=False)

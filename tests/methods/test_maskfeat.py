@@ -1,0 +1,90 @@
+"""MaskFeat on a ViT: the loss against MaskFeat's formula written out (HOG of the input in float64 NumPy, MSE on the
+masked tokens), the masks (BEiT blocks, 78 of 196), fused and reference paths agree, the encoder exports to timm, and
+the CLI trains it without reconstruction images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fastmim
+from fastmim import pretrain
+from fastmim.masking import random_masking
+from fastmim.train.checkpoint import load_checkpoint
+from tests.conftest import tiny_args_for
+from tests.ops.test_hog_target import _numpy_hog
+
+
+def _tiny(**kw):
+    torch.manual_seed(0)
+    return fastmim.create_model("maskfeat_vit_tiny_patch16", img_size=64, depth=2, **kw)
+
+
+@pytest.mark.parametrize("fused_ops", [True, False])
+def test_loss_is_maskfeats_hog_mse_on_masked_tokens(fused_ops):
+    m = _tiny(fused_ops=fused_ops)
+    imgs = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    info = random_masking(2, 16, 0.5, generator=torch.Generator().manual_seed(2))
+    loss, pred, mask = m(imgs, mask=info)
+    assert pred.shape == (2, 16, 108) and torch.equal(mask, info.mask)
+    with torch.no_grad():
+        want_pred = m.decoder(m.forward_encoder(imgs, info.mask)[:, 1:])
+    hog = torch.from_numpy(_numpy_hog(imgs.double().numpy(), 16, 8, 9, 0))  # [B, 16, 108], MaskFeat's layout
+    per_token = ((want_pred.double() - hog) ** 2).mean(-1)  # [B, N]
+    want = (per_token * info.mask).sum() / info.mask.sum()
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_fused_and_reference_paths_agree_with_the_gaussian_window():
+    imgs = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    info = random_masking(2, 16, 0.4, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for fused in (True, False):
+        m = _tiny(fused_ops=fused, gaussian_window=16)
+        loss = m(imgs, mask=info)[0]
+        loss.backward()
+        grads.append((loss.detach(), m.decoder.weight.grad.clone(), m.blocks[0].attn.qkv.weight.grad.clone()))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_masks_are_beit_blocks_of_78_in_196():
+    m = fastmim.create_model("maskfeat_vit_base_patch16")
+    strategy = m.mask_strategy(seed=0)
+    assert strategy.name == "block" and strategy.exact_hidden == 78
+    assert strategy.config.min_num_patches == 15
+    masks = strategy(indices=torch.arange(8), device="cpu")
+    assert masks.mask.flatten(1).sum(1).tolist() == [78] * 8
+
+
+def test_encoder_exports_to_timm():
+    timm = pytest.importorskip("timm", reason="timm is a test dependency")
+    m = _tiny()
+    enc = timm.models.vision_transformer.VisionTransformer(img_size=64, patch_size=16, num_classes=0, embed_dim=192,
+                                                          depth=2, num_heads=3)  # fmt: skip
+    enc.load_state_dict(m.encoder_state_dict(), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        np.testing.assert_allclose(enc.forward_features(x).numpy(), m.forward_features(x).numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_maskfeat_pretrains_from_the_cli(image_folder, tmp_path, capsys):
+    out = tmp_path / "maskfeat"
+    args = [
+        *tiny_args_for("maskfeat_vit_tiny_patch16"),
+        "--data-path",
+        str(image_folder),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "2",
+    ]
+    pretrain.run(args)
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["step"] == 2 and (out / "encoder.safetensors").exists()
+    assert not (out / "reconstructions").exists()  # HOG targets: no pixel reconstructions to show
+    assert pretrain.main([*args, "--output-dir", str(tmp_path / "x"), "--decoder-depth", "2"]) == 2
+    assert "does not apply to MaskFeat" in capsys.readouterr().err
+    assert pretrain.main([*args, "--output-dir", str(tmp_path / "y"), "--mask-type", "uniform"]) == 2
