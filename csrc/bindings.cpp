@@ -58,9 +58,10 @@ py::array_t<uint64_t> as_keys(const char* fn, const py::array& keys) {
 
 py::array_t<bool> block_mask_py(int64_t batch, int64_t height, int64_t width, int64_t num_masked,
                                 double min_num_patches, double max_num_patches, double min_aspect,
-                                double max_aspect, int64_t max_attempts, uint64_t seed, int64_t num_threads) {
+                                double max_aspect, int64_t max_attempts, uint64_t seed, int64_t num_threads,
+                                bool exact) {
   fastmim::BlockMaskParams p{height, width, num_masked, min_num_patches, max_num_patches,
-                             min_aspect, max_aspect, max_attempts};
+                             min_aspect, max_aspect, max_attempts, exact};
   fastmim::validate(p);  // before allocating, so a bad shape never reaches the allocator
   if (batch < 0) throw std::invalid_argument("block_mask: batch must be >= 0");
   if (batch > 0 && height * width > std::numeric_limits<int64_t>::max() / batch / 2)
@@ -78,10 +79,10 @@ py::array_t<bool> block_mask_py(int64_t batch, int64_t height, int64_t width, in
 
 py::array_t<bool> block_mask_keys_py(const py::array& keys, int64_t height, int64_t width, int64_t num_masked,
                                      double min_num_patches, double max_num_patches, double min_aspect,
-                                     double max_aspect, int64_t max_attempts, int64_t num_threads) {
+                                     double max_aspect, int64_t max_attempts, int64_t num_threads, bool exact) {
   const char* fn = "block_mask_keys";
   fastmim::BlockMaskParams p{height, width, num_masked, min_num_patches, max_num_patches,
-                             min_aspect, max_aspect, max_attempts};
+                             min_aspect, max_aspect, max_attempts, exact};
   fastmim::validate(p, fn);
   check_threads(fn, num_threads);
   auto k = as_keys(fn, keys);
@@ -173,15 +174,17 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fastmim native CPU kernels (no libtorch dependency)";
   m.def("block_mask", &block_mask_py, py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("num_masked"),
         py::arg("min_num_patches"), py::arg("max_num_patches"), py::arg("min_aspect"), py::arg("max_aspect"),
-        py::arg("max_attempts"), py::arg("seed"), py::arg("num_threads") = 0,
-        "BEiT-style block-wise masks: bool array [batch, height, width] with exactly num_masked True per sample.");
+        py::arg("max_attempts"), py::arg("seed"), py::arg("num_threads") = 0, py::arg("exact") = true,
+        "BEiT-style block-wise masks: bool array [batch, height, width] with exactly num_masked True per sample "
+        "(blocks grown to the count; exact=False: as BEiT, at most num_masked).");
 
   // Keyed mask strategies (fastmim/masking/strategies.py, impl="cpp"): sample b's stream depends on keys[b] alone
   // (keys: 1-D integer array), so masks do not depend on the batch or on num_threads (0: OpenMP's default).
   m.def("block_mask_keys", &block_mask_keys_py, py::arg("keys"), py::arg("height"), py::arg("width"),
         py::arg("num_masked"), py::arg("min_num_patches"), py::arg("max_num_patches"), py::arg("min_aspect"),
-        py::arg("max_aspect"), py::arg("max_attempts"), py::arg("num_threads") = 0,
-        "Block-wise masks of the samples keyed by keys [B]: bool array [B, height, width], num_masked True each.");
+        py::arg("max_aspect"), py::arg("max_attempts"), py::arg("num_threads") = 0, py::arg("exact") = true,
+        "Block-wise masks of the samples keyed by keys [B]: bool array [B, height, width], num_masked True each "
+        "(exact=False: at most num_masked, as BEiT).");
   m.def("uniform_mask_keys", &uniform_mask_keys_py, py::arg("keys"), py::arg("cells_h"), py::arg("cells_w"),
         py::arg("num_secondary"), py::arg("num_threads") = 0,
         "UM-MAE uniform masks of the samples keyed by keys [B]: (choice uint8 [B, cells_h, cells_w] in 0..3, the "

@@ -53,17 +53,24 @@ void one_sample(const BlockMaskParams& p, Rng& rng, uint8_t* m) {
     if (added == 0) break;
     count += added;
   }
-  if (count == p.num_masked) return;
-  // Blocks could not reach the exact count (small grid or small remainder): mask random free cells.
-  std::vector<int64_t> free_cells;
-  free_cells.reserve(static_cast<size_t>(n - count));
-  for (int64_t i = 0; i < n; ++i)
-    if (!m[i]) free_cells.push_back(i);
-  const int64_t need = p.num_masked - count;
-  for (int64_t k = 0; k < need; ++k) {  // partial Fisher-Yates
-    const int64_t r = rng.randint(k, static_cast<int64_t>(free_cells.size()) - 1);
-    std::swap(free_cells[k], free_cells[r]);
-    m[free_cells[k]] = 1;
+  if (count == p.num_masked || !p.exact) return;  // BEiT stops short when no block fits
+  // Blocks could not reach the exact count: grow them, one random free cell next to a masked one at a time (any free
+  // cell when none is), which keeps BEiT's block statistics (scattered single cells would add pieces).
+  std::vector<int64_t> frontier;
+  frontier.reserve(static_cast<size_t>(n));
+  for (; count < p.num_masked; ++count) {
+    frontier.clear();
+    for (int64_t i = 0; i < n; ++i) {
+      if (m[i]) continue;
+      const int64_t y = i / p.width, x = i % p.width;
+      if ((y > 0 && m[i - p.width]) || (y + 1 < p.height && m[i + p.width]) || (x > 0 && m[i - 1]) ||
+          (x + 1 < p.width && m[i + 1]))
+        frontier.push_back(i);
+    }
+    if (frontier.empty())
+      for (int64_t i = 0; i < n; ++i)
+        if (!m[i]) frontier.push_back(i);
+    m[frontier[rng.randint(0, static_cast<int64_t>(frontier.size()) - 1)]] = 1;
   }
 }
 

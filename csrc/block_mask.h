@@ -13,6 +13,7 @@ struct BlockMaskParams {
   double min_aspect;       // aspect ratio range, sampled log-uniformly
   double max_aspect;
   int64_t max_attempts;    // tries per block before giving up on that block
+  bool exact = true;       // true: reach num_masked by growing the blocks; false: stop short as BEiT does
 };
 
 // Throws std::invalid_argument naming the first bad field (message prefixed with `fn`).

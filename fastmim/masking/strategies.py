@@ -71,13 +71,15 @@ class RandomMask(MaskStrategy):
 
 
 class BlockMask(MaskStrategy):
-    """BEiT's block-wise masking with an exact count.
+    """BEiT's block-wise masking.
 
     Each block: up to ``max_attempts`` tries of an area uniform in [min_num_patches, budget] (budget: what is left
     to hide, at most ``max_num_patches``), a log-uniform aspect ratio in [min_aspect, max_aspect] (default
     1 / min_aspect), h = round(sqrt(area * aspect)), w = round(sqrt(area / aspect)), a uniform position; a try counts
-    if it hides at least one new token and no more than the budget. When no try succeeds the remaining count is drawn
-    uniformly from the free tokens (BEiT would stop short).
+    if it hides at least one new token and no more than the budget. When no try succeeds, ``exact=True`` (default:
+    the same count in every sample, which recipes that drop tokens need) grows the blocks one random free neighbour
+    at a time until the count, keeping BEiT's block shapes; ``exact=False`` stops short as BEiT does (the count then
+    varies: for recipes that replace hidden tokens, such as MaskFeat and BEiT).
     """
 
     name = "block"
@@ -85,7 +87,8 @@ class BlockMask(MaskStrategy):
     has_triton = True
 
     def __init__(self, grid, ratio: float = 0.4, min_num_patches: int = 4, max_num_patches: int | None = None,
-                 min_aspect: float = 0.3, max_aspect: float | None = None, max_attempts: int = 10, **kw):  # fmt: skip
+                 min_aspect: float = 0.3, max_aspect: float | None = None, max_attempts: int = 10,
+                 exact: bool = True, **kw):  # fmt: skip
         super().__init__(grid, **kw)
         self.ratio = check_ratio("ratio", ratio)
         self.num_hidden = exact_hidden(self.num_tokens, self.ratio)
@@ -100,11 +103,12 @@ class BlockMask(MaskStrategy):
             min_aspect,
             max_aspect,
             max_attempts,
+            exact,
         )  # fmt: skip (validates)
 
     @property
     def exact_hidden(self) -> int | None:
-        return self.num_hidden
+        return self.num_hidden if self.config.exact else None
 
     def _torch(self, keys):
         cfg = self.config
@@ -154,11 +158,26 @@ class BlockMask(MaskStrategy):
         return self._top_up(keys, *block_mask_blocks(keys, self.config))
 
     def _top_up(self, keys, mask, count):
-        """The exact count: samples whose blocks got stuck get random free tokens until ``num_masked``."""
+        """The exact count: samples whose blocks got stuck grow them, one random free token next to a hidden one per
+        round (any free token where none is) until ``num_masked``; ``exact=False`` stops short as BEiT does."""
+        if not self.config.exact:
+            return Masks(mask)
         b, (h, w) = keys.shape[0], self.grid
-        short = (self.config.num_masked - count).view(b, 1)
-        noise = uniform(keys, h * w, stream=1 << 20).masked_fill(mask.view(b, h * w), 2.0)
-        return Masks(mask | (_rank(noise) < short).view(b, h, w))
+        short = self.config.num_masked - count  # [B]
+        rounds = int(short.max()) if short.numel() else 0  # one host sync per batch
+        for r in range(rounds):
+            grown = torch.zeros_like(mask)
+            grown[:, 1:] |= mask[:, :-1]
+            grown[:, :-1] |= mask[:, 1:]
+            grown[:, :, 1:] |= mask[:, :, :-1]
+            grown[:, :, :-1] |= mask[:, :, 1:]
+            frontier = (grown & ~mask).view(b, h * w)
+            free = ~mask.view(b, h * w)
+            frontier = torch.where(frontier.any(dim=1, keepdim=True), frontier, free)
+            noise = uniform(keys, h * w, stream=(1 << 20) + r).masked_fill(~frontier, 2.0)
+            pick = torch.zeros_like(free).scatter_(1, noise.argmin(dim=1, keepdim=True), True)
+            mask = mask | (pick & (short > r).view(b, 1)).view(b, h, w)
+        return Masks(mask)
 
     def _ref(self, rng):
         from fastmim.masking.block import block_mask_ref
@@ -172,7 +191,7 @@ class BlockMask(MaskStrategy):
         lo, hi = c.aspect_range
         out = _ext.require().block_mask_keys(
             keys.numpy().astype("uint64"), c.height, c.width, c.num_masked, float(c.min_num_patches),
-            float(c.block_area_max), lo, hi, c.max_attempts,
+            float(c.block_area_max), lo, hi, c.max_attempts, exact=c.exact,
         )  # fmt: skip
         return Masks(torch.from_numpy(out))
 
