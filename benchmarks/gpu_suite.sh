@@ -11,7 +11,7 @@
 #   the other benchmarks that exist (masks, data loading); ViT-L/16 throughput (batch 128); the CLI's default run on
 #   CUDA; the tables of this run.
 # Usage: FASTMIM_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_suite.sh RESULTS_DIR
-# GPU_SUITE_ONLY=ops_tests,ops,... runs only the named steps (ops_tests, graph_tests, graph, host, ops, vit_b_eager, vit_b_compile,
+# GPU_SUITE_ONLY=ops_tests,ops,... runs only the named steps (ops_tests, graph_tests, graph, recipes, host, ops, vit_b_eager, vit_b_compile,
 # compile_modes (the default mode's row comes from vit_b_compile), sanitizer, tests, fcmae, sparse_conv, tune, vit_b,
 # compile_tests, other, fcmae_compile, vit_l, cli; the environment, the build and the tables always run), and
 # GPU_SUITE_TESTS_K replaces the -k filter of the tests step ("not compile").
@@ -91,6 +91,15 @@ want graph && step "throughput: CUDA-graph modes, MAE ViT-B/16 b256 and FCMAE Co
   fits 150 "ViT-B compiled graph throughput" && run 240 $PY benchmarks/throughput.py --model vit_base_patch16 \
     --batch-size 256 --amp bf16 --steps 15 --warmup 5 --peak-tflops 790 --modes fastmim+compile,fastmim+compile+graph \
     --out "$RESULTS/throughput.jsonl"
+}
+
+# issue 16: the new recipes end to end (MaskFeat's HOG target, SimMIM), fused ops against the plain-PyTorch path
+want recipes && step "throughput: MaskFeat and SimMIM ViT-B/16, batch 256, bf16, reference vs fused ops" && {
+  for recipe in maskfeat simmim; do
+    fits 60 "$recipe throughput" && run 120 $PY benchmarks/throughput.py --recipe $recipe --model vit_base_patch16 \
+      --batch-size 256 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 --modes reference,fastmim \
+      --out "$RESULTS/throughput.jsonl"
+  done
 }
 
 want host && step "host time per call of the fused ops and of what they are made of (tiny tensors: host-bound)" &&
