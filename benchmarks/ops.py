@@ -38,6 +38,8 @@ from fastmim.ops import (  # noqa: E402
     add_layer_norm,
     add_layer_norm_ref,
     attention,
+    fft_loss,
+    fft_loss_ref,
     gather_visible,
     gather_visible_ref,
     grn,
@@ -53,7 +55,7 @@ from fastmim.ops import (  # noqa: E402
 )
 from fastmim.ops._dispatch import NO_CUDA_KERNEL, choose_backend, set_backend  # noqa: E402
 
-OPS = ("gather", "scatter", "loss", "patchify", "grn", "add_ln", "attn", "attn_enc", "hog")
+OPS = ("gather", "scatter", "loss", "patchify", "grn", "add_ln", "attn", "attn_enc", "hog", "fft")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -161,6 +163,14 @@ def build_cases(ops, b: int, img: int, patch: int, enc_dim: int, dec_dim: int, r
                           lambda x, m: hog_target(x, m, patch, cell), lambda x, m: hog_target_ref(x, patch, cell),
                           nbytes, 0,
                           choose_backend("hog_target", device, (f32,))))  # fmt: skip
+    if "fft" in ops:  # A2MIM's frequency loss: bf16 reconstructions, fp32 images, 32-px mask patches at 60%
+        mp = 2 * patch
+        pred, imgs = t(b, 3, img, img, dtype=act), t(b, 3, img, img, grad=False)
+        fmask = (torch.rand(b, (img // mp) ** 2, generator=torch.Generator().manual_seed(2)) < 0.6).float().to(device)
+        nbytes = pred.numel() * (pred.element_size() + 4)
+        cases.append(Case("fft_loss", f"B{b} {img}px mask {mp}px 60%", f"pred {act}, imgs fp32", [pred, imgs, fmask],
+                          lambda x, y, m: fft_loss(x, y, m, mp), lambda x, y, m: fft_loss_ref(x, y, m, mp), nbytes,
+                          pred.numel() * pred.element_size(), "torch"))  # fmt: skip
     return cases
 
 

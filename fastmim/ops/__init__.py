@@ -10,6 +10,7 @@ add with the LayerNorm after it. All are ``torch.library`` custom ops
 
 from fastmim.ops._dispatch import set_backend
 from fastmim.ops.attention import attention
+from fastmim.ops.fft_loss import fft_loss
 from fastmim.ops.grn import grn
 from fastmim.ops.hog import hog_target
 from fastmim.ops.layer_norm import add_layer_norm
@@ -18,6 +19,7 @@ from fastmim.ops.patchify import patchify, unpatchify
 from fastmim.ops.reference import (
     add_layer_norm_ref,
     attention_ref,
+    fft_loss_ref,
     gather_visible_ref,
     grn_ref,
     hog_target_ref,
@@ -38,6 +40,8 @@ __all__ = [
     "attention",
     "attention_ref",
     "SparseLayout",
+    "fft_loss",
+    "fft_loss_ref",
     "gather_visible",
     "gather_visible_ref",
     "grn",

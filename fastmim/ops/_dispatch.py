@@ -28,9 +28,11 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # dtype codes of fastmim._C and fastmim._cuda
 CPP_DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # ops with no fastmim._C kernel: "cpp" (chosen or forced) runs their "torch" backend instead
-NO_CPP_KERNEL: frozenset[str] = frozenset({"grn", "add_layer_norm", "attention", "hog_target"})
+NO_CPP_KERNEL: frozenset[str] = frozenset({"grn", "add_layer_norm", "attention", "hog_target", "fft_loss"})
 # ops with no fastmim._cuda kernel: "cuda" (chosen or forced) runs their "triton" backend instead
-NO_CUDA_KERNEL: frozenset[str] = frozenset({"grn", "sparse_dwconv", "add_layer_norm", "attention", "hog_target"})
+NO_CUDA_KERNEL: frozenset[str] = frozenset(
+    {"grn", "sparse_dwconv", "add_layer_norm", "attention", "hog_target", "fft_loss"}
+)
 
 # The auto backend of each op on CUDA tensors: whichever was faster (forward + backward, plain timing) in the
 # committed GPU results named here; an op not listed, or "cuda" without fastmim._cuda, runs Triton.

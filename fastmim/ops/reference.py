@@ -287,3 +287,31 @@ def hog_target_ref(
     out = out.flatten(1, 2).permute(0, 2, 3, 1)  # [B, H/cell, W/cell, C * bins]
     out = out.unfold(1, k, k).unfold(2, k, k)  # [B, gh, gw, C * bins, k, k]
     return out.flatten(1, 2).flatten(2)
+
+
+def fft_loss_ref(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, patch_size: int | None = None
+) -> torch.Tensor:
+    """A2MIM's focal frequency loss (openmixup ``A2MIMHead`` with ``fft_focal=True``, ``fft_unmask_replace='mixed'``;
+    ``FocalFrequencyLoss(alpha=1, ave_spectrum=True, log_matrix=True, batch_matrix=True)``), written as the official
+    code computes it.
+
+    With a mask (``[B, L]`` tokens of ``patch_size`` px, 1 = masked): the prediction's visible pixels are replaced
+    by ``0.5 * pred.detach() + 0.5 * target``. Each image's full complex 2-D FFT (orthonormal), spectra averaged
+    over the batch, ``d2 = |F_pred - F_target|^2``, weights ``log(1 + sqrt(d2))`` divided by their maximum, NaN set to
+    0, clamped to [0, 1] and detached; the loss is ``mean(w * d2)``. pred, target: [B, C, H, W]."""
+    pred, target = pred.float(), target.float()
+    if mask is not None:
+        b, _, h, w = pred.shape
+        m = mask.reshape(b, h // patch_size, w // patch_size).float()
+        m = m.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1)
+        pred = pred * m + (0.5 * pred.detach() + 0.5 * target) * (1 - m)
+    fp = torch.fft.fft2(pred.unsqueeze(1), norm="ortho")
+    ft = torch.fft.fft2(target.unsqueeze(1), norm="ortho")
+    fp = torch.stack([fp.real, fp.imag], -1).mean(0, keepdim=True)
+    ft = torch.stack([ft.real, ft.imag], -1).mean(0, keepdim=True)
+    d2 = ((fp - ft) ** 2).sum(-1)
+    w = torch.log(torch.sqrt(d2) + 1.0)
+    w = w / w.max()
+    w = torch.nan_to_num(w, nan=0.0).clamp(0.0, 1.0).detach()
+    return (w * d2).mean()

@@ -1,0 +1,140 @@
+"""A2MIM's focal frequency loss with one FFT per batch instead of two per image.
+
+``fft_loss(pred, target, mask=None, patch_size=None)`` equals ``fft_loss_ref`` (the official computation: each
+image's FFT, spectra averaged over the batch, log-distance weights normalised by their maximum and detached, the
+weighted mean of the squared spectrum distance). The FFT is linear and the loss only uses the difference of the
+batch-averaged spectra, so it is the FFT of one image: ``e = mean_b(x_hat - target)``, where A2MIM's mixing of the
+prediction (``pred * m + (0.5 * pred.detach() + 0.5 * target) * (1 - m)``) reduces to
+``e = mean_b((pred - target) * (1 + m) / 2)``. Forward: that one reduction, one [C, H, W] FFT, the weights and the
+mean. Backward: one inverse FFT (``2 Re(ifft2(w D)) / (C H W)``, orthonormal transforms) broadcast back over the
+batch, times ``m`` for the prediction (the mixed-in ``pred.detach()`` takes no gradient) and ``-(1 + m) / 2`` for
+the target. The FFTs run through ``torch.fft`` (cuFFT, pocketfft) in fp32.
+
+Registered as ``torch.library.custom_op`` (fake kernels, autograd), safe under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastmim.ops._dispatch import check_device, check_float, custom_op, eager_function, needs_autograd, use_custom_op
+
+_OP = "fft_loss"
+
+
+def _pixel_weight(mask: torch.Tensor, b: int, h: int, w: int, p: int) -> torch.Tensor:
+    """(1 + m) / 2 per pixel, [B, 1, H, W] fp32, from the token mask [B, L]."""
+    m = mask.reshape(b, h // p, w // p).float()
+    m = m.repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1)
+    return 0.5 * (1.0 + m)
+
+
+def _fwd(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, patch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (loss [] fp32, w * D as a real view [C, H, W, 2] fp32 for the backward)."""
+    b, c, h, w = pred.shape
+    diff = pred.float() - target.float()
+    if mask is not None:
+        diff = diff * _pixel_weight(mask, b, h, w, patch_size)
+    e = diff.mean(0)  # [C, H, W]: the batch-averaged mixed prediction minus the batch-averaged target
+    spec = torch.fft.fft2(e, norm="ortho")
+    d2 = spec.real**2 + spec.imag**2
+    wts = torch.log1p(torch.sqrt(d2))
+    top = wts.max()
+    wts = torch.where(top > 0, wts / top, torch.zeros_like(wts)).clamp(0.0, 1.0)  # 0 / 0 (no error) -> 0
+    return (wts * d2).mean(), torch.view_as_real(wts * spec).contiguous()
+
+
+_fft_loss_op = custom_op("fastmim::fft_loss", _fwd)
+
+
+@_fft_loss_op.register_fake
+def _(pred, target, mask, patch_size):
+    _, c, h, w = pred.shape
+    return pred.new_empty((), dtype=torch.float32), pred.new_empty((c, h, w, 2), dtype=torch.float32)
+
+
+def _bwd(grad: torch.Tensor, weighted: torch.Tensor, batch: int) -> torch.Tensor:
+    """d loss / d x_hat_b, the same for every image: [C, H, W] fp32 (``2 Re(ifft2(w D)) / (C H W) / B``)."""
+    c, h, w, _ = weighted.shape
+    g = torch.fft.ifft2(torch.view_as_complex(weighted), norm="ortho").real
+    return g * (grad.float() * 2.0 / (c * h * w * batch))
+
+
+_fft_loss_backward_op = custom_op("fastmim::fft_loss_backward", _bwd)
+
+
+@_fft_loss_backward_op.register_fake
+def _(grad, weighted, batch):
+    return weighted.new_empty(weighted.shape[:3], dtype=torch.float32)
+
+
+def _setup(ctx, inputs, output):
+    pred, target, mask, patch_size = inputs
+    ctx.save_for_backward(output[1], mask)
+    ctx.mark_non_differentiable(output[1])
+    ctx.meta = (tuple(pred.shape), patch_size, pred.dtype, target.dtype)
+
+
+def _backward(ctx, grad, _dw=None, bwd=_fft_loss_backward_op):
+    weighted, mask = ctx.saved_tensors
+    shape, p, pred_dtype, target_dtype = ctx.meta
+    need_pred, need_target = ctx.needs_input_grad[:2]
+    g = bwd(grad, weighted, shape[0]).unsqueeze(0)  # [1, C, H, W]
+    dpred = dtarget = None
+    if mask is None:
+        dpred = g.expand(shape).to(pred_dtype) if need_pred else None
+        dtarget = (-g).expand(shape).to(target_dtype) if need_target else None
+    else:
+        half = _pixel_weight(mask, shape[0], shape[2], shape[3], p)  # (1 + m) / 2
+        if need_pred:  # only the masked pixels of the prediction carry a gradient (the rest is pred.detach())
+            dpred = (g * (2.0 * half - 1.0)).to(pred_dtype)
+        if need_target:
+            dtarget = (-g * half).to(target_dtype)
+    return dpred, dtarget, None, None
+
+
+_fft_loss_op.register_autograd(_backward, setup_context=_setup)
+
+_FftLoss = eager_function("_FftLoss", _fwd, _setup, lambda ctx, *g: _backward(ctx, *g, bwd=_bwd))
+
+
+def fft_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, patch_size: int | None = None
+) -> torch.Tensor:
+    """A2MIM's focal frequency loss of ``pred`` against ``target`` (see ``fft_loss_ref`` for the formula).
+
+    Args:
+        pred, target: [B, C, H, W] images (any float dtype; computed in fp32).
+        mask: [B, L] (or [B, H/p, W/p]) token mask, 1 = masked: the visible pixels of the prediction are replaced
+            by ``0.5 * pred.detach() + 0.5 * target`` first (A2MIM's "mixed" replacement). None: no replacement.
+        patch_size: the mask's token side in pixels (required with a mask; H and W multiples of it).
+    Returns: the scalar loss (fp32), with gradients for pred and target.
+    """
+    for name, t in (("pred", pred), ("target", target)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{_OP}: {name} must be [B, C, H, W], got {getattr(t, 'shape', type(t).__name__)}")
+        check_float(_OP, name, t)
+    if target.shape != pred.shape:
+        raise ValueError(f"{_OP}: target has shape {tuple(target.shape)}, pred {tuple(pred.shape)}")
+    check_device(_OP, "target", target, pred.device)
+    b, _, h, w = pred.shape
+    if b == 0:
+        raise ValueError(f"{_OP}: an empty batch has no spectrum to average")
+    p = 1
+    if mask is not None:
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+            raise ValueError(f"{_OP}: a mask needs patch_size, a positive int, got {patch_size!r}")
+        if h % patch_size or w % patch_size:
+            raise ValueError(f"{_OP}: image size {h}x{w} is not a multiple of patch_size {patch_size}")
+        n = (h // patch_size) * (w // patch_size)
+        if not isinstance(mask, torch.Tensor) or mask.numel() != b * n or mask.shape[0] != b:
+            raise ValueError(f"{_OP}: mask must be [B, L] = [{b}, {n}], got {getattr(mask, 'shape', mask)}")
+        check_device(_OP, "mask", mask, pred.device)
+        mask, p = mask.reshape(b, n).float(), patch_size
+    if use_custom_op():
+        return _fft_loss_op(pred, target, mask, p)[0]
+    if needs_autograd(pred, target):
+        return _FftLoss.apply(pred, target, mask, p)[0]
+    return _fwd(pred, target, mask, p)[0]

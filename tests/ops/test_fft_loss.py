@@ -1,0 +1,99 @@
+"""fft_loss (A2MIM's focal frequency loss, one FFT per batch): values and gradients against the official computation
+(``fft_loss_ref``: each image's FFT, batch-averaged spectra), with and without A2MIM's mixed replacement of the
+visible pixels, low-precision inputs, float64, the all-equal case (weights 0 / 0 -> 0), bad inputs, opcheck and
+torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmim.ops import fft_loss, fft_loss_ref
+from tests.ops.conftest import DEVICES
+from tests.ops.helpers import compile_backend
+
+DEVICE_PARAMS = [pytest.param(d, marks=[pytest.mark.gpu] if d == "cuda" else []) for d in DEVICES]
+
+
+def _pair(b, c, h, w, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pred = torch.randn(b, c, h, w, generator=g).to(device, dtype).requires_grad_()
+    target = torch.randn(b, c, h, w, generator=g).to(device, dtype).requires_grad_()
+    return pred, target
+
+
+def _mask(b, n, device, seed=1):
+    return (torch.rand(b, n, generator=torch.Generator().manual_seed(seed)) < 0.6).float().to(device)
+
+
+def _check(pred, target, mask, p, rtol=1e-5):
+    loss = fft_loss(pred, target, mask, p)
+    grads = torch.autograd.grad(loss, (pred, target))
+    ref = fft_loss_ref(pred, target, mask, p)
+    ref_grads = torch.autograd.grad(ref, (pred, target))
+    torch.testing.assert_close(loss, ref, rtol=rtol, atol=1e-7)
+    for a, r in zip(grads, ref_grads, strict=True):
+        assert a.dtype == r.dtype
+        torch.testing.assert_close(a.float(), r.float(), rtol=rtol, atol=rtol * r.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("shape, p", [((4, 3, 32, 32), 16), ((2, 1, 24, 40), 8), ((1, 3, 16, 16), 16)])
+@pytest.mark.parametrize("masked", [True, False], ids=["mixed", "plain"])
+def test_matches_the_official_computation(device, shape, p, masked):
+    pred, target = _pair(*shape, device)
+    n = (shape[2] // p) * (shape[3] // p)
+    _check(pred, target, _mask(shape[0], n, device) if masked else None, p if masked else None)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_low_precision_float64_and_equal_images(device):
+    pred, target = _pair(2, 3, 32, 32, device, torch.bfloat16)
+    _check(pred, target, _mask(2, 4, device), 16, rtol=1e-2)  # fp32 from the same bf16 values; bf16 gradients
+    pred, target = _pair(2, 3, 32, 32, device, torch.float64)
+    _check(pred, target, None, None)
+    same = pred.detach().clone().requires_grad_()
+    loss = fft_loss(same, same.detach())
+    assert loss.item() == 0.0 and fft_loss_ref(same, same.detach()).item() == 0.0
+    (g,) = torch.autograd.grad(loss, same)
+    assert torch.isfinite(g).all() and not g.any()
+
+
+def test_only_masked_pixels_of_the_prediction_get_a_gradient():
+    pred, target = _pair(2, 3, 32, 32, "cpu")
+    mask = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    (g,) = torch.autograd.grad(fft_loss(pred, target, mask, 16), pred)
+    assert g[0, :, :16, :16].any() and g[0, :, 16:, 16:].any()  # masked tokens 0 and 3
+    assert not g[0, :, :16, 16:].any() and not g[1].any()  # visible: the mixed-in pred.detach()
+
+
+def test_bad_inputs():
+    pred, target = _pair(2, 3, 32, 32, "cpu")
+    with pytest.raises(ValueError, match="target has shape"):
+        fft_loss(pred, target[:, :2])
+    with pytest.raises(ValueError, match="a mask needs patch_size"):
+        fft_loss(pred, target, _mask(2, 4, "cpu"))
+    with pytest.raises(ValueError, match=r"mask must be \[B, L\] = \[2, 4\]"):
+        fft_loss(pred, target, _mask(2, 5, "cpu"), 16)
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        fft_loss(pred, target, _mask(2, 4, "cpu"), 12)
+    with pytest.raises(ValueError, match="must be \\[B, C, H, W\\]"):
+        fft_loss(pred[0], target[0])
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_opcheck_and_compile(device):
+    pred, target = _pair(2, 3, 16, 16, device)
+    mask = _mask(2, 4, device)
+    torch.library.opcheck(torch.ops.fastmim.fft_loss.default, (pred, target, mask, 8))
+    loss, weighted = torch.ops.fastmim.fft_loss(pred.detach(), target.detach(), mask, 8)
+    torch.library.opcheck(torch.ops.fastmim.fft_loss_backward.default, (torch.ones(()), weighted, 2))
+
+    def a2mim_loss(pred, target, mask):
+        return (pred - target).abs().mean() + 0.1 * fft_loss(pred, target, mask, 8)
+
+    compiled = torch.compile(a2mim_loss, fullgraph=True, backend=compile_backend(torch.device(device), "torch"))
+    torch._dynamo.reset()
+    got = torch.autograd.grad(compiled(pred, target, mask), (pred,))
+    want = torch.autograd.grad(a2mim_loss(pred, target, mask), (pred,))
+    torch.testing.assert_close(got, want)
