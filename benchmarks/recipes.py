@@ -3,7 +3,7 @@
 A recipe builds one model per mode from the same seed (so every mode starts from the same weights) and counts the
 model FLOPs of one training image. ``reference`` is the straightforward PyTorch implementation the recipe's paper
 describes, written here so that the speedups are measured against it and not against fastmim's own plain path.
-Recipes: ``mae`` (ViT; reference = the MAE paper's code path), ``pixmim``, ``simmim`` and ``maskfeat`` (ViT;
+Recipes: ``mae`` (ViT; reference = the MAE paper's code path), ``pixmim``, ``simmim``, ``a2mim`` and ``maskfeat`` (ViT;
 reference = the recipe on plain PyTorch ops) and ``fcmae`` (ConvNeXt V2; reference = the dense model times the mask,
 fastmim = visible pixels only).
 """
@@ -234,6 +234,8 @@ RECIPES = {
     # encoder on every token; both against their plain-PyTorch path
     "pixmim": Recipe("pixmim", "pixmim_", _build_plain, mae_flops_per_image, {"attn_impl": "math"}),
     "simmim": Recipe("simmim", "simmim_", _build_plain, simmim_flops_per_image, {"attn_impl": "math"}),
+    # A2MIM: SimMIM's matmuls (its frequency loss is FFT work, not counted)
+    "a2mim": Recipe("a2mim", "a2mim_", _build_plain, simmim_flops_per_image, {"attn_impl": "math"}),
     # MaskFeat: SimMIM's encoder, a linear head; reference = the official whole-image HOG and the plain loss
     "maskfeat": Recipe("maskfeat", "maskfeat_", _build_plain, maskfeat_flops_per_image, {"attn_impl": "math"}),
     # the rows backend: its matmuls and the sparse depthwise conv (a registered flop formula) are what is counted

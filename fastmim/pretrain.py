@@ -191,9 +191,9 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         kwargs["mask_ratio"] = cfg.mask_ratio
     for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         if getattr(cfg, k) is not None:
-            if cfg.model.startswith(("simmim_", "maskfeat_")):
-                head = "a 1x1 convolution" if cfg.model.startswith("simmim_") else "a linear layer"
-                name = "SimMIM" if cfg.model.startswith("simmim_") else "MaskFeat"
+            if cfg.model.startswith(("simmim_", "a2mim_", "maskfeat_")):
+                head = "a linear layer" if cfg.model.startswith("maskfeat_") else "a 1x1 convolution"
+                name = {"simmim": "SimMIM", "a2mim": "A2MIM", "maskfeat": "MaskFeat"}[cfg.model.split("_")[0]]
                 raise UsageError(f"--{k.replace('_', '-')} does not apply to {name}: its head is {head}")
             kwargs[k] = getattr(cfg, k)
     if cfg.drop_path and not cfg.model.startswith("fcmae_"):
@@ -209,10 +209,11 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         if cfg.mask_type not in ("random", "block"):  # random: the CLI's default, MaskFeat's own block masks are meant
             raise UsageError(f"MaskFeat masks blocks of tokens (--mask-type block); --mask-type {cfg.mask_type} is not")
         kwargs["attn_impl"] = cfg.attn_impl
-    elif cfg.model.startswith("simmim_"):
-        kwargs.pop("norm_pix_loss")  # SimMIM predicts the normalised image itself
+    elif cfg.model.startswith(("simmim_", "a2mim_")):
+        kwargs.pop("norm_pix_loss")  # SimMIM and A2MIM predict the normalised image itself
         if cfg.mask_type not in ("random", "simmim"):  # random: the CLI's default, SimMIM's own masks are meant
-            raise UsageError(f"SimMIM masks 32-px patches (--mask simmim); --mask {cfg.mask_type} is for MAE models")
+            raise UsageError(f"SimMIM and A2MIM mask 32-px patches (--mask simmim); --mask {cfg.mask_type} is for MAE "
+                             "models")  # fmt: skip
         kwargs["attn_impl"] = cfg.attn_impl
     elif cfg.model.startswith(("mae_", "pixmim_")):
         kwargs.update(mask_type=cfg.mask_type, attn_impl=cfg.attn_impl)
@@ -225,12 +226,12 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         kwargs["drop_path_rate"] = cfg.drop_path
     else:
         names = fastmim.list_models()
-        prefixes = ("mae_", "pixmim_", "simmim_", "maskfeat_", "fcmae_")
+        prefixes = ("mae_", "pixmim_", "simmim_", "a2mim_", "maskfeat_", "fcmae_")
         recipes = [f"{p}{cfg.model}" for p in prefixes if f"{p}{cfg.model}" in names]
         hint = f"; did you mean {' or '.join(recipes)}?" if recipes else ""
         raise UsageError(
             f"model {cfg.model!r} is not a pretraining recipe (MAE models are mae_*, PixMIM pixmim_*, SimMIM simmim_*, "
-            f"MaskFeat maskfeat_*, FCMAE fcmae_*){hint}"
+            f"A2MIM a2mim_*, MaskFeat maskfeat_*, FCMAE fcmae_*){hint}"
         )
     return fastmim.create_model(cfg.model, **kwargs).to(device)
 

@@ -603,7 +603,7 @@ def test_step_floor_counts_parameter_traffic_and_flops():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["simmim", "pixmim", "maskfeat"])
+@pytest.mark.parametrize("recipe", ["simmim", "pixmim", "maskfeat", "a2mim"])
 def test_new_recipes_in_the_throughput_benchmark(recipe, tmp_path):
     """SimMIM and PixMIM run in both eager modes, train the same model to the same loss, and their FLOP formulas
     agree with torch.utils.flop_counter's count of a real step."""

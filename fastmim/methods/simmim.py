@@ -106,8 +106,11 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
         return self.decoder(z)
 
     # --- Loss: L1 on the masked pixels ---
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean absolute error over the masked pixels and channels (SimMIM's sum / (pixels * channels))."""
+    def forward_loss(
+        self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, rec: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean absolute error over the masked pixels and channels (SimMIM's sum / (pixels * channels)); ``rec``, the
+        predicted image, is for subclasses whose loss needs it whole (A2MIM's frequency term)."""
         loss_fn = masked_mse_loss if self.fused_ops else masked_mse_loss_ref
         return loss_fn(pred, imgs, mask, self.patch_size, norm_pix=False, p=1)
 
@@ -119,7 +122,7 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
             mask = self.make_mask(imgs.shape[0], imgs.device, mask_ratio)
         rec = self.forward_decoder(self.forward_encoder(imgs, mask.mask))  # [B, C, H, W]
         pred = (patchify if self.fused_ops else patchify_ref)(rec, self.patch_size)
-        return self.forward_loss(imgs, pred, mask.mask), pred, mask.mask
+        return self.forward_loss(imgs, pred, mask.mask, rec), pred, mask.mask
 
 
 register_vit_family("simmim", SimMIMViT, light_decoder=False)

@@ -1,0 +1,52 @@
+"""A2MIM (Li et al. 2023; Westlake-AI/openmixup ``A2MIM``, ``A2MIMHead``) on a ViT.
+
+SimMIM's mask (32-px mask patches at 60%), head (1x1 convolution + PixelShuffle) and L1 on the masked pixels, with
+A2MIM's two changes: the input's masked pixels are filled with each image's per-channel mean before the patch
+embedding, and the mask token is added to the masked patch embeddings (``x + mask_token * m``) instead of replacing
+them; and a frequency term, ``0.1 x fft_loss``: the focal frequency loss of the reconstruction (its visible pixels
+replaced by ``0.5 * rec.detach() + 0.5 * target``) against the image (``fastmim.ops.fft_loss``: one FFT per batch).
+Deviations: MAE's fixed sin-cos position embedding, no layer scale (A2MIM's ViT-B follows SimMIM's).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastmim.methods.mae import register_vit_family
+from fastmim.methods.simmim import SimMIMViT
+from fastmim.ops import fft_loss, fft_loss_ref
+
+A2MIM_FFT_WEIGHT = 0.1
+
+
+class A2MIMViT(SimMIMViT):
+    """A2MIM with a ViT encoder; arguments as ``SimMIMViT`` plus ``fft_weight`` (A2MIM: 0.1)."""
+
+    def __init__(self, *args, fft_weight: float = A2MIM_FFT_WEIGHT, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fft_weight = float(fft_weight)
+
+    def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked pixels filled with each image's channel means, then the patch embedding plus the mask token at the
+        masked tokens: [B, C, H, W], mask [B, N] (1 = hidden) -> [B, 1 + N, D]."""
+        b, _, h, w = imgs.shape
+        p = self.patch_size
+        m = mask.view(b, 1, h // p, 1, w // p, 1).to(imgs.dtype)
+        x = imgs.reshape(b, -1, h // p, p, w // p, p)
+        x = x * (1 - m) + imgs.mean(dim=(2, 3)).view(b, -1, 1, 1, 1, 1) * m  # no [B, 1, H, W] mask materialised
+        x = self.patch_embed(x.reshape(imgs.shape))
+        x = x + self.mask_token.to(x.dtype) * mask.unsqueeze(-1).to(x.dtype)
+        return self.encode_tokens(x + self.pos_embed[:, 1:, :])
+
+    def forward_loss(
+        self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, rec: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """SimMIM's L1 on the masked pixels + fft_weight x A2MIM's focal frequency loss of ``rec``."""
+        loss = super().forward_loss(imgs, pred, mask)
+        if self.fft_weight and rec is not None:
+            freq = (fft_loss if self.fused_ops else fft_loss_ref)(rec, imgs, mask, self.patch_size)
+            loss = loss + self.fft_weight * freq
+        return loss
+
+
+register_vit_family("a2mim", A2MIMViT, light_decoder=False)
