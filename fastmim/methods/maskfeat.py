@@ -14,13 +14,14 @@ exactly 40% (BEiT's generator may stop a few tokens short).
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from fastmim.heads import LinearHead
 from fastmim.masking import MaskInfo, build_mask
 from fastmim.masking.base import MaskStrategy
 from fastmim.methods.mae import register_vit_family
 from fastmim.methods.simmim import MaskTokenViT
-from fastmim.ops import hog_target, hog_target_ref, masked_mse_loss_patchified, masked_mse_loss_patchified_ref
+from fastmim.ops import masked_mse_loss_patchified, masked_mse_loss_patchified_ref
+from fastmim.targets.hog import HOGTarget
 
 MASKFEAT_MIN_BLOCK = 15  # tokens per block (mmpretrain's MaskFeat: BEiTMaskGenerator(min_num_patches=15))
 
@@ -63,12 +64,10 @@ class MaskFeatViT(MaskTokenViT):
         if patch_size % hog_cell:
             raise ValueError(f"MaskFeat: patch_size {patch_size} must be a multiple of hog_cell {hog_cell}")
         self.mask_ratio = mask_ratio
-        self.hog_cell, self.hog_bins, self.gaussian_window = hog_cell, hog_bins, gaussian_window
         self.fused_ops = fused_ops
-        self.target_dim = in_chans * hog_bins * (patch_size // hog_cell) ** 2
-        self.decoder = nn.Linear(embed_dim, self.target_dim)
-        nn.init.trunc_normal_(self.decoder.weight, std=0.02)
-        nn.init.zeros_(self.decoder.bias)
+        self.hog = HOGTarget(patch_size, in_chans, hog_cell, hog_bins, gaussian_window, fused=fused_ops)
+        self.target_dim = self.hog.dim
+        self.decoder = LinearHead(embed_dim, self.target_dim)
 
     # --- Mask ---
     def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:
@@ -76,13 +75,7 @@ class MaskFeatViT(MaskTokenViT):
         ratio = self.mask_ratio if ratio is None else ratio
         return build_mask("block", self.grid_size, seed=seed, ratio=ratio, min_num_patches=MASKFEAT_MIN_BLOCK)
 
-    # --- Target: HOG of the masked patches ---
-    def target(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[B, N, target_dim] fp32 HOG features (the rows of masked patches; fused_ops computes only those)."""
-        if self.fused_ops:
-            return hog_target(imgs, mask, self.patch_size, self.hog_cell, self.hog_bins, self.gaussian_window)
-        with torch.no_grad():
-            return hog_target_ref(imgs, self.patch_size, self.hog_cell, self.hog_bins, self.gaussian_window)
+    # --- Target: HOGTarget (fastmim.targets), the masked patches' HOG features ---
 
     # --- Head and loss ---
     def forward(
@@ -94,7 +87,7 @@ class MaskFeatViT(MaskTokenViT):
         latent = self.forward_encoder(imgs, mask.mask)  # [B, 1 + N, D]
         pred = self.decoder(latent[:, 1:, :])  # [B, N, target_dim]
         loss_fn = masked_mse_loss_patchified if self.fused_ops else masked_mse_loss_patchified_ref
-        return loss_fn(pred, self.target(imgs, mask.mask), mask.mask, norm_pix=False), pred, mask.mask
+        return loss_fn(pred, self.hog(imgs, mask.mask), mask.mask, norm_pix=False), pred, mask.mask
 
 
 register_vit_family("maskfeat", MaskFeatViT, light_decoder=False)

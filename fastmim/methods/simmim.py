@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastmim.heads import PixelShuffleHead
 from fastmim.masking import MaskInfo, build_mask
 from fastmim.masking.base import MaskStrategy
 from fastmim.methods.mae import register_vit_family
@@ -86,7 +87,7 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
         self.mask_ratio = mask_ratio
         self.fused_ops = fused_ops
         self.norm_pix_loss = False  # SimMIM predicts the normalised image itself
-        self.decoder = nn.Sequential(nn.Conv2d(embed_dim, patch_size**2 * in_chans, 1), nn.PixelShuffle(patch_size))
+        self.decoder = PixelShuffleHead(embed_dim, patch_size, in_chans)
 
     # --- Mask ---
     def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:
@@ -101,9 +102,7 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
     # --- Head ---
     def forward_decoder(self, latent: torch.Tensor) -> torch.Tensor:
         """[B, 1 + N, D] -> the predicted image [B, C, H, W]."""
-        gh, gw = self.grid_size
-        z = latent[:, 1:, :].transpose(1, 2).reshape(latent.shape[0], -1, gh, gw)  # [B, D, gh, gw]
-        return self.decoder(z)
+        return self.decoder.forward_tokens(latent[:, 1:, :], self.grid_size)
 
     # --- Loss: L1 on the masked pixels ---
     def forward_loss(
