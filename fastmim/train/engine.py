@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,11 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def _masked_forward(model: nn.Module, imgs: torch.Tensor, mask: torch.Tensor, num_hidden: int | None) -> torch.Tensor:
+    """The loss of one micro-batch; the masks' index form is made here, inside a captured step."""
+    return model(imgs, mask=Masks(mask, num_hidden=num_hidden).info())[0]
 
 
 @dataclass
@@ -81,16 +87,15 @@ class Trainer:
                 f"shapes); --mask-type {self.cfg.mask_type} varies it"
             )
         ddp = self.info.enabled and hasattr(self.model, "no_sync")
+        # the step holds the model, not the trainer: no reference cycle keeps a finished trainer (and its loader, whose
+        # DALI pipeline maps the image files) alive until the garbage collector runs
         self.step = TrainStep(
-            self._forward, self.raw_model.parameters(), self.optimizer, self.scaler, device=self.device,
+            functools.partial(_masked_forward, self.model), self.raw_model.parameters(), self.optimizer, self.scaler,
+            device=self.device,
             accum_iter=self.cfg.accum_iter, clip_grad=self.cfg.clip_grad, amp_dtype=self.amp_dtype,
             graph=self.cfg.cuda_graph, warmup=11 if ddp else 3,  # DDP settles its buckets in its first iterations
             no_sync=self.model.no_sync if ddp else None,
         )  # fmt: skip
-
-    def _forward(self, imgs: torch.Tensor, mask: torch.Tensor, num_hidden: int | None) -> torch.Tensor:
-        """The loss of one micro-batch; the masks' index form is made here, inside a captured step."""
-        return self.model(imgs, mask=Masks(mask, num_hidden=num_hidden).info())[0]
 
     # --- state ---
     def _from_every_rank(self, obj) -> list:

@@ -259,3 +259,22 @@ def test_trainer_graph_mode_fcmae_with_drop_path(image_folder, tmp_path, monkeyp
     a, b = load_checkpoint(eager / "checkpoint.pt"), load_checkpoint(graph / "checkpoint.pt")
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph-mode"])
+def test_a_finished_run_frees_its_trainer_without_the_garbage_collector(image_folder, tmp_path, monkeypatch, graph):
+    """No reference cycle keeps a finished (or failed) run's trainer, and with it its loader, alive: a DALI pipeline
+    left alive maps the image files, and a run resumed in the same process after a file was fixed read the old one."""
+    import gc
+
+    from fastmim.train.engine import Trainer
+
+    monkeypatch.setenv("FASTMIM_CUDA_GRAPH_ON_CPU", "1")
+    gc.collect()
+    gc.disable()
+    try:
+        pretrain.run(_args(image_folder, tmp_path / "run", "--max-steps", "1", *(["--cuda-graph"] if graph else [])))
+        alive = [o for o in gc.get_objects() if type(o) is Trainer]
+    finally:
+        gc.enable()
+    assert not alive
