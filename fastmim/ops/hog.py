@@ -13,6 +13,7 @@ Registered as ``torch.library.custom_op`` (fake kernel), safe under ``torch.comp
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,8 +30,10 @@ def _triton_hog():
     return hog
 
 
-def boundary_trig(nbins: int, device=None) -> torch.Tensor:
-    """[2, 16] fp32: cos and sin of the bin boundaries k * pi / nbins (k < 16), from float64."""
+@functools.cache
+def boundary_trig(nbins: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """[2, 16] fp32: cos and sin of the bin boundaries k * pi / nbins (k < 16), from float64; cached per device (a
+    copy to the GPU every call would wait for it, and could not be captured in a CUDA graph)."""
     angles = torch.arange(16, dtype=torch.float64) * math.pi / nbins
     return torch.stack([angles.cos(), angles.sin()]).float().to(device)
 

@@ -102,6 +102,8 @@ def specs():
             ptrs = {"qkv_ptr": dt, "do_ptr": dt, "lse_ptr": "fp32", "delta_ptr": "fp32", "dqkv_ptr": dt}
             for dq in (False, True):
                 yield attention._attn_bwd_kernel, ptrs, {**consts, "DQ": dq}
+        yield attention._attn_delta_kernel, {"o_ptr": dt, "do_ptr": dt, "delta_ptr": "fp32"}, {"BLOCK_M": 64,
+                                                                                             "BLOCK_D": 64}  # fmt: skip
     # hog_target: MaskFeat's 8-px cells over RGB (with and without the Gaussian window and a mask), 4-px cells
     for dt in ("fp32", "bf16"):
         for window, has_mask, cell in ((0, True, 8), (16, True, 8), (0, False, 4)):

@@ -9,7 +9,7 @@ an online softmax in fp32 (exp2, the scale folded into log2 units); stores the o
 
 Backward, two launches of one kernel and no atomics (deterministic): one program per key block accumulates dK and
 dV over all query blocks, then one per query block accumulates dQ over all key blocks; both recompute the
-probabilities from the saved log-sum-exp. ``delta = rowsum(dO * O)`` comes from the caller.
+probabilities from the saved log-sum-exp. ``delta = rowsum(dO * O)`` comes from a small kernel first.
 
 Matmuls take the inputs' dtype with fp32 accumulation on a GPU (fp32 inputs in IEEE precision, not TF32); under
 ``TRITON_INTERPRET=1`` (no bf16 arithmetic there) every load is cast to fp32 first (``UPCAST``).
@@ -50,8 +50,8 @@ def _attn_fwd_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    bh = tl.program_id(0)  # axis 0: up to 2^31 - 1 programs (axis 1 stops at 65535)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     base = qkv_ptr + b * s_b + h * s_h
@@ -122,8 +122,8 @@ def _attn_bwd_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid = tl.program_id(1)
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     base = qkv_ptr + b * s_b + h * s_h
@@ -194,11 +194,43 @@ def _attn_bwd_kernel(
         tl.store(dst + 2 * d_t, cast_for_store(dv, dqkv_ptr), mask=kv_mask)
 
 
-def _config(n: int, d: int, interpreted: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps): 64 x 64 tiles (16 x 16 for sequences that short), head dim padded to a
-    power of two of at least 16 (tl.dot's minimum)."""
+@triton.jit
+def _attn_delta_kernel(
+    o_ptr,  # [B, N, H, hd]
+    do_ptr,  # [B, N, H, hd]
+    delta_ptr,  # [B * H, N] fp32 out: rowsum(dO * O)
+    N,
+    H,
+    D,
+    o_b,
+    o_n,
+    o_h,
+    o_d,
+    g_b,
+    g_n,
+    g_h,
+    g_d,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (offs_m < N)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(o_ptr + b * o_b + h * o_h + offs_m[:, None] * o_n + offs_d[None, :] * o_d, mask=msk, other=0.0)
+    g = tl.load(do_ptr + b * g_b + h * g_h + offs_m[:, None] * g_n + offs_d[None, :] * g_d, mask=msk, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * g.to(tl.float32), axis=1)
+    tl.store(delta_ptr + bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
+
+
+def _config(n: int, d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps): 64 x 64 tiles (16 x 16 for sequences that short; 32 x 32 for fp32,
+    whose IEEE matmuls take no tensor cores and spill at 64 x 64), head dim padded to a power of two of at least 16
+    (tl.dot's minimum)."""
     block_d = max(16, triton.next_power_of_2(d))
-    block = 16 if n <= 16 else 32 if n <= 32 else 64
+    block = 16 if n <= 16 else 32 if n <= 32 or dtype == torch.float32 else 64
     warps = 4 if block_d <= 64 else 8
     return block, block, block_d, warps
 
@@ -217,8 +249,8 @@ def attention_fwd(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.
     lse = torch.empty((b * h, n), device=qkv.device, dtype=torch.float32)
     if b * h * n == 0:
         return out, lse
-    bm, bn, bd, warps = _config(n, d, interpreted)
-    _attn_fwd_kernel[(triton.cdiv(n, bm), b * h)](
+    bm, bn, bd, warps = _config(n, d, qkv.dtype)
+    _attn_fwd_kernel[(b * h, triton.cdiv(n, bm))](
         qkv, out, lse, n, h, d, *qkv.stride(), *out.stride(), scale * _LOG2E,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=interpreted, PRECISION=precision, num_warps=warps,
     )  # fmt: skip
@@ -233,11 +265,14 @@ def attention_bwd(
     dqkv = torch.empty((b, n, 3, h, d), device=qkv.device, dtype=qkv.dtype)
     if b * h * n == 0:
         return dqkv.zero_()
-    delta = (grad.float() * out.float()).sum(-1).transpose(1, 2).reshape(b * h, n).contiguous()  # [B * H, N]
-    bm, bn, bd, warps = _config(n, d, interpreted)
+    grad = grad.to(qkv.dtype)  # the kernels' matmuls take one dtype (autograd already gives the output's)
+    bm, bn, bd, warps = _config(n, d, qkv.dtype)
+    delta = torch.empty((b * h, n), device=qkv.device, dtype=torch.float32)
+    _attn_delta_kernel[(b * h, triton.cdiv(n, 64))](out, grad, delta, n, h, d, *out.stride(), *grad.stride(),
+                                                    BLOCK_M=64, BLOCK_D=bd)  # fmt: skip
     args = (qkv, grad, lse, delta, dqkv, n, h, d, *qkv.stride(), *grad.stride(), *dqkv.stride(), scale,
             scale * _LOG2E)  # fmt: skip
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=interpreted, PRECISION=precision, num_warps=warps)
-    _attn_bwd_kernel[(triton.cdiv(n, bn), b * h)](*args, DQ=False, **meta)
-    _attn_bwd_kernel[(triton.cdiv(n, bm), b * h)](*args, DQ=True, **meta)
+    _attn_bwd_kernel[(b * h, triton.cdiv(n, bn))](*args, DQ=False, **meta)
+    _attn_bwd_kernel[(b * h, triton.cdiv(n, bm))](*args, DQ=True, **meta)
     return dqkv
