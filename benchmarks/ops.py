@@ -168,9 +168,10 @@ def build_cases(ops, b: int, img: int, patch: int, enc_dim: int, dec_dim: int, r
         pred, imgs = t(b, 3, img, img, dtype=act), t(b, 3, img, img, grad=False)
         fmask = (torch.rand(b, (img // mp) ** 2, generator=torch.Generator().manual_seed(2)) < 0.6).float().to(device)
         nbytes = pred.numel() * (pred.element_size() + 4)
+        auto = choose_backend("fft_loss", device, (act, f32))
         cases.append(Case("fft_loss", f"B{b} {img}px mask {mp}px 60%", f"pred {act}, imgs fp32", [pred, imgs, fmask],
                           lambda x, y, m: fft_loss(x, y, m, mp), lambda x, y, m: fft_loss_ref(x, y, m, mp), nbytes,
-                          pred.numel() * pred.element_size(), "torch"))  # fmt: skip
+                          pred.numel() * pred.element_size(), auto))  # fmt: skip
     return cases
 
 

@@ -8,7 +8,8 @@ prediction (``pred * m + (0.5 * pred.detach() + 0.5 * target) * (1 - m)``) reduc
 ``e = mean_b((pred - target) * (1 + m) / 2)``. Forward: that one reduction, one [C, H, W] FFT, the weights and the
 mean. Backward: one inverse FFT (``2 Re(ifft2(w D)) / (C H W)``, orthonormal transforms) broadcast back over the
 batch, times ``m`` for the prediction (the mixed-in ``pred.detach()`` takes no gradient) and ``-(1 + m) / 2`` for
-the target. The FFTs run through ``torch.fft`` (cuFFT, pocketfft) in fp32.
+the target. The FFTs run through ``torch.fft`` (cuFFT, pocketfft) in fp32; on CUDA tensors the batch reduction and the
+gradient's broadcast are one Triton pass each (``fastmim/ops/triton/fft_loss.py``), elsewhere a few torch ops.
 
 Registered as ``torch.library.custom_op`` (fake kernels, autograd), safe under ``torch.compile(fullgraph=True)``.
 """
@@ -17,9 +18,23 @@ from __future__ import annotations
 
 import torch
 
-from fastmim.ops._dispatch import check_device, check_float, custom_op, eager_function, needs_autograd, use_custom_op
+from fastmim.ops._dispatch import (
+    check_device,
+    check_float,
+    choose_backend,
+    custom_op,
+    eager_function,
+    needs_autograd,
+    use_custom_op,
+)
 
 _OP = "fft_loss"
+
+
+def _triton_fft():
+    from fastmim.ops.triton import fft_loss
+
+    return fft_loss
 
 
 def _pixel_weight(mask: torch.Tensor, b: int, h: int, w: int, p: int) -> torch.Tensor:
@@ -34,10 +49,13 @@ def _fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (loss [] fp32, w * D as a real view [C, H, W, 2] fp32 for the backward)."""
     b, c, h, w = pred.shape
-    diff = pred.float() - target.float()
-    if mask is not None:
-        diff = diff * _pixel_weight(mask, b, h, w, patch_size)
-    e = diff.mean(0)  # [C, H, W]: the batch-averaged mixed prediction minus the batch-averaged target
+    if choose_backend(_OP, pred.device, (pred.dtype, target.dtype)) == "triton":
+        e = _triton_fft().mix_mean(pred, target, mask, patch_size)  # one pass over the batch
+    else:
+        diff = pred.float() - target.float()
+        if mask is not None:
+            diff = diff * _pixel_weight(mask, b, h, w, patch_size)
+        e = diff.mean(0)  # [C, H, W]: the batch-averaged mixed prediction minus the batch-averaged target
     spec = torch.fft.fft2(e, norm="ortho")
     d2 = spec.real**2 + spec.imag**2
     wts = torch.log1p(torch.sqrt(d2))
@@ -55,44 +73,62 @@ def _(pred, target, mask, patch_size):
     return pred.new_empty((), dtype=torch.float32), pred.new_empty((c, h, w, 2), dtype=torch.float32)
 
 
-def _bwd(grad: torch.Tensor, weighted: torch.Tensor, batch: int) -> torch.Tensor:
-    """d loss / d x_hat_b, the same for every image: [C, H, W] fp32 (``2 Re(ifft2(w D)) / (C H W) / B``)."""
-    c, h, w, _ = weighted.shape
+def _bwd(
+    grad: torch.Tensor,
+    weighted: torch.Tensor,
+    mask: torch.Tensor | None,
+    shape: list[int],
+    patch_size: int,
+    pred_dtype: torch.dtype,
+    target_dtype: torch.dtype,
+    need_pred: bool,
+    need_target: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d pred, d target), [B, C, H, W] each in its input's dtype, [0] where not needed: ``g = 2 Re(ifft2(w D)) /
+    (C H W B)`` is d loss / d x_hat for every image; the prediction's gradient is ``g * m`` (its visible part is the
+    detached prediction), the target's ``-g * (1 + m) / 2`` (without a mask: ``g`` and ``-g``)."""
+    b, c, h, w = shape
     g = torch.fft.ifft2(torch.view_as_complex(weighted), norm="ortho").real
-    return g * (grad.float() * 2.0 / (c * h * w * batch))
+    g = g * (grad.float() * 2.0 / (c * h * w * b))
+    if choose_backend(_OP, weighted.device, (pred_dtype, target_dtype)) == "triton":
+        dpred, dtarget = _triton_fft().spread_grad(g, mask, tuple(shape), patch_size, pred_dtype, target_dtype,
+                                                   need_pred, need_target)  # fmt: skip
+    else:
+        g = g.unsqueeze(0)
+        if mask is None:
+            dpred = g.expand(shape).to(pred_dtype, copy=True) if need_pred else None
+            dtarget = (-g).expand(shape).to(target_dtype, copy=True) if need_target else None
+        else:
+            half = _pixel_weight(mask, b, h, w, patch_size)  # (1 + m) / 2
+            dpred = (g * (2.0 * half - 1.0)).to(pred_dtype) if need_pred else None
+            dtarget = (-g * half).to(target_dtype) if need_target else None
+    dpred = weighted.new_empty((0,), dtype=pred_dtype) if dpred is None else dpred
+    dtarget = weighted.new_empty((0,), dtype=target_dtype) if dtarget is None else dtarget
+    return dpred, dtarget
 
 
 _fft_loss_backward_op = custom_op("fastmim::fft_loss_backward", _bwd)
 
 
 @_fft_loss_backward_op.register_fake
-def _(grad, weighted, batch):
-    return weighted.new_empty(weighted.shape[:3], dtype=torch.float32)
+def _(grad, weighted, mask, shape, patch_size, pred_dtype, target_dtype, need_pred, need_target):
+    dpred = weighted.new_empty(tuple(shape) if need_pred else (0,), dtype=pred_dtype)
+    return dpred, weighted.new_empty(tuple(shape) if need_target else (0,), dtype=target_dtype)
 
 
 def _setup(ctx, inputs, output):
     pred, target, mask, patch_size = inputs
     ctx.save_for_backward(output[1], mask)
     ctx.mark_non_differentiable(output[1])
-    ctx.meta = (tuple(pred.shape), patch_size, pred.dtype, target.dtype)
+    ctx.meta = (list(pred.shape), patch_size, pred.dtype, target.dtype)
 
 
 def _backward(ctx, grad, _dw=None, bwd=_fft_loss_backward_op):
     weighted, mask = ctx.saved_tensors
     shape, p, pred_dtype, target_dtype = ctx.meta
     need_pred, need_target = ctx.needs_input_grad[:2]
-    g = bwd(grad, weighted, shape[0]).unsqueeze(0)  # [1, C, H, W]
-    dpred = dtarget = None
-    if mask is None:
-        dpred = g.expand(shape).to(pred_dtype) if need_pred else None
-        dtarget = (-g).expand(shape).to(target_dtype) if need_target else None
-    else:
-        half = _pixel_weight(mask, shape[0], shape[2], shape[3], p)  # (1 + m) / 2
-        if need_pred:  # only the masked pixels of the prediction carry a gradient (the rest is pred.detach())
-            dpred = (g * (2.0 * half - 1.0)).to(pred_dtype)
-        if need_target:
-            dtarget = (-g * half).to(target_dtype)
-    return dpred, dtarget, None, None
+    dpred, dtarget = bwd(grad, weighted, mask, shape, p, pred_dtype, target_dtype, need_pred, need_target)
+    return dpred if need_pred else None, dtarget if need_target else None, None, None
 
 
 _fft_loss_op.register_autograd(_backward, setup_context=_setup)

@@ -20,7 +20,17 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastmim.masking import triton_block  # noqa: E402
-from fastmim.ops.triton import attention, grn, hog, layer_norm, masked_loss, patchify, sparse_conv, tokens  # noqa: E402
+from fastmim.ops.triton import (  # noqa: E402
+    attention,
+    fft_loss,
+    grn,
+    hog,
+    layer_norm,
+    masked_loss,
+    patchify,
+    sparse_conv,
+    tokens,
+)
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -111,6 +121,14 @@ def specs():
             consts = {"C": 3, "NBINS": 9, "CELL": cell, "BLOCK": cell, "K": 16 // cell, "WINDOW": window,
                       "HAS_MASK": has_mask}  # fmt: skip
             yield hog._hog_cell_kernel, ptrs, consts
+    # fft_loss: A2MIM's bf16 reconstructions against fp32 images, with and without the token mask
+    for pred, has_mask in (("bf16", True), ("fp32", False)):
+        ptrs = {"pred_ptr": pred, "target_ptr": "fp32", "mask_ptr": "fp32", "e_ptr": "fp32"}
+        yield fft_loss._fft_mix_mean_kernel, ptrs, {"HAS_MASK": has_mask, "BLOCK": 1024}
+        ptrs = {"g_ptr": "fp32", "mask_ptr": "fp32", "dpred_ptr": pred, "dtarget_ptr": "fp32"}
+        for need in ((True, False), (True, True)):
+            consts = {"HAS_MASK": has_mask, "NEED_PRED": need[0], "NEED_TARGET": need[1], "BLOCK": 1024}
+            yield fft_loss._fft_grad_kernel, ptrs, consts
     # block masks: 14x14 with BEiT's 10 tries, and a 64x64 grid (the largest the launcher takes)
     for block, ablock in ((256, 16), (4096, 16)):
         ptrs = {"keys_ptr": "i64", "streams_ptr": "i64", "mask_ptr": "i8", "count_ptr": "i32", "params_ptr": "fp64"}
