@@ -1,0 +1,78 @@
+"""A momentum (EMA) teacher: a frozen fp32 copy of the student's encoder, moved toward the student after each optimizer
+step (data2vec 2.0, I-JEPA; issue 17's first piece: recipes and the trainer's checkpoints use it next).
+
+``teacher = EMATeacher(student.encoder_module, *DATA2VEC2_MOMENTUM)``; after ``optimizer.step()``,
+``teacher.update(student.encoder_module)``; ``teacher(x)`` runs the copy in eval mode without gradients. The update
+is ``t <- m t + (1 - m) s`` over every parameter in one multi-tensor pass (``torch._foreach_lerp_`` with weight
+``1 - m``) in fp32; buffers are copied. The momentum follows a linear schedule from ``start`` to ``end`` over
+``total_updates`` updates, then stays at ``end``; the update count is a buffer, so a checkpoint of the teacher
+(``state_dict``) resumes the schedule exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+DATA2VEC2_MOMENTUM = (
+    0.9998,
+    0.99999,
+    100_000,
+)  # fairseq data2vec2: ema_decay -> ema_end_decay over ema_anneal_end_step
+
+
+def ijepa_momentum(total_steps: int) -> tuple[float, float, int]:
+    """I-JEPA's schedule: 0.996 -> 1.0 linearly over the whole run."""
+    return 0.996, 1.0, total_steps
+
+
+def momentum_at(update: int, start: float, end: float, total_updates: int) -> float:
+    """The momentum of update number ``update`` (0-based): linear from start to end over total_updates, then end."""
+    if total_updates <= 0 or update >= total_updates:
+        return end
+    return start + (end - start) * update / total_updates
+
+
+class EMATeacher(nn.Module):
+    """Args:
+    student: the module to follow (its parameters' order and shapes are the teacher's).
+    start, end, total_updates: the momentum schedule (``momentum_at``).
+    """
+
+    def __init__(self, student: nn.Module, start: float = 0.9998, end: float = 0.99999, total_updates: int = 100_000):
+        super().__init__()
+        for name, v in (("start", start), ("end", end)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"EMATeacher: {name} momentum must be in [0, 1], got {v}")
+        self.start, self.end, self.total_updates = float(start), float(end), int(total_updates)
+        self.model = copy.deepcopy(student).float().eval().requires_grad_(False)
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self._shapes = [p.shape for p in self.model.parameters()]
+
+    def train(self, mode: bool = True) -> EMATeacher:
+        super().train(mode)
+        self.model.eval()  # the teacher never trains: dropout, drop path and the like stay off
+        return self
+
+    def momentum(self) -> float:
+        return momentum_at(int(self.updates), self.start, self.end, self.total_updates)
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> float:
+        """One EMA step toward ``student``; returns the momentum used."""
+        mine, theirs = list(self.model.parameters()), list(student.parameters())
+        if [p.shape for p in theirs] != self._shapes:
+            raise ValueError("EMATeacher.update: the student's parameters do not match the teacher's (another model?)")
+        m = self.momentum()
+        src = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in theirs]
+        torch._foreach_lerp_(mine, src, 1.0 - m)
+        for t, s in zip(self.model.buffers(), student.buffers(), strict=True):
+            t.copy_(s)
+        self.updates += 1
+        return m
+
+    @torch.no_grad()
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)

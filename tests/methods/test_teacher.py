@@ -1,0 +1,80 @@
+"""The EMA teacher: the update against a per-parameter reference along the momentum schedule, the schedules, fp32
+teacher for a bf16 student, a frozen eval-mode copy, and an exact resume from its state dict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fastmim.targets.teacher import DATA2VEC2_MOMENTUM, EMATeacher, ijepa_momentum, momentum_at
+
+
+def _student(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Dropout(0.5), nn.LayerNorm(16), nn.Linear(16, 4))
+
+
+def _perturb(model, step):
+    g = torch.Generator().manual_seed(100 + step)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.1)
+
+
+def test_update_matches_the_per_parameter_formula_along_the_schedule():
+    student = _student()
+    teacher = EMATeacher(student, 0.5, 0.9, total_updates=4)
+    ref = [p.detach().clone() for p in student.parameters()]
+    for step in range(6):
+        _perturb(student, step)
+        m = teacher.update(student)
+        assert m == pytest.approx(momentum_at(step, 0.5, 0.9, 4))
+        ref = [m * r + (1 - m) * s.detach() for r, s in zip(ref, student.parameters(), strict=True)]
+        for t, r in zip(teacher.model.parameters(), ref, strict=True):
+            torch.testing.assert_close(t, r, rtol=1e-6, atol=1e-7)
+    assert int(teacher.updates) == 6 and teacher.momentum() == 0.9
+
+
+def test_schedules():
+    start, end, total = DATA2VEC2_MOMENTUM
+    assert momentum_at(0, start, end, total) == start and momentum_at(total, start, end, total) == end
+    assert momentum_at(total // 2, start, end, total) == pytest.approx((start + end) / 2)
+    assert momentum_at(10 * total, start, end, total) == end
+    assert ijepa_momentum(1000) == (0.996, 1.0, 1000) and momentum_at(500, *ijepa_momentum(1000)) == pytest.approx(
+        0.998
+    )
+    with pytest.raises(ValueError, match="start momentum"):
+        EMATeacher(_student(), 1.5)
+
+
+def test_teacher_is_a_frozen_fp32_eval_copy_of_a_bf16_student():
+    student = _student().bfloat16()
+    teacher = EMATeacher(student, 0.9, 0.9, 1)
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in teacher.model.parameters())
+    teacher.train()
+    assert not teacher.model.training  # dropout stays off
+    x = torch.randn(3, 8)
+    assert torch.equal(teacher(x), teacher(x)) and not teacher(x).requires_grad
+    before = [p.clone() for p in teacher.model.parameters()]
+    _perturb(student, 0)
+    teacher.update(student)
+    for t, b, s in zip(teacher.model.parameters(), before, student.parameters(), strict=True):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * s.float(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="do not match"):
+        teacher.update(nn.Linear(8, 4))
+
+
+def test_resume_from_the_state_dict_is_exact():
+    student = _student()
+    a = EMATeacher(student, 0.5, 0.99, total_updates=10)
+    for step in range(3):
+        _perturb(student, step)
+        a.update(student)
+    b = EMATeacher(_student(seed=1), 0.5, 0.99, total_updates=10)
+    b.load_state_dict(a.state_dict())
+    for step in range(3, 6):
+        _perturb(student, step)
+        assert a.update(student) == b.update(student)
+    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(p, q)
