@@ -27,6 +27,16 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _tile(ptr, rows, row_stride, cols, col_stride, mask, UPCAST: tl.constexpr):
+    """The [rows, cols] tile at ``ptr + rows * row_stride + cols * col_stride`` (0 where masked); fp32 under the
+    interpreter (UPCAST), the stored dtype on a GPU (the matmuls take it)."""
+    x = tl.load(ptr + rows[:, None] * row_stride + cols[None, :] * col_stride, mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _attn_fwd_kernel(
     qkv_ptr,  # [B, N, 3, H, hd]
     o_ptr,  # [B, N, H, hd] out
@@ -59,22 +69,15 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mmask = offs_m < N
     dmask = offs_d < D
-    q = tl.load(base + offs_m[:, None] * s_n + offs_d[None, :] * s_d, mask=mmask[:, None] & dmask[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _tile(base, offs_m, s_n, offs_d, s_d, mmask[:, None] & dmask[None, :], UPCAST)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
-        kt = tl.load(base + s_t + offs_n[None, :] * s_n + offs_d[:, None] * s_d, mask=nmask[None, :] & dmask[:, None],
-                     other=0.0)  # fmt: skip
-        v = tl.load(base + 2 * s_t + offs_n[:, None] * s_n + offs_d[None, :] * s_d,
-                    mask=nmask[:, None] & dmask[None, :], other=0.0)  # fmt: skip
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
+        kt = _tile(base + s_t, offs_d, s_d, offs_n, s_n, dmask[:, None] & nmask[None, :], UPCAST)  # [BLOCK_D, BLOCK_N]
+        v = _tile(base + 2 * s_t, offs_n, s_n, offs_d, s_d, nmask[:, None] & dmask[None, :], UPCAST)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -137,11 +140,8 @@ def _attn_bwd_kernel(
         offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         mmask = offs_m < N
         q_mask = mmask[:, None] & dmask[None, :]
-        q = tl.load(base + offs_m[:, None] * s_n + offs_d[None, :] * s_d, mask=q_mask, other=0.0)
-        do = tl.load(gbase + offs_m[:, None] * g_n + offs_d[None, :] * g_d, mask=q_mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q = _tile(base, offs_m, s_n, offs_d, s_d, q_mask, UPCAST)
+        do = _tile(gbase, offs_m, g_n, offs_d, g_d, q_mask, UPCAST)
         lse = tl.load(row + offs_m, mask=mmask, other=0.0)
         delta = tl.load(drow + offs_m, mask=mmask, other=0.0)
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -149,11 +149,8 @@ def _attn_bwd_kernel(
             offs_n = start + tl.arange(0, BLOCK_N)
             nmask = offs_n < N
             kv_mask = nmask[:, None] & dmask[None, :]
-            k = tl.load(base + s_t + offs_n[:, None] * s_n + offs_d[None, :] * s_d, mask=kv_mask, other=0.0)
-            v = tl.load(base + 2 * s_t + offs_n[:, None] * s_n + offs_d[None, :] * s_d, mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k = _tile(base + s_t, offs_n, s_n, offs_d, s_d, kv_mask, UPCAST)
+            v = _tile(base + 2 * s_t, offs_n, s_n, offs_d, s_d, kv_mask, UPCAST)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             p = tl.where(mmask[:, None] & nmask[None, :], tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -165,22 +162,16 @@ def _attn_bwd_kernel(
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
         kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(base + s_t + offs_n[:, None] * s_n + offs_d[None, :] * s_d, mask=kv_mask, other=0.0)
-        v = tl.load(base + 2 * s_t + offs_n[:, None] * s_n + offs_d[None, :] * s_d, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _tile(base + s_t, offs_n, s_n, offs_d, s_d, kv_mask, UPCAST)
+        v = _tile(base + 2 * s_t, offs_n, s_n, offs_d, s_d, kv_mask, UPCAST)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         for start in range(0, N, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
             mmask = offs_m < N
             q_mask = mmask[:, None] & dmask[None, :]
-            q = tl.load(base + offs_m[:, None] * s_n + offs_d[None, :] * s_d, mask=q_mask, other=0.0)
-            do = tl.load(gbase + offs_m[:, None] * g_n + offs_d[None, :] * g_d, mask=q_mask, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
+            q = _tile(base, offs_m, s_n, offs_d, s_d, q_mask, UPCAST)
+            do = _tile(gbase, offs_m, g_n, offs_d, g_d, q_mask, UPCAST)
             lse = tl.load(row + offs_m, mask=mmask, other=0.0)
             delta = tl.load(drow + offs_m, mask=mmask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
