@@ -134,10 +134,9 @@ class TrainStep:
             graph, loss = captured
             graph.replay()
             return loss
-        runs = self._runs.get(key, 0)
         if not self.capture:  # CPU: the graph-mode step, uncaptured
-            self._runs[key] = runs + 1
             return self._run(static, last)
+        runs = self._runs.get(key, 0)
         current = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(current)
         if runs < self.warmup:  # on the capture stream, so lazy initialisation (cuBLAS workspaces, ...) happens there
