@@ -191,3 +191,8 @@ def test_block_statistics_stay_beits_in_both_modes(impl):
     exact_counts, exact_pieces = stats[True]
     assert (exact_counts == 75).all()
     assert abs(exact_pieces - beit_pieces) <= 0.1 * beit_pieces, (exact_pieces, beit_pieces)
+
+
+def test_exact_must_be_a_bool():
+    with pytest.raises(TypeError, match="exact must be a bool"):
+        BlockMaskConfig(14, 14, 75, exact=1)
