@@ -3,18 +3,19 @@
 # no network, DALI, spconv or flash-attn: those parts are skipped and the log says so). In priority order, within a
 # time budget (GPU_SUITE_BUDGET_S, default 480 s; a step that would not fit is skipped and named):
 #   build fastmim._C and the CUDA kernels fastmim._cuda (sm_90 here); the ops' GPU tests for both GPU backends
-#   (ops_tests); the CUDA-graph training step's, add_layer_norm's and attention's tests (graph_tests) and the step's
-#   throughput, MAE ViT-B/16 eager, with fused_norm, with fastmim attention, compiled, FCMAE ConvNeXtV2-Base (graph); the ops benchmark with host time and CUDA-graph timing (ops); MAE ViT-B/16 eager throughput with
-#   each GPU backend of the fused ops (vit_b_eager); the CUDA kernels under compute-sanitizer (sanitizer); then
-#   pytest -m gpu (the torch.compile tests later); FCMAE ConvNeXtV2-Base throughput (batch 64) and the sparse conv
-#   benchmark, profiled; MAE ViT-B/16 throughput (batch 256, bf16) in all four modes, profiled; the compile tests;
-#   the other benchmarks that exist (masks, data loading); ViT-L/16 throughput (batch 128); the CLI's default run on
-#   CUDA; the tables of this run.
+#   (ops_tests); the CUDA-graph training step's, add_layer_norm's and attention's tests (graph_tests); the target and
+#   frequency ops' Triton tests (target_tests); the step's throughput, MAE ViT-B/16 eager, with fused_norm, with
+#   fastmim attention, compiled, FCMAE ConvNeXtV2-Base (graph); MaskFeat and SimMIM (recipes); the ops benchmark with
+#   host time and CUDA-graph timing (ops); MAE ViT-B/16 eager throughput with each GPU backend of the fused ops
+#   (vit_b_eager); the CUDA kernels under compute-sanitizer (sanitizer); then pytest -m gpu (the torch.compile tests
+#   later); FCMAE ConvNeXtV2-Base throughput (batch 64) and the sparse conv benchmark, profiled; MAE ViT-B/16
+#   throughput (batch 256, bf16) in all four modes, profiled; the compile tests; the other benchmarks that exist
+#   (masks, data loading); ViT-L/16 throughput (batch 128); the CLI's default run on CUDA; the tables of this run.
 # Usage: FASTMIM_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_suite.sh RESULTS_DIR
-# GPU_SUITE_ONLY=ops_tests,ops,... runs only the named steps (ops_tests, graph_tests, graph, recipes, host, ops, vit_b_eager, vit_b_compile,
-# compile_modes (the default mode's row comes from vit_b_compile), sanitizer, tests, fcmae, sparse_conv, tune, vit_b,
-# compile_tests, other, fcmae_compile, vit_l, cli; the environment, the build and the tables always run), and
-# GPU_SUITE_TESTS_K replaces the -k filter of the tests step ("not compile").
+# GPU_SUITE_ONLY=ops_tests,ops,... runs only the named steps (ops_tests, graph_tests, target_tests, graph, recipes,
+# host, ops, vit_b_eager, vit_b_compile, compile_modes (the default mode's row comes from vit_b_compile), sanitizer,
+# tests, fcmae, sparse_conv, tune, vit_b, compile_tests, other, fcmae_compile, vit_l, cli; the environment, the build
+# and the tables always run), and GPU_SUITE_TESTS_K replaces the -k filter of the tests step ("not compile").
 # (the tree sent to a GPU machine has no .git, so FASTMIM_COMMIT names the commit in every row). RESULTS_DIR gets at
 # most 8 files (what the device tool returns): suite.log (the build's log only when it fails), throughput.jsonl,
 # ops.jsonl, profiles.tar (torch.profiler traces), demo_metrics.jsonl, sparse_conv.jsonl, tune_sparse_dwconv.jsonl
@@ -73,6 +74,13 @@ want graph_tests && step "pytest: the training step captured in CUDA graphs agai
   fits 60 "CUDA-graph step tests" && run 150 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider \
   --durations=5 -m gpu -k "not compile" tests/train/test_step_gpu.py tests/ops/test_add_layer_norm.py \
   tests/ops/test_attention.py
+
+# issue 16: the target and frequency ops' Triton kernels on CUDA against their references (the ops_tests filter above
+# selects the cuda backend's tests; these ops have Triton kernels only)
+want target_tests && step "pytest: hog_target, fft_loss, patch_fft_loss, low_pass_target on CUDA (Triton backend)" &&
+  fits 40 "target op tests" && run 120 $PY -m pytest -q -ra -p no:cacheprovider --durations=5 -m gpu -k "cuda-triton" \
+  tests/ops/test_hog_target.py tests/ops/test_fft_loss.py tests/ops/test_patch_fft_loss.py \
+  tests/ops/test_low_pass_target.py
 
 # issue 15: the whole step replayed from CUDA graphs against eager and compiled, MAE ViT-B/16 and FCMAE ConvNeXtV2-B
 want graph && step "throughput: CUDA-graph modes, MAE ViT-B/16 b256 and FCMAE ConvNeXtV2-Base b64, bf16" && {

@@ -46,8 +46,12 @@ from fastmim.ops import (  # noqa: E402
     grn_ref,
     hog_target,
     hog_target_ref,
+    low_pass_target,
+    low_pass_target_ref,
     masked_mse_loss,
     masked_mse_loss_ref,
+    patch_fft_loss,
+    patch_fft_loss_ref,
     patchify,
     patchify_ref,
     scatter_masked,
@@ -55,7 +59,7 @@ from fastmim.ops import (  # noqa: E402
 )
 from fastmim.ops._dispatch import NO_CUDA_KERNEL, choose_backend, set_backend  # noqa: E402
 
-OPS = ("gather", "scatter", "loss", "patchify", "grn", "add_ln", "attn", "attn_enc", "hog", "fft")
+OPS = ("gather", "scatter", "loss", "patchify", "grn", "add_ln", "attn", "attn_enc", "hog", "fft", "pfft", "lowpass")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -172,6 +176,23 @@ def build_cases(ops, b: int, img: int, patch: int, enc_dim: int, dec_dim: int, r
         cases.append(Case("fft_loss", f"B{b} {img}px mask {mp}px 60%", f"pred {act}, imgs fp32", [pred, imgs, fmask],
                           lambda x, y, m: fft_loss(x, y, m, mp), lambda x, y, m: fft_loss_ref(x, y, m, mp), nbytes,
                           pred.numel() * pred.element_size(), auto))  # fmt: skip
+    if "pfft" in ops:  # the patch-wise focal frequency loss on MAE's bf16 decoder output, 75% masked
+        d = patch * patch * 3
+        pred, imgs = t(b, n, d, dtype=act), t(b, 3, img, img, grad=False)
+        m = info.mask
+        read = int(float(m.float().mean()) * b * n * d * (pred.element_size() + 4)) + b * n * 4
+        cases.append(Case("patch_fft_loss", f"B{b} {img}px p{patch} {ratio:.0%} masked", f"pred {act}, imgs fp32",
+                          [pred, imgs, m], lambda p, i, m: patch_fft_loss(p, i, m, patch),
+                          lambda p, i, m: patch_fft_loss_ref(p, i, m, patch), read,
+                          read + b * n * d * pred.element_size(),
+                          choose_backend("patch_fft_loss", device, (act, f32))))  # fmt: skip
+    if "lowpass" in ops:  # PixMIM's target: the official fft2 / fftshift / circle / ifft2 / abs, r = 40 at 224 px
+        imgs = t(b, 3, img, img, grad=False)
+        radius = 40.0 * img / 224
+        nbytes = imgs.numel() * 4 * 2
+        cases.append(Case("low_pass_target", f"B{b} {img}px r{radius:g}", "fp32", [imgs],
+                          lambda x: low_pass_target(x, radius), lambda x: low_pass_target_ref(x, radius), nbytes, 0,
+                          choose_backend("low_pass_target", device, (f32,))))  # fmt: skip
     return cases
 
 
@@ -239,7 +260,7 @@ def passes(fn: Callable, inputs: list) -> tuple[dict[str, Callable], dict[str, C
     def fwd():
         return fn(*inputs)
 
-    if not leaves:  # a target (hog_target): nothing to differentiate, the forward only
+    if not leaves:  # a target (hog_target, low_pass_target): nothing to differentiate, the forward only
         return {"fwd": fwd}, {"fwd": fwd}
     out = fwd()
     outs = out if isinstance(out, tuple) else (out,)  # every output gets a gradient (add_layer_norm: y and s)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torchvision import transforms as T
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from fastmim.ops.reference import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "denormalize", "eval_transform", "pretrain_transform"]
 
 
 def pretrain_transform(img_size: int, crop_min: float = 0.2) -> T.Compose:

@@ -4,8 +4,9 @@ Every op has a plain PyTorch reference (``*_ref``) that defines its semantics. B
 or Triton for CUDA tensors, whichever measured faster for the op; C++ (``fastmim._C``, OpenMP) for CPU tensors
 (``grn``, which has no C++ kernel: its PyTorch formulation); the reference otherwise. ``FASTMIM_BACKEND=cuda|triton|
 cpp|torch`` or ``set_backend(name)`` forces one. ``add_layer_norm`` fuses a pre-norm transformer block's residual
-add with the LayerNorm after it. All are ``torch.library`` custom ops
-(``torch.ops.fastmim.*``) with fake kernels and autograd, safe under ``torch.compile(fullgraph=True)``.
+add with the LayerNorm after it; ``hog_target``, ``fft_loss``, ``patch_fft_loss`` and ``low_pass_target`` are
+MaskFeat's target, A2MIM's loss, the patch-wise focal frequency loss and PixMIM's target. All are ``torch.library``
+custom ops (``torch.ops.fastmim.*``) with fake kernels and autograd, safe under ``torch.compile(fullgraph=True)``.
 """
 
 from fastmim.ops._dispatch import set_backend
@@ -14,7 +15,9 @@ from fastmim.ops.fft_loss import fft_loss
 from fastmim.ops.grn import grn
 from fastmim.ops.hog import hog_target
 from fastmim.ops.layer_norm import add_layer_norm
+from fastmim.ops.low_pass import low_pass_target
 from fastmim.ops.masked_loss import masked_mse_loss, masked_mse_loss_patchified
+from fastmim.ops.patch_fft_loss import patch_fft_loss
 from fastmim.ops.patchify import patchify, unpatchify
 from fastmim.ops.reference import (
     add_layer_norm_ref,
@@ -23,8 +26,10 @@ from fastmim.ops.reference import (
     gather_visible_ref,
     grn_ref,
     hog_target_ref,
+    low_pass_target_ref,
     masked_mse_loss_patchified_ref,
     masked_mse_loss_ref,
+    patch_fft_loss_ref,
     patch_stats_ref,
     patchify_ref,
     scatter_masked_ref,
@@ -48,10 +53,14 @@ __all__ = [
     "grn_ref",
     "hog_target",
     "hog_target_ref",
+    "low_pass_target",
+    "low_pass_target_ref",
     "masked_mse_loss",
     "masked_mse_loss_patchified",
     "masked_mse_loss_patchified_ref",
     "masked_mse_loss_ref",
+    "patch_fft_loss",
+    "patch_fft_loss_ref",
     "patch_stats_ref",
     "patchify",
     "patchify_ref",

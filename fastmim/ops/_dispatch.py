@@ -28,10 +28,21 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # dtype codes of fastmim._C and fastmim._cuda
 CPP_DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # ops with no fastmim._C kernel: "cpp" (chosen or forced) runs their "torch" backend instead
-NO_CPP_KERNEL: frozenset[str] = frozenset({"grn", "add_layer_norm", "attention", "hog_target", "fft_loss"})
+NO_CPP_KERNEL: frozenset[str] = frozenset(
+    {"grn", "add_layer_norm", "attention", "hog_target", "fft_loss", "low_pass_target", "patch_fft_loss"}
+)
 # ops with no fastmim._cuda kernel: "cuda" (chosen or forced) runs their "triton" backend instead
 NO_CUDA_KERNEL: frozenset[str] = frozenset(
-    {"grn", "sparse_dwconv", "add_layer_norm", "attention", "hog_target", "fft_loss"}
+    {
+        "grn",
+        "sparse_dwconv",
+        "add_layer_norm",
+        "attention",
+        "hog_target",
+        "fft_loss",
+        "low_pass_target",
+        "patch_fft_loss",
+    }
 )
 
 # The auto backend of each op on CUDA tensors: whichever was faster (forward + backward, plain timing) in the

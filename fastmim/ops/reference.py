@@ -6,6 +6,10 @@ import math
 
 import torch
 
+# the normalisation fastmim's images carry (fastmim.data.transforms uses these)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 def _check_images(imgs: torch.Tensor, patch_size: int) -> tuple[int, int]:
     if imgs.dim() != 4:
@@ -315,3 +319,74 @@ def fft_loss_ref(
     w = w / w.max()
     w = torch.nan_to_num(w, nan=0.0).clamp(0.0, 1.0).detach()
     return (w * d2).mean()
+
+
+def low_pass_filter(h: int, w: int, radius: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """PixMIM's ideal circular filter [h, w] fp32 in ``fftshift``'s layout: 1 where
+    ``(i - (h-1)/2)^2 + (j - (w-1)/2)^2 <= radius^2``, else 0."""
+    if not radius >= 0:
+        raise ValueError(f"low_pass_filter: radius must be >= 0, got {radius!r}")
+    i = torch.arange(h, dtype=torch.float64).view(-1, 1) - (h - 1) / 2
+    j = torch.arange(w, dtype=torch.float64).view(1, -1) - (w - 1) / 2
+    return (i.square() + j.square() <= float(radius) ** 2).to(device=device, dtype=torch.float32)
+
+
+def low_pass_target_ref(
+    imgs: torch.Tensor,
+    radius: float,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> torch.Tensor:
+    """PixMIM's low-frequency target (mmselfsup ``LowFreqTargetGenerator``), written as the official code computes
+    it: the normalised images [B, C, H, W] un-normalised with ``mean`` / ``std``, ``fft2``, ``fftshift``, times
+    ``low_pass_filter(H, W, radius)``, ``ifft2`` (no ``ifftshift``: the ``abs`` removes the modulation the shift
+    leaves), ``abs``, normalised again. fp32 (float64 for float64 images)."""
+    dt = torch.promote_types(imgs.dtype, torch.float32)
+    m = torch.tensor(mean, dtype=dt, device=imgs.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=dt, device=imgs.device).view(1, -1, 1, 1)
+    x = imgs.to(dt) * s + m
+    spec = torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1))
+    spec = spec * low_pass_filter(x.shape[-2], x.shape[-1], radius, x.device).to(dt)
+    return (torch.fft.ifft2(spec).abs() - m) / s
+
+
+def patch_fft_loss_ref(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    alpha: float = 1.0,
+    log_weights: bool = True,
+) -> torch.Tensor:
+    """The patch-based focal frequency loss (Jiang et al. 2021, the official ``FocalFrequencyLoss`` with
+    ``patch_factor`` = one patch per token, ``ave_spectrum=False``, ``batch_matrix=False``), on masked patches only,
+    written as the official code computes it.
+
+    The predicted patches are put back into an image; both images are cut into their ``patch_size`` patches (row
+    major, the token order), each patch's full complex 2-D FFT is taken (orthonormal), ``d2 = |F_pred - F_img|^2``
+    per frequency, weights ``|F_pred - F_img|^alpha`` (then ``log(1 + .)`` if ``log_weights``) divided by their
+    maximum over each (image, patch, channel) spectrum, NaN set to 0, clamped to [0, 1] and detached. Each patch's
+    loss is the mean of ``w * d2`` over its channels and frequencies; the result is ``sum(mask * patch_loss) /
+    sum(mask)`` as for ``masked_mse_loss_ref``. pred: [B, L, p*p*C] (MAE's (p, q, c) order), imgs: [B, C, H, W],
+    mask: [B, L] weights (1 = masked)."""
+    b, c, h, w = imgs.shape
+    p = patch_size
+    gh, gw = h // p, w // p
+    dt = torch.promote_types(pred.dtype, torch.float32)
+    pred_img = unpatchify_ref(pred.to(dt), p, (gh, gw), c)
+
+    def to_freq(x: torch.Tensor) -> torch.Tensor:
+        patches = x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c, p, p)
+        f = torch.fft.fft2(patches, norm="ortho")
+        return torch.stack([f.real, f.imag], -1)
+
+    tmp = (to_freq(pred_img) - to_freq(imgs.to(dt))) ** 2
+    d2 = tmp[..., 0] + tmp[..., 1]  # [B, L, C, p, p]
+    wts = torch.sqrt(d2) ** alpha
+    if log_weights:
+        wts = torch.log(wts + 1.0)
+    wts = wts / wts.max(-1).values.max(-1).values[..., None, None]
+    wts = torch.nan_to_num(wts, nan=0.0).clamp(0.0, 1.0).detach()
+    per_patch = (wts * d2).mean(dim=(2, 3, 4))  # [B, L]
+    mask = mask.to(dt)
+    return torch.where(mask != 0, per_patch * mask, 0.0).sum() / mask.sum()

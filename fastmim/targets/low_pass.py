@@ -8,11 +8,11 @@ model then learns MAE's (norm-pix) reconstruction of these images instead of the
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fastmim.ops import low_pass_target
+from fastmim.ops.reference import low_pass_filter  # noqa: F401  (re-exported: the filter of the target)
 from fastmim.targets.pixel import PixelTarget
 
 # PixMIM's radius at 224 px; other sizes keep the same fraction of the spectrum
@@ -24,23 +24,9 @@ def default_radius(img_size: int) -> float:
     return PIXMIM_RADIUS_224 * img_size / 224
 
 
-@functools.lru_cache(maxsize=16)
-def _circle(h: int, w: int, radius: float, device: str) -> torch.Tensor:
-    i = torch.arange(h, dtype=torch.float64).view(-1, 1) - (h - 1) / 2
-    j = torch.arange(w, dtype=torch.float64).view(1, -1) - (w - 1) / 2
-    return (i.square() + j.square() <= radius**2).to(device=device, dtype=torch.float32)  # [h, w]
-
-
-def low_pass_filter(h: int, w: int, radius: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The ideal circular filter [h, w] (1 inside, 0 outside) in fftshift's layout."""
-    if not radius >= 0:
-        raise ValueError(f"low_pass_filter: radius must be >= 0, got {radius!r}")
-    return _circle(int(h), int(w), float(radius), str(device))
-
-
-@torch.no_grad()
 def low_pass_images(imgs: torch.Tensor, radius: float, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """PixMIM's target: the low-frequency part of normalised images [B, C, H, W], normalised again (fp32).
+    """PixMIM's target: the low-frequency part of normalised images [B, C, H, W], normalised again (fp32); the fused
+    ``fastmim.ops.low_pass_target`` (equal to the official computation, ``low_pass_target_ref``).
 
     Args:
         imgs: [B, C, H, W] images normalised with ``mean`` / ``std`` (C = len(mean)).
@@ -49,13 +35,7 @@ def low_pass_images(imgs: torch.Tensor, radius: float, mean=IMAGENET_MEAN, std=I
     """
     if imgs.dim() != 4 or imgs.shape[1] != len(mean):
         raise ValueError(f"low_pass_images: imgs must be [B, {len(mean)}, H, W], got {tuple(imgs.shape)}")
-    m = torch.tensor(mean, dtype=torch.float32, device=imgs.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=imgs.device).view(1, -1, 1, 1)
-    x = imgs.float() * s + m  # [0, 1]
-    spec = torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1))
-    spec = spec * low_pass_filter(x.shape[-2], x.shape[-1], radius, x.device)
-    low = torch.fft.ifft2(spec).abs()
-    return (low - m) / s
+    return low_pass_target(imgs, radius, mean, std)
 
 
 class LowPassTarget(PixelTarget):

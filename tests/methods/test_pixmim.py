@@ -1,5 +1,5 @@
-"""PixMIM: the low-pass target against a float64 NumPy implementation of the official formula, and the recipe's loss
-against MAE's loss on those targets."""
+"""PixMIM: the low-pass target (the fused op behind ``low_pass_images``) against a float64 NumPy implementation of the
+official formula, and the recipe's loss against MAE's loss on those targets."""
 
 from __future__ import annotations
 
@@ -16,22 +16,7 @@ from fastmim.targets import low_pass_images
 from fastmim.targets.low_pass import default_radius, low_pass_filter
 from fastmim.train.checkpoint import load_checkpoint
 from tests.conftest import TINY_ARGS
-
-
-def official_numpy(imgs: np.ndarray, radius: float) -> np.ndarray:
-    """mmselfsup's LowFreqTargetGenerator, written again in float64 NumPy: un-normalise, fft2, fftshift, the circle
-    (i - (h-1)/2)^2 + (j - (w-1)/2)^2 <= r^2 kept, ifft2 without ifftshift, abs, normalise."""
-    mean = np.array(IMAGENET_MEAN).reshape(1, 3, 1, 1)
-    std = np.array(IMAGENET_STD).reshape(1, 3, 1, 1)
-    x = imgs * std + mean
-    spec = np.fft.fftshift(np.fft.fft2(x), axes=(-2, -1))
-    h, w = x.shape[-2:]
-    keep = np.zeros((h, w))
-    for i in range(h):
-        for j in range(w):
-            if (i - (h - 1) / 2) ** 2 + (j - (w - 1) / 2) ** 2 <= radius**2:
-                keep[i, j] = 1.0
-    return (np.abs(np.fft.ifft2(spec * keep)) - mean) / std
+from tests.ops.test_low_pass_target import official_numpy
 
 
 @pytest.mark.parametrize(("h", "w", "radius"), [(32, 32, 5.7), (24, 18, 4.0), (17, 17, 3.0)])

@@ -26,7 +26,9 @@ from fastmim.ops.triton import (  # noqa: E402
     grn,
     hog,
     layer_norm,
+    low_pass,
     masked_loss,
+    patch_fft_loss,
     patchify,
     sparse_conv,
     tokens,
@@ -129,6 +131,18 @@ def specs():
         for need in ((True, False), (True, True)):
             consts = {"HAS_MASK": has_mask, "NEED_PRED": need[0], "NEED_TARGET": need[1], "BLOCK": 1024}
             yield fft_loss._fft_grad_kernel, ptrs, consts
+    # patch_fft_loss: 16-px patches (bf16 and fp32 predictions), 5-px patches with alpha != 1 and plain weights
+    for pred, p, alpha_one, log in (("bf16", 16, True, True), ("fp32", 16, True, True), ("fp32", 5, False, False)):
+        ptrs = {"pred_ptr": pred, "img_ptr": "fp32", "mask_ptr": "fp32", "kr_ptr": "fp32", "ki_ptr": "fp32",
+                "mult_ptr": "fp32", "rowmax_ptr": "fp32"}  # fmt: skip
+        block_n = max(16, 1 << (p * p - 1).bit_length())
+        consts = {"P": p, "P2": p * p, "H2": p * (p // 2 + 1), "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": 16,
+                  "ALPHA_ONE": alpha_one, "LOG": log, "PRECISION": "ieee"}  # fmt: skip
+        ptrs.update(rowloss_ptr="fp32", scale_ptr="fp32", dpred_ptr=pred)
+        for backward in (False, True):
+            yield patch_fft_loss._pfft_kernel, ptrs, {**consts, "BACKWARD": backward}
+    # low_pass_target's epilogue
+    yield low_pass._magnitude_minus_kernel, {"ab_ptr": "fp32", "off_ptr": "fp32", "out_ptr": "fp32"}, {"BLOCK": 1024}
     # block masks: 14x14 with BEiT's 10 tries, and a 64x64 grid (the largest the launcher takes)
     for block, ablock in ((256, 16), (4096, 16)):
         ptrs = {"keys_ptr": "i64", "streams_ptr": "i64", "mask_ptr": "i8", "count_ptr": "i32", "params_ptr": "fp64"}
@@ -145,7 +159,7 @@ def signature(kernel, ptrs: dict, consts: dict) -> dict:
             sig[name] = "*" + ptrs[name]
         else:
             # sizes and strides as launches below 2^31 pass them
-            sig[name] = "fp32" if name in ("eps", "scale", "qk_scale") else "i32"
+            sig[name] = "fp32" if name in ("eps", "scale", "qk_scale", "alpha") else "i32"
     return sig
 
 
