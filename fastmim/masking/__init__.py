@@ -7,7 +7,14 @@ a pure function of (seed, epoch, sample index). ``python -m fastmim.masking.show
 
 from fastmim.masking.base import Masks, MaskStrategy
 from fastmim.masking.block import BlockMaskConfig, BlockMaskGenerator, block_mask_ref
-from fastmim.masking.random import MaskInfo, masking_from_bool, masking_from_noise, num_visible, random_masking
+from fastmim.masking.random import (
+    MaskInfo,
+    mask_only,
+    masking_from_bool,
+    masking_from_noise,
+    num_visible,
+    random_masking,
+)
 from fastmim.masking.strategies import (
     STRATEGIES,
     AttentionMask,
@@ -38,6 +45,7 @@ __all__ = [
     "UniformMask",
     "block_mask_ref",
     "build_mask",
+    "mask_only",
     "masking_from_bool",
     "masking_from_noise",
     "num_visible",

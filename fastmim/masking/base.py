@@ -5,6 +5,7 @@ A strategy is built once for a token grid and its parameters, then called per ba
     masks = strategy(indices=sample_ids, epoch=epoch, device="cuda")   # or strategy(batch) for a running counter
     masks.mask        # [B, H, W] bool (tube: [B, T, H, W]), True = hidden from the encoder
     masks.info()      # ids_keep / ids_restore / float mask for MAE-style encoders (same count in every sample)
+    masks.info(ids=False)  # the float mask alone, for encoders that keep every token (any count)
 
 Masks are a pure function of (seed, epoch, sample index): the same whatever the number of data workers, ranks or
 restarts (``fastmim.masking.rng``). Implementations (``impl``): "torch" (batched, no per-sample Python loop: runs on
@@ -24,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from fastmim import _ext
-from fastmim.masking.random import MaskInfo, masking_from_bool
+from fastmim.masking.random import MaskInfo, mask_only, masking_from_bool
 from fastmim.masking.rng import sample_keys
 from fastmim.ops._dispatch import triton_available, triton_problem
 
@@ -47,10 +48,11 @@ class Masks:
     secondary: torch.Tensor | None = None
     num_hidden: int | None = None
 
-    def info(self) -> MaskInfo:
+    def info(self, ids: bool = True) -> MaskInfo:
         """MAE's index form of ``mask`` flattened per sample: needs the same hidden count in every sample (with an
-        exact count known, no host sync)."""
-        return masking_from_bool(self.mask.flatten(1), self.num_hidden)
+        exact count known, no host sync). ``ids=False``: the float mask alone (``mask_only``), for encoders that keep
+        every token; any count per sample."""
+        return masking_from_bool(self.mask.flatten(1), self.num_hidden) if ids else mask_only(self.mask.flatten(1))
 
     def to(self, device) -> Masks:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731

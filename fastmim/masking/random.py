@@ -13,10 +13,14 @@ class MaskInfo(NamedTuple):
     ids_keep:    [B, K] indices of the visible tokens, in shuffled order
     ids_restore: [B, N] inverse permutation: position of each token in (visible ++ masked) order
     mask:        [B, N] 1.0 for removed (masked) tokens, 0.0 for visible ones, in the original token order
+
+    ``ids_keep`` and ``ids_restore`` are None where only ``mask`` is made (``mask_only``): for encoders that keep
+    every token and replace the masked ones (SimMIM, MaskFeat, A2MIM), whose masks may hide a different number of
+    tokens per sample.
     """
 
-    ids_keep: torch.Tensor
-    ids_restore: torch.Tensor
+    ids_keep: torch.Tensor | None
+    ids_restore: torch.Tensor | None
     mask: torch.Tensor
 
 
@@ -62,6 +66,17 @@ def masking_from_noise(noise: torch.Tensor, len_keep: int) -> MaskInfo:
     mask[:, :len_keep] = 0
     mask = torch.gather(mask, dim=1, index=ids_restore)  # [B, N] back to token order
     return MaskInfo(ids_keep, ids_restore, mask)
+
+
+def mask_only(mask: torch.Tensor) -> MaskInfo:
+    """``MaskInfo`` with the float mask alone (no indices): any count per sample, no sort and no host sync.
+
+    Args:
+        mask: [B, N] bool (or 0/1), True = masked.
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [B, N], got shape {tuple(mask.shape)}")
+    return MaskInfo(None, None, mask.float())
 
 
 def masking_from_bool(mask: torch.Tensor, num_hidden: int | None = None) -> MaskInfo:

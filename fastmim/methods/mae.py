@@ -152,6 +152,9 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         """
         if mask is None:
             mask = self.make_mask(imgs.shape[0], imgs.device, mask_ratio)
+        if mask.ids_keep is None:
+            raise ValueError(f"{type(self).__name__} drops the masked tokens: it needs the masks' index form "
+                             "(Masks.info()), with the same hidden count in every sample")  # fmt: skip
         latent = self.forward_encoder(imgs, mask.ids_keep)
         pred = self.forward_decoder(latent, mask.ids_restore)
         loss = self.forward_loss(imgs, pred, mask.mask)

@@ -7,8 +7,10 @@ embedding (``MaskTokenViT``, as SimMIM). Target: the HOG features of each masked
 Sobel gradients, 9 unsigned orientation bins, 8-px cells, L2 per cell, 108 values per 16-px RGB patch), computed
 from the normalised input image for the masked patches only. Head: one linear layer from the final-normed patch
 tokens to the HOG dimension. Loss: MSE on the masked tokens (the mean over masked tokens of the mean over the 108
-values). Deviations: the ViT keeps MAE's fixed sin-cos position embedding (MaskFeat's is learned); the masks hide
-exactly 40% (BEiT's generator may stop a few tokens short).
+values). The masks are BEiT's: when no further block fits, the generator stops a few tokens short of 78 (about 1
+in 196 on average; ``mask_exact=True`` grows the blocks to exactly 78 instead; on grids too small for one block of 15
+within the count, such as the 4 x 4 demo grid, the default grows them too). Deviation: the ViT keeps MAE's fixed
+sin-cos position embedding (MaskFeat's is learned).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from fastmim.heads import LinearHead
 from fastmim.masking import MaskInfo, build_mask
 from fastmim.masking.base import MaskStrategy
+from fastmim.masking.strategies import exact_hidden
 from fastmim.methods.mae import register_vit_family
 from fastmim.methods.simmim import MaskTokenViT
 from fastmim.ops import masked_mse_loss_patchified, masked_mse_loss_patchified_ref
@@ -32,6 +35,10 @@ class MaskFeatViT(MaskTokenViT):
     Args:
         img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio: the ViT.
         mask_ratio: fraction of tokens hidden in blocks (MaskFeat: 78 of 196, 40% rounded down).
+        mask_exact: grow the blocks until exactly that many are hidden; False (MaskFeat's and BEiT's generator) stops
+            when no block fits, a few tokens short in some samples (the encoder keeps every token: any count works).
+            None (default): False, unless the count is below the 15-token minimum block (tiny grids), where BEiT's
+            generator would leave most masks nearly empty.
         hog_cell, hog_bins: HOG cell side in pixels (8) and orientation bins (9); patch_size must be a multiple of
             the cell.
         gaussian_window: side of the Gaussian window on the gradient magnitudes (0: none, the official image model;
@@ -53,6 +60,7 @@ class MaskFeatViT(MaskTokenViT):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         mask_ratio: float = 78 / 196,
+        mask_exact: bool | None = None,
         hog_cell: int = 8,
         hog_bins: int = 9,
         gaussian_window: int = 0,
@@ -64,6 +72,9 @@ class MaskFeatViT(MaskTokenViT):
         if patch_size % hog_cell:
             raise ValueError(f"MaskFeat: patch_size {patch_size} must be a multiple of hog_cell {hog_cell}")
         self.mask_ratio = mask_ratio
+        if mask_exact is None:
+            mask_exact = exact_hidden(self.num_patches, mask_ratio) < MASKFEAT_MIN_BLOCK
+        self.mask_exact = bool(mask_exact)
         self.fused_ops = fused_ops
         self.hog = HOGTarget(patch_size, in_chans, hog_cell, hog_bins, gaussian_window, fused=fused_ops)
         self.target_dim = self.hog.dim
@@ -73,7 +84,8 @@ class MaskFeatViT(MaskTokenViT):
     def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:
         """MaskFeat's block masks as a ``fastmim.masking`` strategy of (seed, epoch, sample index)."""
         ratio = self.mask_ratio if ratio is None else ratio
-        return build_mask("block", self.grid_size, seed=seed, ratio=ratio, min_num_patches=MASKFEAT_MIN_BLOCK)
+        return build_mask("block", self.grid_size, seed=seed, ratio=ratio, min_num_patches=MASKFEAT_MIN_BLOCK,
+                          exact=self.mask_exact)  # fmt: skip
 
     # --- Target: HOGTarget (fastmim.targets), the masked patches' HOG features ---
 

@@ -36,12 +36,16 @@ class MaskTokenViT(VisionTransformer):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
+    # the encoder keeps every token: it needs the masks' float form only, whatever each sample's count
+    drops_tokens = False
+
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}
 
     def make_mask(self, batch: int, device: torch.device, mask_ratio: float | None = None) -> MaskInfo:
         seed = int(torch.randint(0, 2**62, (1,)))  # from torch's RNG, so seeding and resume cover it
-        return self.mask_strategy(ratio=mask_ratio)(indices=torch.arange(batch), seed=seed, device=device).info()
+        masks = self.mask_strategy(ratio=mask_ratio)(indices=torch.arange(batch), seed=seed, device=device)
+        return masks.info(ids=False)
 
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W], mask [B, N] (1 = hidden) -> [B, 1 + N, D]."""

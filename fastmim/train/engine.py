@@ -32,9 +32,12 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def _masked_forward(model: nn.Module, imgs: torch.Tensor, mask: torch.Tensor, num_hidden: int | None) -> torch.Tensor:
-    """The loss of one micro-batch; the masks' index form is made here, inside a captured step."""
-    return model(imgs, mask=Masks(mask, num_hidden=num_hidden).info())[0]
+def _masked_forward(
+    model: nn.Module, ids: bool, imgs: torch.Tensor, mask: torch.Tensor, num_hidden: int | None
+) -> torch.Tensor:
+    """The loss of one micro-batch; the masks' index form (``ids``: for models that drop the masked tokens) is made
+    here, inside a captured step."""
+    return model(imgs, mask=Masks(mask, num_hidden=num_hidden).info(ids=ids))[0]
 
 
 @dataclass
@@ -81,7 +84,10 @@ class Trainer:
         self.images_per_step = self.cfg.batch_size * self.cfg.accum_iter * self.info.world_size
         # each sample's mask from (seed, epoch, dataset index): the same whatever the workers, ranks or restarts
         self.masks = self.raw_model.mask_strategy(seed=self.cfg.seed)
-        if self.cfg.cuda_graph and self.masks.exact_hidden is None:
+        # MAE and FCMAE drop the masked tokens (index form: one count for the batch); SimMIM, MaskFeat and A2MIM keep
+        # every token and take any count per sample (MaskFeat's BEiT masks stop short of the target)
+        drops_tokens = getattr(self.raw_model, "drops_tokens", True)
+        if self.cfg.cuda_graph and drops_tokens and self.masks.exact_hidden is None:
             raise ValueError(
                 f"--cuda-graph needs masks that hide the same number of patches in every sample (a graph has fixed "
                 f"shapes); --mask-type {self.cfg.mask_type} varies it"
@@ -90,8 +96,8 @@ class Trainer:
         # the step holds the model, not the trainer: no reference cycle keeps a finished trainer (and its loader, whose
         # DALI pipeline maps the image files) alive until the garbage collector runs
         self.step = TrainStep(
-            functools.partial(_masked_forward, self.model), self.raw_model.parameters(), self.optimizer, self.scaler,
-            device=self.device,
+            functools.partial(_masked_forward, self.model, drops_tokens), self.raw_model.parameters(), self.optimizer,
+            self.scaler, device=self.device,
             accum_iter=self.cfg.accum_iter, clip_grad=self.cfg.clip_grad, amp_dtype=self.amp_dtype,
             graph=self.cfg.cuda_graph, warmup=11 if ddp else 3,  # DDP settles its buckets in its first iterations
             no_sync=self.model.no_sync if ddp else None,

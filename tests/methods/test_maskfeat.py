@@ -50,12 +50,41 @@ def test_fused_and_reference_paths_agree_with_the_gaussian_window():
 
 
 def test_masks_are_beit_blocks_of_78_in_196():
+    """BEiT's generator (MaskFeat's default) stops short where no block fits: at most 78, 78 in most samples;
+    ``mask_exact=True`` grows the blocks to exactly 78."""
     m = fastmim.create_model("maskfeat_vit_base_patch16")
     strategy = m.mask_strategy(seed=0)
-    assert strategy.name == "block" and strategy.exact_hidden == 78
-    assert strategy.config.min_num_patches == 15
-    masks = strategy(indices=torch.arange(8), device="cpu")
-    assert masks.mask.flatten(1).sum(1).tolist() == [78] * 8
+    assert strategy.name == "block" and strategy.exact_hidden is None and not strategy.config.exact
+    assert strategy.config.min_num_patches == 15 and strategy.num_hidden == 78
+    counts = strategy(indices=torch.arange(200), device="cpu").mask.flatten(1).sum(1)
+    assert int(counts.max()) == 78 and int(counts.min()) < 78 and float((counts == 78).float().mean()) > 0.5
+    exact = fastmim.create_model("maskfeat_vit_base_patch16", mask_exact=True).mask_strategy(seed=0)
+    assert exact.exact_hidden == 78
+    assert exact(indices=torch.arange(8), device="cpu").mask.flatten(1).sum(1).tolist() == [78] * 8
+    # a 4x4 grid hides 7: no 15-token block fits, so the default grows blocks rather than leave masks near empty
+    tiny = _tiny().mask_strategy(seed=0)
+    assert tiny.exact_hidden == 7 and _tiny(mask_exact=False).mask_strategy(seed=0).exact_hidden is None
+
+
+def test_trainer_forward_takes_a_different_count_per_sample():
+    """The trainer hands mask-token models the float mask alone (no index form), so BEiT's short masks train; MAE,
+    which drops tokens, still needs one count and says so."""
+    from fastmim.masking import Masks
+    from fastmim.train.engine import _masked_forward
+
+    m = _tiny()
+    assert m.drops_tokens is False
+    imgs = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, :6], mask[1, :5] = True, True
+    loss = _masked_forward(m, False, imgs, mask, None)
+    want = m(imgs, mask=Masks(mask).info(ids=False))[0]
+    assert torch.isfinite(loss) and float(loss) == pytest.approx(float(want))
+    mae = fastmim.create_model("mae_vit_tiny_patch16", img_size=64, depth=1, decoder_depth=1)
+    with pytest.raises(ValueError, match="same number of tokens"):
+        _masked_forward(mae, True, imgs, mask, None)
+    with pytest.raises(ValueError, match="drops the masked tokens"):
+        mae(imgs, mask=Masks(mask).info(ids=False))
 
 
 def test_encoder_exports_to_timm():

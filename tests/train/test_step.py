@@ -16,7 +16,7 @@ from fastmim.masking import random_masking
 from fastmim.train.checkpoint import load_checkpoint
 from fastmim.train.optim import build_adamw, set_lr
 from fastmim.train.step import TrainStep, check_graph_optimizer
-from tests.conftest import TINY_ARGS
+from tests.conftest import TINY_ARGS, tiny_args_for
 
 
 def _tiny_mae():
@@ -216,6 +216,29 @@ def test_trainer_refuses_graph_mode_for_masks_of_varying_count(image_folder, tmp
     monkeypatch.setattr(RandomMask, "exact_hidden", property(lambda self: None))
     with pytest.raises(ValueError, match="same number of patches in every sample"):
         pretrain.run(_args(image_folder, tmp_path / "r", "--cuda-graph"))
+
+
+def test_trainer_graph_mode_takes_mask_token_models_with_varying_counts(image_folder, tmp_path, monkeypatch):
+    """MaskFeat keeps every token, so BEiT's masks (a different count per sample) are fine in graph mode (fixed
+    [B, N] shapes): the graph-mode code path trains what the eager trainer trains."""
+    monkeypatch.setenv("FASTMIM_CUDA_GRAPH_ON_CPU", "1")
+    from fastmim.methods import maskfeat
+
+    monkeypatch.setattr(maskfeat, "MASKFEAT_MIN_BLOCK", 3)  # blocks that fit the 4x4 demo grid: BEiT's stop-short
+    model = maskfeat.MaskFeatViT(img_size=64, depth=1, embed_dim=32, num_heads=2)
+    strategy = model.mask_strategy(seed=0)
+    counts = strategy(indices=torch.arange(64), device="cpu").mask.flatten(1).sum(1)
+    assert strategy.exact_hidden is None and int(counts.min()) < int(counts.max())  # the counts do vary
+    args = [*tiny_args_for("maskfeat_vit_tiny_patch16"), "--data-path", str(image_folder), "--log-interval", "1",
+            "--vis-interval", "100", "--loader", "torch", "--epochs", "1"]  # fmt: skip
+    eager, graph = tmp_path / "eager", tmp_path / "graph"
+    pretrain.run([*args, "--output-dir", str(eager)])
+    pretrain.run([*args, "--output-dir", str(graph), "--cuda-graph"])
+    ra, rb = (
+        [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+        for d in (eager, graph)
+    )
+    assert len(ra) >= 2 and rb == pytest.approx(ra, rel=1e-6)
 
 
 def test_trainer_graph_mode_fcmae_with_drop_path(image_folder, tmp_path, monkeypatch):
