@@ -26,10 +26,12 @@ import torch
 
 from fastmim import _ext
 from fastmim.masking.random import MaskInfo, mask_only, masking_from_bool
-from fastmim.masking.rng import sample_keys
+from fastmim.masking.rng import sample_keys, stream_keys
 from fastmim.ops._dispatch import triton_available, triton_problem
 
 IMPLS = ("auto", "torch", "triton", "cpp", "ref")
+# the key streams of masks 1 .. M-1 of a sample (num_masks): far from the strategies' own streams (0, 1, 2, ...)
+CLONE_STREAM = 0x4D00
 
 
 @dataclass
@@ -140,11 +142,16 @@ class MaskStrategy(abc.ABC):
         epoch: int = 0,
         device: torch.device | str | None = None,
         seed: int | None = None,
+        num_masks: int = 1,
         **inputs: torch.Tensor,
     ) -> Masks:
         """Masks for the samples ``indices`` ([B] int, dataset indices) at ``epoch``; without indices, ``batch``
         consecutive indices continuing from the previous call (a reproducible stream for a fixed call sequence).
-        ``seed`` overrides the strategy's seed for this call."""
+        ``seed`` overrides the strategy's seed for this call. ``num_masks`` M > 1: M masks per sample (data2vec 2.0's
+        multi-mask training), [B * M, ...] sample-major (``repeat_interleave`` order), mask j of a sample a pure
+        function of (seed, epoch, index, j); mask 0 is the single-mask draw."""
+        if isinstance(num_masks, bool) or not isinstance(num_masks, int) or num_masks < 1:
+            raise ValueError(f"num_masks must be a positive int, got {num_masks!r}")
         if indices is None:
             if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
                 raise ValueError(f"batch must be a non-negative int when no indices are given, got {batch!r}")
@@ -170,6 +177,9 @@ class MaskStrategy(abc.ABC):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         # keys from the indices where they are (the loader's: CPU, where the check costs no host sync), then moved
         keys = sample_keys(self.seed if seed is None else seed, epoch, indices).to(dev, non_blocking=True)
+        if num_masks > 1:
+            keys = torch.stack([keys] + [stream_keys(keys, CLONE_STREAM + j) for j in range(1, num_masks)], 1).flatten()
+            inputs = {k: v.repeat_interleave(num_masks, 0) for k, v in inputs.items()}
         impl = self.resolve_impl(dev)
         if impl == "torch":
             out = self._torch(keys, **inputs)

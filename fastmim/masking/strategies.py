@@ -13,6 +13,7 @@
                    of the hidden ones drawn at random among the rest.
 ``hardpatch``      HPM: hide tokens drawn without replacement with probability proportional to a given predicted
                    loss (Gumbel top-k), a ``random_share`` of them uniformly.
+``inverse_block``  data2vec 2.0: the visible tokens are a few 3x3 squares, trimmed or topped up to an exact count.
 =================  ==========================================================================================
 
 ``build_mask(name, grid, **params)`` builds one by name. Each has a batched PyTorch implementation (no per-sample
@@ -194,6 +195,63 @@ class BlockMask(MaskStrategy):
             float(c.block_area_max), lo, hi, c.max_attempts, exact=c.exact,
         )  # fmt: skip
         return Masks(torch.from_numpy(out))
+
+
+class InverseBlockMask(MaskStrategy):
+    """data2vec 2.0's inverse block mask (fairseq ``compute_block_mask_2d`` with ``inverse_mask=True``): the *visible*
+    tokens are ``block`` x ``block`` squares around ``int(N * (1 - ratio + adjust) / block^2)`` centres drawn uniformly
+    (with replacement; squares clamped at the border), then trimmed or topped up at random to exactly
+    ``int(N * (1 - ratio))`` visible tokens; everything else is hidden. ViT-B/16 (14 x 14, ratio 0.8, adjust 0.07,
+    block 3): 5 centres, 39 visible, 157 hidden. Args: grid, ratio (hidden fraction), block, adjust."""
+
+    name = "inverse_block"
+
+    def __init__(self, grid, ratio: float = 0.8, block: int = 3, adjust: float = 0.07, **kw):
+        super().__init__(grid, **kw)
+        self.ratio = check_ratio("ratio", ratio)
+        if isinstance(block, bool) or not isinstance(block, int) or block < 2:
+            raise ValueError(f"block must be an int >= 2 (data2vec 2.0: 3), got {block!r}")
+        if isinstance(adjust, bool) or not isinstance(adjust, int | float) or not 0 <= adjust < 1:
+            raise ValueError(f"adjust must be a number in [0, 1), got {adjust!r}")
+        self.block, self.adjust = block, float(adjust)
+        self.num_visible = num_visible(self.num_tokens, self.ratio)
+        self.num_centres = max(1, int(self.num_tokens * ((1 - self.ratio) + self.adjust) / block**2))
+
+    @property
+    def exact_hidden(self) -> int | None:
+        return self.num_tokens - self.num_visible
+
+    def _offsets(self, device) -> torch.Tensor:
+        return torch.arange(self.block, device=device) - self.block // 2
+
+    def _torch(self, keys):
+        b, (h, w) = keys.shape[0], self.grid
+        centres = randint(keys, 0, self.num_tokens - 1, self.num_centres, stream=0)  # [B, K]
+        d = self._offsets(keys.device)
+        rows = ((centres // w)[:, :, None, None] + d[:, None]).clamp_(0, h - 1)  # [B, K, block, 1]
+        cols = ((centres % w)[:, :, None, None] + d[None, :]).clamp_(0, w - 1)  # [B, K, 1, block]
+        kept = _scatter_true((b, self.num_tokens), (rows * w + cols).flatten(1))
+        # exactly num_visible: the squares' tokens first (a random subset where they overflow), then random others
+        score = uniform(keys, self.num_tokens, stream=1) + 2.0 * kept
+        keep = torch.topk(score, self.num_visible, dim=1, sorted=False).indices
+        return Masks(~_scatter_true((b, self.num_tokens), keep).view(b, h, w))
+
+    def _ref(self, rng):
+        h, w = self.grid
+        kept = set()
+        for _ in range(self.num_centres):
+            c = rng.randrange(self.num_tokens)
+            for di in self._offsets("cpu").tolist():
+                for dj in self._offsets("cpu").tolist():
+                    kept.add(min(max(c // w + di, 0), h - 1) * w + min(max(c % w + dj, 0), w - 1))
+        kept = sorted(kept)
+        if len(kept) > self.num_visible:
+            kept = rng.sample(kept, self.num_visible)
+        elif len(kept) < self.num_visible:
+            kept += rng.sample(sorted(set(range(self.num_tokens)) - set(kept)), self.num_visible - len(kept))
+        mask = torch.ones(self.num_tokens, dtype=torch.bool)
+        mask[kept] = False
+        return Masks(mask.view(h, w))
 
 
 class SimMIMMask(MaskStrategy):
@@ -519,7 +577,17 @@ class HardPatchMask(_GuidedMask):
 
 STRATEGIES: dict[str, type[MaskStrategy]] = {
     cls.name: cls
-    for cls in (RandomMask, BlockMask, SimMIMMask, UniformMask, MultiBlockMask, TubeMask, AttentionMask, HardPatchMask)
+    for cls in (
+        RandomMask,
+        BlockMask,
+        SimMIMMask,
+        UniformMask,
+        MultiBlockMask,
+        TubeMask,
+        AttentionMask,
+        HardPatchMask,
+        InverseBlockMask,
+    )
 }
 
 

@@ -175,6 +175,67 @@ def test_masks_are_a_pure_function_of_seed_epoch_and_index(name):
     assert torch.equal(again.mask, again2.mask)
 
 
+def _fairseq_inverse_block(batch: int, grid: int, ratio: float, block: int, adjust: float, g: torch.Generator):
+    """fairseq's compute_block_mask_2d(inverse_mask=True, require_same_masks=True), written out again: the visible
+    squares around int(L * (keep + adjust) / block^2) centres (randint, clamped), trimmed or topped up by multinomial
+    draws to int(L * keep) visible; True = hidden."""
+    n = grid * grid
+    keep = 1 - ratio
+    kept = torch.zeros(batch, grid, grid)
+    centres = torch.randint(0, n, (batch, int(n * ((keep + adjust) / block**2))), generator=g)
+    kept.view(batch, -1).scatter_(1, centres, 1)
+    b, r, c = kept.nonzero(as_tuple=True)
+    off = block // 2
+    for i in range(block):
+        for j in range(block):
+            kept[b, (r + i - off).clamp(0, grid - 1), (c + j - off).clamp(0, grid - 1)] = 1
+    kept = kept.view(batch, -1)
+    target = int(n * keep)
+    for m in kept:
+        k = int(m.sum())
+        if k > target:
+            m[torch.multinomial(m, k - target, generator=g)] = 0
+        elif k < target:
+            m[torch.multinomial(1 - m, target - k, generator=g)] = 1
+    return (1 - kept).bool().view(batch, grid, grid)
+
+
+def _visible_neighbours(mask: torch.Tensor) -> float:
+    """Mean number of visible 4-neighbours of a visible token: how square-shaped the visible region is."""
+    v = (~mask).float().unsqueeze(1)
+    cross = torch.tensor([[[[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]]])
+    return float((torch.nn.functional.conv2d(v, cross, padding=1) * v).sum() / v.sum())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inverse_block_matches_data2vec2s_generator_in_distribution(impl):
+    """ViT-B/16's data2vec 2.0 masks: 39 visible of 196 in every sample (157 hidden), squares as in fairseq's."""
+    s, m = draw("inverse_block", impl, batch=1500)
+    assert s.num_centres == 5 and s.num_visible == 39
+    assert ((~m.mask).flatten(1).sum(1) == 39).all()
+    want = _fairseq_inverse_block(1500, 14, 0.8, 3, 0.07, torch.Generator().manual_seed(0))
+    assert ((~want).flatten(1).sum(1) == 39).all()
+    ours, theirs = _visible_neighbours(m.mask), _visible_neighbours(want)
+    assert ours == pytest.approx(theirs, rel=0.03), (ours, theirs)
+    uniform_visible = _visible_neighbours(torch.rand(1500, 14, 14, generator=torch.Generator().manual_seed(1)) > 0.2)
+    assert ours > 2 * uniform_visible  # squares, not scattered tokens
+
+
+def test_several_masks_per_sample():
+    """num_masks M: [B * M] sample-major, mask 0 is the single draw, each mask a pure function of (index, j)."""
+    s = build_mask("inverse_block", 14, seed=3)
+    one = s(indices=torch.arange(10, 14), epoch=1)
+    multi = s(indices=torch.arange(10, 14), epoch=1, num_masks=4)
+    assert multi.mask.shape == (16, 14, 14) and multi.num_hidden == 157
+    assert torch.equal(multi.mask[::4], one.mask)
+    assert len({tuple(m.flatten().tolist()) for m in multi.mask}) == 16
+    assert torch.equal(s(indices=torch.arange(12, 14), epoch=1, num_masks=4).mask, multi.mask[8:])
+    ref = build_mask("inverse_block", 14, seed=3, impl="ref")(indices=torch.arange(10, 14), epoch=1, num_masks=4)
+    assert ref.mask.shape == (16, 14, 14) and ((~ref.mask).flatten(1).sum(1) == 39).all()
+    with pytest.raises(ValueError, match="num_masks must be a positive int"):
+        s(indices=torch.arange(2), num_masks=0)
+
+
 def test_consecutive_calls_without_indices_continue_the_stream():
     s = build_mask("random", 14, impl="torch")
     a, b = s(8), s(8)
@@ -197,6 +258,8 @@ def test_consecutive_calls_without_indices_continue_the_stream():
         ("multiblock", {"max_tries": 0}, "max_tries must be a positive int"),
         ("tube", {"frames": 0}, "frames must be a positive int"),
         ("attention", {"random_share": 1.5}, r"random_share must be in \[0, 1\]"),
+        ("inverse_block", {"block": 1}, "block must be an int >= 2"),
+        ("inverse_block", {"adjust": 1.5}, r"adjust must be a number in \[0, 1\)"),
         ("random", {"impl": "cpp"}, "has no C\\+\\+ implementation"),
         ("random", {"impl": "cuda"}, "impl must be one of"),
         ("random", {"impl": "triton"}, "has no Triton implementation"),
