@@ -14,7 +14,7 @@ import torch
 
 from fastmim.methods.mae import register_vit_family
 from fastmim.methods.simmim import SimMIMViT
-from fastmim.ops import fft_loss, fft_loss_ref
+from fastmim.targets.frequency import FrequencyLoss
 
 A2MIM_FFT_WEIGHT = 0.1
 
@@ -25,6 +25,7 @@ class A2MIMViT(SimMIMViT):
     def __init__(self, *args, fft_weight: float = A2MIM_FFT_WEIGHT, **kwargs):
         super().__init__(*args, **kwargs)
         self.fft_weight = float(fft_weight)
+        self.freq_loss = FrequencyLoss("batch", self.patch_size, fused=self.fused_ops)
 
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Masked pixels filled with each image's channel means, then the patch embedding plus the mask token at the
@@ -44,8 +45,7 @@ class A2MIMViT(SimMIMViT):
         """SimMIM's L1 on the masked pixels + fft_weight x A2MIM's focal frequency loss of ``rec``."""
         loss = super().forward_loss(imgs, pred, mask)
         if self.fft_weight and rec is not None:
-            freq = (fft_loss if self.fused_ops else fft_loss_ref)(rec, imgs, mask, self.patch_size)
-            loss = loss + self.fft_weight * freq
+            loss = loss + self.fft_weight * self.freq_loss(rec, imgs, mask)
         return loss
 
 

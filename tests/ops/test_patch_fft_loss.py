@@ -171,3 +171,22 @@ def test_opcheck_and_compile(backend):
     (want,) = torch.autograd.grad(loss_fn(pred), pred)
     (got,) = torch.autograd.grad(compiled(pred), pred)
     torch.testing.assert_close(got, want)
+
+
+def test_frequency_loss_module_runs_both_losses():
+    """fastmim.targets.FrequencyLoss: "patch" is patch_fft_loss on predicted patches, "batch" A2MIM's fft_loss on a
+    reconstructed image; fused=False runs the official computations, the same values."""
+    from fastmim.ops import fft_loss_ref, unpatchify_ref
+    from fastmim.targets import FrequencyLoss
+
+    pred, imgs, mask = _inputs(2, 3, 32, 32, 16)
+    for fused in (True, False):
+        patch = FrequencyLoss("patch", 16, alpha=2.0, log_weights=False, fused=fused)
+        torch.testing.assert_close(patch(pred, imgs, mask), patch_fft_loss_ref(pred, imgs, mask, 16, 2.0, False))
+        rec = unpatchify_ref(pred, 16, (2, 2))
+        batch = FrequencyLoss("batch", 16, fused=fused)
+        torch.testing.assert_close(batch(rec, imgs, mask), fft_loss_ref(rec, imgs, mask, 16))
+    with pytest.raises(ValueError, match="needs the mask"):
+        FrequencyLoss("patch", 16)(pred, imgs, None)
+    with pytest.raises(ValueError, match="kind must be one of batch, patch"):
+        FrequencyLoss("pixel")
