@@ -48,6 +48,11 @@ class PretrainConfig:
         metadata={"help": "mask strategy (--mask): random (MAE), block (BEiT), simmim (32-px patches) or uniform "
                           "(UM-MAE, 75%); MAE models only"},
     )  # fmt: skip
+    num_masks: int | None = field(
+        default=None,
+        metadata={"help": "masks per image, the teacher running once for all of them (data2vec 2.0: 16; None: the "
+                          "model's)"},
+    )  # fmt: skip
     sparse_backend: str = field(
         default="auto",
         metadata={"help": "FCMAE encoder: auto (fastmim where compiled kernels exist), fastmim, dense_masked, spconv"},
@@ -127,6 +132,9 @@ class PretrainConfig:
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0 (or none), got {v}")
+        if self.num_masks is not None and (isinstance(self.num_masks, bool) or not isinstance(self.num_masks, int)
+                                           or self.num_masks < 1):  # fmt: skip
+            raise ValueError(f"num_masks must be a positive int, got {self.num_masks!r}")
         if not (math.isfinite(self.beta2) and 0.0 < self.beta2 < 1.0):
             raise ValueError(f"beta2 must be in (0, 1), got {self.beta2}")
         if not (math.isfinite(self.crop_min) and 0.0 < self.crop_min <= 1.0):

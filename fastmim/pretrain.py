@@ -183,7 +183,8 @@ def build_loader(cfg: PretrainConfig, kind: str, dataset, masks, info: DistInfo,
 
 
 def build_model(cfg: PretrainConfig, device: torch.device):
-    """The recipe named by cfg.model (mae_* or fcmae_*) with the config's overrides."""
+    """The recipe named by cfg.model (mae_*, pixmim_*, simmim_*, a2mim_*, maskfeat_*, data2vec2_*, fcmae_*) with the
+    config's overrides."""
     import fastmim
 
     kwargs = dict(img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss, fused_ops=cfg.fused_ops)
@@ -191,9 +192,13 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         kwargs["mask_ratio"] = cfg.mask_ratio
     for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         if getattr(cfg, k) is not None:
-            if cfg.model.startswith(("simmim_", "a2mim_", "maskfeat_")):
-                head = "a linear layer" if cfg.model.startswith("maskfeat_") else "a 1x1 convolution"
-                name = {"simmim": "SimMIM", "a2mim": "A2MIM", "maskfeat": "MaskFeat"}[cfg.model.split("_")[0]]
+            if cfg.model.startswith(("simmim_", "a2mim_", "maskfeat_", "data2vec2_")):
+                family = cfg.model.split("_")[0]
+                head = {"maskfeat": "a linear layer", "data2vec2": "a convolutional decoder"}.get(
+                    family, "a 1x1 convolution"
+                )
+                names = {"simmim": "SimMIM", "a2mim": "A2MIM", "maskfeat": "MaskFeat", "data2vec2": "data2vec 2.0"}
+                name = names[family]
                 raise UsageError(f"--{k.replace('_', '-')} does not apply to {name}: its head is {head}")
             kwargs[k] = getattr(cfg, k)
     if cfg.drop_path and not cfg.model.startswith("fcmae_"):
@@ -204,7 +209,16 @@ def build_model(cfg: PretrainConfig, device: torch.device):
                 "--fused-norm applies to the ViT recipes; FCMAE's ConvNeXt V2 has no pre-norm residual adds"
             )
         kwargs["fused_norm"] = True
-    if cfg.model.startswith("maskfeat_"):
+    if cfg.num_masks is not None and not cfg.model.startswith("data2vec2_"):
+        raise UsageError("--num-masks applies to data2vec 2.0 (data2vec2_*): the other recipes draw one mask per image")
+    if cfg.model.startswith("data2vec2_"):
+        kwargs.pop("norm_pix_loss")  # the target is the teacher's features
+        if cfg.mask_type != "random":  # random: the CLI's default, data2vec 2.0's inverse block masks are meant
+            raise UsageError(f"data2vec 2.0 draws its own inverse block masks; --mask-type {cfg.mask_type} is not")
+        if cfg.num_masks is not None:
+            kwargs["num_masks"] = cfg.num_masks
+        kwargs["attn_impl"] = cfg.attn_impl
+    elif cfg.model.startswith("maskfeat_"):
         kwargs.pop("norm_pix_loss")  # the target is HOG features
         if cfg.mask_type not in ("random", "block"):  # random: the CLI's default, MaskFeat's own block masks are meant
             raise UsageError(f"MaskFeat masks blocks of tokens (--mask-type block); --mask-type {cfg.mask_type} is not")
@@ -226,12 +240,12 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         kwargs["drop_path_rate"] = cfg.drop_path
     else:
         names = fastmim.list_models()
-        prefixes = ("mae_", "pixmim_", "simmim_", "a2mim_", "maskfeat_", "fcmae_")
+        prefixes = ("mae_", "pixmim_", "simmim_", "a2mim_", "maskfeat_", "data2vec2_", "fcmae_")
         recipes = [f"{p}{cfg.model}" for p in prefixes if f"{p}{cfg.model}" in names]
         hint = f"; did you mean {' or '.join(recipes)}?" if recipes else ""
         raise UsageError(
             f"model {cfg.model!r} is not a pretraining recipe (MAE models are mae_*, PixMIM pixmim_*, SimMIM simmim_*, "
-            f"A2MIM a2mim_*, MaskFeat maskfeat_*, FCMAE fcmae_*){hint}"
+            f"A2MIM a2mim_*, MaskFeat maskfeat_*, data2vec 2.0 data2vec2_*, FCMAE fcmae_*){hint}"
         )
     return fastmim.create_model(cfg.model, **kwargs).to(device)
 

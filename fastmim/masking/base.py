@@ -61,6 +61,12 @@ class Masks:
         return Masks(move(self.mask), move(self.targets), move(self.secondary), self.num_hidden)
 
 
+def _check_num_masks(num_masks) -> int:
+    if isinstance(num_masks, bool) or not isinstance(num_masks, int) or num_masks < 1:
+        raise ValueError(f"num_masks must be a positive int, got {num_masks!r}")
+    return num_masks
+
+
 def as_grid(grid: int | tuple[int, int], what: str = "grid") -> tuple[int, int]:
     g = (grid, grid) if isinstance(grid, int) and not isinstance(grid, bool) else tuple(grid)
     if len(g) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in g):
@@ -98,6 +104,7 @@ class MaskStrategy(abc.ABC):
         grid: token grid (H, W) or one int for a square grid.
         seed: the run's seed; masks depend on (seed, epoch, sample index) only.
         impl: "auto", "torch", "triton", "cpp" or "ref".
+        num_masks: masks per sample of every call that does not say otherwise (data2vec 2.0: 16).
     """
 
     name: ClassVar[str]
@@ -105,8 +112,9 @@ class MaskStrategy(abc.ABC):
     has_triton: ClassVar[bool] = False  # a Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1)
     inputs: ClassVar[tuple[str, ...]] = ()  # per-batch tensors the strategy needs (scores, losses)
 
-    def __init__(self, grid: int | tuple[int, int], *, seed: int = 0, impl: str = "auto"):
+    def __init__(self, grid: int | tuple[int, int], *, seed: int = 0, impl: str = "auto", num_masks: int = 1):
         self.grid = as_grid(grid)
+        self.num_masks = _check_num_masks(num_masks)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.seed = seed
@@ -142,16 +150,15 @@ class MaskStrategy(abc.ABC):
         epoch: int = 0,
         device: torch.device | str | None = None,
         seed: int | None = None,
-        num_masks: int = 1,
+        num_masks: int | None = None,
         **inputs: torch.Tensor,
     ) -> Masks:
         """Masks for the samples ``indices`` ([B] int, dataset indices) at ``epoch``; without indices, ``batch``
         consecutive indices continuing from the previous call (a reproducible stream for a fixed call sequence).
-        ``seed`` overrides the strategy's seed for this call. ``num_masks`` M > 1: M masks per sample (data2vec 2.0's
-        multi-mask training), [B * M, ...] sample-major (``repeat_interleave`` order), mask j of a sample a pure
-        function of (seed, epoch, index, j); mask 0 is the single-mask draw."""
-        if isinstance(num_masks, bool) or not isinstance(num_masks, int) or num_masks < 1:
-            raise ValueError(f"num_masks must be a positive int, got {num_masks!r}")
+        ``seed`` overrides the strategy's seed for this call. ``num_masks`` M > 1 (default: the strategy's): M masks per
+        sample (data2vec 2.0's multi-mask training), [B * M, ...] sample-major (``repeat_interleave`` order), mask j
+        of a sample a pure function of (seed, epoch, index, j); mask 0 is the single-mask draw."""
+        num_masks = self.num_masks if num_masks is None else _check_num_masks(num_masks)
         if indices is None:
             if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
                 raise ValueError(f"batch must be a non-negative int when no indices are given, got {batch!r}")

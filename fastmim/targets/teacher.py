@@ -60,16 +60,20 @@ class EMATeacher(nn.Module):
         return momentum_at(int(self.updates), self.start, self.end, self.total_updates)
 
     @torch.no_grad()
-    def update(self, student: nn.Module) -> float:
-        """One EMA step toward ``student``; returns the momentum used."""
-        mine, theirs = list(self.model.parameters()), list(student.parameters())
+    def update(self, student: nn.Module | None = None, params: list[torch.Tensor] | None = None) -> float:
+        """One EMA step toward ``student`` (its parameters and buffers), or toward ``params`` (the student's tensors
+        in the teacher's parameter order, for a student that holds more than the teacher: a decoder, the teacher
+        itself); returns the momentum used."""
+        mine = list(self.model.parameters())
+        theirs = list(student.parameters()) if params is None else list(params)
         if [p.shape for p in theirs] != self._shapes:
             raise ValueError("EMATeacher.update: the student's parameters do not match the teacher's (another model?)")
         m = self.momentum()
         src = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in theirs]
         torch._foreach_lerp_(mine, src, 1.0 - m)
-        for t, s in zip(self.model.buffers(), student.buffers(), strict=True):
-            t.copy_(s)
+        if student is not None and params is None:
+            for t, s in zip(self.model.buffers(), student.buffers(), strict=True):
+                t.copy_(s)
         self.updates += 1
         return m
 

@@ -87,6 +87,7 @@ class Trainer:
         # MAE and FCMAE drop the masked tokens (index form: one count for the batch); SimMIM, MaskFeat and A2MIM keep
         # every token and take any count per sample (MaskFeat's BEiT masks stop short of the target)
         drops_tokens = getattr(self.raw_model, "drops_tokens", True)
+        self.after_step = getattr(self.raw_model, "after_step", None)
         if self.cfg.cuda_graph and drops_tokens and self.masks.exact_hidden is None:
             raise ValueError(
                 f"--cuda-graph needs masks that hide the same number of patches in every sample (a graph has fixed "
@@ -299,6 +300,8 @@ class Trainer:
                 self.pos.batch = b + 1
                 if not last_micro:
                     continue
+                if self.after_step is not None:  # a teacher's EMA update (data2vec 2.0), after the optimizer step
+                    self.after_step()
                 self.pos.step += 1
                 done = self.pos.step >= self.total_steps
                 end_of_epoch = self.pos.batch == self.batches_per_epoch

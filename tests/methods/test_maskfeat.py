@@ -4,7 +4,6 @@ the CLI trains it without reconstruction images."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,7 +11,7 @@ import fastmim
 from fastmim import pretrain
 from fastmim.masking import random_masking
 from fastmim.train.checkpoint import load_checkpoint
-from tests.conftest import tiny_args_for
+from tests.conftest import assert_encoder_matches_timm, tiny_args_for
 from tests.ops.test_hog_target import _numpy_hog
 
 
@@ -88,14 +87,8 @@ def test_trainer_forward_takes_a_different_count_per_sample():
 
 
 def test_encoder_exports_to_timm():
-    timm = pytest.importorskip("timm", reason="timm is a test dependency")
     m = _tiny()
-    enc = timm.models.vision_transformer.VisionTransformer(img_size=64, patch_size=16, num_classes=0, embed_dim=192,
-                                                          depth=2, num_heads=3)  # fmt: skip
-    enc.load_state_dict(m.encoder_state_dict(), strict=True)
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        np.testing.assert_allclose(enc.forward_features(x).numpy(), m.forward_features(x).numpy(), atol=1e-5)
+    assert_encoder_matches_timm(m, depth=2)
 
 
 @pytest.mark.slow

@@ -86,7 +86,8 @@ def test_every_shipped_recipe_config_resolves_and_builds_its_model(path):
     from fastmim.pretrain import build_model
 
     cfg, state = resolve_config(["--config", str(path)])
-    assert state is None and cfg.model.split("_")[0] in ("mae", "pixmim", "simmim", "a2mim", "maskfeat", "fcmae")
+    families = ("mae", "pixmim", "simmim", "a2mim", "maskfeat", "data2vec2", "fcmae")
+    assert state is None and cfg.model.split("_")[0] in families
     with torch.device("meta"):  # the shapes, without allocating a large model
         model = build_model(cfg, torch.device("meta"))
     assert model.mask_ratio == cfg.mask_ratio

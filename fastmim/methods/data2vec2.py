@@ -1,0 +1,193 @@
+"""data2vec 2.0 (Baevski et al. 2023; fairseq ``examples/data2vec/models/data2vec2.py``) on a ViT.
+
+Mask: the inverse block mask (``fastmim.masking`` "inverse_block": a few 3x3 squares stay visible, exactly 39 of 196),
+``num_masks`` (16) masks per image. Encoder: the ViT on the visible tokens of each mask; the patch embedding runs once
+per image and is repeated (``clone_batch``). Target: an EMA teacher (``fastmim.targets.EMATeacher``, momentum 0.9998 ->
+0.99999 over 100k updates, fp32) runs once per image on every token: the FFN outputs (before the residual) of its
+top ``top_k`` blocks, each instance-normalised over the tokens, averaged, layer-normalised; repeated for the masks.
+Head: the convolutional decoder (``fastmim.heads.ConvDecoder2d``) on the encoder's outputs with the masked tokens
+filled by N(0, 0.01) noise (no learned mask token, no position embedding). Loss: ``sum over masked tokens and
+channels of (pred - target)^2 / sqrt(D)``, divided by the masked count, plus ``0.01 x sum over masks and channels of
+(cls - mean target)^2 / sqrt(D)``: the student's class token regresses the mean of its image's targets (fairseq
+scales that term by the masked count before its gradient normalisation divides by it).
+
+Deviations: pre-norm blocks (fastmim's, timm's) where data2vec 2.0's are post-norm, so that the encoder exports to
+timm like MAE's; the first two blocks (fairseq's "prenet", not part of the targets) are ordinary blocks of the ViT:
+``top_k = depth - 2`` averages the other ten, as fairseq's ten main blocks; MAE's fixed sin-cos position embedding.
+The trainer calls ``after_step()`` after each optimizer step: the teacher's EMA update.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmim.heads import ConvDecoder2d
+from fastmim.masking import MaskInfo, build_mask
+from fastmim.masking.base import MaskStrategy
+from fastmim.methods.mae import register_vit_family
+from fastmim.models.vit import VisionTransformer
+from fastmim.ops import gather_visible, gather_visible_ref, masked_mse_loss_patchified, masked_mse_loss_patchified_ref
+from fastmim.targets.teacher import DATA2VEC2_MOMENTUM, EMATeacher
+
+DATA2VEC2_MASK = dict(ratio=0.8, block=3, adjust=0.07)  # fairseq: inverse_mask, mask_prob, mask_length, adjust
+DATA2VEC2_NUM_MASKS = 16  # clone_batch
+DATA2VEC2_CLS_WEIGHT = 0.01  # cls_loss
+DATA2VEC2_NOISE_STD = 0.01  # mask_noise_std
+
+
+def teacher_targets(teacher: VisionTransformer, imgs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """data2vec 2.0's targets from a ViT on every token: the FFN output (before the residual) of each of the last
+    ``top_k`` blocks without the class token, instance-normalised over the tokens (no affine), averaged, then
+    layer-normalised (no affine). [B, C, H, W] -> [B, N, D] fp32."""
+    x = teacher.patch_embed(imgs) + teacher.pos_embed[:, 1:, :]
+    cls = (teacher.cls_token + teacher.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1)
+    first = len(teacher.blocks) - top_k
+    y = None
+    for i, blk in enumerate(teacher.blocks):
+        x = x + blk.attn(blk.norm1(x))
+        t = blk.mlp(blk.norm2(x))
+        x = x + t
+        if i >= first:
+            t = F.instance_norm(t[:, 1:].float().transpose(1, 2)).transpose(1, 2)  # over the tokens, per channel
+            y = t if y is None else y + t
+    y = y / top_k
+    return F.layer_norm(y, y.shape[-1:])
+
+
+class Data2Vec2ViT(VisionTransformer):
+    """data2vec 2.0 with a ViT encoder; its encoder keys are the ViT's (exports to timm like MAE's).
+
+    Args:
+        img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio: the ViT.
+        mask_ratio: hidden fraction of the inverse block mask (0.8: 157 of 196 hidden).
+        num_masks: masks per image (fairseq's clone_batch, 16).
+        top_k: teacher blocks averaged into the target (None: depth - 2, fairseq's ten main blocks of twelve).
+        decoder_dim, decoder_layers, decoder_kernel, decoder_groups: the convolutional decoder (None: embed_dim; 6, 3,
+            16).
+        cls_weight: weight of the class-token term (0.01).
+        momentum: the teacher's (start, end, updates) schedule.
+        fused_ops: fastmim.ops for the gather and the loss (False: the plain PyTorch path, the same values).
+        attn_impl, fused_norm: see VisionTransformer.
+    """
+
+    predicts_pixels = False  # feature targets: no reconstruction images
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        mask_ratio: float = DATA2VEC2_MASK["ratio"],
+        num_masks: int = DATA2VEC2_NUM_MASKS,
+        top_k: int | None = None,
+        decoder_dim: int | None = None,
+        decoder_layers: int = 6,
+        decoder_kernel: int = 3,
+        decoder_groups: int = 16,
+        cls_weight: float = DATA2VEC2_CLS_WEIGHT,
+        momentum: tuple[float, float, int] = DATA2VEC2_MOMENTUM,
+        fused_ops: bool = True,
+        attn_impl: str = "auto",
+        fused_norm: bool = False,
+    ):
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
+                         fused_norm=fused_norm)  # fmt: skip
+        if isinstance(num_masks, bool) or not isinstance(num_masks, int) or num_masks < 1:
+            raise ValueError(f"data2vec 2.0: num_masks must be a positive int, got {num_masks!r}")
+        self.top_k = max(1, depth - 2) if top_k is None else int(top_k)
+        if not 1 <= self.top_k <= depth:
+            raise ValueError(f"data2vec 2.0: top_k must be in [1, depth={depth}], got {top_k!r}")
+        self.mask_ratio, self.num_masks, self.cls_weight, self.fused_ops = mask_ratio, num_masks, cls_weight, fused_ops
+        self.decoder = ConvDecoder2d(embed_dim, self.grid_size, decoder_dim or embed_dim, decoder_layers,
+                                     decoder_kernel, decoder_groups)  # fmt: skip
+        encoder = VisionTransformer(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio)
+        encoder.load_state_dict(self.encoder_state_dict())
+        self.teacher = EMATeacher(encoder, *momentum)
+        self._student_params: list[nn.Parameter] | None = None
+
+    # --- Mask ---
+    def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:
+        """The inverse block mask, ``num_masks`` per sample, a pure function of (seed, epoch, index, mask number)."""
+        params = {**DATA2VEC2_MASK, "ratio": self.mask_ratio if ratio is None else ratio}
+        return build_mask("inverse_block", self.grid_size, seed=seed, num_masks=self.num_masks, **params)
+
+    def make_mask(self, batch: int, device: torch.device, mask_ratio: float | None = None) -> MaskInfo:
+        seed = int(torch.randint(0, 2**62, (1,)))  # from torch's RNG, so seeding and resume cover it
+        return self.mask_strategy(ratio=mask_ratio)(indices=torch.arange(batch), seed=seed, device=device).info()
+
+    # --- Target: the EMA teacher ---
+    def student_parameters(self) -> list[nn.Parameter]:
+        """The encoder's parameters in the teacher's order (what the EMA follows)."""
+        if self._student_params is None:
+            own = dict(self.named_parameters())
+            self._student_params = [own[name] for name, _ in self.teacher.model.named_parameters()]
+        return self._student_params
+
+    def after_step(self) -> None:
+        """The teacher's EMA update; the trainer calls it after every optimizer step."""
+        self.teacher.update(params=self.student_parameters())
+
+    @torch.no_grad()
+    def targets(self, imgs: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> the teacher's targets [B, N, D] fp32, once per image."""
+        return teacher_targets(self.teacher.model, imgs, self.top_k)
+
+    # --- Head and loss ---
+    def decoder_input(self, visible: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """The encoder's visible outputs [B', K, D] and N(0, 0.01) noise at the masked positions, in token order."""
+        b, k, d = visible.shape
+        noise = torch.randn(b, ids_restore.shape[1] - k, d, device=visible.device, dtype=visible.dtype)
+        x = torch.cat([visible, noise * DATA2VEC2_NOISE_STD], dim=1)
+        return torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))
+
+    def forward_loss(
+        self, pred: torch.Tensor, cls_pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, num_masks: int
+    ) -> torch.Tensor:
+        """pred [B*M, N, D], cls_pred [B*M, D], targets y [B, N, D], mask [B*M, N] (1 = masked)."""
+        d = y.shape[-1]
+        loss_fn = masked_mse_loss_patchified if self.fused_ops else masked_mse_loss_patchified_ref
+        # the mean over masked tokens of the mean over D, times D / sqrt(D): sum over D of (x - y)^2 / sqrt(D)
+        reg = loss_fn(pred, y.repeat_interleave(num_masks, 0), mask, norm_pix=False) * math.sqrt(d)
+        if not self.cls_weight:
+            return reg
+        cls_target = y.mean(dim=1).repeat_interleave(num_masks, 0)
+        return reg + self.cls_weight * (cls_pred.float() - cls_target).square().sum() / math.sqrt(d)
+
+    def forward(
+        self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: MaskInfo | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (loss, pred [B*M, N, D], mask [B*M, N] with 1 = hidden); ``mask`` holds M masks per image,
+        sample-major."""
+        b = imgs.shape[0]
+        if mask is None:
+            mask = self.make_mask(b, imgs.device, mask_ratio)
+        if mask.ids_keep is None:
+            raise ValueError("data2vec 2.0 drops the masked tokens: it needs the masks' index form (Masks.info())")
+        if b == 0 or mask.ids_keep.shape[0] % b:
+            raise ValueError(f"data2vec 2.0: {mask.ids_keep.shape[0]} masks for {b} images; expected M per image")
+        m = mask.ids_keep.shape[0] // b
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # once per image
+        if m > 1:
+            x = x.repeat_interleave(m, 0)
+        x = (gather_visible if self.fused_ops else gather_visible_ref)(x, mask.ids_keep)
+        latent = self.encode_tokens(x)  # [B*M, 1 + K, D]
+        pred = self.decoder(self.decoder_input(latent[:, 1:], mask.ids_restore))
+        loss = self.forward_loss(pred, latent[:, 0], self.targets(imgs), mask.mask, m)
+        return loss, pred, mask.mask
+
+    # --- Export ---
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The student encoder alone (no decoder, no teacher): loads into timm's VisionTransformer."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("decoder.", "teacher."))}
+
+
+register_vit_family("data2vec2", Data2Vec2ViT, light_decoder=False)

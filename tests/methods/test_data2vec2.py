@@ -1,0 +1,207 @@
+"""data2vec 2.0 on a ViT: the teacher's targets against the formula written out in float64, the loss against the
+paper's formula, M masks per image equal to M single-mask passes against one teacher pass (values and gradients),
+the EMA update after each optimizer step, an exact resume with the teacher, the timm export and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fastmim
+from fastmim import pretrain
+from fastmim.masking import Masks
+from fastmim.methods import data2vec2
+from fastmim.train.checkpoint import load_checkpoint
+from tests.conftest import assert_encoder_matches_timm, tiny_args_for
+
+
+def _tiny(**kw):
+    torch.manual_seed(0)
+    kw = {"img_size": 64, "depth": 3, "num_masks": 4, **kw}
+    return fastmim.create_model("data2vec2_vit_tiny_patch16", **kw)
+
+
+def _imgs(b=2, seed=1):
+    return torch.randn(b, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def _perturb(model, seed=5):
+    """Student weights away from the teacher's (a copy at construction), as after some training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and not n.startswith("teacher."):
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _targets_written_out(model, imgs, top_k):
+    """The teacher in float64 block by block (pre-norm: x + attn(norm1 x), then the FFN output t = mlp(norm2 x) before
+    the residual); t without the class token, instance-normalised over tokens with biased variance and eps 1e-5,
+    averaged over the last top_k blocks, layer-normalised over channels (eps 1e-5, no affine)."""
+    t = model.teacher.model.double()
+    try:
+        with torch.no_grad():
+            x = t.patch_embed(imgs.double()) + t.pos_embed[:, 1:]
+            x = torch.cat([(t.cls_token + t.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], 1)
+            outs = []
+            for blk in t.blocks:
+                x = x + blk.attn(blk.norm1(x))
+                f = blk.mlp(blk.norm2(x))
+                x = x + f
+                outs.append(f[:, 1:])
+            normed = []
+            for f in outs[-top_k:]:
+                mu, var = f.mean(1, keepdim=True), f.var(1, unbiased=False, keepdim=True)
+                normed.append((f - mu) / torch.sqrt(var + 1e-5))
+            y = sum(normed) / top_k
+            mu, var = y.mean(-1, keepdim=True), y.var(-1, unbiased=False, keepdim=True)
+            return (y - mu) / torch.sqrt(var + 1e-5)
+    finally:
+        t.float()
+
+
+def test_targets_are_the_top_k_ffn_outputs_instance_then_layer_normed():
+    m = _tiny(top_k=2)
+    imgs = _imgs()
+    got = m.targets(imgs)
+    assert got.shape == (2, 16, 192) and got.dtype == torch.float32 and not got.requires_grad
+    np.testing.assert_allclose(got.numpy(), _targets_written_out(m, imgs, 2).numpy(), rtol=1e-4, atol=1e-4)
+    assert m.top_k == 2 and _tiny().top_k == 1  # default: depth - 2 (ViT-B: the top 10 of 12)
+
+
+def test_loss_is_the_papers_regression_plus_the_class_token_term(monkeypatch):
+    """loss = sum_masked sum_d (pred - y)^2 / sqrt(D) / S + 0.01 sum_rows sum_d (cls - mean_tokens y)^2 / sqrt(D)."""
+    monkeypatch.setattr(data2vec2, "DATA2VEC2_NOISE_STD", 0.0)
+    m = _tiny()
+    _perturb(m)
+    imgs = _imgs()
+    info = m.make_mask(2, torch.device("cpu"))
+    loss, pred, mask = m(imgs, mask=info)
+    assert pred.shape == (8, 16, 192) and mask.shape == (8, 16)
+    y = m.targets(imgs).double().repeat_interleave(4, 0)
+    with torch.no_grad():
+        x = (m.patch_embed(imgs) + m.pos_embed[:, 1:]).repeat_interleave(4, 0)
+        x = torch.gather(x, 1, info.ids_keep.unsqueeze(-1).expand(-1, -1, 192))
+        cls = m.encode_tokens(x)[:, 0].double()
+    d = 192
+    reg = (((pred.detach().double() - y) ** 2).sum(-1) * mask).sum() / mask.sum() / math.sqrt(d)
+    cls_term = ((cls - y.mean(1)) ** 2).sum() / math.sqrt(d)
+    assert float(loss.detach()) == pytest.approx(float(reg + 0.01 * cls_term), rel=1e-5)
+
+
+def test_decoder_input_keeps_the_visible_outputs_and_puts_noise_at_the_masked_tokens():
+    m = _tiny()
+    info = m.make_mask(2, torch.device("cpu"))
+    vis = torch.randn(8, info.ids_keep.shape[1], 192)
+    torch.manual_seed(3)
+    x = m.decoder_input(vis, info.ids_restore)
+    expect = torch.gather(x, 1, info.ids_keep.unsqueeze(-1).expand(-1, -1, 192))
+    torch.testing.assert_close(expect, vis)
+    noise = x[info.mask.bool()]
+    assert noise.shape == (8 * 13, 192) and 0.007 < float(noise.std()) < 0.013 and abs(float(noise.mean())) < 0.002
+
+
+def test_m_masks_equal_m_single_mask_passes_against_one_teacher_pass(monkeypatch):
+    """With M masks the regression term is the mean of the M single-mask terms (equal counts) and the class-token
+    term their sum; the gradients follow. The teacher runs once (counted)."""
+    monkeypatch.setattr(data2vec2, "DATA2VEC2_NOISE_STD", 0.0)
+    m = _tiny()
+    _perturb(m)
+    imgs = _imgs()
+    info = m.make_mask(2, torch.device("cpu"))
+    calls = []
+    real = data2vec2.teacher_targets
+    monkeypatch.setattr(data2vec2, "teacher_targets", lambda *a: calls.append(1) or real(*a))
+    loss = m(imgs, mask=info)[0]
+    assert len(calls) == 1
+    multi = torch.autograd.grad(loss, [p for p in m.parameters() if p.requires_grad], allow_unused=True)
+    masks = info.mask.view(2, 4, 16)
+    reg_parts, cls_parts = [], []
+    for j in range(4):
+        one = Masks(masks[:, j].bool()).info()
+        m.cls_weight = 0.0
+        reg_parts.append(m(imgs, mask=one)[0])
+        m.cls_weight = 0.01
+        cls_parts.append((m(imgs, mask=one)[0] - reg_parts[-1]) / 0.01)
+    single = sum(reg_parts) / 4 + 0.01 * sum(cls_parts)
+    assert float(loss.detach()) == pytest.approx(float(single.detach()), rel=1e-5)
+    grads = torch.autograd.grad(single, [p for p in m.parameters() if p.requires_grad], allow_unused=True)
+    for a, b in zip(multi, grads, strict=True):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_follows_the_student_by_ema_and_is_not_trained():
+    m = _tiny()
+    assert all(not p.requires_grad for p in m.teacher.parameters())
+    names = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("teacher.") for n in names)
+    _perturb(m)
+    before = {n: p.detach().clone() for n, p in m.teacher.model.named_parameters()}
+    student = dict(m.named_parameters())
+    m.after_step()
+    mom = data2vec2.DATA2VEC2_MOMENTUM[0]
+    for n, p in m.teacher.model.named_parameters():
+        want = mom * before[n] + (1 - mom) * student[n].detach()
+        torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-7)
+    assert int(m.teacher.updates) == 1
+
+
+def test_bad_mask_counts_and_options():
+    m = _tiny()
+    with pytest.raises(ValueError, match="masks for 3 images"):
+        m(_imgs(3), mask=m.make_mask(2, torch.device("cpu")))
+    with pytest.raises(ValueError, match="needs the masks' index form"):
+        m(_imgs(2), mask=Masks(torch.zeros(8, 16, dtype=torch.bool)).info(ids=False))
+    with pytest.raises(ValueError, match="num_masks must be a positive int"):
+        _tiny(num_masks=0)
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, depth=3\]"):
+        _tiny(top_k=4)
+
+
+def test_encoder_exports_to_timm():
+    m = _tiny()
+    _perturb(m)
+    assert_encoder_matches_timm(m, depth=3)
+
+
+def _cli_args(image_folder, out, epochs=2):
+    return [*tiny_args_for("data2vec2_vit_tiny_patch16"), "--data-path", str(image_folder), "--output-dir", str(out),
+            "--num-masks", "2", "--log-interval", "1", "--vis-interval", "100", "--loader", "torch", "--epochs",
+            str(epochs)]  # fmt: skip
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+@pytest.mark.slow
+def test_cli_trains_updates_the_teacher_and_resumes_exactly(image_folder, tmp_path, capsys):
+    """Two epochs straight; one epoch, then a resume to two: the same per-step losses bit for bit and the same
+    teacher (its EMA state is in the checkpoint); the teacher moved once per optimizer step."""
+    full, half = tmp_path / "full", tmp_path / "half"
+    pretrain.run(_cli_args(image_folder, full))
+    a = load_checkpoint(full / "checkpoint.pt")
+    steps = a["step"]
+    assert steps >= 4 and int(a["model"]["teacher.updates"]) == steps
+    student, teacher = a["model"]["blocks.0.mlp.fc1.weight"], a["model"]["teacher.model.blocks.0.mlp.fc1.weight"]
+    assert not torch.equal(student, teacher)
+    assert (full / "encoder.safetensors").exists() and not (full / "reconstructions").exists()
+    pretrain.run(_cli_args(image_folder, half, epochs=1))
+    pretrain.run([*_cli_args(image_folder, half), "--resume", str(half / "checkpoint.pt")])
+    b = load_checkpoint(half / "checkpoint.pt")
+    assert b["step"] == steps and _losses(half) == _losses(full)
+    for k, v in a["model"].items():
+        assert torch.equal(b["model"][k], v), k
+    assert pretrain.main([*_cli_args(image_folder, tmp_path / "x"), "--decoder-depth", "2"]) == 2
+    assert "does not apply to data2vec 2.0" in capsys.readouterr().err
+    assert pretrain.main([*_cli_args(image_folder, tmp_path / "y"), "--mask-type", "block"]) == 2
+    mae = [*tiny_args_for("mae_vit_tiny_patch16"), "--data-path", str(image_folder), "--num-masks", "2"]
+    assert pretrain.main([*mae, "--output-dir", str(tmp_path / "z")]) == 2
+    assert "--num-masks applies to data2vec 2.0" in capsys.readouterr().err
