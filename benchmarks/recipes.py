@@ -5,7 +5,8 @@ model FLOPs of one training image. ``reference`` is the straightforward PyTorch 
 describes, written here so that the speedups are measured against it and not against fastmim's own plain path.
 Recipes: ``mae`` (ViT; reference = the MAE paper's code path), ``pixmim``, ``simmim``, ``a2mim`` and ``maskfeat`` (ViT;
 reference = the recipe on plain PyTorch ops) and ``fcmae`` (ConvNeXt V2; reference = the dense model times the mask,
-fastmim = visible pixels only).
+fastmim = visible pixels only) and ``data2vec2`` (ViT; reference = M separate teacher + student passes per image,
+fastmim = one patch embedding and one teacher pass for the M masks).
 """
 
 from __future__ import annotations
@@ -202,9 +203,60 @@ def _build_plain(model_name: str, impl: str, **kwargs) -> nn.Module:
     return fastmim.create_model(model_name, fused_ops=impl == "fastmim", **kwargs)
 
 
+class SeparatePasses(nn.Module):
+    """data2vec 2.0 without its amortisation: each of the M masked copies of an image is a sample of its own, so the
+    patch embedding and the teacher run M times per image (the images repeated M times, one mask each), as a
+    data2vec-1-style loop over masks would. The same model, masks, targets and loss otherwise."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"model.{n}" for n in self.model.no_weight_decay()}
+
+    def forward(self, imgs: torch.Tensor, mask=None):
+        m = self.model.num_masks
+        if mask is None:
+            seed = int(torch.randint(0, 2**62, (1,)))
+            copies = torch.arange(imgs.shape[0] * m)
+            mask = self.model.mask_strategy()(indices=copies, seed=seed, num_masks=1, device=imgs.device).info()
+        return self.model(imgs.repeat_interleave(m, 0), mask=mask)
+
+
+def data2vec2_flops_per_image(model: nn.Module, forward_only: bool = False) -> float:
+    """Model FLOPs of one data2vec 2.0 training image with M masks, matmuls and convolutions only: the patch
+    embedding once (2 N p^2 C D), per mask the student's blocks on the K + 1 visible tokens and the decoder on all N
+    tokens (its grouped convolutions 2 N k^2 C_in C_out / groups, the projection 2 N Dd D), and the teacher once on
+    N + 1 tokens (embedding and blocks, forward only). Backward 2x forward for the student and the decoder, 1x for the
+    patch embedding, none for the teacher."""
+    n, d, m = model.num_patches, model.embed_dim, model.num_masks
+    k = n - model.mask_strategy().exact_hidden
+    mlp_ratio = model.blocks[0].mlp.fc1.out_features / d
+    embed = 2.0 * n * model.patch_size**2 * model.in_chans * d
+    student = _transformer_flops(len(model.blocks), d, k + 1, mlp_ratio)
+    for conv in model.decoder.convs:
+        taps = conv.kernel_size[0] * conv.kernel_size[1]
+        student += 2.0 * n * taps * conv.in_channels * conv.out_channels / conv.groups
+    student += 2.0 * n * model.decoder.proj.in_features * model.decoder.proj.out_features
+    teacher = embed + _transformer_flops(len(model.blocks), d, n + 1, mlp_ratio)
+    if forward_only:
+        return m * student + embed + teacher
+    return 3.0 * m * student + 2.0 * embed + teacher
+
+
+def _build_data2vec2(model_name: str, impl: str, **kwargs) -> nn.Module:
+    """reference: M separate teacher + student passes per image (``SeparatePasses``, fused ops off); fastmim: one
+    patch embedding and one teacher pass per image for its M masks, fused ops."""
+    model = fastmim.create_model(model_name, fused_ops=impl == "fastmim", **kwargs)
+    return SeparatePasses(model) if impl == "reference" else model
+
+
 def core_model(model: nn.Module) -> nn.Module:
     """The fastmim model inside a reference wrapper."""
-    return model.mae if isinstance(model, PaperMAE) else model
+    if isinstance(model, PaperMAE):
+        return model.mae
+    return model.model if isinstance(model, SeparatePasses) else model
 
 
 @dataclass(frozen=True)
@@ -240,6 +292,15 @@ RECIPES = {
     "maskfeat": Recipe("maskfeat", "maskfeat_", _build_plain, maskfeat_flops_per_image, {"attn_impl": "math"}),
     # the rows backend: its matmuls and the sparse depthwise conv (a registered flop formula) are what is counted
     "fcmae": Recipe("fcmae", "fcmae_", _build_fcmae, fcmae_flops_per_image, count_backward=False),
+    # data2vec 2.0: forward only in the count (the counter over-counts a grouped conv's weight gradient, see fcmae)
+    "data2vec2": Recipe(
+        "data2vec2",
+        "data2vec2_",
+        _build_data2vec2,
+        data2vec2_flops_per_image,
+        {"attn_impl": "math"},
+        count_backward=False,
+    ),  # fmt: skip
 }
 
 

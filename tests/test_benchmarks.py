@@ -605,6 +605,39 @@ def test_step_floor_counts_parameter_traffic_and_flops():
 
 
 @pytest.mark.slow
+def test_data2vec2_in_the_throughput_benchmark(tmp_path, monkeypatch):
+    """The reference runs M separate teacher + student passes per image and computes the same loss as the amortised
+    model on the same masks (noise off); both modes run in the harness; the FLOP formula agrees with
+    torch.utils.flop_counter's count of the forward."""
+    from fastmim.methods import data2vec2
+
+    monkeypatch.setattr(data2vec2, "DATA2VEC2_NOISE_STD", 0.0)
+    torch.manual_seed(0)
+    fast = recipes.RECIPES["data2vec2"].build("data2vec2_vit_tiny_patch16", "fastmim", img_size=64, depth=2,
+                                              num_masks=3)  # fmt: skip
+    ref = recipes.SeparatePasses(fast)
+    assert recipes.core_model(ref) is fast
+    imgs = torch.randn(2, 3, 64, 64)
+    info = fast.make_mask(2, torch.device("cpu"))
+    torch.testing.assert_close(ref(imgs, mask=info)[0], fast(imgs, mask=info)[0], rtol=1e-5, atol=1e-6)
+    calls = []
+    real = data2vec2.teacher_targets
+    monkeypatch.setattr(data2vec2, "teacher_targets", lambda t, x, k: calls.append(x.shape[0]) or real(t, x, k))
+    ref(imgs)
+    fast(imgs)
+    assert calls == [6, 2]  # the teacher sees every masked copy in the reference, each image once in fastmim
+    out = tmp_path / "rows.jsonl"
+    args = ["--recipe", "data2vec2", "--model", "vit_tiny_patch16", "--img-size", "64", "--batch-size", "2",
+            "--model-arg", "depth=2", "--model-arg", "num_masks=4", "--device", "cpu", "--amp", "none", "--steps",
+            "1", "--warmup", "1", "--modes", "reference,fastmim", "--out", str(out)]  # fmt: skip
+    assert throughput.main(args) == 0
+    rows = read_rows(out)
+    assert [r["mode"] for r in rows] == ["reference", "fastmim"] and rows[0]["model_args"]["num_masks"] == 4
+    check = rows[0]["flop_check"]
+    assert check["pass"] == "fwd" and check["formula_gflop"] == pytest.approx(check["counted_gflop"], rel=0.005)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["simmim", "pixmim", "maskfeat", "a2mim"])
 def test_new_recipes_in_the_throughput_benchmark(recipe, tmp_path):
     """SimMIM and PixMIM run in both eager modes, train the same model to the same loss, and their FLOP formulas

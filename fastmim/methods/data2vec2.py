@@ -109,7 +109,8 @@ class Data2Vec2ViT(VisionTransformer):
         self.mask_ratio, self.num_masks, self.cls_weight, self.fused_ops = mask_ratio, num_masks, cls_weight, fused_ops
         self.decoder = ConvDecoder2d(embed_dim, self.grid_size, decoder_dim or embed_dim, decoder_layers,
                                      decoder_kernel, decoder_groups)  # fmt: skip
-        encoder = VisionTransformer(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio)
+        encoder = VisionTransformer(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
+                                    attn_impl=attn_impl)  # fmt: skip
         encoder.load_state_dict(self.encoder_state_dict())
         self.teacher = EMATeacher(encoder, *momentum)
         self._student_params: list[nn.Parameter] | None = None
