@@ -5,17 +5,19 @@
 #   build fastmim._C and the CUDA kernels fastmim._cuda (sm_90 here); the ops' GPU tests for both GPU backends
 #   (ops_tests); the CUDA-graph training step's, add_layer_norm's and attention's tests (graph_tests); the target and
 #   frequency ops' Triton tests (target_tests); the step's throughput, MAE ViT-B/16 eager, with fused_norm, with
-#   fastmim attention, compiled, FCMAE ConvNeXtV2-Base (graph); MaskFeat and SimMIM (recipes); the ops benchmark with
-#   host time and CUDA-graph timing (ops); MAE ViT-B/16 eager throughput with each GPU backend of the fused ops
-#   (vit_b_eager); the CUDA kernels under compute-sanitizer (sanitizer); then pytest -m gpu (the torch.compile tests
-#   later); FCMAE ConvNeXtV2-Base throughput (batch 64) and the sparse conv benchmark, profiled; MAE ViT-B/16
-#   throughput (batch 256, bf16) in all four modes, profiled; the compile tests; the other benchmarks that exist
-#   (masks, data loading); ViT-L/16 throughput (batch 128); the CLI's default run on CUDA; the tables of this run.
+#   fastmim attention, compiled, FCMAE ConvNeXtV2-Base (graph); MaskFeat and SimMIM (recipes); data2vec 2.0's
+#   amortisation and the EMA update (teacher); the ops benchmark with host time and CUDA-graph timing (ops); MAE
+#   ViT-B/16 eager throughput with each GPU backend of the fused ops (vit_b_eager); the CUDA kernels under
+#   compute-sanitizer (sanitizer); then pytest -m gpu (the torch.compile tests later); FCMAE ConvNeXtV2-Base
+#   throughput (batch 64) and the sparse conv benchmark, profiled; MAE ViT-B/16 throughput (batch 256, bf16) in all
+#   four modes, profiled; the compile tests; the other benchmarks that exist (masks, data loading); ViT-L/16
+#   throughput (batch 128); the CLI's default run on CUDA; the tables of this run.
 # Usage: FASTMIM_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_suite.sh RESULTS_DIR
 # GPU_SUITE_ONLY=ops_tests,ops,... runs only the named steps (ops_tests, graph_tests, target_tests, graph, recipes,
-# host, ops, vit_b_eager, vit_b_compile, compile_modes (the default mode's row comes from vit_b_compile), sanitizer,
-# tests, fcmae, sparse_conv, tune, vit_b, compile_tests, other, fcmae_compile, vit_l, cli; the environment, the build
-# and the tables always run), and GPU_SUITE_TESTS_K replaces the -k filter of the tests step ("not compile").
+# teacher, host, ops, vit_b_eager, vit_b_compile, compile_modes (the default mode's row comes from vit_b_compile),
+# sanitizer, tests, fcmae, sparse_conv, tune, vit_b, compile_tests, other, fcmae_compile, vit_l, cli; the
+# environment, the build and the tables always run), and GPU_SUITE_TESTS_K replaces the -k filter of the tests step
+# ("not compile").
 # (the tree sent to a GPU machine has no .git, so FASTMIM_COMMIT names the commit in every row). RESULTS_DIR gets at
 # most 8 files (what the device tool returns): suite.log (the build's log only when it fails), throughput.jsonl,
 # ops.jsonl, profiles.tar (torch.profiler traces), demo_metrics.jsonl, sparse_conv.jsonl, tune_sparse_dwconv.jsonl
@@ -108,6 +110,15 @@ want recipes && step "throughput: MaskFeat and SimMIM ViT-B/16, batch 256, bf16,
       --batch-size 256 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 --modes reference,fastmim \
       --out "$RESULTS/throughput.jsonl"
   done
+}
+
+# issue 17: data2vec 2.0's amortisation (16 masks per image: one teacher pass) against 16 separate passes, and the EMA
+# update of ViT-B against the memory floor (rows in ops.jsonl, benchmark "ema")
+want teacher && step "data2vec 2.0 ViT-B/16 throughput (M=8, batch 32) vs separate passes; EMA update vs a copy" && {
+  fits 60 "data2vec2 throughput" && run 120 $PY benchmarks/throughput.py --recipe data2vec2 --model vit_base_patch16 \
+    --batch-size 32 --model-arg num_masks=8 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 \
+    --modes reference,fastmim --out "$RESULTS/throughput.jsonl"
+  fits 20 "EMA update" && run 60 $PY benchmarks/ema.py --model vit_base_patch16 --out "$RESULTS/ops.jsonl"
 }
 
 want host && step "host time per call of the fused ops and of what they are made of (tiny tensors: host-bound)" &&

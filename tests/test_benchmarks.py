@@ -652,3 +652,18 @@ def test_new_recipes_in_the_throughput_benchmark(recipe, tmp_path):
     check = rows[0]["flop_check"]
     assert check["formula_gflop"] == pytest.approx(check["counted_gflop"], rel=0.005)
     assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-3)
+
+
+def test_ema_benchmark_smoke_on_cpu(tmp_path):
+    """benchmarks/ema.py times the teacher's update, the per-parameter loop and a copy of the parameters; the update
+    moved the teacher (it ran), and the row says by how much it exceeds the copy."""
+    import ema
+
+    out = tmp_path / "ema.jsonl"
+    assert ema.main(["--model", "vit_tiny_patch16", "--img-size", "32", "--device", "cpu", "--reps", "2",
+                     "--out", str(out)]) == 0  # fmt: skip
+    (row,) = read_rows(out)
+    assert row["benchmark"] == "ema" and row["params_m"] == pytest.approx(5.5, abs=0.2)
+    assert row["update_ms"] > 0 and row["copy_ms"] > 0 and row["update_vs_copy"] > 0 and row["commit"]
+    with pytest.raises(SystemExit):
+        ema.main(["--model", "resnet50"])
