@@ -200,7 +200,8 @@ class MaskStrategy(abc.ABC):
             inputs_cpu = {k: v.cpu() for k, v in inputs.items()}
             out = self._cpp(keys_cpu, **inputs_cpu) if impl == "cpp" else self._ref_batch(keys_cpu, **inputs_cpu)
             out = out.to(dev)
-        out.num_hidden = self.exact_hidden
+        if out.num_hidden is None:  # a strategy may know a per-call count (I-JEPA's batch-shared masks)
+            out.num_hidden = self.exact_hidden
         return out
 
     @property

@@ -23,6 +23,7 @@ Python loop; GPU) and a readable per-sample reference; block, multiblock and uni
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 
@@ -360,16 +361,25 @@ class MultiBlockMask(MaskStrategy):
     removed. ``mask`` hides everything but the context; ``targets`` [B, K, H, W] are the blocks to predict. A context
     keeping fewer than ``min_keep`` tokens is redrawn (up to ``max_tries`` times, then an error).
 
-    Deviation from I-JEPA's collator: block sizes are drawn per sample (I-JEPA draws one size per batch and truncates
-    every sample's index lists to the batch minimum), so that a mask depends on its sample alone.
+    Per sample (default): each sample draws its own block sizes (a log-uniform aspect), so that a mask depends on its
+    sample alone. ``batch_shared=True`` is I-JEPA's collator instead (``src/masks/multiblock.py``): one target size and
+    one context size per call, each from one random number setting both the scale and the aspect (linear), ``max_keep
+    = int(H W s)``, ``h = round(sqrt(max_keep * a))``, ``w = round(sqrt(max_keep / a))``, each shrunk while it reaches
+    the grid's side; positions per sample; a context must keep more than ``min_keep`` tokens, and after
+    ``max_tries`` failures it stops excluding one more target block; then every sample's context is truncated to the
+    batch's smallest (its first tokens in raster order, as the collator truncates its index lists), so that
+    ``num_hidden`` is one count for the call. The sizes come from the batch's keys together, so such masks are a
+    pure function of (seed, epoch, the batch's indices); one implementation serves every ``impl``.
     """
 
     name = "multiblock"
     has_cpp = True
 
     def __init__(self, grid, num_targets: int = 4, target_scale=(0.15, 0.2), aspect_range=(0.75, 1.5),
-                 context_scale=(0.85, 1.0), min_keep: int = 10, max_tries: int = 20, **kw):  # fmt: skip
+                 context_scale=(0.85, 1.0), min_keep: int = 10, max_tries: int = 20, batch_shared: bool = False,
+                 **kw):  # fmt: skip
         super().__init__(grid, **kw)
+        self.batch_shared = bool(batch_shared)
         if isinstance(num_targets, bool) or not isinstance(num_targets, int) or num_targets < 1:
             raise ValueError(f"num_targets must be a positive int, got {num_targets!r}")
         self.num_targets = num_targets
@@ -405,7 +415,62 @@ class MultiBlockMask(MaskStrategy):
         t, lft, bh, bw = (v[..., None, None] for v in (top, left, bh, bw))
         return (yy >= t) & (yy < t + bh) & (xx >= lft) & (xx < lft + bw)
 
+    def _shared_size(self, rng: random.Random, scale_range, aspect_range) -> tuple[int, int]:
+        """I-JEPA's ``_sample_block_size``: one random number for the scale and the aspect."""
+        h, w = self.grid
+        u = rng.random()
+        max_keep = int(h * w * (scale_range[0] + u * (scale_range[1] - scale_range[0])))
+        aspect = aspect_range[0] + u * (aspect_range[1] - aspect_range[0])
+        bh, bw = int(round(math.sqrt(max_keep * aspect))), int(round(math.sqrt(max_keep / aspect)))
+        while bh >= h and bh > 1:
+            bh -= 1
+        while bw >= w and bw > 1:
+            bw -= 1
+        return max(bh, 1), max(bw, 1)
+
+    def _shared(self, keys: torch.Tensor) -> Masks:
+        """I-JEPA's collator for one batch (see the class docstring)."""
+        h, w = self.grid
+        dev, keys = keys.device, keys.cpu()
+        batch = random.Random(int(keys.sum()) & 0xFFFFFFFF)  # the batch's draws: a function of its keys together
+        ph, pw = self._shared_size(batch, self.target_scale, self.aspect_range)
+        eh, ew = self._shared_size(batch, self.context_scale, (1.0, 1.0))
+        if eh * ew <= self.min_keep:
+            raise ValueError(f"multi-block masking: a {eh}x{ew} context block cannot keep more than min_keep="
+                             f"{self.min_keep} tokens")  # fmt: skip
+
+        def block(rng, bh, bw):
+            m = torch.zeros(h, w, dtype=torch.bool)
+            top, left = rng.randrange(max(h - bh, 1)), rng.randrange(max(w - bw, 1))
+            m[top : top + bh, left : left + bw] = True
+            return m
+
+        targets, contexts = [], []
+        for key in keys.tolist():
+            rng = random.Random(key)
+            tgt = torch.stack([block(rng, ph, pw) for _ in range(self.num_targets)])
+            excluded, tries = self.num_targets, 0
+            while True:
+                ctx = block(rng, eh, ew) & ~tgt[:excluded].any(0)
+                if int(ctx.sum()) > self.min_keep:
+                    break
+                tries += 1
+                if tries >= self.max_tries:  # the collator's timeout: one constraint fewer
+                    excluded, tries = excluded - 1, 0
+            targets.append(tgt)
+            contexts.append(ctx.flatten())
+        ctx = torch.stack(contexts)  # [B, N]
+        keep = int(ctx.sum(1).min()) if len(contexts) else 0
+        ctx &= torch.cumsum(ctx, dim=1) <= keep  # each sample's first ``keep`` context tokens in raster order
+        tgt = torch.stack(targets) if targets else torch.zeros(0, self.num_targets, h, w, dtype=torch.bool)
+        return Masks((~ctx).view(-1, h, w).to(dev), targets=tgt.to(dev), num_hidden=h * w - keep)
+
+    def _ref_batch(self, keys: torch.Tensor, **inputs: torch.Tensor) -> Masks:
+        return self._shared(keys) if self.batch_shared else super()._ref_batch(keys, **inputs)
+
     def _torch(self, keys):
+        if self.batch_shared:
+            return self._shared(keys)
         targets = self._blocks(keys, 0, self.num_targets, self.target_scale, self.aspect_range)  # [B, K, H, W]
         union = targets.any(dim=1)
         context = torch.zeros_like(union)
@@ -443,6 +508,8 @@ class MultiBlockMask(MaskStrategy):
                            "tries; lower min_keep or the target scale")  # fmt: skip
 
     def _cpp(self, keys):
+        if self.batch_shared:
+            return self._shared(keys)
         from fastmim import _ext
 
         h, w = self.grid

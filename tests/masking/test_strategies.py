@@ -221,6 +221,33 @@ def test_inverse_block_matches_data2vec2s_generator_in_distribution(impl):
     assert ours > 2 * uniform_visible  # squares, not scattered tokens
 
 
+def test_multiblock_batch_shared_is_ijepas_collator():
+    """One target and one context size per batch (I-JEPA: targets about 33 tokens on 14x14, a context of about 82
+    before the truncation to the batch's smallest), equal counts in every sample, num_hidden per call, targets never
+    in the context while the constraint holds, the same masks for every impl and for the same batch."""
+    s = build_mask("multiblock", 14, batch_shared=True, impl="torch")
+    target_sizes, kept = [], []
+    for e in range(12):
+        idx = torch.arange(64) + 1000 * e
+        m = s(indices=idx, epoch=2)
+        ctx, tgt = ~m.mask.flatten(1), m.targets.flatten(2)  # [B, N], [B, K, N]
+        assert (ctx.sum(1) == ctx.sum(1)[0]).all() and m.num_hidden == 196 - int(ctx.sum(1)[0])
+        assert (tgt.sum(2) == tgt.sum(2)[0, 0]).all()  # one block size for the batch
+        assert not (ctx & tgt.any(1)).any()
+        target_sizes.append(float(tgt.sum(2).float().mean()))
+        kept.append(int(ctx.sum(1)[0]))
+        if e == 0:
+            for impl in ("ref", "cpp"):
+                other = build_mask("multiblock", 14, batch_shared=True, impl=impl)(indices=idx, epoch=2)
+                assert torch.equal(other.mask, m.mask) and torch.equal(other.targets, m.targets)
+            again = s(indices=idx, epoch=2)
+            assert torch.equal(again.mask, m.mask) and again.num_hidden == m.num_hidden
+    assert 30 < sum(target_sizes) / 12 < 38
+    assert 40 < sum(kept) / 12 < 70  # the batch minimum of ~82-token contexts
+    per_sample = build_mask("multiblock", 14, impl="torch")(indices=torch.arange(256))
+    assert (~per_sample.mask).flatten(1).sum(1).float().mean() > sum(kept) / 12 + 15  # ~90, untruncated
+
+
 def test_several_masks_per_sample():
     """num_masks M: [B * M] sample-major, mask 0 is the single draw, each mask a pure function of (index, j)."""
     s = build_mask("inverse_block", 14, seed=3)
