@@ -183,8 +183,8 @@ def build_loader(cfg: PretrainConfig, kind: str, dataset, masks, info: DistInfo,
 
 
 def build_model(cfg: PretrainConfig, device: torch.device):
-    """The recipe named by cfg.model (mae_*, pixmim_*, simmim_*, a2mim_*, maskfeat_*, data2vec2_*, fcmae_*) with the
-    config's overrides."""
+    """The recipe named by cfg.model (mae_*, pixmim_*, simmim_*, a2mim_*, maskfeat_*, data2vec2_*, ijepa_*, fcmae_*)
+    with the config's overrides."""
     import fastmim
 
     kwargs = dict(img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss, fused_ops=cfg.fused_ops)
@@ -192,12 +192,12 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         kwargs["mask_ratio"] = cfg.mask_ratio
     for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         if getattr(cfg, k) is not None:
-            if cfg.model.startswith(("simmim_", "a2mim_", "maskfeat_", "data2vec2_")):
+            if cfg.model.startswith(("simmim_", "a2mim_", "maskfeat_", "data2vec2_", "ijepa_")):
                 family = cfg.model.split("_")[0]
-                head = {"maskfeat": "a linear layer", "data2vec2": "a convolutional decoder"}.get(
-                    family, "a 1x1 convolution"
-                )
-                names = {"simmim": "SimMIM", "a2mim": "A2MIM", "maskfeat": "MaskFeat", "data2vec2": "data2vec 2.0"}
+                head = {"maskfeat": "a linear layer", "data2vec2": "a convolutional decoder",
+                        "ijepa": "the predictor"}.get(family, "a 1x1 convolution")  # fmt: skip
+                names = {"simmim": "SimMIM", "a2mim": "A2MIM", "maskfeat": "MaskFeat", "data2vec2": "data2vec 2.0",
+                         "ijepa": "I-JEPA"}  # fmt: skip
                 name = names[family]
                 raise UsageError(f"--{k.replace('_', '-')} does not apply to {name}: its head is {head}")
             kwargs[k] = getattr(cfg, k)
@@ -211,7 +211,14 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         kwargs["fused_norm"] = True
     if cfg.num_masks is not None and not cfg.model.startswith("data2vec2_"):
         raise UsageError("--num-masks applies to data2vec 2.0 (data2vec2_*): the other recipes draw one mask per image")
-    if cfg.model.startswith("data2vec2_"):
+    if cfg.model.startswith("ijepa_"):
+        kwargs.pop("norm_pix_loss")  # the target is the teacher's features
+        if cfg.mask_type != "random" or cfg.mask_ratio is not None:  # random: the CLI's default
+            raise UsageError("I-JEPA draws its own multi-block masks (their block scales set the amounts); "
+                             "--mask-type and --mask-ratio do not apply")  # fmt: skip
+        kwargs.pop("mask_ratio", None)
+        kwargs["attn_impl"] = cfg.attn_impl
+    elif cfg.model.startswith("data2vec2_"):
         kwargs.pop("norm_pix_loss")  # the target is the teacher's features
         if cfg.mask_type != "random":  # random: the CLI's default, data2vec 2.0's inverse block masks are meant
             raise UsageError(f"data2vec 2.0 draws its own inverse block masks; --mask-type {cfg.mask_type} is not")
@@ -240,12 +247,12 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         kwargs["drop_path_rate"] = cfg.drop_path
     else:
         names = fastmim.list_models()
-        prefixes = ("mae_", "pixmim_", "simmim_", "a2mim_", "maskfeat_", "data2vec2_", "fcmae_")
+        prefixes = ("mae_", "pixmim_", "simmim_", "a2mim_", "maskfeat_", "data2vec2_", "ijepa_", "fcmae_")
         recipes = [f"{p}{cfg.model}" for p in prefixes if f"{p}{cfg.model}" in names]
         hint = f"; did you mean {' or '.join(recipes)}?" if recipes else ""
         raise UsageError(
             f"model {cfg.model!r} is not a pretraining recipe (MAE models are mae_*, PixMIM pixmim_*, SimMIM simmim_*, "
-            f"A2MIM a2mim_*, MaskFeat maskfeat_*, data2vec 2.0 data2vec2_*, FCMAE fcmae_*){hint}"
+            f"A2MIM a2mim_*, MaskFeat maskfeat_*, data2vec 2.0 data2vec2_*, I-JEPA ijepa_*, FCMAE fcmae_*){hint}"
         )
     return fastmim.create_model(cfg.model, **kwargs).to(device)
 

@@ -41,9 +41,10 @@ class WithIndex(torch.utils.data.Dataset):
 
 
 class MaskCollate:
-    """Collates ``(image, index)`` pairs into ``(images, indices, masks)``, the masks drawn in the loader worker by a
-    CPU mask strategy (the C++ generators: a batch of 256 BEiT block masks takes about 0.3 ms on one core, instead of
-    tens of kernel launches per round on the GPU). ``set_epoch`` before each epoch's iterator, as for the dataset."""
+    """Collates ``(image, index)`` pairs into ``(images, indices, masks)`` (plus the target blocks of a multi-block
+    strategy), the masks drawn in the loader worker by a CPU mask strategy (the C++ generators: a batch of 256 BEiT
+    block masks takes about 0.3 ms on one core, instead of tens of kernel launches per round on the GPU).
+    ``set_epoch`` before each epoch's iterator, as for the dataset."""
 
     def __init__(self, strategy):
         self.strategy = strategy
@@ -54,7 +55,8 @@ class MaskCollate:
 
     def __call__(self, batch: list):
         imgs, idx = torch.utils.data.default_collate(batch)
-        return imgs, idx, self.strategy(indices=idx, epoch=self.epoch, device="cpu").mask
+        masks = self.strategy(indices=idx, epoch=self.epoch, device="cpu")
+        return (imgs, idx, masks.mask) if masks.targets is None else (imgs, idx, masks.mask, masks.targets)
 
 
 def build_pretrain_loader(

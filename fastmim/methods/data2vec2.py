@@ -23,7 +23,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fastmim.heads import ConvDecoder2d
 from fastmim.masking import MaskInfo, build_mask
@@ -31,7 +30,7 @@ from fastmim.masking.base import MaskStrategy
 from fastmim.methods.mae import register_vit_family
 from fastmim.models.vit import VisionTransformer
 from fastmim.ops import gather_visible, gather_visible_ref, masked_mse_loss_patchified, masked_mse_loss_patchified_ref
-from fastmim.targets.teacher import DATA2VEC2_MOMENTUM, EMATeacher
+from fastmim.targets.teacher import DATA2VEC2_MOMENTUM, TeacherOfEncoder
 
 DATA2VEC2_MASK = dict(ratio=0.8, block=3, adjust=0.07)  # fairseq: inverse_mask, mask_prob, mask_length, adjust
 DATA2VEC2_NUM_MASKS = 16  # clone_batch
@@ -59,7 +58,7 @@ def teacher_targets(teacher: VisionTransformer, imgs: torch.Tensor, top_k: int) 
     return F.layer_norm(y, y.shape[-1:])
 
 
-class Data2Vec2ViT(VisionTransformer):
+class Data2Vec2ViT(TeacherOfEncoder, VisionTransformer):
     """data2vec 2.0 with a ViT encoder; its encoder keys are the ViT's (exports to timm like MAE's).
 
     Args:
@@ -111,9 +110,7 @@ class Data2Vec2ViT(VisionTransformer):
                                      decoder_kernel, decoder_groups)  # fmt: skip
         encoder = VisionTransformer(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
                                     attn_impl=attn_impl)  # fmt: skip
-        encoder.load_state_dict(self.encoder_state_dict())
-        self.teacher = EMATeacher(encoder, *momentum)
-        self._student_params: list[nn.Parameter] | None = None
+        self.init_teacher(encoder, *momentum)
 
     # --- Mask ---
     def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:
@@ -126,17 +123,6 @@ class Data2Vec2ViT(VisionTransformer):
         return self.mask_strategy(ratio=mask_ratio)(indices=torch.arange(batch), seed=seed, device=device).info()
 
     # --- Target: the EMA teacher ---
-    def student_parameters(self) -> list[nn.Parameter]:
-        """The encoder's parameters in the teacher's order (what the EMA follows)."""
-        if self._student_params is None:
-            own = dict(self.named_parameters())
-            self._student_params = [own[name] for name, _ in self.teacher.model.named_parameters()]
-        return self._student_params
-
-    def after_step(self) -> None:
-        """The teacher's EMA update; the trainer calls it after every optimizer step."""
-        self.teacher.update(params=self.student_parameters())
-
     @torch.no_grad()
     def targets(self, imgs: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> the teacher's targets [B, N, D] fp32, once per image."""

@@ -80,3 +80,25 @@ class EMATeacher(nn.Module):
     @torch.no_grad()
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+
+class TeacherOfEncoder:
+    """Mixin for a recipe (an ``nn.Module`` with ``encoder_state_dict()``) whose ``teacher`` is an EMA copy of its own
+    encoder: ``init_teacher(encoder, ...)`` builds it from a fresh encoder module of the same shape, ``after_step()``
+    (the trainer calls it after every optimizer step) moves it toward the encoder's current weights."""
+
+    def init_teacher(self, encoder: nn.Module, start: float, end: float, total_updates: int) -> None:
+        encoder.load_state_dict(self.encoder_state_dict())
+        self.teacher = EMATeacher(encoder, start, end, total_updates)
+        self._student_params: list[nn.Parameter] | None = None
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        """The encoder's parameters in the teacher's order (what the EMA follows)."""
+        if self._student_params is None:
+            own = dict(self.named_parameters())
+            self._student_params = [own[name] for name, _ in self.teacher.model.named_parameters()]
+        return self._student_params
+
+    def after_step(self) -> None:
+        """The teacher's EMA update."""
+        self.teacher.update(params=self.student_parameters())

@@ -33,11 +33,26 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def _masked_forward(
-    model: nn.Module, ids: bool, imgs: torch.Tensor, mask: torch.Tensor, num_hidden: int | None
+    model: nn.Module,
+    ids: bool,
+    imgs: torch.Tensor,
+    mask: torch.Tensor,
+    num_hidden: int | None,
+    targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The loss of one micro-batch; the masks' index form (``ids``: for models that drop the masked tokens) is made
-    here, inside a captured step."""
-    return model(imgs, mask=Masks(mask, num_hidden=num_hidden).info(ids=ids))[0]
+    here, inside a captured step. ``targets``: the target blocks of a multi-block mask (I-JEPA)."""
+    info = Masks(mask, num_hidden=num_hidden).info(ids=ids)
+    return (model(imgs, mask=info) if targets is None else model(imgs, mask=info, targets=targets))[0]
+
+
+def _cpu_count(mask: torch.Tensor) -> int | None:
+    """The hidden count shared by every sample of a CPU mask batch (drawn in a loader worker), None if they differ:
+    read here, it costs no device sync (I-JEPA's batch-shared masks have one count per batch)."""
+    if mask.device.type != "cpu" or not mask.numel():
+        return None
+    counts = mask.flatten(1).sum(1)
+    return int(counts[0]) if bool((counts == counts[0]).all()) else None
 
 
 @dataclass
@@ -88,6 +103,9 @@ class Trainer:
         # every token and take any count per sample (MaskFeat's BEiT masks stop short of the target)
         drops_tokens = getattr(self.raw_model, "drops_tokens", True)
         self.after_step = getattr(self.raw_model, "after_step", None)
+        if hasattr(self.raw_model, "set_total_steps"):  # a schedule over the whole run (I-JEPA's teacher momentum):
+            # over the configured epochs, as the learning rate's; --max-steps stops a run early, it does not shorten it
+            self.raw_model.set_total_steps(self.steps_per_epoch * self.cfg.epochs)
         if self.cfg.cuda_graph and drops_tokens and self.masks.exact_hidden is None:
             raise ValueError(
                 f"--cuda-graph needs masks that hide the same number of patches in every sample (a graph has fixed "
@@ -280,8 +298,9 @@ class Trainer:
                 except DaliDecodeError:
                     self._stop_on_bad_file(b)
                     raise
-                if drawn:
-                    masks = Masks(drawn[0], num_hidden=self.masks.exact_hidden)
+                if drawn:  # the mask, and the target blocks of a multi-block mask
+                    masks = Masks(drawn[0], targets=drawn[1] if len(drawn) > 1 else None,
+                                  num_hidden=self.masks.exact_hidden or _cpu_count(drawn[0]))  # fmt: skip
                 else:
                     masks = self.masks(indices=idx, epoch=epoch, device=self.device)
                 micro = b % cfg.accum_iter
@@ -292,8 +311,8 @@ class Trainer:
                 # a graph-mode step copies the batch into its buffers itself (pinned host memory: asynchronously)
                 if not cfg.cuda_graph:
                     imgs = imgs.to(self.device, non_blocking=True)
-                    masks.mask = masks.mask.to(self.device, non_blocking=True)
-                loss = self.step(imgs, masks.mask, masks.num_hidden, last=last_micro)
+                    masks = masks.to(self.device)
+                loss = self.step(imgs, masks.mask, masks.num_hidden, masks.targets, last=last_micro)
                 running += loss
                 count += 1
                 bar.update(1)

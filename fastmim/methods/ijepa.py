@@ -1,0 +1,176 @@
+"""I-JEPA (Assran et al. 2023; facebookresearch/ijepa ``src/train.py``, ``src/models/vision_transformer.py``) on a ViT.
+
+Mask: multi-block (``fastmim.masking`` "multiblock" with ``batch_shared=True``, I-JEPA's collator): 4 target blocks
+of 15-20% of the grid (aspect 0.75-1.5) and one context block (85-100%) without them, one size per batch, every
+context and target truncated to the batch's smallest. Encoder: the ViT on the context tokens. Target: an EMA copy of
+the encoder (``fastmim.targets.EMATeacher``, momentum 0.996 -> 1.0 over the run) on every token, its normed output
+layer-normalised again (no affine), the target blocks' tokens. Head: the predictor, a narrow ViT: Linear(D -> 384) plus
+its own sin-cos position embedding at the context positions, then for each target block a learned mask token plus
+the position embedding at the block's positions, ``pred_depth`` blocks, LayerNorm, Linear(384 -> D) on the target
+tokens. Loss: smooth L1 (beta 1), the mean over target tokens and channels.
+
+Deviations: the encoder keeps fastmim's class token (I-JEPA's ViT has none), so that it exports to timm like MAE's;
+MAE's initialisation; a fixed weight decay and fastmim's learning-rate schedule (I-JEPA: weight decay 0.04 -> 0.4,
+lr warm-up from 2e-4). The trainer calls ``set_total_steps`` (the momentum schedule's length) and ``after_step``
+(the EMA update).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmim.masking import MaskInfo, Masks, build_mask
+from fastmim.masking.base import MaskStrategy
+from fastmim.methods.mae import register_vit_family
+from fastmim.models.pos_embed import sincos_2d
+from fastmim.models.vit import Block, VisionTransformer, init_weights
+from fastmim.ops import gather_visible, gather_visible_ref
+from fastmim.targets.teacher import TeacherOfEncoder
+
+IJEPA_MASK = dict(num_targets=4, target_scale=(0.15, 0.2), aspect_range=(0.75, 1.5), context_scale=(0.85, 1.0),
+                  min_keep=10)  # fmt: skip
+IJEPA_MOMENTUM = (0.996, 1.0)  # linear over the whole run
+
+
+def target_indices(targets: torch.Tensor) -> torch.Tensor:
+    """Target blocks [B, K, H, W] (or [B, K, N]) bool -> indices [B, K, T] of each block's first T tokens in raster
+    order, T the smallest block of the batch (I-JEPA's truncation; its batch-shared blocks are all T already)."""
+    flat = targets.flatten(2)
+    t = int(flat.sum(-1).min()) if flat.numel() else 0
+    return torch.argsort((~flat).to(torch.uint8), dim=-1, stable=True)[..., :t]
+
+
+class IJEPAViT(TeacherOfEncoder, VisionTransformer):
+    """I-JEPA with a ViT encoder; its encoder keys are the ViT's (exports to timm like MAE's).
+
+    Args:
+        img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio: the context encoder.
+        pred_dim, pred_depth: the predictor's width and depth (I-JEPA's released configs: 384, 12).
+        batch_shared: I-JEPA's batch-shared block sizes and truncation (False: per-sample blocks, then truncated to the
+            batch's smallest at the forward).
+        momentum: the teacher's schedule (start, end); its length comes from ``set_total_steps``.
+        fused_ops: fastmim's fused gather (False: the plain one, the same values).
+        attn_impl, fused_norm: see VisionTransformer.
+    """
+
+    predicts_pixels = False  # feature targets: no reconstruction images
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        pred_dim: int = 384,
+        pred_depth: int = 12,
+        batch_shared: bool = True,
+        momentum: tuple[float, float] = IJEPA_MOMENTUM,
+        fused_ops: bool = True,
+        attn_impl: str = "auto",
+        fused_norm: bool = False,
+    ):
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
+                         fused_norm=fused_norm)  # fmt: skip
+        if pred_dim % num_heads or pred_dim % 4:
+            raise ValueError(f"I-JEPA: pred_dim {pred_dim} must divide into {num_heads} heads and be a multiple of 4")
+        self.batch_shared, self.fused_ops = bool(batch_shared), fused_ops
+        self.predictor_embed = nn.Linear(embed_dim, pred_dim)
+        self.predictor_blocks = nn.ModuleList(
+            Block(pred_dim, num_heads, mlp_ratio, attn_impl=attn_impl) for _ in range(pred_depth)
+        )
+        self.predictor_norm = nn.LayerNorm(pred_dim, eps=1e-6)
+        self.predictor_proj = nn.Linear(pred_dim, embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, pred_dim))
+        self.register_buffer("predictor_pos_embed", sincos_2d(pred_dim, self.grid_size).unsqueeze(0), persistent=False)
+        for m in (self.predictor_embed, self.predictor_blocks, self.predictor_norm, self.predictor_proj):
+            m.apply(init_weights)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        encoder = VisionTransformer(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
+                                    attn_impl=attn_impl)  # fmt: skip
+        self.init_teacher(encoder, *momentum, total_updates=1)  # the run's length comes from set_total_steps
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"mask_token"}
+
+    # --- Mask ---
+    def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:
+        """I-JEPA's multi-block masks (``ratio`` does not apply: the block scales set the amounts)."""
+        # min_keep 10 is I-JEPA's for 14 x 14 (5% of the grid); tiny grids (the 64-px demo's 4 x 4) keep it <= 1/8
+        params = {**IJEPA_MASK, "min_keep": min(IJEPA_MASK["min_keep"], self.num_patches // 8)}
+        return build_mask("multiblock", self.grid_size, seed=seed, batch_shared=self.batch_shared, **params)
+
+    def make_masks(self, batch: int, device: torch.device) -> Masks:
+        seed = int(torch.randint(0, 2**62, (1,)))  # from torch's RNG, so seeding and resume cover it
+        return self.mask_strategy()(indices=torch.arange(batch), seed=seed, device=device)
+
+    # --- Target: the EMA teacher ---
+    def set_total_steps(self, total: int) -> None:
+        """The momentum schedule runs from 0.996 to 1.0 over the whole run (the trainer calls this)."""
+        self.teacher.total_updates = int(total)
+
+    @torch.no_grad()
+    def targets(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The teacher on every token: its normed output layer-normalised again, without the class token [B, N, D]."""
+        h = self.teacher.model.forward_features(imgs)[:, 1:]
+        return F.layer_norm(h.float(), h.shape[-1:])
+
+    # --- Head: the predictor ---
+    def predict(self, context: torch.Tensor, ctx_ids: torch.Tensor, tgt_ids: torch.Tensor) -> torch.Tensor:
+        """Context tokens [B, Nc, D] at ``ctx_ids`` [B, Nc], target positions [B, K, T] -> predictions [B * K, T, D]
+        (sample-major: row b * K + k is block k of sample b)."""
+        b, k, t = tgt_ids.shape
+        pos = self.predictor_pos_embed.expand(b, -1, -1)
+        gather = gather_visible if self.fused_ops else gather_visible_ref
+        x = self.predictor_embed(context) + gather(pos, ctx_ids).to(context.dtype)
+        x = x.repeat_interleave(k, 0)  # [B * K, Nc, Dp]
+        q = self.mask_token + gather(pos.repeat_interleave(k, 0), tgt_ids.flatten(0, 1))  # [B * K, T, Dp]
+        x = torch.cat([x, q.to(x.dtype)], dim=1)
+        for blk in self.predictor_blocks:
+            x = blk(x)
+        return self.predictor_proj(self.predictor_norm(x[:, -t:]))
+
+    def forward(
+        self,
+        imgs: torch.Tensor,
+        mask_ratio: float | None = None,
+        mask: MaskInfo | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (loss, predictions [B * K, T, D], mask [B, N] with 1 = outside the context).
+
+        Args:
+            imgs: [B, C, H, W].
+            mask: the context (``Masks.info()`` of the multi-block mask: the same count in every sample); drawn with
+                ``targets`` when None.
+            targets: [B, K, H, W] bool target blocks (``Masks.targets``).
+        """
+        if mask is None:
+            drawn = self.make_masks(imgs.shape[0], imgs.device)
+            mask, targets = drawn.info(), drawn.targets
+        if targets is None:
+            raise ValueError("I-JEPA needs the target blocks (Masks.targets of a multiblock mask) with the context")
+        if mask.ids_keep is None:
+            raise ValueError("I-JEPA drops the tokens outside the context: it needs the masks' index form (info())")
+        tgt_ids = target_indices(targets)  # [B, K, T]
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        x = (gather_visible if self.fused_ops else gather_visible_ref)(x, mask.ids_keep)
+        context = self.encode_tokens(x)[:, 1:]  # [B, Nc, D]
+        pred = self.predict(context, mask.ids_keep, tgt_ids)
+        h = self.targets(imgs)  # [B, N, D]
+        k = tgt_ids.shape[1]
+        h = torch.gather(h.repeat_interleave(k, 0), 1, tgt_ids.flatten(0, 1).unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        return F.smooth_l1_loss(pred.float(), h, beta=1.0), pred, mask.mask
+
+    # --- Export ---
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The context encoder alone (no predictor, no teacher): loads into timm's VisionTransformer."""
+        skip = ("teacher.", "predictor_", "mask_token")
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
+
+
+register_vit_family("ijepa", IJEPAViT, light_decoder=False)

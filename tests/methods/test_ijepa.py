@@ -1,0 +1,133 @@
+"""I-JEPA on a ViT: the loss against the formula written out (the predictor step by step, smooth L1 against the
+teacher's layer-normed features at the target blocks), the truncation of target blocks, the EMA teacher over the
+whole run, the timm export, and the CLI (the same losses whether the masks come from loader workers or not, an exact
+resume with the teacher)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastmim
+from fastmim import pretrain
+from fastmim.masking import Masks
+from fastmim.methods.ijepa import IJEPA_MOMENTUM, target_indices
+from fastmim.train.checkpoint import load_checkpoint
+from tests.conftest import assert_encoder_matches_timm, tiny_args_for
+
+
+def _tiny(**kw):
+    torch.manual_seed(0)
+    return fastmim.create_model("ijepa_vit_tiny_patch16", **{"img_size": 64, "depth": 2, "pred_depth": 2, **kw})
+
+
+def _imgs(b=4, seed=1):
+    return torch.randn(b, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_target_indices_truncate_to_the_smallest_block_in_raster_order():
+    t = torch.zeros(2, 2, 16, dtype=torch.bool)
+    t[0, 0, [1, 2, 5, 6]] = True
+    t[0, 1, [0, 3, 9]] = True
+    t[1, 0, [7, 8, 11]] = True
+    t[1, 1, [4, 12, 13, 14, 15]] = True
+    assert target_indices(t).tolist() == [[[1, 2, 5], [0, 3, 9]], [[7, 8, 11], [4, 12, 13]]]
+
+
+def test_loss_is_smooth_l1_of_the_predictor_against_the_teachers_layer_normed_blocks():
+    m = _tiny()
+    with torch.no_grad():  # the student away from the teacher, as after training
+        for n, p in m.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+    imgs = _imgs()
+    drawn = m.mask_strategy()(indices=torch.arange(4), epoch=1)
+    info = drawn.info()
+    loss, pred, mask = m(imgs, mask=info, targets=drawn.targets)
+    tgt = target_indices(drawn.targets)  # [B, K, T]
+    b, k, t = tgt.shape
+    assert pred.shape == (b * k, t, 192) and torch.equal(mask, info.mask)
+    with torch.no_grad():
+        # context encoder on the context tokens (class token first, dropped after)
+        x = m.patch_embed(imgs) + m.pos_embed[:, 1:]
+        x = torch.stack([x[i, info.ids_keep[i]] for i in range(b)])
+        z = m.encode_tokens(x)[:, 1:]
+        pos = m.predictor_pos_embed[0]  # [N, Dp]
+        rows = []
+        for i in range(b):
+            ctx = m.predictor_embed(z[i]) + pos[info.ids_keep[i]]
+            for j in range(k):
+                q = m.mask_token[0] + pos[tgt[i, j]]
+                y = torch.cat([ctx, q])[None]
+                for blk in m.predictor_blocks:
+                    y = blk(y)
+                rows.append(m.predictor_proj(m.predictor_norm(y[0, -t:])))
+        want_pred = torch.stack(rows)
+        h = m.teacher.model.forward_features(imgs)[:, 1:]
+        h = F.layer_norm(h, h.shape[-1:])
+        want_h = torch.stack([h[i, tgt[i, j]] for i in range(b) for j in range(k)])
+    torch.testing.assert_close(pred.detach(), want_pred, rtol=1e-4, atol=1e-5)
+    want = F.smooth_l1_loss(want_pred, want_h)
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_teacher_momentum_runs_over_the_whole_run():
+    m = _tiny()
+    m.set_total_steps(4)
+    moms = []
+    for _ in range(5):
+        moms.append(m.teacher.momentum())
+        m.after_step()
+    assert moms == pytest.approx([0.996, 0.997, 0.998, 0.999, 1.0])
+    assert IJEPA_MOMENTUM == (0.996, 1.0) and int(m.teacher.updates) == 5
+    assert not any(n.startswith(("teacher.", "predictor_", "mask_token")) for n in m.encoder_state_dict())
+
+
+def test_bad_inputs():
+    m = _tiny()
+    drawn = m.mask_strategy()(indices=torch.arange(4))
+    with pytest.raises(ValueError, match="needs the target blocks"):
+        m(_imgs(), mask=drawn.info())
+    with pytest.raises(ValueError, match="needs the masks' index form"):
+        m(_imgs(), mask=Masks(drawn.mask).info(ids=False), targets=drawn.targets)
+    with pytest.raises(ValueError, match="pred_dim 100 must divide"):
+        _tiny(pred_dim=100)
+
+
+def test_encoder_exports_to_timm():
+    assert_encoder_matches_timm(_tiny(), depth=2)
+
+
+def _cli_args(image_folder, out, *extra, epochs=2):
+    return [*tiny_args_for("ijepa_vit_tiny_patch16"), "--data-path", str(image_folder), "--output-dir", str(out),
+            "--log-interval", "1", "--vis-interval", "100", "--loader", "torch", "--epochs", str(epochs),
+            *extra]  # fmt: skip
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+@pytest.mark.slow
+def test_cli_trains_with_worker_masks_and_resumes_exactly(image_folder, tmp_path, capsys):
+    """Masks drawn in loader workers (with their target blocks) or on the device: the same losses; a run stopped after
+    5 steps and resumed equals the straight run bit for bit, the teacher included (its momentum runs over the
+    configured epochs, whatever --max-steps stops at)."""
+    full, workers, half = tmp_path / "full", tmp_path / "workers", tmp_path / "half"
+    pretrain.run(_cli_args(image_folder, full))
+    pretrain.run([*_cli_args(image_folder, workers), "--num-workers", "2"])
+    assert _losses(workers) == _losses(full) and len(_losses(full)) >= 4
+    a = load_checkpoint(full / "checkpoint.pt")
+    assert int(a["model"]["teacher.updates"]) == a["step"]
+    pretrain.run([*_cli_args(image_folder, half), "--max-steps", "5"])  # stopped mid-run: the schedules stay the run's
+    steps = str(a["step"])
+    pretrain.run([*_cli_args(image_folder, half), "--resume", str(half / "checkpoint.pt"), "--max-steps", steps])
+    b = load_checkpoint(half / "checkpoint.pt")
+    assert _losses(half) == _losses(full)
+    for key, v in a["model"].items():
+        assert torch.equal(b["model"][key], v), key
+    assert pretrain.main(_cli_args(image_folder, tmp_path / "x", "--mask-ratio", "0.5")) == 2
+    assert "--mask-type and --mask-ratio do not apply" in capsys.readouterr().err
