@@ -7,9 +7,11 @@ per image and is repeated (``clone_batch``). Target: an EMA teacher (``fastmim.t
 top ``top_k`` blocks, each instance-normalised over the tokens, averaged, layer-normalised; repeated for the masks.
 Head: the convolutional decoder (``fastmim.heads.ConvDecoder2d``) on the encoder's outputs with the masked tokens
 filled by N(0, 0.01) noise (no learned mask token, no position embedding). Loss: ``sum over masked tokens and
-channels of (pred - target)^2 / sqrt(D)``, divided by the masked count, plus ``0.01 x sum over masks and channels of
-(cls - mean target)^2 / sqrt(D)``: the student's class token regresses the mean of its image's targets (fairseq
-scales that term by the masked count before its gradient normalisation divides by it).
+channels of (pred - target)^2 / sqrt(D)``, divided by the masked count, plus the class-token term: the student's class
+token regresses the mean of its image's targets, ``0.01 x 256 x the mean over masked copies of sum over channels of
+(cls - mean target)^2 / sqrt(D)``. fairseq sums that term over each GPU's 256 copies (16 images x 16 masks; it
+scales it by the masked count before its gradient normalisation divides by it): the mean times 256 is the same at
+that batch and does not change with how a batch is split over devices and micro-batches.
 
 Deviations: pre-norm blocks (fastmim's, timm's) where data2vec 2.0's are post-norm, so that the encoder exports to
 timm like MAE's; the first two blocks (fairseq's "prenet", not part of the targets) are ordinary blocks of the ViT:
@@ -35,6 +37,7 @@ from fastmim.targets.teacher import DATA2VEC2_MOMENTUM, TeacherOfEncoder
 DATA2VEC2_MASK = dict(ratio=0.8, block=3, adjust=0.07)  # fairseq: inverse_mask, mask_prob, mask_length, adjust
 DATA2VEC2_NUM_MASKS = 16  # clone_batch
 DATA2VEC2_CLS_WEIGHT = 0.01  # cls_loss
+DATA2VEC2_CLS_ROWS = 16 * 16  # fairseq sums the class-token term over a GPU's 16 images x 16 masks
 DATA2VEC2_NOISE_STD = 0.01  # mask_noise_std
 
 
@@ -68,7 +71,7 @@ class Data2Vec2ViT(TeacherOfEncoder, VisionTransformer):
         top_k: teacher blocks averaged into the target (None: depth - 2, fairseq's ten main blocks of twelve).
         decoder_dim, decoder_layers, decoder_kernel, decoder_groups: the convolutional decoder (None: embed_dim; 6, 3,
             16).
-        cls_weight: weight of the class-token term (0.01).
+        cls_weight: weight of the class-token term (0.01, on fairseq's per-GPU sum over 256 copies; see above).
         momentum: the teacher's (start, end, updates) schedule.
         fused_ops: fastmim.ops for the gather and the loss (False: the plain PyTorch path, the same values).
         attn_impl, fused_norm: see VisionTransformer.
@@ -147,7 +150,8 @@ class Data2Vec2ViT(TeacherOfEncoder, VisionTransformer):
         if not self.cls_weight:
             return reg
         cls_target = y.mean(dim=1).repeat_interleave(num_masks, 0)
-        return reg + self.cls_weight * (cls_pred.float() - cls_target).square().sum() / math.sqrt(d)
+        cls = (cls_pred.float() - cls_target).square().sum(-1).mean() / math.sqrt(d)
+        return reg + self.cls_weight * DATA2VEC2_CLS_ROWS * cls
 
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: MaskInfo | None = None
