@@ -5,8 +5,9 @@ model FLOPs of one training image. ``reference`` is the straightforward PyTorch 
 describes, written here so that the speedups are measured against it and not against fastmim's own plain path.
 Recipes: ``mae`` (ViT; reference = the MAE paper's code path), ``pixmim``, ``simmim``, ``a2mim`` and ``maskfeat`` (ViT;
 reference = the recipe on plain PyTorch ops) and ``fcmae`` (ConvNeXt V2; reference = the dense model times the mask,
-fastmim = visible pixels only) and ``data2vec2`` (ViT; reference = M separate teacher + student passes per image,
-fastmim = one patch embedding and one teacher pass for the M masks).
+fastmim = visible pixels only) ``data2vec2`` (ViT; reference = M separate teacher + student passes per image,
+fastmim = one patch embedding and one teacher pass for the M masks) and ``ijepa`` (ViT; reference = plain PyTorch
+ops).
 """
 
 from __future__ import annotations
@@ -245,6 +246,40 @@ def data2vec2_flops_per_image(model: nn.Module, forward_only: bool = False) -> f
     return 3.0 * m * student + 2.0 * embed + teacher
 
 
+def ijepa_counts(model: nn.Module) -> tuple[float, int, float]:
+    """(context tokens, target blocks, tokens per block) of I-JEPA's masks: the model's last forward's where it ran,
+    else the mean over 8 batches of 64 drawn with seed 0 (the counts vary from batch to batch)."""
+    if getattr(model, "last_counts", None) is not None:
+        return model.last_counts
+    ctx, tgt = [], []
+    with torch.device("cpu"):  # real masks, also while the model is built on the meta device
+        strategy = model.mask_strategy()
+        for i in range(8):
+            m = strategy(indices=torch.arange(64) + 64 * i)
+            ctx.append(model.num_patches - m.num_hidden)
+            tgt.append(float(m.targets.flatten(2).sum(-1).min()))
+    return sum(ctx) / len(ctx), strategy.num_targets, sum(tgt) / len(tgt)
+
+
+def ijepa_flops_per_image(model: nn.Module, forward_only: bool = False) -> float:
+    """Model FLOPs of one I-JEPA training image, matmuls only: the patch embedding (2 N p^2 C D), the encoder on the
+    Nc + 1 context tokens, the predictor's embedding of the context (2 Nc D Dp), then per target block its blocks on
+    Nc + T tokens and the projection (2 T Dp D), and the teacher once on N + 1 tokens (embedding and blocks, forward
+    only). Backward 2x forward for the encoder and the predictor, 1x for the patch embedding, none for the teacher.
+    Counts from ``ijepa_counts``."""
+    nc, k, t = ijepa_counts(model)
+    n, d = model.num_patches, model.embed_dim
+    dp = model.predictor_embed.out_features
+    mlp_ratio = model.blocks[0].mlp.fc1.out_features / d
+    embed = 2.0 * n * model.patch_size**2 * model.in_chans * d
+    student = _transformer_flops(len(model.blocks), d, nc + 1, mlp_ratio)
+    pred_mlp = model.predictor_blocks[0].mlp.fc1.out_features / dp if len(model.predictor_blocks) else 4.0
+    student += 2.0 * nc * d * dp  # the predictor's embedding runs once, before the context is repeated per block
+    student += k * (_transformer_flops(len(model.predictor_blocks), dp, nc + t, pred_mlp) + 2.0 * t * dp * d)
+    teacher = embed + _transformer_flops(len(model.blocks), d, n + 1, mlp_ratio)
+    return student + embed + teacher if forward_only else 3.0 * student + 2.0 * embed + teacher
+
+
 def _build_data2vec2(model_name: str, impl: str, **kwargs) -> nn.Module:
     """reference: M separate teacher + student passes per image (``SeparatePasses``, fused ops off); fastmim: one
     patch embedding and one teacher pass per image for its M masks, fused ops."""
@@ -300,7 +335,9 @@ RECIPES = {
         data2vec2_flops_per_image,
         {"attn_impl": "math"},
         count_backward=False,
-    ),  # fmt: skip
+    ),
+    # I-JEPA: reference = the recipe on plain PyTorch ops; the counts of the masks drawn in the counted forward
+    "ijepa": Recipe("ijepa", "ijepa_", _build_plain, ijepa_flops_per_image, {"attn_impl": "math"}),
 }
 
 

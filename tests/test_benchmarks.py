@@ -638,6 +638,24 @@ def test_data2vec2_in_the_throughput_benchmark(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_ijepa_in_the_throughput_benchmark(tmp_path):
+    """I-JEPA runs in both eager modes; its FLOP formula, on the counts of the masks the counted step drew, equals
+    torch.utils.flop_counter's count of forward and backward; without a forward it uses the masks' mean counts."""
+    out = tmp_path / "rows.jsonl"
+    args = ["--recipe", "ijepa", "--model", "vit_tiny_patch16", "--img-size", "64", "--batch-size", "4",
+            "--model-arg", "depth=2", "--model-arg", "pred_depth=2", "--device", "cpu", "--amp", "none", "--steps",
+            "1", "--warmup", "1", "--modes", "reference,fastmim", "--out", str(out)]  # fmt: skip
+    assert throughput.main(args) == 0
+    rows = read_rows(out)
+    assert [r["mode"] for r in rows] == ["reference", "fastmim"] and rows[0]["gflop_per_img"] > 0
+    check = rows[0]["flop_check"]
+    assert check["pass"] == "fwd+bwd" and check["formula_gflop"] == pytest.approx(check["counted_gflop"], rel=0.005)
+    fresh = fastmim.create_model("ijepa_vit_base_patch16", pred_depth=2)
+    nc, k, t = recipes.ijepa_counts(fresh)
+    assert 40 < nc < 75 and k == 4 and 28 < t < 40  # I-JEPA's 14x14 masks: contexts truncated, blocks of ~33
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["simmim", "pixmim", "maskfeat", "a2mim"])
 def test_new_recipes_in_the_throughput_benchmark(recipe, tmp_path):
     """SimMIM and PixMIM run in both eager modes, train the same model to the same loss, and their FLOP formulas

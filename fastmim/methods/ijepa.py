@@ -157,6 +157,8 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
         if mask.ids_keep is None:
             raise ValueError("I-JEPA drops the tokens outside the context: it needs the masks' index form (info())")
         tgt_ids = target_indices(targets)  # [B, K, T]
+        self.last_counts = (mask.ids_keep.shape[1], *tgt_ids.shape[1:])  # (context, blocks, block tokens): FLOP counts
+        self.last_counts = (mask.ids_keep.shape[1], *tgt_ids.shape[1:])  # (context, blocks, block tokens): FLOP counts
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
         x = (gather_visible if self.fused_ops else gather_visible_ref)(x, mask.ids_keep)
         context = self.encode_tokens(x)[:, 1:]  # [B, Nc, D]
