@@ -114,11 +114,14 @@ want recipes && step "throughput: MaskFeat and SimMIM ViT-B/16, batch 256, bf16,
 
 # issue 17: data2vec 2.0's amortisation (16 masks per image: one teacher pass) against 16 separate passes, and the EMA
 # update of ViT-B against the memory floor (rows in ops.jsonl, benchmark "ema")
-want teacher && step "data2vec 2.0 ViT-B/16 throughput (M=8, batch 32) vs separate passes; EMA update vs a copy" && {
+want teacher && step "data2vec 2.0 ViT-B/16 (M=8, batch 32) vs separate passes; EMA update vs a copy; I-JEPA ViT-B/16" && {
   fits 60 "data2vec2 throughput" && run 120 $PY benchmarks/throughput.py --recipe data2vec2 --model vit_base_patch16 \
     --batch-size 32 --model-arg num_masks=8 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 \
     --modes reference,fastmim --out "$RESULTS/throughput.jsonl"
   fits 20 "EMA update" && run 60 $PY benchmarks/ema.py --model vit_base_patch16 --out "$RESULTS/ops.jsonl"
+  fits 60 "I-JEPA throughput" && run 120 $PY benchmarks/throughput.py --recipe ijepa --model vit_base_patch16 \
+    --batch-size 128 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 --modes reference,fastmim \
+    --out "$RESULTS/throughput.jsonl"
 }
 
 want host && step "host time per call of the fused ops and of what they are made of (tiny tensors: host-bound)" &&

@@ -201,3 +201,19 @@ def test_cli_trains_updates_the_teacher_and_resumes_exactly(image_folder, tmp_pa
     mae = [*tiny_args_for("mae_vit_tiny_patch16"), "--data-path", str(image_folder), "--num-masks", "2"]
     assert pretrain.main([*mae, "--output-dir", str(tmp_path / "z")]) == 2
     assert "--num-masks applies to data2vec 2.0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_keep_one_teacher(image_folder, tmp_path):
+    """DDP: each rank updates its teacher after every all-reduced step, so the ranks' weights, teachers included,
+    stay equal bit for bit (the trainer checks the sums of every parameter per rank before saving)."""
+    from tests.conftest import run_cli
+
+    out = tmp_path / "ddp"
+    args = [*_cli_args(image_folder, out), "--batch-size", "2", "--max-steps", "3"]
+    r = run_cli(["--standalone", "--nproc_per_node", "2", "-m", "fastmim.pretrain", *args],
+                module=["-m", "torch.distributed.run"], env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["step"] == 3 and int(state["model"]["teacher.updates"]) == 3
+    assert len(state["weights_sum_per_rank"]) == 2 and len(set(state["weights_sum_per_rank"])) == 1
