@@ -263,20 +263,20 @@ def ijepa_counts(model: nn.Module) -> tuple[float, int, float]:
 
 def ijepa_flops_per_image(model: nn.Module, forward_only: bool = False) -> float:
     """Model FLOPs of one I-JEPA training image, matmuls only: the patch embedding (2 N p^2 C D), the encoder on the
-    Nc + 1 context tokens, the predictor's embedding of the context (2 Nc D Dp), then per target block its blocks on
-    Nc + T tokens and the projection (2 T Dp D), and the teacher once on N + 1 tokens (embedding and blocks, forward
-    only). Backward 2x forward for the encoder and the predictor, 1x for the patch embedding, none for the teacher.
-    Counts from ``ijepa_counts``."""
+    Nc context tokens (no class token), the predictor's embedding of the context (2 Nc D Dp), then per target block
+    its blocks on Nc + T tokens and the projection (2 T Dp D), and the teacher once on N tokens (embedding and blocks,
+    forward only). Backward 2x forward for the encoder and the predictor, 1x for the patch embedding, none for the
+    teacher. Counts from ``ijepa_counts``."""
     nc, k, t = ijepa_counts(model)
     n, d = model.num_patches, model.embed_dim
     dp = model.predictor_embed.out_features
     mlp_ratio = model.blocks[0].mlp.fc1.out_features / d
     embed = 2.0 * n * model.patch_size**2 * model.in_chans * d
-    student = _transformer_flops(len(model.blocks), d, nc + 1, mlp_ratio)
+    student = _transformer_flops(len(model.blocks), d, nc, mlp_ratio)  # no class token
     pred_mlp = model.predictor_blocks[0].mlp.fc1.out_features / dp if len(model.predictor_blocks) else 4.0
     student += 2.0 * nc * d * dp  # the predictor's embedding runs once, before the context is repeated per block
     student += k * (_transformer_flops(len(model.predictor_blocks), dp, nc + t, pred_mlp) + 2.0 * t * dp * d)
-    teacher = embed + _transformer_flops(len(model.blocks), d, n + 1, mlp_ratio)
+    teacher = embed + _transformer_flops(len(model.blocks), d, n, mlp_ratio)
     return student + embed + teacher if forward_only else 3.0 * student + 2.0 * embed + teacher
 
 

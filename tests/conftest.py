@@ -81,12 +81,20 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 300, module
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
 
 
-def assert_encoder_matches_timm(model, depth: int, img_size: int = 64, embed_dim: int = 192, num_heads: int = 3):
-    """``model.encoder_state_dict()`` loads strictly into timm's VisionTransformer, which then computes the same
-    features as ``model.forward_features``. Skips without timm (a test dependency)."""
+def assert_encoder_matches_timm(model, depth: int, img_size: int = 64, embed_dim: int = 192, num_heads: int = 3,
+                                **timm_kwargs):  # fmt: skip
+    """``model.encoder_state_dict()`` loads strictly into timm's VisionTransformer (``timm_kwargs``: e.g. no class
+    token), which then computes the same features as ``model.forward_features``. Skips without timm (a test
+    dependency)."""
     timm = pytest.importorskip("timm", reason="timm is a test dependency")
     enc = timm.models.vision_transformer.VisionTransformer(
-        img_size=img_size, patch_size=16, num_classes=0, embed_dim=embed_dim, depth=depth, num_heads=num_heads
+        img_size=img_size,
+        patch_size=16,
+        num_classes=0,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        **timm_kwargs,
     )
     enc.load_state_dict(model.encoder_state_dict(), strict=True)
     x = torch.randn(1, 3, img_size, img_size)

@@ -9,10 +9,10 @@ its own sin-cos position embedding at the context positions, then for each targe
 the position embedding at the block's positions, ``pred_depth`` blocks, LayerNorm, Linear(384 -> D) on the target
 tokens. Loss: smooth L1 (beta 1), the mean over target tokens and channels.
 
-Deviations: the encoder keeps fastmim's class token (I-JEPA's ViT has none), so that it exports to timm like MAE's;
-MAE's initialisation; a fixed weight decay and fastmim's learning-rate schedule (I-JEPA: weight decay 0.04 -> 0.4,
-lr warm-up from 2e-4). The trainer calls ``set_total_steps`` (the momentum schedule's length) and ``after_step``
-(the EMA update).
+The encoder has no class token, as I-JEPA's; it exports to timm's ``VisionTransformer(class_token=False,
+global_pool="avg", fc_norm=False)``. Deviations: MAE's initialisation; a fixed weight decay and fastmim's
+learning-rate schedule (I-JEPA: weight decay 0.04 -> 0.4, lr warm-up from 2e-4). The trainer calls
+``set_total_steps`` (the momentum schedule's length) and ``after_step`` (the EMA update).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def target_indices(targets: torch.Tensor) -> torch.Tensor:
 
 
 class IJEPAViT(TeacherOfEncoder, VisionTransformer):
-    """I-JEPA with a ViT encoder; its encoder keys are the ViT's (exports to timm like MAE's).
+    """I-JEPA with a ViT encoder without a class token; its encoder keys are timm's (``class_token=False``).
 
     Args:
         img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio: the context encoder.
@@ -75,7 +75,7 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
         fused_norm: bool = False,
     ):
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
-                         fused_norm=fused_norm)  # fmt: skip
+                         fused_norm=fused_norm, class_token=False)  # fmt: skip
         if pred_dim % num_heads or pred_dim % 4:
             raise ValueError(f"I-JEPA: pred_dim {pred_dim} must divide into {num_heads} heads and be a multiple of 4")
         self.batch_shared, self.fused_ops = bool(batch_shared), fused_ops
@@ -91,7 +91,7 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
             m.apply(init_weights)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         encoder = VisionTransformer(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
-                                    attn_impl=attn_impl)  # fmt: skip
+                                    attn_impl=attn_impl, class_token=False)  # fmt: skip
         self.init_teacher(encoder, *momentum, total_updates=1)  # the run's length comes from set_total_steps
 
     def no_weight_decay(self) -> set[str]:
@@ -115,8 +115,8 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
 
     @torch.no_grad()
     def targets(self, imgs: torch.Tensor) -> torch.Tensor:
-        """The teacher on every token: its normed output layer-normalised again, without the class token [B, N, D]."""
-        h = self.teacher.model.forward_features(imgs)[:, 1:]
+        """The teacher on every token: its normed output layer-normalised again [B, N, D]."""
+        h = self.teacher.model.forward_features(imgs)
         return F.layer_norm(h.float(), h.shape[-1:])
 
     # --- Head: the predictor ---
@@ -159,9 +159,9 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
         tgt_ids = target_indices(targets)  # [B, K, T]
         self.last_counts = (mask.ids_keep.shape[1], *tgt_ids.shape[1:])  # (context, blocks, block tokens): FLOP counts
         self.last_counts = (mask.ids_keep.shape[1], *tgt_ids.shape[1:])  # (context, blocks, block tokens): FLOP counts
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        x = self.patch_embed(imgs) + self.pos_embed  # no class token: a position row per patch
         x = (gather_visible if self.fused_ops else gather_visible_ref)(x, mask.ids_keep)
-        context = self.encode_tokens(x)[:, 1:]  # [B, Nc, D]
+        context = self.encode_tokens(x)  # [B, Nc, D]
         pred = self.predict(context, mask.ids_keep, tgt_ids)
         h = self.targets(imgs)  # [B, N, D]
         k = tgt_ids.shape[1]

@@ -158,6 +158,9 @@ class VisionTransformer(nn.Module):
         in_chans: image channels.
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: transformer shape.
         num_classes: size of a linear classifier on the class token (0: none, as timm's ``.mae`` models).
+        class_token: a class token in front of the patch tokens (MAE, timm's default); False (I-JEPA): none, the
+            position embedding has a row per patch only, and ``forward`` pools by averaging the tokens (timm's
+            ``class_token=False, global_pool="avg", fc_norm=False``).
         attn_impl: "auto" (flash-attn for fp16/bf16 CUDA tensors when installed, else SDPA), "sdpa", "flash",
             "math" (explicit softmax(QK^T)V, for checking), "fastmim" (``fastmim.ops.attention``: Triton kernels
             for short sequences reading the packed qkv; not the default until it measures faster in the step).
@@ -178,17 +181,24 @@ class VisionTransformer(nn.Module):
         num_classes: int = 0,
         attn_impl: str = "auto",
         fused_norm: bool = False,
+        class_token: bool = True,
     ):
         super().__init__()
         self.fused_norm = fused_norm
+        self.class_token = bool(class_token)
+        self.num_prefix_tokens = 1 if class_token else 0
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        if class_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        else:
+            self.register_parameter("cls_token", None)
         # fixed, but a parameter (requires_grad=False) so that it is in the state dict as in MAE and timm
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, embed_dim), requires_grad=False)
+        rows = self.num_patches + self.num_prefix_tokens
+        self.pos_embed = nn.Parameter(torch.zeros(1, rows, embed_dim), requires_grad=False)
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, attn_impl) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -199,10 +209,11 @@ class VisionTransformer(nn.Module):
         return self.patch_embed.grid_size
 
     def _init_encoder(self) -> None:
-        self.pos_embed.data.copy_(sincos_2d(self.embed_dim, self.grid_size, cls_token=True).unsqueeze(0))
+        self.pos_embed.data.copy_(sincos_2d(self.embed_dim, self.grid_size, cls_token=self.class_token).unsqueeze(0))
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer, as MAE
-        nn.init.normal_(self.cls_token, std=0.02)
+        if self.class_token:
+            nn.init.normal_(self.cls_token, std=0.02)
         self.apply(init_weights)
 
     def no_weight_decay(self) -> set[str]:
@@ -210,18 +221,21 @@ class VisionTransformer(nn.Module):
 
     def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens that carry their position embedding [B, K, D] (all of them, or the visible ones) ->
-        [B, 1 + K, D]: the class token in front, the blocks, the final norm."""
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
+        [B, 1 + K, D]: the class token in front (none without one: [B, K, D]), the blocks, the final norm."""
+        if self.class_token:
+            cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+            x = torch.cat([cls, x], dim=1)
         return run_blocks(self.blocks, x, self.norm, self.fused_norm)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, 1 + N, D] normalised tokens, class token first."""
-        return self.encode_tokens(self.patch_embed(x) + self.pos_embed[:, 1:, :])
+        """[B, C, H, W] -> [B, 1 + N, D] normalised tokens, class token first ([B, N, D] without one)."""
+        return self.encode_tokens(self.patch_embed(x) + self.pos_embed[:, self.num_prefix_tokens :, :])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class-token features [B, D], or logits [B, num_classes] when a head is configured."""
-        return self.head(self.forward_features(x)[:, 0])
+        """Class-token features [B, D] (the tokens' mean without a class token), or logits [B, num_classes] when a
+        head is configured."""
+        feats = self.forward_features(x)
+        return self.head(feats[:, 0] if self.class_token else feats.mean(dim=1))
 
 
 def vit_sizes() -> dict[str, dict]:

@@ -51,10 +51,10 @@ def test_loss_is_smooth_l1_of_the_predictor_against_the_teachers_layer_normed_bl
     b, k, t = tgt.shape
     assert pred.shape == (b * k, t, 192) and torch.equal(mask, info.mask)
     with torch.no_grad():
-        # context encoder on the context tokens (class token first, dropped after)
-        x = m.patch_embed(imgs) + m.pos_embed[:, 1:]
+        # context encoder on the context tokens
+        x = m.patch_embed(imgs) + m.pos_embed  # no class token
         x = torch.stack([x[i, info.ids_keep[i]] for i in range(b)])
-        z = m.encode_tokens(x)[:, 1:]
+        z = m.encode_tokens(x)
         pos = m.predictor_pos_embed[0]  # [N, Dp]
         rows = []
         for i in range(b):
@@ -66,7 +66,7 @@ def test_loss_is_smooth_l1_of_the_predictor_against_the_teachers_layer_normed_bl
                     y = blk(y)
                 rows.append(m.predictor_proj(m.predictor_norm(y[0, -t:])))
         want_pred = torch.stack(rows)
-        h = m.teacher.model.forward_features(imgs)[:, 1:]
+        h = m.teacher.model.forward_features(imgs)
         h = F.layer_norm(h, h.shape[-1:])
         want_h = torch.stack([h[i, tgt[i, j]] for i in range(b) for j in range(k)])
     torch.testing.assert_close(pred.detach(), want_pred, rtol=1e-4, atol=1e-5)
@@ -98,7 +98,20 @@ def test_bad_inputs():
 
 
 def test_encoder_exports_to_timm():
-    assert_encoder_matches_timm(_tiny(), depth=2)
+    """No class token, as I-JEPA's ViT: timm's class_token=False with average pooling over the final-normed tokens;
+    fastmim's forward pools the same way."""
+    m = _tiny()
+    assert m.cls_token is None and m.pos_embed.shape == (1, 16, 192)
+    assert_encoder_matches_timm(m, depth=2, class_token=False, global_pool="avg", fc_norm=False)
+    timm = pytest.importorskip("timm", reason="timm is a test dependency")
+    enc = timm.models.vision_transformer.VisionTransformer(img_size=64, patch_size=16, num_classes=0, embed_dim=192,
+                                                          depth=2, num_heads=3, class_token=False,
+                                                          global_pool="avg", fc_norm=False)  # fmt: skip
+    enc.load_state_dict(m.encoder_state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled = fastmim.models.vit.VisionTransformer.forward(m, x)  # the encoder's forward: the tokens' mean
+        torch.testing.assert_close(enc(x), pooled, rtol=1e-5, atol=1e-5)
 
 
 def _cli_args(image_folder, out, *extra, epochs=2):
