@@ -18,6 +18,7 @@ from fastmim.config import PretrainConfig, apply_overrides, cli_overrides, load_
 from fastmim.data.dali import DaliDecodeError
 from fastmim.train.checkpoint import CHECKPOINT_NAME, existing_run_markers, load_checkpoint
 from fastmim.train.distributed import DistInfo, broadcast_object, cleanup, init_distributed
+from fastmim.train.preempt import REQUEUE_EXIT, Preempted
 
 
 class UsageError(Exception):
@@ -332,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130
+    except Preempted as e:  # SIGTERM / SIGUSR1: saved at the step boundary; the exit status asks for a requeue
+        print(f"stopped on {e}", file=sys.stderr)
+        return REQUEUE_EXIT
     return 0
 
 

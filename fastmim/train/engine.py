@@ -21,6 +21,7 @@ from fastmim.train import checkpoint as ckpt
 from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier
 from fastmim.train.logger import MetricsLogger
 from fastmim.train.optim import lr_at, set_lr
+from fastmim.train.preempt import Preempted, PreemptionWatch
 from fastmim.train.step import TrainStep
 from fastmim.train.visualize import save_reconstruction
 
@@ -271,6 +272,15 @@ class Trainer:
             print(f"checkpointed at step {self.pos.step} before stopping on a file DALI cannot decode", flush=True)
 
     def fit(self) -> Position:
+        """Trains to the end (or to --max-steps); raises ``Preempted`` after checkpointing when a SIGTERM or SIGUSR1
+        arrives (``fastmim.train.preempt``)."""
+        self.preempt = PreemptionWatch(self.info).install()
+        try:
+            return self._fit()
+        finally:
+            self.preempt.close()
+
+    def _fit(self) -> Position:
         cfg = self.cfg
         if self.pos.step >= self.total_steps:
             if self.info.is_main:
@@ -344,6 +354,13 @@ class Trainer:
                     self.save()
                 if done:
                     break
+                if self.preempt.requested():  # SIGTERM / SIGUSR1: a checkpoint of this step, then stop (requeue)
+                    if not save_now:
+                        self._check_finite(float(all_reduce_mean(running / max(count, 1), self.info)), "the loss")
+                        self.save()
+                    bar.close()
+                    self.logger.close()
+                    raise Preempted(self.pos.step, self.preempt.signame)
             bar.close()
             if self.pos.batch == self.batches_per_epoch:  # the epoch is complete
                 self.pos.epoch, self.pos.batch = epoch + 1, 0

@@ -1,0 +1,68 @@
+"""Preemption: a real CLI run signalled with SIGTERM or SIGUSR1 finishes its step, checkpoints it, exits with the
+requeue status, and resumes to the run an uninterrupted one makes; a second signal during the stop changes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastmim import pretrain
+from fastmim.train.checkpoint import load_checkpoint
+from fastmim.train.preempt import REQUEUE_EXIT
+from tests.conftest import ROOT, TINY_ARGS
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+
+
+def _args(image_folder, out, *extra):
+    return [*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--log-interval", "1",
+            "--vis-interval", "100", "--loader", "torch", "--epochs", "6", *extra]  # fmt: skip
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def _run_and_signal(args, out, signum, twice=False) -> subprocess.CompletedProcess:
+    """Starts the CLI, waits for its first logged step (the trainer's handler is in place), signals it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the same threads as the in-process runs: the same sums
+    proc = subprocess.Popen([sys.executable, "-m", "fastmim.pretrain", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    if twice:
+        time.sleep(0.01)
+        proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=240)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_checkpoints_the_step_and_the_resume_equals_an_uninterrupted_run(image_folder, tmp_path, signum):
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    r = _run_and_signal(_args(image_folder, cut), cut, signum, twice=signum == signal.SIGUSR1)
+    assert r.returncode == REQUEUE_EXIT, r.stdout + r.stderr
+    assert f"stopped on {signal.Signals(signum).name}: checkpointed at step" in r.stderr
+    state = load_checkpoint(cut / "checkpoint.pt")
+    total = 6 * 6  # 24 images, batch 4, 6 epochs
+    assert 2 <= state["step"] < total and len(_losses(cut)) == state["step"]  # stopped early, at a logged step
+    pretrain.run(["--resume", str(cut / "checkpoint.pt")])
+    pretrain.run(_args(image_folder, straight))
+    a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(cut / "checkpoint.pt")
+    assert a["step"] == b["step"] == total
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+    assert _losses(cut) == pytest.approx(_losses(straight), rel=1e-6)
