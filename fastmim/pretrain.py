@@ -16,6 +16,7 @@ import torch
 
 from fastmim.config import PretrainConfig, apply_overrides, cli_overrides, load_yaml, save_yaml
 from fastmim.data.dali import DaliDecodeError
+from fastmim.data.folder import BadImageError
 from fastmim.train.checkpoint import CHECKPOINT_NAME, existing_run_markers, load_checkpoint
 from fastmim.train.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from fastmim.train.preempt import REQUEUE_EXIT, Preempted
@@ -68,6 +69,15 @@ def prepare_output_dir(cfg: PretrainConfig, info: DistInfo) -> Path:
     if info.is_main:
         markers = existing_run_markers(out)
         resuming_here = cfg.resume is not None and Path(cfg.resume).resolve().parent == out.resolve()
+        if markers and CHECKPOINT_NAME not in markers and not resuming_here:
+            # a run that died before its first checkpoint: nothing to resume; its files are kept aside, not deleted
+            aside = out / f"unfinished-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside.mkdir()
+            for m in markers:
+                (out / m).rename(aside / m)
+            print(f"{out} held a run that stopped before its first checkpoint; its {', '.join(markers)} moved to "
+                  f"{aside.name}/, starting afresh", flush=True)  # fmt: skip
+            markers = []
         if markers and not resuming_here:
             error = (
                 f"output directory {str(out)!r} already holds a run ({', '.join(markers)}); pass --resume to "
@@ -333,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130
+    except BadImageError as e:  # one line naming the file, not a worker's traceback
+        then = ("run again with --resume: the run is checkpointed" if getattr(e, "resumable", False)
+                else "run again: no step had completed, nothing is lost")  # fmt: skip
+        print(f"error: {e.summary()}. Replace the file at the same path and {then}", file=sys.stderr)
+        return 2
     except Preempted as e:  # SIGTERM / SIGUSR1: saved at the step boundary; the exit status asks for a requeue
         print(f"stopped on {e}", file=sys.stderr)
         return REQUEUE_EXIT

@@ -60,6 +60,20 @@ def list_images(root: str | Path) -> list[str]:
     return sorted(files)
 
 
+class BadImageError(RuntimeError):
+    """An image file that cannot be read or decoded. Raised in a loader worker, it reaches the training process as
+    this type with the worker's traceback as its message; ``summary()`` is the one line that names the file."""
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+    def summary(self) -> str:
+        lines = [ln.strip() for ln in str(self).splitlines() if "cannot read image " in ln]
+        line = lines[-1] if lines else str(self).strip().splitlines()[-1]
+        return line.split("BadImageError: ", 1)[-1]
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Unlabelled images for masked-modeling pretraining; item i is ``transform(RGB image)``.
 
@@ -95,7 +109,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             with Image.open(path) as img:
                 return img.convert("RGB")
         except Exception as e:  # PIL raises several types for truncated or non-image files
-            raise RuntimeError(f"cannot read image {path!r}: {e}") from e
+            raise BadImageError(f"cannot read image {path!r}: {e}", path) from e
 
     def __getitem__(self, index: int):
         img = self.load(index)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from fastmim.config import PretrainConfig, save_yaml
 from fastmim.data.dali import DaliDecodeError
+from fastmim.data.folder import BadImageError
 from fastmim.masking import Masks
 from fastmim.train import checkpoint as ckpt
 from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier
@@ -263,13 +264,13 @@ class Trainer:
             save_reconstruction(self.raw_model, imgs, self.output_dir / "reconstructions" / name)
 
     def _stop_on_bad_file(self, batch: int) -> None:
-        """A file DALI cannot decode: a checkpoint of the run so far (one process, at a step boundary), so the run
-        resumes once the file is replaced; otherwise the last saved checkpoint stands."""
+        """A file the loader (DALI or the torch loader) cannot decode: a checkpoint of the run so far (one process, at
+        a step boundary), so the run resumes once the file is replaced; otherwise the last saved checkpoint stands."""
         if self.info.enabled or batch % self.cfg.accum_iter or self.pos.step == 0:
             return
         self.save()
         if self.info.is_main:
-            print(f"checkpointed at step {self.pos.step} before stopping on a file DALI cannot decode", flush=True)
+            print(f"checkpointed at step {self.pos.step} before stopping on a file that cannot be decoded", flush=True)
 
     def fit(self) -> Position:
         """Trains to the end (or to --max-steps); raises ``Preempted`` after checkpointing when a SIGTERM or SIGUSR1
@@ -305,8 +306,9 @@ class Trainer:
             for b in range(start, self.batches_per_epoch):
                 try:
                     imgs, idx, *drawn = next(data)  # drawn: the masks, when the loader workers make them
-                except DaliDecodeError:
+                except (DaliDecodeError, BadImageError) as e:
                     self._stop_on_bad_file(b)
+                    e.resumable = (self.output_dir / ckpt.CHECKPOINT_NAME).exists()  # what the error can advise
                     raise
                 if drawn:  # the mask, and the target blocks of a multi-block mask
                     masks = Masks(drawn[0], targets=drawn[1] if len(drawn) > 1 else None,

@@ -108,3 +108,57 @@ def test_unreadable_image_is_named(tmp_path, capsys):
     broken.write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(RuntimeError, match="cannot read image .*broken.jpg"):
         pretrain.run([*TINY_ARGS, "--data-path", str(data), "--output-dir", str(tmp_path / "o"), "--epochs", "1"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_torch_loader_bad_file_checkpoints_then_resumes_to_the_clean_run(tmp_path, capsys, workers):
+    """A file the torch loader cannot decode in the third batch: the run stops with one line naming it after a
+    checkpoint of the two completed steps; with the file replaced, --resume ends where a run that never met it ends
+    (loader workers or not: the worker's traceback is not what the user reads)."""
+    import torch
+
+    from fastmim.data.folder import ImageFolderDataset
+    from fastmim.data.sampler import ResumableDistributedSampler
+    from fastmim.train.checkpoint import load_checkpoint
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "d", n=24)
+    sampler = ResumableDistributedSampler(24, seed=0)
+    sampler.set_epoch(0)
+    victim = ImageFolderDataset(data).files[list(sampler)[8]]  # the first sample of the third batch of 4
+    good = open(victim, "rb").read()
+    args = [*TINY_ARGS, "--data-path", str(data), "--epochs", "1", "--num-workers", str(workers), "--loader", "torch",
+            "--vis-interval", "100"]  # fmt: skip
+    clean, cut = tmp_path / "clean", tmp_path / "cut"
+    pretrain.run([*args, "--output-dir", str(clean)])
+    with open(victim, "wb") as f:
+        f.write(b"\xff\xd8 truncated")
+    assert pretrain.main([*args, "--output-dir", str(cut)]) == 2
+    out = capsys.readouterr()
+    err = out.err[out.err.index("error: ") :].splitlines()[0]  # one line, after the progress bar's refreshes
+    assert err.startswith(f"error: cannot read image {victim!r}") and "--resume: the run is checkpointed" in err
+    assert "Traceback" not in out.err and "checkpointed at step 2 before stopping" in out.out
+    assert load_checkpoint(cut / "checkpoint.pt")["step"] == 2
+    with open(victim, "wb") as f:
+        f.write(good)
+    pretrain.run(["--resume", "--output-dir", str(cut)])
+    a, b = load_checkpoint(clean / "checkpoint.pt"), load_checkpoint(cut / "checkpoint.pt")
+    assert a["step"] == b["step"] == 6
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_a_run_that_died_before_its_first_checkpoint_restarts_in_place(image_folder, tmp_path, capsys):
+    """Its config.yaml and metrics.jsonl move aside (kept, not deleted); a directory with a checkpoint still refuses."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("model: old\n")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--max-steps", "1"]
+    pretrain.run(args)
+    (aside,) = out.glob("unfinished-*")
+    assert (aside / "config.yaml").read_text() == "model: old\n" and (aside / "metrics.jsonl").exists()
+    assert (out / "checkpoint.pt").exists() and "moved to unfinished-" in capsys.readouterr().out
+    err = fails(args, capsys)
+    assert "already holds a run" in err and "Nothing was overwritten" in err
