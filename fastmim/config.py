@@ -37,6 +37,11 @@ class PretrainConfig:
     fused_norm: bool = field(
         default=False, metadata={"help": "ViT recipes: fuse each residual add with the next LayerNorm (fastmim.ops)"}
     )
+    grad_ckpt: bool = field(
+        default=False,
+        metadata={"help": "activation checkpointing: each block's activations recomputed in the backward (memory "
+                          "for ~1/3 more compute)"},
+    )  # fmt: skip
     fused_ops: bool = field(default=True, metadata={"help": "fastmim.ops fused kernels (--no-fused-ops: reference)"})
     # Mask + Target
     mask_ratio: float | None = field(

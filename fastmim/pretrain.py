@@ -265,7 +265,12 @@ def build_model(cfg: PretrainConfig, device: torch.device):
             f"model {cfg.model!r} is not a pretraining recipe (MAE models are mae_*, PixMIM pixmim_*, SimMIM simmim_*, "
             f"A2MIM a2mim_*, MaskFeat maskfeat_*, data2vec 2.0 data2vec2_*, I-JEPA ijepa_*, FCMAE fcmae_*){hint}"
         )
-    return fastmim.create_model(cfg.model, **kwargs).to(device)
+    model = fastmim.create_model(cfg.model, **kwargs).to(device)
+    if cfg.grad_ckpt:
+        from fastmim.models.vit import set_grad_ckpt
+
+        set_grad_ckpt(model)
+    return model
 
 
 def check_cuda_graph(cfg: PretrainConfig, device: torch.device) -> None:

@@ -25,7 +25,7 @@ from fastmim.masking import MaskInfo, Masks, build_mask
 from fastmim.masking.base import MaskStrategy
 from fastmim.methods.mae import register_vit_family
 from fastmim.models.pos_embed import sincos_2d
-from fastmim.models.vit import Block, VisionTransformer, init_weights
+from fastmim.models.vit import Block, VisionTransformer, checkpointed, init_weights
 from fastmim.ops import gather_visible, gather_visible_ref
 from fastmim.targets.teacher import TeacherOfEncoder
 
@@ -131,7 +131,7 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
         q = self.mask_token + gather(pos.repeat_interleave(k, 0), tgt_ids.flatten(0, 1))  # [B * K, T, Dp]
         x = torch.cat([x, q.to(x.dtype)], dim=1)
         for blk in self.predictor_blocks:
-            x = blk(x)
+            x = checkpointed(blk, x, enabled=self.grad_ckpt)
         return self.predictor_proj(self.predictor_norm(x[:, -t:]))
 
     def forward(

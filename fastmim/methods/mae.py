@@ -136,7 +136,8 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         # unshuffle + mask tokens + class token + position embedding (fused: in one pass)
         scatter = scatter_masked if self.fused_ops else scatter_masked_ref
         x = scatter(x[:, 1:, :], ids_restore, self.mask_token, self.decoder_pos_embed, x[:, :1, :])  # [B, 1 + N, Dd]
-        x = self.decoder_pred(run_blocks(self.decoder_blocks, x, self.decoder_norm, self.fused_norm))  # [B, 1+N, ppC]
+        x = run_blocks(self.decoder_blocks, x, self.decoder_norm, self.fused_norm, self.grad_ckpt)
+        x = self.decoder_pred(x)  # [B, 1 + N, p*p*C]
         return x[:, 1:, :]
 
     # --- Forward ---

@@ -136,6 +136,8 @@ class ClassifierHead(nn.Module):
 
 
 class ConvNeXtV2(nn.Module):
+    grad_ckpt = False  # per-block activation checkpointing of the masked (FCMAE) paths (``--grad-ckpt``)
+
     """ConvNeXt V2: a 4x4 stride-4 stem, four stages of ConvNeXt V2 blocks with 2x downsampling between them.
 
     Args:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmim.models.convnextv2 import Block, ConvNeXtV2, drop_path_keep
+from fastmim.models.vit import checkpointed
 from fastmim.ops import SparseLayout, sparse_dwconv
 from fastmim.ops import grn as fused_grn
 
@@ -112,7 +113,7 @@ def _dense_masked(model: ConvNeXtV2, imgs: torch.Tensor, masks: list[torch.Tenso
             x = _masked(stage.downsample[1](x), m[i])
         mc = m[i].permute(0, 2, 3, 1)  # [B, H, W, 1]
         for blk in stage.blocks:
-            x = _dense_masked_block(blk, x, m[i], mc)
+            x = checkpointed(_dense_masked_block, blk, x, m[i], mc, enabled=model.grad_ckpt)
     return x
 
 
@@ -168,7 +169,7 @@ def _sparse_rows(
             k = stage.blocks[0].conv_dw.kernel_size[0]
             nbr = layout.neighbors(k)  # [k*k, M], shared by the stage's blocks, forward and backward
         for blk in stage.blocks:
-            x = _rows_block(blk, x, nbr, layout.batch, b, uniform)
+            x = checkpointed(_rows_block, blk, x, nbr, layout.batch, b, uniform, enabled=model.grad_ckpt)
     return layouts[-1].scatter(x).permute(0, 3, 1, 2)  # [B, C, H/32, W/32]
 
 

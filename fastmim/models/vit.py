@@ -124,16 +124,27 @@ class Block(nn.Module):
         return h, self.mlp(y)
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, norm: nn.LayerNorm, fused_norm: bool = False) -> torch.Tensor:
+def checkpointed(fn, *args, enabled: bool = True):
+    """``fn(*args)``, its activations recomputed in the backward instead of kept (``torch.utils.checkpoint``,
+    non-reentrant, the RNG state replayed) when ``enabled`` and autograd records: activation checkpointing."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def run_blocks(
+    blocks: nn.ModuleList, x: torch.Tensor, norm: nn.LayerNorm, fused_norm: bool = False, grad_ckpt: bool = False
+) -> torch.Tensor:
     """``norm(blocks(x))``; with ``fused_norm`` every residual add is fused with the LayerNorm that follows it, the
-    last one with ``norm`` (whose output keeps the stream's dtype, as LayerNorm's under autocast)."""
+    last one with ``norm`` (whose output keeps the stream's dtype, as LayerNorm's under autocast); with ``grad_ckpt``
+    each block's activations are recomputed in the backward (per-block activation checkpointing)."""
     if not fused_norm or not len(blocks):
         for blk in blocks:
-            x = blk(x)
+            x = checkpointed(blk, x, enabled=grad_ckpt)
         return norm(x)
     delta = None
     for blk in blocks:
-        x, delta = blk.forward_fused(x, delta)
+        x, delta = checkpointed(blk.forward_fused, x, delta, enabled=grad_ckpt)
     s_dtype = torch.promote_types(x.dtype, delta.dtype)
     return add_layer_norm(delta, x, norm.weight, norm.bias, norm.eps, out_dtype=s_dtype)[0]
 
@@ -150,6 +161,8 @@ def init_weights(module: nn.Module) -> None:
 
 
 class VisionTransformer(nn.Module):
+    grad_ckpt = False  # per-block activation checkpointing (``fastmim.models.set_grad_ckpt``, ``--grad-ckpt``)
+
     """ViT encoder with a class token and fixed 2-D sin-cos position embeddings.
 
     Args:
@@ -225,7 +238,7 @@ class VisionTransformer(nn.Module):
         if self.class_token:
             cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)
-        return run_blocks(self.blocks, x, self.norm, self.fused_norm)
+        return run_blocks(self.blocks, x, self.norm, self.fused_norm, self.grad_ckpt)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, 1 + N, D] normalised tokens, class token first ([B, N, D] without one)."""
@@ -249,8 +262,27 @@ def vit_sizes() -> dict[str, dict]:
     }
 
 
+def set_grad_ckpt(model: nn.Module, enabled: bool = True) -> int:
+    """Turns per-block activation checkpointing on (or off) in every part of ``model`` that supports it (the ViTs'
+    encoder, decoder and predictor blocks; ConvNeXt V2's blocks); returns how many parts it set."""
+    parts = [m for m in model.modules() if hasattr(type(m), "grad_ckpt")]
+    for m in parts:
+        m.grad_ckpt = bool(enabled)
+    return len(parts)
+
+
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["Block", "PatchEmbed", "VisionTransformer", "init_weights", "run_blocks", "vit_sizes", "num_params"]
+__all__ = [
+    "Block",
+    "PatchEmbed",
+    "VisionTransformer",
+    "checkpointed",
+    "init_weights",
+    "num_params",
+    "run_blocks",
+    "set_grad_ckpt",
+    "vit_sizes",
+]
