@@ -198,10 +198,14 @@ want fcmae_compile && step "throughput: FCMAE ConvNeXtV2-Base under torch.compil
   --batch-size 64 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 --modes fastmim+compile,reference+compile \
   --out "$RESULTS/throughput.jsonl"
 
-want vit_l && step "throughput: MAE ViT-L/16, batch 128, bf16" &&
+want vit_l && step "throughput: MAE ViT-L/16, batch 128, bf16 (peak memory in the rows); then with --grad-ckpt" && {
   fits 120 "ViT-L throughput" && run 200 $PY benchmarks/throughput.py --model vit_large_patch16 --batch-size 128 \
-  --amp bf16 --steps 15 --warmup 4 --peak-tflops 790 --modes reference,fastmim,fastmim+compile \
-  --out "$RESULTS/throughput.jsonl"
+    --amp bf16 --steps 15 --warmup 4 --peak-tflops 790 --modes reference,fastmim,fastmim+compile \
+    --out "$RESULTS/throughput.jsonl"
+  fits 60 "ViT-L throughput, activation checkpointing" && run 120 $PY benchmarks/throughput.py \
+    --model vit_large_patch16 --batch-size 128 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 --modes fastmim \
+    --grad-ckpt --out "$RESULTS/throughput.jsonl"
+}
 
 want cli && step "CLI: the default demo run on CUDA"
 if want cli && fits 45 "CLI demo"; then

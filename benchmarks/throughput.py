@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import copy_bandwidth, environment, write_row  # noqa: E402
 from benchmarks.recipes import RECIPES, core_model, get_recipe  # noqa: E402
 from fastmim.masking import MaskInfo  # noqa: E402
+from fastmim.models.vit import set_grad_ckpt  # noqa: E402
 from fastmim.train.optim import build_adamw  # noqa: E402
 from fastmim.train.step import TrainStep  # noqa: E402
 
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_model_arg,
         help="a model keyword argument, e.g. depth=2 or mask_ratio=0.6 (repeatable)",
     )
+    ap.add_argument("--grad-ckpt", action="store_true", help="per-block activation checkpointing (as --grad-ckpt)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--amp", choices=sorted(AMP), default="bf16")
@@ -378,6 +380,8 @@ def run_mode(
     dtype = AMP[args.amp]
     torch.manual_seed(args.seed)
     model = recipe.build(model_name, impl, **model_kwargs(args)).to(device)
+    if args.grad_ckpt:
+        set_grad_ckpt(model)
     opt = build_adamw(model, 1.5e-4, 0.05, graph=graph)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # as the trainer does for fp16
     fwd = model
@@ -430,6 +434,7 @@ def run_mode(
     row = {
         "benchmark": "throughput", "recipe": recipe.name, "model": model_name, "mode": mode,
         "model_args": dict(args.model_arg) or None,
+        "grad_ckpt": args.grad_ckpt,
         "compile_mode": args.compile_mode if compiled else None, "cuda_graph": runner.capture,
         "batch_size": args.batch_size,
         "img_size": args.img_size, "amp": args.amp, "steps": args.steps, "warmup": args.warmup,

@@ -685,3 +685,14 @@ def test_ema_benchmark_smoke_on_cpu(tmp_path):
     assert row["update_ms"] > 0 and row["copy_ms"] > 0 and row["update_vs_copy"] > 0 and row["commit"]
     with pytest.raises(SystemExit):
         ema.main(["--model", "resnet50"])
+
+
+def test_throughput_grad_ckpt_flag(tmp_path):
+    """--grad-ckpt turns activation checkpointing on in the timed model and says so in the row."""
+    out = tmp_path / "rows.jsonl"
+    args = ["--model", "vit_tiny_patch16", "--img-size", "32", "--batch-size", "2", "--model-arg", "depth=1",
+            "--device", "cpu", "--amp", "none", "--steps", "1", "--warmup", "0", "--modes", "fastmim",
+            "--no-flop-count", "--grad-ckpt", "--out", str(out)]  # fmt: skip
+    assert throughput.main(args) == 0
+    (row,) = read_rows(out)
+    assert row["grad_ckpt"] is True and row["img_per_s"] > 0
