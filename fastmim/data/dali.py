@@ -327,10 +327,21 @@ class DaliLoader:
 
     # --- errors ---
     def _decode_error(self, e: Exception) -> Exception:
-        """DALI's error as a ``DaliDecodeError`` naming the sample when DALI names it ("Failed to decode sample");
-        any other error (an older DALI's message, out of memory in a decoder) is passed on as it is."""
+        """DALI's error as a ``DaliDecodeError`` naming the sample when DALI names it ("Failed to decode sample"), or
+        without a path when its image decoder reports an nvImageCodec failure (the DALI installed here does); any
+        other error (an older DALI's message, out of memory in a decoder) is passed on as it is."""
         text = str(e)
         found = re.search(r"Failed to decode sample #\d+ : (.+)", text)
+        codec = re.search(r"nvImageCodec failure[^\n]*", text)
+        if not found and codec and "decoders.image" in text:
+            # DALI on nvImageCodec reports an undecodable image without naming the file: say how to find it
+            reason = codec.group(0)
+            return DaliDecodeError(
+                f"DALI cannot decode an image of this batch and does not say which ({reason}); the run stops. Find "
+                "it with python -m fastmim.data.scan DATA_PATH (it names every file a decoder rejects), replace or "
+                "remove it, and resume",
+                None,
+            )
         if not found:
             return e
         path = found.group(1).strip()

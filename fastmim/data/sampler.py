@@ -27,12 +27,15 @@ class ResumableDistributedSampler(Sampler[int]):
         self.shuffle = shuffle
         self.epoch = 0
         self.start_index = 0
+        self.stop_index: int | None = None
         self.per_rank = -(-self.n // num_replicas)  # ceil
 
-    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
-        """Selects the epoch's order and the first sample (within this rank's share) to yield."""
+    def set_epoch(self, epoch: int, start_index: int = 0, stop_index: int | None = None) -> None:
+        """Selects the epoch's order, the first sample (within this rank's share) to yield and, with ``stop_index``,
+        where to stop: a run that ends inside the epoch (--max-steps) does not load what it will not use."""
         self.epoch = epoch
         self.start_index = start_index
+        self.stop_index = stop_index
 
     def _rank_indices(self) -> list[int]:
         if self.shuffle:
@@ -45,7 +48,8 @@ class ResumableDistributedSampler(Sampler[int]):
         return order[self.rank : total : self.num_replicas]
 
     def __iter__(self):
-        return iter(self._rank_indices()[self.start_index :])
+        return iter(self._rank_indices()[self.start_index : self.stop_index])
 
     def __len__(self) -> int:
-        return max(0, self.per_rank - self.start_index)
+        stop = self.per_rank if self.stop_index is None else min(self.stop_index, self.per_rank)
+        return max(0, stop - self.start_index)

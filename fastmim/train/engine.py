@@ -17,6 +17,7 @@ from tqdm import tqdm
 from fastmim.config import PretrainConfig, save_yaml
 from fastmim.data.dali import DaliDecodeError
 from fastmim.data.folder import BadImageError
+from fastmim.data.sampler import ResumableDistributedSampler
 from fastmim.masking import Masks
 from fastmim.train import checkpoint as ckpt
 from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier
@@ -257,7 +258,15 @@ class Trainer:
         n = len(self.dataset)
         idx = sorted({round(i * (n - 1) / 7) for i in range(8)}) if n > 1 else [0]
         tf = eval_transform(self.cfg.img_size)
-        imgs = torch.stack([tf(self.dataset.load(i)) for i in idx]).to(self.device)
+        shown = []
+        for i in idx:  # the pictures are for the eye: a file that cannot be read is skipped, not fatal
+            try:
+                shown.append(tf(self.dataset.load(i)))
+            except BadImageError as e:
+                print(f"reconstructions: skipped ({e.summary()})", flush=True)
+        if not shown:
+            return
+        imgs = torch.stack(shown).to(self.device)
         # after a whole epoch: epoch_<epochs done>; a stop inside an epoch: step_<steps done>
         name = f"epoch_{self.pos.epoch:04d}.png" if self.pos.batch == 0 else f"step_{self.pos.step:07d}.png"
         with self.autocast():
@@ -292,7 +301,12 @@ class Trainer:
         for epoch in range(self.pos.epoch, cfg.epochs):
             self.pos.epoch = epoch
             start = self.pos.batch
-            self.sampler.set_epoch(epoch, start * cfg.batch_size)
+            if isinstance(self.sampler, ResumableDistributedSampler):  # stop where the run will (--max-steps)
+                left = (self.total_steps - self.pos.step) * cfg.accum_iter - self.pos.batch % cfg.accum_iter
+                stop = min(self.batches_per_epoch, start + left) * cfg.batch_size
+                self.sampler.set_epoch(epoch, start * cfg.batch_size, stop)
+            else:  # DALI reads ahead in its own pipeline
+                self.sampler.set_epoch(epoch, start * cfg.batch_size)
             if hasattr(self.dataset, "set_epoch"):  # augmentation seeded per (seed, epoch, index): exact resume
                 self.dataset.set_epoch(epoch)
             collate = getattr(self.loader, "collate_fn", None)
@@ -367,9 +381,9 @@ class Trainer:
             if self.pos.batch == self.batches_per_epoch:  # the epoch is complete
                 self.pos.epoch, self.pos.batch = epoch + 1, 0
             last = self.pos.step >= self.total_steps
+            self.save()  # before the pictures: nothing they do can cost the checkpoint
             if last or self.pos.batch == 0 and self.pos.epoch % cfg.vis_interval == 0:
                 self.visualize()
-            self.save()
             if last:
                 break
         self.logger.close()

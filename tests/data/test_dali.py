@@ -212,14 +212,21 @@ def test_a_bad_file_met_in_training_checkpoints_names_the_file_and_the_run_resum
 
 
 def test_only_errors_that_name_a_sample_become_decode_errors(files):
-    """DALI 2.x names the sample it cannot decode; any other error (an older DALI's message, out of memory in the
-    GPU decoder) passes through unchanged rather than being blamed on a file."""
+    """DALI 2.x names the sample it cannot decode; on nvImageCodec it reports a failure without a file (a decode
+    error that says how to find it); any other error (an older DALI's message, out of memory in the GPU decoder)
+    passes through unchanged rather than being blamed on a file."""
     ld = loader(files)
     named = RuntimeError("Error in CPU operator `nvidia.dali.fn.decoders.image_random_crop`\nencountered:\n\n"
                          "Failed to decode sample #3 : /data/x/bad file.jpg\nCurrent pipeline object is no longer "
                          "valid.")  # fmt: skip
     err = ld._decode_error(named)
     assert isinstance(err, DaliDecodeError) and err.path == "/data/x/bad file.jpg"
+    unnamed = RuntimeError("Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image_random"
+                           "_crop`,\nencountered:\n\nnvImageCodec failure: '#4'\nCurrent pipeline object is no longer "
+                           "valid.")  # fmt: skip
+    err = ld._decode_error(unnamed)  # nvImageCodec's report names no file: the message says how to find it
+    assert isinstance(err, DaliDecodeError) and err.path is None and "fastmim.data.scan" in str(err)
+    assert "nvImageCodec failure: '#4'" in str(err)
     for other in (RuntimeError("Error in CPU operator `nvidia.dali.fn.decoders.image_random_crop`: bad stream"),
                   RuntimeError("Error in MIXED operator `nvidia.dali.fn.decoders.image`: out of memory")):  # fmt: skip
         assert ld._decode_error(other) is other

@@ -162,3 +162,36 @@ def test_a_run_that_died_before_its_first_checkpoint_restarts_in_place(image_fol
     assert (out / "checkpoint.pt").exists() and "moved to unfinished-" in capsys.readouterr().out
     err = fails(args, capsys)
     assert "already holds a run" in err and "Nothing was overwritten" in err
+
+
+@pytest.mark.slow
+def test_max_steps_stops_before_loading_what_it_will_not_use(tmp_path, capsys, monkeypatch):
+    """--max-steps 2 on an epoch of 3 batches: the loader (2 workers, which read ahead) never loads the third batch,
+    which holds an unreadable file; the reconstructions skip it too; the run ends with its checkpoint."""
+    from fastmim.data.folder import ImageFolderDataset
+    from fastmim.data.sampler import ResumableDistributedSampler
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "d", n=12)
+    sampler = ResumableDistributedSampler(12, seed=0)
+    sampler.set_epoch(0)
+    order = list(sampler)
+    files = ImageFolderDataset(data).files
+    with open(files[order[8]], "wb") as f:
+        f.write(b"not an image")
+    log = tmp_path / "loaded.txt"
+    real = ImageFolderDataset.__getitem__
+
+    def logged(self, index):  # runs in the loader workers: a file records what they load
+        with open(log, "a") as f:
+            f.write(f"{index}\n")
+        return real(self, index)
+
+    monkeypatch.setattr(ImageFolderDataset, "__getitem__", logged)
+    out = tmp_path / "o"
+    args = [*TINY_ARGS, "--data-path", str(data), "--output-dir", str(out), "--max-steps", "2", "--num-workers", "2",
+            "--loader", "torch"]  # fmt: skip
+    pretrain.run(args)
+    loaded = {int(x) for x in log.read_text().split()}
+    assert loaded == set(order[:8])  # the two batches trained on, nothing of the third
+    assert (out / "checkpoint.pt").exists() and "reconstructions: skipped" in capsys.readouterr().out
