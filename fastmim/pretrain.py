@@ -321,8 +321,10 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     if info.is_main:
         save_yaml(cfg, out / "config.yaml")
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        per_node = info.local_world_size
+        nodes = f" ({info.world_size // per_node} nodes x {per_node})" if 0 < per_node < info.world_size else ""
         print(
-            f"fastmim: {cfg.model} ({n_params:.1f}M params) on {device} x{info.world_size}, "
+            f"fastmim: {cfg.model} ({n_params:.1f}M params) on {device} x{info.world_size}{nodes}, "
             f"amp={trainer.amp_dtype or 'fp32'}, native ext={'yes' if _ext.available() else 'no'}\n"
             f"  data: {len(dataset)} images from {dataset.root}, loader {loader_desc}: {why}\n"
             f"  batch {eff_batch} (= {cfg.batch_size} x {cfg.accum_iter} accum x {info.world_size} procs), "

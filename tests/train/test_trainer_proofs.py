@@ -249,3 +249,36 @@ def test_ddp_with_accumulation_equals_one_process(image_folder, tmp_path, graph)
     _assert_states_close(a, b, atol=1e-6, rel=1e-5)
     for ra, rb in zip(_metrics(one), _metrics(ddp), strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_nodes_by_localhost_rendezvous_equal_one_process(image_folder, tmp_path):
+    """Two torchrun "nodes" of one process each, joined by a c10d rendezvous on localhost (the multi-node command of
+    the README), train what one process with their combined batch trains; each node's launcher environment
+    (LOCAL_RANK 0, LOCAL_WORLD_SIZE 1) is read, not assumed from WORLD_SIZE."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes, one = tmp_path / "nodes", tmp_path / "one"
+    args = _set(_args(image_folder, nodes, "--max-steps", "3"), "--batch-size", "4")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+              "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+              "--rdzv_id", "fastmim-test"]  # fmt: skip
+    procs = [subprocess.Popen([*launch, "-m", "fastmim.pretrain", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
+    banner = next(o for o in outs if "batch 8 (= 4 x 1 accum x 2 procs)" in o)
+    assert "on cpu x2 (2 nodes x 1)" in banner  # LOCAL_WORLD_SIZE read from each node's launcher
+    pretrain.run(_set(_args(image_folder, one, "--max-steps", "3"), "--batch-size", "8"))
+    a, b = load_checkpoint(one / "checkpoint.pt"), load_checkpoint(nodes / "checkpoint.pt")
+    assert a["step"] == b["step"] == 3 and len(set(b["weights_sum_per_rank"])) == 1
+    _assert_states_close(a, b, atol=1e-6, rel=1e-5)
