@@ -78,6 +78,11 @@ class PretrainConfig:
     dali_device: str = field(
         default="auto", metadata={"help": "DALI decoding: auto (mixed = nvJPEG on a CUDA run, else cpu), mixed, cpu"}
     )
+    skip_bad_files: bool = field(
+        default=False,
+        metadata={"help": "torch loader: replace an unreadable image by another sample (a fixed choice), counted as "
+                          "skipped_files in metrics.jsonl, instead of stopping the run"},
+    )  # fmt: skip
     allow_unscanned: bool = field(
         default=False,
         metadata={"help": "let DALI read a folder never checked by python -m fastmim.data.scan (a bad file stops "

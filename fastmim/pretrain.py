@@ -112,6 +112,11 @@ def choose_loader(cfg: PretrainConfig, device: torch.device) -> tuple[str, str |
 
     if cfg.loader == "torch":
         return "torch", cfg.data_path, "--loader torch"
+    if cfg.skip_bad_files and cfg.loader == "dali":
+        raise UsageError("--skip-bad-files needs --loader torch: DALI cannot skip a sample (scan the data with "
+                         "python -m fastmim.data.scan instead: DALI then reads only the good files)")  # fmt: skip
+    if cfg.skip_bad_files and cfg.loader == "auto":
+        return "torch", cfg.data_path, "--skip-bad-files (DALI cannot skip a sample)"
     why_not = dali_problem()
     if why_not:
         if cfg.loader == "dali":
@@ -188,9 +193,9 @@ def build_loader(cfg: PretrainConfig, kind: str, dataset, masks, info: DistInfo,
     worker_masks = masks if masks.has_cpp and _ext.available() else None
     loader, sampler = build_pretrain_loader(
         dataset, cfg.batch_size, workers, info.rank, info.world_size, cfg.seed, pin_memory=device.type == "cuda",
-        masks=worker_masks,
+        masks=worker_masks, skip_bad=cfg.skip_bad_files,
     )  # fmt: skip
-    return loader, sampler, f"torch ({workers} workers)"
+    return loader, sampler, f"torch ({workers} workers{', skipping unreadable files' if cfg.skip_bad_files else ''})"
 
 
 def build_model(cfg: PretrainConfig, device: torch.device):

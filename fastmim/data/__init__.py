@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastmim.data.folder import ImageFolderDataset, list_images, usable_cpus
+from fastmim.data.folder import BadImageError, ImageFolderDataset, list_images, usable_cpus
 from fastmim.data.sampler import ResumableDistributedSampler
 from fastmim.data.samples import default_dataset_path
 from fastmim.data.transforms import denormalize, eval_transform, pretrain_transform
@@ -26,18 +26,52 @@ def default_num_workers(local_world_size: int = 1) -> int:
     return max(1, min(8, usable_cpus() // max(1, local_world_size) - 1))
 
 
+SKIP_TRIES = 64  # replacements tried for one unreadable sample before giving up
+
+
+def replacement_index(index: int, k: int, n: int, seed: int = 0) -> int:
+    """The k-th (k >= 1) stand-in for sample ``index`` of ``n``: a fixed function of (seed, index, k), never the
+    sample itself."""
+    j = (index * 2654435761 + k * 40503 + seed * 97) % n
+    return j if j != index else (j + 1) % n
+
+
+def decode_indices(idx: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A batch's indices from ``WithIndex`` -> (the dataset indices of the samples in it, how many stand in for an
+    unreadable one): a stand-in for sample i is sent as -1 - j, j its own index."""
+    stand_ins = idx < 0
+    n = int(stand_ins.sum())
+    return (torch.where(stand_ins, -1 - idx, idx) if n else idx), n
+
+
 class WithIndex(torch.utils.data.Dataset):
     """``dataset[i]`` as ``(dataset[i], i)``: the loader's batches carry their dataset indices, from which the
-    trainer draws each sample's mask (a pure function of seed, epoch and index)."""
+    trainer draws each sample's mask (a pure function of seed, epoch and index).
 
-    def __init__(self, dataset: torch.utils.data.Dataset):
-        self.dataset = dataset
+    ``skip_bad``: an unreadable sample (``BadImageError``) is replaced by ``replacement_index(i, 1, ...)`` (then 2,
+    ...: a fixed choice, the same in every run) and sent as ``(dataset[j], -1 - j)``; ``decode_indices`` turns that
+    back into j and counts it."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, skip_bad: bool = False, seed: int = 0):
+        self.dataset, self.skip_bad, self.seed = dataset, skip_bad, seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        return self.dataset[index], index
+        if not self.skip_bad:
+            return self.dataset[index], index
+        try:
+            return self.dataset[index], index
+        except BadImageError as first:
+            n = len(self.dataset)
+            for k in range(1, SKIP_TRIES + 1):
+                j = replacement_index(index, k, n, self.seed)
+                try:
+                    return self.dataset[j], -1 - j
+                except BadImageError:
+                    continue
+            raise BadImageError(f"{first.summary()} (and its {SKIP_TRIES} stand-ins cannot be read either)") from first
 
 
 class MaskCollate:
@@ -55,7 +89,7 @@ class MaskCollate:
 
     def __call__(self, batch: list):
         imgs, idx = torch.utils.data.default_collate(batch)
-        masks = self.strategy(indices=idx, epoch=self.epoch, device="cpu")
+        masks = self.strategy(indices=decode_indices(idx)[0], epoch=self.epoch, device="cpu")
         return (imgs, idx, masks.mask) if masks.targets is None else (imgs, idx, masks.mask, masks.targets)
 
 
@@ -68,10 +102,11 @@ def build_pretrain_loader(
     seed: int = 0,
     pin_memory: bool = False,
     masks=None,
+    skip_bad: bool = False,
 ) -> tuple[torch.utils.data.DataLoader, ResumableDistributedSampler]:
     """A drop-last loader over a resumable, sharded sampler, yielding (images, dataset indices), plus each sample's
-    mask when a CPU mask strategy ``masks`` is given (``MaskCollate``); raises if the data cannot fill one global
-    batch."""
+    mask when a CPU mask strategy ``masks`` is given (``MaskCollate``); ``skip_bad``: unreadable samples replaced
+    (``WithIndex``); raises if the data cannot fill one global batch."""
     if len(dataset) < batch_size * world_size:
         raise ValueError(
             f"the dataset has {len(dataset)} images, fewer than one global batch "
@@ -79,7 +114,7 @@ def build_pretrain_loader(
         )
     sampler = ResumableDistributedSampler(len(dataset), world_size, rank, seed=seed)
     loader = torch.utils.data.DataLoader(
-        WithIndex(dataset),
+        WithIndex(dataset, skip_bad, seed),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastmim.config import PretrainConfig, save_yaml
+from fastmim.data import decode_indices
 from fastmim.data.dali import DaliDecodeError
 from fastmim.data.folder import BadImageError
 from fastmim.data.sampler import ResumableDistributedSampler
@@ -106,6 +107,7 @@ class Trainer:
         # every token and take any count per sample (MaskFeat's BEiT masks stop short of the target)
         drops_tokens = getattr(self.raw_model, "drops_tokens", True)
         self.after_step = getattr(self.raw_model, "after_step", None)
+        self.skipped_files = 0  # unreadable samples replaced (--skip-bad-files) by this rank in this run
         if hasattr(self.raw_model, "set_total_steps"):  # a schedule over the whole run (I-JEPA's teacher momentum):
             # over the configured epochs, as the learning rate's; --max-steps stops a run early, it does not shorten it
             self.raw_model.set_total_steps(self.steps_per_epoch * self.cfg.epochs)
@@ -324,6 +326,9 @@ class Trainer:
                     self._stop_on_bad_file(b)
                     e.resumable = (self.output_dir / ckpt.CHECKPOINT_NAME).exists()  # what the error can advise
                     raise
+                if self.cfg.skip_bad_files:  # stand-ins for unreadable samples come as -1 - index: counted
+                    idx, stand_ins = decode_indices(idx)
+                    self.skipped_files += stand_ins
                 if drawn:  # the mask, and the target blocks of a multi-block mask
                     masks = Masks(drawn[0], targets=drawn[1] if len(drawn) > 1 else None,
                                   num_hidden=self.masks.exact_hidden or _cpu_count(drawn[0]))  # fmt: skip
@@ -360,6 +365,8 @@ class Trainer:
                     ips = (self.pos.step - step_log) * self.images_per_step / max(now - t_log, 1e-9)
                     row = {"epoch": epoch + self.pos.batch / self.batches_per_epoch, "loss": loss_avg, "lr": lr_now,
                            "img_per_s": ips}  # fmt: skip
+                    if cfg.skip_bad_files:  # every rank's count so far (this run)
+                        row["skipped_files"] = int(sum(self._from_every_rank(self.skipped_files)))
                     if self.device.type == "cuda":
                         row["max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                     self.logger.log(row, self.pos.step)

@@ -195,3 +195,42 @@ def test_max_steps_stops_before_loading_what_it_will_not_use(tmp_path, capsys, m
     loaded = {int(x) for x in log.read_text().split()}
     assert loaded == set(order[:8])  # the two batches trained on, nothing of the third
     assert (out / "checkpoint.pt").exists() and "reconstructions: skipped" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_skip_bad_files_replaces_them_by_a_fixed_choice_and_counts_them(tmp_path, capsys):
+    """--skip-bad-files: two unreadable files of 12 are replaced, every epoch, by the same stand-ins (2 loader
+    workers or none: the same weights), counted as skipped_files in metrics.jsonl; DALI is refused, not chosen."""
+    import json
+
+    import torch
+
+    from fastmim.data import WithIndex, decode_indices, replacement_index
+    from fastmim.data.folder import ImageFolderDataset
+    from fastmim.train.checkpoint import load_checkpoint
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "d", n=12)
+    files = ImageFolderDataset(data).files
+    for i in (3, 7):
+        with open(files[i], "wb") as f:
+            f.write(b"not an image")
+    ds = WithIndex(ImageFolderDataset(data), skip_bad=True)
+    img, sent = ds[3]
+    stand_in = replacement_index(3, 1, 12)
+    assert sent == -1 - stand_in and stand_in not in (3, 7) and img.size == (72, 80)
+    idx, n = decode_indices(torch.tensor([0, sent, 5]))
+    assert idx.tolist() == [0, stand_in, 5] and n == 1
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        pretrain.run([*TINY_ARGS, "--data-path", str(data), "--output-dir", str(out), "--epochs", "2",
+                      "--num-workers", str(workers), "--skip-bad-files", "--log-interval", "1"])  # fmt: skip
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["skipped_files"] == 4  # 2 files x 2 epochs
+        runs[workers] = load_checkpoint(out / "checkpoint.pt")["model"]
+    for k, v in runs[0].items():
+        torch.testing.assert_close(runs[2][k], v, rtol=0, atol=0, msg=k)
+    err = fails([*TINY_ARGS, "--data-path", str(data), "--output-dir", str(tmp_path / "x"), "--skip-bad-files",
+                 "--loader", "dali"], capsys)  # fmt: skip
+    assert "--skip-bad-files needs --loader torch" in err
