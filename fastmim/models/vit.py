@@ -259,6 +259,7 @@ def vit_sizes() -> dict[str, dict]:
         "base": dict(embed_dim=768, depth=12, num_heads=12),
         "large": dict(embed_dim=1024, depth=24, num_heads=16),
         "huge": dict(embed_dim=1280, depth=32, num_heads=16),
+        "giant": dict(embed_dim=1408, depth=40, num_heads=16, mlp_ratio=48 / 11),  # timm's vit_giant_patch14
     }
 
 
