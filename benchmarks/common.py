@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -88,3 +89,27 @@ def copy_bandwidth(device: torch.device, measure_ms, mbytes: int) -> float:
     src = torch.empty(mbytes * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
     return 2 * src.numel() * 4 / (measure_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
+
+
+def call_timer(device: torch.device, reps: int, warmup: int):
+    """measure(fn) -> list of per-call seconds (CUDA events on a GPU, perf_counter on CPU), after warm-up calls."""
+
+    def measure(fn):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return times
+
+    return measure

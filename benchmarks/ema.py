@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,33 +20,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import environment, write_row  # noqa: E402
+from benchmarks.common import call_timer, environment, write_row  # noqa: E402
 from fastmim.models.vit import VisionTransformer, vit_sizes  # noqa: E402
 from fastmim.targets.teacher import DATA2VEC2_MOMENTUM, EMATeacher  # noqa: E402
-
-
-def timer(device: torch.device, reps: int):
-    """measure(fn) -> median ms: CUDA events around each call on a GPU, perf_counter on CPU."""
-
-    def measure(fn) -> float:
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-    return measure
 
 
 def main(argv=None) -> int:
@@ -71,7 +46,10 @@ def main(argv=None) -> int:
     params = [p for p in student.parameters()]
     mine = list(teacher.model.parameters())
     n = sum(p.numel() for p in params)
-    measure = timer(device, reps)
+    times = call_timer(device, reps, warmup=3)
+
+    def measure(fn) -> float:  # median ms
+        return statistics.median(times(fn)) * 1e3
 
     def loop():
         m = teacher.momentum()

@@ -219,9 +219,7 @@ class SeparatePasses(nn.Module):
     def forward(self, imgs: torch.Tensor, mask=None):
         m = self.model.num_masks
         if mask is None:
-            seed = int(torch.randint(0, 2**62, (1,)))
-            copies = torch.arange(imgs.shape[0] * m)
-            mask = self.model.mask_strategy()(indices=copies, seed=seed, num_masks=1, device=imgs.device).info()
+            mask = self.model.mask_strategy().draw(imgs.shape[0] * m, imgs.device, num_masks=1).info()
         return self.model(imgs.repeat_interleave(m, 0), mask=mask)
 
 

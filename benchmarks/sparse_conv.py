@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fastmim  # noqa: E402
-from benchmarks.common import environment, write_row  # noqa: E402
+from benchmarks.common import call_timer, environment, write_row  # noqa: E402
 from fastmim.models.convnextv2_sparse import BACKENDS, sparse_forward  # noqa: E402
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,30 +55,6 @@ def patch_visible(batch: int, grid: tuple[int, int], ratio: float, generator: to
     visible = torch.zeros(batch, n, dtype=torch.bool)
     visible.scatter_(1, ids, True)
     return visible.view(batch, *grid)
-
-
-def timer(device: torch.device, reps: int, warmup: int):
-    """measure(fn) -> list of per-call seconds (CUDA events on a GPU, perf_counter on CPU), after warm-up calls."""
-
-    def measure(fn):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return times
-
-    return measure
 
 
 def main(argv=None) -> int:
@@ -123,7 +98,7 @@ def main(argv=None) -> int:
         ap.error(f"--img-size must be a multiple of 32, got {args.img_size}")
     grid = (args.img_size // 32, args.img_size // 32)
     imgs = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
-    measure = timer(device, reps, args.warmup)
+    measure = call_timer(device, reps, args.warmup)
     env = environment(device)
     gen = torch.Generator().manual_seed(0)
 

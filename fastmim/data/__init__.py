@@ -59,11 +59,11 @@ class WithIndex(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        if not self.skip_bad:
-            return self.dataset[index], index
         try:
             return self.dataset[index], index
         except BadImageError as first:
+            if not self.skip_bad:
+                raise
             n = len(self.dataset)
             for k in range(1, SKIP_TRIES + 1):
                 j = replacement_index(index, k, n, self.seed)

@@ -204,6 +204,12 @@ class MaskStrategy(abc.ABC):
             out.num_hidden = self.exact_hidden
         return out
 
+    def draw(self, batch: int, device: torch.device | str | None = None, **kw) -> Masks:
+        """Masks for samples 0 .. batch-1 under a seed drawn from torch's RNG: a model's own draw when it is given no
+        masks (seeding and resume cover it). ``kw``: as ``__call__`` (num_masks, per-batch inputs)."""
+        seed = int(torch.randint(0, 2**62, (1,)))
+        return self(indices=torch.arange(batch), seed=seed, device=device, **kw)
+
     @property
     def exact_hidden(self) -> int | None:
         """Hidden tokens in every mask (tube: per frame times frames) where the strategy makes the count exact."""

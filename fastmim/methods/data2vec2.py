@@ -122,8 +122,7 @@ class Data2Vec2ViT(TeacherOfEncoder, VisionTransformer):
         return build_mask("inverse_block", self.grid_size, seed=seed, num_masks=self.num_masks, **params)
 
     def make_mask(self, batch: int, device: torch.device, mask_ratio: float | None = None) -> MaskInfo:
-        seed = int(torch.randint(0, 2**62, (1,)))  # from torch's RNG, so seeding and resume cover it
-        return self.mask_strategy(ratio=mask_ratio)(indices=torch.arange(batch), seed=seed, device=device).info()
+        return self.mask_strategy(ratio=mask_ratio).draw(batch, device).info()
 
     # --- Target: the EMA teacher ---
     @torch.no_grad()

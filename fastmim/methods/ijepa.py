@@ -105,8 +105,7 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
         return build_mask("multiblock", self.grid_size, seed=seed, batch_shared=self.batch_shared, **params)
 
     def make_masks(self, batch: int, device: torch.device) -> Masks:
-        seed = int(torch.randint(0, 2**62, (1,)))  # from torch's RNG, so seeding and resume cover it
-        return self.mask_strategy()(indices=torch.arange(batch), seed=seed, device=device)
+        return self.mask_strategy().draw(batch, device)
 
     # --- Target: the EMA teacher ---
     def set_total_steps(self, total: int) -> None:

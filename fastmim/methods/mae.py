@@ -107,8 +107,7 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         if self._mask_strategy is None or self._mask_strategy_ratio != ratio:
             self._mask_strategy = self.mask_strategy(ratio=ratio)
             self._mask_strategy_ratio = ratio
-        seed = int(torch.randint(0, 2**62, (1,)))  # from torch's RNG, so seeding and resume cover it
-        return self._mask_strategy(indices=torch.arange(batch), seed=seed, device=device).info()
+        return self._mask_strategy.draw(batch, device).info()
 
     def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:
         """This model's masks as a ``fastmim.masking`` strategy: a pure function of (seed, epoch, sample index), which

@@ -43,9 +43,7 @@ class MaskTokenViT(VisionTransformer):
         return super().no_weight_decay() | {"mask_token"}
 
     def make_mask(self, batch: int, device: torch.device, mask_ratio: float | None = None) -> MaskInfo:
-        seed = int(torch.randint(0, 2**62, (1,)))  # from torch's RNG, so seeding and resume cover it
-        masks = self.mask_strategy(ratio=mask_ratio)(indices=torch.arange(batch), seed=seed, device=device)
-        return masks.info(ids=False)
+        return self.mask_strategy(ratio=mask_ratio).draw(batch, device).info(ids=False)
 
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W], mask [B, N] (1 = hidden) -> [B, 1 + N, D]."""
