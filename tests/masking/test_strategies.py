@@ -248,6 +248,13 @@ def test_multiblock_batch_shared_is_ijepas_collator():
     assert (~per_sample.mask).flatten(1).sum(1).float().mean() > sum(kept) / 12 + 15  # ~90, untruncated
 
 
+def test_multiblock_batch_shared_names_a_context_that_cannot_keep_min_keep():
+    """On 4x4 I-JEPA's context size shrinks to 3x3 (below the side), 9 tokens: min_keep=10 cannot hold."""
+    s = build_mask("multiblock", 4, batch_shared=True, min_keep=10)
+    with pytest.raises(ValueError, match="a 3x3 context block cannot keep more than min_keep=10 tokens"):
+        s(4)
+
+
 def test_several_masks_per_sample():
     """num_masks M: [B * M] sample-major, mask 0 is the single draw, each mask a pure function of (index, j)."""
     s = build_mask("inverse_block", 14, seed=3)

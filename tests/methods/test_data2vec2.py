@@ -159,6 +159,10 @@ def test_bad_mask_counts_and_options():
         _tiny(num_masks=0)
     with pytest.raises(ValueError, match=r"top_k must be in \[1, depth=3\]"):
         _tiny(top_k=4)
+    with pytest.raises(ValueError, match="kernel must be odd"):
+        _tiny(decoder_kernel=4)
+    with pytest.raises(ValueError, match="embed_dim 192 is not divisible by groups 5"):
+        _tiny(decoder_groups=5)
 
 
 def test_encoder_exports_to_timm():
