@@ -205,14 +205,26 @@ want vit_l && step "throughput: MAE ViT-L/16, batch 128, bf16 (peak memory in th
   fits 60 "ViT-L throughput, activation checkpointing" && run 120 $PY benchmarks/throughput.py \
     --model vit_large_patch16 --batch-size 128 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 --modes fastmim \
     --grad-ckpt --out "$RESULTS/throughput.jsonl"
+  # FSDP2 over one GPU (a group of one): its own cost in time and memory (bf16 gathered weights), predicted in
+  # benchmarks/notes/fsdp.md
+  fits 60 "ViT-L throughput, FSDP + activation checkpointing" && run 120 $PY benchmarks/throughput.py \
+    --model vit_large_patch16 --batch-size 128 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 --modes fastmim \
+    --grad-ckpt --fsdp --out "$RESULTS/throughput.jsonl"
 }
 
 want cli && step "CLI: the default demo run on CUDA"
-if want cli && fits 45 "CLI demo"; then
+if want cli && fits 90 "CLI demo, --fsdp"; then
   rm -rf "$SCRATCH/demo"
   run 60 $PY -m fastmim.pretrain --output-dir "$SCRATCH/demo" >"$SCRATCH/demo.log" 2>&1
   tr '\r' '\n' <"$SCRATCH/demo.log" | grep -v "it/s]$" | tail -4
   cp "$SCRATCH/demo/metrics.jsonl" "$RESULTS/demo_metrics.jsonl" 2>/dev/null
+  # --fsdp on NCCL (a group of one), bf16 gathered weights, the fastmim kernels: trains, checkpoints, resumes
+  rm -rf "$SCRATCH/fsdp"
+  run 60 $PY -m fastmim.pretrain --fsdp --max-steps 4 --save-interval 2 --output-dir "$SCRATCH/fsdp" \
+    >"$SCRATCH/fsdp.log" 2>&1 && run 60 $PY -m fastmim.pretrain --resume --output-dir "$SCRATCH/fsdp" \
+    --max-steps 6 >>"$SCRATCH/fsdp.log" 2>&1
+  tr '\r' '\n' <"$SCRATCH/fsdp.log" | grep -v "it/s]$" | tail -6
+  cp "$SCRATCH/fsdp/metrics.jsonl" "$RESULTS/fsdp_metrics.jsonl" 2>/dev/null
 fi
 
 step "results of this run"

@@ -52,6 +52,7 @@ from benchmarks.common import copy_bandwidth, environment, write_row  # noqa: E4
 from benchmarks.recipes import RECIPES, core_model, get_recipe  # noqa: E402
 from fastmim.masking import MaskInfo  # noqa: E402
 from fastmim.models.vit import set_grad_ckpt  # noqa: E402
+from fastmim.train.fsdp import init_single_process_group, shard_model  # noqa: E402
 from fastmim.train.optim import build_adamw  # noqa: E402
 from fastmim.train.step import TrainStep  # noqa: E402
 
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a model keyword argument, e.g. depth=2 or mask_ratio=0.6 (repeatable)",
     )
     ap.add_argument("--grad-ckpt", action="store_true", help="per-block activation checkpointing (as --grad-ckpt)")
+    ap.add_argument("--fsdp", action="store_true", help="FSDP2 over a group of one process: FSDP's own cost")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--amp", choices=sorted(AMP), default="bf16")
@@ -151,6 +153,8 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
         ap.error(f"--device {args.device}: CUDA is not available here (use --device cpu)")
     if args.amp == "fp16" and not args.device.startswith("cuda"):
         ap.error("--amp fp16 needs a CUDA device (CPU autocast runs bf16 or none)")
+    if args.fsdp and (args.amp == "fp16" or any("+" in m for m in args.modes)):
+        ap.error("--fsdp runs the eager modes (reference, fastmim) with --amp bf16 or none, as the trainer's --fsdp")
 
 
 # --- timing -------------------------------------------------------------------------------------------------------
@@ -382,6 +386,9 @@ def run_mode(
     model = recipe.build(model_name, impl, **model_kwargs(args)).to(device)
     if args.grad_ckpt:
         set_grad_ckpt(model)
+    if args.fsdp:
+        init_single_process_group(device)
+        shard_model(model, dtype)
     opt = build_adamw(model, 1.5e-4, 0.05, graph=graph)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # as the trainer does for fp16
     fwd = model
@@ -434,7 +441,7 @@ def run_mode(
     row = {
         "benchmark": "throughput", "recipe": recipe.name, "model": model_name, "mode": mode,
         "model_args": dict(args.model_arg) or None,
-        "grad_ckpt": args.grad_ckpt,
+        "grad_ckpt": args.grad_ckpt, "fsdp": args.fsdp,
         "compile_mode": args.compile_mode if compiled else None, "cuda_graph": runner.capture,
         "batch_size": args.batch_size,
         "img_size": args.img_size, "amp": args.amp, "steps": args.steps, "warmup": args.warmup,
@@ -549,6 +556,8 @@ def main(argv=None) -> int:
         print(f"  {mode:<18} {status}", file=sys.stderr)
         write_row({**row, **common, **env}, args.out)  # now: a later mode that fails or times out loses only itself
     print_summary(rows)
+    if args.fsdp and torch.distributed.is_initialized():  # the group of one the FSDP modes made
+        torch.distributed.destroy_process_group()
     return 1 if any("error" in r for r in rows) else 0
 
 

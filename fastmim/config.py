@@ -109,6 +109,11 @@ class PretrainConfig:
         metadata={"help": "replay each training step from a CUDA graph (CUDA only; captured after 3 eager steps)"},
     )
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    fsdp: bool = field(
+        default=False,
+        metadata={"help": "shard weights, gradients and optimizer state over the processes (FSDP2, per block; "
+                          "sharded checkpoint.dcp/ checkpoints); the default is DDP"},
+    )  # fmt: skip
     # run
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda, cuda:N"})
     seed: int = field(default=0, metadata={"help": "random seed"})

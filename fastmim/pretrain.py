@@ -17,7 +17,7 @@ import torch
 from fastmim.config import PretrainConfig, apply_overrides, cli_overrides, load_yaml, save_yaml
 from fastmim.data.dali import DaliDecodeError
 from fastmim.data.folder import BadImageError
-from fastmim.train.checkpoint import CHECKPOINT_NAME, existing_run_markers, load_checkpoint
+from fastmim.train.checkpoint import CHECKPOINT_NAME, existing_run_markers, load_checkpoint, run_checkpoint
 from fastmim.train.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from fastmim.train.preempt import REQUEUE_EXIT, Preempted
 
@@ -30,7 +30,7 @@ def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]
     """defaults < saved run config (when resuming) < --config YAML < flags. Returns (config, checkpoint or None).
 
     ``resume`` and ``output_dir`` may come from the YAML file or the flags; with ``resume: auto`` the checkpoint is
-    ``output_dir/checkpoint.pt``.
+    ``output_dir/checkpoint.pt`` (or the sharded ``checkpoint.dcp/`` of an --fsdp run).
     """
     config_path, flags = cli_overrides(argv)
     from_yaml = load_yaml(config_path) if config_path else {}
@@ -42,7 +42,7 @@ def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]
         if resume == "auto":
             if not out:
                 raise UsageError("--resume without a checkpoint path needs --output-dir (the run to continue)")
-            ckpt_path = Path(out) / CHECKPOINT_NAME
+            ckpt_path = run_checkpoint(out) or Path(out) / CHECKPOINT_NAME
         else:
             ckpt_path = Path(resume)
         state = load_checkpoint(ckpt_path)
@@ -69,11 +69,11 @@ def prepare_output_dir(cfg: PretrainConfig, info: DistInfo) -> Path:
     if info.is_main:
         markers = existing_run_markers(out)
         resuming_here = cfg.resume is not None and Path(cfg.resume).resolve().parent == out.resolve()
-        if markers and CHECKPOINT_NAME not in markers and not resuming_here:
+        if markers and run_checkpoint(out) is None and not resuming_here:
             # a run that died before its first checkpoint: nothing to resume; its files are kept aside, not deleted
             aside = out / f"unfinished-{time.strftime('%Y%m%d-%H%M%S')}"
             aside.mkdir()
-            for m in markers:
+            for m in markers:  # (a sharded checkpoint without its meta.pt is an unfinished save)
                 (out / m).rename(aside / m)
             print(f"{out} held a run that stopped before its first checkpoint; its {', '.join(markers)} moved to "
                   f"{aside.name}/, starting afresh", flush=True)  # fmt: skip
@@ -278,6 +278,19 @@ def build_model(cfg: PretrainConfig, device: torch.device):
     return model
 
 
+def check_fsdp(cfg: PretrainConfig) -> None:
+    """--fsdp's combinations that are not supported, refused before anything is written."""
+    if not cfg.fsdp:
+        return
+    if cfg.amp == "fp16":
+        raise UsageError("--fsdp trains with --amp bf16 or none: fp16's gradient scaler is not sharded (use bf16)")
+    if cfg.cuda_graph:
+        raise UsageError("--fsdp with --cuda-graph is not supported: FSDP's collectives run between the graph's "
+                         "kernels (drop one of them)")  # fmt: skip
+    if cfg.compile:
+        raise UsageError("--fsdp with --compile is not supported yet (drop --compile)")
+
+
 def check_cuda_graph(cfg: PretrainConfig, device: torch.device) -> None:
     """--cuda-graph captures CUDA work; elsewhere there is nothing to capture. FASTMIM_CUDA_GRAPH_ON_CPU=1 (for tests)
     runs its code path uncaptured on CPU instead of refusing."""
@@ -295,31 +308,45 @@ def run(argv: list[str] | None = None) -> Path:
         cleanup(info)
 
 
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.device) -> Path:
     from fastmim import _ext
     from fastmim.train.engine import Trainer, resolve_amp
     from fastmim.train.optim import build_adamw
 
-    check_cuda_graph(cfg, device)  # before anything is written
+    check_fsdp(cfg)  # before anything is written
+    check_cuda_graph(cfg, device)
     out = prepare_output_dir(cfg, info)
-    torch.manual_seed(cfg.seed + info.rank)
-    np.random.seed(cfg.seed + info.rank)
-    random.seed(cfg.seed + info.rank)
+    _seed_everything(cfg.seed)  # every rank builds the same initial weights (FSDP shards them where they are)
     kind, root, why = choose_loader(cfg, device)
     dataset = build_dataset(cfg, root)
     model = build_model(cfg, device)
+    if info.rank:  # then each rank its own random stream (drop path, decoder noise)
+        _seed_everything(cfg.seed + info.rank)
     loader, sampler, loader_desc = build_loader(cfg, kind, dataset, model.mask_strategy(seed=cfg.seed), info, device)
     eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
     lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
+    amp_dtype = resolve_amp(cfg.amp, device)
+    if cfg.fsdp:  # sharded before the optimizer is built: it steps the shards
+        from fastmim.train.fsdp import init_single_process_group, shard_model
+
+        if not info.enabled:
+            init_single_process_group(device)
+        shard_model(model, amp_dtype)
     optimizer = build_adamw(model, lr, cfg.weight_decay, betas=(0.9, cfg.beta2), graph=cfg.cuda_graph)
     step_model = model
-    if info.enabled:
+    if info.enabled and not cfg.fsdp:
         ids = [device.index] if device.type == "cuda" else None
         step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.compile:
         step_model = torch.compile(step_model)
     trainer = Trainer(cfg, info, device, step_model, model, optimizer, loader, sampler, dataset, out, lr,
-                      amp_dtype=resolve_amp(cfg.amp, device))  # fmt: skip
+                      amp_dtype=amp_dtype)  # fmt: skip
     if state is not None:
         trainer.load_state_dict(state)
         del state
@@ -329,7 +356,8 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
         per_node = info.local_world_size
         nodes = f" ({info.world_size // per_node} nodes x {per_node})" if 0 < per_node < info.world_size else ""
         print(
-            f"fastmim: {cfg.model} ({n_params:.1f}M params) on {device} x{info.world_size}{nodes}, "
+            f"fastmim: {cfg.model} ({n_params:.1f}M params) on {device} x{info.world_size}{nodes}"
+            f"{', FSDP (sharded over ' + str(info.world_size) + ')' if cfg.fsdp else ''}, "
             f"amp={trainer.amp_dtype or 'fp32'}, native ext={'yes' if _ext.available() else 'no'}\n"
             f"  data: {len(dataset)} images from {dataset.root}, loader {loader_desc}: {why}\n"
             f"  batch {eff_batch} (= {cfg.batch_size} x {cfg.accum_iter} accum x {info.world_size} procs), "

@@ -81,6 +81,20 @@ def test_throughput_graph_modes_on_cpu(tmp_path):
         throughput.main([*SMALL, "--modes", "fastmim+graph+compile"])  # the order is MODE+graph
 
 
+def test_throughput_fsdp_rows_train_as_the_plain_model(tmp_path):
+    """--fsdp (FSDP2 over a group of one): the eager modes' rows say so and train to the plain modes' losses; the
+    group is left again."""
+    out = tmp_path / "rows.jsonl"
+    common = [*SMALL, "--steps", "2", "--warmup", "1", "--no-flop-count", "--peak-tflops", "0.01", "--out", str(out)]
+    assert throughput.main([*common, "--modes", "fastmim,reference"]) == 0
+    assert throughput.main([*common, "--modes", "fastmim,reference", "--fsdp"]) == 0
+    plain, sharded = read_rows(out)[:2], read_rows(out)[2:]
+    assert [r["fsdp"] for r in plain + sharded] == [False, False, True, True]
+    for a, b in zip(plain, sharded, strict=True):
+        assert a["mode"] == b["mode"] and b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert not torch.distributed.is_initialized()
+
+
 def test_throughput_on_a_real_image_folder(tmp_path):
     folder = make_image_folder(tmp_path / "imgs", n=6)
     out = tmp_path / "rows.jsonl"
@@ -104,6 +118,7 @@ def test_throughput_on_a_real_image_folder(tmp_path):
         (["--model-arg", "depth"], "expected KEY=VALUE"),
         (["--model-arg", "depthh=2"], "bad arguments for model"),
         (["--peak-tflops", "-1"], "--peak-tflops must be positive"),
+        (["--fsdp", "--modes", "fastmim+compile"], "--fsdp runs the eager modes"),
     ],
 )
 def test_throughput_bad_arguments_name_the_problem(args, message, capsys):

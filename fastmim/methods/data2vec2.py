@@ -51,9 +51,7 @@ def teacher_targets(teacher: VisionTransformer, imgs: torch.Tensor, top_k: int) 
     first = len(teacher.blocks) - top_k
     y = None
     for i, blk in enumerate(teacher.blocks):
-        x = x + blk.attn(blk.norm1(x))
-        t = blk.mlp(blk.norm2(x))
-        x = x + t
+        x, t = blk.forward_with_ffn(x)
         if i >= first:
             t = F.instance_norm(t[:, 1:].float().transpose(1, 2)).transpose(1, 2)  # over the tokens, per channel
             y = t if y is None else y + t
@@ -175,9 +173,10 @@ class Data2Vec2ViT(TeacherOfEncoder, VisionTransformer):
         return loss, pred, mask.mask
 
     # --- Export ---
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+    def encoder_state_dict(self, state: dict | None = None) -> dict[str, torch.Tensor]:
         """The student encoder alone (no decoder, no teacher): loads into timm's VisionTransformer."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(("decoder.", "teacher."))}
+        state = self.state_dict() if state is None else state  # (or a whole state gathered from FSDP shards)
+        return {k: v for k, v in state.items() if not k.startswith(("decoder.", "teacher."))}
 
 
 register_vit_family("data2vec2", Data2Vec2ViT, light_decoder=False)

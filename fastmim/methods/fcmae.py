@@ -158,11 +158,12 @@ class FCMAE(PixelTarget, nn.Module):
         return self.forward_loss(imgs, pred, mask.mask), pred, mask.mask
 
     # --- Export ---
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+    def encoder_state_dict(self, state: dict | None = None) -> dict[str, torch.Tensor]:
         """The encoder alone with timm's names; loads into ``timm.create_model("convnextv2_<size>", num_classes=0)``.
         timm's classifier-head LayerNorm, which pretraining never uses, is included at its initial values (ones,
         zeros) so the load is strict."""
-        state = {k.removeprefix("encoder."): v for k, v in self.state_dict().items() if k.startswith("encoder.")}
+        state = self.state_dict() if state is None else state  # (or a whole state gathered from FSDP shards)
+        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
         dim = self.encoder.num_features
         ref = state["stem.0.weight"]
         state[ENCODER_HEAD_KEYS[0]] = torch.ones(dim, dtype=ref.dtype, device=ref.device)

@@ -168,10 +168,11 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
         return F.smooth_l1_loss(pred.float(), h, beta=1.0), pred, mask.mask
 
     # --- Export ---
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+    def encoder_state_dict(self, state: dict | None = None) -> dict[str, torch.Tensor]:
         """The context encoder alone (no predictor, no teacher): loads into timm's VisionTransformer."""
+        state = self.state_dict() if state is None else state  # (or a whole state gathered from FSDP shards)
         skip = ("teacher.", "predictor_", "mask_token")
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
+        return {k: v for k, v in state.items() if not k.startswith(skip)}
 
 
 register_vit_family("ijepa", IJEPAViT, light_decoder=False)

@@ -160,9 +160,10 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         loss = self.forward_loss(imgs, pred, mask.mask)
         return loss, pred, mask.mask
 
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+    def encoder_state_dict(self, state: dict | None = None) -> dict[str, torch.Tensor]:
         """The encoder's weights alone (no decoder, no mask token): loads into timm's VisionTransformer."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(DECODER_KEYS)}
+        state = self.state_dict() if state is None else state  # (or a whole state gathered from FSDP shards)
+        return {k: v for k, v in state.items() if not k.startswith(DECODER_KEYS)}
 
 
 # Decoders: MAE's default (512 wide, 8 blocks, 16 heads) for small and up; ViT-tiny, the CPU demo model, gets a light

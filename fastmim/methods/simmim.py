@@ -52,9 +52,10 @@ class MaskTokenViT(VisionTransformer):
         x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         return self.encode_tokens(x + self.pos_embed[:, 1:, :])
 
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+    def encoder_state_dict(self, state: dict | None = None) -> dict[str, torch.Tensor]:
         """The encoder's weights alone (no mask token, no head): loads into timm's VisionTransformer."""
-        return {k: v for k, v in self.state_dict().items() if k != "mask_token" and not k.startswith("decoder.")}
+        state = self.state_dict() if state is None else state  # (or a whole state gathered from FSDP shards)
+        return {k: v for k, v in state.items() if k != "mask_token" and not k.startswith("decoder.")}
 
 
 class SimMIMViT(PixelTarget, MaskTokenViT):

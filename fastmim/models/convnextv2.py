@@ -96,6 +96,8 @@ class GrnMlp(nn.Module):
 class Block(nn.Module):
     """ConvNeXt V2 block: depthwise 7x7 conv -> LayerNorm -> fc1 -> GELU -> GRN -> fc2, plus the residual."""
 
+    fsdp_unit = True  # sharded on its own under --fsdp (fastmim.train.fsdp)
+
     def __init__(self, dim: int, drop_path: float = 0.0, mlp_ratio: float = 4.0, conv_shape: bool = False,
                  kernel_size: int = 7):  # fmt: skip
         super().__init__()
@@ -103,6 +105,11 @@ class Block(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = GrnMlp(dim, int(mlp_ratio * dim), conv_shape)
         self.drop_path = DropPath(drop_path)
+
+    def call_with(self, fn, *args):
+        """``fn(self, *args)``: the sparse encoders' own computations of the block (on visible rows, masked), made
+        through the block so that FSDP gathers its weights for them."""
+        return fn(self, *args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
         y = self.conv_dw(x).permute(0, 2, 3, 1)  # [B, H, W, C]

@@ -113,7 +113,7 @@ def _dense_masked(model: ConvNeXtV2, imgs: torch.Tensor, masks: list[torch.Tenso
             x = _masked(stage.downsample[1](x), m[i])
         mc = m[i].permute(0, 2, 3, 1)  # [B, H, W, 1]
         for blk in stage.blocks:
-            x = checkpointed(_dense_masked_block, blk, x, m[i], mc, enabled=model.grad_ckpt)
+            x = checkpointed(blk.call_with, _dense_masked_block, x, m[i], mc, enabled=model.grad_ckpt)
     return x
 
 
@@ -169,7 +169,7 @@ def _sparse_rows(
             k = stage.blocks[0].conv_dw.kernel_size[0]
             nbr = layout.neighbors(k)  # [k*k, M], shared by the stage's blocks, forward and backward
         for blk in stage.blocks:
-            x = checkpointed(_rows_block, blk, x, nbr, layout.batch, b, uniform, enabled=model.grad_ckpt)
+            x = checkpointed(blk.call_with, _rows_block, x, nbr, layout.batch, b, uniform, enabled=model.grad_ckpt)
     return layouts[-1].scatter(x).permute(0, 3, 1, 2)  # [B, C, H/32, W/32]
 
 

@@ -101,6 +101,8 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block (timm's ``Block`` without layer scale and drop path)."""
 
+    fsdp_unit = True  # sharded on its own under --fsdp (fastmim.train.fsdp)
+
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, attn_impl="auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -111,6 +113,13 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+    def forward_with_ffn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``forward(x)``, the MLP's output before its residual add): data2vec 2.0's teacher targets. A method of
+        the block (not its parts called from outside) so that FSDP gathers the block's weights for it."""
+        x = x + self.attn(self.norm1(x))
+        t = self.mlp(self.norm2(x))
+        return x + t, t
 
     def forward_fused(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The block on the stream ``x + delta`` (``delta``: the previous block's MLP output, not yet added; None for

@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 CHECKPOINT_NAME = "checkpoint.pt"
-RUN_MARKERS = (CHECKPOINT_NAME, "config.yaml", "metrics.jsonl")
+DCP_NAME = "checkpoint.dcp"  # a sharded (--fsdp) run's checkpoint: a torch.distributed.checkpoint directory
+CHECKPOINTS = (CHECKPOINT_NAME, DCP_NAME)
+RUN_MARKERS = (*CHECKPOINTS, "config.yaml", "metrics.jsonl")
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -63,8 +65,24 @@ def save_encoder(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def run_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint a run directory resumes from: its ``checkpoint.pt`` or its sharded ``checkpoint.dcp`` (the
+    newer, should a run have switched between --fsdp and not), None if it has neither."""
+    from fastmim.train.fsdp import dcp_dir
+
+    d = Path(output_dir)
+    found = [p for p in (d / CHECKPOINT_NAME,) if p.is_file()] + [p for p in [dcp_dir(d / DCP_NAME)] if p]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
 def load_checkpoint(path: str | Path) -> dict:
+    """A single-file checkpoint's state; for a sharded one (a ``checkpoint.dcp`` directory) the run's state without
+    the tensors, ``"dcp"`` naming the directory they are loaded from (``Trainer.load_state_dict``)."""
+    from fastmim.train.fsdp import dcp_dir, load_meta
+
     path = Path(path)
+    if path.is_dir() or (not path.exists() and dcp_dir(path)):
+        return load_meta(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint to resume at {str(path)!r}")
     try:

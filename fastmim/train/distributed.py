@@ -77,5 +77,6 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    """Leaves the process group: torchrun's, or the one-process group an --fsdp run alone makes."""
+    if dist.is_initialized():
         dist.destroy_process_group()

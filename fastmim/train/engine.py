@@ -26,7 +26,7 @@ from fastmim.train.logger import MetricsLogger
 from fastmim.train.optim import lr_at, set_lr
 from fastmim.train.preempt import Preempted, PreemptionWatch
 from fastmim.train.step import TrainStep
-from fastmim.train.visualize import save_reconstruction
+from fastmim.train.visualize import reconstruction_grid, save_grid
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
@@ -116,7 +116,13 @@ class Trainer:
                 f"--cuda-graph needs masks that hide the same number of patches in every sample (a graph has fixed "
                 f"shapes); --mask-type {self.cfg.mask_type} varies it"
             )
+        from fastmim.train import fsdp
+
+        self.sharded = fsdp.is_sharded(self.raw_model)  # --fsdp: FSDP2 shards, sharded checkpoints
         ddp = self.info.enabled and hasattr(self.model, "no_sync")
+        no_sync = self.model.no_sync if ddp else None
+        if self.sharded:
+            no_sync = functools.partial(fsdp.no_gradient_sync, self.raw_model)
         # the step holds the model, not the trainer: no reference cycle keeps a finished trainer (and its loader, whose
         # DALI pipeline maps the image files) alive until the garbage collector runs
         self.step = TrainStep(
@@ -124,7 +130,7 @@ class Trainer:
             self.scaler, device=self.device,
             accum_iter=self.cfg.accum_iter, clip_grad=self.cfg.clip_grad, amp_dtype=self.amp_dtype,
             graph=self.cfg.cuda_graph, warmup=11 if ddp else 3,  # DDP settles its buckets in its first iterations
-            no_sync=self.model.no_sync if ddp else None,
+            no_sync=no_sync,
         )  # fmt: skip
 
     # --- state ---
@@ -136,9 +142,11 @@ class Trainer:
         return objs
 
     def state_dict(self) -> dict:
+        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(), **self.run_state()}
+
+    def run_state(self) -> dict:
+        """Everything of a checkpoint but the weights and the optimizer's state (a collective)."""
         return {
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.pos.epoch,
             "batch": self.pos.batch,
@@ -162,14 +170,21 @@ class Trainer:
         }  # fmt: skip (torch pads a rank's share, DALI drops the rest)
 
     def load_state_dict(self, state: dict) -> None:
-        try:
-            self.raw_model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise ValueError(f"the checkpoint does not fit model {self.cfg.model!r}: {e}") from e
+        from fastmim.train import fsdp
+
         # the config's settings win over the saved ones (a changed --weight-decay; --cuda-graph's tensor learning rate
         # and capturable optimizer); the learning rate is set from the schedule before every step anyway
         fresh_hparams = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            if "dcp" in state:  # a sharded checkpoint, loaded into this run's shards or whole weights
+                fsdp.load_dcp_into(Path(state["dcp"]), self.raw_model, self.optimizer)
+            elif self.sharded:  # a single-file checkpoint, cut into this run's shards
+                fsdp.load_full_state(self.raw_model, self.optimizer, state["model"], state["optimizer"])
+            else:
+                self.raw_model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError) as e:
+            raise ValueError(f"the checkpoint does not fit model {self.cfg.model!r}: {e}") from e
         for group, hp in zip(self.optimizer.param_groups, fresh_hparams, strict=True):
             group.update(hp)
             if group.get("fused") or group.get("capturable"):  # their step counts live with the parameters
@@ -227,6 +242,8 @@ class Trainer:
             )
 
     def save(self) -> None:
+        if self.sharded:
+            return self._save_sharded()
         # a finite loss can still be followed by an update that makes weights non-finite (an infinite gradient)
         total = float(torch.stack([p.detach().float().sum() for p in self.raw_model.parameters()]).sum())
         self._check_finite(total, "the weights")  # one reduction, one host sync per save
@@ -240,9 +257,30 @@ class Trainer:
         state["weights_sum_per_rank"] = sums
         if self.info.is_main:
             ckpt.save_checkpoint(self.output_dir / ckpt.CHECKPOINT_NAME, state)
-            fmt = "timm ConvNeXt" if self.cfg.model.startswith("fcmae_") else "timm VisionTransformer"
-            meta = {"model": self.cfg.model, "step": str(self.pos.step), "format": fmt}
-            ckpt.save_encoder(self.output_dir / "encoder.safetensors", self.raw_model.encoder_state_dict(), meta)
+            self._save_encoder(self.raw_model.encoder_state_dict())
+            save_yaml(self.cfg, self.output_dir / "config.yaml")
+        barrier(self.info)
+
+    def _save_encoder(self, encoder_state: dict) -> None:
+        fmt = "timm ConvNeXt" if self.cfg.model.startswith("fcmae_") else "timm VisionTransformer"
+        meta = {"model": self.cfg.model, "step": str(self.pos.step), "format": fmt}
+        ckpt.save_encoder(self.output_dir / "encoder.safetensors", encoder_state, meta)
+
+    def _save_sharded(self) -> None:
+        """--fsdp: every rank writes its shards into ``checkpoint.dcp/``; rank 0 the run's state beside them, the
+        gathered ``encoder.safetensors`` and ``config.yaml``."""
+        from fastmim.train import fsdp
+
+        local = [fsdp.local(p).detach().float().sum() for p in self.raw_model.parameters()]
+        total = torch.stack(local).sum() if local else torch.zeros(())
+        if self.info.enabled:
+            dist.all_reduce(total)
+        self._check_finite(float(total), "the weights")  # the same value on every rank: all stop, or none
+        meta = {**self.run_state(), "weights_sum": float(total)}
+        fsdp.save_dcp(self.output_dir / ckpt.DCP_NAME, self.raw_model, self.optimizer, meta, self.info.is_main)
+        whole = fsdp.full_model_state(self.raw_model)  # collective; the tensors on rank 0
+        if self.info.is_main:
+            self._save_encoder(self.raw_model.encoder_state_dict(whole))
             save_yaml(self.cfg, self.output_dir / "config.yaml")
         barrier(self.info)
 
@@ -253,7 +291,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def visualize(self) -> None:
-        if not self.info.is_main or not getattr(self.raw_model, "predicts_pixels", True):  # MaskFeat predicts HOG
+        if not getattr(self.raw_model, "predicts_pixels", True):  # MaskFeat predicts HOG
+            return
+        if not self.info.is_main and not self.sharded:  # (sharded: every rank takes part in the forward)
             return
         from fastmim.data.transforms import eval_transform
 
@@ -272,7 +312,9 @@ class Trainer:
         # after a whole epoch: epoch_<epochs done>; a stop inside an epoch: step_<steps done>
         name = f"epoch_{self.pos.epoch:04d}.png" if self.pos.batch == 0 else f"step_{self.pos.step:07d}.png"
         with self.autocast():
-            save_reconstruction(self.raw_model, imgs, self.output_dir / "reconstructions" / name)
+            grid = reconstruction_grid(self.raw_model, imgs)
+        if self.info.is_main:
+            save_grid(grid, self.output_dir / "reconstructions" / name)
 
     def _stop_on_bad_file(self, batch: int) -> None:
         """A file the loader (DALI or the torch loader) cannot decode: a checkpoint of the run so far (one process, at
@@ -324,7 +366,7 @@ class Trainer:
                     imgs, idx, *drawn = next(data)  # drawn: the masks, when the loader workers make them
                 except (DaliDecodeError, BadImageError) as e:
                     self._stop_on_bad_file(b)
-                    e.resumable = (self.output_dir / ckpt.CHECKPOINT_NAME).exists()  # what the error can advise
+                    e.resumable = ckpt.run_checkpoint(self.output_dir) is not None  # what the error can advise
                     raise
                 if self.cfg.skip_bad_files:  # stand-ins for unreadable samples come as -1 - index: counted
                     idx, stand_ins = decode_indices(idx)

@@ -36,6 +36,5 @@ def reconstruction_grid(model, imgs: torch.Tensor, seed: int = 0) -> torch.Tenso
     return make_grid(rows.cpu(), nrow=3, padding=2, pad_value=1.0)
 
 
-def save_reconstruction(model, imgs: torch.Tensor, path: str | Path, seed: int = 0) -> None:
-    grid = reconstruction_grid(model, imgs, seed)
+def save_grid(grid: torch.Tensor, path: str | Path) -> None:
     atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))

@@ -66,3 +66,36 @@ def test_signal_checkpoints_the_step_and_the_resume_equals_an_uninterrupted_run(
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=1e-6, atol=1e-7, msg=k)
     assert _losses(cut) == pytest.approx(_losses(straight), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_ranks_checkpoint_the_same_step_on_sigterm_to_the_agent(image_folder, tmp_path):
+    """torchrun, 2 processes, --fsdp: SIGTERM to the launcher's agent reaches both ranks (the agent forwards it); they
+    agree on one step, write its sharded checkpoint and stop with the requeue status (the agent itself then exits
+    1, its own SignalException); resumed on the same 2 processes, the run ends as an uninterrupted one."""
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    args = [a for a in _args(image_folder, cut, "--fsdp", "--epochs", "3")]
+    args[args.index("--batch-size") + 1] = "2"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*launch, "-m", "fastmim.pretrain", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    metrics, deadline = cut / "metrics.jsonl", time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode != 0 and out.count("stopped on SIGTERM: checkpointed at step") == 2, out
+    state = load_checkpoint(cut / "checkpoint.dcp")
+    assert 2 <= state["step"] < 18 and len(_losses(cut)) == state["step"]
+    r = subprocess.run([*launch, "-m", "fastmim.pretrain", "--resume", "--output-dir", str(cut)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    straight_args = [a if a != str(cut) else str(straight) for a in args]
+    r = subprocess.run([*launch, "-m", "fastmim.pretrain", *straight_args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert load_checkpoint(cut / "checkpoint.dcp")["step"] == load_checkpoint(straight / "checkpoint.dcp")["step"] == 18
+    assert _losses(cut) == pytest.approx(_losses(straight), rel=1e-6)

@@ -1,0 +1,59 @@
+"""``python -m fastmim.train.convert RUN/checkpoint.dcp OUT.pt``: a sharded (--fsdp) checkpoint as the ordinary
+single-file checkpoint (what a run without --fsdp saves and resumes from) and, with ``--encoder``, the encoder's
+weights as ``encoder.safetensors`` (timm names). Runs on one process, no GPU needed; never overwrites a file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def convert(src: str | Path, dst: str | Path, encoder: str | Path | None = None) -> dict:
+    """Writes ``dst`` (and ``encoder``) from the sharded checkpoint ``src``; returns the written state."""
+    from fastmim.config import PretrainConfig, apply_overrides
+    from fastmim.pretrain import build_model
+    from fastmim.train import checkpoint as ckpt
+    from fastmim.train.fsdp import load_dcp_into, load_meta
+    from fastmim.train.optim import build_adamw
+
+    dst = Path(dst)
+    for out in (dst, encoder):
+        if out is not None and Path(out).exists():
+            raise FileExistsError(f"{str(out)!r} exists; choose another path (nothing was overwritten)")
+    meta = load_meta(Path(src))
+    saved = {k: v for k, v in meta["config"].items() if k not in ("resume", "output_dir")}
+    cfg = apply_overrides(PretrainConfig(), saved, f"the config saved in {src}")
+    model = build_model(cfg, torch.device("cpu"))
+    optimizer = build_adamw(model, 0.0, cfg.weight_decay, betas=(0.9, cfg.beta2))
+    load_dcp_into(Path(meta["dcp"]), model, optimizer)
+    run = {k: v for k, v in meta.items() if k not in ("dcp", "weights_sum")}
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **run}
+    ckpt.save_checkpoint(dst, state)
+    if encoder is not None:
+        fmt = "timm ConvNeXt" if cfg.model.startswith("fcmae_") else "timm VisionTransformer"
+        info = {"model": cfg.model, "step": str(meta["step"]), "format": fmt}
+        ckpt.save_encoder(encoder, model.encoder_state_dict(), info)
+    return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastmim.train.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="a sharded checkpoint directory (RUN/checkpoint.dcp)")
+    parser.add_argument("dst", help="the single-file checkpoint to write (.pt)")
+    parser.add_argument("--encoder", help="also write the encoder's weights here (.safetensors)")
+    args = parser.parse_args(argv)
+    try:
+        state = convert(args.src, args.dst, args.encoder)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst} (step {state['step']}, epoch {state['epoch']})" + (f" and {args.encoder}" if args.encoder
+          else ""))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
