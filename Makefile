@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h 
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
 	$(PY) -m pip install --quiet setuptools wheel pybind11 cmake ninja
-	$(PY) -m pip install --quiet --no-build-isolation -e '.[samples,test,dali,sparse]'
+	$(PY) -m pip install --quiet --no-build-isolation -e '.[samples,eval,test,dali,sparse]'
 	touch $@
 
 install: $(STAMP)

@@ -122,6 +122,17 @@ class PretrainConfig:
     log_interval: int = field(default=10, metadata={"help": "steps between logged metrics (host syncs)"})
     save_interval: int = field(default=0, metadata={"help": "steps between checkpoints (0: every epoch)"})
     vis_interval: int = field(default=10, metadata={"help": "epochs between reconstruction images"})
+    eval_data: str | None = field(
+        default=None,
+        metadata={"help": "labelled data for a kNN monitor of the encoder (metrics.jsonl: knn_top1): ROOT holding "
+                          "train/<class>/ and val/<class>/ image folders, or builtin:digits (None: no monitor)"},
+    )  # fmt: skip
+    eval_every: int = field(default=1, metadata={"help": "epochs between kNN evaluations (--eval-data)"})
+    eval_pool: str = field(
+        default="auto",
+        metadata={"help": "the kNN monitor's ViT feature: cls (the class token), avg (the patch tokens' mean), auto "
+                          "(cls when the ViT has one)"},
+    )  # fmt: skip
 
     def validate(self) -> None:
         """Raises ValueError naming the first bad value."""
@@ -131,7 +142,7 @@ class PretrainConfig:
             check_mask_ratio(self.mask_ratio)
         if self.sparse_backend not in SPARSE_BACKENDS:
             raise ValueError(f"sparse_backend must be one of {SPARSE_BACKENDS}, got {self.sparse_backend!r}")
-        positive = ("img_size", "epochs", "batch_size", "accum_iter", "log_interval", "vis_interval")
+        positive = ("img_size", "epochs", "batch_size", "accum_iter", "log_interval", "vis_interval", "eval_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -156,6 +167,8 @@ class PretrainConfig:
             raise ValueError(f"crop_min must be in (0, 1], got {self.crop_min}")
         if not (math.isfinite(self.drop_path) and 0.0 <= self.drop_path < 1.0):
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+        if self.eval_pool not in ("auto", "cls", "avg"):
+            raise ValueError(f"eval_pool must be auto, cls or avg, got {self.eval_pool!r}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.amp not in AMP_MODES:

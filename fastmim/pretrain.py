@@ -93,6 +93,36 @@ def prepare_output_dir(cfg: PretrainConfig, info: DistInfo) -> Path:
     return out
 
 
+def with_builtin_data(cfg: PretrainConfig) -> PretrainConfig:
+    """The config with a ``builtin:NAME`` data path (``builtin:digits``: labelled, for evaluation too) made the
+    folder's path; the run keeps the name in its config, so it resumes on any machine."""
+    import dataclasses
+
+    from fastmim.data.samples import resolve_data_path
+
+    try:
+        return dataclasses.replace(cfg, data_path=resolve_data_path(cfg.data_path))
+    except (RuntimeError, ValueError) as e:  # an unknown name, or the package that holds the data is missing
+        raise UsageError(str(e)) from e
+
+
+def build_monitor(cfg: PretrainConfig, info: DistInfo, device: torch.device):
+    """--eval-data: the kNN monitor (rank 0 holds it; every rank checks the path, so a bad one stops them all)."""
+    if not cfg.eval_data:
+        return None
+    from fastmim.eval.monitor import KnnMonitor, labelled_split
+
+    try:
+        labelled_split(cfg.eval_data)
+        if not info.is_main:
+            return None
+        return KnnMonitor(
+            cfg.eval_data, cfg.model, cfg.img_size, device, pool=cfg.eval_pool, workers=min(cfg.num_workers or 0, 8)
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise UsageError(str(e) if "--eval-data" in str(e) else f"--eval-data {cfg.eval_data!r}: {e}") from e
+
+
 def build_dataset(cfg: PretrainConfig, root: str | None = None):
     from fastmim.data import ImageFolderDataset, default_dataset_path, pretrain_transform
     from fastmim.data.folder import TarShardDataset, list_tar_shards
@@ -323,8 +353,9 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     check_cuda_graph(cfg, device)
     out = prepare_output_dir(cfg, info)
     _seed_everything(cfg.seed)  # every rank builds the same initial weights (FSDP shards them where they are)
-    kind, root, why = choose_loader(cfg, device)
-    dataset = build_dataset(cfg, root)
+    kind, root, why = choose_loader(data_cfg := with_builtin_data(cfg), device)
+    dataset = build_dataset(data_cfg, root)
+    monitor = build_monitor(cfg, info, device)
     model = build_model(cfg, device)
     if info.rank:  # then each rank its own random stream (drop path, decoder noise)
         _seed_everything(cfg.seed + info.rank)
@@ -346,7 +377,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     if cfg.compile:
         step_model = torch.compile(step_model)
     trainer = Trainer(cfg, info, device, step_model, model, optimizer, loader, sampler, dataset, out, lr,
-                      amp_dtype=amp_dtype)  # fmt: skip
+                      amp_dtype=amp_dtype, monitor=monitor)  # fmt: skip
     if state is not None:
         trainer.load_state_dict(state)
         del state

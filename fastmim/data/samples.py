@@ -60,12 +60,24 @@ def default_dataset_path() -> Path:
     photos = [src_dir / name for name in SAMPLE_PHOTOS if (src_dir / name).is_file()]
     if not photos:
         raise RuntimeError(f"found none of scikit-image's sample photos in {src_dir}; pass --data-path instead")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".samples-tmp-", dir=final.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         for src in photos:
             _write_photo(src, tmp / src.stem)
-        (tmp / ".complete").write_text("scikit-image sample photos\n")
+
+    return write_once(final, fill, "scikit-image sample photos")
+
+
+def write_once(final: Path, fill, what: str) -> Path:
+    """``final``, filled by ``fill(tmp_dir)`` in a temporary folder renamed into place with a ``.complete`` marker
+    (safe when several processes race: one folder wins, the others are removed)."""
+    if (final / ".complete").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-tmp-", dir=final.parent))
+    try:
+        fill(tmp)
+        (tmp / ".complete").write_text(what + "\n")
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished first, or a stale incomplete folder is in the way
@@ -79,3 +91,48 @@ def default_dataset_path() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+DIGITS_VERSION = "v1"
+DIGITS_SIDE = 64  # scikit-learn's 8x8 digits, upsampled (bicubic) so a ViT with 16-px patches sees a 4x4 grid
+
+
+def builtin_digits() -> tuple[Path, Path]:
+    """The built-in labelled data: scikit-learn's handwritten digits (1797 real 8x8 scans, 10 classes, bundled in
+    the wheel: no network), written once as ``train/<digit>/`` and ``val/<digit>/`` PNG class folders (every fifth
+    image of each class to val). Returns (train, val)."""
+    final = cache_root() / f"digits-{DIGITS_VERSION}"
+    if not (final / ".complete").is_file():
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as e:
+            raise RuntimeError(
+                "the built-in labelled data are scikit-learn's digits, and scikit-learn is not installed: pip install "
+                "'fastmim[eval]' (or scikit-learn), or pass --data-path and --val-path"
+            ) from e
+        digits = load_digits()
+
+        def fill(tmp: Path) -> None:
+            seen: dict[int, int] = {}
+            for i, (img, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+                n = seen[int(label)] = seen.get(int(label), -1) + 1
+                d = tmp / ("val" if n % 5 == 4 else "train") / str(int(label))
+                d.mkdir(parents=True, exist_ok=True)
+                gray = Image.fromarray((img * (255.0 / 16.0)).round().astype("uint8"), mode="L")
+                gray.resize((DIGITS_SIDE, DIGITS_SIDE), Image.BICUBIC).convert("RGB").save(d / f"{i:04d}.png")
+
+        write_once(final, fill, "scikit-learn digits")
+    return final / "train", final / "val"
+
+
+BUILTIN = {"digits": lambda: builtin_digits()[0], "digits-val": lambda: builtin_digits()[1]}
+
+
+def resolve_data_path(path: str | None) -> str | None:
+    """``builtin:digits`` (and ``builtin:digits-val``) -> the built-in labelled folder's path; others as given."""
+    if path is None or not str(path).startswith("builtin:"):
+        return path
+    name = str(path).removeprefix("builtin:")
+    if name not in BUILTIN:
+        raise ValueError(f"unknown built-in data {path!r}: builtin:{', builtin:'.join(BUILTIN)}")
+    return str(BUILTIN[name]())

@@ -84,6 +84,7 @@ class Trainer:
     amp_dtype: torch.dtype | None = None
     pos: Position = field(default_factory=Position)
     scaler: torch.amp.GradScaler | None = None
+    monitor: object | None = None  # --eval-data: the kNN monitor (fastmim.eval.monitor.KnnMonitor), on rank 0
 
     def __post_init__(self) -> None:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -316,6 +317,26 @@ class Trainer:
         if self.info.is_main:
             save_grid(grid, self.output_dir / "reconstructions" / name)
 
+    def evaluate_knn(self) -> None:
+        """--eval-data: the kNN accuracy of the encoder as it is now, on rank 0 (the others wait), logged at this step
+        (metrics.jsonl, TensorBoard) and printed."""
+        if not self.cfg.eval_data:
+            return
+        if self.sharded:
+            from fastmim.train import fsdp
+
+            whole = fsdp.full_model_state(self.raw_model)  # collective; the tensors on rank 0
+            state = self.raw_model.encoder_state_dict(whole) if self.info.is_main else None
+        else:
+            state = self.raw_model.encoder_state_dict() if self.info.is_main else None
+        if self.info.is_main:
+            row = self.monitor(state)
+            self.knn_seconds += row["knn_s"]
+            self.logger.log({"epoch": self.pos.epoch + self.pos.batch / self.batches_per_epoch, **row}, self.pos.step)
+            print(f"kNN at step {self.pos.step} (epoch {self.pos.epoch}): top-1 {row['knn_top1']:.2f}%, top-5 "
+                  f"{row['knn_top5']:.2f}% ({row['knn_s']:.1f} s)", flush=True)  # fmt: skip
+        barrier(self.info)
+
     def _stop_on_bad_file(self, batch: int) -> None:
         """A file the loader (DALI or the torch loader) cannot decode: a checkpoint of the run so far (one process, at
         a step boundary), so the run resumes once the file is replaced; otherwise the last saved checkpoint stands."""
@@ -342,6 +363,9 @@ class Trainer:
             return self.pos
         running = torch.zeros((), device=self.device)
         count, t_log, step_log = 0, time.perf_counter(), self.pos.step
+        self.knn_seconds, t_start = 0.0, t_log
+        if self.pos.step == 0:  # the baseline: the encoder as initialised
+            self.evaluate_knn()
         for epoch in range(self.pos.epoch, cfg.epochs):
             self.pos.epoch = epoch
             start = self.pos.batch
@@ -433,7 +457,17 @@ class Trainer:
             self.save()  # before the pictures: nothing they do can cost the checkpoint
             if last or self.pos.batch == 0 and self.pos.epoch % cfg.vis_interval == 0:
                 self.visualize()
+            if last or self.pos.batch == 0 and self.pos.epoch % cfg.eval_every == 0:
+                self.evaluate_knn()
             if last:
                 break
         self.logger.close()
+        if self.info.is_main:
+            if self.knn_seconds:
+                total = time.perf_counter() - t_start
+                print(f"kNN monitor: {self.knn_seconds:.1f} s of {total:.1f} s ({100 * self.knn_seconds / total:.1f}%)",
+                      flush=True)  # fmt: skip
+            from fastmim.train.plot import plot_metrics
+
+            plot_metrics(self.output_dir / "metrics.jsonl", self.output_dir / "training.png")
         return self.pos

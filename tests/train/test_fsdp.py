@@ -129,9 +129,10 @@ def test_teacher_recipe_under_fsdp_trains_as_under_ddp(image_folder, tmp_path):
         ("mae_vit_tiny_patch16", ["--fused-norm", "--grad-ckpt"]),
         ("ijepa_vit_tiny_patch16", []),
         ("fcmae_convnextv2_atto", []),
+        ("a2mim_vit_tiny_patch16", []),
         ("mae_vit_tiny_patch16", ["--amp", "bf16"]),
     ],
-    ids=["mae-fused-norm-grad-ckpt", "ijepa", "fcmae", "mae-bf16"],
+    ids=["mae-fused-norm-grad-ckpt", "ijepa", "fcmae", "a2mim", "mae-bf16"],
 )
 def test_one_rank_fsdp_trains_as_the_plain_model(image_folder, tmp_path, model, extra):
     """FSDP over one process (its own one-rank group): the recipe's entry points all gather their weights, and the

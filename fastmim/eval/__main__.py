@@ -1,0 +1,194 @@
+"""``python -m fastmim.eval knn|linprobe|finetune --encoder RUN_DIR [--data-path TRAIN --val-path VAL]``.
+
+Without data paths all three read the built-in labelled data (scikit-learn's digits as class folders).
+``--random MODEL`` evaluates a randomly initialised encoder: the baseline a pretrained one must beat. Each result is
+appended as one JSON line to ``--out`` (default: eval.jsonl beside the encoder) and printed as one line; a fine-tuned
+network is saved beside it (finetuned.safetensors, never over an earlier one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m fastmim.eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("mode", choices=("knn", "linprobe", "finetune"))
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--encoder", help="a run directory, its encoder.safetensors, or a timm checkpoint (with --model)")
+    src.add_argument("--random", metavar="MODEL", help="a randomly initialised encoder (vit_tiny_patch16, ...)")
+    ap.add_argument("--model", help="the encoder's architecture when the file does not say it (a timm checkpoint)")
+    ap.add_argument("--data-path", help="labelled training folder root/<class>/<image> (default: built-in digits)")
+    ap.add_argument("--val-path", help="labelled validation folder, classes a subset of the training folder's")
+    ap.add_argument("--img-size", type=int, default=None, help="input side (default: the encoder's; ConvNeXt 224)")
+    ap.add_argument(
+        "--pool",
+        choices=("auto", "cls", "avg"),
+        default="auto",
+        help="ViT feature: the class token (auto when there is one) or the mean of the patch tokens",
+    )
+    ap.add_argument("--batch-size", type=int, default=None, help="default: 256 (knn, linprobe), 64 (finetune)")
+    ap.add_argument("--workers", type=int, default=0, help="loader processes")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    ap.add_argument("--k", type=int, default=20, help="kNN: neighbours (DINO: 20)")
+    ap.add_argument("--temperature", type=float, default=0.07, help="kNN: vote temperature (DINO: 0.07)")
+    ap.add_argument("--epochs", type=int, default=None, help="linprobe: 90, finetune: 100 (MAE's ViT-B)")
+    ap.add_argument("--warmup-epochs", type=float, default=None, help="linprobe: 10, finetune: 5")
+    ap.add_argument("--blr", type=float, default=None, help="lr = blr x batch / 256 (linprobe: 0.1, finetune: 5e-4)")
+    ft = ap.add_argument_group("finetune (MAE's ViT-B recipe; ViT-L: --blr 1e-3 --layer-decay 0.75 --drop-path 0.2)")
+    ft.add_argument("--layer-decay", type=float, default=0.65, help="layer-wise lr decay")
+    ft.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
+    ft.add_argument("--weight-decay", type=float, default=0.05)
+    ft.add_argument("--min-lr", type=float, default=1e-6, help="the cosine's floor")
+    ft.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
+    ft.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
+    ft.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    ft.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy ('none': off)")
+    ft.add_argument("--reprob", type=float, default=0.25, help="random-erasing probability")
+    ap.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="linprobe: train on the cached centre-crop features, not augmented views (much faster)",
+    )
+    ap.add_argument("--seed", type=int, default=0, help="random init (--random) and the probe's shuffling")
+    ap.add_argument("--no-cache", action="store_true", help="extract the features again even when cached")
+    ap.add_argument("--out", help="append the result (JSON) here (default: eval.jsonl beside the encoder)")
+    return ap
+
+
+DEFAULTS = {"knn": dict(batch_size=256), "linprobe": dict(batch_size=256, epochs=90, warmup_epochs=10, blr=0.1),
+            "finetune": dict(batch_size=64, epochs=100, warmup_epochs=5, blr=5e-4)}  # fmt: skip
+
+
+def _check(ap, args) -> None:
+    for name, value in DEFAULTS[args.mode].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("batch_size", "k", "epochs"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.workers < 0 or (args.warmup_epochs or 0) < 0 or (args.blr or 1) <= 0 or args.temperature <= 0:
+        ap.error("--workers and --warmup-epochs must be >= 0, --blr and --temperature > 0")
+    if not 0 < args.layer_decay <= 1 or not 0 <= args.drop_path < 1 or not 0 <= args.reprob <= 1:
+        ap.error("--layer-decay must be in (0, 1], --drop-path in [0, 1), --reprob in [0, 1]")
+    if min(args.mixup, args.cutmix, args.smoothing, args.weight_decay, args.min_lr) < 0:
+        ap.error("--mixup, --cutmix, --smoothing, --weight-decay and --min-lr must be >= 0")
+    if (args.data_path is None) != (args.val_path is None):
+        ap.error("give both --data-path and --val-path, or neither (the built-in digits)")
+
+
+def run(args) -> dict:
+    from fastmim.data.samples import builtin_digits
+    from fastmim.eval.encoder import LabelledFolder, cached_features, eval_transform, load_encoder, train_transform
+    from fastmim.eval.knn import knn_accuracy
+    from fastmim.eval.linprobe import train_linear_probe
+    from fastmim.train.distributed import resolve_device
+
+    device = resolve_device(args.device)
+    if args.random:
+        torch.manual_seed(args.seed)
+    encoder, info = load_encoder(args.encoder, args.model or args.random, args.img_size)
+    train_root, val_root = (args.data_path, args.val_path) if args.data_path else builtin_digits()
+    size = info["img_size"]
+    train = LabelledFolder(train_root, eval_transform(size))
+    val = LabelledFolder(val_root, eval_transform(size), classes=train.classes)
+    result = {
+        "mode": args.mode, **info, "pool": args.pool, "train": str(train.root), "val": str(val.root),
+        "classes": len(train.classes), "train_images": len(train), "val_images": len(val), "device": str(device),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }  # fmt: skip
+    t0 = time.perf_counter()
+    if args.mode == "finetune":
+        what = _finetune(args, encoder, info, train_root, train, val, device, result)
+    else:
+        cache = not args.no_cache
+        tf, tl, t_train, hit_train = cached_features(encoder, info, train, device, args.batch_size, args.workers,
+                                                     args.pool, cache)  # fmt: skip
+        vf, vl, t_val, hit_val = cached_features(encoder, info, val, device, args.batch_size, args.workers, args.pool,
+                                                 cache)  # fmt: skip
+        n_extracted = (0 if hit_train else len(train)) + (0 if hit_val else len(val))
+        speed = round(n_extracted / (t_train + t_val), 1) if n_extracted else None
+        result.update(feature_dim=tf.shape[1], features_s=round(t_train + t_val, 3),
+                      features_cached=hit_train and hit_val, features_img_per_s=speed)  # fmt: skip
+    if args.mode == "knn":
+        acc = knn_accuracy(tf, tl, vf, vl, len(train.classes), args.k, args.temperature)
+        result.update(acc, k=args.k, temperature=args.temperature)
+        what = f"kNN (k={args.k}, T={args.temperature})"
+    elif args.mode == "linprobe":
+        probe_set = LabelledFolder(train_root, train_transform(size), classes=train.classes)
+        feats = dict(train_feats=tf, train_labels=tl) if args.no_augment else {}
+        out = train_linear_probe(encoder, probe_set, vf, vl, len(train.classes), device, epochs=args.epochs,
+                                 warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, blr=args.blr,
+                                 pool=args.pool, workers=args.workers, seed=args.seed, **feats)  # fmt: skip
+        result.update(top1=out["top1"], top5=out["top5"], epochs=args.epochs, blr=args.blr, lr=out["lr"],
+                      augment=not args.no_augment, final_loss=round(out["history"][-1]["loss"], 5))  # fmt: skip
+        what = f"linear probe ({args.epochs} epochs{', cached features' if args.no_augment else ''})"
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    out_path = _out_path(args, info)
+    with open(out_path, "a") as f:  # appended: earlier evaluations are kept
+        f.write(json.dumps(result) + "\n")
+    whose = f"random {info['encoder']}" if info["random_init"] else f"{info['model']}" + (
+        f" step {info['step']}" if info["step"] is not None else "")  # fmt: skip
+    print(f"{what} of {whose}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on {len(val)} images "
+          f"({len(train.classes)} classes, {len(train)} training images) -> {out_path}")  # fmt: skip
+    return result
+
+
+def _out_path(args, info: dict) -> Path:
+    path = Path(args.out) if args.out else (Path(info["path"]).parent if info["path"] else Path(".")) / "eval.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _finetune(args, encoder, info, train_root, train, val, device, result: dict) -> str:
+    from fastmim.eval.encoder import LabelledFolder
+    from fastmim.eval.finetune import finetune, finetune_transform
+    from fastmim.train.checkpoint import save_encoder
+
+    aa = None if args.aa == "none" else args.aa
+    train_set = LabelledFolder(train_root, finetune_transform(info["img_size"], aa, args.reprob), classes=train.classes)
+    n = args.epochs
+
+    def log(row):
+        print(f"finetune epoch {row['epoch']}/{n}: loss {row['loss']:.4f}, val top-1 {row['top1']:.2f}% "
+              f"({row['seconds']:.1f} s)", flush=True)  # fmt: skip
+
+    out = finetune(
+        encoder, info, train_set, val, len(train.classes), device, epochs=n, warmup_epochs=args.warmup_epochs,
+        batch_size=args.batch_size, blr=args.blr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        layer_decay=args.layer_decay, drop_path=args.drop_path, mixup=args.mixup, cutmix=args.cutmix,
+        smoothing=args.smoothing, pool=args.pool, workers=args.workers, seed=args.seed, log=log,
+    )  # fmt: skip
+    folder = _out_path(args, info).parent
+    saved = next(folder / f"finetuned{'' if i == 1 else f'-{i}'}.safetensors" for i in range(1, 10**6)
+                 if not (folder / f"finetuned{'' if i == 1 else f'-{i}'}.safetensors").exists())  # fmt: skip
+    save_encoder(saved, out["network"].state_dict(), {"model": info["encoder"], "pool": args.pool, "classes":
+                 json.dumps(train.classes), "source": str(info["path"])})  # fmt: skip
+    result.update(top1=out["top1"], top5=out["top5"], best_top1=out["best_top1"], best_epoch=out["best_epoch"],
+                  epochs=n, blr=args.blr, lr=out["lr"], layer_decay=args.layer_decay, drop_path=args.drop_path,
+                  mixup=args.mixup, cutmix=args.cutmix, smoothing=args.smoothing, auto_augment=aa, reprob=args.reprob,
+                  weight_decay=args.weight_decay, new_keys=out["fresh_keys"], saved=str(saved),
+                  history=[{k: round(v, 5) for k, v in r.items()} for r in out["history"]])  # fmt: skip
+    return f"fine-tuning ({n} epochs, best top-1 {out['best_top1']:.2f}% at epoch {out['best_epoch']})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    _check(ap, args)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Encoders to evaluate and their features: a fastmim run's ``encoder.safetensors`` (the architecture from its
+metadata), a timm checkpoint of the same architecture (named with ``model``), or a random initialisation (the
+baseline a pretrained encoder must beat); labelled class folders; features extracted once per encoder and cached."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+RECIPES = ("mae_", "pixmim_", "simmim_", "a2mim_", "maskfeat_", "data2vec2_", "ijepa_", "fcmae_")
+CACHE_VERSION = "v1"
+
+
+def encoder_name(name: str) -> str:
+    """``mae_vit_base_patch16`` -> ``vit_base_patch16`` (a recipe's encoder); an encoder name as it is."""
+    for prefix in RECIPES:
+        if name.startswith(prefix):
+            return name.removeprefix(prefix)
+    return name
+
+
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{str(path)!r} is neither safetensors nor a plain torch state dict ({e}); a fastmim "
+                         "run's encoder is RUN/encoder.safetensors") from e  # fmt: skip
+    for key in ("state_dict", "model"):  # training checkpoints of timm and others
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
+    return state, {}
+
+
+def load_encoder(path: str | Path | None = None, model: str | None = None, img_size: int | None = None) -> tuple[
+        nn.Module, dict]:  # fmt: skip
+    """(encoder in eval mode, description). ``path``: a run directory (its encoder.safetensors), an
+    encoder.safetensors, or a timm state dict (.safetensors, .pth); None: ``model`` randomly initialised.
+    ``model``: the encoder (``vit_base_patch16``, ``convnextv2_atto``) or recipe name; None: the file's metadata.
+    ``img_size``: a ViT's comes from its position embedding, a ConvNeXt's is 224 unless given."""
+    import fastmim
+
+    state, meta = None, {}
+    if path is not None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "encoder.safetensors"
+            if not path.is_file():
+                raise FileNotFoundError(f"no encoder.safetensors in {str(path.parent)!r} (a run writes it with its "
+                                        "first checkpoint)")  # fmt: skip
+        if not path.is_file():
+            raise FileNotFoundError(f"no encoder at {str(path)!r}")
+        state, meta = _read_weights(path)
+    name = model or meta.get("model")
+    if name is None:
+        raise ValueError(f"{str(path)!r} does not say its architecture: name it with --model (e.g. vit_base_patch16)")
+    enc = encoder_name(name)
+    if enc not in fastmim.list_models():
+        raise ValueError(f"unknown encoder {name!r}: ViTs are vit_<size>_patch<14|16>, ConvNeXt V2 convnextv2_<size>")
+    kwargs: dict = {"num_classes": 0}
+    if enc.startswith("vit_"):
+        class_token = "cls_token" in state if state is not None else not name.startswith("ijepa_")
+        kwargs["class_token"] = class_token
+        if state is not None and "pos_embed" in state and "patch_embed.proj.weight" in state:
+            tokens = state["pos_embed"].shape[1] - int(class_token)
+            grid = math.isqrt(tokens)
+            kwargs["img_size"] = grid * state["patch_embed.proj.weight"].shape[-1]
+            if img_size is not None and img_size != kwargs["img_size"]:
+                raise ValueError(f"the encoder was trained at {kwargs['img_size']} px (its position embedding); "
+                                 f"--img-size {img_size} does not fit it")  # fmt: skip
+        elif img_size is not None:
+            kwargs["img_size"] = img_size
+        if state is not None:  # a classifier of a timm checkpoint is not the encoder
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    elif state is not None:
+        state = {k: v for k, v in state.items() if not k.startswith("head.fc.")}
+    module = fastmim.create_model(enc, **kwargs)
+    if state is not None:
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).splitlines()[1:4]
+            raise ValueError(f"the weights in {str(path)!r} do not fit encoder {enc!r}: {' '.join(first)}") from e
+    side = getattr(module, "img_size", None)
+    size = kwargs.get("img_size") or (side[0] if isinstance(side, tuple) else side) or img_size or 224
+    info = {"encoder": enc, "model": name, "img_size": int(size), "path": str(path) if path else None,
+            "step": int(meta["step"]) if meta.get("step", "").isdigit() else None,
+            "random_init": path is None}  # fmt: skip
+    return module.eval(), info
+
+
+def pooled_features(encoder: nn.Module, imgs: torch.Tensor, pool: str = "auto") -> torch.Tensor:
+    """[B, D] features: a ViT's class token after the final norm (``cls``; MAE's probe, DINO's kNN) or the mean of
+    its patch tokens (``avg``; ``auto``: cls when the ViT has one); a ConvNeXt V2's pooled, normalised features."""
+    if hasattr(encoder, "blocks"):  # ViT
+        h = encoder.forward_features(imgs)
+        has_cls = getattr(encoder, "cls_token", None) is not None
+        if pool == "cls" and not has_cls:
+            raise ValueError("--pool cls: this ViT has no class token (I-JEPA's); use --pool avg")
+        if pool == "cls" or (pool == "auto" and has_cls):
+            return h[:, 0]
+        return h[:, int(has_cls) :].mean(1)
+    return encoder(imgs)
+
+
+# --- labelled data ---
+class LabelledFolder(torch.utils.data.Dataset):
+    """ImageNet-style ``root/<class>/<image>``: item i is (transform(RGB image), class index). ``classes``: the class
+    names to index by (a validation folder takes its training folder's), default the folder's own, sorted."""
+
+    def __init__(self, root: str | Path, transform=None, classes: list[str] | None = None):
+        from fastmim.data.folder import is_image_file
+
+        self.root, self.transform = Path(root), transform
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"labelled data folder {str(self.root)!r} does not exist")
+        found = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not found:
+            raise ValueError(f"{str(self.root)!r} has no class folders: labelled data is root/<class>/<image>")
+        self.classes = list(classes) if classes is not None else found
+        unknown = sorted(set(found) - set(self.classes))
+        if unknown:
+            raise ValueError(f"{str(self.root)!r} has classes the training folder has not: {', '.join(unknown[:10])}")
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.samples = [
+            (str(f), index[c]) for c in found for f in sorted((self.root / c).rglob("*")) if is_image_file(str(f))
+        ]
+        if not self.samples:
+            raise ValueError(f"{str(self.root)!r} has class folders but no images in them")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except Exception as e:
+            raise ValueError(f"cannot read image {path!r}: {e}") from e
+        return (self.transform(img) if self.transform else img), label
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for path, label in self.samples:
+            st = Path(path).stat()
+            h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
+
+
+CROP_PCT = 0.875  # the evaluation view: resize to img_size / 0.875, centre-crop img_size (224 from 256)
+
+
+def eval_transform(img_size: int):
+    from fastmim.data.transforms import eval_transform as view
+
+    return view(img_size, CROP_PCT)
+
+
+def train_transform(img_size: int):
+    """MAE's linear-probe augmentation: RandomResizedCrop (bicubic) and a horizontal flip."""
+    import torchvision.transforms as T
+
+    from fastmim.ops.reference import IMAGENET_MEAN, IMAGENET_STD
+
+    return T.Compose([T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # fmt: skip
+
+
+def _autocast(device: torch.device):
+    import contextlib
+
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, dataset, device: torch.device, batch_size: int = 256, workers: int = 0,
+                     pool: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(features [N, D] fp32 on the CPU, labels [N]) of every sample of ``dataset``, in order, batched."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         pin_memory=device.type == "cuda")  # fmt: skip
+    encoder = encoder.to(device).eval()
+    feats, labels = [], []
+    for imgs, y in loader:
+        with _autocast(device):
+            feats.append(pooled_features(encoder, imgs.to(device, non_blocking=True), pool).float().cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def cached_features(encoder: nn.Module, info: dict, dataset, device: torch.device, batch_size: int, workers: int,
+                    pool: str, use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, float, bool]:  # fmt: skip
+    """``extract_features``, kept under the cache folder per (encoder file, data, view, pool): a second evaluation of
+    the same checkpoint reads them. Returns (features, labels, seconds spent extracting, from the cache)."""
+    from fastmim.data.samples import cache_root
+
+    path = None
+    if use_cache and info.get("path"):
+        st = Path(info["path"]).stat()
+        key = f"{CACHE_VERSION}|{Path(info['path']).resolve()}|{st.st_size}|{st.st_mtime_ns}|{info['model']}|" \
+              f"{info['img_size']}|{pool}|{dataset.root.resolve()}|{dataset.fingerprint()}"  # fmt: skip
+        path = cache_root() / "features" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
+        if path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            return saved["features"], saved["labels"], 0.0, True
+    t0 = time.perf_counter()
+    feats, labels = extract_features(encoder, dataset, device, batch_size, workers, pool)
+    seconds = time.perf_counter() - t0
+    if path is not None:
+        from fastmim.train.checkpoint import atomic_write
+
+        atomic_write(path, lambda tmp: torch.save({"features": feats, "labels": labels}, tmp))
+    return feats, labels, seconds, False

@@ -1,0 +1,65 @@
+"""DINO's weighted k-nearest-neighbour classifier (``eval_knn.py``): L2-normalised features, cosine similarities
+``s = f_test . f_train^T``, the k most similar training samples, each voting ``exp(s / T)`` for its class."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def knn_scores(
+    train: torch.Tensor,
+    train_labels: torch.Tensor,
+    test: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Class scores [N_test, num_classes]: ``sum over the k nearest training samples j of class c of exp(s_j / T)``.
+
+    Args:
+        train, test: features [N, D] (normalised here); train_labels: [N_train] ints in [0, num_classes).
+        k: neighbours (DINO: 20; fewer training samples: all of them); temperature: DINO's 0.07.
+        chunk: test rows per similarity block (memory: chunk x N_train).
+    """
+    if train.ndim != 2 or test.ndim != 2 or train.shape[1] != test.shape[1]:
+        raise ValueError(
+            f"knn: features must be [N, D] with the same D, got {tuple(train.shape)} and {tuple(test.shape)}"
+        )
+    if train_labels.shape != (train.shape[0],):
+        raise ValueError(f"knn: {train.shape[0]} training features but {tuple(train_labels.shape)} labels")
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"knn: k must be >= 1 and the temperature > 0, got k={k}, T={temperature}")
+    train = F.normalize(train.float(), dim=1)
+    test = F.normalize(test.float(), dim=1)
+    k = min(k, train.shape[0])
+    labels = train_labels.to(train.device).long()
+    out = torch.empty(test.shape[0], num_classes, dtype=torch.float32, device=test.device)
+    for start in range(0, test.shape[0], chunk):
+        sim = test[start : start + chunk] @ train.T  # [c, N_train]
+        top, idx = sim.topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], num_classes, dtype=torch.float32, device=sim.device)
+        votes.scatter_add_(1, labels[idx], (top / temperature).exp())
+        out[start : start + chunk] = votes
+    return out
+
+
+def knn_accuracy(
+    train: torch.Tensor,
+    train_labels: torch.Tensor,
+    test: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (%) of ``knn_scores`` (top-5 over min(5, classes) classes)."""
+    return _topk_accuracy(knn_scores(train, train_labels, test, num_classes, k, temperature), test_labels, num_classes)
+
+
+def _topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    ranked = scores.topk(min(5, num_classes), dim=1).indices.cpu()
+    hit = ranked == labels.view(-1, 1).long().cpu()
+    return {"top1": 100.0 * float(hit[:, 0].float().mean()), "top5": 100.0 * float(hit.any(1).float().mean())}

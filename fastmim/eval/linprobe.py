@@ -1,0 +1,101 @@
+"""MAE's linear probe (``main_linprobe.py``): a frozen encoder, ``BatchNorm1d(D, affine=False, eps=1e-6)`` then a
+linear layer (weights trunc-normal, std 0.01) trained by LARS (momentum 0.9, no weight decay), lr = blr x batch /
+256 with a linear warm-up and a half-cosine per iteration, on RandomResizedCrop + flip views; evaluated on the centre
+crop. ``augment=False`` trains on the cached centre-crop features instead (a shortcut, much cheaper: say so when
+reporting it)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmim.eval.encoder import _autocast, pooled_features
+from fastmim.eval.knn import _topk_accuracy
+from fastmim.eval.lars import LARS
+from fastmim.train.optim import lr_at
+
+
+class LinearProbe(nn.Module):
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.fc = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(f))
+
+
+def train_linear_probe(
+    encoder: nn.Module,
+    train_set,
+    val_feats: torch.Tensor,
+    val_labels: torch.Tensor,
+    num_classes: int,
+    device: torch.device,
+    *,
+    train_feats: torch.Tensor | None = None,
+    train_labels: torch.Tensor | None = None,
+    epochs: int = 90,
+    warmup_epochs: float = 10,
+    batch_size: int = 256,
+    blr: float = 0.1,
+    pool: str = "auto",
+    workers: int = 0,
+    seed: int = 0,
+) -> dict:
+    """Trains the probe; returns its final top-1 / top-5 on the validation features and the training history.
+    ``train_feats``/``train_labels`` given: trains on them (no augmentation); else on ``train_set``'s augmented
+    views through the frozen encoder."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    dim = val_feats.shape[1]
+    head = LinearProbe(dim, num_classes).to(device)
+    lr = blr * batch_size / 256
+    opt = LARS(head.parameters(), lr=lr, weight_decay=0.0)
+    encoder = encoder.to(device).eval().requires_grad_(False)
+    n = len(train_feats) if train_feats is not None else len(train_set)
+    if train_feats is None:
+        loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=n > batch_size,
+                                             num_workers=workers, generator=gen,
+                                             pin_memory=device.type == "cuda")  # fmt: skip
+        per_epoch = len(loader)
+    else:
+        per_epoch = max(1, n // batch_size) if n > batch_size else 1
+    history = []
+    it = 0
+    for epoch in range(epochs):
+        head.train()
+        total, count = 0.0, 0
+        if train_feats is None:
+            batches = iter(loader)
+        else:
+            order = torch.randperm(n, generator=gen)[: per_epoch * batch_size]
+            batches = ((train_feats[idx], train_labels[idx]) for idx in order.split(batch_size))
+        for x, y in batches:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(it / per_epoch, lr, 0.0, warmup_epochs, epochs)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if train_feats is None:
+                with torch.no_grad(), _autocast(device):
+                    x = pooled_features(encoder, x, pool)
+            loss = F.cross_entropy(head(x.float()), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(y)
+            count += len(y)
+            it += 1
+        if not math.isfinite(total):
+            raise FloatingPointError(f"the linear probe's loss became {total} in epoch {epoch}; lower --blr")
+        history.append({"epoch": epoch + 1, "loss": total / max(count, 1)})
+    head.eval()
+    with torch.no_grad():
+        logits = head(val_feats.to(device).float()).cpu()
+    acc = _topk_accuracy(logits, val_labels, num_classes)
+    history[-1].update(acc)
+    return {**acc, "lr": lr, "history": history}

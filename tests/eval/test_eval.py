@@ -1,0 +1,272 @@
+"""fastmim.eval: DINO's weighted kNN against a direct NumPy vote, LARS against its formula, encoders from fastmim runs
+and timm checkpoints, the built-in labelled digits, the CLI and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastmim.eval import LARS, knn_accuracy, knn_scores, load_encoder, pooled_features
+from fastmim.eval.__main__ import main as eval_main
+from fastmim.eval.encoder import LabelledFolder
+from tests.conftest import make_image_folder
+
+
+def numpy_weighted_knn(train, train_labels, test, num_classes, k, T):
+    """DINO's vote written out sample by sample."""
+    train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    test = test / np.linalg.norm(test, axis=1, keepdims=True)
+    scores = np.zeros((len(test), num_classes))
+    for i, f in enumerate(test):
+        sim = train @ f
+        for j in np.argsort(-sim, kind="stable")[:k]:
+            scores[i, train_labels[j]] += np.exp(sim[j] / T)
+    return scores
+
+
+@pytest.mark.parametrize("k,chunk", [(20, 1024), (5, 7), (500, 16)])
+def test_knn_scores_equal_the_weighted_vote_written_out(k, chunk):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 32))
+    train_labels = rng.integers(0, 6, size=300)
+    test_labels = rng.integers(0, 6, size=45)
+    train = centres[train_labels] + rng.normal(scale=1.5, size=(300, 32))
+    test = centres[test_labels] + rng.normal(scale=1.5, size=(45, 32))
+    want = numpy_weighted_knn(train, train_labels, test, 6, min(k, 300), 0.07)
+    got = knn_scores(torch.tensor(train, dtype=torch.float32), torch.tensor(train_labels), torch.tensor(test,
+                     dtype=torch.float32), 6, k=k, temperature=0.07, chunk=chunk)  # fmt: skip
+    np.testing.assert_allclose(got.numpy(), want, rtol=2e-4)
+    tensors = [torch.tensor(a) for a in (train, train_labels, test, test_labels)]
+    acc = knn_accuracy(*tensors, 6, k=k)
+    top1 = 100 * np.mean(want.argmax(1) == test_labels)
+    top5 = 100 * np.mean([t in np.argsort(-s, kind="stable")[:5] for s, t in zip(want, test_labels, strict=True)])
+    assert acc["top1"] == pytest.approx(top1) and acc["top5"] == pytest.approx(top5)
+    assert 40 < acc["top1"] < 100  # the clusters overlap: neither trivial nor hopeless
+
+
+def test_knn_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="same D"):
+        knn_scores(torch.zeros(4, 8), torch.zeros(4, dtype=torch.long), torch.zeros(2, 9), 2)
+    with pytest.raises(ValueError, match="labels"):
+        knn_scores(torch.zeros(4, 8), torch.zeros(3, dtype=torch.long), torch.zeros(2, 8), 2)
+    with pytest.raises(ValueError, match="k must be"):
+        knn_scores(torch.zeros(4, 8), torch.zeros(4, dtype=torch.long), torch.zeros(2, 8), 2, k=0)
+
+
+def test_lars_steps_as_its_formula():
+    """Two steps with momentum: weights (ndim 2) scaled by trust * ||w|| / ||g + wd w||, the bias by nothing; a zero
+    weight steps with the plain gradient."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    b = torch.nn.Parameter(torch.randn(4))
+    z = torch.nn.Parameter(torch.zeros(2, 2))
+    lr, wd, mom, trust = 0.5, 0.01, 0.9, 0.001
+    opt = LARS([w, b, z], lr=lr, weight_decay=wd, momentum=mom, trust_coefficient=trust)
+    ws, bs, zs = w.detach().double().numpy().copy(), b.detach().double().numpy().copy(), np.zeros((2, 2))
+    mu_w, mu_b, mu_z = np.zeros_like(ws), np.zeros_like(bs), np.zeros_like(zs)
+    for step in range(2):
+        gw, gb, gz = (torch.randn(4, 3), torch.randn(4), torch.randn(2, 2))
+        w.grad, b.grad, z.grad = gw.clone(), gb.clone(), gz.clone()
+        opt.step()
+        u = gw.double().numpy() + wd * ws
+        mu_w = mom * mu_w + trust * np.linalg.norm(ws) / np.linalg.norm(u) * u
+        ws = ws - lr * mu_w
+        mu_b = mom * mu_b + gb.double().numpy()  # one dimension: no trust ratio, no weight decay
+        bs = bs - lr * mu_b
+        mu_z = mom * mu_z + (gz.double().numpy() + wd * zs) * (1.0 if step == 0 or not zs.any() else
+                                                                trust * np.linalg.norm(zs) / np.linalg.norm(
+                                                                    gz.double().numpy() + wd * zs))  # fmt: skip
+        zs = zs - lr * mu_z
+        np.testing.assert_allclose(w.detach().double().numpy(), ws, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(b.detach().double().numpy(), bs, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(z.detach().double().numpy(), zs, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="LARS"):
+        LARS([w], lr=0.1, momentum=1.5)
+
+
+def _save_run_encoder(tmp_path, name="mae_vit_tiny_patch16", img_size=32):
+    """An encoder.safetensors as a run writes it (the recipe's name and step in its metadata)."""
+    import fastmim
+    from fastmim.train.checkpoint import save_encoder
+
+    torch.manual_seed(1)
+    model = fastmim.create_model(name, img_size=img_size)
+    path = tmp_path / "run" / "encoder.safetensors"
+    path.parent.mkdir(parents=True)
+    save_encoder(path, model.encoder_state_dict(), {"model": name, "step": "12"})
+    return model, path
+
+
+def test_run_encoder_loads_with_its_size_and_weights(tmp_path):
+    model, path = _save_run_encoder(tmp_path)
+    enc, info = load_encoder(path.parent)  # the run directory
+    assert info["encoder"] == "vit_tiny_patch16" and info["img_size"] == 32 and info["step"] == 12
+    for k, v in model.encoder_state_dict().items():
+        torch.testing.assert_close(enc.state_dict()[k], v)
+    with pytest.raises(ValueError, match="trained at 32 px"):
+        load_encoder(path, img_size=64)
+    with pytest.raises(ValueError, match="do not fit encoder 'vit_small_patch16'"):
+        load_encoder(path, model="vit_small_patch16")
+    with pytest.raises(FileNotFoundError, match="no encoder.safetensors"):
+        load_encoder(tmp_path)
+    with pytest.raises(ValueError, match="unknown encoder"):
+        load_encoder(None, model="resnet50")
+
+
+@pytest.mark.parametrize("timm_name,ours", [("vit_tiny_patch16_224", "vit_tiny_patch16"),
+                                            ("convnextv2_atto", "convnextv2_atto")])  # fmt: skip
+def test_timm_checkpoint_gives_timm_features(tmp_path, timm_name, ours):
+    """A timm classifier's checkpoint (head included, as timm saves it) evaluates as that network's pre-logits."""
+    timm = pytest.importorskip("timm", reason="timm is a test dependency")
+    torch.manual_seed(0)
+    ref = timm.create_model(timm_name, pretrained=False, num_classes=7).eval()
+    torch.save({"state_dict": ref.state_dict()}, tmp_path / "timm.pth")
+    with pytest.raises(ValueError, match="name it with --model"):
+        load_encoder(tmp_path / "timm.pth")
+    enc, info = load_encoder(tmp_path / "timm.pth", model=ours)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        want = ref.forward_head(ref.forward_features(x), pre_logits=True)
+        got = pooled_features(enc, x, "cls" if ours.startswith("vit") else "auto")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_labelled_folder_errors_name_the_problem(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(flat / "a.png")
+    with pytest.raises(ValueError, match="no class folders"):
+        LabelledFolder(flat)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LabelledFolder(tmp_path / "missing")
+    train = make_image_folder(tmp_path / "train", n=8, classes=2)
+    val = make_image_folder(tmp_path / "val", n=9, classes=3)
+    with pytest.raises(ValueError, match="classes the training folder has not: class2"):
+        LabelledFolder(val, classes=LabelledFolder(train).classes)
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images"):
+        LabelledFolder(tmp_path / "empty")
+
+
+def test_builtin_digits_are_real_labelled_class_folders():
+    from fastmim.data.samples import builtin_digits, resolve_data_path
+
+    train, val = builtin_digits()
+    t, v = LabelledFolder(train), LabelledFolder(val, classes=LabelledFolder(train).classes)
+    assert t.classes == [str(d) for d in range(10)] and len(t) + len(v) == 1797 and len(v) == 355
+    assert not {p for p, _ in t.samples} & {p for p, _ in v.samples}
+    img, label = t[0]
+    assert img.size == (64, 64) and label == 0 and len(np.unique(np.asarray(img))) > 5  # a grey-level scan, not blank
+    assert resolve_data_path("builtin:digits-val") == str(val) and resolve_data_path("/x") == "/x"
+    with pytest.raises(ValueError, match="unknown built-in"):
+        resolve_data_path("builtin:cifar")
+
+
+def test_cli_knn_and_linprobe_write_json_and_reuse_features(tmp_path, capsys):
+    _, path = _save_run_encoder(tmp_path)
+    train = make_image_folder(tmp_path / "train", n=12, classes=3)
+    val = make_image_folder(tmp_path / "val", n=6, classes=3, seed=1)
+    common = ["--encoder", str(path), "--data-path", str(train), "--val-path", str(val), "--batch-size", "5"]
+    assert eval_main(["knn", *common]) == 0
+    assert eval_main(["knn", *common]) == 0
+    assert eval_main(["linprobe", *common, "--epochs", "3", "--warmup-epochs", "1"]) == 0
+    assert eval_main(["linprobe", *common, "--epochs", "2", "--no-augment"]) == 0
+    lines = [json.loads(s) for s in (path.parent / "eval.jsonl").read_text().splitlines()]
+    assert [r["mode"] for r in lines] == ["knn", "knn", "linprobe", "linprobe"]
+    first, second = lines[0], lines[1]
+    assert not first["features_cached"] and second["features_cached"]  # the second read them from the cache
+    assert first["top1"] == second["top1"] and first["train_images"] == 12 and first["classes"] == 3
+    assert all(0 <= r["top1"] <= r["top5"] <= 100 for r in lines) and lines[2]["augment"] and not lines[3]["augment"]
+    assert "kNN (k=20, T=0.07) of mae_vit_tiny_patch16 step 12: top-1" in capsys.readouterr().out
+
+
+def test_cli_errors(tmp_path, capsys):
+    _, path = _save_run_encoder(tmp_path)
+    train = make_image_folder(tmp_path / "train", n=6, classes=2)
+    val = make_image_folder(tmp_path / "val", n=6, classes=3)
+    assert eval_main(["knn", "--encoder", str(path), "--data-path", str(train), "--val-path", str(val)]) == 2
+    assert "classes the training folder has not" in capsys.readouterr().err
+    assert eval_main(["knn", "--encoder", str(path), "--model", "vit_small_patch16", "--data-path", str(train),
+                      "--val-path", str(train)]) == 2  # fmt: skip
+    assert "do not fit" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main(["knn", "--encoder", str(path), "--data-path", str(train)])
+    assert "give both --data-path and --val-path" in capsys.readouterr().err
+
+
+def test_finetune_network_holds_the_encoder_and_mae_layer_decay():
+    """The ViT's weights in timm's network (MAE's global pool: a fresh fc_norm in place of the final norm; or the
+    class token after the final norm), and the optimizer's lr scales as MAE's ``param_groups_lrd``."""
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    from fastmim.eval.finetune import build_optimizer, finetune_network
+
+    enc, info = load_encoder(None, "vit_tiny_patch16", 32)
+    net, fresh = finetune_network(enc, info, 5, drop_path=0.1, pool="avg")
+    assert sorted(fresh) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    ours = enc.state_dict()
+    for k, v in net.state_dict().items():
+        if k in ours:
+            torch.testing.assert_close(v, ours[k])
+    assert net.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    token, fresh = finetune_network(enc, info, 5, drop_path=0.0, pool="cls")
+    assert sorted(fresh) == ["head.bias", "head.weight"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(token.forward_head(token.forward_features(x), pre_logits=True),
+                                   pooled_features(enc, x, "cls"), rtol=1e-4, atol=1e-4)  # fmt: skip
+    depth, decay = len(enc.blocks), 0.65
+    opt = build_optimizer(net, lr=1.0, weight_decay=0.05, layer_decay=decay)
+    names = {id(p): n for n, p in net.named_parameters()}
+    seen = 0
+    for g in opt.param_groups:
+        for p in g["params"]:
+            name = names[id(p)]
+            layer = (0 if name.split(".")[0] in ("cls_token", "pos_embed", "patch_embed") else
+                     int(name.split(".")[1]) + 1 if name.startswith("blocks.") else depth + 1)  # fmt: skip
+            assert g["lr_scale"] == pytest.approx(decay ** (depth + 1 - layer)), name
+            no_decay = p.ndim == 1 or name in ("cls_token", "pos_embed")
+            assert g["weight_decay"] == (0.0 if no_decay else 0.05), name
+            seen += 1
+    assert seen == len(names)
+
+
+def test_finetune_network_takes_a_convnext_and_refuses_a_class_token_it_lacks():
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    from fastmim.eval.finetune import finetune_network
+
+    enc, info = load_encoder(None, "convnextv2_atto", 64)
+    net, fresh = finetune_network(enc, info, 3, drop_path=0.1)
+    assert sorted(fresh) == ["head.fc.bias", "head.fc.weight"]
+    torch.testing.assert_close(net.stem[0].weight, enc.stem[0].weight)
+    enc, info = load_encoder(None, "ijepa_vit_tiny_patch16", 32)
+    with pytest.raises(ValueError, match="no class token"):
+        finetune_network(enc, info, 3, drop_path=0.1, pool="cls")
+
+
+def test_cli_finetune_trains_saves_and_never_overwrites(tmp_path, capsys):
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    from safetensors.torch import load_file
+
+    _, path = _save_run_encoder(tmp_path)
+    train = make_image_folder(tmp_path / "train", n=12, classes=3)
+    val = make_image_folder(tmp_path / "val", n=6, classes=3, seed=1)
+    args = ["finetune", "--encoder", str(path), "--data-path", str(train), "--val-path", str(val), "--batch-size",
+            "4", "--epochs", "2", "--warmup-epochs", "1"]  # fmt: skip
+    assert eval_main(args) == 0
+    assert eval_main([*args, "--mixup", "0", "--cutmix", "0", "--aa", "none", "--pool", "cls"]) == 0
+    rows = [json.loads(s) for s in (path.parent / "eval.jsonl").read_text().splitlines()]
+    assert [r["mode"] for r in rows] == ["finetune", "finetune"] and len(rows[0]["history"]) == 2
+    assert all(np.isfinite(h["loss"]) and 0 <= h["top1"] <= 100 for r in rows for h in r["history"])
+    assert rows[0]["saved"].endswith("finetuned.safetensors") and rows[1]["saved"].endswith("finetuned-2.safetensors")
+    first = load_file(rows[0]["saved"])
+    assert first["head.weight"].shape == (3, 192) and "fc_norm.weight" in first
+    assert not torch.equal(first["blocks.0.attn.qkv.weight"], load_file(path)["blocks.0.attn.qkv.weight"])  # trained
+    assert "fine-tuning (2 epochs, best top-1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        eval_main([*args, "--layer-decay", "0"])
+    assert "--layer-decay must be in (0, 1]" in capsys.readouterr().err

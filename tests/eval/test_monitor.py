@@ -1,0 +1,103 @@
+"""The kNN monitor of python -m fastmim.pretrain (--eval-data, --eval-every) and the run's training.png."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import fastmim
+from fastmim import pretrain
+from fastmim.eval import load_encoder
+from fastmim.eval.encoder import RECIPES
+from fastmim.train.plot import plot_metrics, read_series
+from tests.conftest import TINY_ARGS, make_image_folder
+
+
+@pytest.mark.parametrize("name", [m for m in fastmim.list_models() if m.startswith(RECIPES) and
+                                  ("vit_tiny_patch16" in m or "convnextv2_atto" in m)])  # fmt: skip
+def test_every_recipes_encoder_loads_into_the_evaluated_encoder(name):
+    """The monitor and python -m fastmim.eval build the encoder from the recipe's name alone: its weights must fit."""
+    size = 64
+    model = fastmim.create_model(name, img_size=size)
+    enc, info = load_encoder(None, name, size)
+    enc.load_state_dict(model.encoder_state_dict(), strict=True)
+    assert info["img_size"] == size
+
+
+def _labelled(tmp_path):
+    root = tmp_path / "labelled"
+    make_image_folder(root / "train", n=12, classes=3)
+    make_image_folder(root / "val", n=6, classes=3, seed=1)
+    return root
+
+
+def _knn_rows(out):
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "knn_top1" in r]
+
+
+def test_monitor_logs_knn_without_changing_the_run_and_plots_it(image_folder, tmp_path, capsys):
+    """kNN at step 0 (the initial encoder) and after every epoch, logged and printed; the run's weights are those of
+    the same run without the monitor (it draws no random numbers of the run's); training.png shows both series."""
+    base = [*TINY_ARGS, "--data-path", str(image_folder), "--epochs", "2", "--log-interval", "1", "--loader", "torch"]
+    pretrain.run([*base, "--output-dir", str(tmp_path / "plain")])
+    out = tmp_path / "mon"
+    pretrain.run([*base, "--output-dir", str(out), "--eval-data", str(_labelled(tmp_path))])
+    rows = _knn_rows(out)
+    steps_per_epoch = 24 // 4
+    assert [r["step"] for r in rows] == [0, steps_per_epoch, 2 * steps_per_epoch]
+    assert all(0 <= r["knn_top1"] <= r["knn_top5"] <= 100 and r["knn_s"] > 0 for r in rows)
+    printed = capsys.readouterr().out
+    assert "kNN at step 0 (epoch 0): top-1" in printed and "kNN monitor:" in printed
+    a, b = load_file(tmp_path / "plain" / "encoder.safetensors"), load_file(out / "encoder.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with Image.open(out / "training.png") as im:
+        assert im.size == (1040, 340)  # two panels: loss and kNN
+    with Image.open(tmp_path / "plain" / "training.png") as im:
+        assert im.size == (520, 340)  # the loss alone
+    assert (tmp_path / "plain" / "training.png").stat().st_size > 2000
+
+
+def test_monitor_under_one_rank_fsdp_sees_the_gathered_encoder(image_folder, tmp_path):
+    root = _labelled(tmp_path)
+    base = [*TINY_ARGS, "--data-path", str(image_folder), "--max-steps", "3", "--loader", "torch", "--eval-data",
+            str(root), "--eval-every", "5"]  # fmt: skip
+    pretrain.run([*base, "--output-dir", str(tmp_path / "plain")])
+    pretrain.run([*base, "--output-dir", str(tmp_path / "sh"), "--fsdp"])
+    plain, sh = _knn_rows(tmp_path / "plain"), _knn_rows(tmp_path / "sh")
+    assert [r["step"] for r in plain] == [r["step"] for r in sh] == [0, 3]  # the start and the run's end
+    for p, s in zip(plain, sh, strict=True):
+        assert p["knn_top1"] == s["knn_top1"] and p["knn_top5"] == s["knn_top5"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--eval-data", "MISSING"], "expected ROOT/train/<class>/ and ROOT/val/<class>/"),
+        (["--eval-data", "FLAT"], "has no class folders"),
+        (["--eval-every", "0"], "eval_every must be >= 1"),
+    ],
+)
+def test_bad_eval_data_is_refused_before_training(image_folder, tmp_path, capsys, flags, message):
+    flat = tmp_path / "flat"
+    (flat / "train").mkdir(parents=True)
+    (flat / "val").mkdir()
+    Image.new("RGB", (8, 8)).save(flat / "train" / "a.png")
+    flags = [{"MISSING": str(tmp_path / "nowhere"), "FLAT": str(flat)}.get(f, f) for f in flags]
+    out = tmp_path / "out"
+    rc = pretrain.main([*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), *flags])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_read_series_keeps_a_resumed_runs_later_rows_and_skips_a_cut_line(tmp_path):
+    m = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 1.5}, {"step": 2, "loss": 2.5},
+            {"step": 3, "loss": float("nan")}, {"step": 4, "knn_top1": 50.0}]  # fmt: skip
+    m.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"step": 5, "lo')
+    assert read_series(m, "loss") == [(1, 3.0), (2, 2.5), (3, 1.5)]
+    assert read_series(m, "knn_top1") == [(4, 50.0)]
+    assert plot_metrics(tmp_path / "missing.jsonl", tmp_path / "x.png") is None and not (tmp_path / "x.png").exists()
