@@ -227,6 +227,12 @@ if want cli && fits 90 "CLI demo, --fsdp"; then
   cp "$SCRATCH/fsdp/metrics.jsonl" "$RESULTS/fsdp_metrics.jsonl" 2>/dev/null
 fi
 
+# python -m fastmim.eval on CUDA: kNN feature-extraction speed of a ViT-B/16 at 224 px (bf16) on the built-in digits
+# (scikit-learn is on the GPU machine; predicted in benchmarks/notes/eval.md)
+want eval && step "python -m fastmim.eval knn: ViT-B/16 features at 224 px, bf16, 8 loader processes" &&
+  fits 60 "eval" && run 90 $PY -m fastmim.eval knn --random vit_base_patch16 --no-cache --workers 8 \
+    --out "$RESULTS/eval.jsonl"
+
 step "results of this run"
 if [ -d "$SCRATCH/profiles" ]; then  # the device tool returns files up to 16 MiB: keep the traces under 15 MB together
   total=0

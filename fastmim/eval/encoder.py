@@ -51,7 +51,8 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
     """(encoder in eval mode, description). ``path``: a run directory (its encoder.safetensors), an
     encoder.safetensors, or a timm state dict (.safetensors, .pth); None: ``model`` randomly initialised.
     ``model``: the encoder (``vit_base_patch16``, ``convnextv2_atto``) or recipe name; None: the file's metadata.
-    ``img_size``: a ViT's comes from its position embedding, a ConvNeXt's is 224 unless given."""
+    ``img_size``: a ViT's comes from its position embedding; a ConvNeXt's is the one its run trained at (the
+    file's metadata), else 224."""
     import fastmim
 
     state, meta = None, {}
@@ -96,7 +97,8 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
             first = str(e).splitlines()[1:4]
             raise ValueError(f"the weights in {str(path)!r} do not fit encoder {enc!r}: {' '.join(first)}") from e
     side = getattr(module, "img_size", None)
-    size = kwargs.get("img_size") or (side[0] if isinstance(side, tuple) else side) or img_size or 224
+    trained = int(meta["img_size"]) if meta.get("img_size", "").isdigit() else None  # a run's encoder says it
+    size = kwargs.get("img_size") or img_size or (side[0] if isinstance(side, tuple) else side) or trained or 224
     info = {"encoder": enc, "model": name, "img_size": int(size), "path": str(path) if path else None,
             "step": int(meta["step"]) if meta.get("step", "").isdigit() else None,
             "random_init": path is None}  # fmt: skip

@@ -156,13 +156,32 @@ def finetune_transform(img_size: int, auto_augment: str | None = "rand-m9-mstd0.
     """MAE's fine-tuning view (timm's ``create_transform``): RandomResizedCrop (bicubic), flip, RandAugment, random
     erasing (per pixel)."""
     _timm()
+    from timm.data import auto_augment as aa
     from timm.data import create_transform
 
     from fastmim.ops.reference import IMAGENET_MEAN, IMAGENET_STD
 
-    return create_transform(input_size=img_size, is_training=True, color_jitter=None, auto_augment=auto_augment,
-                            interpolation="bicubic", re_prob=re_prob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN,
-                            std=IMAGENET_STD)  # fmt: skip
+    tf = create_transform(input_size=img_size, is_training=True, color_jitter=None, auto_augment=auto_augment,
+                          interpolation="bicubic", re_prob=re_prob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN,
+                          std=IMAGENET_STD)  # fmt: skip
+    for t in getattr(tf, "transforms", []):  # RandAugment's posterize ops: see posterize_keeping below
+        for op in getattr(t, "ops", []):
+            if getattr(op, "aug_fn", None) is aa.posterize:
+                op.aug_fn = posterize_keeping
+    return tf
+
+
+def posterize_keeping(img, bits_to_keep: int, **_):
+    """timm's posterize (keep the ``bits_to_keep`` high bits) for any count: ``inc1`` policies reach 0 bits at
+    magnitude 10 (m9 with mstd 0.5 samples it), which Pillow 13 refuses where earlier Pillow gave a black image
+    (all bits dropped): that image again."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 def build_optimizer(net: nn.Module, lr: float, weight_decay: float = 0.05, layer_decay: float = 0.65):

@@ -264,7 +264,7 @@ class Trainer:
 
     def _save_encoder(self, encoder_state: dict) -> None:
         fmt = "timm ConvNeXt" if self.cfg.model.startswith("fcmae_") else "timm VisionTransformer"
-        meta = {"model": self.cfg.model, "step": str(self.pos.step), "format": fmt}
+        meta = {"model": self.cfg.model, "step": str(self.pos.step), "format": fmt, "img_size": str(self.cfg.img_size)}
         ckpt.save_encoder(self.output_dir / "encoder.safetensors", encoder_state, meta)
 
     def _save_sharded(self) -> None:

@@ -88,7 +88,7 @@ def test_lars_steps_as_its_formula():
 
 
 def _save_run_encoder(tmp_path, name="mae_vit_tiny_patch16", img_size=32):
-    """An encoder.safetensors as a run writes it (the recipe's name and step in its metadata)."""
+    """An encoder.safetensors as a run writes it (the recipe's name, step and image size in its metadata)."""
     import fastmim
     from fastmim.train.checkpoint import save_encoder
 
@@ -96,7 +96,7 @@ def _save_run_encoder(tmp_path, name="mae_vit_tiny_patch16", img_size=32):
     model = fastmim.create_model(name, img_size=img_size)
     path = tmp_path / "run" / "encoder.safetensors"
     path.parent.mkdir(parents=True)
-    save_encoder(path, model.encoder_state_dict(), {"model": name, "step": "12"})
+    save_encoder(path, model.encoder_state_dict(), {"model": name, "step": "12", "img_size": str(img_size)})
     return model, path
 
 
@@ -185,6 +185,18 @@ def test_cli_knn_and_linprobe_write_json_and_reuse_features(tmp_path, capsys):
     assert "kNN (k=20, T=0.07) of mae_vit_tiny_patch16 step 12: top-1" in capsys.readouterr().out
 
 
+def test_cli_knn_of_an_fcmae_convnext_at_its_training_size(tmp_path):
+    model, path = _save_run_encoder(tmp_path, "fcmae_convnextv2_atto", img_size=64)
+    enc, info = load_encoder(path)
+    assert info["encoder"] == "convnextv2_atto" and info["img_size"] == 64
+    for k, v in model.encoder_state_dict().items():
+        torch.testing.assert_close(enc.state_dict()[k], v)
+    train = make_image_folder(tmp_path / "train", n=8, classes=2)
+    assert eval_main(["knn", "--encoder", str(path), "--data-path", str(train), "--val-path", str(train)]) == 0
+    row = json.loads((path.parent / "eval.jsonl").read_text())
+    assert row["img_size"] == 64 and row["feature_dim"] == 320 and row["model"] == "fcmae_convnextv2_atto"
+
+
 def test_cli_errors(tmp_path, capsys):
     _, path = _save_run_encoder(tmp_path)
     train = make_image_folder(tmp_path / "train", n=6, classes=2)
@@ -270,3 +282,25 @@ def test_cli_finetune_trains_saves_and_never_overwrites(tmp_path, capsys):
     with pytest.raises(SystemExit):
         eval_main([*args, "--layer-decay", "0"])
     assert "--layer-decay must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_finetune_views_survive_randaugments_zero_bit_posterize():
+    """rand-m9-mstd0.5-inc1 reaches magnitude 10, where posterize keeps 0 bits: a black image (old Pillow's answer),
+    not Pillow 13's error. Drawn through the whole view with the magnitude pinned at the top."""
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    from PIL import Image
+
+    from fastmim.eval.finetune import finetune_transform, posterize_keeping
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    assert np.asarray(posterize_keeping(img, 0)).max() == 0
+    assert np.array_equal(np.asarray(posterize_keeping(img, 1)), np.asarray(img) & 0x80)
+    tf = finetune_transform(32)
+    ra = next(t for t in tf.transforms if hasattr(t, "ops"))
+    poster = [op for op in ra.ops if "Posterize" in op.name]
+    assert poster and all(op.aug_fn is posterize_keeping for op in poster)
+    ra.ops = poster
+    for op in poster:
+        op.prob, op.magnitude, op.magnitude_std = 1.0, 10.0, 0.0
+    out = tf(img)
+    assert out.shape == (3, 32, 32) and torch.isfinite(out).all()
