@@ -2,8 +2,10 @@
 
 Without data paths all three read the built-in labelled data (scikit-learn's digits as class folders).
 ``--random MODEL`` evaluates a randomly initialised encoder: the baseline a pretrained one must beat. Each result is
-appended as one JSON line to ``--out`` (default: eval.jsonl beside the encoder) and printed as one line; a fine-tuned
-network is saved beside it (finetuned.safetensors, never over an earlier one).
+appended as one JSON line to ``--out`` (default: eval.jsonl beside the encoder) and printed as one line.
+``finetune`` runs under torchrun too (data-parallel) and works in its own folder beside eval.jsonl (finetune/,
+finetune-2/, ...: never over an earlier one): checkpoint.pt every epoch (``--resume DIR`` continues it),
+history.jsonl, finetuned.safetensors.
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     ft.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy ('none': off)")
     ft.add_argument("--reprob", type=float, default=0.25, help="random-erasing probability")
+    ft.add_argument(
+        "--finetune-dir",
+        help="where the fine-tuning writes checkpoint.pt (every epoch), history.jsonl "
+        "and finetuned.safetensors (default: a new finetune/, finetune-2/, ... beside eval.jsonl)",
+    )
+    ft.add_argument("--resume", metavar="DIR", help="continue the fine-tuning whose --finetune-dir is DIR")
     ap.add_argument(
         "--no-augment",
         action="store_true",
@@ -79,6 +87,10 @@ def _check(ap, args) -> None:
         ap.error("--layer-decay must be in (0, 1], --drop-path in [0, 1), --reprob in [0, 1]")
     if min(args.mixup, args.cutmix, args.smoothing, args.weight_decay, args.min_lr) < 0:
         ap.error("--mixup, --cutmix, --smoothing, --weight-decay and --min-lr must be >= 0")
+    if args.mode != "finetune" and (args.resume or args.finetune_dir):
+        ap.error("--resume and --finetune-dir are for finetune")
+    if args.resume and args.finetune_dir and Path(args.resume) != Path(args.finetune_dir):
+        ap.error("--resume DIR continues in DIR: leave out --finetune-dir")
     if (args.data_path is None) != (args.val_path is None):
         ap.error("give both --data-path and --val-path, or neither (the built-in digits)")
 
@@ -88,9 +100,13 @@ def run(args) -> dict:
     from fastmim.eval.encoder import LabelledFolder, cached_features, eval_transform, load_encoder, train_transform
     from fastmim.eval.knn import knn_accuracy
     from fastmim.eval.linprobe import train_linear_probe
-    from fastmim.train.distributed import resolve_device
+    from fastmim.train.distributed import init_distributed
 
-    device = resolve_device(args.device)
+    dist_info, device = init_distributed(args.device)
+    if dist_info.enabled and args.mode != "finetune":
+        raise ValueError(f"{args.mode} runs in one process (its features are extracted once); only finetune runs "
+                         "under torchrun")  # fmt: skip
+    args.dist_info = dist_info
     if args.random:
         torch.manual_seed(args.seed)
     encoder, info = load_encoder(args.encoder, args.model or args.random, args.img_size)
@@ -130,6 +146,8 @@ def run(args) -> dict:
                       augment=not args.no_augment, final_loss=round(out["history"][-1]["loss"], 5))  # fmt: skip
         what = f"linear probe ({args.epochs} epochs{', cached features' if args.no_augment else ''})"
     result["seconds"] = round(time.perf_counter() - t0, 2)
+    if not dist_info.is_main:
+        return result
     out_path = _out_path(args, info)
     with open(out_path, "a") as f:  # appended: earlier evaluations are kept
         f.write(json.dumps(result) + "\n")
@@ -146,6 +164,26 @@ def _out_path(args, info: dict) -> Path:
     return path
 
 
+def _finetune_dir(args, info: dict) -> Path:
+    """--resume's or --finetune-dir's folder, else the first free finetune, finetune-2, ... beside eval.jsonl (decided
+    on rank 0, agreed by all)."""
+    from fastmim.train.distributed import broadcast_object
+
+    if args.resume:
+        return Path(args.resume)
+    if args.finetune_dir:
+        d = Path(args.finetune_dir)
+        if args.dist_info.is_main and (d / "checkpoint.pt").exists():
+            raise ValueError(f"--finetune-dir {str(d)!r} holds a fine-tuning already: --resume {d} to continue it, "
+                             "or choose another folder")  # fmt: skip
+        return d
+    folder = _out_path(args, info).parent if args.dist_info.is_main else None
+    if folder is not None:
+        folder = next(folder / f"finetune{'' if i == 1 else f'-{i}'}" for i in range(1, 10**6)
+                      if not (folder / f"finetune{'' if i == 1 else f'-{i}'}").exists())  # fmt: skip
+    return Path(broadcast_object(str(folder) if folder else None, args.dist_info))
+
+
 def _finetune(args, encoder, info, train_root, train, val, device, result: dict) -> str:
     from fastmim.eval.encoder import LabelledFolder
     from fastmim.eval.finetune import finetune, finetune_transform
@@ -154,8 +192,13 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
     aa = None if args.aa == "none" else args.aa
     train_set = LabelledFolder(train_root, finetune_transform(info["img_size"], aa, args.reprob), classes=train.classes)
     n = args.epochs
+    run_dir = _finetune_dir(args, info)
+    if args.dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     def log(row):
+        with open(run_dir / "history.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
         print(f"finetune epoch {row['epoch']}/{n}: loss {row['loss']:.4f}, val top-1 {row['top1']:.2f}% "
               f"({row['seconds']:.1f} s)", flush=True)  # fmt: skip
 
@@ -164,16 +207,17 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
         batch_size=args.batch_size, blr=args.blr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         layer_decay=args.layer_decay, drop_path=args.drop_path, mixup=args.mixup, cutmix=args.cutmix,
         smoothing=args.smoothing, pool=args.pool, workers=args.workers, seed=args.seed, log=log,
+        dist_info=args.dist_info, run_dir=run_dir, resume=bool(args.resume),
     )  # fmt: skip
-    folder = _out_path(args, info).parent
-    saved = next(folder / f"finetuned{'' if i == 1 else f'-{i}'}.safetensors" for i in range(1, 10**6)
-                 if not (folder / f"finetuned{'' if i == 1 else f'-{i}'}.safetensors").exists())  # fmt: skip
-    save_encoder(saved, out["network"].state_dict(), {"model": info["encoder"], "pool": args.pool, "classes":
-                 json.dumps(train.classes), "source": str(info["path"])})  # fmt: skip
+    saved = run_dir / "finetuned.safetensors"
+    if args.dist_info.is_main:
+        save_encoder(saved, out["network"].state_dict(), {"model": info["encoder"], "pool": args.pool, "classes":
+                     json.dumps(train.classes), "source": str(info["path"])})  # fmt: skip
     result.update(top1=out["top1"], top5=out["top5"], best_top1=out["best_top1"], best_epoch=out["best_epoch"],
                   epochs=n, blr=args.blr, lr=out["lr"], layer_decay=args.layer_decay, drop_path=args.drop_path,
                   mixup=args.mixup, cutmix=args.cutmix, smoothing=args.smoothing, auto_augment=aa, reprob=args.reprob,
                   weight_decay=args.weight_decay, new_keys=out["fresh_keys"], saved=str(saved),
+                  processes=args.dist_info.world_size, resumed=bool(args.resume),
                   history=[{k: round(v, 5) for k, v in r.items()} for r in out["history"]])  # fmt: skip
     return f"fine-tuning ({n} epochs, best top-1 {out['best_top1']:.2f}% at epoch {out['best_epoch']})"
 
@@ -184,9 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     _check(ap, args)
     try:
         run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if getattr(args, "dist_info", None) is not None and args.dist_info.enabled:  # torchrun's group, joined in run
+            from fastmim.train.distributed import cleanup
+
+            cleanup(args.dist_info)
     return 0
 
 

@@ -2,19 +2,21 @@
 encoder's weights in timm's network of the same shape (drop path, global-pool + fc_norm head), AdamW with layer-wise
 lr decay (timm's ``param_groups_layer_decay``: MAE's ``lrd``), RandAugment ``rand-m9-mstd0.5-inc1`` and random
 erasing (``timm.data.create_transform``), mixup 0.8 / cutmix 1.0 with label smoothing 0.1 (``timm.data.Mixup``),
-lr = blr x batch / 256 with a linear warm-up and a half-cosine per iteration. Evaluated on the centre crop after every
-epoch; one process (a run on ImageNet wants several GPUs: not yet)."""
+lr = blr x batch x processes / 256 with a linear warm-up and a half-cosine per iteration. Evaluated on the centre crop
+after every epoch; data-parallel under torchrun; a checkpoint every epoch, resumed exactly."""
 
 from __future__ import annotations
 
+import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastmim.eval.encoder import _autocast
-from fastmim.eval.knn import _topk_accuracy
+from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier
 from fastmim.train.optim import lr_at
 
 
@@ -82,74 +84,182 @@ def finetune(
     pool: str = "auto",
     workers: int = 0,
     seed: int = 0,
+    dist_info: DistInfo | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
     log=None,
 ) -> dict:
     """Fine-tunes; returns the final and best top-1/top-5 on ``val_set``, the history and the trained network.
-    ``train_set`` yields augmented views (``finetune_transform``), ``val_set`` centre crops."""
+
+    ``train_set`` yields augmented views (``finetune_transform``), ``val_set`` centre crops. Under torchrun
+    (``dist_info``) the network is DDP-wrapped, each process takes its share of every epoch and of the validation set
+    (exact counts, summed), and lr = blr x batch x processes / 256. ``run_dir``: rank 0 writes ``checkpoint.pt`` there
+    after every epoch (network, optimizer, history, every process's random state); ``resume`` continues from it,
+    exactly as if never stopped when the number of processes is the same."""
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
 
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    dist_info = dist_info or DistInfo()
+    rank, world = dist_info.rank, dist_info.world_size
+    settings = dict(model=info["model"], num_classes=num_classes, batch_size=batch_size, blr=blr, min_lr=min_lr,
+                    warmup_epochs=warmup_epochs, weight_decay=weight_decay, layer_decay=layer_decay,
+                    drop_path=drop_path, mixup=mixup, cutmix=cutmix, smoothing=smoothing, pool=pool, seed=seed,
+                    processes=world)  # fmt: skip
+    state = _load_checkpoint(run_dir, settings, epochs) if resume else None
+    torch.manual_seed(seed)  # the same network on every process (DDP checks it)
     net, fresh = finetune_network(encoder, info, num_classes, drop_path, pool)
     net = net.to(device)
-    lr = blr * batch_size / 256
+    lr = blr * batch_size * world / 256
     opt = build_optimizer(net, lr, weight_decay, layer_decay)
     mixing = mixup > 0 or cutmix > 0
-    mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing, num_classes=num_classes) if mixing \
-        else None  # fmt: skip
     if mixing and batch_size % 2:
         raise ValueError(f"mixup/cutmix mix a batch with its reverse: --batch-size must be even, got {batch_size}")
-    drop_last = len(train_set) >= batch_size
-    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=drop_last,
-                                         num_workers=workers, generator=gen,
-                                         pin_memory=device.type == "cuda")  # fmt: skip
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, shuffle=False, num_workers=workers)
+    mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing, num_classes=num_classes) if mixing \
+        else None  # fmt: skip
+    # every epoch's order from (seed, epoch), shared by the processes; the last incomplete global batch dropped
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                                  drop_last=len(train_set) >= batch_size * world)  # fmt: skip
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=workers, pin_memory=device.type == "cuda")  # fmt: skip
+    if len(loader) == 0:
+        raise ValueError(f"{len(train_set)} training images make no batch of {batch_size} per process x {world}: "
+                         "lower --batch-size")  # fmt: skip
+    mine = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))  # each image once, over all processes
+    val_loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, shuffle=False, num_workers=workers)
     per_epoch = len(loader)
+    history, best, start = [], None, 0
+    if state is not None:
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        history, best, start = state["history"], state["best"], state["epoch"]
+        _set_rng(state["rng"][rank] if len(state["rng"]) == world else None, seed, rank, start)
+    else:
+        _set_rng(None, seed, rank, 0)
+    model = net
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
     soft_ce = SoftTargetCrossEntropy()
-    history, best, it = [], None, 0
-    for epoch in range(epochs):
-        net.train()
-        total, count, t0 = 0.0, 0, time.perf_counter()
-        for x, y in loader:
+    for epoch in range(start, epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        total, count, t0 = torch.zeros((), device=device), 0, time.perf_counter()
+        for i, (x, y) in enumerate(loader):
+            it = epoch * per_epoch + i
             for g in opt.param_groups:  # timm's layer decay: each group's lr_scale
                 g["lr"] = lr_at(it / per_epoch, lr, min_lr, warmup_epochs, epochs) * g.get("lr_scale", 1.0)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if mix is not None and len(x) % 2 == 0:
-                x, target = mix(x, y)
-                with _autocast(device):
-                    loss = soft_ce(net(x).float(), target)
-            else:
-                with _autocast(device):
-                    loss = F.cross_entropy(net(x).float(), y, label_smoothing=smoothing)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the fine-tuning loss became {float(loss)} in epoch {epoch}; lower --blr")
+            with _autocast(device):
+                if mix is not None:
+                    x, target = mix(x, y)
+                    loss = soft_ce(model(x).float(), target)
+                else:
+                    loss = F.cross_entropy(model(x).float(), y, label_smoothing=smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(y)
+            total += loss.detach() * len(y)
             count += len(y)
-            it += 1
-        acc = evaluate(net, val_loader, num_classes, device)
-        row = {"epoch": epoch + 1, "loss": total / max(count, 1), **acc, "seconds": round(time.perf_counter() - t0, 2)}
+        mean_loss = float(all_reduce_mean(total / count, dist_info))
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"the fine-tuning loss became {mean_loss} in epoch {epoch + 1}; lower --blr "
+                                     "(the last checkpoint is intact)")  # fmt: skip
+        acc = evaluate(net, val_loader, num_classes, device, dist_info)
+        row = {"epoch": epoch + 1, "loss": mean_loss, **acc, "seconds": round(time.perf_counter() - t0, 2)}
         history.append(row)
         best = row if best is None or row["top1"] > best["top1"] else best
-        if log is not None:
+        if run_dir is not None:
+            _save_checkpoint(run_dir, net, opt, epoch + 1, history, best, settings, dist_info)
+        if log is not None and dist_info.is_main:
             log(row)
     last = history[-1]
     return {"top1": last["top1"], "top5": last["top5"], "best_top1": best["top1"], "best_epoch": best["epoch"],
             "lr": lr, "history": history, "network": net.cpu(), "fresh_keys": fresh}  # fmt: skip
 
 
+CHECKPOINT = "checkpoint.pt"
+
+
+def _set_rng(saved: dict | None, seed: int, rank: int, epoch: int) -> None:
+    """Each process's augmentation, mixup and drop-path randomness: its saved state, else from (seed, rank, epoch)."""
+    import random
+
+    import numpy as np
+
+    if saved is None:
+        s = (seed * 1_000_003 + rank * 7919 + epoch) % 2**31
+        random.seed(s), np.random.seed(s), torch.manual_seed(s)
+        return
+    random.setstate(saved["python"])
+    np.random.set_state(saved["numpy"])
+    torch.set_rng_state(saved["torch"])
+    if saved.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["cuda"])
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def _save_checkpoint(run_dir, net, opt, epoch, history, best, settings, dist_info: DistInfo) -> None:
+    from fastmim.train.checkpoint import atomic_write
+
+    rngs = [_rng_state()]
+    if dist_info.enabled:
+        import torch.distributed as dist
+
+        rngs = [None] * dist_info.world_size
+        dist.all_gather_object(rngs, _rng_state())
+    if dist_info.is_main:
+        state = {"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "history": history, "best": best,
+                 "settings": settings, "rng": rngs}  # fmt: skip
+        atomic_write(Path(run_dir) / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+    barrier(dist_info)
+
+
+def _load_checkpoint(run_dir, settings: dict, epochs: int) -> dict:
+    path = Path(run_dir or ".") / CHECKPOINT
+    if run_dir is None or not path.is_file():
+        raise FileNotFoundError(f"no fine-tuning checkpoint at {str(path)!r} to resume")
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
+    differ = {k: (state["settings"].get(k), v) for k, v in settings.items()
+              if k != "processes" and state["settings"].get(k) != v}  # fmt: skip
+    if differ:
+        said = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items())
+        raise ValueError(f"--resume {str(run_dir)!r}: the fine-tuning was started with other settings ({said})")
+    if state["epoch"] >= epochs:
+        raise ValueError(
+            f"--resume {str(run_dir)!r}: it has done {state['epoch']} of --epochs {epochs}; raise --epochs"
+        )
+    if state["settings"].get("processes") != settings["processes"]:
+        print(f"note: resumed on {settings['processes']} processes, saved on {state['settings'].get('processes')}: "
+              "the same schedule, other random draws", flush=True)  # fmt: skip
+    return state
+
+
 @torch.no_grad()
-def evaluate(net: nn.Module, loader, num_classes: int, device: torch.device) -> dict[str, float]:
+def evaluate(net: nn.Module, loader, num_classes: int, device: torch.device,
+             dist_info: DistInfo | None = None) -> dict[str, float]:  # fmt: skip
+    """Top-1/top-5 (%) over the loader's images (each process its share: the counts are summed)."""
     net.eval()
-    logits, labels = [], []
+    hits = torch.zeros(3, dtype=torch.float64, device=device)  # top-1, top-5, images
     for x, y in loader:
         with _autocast(device):
-            logits.append(net(x.to(device, non_blocking=True)).float().cpu())
-        labels.append(y)
-    return _topk_accuracy(torch.cat(logits), torch.cat(labels), num_classes)
+            logits = net(x.to(device, non_blocking=True)).float()
+        ranked = logits.topk(min(5, num_classes), dim=1).indices
+        hit = ranked == y.to(device).view(-1, 1)
+        hits += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(y), device=device)]).double()
+    if dist_info is not None and dist_info.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(hits)
+    n = max(float(hits[2]), 1.0)
+    return {"top1": 100.0 * float(hits[0]) / n, "top5": 100.0 * float(hits[1]) / n}
 
 
 def finetune_transform(img_size: int, auto_augment: str | None = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25):

@@ -274,11 +274,22 @@ def test_cli_finetune_trains_saves_and_never_overwrites(tmp_path, capsys):
     rows = [json.loads(s) for s in (path.parent / "eval.jsonl").read_text().splitlines()]
     assert [r["mode"] for r in rows] == ["finetune", "finetune"] and len(rows[0]["history"]) == 2
     assert all(np.isfinite(h["loss"]) and 0 <= h["top1"] <= 100 for r in rows for h in r["history"])
-    assert rows[0]["saved"].endswith("finetuned.safetensors") and rows[1]["saved"].endswith("finetuned-2.safetensors")
+    assert rows[0]["saved"] == str(path.parent / "finetune" / "finetuned.safetensors")
+    assert rows[1]["saved"] == str(path.parent / "finetune-2" / "finetuned.safetensors")
+    history = [json.loads(s) for s in (path.parent / "finetune" / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2] and history[-1]["top1"] == rows[0]["top1"]
     first = load_file(rows[0]["saved"])
     assert first["head.weight"].shape == (3, 192) and "fc_norm.weight" in first
     assert not torch.equal(first["blocks.0.attn.qkv.weight"], load_file(path)["blocks.0.attn.qkv.weight"])  # trained
     assert "fine-tuning (2 epochs, best top-1" in capsys.readouterr().out
+    done = str(path.parent / "finetune")
+    assert eval_main([*args, "--finetune-dir", done]) == 2
+    assert "holds a fine-tuning already: --resume" in capsys.readouterr().err
+    assert eval_main([*args, "--resume", done]) == 2
+    assert "it has done 2 of --epochs 2" in capsys.readouterr().err
+    assert eval_main([*args, "--resume", done, "--epochs", "3"]) == 0  # one more epoch, in the same folder
+    assert [json.loads(s)["epoch"] for s in (path.parent / "finetune" / "history.jsonl").read_text().splitlines()] \
+        == [1, 2, 3]  # fmt: skip
     with pytest.raises(SystemExit):
         eval_main([*args, "--layer-decay", "0"])
     assert "--layer-decay must be in (0, 1]" in capsys.readouterr().err
@@ -304,3 +315,73 @@ def test_finetune_views_survive_randaugments_zero_bit_posterize():
         op.prob, op.magnitude, op.magnitude_std = 1.0, 10.0, 0.0
     out = tf(img)
     assert out.shape == (3, 32, 32) and torch.isfinite(out).all()
+
+
+def _finetune_run(tmp_path, run_dir, epochs=2, stop_after=None, resume=False, **kw):
+    from fastmim.eval.encoder import LabelledFolder, eval_transform
+    from fastmim.eval.finetune import finetune, finetune_transform
+
+    train = make_image_folder(tmp_path / "train", n=16, classes=2) if not (tmp_path / "train").exists() else \
+        tmp_path / "train"  # fmt: skip
+    torch.manual_seed(0)  # the same encoder in every call
+    enc, info = load_encoder(None, "vit_tiny_patch16", 32)
+    train_set = LabelledFolder(train, finetune_transform(32))
+    val_set = LabelledFolder(train, eval_transform(32))
+
+    def log(row):
+        if stop_after is not None and row["epoch"] == stop_after:
+            raise KeyboardInterrupt  # a stop between two epochs, after the checkpoint
+
+    settings = dict(epochs=epochs, warmup_epochs=1, batch_size=4, blr=1e-3, workers=0)
+    settings.update(kw)
+    return finetune(enc, info, train_set, val_set, 2, torch.device("cpu"), run_dir=run_dir, resume=resume, log=log,
+                    **settings)  # fmt: skip
+
+
+def test_finetune_resumes_exactly_and_refuses_other_settings(tmp_path):
+    """Two epochs straight equal one epoch, a stop, and a resume (augmentation, mixup and drop path draws included);
+    a resume with other settings, or one with nothing left to do, is refused by name."""
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    straight = _finetune_run(tmp_path, tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        _finetune_run(tmp_path, tmp_path / "b", stop_after=1)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    resumed = _finetune_run(tmp_path, tmp_path / "b", resume=True)
+    for k, v in straight["network"].state_dict().items():
+        torch.testing.assert_close(resumed["network"].state_dict()[k], v, rtol=0, atol=0)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    with pytest.raises(ValueError, match=r"blr: 0.001 then, 0.002 now"):
+        _finetune_run(tmp_path, tmp_path / "b", epochs=3, resume=True, blr=2e-3)
+    with pytest.raises(ValueError, match="has done 2 of --epochs 2"):
+        _finetune_run(tmp_path, tmp_path / "b", resume=True)
+    with pytest.raises(FileNotFoundError, match="no fine-tuning checkpoint"):
+        _finetune_run(tmp_path, tmp_path / "c", resume=True)
+
+
+@pytest.mark.slow
+def test_finetune_under_torchrun_shares_the_epochs_and_counts_every_val_image(tmp_path):
+    """Two processes (gloo): lr scaled by the processes, a checkpoint and the network saved once, and the validation
+    accuracy summed from both shares equal to one process's evaluation of the saved network."""
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    from safetensors.torch import load_file
+
+    from fastmim.eval.encoder import LabelledFolder, eval_transform
+    from fastmim.eval.finetune import evaluate, finetune_network
+    from tests.conftest import run_cli
+
+    _, path = _save_run_encoder(tmp_path)
+    train = make_image_folder(tmp_path / "train", n=16, classes=3)
+    val = make_image_folder(tmp_path / "val", n=9, classes=3, seed=1)  # odd: the shares differ in size
+    r = run_cli(["--standalone", "--nproc_per_node", "2", "-m", "fastmim.eval", "finetune", "--encoder", str(path),
+                 "--data-path", str(train), "--val-path", str(val), "--batch-size", "4", "--epochs", "2",
+                 "--warmup-epochs", "1", "--device", "cpu"],
+                module=["-m", "torch.distributed.run"], timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(s) for s in (path.parent / "eval.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["processes"] == 2 and rows[0]["lr"] == pytest.approx(5e-4 * 4 * 2 / 256)
+    assert r.stdout.count("finetune epoch 2/2") == 1  # printed by rank 0 only
+    enc, info = load_encoder(path)
+    net, _ = finetune_network(enc, info, 3, drop_path=0.0)
+    net.load_state_dict(load_file(rows[0]["saved"]))
+    loader = torch.utils.data.DataLoader(LabelledFolder(val, eval_transform(32)), batch_size=4)
+    assert evaluate(net, loader, 3, torch.device("cpu"))["top1"] == pytest.approx(rows[0]["top1"])
