@@ -97,16 +97,26 @@ def test_training_does_not_depend_on_the_number_of_loader_workers(image_folder, 
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(image_folder, tmp_path):
+    """DDP over two processes, with the kNN monitor (rank 0 evaluates, rank 1 waits): equal to one process with the
+    two ranks' batch and no monitor."""
+    from tests.conftest import make_image_folder
+
     out = tmp_path / "ddp"
+    labelled = tmp_path / "labelled"
+    make_image_folder(labelled / "train", n=8, classes=2)
+    make_image_folder(labelled / "val", n=4, classes=2, seed=1)
     r = run_cli(
         ["--standalone", "--nproc_per_node", "2", "-m", "fastmim.pretrain", *TINY_ARGS, "--data-path",
-         str(image_folder), "--epochs", "2", "--output-dir", str(out), "--log-interval", "1", "--blr", "1e-3"],
+         str(image_folder), "--epochs", "2", "--output-dir", str(out), "--log-interval", "1", "--blr", "1e-3",
+         "--eval-data", str(labelled)],
         module=["-m", "torch.distributed.run"], env={"OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert "x2" in r.stdout and "batch 8 (= 4 x 1 accum x 2 procs)" in r.stdout
     assert r.stdout.count("done: step") == 1  # rank 0 alone reports
-    rows = read_metrics(out)
+    knn = [row for row in read_metrics(out) if "knn_top1" in row]
+    assert [row["step"] for row in knn] == [0, 3, 6] and r.stdout.count("kNN at step") == 3  # rank 0 alone
+    rows = [row for row in read_metrics(out) if "loss" in row]
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]  # 24 images / (4 x 2) per step, written once
     # lr scaled by the effective batch 8: warmup of 1 epoch = 3 steps, lr at step s set from s-1 completed steps
     assert rows[1]["lr"] == pytest.approx(1e-3 * 8 / 256 * 1 / 3)
