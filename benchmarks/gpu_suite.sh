@@ -227,6 +227,21 @@ if want cli && fits 90 "CLI demo, --fsdp"; then
   cp "$SCRATCH/fsdp/metrics.jsonl" "$RESULTS/fsdp_metrics.jsonl" 2>/dev/null
 fi
 
+# transformers' ViTMAE-Base step as transformers runs it vs patched by fastmim.integrations (issue 20; prediction in
+# benchmarks/notes/hf-vit-mae.md). The machine has no transformers: installed from .wheels/ (benchmarks/wheels.sh,
+# carried with the tree) when it is there.
+want hf && step "ViTMAE-Base (Hugging Face) training step, batch 64, bf16: transformers vs patch_hf_vit_mae" && {
+  if ! $PY -c "import transformers" 2>/dev/null && [ -d .wheels ]; then
+    $PY -m pip install -q --no-index --find-links .wheels transformers 2>&1 | tail -2
+  fi
+  if $PY -c "import transformers" 2>/dev/null; then
+    fits 60 "hf" && run 120 $PY -m pytest -q -p no:cacheprovider tests/integrations/test_hf.py &&
+      run 150 $PY benchmarks/hf_vit_mae.py --batch-size 64 --out "$RESULTS/hf_vit_mae.jsonl"
+  else
+    echo "SKIPPED: transformers is not installed here and no .wheels/ was carried (bash benchmarks/wheels.sh)"
+  fi
+}
+
 # python -m fastmim.eval on CUDA: kNN feature-extraction speed of a ViT-B/16 at 224 px (bf16) on the built-in digits
 # (scikit-learn is on the GPU machine; predicted in benchmarks/notes/eval.md)
 want eval && step "python -m fastmim.eval knn: ViT-B/16 features at 224 px, bf16, 8 loader processes" &&

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmim.ops.modules import GRN
+
 
 def drop_path_keep(batch: int, p: float, like: torch.Tensor) -> torch.Tensor:
     """The per-sample keep scale [B] of stochastic depth: 0 or 1 / (1 - p)."""
@@ -63,15 +65,10 @@ class PointwiseLinear(nn.Module):
         return f"{self.in_features} -> {self.out_features}, weight {tuple(self.weight.shape)}"
 
 
-class GlobalResponseNorm(nn.Module):
+class GlobalResponseNorm(GRN):
     """GRN on channels-last input [B, H, W, C]: gx = ||x||_2 over H, W per channel; nx = gx / (mean_c gx + eps);
-    out = x + bias + weight * (x * nx). Parameters ``weight``/``bias`` [C] (timm's names; the paper's gamma/beta)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
+    out = x + bias + weight * (x * nx). Parameters ``weight``/``bias`` [C] (timm's names; the paper's gamma/beta).
+    The dense encoder's formulation in plain PyTorch ops; ``fastmim.ops.GRN`` is the fused kernel's module."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)  # [B, 1, 1, C]

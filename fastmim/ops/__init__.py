@@ -7,6 +7,8 @@ cpp|torch`` or ``set_backend(name)`` forces one. ``add_layer_norm`` fuses a pre-
 add with the LayerNorm after it; ``hog_target``, ``fft_loss``, ``patch_fft_loss`` and ``low_pass_target`` are
 MaskFeat's target, A2MIM's loss, the patch-wise focal frequency loss and PixMIM's target. All are ``torch.library``
 custom ops (``torch.ops.fastmim.*``) with fake kernels and autograd, safe under ``torch.compile(fullgraph=True)``.
+Module forms: ``MaskedMSELoss``, ``MaskedL1Loss``, ``FFTLoss``, ``PatchFFTLoss``, ``HOGTarget``, ``LowPassTarget``,
+``GRN`` (``fastmim.ops.modules``).
 """
 
 from fastmim.ops._dispatch import set_backend
@@ -17,6 +19,7 @@ from fastmim.ops.hog import hog_target
 from fastmim.ops.layer_norm import add_layer_norm
 from fastmim.ops.low_pass import low_pass_target
 from fastmim.ops.masked_loss import masked_mse_loss, masked_mse_loss_patchified
+from fastmim.ops.modules import GRN, FFTLoss, HOGTarget, LowPassTarget, MaskedL1Loss, MaskedMSELoss, PatchFFTLoss
 from fastmim.ops.patch_fft_loss import patch_fft_loss
 from fastmim.ops.patchify import patchify, unpatchify
 from fastmim.ops.reference import (
@@ -40,6 +43,13 @@ from fastmim.ops.sparse_conv import SparseLayout, sparse_dwconv
 from fastmim.ops.tokens import gather_visible, scatter_masked
 
 __all__ = [
+    "FFTLoss",
+    "GRN",
+    "HOGTarget",
+    "LowPassTarget",
+    "MaskedL1Loss",
+    "MaskedMSELoss",
+    "PatchFFTLoss",
     "add_layer_norm",
     "add_layer_norm_ref",
     "attention",

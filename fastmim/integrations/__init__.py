@@ -1,0 +1,11 @@
+"""fastmim's ops inside other libraries' models, one call each (each library imported only when used):
+
+- ``patch_hf_vit_mae(model=None)`` / ``unpatch_hf_vit_mae``: Hugging Face transformers' ``ViTMAEForPreTraining``.
+"""
+
+from __future__ import annotations
+
+from fastmim.integrations.hf import is_patched as hf_vit_mae_is_patched
+from fastmim.integrations.hf import patch_hf_vit_mae, unpatch_hf_vit_mae
+
+__all__ = ["hf_vit_mae_is_patched", "patch_hf_vit_mae", "unpatch_hf_vit_mae"]

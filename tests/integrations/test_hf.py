@@ -1,0 +1,105 @@
+"""patch_hf_vit_mae: Hugging Face's own ViTMAEForPreTraining, run by transformers' code and by the patched one on
+the same weights, inputs and noise, gives the same loss, outputs and every gradient."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the Hugging Face integration's tests need transformers "
+                                   "(pip install 'fastmim[hf]')")  # fmt: skip
+from transformers import ViTMAEConfig, ViTMAEForPreTraining  # noqa: E402
+
+from fastmim.integrations import hf_vit_mae_is_patched, patch_hf_vit_mae, unpatch_hf_vit_mae  # noqa: E402
+
+
+def tiny(norm_pix: bool = True, seed: int = 0) -> ViTMAEForPreTraining:
+    torch.manual_seed(seed)
+    cfg = ViTMAEConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, image_size=32,
+                       patch_size=8, decoder_hidden_size=32, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
+                       decoder_intermediate_size=64, norm_pix_loss=norm_pix, mask_ratio=0.75)  # fmt: skip
+    return ViTMAEForPreTraining(cfg).train()
+
+
+def _run(model, imgs, noise, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(pixel_values=imgs, noise=noise, **kw)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_patched_model_equals_transformers_own_in_loss_outputs_and_every_gradient(norm_pix):
+    ref = tiny(norm_pix)
+    ours = patch_hf_vit_mae(copy.deepcopy(ref))
+    assert hf_vit_mae_is_patched(ours) and not hf_vit_mae_is_patched(ref)
+    imgs, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
+    a, ga = _run(ref, imgs, noise)
+    b, gb = _run(ours, imgs, noise)
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-6)
+    assert torch.equal(b.mask, a.mask) and torch.equal(b.ids_restore, a.ids_restore)
+    assert ga.keys() == gb.keys() and len(ga) == len(list(ref.parameters())) - 2  # all but the fixed pos. embeddings
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    # the tuple form, and a call that interpolates the position embeddings (transformers' own code path)
+    tup = ours(pixel_values=imgs, noise=noise, return_dict=False)
+    assert isinstance(tup, tuple)
+    torch.testing.assert_close(tup[0], b.loss.detach())
+    big, big_noise = torch.randn(2, 3, 48, 48), torch.rand(2, 36)
+    torch.testing.assert_close(ours(pixel_values=big, noise=big_noise, interpolate_pos_encoding=True).loss,
+                               ref(pixel_values=big, noise=big_noise, interpolate_pos_encoding=True).loss)  # fmt: skip
+
+
+def test_random_masking_without_noise_keeps_the_mask_ratio_and_the_mask_marks_what_was_dropped():
+    ours = patch_hf_vit_mae(tiny())
+    out = ours(pixel_values=torch.randn(4, 3, 32, 32))
+    assert out.mask.shape == (4, 16) and (out.mask.sum(1) == 12).all()
+    kept = torch.argsort(out.ids_restore, dim=1)[:, :4]  # ids_shuffle's first K: the kept patches
+    assert (out.mask.gather(1, kept) == 0).all()
+
+
+def test_class_patch_reaches_every_model_and_both_patches_undo():
+    before = tiny()
+    try:
+        patch_hf_vit_mae()
+        patch_hf_vit_mae()  # twice: no change
+        after = tiny(seed=1)
+        assert hf_vit_mae_is_patched() and hf_vit_mae_is_patched(before) and hf_vit_mae_is_patched(after)
+    finally:
+        unpatch_hf_vit_mae()
+    assert not hf_vit_mae_is_patched() and not hf_vit_mae_is_patched(before)
+    model = tiny()
+    patch_hf_vit_mae(model)
+    patch_hf_vit_mae(model)
+    assert unpatch_hf_vit_mae(model) is model and not hf_vit_mae_is_patched(model)
+    with pytest.raises(TypeError, match="expected a transformers ViTMAEForPreTraining"):
+        patch_hf_vit_mae(torch.nn.Linear(2, 2))
+
+
+def test_missing_or_untested_library_is_named(monkeypatch):
+    import importlib
+    import importlib.metadata
+
+    from fastmim.integrations import _versions
+
+    real = importlib.import_module
+
+    def no_transformers(name, *a, **k):
+        if name == "transformers":
+            raise ImportError("No module named 'transformers'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", no_transformers)
+    with pytest.raises(ImportError, match=r"pip install 'fastmim\[hf\]'"):
+        _versions.require("transformers", ("5.",), "hf")
+    monkeypatch.setattr(importlib, "import_module", real)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "4.40.0")
+    monkeypatch.setattr(_versions, "_WARNED", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _versions.require("transformers", ("5.",), "hf")
+    assert any("tested with transformers 5.x; found 4.40.0" in str(w.message) for w in caught)

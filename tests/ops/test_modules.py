@@ -1,0 +1,70 @@
+"""The nn.Module forms of the ops: the functional op's value and gradients, settings kept, bad settings refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastmim.ops as ops
+from fastmim.models.convnextv2 import GlobalResponseNorm
+
+
+def _mask(b, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(b, n, generator=g) < 0.6).float()
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_masked_losses_equal_the_reference_for_images_and_patches(p, norm_pix):
+    torch.manual_seed(0)
+    imgs, mask = torch.randn(2, 3, 32, 32), _mask(2, 16)
+    pred = torch.randn(2, 16, 8 * 8 * 3, requires_grad=True)
+    module = ops.MaskedL1Loss(8, norm_pix=norm_pix) if p == 1 else ops.MaskedMSELoss(8, norm_pix=norm_pix)
+    got = module(pred, imgs, mask)
+    want = ops.masked_mse_loss_ref(pred, imgs, mask, 8, norm_pix, 1e-6, p)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    (g_got,) = torch.autograd.grad(got, pred)
+    (g_want,) = torch.autograd.grad(want, pred)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)
+    target = torch.randn(2, 16, 12)  # already patches: HOG, teacher tokens
+    pred2 = torch.randn(2, 16, 12)
+    torch.testing.assert_close(module(pred2, target, mask),
+                               ops.masked_mse_loss_patchified_ref(pred2, target, mask, norm_pix, 1e-6, p))  # fmt: skip
+
+
+def test_masked_loss_settings_are_checked():
+    with pytest.raises(ValueError, match="p must be 1 or 2"):
+        ops.MaskedMSELoss(16, p=3)
+    with pytest.raises(ValueError, match="need patch_size"):
+        ops.MaskedMSELoss()(torch.randn(1, 4, 48), torch.randn(1, 3, 8, 8), torch.ones(1, 4))
+
+
+def test_grn_module_equals_convnext_v2s_grn_with_gradients():
+    torch.manual_seed(0)
+    ours, ref = ops.GRN(6), GlobalResponseNorm(6)
+    for m in (ours, ref):
+        with torch.no_grad():
+            m.weight.copy_(torch.linspace(-1, 1, 6))
+            m.bias.copy_(torch.linspace(0.5, -0.5, 6))
+    x = torch.randn(2, 5, 4, 6, requires_grad=True)  # channels-last [B, H, W, C]
+    a, b = ours(x), ref(x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    ga = torch.autograd.grad(a.square().sum(), [x, ours.weight, ours.bias])
+    gb = torch.autograd.grad(b.square().sum(), [x, ref.weight, ref.bias])
+    for u, v in zip(ga, gb, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
+    assert ours(x.view(2, 20, 6)).shape == (2, 20, 6)
+
+
+def test_target_and_frequency_modules_call_their_ops():
+    torch.manual_seed(0)
+    imgs, mask = torch.randn(2, 3, 32, 32), _mask(2, 4)
+    torch.testing.assert_close(ops.HOGTarget(16, 8, 9)(imgs), ops.hog_target_ref(imgs, 16, 8, 9), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ops.LowPassTarget(5.0)(imgs), ops.low_pass_target_ref(imgs, 5.0), rtol=1e-4, atol=1e-5)
+    pred = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ops.FFTLoss(16)(pred, imgs, mask), ops.fft_loss_ref(pred, imgs, mask, 16),
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    pp = torch.randn(2, 4, 16 * 16 * 3)
+    torch.testing.assert_close(ops.PatchFFTLoss(16)(pp, imgs, mask), ops.patch_fft_loss_ref(pp, imgs, mask, 16),
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
