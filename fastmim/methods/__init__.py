@@ -3,6 +3,7 @@
 from fastmim.methods.a2mim import A2MIMViT
 from fastmim.methods.data2vec2 import Data2Vec2ViT
 from fastmim.methods.fcmae import FCMAE
+from fastmim.methods.from_timm import TimmMAE
 from fastmim.methods.ijepa import IJEPAViT
 from fastmim.methods.mae import MaskedAutoencoderViT
 from fastmim.methods.maskfeat import MaskFeatViT
@@ -18,4 +19,5 @@ __all__ = [
     "MaskedAutoencoderViT",
     "PixMIMViT",
     "SimMIMViT",
+    "TimmMAE",
 ]

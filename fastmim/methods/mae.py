@@ -30,6 +30,27 @@ MASK_TYPES = ("random", "block", "simmim", "uniform")  # strategies with the sam
 DECODER_KEYS = ("decoder_", "mask_token")  # state-dict prefixes that belong to the head, not the encoder
 
 
+def add_mae_decoder(model: nn.Module, embed_dim: int, decoder_embed_dim: int, decoder_depth: int,
+                    decoder_num_heads: int, mlp_ratio: float, out_dim: int,
+                    attn_impl: str = "auto") -> None:  # fmt: skip
+    """MAE's head on ``model`` (which has ``num_patches`` and ``grid_size``), under MAE's names: ``decoder_embed``,
+    ``mask_token``, ``decoder_pos_embed`` (fixed sin-cos, a class-token row first), ``decoder_blocks``,
+    ``decoder_norm``, ``decoder_pred``; initialised as MAE's."""
+    model.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+    model.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+    model.decoder_pos_embed = nn.Parameter(torch.zeros(1, model.num_patches + 1, decoder_embed_dim),
+                                           requires_grad=False)  # fmt: skip
+    model.decoder_blocks = nn.ModuleList(
+        [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, attn_impl=attn_impl) for _ in range(decoder_depth)]
+    )
+    model.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+    model.decoder_pred = nn.Linear(decoder_embed_dim, out_dim)
+    model.decoder_pos_embed.data.copy_(sincos_2d(decoder_embed_dim, model.grid_size, cls_token=True).unsqueeze(0))
+    nn.init.normal_(model.mask_token, std=0.02)
+    for m in (model.decoder_embed, model.decoder_blocks, model.decoder_norm, model.decoder_pred):
+        m.apply(init_weights)
+
+
 class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
     """MAE with a ViT encoder (inherited, so its parameters keep timm's names) and a transformer decoder.
 
@@ -73,26 +94,10 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         self.mask_type = mask_type
         self.norm_pix_loss = norm_pix_loss
         self.fused_ops = fused_ops
-        n = self.num_patches
-        # --- Head: transformer decoder over visible latents + mask tokens ---
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n + 1, decoder_embed_dim), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(
-            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, attn_impl=attn_impl) for _ in range(decoder_depth)]
-        )
-        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
-        self._init_decoder()
+        add_mae_decoder(self, embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio,
+                        patch_size**2 * in_chans, attn_impl)  # fmt: skip
         self._mask_strategy: MaskStrategy | None = None
         self._mask_strategy_ratio: float | None = None
-
-    def _init_decoder(self) -> None:
-        d = self.decoder_embed.out_features
-        self.decoder_pos_embed.data.copy_(sincos_2d(d, self.grid_size, cls_token=True).unsqueeze(0))
-        nn.init.normal_(self.mask_token, std=0.02)
-        for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            m.apply(init_weights)
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token", "decoder_pos_embed"}

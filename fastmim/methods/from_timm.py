@@ -1,0 +1,149 @@
+"""MAE around a timm ViT the user already has: ``fastmim.create_model("mae", encoder=timm.create_model(...))``; FCMAE
+from a timm ConvNeXt V2: ``fastmim.create_model("fcmae", encoder=timm.create_model("convnextv2_atto", ...))``.
+
+The encoder is timm's own module (its weights, registers, class-token and position-embedding choices, a pretrained
+checkpoint); fastmim adds MAE's decoder and runs the masking gather, the decoder's scatter and the loss on its fused
+ops. ``encoder_state_dict()`` loads back into the same timm model. Supported: timm ``VisionTransformer``s with a
+learned or fixed absolute position embedding (``pos_embed``), with or without a class token, with register tokens,
+with ``no_embed_class``; not: rotary-embedding ViTs (no ``pos_embed``) and ``dynamic_img_size``.
+
+FCMAE's encoder is fastmim's sparse ConvNeXt V2 (masked convolutions need their own implementation): the timm
+model's weights are copied into it (any depths and widths), and ``encoder_state_dict()`` loads back into the timm
+model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastmim.methods.mae import MaskedAutoencoderViT, add_mae_decoder
+from fastmim.models.registry import register_model
+from fastmim.models.vit import checkpointed
+from fastmim.ops import gather_visible, gather_visible_ref
+from fastmim.targets.pixel import PixelTarget
+
+
+class TimmMAE(PixelTarget, nn.Module):
+    """Args: encoder: a timm ``VisionTransformer`` instance; decoder_*: MAE's decoder (its defaults: 512 wide, 8
+    blocks, 16 heads); mask_ratio, mask_type, norm_pix_loss, fused_ops, attn_impl: as ``MaskedAutoencoderViT``."""
+
+    grad_ckpt = False
+    fused_norm = False  # the decoder's blocks run plainly (timm's blocks are the user's)
+
+    def __init__(self, encoder: nn.Module, decoder_embed_dim: int = 512, decoder_depth: int = 8,
+                 decoder_num_heads: int = 16, mlp_ratio: float = 4.0, mask_ratio: float = 0.75,
+                 mask_type: str = "random", norm_pix_loss: bool = True, fused_ops: bool = True,
+                 attn_impl: str = "auto"):  # fmt: skip
+        super().__init__()
+        _check_encoder(encoder)
+        self.encoder = encoder
+        pe = encoder.patch_embed
+        self.patch_size = pe.patch_size[0]
+        self.in_chans = pe.proj.in_channels
+        self.num_patches = pe.num_patches
+        self.grid_size = tuple(pe.grid_size)
+        self.mask_ratio, self.mask_type, self.norm_pix_loss, self.fused_ops = mask_ratio, mask_type, norm_pix_loss, \
+            fused_ops  # fmt: skip
+        self._mask_strategy = None
+        self._mask_strategy_ratio = None
+        add_mae_decoder(self, encoder.embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio,
+                        self.patch_size**2 * self.in_chans, attn_impl)  # fmt: skip
+
+    # the mask, the decoder and the forward are MAE's own
+    make_mask = MaskedAutoencoderViT.make_mask
+    mask_strategy = MaskedAutoencoderViT.mask_strategy
+    forward_decoder = MaskedAutoencoderViT.forward_decoder
+    forward = MaskedAutoencoderViT.forward
+
+    @property
+    def patch_embed(self):  # what MaskedAutoencoderViT.mask_strategy reads
+        return self.encoder.patch_embed
+
+    def no_weight_decay(self) -> set[str]:
+        own = getattr(self.encoder, "no_weight_decay", lambda: set())()
+        return {f"encoder.{n}" for n in own} | {"mask_token", "decoder_pos_embed"}
+
+    def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """The visible patches through timm's encoder: [B, C, H, W], [B, K] -> [B, 1 + K, D] (the class token first;
+        a model without one gets the visible tokens' mean there, for the decoder; register tokens are dropped after
+        the encoder, as timm's pooling drops them)."""
+        enc = self.encoder
+        x = enc.patch_embed(imgs)  # [B, N, D]
+        prefix = [
+            t.expand(x.shape[0], -1, -1) for t in (enc.cls_token, getattr(enc, "reg_token", None)) if t is not None
+        ]
+        prefix = torch.cat(prefix, dim=1) if prefix else None
+        n_prefix = 0 if prefix is None else prefix.shape[1]
+        if getattr(enc, "no_embed_class", False):  # the position embedding covers the patches only
+            x = x + enc.pos_embed
+        else:
+            x = x + enc.pos_embed[:, n_prefix:]
+            if prefix is not None:
+                prefix = prefix + enc.pos_embed[:, :n_prefix]
+        x = (gather_visible if self.fused_ops else gather_visible_ref)(x, ids_keep)
+        if prefix is not None:
+            x = torch.cat([prefix, x], dim=1)
+        x = enc.norm_pre(enc.pos_drop(x))
+        ckpt = self.grad_ckpt or getattr(enc, "grad_checkpointing", False)
+        for blk in enc.blocks:
+            x = checkpointed(blk, x, enabled=ckpt)
+        x = enc.norm(x)
+        has_cls = enc.cls_token is not None
+        first = x[:, :1] if has_cls else x[:, n_prefix:].mean(dim=1, keepdim=True)
+        return torch.cat([first, x[:, n_prefix:]], dim=1)
+
+    def encoder_state_dict(self, state: dict | None = None) -> dict[str, torch.Tensor]:
+        """timm's encoder weights under timm's own names (``encoder.`` stripped): they load into the same timm model."""
+        state = self.state_dict() if state is None else state
+        return {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+
+
+def _check_encoder(encoder: nn.Module) -> None:
+    need = ("patch_embed", "blocks", "norm", "cls_token", "pos_embed")
+    missing = [n for n in need if not hasattr(encoder, n)]
+    if missing:
+        raise TypeError(f"mae(encoder=...): expected a timm VisionTransformer; {type(encoder).__name__} has no "
+                        f"{', '.join(missing)}")  # fmt: skip
+    if encoder.pos_embed is None:
+        raise ValueError("mae(encoder=...): this ViT has no absolute position embedding (rotary ViTs are not "
+                         "supported: the visible tokens must carry their positions before the gather)")  # fmt: skip
+    if getattr(encoder, "dynamic_img_size", False):
+        raise ValueError("mae(encoder=...): build the timm model without dynamic_img_size (MAE masks a fixed grid)")
+    if getattr(encoder.patch_embed, "patch_size", (0, 1))[0] != encoder.patch_embed.patch_size[1]:
+        raise ValueError("mae(encoder=...): square patches only")
+
+
+def build_mae(encoder: nn.Module | None = None, **kwargs) -> nn.Module:
+    """The ``"mae"`` entry of ``fastmim.create_model``: MAE around ``encoder``, a timm ViT instance."""
+    if encoder is None:
+        raise TypeError("create_model('mae', encoder=...) wraps your timm ViT: pass encoder=timm.create_model(...); "
+                        "fastmim's own MAE models are mae_vit_<size>_patch<p>")  # fmt: skip
+    return TimmMAE(encoder, **kwargs)
+
+
+def build_fcmae(encoder: nn.Module | None = None, **kwargs) -> nn.Module:
+    """The ``"fcmae"`` entry of ``fastmim.create_model``: FCMAE (fastmim's sparse ConvNeXt V2 encoder) holding the
+    weights of ``encoder``, a timm ConvNeXt V2 instance."""
+    from fastmim.methods.fcmae import FCMAE
+
+    if encoder is None:
+        raise TypeError("create_model('fcmae', encoder=...) starts from your timm ConvNeXt V2: pass encoder="
+                        "timm.create_model('convnextv2_...'); fastmim's own are fcmae_convnextv2_<size>")  # fmt: skip
+    stages = getattr(encoder, "stages", None)
+    if stages is None or not all(hasattr(b, "mlp") and hasattr(b.mlp, "grn") for s in stages for b in s.blocks):
+        raise TypeError(f"create_model('fcmae', encoder=...): expected a timm ConvNeXt V2 (its blocks have GRN); got "
+                        f"{type(encoder).__name__}")  # fmt: skip
+    depths = tuple(len(s.blocks) for s in stages)
+    dims = tuple(s.blocks[0].conv_dw.out_channels for s in stages)
+    model = FCMAE(depths=depths, dims=dims, in_chans=encoder.stem[0].in_channels, **kwargs)
+    weights = {k: v for k, v in encoder.state_dict().items() if not k.startswith("head.")}
+    missing, unexpected = model.encoder.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"create_model('fcmae', encoder=...): the timm weights do not fit fastmim's ConvNeXt V2 "
+                         f"(missing {missing[:4]}, unexpected {unexpected[:4]})")  # fmt: skip
+    return model
+
+
+register_model("mae", build_mae)
+register_model("fcmae", build_fcmae)
