@@ -1,6 +1,9 @@
 """fastmim's ops inside other libraries' models, one call each (each library imported only when used):
 
 - ``patch_hf_vit_mae(model=None)`` / ``unpatch_hf_vit_mae``: Hugging Face transformers' ``ViTMAEForPreTraining``.
+- ``fastmim.integrations.lightly``: lightly's MAE helpers (``get_at_index``, ``decode_masked``, ``mae_loss``) and
+  ``patch_lightly()``.
+- timm: ``fastmim.create_model("mae" | "fcmae", encoder=<timm model>)``.
 """
 
 from __future__ import annotations

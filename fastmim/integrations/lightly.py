@@ -1,0 +1,111 @@
+"""lightly's MAE on fastmim's ops: drop-in equivalents of the helpers lightly's MAE is written with
+(``lightly.models.utils``), for the same ``idx_keep`` / ``idx_mask`` (``random_token_mask``: the class token at 0,
+patch ``j`` at token ``j + 1``).
+
+    from fastmim.integrations import lightly as fl
+
+    x_pred = fl.get_at_index(x_decoded, idx_mask)                   # was utils.get_at_index
+    x_dec = fl.decode_masked(decoder, decoder.embed(x_encoded), idx_keep, idx_mask)
+                                            # was repeat_token + set_at_index + decoder.decode
+    loss = fl.mae_loss(x_pred, images, idx_mask, patch_size)        # was MSELoss(x_pred, get_at_index(patchify(...)))
+
+``patch_lightly()`` makes lightly's own modules gather with fastmim's op (``lightly.models.utils.get_at_index``, which
+its masked encoders and decoders call); ``unpatch_lightly()`` restores it. ``examples/lightly_mae.py`` trains
+lightly's MAE (``MaskedVisionTransformerTIMM`` and ``MAEDecoderTIMM``) with all of them. Indices must be distinct
+within a row, as lightly's masks are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastmim.integrations._versions import require
+
+TESTED = ("1.6.",)  # lightly versions these equivalents were checked against
+
+
+def _utils():
+    """lightly.models.utils (lightly imported, its version checked)."""
+    import importlib
+
+    require("lightly", TESTED, extra="lightly")
+    return importlib.import_module("lightly.models.utils")
+
+
+def get_at_index(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``lightly.models.utils.get_at_index``: tokens [B, N, D] at index [B, K] -> [B, K, D], without the D-times
+    expanded index (``fastmim.ops.gather_visible``; the backward writes each row once)."""
+    from fastmim.ops import gather_visible
+
+    return gather_visible(tokens, index)
+
+
+def _restore(first: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    """ids_restore for ``scatter_masked``: token position -> its row in (``first`` ++ ``rest``) order."""
+    return torch.argsort(torch.cat([first, rest], dim=1), dim=1)
+
+
+def _decoder_parts(decoder) -> tuple:
+    """(mask token, position embedding, blocks, norm) of lightly's ``MAEDecoderTIMM`` or
+    ``MaskedVisionTransformerDecoderTIMM``."""
+    if hasattr(decoder, "decoder_pos_embed"):
+        return decoder.mask_token, decoder.decoder_pos_embed, decoder.decoder_blocks, decoder.decoder_norm
+    if hasattr(decoder, "pos_embed") and hasattr(decoder, "blocks"):
+        return decoder.mask_token, decoder.pos_embed, decoder.blocks, decoder.norm
+    raise TypeError(f"decode_masked: expected lightly's MAEDecoderTIMM or MaskedVisionTransformerDecoderTIMM, got "
+                    f"{type(decoder).__name__}")  # fmt: skip
+
+
+def decode_masked(decoder, x: torch.Tensor, idx_keep: torch.Tensor, idx_mask: torch.Tensor) -> torch.Tensor:
+    """lightly's MAE decoding of embedded tokens ``x`` [B, K, D] (the encoder's kept tokens, class token included,
+    through ``decoder.embed``): ``decoder.decode(set_at_index(repeat_token(mask_token, (B, N)), idx_keep, x))``, with
+    the placement, the mask tokens and the position embedding in one pass (``fastmim.ops.scatter_masked``).
+    ``idx_mask``: the other token positions (``random_token_mask``'s second output)."""
+    from fastmim.ops import scatter_masked
+
+    mask_token, pos_embed, blocks, norm = _decoder_parts(decoder)
+    if idx_keep.shape[1] + idx_mask.shape[1] != pos_embed.shape[1]:
+        raise ValueError(f"decode_masked: idx_keep ({idx_keep.shape[1]}) and idx_mask ({idx_mask.shape[1]}) must "
+                         f"cover the decoder's {pos_embed.shape[1]} token positions")  # fmt: skip
+    return norm(blocks(scatter_masked(x, _restore(idx_keep, idx_mask), mask_token, pos_embed)))
+
+
+def mae_loss(pred: torch.Tensor, images: torch.Tensor, idx_mask: torch.Tensor, patch_size: int,
+             norm_pix: bool = False, num_prefix_tokens: int = 1) -> torch.Tensor:  # fmt: skip
+    """lightly's MAE loss, ``MSELoss()(pred, get_at_index(patchify(images, p), idx_mask - 1))``, read straight from
+    the images (``fastmim.ops.masked_mse_loss``: no patchified copy, no gathered target); ``norm_pix``: MAE's
+    per-patch normalised target (lightly's example uses the raw pixels). pred: [B, M, p*p*C] for the tokens
+    ``idx_mask``; ``num_prefix_tokens``: tokens before the patches (lightly: the class token)."""
+    from fastmim.ops import masked_mse_loss, scatter_masked
+
+    b, _, h, w = images.shape
+    n = (h // patch_size) * (w // patch_size)
+    patches = idx_mask - num_prefix_tokens
+    hidden = torch.zeros(b, n, device=images.device, dtype=pred.dtype)
+    hidden.scatter_(1, patches, 1.0)
+    others = torch.argsort(hidden, dim=1, stable=True)[:, : n - patches.shape[1]]  # the patches not predicted
+    zero = pred.new_zeros(pred.shape[-1])
+    full = scatter_masked(pred, _restore(patches, others), zero)  # pred in place, zeros elsewhere (never read)
+    return masked_mse_loss(full, images, hidden, patch_size, norm_pix=norm_pix)
+
+
+_SAVED: dict[str, object] = {}
+
+
+def patch_lightly() -> None:
+    """lightly's masked encoders and decoders gather the kept tokens with ``fastmim.ops.gather_visible``
+    (``lightly.models.utils.get_at_index`` replaced). Idempotent."""
+    utils = _utils()
+    if "get_at_index" not in _SAVED:
+        _SAVED["get_at_index"] = utils.get_at_index
+    utils.get_at_index = get_at_index
+
+
+def unpatch_lightly() -> None:
+    """Restores lightly's own ``get_at_index``."""
+    if "get_at_index" in _SAVED:
+        _utils().get_at_index = _SAVED.pop("get_at_index")
+
+
+def is_patched() -> bool:
+    return _utils().get_at_index is get_at_index
