@@ -236,7 +236,9 @@ want hf && step "ViTMAE-Base (Hugging Face) training step, batch 64, bf16: trans
   fi
   if $PY -c "import transformers" 2>/dev/null; then
     fits 60 "hf" && run 120 $PY -m pytest -q -p no:cacheprovider tests/integrations/test_hf.py &&
-      run 150 $PY benchmarks/hf_vit_mae.py --batch-size 64 --out "$RESULTS/hf_vit_mae.jsonl"
+      run 150 $PY benchmarks/hf_vit_mae.py --batch-size 64 --out "$RESULTS/hf_vit_mae.jsonl" &&
+      fits 120 "hf, compiled" && run 240 $PY benchmarks/hf_vit_mae.py --batch-size 64 --compile \
+        --out "$RESULTS/hf_vit_mae.jsonl"
   else
     echo "SKIPPED: transformers is not installed here and no .wheels/ was carried (bash benchmarks/wheels.sh)"
   fi

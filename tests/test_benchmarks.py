@@ -711,3 +711,19 @@ def test_throughput_grad_ckpt_flag(tmp_path):
     assert throughput.main(args) == 0
     (row,) = read_rows(out)
     assert row["grad_ckpt"] is True and row["img_per_s"] > 0
+
+
+def test_hf_vit_mae_benchmark_smoke_on_cpu(tmp_path):
+    """benchmarks/hf_vit_mae.py runs both models on the same batch and writes one row naming both times."""
+    pytest.importorskip("transformers", reason="the Hugging Face benchmark needs transformers (fastmim[hf])")
+    import hf_vit_mae
+
+    out = tmp_path / "rows.jsonl"
+    assert hf_vit_mae.main(["--size", "tiny", "--batch-size", "2", "--reps", "1", "--device", "cpu", "--out",
+                            str(out)]) == 0  # fmt: skip
+    (row,) = [json.loads(s) for s in out.read_text().splitlines()]
+    assert row["benchmark"] == "hf_vit_mae" and row["model"] == "ViTMAE-tiny" and not row["compiled"]
+    assert row["hf_ms"] > 0 and row["fastmim_ms"] > 0 and row["speedup"] == pytest.approx(
+        row["hf_ms"] / row["fastmim_ms"], rel=1e-2)  # fmt: skip
+    with pytest.raises(SystemExit):
+        hf_vit_mae.main(["--size", "tiny", "--batch-size", "0"])

@@ -24,22 +24,27 @@ import types
 import torch
 
 from fastmim.integrations._versions import require
+from fastmim.ops import gather_visible, masked_mse_loss, scatter_masked
 
 TESTED = ("5.",)  # transformers major versions whose ViTMAE code these replacements were checked against
 
 
-def _modeling():
-    require("transformers", TESTED, extra="hf")
-    from transformers.models.vit_mae import modeling_vit_mae
+_MODELING = None  # transformers' modeling_vit_mae, once imported (no import machinery in a traced forward)
 
-    return modeling_vit_mae
+
+def _modeling():
+    global _MODELING
+    if _MODELING is None:
+        require("transformers", TESTED, extra="hf")
+        from transformers.models.vit_mae import modeling_vit_mae
+
+        _MODELING = modeling_vit_mae
+    return _MODELING
 
 
 # --- the replacements (methods: ``self`` is transformers' module) ---
 def random_masking(self, sequence: torch.Tensor, noise: torch.Tensor | None = None):
     """``ViTMAEEmbeddings.random_masking`` with the gather and the mask on fastmim's ops (same ``noise`` rule)."""
-    from fastmim.ops import gather_visible
-
     batch, length, _ = sequence.shape
     keep = int(length * (1 - self.config.mask_ratio))
     if noise is None:
@@ -58,8 +63,6 @@ def decoder_forward(self, hidden_states: torch.Tensor, ids_restore: torch.Tensor
     m = _modeling()
     if interpolate_pos_encoding:  # transformers' own code
         return _original(m.ViTMAEDecoder, "forward")(self, hidden_states, ids_restore, True)
-    from fastmim.ops import scatter_masked
-
     x = self.decoder_embed(hidden_states)
     x = scatter_masked(x[:, 1:], ids_restore, self.mask_token, self.decoder_pos_embed, cls_token=x[:, :1])
     for layer in self.decoder_layers:
@@ -77,8 +80,6 @@ def pretraining_forward(self, pixel_values: torch.Tensor | None = None, noise: t
         own = _original(m.ViTMAEForPreTraining, "forward")
         return own(self, pixel_values, noise=noise, interpolate_pos_encoding=True, attention_mask=attention_mask,
                    **kwargs)  # fmt: skip
-    from fastmim.ops import masked_mse_loss
-
     return_dict = kwargs.pop("return_dict", None)
     outputs = self.vit(pixel_values, noise=noise, interpolate_pos_encoding=interpolate_pos_encoding,
                        attention_mask=attention_mask, **kwargs)  # fmt: skip

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from fastmim.integrations._versions import require
+from fastmim.ops import gather_visible, masked_mse_loss, scatter_masked
 
 TESTED = ("1.6.",)  # lightly versions these equivalents were checked against
 
@@ -35,8 +36,6 @@ def _utils():
 def get_at_index(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``lightly.models.utils.get_at_index``: tokens [B, N, D] at index [B, K] -> [B, K, D], without the D-times
     expanded index (``fastmim.ops.gather_visible``; the backward writes each row once)."""
-    from fastmim.ops import gather_visible
-
     return gather_visible(tokens, index)
 
 
@@ -61,8 +60,6 @@ def decode_masked(decoder, x: torch.Tensor, idx_keep: torch.Tensor, idx_mask: to
     through ``decoder.embed``): ``decoder.decode(set_at_index(repeat_token(mask_token, (B, N)), idx_keep, x))``, with
     the placement, the mask tokens and the position embedding in one pass (``fastmim.ops.scatter_masked``).
     ``idx_mask``: the other token positions (``random_token_mask``'s second output)."""
-    from fastmim.ops import scatter_masked
-
     mask_token, pos_embed, blocks, norm = _decoder_parts(decoder)
     if idx_keep.shape[1] + idx_mask.shape[1] != pos_embed.shape[1]:
         raise ValueError(f"decode_masked: idx_keep ({idx_keep.shape[1]}) and idx_mask ({idx_mask.shape[1]}) must "
@@ -76,8 +73,6 @@ def mae_loss(pred: torch.Tensor, images: torch.Tensor, idx_mask: torch.Tensor, p
     the images (``fastmim.ops.masked_mse_loss``: no patchified copy, no gathered target); ``norm_pix``: MAE's
     per-patch normalised target (lightly's example uses the raw pixels). pred: [B, M, p*p*C] for the tokens
     ``idx_mask``; ``num_prefix_tokens``: tokens before the patches (lightly: the class token)."""
-    from fastmim.ops import masked_mse_loss, scatter_masked
-
     b, _, h, w = images.shape
     n = (h // patch_size) * (w // patch_size)
     patches = idx_mask - num_prefix_tokens

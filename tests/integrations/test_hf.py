@@ -103,3 +103,13 @@ def test_missing_or_untested_library_is_named(monkeypatch):
         warnings.simplefilter("always")
         _versions.require("transformers", ("5.",), "hf")
     assert any("tested with transformers 5.x; found 4.40.0" in str(w.message) for w in caught)
+
+
+def test_patched_model_traces_in_one_graph_like_transformers_own():
+    """torch.compile sees the patched forward whole: fastmim's ops are custom ops, nothing breaks the graph."""
+    import torch._dynamo as dynamo
+
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    ours = dynamo.explain(patch_hf_vit_mae(tiny()))(pixel_values=x, noise=noise)
+    theirs = dynamo.explain(tiny())(pixel_values=x, noise=noise)
+    assert ours.graph_break_count == theirs.graph_break_count == 0, [b.reason[:300] for b in ours.break_reasons]
