@@ -293,8 +293,9 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         kwargs["drop_path_rate"] = cfg.drop_path
     else:
         names = fastmim.list_models()
-        prefixes = ("mae_", "pixmim_", "simmim_", "a2mim_", "maskfeat_", "data2vec2_", "ijepa_", "fcmae_")
-        recipes = [f"{p}{cfg.model}" for p in prefixes if f"{p}{cfg.model}" in names]
+        from fastmim.models.registry import RECIPE_PREFIXES
+
+        recipes = [f"{p}{cfg.model}" for p in RECIPE_PREFIXES if f"{p}{cfg.model}" in names]
         hint = f"; did you mean {' or '.join(recipes)}?" if recipes else ""
         raise UsageError(
             f"model {cfg.model!r} is not a pretraining recipe (MAE models are mae_*, PixMIM pixmim_*, SimMIM simmim_*, "

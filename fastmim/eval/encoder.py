@@ -13,13 +13,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-RECIPES = ("mae_", "pixmim_", "simmim_", "a2mim_", "maskfeat_", "data2vec2_", "ijepa_", "fcmae_")
+from fastmim.models.registry import RECIPE_PREFIXES
+
 CACHE_VERSION = "v1"
 
 
 def encoder_name(name: str) -> str:
     """``mae_vit_base_patch16`` -> ``vit_base_patch16`` (a recipe's encoder); an encoder name as it is."""
-    for prefix in RECIPES:
+    for prefix in RECIPE_PREFIXES:
         if name.startswith(prefix):
             return name.removeprefix(prefix)
     return name
@@ -105,14 +106,20 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
     return module.eval(), info
 
 
+def check_pool(encoder: nn.Module, pool: str, flag: str = "--pool") -> bool:
+    """Whether the ViT has a class token; ``pool`` cls on one without (I-JEPA's) is refused, naming ``flag``."""
+    has_cls = getattr(encoder, "cls_token", None) is not None
+    if pool == "cls" and not has_cls:
+        raise ValueError(f"{flag} cls: this ViT has no class token (I-JEPA's); use {flag} avg")
+    return has_cls
+
+
 def pooled_features(encoder: nn.Module, imgs: torch.Tensor, pool: str = "auto") -> torch.Tensor:
     """[B, D] features: a ViT's class token after the final norm (``cls``; MAE's probe, DINO's kNN) or the mean of
     its patch tokens (``avg``; ``auto``: cls when the ViT has one); a ConvNeXt V2's pooled, normalised features."""
     if hasattr(encoder, "blocks"):  # ViT
         h = encoder.forward_features(imgs)
-        has_cls = getattr(encoder, "cls_token", None) is not None
-        if pool == "cls" and not has_cls:
-            raise ValueError("--pool cls: this ViT has no class token (I-JEPA's); use --pool avg")
+        has_cls = check_pool(encoder, pool)
         if pool == "cls" or (pool == "auto" and has_cls):
             return h[:, 0]
         return h[:, int(has_cls) :].mean(1)

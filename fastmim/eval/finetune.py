@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmim.eval.encoder import _autocast
+from fastmim.eval.encoder import _autocast, check_pool
+from fastmim.eval.knn import percent, topk_hits
 from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier
 from fastmim.train.optim import lr_at
 
@@ -39,10 +40,8 @@ def finetune_network(encoder: nn.Module, info: dict, num_classes: int, drop_path
         from timm.models.vision_transformer import VisionTransformer
 
         blk = encoder.blocks[0]
-        has_cls = getattr(encoder, "cls_token", None) is not None
-        if pool == "cls" and not has_cls:
-            raise ValueError("--pool cls: this ViT has no class token (I-JEPA's); use --pool avg")
-        token = pool == "cls"
+        has_cls = check_pool(encoder, pool)
+        token = pool == "cls"  # auto: MAE's global pool
         net = VisionTransformer(
             img_size=encoder.patch_embed.img_size, patch_size=encoder.patch_size, embed_dim=encoder.embed_dim,
             depth=len(encoder.blocks), num_heads=blk.attn.num_heads,
@@ -250,16 +249,12 @@ def evaluate(net: nn.Module, loader, num_classes: int, device: torch.device,
     hits = torch.zeros(3, dtype=torch.float64, device=device)  # top-1, top-5, images
     for x, y in loader:
         with _autocast(device):
-            logits = net(x.to(device, non_blocking=True)).float()
-        ranked = logits.topk(min(5, num_classes), dim=1).indices
-        hit = ranked == y.to(device).view(-1, 1)
-        hits += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(y), device=device)]).double()
+            hits += topk_hits(net(x.to(device, non_blocking=True)).float(), y, num_classes)
     if dist_info is not None and dist_info.enabled:
         import torch.distributed as dist
 
         dist.all_reduce(hits)
-    n = max(float(hits[2]), 1.0)
-    return {"top1": 100.0 * float(hits[0]) / n, "top5": 100.0 * float(hits[1]) / n}
+    return percent(hits)
 
 
 def finetune_transform(img_size: int, auto_augment: str | None = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25):

@@ -59,7 +59,19 @@ def knn_accuracy(
     return _topk_accuracy(knn_scores(train, train_labels, test, num_classes, k, temperature), test_labels, num_classes)
 
 
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[top-1 hits, top-5 hits, samples] (float64, on the scores' device): counts that add up over batches and
+    processes; top-5 over min(5, classes) classes."""
+    ranked = scores.topk(min(5, num_classes), dim=1).indices
+    hit = ranked == labels.to(scores.device).view(-1, 1).long()
+    return torch.stack([hit[:, 0].sum(), hit.any(1).sum(), hit.new_tensor(len(labels), dtype=torch.long)]).double()
+
+
+def percent(hits: torch.Tensor) -> dict[str, float]:
+    """``topk_hits`` counts -> {"top1", "top5"} in %."""
+    n = max(float(hits[2]), 1.0)
+    return {"top1": 100.0 * float(hits[0]) / n, "top5": 100.0 * float(hits[1]) / n}
+
+
 def _topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
-    ranked = scores.topk(min(5, num_classes), dim=1).indices.cpu()
-    hit = ranked == labels.view(-1, 1).long().cpu()
-    return {"top1": 100.0 * float(hit[:, 0].float().mean()), "top5": 100.0 * float(hit.any(1).float().mean())}
+    return percent(topk_hits(scores, labels, num_classes))

@@ -70,7 +70,7 @@ def train_linear_probe(
     it = 0
     for epoch in range(epochs):
         head.train()
-        total, count = 0.0, 0
+        total, count = torch.zeros((), device=device), 0  # summed on the device: no host sync per step
         if train_feats is None:
             batches = iter(loader)
         else:
@@ -87,9 +87,10 @@ def train_linear_probe(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(y)
+            total += loss.detach() * len(y)
             count += len(y)
             it += 1
+        total = float(total)
         if not math.isfinite(total):
             raise FloatingPointError(f"the linear probe's loss became {total} in epoch {epoch}; lower --blr")
         history.append({"epoch": epoch + 1, "loss": total / max(count, 1)})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from fastmim.eval.encoder import CROP_PCT, LabelledFolder, _autocast, load_encoder, pooled_features
+from fastmim.eval.encoder import CROP_PCT, LabelledFolder, _autocast, check_pool, load_encoder, pooled_features
 from fastmim.eval.knn import knn_accuracy
 
 MAX_BYTES = 4 << 30  # decoded images held in memory
@@ -58,8 +58,8 @@ class KnnMonitor:
             self.train_x, self.train_y = _decode_all(train, workers)
             self.val_x, self.val_y = _decode_all(val, workers)
         self.encoder.requires_grad_(False)
-        if pool == "cls" and hasattr(self.encoder, "blocks") and getattr(self.encoder, "cls_token", None) is None:
-            raise ValueError(f"--eval-pool cls: {model}'s ViT has no class token; use --eval-pool avg")
+        if hasattr(self.encoder, "blocks"):
+            check_pool(self.encoder, pool, "--eval-pool")
         self.num_classes, self.device = len(train.classes), device
         self.k, self.temperature, self.pool, self.batch_size = k, temperature, pool, batch_size
         self.spec, self.train_images, self.val_images = spec, len(train), len(val)

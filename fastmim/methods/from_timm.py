@@ -43,8 +43,8 @@ class TimmMAE(PixelTarget, nn.Module):
         self.in_chans = pe.proj.in_channels
         self.num_patches = pe.num_patches
         self.grid_size = tuple(pe.grid_size)
-        self.mask_ratio, self.mask_type, self.norm_pix_loss, self.fused_ops = mask_ratio, mask_type, norm_pix_loss, \
-            fused_ops  # fmt: skip
+        self.mask_ratio, self.mask_type = mask_ratio, mask_type
+        self.norm_pix_loss, self.fused_ops = norm_pix_loss, fused_ops
         self._mask_strategy = None
         self._mask_strategy_ratio = None
         add_mae_decoder(self, encoder.embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio,

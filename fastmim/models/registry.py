@@ -11,6 +11,8 @@ from torch import nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _PROVIDERS = ("fastmim.models.vit_zoo", "fastmim.methods")  # modules whose import registers models
+# the pretraining recipes' name prefixes: ``mae_vit_base_patch16`` is MAE on the encoder ``vit_base_patch16``
+RECIPE_PREFIXES = ("mae_", "pixmim_", "simmim_", "a2mim_", "maskfeat_", "data2vec2_", "ijepa_", "fcmae_")
 
 
 def register_model(name: str, fn: Callable[..., nn.Module]) -> None:

@@ -322,15 +322,13 @@ class Trainer:
         (metrics.jsonl, TensorBoard) and printed."""
         if not self.cfg.eval_data:
             return
+        whole = None
         if self.sharded:
             from fastmim.train import fsdp
 
             whole = fsdp.full_model_state(self.raw_model)  # collective; the tensors on rank 0
-            state = self.raw_model.encoder_state_dict(whole) if self.info.is_main else None
-        else:
-            state = self.raw_model.encoder_state_dict() if self.info.is_main else None
         if self.info.is_main:
-            row = self.monitor(state)
+            row = self.monitor(self.raw_model.encoder_state_dict(whole))
             self.knn_seconds += row["knn_s"]
             self.logger.log({"epoch": self.pos.epoch + self.pos.batch / self.batches_per_epoch, **row}, self.pos.step)
             print(f"kNN at step {self.pos.step} (epoch {self.pos.epoch}): top-1 {row['knn_top1']:.2f}%, top-5 "

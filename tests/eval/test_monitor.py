@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 import fastmim
 from fastmim import pretrain
 from fastmim.eval import load_encoder
-from fastmim.eval.encoder import RECIPES
+from fastmim.models.registry import RECIPE_PREFIXES
 from fastmim.train.plot import plot_metrics, read_series
 from tests.conftest import TINY_ARGS, make_image_folder
 
 
-@pytest.mark.parametrize("name", [m for m in fastmim.list_models() if m.startswith(RECIPES) and
+@pytest.mark.parametrize("name", [m for m in fastmim.list_models() if m.startswith(RECIPE_PREFIXES) and
                                   ("vit_tiny_patch16" in m or "convnextv2_atto" in m)])  # fmt: skip
 def test_every_recipes_encoder_loads_into_the_evaluated_encoder(name):
     """The monitor and python -m fastmim.eval build the encoder from the recipe's name alone: its weights must fit."""
