@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
-LOADERS = ("auto", "dali", "torch")
+LOADERS = ("auto", "dali", "torch", "torch-gpu")
 DALI_DEVICES = ("auto", "mixed", "cpu")
 MASK_TYPES = ("random", "block", "simmim", "uniform")
 SPARSE_BACKENDS = ("auto", "fastmim", "dense_masked", "spconv")
@@ -73,14 +73,18 @@ class PretrainConfig:
     )
     loader: str = field(
         default="auto",
-        metadata={"help": "auto (DALI when installed and the data is scanned or built in, else torch), dali, torch"},
+        metadata={
+            "help": "auto (DALI when installed and the data is scanned or built in; else torch-gpu on a CUDA "
+            "run, torch on CPU), dali, torch (decode in loader processes), torch-gpu (loader processes "
+            "read the files, the GPU decodes: torchvision's nvJPEG, no DALI needed)"
+        },
     )
     dali_device: str = field(
         default="auto", metadata={"help": "DALI decoding: auto (mixed = nvJPEG on a CUDA run, else cpu), mixed, cpu"}
     )
     skip_bad_files: bool = field(
         default=False,
-        metadata={"help": "torch loader: replace an unreadable image by another sample (a fixed choice), counted as "
+        metadata={"help": "torch loaders: replace an unreadable image by another sample (a fixed choice), counted as "
                           "skipped_files in metrics.jsonl, instead of stopping the run"},
     )  # fmt: skip
     allow_unscanned: bool = field(

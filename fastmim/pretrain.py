@@ -137,14 +137,28 @@ def build_dataset(cfg: PretrainConfig, root: str | None = None):
 
 def choose_loader(cfg: PretrainConfig, device: torch.device) -> tuple[str, str | None, str]:
     """(loader, data root to read, why): "dali" reads a scanned file list (given, or the folder's up-to-date scan;
-    the built-in photos need none), "torch" the folder or list as given."""
+    the built-in photos need none), "torch" and "torch-gpu" the folder or list as given; "auto" takes DALI where it
+    can, else on a CUDA run "torch-gpu" when torchvision decodes JPEGs there, else "torch"."""
+    kind, root, why = _choose_loader(cfg)
+    if kind != "torch" or cfg.loader != "auto" or device.type != "cuda":
+        return kind, root, why
+    from fastmim.data.gpu_decode import gpu_decode_problem
+
+    problem = gpu_decode_problem(device)
+    if problem:
+        return "torch", root, f"{why}; JPEGs decoded by the loader processes: {problem}"
+    return "torch-gpu", root, f"{why}; JPEGs decoded on the GPU (torchvision's nvJPEG)"
+
+
+def _choose_loader(cfg: PretrainConfig) -> tuple[str, str | None, str]:
+    """The choice between DALI and the torch loader (``choose_loader`` then decodes on the GPU where it can)."""
     from fastmim.data.dali import dali_problem
 
-    if cfg.loader == "torch":
-        return "torch", cfg.data_path, "--loader torch"
+    if cfg.loader in ("torch", "torch-gpu"):
+        return cfg.loader, cfg.data_path, f"--loader {cfg.loader}"
     if cfg.skip_bad_files and cfg.loader == "dali":
-        raise UsageError("--skip-bad-files needs --loader torch: DALI cannot skip a sample (scan the data with "
-                         "python -m fastmim.data.scan instead: DALI then reads only the good files)")  # fmt: skip
+        raise UsageError("--skip-bad-files needs --loader torch or torch-gpu: DALI cannot skip a sample (scan the "
+                         "data with python -m fastmim.data.scan instead: DALI reads only the good files)")  # fmt: skip
     if cfg.skip_bad_files and cfg.loader == "auto":
         return "torch", cfg.data_path, "--skip-bad-files (DALI cannot skip a sample)"
     why_not = dali_problem()
@@ -221,11 +235,25 @@ def build_loader(cfg: PretrainConfig, kind: str, dataset, masks, info: DistInfo,
     workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(info.local_world_size)
     # masks with a C++ generator are drawn in the loader workers; the others on the training device
     worker_masks = masks if masks.has_cpp and _ext.available() else None
+    skipping = ", skipping unreadable files" if cfg.skip_bad_files else ""
+    if kind == "torch-gpu":
+        from fastmim.data.gpu_decode import EncodedImages, GpuDecodeLoader, collate_encoded, gpu_decode_problem
+
+        problem = gpu_decode_problem(device) if device.type == "cuda" else None
+        if problem:
+            raise UsageError(f"--loader torch-gpu: {problem}; use --loader torch")
+        encoded, sampler = build_pretrain_loader(
+            EncodedImages(dataset), cfg.batch_size, workers, info.rank, info.world_size, cfg.seed, masks=worker_masks,
+            skip_bad=cfg.skip_bad_files, collate_images=collate_encoded,
+        )  # fmt: skip
+        loader = GpuDecodeLoader(encoded, dataset, device, cfg.img_size, cfg.skip_bad_files, cfg.seed)
+        where = "nvJPEG" if device.type == "cuda" else "on the CPU: this run has no GPU"
+        return loader, sampler, f"torch-gpu ({workers} workers read, decoding {where}{skipping})"
     loader, sampler = build_pretrain_loader(
         dataset, cfg.batch_size, workers, info.rank, info.world_size, cfg.seed, pin_memory=device.type == "cuda",
         masks=worker_masks, skip_bad=cfg.skip_bad_files,
     )  # fmt: skip
-    return loader, sampler, f"torch ({workers} workers{', skipping unreadable files' if cfg.skip_bad_files else ''})"
+    return loader, sampler, f"torch ({workers} workers{skipping})"
 
 
 def build_model(cfg: PretrainConfig, device: torch.device):

@@ -59,36 +59,46 @@ class WithIndex(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        try:
-            return self.dataset[index], index
-        except BadImageError as first:
-            if not self.skip_bad:
-                raise
-            n = len(self.dataset)
-            for k in range(1, SKIP_TRIES + 1):
-                j = replacement_index(index, k, n, self.seed)
-                try:
-                    return self.dataset[j], -1 - j
-                except BadImageError:
-                    continue
-            raise BadImageError(f"{first.summary()} (and its {SKIP_TRIES} stand-ins cannot be read either)") from first
+        return load_or_stand_in(self.dataset, index, self.skip_bad, self.seed)
+
+
+def load_or_stand_in(dataset, index: int, skip_bad: bool, seed: int = 0):
+    """``(dataset[index], index)``; when that raises ``BadImageError`` and ``skip_bad``, ``(dataset[j], -1 - j)`` for
+    the first readable stand-in ``j = replacement_index(index, k, ...)``, k = 1, 2, ... (a fixed choice)."""
+    try:
+        return dataset[index], index
+    except BadImageError as first:
+        if not skip_bad:
+            raise
+        n = len(dataset)
+        for k in range(1, SKIP_TRIES + 1):
+            j = replacement_index(index, k, n, seed)
+            try:
+                return dataset[j], -1 - j
+            except BadImageError:
+                continue
+        raise BadImageError(f"{first.summary()} (and its {SKIP_TRIES} stand-ins cannot be read either)") from first
 
 
 class MaskCollate:
     """Collates ``(image, index)`` pairs into ``(images, indices, masks)`` (plus the target blocks of a multi-block
-    strategy), the masks drawn in the loader worker by a CPU mask strategy (the C++ generators: a batch of 256 BEiT
-    block masks takes about 0.3 ms on one core, instead of tens of kernel launches per round on the GPU).
-    ``set_epoch`` before each epoch's iterator, as for the dataset."""
+    strategy; no masks when ``strategy`` is None), the images put together by ``images`` (stacked by default), the
+    masks drawn in the loader worker by a CPU mask strategy (the C++ generators: a batch of 256 BEiT block masks takes
+    about 0.3 ms on one core, instead of tens of kernel launches per round on the GPU). ``set_epoch`` before each
+    epoch's iterator, as for the dataset."""
 
-    def __init__(self, strategy):
-        self.strategy = strategy
+    def __init__(self, strategy, images=torch.utils.data.default_collate):
+        self.strategy, self.images = strategy, images
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __call__(self, batch: list):
-        imgs, idx = torch.utils.data.default_collate(batch)
+        imgs = self.images([img for img, _ in batch])
+        idx = torch.tensor([i for _, i in batch], dtype=torch.int64)
+        if self.strategy is None:
+            return imgs, idx
         masks = self.strategy(indices=decode_indices(idx)[0], epoch=self.epoch, device="cpu")
         return (imgs, idx, masks.mask) if masks.targets is None else (imgs, idx, masks.mask, masks.targets)
 
@@ -103,10 +113,12 @@ def build_pretrain_loader(
     pin_memory: bool = False,
     masks=None,
     skip_bad: bool = False,
+    collate_images=None,
 ) -> tuple[torch.utils.data.DataLoader, ResumableDistributedSampler]:
     """A drop-last loader over a resumable, sharded sampler, yielding (images, dataset indices), plus each sample's
     mask when a CPU mask strategy ``masks`` is given (``MaskCollate``); ``skip_bad``: unreadable samples replaced
-    (``WithIndex``); raises if the data cannot fill one global batch."""
+    (``WithIndex``); ``collate_images``: how a batch's images are put together (default: stacked); raises if the
+    data cannot fill one global batch."""
     if len(dataset) < batch_size * world_size:
         raise ValueError(
             f"the dataset has {len(dataset)} images, fewer than one global batch "
@@ -123,6 +135,10 @@ def build_pretrain_loader(
         # its own generator: creating an iterator must not consume the global RNG (exact resume)
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,
-        collate_fn=MaskCollate(masks) if masks is not None else None,
+        collate_fn=(
+            MaskCollate(masks, collate_images or torch.utils.data.default_collate)
+            if masks is not None or collate_images is not None
+            else None
+        ),
     )
     return loader, sampler

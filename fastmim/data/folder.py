@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -103,6 +104,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def read_bytes(self, index: int) -> bytes:
+        """The encoded file of sample ``index``; ``BadImageError`` naming it when it cannot be read."""
+        path = self.files[index]
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise BadImageError(f"cannot read image {path!r}: {e}", path) from e
+
     def load(self, index: int) -> Image.Image:
         path = self.files[index]
         try:
@@ -111,14 +121,22 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         except Exception as e:  # PIL raises several types for truncated or non-image files
             raise BadImageError(f"cannot read image {path!r}: {e}", path) from e
 
+    @contextlib.contextmanager
+    def seeded(self, index: int):
+        """Within it, torch's random draws for sample ``index`` in this epoch are those of a generator seeded by
+        (seed, epoch, index) (unseeded when ``seed`` is None); the process's RNG (masks, dropout) is left as it was."""
+        if self.seed is None:
+            yield
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**63)
+            yield
+
     def __getitem__(self, index: int):
         img = self.load(index)
         if self.transform is None:
             return img
-        if self.seed is None:
-            return self.transform(img)
-        with torch.random.fork_rng(devices=[]):  # leaves the process's RNG (masks, dropout) untouched
-            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**63)
+        with self.seeded(index):
             return self.transform(img)
 
 
@@ -193,16 +211,26 @@ class TarShardDataset(ImageFolderDataset):
         files, self.sizes = list_tar_samples(shards)
         return files
 
-    def load(self, index: int) -> Image.Image:
-        import io
-
+    def read_bytes(self, index: int) -> bytes:
         name = self.files[index]
         shard, offset, _ = split_sample_id(name)
         try:
             with open(shard, "rb") as f:
                 f.seek(offset)
                 data = f.read(self.sizes[index])
+        except OSError as e:
+            raise BadImageError(f"cannot read image {name!r}: {e}", name) from e
+        if len(data) != self.sizes[index]:
+            raise BadImageError(f"cannot read image {name!r}: the shard ends {self.sizes[index] - len(data)} bytes "
+                                "into it (truncated since it was listed?)", name)  # fmt: skip
+        return data
+
+    def load(self, index: int) -> Image.Image:
+        import io
+
+        data = self.read_bytes(index)
+        try:
             with Image.open(io.BytesIO(data)) as img:
                 return img.convert("RGB")
         except Exception as e:  # PIL raises several types for truncated or non-image data
-            raise RuntimeError(f"cannot read image {name!r}: {e}") from e
+            raise BadImageError(f"cannot read image {self.files[index]!r}: {e}", self.files[index]) from e

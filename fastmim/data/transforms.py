@@ -7,7 +7,7 @@ from torchvision import transforms as T
 
 from fastmim.ops.reference import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "denormalize", "eval_transform", "pretrain_transform"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "crop_and_flip", "denormalize", "eval_transform", "pretrain_transform"]
 
 
 def pretrain_transform(img_size: int, crop_min: float = 0.2) -> T.Compose:
@@ -20,6 +20,24 @@ def pretrain_transform(img_size: int, crop_min: float = 0.2) -> T.Compose:
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
+
+
+def pretrain_steps(transform: T.Compose) -> tuple[T.RandomResizedCrop, T.RandomHorizontalFlip]:
+    """The crop and flip steps of ``pretrain_transform``; TypeError for a transform that does not start with them."""
+    steps = transform.transforms if isinstance(transform, T.Compose) else []
+    ok = len(steps) >= 2 and isinstance(steps[0], T.RandomResizedCrop) and isinstance(steps[1], T.RandomHorizontalFlip)
+    if not ok:
+        raise TypeError(f"expected pretrain_transform (RandomResizedCrop, RandomHorizontalFlip, ...): {transform!r}")
+    return steps[0], steps[1]
+
+
+def crop_and_flip(transform: T.Compose, img) -> tuple[tuple[int, int, int, int], bool]:
+    """What ``pretrain_transform`` draws for ``img`` (a PIL image, lazily opened: only its size is read): the
+    (top, left, height, width) crop box and whether to mirror it, consuming torch's RNG exactly as the transform does,
+    so a loader that crops elsewhere (on the GPU) sees the same crops as the CPU loader for the same seed."""
+    crop, flip = pretrain_steps(transform)
+    box = crop.get_params(img, crop.scale, crop.ratio)
+    return box, bool(torch.rand(1) < flip.p)
 
 
 def eval_transform(img_size: int, crop_pct: float = 1.0, normalize: bool = True) -> T.Compose:

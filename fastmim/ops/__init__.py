@@ -5,7 +5,8 @@ or Triton for CUDA tensors, whichever measured faster for the op; C++ (``fastmim
 (``grn``, which has no C++ kernel: its PyTorch formulation); the reference otherwise. ``FASTMIM_BACKEND=cuda|triton|
 cpp|torch`` or ``set_backend(name)`` forces one. ``add_layer_norm`` fuses a pre-norm transformer block's residual
 add with the LayerNorm after it; ``hog_target``, ``fft_loss``, ``patch_fft_loss`` and ``low_pass_target`` are
-MaskFeat's target, A2MIM's loss, the patch-wise focal frequency loss and PixMIM's target. All are ``torch.library``
+MaskFeat's target, A2MIM's loss, the patch-wise focal frequency loss and PixMIM's target. All but ``resized_crop``
+(the random-resized-crop augmentation of a batch of GPU-decoded images, in two launches) are ``torch.library``
 custom ops (``torch.ops.fastmim.*``) with fake kernels and autograd, safe under ``torch.compile(fullgraph=True)``.
 Module forms: ``MaskedMSELoss``, ``MaskedL1Loss``, ``FFTLoss``, ``PatchFFTLoss``, ``HOGTarget``, ``LowPassTarget``,
 ``GRN`` (``fastmim.ops.modules``).
@@ -35,10 +36,12 @@ from fastmim.ops.reference import (
     patch_fft_loss_ref,
     patch_stats_ref,
     patchify_ref,
+    resized_crop_ref,
     scatter_masked_ref,
     sparse_dwconv_ref,
     unpatchify_ref,
 )
+from fastmim.ops.resized_crop import resized_crop
 from fastmim.ops.sparse_conv import SparseLayout, sparse_dwconv
 from fastmim.ops.tokens import gather_visible, scatter_masked
 
@@ -74,6 +77,8 @@ __all__ = [
     "patch_stats_ref",
     "patchify",
     "patchify_ref",
+    "resized_crop",
+    "resized_crop_ref",
     "scatter_masked",
     "scatter_masked_ref",
     "set_backend",

@@ -29,7 +29,16 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CPP_DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # ops with no fastmim._C kernel: "cpp" (chosen or forced) runs their "torch" backend instead
 NO_CPP_KERNEL: frozenset[str] = frozenset(
-    {"grn", "add_layer_norm", "attention", "hog_target", "fft_loss", "low_pass_target", "patch_fft_loss"}
+    {
+        "grn",
+        "add_layer_norm",
+        "attention",
+        "hog_target",
+        "fft_loss",
+        "low_pass_target",
+        "patch_fft_loss",
+        "resized_crop",
+    }
 )
 # ops with no fastmim._cuda kernel: "cuda" (chosen or forced) runs their "triton" backend instead
 NO_CUDA_KERNEL: frozenset[str] = frozenset(
@@ -42,6 +51,7 @@ NO_CUDA_KERNEL: frozenset[str] = frozenset(
         "fft_loss",
         "low_pass_target",
         "patch_fft_loss",
+        "resized_crop",
     }
 )
 

@@ -111,8 +111,8 @@ def test_unreadable_image_is_named(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_torch_loader_bad_file_checkpoints_then_resumes_to_the_clean_run(tmp_path, capsys, workers):
+@pytest.mark.parametrize("loader, workers", [("torch", 0), ("torch", 2), ("torch-gpu", 2)])
+def test_torch_loader_bad_file_checkpoints_then_resumes_to_the_clean_run(tmp_path, capsys, loader, workers):
     """A file the torch loader cannot decode in the third batch: the run stops with one line naming it after a
     checkpoint of the two completed steps; with the file replaced, --resume ends where a run that never met it ends
     (loader workers or not: the worker's traceback is not what the user reads)."""
@@ -128,7 +128,7 @@ def test_torch_loader_bad_file_checkpoints_then_resumes_to_the_clean_run(tmp_pat
     sampler.set_epoch(0)
     victim = ImageFolderDataset(data).files[list(sampler)[8]]  # the first sample of the third batch of 4
     good = open(victim, "rb").read()
-    args = [*TINY_ARGS, "--data-path", str(data), "--epochs", "1", "--num-workers", str(workers), "--loader", "torch",
+    args = [*TINY_ARGS, "--data-path", str(data), "--epochs", "1", "--num-workers", str(workers), "--loader", loader,
             "--vis-interval", "100"]  # fmt: skip
     clean, cut = tmp_path / "clean", tmp_path / "cut"
     pretrain.run([*args, "--output-dir", str(clean)])

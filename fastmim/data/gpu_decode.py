@@ -1,0 +1,296 @@
+"""JPEG decoding on the GPU without DALI (``--loader torch-gpu``): torchvision's nvJPEG decoder and fastmim's batched
+resized crop, fed by ordinary DataLoader workers.
+
+The workers read each file's bytes and its header (PIL, lazily: the size, not the pixels) and draw the sample's crop
+box and flip exactly as ``pretrain_transform`` would for (seed, epoch, index) (``crop_and_flip``), then pack a
+batch's JPEGs end to end into one uint8 tensor (one shared-memory transfer per batch, not one per image). The
+training process decodes the batch with ``torchvision.io.decode_jpeg(device="cuda")`` (batched nvJPEG) and runs
+``fastmim.ops.resized_crop`` (crop, antialiased bicubic resize, flip, normalisation: two Triton launches for the
+batch), in a background thread on its own CUDA stream, a batch or two ahead of the training step.
+
+The same samples, crops and order as ``--loader torch`` for the same seed (the sampler and the crop draws are
+shared); the pixels differ by decoder and resize rounding only. A file that is not a JPEG nvJPEG takes (PNG, CMYK)
+goes through the CPU pipeline in its worker; a JPEG nvJPEG rejects is decoded on the CPU (PIL) in the training
+process; one nothing can decode raises ``BadImageError`` naming it, or, with ``skip_bad``, is replaced by the
+stand-in ``--loader torch`` would use (``replacement_index``), sent as ``-1 - j``.
+
+On a CPU device the same code decodes with torchvision's CPU decoder (libjpeg-turbo): how the tests run it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import queue
+import threading
+import warnings
+from typing import NamedTuple
+
+import torch
+
+from fastmim.data.folder import BadImageError
+from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_and_flip, pretrain_steps
+
+# JPEGs in these PIL modes go to nvJPEG (grey ones come out as RGB, as PIL's convert("RGB") gives); CMYK / YCCK
+# JPEGs and every other format are decoded by PIL in the loader worker
+GPU_JPEG_MODES = ("RGB", "L")
+
+
+def _decode_jpeg():
+    """torchvision's decode_jpeg and RGB mode; torchvision 0.29 deprecates its image decoders (for TorchCodec) and
+    warns on every call: silenced for this call site only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
+    return decode_jpeg, ImageReadMode.RGB
+
+
+def decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Decodes encoded JPEGs (1-D uint8 CPU tensors) to RGB uint8 [3, H, W] on ``device`` (nvJPEG on CUDA, batched)."""
+    decode, rgb = _decode_jpeg()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of TorchVision.*")
+        if device.type == "cuda":
+            return decode(datas, mode=rgb, device=device)
+        return [decode(d, mode=rgb) for d in datas]
+
+
+@functools.cache
+def _gpu_decode_problem(index: int) -> str | None:
+    try:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 8), (200, 10, 30)).save(buf, format="JPEG")
+        data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+        out = decode_jpegs([data], torch.device("cuda", index))
+        if out[0].shape != (3, 8, 16) or out[0].device.type != "cuda":
+            return f"torchvision's GPU decoder returned {tuple(out[0].shape)} on {out[0].device} for a 16x8 JPEG"
+    except Exception as e:  # an old torchvision, one built without nvJPEG, a driver problem
+        return f"torchvision cannot decode JPEGs on the GPU here ({type(e).__name__}: {str(e).strip()[:200]})"
+    return None
+
+
+def gpu_decode_problem(device: torch.device) -> str | None:
+    """None when torchvision decodes JPEGs on ``device`` (a CUDA device), else why not."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "no CUDA device (torchvision's nvJPEG decoder runs on a GPU)"
+    return _gpu_decode_problem(device.index if device.index is not None else torch.cuda.current_device())
+
+
+class EncodedSample(NamedTuple):
+    """A JPEG as the worker sends it: its bytes, the crop box (top, left, height, width) and the flip."""
+
+    data: torch.Tensor  # [nbytes] uint8
+    box: tuple[int, int, int, int]
+    flip: bool
+
+
+class EncodedImages(torch.utils.data.Dataset):
+    """Item i of an ``ImageFolderDataset`` (or ``TarShardDataset``) ``base`` with ``pretrain_transform``, still
+    encoded: an ``EncodedSample`` for a JPEG nvJPEG takes, else ``base[i]`` (the CPU pipeline's tensor, the same crop).
+    ``BadImageError`` naming the file when its header cannot be read. ``set_epoch`` goes to ``base``."""
+
+    def __init__(self, base):
+        if base.transform is None or base.seed is None:
+            raise ValueError("EncodedImages needs a dataset with pretrain_transform and a seed")
+        pretrain_steps(base.transform)  # raises for another transform
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        data = self.base.read_bytes(index)
+        try:
+            with Image.open(io.BytesIO(data)) as img:  # the header only
+                fmt, mode = img.format, img.mode
+                if fmt == "JPEG" and mode in GPU_JPEG_MODES:
+                    with self.base.seeded(index):
+                        box, flip = crop_and_flip(self.base.transform, img)
+                    return EncodedSample(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip)
+        except Exception as e:  # PIL raises several types for non-image data
+            name = self.base.files[index]
+            raise BadImageError(f"cannot read image {name!r}: {e}", name) from e
+        return self.base[index]  # not for nvJPEG: decoded and augmented here
+
+
+class EncodedBatch(NamedTuple):
+    """A batch from the workers: its JPEGs end to end and where each goes, and the samples already decoded."""
+
+    data: torch.Tensor  # [total bytes] uint8: the JPEGs, end to end
+    offsets: torch.Tensor  # [J + 1] int64: JPEG j is data[offsets[j]:offsets[j + 1]]
+    positions: torch.Tensor  # [J] int64: JPEG j's place in the batch
+    boxes: torch.Tensor  # [J, 4] int32: (top, left, height, width) in the decoded image
+    flips: torch.Tensor  # [J] bool
+    done_positions: torch.Tensor  # [K] int64: the places of the samples decoded in the worker
+    done: torch.Tensor  # [K, 3, S, S] fp32: those samples, augmented and normalised
+
+    def __len__(self) -> int:  # type: ignore[override] - the batch's size, not the tuple's
+        return len(self.positions) + len(self.done_positions)
+
+
+def collate_encoded(samples: list) -> EncodedBatch:
+    """Packs a batch of ``EncodedImages`` items (``EncodedSample`` or finished tensors) into an ``EncodedBatch``."""
+    jpegs = [(p, s) for p, s in enumerate(samples) if isinstance(s, EncodedSample)]
+    done = [(p, s) for p, s in enumerate(samples) if not isinstance(s, EncodedSample)]
+    sizes = torch.tensor([0] + [s.data.numel() for _, s in jpegs], dtype=torch.int64)
+    offsets = torch.cumsum(sizes, 0)
+    data = torch.cat([s.data for _, s in jpegs]) if jpegs else torch.empty(0, dtype=torch.uint8)
+    return EncodedBatch(
+        data=data,
+        offsets=offsets,
+        positions=torch.tensor([p for p, _ in jpegs], dtype=torch.int64),
+        boxes=torch.tensor([s.box for _, s in jpegs], dtype=torch.int32).view(-1, 4),
+        flips=torch.tensor([s.flip for _, s in jpegs], dtype=torch.bool),
+        done_positions=torch.tensor([p for p, _ in done], dtype=torch.int64),
+        done=torch.stack([s for _, s in done]) if done else torch.empty(0),
+    )
+
+
+class GpuDecodeLoader:
+    """Decodes and augments the ``EncodedBatch``es of ``loader`` (``build_pretrain_loader`` over ``EncodedImages``)
+    on ``device``: an iterable of ``(images [B, 3, S, S] fp32 on device, indices [B], *masks)`` like the torch
+    loader's (indices of stand-ins as ``-1 - j``). ``len``, ``collate_fn`` and the sampler are the DataLoader's.
+
+    Args:
+        loader: the DataLoader of encoded batches.
+        dataset: the ``ImageFolderDataset`` behind it (its CPU pipeline decodes what nvJPEG cannot).
+        device: where to decode (CUDA: nvJPEG; CPU: libjpeg-turbo, for tests).
+        img_size: output side S.
+        skip_bad: replace an image nothing can decode by its stand-in (``replacement_index``) instead of raising.
+        seed: the run's seed (stand-ins are a function of it).
+        prefetch: batches decoded ahead in a background thread (0: decoded in the caller's thread, on demand).
+    """
+
+    def __init__(self, loader, dataset, device: torch.device, img_size: int, skip_bad: bool = False, seed: int = 0,
+                 prefetch: int = 2):  # fmt: skip
+        self.loader, self.dataset, self.device = loader, dataset, torch.device(device)
+        self.img_size, self.skip_bad, self.seed, self.prefetch = img_size, skip_bad, seed, prefetch
+        self.stats = {"batches": 0, "cpu_fallbacks": 0}
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def collate_fn(self):
+        return self.loader.collate_fn
+
+    # --- one batch ---
+    def decode_batch(self, batch) -> tuple:
+        """(images on the device, indices, *masks) of one ``(EncodedBatch, indices, *masks)``."""
+        from fastmim.data import load_or_stand_in
+        from fastmim.ops import resized_crop
+
+        enc, idx, *rest = batch
+        idx = idx.clone()
+        s = self.img_size
+        datas = [enc.data[int(a) : int(b)] for a, b in zip(enc.offsets[:-1], enc.offsets[1:], strict=True)]
+        decoded, failed = self._decode(datas)
+        extra_pos, extra = [], []
+        for j in failed:  # nvJPEG and libjpeg-turbo refused it: PIL's verdict (it reads more), else a stand-in
+            pos = int(enc.positions[j])
+            img, sent = load_or_stand_in(self.dataset, int(idx[pos]), self.skip_bad, self.seed)
+            idx[pos] = sent
+            extra_pos.append(pos)
+            extra.append(img)
+            self.stats["cpu_fallbacks"] += 1
+        keep = [j for j in range(len(datas)) if j not in set(failed)]
+        out = torch.empty(len(enc), 3, s, s, dtype=torch.float32, device=self.device)
+        if keep:
+            sel = torch.tensor(keep, dtype=torch.int64)
+            crops = resized_crop([decoded[j] for j in keep], enc.boxes[sel], enc.flips[sel], s, IMAGENET_MEAN,
+                                 IMAGENET_STD)  # fmt: skip
+            if len(keep) == len(enc):
+                out = crops  # the usual case: every sample was a JPEG nvJPEG decoded, in batch order
+            else:
+                out[enc.positions[sel].to(self.device)] = crops
+        cpu_pos = enc.done_positions.tolist() + extra_pos
+        if cpu_pos:
+            cpu = torch.cat([enc.done, torch.stack(extra)]) if extra else enc.done
+            out[torch.tensor(cpu_pos, device=self.device)] = cpu.to(self.device, non_blocking=True)
+        self.stats["batches"] += 1
+        return (out, idx, *rest)
+
+    def _decode(self, datas: list[torch.Tensor]) -> tuple[list, list[int]]:
+        """(decoded images, the positions none came back for): the batch at once, else (an error in it: the batched
+        call returns nothing) one at a time."""
+        if not datas:
+            return [], []
+        try:
+            return decode_jpegs(datas, self.device), []
+        except RuntimeError:
+            pass
+        decoded, failed = [], []
+        for j, d in enumerate(datas):
+            try:
+                decoded.append(decode_jpegs([d], self.device)[0])
+            except RuntimeError:
+                decoded.append(None)
+                failed.append(j)
+        return decoded, failed
+
+    # --- the epoch ---
+    def __iter__(self):
+        if self.prefetch <= 0:
+            for batch in self.loader:
+                yield self.decode_batch(batch)
+            return
+        yield from self._prefetched()
+
+    def _prefetched(self):
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        end = object()
+        cuda = self.device.type == "cuda"
+
+        def produce():
+            try:
+                if cuda:
+                    torch.cuda.set_device(self.device)
+                stream = torch.cuda.Stream(self.device) if cuda else None
+                with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                    for batch in self.loader:
+                        out = self.decode_batch(batch)
+                        event = torch.cuda.Event() if cuda else None
+                        if cuda:
+                            event.record(stream)
+                        while not stop.is_set():
+                            try:
+                                q.put((out, event), timeout=0.1)
+                                break
+                            except queue.Full:
+                                continue
+                        if stop.is_set():
+                            return
+                q.put((end, None))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+                q.put((e, None))
+
+        thread = threading.Thread(target=produce, name="fastmim-gpu-decode", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item, event = q.get()
+                if item is end:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                if cuda:  # the batch was made on the decode stream: the training stream waits for it, and its
+                    # memory is not reused before the training stream is done with it
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(event)
+                    item[0].record_stream(current)
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    q.get(timeout=0.05)
+            thread.join()
