@@ -12,6 +12,12 @@ Loaders (one row per loader and worker / thread count):
   ``--threads`` CPU threads (libjpeg-turbo decoding only the crop's region), CPU tensors.
 - ``dali-mixed``: ``DaliLoader(device="mixed")``: nvJPEG decoding on the GPU (``--threads`` CPU threads read and
   parse), CUDA tensors. Needs a GPU and DALI.
+- ``torch-gpu``: ``--loader torch-gpu`` (``fastmim.data.gpu_decode``): ``--workers`` processes read the files and draw
+  the crops, the training process decodes each batch with torchvision's nvJPEG and crops, resizes, flips and
+  normalises it with ``fastmim.ops.resized_crop``, a batch or two ahead in a background thread. Its row says where
+  the time went: ``read_s`` (waiting for the workers), ``decode_s``, ``augment_s`` (host seconds of each; with
+  ``--sync-timing`` the GPU's too) and ``wait_s`` (the consumer waiting for a finished batch). Without a GPU it runs
+  with torchvision's CPU decoder (``decode: cpu``): a dry run of the code, not a measurement of the loader.
 
 The data set: ``--images`` JPEGs written once into ``$FASTMIM_CACHE/bench-jpegs-<n>`` (or ``--data DIR``) and reused
 while the marker file ``.params.json`` matches: crops and rescales of scikit-image's bundled photographs (grey ones
@@ -28,7 +34,8 @@ synchronized before the clock stops. ``img_per_s`` is ``images / s`` of that spa
 meanwhile (from ``/proc/stat``; a row other work disturbed is flagged when printed). Each row is written as soon as it
 is measured. Never asserts anything: a loader that cannot run here gives no row but a ``not measured: <loader>:
 <why>`` line, and the targets (DALI-cpu >= 1.5x torchvision at equal threads = workers on a 2-core CPU machine;
-DALI-mixed >= 6,000 img/s on an H100) are printed against this run's rows at the end, or "not measured (<why>)".
+DALI-mixed and torch-gpu >= 6,000 img/s on an H100/H200, torch-gpu with at most 8 workers) are printed against this
+run's rows at the end, or "not measured (<why>)".
 """
 
 from __future__ import annotations
@@ -55,9 +62,11 @@ from benchmarks.common import environment, host, parse_counts, usable_cpus, writ
 from fastmim.data import ImageFolderDataset, build_pretrain_loader, list_images, pretrain_transform  # noqa: E402
 from fastmim.data.samples import _skimage_data_dir, cache_root  # noqa: E402
 
-LOADERS = ("torchvision", "dali-cpu", "dali-mixed")
+LOADERS = ("torchvision", "dali-cpu", "dali-mixed", "torch-gpu")
 TARGET_DALI_CPU_SPEEDUP = 1.5  # dali-cpu / torchvision at equal threads = workers, on a 2-core CPU machine
 TARGET_DALI_MIXED_IMG_PER_S = 6000.0  # on an H100
+TARGET_GPU_DECODE_IMG_PER_S = 6000.0  # torch-gpu on an H100/H200 ...
+TARGET_GPU_DECODE_WORKERS = 8  # ... with at most this many loader workers
 
 # the generated data set
 DATA_VERSION = "v1"  # bump when the images change, so old caches are regenerated
@@ -224,6 +233,19 @@ class TorchvisionEpochs:
         pass
 
 
+class TorchGpuEpochs(TorchvisionEpochs):
+    """``--loader torch-gpu``: ``fastmim.data.gpu_decode``'s loader over the same sampler and crops."""
+
+    def __init__(self, files: list[str], root: Path, batch: int, workers: int, img_size: int, seed: int,
+                 device: torch.device, sync_timing: bool = False):  # fmt: skip
+        from fastmim.data.gpu_decode import EncodedImages, GpuDecodeLoader, collate_encoded
+
+        super().__init__(files, root, batch, 0, img_size, seed)  # the dataset (the plain loader is not iterated)
+        encoded, self.sampler = build_pretrain_loader(EncodedImages(self.dataset), batch, workers, seed=seed,
+                                                      collate_images=collate_encoded)  # fmt: skip
+        self.loader = GpuDecodeLoader(encoded, self.dataset, device, img_size, seed=seed, sync_timing=sync_timing)
+
+
 class DaliEpochs:
     def __init__(self, files: list[str], batch: int, threads: int, img_size: int, seed: int, device: str,
                  interp: str = "auto"):  # fmt: skip
@@ -260,7 +282,16 @@ def not_runnable(loader: str) -> str | None:
             return why
     if loader == "dali-mixed" and not torch.cuda.is_available():
         return "no CUDA device here (DALI's mixed decoder runs on a GPU)"
+    if loader == "torch-gpu" and torch.cuda.is_available():
+        from fastmim.data.gpu_decode import gpu_decode_problem
+
+        return gpu_decode_problem(torch.device("cuda", 0))
     return None
+
+
+def output_device(loader: str) -> torch.device:
+    gpu = loader == "dali-mixed" or (loader == "torch-gpu" and torch.cuda.is_available())
+    return torch.device("cuda" if gpu else "cpu")
 
 
 def time_loader(epochs, warmup: int, seconds: float, cuda: bool) -> dict:
@@ -317,12 +348,22 @@ def measure(loader: str, count: int, files: list[str], root: Path, args) -> dict
     c0, t0 = cpu_seconds(), time.perf_counter()
     if loader == "torchvision":
         epochs = TorchvisionEpochs(files, root, args.batch, count, args.img_size, args.seed)
+    elif loader == "torch-gpu":
+        epochs = TorchGpuEpochs(files, root, args.batch, count, args.img_size, args.seed, output_device(loader),
+                                args.sync_timing)  # fmt: skip
     else:
         epochs = DaliEpochs(files, args.batch, count, args.img_size, args.seed, loader.removeprefix("dali-"),
                             args.dali_interp)  # fmt: skip
     try:
         setup_s = time.perf_counter() - t0
-        timing = time_loader(epochs, args.warmup, args.seconds, cuda=loader == "dali-mixed")
+        timing = time_loader(epochs, args.warmup, args.seconds, cuda=output_device(loader).type == "cuda")
+        if loader == "torch-gpu":  # where the time went (warm-up included), per batch
+            stats = epochs.loader.stats
+            per = max(stats["batches"], 1)
+            timing["decode"] = output_device(loader).type
+            timing["sync_timing"] = bool(args.sync_timing)
+            timing["ms_per_batch"] = {k[:-2]: round(1000 * stats[k] / per, 2) for k in stats if k.endswith("_s")}
+            timing["cpu_fallbacks"] = stats["cpu_fallbacks"]
     finally:
         epochs.close()
     c1, wall = cpu_seconds(), time.perf_counter() - t0
@@ -368,6 +409,20 @@ def report_targets(rows: list[dict], missing: dict[str, str], loaders=LOADERS) -
     if not mixed:
         why = missing.get("dali-mixed", "no row" if "dali-mixed" in loaders else "dali-mixed not in --loaders")
         print(f"  {target}: not measured ({why})", file=sys.stderr)
+    target = (f"torch-gpu >= {TARGET_GPU_DECODE_IMG_PER_S:,.0f} img/s (H100/H200) with <= {TARGET_GPU_DECODE_WORKERS} "
+              "workers")  # fmt: skip
+    gpu_rows = [r for r in rows if r["loader"] == "torch-gpu" and r.get("decode") == "cuda"]
+    for r in gpu_rows:
+        ok = r["img_per_s"] >= TARGET_GPU_DECODE_IMG_PER_S and r["workers"] <= TARGET_GPU_DECODE_WORKERS
+        where = ", ".join(f"{k} {v} ms" for k, v in r["ms_per_batch"].items())
+        print(f"  {target}: {r['img_per_s']:,.0f} img/s on {r['device']} with {r['workers']} workers, batch "
+              f"{r['batch']}: {'met' if ok else 'NOT met'} (per batch: {where})", file=sys.stderr)  # fmt: skip
+    if not gpu_rows:
+        if "torch-gpu" not in loaders:
+            why = "torch-gpu not in --loaders"
+        else:
+            why = missing.get("torch-gpu", "no CUDA device: its rows decoded on the CPU, a dry run")
+        print(f"  {target}: not measured ({why})", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -376,7 +431,7 @@ def main(argv=None) -> int:
     cpus = usable_cpus()
     ap.add_argument("--loaders", default=",".join(LOADERS), help=f"comma-separated, from {', '.join(LOADERS)} "
                     "(default: all; one that cannot run here is reported as not measured)")  # fmt: skip
-    ap.add_argument("--workers", type=lambda s: parse_counts(s, 0), default=[cpus], help="torchvision loader "
+    ap.add_argument("--workers", type=lambda s: parse_counts(s, 0), default=[cpus], help="torchvision and torch-gpu "
                     f"processes, comma-separated to sweep (default: the usable CPUs, {cpus})")  # fmt: skip
     ap.add_argument("--threads", type=lambda s: parse_counts(s, 1), default=[cpus], help="DALI CPU threads, "
                     f"comma-separated to sweep (default: the usable CPUs, {cpus})")  # fmt: skip
@@ -394,6 +449,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dali-interp", default="auto", choices=("auto", "cubic", "linear"), help="DALI's filter when "
                     "shrinking a crop (DaliLoader's interp; default auto: linear on CPU threads, cubic on the GPU; "
                     "torchvision is bicubic)")  # fmt: skip
+    ap.add_argument("--sync-timing", action="store_true", help="torch-gpu: synchronise after decoding and after "
+                    "augmenting, so its per-batch times include the GPU's (removes some overlap)")  # fmt: skip
     ap.add_argument("--out", default=None, help="append the JSON rows to this file")
     args = ap.parse_args(argv)
     loaders = [s.strip() for s in args.loaders.split(",") if s.strip()]
@@ -418,9 +475,10 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     # torchvision first: its workers fork before any DALI thread exists in this process
     for loader in [s for s in LOADERS if s in loaders and s not in missing]:
-        counts = args.workers if loader == "torchvision" else args.threads
+        by_workers = loader in ("torchvision", "torch-gpu")
+        counts = args.workers if by_workers else args.threads
         for count in counts:
-            label = f"{count} {'workers' if loader == 'torchvision' else 'threads'}"
+            label = f"{count} {'workers' if by_workers else 'threads'}"
             try:
                 timing = measure(loader, count, files, root, args)
             except Exception as e:  # noqa: BLE001 - report and go on: a benchmark never stops on one row
@@ -428,11 +486,11 @@ def main(argv=None) -> int:
                 missing.setdefault(loader, why)
                 print(f"not measured: {loader} ({label}): {why}", file=sys.stderr)
                 continue
-            key = "workers" if loader == "torchvision" else "threads"
-            interp = "cubic" if loader == "torchvision" else resolve_interp(args.dali_interp, loader)
+            key = "workers" if by_workers else "threads"
+            interp = "cubic" if by_workers else resolve_interp(args.dali_interp, loader)
             row = {"benchmark": "dataload", "loader": loader, key: count, "batch": args.batch, "interp": interp,
                    "img_size": args.img_size, **timing, "data": data, **host_info,
-                   **environment(torch.device("cuda" if loader == "dali-mixed" else "cpu"))}  # fmt: skip
+                   **environment(output_device(loader))}  # fmt: skip
             rows.append(row)
             write_row(row, args.out)
             if row.get("cpu_cores_others", 0) > 0.1 * cpus:

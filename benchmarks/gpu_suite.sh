@@ -11,13 +11,15 @@
 #   compute-sanitizer (sanitizer); then pytest -m gpu (the torch.compile tests later); FCMAE ConvNeXtV2-Base
 #   throughput (batch 64) and the sparse conv benchmark, profiled; MAE ViT-B/16 throughput (batch 256, bf16) in all
 #   four modes, profiled; the compile tests; the other benchmarks that exist (masks, data loading); ViT-L/16
-#   throughput (batch 128); the CLI's default run on CUDA; the tables of this run.
+#   throughput (batch 128); the CLI's default run on CUDA; transformers' ViTMAE patched (hf); GPU JPEG decoding
+#   (gpu_data: --loader torch-gpu's tests, loader img/s, MAE ViT-B/16 on JPEGs vs synthetic); kNN feature extraction
+#   (eval); the tables of this run.
 # Usage: FASTMIM_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_suite.sh RESULTS_DIR
 # GPU_SUITE_ONLY=ops_tests,ops,... runs only the named steps (ops_tests, graph_tests, target_tests, graph, recipes,
 # teacher, host, ops, vit_b_eager, vit_b_compile, compile_modes (the default mode's row comes from vit_b_compile),
-# sanitizer, tests, fcmae, sparse_conv, tune, vit_b, compile_tests, other, fcmae_compile, vit_l, cli; the
-# environment, the build and the tables always run), and GPU_SUITE_TESTS_K replaces the -k filter of the tests step
-# ("not compile").
+# sanitizer, tests, fcmae, sparse_conv, tune, vit_b, compile_tests, other, fcmae_compile, vit_l, cli, hf, gpu_data,
+# eval; the environment, the build and the tables always run), and GPU_SUITE_TESTS_K replaces the -k filter of the
+# tests step ("not compile").
 # (the tree sent to a GPU machine has no .git, so FASTMIM_COMMIT names the commit in every row). RESULTS_DIR gets at
 # most 8 files (what the device tool returns): suite.log (the build's log only when it fails), throughput.jsonl,
 # ops.jsonl, profiles.tar (torch.profiler traces), demo_metrics.jsonl, sparse_conv.jsonl, tune_sparse_dwconv.jsonl
@@ -242,6 +244,22 @@ want hf && step "ViTMAE-Base (Hugging Face) training step, batch 64, bf16: trans
   else
     echo "SKIPPED: transformers is not installed here and no .wheels/ was carried (bash benchmarks/wheels.sh)"
   fi
+}
+
+# --loader torch-gpu (issue 22; predictions in benchmarks/notes/gpu-decode.md): the decode's GPU tests; the loader's
+# img/s on 16,384 generated ImageNet-like JPEGs with 8 workers beside the CPU loader's, then with --sync-timing (where
+# the time goes); MAE ViT-B/16 eager on those JPEGs beside synthetic images (real / synthetic >= 0.90)
+want gpu_data && step "GPU JPEG decoding (--loader torch-gpu): tests, dataload rows, MAE ViT-B/16 on JPEGs vs synthetic" && {
+  fits 40 "GPU decode tests" && run 120 $PY -m pytest -q -ra -p no:cacheprovider -m gpu tests/data/test_gpu_decode.py \
+    tests/ops/test_resized_crop.py
+  fits 60 "torch-gpu dataload" && run 150 $PY benchmarks/dataload.py --loaders torch-gpu,torchvision --workers 8 \
+    --images 16384 --batch 256 --seconds 8 --out "$RESULTS/dataload.jsonl"
+  fits 30 "torch-gpu dataload, --sync-timing" && run 60 $PY benchmarks/dataload.py --loaders torch-gpu --workers 8 \
+    --images 16384 --batch 256 --seconds 5 --sync-timing --out "$RESULTS/dataload.jsonl"
+  fits 90 "MAE ViT-B on real JPEGs" && run 180 $PY benchmarks/throughput.py --model vit_base_patch16 \
+    --batch-size 256 --amp bf16 --steps 30 --warmup 5 --peak-tflops 790 --modes fastmim --no-flop-count \
+    --data "$FASTMIM_CACHE/bench-jpegs-16384" --loader torch-gpu --workers 8 --also-synthetic \
+    --out "$RESULTS/throughput.jsonl"
 }
 
 # python -m fastmim.eval on CUDA: kNN feature-extraction speed of a ViT-B/16 at 224 px (bf16) on the built-in digits

@@ -57,7 +57,9 @@ def _latest(rows: list[dict], key) -> dict[tuple, dict]:
 
 
 def throughput_table(rows: list[dict]) -> str:
-    rows = [r for r in rows if r.get("benchmark") == "throughput" and "img_per_s" in r]
+    # synthetic-data rows: a real-data row (throughput.py --data) measures the loader too, and is reported apart
+    rows = [r for r in rows if r.get("benchmark") == "throughput" and "img_per_s" in r
+            and r.get("data", "synthetic") == "synthetic"]  # fmt: skip
 
     def model_cell(r: dict) -> str:  # --model-arg settings are part of the configuration
         extra = r.get("model_args") or {}

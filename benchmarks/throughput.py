@@ -17,8 +17,11 @@ the same seed:
                      code runs uncaptured)
 
 Images are synthetic and already on the device unless --data names an image folder: then each step takes the next
-batch from fastmim's loader (decode + MAE augmentation in worker processes, pinned host memory) and img/s is what
-that data path sustains. Reports per mode: img/s (median over the timed steps after warm-up; on CUDA each step is
+batch from fastmim's loader and img/s is what that data path sustains: --loader torch decodes and augments in worker
+processes (pinned host memory), torch-gpu (the default on CUDA) decodes on the GPU (nvJPEG) and augments there, the
+row saying where the loader's time went (``loader_ms_per_batch``). --also-synthetic times each mode on synthetic
+images first and gives the real-data run's wall img/s over the synthetic one's (``real_over_synthetic``; target
+>= 0.90). Reports per mode: img/s (median over the timed steps after warm-up; on CUDA each step is
 the interval between consecutive CUDA events, so it includes any wait for the host or the data), p20/p80, img/s
 over the whole timed span, model FLOPs per image (recipes.py's formula, checked against torch.utils.flop_counter's
 count of one step), achieved TFLOP/s, MFU against the bf16 dense peak (--peak-tflops, else a measured large
@@ -57,6 +60,7 @@ from fastmim.train.optim import build_adamw  # noqa: E402
 from fastmim.train.step import TrainStep  # noqa: E402
 
 MODES = ("reference", "fastmim", "reference+compile", "fastmim+compile")  # the default --modes
+TARGET_REAL_OVER_SYNTHETIC = 0.90  # --data --also-synthetic: real-data img/s over synthetic, same mode
 GRAPH_MODES = tuple(f"{m}+graph" for m in MODES)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -119,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--data", default=None, help="an image folder: feed the real loader instead of synthetic images")
     ap.add_argument("--workers", type=int, default=None, help="loader workers with --data (default: per CPU count)")
+    ap.add_argument("--loader", choices=("auto", "torch", "torch-gpu"), default="auto", help="with --data: torch "
+                    "(decode in the workers), torch-gpu (decode on the GPU) or auto (torch-gpu on CUDA)")  # fmt: skip
+    ap.add_argument("--also-synthetic", action="store_true", help="with --data: time each mode on synthetic images "
+                    "too, first, and report real-data img/s over synthetic (target >= 0.90)")  # fmt: skip
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak for MFU; else measured")
     ap.add_argument("--peak-matmul-size", type=int, default=None, help="side of the measuring matmul (8192 GPU)")
     ap.add_argument("--no-flop-count", action="store_true", help="skip torch.utils.flop_counter's count of a step")
@@ -260,32 +268,60 @@ def flop_check(recipe, model_name: str, args, device: torch.device, dtype) -> di
 # --- data ---------------------------------------------------------------------------------------------------------
 
 
-def make_batches(args, device: torch.device):
-    """Returns next_batch() -> images on the device: one fixed synthetic batch, or the real loader, cycled."""
-    if args.data is None:
+def make_batches(args, device: torch.device, real: bool | None = None):
+    """Returns (next_batch() -> images on the device, description, the loader's stats or None): one fixed synthetic
+    batch, or (``real``: default when --data is given) the real loader, cycled."""
+    if not (args.data is not None if real is None else real):
         g = torch.Generator().manual_seed(args.seed)
         imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
-        return lambda: imgs, "synthetic"
+        return lambda: imgs, "synthetic", None
 
     from fastmim.data import ImageFolderDataset, build_pretrain_loader, default_num_workers, pretrain_transform
 
-    dataset = ImageFolderDataset(args.data, transform=pretrain_transform(args.img_size))
+    kind = data_loader_kind(args, device)
+    dataset = ImageFolderDataset(args.data, transform=pretrain_transform(args.img_size), seed=args.seed)
     workers = args.workers if args.workers is not None else default_num_workers()
-    loader, sampler = build_pretrain_loader(dataset, args.batch_size, workers, pin_memory=device.type == "cuda")
-    state = {"it": iter(loader), "epoch": 0}
+    stats = None
+    if kind == "torch-gpu":
+        from fastmim.data.gpu_decode import EncodedImages, GpuDecodeLoader, collate_encoded
+
+        encoded, sampler = build_pretrain_loader(EncodedImages(dataset), args.batch_size, workers, seed=args.seed,
+                                                 collate_images=collate_encoded)  # fmt: skip
+        loader = GpuDecodeLoader(encoded, dataset, device, args.img_size, seed=args.seed)
+        stats = loader.stats
+    else:
+        loader, sampler = build_pretrain_loader(dataset, args.batch_size, workers, seed=args.seed,
+                                                pin_memory=device.type == "cuda")  # fmt: skip
+    state = {"it": None, "epoch": -1}
 
     def next_batch():
-        try:
-            x = next(state["it"])
-        except StopIteration:
-            state["epoch"] += 1
-            sampler.set_epoch(state["epoch"])
-            state["it"] = iter(loader)
-            x = next(state["it"])
+        while True:
+            if state["it"] is None:
+                state["epoch"] += 1
+                sampler.set_epoch(state["epoch"])
+                dataset.set_epoch(state["epoch"])
+                state["it"] = iter(loader)
+            try:
+                x = next(state["it"])
+                break
+            except StopIteration:
+                state["it"] = None
         x = x[0] if isinstance(x, list | tuple) else x
         return x.to(device, non_blocking=True)
 
-    return next_batch, f"{args.data} ({len(dataset)} images, {workers} workers)"
+    return next_batch, f"{args.data} ({len(dataset)} images, loader {kind}, {workers} workers)", stats
+
+
+def data_loader_kind(args, device: torch.device) -> str:
+    """--loader, or by default torch-gpu where torchvision decodes JPEGs on the device, else torch."""
+    if args.loader != "auto":
+        return args.loader
+    if device.type == "cuda":
+        from fastmim.data.gpu_decode import gpu_decode_problem
+
+        if gpu_decode_problem(device) is None:
+            return "torch-gpu"
+    return "torch"
 
 
 # --- profile ------------------------------------------------------------------------------------------------------
@@ -522,40 +558,62 @@ def main(argv=None) -> int:
     if not args.no_flop_count:
         common["flop_check"] = flop_check(recipe, model_name, args, device, dtype)
         release(device)
-    next_batch, data_desc = make_batches(args, device)
-    common["data"] = data_desc
+    feeds = [make_batches(args, device, real=False)] if args.data is None or args.also_synthetic else []
+    if args.data is not None:
+        feeds.append(make_batches(args, device, real=True))
     print(f"{recipe.name} {model_name}, batch {args.batch_size}, {args.amp}, on {env['device']}: "
           f"{fpi / 1e9:.2f} GFLOP per image, peak {common['peak_tflops']} TFLOP/s ({common['peak_source']}), "
-          f"data {data_desc}", file=sys.stderr)  # fmt: skip
+          f"data {' and '.join(desc for _, desc, _ in feeds)}", file=sys.stderr)  # fmt: skip
 
     rows = []
     for mode in args.modes:
-        try:
-            row = run_mode(
-                mode,
-                recipe,
-                model_name,
-                args,
-                device,
-                next_batch,
-                fpi,
-                common["peak_tflops"],
-                common["copy_gbps_measured"],
+        synthetic = None
+        for next_batch, data_desc, stats in feeds:
+            before = dict(stats) if stats is not None else None
+            try:
+                row = run_mode(
+                    mode,
+                    recipe,
+                    model_name,
+                    args,
+                    device,
+                    next_batch,
+                    fpi,
+                    common["peak_tflops"],
+                    common["copy_gbps_measured"],
+                )
+            except torch.cuda.OutOfMemoryError as e:
+                row = {"benchmark": "throughput", "recipe": recipe.name, "model": model_name, "mode": mode,
+                       "batch_size": args.batch_size, "amp": args.amp,
+                       "error": f"out of memory: {str(e)[:200]}"}  # fmt: skip
+            release(device)
+            row["data"] = data_desc
+            if stats is not None:  # where the loader's time went over this mode's steps, per batch
+                n = max(stats["batches"] - before["batches"], 1)
+                row["loader_ms_per_batch"] = {k[:-2]: round(1000 * (stats[k] - before[k]) / n, 2) for k in stats
+                                              if k.endswith("_s")}  # fmt: skip
+            if data_desc == "synthetic":
+                synthetic = row
+            elif synthetic is not None and "img_per_s" in row and "img_per_s" in synthetic:
+                row["synthetic_img_per_s_wall"] = synthetic["img_per_s_wall"]
+                row["real_over_synthetic"] = float(f"{row['img_per_s_wall'] / synthetic['img_per_s_wall']:.4g}")
+            add_ratios(row, [r for r in rows if r.get("data") == data_desc])
+            rows.append(row)
+            status = row.get("error") or (
+                f"{row['img_per_s']:.1f} img/s, MFU {row['mfu']:.1%}, step {row['step_ms_median']:.1f} "
+                f"ms = {row['floor_gap']:.2f}x its floor of {row['floor_ms']:.1f} ms"
             )
-        except torch.cuda.OutOfMemoryError as e:
-            row = {"benchmark": "throughput", "recipe": recipe.name, "model": model_name, "mode": mode,
-                   "batch_size": args.batch_size, "amp": args.amp,
-                   "error": f"out of memory: {str(e)[:200]}"}  # fmt: skip
-        release(device)
-        add_ratios(row, rows)
-        rows.append(row)
-        status = row.get("error") or (
-            f"{row['img_per_s']:.1f} img/s, MFU {row['mfu']:.1%}, step {row['step_ms_median']:.1f} "
-            f"ms = {row['floor_gap']:.2f}x its floor of {row['floor_ms']:.1f} ms"
-        )
-        print(f"  {mode:<18} {status}", file=sys.stderr)
-        write_row({**row, **common, **env}, args.out)  # now: a later mode that fails or times out loses only itself
-    print_summary(rows)
+            if "real_over_synthetic" in row:
+                ok = "met" if row["real_over_synthetic"] >= TARGET_REAL_OVER_SYNTHETIC else "NOT met"
+                status += (
+                    f"; real data {row['real_over_synthetic']:.1%} of synthetic (wall img/s; target >= "
+                    f"{TARGET_REAL_OVER_SYNTHETIC:.0%}: {ok}); loader ms per batch {row['loader_ms_per_batch']}"
+                )
+            tag = "synthetic" if data_desc == "synthetic" else "real data"
+            print(f"  {mode:<18} {tag:<10} {status}", file=sys.stderr)
+            # now: a later mode that fails or times out loses only itself
+            write_row({**row, **common, **env}, args.out)
+    print_summary([r for r in rows if r.get("data") == feeds[-1][1]])
     if args.fsdp and torch.distributed.is_initialized():  # the group of one the FSDP modes made
         torch.distributed.destroy_process_group()
     return 1 if any("error" in r for r in rows) else 0

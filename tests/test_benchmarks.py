@@ -107,6 +107,40 @@ def test_throughput_on_a_real_image_folder(tmp_path):
     assert row["mfu"] == pytest.approx(row["gflop_per_img"] * row["img_per_s"] / 10, rel=0.01)
 
 
+def test_throughput_real_data_beside_synthetic_with_the_gpu_decoding_loader(tmp_path):
+    """--loader torch-gpu (decoding on the CPU here) --also-synthetic: a synthetic and a real-data row per mode, the
+    ratio of their wall img/s and where the loader's time went."""
+    folder = make_image_folder(tmp_path / "imgs", n=6)
+    out = tmp_path / "rows.jsonl"
+    args = [
+        *SMALL,
+        "--modes",
+        "fastmim",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--data",
+        str(folder),
+        "--workers",
+        "1",
+        "--loader",
+        "torch-gpu",
+        "--also-synthetic",
+        "--no-flop-count",
+        "--peak-tflops",
+        "0.01",
+        "--out",
+        str(out),
+    ]
+    assert throughput.main(args) == 0
+    synthetic, real = read_rows(out)
+    assert synthetic["data"] == "synthetic" and "loader torch-gpu, 1 workers" in real["data"]
+    assert real["real_over_synthetic"] == pytest.approx(real["img_per_s_wall"] / synthetic["img_per_s_wall"], rel=1e-3)
+    assert set(real["loader_ms_per_batch"]) == {"read", "decode", "augment", "wait"}
+    assert all(v >= 0 for v in real["loader_ms_per_batch"].values()) and real["loader_ms_per_batch"]["decode"] > 0
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -486,23 +520,30 @@ def test_dataload_benchmark_smoke_on_cpu(tmp_path, capsys):
     rows = read_rows(out)
     expected = ["torchvision"] + (["dali-cpu"] if dali_problem() is None else [])
     expected += ["dali-mixed"] if dali_problem() is None and torch.cuda.is_available() else []
+    expected += ["torch-gpu"]  # decoding on the CPU without a GPU: a dry run of its code
     assert [r["loader"] for r in rows] == expected
     for name in {"dali-cpu", "dali-mixed"} - set(expected):
         assert f"not measured: {name}: " in err
     for r in rows:
         assert r["benchmark"] == "dataload" and r["batch"] == 8 and r["img_size"] == 224 and r["warmup_batches"] == 1
-        assert (r["workers"] if r["loader"] == "torchvision" else r["threads"]) == 1
+        assert (r["workers"] if r["loader"] in ("torchvision", "torch-gpu") else r["threads"]) == 1
         # --seconds 0: one epoch's worth of batches (24 images, batch 8), timed across the epoch boundary
         assert r["batches"] == 3 and r["images"] == 24 and r["passes"] == 1.0 and r["s"] > 0 and r["warmup_s"] > 0
         assert r["img_per_s"] == pytest.approx(r["images"] / r["s"], rel=2e-3)
-        on = "cuda" if r["loader"] == "dali-mixed" else "cpu"
+        gpu = r["loader"] == "dali-mixed" or (r["loader"] == "torch-gpu" and torch.cuda.is_available())
+        on = "cuda" if gpu else "cpu"
         assert r["output"] == [f"[3, 224, 224] {on}"]
+        if r["loader"] == "torch-gpu":
+            assert r["decode"] == on and set(r["ms_per_batch"]) == {"read", "decode", "augment", "wait"}
+            assert r["ms_per_batch"]["decode"] > 0 and r["cpu_fallbacks"] == 0
         assert r["data"]["images"] == 24 and r["data"]["size"] == "500x375 q90" and 20 < r["data"]["mean_kb"] < 200
         assert r["commit"] and r["torch"] and r["date"] and r["cpu_count"] >= 1
-        assert r["device"] == "cpu" or r["loader"] == "dali-mixed"
+        assert r["device"] == "cpu" or r["loader"] in ("dali-mixed", "torch-gpu")
         if Path("/proc/stat").exists():
             assert r["cpu_cores_ours"] > 0 and r["cpu_cores_others"] >= 0
     assert "targets (printed, never asserted)" in err and "1.5x torchvision" in err and "6,000 img/s" in err
+    if not torch.cuda.is_available():
+        assert "torch-gpu >= 6,000 img/s (H100/H200) with <= 8 workers: not measured (no CUDA device" in err
     if "dali-cpu" not in expected:
         assert "1.5x torchvision at equal threads = workers (2-core CPU): not measured (" in err
     # the generated set: class folders of 500x375 / 375x500 JPEGs, reused while its marker matches

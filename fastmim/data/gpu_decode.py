@@ -24,6 +24,7 @@ import functools
 import io
 import queue
 import threading
+import time
 import warnings
 from typing import NamedTuple
 
@@ -31,6 +32,8 @@ import torch
 
 from fastmim.data.folder import BadImageError
 from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_and_flip, pretrain_steps
+
+STATS = ("batches", "cpu_fallbacks", "read_s", "decode_s", "augment_s", "wait_s")
 
 # JPEGs in these PIL modes go to nvJPEG (grey ones come out as RGB, as PIL's convert("RGB") gives); CMYK / YCCK
 # JPEGs and every other format are decoded by PIL in the loader worker
@@ -132,7 +135,9 @@ class EncodedBatch(NamedTuple):
     done_positions: torch.Tensor  # [K] int64: the places of the samples decoded in the worker
     done: torch.Tensor  # [K, 3, S, S] fp32: those samples, augmented and normalised
 
-    def __len__(self) -> int:  # type: ignore[override] - the batch's size, not the tuple's
+    @property
+    def size(self) -> int:
+        """The batch's size (samples of either kind)."""
         return len(self.positions) + len(self.done_positions)
 
 
@@ -167,13 +172,21 @@ class GpuDecodeLoader:
         skip_bad: replace an image nothing can decode by its stand-in (``replacement_index``) instead of raising.
         seed: the run's seed (stand-ins are a function of it).
         prefetch: batches decoded ahead in a background thread (0: decoded in the caller's thread, on demand).
+        sync_timing: synchronise the device after decoding and after augmenting, so that ``stats`` attributes GPU
+            time to each (for benchmarks: it removes some overlap).
+
+    ``stats``: batches made, samples decoded by PIL after the decoder refused them, and seconds spent waiting for the
+    workers (``read_s``: reading, header parsing, collation, the transfer), decoding (``decode_s``), augmenting
+    (``augment_s``: the crops and the batch's assembly) and, in the consumer, waiting for a decoded batch
+    (``wait_s``). Without ``sync_timing`` CUDA work is counted where the host waits for it.
     """
 
     def __init__(self, loader, dataset, device: torch.device, img_size: int, skip_bad: bool = False, seed: int = 0,
-                 prefetch: int = 2):  # fmt: skip
+                 prefetch: int = 2, sync_timing: bool = False):  # fmt: skip
         self.loader, self.dataset, self.device = loader, dataset, torch.device(device)
         self.img_size, self.skip_bad, self.seed, self.prefetch = img_size, skip_bad, seed, prefetch
-        self.stats = {"batches": 0, "cpu_fallbacks": 0}
+        self.sync_timing = sync_timing and self.device.type == "cuda"
+        self.stats = dict.fromkeys(STATS, 0)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -192,7 +205,11 @@ class GpuDecodeLoader:
         idx = idx.clone()
         s = self.img_size
         datas = [enc.data[int(a) : int(b)] for a, b in zip(enc.offsets[:-1], enc.offsets[1:], strict=True)]
+        t0 = time.perf_counter()
         decoded, failed = self._decode(datas)
+        self._sync()
+        t1 = time.perf_counter()
+        self.stats["decode_s"] += t1 - t0
         extra_pos, extra = [], []
         for j in failed:  # nvJPEG and libjpeg-turbo refused it: PIL's verdict (it reads more), else a stand-in
             pos = int(enc.positions[j])
@@ -202,12 +219,12 @@ class GpuDecodeLoader:
             extra.append(img)
             self.stats["cpu_fallbacks"] += 1
         keep = [j for j in range(len(datas)) if j not in set(failed)]
-        out = torch.empty(len(enc), 3, s, s, dtype=torch.float32, device=self.device)
+        out = torch.empty(enc.size, 3, s, s, dtype=torch.float32, device=self.device)
         if keep:
             sel = torch.tensor(keep, dtype=torch.int64)
             crops = resized_crop([decoded[j] for j in keep], enc.boxes[sel], enc.flips[sel], s, IMAGENET_MEAN,
                                  IMAGENET_STD)  # fmt: skip
-            if len(keep) == len(enc):
+            if len(keep) == enc.size:
                 out = crops  # the usual case: every sample was a JPEG nvJPEG decoded, in batch order
             else:
                 out[enc.positions[sel].to(self.device)] = crops
@@ -215,8 +232,27 @@ class GpuDecodeLoader:
         if cpu_pos:
             cpu = torch.cat([enc.done, torch.stack(extra)]) if extra else enc.done
             out[torch.tensor(cpu_pos, device=self.device)] = cpu.to(self.device, non_blocking=True)
+        self._sync()
+        self.stats["augment_s"] += time.perf_counter() - t1
         self.stats["batches"] += 1
         return (out, idx, *rest)
+
+    def _sync(self) -> None:
+        if self.sync_timing:
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def _batches(self):
+        """The DataLoader's batches, the wait for each counted."""
+        it = iter(self.loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.stats["read_s"] += time.perf_counter() - t0
+            yield batch
 
     def _decode(self, datas: list[torch.Tensor]) -> tuple[list, list[int]]:
         """(decoded images, the positions none came back for): the batch at once, else (an error in it: the batched
@@ -239,7 +275,7 @@ class GpuDecodeLoader:
     # --- the epoch ---
     def __iter__(self):
         if self.prefetch <= 0:
-            for batch in self.loader:
+            for batch in self._batches():
                 yield self.decode_batch(batch)
             return
         yield from self._prefetched()
@@ -256,7 +292,7 @@ class GpuDecodeLoader:
                     torch.cuda.set_device(self.device)
                 stream = torch.cuda.Stream(self.device) if cuda else None
                 with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-                    for batch in self.loader:
+                    for batch in self._batches():
                         out = self.decode_batch(batch)
                         event = torch.cuda.Event() if cuda else None
                         if cuda:
@@ -277,7 +313,9 @@ class GpuDecodeLoader:
         thread.start()
         try:
             while True:
+                t0 = time.perf_counter()
                 item, event = q.get()
+                self.stats["wait_s"] += time.perf_counter() - t0
                 if item is end:
                     return
                 if isinstance(item, BaseException):

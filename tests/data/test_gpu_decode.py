@@ -99,7 +99,7 @@ def test_byte_batching_and_files_nvjpeg_does_not_take(tmp_path):
     items = [enc[i] for i in range(4)]
     assert [isinstance(x, EncodedSample) for x in items] == [True, True, False, False]
     batch = collate_encoded(items)
-    assert len(batch) == 4 and batch.positions.tolist() == [0, 1] and batch.done_positions.tolist() == [2, 3]
+    assert batch.size == 4 and batch.positions.tolist() == [0, 1] and batch.done_positions.tolist() == [2, 3]
     for j, name in enumerate(("a.jpg", "b.jpg")):
         assert batch.data[batch.offsets[j] : batch.offsets[j + 1]].numpy().tobytes() == (root / name).read_bytes()
     torch.testing.assert_close(batch.done, torch.stack([base[2], base[3]]), rtol=0, atol=0)
