@@ -174,8 +174,8 @@ want sparse_conv && step "benchmarks/sparse_conv.py: ConvNeXtV2-Base encoder fwd
 
 want tune && step "benchmarks/tune_sparse_dwconv.py: block sizes of the sparse depthwise kernels" &&
   fits 40 "sparse dwconv tuning" && run 90 $PY benchmarks/tune_sparse_dwconv.py --out "$RESULTS/tune_sparse_dwconv.jsonl"
-want tune && step "benchmarks/tune_triton_ops.py: block sizes of the Triton patchify kernel" &&
-  fits 30 "patchify tuning" && run 60 $PY benchmarks/tune_triton_ops.py --out "$RESULTS/tune_triton_ops.jsonl"
+want tune && step "benchmarks/tune_triton_ops.py: tile sizes of the Triton patchify, token and loss kernels" &&
+  fits 60 "Triton tile sweep" && run 180 $PY benchmarks/tune_triton_ops.py --out "$RESULTS/tune_triton_ops.jsonl"
 
 want vit_b && step "throughput: MAE ViT-B/16, batch 256, bf16, four modes, profiled (MFU against 790 TFLOP/s)" &&
   fits 150 "ViT-B throughput" && run 240 $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 \

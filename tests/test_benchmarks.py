@@ -768,3 +768,33 @@ def test_hf_vit_mae_benchmark_smoke_on_cpu(tmp_path):
         row["hf_ms"] / row["fastmim_ms"], rel=1e-2)  # fmt: skip
     with pytest.raises(SystemExit):
         hf_vit_mae.main(["--size", "tiny", "--batch-size", "0"])
+
+
+def test_triton_tile_sweep_configs_compute_what_the_defaults_compute():
+    """Every tile choice benchmarks/tune_triton_ops.py times on the GPU is first checked here (interpreter, small
+    batch): a faster config that computed something else would be worthless."""
+    import tune_triton_ops as tune
+
+    for _, sweep in tune._sweeps(2, torch.device("cpu"), list(tune.KERNELS)):
+        for kernel, _dtype, _shape, names, default, configs, nbytes, launch in sweep():
+            assert len(default) == len(names) and nbytes > 0
+            want = launch(default)
+            for cfg in configs[:2]:
+                got = launch(cfg)
+                want_t = want if isinstance(want, tuple) else (want,)
+                got_t = got if isinstance(got, tuple) else (got,)
+                for w, g in zip(want_t, got_t, strict=True):
+                    if w is None:
+                        assert g is None
+                    elif kernel.startswith("loss") or kernel == "scatter_bwd":  # sums in another order
+                        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=f"{kernel} {cfg}")
+                    else:
+                        assert torch.equal(g.nan_to_num(), w.nan_to_num()), f"{kernel} {cfg}"
+
+
+def test_triton_tile_sweep_rejects_an_unknown_kernel(capsys):
+    import tune_triton_ops as tune
+
+    with pytest.raises(SystemExit):
+        tune.main(["--kernels", "gather,nope"])
+    assert "nope" in capsys.readouterr().err

@@ -117,13 +117,20 @@ def _masked_loss_bwd_kernel(
     tl.store(dst, cast_for_store(g, grad_ptr), mask=qmask[:, None] & (e < D)[None, :])
 
 
-def _launch(pred: torch.Tensor, mask: torch.Tensor, geometry: tuple[int, ...]) -> tuple[tuple, dict, int]:
-    b, n, d = pred.shape
+def blocks(d: int) -> tuple[int, int]:
+    """(BLOCK_P, num_warps) for patches of d values (BLOCK_D is d rounded up to a power of two)."""
     block_d = triton.next_power_of_2(d)
-    block_p = max(1, min(16, 4096 // block_d))
+    return max(1, min(16, 4096 // block_d)), 4 if block_d <= 1024 else 8
+
+
+def _launch(
+    pred: torch.Tensor, mask: torch.Tensor, geometry: tuple[int, ...], config: tuple[int, int] | None = None
+) -> tuple[tuple, dict, int]:
+    b, n, d = pred.shape
+    block_p, warps = config or blocks(d)
     grid = triton.cdiv(b * n, block_p)
     args = (b, n, d, *pred.stride(), *mask.stride(), *geometry)
-    meta = {"BLOCK_P": block_p, "BLOCK_D": block_d, "num_warps": 4 if block_d <= 1024 else 8}
+    meta = {"BLOCK_P": block_p, "BLOCK_D": triton.next_power_of_2(d), "num_warps": warps}
     return args, meta, grid
 
 
@@ -135,9 +142,11 @@ def masked_loss_forward(
     norm_pix: bool,
     eps: float,
     p: int,
+    config: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, mask weight sum) as 0-d fp32 tensors; geometry = (gw, s_b, s_row, s_col, P, C, s_pi, s_qi, s_c)."""
-    args, meta, grid = _launch(pred, mask, geometry)
+    """(loss, mask weight sum) as 0-d fp32 tensors; geometry = (gw, s_b, s_row, s_col, P, C, s_pi, s_qi, s_c);
+    ``config`` (BLOCK_P, num_warps) for the block-size sweep, None for ``blocks``."""
+    args, meta, grid = _launch(pred, mask, geometry, config)
     part = torch.empty((2, max(grid, 1)), dtype=torch.float32, device=pred.device)
     if grid == 0:
         part.zero_()
@@ -157,9 +166,10 @@ def masked_loss_backward(
     norm_pix: bool,
     eps: float,
     p: int,
+    config: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Gradient of the loss w.r.t. pred, [B, L, D] in pred's dtype."""
-    args, meta, grid = _launch(pred, mask, geometry)
+    args, meta, grid = _launch(pred, mask, geometry, config)
     grad = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
     if grid:
         _masked_loss_bwd_kernel[(grid,)](

@@ -82,22 +82,25 @@ def _put_rows_kernel(
         tl.store(dst, cast_for_store(v.to(tl.float32), out_ptr), mask=m)
 
 
-def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-    """[B, N, D] -> [B, K, D] with out[b, k] = x[b, ids_keep[b, k]]."""
+def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """[B, N, D] -> [B, K, D] with out[b, k] = x[b, ids_keep[b, k]]. ``config``: (BLOCK_K, BLOCK_D, num_warps), for
+    benchmarks/tune_triton_ops.py; None takes the defaults."""
     b, n, d = x.shape
     k = ids_keep.shape[1]
     out = torch.empty((b, k, d), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_k, block_d = _blocks(d)
+    block_k, block_d, warps = config or (*_blocks(d), 4)
     grid = (triton.cdiv(k, block_k), b)
     _gather_rows_kernel[grid](
-        x, ids_keep, out, n, k, d, *x.stride(), *ids_keep.stride(), BLOCK_K=block_k, BLOCK_D=block_d
+        x, ids_keep, out, n, k, d, *x.stride(), *ids_keep.stride(), BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps
     )
     return out
 
 
-def gather_visible_backward(grad: torch.Tensor, ids_keep: torch.Tensor, n: int) -> torch.Tensor:
+def gather_visible_backward(
+    grad: torch.Tensor, ids_keep: torch.Tensor, n: int, config: tuple[int, int, int] | None = None
+) -> torch.Tensor:
     """[B, K, D] -> [B, N, D]: grad rows back at ids_keep, zeros elsewhere. A memset and one kernel that puts each
     row where it came from (the ids are distinct: no atomics), the traffic of the eager zeros + scatter_add_; the
     earlier inverse-index version (every output row written once, 3 launches) measured 2.7x slower on an H100."""
@@ -105,10 +108,11 @@ def gather_visible_backward(grad: torch.Tensor, ids_keep: torch.Tensor, n: int) 
     out = torch.zeros((b, n, d), dtype=grad.dtype, device=grad.device)
     if out.numel() == 0 or k == 0:
         return out
-    block_k, block_d = _blocks(d)
+    block_k, block_d, warps = config or (*_blocks(d), 4)
     _put_rows_kernel[(triton.cdiv(k, block_k), b)](
-        grad, ids_keep, out, n, k, d, *grad.stride(), *ids_keep.stride(), BLOCK_K=block_k, BLOCK_D=block_d
-    )
+        grad, ids_keep, out, n, k, d, *grad.stride(), *ids_keep.stride(), BLOCK_K=block_k, BLOCK_D=block_d,
+        num_warps=warps,
+    )  # fmt: skip
     return out
 
 
@@ -229,6 +233,7 @@ def scatter_masked(
     pos_embed: torch.Tensor | None,  # [R, D]
     cls_token: torch.Tensor | None,  # [B or 1, D]
     out_dtype: torch.dtype,
+    config: tuple[int, int, int] | None = None,  # (BLOCK_R, BLOCK_D, num_warps)
 ) -> torch.Tensor:
     b, k, d = x_vis.shape
     n = ids_restore.shape[1]
@@ -237,7 +242,7 @@ def scatter_masked(
     out = torch.empty((b, r, d), dtype=out_dtype, device=x_vis.device)
     if out.numel() == 0:
         return out
-    block_r, block_d = _blocks(d)
+    block_r, block_d, warps = config or (*_blocks(d), 4)
     dummy = mask_token
     pos = pos_embed if pos_embed is not None else dummy.view(1, -1)
     cls = cls_token if has_cls else dummy.view(1, -1)
@@ -245,28 +250,33 @@ def scatter_masked(
     _scatter_masked_kernel[(triton.cdiv(r, block_r), b)](
         x_vis, ids_restore, mask_token, pos, cls, out, n, k, d,
         *x_vis.stride(), *ids_restore.stride(), mask_token.stride(0), *pos.stride(), scls_b, cls.stride(1),
-        HAS_POS=pos_embed is not None, HAS_CLS=has_cls, BLOCK_R=block_r, BLOCK_D=block_d,
+        HAS_POS=pos_embed is not None, HAS_CLS=has_cls, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
     return out
 
 
 def scatter_masked_backward(
-    grad: torch.Tensor, ids_restore: torch.Tensor, k: int, has_cls: bool, need_pos: bool, x_dtype: torch.dtype
+    grad: torch.Tensor,
+    ids_restore: torch.Tensor,
+    k: int,
+    has_cls: bool,
+    need_pos: bool,
+    x_dtype: torch.dtype,
+    config: tuple[int, int, int, int] | None = None,  # (BLOCK_R, BLOCK_D, B_CHUNK, num_warps)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns grad_x_vis [B, K, D] (x_dtype), grad_mask_token [D] fp32, grad_pos [R, D] fp32 or None."""
     b, r, d = grad.shape
     n = ids_restore.shape[1]
     # zero-filled so that rows no valid id points at are zeros, not garbage
     gx = torch.zeros((b, k, d), dtype=x_dtype, device=grad.device)
-    block_r, block_d = _blocks(d, 2048)
-    b_chunk = 8
+    block_r, block_d, b_chunk, warps = config or (*_blocks(d, 2048), 8, 4)
     grid = (triton.cdiv(r, block_r), triton.cdiv(b, b_chunk))
     gmt = torch.empty((grid[0] * grid[1], d), dtype=torch.float32, device=grad.device)
     gpos = torch.empty((grid[1], r, d) if need_pos else (1, 1, 1), dtype=torch.float32, device=grad.device)
     if b and r and d:
         _scatter_masked_bwd_kernel[grid](
             grad, ids_restore, gx, gmt, gpos, b, n, k, d, *grad.stride(), *ids_restore.stride(),
-            HAS_CLS=has_cls, NEED_POS=need_pos, B_CHUNK=b_chunk, BLOCK_R=block_r, BLOCK_D=block_d,
+            HAS_CLS=has_cls, NEED_POS=need_pos, B_CHUNK=b_chunk, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
         )  # fmt: skip
     else:
         gmt.zero_()
