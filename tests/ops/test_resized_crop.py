@@ -61,10 +61,13 @@ def test_reference_is_torchvisions_random_resized_crop_on_pil_images():
 def test_backends_match_the_reference(backend):
     device, _ = backend
     imgs = [x.to(device) for x in _images(SHAPES)]
-    for size in (16, 23, 1):
-        out = resized_crop(imgs, BOXES, FLIPS, size)
-        ref = resized_crop_ref([x.cpu() for x in imgs], BOXES, FLIPS, size)
-        assert out.shape == (len(SHAPES), 3, size, size) and out.dtype == torch.float32 and out.device == device
+    cases = [(imgs, BOXES, FLIPS, 16), (imgs, BOXES, FLIPS, 23)]
+    # to one pixel: a 40-row crop takes 161 taps per output (the interpreter runs them one by one: a small batch)
+    cases.append(([imgs[2], imgs[4]], torch.tensor([[3, 5, 40, 30], [0, 0, 1, 1]]), torch.tensor([True, False]), 1))
+    for batch, boxes, flips, size in cases:
+        out = resized_crop(batch, boxes, flips, size)
+        ref = resized_crop_ref([x.cpu() for x in batch], boxes, flips, size)
+        assert out.shape == (len(batch), 3, size, size) and out.dtype == torch.float32 and out.device == device
         torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-4)
 
 
