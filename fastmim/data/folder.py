@@ -5,11 +5,24 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from PIL import Image
+
+# seeded() swaps the process's CPU generator state: threads that draw crops in one process (an in-process loader in
+# the GPU loader's thread, its fallbacks in the consumer's) take turns
+_SEEDED_LOCK = threading.RLock()
+
+
+def _new_seeded_lock() -> None:  # a forked loader worker must not inherit the lock held by another thread
+    global _SEEDED_LOCK
+    _SEEDED_LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_seeded_lock)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -128,8 +141,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if self.seed is None:
             yield
             return
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**63)
+        with _SEEDED_LOCK, torch.random.fork_rng(devices=[]):  # one thread at a time: the generator is global
+            # the CPU generator only: torch.manual_seed would reseed the CUDA generators too (drop path, noise),
+            # which fork_rng(devices=[]) does not restore (this runs in the training process for the monitor and
+            # the GPU loader's fallbacks)
+            seed = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**63
+            torch.random.default_generator.manual_seed(seed)
             yield
 
     def __getitem__(self, index: int):

@@ -34,29 +34,39 @@ from fastmim.data.folder import BadImageError
 from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_and_flip, pretrain_steps
 
 STATS = ("batches", "cpu_fallbacks", "read_s", "decode_s", "augment_s", "wait_s")
+# decoded images cropped per resized_crop call (it packs its inputs into one buffer: a bounded copy, not a batch of
+# 4000x3000 photos twice over)
+CROP_CHUNK_BYTES = 256 << 20
+CLOSE_TIMEOUT_S = 10.0
 
 # JPEGs in these PIL modes go to nvJPEG (grey ones come out as RGB, as PIL's convert("RGB") gives); CMYK / YCCK
 # JPEGs and every other format are decoded by PIL in the loader worker
 GPU_JPEG_MODES = ("RGB", "L")
 
 
+@functools.cache
 def _decode_jpeg():
-    """torchvision's decode_jpeg and RGB mode; torchvision 0.29 deprecates its image decoders (for TorchCodec) and
-    warns on every call: silenced for this call site only."""
-    with warnings.catch_warnings():
+    """torchvision's decode_jpeg and RGB mode. torchvision 0.29 deprecates its image decoders (for TorchCodec) and
+    warns on every call: that warning is filtered out once, process-wide (``warnings.catch_warnings`` per call is not
+    thread-safe, and the decoding runs in a background thread)."""
+    warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of TorchVision.*")
+    with warnings.catch_warnings():  # first call only, from whichever thread
         warnings.simplefilter("ignore", DeprecationWarning)
         from torchvision.io import ImageReadMode, decode_jpeg
     return decode_jpeg, ImageReadMode.RGB
 
 
 def decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Decodes encoded JPEGs (1-D uint8 CPU tensors) to RGB uint8 [3, H, W] on ``device`` (nvJPEG on CUDA, batched)."""
+    """Decodes encoded JPEGs (1-D uint8 CPU tensors) to RGB uint8 [3, H, W] on ``device`` (nvJPEG on CUDA, batched).
+
+    On CUDA the current stream is synchronised first: torchvision allocates the outputs on the current stream but
+    nvJPEG writes them from its own stream without waiting for it, so memory freed by kernels still queued there
+    could be overwritten under them."""
     decode, rgb = _decode_jpeg()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of TorchVision.*")
-        if device.type == "cuda":
-            return decode(datas, mode=rgb, device=device)
-        return [decode(d, mode=rgb) for d in datas]
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+        return decode(datas, mode=rgb, device=device)
+    return [decode(d, mode=rgb) for d in datas]
 
 
 @functools.cache
@@ -80,6 +90,19 @@ def gpu_decode_problem(device: torch.device) -> str | None:
     if device.type != "cuda" or not torch.cuda.is_available():
         return "no CUDA device (torchvision's nvJPEG decoder runs on a GPU)"
     return _gpu_decode_problem(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _chunks(items: list, sizes: list[int], limit: int):
+    """Consecutive runs of ``items`` whose ``sizes`` sum to at most ``limit`` (an item larger than it alone)."""
+    run, total = [], 0
+    for item, size in zip(items, sizes, strict=True):
+        if run and total + size > limit:
+            yield run
+            run, total = [], 0
+        run.append(item)
+        total += size
+    if run:
+        yield run
 
 
 class EncodedSample(NamedTuple):
@@ -183,7 +206,10 @@ class GpuDecodeLoader:
 
     def __init__(self, loader, dataset, device: torch.device, img_size: int, skip_bad: bool = False, seed: int = 0,
                  prefetch: int = 2, sync_timing: bool = False):  # fmt: skip
-        self.loader, self.dataset, self.device = loader, dataset, torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # the thread's set_device needs an index
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.loader, self.dataset, self.device = loader, dataset, device
         self.img_size, self.skip_bad, self.seed, self.prefetch = img_size, skip_bad, seed, prefetch
         self.sync_timing = sync_timing and self.device.type == "cuda"
         self.stats = dict.fromkeys(STATS, 0)
@@ -198,7 +224,12 @@ class GpuDecodeLoader:
     # --- one batch ---
     def decode_batch(self, batch) -> tuple:
         """(images on the device, indices, *masks) of one ``(EncodedBatch, indices, *masks)``."""
-        from fastmim.data import load_or_stand_in
+        item, pending = self._decode_batch(batch)
+        return self._finish(item, pending)
+
+    def _decode_batch(self, batch) -> tuple[tuple, list[int]]:
+        """The batch decoded and augmented on the device but for the samples no GPU decoder took: (the batch, their
+        positions), finished by ``_finish`` in the consumer's thread (they need the process's random state)."""
         from fastmim.ops import resized_crop
 
         enc, idx, *rest = batch
@@ -210,31 +241,41 @@ class GpuDecodeLoader:
         self._sync()
         t1 = time.perf_counter()
         self.stats["decode_s"] += t1 - t0
-        extra_pos, extra = [], []
-        for j in failed:  # nvJPEG and libjpeg-turbo refused it: PIL's verdict (it reads more), else a stand-in
-            pos = int(enc.positions[j])
-            img, sent = load_or_stand_in(self.dataset, int(idx[pos]), self.skip_bad, self.seed)
-            idx[pos] = sent
-            extra_pos.append(pos)
-            extra.append(img)
-            self.stats["cpu_fallbacks"] += 1
-        keep = [j for j in range(len(datas)) if j not in set(failed)]
+        pending = [int(enc.positions[j]) for j in failed]
+        keep = [j for j in range(len(datas)) if decoded[j] is not None]
         out = torch.empty(enc.size, 3, s, s, dtype=torch.float32, device=self.device)
-        if keep:
-            sel = torch.tensor(keep, dtype=torch.int64)
-            crops = resized_crop([decoded[j] for j in keep], enc.boxes[sel], enc.flips[sel], s, IMAGENET_MEAN,
+        for chunk in _chunks(keep, [decoded[j].numel() for j in keep], CROP_CHUNK_BYTES):
+            sel = torch.tensor(chunk, dtype=torch.int64)
+            crops = resized_crop([decoded[j] for j in chunk], enc.boxes[sel], enc.flips[sel], s, IMAGENET_MEAN,
                                  IMAGENET_STD)  # fmt: skip
-            if len(keep) == enc.size:
+            if len(chunk) == enc.size:
                 out = crops  # the usual case: every sample was a JPEG nvJPEG decoded, in batch order
             else:
                 out[enc.positions[sel].to(self.device)] = crops
-        cpu_pos = enc.done_positions.tolist() + extra_pos
-        if cpu_pos:
-            cpu = torch.cat([enc.done, torch.stack(extra)]) if extra else enc.done
-            out[torch.tensor(cpu_pos, device=self.device)] = cpu.to(self.device, non_blocking=True)
+            for j in chunk:  # the packed copy inside resized_crop and the decoded image: one chunk at a time
+                decoded[j] = None
+        if len(enc.done_positions):
+            out[enc.done_positions.to(self.device)] = enc.done.to(self.device, non_blocking=True)
         self._sync()
         self.stats["augment_s"] += time.perf_counter() - t1
-        self.stats["batches"] += 1
+        return (out, idx, *rest), pending
+
+    def _finish(self, item: tuple, pending: list[int]) -> tuple:
+        """Decodes on the CPU (PIL, which reads more than the GPU decoders take) the samples at ``pending``, with the
+        same crop, or puts their stand-ins there (``skip_bad``; a stand-in the worker already chose, sent as
+        ``-1 - j``, is replaced by a stand-in of j, still sent as negative). Runs in the consumer's thread: the CPU
+        pipeline seeds the process's CPU generator around each sample. The masks stay those drawn for the batch's
+        original samples (the torch loader, deciding in the worker, draws a stand-in's for its own index)."""
+        from fastmim.data import load_or_stand_in
+
+        out, idx, *rest = item
+        for pos in pending:
+            sent = int(idx[pos])
+            index = -1 - sent if sent < 0 else sent
+            img, got = load_or_stand_in(self.dataset, index, self.skip_bad, self.seed)
+            idx[pos] = -1 - got if sent < 0 and got >= 0 else got
+            out[pos] = img.to(self.device)
+            self.stats["cpu_fallbacks"] += 1
         return (out, idx, *rest)
 
     def _sync(self) -> None:
@@ -276,7 +317,9 @@ class GpuDecodeLoader:
     def __iter__(self):
         if self.prefetch <= 0:
             for batch in self._batches():
-                yield self.decode_batch(batch)
+                out = self.decode_batch(batch)
+                self.stats["batches"] += 1
+                yield out
             return
         yield from self._prefetched()
 
@@ -293,7 +336,7 @@ class GpuDecodeLoader:
                 stream = torch.cuda.Stream(self.device) if cuda else None
                 with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
                     for batch in self._batches():
-                        out = self.decode_batch(batch)
+                        out = self._decode_batch(batch)
                         event = torch.cuda.Event() if cuda else None
                         if cuda:
                             event.record(stream)
@@ -320,15 +363,19 @@ class GpuDecodeLoader:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                batch, pending = item
                 if cuda:  # the batch was made on the decode stream: the training stream waits for it, and its
                     # memory is not reused before the training stream is done with it
                     current = torch.cuda.current_stream(self.device)
                     current.wait_event(event)
-                    item[0].record_stream(current)
-                yield item
+                    batch[0].record_stream(current)
+                self.stats["batches"] += 1
+                yield self._finish(batch, pending) if pending else batch
         finally:
             stop.set()
-            while thread.is_alive():
+            deadline = time.monotonic() + CLOSE_TIMEOUT_S
+            while thread.is_alive() and time.monotonic() < deadline:
                 with contextlib.suppress(queue.Empty):
                     q.get(timeout=0.05)
-            thread.join()
+            # past the deadline (a worker stuck reading, say) the daemon thread is left behind: it stops at its next
+            # batch, and the process can exit without it

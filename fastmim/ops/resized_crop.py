@@ -8,7 +8,6 @@ images, which is the loader's business, not a compiled graph's.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
@@ -32,10 +31,10 @@ def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.devic
     return (1 / (255 * s)).float().to(device), (m / s).float().to(device)
 
 
-def _taps(lengths: torch.Tensor, size: int) -> int:
-    """The most filter taps any output position of an axis of one of ``lengths`` resized to ``size`` can have."""
-    longest = int(lengths.max()) if lengths.numel() else size
-    return int(math.ceil(4 * max(longest / size, 1.0))) + 2
+def _taps(lengths: torch.Tensor, size: int) -> torch.Tensor:
+    """How many filter taps an output position of an axis of each of ``lengths`` resized to ``size`` can have at
+    most (PIL's support 2 * max(length / size, 1) on either side, plus the rounding of its ends)."""
+    return torch.ceil(4 * torch.clamp(lengths.double() / size, min=1.0)).long() + 2
 
 
 def resized_crop(
@@ -93,9 +92,10 @@ def resized_crop(
     src_off = torch.cumsum(numel, 0) - numel
     tmp_rows = c * h * size
     tmp_off = torch.cumsum(tmp_rows, 0) - tmp_rows
-    meta = torch.stack([src_off, heights, widths, top, left, h, w, tmp_off, flips.long()], 1).to(device)
+    cols = [src_off, heights, widths, top, left, h, w, tmp_off, flips.long(), _taps(w, size), _taps(h, size)]
+    meta = torch.stack(cols, 1).to(device)
     src = torch.cat([img.reshape(-1) for img in images])  # [sum C*H*W]: one buffer the kernels index
     a, b = _affine(tuple(map(float, mean)), tuple(map(float, std)), device)
     out = torch.empty(n, c, size, size, dtype=out_dtype, device=device)
-    return _triton_resized_crop().resized_crop_fwd(src, meta.contiguous(), int(tmp_rows.sum()), int(h.max()),
-                                                   (_taps(w, size), _taps(h, size)), a, b, out)  # fmt: skip
+    return _triton_resized_crop().resized_crop_fwd(src, meta.contiguous(), int(tmp_rows.sum()), int(h.max()), a, b,
+                                                   out)  # fmt: skip

@@ -177,6 +177,93 @@ def test_a_jpeg_the_decoder_rejects_is_decoded_by_pil(folder, monkeypatch):
     assert d.max() <= 3.0
 
 
+def test_a_stand_in_nothing_decodes_is_replaced_by_its_own_stand_in(tmp_path):
+    """A file that is no image is replaced in the worker by its stand-in j (sent as -1 - j); when j's data is
+    truncated too, the decoding side puts j's own stand-in there, still sent as a stand-in, with its pixels."""
+    from fastmim.data import replacement_index
+
+    root = make_image_folder(tmp_path / "d", n=12, size=(60, 84))
+    files = sorted(str(p) for p in root.rglob("*.jpg"))
+    n, seed = len(files), 5
+    victim = 2
+    j = replacement_index(victim, 1, n, seed)
+    Path(files[victim]).write_bytes(b"not an image at all")
+    good = Path(files[j]).read_bytes()
+    Path(files[j]).write_bytes(good[: len(good) // 3])  # a readable header: the worker sends it to the decoder
+    base, gpu, sampler = _loaders(root, skip_bad=True, workers=1, prefetch=2, seed=seed)
+    assert base.files == files
+    batches = _epoch(gpu, sampler, base, 0)
+    idx = torch.cat([i for _, i in batches])
+    imgs = torch.cat([x for x, _ in batches])
+    sent = sorted(-1 - int(i) for i in idx if i < 0)
+    k = replacement_index(j, 1, n, seed)
+    assert sent == sorted([k, k]), (sent, victim, j, k)  # j's own place and the victim's both get k
+    for pos in (idx < 0).nonzero().flatten().tolist():
+        want = base[-1 - int(idx[pos])]  # the stand-in's own pixels and crop, not those of files[-1 - j]
+        torch.testing.assert_close(imgs[pos], want, rtol=0, atol=0)
+    assert gpu.stats["cpu_fallbacks"] == 2
+
+
+def test_crops_in_chunks_give_the_same_batch(folder, monkeypatch):
+    import fastmim.data.gpu_decode as gd
+
+    base, gpu, sampler = _loaders(folder, prefetch=0)
+    whole = _epoch(gpu, sampler, base, 2)
+    monkeypatch.setattr(gd, "CROP_CHUNK_BYTES", 60 * 84 * 3 + 1)  # one image per resized_crop call
+    chunked = _epoch(gpu, sampler, base, 2)
+    for (a, ia), (b, ib) in zip(whole, chunked, strict=True):
+        assert torch.equal(ia, ib) and torch.equal(a, b)
+    assert list(gd._chunks(list("abcd"), [3, 3, 5, 1], 6)) == [["a", "b"], ["c", "d"]]
+    assert list(gd._chunks(list("ab"), [9, 1], 6)) == [["a"], ["b"]]  # one over the limit goes alone
+
+
+def test_stats_count_the_batches_delivered_and_closing_does_not_wait_on_a_stuck_reader(folder, monkeypatch):
+    import threading
+    import time
+
+    import fastmim.data.gpu_decode as gd
+
+    base, gpu, sampler = _loaders(folder, prefetch=2)
+    sampler.set_epoch(0)
+    for _ in gpu:
+        break  # the thread has decoded more than this one
+    assert gpu.stats["batches"] == 1
+    stuck = threading.Event()
+
+    class StuckAfterOne:  # a loader whose second batch never comes (a worker hung on a network file)
+        collate_fn = None
+
+        def __len__(self):
+            return 3
+
+        def __iter__(self):
+            yield next(iter(gpu.loader))
+            stuck.wait(60)
+
+    monkeypatch.setattr(gd, "CLOSE_TIMEOUT_S", 0.5)
+    hung = GpuDecodeLoader(StuckAfterOne(), base, torch.device("cpu"), 48, prefetch=1)
+    it = iter(hung)
+    next(it)
+    t0 = time.perf_counter()
+    it.close()
+    assert time.perf_counter() - t0 < 5.0
+    stuck.set()
+
+
+def test_seeded_draws_leave_the_cuda_generators_alone(folder, monkeypatch):
+    """A sample's seeded crop draw (in the training process: the monitor, the GPU loader's fallbacks) must not
+    reseed the CUDA generators (drop path, noise), which fork_rng(devices=[]) would not restore."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    base = ImageFolderDataset(folder, pretrain_transform(32), seed=5)
+    state = torch.get_rng_state()
+    first = base[1]
+    assert calls == [] and torch.equal(torch.get_rng_state(), state)
+    torch.rand(3)  # the process's generator moves on; the sample's draw does not
+    torch.testing.assert_close(base[1], first, rtol=0, atol=0)
+
+
 def test_auto_decodes_on_the_gpu_where_dali_does_not_read(image_folder, monkeypatch):
     import fastmim.data.gpu_decode as gd
 

@@ -17,8 +17,9 @@ import triton
 import triton.language as tl
 
 # columns of the per-image int64 metadata: offset into the packed source, its H and W, the crop's top, left, height,
-# width, the offset of its pass-1 rows in the packed intermediate, and whether to mirror it
-META_COLS = tl.constexpr(9)
+# width, the offset of its pass-1 rows in the packed intermediate, whether to mirror it, and its tap counts along x
+# (pass 1) and y (pass 2): each image loops over its own taps, not the batch's largest
+META_COLS = tl.constexpr(11)
 
 
 @triton.jit
@@ -50,22 +51,23 @@ def _resize_rows_kernel(
     tmp_ptr,  # [sum C*h_n*S] fp32: each crop's rows resized to S columns, [C, h_n, S]
     S,
     C,
-    max_taps,
     BLOCK_R: tl.constexpr,
     BLOCK_X: tl.constexpr,
 ):
     n = tl.program_id(0)
     meta = meta_ptr + n * META_COLS
+    h = tl.load(meta + 5).to(tl.int32)
+    if tl.program_id(1) * BLOCK_R >= C * h:
+        return  # the grid covers the batch's tallest crop: nothing of this one's here
     src_off = tl.load(meta)
     H = tl.load(meta + 1).to(tl.int32)
     W = tl.load(meta + 2).to(tl.int32)
     top = tl.load(meta + 3).to(tl.int32)
     left = tl.load(meta + 4).to(tl.int32)
-    h = tl.load(meta + 5).to(tl.int32)
     w = tl.load(meta + 6).to(tl.int32)
     tmp_off = tl.load(meta + 7)
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # over C * h: (channel, crop row); the grid
-    # covers the tallest crop, the rows past this one's are masked
+    taps = tl.load(meta + 9).to(tl.int32)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # over C * h: (channel, crop row), past it masked
     row_ok = rows < C * h
     c = rows // h
     r = rows % h
@@ -76,7 +78,7 @@ def _resize_rows_kernel(
     row_base = src_off + (c.to(tl.int64) * H + top + r) * W + left
     acc = tl.zeros((BLOCK_R, BLOCK_X), dtype=tl.float32)
     wsum = tl.zeros((BLOCK_X,), dtype=tl.float32)
-    for k in range(0, max_taps):
+    for k in range(0, taps):
         xi = lo + k
         tap_ok = (xi < hi) & x_ok
         wk = tl.where(tap_ok, _cubic((xi.to(tl.float32) - center + 0.5) * inv), 0.0)
@@ -99,7 +101,6 @@ def _resize_cols_kernel(
     out_ptr,  # [N, C, S, S] fp32 (or bf16 / fp16)
     S,
     C,
-    max_taps,
     BLOCK_R: tl.constexpr,
     BLOCK_X: tl.constexpr,
 ):
@@ -108,6 +109,7 @@ def _resize_cols_kernel(
     h = tl.load(meta + 5).to(tl.int32)
     tmp_off = tl.load(meta + 7)
     flip = tl.load(meta + 8)
+    taps = tl.load(meta + 10).to(tl.int32)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # over C * S: (channel, output row)
     row_ok = rows < C * S
     c = rows // S
@@ -117,7 +119,7 @@ def _resize_cols_kernel(
     lo, hi, center, inv = _window(y, h, S)
     acc = tl.zeros((BLOCK_R, BLOCK_X), dtype=tl.float32)
     wsum = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k in range(0, max_taps):
+    for k in range(0, taps):
         yi = lo + k
         tap_ok = (yi < hi) & row_ok
         wk = tl.where(tap_ok, _cubic((yi.to(tl.float32) - center + 0.5) * inv), 0.0)
@@ -143,7 +145,6 @@ def resized_crop_fwd(
     meta: torch.Tensor,  # [N, META_COLS] int64, on src's device
     tmp_numel: int,
     max_h: int,
-    taps: tuple[int, int],  # the most taps of any image: (along rows' x, along columns' y)
     scale: torch.Tensor,  # [C] fp32
     shift: torch.Tensor,  # [C] fp32
     out: torch.Tensor,  # [N, C, S, S]
@@ -153,7 +154,7 @@ def resized_crop_fwd(
         return out
     tmp = torch.empty(tmp_numel, dtype=torch.float32, device=src.device)
     grid = (n, triton.cdiv(c * max_h, _BLOCK_R), triton.cdiv(s, _BLOCK_X))
-    _resize_rows_kernel[grid](src, meta, tmp, s, c, taps[0], BLOCK_R=_BLOCK_R, BLOCK_X=_BLOCK_X)
+    _resize_rows_kernel[grid](src, meta, tmp, s, c, BLOCK_R=_BLOCK_R, BLOCK_X=_BLOCK_X)
     grid = (n, triton.cdiv(c * s, _BLOCK_R), triton.cdiv(s, _BLOCK_X))
-    _resize_cols_kernel[grid](tmp, meta, scale, shift, out, s, c, taps[1], BLOCK_R=_BLOCK_R, BLOCK_X=_BLOCK_X)
+    _resize_cols_kernel[grid](tmp, meta, scale, shift, out, s, c, BLOCK_R=_BLOCK_R, BLOCK_X=_BLOCK_X)
     return out
