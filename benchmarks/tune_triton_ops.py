@@ -115,7 +115,7 @@ def _sweeps(b: int, dev: torch.device, kernels: list[str]):
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(b, n, d, device=dev, dtype=dtype)
             g = torch.randn(b, k, d, device=dev, dtype=dtype)
-            default = (*tok_k._blocks(d), 4)
+            default = tok_k.row_config(d)
             if "gather" in kernels:
                 yield (
                     "gather",
@@ -153,7 +153,7 @@ def _sweeps(b: int, dev: torch.device, kernels: list[str]):
                 torch.bfloat16,
                 shape,
                 names,
-                (*tok_k._blocks(dd), 4),
+                tok_k.row_config(dd),
                 ROW_CONFIGS,
                 nbytes(x_vis, out),
                 lambda cfg: tok_k.scatter_masked(x_vis, ids_restore, mt, pos, cls, torch.float32, cfg),
@@ -165,7 +165,7 @@ def _sweeps(b: int, dev: torch.device, kernels: list[str]):
                 torch.bfloat16,
                 shape,
                 ("block_r", "block_d", "b_chunk", "num_warps"),
-                (*tok_k._blocks(dd, 2048), 8, 4),
+                tok_k.scatter_bwd_config(dd),
                 SCATTER_BWD_CONFIGS,
                 nbytes(grad, x_vis),
                 lambda cfg: tok_k.scatter_masked_backward(grad, ids_restore, k, True, True, torch.bfloat16, cfg),

@@ -243,13 +243,15 @@ class GpuDecodeLoader:
         self.stats["decode_s"] += t1 - t0
         pending = [int(enc.positions[j]) for j in failed]
         keep = [j for j in range(len(datas)) if decoded[j] is not None]
-        out = torch.empty(enc.size, 3, s, s, dtype=torch.float32, device=self.device)
+        out = None  # the usual batch (every sample decoded here, one chunk) is resized_crop's own output
+        if not keep or len(keep) < enc.size or sum(decoded[j].numel() for j in keep) > CROP_CHUNK_BYTES:
+            out = torch.empty(enc.size, 3, s, s, dtype=torch.float32, device=self.device)
         for chunk in _chunks(keep, [decoded[j].numel() for j in keep], CROP_CHUNK_BYTES):
             sel = torch.tensor(chunk, dtype=torch.int64)
             crops = resized_crop([decoded[j] for j in chunk], enc.boxes[sel], enc.flips[sel], s, IMAGENET_MEAN,
                                  IMAGENET_STD)  # fmt: skip
-            if len(chunk) == enc.size:
-                out = crops  # the usual case: every sample was a JPEG nvJPEG decoded, in batch order
+            if out is None:
+                out = crops
             else:
                 out[enc.positions[sel].to(self.device)] = crops
             for j in chunk:  # the packed copy inside resized_crop and the decoded image: one chunk at a time
