@@ -72,7 +72,7 @@ $PY -c "import fastmim, fastmim._ext as e; print('native extension:', fastmim.ha
 
 want ops_tests && step "pytest: the ops on CUDA for the cuda backend (small odd shapes) and both GPU backends at MAE scale" &&
   run 150 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider --durations=5 -m gpu \
-  -k "cuda-cuda or test_gpu_ops or cuda_extension" tests/ops tests/test_extension.py
+  -k "cuda-cuda or test_gpu_ops or cuda_extension or triton_launch" tests/ops tests/test_extension.py
 
 want graph_tests && step "pytest: the training step captured in CUDA graphs against the eager step (tests/train/test_step_gpu.py)" &&
   fits 60 "CUDA-graph step tests" && run 150 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider \

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import environment, write_row  # noqa: E402
 from fastmim import _ext  # noqa: E402
 from fastmim.masking import random_masking  # noqa: E402
-from fastmim.ops import gather_visible, masked_mse_loss, scatter_masked  # noqa: E402
+from fastmim.ops import add_layer_norm, gather_visible, masked_mse_loss, patchify, scatter_masked  # noqa: E402
 from fastmim.ops._dispatch import choose_backend, set_backend  # noqa: E402
 
 
@@ -39,6 +39,16 @@ def per_call_us(fn, device: torch.device, calls: int) -> float:
             fn()
         rounds.append((time.perf_counter() - t0) / calls * 1e6)
     return statistics.median(rounds)
+
+
+def _direct_launch(on: bool) -> bool:
+    """Turns fastmim's direct Triton launches on or off; returns the previous setting (True without triton)."""
+    try:
+        from fastmim.ops.triton import _launch
+    except ImportError:
+        return True
+    prev, _launch.DIRECT = _launch.DIRECT, on
+    return prev
 
 
 def main(argv=None) -> int:
@@ -60,6 +70,9 @@ def main(argv=None) -> int:
     imgs = torch.randn(b, 3, 16, 16, device=device)
     g_gather = torch.ones(b, 4, d, device=device)
     g_scatter = torch.ones(b, n + 1, d, device=device)
+    g_full = torch.ones(b, n, d, device=device)
+    ln_w = torch.ones(d, device=device, requires_grad=True)
+    ln_b = torch.zeros(d, device=device, requires_grad=True)
 
     cases = {
         "torch.empty": lambda: torch.empty((b, 4, d), device=device),
@@ -68,7 +81,9 @@ def main(argv=None) -> int:
         "autograd.grad of x.mul(1)": lambda: torch.autograd.grad(x.mul(1.0), [x], torch.ones_like(x)),
         "choose_backend": lambda: choose_backend("gather_visible", device, (torch.float32,)),
     }
-    backends = ["cuda", "triton"] if device.type == "cuda" else ["cpp"]
+    # "triton-jit": the Triton kernels launched through triton's own path (FASTMIM_TRITON_LAUNCH=jit), against
+    # fastmim's cached direct launches ("triton")
+    backends = ["cuda", "triton", "triton-jit"] if device.type == "cuda" else ["cpp"]
     if device.type == "cuda" and not _ext.cuda_available():
         backends.remove("cuda")
     for name in backends:
@@ -84,13 +99,20 @@ def main(argv=None) -> int:
             f"loss fwd [{name}]": lambda: masked_mse_loss(pred, imgs, info.mask, 4),
             f"loss fwd+bwd [{name}]": lambda: torch.autograd.grad(masked_mse_loss(pred, imgs, info.mask, 4), [pred]),
         }  # fmt: skip
+        if name.startswith("triton"):
+            cases[f"patchify fwd, no grad [{name}]"] = lambda: patchify(imgs, 4)
+            cases[f"add_layer_norm fwd+bwd [{name}]"] = lambda: torch.autograd.grad(
+                add_layer_norm(x, x, ln_w, ln_b)[0], [x, ln_w], g_full
+            )
     print(f"{'call':40} {'us/call':>9}")
     for what, fn in cases.items():
         backend = what[what.index("[") + 1 : -1] if what.endswith("]") else None
-        prev = set_backend(backend) if backend else None
+        prev = set_backend(backend.removesuffix("-jit")) if backend else None
+        direct = _direct_launch(backend != "triton-jit")
         try:
             us = per_call_us(fn, device, args.calls)
         finally:
+            _direct_launch(direct)
             if backend:
                 set_backend(prev)
         print(f"{what:40} {us:9.1f}")

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from fastmim.masking.rng import _GOLDEN, _MUL, _scalar_key
+from fastmim.ops.triton._launch import jit_kernel
 
 MAX_TOKENS = 4096  # one program holds the sample's mask and all tries of a round: [ATTEMPTS, BLOCK] in registers
 
@@ -51,7 +52,7 @@ def _round_half_even(x):
     return fi + up.to(tl.int32)
 
 
-@triton.jit
+@jit_kernel
 def _block_mask_kernel(
     keys_ptr,  # [B] int64 sample keys in [0, 2^32)
     streams_ptr,  # [N] int64: rng._scalar_key(round, 0x5EED), the stream constant of each round

@@ -177,6 +177,7 @@ _SPECS: list = []
 
 def _compile(i: int) -> str:
     kernel, ptrs, consts = _SPECS[i]
+    kernel = getattr(kernel, "jit_fn", kernel)  # fastmim's @jit_kernel wraps the triton.jit function
     what = f"{kernel.fn.__name__} {ptrs} {consts}"
     try:
         triton.compile(ASTSource(kernel, signature(kernel, ptrs, consts), consts), target=TARGET)

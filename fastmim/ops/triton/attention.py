@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from fastmim.ops.triton._common import cast_for_store
+from fastmim.ops.triton._launch import jit_kernel
 
 _LOG2E = 1.4426950408889634
 
@@ -36,7 +37,7 @@ def _tile(ptr, rows, row_stride, cols, col_stride, mask, UPCAST: tl.constexpr):
     return x
 
 
-@triton.jit
+@jit_kernel
 def _attn_fwd_kernel(
     qkv_ptr,  # [B, N, 3, H, hd]
     o_ptr,  # [B, N, H, hd] out
@@ -92,7 +93,7 @@ def _attn_fwd_kernel(
     tl.store(lse_ptr + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=mmask)
 
 
-@triton.jit
+@jit_kernel
 def _attn_bwd_kernel(
     qkv_ptr,  # [B, N, 3, H, hd]
     do_ptr,  # [B, N, H, hd]
@@ -185,7 +186,7 @@ def _attn_bwd_kernel(
         tl.store(dst + 2 * d_t, cast_for_store(dv, dqkv_ptr), mask=kv_mask)
 
 
-@triton.jit
+@jit_kernel
 def _attn_delta_kernel(
     o_ptr,  # [B, N, H, hd]
     do_ptr,  # [B, N, H, hd]

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from fastmim.ops.triton._common import cast_for_store
+from fastmim.ops.triton._launch import jit_kernel
 
 
 @triton.jit
@@ -24,7 +25,7 @@ def _pixel_mask(mask_ptr, b, offs, HW, W, GW, P, L, valid):
     return tl.load(mask_ptr + b * L + tok, mask=valid, other=0.0).to(tl.float32)
 
 
-@triton.jit
+@jit_kernel
 def _fft_mix_mean_kernel(
     pred_ptr,  # [B, C, H, W] contiguous
     target_ptr,  # [B, C, H, W] contiguous
@@ -57,7 +58,7 @@ def _fft_mix_mean_kernel(
     tl.store(e_ptr + offs, acc / B, mask=valid)
 
 
-@triton.jit
+@jit_kernel
 def _fft_grad_kernel(
     g_ptr,  # [C, H, W] fp32: d loss / d x_hat, the same for every image
     mask_ptr,  # [B, L] fp32 (read if HAS_MASK)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from fastmim.ops.triton._common import cast_for_store, target_programs
+from fastmim.ops.triton._launch import jit_kernel
 
 # rows of the partial-sum buffer [S, NSTAT, B, C]
 _SUMSQ, _P, _Q = 0, 1, 2
@@ -46,7 +47,7 @@ def _split_sum(
     return acc
 
 
-@triton.jit
+@jit_kernel
 def _grn_stats_kernel(
     x_ptr,  # [B, N, C] input
     g_ptr,  # [B, N, C] gradient of the output (read if GRAD)
@@ -122,7 +123,7 @@ def _grn_denominator_sums(
     return tl.sum(acc_gx, axis=0), tl.sum(acc_p, axis=0)
 
 
-@triton.jit
+@jit_kernel
 def _grn_fwd_kernel(
     x_ptr,  # [B, N, C] input
     part_ptr,  # [S, 1, B, C] fp32 partial sums of x^2 (``_grn_stats_kernel``)
@@ -169,7 +170,7 @@ def _grn_fwd_kernel(
         tl.store(out_ptr + (b * N + n[:, None]) * C + c[None, :], cast_for_store(y, out_ptr), mask=m)
 
 
-@triton.jit
+@jit_kernel
 def _grn_bwd_kernel(
     g_ptr,  # [B, N, C] gradient of the output
     x_ptr,  # [B, N, C] input
@@ -228,7 +229,7 @@ def _grn_bwd_kernel(
             tl.store(dx_ptr + (b * N + n[:, None]) * C + c[None, :], cast_for_store(dx, dx_ptr), mask=m)
 
 
-@triton.jit
+@jit_kernel
 def _grn_param_grad_kernel(
     part_ptr,  # [S, 3, B, C] fp32 partial sums of x^2, g * x, g
     d_ptr,  # [B] fp32 d per sample (read if NEED_W)

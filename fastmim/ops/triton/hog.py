@@ -17,8 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmim.ops.triton._launch import jit_kernel
 
-@triton.jit
+
+@jit_kernel
 def _hog_cell_kernel(
     img_ptr,  # [B, C, H, W]
     mask_ptr,  # [B, L] uint8/bool as int8 (read if HAS_MASK)

@@ -22,9 +22,10 @@ import triton
 import triton.language as tl
 
 from fastmim.ops.triton._common import cast_for_store, target_programs
+from fastmim.ops.triton._launch import jit_kernel
 
 
-@triton.jit
+@jit_kernel
 def _add_ln_fwd_kernel(
     x_ptr,  # [M, C] branch output
     r_ptr,  # [M, C] residual stream
@@ -60,7 +61,7 @@ def _add_ln_fwd_kernel(
     tl.store(rstd_ptr + row, rstd)
 
 
-@triton.jit
+@jit_kernel
 def _add_ln_bwd_kernel(
     dy_ptr,  # [M, C] gradient of y
     ds_ptr,  # [M, C] gradient of s from its other uses (read if HAS_DS)

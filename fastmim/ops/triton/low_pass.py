@@ -7,8 +7,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmim.ops.triton._launch import jit_kernel
 
-@triton.jit
+
+@jit_kernel
 def _magnitude_minus_kernel(
     ab_ptr,  # [2, N] fp32 contiguous: a, then b
     off_ptr,  # [C] fp32

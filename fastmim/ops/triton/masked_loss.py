@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from fastmim.ops.triton._common import cast_for_store
+from fastmim.ops.triton._launch import jit_kernel
 
 
 @triton.jit
@@ -70,7 +71,7 @@ def _patch_tiles(
     return q, w, qmask, active, diff
 
 
-@triton.jit
+@jit_kernel
 def _masked_loss_fwd_kernel(
     pred_ptr, tgt_ptr, mask_ptr,
     part_ptr,  # [2, num_programs] fp32: sum of w * patch loss, sum of w
@@ -91,7 +92,7 @@ def _masked_loss_fwd_kernel(
     tl.store(part_ptr + tl.num_programs(0) + pid, tl.sum(w, axis=0))
 
 
-@triton.jit
+@jit_kernel
 def _masked_loss_bwd_kernel(
     pred_ptr, tgt_ptr, mask_ptr,
     gl_ptr,  # [] upstream gradient of the loss

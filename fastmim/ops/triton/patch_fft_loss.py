@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from fastmim.ops.triton._common import cast_for_store
+from fastmim.ops.triton._launch import jit_kernel
 
 
 @triton.jit
@@ -66,7 +67,7 @@ def _spectrum_chunk(e, kr_ptr, ki_ptr, mult_ptr, k0, nvalid, alpha, H2: tl.const
     return fr, fi, d2, u, mult, kr, ki
 
 
-@triton.jit
+@jit_kernel
 def _pfft_kernel(
     pred_ptr, img_ptr, mask_ptr, kr_ptr, ki_ptr, mult_ptr, rowmax_ptr,
     rowloss_ptr,  # forward: out [B * L, C] fp32

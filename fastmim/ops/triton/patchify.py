@@ -6,8 +6,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmim.ops.triton._launch import jit_kernel
 
-@triton.jit
+
+@jit_kernel
 def _patch_copy_kernel(
     img_ptr,  # [B, C, H, W], strides si_*
     pat_ptr,  # [B, L, D], strides sp_*, D = P * P * C in (pi, qi, c) order

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmim.ops.triton._launch import jit_kernel
+
 # columns of the per-image int64 metadata: offset into the packed source, its H and W, the crop's top, left, height,
 # width, the offset of its pass-1 rows in the packed intermediate, whether to mirror it, and its tap counts along x
 # (pass 1) and y (pass 2): each image loops over its own taps, not the batch's largest
@@ -44,7 +46,7 @@ def _window(o, in_size, S):
     return lo, hi, center, 1.0 / fscale
 
 
-@triton.jit
+@jit_kernel
 def _resize_rows_kernel(
     src_ptr,  # [sum C*H_n*W_n] uint8 (or fp32): the packed images, each [C, H_n, W_n]
     meta_ptr,  # [N, META_COLS] int64
@@ -92,7 +94,7 @@ def _resize_rows_kernel(
     tl.store(dst, out, mask=row_ok[:, None] & x_ok[None, :])
 
 
-@triton.jit
+@jit_kernel
 def _resize_cols_kernel(
     tmp_ptr,  # [sum C*h_n*S] fp32, from _resize_rows_kernel
     meta_ptr,  # [N, META_COLS] int64

@@ -17,9 +17,10 @@ import triton
 import triton.language as tl
 
 from fastmim.ops.triton._common import cast_for_store, target_programs
+from fastmim.ops.triton._launch import jit_kernel
 
 
-@triton.jit
+@jit_kernel
 def _sparse_dwconv_kernel(
     x_ptr,  # [M, C] input rows
     nbr_ptr,  # [KK, M] int32, input row of each tap, -1 for none
@@ -72,7 +73,7 @@ def _sparse_dwconv_kernel(
     tl.store(dst, cast_for_store(acc, out_ptr), mask=rmask[:, None] & cmask[None, :])
 
 
-@triton.jit
+@jit_kernel
 def _sparse_dwconv_wgrad_kernel(
     g_ptr,  # [M, C] gradient of the output
     x_ptr,  # [M, C] input rows

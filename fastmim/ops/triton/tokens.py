@@ -7,11 +7,14 @@ gives a NaN row (forward) or is skipped (backward), never an out-of-bounds acces
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from fastmim.ops.triton._common import cast_for_store
+from fastmim.ops.triton._launch import jit_kernel
 
 
 def _blocks(d: int, rows_per_program: int = 4096) -> tuple[int, int]:
@@ -20,17 +23,19 @@ def _blocks(d: int, rows_per_program: int = 4096) -> tuple[int, int]:
     return max(1, min(64, rows_per_program // block_d)), block_d
 
 
+@functools.cache  # called per launch: host time
 def row_config(d: int) -> tuple[int, int, int]:
     """The default (BLOCK_ROWS, BLOCK_D, num_warps) of the gather, its backward and the scatter, for rows of d."""
     return (*_blocks(d), 4)
 
 
+@functools.cache
 def scatter_bwd_config(d: int) -> tuple[int, int, int, int]:
     """The default (BLOCK_R, BLOCK_D, B_CHUNK, num_warps) of the scatter's backward, for rows of d."""
     return (*_blocks(d, 2048), 8, 4)
 
 
-@triton.jit
+@jit_kernel
 def _gather_rows_kernel(
     x_ptr,  # [B, N, D] source rows
     ids_ptr,  # [B, K] int, which source row each output row takes
@@ -62,7 +67,7 @@ def _gather_rows_kernel(
         tl.store(dst, cast_for_store(v, out_ptr), mask=kmask[:, None] & dmask[None, :])
 
 
-@triton.jit
+@jit_kernel
 def _put_rows_kernel(
     g_ptr,  # [B, K, D] rows to put
     ids_ptr,  # [B, K] int, distinct per row: where each row goes
@@ -126,7 +131,7 @@ def gather_visible_backward(
     return out
 
 
-@triton.jit
+@jit_kernel
 def _scatter_masked_kernel(
     x_ptr,  # [B, K, D] visible tokens
     ids_ptr,  # [B, N] int, < K: visible token, in [K, N): mask token
@@ -181,7 +186,7 @@ def _scatter_masked_kernel(
         tl.store(dst, cast_for_store(v, out_ptr), mask=rmask[:, None] & dmask[None, :])
 
 
-@triton.jit
+@jit_kernel
 def _scatter_masked_bwd_kernel(
     g_ptr,  # [B, R, D] gradient of the decoder input
     ids_ptr,  # [B, N] int
