@@ -145,9 +145,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             # the CPU generator only: torch.manual_seed would reseed the CUDA generators too (drop path, noise),
             # which fork_rng(devices=[]) does not restore (this runs in the training process for the monitor and
             # the GPU loader's fallbacks)
-            seed = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**63
-            torch.random.default_generator.manual_seed(seed)
+            torch.random.default_generator.manual_seed(self._sample_seed(index))
             yield
+
+    def _sample_seed(self, index: int) -> int:
+        return ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**63
+
+    def generator(self, index: int) -> torch.Generator | None:
+        """A CPU generator in the state ``seeded(index)`` puts torch's global one in (None when ``seed`` is None):
+        for draws made with an explicit generator (``crop_and_flip``), which leave the global generator, and any
+        other thread's draws from it, alone."""
+        return None if self.seed is None else torch.Generator().manual_seed(self._sample_seed(index))
 
     def __getitem__(self, index: int):
         img = self.load(index)

@@ -138,8 +138,9 @@ class EncodedImages(torch.utils.data.Dataset):
             with Image.open(io.BytesIO(data)) as img:  # the header only
                 fmt, mode = img.format, img.mode
                 if fmt == "JPEG" and mode in GPU_JPEG_MODES:
-                    with self.base.seeded(index):
-                        box, flip = crop_and_flip(self.base.transform, img)
+                    # its own generator, not the global one: with workers=0 this runs in the loader's thread,
+                    # beside the training thread's draws (masks, drop path)
+                    box, flip = crop_and_flip(self.base.transform, img, self.base.generator(index))
                     return EncodedSample(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip)
         except Exception as e:  # PIL raises several types for non-image data
             name = self.base.files[index]

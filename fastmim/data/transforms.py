@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torchvision import transforms as T
 
@@ -31,13 +33,50 @@ def pretrain_steps(transform: T.Compose) -> tuple[T.RandomResizedCrop, T.RandomH
     return steps[0], steps[1]
 
 
-def crop_and_flip(transform: T.Compose, img) -> tuple[tuple[int, int, int, int], bool]:
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None = None,
+) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params`` for a width x height image, drawing from ``generator`` (None:
+    torch's global generator): the (top, left, height, width) box. The same draws in the same order and precision
+    (fp32 tensors), so a generator in the global generator's state gives get_params' box; tests/data check this
+    against the installed torchvision. Up to ten tries of a random area fraction in ``scale`` and a log-uniform aspect
+    ratio in ``ratio``; then the centred crop of the whole image clamped to ``ratio``."""
+    area = height * width
+    log_lo, log_hi = (float(v) for v in torch.log(torch.tensor(ratio)))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_lo, log_hi, generator=generator)).item()
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return top, left, h, w
+    lo, hi = min(ratio), max(ratio)
+    if width / height < lo:
+        w, h = width, round(width / lo)
+    elif width / height > hi:
+        w, h = round(height * hi), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def crop_and_flip(
+    transform: T.Compose, img, generator: torch.Generator | None = None
+) -> tuple[tuple[int, int, int, int], bool]:
     """What ``pretrain_transform`` draws for ``img`` (a PIL image, lazily opened: only its size is read): the
-    (top, left, height, width) crop box and whether to mirror it, consuming torch's RNG exactly as the transform does,
-    so a loader that crops elsewhere (on the GPU) sees the same crops as the CPU loader for the same seed."""
+    (top, left, height, width) crop box and whether to mirror it, the draws the transform makes, in its order, from
+    ``generator`` (None: torch's global generator, as the transform itself), so a loader that crops elsewhere (on the
+    GPU) sees the same crops as the CPU loader for the same seed. An explicit generator leaves the global one alone:
+    nothing to lock against another thread's draws."""
     crop, flip = pretrain_steps(transform)
-    box = crop.get_params(img, crop.scale, crop.ratio)
-    return box, bool(torch.rand(1) < flip.p)
+    box = random_resized_crop_box(*img.size, crop.scale, crop.ratio, generator)
+    return box, bool(torch.rand(1, generator=generator) < flip.p)
 
 
 def eval_transform(img_size: int, crop_pct: float = 1.0, normalize: bool = True) -> T.Compose:

@@ -316,3 +316,41 @@ def test_nvjpeg_names_a_truncated_jpeg(tmp_path):
     base, gpu, sampler = _loaders(root, workers=2, prefetch=2, device="cuda")
     with pytest.raises(BadImageError, match=f"cannot read image '{victim}'"):
         _epoch(gpu, sampler, base, 0)
+
+
+@pytest.mark.parametrize(
+    "size", [(84, 60), (60, 84), (500, 375), (1, 1), (400, 20), (20, 400), (3, 7)], ids=lambda s: f"{s[0]}x{s[1]}"
+)
+def test_crop_draws_with_a_generator_are_torchvisions_draws(size):
+    """crop_and_flip with an explicit generator gives the box and flip torchvision's transform draws from the global
+    generator in the same state (extreme aspect ratios reach the centred fallback)."""
+    from fastmim.data.transforms import crop_and_flip, pretrain_steps
+
+    t = pretrain_transform(32)
+    crop, flip = pretrain_steps(t)
+    img = Image.new("RGB", size)
+    with torch.random.fork_rng(devices=[]):
+        for seed in range(60):
+            torch.random.default_generator.manual_seed(seed)
+            want = (crop.get_params(img, crop.scale, crop.ratio), bool(torch.rand(1) < flip.p))
+            torch.random.default_generator.manual_seed(seed + 1)  # the global state must not matter
+            assert crop_and_flip(t, img, torch.Generator().manual_seed(seed)) == want, seed
+
+
+def test_the_loader_thread_leaves_the_global_generator_alone(folder, monkeypatch):
+    """With workers=0 the crops are drawn in the GPU loader's thread while the training thread draws masks and drop
+    paths from torch's global generator: the loader's draws must not touch it (they did: seeded() reseeds it)."""
+    base = ImageFolderDataset(folder, pretrain_transform(48), seed=5)
+    enc = EncodedImages(base)
+    seeded = []
+    monkeypatch.setattr(type(base), "seeded", lambda self, i: seeded.append(i))
+    state = torch.random.get_rng_state()
+    samples = [enc[i] for i in range(len(base))]
+    assert torch.equal(torch.random.get_rng_state(), state) and not seeded
+    assert {type(s) for s in samples} == {EncodedSample}
+    # and the crops are still (seed, epoch, index)'s: another epoch draws others, the same epoch the same
+    base.set_epoch(1)
+    again = [enc[i] for i in range(len(base))]
+    base.set_epoch(0)
+    assert [s.box for s in samples] == [enc[i].box for i in range(len(base))]
+    assert [s.box for s in samples] != [s.box for s in again]
