@@ -28,6 +28,7 @@ from fastmim.ops._dispatch import (
     needs_autograd,
     no_autocast,
     stat_dtype,
+    unaliased,
     use_custom_op,
 )
 from fastmim.ops.reference import default_norm_dtype
@@ -115,7 +116,8 @@ def _bwd(
     need_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_residual [M, C], d_x [M, C] or [0, C] when it is d_residual's dtype (then d_residual serves both),
-    d_weight [C] and d_bias [C] in the statistics dtype or [0]): a custom op returns no None and no aliases."""
+    d_weight [C] and d_bias [C] in the statistics dtype or [0]): a custom op returns no None (and, through
+    ``unaliased``, no aliases)."""
     ds_ = ds if has_ds else None
     if _backend(dy, s, weight) == "triton":
         # upstream gradients may be expanded (a .sum() gives stride 0): the kernels read contiguous rows
@@ -131,7 +133,8 @@ def _bwd(
     return dr, dx, dw, db
 
 
-_add_ln_backward_op = custom_op("fastmim::add_layer_norm_backward", _bwd)
+# the Triton backend's d_weight and d_bias are rows of one [2, C] sum: cloned apart for the custom op only
+_add_ln_backward_op = custom_op("fastmim::add_layer_norm_backward", unaliased(_bwd))
 
 
 @_add_ln_backward_op.register_fake

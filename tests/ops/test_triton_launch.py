@@ -73,6 +73,18 @@ def test_the_signature_separates_every_launch_triton_specialises_differently():
 # ---- the launcher, with a stand-in for Triton's function and compiled kernel ---------------------------------------
 
 
+class _CudaLike(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: what the launcher checks of its tensors without a GPU here."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def _cuda_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.Tensor._make_subclass(_CudaLike, t)
+
+
 class _Compiled:
     def __init__(self, log):
         self.function = "cufunction"
@@ -106,7 +118,7 @@ class _JitFn:
 @pytest.fixture
 def kernel(monkeypatch):
     monkeypatch.setattr(_launch, "DIRECT", True)
-    monkeypatch.setattr(_launch, "_hooks_set", lambda: False)
+    monkeypatch.setattr(_launch, "_triton_state", lambda: ("knobs",))
     monkeypatch.setattr(_launch, "_current_device", lambda: 3)
     monkeypatch.setattr(_launch, "_raw_stream", lambda index: 1000 + index)
     return _launch.JitKernel(_JitFn())
@@ -117,11 +129,13 @@ def _kinds(k):
 
 
 def test_a_signature_goes_through_triton_once_then_launches_directly(kernel):
-    x = torch.zeros(64)
+    x = _cuda_like(torch.zeros(64))
     kernel[(5,)](x, 32, BLOCK=128, num_warps=4)
     kernel[(5,)](x, 32, BLOCK=128, num_warps=4)
     kernel[(2, 3)](x, 32, BLOCK=128, num_warps=4)  # another grid
-    kernel[(2, 3)](torch.ones(64), 32, BLOCK=128, num_warps=4)  # another buffer, alike in dtype and alignment
+    kernel[(2, 3)](
+        _cuda_like(torch.ones(64)), 32, BLOCK=128, num_warps=4
+    )  # another buffer, alike in dtype and alignment
     assert _kinds(kernel) == ["triton", "direct", "direct", "direct"]
     _, args = kernel.jit_fn.log[1]
     # grid padded to 3-D, the current device's stream, the compiled function, no launch metadata or hooks, then
@@ -136,7 +150,7 @@ def test_a_signature_goes_through_triton_once_then_launches_directly(kernel):
     ["n not divisible by 16", "n == 1", "n past int32", "misaligned x", "x dtype", "constexpr", "options", "kw order"],
 )
 def test_a_launch_triton_would_specialise_differently_goes_through_triton(kernel, change):
-    x = torch.zeros(64)
+    x = _cuda_like(torch.zeros(64))
     call = {"args": (x, 32), "kwargs": {"BLOCK": 128, "num_warps": 4}}
     kernel[(1,)](*call["args"], **call["kwargs"])
     args, kwargs = list(call["args"]), dict(call["kwargs"])
@@ -163,12 +177,12 @@ def test_a_launch_triton_would_specialise_differently_goes_through_triton(kernel
 
 
 def test_triton_keeps_the_launch_when_asked_or_hooked_or_the_grid_is_callable(kernel, monkeypatch):
-    x = torch.zeros(64)
+    x = _cuda_like(torch.zeros(64))
     kernel[(1,)](x, 32, BLOCK=128)
     kernel[lambda meta: (1,)](x, 32, BLOCK=128)
-    monkeypatch.setattr(_launch, "_hooks_set", lambda: True)
+    monkeypatch.setattr(_launch, "_triton_state", lambda: None)  # launch hooks set: a profiler listens
     kernel[(1,)](x, 32, BLOCK=128)
-    monkeypatch.setattr(_launch, "_hooks_set", lambda: False)
+    monkeypatch.setattr(_launch, "_triton_state", lambda: ("knobs",))
     monkeypatch.setattr(_launch, "DIRECT", False)
     kernel[(1,)](x, 32, BLOCK=128)
     monkeypatch.setattr(_launch, "DIRECT", True)
@@ -177,28 +191,98 @@ def test_triton_keeps_the_launch_when_asked_or_hooked_or_the_grid_is_callable(ke
     assert _kinds(kernel) == ["triton", "triton", "triton", "triton", "direct", "triton"]
 
 
-def test_a_launcher_that_rejects_the_direct_call_sends_every_kernel_back_to_triton(kernel):
-    x = torch.zeros(64)
+def test_a_signature_whose_first_direct_launch_is_rejected_goes_back_to_triton(kernel, monkeypatch):
+    monkeypatch.setattr(_launch, "_warned", False)
+    x = _cuda_like(torch.zeros(64))
+    calls = []
 
     def rejects(*args):
+        calls.append(args)
         raise TypeError("function takes exactly 12 arguments (13 given)")
 
-    kernel[(1,)](x, 32, BLOCK=128)
     kernel.jit_fn.compiled.run = rejects
-    kernel._cache.clear()
-    kernel[(1,)](x, 32, BLOCK=128)  # a new entry with the rejecting launcher
-    with pytest.warns(RuntimeWarning, match="launching the Triton kernel kern directly failed.*TypeError"):
-        kernel[(1,)](x, 32, BLOCK=128)
-    assert _launch.DIRECT is False
+    kernel[(1,)](x, 32, BLOCK=128)  # through Triton: the entry holds the rejecting launcher
+    with pytest.warns(RuntimeWarning, match="rejected a direct launch of kern.*TypeError"):
+        kernel[(1,)](x, 32, BLOCK=128)  # rejected (nothing ran), then through Triton
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        kernel[(1,)](x, 32, BLOCK=128)  # no second try, no second warning
+        kernel[(1,)](x, 33, BLOCK=128)  # another signature: through Triton first,
+        kernel[(1,)](x, 33, BLOCK=128)  # then its direct try fails too, quietly
+    assert _kinds(kernel) == ["triton"] * 5 and len(calls) == 2
+    assert _launch.DIRECT is True  # the other signatures and kernels keep their direct launches
+
+
+def test_a_launch_error_after_a_good_launch_is_raised_not_retried(kernel):
+    x = _cuda_like(torch.zeros(64))
+    kernel[(1,)](x, 32, BLOCK=128)
+    kernel[(1,)](x, 32, BLOCK=128)  # direct: the entry is known good
+
+    def fails(*args):
+        raise ValueError("a launch failure after the arguments were taken")
+
+    next(iter(kernel._cache.values())).run = fails
+    with pytest.raises(ValueError, match="after the arguments"):
         kernel[(1,)](x, 32, BLOCK=128)
-    assert _kinds(kernel) == ["triton", "triton", "triton", "triton"]
+    assert _kinds(kernel) == ["triton", "direct"]  # not launched a second time through Triton
+
+
+def test_cpu_tensors_keyword_tensors_and_containers_stay_on_tritons_path(kernel):
+    cpu = torch.zeros(64)  # the stand-in fixture has no CUDA: every tensor here is a CPU one
+    for _ in range(2):
+        kernel[(1,)](cpu, 32, BLOCK=128)
+    assert _kinds(kernel) == ["triton", "triton"]
+    assert list(kernel._cache.values()) == [_launch._VIA_TRITON]
+
+
+@pytest.mark.parametrize("what", ["keyword tensor", "tuple"])
+def test_arguments_not_keyed_by_their_specialisation_are_not_cached(monkeypatch, what):
+    monkeypatch.setattr(_launch, "_triton_state", lambda: ())
+    monkeypatch.setattr(_launch, "_current_device", lambda: 0)
+    k = _launch.JitKernel(_JitFn())
+    t = _cuda_like(torch.zeros(4))
+    for _ in range(2):
+        if what == "keyword tensor":
+            k[(1,)](1234, 32, BLOCK=128, EVEN=t)
+        else:
+            k[(1,)](1234, (32, 1), BLOCK=128)
+    assert _kinds(k) == ["triton", "triton"] and not k._cache
+
+
+def test_changing_a_triton_setting_goes_through_triton_again(kernel, monkeypatch):
+    x = _cuda_like(torch.zeros(64))
+    kernel[(1,)](x, 32, BLOCK=128)
+    kernel[(1,)](x, 32, BLOCK=128)
+    monkeypatch.setattr(_launch, "_triton_state", lambda: ("debug on",))
+    kernel[(1,)](x, 32, BLOCK=128)
+    kernel[(1,)](x, 32, BLOCK=128)
+    kernel.jit_fn.pre_run_hooks = [print]
+    kernel[(1,)](x, 32, BLOCK=128)
+    assert _kinds(kernel) == ["triton", "direct", "triton", "direct", "triton"]
+
+
+def test_the_triton_state_reads_the_settings_tritons_cache_key_reads(monkeypatch):
+    knobs = pytest.importorskip("triton.knobs", reason="this triton has no knobs module")
+    assert _launch._triton_state() is not None  # no launch hooks here
+    before = _launch._triton_state()
+    monkeypatch.setattr(knobs.runtime, "debug", not knobs.runtime.debug)
+    assert _launch._triton_state() != before
+    monkeypatch.undo()
+
+    def hook(metadata):
+        pass
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert _launch._triton_state() is None
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert _launch._triton_state() == before
 
 
 def test_the_cache_is_bounded(kernel, monkeypatch):
     monkeypatch.setattr(_launch, "MAX_SIGNATURES", 4)
-    x = torch.zeros(64)
+    x = _cuda_like(torch.zeros(64))
     for block in range(10):
         kernel[(1,)](x, 32, BLOCK=block)
     assert 1 <= len(kernel._cache) <= 4
@@ -251,10 +335,11 @@ def test_direct_launches_give_tritons_results_on_a_gpu(monkeypatch):
         for _ in range(3):  # the first call fills the caches, the others launch directly
             got = step()
             torch.cuda.synchronize()
-            for w, o in zip(want, got, strict=True):
-                assert torch.equal(w, o)
+            for expected, out in zip(want, got, strict=True):
+                assert torch.equal(expected, out)
     finally:
         set_backend(prev)
     assert tokens._gather_rows_kernel._cache and tokens._scatter_masked_bwd_kernel._cache
     assert layer_norm._add_ln_bwd_kernel._cache
-    assert _launch.DIRECT is True, "a direct launch was rejected: see the RuntimeWarning"
+    entries = [e for k in (tokens._gather_rows_kernel, layer_norm._add_ln_bwd_kernel) for e in k._cache.values()]
+    assert entries and all(e is not _launch._VIA_TRITON and e.verified for e in entries), "a direct launch failed"

@@ -8,15 +8,18 @@ sub-millisecond sizes of the token ops that host time is the op's time (benchmar
 ``@jit_kernel`` instead of ``@triton.jit`` keeps the call syntax. The first call with a given argument signature goes
 through Triton (which compiles or finds the kernel, launches it and returns the compiled kernel); later calls with
 the same signature launch that compiled kernel directly on the current stream. The signature holds everything
-Triton specialises a kernel on (see ``signature``: each tensor's dtype and 16-byte alignment, each int's value) and
-the keyword arguments (constexprs and launch options), so a direct launch runs exactly the kernel Triton would have
+Triton specialises a kernel on (see ``signature``: each tensor's dtype and 16-byte alignment, each int's value), the
+keyword arguments (constexprs and launch options), the current device and the Triton settings its own cache key reads
+(debug, instrumentation, an arch override, fp fusion), so a direct launch runs exactly the kernel Triton would have
 chosen.
 
-Triton's own path is taken when its launch hooks are set (a profiler such as proton is listening), under the
+Triton's own path is taken when its launch hooks or the kernel's pre-run hooks are set (a profiler such as proton
+is listening), under the
 interpreter (``TRITON_INTERPRET=1``: ``jit_kernel`` returns the interpreted function itself), with a callable grid,
-or with ``FASTMIM_TRITON_LAUNCH=jit`` (for comparison, benchmarks/host_overhead.py). If the direct call is rejected
-by the launcher before anything runs (an argument it cannot parse: a Triton whose launcher changed), fastmim warns
-once and goes back to Triton's path for good.
+or with ``FASTMIM_TRITON_LAUNCH=jit`` (for comparison, benchmarks/host_overhead.py). If a signature's first direct
+call is rejected by the launcher before anything runs (an argument it cannot parse: a Triton whose launcher changed),
+fastmim warns once and launches that signature through Triton from then on. CPU tensors (under the interpreter the
+kernels are not wrapped at all) always take Triton's path, whose launcher rejects them with a clear error.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ try:
 except ImportError:  # pragma: no cover - older triton keeps the hooks elsewhere
     _knobs = None
 
-# False: every launch through Triton's own path (FASTMIM_TRITON_LAUNCH=jit, or after a rejected direct call)
+# False: every launch through Triton's own path (FASTMIM_TRITON_LAUNCH=jit)
 DIRECT = getenv("FASTMIM_TRITON_LAUNCH", "direct").strip().lower() != "jit"
 MAX_SIGNATURES = 256  # per kernel; the cache starts over past this (shapes that never repeat)
 
@@ -66,15 +69,34 @@ def signature(args: tuple) -> tuple[list, list]:
     return key, values
 
 
-def _hooks_set() -> bool:
-    """True when Triton's launch enter/exit hooks would call something (profilers hook in there)."""
+# Triton settings its own kernel cache key reads from the environment or the knobs (debug, instrumentation, an arch
+# override, fp fusion, a stage-inspection hook): part of the signature, so changing one after a launch is seen
+_KNOB_READS = [
+    (group, name)
+    for group, name in (
+        (getattr(_knobs, "runtime", None), "debug"),
+        (getattr(_knobs, "compilation", None), "instrumentation_mode"),
+        (getattr(_knobs, "runtime", None), "override_arch"),
+        (getattr(_knobs, "language", None), "default_fp_fusion"),
+        (getattr(_knobs, "runtime", None), "add_stages_inspection_hook"),
+    )
+    if group is not None and hasattr(group, name)
+]
+
+
+def _triton_state():
+    """None when launches must go through Triton's own path (its launch hooks call something: a profiler such as
+    proton listens); else the values of the Triton settings in ``_KNOB_READS``."""
     if _knobs is None:
-        return False
+        return ()
     rt = _knobs.runtime
     for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
         if hook is not None and getattr(hook, "calls", True):  # a HookChain with no calls is empty
-            return True
-    return False
+            return None
+    if len(_KNOB_READS) == 5:  # Triton 3.6 to 3.8: read directly (a third of the generic loop's time)
+        return (rt.debug, _knobs.compilation.instrumentation_mode, rt.override_arch, _knobs.language.default_fp_fusion,
+                rt.add_stages_inspection_hook)  # fmt: skip
+    return tuple([getattr(group, name) for group, name in _KNOB_READS])
 
 
 # the current device's index and the handle of a device's current stream, without building torch objects (a direct
@@ -84,20 +106,27 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
     lambda index: torch.cuda.current_stream(index).cuda_stream
 )
 
+# a signature that always launches through Triton (CPU tensors, whose check only Triton's launcher makes; a direct
+# launch the launcher rejected)
+_VIA_TRITON = object()
+
 
 class _Entry:
-    __slots__ = ("run", "function", "packed", "tail")
+    __slots__ = ("compiled", "run", "function", "packed", "tail", "verified")
 
     def __init__(self, compiled, tail: tuple):
+        self.compiled = compiled  # kept alive: Triton 3.8 unloads a compiled kernel's module when it is collected
         self.run = compiled.run  # Triton's launcher for this compiled kernel (its handles are loaded by now)
         self.function = compiled.function
         self.packed = compiled.packed_metadata
         self.tail = tail  # (name, default) of the parameters after the positional ones, in signature order
+        self.verified = False  # True once a direct launch went through
 
 
 class JitKernel:
     """A ``triton.jit`` kernel launched as ``kernel[grid](*args, **kwargs)``, with cached direct launches (see the
-    module docstring). ``jit_fn`` is the Triton function (for ``triton.compile`` and the like)."""
+    module docstring). ``jit_fn`` is the Triton function (for ``triton.compile`` and the like). A direct launch
+    returns None (Triton's path returns the compiled kernel)."""
 
     def __init__(self, jit_fn):
         self.jit_fn = jit_fn
@@ -115,11 +144,15 @@ class JitKernel:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid, args: tuple, kwargs: dict):
-        if not DIRECT or type(grid) is not tuple or _hooks_set():
+        if not DIRECT or type(grid) is not tuple or getattr(self.jit_fn, "pre_run_hooks", None):
+            return self.jit_fn[grid](*args, **kwargs)
+        state = _triton_state()
+        if state is None:
             return self.jit_fn[grid](*args, **kwargs)
         dev = _current_device()
         key, full = signature(args)
         key.append(dev)
+        key.append(state)
         key.extend(kwargs.items())
         try:
             key = tuple(key)
@@ -128,27 +161,39 @@ class JitKernel:
             return self.jit_fn[grid](*args, **kwargs)
         if entry is None:
             return self._first(key, grid, args, kwargs)
+        if entry is _VIA_TRITON:
+            return self.jit_fn[grid](*args, **kwargs)
         g = grid + (1, 1) if len(grid) == 1 else grid + (1,) if len(grid) == 2 else grid
         for n, d in entry.tail:
             full.append(kwargs.get(n, d))
+        if entry.verified:
+            entry.run(g[0], g[1], g[2], _raw_stream(dev), entry.function, entry.packed, None, None, None, *full)
+            return None
         try:
             entry.run(g[0], g[1], g[2], _raw_stream(dev), entry.function, entry.packed, None, None, None, *full)
         except (TypeError, ValueError, SystemError) as e:  # rejected while parsing the arguments: nothing ran
-            _give_up(self, e)
+            self._cache[key] = _VIA_TRITON
+            _warn_rejected(self, e)
             return self.jit_fn[grid](*args, **kwargs)
+        entry.verified = True
         return None
 
     def _first(self, key, grid, args: tuple, kwargs: dict):
         compiled = self.jit_fn[grid](*args, **kwargs)  # compiles if needed, launches, returns the compiled kernel
         if compiled is None or not hasattr(compiled, "packed_metadata"):
-            return compiled  # a Triton whose run() returns something else: stay on its path for this signature
+            return compiled  # a Triton whose run() returns something else: stay on its path
+        containers = (torch.Tensor, tuple, list)
+        if any(isinstance(v, containers) for v in kwargs.values()) or any(isinstance(a, (tuple, list)) for a in args):
+            return compiled  # a tensor in a keyword or a container: not keyed by what Triton specialises on
         tail = tuple((n, self._defaults.get(n)) for n in self.arg_names[len(args) :])
-        missing = [n for n, _ in tail if n not in kwargs and n not in self._defaults]
-        if missing:  # Triton raised already if so; kept as a guard
-            return compiled
+        if len(args) + len(tail) != len(self.arg_names) or any(
+            n not in kwargs and n not in self._defaults for n, _ in tail
+        ):
+            return compiled  # Triton raised already if so; kept as a guard
         if len(self._cache) >= MAX_SIGNATURES:
             self._cache.clear()
-        self._cache[key] = _Entry(compiled, tail)
+        on_cpu = any(isinstance(a, torch.Tensor) and not a.is_cuda for a in args)
+        self._cache[key] = _VIA_TRITON if on_cpu else _Entry(compiled, tail)
         return compiled
 
 
@@ -157,15 +202,19 @@ def _param_defaults(fn) -> dict:
     return {name: p.default for name, p in params if p.default is not inspect.Parameter.empty}
 
 
-def _give_up(kernel: JitKernel, err: Exception) -> None:
-    global DIRECT
-    DIRECT = False
+_warned = False
+
+
+def _warn_rejected(kernel: JitKernel, err: Exception) -> None:
+    global _warned
+    if _warned:
+        return
+    _warned = True
     warnings.warn(
-        f"fastmim: launching the Triton kernel {kernel.__name__} directly failed ({type(err).__name__}: {err}); "
-        "every Triton kernel now launches through triton's own path (set FASTMIM_TRITON_LAUNCH=jit to skip the "
-        "attempt)",
+        f"fastmim: Triton's launcher rejected a direct launch of {kernel.__name__} ({type(err).__name__}: {err}); "
+        "that signature launches through triton's own path from now on (FASTMIM_TRITON_LAUNCH=jit: every launch)",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
 
 
@@ -178,4 +227,7 @@ def jit_kernel(fn=None, **jit_kwargs):
     jit_fn = triton.jit(fn, **jit_kwargs)
     if not isinstance(jit_fn, triton.runtime.jit.JITFunction):
         return jit_fn  # the interpreter's function
+    kinds = {p.kind for p in inspect.signature(fn).parameters.values()}
+    if kinds & {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}:
+        return jit_fn  # *args parameters: the arguments cannot be laid out by name here
     return JitKernel(jit_fn)

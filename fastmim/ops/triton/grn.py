@@ -362,13 +362,16 @@ def grn_bwd(
     """
     bsz, n, c = x.shape
     dx = torch.empty((bsz, n, c), dtype=x.dtype, device=x.device) if need_x else None
-    dw = torch.zeros(c, dtype=torch.float32, device=x.device) if need_w else None
-    db = torch.zeros(c, dtype=torch.float32, device=x.device) if need_b else None
     if x.numel() == 0 or not (need_x or need_w or need_b):  # no rows: dweight = dbias = 0
+        dw = torch.zeros(c, dtype=torch.float32, device=x.device) if need_w else None
+        db = torch.zeros(c, dtype=torch.float32, device=x.device) if need_b else None
         return dx, dw, db
+    # written whole by the parameter kernel: no fill launches (separate buffers: the custom op's outputs may not alias)
+    dw = torch.empty(c, dtype=torch.float32, device=x.device) if need_w else None
+    db = torch.empty(c, dtype=torch.float32, device=x.device) if need_b else None
+    d = torch.empty(bsz, dtype=torch.float32, device=x.device)
     block_n, block_c, block_r = _blocks(n, c, grad=True)
     part, s = _stats(x, grad, block_n, block_c, splits)
-    d = torch.empty(bsz, dtype=torch.float32, device=x.device)
     if need_x or need_w:
         row_blocks = triton.cdiv(n, block_n) if need_x else 1
         n_groups, c_per = _channel_groups(c, block_c, bsz * row_blocks, x.device, groups) if need_x else (1, c)

@@ -154,12 +154,16 @@ def add_layer_norm_bwd(
     programs = max(1, min(triton.cdiv(m, block_m), target_programs(s.device)))
     rows = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m if m else 1  # whole tiles but the last
     programs = triton.cdiv(m, rows) if m else 1
-    part = torch.zeros((2, programs, c), device=s.device, dtype=torch.float32)
+    # every program writes its two rows whole: zeros (a fill launch) only when no program runs
+    part = (torch.empty if m else torch.zeros)((2, programs, c), device=s.device, dtype=torch.float32)
     if m:
         _add_ln_bwd_kernel[(programs,)](
             dy, ds if ds is not None else dy, s, weight, mean, rstd, dr, dx, part, m, c, rows, programs,
             HAS_DS=ds is not None, TWO_OUT=two, BLOCK_M=block_m, BLOCK_C=block, num_warps=warps,
         )  # fmt: skip
-    dw = part[0].sum(0) if need_w else None
-    db = part[1].sum(0) if need_b else None
+    if need_w and need_b:
+        dw, db = part.sum(1)  # [2, C]: both reductions in one launch
+    else:
+        dw = part[0].sum(0) if need_w else None
+        db = part[1].sum(0) if need_b else None
     return dr, dx, dw, db
