@@ -337,6 +337,65 @@ def test_gpu_suite_script_is_valid_bash():
     assert proc.returncode == 0, proc.stderr
 
 
+def _suite_commands() -> list[tuple[str, list[str]]]:
+    """(module, argv) of every Python benchmark and fastmim CLI command benchmarks/gpu_suite.sh runs, with its shell
+    variables filled in (each value of a for loop's variable; $RESULTS and $SCRATCH as folders; ${X:-default} as the
+    default)."""
+    import re
+    import shlex
+
+    text = (BENCH / "gpu_suite.sh").read_text().replace("\\\n", " ")
+    loops = {var: values.split() for var, values in re.findall(r"for (\w+) in ([\w .-]+); do", text)}
+    commands = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#") or "$PY" not in line:
+            continue
+        line = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", line).replace("$RESULTS", "/tmp/r").replace("$SCRATCH", "/tmp/s")
+        variants = [line]
+        for var, values in loops.items():
+            if f"${var}" in line:
+                variants = [v.replace(f"${var}", value) for v in variants for value in values]
+        for variant in variants:
+            for part in variant.split("$PY ")[1:]:
+                argv = []
+                for tok in shlex.split(part, comments=False):
+                    if tok in ("&&", "||", ";", "|", "{", "}") or re.match(r"\d?>", tok):
+                        break
+                    argv.append(tok)
+                if argv[0] == "-m" and argv[1].startswith("fastmim."):
+                    commands.append((argv[1], argv[2:]))
+                elif argv[0].startswith("benchmarks/") and argv[0].endswith(".py"):
+                    commands.append((Path(argv[0]).stem, argv[1:]))
+    return commands
+
+
+def test_every_gpu_suite_command_parses(monkeypatch):
+    """Each benchmark and CLI command of the GPU suite is accepted by its argument parser (a misspelt flag costs a
+    GPU window otherwise): the command's main() runs up to its parse_args and stops there."""
+    import argparse
+    import importlib
+
+    class Parsed(BaseException):  # not an Exception: the CLIs' error handlers must not catch it
+        pass
+
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        original(self, args, namespace)
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    commands = _suite_commands()
+    assert {"throughput", "ops", "host_overhead", "fastmim.pretrain", "fastmim.eval"} <= {m for m, _ in commands}
+    for module, argv in commands:
+        mod = importlib.import_module(module + ".__main__" if module == "fastmim.eval" else module)
+        with pytest.raises(Parsed):
+            try:
+                mod.main(argv)
+            except SystemExit as e:
+                raise AssertionError(f"gpu_suite.sh: {module} {' '.join(argv)}: rejected (exit {e.code})") from e
+
+
 # --- FCMAE and the sparse ConvNeXt V2 encoder ---
 
 
