@@ -6,8 +6,9 @@ Times each tile choice with CUDA-graph replay and reports GB/s (bytes the kernel
 the copy bandwidth measured in the same run; the default choice is marked (``default: true``). One JSON row per
 (kernel, dtype, config). Never asserts anything: it informs the defaults.
 
-- patchify / unpatchify: B=256 224-px RGB images, 16-px patches, fp32 and bf16; (BLOCK_C, BLOCK_W, num_warps) of
-  ``fastmim/ops/triton/patchify.py`` (default ``patchify.blocks``; auto's backend for patchify on CUDA).
+- patchify / unpatchify: B=256 224-px RGB images, 16-px patches, fp32 and bf16; (form, BLOCK or BLOCK_C, BLOCK_W,
+  num_warps) of ``fastmim/ops/triton/patchify.py``: the flat kernel (default ``patchify.blocks``) against the strip
+  kernel it replaced (``patchify.strip_blocks``); auto's backend for patchify on CUDA.
 - gather / gather_bwd: [256, 196, 768] -> 49 visible rows (fp32 and bf16); (BLOCK_K, BLOCK_D, num_warps).
 - scatter / scatter_bwd: [256, 49, 512] bf16 -> [256, 197, 512] fp32 with position embedding and class token;
   (BLOCK_R, BLOCK_D, num_warps) and, backward, (BLOCK_R, BLOCK_D, B_CHUNK, num_warps).
@@ -32,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import copy_bandwidth, environment, write_row  # noqa: E402
 
-CONFIGS = [(1, 256, 4), (2, 256, 4), (4, 256, 8), (1, 256, 2), (1, 128, 4), (4, 128, 4), (2, 512, 8), (4, 512, 8),
-           (1, 1024, 8)]  # fmt: skip
+# patchify's (form, a, b, num_warps): the flat kernel's BLOCK (its default first), and the strip kernel's tiles
+PATCHIFY_CONFIGS = [("flat", 1024, 0, 4), ("flat", 2048, 0, 8), ("flat", 512, 0, 4), ("flat", 4096, 0, 8),
+                    ("flat", 1024, 0, 8), ("strip", 1, 256, 4), ("strip", 4, 256, 8), ("strip", 4, 512, 8)]  # fmt: skip
 # (rows, BLOCK_D, num_warps) for the row copies of gather/scatter; (BLOCK_P, num_warps) for the loss
 ROW_CONFIGS = [(4, 1024, 4), (8, 1024, 8), (16, 1024, 8), (2, 1024, 4), (1, 1024, 4), (8, 512, 4), (16, 256, 4),
                (32, 256, 8), (64, 128, 8)]  # fmt: skip
@@ -92,21 +94,17 @@ def _sweeps(b: int, dev: torch.device, kernels: list[str]):
     def patchify():
         c, side, p = 3, 224, 16
         default = patch_k.blocks(c, side)
+        configs = PATCHIFY_CONFIGS + [patch_k.strip_blocks(c, side)]
         for dtype in (torch.float32, torch.bfloat16):
-            imgs = torch.randn(b, c, side, side, device=dev, dtype=dtype)
-            pat = torch.empty(b, (side // p) ** 2, p * p * c, device=dev, dtype=dtype)
-            for kernel, to_patches in (("patchify", True), ("unpatchify", False)):
+            imgs = torch.randn(b, c, side, side, device=dev, dtype=dtype, generator=gen)
+            pat = patch_k.patchify(imgs, p)
+            for kernel, launch in (
+                ("patchify", lambda cfg, imgs=imgs: patch_k.patchify(imgs, p, cfg)),
+                ("unpatchify", lambda cfg, pat=pat: patch_k.unpatchify(pat, p, (side // p, side // p), c, cfg)),
+            ):
                 if kernel in kernels:
-                    yield (
-                        kernel,
-                        dtype,
-                        f"B{b} {side}px p{p}",
-                        ("block_c", "block_w", "num_warps"),
-                        default,
-                        CONFIGS,
-                        2 * nbytes(imgs),
-                        functools.partial(patch_k._run, imgs, pat, p, to_patches),
-                    )
+                    yield (kernel, dtype, f"B{b} {side}px p{p}", ("form", "block", "block_w", "num_warps"), default,
+                           configs, 2 * nbytes(imgs), launch)  # fmt: skip
 
     def tokens():
         n, k, d = 196, 49, 768

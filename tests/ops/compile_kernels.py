@@ -73,6 +73,9 @@ def specs():
     for to_patches, dt in itertools.product((True, False), ("fp32", "bf16")):
         consts = {"TO_PATCHES": to_patches, "BLOCK_C": 4, "BLOCK_W": 256}
         yield patchify._patch_copy_kernel, {"img_ptr": dt, "pat_ptr": dt}, consts
+        for wide in (False, True):
+            consts = {"P": 16, "C": 3, "TO_PATCHES": to_patches, "WIDE": wide, "BLOCK": 1024}
+            yield patchify._patch_flat_kernel, {"img_ptr": dt, "pat_ptr": dt}, consts
     # sparse_dwconv (ConvNeXt's K=7): forward with bias in every dtype mix, without bias, grad_x (FLIP, no bias)
     fwd = [(False, True, x, w) for x, w in (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"))]
     fwd += [(False, False, "fp32", "fp32"), (True, False, "bf16", "fp32"), (True, False, "fp16", "fp16")]

@@ -72,3 +72,27 @@ def test_bad_arguments_raise():
         patchify(imgs[0], 4)
     with pytest.raises(ValueError, match=r"expected \[B, 6, 48\] for grid 2x3"):
         unpatchify(torch.randn(2, 5, 48), 4, (2, 3), 3)
+
+
+@pytest.mark.parametrize("config", [("flat", 64, 0, 4), ("flat", 1024, 0, 4), ("strip", 1, 8, 4), ("strip", 4, 256, 4)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_both_triton_kernel_forms_and_their_tiles(config, layout):
+    """The flat kernel (default) and the strip kernel it replaced, with tiles smaller and larger than a row of patches,
+    on any strides: both are timed on the GPU by benchmarks/tune_triton_ops.py, so both must be right."""
+    from fastmim.ops._dispatch import triton_problem
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    why = triton_problem(device)
+    if why:
+        pytest.skip(why)
+    from fastmim.ops.triton import patchify as kernels
+
+    b, c, p, gh, gw = 2, 3, 4, 3, 5
+    imgs = torch.randn(b, c, gh * p + 2, gw * p + 3, device=device)
+    if layout == "channels_last":
+        imgs = imgs.contiguous(memory_format=torch.channels_last)
+    imgs = imgs[:, :, 1 : 1 + gh * p, 2 : 2 + gw * p] if layout == "sliced" else imgs[:, :, : gh * p, : gw * p]
+    want = patchify_ref(imgs, p)
+    assert torch.equal(kernels.patchify(imgs, p, config), want)
+    pat = torch.randn(b, gh * gw, p * p * c + 5, device=device)[:, :, 3 : 3 + p * p * c]  # rows with a stride
+    assert torch.equal(kernels.unpatchify(pat, p, (gh, gw), c, config), unpatchify_ref(pat, p, (gh, gw), c))

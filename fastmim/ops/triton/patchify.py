@@ -1,4 +1,5 @@
-"""Triton kernel for patchify / unpatchify: one strided permute-copy between [B, C, H, W] and [B, L, p*p*C]."""
+"""Triton kernels for patchify / unpatchify: one strided permute-copy between [B, C, H, W] and [B, L, p*p*C], in two
+forms (``blocks``: the default; benchmarks/tune_triton_ops.py times both)."""
 
 from __future__ import annotations
 
@@ -52,35 +53,100 @@ def _patch_copy_kernel(
                     tl.store(img, tl.load(pat, mask=m), mask=m)
 
 
-def blocks(c: int, width: int) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_W, num_warps) for C channels and image rows of ``width`` pixels (the defaults
-    benchmarks/tune_triton_ops.py compares against)."""
+@jit_kernel
+def _patch_flat_kernel(
+    img_ptr,  # [B, C, H, W], strides si_*
+    pat_ptr,  # [B, L, D], strides sp_*, D = P * P * C in (pi, qi, c) order
+    gw,
+    si_b,
+    si_c,
+    si_h,
+    si_w,
+    sp_b,
+    sp_l,
+    sp_d,
+    P: tl.constexpr,
+    C: tl.constexpr,
+    TO_PATCHES: tl.constexpr,
+    WIDE: tl.constexpr,  # int64 offsets within a sample (a sample past 2^31 elements)
+    BLOCK: tl.constexpr,
+):
+    """One program per (sample, row of patches, BLOCK of that row's gw * D patch values), indexed in the patch
+    tensor's order: the patch side is read or written as one contiguous run (16-byte vectors), the image side in runs
+    of P pixels per channel and row (whole 32-byte sectors). P and C are compile-time constants, so the index
+    arithmetic is multiplies and shifts (the strip kernel below divides by run-time values)."""
+    b = tl.program_id(0).to(tl.int64)
+    gy = tl.program_id(1)
+    k = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] index into the row's patch values
+    if WIDE:
+        k = k.to(tl.int64)
+    m = k < gw * (P * P * C)
+    gx = k // (P * P * C)
+    r = k % (P * P * C)  # within the patch: (pi, qi, c)
+    pi = r // (P * C)
+    qi = (r // C) % P
+    c = r % C
+    img = img_ptr + b * si_b + c * si_c + (gy * P + pi) * si_h + (gx * P + qi) * si_w
+    pat = pat_ptr + b * sp_b + (gy * gw + gx) * sp_l + r * sp_d
+    if TO_PATCHES:
+        tl.store(pat, tl.load(img, mask=m), mask=m)
+    else:
+        tl.store(img, tl.load(pat, mask=m), mask=m)
+
+
+# (form, a, b, num_warps): ("flat", BLOCK, 0, warps) for _patch_flat_kernel, ("strip", BLOCK_C, BLOCK_W, warps) for
+# _patch_copy_kernel. The flat form is the default: it indexes like inductor's own permute-copy (95% of the copy
+# bandwidth forward on an H200, 7365249) where the strip form reached 70%; benchmarks/tune_triton_ops.py times both.
+FLAT_BLOCK = 1024
+
+
+def blocks(c: int, width: int) -> tuple[str, int, int, int]:
+    """The default config (form, a, b, num_warps) for C channels and image rows of ``width`` pixels."""
+    return ("flat", FLAT_BLOCK, 0, 4)
+
+
+def strip_blocks(c: int, width: int) -> tuple[str, int, int, int]:
+    """The strip kernel's tiles: (BLOCK_C, BLOCK_W) about 2048 values along the image rows."""
     block_w = min(triton.next_power_of_2(width), 1024)
     block_c = min(triton.next_power_of_2(c), max(1, 2048 // block_w))
-    return block_c, block_w, 4
+    return ("strip", block_c, block_w, 4)
 
 
-def _run(img: torch.Tensor, pat: torch.Tensor, p: int, to_patches: bool, config: tuple[int, int, int] | None = None):
+def _extent(t: torch.Tensor, dims: tuple[int, ...]) -> int:
+    """The largest element offset within one sample of ``t`` (dims 1.. of its shape)."""
+    return sum((n - 1) * abs(st) for n, st in zip(dims, t.stride()[1:], strict=True))
+
+
+def _run(img: torch.Tensor, pat: torch.Tensor, p: int, to_patches: bool, config: tuple | None = None) -> torch.Tensor:
+    """Copies between ``img`` [B, C, H, W] and ``pat`` [B, L, P*P*C] (into ``pat`` when ``to_patches``); returns the
+    tensor written. ``config``: see ``blocks``."""
     b, c, h, w = img.shape
+    out = pat if to_patches else img
     if img.numel() == 0:
-        return
+        return out
     gh, gw = h // p, w // p
-    block_c, block_w, num_warps = config or blocks(c, gw * p)
-    _patch_copy_kernel[(b, gh)](
-        img, pat, gh, gw, p, c, gw * p, *img.stride(), *pat.stride(),
-        TO_PATCHES=to_patches, BLOCK_C=block_c, BLOCK_W=block_w, num_warps=num_warps,
-    )  # fmt: skip
+    form, block_a, block_b, num_warps = config or blocks(c, gw * p)
+    if form == "flat":
+        wide = max(_extent(img, (c, gh * p, gw * p)), _extent(pat, tuple(pat.shape[1:]))) >= 2**31 - 2 * block_a
+        _patch_flat_kernel[(b, gh, triton.cdiv(gw * p * p * c, block_a))](
+            img, pat, gw, *img.stride(), *pat.stride(),
+            P=p, C=c, TO_PATCHES=to_patches, WIDE=wide, BLOCK=block_a, num_warps=num_warps,
+        )  # fmt: skip
+    else:
+        _patch_copy_kernel[(b, gh)](
+            img, pat, gh, gw, p, c, gw * p, *img.stride(), *pat.stride(),
+            TO_PATCHES=to_patches, BLOCK_C=block_a, BLOCK_W=block_b, num_warps=num_warps,
+        )  # fmt: skip
+    return out
 
 
-def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+def patchify(imgs: torch.Tensor, p: int, config: tuple | None = None) -> torch.Tensor:
     b, c, h, w = imgs.shape
     out = torch.empty((b, (h // p) * (w // p), p * p * c), dtype=imgs.dtype, device=imgs.device)
-    _run(imgs, out, p, True)
-    return out
+    return _run(imgs, out, p, True, config)
 
 
-def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int], channels: int) -> torch.Tensor:
+def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int], channels: int, config: tuple | None = None):
     gh, gw = grid
     out = torch.empty((x.shape[0], channels, gh * p, gw * p), dtype=x.dtype, device=x.device)
-    _run(out, x, p, False)
-    return out
+    return _run(out, x, p, False, config)
