@@ -41,7 +41,8 @@ ROW_CONFIGS = [(4, 1024, 4), (8, 1024, 8), (16, 1024, 8), (2, 1024, 4), (1, 1024
                (32, 256, 8), (64, 128, 8)]  # fmt: skip
 SCATTER_BWD_CONFIGS = [(4, 512, 8, 4), (4, 512, 16, 4), (8, 512, 8, 8), (2, 512, 8, 4), (4, 512, 4, 4),
                        (16, 256, 8, 8), (8, 256, 16, 4)]  # fmt: skip
-LOSS_CONFIGS = [(4, 4), (4, 8), (2, 4), (1, 4), (8, 8), (16, 8), (1, 2), (2, 2)]
+# the loss: one warp per program keeps a patch's sums (mean, variance, loss) inside a warp: no shared-memory rounds
+LOSS_CONFIGS = [(4, 4), (4, 8), (2, 4), (1, 4), (8, 8), (16, 8), (1, 2), (2, 2), (1, 1), (2, 1), (4, 1)]
 KERNELS = ("patchify", "unpatchify", "gather", "gather_bwd", "scatter", "scatter_bwd", "loss", "loss_bwd")
 
 

@@ -67,9 +67,15 @@ def specs():
     for norm_pix, p_norm, (pred, tgt) in itertools.product((True, False), (1, 2), pairs):
         ptrs = {"pred_ptr": pred, "tgt_ptr": tgt, "mask_ptr": "fp32", "part_ptr": "fp32", "gl_ptr": "fp32",
                 "denom_ptr": "fp32", "grad_ptr": pred}  # fmt: skip
-        consts = {"NORM_PIX": norm_pix, "P_NORM": p_norm, "BLOCK_P": 4, "BLOCK_D": 1024}
-        yield masked_loss._masked_loss_fwd_kernel, ptrs, consts
-        yield masked_loss._masked_loss_bwd_kernel, ptrs, consts
+        # MAE's 16x16 RGB patches from images, and patchified targets (P=1, C=D); int64 offsets for huge samples
+        for geo in (
+            {"P": 16, "C": 3, "WIDE": False},
+            {"P": 1, "C": 768, "WIDE": False},
+            {"P": 16, "C": 3, "WIDE": True},
+        ):
+            consts = {**geo, "NORM_PIX": norm_pix, "P_NORM": p_norm, "BLOCK_P": 4, "BLOCK_D": 1024}
+            yield masked_loss._masked_loss_fwd_kernel, ptrs, consts
+            yield masked_loss._masked_loss_bwd_kernel, ptrs, consts
     for to_patches, dt in itertools.product((True, False), ("fp32", "bf16")):
         consts = {"TO_PATCHES": to_patches, "BLOCK_C": 4, "BLOCK_W": 256}
         yield patchify._patch_copy_kernel, {"img_ptr": dt, "pat_ptr": dt}, consts

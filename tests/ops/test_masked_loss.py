@@ -270,3 +270,29 @@ def test_huge_patches_leave_the_triton_kernel(monkeypatch):
     monkeypatch.setenv("FASTMIM_BACKEND", "triton")
     with pytest.raises(RuntimeError, match="patches of 8 values exceed"):
         masked_loss._backend(pred, pred)
+
+
+def test_triton_int64_offsets_path(monkeypatch):
+    """Samples past 2^31 elements take the kernels' int64 offsets (WIDE): run that path on small inputs by lowering
+    the threshold, for the loss and for patchify (its flat kernel)."""
+    from fastmim.ops._dispatch import set_backend, triton_problem
+    from fastmim.ops.triton import masked_loss as loss_kernels
+    from fastmim.ops.triton import patchify as patch_kernels
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if triton_problem(device):
+        pytest.skip(triton_problem(device))
+    monkeypatch.setattr(loss_kernels, "INT32_OFFSETS", 1)
+    monkeypatch.setattr(patch_kernels, "INT32_OFFSETS", 1)
+    pred, imgs, mask = _case(2, 3, 48, 80, 16, device)
+    prev = set_backend("triton")
+    try:
+        check_against_reference(
+            lambda x: masked_mse_loss(x, imgs, mask, 16),
+            lambda x: masked_mse_loss_ref(x, imgs, mask, 16),
+            [pred],
+            "wide",
+        )
+        assert torch.equal(patch_kernels.patchify(imgs, 16), patchify_ref(imgs, 16))
+    finally:
+        set_backend(prev)

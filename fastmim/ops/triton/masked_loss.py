@@ -37,17 +37,21 @@ def _patch_tiles(
     s_b,
     s_row,
     s_col,
-    P,
-    C,
     s_pi,
     s_qi,
     s_c,
     eps,
+    P: tl.constexpr,
+    C: tl.constexpr,
+    WIDE: tl.constexpr,
     NORM_PIX: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Loads BLOCK_P patches: (patch index, weight, active rows, diff = pred - target [BLOCK_P, BLOCK_D] fp32)."""
+    """Loads BLOCK_P patches: (patch index, weight, active rows, diff = pred - target [BLOCK_P, BLOCK_D] fp32).
+    P and C are compile-time constants: the per-element index arithmetic is multiplies and shifts (run-time int64
+    divisions, ~100 instructions each, made the kernel compute-bound); offsets within a sample are int32 unless
+    ``WIDE`` (a sample past 2^31 elements)."""
     q = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P] flat patch index b * L + l
     qmask = q < B * L
     b = q // L
@@ -57,7 +61,8 @@ def _patch_tiles(
     e = tl.arange(0, BLOCK_D)
     emask = e < D
     e64 = e.to(tl.int64)  # int32 index times a stride could wrap past 2^31
-    elem_off = (e64 // (P * C)) * s_pi + ((e64 // C) % P) * s_qi + (e64 % C) * s_c  # [BLOCK_D]
+    ei = e64 if WIDE else e
+    elem_off = ((ei // (P * C)) * s_pi + ((ei // C) % P) * s_qi + (ei % C) * s_c).to(tl.int64)  # [BLOCK_D]
     patch_off = b * s_b + (n // gw) * s_row + (n % gw) * s_col  # [BLOCK_P]
     lmask = active[:, None] & emask[None, :]
     t = tl.load(tgt_ptr + patch_off[:, None] + elem_off[None, :], mask=lmask, other=0.0).to(tl.float32)
@@ -75,13 +80,14 @@ def _patch_tiles(
 def _masked_loss_fwd_kernel(
     pred_ptr, tgt_ptr, mask_ptr,
     part_ptr,  # [2, num_programs] fp32: sum of w * patch loss, sum of w
-    B, L, D, sp_b, sp_l, sp_d, sm_b, sm_l, gw, s_b, s_row, s_col, P, C, s_pi, s_qi, s_c, eps,
-    NORM_PIX: tl.constexpr, P_NORM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    B, L, D, sp_b, sp_l, sp_d, sm_b, sm_l, gw, s_b, s_row, s_col, s_pi, s_qi, s_c, eps,
+    P: tl.constexpr, C: tl.constexpr, WIDE: tl.constexpr, NORM_PIX: tl.constexpr, P_NORM: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     q, w, qmask, active, diff = _patch_tiles(
         pred_ptr, tgt_ptr, mask_ptr, pid, B, L, D, sp_b, sp_l, sp_d, sm_b, sm_l,
-        gw, s_b, s_row, s_col, P, C, s_pi, s_qi, s_c, eps, NORM_PIX, BLOCK_P, BLOCK_D,
+        gw, s_b, s_row, s_col, s_pi, s_qi, s_c, eps, P, C, WIDE, NORM_PIX, BLOCK_P, BLOCK_D,
     )  # fmt: skip
     if P_NORM == 1:
         err = tl.abs(diff)
@@ -98,13 +104,14 @@ def _masked_loss_bwd_kernel(
     gl_ptr,  # [] upstream gradient of the loss
     denom_ptr,  # [] fp32 mask weight sum
     grad_ptr,  # [B, L, D] contiguous, pred's dtype
-    B, L, D, sp_b, sp_l, sp_d, sm_b, sm_l, gw, s_b, s_row, s_col, P, C, s_pi, s_qi, s_c, eps,
-    NORM_PIX: tl.constexpr, P_NORM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    B, L, D, sp_b, sp_l, sp_d, sm_b, sm_l, gw, s_b, s_row, s_col, s_pi, s_qi, s_c, eps,
+    P: tl.constexpr, C: tl.constexpr, WIDE: tl.constexpr, NORM_PIX: tl.constexpr, P_NORM: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     q, w, qmask, active, diff = _patch_tiles(
         pred_ptr, tgt_ptr, mask_ptr, pid, B, L, D, sp_b, sp_l, sp_d, sm_b, sm_l,
-        gw, s_b, s_row, s_col, P, C, s_pi, s_qi, s_c, eps, NORM_PIX, BLOCK_P, BLOCK_D,
+        gw, s_b, s_row, s_col, s_pi, s_qi, s_c, eps, P, C, WIDE, NORM_PIX, BLOCK_P, BLOCK_D,
     )  # fmt: skip
     scale = tl.load(gl_ptr).to(tl.float32) / tl.load(denom_ptr)
     coef = w * scale / D  # [BLOCK_P]
@@ -116,6 +123,9 @@ def _masked_loss_bwd_kernel(
     e = tl.arange(0, BLOCK_D)
     dst = grad_ptr + q[:, None] * D + e[None, :]
     tl.store(dst, cast_for_store(g, grad_ptr), mask=qmask[:, None] & (e < D)[None, :])
+
+
+INT32_OFFSETS = 2**31  # offsets within a sample from here on are int64 (WIDE); tests lower it to run that path
 
 
 def blocks(d: int) -> tuple[int, int]:
@@ -130,8 +140,10 @@ def _launch(
     b, n, d = pred.shape
     block_p, warps = config or blocks(d)
     grid = triton.cdiv(b * n, block_p)
-    args = (b, n, d, *pred.stride(), *mask.stride(), *geometry)
-    meta = {"BLOCK_P": block_p, "BLOCK_D": triton.next_power_of_2(d), "num_warps": warps}
+    gw, s_b, s_row, s_col, p, c, s_pi, s_qi, s_c = geometry
+    wide = (p - 1) * abs(s_pi) + (p - 1) * abs(s_qi) + (c - 1) * abs(s_c) >= INT32_OFFSETS
+    args = (b, n, d, *pred.stride(), *mask.stride(), gw, s_b, s_row, s_col, s_pi, s_qi, s_c)
+    meta = {"P": p, "C": c, "WIDE": wide, "BLOCK_P": block_p, "BLOCK_D": triton.next_power_of_2(d), "num_warps": warps}
     return args, meta, grid
 
 

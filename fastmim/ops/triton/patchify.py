@@ -98,6 +98,7 @@ def _patch_flat_kernel(
 # _patch_copy_kernel. The flat form is the default: it indexes like inductor's own permute-copy (95% of the copy
 # bandwidth forward on an H200, 7365249) where the strip form reached 70%; benchmarks/tune_triton_ops.py times both.
 FLAT_BLOCK = 1024
+INT32_OFFSETS = 2**31  # offsets within a sample from here on are int64 (WIDE); tests lower it to run that path
 
 
 def blocks(c: int, width: int) -> tuple[str, int, int, int]:
@@ -127,7 +128,7 @@ def _run(img: torch.Tensor, pat: torch.Tensor, p: int, to_patches: bool, config:
     gh, gw = h // p, w // p
     form, block_a, block_b, num_warps = config or blocks(c, gw * p)
     if form == "flat":
-        wide = max(_extent(img, (c, gh * p, gw * p)), _extent(pat, tuple(pat.shape[1:]))) >= 2**31 - 2 * block_a
+        wide = max(_extent(img, (c, gh * p, gw * p)), _extent(pat, tuple(pat.shape[1:]))) >= INT32_OFFSETS - 2 * block_a
         _patch_flat_kernel[(b, gh, triton.cdiv(gw * p * p * c, block_a))](
             img, pat, gw, *img.stride(), *pat.stride(),
             P=p, C=c, TO_PATCHES=to_patches, WIDE=wide, BLOCK=block_a, num_warps=num_warps,
