@@ -74,7 +74,7 @@ def _patch_flat_kernel(
     """One program per (sample, row of patches, BLOCK of that row's gw * D patch values), indexed in the patch
     tensor's order: the patch side is read or written as one contiguous run (16-byte vectors), the image side in runs
     of P pixels per channel and row (whole 32-byte sectors). P and C are compile-time constants, so the index
-    arithmetic is multiplies and shifts (the strip kernel below divides by run-time values)."""
+    arithmetic is multiplies and shifts (the strip kernel above divides by run-time values)."""
     b = tl.program_id(0).to(tl.int64)
     gy = tl.program_id(1)
     k = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] index into the row's patch values
