@@ -3,12 +3,12 @@
 # no network, DALI, spconv or flash-attn: those parts are skipped and the log says so). In priority order, within a
 # time budget (GPU_SUITE_BUDGET_S, default 480 s; a step that would not fit is skipped and named):
 #   build fastmim._C and the CUDA kernels fastmim._cuda (sm_90 here); the ops' GPU tests for both GPU backends
-#   (ops_tests); the CUDA-graph training step's, add_layer_norm's and attention's tests (graph_tests); the target and
-#   frequency ops' Triton tests (target_tests); the step's throughput, MAE ViT-B/16 eager, with fused_norm, with
-#   fastmim attention, compiled, FCMAE ConvNeXtV2-Base (graph); MaskFeat and SimMIM (recipes); data2vec 2.0's
-#   amortisation and the EMA update (teacher); the ops benchmark with host time and CUDA-graph timing (ops); MAE
-#   ViT-B/16 eager throughput with each GPU backend of the fused ops (vit_b_eager); the CUDA kernels under
-#   compute-sanitizer (sanitizer); then pytest -m gpu (the torch.compile tests later); FCMAE ConvNeXtV2-Base
+#   (ops_tests); the CUDA-graph training step's, add_layer_norm's, attention's and bias_gelu's tests (graph_tests); the
+#   target and frequency ops' Triton tests (target_tests); the step's throughput, MAE ViT-B/16 eager, with fused_norm,
+#   with fastmim attention, with fused bias+GELU, compiled, FCMAE ConvNeXtV2-Base (graph); MaskFeat and SimMIM
+#   (recipes); data2vec 2.0's amortisation and the EMA update (teacher); the ops benchmark with host time and CUDA-graph
+#   timing (ops); MAE ViT-B/16 eager throughput with each GPU backend of the fused ops (vit_b_eager); the CUDA kernels
+#   under compute-sanitizer (sanitizer); then pytest -m gpu (the torch.compile tests later); FCMAE ConvNeXtV2-Base
 #   throughput (batch 64) and the sparse conv benchmark, profiled; MAE ViT-B/16 throughput (batch 256, bf16) in all
 #   four modes, profiled; the compile tests; the other benchmarks that exist (masks, data loading); ViT-L/16
 #   throughput (batch 128); the CLI's default run on CUDA; transformers' ViTMAE patched (hf); GPU JPEG decoding
@@ -77,7 +77,7 @@ want ops_tests && step "pytest: the ops on CUDA for the cuda backend (small odd 
 want graph_tests && step "pytest: the training step captured in CUDA graphs against the eager step (tests/train/test_step_gpu.py)" &&
   fits 60 "CUDA-graph step tests" && run 150 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider \
   --durations=5 -m gpu -k "not compile" tests/train/test_step_gpu.py tests/ops/test_add_layer_norm.py \
-  tests/ops/test_attention.py
+  tests/ops/test_attention.py tests/ops/test_bias_gelu.py
 
 # issue 16: the target and frequency ops' Triton kernels on CUDA against their references (the ops_tests filter above
 # selects the cuda backend's tests; these ops have Triton kernels only)
@@ -97,6 +97,9 @@ want graph && step "throughput: CUDA-graph modes, MAE ViT-B/16 b256 and FCMAE Co
   fits 60 "ViT-B fastmim-attention throughput" && run 90 $PY benchmarks/throughput.py --model vit_base_patch16 \
     --batch-size 256 --amp bf16 --steps 15 --warmup 5 --peak-tflops 790 --modes fastmim,fastmim+graph \
     --model-arg attn_impl=fastmim --model-arg fused_norm=True --out "$RESULTS/throughput.jsonl"
+  fits 60 "ViT-B fused bias+GELU throughput" && run 90 $PY benchmarks/throughput.py --model vit_base_patch16 \
+    --batch-size 256 --amp bf16 --steps 15 --warmup 5 --peak-tflops 790 --modes fastmim,fastmim+graph \
+    --model-arg fused_norm=True --model-arg fused_gelu=True --out "$RESULTS/throughput.jsonl"
   fits 90 "FCMAE graph throughput" && run 150 $PY benchmarks/throughput.py --recipe fcmae --model convnextv2_base \
     --batch-size 64 --amp bf16 --steps 10 --warmup 5 --peak-tflops 790 --modes reference,fastmim,fastmim+graph \
     --out "$RESULTS/throughput.jsonl"
@@ -162,7 +165,7 @@ want sanitizer && step "compute-sanitizer memcheck over every CUDA kernel" && fi
   else echo "compute-sanitizer not on PATH: skipped"; fi
 }
 
-want tests && step "pytest -m gpu (-k ${GPU_SUITE_TESTS_K:-not compile})" && run 200 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider --durations=8 -m gpu -k "${GPU_SUITE_TESTS_K:-not compile}" --ignore=tests/train/test_step_gpu.py --ignore=tests/ops/test_add_layer_norm.py --ignore=tests/ops/test_attention.py tests
+want tests && step "pytest -m gpu (-k ${GPU_SUITE_TESTS_K:-not compile})" && run 200 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider --durations=8 -m gpu -k "${GPU_SUITE_TESTS_K:-not compile}" --ignore=tests/train/test_step_gpu.py --ignore=tests/ops/test_add_layer_norm.py --ignore=tests/ops/test_attention.py --ignore=tests/ops/test_bias_gelu.py tests
 
 want fcmae && step "throughput: FCMAE ConvNeXtV2-Base, batch 64, bf16, ratio 0.6: dense_masked vs fastmim" &&
   fits 90 "FCMAE throughput" && run 150 $PY benchmarks/throughput.py --recipe fcmae --model convnextv2_base \

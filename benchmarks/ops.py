@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,6 +39,7 @@ from fastmim.ops import (  # noqa: E402
     add_layer_norm,
     add_layer_norm_ref,
     attention,
+    bias_gelu,
     fft_loss,
     fft_loss_ref,
     gather_visible,
@@ -59,7 +61,8 @@ from fastmim.ops import (  # noqa: E402
 )
 from fastmim.ops._dispatch import NO_CUDA_KERNEL, choose_backend, set_backend  # noqa: E402
 
-OPS = ("gather", "scatter", "loss", "patchify", "grn", "add_ln", "attn", "attn_enc", "hog", "fft", "pfft", "lowpass")
+OPS = ("gather", "scatter", "loss", "patchify", "grn", "add_ln", "bias_gelu", "attn", "attn_enc", "hog", "fft", "pfft",
+       "lowpass")  # fmt: skip
 PASSES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -146,6 +149,14 @@ def build_cases(ops, b: int, img: int, patch: int, enc_dim: int, dec_dim: int, r
                           [x, r, w, bias], lambda *a: add_layer_norm(*a, 1e-6, act),
                           lambda *a: add_layer_norm_ref(*a, 1e-6, act), fwd, bwd,
                           choose_backend("add_layer_norm", device, (act, f32, f32, f32))))  # fmt: skip
+    if "bias_gelu" in ops:  # the MAE encoder MLP's fc1 output (bf16, 4x the width) and its fp32 bias
+        tokens, hidden = k + 1, 4 * enc_dim
+        x, bias = t(b, tokens, hidden, dtype=act), t(hidden)
+        elems = x.numel() * x.element_size()
+        # eager, as the unfused MLP without its matmul: the bias added in the matmul's dtype, then GELU
+        cases.append(Case("bias_gelu", f"B{b} N{tokens} C{hidden}", f"x {act}, bias fp32", [x, bias], bias_gelu,
+                          lambda x, b: F.gelu(x + b.to(x.dtype)), 2 * elems, 3 * elems,
+                          choose_backend("bias_gelu", device, (act, f32))))  # fmt: skip
     # attention from the packed qkv: the MAE decoder (N+1 tokens, 16 heads of 32) and encoder (K+1, 12 of 64); the
     # reference is the model's SDPA path (permute views in, transpose + reshape copy out)
     for key, tokens, heads, dim in (("attn", n + 1, 16, dec_dim), ("attn_enc", k + 1, 12, enc_dim)):

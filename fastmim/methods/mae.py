@@ -18,7 +18,7 @@ from fastmim.masking.random import check_mask_ratio
 from fastmim.masking.strategies import build_mask
 from fastmim.models.pos_embed import sincos_2d
 from fastmim.models.registry import register_model
-from fastmim.models.vit import Block, VisionTransformer, init_weights, run_blocks, vit_sizes
+from fastmim.models.vit import Block, VisionTransformer, init_weights, run_blocks, set_fused_gelu, vit_sizes
 from fastmim.ops import gather_visible, scatter_masked
 from fastmim.ops.reference import (
     gather_visible_ref,
@@ -63,7 +63,8 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         norm_pix_loss: normalise each target patch by its mean and std.
         fused_ops: use fastmim.ops (fused gather, decoder-input scatter and loss); False keeps the plain PyTorch
             reference path, which computes the same values.
-        Other arguments as ``VisionTransformer`` (``fused_norm`` applies to the encoder and the decoder).
+        Other arguments as ``VisionTransformer`` (``fused_norm`` and ``fused_gelu`` apply to the encoder and the
+        decoder).
     """
 
     def __init__(
@@ -84,18 +85,20 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         attn_impl: str = "auto",
         fused_ops: bool = True,
         fused_norm: bool = False,
+        fused_gelu: bool = False,
     ):
         check_mask_ratio(mask_ratio)
         if mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
-                         fused_norm=fused_norm)  # fmt: skip
+                         fused_norm=fused_norm, fused_gelu=fused_gelu)  # fmt: skip
         self.mask_ratio = float(mask_ratio)
         self.mask_type = mask_type
         self.norm_pix_loss = norm_pix_loss
         self.fused_ops = fused_ops
         add_mae_decoder(self, embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio,
                         patch_size**2 * in_chans, attn_impl)  # fmt: skip
+        set_fused_gelu(self, fused_gelu)  # the decoder's MLPs too
         self._mask_strategy: MaskStrategy | None = None
         self._mask_strategy_ratio: float | None = None
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from fastmim.models.pos_embed import sincos_2d
 from fastmim.ops.attention import attention
+from fastmim.ops.bias_gelu import bias_gelu
 from fastmim.ops.layer_norm import add_layer_norm
 
 try:  # optional: used for fp16/bf16 CUDA tensors when installed (pip install fastmim[flash])
@@ -88,6 +89,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    fused_gelu = False  # fc1's bias and the GELU as one op (``fastmim.ops.bias_gelu``); ``set_fused_gelu``
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -95,7 +98,19 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_gelu:  # fc1's matmul alone (autocast casts as for the linear), then bias + GELU in one pass
+            return self.fc2(bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
+
+
+def set_fused_gelu(model: nn.Module, on: bool = True) -> nn.Module:
+    """Every ViT MLP in ``model`` computes fc1's bias and GELU with ``fastmim.ops.bias_gelu`` (``on``) or as
+    ``nn.Linear`` + ``nn.GELU`` (off): the same function and parameters, one pass less over the hidden activations
+    in the backward (the bias gradient is summed with the GELU's backward). Returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, Mlp):
+            m.fused_gelu = bool(on)
+    return model
 
 
 class Block(nn.Module):
@@ -188,6 +203,8 @@ class VisionTransformer(nn.Module):
             for short sequences reading the packed qkv; not the default until it measures faster in the step).
         fused_norm: fuse each residual add with the LayerNorm after it (``fastmim.ops.add_layer_norm``); the same
             function, fewer passes over the activations. Off until it measures faster in the training step.
+        fused_gelu: each MLP's fc1 bias and GELU as one op (``fastmim.ops.bias_gelu``, ``set_fused_gelu``); the
+            same function. Off until it measures faster in the training step.
     """
 
     def __init__(
@@ -204,9 +221,11 @@ class VisionTransformer(nn.Module):
         attn_impl: str = "auto",
         fused_norm: bool = False,
         class_token: bool = True,
+        fused_gelu: bool = False,
     ):
         super().__init__()
         self.fused_norm = fused_norm
+        self.fused_gelu = fused_gelu
         self.class_token = bool(class_token)
         self.num_prefix_tokens = 1 if class_token else 0
         self.patch_size = patch_size
@@ -225,6 +244,7 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_encoder()
+        set_fused_gelu(self, fused_gelu)
 
     @property
     def grid_size(self) -> tuple[int, int]:

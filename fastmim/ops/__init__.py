@@ -1,19 +1,19 @@
 """fastmim.ops: fused masked-modeling ops, importable on their own (``from fastmim.ops import masked_mse_loss``).
-
 Every op has a plain PyTorch reference (``*_ref``) that defines its semantics. Backends: CUDA C++ (``fastmim._cuda``)
 or Triton for CUDA tensors, whichever measured faster for the op; C++ (``fastmim._C``, OpenMP) for CPU tensors
 (``grn``, which has no C++ kernel: its PyTorch formulation); the reference otherwise. ``FASTMIM_BACKEND=cuda|triton|
 cpp|torch`` or ``set_backend(name)`` forces one. ``add_layer_norm`` fuses a pre-norm transformer block's residual
-add with the LayerNorm after it; ``hog_target``, ``fft_loss``, ``patch_fft_loss`` and ``low_pass_target`` are
-MaskFeat's target, A2MIM's loss, the patch-wise focal frequency loss and PixMIM's target. All but ``resized_crop``
-(the random-resized-crop augmentation of a batch of GPU-decoded images, in two launches) are ``torch.library``
-custom ops (``torch.ops.fastmim.*``) with fake kernels and autograd, safe under ``torch.compile(fullgraph=True)``.
-Module forms: ``MaskedMSELoss``, ``MaskedL1Loss``, ``FFTLoss``, ``PatchFFTLoss``, ``HOGTarget``, ``LowPassTarget``,
-``GRN`` (``fastmim.ops.modules``).
+add with the LayerNorm after it, ``bias_gelu`` an MLP's bias with its GELU (the backward with the bias gradient);
+``hog_target``, ``fft_loss``, ``patch_fft_loss`` and ``low_pass_target`` are MaskFeat's target, A2MIM's loss, the
+patch-wise focal frequency loss and PixMIM's target. All but ``resized_crop`` (the random-resized-crop augmentation
+of a batch of GPU-decoded images, in two launches) are ``torch.library`` custom ops (``torch.ops.fastmim.*``) with
+fake kernels and autograd, safe under ``torch.compile(fullgraph=True)``. Module forms: ``MaskedMSELoss``,
+``MaskedL1Loss``, ``FFTLoss``, ``PatchFFTLoss``, ``HOGTarget``, ``LowPassTarget``, ``GRN`` (``fastmim.ops.modules``).
 """
 
 from fastmim.ops._dispatch import set_backend
 from fastmim.ops.attention import attention
+from fastmim.ops.bias_gelu import bias_gelu
 from fastmim.ops.fft_loss import fft_loss
 from fastmim.ops.grn import grn
 from fastmim.ops.hog import hog_target
@@ -26,6 +26,7 @@ from fastmim.ops.patchify import patchify, unpatchify
 from fastmim.ops.reference import (
     add_layer_norm_ref,
     attention_ref,
+    bias_gelu_ref,
     fft_loss_ref,
     gather_visible_ref,
     grn_ref,
@@ -57,6 +58,8 @@ __all__ = [
     "add_layer_norm_ref",
     "attention",
     "attention_ref",
+    "bias_gelu",
+    "bias_gelu_ref",
     "SparseLayout",
     "fft_loss",
     "fft_loss_ref",

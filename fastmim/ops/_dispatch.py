@@ -30,6 +30,7 @@ CPP_DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # ops with no fastmim._C kernel: "cpp" (chosen or forced) runs their "torch" backend instead
 NO_CPP_KERNEL: frozenset[str] = frozenset(
     {
+        "bias_gelu",
         "grn",
         "add_layer_norm",
         "attention",
@@ -43,6 +44,7 @@ NO_CPP_KERNEL: frozenset[str] = frozenset(
 # ops with no fastmim._cuda kernel: "cuda" (chosen or forced) runs their "triton" backend instead
 NO_CUDA_KERNEL: frozenset[str] = frozenset(
     {
+        "bias_gelu",
         "grn",
         "sparse_dwconv",
         "add_layer_norm",

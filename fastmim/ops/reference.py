@@ -238,6 +238,14 @@ def add_layer_norm_ref(
     return y.to(out_dtype), s
 
 
+def bias_gelu_ref(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A transformer MLP's first activation with its bias: ``gelu(x + bias)`` (the exact, erf form of nn.GELU) over
+    the last dim, computed in fp32 (float64 for float64 x) and returned in x's dtype. ``x`` is ``fc1``'s matmul
+    without its bias."""
+    stat = torch.promote_types(x.dtype, torch.float32)
+    return torch.nn.functional.gelu(x.to(stat) + bias.to(stat)).to(x.dtype)
+
+
 def attention_ref(qkv: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Multi-head self-attention from a packed qkv [B, N, 3, H, hd] (a ViT's qkv projection, reshaped): per sample and
     head ``softmax(q k^T * scale) v`` (scale default hd^-0.5), non-causal, no mask, computed in fp32 and returned in

@@ -23,6 +23,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from fastmim.masking import triton_block  # noqa: E402
 from fastmim.ops.triton import (  # noqa: E402
     attention,
+    bias_gelu,
     fft_loss,
     grn,
     hog,
@@ -116,6 +117,11 @@ def specs():
                 "dr_ptr": r, "dx_ptr": x, "part_ptr": "fp32"}  # fmt: skip
         for has_ds, two in itertools.product((True, False), (x != r, False)):
             yield layer_norm._add_ln_bwd_kernel, ptrs, {"HAS_DS": has_ds, "TWO_OUT": two, "BLOCK_M": 4, "BLOCK_C": 1024}
+    # bias_gelu: bf16 x with an fp32 bias (autocast), and x and bias alike
+    for x, bias in (("bf16", "fp32"), ("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16")):
+        yield bias_gelu._bias_gelu_fwd_kernel, {"x_ptr": x, "b_ptr": bias, "y_ptr": x}, {"BLOCK_M": 4, "BLOCK_N": 1024}
+        ptrs = {"dy_ptr": x, "x_ptr": x, "b_ptr": bias, "dx_ptr": x, "part_ptr": "fp32"}
+        yield bias_gelu._bias_gelu_bwd_kernel, ptrs, {"BLOCK_M": 8, "BLOCK_N": 256}
     # attention: bf16/fp16 (GPU matmuls in the input dtype) and fp32 (IEEE), head dims 32 and 64 (16 x 16 tiles for
     # the shortest sequences)
     for dt, prec in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee")):

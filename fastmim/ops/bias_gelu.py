@@ -1,0 +1,128 @@
+"""A transformer MLP's bias and GELU after its first matmul, as one op.
+
+``bias_gelu(x, bias)`` = ``gelu(x + bias)`` (the exact, erf form of ``nn.GELU``), x = ``fc1``'s matmul without its
+bias; fp32 arithmetic, x's dtype out (see ``bias_gelu_ref``). Forward: the same traffic as the GELU after a matmul
+whose epilogue adds the bias (read x, write y). Backward: one pass reads dy and x and writes dx with the bias
+gradient's partial sums, where the unfused ops write dx in GELU's backward and read it again for the bias gradient.
+The bias gradient is summed in fp32 from the unrounded dx.
+
+Backends: Triton (CUDA tensors; one launch forward, one backward plus the sum of the partials) and "torch", the same
+formulas in fp32 (CPU tensors, dtypes the kernels do not take). Registered as ``torch.library.custom_op`` (fake
+kernels, autograd), safe under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastmim.ops._dispatch import (
+    check_device,
+    check_float,
+    choose_backend,
+    custom_op,
+    eager_function,
+    needs_autograd,
+    no_autocast,
+    stat_dtype,
+    use_custom_op,
+)
+
+_OP = "bias_gelu"
+
+
+def _triton_bias_gelu():
+    from fastmim.ops.triton import bias_gelu
+
+    return bias_gelu
+
+
+def _backend(*tensors: torch.Tensor) -> str:
+    return choose_backend(_OP, tensors[0].device, tuple(t.dtype for t in tensors))
+
+
+def _fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x [M, N] contiguous, bias [N] -> [M, N] in x's dtype."""
+    if _backend(x, bias) == "triton":
+        return _triton_bias_gelu().bias_gelu_fwd(x, bias)
+    stat = stat_dtype(x)
+    with no_autocast(x.device):
+        return torch.nn.functional.gelu(x.to(stat) + bias.to(stat)).to(x.dtype)
+
+
+_bias_gelu_op = custom_op("fastmim::bias_gelu", _fwd)
+
+
+@_bias_gelu_op.register_fake
+def _(x, bias):
+    return torch.empty_like(x)
+
+
+def _bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, need_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx [M, N] in x's dtype, dbias [N] in the statistics dtype, [0] when not needed)."""
+    if _backend(dy, x, bias) == "triton":
+        dx, db = _triton_bias_gelu().bias_gelu_bwd(dy.contiguous(), x, bias, need_b)
+    else:
+        stat = stat_dtype(x)
+        with no_autocast(x.device):
+            u = x.to(stat) + bias.to(stat)
+            cdf = 0.5 * (1.0 + torch.erf(u * math.sqrt(0.5)))
+            pdf = torch.exp(-0.5 * u * u) * (1.0 / math.sqrt(2.0 * math.pi))
+            g = dy.to(stat) * (cdf + u * pdf)
+            dx, db = g.to(x.dtype), (g.sum(0) if need_b else None)
+    return dx, x.new_empty((0,), dtype=stat_dtype(x)) if db is None else db
+
+
+_bias_gelu_backward_op = custom_op("fastmim::bias_gelu_backward", _bwd)
+
+
+@_bias_gelu_backward_op.register_fake
+def _(dy, x, bias, need_b):
+    return torch.empty_like(x), x.new_empty((x.shape[1] if need_b else 0,), dtype=stat_dtype(x))
+
+
+def _setup(ctx, inputs, output):
+    x, bias = inputs
+    ctx.save_for_backward(x, bias)
+
+
+def _backward(ctx, dy, bwd=_bias_gelu_backward_op):
+    x, bias = ctx.saved_tensors
+    need_x, need_b = ctx.needs_input_grad
+    dx, db = bwd(dy, x, bias, need_b)
+    return dx if need_x else None, db.to(bias.dtype) if need_b else None
+
+
+_bias_gelu_op.register_autograd(_backward, setup_context=_setup)
+
+_BiasGelu = eager_function("_BiasGelu", _fwd, _setup, lambda ctx, dy: _backward(ctx, dy, _bwd))
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``gelu(x + bias)`` over the last dim (exact GELU, as ``nn.GELU()``), fp32 arithmetic, in x's dtype.
+
+    Args:
+        x: [..., N], a matmul's output without its bias (``F.linear(h, fc1.weight)``; bf16 under autocast).
+        bias: [N] (``fc1.bias``; an fp32 parameter with bf16 x is fine: it is added in fp32).
+    Returns: [..., N] in x's dtype. Gradients flow to x and bias (the bias's in its own dtype, summed in fp32).
+    Under autocast the inputs are used as given (no casts).
+    """
+    for name, t in (("x", x), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_OP}: {name} must be a tensor, got {type(t).__name__}")
+        check_float(_OP, name, t)
+    check_device(_OP, "bias", bias, x.device)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{_OP}: x must be [..., N] with N >= 1, got shape {tuple(x.shape)}")
+    if tuple(bias.shape) != (x.shape[-1],):
+        raise ValueError(f"{_OP}: bias has shape {tuple(bias.shape)}, expected [N] = [{x.shape[-1]}]")
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    if use_custom_op():
+        y = _bias_gelu_op(x2, bias)
+    elif needs_autograd(x, bias):
+        y = _BiasGelu.apply(x2, bias)
+    else:
+        y = _fwd(x2, bias)
+    return y.view(shape)
