@@ -37,6 +37,9 @@ class PretrainConfig:
     fused_norm: bool = field(
         default=False, metadata={"help": "ViT recipes: fuse each residual add with the next LayerNorm (fastmim.ops)"}
     )
+    fused_gelu: bool = field(
+        default=False, metadata={"help": "ViT recipes: each MLP's fc1 bias and GELU as one op (fastmim.ops.bias_gelu)"}
+    )
     grad_ckpt: bool = field(
         default=False,
         metadata={"help": "activation checkpointing: each block's activations recomputed in the backward (memory "

@@ -283,6 +283,10 @@ def build_model(cfg: PretrainConfig, device: torch.device):
                 "--fused-norm applies to the ViT recipes; FCMAE's ConvNeXt V2 has no pre-norm residual adds"
             )
         kwargs["fused_norm"] = True
+    if cfg.fused_gelu:
+        if cfg.model.startswith("fcmae_"):
+            raise UsageError("--fused-gelu applies to the ViT recipes; FCMAE's ConvNeXt V2 MLPs end in GRN, not fc2")
+        kwargs["fused_gelu"] = True
     if cfg.num_masks is not None and not cfg.model.startswith("data2vec2_"):
         raise UsageError("--num-masks applies to data2vec 2.0 (data2vec2_*): the other recipes draw one mask per image")
     if cfg.model.startswith("ijepa_"):

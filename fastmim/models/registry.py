@@ -33,7 +33,8 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
-    """Builds a registered model; keyword arguments override its defaults (e.g. ``img_size=112``).
+    """Builds a registered model; keyword arguments override its defaults (e.g. ``img_size=112``). ``fused_gelu``
+    (any model with ViT MLPs) computes each MLP's fc1 bias and GELU with ``fastmim.ops.bias_gelu``.
 
     Raises:
         ValueError: unknown name (with the closest registered names) or an argument the model does not take.
@@ -43,7 +44,15 @@ def create_model(name: str, **kwargs) -> nn.Module:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown model {name!r}{hint} (fastmim.list_models() lists all {len(_REGISTRY)})")
+    fused_gelu = kwargs.pop("fused_gelu", None)
     try:
-        return _REGISTRY[name](**kwargs)
+        model = _REGISTRY[name](**kwargs)
     except TypeError as e:
         raise ValueError(f"bad arguments for model {name!r}: {e}") from e
+    if fused_gelu is not None:
+        from fastmim.models.vit import Mlp, set_fused_gelu
+
+        if not any(isinstance(m, Mlp) for m in model.modules()):
+            raise ValueError(f"bad arguments for model {name!r}: fused_gelu applies to models with ViT MLPs")
+        set_fused_gelu(model, fused_gelu)
+    return model

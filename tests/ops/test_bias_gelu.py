@@ -144,3 +144,17 @@ def test_vit_mlp_with_fused_gelu_matches_the_plain_one(backend):
     for (n, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name", ["simmim_vit_tiny_patch16", "data2vec2_vit_tiny_patch16", "ijepa_vit_tiny_patch16"])
+def test_every_vit_recipe_takes_fused_gelu(name):
+    """create_model(..., fused_gelu=True) switches every ViT MLP of any recipe (encoder, decoder, predictor, teacher);
+    a model without ViT MLPs says it has none."""
+    import fastmim
+    from fastmim.models.vit import Mlp
+
+    model = fastmim.create_model(name, img_size=32, fused_gelu=True)
+    mlps = [m for m in model.modules() if isinstance(m, Mlp)]
+    assert mlps and all(m.fused_gelu for m in mlps)
+    with pytest.raises(ValueError, match="fused_gelu applies to models with ViT MLPs"):
+        fastmim.create_model("fcmae_convnextv2_atto", fused_gelu=True)

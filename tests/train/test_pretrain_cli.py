@@ -231,8 +231,9 @@ def test_non_finite_weights_are_never_saved(image_folder, tmp_path, monkeypatch,
 
 
 def test_fused_norm_and_fastmim_attention_train_as_the_plain_blocks(image_folder, tmp_path, capsys):
-    """--fused-norm (residual adds fused with the next LayerNorm) and --attn-impl fastmim (fastmim.ops.attention)
-    train the same MAE as the plain blocks and SDPA, step for step; --fused-norm is refused for FCMAE."""
+    """--fused-norm (residual adds fused with the next LayerNorm), --fused-gelu (fc1's bias and GELU as one op) and
+    --attn-impl fastmim (fastmim.ops.attention) train the same MAE as the plain blocks and SDPA, step for step;
+    --fused-norm and --fused-gelu are refused for FCMAE."""
 
     def run(out, *extra):
         pretrain.run([*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--log-interval", "1",
@@ -240,9 +241,11 @@ def test_fused_norm_and_fastmim_attention_train_as_the_plain_blocks(image_folder
         return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
 
     plain = run(tmp_path / "plain")
-    fused = run(tmp_path / "fused", "--fused-norm", "--attn-impl", "fastmim")
+    fused = run(tmp_path / "fused", "--fused-norm", "--fused-gelu", "--attn-impl", "fastmim")
     assert len(plain) == 3 and fused == pytest.approx(plain, rel=1e-5)
     fcmae = ["--model", "fcmae_convnextv2_atto", "--img-size", "64", "--device", "cpu", "--fused-norm",
              "--data-path", str(image_folder), "--output-dir", str(tmp_path / "fcmae")]  # fmt: skip
     assert pretrain.main(fcmae) == 2
     assert "--fused-norm applies to the ViT recipes" in capsys.readouterr().err
+    assert pretrain.main([*(a for a in fcmae if a != "--fused-norm"), "--fused-gelu"]) == 2
+    assert "--fused-gelu applies to the ViT recipes" in capsys.readouterr().err
