@@ -43,12 +43,13 @@ def _backend(*tensors: torch.Tensor) -> str:
 
 
 def _fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x [M, N] contiguous, bias [N] -> [M, N] in x's dtype."""
+    """x [M, N] (contiguous from the public function; inductor may pass any layout), bias [N] -> [M, N] contiguous
+    in x's dtype."""
     if _backend(x, bias) == "triton":
-        return _triton_bias_gelu().bias_gelu_fwd(x, bias)
+        return _triton_bias_gelu().bias_gelu_fwd(x.contiguous(), bias.contiguous())  # the kernels' layout
     stat = stat_dtype(x)
     with no_autocast(x.device):
-        return torch.nn.functional.gelu(x.to(stat) + bias.to(stat)).to(x.dtype)
+        return torch.nn.functional.gelu(x.to(stat) + bias.to(stat)).to(x.dtype).contiguous()
 
 
 _bias_gelu_op = custom_op("fastmim::bias_gelu", _fwd)
@@ -56,13 +57,13 @@ _bias_gelu_op = custom_op("fastmim::bias_gelu", _fwd)
 
 @_bias_gelu_op.register_fake
 def _(x, bias):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 def _bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, need_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx [M, N] in x's dtype, dbias [N] in the statistics dtype, [0] when not needed)."""
     if _backend(dy, x, bias) == "triton":
-        dx, db = _triton_bias_gelu().bias_gelu_bwd(dy.contiguous(), x, bias, need_b)
+        dx, db = _triton_bias_gelu().bias_gelu_bwd(dy.contiguous(), x.contiguous(), bias.contiguous(), need_b)
     else:
         stat = stat_dtype(x)
         with no_autocast(x.device):
@@ -70,7 +71,7 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, need_b: bool) ->
             cdf = 0.5 * (1.0 + torch.erf(u * math.sqrt(0.5)))
             pdf = torch.exp(-0.5 * u * u) * (1.0 / math.sqrt(2.0 * math.pi))
             g = dy.to(stat) * (cdf + u * pdf)
-            dx, db = g.to(x.dtype), (g.sum(0) if need_b else None)
+            dx, db = g.to(x.dtype).contiguous(), (g.sum(0) if need_b else None)
     return dx, x.new_empty((0,), dtype=stat_dtype(x)) if db is None else db
 
 
@@ -79,7 +80,7 @@ _bias_gelu_backward_op = custom_op("fastmim::bias_gelu_backward", _bwd)
 
 @_bias_gelu_backward_op.register_fake
 def _(dy, x, bias, need_b):
-    return torch.empty_like(x), x.new_empty((x.shape[1] if need_b else 0,), dtype=stat_dtype(x))
+    return x.new_empty(x.shape), x.new_empty((x.shape[1] if need_b else 0,), dtype=stat_dtype(x))
 
 
 def _setup(ctx, inputs, output):

@@ -158,3 +158,18 @@ def test_every_vit_recipe_takes_fused_gelu(name):
     assert mlps and all(m.fused_gelu for m in mlps)
     with pytest.raises(ValueError, match="fused_gelu applies to models with ViT MLPs"):
         fastmim.create_model("fcmae_convnextv2_atto", fused_gelu=True)
+
+
+def test_any_layout_inside_the_op(backend):
+    """Under torch.compile inductor may hand the custom op any layout (it is tagged flexible): a transposed x and a
+    strided bias give the same contiguous result and gradients, and opcheck's fake kernels agree on it."""
+    device, name = backend
+    base = torch.randn(24, 6, device=device)
+    x = base.t().requires_grad_()  # [6, 24], column-major
+    b = torch.randn(48, device=device)[::2].requires_grad_()  # stride 2
+    y = torch.ops.fastmim.bias_gelu(x, b)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, bias_gelu_ref(x, b), rtol=1e-6, atol=1e-6)
+    torch.library.opcheck(torch.ops.fastmim.bias_gelu.default, (x, b))
+    dy = torch.randn(24, 6, device=device).t()
+    torch.library.opcheck(torch.ops.fastmim.bias_gelu_backward.default, (dy, x.detach(), b.detach(), True))
