@@ -50,9 +50,16 @@ def create_model(name: str, **kwargs) -> nn.Module:
     except TypeError as e:
         raise ValueError(f"bad arguments for model {name!r}: {e}") from e
     if fused_gelu is not None:
+        from torch import nn
+
         from fastmim.models.vit import Mlp, set_fused_gelu
 
-        if not any(isinstance(m, Mlp) for m in model.modules()):
-            raise ValueError(f"bad arguments for model {name!r}: fused_gelu applies to models with ViT MLPs")
+        if fused_gelu:
+            mlps = [m for m in model.modules() if isinstance(m, Mlp)]
+            in_mlps = sum(1 for m in mlps for c in m.modules() if isinstance(c, nn.GELU))
+            other = sum(1 for m in model.modules() if isinstance(m, nn.GELU)) - in_mlps
+            if not mlps or other:  # none to fuse, or GELUs (a timm encoder's) it would leave unfused
+                raise ValueError(f"bad arguments for model {name!r}: fused_gelu applies to models whose MLPs are "
+                                 f"fastmim ViT MLPs ({len(mlps)} here, {other} other GELU layers)")  # fmt: skip
         set_fused_gelu(model, fused_gelu)
     return model

@@ -108,7 +108,7 @@ def set_fused_gelu(model: nn.Module, on: bool = True) -> nn.Module:
     ``nn.Linear`` + ``nn.GELU`` (off): the same function and parameters, one pass less over the hidden activations
     in the backward (the bias gradient is summed with the GELU's backward). Returns ``model``."""
     for m in model.modules():
-        if isinstance(m, Mlp):
+        if isinstance(m, (Mlp, VisionTransformer)):
             m.fused_gelu = bool(on)
     return model
 

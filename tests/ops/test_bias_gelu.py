@@ -155,9 +155,10 @@ def test_every_vit_recipe_takes_fused_gelu(name):
 
     model = fastmim.create_model(name, img_size=32, fused_gelu=True)
     mlps = [m for m in model.modules() if isinstance(m, Mlp)]
-    assert mlps and all(m.fused_gelu for m in mlps)
-    with pytest.raises(ValueError, match="fused_gelu applies to models with ViT MLPs"):
+    assert mlps and all(m.fused_gelu for m in mlps) and model.fused_gelu
+    with pytest.raises(ValueError, match="fused_gelu applies to models whose MLPs are fastmim ViT MLPs"):
         fastmim.create_model("fcmae_convnextv2_atto", fused_gelu=True)
+    fastmim.create_model("fcmae_convnextv2_atto", fused_gelu=False)  # off is always fine
 
 
 def test_any_layout_inside_the_op(backend):

@@ -230,7 +230,7 @@ def test_non_finite_weights_are_never_saved(image_folder, tmp_path, monkeypatch,
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
 
 
-def test_fused_norm_and_fastmim_attention_train_as_the_plain_blocks(image_folder, tmp_path, capsys):
+def test_fused_norm_and_fastmim_attention_train_as_the_plain_blocks(image_folder, tmp_path, capsys, monkeypatch):
     """--fused-norm (residual adds fused with the next LayerNorm), --fused-gelu (fc1's bias and GELU as one op) and
     --attn-impl fastmim (fastmim.ops.attention) train the same MAE as the plain blocks and SDPA, step for step;
     --fused-norm and --fused-gelu are refused for FCMAE."""
@@ -241,7 +241,13 @@ def test_fused_norm_and_fastmim_attention_train_as_the_plain_blocks(image_folder
         return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
 
     plain = run(tmp_path / "plain")
+    calls = []
+    import fastmim.models.vit as vit
+
+    real = vit.bias_gelu
+    monkeypatch.setattr(vit, "bias_gelu", lambda *a: calls.append(1) or real(*a))
     fused = run(tmp_path / "fused", "--fused-norm", "--fused-gelu", "--attn-impl", "fastmim")
+    assert calls, "--fused-gelu did not reach the model's MLPs"
     assert len(plain) == 3 and fused == pytest.approx(plain, rel=1e-5)
     fcmae = ["--model", "fcmae_convnextv2_atto", "--img-size", "64", "--device", "cpu", "--fused-norm",
              "--data-path", str(image_folder), "--output-dir", str(tmp_path / "fcmae")]  # fmt: skip

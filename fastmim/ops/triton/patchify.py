@@ -128,6 +128,8 @@ def _run(img: torch.Tensor, pat: torch.Tensor, p: int, to_patches: bool, config:
     gh, gw = h // p, w // p
     form, block_a, block_b, num_warps = config or blocks(c, gw * p)
     if form == "flat":
+        if triton.cdiv(gw * p * p * c, block_a) > 65535:  # grid axis 2's limit
+            raise ValueError(f"patchify: a row of {gw} patches of {p * p * c} values is too long for BLOCK={block_a}")
         wide = max(_extent(img, (c, gh * p, gw * p)), _extent(pat, tuple(pat.shape[1:]))) >= INT32_OFFSETS - 2 * block_a
         _patch_flat_kernel[(b, gh, triton.cdiv(gw * p * p * c, block_a))](
             img, pat, gw, *img.stride(), *pat.stride(),
