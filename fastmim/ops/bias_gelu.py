@@ -28,6 +28,7 @@ from fastmim.ops._dispatch import (
     stat_dtype,
     use_custom_op,
 )
+from fastmim.ops.reference import bias_gelu_ref
 
 _OP = "bias_gelu"
 
@@ -47,9 +48,8 @@ def _fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     in x's dtype."""
     if _backend(x, bias) == "triton":
         return _triton_bias_gelu().bias_gelu_fwd(x.contiguous(), bias.contiguous())  # the kernels' layout
-    stat = stat_dtype(x)
     with no_autocast(x.device):
-        return torch.nn.functional.gelu(x.to(stat) + bias.to(stat)).to(x.dtype).contiguous()
+        return bias_gelu_ref(x, bias).contiguous()
 
 
 _bias_gelu_op = custom_op("fastmim::bias_gelu", _fwd)

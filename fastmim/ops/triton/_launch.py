@@ -186,9 +186,7 @@ class JitKernel:
         if any(isinstance(v, containers) for v in kwargs.values()) or any(isinstance(a, (tuple, list)) for a in args):
             return compiled  # a tensor in a keyword or a container: not keyed by what Triton specialises on
         tail = tuple((n, self._defaults.get(n)) for n in self.arg_names[len(args) :])
-        if len(args) + len(tail) != len(self.arg_names) or any(
-            n not in kwargs and n not in self._defaults for n, _ in tail
-        ):
+        if any(n not in kwargs and n not in self._defaults for n, _ in tail):
             return compiled  # Triton raised already if so; kept as a guard
         if len(self._cache) >= MAX_SIGNATURES:
             self._cache.clear()
