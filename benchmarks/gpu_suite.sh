@@ -16,14 +16,15 @@
 #   (eval); the tables of this run.
 # Usage: FASTMIM_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_suite.sh RESULTS_DIR
 # GPU_SUITE_ONLY=ops_tests,ops,... runs only the named steps (ops_tests, graph_tests, target_tests, graph, recipes,
-# teacher, host, ops, vit_b_eager, vit_b_compile, compile_modes (the default mode's row comes from vit_b_compile),
+# teacher, host, ops, vit_b_eager, vit_b_compile, twins, compile_modes (the default mode's row comes from vit_b_compile),
 # sanitizer, tests, fcmae, sparse_conv, tune, vit_b, compile_tests, other, fcmae_compile, vit_l, cli, hf, gpu_data,
 # eval; the environment, the build and the tables always run), and GPU_SUITE_TESTS_K replaces the -k filter of the
 # tests step ("not compile").
-# (the tree sent to a GPU machine has no .git, so FASTMIM_COMMIT names the commit in every row). RESULTS_DIR gets at
-# most 8 files (what the device tool returns): suite.log (the build's log only when it fails), throughput.jsonl,
-# ops.jsonl, profiles.tar (torch.profiler traces), demo_metrics.jsonl, sparse_conv.jsonl, tune_sparse_dwconv.jsonl
-# and (once written) masks/dataload.jsonl.
+# (the tree sent to a GPU machine has no .git, so FASTMIM_COMMIT names the commit in every row). The device tool returns
+# at most 8 files per call, so pick GPU_SUITE_ONLY to write at most 8 of: suite.log (the build's log only when it
+# fails), throughput.jsonl, ops.jsonl, ops_compiled.jsonl, host_overhead.jsonl, profiles.tar (torch.profiler traces),
+# demo_metrics.jsonl, fsdp_metrics.jsonl, sparse_conv.jsonl, tune_sparse_dwconv.jsonl, tune_triton_ops.jsonl,
+# hf_vit_mae.jsonl, eval.jsonl and masks/dataload.jsonl.
 set -uo pipefail
 RESULTS=${1:?usage: gpu_suite.sh RESULTS_DIR}
 mkdir -p "$RESULTS"
@@ -148,6 +149,16 @@ want vit_b_compile && step "throughput: MAE ViT-B/16, batch 256, bf16, under tor
   fits 120 "ViT-B compiled throughput" && run 200 $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 \
   --amp bf16 --steps 15 --warmup 4 --peak-tflops 790 --modes reference+compile,fastmim+compile \
   --out "$RESULTS/throughput.jsonl"
+
+# issue 14 item 4: inductor launching fastmim's Triton kernels itself (set_compiled_ops("triton")) against the opaque
+# custom ops, per op (fastmim+compile[opaque|triton] rows against the compiled reference) and in the compiled step
+want twins && step "compiled fused ops: opaque custom ops vs Triton twins launched by inductor (ops, ViT-B step)" && {
+  fits 90 "compiled ops benchmark" && run 180 $PY benchmarks/ops.py --ops gather,scatter,loss,patchify --compiled-fused \
+    --out "$RESULTS/ops_compiled.jsonl"
+  fits 120 "ViT-B compiled throughput, Triton twins" && run 200 $PY benchmarks/throughput.py --model vit_base_patch16 \
+    --batch-size 256 --amp bf16 --steps 15 --warmup 4 --peak-tflops 790 --modes fastmim+compile \
+    --compiled-ops triton --out "$RESULTS/throughput.jsonl"
+}
 
 # torch.compile's modes on the fused MAE step, one run each (issue 15: the best becomes --compile's default; a torch
 # whose mode regresses shows here, measured, not assumed)

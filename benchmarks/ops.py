@@ -12,7 +12,10 @@ With ``--cuda-graph`` the forward and the forward+backward passes on a GPU are a
 (``ms_graph``; the backward alone cannot be captured: its forward ran outside the capture): kernel time without the
 Python and launch overhead, which at these sizes can be as long as the kernels; a capture that fails (seen on
 torch 2.11 + triton 3.6) leaves CUDA's random state unusable, so graph timing stops for the rest of the run, and the
-other columns go on. Rows are written as each op finishes. Dtypes are those the MAE recipe hands each op under bf16
+other columns go on. With ``--compiled-fused`` the ops that have Triton twins (gather, scatter, loss, patchify) are
+also timed compiled: ``fastmim+compile[opaque]`` (inductor calls the custom ops) and ``fastmim+compile[triton]``
+(``set_compiled_ops("triton")``: inductor launches fastmim's Triton kernels itself), against the compiled reference
+(issue 14, item 4). Rows are written as each op finishes. Dtypes are those the MAE recipe hands each op under bf16
 autocast on a GPU (fp32 on CPU). Never asserts anything: the targets live in the issue and the closing notes.
 """
 
@@ -59,11 +62,13 @@ from fastmim.ops import (  # noqa: E402
     scatter_masked,
     scatter_masked_ref,
 )
-from fastmim.ops._dispatch import NO_CUDA_KERNEL, choose_backend, set_backend  # noqa: E402
+from fastmim.ops._dispatch import NO_CUDA_KERNEL, choose_backend, set_backend, set_compiled_ops  # noqa: E402
 
 OPS = ("gather", "scatter", "loss", "patchify", "grn", "add_ln", "bias_gelu", "attn", "attn_enc", "hog", "fft", "pfft",
        "lowpass")  # fmt: skip
 PASSES = ("fwd", "bwd", "fwd+bwd")
+# the cases whose ops have a Triton twin (fastmim.ops.set_compiled_ops), by --ops key and by op name
+TWIN_OPS = {"gather": "gather_visible", "scatter": "scatter_masked", "loss": "masked_mse_loss", "patchify": "patchify"}
 
 
 @dataclass
@@ -340,6 +345,11 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 on GPU, 10 on CPU)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) column")
     ap.add_argument("--cuda-graph", action="store_true", help="also time each pass replayed from a CUDA graph")
+    ap.add_argument(
+        "--compiled-fused",
+        action="store_true",
+        help=f"also time the fused ops compiled, opaque and as Triton twins ({', '.join(TWIN_OPS)})",
+    )
     ap.add_argument("--out", default=None, help="append the JSON rows to this file")
     args = ap.parse_args(argv)
 
@@ -360,16 +370,21 @@ def main(argv=None) -> int:
                         args.mask_ratio, device, lowp)  # fmt: skip
     table = []
     for case in cases:
-        impls: dict[str, tuple[Callable, str | None]] = {
-            f"fastmim[{name}]": (case.fused, name) for name in case.fused_backends(device)
+        # impl -> (function, forced backend, compiled-ops mode)
+        impls: dict[str, tuple[Callable, str | None, str | None]] = {
+            f"fastmim[{name}]": (case.fused, name, None) for name in case.fused_backends(device)
         }
-        impls["eager"] = (case.ref, None)
+        impls["eager"] = (case.ref, None, None)
         if not args.no_compile:
             torch._dynamo.reset()
-            impls["compiled"] = (torch.compile(case.ref), None)
+            impls["compiled"] = (torch.compile(case.ref), None, None)
+            if args.compiled_fused and case.op in TWIN_OPS.values():
+                for mode in ("opaque", "triton"):  # traced at the first call, under the mode set then
+                    impls[f"fastmim+compile[{mode}]"] = (torch.compile(case.fused), None, mode)
         times: dict[tuple[str, str], float] = {}
-        for impl, (fn, backend) in impls.items():
+        for impl, (fn, backend, mode) in impls.items():
             prev = set_backend(backend) if backend else None
+            prev_mode = set_compiled_ops(mode) if mode else None
             try:
                 closures, graph_closures = passes(fn, case.inputs)
                 for pas, closure in closures.items():
@@ -394,6 +409,8 @@ def main(argv=None) -> int:
             finally:
                 if backend:
                     set_backend(prev)
+                if mode:
+                    set_compiled_ops(prev_mode)
         for row in table:
             if row["op"] == case.op and row["impl"].startswith("fastmim"):
                 row["speedup_vs_eager"] = round(times[("eager", row["pass"])] / row["ms_median"], 3)

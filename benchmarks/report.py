@@ -61,8 +61,12 @@ def throughput_table(rows: list[dict]) -> str:
     rows = [r for r in rows if r.get("benchmark") == "throughput" and "img_per_s" in r
             and r.get("data", "synthetic") == "synthetic"]  # fmt: skip
 
-    def model_cell(r: dict) -> str:  # --model-arg settings are part of the configuration
-        extra = r.get("model_args") or {}
+    def model_cell(r: dict) -> str:  # --model-arg settings, a compile mode or compiled ops not the default: apart
+        extra = dict(r.get("model_args") or {})
+        if r.get("compile_mode") not in (None, "default"):
+            extra["compile_mode"] = r["compile_mode"]
+        if r.get("compiled_ops") not in (None, "opaque"):
+            extra["compiled_ops"] = r["compiled_ops"]
         return r["model"] + "".join(f" {k}={v}" for k, v in sorted(extra.items()))
 
     latest = _latest(rows, lambda r: (r["device"], r["date"][:10], model_cell(r), r["batch_size"], r.get("amp"),

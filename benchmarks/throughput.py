@@ -55,6 +55,7 @@ from benchmarks.common import copy_bandwidth, environment, write_row  # noqa: E4
 from benchmarks.recipes import RECIPES, core_model, get_recipe  # noqa: E402
 from fastmim.masking import MaskInfo  # noqa: E402
 from fastmim.models.vit import set_grad_ckpt  # noqa: E402
+from fastmim.ops._dispatch import COMPILED_OPS, compiled_ops, set_compiled_ops  # noqa: E402
 from fastmim.train.fsdp import init_single_process_group, shard_model  # noqa: E402
 from fastmim.train.optim import build_adamw  # noqa: E402
 from fastmim.train.step import TrainStep  # noqa: E402
@@ -118,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--modes", type=parse_modes, default=list(MODES),
                     help=f"comma-separated, from {', '.join(MODES + GRAPH_MODES)}")  # fmt: skip
     ap.add_argument("--compile-mode", choices=COMPILE_MODES, default="default", help="torch.compile's mode")
+    ap.add_argument("--compiled-ops", choices=COMPILED_OPS, default=None,
+                    help="how torch.compile sees the fused ops: opaque custom ops, or their Triton kernels launched by "
+                    "inductor (fastmim.ops.set_compiled_ops; default: FASTMIM_COMPILED_OPS, else opaque)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=20, help="timed steps per mode")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens in the first)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -479,6 +483,7 @@ def run_mode(
         "model_args": dict(args.model_arg) or None,
         "grad_ckpt": args.grad_ckpt, "fsdp": args.fsdp,
         "compile_mode": args.compile_mode if compiled else None, "cuda_graph": runner.capture,
+        "compiled_ops": compiled_ops() if compiled else None,
         "batch_size": args.batch_size,
         "img_size": args.img_size, "amp": args.amp, "steps": args.steps, "warmup": args.warmup,
         "img_per_s": float(f"{ips:.5g}"), "img_per_s_wall": float(f"{args.batch_size * args.steps / wall:.5g}"),
@@ -531,6 +536,8 @@ def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     check_args(ap, args)
+    if args.compiled_ops:
+        set_compiled_ops(args.compiled_ops)
     recipe = get_recipe(args.recipe)
     model_name = recipe.model_name(args.model)
     device = torch.device(args.device)

@@ -262,6 +262,21 @@ def test_ops_benchmark_smoke_on_cpu(tmp_path):
     assert all(r["commit"] and r["torch"] and r["date"] and r["device"] == "cpu" for r in rows)
 
 
+def test_ops_benchmark_times_the_fused_ops_compiled_both_ways(tmp_path):
+    import ops
+
+    out = tmp_path / "ops.jsonl"
+    args = ["--device", "cpu", "--batch-size", "2", "--img-size", "16", "--patch-size", "8", "--encoder-dim", "8",
+            "--decoder-dim", "8", "--reps", "1", "--ops", "gather", "--compiled-fused", "--out", str(out)]  # fmt: skip
+    assert ops.main(args) == 0
+    rows = [r for r in read_rows(out) if r["op"] == "gather_visible"]
+    impls = {r["impl"] for r in rows}
+    assert {"eager", "compiled", "fastmim+compile[opaque]", "fastmim+compile[triton]"} <= impls
+    for r in rows:
+        if r["impl"].startswith("fastmim+compile"):
+            assert r["speedup_vs_compiled"] > 0 and r["ms_median"] > 0
+
+
 # --- the results tables ---
 
 
@@ -285,6 +300,21 @@ def test_report_one_row_per_device_and_date_with_the_latest_of_each_mode(tmp_pat
     h100 = next(line for line in lines if "H100" in line and "2026-12-01" in line)
     assert "6,800" in h100 and "6,000" not in h100 and "3,500" in h100 and "2.27x (fastmim+compile)" in h100
     assert "50.5%" in h100  # 6800 / 13460
+
+
+def test_report_keeps_other_compile_modes_and_compiled_ops_apart(tmp_path):
+    rows = [_tp("fastmim+compile", 5000.0, compile_mode="default", compiled_ops="opaque"),
+            _tp("fastmim+compile", 5200.0, date="2026-12-01T11:00:00+00:00", compile_mode="reduce-overhead",
+                compiled_ops="opaque"),
+            _tp("fastmim+compile", 5100.0, date="2026-12-01T12:00:00+00:00", compile_mode="default",
+                compiled_ops="triton")]  # fmt: skip
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "throughput.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    lines = [x for x in report.throughput_table(report.load_rows(tmp_path)).splitlines() if x.startswith("| 2026")]
+    assert len(lines) == 3  # one configuration each: none replaces another
+    assert any("5,000" in x and "compile_mode" not in x and "compiled_ops" not in x for x in lines)
+    assert any("5,200" in x and "compile_mode=reduce-overhead" in x for x in lines)
+    assert any("5,100" in x and "compiled_ops=triton" in x for x in lines)
 
 
 def test_report_shows_graph_modes_once_measured(tmp_path):

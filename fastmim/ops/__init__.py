@@ -7,11 +7,13 @@ add with the LayerNorm after it, ``bias_gelu`` an MLP's bias with its GELU (the 
 ``hog_target``, ``fft_loss``, ``patch_fft_loss`` and ``low_pass_target`` are MaskFeat's target, A2MIM's loss, the
 patch-wise focal frequency loss and PixMIM's target. All but ``resized_crop`` (the random-resized-crop augmentation
 of a batch of GPU-decoded images, in two launches) are ``torch.library`` custom ops (``torch.ops.fastmim.*``) with
-fake kernels and autograd, safe under ``torch.compile(fullgraph=True)``. Module forms: ``MaskedMSELoss``,
+fake kernels and autograd, safe under ``torch.compile(fullgraph=True)``; ``set_compiled_ops("triton")`` (or
+``FASTMIM_COMPILED_OPS=triton``) lets inductor see and launch the Triton kernels of the token ops, the masked losses
+and patchify itself instead of calling the opaque ops. Module forms: ``MaskedMSELoss``,
 ``MaskedL1Loss``, ``FFTLoss``, ``PatchFFTLoss``, ``HOGTarget``, ``LowPassTarget``, ``GRN`` (``fastmim.ops.modules``).
 """
 
-from fastmim.ops._dispatch import set_backend
+from fastmim.ops._dispatch import set_backend, set_compiled_ops
 from fastmim.ops.attention import attention
 from fastmim.ops.bias_gelu import bias_gelu
 from fastmim.ops.fft_loss import fft_loss
@@ -85,6 +87,7 @@ __all__ = [
     "scatter_masked",
     "scatter_masked_ref",
     "set_backend",
+    "set_compiled_ops",
     "sparse_dwconv",
     "sparse_dwconv_ref",
     "unpatchify",

@@ -330,6 +330,60 @@ def custom_op(name: str, fn: Callable):
     return torch.library.custom_op(name, fn, mutates_args=())
 
 
+# Under torch.compile an op with a Triton twin is traced either as its opaque custom op ("opaque": inductor's code
+# calls into fastmim, which picks the backend and launches the kernels) or as the twin ("triton": registered with
+# torch.library.triton_op, inductor sees fastmim's Triton kernels in the graph and launches them from its own code, with
+# its own buffer planning). benchmarks/ops.py --compiled-fused times both (issue 14, item 4).
+COMPILED_OPS = ("opaque", "triton")
+_compiled_override: str | None = None
+
+
+def set_compiled_ops(name: str | None) -> str | None:
+    """How torch.compile sees the ops that have a Triton twin (gather_visible, scatter_masked, the masked losses,
+    patchify, unpatchify): "opaque" (custom ops), "triton" (inductor launches their Triton kernels itself) or None
+    (back to ``FASTMIM_COMPILED_OPS``, default opaque). Set it before compiling; returns the previous setting."""
+    global _compiled_override
+    if name is not None:
+        name = name.strip().lower()
+        if name not in COMPILED_OPS:
+            raise ValueError(f"set_compiled_ops: {name!r} is not one of {', '.join(COMPILED_OPS)}")
+    prev, _compiled_override = _compiled_override, name
+    return prev
+
+
+def compiled_ops() -> str:
+    if _compiled_override is not None:
+        return _compiled_override
+    name = getenv("FASTMIM_COMPILED_OPS", "opaque").strip().lower() or "opaque"
+    if name not in COMPILED_OPS:
+        raise ValueError(f"FASTMIM_COMPILED_OPS={name!r} is not one of {', '.join(COMPILED_OPS)}")
+    return name
+
+
+def triton_twin(name: str, like: Callable, impl: Callable):
+    """``impl`` (the Triton path of an op, taking the arguments of ``like``, its opaque function) registered with
+    ``torch.library.triton_op`` as ``fastmim::<name>``; None where torch has no ``triton_op`` (before 2.6) or Triton is
+    absent. ``impl`` must launch its kernels through ``jit_kernel`` kernels, which torch.compile then records."""
+    triton_op = getattr(torch.library, "triton_op", None)
+    if triton_op is None or getattr(torch.library, "wrap_triton", None) is None or triton_available():
+        return None
+
+    @functools.wraps(like)  # the schema is inferred from like's annotations
+    def fn(*args):
+        return impl(*args)
+
+    return triton_op(f"fastmim::{name}", fn, mutates_args=())
+
+
+def traced_op(opaque, twin, device: torch.device):
+    """The op torch.compile traces for tensors on ``device``: the Triton twin when ``compiled_ops()`` is "triton" and
+    the Triton kernels would run there (CUDA tensors; meta tensors, which tests trace with), else the opaque op. A
+    forced backend other than Triton keeps the opaque op, and so does the interpreter (it cannot be traced)."""
+    if twin is None or device.type not in ("cuda", "meta") or compiled_ops() != "triton" or triton_interpreted():
+        return opaque
+    return twin if forced_backend() in (None, "triton") else opaque
+
+
 def use_custom_op() -> bool:
     """True when a call must go through the registered custom op rather than the lower-overhead eager
     ``autograd.Function``: while torch.compile traces, and while a dispatch mode is active (FlopCounterMode,

@@ -7,6 +7,8 @@ gradient for ``pred`` only.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fastmim.ops import _cpu, _cuda
@@ -19,6 +21,8 @@ from fastmim.ops._dispatch import (
     eager_function,
     forced_backend,
     needs_autograd,
+    traced_op,
+    triton_twin,
     unaliased,
     use_custom_op,
 )
@@ -75,7 +79,10 @@ def _loss_fwd(
     pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool, eps: float, p: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, mask weight sum), both 0-d fp32. target is [B, C, H, W] images or [B, L, D] patches."""
-    backend = _backend(pred, target)
+    return _loss_fwd_on(_backend(pred, target), pred, target, mask, patch_size, norm_pix, eps, p)
+
+
+def _loss_fwd_on(backend: str, pred, target, mask, patch_size, norm_pix, eps, p) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "torch":
         if target.dim() == 4:
             loss = masked_mse_loss_ref(pred, target, mask, patch_size, norm_pix, eps, p)
@@ -108,7 +115,10 @@ def _loss_bwd(
     eps: float,
     p: int,
 ) -> torch.Tensor:
-    backend = _backend(pred, target)
+    return _loss_bwd_on(_backend(pred, target), grad_loss, pred, target, mask, denom, patch_size, norm_pix, eps, p)
+
+
+def _loss_bwd_on(backend: str, grad_loss, pred, target, mask, denom, patch_size, norm_pix, eps, p) -> torch.Tensor:
     if backend == "torch":
         return _masked_loss_backward_ref(grad_loss, pred, target, mask, denom, patch_size, norm_pix, eps, p)
     kernels, target, geometry = _kernels(backend, target, patch_size)
@@ -156,9 +166,22 @@ _MaskedLoss = eager_function(
 )
 
 
+# the Triton twins inductor can see into (fastmim.ops._dispatch.traced_op)
+_masked_loss_twin = triton_twin("masked_loss_triton", _loss_fwd, functools.partial(_loss_fwd_on, "triton"))
+_masked_loss_backward_twin = triton_twin(
+    "masked_loss_backward_triton", _loss_bwd, functools.partial(_loss_bwd_on, "triton")
+)
+if _masked_loss_twin is not None:
+    _masked_loss_twin.register_autograd(
+        lambda ctx, gl, gd: _loss_backward(ctx, gl, gd, _masked_loss_backward_twin), setup_context=_loss_setup
+    )
+
+
 def _call(*args) -> torch.Tensor:
     if use_custom_op():
-        return _masked_loss_op(*args)[0]
+        pred = args[0]
+        twin = _masked_loss_twin if pred.shape[-1] <= TRITON_MAX_PATCH else None
+        return traced_op(_masked_loss_op, twin, pred.device)(*args)[0]
     return (_MaskedLoss.apply(*args) if needs_autograd(args[0]) else _loss_fwd(*args))[0]
 
 

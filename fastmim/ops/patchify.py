@@ -15,6 +15,8 @@ from fastmim.ops._dispatch import (
     custom_op,
     eager_function,
     needs_autograd,
+    traced_op,
+    triton_twin,
     use_custom_op,
 )
 from fastmim.ops.reference import patchify_ref, unpatchify_ref
@@ -111,6 +113,21 @@ _Unpatchify = eager_function(
     True,
 )
 
+# the Triton twins inductor can see into (fastmim.ops._dispatch.traced_op), each the other's backward
+_patchify_twin = triton_twin("patchify_triton", _patchify_impl, lambda imgs, p: _triton_patchify().patchify(imgs, p))
+_unpatchify_twin = triton_twin(
+    "unpatchify_triton",
+    _unpatchify_impl,
+    lambda x, p, gh, gw, channels: _triton_patchify().unpatchify(x, p, (gh, gw), channels),
+)
+if _patchify_twin is not None:
+    _patchify_twin.register_autograd(
+        lambda ctx, g: _patchify_backward(ctx, g, _unpatchify_twin), setup_context=_patchify_setup
+    )
+    _unpatchify_twin.register_autograd(
+        lambda ctx, g: _unpatchify_backward(ctx, g, _patchify_twin), setup_context=_unpatchify_setup
+    )
+
 
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, L, p*p*C] with L = (H/p)*(W/p), channels last inside a patch (as ``patchify_ref``).
@@ -126,7 +143,7 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     if h % patch_size or w % patch_size:
         raise ValueError(f"patchify: image size {h}x{w} is not divisible by the patch size {patch_size}")
     if use_custom_op():
-        return _patchify_op(imgs, patch_size)
+        return traced_op(_patchify_op, _patchify_twin, imgs.device)(imgs, patch_size)
     return _Patchify.apply(imgs, patch_size) if needs_autograd(imgs) else _patchify_impl(imgs, patch_size)
 
 
@@ -147,7 +164,7 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int], channels
             f"for grid {gh}x{gw}, patch {patch_size}, {channels} channels"
         )
     if use_custom_op():
-        return _unpatchify_op(x, patch_size, gh, gw, channels)
+        return traced_op(_unpatchify_op, _unpatchify_twin, x.device)(x, patch_size, gh, gw, channels)
     if needs_autograd(x):
         return _Unpatchify.apply(x, patch_size, gh, gw, channels)
     return _unpatchify_impl(x, patch_size, gh, gw, channels)

@@ -6,6 +6,8 @@ autograd), so they run under ``torch.compile(fullgraph=True)``; the backend is p
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fastmim.ops import _cpu, _cuda
@@ -18,6 +20,8 @@ from fastmim.ops._dispatch import (
     custom_op,
     eager_function,
     needs_autograd,
+    traced_op,
+    triton_twin,
     unaliased,
     use_custom_op,
 )
@@ -92,6 +96,18 @@ _GatherVisible = eager_function(
     "_GatherVisible", _gather_fwd, _gather_setup, lambda ctx, grad: _gather_backward(ctx, grad, _gather_bwd)
 )
 
+# the Triton twins inductor can see into (fastmim.ops._dispatch.traced_op)
+_gather_visible_twin = triton_twin(
+    "gather_visible_triton", _gather_fwd, lambda x, ids_keep: _triton_tokens().gather_visible(x, ids_keep)
+)
+_gather_visible_backward_twin = triton_twin(
+    "gather_visible_backward_triton", _gather_bwd, lambda g, ids, n: _triton_tokens().gather_visible_backward(g, ids, n)
+)
+if _gather_visible_twin is not None:
+    _gather_visible_twin.register_autograd(
+        lambda ctx, grad: _gather_backward(ctx, grad, _gather_visible_backward_twin), setup_context=_gather_setup
+    )
+
 
 def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     """Keeps the visible tokens: ``out[b, k] = x[b, ids_keep[b, k]]``, without expanding the index D times.
@@ -114,7 +130,7 @@ def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     if ids_keep.shape[1] > x.shape[1]:
         raise ValueError(f"{op}: ids_keep keeps {ids_keep.shape[1]} tokens of {x.shape[1]}; ids must be distinct")
     if use_custom_op():
-        return _gather_visible_op(x, ids_keep)
+        return traced_op(_gather_visible_op, _gather_visible_twin, x.device)(x, ids_keep)
     return _GatherVisible.apply(x, ids_keep) if needs_autograd(x) else _gather_fwd(x, ids_keep)
 
 
@@ -130,9 +146,13 @@ def _scatter_fwd(
 ) -> torch.Tensor:
     # mask_token [D], pos_embed [R, D], cls_token [B or 1, D] (the public function reshapes them)
     check_id_values("scatter_masked", "ids_restore", ids_restore, ids_restore.shape[1], distinct=True)
-    out_dtype = _out_dtype(x_vis, mask_token, pos_embed, cls_token)
     tensors = [t for t in (x_vis, mask_token, pos_embed, cls_token) if t is not None]
     backend = choose_backend("scatter_masked", x_vis.device, tuple(t.dtype for t in tensors))
+    return _scatter_fwd_on(backend, x_vis, ids_restore, mask_token, pos_embed, cls_token)
+
+
+def _scatter_fwd_on(backend: str, x_vis, ids_restore, mask_token, pos_embed, cls_token) -> torch.Tensor:
+    out_dtype = _out_dtype(x_vis, mask_token, pos_embed, cls_token)
     if backend == "cuda":
         return _cuda.scatter_masked(x_vis, ids_restore, mask_token, pos_embed, cls_token, out_dtype)
     if backend == "triton":
@@ -173,6 +193,10 @@ def _scatter_bwd(
     """Returns grad_x_vis [B, K, D] (x_dtype), grad_mask_token [D] fp32, grad_pos [R, D] fp32 ([0, D] if unused),
     grad_cls [cls_rows, D] in cls_dtype ([0, D] without a class token)."""
     backend = choose_backend("scatter_masked", grad.device, (grad.dtype, x_dtype))
+    return _scatter_bwd_on(backend, grad, ids_restore, k, has_cls, need_pos, x_dtype, cls_dtype, cls_rows)
+
+
+def _scatter_bwd_on(backend: str, grad, ids_restore, k, has_cls, need_pos, x_dtype, cls_dtype, cls_rows):
     gcls = None
     if backend == "cuda":
         gx, gmt, gpos, gcls = _cuda.scatter_masked_backward(
@@ -251,6 +275,15 @@ _ScatterMasked = eager_function(
     "_ScatterMasked", _scatter_fwd, _scatter_setup, lambda ctx, grad: _scatter_backward(ctx, grad, _scatter_bwd)
 )
 
+_scatter_masked_twin = triton_twin("scatter_masked_triton", _scatter_fwd, functools.partial(_scatter_fwd_on, "triton"))
+_scatter_masked_backward_twin = triton_twin(
+    "scatter_masked_backward_triton", _scatter_bwd, functools.partial(_scatter_bwd_on, "triton")
+)
+if _scatter_masked_twin is not None:
+    _scatter_masked_twin.register_autograd(
+        lambda ctx, grad: _scatter_backward(ctx, grad, _scatter_masked_backward_twin), setup_context=_scatter_setup
+    )
+
 
 def scatter_masked(
     x_vis: torch.Tensor,
@@ -315,7 +348,7 @@ def scatter_masked(
             cls_token = cls_token.reshape(-1, d)
     args = (x_vis, ids_restore, mask_token if mask_token.dim() == 1 else mask_token.reshape(d), pos_embed, cls_token)
     if use_custom_op():
-        return _scatter_masked_op(*args)
+        return traced_op(_scatter_masked_op, _scatter_masked_twin, device)(*args)
     return (
         _ScatterMasked.apply(*args) if needs_autograd(x_vis, mask_token, pos_embed, cls_token) else _scatter_fwd(*args)
     )

@@ -16,7 +16,9 @@ chosen.
 Triton's own path is taken when its launch hooks or the kernel's pre-run hooks are set (a profiler such as proton
 is listening), under the
 interpreter (``TRITON_INTERPRET=1``: ``jit_kernel`` returns the interpreted function itself), with a callable grid,
-or with ``FASTMIM_TRITON_LAUNCH=jit`` (for comparison, benchmarks/host_overhead.py). If a signature's first direct
+or with ``FASTMIM_TRITON_LAUNCH=jit`` (for comparison, benchmarks/host_overhead.py). Tensors that torch.compile
+traces with (fake or functional tensors, inside an op registered with ``torch.library.triton_op``) launch through
+``torch.library.wrap_triton``, which records the launch in the graph for inductor to run. If a signature's first direct
 call is rejected by the launcher before anything runs (an argument it cannot parse: a Triton whose launcher changed),
 fastmim warns once and launches that signature through Triton from then on. CPU tensors (under the interpreter the
 kernels are not wrapped at all) always take Triton's path, whose launcher rejects them with a clear error.
@@ -29,6 +31,8 @@ import warnings
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 from fastmim.ops._dispatch import getenv
 
@@ -42,6 +46,13 @@ DIRECT = getenv("FASTMIM_TRITON_LAUNCH", "direct").strip().lower() != "jit"
 MAX_SIGNATURES = 256  # per kernel; the cache starts over past this (shapes that never repeat)
 
 _Tensor = torch.Tensor
+# the tensors torch.compile traces an op with: a kernel launch on them is recorded (``wrap_triton``), not run
+_TRACED = (FakeTensor, FunctionalTensor)
+
+
+def traced(args: tuple) -> bool:
+    """True when an argument is a tensor torch.compile traces with (fake or functional)."""
+    return any(isinstance(a, _TRACED) for a in args)
 
 
 def signature(args: tuple) -> tuple[list, list]:
@@ -51,7 +62,7 @@ def signature(args: tuple) -> tuple[list, list]:
     1.0 and True differ). The values are the arguments with each tensor replaced by its address, which Triton's
     launcher takes as it is (for a tensor it calls data_ptr() and asks the CUDA driver whether the address is device
     memory: a driver call per tensor). A CPU tensor's key differs from a CUDA tensor's, so it takes Triton's path,
-    whose check rejects it."""
+    whose check rejects it. (None, None) when a tensor is one torch.compile traces with (see ``traced``)."""
     key = []
     values = []
     for a in args:
@@ -60,6 +71,8 @@ def signature(args: tuple) -> tuple[list, list]:
             key.append(a)
             values.append(a)
         elif t is _Tensor or isinstance(a, _Tensor):
+            if t is not _Tensor and isinstance(a, _TRACED):
+                return None, None  # torch.compile is tracing: no memory to launch on
             ptr = a.data_ptr()
             key.append((a.dtype, (ptr & 15) == 0, a.is_cuda))  # a CPU tensor: Triton's path, which rejects it
             values.append(ptr)
@@ -145,12 +158,14 @@ class JitKernel:
 
     def launch(self, grid, args: tuple, kwargs: dict):
         if not DIRECT or type(grid) is not tuple or getattr(self.jit_fn, "pre_run_hooks", None):
-            return self.jit_fn[grid](*args, **kwargs)
+            return self.via_triton(grid, args, kwargs)
         state = _triton_state()
         if state is None:
-            return self.jit_fn[grid](*args, **kwargs)
-        dev = _current_device()
+            return self.via_triton(grid, args, kwargs)
         key, full = signature(args)
+        if key is None:
+            return _wrap_triton(self.jit_fn)[grid](*args, **kwargs)
+        dev = _current_device()
         key.append(dev)
         key.append(state)
         key.extend(kwargs.items())
@@ -178,6 +193,12 @@ class JitKernel:
         entry.verified = True
         return None
 
+    def via_triton(self, grid, args: tuple, kwargs: dict):
+        """Triton's own launch path (recorded for inductor when torch.compile traces: see ``traced``)."""
+        if traced(args):
+            return _wrap_triton(self.jit_fn)[grid](*args, **kwargs)
+        return self.jit_fn[grid](*args, **kwargs)
+
     def _first(self, key, grid, args: tuple, kwargs: dict):
         compiled = self.jit_fn[grid](*args, **kwargs)  # compiles if needed, launches, returns the compiled kernel
         if compiled is None or not hasattr(compiled, "packed_metadata"):
@@ -193,6 +214,13 @@ class JitKernel:
         on_cpu = any(isinstance(a, torch.Tensor) and not a.is_cuda for a in args)
         self._cache[key] = _VIA_TRITON if on_cpu else _Entry(compiled, tail)
         return compiled
+
+
+def _wrap_triton(jit_fn):
+    wrap = getattr(torch.library, "wrap_triton", None)
+    if wrap is None:
+        raise RuntimeError(f"fastmim: {jit_fn.fn.__name__} is being traced, and this torch has no wrap_triton (2.6+)")
+    return wrap(jit_fn)
 
 
 def _param_defaults(fn) -> dict:
