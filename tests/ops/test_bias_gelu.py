@@ -77,6 +77,19 @@ def test_triton_tiles_smaller_than_the_problem(config):
     torch.testing.assert_close(db, gu.sum(0), rtol=1e-5, atol=1e-5)
 
 
+def test_default_column_tiles_leave_no_lanes_idle_at_mlp_widths():
+    """MLP widths (ViT-S 1536, decoders 768 and 2048, ViT-B 3072, 1152) split into whole column tiles; other widths
+    one power-of-two tile (capped), never more than the cap."""
+    pytest.importorskip("triton", reason="the tile choice lives in the Triton module")
+    from fastmim.ops.triton.bias_gelu import bwd_blocks, col_block, fwd_blocks
+
+    for n in (768, 1152, 1536, 2048, 3072, 4096, 5120):
+        for blocks, cap in ((fwd_blocks, 1024), (bwd_blocks, 256)):
+            block_n = blocks(n)[1]
+            assert n % block_n == 0 and block_n <= cap and block_n >= cap // 8, (n, block_n)
+    assert col_block(1000, 1024) == 1024 and col_block(37, 1024) == 64 and col_block(5000, 1024) == 1024
+
+
 def test_gradient_subsets_and_strides(backend):
     device, name = backend
     x, b = _problem((6, 40), device)

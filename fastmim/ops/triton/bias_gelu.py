@@ -66,15 +66,26 @@ def _bias_gelu_bwd_kernel(
     tl.store(part_ptr + pid * N + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
+def col_block(n: int, cap: int) -> int:
+    """BLOCK_N for rows of n values: at most ``cap``, and a divisor of n where a power of two of at least cap / 8
+    divides it, so no column tile is part empty (n = 1536 with cap 1024: 512, where 1024 would leave a quarter of the
+    lanes idle); else n rounded up to a power of two, capped."""
+    block = min(triton.next_power_of_2(n), cap)
+    if n % block == 0:
+        return block
+    div = n & -n  # the largest power of two dividing n
+    return min(div, cap) if div >= cap // 8 else block
+
+
 def fwd_blocks(n: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): tiles of about 4096 values."""
-    block_n = min(triton.next_power_of_2(n), 1024)
+    block_n = col_block(n, 1024)
     return max(1, 4096 // block_n), block_n, 8
 
 
 def bwd_blocks(n: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): [BLOCK_M, BLOCK_N] fp32 partial sums kept in registers, about 2048 values."""
-    block_n = min(triton.next_power_of_2(n), 256)
+    block_n = col_block(n, 256)
     return max(1, 2048 // block_n), block_n, 8
 
 

@@ -46,7 +46,7 @@ def _patch_copy_kernel(
             for pi in range(0, P):
                 y = (gy * P + pi).to(tl.int64)
                 img = img_base + y * si_h
-                pat = pat_base + (pi * P * C) * sp_d
+                pat = pat_base + (pi * P * C).to(tl.int64) * sp_d  # a strided patch side passes 2^31
                 if TO_PATCHES:
                     tl.store(pat, tl.load(img, mask=m), mask=m)
                 else:
