@@ -104,6 +104,9 @@ want graph && step "throughput: CUDA-graph modes, MAE ViT-B/16 b256 and FCMAE Co
   fits 90 "FCMAE graph throughput" && run 150 $PY benchmarks/throughput.py --recipe fcmae --model convnextv2_base \
     --batch-size 64 --amp bf16 --steps 10 --warmup 5 --peak-tflops 790 --modes reference,fastmim,fastmim+graph \
     --out "$RESULTS/throughput.jsonl"
+  fits 60 "FCMAE fused-norm throughput" && run 120 $PY benchmarks/throughput.py --recipe fcmae \
+    --model convnextv2_base --batch-size 64 --amp bf16 --steps 10 --warmup 5 --peak-tflops 790 \
+    --modes fastmim,fastmim+graph --model-arg fused_norm=True --out "$RESULTS/throughput.jsonl"
   fits 150 "ViT-B compiled graph throughput" && run 240 $PY benchmarks/throughput.py --model vit_base_patch16 \
     --batch-size 256 --amp bf16 --steps 15 --warmup 5 --peak-tflops 790 --modes fastmim+compile,fastmim+compile+graph \
     --out "$RESULTS/throughput.jsonl"

@@ -51,6 +51,8 @@ from fastmim.ops import (  # noqa: E402
     grn_ref,
     hog_target,
     hog_target_ref,
+    layer_norm,
+    layer_norm_ref,
     low_pass_target,
     low_pass_target_ref,
     masked_mse_loss,
@@ -64,8 +66,8 @@ from fastmim.ops import (  # noqa: E402
 )
 from fastmim.ops._dispatch import NO_CUDA_KERNEL, choose_backend, set_backend, set_compiled_ops  # noqa: E402
 
-OPS = ("gather", "scatter", "loss", "patchify", "grn", "add_ln", "bias_gelu", "attn", "attn_enc", "hog", "fft", "pfft",
-       "lowpass")  # fmt: skip
+OPS = ("gather", "scatter", "loss", "patchify", "grn", "add_ln", "ln", "bias_gelu", "attn", "attn_enc", "hog", "fft",
+       "pfft", "lowpass")  # fmt: skip
 PASSES = ("fwd", "bwd", "fwd+bwd")
 # the cases whose ops have a Triton twin (fastmim.ops.set_compiled_ops), by --ops key and by op name
 TWIN_OPS = {"gather": "gather_visible", "scatter": "scatter_masked", "loss": "masked_mse_loss", "patchify": "patchify"}
@@ -154,6 +156,14 @@ def build_cases(ops, b: int, img: int, patch: int, enc_dim: int, dec_dim: int, r
                           [x, r, w, bias], lambda *a: add_layer_norm(*a, 1e-6, act),
                           lambda *a: add_layer_norm_ref(*a, 1e-6, act), fwd, bwd,
                           choose_backend("add_layer_norm", device, (act, f32, f32, f32))))  # fmt: skip
+    if "ln" in ops:  # an FCMAE block's LayerNorm on its visible rows (ConvNeXtV2-B stage 3 at 40% visible): bf16 in
+        rows, ch = max(1, b // 4) * 196 * 2 // 5 * 4, 512  # bf16 out (layer_norm) vs autocast's fp32 LN and the cast
+        x, w, bias = t(rows, ch, dtype=act), t(ch), t(ch)
+        es = x.element_size()
+        cases.append(Case("layer_norm", f"M{rows} C{ch}", f"x {act}, params fp32", [x, w, bias],
+                          lambda *a: layer_norm(*a, 1e-6, act), lambda *a: layer_norm_ref(*a, 1e-6, act),
+                          x.numel() * 2 * es + rows * 8, x.numel() * 3 * es,
+                          choose_backend("add_layer_norm", device, (act, f32, f32)), "add_layer_norm"))  # fmt: skip
     if "bias_gelu" in ops:  # the MAE encoder MLP's fc1 output (bf16, 4x the width) and its fp32 bias
         tokens, hidden = k + 1, 4 * enc_dim
         x, bias = t(b, tokens, hidden, dtype=act), t(hidden)

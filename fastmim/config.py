@@ -35,7 +35,11 @@ class PretrainConfig:
         default="auto", metadata={"help": "auto, sdpa, flash, math or fastmim (fastmim.ops.attention's kernels)"}
     )
     fused_norm: bool = field(
-        default=False, metadata={"help": "ViT recipes: fuse each residual add with the next LayerNorm (fastmim.ops)"}
+        default=False,
+        metadata={
+            "help": "ViT recipes: fuse each residual add with the next LayerNorm; FCMAE: each block's "
+            "LayerNorm written in the autocast dtype (fastmim.ops)"
+        },  # fmt: skip
     )
     fused_gelu: bool = field(
         default=False, metadata={"help": "ViT recipes: each MLP's fc1 bias and GELU as one op (fastmim.ops.bias_gelu)"}

@@ -278,11 +278,7 @@ def build_model(cfg: PretrainConfig, device: torch.device):
     if cfg.drop_path and not cfg.model.startswith("fcmae_"):
         raise UsageError("--drop-path applies to FCMAE's ConvNeXt V2 encoder; the ViT recipes have no stochastic depth")
     if cfg.fused_norm:
-        if cfg.model.startswith("fcmae_"):
-            raise UsageError(
-                "--fused-norm applies to the ViT recipes; FCMAE's ConvNeXt V2 has no pre-norm residual adds"
-            )
-        kwargs["fused_norm"] = True
+        kwargs["fused_norm"] = True  # ViT: residual adds fused with the next LayerNorm; FCMAE: bf16-out LayerNorms
     if cfg.fused_gelu:
         if cfg.model.startswith("fcmae_"):
             raise UsageError("--fused-gelu applies to the ViT recipes; FCMAE's ConvNeXt V2 MLPs end in GRN, not fc2")

@@ -251,14 +251,14 @@ def test_ops_benchmark_smoke_on_cpu(tmp_path):
     assert rows[0]["op"] == "copy" and rows[0]["gbps"] > 0
     timed = rows[1:]
     ops_seen = {"gather_visible", "scatter_masked", "masked_mse_loss", "patchify", "grn", "add_layer_norm",
-                "bias_gelu", "attention", "attention (encoder)", "hog_target", "fft_loss", "patch_fft_loss",
-                "low_pass_target"}  # fmt: skip
+                "layer_norm", "bias_gelu", "attention", "attention (encoder)", "hog_target", "fft_loss",
+                "patch_fft_loss", "low_pass_target"}  # fmt: skip
     assert {r["op"] for r in timed} == ops_seen
     assert {r["pass"] for r in timed} == {"fwd", "bwd", "fwd+bwd"}
     for target in ("hog_target", "low_pass_target"):
         assert {r["pass"] for r in timed if r["op"] == target} == {"fwd"}  # a target: forward only
     fused = [r for r in timed if r["impl"].startswith("fastmim")]
-    assert len(fused) == 35 and all(r["speedup_vs_eager"] > 0 and r["ms_median"] > 0 for r in fused)
+    assert len(fused) == 38 and all(r["speedup_vs_eager"] > 0 and r["ms_median"] > 0 for r in fused)
     assert all(r["commit"] and r["torch"] and r["date"] and r["device"] == "cpu" for r in rows)
 
 

@@ -52,6 +52,9 @@ class FCMAE(PixelTarget, nn.Module):
             kernel is compiled (Triton on CUDA, the C++ extension on CPU), else "dense_masked" (CPU without
             ``fastmim._C``: the pure-PyTorch sparse conv is slower than the dense one). "auto" never picks "spconv".
         fused_ops: the loss through fastmim.ops (False: the plain reference, same value).
+        fused_norm: the sparse encoder's block LayerNorms through ``fastmim.ops.layer_norm``, written in the autocast
+            dtype that fc1 reads (no fp32 copy and cast; same values up to that rounding). The dense_masked
+            reference and the decoder keep nn.LayerNorm.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class FCMAE(PixelTarget, nn.Module):
         norm_pix_loss: bool = True,
         sparse_backend: str = "auto",
         fused_ops: bool = True,
+        fused_norm: bool = False,
     ):
         super().__init__()
         check_mask_ratio(mask_ratio)
@@ -75,6 +79,7 @@ class FCMAE(PixelTarget, nn.Module):
             raise ValueError(f"sparse_backend must be one of {(*BACKENDS, 'auto')}, got {sparse_backend!r}")
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.encoder = ConvNeXtV2(in_chans, depths, dims, drop_path_rate, head=False)
+        self.encoder.fused_norm = fused_norm
         stride = self.encoder.stride
         if patch_size != stride:  # the decoder predicts one patch per last-stage pixel, as in the official code
             raise ValueError(f"patch_size must equal the encoder's total stride {stride}, got {patch_size}")

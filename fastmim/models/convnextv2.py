@@ -141,6 +141,9 @@ class ClassifierHead(nn.Module):
 
 class ConvNeXtV2(nn.Module):
     grad_ckpt = False  # per-block activation checkpointing of the masked (FCMAE) paths (``--grad-ckpt``)
+    # the sparse (FCMAE) paths' block LayerNorms through fastmim.ops.layer_norm: written in the autocast dtype, which
+    # fc1 reads, instead of fp32 and a cast (``FCMAE(fused_norm=True)``, ``--fused-norm``)
+    fused_norm = False
 
     """ConvNeXt V2: a 4x4 stride-4 stem, four stages of ConvNeXt V2 blocks with 2x downsampling between them.
 

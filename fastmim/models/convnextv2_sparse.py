@@ -37,6 +37,7 @@ from fastmim.models.convnextv2 import Block, ConvNeXtV2, drop_path_keep
 from fastmim.models.vit import checkpointed
 from fastmim.ops import SparseLayout, sparse_dwconv
 from fastmim.ops import grn as fused_grn
+from fastmim.ops import layer_norm as fused_layer_norm
 
 BACKENDS = ("dense_masked", "fastmim", "spconv")
 
@@ -169,7 +170,8 @@ def _sparse_rows(
             k = stage.blocks[0].conv_dw.kernel_size[0]
             nbr = layout.neighbors(k)  # [k*k, M], shared by the stage's blocks, forward and backward
         for blk in stage.blocks:
-            x = checkpointed(blk.call_with, _rows_block, x, nbr, layout.batch, b, uniform, enabled=model.grad_ckpt)
+            x = checkpointed(blk.call_with, _rows_block, x, nbr, layout.batch, b, uniform, model.fused_norm,
+                             enabled=model.grad_ckpt)  # fmt: skip
     return layouts[-1].scatter(x).permute(0, 3, 1, 2)  # [B, C, H/32, W/32]
 
 
@@ -275,14 +277,18 @@ def _spconv_conv(
 
 
 def _rows_block(
-    blk: Block, x: torch.Tensor, nbr: torch.Tensor, batch: torch.Tensor, bsz: int, uniform: bool
+    blk: Block, x: torch.Tensor, nbr: torch.Tensor, batch: torch.Tensor, bsz: int, uniform: bool, fused_norm: bool
 ) -> torch.Tensor:
     if torch.is_autocast_enabled(x.device.type):  # as autocast casts the dense conv's input (the residual may be fp32)
         x_in = x.to(torch.get_autocast_dtype(x.device.type))
     else:
         x_in = x
     y = sparse_dwconv(x_in, nbr, blk.conv_dw.weight, blk.conv_dw.bias)  # [M, C]
-    y = blk.mlp.act(blk.mlp.fc1(blk.norm(y)))
+    if fused_norm:  # in the autocast dtype (fc1's input) directly: no fp32 copy and cast, forward and backward
+        y = fused_layer_norm(y, blk.norm.weight, blk.norm.bias, blk.norm.eps)
+    else:
+        y = blk.norm(y)
+    y = blk.mlp.act(blk.mlp.fc1(y))
     y = grn_rows(blk.mlp.grn, y, batch, bsz, uniform)
     y = blk.mlp.fc2(y)
     if blk.drop_path.p > 0.0 and blk.training:  # the same per-sample draw as the dense DropPath

@@ -3,7 +3,8 @@ Every op has a plain PyTorch reference (``*_ref``) that defines its semantics. B
 or Triton for CUDA tensors, whichever measured faster for the op; C++ (``fastmim._C``, OpenMP) for CPU tensors
 (``grn``, which has no C++ kernel: its PyTorch formulation); the reference otherwise. ``FASTMIM_BACKEND=cuda|triton|
 cpp|torch`` or ``set_backend(name)`` forces one. ``add_layer_norm`` fuses a pre-norm transformer block's residual
-add with the LayerNorm after it, ``bias_gelu`` an MLP's bias with its GELU (the backward with the bias gradient);
+add with the LayerNorm after it (``layer_norm``: the LayerNorm alone, written in the next matmul's dtype),
+``bias_gelu`` an MLP's bias with its GELU (the backward with the bias gradient);
 ``hog_target``, ``fft_loss``, ``patch_fft_loss`` and ``low_pass_target`` are MaskFeat's target, A2MIM's loss, the
 patch-wise focal frequency loss and PixMIM's target. All but ``resized_crop`` (the random-resized-crop augmentation
 of a batch of GPU-decoded images, in two launches) are ``torch.library`` custom ops (``torch.ops.fastmim.*``) with
@@ -19,7 +20,7 @@ from fastmim.ops.bias_gelu import bias_gelu
 from fastmim.ops.fft_loss import fft_loss
 from fastmim.ops.grn import grn
 from fastmim.ops.hog import hog_target
-from fastmim.ops.layer_norm import add_layer_norm
+from fastmim.ops.layer_norm import add_layer_norm, layer_norm
 from fastmim.ops.low_pass import low_pass_target
 from fastmim.ops.masked_loss import masked_mse_loss, masked_mse_loss_patchified
 from fastmim.ops.modules import GRN, FFTLoss, HOGTarget, LowPassTarget, MaskedL1Loss, MaskedMSELoss, PatchFFTLoss
@@ -33,6 +34,7 @@ from fastmim.ops.reference import (
     gather_visible_ref,
     grn_ref,
     hog_target_ref,
+    layer_norm_ref,
     low_pass_target_ref,
     masked_mse_loss_patchified_ref,
     masked_mse_loss_ref,
@@ -58,6 +60,8 @@ __all__ = [
     "PatchFFTLoss",
     "add_layer_norm",
     "add_layer_norm_ref",
+    "layer_norm",
+    "layer_norm_ref",
     "attention",
     "attention_ref",
     "bias_gelu",

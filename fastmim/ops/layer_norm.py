@@ -1,4 +1,5 @@
-"""The residual add of a pre-norm transformer block fused with the LayerNorm after it, as one op.
+"""The residual add of a pre-norm transformer block fused with the LayerNorm after it, as one op (and, with the
+same kernels, a LayerNorm that writes its output in the next matmul's dtype: ``layer_norm``).
 
 ``add_layer_norm(x, residual, weight, bias, eps, out_dtype)`` returns ``(y, s)``: ``s = x + residual`` (the residual
 stream, in the inputs' promoted dtype) and ``y = LayerNorm(s) * weight + bias`` with fp32 statistics, written
@@ -42,10 +43,14 @@ def _triton_ln():
     return layer_norm
 
 
+def _s_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
 def _fwd_torch(x, residual, weight, bias, eps, out_dtype):
-    s_dtype = torch.promote_types(x.dtype, residual.dtype)
+    s_dtype = _s_dtype(x, residual)
     with no_autocast(x.device):
-        s = x.to(s_dtype) + residual.to(s_dtype)
+        s = x if residual is None else x.to(s_dtype) + residual.to(s_dtype)
         sf = s.to(stat_dtype(s))
         if sf.shape[0] == 0:  # no rows (var_mean would warn about an empty reduction)
             return s.new_empty(s.shape, dtype=out_dtype), s, sf.new_empty((0,)), sf.new_empty((0,))
@@ -77,18 +82,25 @@ def _backend(*tensors: torch.Tensor) -> str:
 
 def _fwd(
     x: torch.Tensor,
-    residual: torch.Tensor,
+    residual: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor,
     eps: float,
     out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # x, residual [M, C] contiguous (the public function reshapes); -> y, s, mean [M], rstd [M]
-    if _backend(x, residual, weight, bias) == "triton":
-        s_dtype = torch.promote_types(x.dtype, residual.dtype)
-        x, residual, weight, bias = (t.contiguous() for t in (x, residual, weight, bias))  # the kernels' layout
-        return _triton_ln().add_layer_norm_fwd(x, residual, weight, bias, eps, s_dtype, out_dtype)
-    return _fwd_torch(x, residual, weight, bias, eps, out_dtype)
+    # x, residual [M, C] contiguous (the public function reshapes); -> y, s, mean [M], rstd [M]. Without a residual
+    # (layer_norm) s would be x itself: [0, C] is returned instead (a custom op's outputs may not alias its inputs)
+    tensors = (x, weight, bias) if residual is None else (x, residual, weight, bias)
+    if _backend(*tensors) == "triton":
+        x, weight, bias = (t.contiguous() for t in (x, weight, bias))  # the kernels' layout
+        residual = None if residual is None else residual.contiguous()
+        y, s, mean, rstd = _triton_ln().add_layer_norm_fwd(x, residual, weight, bias, eps, _s_dtype(x, residual),
+                                                            out_dtype)  # fmt: skip
+    else:
+        y, s, mean, rstd = _fwd_torch(x, residual, weight, bias, eps, out_dtype)
+    if residual is None:
+        s = x.new_empty((0, x.shape[1]))
+    return y, s, mean, rstd
 
 
 _add_ln_op = custom_op("fastmim::add_layer_norm", _fwd)
@@ -97,9 +109,10 @@ _add_ln_op = custom_op("fastmim::add_layer_norm", _fwd)
 @_add_ln_op.register_fake
 def _(x, residual, weight, bias, eps, out_dtype):
     m, c = x.shape
-    s_dtype = torch.promote_types(x.dtype, residual.dtype)
+    s_dtype = _s_dtype(x, residual)
     stats = x.new_empty((m,), dtype=torch.promote_types(s_dtype, torch.float32))
-    return x.new_empty((m, c), dtype=out_dtype), x.new_empty((m, c), dtype=s_dtype), stats, torch.empty_like(stats)
+    s = x.new_empty((m if residual is not None else 0, c), dtype=s_dtype)
+    return x.new_empty((m, c), dtype=out_dtype), s, stats, torch.empty_like(stats)
 
 
 def _bwd(
@@ -119,6 +132,9 @@ def _bwd(
     d_weight [C] and d_bias [C] in the statistics dtype or [0]): a custom op returns no None (and, through
     ``unaliased``, no aliases)."""
     ds_ = ds if has_ds else None
+    for name, t in (("dy", dy), ("ds", ds_)):  # the kernels read [M, C] rows of each: a smaller one would be overrun
+        if t is not None and t.shape != s.shape:
+            raise ValueError(f"add_layer_norm_backward: {name} has shape {tuple(t.shape)}, s {tuple(s.shape)}")
     if _backend(dy, s, weight) == "triton":
         # upstream gradients may be expanded (a .sum() gives stride 0): the kernels read contiguous rows
         dy, s, weight = dy.contiguous(), s.contiguous(), weight.contiguous()
@@ -149,15 +165,18 @@ def _(dy, ds, s, weight, mean, rstd, has_ds, x_dtype, r_dtype, need_w, need_b):
 def _setup(ctx, inputs, output):
     x, residual, weight, bias, eps, out_dtype = inputs
     y, s, mean, rstd = output
-    ctx.save_for_backward(s, weight, mean, rstd)
+    ctx.save_for_backward(x if residual is None else s, weight, mean, rstd)  # the normalised rows
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)  # s unused elsewhere (a final norm): no zero gradient to read
-    ctx.dtypes = (x.dtype, residual.dtype, weight.dtype, bias.dtype)
+    ctx.dtypes = (x.dtype, x.dtype if residual is None else residual.dtype, weight.dtype, bias.dtype)
+    ctx.has_res = residual is not None  # without one, s is an empty stand-in: a gradient into it carries nothing
 
 
 def _backward(ctx, dy, ds, _dmean=None, _drstd=None, bwd=_add_ln_backward_op):
     s, weight, mean, rstd = ctx.saved_tensors
     x_dtype, r_dtype, w_dtype, b_dtype = ctx.dtypes
+    if not ctx.has_res:
+        ds = None
     need_x, need_r, need_w, need_b = ctx.needs_input_grad[:4]
     if dy is None:  # only s was used: the add's gradient
         if ds is None:
@@ -182,22 +201,23 @@ _add_ln_op.register_autograd(_backward, setup_context=_setup)
 _AddLayerNorm = eager_function("_AddLayerNorm", _fwd, _setup, lambda ctx, *g: _backward(ctx, *g, bwd=_bwd))
 
 
-def _check_inputs(x, residual, weight, bias, eps) -> None:
-    for name, t in (("x", x), ("residual", residual), ("weight", weight), ("bias", bias)):
+def _check_inputs(x, residual, weight, bias, eps, op: str = _OP) -> None:
+    named = [("x", x), ("residual", residual), ("weight", weight), ("bias", bias)]
+    for name, t in named if op == _OP else named[:1] + named[2:]:  # layer_norm: no residual
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_OP}: {name} must be a tensor, got {type(t).__name__}")
-        check_float(_OP, name, t)
-        check_device(_OP, name, t, x.device)
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+        check_float(op, name, t)
+        check_device(op, name, t, x.device)
     if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"{_OP}: x must be [..., C] with C >= 1, got shape {tuple(x.shape)}")
-    if residual.shape != x.shape:
-        raise ValueError(f"{_OP}: residual has shape {tuple(residual.shape)}, x {tuple(x.shape)}; they must match")
+        raise ValueError(f"{op}: x must be [..., C] with C >= 1, got shape {tuple(x.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"{op}: residual has shape {tuple(residual.shape)}, x {tuple(x.shape)}; they must match")
     c = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
         if tuple(t.shape) != (c,):
-            raise ValueError(f"{_OP}: {name} has shape {tuple(t.shape)}, expected [C] = [{c}]")
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected [C] = [{c}]")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"{_OP}: eps must be a finite float >= 0, got {eps!r}")
+        raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps!r}")
 
 
 def add_layer_norm(
@@ -231,3 +251,33 @@ def add_layer_norm(
     else:
         y, s, _, _ = _fwd(x2, r2, weight, bias, eps, out_dtype)
     return y.view(shape), s.view(shape)
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``LayerNorm(x) * weight + bias`` over the last dim with fp32 statistics, written directly in ``out_dtype``: the
+    ``add_layer_norm`` kernels without the add (see ``layer_norm_ref``). Under autocast F.layer_norm casts a bf16
+    input to fp32, writes fp32 and the next matmul casts back (three passes, three launches, and as many again
+    backward); this reads bf16 and writes bf16 once.
+
+    Args:
+        x: [..., C] (bf16 under autocast, or any float dtype).
+        weight, bias: [C] (fp32 parameters with bf16 inputs are fine).
+        eps: added to the variance.
+        out_dtype: the output's dtype; default the autocast dtype when autocast is on for x's device, else x's dtype.
+    Returns: [..., C] in out_dtype. Gradients flow to x, weight and bias (each in its own dtype).
+    """
+    op = "layer_norm"
+    _check_inputs(x, None, weight, bias, eps, op)
+    shape, c = x.shape, x.shape[-1]
+    out_dtype = out_dtype or default_norm_dtype(x, x)
+    x2 = x.reshape(-1, c).contiguous()
+    eps = float(eps)
+    if use_custom_op():
+        y = _add_ln_op(x2, None, weight, bias, eps, out_dtype)[0]
+    elif needs_autograd(x, weight, bias):
+        y = _AddLayerNorm.apply(x2, None, weight, bias, eps, out_dtype)[0]
+    else:
+        y = _fwd(x2, None, weight, bias, eps, out_dtype)[0]
+    return y.view(shape)

@@ -238,6 +238,17 @@ def add_layer_norm_ref(
     return y.to(out_dtype), s
 
 
+def layer_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``LayerNorm(x)`` over the last dim with fp32 statistics (float64 for float64 x), cast to ``out_dtype``
+    (default: the autocast dtype when autocast is on, else x's dtype): ``add_layer_norm_ref`` without the add."""
+    out_dtype = out_dtype or default_norm_dtype(x, x)
+    stat = torch.promote_types(x.dtype, torch.float32)
+    y = torch.nn.functional.layer_norm(x.to(stat), (x.shape[-1],), weight.to(stat), bias.to(stat), eps)
+    return y.to(out_dtype)
+
+
 def bias_gelu_ref(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """A transformer MLP's first activation with its bias: ``gelu(x + bias)`` (the exact, erf form of nn.GELU) over
     the last dim, computed in fp32 (float64 for float64 x) and returned in x's dtype. ``x`` is ``fc1``'s matmul

@@ -1,5 +1,7 @@
 """Sparse ConvNeXt V2 execution: every backend computes the dense_masked reference's function."""
 
+import os
+
 import pytest
 import torch
 
@@ -270,3 +272,34 @@ def test_under_bf16_autocast_the_backends_agree_in_dtype_and_value(backend):
     for out in outs.values():
         err = (out.float() - ref).norm() / ref.norm()
         assert err < 2e-2, err  # bf16 rounding through 5 blocks
+
+
+@pytest.mark.parametrize("ops_backend", [None, "triton"], ids=["auto", "triton"])
+def test_fused_norm_rows_equal_the_plain_layer_norm(ops_backend, monkeypatch):
+    """fused_norm=True runs each block's LayerNorm through fastmim.ops.layer_norm (the Triton kernel under the
+    interpreter, the GPU path): in fp32 the same values and gradients; under bf16 autocast its output is bf16 where
+    nn.LayerNorm's is fp32 on CUDA, so fc1 reads the same bf16 values either way."""
+    if ops_backend == "triton":
+        pytest.importorskip("triton", reason="optional dependency triton missing")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("TRITON_INTERPRET=1 is not set: Triton cannot run CPU tensors")
+    import fastmim.models.convnextv2_sparse as sparse
+
+    model = small_model(drop_path_rate=0.3).train()
+    imgs = torch.randn(2, 3, 96, 96)
+    visible = patch_mask(2, 3, 3, seed=3)
+    ref = run(model, imgs, visible, "fastmim")
+    calls = []
+    real = sparse.fused_layer_norm
+    monkeypatch.setattr(sparse, "fused_layer_norm", lambda *a: calls.append(a[0].dtype) or real(*a))
+    model.fused_norm = True
+    assert_same(ref, run(model, imgs, visible, "fastmim", monkeypatch, ops_backend))
+    assert len(calls) == 5  # one per block
+    model.eval()  # no drop-path draws
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16 = sparse_forward(model, imgs, visible, "fastmim")
+    model.fused_norm = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain16 = sparse_forward(model, imgs, visible, "fastmim")
+    assert out16.dtype == plain16.dtype
+    assert (out16.float() - plain16.float()).norm() / plain16.float().norm() < 2e-2

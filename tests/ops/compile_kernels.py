@@ -111,8 +111,8 @@ def specs():
     for x, r, y in (("bf16", "fp32", "bf16"), ("bf16", "bf16", "bf16"), ("fp16", "fp16", "fp16"), ("fp32",) * 3):
         ptrs = {"x_ptr": x, "r_ptr": r, "w_ptr": "fp32", "b_ptr": "fp32", "s_ptr": r, "y_ptr": y, "mean_ptr": "fp32",
                 "rstd_ptr": "fp32"}  # fmt: skip
-        for block in (1024, 8192):
-            yield layer_norm._add_ln_fwd_kernel, ptrs, {"BLOCK_C": block}
+        for block, has_res in itertools.product((1024, 8192), (True, False)):
+            yield layer_norm._add_ln_fwd_kernel, ptrs, {"HAS_RES": has_res, "BLOCK_C": block}
         ptrs = {"dy_ptr": y, "ds_ptr": r, "s_ptr": r, "w_ptr": "fp32", "mean_ptr": "fp32", "rstd_ptr": "fp32",
                 "dr_ptr": r, "dx_ptr": x, "part_ptr": "fp32"}  # fmt: skip
         for has_ds, two in itertools.product((True, False), (x != r, False)):

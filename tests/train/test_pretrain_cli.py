@@ -230,28 +230,46 @@ def test_non_finite_weights_are_never_saved(image_folder, tmp_path, monkeypatch,
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
 
 
+def _losses(image_folder, out, *args) -> list[float]:
+    """Trains with ``args`` on the image folder into ``out``, logging every step; the logged losses."""
+    pretrain.run([*args, "--data-path", str(image_folder), "--output-dir", str(out), "--log-interval", "1",
+                  "--vis-interval", "100", "--loader", "torch"])  # fmt: skip
+    return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _count_calls(monkeypatch, module, name: str) -> list:
+    """Replaces ``module.name`` with a wrapper that records each call; the record."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 def test_fused_norm_and_fastmim_attention_train_as_the_plain_blocks(image_folder, tmp_path, capsys, monkeypatch):
     """--fused-norm (residual adds fused with the next LayerNorm), --fused-gelu (fc1's bias and GELU as one op) and
     --attn-impl fastmim (fastmim.ops.attention) train the same MAE as the plain blocks and SDPA, step for step;
-    --fused-norm and --fused-gelu are refused for FCMAE."""
-
-    def run(out, *extra):
-        pretrain.run([*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--log-interval", "1",
-                      "--vis-interval", "100", "--loader", "torch", "--max-steps", "3", *extra])  # fmt: skip
-        return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-
-    plain = run(tmp_path / "plain")
-    calls = []
+    --fused-gelu is refused for FCMAE."""
     import fastmim.models.vit as vit
 
-    real = vit.bias_gelu
-    monkeypatch.setattr(vit, "bias_gelu", lambda *a: calls.append(1) or real(*a))
-    fused = run(tmp_path / "fused", "--fused-norm", "--fused-gelu", "--attn-impl", "fastmim")
+    args = [*TINY_ARGS, "--max-steps", "3"]
+    plain = _losses(image_folder, tmp_path / "plain", *args)
+    calls = _count_calls(monkeypatch, vit, "bias_gelu")
+    fused = _losses(image_folder, tmp_path / "fused", *args, "--fused-norm", "--fused-gelu", "--attn-impl", "fastmim")
     assert calls, "--fused-gelu did not reach the model's MLPs"
     assert len(plain) == 3 and fused == pytest.approx(plain, rel=1e-5)
-    fcmae = ["--model", "fcmae_convnextv2_atto", "--img-size", "64", "--device", "cpu", "--fused-norm",
-             "--data-path", str(image_folder), "--output-dir", str(tmp_path / "fcmae")]  # fmt: skip
-    assert pretrain.main(fcmae) == 2
-    assert "--fused-norm applies to the ViT recipes" in capsys.readouterr().err
-    assert pretrain.main([*(a for a in fcmae if a != "--fused-norm"), "--fused-gelu"]) == 2
+    fcmae = ["--model", "fcmae_convnextv2_atto", "--img-size", "64", "--device", "cpu", "--data-path",
+             str(image_folder), "--output-dir", str(tmp_path / "fcmae")]  # fmt: skip
+    assert pretrain.main([*fcmae, "--fused-gelu"]) == 2
     assert "--fused-gelu applies to the ViT recipes" in capsys.readouterr().err
+
+
+def test_fused_norm_trains_fcmae_as_the_plain_layer_norm(image_folder, tmp_path, monkeypatch):
+    """FCMAE --fused-norm: each sparse block's LayerNorm through fastmim.ops.layer_norm, the same losses."""
+    import fastmim.models.convnextv2_sparse as sparse
+
+    args = ["--model", "fcmae_convnextv2_atto", "--img-size", "64", "--device", "cpu", "--batch-size", "2",
+            "--max-steps", "2"]  # fmt: skip
+    plain = _losses(image_folder, tmp_path / "plain", *args)
+    calls = _count_calls(monkeypatch, sparse, "fused_layer_norm")
+    fused = _losses(image_folder, tmp_path / "fused", *args, "--fused-norm")
+    assert calls, "--fused-norm did not reach FCMAE's sparse blocks"
+    assert len(plain) == 2 and fused == pytest.approx(plain, rel=1e-5)

@@ -1,4 +1,5 @@
-"""Triton kernels of ``add_layer_norm``: the residual add fused with the LayerNorm that follows it, on rows [M, C].
+"""Triton kernels of ``add_layer_norm``: the residual add fused with the LayerNorm that follows it, on rows [M, C]
+(and of ``layer_norm``: the same without the add).
 
 Forward, one program per row: ``s = x + residual`` (rounded to s's dtype, as the unfused add would store it), fp32
 mean and reciprocal standard deviation of s, ``y = (s - mean) * rstd * weight + bias`` stored in y's dtype; s, y,
@@ -28,27 +29,29 @@ from fastmim.ops.triton._launch import jit_kernel
 @jit_kernel
 def _add_ln_fwd_kernel(
     x_ptr,  # [M, C] branch output
-    r_ptr,  # [M, C] residual stream
+    r_ptr,  # [M, C] residual stream (read if HAS_RES)
     w_ptr,  # [C]
     b_ptr,  # [C]
-    s_ptr,  # [M, C] out: x + residual
+    s_ptr,  # [M, C] out: x + residual (written if HAS_RES; else s is x)
     y_ptr,  # [M, C] out: LayerNorm(s)
     mean_ptr,  # [M] fp32 out
     rstd_ptr,  # [M] fp32 out
     C,
     eps,
+    HAS_RES: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
     off = row * C + cols
-    s = tl.load(x_ptr + off, mask=cmask, other=0.0).to(tl.float32) + tl.load(r_ptr + off, mask=cmask, other=0.0).to(
-        tl.float32
-    )
-    s_store = cast_for_store(s, s_ptr)
-    tl.store(s_ptr + off, s_store, mask=cmask)
-    s = tl.where(cmask, s_store.to(tl.float32), 0.0)  # the statistics of s as stored (as the unfused add leaves it)
+    s = tl.load(x_ptr + off, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        s += tl.load(r_ptr + off, mask=cmask, other=0.0).to(tl.float32)
+        s_store = cast_for_store(s, s_ptr)
+        tl.store(s_ptr + off, s_store, mask=cmask)
+        s = s_store.to(tl.float32)  # the statistics of s as stored (as the unfused add leaves it)
+    s = tl.where(cmask, s, 0.0)
     mean = tl.sum(s, axis=0) / C
     xc = tl.where(cmask, s - mean, 0.0)
     var = tl.sum(xc * xc, axis=0) / C
@@ -127,16 +130,18 @@ def _bwd_tile(block_c: int) -> tuple[int, int]:
 
 
 def add_layer_norm_fwd(x, residual, weight, bias, eps: float, s_dtype: torch.dtype, out_dtype: torch.dtype):
-    """x, residual [M, C] contiguous -> (y [M, C] out_dtype, s [M, C] s_dtype, mean [M], rstd [M] fp32)."""
+    """x, residual [M, C] contiguous -> (y [M, C] out_dtype, s [M, C] s_dtype, mean [M], rstd [M] fp32). Residual
+    None: the LayerNorm of x alone, and s is x."""
     m, c = x.shape
-    s = torch.empty((m, c), device=x.device, dtype=s_dtype)
+    has_res = residual is not None
+    s = torch.empty((m, c), device=x.device, dtype=s_dtype) if has_res else x
     y = torch.empty((m, c), device=x.device, dtype=out_dtype)
     mean = torch.empty((m,), device=x.device, dtype=torch.float32)
     rstd = torch.empty((m,), device=x.device, dtype=torch.float32)
     if m:
         block = triton.next_power_of_2(c)
-        _add_ln_fwd_kernel[(m,)](x, residual, weight, bias, s, y, mean, rstd, c, eps, BLOCK_C=block,
-                                 num_warps=_warps(block))  # fmt: skip
+        _add_ln_fwd_kernel[(m,)](x, residual if has_res else x, weight, bias, s, y, mean, rstd, c, eps,
+                                 HAS_RES=has_res, BLOCK_C=block, num_warps=_warps(block))  # fmt: skip
     return y, s, mean, rstd
 
 
