@@ -65,7 +65,7 @@ def throughput_table(rows: list[dict]) -> str:
         extra = dict(r.get("model_args") or {})
         if r.get("compile_mode") not in (None, "default"):
             extra["compile_mode"] = r["compile_mode"]
-        if r.get("compiled_ops") not in (None, "opaque"):
+        if r.get("compiled_ops") not in (None, "opaque", "auto"):
             extra["compiled_ops"] = r["compiled_ops"]
         return r["model"] + "".join(f" {k}={v}" for k, v in sorted(extra.items()))
 

@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile-mode", choices=COMPILE_MODES, default="default", help="torch.compile's mode")
     ap.add_argument("--compiled-ops", choices=COMPILED_OPS, default=None,
                     help="how torch.compile sees the fused ops: opaque custom ops, or their Triton kernels launched by "
-                    "inductor (fastmim.ops.set_compiled_ops; default: FASTMIM_COMPILED_OPS, else opaque)")  # fmt: skip
+                    "inductor, or auto: per op, whichever measured faster (fastmim.ops.set_compiled_ops; default: "
+                    "FASTMIM_COMPILED_OPS, else auto)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=20, help="timed steps per mode")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens in the first)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -333,15 +333,19 @@ def custom_op(name: str, fn: Callable):
 # Under torch.compile an op with a Triton twin is traced either as its opaque custom op ("opaque": inductor's code
 # calls into fastmim, which picks the backend and launches the kernels) or as the twin ("triton": registered with
 # torch.library.triton_op, inductor sees fastmim's Triton kernels in the graph and launches them from its own code, with
-# its own buffer planning). benchmarks/ops.py --compiled-fused times both (issue 14, item 4).
-COMPILED_OPS = ("opaque", "triton")
+# its own buffer planning). benchmarks/ops.py --compiled-fused times both (issue 14, item 4); "auto" (the default)
+# takes, per op, the one that measured faster (AUTO_COMPILED; an op not listed stays opaque).
+COMPILED_OPS = ("auto", "opaque", "triton")
+AUTO_COMPILED_SOURCE = "none yet: no GPU run has timed the twins (benchmarks/gpu_suite.sh, step twins)"
+AUTO_COMPILED: dict[str, str] = {}  # op -> "triton" where the twin measured faster under torch.compile
 _compiled_override: str | None = None
 
 
 def set_compiled_ops(name: str | None) -> str | None:
     """How torch.compile sees the ops that have a Triton twin (gather_visible, scatter_masked, the masked losses,
-    patchify, unpatchify): "opaque" (custom ops), "triton" (inductor launches their Triton kernels itself) or None
-    (back to ``FASTMIM_COMPILED_OPS``, default opaque). Set it before compiling; returns the previous setting."""
+    patchify, unpatchify): "opaque" (custom ops), "triton" (inductor launches their Triton kernels itself), "auto"
+    (per op, whichever measured faster: ``AUTO_COMPILED``) or None (back to ``FASTMIM_COMPILED_OPS``, default auto).
+    Set it before compiling; returns the previous setting."""
     global _compiled_override
     if name is not None:
         name = name.strip().lower()
@@ -354,7 +358,7 @@ def set_compiled_ops(name: str | None) -> str | None:
 def compiled_ops() -> str:
     if _compiled_override is not None:
         return _compiled_override
-    name = getenv("FASTMIM_COMPILED_OPS", "opaque").strip().lower() or "opaque"
+    name = getenv("FASTMIM_COMPILED_OPS", "auto").strip().lower() or "auto"
     if name not in COMPILED_OPS:
         raise ValueError(f"FASTMIM_COMPILED_OPS={name!r} is not one of {', '.join(COMPILED_OPS)}")
     return name
@@ -375,11 +379,15 @@ def triton_twin(name: str, like: Callable, impl: Callable):
     return triton_op(f"fastmim::{name}", fn, mutates_args=())
 
 
-def traced_op(opaque, twin, device: torch.device):
-    """The op torch.compile traces for tensors on ``device``: the Triton twin when ``compiled_ops()`` is "triton" and
-    the Triton kernels would run there (CUDA tensors; meta tensors, which tests trace with), else the opaque op. A
-    forced backend other than Triton keeps the opaque op, and so does the interpreter (it cannot be traced)."""
-    if twin is None or device.type not in ("cuda", "meta") or compiled_ops() != "triton" or triton_interpreted():
+def traced_op(op: str, opaque, twin, device: torch.device):
+    """The op torch.compile traces for ``op`` on tensors on ``device``: the Triton twin when ``compiled_ops()`` is
+    "triton" (or "auto" and ``AUTO_COMPILED`` says so for ``op``) and the Triton kernels would run there (CUDA
+    tensors; meta tensors, which tests trace with), else the opaque op. A forced backend other than Triton keeps the
+    opaque op, and so does the interpreter (its kernels cannot be traced)."""
+    if twin is None or device.type not in ("cuda", "meta") or triton_interpreted():
+        return opaque
+    mode = compiled_ops()
+    if mode == "opaque" or (mode == "auto" and AUTO_COMPILED.get(op) != "triton"):
         return opaque
     return twin if forced_backend() in (None, "triton") else opaque
 

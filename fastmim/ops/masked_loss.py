@@ -181,7 +181,7 @@ def _call(*args) -> torch.Tensor:
     if use_custom_op():
         pred = args[0]
         twin = _masked_loss_twin if pred.shape[-1] <= TRITON_MAX_PATCH else None
-        return traced_op(_masked_loss_op, twin, pred.device)(*args)[0]
+        return traced_op("masked_mse_loss", _masked_loss_op, twin, pred.device)(*args)[0]
     return (_MaskedLoss.apply(*args) if needs_autograd(args[0]) else _loss_fwd(*args))[0]
 
 

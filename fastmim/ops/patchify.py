@@ -143,7 +143,7 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     if h % patch_size or w % patch_size:
         raise ValueError(f"patchify: image size {h}x{w} is not divisible by the patch size {patch_size}")
     if use_custom_op():
-        return traced_op(_patchify_op, _patchify_twin, imgs.device)(imgs, patch_size)
+        return traced_op("patchify", _patchify_op, _patchify_twin, imgs.device)(imgs, patch_size)
     return _Patchify.apply(imgs, patch_size) if needs_autograd(imgs) else _patchify_impl(imgs, patch_size)
 
 
@@ -164,7 +164,7 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int], channels
             f"for grid {gh}x{gw}, patch {patch_size}, {channels} channels"
         )
     if use_custom_op():
-        return traced_op(_unpatchify_op, _unpatchify_twin, x.device)(x, patch_size, gh, gw, channels)
+        return traced_op("unpatchify", _unpatchify_op, _unpatchify_twin, x.device)(x, patch_size, gh, gw, channels)
     if needs_autograd(x):
         return _Unpatchify.apply(x, patch_size, gh, gw, channels)
     return _unpatchify_impl(x, patch_size, gh, gw, channels)

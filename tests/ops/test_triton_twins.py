@@ -52,26 +52,32 @@ def test_compiled_ops_triton_puts_the_kernels_in_the_graph_and_opaque_the_ops(tm
 def test_traced_op_picks_the_twin_only_where_its_kernels_would_run(monkeypatch):
     opaque, twin = object(), object()
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert traced_op(opaque, twin, cuda) is opaque  # default: opaque
-    ops.set_compiled_ops("triton")
     monkeypatch.setattr(_dispatch, "triton_interpreted", lambda: False)
-    assert traced_op(opaque, twin, cuda) is twin
-    assert traced_op(opaque, twin, torch.device("meta")) is twin
-    assert traced_op(opaque, twin, cpu) is opaque  # CPU tensors run the C++ kernels
-    assert traced_op(opaque, None, cuda) is opaque  # no twin (torch before 2.6)
+    monkeypatch.delenv("FASTMIM_COMPILED_OPS", raising=False)
+    monkeypatch.setattr(_dispatch, "AUTO_COMPILED", {"patchify": "triton"})
+    assert _dispatch.compiled_ops() == "auto"  # the default: per op, what measured faster
+    assert traced_op("gather_visible", opaque, twin, cuda) is opaque  # not in the table: opaque
+    assert traced_op("patchify", opaque, twin, cuda) is twin
+    ops.set_compiled_ops("opaque")
+    assert traced_op("patchify", opaque, twin, cuda) is opaque
+    ops.set_compiled_ops("triton")
+    assert traced_op("gather_visible", opaque, twin, cuda) is twin
+    assert traced_op("gather_visible", opaque, twin, torch.device("meta")) is twin
+    assert traced_op("gather_visible", opaque, twin, cpu) is opaque  # CPU tensors run the C++ kernels
+    assert traced_op("gather_visible", opaque, None, cuda) is opaque  # no twin (torch before 2.6)
     prev = ops.set_backend("cuda")  # a forced backend other than Triton keeps the opaque op
     try:
-        assert traced_op(opaque, twin, cuda) is opaque
+        assert traced_op("gather_visible", opaque, twin, cuda) is opaque
         ops.set_backend("triton")
-        assert traced_op(opaque, twin, cuda) is twin
+        assert traced_op("gather_visible", opaque, twin, cuda) is twin
     finally:
         ops.set_backend(prev)
     monkeypatch.setattr(_dispatch, "triton_interpreted", lambda: True)
-    assert traced_op(opaque, twin, cuda) is opaque  # the interpreter's kernels cannot be traced
+    assert traced_op("gather_visible", opaque, twin, cuda) is opaque  # the interpreter's kernels cannot be traced
 
 
 def test_compiled_ops_setting_and_environment(monkeypatch):
-    with pytest.raises(ValueError, match="set_compiled_ops: 'fast' is not one of opaque, triton"):
+    with pytest.raises(ValueError, match="set_compiled_ops: 'fast' is not one of auto, opaque, triton"):
         ops.set_compiled_ops("fast")
     monkeypatch.setenv("FASTMIM_COMPILED_OPS", "Triton")
     assert _dispatch.compiled_ops() == "triton"
@@ -79,7 +85,7 @@ def test_compiled_ops_setting_and_environment(monkeypatch):
     assert _dispatch.compiled_ops() == "opaque"  # the setting wins over the environment
     ops.set_compiled_ops(None)
     monkeypatch.setenv("FASTMIM_COMPILED_OPS", "inductor")
-    with pytest.raises(ValueError, match="FASTMIM_COMPILED_OPS='inductor' is not one of opaque, triton"):
+    with pytest.raises(ValueError, match="FASTMIM_COMPILED_OPS='inductor' is not one of auto, opaque, triton"):
         _dispatch.compiled_ops()
 
 
