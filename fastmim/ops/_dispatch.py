@@ -320,9 +320,35 @@ def unaliased(fn: Callable) -> Callable:
 FLEXIBLE_LAYOUT = (torch.Tag.flexible_layout,) if hasattr(torch.Tag, "flexible_layout") else ()
 
 
-def custom_op(name: str, fn: Callable):
-    """``torch.library.custom_op(name, fn, mutates_args=())``, tagged ``flexible_layout`` where torch knows it."""
-    if FLEXIBLE_LAYOUT:
+def check_shape(op: str, name: str, t: torch.Tensor | None, shape: tuple[int | None, ...]) -> None:
+    """``t`` (skipped when None) has ``shape``, None entries matching any size."""
+    if t is None:
+        return
+    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape, strict=True)):
+        want = ", ".join("*" if s is None else str(s) for s in shape)
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected [{want}]")
+
+
+def checked(fn: Callable, check: Callable | None) -> Callable:
+    """``fn`` preceded by ``check(*args)``: what a custom op is registered with. A direct call of
+    ``torch.ops.fastmim.*`` skips the public function's checks, and the kernels trust the shapes they are given (a
+    short index tensor would be read past its end), so each raw op checks the shapes of its own arguments."""
+    if check is None:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        check(*args)
+        return fn(*args)
+
+    return wrapper
+
+
+def custom_op(name: str, fn: Callable, check: Callable | None = None, flexible_layout: bool = True):
+    """``torch.library.custom_op(name, fn, mutates_args=())``, tagged ``flexible_layout`` where torch knows it (and
+    ``flexible_layout`` is True), with ``check`` run first (see ``checked``)."""
+    fn = checked(fn, check)
+    if FLEXIBLE_LAYOUT and flexible_layout:
         try:
             return torch.library.custom_op(name, fn, mutates_args=(), tags=FLEXIBLE_LAYOUT)
         except TypeError:  # a torch whose custom_op takes no tags
@@ -364,7 +390,7 @@ def compiled_ops() -> str:
     return name
 
 
-def triton_twin(name: str, like: Callable, impl: Callable):
+def triton_twin(name: str, like: Callable, impl: Callable, check: Callable | None = None):
     """``impl`` (the Triton path of an op, taking the arguments of ``like``, its opaque function) registered with
     ``torch.library.triton_op`` as ``fastmim::<name>``; None where torch has no ``triton_op`` (before 2.6) or Triton is
     absent. ``impl`` must launch its kernels through ``jit_kernel`` kernels, which torch.compile then records."""
@@ -374,6 +400,8 @@ def triton_twin(name: str, like: Callable, impl: Callable):
 
     @functools.wraps(like)  # the schema is inferred from like's annotations
     def fn(*args):
+        if check is not None:
+            check(*args)
         return impl(*args)
 
     return triton_op(f"fastmim::{name}", fn, mutates_args=())

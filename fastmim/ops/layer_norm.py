@@ -23,6 +23,7 @@ import torch
 from fastmim.ops._dispatch import (
     check_device,
     check_float,
+    check_shape,
     choose_backend,
     custom_op,
     eager_function,
@@ -103,7 +104,14 @@ def _fwd(
     return y, s, mean, rstd
 
 
-_add_ln_op = custom_op("fastmim::add_layer_norm", _fwd)
+def _raw_check(x, residual, weight, bias, eps, out_dtype) -> None:
+    """The raw op's shapes: x and residual [M, C], weight and bias [C]."""
+    check_shape(_OP, "x", x, (None, None))
+    check_shape(_OP, "residual", residual, tuple(x.shape))
+    _check_inputs(x, x if residual is None else residual, weight, bias, eps)
+
+
+_add_ln_op = custom_op("fastmim::add_layer_norm", _fwd, _raw_check)
 
 
 @_add_ln_op.register_fake
@@ -132,9 +140,6 @@ def _bwd(
     d_weight [C] and d_bias [C] in the statistics dtype or [0]): a custom op returns no None (and, through
     ``unaliased``, no aliases)."""
     ds_ = ds if has_ds else None
-    for name, t in (("dy", dy), ("ds", ds_)):  # the kernels read [M, C] rows of each: a smaller one would be overrun
-        if t is not None and t.shape != s.shape:
-            raise ValueError(f"add_layer_norm_backward: {name} has shape {tuple(t.shape)}, s {tuple(s.shape)}")
     if _backend(dy, s, weight) == "triton":
         # upstream gradients may be expanded (a .sum() gives stride 0): the kernels read contiguous rows
         dy, s, weight = dy.contiguous(), s.contiguous(), weight.contiguous()
@@ -149,8 +154,17 @@ def _bwd(
     return dr, dx, dw, db
 
 
+def _raw_bwd_check(dy, ds, s, weight, mean, rstd, has_ds, x_dtype, r_dtype, need_w, need_b) -> None:
+    """The kernels read [M, C] rows of dy, ds and s and [M] statistics: a smaller tensor would be overrun."""
+    op = "add_layer_norm_backward"
+    check_shape(op, "s", s, (None, None))
+    for name, t, shape in (("dy", dy, s.shape), ("ds", ds if has_ds else None, s.shape), ("weight", weight,
+                           s.shape[1:]), ("mean", mean, s.shape[:1]), ("rstd", rstd, s.shape[:1])):  # fmt: skip
+        check_shape(op, name, t, tuple(shape))
+
+
 # the Triton backend's d_weight and d_bias are rows of one [2, C] sum: cloned apart for the custom op only
-_add_ln_backward_op = custom_op("fastmim::add_layer_norm_backward", unaliased(_bwd))
+_add_ln_backward_op = custom_op("fastmim::add_layer_norm_backward", unaliased(_bwd), _raw_bwd_check)
 
 
 @_add_ln_backward_op.register_fake

@@ -16,6 +16,7 @@ from fastmim.ops._dispatch import (
     check_device,
     check_float,
     check_patch_size,
+    check_shape,
     choose_backend,
     custom_op,
     eager_function,
@@ -96,7 +97,37 @@ def _loss_fwd_on(backend: str, pred, target, mask, patch_size, norm_pix, eps, p)
     return loss, denom
 
 
-_masked_loss_op = custom_op("fastmim::masked_loss", unaliased(_loss_fwd))
+def _loss_check(pred, target, mask, patch_size, norm_pix, eps, p, grad_loss=None, denom=None) -> None:
+    """The raw ops' shapes: pred [B, L, D]; target images [B, C, H, W] whose patches are L x D, or [B, L, D]
+    (patch_size 0); mask [B, L]."""
+    op = "masked_mse_loss"
+    check_shape(op, "pred", pred, (None, None, None))
+    b, n, d = pred.shape
+    if target.dim() == 4:
+        check_patch_size(op, patch_size)
+        c, h, w = target.shape[1:]
+        if target.shape[0] != b or h % patch_size or w % patch_size or (h // patch_size) * (w // patch_size) != n \
+                or patch_size * patch_size * c != d:  # fmt: skip
+            raise ValueError(f"{op}: target images {tuple(target.shape)} with patch size {patch_size} do not give "
+                             f"pred's {b} x {n} patches of {d} values")  # fmt: skip
+    else:
+        check_shape(op, "target", target, (b, n, d))
+    check_shape(op, "mask", mask, (b, n))
+    if p not in (1, 2):
+        raise ValueError(f"{op}: p must be 1 or 2, got {p}")
+    for name, t in (("target", target), ("mask", mask), ("grad_loss", grad_loss), ("denom", denom)):
+        if t is not None:
+            check_device(op, name, t, pred.device)
+    for name, t in (("grad_loss", grad_loss), ("denom", denom)):
+        if t is not None and t.numel() != 1:
+            raise ValueError(f"{op}: {name} must hold one value, got shape {tuple(t.shape)}")
+
+
+def _loss_bwd_check(grad_loss, pred, target, mask, denom, patch_size, norm_pix, eps, p) -> None:
+    _loss_check(pred, target, mask, patch_size, norm_pix, eps, p, grad_loss, denom)
+
+
+_masked_loss_op = custom_op("fastmim::masked_loss", unaliased(_loss_fwd), _loss_check)
 
 
 @_masked_loss_op.register_fake
@@ -137,7 +168,7 @@ def _masked_loss_backward_ref(grad_loss, pred, target, mask, denom, patch_size, 
     return torch.where(coef != 0, local * coef, 0.0).to(pred.dtype)  # weight-0 patches: 0 even if not finite
 
 
-_masked_loss_backward_op = custom_op("fastmim::masked_loss_backward", _loss_bwd)
+_masked_loss_backward_op = custom_op("fastmim::masked_loss_backward", _loss_bwd, _loss_bwd_check)
 
 
 @_masked_loss_backward_op.register_fake
@@ -167,9 +198,9 @@ _MaskedLoss = eager_function(
 
 
 # the Triton twins inductor can see into (fastmim.ops._dispatch.traced_op)
-_masked_loss_twin = triton_twin("masked_loss_triton", _loss_fwd, functools.partial(_loss_fwd_on, "triton"))
+_masked_loss_twin = triton_twin("masked_loss_triton", _loss_fwd, functools.partial(_loss_fwd_on, "triton"), _loss_check)
 _masked_loss_backward_twin = triton_twin(
-    "masked_loss_backward_triton", _loss_bwd, functools.partial(_loss_bwd_on, "triton")
+    "masked_loss_backward_triton", _loss_bwd, functools.partial(_loss_bwd_on, "triton"), _loss_bwd_check
 )
 if _masked_loss_twin is not None:
     _masked_loss_twin.register_autograd(

@@ -11,6 +11,7 @@ import torch
 from fastmim.ops import _cpu, _cuda
 from fastmim.ops._dispatch import (
     check_patch_size,
+    check_shape,
     choose_backend,
     custom_op,
     eager_function,
@@ -62,7 +63,21 @@ def _unpatchify_impl(x: torch.Tensor, p: int, gh: int, gw: int, channels: int) -
     return _fresh(unpatchify_ref(x, p, (gh, gw), channels), x)
 
 
-_patchify_op = custom_op("fastmim::patchify", _patchify_impl)
+def _patchify_check(imgs: torch.Tensor, p: int) -> None:
+    check_shape("patchify", "imgs", imgs, (None, None, None, None))
+    check_patch_size("patchify", p)
+    if imgs.shape[2] % p or imgs.shape[3] % p:
+        raise ValueError(f"patchify: image size {imgs.shape[2]}x{imgs.shape[3]} is not divisible by the patch size {p}")
+
+
+def _unpatchify_check(x: torch.Tensor, p: int, gh: int, gw: int, channels: int) -> None:
+    check_patch_size("unpatchify", p)
+    if min(gh, gw, channels) < 1:
+        raise ValueError(f"unpatchify: grid {gh}x{gw} and {channels} channels must be positive")
+    check_shape("unpatchify", "x", x, (None, gh * gw, p * p * channels))
+
+
+_patchify_op = custom_op("fastmim::patchify", _patchify_impl, _patchify_check)
 
 
 @_patchify_op.register_fake
@@ -71,7 +86,7 @@ def _(imgs, p):
     return imgs.new_empty((b, (h // p) * (w // p), p * p * c))
 
 
-_unpatchify_op = custom_op("fastmim::unpatchify", _unpatchify_impl)
+_unpatchify_op = custom_op("fastmim::unpatchify", _unpatchify_impl, _unpatchify_check)
 
 
 @_unpatchify_op.register_fake
@@ -114,11 +129,14 @@ _Unpatchify = eager_function(
 )
 
 # the Triton twins inductor can see into (fastmim.ops._dispatch.traced_op), each the other's backward
-_patchify_twin = triton_twin("patchify_triton", _patchify_impl, lambda imgs, p: _triton_patchify().patchify(imgs, p))
+_patchify_twin = triton_twin(
+    "patchify_triton", _patchify_impl, lambda imgs, p: _triton_patchify().patchify(imgs, p), _patchify_check
+)
 _unpatchify_twin = triton_twin(
     "unpatchify_triton",
     _unpatchify_impl,
     lambda x, p, gh, gw, channels: _triton_patchify().unpatchify(x, p, (gh, gw), channels),
+    _unpatchify_check,
 )
 if _patchify_twin is not None:
     _patchify_twin.register_autograd(

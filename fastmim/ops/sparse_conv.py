@@ -20,6 +20,8 @@ from fastmim.ops._dispatch import (
     check_device,
     check_float,
     check_id_values,
+    check_shape,
+    checked,
     choose_backend,
     eager_function,
     use_custom_op,
@@ -143,7 +145,28 @@ def _fwd(x: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return sparse_dwconv_ref(x, nbr, weight, bias)
 
 
-_sparse_dwconv_op = torch.library.custom_op("fastmim::sparse_dwconv", _fwd, mutates_args=())
+def _raw_check(x: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """The raw ops' shapes: x [M, C], nbr [K*K, M] integer, weight [C, 1, K, K], bias [C]."""
+    check_shape(_OP, "x", x, (None, None))
+    m, c = x.shape
+    check_shape(_OP, "weight", weight, (c, 1, None, None))
+    k = weight.shape[-1]
+    check_shape(_OP, "weight", weight, (c, 1, k, k))
+    check_shape(_OP, "nbr", nbr, (k * k, m))
+    check_shape(_OP, "bias", bias, (c,))
+    if nbr.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{_OP}: nbr must be int32 or int64, got {nbr.dtype}")
+    for name, t in (("nbr", nbr), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_device(_OP, name, t, x.device)
+
+
+def _raw_bwd_check(grad, x, nbr, weight, need_x, need_w, need_b) -> None:
+    _raw_check(x, nbr, weight)
+    check_shape(_OP, "grad", grad, tuple(x.shape))
+
+
+_sparse_dwconv_op = torch.library.custom_op("fastmim::sparse_dwconv", checked(_fwd, _raw_check), mutates_args=())
 
 
 @_sparse_dwconv_op.register_fake
@@ -204,7 +227,9 @@ def _bwd(
     return gx, gw, gb
 
 
-_sparse_dwconv_backward_op = torch.library.custom_op("fastmim::sparse_dwconv_backward", _bwd, mutates_args=())
+_sparse_dwconv_backward_op = torch.library.custom_op(
+    "fastmim::sparse_dwconv_backward", checked(_bwd, _raw_bwd_check), mutates_args=()
+)
 
 
 @_sparse_dwconv_backward_op.register_fake

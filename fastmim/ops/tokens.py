@@ -16,6 +16,7 @@ from fastmim.ops._dispatch import (
     check_float,
     check_id_values,
     check_ids,
+    check_shape,
     choose_backend,
     custom_op,
     eager_function,
@@ -49,7 +50,15 @@ def _gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     return gather_visible_ref(x, ids_keep.long())
 
 
-_gather_visible_op = custom_op("fastmim::gather_visible", _gather_fwd)
+def _gather_check(x: torch.Tensor, ids_keep: torch.Tensor) -> None:
+    """The raw ops' shapes (the public function checks more, before reshaping)."""
+    op = "gather_visible"
+    check_shape(op, "x", x, (None, None, None))
+    check_shape(op, "ids_keep", ids_keep, (x.shape[0], None))
+    check_ids(op, "ids_keep", ids_keep, tuple(ids_keep.shape), x.device)
+
+
+_gather_visible_op = custom_op("fastmim::gather_visible", _gather_fwd, _gather_check)
 
 
 @_gather_visible_op.register_fake
@@ -70,7 +79,16 @@ def _gather_bwd(grad: torch.Tensor, ids_keep: torch.Tensor, n: int) -> torch.Ten
     return out.scatter_add_(1, ids_keep.long().unsqueeze(-1).expand(b, k, d), grad)
 
 
-_gather_visible_backward_op = custom_op("fastmim::gather_visible_backward", _gather_bwd)
+def _gather_bwd_check(grad: torch.Tensor, ids_keep: torch.Tensor, n: int) -> None:
+    op = "gather_visible_backward"
+    check_shape(op, "grad", grad, (None, None, None))
+    check_shape(op, "ids_keep", ids_keep, tuple(grad.shape[:2]))
+    check_ids(op, "ids_keep", ids_keep, tuple(ids_keep.shape), grad.device)
+    if n < grad.shape[1]:
+        raise ValueError(f"{op}: n = {n} is fewer than the {grad.shape[1]} kept tokens")
+
+
+_gather_visible_backward_op = custom_op("fastmim::gather_visible_backward", _gather_bwd, _gather_bwd_check)
 
 
 @_gather_visible_backward_op.register_fake
@@ -98,10 +116,16 @@ _GatherVisible = eager_function(
 
 # the Triton twins inductor can see into (fastmim.ops._dispatch.traced_op)
 _gather_visible_twin = triton_twin(
-    "gather_visible_triton", _gather_fwd, lambda x, ids_keep: _triton_tokens().gather_visible(x, ids_keep)
+    "gather_visible_triton",
+    _gather_fwd,
+    lambda x, ids_keep: _triton_tokens().gather_visible(x, ids_keep),
+    _gather_check,
 )
 _gather_visible_backward_twin = triton_twin(
-    "gather_visible_backward_triton", _gather_bwd, lambda g, ids, n: _triton_tokens().gather_visible_backward(g, ids, n)
+    "gather_visible_backward_triton",
+    _gather_bwd,
+    lambda g, ids, n: _triton_tokens().gather_visible_backward(g, ids, n),
+    _gather_bwd_check,
 )
 if _gather_visible_twin is not None:
     _gather_visible_twin.register_autograd(
@@ -170,7 +194,28 @@ def _out_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return dtype
 
 
-_scatter_masked_op = custom_op("fastmim::scatter_masked", _scatter_fwd)  # one output
+def _scatter_check(x_vis, ids_restore, mask_token, pos_embed, cls_token) -> None:
+    """The raw op's shapes: mask_token [D], pos_embed [N(+1), D], cls_token [B or 1, D] (the public function takes
+    more forms and reshapes them)."""
+    op = "scatter_masked"
+    check_shape(op, "x_vis", x_vis, (None, None, None))
+    b, k, d = x_vis.shape
+    check_shape(op, "ids_restore", ids_restore, (b, None))
+    check_ids(op, "ids_restore", ids_restore, tuple(ids_restore.shape), x_vis.device)
+    n = ids_restore.shape[1]
+    if n < k:
+        raise ValueError(f"scatter_masked: ids_restore has {n} positions, fewer than the {k} visible tokens")
+    check_shape(op, "mask_token", mask_token, (d,))
+    check_shape(op, "pos_embed", pos_embed, (n + (cls_token is not None), d))
+    check_shape(op, "cls_token", cls_token, (None, d))
+    if cls_token is not None and cls_token.shape[0] not in (1, b):
+        raise ValueError(f"{op}: cls_token has {cls_token.shape[0]} rows, expected 1 or B = {b}")
+    for name, t in (("mask_token", mask_token), ("pos_embed", pos_embed), ("cls_token", cls_token)):
+        if t is not None:
+            check_device(op, name, t, x_vis.device)
+
+
+_scatter_masked_op = custom_op("fastmim::scatter_masked", _scatter_fwd, _scatter_check)  # one output
 
 
 @_scatter_masked_op.register_fake
@@ -233,7 +278,19 @@ def _scatter_backward_ref(grad, ids_restore, k, has_cls, need_pos, x_dtype):
     return gx.to(x_dtype), gmt, gpos
 
 
-_scatter_masked_backward_op = custom_op("fastmim::scatter_masked_backward", unaliased(_scatter_bwd))
+def _scatter_bwd_check(grad, ids_restore, k, has_cls, need_pos, x_dtype, cls_dtype, cls_rows) -> None:
+    op = "scatter_masked_backward"
+    check_shape(op, "grad", grad, (None, None, None))
+    b, r, _ = grad.shape
+    check_shape(op, "ids_restore", ids_restore, (b, r - int(has_cls)))
+    check_ids(op, "ids_restore", ids_restore, tuple(ids_restore.shape), grad.device)
+    if not 0 <= k <= ids_restore.shape[1]:
+        raise ValueError(f"{op}: k = {k} visible tokens of {ids_restore.shape[1]} positions")
+    if has_cls and cls_rows not in (1, b):
+        raise ValueError(f"{op}: cls_rows = {cls_rows}, expected 1 or B = {b}")
+
+
+_scatter_masked_backward_op = custom_op("fastmim::scatter_masked_backward", unaliased(_scatter_bwd), _scatter_bwd_check)
 
 
 @_scatter_masked_backward_op.register_fake
@@ -275,9 +332,11 @@ _ScatterMasked = eager_function(
     "_ScatterMasked", _scatter_fwd, _scatter_setup, lambda ctx, grad: _scatter_backward(ctx, grad, _scatter_bwd)
 )
 
-_scatter_masked_twin = triton_twin("scatter_masked_triton", _scatter_fwd, functools.partial(_scatter_fwd_on, "triton"))
+_scatter_masked_twin = triton_twin(
+    "scatter_masked_triton", _scatter_fwd, functools.partial(_scatter_fwd_on, "triton"), _scatter_check
+)
 _scatter_masked_backward_twin = triton_twin(
-    "scatter_masked_backward_triton", _scatter_bwd, functools.partial(_scatter_bwd_on, "triton")
+    "scatter_masked_backward_triton", _scatter_bwd, functools.partial(_scatter_bwd_on, "triton"), _scatter_bwd_check
 )
 if _scatter_masked_twin is not None:
     _scatter_masked_twin.register_autograd(

@@ -1,0 +1,90 @@
+"""The raw custom ops (``torch.ops.fastmim.*``, what torch.compile and exported programs call) check the shapes of
+their own arguments: a direct call skips the public functions' checks, and the kernels trust the shapes they are given
+(an index tensor with fewer rows than the tokens would be read past its end, in C++ on CPU). Each case here is a
+mismatch that the kernels would otherwise have run with; each must raise a ValueError naming the op and the argument,
+on every backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastmim.ops  # noqa: F401  (registers torch.ops.fastmim.*)
+
+B, N, K, D = 2, 16, 4, 8
+f32, i64 = torch.float32, torch.long
+
+
+def _t(*shape, dtype=f32):
+    return torch.zeros(shape, dtype=dtype) if dtype != f32 else torch.randn(shape)
+
+
+def _ids(b, n):
+    return torch.stack([torch.randperm(n) for _ in range(b)])
+
+
+CASES = {
+    "gather_visible: ids_keep has shape (1, 4)": lambda: torch.ops.fastmim.gather_visible(_t(B, N, D), _ids(1, K)),
+    "gather_visible_backward: ids_keep has shape (1, 4)": lambda: torch.ops.fastmim.gather_visible_backward(
+        _t(B, K, D), _ids(1, K), N
+    ),
+    "gather_visible_backward: n = 2 is fewer": lambda: torch.ops.fastmim.gather_visible_backward(
+        _t(B, K, D), _ids(B, K), 2
+    ),
+    "scatter_masked: ids_restore has shape (1, 16)": lambda: torch.ops.fastmim.scatter_masked(
+        _t(B, K, D), _ids(1, N), _t(D), None, None
+    ),
+    "scatter_masked: pos_embed has shape (16, 8), expected [17, 8]": lambda: torch.ops.fastmim.scatter_masked(
+        _t(B, K, D), _ids(B, N), _t(D), _t(N, D), _t(B, D)
+    ),
+    "scatter_masked: mask_token has shape (4,)": lambda: torch.ops.fastmim.scatter_masked(
+        _t(B, K, D), _ids(B, N), _t(4), None, None
+    ),
+    "scatter_masked: cls_token has 3 rows": lambda: torch.ops.fastmim.scatter_masked(
+        _t(B, K, D), _ids(B, N), _t(D), None, _t(3, D)
+    ),
+    "scatter_masked_backward: ids_restore has shape (2, 16), expected [2, 17]": (
+        lambda: torch.ops.fastmim.scatter_masked_backward(_t(B, N + 2, D), _ids(B, N), K, True, True, f32, f32, 1)
+    ),
+    "scatter_masked_backward: k = 20": lambda: torch.ops.fastmim.scatter_masked_backward(
+        _t(B, N, D), _ids(B, N), 20, False, False, f32, f32, 0
+    ),
+    "masked_mse_loss: mask has shape (1, 4)": lambda: torch.ops.fastmim.masked_loss(
+        _t(B, 4, 48), _t(B, 3, 8, 8), torch.ones(1, 4), 4, True, 1e-6, 2
+    ),
+    "masked_mse_loss: target images (2, 3, 8, 8) with patch size 4 do not give": lambda: torch.ops.fastmim.masked_loss(
+        _t(B, 4, 12), _t(B, 3, 8, 8), torch.ones(B, 4), 4, True, 1e-6, 2
+    ),
+    "masked_mse_loss: target has shape (2, 4, 7)": lambda: torch.ops.fastmim.masked_loss(
+        _t(B, 4, 8), _t(B, 4, 7), torch.ones(B, 4), 0, True, 1e-6, 2
+    ),
+    "masked_mse_loss: grad_loss must hold one value": lambda: torch.ops.fastmim.masked_loss_backward(
+        _t(3), _t(B, 4, 8), _t(B, 4, 8), torch.ones(B, 4), torch.ones(()), 0, True, 1e-6, 2
+    ),
+    "patchify: image size 10x8 is not divisible": lambda: torch.ops.fastmim.patchify(_t(B, 3, 10, 8), 4),
+    "unpatchify: x has shape (2, 4, 48), expected [*, 9, 48]": lambda: torch.ops.fastmim.unpatchify(
+        _t(B, 4, 48), 4, 3, 3, 3
+    ),
+    "sparse_dwconv: nbr has shape (9, 5), expected [9, 6]": lambda: torch.ops.fastmim.sparse_dwconv(
+        _t(6, D), torch.zeros(9, 5, dtype=i64), _t(D, 1, 3, 3), None
+    ),
+    "sparse_dwconv: bias has shape (7,)": lambda: torch.ops.fastmim.sparse_dwconv(
+        _t(6, D), torch.zeros(9, 6, dtype=i64), _t(D, 1, 3, 3), _t(7)
+    ),
+    "sparse_dwconv: grad has shape (5, 8), expected [6, 8]": lambda: torch.ops.fastmim.sparse_dwconv_backward(
+        _t(5, D), _t(6, D), torch.zeros(9, 6, dtype=i64), _t(D, 1, 3, 3), True, True, True
+    ),
+    "add_layer_norm: residual has shape (5, 8), expected [6, 8]": lambda: torch.ops.fastmim.add_layer_norm(
+        _t(6, D), _t(5, D), _t(D), _t(D), 1e-6, f32
+    ),
+    "add_layer_norm_backward: mean has shape (5,), expected [6]": lambda: torch.ops.fastmim.add_layer_norm_backward(
+        _t(6, D), _t(6, D), _t(6, D), _t(D), _t(5), _t(6), True, f32, f32, True, True
+    ),
+}
+
+
+@pytest.mark.parametrize("expected", list(CASES), ids=lambda s: s.split(":")[0] + ":" + s.split(":")[1][:24])
+def test_raw_op_refuses_shapes_its_kernels_would_overrun(expected, backend):
+    with pytest.raises(ValueError) as err:
+        CASES[expected]()
+    assert expected in str(err.value)
