@@ -407,12 +407,15 @@ def triton_twin(name: str, like: Callable, impl: Callable, check: Callable | Non
     return triton_op(f"fastmim::{name}", fn, mutates_args=())
 
 
-def traced_op(op: str, opaque, twin, device: torch.device):
-    """The op torch.compile traces for ``op`` on tensors on ``device``: the Triton twin when ``compiled_ops()`` is
-    "triton" (or "auto" and ``AUTO_COMPILED`` says so for ``op``) and the Triton kernels would run there (CUDA
-    tensors; meta tensors, which tests trace with), else the opaque op. A forced backend other than Triton keeps the
-    opaque op, and so does the interpreter (its kernels cannot be traced)."""
+def traced_op(op: str, opaque, twin, device: torch.device, dtypes: tuple[torch.dtype, ...]):
+    """The op torch.compile traces for ``op`` on tensors on ``device`` with ``dtypes``: the Triton twin when
+    ``compiled_ops()`` is "triton" (or "auto" and ``AUTO_COMPILED`` says so for ``op``) and the Triton kernels would
+    run there (CUDA tensors of the kernels' dtypes; meta tensors, which tests trace with), else the opaque op (which
+    runs the reference for other dtypes, float64 say). A forced backend other than Triton keeps the opaque op, and so
+    does the interpreter (its kernels cannot be traced)."""
     if twin is None or device.type not in ("cuda", "meta") or triton_interpreted():
+        return opaque
+    if not all(dt in KERNEL_DTYPES for dt in dtypes):
         return opaque
     mode = compiled_ops()
     if mode == "opaque" or (mode == "auto" and AUTO_COMPILED.get(op) != "triton"):

@@ -18,6 +18,7 @@ import torch
 
 from fastmim.ops._dispatch import (
     check_float,
+    check_shape,
     choose_backend,
     custom_op,
     eager_function,
@@ -71,7 +72,21 @@ def _fwd(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _fwd_torch(qkv, scale)
 
 
-_attention_op = custom_op("fastmim::attention", _fwd)
+def _raw_check(qkv: torch.Tensor, scale: float) -> None:
+    check_shape(_OP, "qkv", qkv, (None, None, 3, None, None))
+
+
+def _raw_bwd_check(grad, qkv, out, lse, scale) -> None:
+    """grad and out [B, N, H, hd], lse [B * H, N] for qkv [B, N, 3, H, hd]."""
+    _raw_check(qkv, scale)
+    b, n, _, h, d = qkv.shape
+    op = "attention_backward"
+    check_shape(op, "grad", grad, (b, n, h, d))
+    check_shape(op, "out", out, (b, n, h, d))
+    check_shape(op, "lse", lse, (b * h, n))
+
+
+_attention_op = custom_op("fastmim::attention", _fwd, _raw_check)
 
 
 @_attention_op.register_fake
@@ -86,7 +101,7 @@ def _bwd(grad: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Te
     return _bwd_torch(grad, qkv, out, lse, scale)
 
 
-_attention_backward_op = custom_op("fastmim::attention_backward", _bwd)
+_attention_backward_op = custom_op("fastmim::attention_backward", _bwd, _raw_bwd_check)
 
 
 @_attention_backward_op.register_fake

@@ -20,6 +20,7 @@ import torch
 from fastmim.ops._dispatch import (
     check_device,
     check_float,
+    check_shape,
     choose_backend,
     custom_op,
     eager_function,
@@ -52,7 +53,13 @@ def _fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return bias_gelu_ref(x, bias).contiguous()
 
 
-_bias_gelu_op = custom_op("fastmim::bias_gelu", _fwd)
+def _raw_check(x: torch.Tensor, bias: torch.Tensor) -> None:
+    """The raw ops' shapes: x [M, N], bias [N]."""
+    check_shape(_OP, "x", x, (None, None))
+    check_shape(_OP, "bias", bias, (x.shape[1],))
+
+
+_bias_gelu_op = custom_op("fastmim::bias_gelu", _fwd, _raw_check)
 
 
 @_bias_gelu_op.register_fake
@@ -75,7 +82,12 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, need_b: bool) ->
     return dx, x.new_empty((0,), dtype=stat_dtype(x)) if db is None else db
 
 
-_bias_gelu_backward_op = custom_op("fastmim::bias_gelu_backward", _bwd)
+def _raw_bwd_check(dy, x, bias, need_b) -> None:
+    _raw_check(x, bias)
+    check_shape("bias_gelu_backward", "dy", dy, tuple(x.shape))
+
+
+_bias_gelu_backward_op = custom_op("fastmim::bias_gelu_backward", _bwd, _raw_bwd_check)
 
 
 @_bias_gelu_backward_op.register_fake

@@ -21,6 +21,7 @@ import torch
 from fastmim.ops._dispatch import (
     check_device,
     check_float,
+    check_shape,
     choose_backend,
     custom_op,
     eager_function,
@@ -64,7 +65,22 @@ def _fwd(
     return (wts * d2).mean(), torch.view_as_real(wts * spec).contiguous()
 
 
-_fft_loss_op = custom_op("fastmim::fft_loss", _fwd)
+def _mask_check(op: str, mask, b: int, h: int, w: int, patch_size: int) -> None:
+    if mask is not None:
+        if patch_size < 1 or h % patch_size or w % patch_size:
+            raise ValueError(f"{op}: image size {h}x{w} is not a multiple of patch_size {patch_size}")
+        check_shape(op, "mask", mask, (b, (h // patch_size) * (w // patch_size)))
+
+
+def _raw_check(pred, target, mask, patch_size) -> None:
+    """The raw op's shapes: pred and target [B, C, H, W], mask [B, L] of patch_size tokens."""
+    check_shape(_OP, "pred", pred, (None, None, None, None))
+    check_shape(_OP, "target", target, tuple(pred.shape))
+    b, _, h, w = pred.shape
+    _mask_check(_OP, mask, b, h, w, patch_size)
+
+
+_fft_loss_op = custom_op("fastmim::fft_loss", _fwd, _raw_check)
 
 
 @_fft_loss_op.register_fake
@@ -107,7 +123,18 @@ def _bwd(
     return dpred, dtarget
 
 
-_fft_loss_backward_op = custom_op("fastmim::fft_loss_backward", _bwd)
+def _raw_bwd_check(grad, weighted, mask, shape, patch_size, pred_dtype, target_dtype, need_pred, need_target) -> None:
+    op = "fft_loss_backward"
+    if len(shape) != 4:
+        raise ValueError(f"{op}: shape must be [B, C, H, W], got {list(shape)}")
+    b, c, h, w = shape
+    check_shape(op, "weighted", weighted, (c, h, w, 2))
+    _mask_check(op, mask, b, h, w, patch_size)
+    if grad.numel() != 1:
+        raise ValueError(f"{op}: grad must hold one value, got shape {tuple(grad.shape)}")
+
+
+_fft_loss_backward_op = custom_op("fastmim::fft_loss_backward", _bwd, _raw_bwd_check)
 
 
 @_fft_loss_backward_op.register_fake

@@ -20,6 +20,8 @@ import torch
 from fastmim.ops._dispatch import (
     check_device,
     check_float,
+    check_shape,
+    checked,
     choose_backend,
     eager_function,
     no_autocast,
@@ -90,7 +92,19 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) 
     return _fwd_torch(x, weight, bias, eps)
 
 
-_grn_op = torch.library.custom_op("fastmim::grn", _fwd, mutates_args=())
+def _raw_check(x, weight, bias=None, eps=0.0) -> None:
+    """The raw ops' shapes: x [B, N, C], weight and bias [C]."""
+    check_shape(_OP, "x", x, (None, None, None))
+    check_shape(_OP, "weight", weight, (x.shape[2],))
+    check_shape(_OP, "bias", bias, (x.shape[2],))
+
+
+def _raw_bwd_check(grad, x, weight, eps, need_x, need_w, need_b) -> None:
+    _raw_check(x, weight)
+    check_shape("grn_backward", "grad", grad, tuple(x.shape))
+
+
+_grn_op = torch.library.custom_op("fastmim::grn", checked(_fwd, _raw_check), mutates_args=())
 
 
 @_grn_op.register_fake
@@ -119,7 +133,7 @@ def _bwd(
     return dx, none if dw is None else dw, none if db is None else db
 
 
-_grn_backward_op = torch.library.custom_op("fastmim::grn_backward", _bwd, mutates_args=())
+_grn_backward_op = torch.library.custom_op("fastmim::grn_backward", checked(_bwd, _raw_bwd_check), mutates_args=())
 
 
 @_grn_backward_op.register_fake

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from fastmim.ops._dispatch import check_device, check_float, choose_backend, custom_op, use_custom_op
+from fastmim.ops._dispatch import check_device, check_float, check_shape, choose_backend, custom_op, use_custom_op
 from fastmim.ops.reference import hog_gaussian_window
 
 _OP = "hog_target"
@@ -95,7 +95,18 @@ def _fwd(
     return _hog_torch(imgs, mask, window, patch_size, cell_size, nbins)
 
 
-_hog_op = custom_op("fastmim::hog_target", _fwd)
+def _raw_check(imgs, mask, patch_size, cell_size, nbins, gaussian_window) -> None:
+    """The raw op's shapes: imgs [B, C, H, W] in whole patches of whole cells, mask [B, L] (the public function
+    checks the rest)."""
+    check_shape(_OP, "imgs", imgs, (None, None, None, None))
+    b, _, h, w = imgs.shape
+    if min(patch_size, cell_size, nbins) < 1 or patch_size % cell_size or h % patch_size or w % patch_size:
+        raise ValueError(f"{_OP}: image size {h}x{w}, patch_size {patch_size}, cell_size {cell_size} and nbins "
+                         f"{nbins} do not fit (whole patches of whole cells)")  # fmt: skip
+    check_shape(_OP, "mask", mask, (b, (h // patch_size) * (w // patch_size)))
+
+
+_hog_op = custom_op("fastmim::hog_target", _fwd, _raw_check)
 
 
 @_hog_op.register_fake

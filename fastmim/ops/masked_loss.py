@@ -197,7 +197,8 @@ _MaskedLoss = eager_function(
 )
 
 
-# the Triton twins inductor can see into (fastmim.ops._dispatch.traced_op)
+# the Triton twins inductor can see into (fastmim.ops._dispatch.traced_op); one AUTO_COMPILED entry,
+# "masked_mse_loss", decides for both losses (one op)
 _masked_loss_twin = triton_twin("masked_loss_triton", _loss_fwd, functools.partial(_loss_fwd_on, "triton"), _loss_check)
 _masked_loss_backward_twin = triton_twin(
     "masked_loss_backward_triton", _loss_bwd, functools.partial(_loss_bwd_on, "triton"), _loss_bwd_check
@@ -212,7 +213,7 @@ def _call(*args) -> torch.Tensor:
     if use_custom_op():
         pred = args[0]
         twin = _masked_loss_twin if pred.shape[-1] <= TRITON_MAX_PATCH else None
-        return traced_op("masked_mse_loss", _masked_loss_op, twin, pred.device)(*args)[0]
+        return traced_op("masked_mse_loss", _masked_loss_op, twin, pred.device, (pred.dtype, args[1].dtype))(*args)[0]
     return (_MaskedLoss.apply(*args) if needs_autograd(args[0]) else _loss_fwd(*args))[0]
 
 

@@ -32,6 +32,7 @@ from fastmim.ops._dispatch import (
     check_device,
     check_float,
     check_patch_size,
+    check_shape,
     choose_backend,
     custom_op,
     eager_function,
@@ -115,7 +116,27 @@ def _fwd(
     return loss.float(), rowmax.view(b, n, c)
 
 
-_pfft_op = custom_op("fastmim::patch_fft_loss", _fwd)
+def _raw_check(pred, imgs, mask, patch_size, alpha=1.0, log_weights=False, rowmax=None, grad=None) -> None:
+    """The raw ops' shapes: pred [B, L, p*p*C] for imgs [B, C, H, W] in p x p patches, mask [B, L], rowmax
+    [B, L, C], grad one value."""
+    check_shape(_OP, "imgs", imgs, (None, None, None, None))
+    b, c, h, w = imgs.shape
+    p = patch_size
+    if p < 1 or h % p or w % p:
+        raise ValueError(f"{_OP}: image size {h}x{w} is not divisible by the patch size {p}")
+    n = (h // p) * (w // p)
+    check_shape(_OP, "pred", pred, (b, n, p * p * c))
+    check_shape(_OP, "mask", mask, (b, n))
+    check_shape(_OP, "rowmax", rowmax, (b, n, c))
+    if grad is not None and grad.numel() != 1:
+        raise ValueError(f"{_OP}: grad must hold one value, got shape {tuple(grad.shape)}")
+
+
+def _raw_bwd_check(grad, pred, imgs, mask, rowmax, patch_size, alpha, log_weights) -> None:
+    _raw_check(pred, imgs, mask, patch_size, alpha, log_weights, rowmax, grad)
+
+
+_pfft_op = custom_op("fastmim::patch_fft_loss", _fwd, _raw_check)
 
 
 @_pfft_op.register_fake
@@ -155,7 +176,7 @@ def _bwd(
     return dpred
 
 
-_pfft_backward_op = custom_op("fastmim::patch_fft_loss_backward", _bwd)
+_pfft_backward_op = custom_op("fastmim::patch_fft_loss_backward", _bwd, _raw_bwd_check)
 
 
 @_pfft_backward_op.register_fake

@@ -128,7 +128,8 @@ _Unpatchify = eager_function(
     True,
 )
 
-# the Triton twins inductor can see into (fastmim.ops._dispatch.traced_op), each the other's backward
+# the Triton twins inductor can see into (fastmim.ops._dispatch.traced_op), each the other's backward: one
+# AUTO_COMPILED entry, "patchify", decides for both (the same kernels; benchmarks/ops.py times them as one op)
 _patchify_twin = triton_twin(
     "patchify_triton", _patchify_impl, lambda imgs, p: _triton_patchify().patchify(imgs, p), _patchify_check
 )
@@ -161,7 +162,7 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     if h % patch_size or w % patch_size:
         raise ValueError(f"patchify: image size {h}x{w} is not divisible by the patch size {patch_size}")
     if use_custom_op():
-        return traced_op("patchify", _patchify_op, _patchify_twin, imgs.device)(imgs, patch_size)
+        return traced_op("patchify", _patchify_op, _patchify_twin, imgs.device, (imgs.dtype,))(imgs, patch_size)
     return _Patchify.apply(imgs, patch_size) if needs_autograd(imgs) else _patchify_impl(imgs, patch_size)
 
 
@@ -182,7 +183,9 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int], channels
             f"for grid {gh}x{gw}, patch {patch_size}, {channels} channels"
         )
     if use_custom_op():
-        return traced_op("unpatchify", _unpatchify_op, _unpatchify_twin, x.device)(x, patch_size, gh, gw, channels)
+        return traced_op("patchify", _unpatchify_op, _unpatchify_twin, x.device, (x.dtype,))(
+            x, patch_size, gh, gw, channels
+        )
     if needs_autograd(x):
         return _Unpatchify.apply(x, patch_size, gh, gw, channels)
     return _unpatchify_impl(x, patch_size, gh, gw, channels)

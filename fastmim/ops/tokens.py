@@ -154,7 +154,7 @@ def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     if ids_keep.shape[1] > x.shape[1]:
         raise ValueError(f"{op}: ids_keep keeps {ids_keep.shape[1]} tokens of {x.shape[1]}; ids must be distinct")
     if use_custom_op():
-        return traced_op("gather_visible", _gather_visible_op, _gather_visible_twin, x.device)(x, ids_keep)
+        return traced_op("gather_visible", _gather_visible_op, _gather_visible_twin, x.device, (x.dtype,))(x, ids_keep)
     return _GatherVisible.apply(x, ids_keep) if needs_autograd(x) else _gather_fwd(x, ids_keep)
 
 
@@ -407,7 +407,8 @@ def scatter_masked(
             cls_token = cls_token.reshape(-1, d)
     args = (x_vis, ids_restore, mask_token if mask_token.dim() == 1 else mask_token.reshape(d), pos_embed, cls_token)
     if use_custom_op():
-        return traced_op("scatter_masked", _scatter_masked_op, _scatter_masked_twin, device)(*args)
+        dtypes = tuple(t.dtype for t in args if t is not None and t.is_floating_point())
+        return traced_op("scatter_masked", _scatter_masked_op, _scatter_masked_twin, device, dtypes)(*args)
     return (
         _ScatterMasked.apply(*args) if needs_autograd(x_vis, mask_token, pos_embed, cls_token) else _scatter_fwd(*args)
     )

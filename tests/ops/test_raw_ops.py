@@ -80,6 +80,35 @@ CASES = {
     "add_layer_norm_backward: mean has shape (5,), expected [6]": lambda: torch.ops.fastmim.add_layer_norm_backward(
         _t(6, D), _t(6, D), _t(6, D), _t(D), _t(5), _t(6), True, f32, f32, True, True
     ),
+    "grn: bias has shape (7,), expected [8]": lambda: torch.ops.fastmim.grn(_t(B, 5, D), _t(D), _t(7), 1e-6),
+    "grn_backward: grad has shape (2, 4, 8), expected [2, 5, 8]": lambda: torch.ops.fastmim.grn_backward(
+        _t(B, 4, D), _t(B, 5, D), _t(D), 1e-6, True, True, True
+    ),
+    "bias_gelu: bias has shape (7,), expected [8]": lambda: torch.ops.fastmim.bias_gelu(_t(6, D), _t(7)),
+    "bias_gelu_backward: dy has shape (5, 8), expected [6, 8]": lambda: torch.ops.fastmim.bias_gelu_backward(
+        _t(5, D), _t(6, D), _t(D), True
+    ),
+    "attention: qkv has shape (2, 5, 2, 2, 4), expected [*, *, 3, *, *]": lambda: torch.ops.fastmim.attention(
+        _t(B, 5, 2, 2, 4), 0.5
+    ),
+    "attention_backward: lse has shape (4, 4), expected [4, 5]": lambda: torch.ops.fastmim.attention_backward(
+        _t(B, 5, 2, 4), _t(B, 5, 3, 2, 4), _t(B, 5, 2, 4), _t(4, 4), 0.5
+    ),
+    "hog_target: mask has shape (2, 3), expected [2, 4]": lambda: torch.ops.fastmim.hog_target(
+        _t(B, 3, 32, 32), torch.ones(B, 3, dtype=torch.bool), 16, 8, 9, 0
+    ),
+    "fft_loss: target has shape (2, 3, 8, 4)": lambda: torch.ops.fastmim.fft_loss(
+        _t(B, 3, 8, 8), _t(B, 3, 8, 4), None, 1
+    ),
+    "fft_loss_backward: mask has shape (2, 3), expected [2, 4]": lambda: torch.ops.fastmim.fft_loss_backward(
+        torch.ones(()), _t(3, 8, 8, 2), _t(B, 3), [B, 3, 8, 8], 4, f32, f32, True, True
+    ),
+    "patch_fft_loss: mask has shape (2, 3), expected [2, 4]": lambda: torch.ops.fastmim.patch_fft_loss(
+        _t(B, 4, 48), _t(B, 3, 8, 8), _t(B, 3), 4, 1.0, True
+    ),
+    "patch_fft_loss: rowmax has shape (2, 4, 2), expected [2, 4, 3]": lambda: torch.ops.fastmim.patch_fft_loss_backward(
+        torch.ones(()), _t(B, 4, 48), _t(B, 3, 8, 8), _t(B, 4), _t(B, 4, 2), 4, 1.0, True
+    ),
 }
 
 

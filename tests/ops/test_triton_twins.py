@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 patchify = sys.modules["fastmim.ops.patchify"]  # the module (fastmim.ops.patchify is also the function)
 HAS_TWINS = getattr(torch.library, "triton_op", None) is not None and triton_available() is None
 needs_twins = pytest.mark.skipif(not HAS_TWINS, reason="needs triton and torch.library.triton_op (torch 2.6+)")
+BF16 = (torch.bfloat16,)
 TWIN_OPS = {"gather_visible", "scatter_masked", "masked_mse_loss", "masked_mse_loss_patchified", "patchify",
             "unpatchify"}  # fmt: skip
 
@@ -56,24 +57,26 @@ def test_traced_op_picks_the_twin_only_where_its_kernels_would_run(monkeypatch):
     monkeypatch.delenv("FASTMIM_COMPILED_OPS", raising=False)
     monkeypatch.setattr(_dispatch, "AUTO_COMPILED", {"patchify": "triton"})
     assert _dispatch.compiled_ops() == "auto"  # the default: per op, what measured faster
-    assert traced_op("gather_visible", opaque, twin, cuda) is opaque  # not in the table: opaque
-    assert traced_op("patchify", opaque, twin, cuda) is twin
+    assert traced_op("gather_visible", opaque, twin, cuda, BF16) is opaque  # not in the table: opaque
+    assert traced_op("patchify", opaque, twin, cuda, BF16) is twin
     ops.set_compiled_ops("opaque")
-    assert traced_op("patchify", opaque, twin, cuda) is opaque
+    assert traced_op("patchify", opaque, twin, cuda, BF16) is opaque
     ops.set_compiled_ops("triton")
-    assert traced_op("gather_visible", opaque, twin, cuda) is twin
-    assert traced_op("gather_visible", opaque, twin, torch.device("meta")) is twin
-    assert traced_op("gather_visible", opaque, twin, cpu) is opaque  # CPU tensors run the C++ kernels
-    assert traced_op("gather_visible", opaque, None, cuda) is opaque  # no twin (torch before 2.6)
+    assert traced_op("gather_visible", opaque, twin, cuda, BF16) is twin
+    assert traced_op("gather_visible", opaque, twin, torch.device("meta"), BF16) is twin
+    assert traced_op("gather_visible", opaque, twin, cpu, BF16) is opaque  # CPU tensors run the C++ kernels
+    assert traced_op("gather_visible", opaque, None, cuda, BF16) is opaque  # no twin (torch before 2.6)
+    # float64 (not a kernel dtype): the opaque op, which runs the reference (a twin would round to fp32)
+    assert traced_op("gather_visible", opaque, twin, cuda, (torch.float64,)) is opaque
     prev = ops.set_backend("cuda")  # a forced backend other than Triton keeps the opaque op
     try:
-        assert traced_op("gather_visible", opaque, twin, cuda) is opaque
+        assert traced_op("gather_visible", opaque, twin, cuda, BF16) is opaque
         ops.set_backend("triton")
-        assert traced_op("gather_visible", opaque, twin, cuda) is twin
+        assert traced_op("gather_visible", opaque, twin, cuda, BF16) is twin
     finally:
         ops.set_backend(prev)
     monkeypatch.setattr(_dispatch, "triton_interpreted", lambda: True)
-    assert traced_op("gather_visible", opaque, twin, cuda) is opaque  # the interpreter's kernels cannot be traced
+    assert traced_op("gather_visible", opaque, twin, cuda, BF16) is opaque  # the interpreter's kernels cannot be traced
 
 
 def test_compiled_ops_setting_and_environment(monkeypatch):
@@ -188,3 +191,25 @@ def test_triton_twins_compiled_by_inductor_match_the_opaque_ops_on_a_gpu():
     torch.testing.assert_close(results["triton"][0], results["opaque"][0], atol=1e-4, rtol=1e-3)
     for a, e in zip(results["triton"][1], results["opaque"][1], strict=True):
         torch.testing.assert_close(a.float(), e.float(), atol=2e-3, rtol=2e-2)
+
+
+@needs_twins
+def test_twins_on_meta_tensors_under_a_dispatch_mode_launch_nothing(tmp_path):
+    """With compiled ops "triton" a dispatch mode (FlopCounterMode) over meta tensors reaches a twin's fake function
+    with plain meta tensors: its kernels must not be launched (no driver is asked; nothing to compute)."""
+    code = (
+        "import torch, fastmim.ops as ops\n"
+        "from torch.utils.flop_counter import FlopCounterMode\n"
+        "ops.set_compiled_ops('triton')\n"
+        "x = torch.empty(2, 16, 8, device='meta', dtype=torch.bfloat16)\n"
+        "ids = torch.empty(2, 4, device='meta', dtype=torch.long)\n"
+        "imgs = torch.empty(2, 3, 16, 16, device='meta')\n"
+        "with FlopCounterMode(display=False):\n"
+        "    print(tuple(ops.gather_visible(x, ids).shape), tuple(ops.patchify(imgs, 4).shape))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(2, 4, 8) (2, 16, 48)" in r.stdout

@@ -62,7 +62,8 @@ def signature(args: tuple) -> tuple[list, list]:
     1.0 and True differ). The values are the arguments with each tensor replaced by its address, which Triton's
     launcher takes as it is (for a tensor it calls data_ptr() and asks the CUDA driver whether the address is device
     memory: a driver call per tensor). A CPU tensor's key differs from a CUDA tensor's, so it takes Triton's path,
-    whose check rejects it. (None, None) when a tensor is one torch.compile traces with (see ``traced``)."""
+    whose check rejects it. (None, None) when a tensor is one torch.compile traces with (see ``traced``) or a meta
+    tensor."""
     key = []
     values = []
     for a in args:
@@ -74,6 +75,8 @@ def signature(args: tuple) -> tuple[list, list]:
             if t is not _Tensor and isinstance(a, _TRACED):
                 return None, None  # torch.compile is tracing: no memory to launch on
             ptr = a.data_ptr()
+            if not ptr and a.is_meta:
+                return None, None  # a meta tensor (a shape-only run): nothing to compute
             key.append((a.dtype, (ptr & 15) == 0, a.is_cuda))  # a CPU tensor: Triton's path, which rejects it
             values.append(ptr)
         else:
@@ -164,7 +167,7 @@ class JitKernel:
             return self.via_triton(grid, args, kwargs)
         key, full = signature(args)
         if key is None:
-            return _wrap_triton(self.jit_fn)[grid](*args, **kwargs)
+            return self.via_triton(grid, args, kwargs)
         dev = _current_device()
         key.append(dev)
         key.append(state)
@@ -194,9 +197,12 @@ class JitKernel:
         return None
 
     def via_triton(self, grid, args: tuple, kwargs: dict):
-        """Triton's own launch path (recorded for inductor when torch.compile traces: see ``traced``)."""
+        """Triton's own launch path (recorded for inductor when torch.compile traces: see ``traced``; nothing for
+        meta tensors, which have no data: a shape-only run, as under a dispatch mode with meta inputs)."""
         if traced(args):
             return _wrap_triton(self.jit_fn)[grid](*args, **kwargs)
+        if any(isinstance(a, _Tensor) and a.is_meta for a in args):
+            return None
         return self.jit_fn[grid](*args, **kwargs)
 
     def _first(self, key, grid, args: tuple, kwargs: dict):
