@@ -3,9 +3,10 @@
 # no network, DALI, spconv or flash-attn: those parts are skipped and the log says so). In priority order, within a
 # time budget (GPU_SUITE_BUDGET_S, default 480 s; a step that would not fit is skipped and named):
 #   build fastmim._C and the CUDA kernels fastmim._cuda (sm_90 here); the ops' GPU tests for both GPU backends
-#   (ops_tests); the CUDA-graph training step's, add_layer_norm's, attention's and bias_gelu's tests (graph_tests); the
-#   target and frequency ops' Triton tests (target_tests); the step's throughput, MAE ViT-B/16 eager, with fused_norm,
-#   with fastmim attention, with fused bias+GELU, compiled, FCMAE ConvNeXtV2-Base (graph); MaskFeat and SimMIM
+#   (ops_tests); the CUDA-graph training step's, add_layer_norm's, layer_norm's, attention's and bias_gelu's tests
+#   (graph_tests); the target and frequency ops' Triton tests (target_tests); the step's throughput, MAE ViT-B/16
+#   eager, with fused_norm, with fastmim attention, with fused bias+GELU, compiled, FCMAE ConvNeXtV2-Base, with its
+#   fused norm (graph); compiled ops opaque vs Triton twins (twins, after vit_b_compile); MaskFeat and SimMIM
 #   (recipes); data2vec 2.0's amortisation and the EMA update (teacher); the ops benchmark with host time and CUDA-graph
 #   timing (ops); MAE ViT-B/16 eager throughput with each GPU backend of the fused ops (vit_b_eager); the CUDA kernels
 #   under compute-sanitizer (sanitizer); then pytest -m gpu (the torch.compile tests later); FCMAE ConvNeXtV2-Base
@@ -73,12 +74,12 @@ $PY -c "import fastmim, fastmim._ext as e; print('native extension:', fastmim.ha
 
 want ops_tests && step "pytest: the ops on CUDA for the cuda backend (small odd shapes) and both GPU backends at MAE scale" &&
   run 150 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider --durations=5 -m gpu \
-  -k "cuda-cuda or test_gpu_ops or cuda_extension or triton_launch" tests/ops tests/test_extension.py
+  -k "cuda-cuda or test_gpu_ops or cuda_extension or triton_launch or raw_op" tests/ops tests/test_extension.py
 
 want graph_tests && step "pytest: the training step captured in CUDA graphs against the eager step (tests/train/test_step_gpu.py)" &&
   fits 60 "CUDA-graph step tests" && run 150 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider \
   --durations=5 -m gpu -k "not compile" tests/train/test_step_gpu.py tests/ops/test_add_layer_norm.py \
-  tests/ops/test_attention.py tests/ops/test_bias_gelu.py
+  tests/ops/test_layer_norm.py tests/ops/test_attention.py tests/ops/test_bias_gelu.py
 
 # issue 16: the target and frequency ops' Triton kernels on CUDA against their references (the ops_tests filter above
 # selects the cuda backend's tests; these ops have Triton kernels only)
@@ -179,7 +180,7 @@ want sanitizer && step "compute-sanitizer memcheck over every CUDA kernel" && fi
   else echo "compute-sanitizer not on PATH: skipped"; fi
 }
 
-want tests && step "pytest -m gpu (-k ${GPU_SUITE_TESTS_K:-not compile})" && run 200 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider --durations=8 -m gpu -k "${GPU_SUITE_TESTS_K:-not compile}" --ignore=tests/train/test_step_gpu.py --ignore=tests/ops/test_add_layer_norm.py --ignore=tests/ops/test_attention.py --ignore=tests/ops/test_bias_gelu.py tests
+want tests && step "pytest -m gpu (-k ${GPU_SUITE_TESTS_K:-not compile})" && run 200 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider --durations=8 -m gpu -k "${GPU_SUITE_TESTS_K:-not compile}" --ignore=tests/train/test_step_gpu.py --ignore=tests/ops/test_add_layer_norm.py --ignore=tests/ops/test_layer_norm.py --ignore=tests/ops/test_attention.py --ignore=tests/ops/test_bias_gelu.py tests
 
 want fcmae && step "throughput: FCMAE ConvNeXtV2-Base, batch 64, bf16, ratio 0.6: dense_masked vs fastmim" &&
   fits 90 "FCMAE throughput" && run 150 $PY benchmarks/throughput.py --recipe fcmae --model convnextv2_base \
