@@ -146,7 +146,8 @@ def _fwd(x: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 
 def _raw_check(x: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-    """The raw ops' shapes: x [M, C], nbr [K*K, M] integer, weight [C, 1, K, K], bias [C]."""
+    """The raw ops' shapes: x [M, C], nbr [K*K, M] int32 (the kernels read 32-bit ids), weight [C, 1, K, K], bias
+    [C]."""
     check_shape(_OP, "x", x, (None, None))
     m, c = x.shape
     check_shape(_OP, "weight", weight, (c, 1, None, None))
@@ -154,8 +155,8 @@ def _raw_check(x: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor, bias: t
     check_shape(_OP, "weight", weight, (c, 1, k, k))
     check_shape(_OP, "nbr", nbr, (k * k, m))
     check_shape(_OP, "bias", bias, (c,))
-    if nbr.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{_OP}: nbr must be int32 or int64, got {nbr.dtype}")
+    if nbr.dtype != torch.int32:
+        raise TypeError(f"{_OP}: nbr must be an int32 neighbor table (SparseLayout.neighbors), got {nbr.dtype}")
     for name, t in (("nbr", nbr), ("weight", weight), ("bias", bias)):
         if t is not None:
             check_device(_OP, name, t, x.device)

@@ -12,7 +12,7 @@ import torch
 import fastmim.ops  # noqa: F401  (registers torch.ops.fastmim.*)
 
 B, N, K, D = 2, 16, 4, 8
-f32, i64 = torch.float32, torch.long
+f32, i32 = torch.float32, torch.int32
 
 
 def _t(*shape, dtype=f32):
@@ -66,13 +66,13 @@ CASES = {
         _t(B, 4, 48), 4, 3, 3, 3
     ),
     "sparse_dwconv: nbr has shape (9, 5), expected [9, 6]": lambda: torch.ops.fastmim.sparse_dwconv(
-        _t(6, D), torch.zeros(9, 5, dtype=i64), _t(D, 1, 3, 3), None
+        _t(6, D), torch.zeros(9, 5, dtype=i32), _t(D, 1, 3, 3), None
     ),
     "sparse_dwconv: bias has shape (7,)": lambda: torch.ops.fastmim.sparse_dwconv(
-        _t(6, D), torch.zeros(9, 6, dtype=i64), _t(D, 1, 3, 3), _t(7)
+        _t(6, D), torch.zeros(9, 6, dtype=i32), _t(D, 1, 3, 3), _t(7)
     ),
     "sparse_dwconv: grad has shape (5, 8), expected [6, 8]": lambda: torch.ops.fastmim.sparse_dwconv_backward(
-        _t(5, D), _t(6, D), torch.zeros(9, 6, dtype=i64), _t(D, 1, 3, 3), True, True, True
+        _t(5, D), _t(6, D), torch.zeros(9, 6, dtype=i32), _t(D, 1, 3, 3), True, True, True
     ),
     "add_layer_norm: residual has shape (5, 8), expected [6, 8]": lambda: torch.ops.fastmim.add_layer_norm(
         _t(6, D), _t(5, D), _t(D), _t(D), 1e-6, f32
@@ -110,6 +110,12 @@ CASES = {
         torch.ones(()), _t(B, 4, 48), _t(B, 3, 8, 8), _t(B, 4), _t(B, 4, 2), 4, 1.0, True
     ),
 }
+
+
+def test_raw_sparse_dwconv_refuses_a_64_bit_neighbor_table(backend):
+    """The kernels read 32-bit ids: an int64 table would be read as pairs of halves."""
+    with pytest.raises(TypeError, match="sparse_dwconv: nbr must be an int32 neighbor table"):
+        torch.ops.fastmim.sparse_dwconv(_t(6, D), torch.zeros(9, 6, dtype=torch.long), _t(D, 1, 3, 3), None)
 
 
 @pytest.mark.parametrize("expected", list(CASES), ids=lambda s: s.split(":")[0] + ":" + s.split(":")[1][:24])
