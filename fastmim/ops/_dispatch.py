@@ -344,11 +344,11 @@ def checked(fn: Callable, check: Callable | None) -> Callable:
     return wrapper
 
 
-def custom_op(name: str, fn: Callable, check: Callable | None = None, flexible_layout: bool = True):
-    """``torch.library.custom_op(name, fn, mutates_args=())``, tagged ``flexible_layout`` where torch knows it (and
-    ``flexible_layout`` is True), with ``check`` run first (see ``checked``)."""
+def custom_op(name: str, fn: Callable, check: Callable | None = None):
+    """``torch.library.custom_op(name, fn, mutates_args=())``, tagged ``flexible_layout`` where torch knows it, with
+    ``check`` run first (see ``checked``)."""
     fn = checked(fn, check)
-    if FLEXIBLE_LAYOUT and flexible_layout:
+    if FLEXIBLE_LAYOUT:
         try:
             return torch.library.custom_op(name, fn, mutates_args=(), tags=FLEXIBLE_LAYOUT)
         except TypeError:  # a torch whose custom_op takes no tags

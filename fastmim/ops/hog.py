@@ -100,9 +100,11 @@ def _raw_check(imgs, mask, patch_size, cell_size, nbins, gaussian_window) -> Non
     checks the rest)."""
     check_shape(_OP, "imgs", imgs, (None, None, None, None))
     b, _, h, w = imgs.shape
-    if min(patch_size, cell_size, nbins) < 1 or patch_size % cell_size or h % patch_size or w % patch_size:
+    if min(patch_size, cell_size, nbins) < 1 or patch_size % cell_size or h % patch_size or w % patch_size \
+            or h < 2 or w < 2 or nbins > 16:  # fmt: skip
         raise ValueError(f"{_OP}: image size {h}x{w}, patch_size {patch_size}, cell_size {cell_size} and nbins "
-                         f"{nbins} do not fit (whole patches of whole cells)")  # fmt: skip
+                         f"{nbins} do not fit (whole patches of whole cells, at least 2x2 pixels, at most 16 "
+                         "bins)")  # fmt: skip
     check_shape(_OP, "mask", mask, (b, (h // patch_size) * (w // patch_size)))
 
 

@@ -9,9 +9,9 @@ s's dtype). See ``add_layer_norm_ref``. A ViT block ``x = x + attn(norm1(x)); x 
 output where the unfused ops read s back and write y twice (LayerNorm's fp32 output, then its cast).
 
 Backends: Triton (CUDA tensors; one launch forward, one backward plus the sum of the weight and bias gradients'
-per-program partials) and "torch", its formulas in fp32 with the same roundings (CPU tensors, dtypes the kernels do
-not take). Registered as ``torch.library.custom_op`` (fake kernels, autograd), safe under
-``torch.compile(fullgraph=True)``.
+per-program partials) and "torch" (CPU tensors, dtypes the kernels do not take): the add rounded as the kernel rounds
+it, then ATen's own LayerNorm forward and backward in fp32 (float64 for float64), so F.layer_norm's precision.
+Registered as ``torch.library.custom_op`` (fake kernels, autograd), safe under ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -144,6 +144,7 @@ def _bwd(
     if _backend(dy, s, weight) == "triton":
         # upstream gradients may be expanded (a .sum() gives stride 0): the kernels read contiguous rows
         dy, s, weight = dy.contiguous(), s.contiguous(), weight.contiguous()
+        mean, rstd = mean.contiguous(), rstd.contiguous()  # read as [M] runs (a raw call may pass expanded ones)
         ds_ = None if ds_ is None else ds_.contiguous()
         dr, dx, dw, db = _triton_ln().add_layer_norm_bwd(dy, ds_, s, weight, mean, rstd, x_dtype, r_dtype, need_w,
                                                          need_b)  # fmt: skip

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from fastmim.ops._dispatch import check_float, choose_backend, custom_op, no_autocast, use_custom_op
+from fastmim.ops._dispatch import check_float, check_shape, choose_backend, custom_op, no_autocast, use_custom_op
 from fastmim.ops.reference import IMAGENET_MEAN, IMAGENET_STD
 
 _OP = "low_pass_target"
@@ -92,7 +92,17 @@ def _fwd(imgs: torch.Tensor, radius: float, mean: list[float], std: list[float])
     return out.sub_(off.view(-1, 1, 1))
 
 
-_low_pass_op = custom_op("fastmim::low_pass_target", _fwd)
+def _raw_check(imgs: torch.Tensor, radius: float, mean: list[float], std: list[float]) -> None:
+    """The raw op's arguments: imgs [B, C, H, W] and C values in each of mean and std (the Triton epilogue reads one
+    offset per channel)."""
+    check_shape(_OP, "imgs", imgs, (None, None, None, None))
+    c = imgs.shape[1]
+    for name, v in (("mean", mean), ("std", std)):
+        if len(v) != c:
+            raise ValueError(f"{_OP}: {name} has {len(v)} values, expected one per channel ({c})")
+
+
+_low_pass_op = custom_op("fastmim::low_pass_target", _fwd, _raw_check)
 
 
 @_low_pass_op.register_fake

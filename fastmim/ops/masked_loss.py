@@ -121,6 +121,8 @@ def _loss_check(pred, target, mask, patch_size, norm_pix, eps, p, grad_loss=None
     for name, t in (("grad_loss", grad_loss), ("denom", denom)):
         if t is not None and t.numel() != 1:
             raise ValueError(f"{op}: {name} must hold one value, got shape {tuple(t.shape)}")
+    if denom is not None and denom.dtype != torch.float32:  # the forward's mask sum; the kernels read a float
+        raise TypeError(f"{op}: denom must be the forward's float32 mask sum, got {denom.dtype}")
 
 
 def _loss_bwd_check(grad_loss, pred, target, mask, denom, patch_size, norm_pix, eps, p) -> None:

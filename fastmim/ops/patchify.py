@@ -72,8 +72,8 @@ def _patchify_check(imgs: torch.Tensor, p: int) -> None:
 
 def _unpatchify_check(x: torch.Tensor, p: int, gh: int, gw: int, channels: int) -> None:
     check_patch_size("unpatchify", p)
-    if min(gh, gw, channels) < 1:
-        raise ValueError(f"unpatchify: grid {gh}x{gw} and {channels} channels must be positive")
+    if min(gh, gw, channels) < 0:  # 0 is fine: an empty image (patchify's backward of one)
+        raise ValueError(f"unpatchify: grid {gh}x{gw} and {channels} channels must not be negative")
     check_shape("unpatchify", "x", x, (None, gh * gw, p * p * channels))
 
 

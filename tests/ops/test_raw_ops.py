@@ -10,12 +10,14 @@ import pytest
 import torch
 
 import fastmim.ops  # noqa: F401  (registers torch.ops.fastmim.*)
+from fastmim.ops._dispatch import triton_available
 
+HAS_TWINS = getattr(torch.library, "triton_op", None) is not None and triton_available() is None
 B, N, K, D = 2, 16, 4, 8
 f32, i32 = torch.float32, torch.int32
 
 
-def _t(*shape, dtype=f32):
+def _t(*shape, dtype=f32):  # on the default device (the test sets the backend's)
     return torch.zeros(shape, dtype=dtype) if dtype != f32 else torch.randn(shape)
 
 
@@ -118,8 +120,48 @@ def test_raw_sparse_dwconv_refuses_a_64_bit_neighbor_table(backend):
         torch.ops.fastmim.sparse_dwconv(_t(6, D), torch.zeros(9, 6, dtype=torch.long), _t(D, 1, 3, 3), None)
 
 
+CASES.update(
+    {
+        "hog_target: image size 1x8": lambda: torch.ops.fastmim.hog_target(_t(1, 1, 1, 8), None, 1, 1, 9, 0),
+        "hog_target: image size 16x16, patch_size 16, cell_size 8 and nbins 17": lambda: torch.ops.fastmim.hog_target(
+            _t(1, 3, 16, 16), None, 16, 8, 17, 0
+        ),
+        "low_pass_target: mean has 1 values, expected one per channel (3)": lambda: torch.ops.fastmim.low_pass_target(
+            _t(1, 3, 8, 8), 2.0, [0.5], [0.25, 0.25, 0.25]
+        ),
+    }
+)
+if HAS_TWINS:  # the Triton twins check the same shapes (they run the opaque ops' checks)
+    CASES["gather_visible: ids_keep has shape (1, 4) [twin]"] = lambda: torch.ops.fastmim.gather_visible_triton(
+        _t(B, N, D), _ids(1, K)
+    )
+    CASES["unpatchify: x has shape (2, 4, 48), expected [*, 9, 48] [twin]"] = lambda: (
+        torch.ops.fastmim.unpatchify_triton(_t(B, 4, 48), 4, 3, 3, 3)
+    )
+
+
 @pytest.mark.parametrize("expected", list(CASES), ids=lambda s: s.split(":")[0] + ":" + s.split(":")[1][:24])
 def test_raw_op_refuses_shapes_its_kernels_would_overrun(expected, backend):
-    with pytest.raises(ValueError) as err:
+    device, _ = backend
+    with torch.device(device), pytest.raises(ValueError) as err:  # the inputs on the backend's device
         CASES[expected]()
-    assert expected in str(err.value)
+    assert expected.removesuffix(" [twin]") in str(err.value)
+
+
+def test_raw_empty_patchify_backward_is_accepted(backend):
+    """An empty image is legal (patchify's backward calls unpatchify with a 0 x n grid)."""
+    device, _ = backend
+    x = torch.randn(2, 3, 0, 8, device=device, requires_grad=True)
+    out = torch.ops.fastmim.patchify(x, 4)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert out.shape == (2, 0, 48) and g.shape == x.shape
+    assert torch.ops.fastmim.unpatchify(torch.randn(2, 0, 48, device=device), 4, 0, 3, 3).shape == (2, 3, 0, 12)
+
+
+def test_raw_loss_backward_refuses_a_denominator_not_in_float32(backend):
+    """The kernels read the forward's mask sum as a float: another dtype would be read as raw bits."""
+    device, _ = backend
+    args = [torch.randn(2, 4, 8, device=device) for _ in range(2)] + [torch.ones(2, 4, device=device)]
+    with pytest.raises(TypeError, match="denom must be the forward's float32 mask sum, got torch.float64"):
+        denom = torch.ones((), device=device, dtype=torch.float64)
+        torch.ops.fastmim.masked_loss_backward(torch.ones((), device=device), *args, denom, 0, True, 1e-6, 2)

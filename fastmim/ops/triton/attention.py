@@ -258,6 +258,7 @@ def attention_bwd(
     if b * h * n == 0:
         return dqkv.zero_()
     grad = grad.to(qkv.dtype)  # the kernels' matmuls take one dtype (autograd already gives the output's)
+    lse = lse.contiguous()  # read as [B * H, N] rows (a raw call may pass an expanded one)
     bm, bn, bd, warps = _config(n, d, qkv.dtype)
     delta = torch.empty((b * h, n), device=qkv.device, dtype=torch.float32)
     _attn_delta_kernel[(b * h, triton.cdiv(n, 64))](out, grad, delta, n, h, d, *out.stride(), *grad.stride(),

@@ -142,6 +142,7 @@ def patch_fft_bwd(scale, pred, imgs, mask, rowmax, kr, ki, mult, p: int, alpha: 
     b, n, d = pred.shape
     c = imgs.shape[1]
     dpred = torch.empty((b, n, d), device=pred.device, dtype=pred.dtype)
+    rowmax = rowmax.contiguous()  # read as [B * L, C] (a raw call may pass an expanded one)
     meta = _meta(pred, imgs, p, kr.shape[1], alpha, log_weights)
     grid = (triton.cdiv(b * n, meta["BLOCK_M"]), c)
     _pfft_kernel[grid](pred, imgs, mask, kr, ki, mult, rowmax, rowmax, scale, dpred, *_args(pred, imgs, mask, p),
