@@ -157,6 +157,7 @@ want vit_b_compile && step "throughput: MAE ViT-B/16, batch 256, bf16, under tor
 # issue 14 item 4: inductor launching fastmim's Triton kernels itself (set_compiled_ops("triton")) against the opaque
 # custom ops, per op (fastmim+compile[opaque|triton] rows against the compiled reference) and in the compiled step
 want twins && step "compiled fused ops: opaque custom ops vs Triton twins launched by inductor (ops, ViT-B step)" && {
+  fits 60 "Triton twins test" && run 150 $PY -m pytest -q -ra -p no:cacheprovider -m gpu tests/ops/test_triton_twins.py
   fits 90 "compiled ops benchmark" && run 180 $PY benchmarks/ops.py --ops gather,scatter,loss,patchify --compiled-fused \
     --out "$RESULTS/ops_compiled.jsonl"
   fits 120 "ViT-B compiled throughput, Triton twins" && run 200 $PY benchmarks/throughput.py --model vit_base_patch16 \
