@@ -216,12 +216,12 @@ def check_float(op: str, name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
 
 
-def check_ids(op: str, name: str, ids: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
-    """Shape, dtype and device of an index tensor (values are checked where that costs no host sync)."""
+def check_ids(op: str, name: str, ids: torch.Tensor, shape: tuple[int | None, ...], device: torch.device) -> None:
+    """Shape (None: any size), dtype and device of an index tensor (values are checked where that costs no host
+    sync)."""
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{op}: {name} must be int64 (or int32) indices, got {ids.dtype}")
-    if tuple(ids.shape) != tuple(shape):
-        raise ValueError(f"{op}: {name} has shape {tuple(ids.shape)}, expected {tuple(shape)}")
+    check_shape(op, name, ids, tuple(shape))
     check_device(op, name, ids, device)
 
 
@@ -398,10 +398,10 @@ def triton_twin(name: str, like: Callable, impl: Callable, check: Callable | Non
     if triton_op is None or getattr(torch.library, "wrap_triton", None) is None or triton_available():
         return None
 
+    impl = checked(impl, check)
+
     @functools.wraps(like)  # the schema is inferred from like's annotations
     def fn(*args):
-        if check is not None:
-            check(*args)
         return impl(*args)
 
     return triton_op(f"fastmim::{name}", fn, mutates_args=())

@@ -29,6 +29,16 @@ def _cuda_programs(index: int) -> int:
     return 4 * torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def split_blocks(n: int, block: int, wanted: int) -> tuple[int, int]:
+    """(parts, size): ``n`` rows (or channels) split into about ``wanted`` parts, at least one and at most one per
+    block, each a whole number of ``block``-sized blocks and all full but the last; parts = cdiv(n, size), 0 when n
+    is 0. How a reduction's rows are dealt out to programs that each write one row of partial sums."""
+    blocks = triton.cdiv(n, block)
+    parts = max(1, min(wanted, blocks))
+    size = max(1, triton.cdiv(blocks, parts)) * block
+    return triton.cdiv(n, size), size
+
+
 def target_programs(device: torch.device) -> int:
     """How many programs a launch that splits a reduction should aim for: about 4 per SM on a GPU; few in the
     (sequential) interpreter."""

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmim.ops.triton._common import cast_for_store, target_programs
+from fastmim.ops.triton._common import cast_for_store, split_blocks, target_programs
 from fastmim.ops.triton._launch import jit_kernel
 
 
@@ -111,9 +111,7 @@ def bias_gelu_bwd(
         return dx, x.new_zeros(n, dtype=torch.float32) if need_b else None
     block_m, block_n, warps = config or bwd_blocks(n)
     col_blocks = triton.cdiv(n, block_n)
-    programs = max(1, min(triton.cdiv(m, block_m), triton.cdiv(target_programs(x.device), col_blocks)))
-    rows = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m  # whole tiles but the last
-    programs = triton.cdiv(m, rows)
+    programs, rows = split_blocks(m, block_m, triton.cdiv(target_programs(x.device), col_blocks))
     part = torch.empty((programs, n), dtype=torch.float32, device=x.device)  # every program writes its row
     _bias_gelu_bwd_kernel[(programs, col_blocks)](
         dy, x, bias, dx, part, m, n, rows, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps

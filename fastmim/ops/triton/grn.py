@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmim.ops.triton._common import cast_for_store, target_programs
+from fastmim.ops.triton._common import cast_for_store, split_blocks, target_programs
 from fastmim.ops.triton._launch import jit_kernel
 
 # rows of the partial-sum buffer [S, NSTAT, B, C]
@@ -273,23 +273,13 @@ def _blocks(n: int, c: int, grad: bool) -> tuple[int, int, int]:
 def _split_rows(n: int, block_n: int, others: int, device: torch.device, splits: int | None) -> tuple[int, int]:
     """(S, rows per split) for the stats kernel: enough splits of each sample's rows that S * ``others`` programs
     fill the device, each split a whole number of row blocks."""
-    n_blocks = triton.cdiv(n, block_n)
-    if splits is None:
-        splits = triton.cdiv(target_programs(device), others)
-    splits = max(1, min(splits, n_blocks))
-    rows_per_split = triton.cdiv(n_blocks, splits) * block_n
-    return triton.cdiv(n, rows_per_split), rows_per_split
+    return split_blocks(n, block_n, triton.cdiv(target_programs(device), others) if splits is None else splits)
 
 
 def _channel_groups(c: int, block_c: int, others: int, device: torch.device, groups: int | None) -> tuple[int, int]:
     """(groups, channels per group) of the elementwise kernels: a program loops over its group's channel blocks;
     groups only as many as needed to fill the device (each program also reads all C of its sample's sums)."""
-    c_blocks = triton.cdiv(c, block_c)
-    if groups is None:
-        groups = triton.cdiv(target_programs(device), others)
-    groups = max(1, min(groups, c_blocks))
-    c_per = triton.cdiv(c_blocks, groups) * block_c
-    return triton.cdiv(c, c_per), c_per
+    return split_blocks(c, block_c, triton.cdiv(target_programs(device), others) if groups is None else groups)
 
 
 def _stats(x: torch.Tensor, g: torch.Tensor | None, block_n: int, block_c: int, splits: int | None):

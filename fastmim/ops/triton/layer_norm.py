@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmim.ops.triton._common import cast_for_store, target_programs
+from fastmim.ops.triton._common import cast_for_store, split_blocks, target_programs
 from fastmim.ops.triton._launch import jit_kernel
 
 
@@ -156,9 +156,8 @@ def add_layer_norm_bwd(
     dx = torch.empty((m, c), device=s.device, dtype=x_dtype) if two else dr
     block = triton.next_power_of_2(c)
     block_m, warps = _bwd_tile(block)
-    programs = max(1, min(triton.cdiv(m, block_m), target_programs(s.device)))
-    rows = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m if m else 1  # whole tiles but the last
-    programs = triton.cdiv(m, rows) if m else 1
+    programs, rows = split_blocks(m, block_m, target_programs(s.device))
+    programs = max(programs, 1)  # no rows: one row of zero partial sums
     # every program writes its two rows whole: zeros (a fill launch) only when no program runs
     part = (torch.empty if m else torch.zeros)((2, programs, c), device=s.device, dtype=torch.float32)
     if m:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmim.ops.triton._common import cast_for_store, target_programs
+from fastmim.ops.triton._common import cast_for_store, split_blocks, target_programs
 from fastmim.ops.triton._launch import jit_kernel
 
 
@@ -197,12 +197,9 @@ def sparse_dwconv_wgrad(
         return torch.zeros((c, kk), dtype=torch.float32, device=x.device), x.new_zeros(c, dtype=torch.float32)
     block_m, block_c, warps = blocks or _wgrad_blocks(c)
     n_c = triton.cdiv(c, block_c)
-    n_blocks = triton.cdiv(m, block_m)
     if programs is None:
         programs = triton.cdiv(target_programs(x.device), (kk + 1) * n_c)
-    splits = max(1, min(programs, n_blocks))
-    rows_per_split = triton.cdiv(n_blocks, splits) * block_m
-    splits = triton.cdiv(m, rows_per_split)
+    splits, rows_per_split = split_blocks(m, block_m, programs)
     part = torch.empty((splits, kk + 1, c), dtype=torch.float32, device=x.device)  # [S, KK + 1, C]
     _sparse_dwconv_wgrad_kernel[(splits, kk + 1, n_c)](
         grad, x, nbr, part, m, c, rows_per_split, *grad.stride(), *x.stride(), *nbr.stride(),
