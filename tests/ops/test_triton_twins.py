@@ -41,7 +41,8 @@ def test_compiled_ops_triton_puts_the_kernels_in_the_graph_and_opaque_the_ops(tm
                        text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert {(row["op"], row["mode"]) for row in rows} == {(op, m) for op in TWIN_OPS for m in ("opaque", "triton")}
+    want = {(op, m, dyn) for op in TWIN_OPS for m in ("opaque", "triton") for dyn in (False, True)}
+    assert {(row["op"], row["mode"], row["dynamic"]) for row in rows} == want
     for row in rows:
         assert row["graphs"] == 2 and row["shape_ok"] and row["grads_ok"], row
         if row["mode"] == "triton":  # forward and backward kernels in the graphs, no opaque fastmim op left

@@ -1,6 +1,7 @@
 """Traces the ops that have Triton twins the way torch.compile does (AOTAutograd, forward and backward graphs), on
-meta tensors, with ``set_compiled_ops`` "opaque" and "triton"; prints one JSON line per (op, mode) saying what the
-graphs hold. Runs without a GPU; TRITON_INTERPRET must be unset (the interpreter's kernels cannot be traced).
+meta tensors, with ``set_compiled_ops`` "opaque" and "triton", with static and with symbolic sizes; prints one JSON
+line per (op, mode, dynamic) saying what the graphs hold. Runs without a GPU; TRITON_INTERPRET must be unset (the
+interpreter's kernels cannot be traced).
 
     python tests/ops/trace_triton_twins.py
 
@@ -85,7 +86,7 @@ def summary(graphs: list[GraphModule]) -> dict:
     return {"graphs": len(graphs), "triton_kernels": hops, "fastmim_ops": fastmim}
 
 
-def trace(name, fused, reference, inputs, mode: str) -> dict:
+def trace(name, fused, reference, inputs, mode: str, dynamic: bool) -> dict:
     ops.set_compiled_ops(mode)
     graphs: list[GraphModule] = []
 
@@ -93,7 +94,7 @@ def trace(name, fused, reference, inputs, mode: str) -> dict:
         graphs.append(gm)
         return gm
 
-    fn = aot_function(lambda *a: fused(*a).float().sum(), fw_compiler=capture, bw_compiler=capture)
+    fn = aot_function(lambda *a: fused(*a).float().sum(), fw_compiler=capture, bw_compiler=capture, dynamic=dynamic)
     leaves = [x.detach().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x for x in inputs]
     fn(*leaves).backward()
     out = fused(*[x.detach() if isinstance(x, torch.Tensor) else x for x in inputs])
@@ -102,6 +103,7 @@ def trace(name, fused, reference, inputs, mode: str) -> dict:
     return {
         "op": name,
         "mode": mode,
+        "dynamic": dynamic,
         **summary(graphs),
         "shape_ok": tuple(out.shape) == tuple(want.shape),
         "grads_ok": grads == [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad],
@@ -111,7 +113,8 @@ def trace(name, fused, reference, inputs, mode: str) -> dict:
 def main() -> int:
     for case in cases():
         for mode in ("opaque", "triton"):
-            print(json.dumps(trace(*case, mode)), flush=True)
+            for dynamic in (False, True):  # True: every size symbolic, as torch.compile(dynamic=True) traces
+                print(json.dumps(trace(*case, mode, dynamic)), flush=True)
     return 0
 
 

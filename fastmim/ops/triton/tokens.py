@@ -25,7 +25,9 @@ def _blocks(d: int, rows_per_program: int = 4096) -> tuple[int, int]:
 
 @functools.cache  # called per launch: host time
 def row_config(d: int) -> tuple[int, int, int]:
-    """The default (BLOCK_ROWS, BLOCK_D, num_warps) of the gather, its backward and the scatter, for rows of d."""
+    """The default (BLOCK_ROWS, BLOCK_D, num_warps) of the gather, its backward and the scatter, for rows of d.
+    Callers pass ``int(d)``: traced with a symbolic D (torch.compile's dynamic shapes, the Triton twins), the tiles
+    are compile-time constants, so D is specialised rather than hashed as a SymInt."""
     return (*_blocks(d), 4)
 
 
@@ -105,7 +107,7 @@ def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor, config: tuple[int, i
     out = torch.empty((b, k, d), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_k, block_d, warps = config or row_config(d)
+    block_k, block_d, warps = config or row_config(int(d))
     grid = (triton.cdiv(k, block_k), b)
     _gather_rows_kernel[grid](
         x, ids_keep, out, n, k, d, *x.stride(), *ids_keep.stride(), BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps
@@ -123,7 +125,7 @@ def gather_visible_backward(
     out = torch.zeros((b, n, d), dtype=grad.dtype, device=grad.device)
     if out.numel() == 0 or k == 0:
         return out
-    block_k, block_d, warps = config or row_config(d)
+    block_k, block_d, warps = config or row_config(int(d))
     _put_rows_kernel[(triton.cdiv(k, block_k), b)](
         grad, ids_keep, out, n, k, d, *grad.stride(), *ids_keep.stride(), BLOCK_K=block_k, BLOCK_D=block_d,
         num_warps=warps,
@@ -257,7 +259,7 @@ def scatter_masked(
     out = torch.empty((b, r, d), dtype=out_dtype, device=x_vis.device)
     if out.numel() == 0:
         return out
-    block_r, block_d, warps = config or row_config(d)
+    block_r, block_d, warps = config or row_config(int(d))
     dummy = mask_token
     pos = pos_embed if pos_embed is not None else dummy.view(1, -1)
     cls = cls_token if has_cls else dummy.view(1, -1)
@@ -284,7 +286,7 @@ def scatter_masked_backward(
     n = ids_restore.shape[1]
     # zero-filled so that rows no valid id points at are zeros, not garbage
     gx = torch.zeros((b, k, d), dtype=x_dtype, device=grad.device)
-    block_r, block_d, b_chunk, warps = config or scatter_bwd_config(d)
+    block_r, block_d, b_chunk, warps = config or scatter_bwd_config(int(d))
     grid = (triton.cdiv(r, block_r), triton.cdiv(b, b_chunk))
     gmt = torch.empty((grid[0] * grid[1], d), dtype=torch.float32, device=grad.device)
     gpos = torch.empty((grid[1], r, d) if need_pos else (1, 1, 1), dtype=torch.float32, device=grad.device)
