@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from collections.abc import Callable
 
@@ -209,6 +210,14 @@ def no_autocast(device: torch.device):
     if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def is_finite_number(x) -> bool:
+    """A finite int or float (not a bool). Also for the symbolic numbers torch.compile traces with dynamic shapes,
+    which ``math.isfinite`` does not take: a comparison guards on them instead."""
+    if isinstance(x, bool) or not isinstance(x, (int, float, torch.SymInt, torch.SymFloat)):
+        return False
+    return -math.inf < x < math.inf  # False for NaN
 
 
 def check_float(op: str, name: str, t: torch.Tensor) -> None:

@@ -12,8 +12,6 @@ backward) and "torch" (the same formulas on fp32 matrices: CPU tensors, other dt
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fastmim.ops._dispatch import (
@@ -22,6 +20,7 @@ from fastmim.ops._dispatch import (
     choose_backend,
     custom_op,
     eager_function,
+    is_finite_number,
     needs_autograd,
     no_autocast,
     stat_dtype,
@@ -142,8 +141,8 @@ def attention(qkv: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     check_float(_OP, "qkv", qkv)
     if qkv.shape[-1] == 0:
         raise ValueError(f"{_OP}: the head dim is 0 (qkv shape {tuple(qkv.shape)})")
-    scale = qkv.shape[-1] ** -0.5 if scale is None else scale
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    scale = int(qkv.shape[-1]) ** -0.5 if scale is None else scale  # int(): a traced head dim is specialised
+    if not is_finite_number(scale):
         raise ValueError(f"{_OP}: scale must be a finite number, got {scale!r}")
     scale = float(scale)
     if use_custom_op():

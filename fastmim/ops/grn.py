@@ -13,8 +13,6 @@ are fp32 (float64 for float64 input) and the result is rounded once to x's dtype
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fastmim.ops._dispatch import (
@@ -24,6 +22,7 @@ from fastmim.ops._dispatch import (
     checked,
     choose_backend,
     eager_function,
+    is_finite_number,
     no_autocast,
     stat_dtype,
     use_custom_op,
@@ -183,7 +182,7 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
         if tuple(t.shape) != (c,):
             raise ValueError(f"{_OP}: {name} has shape {tuple(t.shape)}, expected [C] = [{c}]")
         check_device(_OP, name, t, x.device)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
+    if not (is_finite_number(eps) and eps >= 0):
         raise ValueError(f"{_OP}: eps must be a finite float >= 0, got {eps!r}")
 
 

@@ -16,8 +16,6 @@ Registered as ``torch.library.custom_op`` (fake kernels, autograd), safe under `
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fastmim.ops._dispatch import (
@@ -27,6 +25,7 @@ from fastmim.ops._dispatch import (
     choose_backend,
     custom_op,
     eager_function,
+    is_finite_number,
     needs_autograd,
     no_autocast,
     stat_dtype,
@@ -232,7 +231,7 @@ def _check_inputs(x, residual, weight, bias, eps, op: str = _OP) -> None:
     for name, t in (("weight", weight), ("bias", bias)):
         if tuple(t.shape) != (c,):
             raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected [C] = [{c}]")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
+    if not (is_finite_number(eps) and eps >= 0):
         raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps!r}")
 
 

@@ -30,7 +30,15 @@ import math
 
 import torch
 
-from fastmim.ops._dispatch import check_float, check_shape, choose_backend, custom_op, no_autocast, use_custom_op
+from fastmim.ops._dispatch import (
+    check_float,
+    check_shape,
+    choose_backend,
+    custom_op,
+    is_finite_number,
+    no_autocast,
+    use_custom_op,
+)
 from fastmim.ops.reference import IMAGENET_MEAN, IMAGENET_STD
 
 _OP = "low_pass_target"
@@ -115,7 +123,7 @@ def _channel_values(name: str, v, c: int) -> list[float]:
         vals = [float(x) for x in v]
     except TypeError:
         raise ValueError(f"{_OP}: {name} must be a sequence of {c} floats, got {v!r}") from None
-    if len(vals) != c or not all(math.isfinite(x) for x in vals):
+    if len(vals) != c or not all(is_finite_number(x) for x in vals):
         raise ValueError(f"{_OP}: {name} must hold {c} finite values (one per channel), got {v!r}")
     return vals
 
@@ -138,7 +146,7 @@ def low_pass_target(
     if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4:
         raise ValueError(f"{_OP}: imgs must be [B, C, H, W], got {getattr(imgs, 'shape', type(imgs).__name__)}")
     check_float(_OP, "imgs", imgs)
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not radius >= 0 or math.isinf(radius):
+    if not (is_finite_number(radius) and radius >= 0):
         raise ValueError(f"{_OP}: radius must be a finite number >= 0, got {radius!r}")
     c = imgs.shape[1]
     mean, std = _channel_values("mean", mean, c), _channel_values("std", std, c)

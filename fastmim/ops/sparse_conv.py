@@ -9,7 +9,6 @@ Registered as ``torch.library.custom_op`` (fake kernels, autograd), so it runs u
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -276,7 +275,7 @@ def _check_inputs(x: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor, bias
     if nbr.dim() != 2 or nbr.shape[1] != m:
         raise ValueError(f"{_OP}: nbr has shape {tuple(nbr.shape)}, expected [K*K, M] with M = {m} rows of x")
     kk = nbr.shape[0]
-    k = math.isqrt(kk)
+    k = round(kk**0.5)  # not math.isqrt: torch.compile traces kk as a symbolic size (the check below is exact)
     if k * k != kk or k % 2 == 0:
         raise ValueError(f"{_OP}: nbr has {kk} taps, expected K*K for an odd kernel size K (9, 49, ...)")
     check_device(_OP, "nbr", nbr, x.device)
