@@ -3,21 +3,22 @@
 # no network, DALI, spconv or flash-attn: those parts are skipped and the log says so). In priority order, within a
 # time budget (GPU_SUITE_BUDGET_S, default 480 s; a step that would not fit is skipped and named):
 #   build fastmim._C and the CUDA kernels fastmim._cuda (sm_90 here); the ops' GPU tests for both GPU backends
-#   (ops_tests); the CUDA-graph training step's, add_layer_norm's, layer_norm's, attention's and bias_gelu's tests
-#   (graph_tests); the target and frequency ops' Triton tests (target_tests); the step's throughput, MAE ViT-B/16
-#   eager, with fused_norm, with fastmim attention, with fused bias+GELU, compiled, FCMAE ConvNeXtV2-Base, with its
-#   fused norm (graph); compiled ops opaque vs Triton twins (twins, after vit_b_compile); MaskFeat and SimMIM
-#   (recipes); data2vec 2.0's amortisation and the EMA update (teacher); the ops benchmark with host time and CUDA-graph
-#   timing (ops); MAE ViT-B/16 eager throughput with each GPU backend of the fused ops (vit_b_eager); the CUDA kernels
-#   under compute-sanitizer (sanitizer); then pytest -m gpu (the torch.compile tests later); FCMAE ConvNeXtV2-Base
+#   (ops_tests); host time per call (host); the ops benchmark with host time and CUDA-graph timing (ops); MAE ViT-B/16
+#   eager throughput with each GPU backend of the fused ops (vit_b_eager) and compiled (vit_b_compile); compiled ops
+#   opaque vs Triton twins (twins); the CUDA-graph training step's, add_layer_norm's, layer_norm's, attention's and
+#   bias_gelu's tests (graph_tests); the target and frequency ops' Triton tests (target_tests); the step's throughput,
+#   MAE ViT-B/16 eager, with fused_norm, with fastmim attention, with fused bias+GELU, compiled, FCMAE
+#   ConvNeXtV2-Base, with its fused norm (graph); MaskFeat and SimMIM (recipes); data2vec 2.0's amortisation and the
+#   EMA update (teacher); torch.compile's modes (compile_modes); the CUDA kernels under compute-sanitizer
+#   (sanitizer); then pytest -m gpu (the torch.compile tests later); FCMAE ConvNeXtV2-Base
 #   throughput (batch 64) and the sparse conv benchmark, profiled; MAE ViT-B/16 throughput (batch 256, bf16) in all
 #   four modes, profiled; the compile tests; the other benchmarks that exist (masks, data loading); ViT-L/16
 #   throughput (batch 128); the CLI's default run on CUDA; transformers' ViTMAE patched (hf); GPU JPEG decoding
 #   (gpu_data: --loader torch-gpu's tests, loader img/s, MAE ViT-B/16 on JPEGs vs synthetic); kNN feature extraction
 #   (eval); the tables of this run.
 # Usage: FASTMIM_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_suite.sh RESULTS_DIR
-# GPU_SUITE_ONLY=ops_tests,ops,... runs only the named steps (ops_tests, graph_tests, target_tests, graph, recipes,
-# teacher, host, ops, vit_b_eager, vit_b_compile, twins, compile_modes (the default mode's row comes from vit_b_compile),
+# GPU_SUITE_ONLY=ops_tests,ops,... runs only the named steps (ops_tests, host, ops, vit_b_eager, vit_b_compile, twins,
+# graph_tests, target_tests, graph, recipes, teacher, compile_modes (the default mode's row comes from vit_b_compile),
 # sanitizer, tests, fcmae, sparse_conv, tune, vit_b, compile_tests, other, fcmae_compile, vit_l, cli, hf, gpu_data,
 # eval; the environment, the build and the tables always run), and GPU_SUITE_TESTS_K replaces the -k filter of the
 # tests step ("not compile").
@@ -75,6 +76,39 @@ $PY -c "import fastmim, fastmim._ext as e; print('native extension:', fastmim.ha
 want ops_tests && step "pytest: the ops on CUDA for the cuda backend (small odd shapes) and both GPU backends at MAE scale" &&
   run 150 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider --durations=5 -m gpu \
   -k "cuda-cuda or test_gpu_ops or cuda_extension or triton_launch or raw_op" tests/ops tests/test_extension.py
+
+# issue 14 first (the most important work): host time, the ops against eager and compiled, the fused ops in the
+# MAE step, the compiled ops as opaque custom ops or as Triton kernels inductor launches
+want host && step "host time per call of the fused ops and of what they are made of (tiny tensors: host-bound)" &&
+  fits 30 "host overhead" && run 60 $PY benchmarks/host_overhead.py --out "$RESULTS/host_overhead.jsonl"
+
+want ops && step "ops benchmark: fastmim.ops (cuda, triton) vs eager and compiled references, MAE ViT-B/16 shapes" &&
+  fits 60 "ops benchmark" && run 150 $PY benchmarks/ops.py --cuda-graph --out "$RESULTS/ops.jsonl"
+
+want vit_b_eager && step "throughput: MAE ViT-B/16, batch 256, bf16, eager: reference, fused ops on cuda, on triton" &&
+  fits 60 "ViT-B eager throughput" && {
+  run 90 env FASTMIM_BACKEND=cuda $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 --amp bf16 \
+    --steps 15 --warmup 4 --peak-tflops 790 --modes reference,fastmim --out "$RESULTS/throughput.jsonl"
+  fits 30 "ViT-B eager throughput (triton)" && run 60 env FASTMIM_BACKEND=triton $PY benchmarks/throughput.py \
+    --model vit_base_patch16 --batch-size 256 --amp bf16 --steps 15 --warmup 4 --peak-tflops 790 --modes fastmim \
+    --out "$RESULTS/throughput.jsonl"
+}
+
+want vit_b_compile && step "throughput: MAE ViT-B/16, batch 256, bf16, under torch.compile: reference vs fused ops (auto backends)" &&
+  fits 120 "ViT-B compiled throughput" && run 200 $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 \
+  --amp bf16 --steps 15 --warmup 4 --peak-tflops 790 --modes reference+compile,fastmim+compile \
+  --out "$RESULTS/throughput.jsonl"
+
+# issue 14 item 4: inductor launching fastmim's Triton kernels itself (set_compiled_ops("triton")) against the opaque
+# custom ops, per op (fastmim+compile[opaque|triton] rows against the compiled reference) and in the compiled step
+want twins && step "compiled fused ops: opaque custom ops vs Triton twins launched by inductor (ops, ViT-B step)" && {
+  fits 60 "Triton twins test" && run 150 $PY -m pytest -q -ra -p no:cacheprovider -m gpu tests/ops/test_triton_twins.py
+  fits 90 "compiled ops benchmark" && run 180 $PY benchmarks/ops.py --ops gather,scatter,loss,patchify --compiled-fused \
+    --out "$RESULTS/ops_compiled.jsonl"
+  fits 120 "ViT-B compiled throughput, Triton twins" && run 200 $PY benchmarks/throughput.py --model vit_base_patch16 \
+    --batch-size 256 --amp bf16 --steps 15 --warmup 4 --peak-tflops 790 --modes fastmim+compile \
+    --compiled-ops triton --out "$RESULTS/throughput.jsonl"
+}
 
 want graph_tests && step "pytest: the training step captured in CUDA graphs against the eager step (tests/train/test_step_gpu.py)" &&
   fits 60 "CUDA-graph step tests" && run 150 env FASTMIM_REQUIRE_EXT=1 $PY -m pytest -q -ra -p no:cacheprovider \
@@ -134,42 +168,11 @@ want teacher && step "data2vec 2.0 ViT-B/16 (M=8, batch 32) vs separate passes; 
     --out "$RESULTS/throughput.jsonl"
 }
 
-want host && step "host time per call of the fused ops and of what they are made of (tiny tensors: host-bound)" &&
-  fits 30 "host overhead" && run 60 $PY benchmarks/host_overhead.py --out "$RESULTS/host_overhead.jsonl"
-
-want ops && step "ops benchmark: fastmim.ops (cuda, triton) vs eager and compiled references, MAE ViT-B/16 shapes" &&
-  fits 60 "ops benchmark" && run 150 $PY benchmarks/ops.py --cuda-graph --out "$RESULTS/ops.jsonl"
-
-want vit_b_eager && step "throughput: MAE ViT-B/16, batch 256, bf16, eager: reference, fused ops on cuda, on triton" &&
-  fits 60 "ViT-B eager throughput" && {
-  run 90 env FASTMIM_BACKEND=cuda $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 --amp bf16 \
-    --steps 15 --warmup 4 --peak-tflops 790 --modes reference,fastmim --out "$RESULTS/throughput.jsonl"
-  fits 30 "ViT-B eager throughput (triton)" && run 60 env FASTMIM_BACKEND=triton $PY benchmarks/throughput.py \
-    --model vit_base_patch16 --batch-size 256 --amp bf16 --steps 15 --warmup 4 --peak-tflops 790 --modes fastmim \
-    --out "$RESULTS/throughput.jsonl"
-}
-
-want vit_b_compile && step "throughput: MAE ViT-B/16, batch 256, bf16, under torch.compile: reference vs fused ops (auto backends)" &&
-  fits 120 "ViT-B compiled throughput" && run 200 $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 \
-  --amp bf16 --steps 15 --warmup 4 --peak-tflops 790 --modes reference+compile,fastmim+compile \
-  --out "$RESULTS/throughput.jsonl"
-
-# issue 14 item 4: inductor launching fastmim's Triton kernels itself (set_compiled_ops("triton")) against the opaque
-# custom ops, per op (fastmim+compile[opaque|triton] rows against the compiled reference) and in the compiled step
-want twins && step "compiled fused ops: opaque custom ops vs Triton twins launched by inductor (ops, ViT-B step)" && {
-  fits 60 "Triton twins test" && run 150 $PY -m pytest -q -ra -p no:cacheprovider -m gpu tests/ops/test_triton_twins.py
-  fits 90 "compiled ops benchmark" && run 180 $PY benchmarks/ops.py --ops gather,scatter,loss,patchify --compiled-fused \
-    --out "$RESULTS/ops_compiled.jsonl"
-  fits 120 "ViT-B compiled throughput, Triton twins" && run 200 $PY benchmarks/throughput.py --model vit_base_patch16 \
-    --batch-size 256 --amp bf16 --steps 15 --warmup 4 --peak-tflops 790 --modes fastmim+compile \
-    --compiled-ops triton --out "$RESULTS/throughput.jsonl"
-}
-
 # torch.compile's modes on the fused MAE step, one run each (issue 15: the best becomes --compile's default; a torch
 # whose mode regresses shows here, measured, not assumed)
 want compile_modes && step "throughput: MAE ViT-B/16, batch 256, bf16, fastmim+compile in each torch.compile mode" && {
-  for cmode in max-autotune-no-cudagraphs reduce-overhead; do
-    fits 120 "compile mode $cmode" && run 200 $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 \
+  for cmode in max-autotune-no-cudagraphs reduce-overhead max-autotune; do
+    fits 150 "compile mode $cmode" && run 300 $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 \
       --amp bf16 --steps 15 --warmup 4 --peak-tflops 790 --modes fastmim+compile --compile-mode "$cmode" \
       --out "$RESULTS/throughput.jsonl"
   done
@@ -223,6 +226,10 @@ want vit_l && step "throughput: MAE ViT-L/16, batch 128, bf16 (peak memory in th
   fits 120 "ViT-L throughput" && run 200 $PY benchmarks/throughput.py --model vit_large_patch16 --batch-size 128 \
     --amp bf16 --steps 15 --warmup 4 --peak-tflops 790 --modes reference,fastmim,fastmim+compile \
     --out "$RESULTS/throughput.jsonl"
+  # the modes meant to reach the issue's 2.0x the paper's code path: the whole step replayed, with the fused blocks
+  fits 150 "ViT-L graph throughput" && run 240 $PY benchmarks/throughput.py --model vit_large_patch16 \
+    --batch-size 128 --amp bf16 --steps 15 --warmup 5 --peak-tflops 790 --modes fastmim+graph,fastmim+compile+graph \
+    --model-arg fused_norm=True --out "$RESULTS/throughput.jsonl"
   fits 60 "ViT-L throughput, activation checkpointing" && run 120 $PY benchmarks/throughput.py \
     --model vit_large_patch16 --batch-size 128 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 --modes fastmim \
     --grad-ckpt --out "$RESULTS/throughput.jsonl"

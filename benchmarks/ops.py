@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -87,6 +87,8 @@ class Case:
     bytes_bwd: int
     backend: str  # what auto picks here
     op_name: str = ""  # the name the dispatcher knows the op by
+    # other implementations to time beside eager (impl name -> function), each fastmim row gets its speedup over them
+    baselines: dict[str, Callable] = field(default_factory=dict)
 
     def fused_backends(self, device: torch.device) -> list[str]:
         """The fused backends to time: on a GPU each one that runs there, else the one auto picks."""
@@ -183,7 +185,8 @@ def build_cases(ops, b: int, img: int, patch: int, enc_dim: int, dec_dim: int, r
         nbytes = qkv.numel() * qkv.element_size()
         cases.append(Case("attention" if key == "attn" else "attention (encoder)", f"B{b} N{tokens} H{heads} hd{hd}",
                           str(act), [qkv], lambda q: attention(q).flatten(2), _sdpa_from_packed, nbytes * 4 // 3,
-                          nbytes * 2, choose_backend("attention", device, (act,)), op_name="attention"))  # fmt: skip
+                          nbytes * 2, choose_backend("attention", device, (act,)), op_name="attention",
+                          baselines=attention_baselines(device)))  # fmt: skip
     if "hog" in ops:  # MaskFeat's target: HOG of the masked 40% of the patches vs the official whole-image HOG
         imgs = t(b, 3, img, img, grad=False)
         hog_mask = torch.rand(b, n, generator=torch.Generator().manual_seed(1)).to(device) < 0.4
@@ -226,6 +229,36 @@ def _sdpa_from_packed(qkv: torch.Tensor) -> torch.Tensor:
     """What the ViT's Attention does with SDPA: [B, N, 3, H, hd] -> [B, N, H * hd]."""
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+# SDPA's kernels, each pinned (eager lets SDPA choose): rows "sdpa[cudnn]", ... beside "eager"
+SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
+
+
+def attention_baselines(device: torch.device) -> dict[str, Callable]:
+    """The attention kernels fastmim's is measured against: each of SDPA's backends pinned (one that cannot run these
+    inputs gives an error row, not a time), and flash-attn's packed-qkv kernel where flash_attn is installed (CUDA)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kinds = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
+
+    def pinned(kind):
+        def fn(qkv):
+            with sdpa_kernel([kind]):
+                return _sdpa_from_packed(qkv)
+
+        return fn
+
+    out = {f"sdpa[{name}]": pinned(kinds[name]) for name in SDPA_BACKENDS}
+    if device.type == "cuda":
+        try:
+            from flash_attn import flash_attn_qkvpacked_func  # [B, N, 3, H, hd] in, [B, N, H, hd] out
+        except ImportError:
+            print("flash_attn not installed: no flash-attn row", file=sys.stderr)
+        else:
+            out["flash_attn"] = lambda qkv: flash_attn_qkvpacked_func(qkv).flatten(2)
+    return out
 
 
 def timer(device: torch.device, reps: int):
@@ -385,6 +418,8 @@ def main(argv=None) -> int:
             f"fastmim[{name}]": (case.fused, name, None) for name in case.fused_backends(device)
         }
         impls["eager"] = (case.ref, None, None)
+        for name, fn in case.baselines.items():
+            impls[name] = (fn, None, None)
         if not args.no_compile:
             torch._dynamo.reset()
             impls["compiled"] = (torch.compile(case.ref), None, None)
@@ -396,6 +431,15 @@ def main(argv=None) -> int:
             prev = set_backend(backend) if backend else None
             prev_mode = set_compiled_ops(mode) if mode else None
             try:
+                if impl in case.baselines:  # a kernel that cannot run these inputs (SDPA's flash on fp32, ...)
+                    try:
+                        fn(*case.inputs)
+                    except RuntimeError as e:
+                        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                        print(f"{case.op} {impl}: cannot run here ({why})", file=sys.stderr)
+                        write_row({"benchmark": "ops", "op": case.op, "impl": impl, "shape": case.shape,
+                                   "dtypes": case.dtypes, "error": why, **env}, args.out)  # fmt: skip
+                        continue
                 closures, graph_closures = passes(fn, case.inputs)
                 for pas, closure in closures.items():
                     med, p20, p80 = measure(closure)
@@ -426,6 +470,10 @@ def main(argv=None) -> int:
                 row["speedup_vs_eager"] = round(times[("eager", row["pass"])] / row["ms_median"], 3)
                 if ("compiled", row["pass"]) in times:
                     row["speedup_vs_compiled"] = round(times[("compiled", row["pass"])] / row["ms_median"], 3)
+                for name in case.baselines:
+                    if (name, row["pass"]) in times:
+                        key = "speedup_vs_" + name.replace("[", "_").rstrip("]")  # speedup_vs_sdpa_flash
+                        row[key] = round(times[(name, row["pass"])] / row["ms_median"], 3)
         for row in table:
             if row["op"] == case.op:
                 write_row(row, args.out)  # as each op finishes: a run cut short keeps what it measured

@@ -25,8 +25,9 @@ images first and gives the real-data run's wall img/s over the synthetic one's (
 the interval between consecutive CUDA events, so it includes any wait for the host or the data), p20/p80, img/s
 over the whole timed span, model FLOPs per image (recipes.py's formula, checked against torch.utils.flop_counter's
 count of one step), achieved TFLOP/s, MFU against the bf16 dense peak (--peak-tflops, else a measured large
-matmul), the step's floor (its matmul FLOPs at that peak plus the bytes it must move, 44 per trainable parameter, at
-the measured copy bandwidth; activations left out, so a lower bound) and the step's time over it (`floor_gap`),
+matmul), the step's floor (its matmul FLOPs at the matmul rate measured in the same run, never the given spec peak,
+plus the bytes it must move, 44 per trainable parameter, at the measured copy bandwidth; activations left out, so a
+lower bound) and the step's time over it (`floor_gap`),
 peak memory (CUDA), the first step's time (compilation), graph breaks, and speedups over the reference modes before
 it (all ratios are printed at the end). One JSON row per mode (device, versions, commit, date) goes to stdout
 and --out as soon as the mode is done. --profile adds a torch.profiler trace per mode and prints the top kernels by
@@ -56,6 +57,7 @@ from benchmarks.recipes import RECIPES, core_model, get_recipe  # noqa: E402
 from fastmim.masking import MaskInfo  # noqa: E402
 from fastmim.models.vit import set_grad_ckpt  # noqa: E402
 from fastmim.ops._dispatch import COMPILED_OPS, compiled_ops, set_compiled_ops  # noqa: E402
+from fastmim.train.compile_mode import COMPILE_MODES, CUDAGRAPH_MODES, compile_model  # noqa: E402
 from fastmim.train.fsdp import init_single_process_group, shard_model  # noqa: E402
 from fastmim.train.optim import build_adamw  # noqa: E402
 from fastmim.train.step import TrainStep  # noqa: E402
@@ -63,7 +65,6 @@ from fastmim.train.step import TrainStep  # noqa: E402
 MODES = ("reference", "fastmim", "reference+compile", "fastmim+compile")  # the default --modes
 TARGET_REAL_OVER_SYNTHETIC = 0.90  # --data --also-synthetic: real-data img/s over synthetic, same mode
 GRAPH_MODES = tuple(f"{m}+graph" for m in MODES)
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # kernel-name patterns, first match wins: where the device time of a step goes
 KERNEL_KINDS = (
@@ -150,7 +151,7 @@ def model_kwargs(args) -> dict:
 
 def check_args(ap: argparse.ArgumentParser, args) -> None:
     graphs = [m for m in args.modes if m.endswith("+compile+graph")]
-    if graphs and args.compile_mode in ("reduce-overhead", "max-autotune"):
+    if graphs and args.compile_mode in CUDAGRAPH_MODES:
         ap.error(
             f"--compile-mode {args.compile_mode} records inductor's own CUDA graphs, which cannot be captured inside "
             f"the whole step's graph of {', '.join(graphs)}: use default or max-autotune-no-cudagraphs"
@@ -238,7 +239,8 @@ BYTES_PER_PARAM = 11 * 4
 
 
 def step_floor(flops_per_step: float, params: int, peak_tflops: float, copy_gbps: float) -> dict:
-    """The step's floor: its matmul FLOPs at the matmul peak plus the bytes it must move at the copy bandwidth."""
+    """The step's floor: its matmul FLOPs at the matmul rate measured in the same run (not the spec sheet's peak, which
+    no matmul reaches) plus the bytes it must move at the copy bandwidth measured in the same run."""
     matmul_ms = flops_per_step / (peak_tflops * 1e12) * 1e3
     nbytes = params * BYTES_PER_PARAM
     bytes_ms = nbytes / (copy_gbps * 1e9) * 1e3
@@ -418,8 +420,10 @@ def run_mode(
     fpi: float,
     peak: float,
     copy_gbps: float,
+    matmul_tflops: float,
 ):
-    """Builds, warms up and times one mode; returns its row."""
+    """Builds, warms up and times one mode; returns its row. ``peak``: the TFLOP/s that MFU divides by (the spec when
+    given); ``matmul_tflops``: the matmul rate measured on this device in this run, which the floor uses."""
     impl, *flags = mode.split("+")
     compiled, graph = "compile" in flags, "graph" in flags
     dtype = AMP[args.amp]
@@ -435,7 +439,7 @@ def run_mode(
     fwd = model
     if compiled:
         torch._dynamo.reset()
-        fwd = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
+        fwd = compile_model(model, args.compile_mode)
     core = core_model(model)
     # a graph replays what the host decided at capture: masks drawn on the host (a seed) come in as inputs; the
     # paper's reference draws its noise on the device, which a replay redraws
@@ -495,7 +499,7 @@ def run_mode(
         "loss": round(float(loss.detach()), 5),
     }  # fmt: skip
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    row.update(step_floor(fpi * args.batch_size, params, peak, copy_gbps))
+    row.update(step_floor(fpi * args.batch_size, params, matmul_tflops, copy_gbps))
     row["floor_gap"] = float(f"{med * 1e3 / row['floor_ms']:.4g}")  # the step's time over its floor
     if compiled:
         row["graph_breaks"] = graph_break_count()
@@ -589,6 +593,7 @@ def main(argv=None) -> int:
                     fpi,
                     common["peak_tflops"],
                     common["copy_gbps_measured"],
+                    common["peak_tflops_measured"],
                 )
             except torch.cuda.OutOfMemoryError as e:
                 row = {"benchmark": "throughput", "recipe": recipe.name, "model": model_name, "mode": mode,
@@ -620,7 +625,7 @@ def main(argv=None) -> int:
             tag = "synthetic" if data_desc == "synthetic" else "real data"
             print(f"  {mode:<18} {tag:<10} {status}", file=sys.stderr)
             # now: a later mode that fails or times out loses only itself
-            write_row({**row, **common, **env}, args.out)
+            write_row({**common, **env, **row}, args.out)  # the row's own keys win (compiled_ops None when eager)
     print_summary([r for r in rows if r.get("data") == feeds[-1][1]])
     if args.fsdp and torch.distributed.is_initialized():  # the group of one the FSDP modes made
         torch.distributed.destroy_process_group()

@@ -115,6 +115,12 @@ class PretrainConfig:
     clip_grad: float | None = field(default=None, metadata={"help": "clip the gradient norm (None: no clip)"})
     amp: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA), none, bf16 or fp16"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    compile_mode: str = field(
+        default="auto",
+        metadata={"help": "torch.compile's mode with --compile: auto (the mode measured fastest for this torch version "
+                          "and device, else default), default, reduce-overhead, max-autotune, "
+                          "max-autotune-no-cudagraphs"},
+    )  # fmt: skip
     cuda_graph: bool = field(
         default=False,
         metadata={"help": "replay each training step from a CUDA graph (CUDA only; captured after 3 eager steps)"},

@@ -18,6 +18,7 @@ from fastmim.config import PretrainConfig, apply_overrides, cli_overrides, load_
 from fastmim.data.dali import DaliDecodeError
 from fastmim.data.folder import BadImageError
 from fastmim.train.checkpoint import CHECKPOINT_NAME, existing_run_markers, load_checkpoint, run_checkpoint
+from fastmim.train.compile_mode import compile_model, resolve_compile_mode
 from fastmim.train.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from fastmim.train.preempt import REQUEUE_EXIT, Preempted
 
@@ -357,6 +358,18 @@ def check_cuda_graph(cfg: PretrainConfig, device: torch.device) -> None:
         raise UsageError(f"--cuda-graph needs a CUDA device; this run is on {device} (drop --cuda-graph)")
 
 
+def check_compile(cfg: PretrainConfig, device: torch.device) -> tuple[str, str] | None:
+    """--compile's mode and why it was chosen (None without --compile); a mode that cannot run is refused."""
+    if not cfg.compile:
+        if cfg.compile_mode != "auto":
+            raise UsageError(f"--compile-mode {cfg.compile_mode} applies with --compile (add --compile)")
+        return None
+    try:
+        return resolve_compile_mode(cfg.compile_mode, device, cuda_graph=cfg.cuda_graph)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
 def run(argv: list[str] | None = None) -> Path:
     """Runs pretraining; returns the output directory."""
     cfg, state = resolve_config(argv)
@@ -380,6 +393,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
 
     check_fsdp(cfg)  # before anything is written
     check_cuda_graph(cfg, device)
+    compile_mode = check_compile(cfg, device)
     out = prepare_output_dir(cfg, info)
     _seed_everything(cfg.seed)  # every rank builds the same initial weights (FSDP shards them where they are)
     kind, root, why = choose_loader(data_cfg := with_builtin_data(cfg), device)
@@ -403,8 +417,8 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     if info.enabled and not cfg.fsdp:
         ids = [device.index] if device.type == "cuda" else None
         step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if cfg.compile:
-        step_model = torch.compile(step_model)
+    if compile_mode is not None:
+        step_model = compile_model(step_model, compile_mode[0])
     trainer = Trainer(cfg, info, device, step_model, model, optimizer, loader, sampler, dataset, out, lr,
                       amp_dtype=amp_dtype, monitor=monitor)  # fmt: skip
     if state is not None:
@@ -418,7 +432,9 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
         print(
             f"fastmim: {cfg.model} ({n_params:.1f}M params) on {device} x{info.world_size}{nodes}"
             f"{', FSDP (sharded over ' + str(info.world_size) + ')' if cfg.fsdp else ''}, "
-            f"amp={trainer.amp_dtype or 'fp32'}, native ext={'yes' if _ext.available() else 'no'}\n"
+            f"amp={trainer.amp_dtype or 'fp32'}, native ext={'yes' if _ext.available() else 'no'}"
+            + (f", torch.compile mode {compile_mode[0]} ({compile_mode[1]})" if compile_mode else "")
+            + "\n"
             f"  data: {len(dataset)} images from {dataset.root}, loader {loader_desc}: {why}\n"
             f"  batch {eff_batch} (= {cfg.batch_size} x {cfg.accum_iter} accum x {info.world_size} procs), "
             f"lr {lr:.3g}, {trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps\n"

@@ -139,8 +139,14 @@ def test_torchrun_two_cpu_processes(image_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(image_folder, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda-graph-path"])
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(image_folder, tmp_path, monkeypatch, capsys, graph):
+    """The NaN check stops the run at the step the loss went bad, keeping the last finite checkpoint; also on
+    --cuda-graph's code path (its step object, device learning rate and capturable AdamW; run uncaptured on CPU)."""
     from fastmim.methods.mae import MaskedAutoencoderViT
+
+    if graph:
+        monkeypatch.setenv("FASTMIM_CUDA_GRAPH_ON_CPU", "1")
 
     real = MaskedAutoencoderViT.forward_loss
     calls = {"n": 0}
@@ -153,7 +159,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(image_folder, tmp_path,
     monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", poisoned)
     out = tmp_path / "nan"
     code = pretrain.main([*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out),
-                          "--save-interval", "2", "--log-interval", "1", "--vis-interval", "100"])  # fmt: skip
+                          "--save-interval", "2", "--log-interval", "1", "--vis-interval", "100",
+                          *(["--cuda-graph"] if graph else [])])  # fmt: skip
     assert code == 2
     assert "the loss became nan by step 5" in capsys.readouterr().err
     state = load_checkpoint(out / "checkpoint.pt")

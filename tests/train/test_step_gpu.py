@@ -127,6 +127,42 @@ def test_cli_cuda_graph_trains_as_eager_and_resumes_exactly(image_folder, tmp_pa
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def test_captured_step_under_ddp_trains_as_the_eager_ddp_step(tmp_path):
+    """DDP (a one-process NCCL group: DDP's reducer, buckets and all-reduce run as with more) with accumulation
+    (``no_sync`` on the first micro-batch) captured after DDP's 11 warm-up runs, as the trainer does: the losses and
+    weights follow the eager DDP step's, replays included."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1)
+    try:
+        batches = _batches("mae", 32)
+        results = []
+        for graph in (False, True):
+            model = _build("mae")
+            ddp = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])
+            opt = build_adamw(model, 1e-3, 0.05, graph=True)
+            scaler = torch.amp.GradScaler("cuda", enabled=False)
+
+            def forward(imgs, ids_keep, ids_restore, mask, ddp=ddp):
+                return ddp(imgs, mask=MaskInfo(ids_keep, ids_restore, mask))[0]
+
+            step = TrainStep(forward, model.parameters(), opt, scaler, device=torch.device("cuda"), accum_iter=2,
+                             clip_grad=1.0, amp_dtype=torch.bfloat16, graph=graph, warmup=11,
+                             no_sync=ddp.no_sync)  # fmt: skip
+            losses = [float(step(*batch, last=i % 2 == 1)) for i, batch in enumerate(batches)]
+            torch.cuda.synchronize()
+            results.append((model, step, losses))
+        (eager, _, eager_losses), (captured, step, graph_losses) = results
+        assert step.captured == 2  # both calls (micro-batch, last micro-batch), replayed 5 times each
+        assert graph_losses == pytest.approx(eager_losses, rel=1e-3, abs=1e-4)
+        for a, b in zip(eager.parameters(), captured.parameters(), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_throughput_graph_modes_on_cuda(tmp_path):
     """benchmarks/throughput.py's +graph modes on a GPU: the step is captured (cuda_graph true) and trains what the
     eager modes train (the same masks and weights; bf16 rounding and the tensor learning rate apart)."""
