@@ -460,8 +460,14 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130
     except BadImageError as e:  # one line naming the file, not a worker's traceback
-        then = ("run again with --resume: the run is checkpointed" if getattr(e, "resumable", False)
-                else "run again: no step had completed, nothing is lost")  # fmt: skip
+        lost, saved = getattr(e, "steps_lost", 0), getattr(e, "saved_step", 0)
+        if getattr(e, "resumable", False):
+            then = "run again with --resume: the run is checkpointed" + (
+                f" at step {saved} (the {lost} steps after it are lost)" if lost else ""
+            )
+        else:
+            then = ("run again: no step had completed, nothing is lost" if not lost else
+                    f"run again: no checkpoint had been written (the {lost} steps done are lost)")  # fmt: skip
         print(f"error: {e.summary()}. Replace the file at the same path and {then}", file=sys.stderr)
         return 2
     except Preempted as e:  # SIGTERM / SIGUSR1: saved at the step boundary; the exit status asks for a requeue

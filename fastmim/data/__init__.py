@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+
 import torch
 
 from fastmim.data.folder import BadImageError, ImageFolderDataset, list_images, usable_cpus
@@ -103,6 +107,36 @@ class MaskCollate:
         return (imgs, idx, masks.mask) if masks.targets is None else (imgs, idx, masks.mask, masks.targets)
 
 
+STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """A loader worker's init: SIGTERM and SIGUSR1 from anyone but the training process are left to the training
+    process, which finishes its step, checkpoints it and exits (``fastmim.train.preempt``). A scheduler (Slurm's
+    preemption, scancel) signals every process of the job: a worker killed by the signal would end the run before
+    its checkpoint. The training process's own SIGTERM (PyTorch's loader, or multiprocessing at exit, ending its
+    workers) still ends the worker, as it must, or the worker would outlive the run.
+
+    The signals are blocked in the worker's threads and taken by one thread with ``sigwaitinfo``, which says who sent
+    each; where that cannot be done (no sigwaitinfo, or the worker already runs other threads that might take a
+    signal) the worker keeps the default behaviour."""
+    if not STOP_SIGNALS or not hasattr(signal, "sigwaitinfo") or threading.active_count() > 1:
+        return
+    parent = os.getppid()
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited by every thread started from now on
+
+    def take() -> None:
+        while True:
+            info = signal.sigwaitinfo(STOP_SIGNALS)
+            if info.si_pid == parent or os.getppid() != parent:  # ended by the training process (or orphaned)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, [info.si_signo])
+                signal.pthread_kill(threading.get_ident(), info.si_signo)  # the default action: the worker ends
+
+    threading.Thread(target=take, name="fastmim-stop-signals", daemon=True).start()
+
+
 def build_pretrain_loader(
     dataset: torch.utils.data.Dataset,
     batch_size: int,
@@ -135,6 +169,7 @@ def build_pretrain_loader(
         # its own generator: creating an iterator must not consume the global RNG (exact resume)
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,
+        worker_init_fn=ignore_stop_signals,
         collate_fn=(
             MaskCollate(masks, collate_images or torch.utils.data.default_collate)
             if masks is not None or collate_images is not None

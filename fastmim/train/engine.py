@@ -109,6 +109,7 @@ class Trainer:
         drops_tokens = getattr(self.raw_model, "drops_tokens", True)
         self.after_step = getattr(self.raw_model, "after_step", None)
         self.skipped_files = 0  # unreadable samples replaced (--skip-bad-files) by this rank in this run
+        self.saved_step = 0  # the step of the last checkpoint (of this run or the one it resumes)
         if hasattr(self.raw_model, "set_total_steps"):  # a schedule over the whole run (I-JEPA's teacher momentum):
             # over the configured epochs, as the learning rate's; --max-steps stops a run early, it does not shorten it
             self.raw_model.set_total_steps(self.steps_per_epoch * self.cfg.epochs)
@@ -196,6 +197,7 @@ class Trainer:
         if state["scaler"] and self.scaler.is_enabled():  # empty when saved without fp16 (a changed --amp)
             self.scaler.load_state_dict(state["scaler"])
         self.pos = Position(state["epoch"], state["batch"], state["step"])
+        self.saved_step = self.pos.step
         layout = self.data_layout()
         saved_layout = state.get("layout")
         if saved_layout is not None:  # keys added since a checkpoint was written are not compared
@@ -244,7 +246,12 @@ class Trainer:
 
     def save(self) -> None:
         if self.sharded:
-            return self._save_sharded()
+            self._save_sharded()
+        else:
+            self._save_whole()
+        self.saved_step = self.pos.step
+
+    def _save_whole(self) -> None:
         # a finite loss can still be followed by an update that makes weights non-finite (an infinite gradient)
         total = float(torch.stack([p.detach().float().sum() for p in self.raw_model.parameters()]).sum())
         self._check_finite(total, "the weights")  # one reduction, one host sync per save
@@ -335,10 +342,25 @@ class Trainer:
                   f"{row['knn_top5']:.2f}% ({row['knn_s']:.1f} s)", flush=True)  # fmt: skip
         barrier(self.info)
 
+    def _bad_file_on_any_rank(self, bad: Exception | None) -> Exception | None:
+        """DDP: whether any rank's batch failed to load (a flag over the CPU group at every batch: the ranks that
+        loaded theirs would otherwise wait in the gradient all-reduce for one that stopped). Then every rank gets the
+        failing rank's error, so all stop at this batch, checkpoint together and report the same file."""
+        if not self.preempt.any_rank(bad is not None):
+            return None
+        lines = self.preempt.gather(None if bad is None else str(bad.summary() if hasattr(bad, "summary") else bad))
+        rank, line = next((r, x) for r, x in enumerate(lines) if x is not None)
+        if bad is None:
+            bad = BadImageError(line, None)
+        if self.info.is_main:
+            print(f"rank {rank} could not load its batch: every rank stops at this batch", flush=True)
+        return bad
+
     def _stop_on_bad_file(self, batch: int) -> None:
-        """A file the loader (DALI or the torch loader) cannot decode: a checkpoint of the run so far (one process, at
-        a step boundary), so the run resumes once the file is replaced; otherwise the last saved checkpoint stands."""
-        if self.info.enabled or batch % self.cfg.accum_iter or self.pos.step == 0:
+        """A file the loader (DALI or the torch loader) cannot decode: a checkpoint of the run so far (at a step
+        boundary; under DDP every rank is here, at the same batch), so the run resumes once the file is replaced;
+        inside an accumulation the last saved checkpoint stands."""
+        if batch % self.cfg.accum_iter or self.pos.step == 0 or self.pos.step == self.saved_step:
             return
         self.save()
         if self.info.is_main:
@@ -386,10 +408,16 @@ class Trainer:
             for b in range(start, self.batches_per_epoch):
                 try:
                     imgs, idx, *drawn = next(data)  # drawn: the masks, when the loader workers make them
+                    bad = None
                 except (DaliDecodeError, BadImageError) as e:
+                    bad = e
+                if self.info.enabled and not cfg.skip_bad_files:  # every rank stops where any rank's batch failed
+                    bad = self._bad_file_on_any_rank(bad)
+                if bad is not None:
                     self._stop_on_bad_file(b)
-                    e.resumable = ckpt.run_checkpoint(self.output_dir) is not None  # what the error can advise
-                    raise
+                    bad.resumable = ckpt.run_checkpoint(self.output_dir) is not None  # what the error can advise
+                    bad.saved_step, bad.steps_lost = self.saved_step, self.pos.step - self.saved_step
+                    raise bad
                 if self.cfg.skip_bad_files:  # stand-ins for unreadable samples come as -1 - index: counted
                     idx, stand_ins = decode_indices(idx)
                     self.skipped_files += stand_ins

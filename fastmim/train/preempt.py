@@ -55,14 +55,27 @@ class PreemptionWatch:
 
     def requested(self) -> bool:
         """Whether any rank got a signal (a collective under DDP: every rank calls it at the same step)."""
-        flag = self.signame is not None
+        flag = self.any_rank(self.signame is not None)
+        if flag and self.signame is None:
+            self.signame = "a signal on another rank"
+        return flag
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank: a collective over the CPU (gloo) group under DDP, so it never waits
+        for the GPU's queue; ``flag`` itself in one process."""
         if not self.info.enabled:
             return flag
         t = torch.tensor([1 if flag else 0], dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
-        if int(t) and self.signame is None:
-            self.signame = "a signal on another rank"
         return bool(int(t))
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (pickled; a collective over the CPU group under DDP)."""
+        if not self.info.enabled:
+            return [obj]
+        out = [None] * self.info.world_size
+        dist.all_gather_object(out, obj, group=self._group)
+        return out
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

@@ -30,23 +30,30 @@ def _losses(out):
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
-def _run_and_signal(args, out, signum, twice=False) -> subprocess.CompletedProcess:
-    """Starts the CLI, waits for its first logged step (the trainer's handler is in place), signals it."""
+def _run_and_signal(args, out, signum, twice=False, group=False) -> subprocess.CompletedProcess:
+    """Starts the CLI, waits for its first logged step (the trainer's handler is in place), signals it (``group``:
+    its whole process group, loader workers included, as Slurm's preemption and scancel do)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the same threads as the in-process runs: the same sums
     proc = subprocess.Popen([sys.executable, "-m", "fastmim.pretrain", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=group)  # fmt: skip
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if metrics.exists() and metrics.read_text().count("\n") >= 2:
             break
         time.sleep(0.02)
-    proc.send_signal(signum)
+    if group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     if twice:
         time.sleep(0.01)
         proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=240)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    done.args_pgid = proc.pid  # with group=True, the run's process group
+    return done
 
 
 @pytest.mark.slow
@@ -66,6 +73,31 @@ def test_signal_checkpoints_the_step_and_the_resume_equals_an_uninterrupted_run(
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=1e-6, atol=1e-7, msg=k)
     assert _losses(cut) == pytest.approx(_losses(straight), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_with_loader_workers(image_folder, tmp_path):
+    """A scheduler signals every process of the job: the loader workers ignore SIGTERM (else one dies of it and the
+    loader's error ends the run before its checkpoint); the trainer finishes its step, checkpoints and asks for a
+    requeue."""
+    cut = tmp_path / "cut"
+    args = _args(image_folder, cut)
+    args[args.index("--num-workers") + 1] = "2"
+    r = _run_and_signal(args, cut, signal.SIGTERM, group=True)
+    assert r.returncode == REQUEUE_EXIT, r.stdout + r.stderr
+    assert "stopped on SIGTERM: checkpointed at step" in r.stderr and "killed by signal" not in r.stderr
+    state = load_checkpoint(cut / "checkpoint.pt")
+    assert 2 <= state["step"] < 36 and len(_losses(cut)) == state["step"]
+    # and no worker outlives the run: the loader's own SIGTERM still ends them
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(r.args_pgid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("a loader worker outlived the run")
 
 
 @pytest.mark.slow
