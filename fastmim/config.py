@@ -135,7 +135,11 @@ class PretrainConfig:
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda, cuda:N"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     output_dir: str | None = field(default=None, metadata={"help": "run directory (None: output/MODEL-TIME)"})
-    resume: str | None = field(default=None, metadata={"help": "checkpoint to resume ('auto': output_dir's)"})
+    resume: str | None = field(
+        default=None,
+        metadata={"help": "checkpoint to resume ('auto', or the flag alone: output_dir's; 'if-exists': output_dir's "
+                          "when it has one, else a new run there: one command for a job's first start and requeues)"},
+    )  # fmt: skip
     log_interval: int = field(default=10, metadata={"help": "steps between logged metrics (host syncs)"})
     save_interval: int = field(default=0, metadata={"help": "steps between checkpoints (0: every epoch)"})
     vis_interval: int = field(default=10, metadata={"help": "epochs between reconstruction images"})

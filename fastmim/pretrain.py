@@ -17,7 +17,7 @@ import torch
 from fastmim.config import PretrainConfig, apply_overrides, cli_overrides, load_yaml, save_yaml
 from fastmim.data.dali import DaliDecodeError
 from fastmim.data.folder import BadImageError
-from fastmim.train.checkpoint import CHECKPOINT_NAME, existing_run_markers, load_checkpoint, run_checkpoint
+from fastmim.train.checkpoint import existing_run_markers, load_checkpoint, run_checkpoint
 from fastmim.train.compile_mode import compile_model, resolve_compile_mode
 from fastmim.train.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from fastmim.train.preempt import REQUEUE_EXIT, Preempted
@@ -39,11 +39,23 @@ def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]
     cfg = PretrainConfig()
     state = None
     resume, out = given.get("resume"), given.get("output_dir")
+    if resume == "if-exists":  # a job's script: the same command starts the run and continues it after a requeue
+        if not out:
+            raise UsageError("--resume if-exists needs --output-dir (the run to start or continue)")
+        if run_checkpoint(out) is None:
+            print(f"--resume if-exists: no checkpoint in {out} yet: starting the run there", flush=True)
+            resume = None
+            given = {**given, "resume": None}
+        else:
+            resume = "auto"
     if resume is not None and str(resume).lower() not in ("none", "null"):
         if resume == "auto":
             if not out:
                 raise UsageError("--resume without a checkpoint path needs --output-dir (the run to continue)")
-            ckpt_path = run_checkpoint(out) or Path(out) / CHECKPOINT_NAME
+            ckpt_path = run_checkpoint(out)
+            if ckpt_path is None:
+                raise UsageError(f"no checkpoint to resume in {out} (for a job that may not have started yet, "
+                                 "--resume if-exists starts the run there when it has none)")  # fmt: skip
         else:
             ckpt_path = Path(resume)
         state = load_checkpoint(ckpt_path)
@@ -141,6 +153,8 @@ def choose_loader(cfg: PretrainConfig, device: torch.device) -> tuple[str, str |
     the built-in photos need none), "torch" and "torch-gpu" the folder or list as given; "auto" takes DALI where it
     can, else on a CUDA run "torch-gpu" when torchvision decodes JPEGs there, else "torch"."""
     kind, root, why = _choose_loader(cfg)
+    if kind == "torch" and cfg.loader == "auto" and device.type != "cuda":
+        return kind, root, f"{why}; not torch-gpu: this run is on {device}, GPU decoding needs CUDA"
     if kind != "torch" or cfg.loader != "auto" or device.type != "cuda":
         return kind, root, why
     from fastmim.data.gpu_decode import gpu_decode_problem

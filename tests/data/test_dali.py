@@ -184,7 +184,9 @@ def test_pretrain_refuses_an_unscanned_folder_for_dali_and_auto_falls_back(image
     with pytest.raises(pretrain.UsageError, match="has not been scanned .*python -m fastmim.data.scan"):
         pretrain.run([*args, str(tmp_path / "a"), "--loader", "dali"])
     pretrain.run([*args, str(tmp_path / "b")])  # auto: the torch loader, saying why
-    assert "loader torch (0 workers): the folder has no up-to-date scan for DALI" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "loader torch (0 workers): the folder has no up-to-date scan for DALI" in out
+    assert "not torch-gpu: this run is on cpu, GPU decoding needs CUDA" in out  # why not the GPU loader either
 
 
 @pytest.mark.slow

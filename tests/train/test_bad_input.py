@@ -91,13 +91,30 @@ def test_existing_run_is_refused_and_left_untouched(image_folder, tmp_path, caps
 
 def test_resume_without_checkpoint(tmp_path, capsys):
     err = fails(["--resume", "--output-dir", str(tmp_path / "none")], capsys)
-    assert "no checkpoint to resume" in err
+    assert "no checkpoint to resume" in err and "--resume if-exists" in err
     assert "needs --output-dir" in fails(["--resume"], capsys)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "checkpoint.pt").write_bytes(b"truncated")
     with pytest.raises(RuntimeError, match="cannot be read"):
         pretrain.run(["--resume", "--output-dir", str(bad)])
+
+
+def test_resume_if_exists_starts_then_continues_with_one_command(image_folder, tmp_path, capsys):
+    """A job script's one command: the first start (no run yet) trains from scratch; the same command again
+    continues from the checkpoint (a requeue), here to a later epoch."""
+    import json
+
+    out = tmp_path / "job"
+    cmd = [*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--resume", "if-exists",
+           "--vis-interval", "100", "--log-interval", "1"]  # fmt: skip
+    assert pretrain.main([*cmd, "--epochs", "1"]) == 0
+    assert "no checkpoint in" in capsys.readouterr().out
+    assert pretrain.main([*cmd, "--epochs", "2"]) == 0
+    assert "resuming at step 6" in capsys.readouterr().out
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps == list(range(1, 13))
+    assert "needs --output-dir" in fails(["--resume", "if-exists"], capsys)
 
 
 def test_unreadable_image_is_named(tmp_path, capsys):
