@@ -370,6 +370,8 @@ class MultiBlockMask(MaskStrategy):
     batch's smallest (its first tokens in raster order, as the collator truncates its index lists), so that
     ``num_hidden`` is one count for the call. The sizes come from the batch's keys together, so such masks are a
     pure function of (seed, epoch, the batch's indices); one implementation serves every ``impl``.
+    ``truncate=True`` truncates per-sample masks the same way (I-JEPA's truncation without its shared sizes; a mask
+    then depends on the other samples of its call).
     """
 
     name = "multiblock"
@@ -377,9 +379,10 @@ class MultiBlockMask(MaskStrategy):
 
     def __init__(self, grid, num_targets: int = 4, target_scale=(0.15, 0.2), aspect_range=(0.75, 1.5),
                  context_scale=(0.85, 1.0), min_keep: int = 10, max_tries: int = 20, batch_shared: bool = False,
-                 **kw):  # fmt: skip
+                 truncate: bool = False, **kw):  # fmt: skip
         super().__init__(grid, **kw)
         self.batch_shared = bool(batch_shared)
+        self.truncate = bool(truncate) and not self.batch_shared  # (batch-shared masks are truncated already)
         if isinstance(num_targets, bool) or not isinstance(num_targets, int) or num_targets < 1:
             raise ValueError(f"num_targets must be a positive int, got {num_targets!r}")
         self.num_targets = num_targets
@@ -467,6 +470,18 @@ class MultiBlockMask(MaskStrategy):
 
     def _ref_batch(self, keys: torch.Tensor, **inputs: torch.Tensor) -> Masks:
         return self._shared(keys) if self.batch_shared else super()._ref_batch(keys, **inputs)
+
+    def __call__(self, *args, **kwargs) -> Masks:
+        out = super().__call__(*args, **kwargs)
+        if not self.truncate:
+            return out
+        # per-sample blocks, then every context truncated to the call's smallest (its first tokens in raster order,
+        # as I-JEPA's collator truncates): one hidden count for the call, so the context can be gathered (one host
+        # read of the count where the masks are on a GPU)
+        ctx = ~out.mask.flatten(1)
+        keep = int(ctx.sum(1).min()) if ctx.shape[0] else 0
+        ctx &= torch.cumsum(ctx, dim=1) <= keep
+        return Masks((~ctx).view_as(out.mask), targets=out.targets, num_hidden=ctx.shape[1] - keep)
 
     def _torch(self, keys):
         if self.batch_shared:

@@ -102,7 +102,8 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
         """I-JEPA's multi-block masks (``ratio`` does not apply: the block scales set the amounts)."""
         # min_keep 10 is I-JEPA's for 14 x 14 (5% of the grid); tiny grids (the 64-px demo's 4 x 4) keep it <= 1/8
         params = {**IJEPA_MASK, "min_keep": min(IJEPA_MASK["min_keep"], self.num_patches // 8)}
-        return build_mask("multiblock", self.grid_size, seed=seed, batch_shared=self.batch_shared, **params)
+        return build_mask("multiblock", self.grid_size, seed=seed, batch_shared=self.batch_shared,
+                          truncate=not self.batch_shared, **params)  # fmt: skip
 
     def make_masks(self, batch: int, device: torch.device) -> Masks:
         return self.mask_strategy().draw(batch, device)

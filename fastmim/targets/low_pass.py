@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from fastmim.ops import low_pass_target
+from fastmim.ops import low_pass_target, low_pass_target_ref
 from fastmim.ops.reference import low_pass_filter  # noqa: F401  (re-exported: the filter of the target)
 from fastmim.targets.pixel import PixelTarget
 
@@ -24,16 +24,21 @@ def default_radius(img_size: int) -> float:
     return PIXMIM_RADIUS_224 * img_size / 224
 
 
-def low_pass_images(imgs: torch.Tensor, radius: float, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+def low_pass_images(
+    imgs: torch.Tensor, radius: float, mean=IMAGENET_MEAN, std=IMAGENET_STD, fused: bool = True
+) -> torch.Tensor:
     """PixMIM's target: the low-frequency part of normalised images [B, C, H, W], normalised again (fp32); the fused
-    ``fastmim.ops.low_pass_target`` (equal to the official computation, ``low_pass_target_ref``).
+    ``fastmim.ops.low_pass_target``, or with ``fused=False`` the official computation (``low_pass_target_ref``: the
+    same values; the plain-PyTorch path of ``--no-fused-ops`` and of the throughput benchmark's reference).
 
     Args:
         imgs: [B, C, H, W] images normalised with ``mean`` / ``std`` (C = len(mean)).
         radius: radius of the ideal circular filter in the shifted spectrum (PixMIM: 40 at 224 px).
         mean, std: the normalisation the images carry.
     """
-    return low_pass_target(imgs, radius, mean, std)  # it checks the shapes, the radius and the normalisation
+    if fused:
+        return low_pass_target(imgs, radius, mean, std)  # it checks the shapes, the radius and the normalisation
+    return low_pass_target_ref(imgs.detach(), radius, mean, std)
 
 
 class LowPassTarget(PixelTarget):
@@ -41,8 +46,8 @@ class LowPassTarget(PixelTarget):
     filtered first. Mixed into a model that also has ``low_pass_radius``."""
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return super().forward_loss(low_pass_images(imgs, self.low_pass_radius), pred, mask)
+        return super().forward_loss(low_pass_images(imgs, self.low_pass_radius, fused=self.fused_ops), pred, mask)
 
     @torch.no_grad()
     def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        return super().reconstruct(low_pass_images(imgs, self.low_pass_radius), pred)
+        return super().reconstruct(low_pass_images(imgs, self.low_pass_radius, fused=self.fused_ops), pred)

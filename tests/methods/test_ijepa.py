@@ -144,3 +144,34 @@ def test_cli_trains_with_worker_masks_and_resumes_exactly(image_folder, tmp_path
         assert torch.equal(b["model"][key], v), key
     assert pretrain.main(_cli_args(image_folder, tmp_path / "x", "--mask-ratio", "0.5")) == 2
     assert "--mask-type and --mask-ratio do not apply" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("impl", ["ref", "torch", "cpp"])
+def test_per_sample_blocks_are_truncated_to_the_batch_smallest_context(impl):
+    """batch_shared=False: each sample draws its own block sizes; every context is then truncated to the call's
+    smallest (its first tokens in raster order), so the model can gather it and train (it raised before)."""
+    from fastmim import _ext
+    from fastmim.masking import build_mask
+
+    if impl == "cpp" and not _ext.available():
+        pytest.skip("fastmim._C not built")
+    model = fastmim.create_model("ijepa_vit_tiny_patch16", img_size=224, depth=2, pred_depth=1, batch_shared=False)
+    strategy = model.mask_strategy(seed=3)
+    strategy.impl = impl
+    from fastmim.methods.ijepa import IJEPA_MASK
+
+    plain = build_mask("multiblock", model.grid_size, seed=3, impl=impl, batch_shared=False,
+                       **{**IJEPA_MASK, "min_keep": strategy.min_keep})  # fmt: skip
+    idx = torch.arange(8)
+    untruncated, truncated = plain(indices=idx), strategy(indices=idx)
+    before = (~untruncated.mask.flatten(1)).sum(1)
+    assert before.unique().numel() > 1  # the per-sample contexts differ in size: the case that raised
+    after = ~truncated.mask.flatten(1)
+    assert (after.sum(1) == before.min()).all() and truncated.num_hidden == after.shape[1] - int(before.min())
+    ctx = ~untruncated.mask.flatten(1)
+    assert not (after & ~ctx).any()  # a subset of each sample's context ...
+    assert (after == (ctx & (torch.cumsum(ctx, 1) <= before.min()))).all()  # ... its first tokens in raster order
+    assert torch.equal(truncated.targets, untruncated.targets)
+    loss = model(torch.randn(4, 3, 224, 224))[0]
+    loss.backward()
+    assert torch.isfinite(loss)

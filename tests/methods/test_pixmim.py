@@ -60,6 +60,22 @@ def test_pixmim_loss_is_mae_loss_on_low_pass_targets():
         fastmim.create_model("pixmim_vit_tiny_patch16", img_size=64, low_pass_radius=0)
 
 
+def test_pixmim_without_fused_ops_runs_no_fastmim_op(monkeypatch):
+    """fused_ops=False (--no-fused-ops, the benchmark's reference): the official low-pass computation, not the fused
+    op; the same loss."""
+    import fastmim.targets.low_pass as lp
+
+    torch.manual_seed(0)
+    fused = fastmim.create_model("pixmim_vit_tiny_patch16", img_size=64, decoder_depth=1)
+    plain = fastmim.create_model("pixmim_vit_tiny_patch16", img_size=64, decoder_depth=1, fused_ops=False)
+    plain.load_state_dict(fused.state_dict())
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = random_masking(2, 16, 0.75, generator=torch.Generator().manual_seed(1))
+    want = fused(imgs, mask=mask)[0]
+    monkeypatch.setattr(lp, "low_pass_target", lambda *a: pytest.fail("the fused op ran with fused_ops=False"))
+    torch.testing.assert_close(plain(imgs, mask=mask)[0], want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_pixmim_pretrains_from_the_cli_and_exports_a_timm_encoder(image_folder, tmp_path):
     out = tmp_path / "pixmim"

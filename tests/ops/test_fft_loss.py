@@ -25,6 +25,44 @@ def _mask(b, n, device, seed=1):
     return (torch.rand(b, n, generator=torch.Generator().manual_seed(seed)) < 0.6).float().to(device)
 
 
+def official_numpy(pred, target, mask, p):
+    """A2MIM's frequency loss in float64 NumPy, written from openmixup's A2MIMHead + FocalFrequencyLoss(alpha=1,
+    ave_spectrum, log_matrix, batch_matrix): visible pixels mixed as 0.5 pred + 0.5 target (pred's part detached),
+    orthonormal 2-D FFT per image and channel, spectra averaged over the batch, d2 = |dF|^2, w = log(1 + |dF|)
+    over its global maximum (NaN -> 0, clamped, no gradient), loss = mean(w d2). Returns (loss, dloss/dpred): the
+    gradient by hand (F unitary: dL/dx = Re(F^H g) with g = dL/dRe + i dL/dIm)."""
+    import numpy as np
+
+    b, c, h, w = pred.shape
+    m = np.ones((b, 1, h, w)) if mask is None else np.kron(mask.reshape(b, 1, h // p, w // p), np.ones((1, 1, p, p)))
+    mixed = pred * m + (0.5 * pred + 0.5 * target) * (1 - m)
+    fp = np.fft.fft2(mixed, norm="ortho").mean(0)  # [C, H, W] complex
+    ft = np.fft.fft2(target, norm="ortho").mean(0)
+    diff = fp - ft
+    d2 = diff.real**2 + diff.imag**2
+    wgt = np.log1p(np.sqrt(d2))
+    wgt = np.clip(np.nan_to_num(wgt / wgt.max(), nan=0.0), 0.0, 1.0)
+    loss = (wgt * d2).mean()
+    g = 2 * wgt * diff / d2.size  # dL/dRe + i dL/dIm of the batch-mean spectrum
+    grad_mixed = np.fft.ifft2(np.broadcast_to(g, (b, c, h, w)), norm="ortho").real / b
+    return loss, grad_mixed * m  # the visible pixels' pred part is detached
+
+
+@pytest.mark.parametrize("shape, p", [((3, 3, 32, 32), 16), ((2, 1, 24, 40), 8)])
+@pytest.mark.parametrize("masked", [True, False], ids=["mixed", "plain"])
+def test_matches_the_official_formula_in_float64_numpy(shape, p, masked):
+    b, c, h, w = shape
+    pred, target = _pair(b, c, h, w, "cpu", torch.float64)
+    mask = _mask(b, (h // p) * (w // p), "cpu").double() if masked else None
+    loss = fft_loss(pred, target, mask, p if masked else None)
+    (grad,) = torch.autograd.grad(loss, pred)
+    want, want_grad = official_numpy(pred.detach().numpy(), target.detach().numpy(),
+                                     None if mask is None else mask.numpy(), p)  # fmt: skip
+    # the op computes in fp32 (as the official code, which calls .float()): fp32 rounding against float64
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-6)
+    torch.testing.assert_close(grad, torch.from_numpy(want_grad), rtol=1e-5, atol=1e-5 * abs(want_grad).max())
+
+
 def _check(pred, target, mask, p, rtol=1e-5):
     loss = fft_loss(pred, target, mask, p)
     grads = torch.autograd.grad(loss, (pred, target))
