@@ -107,11 +107,18 @@ class PretrainConfig:
     lr: float | None = field(default=None, metadata={"help": "absolute lr (overrides blr)"})
     min_lr: float = field(default=0.0, metadata={"help": "lr floor of the cosine schedule"})
     warmup_epochs: float = field(default=3.0, metadata={"help": "linear warmup epochs"})
+    warmup_lr: float = field(default=0.0, metadata={"help": "lr the warmup starts from (MAE 0, I-JEPA 2e-4)"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    weight_decay_end: float | None = field(
+        default=None,
+        metadata={"help": "cosine weight-decay schedule from --weight-decay to this over the run (I-JEPA 0.04 -> "
+                          "0.4; None: constant)"},
+    )  # fmt: skip
     beta2: float = field(default=0.95, metadata={"help": "AdamW's second-moment decay (MAE 0.95, SimMIM 0.999)"})
     crop_min: float = field(
         default=0.2, metadata={"help": "RandomResizedCrop's smallest area (MAE 0.2, MaskFeat 0.5, SimMIM 0.67)"}
     )
+    hflip: float = field(default=0.5, metadata={"help": "horizontal flip probability (MAE 0.5, I-JEPA 0: no flips)"})
     clip_grad: float | None = field(default=None, metadata={"help": "clip the gradient norm (None: no clip)"})
     amp: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA), none, bf16 or fp16"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
@@ -186,6 +193,13 @@ class PretrainConfig:
             raise ValueError(f"beta2 must be in (0, 1), got {self.beta2}")
         if not (math.isfinite(self.crop_min) and 0.0 < self.crop_min <= 1.0):
             raise ValueError(f"crop_min must be in (0, 1], got {self.crop_min}")
+        if not 0.0 <= self.hflip <= 1.0:
+            raise ValueError(f"hflip is a probability in [0, 1], got {self.hflip}")
+        if not (math.isfinite(self.warmup_lr) and self.warmup_lr >= 0.0):
+            raise ValueError(f"warmup_lr must be a finite number >= 0, got {self.warmup_lr}")
+        wd_end = self.weight_decay_end
+        if wd_end is not None and not (math.isfinite(wd_end) and wd_end >= 0):
+            raise ValueError(f"weight_decay_end must be a finite number >= 0 (or none), got {self.weight_decay_end}")
         if not (math.isfinite(self.drop_path) and 0.0 <= self.drop_path < 1.0):
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
         if self.eval_pool not in ("auto", "cls", "avg"):

@@ -143,7 +143,7 @@ def build_dataset(cfg: PretrainConfig, root: str | None = None):
     root = root or cfg.data_path or default_dataset_path()
     try:
         kind = TarShardDataset if list_tar_shards(root) else ImageFolderDataset
-        return kind(root, pretrain_transform(cfg.img_size, cfg.crop_min), seed=cfg.seed)
+        return kind(root, pretrain_transform(cfg.img_size, cfg.crop_min, cfg.hflip), seed=cfg.seed)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise UsageError(str(e)) from e
 
@@ -241,7 +241,7 @@ def build_loader(cfg: PretrainConfig, kind: str, dataset, masks, info: DistInfo,
             loader = DaliLoader(dataset.files, cfg.batch_size, cfg.img_size, device=dali_device,
                                 device_id=device.index if device.type == "cuda" else None, rank=info.rank,
                                 world_size=info.world_size, seed=cfg.seed, num_threads=threads,
-                                scale=(cfg.crop_min, 1.0),
+                                scale=(cfg.crop_min, 1.0), hflip=cfg.hflip,
                                 tars=getattr(dataset, "shards", None),
                                 tar_sizes=getattr(dataset, "sizes", None))  # fmt: skip
         except ValueError as e:
@@ -368,6 +368,9 @@ def check_fsdp(cfg: PretrainConfig) -> None:
 def check_cuda_graph(cfg: PretrainConfig, device: torch.device) -> None:
     """--cuda-graph captures CUDA work; elsewhere there is nothing to capture. FASTMIM_CUDA_GRAPH_ON_CPU=1 (for tests)
     runs its code path uncaptured on CPU instead of refusing."""
+    if cfg.cuda_graph and cfg.weight_decay_end is not None:
+        raise UsageError("--weight-decay-end with --cuda-graph is not supported: the captured AdamW step keeps the "
+                         "weight decay it was captured with (drop one of them)")  # fmt: skip
     if cfg.cuda_graph and device.type != "cuda" and os.environ.get("FASTMIM_CUDA_GRAPH_ON_CPU") != "1":
         raise UsageError(f"--cuda-graph needs a CUDA device; this run is on {device} (drop --cuda-graph)")
 

@@ -86,7 +86,7 @@ class DaliDecodeError(RuntimeError):
 
 def _pipeline(files, indices, batch_size, img_size, device, device_id, shard_id, num_shards, seed, num_threads,
               scale, ratio, initial_fill, checkpoint, tars=None, id_bytes=0, interp="cubic",
-              index_paths=None):  # fmt: skip
+              index_paths=None, hflip=0.5):  # fmt: skip
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
@@ -113,7 +113,7 @@ def _pipeline(files, indices, batch_size, img_size, device, device_id, shard_id,
         images = fn.resize(images, resize_x=img_size, resize_y=img_size, min_filter=down,
                            mag_filter=types.INTERP_CUBIC, antialias=True)  # fmt: skip
         images = fn.crop_mirror_normalize(
-            images, mirror=fn.random.coin_flip(probability=0.5), dtype=types.FLOAT, output_layout="CHW",
+            images, mirror=fn.random.coin_flip(probability=hflip), dtype=types.FLOAT, output_layout="CHW",
             mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
         )  # fmt: skip
         return images, idx
@@ -135,6 +135,7 @@ class DaliLoader:
         seed: the run's seed: the file order, the shuffles and the crops follow from it (and the rank).
         num_threads: DALI's CPU threads (default: the usable cores).
         scale, ratio: the random-resized crop's area fraction and aspect ranges (MAE's defaults).
+        hflip: the probability of a horizontal flip (MAE 0.5, I-JEPA 0).
         initial_fill: the reader's shuffle buffer, in samples (capped at the shard).
         interp: the resize filter when shrinking the crop: "cubic" (torchvision's bicubic, antialiased), "linear"
             (antialiased linear: 1.5x DALI's CPU throughput), or "auto": cubic on the GPU, linear on CPU threads.
@@ -159,6 +160,7 @@ class DaliLoader:
         num_threads: int | None = None,
         scale: tuple[float, float] = (0.2, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
         initial_fill: int = 1024,
         tars: Sequence[str] | None = None,
         tar_sizes: Sequence[int] | None = None,
@@ -209,7 +211,7 @@ class DaliLoader:
         )
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_threads = num_threads or usable_cpus()
-        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), float(hflip)
         self.initial_fill = max(1, min(initial_fill, self.shard_size))
         self.epoch = 0  # the epoch the reader is in
         self.batch = 0  # batches of it handed out
@@ -224,7 +226,7 @@ class DaliLoader:
         pipe = _pipeline(
             files, self._order, self.batch_size, self.img_size, self.device, self.device_id, self.rank,
             self.world_size, self.seed * 1_000_003 + self.rank, self.num_threads, self.scale, self.ratio,
-            self.initial_fill, checkpoint, self.tars, self._id_bytes, self.interp, self._index_paths,
+            self.initial_fill, checkpoint, self.tars, self._id_bytes, self.interp, self._index_paths, self.hflip,
         )  # fmt: skip
         hint = ("tar members it skips (names over 100 characters in PAX headers, as Python's tarfile writes them?); "
                 "rewrite the shards with GNU tar (tar --format=gnu) or use --loader torch" if self.tars else

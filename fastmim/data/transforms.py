@@ -12,12 +12,13 @@ from fastmim.ops.reference import IMAGENET_MEAN, IMAGENET_STD
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "crop_and_flip", "denormalize", "eval_transform", "pretrain_transform"]
 
 
-def pretrain_transform(img_size: int, crop_min: float = 0.2) -> T.Compose:
-    """RandomResizedCrop(scale crop_min-1 (MAE: 0.2), bicubic) + horizontal flip + ImageNet normalisation."""
+def pretrain_transform(img_size: int, crop_min: float = 0.2, hflip: float = 0.5) -> T.Compose:
+    """RandomResizedCrop(scale crop_min-1 (MAE: 0.2), bicubic) + horizontal flip with probability ``hflip`` (MAE 0.5,
+    I-JEPA 0) + ImageNet normalisation."""
     return T.Compose(
         [
             T.RandomResizedCrop(img_size, scale=(crop_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(),
+            T.RandomHorizontalFlip(p=hflip),
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]

@@ -23,7 +23,7 @@ from fastmim.masking import Masks
 from fastmim.train import checkpoint as ckpt
 from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier
 from fastmim.train.logger import MetricsLogger
-from fastmim.train.optim import lr_at, set_lr
+from fastmim.train.optim import lr_at, set_lr, set_weight_decay, wd_at
 from fastmim.train.preempt import Preempted, PreemptionWatch
 from fastmim.train.step import TrainStep
 from fastmim.train.visualize import reconstruction_grid, save_grid
@@ -427,9 +427,12 @@ class Trainer:
                 else:
                     masks = self.masks(indices=idx, epoch=epoch, device=self.device)
                 micro = b % cfg.accum_iter
-                lr_now = lr_at(self.pos.step / self.steps_per_epoch, self.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+                at = self.pos.step / self.steps_per_epoch
+                lr_now = lr_at(at, self.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs, cfg.warmup_lr)
                 if micro == 0:
                     set_lr(self.optimizer, lr_now)
+                    if cfg.weight_decay_end is not None:
+                        set_weight_decay(self.optimizer, wd_at(at, cfg.weight_decay, cfg.weight_decay_end, cfg.epochs))
                 last_micro = micro == cfg.accum_iter - 1
                 # a graph-mode step copies the batch into its buffers itself (pinned host memory: asynchronously)
                 if not cfg.cuda_graph:
@@ -457,6 +460,8 @@ class Trainer:
                     ips = (self.pos.step - step_log) * self.images_per_step / max(now - t_log, 1e-9)
                     row = {"epoch": epoch + self.pos.batch / self.batches_per_epoch, "loss": loss_avg, "lr": lr_now,
                            "img_per_s": ips}  # fmt: skip
+                    if cfg.weight_decay_end is not None:
+                        row["weight_decay"] = wd_at(at, cfg.weight_decay, cfg.weight_decay_end, cfg.epochs)
                     if cfg.skip_bad_files:  # every rank's count so far (this run)
                         row["skipped_files"] = int(sum(self._from_every_rank(self.skipped_files)))
                     if self.device.type == "cuda":

@@ -16,7 +16,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+    # "decays": the group a weight-decay schedule (set_weight_decay) sets, whatever its current value
+    return [{"params": no_decay, "weight_decay": 0.0, "decays": False},
+            {"params": decay, "weight_decay": weight_decay, "decays": True}]  # fmt: skip
 
 
 def build_adamw(
@@ -37,13 +39,27 @@ def build_adamw(
         return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
 
 
-def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: int) -> float:
-    """Learning rate at a fractional epoch: linear warmup, then half-cycle cosine to min_lr."""
+def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: int, start_lr: float = 0.0) -> float:
+    """Learning rate at a fractional epoch: linear warmup from start_lr (MAE 0, I-JEPA 2e-4), then half-cycle cosine
+    to min_lr."""
     if epoch < warmup_epochs:
-        return lr * epoch / warmup_epochs
+        return start_lr + (lr - start_lr) * epoch / warmup_epochs
     span = max(epochs - warmup_epochs, 1e-8)
     progress = min(1.0, (epoch - warmup_epochs) / span)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def wd_at(epoch: float, weight_decay: float, weight_decay_end: float, epochs: int) -> float:
+    """I-JEPA's weight-decay schedule: half-cycle cosine from weight_decay to weight_decay_end over the whole run."""
+    progress = min(1.0, max(0.0, epoch / max(epochs, 1e-8)))
+    return weight_decay_end + (weight_decay - weight_decay_end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, value: float) -> None:
+    """Sets the weight decay of the groups that decay (not biases and norms)."""
+    for g in optimizer.param_groups:
+        if g.get("decays", g["weight_decay"] > 0):
+            g["weight_decay"] = value
 
 
 def set_lr(optimizer: torch.optim.Optimizer, value: float) -> None:

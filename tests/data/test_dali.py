@@ -267,3 +267,12 @@ def test_a_fork_after_a_dropped_loader_does_not_hang(files, tmp_path):
     r = subprocess.run([sys.executable, str(script), *files], capture_output=True, text=True, timeout=120, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert r.returncode == 0 and r.stdout.strip() == "8", r.stderr[-2000:]
+
+
+def test_hflip_probability_reaches_the_pipeline(files):
+    """--hflip: 0 mirrors no image (I-JEPA), 1 every one: with the same seed (the same crops) the two epochs are
+    each other's mirror images."""
+    none, every = (epoch_batches(loader(files, seed=5, hflip=p)) for p in (0.0, 1.0))
+    for (x0, i0), (x1, i1) in zip(none, every, strict=True):
+        assert torch.equal(i0, i1)
+        torch.testing.assert_close(x1, x0.flip(-1))

@@ -1,0 +1,64 @@
+"""The optimisation schedules beyond MAE's: a warmup starting above zero (I-JEPA starts at 2e-4) and I-JEPA's cosine
+weight-decay schedule, the horizontal-flip probability, from the functions to a CLI run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from fastmim import pretrain
+from fastmim.data.transforms import crop_and_flip, pretrain_transform
+from fastmim.train.optim import build_adamw, lr_at, set_weight_decay, wd_at
+from tests.conftest import TINY_ARGS
+
+
+def test_warmup_starts_at_warmup_lr_and_weight_decay_follows_a_cosine():
+    assert lr_at(0.0, 1e-3, 1e-6, 4, 10, start_lr=2e-4) == pytest.approx(2e-4)
+    assert lr_at(2.0, 1e-3, 1e-6, 4, 10, start_lr=2e-4) == pytest.approx(6e-4)
+    assert lr_at(4.0, 1e-3, 1e-6, 4, 10, start_lr=2e-4) == pytest.approx(1e-3)
+    assert lr_at(2.0, 1e-3, 1e-6, 4, 10) == pytest.approx(5e-4)  # MAE's: from 0
+    assert wd_at(0.0, 0.04, 0.4, 300) == pytest.approx(0.04)
+    assert wd_at(150.0, 0.04, 0.4, 300) == pytest.approx(0.22)
+    assert wd_at(300.0, 0.04, 0.4, 300) == pytest.approx(0.4)
+    assert wd_at(75.0, 0.04, 0.4, 300) == pytest.approx(0.4 + (0.04 - 0.4) * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_set_weight_decay_leaves_biases_and_norms_undecayed():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = build_adamw(model, 1e-3, 0.04)
+    set_weight_decay(opt, 0.3)
+    set_weight_decay(opt, 0.0)
+    set_weight_decay(opt, 0.25)  # the decaying group is known by its flag, not by a nonzero value
+    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.25]
+    decayed = next(g for g in opt.param_groups if g["weight_decay"] > 0)["params"]
+    assert len(decayed) == 1 and decayed[0] is model[0].weight
+
+
+def test_hflip_probability_in_the_transform():
+    img = __import__("PIL.Image", fromlist=["Image"]).new("RGB", (40, 30))
+    for p, want in ((0.0, {False}), (1.0, {True})):
+        tf = pretrain_transform(32, 0.2, p)
+        flips = {crop_and_flip(tf, img, torch.Generator().manual_seed(s))[1] for s in range(20)}
+        assert flips == want
+
+
+def test_cli_warmup_lr_weight_decay_schedule_and_no_flips(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--epochs", "2", "--log-interval",
+            "1", "--vis-interval", "100", "--lr", "1e-3", "--warmup-lr", "2e-4", "--warmup-epochs", "1",
+            "--weight-decay", "0.04", "--weight-decay-end", "0.4", "--hflip", "0"]  # fmt: skip
+    assert pretrain.main(args) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert rows[0]["lr"] == pytest.approx(2e-4)  # step 1: the warmup's start
+    wd = [r["weight_decay"] for r in rows]
+    assert wd[0] == pytest.approx(0.04) and all(a < b for a, b in zip(wd, wd[1:], strict=False)) and wd[-1] < 0.4
+    assert "--weight-decay-end with --cuda-graph" in _fails([*args, "--cuda-graph"], capsys)
+    assert "hflip is a probability" in _fails([*args[:-1], "1.5"], capsys)
+
+
+def _fails(argv, capsys) -> str:
+    assert pretrain.main(argv) == 2
+    return capsys.readouterr().err
