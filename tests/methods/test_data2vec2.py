@@ -117,8 +117,11 @@ def test_m_masks_equal_m_single_mask_passes_against_one_teacher_pass(monkeypatch
     calls = []
     real = data2vec2.teacher_targets
     monkeypatch.setattr(data2vec2, "teacher_targets", lambda *a: calls.append(1) or real(*a))
+    embedded = []  # the student's patch embedding: once per image, repeated after (clone_batch), not M times
+    hook = m.patch_embed.register_forward_hook(lambda mod, inp, out: embedded.append(inp[0].shape[0]))
     loss = m(imgs, mask=info)[0]
-    assert len(calls) == 1
+    hook.remove()
+    assert len(calls) == 1 and embedded == [2]
     params = [p for p in m.parameters() if p.requires_grad]
     multi = torch.autograd.grad(loss, params, allow_unused=True)
     masks = info.mask.view(2, 4, 16)
