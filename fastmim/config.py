@@ -124,8 +124,8 @@ class PretrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     compile_mode: str = field(
         default="auto",
-        metadata={"help": "torch.compile's mode with --compile: auto (the mode measured fastest for this torch version "
-                          "and device, else default), default, reduce-overhead, max-autotune, "
+        metadata={"help": "torch.compile's mode with --compile (ignored without): auto (the mode measured fastest "
+                          "for this torch version and device, else default), default, reduce-overhead, max-autotune, "
                           "max-autotune-no-cudagraphs"},
     )  # fmt: skip
     cuda_graph: bool = field(
@@ -193,7 +193,7 @@ class PretrainConfig:
             raise ValueError(f"beta2 must be in (0, 1), got {self.beta2}")
         if not (math.isfinite(self.crop_min) and 0.0 < self.crop_min <= 1.0):
             raise ValueError(f"crop_min must be in (0, 1], got {self.crop_min}")
-        if not 0.0 <= self.hflip <= 1.0:
+        if isinstance(self.hflip, bool) or not 0.0 <= self.hflip <= 1.0:
             raise ValueError(f"hflip is a probability in [0, 1], got {self.hflip}")
         if not (math.isfinite(self.warmup_lr) and self.warmup_lr >= 0.0):
             raise ValueError(f"warmup_lr must be a finite number >= 0, got {self.warmup_lr}")

@@ -377,9 +377,7 @@ def check_cuda_graph(cfg: PretrainConfig, device: torch.device) -> None:
 
 def check_compile(cfg: PretrainConfig, device: torch.device) -> tuple[str, str] | None:
     """--compile's mode and why it was chosen (None without --compile); a mode that cannot run is refused."""
-    if not cfg.compile:
-        if cfg.compile_mode != "auto":
-            raise UsageError(f"--compile-mode {cfg.compile_mode} applies with --compile (add --compile)")
+    if not cfg.compile:  # the mode is ignored (a resumed run's saved mode, with --no-compile now)
         return None
     try:
         return resolve_compile_mode(cfg.compile_mode, device, cuda_graph=cfg.cuda_graph)

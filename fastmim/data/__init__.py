@@ -110,6 +110,14 @@ class MaskCollate:
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
 
 
+def _threads() -> int:
+    """The process's threads, native ones included (Linux: /proc), else Python's."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """A loader worker's init: SIGTERM and SIGUSR1 from anyone but the training process are left to the training
     process, which finishes its step, checkpoints it and exits (``fastmim.train.preempt``). A scheduler (Slurm's
@@ -119,13 +127,13 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
 
     The signals are blocked in the worker's threads and taken by one thread with ``sigwaitinfo``, which says who sent
     each; where that cannot be done (no sigwaitinfo, or the worker already runs other threads that might take a
-    signal) the worker keeps the default behaviour."""
-    if not STOP_SIGNALS or not hasattr(signal, "sigwaitinfo") or threading.active_count() > 1:
-        return
+    signal: workers started by spawn or forkserver rather than fork) the worker keeps the default behaviour."""
+    if not STOP_SIGNALS or not hasattr(signal, "sigwaitinfo") or _threads() != 1:
+        return  # (spawn / forkserver workers run native threads already: one of them could take the signal)
     parent = os.getppid()
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited by every thread started from now on
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)  # (PyTorch's worker handler would end the worker on a non-parent signal)
 
     def take() -> None:
         while True:

@@ -197,7 +197,6 @@ class Trainer:
         if state["scaler"] and self.scaler.is_enabled():  # empty when saved without fp16 (a changed --amp)
             self.scaler.load_state_dict(state["scaler"])
         self.pos = Position(state["epoch"], state["batch"], state["step"])
-        self.saved_step = self.pos.step
         layout = self.data_layout()
         saved_layout = state.get("layout")
         if saved_layout is not None:  # keys added since a checkpoint was written are not compared
@@ -211,6 +210,7 @@ class Trainer:
                 )
             # at an epoch boundary the position converts exactly: steps are counted in the new units from here on
             self.pos.step = self.pos.epoch * self.steps_per_epoch
+        self.saved_step = self.pos.step  # (in this run's step units)
         if hasattr(self.loader, "load_state_dict"):  # DALI: its reader position and random state
             states = state.get("loader")
             if states and len(states) == self.info.world_size and saved_layout == layout:
@@ -362,6 +362,8 @@ class Trainer:
         inside an accumulation the last saved checkpoint stands."""
         if batch % self.cfg.accum_iter or self.pos.step == 0 or self.pos.step == self.saved_step:
             return
+        if self.info.enabled and not isinstance(self.sampler, ResumableDistributedSampler):
+            return  # DALI under DDP: the ranks that loaded this batch moved their readers past it (would not resume)
         self.save()
         if self.info.is_main:
             print(f"checkpointed at step {self.pos.step} before stopping on a file that cannot be decoded", flush=True)
@@ -411,8 +413,8 @@ class Trainer:
                     bad = None
                 except (DaliDecodeError, BadImageError) as e:
                     bad = e
-                if self.info.enabled and not cfg.skip_bad_files:  # every rank stops where any rank's batch failed
-                    bad = self._bad_file_on_any_rank(bad)
+                if self.info.enabled:  # every rank stops where any rank's batch failed (also with --skip-bad-files,
+                    bad = self._bad_file_on_any_rank(bad)  # which raises when a file and its stand-ins all fail)
                 if bad is not None:
                     self._stop_on_bad_file(b)
                     bad.resumable = ckpt.run_checkpoint(self.output_dir) is not None  # what the error can advise
@@ -460,8 +462,8 @@ class Trainer:
                     ips = (self.pos.step - step_log) * self.images_per_step / max(now - t_log, 1e-9)
                     row = {"epoch": epoch + self.pos.batch / self.batches_per_epoch, "loss": loss_avg, "lr": lr_now,
                            "img_per_s": ips}  # fmt: skip
-                    if cfg.weight_decay_end is not None:
-                        row["weight_decay"] = wd_at(at, cfg.weight_decay, cfg.weight_decay_end, cfg.epochs)
+                    if cfg.weight_decay_end is not None:  # what the optimizer used for this step
+                        row["weight_decay"] = max(g["weight_decay"] for g in self.optimizer.param_groups)
                     if cfg.skip_bad_files:  # every rank's count so far (this run)
                         row["skipped_files"] = int(sum(self._from_every_rank(self.skipped_files)))
                     if self.device.type == "cuda":

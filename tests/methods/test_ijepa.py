@@ -172,6 +172,6 @@ def test_per_sample_blocks_are_truncated_to_the_batch_smallest_context(impl):
     assert not (after & ~ctx).any()  # a subset of each sample's context ...
     assert (after == (ctx & (torch.cumsum(ctx, 1) <= before.min()))).all()  # ... its first tokens in raster order
     assert torch.equal(truncated.targets, untruncated.targets)
-    loss = model(torch.randn(4, 3, 224, 224))[0]
+    loss = model(torch.randn(8, 3, 224, 224), mask=truncated.info(), targets=truncated.targets)[0]
     loss.backward()
     assert torch.isfinite(loss)

@@ -58,11 +58,14 @@ def test_best_compile_modes_are_the_fastest_in_the_results_they_name():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--compile-mode", "max-autotune"], "applies with --compile"),
+        (["--compile", "--compile-mode", "max-autotune", "--cuda-graph"], "cannot be captured"),
         (["--compile", "--compile-mode", "fastest"], "expected auto or one of"),
     ],
 )
-def test_compile_mode_misuse_is_refused_before_anything_is_written(image_folder, tmp_path, capsys, args, message):
+def test_compile_mode_misuse_is_refused_before_anything_is_written(
+    image_folder, tmp_path, capsys, monkeypatch, args, message
+):
+    monkeypatch.setenv("FASTMIM_CUDA_GRAPH_ON_CPU", "1")  # --cuda-graph's code path on CPU: the mode check decides
     out = tmp_path / "run"
     code = pretrain.main([*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), *args])
     assert code == 2
