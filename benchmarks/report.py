@@ -101,7 +101,11 @@ def throughput_table(rows: list[dict]) -> str:
 
 
 def ops_table(rows: list[dict]) -> str:
-    rows = [r for r in rows if r.get("benchmark") == "ops" and r.get("pass") == "fwd+bwd"]
+    """The fused ops' forward+backward rows; a target op (no gradient: hog_target, low_pass_target) by its forward,
+    marked "(fwd)"."""
+    ops = [r for r in rows if r.get("benchmark") == "ops" and "pass" in r]
+    with_grad = {r["op"] for r in ops if r["pass"] == "fwd+bwd"}
+    rows = [r for r in ops if r["pass"] == "fwd+bwd" or (r["pass"] == "fwd" and r["op"] not in with_grad)]
     fused = [r for r in rows if str(r.get("impl", "")).startswith("fastmim")]
     latest = _latest(fused, lambda r: (r["device"], r["date"][:10], r["op"], r["impl"]))
     head = ["date", "device", "op", "shape", "backend", "fwd+bwd ms", "host us", "vs eager", "vs compiled", "GB/s",
@@ -109,8 +113,9 @@ def ops_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (dev, day, op, _), r in sorted(latest.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2], kv[0][3])):
         frac = r.get("fraction_of_copy_bw")
-        cells = [day, _short_device(dev), op, r.get("shape", ""), r["impl"].removeprefix("fastmim").strip("[]"),
-                 f"{r['ms_median']:.3f}", f"{r['host_us']:.0f}" if r.get("host_us") else "",
+        cells = [day, _short_device(dev), op + (" (fwd)" if r["pass"] == "fwd" else ""), r.get("shape", ""),
+                 r["impl"].removeprefix("fastmim").strip("[]"), f"{r['ms_median']:.3f}",
+                 f"{r['host_us']:.0f}" if r.get("host_us") else "",
                  f"{r['speedup_vs_eager']:.2f}x", f"{r['speedup_vs_compiled']:.2f}x"
                  if r.get("speedup_vs_compiled") else "", f"{r['gbps']:.0f}" if r.get("gbps") else "",
                  f"{frac:.0%}" if frac else "", r.get("commit", "?")]  # fmt: skip

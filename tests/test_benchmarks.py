@@ -899,3 +899,19 @@ def test_triton_tile_sweep_rejects_an_unknown_kernel(capsys):
     with pytest.raises(SystemExit):
         tune.main(["--kernels", "gather,nope"])
     assert "nope" in capsys.readouterr().err
+
+
+def test_ops_table_shows_target_ops_by_their_forward():
+    """hog_target and low_pass_target have no gradient (forward rows only): listed by the forward, marked; an op with
+    forward+backward rows is listed by those alone."""
+    import report
+
+    def row(op, pas, ms):
+        return {"benchmark": "ops", "op": op, "pass": pas, "impl": "fastmim[torch]", "shape": "s", "ms_median": ms,
+                "speedup_vs_eager": 2.0, "device": "cpu", "date": "2026-12-05T10:00", "commit": "abc"}  # fmt: skip
+
+    table = report.ops_table([row("hog_target", "fwd", 1.5), row("grn", "fwd", 0.5), row("grn", "fwd+bwd", 0.9)])
+    lines = [x for x in table.splitlines() if "| cpu |" in x]
+    assert len(lines) == 2
+    assert any("hog_target (fwd)" in x and "1.500" in x for x in lines)
+    assert any("| grn |" in x and "0.900" in x for x in lines)
