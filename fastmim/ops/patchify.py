@@ -64,7 +64,9 @@ def _unpatchify_impl(x: torch.Tensor, p: int, gh: int, gw: int, channels: int) -
 
 
 def _patchify_check(imgs: torch.Tensor, p: int) -> None:
-    check_shape("patchify", "imgs", imgs, (None, None, None, None))
+    """The public function's checks, and the raw op's."""
+    if imgs.dim() != 4:
+        raise ValueError(f"patchify: imgs must be [B, C, H, W], got shape {tuple(imgs.shape)}")
     check_patch_size("patchify", p)
     if imgs.shape[2] % p or imgs.shape[3] % p:
         raise ValueError(f"patchify: image size {imgs.shape[2]}x{imgs.shape[3]} is not divisible by the patch size {p}")
@@ -155,12 +157,7 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
         imgs: [B, C, H, W]; H and W divisible by ``patch_size``.
         patch_size: patch side p.
     """
-    if imgs.dim() != 4:
-        raise ValueError(f"patchify: imgs must be [B, C, H, W], got shape {tuple(imgs.shape)}")
-    check_patch_size("patchify", patch_size)
-    h, w = imgs.shape[-2:]
-    if h % patch_size or w % patch_size:
-        raise ValueError(f"patchify: image size {h}x{w} is not divisible by the patch size {patch_size}")
+    _patchify_check(imgs, patch_size)
     if use_custom_op():
         return traced_op("patchify", _patchify_op, _patchify_twin, imgs.device, (imgs.dtype,))(imgs, patch_size)
     return _Patchify.apply(imgs, patch_size) if needs_autograd(imgs) else _patchify_impl(imgs, patch_size)
