@@ -62,3 +62,22 @@ def test_cli_warmup_lr_weight_decay_schedule_and_no_flips(image_folder, tmp_path
 def _fails(argv, capsys) -> str:
     assert pretrain.main(argv) == 2
     return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--warmup-lr", "-1e-4", "warmup_lr must be a finite number >= 0"),
+        ("--warmup-lr", "inf", "warmup_lr must be a finite number >= 0"),
+        ("--weight-decay-end", "-0.1", "weight_decay_end must be a finite number >= 0"),
+        ("--weight-decay-end", "nan", "weight_decay_end must be a finite number >= 0"),
+        ("--hflip", "-0.5", "hflip is a probability"),
+        ("--hflip", "often", "must be of type float"),
+    ],
+)
+def test_schedule_and_flip_flags_refuse_bad_values(image_folder, tmp_path, capsys, flag, value, message):
+    out = tmp_path / "run"
+    argv = [*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), f"{flag}={value}"]
+    assert pretrain.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
