@@ -37,12 +37,13 @@ def environment(device: torch.device) -> dict:
     except Exception:
         triton_version = None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    from fastmim.ops._dispatch import AUTO_CUDA, compiled_ops
+    from fastmim.ops._dispatch import auto_cuda_table, compiled_ops
 
-    # the fused ops' backend: forced by FASTMIM_BACKEND, or auto (then AUTO_CUDA's choices on a GPU)
+    # the fused ops' backend: forced by FASTMIM_BACKEND, or auto (then this GPU's AUTO_CUDA table)
     ops_backend = os.environ.get("FASTMIM_BACKEND", "").strip().lower() or "auto"
     if ops_backend == "auto" and device.type == "cuda":
-        ops_backend = "auto " + ",".join(f"{op}={b}" for op, b in sorted(AUTO_CUDA.items())) if AUTO_CUDA else "auto"
+        key, table, _ = auto_cuda_table(name, torch.cuda.get_device_capability(device))
+        ops_backend = f"auto[{key}] " + ",".join(f"{op}={b}" for op, b in sorted(table.items())) if table else "auto"
     return {"device": name, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
             "ops_backend": ops_backend, "compiled_ops": compiled_ops(),
             "python": sys.version.split()[0], "commit": git_commit(),

@@ -734,22 +734,30 @@ def test_dataload_table_one_row_per_loader_and_count(tmp_path):
 
 
 def test_auto_cuda_backends_are_the_fastest_in_the_results_they_name():
-    """fastmim.ops' auto choice on CUDA is a table read off a committed GPU run: each listed op's backend must be the
-    fused backend with the lowest fwd+bwd median in that file (so an edit of either shows up here)."""
-    from fastmim.ops._dispatch import AUTO_CUDA, AUTO_CUDA_SOURCE
+    """fastmim.ops' auto choice on CUDA is a table per GPU model read off a committed run on that GPU: each listed
+    op's backend must be the fused backend with the lowest fwd+bwd median in that file (so an edit of either shows up
+    here), and the file must come from that GPU model."""
+    from fastmim.ops._dispatch import AUTO_CUDA, AUTO_CUDA_ARCH, AUTO_CUDA_SOURCE
 
-    path = BENCH.parent / AUTO_CUDA_SOURCE.split(" ")[0]
-    assert path.is_file(), f"AUTO_CUDA_SOURCE names {path}, which is not committed"
-    rows = [r for r in read_rows(path) if r.get("pass") == "fwd+bwd" and str(r.get("impl", "")).startswith("fastmim")]
-    best: dict[str, tuple[float, str]] = {}
-    for r in rows:
-        backend = r["impl"].removeprefix("fastmim[").rstrip("]")
-        if r["op"] not in best or r["ms_median"] < best[r["op"]][0]:
-            best[r["op"]] = (r["ms_median"], backend)
-    for op, backend in AUTO_CUDA.items():
-        measured = "patchify" if op == "unpatchify" else op  # unpatchify is patchify's backward
-        assert measured in best, f"{op}: no fwd+bwd row in {path}"
-        assert best[measured][1] == backend, f"{op}: AUTO_CUDA says {backend}, {path} measured {best[measured]}"
+    assert AUTO_CUDA and set(AUTO_CUDA) == set(AUTO_CUDA_SOURCE) == set(AUTO_CUDA_ARCH)
+    for gpu, table in AUTO_CUDA.items():
+        path = BENCH.parent / AUTO_CUDA_SOURCE[gpu].split(" ")[0]
+        assert path.is_file(), f"AUTO_CUDA_SOURCE[{gpu!r}] names {path}, which is not committed"
+        rows = [
+            r for r in read_rows(path) if r.get("pass") == "fwd+bwd" and str(r.get("impl", "")).startswith("fastmim")
+        ]
+        assert rows and all(gpu.lower() in r["device"].lower() for r in rows), f"{path} is not a {gpu} run"
+        best: dict[str, tuple[float, str]] = {}
+        for r in rows:
+            backend = r["impl"].removeprefix("fastmim[").rstrip("]")
+            if r["op"] not in best or r["ms_median"] < best[r["op"]][0]:
+                best[r["op"]] = (r["ms_median"], backend)
+        for op, backend in table.items():
+            measured = "patchify" if op == "unpatchify" else op  # unpatchify is patchify's backward
+            assert measured in best, f"{op}: no fwd+bwd row in {path}"
+            assert best[measured][1] == backend, (
+                f"{gpu} {op}: AUTO_CUDA says {backend}, {path} measured {best[measured]}"
+            )
 
 
 def test_step_floor_counts_parameter_traffic_and_flops():

@@ -1,13 +1,13 @@
 """Backend choice and the input checks every op shares.
 
-Auto choice: CUDA tensors -> the backend that measured fastest for the op on a GPU (``AUTO_CUDA``: the CUDA kernels
-of ``fastmim._cuda`` or Triton), CPU tensors -> ``fastmim._C``, anything else (or a dtype the kernels do not take)
--> the PyTorch reference. ``FASTMIM_BACKEND=cuda|triton|cpp|torch`` (or ``fastmim.ops.set_backend``) forces one;
-with ``TRITON_INTERPRET=1`` (set before triton is imported) the Triton kernels also run on CPU tensors, which is how
-CI tests them. Ops in ``NO_CPP_KERNEL`` run their "torch" backend where the C++ backend would be chosen (or forced),
-ops in ``NO_CUDA_KERNEL`` their "triton" backend where the CUDA one would.
+Auto choice: CUDA tensors -> the backend that measured fastest for the op on that GPU model (``AUTO_CUDA``: the CUDA
+kernels of ``fastmim._cuda`` or Triton), CPU tensors -> ``fastmim._C``, anything else (or a dtype the kernels do not
+take) -> the PyTorch reference. ``FASTMIM_BACKEND=cuda|triton|cpp|torch`` (or ``fastmim.ops.set_backend``) forces
+one; with ``TRITON_INTERPRET=1`` (set before triton is imported) the Triton kernels also run on CPU tensors, which
+is how CI tests them. Ops in ``NO_CPP_KERNEL`` run their "torch" backend where the C++ backend would be chosen (or
+forced), ops in ``NO_CUDA_KERNEL`` their "triton" backend where the CUDA one would.
 
-Every op calls ``choose_backend`` once per call, so it is cached per (op, device type, dtypes, forced backend) and
+Every op calls ``choose_backend`` once per call, so it is cached per (op, device, dtypes, forced backend) and
 reads the environment through the interpreter's own dict (``os.environ.get`` costs about 1 us a call).
 """
 
@@ -58,16 +58,54 @@ NO_CUDA_KERNEL: frozenset[str] = frozenset(
     }
 )
 
-# The auto backend of each op on CUDA tensors: whichever was faster (forward + backward, plain timing) in the
-# committed GPU results named here; an op not listed, or "cuda" without fastmim._cuda, runs Triton.
-AUTO_CUDA_SOURCE = "benchmarks/results/2026-12-04-h200-7365249/ops.jsonl (H200, fwd+bwd, plain median timing)"
-AUTO_CUDA: dict[str, str] = {
-    "gather_visible": "cuda",  # 0.179 ms vs Triton 0.208
-    "scatter_masked": "cuda",  # 0.357 ms vs Triton 0.665
-    "masked_mse_loss": "cuda",  # 0.220 ms vs Triton 0.471
-    "patchify": "triton",  # 0.230 ms vs CUDA 0.699
-    "unpatchify": "triton",  # patchify's backward: the same kernels
+# The auto backend of each op on CUDA tensors, per GPU model (a substring of torch.cuda.get_device_name): whichever
+# was faster (forward + backward, plain timing) in the committed GPU results named in AUTO_CUDA_SOURCE; an op not
+# listed, or "cuda" without fastmim._cuda, runs Triton. A GPU with no table of its own uses the table of a measured GPU
+# of the same architecture (compute capability major), else the first table (auto_cuda_table says which and why).
+AUTO_CUDA_SOURCE: dict[str, str] = {
+    "H200": "benchmarks/results/2026-12-04-h200-7365249/ops.jsonl (H200, fwd+bwd, plain median timing)",
 }
+AUTO_CUDA: dict[str, dict[str, str]] = {
+    "H200": {
+        "gather_visible": "cuda",  # 0.179 ms vs Triton 0.208
+        "scatter_masked": "cuda",  # 0.357 ms vs Triton 0.665
+        "masked_mse_loss": "cuda",  # 0.220 ms vs Triton 0.471
+        "patchify": "triton",  # 0.230 ms vs CUDA 0.699
+        "unpatchify": "triton",  # patchify's backward: the same kernels
+    },
+}
+# compute capability of each measured GPU, for the fallback of one that was not measured
+AUTO_CUDA_ARCH: dict[str, tuple[int, int]] = {"H200": (9, 0)}
+
+
+def auto_cuda_table(name: str, capability: tuple[int, int] | None = None) -> tuple[str, dict[str, str], str]:
+    """(table key, table, why) of the ``AUTO_CUDA`` table for the GPU named ``name`` (torch.cuda.get_device_name)
+    with compute ``capability``: its own table when one was measured, else one of the same architecture, else the
+    first."""
+    for key, table in AUTO_CUDA.items():
+        if key.lower() in name.lower():
+            return key, table, f"measured on this GPU model ({AUTO_CUDA_SOURCE[key]})"
+    for key, table in AUTO_CUDA.items():
+        if capability is not None and AUTO_CUDA_ARCH.get(key, (-1,))[0] == capability[0]:
+            return key, table, f"{name} not measured: the {key} table (same architecture, sm_{capability[0]}x)"
+    key = next(iter(AUTO_CUDA), "")
+    return key, AUTO_CUDA.get(key, {}), f"{name} not measured and no measured GPU of its architecture: the {key} table"
+
+
+_auto_cuda_by_index: dict[int | None, dict[str, str]] = {}
+
+
+def _auto_cuda(device: torch.device) -> dict[str, str]:
+    table = _auto_cuda_by_index.get(device.index)
+    if table is None:
+        try:
+            name = torch.cuda.get_device_name(device)
+            capability = torch.cuda.get_device_capability(device)
+        except Exception:  # no driver (CPU tests of the CUDA branch): the first table
+            name, capability = "", None
+        table = _auto_cuda_by_index[device.index] = auto_cuda_table(name, capability)[1]
+    return table
+
 
 # os.environ's own mapping (bytes on POSIX): reading it skips os.environ's per-call encoding
 _ENVIRON = getattr(os.environ, "_data", None) if os.name == "posix" else None
@@ -166,7 +204,7 @@ def choose_backend(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...
         dtypes: floating dtypes of the inputs; the kernels take float32, bfloat16 and float16.
     """
     forced = forced_backend()
-    key = (op, device.type, dtypes, forced, triton_interpreted())
+    key = (op, device.type, device.index, dtypes, forced, triton_interpreted())
     backend = _choices.get(key)
     if backend is None:
         backend = _choose(op, device, dtypes, forced)  # raises for a forced backend that cannot run: not cached
@@ -190,7 +228,7 @@ def _choose(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...], forc
     if not kernel_dtypes:
         return "torch"
     if device.type == "cuda":
-        if AUTO_CUDA.get(op) == "cuda" and _cuda_problem(device) is None:
+        if _auto_cuda(device).get(op) == "cuda" and _cuda_problem(device) is None:
             return "cuda"
         if triton_problem(device) is None:
             return "triton"

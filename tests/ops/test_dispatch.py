@@ -55,7 +55,8 @@ def test_auto_on_cuda_follows_the_table_and_falls_back_to_triton(monkeypatch):
     dev = torch.device("cuda")
     monkeypatch.setattr(_dispatch, "triton_problem", lambda device: None)
     monkeypatch.setattr(_dispatch._ext, "_cuda", object())
-    assert choose_backend("masked_mse_loss", dev, (torch.bfloat16, torch.float32)) == _dispatch.AUTO_CUDA.get(
+    first = next(iter(_dispatch.AUTO_CUDA.values()))  # no driver here: the first table
+    assert choose_backend("masked_mse_loss", dev, (torch.bfloat16, torch.float32)) == first.get(
         "masked_mse_loss", "triton"
     )
     assert choose_backend("grn", dev, (torch.float32,)) == "triton"  # no CUDA kernel, not in the table
@@ -72,3 +73,31 @@ def test_forced_cuda_runs_triton_for_ops_without_a_cuda_kernel(monkeypatch):
     monkeypatch.setenv("FASTMIM_BACKEND", "cuda")
     assert choose_backend("grn", torch.device("cuda"), (torch.float32,)) == "triton"
     assert choose_backend("sparse_dwconv", torch.device("cuda"), (torch.float32,)) == "triton"
+
+
+def test_auto_cuda_table_per_gpu_model(monkeypatch):
+    """The auto choice on CUDA reads the table of the GPU model, else one of the same architecture, else the first;
+    two GPUs of different models in one process each get their own."""
+    tables = {"H200": {"masked_mse_loss": "cuda"}, "A100": {"masked_mse_loss": "triton"}}
+    monkeypatch.setattr(_dispatch, "AUTO_CUDA", tables)
+    monkeypatch.setattr(_dispatch, "AUTO_CUDA_ARCH", {"H200": (9, 0), "A100": (8, 0)})
+    monkeypatch.setattr(_dispatch, "AUTO_CUDA_SOURCE", {"H200": "h200.jsonl", "A100": "a100.jsonl"})
+    key, table, why = _dispatch.auto_cuda_table("NVIDIA H200", (9, 0))
+    assert (key, table) == ("H200", tables["H200"]) and "h200.jsonl" in why
+    assert _dispatch.auto_cuda_table("NVIDIA A100-SXM4-80GB", (8, 0))[0] == "A100"
+    key, _, why = _dispatch.auto_cuda_table("NVIDIA H100 80GB HBM3", (9, 0))
+    assert key == "H200" and "H100" in why and "same architecture" in why
+    assert _dispatch.auto_cuda_table("NVIDIA A10G", (8, 6))[0] == "A100"  # sm_8x
+    key, _, why = _dispatch.auto_cuda_table("NVIDIA B200", (10, 0))
+    assert key == "H200" and "no measured GPU of its architecture" in why
+
+    names = {0: ("NVIDIA H200", (9, 0)), 1: ("NVIDIA A100-SXM4-80GB", (8, 0))}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: names[torch.device(d).index][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: names[torch.device(d).index][1])
+    monkeypatch.setattr(_dispatch, "_auto_cuda_by_index", {})
+    monkeypatch.setattr(_dispatch, "triton_problem", lambda device: None)
+    monkeypatch.setattr(_dispatch._ext, "_cuda", object())
+    _dispatch._choices.clear()
+    assert choose_backend("masked_mse_loss", torch.device("cuda", 0), (torch.bfloat16,)) == "cuda"
+    assert choose_backend("masked_mse_loss", torch.device("cuda", 1), (torch.bfloat16,)) == "triton"
+    _dispatch._choices.clear()
