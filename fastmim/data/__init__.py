@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import signal
 import threading
@@ -110,39 +112,102 @@ class MaskCollate:
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
 
 
-def _threads() -> int:
-    """The process's threads, native ones included (Linux: /proc), else Python's."""
+def _all_threads_block(signals) -> bool:
+    """Whether every thread of this process, native ones included, has ``signals`` blocked (Linux: /proc); where that
+    cannot be read, whether this is the only (Python) thread."""
+    bits = sum(1 << (int(s) - 1) for s in signals)
     try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return threading.active_count()
+        tasks = os.listdir("/proc/self/task")
+        masks = []
+        for t in tasks:
+            with open(f"/proc/self/task/{t}/status") as f:
+                masks += [int(line.split()[1], 16) for line in f if line.startswith("SigBlk:")]
+    except (OSError, ValueError, IndexError):
+        return threading.active_count() == 1
+    return len(masks) == len(tasks) and all(m & bits == bits for m in masks)
 
 
-def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """A loader worker's init: SIGTERM and SIGUSR1 from anyone but the training process are left to the training
-    process, which finishes its step, checkpoints it and exits (``fastmim.train.preempt``). A scheduler (Slurm's
-    preemption, scancel) signals every process of the job: a worker killed by the signal would end the run before
-    its checkpoint. The training process's own SIGTERM (PyTorch's loader, or multiprocessing at exit, ending its
-    workers) still ends the worker, as it must, or the worker would outlive the run.
+def ignore_stop_signals(_worker_id: int = 0, trainer: int | None = None) -> None:
+    """A loader worker's init: SIGTERM and SIGUSR1 from anyone but the training process (``trainer``, its pid; the
+    worker's parent when None) are left to the training process, which finishes its step, checkpoints it and exits
+    (``fastmim.train.preempt``). A scheduler (Slurm's preemption, scancel) signals every process of the job: a worker
+    killed by the signal would end the run before its checkpoint (PyTorch's loader raises its death in the training
+    process wherever that is, a checkpoint's save included). The training process's own SIGTERM (PyTorch's loader, or
+    multiprocessing at exit, ending its workers) still ends the worker, as it must, or the worker would outlive the
+    run; so does any signal once the worker's parent is gone.
 
     The signals are blocked in the worker's threads and taken by one thread with ``sigwaitinfo``, which says who sent
-    each; where that cannot be done (no sigwaitinfo, or the worker already runs other threads that might take a
-    signal: workers started by spawn or forkserver rather than fork) the worker keeps the default behaviour."""
-    if not STOP_SIGNALS or not hasattr(signal, "sigwaitinfo") or _threads() != 1:
-        return  # (spawn / forkserver workers run native threads already: one of them could take the signal)
+    each. A worker started by fork has one thread here; one started by spawn or a fork server (Python 3.14's default)
+    runs native threads already, which have the signals blocked only when the worker was started with them blocked
+    (``ShieldedLoader``: a blocked mask survives fork and exec). Where some thread could still take a signal (or there
+    is no sigwaitinfo) the worker keeps the default behaviour."""
+    if not STOP_SIGNALS or not hasattr(signal, "sigwaitinfo"):
+        return
     parent = os.getppid()
+    trainer = parent if trainer is None else trainer
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited by every thread started from now on
+    if not _all_threads_block(STOP_SIGNALS):  # one of them would take the signal: the default behaviour
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        return
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)  # (PyTorch's worker handler would end the worker on a non-parent signal)
 
     def take() -> None:
         while True:
             info = signal.sigwaitinfo(STOP_SIGNALS)
-            if info.si_pid == parent or os.getppid() != parent:  # ended by the training process (or orphaned)
+            if info.si_pid in (trainer, parent) or os.getppid() != parent:  # ended by the run (or orphaned)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, [info.si_signo])
                 signal.pthread_kill(threading.get_ident(), info.si_signo)  # the default action: the worker ends
 
     threading.Thread(target=take, name="fastmim-stop-signals", daemon=True).start()
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """SIGTERM and SIGUSR1 blocked in this thread for the block (a signal that comes meanwhile waits, then is handled
+    as usual): the processes it starts (loader workers by spawn, a fork server) begin with them blocked."""
+    if not STOP_SIGNALS or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+class _ShieldedInit:
+    """A worker_init_fn: ``ignore_stop_signals`` (for the training process ``trainer``), then the user's own."""
+
+    def __init__(self, trainer: int, then=None):
+        self.trainer, self.then = trainer, then
+
+    def __call__(self, worker_id: int) -> None:
+        ignore_stop_signals(worker_id, self.trainer)
+        if self.then is not None:
+            self.then(worker_id)
+
+
+class ShieldedLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers survive the scheduler's SIGTERM / SIGUSR1 to the whole job, whatever the
+    multiprocessing start method (``ignore_stop_signals``, run before any ``worker_init_fn`` given): they start with
+    the signals blocked, so that their native threads have them blocked too."""
+
+    def __init__(self, *args, worker_init_fn=None, **kwargs):
+        super().__init__(*args, worker_init_fn=_ShieldedInit(os.getpid(), worker_init_fn), **kwargs)
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        ctx = self.multiprocessing_context or multiprocessing.get_context()
+        if ctx.get_start_method() != "fork":
+            # multiprocessing's resource tracker, started with the first spawned process, unblocks SIGTERM in the
+            # starting thread once it runs: it must be running before the block
+            from multiprocessing import resource_tracker
+
+            resource_tracker.ensure_running()
+        with stop_signals_blocked():
+            return super()._get_iterator()
 
 
 def build_pretrain_loader(
@@ -167,7 +232,7 @@ def build_pretrain_loader(
             f"({batch_size} per device x {world_size} devices): lower --batch-size or add images"
         )
     sampler = ResumableDistributedSampler(len(dataset), world_size, rank, seed=seed)
-    loader = torch.utils.data.DataLoader(
+    loader = ShieldedLoader(
         WithIndex(dataset, skip_bad, seed),
         batch_size=batch_size,
         sampler=sampler,
@@ -177,7 +242,6 @@ def build_pretrain_loader(
         # its own generator: creating an iterator must not consume the global RNG (exact resume)
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,
-        worker_init_fn=ignore_stop_signals,
         collate_fn=(
             MaskCollate(masks, collate_images or torch.utils.data.default_collate)
             if masks is not None or collate_images is not None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from fastmim.data import ShieldedLoader
 from fastmim.eval.encoder import CROP_PCT, LabelledFolder, _autocast, check_pool, load_encoder, pooled_features
 from fastmim.eval.knn import knn_accuracy
 
@@ -30,7 +31,8 @@ def labelled_split(spec: str) -> tuple[Path, Path]:
 
 
 def _decode_all(dataset: LabelledFolder, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=False, num_workers=workers)
+    # (shielded: a scheduler's SIGTERM meanwhile must not kill a worker and end the run with a traceback)
+    loader = ShieldedLoader(dataset, batch_size=64, shuffle=False, num_workers=workers)
     xs, ys = zip(*loader, strict=True)
     return torch.cat(xs), torch.cat(ys)
 

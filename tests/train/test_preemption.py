@@ -30,11 +30,19 @@ def _losses(out):
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
-def _run_and_signal(args, out, signum, twice=False, group=False) -> subprocess.CompletedProcess:
+# the CLI under another multiprocessing start method (the loader workers': spawn, or forkserver, Python 3.14's default)
+_WITH_START_METHOD = """import multiprocessing, runpy, sys
+multiprocessing.set_start_method(sys.argv[1])
+sys.argv = ["fastmim.pretrain", *sys.argv[2:]]
+runpy.run_module("fastmim.pretrain", run_name="__main__", alter_sys=True)"""
+
+
+def _run_and_signal(args, out, signum, twice=False, group=False, start_method=None) -> subprocess.CompletedProcess:
     """Starts the CLI, waits for its first logged step (the trainer's handler is in place), signals it (``group``:
     its whole process group, loader workers included, as Slurm's preemption and scancel do)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the same threads as the in-process runs: the same sums
-    proc = subprocess.Popen([sys.executable, "-m", "fastmim.pretrain", *args], cwd=ROOT, env=env,
+    cmd = ["-m", "fastmim.pretrain"] if start_method is None else ["-c", _WITH_START_METHOD, start_method]
+    proc = subprocess.Popen([sys.executable, *cmd, *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=group)  # fmt: skip
     metrics = out / "metrics.jsonl"
@@ -76,14 +84,55 @@ def test_signal_checkpoints_the_step_and_the_resume_equals_an_uninterrupted_run(
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_whole_process_group_with_loader_workers(image_folder, tmp_path):
+def test_signals_while_checkpoints_are_written_change_nothing(image_folder, tmp_path, monkeypatch):
+    """SIGTERM and SIGUSR1 sent from inside every checkpoint write (torch.save): the epoch's save at step 6 completes
+    and the run stops at the next step boundary; the signals during that stop's own save change nothing either. The
+    run resumes to the one an uninterrupted run makes."""
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    real_save, during = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "step" in obj:  # the trainer's checkpoint, before a byte of it is written
+            during.append(obj["step"])
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_save(obj, f, *args, **kwargs)
+
+    late = []  # a signal the trainer's handler did not take would end pytest: record it instead
+    previous = {
+        s: signal.signal(s, lambda signum, frame: late.append(signum)) for s in (signal.SIGTERM, signal.SIGUSR1)
+    }
+    try:
+        monkeypatch.setattr(torch, "save", save)
+        assert pretrain.main(_args(image_folder, cut)) == REQUEUE_EXIT
+        monkeypatch.setattr(torch, "save", real_save)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    assert during == [6, 7] and not late  # 6 steps per epoch: the epoch's save, then the stop's at step 7
+    state = load_checkpoint(cut / "checkpoint.pt")
+    assert state["step"] == 7 and len(_losses(cut)) == 7
+    assert not list(cut.glob(".checkpoint.pt.*"))  # no temporary file left behind
+    pretrain.run(["--resume", str(cut / "checkpoint.pt")])
+    pretrain.run(_args(image_folder, straight))
+    a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(cut / "checkpoint.pt")
+    assert a["step"] == b["step"] == 36
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+    assert _losses(cut) == pytest.approx(_losses(straight), rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("start_method", [None, "spawn", "forkserver"], ids=["default", "spawn", "forkserver"])
+def test_sigterm_to_the_whole_process_group_with_loader_workers(image_folder, tmp_path, start_method):
     """A scheduler signals every process of the job: the loader workers ignore SIGTERM (else one dies of it and the
     loader's error ends the run before its checkpoint); the trainer finishes its step, checkpoints and asks for a
-    requeue."""
+    requeue. Also with workers started by spawn or a fork server (Python 3.14's default), whose native threads
+    exist before the worker's init runs."""
     cut = tmp_path / "cut"
     args = _args(image_folder, cut)
     args[args.index("--num-workers") + 1] = "2"
-    r = _run_and_signal(args, cut, signal.SIGTERM, group=True)
+    r = _run_and_signal(args, cut, signal.SIGTERM, group=True, start_method=start_method)
     assert r.returncode == REQUEUE_EXIT, r.stdout + r.stderr
     assert "stopped on SIGTERM: checkpointed at step" in r.stderr and "killed by signal" not in r.stderr
     state = load_checkpoint(cut / "checkpoint.pt")
