@@ -309,15 +309,24 @@ def check_patch_size(op: str, patch_size: int) -> None:
 
 
 def eager_function(
-    name: str, forward: Callable, setup_context: Callable, backward: Callable, differentiable_backward: bool = False
+    name: str,
+    forward: Callable,
+    setup_context: Callable,
+    backward: Callable,
+    differentiable_backward: bool = False,
+    graph_backward: Callable | None = None,
 ) -> type:
     """An ``autograd.Function`` for eager calls built from an op's own forward, setup_context and backward.
 
     Eager calls skip the custom-op dispatcher, and the classic ``forward(ctx, ...)`` form also skips the
     ``inspect.signature`` binding that ``Function.apply`` does for a ``setup_context`` Function; together about
-    50 us less per call. ``torch.compile`` traces the registered custom op instead. A backward that runs kernels is
-    not differentiable itself: it is marked ``once_differentiable``, so a second derivative raises instead of
-    silently missing terms.
+    50 us less per call. ``torch.compile`` traces the registered custom op instead.
+
+    ``backward`` runs the kernels directly. Where the backward must itself be recorded (``create_graph=True``: a
+    second derivative, gradgradcheck) ``graph_backward`` runs instead: the registered custom op's backward, which
+    autograd records like any op, so a second derivative either works (the backward op has a formula) or raises
+    naming the op; never a silently missing term. ``differentiable_backward``: ``backward`` is recorded as it is
+    (it calls other Functions).
     """
 
     def fwd(ctx, *args):
@@ -327,13 +336,13 @@ def eager_function(
 
     if differentiable_backward:
         bwd = backward
+    elif graph_backward is None:
+        raise TypeError(f"{name}: a backward that is not differentiable itself needs graph_backward")
     else:
-        once = torch.autograd.function.once_differentiable(backward)
 
         def bwd(ctx, *grads):
-            # the engine runs a backward with grad mode off unless create_graph=True: only then is the
-            # once_differentiable wrapper (a no_grad block and error nodes, ~2 us) needed
-            return once(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
+            # the engine runs a backward with grad mode off unless create_graph=True
+            return graph_backward(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
 
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 

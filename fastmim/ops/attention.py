@@ -123,7 +123,9 @@ def _backward(ctx, grad, _dlse=None, bwd=_attention_backward_op):
 
 _attention_op.register_autograd(_backward, setup_context=_setup)
 
-_Attention = eager_function("_Attention", _fwd, _setup, lambda ctx, *g: _backward(ctx, *g, bwd=_bwd))
+_Attention = eager_function(
+    "_Attention", _fwd, _setup, lambda ctx, *g: _backward(ctx, *g, bwd=_bwd), graph_backward=_backward
+)
 
 
 def attention(qkv: torch.Tensor, scale: float | None = None) -> torch.Tensor:

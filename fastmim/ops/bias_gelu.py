@@ -109,7 +109,9 @@ def _backward(ctx, dy, bwd=_bias_gelu_backward_op):
 
 _bias_gelu_op.register_autograd(_backward, setup_context=_setup)
 
-_BiasGelu = eager_function("_BiasGelu", _fwd, _setup, lambda ctx, dy: _backward(ctx, dy, _bwd))
+_BiasGelu = eager_function(
+    "_BiasGelu", _fwd, _setup, lambda ctx, dy: _backward(ctx, dy, _bwd), graph_backward=_backward
+)
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -160,7 +160,9 @@ def _backward(ctx, grad, _dw=None, bwd=_fft_loss_backward_op):
 
 _fft_loss_op.register_autograd(_backward, setup_context=_setup)
 
-_FftLoss = eager_function("_FftLoss", _fwd, _setup, lambda ctx, *g: _backward(ctx, *g, bwd=_bwd))
+_FftLoss = eager_function(
+    "_FftLoss", _fwd, _setup, lambda ctx, *g: _backward(ctx, *g, bwd=_bwd), graph_backward=_backward
+)
 
 
 def fft_loss(

@@ -165,7 +165,7 @@ def _backward(ctx, grad, bwd=_grn_backward_op):
 _grn_op.register_autograd(_backward, setup_context=_setup)
 
 
-_Grn = eager_function("_Grn", _fwd, _setup, lambda ctx, grad: _backward(ctx, grad, _bwd))
+_Grn = eager_function("_Grn", _fwd, _setup, lambda ctx, grad: _backward(ctx, grad, _bwd), graph_backward=_backward)
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> None:

@@ -213,7 +213,9 @@ def _backward(ctx, dy, ds, _dmean=None, _drstd=None, bwd=_add_ln_backward_op):
 
 _add_ln_op.register_autograd(_backward, setup_context=_setup)
 
-_AddLayerNorm = eager_function("_AddLayerNorm", _fwd, _setup, lambda ctx, *g: _backward(ctx, *g, bwd=_bwd))
+_AddLayerNorm = eager_function(
+    "_AddLayerNorm", _fwd, _setup, lambda ctx, *g: _backward(ctx, *g, bwd=_bwd), graph_backward=_backward
+)
 
 
 def _check_inputs(x, residual, weight, bias, eps, op: str = _OP) -> None:

@@ -195,7 +195,11 @@ _masked_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
 _MaskedLoss = eager_function(
-    "_MaskedLoss", _loss_fwd, _loss_setup, lambda ctx, gl, gd: _loss_backward(ctx, gl, gd, _loss_bwd)
+    "_MaskedLoss",
+    _loss_fwd,
+    _loss_setup,
+    lambda ctx, gl, gd: _loss_backward(ctx, gl, gd, _loss_bwd),
+    graph_backward=_loss_backward,
 )
 
 

@@ -198,7 +198,9 @@ def _backward(ctx, grad, _dmax=None, bwd=_pfft_backward_op):
 
 _pfft_op.register_autograd(_backward, setup_context=_setup)
 
-_PatchFftLoss = eager_function("_PatchFftLoss", _fwd, _setup, lambda ctx, *g: _backward(ctx, *g, bwd=_bwd))
+_PatchFftLoss = eager_function(
+    "_PatchFftLoss", _fwd, _setup, lambda ctx, *g: _backward(ctx, *g, bwd=_bwd), graph_backward=_backward
+)
 
 
 def patch_fft_loss(

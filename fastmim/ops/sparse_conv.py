@@ -262,7 +262,9 @@ def _backward(ctx, grad, bwd=_sparse_dwconv_backward_op):
 _sparse_dwconv_op.register_autograd(_backward, setup_context=_setup)
 
 
-_SparseDWConv = eager_function("_SparseDWConv", _fwd, _setup, lambda ctx, grad: _backward(ctx, grad, _bwd))
+_SparseDWConv = eager_function(
+    "_SparseDWConv", _fwd, _setup, lambda ctx, grad: _backward(ctx, grad, _bwd), graph_backward=_backward
+)
 
 
 def _check_inputs(x: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

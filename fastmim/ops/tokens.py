@@ -108,8 +108,26 @@ def _gather_backward(ctx, grad, bwd=_gather_visible_backward_op):
 _gather_visible_op.register_autograd(_gather_backward, setup_context=_gather_setup)
 
 
+# the backward (rows written back at ids_keep, zeros elsewhere) is linear: its own backward is the gather, so the op
+# differentiates any number of times
+def _gather_bwd_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _gather_bwd_backward(ctx, grad, fwd=_gather_visible_op):
+    (ids_keep,) = ctx.saved_tensors
+    return fwd(grad, ids_keep), None, None
+
+
+_gather_visible_backward_op.register_autograd(_gather_bwd_backward, setup_context=_gather_bwd_setup)
+
+
 _GatherVisible = eager_function(
-    "_GatherVisible", _gather_fwd, _gather_setup, lambda ctx, grad: _gather_backward(ctx, grad, _gather_bwd)
+    "_GatherVisible",
+    _gather_fwd,
+    _gather_setup,
+    lambda ctx, grad: _gather_backward(ctx, grad, _gather_bwd),
+    graph_backward=_gather_backward,
 )
 
 # the Triton twins inductor can see into (fastmim.ops._dispatch.traced_op)
@@ -129,6 +147,9 @@ if _gather_visible_twin is not None:
     _gather_visible_twin.register_autograd(
         lambda ctx, grad: _gather_backward(ctx, grad, _gather_visible_backward_twin), setup_context=_gather_setup
     )
+    _gather_visible_backward_twin.register_autograd(
+        lambda ctx, grad: _gather_bwd_backward(ctx, grad, _gather_visible_twin), setup_context=_gather_bwd_setup
+    )
 
 
 def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
@@ -137,7 +158,8 @@ def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     Args:
         x: [B, N, D] tokens (float32, bfloat16 or float16 for the fused kernels; other dtypes use the reference).
         ids_keep: [B, K] int64 (or int32) ids in [0, N), distinct within a row (as every masking strategy gives).
-    Returns: [B, K, D]. The backward writes the gradient rows back at ``ids_keep`` and zeros elsewhere.
+    Returns: [B, K, D]. The backward writes the gradient rows back at ``ids_keep`` and zeros elsewhere; it is
+    differentiable itself (second derivatives work).
 
     Ids are checked on CPU tensors (range and distinctness); on CUDA that would cost a host sync per call, so there
     the kernel is memory-safe instead: an out-of-range id gives a NaN row.
@@ -325,7 +347,11 @@ _scatter_masked_op.register_autograd(_scatter_backward, setup_context=_scatter_s
 
 
 _ScatterMasked = eager_function(
-    "_ScatterMasked", _scatter_fwd, _scatter_setup, lambda ctx, grad: _scatter_backward(ctx, grad, _scatter_bwd)
+    "_ScatterMasked",
+    _scatter_fwd,
+    _scatter_setup,
+    lambda ctx, grad: _scatter_backward(ctx, grad, _scatter_bwd),
+    graph_backward=_scatter_backward,
 )
 
 _scatter_masked_twin = triton_twin(

@@ -166,16 +166,21 @@ def test_hypothesis_shapes(backend, b, n, d, frac, has_cls, has_pos, bf16, seed)
     check_against_reference(scatter_masked, scatter_masked_ref, inputs, f"scatter[{name}]")
 
 
-def test_double_backward_raises_instead_of_dropping_terms(backend):
+def test_double_backward(backend):
+    """gather_visible's backward is linear and differentiable (its backward is the gather again); scatter_masked's
+    second derivative raises naming the op instead of dropping terms (tests/ops/test_second_derivative.py: all ops)."""
     device, _ = backend
     x = _randn(2, 9, 4, device=device)
-    g = torch.autograd.grad(gather_visible(x, _ids_keep(2, 9, 3, device)).square().sum(), x, create_graph=True)[0]
-    with pytest.raises(RuntimeError):
-        g.sum().backward()
+    ids = _ids_keep(2, 9, 3, device)
+    g = torch.autograd.grad(gather_visible(x, ids).square().sum(), x, create_graph=True)[0]
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    want = torch.zeros_like(x)
+    want[torch.arange(2, device=device).unsqueeze(1), ids] = 2.0  # d/dx of sum(2 x) over the kept rows
+    torch.testing.assert_close(gg, want)
     xv, mt = _randn(2, 3, 4, device=device), _randn(4, device=device, seed=1)
     out = scatter_masked(xv, _ids_restore(2, 9, device), mt)
     g = torch.autograd.grad(out.square().sum(), xv, create_graph=True)[0]
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="fastmim.scatter_masked_backward"):
         g.sum().backward()
 
 
