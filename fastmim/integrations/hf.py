@@ -19,8 +19,6 @@ Patching twice changes nothing.
 
 from __future__ import annotations
 
-import types
-
 import torch
 
 from fastmim.integrations._versions import require
@@ -88,15 +86,45 @@ def pretraining_forward(self, pixel_values: torch.Tensor | None = None, noise: t
     if pixel_values.shape[1] != c.num_channels:
         raise ValueError("Make sure the number of channels of the pixel values is equal to the one set in the "
                          "configuration")  # fmt: skip
-    loss = masked_mse_loss(logits, pixel_values, outputs.mask, c.patch_size, norm_pix=c.norm_pix_loss, eps=1e-6)
+    n = outputs.mask.shape[1]
+    if int(n * (1 - c.mask_ratio)) >= n:  # nothing masked (mask_ratio 0: every patch reconstructed, for a picture)
+        loss = _unmasked_loss(self, pixel_values, logits, outputs.mask)  # transformers' formula: NaN (0 / 0)
+    else:
+        loss = masked_mse_loss(logits, pixel_values, outputs.mask, c.patch_size, norm_pix=c.norm_pix_loss, eps=1e-6)
+        if logits.dtype == torch.float64:  # transformers' loss has the model's dtype (fastmim's op returns fp32)
+            loss = loss.double()
     out = m.ViTMAEForPreTrainingOutput(loss=loss, logits=logits, mask=outputs.mask, ids_restore=outputs.ids_restore,
                                        hidden_states=outputs.hidden_states, attentions=outputs.attentions)  # fmt: skip
     use_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
     return out if use_dict else out.to_tuple()
 
 
+def _unmasked_loss(model, pixel_values, logits, mask):
+    """transformers' loss where no patch is masked (``mask_ratio`` 0): the mean over masked patches, 0 / 0."""
+    target = model.patchify(pixel_values)
+    if model.config.norm_pix_loss:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1.0e-6) ** 0.5
+    return (((logits - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+
+
 # --- patching ---
 _SAVED: dict[tuple[type, str], object] = {}  # transformers' own functions, recorded before any patch
+_REPLACEMENTS = {f.__name__: f for f in (random_masking, decoder_forward, pretraining_forward)}
+
+
+class _PatchedMethod:
+    """One replacement bound to one module (an instance attribute of it, so this model only). Unlike a bound method,
+    it pickles (by the replacement's name) and deep-copies with its module: a saved patched model loads patched."""
+
+    def __init__(self, module, name: str):
+        self.module, self.name = module, name
+
+    @property
+    def __func__(self):
+        return _REPLACEMENTS[self.name]
+
+    def __call__(self, *args, **kwargs):
+        return _REPLACEMENTS[self.name](self.module, *args, **kwargs)
 
 
 def _targets(m) -> list[tuple[type, str, object]]:
@@ -128,7 +156,7 @@ def patch_hf_vit_mae(model=None):
     if not isinstance(model, m.ViTMAEForPreTraining):
         raise TypeError(f"patch_hf_vit_mae: expected a transformers ViTMAEForPreTraining, got {type(model).__name__}")
     for (_, name, fn), obj in zip(targets, _owners(model), strict=True):
-        obj.__dict__[name] = types.MethodType(fn, obj)  # an instance attribute: this model only
+        obj.__dict__[name] = _PatchedMethod(obj, fn.__name__)  # an instance attribute: this model only
     return model
 
 

@@ -21,6 +21,7 @@ import torch
 
 from fastmim.integrations._versions import require
 from fastmim.ops import gather_visible, masked_mse_loss, scatter_masked
+from fastmim.ops._dispatch import check_id_values
 
 TESTED = ("1.6.",)  # lightly versions these equivalents were checked against
 
@@ -64,7 +65,9 @@ def decode_masked(decoder, x: torch.Tensor, idx_keep: torch.Tensor, idx_mask: to
     if idx_keep.shape[1] + idx_mask.shape[1] != pos_embed.shape[1]:
         raise ValueError(f"decode_masked: idx_keep ({idx_keep.shape[1]}) and idx_mask ({idx_mask.shape[1]}) must "
                          f"cover the decoder's {pos_embed.shape[1]} token positions")  # fmt: skip
-    return norm(blocks(scatter_masked(x, _restore(idx_keep, idx_mask), mask_token, pos_embed)))
+    both = torch.cat([idx_keep, idx_mask], dim=1)  # a permutation of the positions (argsort would hide a repeat)
+    check_id_values("decode_masked", "cat(idx_keep, idx_mask)", both, pos_embed.shape[1], distinct=True)
+    return norm(blocks(scatter_masked(x, torch.argsort(both, dim=1), mask_token, pos_embed)))
 
 
 def mae_loss(pred: torch.Tensor, images: torch.Tensor, idx_mask: torch.Tensor, patch_size: int,
@@ -75,6 +78,8 @@ def mae_loss(pred: torch.Tensor, images: torch.Tensor, idx_mask: torch.Tensor, p
     ``idx_mask``; ``num_prefix_tokens``: tokens before the patches (lightly: the class token)."""
     b, _, h, w = images.shape
     n = (h // patch_size) * (w // patch_size)
+    # the masked tokens must be distinct patches (a repeat would be counted once, an out-of-range one misplaced)
+    check_id_values("mae_loss", "idx_mask", idx_mask, n + num_prefix_tokens, distinct=True, lower=num_prefix_tokens)
     patches = idx_mask - num_prefix_tokens
     hidden = torch.zeros(b, n, device=images.device, dtype=pred.dtype)
     hidden.scatter_(1, patches, 1.0)

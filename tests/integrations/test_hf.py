@@ -113,3 +113,41 @@ def test_patched_model_traces_in_one_graph_like_transformers_own():
     ours = dynamo.explain(patch_hf_vit_mae(tiny()))(pixel_values=x, noise=noise)
     theirs = dynamo.explain(tiny())(pixel_values=x, noise=noise)
     assert ours.graph_break_count == theirs.graph_break_count == 0, [b.reason[:300] for b in ours.break_reasons]
+
+
+def test_a_saved_patched_model_loads_patched():
+    """torch.save of the whole model (and pickle, deepcopy): the copy runs on fastmim's ops, on its own modules."""
+    import io
+    import pickle
+
+    ours = patch_hf_vit_mae(tiny())
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    want = ours(pixel_values=imgs, noise=noise).loss
+    buf = io.BytesIO()
+    torch.save(ours, buf)
+    buf.seek(0)
+    copies = [torch.load(buf, weights_only=False), pickle.loads(pickle.dumps(ours)), copy.deepcopy(ours)]
+    for other in copies:
+        assert hf_vit_mae_is_patched(other)
+        assert other.decoder.forward.module is other.decoder  # bound to the copy, not to the original
+        torch.testing.assert_close(other(pixel_values=imgs, noise=noise).loss, want)
+    assert not hf_vit_mae_is_patched(unpatch_hf_vit_mae(copies[0])) and hf_vit_mae_is_patched(ours)
+
+
+@pytest.mark.parametrize("case", ["nothing masked", "float64"])
+def test_edge_configurations_match_transformers(case):
+    """mask_ratio 0 (every patch reconstructed): transformers' loss is NaN (0 / 0) and its logits are returned; the
+    patched model does the same rather than raising. A float64 model's loss is float64 in both."""
+    ref = tiny()
+    if case == "nothing masked":
+        ref.config.mask_ratio = 0.0
+    else:
+        ref = ref.double()
+    ours = patch_hf_vit_mae(copy.deepcopy(ref))
+    dtype = next(ref.parameters()).dtype
+    imgs, noise = torch.randn(2, 3, 32, 32, dtype=dtype), torch.rand(2, 16, dtype=dtype)
+    a, b = ref(pixel_values=imgs, noise=noise), ours(pixel_values=imgs, noise=noise)
+    assert b.loss.dtype == a.loss.dtype == dtype
+    torch.testing.assert_close(b.loss, a.loss, equal_nan=True)
+    torch.testing.assert_close(b.logits, a.logits)
+    assert torch.isnan(b.loss).item() == (case == "nothing masked")

@@ -98,6 +98,27 @@ def test_decode_masked_refuses_indices_that_do_not_cover_the_tokens():
         fl.decode_masked(torch.nn.Linear(2, 2), torch.randn(1, 5, 32), torch.arange(5)[None], torch.arange(5)[None])
 
 
+@pytest.mark.parametrize(
+    "idx_mask, loss_error, decode_error",
+    [
+        ([[2, 2]], "idx_mask row 0 repeats index 2", " row 0 repeats index 2"),
+        ([[2, 17]], r"idx_mask\[0, 1\] = 17 is out of range \[1, 17\)", r"\[0, 16\] = 17 is out of range \[0, 17\)"),
+        ([[0, 3]], r"idx_mask\[0, 0\] = 0 is out of range \[1, 17\)", " row 0 repeats index 0"),  # the class token
+    ],
+    ids=["repeated", "past the last patch", "the class token"],
+)
+def test_mae_loss_and_decode_masked_refuse_indices_lightly_would_not_make(idx_mask, loss_error, decode_error):
+    """A repeated or out-of-range masked token (lightly's masks never make one) is named, not silently counted once or
+    misplaced (the positions are sorted into a permutation, which would hide it)."""
+    imgs, pred = torch.randn(1, 3, 32, 32), torch.randn(1, 2, 192)
+    with pytest.raises((ValueError, IndexError), match=f"mae_loss: {loss_error}"):
+        fl.mae_loss(pred, imgs, torch.tensor(idx_mask), 8)
+    _, decoder = lightly_mae()
+    keep = torch.tensor([[i for i in range(17) if i not in (2, 3)][:15]])  # 15 kept + 2 masked = 17 positions
+    with pytest.raises((ValueError, IndexError), match=r"decode_masked: cat\(idx_keep, idx_mask\)" + decode_error):
+        fl.decode_masked(decoder, torch.randn(1, 15, 32), keep, torch.tensor(idx_mask))
+
+
 def test_example_script_trains_lightlys_mae_with_fastmims_ops():
     import math
     import re
