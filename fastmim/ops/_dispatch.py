@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import os
 from collections.abc import Callable
@@ -165,6 +166,13 @@ def forced_backend() -> str | None:
     return name
 
 
+def forced_by() -> str:
+    """How the forced backend was asked for, for error messages: ``set_backend('x')`` or ``FASTMIM_BACKEND=x``."""
+    if _override is not None:
+        return f"fastmim.ops.set_backend({_override!r})"
+    return f"FASTMIM_BACKEND={forced_backend()}"
+
+
 def _cpp_problem(device: torch.device) -> str | None:
     if device.type != "cpu":
         return f"the C++ backend runs on CPU tensors, these are on {device}"
@@ -217,13 +225,15 @@ def _choose(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...], forc
     if forced == "torch":
         return "torch"
     if forced is not None:
+        if forced == "cpp" and op in NO_CPP_KERNEL and device.type == "cpu":
+            return "torch"  # no C++ kernel: its torch backend, which takes every dtype
         if forced == "cuda" and op in NO_CUDA_KERNEL:
             forced = "triton" if device.type == "cuda" else forced
         why = {"triton": triton_problem, "cpp": _cpp_problem, "cuda": _cuda_problem}[forced](device)
         if why is None and not kernel_dtypes:
             why = f"its kernels take float32, bfloat16 and float16, not {', '.join(map(str, dtypes))}"
         if why:
-            raise RuntimeError(f"{op}: FASTMIM_BACKEND={forced} cannot run here: {why}")
+            raise RuntimeError(f"{op}: {forced_by()} cannot run here: {why}")
         return "torch" if forced == "cpp" and op in NO_CPP_KERNEL else forced
     if not kernel_dtypes:
         return "torch"
@@ -455,11 +465,19 @@ def triton_twin(name: str, like: Callable, impl: Callable, check: Callable | Non
         return None
 
     impl = checked(impl, check)
-
-    @functools.wraps(like)  # the schema is inferred from like's annotations
-    def fn(*args):
-        return impl(*args)
-
+    # A function without retrievable source: triton_op reads a registered function's source to list the Triton
+    # kernels it calls (it finds none here: they are launched further down, through jit_kernel), and that reading
+    # imports torch._inductor (and with it torch._dynamo, ~0.75 s) at `import fastmim.ops`.
+    scope: dict = {}
+    exec(
+        compile("def fn(*args):\n    return impl(*args)\n", f"<fastmim twin {name}>", "exec"),
+        {"impl": impl, "torch": torch},
+        scope,
+    )
+    fn = scope["fn"]
+    fn.__name__, fn.__qualname__, fn.__doc__ = like.__name__, like.__qualname__, like.__doc__
+    fn.__module__, fn.__annotations__ = like.__module__, like.__annotations__
+    fn.__signature__ = inspect.signature(like)  # the schema is inferred from like's signature
     return triton_op(f"fastmim::{name}", fn, mutates_args=())
 
 

@@ -21,6 +21,7 @@ from fastmim.ops._dispatch import (
     custom_op,
     eager_function,
     forced_backend,
+    forced_by,
     needs_autograd,
     traced_op,
     triton_twin,
@@ -50,14 +51,14 @@ def _backend(pred: torch.Tensor, target: torch.Tensor) -> str:
     if backend == "cuda" and pred.shape[-1] > _cuda.LOSS_MAX_D:
         if forced_backend() == "cuda":
             raise RuntimeError(
-                f"masked_mse_loss: FASTMIM_BACKEND=cuda cannot run here: patches of {pred.shape[-1]} values exceed "
+                f"masked_mse_loss: {forced_by()} cannot run here: patches of {pred.shape[-1]} values exceed "
                 f"the CUDA kernel's {_cuda.LOSS_MAX_D}"
             )
         backend = "triton"
     if backend == "triton" and pred.shape[-1] > TRITON_MAX_PATCH:
         if forced_backend() == "triton":
             raise RuntimeError(
-                f"masked_mse_loss: FASTMIM_BACKEND=triton cannot run here: patches of {pred.shape[-1]} values exceed "
+                f"masked_mse_loss: {forced_by()} cannot run here: patches of {pred.shape[-1]} values exceed "
                 f"the Triton kernel's {TRITON_MAX_PATCH}"
             )
         return "torch"
@@ -93,7 +94,10 @@ def _loss_fwd_on(backend: str, pred, target, mask, patch_size, norm_pix, eps, p)
     kernels, target, geometry = _kernels(backend, target, patch_size)
     loss, denom = kernels.masked_loss_forward(pred, target, mask, geometry, norm_pix, eps, p)
     if denom.device.type == "cpu" and not bool(denom > 0):  # on CUDA the check would cost a sync: NaN there
-        raise ValueError("masked_mse_loss: mask has no masked patch (its sum is 0): the masked loss is undefined")
+        raise ValueError(
+            f"masked_mse_loss: the mask's weights sum to {float(denom):g}, not a positive number (no "
+            "masked patch, or negative or NaN weights): the masked loss is undefined"
+        )
     return loss, denom
 
 

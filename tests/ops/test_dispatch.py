@@ -101,3 +101,44 @@ def test_auto_cuda_table_per_gpu_model(monkeypatch):
     assert choose_backend("masked_mse_loss", torch.device("cuda", 0), (torch.bfloat16,)) == "cuda"
     assert choose_backend("masked_mse_loss", torch.device("cuda", 1), (torch.bfloat16,)) == "triton"
     _dispatch._choices.clear()
+
+
+def test_importing_the_ops_does_not_load_the_compiler():
+    """``import fastmim.ops`` (into someone else's training code) registers the custom ops and their Triton twins
+    without importing torch._dynamo / torch._inductor (~0.75 s): those load when torch.compile is first used."""
+    import subprocess
+    import sys
+
+    code = "import sys, fastmim.ops; print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    code = "import torch, fastmim.ops; print(torch.ops.fastmim.gather_visible_triton.default._schema)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    if "has no attribute" not in out.stderr:  # (no twins where triton is absent)
+        assert "fastmim::gather_visible_triton(Tensor x, Tensor ids_keep) -> Tensor" in out.stdout, out.stderr
+
+
+def test_forced_cpp_runs_the_torch_backend_of_an_op_without_a_cpp_kernel_for_any_dtype(monkeypatch):
+    monkeypatch.setenv("FASTMIM_BACKEND", "cpp")
+    _dispatch._choices.clear()
+    assert choose_backend("hog_target", torch.device("cpu"), (torch.float64,)) == "torch"
+    imgs = torch.rand(1, 3, 32, 32, dtype=torch.float64)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    got, want = ops.hog_target(imgs, mask), ops.hog_target(imgs.float(), mask)
+    torch.testing.assert_close(got.double(), want.double(), atol=1e-5, rtol=1e-4)
+
+
+def test_a_backend_forced_by_set_backend_is_named_so_when_it_cannot_run():
+    previous = ops.set_backend("cuda")
+    try:
+        with pytest.raises(RuntimeError, match=r"fastmim.ops.set_backend\('cuda'\) cannot run here"):
+            ops.gather_visible(torch.randn(1, 4, 2), torch.tensor([[0, 1]]))
+    finally:
+        ops.set_backend(previous)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0])
+def test_a_mask_that_does_not_sum_to_a_positive_number_is_named(bad):
+    mask = torch.tensor([[1.0, bad, 0.0, 0.0]])  # NaN: a NaN sum; -1: a sum of 0 with a patch weighted 1
+    with pytest.raises(ValueError, match=r"the mask's weights sum to (nan|0), not a positive number"):
+        ops.masked_mse_loss(torch.randn(1, 4, 48), torch.randn(1, 3, 8, 8), mask, 4)
