@@ -35,10 +35,15 @@ def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]
     """
     config_path, flags = cli_overrides(argv)
     from_yaml = load_yaml(config_path) if config_path else {}
+    if isinstance(from_yaml.get("resume"), bool):  # `resume: true`: the bare --resume (the run in output_dir)
+        from_yaml = {**from_yaml, "resume": "auto" if from_yaml["resume"] else None}
     given = {**{str(k).replace("-", "_"): v for k, v in from_yaml.items()}, **flags}
     cfg = PretrainConfig()
     state = None
     resume, out = given.get("resume"), given.get("output_dir")
+    if resume is not None and not str(resume).strip():
+        raise UsageError("--resume was given an empty path: name a checkpoint or a run's folder, or pass --resume "
+                         "alone with --output-dir")  # fmt: skip
     if resume == "if-exists":  # a job's script: the same command starts the run and continues it after a requeue
         if not out:
             raise UsageError("--resume if-exists needs --output-dir (the run to start or continue)")
@@ -57,8 +62,11 @@ def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]
                 raise UsageError(f"no checkpoint to resume in {out} (for a job that may not have started yet, "
                                  "--resume if-exists starts the run there when it has none)")  # fmt: skip
         else:
-            ckpt_path = Path(resume)
-        state = load_checkpoint(ckpt_path)
+            ckpt_path = _checkpoint_in(Path(resume))
+        try:
+            state = load_checkpoint(ckpt_path)
+        except RuntimeError as e:  # a file that is not a checkpoint (or a truncated one): one line, not a traceback
+            raise UsageError(f"--resume: {e}") from None
         saved = {k: v for k, v in state.get("config", {}).items() if k not in ("resume", "output_dir")}
         cfg = apply_overrides(cfg, saved, f"the config saved in {ckpt_path}")
         given = {**given, "resume": str(ckpt_path), "output_dir": out or str(ckpt_path.parent)}
@@ -69,6 +77,21 @@ def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]
     cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if k not in run_keys}, "the command line")
     cfg.validate()
     return cfg, state
+
+
+def _checkpoint_in(path: Path) -> Path:
+    """--resume PATH: a checkpoint file, a sharded checkpoint's folder, or a run's folder (its newest checkpoint)."""
+    from fastmim.train.fsdp import dcp_dir
+
+    if path.suffix == ".safetensors":
+        raise UsageError(f"--resume {str(path)!r} is an exported encoder, not a training checkpoint: resume from the "
+                         f"run's folder ({str(path.parent)!r}) or its checkpoint.pt")  # fmt: skip
+    if path.is_dir() and dcp_dir(path) is None:  # not a sharded checkpoint itself: a run's folder?
+        found = run_checkpoint(path)
+        if found is None:
+            raise UsageError(f"--resume {str(path)!r}: no checkpoint in that folder (checkpoint.pt or checkpoint.dcp/)")
+        return found
+    return path
 
 
 def prepare_output_dir(cfg: PretrainConfig, info: DistInfo) -> Path:
@@ -352,6 +375,19 @@ def build_model(cfg: PretrainConfig, device: torch.device):
     return model
 
 
+def check_lr_schedule(cfg: PretrainConfig, lr: float, eff_batch: int, info: DistInfo) -> None:
+    """The schedule warms up from --warmup-lr to the peak ``lr`` and decays to --min-lr: a --min-lr above the peak
+    would make the decay climb (refused); a --warmup-lr above it makes the warm-up descend (said: a config's absolute
+    warm-up lr with a small batch's scaled peak does that)."""
+    origin = "--lr" if cfg.lr is not None else f"--blr {cfg.blr:g} x batch {eff_batch} / 256"
+    if cfg.min_lr > lr:
+        raise UsageError(f"--min-lr {cfg.min_lr:g} is above the peak learning rate {lr:.3g} ({origin}): the cosine "
+                         "decay would raise the learning rate; lower --min-lr or raise the peak")  # fmt: skip
+    if cfg.warmup_epochs > 0 and cfg.warmup_lr > lr and info.is_main:
+        print(f"note: --warmup-lr {cfg.warmup_lr:g} is above the peak learning rate {lr:.3g} ({origin}): the warm-up "
+              "lowers the learning rate", flush=True)  # fmt: skip
+
+
 def check_fsdp(cfg: PretrainConfig) -> None:
     """--fsdp's combinations that are not supported, refused before anything is written."""
     if not cfg.fsdp:
@@ -409,6 +445,9 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     check_fsdp(cfg)  # before anything is written
     check_cuda_graph(cfg, device)
     compile_mode = check_compile(cfg, device)
+    eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
+    lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
+    check_lr_schedule(cfg, lr, eff_batch, info)
     out = prepare_output_dir(cfg, info)
     _seed_everything(cfg.seed)  # every rank builds the same initial weights (FSDP shards them where they are)
     kind, root, why = choose_loader(data_cfg := with_builtin_data(cfg), device)
@@ -418,8 +457,6 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     if info.rank:  # then each rank its own random stream (drop path, decoder noise)
         _seed_everything(cfg.seed + info.rank)
     loader, sampler, loader_desc = build_loader(cfg, kind, dataset, model.mask_strategy(seed=cfg.seed), info, device)
-    eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
-    lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
     amp_dtype = resolve_amp(cfg.amp, device)
     if cfg.fsdp:  # sharded before the optimizer is built: it steps the shards
         from fastmim.train.fsdp import init_single_process_group, shard_model
@@ -439,7 +476,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     if state is not None:
         trainer.load_state_dict(state)
         del state
-    if info.is_main:
+    if info.is_main and trainer.pos.step < trainer.total_steps:  # (a resume with nothing to do keeps the run's own)
         save_yaml(cfg, out / "config.yaml")
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
         per_node = info.local_world_size
@@ -454,8 +491,12 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
             f"  batch {eff_batch} (= {cfg.batch_size} x {cfg.accum_iter} accum x {info.world_size} procs), "
             f"lr {lr:.3g}, {trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps\n"
             f"  output: {out}"
+            + (f"\n  resuming at step {trainer.pos.step} (epoch {trainer.pos.epoch})" if cfg.resume else "")
             + (
-                f"\n  resuming at step {trainer.pos.step} (epoch {trainer.pos.epoch})" if cfg.resume else ""
+                f"\n  note: --accum-iter {cfg.accum_iter} does not divide the {trainer.loader_batches} batches of an "
+                f"epoch: {trainer.loader_batches - trainer.batches_per_epoch} batch(es) at each epoch's end go unused"
+                if trainer.loader_batches != trainer.batches_per_epoch
+                else ""
             ),  # fmt: skip
             flush=True,
         )

@@ -208,6 +208,8 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
         layer_decay=args.layer_decay, drop_path=args.drop_path, mixup=args.mixup, cutmix=args.cutmix,
         smoothing=args.smoothing, pool=args.pool, workers=args.workers, seed=args.seed, log=log,
         dist_info=args.dist_info, run_dir=run_dir, resume=bool(args.resume),
+        data_settings=dict(auto_augment=aa, reprob=args.reprob, train_data=str(Path(train_root).resolve()),
+                           encoder_file=str(Path(info["path"]).resolve()) if info.get("path") else None),
     )  # fmt: skip
     saved = run_dir / "finetuned.safetensors"
     if args.dist_info.is_main:

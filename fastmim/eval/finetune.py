@@ -87,6 +87,7 @@ def finetune(
     run_dir: str | Path | None = None,
     resume: bool = False,
     log=None,
+    data_settings: dict | None = None,
 ) -> dict:
     """Fine-tunes; returns the final and best top-1/top-5 on ``val_set``, the history and the trained network.
 
@@ -94,7 +95,9 @@ def finetune(
     (``dist_info``) the network is DDP-wrapped, each process takes its share of every epoch and of the validation set
     (exact counts, summed), and lr = blr x batch x processes / 256. ``run_dir``: rank 0 writes ``checkpoint.pt`` there
     after every epoch (network, optimizer, history, every process's random state); ``resume`` continues from it,
-    exactly as if never stopped when the number of processes is the same."""
+    exactly as if never stopped when the number of processes is the same. ``data_settings``: what else the result
+    depends on that the caller decided (the augmentation, the data, the encoder file), saved with the settings so that
+    a resume with other values is refused like a changed argument."""
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
 
@@ -103,7 +106,7 @@ def finetune(
     settings = dict(model=info["model"], num_classes=num_classes, batch_size=batch_size, blr=blr, min_lr=min_lr,
                     warmup_epochs=warmup_epochs, weight_decay=weight_decay, layer_decay=layer_decay,
                     drop_path=drop_path, mixup=mixup, cutmix=cutmix, smoothing=smoothing, pool=pool, seed=seed,
-                    processes=world)  # fmt: skip
+                    processes=world, **(data_settings or {}))  # fmt: skip
     state = _load_checkpoint(run_dir, settings, epochs) if resume else None
     torch.manual_seed(seed)  # the same network on every process (DDP checks it)
     net, fresh = finetune_network(encoder, info, num_classes, drop_path, pool)
@@ -226,8 +229,8 @@ def _load_checkpoint(run_dir, settings: dict, epochs: int) -> dict:
     if run_dir is None or not path.is_file():
         raise FileNotFoundError(f"no fine-tuning checkpoint at {str(path)!r} to resume")
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
-    differ = {k: (state["settings"].get(k), v) for k, v in settings.items()
-              if k != "processes" and state["settings"].get(k) != v}  # fmt: skip
+    saved = state["settings"]  # (a checkpoint from before a setting was recorded is not refused for it)
+    differ = {k: (saved.get(k), v) for k, v in settings.items() if k != "processes" and k in saved and saved[k] != v}
     if differ:
         said = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items())
         raise ValueError(f"--resume {str(run_dir)!r}: the fine-tuning was started with other settings ({said})")

@@ -29,7 +29,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """'auto' picks CUDA when present; 'cuda' becomes this process's local GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: fastmim trains on cpu or cuda (auto, cpu, cuda, cuda:N)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name} was asked for but CUDA is not available")

@@ -332,7 +332,8 @@ def _finetune_run(tmp_path, run_dir, epochs=2, stop_after=None, resume=False, **
         if stop_after is not None and row["epoch"] == stop_after:
             raise KeyboardInterrupt  # a stop between two epochs, after the checkpoint
 
-    settings = dict(epochs=epochs, warmup_epochs=1, batch_size=4, blr=1e-3, workers=0)
+    settings = dict(epochs=epochs, warmup_epochs=1, batch_size=4, blr=1e-3, workers=0,
+                    data_settings=dict(auto_augment=None, reprob=0.0))  # fmt: skip
     settings.update(kw)
     return finetune(enc, info, train_set, val_set, 2, torch.device("cpu"), run_dir=run_dir, resume=resume, log=log,
                     **settings)  # fmt: skip
@@ -352,6 +353,10 @@ def test_finetune_resumes_exactly_and_refuses_other_settings(tmp_path):
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
     with pytest.raises(ValueError, match=r"blr: 0.001 then, 0.002 now"):
         _finetune_run(tmp_path, tmp_path / "b", epochs=3, resume=True, blr=2e-3)
+    # what the caller decided (the CLI: --aa, --reprob, the data and encoder files) is held to as well
+    with pytest.raises(ValueError, match=r"reprob: 0.0 then, 0.25 now"):
+        _finetune_run(tmp_path, tmp_path / "b", epochs=3, resume=True,
+                      data_settings=dict(auto_augment=None, reprob=0.25))  # fmt: skip
     with pytest.raises(ValueError, match="has done 2 of --epochs 2"):
         _finetune_run(tmp_path, tmp_path / "b", resume=True)
     with pytest.raises(FileNotFoundError, match="no fine-tuning checkpoint"):

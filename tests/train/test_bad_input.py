@@ -96,8 +96,41 @@ def test_resume_without_checkpoint(tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "checkpoint.pt").write_bytes(b"truncated")
-    with pytest.raises(RuntimeError, match="cannot be read"):
-        pretrain.run(["--resume", "--output-dir", str(bad)])
+    assert "--resume: checkpoint" in (err := fails(["--resume", "--output-dir", str(bad)], capsys))
+    assert "cannot be read" in err and "Traceback" not in err
+    assert "--resume was given an empty path" in fails(["--resume="], capsys)
+
+
+def test_bad_device_is_named(capsys):
+    assert "--device 'foo' is not a device: use auto, cpu, cuda or cuda:N" in fails(["--device", "foo"], capsys)
+    assert "fastmim trains on cpu or cuda" in fails(["--device", "meta"], capsys)
+
+
+def test_min_lr_above_the_peak_is_refused_before_anything_is_written(image_folder, tmp_path, capsys):
+    out = tmp_path / "o"
+    err = fails([*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--min-lr", "1e-3"], capsys)
+    assert "--min-lr 0.001 is above the peak learning rate" in err and "--blr" in err
+    assert not out.exists()
+
+
+def test_resume_takes_a_runs_folder_yaml_true_and_names_an_exported_encoder(image_folder, tmp_path, capsys):
+    """--resume RUN_DIR (the run's newest checkpoint), ``resume: true`` in a YAML file (the bare --resume), an
+    exported encoder named as such; a resume with nothing left to do leaves the run's config.yaml as it was."""
+    out = tmp_path / "run"
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--epochs", "1"]
+    assert pretrain.main([*args, "--max-steps", "2"]) == 0
+    assert pretrain.main(["--resume", str(out), "--max-steps", "3"]) == 0
+    assert "resuming at step 2" in capsys.readouterr().out
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"resume: true\noutput_dir: {out}\n")
+    assert pretrain.main(["--config", str(cfg), "--max-steps", "4"]) == 0
+    assert "resuming at step 3" in capsys.readouterr().out
+    err = fails(["--resume", str(out / "encoder.safetensors")], capsys)
+    assert "is an exported encoder, not a training checkpoint" in err
+    assert "no checkpoint in that folder" in fails(["--resume", str(tmp_path)], capsys)
+    saved = (out / "config.yaml").read_text()
+    assert pretrain.main(["--resume", str(out), "--max-steps", "4", "--log-interval", "7"]) == 0
+    assert "nothing to do" in capsys.readouterr().out and (out / "config.yaml").read_text() == saved
 
 
 def test_resume_if_exists_starts_then_continues_with_one_command(image_folder, tmp_path, capsys):
