@@ -119,6 +119,8 @@ def _loss_check(pred, target, mask, patch_size, norm_pix, eps, p, grad_loss=None
     check_shape(op, "mask", mask, (b, n))
     if p not in (1, 2):
         raise ValueError(f"{op}: p must be 1 or 2, got {p}")
+    if not eps >= 0:  # also NaN
+        raise ValueError(f"{op}: eps must be >= 0, got {eps!r}")
     for name, t in (("target", target), ("mask", mask), ("grad_loss", grad_loss), ("denom", denom)):
         if t is not None:
             check_device(op, name, t, pred.device)
@@ -127,6 +129,8 @@ def _loss_check(pred, target, mask, patch_size, norm_pix, eps, p, grad_loss=None
             raise ValueError(f"{op}: {name} must hold one value, got shape {tuple(t.shape)}")
     if denom is not None and denom.dtype != torch.float32:  # the forward's mask sum; the kernels read a float
         raise TypeError(f"{op}: denom must be the forward's float32 mask sum, got {denom.dtype}")
+    if denom is not None and denom.device.type == "cpu" and not bool(denom.reshape(()) > 0):  # (CUDA: no sync)
+        raise ValueError(f"{op}: denom must be the forward's positive mask sum, got {float(denom.reshape(())):g}")
 
 
 def _loss_bwd_check(grad_loss, pred, target, mask, denom, patch_size, norm_pix, eps, p) -> None:

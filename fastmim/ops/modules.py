@@ -26,8 +26,8 @@ class MaskedMSELoss(nn.Module):
 
     def __init__(self, patch_size: int | None = None, norm_pix: bool = True, eps: float = 1e-6, p: int = 2):
         super().__init__()
-        if p not in (1, 2):
-            raise ValueError(f"{type(self).__name__}: p must be 1 or 2, got {p}")
+        if type(p) is not int or p not in (1, 2):
+            raise ValueError(f"{type(self).__name__}: p must be the int 1 or 2, got {p!r}")
         self.patch_size, self.norm_pix, self.eps, self.p = patch_size, norm_pix, eps, p
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -58,6 +58,9 @@ class FFTLoss(nn.Module):
     def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return fft_loss(pred, target, mask, self.patch_size)
 
+    def extra_repr(self) -> str:
+        return f"patch_size={self.patch_size}"
+
 
 class PatchFFTLoss(nn.Module):
     """The patch-wise focal frequency loss (``patch_fft_loss``): ``forward(pred [B, L, p*p*C], imgs, mask)``."""
@@ -68,6 +71,9 @@ class PatchFFTLoss(nn.Module):
 
     def forward(self, pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return patch_fft_loss(pred, imgs, mask, self.patch_size, self.alpha, self.log_weights)
+
+    def extra_repr(self) -> str:
+        return f"patch_size={self.patch_size}, alpha={self.alpha}, log_weights={self.log_weights}"
 
 
 class HOGTarget(nn.Module):
@@ -85,6 +91,10 @@ class HOGTarget(nn.Module):
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return hog_target(imgs, mask, self.patch_size, self.cell_size, self.nbins, self.gaussian_window)
 
+    def extra_repr(self) -> str:
+        return (f"patch_size={self.patch_size}, cell_size={self.cell_size}, nbins={self.nbins}, "
+                f"gaussian_window={self.gaussian_window}")  # fmt: skip
+
 
 class LowPassTarget(nn.Module):
     """PixMIM's low-pass target (``low_pass_target``): ``forward(imgs)`` with the images' normalisation undone and
@@ -96,6 +106,9 @@ class LowPassTarget(nn.Module):
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return low_pass_target(imgs, self.radius, self.mean, self.std)
+
+    def extra_repr(self) -> str:
+        return f"radius={self.radius}, mean={self.mean}, std={self.std}"
 
 
 class GRN(nn.Module):
@@ -112,3 +125,6 @@ class GRN(nn.Module):
         if x.dim() == 4:
             return grn(x.reshape(x.shape[0], -1, x.shape[-1]), self.weight, self.bias, self.eps).view(x.shape)
         return grn(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.weight.shape[0]}, eps={self.eps}"

@@ -174,6 +174,8 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int], channels
     """
     check_patch_size("unpatchify", patch_size)
     gh, gw = (int(v) for v in grid)
+    if gh < 1 or gw < 1 or isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"unpatchify: grid {tuple(grid)} and channels {channels!r} must be positive ints")
     if x.dim() != 3 or x.shape[1] != gh * gw or x.shape[2] != patch_size * patch_size * channels:
         raise ValueError(
             f"unpatchify: x has shape {tuple(x.shape)}, expected [B, {gh * gw}, {patch_size * patch_size * channels}] "

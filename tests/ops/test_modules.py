@@ -34,10 +34,24 @@ def test_masked_losses_equal_the_reference_for_images_and_patches(p, norm_pix):
 
 
 def test_masked_loss_settings_are_checked():
-    with pytest.raises(ValueError, match="p must be 1 or 2"):
+    with pytest.raises(ValueError, match="p must be the int 1 or 2"):
         ops.MaskedMSELoss(16, p=3)
     with pytest.raises(ValueError, match="need patch_size"):
         ops.MaskedMSELoss()(torch.randn(1, 4, 48), torch.randn(1, 3, 8, 8), torch.ones(1, 4))
+
+
+def test_modules_show_their_settings_and_refuse_a_float_p():
+    """print(model) shows each module's settings; p=2.0 (a float) is refused when built, not at the first call."""
+    from fastmim import ops
+
+    assert repr(ops.HOGTarget(8, 4)) == "HOGTarget(patch_size=8, cell_size=4, nbins=9, gaussian_window=0)"
+    assert repr(ops.PatchFFTLoss(4, 0.5)) == "PatchFFTLoss(patch_size=4, alpha=0.5, log_weights=True)"
+    assert repr(ops.FFTLoss(16)) == "FFTLoss(patch_size=16)" and "radius=3.0" in repr(ops.LowPassTarget(3.0))
+    assert repr(ops.GRN(4)) == "GRN(dim=4, eps=1e-06)"
+    with pytest.raises(ValueError, match="p must be the int 1 or 2, got 2.0"):
+        ops.MaskedMSELoss(4, p=2.0)
+    with pytest.raises(ValueError, match=r"grid \(-2, -3\) and channels 3 must be positive ints"):
+        ops.unpatchify(torch.randn(1, 6, 48), 4, (-2, -3), 3)
 
 
 def test_grn_module_equals_convnext_v2s_grn_with_gradients():

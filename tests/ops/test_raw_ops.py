@@ -165,3 +165,19 @@ def test_raw_loss_backward_refuses_a_denominator_not_in_float32(backend):
     with pytest.raises(TypeError, match="denom must be the forward's float32 mask sum, got torch.float64"):
         denom = torch.ones((), device=device, dtype=torch.float64)
         torch.ops.fastmim.masked_loss_backward(torch.ones((), device=device), *args, denom, 0, True, 1e-6, 2)
+
+
+def test_raw_loss_refuses_a_negative_eps_and_a_zero_denominator(backend):
+    """A negative (or NaN) eps would take the root of a negative variance; a zero mask sum divides by zero (checked on
+    CPU tensors: on CUDA it would cost a host sync)."""
+    device, _ = backend
+    pred, target, mask = torch.randn(2, 4, 8, device=device), torch.randn(2, 4, 8, device=device), torch.ones(2, 4)
+    mask = mask.to(device)
+    for eps in (-10.0, float("nan")):
+        with pytest.raises(ValueError, match="eps must be >= 0"):
+            torch.ops.fastmim.masked_loss(pred, target, mask, 0, True, eps, 2)
+    if device.type == "cpu":
+        with pytest.raises(ValueError, match="denom must be the forward's positive mask sum, got 0"):
+            zero = torch.zeros((), device=device)
+            torch.ops.fastmim.masked_loss_backward(torch.ones((), device=device), pred, target, mask, zero, 0, True,
+                                                   1e-6, 2)  # fmt: skip
