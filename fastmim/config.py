@@ -132,7 +132,13 @@ class PretrainConfig:
         default=False,
         metadata={"help": "replay each training step from a CUDA graph (CUDA only; captured after 3 eager steps)"},
     )
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    max_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "stop after this many optimizer steps (resuming a "
+            "run that had one: --max-steps None runs to the end)"
+        },
+    )
     fsdp: bool = field(
         default=False,
         metadata={"help": "shard weights, gradients and optimizer state over the processes (FSDP2, per block; "

@@ -324,26 +324,26 @@ def build_model(cfg: PretrainConfig, device: torch.device):
     if cfg.num_masks is not None and not cfg.model.startswith("data2vec2_"):
         raise UsageError("--num-masks applies to data2vec 2.0 (data2vec2_*): the other recipes draw one mask per image")
     if cfg.model.startswith("ijepa_"):
-        kwargs.pop("norm_pix_loss")  # the target is the teacher's features
+        _no_norm_pix(cfg, kwargs, "I-JEPA's target is the teacher's features")
         if cfg.mask_type != "random" or cfg.mask_ratio is not None:  # random: the CLI's default
             raise UsageError("I-JEPA draws its own multi-block masks (their block scales set the amounts); "
                              "--mask-type and --mask-ratio do not apply")  # fmt: skip
         kwargs.pop("mask_ratio", None)
         kwargs["attn_impl"] = cfg.attn_impl
     elif cfg.model.startswith("data2vec2_"):
-        kwargs.pop("norm_pix_loss")  # the target is the teacher's features
+        _no_norm_pix(cfg, kwargs, "data2vec 2.0's target is the teacher's features")
         if cfg.mask_type != "random":  # random: the CLI's default, data2vec 2.0's inverse block masks are meant
             raise UsageError(f"data2vec 2.0 draws its own inverse block masks; --mask-type {cfg.mask_type} is not")
         if cfg.num_masks is not None:
             kwargs["num_masks"] = cfg.num_masks
         kwargs["attn_impl"] = cfg.attn_impl
     elif cfg.model.startswith("maskfeat_"):
-        kwargs.pop("norm_pix_loss")  # the target is HOG features
+        _no_norm_pix(cfg, kwargs, "MaskFeat's target is HOG features")
         if cfg.mask_type not in ("random", "block"):  # random: the CLI's default, MaskFeat's own block masks are meant
             raise UsageError(f"MaskFeat masks blocks of tokens (--mask-type block); --mask-type {cfg.mask_type} is not")
         kwargs["attn_impl"] = cfg.attn_impl
     elif cfg.model.startswith(("simmim_", "a2mim_")):
-        kwargs.pop("norm_pix_loss")  # SimMIM and A2MIM predict the normalised image itself
+        _no_norm_pix(cfg, kwargs, "SimMIM and A2MIM predict the normalised image itself")
         if cfg.mask_type not in ("random", "simmim"):  # random: the CLI's default, SimMIM's own masks are meant
             raise UsageError(f"SimMIM and A2MIM mask 32-px patches (--mask simmim); --mask {cfg.mask_type} is for MAE "
                              "models")  # fmt: skip
@@ -373,6 +373,13 @@ def build_model(cfg: PretrainConfig, device: torch.device):
 
         set_grad_ckpt(model)
     return model
+
+
+def _no_norm_pix(cfg: PretrainConfig, kwargs: dict, why: str) -> None:
+    """A recipe whose target is not MAE's pixel patches: norm-pix does not apply (--no-norm-pix-loss is refused)."""
+    kwargs.pop("norm_pix_loss")
+    if not cfg.norm_pix_loss:
+        raise UsageError(f"--no-norm-pix-loss does not apply to {cfg.model}: {why}")
 
 
 def check_lr_schedule(cfg: PretrainConfig, lr: float, eff_batch: int, info: DistInfo) -> None:
@@ -448,36 +455,44 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
     lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
     check_lr_schedule(cfg, lr, eff_batch, info)
+    fresh = cfg.output_dir is None or not Path(cfg.output_dir).exists()
     out = prepare_output_dir(cfg, info)
-    _seed_everything(cfg.seed)  # every rank builds the same initial weights (FSDP shards them where they are)
-    kind, root, why = choose_loader(data_cfg := with_builtin_data(cfg), device)
-    dataset = build_dataset(data_cfg, root)
-    monitor = build_monitor(cfg, info, device)
-    model = build_model(cfg, device)
-    if info.rank:  # then each rank its own random stream (drop path, decoder noise)
-        _seed_everything(cfg.seed + info.rank)
-    loader, sampler, loader_desc = build_loader(cfg, kind, dataset, model.mask_strategy(seed=cfg.seed), info, device)
-    amp_dtype = resolve_amp(cfg.amp, device)
-    if cfg.fsdp:  # sharded before the optimizer is built: it steps the shards
-        from fastmim.train.fsdp import init_single_process_group, shard_model
+    try:  # what can still refuse the run (data, model, loader): a folder made for it is not left behind empty
+        _seed_everything(cfg.seed)  # every rank builds the same initial weights (FSDP shards them where they are)
+        kind, root, why = choose_loader(data_cfg := with_builtin_data(cfg), device)
+        dataset = build_dataset(data_cfg, root)
+        monitor = build_monitor(cfg, info, device)
+        model = build_model(cfg, device)
+        if info.rank:  # then each rank its own random stream (drop path, decoder noise)
+            _seed_everything(cfg.seed + info.rank)
+        masks = model.mask_strategy(seed=cfg.seed)
+        loader, sampler, loader_desc = build_loader(cfg, kind, dataset, masks, info, device)
+        amp_dtype = resolve_amp(cfg.amp, device)
+        if cfg.fsdp:  # sharded before the optimizer is built: it steps the shards
+            from fastmim.train.fsdp import init_single_process_group, shard_model
 
-        if not info.enabled:
-            init_single_process_group(device)
-        shard_model(model, amp_dtype)
-    optimizer = build_adamw(model, lr, cfg.weight_decay, betas=(0.9, cfg.beta2), graph=cfg.cuda_graph)
-    step_model = model
-    if info.enabled and not cfg.fsdp:
-        ids = [device.index] if device.type == "cuda" else None
-        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if compile_mode is not None:
-        step_model = compile_model(step_model, compile_mode[0])
-    trainer = Trainer(cfg, info, device, step_model, model, optimizer, loader, sampler, dataset, out, lr,
-                      amp_dtype=amp_dtype, monitor=monitor)  # fmt: skip
-    if state is not None:
-        trainer.load_state_dict(state)
-        del state
+            if not info.enabled:
+                init_single_process_group(device)
+            shard_model(model, amp_dtype)
+        optimizer = build_adamw(model, lr, cfg.weight_decay, betas=(0.9, cfg.beta2), graph=cfg.cuda_graph)
+        step_model = model
+        if info.enabled and not cfg.fsdp:
+            ids = [device.index] if device.type == "cuda" else None
+            step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if compile_mode is not None:
+            step_model = compile_model(step_model, compile_mode[0])
+        trainer = Trainer(cfg, info, device, step_model, model, optimizer, loader, sampler, dataset, out, lr,
+                          amp_dtype=amp_dtype, monitor=monitor)  # fmt: skip
+        if state is not None:
+            trainer.load_state_dict(state)
+            del state
+    except BaseException:
+        if fresh and info.is_main and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     if info.is_main and trainer.pos.step < trainer.total_steps:  # (a resume with nothing to do keeps the run's own)
         save_yaml(cfg, out / "config.yaml")
+    if info.is_main:
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
         per_node = info.local_world_size
         nodes = f" ({info.world_size // per_node} nodes x {per_node})" if 0 < per_node < info.world_size else ""

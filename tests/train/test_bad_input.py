@@ -31,6 +31,16 @@ def test_dataset_smaller_than_a_batch(tmp_path, capsys):
     data = make_image_folder(tmp_path / "few", n=3)
     err = fails([*TINY_ARGS, "--data-path", str(data), "--output-dir", str(tmp_path / "o")], capsys)
     assert "the dataset has 3 images, fewer than one global batch" in err
+    assert not (tmp_path / "o").exists()  # the folder made for the run is not left behind empty
+
+
+def test_option_that_does_not_apply_to_the_recipe_is_refused(image_folder, tmp_path, capsys):
+    from tests.conftest import tiny_args_for
+
+    err = fails([*tiny_args_for("maskfeat_vit_tiny_patch16"), "--data-path", str(image_folder), "--output-dir",
+                 str(tmp_path / "o"), "--no-norm-pix-loss"], capsys)  # fmt: skip
+    assert "--no-norm-pix-loss does not apply to maskfeat_vit_tiny_patch16: MaskFeat's target is HOG features" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_image_size_not_divisible_by_patch(image_folder, tmp_path, capsys):
