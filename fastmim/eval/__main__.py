@@ -133,6 +133,9 @@ def run(args) -> dict:
         result.update(feature_dim=tf.shape[1], features_s=round(t_train + t_val, 3),
                       features_cached=hit_train and hit_val, features_img_per_s=speed)  # fmt: skip
     if args.mode == "knn":
+        if args.k > len(tl):
+            print(f"note: --k {args.k} is more than the {len(tl)} training images: every one of them votes",
+                  flush=True)  # fmt: skip
         acc = knn_accuracy(tf, tl, vf, vl, len(train.classes), args.k, args.temperature)
         result.update(acc, k=args.k, temperature=args.temperature)
         what = f"kNN (k={args.k}, T={args.temperature})"

@@ -37,7 +37,11 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{str(path)!r} is neither safetensors nor a plain torch state dict ({e}); a fastmim "
+        if path.name == "checkpoint.pt":  # (torch's weights_only explanation runs to a dozen lines: not repeated)
+            raise ValueError(f"{str(path)!r} is a fastmim training checkpoint, not an encoder: pass the run's folder "
+                             f"({str(path.parent)!r}) or its encoder.safetensors") from None  # fmt: skip
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{str(path)!r} is neither safetensors nor a plain torch state dict ({first}); a fastmim "
                          "run's encoder is RUN/encoder.safetensors") from e  # fmt: skip
     for key in ("state_dict", "model"):  # training checkpoints of timm and others
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -140,14 +144,19 @@ class LabelledFolder(torch.utils.data.Dataset):
         found = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not found:
             raise ValueError(f"{str(self.root)!r} has no class folders: labelled data is root/<class>/<image>")
+        files = {c: [str(f) for f in sorted((self.root / c).rglob("*")) if is_image_file(str(f))] for c in found}
+        if classes is None:  # a class folder without images is not a class (it would widen a classifier's head)
+            empty = [c for c in found if not files[c]]
+            if empty and len(empty) < len(found):
+                print(f"note: {str(self.root)!r}: class folders without images left out: {', '.join(empty[:10])}",
+                      flush=True)  # fmt: skip
+                found = [c for c in found if files[c]]
         self.classes = list(classes) if classes is not None else found
         unknown = sorted(set(found) - set(self.classes))
         if unknown:
             raise ValueError(f"{str(self.root)!r} has classes the training folder has not: {', '.join(unknown[:10])}")
         index = {c: i for i, c in enumerate(self.classes)}
-        self.samples = [
-            (str(f), index[c]) for c in found for f in sorted((self.root / c).rglob("*")) if is_image_file(str(f))
-        ]
+        self.samples = [(f, index[c]) for c in found for f in files[c]]
         if not self.samples:
             raise ValueError(f"{str(self.root)!r} has class folders but no images in them")
 

@@ -3,6 +3,7 @@ and timm checkpoints, the built-in labelled digits, the CLI and its errors."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -151,6 +152,8 @@ def test_labelled_folder_errors_name_the_problem(tmp_path):
     (tmp_path / "empty" / "cat").mkdir(parents=True)
     with pytest.raises(ValueError, match="no images"):
         LabelledFolder(tmp_path / "empty")
+    (train / "zzz_empty").mkdir()  # an empty class folder beside real ones: not a class
+    assert LabelledFolder(train).classes == ["class0", "class1"]
 
 
 def test_builtin_digits_are_real_labelled_class_folders():
@@ -390,3 +393,16 @@ def test_finetune_under_torchrun_shares_the_epochs_and_counts_every_val_image(tm
     net.load_state_dict(load_file(rows[0]["saved"]))
     loader = torch.utils.data.DataLoader(LabelledFolder(val, eval_transform(32)), batch_size=4)
     assert evaluate(net, loader, 3, torch.device("cpu"))["top1"] == pytest.approx(rows[0]["top1"])
+
+
+def test_encoder_files_that_are_not_encoders_are_named_in_one_line(tmp_path):
+    """A training checkpoint (optimizer and RNG states: torch's weights_only refuses it) and a file of another kind."""
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    torch.save({"model": {"w": torch.zeros(1)}, "config": argparse.Namespace(model="x")}, ckpt)  # not weights only
+    with pytest.raises(ValueError, match=r"is a fastmim training checkpoint, not an encoder: pass the run's folder"):
+        load_encoder(ckpt)
+    other = tmp_path / "notes.pth"
+    other.write_text("not a tensor file")
+    with pytest.raises(ValueError, match=r"is neither safetensors nor a plain torch state dict \([^\n]*\); a fastmim"):
+        load_encoder(other)
