@@ -23,6 +23,9 @@ def convert(src: str | Path, dst: str | Path, encoder: str | Path | None = None)
     for out in (dst, encoder):
         if out is not None and Path(out).exists():
             raise FileExistsError(f"{str(out)!r} exists; choose another path (nothing was overwritten)")
+    if Path(src).is_file():
+        raise ValueError(f"{str(src)!r} is a single-file checkpoint already (it resumes as it is); convert takes a "
+                         "sharded one, the checkpoint.dcp folder of an --fsdp run")  # fmt: skip
     meta = load_meta(Path(src))
     saved = {k: v for k, v in meta["config"].items() if k not in ("resume", "output_dir")}
     cfg = apply_overrides(PretrainConfig(), saved, f"the config saved in {src}")

@@ -73,6 +73,8 @@ def test_two_process_fsdp_resumes_on_one_process_as_a_single_process_run(image_f
     assert ours.keys() == conv.keys() and all(torch.equal(ours[k], conv[k]) for k in ours)
     with pytest.raises(FileExistsError, match="nothing was overwritten"):
         convert(dcp, tmp_path / "conv.pt")
+    with pytest.raises(ValueError, match="is a single-file checkpoint already"):
+        convert(tmp_path / "conv.pt", tmp_path / "again.pt")
     # a save interrupted between its two renames leaves checkpoint.dcp.old: still the run's checkpoint
     dcp.rename(sh / f"{ckpt.DCP_NAME}.old")
     assert ckpt.run_checkpoint(sh) == sh / f"{ckpt.DCP_NAME}.old"
