@@ -515,7 +515,11 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
             ),  # fmt: skip
             flush=True,
         )
-    pos = trainer.fit()
+    try:
+        pos = trainer.fit()
+    finally:  # (DALI's pipeline holds its files mapped: released here, not when the collector gets to it)
+        if hasattr(loader, "close"):
+            loader.close()
     if info.is_main:
         print(f"done: step {pos.step}, outputs in {out}", flush=True)
     return out

@@ -239,6 +239,7 @@ class DaliLoader:
         if seen != len(self._order):
             raise ValueError(f"DALI's reader finds {seen} samples where the index has {len(self._order)}: {hint}")
         self._pipe = pipe
+        self._failed = False  # (the last batch asked for could not be delivered: see _next)
         self._it = DALIGenericIterator(
             [pipe],
             ["images", "indices"],
@@ -288,12 +289,17 @@ class DaliLoader:
         self.epoch, self.batch = self.epoch + 1, 0
 
     def _next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # DALI's state before this batch (~8 us): after a batch that fails, the iterator's own checkpoint has moved on
+        # (its reader and random state past the batch it could not deliver), so the run's checkpoint takes this one
+        self._state_before = self._it.checkpoints()[0]
         try:
             out = next(self._it)[0]
         except StopIteration:
             raise
         except RuntimeError as e:
+            self._failed = True
             raise self._decode_error(e) from e
+        self._failed = False
         self.batch += 1
         if self.tars:  # ids -> dataset indices
             ids = out["indices"].cpu().numpy()
@@ -310,12 +316,22 @@ class DaliLoader:
         while self.batch < len(self):
             yield self._next()
 
+    def close(self) -> None:
+        """Releases the pipeline. DALI shares a file's memory mapping among the pipelines of a process while any of
+        them holds it: a run that stopped on a bad file and is resumed in the same process (a notebook, a test) after
+        the file was replaced would otherwise read the old bytes. The loader cannot be iterated after this."""
+        pipe, self._it, self._pipe = self._pipe, None, None
+        shutdown = getattr(pipe, "_shutdown", None)  # (what Pipeline.__del__ runs; an error's traceback can keep the
+        if shutdown is not None:  # pipeline object itself alive until the collector runs)
+            shutdown()
+
     # --- checkpoints ---
     def state_dict(self) -> dict:
         """DALI's checkpoint (reader position and random state) with the epoch and batch it stands at (possibly
         ``len``: the epoch's end; ``set_epoch`` moves on from there, so a bad file in the dropped tail surfaces in
         the next epoch, never while a checkpoint is written)."""
-        return {"epoch": self.epoch, "batch": self.batch, "dali": self._it.checkpoints()[0],
+        dali = self._state_before if self._failed else self._it.checkpoints()[0]
+        return {"epoch": self.epoch, "batch": self.batch, "dali": dali,
                 "files": len(self.files), "rank": self.rank, "world_size": self.world_size}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
