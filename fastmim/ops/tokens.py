@@ -21,6 +21,7 @@ from fastmim.ops._dispatch import (
     custom_op,
     eager_function,
     needs_autograd,
+    stat_dtype,
     traced_op,
     triton_twin,
     unaliased,
@@ -254,8 +255,8 @@ def _scatter_bwd(
     cls_dtype: torch.dtype,
     cls_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns grad_x_vis [B, K, D] (x_dtype), grad_mask_token [D] fp32, grad_pos [R, D] fp32 ([0, D] if unused),
-    grad_cls [cls_rows, D] in cls_dtype ([0, D] without a class token)."""
+    """Returns grad_x_vis [B, K, D] (x_dtype), grad_mask_token [D] and grad_pos [R, D] ([0, D] if unused) in fp32
+    (float64 for a float64 grad), grad_cls [cls_rows, D] in cls_dtype ([0, D] without a class token)."""
     backend = choose_backend("scatter_masked", grad.device, (grad.dtype, x_dtype))
     return _scatter_bwd_on(backend, grad, ids_restore, k, has_cls, need_pos, x_dtype, cls_dtype, cls_rows)
 
@@ -273,11 +274,11 @@ def _scatter_bwd_on(backend: str, grad, ids_restore, k, has_cls, need_pos, x_dty
     else:
         gx, gmt, gpos = _scatter_backward_ref(grad, ids_restore, k, has_cls, need_pos, x_dtype)
     if gpos is None:
-        gpos = grad.new_empty((0, grad.shape[2]), dtype=torch.float32)
+        gpos = grad.new_empty((0, grad.shape[2]), dtype=stat_dtype(grad))
     if gcls is None:
         if has_cls:  # [B, D] rows of the class token, summed over the batch for a broadcast one (a copy either way)
             g0 = grad[:, 0]
-            g0 = g0 if cls_rows == grad.shape[0] else g0.float().sum(0, keepdim=True)
+            g0 = g0 if cls_rows == grad.shape[0] else g0.to(stat_dtype(g0)).sum(0, keepdim=True)
             gcls = g0.to(cls_dtype, copy=True)
         else:
             gcls = grad.new_empty((0, grad.shape[2]), dtype=cls_dtype)
@@ -286,14 +287,14 @@ def _scatter_bwd_on(backend: str, grad, ids_restore, k, has_cls, need_pos, x_dty
 
 def _scatter_backward_ref(grad, ids_restore, k, has_cls, need_pos, x_dtype):
     b, r, d = grad.shape
-    g = grad[:, int(has_cls) :].float()  # [B, N, D]
+    g = grad[:, int(has_cls) :].to(stat_dtype(grad))  # [B, N, D]
     ids = ids_restore.long()
     vis = ids < k
-    gx = torch.zeros((b, k, d), dtype=torch.float32, device=grad.device)
+    gx = torch.zeros((b, k, d), dtype=g.dtype, device=grad.device)
     bi = torch.arange(b, device=grad.device).unsqueeze(1).expand_as(ids)
     gx[bi[vis], ids[vis]] = g[vis]
     gmt = g[~vis].sum(0) if (~vis).any() else g.new_zeros(d)
-    gpos = grad.float().sum(0) if need_pos else None
+    gpos = grad.to(g.dtype).sum(0) if need_pos else None
     return gx.to(x_dtype), gmt, gpos
 
 
@@ -315,8 +316,8 @@ _scatter_masked_backward_op = custom_op("fastmim::scatter_masked_backward", unal
 def _(grad, ids_restore, k, has_cls, need_pos, x_dtype, cls_dtype, cls_rows):
     b, r, d = grad.shape
     gx = grad.new_empty((b, k, d), dtype=x_dtype)
-    gmt = grad.new_empty((d,), dtype=torch.float32)
-    gpos = grad.new_empty((r if need_pos else 0, d), dtype=torch.float32)
+    gmt = grad.new_empty((d,), dtype=stat_dtype(grad))
+    gpos = grad.new_empty((r if need_pos else 0, d), dtype=stat_dtype(grad))
     gcls = grad.new_empty((cls_rows if has_cls else 0, d), dtype=cls_dtype)
     return gx, gmt, gpos, gcls
 
@@ -346,6 +347,31 @@ def _scatter_backward(ctx, grad, bwd=_scatter_masked_backward_op):
 _scatter_masked_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 
 
+# the backward is linear in the output's gradient: its own backward is the scatter again, applied to the gradients
+# of its outputs (visible rows, mask token, position embedding, class token), so the op differentiates any number of
+# times
+def _scatter_bwd_setup(ctx, inputs, output):
+    grad, ids_restore, k, has_cls, need_pos = inputs[:5]
+    ctx.save_for_backward(ids_restore)
+    ctx.shape, ctx.dtype, ctx.k, ctx.has_cls, ctx.need_pos = tuple(grad.shape), grad.dtype, k, has_cls, need_pos
+
+
+def _scatter_bwd_backward(ctx, ggx, ggmt, ggpos, ggcls, fwd=_scatter_masked_op):
+    (ids_restore,) = ctx.saved_tensors
+    b, _, d = ctx.shape
+    dev = ids_restore.device
+    ggx = ggx if ggx is not None else torch.zeros((b, ctx.k, d), device=dev, dtype=ctx.dtype)
+    ggmt = ggmt if ggmt is not None else torch.zeros((d,), device=dev, dtype=stat_dtype(ggx))
+    pos = ggpos if ctx.need_pos and ggpos is not None else None
+    cls = None
+    if ctx.has_cls:
+        cls = ggcls if ggcls is not None else torch.zeros((1, d), device=dev, dtype=ctx.dtype)
+    return fwd(ggx, ids_restore, ggmt, pos, cls).to(ctx.dtype), None, None, None, None, None, None, None
+
+
+_scatter_masked_backward_op.register_autograd(_scatter_bwd_backward, setup_context=_scatter_bwd_setup)
+
+
 _ScatterMasked = eager_function(
     "_ScatterMasked",
     _scatter_fwd,
@@ -363,6 +389,9 @@ _scatter_masked_backward_twin = triton_twin(
 if _scatter_masked_twin is not None:
     _scatter_masked_twin.register_autograd(
         lambda ctx, grad: _scatter_backward(ctx, grad, _scatter_masked_backward_twin), setup_context=_scatter_setup
+    )
+    _scatter_masked_backward_twin.register_autograd(
+        lambda ctx, *g: _scatter_bwd_backward(ctx, *g, fwd=_scatter_masked_twin), setup_context=_scatter_bwd_setup
     )
 
 

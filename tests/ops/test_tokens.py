@@ -167,8 +167,8 @@ def test_hypothesis_shapes(backend, b, n, d, frac, has_cls, has_pos, bf16, seed)
 
 
 def test_double_backward(backend):
-    """gather_visible's backward is linear and differentiable (its backward is the gather again); scatter_masked's
-    second derivative raises naming the op instead of dropping terms (tests/ops/test_second_derivative.py: all ops)."""
+    """gather_visible's and scatter_masked's backwards are linear and differentiable (each one's backward is the op
+    again): second derivatives equal the reference's (tests/ops/test_second_derivative.py: all ops)."""
     device, _ = backend
     x = _randn(2, 9, 4, device=device)
     ids = _ids_keep(2, 9, 3, device)
@@ -178,10 +178,13 @@ def test_double_backward(backend):
     want[torch.arange(2, device=device).unsqueeze(1), ids] = 2.0  # d/dx of sum(2 x) over the kept rows
     torch.testing.assert_close(gg, want)
     xv, mt = _randn(2, 3, 4, device=device), _randn(4, device=device, seed=1)
-    out = scatter_masked(xv, _ids_restore(2, 9, device), mt)
-    g = torch.autograd.grad(out.square().sum(), xv, create_graph=True)[0]
-    with pytest.raises(RuntimeError, match="fastmim.scatter_masked_backward"):
-        g.sum().backward()
+    ids = _ids_restore(2, 9, device)
+    second = []
+    for fn in (scatter_masked, scatter_masked_ref):
+        g = torch.autograd.grad(fn(xv, ids, mt).pow(3).sum(), (xv, mt), create_graph=True)
+        second.append(torch.autograd.grad(sum(t.square().sum() for t in g), (xv, mt)))
+    for got, want in zip(*second, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ---- bad input --------------------------------------------------------------------------------------------------
