@@ -239,7 +239,7 @@ class DaliLoader:
         if seen != len(self._order):
             raise ValueError(f"DALI's reader finds {seen} samples where the index has {len(self._order)}: {hint}")
         self._pipe = pipe
-        self._failed = False  # (the last batch asked for could not be delivered: see _next)
+        self._rewound = False  # the state to save is the one from before the last batch asked for (see _next)
         self._it = DALIGenericIterator(
             [pipe],
             ["images", "indices"],
@@ -297,9 +297,9 @@ class DaliLoader:
         except StopIteration:
             raise
         except RuntimeError as e:
-            self._failed = True
+            self._rewound = True
             raise self._decode_error(e) from e
-        self._failed = False
+        self._rewound = False
         self.batch += 1
         if self.tars:  # ids -> dataset indices
             ids = out["indices"].cpu().numpy()
@@ -316,6 +316,14 @@ class DaliLoader:
         while self.batch < len(self):
             yield self._next()
 
+    def unread_last_batch(self) -> None:
+        """Counts the last batch delivered as not read, in position and in the state a checkpoint saves: a DDP rank
+        whose batch loaded while another rank's failed gives it back, so that every rank's checkpoint resumes at the
+        batch the run stopped at. (A batch that failed to load is not counted already.)"""
+        if not self._rewound:
+            self._rewound = True
+            self.batch -= 1
+
     def close(self) -> None:
         """Releases the pipeline. DALI shares a file's memory mapping among the pipelines of a process while any of
         them holds it: a run that stopped on a bad file and is resumed in the same process (a notebook, a test) after
@@ -330,7 +338,7 @@ class DaliLoader:
         """DALI's checkpoint (reader position and random state) with the epoch and batch it stands at (possibly
         ``len``: the epoch's end; ``set_epoch`` moves on from there, so a bad file in the dropped tail surfaces in
         the next epoch, never while a checkpoint is written)."""
-        dali = self._state_before if self._failed else self._it.checkpoints()[0]
+        dali = self._state_before if self._rewound else self._it.checkpoints()[0]
         return {"epoch": self.epoch, "batch": self.batch, "dali": dali,
                 "files": len(self.files), "rank": self.rank, "world_size": self.world_size}  # fmt: skip
 

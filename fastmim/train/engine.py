@@ -362,8 +362,8 @@ class Trainer:
         inside an accumulation the last saved checkpoint stands."""
         if batch % self.cfg.accum_iter or self.pos.step == 0 or self.pos.step == self.saved_step:
             return
-        if self.info.enabled and not isinstance(self.sampler, ResumableDistributedSampler):
-            return  # DALI under DDP: the ranks that loaded this batch moved their readers past it (would not resume)
+        if hasattr(self.loader, "unread_last_batch"):  # DALI: the ranks that loaded this batch give it back, so
+            self.loader.unread_last_batch()  # that every rank's saved reader state is from before it
         self.save()
         if self.info.is_main:
             print(f"checkpointed at step {self.pos.step} before stopping on a file that cannot be decoded", flush=True)

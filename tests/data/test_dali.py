@@ -228,6 +228,43 @@ def test_a_bad_file_met_in_training_checkpoints_names_the_file_and_the_run_resum
         torch.testing.assert_close(b[k], v, rtol=1e-6, atol=1e-7, msg=k)
 
 
+@pytest.mark.slow
+def test_under_torchrun_a_bad_file_on_one_rank_checkpoints_every_rank_before_that_batch(tmp_path):
+    """Two processes (gloo), DALI: rank 1 cannot decode a file of its third batch while rank 0 loaded its own; both
+    stop there, rank 0 gives its batch back, and the checkpoint of step 2 resumes (file replaced) to the weights of a
+    run that never met the bad file."""
+    from fastmim.data.dali import DaliLoader
+    from fastmim.train.checkpoint import load_checkpoint
+    from tests.conftest import TINY_ARGS, make_image_folder, run_cli
+
+    data = make_image_folder(tmp_path / "d", n=24)
+    files = list_images(data)
+    third = list(DaliLoader(files, 2, 64, rank=1, world_size=2, seed=0, num_threads=1))[2][1].tolist()
+    victim = files[third[0]]
+    good = open(victim, "rb").read()
+    args = [*TINY_ARGS, "--data-path", str(data), "--epochs", "1", "--batch-size", "2", "--loader", "dali",
+            "--allow-unscanned", "--vis-interval", "100"]  # fmt: skip
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastmim.pretrain"]
+    env = {"OMP_NUM_THREADS": "1"}
+    clean, cut = tmp_path / "clean", tmp_path / "cut"
+    r = run_cli([*args, "--output-dir", str(clean)], env=env, module=launch)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(victim, "wb") as f:
+        f.write(good[: len(good) // 3])
+    r = run_cli([*args, "--output-dir", str(cut)], env=env, module=launch)
+    assert r.returncode != 0 and "rank 1 could not load its batch" in r.stdout, r.stdout + r.stderr
+    assert "checkpointed at step 2 before stopping" in r.stdout, r.stdout + r.stderr
+    assert load_checkpoint(cut / "checkpoint.pt")["step"] == 2
+    with open(victim, "wb") as f:
+        f.write(good)
+    r = run_cli(["--resume", "--output-dir", str(cut)], env=env, module=launch)
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = load_checkpoint(clean / "checkpoint.pt"), load_checkpoint(cut / "checkpoint.pt")
+    assert a["step"] == b["step"] == 6
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+
+
 def test_only_errors_that_name_a_sample_become_decode_errors(files):
     """DALI 2.x names the sample it cannot decode; on nvImageCodec it reports a failure without a file (a decode
     error that says how to find it); any other error (an older DALI's message, out of memory in the GPU decoder)
