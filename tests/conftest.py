@@ -81,6 +81,35 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 300, module
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
 
 
+TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastmim.pretrain"]
+
+
+def torchrun_clean_then_bad(args: list[str], root: Path, victim: Path, bad: bytes):
+    """Under torchrun (2 processes, gloo): a clean run into ``root/clean``, then ``victim`` overwritten with ``bad``
+    and the same run into ``root/cut``. Returns (the cut run's CompletedProcess, clean dir, cut dir)."""
+    env = {"OMP_NUM_THREADS": "1"}
+    clean, cut = root / "clean", root / "cut"
+    r = run_cli([*args, "--output-dir", str(clean)], env=env, module=TORCHRUN_2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    victim.write_bytes(bad)
+    return run_cli([*args, "--output-dir", str(cut)], env=env, module=TORCHRUN_2), clean, cut
+
+
+def torchrun_resume_equals(clean: Path, cut: Path, victim: Path, good: bytes, steps: int) -> None:
+    """``victim`` restored, ``cut`` resumed under torchrun: its final weights equal the clean run's at ``steps``."""
+    import torch
+
+    from fastmim.train.checkpoint import load_checkpoint
+
+    victim.write_bytes(good)
+    r = run_cli(["--resume", "--output-dir", str(cut)], env={"OMP_NUM_THREADS": "1"}, module=TORCHRUN_2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = load_checkpoint(clean / "checkpoint.pt"), load_checkpoint(cut / "checkpoint.pt")
+    assert a["step"] == b["step"] == steps
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+
+
 def assert_encoder_matches_timm(model, depth: int, img_size: int = 64, embed_dim: int = 192, num_heads: int = 3,
                                 **timm_kwargs):  # fmt: skip
     """``model.encoder_state_dict()`` loads strictly into timm's VisionTransformer (``timm_kwargs``: e.g. no class

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,7 +236,7 @@ def test_under_torchrun_a_bad_file_on_one_rank_checkpoints_every_rank_before_tha
     run that never met the bad file."""
     from fastmim.data.dali import DaliLoader
     from fastmim.train.checkpoint import load_checkpoint
-    from tests.conftest import TINY_ARGS, make_image_folder, run_cli
+    from tests.conftest import TINY_ARGS, make_image_folder, torchrun_clean_then_bad, torchrun_resume_equals
 
     data = make_image_folder(tmp_path / "d", n=24)
     files = list_images(data)
@@ -244,25 +245,11 @@ def test_under_torchrun_a_bad_file_on_one_rank_checkpoints_every_rank_before_tha
     good = open(victim, "rb").read()
     args = [*TINY_ARGS, "--data-path", str(data), "--epochs", "1", "--batch-size", "2", "--loader", "dali",
             "--allow-unscanned", "--vis-interval", "100"]  # fmt: skip
-    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastmim.pretrain"]
-    env = {"OMP_NUM_THREADS": "1"}
-    clean, cut = tmp_path / "clean", tmp_path / "cut"
-    r = run_cli([*args, "--output-dir", str(clean)], env=env, module=launch)
-    assert r.returncode == 0, r.stdout + r.stderr
-    with open(victim, "wb") as f:
-        f.write(good[: len(good) // 3])
-    r = run_cli([*args, "--output-dir", str(cut)], env=env, module=launch)
+    r, clean, cut = torchrun_clean_then_bad(args, tmp_path, Path(victim), good[: len(good) // 3])
     assert r.returncode != 0 and "rank 1 could not load its batch" in r.stdout, r.stdout + r.stderr
     assert "checkpointed at step 2 before stopping" in r.stdout, r.stdout + r.stderr
     assert load_checkpoint(cut / "checkpoint.pt")["step"] == 2
-    with open(victim, "wb") as f:
-        f.write(good)
-    r = run_cli(["--resume", "--output-dir", str(cut)], env=env, module=launch)
-    assert r.returncode == 0, r.stdout + r.stderr
-    a, b = load_checkpoint(clean / "checkpoint.pt"), load_checkpoint(cut / "checkpoint.pt")
-    assert a["step"] == b["step"] == 6
-    for k, v in a["model"].items():
-        torch.testing.assert_close(b["model"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+    torchrun_resume_equals(clean, cut, Path(victim), good, 6)
 
 
 def test_only_errors_that_name_a_sample_become_decode_errors(files):

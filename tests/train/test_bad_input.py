@@ -1,6 +1,7 @@
 """Bad input gets a clear error naming the problem, and nothing is lost."""
 
 import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -215,12 +216,11 @@ def test_bad_file_under_ddp_stops_every_rank_at_a_checkpoint(tmp_path):
     batch (none waits in the all-reduce for a rank that died), the two completed steps are checkpointed, the ranks
     name the file in one line (torchrun may end the second before it prints), and with the file replaced --resume
     ends where a clean run ends."""
-    import torch
 
     from fastmim.data.folder import ImageFolderDataset
     from fastmim.data.sampler import ResumableDistributedSampler
     from fastmim.train.checkpoint import load_checkpoint
-    from tests.conftest import make_image_folder, run_cli
+    from tests.conftest import make_image_folder, torchrun_clean_then_bad, torchrun_resume_equals
 
     data = make_image_folder(tmp_path / "d", n=24)
     sampler = ResumableDistributedSampler(24, num_replicas=2, rank=1, seed=0)
@@ -229,14 +229,7 @@ def test_bad_file_under_ddp_stops_every_rank_at_a_checkpoint(tmp_path):
     good = open(victim, "rb").read()
     args = [*TINY_ARGS, "--data-path", str(data), "--epochs", "1", "--batch-size", "2", "--num-workers", "1",
             "--loader", "torch", "--vis-interval", "100"]  # fmt: skip
-    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastmim.pretrain"]
-    env = {"OMP_NUM_THREADS": "1"}
-    clean, cut = tmp_path / "clean", tmp_path / "cut"
-    r = run_cli([*args, "--output-dir", str(clean)], env=env, module=launch)
-    assert r.returncode == 0, r.stdout + r.stderr
-    with open(victim, "wb") as f:
-        f.write(b"\xff\xd8 truncated")
-    r = run_cli([*args, "--output-dir", str(cut)], env=env, module=launch)
+    r, clean, cut = torchrun_clean_then_bad(args, tmp_path, Path(victim), b"\xff\xd8 truncated")
     assert r.returncode != 0
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
     # (torchrun ends the other rank once the first has exited: one or two such lines)
@@ -244,14 +237,7 @@ def test_bad_file_under_ddp_stops_every_rank_at_a_checkpoint(tmp_path):
     assert all("--resume: the run is checkpointed" in ln for ln in errors), errors
     assert "rank 1 could not load its batch" in r.stdout and "checkpointed at step 2 before stopping" in r.stdout
     assert load_checkpoint(cut / "checkpoint.pt")["step"] == 2
-    with open(victim, "wb") as f:
-        f.write(good)
-    r = run_cli(["--resume", "--output-dir", str(cut)], env=env, module=launch[:-2] + ["-m", "fastmim.pretrain"])
-    assert r.returncode == 0, r.stdout + r.stderr
-    a, b = load_checkpoint(clean / "checkpoint.pt"), load_checkpoint(cut / "checkpoint.pt")
-    assert a["step"] == b["step"] == 6
-    for k, v in a["model"].items():
-        torch.testing.assert_close(b["model"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+    torchrun_resume_equals(clean, cut, Path(victim), good, 6)
 
 
 def test_a_run_that_died_before_its_first_checkpoint_restarts_in_place(image_folder, tmp_path, capsys):
