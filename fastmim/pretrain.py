@@ -79,6 +79,19 @@ def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]
     return cfg, state
 
 
+def _remove_empty(out: Path, top: Path | None) -> None:
+    """Removes ``out`` and its parents up to ``top`` (inclusive) while they are empty folders; nothing when ``top`` is
+    None (the folders existed before) or not ``out`` or one of its parents."""
+    if top is None or not (out == top or top in out.parents):
+        return
+    for d in (out, *out.parents):
+        if not d.is_dir() or any(d.iterdir()):
+            return
+        d.rmdir()
+        if d == top:
+            return
+
+
 def _checkpoint_in(path: Path) -> Path:
     """--resume PATH: a checkpoint file, a sharded checkpoint's folder, or a run's folder (its newest checkpoint)."""
     from fastmim.train.fsdp import dcp_dir
@@ -455,9 +468,11 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
     lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
     check_lr_schedule(cfg, lr, eff_batch, info)
-    fresh = cfg.output_dir is None or not Path(cfg.output_dir).exists()
+    base = Path(cfg.output_dir) if cfg.output_dir else Path("output")  # (the default run folder goes in output/)
+    made = [p for p in (base, *base.parents) if not p.exists()]  # the folders the run will make
     out = prepare_output_dir(cfg, info)
-    try:  # what can still refuse the run (data, model, loader): a folder made for it is not left behind empty
+    loader = None
+    try:  # what can still refuse the run (data, model, loader): the folders made for it are not left behind empty
         _seed_everything(cfg.seed)  # every rank builds the same initial weights (FSDP shards them where they are)
         kind, root, why = choose_loader(data_cfg := with_builtin_data(cfg), device)
         dataset = build_dataset(data_cfg, root)
@@ -487,8 +502,10 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
             trainer.load_state_dict(state)
             del state
     except BaseException:
-        if fresh and info.is_main and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        if hasattr(loader, "close"):  # (DALI: see below)
+            loader.close()
+        if info.is_main:
+            _remove_empty(out, made[-1] if made else (out if cfg.output_dir is None else None))
         raise
     if info.is_main and trainer.pos.step < trainer.total_steps:  # (a resume with nothing to do keeps the run's own)
         save_yaml(cfg, out / "config.yaml")

@@ -137,10 +137,11 @@ def ignore_stop_signals(_worker_id: int = 0, trainer: int | None = None) -> None
     run; so does any signal once the worker's parent is gone.
 
     The signals are blocked in the worker's threads and taken by one thread with ``sigwaitinfo``, which says who sent
-    each. A worker started by fork has one thread here; one started by spawn or a fork server (Python 3.14's default)
-    runs native threads already, which have the signals blocked only when the worker was started with them blocked
-    (``ShieldedLoader``: a blocked mask survives fork and exec). Where some thread could still take a signal (or there
-    is no sigwaitinfo) the worker keeps the default behaviour."""
+    each. A worker started by fork has one thread here, and so has one forked by a fork server (Python 3.14's
+    default) that imported torch before (``ShieldedLoader`` starts it so); one started by spawn runs torch's native
+    threads already, which have the signals blocked when it was started with them blocked (``ShieldedLoader``: a
+    blocked mask survives exec). Where some thread could still take a signal (a fork server started elsewhere without
+    torch, or no sigwaitinfo) the worker keeps the default behaviour."""
     if not STOP_SIGNALS or not hasattr(signal, "sigwaitinfo"):
         return
     parent = os.getppid()
@@ -200,14 +201,33 @@ class ShieldedLoader(torch.utils.data.DataLoader):
         if self.num_workers == 0:
             return super()._get_iterator()
         ctx = self.multiprocessing_context or multiprocessing.get_context()
-        if ctx.get_start_method() != "fork":
+        method = ctx.get_start_method()
+        if method != "fork":
             # multiprocessing's resource tracker, started with the first spawned process, unblocks SIGTERM in the
             # starting thread once it runs: it must be running before the block
             from multiprocessing import resource_tracker
 
             resource_tracker.ensure_running()
-        with stop_signals_blocked():
+        if method == "forkserver":  # not blocked: the fork server would pass the block on to every process it forks
+            _start_forkserver_with_torch()
             return super()._get_iterator()
+        with stop_signals_blocked():  # spawn: the block survives exec, into the worker's native threads
+            return super()._get_iterator()
+
+
+def _start_forkserver_with_torch() -> None:
+    """Starts multiprocessing's fork server with torch imported in it (unless it runs already): its children, loader
+    workers among them, then begin with a single thread, which ``ignore_stop_signals`` needs (a worker that imports
+    torch itself starts torch's native threads before its init can block the signals)."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    if server is None or getattr(server, "_forkserver_pid", None) is not None:
+        return  # (not this Python's fork server, or running: its children are as they are)
+    preload = list(getattr(server, "_preload_modules", ["__main__"]))
+    if "torch" not in preload:
+        forkserver.set_forkserver_preload([*preload, "torch"])
+    forkserver.ensure_running()
 
 
 def build_pretrain_loader(

@@ -38,8 +38,9 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if path.name == "checkpoint.pt":  # (torch's weights_only explanation runs to a dozen lines: not repeated)
-            raise ValueError(f"{str(path)!r} is a fastmim training checkpoint, not an encoder: pass the run's folder "
-                             f"({str(path.parent)!r}) or its encoder.safetensors") from None  # fmt: skip
+            raise ValueError(f"{str(path)!r} is a fastmim checkpoint (a run's whole state), not an encoder: pass "
+                             f"the run's folder ({str(path.parent)!r}), or its encoder.safetensors "
+                             "(finetuned.safetensors for a fine-tuning)") from None  # fmt: skip
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{str(path)!r} is neither safetensors nor a plain torch state dict ({first}); a fastmim "
                          "run's encoder is RUN/encoder.safetensors") from e  # fmt: skip
@@ -154,7 +155,8 @@ class LabelledFolder(torch.utils.data.Dataset):
         self.classes = list(classes) if classes is not None else found
         unknown = sorted(set(found) - set(self.classes))
         if unknown:
-            raise ValueError(f"{str(self.root)!r} has classes the training folder has not: {', '.join(unknown[:10])}")
+            raise ValueError(f"{str(self.root)!r} has classes the training folder has not (or has no images of): "
+                             f"{', '.join(unknown[:10])}")  # fmt: skip
         index = {c: i for i, c in enumerate(self.classes)}
         self.samples = [(f, index[c]) for c in found for f in files[c]]
         if not self.samples:

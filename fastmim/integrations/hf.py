@@ -19,6 +19,8 @@ Patching twice changes nothing.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from fastmim.integrations._versions import require
@@ -122,6 +124,13 @@ class _PatchedMethod:
     @property
     def __func__(self):
         return _REPLACEMENTS[self.name]
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The replacement's, without ``self``: what a bound method shows (Hugging Face's Trainer keeps the dataset
+        columns the forward's signature names)."""
+        sig = inspect.signature(_REPLACEMENTS[self.name])
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
 
     def __call__(self, *args, **kwargs):
         return _REPLACEMENTS[self.name](self.module, *args, **kwargs)

@@ -100,3 +100,20 @@ def test_shielded_loader_runs_the_users_worker_init_after_the_shield():
                             multiprocessing_context="fork")  # fmt: skip
     items = list(loader)
     assert all(it[3] == "ran 0" and it[1] for it in items)
+
+
+def test_other_processes_of_the_fork_server_keep_their_signals():
+    """The fork server a ShieldedLoader starts is not started with the signals blocked: a process it forks later for
+    someone else (a plain Process here) still ends on SIGTERM."""
+    import multiprocessing
+
+    list(ShieldedLoader(WorkerState(), batch_size=None, num_workers=1, multiprocessing_context="forkserver"))
+    proc = multiprocessing.get_context("forkserver").Process(target=time.sleep, args=(60,))
+    proc.start()
+    try:
+        proc.terminate()
+        proc.join(20)
+        assert proc.exitcode == -signal.SIGTERM
+    finally:
+        if proc.is_alive():
+            proc.kill()

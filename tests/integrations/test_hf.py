@@ -134,6 +134,15 @@ def test_a_saved_patched_model_loads_patched():
     assert not hf_vit_mae_is_patched(unpatch_hf_vit_mae(copies[0])) and hf_vit_mae_is_patched(ours)
 
 
+def test_a_patched_models_forward_shows_transformers_signature():
+    """Hugging Face's Trainer keeps the dataset columns that the model's forward names (remove_unused_columns)."""
+    import inspect
+
+    ref, ours = tiny(), patch_hf_vit_mae(tiny())
+    assert list(inspect.signature(ours.forward).parameters)[:4] == list(inspect.signature(ref.forward).parameters)[:4]
+    assert "pixel_values" in inspect.signature(ours.forward).parameters
+
+
 @pytest.mark.parametrize("case", ["nothing masked", "float64"])
 def test_edge_configurations_match_transformers(case):
     """mask_ratio 0 (every patch reconstructed): transformers' loss is NaN (0 / 0) and its logits are returned; the

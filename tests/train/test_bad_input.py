@@ -33,6 +33,11 @@ def test_dataset_smaller_than_a_batch(tmp_path, capsys):
     err = fails([*TINY_ARGS, "--data-path", str(data), "--output-dir", str(tmp_path / "o")], capsys)
     assert "the dataset has 3 images, fewer than one global batch" in err
     assert not (tmp_path / "o").exists()  # the folder made for the run is not left behind empty
+    err = fails([*TINY_ARGS, "--data-path", str(data), "--output-dir", str(tmp_path / "a" / "b" / "c")], capsys)
+    assert "fewer than one global batch" in err and not (tmp_path / "a").exists()  # nor the folders above it
+    (tmp_path / "kept").mkdir()  # a folder that was there before stays
+    fails([*TINY_ARGS, "--data-path", str(data), "--output-dir", str(tmp_path / "kept")], capsys)
+    assert (tmp_path / "kept").is_dir()
 
 
 def test_option_that_does_not_apply_to_the_recipe_is_refused(image_folder, tmp_path, capsys):
