@@ -472,69 +472,68 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     made = [p for p in (base, *base.parents) if not p.exists()]  # the folders the run will make
     out = prepare_output_dir(cfg, info)
     loader = None
-    try:  # what can still refuse the run (data, model, loader): the folders made for it are not left behind empty
-        _seed_everything(cfg.seed)  # every rank builds the same initial weights (FSDP shards them where they are)
-        kind, root, why = choose_loader(data_cfg := with_builtin_data(cfg), device)
-        dataset = build_dataset(data_cfg, root)
-        monitor = build_monitor(cfg, info, device)
-        model = build_model(cfg, device)
-        if info.rank:  # then each rank its own random stream (drop path, decoder noise)
-            _seed_everything(cfg.seed + info.rank)
-        masks = model.mask_strategy(seed=cfg.seed)
-        loader, sampler, loader_desc = build_loader(cfg, kind, dataset, masks, info, device)
-        amp_dtype = resolve_amp(cfg.amp, device)
-        if cfg.fsdp:  # sharded before the optimizer is built: it steps the shards
-            from fastmim.train.fsdp import init_single_process_group, shard_model
+    try:  # (DALI's pipeline holds its files mapped: released at the end, not when the collector gets to it)
+        try:  # what can still refuse the run (data, model, loader): the folders made for it are not left behind empty
+            _seed_everything(cfg.seed)  # every rank builds the same initial weights (FSDP shards them where they are)
+            kind, root, why = choose_loader(data_cfg := with_builtin_data(cfg), device)
+            dataset = build_dataset(data_cfg, root)
+            monitor = build_monitor(cfg, info, device)
+            model = build_model(cfg, device)
+            if info.rank:  # then each rank its own random stream (drop path, decoder noise)
+                _seed_everything(cfg.seed + info.rank)
+            masks = model.mask_strategy(seed=cfg.seed)
+            loader, sampler, loader_desc = build_loader(cfg, kind, dataset, masks, info, device)
+            amp_dtype = resolve_amp(cfg.amp, device)
+            if cfg.fsdp:  # sharded before the optimizer is built: it steps the shards
+                from fastmim.train.fsdp import init_single_process_group, shard_model
 
-            if not info.enabled:
-                init_single_process_group(device)
-            shard_model(model, amp_dtype)
-        optimizer = build_adamw(model, lr, cfg.weight_decay, betas=(0.9, cfg.beta2), graph=cfg.cuda_graph)
-        step_model = model
-        if info.enabled and not cfg.fsdp:
-            ids = [device.index] if device.type == "cuda" else None
-            step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        if compile_mode is not None:
-            step_model = compile_model(step_model, compile_mode[0])
-        trainer = Trainer(cfg, info, device, step_model, model, optimizer, loader, sampler, dataset, out, lr,
-                          amp_dtype=amp_dtype, monitor=monitor)  # fmt: skip
-        if state is not None:
-            trainer.load_state_dict(state)
-            del state
-    except BaseException:
-        if hasattr(loader, "close"):  # (DALI: see below)
-            loader.close()
+                if not info.enabled:
+                    init_single_process_group(device)
+                shard_model(model, amp_dtype)
+            optimizer = build_adamw(model, lr, cfg.weight_decay, betas=(0.9, cfg.beta2), graph=cfg.cuda_graph)
+            step_model = model
+            if info.enabled and not cfg.fsdp:
+                ids = [device.index] if device.type == "cuda" else None
+                step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            if compile_mode is not None:
+                step_model = compile_model(step_model, compile_mode[0])
+            trainer = Trainer(cfg, info, device, step_model, model, optimizer, loader, sampler, dataset, out, lr,
+                              amp_dtype=amp_dtype, monitor=monitor)  # fmt: skip
+            if state is not None:
+                trainer.load_state_dict(state)
+                del state
+        except BaseException:
+            if info.is_main:
+                _remove_empty(out, made[-1] if made else (out if cfg.output_dir is None else None))
+            raise
+        if info.is_main and trainer.pos.step < trainer.total_steps:  # (a resume with nothing to do keeps the run's own)
+            save_yaml(cfg, out / "config.yaml")
         if info.is_main:
-            _remove_empty(out, made[-1] if made else (out if cfg.output_dir is None else None))
-        raise
-    if info.is_main and trainer.pos.step < trainer.total_steps:  # (a resume with nothing to do keeps the run's own)
-        save_yaml(cfg, out / "config.yaml")
-    if info.is_main:
-        n_params = sum(p.numel() for p in model.parameters()) / 1e6
-        per_node = info.local_world_size
-        nodes = f" ({info.world_size // per_node} nodes x {per_node})" if 0 < per_node < info.world_size else ""
-        print(
-            f"fastmim: {cfg.model} ({n_params:.1f}M params) on {device} x{info.world_size}{nodes}"
-            f"{', FSDP (sharded over ' + str(info.world_size) + ')' if cfg.fsdp else ''}, "
-            f"amp={trainer.amp_dtype or 'fp32'}, native ext={'yes' if _ext.available() else 'no'}"
-            + (f", torch.compile mode {compile_mode[0]} ({compile_mode[1]})" if compile_mode else "")
-            + "\n"
-            f"  data: {len(dataset)} images from {dataset.root}, loader {loader_desc}: {why}\n"
-            f"  batch {eff_batch} (= {cfg.batch_size} x {cfg.accum_iter} accum x {info.world_size} procs), "
-            f"lr {lr:.3g}, {trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps\n"
-            f"  output: {out}"
-            + (f"\n  resuming at step {trainer.pos.step} (epoch {trainer.pos.epoch})" if cfg.resume else "")
-            + (
-                f"\n  note: --accum-iter {cfg.accum_iter} does not divide the {trainer.loader_batches} batches of an "
-                f"epoch: {trainer.loader_batches - trainer.batches_per_epoch} batch(es) at each epoch's end go unused"
-                if trainer.loader_batches != trainer.batches_per_epoch
-                else ""
-            ),  # fmt: skip
-            flush=True,
-        )
-    try:
+            n_params = sum(p.numel() for p in model.parameters()) / 1e6
+            per_node = info.local_world_size
+            nodes = f" ({info.world_size // per_node} nodes x {per_node})" if 0 < per_node < info.world_size else ""
+            print(
+                f"fastmim: {cfg.model} ({n_params:.1f}M params) on {device} x{info.world_size}{nodes}"
+                f"{', FSDP (sharded over ' + str(info.world_size) + ')' if cfg.fsdp else ''}, "
+                f"amp={trainer.amp_dtype or 'fp32'}, native ext={'yes' if _ext.available() else 'no'}"
+                + (f", torch.compile mode {compile_mode[0]} ({compile_mode[1]})" if compile_mode else "")
+                + "\n"
+                f"  data: {len(dataset)} images from {dataset.root}, loader {loader_desc}: {why}\n"
+                f"  batch {eff_batch} (= {cfg.batch_size} x {cfg.accum_iter} accum x {info.world_size} procs), "
+                f"lr {lr:.3g}, {trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps\n"
+                f"  output: {out}"
+                + (f"\n  resuming at step {trainer.pos.step} (epoch {trainer.pos.epoch})" if cfg.resume else "")
+                + (
+                    f"\n  note: --accum-iter {cfg.accum_iter} does not divide the {trainer.loader_batches} batches "
+                    f"of an epoch: {trainer.loader_batches - trainer.batches_per_epoch} batch(es) at each epoch's "
+                    "end go unused"
+                    if trainer.loader_batches != trainer.batches_per_epoch
+                    else ""
+                ),  # fmt: skip
+                flush=True,
+            )
         pos = trainer.fit()
-    finally:  # (DALI's pipeline holds its files mapped: released here, not when the collector gets to it)
+    finally:
         if hasattr(loader, "close"):
             loader.close()
     if info.is_main:

@@ -40,9 +40,14 @@ def get_at_index(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return gather_visible(tokens, index)
 
 
-def _restore(first: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-    """ids_restore for ``scatter_masked``: token position -> its row in (``first`` ++ ``rest``) order."""
-    return torch.argsort(torch.cat([first, rest], dim=1), dim=1)
+def _restore(first: torch.Tensor, rest: torch.Tensor, check: str | None = None) -> torch.Tensor:
+    """ids_restore for ``scatter_masked``: token position -> its row in (``first`` ++ ``rest``) order. ``check``: the
+    calling function, which takes (``first`` ++ ``rest``) from its user: checked to be a permutation (argsort would
+    hide a repeat)."""
+    both = torch.cat([first, rest], dim=1)
+    if check is not None:
+        check_id_values(check, "cat(idx_keep, idx_mask)", both, both.shape[1], distinct=True)
+    return torch.argsort(both, dim=1)
 
 
 def _decoder_parts(decoder) -> tuple:
@@ -65,9 +70,7 @@ def decode_masked(decoder, x: torch.Tensor, idx_keep: torch.Tensor, idx_mask: to
     if idx_keep.shape[1] + idx_mask.shape[1] != pos_embed.shape[1]:
         raise ValueError(f"decode_masked: idx_keep ({idx_keep.shape[1]}) and idx_mask ({idx_mask.shape[1]}) must "
                          f"cover the decoder's {pos_embed.shape[1]} token positions")  # fmt: skip
-    both = torch.cat([idx_keep, idx_mask], dim=1)  # a permutation of the positions (argsort would hide a repeat)
-    check_id_values("decode_masked", "cat(idx_keep, idx_mask)", both, pos_embed.shape[1], distinct=True)
-    return norm(blocks(scatter_masked(x, torch.argsort(both, dim=1), mask_token, pos_embed)))
+    return norm(blocks(scatter_masked(x, _restore(idx_keep, idx_mask, "decode_masked"), mask_token, pos_embed)))
 
 
 def mae_loss(pred: torch.Tensor, images: torch.Tensor, idx_mask: torch.Tensor, patch_size: int,

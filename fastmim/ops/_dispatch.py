@@ -323,8 +323,7 @@ def eager_function(
     forward: Callable,
     setup_context: Callable,
     backward: Callable,
-    differentiable_backward: bool = False,
-    graph_backward: Callable | None = None,
+    graph_backward: Callable,
 ) -> type:
     """An ``autograd.Function`` for eager calls built from an op's own forward, setup_context and backward.
 
@@ -335,8 +334,7 @@ def eager_function(
     ``backward`` runs the kernels directly. Where the backward must itself be recorded (``create_graph=True``: a
     second derivative, gradgradcheck) ``graph_backward`` runs instead: the registered custom op's backward, which
     autograd records like any op, so a second derivative either works (the backward op has a formula) or raises
-    naming the op; never a silently missing term. ``differentiable_backward``: ``backward`` is recorded as it is
-    (it calls other Functions).
+    naming the op; never a silently missing term.
     """
 
     def fwd(ctx, *args):
@@ -344,15 +342,9 @@ def eager_function(
         setup_context(ctx, args, out)
         return out
 
-    if differentiable_backward:
-        bwd = backward
-    elif graph_backward is None:
-        raise TypeError(f"{name}: a backward that is not differentiable itself needs graph_backward")
-    else:
-
-        def bwd(ctx, *grads):
-            # the engine runs a backward with grad mode off unless create_graph=True
-            return graph_backward(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
+    def bwd(ctx, *grads):
+        # the engine runs a backward with grad mode off unless create_graph=True
+        return graph_backward(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
 
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 

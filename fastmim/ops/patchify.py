@@ -118,16 +118,20 @@ _patchify_op.register_autograd(_patchify_backward, setup_context=_patchify_setup
 _unpatchify_op.register_autograd(_unpatchify_backward, setup_context=_unpatchify_setup)
 
 
-# each is the other's backward, so both differentiate any number of times
+# each is the other's backward (so both differentiate any number of times: the custom ops' formulas)
 _Patchify = eager_function(
-    "_Patchify", _patchify_impl, _patchify_setup, lambda ctx, g: _patchify_backward(ctx, g, _Unpatchify.apply), True
+    "_Patchify",
+    _patchify_impl,
+    _patchify_setup,
+    lambda ctx, g: _patchify_backward(ctx, g, _unpatchify_impl),
+    graph_backward=_patchify_backward,
 )
 _Unpatchify = eager_function(
     "_Unpatchify",
     _unpatchify_impl,
     _unpatchify_setup,
-    lambda ctx, g: _unpatchify_backward(ctx, g, _Patchify.apply),
-    True,
+    lambda ctx, g: _unpatchify_backward(ctx, g, _patchify_impl),
+    graph_backward=_unpatchify_backward,
 )
 
 # the Triton twins inductor can see into (fastmim.ops._dispatch.traced_op), each the other's backward: one
