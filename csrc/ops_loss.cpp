@@ -166,8 +166,10 @@ void for_each_patch(const TT* target, const float* mask, const PatchGeometry& g,
   const int64_t patches = g.B * g.L, D = g.D;
   const float eps = static_cast<float>(o.eps);
   ParallelError error;
+  // a few patches run on the calling thread: a parallel region costs more (much more when the cores are busy)
+  const bool parallel = patches * D * static_cast<int64_t>(sizeof(float)) >= kParallelBytes;
 #ifdef FASTMIM_OPENMP
-#pragma omp parallel
+#pragma omp parallel if (parallel)
 #endif
   {
     ThreadBuffer buf(D, error);

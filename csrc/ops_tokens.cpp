@@ -15,11 +15,12 @@ constexpr int64_t kNoBad = std::numeric_limits<int64_t>::max();
 inline const char* cptr(uintptr_t p) { return reinterpret_cast<const char*>(p); }
 inline char* mptr(uintptr_t p) { return reinterpret_cast<char*>(p); }
 
-// The smallest f(i) over i in [0, n) (kNoBad when n == 0), every f(i) run once, in parallel (static schedule) unless
-// `parallel` is false. The kernels below return from f the flat position of a bad id they met, or kNoBad: the result
+// The smallest f(i) over i in [0, n) (kNoBad when n == 0), every f(i) run once, in parallel (static schedule) when
+// `parallel` (callers pass whether the work reaches kParallelBytes: a parallel region on a few rows costs more than
+// the copy, and a lot more when the cores are busy elsewhere). The kernels below return from f the flat position of a bad id they met, or kNoBad: the result
 // is then the first bad id whatever the number of threads.
 template <class F>
-int64_t parallel_min(int64_t n, const F& f, bool parallel = true) {
+int64_t parallel_min(int64_t n, const F& f, bool parallel) {
   int64_t m = kNoBad;
 #ifdef FASTMIM_OPENMP
 #pragma omp parallel for schedule(static) reduction(min : m) if (parallel)
@@ -39,6 +40,7 @@ int64_t parallel_min(int64_t n, const F& f, bool parallel = true) {
 // number of threads.
 int64_t build_inverse(const int64_t* ids, int64_t B, int64_t n_ids, int64_t n_range, int64_t n_dst,
                       int64_t* dst_src) {
+  const bool parallel = B * (n_ids + n_dst) * 8 >= kParallelBytes;
   return parallel_min(B, [=](int64_t b) {
     int64_t* row = dst_src + b * n_dst;
     for (int64_t r = 0; r < n_dst; ++r) row[r] = -1;
@@ -49,7 +51,7 @@ int64_t build_inverse(const int64_t* ids, int64_t B, int64_t n_ids, int64_t n_ra
       if (j < n_dst) row[j] = i;
     }
     return kNoBad;
-  });
+  }, parallel);
 }
 
 // Returns the flat position of the first bad id in ids_restore (kNoBad if none); its row of out is zeroed.
@@ -59,6 +61,7 @@ int64_t scatter_masked_impl(const T* x, const int64_t* ids, const T* mask_token,
                             bool has_pos) {
   const int64_t hc = has_cls ? 1 : 0;
   const int64_t R = N + hc;
+  const bool parallel = B * R * D * static_cast<int64_t>(sizeof(T)) >= kParallelBytes;
   return parallel_min(B * R, [=](int64_t i) {
     const int64_t b = i / R, r = i % R;
     T* o = out + i * D;
@@ -81,7 +84,7 @@ int64_t scatter_masked_impl(const T* x, const int64_t* ids, const T* mask_token,
       std::memcpy(static_cast<void*>(o), static_cast<const void*>(src), static_cast<size_t>(D) * sizeof(T));
     }
     return kNoBad;
-  });
+  }, parallel);
 }
 
 constexpr int64_t kPosChunk = 256;
@@ -93,9 +96,10 @@ void scatter_masked_backward_impl(const T* grad, const int64_t* ids, const int64
   const int64_t hc = has_cls ? 1 : 0;
   const int64_t R = N + hc;
   if (D == 0) return;
+  const bool parallel = B * R * D * static_cast<int64_t>(sizeof(T)) >= kParallelBytes;
   // grad_x: every row written once, zeros where no id points
 #ifdef FASTMIM_OPENMP
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel)
 #endif
   for (int64_t i = 0; i < B * K; ++i) {
     const int64_t b = i / K, n = inv[i];
@@ -109,7 +113,7 @@ void scatter_masked_backward_impl(const T* grad, const int64_t* ids, const int64
   // mask token: per-sample double partial sums (rows in order), then summed over the batch in order
   if (grad_mask_token) {
 #ifdef FASTMIM_OPENMP
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel)
 #endif
     for (int64_t b = 0; b < B; ++b) {
       double* acc = partial + b * D;
@@ -121,7 +125,7 @@ void scatter_masked_backward_impl(const T* grad, const int64_t* ids, const int64
       }
     }
 #ifdef FASTMIM_OPENMP
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel)
 #endif
     for (int64_t d = 0; d < D; ++d) {
       double s = 0.0;
@@ -133,7 +137,7 @@ void scatter_masked_backward_impl(const T* grad, const int64_t* ids, const int64
   if (grad_pos) {
     const int64_t chunks = (D + kPosChunk - 1) / kPosChunk;
 #ifdef FASTMIM_OPENMP
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel)
 #endif
     for (int64_t i = 0; i < R * chunks; ++i) {
       const int64_t r = i / chunks, d0 = (i % chunks) * kPosChunk;

@@ -55,7 +55,8 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def load_encoder(path: str | Path | None = None, model: str | None = None, img_size: int | None = None) -> tuple[
         nn.Module, dict]:  # fmt: skip
     """(encoder in eval mode, description). ``path``: a run directory (its encoder.safetensors), an
-    encoder.safetensors, or a timm state dict (.safetensors, .pth); None: ``model`` randomly initialised.
+    encoder.safetensors, a fine-tuning's finetuned.safetensors (without its classifier), or a timm state dict
+    (.safetensors, .pth); None: ``model`` randomly initialised.
     ``model``: the encoder (``vit_base_patch16``, ``convnextv2_atto``) or recipe name; None: the file's metadata.
     ``img_size``: a ViT's comes from its position embedding; a ConvNeXt's is the one its run trained at (the
     file's metadata), else 224."""
@@ -82,6 +83,8 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
     if enc.startswith("vit_"):
         class_token = "cls_token" in state if state is not None else not name.startswith("ijepa_")
         kwargs["class_token"] = class_token
+        if state is not None and "fc_norm.weight" in state and "norm.weight" not in state:
+            kwargs["fc_norm"] = True  # a fine-tuning with MAE's global pool (finetuned.safetensors)
         if state is not None and "pos_embed" in state and "patch_embed.proj.weight" in state:
             tokens = state["pos_embed"].shape[1] - int(class_token)
             grid = math.isqrt(tokens)
@@ -112,19 +115,26 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
 
 
 def check_pool(encoder: nn.Module, pool: str, flag: str = "--pool") -> bool:
-    """Whether the ViT has a class token; ``pool`` cls on one without (I-JEPA's) is refused, naming ``flag``."""
+    """Whether the ViT has a class token; ``pool`` cls on one without (I-JEPA's), or on a fine-tuning with the
+    global pool (no final norm on its class token), is refused, naming ``flag``."""
     has_cls = getattr(encoder, "cls_token", None) is not None
     if pool == "cls" and not has_cls:
         raise ValueError(f"{flag} cls: this ViT has no class token (I-JEPA's); use {flag} avg")
+    if pool == "cls" and getattr(encoder, "fc_norm", None) is not None:
+        raise ValueError(f"{flag} cls: this ViT was fine-tuned with MAE's global pool (fc_norm on the patch tokens' "
+                         f"mean, no final norm on the class token); use {flag} avg")  # fmt: skip
     return has_cls
 
 
 def pooled_features(encoder: nn.Module, imgs: torch.Tensor, pool: str = "auto") -> torch.Tensor:
     """[B, D] features: a ViT's class token after the final norm (``cls``; MAE's probe, DINO's kNN) or the mean of
-    its patch tokens (``avg``; ``auto``: cls when the ViT has one); a ConvNeXt V2's pooled, normalised features."""
+    its patch tokens (``avg``; ``auto``: cls when the ViT has one; a fine-tuning's ``fc_norm`` normalises the mean); a
+    ConvNeXt V2's pooled, normalised features."""
     if hasattr(encoder, "blocks"):  # ViT
         h = encoder.forward_features(imgs)
         has_cls = check_pool(encoder, pool)
+        if getattr(encoder, "fc_norm", None) is not None:  # fine-tuned with MAE's global pool
+            return encoder.fc_norm(h[:, int(has_cls) :].mean(1))
         if pool == "cls" or (pool == "auto" and has_cls):
             return h[:, 0]
         return h[:, int(has_cls) :].mean(1)

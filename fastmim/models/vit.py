@@ -205,6 +205,8 @@ class VisionTransformer(nn.Module):
             function, fewer passes over the activations. Off until it measures faster in the training step.
         fused_gelu: each MLP's fc1 bias and GELU as one op (``fastmim.ops.bias_gelu``, ``set_fused_gelu``); the
             same function. Off until it measures faster in the training step.
+        fc_norm: the shape of a fine-tuning with MAE's global pool (timm's ``global_pool="avg", fc_norm=True``): no
+            final norm on the tokens; ``forward`` normalises the mean of the patch tokens with ``fc_norm``.
     """
 
     def __init__(
@@ -222,8 +224,11 @@ class VisionTransformer(nn.Module):
         fused_norm: bool = False,
         class_token: bool = True,
         fused_gelu: bool = False,
+        fc_norm: bool = False,
     ):
         super().__init__()
+        if fc_norm and fused_norm:
+            raise ValueError("fused_norm fuses the final norm, which a ViT with fc_norm does not have")
         self.fused_norm = fused_norm
         self.fused_gelu = fused_gelu
         self.class_token = bool(class_token)
@@ -241,7 +246,8 @@ class VisionTransformer(nn.Module):
         rows = self.num_patches + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, rows, embed_dim), requires_grad=False)
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, attn_impl) for _ in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.norm = nn.Identity() if fc_norm else nn.LayerNorm(embed_dim, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if fc_norm else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_encoder()
         set_fused_gelu(self, fused_gelu)
@@ -270,13 +276,16 @@ class VisionTransformer(nn.Module):
         return run_blocks(self.blocks, x, self.norm, self.fused_norm, self.grad_ckpt)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, 1 + N, D] normalised tokens, class token first ([B, N, D] without one)."""
+        """[B, C, H, W] -> [B, 1 + N, D] normalised tokens, class token first ([B, N, D] without one; with
+        ``fc_norm``, not normalised)."""
         return self.encode_tokens(self.patch_embed(x) + self.pos_embed[:, self.num_prefix_tokens :, :])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class-token features [B, D] (the tokens' mean without a class token), or logits [B, num_classes] when a
-        head is configured."""
+        """Class-token features [B, D] (the tokens' mean without a class token; with ``fc_norm``, the normalised mean
+        of the patch tokens), or logits [B, num_classes] when a head is configured."""
         feats = self.forward_features(x)
+        if self.fc_norm is not None:
+            return self.head(self.fc_norm(feats[:, self.num_prefix_tokens :].mean(dim=1)))
         return self.head(feats[:, 0] if self.class_token else feats.mean(dim=1))
 
 

@@ -6,6 +6,8 @@ Each is the other's backward. Any patch size and channel count; non-contiguous i
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from fastmim.ops import _cpu, _cuda
@@ -177,7 +179,10 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int], channels
         channels: C.
     """
     check_patch_size("unpatchify", patch_size)
-    gh, gw = (int(v) for v in grid)
+    try:  # symbolic sizes (torch.compile, torch.export) stay symbolic: int() would specialise them
+        gh, gw = (v if isinstance(v, (int, torch.SymInt)) else operator.index(v) for v in grid)
+    except (TypeError, ValueError):  # not two ints
+        gh = gw = 0
     if gh < 1 or gw < 1 or isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
         raise ValueError(f"unpatchify: grid {tuple(grid)} and channels {channels!r} must be positive ints")
     if x.dim() != 3 or x.shape[1] != gh * gw or x.shape[2] != patch_size * patch_size * channels:

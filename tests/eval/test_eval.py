@@ -250,6 +250,35 @@ def test_finetune_network_holds_the_encoder_and_mae_layer_decay():
     assert seen == len(names)
 
 
+@pytest.mark.parametrize("pool", ["avg", "cls"])
+def test_a_finetuned_vit_loads_as_an_encoder_with_its_pooled_features(tmp_path, pool):
+    """finetuned.safetensors (timm's network without its classifier) is an encoder for kNN, the probe and another
+    fine-tuning: its features are the network's pre-logits (MAE's global pool: fc_norm on the patch tokens' mean)."""
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    from fastmim.eval.finetune import finetune_network
+    from fastmim.train.checkpoint import save_encoder
+
+    enc, info = load_encoder(None, "vit_tiny_patch16", 32)
+    net, _ = finetune_network(enc, info, 5, drop_path=0.0, pool=pool)
+    with torch.no_grad():
+        for p in net.parameters():  # fine-tuned: no norm or fc_norm at its initial values
+            p.add_(torch.randn_like(p), alpha=0.1)
+    save_encoder(tmp_path / "finetuned.safetensors", net.state_dict(), {"model": "vit_tiny_patch16", "pool": pool})
+    loaded, _ = load_encoder(tmp_path / "finetuned.safetensors")
+    assert (loaded.fc_norm is not None) == (pool == "avg")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = net.eval().forward_head(net.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(pooled_features(loaded, x, "auto"), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(loaded(x), want, rtol=1e-4, atol=1e-4)
+    if pool == "avg":
+        with pytest.raises(ValueError, match="fine-tuned with MAE's global pool"):
+            pooled_features(loaded, x, "cls")
+        again, fresh = finetune_network(loaded, info, 5, drop_path=0.0, pool="auto")
+        assert sorted(fresh) == ["head.bias", "head.weight"]  # fc_norm comes from the file
+        torch.testing.assert_close(again.fc_norm.weight, net.fc_norm.weight)
+
+
 def test_finetune_network_takes_a_convnext_and_refuses_a_class_token_it_lacks():
     pytest.importorskip("timm", reason="fine-tuning builds on timm")
     from fastmim.eval.finetune import finetune_network
