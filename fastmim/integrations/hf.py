@@ -49,6 +49,9 @@ def random_masking(self, sequence: torch.Tensor, noise: torch.Tensor | None = No
     keep = int(length * (1 - self.config.mask_ratio))
     if noise is None:
         noise = torch.rand(batch, length, device=sequence.device)
+    elif tuple(noise.shape) != (batch, length):
+        raise ValueError(f"ViTMAE (fastmim's patch): noise has shape {tuple(noise.shape)}, expected [batch, patches] "
+                         f"= ({batch}, {length})")  # fmt: skip
     ids_shuffle = torch.argsort(noise, dim=1).to(sequence.device)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]
@@ -92,9 +95,8 @@ def pretraining_forward(self, pixel_values: torch.Tensor | None = None, noise: t
     if int(n * (1 - c.mask_ratio)) >= n:  # nothing masked (mask_ratio 0: every patch reconstructed, for a picture)
         loss = _unmasked_loss(self, pixel_values, logits, outputs.mask)  # transformers' formula: NaN (0 / 0)
     else:
+        # (fp32, float64 for a float64 model: transformers' loss has the model's dtype)
         loss = masked_mse_loss(logits, pixel_values, outputs.mask, c.patch_size, norm_pix=c.norm_pix_loss, eps=1e-6)
-        if logits.dtype == torch.float64:  # transformers' loss has the model's dtype (fastmim's op returns fp32)
-            loss = loss.double()
     out = m.ViTMAEForPreTrainingOutput(loss=loss, logits=logits, mask=outputs.mask, ids_restore=outputs.ids_restore,
                                        hidden_states=outputs.hidden_states, attentions=outputs.attentions)  # fmt: skip
     use_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict

@@ -34,9 +34,19 @@ def _utils():
     return importlib.import_module("lightly.models.utils")
 
 
+def _check_index(fn: str, name: str, index: torch.Tensor, rows: int) -> None:
+    """An index argument of ``fn``: [rows, K] of int64 or int32 (named as the caller knows it)."""
+    if index.dim() != 2 or index.shape[0] != rows or index.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{fn}: {name} must be [B={rows}, K] int64 (lightly's random_token_mask), got "
+                         f"{index.dtype} of shape {tuple(index.shape)}")  # fmt: skip
+
+
 def get_at_index(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``lightly.models.utils.get_at_index``: tokens [B, N, D] at index [B, K] -> [B, K, D], without the D-times
     expanded index (``fastmim.ops.gather_visible``; the backward writes each row once)."""
+    if tokens.dim() != 3:
+        raise ValueError(f"get_at_index: tokens must be [B, N, D], got shape {tuple(tokens.shape)}")
+    _check_index("get_at_index", "index", index, tokens.shape[0])
     return gather_visible(tokens, index)
 
 
@@ -67,6 +77,14 @@ def decode_masked(decoder, x: torch.Tensor, idx_keep: torch.Tensor, idx_mask: to
     the placement, the mask tokens and the position embedding in one pass (``fastmim.ops.scatter_masked``).
     ``idx_mask``: the other token positions (``random_token_mask``'s second output)."""
     mask_token, pos_embed, blocks, norm = _decoder_parts(decoder)
+    if x.dim() != 3:
+        raise ValueError(f"decode_masked: x must be [B, K, D] (decoder.embed of the kept tokens), got shape "
+                         f"{tuple(x.shape)}")  # fmt: skip
+    _check_index("decode_masked", "idx_keep", idx_keep, x.shape[0])
+    _check_index("decode_masked", "idx_mask", idx_mask, x.shape[0])
+    if x.shape[1] != idx_keep.shape[1]:
+        raise ValueError(f"decode_masked: x has {x.shape[1]} tokens and idx_keep {idx_keep.shape[1]}: x must be the "
+                         "kept tokens, in idx_keep's order (are idx_keep and idx_mask swapped?)")  # fmt: skip
     if idx_keep.shape[1] + idx_mask.shape[1] != pos_embed.shape[1]:
         raise ValueError(f"decode_masked: idx_keep ({idx_keep.shape[1]}) and idx_mask ({idx_mask.shape[1]}) must "
                          f"cover the decoder's {pos_embed.shape[1]} token positions")  # fmt: skip
@@ -79,8 +97,15 @@ def mae_loss(pred: torch.Tensor, images: torch.Tensor, idx_mask: torch.Tensor, p
     the images (``fastmim.ops.masked_mse_loss``: no patchified copy, no gathered target); ``norm_pix``: MAE's
     per-patch normalised target (lightly's example uses the raw pixels). pred: [B, M, p*p*C] for the tokens
     ``idx_mask``; ``num_prefix_tokens``: tokens before the patches (lightly: the class token)."""
-    b, _, h, w = images.shape
+    if images.dim() != 4:
+        raise ValueError(f"mae_loss: images must be [B, C, H, W], got shape {tuple(images.shape)}")
+    b, c, h, w = images.shape
     n = (h // patch_size) * (w // patch_size)
+    _check_index("mae_loss", "idx_mask", idx_mask, b)
+    want = (b, idx_mask.shape[1], patch_size * patch_size * c)
+    if tuple(pred.shape) != want:
+        raise ValueError(f"mae_loss: pred has shape {tuple(pred.shape)}, expected {want}: [B, one row per token of "
+                         f"idx_mask, patch_size**2 * C]")  # fmt: skip
     # the masked tokens must be distinct patches (a repeat would be counted once, an out-of-range one misplaced)
     check_id_values("mae_loss", "idx_mask", idx_mask, n + num_prefix_tokens, distinct=True, lower=num_prefix_tokens)
     patches = idx_mask - num_prefix_tokens

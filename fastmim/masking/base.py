@@ -61,6 +61,30 @@ class Masks:
         return Masks(move(self.mask), move(self.targets), move(self.secondary), self.num_hidden)
 
 
+def as_mask_info(mask, ids: bool, num_tokens: int | None = None, who: str = "the model") -> MaskInfo:
+    """A mask given to a model's forward, in the form it needs: a ``MaskInfo`` as it is; a ``Masks`` (a strategy's
+    output) or a tensor [B, N] or [B, H, W] (bool, or 0/1; True / 1 = hidden) turned into MAE's index form (``ids``:
+    the same hidden count in every sample) or the float mask alone. ``num_tokens``: the patches per image."""
+    if isinstance(mask, MaskInfo):
+        return mask
+    if isinstance(mask, Masks):
+        return mask.info(ids)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{who}: mask must be a MaskInfo (build_mask(...)(batch).info()), a Masks or a [B, N] tensor "
+                        f"(True = hidden), got {type(mask).__name__}")  # fmt: skip
+    flat = mask.flatten(1) if mask.dim() >= 2 else mask
+    if flat.dim() != 2 or (num_tokens is not None and flat.shape[1] != num_tokens):
+        want = f"[B, {num_tokens}]" if num_tokens is not None else "[B, N]"
+        raise ValueError(f"{who}: a mask tensor must be {want} (or [B, H, W] of the patch grid), got shape "
+                         f"{tuple(mask.shape)}")  # fmt: skip
+    if flat.dtype != torch.bool:
+        if not bool(((flat == 0) | (flat == 1)).all()):
+            raise ValueError(f"{who}: a mask tensor holds True/1 for hidden patches and False/0 for visible ones; "
+                             f"this one has other values")  # fmt: skip
+        flat = flat != 0
+    return masking_from_bool(flat) if ids else mask_only(flat)
+
+
 def _check_num_masks(num_masks) -> int:
     if isinstance(num_masks, bool) or not isinstance(num_masks, int) or num_masks < 1:
         raise ValueError(f"num_masks must be a positive int, got {num_masks!r}")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from fastmim.heads import ConvDecoder2d
 from fastmim.masking import MaskInfo, build_mask
-from fastmim.masking.base import MaskStrategy
+from fastmim.masking.base import MaskStrategy, as_mask_info
 from fastmim.methods.mae import register_vit_family
 from fastmim.models.vit import VisionTransformer
 from fastmim.ops import gather_visible, gather_visible_ref, masked_mse_loss_patchified, masked_mse_loss_patchified_ref
@@ -151,13 +151,15 @@ class Data2Vec2ViT(TeacherOfEncoder, VisionTransformer):
         return reg + self.cls_weight * DATA2VEC2_CLS_ROWS * cls
 
     def forward(
-        self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: MaskInfo | None = None
+        self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: MaskInfo | torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (loss, pred [B*M, N, D], mask [B*M, N] with 1 = hidden); ``mask`` holds M masks per image,
         sample-major."""
         b = imgs.shape[0]
         if mask is None:
             mask = self.make_mask(b, imgs.device, mask_ratio)
+        else:
+            mask = as_mask_info(mask, True, self.num_patches, type(self).__name__)
         if mask.ids_keep is None:
             raise ValueError("data2vec 2.0 drops the masked tokens: it needs the masks' index form (Masks.info())")
         if b == 0 or mask.ids_keep.shape[0] % b:

@@ -25,7 +25,7 @@ from torch import nn
 
 from fastmim import _ext
 from fastmim.masking import MaskInfo, random_masking
-from fastmim.masking.base import MaskStrategy
+from fastmim.masking.base import MaskStrategy, as_mask_info
 from fastmim.masking.random import check_mask_ratio
 from fastmim.masking.strategies import build_mask
 from fastmim.models.convnextv2 import Block, ConvNeXtV2, convnextv2_sizes
@@ -150,7 +150,7 @@ class FCMAE(PixelTarget, nn.Module):
 
     # --- Forward ---
     def forward(
-        self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: MaskInfo | None = None
+        self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: MaskInfo | torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (loss, pred [B, L, p*p*C], mask [B, L] with 1 = removed)."""
         if imgs.dim() != 4 or tuple(imgs.shape[1:]) != (self.in_chans, *self.img_size):
@@ -158,6 +158,8 @@ class FCMAE(PixelTarget, nn.Module):
                              f"got {tuple(imgs.shape)}")  # fmt: skip
         if mask is None:
             mask = self.make_mask(imgs.shape[0], imgs.device, mask_ratio)
+        else:
+            mask = as_mask_info(mask, True, self.num_patches, type(self).__name__)
         latent = self.forward_encoder(imgs, mask.mask, mask.ids_keep.shape[1])
         pred = self.forward_decoder(latent, mask.mask)
         return self.forward_loss(imgs, pred, mask.mask), pred, mask.mask

@@ -114,7 +114,7 @@ def _check_encoder(encoder: nn.Module) -> None:
         raise ValueError("mae(encoder=...): square patches only")
 
 
-def build_mae(encoder: nn.Module | None = None, **kwargs) -> nn.Module:
+def build_mae(encoder: nn.Module | None = None, **kwargs) -> TimmMAE:
     """The ``"mae"`` entry of ``fastmim.create_model``: MAE around ``encoder``, a timm ViT instance."""
     if encoder is None:
         raise TypeError("create_model('mae', encoder=...) wraps your timm ViT: pass encoder=timm.create_model(...); "

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fastmim.masking import MaskInfo, random_masking
-from fastmim.masking.base import MaskStrategy
+from fastmim.masking.base import MaskStrategy, as_mask_info
 from fastmim.masking.random import check_mask_ratio
 from fastmim.masking.strategies import build_mask
 from fastmim.models.pos_embed import sincos_2d
@@ -149,17 +149,21 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
 
     # --- Forward ---
     def forward(
-        self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: MaskInfo | None = None
+        self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: MaskInfo | torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (loss, pred [B, N, p*p*C], mask [B, N] with 1 = removed).
 
         Args:
             imgs: [B, C, H, W] normalised images.
             mask_ratio: overrides the model's ratio for this call.
-            mask: a given mask (e.g. to compare two implementations on the same mask); drawn when None.
+            mask: a given mask (e.g. to compare two implementations on the same mask): a ``MaskInfo``, a ``Masks``, or
+                a bool tensor [B, N] or [B, h, w] (True = hidden, the same count in every sample); drawn when None.
+                The other recipes take the same forms (SimMIM, MaskFeat, A2MIM: any count per sample).
         """
         if mask is None:
             mask = self.make_mask(imgs.shape[0], imgs.device, mask_ratio)
+        else:
+            mask = as_mask_info(mask, True, self.num_patches, type(self).__name__)
         if mask.ids_keep is None:
             raise ValueError(f"{type(self).__name__} drops the masked tokens: it needs the masks' index form "
                              "(Masks.info()), with the same hidden count in every sample")  # fmt: skip

@@ -19,7 +19,7 @@ import torch
 
 from fastmim.heads import LinearHead
 from fastmim.masking import MaskInfo, build_mask
-from fastmim.masking.base import MaskStrategy
+from fastmim.masking.base import MaskStrategy, as_mask_info
 from fastmim.masking.strategies import exact_hidden
 from fastmim.methods.mae import register_vit_family
 from fastmim.methods.simmim import MaskTokenViT
@@ -91,11 +91,13 @@ class MaskFeatViT(MaskTokenViT):
 
     # --- Head and loss ---
     def forward(
-        self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: MaskInfo | None = None
+        self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: MaskInfo | torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (loss, pred [B, N, target_dim], mask [B, N] with 1 = hidden)."""
         if mask is None:
             mask = self.make_mask(imgs.shape[0], imgs.device, mask_ratio)
+        else:
+            mask = as_mask_info(mask, False, self.num_patches, type(self).__name__)
         latent = self.forward_encoder(imgs, mask.mask)  # [B, 1 + N, D]
         pred = self.decoder(latent[:, 1:, :])  # [B, N, target_dim]
         loss_fn = masked_mse_loss_patchified if self.fused_ops else masked_mse_loss_patchified_ref

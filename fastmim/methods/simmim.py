@@ -15,7 +15,7 @@ from torch import nn
 
 from fastmim.heads import PixelShuffleHead
 from fastmim.masking import MaskInfo, build_mask
-from fastmim.masking.base import MaskStrategy
+from fastmim.masking.base import MaskStrategy, as_mask_info
 from fastmim.methods.mae import register_vit_family
 from fastmim.models.vit import VisionTransformer
 from fastmim.ops import masked_mse_loss, masked_mse_loss_ref, patchify
@@ -117,11 +117,13 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
         return loss_fn(pred, imgs, mask, self.patch_size, norm_pix=False, p=1)
 
     def forward(
-        self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: MaskInfo | None = None
+        self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: MaskInfo | torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (loss, pred [B, N, p*p*C] in MAE's patch order, mask [B, N] with 1 = hidden)."""
         if mask is None:
             mask = self.make_mask(imgs.shape[0], imgs.device, mask_ratio)
+        else:
+            mask = as_mask_info(mask, False, self.num_patches, type(self).__name__)
         rec = self.forward_decoder(self.forward_encoder(imgs, mask.mask))  # [B, C, H, W]
         pred = (patchify if self.fused_ops else patchify_ref)(rec, self.patch_size)
         return self.forward_loss(imgs, pred, mask.mask, rec), pred, mask.mask

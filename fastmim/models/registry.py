@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import importlib
+import inspect
+import re
 from collections.abc import Callable
 
 from torch import nn
@@ -24,6 +27,44 @@ def register_model(name: str, fn: Callable[..., nn.Module]) -> None:
 def _load_providers() -> None:
     for mod in _PROVIDERS:
         importlib.import_module(mod)
+
+
+def _keywords(factory) -> set[str]:
+    """The keyword arguments a registered factory takes: its own, those of the classes a ``functools.partial`` holds,
+    of the class a function passing ``**kwargs`` on returns (its annotation) and of the bases
+    each class passes its ``**kwargs`` on to."""
+    names: set[str] = set()
+    todo, seen = [factory], set()
+    while todo:
+        f = todo.pop()
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        if isinstance(f, functools.partial):
+            names |= set(f.keywords)
+            todo += [f.func, *(a for a in f.args if isinstance(a, type))]
+            continue
+        try:
+            sig = inspect.signature(f.__init__ if isinstance(f, type) else f, eval_str=True)
+        except Exception:  # no signature, or an annotation that does not resolve
+            continue
+        params = sig.parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+        if any(p.kind == p.VAR_KEYWORD for p in params):  # **kwargs go on to the bases, or to the class built
+            if isinstance(f, type):
+                todo += [b for b in f.__mro__[1:] if "__init__" in vars(b) and b is not object]
+            elif isinstance(sig.return_annotation, type):
+                todo.append(sig.return_annotation)
+    return names
+
+
+def _unexpected_hint(factory, error: TypeError) -> str:
+    """'; did you mean ...?' for an unexpected keyword argument close to one the factory takes."""
+    m = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+    if not m:
+        return ""
+    close = difflib.get_close_matches(m.group(1), sorted(_keywords(factory)), n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(close)}?" if close else ""
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -48,7 +89,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
     try:
         model = _REGISTRY[name](**kwargs)
     except TypeError as e:
-        raise ValueError(f"bad arguments for model {name!r}: {e}") from e
+        raise ValueError(f"bad arguments for model {name!r}: {e}{_unexpected_hint(_REGISTRY[name], e)}") from e
     if fused_gelu is not None:
         from torch import nn
 

@@ -313,6 +313,18 @@ def check_id_values(op: str, name: str, ids: torch.Tensor, upper: int, distinct:
             raise ValueError(f"{op}: {name} row {row} repeats index {value}; the ids of a row must be distinct")
 
 
+def check_image_grid(op: str, imgs: torch.Tensor, patch_size: int, name: str = "imgs") -> None:
+    """H and W of ``imgs`` [B, C, H, W] divisible by ``patch_size``; the error shows how the shape was read (a
+    channels-last [B, H, W, C] tensor is the usual cause)."""
+    h, w = imgs.shape[2], imgs.shape[3]
+    if h % patch_size or w % patch_size:
+        hint = ""
+        if imgs.shape[3] in (1, 3, 4) and imgs.shape[1] not in (1, 3, 4):
+            hint = f"; if it is channels-last [B, H, W, C], pass {name}.permute(0, 3, 1, 2)"
+        raise ValueError(f"{op}: image size {h}x{w} is not divisible by the patch size {patch_size} ({name} read as "
+                         f"[B, C, H, W] = {tuple(imgs.shape)}{hint})")  # fmt: skip
+
+
 def check_patch_size(op: str, patch_size: int) -> None:
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
         raise ValueError(f"{op}: patch_size must be a positive int, got {patch_size!r}")
@@ -412,6 +424,18 @@ def custom_op(name: str, fn: Callable, check: Callable | None = None):
         except TypeError:  # a torch whose custom_op takes no tags
             pass
     return torch.library.custom_op(name, fn, mutates_args=())
+
+
+def no_second_derivative(backward_op, public: str, ref: str) -> None:
+    """Differentiating ``backward_op`` (a second derivative of ``public``) raises a RuntimeError that names the op and
+    the reference to use, instead of torch's advice to register a formula."""
+    name = getattr(backward_op, "_qualname", str(backward_op)).replace("::", ".")
+
+    def refuse(ctx, *grads):
+        raise RuntimeError(f"{public} has no second derivative: its backward ({name}) is not differentiable; for "
+                           f"create_graph=True or gradgradcheck use fastmim.ops.{ref}, which is")  # fmt: skip
+
+    backward_op.register_autograd(refuse, setup_context=lambda ctx, inputs, output: None)
 
 
 # Under torch.compile an op with a Triton twin is traced either as its opaque custom op ("opaque": inductor's code

@@ -23,6 +23,7 @@ from fastmim.ops._dispatch import (
     is_finite_number,
     needs_autograd,
     no_autocast,
+    no_second_derivative,
     stat_dtype,
     use_custom_op,
 )
@@ -101,6 +102,7 @@ def _bwd(grad: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Te
 
 
 _attention_backward_op = custom_op("fastmim::attention_backward", _bwd, _raw_bwd_check)
+no_second_derivative(_attention_backward_op, "fastmim.ops.attention", "attention_ref")
 
 
 @_attention_backward_op.register_fake

@@ -26,6 +26,7 @@ from fastmim.ops._dispatch import (
     eager_function,
     needs_autograd,
     no_autocast,
+    no_second_derivative,
     stat_dtype,
     use_custom_op,
 )
@@ -88,6 +89,7 @@ def _raw_bwd_check(dy, x, bias, need_b) -> None:
 
 
 _bias_gelu_backward_op = custom_op("fastmim::bias_gelu_backward", _bwd, _raw_bwd_check)
+no_second_derivative(_bias_gelu_backward_op, "fastmim.ops.bias_gelu", "bias_gelu_ref")
 
 
 @_bias_gelu_backward_op.register_fake

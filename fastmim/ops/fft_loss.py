@@ -26,6 +26,7 @@ from fastmim.ops._dispatch import (
     custom_op,
     eager_function,
     needs_autograd,
+    no_second_derivative,
     use_custom_op,
 )
 
@@ -135,6 +136,7 @@ def _raw_bwd_check(grad, weighted, mask, shape, patch_size, pred_dtype, target_d
 
 
 _fft_loss_backward_op = custom_op("fastmim::fft_loss_backward", _bwd, _raw_bwd_check)
+no_second_derivative(_fft_loss_backward_op, "fastmim.ops.fft_loss", "fft_loss_ref")
 
 
 @_fft_loss_backward_op.register_fake

@@ -24,6 +24,7 @@ from fastmim.ops._dispatch import (
     eager_function,
     is_finite_number,
     no_autocast,
+    no_second_derivative,
     stat_dtype,
     use_custom_op,
 )
@@ -133,6 +134,7 @@ def _bwd(
 
 
 _grn_backward_op = torch.library.custom_op("fastmim::grn_backward", checked(_bwd, _raw_bwd_check), mutates_args=())
+no_second_derivative(_grn_backward_op, "fastmim.ops.grn", "grn_ref")
 
 
 @_grn_backward_op.register_fake

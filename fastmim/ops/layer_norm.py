@@ -28,6 +28,7 @@ from fastmim.ops._dispatch import (
     is_finite_number,
     needs_autograd,
     no_autocast,
+    no_second_derivative,
     stat_dtype,
     unaliased,
     use_custom_op,
@@ -166,6 +167,9 @@ def _raw_bwd_check(dy, ds, s, weight, mean, rstd, has_ds, x_dtype, r_dtype, need
 
 # the Triton backend's d_weight and d_bias are rows of one [2, C] sum: cloned apart for the custom op only
 _add_ln_backward_op = custom_op("fastmim::add_layer_norm_backward", unaliased(_bwd), _raw_bwd_check)
+no_second_derivative(
+    _add_ln_backward_op, "fastmim.ops.add_layer_norm (and layer_norm)", "add_layer_norm_ref (layer_norm_ref)"
+)
 
 
 @_add_ln_backward_op.register_fake

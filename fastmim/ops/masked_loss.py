@@ -1,8 +1,8 @@
 """Masked reconstruction loss (MAE norm-pix MSE, SimMIM-style L1) as one fused op, patchify included.
 
 Public: ``masked_mse_loss`` (targets are the images, read in NCHW directly) and ``masked_mse_loss_patchified``
-(targets already [B, L, D]). Both return ``sum_l(mask * patch_loss) / sum(mask)`` as a 0-d fp32 tensor, with a
-gradient for ``pred`` only.
+(targets already [B, L, D]). Both return ``sum_l(mask * patch_loss) / sum(mask)`` as a 0-d fp32 tensor (float64 for a
+float64 ``pred``), with a gradient for ``pred`` only.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from fastmim.ops import _cpu, _cuda
 from fastmim.ops._dispatch import (
     check_device,
     check_float,
+    check_image_grid,
     check_patch_size,
     check_shape,
     choose_backend,
@@ -23,6 +24,8 @@ from fastmim.ops._dispatch import (
     forced_backend,
     forced_by,
     needs_autograd,
+    no_second_derivative,
+    stat_dtype,
     traced_op,
     triton_twin,
     unaliased,
@@ -80,25 +83,33 @@ def _kernels(backend: str, target: torch.Tensor, patch_size: int):
 def _loss_fwd(
     pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool, eps: float, p: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, mask weight sum), both 0-d fp32. target is [B, C, H, W] images or [B, L, D] patches."""
+    """(loss, mask weight sum), 0-d fp32 (the loss float64 for a float64 pred). target is [B, C, H, W] images or
+    [B, L, D] patches."""
     return _loss_fwd_on(_backend(pred, target), pred, target, mask, patch_size, norm_pix, eps, p)
 
 
 def _loss_fwd_on(backend: str, pred, target, mask, patch_size, norm_pix, eps, p) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "torch":
+        denom = mask.float().sum()
+        _check_denom(denom)
         if target.dim() == 4:
             loss = masked_mse_loss_ref(pred, target, mask, patch_size, norm_pix, eps, p)
         else:
             loss = masked_mse_loss_patchified_ref(pred, target, mask, norm_pix, eps, p)
-        return loss, mask.float().sum()
+        return loss, denom
     kernels, target, geometry = _kernels(backend, target, patch_size)
     loss, denom = kernels.masked_loss_forward(pred, target, mask, geometry, norm_pix, eps, p)
-    if denom.device.type == "cpu" and not bool(denom > 0):  # on CUDA the check would cost a sync: NaN there
+    _check_denom(denom)
+    return loss, denom
+
+
+def _check_denom(denom: torch.Tensor) -> None:
+    """The mask's sum must be positive; checked on CPU only (on CUDA the check would cost a sync: NaN there)."""
+    if denom.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(denom > 0):
         raise ValueError(
             f"masked_mse_loss: the mask's weights sum to {float(denom):g}, not a positive number (no "
             "masked patch, or negative or NaN weights): the masked loss is undefined"
         )
-    return loss, denom
 
 
 def _loss_check(pred, target, mask, patch_size, norm_pix, eps, p, grad_loss=None, denom=None) -> None:
@@ -142,7 +153,7 @@ _masked_loss_op = custom_op("fastmim::masked_loss", unaliased(_loss_fwd), _loss_
 
 @_masked_loss_op.register_fake
 def _(pred, target, mask, patch_size, norm_pix, eps, p):
-    return pred.new_empty((), dtype=torch.float32), pred.new_empty((), dtype=torch.float32)
+    return pred.new_empty((), dtype=stat_dtype(pred)), pred.new_empty((), dtype=torch.float32)
 
 
 def _loss_bwd(
@@ -168,17 +179,23 @@ def _loss_bwd_on(backend: str, grad_loss, pred, target, mask, denom, patch_size,
 
 def _masked_loss_backward_ref(grad_loss, pred, target, mask, denom, patch_size, norm_pix, eps, p):
     """The gradient of ``masked_mse_loss_ref`` w.r.t. pred, in closed form (autograd is off inside a custom op)."""
-    t = (patchify_ref(target, patch_size) if target.dim() == 4 else target).float()  # [B, L, D]
+    dt = stat_dtype(pred)  # fp32, float64 for a float64 pred
+    t = (patchify_ref(target, patch_size) if target.dim() == 4 else target).to(dt)  # [B, L, D]
     if norm_pix:
         mean, std = patch_stats_ref(t, eps)
         t = (t - mean) / std
-    diff = pred.float() - t
+    diff = pred.to(dt) - t
     local = diff.sign() if p == 1 else 2 * diff
-    coef = (mask.float() * (grad_loss.float() / denom.float() / pred.shape[-1])).unsqueeze(-1)  # [B, L, 1]
+    coef = (mask.to(dt) * (grad_loss.to(dt) / denom.to(dt) / pred.shape[-1])).unsqueeze(-1)  # [B, L, 1]
     return torch.where(coef != 0, local * coef, 0.0).to(pred.dtype)  # weight-0 patches: 0 even if not finite
 
 
 _masked_loss_backward_op = custom_op("fastmim::masked_loss_backward", _loss_bwd, _loss_bwd_check)
+no_second_derivative(
+    _masked_loss_backward_op,
+    "fastmim.ops.masked_mse_loss (and masked_mse_loss_patchified)",
+    "masked_mse_loss_ref (masked_mse_loss_patchified_ref)",
+)
 
 
 @_masked_loss_backward_op.register_fake
@@ -246,7 +263,8 @@ def _validate(op: str, pred, target, mask, norm_pix: bool, eps: float, p: int, t
     if not eps >= 0:  # also catches NaN
         raise ValueError(f"{op}: eps must be >= 0, got {eps!r}")
     if tuple(mask.shape) != tuple(pred.shape[:2]):
-        raise ValueError(f"{op}: mask has shape {tuple(mask.shape)}, expected [B, L] = {tuple(pred.shape[:2])}")
+        grid = " (a [B, h, w] grid of patches flattens with mask.flatten(1))" if mask.dim() == 3 else ""
+        raise ValueError(f"{op}: mask has shape {tuple(mask.shape)}, expected [B, L] = {tuple(pred.shape[:2])}{grid}")
     if mask.dtype == torch.bool or not mask.is_floating_point():
         if mask.is_complex():
             raise TypeError(f"{op}: mask must be bool, integer or float, got {mask.dtype}")
@@ -292,15 +310,14 @@ def masked_mse_loss(
         norm_pix: normalise each target patch (MAE's ``norm_pix_loss``).
         eps: added to the per-patch variance.
         p: 2 for squared error, 1 for absolute error.
-    Returns: 0-d fp32 loss; the gradient flows to ``pred`` only.
+    Returns: 0-d fp32 loss (float64 for a float64 ``pred``); the gradient flows to ``pred`` only.
     """
     op = "masked_mse_loss"
     if imgs.dim() != 4:
         raise ValueError(f"{op}: imgs must be [B, C, H, W], got shape {tuple(imgs.shape)}")
     check_patch_size(op, patch_size)
+    check_image_grid(op, imgs, patch_size)
     b, c, h, w = imgs.shape
-    if h % patch_size or w % patch_size:
-        raise ValueError(f"{op}: image size {h}x{w} is not divisible by the patch size {patch_size}")
     expected = (b, (h // patch_size) * (w // patch_size), patch_size * patch_size * c)
     if tuple(pred.shape) != expected:
         raise ValueError(

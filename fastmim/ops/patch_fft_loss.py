@@ -31,6 +31,7 @@ import torch
 from fastmim.ops._dispatch import (
     check_device,
     check_float,
+    check_image_grid,
     check_patch_size,
     check_shape,
     choose_backend,
@@ -38,6 +39,7 @@ from fastmim.ops._dispatch import (
     eager_function,
     needs_autograd,
     no_autocast,
+    no_second_derivative,
     use_custom_op,
 )
 
@@ -177,6 +179,7 @@ def _bwd(
 
 
 _pfft_backward_op = custom_op("fastmim::patch_fft_loss_backward", _bwd, _raw_bwd_check)
+no_second_derivative(_pfft_backward_op, "fastmim.ops.patch_fft_loss", "patch_fft_loss_ref")
 
 
 @_pfft_backward_op.register_fake
@@ -229,9 +232,8 @@ def patch_fft_loss(
     check_float(_OP, "pred", pred)
     check_float(_OP, "imgs", imgs)
     check_patch_size(_OP, patch_size)
+    check_image_grid(_OP, imgs, patch_size)
     b, c, h, w = imgs.shape
-    if h % patch_size or w % patch_size:
-        raise ValueError(f"{_OP}: image size {h}x{w} is not divisible by the patch size {patch_size}")
     expected = (b, (h // patch_size) * (w // patch_size), patch_size * patch_size * c)
     if tuple(pred.shape) != expected:
         raise ValueError(f"{_OP}: pred has shape {tuple(pred.shape)}, expected {expected} for images "

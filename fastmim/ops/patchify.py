@@ -12,6 +12,7 @@ import torch
 
 from fastmim.ops import _cpu, _cuda
 from fastmim.ops._dispatch import (
+    check_image_grid,
     check_patch_size,
     check_shape,
     choose_backend,
@@ -70,8 +71,7 @@ def _patchify_check(imgs: torch.Tensor, p: int) -> None:
     if imgs.dim() != 4:
         raise ValueError(f"patchify: imgs must be [B, C, H, W], got shape {tuple(imgs.shape)}")
     check_patch_size("patchify", p)
-    if imgs.shape[2] % p or imgs.shape[3] % p:
-        raise ValueError(f"patchify: image size {imgs.shape[2]}x{imgs.shape[3]} is not divisible by the patch size {p}")
+    check_image_grid("patchify", imgs, p)
 
 
 def _unpatchify_check(x: torch.Tensor, p: int, gh: int, gw: int, channels: int) -> None:
@@ -169,16 +169,18 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     return _Patchify.apply(imgs, patch_size) if needs_autograd(imgs) else _patchify_impl(imgs, patch_size)
 
 
-def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int], channels: int = 3) -> torch.Tensor:
+def unpatchify(x: torch.Tensor, patch_size: int, grid: int | tuple[int, int], channels: int = 3) -> torch.Tensor:
     """[B, L, p*p*C] -> [B, C, gh*p, gw*p]; the inverse of ``patchify``.
 
     Args:
         x: [B, L, p*p*C] patches.
         patch_size: patch side p.
-        grid: (gh, gw) patches per column and row, gh * gw = L.
+        grid: (gh, gw) patches per column and row, gh * gw = L; one int for a square grid.
         channels: C.
     """
     check_patch_size("unpatchify", patch_size)
+    if isinstance(grid, (int, torch.SymInt)) and not isinstance(grid, bool):
+        grid = (grid, grid)  # a square grid
     try:  # symbolic sizes (torch.compile, torch.export) stay symbolic: int() would specialise them
         gh, gw = (v if isinstance(v, (int, torch.SymInt)) else operator.index(v) for v in grid)
     except (TypeError, ValueError):  # not two ints

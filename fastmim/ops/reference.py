@@ -31,9 +31,9 @@ def patchify_ref(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(b, gh * gw, p * p * c)
 
 
-def unpatchify_ref(x: torch.Tensor, patch_size: int, grid: tuple[int, int], channels: int = 3) -> torch.Tensor:
-    """[B, L, p*p*C] -> [B, C, H, W]; the inverse of ``patchify_ref``."""
-    gh, gw = grid
+def unpatchify_ref(x: torch.Tensor, patch_size: int, grid: int | tuple[int, int], channels: int = 3) -> torch.Tensor:
+    """[B, L, p*p*C] -> [B, C, H, W]; the inverse of ``patchify_ref``. ``grid``: (gh, gw), or one int (square)."""
+    gh, gw = (grid, grid) if isinstance(grid, int) else grid
     b, n, d = x.shape
     p = patch_size
     if n != gh * gw or d != p * p * channels:
@@ -110,23 +110,26 @@ def masked_mse_loss_patchified_ref(
         norm_pix: normalise each target patch by its own mean and std (MAE's norm_pix_loss).
         eps: added to the per-patch variance.
         p: 2 for squared error (MAE), 1 for absolute error (SimMIM).
+    Returns: the 0-d loss, in float32 (float64 for a float64 ``pred``).
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred has shape {tuple(pred.shape)}, the target patches {tuple(target.shape)}")
     if mask.shape != pred.shape[:2]:
         raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(pred.shape[:2])}")
-    target = target.float()
+    dt = torch.promote_types(pred.dtype, torch.float32)  # fp32, float64 for a float64 pred
+    target = target.to(dt)
     if norm_pix:
         mean, std = patch_stats_ref(target, eps)
         target = (target - mean) / std
-    diff = pred.float() - target
+    diff = pred.to(dt) - target
     err = diff.abs() if p == 1 else diff.square()
     loss = err.mean(dim=-1)  # [B, L] mean error per patch
-    mask = mask.float()
+    mask = mask.to(dt)
     denom = mask.sum()
     # checked on CPU only: on an accelerator the check would cost a host sync every step
     if denom.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(denom > 0):
-        raise ValueError("mask has no masked patch: the masked loss is undefined")
+        raise ValueError(f"masked loss (reference): the mask's weights sum to {float(denom):g}, not a positive number "
+                         "(no masked patch, or negative or NaN weights): the masked loss is undefined")  # fmt: skip
     # patches with weight 0 do not count even when not finite (the fused kernels never read them); MAE's
     # (loss * mask) would turn a NaN there into a NaN loss
     return torch.where(mask != 0, loss * mask, 0.0).sum() / denom

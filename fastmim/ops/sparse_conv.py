@@ -23,6 +23,7 @@ from fastmim.ops._dispatch import (
     checked,
     choose_backend,
     eager_function,
+    no_second_derivative,
     use_custom_op,
 )
 from fastmim.ops.reference import sparse_dwconv_ref
@@ -230,6 +231,7 @@ def _bwd(
 _sparse_dwconv_backward_op = torch.library.custom_op(
     "fastmim::sparse_dwconv_backward", checked(_bwd, _raw_bwd_check), mutates_args=()
 )
+no_second_derivative(_sparse_dwconv_backward_op, "fastmim.ops.sparse_dwconv", "sparse_dwconv_ref")
 
 
 @_sparse_dwconv_backward_op.register_fake

@@ -441,6 +441,11 @@ def scatter_masked(
         check_device(op, "pos_embed", pos_embed, device)
         if tuple(pos_embed.shape) not in ((rows, d), (1, rows, d)):
             extra = " (with a class token, pos_embed has a row for it)" if cls_token is not None else ""
+            if pos_embed.shape[-1] == d and pos_embed.dim() in (2, 3) and pos_embed.numel() // d != rows:
+                # the rows disagree: the sequence length N comes from ids_restore, which may be the wrong one
+                extra += (f"; ids_restore says N = {n} positions: if pos_embed is right, ids_restore should be "
+                          f"[B, {pos_embed.numel() // d - (cls_token is not None)}] (argsort of the masking noise, "
+                          "not ids_keep)")  # fmt: skip
             raise ValueError(
                 f"{op}: pos_embed has shape {tuple(pos_embed.shape)}, expected [{rows}, {d}] or [1, {rows}, {d}]{extra}"
             )

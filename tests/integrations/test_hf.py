@@ -62,6 +62,14 @@ def test_random_masking_without_noise_keeps_the_mask_ratio_and_the_mask_marks_wh
     assert (out.mask.gather(1, kept) == 0).all()
 
 
+def test_noise_of_the_wrong_length_is_named():
+    """transformers' own model fails deep inside on this; the patched one names the noise, not the position
+    embedding it would otherwise trip over."""
+    ours = patch_hf_vit_mae(tiny())
+    with pytest.raises(ValueError, match=r"noise has shape \(2, 15\), expected \[batch, patches\] = \(2, 16\)"):
+        ours(pixel_values=torch.randn(2, 3, 32, 32), noise=torch.rand(2, 15))
+
+
 def test_class_patch_reaches_every_model_and_both_patches_undo():
     before = tiny()
     try:

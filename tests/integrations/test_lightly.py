@@ -119,6 +119,29 @@ def test_mae_loss_and_decode_masked_refuse_indices_lightly_would_not_make(idx_ma
         fl.decode_masked(decoder, torch.randn(1, 15, 32), keep, torch.tensor(idx_mask))
 
 
+def test_shapes_that_do_not_fit_the_indices_are_named_with_the_callers_names():
+    """lightly's own MSELoss / set_at_index raise on these; the fused equivalents must too (a pred with too few rows
+    would compare the missing patches with zeros, too many would be dropped, swapped indices would misplace tokens)."""
+    backbone, decoder = lightly_mae()
+    images = torch.randn(2, 3, 32, 32)
+    idx_keep, idx_mask = utils.random_token_mask((2, backbone.sequence_length), mask_ratio=0.75)  # 5 kept, 12 masked
+    for rows in (5, 13):
+        with pytest.raises(ValueError, match=rf"mae_loss: pred has shape \(2, {rows}, 192\), expected \(2, 12, 192\)"):
+            fl.mae_loss(torch.randn(2, rows, 192), images, idx_mask, 8)
+    with pytest.raises(ValueError, match=r"mae_loss: pred has shape \(2, 12, 100\), expected \(2, 12, 192\)"):
+        fl.mae_loss(torch.randn(2, 12, 100), images, idx_mask, 8)
+    with pytest.raises(ValueError, match=r"mae_loss: idx_mask must be \[B=2, K\] int64"):
+        fl.mae_loss(torch.randn(1, 12, 192), images, idx_mask[:1], 8)
+    x = decoder.embed(backbone.encode(images=images, idx_keep=idx_keep))
+    with pytest.raises(ValueError, match="are idx_keep and idx_mask swapped"):
+        fl.decode_masked(decoder, x, idx_mask, idx_keep)
+    for bad in (x[:, :3], torch.cat([x, x], 1)):
+        with pytest.raises(ValueError, match=f"decode_masked: x has {bad.shape[1]} tokens and idx_keep 5"):
+            fl.decode_masked(decoder, bad, idx_keep, idx_mask)
+    with pytest.raises(ValueError, match=r"get_at_index: index must be \[B=2, K\] int64 .* got torch.float32"):
+        fl.get_at_index(x, idx_keep.float())
+
+
 def test_example_script_trains_lightlys_mae_with_fastmims_ops():
     import math
     import re

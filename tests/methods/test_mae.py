@@ -220,3 +220,27 @@ def test_fused_ops_path_equals_reference_path(name, monkeypatch):
     assert g1.keys() == g2.keys() and "mask_token" in g1
     for k in g1:
         torch.testing.assert_close(g1[k], g2[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"grad of {k}: {m}")
+
+
+@pytest.mark.parametrize("name", ["mae_vit_tiny_patch16", "simmim_vit_tiny_patch16", "maskfeat_vit_tiny_patch16",
+                                  "a2mim_vit_tiny_patch16", "fcmae_convnextv2_atto"])  # fmt: skip
+def test_a_given_mask_may_be_a_bool_tensor_a_grid_or_a_strategys_masks(name):
+    """The forms a user has a mask in (a strategy's Masks, its MaskInfo, a bool [B, N] or [B, h, w] tensor, a 0/1
+    float tensor) give the same loss; anything else is named."""
+    from fastmim.masking import build_mask
+
+    torch.manual_seed(0)
+    model = fastmim.create_model(name, img_size=64)
+    imgs = torch.randn(2, 3, 64, 64)
+    grid = (2, 2) if name.startswith("fcmae") else (4, 4)  # FCMAE masks 32-px cells, the ViTs 16-px patches
+    masks = build_mask("random", grid, seed=0, ratio=0.5)(2)
+    want, _, mask = model(imgs, mask=masks.info())
+    assert mask.sum() == 2 * masks.mask[0].sum()
+    for form in (masks, masks.mask, masks.mask.flatten(1), masks.mask.float()):
+        torch.testing.assert_close(model(imgs, mask=form)[0], want)
+    with pytest.raises(ValueError, match=r"a mask tensor must be \[B, \d+\]"):
+        model(imgs, mask=masks.mask.flatten()[None, :-1])
+    with pytest.raises(ValueError, match="True/1 for hidden patches"):
+        model(imgs, mask=masks.mask.float() * 2)
+    with pytest.raises(TypeError, match=r"mask must be a MaskInfo \(build_mask"):
+        model(imgs, mask=masks.mask.tolist())

@@ -111,8 +111,16 @@ def test_bad_inputs():
         fastmim.create_model("vit_tiny_patch15")
     with pytest.raises(ValueError, match="not divisible by the patch size 16"):
         fastmim.create_model("vit_tiny_patch16", img_size=100)
-    with pytest.raises(ValueError, match="bad arguments for model"):
+    with pytest.raises(ValueError, match="bad arguments for model") as e:
         fastmim.create_model("vit_tiny_patch16", not_an_arg=1)
+    assert "did you mean" not in str(e.value)
+    # a misspelt keyword: the close ones the builder (a partial of a function returning the class) or the class takes
+    for name, typo, meant in [("vit_tiny_patch16", "fcnorm", "fc_norm"),
+                              ("convnextv2_atto", "drop_path", "drop_path_rate"),
+                              ("mae_vit_tiny_patch16", "decoder_dim", "decoder_embed_dim"),
+                              ("fcmae_convnextv2_atto", "mask_ration", "mask_ratio")]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"unexpected keyword argument '{typo}'; did you mean {meant}"):
+            fastmim.create_model(name, **{typo: 1})
     with pytest.raises(ValueError, match="attn_impl must be one of"):
         fastmim.create_model("vit_tiny_patch16", attn_impl="xformers")
     m = fastmim.create_model("vit_tiny_patch16", img_size=32)

@@ -137,8 +137,16 @@ def test_a_backend_forced_by_set_backend_is_named_so_when_it_cannot_run():
         ops.set_backend(previous)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), -1.0])
-def test_a_mask_that_does_not_sum_to_a_positive_number_is_named(bad):
-    mask = torch.tensor([[1.0, bad, 0.0, 0.0]])  # NaN: a NaN sum; -1: a sum of 0 with a patch weighted 1
-    with pytest.raises(ValueError, match=r"the mask's weights sum to (nan|0), not a positive number"):
-        ops.masked_mse_loss(torch.randn(1, 4, 48), torch.randn(1, 3, 8, 8), mask, 4)
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, "all visible"])
+def test_a_mask_that_does_not_sum_to_a_positive_number_is_named(bad, backend):
+    """The same message from every backend that can check it (CPU tensors; on CUDA the loss is NaN)."""
+    device, _ = backend
+    mask = torch.zeros(1, 4) if bad == "all visible" else torch.tensor([[1.0, bad, 0.0, 0.0]])  # -1: sums to 0
+    args = (torch.randn(1, 4, 48, device=device), torch.randn(1, 3, 8, 8, device=device), mask.to(device), 4)
+    if device.type == "cuda":  # no host sync for a check: a NaN loss, which the trainer's NaN check stops at
+        assert not ops.masked_mse_loss(*args).isfinite()  # 0 / 0, or a weighted sum / 0
+    else:
+        with pytest.raises(ValueError, match=r"masked_mse_loss: the mask's weights sum to (nan|0), not a positive"):
+            ops.masked_mse_loss(*args)
+    with pytest.raises(ValueError, match=r"masked loss \(reference\): the mask's weights sum to (nan|0)"):
+        ops.masked_mse_loss_ref(torch.randn(1, 4, 48), torch.randn(1, 3, 8, 8), mask, 4)

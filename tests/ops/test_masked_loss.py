@@ -18,6 +18,7 @@ from fastmim.ops import (
     masked_mse_loss_ref,
     patchify_ref,
 )
+from tests.ops.conftest import DEVICES
 from tests.ops.helpers import check_against_reference, compile_backend
 
 
@@ -221,6 +222,7 @@ def test_bad_arguments_raise():
         ((pred, imgs, mask, 4), ValueError, r"pred has shape \(2, 4, 192\), expected \(2, 16, 48\)"),
         ((pred, imgs[0], mask, 8), ValueError, r"imgs must be \[B, C, H, W\]"),
         ((pred, imgs, mask[:, :3], 8), ValueError, "mask has shape"),
+        ((pred, imgs, mask.view(2, 2, 2), 8), ValueError, r"a \[B, h, w\] grid of patches flattens with mask.flatten"),
         ((pred.detach().long(), imgs, mask, 8), TypeError, "pred must be a floating-point"),
         ((pred, imgs.to("meta"), mask, 8), ValueError, "imgs is on meta"),
         ((pred, imgs, mask.to("meta"), 8), ValueError, "mask is on meta"),
@@ -296,3 +298,25 @@ def test_triton_int64_offsets_path(monkeypatch):
         assert torch.equal(patch_kernels.patchify(imgs, 16), patchify_ref(imgs, 16))
     finally:
         set_backend(prev)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fn", ["masked_mse_loss", "masked_mse_loss_patchified"])
+def test_a_float64_pred_gets_a_float64_loss_that_passes_gradcheck(fn, device):
+    """float64 in, float64 out (fp32 would cap gradcheck's precision); other dtypes keep the fp32 loss. The fused
+    kernels take fp32/bf16/fp16, so the automatic choice runs float64 on the torch backend (a forced one refuses)."""
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(2, 4, 48, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    imgs = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64).to(device)
+    mask = torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 1]], device=device)
+    if fn == "masked_mse_loss":
+        fused = lambda x: masked_mse_loss(x, imgs, mask, 4)  # noqa: E731
+        ref = lambda x: masked_mse_loss_ref(x, imgs, mask, 4)  # noqa: E731
+    else:
+        target = patchify_ref(imgs, 4)
+        fused = lambda x: masked_mse_loss_patchified(x, target, mask)  # noqa: E731
+        ref = lambda x: masked_mse_loss_patchified_ref(x, target, mask)  # noqa: E731
+    assert fused(pred).dtype == ref(pred).dtype == torch.float64
+    torch.testing.assert_close(fused(pred), ref(pred), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(fused, (pred,))
+    assert fused(pred.detach().float()).dtype == torch.float32

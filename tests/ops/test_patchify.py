@@ -72,6 +72,14 @@ def test_bad_arguments_raise():
         patchify(imgs[0], 4)
     with pytest.raises(ValueError, match=r"expected \[B, 6, 48\] for grid 2x3"):
         unpatchify(torch.randn(2, 5, 48), 4, (2, 3), 3)
+    read = r"\(imgs read as \[B, C, H, W\] = \(2, 8, 12, 3\); .*imgs.permute\(0, 3, 1, 2\)"
+    with pytest.raises(ValueError, match=read):
+        patchify(imgs.permute(0, 2, 3, 1), 4)  # channels-last data
+    with pytest.raises(ValueError, match=r"grid \(2.5, 2\) and channels 3 must be positive ints"):
+        unpatchify(torch.randn(2, 4, 48), 4, (2.5, 2), 3)
+    square = torch.randn(2, 4, 48)
+    assert torch.equal(unpatchify(square, 4, 2, 3), unpatchify(square, 4, (2, 2), 3))  # one int: a square grid
+    assert torch.equal(unpatchify_ref(square, 4, 2, 3), unpatchify(square, 4, 2, 3))
 
 
 @pytest.mark.parametrize("config", [("flat", 64, 0, 4), ("flat", 1024, 0, 4), ("strip", 1, 8, 4), ("strip", 4, 256, 4)])

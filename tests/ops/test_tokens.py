@@ -235,6 +235,8 @@ def test_wrong_dtype_shape_device_raise():
         scatter_masked(x[:, :3], rid, torch.zeros(5))
     with pytest.raises(ValueError, match=r"pos_embed has shape \(1, 8, 4\), expected \[9, 4\].*row for it"):
         scatter_masked(x[:, :3], rid, torch.zeros(4), torch.zeros(1, 8, 4), torch.zeros(2, 1, 4))
+    with pytest.raises(ValueError, match=r"ids_restore says N = 3 positions: .* should be \[B, 8\] .*not ids_keep"):
+        scatter_masked(x[:, :3], rid[:, :3], torch.zeros(4), torch.zeros(1, 9, 4), torch.zeros(2, 1, 4))
     with pytest.raises(ValueError, match="cls_token has shape"):
         scatter_masked(x[:, :3], rid, torch.zeros(4), None, torch.zeros(3, 1, 4))
     with pytest.raises(ValueError, match="fewer than the 3 visible"):
