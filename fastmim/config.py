@@ -55,10 +55,12 @@ class PretrainConfig:
         default=None,
         metadata={"help": "fraction of patches removed, in (0, 1) (None: the model's, MAE 0.75, FCMAE 0.6)"},
     )
-    mask_type: str = field(
-        default="random",
-        metadata={"help": "mask strategy (--mask): random (MAE), block (BEiT), simmim (32-px patches) or uniform "
-                          "(UM-MAE, 75%); MAE models only"},
+    mask_type: str | None = field(
+        default=None,
+        metadata={"help": "mask strategy (--mask): random (MAE), block (BEiT), simmim (2x2-token cells: 32 px at "
+                          "patch 16) or uniform (UM-MAE, 75%), for MAE, PixMIM, SimMIM, A2MIM and MaskFeat; None: the "
+                          "recipe's own (MAE random, SimMIM/A2MIM simmim, MaskFeat block; data2vec 2.0, I-JEPA and "
+                          "FCMAE draw only their own)"},
     )  # fmt: skip
     num_masks: int | None = field(
         default=None,
@@ -218,8 +220,9 @@ class PretrainConfig:
             raise ValueError(f"loader must be one of {', '.join(LOADERS)}, got {self.loader!r}")
         if self.dali_device not in DALI_DEVICES:
             raise ValueError(f"dali_device must be one of {', '.join(DALI_DEVICES)}, got {self.dali_device!r}")
-        if self.mask_type not in MASK_TYPES:
-            raise ValueError(f"mask_type must be one of {', '.join(MASK_TYPES)}, got {self.mask_type!r}")
+        if self.mask_type is not None and self.mask_type not in MASK_TYPES:
+            raise ValueError(f"mask_type must be one of {', '.join(MASK_TYPES)} (or None: the recipe's own), got "
+                             f"{self.mask_type!r}")  # fmt: skip
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -308,7 +311,8 @@ def save_yaml(cfg: PretrainConfig, path: str | Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fastmim.pretrain",
-        description="Masked image modeling pretraining (MAE). With no arguments: a small MAE on built-in photos.",
+        description="Masked image modeling pretraining: MAE, PixMIM, SimMIM, A2MIM, MaskFeat, data2vec 2.0, I-JEPA "
+        "and FCMAE (--model; fastmim.list_models() lists them). With no arguments: a small MAE on built-in photos.",
         allow_abbrev=False,
     )
     parser.add_argument("--config", default=None, help="YAML file of config keys; flags override it")

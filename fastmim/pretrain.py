@@ -68,6 +68,8 @@ def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]
         except RuntimeError as e:  # a file that is not a checkpoint (or a truncated one): one line, not a traceback
             raise UsageError(f"--resume: {e}") from None
         saved = {k: v for k, v in state.get("config", {}).items() if k not in ("resume", "output_dir")}
+        if state.get("config_format", 1) < 2 and saved.get("mask_type") == "random":
+            saved["mask_type"] = None  # the old default, whatever the recipe drew: its own masks
         cfg = apply_overrides(cfg, saved, f"the config saved in {ckpt_path}")
         given = {**given, "resume": str(ckpt_path), "output_dir": out or str(ckpt_path.parent)}
     if config_path:
@@ -76,7 +78,29 @@ def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]
     cfg = apply_overrides(cfg, {k: v for k, v in given.items() if k in run_keys}, "resume")
     cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if k not in run_keys}, "the command line")
     cfg.validate()
+    if state is not None:
+        _check_resumed_settings(cfg, saved)
     return cfg, state
+
+
+# what the checkpoint's weights are shaped by: a resume cannot change them
+NETWORK_KEYS = ("model", "img_size", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+# what changes the run's masks or data when resumed with another value (allowed, said)
+DATA_KEYS = ("mask_type", "mask_ratio", "num_masks", "data_path", "seed", "hflip")
+
+
+def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> None:
+    """A resume that changes the network is refused naming what the run was trained with; one that changes its masks
+    or data is said (flags override the saved config, by design)."""
+    changed = [k for k in NETWORK_KEYS if k in saved and getattr(cfg, k) != saved[k]]
+    if changed:
+        was = ", ".join(f"{k} {saved[k]}" for k in changed)
+        now = ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in changed)
+        raise UsageError(f"--resume: this run was trained with {was}; {now} would change the network its checkpoint "
+                         "holds: drop them to continue the run, or start another in a new --output-dir")  # fmt: skip
+    notes = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in DATA_KEYS if k in saved and getattr(cfg, k) != saved[k]]
+    if notes:
+        print(f"note: resuming with changed settings: {'; '.join(notes)}", flush=True)
 
 
 def _remove_empty(out: Path, top: Path | None) -> None:
@@ -334,40 +358,42 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         if cfg.model.startswith("fcmae_"):
             raise UsageError("--fused-gelu applies to the ViT recipes; FCMAE's ConvNeXt V2 MLPs end in GRN, not fc2")
         kwargs["fused_gelu"] = True
+    if cfg.sparse_backend != "auto" and not cfg.model.startswith("fcmae_"):
+        raise UsageError(f"--sparse-backend {cfg.sparse_backend} applies to FCMAE's sparse ConvNeXt V2 (fcmae_*), not "
+                         f"{cfg.model}")  # fmt: skip
     if cfg.num_masks is not None and not cfg.model.startswith("data2vec2_"):
         raise UsageError("--num-masks applies to data2vec 2.0 (data2vec2_*): the other recipes draw one mask per image")
     if cfg.model.startswith("ijepa_"):
         _no_norm_pix(cfg, kwargs, "I-JEPA's target is the teacher's features")
-        if cfg.mask_type != "random" or cfg.mask_ratio is not None:  # random: the CLI's default
+        if cfg.mask_type is not None or cfg.mask_ratio is not None:
             raise UsageError("I-JEPA draws its own multi-block masks (their block scales set the amounts); "
                              "--mask-type and --mask-ratio do not apply")  # fmt: skip
         kwargs.pop("mask_ratio", None)
         kwargs["attn_impl"] = cfg.attn_impl
     elif cfg.model.startswith("data2vec2_"):
         _no_norm_pix(cfg, kwargs, "data2vec 2.0's target is the teacher's features")
-        if cfg.mask_type != "random":  # random: the CLI's default, data2vec 2.0's inverse block masks are meant
-            raise UsageError(f"data2vec 2.0 draws its own inverse block masks; --mask-type {cfg.mask_type} is not")
+        if cfg.mask_type is not None:
+            raise UsageError(f"--mask-type {cfg.mask_type} does not apply to data2vec 2.0: it draws its own inverse "
+                             "block masks (--mask-ratio and --num-masks set them)")  # fmt: skip
         if cfg.num_masks is not None:
             kwargs["num_masks"] = cfg.num_masks
         kwargs["attn_impl"] = cfg.attn_impl
     elif cfg.model.startswith("maskfeat_"):
         _no_norm_pix(cfg, kwargs, "MaskFeat's target is HOG features")
-        if cfg.mask_type not in ("random", "block"):  # random: the CLI's default, MaskFeat's own block masks are meant
-            raise UsageError(f"MaskFeat masks blocks of tokens (--mask-type block); --mask-type {cfg.mask_type} is not")
-        kwargs["attn_impl"] = cfg.attn_impl
+        kwargs.update(mask_type=cfg.mask_type, attn_impl=cfg.attn_impl)
     elif cfg.model.startswith(("simmim_", "a2mim_")):
         _no_norm_pix(cfg, kwargs, "SimMIM and A2MIM predict the normalised image itself")
-        if cfg.mask_type not in ("random", "simmim"):  # random: the CLI's default, SimMIM's own masks are meant
-            raise UsageError(f"SimMIM and A2MIM mask 32-px patches (--mask simmim); --mask {cfg.mask_type} is for MAE "
-                             "models")  # fmt: skip
-        kwargs["attn_impl"] = cfg.attn_impl
-    elif cfg.model.startswith(("mae_", "pixmim_")):
         kwargs.update(mask_type=cfg.mask_type, attn_impl=cfg.attn_impl)
+    elif cfg.model.startswith(("mae_", "pixmim_")):
+        kwargs.update(mask_type=cfg.mask_type or "random", attn_impl=cfg.attn_impl)
     elif cfg.model.startswith("fcmae_"):
         if cfg.decoder_num_heads is not None:
             raise UsageError("--decoder-num-heads does not apply to FCMAE: its decoder is convolutional")
-        if cfg.mask_type != "random":
-            raise UsageError(f"FCMAE masks are random 32-px patches; --mask-type {cfg.mask_type} is for MAE models")
+        if cfg.mask_type not in (None, "random"):
+            raise UsageError(f"--mask-type {cfg.mask_type} does not apply to FCMAE: it masks random 32-px cells "
+                             "(--mask-ratio sets how many)")  # fmt: skip
+        if cfg.attn_impl != "auto":
+            raise UsageError(f"--attn-impl {cfg.attn_impl} does not apply to FCMAE: ConvNeXt V2 has no attention")
         kwargs["sparse_backend"] = cfg.sparse_backend
         kwargs["drop_path_rate"] = cfg.drop_path
     else:
@@ -510,12 +536,13 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
             save_yaml(cfg, out / "config.yaml")
         if info.is_main:
             n_params = sum(p.numel() for p in model.parameters()) / 1e6
+            amp_name = str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "fp32"
             per_node = info.local_world_size
             nodes = f" ({info.world_size // per_node} nodes x {per_node})" if 0 < per_node < info.world_size else ""
             print(
                 f"fastmim: {cfg.model} ({n_params:.1f}M params) on {device} x{info.world_size}{nodes}"
                 f"{', FSDP (sharded over ' + str(info.world_size) + ')' if cfg.fsdp else ''}, "
-                f"amp={trainer.amp_dtype or 'fp32'}, native ext={'yes' if _ext.available() else 'no'}"
+                f"amp={amp_name}, native ext={'yes' if _ext.available() else 'no'}"
                 + (f", torch.compile mode {compile_mode[0]} ({compile_mode[1]})" if compile_mode else "")
                 + "\n"
                 f"  data: {len(dataset)} images from {dataset.root}, loader {loader_desc}: {why}\n"

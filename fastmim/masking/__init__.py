@@ -1,8 +1,9 @@
 """The Mask module: which patches to hide.
 
-``build_mask(name, grid, **params)`` gives one of the strategies in ``STRATEGIES`` (random, block, simmim, uniform,
-multiblock, tube, attention, hardpatch; see ``fastmim.masking.strategies``); calling it returns ``Masks``. Masks are
-a pure function of (seed, epoch, sample index). ``python -m fastmim.masking.show`` draws them over an image.
+``build_mask(name, grid, **params)`` gives one of the strategies in ``STRATEGIES`` (random, block, inverse_block,
+simmim, uniform, multiblock, tube, attention, hardpatch; see ``fastmim.masking.strategies``); calling it returns
+``Masks``. Masks are a pure function of (seed, epoch, sample index). ``python -m fastmim.masking.show`` draws them over
+an image.
 """
 
 from fastmim.masking.base import Masks, MaskStrategy

@@ -92,7 +92,9 @@ def masking_from_bool(mask: torch.Tensor, num_hidden: int | None = None) -> Mask
     if num_hidden is None:
         counts = mask.sum(dim=1)
         if counts.numel() and not bool((counts == counts[0]).all()):
-            raise ValueError("every sample's mask must hide the same number of tokens")
+            raise ValueError("every sample's mask must hide the same number of tokens for an encoder that drops them "
+                             "(build_mask('block', ..., exact=True) and build_mask('multiblock', ..., truncate=True) "
+                             "make equal counts)")  # fmt: skip
         num_hidden = int(counts[0]) if counts.numel() else 0
     # visible tokens first, each group in raster order: a stable sort of the 0/1 mask
     noise = mask.float() * n + torch.arange(n, device=mask.device, dtype=torch.float32)

@@ -678,4 +678,27 @@ def build_mask(name: str, grid: int | tuple[int, int], **params) -> MaskStrategy
     if name not in STRATEGIES:
         raise ValueError(f"unknown mask strategy {name!r}; choose from {', '.join(STRATEGIES)}")
     as_grid(grid)
-    return STRATEGIES[name](grid, **params)
+    cls = STRATEGIES[name]
+    takes = _strategy_params(cls)
+    unknown = sorted(set(params) - takes)
+    if unknown:
+        why = " (it hides 75% by construction: one visible token per 2x2 cell)" if name == "uniform" else ""
+        raise ValueError(f"mask strategy {name!r} takes no {', '.join(unknown)}{why}; it takes "
+                         f"{', '.join(sorted(takes))}")  # fmt: skip
+    return cls(grid, **params)
+
+
+def _strategy_params(cls: type) -> set[str]:
+    """The keyword parameters of a strategy's constructor and of the bases it passes ``**kwargs`` on to."""
+    import inspect
+
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())[1:]
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names - {"grid"}

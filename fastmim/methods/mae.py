@@ -51,6 +51,19 @@ def add_mae_decoder(model: nn.Module, embed_dim: int, decoder_embed_dim: int, de
         m.apply(init_weights)
 
 
+def mask_strategy_for(mask_type: str, grid: tuple[int, int], patch_size: int, seed: int, ratio: float) -> MaskStrategy:
+    """The strategy of a recipe's ``mask_type`` (one of MASK_TYPES) over a token grid: "simmim" masks 2x2-token cells
+    (SimMIM's 32-px mask patches at patch 16; 28 px at patch 14); "uniform" hides 75% by construction."""
+    if mask_type not in MASK_TYPES:
+        raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
+    if mask_type == "uniform" and abs(ratio - 0.75) > 1e-9:
+        raise ValueError(f"uniform masking hides 75% of the tokens (one visible per 2x2 cell), got {ratio=}")
+    params = {"secondary_ratio": 0.0} if mask_type == "uniform" else {"ratio": ratio}
+    if mask_type == "simmim":
+        params.update(mask_patch_size=2 * patch_size, patch_size=patch_size)
+    return build_mask(mask_type, grid, seed=seed, **params)
+
+
 class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
     """MAE with a ViT encoder (inherited, so its parameters keep timm's names) and a transformer decoder.
 
@@ -58,8 +71,8 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         decoder_embed_dim, decoder_depth, decoder_num_heads: decoder shape (MAE default 512, 8, 16).
         mask_ratio: fraction of patches removed per sample.
         mask_type: "random" (MAE), "block" (BEiT-style block-wise masks with the same count), "simmim" (random
-            32-px mask patches, SimMIM) or "uniform" (UM-MAE's one visible token per 2x2 cell: 75% hidden); see
-            ``fastmim.masking.strategies``.
+            2x2-token mask patches: SimMIM's 32 px at patch 16, 28 px at patch 14) or "uniform" (UM-MAE's one
+            visible token per 2x2 cell: 75% hidden); see ``fastmim.masking.strategies``.
         norm_pix_loss: normalise each target patch by its mean and std.
         fused_ops: use fastmim.ops (fused gather, decoder-input scatter and loss); False keeps the plain PyTorch
             reference path, which computes the same values.
@@ -121,13 +134,7 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         """This model's masks as a ``fastmim.masking`` strategy: a pure function of (seed, epoch, sample index), which
         the trainer calls with each batch's dataset indices."""
         ratio = self.mask_ratio if ratio is None else ratio
-        if self.mask_type == "uniform" and abs(ratio - 0.75) > 1e-9:
-            raise ValueError(f"uniform masking hides 75% of the tokens (one visible per 2x2 cell), got {ratio=}")
-        params = {"secondary_ratio": 0.0} if self.mask_type == "uniform" else {"ratio": ratio}
-        if self.mask_type == "simmim":
-            p = self.patch_embed.patch_size[0]
-            params.update(mask_patch_size=2 * p, patch_size=p)  # SimMIM's 32-px mask patches over 16-px tokens
-        return build_mask(self.mask_type, self.grid_size, seed=seed, **params)
+        return mask_strategy_for(self.mask_type, self.grid_size, self.patch_embed.patch_size[0], seed, ratio)
 
     # --- Encoder ---
     def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from fastmim.heads import LinearHead
 from fastmim.masking import MaskInfo, build_mask
 from fastmim.masking.base import MaskStrategy, as_mask_info
 from fastmim.masking.strategies import exact_hidden
-from fastmim.methods.mae import register_vit_family
+from fastmim.methods.mae import mask_strategy_for, register_vit_family
 from fastmim.methods.simmim import MaskTokenViT
 from fastmim.ops import masked_mse_loss_patchified, masked_mse_loss_patchified_ref
 from fastmim.targets.hog import HOGTarget
@@ -35,12 +35,14 @@ class MaskFeatViT(MaskTokenViT):
     Args:
         img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio: the ViT.
         mask_ratio: fraction of tokens hidden in blocks (MaskFeat: 78 of 196, 40% rounded down).
+        mask_type: None (MaskFeat's block masks) or another ``MaskedAutoencoderViT`` mask type ("random", "simmim",
+            "uniform").
         mask_exact: grow the blocks until exactly that many are hidden; False (MaskFeat's and BEiT's generator) stops
             when no block fits, a few tokens short in some samples (the encoder keeps every token: any count works).
             None (default): False, unless the count is below the 15-token minimum block (tiny grids), where BEiT's
             generator would leave most masks nearly empty.
-        hog_cell, hog_bins: HOG cell side in pixels (8) and orientation bins (9); patch_size must be a multiple of
-            the cell.
+        hog_cell, hog_bins: HOG cell side in pixels (None: half the patch, MaskFeat's 8 at patch 16, 7 at 14) and
+            orientation bins (9); patch_size must be a multiple of the cell.
         gaussian_window: side of the Gaussian window on the gradient magnitudes (0: none, the official image model;
             mmpretrain uses 16).
         fused_ops: fastmim.ops for the target and the loss (False: the official whole-image HOG and the plain
@@ -61,15 +63,18 @@ class MaskFeatViT(MaskTokenViT):
         mlp_ratio: float = 4.0,
         mask_ratio: float = 78 / 196,
         mask_exact: bool | None = None,
-        hog_cell: int = 8,
+        hog_cell: int | None = None,
         hog_bins: int = 9,
         gaussian_window: int = 0,
         fused_ops: bool = True,
         attn_impl: str = "auto",
         fused_norm: bool = False,
+        mask_type: str | None = None,
     ):
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm)
-        if patch_size % hog_cell:
+        self._set_mask_type(mask_type, "block")
+        hog_cell = patch_size // 2 if hog_cell is None else hog_cell
+        if hog_cell < 1 or patch_size % hog_cell:
             raise ValueError(f"MaskFeat: patch_size {patch_size} must be a multiple of hog_cell {hog_cell}")
         self.mask_ratio = mask_ratio
         if mask_exact is None:
@@ -82,8 +87,11 @@ class MaskFeatViT(MaskTokenViT):
 
     # --- Mask ---
     def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:
-        """MaskFeat's block masks as a ``fastmim.masking`` strategy of (seed, epoch, sample index)."""
+        """MaskFeat's block masks (another ``mask_type``'s when given) as a ``fastmim.masking`` strategy of (seed,
+        epoch, sample index)."""
         ratio = self.mask_ratio if ratio is None else ratio
+        if self.mask_type != "block":
+            return mask_strategy_for(self.mask_type, self.grid_size, self.patch_size, seed, ratio)
         return build_mask("block", self.grid_size, seed=seed, ratio=ratio, min_num_patches=MASKFEAT_MIN_BLOCK,
                           exact=self.mask_exact)  # fmt: skip
 

@@ -1,11 +1,12 @@
 """SimMIM (Xie et al. 2022; microsoft/SimMIM) on a ViT.
 
-Mask: 32-px mask patches over 16-px tokens, 60% (``fastmim.masking`` "simmim"). Encoder: the ViT on every token, the
-masked patch embeddings replaced by a learned mask token right after the patch embedding (before the class token and
-the position embedding). Head: SimMIM's 1x1 convolution to p*p*3 channels + PixelShuffle(p) on the normed patch
-tokens. Target: the normalised image, no per-patch normalisation; L1 on the masked pixels, divided by their count
-times the channels. Deviation: the ViT keeps MAE's fixed sin-cos position embedding and no layer scale or relative
-position bias (SimMIM's ViT-B config uses a shared relative position bias and layer scale 0.1).
+Mask: 32-px mask patches over 16-px tokens (2x2 tokens: 28 px at patch 14), 60% (``fastmim.masking`` "simmim"; any
+other strategy with ``mask_type``). Encoder: the ViT on every token, the masked patch embeddings replaced by a learned
+mask token right after the patch embedding (before the class token and the position embedding). Head: SimMIM's 1x1
+convolution to p*p*3 channels + PixelShuffle(p) on the normed patch tokens. Target: the normalised image, no per-patch
+normalisation; L1 on the masked pixels, divided by their count times the channels. Deviation: the ViT keeps MAE's
+fixed sin-cos position embedding and no layer scale or relative position bias (SimMIM's ViT-B config uses a shared
+relative position bias and layer scale 0.1).
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ import torch
 from torch import nn
 
 from fastmim.heads import PixelShuffleHead
-from fastmim.masking import MaskInfo, build_mask
+from fastmim.masking import MaskInfo
 from fastmim.masking.base import MaskStrategy, as_mask_info
-from fastmim.methods.mae import register_vit_family
+from fastmim.methods.mae import MASK_TYPES, mask_strategy_for, register_vit_family
 from fastmim.models.vit import VisionTransformer
 from fastmim.ops import masked_mse_loss, masked_mse_loss_ref, patchify
 from fastmim.ops.reference import patchify_ref
 from fastmim.targets.pixel import PixelTarget
-
-SIMMIM_MASK_PATCH = 32
 
 
 class MaskTokenViT(VisionTransformer):
@@ -45,6 +44,14 @@ class MaskTokenViT(VisionTransformer):
     def make_mask(self, batch: int, device: torch.device, mask_ratio: float | None = None) -> MaskInfo:
         return self.mask_strategy(ratio=mask_ratio).draw(batch, device).info(ids=False)
 
+    def _set_mask_type(self, mask_type: str | None, own: str) -> None:
+        """``mask_type``: None (the recipe's ``own`` masks) or another of MASK_TYPES (random, block, simmim, uniform):
+        the encoder keeps every token, so any strategy's masks fit, whatever their count per sample."""
+        if mask_type is not None and mask_type not in MASK_TYPES:
+            raise ValueError(f"mask_type must be None (this recipe's own, {own}) or one of {MASK_TYPES}, got "
+                             f"{mask_type!r}")  # fmt: skip
+        self.mask_type = own if mask_type is None else mask_type
+
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W], mask [B, N] (1 = hidden) -> [B, 1 + N, D]."""
         x = self.patch_embed(imgs)  # [B, N, D]
@@ -63,7 +70,9 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
 
     Args:
         img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio: the ViT.
-        mask_ratio: fraction of 32-px mask patches hidden (SimMIM: 0.6).
+        mask_ratio: fraction of the mask patches hidden (SimMIM: 0.6).
+        mask_type: None (SimMIM's: "simmim", random 2x2-token mask patches, 32 px at patch 16 as the paper, 28 px at
+            patch 14) or another ``MaskedAutoencoderViT`` mask type ("random", "block", "uniform").
         fused_ops: fastmim.ops for the loss and patchify (False: the plain reference, the same values).
         attn_impl: see VisionTransformer.
     """
@@ -81,12 +90,10 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
         fused_ops: bool = True,
         attn_impl: str = "auto",
         fused_norm: bool = False,
+        mask_type: str | None = None,
     ):
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm)
-        if SIMMIM_MASK_PATCH % patch_size:
-            raise ValueError(
-                f"SimMIM's {SIMMIM_MASK_PATCH}-px mask patches need a patch size dividing it, got {patch_size}"
-            )
+        self._set_mask_type(mask_type, "simmim")
         self.mask_ratio = mask_ratio
         self.fused_ops = fused_ops
         self.norm_pix_loss = False  # SimMIM predicts the normalised image itself
@@ -94,11 +101,10 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
 
     # --- Mask ---
     def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:
-        """SimMIM's masks as a ``fastmim.masking`` strategy of (seed, epoch, sample index)."""
+        """This model's masks (SimMIM's unless ``mask_type`` says otherwise) as a ``fastmim.masking`` strategy of
+        (seed, epoch, sample index)."""
         ratio = self.mask_ratio if ratio is None else ratio
-        p = self.patch_size
-        return build_mask("simmim", self.grid_size, seed=seed, ratio=ratio, mask_patch_size=SIMMIM_MASK_PATCH,
-                          patch_size=p)  # fmt: skip
+        return mask_strategy_for(self.mask_type, self.grid_size, self.patch_size, seed, ratio)
 
     # --- Encoder: MaskTokenViT (every token, the masked ones as the mask token) ---
 

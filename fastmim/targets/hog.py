@@ -23,6 +23,9 @@ class HOGTarget(nn.Module):
         self.dim = in_chans * bins * (patch_size // cell) ** 2
 
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """imgs [B, C, H, W] (normalised), mask [B, L] (1 = masked) -> HOG features [B, L, dim], fp32, no gradient.
+        Fused: only the masked patches are computed, the other rows are zeros; reference: every patch. Either way,
+        weigh the loss with the mask (``masked_mse_loss_patchified``): a mean over all patches would be diluted."""
         if self.fused:
             return hog_target(imgs, mask, self.patch_size, self.cell, self.bins, self.gaussian_window)
         with torch.no_grad():

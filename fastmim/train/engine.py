@@ -28,6 +28,9 @@ from fastmim.train.preempt import Preempted, PreemptionWatch
 from fastmim.train.step import TrainStep
 from fastmim.train.visualize import reconstruction_grid, save_grid
 
+# 2: mask_type None means the recipe's own masks (format 1 saved "random" for every recipe, whatever it drew)
+CONFIG_FORMAT = 2
+
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for --amp, or None for full fp32."""
@@ -116,7 +119,7 @@ class Trainer:
         if self.cfg.cuda_graph and drops_tokens and self.masks.exact_hidden is None:
             raise ValueError(
                 f"--cuda-graph needs masks that hide the same number of patches in every sample (a graph has fixed "
-                f"shapes); --mask-type {self.cfg.mask_type} varies it"
+                f"shapes); the masks of --mask-type {self.cfg.mask_type or 'the recipe'} vary it"
             )
         from fastmim.train import fsdp
 
@@ -158,6 +161,7 @@ class Trainer:
             "rng": self._from_every_rank(ckpt.rng_state()),
             "loader": self._from_every_rank(self.loader.state_dict()) if hasattr(self.loader, "state_dict") else None,
             "config": self.cfg.to_dict(),
+            "config_format": CONFIG_FORMAT,
             "fastmim_version": __import__("fastmim").__version__,
         }
 

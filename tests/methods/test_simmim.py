@@ -86,5 +86,7 @@ def test_bad_simmim_options_are_refused(image_folder, tmp_path, capsys):
         plain[plain.index("--model") + 1] = model
         assert pretrain.main([*plain, "--drop-path", "0.1"]) == 2  # a ViT recipe: refused, not silently ignored
         assert "--drop-path applies to FCMAE" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="32-px mask patches need a patch size dividing it"):
-        fastmim.create_model("simmim_vit_tiny_patch14", img_size=56)
+    # patch 14: SimMIM's mask patches are 2x2 tokens (28 px), as its 32 px are at patch 16
+    masks = fastmim.create_model("simmim_vit_tiny_patch14", img_size=56).mask_strategy(seed=0)(4).mask  # [4, 4, 4]
+    cells = masks.view(4, 2, 2, 2, 2).permute(0, 1, 3, 2, 4).flatten(3)  # [B, 2, 2, 4]: the 2x2-token cells
+    assert ((cells.sum(-1) == 0) | (cells.sum(-1) == 4)).all() and masks.any()

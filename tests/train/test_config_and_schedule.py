@@ -98,7 +98,11 @@ def test_mask_flag_selects_the_strategy():
     assert cfg.mask_type == "simmim" and cfg.mask_ratio == 0.5
     cfg, _ = resolve_config(["--mask-type", "uniform"])
     assert cfg.mask_type == "uniform"
-    with pytest.raises(ValueError, match="mask_type must be one of random, block, simmim, uniform, got 'tube'"):
+    cfg, _ = resolve_config([])
+    assert cfg.mask_type is None  # the recipe's own masks
+    with pytest.raises(
+        ValueError, match=r"one of random, block, simmim, uniform \(or None: the recipe's own\), got 'tube'"
+    ):
         resolve_config(["--mask", "tube"])
 
 

@@ -1,0 +1,95 @@
+"""Masks composed with recipes: the recipes that keep every token (SimMIM, A2MIM, MaskFeat) take any of the CLI's
+mask strategies as well as their own, MAE and PixMIM take each, and the recipes whose masks are part of the method
+(data2vec 2.0, I-JEPA, FCMAE) refuse another by name; options of another recipe's parts are refused, not ignored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+import fastmim
+from fastmim import pretrain
+from tests.conftest import tiny_args_for
+
+
+def _cells_whole(mask: torch.Tensor) -> bool:
+    """Whether a [B, H, W] mask hides whole 2x2-token cells (SimMIM's mask patches)."""
+    b, h, w = mask.shape
+    cells = mask.view(b, h // 2, 2, w // 2, 2).permute(0, 1, 3, 2, 4).flatten(3)
+    return bool(((cells.sum(-1) == 0) | (cells.sum(-1) == 4)).all())
+
+
+@pytest.mark.parametrize("name", ["simmim_vit_tiny_patch16", "a2mim_vit_tiny_patch16", "maskfeat_vit_tiny_patch16"])
+def test_token_keeping_recipes_take_every_mask_strategy(name):
+    own = fastmim.create_model(name, img_size=128).mask_strategy(seed=0)
+    assert own.name == ("block" if name.startswith("maskfeat") else "simmim")
+    for mask_type in ("random", "block", "simmim", "uniform"):
+        ratio = {"mask_ratio": 0.75} if mask_type == "uniform" else {}
+        model = fastmim.create_model(name, img_size=128, mask_type=mask_type, **ratio)
+        strategy = model.mask_strategy(seed=0)
+        assert strategy.name == mask_type
+        masks = strategy(8).mask  # [8, 8, 8]
+        if mask_type == "random":
+            assert not _cells_whole(masks)  # tokens one by one, not SimMIM's cells
+        loss, _, mask = model(torch.randn(2, 3, 128, 128))
+        assert torch.isfinite(loss) and mask.sum() > 0
+    with pytest.raises(ValueError, match=r"mask_type must be None \(this recipe's own"):
+        fastmim.create_model(name, img_size=128, mask_type="tube")
+
+
+@pytest.mark.parametrize("name", ["simmim_vit_tiny_patch14", "a2mim_vit_tiny_patch14", "maskfeat_vit_tiny_patch14"])
+def test_patch_14_recipes_build_with_their_defaults(name):
+    """2x2-token mask cells (28 px) for SimMIM and A2MIM, 7-px HOG cells (half the patch) for MaskFeat."""
+    model = fastmim.create_model(name, img_size=56)
+    loss, _, _ = model(torch.randn(2, 3, 56, 56))
+    assert torch.isfinite(loss)
+    if name.startswith("maskfeat"):
+        assert model.hog.cell == 7
+    else:
+        assert _cells_whole(model.mask_strategy(seed=0)(4).mask)
+
+
+def test_cli_mask_flag_reaches_every_recipe_that_takes_it(image_folder, tmp_path, capsys):
+    """--mask random on MaskFeat trains with random masks (it used to be taken for the default and ignored); the
+    config records what was asked (None: the recipe's own); recipes with their own masks refuse another."""
+    base = [*tiny_args_for("maskfeat_vit_tiny_patch16"), "--data-path", str(image_folder), "--max-steps", "2"]
+    losses = {}
+    for mask in (None, "random"):
+        out = tmp_path / f"maskfeat-{mask}"
+        pretrain.run([*base, "--output-dir", str(out)] + (["--mask", mask] if mask else []))
+        assert yaml.safe_load((out / "config.yaml").read_text())["mask_type"] == mask
+        losses[mask] = (out / "metrics.jsonl").read_text()
+    assert losses[None] != losses["random"]  # other masks, other losses
+    for model, flags, message in [
+        ("data2vec2_vit_tiny_patch16", ["--mask", "random"], "--mask-type random does not apply to data2vec 2.0"),
+        ("ijepa_vit_tiny_patch16", ["--mask", "block"], "--mask-type and --mask-ratio do not apply"),
+        ("fcmae_convnextv2_atto", ["--mask", "block"], "--mask-type block does not apply to FCMAE"),
+        ("fcmae_convnextv2_atto", ["--attn-impl", "sdpa"], "--attn-impl sdpa does not apply to FCMAE"),
+        ("mae_vit_tiny_patch16", ["--sparse-backend", "spconv"], "--sparse-backend spconv applies to FCMAE"),
+    ]:  # fmt: skip
+        args = [*tiny_args_for(model), "--data-path", str(image_folder), "--output-dir", str(tmp_path / "refused")]
+        assert pretrain.main([*args, *flags]) == 2, (model, flags)
+        assert message in capsys.readouterr().err
+
+
+def test_resume_refuses_another_network_and_says_what_changes_the_masks(image_folder, tmp_path, capsys):
+    from fastmim.train.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    args = [*tiny_args_for("maskfeat_vit_tiny_patch16"), "--data-path", str(image_folder), "--output-dir", str(out)]
+    pretrain.run([*args, "--max-steps", "1"])
+    resume = ["--resume", "--output-dir", str(out), "--max-steps", "2"]
+    assert pretrain.main([*resume, "--model", "maskfeat_vit_small_patch16"]) == 2
+    err = capsys.readouterr().err
+    assert "this run was trained with model maskfeat_vit_tiny_patch16; --model maskfeat_vit_small_patch16" in err
+    assert "size mismatch" not in err  # one line, not load_state_dict's key dump
+    assert pretrain.main([*resume, "--mask", "random"]) == 0
+    assert "note: resuming with changed settings: mask_type None -> random" in capsys.readouterr().out
+    # a checkpoint of the old format saved mask_type "random" for every recipe: read as the recipe's own masks
+    state = load_checkpoint(out / "checkpoint.pt")
+    state.pop("config_format")
+    state["config"]["mask_type"] = "random"
+    torch.save(state, out / "checkpoint.pt")
+    cfg, _ = pretrain.resolve_config(resume)
+    assert cfg.mask_type is None
