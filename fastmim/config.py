@@ -31,6 +31,12 @@ class PretrainConfig:
     decoder_embed_dim: int | None = field(default=None, metadata={"help": "decoder width (None: the model's)"})
     decoder_depth: int | None = field(default=None, metadata={"help": "decoder blocks (None: the model's)"})
     decoder_num_heads: int | None = field(default=None, metadata={"help": "decoder heads (None: the model's)"})
+    model_args: dict | None = field(
+        default=None,
+        metadata={"help": "more keyword arguments of the model, as fastmim.create_model takes them: KEY=VALUE[,...] "
+                          "(a YAML mapping in a config), e.g. low_pass_radius=0.3 (PixMIM), pred_depth=6 (I-JEPA), "
+                          "hog_cell=4 (MaskFeat), fft_weight=0.2 (A2MIM)"},
+    )  # fmt: skip
     attn_impl: str = field(
         default="auto", metadata={"help": "auto, sdpa, flash, math or fastmim (fastmim.ops.attention's kernels)"}
     )
@@ -247,6 +253,8 @@ def _coerce(name: str, value, tp) -> object:
         if optional:
             return None
         raise ValueError(f"config key {name!r} cannot be null")
+    if base is dict:
+        return _mapping(name, value)
     if base is bool:
         if isinstance(value, bool):
             return value
@@ -266,6 +274,18 @@ def _coerce(name: str, value, tp) -> object:
         return str(value)
     if not isinstance(value, base) or isinstance(value, bool) != (base is bool):
         raise ValueError(f"config key {name!r} must be of type {base.__name__}, got {value!r}")
+    return value
+
+
+def _mapping(name: str, value) -> dict:
+    """A mapping key's value: a dict with string keys, or ``KEY=VALUE[,KEY=VALUE]`` (each value read as YAML)."""
+    if isinstance(value, str):
+        pairs = [p for p in value.split(",") if p.strip()]
+        if not all("=" in p for p in pairs):
+            raise ValueError(f"config key {name!r} takes KEY=VALUE[,KEY=VALUE...], got {value!r}")
+        value = {k.strip(): yaml.safe_load(v) for k, v in (p.split("=", 1) for p in pairs)}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k.isidentifier() for k in value):
+        raise ValueError(f"config key {name!r} must map argument names to values, got {value!r}")
     return value
 
 
@@ -328,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.name == "resume":
             parser.add_argument(*flags, nargs="?", const="auto", metavar="CHECKPOINT", **kw)
         else:
-            parser.add_argument(*flags, dest=f.name, type=str, metavar=base.__name__.upper(), **kw)
+            metavar = "KEY=VALUE[,...]" if base is dict else base.__name__.upper()
+            parser.add_argument(*flags, dest=f.name, type=str, metavar=metavar, **kw)
     return parser
 
 

@@ -85,8 +85,9 @@ def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]
 
 # what the checkpoint's weights are shaped by: a resume cannot change them
 NETWORK_KEYS = ("model", "img_size", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
-# what changes the run's masks or data when resumed with another value (allowed, said)
-DATA_KEYS = ("mask_type", "mask_ratio", "num_masks", "data_path", "seed", "hflip")
+# settings a resume may change (flags override the saved config): said in a note (model_args that reshape the
+# network are refused when its weights are loaded)
+SAID_KEYS = ("mask_type", "mask_ratio", "num_masks", "data_path", "seed", "hflip", "model_args")
 
 
 def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> None:
@@ -98,7 +99,7 @@ def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> None:
         now = ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in changed)
         raise UsageError(f"--resume: this run was trained with {was}; {now} would change the network its checkpoint "
                          "holds: drop them to continue the run, or start another in a new --output-dir")  # fmt: skip
-    notes = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in DATA_KEYS if k in saved and getattr(cfg, k) != saved[k]]
+    notes = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in SAID_KEYS if k in saved and getattr(cfg, k) != saved[k]]
     if notes:
         print(f"note: resuming with changed settings: {'; '.join(notes)}", flush=True)
 
@@ -406,6 +407,11 @@ def build_model(cfg: PretrainConfig, device: torch.device):
             f"model {cfg.model!r} is not a pretraining recipe (MAE models are mae_*, PixMIM pixmim_*, SimMIM simmim_*, "
             f"A2MIM a2mim_*, MaskFeat maskfeat_*, data2vec 2.0 data2vec2_*, I-JEPA ijepa_*, FCMAE fcmae_*){hint}"
         )
+    for k, v in (cfg.model_args or {}).items():
+        if k in kwargs or k in ("img_size", "norm_pix_loss", "mask_type", "mask_ratio", "num_masks"):
+            flag = f"--{k.replace('_', '-')}"
+            raise UsageError(f"--model-args {k}: set it with {flag} (the run's own flag)")
+        kwargs[k] = v
     model = fastmim.create_model(cfg.model, **kwargs).to(device)
     if cfg.grad_ckpt:
         from fastmim.models.vit import set_grad_ckpt

@@ -190,7 +190,9 @@ class Trainer:
                 self.raw_model.load_state_dict(state["model"])
                 self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, KeyError) as e:
-            raise ValueError(f"the checkpoint does not fit model {self.cfg.model!r}: {e}") from e
+            first = " ".join(str(e).split("\n")[:3]).strip()  # not the whole key list
+            raise ValueError(f"the checkpoint does not fit model {self.cfg.model!r} as configured (a changed "
+                             f"--model-args?): {first[:600]}") from e  # fmt: skip
         for group, hp in zip(self.optimizer.param_groups, fresh_hparams, strict=True):
             group.update(hp)
             if group.get("fused") or group.get("capturable"):  # their step counts live with the parameters

@@ -93,3 +93,31 @@ def test_resume_refuses_another_network_and_says_what_changes_the_masks(image_fo
     torch.save(state, out / "checkpoint.pt")
     cfg, _ = pretrain.resolve_config(resume)
     assert cfg.mask_type is None
+
+
+def test_model_args_reach_the_recipe_from_flags_and_yaml(image_folder, tmp_path, capsys):
+    """--model-args (a YAML mapping in a config) passes a recipe's own settings that have no flag; a misspelt name
+    gets the close ones, a setting with its own flag is pointed to it, and the run's config records them."""
+    from fastmim.config import PretrainConfig
+
+    cfg = PretrainConfig(model="pixmim_vit_tiny_patch16", img_size=64, model_args={"low_pass_radius": 3.5})
+    assert pretrain.build_model(cfg, torch.device("cpu")).low_pass_radius == 3.5
+    cfg, _ = pretrain.resolve_config(["--model-args", "low_pass_radius=3.5,fused_norm=true"])
+    assert cfg.model_args == {"low_pass_radius": 3.5, "fused_norm": True}
+    conf = tmp_path / "c.yaml"
+    conf.write_text("model: maskfeat_vit_tiny_patch16\nmodel_args:\n  hog_cell: 4\n")
+    cfg, _ = pretrain.resolve_config(["--config", str(conf), "--img-size", "64"])
+    assert pretrain.build_model(cfg, torch.device("cpu")).hog.cell == 4
+    base = [*tiny_args_for("pixmim_vit_tiny_patch16"), "--data-path", str(image_folder)]
+    out = tmp_path / "run"
+    pretrain.run([*base, "--output-dir", str(out), "--max-steps", "1", "--model-args", "low_pass_radius=3.5"])
+    assert yaml.safe_load((out / "config.yaml").read_text())["model_args"] == {"low_pass_radius": 3.5}
+    capsys.readouterr()
+    for bad, message in [("low_pass_radus=3", "did you mean low_pass_radius?"),
+                         ("mask_ratio=0.5", "--model-args mask_ratio: set it with --mask-ratio"),
+                         ("low_pass_radius", "takes KEY=VALUE")]:  # fmt: skip
+        assert pretrain.main([*base, "--output-dir", str(tmp_path / "x"), "--model-args", bad]) == 2
+        assert message in capsys.readouterr().err
+    resumed = ["--resume", "--output-dir", str(out), "--max-steps", "2", "--model-args", "low_pass_radius=5"]
+    assert pretrain.main(resumed) == 0
+    assert "model_args {'low_pass_radius': 3.5} -> {'low_pass_radius': 5}" in capsys.readouterr().out
