@@ -407,6 +407,8 @@ def build_model(cfg: PretrainConfig, device: torch.device):
             f"model {cfg.model!r} is not a pretraining recipe (MAE models are mae_*, PixMIM pixmim_*, SimMIM simmim_*, "
             f"A2MIM a2mim_*, MaskFeat maskfeat_*, data2vec 2.0 data2vec2_*, I-JEPA ijepa_*, FCMAE fcmae_*){hint}"
         )
+    if (cfg.model_args or {}).get("target") == "hog":
+        _no_norm_pix(cfg, kwargs, "the HOG target is not normalised per patch")
     for k, v in (cfg.model_args or {}).items():
         if k in kwargs or k in ("img_size", "norm_pix_loss", "mask_type", "mask_ratio", "num_masks"):
             flag = f"--{k.replace('_', '-')}"

@@ -19,14 +19,16 @@ from fastmim.masking.strategies import build_mask
 from fastmim.models.pos_embed import sincos_2d
 from fastmim.models.registry import register_model
 from fastmim.models.vit import Block, VisionTransformer, init_weights, run_blocks, set_fused_gelu, vit_sizes
-from fastmim.ops import gather_visible, scatter_masked
+from fastmim.ops import gather_visible, masked_mse_loss_patchified, scatter_masked
 from fastmim.ops.reference import (
     gather_visible_ref,
+    masked_mse_loss_patchified_ref,
     scatter_masked_ref,
 )
 from fastmim.targets import PixelTarget
 
 MASK_TYPES = ("random", "block", "simmim", "uniform")  # strategies with the same hidden count in every sample
+TARGETS = ("pixels", "hog")
 DECODER_KEYS = ("decoder_", "mask_token")  # state-dict prefixes that belong to the head, not the encoder
 
 
@@ -73,7 +75,10 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         mask_type: "random" (MAE), "block" (BEiT-style block-wise masks with the same count), "simmim" (random
             2x2-token mask patches: SimMIM's 32 px at patch 16, 28 px at patch 14) or "uniform" (UM-MAE's one
             visible token per 2x2 cell: 75% hidden); see ``fastmim.masking.strategies``.
-        norm_pix_loss: normalise each target patch by its mean and std.
+        norm_pix_loss: normalise each target patch by its mean and std (pixel targets).
+        target: "pixels" (MAE's) or "hog" (MaskFeat's target on MAE's encoder and decoder: the decoder predicts
+            each masked patch's HOG features, ``fastmim.targets.HOGTarget`` with ``hog_cell`` (None: half the patch),
+            an unnormalised MSE on the masked patches).
         fused_ops: use fastmim.ops (fused gather, decoder-input scatter and loss); False keeps the plain PyTorch
             reference path, which computes the same values.
         Other arguments as ``VisionTransformer`` (``fused_norm`` and ``fused_gelu`` apply to the encoder and the
@@ -99,8 +104,14 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         fused_ops: bool = True,
         fused_norm: bool = False,
         fused_gelu: bool = False,
+        target: str = "pixels",
+        hog_cell: int | None = None,
     ):
         check_mask_ratio(mask_ratio)
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if hog_cell is not None and target != "hog":
+            raise ValueError("hog_cell applies to target='hog'")
         if mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
@@ -109,8 +120,17 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         self.mask_type = mask_type
         self.norm_pix_loss = norm_pix_loss
         self.fused_ops = fused_ops
-        add_mae_decoder(self, embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio,
-                        patch_size**2 * in_chans, attn_impl)  # fmt: skip
+        self.target = target
+        out_dim = patch_size**2 * in_chans
+        if target == "hog":
+            from fastmim.targets.hog import HOGTarget
+
+            cell = patch_size // 2 if hog_cell is None else hog_cell
+            self.hog = HOGTarget(patch_size, in_chans, cell, fused=fused_ops)
+            out_dim = self.hog.dim
+            self.predicts_pixels = False  # nothing to show as reconstructed images
+        add_mae_decoder(self, embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, out_dim,
+                        attn_impl)  # fmt: skip
         set_fused_gelu(self, fused_gelu)  # the decoder's MLPs too
         self._mask_strategy: MaskStrategy | None = None
         self._mask_strategy_ratio: float | None = None
@@ -178,6 +198,13 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         pred = self.forward_decoder(latent, mask.ids_restore)
         loss = self.forward_loss(imgs, pred, mask.mask)
         return loss, pred, mask.mask
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The masked patches' error against the target: pixels (PixelTarget's norm-pix MSE) or HOG features."""
+        if self.target == "hog":
+            loss_fn = masked_mse_loss_patchified if self.fused_ops else masked_mse_loss_patchified_ref
+            return loss_fn(pred, self.hog(imgs, mask), mask, norm_pix=False)
+        return super().forward_loss(imgs, pred, mask)
 
     def encoder_state_dict(self, state: dict | None = None) -> dict[str, torch.Tensor]:
         """The encoder's weights alone (no decoder, no mask token): loads into timm's VisionTransformer."""

@@ -20,6 +20,8 @@ class PixMIMViT(LowPassTarget, MaskedAutoencoderViT):
     """
 
     def __init__(self, *, low_pass_radius: float | None = None, **kwargs):
+        if kwargs.get("target", "pixels") != "pixels":
+            raise ValueError(f"PixMIM's target is the low-pass image; target={kwargs['target']!r} is MAE's option")
         super().__init__(**kwargs)
         side = min(self.grid_size[0] * self.patch_size, self.grid_size[1] * self.patch_size)
         self.low_pass_radius = default_radius(side) if low_pass_radius is None else float(low_pass_radius)

@@ -121,3 +121,28 @@ def test_model_args_reach_the_recipe_from_flags_and_yaml(image_folder, tmp_path,
     resumed = ["--resume", "--output-dir", str(out), "--max-steps", "2", "--model-args", "low_pass_radius=5"]
     assert pretrain.main(resumed) == 0
     assert "model_args {'low_pass_radius': 3.5} -> {'low_pass_radius': 5}" in capsys.readouterr().out
+
+
+def test_mae_with_maskfeats_hog_target_is_the_formula_and_trains_from_the_cli(image_folder, tmp_path):
+    """MAE's encoder and decoder with MaskFeat's target: the decoder predicts each masked patch's HOG features; the
+    loss is the mean over masked patches of the squared error against the official whole-image HOG."""
+    from fastmim.ops import hog_target_ref
+
+    torch.manual_seed(0)
+    model = fastmim.create_model("mae_vit_tiny_patch16", img_size=64, target="hog")
+    imgs = torch.randn(2, 3, 64, 64)
+    loss, pred, mask = model(imgs)
+    assert pred.shape == (2, 16, 108) and not model.predicts_pixels
+    want = (pred.detach() - hog_target_ref(imgs, 16, 8)).square().mean(-1)  # [B, N] per patch
+    torch.testing.assert_close(loss.detach(), (want * mask).sum() / mask.sum(), rtol=1e-5, atol=1e-6)
+    plain = fastmim.create_model("mae_vit_tiny_patch16", img_size=64, target="hog", fused_ops=False)
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(plain(imgs, mask=mask.bool())[0], loss, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="target must be one of"):
+        fastmim.create_model("mae_vit_tiny_patch16", target="tokens")
+    with pytest.raises(ValueError, match="PixMIM's target is the low-pass image"):
+        fastmim.create_model("pixmim_vit_tiny_patch16", target="hog")
+    out = tmp_path / "run"
+    pretrain.run([*tiny_args_for("mae_vit_tiny_patch16"), "--data-path", str(image_folder), "--output-dir", str(out),
+                  "--max-steps", "2", "--model-args", "target=hog"])  # fmt: skip
+    assert (out / "encoder.safetensors").exists() and not (out / "reconstructions").exists()
