@@ -37,7 +37,6 @@ time and a breakdown by kind (matmul, attention, Triton, elementwise, ...).
 from __future__ import annotations
 
 import argparse
-import ast
 import gc
 import itertools
 import os
@@ -91,13 +90,12 @@ def parse_modes(text: str) -> list[str]:
 
 
 def parse_model_arg(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    from fastmim.config import key_value
+
     try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value  # a plain string such as attn_impl=math
+        return key_value(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

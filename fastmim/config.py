@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ class PretrainConfig:
     model_args: dict | None = field(
         default=None,
         metadata={"help": "more keyword arguments of the model, as fastmim.create_model takes them: KEY=VALUE[,...] "
-                          "(a YAML mapping in a config), e.g. low_pass_radius=0.3 (PixMIM), pred_depth=6 (I-JEPA), "
+                          "(a YAML mapping in a config), e.g. low_pass_radius=20 (PixMIM), pred_depth=6 (I-JEPA), "
                           "hog_cell=4 (MaskFeat), fft_weight=0.2 (A2MIM)"},
     )  # fmt: skip
     attn_impl: str = field(
@@ -277,13 +279,31 @@ def _coerce(name: str, value, tp) -> object:
     return value
 
 
+def key_value(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of a command line: the value a Python literal (``0.3``, ``(0.8, 1.0)``, ``True``), else YAML
+    (``true``, ``null``, ``[0.8, 1.0]``), else the plain string (``attn_impl=math``). ValueError if not KEY=VALUE."""
+    key, sep, value = text.partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep or not key.isidentifier():
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        pass
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key, value
+
+
 def _mapping(name: str, value) -> dict:
-    """A mapping key's value: a dict with string keys, or ``KEY=VALUE[,KEY=VALUE]`` (each value read as YAML)."""
+    """A mapping key's value: a dict with string keys, or ``KEY=VALUE[,KEY=VALUE]`` (``key_value``'s rules)."""
     if isinstance(value, str):
-        pairs = [p for p in value.split(",") if p.strip()]
-        if not all("=" in p for p in pairs):
-            raise ValueError(f"config key {name!r} takes KEY=VALUE[,KEY=VALUE...], got {value!r}")
-        value = {k.strip(): yaml.safe_load(v) for k, v in (p.split("=", 1) for p in pairs)}
+        pairs = [p for p in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", value) if p.strip()]  # commas inside [..] stay
+        try:
+            value = dict(key_value(p) for p in pairs)
+        except ValueError:
+            raise ValueError(f"config key {name!r} takes KEY=VALUE[,KEY=VALUE...], got {value!r}") from None
     if not isinstance(value, dict) or not all(isinstance(k, str) and k.isidentifier() for k in value):
         raise ValueError(f"config key {name!r} must map argument names to values, got {value!r}")
     return value
@@ -304,8 +324,21 @@ def apply_overrides(cfg: PretrainConfig, overrides: dict, source: str) -> Pretra
     return dataclasses.replace(cfg, **values)
 
 
+# 2: mask_type None means the recipe's own masks (format 1 wrote "random" for every recipe, whatever it drew)
+CONFIG_FORMAT = 2
+
+
+def migrate_saved_config(saved: dict, config_format: int | None) -> dict:
+    """A config written by a run (a checkpoint's, or its config.yaml) in an older format, read as this one: format 1's
+    ``mask_type: random`` was its default for every recipe, the recipe's own masks (None now)."""
+    if (config_format or 1) < 2 and saved.get("mask_type") == "random":
+        return {**saved, "mask_type": None}
+    return saved
+
+
 def load_yaml(path: str | Path) -> dict:
-    """Reads a YAML mapping of config keys; errors name the file."""
+    """Reads a YAML mapping of config keys; errors name the file. A run's own config.yaml (it has a ``resume`` key)
+    of an older format is migrated (``migrate_saved_config``); ``config_format`` is not a config key."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file {str(p)!r} does not exist")
@@ -317,6 +350,9 @@ def load_yaml(path: str | Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(p)!r} must hold a mapping of keys to values, got {type(data).__name__}")
+    config_format = data.pop("config_format", None)
+    if "resume" in data:  # written by save_yaml (a hand-written file says what it means)
+        data = migrate_saved_config(data, config_format)
     return data
 
 
@@ -325,6 +361,7 @@ def save_yaml(cfg: PretrainConfig, path: str | Path) -> None:
     refused as) a new run instead of silently resuming one."""
     d = cfg.to_dict()
     d["resume"] = None
+    d["config_format"] = CONFIG_FORMAT
     Path(path).write_text(yaml.safe_dump(d, sort_keys=False))
 
 

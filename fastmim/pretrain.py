@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastmim.config import PretrainConfig, apply_overrides, cli_overrides, load_yaml, save_yaml
+from fastmim.config import PretrainConfig, apply_overrides, cli_overrides, load_yaml, migrate_saved_config, save_yaml
 from fastmim.data.dali import DaliDecodeError
 from fastmim.data.folder import BadImageError
 from fastmim.train.checkpoint import existing_run_markers, load_checkpoint, run_checkpoint
@@ -68,8 +68,7 @@ def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]
         except RuntimeError as e:  # a file that is not a checkpoint (or a truncated one): one line, not a traceback
             raise UsageError(f"--resume: {e}") from None
         saved = {k: v for k, v in state.get("config", {}).items() if k not in ("resume", "output_dir")}
-        if state.get("config_format", 1) < 2 and saved.get("mask_type") == "random":
-            saved["mask_type"] = None  # the old default, whatever the recipe drew: its own masks
+        saved = migrate_saved_config(saved, state.get("config_format"))
         cfg = apply_overrides(cfg, saved, f"the config saved in {ckpt_path}")
         given = {**given, "resume": str(ckpt_path), "output_dir": out or str(ckpt_path.parent)}
     if config_path:
@@ -93,7 +92,10 @@ SAID_KEYS = ("mask_type", "mask_ratio", "num_masks", "data_path", "seed", "hflip
 def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> None:
     """A resume that changes the network is refused naming what the run was trained with; one that changes its masks
     or data is said (flags override the saved config, by design)."""
-    changed = [k for k in NETWORK_KEYS if k in saved and getattr(cfg, k) != saved[k]]
+    # a saved None (the model's default) against a given value may be the same network: load_state_dict decides;
+    # FCMAE's weights do not depend on the image size
+    keys = [k for k in NETWORK_KEYS if not (k == "img_size" and cfg.model.startswith("fcmae_"))]
+    changed = [k for k in keys if saved.get(k) is not None and getattr(cfg, k) != saved[k]]
     if changed:
         was = ", ".join(f"{k} {saved[k]}" for k in changed)
         now = ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in changed)
@@ -411,7 +413,7 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         _no_norm_pix(cfg, kwargs, "the HOG target is not normalised per patch")
     for k, v in (cfg.model_args or {}).items():
         if k in kwargs or k in ("img_size", "norm_pix_loss", "mask_type", "mask_ratio", "num_masks"):
-            flag = f"--{k.replace('_', '-')}"
+            flag = {"drop_path_rate": "--drop-path"}.get(k, f"--{k.replace('_', '-')}")
             raise UsageError(f"--model-args {k}: set it with {flag} (the run's own flag)")
         kwargs[k] = v
     model = fastmim.create_model(cfg.model, **kwargs).to(device)
@@ -424,7 +426,7 @@ def build_model(cfg: PretrainConfig, device: torch.device):
 
 def _no_norm_pix(cfg: PretrainConfig, kwargs: dict, why: str) -> None:
     """A recipe whose target is not MAE's pixel patches: norm-pix does not apply (--no-norm-pix-loss is refused)."""
-    kwargs.pop("norm_pix_loss")
+    kwargs.pop("norm_pix_loss", None)
     if not cfg.norm_pix_loss:
         raise UsageError(f"--no-norm-pix-loss does not apply to {cfg.model}: {why}")
 

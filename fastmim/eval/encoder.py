@@ -114,13 +114,20 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
     return module.eval(), info
 
 
+def global_pool_norm(encoder: nn.Module) -> nn.LayerNorm | None:
+    """The ``fc_norm`` of a ViT fine-tuned with MAE's global pool (a LayerNorm on the patch tokens' mean), else None
+    (timm's ViTs have ``fc_norm = Identity`` when they have none)."""
+    norm = getattr(encoder, "fc_norm", None)
+    return norm if isinstance(norm, nn.LayerNorm) else None
+
+
 def check_pool(encoder: nn.Module, pool: str, flag: str = "--pool") -> bool:
     """Whether the ViT has a class token; ``pool`` cls on one without (I-JEPA's), or on a fine-tuning with the
     global pool (no final norm on its class token), is refused, naming ``flag``."""
     has_cls = getattr(encoder, "cls_token", None) is not None
     if pool == "cls" and not has_cls:
         raise ValueError(f"{flag} cls: this ViT has no class token (I-JEPA's); use {flag} avg")
-    if pool == "cls" and getattr(encoder, "fc_norm", None) is not None:
+    if pool == "cls" and global_pool_norm(encoder) is not None:
         raise ValueError(f"{flag} cls: this ViT was fine-tuned with MAE's global pool (fc_norm on the patch tokens' "
                          f"mean, no final norm on the class token); use {flag} avg")  # fmt: skip
     return has_cls
@@ -133,8 +140,8 @@ def pooled_features(encoder: nn.Module, imgs: torch.Tensor, pool: str = "auto") 
     if hasattr(encoder, "blocks"):  # ViT
         h = encoder.forward_features(imgs)
         has_cls = check_pool(encoder, pool)
-        if getattr(encoder, "fc_norm", None) is not None:  # fine-tuned with MAE's global pool
-            return encoder.fc_norm(h[:, int(has_cls) :].mean(1))
+        if (fc_norm := global_pool_norm(encoder)) is not None:  # fine-tuned with MAE's global pool
+            return fc_norm(h[:, int(has_cls) :].mean(1))
         if pool == "cls" or (pool == "auto" and has_cls):
             return h[:, 0]
         return h[:, int(has_cls) :].mean(1)

@@ -17,8 +17,6 @@ demo score is each token's pixel variance in the image ("hard = textured"), the 
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect
 import math
 import sys
 from pathlib import Path
@@ -28,7 +26,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from fastmim.masking.base import IMPLS, Masks
-from fastmim.masking.strategies import STRATEGIES, build_mask
+from fastmim.masking.strategies import STRATEGIES, build_mask, strategy_params
 
 PX = 16  # pixels per token in the drawing
 GAP = 4  # pixels between tiles and around the canvas
@@ -174,14 +172,12 @@ def _parse_grid(text: str) -> tuple[int, int]:
 
 
 def _parse_param(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    from fastmim.config import key_value
+
     try:
-        parsed = ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError):
-        parsed = value.strip()  # a plain string
-    return key.strip(), parsed
+        return key_value(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--param {reserved}=...: use --{reserved}")
     cls = STRATEGIES[args.strategy]
     if args.ratio is not None:
-        names = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "grid", "kw")]
+        names = sorted(strategy_params(cls))
         if "ratio" not in names:
             ap.error(f"--ratio: the {args.strategy} strategy has no ratio parameter; set its parameters with "
                      f"--param KEY=VALUE ({', '.join(names)})")  # fmt: skip

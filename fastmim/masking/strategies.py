@@ -679,7 +679,7 @@ def build_mask(name: str, grid: int | tuple[int, int], **params) -> MaskStrategy
         raise ValueError(f"unknown mask strategy {name!r}; choose from {', '.join(STRATEGIES)}")
     as_grid(grid)
     cls = STRATEGIES[name]
-    takes = _strategy_params(cls)
+    takes = strategy_params(cls)
     unknown = sorted(set(params) - takes)
     if unknown:
         why = " (it hides 75% by construction: one visible token per 2x2 cell)" if name == "uniform" else ""
@@ -688,17 +688,8 @@ def build_mask(name: str, grid: int | tuple[int, int], **params) -> MaskStrategy
     return cls(grid, **params)
 
 
-def _strategy_params(cls: type) -> set[str]:
-    """The keyword parameters of a strategy's constructor and of the bases it passes ``**kwargs`` on to."""
-    import inspect
+def strategy_params(cls: type) -> set[str]:
+    """The keyword parameters of a strategy's constructor (and of the bases it passes ``**kwargs`` on to)."""
+    from fastmim.models.registry import accepted_keywords
 
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        init = vars(klass).get("__init__")
-        if init is None:
-            continue
-        params = list(inspect.signature(init).parameters.values())[1:]
-        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            break
-    return names - {"grid"}
+    return accepted_keywords(cls) - {"grid"}

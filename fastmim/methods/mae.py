@@ -98,7 +98,7 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         decoder_num_heads: int = 16,
         mlp_ratio: float = 4.0,
         mask_ratio: float = 0.75,
-        mask_type: str = "random",
+        mask_type: str | None = "random",
         norm_pix_loss: bool = True,
         attn_impl: str = "auto",
         fused_ops: bool = True,
@@ -108,6 +108,7 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         hog_cell: int | None = None,
     ):
         check_mask_ratio(mask_ratio)
+        mask_type = "random" if mask_type is None else mask_type  # None: MAE's own, as the other recipes take it
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         if hog_cell is not None and target != "hog":

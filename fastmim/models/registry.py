@@ -29,7 +29,7 @@ def _load_providers() -> None:
         importlib.import_module(mod)
 
 
-def _keywords(factory) -> set[str]:
+def accepted_keywords(factory) -> set[str]:
     """The keyword arguments a registered factory takes: its own, those of the classes a ``functools.partial`` holds,
     of the class a function passing ``**kwargs`` on returns (its annotation) and of the bases
     each class passes its ``**kwargs`` on to."""
@@ -63,7 +63,7 @@ def _unexpected_hint(factory, error: TypeError) -> str:
     m = re.search(r"unexpected keyword argument '(\w+)'", str(error))
     if not m:
         return ""
-    close = difflib.get_close_matches(m.group(1), sorted(_keywords(factory)), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(m.group(1), sorted(accepted_keywords(factory)), n=3, cutoff=0.6)
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 

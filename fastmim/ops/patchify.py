@@ -186,7 +186,8 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid: int | tuple[int, int], ch
     except (TypeError, ValueError):  # not two ints
         gh = gw = 0
     if gh < 1 or gw < 1 or isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-        raise ValueError(f"unpatchify: grid {tuple(grid)} and channels {channels!r} must be positive ints")
+        shown = tuple(grid) if isinstance(grid, (tuple, list)) else grid
+        raise ValueError(f"unpatchify: grid {shown!r} and channels {channels!r} must be positive ints")
     if x.dim() != 3 or x.shape[1] != gh * gw or x.shape[2] != patch_size * patch_size * channels:
         raise ValueError(
             f"unpatchify: x has shape {tuple(x.shape)}, expected [B, {gh * gw}, {patch_size * patch_size * channels}] "

@@ -33,7 +33,7 @@ def patchify_ref(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 def unpatchify_ref(x: torch.Tensor, patch_size: int, grid: int | tuple[int, int], channels: int = 3) -> torch.Tensor:
     """[B, L, p*p*C] -> [B, C, H, W]; the inverse of ``patchify_ref``. ``grid``: (gh, gw), or one int (square)."""
-    gh, gw = (grid, grid) if isinstance(grid, int) else grid
+    gh, gw = grid if isinstance(grid, (tuple, list)) else (grid, grid)  # one int (or SymInt): a square grid
     b, n, d = x.shape
     p = patch_size
     if n != gh * gw or d != p * p * channels:

@@ -13,7 +13,7 @@ import torch
 
 def convert(src: str | Path, dst: str | Path, encoder: str | Path | None = None) -> dict:
     """Writes ``dst`` (and ``encoder``) from the sharded checkpoint ``src``; returns the written state."""
-    from fastmim.config import PretrainConfig, apply_overrides
+    from fastmim.config import PretrainConfig, apply_overrides, migrate_saved_config
     from fastmim.pretrain import build_model
     from fastmim.train import checkpoint as ckpt
     from fastmim.train.fsdp import load_dcp_into, load_meta
@@ -28,6 +28,7 @@ def convert(src: str | Path, dst: str | Path, encoder: str | Path | None = None)
                          "sharded one, the checkpoint.dcp folder of an --fsdp run")  # fmt: skip
     meta = load_meta(Path(src))
     saved = {k: v for k, v in meta["config"].items() if k not in ("resume", "output_dir")}
+    saved = migrate_saved_config(saved, meta.get("config_format"))
     cfg = apply_overrides(PretrainConfig(), saved, f"the config saved in {src}")
     model = build_model(cfg, torch.device("cpu"))
     optimizer = build_adamw(model, 0.0, cfg.weight_decay, betas=(0.9, cfg.beta2))
@@ -48,9 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dst", help="the single-file checkpoint to write (.pt)")
     parser.add_argument("--encoder", help="also write the encoder's weights here (.safetensors)")
     args = parser.parse_args(argv)
+    from fastmim.pretrain import UsageError
+
     try:
         state = convert(args.src, args.dst, args.encoder)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.dst} (step {state['step']}, epoch {state['epoch']})" + (f" and {args.encoder}" if args.encoder

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from fastmim.config import PretrainConfig, save_yaml
+from fastmim.config import CONFIG_FORMAT, PretrainConfig, save_yaml
 from fastmim.data import decode_indices
 from fastmim.data.dali import DaliDecodeError
 from fastmim.data.folder import BadImageError
@@ -27,9 +27,6 @@ from fastmim.train.optim import lr_at, set_lr, set_weight_decay, wd_at
 from fastmim.train.preempt import Preempted, PreemptionWatch
 from fastmim.train.step import TrainStep
 from fastmim.train.visualize import reconstruction_grid, save_grid
-
-# 2: mask_type None means the recipe's own masks (format 1 saved "random" for every recipe, whatever it drew)
-CONFIG_FORMAT = 2
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:

@@ -271,6 +271,10 @@ def test_a_finetuned_vit_loads_as_an_encoder_with_its_pooled_features(tmp_path, 
         want = net.eval().forward_head(net.forward_features(x), pre_logits=True)
         torch.testing.assert_close(pooled_features(loaded, x, "auto"), want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(loaded(x), want, rtol=1e-4, atol=1e-4)
+    timm_vit = net.eval()  # timm's own network: fc_norm is an Identity there when it has none
+    if pool == "cls":
+        with torch.no_grad():
+            torch.testing.assert_close(pooled_features(timm_vit, x, "auto"), timm_vit.forward_features(x)[:, 0])
     if pool == "avg":
         with pytest.raises(ValueError, match="fine-tuned with MAE's global pool"):
             pooled_features(loaded, x, "cls")

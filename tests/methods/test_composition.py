@@ -4,6 +4,8 @@ mask strategies as well as their own, MAE and PixMIM take each, and the recipes 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -59,8 +61,9 @@ def test_cli_mask_flag_reaches_every_recipe_that_takes_it(image_folder, tmp_path
         out = tmp_path / f"maskfeat-{mask}"
         pretrain.run([*base, "--output-dir", str(out)] + (["--mask", mask] if mask else []))
         assert yaml.safe_load((out / "config.yaml").read_text())["mask_type"] == mask
-        losses[mask] = (out / "metrics.jsonl").read_text()
-    assert losses[None] != losses["random"]  # other masks, other losses
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[mask] = [r["loss"] for r in rows if "loss" in r]
+    assert losses[None] and losses[None] != losses["random"]  # other masks, other losses
     for model, flags, message in [
         ("data2vec2_vit_tiny_patch16", ["--mask", "random"], "--mask-type random does not apply to data2vec 2.0"),
         ("ijepa_vit_tiny_patch16", ["--mask", "block"], "--mask-type and --mask-ratio do not apply"),
@@ -93,6 +96,15 @@ def test_resume_refuses_another_network_and_says_what_changes_the_masks(image_fo
     torch.save(state, out / "checkpoint.pt")
     cfg, _ = pretrain.resolve_config(resume)
     assert cfg.mask_type is None
+    # so does an old config.yaml passed back with --config (a hand-written one means what it says)
+    text = (out / "config.yaml").read_text()
+    assert "config_format: 2" in text
+    (tmp_path / "old.yaml").write_text(
+        text.replace("config_format: 2\n", "").replace("mask_type: null", "mask_type: random")
+    )
+    assert pretrain.resolve_config(["--config", str(tmp_path / "old.yaml")])[0].mask_type is None
+    (tmp_path / "own.yaml").write_text("model: maskfeat_vit_tiny_patch16\nmask_type: random\n")
+    assert pretrain.resolve_config(["--config", str(tmp_path / "own.yaml")])[0].mask_type == "random"
 
 
 def test_model_args_reach_the_recipe_from_flags_and_yaml(image_folder, tmp_path, capsys):
@@ -113,6 +125,11 @@ def test_model_args_reach_the_recipe_from_flags_and_yaml(image_folder, tmp_path,
     pretrain.run([*base, "--output-dir", str(out), "--max-steps", "1", "--model-args", "low_pass_radius=3.5"])
     assert yaml.safe_load((out / "config.yaml").read_text())["model_args"] == {"low_pass_radius": 3.5}
     capsys.readouterr()
+    cfg, _ = pretrain.resolve_config(["--model-args", "context_scale=[0.8, 1.0],pred_depth=2"])
+    assert cfg.model_args == {"context_scale": [0.8, 1.0], "pred_depth": 2}  # commas inside a list stay
+    simmim = [*tiny_args_for("simmim_vit_tiny_patch16"), "--data-path", str(image_folder)]
+    assert pretrain.main([*simmim, "--output-dir", str(tmp_path / "x"), "--model-args", "target=hog"]) == 2
+    assert "unexpected keyword argument 'target'" in capsys.readouterr().err  # named, not a KeyError
     for bad, message in [("low_pass_radus=3", "did you mean low_pass_radius?"),
                          ("mask_ratio=0.5", "--model-args mask_ratio: set it with --mask-ratio"),
                          ("low_pass_radius", "takes KEY=VALUE")]:  # fmt: skip

@@ -110,3 +110,4 @@ def test_maskfeat_pretrains_from_the_cli(image_folder, tmp_path, capsys):
     assert pretrain.main([*args, "--output-dir", str(tmp_path / "x"), "--decoder-depth", "2"]) == 2
     assert "does not apply to MaskFeat" in capsys.readouterr().err
     assert pretrain.main([*args, "--output-dir", str(tmp_path / "y"), "--mask-type", "uniform"]) == 2
+    assert "uniform masking hides 75% of the tokens" in capsys.readouterr().err  # MaskFeat's ratio is 78/196
