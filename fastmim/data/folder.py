@@ -41,6 +41,21 @@ def iter_files(root: str | Path) -> Iterator[str]:
             yield os.path.join(dirpath, f)
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB of any PIL image. 16-bit and 32-bit grey (modes I;16*, I, F) are scaled to 8 bits first: PIL's
+    convert("RGB") clips them at 255, turning a 16-bit PNG white."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        import numpy as np
+
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or (img.mode == "I" and a.max(initial=0) > 255) else 255.0
+        if img.mode == "F":  # floats: their own range
+            lo, hi = float(a.min(initial=0)), float(a.max(initial=1))
+            a, top = a - lo, max(hi - lo, 1e-12)
+        img = Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
 def is_image_file(path: str) -> bool:
     return path.lower().endswith(IMG_EXTENSIONS)
 
@@ -130,7 +145,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         path = self.files[index]
         try:
             with Image.open(path) as img:
-                return img.convert("RGB")
+                return to_rgb(img)
         except Exception as e:  # PIL raises several types for truncated or non-image files
             raise BadImageError(f"cannot read image {path!r}: {e}", path) from e
 
@@ -256,6 +271,6 @@ class TarShardDataset(ImageFolderDataset):
         data = self.read_bytes(index)
         try:
             with Image.open(io.BytesIO(data)) as img:
-                return img.convert("RGB")
+                return to_rgb(img)
         except Exception as e:  # PIL raises several types for truncated or non-image data
             raise BadImageError(f"cannot read image {self.files[index]!r}: {e}", self.files[index]) from e

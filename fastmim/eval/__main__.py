@@ -81,7 +81,10 @@ def _check(ap, args) -> None:
     for name in ("batch_size", "k", "epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.workers < 0 or (args.warmup_epochs or 0) < 0 or (args.blr or 1) <= 0 or args.temperature <= 0:
+    if args.img_size is not None and args.img_size < 1:
+        ap.error(f"--img-size must be a positive number of pixels, got {args.img_size}")
+    if args.workers < 0 or (args.warmup_epochs or 0) < 0 or args.temperature <= 0 or (
+            args.blr is not None and not args.blr > 0):  # fmt: skip
         ap.error("--workers and --warmup-epochs must be >= 0, --blr and --temperature > 0")
     if not 0 < args.layer_decay <= 1 or not 0 <= args.drop_path < 1 or not 0 <= args.reprob <= 1:
         ap.error("--layer-decay must be in (0, 1], --drop-path in [0, 1), --reprob in [0, 1]")
@@ -110,6 +113,8 @@ def run(args) -> dict:
     if args.random:
         torch.manual_seed(args.seed)
     encoder, info = load_encoder(args.encoder, args.model or args.random, args.img_size)
+    if dist_info.is_main:
+        _out_path(args, info)  # a bad --out is refused before the evaluation runs, not after
     train_root, val_root = (args.data_path, args.val_path) if args.data_path else builtin_digits()
     size = info["img_size"]
     train = LabelledFolder(train_root, eval_transform(size))
@@ -163,6 +168,9 @@ def run(args) -> dict:
 
 def _out_path(args, info: dict) -> Path:
     path = Path(args.out) if args.out else (Path(info["path"]).parent if info["path"] else Path(".")) / "eval.jsonl"
+    if path.is_dir():  # checked before the evaluation runs, not after
+        raise ValueError(f"--out {str(path)!r} is a folder: name the JSON-lines file to append to (e.g. "
+                         f"{str(path / 'eval.jsonl')!r})")  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -179,6 +187,9 @@ def _finetune_dir(args, info: dict) -> Path:
         if args.dist_info.is_main and (d / "checkpoint.pt").exists():
             raise ValueError(f"--finetune-dir {str(d)!r} holds a fine-tuning already: --resume {d} to continue it, "
                              "or choose another folder")  # fmt: skip
+        if args.dist_info.is_main and d.is_dir() and any(d.iterdir()):
+            raise ValueError(f"--finetune-dir {str(d)!r} holds files but no checkpoint (a fine-tuning stopped in its "
+                             "first epoch?): choose an empty or new folder; nothing there is overwritten")  # fmt: skip
         return d
     folder = _out_path(args, info).parent if args.dist_info.is_main else None
     if folder is not None:
@@ -196,8 +207,10 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
     train_set = LabelledFolder(train_root, finetune_transform(info["img_size"], aa, args.reprob), classes=train.classes)
     n = args.epochs
     run_dir = _finetune_dir(args, info)
+    made = not run_dir.exists()
     if args.dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        print(f"finetune: {'resuming in' if args.resume else 'writing to'} {run_dir}", flush=True)
 
     def log(row):
         with open(run_dir / "history.jsonl", "a") as f:
@@ -205,15 +218,20 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
         print(f"finetune epoch {row['epoch']}/{n}: loss {row['loss']:.4f}, val top-1 {row['top1']:.2f}% "
               f"({row['seconds']:.1f} s)", flush=True)  # fmt: skip
 
-    out = finetune(
-        encoder, info, train_set, val, len(train.classes), device, epochs=n, warmup_epochs=args.warmup_epochs,
-        batch_size=args.batch_size, blr=args.blr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-        layer_decay=args.layer_decay, drop_path=args.drop_path, mixup=args.mixup, cutmix=args.cutmix,
-        smoothing=args.smoothing, pool=args.pool, workers=args.workers, seed=args.seed, log=log,
-        dist_info=args.dist_info, run_dir=run_dir, resume=bool(args.resume),
-        data_settings=dict(auto_augment=aa, reprob=args.reprob, train_data=str(Path(train_root).resolve()),
-                           encoder_file=str(Path(info["path"]).resolve()) if info.get("path") else None),
-    )  # fmt: skip
+    try:
+        out = finetune(
+            encoder, info, train_set, val, len(train.classes), device, epochs=n, warmup_epochs=args.warmup_epochs,
+            batch_size=args.batch_size, blr=args.blr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+            layer_decay=args.layer_decay, drop_path=args.drop_path, mixup=args.mixup, cutmix=args.cutmix,
+            smoothing=args.smoothing, pool=args.pool, workers=args.workers, seed=args.seed, log=log,
+            dist_info=args.dist_info, run_dir=run_dir, resume=bool(args.resume),
+            data_settings=dict(auto_augment=aa, reprob=args.reprob, train_data=str(Path(train_root).resolve()),
+                               encoder_file=str(Path(info["path"]).resolve()) if info.get("path") else None),
+        )  # fmt: skip
+    except BaseException:
+        if made and args.dist_info.is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a refused or failed start leaves no empty finetune-N behind
+        raise
     saved = run_dir / "finetuned.safetensors"
     if args.dist_info.is_main:
         save_encoder(saved, out["network"].state_dict(), {"model": info["encoder"], "pool": args.pool, "classes":

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from fastmim.data.folder import to_rgb
 from fastmim.models.registry import RECIPE_PREFIXES
 
 CACHE_VERSION = "v1"
@@ -73,7 +74,10 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
         if not path.is_file():
             raise FileNotFoundError(f"no encoder at {str(path)!r}")
         state, meta = _read_weights(path)
-    name = model or meta.get("model")
+    if model and meta.get("model") and model not in (meta["model"], encoder_name(meta["model"])):
+        raise ValueError(f"{str(path)!r} says it holds {meta['model']!r}; --model {model} contradicts it (--model is "
+                         "for files that do not say their architecture: drop it)")  # fmt: skip
+    name = meta.get("model") or model  # the file's own name where it has one (a recipe's: the run it came from)
     if name is None:
         raise ValueError(f"{str(path)!r} does not say its architecture: name it with --model (e.g. vit_base_patch16)")
     enc = encoder_name(name)
@@ -154,7 +158,7 @@ class LabelledFolder(torch.utils.data.Dataset):
     names to index by (a validation folder takes its training folder's), default the folder's own, sorted."""
 
     def __init__(self, root: str | Path, transform=None, classes: list[str] | None = None):
-        from fastmim.data.folder import is_image_file
+        from fastmim.data.folder import is_image_file, iter_files
 
         self.root, self.transform = Path(root), transform
         if not self.root.is_dir():
@@ -162,7 +166,8 @@ class LabelledFolder(torch.utils.data.Dataset):
         found = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not found:
             raise ValueError(f"{str(self.root)!r} has no class folders: labelled data is root/<class>/<image>")
-        files = {c: [str(f) for f in sorted((self.root / c).rglob("*")) if is_image_file(str(f))] for c in found}
+        # hidden folders (.ipynb_checkpoints, ...) are skipped, as the pretraining loader does
+        files = {c: sorted(f for f in iter_files(self.root / c) if is_image_file(f)) for c in found}
         if classes is None:  # a class folder without images is not a class (it would widen a classifier's head)
             empty = [c for c in found if not files[c]]
             if empty and len(empty) < len(found):
@@ -170,12 +175,12 @@ class LabelledFolder(torch.utils.data.Dataset):
                       flush=True)  # fmt: skip
                 found = [c for c in found if files[c]]
         self.classes = list(classes) if classes is not None else found
-        unknown = sorted(set(found) - set(self.classes))
+        unknown = sorted(c for c in set(found) - set(self.classes) if files[c])  # an empty folder adds no image
         if unknown:
             raise ValueError(f"{str(self.root)!r} has classes the training folder has not (or has no images of): "
                              f"{', '.join(unknown[:10])}")  # fmt: skip
         index = {c: i for i, c in enumerate(self.classes)}
-        self.samples = [(f, index[c]) for c in found for f in files[c]]
+        self.samples = [(f, index[c]) for c in found if c in index for f in files[c]]
         if not self.samples:
             raise ValueError(f"{str(self.root)!r} has class folders but no images in them")
 
@@ -186,7 +191,7 @@ class LabelledFolder(torch.utils.data.Dataset):
         path, label = self.samples[i]
         try:
             with Image.open(path) as im:
-                img = im.convert("RGB")
+                img = to_rgb(im)
         except Exception as e:
             raise ValueError(f"cannot read image {path!r}: {e}") from e
         return (self.transform(img) if self.transform else img), label

@@ -38,7 +38,7 @@ def convert(src: str | Path, dst: str | Path, encoder: str | Path | None = None)
     ckpt.save_checkpoint(dst, state)
     if encoder is not None:
         fmt = "timm ConvNeXt" if cfg.model.startswith("fcmae_") else "timm VisionTransformer"
-        info = {"model": cfg.model, "step": str(meta["step"]), "format": fmt}
+        info = {"model": cfg.model, "step": str(meta["step"]), "format": fmt, "img_size": str(cfg.img_size)}
         ckpt.save_encoder(encoder, model.encoder_state_dict(), info)
     return state
 

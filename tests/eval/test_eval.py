@@ -109,8 +109,11 @@ def test_run_encoder_loads_with_its_size_and_weights(tmp_path):
         torch.testing.assert_close(enc.state_dict()[k], v)
     with pytest.raises(ValueError, match="trained at 32 px"):
         load_encoder(path, img_size=64)
-    with pytest.raises(ValueError, match="do not fit encoder 'vit_small_patch16'"):
+    with pytest.raises(ValueError, match="says it holds 'mae_vit_tiny_patch16'; --model vit_small_patch16 contra"):
         load_encoder(path, model="vit_small_patch16")
+    torch.save(model.encoder_state_dict(), tmp_path / "plain.pth")  # no metadata: --model decides, the weights judge
+    with pytest.raises(ValueError, match="do not fit encoder 'vit_small_patch16'"):
+        load_encoder(tmp_path / "plain.pth", model="vit_small_patch16")
     with pytest.raises(FileNotFoundError, match="no encoder.safetensors"):
         load_encoder(tmp_path)
     with pytest.raises(ValueError, match="unknown encoder"):
@@ -208,7 +211,7 @@ def test_cli_errors(tmp_path, capsys):
     assert "classes the training folder has not" in capsys.readouterr().err
     assert eval_main(["knn", "--encoder", str(path), "--model", "vit_small_patch16", "--data-path", str(train),
                       "--val-path", str(train)]) == 2  # fmt: skip
-    assert "do not fit" in capsys.readouterr().err
+    assert "contradicts it" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         eval_main(["knn", "--encoder", str(path), "--data-path", str(train)])
     assert "give both --data-path and --val-path" in capsys.readouterr().err
@@ -439,3 +442,52 @@ def test_encoder_files_that_are_not_encoders_are_named_in_one_line(tmp_path):
     other.write_text("not a tensor file")
     with pytest.raises(ValueError, match=r"is neither safetensors nor a plain torch state dict \([^\n]*\); a fastmim"):
         load_encoder(other)
+
+
+def test_images_and_folders_users_have(tmp_path):
+    """16-bit PNGs are scaled to 8 bits (PIL's convert("RGB") clipped them white), hidden folders are skipped, and an
+    empty class folder in a folder indexed by another's classes adds nothing instead of being refused."""
+    from PIL import Image
+
+    from fastmim.data.folder import ImageFolderDataset, to_rgb
+
+    root = make_image_folder(tmp_path / "train", n=4, classes=2)
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)  # 0 .. 61,380 of 65,535
+    Image.fromarray(ramp).save(root / "class0" / "deep.png")
+    (root / "class0" / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "class0" / ".ipynb_checkpoints" / "copy.png")
+    (root / "empty").mkdir()
+    with Image.open(root / "class0" / "deep.png") as im:
+        rgb = np.asarray(to_rgb(im))
+    want = np.rint(ramp / 65535 * 255)
+    assert rgb.shape == (32, 32, 3) and np.abs(rgb[..., 0] - want).max() <= 1 and rgb.min() == 0
+    folder = LabelledFolder(root)
+    assert len(folder) == 5 and folder.classes == ["class0", "class1"]  # the copy in the hidden folder is left out
+    assert np.asarray(folder[[p for p, _ in folder.samples].index(str(root / "class0" / "deep.png"))][0]).mean() < 200
+    again = LabelledFolder(root, classes=folder.classes)  # the empty folder is not an unknown class
+    assert len(again) == 5
+    data = ImageFolderDataset(str(root))
+    assert np.asarray(data.load(data.files.index(str(root / "class0" / "deep.png")))).max() < 255
+
+
+def test_eval_cli_refuses_contradictions_before_it_runs(tmp_path, capsys):
+    _, path = _save_run_encoder(tmp_path)
+    train = make_image_folder(tmp_path / "train", n=6, classes=2)
+    val = make_image_folder(tmp_path / "val", n=4, classes=2, seed=1)
+    data = ["--data-path", str(train), "--val-path", str(val)]
+    assert eval_main(["knn", "--encoder", str(path), *data, "--model", "simmim_vit_tiny_patch16"]) == 2
+    err = capsys.readouterr().err
+    assert "says it holds 'mae_vit_tiny_patch16'; --model simmim_vit_tiny_patch16 contradicts it" in err
+    assert eval_main(["knn", "--encoder", str(path), *data, "--model", "vit_tiny_patch16", "--k", "2"]) == 0
+    assert json.loads((path.parent / "eval.jsonl").read_text().splitlines()[-1])["model"] == "mae_vit_tiny_patch16"
+    capsys.readouterr()
+    assert eval_main(["knn", "--encoder", str(path), *data, "--out", str(tmp_path)]) == 2
+    assert "is a folder: name the JSON-lines file" in capsys.readouterr().err
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "ft" / "history.jsonl").write_text("{}\n")
+    assert eval_main(["finetune", "--encoder", str(path), *data, "--finetune-dir", str(tmp_path / "ft")]) == 2
+    assert "holds files but no checkpoint" in capsys.readouterr().err
+    for bad, message in [(["--img-size", "0"], "--img-size must be a positive"), (["--blr", "0"], "--blr and")]:
+        with pytest.raises(SystemExit):
+            eval_main(["linprobe", "--encoder", str(path), *data, *bad])
+        assert message in capsys.readouterr().err

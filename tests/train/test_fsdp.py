@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import fastmim
@@ -71,6 +72,8 @@ def test_two_process_fsdp_resumes_on_one_process_as_a_single_process_run(image_f
     _assert_states_close(ckpt.load_checkpoint(ref / ckpt.CHECKPOINT_NAME), state, atol=1e-6, rel=1e-5)
     ours, conv = load_file(sh / "encoder.safetensors"), load_file(tmp_path / "enc.safetensors")
     assert ours.keys() == conv.keys() and all(torch.equal(ours[k], conv[k]) for k in ours)
+    with safe_open(str(tmp_path / "enc.safetensors"), "pt") as f, safe_open(str(sh / "encoder.safetensors"), "pt") as g:
+        assert f.metadata()["img_size"] == g.metadata()["img_size"]  # eval reads a ConvNeXt's size from it
     with pytest.raises(FileExistsError, match="nothing was overwritten"):
         convert(dcp, tmp_path / "conv.pt")
     with pytest.raises(ValueError, match="is a single-file checkpoint already"):
