@@ -120,8 +120,9 @@ def run(args) -> dict:
     train = LabelledFolder(train_root, eval_transform(size))
     val = LabelledFolder(val_root, eval_transform(size), classes=train.classes)
     result = {
-        "mode": args.mode, **info, "pool": args.pool, "train": str(train.root), "val": str(val.root),
-        "classes": len(train.classes), "train_images": len(train), "val_images": len(val), "device": str(device),
+        "mode": args.mode, **info, "pool": _resolved_pool(encoder, args), "pool_arg": args.pool,
+        "train": str(train.root), "val": str(val.root), "classes": len(train.classes), "train_images": len(train),
+        "val_images": len(val), "device": str(device), "seed": args.seed, "batch_size": args.batch_size,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }  # fmt: skip
     t0 = time.perf_counter()
@@ -164,6 +165,19 @@ def run(args) -> dict:
     print(f"{what} of {whose}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on {len(val)} images "
           f"({len(train.classes)} classes, {len(train)} training images) -> {out_path}")  # fmt: skip
     return result
+
+
+def _resolved_pool(encoder, args) -> str | None:
+    """What --pool means for this encoder and mode: a ViT's "cls" or "avg" (auto: the class token where there is one
+    for kNN and the probe, MAE's global pool for fine-tuning); None for a ConvNeXt (its own pooled features)."""
+    from fastmim.eval.encoder import global_pool_norm
+
+    if not hasattr(encoder, "blocks"):
+        return None
+    if args.pool != "auto":
+        return args.pool
+    has_cls = getattr(encoder, "cls_token", None) is not None
+    return "avg" if args.mode == "finetune" or not has_cls or global_pool_norm(encoder) is not None else "cls"
 
 
 def _out_path(args, info: dict) -> Path:

@@ -187,6 +187,8 @@ def test_cli_knn_and_linprobe_write_json_and_reuse_features(tmp_path, capsys):
     first, second = lines[0], lines[1]
     assert not first["features_cached"] and second["features_cached"]  # the second read them from the cache
     assert first["top1"] == second["top1"] and first["train_images"] == 12 and first["classes"] == 3
+    # the protocol's settings as they were resolved: auto pooling of a ViT with a class token is its class token
+    assert first["pool"] == "cls" and first["pool_arg"] == "auto" and first["seed"] == 0 and first["batch_size"] == 5
     assert all(0 <= r["top1"] <= r["top5"] <= 100 for r in lines) and lines[2]["augment"] and not lines[3]["augment"]
     assert "kNN (k=20, T=0.07) of mae_vit_tiny_patch16 step 12: top-1" in capsys.readouterr().out
 
