@@ -168,16 +168,11 @@ def run(args) -> dict:
 
 
 def _resolved_pool(encoder, args) -> str | None:
-    """What --pool means for this encoder and mode: a ViT's "cls" or "avg" (auto: the class token where there is one
-    for kNN and the probe, MAE's global pool for fine-tuning); None for a ConvNeXt (its own pooled features)."""
-    from fastmim.eval.encoder import global_pool_norm
+    """--pool as this mode reads it: fine-tuning's auto is MAE's global pool, kNN's and the probe's resolve_pool's."""
+    from fastmim.eval.encoder import resolve_pool
 
-    if not hasattr(encoder, "blocks"):
-        return None
-    if args.pool != "auto":
-        return args.pool
-    has_cls = getattr(encoder, "cls_token", None) is not None
-    return "avg" if args.mode == "finetune" or not has_cls or global_pool_norm(encoder) is not None else "cls"
+    pool = resolve_pool(encoder, args.pool)
+    return "avg" if pool is not None and args.mode == "finetune" and args.pool == "auto" else pool
 
 
 def _out_path(args, info: dict) -> Path:

@@ -137,18 +137,28 @@ def check_pool(encoder: nn.Module, pool: str, flag: str = "--pool") -> bool:
     return has_cls
 
 
+def resolve_pool(encoder: nn.Module, pool: str) -> str | None:
+    """What ``pool`` means for ``encoder``: a ViT's "cls" or "avg" (auto: the class token where it has one, unless it
+    was fine-tuned with MAE's global pool); None for a ConvNeXt (its own pooled features). Checked (``check_pool``)."""
+    if not hasattr(encoder, "blocks"):
+        return None
+    has_cls = check_pool(encoder, pool)
+    if pool != "auto":
+        return pool
+    return "cls" if has_cls and global_pool_norm(encoder) is None else "avg"
+
+
 def pooled_features(encoder: nn.Module, imgs: torch.Tensor, pool: str = "auto") -> torch.Tensor:
     """[B, D] features: a ViT's class token after the final norm (``cls``; MAE's probe, DINO's kNN) or the mean of
     its patch tokens (``avg``; ``auto``: cls when the ViT has one; a fine-tuning's ``fc_norm`` normalises the mean); a
     ConvNeXt V2's pooled, normalised features."""
     if hasattr(encoder, "blocks"):  # ViT
         h = encoder.forward_features(imgs)
-        has_cls = check_pool(encoder, pool)
-        if (fc_norm := global_pool_norm(encoder)) is not None:  # fine-tuned with MAE's global pool
-            return fc_norm(h[:, int(has_cls) :].mean(1))
-        if pool == "cls" or (pool == "auto" and has_cls):
+        if resolve_pool(encoder, pool) == "cls":
             return h[:, 0]
-        return h[:, int(has_cls) :].mean(1)
+        mean = h[:, encoder.num_prefix_tokens :].mean(1)
+        fc_norm = global_pool_norm(encoder)  # fine-tuned with MAE's global pool: its norm follows the mean
+        return mean if fc_norm is None else fc_norm(mean)
     return encoder(imgs)
 
 
