@@ -21,6 +21,7 @@ import torch
 from fastmim.ops._dispatch import (
     check_device,
     check_float,
+    check_image_grid,
     check_shape,
     choose_backend,
     custom_op,
@@ -193,8 +194,7 @@ def fft_loss(
     if mask is not None:
         if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
             raise ValueError(f"{_OP}: a mask needs patch_size, a positive int, got {patch_size!r}")
-        if h % patch_size or w % patch_size:
-            raise ValueError(f"{_OP}: image size {h}x{w} is not a multiple of patch_size {patch_size}")
+        check_image_grid(_OP, pred, patch_size, "pred")
         n = (h // patch_size) * (w // patch_size)
         if not isinstance(mask, torch.Tensor) or mask.numel() != b * n or mask.shape[0] != b:
             raise ValueError(f"{_OP}: mask must be [B, L] = [{b}, {n}], got {getattr(mask, 'shape', mask)}")

@@ -18,7 +18,15 @@ import math
 
 import torch
 
-from fastmim.ops._dispatch import check_device, check_float, check_shape, choose_backend, custom_op, use_custom_op
+from fastmim.ops._dispatch import (
+    check_device,
+    check_float,
+    check_image_grid,
+    check_shape,
+    choose_backend,
+    custom_op,
+    use_custom_op,
+)
 from fastmim.ops.reference import hog_gaussian_window
 
 _OP = "hog_target"
@@ -154,8 +162,9 @@ def hog_target(
     if patch_size % cell_size:
         raise ValueError(f"{_OP}: patch_size {patch_size} is not a multiple of cell_size {cell_size}")
     b, c, h, w = imgs.shape
-    if h % patch_size or w % patch_size or h < 2 or w < 2:
-        raise ValueError(f"{_OP}: image size {h}x{w} must be multiples of patch_size {patch_size} (and at least 2)")
+    check_image_grid(_OP, imgs, patch_size)
+    if h < 2 or w < 2:
+        raise ValueError(f"{_OP}: image size {h}x{w} is too small: the Sobel gradients need at least 2x2 pixels")
     if isinstance(gaussian_window, bool) or not isinstance(gaussian_window, int) or gaussian_window < 0:
         raise ValueError(f"{_OP}: gaussian_window must be an int >= 0, got {gaussian_window!r}")
     if gaussian_window and (h % gaussian_window or w % gaussian_window):

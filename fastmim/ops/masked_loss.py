@@ -238,6 +238,11 @@ if _masked_loss_twin is not None:
     _masked_loss_twin.register_autograd(
         lambda ctx, gl, gd: _loss_backward(ctx, gl, gd, _masked_loss_backward_twin), setup_context=_loss_setup
     )
+    no_second_derivative(
+        _masked_loss_backward_twin,
+        "fastmim.ops.masked_mse_loss (and masked_mse_loss_patchified)",
+        "masked_mse_loss_ref (masked_mse_loss_patchified_ref)",
+    )
 
 
 def _call(*args) -> torch.Tensor:

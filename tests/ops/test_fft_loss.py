@@ -112,8 +112,11 @@ def test_bad_inputs():
         fft_loss(pred, target, _mask(2, 4, "cpu"))
     with pytest.raises(ValueError, match=r"mask must be \[B, L\] = \[2, 4\]"):
         fft_loss(pred, target, _mask(2, 5, "cpu"), 16)
-    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+    with pytest.raises(ValueError, match="image size 32x32 is not divisible by the patch size 12"):
         fft_loss(pred, target, _mask(2, 4, "cpu"), 12)
+    cl = pred.permute(0, 2, 3, 1)  # channels-last [B, H, W, C]
+    with pytest.raises(ValueError, match=r"channels-last \[B, H, W, C\], pass pred.permute\(0, 3, 1, 2\)"):
+        fft_loss(cl, target.permute(0, 2, 3, 1), _mask(2, 4, "cpu"), 16)
     with pytest.raises(ValueError, match="must be \\[B, C, H, W\\]"):
         fft_loss(pred[0], target[0])
 

@@ -109,8 +109,10 @@ def test_low_precision_and_strided_images(backend):
 def test_no_gradient_and_bad_inputs():
     imgs = _imgs(1, 3, 32, 32).requires_grad_()
     assert not hog_target(imgs).requires_grad
-    with pytest.raises(ValueError, match="multiples of patch_size"):
+    with pytest.raises(ValueError, match="image size 30x32 is not divisible by the patch size 16"):
         hog_target(_imgs(1, 3, 30, 32))
+    with pytest.raises(ValueError, match=r"channels-last \[B, H, W, C\], pass imgs.permute\(0, 3, 1, 2\)"):
+        hog_target(_imgs(1, 3, 32, 32).permute(0, 2, 3, 1))
     with pytest.raises(ValueError, match="not a multiple of cell_size"):
         hog_target(_imgs(1, 3, 32, 32), patch_size=16, cell_size=6)
     with pytest.raises(ValueError, match=r"mask must be \[B, L\] = \[1, 4\]"):

@@ -159,6 +159,27 @@ def test_twins_run_eagerly_and_match_the_references_on_cpu():
     _check_twins(torch.device("cpu"), torch.float32, 1e-5)
 
 
+@needs_twins
+@pytest.mark.skipif(not triton_interpreted(), reason="TRITON_INTERPRET=1 is not set: Triton cannot run CPU tensors")
+def test_twins_second_derivatives_match_the_opaque_ops_on_cpu():
+    """Through a twin (what inductor records with compiled ops "triton") a second derivative works where the opaque
+    op's does (the linear ops: equal to the reference's) and raises naming the op where it has none (the loss)."""
+    for name, twin, ref_fn, args in _twin_cases(torch.device("cpu"), torch.float32):
+        leaves = [a for a in args if a.is_floating_point() and a.requires_grad]
+        first = torch.autograd.grad(twin(*args).square().sum(), leaves, create_graph=True)
+        total = sum(g.square().sum() for g in first)
+        if name.startswith("masked_mse_loss"):
+            with pytest.raises(RuntimeError, match=r"masked_mse_loss.* has no second derivative.*_ref"):
+                torch.autograd.grad(total, leaves, allow_unused=True)
+            continue
+        ref_args = [a.detach().requires_grad_(a.requires_grad) if a.is_floating_point() else a for a in args]
+        ref_leaves = [a for a in ref_args if a.is_floating_point() and a.requires_grad]
+        ref_first = torch.autograd.grad(ref_fn(*ref_args).square().sum(), ref_leaves, create_graph=True)
+        want = torch.autograd.grad(sum(g.square().sum() for g in ref_first), ref_leaves)
+        for i, (got, exp) in enumerate(zip(torch.autograd.grad(total, leaves), want, strict=True)):
+            torch.testing.assert_close(got, exp, atol=1e-4, rtol=1e-4, msg=f"{name} second derivative {i}")
+
+
 @pytest.mark.gpu
 @needs_twins
 def test_triton_twins_compiled_by_inductor_match_the_opaque_ops_on_a_gpu():
