@@ -37,7 +37,7 @@ class PretrainConfig:
         default=None,
         metadata={"help": "more keyword arguments of the model, as fastmim.create_model takes them: KEY=VALUE[,...] "
                           "(a YAML mapping in a config), e.g. low_pass_radius=20 (PixMIM), pred_depth=6 (I-JEPA), "
-                          "hog_cell=4 (MaskFeat), fft_weight=0.2 (A2MIM)"},
+                          "hog_cell=4 (MaskFeat), fft_weight=0.2 (A2MIM), target=hog|lowpass (MAE, SimMIM)"},
     )  # fmt: skip
     attn_impl: str = field(
         default="auto", metadata={"help": "auto, sdpa, flash, math or fastmim (fastmim.ops.attention's kernels)"}

@@ -20,9 +20,13 @@ A2MIM_FFT_WEIGHT = 0.1
 
 
 class A2MIMViT(SimMIMViT):
-    """A2MIM with a ViT encoder; arguments as ``SimMIMViT`` plus ``fft_weight`` (A2MIM: 0.1)."""
+    """A2MIM with a ViT encoder; arguments as ``SimMIMViT`` plus ``fft_weight`` (A2MIM: 0.1). With
+    ``target="lowpass"`` both terms compare with the low-frequency image."""
 
     def __init__(self, *args, fft_weight: float = A2MIM_FFT_WEIGHT, **kwargs):
+        if kwargs.get("target") == "hog":
+            raise ValueError("A2MIM's frequency loss compares reconstructed images: target='hog' does not apply "
+                             "(SimMIM with target='hog', or MaskFeat, predict HOG features)")  # fmt: skip
         super().__init__(*args, **kwargs)
         self.fft_weight = float(fft_weight)
         self.freq_loss = FrequencyLoss("batch", self.patch_size, fused=self.fused_ops)

@@ -19,16 +19,12 @@ from fastmim.masking.strategies import build_mask
 from fastmim.models.pos_embed import sincos_2d
 from fastmim.models.registry import register_model
 from fastmim.models.vit import Block, VisionTransformer, init_weights, run_blocks, set_fused_gelu, vit_sizes
-from fastmim.ops import gather_visible, masked_mse_loss_patchified, scatter_masked
-from fastmim.ops.reference import (
-    gather_visible_ref,
-    masked_mse_loss_patchified_ref,
-    scatter_masked_ref,
-)
+from fastmim.ops import gather_visible, scatter_masked
+from fastmim.ops.reference import gather_visible_ref, scatter_masked_ref
 from fastmim.targets import PixelTarget
+from fastmim.targets.choice import TargetChoice
 
 MASK_TYPES = ("random", "block", "simmim", "uniform")  # strategies with the same hidden count in every sample
-TARGETS = ("pixels", "hog")
 DECODER_KEYS = ("decoder_", "mask_token")  # state-dict prefixes that belong to the head, not the encoder
 
 
@@ -66,7 +62,7 @@ def mask_strategy_for(mask_type: str, grid: tuple[int, int], patch_size: int, se
     return build_mask(mask_type, grid, seed=seed, **params)
 
 
-class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
+class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
     """MAE with a ViT encoder (inherited, so its parameters keep timm's names) and a transformer decoder.
 
     Args:
@@ -76,9 +72,10 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
             2x2-token mask patches: SimMIM's 32 px at patch 16, 28 px at patch 14) or "uniform" (UM-MAE's one
             visible token per 2x2 cell: 75% hidden); see ``fastmim.masking.strategies``.
         norm_pix_loss: normalise each target patch by its mean and std (pixel targets).
-        target: "pixels" (MAE's) or "hog" (MaskFeat's target on MAE's encoder and decoder: the decoder predicts
-            each masked patch's HOG features, ``fastmim.targets.HOGTarget`` with ``hog_cell`` (None: half the patch),
-            an unnormalised MSE on the masked patches).
+        target: "pixels" (MAE's), "lowpass" (PixMIM's low-frequency image, ``low_pass_radius``; the same norm-pix
+            loss) or "hog" (MaskFeat's target on MAE's encoder and decoder: the decoder predicts each masked patch's
+            HOG features, ``fastmim.targets.HOGTarget`` with ``hog_cell`` (None: half the patch), an unnormalised MSE
+            on the masked patches); see ``fastmim.targets.choice``.
         fused_ops: use fastmim.ops (fused gather, decoder-input scatter and loss); False keeps the plain PyTorch
             reference path, which computes the same values.
         Other arguments as ``VisionTransformer`` (``fused_norm`` and ``fused_gelu`` apply to the encoder and the
@@ -106,13 +103,10 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         fused_gelu: bool = False,
         target: str = "pixels",
         hog_cell: int | None = None,
+        low_pass_radius: float | None = None,
     ):
         check_mask_ratio(mask_ratio)
         mask_type = "random" if mask_type is None else mask_type  # None: MAE's own, as the other recipes take it
-        if target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-        if hog_cell is not None and target != "hog":
-            raise ValueError("hog_cell applies to target='hog'")
         if mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
@@ -121,15 +115,7 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         self.mask_type = mask_type
         self.norm_pix_loss = norm_pix_loss
         self.fused_ops = fused_ops
-        self.target = target
-        out_dim = patch_size**2 * in_chans
-        if target == "hog":
-            from fastmim.targets.hog import HOGTarget
-
-            cell = patch_size // 2 if hog_cell is None else hog_cell
-            self.hog = HOGTarget(patch_size, in_chans, cell, fused=fused_ops)
-            out_dim = self.hog.dim
-            self.predicts_pixels = False  # nothing to show as reconstructed images
+        out_dim = self.set_target(target, hog_cell, low_pass_radius=low_pass_radius)
         add_mae_decoder(self, embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, out_dim,
                         attn_impl)  # fmt: skip
         set_fused_gelu(self, fused_gelu)  # the decoder's MLPs too
@@ -201,11 +187,16 @@ class MaskedAutoencoderViT(PixelTarget, VisionTransformer):
         return loss, pred, mask.mask
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The masked patches' error against the target: pixels (PixelTarget's norm-pix MSE) or HOG features."""
+        """The masked patches' error against the target: pixels or low-pass pixels (PixelTarget's norm-pix MSE), or
+        HOG features."""
         if self.target == "hog":
-            loss_fn = masked_mse_loss_patchified if self.fused_ops else masked_mse_loss_patchified_ref
-            return loss_fn(pred, self.hog(imgs, mask), mask, norm_pix=False)
-        return super().forward_loss(imgs, pred, mask)
+            return self.hog_loss(pred, imgs, mask)
+        return super().forward_loss(self.target_images(imgs), pred, mask)
+
+    @torch.no_grad()
+    def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """The prediction as an image (norm-pix undone with the target's own patch statistics)."""
+        return super().reconstruct(self.target_images(imgs), pred)
 
     def encoder_state_dict(self, state: dict | None = None) -> dict[str, torch.Tensor]:
         """The encoder's weights alone (no decoder, no mask token): loads into timm's VisionTransformer."""

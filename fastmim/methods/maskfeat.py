@@ -23,8 +23,6 @@ from fastmim.masking.base import MaskStrategy, as_mask_info
 from fastmim.masking.strategies import exact_hidden
 from fastmim.methods.mae import mask_strategy_for, register_vit_family
 from fastmim.methods.simmim import MaskTokenViT
-from fastmim.ops import masked_mse_loss_patchified, masked_mse_loss_patchified_ref
-from fastmim.targets.hog import HOGTarget
 
 MASKFEAT_MIN_BLOCK = 15  # tokens per block (mmpretrain's MaskFeat: BEiTMaskGenerator(min_num_patches=15))
 
@@ -50,8 +48,6 @@ class MaskFeatViT(MaskTokenViT):
         attn_impl, fused_norm: see VisionTransformer.
     """
 
-    predicts_pixels = False  # the trainer shows no reconstructions
-
     def __init__(
         self,
         img_size: int = 224,
@@ -73,16 +69,12 @@ class MaskFeatViT(MaskTokenViT):
     ):
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm)
         self._set_mask_type(mask_type, "block")
-        hog_cell = patch_size // 2 if hog_cell is None else hog_cell
-        if hog_cell < 1 or patch_size % hog_cell:
-            raise ValueError(f"MaskFeat: patch_size {patch_size} must be a multiple of hog_cell {hog_cell}")
         self.mask_ratio = mask_ratio
         if mask_exact is None:
             mask_exact = exact_hidden(self.num_patches, mask_ratio) < MASKFEAT_MIN_BLOCK
         self.mask_exact = bool(mask_exact)
         self.fused_ops = fused_ops
-        self.hog = HOGTarget(patch_size, in_chans, hog_cell, hog_bins, gaussian_window, fused=fused_ops)
-        self.target_dim = self.hog.dim
+        self.target_dim = self.set_target("hog", hog_cell, hog_bins, gaussian_window)
         self.decoder = LinearHead(embed_dim, self.target_dim)
 
     # --- Mask ---
@@ -95,9 +87,9 @@ class MaskFeatViT(MaskTokenViT):
         return build_mask("block", self.grid_size, seed=seed, ratio=ratio, min_num_patches=MASKFEAT_MIN_BLOCK,
                           exact=self.mask_exact)  # fmt: skip
 
-    # --- Target: HOGTarget (fastmim.targets), the masked patches' HOG features ---
+    # --- Target: HOGTarget (fastmim.targets), the masked patches' HOG features (TargetChoice "hog") ---
 
-    # --- Head and loss ---
+    # --- Head and loss: MaskTokenViT.forward_hog ---
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: MaskInfo | torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -106,10 +98,7 @@ class MaskFeatViT(MaskTokenViT):
             mask = self.make_mask(imgs.shape[0], imgs.device, mask_ratio)
         else:
             mask = as_mask_info(mask, False, self.num_patches, type(self).__name__)
-        latent = self.forward_encoder(imgs, mask.mask)  # [B, 1 + N, D]
-        pred = self.decoder(latent[:, 1:, :])  # [B, N, target_dim]
-        loss_fn = masked_mse_loss_patchified if self.fused_ops else masked_mse_loss_patchified_ref
-        return loss_fn(pred, self.hog(imgs, mask.mask), mask.mask, norm_pix=False), pred, mask.mask
+        return self.forward_hog(imgs, mask)
 
 
 register_vit_family("maskfeat", MaskFeatViT, light_decoder=False)

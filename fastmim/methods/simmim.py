@@ -14,17 +14,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastmim.heads import PixelShuffleHead
+from fastmim.heads import LinearHead, PixelShuffleHead
 from fastmim.masking import MaskInfo
 from fastmim.masking.base import MaskStrategy, as_mask_info
 from fastmim.methods.mae import MASK_TYPES, mask_strategy_for, register_vit_family
 from fastmim.models.vit import VisionTransformer
 from fastmim.ops import masked_mse_loss, masked_mse_loss_ref, patchify
 from fastmim.ops.reference import patchify_ref
+from fastmim.targets.choice import TargetChoice
 from fastmim.targets.pixel import PixelTarget
 
 
-class MaskTokenViT(VisionTransformer):
+class MaskTokenViT(TargetChoice, VisionTransformer):
     """A ViT encoder that sees every token, the masked patch embeddings replaced by a learned mask token right after
     the patch embedding (before the class token and the position embedding): SimMIM's and MaskFeat's encoder. Its
     encoder keys are the ViT's (exports to timm like MAE's); ``mask_token`` and ``decoder.*`` are the head's."""
@@ -59,6 +60,13 @@ class MaskTokenViT(VisionTransformer):
         x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         return self.encode_tokens(x + self.pos_embed[:, 1:, :])
 
+    def forward_hog(self, imgs: torch.Tensor, mask: MaskInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """MaskFeat's head and loss (``target="hog"``): a linear layer (``decoder``) from the final-normed patch
+        tokens to each patch's HOG features, MSE on the masked patches. Returns (loss, pred [B, N, dim], mask)."""
+        latent = self.forward_encoder(imgs, mask.mask)  # [B, 1 + N, D]
+        pred = self.decoder(latent[:, 1:, :])  # [B, N, dim]
+        return self.hog_loss(pred, imgs, mask.mask), pred, mask.mask
+
     def encoder_state_dict(self, state: dict | None = None) -> dict[str, torch.Tensor]:
         """The encoder's weights alone (no mask token, no head): loads into timm's VisionTransformer."""
         state = self.state_dict() if state is None else state  # (or a whole state gathered from FSDP shards)
@@ -73,6 +81,9 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
         mask_ratio: fraction of the mask patches hidden (SimMIM: 0.6).
         mask_type: None (SimMIM's: "simmim", random 2x2-token mask patches, 32 px at patch 16 as the paper, 28 px at
             patch 14) or another ``MaskedAutoencoderViT`` mask type ("random", "block", "uniform").
+        target: "pixels" (SimMIM's), "lowpass" (PixMIM's low-frequency image, ``low_pass_radius``; the same L1) or
+            "hog" (MaskFeat's HOG features, ``hog_cell``; a linear head instead of the pixel-shuffle one, MSE); see
+            ``fastmim.targets.choice``.
         fused_ops: fastmim.ops for the loss and patchify (False: the plain reference, the same values).
         attn_impl: see VisionTransformer.
     """
@@ -91,13 +102,20 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
         attn_impl: str = "auto",
         fused_norm: bool = False,
         mask_type: str | None = None,
+        target: str = "pixels",
+        hog_cell: int | None = None,
+        low_pass_radius: float | None = None,
     ):
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm)
         self._set_mask_type(mask_type, "simmim")
         self.mask_ratio = mask_ratio
         self.fused_ops = fused_ops
         self.norm_pix_loss = False  # SimMIM predicts the normalised image itself
-        self.decoder = PixelShuffleHead(embed_dim, patch_size, in_chans)
+        out_dim = self.set_target(target, hog_cell, low_pass_radius=low_pass_radius)
+        if target == "hog":
+            self.decoder = LinearHead(embed_dim, out_dim)
+        else:
+            self.decoder = PixelShuffleHead(embed_dim, patch_size, in_chans)
 
     # --- Mask ---
     def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:
@@ -130,9 +148,15 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
             mask = self.make_mask(imgs.shape[0], imgs.device, mask_ratio)
         else:
             mask = as_mask_info(mask, False, self.num_patches, type(self).__name__)
+        if self.target == "hog":
+            return self.forward_hog(imgs, mask)
         rec = self.forward_decoder(self.forward_encoder(imgs, mask.mask))  # [B, C, H, W]
         pred = (patchify if self.fused_ops else patchify_ref)(rec, self.patch_size)
-        return self.forward_loss(imgs, pred, mask.mask, rec), pred, mask.mask
+        return self.forward_loss(self.target_images(imgs), pred, mask.mask, rec), pred, mask.mask
+
+    @torch.no_grad()
+    def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        return super().reconstruct(self.target_images(imgs), pred)
 
 
 register_vit_family("simmim", SimMIMViT, light_decoder=False)

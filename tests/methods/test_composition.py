@@ -127,8 +127,8 @@ def test_model_args_reach_the_recipe_from_flags_and_yaml(image_folder, tmp_path,
     capsys.readouterr()
     cfg, _ = pretrain.resolve_config(["--model-args", "context_scale=[0.8, 1.0],pred_depth=2"])
     assert cfg.model_args == {"context_scale": [0.8, 1.0], "pred_depth": 2}  # commas inside a list stay
-    simmim = [*tiny_args_for("simmim_vit_tiny_patch16"), "--data-path", str(image_folder)]
-    assert pretrain.main([*simmim, "--output-dir", str(tmp_path / "x"), "--model-args", "target=hog"]) == 2
+    maskfeat = [*tiny_args_for("maskfeat_vit_tiny_patch16"), "--data-path", str(image_folder)]
+    assert pretrain.main([*maskfeat, "--output-dir", str(tmp_path / "x"), "--model-args", "target=hog"]) == 2
     assert "unexpected keyword argument 'target'" in capsys.readouterr().err  # named, not a KeyError
     for bad, message in [("low_pass_radus=3", "did you mean low_pass_radius?"),
                          ("mask_ratio=0.5", "--model-args mask_ratio: set it with --mask-ratio"),
@@ -163,3 +163,61 @@ def test_mae_with_maskfeats_hog_target_is_the_formula_and_trains_from_the_cli(im
     pretrain.run([*tiny_args_for("mae_vit_tiny_patch16"), "--data-path", str(image_folder), "--output-dir", str(out),
                   "--max-steps", "2", "--model-args", "target=hog"])  # fmt: skip
     assert (out / "encoder.safetensors").exists() and not (out / "reconstructions").exists()
+
+
+def test_targets_compose_with_other_recipes_encoders_and_heads(image_folder, tmp_path):
+    """target="hog" / "lowpass" on SimMIM and MAE (fastmim.targets.choice): SimMIM's encoder with MaskFeat's target
+    and linear head is MaskFeat on the same weights and masks; MAE with the low-pass target is PixMIM; SimMIM's L1
+    against the low-pass image is the formula; the CLI trains SimMIM on HOG."""
+    from fastmim.ops import low_pass_target_ref
+
+    torch.manual_seed(0)
+    imgs = torch.randn(2, 3, 64, 64)
+    simmim = fastmim.create_model("simmim_vit_tiny_patch16", img_size=64, target="hog")
+    maskfeat = fastmim.create_model("maskfeat_vit_tiny_patch16", img_size=64)
+    maskfeat.load_state_dict(simmim.state_dict())  # the same keys: encoder, mask_token, decoder.weight/bias
+    mask = simmim.make_mask(2, torch.device("cpu"))
+    loss, pred, m = simmim(imgs, mask=mask)
+    assert pred.shape == (2, 16, 108) and not simmim.predicts_pixels
+    want, want_pred, _ = maskfeat(imgs, mask=mask)
+    torch.testing.assert_close(pred, want_pred)
+    torch.testing.assert_close(loss, want)
+
+    mae = fastmim.create_model("mae_vit_tiny_patch16", img_size=64, target="lowpass", low_pass_radius=6.0)
+    pixmim = fastmim.create_model("pixmim_vit_tiny_patch16", img_size=64, low_pass_radius=6.0)
+    pixmim.load_state_dict(mae.state_dict())
+    info = mae.make_mask(2, torch.device("cpu"))
+    torch.testing.assert_close(mae(imgs, mask=info)[0], pixmim(imgs, mask=info)[0])
+    torch.testing.assert_close(mae.reconstruct(imgs, mae(imgs, mask=info)[1]),
+                               pixmim.reconstruct(imgs, pixmim(imgs, mask=info)[1]))  # fmt: skip
+    assert fastmim.create_model("pixmim_vit_tiny_patch16", img_size=224).low_pass_radius == 40.0
+
+    low = fastmim.create_model("simmim_vit_tiny_patch16", img_size=64, target="lowpass", low_pass_radius=5.0)
+    mask = low.make_mask(2, torch.device("cpu"))
+    loss, pred, m = low(imgs, mask=mask)
+    target = low_pass_target_ref(imgs, 5.0).reshape(2, 3, 4, 16, 4, 16).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, -1)
+    per_patch = (pred.detach() - target).abs().mean(-1)
+    torch.testing.assert_close(loss.detach(), (per_patch * m).sum() / m.sum(), rtol=1e-5, atol=1e-6)
+    a2mim = fastmim.create_model("a2mim_vit_tiny_patch16", img_size=64, target="lowpass", low_pass_radius=5.0)
+    assert torch.isfinite(a2mim(imgs)[0])
+
+    for name, kwargs, message in [
+        ("a2mim_vit_tiny_patch16", dict(target="hog"), "target='hog' does not apply"),
+        ("simmim_vit_tiny_patch16", dict(hog_cell=4), "hog_cell applies to target='hog', not 'pixels'"),
+        (
+            "mae_vit_tiny_patch16",
+            dict(target="hog", low_pass_radius=3.0),
+            "low_pass_radius applies to target='lowpass'",
+        ),
+        ("simmim_vit_tiny_patch16", dict(target="hog", hog_cell=6), "must be a multiple of hog_cell, got 6"),
+        ("mae_vit_tiny_patch16", dict(target="lowpass", low_pass_radius=0), "low_pass_radius must be a number > 0"),
+        ("simmim_vit_tiny_patch16", dict(target="tokens"), "target must be one of pixels, lowpass, hog"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            fastmim.create_model(name, img_size=64, **kwargs)
+
+    out = tmp_path / "run"
+    pretrain.run([*tiny_args_for("simmim_vit_tiny_patch16"), "--data-path", str(image_folder), "--output-dir",
+                  str(out), "--max-steps", "2", "--model-args", "target=hog"])  # fmt: skip
+    assert (out / "encoder.safetensors").exists() and not (out / "reconstructions").exists()
+    assert yaml.safe_load((out / "config.yaml").read_text())["model_args"] == {"target": "hog"}

@@ -1,0 +1,68 @@
+"""The target a ViT recipe predicts, chosen by name: the recipes' ``target`` argument (``--model-args target=...``).
+
+- "pixels": the image itself, with the recipe's own pixel loss (MAE: norm-pix MSE per masked patch; SimMIM and
+  A2MIM: L1 on the masked pixels).
+- "lowpass": the same pixel loss on PixMIM's low-frequency image (``low_pass_images``; ``low_pass_radius``, None:
+  40 x side / 224 as PixMIM).
+- "hog": MaskFeat's HOG features of each masked patch (``HOGTarget``; ``hog_cell``, None: half the patch; 9 bins);
+  the head predicts them and the loss is their plain MSE over the masked patches.
+
+So a recipe is its Mask and Encoder with any of these Targets: MAE's encoder and decoder on HOG or low-pass targets,
+SimMIM's encoder on HOG (a linear head, as MaskFeat) or low-pass targets.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastmim.ops import masked_mse_loss_patchified, masked_mse_loss_patchified_ref
+from fastmim.targets.hog import HOGTarget
+from fastmim.targets.low_pass import default_radius, low_pass_images
+
+TARGETS = ("pixels", "lowpass", "hog")
+
+
+class TargetChoice:
+    """Mixed into a ViT recipe that has ``patch_size``, ``in_chans``, ``grid_size`` and ``fused_ops``; ``set_target``
+    in its ``__init__`` picks the target, then ``target_images`` gives the images a pixel loss compares with and
+    ``hog_loss`` the HOG target's loss."""
+
+    target = "pixels"
+
+    def set_target(self, target: str, hog_cell: int | None = None, hog_bins: int = 9, gaussian_window: int = 0,
+                   low_pass_radius: float | None = None) -> int:  # fmt: skip
+        """Sets the target; returns the values per token the head predicts (p * p * C pixels, or the HOG size)."""
+        name = type(self).__name__
+        if target not in TARGETS:
+            raise ValueError(f"{name}: target must be one of {', '.join(TARGETS)}, got {target!r}")
+        if hog_cell is not None and target != "hog":
+            raise ValueError(f"{name}: hog_cell applies to target='hog', not {target!r}")
+        if low_pass_radius is not None and target != "lowpass":
+            raise ValueError(f"{name}: low_pass_radius applies to target='lowpass', not {target!r}")
+        self.target = target
+        p = self.patch_size
+        if target == "hog":
+            cell = p // 2 if hog_cell is None else hog_cell
+            if isinstance(cell, bool) or not isinstance(cell, int) or cell < 1 or p % cell:
+                raise ValueError(f"{name}: the patch size {p} must be a multiple of hog_cell, got {hog_cell!r}")
+            self.hog = HOGTarget(p, self.in_chans, cell, hog_bins, gaussian_window, fused=self.fused_ops)
+            self.predicts_pixels = False  # the trainer shows no reconstructions
+            return self.hog.dim
+        if target == "lowpass":
+            side = min(self.grid_size) * p
+            radius = default_radius(side) if low_pass_radius is None else low_pass_radius
+            if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not radius > 0:
+                raise ValueError(f"{name}: low_pass_radius must be a number > 0, got {low_pass_radius!r}")
+            self.low_pass_radius = float(radius)
+        return p * p * self.in_chans
+
+    def target_images(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The images a pixel target is read from: ``imgs``, or their low-frequency part (fp32, no gradient)."""
+        if self.target == "lowpass":
+            return low_pass_images(imgs, self.low_pass_radius, fused=self.fused_ops)
+        return imgs
+
+    def hog_loss(self, pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """MSE of the predicted HOG features [B, N, dim] against the masked patches' (MaskFeat's loss)."""
+        loss_fn = masked_mse_loss_patchified if self.fused_ops else masked_mse_loss_patchified_ref
+        return loss_fn(pred, self.hog(imgs, mask), mask, norm_pix=False)
