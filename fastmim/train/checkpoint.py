@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,27 @@ CHECKPOINT_NAME = "checkpoint.pt"
 DCP_NAME = "checkpoint.dcp"  # a sharded (--fsdp) run's checkpoint: a torch.distributed.checkpoint directory
 CHECKPOINTS = (CHECKPOINT_NAME, DCP_NAME)
 RUN_MARKERS = (*CHECKPOINTS, "config.yaml", "metrics.jsonl")
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint whose bytes changed after it was written (a damaged copy or disk, a missing or truncated shard):
+    refused rather than resumed with wrong weights."""
+
+
+def check_crc(path: str | Path) -> None:
+    """Reads every record of a ``torch.save`` file (a zip archive) against the CRC-32 written with it; raises
+    ``CorruptCheckpoint`` naming the first record that differs. A file that is not a zip archive is left to
+    ``torch.load``'s own error."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError):
+        return
+    except Exception as e:  # zipfile raises others on damaged headers (zlib.error, struct.error, ...)
+        bad = f"a record header ({e})"
+    if bad is not None:
+        raise CorruptCheckpoint(f"checkpoint {str(path)!r} is corrupt: {bad} does not match the checksum written "
+                                "with it (a damaged copy or disk); resume from an intact copy")  # fmt: skip
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -85,13 +107,46 @@ def load_checkpoint(path: str | Path) -> dict:
         return load_meta(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint to resume at {str(path)!r}")
+    check_crc(path)
     try:
         # weights_only=False: the file holds RNG states and the config, written by fastmim itself
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise RuntimeError(
             f"checkpoint {str(path)!r} cannot be read ({e}); it may be truncated or not fastmim's"
         ) from e
+    if isinstance(state, dict):
+        state["source"] = str(path)  # named by the weights check after loading (Trainer.load_state_dict)
+    return state
+
+
+def weights_sums(params) -> torch.Tensor:
+    """[sum, sum of absolute values] of ``params`` (tensors: each rank's shards when sharded) in fp32, on their
+    device: what ``weights_check`` compares."""
+    local = [torch.stack([t.sum(), t.abs().sum()]) for t in (p.detach().float() for p in params)]
+    return torch.stack(local).sum(0) if local else torch.zeros(2)
+
+
+def weights_check(got: tuple[float, ...], state: dict) -> None:
+    """Raises ``CorruptCheckpoint`` when the weights (and optimizer state) just loaded from ``state`` do not sum to
+    what they summed to when saved. ``got``: (weights' sum, sum of absolute values, the optimizer state's two). The
+    sums are recomputed on another device, or from other shards, in another order: they agree within float32 rounding
+    (1e-5 of the absolute sum); a flipped exponent bit moves them far more. The CRC check of a single file
+    (``check_crc``) finds every change; this one covers the shards of a sharded checkpoint, which carry no checksum."""
+    saved_w = state.get("weights_sum")
+    if saved_w is None:
+        saved_w = (state.get("weights_sum_per_rank") or [None])[0]
+    checks = [("weights", saved_w, state.get("weights_abs_sum"), got[0], got[1]),
+              ("optimizer state", state.get("optim_sum"), state.get("optim_abs_sum"), got[2], got[3])]  # fmt: skip
+    for what, saved, saved_abs, total, abs_total in checks:
+        if saved is None:
+            continue
+        tol = 1e-5 * (saved_abs if saved_abs is not None else max(abs_total, 1.0))
+        if not abs(total - saved) <= tol:
+            where = state.get("dcp") or state.get("source") or "the checkpoint"
+            raise CorruptCheckpoint(f"checkpoint {str(where)!r} is corrupt: its {what} sum to {total:.8g} as loaded "
+                                    f"and summed to {saved:.8g} when saved (a damaged copy, disk or shard); resume "
+                                    "from an intact copy")  # fmt: skip
 
 
 def existing_run_markers(output_dir: str | Path) -> list[str]:

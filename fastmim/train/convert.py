@@ -33,7 +33,10 @@ def convert(src: str | Path, dst: str | Path, encoder: str | Path | None = None)
     model = build_model(cfg, torch.device("cpu"))
     optimizer = build_adamw(model, 0.0, cfg.weight_decay, betas=(0.9, cfg.beta2))
     load_dcp_into(Path(meta["dcp"]), model, optimizer)
-    run = {k: v for k, v in meta.items() if k not in ("dcp", "weights_sum")}
+    optim = [t for st in optimizer.state.values() for k, t in st.items() if k != "step" and t.is_floating_point()]
+    sums = torch.cat([ckpt.weights_sums(model.parameters()), ckpt.weights_sums(optim)]).tolist()
+    ckpt.weights_check(tuple(sums), meta)  # a damaged shard: refused
+    run = {k: v for k, v in meta.items() if k != "dcp"}  # the weights' sums too: a resume checks them
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **run}
     ckpt.save_checkpoint(dst, state)
     if encoder is not None:

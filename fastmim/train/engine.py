@@ -190,6 +190,7 @@ class Trainer:
             first = " ".join(str(e).split("\n")[:3]).strip()  # not the whole key list
             raise ValueError(f"the checkpoint does not fit model {self.cfg.model!r} as configured (a changed "
                              f"--model-args?): {first[:600]}") from e  # fmt: skip
+        ckpt.weights_check(self.state_sums(), state)  # a damaged file or shard: refused, not trained on
         for group, hp in zip(self.optimizer.param_groups, fresh_hparams, strict=True):
             group.update(hp)
             if group.get("fused") or group.get("capturable"):  # their step counts live with the parameters
@@ -254,9 +255,23 @@ class Trainer:
             self._save_whole()
         self.saved_step = self.pos.step
 
+    def state_sums(self) -> tuple[float, float, float, float]:
+        """(sum, sum of absolute values) of the model's weights, then of the optimizer's state, in fp32, over every
+        rank's shards when sharded: one reduction and one host sync. Saved with each checkpoint and compared after a
+        resume loads it (``checkpoint.weights_check``)."""
+        from fastmim.train import fsdp
+
+        w = ckpt.weights_sums(fsdp.local(p) for p in self.raw_model.parameters())
+        o = ckpt.weights_sums(fsdp.local(t) for st in self.optimizer.state.values() for k, t in st.items()
+                              if k != "step" and isinstance(t, torch.Tensor) and t.is_floating_point())  # fmt: skip
+        sums = torch.cat([w, o.to(w.device)])
+        if self.sharded and self.info.enabled:
+            dist.all_reduce(sums)
+        return tuple(sums.tolist())
+
     def _save_whole(self) -> None:
         # a finite loss can still be followed by an update that makes weights non-finite (an infinite gradient)
-        total = float(torch.stack([p.detach().float().sum() for p in self.raw_model.parameters()]).sum())
+        total, abs_total, optim_total, optim_abs = self.state_sums()
         self._check_finite(total, "the weights")  # one reduction, one host sync per save
         # data-parallel ranks hold the same weights bit for bit; a rank that drifted would be saved as if it had not
         sums = self._from_every_rank(total)  # collective
@@ -266,6 +281,7 @@ class Trainer:
             )
         state = self.state_dict()  # collective: every rank takes part
         state["weights_sum_per_rank"] = sums
+        state.update(weights_abs_sum=abs_total, optim_sum=optim_total, optim_abs_sum=optim_abs)
         if self.info.is_main:
             ckpt.save_checkpoint(self.output_dir / ckpt.CHECKPOINT_NAME, state)
             self._save_encoder(self.raw_model.encoder_state_dict())
@@ -282,12 +298,10 @@ class Trainer:
         gathered ``encoder.safetensors`` and ``config.yaml``."""
         from fastmim.train import fsdp
 
-        local = [fsdp.local(p).detach().float().sum() for p in self.raw_model.parameters()]
-        total = torch.stack(local).sum() if local else torch.zeros(())
-        if self.info.enabled:
-            dist.all_reduce(total)
-        self._check_finite(float(total), "the weights")  # the same value on every rank: all stop, or none
-        meta = {**self.run_state(), "weights_sum": float(total)}
+        total, abs_total, optim_total, optim_abs = self.state_sums()
+        self._check_finite(total, "the weights")  # the same value on every rank: all stop, or none
+        meta = {**self.run_state(), "weights_sum": total, "weights_abs_sum": abs_total, "optim_sum": optim_total,
+                "optim_abs_sum": optim_abs}  # fmt: skip
         fsdp.save_dcp(self.output_dir / ckpt.DCP_NAME, self.raw_model, self.optimizer, meta, self.info.is_main)
         whole = fsdp.full_model_state(self.raw_model)  # collective; the tensors on rank 0
         if self.info.is_main:

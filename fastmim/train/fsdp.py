@@ -177,8 +177,21 @@ def load_dcp_into(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     api = _state_dict_api()
     msd, osd = api.get_state_dict(model, optimizer)
     state = {"model": msd, "optimizer": osd}
-    with _one_process_is_meant():
-        dcp.load(state, checkpoint_id=str(path), no_dist=not _dist_on())
+    try:
+        with _one_process_is_meant():
+            dcp.load(state, checkpoint_id=str(path), no_dist=not _dist_on())
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # DCP's CheckpointException is a BaseException; it wraps each rank's error
+        failures = getattr(e, "failures", None)  # {rank: (exception, its stack)}: the exceptions, not the stacks
+        causes = [pair[0] for pair in failures.values()] if isinstance(failures, dict) and failures else [e]
+        text = "; ".join(" ".join(f"{type(c).__name__}: {c}".split()) for c in causes[:2])
+        if "Missing key" in text or "size mismatch" in text.lower():
+            raise RuntimeError(text[:600]) from e  # a checkpoint of another network: Trainer.load_state_dict says so
+        from fastmim.train.checkpoint import CorruptCheckpoint
+
+        raise CorruptCheckpoint(f"sharded checkpoint {str(path)!r} cannot be read (a shard missing, truncated or "
+                                f"damaged?): {text[:400]}") from None  # fmt: skip
     api.set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -197,8 +210,19 @@ def load_meta(path: Path) -> dict:
     directory."""
     found = dcp_dir(path)
     if found is None:
+        if not path.exists():
+            raise FileNotFoundError(f"{str(path)!r} does not exist")
+        if dcp_dir(path / "checkpoint.dcp"):
+            raise FileNotFoundError(f"{str(path)!r} is a run's folder: its sharded checkpoint is "
+                                    f"{str(path / 'checkpoint.dcp')!r}")  # fmt: skip
         raise FileNotFoundError(f"{str(path)!r} is not a complete sharded checkpoint (no {META_NAME} in it)")
-    meta = torch.load(found / META_NAME, map_location="cpu", weights_only=False)
+    from fastmim.train.checkpoint import check_crc
+
+    check_crc(found / META_NAME)
+    try:
+        meta = torch.load(found / META_NAME, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f"{str(found / META_NAME)!r} cannot be read ({e}); it may be truncated") from e
     return {**meta, "dcp": str(found)}
 
 

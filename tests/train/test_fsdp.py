@@ -168,3 +168,61 @@ def test_fsdp_refuses_what_it_does_not_support(image_folder, tmp_path, capsys, f
     out = tmp_path / "out"
     assert pretrain.main([*_args(image_folder, out, "--fsdp"), *flags]) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+def _flip(path, offset: int, count: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_checkpoint_is_refused_not_resumed(image_folder, tmp_path, capsys):
+    """Bytes changed inside a checkpoint after it was written: the single file fails its CRC records, a sharded
+    one's shard the weights' sums saved beside it; a missing shard is named. Each is one line, exit 2, and nothing
+    trains on wrong weights. Before, both resumed with exit 0."""
+    whole, sh = tmp_path / "whole", tmp_path / "sh"
+    base = _args(image_folder, whole, "--max-steps", "2")
+    pretrain.run(base)
+    pretrain.run([*_set(base, "--output-dir", str(sh)), "--fsdp"])
+    capsys.readouterr()
+    # a tensor record in the middle of the zip archive (the weights and optimizer state are most of the bytes)
+    path = whole / ckpt.CHECKPOINT_NAME
+    intact = path.read_bytes()
+    _flip(path, len(intact) // 2)
+    assert pretrain.main(["--resume", "--output-dir", str(whole), "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "is corrupt" in err and "does not match the checksum" in err and "Traceback" not in err
+    path.write_bytes(intact)
+    assert pretrain.main(["--resume", "--output-dir", str(whole), "--max-steps", "3"]) == 0  # intact: resumes
+    capsys.readouterr()
+
+    shard = next((sh / ckpt.DCP_NAME).glob("*.distcp"))
+    kept = shard.read_bytes()
+    # 0x7f7f7f7f is 3.4e38 as float32 whatever the alignment: a damaged block inside the weights' records
+    # (the shard is the model's then the optimizer's tensors, each a torch.save record)
+    at = len(kept) // 4
+    shard.write_bytes(kept[:at] + b"\x7f" * 400 + kept[at + 400 :])
+    assert pretrain.main(["--resume", "--output-dir", str(sh), "--fsdp", "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "is corrupt" in err and "weights sum to" in err and "Traceback" not in err
+    from fastmim.train.convert import main as convert_main
+
+    assert convert_main([str(sh / ckpt.DCP_NAME), str(tmp_path / "c.pt")]) == 2
+    assert "is corrupt" in capsys.readouterr().err and not (tmp_path / "c.pt").exists()
+    shard.unlink()
+    assert pretrain.main(["--resume", "--output-dir", str(sh), "--fsdp", "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be read (a shard missing, truncated or damaged?)" in err and "Traceback" not in err
+    shard.write_bytes(kept)
+    assert convert_main([str(sh), str(tmp_path / "c.pt")]) == 2
+    assert "is a run's folder: its sharded checkpoint is" in capsys.readouterr().err
+    assert convert_main([str(tmp_path / "nowhere"), str(tmp_path / "c.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert convert_main([str(sh / ckpt.DCP_NAME), str(tmp_path / "c.pt")]) == 0  # intact: converts
+    state = ckpt.load_checkpoint(tmp_path / "c.pt")  # and keeps the sums, which a resume from it checks
+    model = fastmim.create_model("mae_vit_tiny_patch16", img_size=64, decoder_embed_dim=64, decoder_depth=1,
+                                 decoder_num_heads=2)  # TINY_ARGS' model  # fmt: skip
+    model.load_state_dict(state["model"])
+    sums = ckpt.weights_sums(model.parameters())
+    assert state["weights_sum"] == pytest.approx(sums[0].item(), rel=1e-5)
