@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from fastmim.heads import ConvDecoder2d
 from fastmim.masking import MaskInfo, build_mask
 from fastmim.masking.base import MaskStrategy, as_mask_info
+from fastmim.methods._args import check_int, check_momentum, check_number
 from fastmim.methods.mae import register_vit_family
 from fastmim.models.vit import VisionTransformer
 from fastmim.ops import gather_visible, gather_visible_ref, masked_mse_loss_patchified, masked_mse_loss_patchified_ref
@@ -101,11 +102,14 @@ class Data2Vec2ViT(TeacherOfEncoder, VisionTransformer):
     ):
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
                          fused_norm=fused_norm)  # fmt: skip
-        if isinstance(num_masks, bool) or not isinstance(num_masks, int) or num_masks < 1:
-            raise ValueError(f"data2vec 2.0: num_masks must be a positive int, got {num_masks!r}")
-        self.top_k = max(1, depth - 2) if top_k is None else int(top_k)
-        if not 1 <= self.top_k <= depth:
-            raise ValueError(f"data2vec 2.0: top_k must be in [1, depth={depth}], got {top_k!r}")
+        who = "data2vec 2.0"
+        check_int(who, "num_masks", num_masks)
+        self.top_k = max(1, depth - 2) if top_k is None else check_int(who, "top_k", top_k, 1, depth)
+        cls_weight = check_number(who, "cls_weight", cls_weight, lo=0.0)
+        momentum = check_momentum(who, momentum, with_updates=True)
+        if self.num_patches < 2:  # the targets' instance norm runs over the tokens
+            raise ValueError(f"{who}: needs at least 2 patches; img_size {img_size} at patch {patch_size} gives "
+                             f"{self.num_patches}")  # fmt: skip
         self.mask_ratio, self.num_masks, self.cls_weight, self.fused_ops = mask_ratio, num_masks, cls_weight, fused_ops
         self.decoder = ConvDecoder2d(embed_dim, self.grid_size, decoder_dim or embed_dim, decoder_layers,
                                      decoder_kernel, decoder_groups)  # fmt: skip

@@ -9,7 +9,9 @@ its own sin-cos position embedding at the context positions, then for each targe
 the position embedding at the block's positions, ``pred_depth`` blocks, LayerNorm, Linear(384 -> D) on the target
 tokens. Loss: smooth L1 (beta 1), the mean over target tokens and channels.
 
-The encoder has no class token, as I-JEPA's; it exports to timm's ``VisionTransformer(class_token=False,
+The exported and evaluated encoder is the target encoder (the EMA teacher), as I-JEPA's evaluation (paper, appendix
+A.1); ``export_encoder="context"`` exports the context encoder instead. It has no class token, as I-JEPA's; it exports
+to timm's ``VisionTransformer(class_token=False,
 global_pool="avg", fc_norm=False)``. Deviations: MAE's initialisation; a fixed weight decay and fastmim's
 learning-rate schedule (I-JEPA: weight decay 0.04 -> 0.4, lr warm-up from 2e-4). The trainer calls
 ``set_total_steps`` (the momentum schedule's length) and ``after_step`` (the EMA update).
@@ -17,12 +19,15 @@ learning-rate schedule (I-JEPA: weight decay 0.04 -> 0.4, lr warm-up from 2e-4).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastmim.masking import MaskInfo, Masks, build_mask
 from fastmim.masking.base import MaskStrategy
+from fastmim.methods._args import check_bool, check_int, check_momentum
 from fastmim.methods.mae import register_vit_family
 from fastmim.models.pos_embed import sincos_2d
 from fastmim.models.vit import Block, VisionTransformer, checkpointed, init_weights
@@ -32,6 +37,8 @@ from fastmim.targets.teacher import TeacherOfEncoder
 IJEPA_MASK = dict(num_targets=4, target_scale=(0.15, 0.2), aspect_range=(0.75, 1.5), context_scale=(0.85, 1.0),
                   min_keep=10)  # fmt: skip
 IJEPA_MOMENTUM = (0.996, 1.0)  # linear over the whole run
+EXPORTS = ("target", "context")
+UNSET_UPDATES = 2**62  # the schedule's length before set_total_steps: the momentum stays at its start
 
 
 def target_indices(targets: torch.Tensor) -> torch.Tensor:
@@ -51,6 +58,8 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
         batch_shared: I-JEPA's batch-shared block sizes and truncation (False: per-sample blocks, then truncated to the
             batch's smallest at the forward).
         momentum: the teacher's schedule (start, end); its length comes from ``set_total_steps``.
+        export_encoder: the encoder ``encoder_state_dict`` exports and evaluation uses: "target" (the EMA teacher, as
+            I-JEPA evaluates) or "context" (the student).
         fused_ops: fastmim's fused gather (False: the plain one, the same values).
         attn_impl, fused_norm: see VisionTransformer.
     """
@@ -73,12 +82,21 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
         fused_ops: bool = True,
         attn_impl: str = "auto",
         fused_norm: bool = False,
+        export_encoder: str = "target",
     ):
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
                          fused_norm=fused_norm, class_token=False)  # fmt: skip
+        self._warned_unset = False
+        who = "I-JEPA"
+        check_int(who, "pred_dim", pred_dim)
+        check_int(who, "pred_depth", pred_depth)
+        momentum = check_momentum(who, momentum, with_updates=False)
+        if export_encoder not in EXPORTS:
+            raise ValueError(f"{who}: export_encoder must be one of {', '.join(EXPORTS)}, got {export_encoder!r}")
         if pred_dim % num_heads or pred_dim % 4:
             raise ValueError(f"I-JEPA: pred_dim {pred_dim} must divide into {num_heads} heads and be a multiple of 4")
-        self.batch_shared, self.fused_ops = bool(batch_shared), fused_ops
+        self.batch_shared, self.fused_ops = check_bool(who, "batch_shared", batch_shared), fused_ops
+        self.export_encoder = export_encoder
         self.predictor_embed = nn.Linear(embed_dim, pred_dim)
         self.predictor_blocks = nn.ModuleList(
             Block(pred_dim, num_heads, mlp_ratio, attn_impl=attn_impl) for _ in range(pred_depth)
@@ -92,7 +110,8 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         encoder = VisionTransformer(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
                                     attn_impl=attn_impl, class_token=False)  # fmt: skip
-        self.init_teacher(encoder, *momentum, total_updates=1)  # the run's length comes from set_total_steps
+        # the run's length comes from set_total_steps; until then the momentum stays at its start (after_step warns)
+        self.init_teacher(encoder, *momentum, total_updates=UNSET_UPDATES)
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}
@@ -110,8 +129,17 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
 
     # --- Target: the EMA teacher ---
     def set_total_steps(self, total: int) -> None:
-        """The momentum schedule runs from 0.996 to 1.0 over the whole run (the trainer calls this)."""
-        self.teacher.total_updates = int(total)
+        """The momentum schedule runs from 0.996 to 1.0 over the whole run: its number of optimizer steps (the trainer
+        calls this; a training loop of one's own must too, before the first ``after_step``)."""
+        self.teacher.total_updates = check_int("I-JEPA", "set_total_steps' total", total)
+
+    def after_step(self) -> None:
+        if self.teacher.total_updates == UNSET_UPDATES and not self._warned_unset:
+            self._warned_unset = True
+            warnings.warn("I-JEPA: set_total_steps(N) was not called, so the teacher's momentum stays at its start "
+                          f"({self.teacher.start}) instead of reaching {self.teacher.end} at the run's end; call it "
+                          "with the run's number of optimizer steps before training", stacklevel=2)  # fmt: skip
+        super().after_step()
 
     @torch.no_grad()
     def targets(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -170,8 +198,18 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
 
     # --- Export ---
     def encoder_state_dict(self, state: dict | None = None) -> dict[str, torch.Tensor]:
-        """The context encoder alone (no predictor, no teacher): loads into timm's VisionTransformer."""
+        """The encoder that is exported and evaluated (``encoder.safetensors``, the kNN monitor, convert): I-JEPA's
+        target encoder, the EMA teacher, as the paper evaluates ("export_encoder": "target"), or the context encoder
+        ("context"). Either loads into timm's VisionTransformer(class_token=False)."""
         state = self.state_dict() if state is None else state  # (or a whole state gathered from FSDP shards)
+        if self.export_encoder == "context":
+            return self.context_encoder_state_dict(state)
+        prefix = "teacher.model."
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+    def context_encoder_state_dict(self, state: dict | None = None) -> dict[str, torch.Tensor]:
+        """The context encoder alone (the student: no predictor, no teacher)."""
+        state = self.state_dict() if state is None else state
         skip = ("teacher.", "predictor_", "mask_token")
         return {k: v for k, v in state.items() if not k.startswith(skip)}
 

@@ -1,8 +1,11 @@
 """A momentum (EMA) teacher: a frozen fp32 copy of the student's encoder, moved toward the student after each optimizer
 step (data2vec 2.0, I-JEPA; issue 17's first piece: recipes and the trainer's checkpoints use it next).
 
-``teacher = EMATeacher(student.encoder_module, *DATA2VEC2_MOMENTUM)``; after ``optimizer.step()``,
-``teacher.update(student.encoder_module)``; ``teacher(x)`` runs the copy in eval mode without gradients. The update
+``teacher = EMATeacher(encoder, *DATA2VEC2_MOMENTUM)`` (``encoder``: the module to follow, e.g.
+``fastmim.create_model("vit_base_patch16")``); after each ``optimizer.step()``, ``teacher.update(encoder)``;
+``teacher(x)`` runs the copy in eval mode without gradients. The recipes with a teacher (data2vec 2.0, I-JEPA) hold
+one: call their ``after_step()`` after each optimizer step (and I-JEPA's ``set_total_steps(N)`` before training), as
+fastmim's trainer does. The update
 is ``t <- m t + (1 - m) s`` over every parameter in one multi-tensor pass (``torch._foreach_lerp_`` with weight
 ``1 - m``) in fp32; buffers are copied. The momentum follows a linear schedule from ``start`` to ``end`` over
 ``total_updates`` updates, then stays at ``end``; the update count is a buffer, so a checkpoint of the teacher
@@ -46,7 +49,9 @@ class EMATeacher(nn.Module):
         for name, v in (("start", start), ("end", end)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"EMATeacher: {name} momentum must be in [0, 1], got {v}")
-        self.start, self.end, self.total_updates = float(start), float(end), int(total_updates)
+        if isinstance(total_updates, bool) or not isinstance(total_updates, int) or total_updates < 0:
+            raise ValueError(f"EMATeacher: total_updates must be an int >= 0, got {total_updates!r}")
+        self.start, self.end, self.total_updates = float(start), float(end), total_updates
         self.model = copy.deepcopy(student).float().eval().requires_grad_(False)
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self._shapes = [p.shape for p in self.model.parameters()]
@@ -88,7 +93,8 @@ class TeacherOfEncoder:
     (the trainer calls it after every optimizer step) moves it toward the encoder's current weights."""
 
     def init_teacher(self, encoder: nn.Module, start: float, end: float, total_updates: int) -> None:
-        encoder.load_state_dict(self.encoder_state_dict())
+        # the student's encoder (I-JEPA's exported encoder is the teacher itself)
+        encoder.load_state_dict(getattr(self, "context_encoder_state_dict", self.encoder_state_dict)())
         self.teacher = EMATeacher(encoder, start, end, total_updates)
         self._student_params: list[nn.Parameter] | None = None
 

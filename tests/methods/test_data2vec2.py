@@ -152,15 +152,30 @@ def test_teacher_follows_the_student_by_ema_and_is_not_trained():
     assert int(m.teacher.updates) == 1
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(momentum=(0.9, 1.0)), r"momentum must be \[start, end, updates\]"),
+        (dict(momentum=(0.9, 1.0, 2.5)), "momentum's updates must be an int >= 1"),
+        (dict(top_k=2.5), "top_k must be an int in"),
+        (dict(cls_weight=-1), "cls_weight must be a number in"),
+        (dict(img_size=16), "needs at least 2 patches; img_size 16 at patch 16 gives 1"),
+    ],
+)
+def test_settings_from_model_args_are_checked_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fastmim.create_model("data2vec2_vit_tiny_patch16", **{"img_size": 32, **kwargs})
+
+
 def test_bad_mask_counts_and_options():
     m = _tiny()
     with pytest.raises(ValueError, match="masks for 3 images"):
         m(_imgs(3), mask=m.make_mask(2, torch.device("cpu")))
     with pytest.raises(ValueError, match="needs the masks' index form"):
         m(_imgs(2), mask=Masks(torch.zeros(8, 16, dtype=torch.bool)).info(ids=False))
-    with pytest.raises(ValueError, match="num_masks must be a positive int"):
+    with pytest.raises(ValueError, match="num_masks must be an int >= 1"):
         _tiny(num_masks=0)
-    with pytest.raises(ValueError, match=r"top_k must be in \[1, depth=3\]"):
+    with pytest.raises(ValueError, match=r"top_k must be an int in \[1, 3\]"):
         _tiny(top_k=4)
     with pytest.raises(ValueError, match="kernel must be odd"):
         _tiny(decoder_kernel=4)

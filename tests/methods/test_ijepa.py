@@ -86,6 +86,57 @@ def test_teacher_momentum_runs_over_the_whole_run():
     assert not any(n.startswith(("teacher.", "predictor_", "mask_token")) for n in m.encoder_state_dict())
 
 
+def test_the_exported_encoder_is_the_target_encoder_as_ijepa_evaluates():
+    """encoder.safetensors, the kNN monitor and convert take ``encoder_state_dict()``: I-JEPA's target encoder (the EMA
+    teacher, which the paper evaluates) by default, the context encoder with export_encoder="context". The two differ
+    once the student has trained; the teacher starts as the student's copy."""
+    m = _tiny()
+    teacher = {
+        k.removeprefix("teacher.model."): v.clone() for k, v in m.state_dict().items() if k.startswith("teacher.model.")
+    }
+    student = m.context_encoder_state_dict()
+    assert teacher.keys() == student.keys() == m.encoder_state_dict().keys()
+    m.set_total_steps(10)
+    with torch.no_grad():
+        m.blocks[0].mlp.fc1.weight.add_(1.0)  # the student moves; one EMA step moves the teacher by 1 - 0.996 of it
+    m.after_step()
+    got, ctx = m.encoder_state_dict(), m.context_encoder_state_dict()
+    key = "blocks.0.mlp.fc1.weight"
+    torch.testing.assert_close(got[key], m.teacher.model.blocks[0].mlp.fc1.weight)
+    torch.testing.assert_close(got[key] - teacher[key], torch.full_like(got[key], 0.004), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ctx[key], m.blocks[0].mlp.fc1.weight)
+    context = _tiny(export_encoder="context")
+    assert context.encoder_state_dict().keys() == ctx.keys()
+    with pytest.raises(ValueError, match="export_encoder must be one of target, context"):
+        _tiny(export_encoder="student")
+
+
+def test_without_set_total_steps_the_momentum_stays_at_its_start_and_says_so():
+    """A training loop of one's own that never calls set_total_steps: the teacher keeps following at 0.996 (it used
+    to freeze at 1.0 after one update, silently) and the first after_step warns."""
+    m = _tiny()
+    with pytest.warns(UserWarning, match=r"set_total_steps\(N\) was not called"):
+        m.after_step()
+    m.after_step()
+    assert m.teacher.momentum() == pytest.approx(0.996)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(momentum=0.9), r"momentum must be \[start, end\]"),
+        (dict(momentum=(0.9, 1.0, 5)), r"momentum must be \[start, end\]"),
+        (dict(momentum=(0.9, 1.5)), "momentum's end must be a number in"),
+        (dict(pred_depth="two"), "pred_depth must be an int >= 1, got 'two'"),
+        (dict(pred_depth=0), "pred_depth must be an int >= 1, got 0"),
+        (dict(batch_shared="maybe"), "batch_shared must be true or false, got 'maybe'"),
+    ],
+)
+def test_settings_from_model_args_are_checked_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _tiny(**kwargs)
+
+
 def test_bad_inputs():
     m = _tiny()
     drawn = m.mask_strategy()(indices=torch.arange(4))

@@ -1,0 +1,42 @@
+"""Checks of a recipe's settings, which also arrive as parsed text (``--model-args``, YAML): the wrong type or range
+is named with the setting, instead of failing later inside torch or being taken silently (``bool("maybe")``)."""
+
+from __future__ import annotations
+
+import math
+
+
+def check_int(who: str, name: str, value, lo: int = 1, hi: int | None = None) -> int:
+    """``value`` as an int in [lo, hi]; a bool, a float or a string is refused."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        where = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{who}: {name} must be an int {where}, got {value!r}")
+    return value
+
+
+def check_bool(who: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{who}: {name} must be true or false, got {value!r}")
+    return value
+
+
+def check_number(who: str, name: str, value, lo: float = -math.inf, hi: float = math.inf) -> float:
+    """``value`` as a finite float in [lo, hi] (an int is taken; a bool or a string is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi or math.isinf(value):
+        raise ValueError(f"{who}: {name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+    return float(value)
+
+
+def check_momentum(who: str, momentum, with_updates: bool) -> tuple:
+    """A teacher's momentum schedule: (start, end) in [0, 1], then, ``with_updates``, the number of updates over
+    which it goes from start to end (a positive int)."""
+    form = "[start, end, updates]" if with_updates else "[start, end]"
+    n = 3 if with_updates else 2
+    if isinstance(momentum, (str, bytes)) or not hasattr(momentum, "__len__") or len(momentum) != n:
+        raise ValueError(f"{who}: momentum must be {form} (e.g. momentum=[0.996,1.0"
+                         f"{',100000' if with_updates else ''}]), got {momentum!r}")  # fmt: skip
+    start = check_number(who, "momentum's start", momentum[0], 0.0, 1.0)
+    end = check_number(who, "momentum's end", momentum[1], 0.0, 1.0)
+    if with_updates:
+        return start, end, check_int(who, "momentum's updates", momentum[2], lo=1)
+    return start, end
