@@ -20,7 +20,7 @@ from fastmim.data.folder import BadImageError
 from fastmim.train.checkpoint import existing_run_markers, load_checkpoint, run_checkpoint
 from fastmim.train.compile_mode import compile_model, resolve_compile_mode
 from fastmim.train.distributed import DistInfo, broadcast_object, cleanup, init_distributed
-from fastmim.train.preempt import REQUEUE_EXIT, Preempted
+from fastmim.train.preempt import REQUEUE_EXIT, Preempted, StopRequested, stop_outside_training
 
 
 class UsageError(Exception):
@@ -580,7 +580,8 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        run(argv)
+        with stop_outside_training():  # a stop signal before or after training: exit REQUEUE_EXIT too
+            run(argv)
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, DaliDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -600,6 +601,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Preempted as e:  # SIGTERM / SIGUSR1: saved at the step boundary; the exit status asks for a requeue
         print(f"stopped on {e}", file=sys.stderr)
+        return REQUEUE_EXIT
+    except StopRequested as e:  # outside the training loop: no step to save
+        print(f"stopped on {e} outside training: nothing new to save, the last checkpoint (if any) is intact; "
+              "run again with --resume to continue", file=sys.stderr)  # fmt: skip
         return REQUEUE_EXIT
     return 0
 

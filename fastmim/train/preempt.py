@@ -10,6 +10,7 @@ reaches them at different times: at each step boundary the ranks take the maximu
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -28,6 +29,31 @@ class Preempted(Exception):
     def __init__(self, step: int, signame: str):
         super().__init__(f"{signame}: checkpointed at step {step}; resume with --resume to continue")
         self.step, self.signame = step, signame
+
+
+class StopRequested(Exception):
+    """SIGTERM or SIGUSR1 outside the training loop (while the run starts: listing files, loading a checkpoint; or
+    after its last save): there is no step to checkpoint, the last checkpoint is intact."""
+
+
+@contextlib.contextmanager
+def stop_outside_training():
+    """SIGTERM / SIGUSR1 raise ``StopRequested`` while this is active, so that the CLI exits with ``REQUEUE_EXIT``
+    whenever a stop signal comes (the default action would end the process with 143 or 138, which a job script's
+    requeue rule does not recognise). The trainer's ``PreemptionWatch`` replaces these handlers while it trains."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise StopRequested(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, stop) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class PreemptionWatch:

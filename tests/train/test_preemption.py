@@ -122,6 +122,43 @@ def test_signals_while_checkpoints_are_written_change_nothing(image_folder, tmp_
     assert _losses(cut) == pytest.approx(_losses(straight), rel=1e-6)
 
 
+def test_signals_outside_the_training_loop_exit_with_the_requeue_status(image_folder, tmp_path, monkeypatch, capsys):
+    """A stop signal while the run starts (here while the model is built; on a cluster, while files are listed or
+    a checkpoint loads) and one after the stop's save (while the loader closes) both exit REQUEUE_EXIT, not the
+    default 143 / 138 that a job script's requeue rule misses; the checkpoint that was there stays intact."""
+    from fastmim.train import preempt
+
+    out = tmp_path / "run"
+    real_build = pretrain.build_model
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def build_then_signal(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return model
+
+    monkeypatch.setattr(pretrain, "build_model", build_then_signal)
+    assert pretrain.main(_args(image_folder, out, "--epochs", "1")) == REQUEUE_EXIT
+    assert "stopped on SIGUSR1 outside training" in capsys.readouterr().err
+    monkeypatch.setattr(pretrain, "build_model", real_build)
+    assert pretrain.main(_args(image_folder, out, "--epochs", "1", "--max-steps", "2")) == 0  # a fresh start
+    before = (out / "checkpoint.pt").read_bytes()
+
+    real_close, sent = preempt.PreemptionWatch.close, []
+
+    def close_then_signal(self):  # the trainer's handlers restored: a second signal arrives after the stop's save
+        real_close(self)
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(preempt.PreemptionWatch, "close", close_then_signal)
+    assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "3"]) == REQUEUE_EXIT
+    assert "stopped on SIGTERM outside training" in capsys.readouterr().err
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 3 and (out / "checkpoint.pt").read_bytes() != before
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # main restores the handlers it found
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("start_method", [None, "forkserver"], ids=["default", "forkserver"])
 def test_sigterm_to_the_whole_process_group_with_loader_workers(image_folder, tmp_path, start_method):
