@@ -358,6 +358,8 @@ class DaliLoader:
         other error (an older DALI's message, out of memory in a decoder) is passed on as it is."""
         text = str(e)
         found = re.search(r"Failed to decode sample #\d+ : (.+)", text)
+        # the file reader memory-maps each file: an empty file fails there, before any decoder sees it
+        found = found or re.search(r"File mapping failed: (.+)", text)
         codec = re.search(r"nvImageCodec failure[^\n]*", text)
         if not found and codec and "decoders.image" in text:
             # DALI on nvImageCodec reports an undecodable image without naming the file: say how to find it

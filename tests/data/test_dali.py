@@ -134,6 +134,11 @@ def test_a_bad_file_stops_the_loader_with_its_path_and_the_checkpoint_resumes_af
     resumed.load_state_dict(state)
     rest = epoch_batches(resumed)
     assert state["batch"] + len(rest) == len(ld) and 7 in torch.cat([i for _, i in rest]).tolist()
+    resumed.close()
+    open(victim, "wb").close()  # an empty file: DALI's reader cannot memory-map it (before any decoder)
+    with pytest.raises(DaliDecodeError, match="cannot decode") as err:
+        epoch_batches(loader(paths, seed=0))
+    assert err.value.path.strip() == victim
 
 
 def test_bad_arguments_name_the_problem(files):
