@@ -17,7 +17,7 @@ import torch
 from fastmim.config import PretrainConfig, apply_overrides, cli_overrides, load_yaml, migrate_saved_config, save_yaml
 from fastmim.data.dali import DaliDecodeError
 from fastmim.data.folder import BadImageError
-from fastmim.train.checkpoint import existing_run_markers, load_checkpoint, run_checkpoint
+from fastmim.train.checkpoint import existing_run_markers, load_checkpoint, remove_stale_temporaries, run_checkpoint
 from fastmim.train.compile_mode import compile_model, resolve_compile_mode
 from fastmim.train.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from fastmim.train.preempt import REQUEUE_EXIT, Preempted, StopRequested, stop_outside_training
@@ -163,6 +163,10 @@ def prepare_output_dir(cfg: PretrainConfig, info: DistInfo) -> Path:
             error = f"output path {str(out)!r} exists and is not a directory"
         else:
             out.mkdir(parents=True, exist_ok=True)
+            freed = remove_stale_temporaries(out)  # what a save killed mid-write (kill -9) left behind
+            if freed:
+                print(f"note: removed {freed / 2**20:.1f} MiB of temporary files an interrupted save left in {out}",
+                      flush=True)  # fmt: skip
     error = broadcast_object(error, info)
     if error:
         raise UsageError(error)

@@ -56,6 +56,25 @@ def atomic_write(path: str | Path, write) -> None:
             os.remove(tmp)
 
 
+RUN_FILES = (CHECKPOINT_NAME, "encoder.safetensors", "config.yaml")  # the files a run writes with atomic_write
+
+
+def remove_stale_temporaries(output_dir: str | Path, names=RUN_FILES) -> int:
+    """Deletes the temporary files ``atomic_write`` left in ``output_dir`` when its process was killed mid-write
+    (``kill -9``, a launcher's timeout): each is a whole checkpoint's size, and nothing reads them. Call it only when
+    this run owns the directory and nothing writes there yet. Returns the bytes freed."""
+    freed = 0
+    for name in names:
+        for tmp in Path(output_dir).glob(f".{name}.*.tmp"):
+            try:
+                size = tmp.stat().st_size
+                tmp.unlink()
+                freed += size
+            except OSError:  # gone already, or not ours to delete: left as it is
+                pass
+    return freed
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

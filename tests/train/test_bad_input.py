@@ -117,6 +117,23 @@ def test_resume_without_checkpoint(tmp_path, capsys):
     assert "--resume was given an empty path" in fails(["--resume="], capsys)
 
 
+def test_temporary_files_of_a_save_killed_mid_write_are_removed_on_resume(image_folder, tmp_path, capsys):
+    """kill -9 (or a launcher's timeout) during a save leaves atomic_write's temporary file, a whole checkpoint's
+    size; the next run in that folder removes it and says so, and leaves the checkpoint alone."""
+    out = tmp_path / "run"
+    assert pretrain.main([*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--max-steps",
+                          "1"]) == 0  # fmt: skip
+    stale = [out / ".checkpoint.pt.ab12cd.tmp", out / ".encoder.safetensors.x.tmp"]
+    for f in stale:
+        f.write_bytes(b"\0" * 2**20)
+    other = out / ".notes.tmp"  # not one of the run's files: kept
+    other.write_text("mine")
+    capsys.readouterr()
+    assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "2"]) == 0
+    assert "removed 2.0 MiB of temporary files an interrupted save left" in capsys.readouterr().out
+    assert not any(f.exists() for f in stale) and other.exists() and (out / "checkpoint.pt").exists()
+
+
 def test_bad_device_is_named(capsys):
     assert "--device 'foo' is not a device: use auto, cpu, cuda or cuda:N" in fails(["--device", "foo"], capsys)
     assert "fastmim trains on cpu or cuda" in fails(["--device", "meta"], capsys)
