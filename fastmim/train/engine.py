@@ -108,7 +108,7 @@ class Trainer:
         # every token and take any count per sample (MaskFeat's BEiT masks stop short of the target)
         drops_tokens = getattr(self.raw_model, "drops_tokens", True)
         self.after_step = getattr(self.raw_model, "after_step", None)
-        self.skipped_files = 0  # unreadable samples replaced (--skip-bad-files) by this rank in this run
+        self.skipped_files = 0  # unreadable samples replaced (--skip-bad-files) by this rank (rank 0: + before resume)
         self.saved_step = 0  # the step of the last checkpoint (of this run or the one it resumes)
         if hasattr(self.raw_model, "set_total_steps"):  # a schedule over the whole run (I-JEPA's teacher momentum):
             # over the configured epochs, as the learning rate's; --max-steps stops a run early, it does not shorten it
@@ -157,6 +157,7 @@ class Trainer:
             "layout": self.data_layout(),
             "rng": self._from_every_rank(ckpt.rng_state()),
             "loader": self._from_every_rank(self.loader.state_dict()) if hasattr(self.loader, "state_dict") else None,
+            "skipped_files": int(sum(self._from_every_rank(self.skipped_files))),  # so far, all ranks (collective)
             "config": self.cfg.to_dict(),
             "config_format": CONFIG_FORMAT,
             "fastmim_version": __import__("fastmim").__version__,
@@ -201,6 +202,8 @@ class Trainer:
         if state["scaler"] and self.scaler.is_enabled():  # empty when saved without fp16 (a changed --amp)
             self.scaler.load_state_dict(state["scaler"])
         self.pos = Position(state["epoch"], state["batch"], state["step"])
+        # the run's count continues (rank 0 carries what every rank had skipped: the sum is right on any world size)
+        self.skipped_files = int(state.get("skipped_files", 0)) if self.info.is_main else 0
         layout = self.data_layout()
         saved_layout = state.get("layout")
         if saved_layout is not None:  # keys added since a checkpoint was written are not compared
@@ -481,7 +484,7 @@ class Trainer:
                            "img_per_s": ips}  # fmt: skip
                     if cfg.weight_decay_end is not None:  # what the optimizer used for this step
                         row["weight_decay"] = max(g["weight_decay"] for g in self.optimizer.param_groups)
-                    if cfg.skip_bad_files:  # every rank's count so far (this run)
+                    if cfg.skip_bad_files:  # every rank's count so far (resumes included)
                         row["skipped_files"] = int(sum(self._from_every_rank(self.skipped_files)))
                     if self.device.type == "cuda":
                         row["max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30

@@ -344,6 +344,12 @@ def test_skip_bad_files_replaces_them_by_a_fixed_choice_and_counts_them(tmp_path
         runs[workers] = load_checkpoint(out / "checkpoint.pt")["model"]
     for k, v in runs[0].items():
         torch.testing.assert_close(runs[2][k], v, rtol=0, atol=0, msg=k)
+    cut = tmp_path / "cut"  # stopped mid-run and resumed: the count goes on from the checkpoint's
+    pretrain.run([*TINY_ARGS, "--data-path", str(data), "--output-dir", str(cut), "--epochs", "2", "--num-workers", "0",
+                  "--skip-bad-files", "--log-interval", "1", "--max-steps", "4"])  # fmt: skip
+    pretrain.run(["--resume", "--output-dir", str(cut), "--max-steps", "None"])
+    rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_files"] == 4 and load_checkpoint(cut / "checkpoint.pt")["skipped_files"] == 4
     err = fails([*TINY_ARGS, "--data-path", str(data), "--output-dir", str(tmp_path / "x"), "--skip-bad-files",
                  "--loader", "dali"], capsys)  # fmt: skip
     assert "--skip-bad-files needs --loader torch" in err
