@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(result))
     if args.report:
         print(f"report: {args.report}")
-    return 0
+    return 0 if result.good else 2  # no image decodes: nothing to train on, as unusable as no images at all
 
 
 if __name__ == "__main__":

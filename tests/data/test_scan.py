@@ -201,3 +201,15 @@ def test_a_list_with_no_good_image_is_refused_by_the_loader(tmp_path):
     assert result.good == [] and result.bad == [(str((tmp_path / "bad" / "a.jpg").resolve()), "empty")]
     with pytest.raises(ValueError, match="holds no images"):
         list_images(result.list_path)
+
+
+def test_cli_exits_2_when_no_image_decodes(tmp_path, capsys):
+    """A folder whose image files all fail to decode: the findings and the (empty) list as usual, then status 2,
+    as for a folder without images: there is nothing to train on."""
+    root = tmp_path / "bad"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(b"not a jpeg")
+    (root / "b.png").write_bytes(b"")
+    assert main([str(root), "--quiet", "--workers", "0", "--out", str(tmp_path / "l.txt")]) == 2
+    out = capsys.readouterr().out
+    assert "no image decoded: the list is empty" in out and str(root / "a.jpg") in out
