@@ -105,9 +105,12 @@ def _pipeline(files, indices, batch_size, img_size, device, device_id, shard_id,
                 files=files, labels=indices, random_shuffle=True, initial_fill=initial_fill, seed=seed,
                 shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, name=READER,
             )  # fmt: skip
+        # adjust_orientation=False: the stored pixels, EXIF orientation ignored, as PIL's open + convert (the torch
+        # loaders, torchvision's ImageFolder, MAE's official loader) and nvJPEG in --loader torch-gpu read them
+        orientation = {"adjust_orientation": False} if _decoder_has_orientation() else {}
         images = fn.decoders.image_random_crop(
             jpegs, device=device, output_type=types.RGB, random_area=list(scale), random_aspect_ratio=list(ratio),
-            num_attempts=10,
+            num_attempts=10, **orientation,
         )  # fmt: skip
         down = types.INTERP_CUBIC if interp == "cubic" else types.INTERP_LINEAR
         images = fn.resize(images, resize_x=img_size, resize_y=img_size, min_filter=down,
@@ -120,6 +123,13 @@ def _pipeline(files, indices, batch_size, img_size, device, device_id, shard_id,
 
     return pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                 checkpoint=checkpoint)  # fmt: skip
+
+
+def _decoder_has_orientation() -> bool:
+    """Whether this DALI's decoders take ``adjust_orientation`` (recent ones: default True, which rotates by EXIF)."""
+    import nvidia.dali.fn as fn
+
+    return "adjust_orientation" in (fn.decoders.image_random_crop.__doc__ or "")
 
 
 class DaliLoader:

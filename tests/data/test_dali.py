@@ -141,6 +141,29 @@ def test_a_bad_file_stops_the_loader_with_its_path_and_the_checkpoint_resumes_af
     assert err.value.path.strip() == victim
 
 
+def test_exif_orientation_is_ignored_as_the_torch_loaders_do(tmp_path):
+    """A JPEG whose EXIF says "rotate 90 degrees": DALI reads the stored pixels, as PIL (the torch loaders) and nvJPEG
+    do, so --loader auto gives the same images whether DALI is installed or not. The red channel grows down the
+    stored rows: every crop (no flips up or down) keeps its bottom half redder than its top half; rotated, the
+    gradient would run across."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "exif"
+    root.mkdir()
+    rows = np.linspace(0, 255, 40).astype(np.uint8)
+    arr = np.zeros((40, 60, 3), np.uint8)
+    arr[..., 0] = rows[:, None]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display
+    for i in range(8):
+        Image.fromarray(arr).save(root / f"{i}.jpg", quality=95, exif=exif.tobytes())
+    x, _ = epoch_batches(loader(list_images(root), batch=8, hflip=0.0))[0]
+    red = x[:, 0]  # normalised, per sample [32, 32]
+    gap = red[:, 16:].mean((1, 2)) - red[:, :16].mean((1, 2))
+    assert (gap > 0.5).all(), gap
+
+
 def test_bad_arguments_name_the_problem(files):
     with pytest.raises(ValueError, match="DALI device must be one of"):
         loader(files, device="gpu")
