@@ -439,6 +439,7 @@ class Trainer:
                     self._stop_on_bad_file(b)
                     bad.resumable = ckpt.run_checkpoint(self.output_dir) is not None  # what the error can advise
                     bad.saved_step, bad.steps_lost = self.saved_step, self.pos.step - self.saved_step
+                    bar.close()  # the error's line below the bar, not appended to its last line in a log
                     raise bad
                 if self.cfg.skip_bad_files:  # stand-ins for unreadable samples come as -1 - index: counted
                     idx, stand_ins = decode_indices(idx)
