@@ -325,14 +325,19 @@ def apply_overrides(cfg: PretrainConfig, overrides: dict, source: str) -> Pretra
 
 
 # 2: mask_type None means the recipe's own masks (format 1 wrote "random" for every recipe, whatever it drew)
-CONFIG_FORMAT = 2
+CONFIG_FORMAT = 3
 
 
 def migrate_saved_config(saved: dict, config_format: int | None) -> dict:
     """A config written by a run (a checkpoint's, or its config.yaml) in an older format, read as this one: format 1's
-    ``mask_type: random`` was its default for every recipe, the recipe's own masks (None now)."""
-    if (config_format or 1) < 2 and saved.get("mask_type") == "random":
-        return {**saved, "mask_type": None}
+    ``mask_type: random`` was its default for every recipe, the recipe's own masks (None now); before format 3 an
+    I-JEPA run exported its context encoder (now the target encoder by default): a resumed one keeps exporting the
+    same encoder (``export_encoder: context``), so its kNN series and encoder.safetensors do not switch mid-run."""
+    fmt = config_format or 1
+    if fmt < 2 and saved.get("mask_type") == "random":
+        saved = {**saved, "mask_type": None}
+    if fmt < 3 and str(saved.get("model", "")).startswith("ijepa_"):
+        saved = {**saved, "model_args": {"export_encoder": "context", **(saved.get("model_args") or {})}}
     return saved
 
 

@@ -26,10 +26,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastmim._args import check_int, check_momentum, check_number
 from fastmim.heads import ConvDecoder2d
 from fastmim.masking import MaskInfo, build_mask
 from fastmim.masking.base import MaskStrategy, as_mask_info
-from fastmim.methods._args import check_int, check_momentum, check_number
 from fastmim.methods.mae import register_vit_family
 from fastmim.models.vit import VisionTransformer
 from fastmim.ops import gather_visible, gather_visible_ref, masked_mse_loss_patchified, masked_mse_loss_patchified_ref

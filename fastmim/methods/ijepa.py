@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmim._args import check_bool, check_int, check_momentum
 from fastmim.masking import MaskInfo, Masks, build_mask
 from fastmim.masking.base import MaskStrategy
-from fastmim.methods._args import check_bool, check_int, check_momentum
 from fastmim.methods.mae import register_vit_family
 from fastmim.models.pos_embed import sincos_2d
 from fastmim.models.vit import Block, VisionTransformer, checkpointed, init_weights
@@ -134,7 +134,7 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
         self.teacher.total_updates = check_int("I-JEPA", "set_total_steps' total", total)
 
     def after_step(self) -> None:
-        if self.teacher.total_updates == UNSET_UPDATES and not self._warned_unset:
+        if self.teacher.total_updates == UNSET_UPDATES and not getattr(self, "_warned_unset", False):
             self._warned_unset = True
             warnings.warn("I-JEPA: set_total_steps(N) was not called, so the teacher's momentum stays at its start "
                           f"({self.teacher.start}) instead of reaching {self.teacher.end} at the run's end; call it "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from fastmim._args import check_int, check_number
 from fastmim.ops import masked_mse_loss_patchified, masked_mse_loss_patchified_ref
 from fastmim.targets.hog import HOGTarget
 from fastmim.targets.low_pass import default_radius, low_pass_images
@@ -42,18 +43,18 @@ class TargetChoice:
         self.target = target
         p = self.patch_size
         if target == "hog":
-            cell = p // 2 if hog_cell is None else hog_cell
-            if isinstance(cell, bool) or not isinstance(cell, int) or cell < 1 or p % cell:
+            cell = p // 2 if hog_cell is None else check_int(name, "hog_cell", hog_cell)
+            if p % cell:
                 raise ValueError(f"{name}: the patch size {p} must be a multiple of hog_cell, got {hog_cell!r}")
             self.hog = HOGTarget(p, self.in_chans, cell, hog_bins, gaussian_window, fused=self.fused_ops)
             self.predicts_pixels = False  # the trainer shows no reconstructions
             return self.hog.dim
         if target == "lowpass":
             side = min(self.grid_size) * p
-            radius = default_radius(side) if low_pass_radius is None else low_pass_radius
-            if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not radius > 0:
-                raise ValueError(f"{name}: low_pass_radius must be a number > 0, got {low_pass_radius!r}")
-            self.low_pass_radius = float(radius)
+            if low_pass_radius is None:
+                self.low_pass_radius = default_radius(side)
+            else:
+                self.low_pass_radius = check_number(name, "low_pass_radius", low_pass_radius, lo=1e-6)
         return p * p * self.in_chans
 
     def target_images(self, imgs: torch.Tensor) -> torch.Tensor:

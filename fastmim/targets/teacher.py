@@ -19,6 +19,8 @@ import copy
 import torch
 from torch import nn
 
+from fastmim._args import check_int
+
 DATA2VEC2_MOMENTUM = (
     0.9998,
     0.99999,
@@ -49,8 +51,7 @@ class EMATeacher(nn.Module):
         for name, v in (("start", start), ("end", end)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"EMATeacher: {name} momentum must be in [0, 1], got {v}")
-        if isinstance(total_updates, bool) or not isinstance(total_updates, int) or total_updates < 0:
-            raise ValueError(f"EMATeacher: total_updates must be an int >= 0, got {total_updates!r}")
+        total_updates = check_int("EMATeacher", "total_updates", total_updates, lo=0)
         self.start, self.end, self.total_updates = float(start), float(end), total_updates
         self.model = copy.deepcopy(student).float().eval().requires_grad_(False)
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))

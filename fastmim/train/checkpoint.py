@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,20 +25,64 @@ class CorruptCheckpoint(ValueError):
     refused rather than resumed with wrong weights."""
 
 
+def verify_enabled() -> bool:
+    """``FASTMIM_VERIFY_CHECKPOINT=0`` turns the checks of a checkpoint's bytes and sums off (a checkpoint edited on
+    purpose, say); they are on by default."""
+    return os.environ.get("FASTMIM_VERIFY_CHECKPOINT", "1").strip() != "0"
+
+
+def _corrupt(path, what: str) -> CorruptCheckpoint:
+    return CorruptCheckpoint(f"checkpoint {str(path)!r} is corrupt: {what} (a damaged copy, disk or shard); resume "
+                             "from an intact copy, or set FASTMIM_VERIFY_CHECKPOINT=0 to load it as it is")  # fmt: skip
+
+
 def check_crc(path: str | Path) -> None:
     """Reads every record of a ``torch.save`` file (a zip archive) against the CRC-32 written with it; raises
-    ``CorruptCheckpoint`` naming the first record that differs. A file that is not a zip archive is left to
-    ``torch.load``'s own error."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-    except (zipfile.BadZipFile, EOFError, OSError):
+    ``CorruptCheckpoint`` naming the first record that differs. Records written without one (CRC 0: torch's
+    ``compute_crc32=False``) are not checked; a file that is not a zip archive is left to ``torch.load``'s error."""
+    if not verify_enabled():
         return
-    except Exception as e:  # zipfile raises others on damaged headers (zlib.error, struct.error, ...)
-        bad = f"a record header ({e})"
-    if bad is not None:
-        raise CorruptCheckpoint(f"checkpoint {str(path)!r} is corrupt: {bad} does not match the checksum written "
-                                "with it (a damaged copy or disk); resume from an intact copy")  # fmt: skip
+    try:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError, OSError):  # not a zip archive: torch.load names what it is
+        return
+    with z:
+        for info in z.infolist():
+            if info.CRC == 0:
+                continue
+            crc = 0
+            try:
+                with z.open(info) as f:  # (zipfile compares the CRC itself at the record's end: BadZipFile)
+                    while chunk := f.read(1 << 24):
+                        crc = zlib.crc32(chunk, crc)
+            except Exception:  # a damaged record: zipfile's CRC error, zlib.error, struct.error, a short read
+                crc = None
+            if crc != info.CRC:
+                raise _corrupt(path, f"its record {info.filename} does not match the CRC-32 written with it")
+
+
+def file_crc(path: str | Path) -> int:
+    """CRC-32 of a file's bytes."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def check_files_crc(folder: str | Path, crcs: dict[str, int] | None, rank: int = 0, world_size: int = 1) -> list[str]:
+    """The problems of the files of ``folder`` named in ``crcs`` (name -> CRC-32, as a sharded save recorded them),
+    this rank's share of them (every ``world_size``-th): missing, or other bytes. Empty when all match."""
+    if not crcs or not verify_enabled():
+        return []
+    problems = []
+    for name in sorted(crcs)[rank::world_size]:
+        f = Path(folder) / name
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+        elif file_crc(f) != crcs[name]:
+            problems.append(f"{name} does not match the CRC-32 recorded when it was saved")
+    return problems
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -56,7 +102,7 @@ def atomic_write(path: str | Path, write) -> None:
             os.remove(tmp)
 
 
-RUN_FILES = (CHECKPOINT_NAME, "encoder.safetensors", "config.yaml")  # the files a run writes with atomic_write
+RUN_FILES = (CHECKPOINT_NAME, "encoder.safetensors")  # the large files a run writes with atomic_write
 
 
 def remove_stale_temporaries(output_dir: str | Path, names=RUN_FILES) -> int:
@@ -139,33 +185,48 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+SUMS_DTYPE = "float64"  # recorded with the sums: checkpoints before it summed in float32 (a looser tolerance)
+
+
 def weights_sums(params) -> torch.Tensor:
-    """[sum, sum of absolute values] of ``params`` (tensors: each rank's shards when sharded) in fp32, on their
+    """[sum, sum of absolute values] of ``params`` (tensors: each rank's shards when sharded) in float64, on their
     device: what ``weights_check`` compares."""
-    local = [torch.stack([t.sum(), t.abs().sum()]) for t in (p.detach().float() for p in params)]
-    return torch.stack(local).sum(0) if local else torch.zeros(2)
+    local = [torch.stack([t.sum(dtype=torch.float64), t.abs().sum(dtype=torch.float64)])
+             for t in (p.detach() for p in params)]  # fmt: skip
+    return torch.stack(local).sum(0) if local else torch.zeros(2, dtype=torch.float64)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's floating-point state tensors (AdamW's moments; not its step counts)."""
+    return [t for st in optimizer.state.values() for k, t in st.items()
+            if k != "step" and isinstance(t, torch.Tensor) and t.is_floating_point()]  # fmt: skip
 
 
 def weights_check(got: tuple[float, ...], state: dict) -> None:
     """Raises ``CorruptCheckpoint`` when the weights (and optimizer state) just loaded from ``state`` do not sum to
     what they summed to when saved. ``got``: (weights' sum, sum of absolute values, the optimizer state's two). The
-    sums are recomputed on another device, or from other shards, in another order: they agree within float32 rounding
-    (1e-5 of the absolute sum); a flipped exponent bit moves them far more. The CRC check of a single file
-    (``check_crc``) finds every change; this one covers the shards of a sharded checkpoint, which carry no checksum."""
+    sums are recomputed on another device, or from other shards, in another order; in float64 they agree within
+    1e-9 of the absolute sum (float32 sums of older checkpoints: 1e-5), and both the sum and the absolute sum are
+    compared, so a zeroed page of weights shows. A single file is also read against its CRC-32s (``check_crc``), a
+    sharded one's files against theirs (``check_files_crc``); this check covers what a bytes check cannot see (a
+    checkpoint written without checksums, a load that went wrong)."""
+    if not verify_enabled():
+        return
     saved_w = state.get("weights_sum")
     if saved_w is None:
         saved_w = (state.get("weights_sum_per_rank") or [None])[0]
+    rel = 1e-9 if state.get("sums_dtype") == SUMS_DTYPE else 1e-5
     checks = [("weights", saved_w, state.get("weights_abs_sum"), got[0], got[1]),
               ("optimizer state", state.get("optim_sum"), state.get("optim_abs_sum"), got[2], got[3])]  # fmt: skip
     for what, saved, saved_abs, total, abs_total in checks:
-        if saved is None:
-            continue
-        tol = 1e-5 * (saved_abs if saved_abs is not None else max(abs_total, 1.0))
-        if not abs(total - saved) <= tol:
+        if saved is None or not math.isfinite(saved) or (saved_abs is not None and not math.isfinite(saved_abs)):
+            continue  # not recorded, or not comparable
+        tol = rel * (saved_abs if saved_abs is not None else max(abs_total, 1.0)) + 1e-12
+        pairs = [(total, saved)] + ([(abs_total, saved_abs)] if saved_abs is not None else [])
+        if any(not abs(a - b) <= tol for a, b in pairs):
             where = state.get("dcp") or state.get("source") or "the checkpoint"
-            raise CorruptCheckpoint(f"checkpoint {str(where)!r} is corrupt: its {what} sum to {total:.8g} as loaded "
-                                    f"and summed to {saved:.8g} when saved (a damaged copy, disk or shard); resume "
-                                    "from an intact copy")  # fmt: skip
+            raise _corrupt(where, f"its {what} sum to {total:.12g} (absolute {abs_total:.12g}) as loaded and to "
+                                  f"{saved:.12g} (absolute {saved_abs}) when saved")  # fmt: skip
 
 
 def existing_run_markers(output_dir: str | Path) -> list[str]:

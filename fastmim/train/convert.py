@@ -32,16 +32,18 @@ def convert(src: str | Path, dst: str | Path, encoder: str | Path | None = None)
     cfg = apply_overrides(PretrainConfig(), saved, f"the config saved in {src}")
     model = build_model(cfg, torch.device("cpu"))
     optimizer = build_adamw(model, 0.0, cfg.weight_decay, betas=(0.9, cfg.beta2))
-    load_dcp_into(Path(meta["dcp"]), model, optimizer)
-    optim = [t for st in optimizer.state.values() for k, t in st.items() if k != "step" and t.is_floating_point()]
+    load_dcp_into(Path(meta["dcp"]), model, optimizer, meta.get("shard_crc"))
+    optim = ckpt.optimizer_tensors(optimizer)
     sums = torch.cat([ckpt.weights_sums(model.parameters()), ckpt.weights_sums(optim)]).tolist()
     ckpt.weights_check(tuple(sums), meta)  # a damaged shard: refused
-    run = {k: v for k, v in meta.items() if k != "dcp"}  # the weights' sums too: a resume checks them
+    run = {k: v for k, v in meta.items() if k not in ("dcp", "shard_crc")}  # the sums too: a resume checks them
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **run}
     ckpt.save_checkpoint(dst, state)
     if encoder is not None:
         fmt = "timm ConvNeXt" if cfg.model.startswith("fcmae_") else "timm VisionTransformer"
         info = {"model": cfg.model, "step": str(meta["step"]), "format": fmt, "img_size": str(cfg.img_size)}
+        if hasattr(model, "export_encoder"):  # I-JEPA: which of its encoders this is (target or context)
+            info["encoder"] = model.export_encoder
         ckpt.save_encoder(encoder, model.encoder_state_dict(), info)
     return state
 

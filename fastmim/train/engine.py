@@ -24,7 +24,7 @@ from fastmim.train import checkpoint as ckpt
 from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier
 from fastmim.train.logger import MetricsLogger
 from fastmim.train.optim import lr_at, set_lr, set_weight_decay, wd_at
-from fastmim.train.preempt import Preempted, PreemptionWatch
+from fastmim.train.preempt import Preempted, PreemptionWatch, training_finished
 from fastmim.train.step import TrainStep
 from fastmim.train.visualize import reconstruction_grid, save_grid
 
@@ -181,7 +181,7 @@ class Trainer:
         fresh_hparams = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         try:
             if "dcp" in state:  # a sharded checkpoint, loaded into this run's shards or whole weights
-                fsdp.load_dcp_into(Path(state["dcp"]), self.raw_model, self.optimizer)
+                fsdp.load_dcp_into(Path(state["dcp"]), self.raw_model, self.optimizer, state.get("shard_crc"))
             elif self.sharded:  # a single-file checkpoint, cut into this run's shards
                 fsdp.load_full_state(self.raw_model, self.optimizer, state["model"], state["optimizer"])
             else:
@@ -265,8 +265,7 @@ class Trainer:
         from fastmim.train import fsdp
 
         w = ckpt.weights_sums(fsdp.local(p) for p in self.raw_model.parameters())
-        o = ckpt.weights_sums(fsdp.local(t) for st in self.optimizer.state.values() for k, t in st.items()
-                              if k != "step" and isinstance(t, torch.Tensor) and t.is_floating_point())  # fmt: skip
+        o = ckpt.weights_sums(fsdp.local(t) for t in ckpt.optimizer_tensors(self.optimizer))
         sums = torch.cat([w, o.to(w.device)])
         if self.sharded and self.info.enabled:
             dist.all_reduce(sums)
@@ -284,7 +283,9 @@ class Trainer:
             )
         state = self.state_dict()  # collective: every rank takes part
         state["weights_sum_per_rank"] = sums
-        state.update(weights_abs_sum=abs_total, optim_sum=optim_total, optim_abs_sum=optim_abs)
+        state.update(
+            weights_abs_sum=abs_total, optim_sum=optim_total, optim_abs_sum=optim_abs, sums_dtype=ckpt.SUMS_DTYPE
+        )
         if self.info.is_main:
             ckpt.save_checkpoint(self.output_dir / ckpt.CHECKPOINT_NAME, state)
             self._save_encoder(self.raw_model.encoder_state_dict())
@@ -294,6 +295,8 @@ class Trainer:
     def _save_encoder(self, encoder_state: dict) -> None:
         fmt = "timm ConvNeXt" if self.cfg.model.startswith("fcmae_") else "timm VisionTransformer"
         meta = {"model": self.cfg.model, "step": str(self.pos.step), "format": fmt, "img_size": str(self.cfg.img_size)}
+        if hasattr(self.raw_model, "export_encoder"):  # I-JEPA: which of its encoders this is (target or context)
+            meta["encoder"] = self.raw_model.export_encoder
         ckpt.save_encoder(self.output_dir / "encoder.safetensors", encoder_state, meta)
 
     def _save_sharded(self) -> None:
@@ -304,7 +307,7 @@ class Trainer:
         total, abs_total, optim_total, optim_abs = self.state_sums()
         self._check_finite(total, "the weights")  # the same value on every rank: all stop, or none
         meta = {**self.run_state(), "weights_sum": total, "weights_abs_sum": abs_total, "optim_sum": optim_total,
-                "optim_abs_sum": optim_abs}  # fmt: skip
+                "optim_abs_sum": optim_abs, "sums_dtype": ckpt.SUMS_DTYPE}  # fmt: skip
         fsdp.save_dcp(self.output_dir / ckpt.DCP_NAME, self.raw_model, self.optimizer, meta, self.info.is_main)
         whole = fsdp.full_model_state(self.raw_model)  # collective; the tensors on rank 0
         if self.info.is_main:
@@ -393,7 +396,9 @@ class Trainer:
         arrives (``fastmim.train.preempt``)."""
         self.preempt = PreemptionWatch(self.info).install()
         try:
-            return self._fit()
+            pos = self._fit()
+            training_finished()  # trained to the end and saved: a later stop signal asks for no requeue
+            return pos
         finally:
             self.preempt.close()
 

@@ -144,7 +144,7 @@ def save_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, met
     (or, between the two renames, ``path.old``, which ``load_meta`` falls back to)."""
     import torch.distributed.checkpoint as dcp
 
-    from fastmim.train.checkpoint import atomic_write
+    from fastmim.train.checkpoint import atomic_write, file_crc
 
     api = _state_dict_api()
     msd, osd = api.get_state_dict(model, optimizer)
@@ -156,8 +156,17 @@ def save_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, met
     with _one_process_is_meant():
         dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp), no_dist=not _dist_on())
     _barrier()
+    # each rank's files' CRC-32s (it just wrote them: from the page cache), checked before a load (load_dcp_into)
+    rank = dist.get_rank() if _dist_on() else 0
+    mine = {f.name: file_crc(f) for f in sorted(tmp.glob(f"__{rank}_*.distcp"))}
+    crcs: dict[str, int] = {}
+    for part in _all_gather(mine):
+        crcs.update(part)
     if is_main:
-        atomic_write(tmp / META_NAME, lambda f: torch.save(meta, f))
+        crcs.update(
+            {f.name: file_crc(f) for f in tmp.iterdir() if f.is_file() and f.name not in crcs and f.name != META_NAME}
+        )  # fmt: skip (files of another naming, .metadata)
+        atomic_write(tmp / META_NAME, lambda f: torch.save({**meta, "shard_crc": crcs}, f))
         old = path.with_name(path.name + ".old")
         if path.exists():
             if old.exists():
@@ -169,10 +178,23 @@ def save_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, met
     _barrier()
 
 
-def load_dcp_into(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def load_dcp_into(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  shard_crc: dict[str, int] | None = None) -> None:  # fmt: skip
     """Loads a ``save_dcp`` checkpoint's weights and optimizer state into ``model`` (sharded or plain, on any number
-    of processes) and ``optimizer``."""
+    of processes) and ``optimizer``; its files are first read against the CRC-32s ``shard_crc`` (from its meta.pt)
+    records, each rank a share of them."""
     import torch.distributed.checkpoint as dcp
+
+    from fastmim.train.checkpoint import CorruptCheckpoint, check_files_crc
+    from fastmim.train.preempt import StopRequested
+
+    on = _dist_on()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+    problems = [p for part in _all_gather(check_files_crc(path, shard_crc, rank, world)) for p in part]
+    if problems:
+        raise CorruptCheckpoint(f"checkpoint {str(path)!r} is corrupt: {'; '.join(problems[:3])} (a damaged copy, "
+                                "disk or shard); resume from an intact copy, or set FASTMIM_VERIFY_CHECKPOINT=0 to "
+                                "load it as it is")  # fmt: skip
 
     api = _state_dict_api()
     msd, osd = api.get_state_dict(model, optimizer)
@@ -180,7 +202,7 @@ def load_dcp_into(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     try:
         with _one_process_is_meant():
             dcp.load(state, checkpoint_id=str(path), no_dist=not _dist_on())
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, StopRequested):
         raise
     except BaseException as e:  # DCP's CheckpointException is a BaseException; it wraps each rank's error
         failures = getattr(e, "failures", None)  # {rank: (exception, its stack)}: the exceptions, not the stacks
@@ -188,8 +210,6 @@ def load_dcp_into(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         text = "; ".join(" ".join(f"{type(c).__name__}: {c}".split()) for c in causes[:2])
         if "Missing key" in text or "size mismatch" in text.lower():
             raise RuntimeError(text[:600]) from e  # a checkpoint of another network: Trainer.load_state_dict says so
-        from fastmim.train.checkpoint import CorruptCheckpoint
-
         raise CorruptCheckpoint(f"sharded checkpoint {str(path)!r} cannot be read (a shard missing, truncated or "
                                 f"damaged?): {text[:400]}") from None  # fmt: skip
     api.set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
@@ -249,3 +269,12 @@ def _dist_on() -> bool:
 def _barrier() -> None:
     if _dist_on() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def _all_gather(obj) -> list:
+    """Every rank's ``obj`` (pickled), in rank order; ``[obj]`` without a process group."""
+    if not _dist_on() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -31,9 +31,21 @@ class Preempted(Exception):
         self.step, self.signame = step, signame
 
 
-class StopRequested(Exception):
+class StopRequested(BaseException):
     """SIGTERM or SIGUSR1 outside the training loop (while the run starts: listing files, loading a checkpoint; or
-    after its last save): there is no step to checkpoint, the last checkpoint is intact."""
+    after its last save): there is no step to checkpoint, the last checkpoint is intact. A BaseException, so that
+    the ``except Exception`` of the code it interrupts (a checkpoint's reading, an optional import) does not take it
+    for that code's own failure."""
+
+
+_pending: list[str] = []  # a stop signal taken outside training, in case an ``except BaseException`` swallowed it
+_finished: list[bool] = []  # set by training_finished(): a stop signal then changes nothing
+
+
+def training_finished() -> None:
+    """The run trained to its end (and saved): a stop signal from now on is ignored, so that the process exits 0 and a
+    job script does not requeue finished work."""
+    _finished.append(True)
 
 
 @contextlib.contextmanager
@@ -46,14 +58,24 @@ def stop_outside_training():
         return
 
     def stop(signum, frame):
-        raise StopRequested(signal.Signals(signum).name)
+        if _finished:
+            return
+        name = signal.Signals(signum).name
+        _pending.append(name)  # read by PreemptionWatch.install: the training loop then stops at its first step
+        raise StopRequested(name)
 
+    _pending.clear()
+    _finished.clear()
     previous = {sig: signal.signal(sig, stop) for sig in SIGNALS}
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # no signal between the restores
+        try:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 class PreemptionWatch:
@@ -70,6 +92,8 @@ class PreemptionWatch:
             return self
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._record)
+        if _pending and self.signame is None:  # a stop that came while the run started and was not acted on
+            self.signame = _pending[0]
         if self.info.enabled:
             gloo = dist.get_backend() == "gloo"
             self._group = None if gloo else dist.new_group(backend="gloo")  # a CPU group for the flag

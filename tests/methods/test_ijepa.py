@@ -83,7 +83,8 @@ def test_teacher_momentum_runs_over_the_whole_run():
         m.after_step()
     assert moms == pytest.approx([0.996, 0.997, 0.998, 0.999, 1.0])
     assert IJEPA_MOMENTUM == (0.996, 1.0) and int(m.teacher.updates) == 5
-    assert not any(n.startswith(("teacher.", "predictor_", "mask_token")) for n in m.encoder_state_dict())
+    assert m.encoder_state_dict().keys() == m.context_encoder_state_dict().keys()  # the encoder's keys alone
+    assert not any(n.startswith(("teacher.", "predictor_", "mask_token")) for n in m.context_encoder_state_dict())
 
 
 def test_the_exported_encoder_is_the_target_encoder_as_ijepa_evaluates():
@@ -105,6 +106,11 @@ def test_the_exported_encoder_is_the_target_encoder_as_ijepa_evaluates():
     torch.testing.assert_close(got[key], m.teacher.model.blocks[0].mlp.fc1.weight)
     torch.testing.assert_close(got[key] - teacher[key], torch.full_like(got[key], 0.004), atol=1e-6, rtol=0)
     torch.testing.assert_close(ctx[key], m.blocks[0].mlp.fc1.weight)
+    from fastmim.config import migrate_saved_config  # a run saved before the target encoder was the export keeps
+
+    saved = {"model": "ijepa_vit_tiny_patch16", "model_args": {"pred_depth": 2}}  # exporting the context encoder
+    assert migrate_saved_config(saved, 2)["model_args"] == {"export_encoder": "context", "pred_depth": 2}
+    assert migrate_saved_config(saved, 3) == saved
     context = _tiny(export_encoder="context")
     assert context.encoder_state_dict().keys() == ctx.keys()
     with pytest.raises(ValueError, match="export_encoder must be one of target, context"):

@@ -177,7 +177,7 @@ def _flip(path, offset: int, count: int = 64) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_damaged_checkpoint_is_refused_not_resumed(image_folder, tmp_path, capsys):
+def test_a_damaged_checkpoint_is_refused_not_resumed(image_folder, tmp_path, capsys, monkeypatch):
     """Bytes changed inside a checkpoint after it was written: the single file fails its CRC records, a sharded
     one's shard the weights' sums saved beside it; a missing shard is named. Each is one line, exit 2, and nothing
     trains on wrong weights. Before, both resumed with exit 0."""
@@ -192,28 +192,39 @@ def test_a_damaged_checkpoint_is_refused_not_resumed(image_folder, tmp_path, cap
     _flip(path, len(intact) // 2)
     assert pretrain.main(["--resume", "--output-dir", str(whole), "--max-steps", "3"]) == 2
     err = capsys.readouterr().err
-    assert "is corrupt" in err and "does not match the checksum" in err and "Traceback" not in err
+    assert "is corrupt: its record" in err and "does not match the CRC-32 written with it" in err
+    assert "Traceback" not in err
     path.write_bytes(intact)
     assert pretrain.main(["--resume", "--output-dir", str(whole), "--max-steps", "3"]) == 0  # intact: resumes
     capsys.readouterr()
 
     shard = next((sh / ckpt.DCP_NAME).glob("*.distcp"))
     kept = shard.read_bytes()
-    # 0x7f7f7f7f is 3.4e38 as float32 whatever the alignment: a damaged block inside the weights' records
-    # (the shard is the model's then the optimizer's tensors, each a torch.save record)
-    at = len(kept) // 4
-    shard.write_bytes(kept[:at] + b"\x7f" * 400 + kept[at + 400 :])
+    at = len(kept) // 4  # inside the weights' records (the shard holds the model's tensors, then the optimizer's)
+    shard.write_bytes(kept[:at] + bytes(4096) + kept[at + 4096 :])  # one zeroed page
     assert pretrain.main(["--resume", "--output-dir", str(sh), "--fsdp", "--max-steps", "3"]) == 2
     err = capsys.readouterr().err
-    assert "is corrupt" in err and "weights sum to" in err and "Traceback" not in err
+    assert f"is corrupt: {shard.name} does not match the CRC-32 recorded" in err and "Traceback" not in err
     from fastmim.train.convert import main as convert_main
 
     assert convert_main([str(sh / ckpt.DCP_NAME), str(tmp_path / "c.pt")]) == 2
     assert "is corrupt" in capsys.readouterr().err and not (tmp_path / "c.pt").exists()
+    # without the recorded CRCs (as if written without them), the sums saved with the weights still see the page
+    meta_path = sh / ckpt.DCP_NAME / "meta.pt"
+    meta = torch.load(meta_path, weights_only=False)
+    torch.save({k: v for k, v in meta.items() if k != "shard_crc"}, meta_path)
+    assert pretrain.main(["--resume", "--output-dir", str(sh), "--fsdp", "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "is corrupt: its weights sum to" in err and "Traceback" not in err
+    torch.save(meta, meta_path)
     shard.unlink()
+    assert pretrain.main(["--resume", "--output-dir", str(sh), "--fsdp", "--max-steps", "3"]) == 2
+    assert f"is corrupt: {shard.name} is missing" in capsys.readouterr().err
+    monkeypatch.setenv("FASTMIM_VERIFY_CHECKPOINT", "0")  # unchecked, DCP's own error: one line all the same
     assert pretrain.main(["--resume", "--output-dir", str(sh), "--fsdp", "--max-steps", "3"]) == 2
     err = capsys.readouterr().err
     assert "cannot be read (a shard missing, truncated or damaged?)" in err and "Traceback" not in err
+    monkeypatch.delenv("FASTMIM_VERIFY_CHECKPOINT")
     shard.write_bytes(kept)
     assert convert_main([str(sh), str(tmp_path / "c.pt")]) == 2
     assert "is a run's folder: its sharded checkpoint is" in capsys.readouterr().err

@@ -123,39 +123,55 @@ def test_signals_while_checkpoints_are_written_change_nothing(image_folder, tmp_
 
 
 def test_signals_outside_the_training_loop_exit_with_the_requeue_status(image_folder, tmp_path, monkeypatch, capsys):
-    """A stop signal while the run starts (here while the model is built; on a cluster, while files are listed or
-    a checkpoint loads) and one after the stop's save (while the loader closes) both exit REQUEUE_EXIT, not the
-    default 143 / 138 that a job script's requeue rule misses; the checkpoint that was there stays intact."""
+    """A stop signal while the run starts (here while the model is built, and while the checkpoint is read against
+    its CRCs; on a cluster, also while files are listed) and one after the stop's save (while the loader closes) exit
+    REQUEUE_EXIT, not the default 143 / 138 that a job script's requeue rule misses, nor a "corrupt checkpoint"; the
+    checkpoint stays intact. After a run that finished, a signal changes nothing: exit 0, no requeue."""
+    from fastmim.train import checkpoint as ckpt
     from fastmim.train import preempt
 
     out = tmp_path / "run"
-    real_build = pretrain.build_model
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
 
-    def build_then_signal(*args, **kwargs):
-        model = real_build(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGUSR1)
-        return model
+    def then_signal(fn, sig):
+        def wrapped(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            os.kill(os.getpid(), sig)
+            return result
 
-    monkeypatch.setattr(pretrain, "build_model", build_then_signal)
+        return wrapped
+
+    monkeypatch.setattr(pretrain, "build_model", then_signal(pretrain.build_model, signal.SIGUSR1))
     assert pretrain.main(_args(image_folder, out, "--epochs", "1")) == REQUEUE_EXIT
     assert "stopped on SIGUSR1 outside training" in capsys.readouterr().err
-    monkeypatch.setattr(pretrain, "build_model", real_build)
+    monkeypatch.undo()
     assert pretrain.main(_args(image_folder, out, "--epochs", "1", "--max-steps", "2")) == 0  # a fresh start
     before = (out / "checkpoint.pt").read_bytes()
 
-    real_close, sent = preempt.PreemptionWatch.close, []
+    real_check = ckpt.check_crc
 
-    def close_then_signal(self):  # the trainer's handlers restored: a second signal arrives after the stop's save
-        real_close(self)
-        if not sent:
-            sent.append(1)
-            os.kill(os.getpid(), signal.SIGTERM)
+    def check_then_signal(path):  # the signal inside the CRC check's own try/except
+        real_check(path)
+        os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(preempt.PreemptionWatch, "close", close_then_signal)
+    monkeypatch.setattr(ckpt, "check_crc", check_then_signal)
     assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "3"]) == REQUEUE_EXIT
+    err = capsys.readouterr().err
+    assert "stopped on SIGTERM outside training" in err and "corrupt" not in err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    monkeypatch.undo()
+
+    real_install, real_close = preempt.PreemptionWatch.install, preempt.PreemptionWatch.close
+    monkeypatch.setattr(preempt.PreemptionWatch, "install", then_signal(real_install, signal.SIGTERM))  # preempted
+    monkeypatch.setattr(preempt.PreemptionWatch, "close", then_signal(real_close, signal.SIGTERM))  # then again
+    assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "4"]) == REQUEUE_EXIT
     assert "stopped on SIGTERM outside training" in capsys.readouterr().err
-    assert load_checkpoint(out / "checkpoint.pt")["step"] == 3 and (out / "checkpoint.pt").read_bytes() != before
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 3  # the preemption's checkpoint, one step on
+    monkeypatch.undo()
+
+    monkeypatch.setattr(preempt.PreemptionWatch, "close", then_signal(real_close, signal.SIGTERM))
+    assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "4"]) == 0  # finished: no requeue
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 4
     assert {s: signal.getsignal(s) for s in handlers} == handlers  # main restores the handlers it found
 
 

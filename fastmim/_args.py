@@ -4,14 +4,19 @@ is named with the setting, instead of failing later inside torch or being taken 
 from __future__ import annotations
 
 import math
+import operator
 
 
 def check_int(who: str, name: str, value, lo: int = 1, hi: int | None = None) -> int:
-    """``value`` as an int in [lo, hi]; a bool, a float or a string is refused."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+    """``value`` as an int in [lo, hi] (any integer type, numpy's too); a bool, a float or a string is refused."""
+    try:
+        v = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        v = None
+    if v is None or v < lo or (hi is not None and v > hi):
         where = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"{who}: {name} must be an int {where}, got {value!r}")
-    return value
+    return v
 
 
 def check_bool(who: str, name: str, value) -> bool:
