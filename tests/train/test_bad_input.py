@@ -353,3 +353,29 @@ def test_skip_bad_files_replaces_them_by_a_fixed_choice_and_counts_them(tmp_path
     err = fails([*TINY_ARGS, "--data-path", str(data), "--output-dir", str(tmp_path / "x"), "--skip-bad-files",
                  "--loader", "dali"], capsys)  # fmt: skip
     assert "--skip-bad-files needs --loader torch" in err
+
+
+def test_crc_check_refuses_changed_records_and_takes_files_written_without_crcs(tmp_path, monkeypatch):
+    """check_crc reads each record of a torch.save file against its CRC-32; a file saved without CRCs (torch's
+    compute_crc32=False writes 0) is not refused, and FASTMIM_VERIFY_CHECKPOINT=0 turns the check off."""
+    import torch
+    from torch.utils.serialization import config
+
+    from fastmim.train.checkpoint import CorruptCheckpoint, check_crc
+
+    path = tmp_path / "a.pt"
+    torch.save({"w": torch.arange(100_000, dtype=torch.float32)}, path)
+    check_crc(path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of the tensor's record
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint, match="does not match the CRC-32 written with it"):
+        check_crc(path)
+    monkeypatch.setenv("FASTMIM_VERIFY_CHECKPOINT", "0")
+    check_crc(path)
+    monkeypatch.delenv("FASTMIM_VERIFY_CHECKPOINT")
+    monkeypatch.setattr(config.save, "compute_crc32", False)
+    plain = tmp_path / "b.pt"
+    torch.save({"w": torch.ones(10)}, plain)
+    check_crc(plain)  # no CRCs recorded: nothing to compare
+    assert torch.load(plain)["w"].sum() == 10
