@@ -76,6 +76,8 @@ def stop_outside_training():
                 signal.signal(sig, handler)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            _pending.clear()  # (a later run in this process, outside the CLI, starts without it)
+            _finished.clear()
 
 
 class PreemptionWatch:
