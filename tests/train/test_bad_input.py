@@ -374,8 +374,12 @@ def test_crc_check_refuses_changed_records_and_takes_files_written_without_crcs(
     monkeypatch.setenv("FASTMIM_VERIFY_CHECKPOINT", "0")
     check_crc(path)
     monkeypatch.delenv("FASTMIM_VERIFY_CHECKPOINT")
-    monkeypatch.setattr(config.save, "compute_crc32", False)
     plain = tmp_path / "b.pt"
-    torch.save({"w": torch.ones(10)}, plain)
+    before = config.save.compute_crc32  # (not monkeypatch: torch's config object refuses its undo)
+    config.save.compute_crc32 = False
+    try:
+        torch.save({"w": torch.ones(10)}, plain)
+    finally:
+        config.save.compute_crc32 = before
     check_crc(plain)  # no CRCs recorded: nothing to compare
     assert torch.load(plain)["w"].sum() == 10
