@@ -582,26 +582,40 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     return out
 
 
+def bad_file_message(e: BadImageError | DaliDecodeError) -> str:
+    """The one line for a file a loader cannot decode: the file, what to do, and what the run kept (the trainer
+    sets ``resumable``, ``saved_step`` and ``steps_lost`` on the error it raises)."""
+    resumable = getattr(e, "resumable", None)
+    if resumable is None:  # raised outside the training loop: the error's own text
+        return f"{e.summary()}. Replace or remove the file and run again" if isinstance(e, BadImageError) else str(e)
+    lost, saved = e.steps_lost, e.saved_step
+    steps = f"{lost} step" + ("s" if lost != 1 else "")
+    if resumable:
+        kept = f"the run is checkpointed at step {saved}" + (f" ({steps} after it lost)" if lost else "")
+    else:
+        kept = (
+            f"no checkpoint had been written ({steps} done, lost)" if lost else "no step had completed, nothing is lost"
+        )
+    then = "run again with --resume" if resumable else "run again"
+    if isinstance(e, DaliDecodeError):
+        head, fix = e.problem, e.remedy(resumable, resume=then)
+    else:
+        head, fix = e.summary(), f"Replace the file at the same path and {then}"
+    return f"{head}. {fix}: {kept}"
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         with stop_outside_training():  # a stop signal before or after training: exit REQUEUE_EXIT too
             run(argv)
-    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, DaliDecodeError) as e:
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130
-    except BadImageError as e:  # one line naming the file, not a worker's traceback
-        lost, saved = getattr(e, "steps_lost", 0), getattr(e, "saved_step", 0)
-        if getattr(e, "resumable", False):
-            then = "run again with --resume: the run is checkpointed" + (
-                f" at step {saved} (the {lost} steps after it are lost)" if lost else ""
-            )
-        else:
-            then = ("run again: no step had completed, nothing is lost" if not lost else
-                    f"run again: no checkpoint had been written (the {lost} steps done are lost)")  # fmt: skip
-        print(f"error: {e.summary()}. Replace the file at the same path and {then}", file=sys.stderr)
+    except (BadImageError, DaliDecodeError) as e:  # one line naming the file, not a worker's traceback
+        print(f"error: {bad_file_message(e)}", file=sys.stderr)
         return 2
     except Preempted as e:  # SIGTERM / SIGUSR1: saved at the step boundary; the exit status asks for a requeue
         print(f"stopped on {e}", file=sys.stderr)

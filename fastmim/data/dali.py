@@ -77,11 +77,25 @@ def _dali_reason(e: Exception) -> str:
 
 
 class DaliDecodeError(RuntimeError):
-    """DALI stopped on a file it cannot decode; ``path`` names it where it could be found."""
+    """DALI stopped on a file it cannot decode; ``path`` names it where it could be found. ``problem`` is what went
+    wrong, ``remedy(resumable)`` what to do (resume from the run's checkpoint, or run again when there is none); the
+    message is both, for a run that has a checkpoint."""
 
-    def __init__(self, message: str, path: str | None):
-        super().__init__(message)
-        self.path = path
+    def __init__(self, problem: str, path: str | None):
+        self.problem, self.path = problem, path
+        super().__init__(f"{problem}. {self.remedy(True)}")
+
+    def remedy(self, resumable: bool, resume: str = "resume") -> str:
+        """What to do: with ``resumable`` (the run has a checkpoint), replace the file and ``resume``."""
+        then = resume if resumable else "run again"
+        if self.path is None:
+            return (f"Find it with python -m fastmim.data.scan DATA_PATH (it names every file a decoder rejects), "
+                    f"replace or remove it, and {then}")  # fmt: skip
+        if not resumable:
+            return (f"Replace the file at the same path, or remove it and scan again (python -m fastmim.data.scan), "
+                    f"and {then}")  # fmt: skip
+        return (f"Replace the file at the same path and {then}, or remove it, scan again (python -m fastmim.data.scan) "
+                f"and {then} from an end-of-epoch checkpoint")  # fmt: skip
 
 
 def _pipeline(files, indices, batch_size, img_size, device, device_id, shard_id, num_shards, seed, num_threads,
@@ -375,10 +389,7 @@ class DaliLoader:
             # DALI on nvImageCodec reports an undecodable image without naming the file: say how to find it
             reason = codec.group(0)
             return DaliDecodeError(
-                f"DALI cannot decode an image of this batch and does not say which ({reason}); the run stops. Find "
-                "it with python -m fastmim.data.scan DATA_PATH (it names every file a decoder rejects), replace or "
-                "remove it, and resume",
-                None,
+                f"DALI cannot decode an image of this batch and does not say which ({reason}); the run stops", None
             )
         if not found:
             return e
@@ -388,12 +399,7 @@ class DaliLoader:
                 path = self.files[self._index[split_sample_id(path)[:2]]]
             except (KeyError, ValueError):
                 pass
-        return DaliDecodeError(
-            f"DALI cannot decode {path!r}; the run stops: DALI cannot skip a sample. Replace the file at the same "
-            "path and resume, or remove it, scan again (python -m fastmim.data.scan) and resume from an end-of-epoch "
-            "checkpoint",
-            path,
-        )
+        return DaliDecodeError(f"DALI cannot decode {path!r}; the run stops: DALI cannot skip a sample", path)
 
 
 def write_wds_indexes(ids: Sequence[str], sizes: Sequence[int], shards: Sequence[str]) -> list[str]:

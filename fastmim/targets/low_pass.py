@@ -13,7 +13,6 @@ import torch
 from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fastmim.ops import low_pass_target, low_pass_target_ref
 from fastmim.ops.reference import low_pass_filter  # noqa: F401  (re-exported: the filter of the target)
-from fastmim.targets.pixel import PixelTarget
 
 # PixMIM's radius at 224 px; other sizes keep the same fraction of the spectrum
 PIXMIM_RADIUS_224 = 40.0
@@ -39,15 +38,3 @@ def low_pass_images(
     if fused:
         return low_pass_target(imgs, radius, mean, std)  # it checks the shapes, the radius and the normalisation
     return low_pass_target_ref(imgs.detach(), radius, mean, std)
-
-
-class LowPassTarget(PixelTarget):
-    """PixelTarget on PixMIM's low-frequency images: the same (norm-pix) loss and reconstruction, the target images
-    filtered first. Mixed into a model that also has ``low_pass_radius``."""
-
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return super().forward_loss(low_pass_images(imgs, self.low_pass_radius, fused=self.fused_ops), pred, mask)
-
-    @torch.no_grad()
-    def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        return super().reconstruct(low_pass_images(imgs, self.low_pass_radius, fused=self.fused_ops), pred)

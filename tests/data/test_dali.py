@@ -242,6 +242,8 @@ def test_a_bad_file_met_in_training_checkpoints_names_the_file_and_the_run_resum
         assert pretrain.main([*args, "--output-dir", str(out)]) == 2
         err = capsys.readouterr()
         assert f"DALI cannot decode {victim!r}" in err.err and "checkpointed at step 2" in err.out
+        assert "Replace the file at the same path and run again with --resume" in err.err
+        assert err.err.rstrip().endswith("the run is checkpointed at step 2")
         assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
         open(victim, "wb").write(good)  # fixed in place
         assert pretrain.main(["--resume", "--output-dir", str(out)]) == 0
@@ -255,6 +257,62 @@ def test_a_bad_file_met_in_training_checkpoints_names_the_file_and_the_run_resum
     a, b = load_checkpoint(straight / "checkpoint.pt")["model"], load_checkpoint(out / "checkpoint.pt")["model"]
     for k, v in a.items():
         torch.testing.assert_close(b[k], v, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_a_bad_file_in_the_first_batch_says_run_again_not_resume(image_folder, tmp_path, capsys):
+    """No step done, no checkpoint: DALI's error says to run again (there is nothing to --resume) and that nothing
+    is lost; the same folder then runs once the file is replaced."""
+    from fastmim import pretrain
+    from fastmim.data.dali import DaliLoader
+    from tests.conftest import TINY_ARGS
+
+    files = list_images(image_folder)
+    victim = files[next(iter(DaliLoader(files, 4, 64, num_threads=1, seed=0)))[1].tolist()[0]]
+    good = open(victim, "rb").read()
+    open(victim, "wb").write(good[: len(good) // 3])
+    out = tmp_path / "run"
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--loader", "dali", "--allow-unscanned", "--output-dir",
+            str(out), "--max-steps", "1"]  # fmt: skip
+    gc.disable()  # (see above: the stopped run must release DALI's mapping of the file itself)
+    try:
+        assert pretrain.main(args) == 2
+        err = capsys.readouterr().err
+        assert f"DALI cannot decode {victim!r}" in err and "--resume" not in err, err
+        assert "and run again: no step had completed, nothing is lost" in err, err
+        open(victim, "wb").write(good)
+        assert pretrain.main(args) == 0  # the same command: the folder holds no run to refuse
+    finally:
+        gc.enable()
+
+
+def test_the_bad_file_line_says_what_the_run_kept():
+    """The CLI's line for a bad file, for each thing the run may have kept: a checkpoint at the last step, one
+    before it (steps lost), none (no step done, or steps done and lost); for the torch loader's error and DALI's,
+    with and without a file name."""
+    from fastmim.data.folder import BadImageError
+    from fastmim.pretrain import bad_file_message
+
+    def bad(e, resumable, saved, lost):
+        e.resumable, e.saved_step, e.steps_lost = resumable, saved, lost
+        return bad_file_message(e)
+
+    named = DaliDecodeError("DALI cannot decode '/d/x.jpg'; the run stops: DALI cannot skip a sample", "/d/x.jpg")
+    line = bad(named, True, 4, 0)
+    assert line.startswith("DALI cannot decode '/d/x.jpg'") and line.count("run again with --resume") == 2, line
+    assert line.endswith(": the run is checkpointed at step 4"), line
+    assert bad(named, True, 4, 3).endswith("checkpointed at step 4 (3 steps after it lost)")
+    line = bad(named, False, 0, 0)
+    assert "--resume" not in line and "end-of-epoch" not in line and line.endswith("nothing is lost"), line
+    assert bad(named, False, 0, 5).endswith("no checkpoint had been written (5 steps done, lost)")
+    unnamed = DaliDecodeError("DALI cannot decode an image of this batch and does not say which (x)", None)
+    line = bad(unnamed, False, 0, 0)
+    assert "python -m fastmim.data.scan DATA_PATH" in line and "and run again: nothing" not in line, line
+    assert "and run again: no step had completed" in line, line
+    torch_bad = BadImageError("Traceback ...\nBadImageError: cannot read image '/d/y.png': truncated", "/d/y.png")
+    line = bad(torch_bad, True, 2, 1)
+    assert line == ("cannot read image '/d/y.png': truncated. Replace the file at the same path and run again with "
+                    "--resume: the run is checkpointed at step 2 (1 step after it lost)"), line  # fmt: skip
+    assert str(named).endswith("and resume from an end-of-epoch checkpoint")  # the loader's own message, as before
 
 
 @pytest.mark.slow

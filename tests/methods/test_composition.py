@@ -169,7 +169,7 @@ def test_targets_compose_with_other_recipes_encoders_and_heads(image_folder, tmp
     """target="hog" / "lowpass" on SimMIM and MAE (fastmim.targets.choice): SimMIM's encoder with MaskFeat's target
     and linear head is MaskFeat on the same weights and masks; MAE with the low-pass target is PixMIM; SimMIM's L1
     against the low-pass image is the formula; the CLI trains SimMIM on HOG."""
-    from fastmim.ops import low_pass_target_ref
+    from fastmim.ops import fft_loss_ref, low_pass_target_ref
 
     torch.manual_seed(0)
     imgs = torch.randn(2, 3, 64, 64)
@@ -198,8 +198,17 @@ def test_targets_compose_with_other_recipes_encoders_and_heads(image_folder, tmp
     target = low_pass_target_ref(imgs, 5.0).reshape(2, 3, 4, 16, 4, 16).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, -1)
     per_patch = (pred.detach() - target).abs().mean(-1)
     torch.testing.assert_close(loss.detach(), (per_patch * m).sum() / m.sum(), rtol=1e-5, atol=1e-6)
+    # A2MIM on the low-pass image: its L1 and its frequency term (0.1 x the official focal frequency loss of the
+    # reconstruction, visible pixels mixed) both against the low-frequency image
     a2mim = fastmim.create_model("a2mim_vit_tiny_patch16", img_size=64, target="lowpass", low_pass_radius=5.0)
-    assert torch.isfinite(a2mim(imgs)[0])
+    loss, pred, m = a2mim(imgs, mask=a2mim.make_mask(2, torch.device("cpu")))
+    low_img = low_pass_target_ref(imgs, 5.0)
+    target = low_img.reshape(2, 3, 4, 16, 4, 16).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, -1)
+    rec = pred.detach().reshape(2, 4, 4, 16, 16, 3).permute(0, 5, 1, 3, 2, 4).reshape(2, 3, 64, 64)
+    l1 = ((pred.detach() - target).abs().mean(-1) * m).sum() / m.sum()
+    want = l1 + 0.1 * fft_loss_ref(rec, low_img, m, 16)
+    assert fft_loss_ref(rec, low_img, m, 16) > 1e-3 * l1  # the frequency term counts in the comparison
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
 
     for name, kwargs, message in [
         ("a2mim_vit_tiny_patch16", dict(target="hog"), "target='hog' does not apply"),
