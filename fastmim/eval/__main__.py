@@ -4,8 +4,8 @@ Without data paths all three read the built-in labelled data (scikit-learn's dig
 ``--random MODEL`` evaluates a randomly initialised encoder: the baseline a pretrained one must beat. Each result is
 appended as one JSON line to ``--out`` (default: eval.jsonl beside the encoder) and printed as one line.
 ``finetune`` runs under torchrun too (data-parallel) and works in its own folder beside eval.jsonl (finetune/,
-finetune-2/, ...: never over an earlier one): checkpoint.pt every epoch (``--resume DIR`` continues it),
-history.jsonl, finetuned.safetensors.
+finetune-2/, ...: never over an earlier one): checkpoint.pt every epoch, history.jsonl, finetuned.safetensors and
+args.json (the command's settings: ``finetune --resume DIR`` alone continues it with them).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m fastmim.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("mode", choices=("knn", "linprobe", "finetune"))
-    src = ap.add_mutually_exclusive_group(required=True)
+    src = ap.add_mutually_exclusive_group()  # one of them is required, unless finetune --resume reads it
     src.add_argument("--encoder", help="a run directory, its encoder.safetensors, or a timm checkpoint (with --model)")
     src.add_argument("--random", metavar="MODEL", help="a randomly initialised encoder (vit_tiny_patch16, ...)")
     ap.add_argument("--model", help="the encoder's architecture when the file does not say it (a timm checkpoint)")
@@ -58,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the fine-tuning writes checkpoint.pt (every epoch), history.jsonl "
         "and finetuned.safetensors (default: a new finetune/, finetune-2/, ... beside eval.jsonl)",
     )
-    ft.add_argument("--resume", metavar="DIR", help="continue the fine-tuning whose --finetune-dir is DIR")
+    ft.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the fine-tuning in DIR with the settings it was "
+        "started with (its args.json; give --epochs to train longer)",
+    )
     ap.add_argument(
         "--no-augment",
         action="store_true",
@@ -74,7 +79,46 @@ DEFAULTS = {"knn": dict(batch_size=256), "linprobe": dict(batch_size=256, epochs
             "finetune": dict(batch_size=64, epochs=100, warmup_epochs=5, blr=5e-4)}  # fmt: skip
 
 
+# what finetune --resume reads from the folder's args.json when the command does not give it (not the machine's
+# --device or --workers, nor what names the folder or only changes outputs)
+RESUMED_ARGS = ("encoder", "random", "model", "data_path", "val_path", "img_size", "pool", "batch_size", "epochs",
+                "warmup_epochs", "blr", "layer_decay", "drop_path", "weight_decay", "min_lr", "mixup", "cutmix",
+                "smoothing", "aa", "reprob", "seed", "out")  # fmt: skip
+PATH_ARGS = ("encoder", "data_path", "val_path", "out")
+ARGS_FILE = "args.json"
+
+
+def _given(ap, argv) -> set[str]:
+    """The options the command line gave (a parse without defaults)."""
+    bare = build_parser()
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(bare.parse_args(argv)))
+
+
+def _resumed_args(ap, args, argv) -> None:
+    """finetune --resume DIR: the settings the fine-tuning in DIR started with, for every one the command leaves out
+    (a changed one is refused by the checkpoint's settings check; --epochs may grow)."""
+    path = Path(args.resume) / ARGS_FILE
+    if not path.is_file():  # a folder from before args.json: the command gives the settings, as it had to
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        ap.error(f"--resume: cannot read {str(path)!r} ({e})")
+    given = _given(ap, argv)
+    if "encoder" in given or "random" in given:  # one source: the command's
+        given |= {"encoder", "random"}
+    for name in RESUMED_ARGS:
+        if name in saved and name not in given:
+            setattr(args, name, saved[name])
+
+
 def _check(ap, args) -> None:
+    if args.encoder is None and args.random is None:
+        ap.error("one of the arguments --encoder --random is required" + (
+            f" ({str(Path(args.resume) / ARGS_FILE)!r} is missing, so the command must give the settings)"
+            if args.resume else ""))  # fmt: skip
     for name, value in DEFAULTS[args.mode].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -196,7 +240,7 @@ def _finetune_dir(args, info: dict) -> Path:
         if args.dist_info.is_main and (d / "checkpoint.pt").exists():
             raise ValueError(f"--finetune-dir {str(d)!r} holds a fine-tuning already: --resume {d} to continue it, "
                              "or choose another folder")  # fmt: skip
-        if args.dist_info.is_main and d.is_dir() and any(d.iterdir()):
+        if args.dist_info.is_main and d.is_dir() and any(f.name != ARGS_FILE for f in d.iterdir()):
             raise ValueError(f"--finetune-dir {str(d)!r} holds files but no checkpoint (a fine-tuning stopped in its "
                              "first epoch?): choose an empty or new folder; nothing there is overwritten")  # fmt: skip
         return d
@@ -220,6 +264,10 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
     if args.dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"finetune: {'resuming in' if args.resume else 'writing to'} {run_dir}", flush=True)
+        if not args.resume:  # what --resume DIR alone reads back (paths absolute: it may run from elsewhere)
+            saved = {k: getattr(args, k) for k in RESUMED_ARGS}
+            saved.update({k: str(Path(saved[k]).resolve()) for k in PATH_ARGS if saved[k] is not None})
+            (run_dir / ARGS_FILE).write_text(json.dumps(saved, indent=1) + "\n")
 
     def log(row):
         with open(run_dir / "history.jsonl", "a") as f:
@@ -238,8 +286,10 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
                                encoder_file=str(Path(info["path"]).resolve()) if info.get("path") else None),
         )  # fmt: skip
     except BaseException:
-        if made and args.dist_info.is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # a refused or failed start leaves no empty finetune-N behind
+        if not args.resume and args.dist_info.is_main and not (run_dir / "checkpoint.pt").exists():
+            (run_dir / ARGS_FILE).unlink(missing_ok=True)  # a refused or failed start leaves nothing behind
+            if made and run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()  # (no empty finetune-N either)
         raise
     saved = run_dir / "finetuned.safetensors"
     if args.dist_info.is_main:
@@ -257,6 +307,8 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.mode == "finetune" and args.resume:
+        _resumed_args(ap, args, argv)
     _check(ap, args)
     try:
         run(args)

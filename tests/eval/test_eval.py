@@ -301,7 +301,7 @@ def test_finetune_network_takes_a_convnext_and_refuses_a_class_token_it_lacks():
         finetune_network(enc, info, 3, drop_path=0.1, pool="cls")
 
 
-def test_cli_finetune_trains_saves_and_never_overwrites(tmp_path, capsys):
+def test_cli_finetune_trains_saves_and_never_overwrites(tmp_path, capsys, monkeypatch):
     pytest.importorskip("timm", reason="fine-tuning builds on timm")
     from safetensors.torch import load_file
 
@@ -331,6 +331,22 @@ def test_cli_finetune_trains_saves_and_never_overwrites(tmp_path, capsys):
     assert eval_main([*args, "--resume", done, "--epochs", "3"]) == 0  # one more epoch, in the same folder
     assert [json.loads(s)["epoch"] for s in (path.parent / "finetune" / "history.jsonl").read_text().splitlines()] \
         == [1, 2, 3]  # fmt: skip
+    # --resume DIR alone (from another folder): the settings args.json kept, paths included; --epochs may grow, a
+    # changed setting is refused by name
+    saved = json.loads((path.parent / "finetune" / "args.json").read_text())
+    assert saved["encoder"] == str(path.resolve()) and saved["batch_size"] == 4 and saved["warmup_epochs"] == 1
+    monkeypatch.chdir(tmp_path / "train")
+    assert eval_main(["finetune", "--resume", done, "--epochs", "4"]) == 0
+    rows = [json.loads(s) for s in (path.parent / "eval.jsonl").read_text().splitlines()]
+    assert rows[-1]["resumed"] and rows[-1]["epochs"] == 4 and rows[-1]["batch_size"] == 4
+    assert rows[-1]["train"] == str(train.resolve()) and len(rows) == 4  # the same eval.jsonl (--out kept too)
+    assert eval_main(["finetune", "--resume", done, "--epochs", "5", "--blr", "1e-2"]) == 2
+    assert "started with other settings (blr: 0.0005 then, 0.01 now)" in capsys.readouterr().err
+    (path.parent / "finetune-2" / "args.json").unlink()  # a folder from before args.json: the command names all
+    with pytest.raises(SystemExit):
+        eval_main(["finetune", "--resume", str(path.parent / "finetune-2"), "--epochs", "5"])
+    err = capsys.readouterr().err
+    assert "--encoder --random is required" in err and "args.json' is missing" in err, err
     with pytest.raises(SystemExit):
         eval_main([*args, "--layer-decay", "0"])
     assert "--layer-decay must be in (0, 1]" in capsys.readouterr().err
