@@ -11,6 +11,7 @@ args.json (the command's settings: ``finetune --resume DIR`` alone continues it 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -255,11 +256,12 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
     from fastmim.eval.encoder import LabelledFolder
     from fastmim.eval.finetune import finetune, finetune_transform
     from fastmim.train.checkpoint import save_encoder
+    from fastmim.train.preempt import training_finished
 
     aa = None if args.aa == "none" else args.aa
     train_set = LabelledFolder(train_root, finetune_transform(info["img_size"], aa, args.reprob), classes=train.classes)
     n = args.epochs
-    run_dir = _finetune_dir(args, info)
+    run_dir = args.run_dir = _finetune_dir(args, info)
     made = not run_dir.exists()
     if args.dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -291,6 +293,7 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
             if made and run_dir.is_dir() and not any(run_dir.iterdir()):
                 run_dir.rmdir()  # (no empty finetune-N either)
         raise
+    training_finished()  # trained to the end and saved: a stop signal from now on changes nothing
     saved = run_dir / "finetuned.safetensors"
     if args.dist_info.is_main:
         save_encoder(saved, out["network"].state_dict(), {"model": info["encoder"], "pool": args.pool, "classes":
@@ -310,11 +313,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "finetune" and args.resume:
         _resumed_args(ap, args, argv)
     _check(ap, args)
-    try:
-        run(args)
+    from fastmim.eval.finetune import FinetuneStopped
+    from fastmim.train.preempt import REQUEUE_EXIT, StopRequested, stop_outside_training
+
+    try:  # finetune: a stop signal exits with the requeue status, after a checkpoint when in training
+        with stop_outside_training() if args.mode == "finetune" else contextlib.nullcontext():
+            run(args)
     except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FinetuneStopped as e:
+        folder = getattr(args, "run_dir", None)
+        print(f"stopped on {e}" + (f"; continue with python -m fastmim.eval finetune --resume {folder}" if e.saved
+                                   and folder else ""), file=sys.stderr)  # fmt: skip
+        return REQUEUE_EXIT
+    except StopRequested as e:
+        print(f"stopped on {e} outside the fine-tuning's steps: nothing new to save, its last checkpoint (if any) is "
+              "intact", file=sys.stderr)  # fmt: skip
+        return REQUEUE_EXIT
     finally:
         if getattr(args, "dist_info", None) is not None and args.dist_info.enabled:  # torchrun's group, joined in run
             from fastmim.train.distributed import cleanup

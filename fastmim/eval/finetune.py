@@ -7,6 +7,7 @@ after every epoch; data-parallel under torchrun; a checkpoint every epoch, resum
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from pathlib import Path
@@ -15,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmim.data import ShieldedLoader
 from fastmim.eval.encoder import _autocast, check_pool
 from fastmim.eval.knn import percent, topk_hits
 from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier
 from fastmim.train.optim import lr_at
+from fastmim.train.preempt import PreemptionWatch
 
 
 def _timm():
@@ -121,19 +124,25 @@ def finetune(
     # every epoch's order from (seed, epoch), shared by the processes; the last incomplete global batch dropped
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed,
                                                   drop_last=len(train_set) >= batch_size * world)  # fmt: skip
-    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=workers, pin_memory=device.type == "cuda")  # fmt: skip
-    if len(loader) == 0:
+    skip = _SkipFirst(sampler)  # a resume mid-epoch starts at the batch after the saved one
+    # (the workers survive a scheduler's SIGTERM to the whole job, so that the step in flight can finish and save)
+    loader = ShieldedLoader(train_set, batch_size=batch_size, sampler=skip, drop_last=True, num_workers=workers,
+                            pin_memory=device.type == "cuda")  # fmt: skip
+    per_epoch = len(sampler) // batch_size
+    if per_epoch == 0:
         raise ValueError(f"{len(train_set)} training images make no batch of {batch_size} per process x {world}: "
                          "lower --batch-size")  # fmt: skip
     mine = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))  # each image once, over all processes
-    val_loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, shuffle=False, num_workers=workers)
-    per_epoch = len(loader)
-    history, best, start = [], None, 0
+    val_loader = ShieldedLoader(mine, batch_size=batch_size, shuffle=False, num_workers=workers)
+    history, best, start, first = [], None, 0, 0
     if state is not None:
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
-        history, best, start = state["history"], state["best"], state["epoch"]
+        history, best, start, first = state["history"], state["best"], state["epoch"], state.get("batch", 0)
+        if first and len(state["rng"]) != world:
+            n = len(state["rng"])
+            raise ValueError(f"the fine-tuning stopped inside epoch {start + 1} on {n} processes: resume it on {n} "
+                             "(each process's place in the epoch is its own)")  # fmt: skip
         _set_rng(state["rng"][rank] if len(state["rng"]) == world else None, seed, rank, start)
     else:
         _set_rng(None, seed, rank, 0)
@@ -142,44 +151,90 @@ def finetune(
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
     soft_ce = SoftTargetCrossEntropy()
-    for epoch in range(start, epochs):
-        sampler.set_epoch(epoch)
-        model.train()
-        total, count, t0 = torch.zeros((), device=device), 0, time.perf_counter()
-        for i, (x, y) in enumerate(loader):
-            it = epoch * per_epoch + i
-            for g in opt.param_groups:  # timm's layer decay: each group's lr_scale
-                g["lr"] = lr_at(it / per_epoch, lr, min_lr, warmup_epochs, epochs) * g.get("lr_scale", 1.0)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with _autocast(device):
-                if mix is not None:
-                    x, target = mix(x, y)
-                    loss = soft_ce(model(x).float(), target)
-                else:
-                    loss = F.cross_entropy(model(x).float(), y, label_smoothing=smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach() * len(y)
-            count += len(y)
-        mean_loss = float(all_reduce_mean(total / count, dist_info))
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"the fine-tuning loss became {mean_loss} in epoch {epoch + 1}; lower --blr "
-                                     "(the last checkpoint is intact)")  # fmt: skip
-        acc = evaluate(net, val_loader, num_classes, device, dist_info)
-        row = {"epoch": epoch + 1, "loss": mean_loss, **acc, "seconds": round(time.perf_counter() - t0, 2)}
-        history.append(row)
-        best = row if best is None or row["top1"] > best["top1"] else best
-        if run_dir is not None:
-            _save_checkpoint(run_dir, net, opt, epoch + 1, history, best, settings, dist_info)
-        if log is not None and dist_info.is_main:
-            log(row)
+    watch = PreemptionWatch(dist_info).install()  # SIGTERM / SIGUSR1: the step in flight ends, then a checkpoint
+    try:
+        for epoch in range(start, epochs):
+            sampler.set_epoch(epoch)
+            resumed = epoch == start and first > 0
+            skip.first = first * batch_size if resumed else 0
+            model.train()
+            total, count, spent = torch.zeros((), device=device), 0, 0.0
+            if resumed:  # the stopped epoch's sums so far: its loss is the whole epoch's
+                part = state["partial"][rank]
+                total, count, spent = torch.tensor(part["total"], device=device), part["count"], part["seconds"]
+            t0 = time.perf_counter()
+            batches = iter(loader)  # (this draws the loader's base seed from torch's generator)
+            if resumed:  # the random state of the stopped step, after that draw: the next step's draws as if never
+                _set_rng(state["rng"][rank], seed, rank, start)  # stopped (loader workers draw their own)
+            for i, (x, y) in enumerate(batches, start=first if resumed else 0):
+                it = epoch * per_epoch + i
+                for g in opt.param_groups:  # timm's layer decay: each group's lr_scale
+                    g["lr"] = lr_at(it / per_epoch, lr, min_lr, warmup_epochs, epochs) * g.get("lr_scale", 1.0)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with _autocast(device):
+                    if mix is not None:
+                        x, target = mix(x, y)
+                        loss = soft_ce(model(x).float(), target)
+                    else:
+                        loss = F.cross_entropy(model(x).float(), y, label_smoothing=smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach() * len(y)
+                count += len(y)
+                if i + 1 < per_epoch and watch.requested():  # (every rank asks at every step: a collective)
+                    if run_dir is not None:
+                        part = {"total": float(total), "count": count, "seconds": spent + time.perf_counter() - t0}
+                        _save_checkpoint(run_dir, net, opt, epoch, history, best, settings, dist_info, batch=i + 1,
+                                         partial=part)  # fmt: skip
+                    raise FinetuneStopped(watch.signame, epoch, i + 1, per_epoch, run_dir is not None)
+            mean_loss = float(all_reduce_mean(total / count, dist_info))
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"the fine-tuning loss became {mean_loss} in epoch {epoch + 1}; lower --blr "
+                                         "(the last checkpoint is intact)")  # fmt: skip
+            acc = evaluate(net, val_loader, num_classes, device, dist_info)
+            row = {"epoch": epoch + 1, "loss": mean_loss, **acc,
+                   "seconds": round(spent + time.perf_counter() - t0, 2)}  # fmt: skip
+            history.append(row)
+            best = row if best is None or row["top1"] > best["top1"] else best
+            if run_dir is not None:
+                _save_checkpoint(run_dir, net, opt, epoch + 1, history, best, settings, dist_info)
+            if log is not None and dist_info.is_main:
+                log(row)
+            if epoch + 1 < epochs and watch.requested():  # a signal during the validation: the epoch is saved
+                raise FinetuneStopped(watch.signame, epoch + 1, 0, per_epoch, run_dir is not None)
+    finally:
+        watch.close()
     last = history[-1]
     return {"top1": last["top1"], "top5": last["top5"], "best_top1": best["top1"], "best_epoch": best["epoch"],
             "lr": lr, "history": history, "network": net.cpu(), "fresh_keys": fresh}  # fmt: skip
 
 
 CHECKPOINT = "checkpoint.pt"
+
+
+class FinetuneStopped(Exception):
+    """SIGTERM or SIGUSR1 stopped the fine-tuning at a step boundary, after a checkpoint there (when it has a
+    folder); ``epoch`` epochs and ``batch`` batches of the next were done."""
+
+    def __init__(self, signame: str, epoch: int, batch: int, per_epoch: int, saved: bool):
+        where = f"epoch {epoch + 1}, batch {batch} of {per_epoch}" if batch else f"the end of epoch {epoch}"
+        super().__init__(f"{signame}: " + (f"checkpointed at {where}" if saved else f"stopped at {where}, no folder "
+                                           "to checkpoint in"))  # fmt: skip
+        self.signame, self.epoch, self.batch, self.saved = signame, epoch, batch, saved
+
+
+class _SkipFirst(torch.utils.data.Sampler):
+    """A sampler's order without its ``first`` indices (a resume inside an epoch)."""
+
+    def __init__(self, sampler):
+        self.sampler, self.first = sampler, 0
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.first, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.first
 
 
 def _set_rng(saved: dict | None, seed: int, rank: int, epoch: int) -> None:
@@ -208,18 +263,23 @@ def _rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
 
 
-def _save_checkpoint(run_dir, net, opt, epoch, history, best, settings, dist_info: DistInfo) -> None:
+def _save_checkpoint(run_dir, net, opt, epoch, history, best, settings, dist_info: DistInfo, batch: int = 0,
+                     partial: dict | None = None) -> None:  # fmt: skip
+    """``epoch`` epochs done, and ``batch`` batches of the next (a stop inside it: ``partial``, this process's loss
+    sums and seconds of that epoch so far)."""
     from fastmim.train.checkpoint import atomic_write
 
-    rngs = [_rng_state()]
+    mine = [(_rng_state(), partial)]
     if dist_info.enabled:
         import torch.distributed as dist
 
-        rngs = [None] * dist_info.world_size
-        dist.all_gather_object(rngs, _rng_state())
+        mine = [None] * dist_info.world_size
+        dist.all_gather_object(mine, (_rng_state(), partial))
     if dist_info.is_main:
-        state = {"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "history": history, "best": best,
-                 "settings": settings, "rng": rngs}  # fmt: skip
+        state = {"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "batch": batch,
+                 "history": history, "best": best, "settings": settings, "rng": [r for r, _ in mine]}  # fmt: skip
+        if batch:
+            state["partial"] = [p for _, p in mine]
         atomic_write(Path(run_dir) / CHECKPOINT, lambda tmp: torch.save(state, tmp))
     barrier(dist_info)
 

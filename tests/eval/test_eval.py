@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -374,7 +376,23 @@ def test_finetune_views_survive_randaugments_zero_bit_posterize():
     assert out.shape == (3, 32, 32) and torch.isfinite(out).all()
 
 
-def _finetune_run(tmp_path, run_dir, epochs=2, stop_after=None, resume=False, **kw):
+class _SignalAt(torch.utils.data.Dataset):
+    """A dataset that sends this process SIGUSR1 when its ``at``-th item is read (a scheduler's stop mid-step)."""
+
+    def __init__(self, ds, at):
+        self.ds, self.at, self.n = ds, at, 0
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        self.n += 1
+        if self.n == self.at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return self.ds[i]
+
+
+def _finetune_run(tmp_path, run_dir, epochs=2, stop_after=None, resume=False, signal_at=None, **kw):
     from fastmim.eval.encoder import LabelledFolder, eval_transform
     from fastmim.eval.finetune import finetune, finetune_transform
 
@@ -383,6 +401,7 @@ def _finetune_run(tmp_path, run_dir, epochs=2, stop_after=None, resume=False, **
     torch.manual_seed(0)  # the same encoder in every call
     enc, info = load_encoder(None, "vit_tiny_patch16", 32)
     train_set = LabelledFolder(train, finetune_transform(32))
+    train_set = _SignalAt(train_set, signal_at) if signal_at else train_set
     val_set = LabelledFolder(train, eval_transform(32))
 
     def log(row):
@@ -418,6 +437,71 @@ def test_finetune_resumes_exactly_and_refuses_other_settings(tmp_path):
         _finetune_run(tmp_path, tmp_path / "b", resume=True)
     with pytest.raises(FileNotFoundError, match="no fine-tuning checkpoint"):
         _finetune_run(tmp_path, tmp_path / "c", resume=True)
+
+
+@pytest.fixture
+def noted_sigusr1():
+    """SIGUSR1 noted, not fatal, outside what the test runs (were the fine-tuning not to take it, the test fails
+    rather than the signal ending pytest)."""
+    seen = []
+    before = signal.signal(signal.SIGUSR1, lambda *a: seen.append(a[0]))
+    yield seen
+    signal.signal(signal.SIGUSR1, before)
+
+
+def test_a_stop_signal_inside_a_finetuning_epoch_checkpoints_that_step_and_resumes_exactly(tmp_path, noted_sigusr1):
+    """SIGUSR1 while the second batch of the first epoch loads: that step ends, the checkpoint holds the place in the
+    epoch (its loss sums too), the previous handler is back; the resume from batch 2 ends as a run never stopped:
+    the same weights and the same per-epoch history."""
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    from fastmim.eval.finetune import FinetuneStopped
+
+    straight = _finetune_run(tmp_path, tmp_path / "a")
+    before = signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(FinetuneStopped) as stop:
+        _finetune_run(tmp_path, tmp_path / "b", signal_at=6)  # item 6: the second batch of 4
+    assert signal.getsignal(signal.SIGUSR1) == before and not noted_sigusr1
+    assert (stop.value.epoch, stop.value.batch, stop.value.saved) == (0, 2, True)
+    assert "SIGUSR1: checkpointed at epoch 1, batch 2 of 4" in str(stop.value)
+    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert (ck["epoch"], ck["batch"], ck["history"], ck["partial"][0]["count"]) == (0, 2, [], 8)
+    resumed = _finetune_run(tmp_path, tmp_path / "b", resume=True)
+    for k, v in straight["network"].state_dict().items():
+        torch.testing.assert_close(resumed["network"].state_dict()[k], v, rtol=0, atol=0, msg=k)
+    drop = ("seconds",)
+    assert [{k: v for k, v in h.items() if k not in drop} for h in resumed["history"]] == \
+        [{k: v for k, v in h.items() if k not in drop} for h in straight["history"]]  # fmt: skip
+
+
+def test_cli_finetune_stopped_by_a_signal_exits_for_a_requeue_and_resumes(tmp_path, capsys, monkeypatch,
+                                                                          noted_sigusr1):  # fmt: skip
+    """The CLI: SIGUSR1 inside the first epoch exits 75 (requeue) naming the place and the command that continues;
+    that command finishes the fine-tuning."""
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+
+    _, path = _save_run_encoder(tmp_path)
+    train = make_image_folder(tmp_path / "train", n=12, classes=3)
+    val = make_image_folder(tmp_path / "val", n=6, classes=3, seed=1)
+    reads = {"n": 0}
+    item = LabelledFolder.__getitem__
+
+    def signalling(self, i):
+        reads["n"] += 1
+        if reads["n"] == 6 and self.root == train:  # the second training batch
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return item(self, i)
+
+    monkeypatch.setattr(LabelledFolder, "__getitem__", signalling)
+    args = ["finetune", "--encoder", str(path), "--data-path", str(train), "--val-path", str(val), "--batch-size",
+            "4", "--epochs", "2", "--warmup-epochs", "1"]  # fmt: skip
+    assert eval_main(args) == 75
+    folder = path.parent / "finetune"
+    err = capsys.readouterr().err
+    assert f"stopped on SIGUSR1: checkpointed at epoch 1, batch 2 of 3; continue with python -m fastmim.eval " \
+        f"finetune --resume {folder}" in err, err  # fmt: skip
+    assert eval_main(["finetune", "--resume", str(folder)]) == 0
+    assert [json.loads(s)["epoch"] for s in (folder / "history.jsonl").read_text().splitlines()] == [1, 2]
+    assert (folder / "finetuned.safetensors").exists()
 
 
 @pytest.mark.slow
