@@ -20,6 +20,7 @@ from torch import nn
 
 import fastmim
 from fastmim.masking.random import num_visible
+from fastmim.models.vit import checkpointed
 
 
 class PaperMAE(nn.Module):
@@ -59,8 +60,8 @@ class PaperMAE(nn.Module):
         x, mask, ids_restore = self.random_masking(x, ids_shuffle)
         cls = (m.cls_token + m.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat((cls, x), dim=1)
-        for blk in m.blocks:
-            x = blk(x)
+        for blk in m.blocks:  # (--grad-ckpt: checkpointed per block as fastmim's, so that modes compare alike)
+            x = checkpointed(blk, x, enabled=m.grad_ckpt)
         return m.norm(x), mask, ids_restore
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -72,7 +73,7 @@ class PaperMAE(nn.Module):
         x = torch.cat([x[:, :1, :], x_], dim=1)  # append the class token
         x = x + m.decoder_pos_embed
         for blk in m.decoder_blocks:
-            x = blk(x)
+            x = checkpointed(blk, x, enabled=m.grad_ckpt)
         x = m.decoder_pred(m.decoder_norm(x))
         return x[:, 1:, :]
 

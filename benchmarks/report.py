@@ -67,6 +67,9 @@ def throughput_table(rows: list[dict]) -> str:
             extra["compile_mode"] = r["compile_mode"]
         if r.get("compiled_ops") not in (None, "opaque", "auto"):
             extra["compiled_ops"] = r["compiled_ops"]
+        for flag in ("grad_ckpt", "fsdp"):  # other memory and speed: never one row with the plain run's
+            if r.get(flag):
+                extra[flag] = "on"
         return r["model"] + "".join(f" {k}={v}" for k, v in sorted(extra.items()))
 
     latest = _latest(rows, lambda r: (r["device"], r["date"][:10], model_cell(r), r["batch_size"], r.get("amp"),
@@ -100,6 +103,12 @@ def throughput_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _backend(impl: str) -> str:
+    """An ops row's backend: fastmim[cuda] -> cuda, fastmim+compile[opaque] -> compile[opaque]."""
+    name = impl.removeprefix("fastmim").removeprefix("+")
+    return name[1:-1] if name.startswith("[") and name.endswith("]") else name
+
+
 def ops_table(rows: list[dict]) -> str:
     """The fused ops' forward+backward rows; a target op (no gradient: hog_target, low_pass_target) by its forward,
     marked "(fwd)"."""
@@ -114,7 +123,7 @@ def ops_table(rows: list[dict]) -> str:
     for (dev, day, op, _), r in sorted(latest.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2], kv[0][3])):
         frac = r.get("fraction_of_copy_bw")
         cells = [day, _short_device(dev), op + (" (fwd)" if r["pass"] == "fwd" else ""), r.get("shape", ""),
-                 r["impl"].removeprefix("fastmim").strip("[]"), f"{r['ms_median']:.3f}",
+                 _backend(r["impl"]), f"{r['ms_median']:.3f}",
                  f"{r['host_us']:.0f}" if r.get("host_us") else "",
                  f"{r['speedup_vs_eager']:.2f}x", f"{r['speedup_vs_compiled']:.2f}x"
                  if r.get("speedup_vs_compiled") else "", f"{r['gbps']:.0f}" if r.get("gbps") else "",

@@ -197,6 +197,31 @@ def test_paper_reference_equals_fastmim_model(norm_pix):
             torch.testing.assert_close(grads_p[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_paper_reference_checkpoints_its_blocks_with_grad_ckpt():
+    """--grad-ckpt applies to the reference as to fastmim's model (set_grad_ckpt on the wrapped model): its blocks
+    run again in the backward, and the gradients are those without checkpointing."""
+    from fastmim.models.vit import set_grad_ckpt
+
+    torch.manual_seed(0)
+    paper = recipes.PaperMAE(fastmim.create_model("mae_vit_tiny_patch16", img_size=32, decoder_depth=1,
+                                                  fused_ops=False))  # fmt: skip
+    imgs, ids = torch.randn(2, 3, 32, 32), torch.argsort(torch.rand(2, 4), dim=1)
+    calls = []
+    for blk in [*paper.mae.blocks, *paper.mae.decoder_blocks]:
+        blk.register_forward_pre_hook(lambda *a: calls.append(1))
+    grads = []
+    for on in (False, True):
+        set_grad_ckpt(paper, on)
+        paper.zero_grad()
+        calls.clear()
+        paper(imgs, ids_shuffle=ids)[0].backward()
+        grads.append([p.grad.clone() for p in paper.parameters() if p.grad is not None])
+        blocks = len(paper.mae.blocks) + len(paper.mae.decoder_blocks)
+        assert len(calls) == (2 * blocks if on else blocks)  # recomputed in the backward
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_paper_reference_draws_a_fresh_mask_with_the_recipe_count():
     torch.manual_seed(0)
     paper = recipes.PaperMAE(fastmim.create_model("mae_vit_tiny_patch16", img_size=64, decoder_depth=1))
@@ -327,6 +352,21 @@ def test_report_keeps_other_compile_modes_and_compiled_ops_apart(tmp_path):
     assert any("5,000" in x and "compile_mode" not in x and "compiled_ops" not in x for x in lines)
     assert any("5,200" in x and "compile_mode=reduce-overhead" in x for x in lines)
     assert any("5,100" in x and "compiled_ops=triton" in x for x in lines)
+    # nor do activation checkpointing and FSDP runs replace the plain one
+    rows += [_tp("fastmim+compile", 3000.0, date="2026-12-01T13:00:00+00:00", compile_mode="default", grad_ckpt=True),
+             _tp("fastmim+compile", 2000.0, date="2026-12-01T14:00:00+00:00", compile_mode="default", fsdp=True,
+                 grad_ckpt=False)]  # fmt: skip
+    (tmp_path / "r" / "throughput.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    lines = [x for x in report.throughput_table(report.load_rows(tmp_path)).splitlines() if x.startswith("| 2026")]
+    assert len(lines) == 5 and any("5,000" in x and "grad_ckpt" not in x and "fsdp" not in x for x in lines)
+    assert any("3,000" in x and "grad_ckpt=on" in x for x in lines) and any(
+        "2,000" in x and "fsdp=on" in x and "grad_ckpt" not in x for x in lines
+    )
+
+
+def test_report_ops_backend_cells():
+    assert [report._backend(i) for i in ("fastmim[cuda]", "fastmim+compile[opaque]", "fastmim+compile[triton]")] \
+        == ["cuda", "compile[opaque]", "compile[triton]"]  # fmt: skip
 
 
 def test_report_shows_graph_modes_once_measured(tmp_path):
