@@ -396,7 +396,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="append the JSON rows to this file")
     args = ap.parse_args(argv)
 
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        ap.error(f"--device {args.device!r}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+    if args.cuda_graph and device.type != "cuda":
+        ap.error("--cuda-graph times CUDA-graph replays: it needs a CUDA device")
+    if args.compiled_fused and args.no_compile:
+        ap.error("--compiled-fused times the fused ops under torch.compile: leave out --no-compile")
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = sorted(set(ops) - set(OPS))
     if unknown:

@@ -306,6 +306,7 @@ class Recipe:
     flops_per_image: Callable[[nn.Module], float]
     count_kwargs: dict = field(default_factory=dict)
     count_backward: bool = True
+    default_model: str = "vit_base_patch16"  # --model when not given
 
     def model_name(self, model: str) -> str:
         return model if model.startswith(self.model_prefix) else self.model_prefix + model
@@ -325,7 +326,9 @@ RECIPES = {
     # MaskFeat: SimMIM's encoder, a linear head; reference = the official whole-image HOG and the plain loss
     "maskfeat": Recipe("maskfeat", "maskfeat_", _build_plain, maskfeat_flops_per_image, {"attn_impl": "math"}),
     # the rows backend: its matmuls and the sparse depthwise conv (a registered flop formula) are what is counted
-    "fcmae": Recipe("fcmae", "fcmae_", _build_fcmae, fcmae_flops_per_image, count_backward=False),
+    "fcmae": Recipe(
+        "fcmae", "fcmae_", _build_fcmae, fcmae_flops_per_image, count_backward=False, default_model="convnextv2_base"
+    ),
     # data2vec 2.0: forward only in the count (the counter over-counts a grouped conv's weight gradient, see fcmae)
     "data2vec2": Recipe(
         "data2vec2",

@@ -101,7 +101,8 @@ def parse_model_arg(text: str) -> tuple[str, object]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="mae", choices=sorted(RECIPES))
-    ap.add_argument("--model", default="vit_base_patch16", help="encoder name (the recipe prefix is optional)")
+    ap.add_argument("--model", default=None, help="encoder name, the recipe prefix optional (default: "
+                    "vit_base_patch16; convnextv2_base for fcmae)")  # fmt: skip
     ap.add_argument(
         "--model-arg",
         action="append",
@@ -167,6 +168,16 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
         ap.error("--amp fp16 needs a CUDA device (CPU autocast runs bf16 or none)")
     if args.fsdp and (args.amp == "fp16" or any("+" in m for m in args.modes)):
         ap.error("--fsdp runs the eager modes (reference, fastmim) with --amp bf16 or none, as the trainer's --fsdp")
+    recipe = get_recipe(args.recipe)
+    args.model = args.model or recipe.default_model
+    other = [r for r in RECIPES.values() if r is not recipe and args.model.startswith(r.model_prefix)]
+    if other:  # another recipe's full name (fcmae_convnextv2_atto under the default --recipe mae)
+        ap.error(f"--model {args.model} is a {other[0].name} model: add --recipe {other[0].name} (and --model "
+                 f"{args.model.removeprefix(other[0].model_prefix)} or the full name)")  # fmt: skip
+    if args.data is not None and not Path(args.data).exists():  # before the peak and the FLOP count are measured
+        ap.error(f"--data {args.data!r} does not exist")
+    if args.data is None and (args.also_synthetic or args.workers is not None or args.loader != "auto"):
+        ap.error("--also-synthetic, --workers and --loader are for --data (the default feeds synthetic images)")
 
 
 # --- timing -------------------------------------------------------------------------------------------------------
@@ -461,7 +472,8 @@ def run_mode(
     if not torch.isfinite(first_loss).item():
         raise FloatingPointError(f"mode {mode}: the first step's loss is {first_loss.item()}")
     # a graph mode runs its eager warm-up steps and the capture before anything is timed
-    for _ in range(max(args.warmup, runner.warmup + 2 if graph else 0) - 1):
+    warmup = max(args.warmup, runner.warmup + 2 if graph else 0)
+    for _ in range(warmup - 1):
         step()
     sync(device)
     if runner.capture and runner.captured == 0:
@@ -488,7 +500,7 @@ def run_mode(
         "compile_mode": args.compile_mode if compiled else None, "cuda_graph": runner.capture,
         "compiled_ops": compiled_ops() if compiled else None,
         "batch_size": args.batch_size,
-        "img_size": args.img_size, "amp": args.amp, "steps": args.steps, "warmup": args.warmup,
+        "img_size": args.img_size, "amp": args.amp, "steps": args.steps, "warmup": max(warmup, 1),
         "img_per_s": float(f"{ips:.5g}"), "img_per_s_wall": float(f"{args.batch_size * args.steps / wall:.5g}"),
         "step_ms_median": round(med * 1e3, 2), "step_ms_p20": round(q[0] * 1e3, 2),
         "step_ms_p80": round(q[-1] * 1e3, 2), "first_step_s": round(first_step_s, 2),
@@ -566,7 +578,11 @@ def main(argv=None) -> int:
         f"{copy_bandwidth(device, lambda fn: median_ms(device, fn), 1024 if device.type == 'cuda' else 128):.4g}"
     )
     if not args.no_flop_count:
-        common["flop_check"] = flop_check(recipe, model_name, args, device, dtype)
+        common["flop_check"] = check = flop_check(recipe, model_name, args, device, dtype)
+        if check["pass"] == "fwd+bwd" and abs(check["formula_gflop"] - fpi / 1e9) > 1e-3 * check["formula_gflop"]:
+            # (I-JEPA: the counted pass draws one set of target blocks; MFU uses the masks' expected counts)
+            check["note"] = ("formula_gflop is the formula for the masks the counted pass drew; gflop_per_img, which "
+                             "MFU uses, is the formula for the masks' expected counts")  # fmt: skip
         release(device)
     feeds = [make_batches(args, device, real=False)] if args.data is None or args.also_synthetic else []
     if args.data is not None:
@@ -614,6 +630,8 @@ def main(argv=None) -> int:
                 f"{row['img_per_s']:.1f} img/s, MFU {row['mfu']:.1%}, step {row['step_ms_median']:.1f} "
                 f"ms = {row['floor_gap']:.2f}x its floor of {row['floor_ms']:.1f} ms"
             )
+            if mode.endswith("+graph") and "error" not in row and not row.get("cuda_graph"):
+                status += " (uncaptured: CUDA graphs need a CUDA device; the same step code ran eagerly)"
             if "real_over_synthetic" in row:
                 ok = "met" if row["real_over_synthetic"] >= TARGET_REAL_OVER_SYNTHETIC else "NOT met"
                 status += (

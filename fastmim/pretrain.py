@@ -524,6 +524,9 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
             masks = model.mask_strategy(seed=cfg.seed)
             loader, sampler, loader_desc = build_loader(cfg, kind, dataset, masks, info, device)
             amp_dtype = resolve_amp(cfg.amp, device)
+            if amp_dtype == torch.float16 and device.type == "cpu" and info.is_main:
+                print("note: --amp fp16 on the CPU runs several times slower than bf16 or none (its loss scaling is "
+                      "for GPUs; it runs here for tests): use --amp bf16 or none", flush=True)  # fmt: skip
             if cfg.fsdp:  # sharded before the optimizer is built: it steps the shards
                 from fastmim.train.fsdp import init_single_process_group, shard_model
 

@@ -55,6 +55,9 @@ def test_throughput_all_modes_two_steps_on_cpu(tmp_path):
         assert Path(prof["trace"]).exists() and json.loads(gzip.open(prof["trace"]).read())["traceEvents"]
         assert prof["top"] and sum(prof["kinds_pct"].values()) == pytest.approx(100, abs=0.5)
     by_mode = {r["mode"]: r for r in rows}
+    # the fused ops' time is their own kind on CPU too (their autograd functions are named fastmim_*)
+    assert by_mode["fastmim"]["profile"]["kinds_pct"].get("fastmim.ops", 0) > 0
+    assert "fastmim.ops" not in by_mode["reference"]["profile"]["kinds_pct"]
     # the compiled-ops setting and the compile mode belong to the compiled rows only
     assert [(r["compiled_ops"], r["compile_mode"]) for r in rows] == [
         (None, None) if "compile" not in m else ("auto", "default") for m in throughput.MODES
@@ -71,7 +74,7 @@ def test_throughput_all_modes_two_steps_on_cpu(tmp_path):
         assert by_mode[a]["loss"] == pytest.approx(by_mode[b]["loss"], rel=1e-3)
 
 
-def test_throughput_graph_modes_on_cpu(tmp_path):
+def test_throughput_graph_modes_on_cpu(tmp_path, capsys):
     """The +graph modes step through TrainStep(graph=True) (uncaptured on CPU: there is nothing to capture) with the
     masks drawn outside the step; they train what the eager modes train, step for step."""
     out = tmp_path / "rows.jsonl"
@@ -80,7 +83,9 @@ def test_throughput_graph_modes_on_cpu(tmp_path):
     assert throughput.main(args) == 0
     rows = {r["mode"]: r for r in read_rows(out)}
     assert list(rows) == ["fastmim", "fastmim+graph", "reference", "reference+graph"]
-    assert not any(r["cuda_graph"] for r in rows.values())  # CPU: uncaptured
+    assert not any(r["cuda_graph"] for r in rows.values())  # CPU: uncaptured, and the line says so
+    assert capsys.readouterr().err.count("(uncaptured: CUDA graphs need a CUDA device") == 2
+    assert rows["fastmim"]["warmup"] == 5 and rows["fastmim+graph"]["warmup"] >= 5  # what each ran
     assert rows["fastmim+graph"]["loss"] == pytest.approx(rows["fastmim"]["loss"], rel=1e-4)
     assert rows["reference+graph"]["loss"] == pytest.approx(rows["reference"]["loss"], rel=1e-4)
     with pytest.raises(SystemExit):
@@ -167,9 +172,22 @@ def test_throughput_bad_arguments_name_the_problem(args, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_throughput_missing_data_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        throughput.main([*SMALL, "--modes", "fastmim", "--no-flop-count", "--data", str(tmp_path / "nope")])
+def test_throughput_refuses_what_it_cannot_run_before_measuring_anything(tmp_path, capsys, monkeypatch):
+    """A missing --data folder, another recipe's model name (with the flag that fixes it), and loader flags without
+    --data are refused by argparse, before the peak is measured; --recipe fcmae alone times a ConvNeXt V2."""
+    monkeypatch.setattr(throughput, "measure_peak_tflops", lambda *a: pytest.fail("measured before refusing"))
+    for extra, message in [
+        (["--data", str(tmp_path / "nope")], "does not exist"),
+        (["--model", "fcmae_convnextv2_atto"], "is a fcmae model: add --recipe fcmae"),
+        (["--also-synthetic"], "are for --data"),
+        (["--workers", "2"], "are for --data"),
+    ]:
+        with pytest.raises(SystemExit):
+            throughput.main([*SMALL, "--modes", "fastmim", "--no-flop-count", *extra])
+        assert message in capsys.readouterr().err
+    args = throughput.build_parser().parse_args(["--recipe", "fcmae"])
+    throughput.check_args(throughput.build_parser(), args)
+    assert args.model == "convnextv2_base"
 
 
 @pytest.mark.parametrize("norm_pix", [True, False])
@@ -297,6 +315,22 @@ def test_ops_benchmark_smoke_on_cpu(tmp_path):
     fused = [r for r in timed if r["impl"].startswith("fastmim")]
     assert len(fused) == 38 and all(r["speedup_vs_eager"] > 0 and r["ms_median"] > 0 for r in fused)
     assert all(r["commit"] and r["torch"] and r["date"] and r["device"] == "cpu" for r in rows)
+
+
+def test_ops_benchmark_refuses_options_it_cannot_honour_here(capsys):
+    """No silent empty columns: --cuda-graph without CUDA, --compiled-fused with --no-compile, and a CUDA device
+    that is not there are refused by name."""
+    import ops
+
+    cases = [(["--device", "cpu", "--cuda-graph"], "--cuda-graph times CUDA-graph replays"),
+             (["--device", "cpu", "--compiled-fused", "--no-compile"], "leave out --no-compile"),
+             (["--device", "bogus"], "--device 'bogus'")]  # fmt: skip
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "CUDA is not available here"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit):
+            ops.main(argv)
+        assert message in capsys.readouterr().err, argv
 
 
 def test_ops_benchmark_times_the_fused_ops_compiled_both_ways(tmp_path):
@@ -855,6 +889,8 @@ def test_ijepa_in_the_throughput_benchmark(tmp_path):
     assert [r["mode"] for r in rows] == ["reference", "fastmim"] and rows[0]["gflop_per_img"] > 0
     check = rows[0]["flop_check"]
     assert check["pass"] == "fwd+bwd" and check["formula_gflop"] == pytest.approx(check["counted_gflop"], rel=0.005)
+    if check["formula_gflop"] != rows[0]["gflop_per_img"]:  # the row says why the two differ
+        assert "expected counts" in check["note"]
     fresh = fastmim.create_model("ijepa_vit_base_patch16", pred_depth=2)
     nc, k, t = recipes.ijepa_counts(fresh)
     assert 40 < nc < 75 and k == 4 and 28 < t < 40  # I-JEPA's 14x14 masks: contexts truncated, blocks of ~33

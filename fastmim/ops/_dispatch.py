@@ -358,7 +358,9 @@ def eager_function(
         # the engine runs a backward with grad mode off unless create_graph=True
         return graph_backward(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
+    # named fastmim_<name> (profiles, grad_fn): a trace or a graph says whose op it is
+    return type(f"fastmim{name if name.startswith('_') else '_' + name}", (torch.autograd.Function,),
+                {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})  # fmt: skip
 
 
 def unaliased(fn: Callable) -> Callable:

@@ -104,7 +104,8 @@ def test_resume_with_drop_path_is_exact_step_by_step(image_folder, tmp_path, mon
 
 
 @pytest.mark.slow
-def test_fp16_scaler_skips_a_step_with_an_infinite_gradient_and_round_trips(image_folder, tmp_path, monkeypatch):
+def test_fp16_scaler_skips_a_step_with_an_infinite_gradient_and_round_trips(image_folder, tmp_path, monkeypatch,
+                                                                           capsys):  # fmt: skip
     """--amp fp16 on CPU: an infinite gradient at step 2 makes the GradScaler skip that optimizer step (the weights
     after 2 steps are those after 1, AdamW's decay included) and halve its scale; the scale is saved, restored on
     resume (a fresh scaler would start at 2^16 again), and a resume with --amp none from that checkpoint runs."""
@@ -122,6 +123,7 @@ def test_fp16_scaler_skips_a_step_with_an_infinite_gradient_and_round_trips(imag
     fp16 = _set(_args(image_folder, tmp_path / "x"), "--amp", "fp16")
     one, skipped = tmp_path / "one", tmp_path / "skipped"
     pretrain.run(_set(fp16, "--output-dir", str(one)) + ["--max-steps", "1"])
+    assert "note: --amp fp16 on the CPU runs several times slower" in capsys.readouterr().out  # (runs, for this test)
     monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", poisoned)
     pretrain.run(_set(fp16, "--output-dir", str(skipped)) + ["--max-steps", "2"])
     monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", real)
