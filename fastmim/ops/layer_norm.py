@@ -5,8 +5,9 @@ same kernels, a LayerNorm that writes its output in the next matmul's dtype: ``l
 stream, in the inputs' promoted dtype) and ``y = LayerNorm(s) * weight + bias`` with fp32 statistics, written
 directly in ``out_dtype`` (default: the autocast dtype when autocast is on, the dtype the next matmul casts to; else
 s's dtype). See ``add_layer_norm_ref``. A ViT block ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))`` becomes
-``y, x = add_layer_norm(attn_out, x, norm2)`` and so on across blocks: one read of each input and one write of each
-output where the unfused ops read s back and write y twice (LayerNorm's fp32 output, then its cast).
+``y, x = add_layer_norm(attn_out, x, norm2.weight, norm2.bias, norm2.eps)`` and so on across blocks: one read of
+each input and one write of each output where the unfused ops read s back and write y twice (LayerNorm's fp32
+output, then its cast).
 
 Backends: Triton (CUDA tensors; one launch forward, one backward plus the sum of the weight and bias gradients'
 per-program partials) and "torch" (CPU tensors, dtypes the kernels do not take): the add rounded as the kernel rounds
@@ -78,8 +79,8 @@ def _bwd_torch(dy, ds, s, weight, mean, rstd, x_dtype, r_dtype, need_w, need_b):
     return dr, dx, dw if need_w else None, db if need_b else None
 
 
-def _backend(*tensors: torch.Tensor) -> str:
-    return choose_backend(_OP, tensors[0].device, tuple(t.dtype for t in tensors))
+def _backend(*tensors: torch.Tensor, op: str = _OP) -> str:
+    return choose_backend(op, tensors[0].device, tuple(t.dtype for t in tensors))
 
 
 def _fwd(
@@ -93,7 +94,7 @@ def _fwd(
     # x, residual [M, C] contiguous (the public function reshapes); -> y, s, mean [M], rstd [M]. Without a residual
     # (layer_norm) s would be x itself: [0, C] is returned instead (a custom op's outputs may not alias its inputs)
     tensors = (x, weight, bias) if residual is None else (x, residual, weight, bias)
-    if _backend(*tensors) == "triton":
+    if _backend(*tensors, op=_OP if residual is not None else "layer_norm") == "triton":
         x, weight, bias = (t.contiguous() for t in (x, weight, bias))  # the kernels' layout
         residual = None if residual is None else residual.contiguous()
         y, s, mean, rstd = _triton_ln().add_layer_norm_fwd(x, residual, weight, bias, eps, _s_dtype(x, residual),
@@ -236,9 +237,16 @@ def _check_inputs(x, residual, weight, bias, eps, op: str = _OP) -> None:
     c = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
         if tuple(t.shape) != (c,):
-            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected [C] = [{c}]")
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected [C] = [{c}] (C: the last "
+                             f"dimension of x, whose shape is {tuple(x.shape)}: the norm is over it)")  # fmt: skip
     if not (is_finite_number(eps) and eps >= 0):
         raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps!r}")
+
+
+def _check_out_dtype(op: str, out_dtype) -> None:
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise TypeError(f"{op}: out_dtype must be a floating-point torch.dtype (torch.bfloat16, torch.float32, ...) "
+                        f"or None, got {out_dtype!r}")  # fmt: skip
 
 
 def add_layer_norm(
@@ -261,6 +269,7 @@ def add_layer_norm(
     residual, weight and bias (each in its own dtype) from both outputs. Under autocast the inputs are used as given.
     """
     _check_inputs(x, residual, weight, bias, eps)
+    _check_out_dtype(_OP, out_dtype)
     shape, c = x.shape, x.shape[-1]
     out_dtype = out_dtype or default_norm_dtype(x, residual)
     x2, r2 = x.reshape(-1, c).contiguous(), residual.reshape(-1, c).contiguous()
@@ -291,6 +300,7 @@ def layer_norm(
     """
     op = "layer_norm"
     _check_inputs(x, None, weight, bias, eps, op)
+    _check_out_dtype(op, out_dtype)
     shape, c = x.shape, x.shape[-1]
     out_dtype = out_dtype or default_norm_dtype(x, x)
     x2 = x.reshape(-1, c).contiguous()

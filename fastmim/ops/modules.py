@@ -123,6 +123,10 @@ class GRN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:
+            dim = self.weight.shape[0]
+            if x.shape[-1] != dim and x.shape[1] == dim:
+                raise ValueError(f"GRN({dim}) takes channels-last images [B, H, W, C], got shape {tuple(x.shape)}: "
+                                 "channels first? pass x.permute(0, 2, 3, 1)")  # fmt: skip
             return grn(x.reshape(x.shape[0], -1, x.shape[-1]), self.weight, self.bias, self.eps).view(x.shape)
         return grn(x, self.weight, self.bias, self.eps)
 

@@ -216,11 +216,11 @@ def default_norm_dtype(x: torch.Tensor, residual: torch.Tensor) -> torch.dtype:
     """add_layer_norm's output dtype when none is given: the autocast dtype when autocast is on for x's device (what
     the next matmul casts to), else the dtype of x + residual."""
     dev = x.device.type
-    return (
-        torch.get_autocast_dtype(dev)
-        if torch.is_autocast_enabled(dev)
-        else torch.promote_types(x.dtype, residual.dtype)
-    )
+    try:
+        on = torch.is_autocast_enabled(dev)
+    except RuntimeError:  # a device autocast does not know (meta): no autocast there
+        on = False
+    return torch.get_autocast_dtype(dev) if on else torch.promote_types(x.dtype, residual.dtype)
 
 
 def add_layer_norm_ref(

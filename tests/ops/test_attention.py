@@ -81,6 +81,10 @@ def test_empty_and_bad_inputs(backend):
         attention(torch.zeros(2, 5, 3, 4, 16, device=device, dtype=torch.long))
     with pytest.raises(ValueError, match="scale must be a finite number"):
         attention(torch.zeros(2, 5, 3, 4, 16, device=device), float("inf"))
+    with pytest.raises(ValueError, match=r"got a \(5, 5\) tensor \(attention takes no mask"):  # a mask given as scale
+        attention(torch.zeros(2, 5, 3, 4, 16, device=device), torch.ones(5, 5, dtype=torch.bool, device=device))
+    qkv = _qkv(2, 5, 2, 16, device)  # a 0-d tensor is the number it holds
+    torch.testing.assert_close(attention(qkv, torch.tensor(0.3)), attention(qkv, 0.3), rtol=0, atol=0)
 
 
 def test_backend_choice(monkeypatch):

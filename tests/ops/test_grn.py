@@ -253,6 +253,11 @@ def test_bad_inputs_raise():
     for eps in (-1e-6, float("nan"), float("inf"), "1e-6", True):
         with pytest.raises(ValueError, match="eps must be a finite float >= 0"):
             grn(x, w, b, eps)
+    from fastmim.ops import GRN
+
+    with pytest.raises(ValueError, match=r"GRN\(24\) takes channels-last .* pass x.permute\(0, 2, 3, 1\)"):
+        GRN(24)(torch.randn(2, 24, 4, 4))  # ConvNeXt's NCHW given to the channels-last module
+    assert GRN(24)(torch.randn(2, 4, 4, 24)).shape == (2, 4, 4, 24)
 
 
 # ---- the Triton kernels directly -------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastmim.ops import layer_norm, layer_norm_ref
+from fastmim.ops import add_layer_norm, layer_norm, layer_norm_ref
 from tests.ops.helpers import check_against_reference, compile_backend
 
 OP = "add_layer_norm"  # the dispatcher's name for both (no C++ kernel: the backend fixture skips "cpp")
@@ -111,6 +111,32 @@ def test_bad_inputs_name_layer_norm():
         layer_norm(x, w, b, eps=-1.0)
     with pytest.raises(TypeError, match="layer_norm: bias must be a tensor"):
         layer_norm(x, w, None)
+    with pytest.raises(ValueError, match=r"C: the last dimension of x, whose shape is \(2, 3, 9\)"):  # x is wrong
+        layer_norm(torch.randn(2, 3, 9), w, b)
+    for bad in (torch.int32, torch.bool, "bfloat16"):  # an output dtype that would truncate, or a name
+        with pytest.raises(TypeError, match="layer_norm: out_dtype must be a floating-point torch.dtype"):
+            layer_norm(x, w, b, EPS, bad)
+    with pytest.raises(TypeError, match="add_layer_norm: out_dtype must be a floating-point"):
+        add_layer_norm(x, x, w, b, EPS, torch.int64)
+
+
+def test_the_triton_backends_refusal_names_layer_norm(monkeypatch):
+    """Forced onto a backend that cannot take the input, layer_norm's error names layer_norm, not the op it shares
+    kernels with."""
+    monkeypatch.setenv("FASTMIM_BACKEND", "triton")
+    x, w, b = (t.detach().double() for t in _problem((2, 3, 8), "cpu"))
+    with pytest.raises(Exception, match=r"^layer_norm\b") as err:
+        layer_norm(x, w, b)
+    assert "add_layer_norm" not in str(err.value)
+
+
+def test_meta_tensors_give_shapes_as_nn_layer_norm_does():
+    """On the meta device (a model built without memory, shape inference) the norms give their output shapes and
+    dtypes; autocast is not asked about a device it does not know."""
+    x, w = torch.randn(2, 5, 16, device="meta"), torch.ones(16, device="meta")
+    assert layer_norm(x, w, w).shape == (2, 5, 16) and layer_norm_ref(x, w, w).device.type == "meta"
+    y, s = add_layer_norm(x, x.bfloat16(), w, w)
+    assert y.shape == s.shape == (2, 5, 16) and y.dtype == s.dtype == torch.float32
 
 
 def test_opcheck_without_a_residual(backend):
