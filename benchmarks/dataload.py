@@ -203,7 +203,17 @@ def prepare_data(data: str | None, images: int, seed: int) -> tuple[Path, list[s
             print(f"data: wrote {images} JPEGs to {root} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         files = list_images(root)
         info = {"images": len(files), "size": f"{WIDTH}x{HEIGHT} q{QUALITY}"}
-    mean_kb = sum(os.path.getsize(f) for f in files) / len(files) / 1024
+    sizes = []
+    for f in files:
+        try:
+            sizes.append(os.path.getsize(f))
+        except OSError:  # a broken link, a file gone since the listing: the loaders will name it
+            pass
+    if len(sizes) < len(files):
+        print(f"note: {len(files) - len(sizes)} of the files cannot be read (broken links?); a loader stops at the "
+              "first bad file: scan the folder (python -m fastmim.data.scan) and pass its list as --data",
+              file=sys.stderr)  # fmt: skip
+    mean_kb = sum(sizes) / max(len(sizes), 1) / 1024
     info["mean_kb"] = round(mean_kb, 1)
     print(f"data: {len(files)} images, mean file size {mean_kb:.1f} KB (ImageNet's averages ~110 KB)", file=sys.stderr)
     return root, files, info
@@ -482,7 +492,7 @@ def main(argv=None) -> int:
             try:
                 timing = measure(loader, count, files, root, args)
             except Exception as e:  # noqa: BLE001 - report and go on: a benchmark never stops on one row
-                why = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+                why = _why(e)
                 missing.setdefault(loader, why)
                 print(f"not measured: {loader} ({label}): {why}", file=sys.stderr)
                 continue
@@ -505,7 +515,22 @@ def main(argv=None) -> int:
         print(f"  {r['loader']:<13}{count:>16}{r['batch']:>7}{r['images']:>8}{r['s']:>8.2f}{r['img_per_s']:>10,.0f}"
               f"{r['warmup_s']:>11.2f}{ours:>12}{others:>8}", file=sys.stderr)  # fmt: skip
     report_targets(rows, missing, loaders)
+    if not rows:
+        print("no loader could be measured (see the 'not measured' lines above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _why(e: Exception) -> str:
+    """One line for a row that failed: a bad file named (the torch loaders' errors carry a worker's traceback)."""
+    from fastmim.data.dali import DaliDecodeError
+    from fastmim.data.folder import BadImageError
+
+    if isinstance(e, BadImageError):
+        return f"{e.summary()} (scan the folder: python -m fastmim.data.scan, and pass its list as --data)"
+    if isinstance(e, DaliDecodeError):
+        return f"{e.problem} (scan the folder: python -m fastmim.data.scan, and pass its list as --data)"
+    return f"{type(e).__name__}: {e}".strip().splitlines()[0]
 
 
 if __name__ == "__main__":

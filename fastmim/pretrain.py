@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -232,6 +233,23 @@ def choose_loader(cfg: PretrainConfig, device: torch.device) -> tuple[str, str |
     return "torch-gpu", root, f"{why}; JPEGs decoded on the GPU (torchvision's nvJPEG)"
 
 
+def _check_loader_on_resume(cfg: PretrainConfig, state: dict | None, kind: str, why: str) -> None:
+    """A run that read with DALI (its checkpoint holds DALI's reader state) and that --loader auto would now give to
+    another loader (its folder's scan went out of date: a file was touched or added): refused mid-epoch with what to
+    do (the other loader would read other samples, and the dataset's size may differ), noted at an epoch boundary."""
+    saved = (state or {}).get("loader")
+    if cfg.loader != "auto" or kind == "dali" or not (saved and isinstance(saved[0], dict) and "dali" in saved[0]):
+        return
+    data = cfg.data_path or "DATA_PATH"
+    if state.get("batch", 0):
+        raise UsageError(f"this run read its data with DALI and stopped mid-epoch, but --loader auto now picks {kind}: "
+                         f"{why}. Scan the data again (python -m fastmim.data.scan {data}) and resume: DALI then "
+                         "reads the folder's new scan (or resume with --loader torch from an end-of-epoch "
+                         "checkpoint)")  # fmt: skip
+    print(f"note: this run read its data with DALI; --loader auto now picks {kind} ({why}); scan the data again "
+          f"(python -m fastmim.data.scan {data}) to go on with DALI", flush=True)  # fmt: skip
+
+
 def _choose_loader(cfg: PretrainConfig) -> tuple[str, str | None, str]:
     """The choice between DALI and the torch loader (``choose_loader`` then decodes on the GPU where it can)."""
     from fastmim.data.dali import dali_problem
@@ -303,7 +321,10 @@ def build_loader(cfg: PretrainConfig, kind: str, dataset, masks, info: DistInfo,
             dali_device = "mixed" if device.type == "cuda" else "cpu"
         if dali_device == "mixed" and device.type != "cuda":
             raise UsageError("--dali-device mixed decodes on the GPU: it needs a CUDA run (--device cuda)")
-        threads = cfg.num_workers or max(1, usable_cpus() // info.local_world_size)
+        # --num-workers: DALI's CPU threads (at least one: DALI has no in-process mode)
+        threads = (
+            max(1, cfg.num_workers) if cfg.num_workers is not None else max(1, usable_cpus() // info.local_world_size)
+        )
         try:
             loader = DaliLoader(dataset.files, cfg.batch_size, cfg.img_size, device=dali_device,
                                 device_id=device.index if device.type == "cuda" else None, rank=info.rank,
@@ -313,7 +334,7 @@ def build_loader(cfg: PretrainConfig, kind: str, dataset, masks, info: DistInfo,
                                 tar_sizes=getattr(dataset, "sizes", None))  # fmt: skip
         except ValueError as e:
             raise UsageError(str(e)) from e
-        return loader, loader, f"DALI ({dali_device}, {threads} threads)"
+        return loader, loader, f"DALI ({dali_device}, {_n(threads, 'thread')})"
     workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(info.local_world_size)
     # masks with a C++ generator are drawn in the loader workers; the others on the training device
     worker_masks = masks if masks.has_cpp and _ext.available() else None
@@ -330,12 +351,12 @@ def build_loader(cfg: PretrainConfig, kind: str, dataset, masks, info: DistInfo,
         )  # fmt: skip
         loader = GpuDecodeLoader(encoded, dataset, device, cfg.img_size, cfg.skip_bad_files, cfg.seed)
         where = "nvJPEG" if device.type == "cuda" else "on the CPU: this run has no GPU"
-        return loader, sampler, f"torch-gpu ({workers} workers read, decoding {where}{skipping})"
+        return loader, sampler, f"torch-gpu ({_n(workers, 'worker')} read, decoding {where}{skipping})"
     loader, sampler = build_pretrain_loader(
         dataset, cfg.batch_size, workers, info.rank, info.world_size, cfg.seed, pin_memory=device.type == "cuda",
         masks=worker_masks, skip_bad=cfg.skip_bad_files,
     )  # fmt: skip
-    return loader, sampler, f"torch ({workers} workers{skipping})"
+    return loader, sampler, f"torch ({_n(workers, 'worker')}{skipping})"
 
 
 def build_model(cfg: PretrainConfig, device: torch.device):
@@ -516,6 +537,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
         try:  # what can still refuse the run (data, model, loader): the folders made for it are not left behind empty
             _seed_everything(cfg.seed)  # every rank builds the same initial weights (FSDP shards them where they are)
             kind, root, why = choose_loader(data_cfg := with_builtin_data(cfg), device)
+            _check_loader_on_resume(cfg, state, kind, why)
             dataset = build_dataset(data_cfg, root)
             monitor = build_monitor(cfg, info, device)
             model = build_model(cfg, device)
@@ -585,6 +607,10 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     return out
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def bad_file_message(e: BadImageError | DaliDecodeError) -> str:
     """The one line for a file a loader cannot decode: the file, what to do, and what the run kept (the trainer
     sets ``resumable``, ``saved_step`` and ``steps_lost`` on the error it raises)."""
@@ -602,6 +628,8 @@ def bad_file_message(e: BadImageError | DaliDecodeError) -> str:
     then = "run again with --resume" if resumable else "run again"
     if isinstance(e, DaliDecodeError):
         head, fix = e.problem, e.remedy(resumable, resume=then)
+    elif re.search(r"\.tar:\d+:", e.summary()):  # a member of a tar shard (shard:offset:member)
+        head, fix = e.summary(), f"Rewrite the shard without it (or pass --skip-bad-files) and {then}"
     else:
         head, fix = e.summary(), f"Replace the file at the same path and {then}"
     return f"{head}. {fix}: {kept}"

@@ -754,6 +754,23 @@ def test_dataload_reads_a_folder_of_ones_own_as_found(tmp_path, capsys):
     assert "a folder of your own" in capsys.readouterr().err
 
 
+def test_dataload_names_a_bad_file_and_fails_when_nothing_was_measured(tmp_path, capsys):
+    """A folder of one's own with an undecodable file and a broken link: no traceback, the row's line names the
+    file and says to scan, and with no row measured the exit status is 1."""
+    import dataload
+
+    own = make_image_folder(tmp_path / "own", n=8)
+    bad = sorted(own.rglob("*.jpg"))[0]
+    bad.write_bytes(b"not an image")
+    (own / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    args = ["--loaders", "torchvision", "--images", "8", "--batch", "4", "--workers", "0", "--seconds", "0",
+            "--warmup", "0", "--data", str(own)]  # fmt: skip
+    assert dataload.main(args) == 1
+    err = capsys.readouterr().err
+    assert "1 of the files cannot be read (broken links?)" in err and "Traceback" not in err
+    assert "not measured: torchvision (0 workers): cannot read image" in err and "fastmim.data.scan" in err
+
+
 def test_dataload_targets_printed_against_the_rows(capsys):
     import dataload
 

@@ -6,6 +6,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 
 import torch
@@ -80,9 +81,13 @@ def load_or_stand_in(dataset, index: int, skip_bad: bool, seed: int = 0):
         for k in range(1, SKIP_TRIES + 1):
             j = replacement_index(index, k, n, seed)
             try:
-                return dataset[j], -1 - j
+                item = dataset[j], -1 - j
             except BadImageError:
                 continue
+            # named where it happens (a loader worker): the run's count in metrics.jsonl does not say which files
+            print(f"skipped: {first.summary()}; sample {j} stands in for it (--skip-bad-files)", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            return item
         raise BadImageError(f"{first.summary()} (and its {SKIP_TRIES} stand-ins cannot be read either)") from first
 
 

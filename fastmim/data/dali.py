@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from fastmim.data.folder import TAR_IMAGE_EXTS, split_sample_id, usable_cpus
+from fastmim.data.folder import TAR_IMAGE_EXTS, is_utf8_name, split_sample_id, usable_cpus
 from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 DEVICES = ("cpu", "mixed")
@@ -204,6 +204,11 @@ class DaliLoader:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.files = list(files)
+        if not tars:  # DALI takes its file names as UTF-8: a name with other bytes (Latin-1 from an old archive)
+            for f in self.files:  # fails deep in the pipeline's build with "Unsupported argument type"
+                if not is_utf8_name(f):
+                    raise ValueError(f"DALI cannot open {f.encode('utf-8', 'surrogateescape')!r}: its name is not "
+                                     "valid UTF-8. Rename it (or use --loader torch, which reads it)")  # fmt: skip
         n = len(self.files)
         self.shard_size = n // world_size  # DALI shards: floor or ceil of n / world; equal lengths for every rank
         if self.shard_size < batch_size:

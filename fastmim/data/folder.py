@@ -33,12 +33,22 @@ def usable_cpus() -> int:
 
 
 def iter_files(root: str | Path) -> Iterator[str]:
-    """Every file below root, following symlinks; hidden folders (name starting with '.') are skipped, hidden files
-    are not. Unordered."""
+    """Every file below root, following symlinks, each folder once: a symlinked folder whose target was already
+    walked (a link back up the tree, a second link to the same folder) is not walked again, so a loop cannot repeat
+    the images. Hidden files and folders (name starting with '.', such as macOS's ``._*`` AppleDouble files) are
+    skipped. Unordered."""
+    seen = {os.path.realpath(root)}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if not d.startswith(".") and real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
         for f in filenames:
-            yield os.path.join(dirpath, f)
+            if not f.startswith("."):
+                yield os.path.join(dirpath, f)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -54,6 +64,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
             a, top = a - lo, max(hi - lo, 1e-12)
         img = Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
     return img.convert("RGB")
+
+
+def is_utf8_name(name: str) -> bool:
+    """Whether a file name decoded from the file system (its bytes that are not UTF-8 become surrogates) is UTF-8."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def is_image_file(path: str) -> bool:

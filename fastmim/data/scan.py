@@ -36,6 +36,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from fastmim.data.folder import (
     IMG_EXTENSIONS,
     is_image_file,
+    is_utf8_name,
     iter_files,
     list_tar_samples,
     list_tar_shards,
@@ -285,12 +286,13 @@ def scan(
             f"it holds {len(others)} other file(s), such as {os.path.relpath(others[0], resolved)!r}"
         )
     prefix = os.path.join(resolved, "")
-    listable = [p for p in images if "\n" not in p and "\r" not in p]
+    listable = [p for p in images if "\n" not in p and "\r" not in p and is_utf8_name(p)]
     n_workers = default_workers() if workers is None else workers
     reasons = dict(zip(listable, _check_all(listable, n_workers, progress), strict=True))
     good, bad = [], []
     for p in images:
-        reason = reasons.get(p, "name holds a line break (a file list cannot name it)")
+        reason = reasons.get(p, "name holds a line break (a file list cannot name it)" if is_utf8_name(p) else
+                             "name is not valid UTF-8 (DALI cannot open it; rename the file)")  # fmt: skip
         if reason is None:
             good.append(p)
         else:
@@ -437,7 +439,15 @@ def format_summary(result: ScanResult) -> str:
         if len(result.non_images) > _MAX_PRINTED_NON_IMAGES:
             lines.append(f"  ... and {len(result.non_images) - _MAX_PRINTED_NON_IMAGES} more (all in --report)")
     lines.append(f"clean list of {len(result.good)} images: {result.list_path}")
-    if result.good:
+    if result.good and list_tar_shards(result.root) is not None:  # tar shards are passed themselves, not the list
+        if result.bad:
+            lines.append(f"DALI reads every sample of a shard, so it will not read these: rewrite the shards without "
+                         f"the bad images, or train on them with python -m fastmim.pretrain --data-path {result.root} "
+                         "--loader torch --skip-bad-files ...")  # fmt: skip
+        else:
+            lines.append(f"use them: python -m fastmim.pretrain --data-path {result.root} ... (DALI reads the shards: "
+                         "this scan cleared them)")  # fmt: skip
+    elif result.good:
         lines.append(f"use it: python -m fastmim.pretrain --data-path {result.list_path} ...")
     else:
         lines.append("no image decoded: the list is empty")

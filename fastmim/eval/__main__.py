@@ -1,6 +1,7 @@
 """``python -m fastmim.eval knn|linprobe|finetune --encoder RUN_DIR [--data-path TRAIN --val-path VAL]``.
 
-Without data paths all three read the built-in labelled data (scikit-learn's digits as class folders).
+Without data paths all three read the built-in labelled data (scikit-learn's digits as class folders);
+``--data-path ROOT`` alone reads ROOT/train and ROOT/val.
 ``--random MODEL`` evaluates a randomly initialised encoder: the baseline a pretrained one must beat. Each result is
 appended as one JSON line to ``--out`` (default: eval.jsonl beside the encoder) and printed as one line.
 ``finetune`` runs under torchrun too (data-parallel) and works in its own folder beside eval.jsonl (finetune/,
@@ -27,14 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--encoder", help="a run directory, its encoder.safetensors, or a timm checkpoint (with --model)")
     src.add_argument("--random", metavar="MODEL", help="a randomly initialised encoder (vit_tiny_patch16, ...)")
     ap.add_argument("--model", help="the encoder's architecture when the file does not say it (a timm checkpoint)")
-    ap.add_argument("--data-path", help="labelled training folder root/<class>/<image> (default: built-in digits)")
+    ap.add_argument("--data-path", help="labelled training folder root/<class>/<image> with --val-path; alone, a "
+                    "ROOT holding train/<class>/ and val/<class>/, or builtin:digits (the default)")  # fmt: skip
     ap.add_argument("--val-path", help="labelled validation folder, classes a subset of the training folder's")
     ap.add_argument("--img-size", type=int, default=None, help="input side (default: the encoder's; ConvNeXt 224)")
     ap.add_argument(
         "--pool",
         choices=("auto", "cls", "avg"),
         default="auto",
-        help="ViT feature: the class token (auto when there is one) or the mean of the patch tokens",
+        help="ViT feature. knn, linprobe: the class token (auto, when there is one) or the mean of the patch tokens "
+        "(avg); finetune: MAE's global pool, a new fc_norm on the patch tokens' mean (auto, avg), or the class "
+        "token (cls)",
     )
     ap.add_argument("--batch-size", type=int, default=None, help="default: 256 (knn, linprobe), 64 (finetune)")
     ap.add_argument("--workers", type=int, default=0, help="loader processes")
@@ -139,15 +143,16 @@ def _check(ap, args) -> None:
         ap.error("--resume and --finetune-dir are for finetune")
     if args.resume and args.finetune_dir and Path(args.resume) != Path(args.finetune_dir):
         ap.error("--resume DIR continues in DIR: leave out --finetune-dir")
-    if (args.data_path is None) != (args.val_path is None):
-        ap.error("give both --data-path and --val-path, or neither (the built-in digits)")
+    if args.val_path is not None and args.data_path is None:
+        ap.error("--val-path needs --data-path (the training folder its classes come from)")
 
 
 def run(args) -> dict:
-    from fastmim.data.samples import builtin_digits
+    from fastmim.data.samples import builtin_digits, resolve_data_path
     from fastmim.eval.encoder import LabelledFolder, cached_features, eval_transform, load_encoder, train_transform
     from fastmim.eval.knn import knn_accuracy
     from fastmim.eval.linprobe import train_linear_probe
+    from fastmim.eval.monitor import labelled_split
     from fastmim.train.distributed import init_distributed
 
     dist_info, device = init_distributed(args.device)
@@ -160,7 +165,12 @@ def run(args) -> dict:
     encoder, info = load_encoder(args.encoder, args.model or args.random, args.img_size)
     if dist_info.is_main:
         _out_path(args, info)  # a bad --out is refused before the evaluation runs, not after
-    train_root, val_root = (args.data_path, args.val_path) if args.data_path else builtin_digits()
+    if args.val_path is not None:  # (builtin:digits and builtin:digits-val name the built-in folders)
+        train_root, val_root = resolve_data_path(args.data_path), resolve_data_path(args.val_path)
+    elif args.data_path is not None:  # ROOT/{train,val} or builtin:digits, as --eval-data takes them
+        train_root, val_root = labelled_split(args.data_path, "--data-path")
+    else:
+        train_root, val_root = builtin_digits()
     size = info["img_size"]
     train = LabelledFolder(train_root, eval_transform(size))
     val = LabelledFolder(val_root, eval_transform(size), classes=train.classes)
@@ -175,13 +185,16 @@ def run(args) -> dict:
         what = _finetune(args, encoder, info, train_root, train, val, device, result)
     else:
         cache = not args.no_cache
-        tf, tl, t_train, hit_train = cached_features(encoder, info, train, device, args.batch_size, args.workers,
-                                                     args.pool, cache)  # fmt: skip
+        tf = tl = None
+        t_train, hit_train = 0.0, True  # the augmented probe trains on views of the images, not on these features
+        if args.mode == "knn" or args.no_augment:
+            tf, tl, t_train, hit_train = cached_features(encoder, info, train, device, args.batch_size, args.workers,
+                                                         args.pool, cache)  # fmt: skip
         vf, vl, t_val, hit_val = cached_features(encoder, info, val, device, args.batch_size, args.workers, args.pool,
                                                  cache)  # fmt: skip
         n_extracted = (0 if hit_train else len(train)) + (0 if hit_val else len(val))
         speed = round(n_extracted / (t_train + t_val), 1) if n_extracted else None
-        result.update(feature_dim=tf.shape[1], features_s=round(t_train + t_val, 3),
+        result.update(feature_dim=vf.shape[1], features_s=round(t_train + t_val, 3),
                       features_cached=hit_train and hit_val, features_img_per_s=speed)  # fmt: skip
     if args.mode == "knn":
         if args.k > len(tl):
@@ -196,8 +209,9 @@ def run(args) -> dict:
         out = train_linear_probe(encoder, probe_set, vf, vl, len(train.classes), device, epochs=args.epochs,
                                  warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, blr=args.blr,
                                  pool=args.pool, workers=args.workers, seed=args.seed, **feats)  # fmt: skip
-        result.update(top1=out["top1"], top5=out["top5"], epochs=args.epochs, blr=args.blr, lr=out["lr"],
-                      augment=not args.no_augment, final_loss=round(out["history"][-1]["loss"], 5))  # fmt: skip
+        result.update(top1=out["top1"], top5=out["top5"], epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+                      blr=args.blr, lr=out["lr"], min_lr=0.0, augment=not args.no_augment,
+                      final_loss=round(out["history"][-1]["loss"], 5))  # fmt: skip
         what = f"linear probe ({args.epochs} epochs{', cached features' if args.no_augment else ''})"
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if not dist_info.is_main:
@@ -268,7 +282,8 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
         print(f"finetune: {'resuming in' if args.resume else 'writing to'} {run_dir}", flush=True)
         if not args.resume:  # what --resume DIR alone reads back (paths absolute: it may run from elsewhere)
             saved = {k: getattr(args, k) for k in RESUMED_ARGS}
-            saved.update({k: str(Path(saved[k]).resolve()) for k in PATH_ARGS if saved[k] is not None})
+            saved.update({k: str(Path(saved[k]).resolve()) for k in PATH_ARGS
+                          if saved[k] is not None and not str(saved[k]).startswith("builtin:")})  # fmt: skip
             (run_dir / ARGS_FILE).write_text(json.dumps(saved, indent=1) + "\n")
 
     def log(row):
@@ -299,7 +314,8 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
         save_encoder(saved, out["network"].state_dict(), {"model": info["encoder"], "pool": args.pool, "classes":
                      json.dumps(train.classes), "source": str(info["path"])})  # fmt: skip
     result.update(top1=out["top1"], top5=out["top5"], best_top1=out["best_top1"], best_epoch=out["best_epoch"],
-                  epochs=n, blr=args.blr, lr=out["lr"], layer_decay=args.layer_decay, drop_path=args.drop_path,
+                  epochs=n, warmup_epochs=args.warmup_epochs, blr=args.blr, lr=out["lr"], min_lr=args.min_lr,
+                  layer_decay=args.layer_decay, drop_path=args.drop_path,
                   mixup=args.mixup, cutmix=args.cutmix, smoothing=args.smoothing, auto_augment=aa, reprob=args.reprob,
                   weight_decay=args.weight_decay, new_keys=out["fresh_keys"], saved=str(saved),
                   processes=args.dist_info.world_size, resumed=bool(args.resume),

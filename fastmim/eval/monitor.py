@@ -16,17 +16,18 @@ from fastmim.eval.knn import knn_accuracy
 MAX_BYTES = 4 << 30  # decoded images held in memory
 
 
-def labelled_split(spec: str) -> tuple[Path, Path]:
+def labelled_split(spec: str, flag: str = "--eval-data") -> tuple[Path, Path]:
     """``builtin:digits`` -> the built-in digits' (train, val); ``ROOT`` -> (ROOT/train, ROOT/val), each holding
-    ``<class>/<image>`` folders."""
+    ``<class>/<image>`` folders (``flag``: the option the error names)."""
     if spec in ("builtin:digits", "builtin"):
         from fastmim.data.samples import builtin_digits
 
         return builtin_digits()
     root = Path(spec)
     if not ((root / "train").is_dir() and (root / "val").is_dir()):
-        raise ValueError(f"--eval-data {spec!r}: expected ROOT/train/<class>/ and ROOT/val/<class>/ image folders "
-                         "(ImageNet style), or builtin:digits")  # fmt: skip
+        raise ValueError(f"{flag} {spec!r}: expected ROOT/train/<class>/ and ROOT/val/<class>/ image folders "
+                         "(ImageNet style), or builtin:digits" + (", or give --val-path too" if flag == "--data-path"
+                                                                   else ""))  # fmt: skip
     return root / "train", root / "val"
 
 

@@ -285,6 +285,27 @@ def test_a_bad_file_in_the_first_batch_says_run_again_not_resume(image_folder, t
         gc.enable()
 
 
+def test_a_dali_run_whose_scan_went_stale_is_told_to_scan_again_not_refused_for_its_size(capsys):
+    """--loader auto on resume: the checkpoint holds DALI's reader state but the folder's scan is out of date, so auto
+    would pick the torch loader (all files, bad ones included): mid-epoch that is refused saying to scan again; at an
+    epoch boundary it goes on, with a note. --loader given, or a run that did not read with DALI: nothing said."""
+    from fastmim.config import PretrainConfig
+    from fastmim.pretrain import UsageError, _check_loader_on_resume
+
+    cfg = PretrainConfig(data_path="/data/x")
+    why = "the folder has no up-to-date scan for DALI (python -m fastmim.data.scan)"
+    dali = {"loader": [{"dali": b"...", "epoch": 0, "batch": 3}], "batch": 3}
+    with pytest.raises(UsageError, match=r"read its data with DALI and stopped mid-epoch, but --loader auto now picks "
+                                         r"torch: .*\(python -m fastmim.data.scan /data/x\) and resume"):  # fmt: skip
+        _check_loader_on_resume(cfg, dali, "torch", why)
+    _check_loader_on_resume(cfg, {**dali, "batch": 0}, "torch", why)
+    assert "note: this run read its data with DALI" in capsys.readouterr().out
+    for c, state, kind in [(cfg, dali, "dali"), (cfg, {"loader": None, "batch": 3}, "torch"), (cfg, None, "torch"),
+                           (PretrainConfig(data_path="/data/x", loader="torch"), dali, "torch")]:  # fmt: skip
+        _check_loader_on_resume(c, state, kind, why)
+    assert capsys.readouterr().out == ""
+
+
 def test_the_bad_file_line_says_what_the_run_kept():
     """The CLI's line for a bad file, for each thing the run may have kept: a checkpoint at the last step, one
     before it (steps lost), none (no step done, or steps done and lost); for the torch loader's error and DALI's,
@@ -313,6 +334,8 @@ def test_the_bad_file_line_says_what_the_run_kept():
     assert line == ("cannot read image '/d/y.png': truncated. Replace the file at the same path and run again with "
                     "--resume: the run is checkpointed at step 2 (1 step after it lost)"), line  # fmt: skip
     assert str(named).endswith("and resume from an end-of-epoch checkpoint")  # the loader's own message, as before
+    member = BadImageError("cannot read image '/d/s0.tar:37376:x.jpg': truncated", "/d/s0.tar:37376:x.jpg")
+    assert "Rewrite the shard without it (or pass --skip-bad-files) and run again" in bad(member, False, 0, 0)
 
 
 @pytest.mark.slow

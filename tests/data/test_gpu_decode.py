@@ -287,7 +287,7 @@ def test_cli_trains_with_torch_gpu_and_resumes_exactly(image_folder, tmp_path, c
               "--num-workers", "1", "--vis-interval", "100"]  # fmt: skip
     straight, split = tmp_path / "straight", tmp_path / "split"
     pretrain.run([*common, "--output-dir", str(straight), "--max-steps", "8"])
-    assert "loader torch-gpu (1 workers read, decoding on the CPU: this run has no GPU)" in capsys.readouterr().out
+    assert "loader torch-gpu (1 worker read, decoding on the CPU: this run has no GPU)" in capsys.readouterr().out
     pretrain.run([*common, "--output-dir", str(split), "--max-steps", "3"])
     pretrain.run(["--resume", "--output-dir", str(split), "--max-steps", "8"])
     a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")

@@ -213,3 +213,38 @@ def test_cli_exits_2_when_no_image_decodes(tmp_path, capsys):
     assert main([str(root), "--quiet", "--workers", "0", "--out", str(tmp_path / "l.txt")]) == 2
     out = capsys.readouterr().out
     assert "no image decoded: the list is empty" in out and str(root / "a.jpg") in out
+
+
+def test_the_folder_walk_takes_each_folder_once_and_skips_hidden_files(tmp_path):
+    """A symlink back up the tree is not followed round (the images are not repeated), a second link to a walked
+    folder adds nothing, and hidden files (macOS's ._* AppleDouble files) are skipped like hidden folders; a
+    symlinked class folder outside the tree is still read."""
+    root = make_image_folder(tmp_path / "d", n=4)
+    outside = make_image_folder(tmp_path / "elsewhere", n=2, seed=1)
+    (root / "class0" / "up").symlink_to("..")  # a loop
+    (root / "again").symlink_to(root / "class1")  # the same folder twice
+    (root / "linked").symlink_to(outside / "class0")
+    (root / "class0" / "._img000.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    files = list_images(root)
+    names = sorted(os.path.basename(f) for f in files)
+    assert names == ["img000.jpg", "img000.jpg", "img001.jpg", "img002.jpg", "img003.jpg"], files
+    assert scan(root, workers=0).bad == []  # the AppleDouble file is not read as an image
+
+
+def test_a_name_that_is_not_utf8_is_left_out_by_the_scan_and_named_by_dali(tmp_path):
+    """A Latin-1 file name (bytes that are not UTF-8): the scan lists it as bad, saying why, and DALI given it
+    refuses it by name instead of failing in its pipeline's build; the torch loader reads it."""
+    root = make_image_folder(tmp_path / "d", n=4)
+    odd = os.path.join(os.fsencode(root / "class0"), b"latin1_\xe9.jpg")
+    os.rename(os.fsencode(root / "class0" / "img000.jpg"), odd)
+    result = scan(root, workers=0)
+    assert [(os.fsencode(p), r) for p, r in result.bad] == [(odd, "name is not valid UTF-8 (DALI cannot open it; "
+                                                                   "rename the file)")]  # fmt: skip
+    assert len(result.good) == 3
+    files = list_images(root)
+    assert len(ImageFolderDataset(root, eval_transform(32))[files.index(os.fsdecode(odd))].shape) == 3
+    pytest.importorskip("nvidia.dali", reason="DALI's check needs DALI installed (fastmim[dali])")
+    from fastmim.data.dali import DaliLoader
+
+    with pytest.raises(ValueError, match=r"DALI cannot open b'.*latin1_\\xe9.jpg': its name is not valid UTF-8"):
+        DaliLoader(files, 2, 32, num_threads=1)

@@ -175,14 +175,21 @@ def test_builtin_digits_are_real_labelled_class_folders():
         resolve_data_path("builtin:cifar")
 
 
-def test_cli_knn_and_linprobe_write_json_and_reuse_features(tmp_path, capsys):
+def test_cli_knn_and_linprobe_write_json_and_reuse_features(tmp_path, capsys, monkeypatch):
+    import fastmim.eval.encoder as encoder_module
+
     _, path = _save_run_encoder(tmp_path)
     train = make_image_folder(tmp_path / "train", n=12, classes=3)
     val = make_image_folder(tmp_path / "val", n=6, classes=3, seed=1)
     common = ["--encoder", str(path), "--data-path", str(train), "--val-path", str(val), "--batch-size", "5"]
     assert eval_main(["knn", *common]) == 0
     assert eval_main(["knn", *common]) == 0
+    extracted, real = [], encoder_module.cached_features
+    monkeypatch.setattr(encoder_module, "cached_features", lambda enc, info, ds, *a: extracted.append(ds.root)
+                        or real(enc, info, ds, *a))  # fmt: skip
     assert eval_main(["linprobe", *common, "--epochs", "3", "--warmup-epochs", "1"]) == 0
+    assert extracted == [val]  # the augmented probe trains on views: no centre-crop features of the training set
+    monkeypatch.setattr(encoder_module, "cached_features", real)
     assert eval_main(["linprobe", *common, "--epochs", "2", "--no-augment"]) == 0
     lines = [json.loads(s) for s in (path.parent / "eval.jsonl").read_text().splitlines()]
     assert [r["mode"] for r in lines] == ["knn", "knn", "linprobe", "linprobe"]
@@ -192,6 +199,7 @@ def test_cli_knn_and_linprobe_write_json_and_reuse_features(tmp_path, capsys):
     # the protocol's settings as they were resolved: auto pooling of a ViT with a class token is its class token
     assert first["pool"] == "cls" and first["pool_arg"] == "auto" and first["seed"] == 0 and first["batch_size"] == 5
     assert all(0 <= r["top1"] <= r["top5"] <= 100 for r in lines) and lines[2]["augment"] and not lines[3]["augment"]
+    assert (lines[2]["warmup_epochs"], lines[2]["min_lr"], lines[3]["warmup_epochs"]) == (1, 0.0, 10)  # the schedule
     assert "kNN (k=20, T=0.07) of mae_vit_tiny_patch16 step 12: top-1" in capsys.readouterr().out
 
 
@@ -216,9 +224,21 @@ def test_cli_errors(tmp_path, capsys):
     assert eval_main(["knn", "--encoder", str(path), "--model", "vit_small_patch16", "--data-path", str(train),
                       "--val-path", str(train)]) == 2  # fmt: skip
     assert "contradicts it" in capsys.readouterr().err
+    # --data-path alone: ROOT/{train,val} or builtin:digits, as --eval-data; a folder of classes is not that
+    assert eval_main(["knn", "--encoder", str(path), "--data-path", str(train)]) == 2
+    assert "--data-path " in (err := capsys.readouterr().err) and "ROOT/train/<class>/" in err and "--val-path" in err
     with pytest.raises(SystemExit):
-        eval_main(["knn", "--encoder", str(path), "--data-path", str(train)])
-    assert "give both --data-path and --val-path" in capsys.readouterr().err
+        eval_main(["knn", "--encoder", str(path), "--val-path", str(train)])
+    assert "--val-path needs --data-path" in capsys.readouterr().err
+    split = tmp_path / "split"
+    split.mkdir()
+    (split / "train").symlink_to(train)
+    (split / "val").symlink_to(train)
+    assert eval_main(["knn", "--encoder", str(path), "--data-path", str(split), "--no-cache"]) == 0
+    assert eval_main(["knn", "--encoder", str(path), "--data-path", "builtin:digits", "--no-cache"]) == 0
+    rows = [json.loads(s) for s in (path.parent / "eval.jsonl").read_text().splitlines()]
+    assert rows[-2]["train"].endswith("split/train") and rows[-2]["train_images"] == 6
+    assert rows[-1]["classes"] == 10  # the digits
 
 
 def test_finetune_network_holds_the_encoder_and_mae_layer_decay():

@@ -329,9 +329,12 @@ def test_skip_bad_files_replaces_them_by_a_fixed_choice_and_counts_them(tmp_path
         with open(files[i], "wb") as f:
             f.write(b"not an image")
     ds = WithIndex(ImageFolderDataset(data), skip_bad=True)
+    capsys.readouterr()
     img, sent = ds[3]
     stand_in = replacement_index(3, 1, 12)
     assert sent == -1 - stand_in and stand_in not in (3, 7) and img.size == (72, 80)
+    said = capsys.readouterr().err  # the file is named where it is skipped
+    assert said.startswith(f"skipped: cannot read image {files[3]!r}") and f"sample {stand_in} stands in" in said
     idx, n = decode_indices(torch.tensor([0, sent, 5]))
     assert idx.tolist() == [0, stand_in, 5] and n == 1
     runs = {}
