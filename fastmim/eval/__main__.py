@@ -329,12 +329,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "finetune" and args.resume:
         _resumed_args(ap, args, argv)
     _check(ap, args)
+    from fastmim.data.folder import BadImageError
     from fastmim.eval.finetune import FinetuneStopped
     from fastmim.train.preempt import REQUEUE_EXIT, StopRequested, stop_outside_training
 
     try:  # finetune: a stop signal exits with the requeue status, after a checkpoint when in training
         with stop_outside_training() if args.mode == "finetune" else contextlib.nullcontext():
             run(args)
+    except BadImageError as e:  # (a RuntimeError: first) one line, not a loader worker's traceback
+        print(f"error: {e.summary()}. Replace or remove it (python -m fastmim.data.scan FOLDER names every file that "
+              "does not decode) and run again", file=sys.stderr)  # fmt: skip
+        return 2
     except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

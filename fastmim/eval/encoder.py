@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fastmim.data.folder import to_rgb
+from fastmim.data.folder import BadImageError, to_rgb
 from fastmim.models.registry import RECIPE_PREFIXES
 
 CACHE_VERSION = "v1"
@@ -202,8 +202,8 @@ class LabelledFolder(torch.utils.data.Dataset):
         try:
             with Image.open(path) as im:
                 img = to_rgb(im)
-        except Exception as e:
-            raise ValueError(f"cannot read image {path!r}: {e}") from e
+        except Exception as e:  # one line naming the file, from a loader worker too (BadImageError.summary)
+            raise BadImageError(f"cannot read image {path!r}: {e}", str(path)) from e
         return (self.transform(img) if self.transform else img), label
 
     def fingerprint(self) -> str:

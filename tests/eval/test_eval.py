@@ -239,6 +239,12 @@ def test_cli_errors(tmp_path, capsys):
     rows = [json.loads(s) for s in (path.parent / "eval.jsonl").read_text().splitlines()]
     assert rows[-2]["train"].endswith("split/train") and rows[-2]["train_images"] == 6
     assert rows[-1]["classes"] == 10  # the digits
+    bad = sorted(train.rglob("*.jpg"))[0]
+    bad.write_bytes(b"junk")  # read in a loader worker: one line naming it, not the worker's traceback
+    assert eval_main(["knn", "--encoder", str(path), "--data-path", str(split), "--no-cache", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read image '{split}/train/{bad.parent.name}/{bad.name}'") and \
+        "Traceback" not in err and "fastmim.data.scan" in err, err  # fmt: skip
 
 
 def test_finetune_network_holds_the_encoder_and_mae_layer_decay():
