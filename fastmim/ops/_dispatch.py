@@ -203,19 +203,25 @@ def _cuda_problem(device: torch.device) -> str | None:
 _choices: dict[tuple, str] = {}
 
 
-def choose_backend(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str:
+def choose_backend(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...], name: str | None = None) -> str:
     """The backend ``op`` runs on for tensors on ``device`` with ``dtypes``.
 
     Args:
-        op: op name, for error messages.
+        op: the op's name in the backend tables (NO_CPP_KERNEL, AUTO_CUDA, ...) and in error messages.
         device: where the tensors are.
         dtypes: floating dtypes of the inputs; the kernels take float32, bfloat16 and float16.
+        name: the name errors give instead (an op sharing another's kernels: layer_norm, add_layer_norm's).
     """
     forced = forced_backend()
     key = (op, device.type, device.index, dtypes, forced, triton_interpreted())
     backend = _choices.get(key)
     if backend is None:
-        backend = _choose(op, device, dtypes, forced)  # raises for a forced backend that cannot run: not cached
+        try:
+            backend = _choose(op, device, dtypes, forced)  # raises for a forced backend that cannot run: not cached
+        except RuntimeError as e:
+            if name is None or not str(e).startswith(f"{op}: "):
+                raise
+            raise RuntimeError(f"{name}: {str(e).removeprefix(f'{op}: ')}") from None
         _choices[key] = backend
     return backend
 

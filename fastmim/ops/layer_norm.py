@@ -79,8 +79,9 @@ def _bwd_torch(dy, ds, s, weight, mean, rstd, x_dtype, r_dtype, need_w, need_b):
     return dr, dx, dw if need_w else None, db if need_b else None
 
 
-def _backend(*tensors: torch.Tensor, op: str = _OP) -> str:
-    return choose_backend(op, tensors[0].device, tuple(t.dtype for t in tensors))
+def _backend(*tensors: torch.Tensor, name: str = _OP) -> str:
+    """add_layer_norm's backend (layer_norm runs its kernels: ``name`` is only what an error calls the op)."""
+    return choose_backend(_OP, tensors[0].device, tuple(t.dtype for t in tensors), name=name)
 
 
 def _fwd(
@@ -94,7 +95,7 @@ def _fwd(
     # x, residual [M, C] contiguous (the public function reshapes); -> y, s, mean [M], rstd [M]. Without a residual
     # (layer_norm) s would be x itself: [0, C] is returned instead (a custom op's outputs may not alias its inputs)
     tensors = (x, weight, bias) if residual is None else (x, residual, weight, bias)
-    if _backend(*tensors, op=_OP if residual is not None else "layer_norm") == "triton":
+    if _backend(*tensors, name=_OP if residual is not None else "layer_norm") == "triton":
         x, weight, bias = (t.contiguous() for t in (x, weight, bias))  # the kernels' layout
         residual = None if residual is None else residual.contiguous()
         y, s, mean, rstd = _triton_ln().add_layer_norm_fwd(x, residual, weight, bias, eps, _s_dtype(x, residual),

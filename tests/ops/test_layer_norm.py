@@ -130,6 +130,20 @@ def test_the_triton_backends_refusal_names_layer_norm(monkeypatch):
     assert "add_layer_norm" not in str(err.value)
 
 
+@pytest.mark.parametrize("forced", ["cpp", "torch"])
+def test_layer_norm_runs_where_add_layer_norm_does_when_forced(monkeypatch, forced):
+    """layer_norm shares add_layer_norm's backend table: forced onto a backend that add_layer_norm's has no kernel
+    for (cpp), it runs the torch path as add_layer_norm does, on the same values."""
+    monkeypatch.setenv("FASTMIM_BACKEND", forced)
+    x, w, b = _problem((2, 3, 8), "cpu")
+    torch.testing.assert_close(layer_norm(x, w, b), layer_norm_ref(x, w, b), rtol=1e-5, atol=1e-5)
+    from fastmim.ops import _dispatch
+
+    monkeypatch.setattr("fastmim._ext.available", lambda: False)  # no fastmim._C either: still the torch path
+    monkeypatch.setattr(_dispatch, "_choices", {})  # (choices are cached per op, device, dtypes and forcing)
+    torch.testing.assert_close(layer_norm(x, w, b), layer_norm_ref(x, w, b), rtol=1e-5, atol=1e-5)
+
+
 def test_meta_tensors_give_shapes_as_nn_layer_norm_does():
     """On the meta device (a model built without memory, shape inference) the norms give their output shapes and
     dtypes; autocast is not asked about a device it does not know."""
