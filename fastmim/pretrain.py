@@ -241,13 +241,15 @@ def _check_loader_on_resume(cfg: PretrainConfig, state: dict | None, kind: str, 
     if cfg.loader != "auto" or kind == "dali" or not (saved and isinstance(saved[0], dict) and "dali" in saved[0]):
         return
     data = cfg.data_path or "DATA_PATH"
+    stale = "scan" in why  # the folder's scan went out of date (not: DALI missing, --skip-bad-files)
+    todo = (f"scan the data again (python -m fastmim.data.scan {data}) and resume: DALI then reads the new scan"
+            if stale else "resume with --loader dali where DALI can run")  # fmt: skip
     if state.get("batch", 0):
         raise UsageError(f"this run read its data with DALI and stopped mid-epoch, but --loader auto now picks {kind}: "
-                         f"{why}. Scan the data again (python -m fastmim.data.scan {data}) and resume: DALI then "
-                         "reads the folder's new scan (or resume with --loader torch from an end-of-epoch "
+                         f"{why}. To go on: {todo} (or resume with --loader torch from an end-of-epoch "
                          "checkpoint)")  # fmt: skip
-    print(f"note: this run read its data with DALI; --loader auto now picks {kind} ({why}); scan the data again "
-          f"(python -m fastmim.data.scan {data}) to go on with DALI", flush=True)  # fmt: skip
+    print(f"note: this run read its data with DALI; --loader auto now picks {kind} ({why}); to go on with DALI, "
+          f"{todo.split(' and resume')[0] if stale else 'resume with --loader dali'}", flush=True)  # fmt: skip
 
 
 def _choose_loader(cfg: PretrainConfig) -> tuple[str, str | None, str]:
@@ -618,7 +620,7 @@ def bad_file_message(e: BadImageError | DaliDecodeError) -> str:
     if resumable is None:  # raised outside the training loop: the error's own text
         return f"{e.summary()}. Replace or remove the file and run again" if isinstance(e, BadImageError) else str(e)
     lost, saved = e.steps_lost, e.saved_step
-    steps = f"{lost} step" + ("s" if lost != 1 else "")
+    steps = _n(lost, "step")
     if resumable:
         kept = f"the run is checkpointed at step {saved}" + (f" ({steps} after it lost)" if lost else "")
     else:

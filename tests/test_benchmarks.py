@@ -906,8 +906,8 @@ def test_ijepa_in_the_throughput_benchmark(tmp_path):
     assert [r["mode"] for r in rows] == ["reference", "fastmim"] and rows[0]["gflop_per_img"] > 0
     check = rows[0]["flop_check"]
     assert check["pass"] == "fwd+bwd" and check["formula_gflop"] == pytest.approx(check["counted_gflop"], rel=0.005)
-    if check["formula_gflop"] != rows[0]["gflop_per_img"]:  # the row says why the two differ
-        assert "expected counts" in check["note"]
+    differ = abs(check["formula_gflop"] - rows[0]["gflop_per_img"]) > 1e-3 * check["formula_gflop"]
+    assert ("expected counts" in check.get("note", "")) == differ  # the row says why the two differ, when they do
     fresh = fastmim.create_model("ijepa_vit_base_patch16", pred_depth=2)
     nc, k, t = recipes.ijepa_counts(fresh)
     assert 40 < nc < 75 and k == 4 and 28 < t < 40  # I-JEPA's 14x14 masks: contexts truncated, blocks of ~33

@@ -90,7 +90,7 @@ class DaliDecodeError(RuntimeError):
         then = resume if resumable else "run again"
         if self.path is None:
             return (f"Find it with python -m fastmim.data.scan DATA_PATH (it names every file a decoder rejects), "
-                    f"replace or remove it, and {then}")  # fmt: skip
+                    f"replace it at the same path and {then}")  # fmt: skip
         if not resumable:
             return (f"Replace the file at the same path, or remove it and scan again (python -m fastmim.data.scan), "
                     f"and {then}")  # fmt: skip

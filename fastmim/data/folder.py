@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,23 +33,44 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def iter_files(root: str | Path) -> Iterator[str]:
+def iter_files(root: str | Path, skipped: dict[str, int] | None = None) -> Iterator[str]:
     """Every file below root, following symlinks, each folder once: a symlinked folder whose target was already
     walked (a link back up the tree, a second link to the same folder) is not walked again, so a loop cannot repeat
     the images. Hidden files and folders (name starting with '.', such as macOS's ``._*`` AppleDouble files) are
-    skipped. Unordered."""
+    skipped. Unordered. ``skipped``: counts what was left out, under "hidden" and "walked twice"."""
     seen = {os.path.realpath(root)}
+    skipped = {} if skipped is None else skipped
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         keep = []
         for d in sorted(dirnames):
             real = os.path.realpath(os.path.join(dirpath, d))
-            if not d.startswith(".") and real not in seen:
+            if d.startswith("."):
+                skipped["hidden"] = skipped.get("hidden", 0) + 1
+            elif real in seen:
+                skipped["walked twice"] = skipped.get("walked twice", 0) + 1
+            else:
                 seen.add(real)
                 keep.append(d)
         dirnames[:] = keep
         for f in filenames:
-            if not f.startswith("."):
+            if f.startswith("."):
+                skipped["hidden"] = skipped.get("hidden", 0) + 1
+            else:
                 yield os.path.join(dirpath, f)
+
+
+_NOTED: set[str] = set()  # the roots whose skipped entries were noted in this process
+
+
+def _note_skipped(root: Path, skipped: dict[str, int]) -> None:
+    """Says once per folder what the walk left out, so that a data set smaller than the files on disk is explained
+    (a folder reached again through a link is not read twice)."""
+    key = str(root)
+    if key in _NOTED or not skipped.get("walked twice"):
+        return
+    _NOTED.add(key)
+    print(f"note: {key}: {skipped['walked twice']} linked folder(s) lead to a folder already read (a link loop or a "
+          "second link to the same folder): their images are read once", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -102,7 +124,9 @@ def list_images(root: str | Path) -> list[str]:
         return files
     if not root.is_dir():
         raise NotADirectoryError(f"data path {str(root)!r} is not a directory")
-    files = [f for f in iter_files(root) if is_image_file(f)]
+    skipped: dict[str, int] = {}
+    files = [f for f in iter_files(root, skipped) if is_image_file(f)]
+    _note_skipped(root, skipped)
     if not files:
         raise ValueError(f"data path {str(root)!r} holds no images (looked for {', '.join(IMG_EXTENSIONS)})")
     return sorted(files)

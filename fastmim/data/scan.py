@@ -113,16 +113,11 @@ def default_list_path(root: str | Path) -> Path:
 
 
 def _walk(root: str) -> tuple[list[str], list[str], float]:
-    """(image files, other files, newest mtime) below root. Image files are exactly those ``list_images`` reads;
-    other files skip hidden ones (``.DS_Store``), which the folder loader never reads either."""
+    """(image files, other files, newest mtime) below root. Image files are exactly those ``list_images`` reads
+    (``iter_files``: hidden files such as ``.DS_Store`` are not walked)."""
     images, others, newest = [], [], 0.0
     for path in iter_files(root):
-        if is_image_file(path):
-            images.append(path)
-        elif not os.path.basename(path).startswith("."):
-            others.append(path)
-        else:
-            continue
+        (images if is_image_file(path) else others).append(path)
         try:
             newest = max(newest, os.stat(path).st_mtime)
         except OSError:  # a broken link: counted, and reported as unreadable if it names an image

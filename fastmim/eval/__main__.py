@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument(
         "--resume",
         metavar="DIR",
-        help="continue the fine-tuning in DIR with the settings it was "
-        "started with (its args.json; give --epochs to train longer)",
+        help="continue the fine-tuning in DIR with the settings it was started with (its args.json; give --epochs "
+        "to train longer); 'if-exists' with --finetune-dir: continue there if it holds a checkpoint, else start "
+        "there (a requeued job's one command)",
     )
     ap.add_argument(
         "--no-augment",
@@ -112,8 +113,9 @@ def _resumed_args(ap, args, argv) -> None:
     except (OSError, ValueError) as e:
         ap.error(f"--resume: cannot read {str(path)!r} ({e})")
     given = _given(ap, argv)
-    if "encoder" in given or "random" in given:  # one source: the command's
-        given |= {"encoder", "random"}
+    for pair in ({"encoder", "random"}, {"data_path", "val_path"}):  # one source, one data set: the command's
+        if given & pair:
+            given |= pair
     for name in RESUMED_ARGS:
         if name in saved and name not in given:
             setattr(args, name, saved[name])
@@ -210,7 +212,7 @@ def run(args) -> dict:
                                  warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, blr=args.blr,
                                  pool=args.pool, workers=args.workers, seed=args.seed, **feats)  # fmt: skip
         result.update(top1=out["top1"], top5=out["top5"], epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-                      blr=args.blr, lr=out["lr"], min_lr=0.0, augment=not args.no_augment,
+                      blr=args.blr, lr=out["lr"], min_lr=out["min_lr"], augment=not args.no_augment,
                       final_loss=round(out["history"][-1]["loss"], 5))  # fmt: skip
         what = f"linear probe ({args.epochs} epochs{', cached features' if args.no_augment else ''})"
     result["seconds"] = round(time.perf_counter() - t0, 2)
@@ -270,7 +272,6 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
     from fastmim.eval.encoder import LabelledFolder
     from fastmim.eval.finetune import finetune, finetune_transform
     from fastmim.train.checkpoint import save_encoder
-    from fastmim.train.preempt import training_finished
 
     aa = None if args.aa == "none" else args.aa
     train_set = LabelledFolder(train_root, finetune_transform(info["img_size"], aa, args.reprob), classes=train.classes)
@@ -280,10 +281,13 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
     if args.dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"finetune: {'resuming in' if args.resume else 'writing to'} {run_dir}", flush=True)
-        if not args.resume:  # what --resume DIR alone reads back (paths absolute: it may run from elsewhere)
-            saved = {k: getattr(args, k) for k in RESUMED_ARGS}
-            saved.update({k: str(Path(saved[k]).resolve()) for k in PATH_ARGS
-                          if saved[k] is not None and not str(saved[k]).startswith("builtin:")})  # fmt: skip
+        # what --resume DIR alone reads back (paths absolute: it may run from elsewhere); a resume that trains
+        # longer keeps its --epochs there, so that the next resume (after a requeue) does not ask for fewer
+        saved = {k: getattr(args, k) for k in RESUMED_ARGS}
+        saved["out"] = str(_out_path(args, info))  # the eval.jsonl this fine-tuning reports to
+        saved.update({k: str(Path(saved[k]).resolve()) for k in PATH_ARGS
+                      if saved[k] is not None and not str(saved[k]).startswith("builtin")})  # fmt: skip
+        if not args.resume or (run_dir / ARGS_FILE).exists():
             (run_dir / ARGS_FILE).write_text(json.dumps(saved, indent=1) + "\n")
 
     def log(row):
@@ -308,7 +312,6 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
             if made and run_dir.is_dir() and not any(run_dir.iterdir()):
                 run_dir.rmdir()  # (no empty finetune-N either)
         raise
-    training_finished()  # trained to the end and saved: a stop signal from now on changes nothing
     saved = run_dir / "finetuned.safetensors"
     if args.dist_info.is_main:
         save_encoder(saved, out["network"].state_dict(), {"model": info["encoder"], "pool": args.pool, "classes":
@@ -326,6 +329,12 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.mode == "finetune" and args.resume == "if-exists":  # a job script's one command, requeued or not
+        if not args.finetune_dir:
+            ap.error("--resume if-exists needs --finetune-dir DIR: the folder the fine-tuning starts in, or continues "
+                     "in once it holds a checkpoint")  # fmt: skip
+        found = (Path(args.finetune_dir) / "checkpoint.pt").is_file()
+        args.resume, args.finetune_dir = (args.finetune_dir, None) if found else (None, args.finetune_dir)
     if args.mode == "finetune" and args.resume:
         _resumed_args(ap, args, argv)
     _check(ap, args)
@@ -349,8 +358,11 @@ def main(argv: list[str] | None = None) -> int:
                                    and folder else ""), file=sys.stderr)  # fmt: skip
         return REQUEUE_EXIT
     except StopRequested as e:
-        print(f"stopped on {e} outside the fine-tuning's steps: nothing new to save, its last checkpoint (if any) is "
-              "intact", file=sys.stderr)  # fmt: skip
+        folder = getattr(args, "run_dir", None)
+        saved = folder is not None and (Path(folder) / "checkpoint.pt").is_file()
+        print(f"stopped on {e} outside the fine-tuning's steps: nothing new to save, " + (
+            f"its checkpoint is intact; continue with python -m fastmim.eval finetune --resume {folder}" if saved
+            else "no checkpoint had been written"), file=sys.stderr)  # fmt: skip
         return REQUEUE_EXIT
     finally:
         if getattr(args, "dist_info", None) is not None and args.dist_info.enabled:  # torchrun's group, joined in run

@@ -59,8 +59,8 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
     encoder.safetensors, a fine-tuning's finetuned.safetensors (without its classifier), or a timm state dict
     (.safetensors, .pth); None: ``model`` randomly initialised.
     ``model``: the encoder (``vit_base_patch16``, ``convnextv2_atto``) or recipe name; None: the file's metadata.
-    ``img_size``: a ViT's comes from its position embedding; a ConvNeXt's is the one its run trained at (the
-    file's metadata), else 224."""
+    ``img_size``: a ViT's comes from its position embedding (another size given: the embedding is interpolated to
+    it); a ConvNeXt's is the one its run trained at (the file's metadata), else 224."""
     import fastmim
 
     state, meta = None, {}
@@ -92,10 +92,20 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
         if state is not None and "pos_embed" in state and "patch_embed.proj.weight" in state:
             tokens = state["pos_embed"].shape[1] - int(class_token)
             grid = math.isqrt(tokens)
-            kwargs["img_size"] = grid * state["patch_embed.proj.weight"].shape[-1]
+            patch = state["patch_embed.proj.weight"].shape[-1]
+            kwargs["img_size"] = grid * patch
             if img_size is not None and img_size != kwargs["img_size"]:
-                raise ValueError(f"the encoder was trained at {kwargs['img_size']} px (its position embedding); "
-                                 f"--img-size {img_size} does not fit it")  # fmt: skip
+                if img_size % patch:
+                    raise ValueError(f"--img-size {img_size} is not a multiple of the encoder's patch size {patch}")
+                state = {
+                    **state,
+                    "pos_embed": resize_pos_embed(state["pos_embed"], int(class_token), img_size // patch),
+                }
+                new = img_size // patch
+                print(f"note: the encoder was trained at {kwargs['img_size']} px: its position embedding is "
+                      f"interpolated from {grid}x{grid} to {new}x{new} patches (bicubic, as MAE's "
+                      "interpolate_pos_embed)", flush=True)  # fmt: skip
+                kwargs["img_size"] = img_size
         elif img_size is not None:
             kwargs["img_size"] = img_size
         if state is not None:  # a classifier of a timm checkpoint is not the encoder
@@ -116,6 +126,18 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
             "step": int(meta["step"]) if meta.get("step", "").isdigit() else None,
             "random_init": path is None}  # fmt: skip
     return module.eval(), info
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, prefix: int, grid: int) -> torch.Tensor:
+    """A ViT's position embedding [1, prefix + g*g, D] for a grid x grid patch grid: the prefix tokens' (class
+    token) kept, the patch positions resampled bicubically as a g x g image of D channels (MAE's
+    ``interpolate_pos_embed``, for an encoder used at another image size)."""
+    pre, pos = pos_embed[:, :prefix], pos_embed[:, prefix:]
+    g, d = math.isqrt(pos.shape[1]), pos.shape[2]
+    pos = pos.reshape(1, g, g, d).permute(0, 3, 1, 2).float()
+    pos = torch.nn.functional.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False)
+    pos = pos.permute(0, 2, 3, 1).reshape(1, grid * grid, d).to(pos_embed.dtype)
+    return torch.cat([pre, pos], dim=1)
 
 
 def global_pool_norm(encoder: nn.Module) -> nn.LayerNorm | None:

@@ -21,7 +21,7 @@ from fastmim.eval.encoder import _autocast, check_pool
 from fastmim.eval.knn import percent, topk_hits
 from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier
 from fastmim.train.optim import lr_at
-from fastmim.train.preempt import PreemptionWatch
+from fastmim.train.preempt import PreemptionWatch, training_finished
 
 
 def _timm():
@@ -203,6 +203,7 @@ def finetune(
                 log(row)
             if epoch + 1 < epochs and watch.requested():  # a signal during the validation: the epoch is saved
                 raise FinetuneStopped(watch.signame, epoch + 1, 0, per_epoch, run_dir is not None)
+        training_finished()  # the last epoch is saved: a stop signal from now on (the outputs' writing) is ignored
     finally:
         watch.close()
     last = history[-1]

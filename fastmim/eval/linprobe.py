@@ -17,6 +17,8 @@ from fastmim.eval.knn import _topk_accuracy
 from fastmim.eval.lars import LARS
 from fastmim.train.optim import lr_at
 
+MIN_LR = 0.0  # MAE's linear probe: the half-cosine ends at 0
+
 
 class LinearProbe(nn.Module):
     def __init__(self, dim: int, num_classes: int):
@@ -78,7 +80,7 @@ def train_linear_probe(
             batches = ((train_feats[idx], train_labels[idx]) for idx in order.split(batch_size))
         for x, y in batches:
             for g in opt.param_groups:
-                g["lr"] = lr_at(it / per_epoch, lr, 0.0, warmup_epochs, epochs)
+                g["lr"] = lr_at(it / per_epoch, lr, MIN_LR, warmup_epochs, epochs)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if train_feats is None:
                 with torch.no_grad(), _autocast(device):
@@ -99,4 +101,4 @@ def train_linear_probe(
         logits = head(val_feats.to(device).float()).cpu()
     acc = _topk_accuracy(logits, val_labels, num_classes)
     history[-1].update(acc)
-    return {**acc, "lr": lr, "history": history}
+    return {**acc, "lr": lr, "min_lr": MIN_LR, "history": history}

@@ -146,14 +146,14 @@ def attention(qkv: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     if qkv.shape[-1] == 0:
         raise ValueError(f"{_OP}: the head dim is 0 (qkv shape {tuple(qkv.shape)})")
     scale = int(qkv.shape[-1]) ** -0.5 if scale is None else scale  # int(): a traced head dim is specialised
-    if isinstance(scale, torch.Tensor) and scale.dim() == 0 and scale.is_floating_point():
+    if isinstance(scale, torch.Tensor) and scale.dim() == 0 and scale.dtype != torch.bool:
         scale = scale.item()  # a 0-d tensor holding the number
     if not is_finite_number(scale):
         what = f"a {tuple(scale.shape)} tensor" if isinstance(scale, torch.Tensor) else repr(scale)
         hint = (
             " (attention takes no mask: it attends over all N tokens, as MAE's encoder and decoder do; use "
             "F.scaled_dot_product_attention for masked attention)"
-            if isinstance(scale, torch.Tensor)
+            if isinstance(scale, torch.Tensor) and scale.dim() > 0  # (a mask passed where the scale goes)
             else ""
         )
         raise ValueError(f"{_OP}: scale must be a finite number, got {what}{hint}")

@@ -215,7 +215,7 @@ def test_cli_exits_2_when_no_image_decodes(tmp_path, capsys):
     assert "no image decoded: the list is empty" in out and str(root / "a.jpg") in out
 
 
-def test_the_folder_walk_takes_each_folder_once_and_skips_hidden_files(tmp_path):
+def test_the_folder_walk_takes_each_folder_once_and_skips_hidden_files(tmp_path, capsys):
     """A symlink back up the tree is not followed round (the images are not repeated), a second link to a walked
     folder adds nothing, and hidden files (macOS's ._* AppleDouble files) are skipped like hidden folders; a
     symlinked class folder outside the tree is still read."""
@@ -228,6 +228,9 @@ def test_the_folder_walk_takes_each_folder_once_and_skips_hidden_files(tmp_path)
     files = list_images(root)
     names = sorted(os.path.basename(f) for f in files)
     assert names == ["img000.jpg", "img000.jpg", "img001.jpg", "img002.jpg", "img003.jpg"], files
+    assert "2 linked folder(s) lead to a folder already read" in capsys.readouterr().err  # said, once
+    list_images(root)
+    assert capsys.readouterr().err == ""
     assert scan(root, workers=0).bad == []  # the AppleDouble file is not read as an image
 
 

@@ -103,6 +103,27 @@ def _save_run_encoder(tmp_path, name="mae_vit_tiny_patch16", img_size=32):
     return model, path
 
 
+def test_a_vit_at_another_image_size_gets_its_position_embedding_interpolated(tmp_path, capsys):
+    """--img-size other than the encoder's: the class token's embedding kept, the patch positions resampled
+    bicubically as MAE's interpolate_pos_embed (checked against F.interpolate of the 2x2 grid), and the encoder runs
+    at the new size; a size that is not a multiple of the patch is refused."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    _, path = _save_run_encoder(tmp_path)  # 32 px, patch 16: a 2x2 grid
+    pe = load_file(path)["pos_embed"]
+    enc, info = load_encoder(path, img_size=64)
+    assert info["img_size"] == 64 and enc.pos_embed.shape == (1, 1 + 16, pe.shape[-1])
+    assert "interpolated from 2x2 to 4x4 patches" in capsys.readouterr().out
+    torch.testing.assert_close(enc.pos_embed[:, :1], pe[:, :1])
+    want = F.interpolate(pe[:, 1:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2), size=(4, 4), mode="bicubic",
+                         align_corners=False).permute(0, 2, 3, 1).reshape(1, 16, -1)  # fmt: skip
+    torch.testing.assert_close(enc.pos_embed[:, 1:], want)
+    assert pooled_features(enc, torch.randn(2, 3, 64, 64)).shape == (2, pe.shape[-1])
+    with pytest.raises(ValueError, match="--img-size 40 is not a multiple of the encoder's patch size 16"):
+        load_encoder(path, img_size=40)
+
+
 def test_run_encoder_loads_with_its_size_and_weights(tmp_path):
     model, path = _save_run_encoder(tmp_path)
     enc, info = load_encoder(path.parent)  # the run directory
@@ -501,10 +522,11 @@ def test_a_stop_signal_inside_a_finetuning_epoch_checkpoints_that_step_and_resum
 
 def test_cli_finetune_stopped_by_a_signal_exits_for_a_requeue_and_resumes(tmp_path, capsys, monkeypatch,
                                                                           noted_sigusr1):  # fmt: skip
-    """The CLI: SIGUSR1 inside the first epoch exits 75 (requeue) naming the place and the command that continues;
-    that command finishes the fine-tuning."""
+    """A job script's one command (--resume if-exists --finetune-dir F): the first start is stopped by SIGUSR1
+    inside the first epoch and exits 75 (requeue) naming the place; the same command run again continues it and
+    finishes; a later --resume F --epochs 3 trains one more epoch and keeps --epochs 3 in args.json, so that the next
+    resume does not ask for fewer."""
     pytest.importorskip("timm", reason="fine-tuning builds on timm")
-
     _, path = _save_run_encoder(tmp_path)
     train = make_image_folder(tmp_path / "train", n=12, classes=3)
     val = make_image_folder(tmp_path / "val", n=6, classes=3, seed=1)
@@ -518,16 +540,23 @@ def test_cli_finetune_stopped_by_a_signal_exits_for_a_requeue_and_resumes(tmp_pa
         return item(self, i)
 
     monkeypatch.setattr(LabelledFolder, "__getitem__", signalling)
-    args = ["finetune", "--encoder", str(path), "--data-path", str(train), "--val-path", str(val), "--batch-size",
-            "4", "--epochs", "2", "--warmup-epochs", "1"]  # fmt: skip
-    assert eval_main(args) == 75
-    folder = path.parent / "finetune"
+    folder = tmp_path / "ft"
+    job = ["finetune", "--encoder", str(path), "--data-path", str(train), "--val-path", str(val), "--batch-size", "4",
+           "--epochs", "2", "--warmup-epochs", "1", "--resume", "if-exists", "--finetune-dir", str(folder)]  # fmt: skip
+    assert eval_main(job) == 75
     err = capsys.readouterr().err
     assert f"stopped on SIGUSR1: checkpointed at epoch 1, batch 2 of 3; continue with python -m fastmim.eval " \
         f"finetune --resume {folder}" in err, err  # fmt: skip
-    assert eval_main(["finetune", "--resume", str(folder)]) == 0
+    assert eval_main(job) == 0  # the same command: it continues in the folder
     assert [json.loads(s)["epoch"] for s in (folder / "history.jsonl").read_text().splitlines()] == [1, 2]
     assert (folder / "finetuned.safetensors").exists()
+    assert eval_main(["finetune", "--resume", str(folder), "--epochs", "3"]) == 0
+    assert json.loads((folder / "args.json").read_text())["epochs"] == 3
+    assert eval_main(["finetune", "--resume", str(folder)]) == 2  # nothing left: refused as done, with 3 epochs
+    assert "it has done 3 of --epochs 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main(["finetune", "--encoder", str(path), "--resume", "if-exists"])
+    assert "--resume if-exists needs --finetune-dir" in capsys.readouterr().err
 
 
 @pytest.mark.slow
