@@ -520,6 +520,19 @@ def test_a_stop_signal_inside_a_finetuning_epoch_checkpoints_that_step_and_resum
         [{k: v for k, v in h.items() if k not in drop} for h in straight["history"]]  # fmt: skip
 
 
+def test_a_stop_signal_at_or_after_the_last_step_lets_the_fine_tuning_finish(tmp_path, noted_sigusr1):
+    """SIGUSR1 during the last batch (no step follows to stop at) and again after finetune() returned, inside the
+    CLI's stop handling: the fine-tuning ends normally and the caller can write its outputs (a requeue then would
+    restart a finished run that never wrote them)."""
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    from fastmim.train.preempt import stop_outside_training
+
+    with stop_outside_training():
+        out = _finetune_run(tmp_path, tmp_path / "a", epochs=1, signal_at=16)  # the last of 16 items
+        os.kill(os.getpid(), signal.SIGUSR1)  # while the outputs would be written
+    assert [h["epoch"] for h in out["history"]] == [1] and not noted_sigusr1
+
+
 def test_cli_finetune_stopped_by_a_signal_exits_for_a_requeue_and_resumes(tmp_path, capsys, monkeypatch,
                                                                           noted_sigusr1):  # fmt: skip
     """A job script's one command (--resume if-exists --finetune-dir F): the first start is stopped by SIGUSR1
