@@ -3,7 +3,8 @@
 - ``patch_hf_vit_mae(model=None)`` / ``unpatch_hf_vit_mae``: Hugging Face transformers' ``ViTMAEForPreTraining``.
 - ``fastmim.integrations.lightly``: lightly's MAE helpers (``get_at_index``, ``decode_masked``, ``mae_loss``) and
   ``patch_lightly()``.
-- timm: ``fastmim.create_model("mae" | "fcmae", encoder=<timm model>)``.
+- timm: ``fastmim.create_model("mae" | "fcmae", encoder=<timm model>)``; ``fastmim.integrations.timm.fuse_timm_vit
+  (model)`` / ``unfuse_timm_vit``: a timm ViT's blocks (norms, attention, bias + GELU) on fastmim's fused ops.
 """
 
 from __future__ import annotations
