@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import copy_bandwidth, environment, write_row  # noqa: E402
 from benchmarks.recipes import RECIPES, core_model, get_recipe  # noqa: E402
+from fastmim.data.folder import usable_cpus  # noqa: E402
 from fastmim.masking import MaskInfo  # noqa: E402
 from fastmim.models.vit import set_grad_ckpt  # noqa: E402
 from fastmim.ops._dispatch import COMPILED_OPS, compiled_ops, set_compiled_ops  # noqa: E402
@@ -328,6 +329,21 @@ def make_batches(args, device: torch.device, real: bool | None = None):
     return next_batch, f"{args.data} ({len(dataset)} images, loader {kind}, {workers} workers)", stats
 
 
+def sanity_notes(row: dict, device_type: str) -> list[str]:
+    """What makes a row's numbers doubtful: faster than its floor or above 100% MFU (the peak or the bandwidth was
+    measured while other work loaded the machine, or the spec peak is wrong), or a CPU run on a machine busier than
+    its cores (OpenMP threads then wait for each other: the timings depend on what else ran)."""
+    notes = []
+    if row.get("floor_gap") is not None and row["floor_gap"] < 1:
+        notes.append("DOUBTFUL: faster than its floor (the peak or copy rate was measured under other load?)")
+    elif row.get("mfu") is not None and row["mfu"] > 1:
+        notes.append("DOUBTFUL: above 100% MFU (a --peak-tflops below the device's, or a peak measured under load)")
+    if device_type == "cpu" and row.get("host_load_1m", 0) > row.get("host_cpus", 1e9):
+        notes.append(f"DOUBTFUL: load {row['host_load_1m']} on {row['host_cpus']} CPUs (rerun on an idle machine, or "
+                     "with OMP_NUM_THREADS=1)")  # fmt: skip
+    return notes
+
+
 def data_loader_kind(args, device: torch.device) -> str:
     """--loader, or by default torch-gpu where torchvision decodes JPEGs on the device, else torch."""
     if args.loader != "auto":
@@ -515,6 +531,8 @@ def run_mode(
         row["graph_breaks"] = graph_break_count()
     if device.type == "cuda":
         row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if hasattr(os, "getloadavg"):  # the machine's load meanwhile (a CPU run shares its cores with everything else)
+        row["host_load_1m"], row["host_cpus"] = round(os.getloadavg()[0], 2), usable_cpus()
     if args.profile:
         trace = Path(args.profile_dir) / f"{model_name}-b{args.batch_size}-{mode.replace('+', '_')}.json.gz"
         row["profile"] = profile_steps(step, device, args.profile_steps, trace, args.top)
@@ -630,6 +648,8 @@ def main(argv=None) -> int:
                 f"{row['img_per_s']:.1f} img/s, MFU {row['mfu']:.1%}, step {row['step_ms_median']:.1f} "
                 f"ms = {row['floor_gap']:.2f}x its floor of {row['floor_ms']:.1f} ms"
             )
+            for warning in sanity_notes(row, device.type):
+                status += f"; {warning}"
             if mode.endswith("+graph") and "error" not in row and not row.get("cuda_graph"):
                 status += " (uncaptured: CUDA graphs need a CUDA device; the same step code ran eagerly)"
             if "real_over_synthetic" in row:

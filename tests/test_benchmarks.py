@@ -172,6 +172,17 @@ def test_throughput_bad_arguments_name_the_problem(args, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_throughput_flags_rows_it_cannot_trust():
+    """A step faster than its floor, MFU above 100%, or a CPU run on a machine loaded past its cores: the printed line
+    says DOUBTFUL and why; a plausible row says nothing."""
+    ok = {"floor_gap": 1.8, "mfu": 0.4, "host_load_1m": 1.0, "host_cpus": 2}
+    assert throughput.sanity_notes(ok, "cpu") == []
+    assert "faster than its floor" in throughput.sanity_notes({**ok, "floor_gap": 0.66, "mfu": 1.25}, "cuda")[0]
+    assert "above 100% MFU" in throughput.sanity_notes({**ok, "mfu": 1.2}, "cuda")[0]
+    assert "load 5.0 on 2 CPUs" in throughput.sanity_notes({**ok, "host_load_1m": 5.0}, "cpu")[0]
+    assert throughput.sanity_notes({**ok, "host_load_1m": 5.0}, "cuda") == []
+
+
 def test_throughput_refuses_what_it_cannot_run_before_measuring_anything(tmp_path, capsys, monkeypatch):
     """A missing --data folder, another recipe's model name (with the flag that fixes it), and loader flags without
     --data are refused by argparse, before the peak is measured; --recipe fcmae alone times a ConvNeXt V2."""
