@@ -7,6 +7,7 @@ import ast
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -256,7 +257,7 @@ def _coerce(name: str, value, tp) -> object:
             return None
         raise ValueError(f"config key {name!r} cannot be null")
     if base is dict:
-        return _mapping(name, value)
+        return as_mapping(name, value)
     if base is bool:
         if isinstance(value, bool):
             return value
@@ -296,7 +297,7 @@ def key_value(text: str) -> tuple[str, object]:
         return key, value
 
 
-def _mapping(name: str, value) -> dict:
+def as_mapping(name: str, value) -> dict:
     """A mapping key's value: a dict with string keys, or ``KEY=VALUE[,KEY=VALUE]`` (``key_value``'s rules)."""
     if isinstance(value, str):
         pairs = [p for p in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", value) if p.strip()]  # commas inside [..] stay
@@ -320,8 +321,27 @@ def apply_overrides(cfg: PretrainConfig, overrides: dict, source: str) -> Pretra
             close = difflib.get_close_matches(name, list(fields), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ValueError(f"unknown config key {key!r} in {source}{hint}")
-        values[name] = _coerce(name, value, hints[name])
+        try:
+            values[name] = _coerce(name, value, hints[name])
+        except ValueError as e:
+            raise ValueError(f"{e} (in {source})") from None
+        if name in PATH_KEYS and isinstance(values[name], str):
+            values[name] = expand_path(name, values[name], source)
     return dataclasses.replace(cfg, **values)
+
+
+PATH_KEYS = ("data_path", "output_dir", "resume", "eval_data")
+
+
+def expand_path(name: str, value: str, source: str) -> str:
+    """A path as a shell would give it: ``~`` and ``$VAR`` / ``${VAR}`` expanded (a YAML file is not a shell: without
+    this, ``output_dir: ~/runs`` made a folder named ``~``). A variable that is not set is refused by name."""
+    out = os.path.expandvars(os.path.expanduser(value))
+    unset = re.findall(r"\$\{?([A-Za-z_]\w*)", out)
+    if unset:
+        raise ValueError(f"config key {name!r} ({value!r}, in {source}) names the environment variable "
+                         f"${unset[0]}, which is not set")  # fmt: skip
+    return out
 
 
 # 2: mask_type None means the recipe's own masks (format 1 wrote "random" for every recipe, whatever it drew)
@@ -344,7 +364,9 @@ def migrate_saved_config(saved: dict, config_format: int | None) -> dict:
 def load_yaml(path: str | Path) -> dict:
     """Reads a YAML mapping of config keys; errors name the file. A run's own config.yaml (it has a ``resume`` key)
     of an older format is migrated (``migrate_saved_config``); ``config_format`` is not a config key."""
-    p = Path(path)
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"config file {str(p)!r} is a folder: name one of its YAML files")
     if not p.is_file():
         raise FileNotFoundError(f"config file {str(p)!r} does not exist")
     try:
@@ -377,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and FCMAE (--model; fastmim.list_models() lists them). With no arguments: a small MAE on built-in photos.",
         allow_abbrev=False,
     )
-    parser.add_argument("--config", default=None, help="YAML file of config keys; flags override it")
+    parser.add_argument("--config", action="append", default=None, metavar="FILE",
+                        help="YAML file of config keys; flags override it (repeatable: later files override earlier "
+                        "ones, model_args mappings merge)")  # fmt: skip
     hints = typing.get_type_hints(PretrainConfig)
     for f in dataclasses.fields(PretrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -395,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cli_overrides(argv: list[str] | None) -> tuple[str | None, dict]:
-    """(--config path, the flags the user actually gave) from a command line."""
+def cli_overrides(argv: list[str] | None) -> tuple[list[str], dict]:
+    """(the --config paths in order, the flags the user actually gave) from a command line."""
     ns = vars(build_parser().parse_args(argv))
-    return ns.pop("config", None), ns
+    return [os.path.expanduser(p) for p in ns.pop("config", None) or []], ns

@@ -5,6 +5,7 @@ With no arguments it pretrains a small MAE on the built-in sample photos. Run ``
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -15,7 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastmim.config import PretrainConfig, apply_overrides, cli_overrides, load_yaml, migrate_saved_config, save_yaml
+from fastmim.config import (
+    PretrainConfig,
+    apply_overrides,
+    as_mapping,
+    cli_overrides,
+    load_yaml,
+    migrate_saved_config,
+    save_yaml,
+)
 from fastmim.data.dali import DaliDecodeError
 from fastmim.data.folder import BadImageError
 from fastmim.train.checkpoint import existing_run_markers, load_checkpoint, remove_stale_temporaries, run_checkpoint
@@ -34,8 +43,18 @@ def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]
     ``resume`` and ``output_dir`` may come from the YAML file or the flags; with ``resume: auto`` the checkpoint is
     ``output_dir/checkpoint.pt`` (or the sharded ``checkpoint.dcp/`` of an --fsdp run).
     """
-    config_path, flags = cli_overrides(argv)
-    from_yaml = load_yaml(config_path) if config_path else {}
+    config_paths, flags = cli_overrides(argv)
+    files = [(p, load_yaml(p)) for p in config_paths]  # in order: a later file's keys win
+    from_yaml, source = {}, {}
+    for path, data in files:
+        for k, v in data.items():
+            k = str(k).replace("-", "_")
+            if k == "model_args" and v is not None and from_yaml.get(k) is not None:
+                v = {**as_mapping(k, from_yaml[k]), **as_mapping(k, v)}  # mappings merge, key by key
+            from_yaml[k], source[k] = v, path
+    if flags.get("model_args") is not None and from_yaml.get("model_args") is not None:  # --model-args adds keys
+        flags = {**flags, "model_args": {**as_mapping("model_args", from_yaml["model_args"]),
+                                         **as_mapping("model_args", flags["model_args"])}}  # fmt: skip
     if isinstance(from_yaml.get("resume"), bool):  # `resume: true`: the bare --resume (the run in output_dir)
         from_yaml = {**from_yaml, "resume": "auto" if from_yaml["resume"] else None}
     given = {**{str(k).replace("-", "_"): v for k, v in from_yaml.items()}, **flags}
@@ -72,27 +91,35 @@ def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]
         saved = migrate_saved_config(saved, state.get("config_format"))
         cfg = apply_overrides(cfg, saved, f"the config saved in {ckpt_path}")
         given = {**given, "resume": str(ckpt_path), "output_dir": out or str(ckpt_path.parent)}
-    if config_path:
-        cfg = apply_overrides(cfg, from_yaml, config_path)
+    for path, data in files:
+        cfg = apply_overrides(cfg, {k: from_yaml[str(k).replace("-", "_")] for k in data}, path)
     run_keys = ("resume", "output_dir")
     cfg = apply_overrides(cfg, {k: v for k, v in given.items() if k in run_keys}, "resume")
     cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if k not in run_keys}, "the command line")
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ValueError as e:  # where the bad value came from: a flag, the --config file, the run's saved config
+        key = str(e).split(" ", 1)[0]
+        where = ("the command line" if key in flags else source[key] if key in source else
+                 "the run's saved config" if state is not None else None)  # fmt: skip
+        raise ValueError(f"{e} (from {where})" if where else str(e)) from None
     if state is not None:
-        _check_resumed_settings(cfg, saved)
+        state["resume_changes"] = _check_resumed_settings(cfg, saved)
     return cfg, state
 
 
 # what the checkpoint's weights are shaped by: a resume cannot change them
 NETWORK_KEYS = ("model", "img_size", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
-# settings a resume may change (flags override the saved config): said in a note (model_args that reshape the
-# network are refused when its weights are loaded)
-SAID_KEYS = ("mask_type", "mask_ratio", "num_masks", "data_path", "seed", "hflip", "model_args")
+# what a resume continues with whatever it was (where the run is, how it reports): not a change of the training
+RUN_KEYS = ("resume", "output_dir", "device", "num_workers", "max_steps", "log_interval", "vis_interval",
+            "save_interval", "eval_data", "eval_every", "eval_pool")  # fmt: skip
+CHANGES_FILE = "resumes.jsonl"  # a run's record of the settings each resume changed
 
 
-def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> None:
-    """A resume that changes the network is refused naming what the run was trained with; one that changes its masks
-    or data is said (flags override the saved config, by design)."""
+def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
+    """A resume that changes the network is refused naming what the run was trained with; any other changed setting
+    (flags override the saved config, by design: masks, data, loss, optimizer, augmentation, precision) is said in a
+    note and returned as {key: [before, after]}, which the run appends to its resumes.jsonl."""
     # a saved None (the model's default) against a given value may be the same network: load_state_dict decides;
     # FCMAE's weights do not depend on the image size
     keys = [k for k in NETWORK_KEYS if not (k == "img_size" and cfg.model.startswith("fcmae_"))]
@@ -102,9 +129,13 @@ def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> None:
         now = ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in changed)
         raise UsageError(f"--resume: this run was trained with {was}; {now} would change the network its checkpoint "
                          "holds: drop them to continue the run, or start another in a new --output-dir")  # fmt: skip
-    notes = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in SAID_KEYS if k in saved and getattr(cfg, k) != saved[k]]
-    if notes:
-        print(f"note: resuming with changed settings: {'; '.join(notes)}", flush=True)
+    same = set(RUN_KEYS) | set(NETWORK_KEYS)
+    changes = {k: [saved[k], getattr(cfg, k)] for k in cfg.to_dict()
+               if k in saved and k not in same and getattr(cfg, k) != saved[k]}  # fmt: skip
+    if changes:
+        said = "; ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
+        print(f"note: resuming with changed settings: {said} (recorded in {CHANGES_FILE})", flush=True)
+    return changes
 
 
 def _remove_empty(out: Path, top: Path | None) -> None:
@@ -466,6 +497,9 @@ def check_lr_schedule(cfg: PretrainConfig, lr: float, eff_batch: int, info: Dist
     if cfg.min_lr > lr:
         raise UsageError(f"--min-lr {cfg.min_lr:g} is above the peak learning rate {lr:.3g} ({origin}): the cosine "
                          "decay would raise the learning rate; lower --min-lr or raise the peak")  # fmt: skip
+    if cfg.warmup_epochs > cfg.epochs and info.is_main:
+        print(f"note: --warmup-epochs {cfg.warmup_epochs:g} is longer than the run's --epochs {cfg.epochs}: the "
+              f"learning rate never reaches its peak {lr:.3g}", flush=True)  # fmt: skip
     if cfg.warmup_epochs > 0 and cfg.warmup_lr > lr and info.is_main:
         print(f"note: --warmup-lr {cfg.warmup_lr:g} is above the peak learning rate {lr:.3g} ({origin}): the warm-up "
               "lowers the learning rate", flush=True)  # fmt: skip
@@ -525,6 +559,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     from fastmim.train.engine import Trainer, resolve_amp
     from fastmim.train.optim import build_adamw
 
+    changes = (state or {}).pop("resume_changes", None)  # (what resolve_config found the resume changed)
     check_fsdp(cfg)  # before anything is written
     check_cuda_graph(cfg, device)
     compile_mode = check_compile(cfg, device)
@@ -575,6 +610,10 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
             raise
         if info.is_main and trainer.pos.step < trainer.total_steps:  # (a resume with nothing to do keeps the run's own)
             save_yaml(cfg, out / "config.yaml")
+            if changes:  # config.yaml holds the settings from here on; which steps ran with which is kept here
+                with open(out / CHANGES_FILE, "a") as f:
+                    f.write(json.dumps({"step": trainer.pos.step, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                        "changed": changes}, default=str) + "\n")  # fmt: skip
         if info.is_main:
             n_params = sum(p.numel() for p in model.parameters()) / 1e6
             amp_name = str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "fp32"

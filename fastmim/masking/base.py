@@ -18,6 +18,9 @@ else torch. torch, cpp and ref draw from different random streams: they agree in
 from __future__ import annotations
 
 import abc
+import math
+import numbers
+import operator
 import random
 from dataclasses import dataclass
 from typing import ClassVar
@@ -61,22 +64,23 @@ class Masks:
         return Masks(move(self.mask), move(self.targets), move(self.secondary), self.num_hidden)
 
 
-def as_mask_info(mask, ids: bool, num_tokens: int | None = None, who: str = "the model") -> MaskInfo:
+def as_mask_info(mask, ids: bool, num_tokens: int | None = None, who: str = "the model",
+                 grid: tuple[int, int] | None = None, batch: int | None = None) -> MaskInfo:  # fmt: skip
     """A mask given to a model's forward, in the form it needs: a ``MaskInfo`` as it is; a ``Masks`` (a strategy's
     output) or a tensor [B, N] or [B, H, W] (bool, or 0/1; True / 1 = hidden) turned into MAE's index form (``ids``:
-    the same hidden count in every sample) or the float mask alone. ``num_tokens``: the patches per image."""
+    the same hidden count in every sample) or the float mask alone. ``num_tokens``, ``grid``, ``batch``: the patches
+    per image, their grid and the batch's size, which the mask must fit (checked where given)."""
     if isinstance(mask, MaskInfo):
+        _check_layout(mask.mask, "the MaskInfo's mask", num_tokens, grid, batch, who)
         return mask
     if isinstance(mask, Masks):
+        _check_layout(mask.mask, "the Masks' mask", num_tokens, grid, batch, who)
         return mask.info(ids)
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{who}: mask must be a MaskInfo (build_mask(...)(batch).info()), a Masks or a [B, N] tensor "
                         f"(True = hidden), got {type(mask).__name__}")  # fmt: skip
-    flat = mask.flatten(1) if mask.dim() >= 2 else mask
-    if flat.dim() != 2 or (num_tokens is not None and flat.shape[1] != num_tokens):
-        want = f"[B, {num_tokens}]" if num_tokens is not None else "[B, N]"
-        raise ValueError(f"{who}: a mask tensor must be {want} (or [B, H, W] of the patch grid), got shape "
-                         f"{tuple(mask.shape)}")  # fmt: skip
+    _check_layout(mask, "a mask tensor", num_tokens, grid, batch, who)
+    flat = mask.flatten(1)
     if flat.dtype != torch.bool:
         if not bool(((flat == 0) | (flat == 1)).all()):
             raise ValueError(f"{who}: a mask tensor holds True/1 for hidden patches and False/0 for visible ones; "
@@ -85,21 +89,52 @@ def as_mask_info(mask, ids: bool, num_tokens: int | None = None, who: str = "the
     return masking_from_bool(flat) if ids else mask_only(flat)
 
 
+def _check_layout(mask: torch.Tensor, what: str, num_tokens: int | None, grid: tuple[int, int] | None,
+                  batch: int | None, who: str) -> None:  # fmt: skip
+    """A mask [B, N] or [B, H, W] for ``batch`` images of ``num_tokens`` patches on ``grid``: else one line saying
+    which of them does not fit (a mask of another grid with as many tokens, such as 9x7 for 7x9, included)."""
+    shape = tuple(mask.shape)
+    want = f"[B, {num_tokens}]" if num_tokens is not None else "[B, N]"
+    if grid is not None:
+        want += f" or [B, {grid[0]}, {grid[1]}]"
+    if mask.dim() not in (2, 3) or (num_tokens is not None and math.prod(shape[1:]) != num_tokens):
+        raise ValueError(f"{who}: {what} must be {want} (True = hidden, one row per image), got shape {shape}")
+    if mask.dim() == 3 and grid is not None and shape[1:] != tuple(grid):
+        raise ValueError(f"{who}: {what} is a {shape[1]}x{shape[2]} grid; this model's patch grid is "
+                         f"{grid[0]}x{grid[1]} (height x width)")  # fmt: skip
+    if batch is not None and shape[0] != batch:
+        raise ValueError(f"{who}: {what} holds masks for {shape[0]} images; the batch has {batch}")
+
+
 def _check_num_masks(num_masks) -> int:
     if isinstance(num_masks, bool) or not isinstance(num_masks, int) or num_masks < 1:
         raise ValueError(f"num_masks must be a positive int, got {num_masks!r}")
     return num_masks
 
 
+def _as_int(value) -> int | None:
+    """``value`` as an int when it is one of any integer type (numpy's too), else None (a bool, a float, a string)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def as_grid(grid: int | tuple[int, int], what: str = "grid") -> tuple[int, int]:
-    g = (grid, grid) if isinstance(grid, int) and not isinstance(grid, bool) else tuple(grid)
-    if len(g) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in g):
+    single = _as_int(grid)
+    try:
+        g = (single, single) if single is not None else tuple(_as_int(v) for v in grid)
+    except TypeError:  # a float or another non-iterable
+        g = ()
+    if len(g) != 2 or not all(v is not None and v >= 1 for v in g):
         raise ValueError(f"{what} must be a positive int or (height, width) of positive ints, got {grid!r}")
     return g  # type: ignore[return-value]
 
 
 def check_ratio(name: str, value: float, low_open: bool = True, high_open: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # (numpy's numbers too)
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     v = float(value)
     ok_low = v > 0.0 if low_open else v >= 0.0
@@ -139,9 +174,9 @@ class MaskStrategy(abc.ABC):
     def __init__(self, grid: int | tuple[int, int], *, seed: int = 0, impl: str = "auto", num_masks: int = 1):
         self.grid = as_grid(grid)
         self.num_masks = _check_num_masks(num_masks)
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if _as_int(seed) is None:
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        self.seed = seed
+        self.seed = _as_int(seed)
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if impl == "cpp":
@@ -184,7 +219,8 @@ class MaskStrategy(abc.ABC):
         of a sample a pure function of (seed, epoch, index, j); mask 0 is the single-mask draw."""
         num_masks = self.num_masks if num_masks is None else _check_num_masks(num_masks)
         if indices is None:
-            if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+            batch = _as_int(batch) if batch is not None else None
+            if batch is None or batch < 0:
                 raise ValueError(f"batch must be a non-negative int when no indices are given, got {batch!r}")
             indices = torch.arange(self._drawn, self._drawn + batch, dtype=torch.int64)
             self._drawn += batch
@@ -192,8 +228,9 @@ class MaskStrategy(abc.ABC):
             indices = torch.as_tensor(indices)
             if batch is not None and batch != indices.shape[0]:
                 raise ValueError(f"batch={batch} but {indices.shape[0]} indices were given")
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        if _as_int(epoch) is None or _as_int(epoch) < 0:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        epoch = _as_int(epoch)
         missing = [k for k in self.inputs if k not in inputs]
         extra = [k for k in inputs if k not in self.inputs]
         if missing or extra:
@@ -204,8 +241,9 @@ class MaskStrategy(abc.ABC):
         if dev is None:
             dev = next((t.device for t in inputs.values()), torch.device("cpu"))
         inputs = {k: self._check_input(k, torch.as_tensor(v).to(dev), indices.shape[0]) for k, v in inputs.items()}
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        if seed is not None and _as_int(seed) is None:
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        seed = _as_int(seed) if seed is not None else None
         # keys from the indices where they are (the loader's: CPU, where the check costs no host sync), then moved
         keys = sample_keys(self.seed if seed is None else seed, epoch, indices).to(dev, non_blocking=True)
         if num_masks > 1:

@@ -1,5 +1,6 @@
 """Counter-based random numbers for masks: every draw is a pure function of (seed, epoch, sample index, stream,
-position), computed with integer tensor ops, so a mask is the same on any device, in any worker, rank or restart.
+position), computed with integer tensor ops, so a mask is the same on any device, in any worker, rank or restart
+(for the PyTorch and Triton implementations; the C++ generators have their own streams, also per sample).
 
 ``sample_keys(seed, epoch, indices)`` hashes the three into one 32-bit key per sample; ``uniform(keys, n, stream)``
 turns a key into n floats in [0, 1) with 24 random bits each. The hash is the well-known xor-shift-multiply integer

@@ -256,8 +256,9 @@ class InverseBlockMask(MaskStrategy):
 
 
 class SimMIMMask(MaskStrategy):
-    """SimMIM: ``ceil(ratio * M)`` of the M cells of a coarse grid of ``mask_patch_size`` px hidden, each cell then
-    covering (mask_patch_size / patch_size)^2 tokens. Args: grid (tokens), ratio, mask_patch_size, patch_size."""
+    """SimMIM: ``ceil(ratio * M)`` of the M cells of a coarse grid of ``mask_patch_size`` px hidden (at most M - 1),
+    each cell then covering (mask_patch_size / patch_size)^2 tokens. Args: grid (tokens), ratio, mask_patch_size,
+    patch_size."""
 
     name = "simmim"
 
@@ -273,7 +274,12 @@ class SimMIMMask(MaskStrategy):
                              f"{self.scale}-token mask patches ({mask_patch_size} over {patch_size} px)")  # fmt: skip
         self.coarse = (self.grid[0] // self.scale, self.grid[1] // self.scale)
         m = self.coarse[0] * self.coarse[1]
-        self.num_hidden_cells = min(m, int(math.ceil(m * self.ratio)))
+        if m < 2:
+            raise ValueError(f"the {self.grid[0]}x{self.grid[1]} token grid is one {self.scale}x{self.scale}-token "
+                             "mask patch: SimMIM masks need at least two (a larger image or a smaller "
+                             "mask_patch_size)")  # fmt: skip
+        # SimMIM's ceil(ratio * M), and at least one cell visible (as every family keeps a visible token)
+        self.num_hidden_cells = min(m - 1, int(math.ceil(m * self.ratio)))
 
     def _up(self, coarse: torch.Tensor) -> torch.Tensor:
         return coarse.repeat_interleave(self.scale, -2).repeat_interleave(self.scale, -1)

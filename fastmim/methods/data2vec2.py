@@ -163,7 +163,7 @@ class Data2Vec2ViT(TeacherOfEncoder, VisionTransformer):
         if mask is None:
             mask = self.make_mask(b, imgs.device, mask_ratio)
         else:
-            mask = as_mask_info(mask, True, self.num_patches, type(self).__name__)
+            mask = as_mask_info(mask, True, self.num_patches, type(self).__name__, grid=self.grid_size)
         if mask.ids_keep is None:
             raise ValueError("data2vec 2.0 drops the masked tokens: it needs the masks' index form (Masks.info())")
         if b == 0 or mask.ids_keep.shape[0] % b:

@@ -159,7 +159,9 @@ class FCMAE(PixelTarget, nn.Module):
         if mask is None:
             mask = self.make_mask(imgs.shape[0], imgs.device, mask_ratio)
         else:
-            mask = as_mask_info(mask, True, self.num_patches, type(self).__name__)
+            mask = as_mask_info(
+                mask, True, self.num_patches, type(self).__name__, grid=self.grid_size, batch=imgs.shape[0]
+            )
         latent = self.forward_encoder(imgs, mask.mask, mask.ids_keep.shape[1])
         pred = self.forward_decoder(latent, mask.mask)
         return self.forward_loss(imgs, pred, mask.mask), pred, mask.mask

@@ -27,7 +27,7 @@ from torch import nn
 
 from fastmim._args import check_bool, check_int, check_momentum
 from fastmim.masking import MaskInfo, Masks, build_mask
-from fastmim.masking.base import MaskStrategy
+from fastmim.masking.base import MaskStrategy, as_mask_info
 from fastmim.methods.mae import register_vit_family
 from fastmim.models.pos_embed import sincos_2d
 from fastmim.models.vit import Block, VisionTransformer, checkpointed, init_weights
@@ -173,19 +173,26 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
 
         Args:
             imgs: [B, C, H, W].
-            mask: the context (``Masks.info()`` of the multi-block mask: the same count in every sample); drawn with
-                ``targets`` when None.
+            mask: the multiblock strategy's ``Masks`` (context and target blocks), or the context alone
+                (``Masks.info()`` or a bool [B, N] tensor, the same count in every sample) with ``targets``; drawn
+                with ``targets`` when None.
             targets: [B, K, H, W] bool target blocks (``Masks.targets``).
         """
         if mask is None:
             drawn = self.make_masks(imgs.shape[0], imgs.device)
             mask, targets = drawn.info(), drawn.targets
+        elif isinstance(mask, Masks):  # a multiblock strategy's output: its context and its target blocks
+            if targets is None:
+                targets = mask.targets
+            mask = as_mask_info(mask, True, self.num_patches, "I-JEPA", grid=self.grid_size, batch=imgs.shape[0])
+        elif isinstance(mask, torch.Tensor):
+            mask = as_mask_info(mask, True, self.num_patches, "I-JEPA", grid=self.grid_size, batch=imgs.shape[0])
         if targets is None:
-            raise ValueError("I-JEPA needs the target blocks (Masks.targets of a multiblock mask) with the context")
+            raise ValueError("I-JEPA needs the target blocks with the context: pass the multiblock strategy's Masks "
+                             "(mask=masks), or mask=masks.info(), targets=masks.targets")  # fmt: skip
         if mask.ids_keep is None:
             raise ValueError("I-JEPA drops the tokens outside the context: it needs the masks' index form (info())")
         tgt_ids = target_indices(targets)  # [B, K, T]
-        self.last_counts = (mask.ids_keep.shape[1], *tgt_ids.shape[1:])  # (context, blocks, block tokens): FLOP counts
         self.last_counts = (mask.ids_keep.shape[1], *tgt_ids.shape[1:])  # (context, blocks, block tokens): FLOP counts
         x = self.patch_embed(imgs) + self.pos_embed  # no class token: a position row per patch
         x = (gather_visible if self.fused_ops else gather_visible_ref)(x, mask.ids_keep)

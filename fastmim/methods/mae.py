@@ -177,7 +177,9 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
         if mask is None:
             mask = self.make_mask(imgs.shape[0], imgs.device, mask_ratio)
         else:
-            mask = as_mask_info(mask, True, self.num_patches, type(self).__name__)
+            mask = as_mask_info(
+                mask, True, self.num_patches, type(self).__name__, grid=self.grid_size, batch=imgs.shape[0]
+            )
         if mask.ids_keep is None:
             raise ValueError(f"{type(self).__name__} drops the masked tokens: it needs the masks' index form "
                              "(Masks.info()), with the same hidden count in every sample")  # fmt: skip

@@ -76,6 +76,7 @@ class MaskFeatViT(MaskTokenViT):
         self.fused_ops = fused_ops
         self.target_dim = self.set_target("hog", hog_cell, hog_bins, gaussian_window)
         self.decoder = LinearHead(embed_dim, self.target_dim)
+        self.mask_strategy()  # a ratio or an image size its masks cannot take: refused here, not at every forward
 
     # --- Mask ---
     def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:
@@ -97,7 +98,9 @@ class MaskFeatViT(MaskTokenViT):
         if mask is None:
             mask = self.make_mask(imgs.shape[0], imgs.device, mask_ratio)
         else:
-            mask = as_mask_info(mask, False, self.num_patches, type(self).__name__)
+            mask = as_mask_info(
+                mask, False, self.num_patches, type(self).__name__, grid=self.grid_size, batch=imgs.shape[0]
+            )
         return self.forward_hog(imgs, mask)
 
 

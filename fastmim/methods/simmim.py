@@ -116,6 +116,7 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
             self.decoder = LinearHead(embed_dim, out_dim)
         else:
             self.decoder = PixelShuffleHead(embed_dim, patch_size, in_chans)
+        self.mask_strategy()  # a ratio or an image size its masks cannot take: refused here, not at every forward
 
     # --- Mask ---
     def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:
@@ -147,7 +148,9 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
         if mask is None:
             mask = self.make_mask(imgs.shape[0], imgs.device, mask_ratio)
         else:
-            mask = as_mask_info(mask, False, self.num_patches, type(self).__name__)
+            mask = as_mask_info(
+                mask, False, self.num_patches, type(self).__name__, grid=self.grid_size, batch=imgs.shape[0]
+            )
         if self.target == "hog":
             return self.forward_hog(imgs, mask)
         rec = self.forward_decoder(self.forward_encoder(imgs, mask.mask))  # [B, C, H, W]

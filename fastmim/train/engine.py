@@ -190,7 +190,8 @@ class Trainer:
         except (RuntimeError, KeyError) as e:
             first = " ".join(str(e).split("\n")[:3]).strip()  # not the whole key list
             raise ValueError(f"the checkpoint does not fit model {self.cfg.model!r} as configured (a changed "
-                             f"--model-args?): {first[:600]}") from e  # fmt: skip
+                             f"--decoder-embed-dim, --decoder-depth or --model-args? drop them to continue the run): "
+                             f"{first[:300]}") from e  # fmt: skip
         ckpt.weights_check(self.state_sums(), state)  # a damaged file or shard: refused, not trained on
         for group, hp in zip(self.optimizer.param_groups, fresh_hparams, strict=True):
             group.update(hp)

@@ -361,3 +361,29 @@ def test_masks_drawn_in_loader_workers_equal_the_strategy_on_those_indices():
         assert torch.equal(imgs[:, 0, 0, 0].long(), idx)
         assert torch.equal(mask, strategy(indices=idx, epoch=2).mask)
         assert not torch.equal(mask, strategy(indices=idx, epoch=3).mask)
+
+
+def test_simmim_masks_keep_a_visible_cell_and_refuse_a_single_cell():
+    """SimMIM's ceil(ratio * M) hidden cells stop at M - 1 (a mask hiding every token leaves nothing to encode), and a
+    grid that is one mask cell is refused by name."""
+    from fastmim.masking import build_mask
+
+    m = build_mask("simmim", 14, ratio=0.99, mask_patch_size=32, patch_size=16)(3).mask
+    assert m.flatten(1).sum(1).tolist() == [192, 192, 192]  # 49 cells of 4 tokens: 48 hidden
+    assert build_mask("simmim", 14, ratio=0.6)(1).mask.sum() == 30 * 4  # SimMIM's own ceil(0.6 * 49) = 30
+    with pytest.raises(ValueError, match="2x2 token grid is one 2x2-token mask patch"):
+        build_mask("simmim", 2, mask_patch_size=32, patch_size=16)
+
+
+def test_numpy_numbers_are_taken_where_python_ones_are():
+    """A grid, batch, epoch and seed of numpy integer types and a ratio of numpy's float32 draw the masks their
+    Python values draw; a float grid is refused as a grid."""
+    import numpy as np
+
+    from fastmim.masking import build_mask
+
+    a = build_mask("block", np.int64(14), ratio=np.float32(0.5), seed=np.int64(3))(np.int64(2), epoch=np.int64(1))
+    b = build_mask("block", 14, ratio=float(np.float32(0.5)), seed=3)(2, epoch=1)
+    assert torch.equal(a.mask, b.mask)
+    with pytest.raises(ValueError, match="grid must be a positive int or \\(height, width\\)"):
+        build_mask("random", 14.0)

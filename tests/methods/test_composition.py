@@ -5,6 +5,7 @@ mask strategies as well as their own, MAE and PixMIM take each, and the recipes 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -230,3 +231,35 @@ def test_targets_compose_with_other_recipes_encoders_and_heads(image_folder, tmp
                   str(out), "--max-steps", "2", "--model-args", "target=hog"])  # fmt: skip
     assert (out / "encoder.safetensors").exists() and not (out / "reconstructions").exists()
     assert yaml.safe_load((out / "config.yaml").read_text())["model_args"] == {"target": "hog"}
+
+
+def test_a_mask_for_another_grid_or_batch_is_refused_by_name():
+    """A mask must fit the images: a 9x7 mask (as many tokens as the 7x9 grid), a [B, h, w] tensor of the wrong
+    grid, or masks for another batch size are one line each, whatever the mask's form; I-JEPA takes its strategy's
+    Masks whole (context and target blocks)."""
+    from fastmim.masking import build_mask
+
+    mae = fastmim.create_model("mae_vit_tiny_patch16", img_size=(112, 144))  # a 7x9 patch grid
+    imgs = torch.randn(2, 3, 112, 144)
+    for bad, said in [(build_mask("random", (9, 7))(2), "the Masks' mask is a 9x7 grid; this model's patch grid"),
+                      (torch.zeros(2, 9, 7, dtype=torch.bool), "a mask tensor is a 9x7 grid"),
+                      (build_mask("random", (7, 9))(3), "holds masks for 3 images; the batch has 2"),
+                      (build_mask("random", (7, 9))(2).info(), None),
+                      (torch.zeros(2, 2, 7, 9, dtype=torch.bool), "must be [B, 63] or [B, 7, 9]")]:  # fmt: skip
+        if said is None:
+            assert torch.isfinite(mae(imgs, mask=bad)[0])
+            continue
+        with pytest.raises(ValueError, match=re.escape(said)):
+            mae(imgs, mask=bad)
+    simmim = fastmim.create_model("simmim_vit_tiny_patch16", img_size=64)
+    with pytest.raises(ValueError, match="SimMIMViT: the Masks' mask holds masks for 2 images; the batch has 3"):
+        simmim(torch.randn(3, 3, 64, 64), mask=simmim.mask_strategy()(2))
+    with pytest.raises(ValueError, match="ratio must be in \\(0, 1\\)"):  # refused when built, not at each forward
+        fastmim.create_model("simmim_vit_tiny_patch16", img_size=64, mask_ratio=1.2)
+    ijepa = fastmim.create_model("ijepa_vit_tiny_patch16", img_size=64)
+    masks = ijepa.make_masks(2, torch.device("cpu"))
+    torch.manual_seed(0)
+    whole = ijepa(torch.ones(2, 3, 64, 64), mask=masks)[0]
+    torch.manual_seed(0)
+    parts = ijepa(torch.ones(2, 3, 64, 64), mask=masks.info(), targets=masks.targets)[0]
+    torch.testing.assert_close(whole, parts)

@@ -139,3 +139,53 @@ def test_beta2_and_crop_min_reach_the_optimizer_and_the_augmentation(image_folde
     for flag, value in (("--beta2", "1.0"), ("--crop-min", "0"), ("--crop-min", "1.5")):
         with pytest.raises(ValueError, match=flag.lstrip("-").replace("-", "_")):
             resolve_config([flag, value])
+
+
+def test_config_files_merge_expand_paths_and_errors_name_their_file(tmp_path, monkeypatch):
+    """Several --config files apply in order and their model_args merge (with --model-args on top, key by key); ~ and
+    $VAR expand in path keys (an unset variable is refused, not made a folder); a bad value names the file it came
+    from; a folder given as --config is named as one."""
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("epochs: 7\nmodel_args: {low_pass_radius: 20, foo: 1}\noutput_dir: ~/runs/x\n")
+    b.write_text("epochs: 3\nmodel_args: {foo: 2}\ndata_path: ${FASTMIM_TEST_DATA}/imgs\n")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FASTMIM_TEST_DATA", "/data/set")
+    cfg, _ = resolve_config(["--config", str(a), "--config", str(b), "--model-args", "hog_cell=4"])
+    assert cfg.epochs == 3 and cfg.model_args == {"low_pass_radius": 20, "foo": 2, "hog_cell": 4}
+    assert cfg.output_dir == str(tmp_path / "home" / "runs" / "x") and cfg.data_path == "/data/set/imgs"
+    monkeypatch.delenv("FASTMIM_TEST_DATA")
+    with pytest.raises(ValueError, match=r"names the environment variable \$FASTMIM_TEST_DATA, which is not set"):
+        resolve_config(["--config", str(b)])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: ten\n")
+    with pytest.raises(ValueError, match=rf"config key 'epochs' must be of type int, got 'ten' \(in {bad}\)"):
+        resolve_config(["--config", str(bad)])
+    bad.write_text("mask_ratio: 1.5\n")
+    with pytest.raises(ValueError, match=rf"\(from {bad}\)"):
+        resolve_config(["--config", str(bad)])
+    with pytest.raises(ValueError, match=r"blr must be a finite number >= 0, got -1.0 \(from the command line\)"):
+        resolve_config(["--config", str(a), "--blr=-1"])
+    with pytest.raises(ValueError, match="is a folder: name one of its YAML files"):
+        resolve_config(["--config", str(tmp_path)])
+
+
+def test_a_resume_records_every_setting_it_changes(image_folder, tmp_path, capsys):
+    """Flags override the saved config on --resume; every training setting changed (loss, optimizer, augmentation,
+    not just masks) is said and appended to resumes.jsonl with the step it applies from; bookkeeping (max steps, log
+    intervals) is not."""
+    import json
+
+    from fastmim import pretrain
+    from tests.conftest import TINY_ARGS
+
+    out = tmp_path / "run"
+    pretrain.run([*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--max-steps", "1"])
+    capsys.readouterr()
+    pretrain.run(["--resume", "--output-dir", str(out), "--max-steps", "2", "--crop-min", "0.5", "--beta2", "0.99",
+                  "--no-norm-pix-loss", "--log-interval", "3"])  # fmt: skip
+    said = capsys.readouterr().out
+    assert "note: resuming with changed settings: norm_pix_loss True -> False; beta2 0.95 -> 0.99; crop_min 0.2 -> " \
+        "0.5 (recorded in resumes.jsonl)" in said, said  # fmt: skip
+    (row,) = [json.loads(s) for s in (out / "resumes.jsonl").read_text().splitlines()]
+    assert row["step"] == 1 and row["changed"] == {"norm_pix_loss": [True, False], "beta2": [0.95, 0.99],
+                                                   "crop_min": [0.2, 0.5]}  # fmt: skip
