@@ -187,6 +187,8 @@ class PretrainConfig:
             check_mask_ratio(self.mask_ratio)
         if self.sparse_backend not in SPARSE_BACKENDS:
             raise ValueError(f"sparse_backend must be one of {SPARSE_BACKENDS}, got {self.sparse_backend!r}")
+        if not 0 <= self.seed < 2**32:  # numpy's and DALI's seeds are 32-bit
+            raise ValueError(f"seed must be in [0, 2^32), got {self.seed}")
         positive = ("img_size", "epochs", "batch_size", "accum_iter", "log_interval", "vis_interval", "eval_every")
         for name in positive:
             if getattr(self, name) < 1:

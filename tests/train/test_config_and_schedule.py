@@ -167,6 +167,8 @@ def test_config_files_merge_expand_paths_and_errors_name_their_file(tmp_path, mo
         resolve_config(["--config", str(a), "--blr=-1"])
     with pytest.raises(ValueError, match="is a folder: name one of its YAML files"):
         resolve_config(["--config", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\^32\), got -5 \(from the command line\)"):
+        resolve_config(["--seed=-5"])  # (numpy's error, later, named no key)
 
 
 def test_a_resume_records_every_setting_it_changes(image_folder, tmp_path, capsys):
