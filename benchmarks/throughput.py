@@ -338,9 +338,10 @@ def sanity_notes(row: dict, device_type: str) -> list[str]:
         notes.append("DOUBTFUL: faster than its floor (the peak or copy rate was measured under other load?)")
     elif row.get("mfu") is not None and row["mfu"] > 1:
         notes.append("DOUBTFUL: above 100% MFU (a --peak-tflops below the device's, or a peak measured under load)")
-    if device_type == "cpu" and row.get("host_load_1m", 0) > row.get("host_cpus", 1e9):
-        notes.append(f"DOUBTFUL: load {row['host_load_1m']} on {row['host_cpus']} CPUs (rerun on an idle machine, or "
-                     "with OMP_NUM_THREADS=1)")  # fmt: skip
+    others = row.get("host_load_1m", 0) - row.get("host_threads", 0)  # the load beyond this run's own threads
+    if device_type == "cpu" and others > 0.5 * row.get("host_cpus", 1e9):
+        notes.append(f"DOUBTFUL: load {row['host_load_1m']} on {row['host_cpus']} CPUs, {others:.1f} beyond this "
+                     "run's threads (rerun on an idle machine, or with OMP_NUM_THREADS=1)")  # fmt: skip
     return notes
 
 
@@ -533,6 +534,7 @@ def run_mode(
         row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     if hasattr(os, "getloadavg"):  # the machine's load meanwhile (a CPU run shares its cores with everything else)
         row["host_load_1m"], row["host_cpus"] = round(os.getloadavg()[0], 2), usable_cpus()
+        row["host_threads"] = torch.get_num_threads() + ((args.workers or 0) if args.data else 0)
     if args.profile:
         trace = Path(args.profile_dir) / f"{model_name}-b{args.batch_size}-{mode.replace('+', '_')}.json.gz"
         row["profile"] = profile_steps(step, device, args.profile_steps, trace, args.top)

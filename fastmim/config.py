@@ -327,8 +327,6 @@ def apply_overrides(cfg: PretrainConfig, overrides: dict, source: str) -> Pretra
             values[name] = _coerce(name, value, hints[name])
         except ValueError as e:
             raise ValueError(f"{e} (in {source})") from None
-        if name in PATH_KEYS and isinstance(values[name], str):
-            values[name] = expand_path(name, values[name], source)
     return dataclasses.replace(cfg, **values)
 
 

@@ -17,10 +17,12 @@ import numpy as np
 import torch
 
 from fastmim.config import (
+    PATH_KEYS,
     PretrainConfig,
     apply_overrides,
     as_mapping,
     cli_overrides,
+    expand_path,
     load_yaml,
     migrate_saved_config,
     save_yaml,
@@ -37,6 +39,11 @@ class UsageError(Exception):
     """A problem with the user's input; printed without a traceback."""
 
 
+def _mapping_given(value) -> bool:
+    """A model_args value that adds keys (a mapping or KEY=VALUE text), not one that clears them (none, null, "")."""
+    return value is not None and not (isinstance(value, str) and value.strip().lower() in ("", "none", "null"))
+
+
 def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]:
     """defaults < saved run config (when resuming) < --config YAML < flags. Returns (config, checkpoint or None).
 
@@ -44,16 +51,23 @@ def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]
     ``output_dir/checkpoint.pt`` (or the sharded ``checkpoint.dcp/`` of an --fsdp run).
     """
     config_paths, flags = cli_overrides(argv)
-    files = [(p, load_yaml(p)) for p in config_paths]  # in order: a later file's keys win
-    from_yaml, source = {}, {}
-    for path, data in files:
-        for k, v in data.items():
+    # each file's keys as that file sets them (model_args merged with the earlier files' up to it), paths expanded
+    # as a shell would (~, $VAR: a YAML file is not a shell; values on the command line the shell has expanded)
+    files, from_yaml, source = [], {}, {}
+    for path in config_paths:
+        data = {}
+        for k, v in load_yaml(path).items():
             k = str(k).replace("-", "_")
-            if k == "model_args" and v is not None and from_yaml.get(k) is not None:
+            if k == "model_args" and _mapping_given(v) and _mapping_given(from_yaml.get(k)):
                 v = {**as_mapping(k, from_yaml[k]), **as_mapping(k, v)}  # mappings merge, key by key
-            from_yaml[k], source[k] = v, path
-    if flags.get("model_args") is not None and from_yaml.get("model_args") is not None:  # --model-args adds keys
-        flags = {**flags, "model_args": {**as_mapping("model_args", from_yaml["model_args"]),
+            if k in PATH_KEYS and isinstance(v, str):
+                v = expand_path(k, v, path)
+            data[k] = v
+        files.append((path, data))
+        from_yaml.update(data)
+        source.update(dict.fromkeys(data, path))
+    if _mapping_given(flags.get("model_args")) and _mapping_given(from_yaml.get("model_args")):  # --model-args adds
+        flags = {**flags, "model_args": {**as_mapping("model_args", from_yaml["model_args"]),  # keys; none clears
                                          **as_mapping("model_args", flags["model_args"])}}  # fmt: skip
     if isinstance(from_yaml.get("resume"), bool):  # `resume: true`: the bare --resume (the run in output_dir)
         from_yaml = {**from_yaml, "resume": "auto" if from_yaml["resume"] else None}
@@ -90,11 +104,14 @@ def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]
         saved = {k: v for k, v in state.get("config", {}).items() if k not in ("resume", "output_dir")}
         saved = migrate_saved_config(saved, state.get("config_format"))
         cfg = apply_overrides(cfg, saved, f"the config saved in {ckpt_path}")
+        if _mapping_given(flags.get("model_args")) and saved.get("model_args"):  # a resume's --model-args add keys
+            flags = {**flags, "model_args": {**saved["model_args"], **as_mapping("model_args", flags["model_args"])}}
         given = {**given, "resume": str(ckpt_path), "output_dir": out or str(ckpt_path.parent)}
     for path, data in files:
-        cfg = apply_overrides(cfg, {k: from_yaml[str(k).replace("-", "_")] for k in data}, path)
+        cfg = apply_overrides(cfg, {k: v for k, v in data.items() if k not in ("resume", "output_dir")}, path)
     run_keys = ("resume", "output_dir")
-    cfg = apply_overrides(cfg, {k: v for k, v in given.items() if k in run_keys}, "resume")
+    run_source = "the command line" if any(k in flags for k in run_keys) else ", ".join(config_paths) or "resume"
+    cfg = apply_overrides(cfg, {k: v for k, v in given.items() if k in run_keys}, run_source)
     cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if k not in run_keys}, "the command line")
     try:
         cfg.validate()
@@ -132,9 +149,6 @@ def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
     same = set(RUN_KEYS) | set(NETWORK_KEYS)
     changes = {k: [saved[k], getattr(cfg, k)] for k in cfg.to_dict()
                if k in saved and k not in same and getattr(cfg, k) != saved[k]}  # fmt: skip
-    if changes:
-        said = "; ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
-        print(f"note: resuming with changed settings: {said} (recorded in {CHANGES_FILE})", flush=True)
     return changes
 
 
@@ -579,7 +593,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
             monitor = build_monitor(cfg, info, device)
             model = build_model(cfg, device)
             if info.rank:  # then each rank its own random stream (drop path, decoder noise)
-                _seed_everything(cfg.seed + info.rank)
+                _seed_everything((cfg.seed + info.rank) % 2**32)
             masks = model.mask_strategy(seed=cfg.seed)
             loader, sampler, loader_desc = build_loader(cfg, kind, dataset, masks, info, device)
             amp_dtype = resolve_amp(cfg.amp, device)
@@ -611,6 +625,8 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
         if info.is_main and trainer.pos.step < trainer.total_steps:  # (a resume with nothing to do keeps the run's own)
             save_yaml(cfg, out / "config.yaml")
             if changes:  # config.yaml holds the settings from here on; which steps ran with which is kept here
+                said = "; ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
+                print(f"note: resuming with changed settings: {said} (recorded in {CHANGES_FILE})", flush=True)
                 with open(out / CHANGES_FILE, "a") as f:
                     f.write(json.dumps({"step": trainer.pos.step, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                                         "changed": changes}, default=str) + "\n")  # fmt: skip

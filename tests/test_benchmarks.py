@@ -175,11 +175,12 @@ def test_throughput_bad_arguments_name_the_problem(args, message, capsys):
 def test_throughput_flags_rows_it_cannot_trust():
     """A step faster than its floor, MFU above 100%, or a CPU run on a machine loaded past its cores: the printed line
     says DOUBTFUL and why; a plausible row says nothing."""
-    ok = {"floor_gap": 1.8, "mfu": 0.4, "host_load_1m": 1.0, "host_cpus": 2}
+    ok = {"floor_gap": 1.8, "mfu": 0.4, "host_load_1m": 2.5, "host_cpus": 2, "host_threads": 2}  # its own threads
     assert throughput.sanity_notes(ok, "cpu") == []
     assert "faster than its floor" in throughput.sanity_notes({**ok, "floor_gap": 0.66, "mfu": 1.25}, "cuda")[0]
     assert "above 100% MFU" in throughput.sanity_notes({**ok, "mfu": 1.2}, "cuda")[0]
-    assert "load 5.0 on 2 CPUs" in throughput.sanity_notes({**ok, "host_load_1m": 5.0}, "cpu")[0]
+    assert "load 5.0 on 2 CPUs, 3.0 beyond this run's threads" in throughput.sanity_notes({**ok, "host_load_1m": 5.0},
+                                                                                        "cpu")[0]  # fmt: skip
     assert throughput.sanity_notes({**ok, "host_load_1m": 5.0}, "cuda") == []
 
 

@@ -46,24 +46,30 @@ class FusedLayerNorm(nn.LayerNorm):
         return layer_norm(x, self.weight, self.bias, self.eps)
 
 
+def _identity(m) -> bool:
+    return m is None or isinstance(m, nn.Identity)
+
+
 def _fused_attention_class():
     timm = require("timm", TESTED, extra="eval")
 
-    class FusedAttention(timm.layers.Attention):
+    class FusedAttention(_vit(timm).Attention):  # (vision_transformer's: timm.layers' own since timm 1.0.16)
         """timm's ``Attention`` with the scores, softmax and values on ``fastmim.ops.attention``; timm's own forward
         for a mask, ``is_causal``, attention dropout in training, ``qk_norm`` or a gate."""
 
         def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                     **kwargs) -> torch.Tensor:  # fmt: skip
             plain = (attn_mask is None and not is_causal and not kwargs and getattr(self, "gate", None) is None
-                     and isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+                     and _identity(getattr(self, "q_norm", None)) and _identity(getattr(self, "k_norm", None))
                      and not (self.training and self.attn_drop.p > 0))  # fmt: skip
-            if not plain:
-                return super().forward(x, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+            if not plain:  # (is_causal passed only when set: timm before 1.0.26 does not take it)
+                extra = {"attn_mask": attn_mask} if attn_mask is not None else {}
+                return super().forward(x, **extra, **({"is_causal": True} if is_causal else {}), **kwargs)
             b, n, _ = x.shape
             qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
             out = attention(qkv, self.scale).reshape(b, n, self.num_heads * self.head_dim)
-            return self.proj_drop(self.proj(self.norm(out)))
+            norm = getattr(self, "norm", None)  # (scale_norm; older timm has none)
+            return self.proj_drop(self.proj(out if norm is None else norm(out)))
 
     FusedAttention.__module__ = __name__
     FusedAttention.__qualname__ = "FusedAttention"
@@ -73,7 +79,7 @@ def _fused_attention_class():
 def _fused_mlp_class():
     timm = require("timm", TESTED, extra="eval")
 
-    class FusedMlp(timm.layers.Mlp):
+    class FusedMlp(_vit(timm).Mlp):
         """timm's ``Mlp`` with fc1's bias and the exact GELU in one pass (``fastmim.ops.bias_gelu``)."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,6 +104,12 @@ def __getattr__(name: str):
             _BUILT[name] = _LAZY[name]()
         return _BUILT[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _vit(timm):
+    """timm's vision_transformer module: its Attention and Mlp are the classes a ViT's blocks hold in every timm 1.x
+    (defined there before 1.0.16, imported there from timm.layers since)."""
+    return timm.models.vision_transformer
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -130,12 +142,12 @@ def fuse_timm_vit(model: nn.Module, parts: tuple[str, ...] = FUSABLE) -> nn.Modu
         if "norm" in parts:
             for name in ("norm1", "norm2"):
                 norm = getattr(block, name, None)
-                if type(norm) in (nn.LayerNorm, timm.layers.LayerNorm):
+                if type(norm) in (nn.LayerNorm, getattr(timm.layers, "LayerNorm", nn.LayerNorm)):
                     _refit(norm, FusedLayerNorm)
-        if "attention" in parts and type(block.attn) is timm.layers.Attention:
+        if "attention" in parts and type(block.attn) is _vit(timm).Attention:
             _refit(block.attn, __getattr__("FusedAttention"))
         mlp = block.mlp
-        if ("gelu" in parts and type(mlp) is timm.layers.Mlp and isinstance(mlp.fc1, nn.Linear)
+        if ("gelu" in parts and type(mlp) is _vit(timm).Mlp and isinstance(mlp.fc1, nn.Linear)
                 and type(mlp.act) is nn.GELU and mlp.act.approximate == "none"):  # fmt: skip
             _refit(mlp, __getattr__("FusedMlp"))
     return model

@@ -181,12 +181,14 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
         if mask is None:
             drawn = self.make_masks(imgs.shape[0], imgs.device)
             mask, targets = drawn.info(), drawn.targets
-        elif isinstance(mask, Masks):  # a multiblock strategy's output: its context and its target blocks
-            if targets is None:
+        else:  # a multiblock strategy's Masks (its context and its target blocks), a MaskInfo or a bool tensor
+            if isinstance(mask, Masks) and targets is None:
                 targets = mask.targets
             mask = as_mask_info(mask, True, self.num_patches, "I-JEPA", grid=self.grid_size, batch=imgs.shape[0])
-        elif isinstance(mask, torch.Tensor):
-            mask = as_mask_info(mask, True, self.num_patches, "I-JEPA", grid=self.grid_size, batch=imgs.shape[0])
+            if targets is not None and (targets.dim() != 4 or targets.shape[0] != imgs.shape[0]
+                                        or tuple(targets.shape[2:]) != tuple(self.grid_size)):  # fmt: skip
+                raise ValueError(f"I-JEPA: targets must be [B, K, H, W] = [{imgs.shape[0]}, K, {self.grid_size[0]}, "
+                                 f"{self.grid_size[1]}] target blocks, got shape {tuple(targets.shape)}")  # fmt: skip
         if targets is None:
             raise ValueError("I-JEPA needs the target blocks with the context: pass the multiblock strategy's Masks "
                              "(mask=masks), or mask=masks.info(), targets=masks.targets")  # fmt: skip

@@ -165,6 +165,15 @@ def test_config_files_merge_expand_paths_and_errors_name_their_file(tmp_path, mo
         resolve_config(["--config", str(bad)])
     with pytest.raises(ValueError, match=r"blr must be a finite number >= 0, got -1.0 \(from the command line\)"):
         resolve_config(["--config", str(a), "--blr=-1"])
+    # each file's own value is checked against that file; --model-args none clears the files' mappings
+    bad.write_text("epochs: ten\n")
+    with pytest.raises(ValueError, match=rf"got 'ten' \(in {bad}\)"):
+        resolve_config(["--config", str(a), "--config", str(bad)])
+    monkeypatch.setenv("FASTMIM_TEST_DATA", "/data/set")
+    assert resolve_config(["--config", str(a), "--config", str(b), "--model-args", "none"])[0].model_args is None
+    # ~ in a resume's output_dir is expanded before the run is looked for (a requeued job finds its checkpoint)
+    cfg, _ = resolve_config(["--config", str(a), "--resume", "if-exists"])
+    assert cfg.output_dir == str(tmp_path / "home" / "runs" / "x") and cfg.resume is None
     with pytest.raises(ValueError, match="is a folder: name one of its YAML files"):
         resolve_config(["--config", str(tmp_path)])
     with pytest.raises(ValueError, match=r"seed must be in \[0, 2\^32\), got -5 \(from the command line\)"):
