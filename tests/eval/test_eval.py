@@ -130,8 +130,8 @@ def test_run_encoder_loads_with_its_size_and_weights(tmp_path):
     assert info["encoder"] == "vit_tiny_patch16" and info["img_size"] == 32 and info["step"] == 12
     for k, v in model.encoder_state_dict().items():
         torch.testing.assert_close(enc.state_dict()[k], v)
-    with pytest.raises(ValueError, match="trained at 32 px"):
-        load_encoder(path, img_size=64)
+    with pytest.raises(ValueError, match="--img-size 40 is not a multiple of the encoder's patch size 16"):
+        load_encoder(path, img_size=40)  # (another multiple of 16 interpolates the position embedding)
     with pytest.raises(ValueError, match="says it holds 'mae_vit_tiny_patch16'; --model vit_small_patch16 contra"):
         load_encoder(path, model="vit_small_patch16")
     torch.save(model.encoder_state_dict(), tmp_path / "plain.pth")  # no metadata: --model decides, the weights judge
