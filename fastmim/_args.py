@@ -7,12 +7,19 @@ import math
 import operator
 
 
+def as_int(value) -> int | None:
+    """``value`` as an int when it is one of any integer type (numpy's too), else None (a bool, a float, a string)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def check_int(who: str, name: str, value, lo: int = 1, hi: int | None = None) -> int:
     """``value`` as an int in [lo, hi] (any integer type, numpy's too); a bool, a float or a string is refused."""
-    try:
-        v = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        v = None
+    v = as_int(value)
     if v is None or v < lo or (hi is not None and v > hi):
         where = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"{who}: {name} must be an int {where}, got {value!r}")

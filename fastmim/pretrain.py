@@ -44,6 +44,14 @@ def _mapping_given(value) -> bool:
     return value is not None and not (isinstance(value, str) and value.strip().lower() in ("", "none", "null"))
 
 
+def _added_model_args(base, value):
+    """``value`` of model_args on top of ``base``: their keys merged where both add keys, else ``value`` as it is
+    (one that clears replaces)."""
+    if _mapping_given(value) and _mapping_given(base):
+        return {**as_mapping("model_args", base), **as_mapping("model_args", value)}
+    return value
+
+
 def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]:
     """defaults < saved run config (when resuming) < --config YAML < flags. Returns (config, checkpoint or None).
 
@@ -58,17 +66,16 @@ def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]
         data = {}
         for k, v in load_yaml(path).items():
             k = str(k).replace("-", "_")
-            if k == "model_args" and _mapping_given(v) and _mapping_given(from_yaml.get(k)):
-                v = {**as_mapping(k, from_yaml[k]), **as_mapping(k, v)}  # mappings merge, key by key
+            if k == "model_args":  # mappings merge, key by key
+                v = _added_model_args(from_yaml.get(k), v)
             if k in PATH_KEYS and isinstance(v, str):
                 v = expand_path(k, v, path)
             data[k] = v
         files.append((path, data))
         from_yaml.update(data)
         source.update(dict.fromkeys(data, path))
-    if _mapping_given(flags.get("model_args")) and _mapping_given(from_yaml.get("model_args")):  # --model-args adds
-        flags = {**flags, "model_args": {**as_mapping("model_args", from_yaml["model_args"]),  # keys; none clears
-                                         **as_mapping("model_args", flags["model_args"])}}  # fmt: skip
+    if "model_args" in flags:  # --model-args adds keys to the files' (none clears)
+        flags = {**flags, "model_args": _added_model_args(from_yaml.get("model_args"), flags["model_args"])}
     if isinstance(from_yaml.get("resume"), bool):  # `resume: true`: the bare --resume (the run in output_dir)
         from_yaml = {**from_yaml, "resume": "auto" if from_yaml["resume"] else None}
     given = {**{str(k).replace("-", "_"): v for k, v in from_yaml.items()}, **flags}
@@ -104,8 +111,8 @@ def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]
         saved = {k: v for k, v in state.get("config", {}).items() if k not in ("resume", "output_dir")}
         saved = migrate_saved_config(saved, state.get("config_format"))
         cfg = apply_overrides(cfg, saved, f"the config saved in {ckpt_path}")
-        if _mapping_given(flags.get("model_args")) and saved.get("model_args"):  # a resume's --model-args add keys
-            flags = {**flags, "model_args": {**saved["model_args"], **as_mapping("model_args", flags["model_args"])}}
+        if "model_args" in flags:  # a resume's --model-args add keys to the saved ones
+            flags = {**flags, "model_args": _added_model_args(saved.get("model_args"), flags["model_args"])}
         given = {**given, "resume": str(ckpt_path), "output_dir": out or str(ckpt_path.parent)}
     for path, data in files:
         cfg = apply_overrides(cfg, {k: v for k, v in data.items() if k not in ("resume", "output_dir")}, path)
@@ -287,14 +294,14 @@ def _check_loader_on_resume(cfg: PretrainConfig, state: dict | None, kind: str, 
         return
     data = cfg.data_path or "DATA_PATH"
     stale = "scan" in why  # the folder's scan went out of date (not: DALI missing, --skip-bad-files)
-    todo = (f"scan the data again (python -m fastmim.data.scan {data}) and resume: DALI then reads the new scan"
-            if stale else "resume with --loader dali where DALI can run")  # fmt: skip
+    fix = f"scan the data again (python -m fastmim.data.scan {data})" if stale else "resume with --loader dali"
     if state.get("batch", 0):
+        todo = f"{fix} and resume: DALI then reads the new scan" if stale else f"{fix} where DALI can run"
         raise UsageError(f"this run read its data with DALI and stopped mid-epoch, but --loader auto now picks {kind}: "
                          f"{why}. To go on: {todo} (or resume with --loader torch from an end-of-epoch "
                          "checkpoint)")  # fmt: skip
     print(f"note: this run read its data with DALI; --loader auto now picks {kind} ({why}); to go on with DALI, "
-          f"{todo.split(' and resume')[0] if stale else 'resume with --loader dali'}", flush=True)  # fmt: skip
+          f"{fix}", flush=True)  # fmt: skip
 
 
 def _choose_loader(cfg: PretrainConfig) -> tuple[str, str | None, str]:

@@ -37,26 +37,20 @@ def iter_files(root: str | Path, skipped: dict[str, int] | None = None) -> Itera
     """Every file below root, following symlinks, each folder once: a symlinked folder whose target was already
     walked (a link back up the tree, a second link to the same folder) is not walked again, so a loop cannot repeat
     the images. Hidden files and folders (name starting with '.', such as macOS's ``._*`` AppleDouble files) are
-    skipped. Unordered. ``skipped``: counts what was left out, under "hidden" and "walked twice"."""
+    skipped. Unordered. ``skipped``: counts the folders not walked again, under "walked twice"."""
     seen = {os.path.realpath(root)}
     skipped = {} if skipped is None else skipped
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         keep = []
-        for d in sorted(dirnames):
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
             real = os.path.realpath(os.path.join(dirpath, d))
-            if d.startswith("."):
-                skipped["hidden"] = skipped.get("hidden", 0) + 1
-            elif real in seen:
+            if real in seen:
                 skipped["walked twice"] = skipped.get("walked twice", 0) + 1
             else:
                 seen.add(real)
                 keep.append(d)
         dirnames[:] = keep
-        for f in filenames:
-            if f.startswith("."):
-                skipped["hidden"] = skipped.get("hidden", 0) + 1
-            else:
-                yield os.path.join(dirpath, f)
+        yield from (os.path.join(dirpath, f) for f in filenames if not f.startswith("."))
 
 
 _NOTED: set[str] = set()  # the roots whose skipped entries were noted in this process

@@ -20,7 +20,6 @@ from __future__ import annotations
 import abc
 import math
 import numbers
-import operator
 import random
 from dataclasses import dataclass
 from typing import ClassVar
@@ -28,6 +27,7 @@ from typing import ClassVar
 import torch
 
 from fastmim import _ext
+from fastmim._args import as_int
 from fastmim.masking.random import MaskInfo, mask_only, masking_from_bool
 from fastmim.masking.rng import sample_keys, stream_keys
 from fastmim.ops._dispatch import triton_available, triton_problem
@@ -112,20 +112,10 @@ def _check_num_masks(num_masks) -> int:
     return num_masks
 
 
-def _as_int(value) -> int | None:
-    """``value`` as an int when it is one of any integer type (numpy's too), else None (a bool, a float, a string)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def as_grid(grid: int | tuple[int, int], what: str = "grid") -> tuple[int, int]:
-    single = _as_int(grid)
+    single = as_int(grid)
     try:
-        g = (single, single) if single is not None else tuple(_as_int(v) for v in grid)
+        g = (single, single) if single is not None else tuple(as_int(v) for v in grid)
     except TypeError:  # a float or another non-iterable
         g = ()
     if len(g) != 2 or not all(v is not None and v >= 1 for v in g):
@@ -174,9 +164,9 @@ class MaskStrategy(abc.ABC):
     def __init__(self, grid: int | tuple[int, int], *, seed: int = 0, impl: str = "auto", num_masks: int = 1):
         self.grid = as_grid(grid)
         self.num_masks = _check_num_masks(num_masks)
-        if _as_int(seed) is None:
+        self.seed = as_int(seed)
+        if self.seed is None:
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        self.seed = _as_int(seed)
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if impl == "cpp":
@@ -219,7 +209,7 @@ class MaskStrategy(abc.ABC):
         of a sample a pure function of (seed, epoch, index, j); mask 0 is the single-mask draw."""
         num_masks = self.num_masks if num_masks is None else _check_num_masks(num_masks)
         if indices is None:
-            batch = _as_int(batch) if batch is not None else None
+            batch = as_int(batch) if batch is not None else None
             if batch is None or batch < 0:
                 raise ValueError(f"batch must be a non-negative int when no indices are given, got {batch!r}")
             indices = torch.arange(self._drawn, self._drawn + batch, dtype=torch.int64)
@@ -228,9 +218,9 @@ class MaskStrategy(abc.ABC):
             indices = torch.as_tensor(indices)
             if batch is not None and batch != indices.shape[0]:
                 raise ValueError(f"batch={batch} but {indices.shape[0]} indices were given")
-        if _as_int(epoch) is None or _as_int(epoch) < 0:
+        if as_int(epoch) is None or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
-        epoch = _as_int(epoch)
+        epoch = as_int(epoch)
         missing = [k for k in self.inputs if k not in inputs]
         extra = [k for k in inputs if k not in self.inputs]
         if missing or extra:
@@ -241,9 +231,10 @@ class MaskStrategy(abc.ABC):
         if dev is None:
             dev = next((t.device for t in inputs.values()), torch.device("cpu"))
         inputs = {k: self._check_input(k, torch.as_tensor(v).to(dev), indices.shape[0]) for k, v in inputs.items()}
-        if seed is not None and _as_int(seed) is None:
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        seed = _as_int(seed) if seed is not None else None
+        if seed is not None:
+            given, seed = seed, as_int(seed)
+            if seed is None:
+                raise TypeError(f"seed must be an int, got {type(given).__name__}")
         # keys from the indices where they are (the loader's: CPU, where the check costs no host sync), then moved
         keys = sample_keys(self.seed if seed is None else seed, epoch, indices).to(dev, non_blocking=True)
         if num_masks > 1:
