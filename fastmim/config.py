@@ -115,7 +115,7 @@ class PretrainConfig:
     batch_size: int = field(default=16, metadata={"help": "images per device per step"})
     accum_iter: int = field(default=1, metadata={"help": "gradient accumulation steps"})
     blr: float = field(default=1.5e-3, metadata={"help": "base lr: lr = blr * effective batch / 256"})
-    lr: float | None = field(default=None, metadata={"help": "absolute lr (overrides blr)"})
+    lr: float | None = field(default=None, metadata={"help": "absolute lr (None: blr x effective batch / 256)"})
     min_lr: float = field(default=0.0, metadata={"help": "lr floor of the cosine schedule"})
     warmup_epochs: float = field(default=3.0, metadata={"help": "linear warmup epochs"})
     warmup_lr: float = field(default=0.0, metadata={"help": "lr the warmup starts from (MAE 0, I-JEPA 2e-4)"})

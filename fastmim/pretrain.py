@@ -52,8 +52,9 @@ def _added_model_args(base, value):
     return value
 
 
-def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]:
-    """defaults < saved run config (when resuming) < --config YAML < flags. Returns (config, checkpoint or None).
+def resolve_config(argv: list[str] | None, origins: dict | None = None) -> tuple[PretrainConfig, dict | None]:
+    """defaults < saved run config (when resuming) < --config YAML < flags. Returns (config, checkpoint or None);
+    ``origins``, when given, is filled with where each set key came from (a flag, a file, the run's saved config).
 
     ``resume`` and ``output_dir`` may come from the YAML file or the flags; with ``resume: auto`` the checkpoint is
     ``output_dir/checkpoint.pt`` (or the sharded ``checkpoint.dcp/`` of an --fsdp run).
@@ -120,13 +121,15 @@ def resolve_config(argv: list[str] | None) -> tuple[PretrainConfig, dict | None]
     run_source = "the command line" if any(k in flags for k in run_keys) else ", ".join(config_paths) or "resume"
     cfg = apply_overrides(cfg, {k: v for k, v in given.items() if k in run_keys}, run_source)
     cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if k not in run_keys}, "the command line")
+    where = {k: "the run's saved config" for k, v in (saved if state is not None else {}).items() if v is not None}
+    where |= {k: str(v) for k, v in source.items()} | dict.fromkeys(flags, "the command line")
+    if origins is not None:
+        origins.update(where)
     try:
         cfg.validate()
     except ValueError as e:  # where the bad value came from: a flag, the --config file, the run's saved config
         key = str(e).split(" ", 1)[0]
-        where = ("the command line" if key in flags else source[key] if key in source else
-                 "the run's saved config" if state is not None else None)  # fmt: skip
-        raise ValueError(f"{e} (from {where})" if where else str(e)) from None
+        raise ValueError(f"{e} (from {where[key]})" if key in where else str(e)) from None
     if state is not None:
         state["resume_changes"] = _check_resumed_settings(cfg, saved)
     return cfg, state
@@ -157,6 +160,25 @@ def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
     changes = {k: [saved[k], getattr(cfg, k)] for k in cfg.to_dict()
                if k in saved and k not in same and getattr(cfg, k) != saved[k]}  # fmt: skip
     return changes
+
+
+def _setting_text(key: str, value) -> str:
+    """A setting as the resume note says it: an unset one is the default it stood for, not "None"."""
+    if value is not None:
+        return str(value)
+    import dataclasses
+
+    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(PretrainConfig)}
+    text = helps.get(key, "")  # each option's help says what unset means: "(... None: WHAT ...)"
+    start = text.find("None: ")
+    if start < 0:
+        return "unset"
+    meant = ""
+    for ch in text[start + len("None: ") :]:
+        if ch in "();":  # up to the end of that clause
+            break
+        meant += ch
+    return f"unset ({meant.strip()})"
 
 
 def _remove_empty(out: Path, top: Path | None) -> None:
@@ -561,12 +583,28 @@ def check_compile(cfg: PretrainConfig, device: torch.device) -> tuple[str, str] 
 
 def run(argv: list[str] | None = None) -> Path:
     """Runs pretraining; returns the output directory."""
-    cfg, state = resolve_config(argv)
+    origins = {}
+    cfg, state = resolve_config(argv, origins)
     info, device = init_distributed(cfg.device)
     try:
         return _run(cfg, state, info, device)
+    except UsageError as e:  # a refused flag that the user set in a config file: say which file
+        raise UsageError(with_origins(str(e), origins)) from None
     finally:
         cleanup(info)
+
+
+def with_origins(message: str, origins: dict) -> str:
+    """``message`` with, for each --flag it names whose value came from a config file or the run's saved config
+    (not the command line), where that value was set."""
+    import re
+
+    said = []
+    for flag in dict.fromkeys(re.findall(r"--([a-z][a-z0-9-]*)", message)):
+        key = flag.replace("-", "_")
+        if origins.get(key, "the command line") != "the command line":
+            said.append(f"{key} set in {origins[key]}")
+    return f"{message} ({'; '.join(said)})" if said else message
 
 
 def _seed_everything(seed: int) -> None:
@@ -632,7 +670,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
         if info.is_main and trainer.pos.step < trainer.total_steps:  # (a resume with nothing to do keeps the run's own)
             save_yaml(cfg, out / "config.yaml")
             if changes:  # config.yaml holds the settings from here on; which steps ran with which is kept here
-                said = "; ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
+                said = "; ".join(f"{k} {_setting_text(k, a)} -> {_setting_text(k, b)}" for k, (a, b) in changes.items())
                 print(f"note: resuming with changed settings: {said} (recorded in {CHANGES_FILE})", flush=True)
                 with open(out / CHANGES_FILE, "a") as f:
                     f.write(json.dumps({"step": trainer.pos.step, "date": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -102,6 +102,20 @@ def _given(ap, argv) -> set[str]:
     return set(vars(bare.parse_args(argv)))
 
 
+# the options only some modes read: given to another, they are refused rather than silently ignored
+MODE_OPTIONS = {"k": ("knn",), "temperature": ("knn",), "no_augment": ("linprobe",),
+                **dict.fromkeys(("epochs", "warmup_epochs", "blr"), ("linprobe", "finetune")),
+                **dict.fromkeys(("layer_decay", "drop_path", "weight_decay", "min_lr", "mixup", "cutmix", "smoothing",
+                                 "aa", "reprob", "finetune_dir", "resume"), ("finetune",))}  # fmt: skip
+
+
+def _check_mode_options(ap, args, argv) -> None:
+    unused = [k for k in sorted(_given(ap, argv)) if args.mode not in MODE_OPTIONS.get(k, (args.mode,))]
+    if unused:
+        said = "; ".join(f"--{k.replace('_', '-')} is for {' and '.join(MODE_OPTIONS[k])}" for k in unused)
+        ap.error(f"{said}: {args.mode} does not use {'it' if len(unused) == 1 else 'them'}")
+
+
 def _resumed_args(ap, args, argv) -> None:
     """finetune --resume DIR: the settings the fine-tuning in DIR started with, for every one the command leaves out
     (a changed one is refused by the checkpoint's settings check; --epochs may grow)."""
@@ -141,8 +155,6 @@ def _check(ap, args) -> None:
         ap.error("--layer-decay must be in (0, 1], --drop-path in [0, 1), --reprob in [0, 1]")
     if min(args.mixup, args.cutmix, args.smoothing, args.weight_decay, args.min_lr) < 0:
         ap.error("--mixup, --cutmix, --smoothing, --weight-decay and --min-lr must be >= 0")
-    if args.mode != "finetune" and (args.resume or args.finetune_dir):
-        ap.error("--resume and --finetune-dir are for finetune")
     if args.resume and args.finetune_dir and Path(args.resume) != Path(args.finetune_dir):
         ap.error("--resume DIR continues in DIR: leave out --finetune-dir")
     if args.val_path is not None and args.data_path is None:
@@ -305,6 +317,7 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
             dist_info=args.dist_info, run_dir=run_dir, resume=bool(args.resume),
             data_settings=dict(auto_augment=aa, reprob=args.reprob, train_data=str(Path(train_root).resolve()),
                                encoder_file=str(Path(info["path"]).resolve()) if info.get("path") else None),
+            source={"step": info["step"]},
         )  # fmt: skip
     except BaseException:
         if not args.resume and args.dist_info.is_main and not (run_dir / "checkpoint.pt").exists():
@@ -312,6 +325,12 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
             if made and run_dir.is_dir() and not any(run_dir.iterdir()):
                 run_dir.rmdir()  # (no empty finetune-N either)
         raise
+    was = (out["source"] or {}).get("step", info["step"])
+    if was != info["step"]:  # the encoder file was rewritten since the fine-tuning started from it
+        if args.dist_info.is_main:
+            print(f"note: {info['path']} now holds step {info['step']}; this fine-tuning started from step {was} "
+                  "and is reported as such", flush=True)  # fmt: skip
+        info["step"] = result["step"] = was
     saved = run_dir / "finetuned.safetensors"
     if args.dist_info.is_main:
         save_encoder(saved, out["network"].state_dict(), {"model": info["encoder"], "pool": args.pool, "classes":
@@ -329,6 +348,7 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    _check_mode_options(ap, args, argv)
     if args.mode == "finetune" and args.resume == "if-exists":  # a job script's one command, requeued or not
         if not args.finetune_dir:
             ap.error("--resume if-exists needs --finetune-dir DIR: the folder the fine-tuning starts in, or continues "

@@ -91,6 +91,7 @@ def finetune(
     resume: bool = False,
     log=None,
     data_settings: dict | None = None,
+    source: dict | None = None,
 ) -> dict:
     """Fine-tunes; returns the final and best top-1/top-5 on ``val_set``, the history and the trained network.
 
@@ -100,7 +101,9 @@ def finetune(
     after every epoch (network, optimizer, history, every process's random state); ``resume`` continues from it,
     exactly as if never stopped when the number of processes is the same. ``data_settings``: what else the result
     depends on that the caller decided (the augmentation, the data, the encoder file), saved with the settings so that
-    a resume with other values is refused like a changed argument."""
+    a resume with other values is refused like a changed argument. ``source``: what the encoder was when the
+    fine-tuning started (its pretraining step), kept in the checkpoint and returned as ``out["source"]``: a resume
+    reports the encoder it started from even if the file has been rewritten since (a pretraining run that went on)."""
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
 
@@ -136,6 +139,7 @@ def finetune(
     val_loader = ShieldedLoader(mine, batch_size=batch_size, shuffle=False, num_workers=workers)
     history, best, start, first = [], None, 0, 0
     if state is not None:
+        source = state.get("source", source)  # (a checkpoint from before it was kept: the file's, as given)
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         history, best, start, first = state["history"], state["best"], state["epoch"], state.get("batch", 0)
@@ -186,7 +190,7 @@ def finetune(
                     if run_dir is not None:
                         part = {"total": float(total), "count": count, "seconds": spent + time.perf_counter() - t0}
                         _save_checkpoint(run_dir, net, opt, epoch, history, best, settings, dist_info, batch=i + 1,
-                                         partial=part)  # fmt: skip
+                                         partial=part, source=source)  # fmt: skip
                     raise FinetuneStopped(watch.signame, epoch, i + 1, per_epoch, run_dir is not None)
             mean_loss = float(all_reduce_mean(total / count, dist_info))
             if not math.isfinite(mean_loss):
@@ -198,7 +202,7 @@ def finetune(
             history.append(row)
             best = row if best is None or row["top1"] > best["top1"] else best
             if run_dir is not None:
-                _save_checkpoint(run_dir, net, opt, epoch + 1, history, best, settings, dist_info)
+                _save_checkpoint(run_dir, net, opt, epoch + 1, history, best, settings, dist_info, source=source)
             if log is not None and dist_info.is_main:
                 log(row)
             if epoch + 1 < epochs and watch.requested():  # a signal during the validation: the epoch is saved
@@ -208,7 +212,7 @@ def finetune(
         watch.close()
     last = history[-1]
     return {"top1": last["top1"], "top5": last["top5"], "best_top1": best["top1"], "best_epoch": best["epoch"],
-            "lr": lr, "history": history, "network": net.cpu(), "fresh_keys": fresh}  # fmt: skip
+            "lr": lr, "history": history, "network": net.cpu(), "fresh_keys": fresh, "source": source}  # fmt: skip
 
 
 CHECKPOINT = "checkpoint.pt"
@@ -265,7 +269,7 @@ def _rng_state() -> dict:
 
 
 def _save_checkpoint(run_dir, net, opt, epoch, history, best, settings, dist_info: DistInfo, batch: int = 0,
-                     partial: dict | None = None) -> None:  # fmt: skip
+                     partial: dict | None = None, source: dict | None = None) -> None:  # fmt: skip
     """``epoch`` epochs done, and ``batch`` batches of the next (a stop inside it: ``partial``, this process's loss
     sums and seconds of that epoch so far)."""
     from fastmim.train.checkpoint import atomic_write
@@ -278,7 +282,8 @@ def _save_checkpoint(run_dir, net, opt, epoch, history, best, settings, dist_inf
         dist.all_gather_object(mine, (_rng_state(), partial))
     if dist_info.is_main:
         state = {"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "batch": batch,
-                 "history": history, "best": best, "settings": settings, "rng": [r for r, _ in mine]}  # fmt: skip
+                 "history": history, "best": best, "settings": settings, "rng": [r for r, _ in mine],
+                 "source": source}  # fmt: skip
         if batch:
             state["partial"] = [p for _, p in mine]
         atomic_write(Path(run_dir) / CHECKPOINT, lambda tmp: torch.save(state, tmp))

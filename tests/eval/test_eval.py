@@ -540,7 +540,9 @@ def test_cli_finetune_stopped_by_a_signal_exits_for_a_requeue_and_resumes(tmp_pa
     finishes; a later --resume F --epochs 3 trains one more epoch and keeps --epochs 3 in args.json, so that the next
     resume does not ask for fewer."""
     pytest.importorskip("timm", reason="fine-tuning builds on timm")
-    _, path = _save_run_encoder(tmp_path)
+    from fastmim.train.checkpoint import save_encoder
+
+    model, path = _save_run_encoder(tmp_path)
     train = make_image_folder(tmp_path / "train", n=12, classes=3)
     val = make_image_folder(tmp_path / "val", n=6, classes=3, seed=1)
     reads = {"n": 0}
@@ -560,7 +562,11 @@ def test_cli_finetune_stopped_by_a_signal_exits_for_a_requeue_and_resumes(tmp_pa
     err = capsys.readouterr().err
     assert f"stopped on SIGUSR1: checkpointed at epoch 1, batch 2 of 3; continue with python -m fastmim.eval " \
         f"finetune --resume {folder}" in err, err  # fmt: skip
+    # the pretraining run goes on meanwhile and rewrites its encoder file: the fine-tuning is still of step 12's
+    save_encoder(path, model.encoder_state_dict(), {"model": "mae_vit_tiny_patch16", "step": "20", "img_size": "32"})
     assert eval_main(job) == 0  # the same command: it continues in the folder
+    assert "now holds step 20; this fine-tuning started from step 12" in capsys.readouterr().out
+    assert json.loads((path.parent / "eval.jsonl").read_text().splitlines()[-1])["step"] == 12
     assert [json.loads(s)["epoch"] for s in (folder / "history.jsonl").read_text().splitlines()] == [1, 2]
     assert (folder / "finetuned.safetensors").exists()
     assert eval_main(["finetune", "--resume", str(folder), "--epochs", "3"]) == 0

@@ -89,7 +89,8 @@ def test_resume_refuses_another_network_and_says_what_changes_the_masks(image_fo
     assert "this run was trained with model maskfeat_vit_tiny_patch16; --model maskfeat_vit_small_patch16" in err
     assert "size mismatch" not in err  # one line, not load_state_dict's key dump
     assert pretrain.main([*resume, "--mask", "random"]) == 0
-    assert "note: resuming with changed settings: mask_type None -> random" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "note: resuming with changed settings: mask_type unset (the recipe's own) -> random" in said, said
     # a checkpoint of the old format saved mask_type "random" for every recipe: read as the recipe's own masks
     state = load_checkpoint(out / "checkpoint.pt")
     state.pop("config_format")

@@ -180,6 +180,23 @@ def test_config_files_merge_expand_paths_and_errors_name_their_file(tmp_path, mo
         resolve_config(["--seed=-5"])  # (numpy's error, later, named no key)
 
 
+def test_a_refused_setting_from_a_config_file_names_the_file(tmp_path, capsys):
+    """A recipe refusing a setting names the flag; when the value came from a config file, the error says which file
+    (a user who never typed the flag finds it); a value given on the command line is not attributed to the file."""
+    from fastmim import pretrain
+
+    cfg = tmp_path / "ijepa.yaml"
+    cfg.write_text("model: ijepa_vit_tiny_patch16\nmask_type: block\nimg_size: 64\n")
+    out = tmp_path / "run"
+    assert pretrain.main(["--config", str(cfg), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--mask-type and --mask-ratio do not apply" in err and f"(mask_type set in {cfg})" in err, err
+    assert pretrain.main(["--config", str(cfg), "--mask-type", "block", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "do not apply" in err and "set in" not in err, err
+    assert not out.exists()  # nothing was left behind
+
+
 def test_a_resume_records_every_setting_it_changes(image_folder, tmp_path, capsys):
     """Flags override the saved config on --resume; every training setting changed (loss, optimizer, augmentation,
     not just masks) is said and appended to resumes.jsonl with the step it applies from; bookkeeping (max steps, log
@@ -200,3 +217,8 @@ def test_a_resume_records_every_setting_it_changes(image_folder, tmp_path, capsy
     (row,) = [json.loads(s) for s in (out / "resumes.jsonl").read_text().splitlines()]
     assert row["step"] == 1 and row["changed"] == {"norm_pix_loss": [True, False], "beta2": [0.95, 0.99],
                                                    "crop_min": [0.2, 0.5]}  # fmt: skip
+    # a setting the run left unset is said as the default it stood for, not "None"
+    pretrain.run(["--resume", "--output-dir", str(out), "--max-steps", "3", "--lr", "1e-4", "--clip-grad", "1"])
+    said = capsys.readouterr().out
+    assert "lr unset (blr x effective batch / 256) -> 0.0001; clip_grad unset (no clip) -> 1.0" in said, said
+    assert json.loads((out / "resumes.jsonl").read_text().splitlines()[-1])["changed"]["lr"] == [None, 0.0001]
