@@ -302,8 +302,9 @@ class SimMIMMask(MaskStrategy):
 
 class UniformMask(MaskStrategy):
     """UM-MAE's uniform sampling: in every 2x2 cell of the grid one token (uniformly chosen) stays visible, so 75% are
-    hidden; then ``round(secondary_ratio * visible)`` of the visible tokens are marked ``secondary`` (the encoder
-    sees them as mask tokens). Args: grid (even sides), secondary_ratio in [0, 1)."""
+    hidden; then ``visible - int(visible * (1 - secondary_ratio))`` of the visible tokens (UM-MAE's count) are marked
+    ``secondary`` (the encoder sees them as mask tokens: ``vis_mask_ratio`` on the MAE models). Args: grid (even
+    sides), secondary_ratio in [0, 1)."""
 
     name = "uniform"
     has_cpp = True
@@ -315,7 +316,7 @@ class UniformMask(MaskStrategy):
         self.secondary_ratio = check_ratio("secondary_ratio", secondary_ratio, low_open=False)
         self.cells = (self.grid[0] // 2, self.grid[1] // 2)
         nc = self.cells[0] * self.cells[1]
-        self.num_secondary = int(round(self.secondary_ratio * nc))
+        self.num_secondary = nc - int(nc * (1 - self.secondary_ratio))
 
     def _from_choice(self, choice: torch.Tensor, sec_cells: torch.Tensor) -> Masks:
         """choice [B, h, w] in 0..3 (the visible token of each cell, (dy, dx) = divmod(choice, 2)); sec_cells

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fastmim.masking import MaskInfo, random_masking
-from fastmim.masking.base import MaskStrategy, as_mask_info
+from fastmim.masking.base import Masks, MaskStrategy, as_mask_info
 from fastmim.masking.random import check_mask_ratio
 from fastmim.masking.strategies import build_mask
 from fastmim.models.pos_embed import sincos_2d
@@ -25,7 +25,8 @@ from fastmim.targets import PixelTarget
 from fastmim.targets.choice import TargetChoice
 
 MASK_TYPES = ("random", "block", "simmim", "uniform")  # strategies with the same hidden count in every sample
-DECODER_KEYS = ("decoder_", "mask_token")  # state-dict prefixes that belong to the head, not the encoder
+# state-dict prefixes that are not timm's encoder: the head's, and UM-MAE's secondary mask token (pretraining only)
+DECODER_KEYS = ("decoder_", "mask_token", "vis_mask_token")
 
 
 def add_mae_decoder(model: nn.Module, embed_dim: int, decoder_embed_dim: int, decoder_depth: int,
@@ -78,6 +79,11 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
             on the masked patches); see ``fastmim.targets.choice``.
         fused_ops: use fastmim.ops (fused gather, decoder-input scatter and loss); False keeps the plain PyTorch
             reference path, which computes the same values.
+        vis_mask_ratio: UM-MAE's secondary masking (its ``--vis_mask_ratio``; 0.25 in its paper, with
+            ``mask_type="uniform"``): of the K visible tokens, K - int(K * (1 - vis_mask_ratio)) per sample enter
+            the encoder as a learned ``vis_mask_token`` plus their position embedding; the loss stays on the hidden
+            patches. Drawn at each forward from torch's generator, as UM-MAE's code does (a resume restores it), or
+            taken from a given ``Masks``' ``secondary``. 0 (default): off, no extra parameter.
         Other arguments as ``VisionTransformer`` (``fused_norm`` and ``fused_gelu`` apply to the encoder and the
         decoder).
     """
@@ -104,8 +110,12 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
         target: str = "pixels",
         hog_cell: int | None = None,
         low_pass_radius: float | None = None,
+        vis_mask_ratio: float = 0.0,
     ):
         check_mask_ratio(mask_ratio)
+        if isinstance(vis_mask_ratio, bool) or not isinstance(vis_mask_ratio, int | float) or not (
+                0.0 <= vis_mask_ratio < 1.0):  # fmt: skip
+            raise ValueError(f"vis_mask_ratio must be a number in [0, 1), got {vis_mask_ratio!r}")
         mask_type = "random" if mask_type is None else mask_type  # None: MAE's own, as the other recipes take it
         if mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
@@ -119,11 +129,15 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
         add_mae_decoder(self, embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, out_dim,
                         attn_impl)  # fmt: skip
         set_fused_gelu(self, fused_gelu)  # the decoder's MLPs too
+        self.vis_mask_ratio = float(vis_mask_ratio)
+        if self.vis_mask_ratio > 0:  # UM-MAE's name, so its checkpoints load
+            self.vis_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+            nn.init.normal_(self.vis_mask_token, std=0.02)
         self._mask_strategy: MaskStrategy | None = None
         self._mask_strategy_ratio: float | None = None
 
     def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"mask_token", "decoder_pos_embed"}
+        return super().no_weight_decay() | {"mask_token", "decoder_pos_embed", "vis_mask_token"}
 
     # --- Target and loss: PixelTarget (patchify, unpatchify, forward_loss, reconstruct) ---
 
@@ -144,11 +158,33 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
         return mask_strategy_for(self.mask_type, self.grid_size, self.patch_embed.patch_size[0], seed, ratio)
 
     # --- Encoder ---
-    def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-        """Encodes only the visible patches: [B, C, H, W], [B, K] -> [B, 1 + K, D]."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # [B, N, D]
-        x = (gather_visible if self.fused_ops else gather_visible_ref)(x, ids_keep)  # [B, K, D]
+    def forward_encoder(
+        self, imgs: torch.Tensor, ids_keep: torch.Tensor, secondary: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Encodes only the visible patches: [B, C, H, W], [B, K] -> [B, 1 + K, D]. ``secondary`` [B, K] bool: the
+        visible tokens replaced by ``vis_mask_token`` (UM-MAE's secondary masking)."""
+        gather = gather_visible if self.fused_ops else gather_visible_ref
+        x = gather(self.patch_embed(imgs) + self.pos_embed[:, 1:, :], ids_keep)  # [B, K, D]
+        if secondary is not None:  # the mask token at those tokens' positions, as UM-MAE's encoder
+            pos = gather(self.pos_embed[:, 1:, :].expand(x.shape[0], -1, -1), ids_keep)
+            x = torch.where(secondary.unsqueeze(-1), (self.vis_mask_token + pos).to(x.dtype), x)
         return self.encode_tokens(x)  # [B, 1 + K, D]
+
+    def secondary_mask(self, ids_keep: torch.Tensor, given: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, K] bool: which visible tokens the encoder sees as ``vis_mask_token``: ``given`` ([B, N] or [B, h, w],
+        True at visible tokens to replace) read at ``ids_keep``, else drawn: K - int(K * (1 - vis_mask_ratio)) per
+        sample, uniformly (UM-MAE's count)."""
+        b, k = ids_keep.shape
+        if given is not None:
+            given = given.to(ids_keep.device).flatten(1)
+            if given.shape != (b, self.num_patches):
+                h, w = self.grid_size
+                raise ValueError(f"{type(self).__name__}: the Masks' secondary must be [B, {self.num_patches}] or "
+                                 f"[B, {h}, {w}], got {tuple(given.shape)}")  # fmt: skip
+            return torch.gather(given.bool(), 1, ids_keep.long())
+        keep = int(k * (1 - self.vis_mask_ratio))
+        order = torch.rand(b, k, device=ids_keep.device).argsort(dim=1)
+        return torch.zeros(b, k, dtype=torch.bool, device=ids_keep.device).scatter_(1, order[:, keep:], True)
 
     # --- Head ---
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -174,6 +210,7 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
                 a bool tensor [B, N] or [B, h, w] (True = hidden, the same count in every sample); drawn when None.
                 The other recipes take the same forms (SimMIM, MaskFeat, A2MIM: any count per sample).
         """
+        given = mask.secondary if isinstance(mask, Masks) else None
         if mask is None:
             mask = self.make_mask(imgs.shape[0], imgs.device, mask_ratio)
         else:
@@ -183,7 +220,10 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
         if mask.ids_keep is None:
             raise ValueError(f"{type(self).__name__} drops the masked tokens: it needs the masks' index form "
                              "(Masks.info()), with the same hidden count in every sample")  # fmt: skip
-        latent = self.forward_encoder(imgs, mask.ids_keep)
+        if getattr(self, "vis_mask_ratio", 0):  # UM-MAE's secondary masking (TimmMAE shares this forward)
+            latent = self.forward_encoder(imgs, mask.ids_keep, self.secondary_mask(mask.ids_keep, given))
+        else:
+            latent = self.forward_encoder(imgs, mask.ids_keep)
         pred = self.forward_decoder(latent, mask.ids_restore)
         loss = self.forward_loss(imgs, pred, mask.mask)
         return loss, pred, mask.mask

@@ -275,7 +275,7 @@ def test_strategy_calls_the_raw_functions_with_the_sample_keys():
     idx = torch.arange(40)
     keys = sample_keys(7, 1, idx).numpy()
     m = build_mask("uniform", 14, seed=7, impl="cpp")(indices=idx, epoch=1)
-    choice, sec = _ext.require().uniform_mask_keys(keys, 7, 7, 12)  # int64 keys, converted
+    choice, sec = _ext.require().uniform_mask_keys(keys, 7, 7, 13)  # int64 keys, converted; UM-MAE's 13 of 49
     vis = torch.nn.functional.one_hot(torch.from_numpy(choice).long(), 4).bool().view(40, 7, 7, 2, 2)
     assert torch.equal(~m.mask, vis.permute(0, 1, 3, 2, 4).reshape(40, 14, 14))
     assert torch.equal(m.secondary.view(40, 7, 2, 7, 2).any(4).any(2), torch.from_numpy(sec))

@@ -244,3 +244,51 @@ def test_a_given_mask_may_be_a_bool_tensor_a_grid_or_a_strategys_masks(name):
         model(imgs, mask=masks.mask.float() * 2)
     with pytest.raises(TypeError, match=r"mask must be a MaskInfo \(build_mask"):
         model(imgs, mask=masks.mask.tolist())
+
+
+def test_um_mae_secondary_masking_follows_the_official_encoder():
+    """vis_mask_ratio (UM-MAE's --vis_mask_ratio): the secondary tokens of a uniform mask enter the encoder as
+    vis_mask_token + their position embedding (UM-MAE's models_mae.forward_encoder, written out here), the loss stays on
+    the hidden patches; drawn masks replace K - int(K * (1 - r)) visible tokens per sample; the token is not part of
+    the encoder's export and gets a gradient; without the ratio there is no such parameter."""
+    from fastmim.masking import build_mask
+
+    torch.manual_seed(0)
+    m = tiny_mae(mask_type="uniform", vis_mask_ratio=0.25, img_size=128)  # 8x8 grid: 16 visible, 4 secondary
+    masks = build_mask("uniform", (8, 8), secondary_ratio=0.25)(3)
+    assert (masks.secondary.flatten(1).sum(1) == 4).all()
+    imgs = torch.randn(3, 3, 128, 128)
+    loss, _, mask = m(imgs, mask=masks)
+    loss.backward()
+    assert m.vis_mask_token.grad is not None and m.vis_mask_token.grad.abs().sum() > 0
+
+    with torch.no_grad():  # UM-MAE's encoder and MAE's decoder and loss, by hand
+        hidden, sec = masks.mask.flatten(1), masks.secondary.flatten(1)
+        x = m.patch_embed(imgs) + m.pos_embed[:, 1:]
+        x = x[~hidden].reshape(3, -1, x.shape[-1])
+        tok = (m.vis_mask_token + m.pos_embed[:, 1:]).expand(3, -1, -1)[~hidden].reshape(3, -1, x.shape[-1])
+        vis = sec[~hidden].reshape(3, -1, 1).float()
+        x = x * (1 - vis) + tok * vis
+        x = torch.cat([(m.cls_token + m.pos_embed[:, :1]).expand(3, -1, -1), x], 1)
+        for blk in m.blocks:
+            x = blk(x)
+        x = m.decoder_embed(m.norm(x))
+        full = m.mask_token.expand(3, 64, -1).clone()
+        full[~hidden] = x[:, 1:].reshape(-1, x.shape[-1])
+        x = torch.cat([x[:, :1], full], 1) + m.decoder_pos_embed
+        for blk in m.decoder_blocks:
+            x = blk(x)
+        pred = m.decoder_pred(m.decoder_norm(x))[:, 1:]
+        want = masked_mse_loss_ref(pred, imgs, hidden.float(), 16)
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
+    plain = tiny_mae(mask_type="uniform", img_size=128)
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if k != "vis_mask_token"})
+    assert not torch.allclose(plain(imgs, mask=masks)[0], loss)  # the secondary tokens changed the loss
+
+    drawn = m.secondary_mask(torch.arange(16).expand(5, 16))  # drawn from torch's generator, UM-MAE's count
+    assert drawn.shape == (5, 16) and (drawn.sum(1) == 16 - int(16 * 0.75)).all()
+    assert torch.isfinite(m(imgs)[0])
+    assert "vis_mask_token" not in m.encoder_state_dict() and "vis_mask_token" in m.no_weight_decay()
+    assert not hasattr(plain, "vis_mask_token")
+    with pytest.raises(ValueError, match=r"vis_mask_ratio must be a number in \[0, 1\), got 1.0"):
+        tiny_mae(vis_mask_ratio=1.0)
