@@ -265,6 +265,8 @@ want hf && step "ViTMAE-Base (Hugging Face) training step, batch 64, bf16: trans
   if $PY -c "import transformers" 2>/dev/null; then
     fits 60 "hf" && run 120 $PY -m pytest -q -p no:cacheprovider tests/integrations/test_hf.py &&
       run 150 $PY benchmarks/hf_vit_mae.py --batch-size 64 --out "$RESULTS/hf_vit_mae.jsonl" &&
+      fits 90 "hf, fused layers" && run 150 $PY benchmarks/hf_vit_mae.py --batch-size 64 --layers \
+        --out "$RESULTS/hf_vit_mae.jsonl" &&
       fits 120 "hf, compiled" && run 240 $PY benchmarks/hf_vit_mae.py --batch-size 64 --compile \
         --out "$RESULTS/hf_vit_mae.jsonl"
   else

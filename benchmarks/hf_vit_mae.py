@@ -7,7 +7,9 @@ batch and noise; forward, backward and an AdamW step, bf16 autocast on a GPU, th
 Target (issue 20): the patched step at least 1.3x faster on an H100/H200 and with less peak memory. One row per run:
 ``speedup`` = transformers' step time / the patched one's, ``*_peak_gb`` on CUDA. ``--compile``: both models under
 ``torch.compile`` (fastmim's ops are custom ops the compiler keeps), the row's ``compiled`` true; compare its
-``fastmim_ms`` with an eager row's ``hf_ms`` for what patch + compile give together.
+``fastmim_ms`` with an eager row's ``hf_ms`` for what patch + compile give together. ``--layers``: the patched model's
+transformer layers on fastmim's fused block ops too (``patch_hf_vit_mae(model, layers=True)``), the row's ``layers``
+true.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=None, help="timed steps per model (default 20 on GPU, 3 on CPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (after patching)")
+    ap.add_argument("--layers", action="store_true", help="the patched model's layers on the fused block ops too")
     ap.add_argument("--out", default=None, help="append the JSON row to this file")
     args = ap.parse_args(argv)
     try:
@@ -59,7 +62,7 @@ def main(argv=None) -> int:
     cfg = ViTMAEConfig(norm_pix_loss=True, **shapes)
     torch.manual_seed(0)
     ref = ViTMAEForPreTraining(cfg).to(device).train()
-    ours = patch_hf_vit_mae(copy.deepcopy(ref))
+    ours = patch_hf_vit_mae(copy.deepcopy(ref), layers=args.layers)
     imgs = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device)
     noise = torch.rand(batch, (cfg.image_size // cfg.patch_size) ** 2, device=device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else torch.autocast("cpu", enabled=False)
@@ -96,13 +99,14 @@ def main(argv=None) -> int:
     import transformers
 
     row = {"benchmark": "hf_vit_mae", "model": f"ViTMAE-{args.size}", "batch_size": batch, "compiled": args.compile,
+           "layers": args.layers,
            "amp": "bf16" if gpu else "none", "hf_ms": round(hf_ms, 2), "fastmim_ms": round(ours_ms, 2),
            "speedup": round(hf_ms / ours_ms, 3), "hf_img_per_s": round(batch / hf_ms * 1e3, 1),
            "fastmim_img_per_s": round(batch / ours_ms * 1e3, 1), "reps": reps, "transformers": transformers.__version__,
            **({"hf_peak_gb": peaks["hf"], "fastmim_peak_gb": peaks["fastmim"]} if gpu else host()),
            **environment(device)}  # fmt: skip
     write_row(row, args.out)
-    what = " (both compiled)" if args.compile else ""
+    what = (" (both compiled)" if args.compile else "") + (", layers fused" if args.layers else "")
     print(f"ViTMAE-{args.size} training step{what}, batch {batch} on {row['device']}: transformers {hf_ms:.1f} ms, "
           f"patched {ours_ms:.1f} ms ({row['speedup']}x; target 1.3x on an H100/H200)")  # fmt: skip
     return 0

@@ -5,6 +5,7 @@ With no arguments it pretrains a small MAE on the built-in sample photos. Run ``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -121,6 +122,12 @@ def resolve_config(argv: list[str] | None, origins: dict | None = None) -> tuple
     run_source = "the command line" if any(k in flags for k in run_keys) else ", ".join(config_paths) or "resume"
     cfg = apply_overrides(cfg, {k: v for k, v in given.items() if k in run_keys}, run_source)
     cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if k not in run_keys}, "the command line")
+    # data paths given now are kept absolute in the run's config: a resume from another directory (a job script's
+    # cd) must read the same folder, not whatever that directory's relative path names
+    for key in ("data_path", "eval_data"):
+        value = getattr(cfg, key)
+        if (key in flags or key in source) and isinstance(value, str) and value and not value.startswith("builtin:"):
+            cfg = dataclasses.replace(cfg, **{key: os.path.abspath(value)})
     where = {k: "the run's saved config" for k, v in (saved if state is not None else {}).items() if v is not None}
     where |= {k: str(v) for k, v in source.items()} | dict.fromkeys(flags, "the command line")
     if origins is not None:
@@ -166,8 +173,6 @@ def _setting_text(key: str, value) -> str:
     """A setting as the resume note says it: an unset one is the default it stood for, not "None"."""
     if value is not None:
         return str(value)
-    import dataclasses
-
     helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(PretrainConfig)}
     text = helps.get(key, "")  # each option's help says what unset means: "(... None: WHAT ...)"
     start = text.find("None: ")
@@ -251,8 +256,6 @@ def prepare_output_dir(cfg: PretrainConfig, info: DistInfo) -> Path:
 def with_builtin_data(cfg: PretrainConfig) -> PretrainConfig:
     """The config with a ``builtin:NAME`` data path (``builtin:digits``: labelled, for evaluation too) made the
     folder's path; the run keeps the name in its config, so it resumes on any machine."""
-    import dataclasses
-
     from fastmim.data.samples import resolve_data_path
 
     try:
@@ -597,8 +600,6 @@ def run(argv: list[str] | None = None) -> Path:
 def with_origins(message: str, origins: dict) -> str:
     """``message`` with, for each --flag it names whose value came from a config file or the run's saved config
     (not the command line), where that value was set."""
-    import re
-
     said = []
     for flag in dict.fromkeys(re.findall(r"--([a-z][a-z0-9-]*)", message)):
         key = flag.replace("-", "_")
@@ -675,7 +676,13 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
                 with open(out / CHANGES_FILE, "a") as f:
                     f.write(json.dumps({"step": trainer.pos.step, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                                         "changed": changes}, default=str) + "\n")  # fmt: skip
+        elif info.is_main and changes:  # a finished run: nothing trains, so nothing of them applies
+            said = ", ".join(changes)
+            print(f"note: the run has no steps left, so the changed settings ({said}) change nothing: its outputs "
+                  "(encoder.safetensors included) stay as they are; raise --epochs to train on with them",
+                  flush=True)  # fmt: skip
         if info.is_main:
+            pos = trainer.pos  # (epochs counted from 1 in what is printed, as the progress bar does)
             n_params = sum(p.numel() for p in model.parameters()) / 1e6
             amp_name = str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "fp32"
             per_node = info.local_world_size
@@ -690,7 +697,11 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
                 f"  batch {eff_batch} (= {cfg.batch_size} x {cfg.accum_iter} accum x {info.world_size} procs), "
                 f"lr {lr:.3g}, {trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps\n"
                 f"  output: {out}"
-                + (f"\n  resuming at step {trainer.pos.step} (epoch {trainer.pos.epoch})" if cfg.resume else "")
+                + (
+                    f"\n  resuming at step {pos.step} (epoch {pos.epoch + 1}, after {pos.batch} of its batches)"
+                    if cfg.resume
+                    else ""
+                )  # fmt: skip  # (epochs counted from 1, as the progress bar does)
                 + (
                     f"\n  note: --accum-iter {cfg.accum_iter} does not divide the {trainer.loader_batches} batches "
                     f"of an epoch: {trainer.loader_batches - trainer.batches_per_epoch} batch(es) at each epoch's "
@@ -737,6 +748,13 @@ def bad_file_message(e: BadImageError | DaliDecodeError) -> str:
     return f"{head}. {fix}: {kept}"
 
 
+def _rank_prefix() -> str:
+    """ "rank N: " in front of what a process other than rank 0 prints (read from the launcher's environment, which
+    holds whether or not the process group still exists); nothing for rank 0 or a single process."""
+    rank = os.environ.get("RANK", "0")
+    return "" if rank == "0" else f"rank {rank}: "
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         with stop_outside_training():  # a stop signal before or after training: exit REQUEUE_EXIT too
@@ -751,11 +769,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {bad_file_message(e)}", file=sys.stderr)
         return 2
     except Preempted as e:  # SIGTERM / SIGUSR1: saved at the step boundary; the exit status asks for a requeue
-        print(f"stopped on {e}", file=sys.stderr)
+        print(f"{_rank_prefix()}stopped on {e}", file=sys.stderr)  # (each rank says it stopped, once)
         return REQUEUE_EXIT
     except StopRequested as e:  # outside the training loop: no step to save
-        print(f"stopped on {e} outside training: nothing new to save, the last checkpoint (if any) is intact; "
-              "run again with --resume to continue", file=sys.stderr)  # fmt: skip
+        print(f"{_rank_prefix()}stopped on {e} outside training: nothing new to save, the last checkpoint (if any) is "
+              "intact; run the command again with --resume if-exists to continue (it starts the run when it has no "
+              "checkpoint yet)", file=sys.stderr)  # fmt: skip
         return REQUEUE_EXIT
     return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -159,6 +160,10 @@ def _check(ap, args) -> None:
         ap.error("--resume DIR continues in DIR: leave out --finetune-dir")
     if args.val_path is not None and args.data_path is None:
         ap.error("--val-path needs --data-path (the training folder its classes come from)")
+    if args.mode != "knn" and args.warmup_epochs >= args.epochs:
+        print(f"note: --warmup-epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: the learning "
+              f"rate never reaches its peak (give --warmup-epochs for a short {args.mode})",
+              file=sys.stderr)  # fmt: skip
 
 
 def run(args) -> dict:
@@ -177,6 +182,9 @@ def run(args) -> dict:
     if args.random:
         torch.manual_seed(args.seed)
     encoder, info = load_encoder(args.encoder, args.model or args.random, args.img_size)
+    if args.pool != "auto" and not hasattr(encoder, "blocks"):  # (a ConvNeXt has no tokens to choose from)
+        raise ValueError(f"--pool {args.pool} applies to ViT encoders; {info['encoder']} has its own pooled features "
+                         "(global average pool and norm): leave --pool out")  # fmt: skip
     if dist_info.is_main:
         _out_path(args, info)  # a bad --out is refused before the evaluation runs, not after
     if args.val_path is not None:  # (builtin:digits and builtin:digits-val name the built-in folders)
@@ -190,9 +198,9 @@ def run(args) -> dict:
     val = LabelledFolder(val_root, eval_transform(size), classes=train.classes)
     result = {
         "mode": args.mode, **info, "pool": _resolved_pool(encoder, args), "pool_arg": args.pool,
-        "train": str(train.root), "val": str(val.root), "classes": len(train.classes), "train_images": len(train),
-        "val_images": len(val), "device": str(device), "seed": args.seed, "batch_size": args.batch_size,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "train": os.path.abspath(train.root), "val": os.path.abspath(val.root), "classes": len(train.classes),
+        "train_images": len(train), "val_images": len(val), "device": str(device), "seed": args.seed,
+        "batch_size": args.batch_size, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }  # fmt: skip
     t0 = time.perf_counter()
     if args.mode == "finetune":
@@ -290,6 +298,9 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
     n = args.epochs
     run_dir = args.run_dir = _finetune_dir(args, info)
     made = not run_dir.exists()
+    ckpt = run_dir / "checkpoint.pt"
+    before = ckpt.stat().st_mtime_ns if ckpt.exists() else None  # (a resume refused before training leaves it so)
+    previous = None  # the args.json a resume replaces
     if args.dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"finetune: {'resuming in' if args.resume else 'writing to'} {run_dir}", flush=True)
@@ -300,6 +311,7 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
         saved.update({k: str(Path(saved[k]).resolve()) for k in PATH_ARGS
                       if saved[k] is not None and not str(saved[k]).startswith("builtin")})  # fmt: skip
         if not args.resume or (run_dir / ARGS_FILE).exists():
+            previous = (run_dir / ARGS_FILE).read_text() if args.resume else None
             (run_dir / ARGS_FILE).write_text(json.dumps(saved, indent=1) + "\n")
 
     def log(row):
@@ -320,10 +332,14 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
             source={"step": info["step"]},
         )  # fmt: skip
     except BaseException:
-        if not args.resume and args.dist_info.is_main and not (run_dir / "checkpoint.pt").exists():
-            (run_dir / ARGS_FILE).unlink(missing_ok=True)  # a refused or failed start leaves nothing behind
+        if args.dist_info.is_main:
+            unchanged = (ckpt.stat().st_mtime_ns if ckpt.exists() else None) == before
+            if args.resume and previous is not None and unchanged:
+                (run_dir / ARGS_FILE).write_text(previous)  # a refused resume leaves the folder's settings as they were
+            if not args.resume and not ckpt.exists():
+                (run_dir / ARGS_FILE).unlink(missing_ok=True)  # a refused or failed start leaves nothing behind
             if made and run_dir.is_dir() and not any(run_dir.iterdir()):
-                run_dir.rmdir()  # (no empty finetune-N either)
+                run_dir.rmdir()  # (no empty finetune-N, nor a folder a mistyped --resume made)
         raise
     was = (out["source"] or {}).get("step", info["step"])
     if was != info["step"]:  # the encoder file was rewritten since the fine-tuning started from it
@@ -333,8 +349,17 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
         info["step"] = result["step"] = was
     saved = run_dir / "finetuned.safetensors"
     if args.dist_info.is_main:
-        save_encoder(saved, out["network"].state_dict(), {"model": info["encoder"], "pool": args.pool, "classes":
-                     json.dumps(train.classes), "source": str(info["path"])})  # fmt: skip
+        source = str(Path(info["path"]).resolve()) if info["path"] else "None"
+        meta = {
+            "model": info["encoder"],
+            "pool": args.pool,
+            "classes": json.dumps(train.classes),
+            "source": source,
+            "img_size": str(info["img_size"]),
+        }  # (a ConvNeXt's size is known only from it)
+        if info["step"] is not None:
+            meta["step"] = str(info["step"])
+        save_encoder(saved, out["network"].state_dict(), meta)
     result.update(top1=out["top1"], top5=out["top5"], best_top1=out["best_top1"], best_epoch=out["best_epoch"],
                   epochs=n, warmup_epochs=args.warmup_epochs, blr=args.blr, lr=out["lr"], min_lr=args.min_lr,
                   layer_decay=args.layer_decay, drop_path=args.drop_path,

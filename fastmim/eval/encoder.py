@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
     side = getattr(module, "img_size", None)
     trained = int(meta["img_size"]) if meta.get("img_size", "").isdigit() else None  # a run's encoder says it
     size = kwargs.get("img_size") or img_size or (side[0] if isinstance(side, tuple) else side) or trained or 224
-    info = {"encoder": enc, "model": name, "img_size": int(size), "path": str(path) if path else None,
+    info = {"encoder": enc, "model": name, "img_size": int(size), "path": os.path.abspath(path) if path else None,
             "step": int(meta["step"]) if meta.get("step", "").isdigit() else None,
             "random_init": path is None}  # fmt: skip
     return module.eval(), info

@@ -15,6 +15,16 @@ Three places change, each to the same values and gradients for the same ``noise`
 
 ``interpolate_pos_encoding=True`` calls go through transformers' own code. ``unpatch_hf_vit_mae`` restores it.
 Patching twice changes nothing.
+
+``patch_hf_vit_mae(model, layers=True)`` also runs every ``ViTMAELayer`` of the encoder and the decoder on fastmim's
+fused block ops (the module re-classed, its weights and names transformers' own): ``layernorm_before`` on
+``layer_norm``; q, k and v as one matmul read packed by ``attention`` (no head transposes); the residual add and
+``layernorm_after`` in one ``add_layer_norm`` pass; fc1's bias and the exact GELU in one ``bias_gelu``. A layer falls
+back to transformers' forward for what these do not do: an attention mask or extra arguments, dropout while training,
+another activation, and hooks on its attention (``output_attentions`` records them there). The same values and
+gradients as transformers' layer in fp32 (tested); off by default, like fastmim's own fused block options, until a GPU
+measures it (``benchmarks/hf_vit_mae.py --layers``). Not on CPU: there these ops run their PyTorch references, slower
+than transformers' SDPA (0.41x at ViTMAE-tiny on the 2-core CI machine).
 """
 
 from __future__ import annotations
@@ -22,9 +32,18 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 
 from fastmim.integrations._versions import require
-from fastmim.ops import gather_visible, masked_mse_loss, scatter_masked
+from fastmim.ops import (
+    add_layer_norm,
+    attention,
+    bias_gelu,
+    gather_visible,
+    layer_norm,
+    masked_mse_loss,
+    scatter_masked,
+)
 
 TESTED = ("5.",)  # transformers major versions whose ViTMAE code these replacements were checked against
 
@@ -111,6 +130,66 @@ def _unmasked_loss(model, pixel_values, logits, mask):
     return (((logits - target) ** 2).mean(-1) * mask).sum() / mask.sum()
 
 
+# --- the fused layer (patch_hf_vit_mae(model, layers=True)) ---
+def _fused_layer_class():
+    m = _modeling()
+
+    class FusedViTMAELayer(m.ViTMAELayer):
+        """transformers' ``ViTMAELayer`` on fastmim's fused block ops (see the module's docstring)."""
+
+        def _plain(self, attention_mask, kwargs) -> bool:
+            attn = self.attention
+            training_dropout = self.training and (self.dropout.p > 0 or attn.attention_dropout > 0)
+            return (attention_mask is None and not kwargs and not training_dropout
+                    and not (attn._forward_hooks or attn._forward_pre_hooks)
+                    and attn.q_proj.weight.shape[0] == attn.num_attention_heads * attn.head_dim
+                    and len({p.bias is None for p in (attn.q_proj, attn.k_proj, attn.v_proj)}) == 1)  # fmt: skip
+
+        def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+            if not self._plain(attention_mask, kwargs):
+                return super().forward(hidden_states, attention_mask, **kwargs)
+            attn, mlp, before, after = self.attention, self.mlp, self.layernorm_before, self.layernorm_after
+            b, n, _ = hidden_states.shape
+            h = layer_norm(hidden_states, before.weight, before.bias, before.eps)
+            proj = (attn.q_proj, attn.k_proj, attn.v_proj)  # one matmul for the three (qkv_bias: all or none)
+            bias = torch.cat([p.bias for p in proj]) if attn.q_proj.bias is not None else None
+            qkv = F.linear(h, torch.cat([p.weight for p in proj]), bias)
+            out = attention(qkv.view(b, n, 3, attn.num_attention_heads, attn.head_dim), attn.scaling)
+            y, s = add_layer_norm(attn.o_proj(out.reshape(b, n, -1)), hidden_states, after.weight, after.bias,
+                                  after.eps)  # fmt: skip
+            if getattr(mlp.config, "hidden_act", None) == "gelu" and mlp.fc1.bias is not None:
+                x = bias_gelu(F.linear(y, mlp.fc1.weight), mlp.fc1.bias)
+            else:
+                x = mlp.activation_fn(mlp.fc1(y))
+            return mlp.fc2(x) + s
+
+    FusedViTMAELayer.__module__ = __name__
+    FusedViTMAELayer.__qualname__ = "FusedViTMAELayer"
+    return FusedViTMAELayer
+
+
+_BUILT: dict[str, type] = {}
+
+
+def __getattr__(name: str):
+    """The fused layer class, built on first use (transformers imported only then; unpickling finds it)."""
+    if name == "FusedViTMAELayer":
+        if name not in _BUILT:
+            _BUILT[name] = _fused_layer_class()
+        return _BUILT[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _layers(model) -> list:
+    return [*model.vit.layers, *model.decoder.decoder_layers]
+
+
+def fused_layers(model) -> int:
+    """How many of ``model``'s ViTMAE layers run on fastmim's fused block ops."""
+    return sum(type(layer).__name__ == "FusedViTMAELayer" and type(layer).__module__ == __name__
+               for layer in _layers(model))  # fmt: skip
+
+
 # --- patching ---
 _SAVED: dict[tuple[type, str], object] = {}  # transformers' own functions, recorded before any patch
 _REPLACEMENTS = {f.__name__: f for f in (random_masking, decoder_forward, pretraining_forward)}
@@ -155,12 +234,15 @@ def _original(cls: type, name: str):
     return _SAVED[(cls, name)]
 
 
-def patch_hf_vit_mae(model=None):
+def patch_hf_vit_mae(model=None, layers: bool = False):
     """Runs ``model`` (a ``ViTMAEForPreTraining``) on fastmim's ops; without ``model``, every ViTMAE model (the classes
-    are patched, models built before included). Returns ``model``. Idempotent; ``unpatch_hf_vit_mae`` undoes it."""
+    are patched, models built before included). ``layers``: its transformer layers on the fused block ops too (a
+    model only). Returns ``model``. Idempotent; ``unpatch_hf_vit_mae`` undoes it."""
     m = _modeling()
     targets = _targets(m)
     if model is None:
+        if layers:
+            raise ValueError("patch_hf_vit_mae(layers=True) fuses one model's layers: pass the model")
         for cls, name, fn in targets:
             setattr(cls, name, fn)
         return None
@@ -168,6 +250,11 @@ def patch_hf_vit_mae(model=None):
         raise TypeError(f"patch_hf_vit_mae: expected a transformers ViTMAEForPreTraining, got {type(model).__name__}")
     for (_, name, fn), obj in zip(targets, _owners(model), strict=True):
         obj.__dict__[name] = _PatchedMethod(obj, fn.__name__)  # an instance attribute: this model only
+    if layers:
+        fused = __getattr__("FusedViTMAELayer")
+        for layer in _layers(model):
+            if type(layer) is m.ViTMAELayer:  # re-classed (not wrapped): names, state dict and pickling unchanged
+                layer.__class__ = fused
     return model
 
 
@@ -180,6 +267,9 @@ def unpatch_hf_vit_mae(model=None):
         return None
     for (_, name, _), obj in zip(targets, _owners(model), strict=True):
         obj.__dict__.pop(name, None)
+    for layer in _layers(model):
+        if type(layer) is _BUILT.get("FusedViTMAELayer"):
+            layer.__class__ = _modeling().ViTMAELayer
     return model
 
 

@@ -107,9 +107,9 @@ def _check_layout(mask: torch.Tensor, what: str, num_tokens: int | None, grid: t
 
 
 def _check_num_masks(num_masks) -> int:
-    if isinstance(num_masks, bool) or not isinstance(num_masks, int) or num_masks < 1:
+    if as_int(num_masks) is None or num_masks < 1:
         raise ValueError(f"num_masks must be a positive int, got {num_masks!r}")
-    return num_masks
+    return as_int(num_masks)
 
 
 def as_grid(grid: int | tuple[int, int], what: str = "grid") -> tuple[int, int]:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fastmim import _ext
+from fastmim._args import as_int
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,9 @@ class BlockMaskGenerator:
         self._calls = 0
 
     def __call__(self, batch: int, seed: int | None = None) -> torch.Tensor:
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+        if as_int(batch) is None or batch < 0:
             raise ValueError(f"batch must be a non-negative int, got {batch!r}")
+        batch = as_int(batch)
         if seed is None:
             seed = (self.seed * 1_000_003 + self._calls) & (2**63 - 1)
             self._calls += 1

@@ -248,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     draw_grid(image, masks, args.strategy, args.cols).save(out)
     hidden = masks.mask.flatten(1).sum(1).float()
-    print(f"{args.strategy} (impl {args.impl}, {h}x{w} grid): {args.num} masks, {hidden.mean():.1f} of "
+    per = masks.mask.shape[0] // max(args.num, 1)  # (a strategy drawing several masks per image: num_masks)
+    count = f"{args.num} images x {per} masks" if per > 1 else f"{args.num} masks"
+    print(f"{args.strategy} (impl {args.impl}, {h}x{w} grid): {count}, {hidden.mean():.1f} of "
           f"{masks.mask[0].numel()} tokens hidden on average", file=sys.stderr)  # fmt: skip
     print(out)
     return 0

@@ -27,6 +27,7 @@ import random
 
 import torch
 
+from fastmim._args import as_int
 from fastmim.masking.base import Masks, MaskStrategy, as_grid, check_range, check_ratio
 from fastmim.masking.random import num_visible
 from fastmim.masking.rng import randint, uniform
@@ -210,8 +211,9 @@ class InverseBlockMask(MaskStrategy):
     def __init__(self, grid, ratio: float = 0.8, block: int = 3, adjust: float = 0.07, **kw):
         super().__init__(grid, **kw)
         self.ratio = check_ratio("ratio", ratio)
-        if isinstance(block, bool) or not isinstance(block, int) or block < 2:
+        if as_int(block) is None or block < 2:
             raise ValueError(f"block must be an int >= 2 (data2vec 2.0: 3), got {block!r}")
+        block = as_int(block)
         if isinstance(adjust, bool) or not isinstance(adjust, int | float) or not 0 <= adjust < 1:
             raise ValueError(f"adjust must be a number in [0, 1), got {adjust!r}")
         self.block, self.adjust = block, float(adjust)
@@ -265,10 +267,11 @@ class SimMIMMask(MaskStrategy):
     def __init__(self, grid, ratio: float = 0.6, mask_patch_size: int = 32, patch_size: int = 16, **kw):
         super().__init__(grid, **kw)
         self.ratio = check_ratio("ratio", ratio)
-        if not all(isinstance(v, int) and v > 0 for v in (mask_patch_size, patch_size)) or mask_patch_size % patch_size:
+        sizes = (as_int(mask_patch_size), as_int(patch_size))
+        if not all(v is not None and v > 0 for v in sizes) or sizes[0] % sizes[1]:
             raise ValueError(f"mask_patch_size ({mask_patch_size}) must be a positive multiple of patch_size "
                              f"({patch_size})")  # fmt: skip
-        self.scale = mask_patch_size // patch_size
+        self.scale = sizes[0] // sizes[1]
         if self.grid[0] % self.scale or self.grid[1] % self.scale:
             raise ValueError(f"the {self.grid[0]}x{self.grid[1]} token grid does not divide into {self.scale}x"
                              f"{self.scale}-token mask patches ({mask_patch_size} over {patch_size} px)")  # fmt: skip
@@ -390,25 +393,31 @@ class MultiBlockMask(MaskStrategy):
         super().__init__(grid, **kw)
         self.batch_shared = bool(batch_shared)
         self.truncate = bool(truncate) and not self.batch_shared  # (batch-shared masks are truncated already)
-        if isinstance(num_targets, bool) or not isinstance(num_targets, int) or num_targets < 1:
+        if as_int(num_targets) is None or num_targets < 1:
             raise ValueError(f"num_targets must be a positive int, got {num_targets!r}")
-        self.num_targets = num_targets
+        self.num_targets = as_int(num_targets)
         self.target_scale = check_range("target_scale", target_scale)
         self.aspect_range = check_range("aspect_range", aspect_range)
         self.context_scale = check_range("context_scale", context_scale)
         if self.target_scale[1] > 1 or self.context_scale[1] > 1:
             raise ValueError("target_scale and context_scale are fractions of the grid: at most 1")
-        if isinstance(min_keep, bool) or not isinstance(min_keep, int) or not 0 <= min_keep <= self.num_tokens:
+        if as_int(min_keep) is None or not 0 <= min_keep <= self.num_tokens:
             raise ValueError(f"min_keep must be an int in [0, {self.num_tokens}], got {min_keep!r}")
-        self.min_keep = min_keep
-        if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
+        self.min_keep = min_keep = as_int(min_keep)
+        if as_int(max_tries) is None or max_tries < 1:
             raise ValueError(f"max_tries must be a positive int, got {max_tries!r}")
-        self.max_tries = max_tries
-        # the largest context must be able to keep min_keep tokens next to the largest targets
-        hmax, wmax = _block_hw(torch.tensor(self.context_scale[1]), torch.tensor(1.0), *self.grid)
-        if int(hmax) * int(wmax) < min_keep:
+        self.max_tries = as_int(max_tries)
+        # the largest context must be able to keep min_keep tokens next to the largest targets (the collator's
+        # blocks stay smaller than the grid, and keep more than min_keep)
+        if self.batch_shared:
+            hmax, wmax = self._shared_size_at(1.0, self.context_scale, (1.0, 1.0))
+        else:
+            hmax, wmax = (int(v) for v in _block_hw(torch.tensor(self.context_scale[1]), torch.tensor(1.0), *self.grid))
+        if hmax * wmax < min_keep + self.batch_shared:
             raise ValueError(f"a context block of scale {self.context_scale[1]} on a {self.grid[0]}x{self.grid[1]} "
-                             f"grid has {int(hmax) * int(wmax)} tokens, fewer than min_keep={min_keep}")  # fmt: skip
+                             f"grid has at most {hmax * wmax} tokens, too few to keep "
+                             f"{'more than ' if self.batch_shared else ''}min_keep={min_keep}: lower min_keep (the "
+                             "I-JEPA models use at most 1/8 of the grid)")  # fmt: skip
 
     def _blocks(self, keys, stream, n, scale_range, aspect_range):
         """[B, n] block sizes and positions -> [B, n, H, W] bool."""
@@ -427,8 +436,10 @@ class MultiBlockMask(MaskStrategy):
 
     def _shared_size(self, rng: random.Random, scale_range, aspect_range) -> tuple[int, int]:
         """I-JEPA's ``_sample_block_size``: one random number for the scale and the aspect."""
+        return self._shared_size_at(rng.random(), scale_range, aspect_range)
+
+    def _shared_size_at(self, u: float, scale_range, aspect_range) -> tuple[int, int]:
         h, w = self.grid
-        u = rng.random()
         max_keep = int(h * w * (scale_range[0] + u * (scale_range[1] - scale_range[0])))
         aspect = aspect_range[0] + u * (aspect_range[1] - aspect_range[0])
         bh, bw = int(round(math.sqrt(max_keep * aspect))), int(round(math.sqrt(max_keep / aspect)))
@@ -447,7 +458,7 @@ class MultiBlockMask(MaskStrategy):
         eh, ew = self._shared_size(batch, self.context_scale, (1.0, 1.0))
         if eh * ew <= self.min_keep:
             raise ValueError(f"multi-block masking: a {eh}x{ew} context block cannot keep more than min_keep="
-                             f"{self.min_keep} tokens")  # fmt: skip
+                             f"{self.min_keep} tokens: lower min_keep or raise context_scale")  # fmt: skip
 
         def block(rng, bh, bw):
             m = torch.zeros(h, w, dtype=torch.bool)
@@ -550,9 +561,9 @@ class TubeMask(MaskStrategy):
 
     def __init__(self, grid, frames: int = 8, ratio: float = 0.9, **kw):
         super().__init__(grid, **kw)
-        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        if as_int(frames) is None or frames < 1:
             raise ValueError(f"frames must be a positive int, got {frames!r}")
-        self.frames = frames
+        self.frames = as_int(frames)
         self.ratio = check_ratio("ratio", ratio)
         self._spatial = RandomMask(self.grid, ratio, seed=self.seed, impl="torch")
 

@@ -88,6 +88,10 @@ class FCMAE(PixelTarget, nn.Module):
         self.patch_size, self.in_chans = patch_size, in_chans
         self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
+        if self.num_patches < 2:  # nothing could be both hidden and seen: the loss would have no patch
+            raise ValueError(f"a {self.img_size[0]}x{self.img_size[1]} image is one {patch_size}-px mask patch: FCMAE "
+                             f"hides some patches and sees others, so it needs at least two (an image of "
+                             f"{2 * patch_size} px or more)")  # fmt: skip
         self.mask_ratio = float(mask_ratio)
         self.norm_pix_loss = norm_pix_loss
         self.sparse_backend = sparse_backend

@@ -46,6 +46,9 @@ def target_indices(targets: torch.Tensor) -> torch.Tensor:
     order, T the smallest block of the batch (I-JEPA's truncation; its batch-shared blocks are all T already)."""
     flat = targets.flatten(2)
     t = int(flat.sum(-1).min()) if flat.numel() else 0
+    if t == 0:  # (the count is read here anyway: checking it costs no extra sync)
+        raise ValueError(f"I-JEPA: every target block must hold at least one token; the targets [B, K, ...] = "
+                         f"{tuple(targets.shape[:2])} include an empty one (or K is 0)")  # fmt: skip
     return torch.argsort((~flat).to(torch.uint8), dim=-1, stable=True)[..., :t]
 
 
@@ -189,6 +192,11 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
                                         or tuple(targets.shape[2:]) != tuple(self.grid_size)):  # fmt: skip
                 raise ValueError(f"I-JEPA: targets must be [B, K, H, W] = [{imgs.shape[0]}, K, {self.grid_size[0]}, "
                                  f"{self.grid_size[1]}] target blocks, got shape {tuple(targets.shape)}")  # fmt: skip
+            if targets is not None and targets.dtype != torch.bool:  # 0/1 blocks, as the masks may be given
+                if not bool(((targets == 0) | (targets == 1)).all()):
+                    raise ValueError("I-JEPA: targets hold True/1 at each block's tokens and False/0 elsewhere; these "
+                                     "have other values")  # fmt: skip
+                targets = targets != 0
         if targets is None:
             raise ValueError("I-JEPA needs the target blocks with the context: pass the multiblock strategy's Masks "
                              "(mask=masks), or mask=masks.info(), targets=masks.targets")  # fmt: skip

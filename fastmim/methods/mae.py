@@ -121,6 +121,11 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
             raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
                          fused_norm=fused_norm, fused_gelu=fused_gelu)  # fmt: skip
+        if self.num_patches < 2:  # nothing could be both hidden and seen: the loss would have no patch
+            raise ValueError(
+                f"a {img_size}-px image is one {patch_size}-px patch: {type(self).__name__} hides some "
+                "patches and sees others, so it needs at least two (a larger image or a smaller patch)"
+            )
         self.mask_ratio = float(mask_ratio)
         self.mask_type = mask_type
         self.norm_pix_loss = norm_pix_loss

@@ -185,7 +185,7 @@ def init_weights(module: nn.Module) -> None:
 
 
 class VisionTransformer(nn.Module):
-    grad_ckpt = False  # per-block activation checkpointing (``fastmim.models.set_grad_ckpt``, ``--grad-ckpt``)
+    grad_ckpt = False  # per-block activation checkpointing (``fastmim.models.vit.set_grad_ckpt``, ``--grad-ckpt``)
 
     """ViT encoder with a class token and fixed 2-D sin-cos position embeddings.
 

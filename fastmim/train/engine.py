@@ -241,7 +241,8 @@ class Trainer:
         else:  # a different world size reshards the data anyway; keep ranks distinct
             torch.manual_seed(self.cfg.seed + self.info.rank + 7919 * self.pos.step)
             if self.info.is_main:
-                print(f"note: resuming on {self.info.world_size} processes, saved on {state.get('world_size')}")
+                n, was = self.info.world_size, state.get("world_size")
+                print(f"note: resuming on {n} process{'es' * (n != 1)}, saved on {was}")
 
     def _check_finite(self, value: float, what: str) -> None:
         """Stops the run, before anything is saved, when ``what`` (the loss, the weights) is not finite."""

@@ -14,17 +14,28 @@ LEFT, RIGHT, TOP, BOTTOM = 64, 16, 34, 40
 
 
 def read_series(metrics: str | Path, key: str) -> list[tuple[int, float]]:
-    """(step, value) of every finite ``key`` in a metrics.jsonl, by step; where a resumed run logged a step again, its
-    later row wins. Unreadable lines (a line cut by a crash) are skipped."""
+    """(step, value) of every finite ``key`` in a metrics.jsonl, by step. A resumed run logs again from its checkpoint:
+    a row whose step is below the one before it starts over from there, so the earlier rows from that step on are
+    dropped (the steps a stopped run logged after its checkpoint, or, after a resume on another number of processes,
+    whose steps are counted in other units, the old run's later steps); within a run a later row of a step wins.
+    Unreadable lines (a line cut by a crash) are skipped."""
     by_step: dict[int, float] = {}
     try:
         lines = Path(metrics).read_text().splitlines()
     except FileNotFoundError:
         return []
+    last = None
     for line in lines:
         try:
             row = json.loads(line)
-            value, step = float(row[key]), int(row["step"])
+            step = int(row["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if last is not None and step < last:  # a resume: its rows replace the earlier run's from this step on
+            by_step = {s: v for s, v in by_step.items() if s < step}
+        last = step
+        try:
+            value = float(row[key])
         except (ValueError, KeyError, TypeError):
             continue
         if math.isfinite(value):

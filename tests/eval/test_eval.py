@@ -540,6 +540,8 @@ def test_cli_finetune_stopped_by_a_signal_exits_for_a_requeue_and_resumes(tmp_pa
     finishes; a later --resume F --epochs 3 trains one more epoch and keeps --epochs 3 in args.json, so that the next
     resume does not ask for fewer."""
     pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    from safetensors import safe_open
+
     from fastmim.train.checkpoint import save_encoder
 
     model, path = _save_run_encoder(tmp_path)
@@ -573,6 +575,16 @@ def test_cli_finetune_stopped_by_a_signal_exits_for_a_requeue_and_resumes(tmp_pa
     assert json.loads((folder / "args.json").read_text())["epochs"] == 3
     assert eval_main(["finetune", "--resume", str(folder)]) == 2  # nothing left: refused as done, with 3 epochs
     assert "it has done 3 of --epochs 3" in capsys.readouterr().err
+    kept = (folder / "args.json").read_text()
+    assert eval_main(["finetune", "--resume", str(folder), "--epochs", "4", "--blr", "1"]) == 2
+    assert "blr: 0.0005 then, 1.0 now" in capsys.readouterr().err
+    assert (folder / "args.json").read_text() == kept  # a refused resume leaves the folder's settings as they were
+    meta = safe_open(str(folder / "finetuned.safetensors"), "pt").metadata()
+    assert meta["img_size"] == "32" and meta["step"] == "12" and meta["source"] == str(path)
+    typo = tmp_path / "ft-typo"
+    assert eval_main(["finetune", "--resume", str(typo), "--encoder", str(path), "--data-path", str(train),
+                      "--val-path", str(val)]) == 2  # fmt: skip
+    assert "no fine-tuning checkpoint" in capsys.readouterr().err and not typo.exists()
     with pytest.raises(SystemExit):
         eval_main(["finetune", "--encoder", str(path), "--resume", "if-exists"])
     assert "--resume if-exists needs --finetune-dir" in capsys.readouterr().err
@@ -667,3 +679,20 @@ def test_eval_cli_refuses_contradictions_before_it_runs(tmp_path, capsys):
         with pytest.raises(SystemExit):
             eval_main(["linprobe", "--encoder", str(path), *data, *bad])
         assert message in capsys.readouterr().err
+
+
+def test_options_a_mode_does_not_read_are_refused_and_a_convnext_takes_no_pool(capsys):
+    """knn --epochs, linprobe --mixup: refused by name rather than ignored; --pool cls on a ConvNeXt (its own pooled
+    features) is refused before any data is read; a warm-up as long as the run is noted."""
+    with pytest.raises(SystemExit):
+        eval_main(["knn", "--random", "vit_tiny_patch16", "--epochs", "3", "--mixup", "0.2"])
+    assert "--epochs is for linprobe and finetune; --mixup is for finetune: knn does not use them" in \
+        capsys.readouterr().err  # fmt: skip
+    with pytest.raises(SystemExit):
+        eval_main(["linprobe", "--random", "vit_tiny_patch16", "--min-lr", "0.1"])
+    assert "--min-lr is for finetune: linprobe does not use it" in capsys.readouterr().err
+    assert eval_main(["linprobe", "--random", "convnextv2_atto", "--pool", "cls", "--epochs", "2",
+                      "--device", "cpu"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--warmup-epochs 10 is not shorter than --epochs 2" in err, err
+    assert "--pool cls applies to ViT encoders; convnextv2_atto has its own pooled features" in err, err

@@ -93,13 +93,17 @@ def test_bad_eval_data_is_refused_before_training(image_folder, tmp_path, capsys
     assert not (out / "checkpoint.pt").exists()
 
 
-def test_read_series_keeps_a_resumed_runs_later_rows_and_skips_a_cut_line(tmp_path):
+def test_read_series_keeps_a_resumed_runs_rows_over_the_old_ones_and_skips_a_cut_line(tmp_path):
     m = tmp_path / "metrics.jsonl"
     rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 1.5}, {"step": 2, "loss": 2.5},
             {"step": 3, "loss": float("nan")}, {"step": 4, "knn_top1": 50.0}]  # fmt: skip
     m.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"step": 5, "lo')
-    assert read_series(m, "loss") == [(1, 3.0), (2, 2.5), (3, 1.5)]
+    assert read_series(m, "loss") == [(1, 3.0), (2, 2.5)]  # the resumed run's step 3 (not finite) replaced the old
     assert read_series(m, "knn_top1") == [(4, 50.0)]
+    # a resume on more processes counts steps in larger units: the old run's later steps are not the new run's
+    rows = [{"step": s, "loss": 2.0 - s / 10} for s in range(1, 10)] + [{"step": s, "loss": 1.0} for s in (5, 6, 7, 8)]
+    m.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert read_series(m, "loss") == [(s, 2.0 - s / 10) for s in range(1, 5)] + [(s, 1.0) for s in (5, 6, 7, 8)]
     assert plot_metrics(tmp_path / "missing.jsonl", tmp_path / "x.png") is None and not (tmp_path / "x.png").exists()
 
 

@@ -168,3 +168,55 @@ def test_edge_configurations_match_transformers(case):
     torch.testing.assert_close(b.loss, a.loss, equal_nan=True)
     torch.testing.assert_close(b.logits, a.logits)
     assert torch.isnan(b.loss).item() == (case == "nothing masked")
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_fused_layers_equal_transformers_own_and_fall_back_where_they_must(qkv_bias):
+    """layers=True: every encoder and decoder layer re-classed onto fastmim's block ops, the loss, logits and every
+    gradient as transformers' in fp32; attention recorded by a hook, or dropout in training, takes transformers' own
+    layer forward; unpatching gives transformers' classes back; a fused model pickles fused."""
+    import pickle
+
+    from fastmim.integrations.hf import fused_layers
+
+    ref = tiny()
+    ref.config.qkv_bias = qkv_bias
+    ref = ViTMAEForPreTraining(ref.config).train() if not qkv_bias else ref  # (the projections are built unbiased)
+    ours = patch_hf_vit_mae(copy.deepcopy(ref), layers=True)
+    assert fused_layers(ours) == 4 and fused_layers(ref) == 0 and type(ours.vit.layers[0]).__name__ == \
+        "FusedViTMAELayer"  # fmt: skip
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    imgs, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
+    a, ga = _run(ref, imgs, noise)
+    b, gb = _run(ours, imgs, noise)
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    calls = {"fused": 0}
+    fused_cls = type(ours.vit.layers[0])
+    own = fused_cls.forward
+
+    def counting(self, *args, **kw):
+        calls["fused"] += self._plain(args[1] if len(args) > 1 else kw.get("attention_mask"), {})
+        return own(self, *args, **kw)
+
+    fused_cls.forward = counting
+    try:
+        ours(pixel_values=imgs, noise=noise)
+        assert calls["fused"] == 4
+        calls["fused"] = 0
+        hook = ours.vit.layers[0].attention.register_forward_hook(lambda *a: None)
+        ours(pixel_values=imgs, noise=noise)
+        assert calls["fused"] == 3  # the hooked layer ran transformers' forward (its attention module)
+        hook.remove()
+    finally:
+        fused_cls.forward = own
+    again = pickle.loads(pickle.dumps(ours))
+    assert fused_layers(again) == 4
+    torch.testing.assert_close(again(pixel_values=imgs, noise=noise).loss, b.loss.detach())
+    unpatch_hf_vit_mae(ours)
+    assert fused_layers(ours) == 0 and type(ours.vit.layers[0]) is type(ref.vit.layers[0])
+    with pytest.raises(ValueError, match="fuses one model's layers: pass the model"):
+        patch_hf_vit_mae(layers=True)

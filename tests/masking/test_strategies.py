@@ -249,10 +249,17 @@ def test_multiblock_batch_shared_is_ijepas_collator():
 
 
 def test_multiblock_batch_shared_names_a_context_that_cannot_keep_min_keep():
-    """On 4x4 I-JEPA's context size shrinks to 3x3 (below the side), 9 tokens: min_keep=10 cannot hold."""
-    s = build_mask("multiblock", 4, batch_shared=True, min_keep=10)
-    with pytest.raises(ValueError, match="a 3x3 context block cannot keep more than min_keep=10 tokens"):
-        s(4)
+    """On 4x4 I-JEPA's context size shrinks to 3x3 (below the side), 9 tokens: min_keep=10 cannot hold, which is
+    said when the strategy is built (per sample the whole 4x4 may be drawn); a batch whose drawn context is too
+    small says so when drawn."""
+    with pytest.raises(ValueError, match="has at most 9 tokens, too few to keep more than min_keep=10: lower"):
+        build_mask("multiblock", 4, batch_shared=True, min_keep=10)
+    build_mask("multiblock", 4, batch_shared=False, min_keep=10)
+    build_mask("multiblock", 4, batch_shared=True, min_keep=8)(4)
+    s = build_mask("multiblock", 5, batch_shared=True, context_scale=(0.1, 1.0), min_keep=9)
+    with pytest.raises(ValueError, match="context block cannot keep more than min_keep=9 tokens: lower min_keep"):
+        for epoch in range(40):  # (the context's size is drawn per batch: some batches draw a small one)
+            s(4, epoch=epoch)
 
 
 def test_several_masks_per_sample():
@@ -313,7 +320,7 @@ def test_bad_grids_and_inputs_name_the_problem():
         build_mask("simmim", 7)
     with pytest.raises(ValueError, match="needs an even token grid"):
         build_mask("uniform", (14, 7))
-    with pytest.raises(ValueError, match="fewer than min_keep"):
+    with pytest.raises(ValueError, match="has at most 4 tokens, too few to keep min_keep=10"):
         build_mask("multiblock", 4, context_scale=(0.2, 0.3), min_keep=10)
     s = build_mask("attention", 14)
     with pytest.raises(ValueError, match=r"scores must be \[B, H\*W\] or \[B, H, W\]"):
@@ -387,3 +394,16 @@ def test_numpy_numbers_are_taken_where_python_ones_are():
     assert torch.equal(a.mask, b.mask)
     with pytest.raises(ValueError, match="grid must be a positive int or \\(height, width\\)"):
         build_mask("random", 14.0)
+    # every strategy's integer arguments, and num_masks
+    i = np.int64
+    pairs = [(("block", 8, {"ratio": 0.4}), {"num_masks": 2}),
+             (("multiblock", 8, {"num_targets": 2, "min_keep": 4, "max_tries": 30}), {}),
+             (("inverse_block", 8, {"block": 3}), {}), (("tube", 8, {"frames": 3}), {}),
+             (("simmim", 4, {"mask_patch_size": 32, "patch_size": 16}), {})]  # fmt: skip
+    for (name, grid, kw), call in pairs:
+        want = build_mask(name, grid, seed=1, **kw)(indices=torch.arange(2), **call)
+        got = build_mask(name, grid, seed=1, **{k: i(v) if isinstance(v, int) else v for k, v in kw.items()})(
+            indices=torch.arange(2), **{k: i(v) for k, v in call.items()})  # fmt: skip
+        assert torch.equal(got.mask, want.mask), name
+    with pytest.raises(ValueError, match="num_targets must be a positive int, got 2.0"):
+        build_mask("multiblock", 8, num_targets=2.0)

@@ -152,6 +152,14 @@ def test_bad_inputs():
         m(_imgs(), mask=Masks(drawn.mask).info(ids=False), targets=drawn.targets)
     with pytest.raises(ValueError, match="pred_dim 100 must divide"):
         _tiny(pred_dim=100)
+    with pytest.raises(ValueError, match="every target block must hold at least one token"):
+        m(_imgs(), mask=drawn.info(), targets=torch.zeros_like(drawn.targets))
+    with pytest.raises(ValueError, match="targets hold True/1 at each block's tokens"):
+        m(_imgs(), mask=drawn.info(), targets=drawn.targets.float() * 2)
+    torch.manual_seed(0)  # 0/1 blocks are the bool ones
+    want = m(_imgs(), mask=drawn.info(), targets=drawn.targets)[0]
+    torch.manual_seed(0)
+    torch.testing.assert_close(m(_imgs(), mask=drawn.info(), targets=drawn.targets.float())[0], want)
 
 
 def test_encoder_exports_to_timm():

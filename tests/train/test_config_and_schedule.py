@@ -222,3 +222,24 @@ def test_a_resume_records_every_setting_it_changes(image_folder, tmp_path, capsy
     said = capsys.readouterr().out
     assert "lr unset (blr x effective batch / 256) -> 0.0001; clip_grad unset (no clip) -> 1.0" in said, said
     assert json.loads((out / "resumes.jsonl").read_text().splitlines()[-1])["changed"]["lr"] == [None, 0.0001]
+
+
+def test_a_relative_data_path_is_kept_absolute_so_a_resume_elsewhere_reads_the_same_folder(tmp_path, monkeypatch):
+    """--data-path imgs (relative) is saved as the folder it named; a resume run from another directory that has its
+    own imgs/ reads the run's folder, not that one. Built-in names stay names."""
+    from fastmim import pretrain
+
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = resolve_config(["--data-path", "imgs", "--eval-data", "builtin:digits"])
+    assert cfg.data_path == str(tmp_path / "imgs") and cfg.eval_data == "builtin:digits"
+    (tmp_path / "c.yaml").write_text("data_path: set/train\n")
+    assert resolve_config(["--config", "c.yaml"])[0].data_path == str(tmp_path / "set" / "train")
+    from tests.conftest import TINY_ARGS, make_image_folder
+
+    make_image_folder(tmp_path / "imgs", n=8)
+    pretrain.run([*TINY_ARGS, "--data-path", "imgs", "--output-dir", "run", "--max-steps", "1"])
+    elsewhere = tmp_path / "other"
+    make_image_folder(elsewhere / "imgs", n=8, seed=3)  # as many images: only the path could tell them apart
+    monkeypatch.chdir(elsewhere)
+    cfg, state = resolve_config(["--resume", "--output-dir", str(tmp_path / "run")])
+    assert cfg.data_path == str(tmp_path / "imgs") and state is not None
