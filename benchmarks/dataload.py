@@ -445,7 +445,8 @@ def main(argv=None) -> int:
                     f"processes, comma-separated to sweep (default: the usable CPUs, {cpus})")  # fmt: skip
     ap.add_argument("--threads", type=lambda s: parse_counts(s, 1), default=[cpus], help="DALI CPU threads, "
                     f"comma-separated to sweep (default: the usable CPUs, {cpus})")  # fmt: skip
-    ap.add_argument("--batch", type=int, default=256 if cuda else 64, help="per batch (default 64; 256 with CUDA)")
+    ap.add_argument("--batch", "--batch-size", type=int, default=256 if cuda else 64,
+                    help="per batch (default 64; 256 with CUDA)")  # fmt: skip
     ap.add_argument("--images", type=int, default=4096 if cuda else 512, help="data set size (default 512; 4096 "
                     "with CUDA)")  # fmt: skip
     ap.add_argument("--data", default=None, help="the data set's folder (default $FASTMIM_CACHE/bench-jpegs-<n>); "

@@ -128,7 +128,9 @@ def resolve_config(argv: list[str] | None, origins: dict | None = None) -> tuple
         value = getattr(cfg, key)
         if (key in flags or key in source) and isinstance(value, str) and value and not value.startswith("builtin:"):
             cfg = dataclasses.replace(cfg, **{key: os.path.abspath(value)})
-    where = {k: "the run's saved config" for k, v in (saved if state is not None else {}).items() if v is not None}
+    defaults = PretrainConfig().to_dict()  # (a saved default was not set by anyone: not named as where it came from)
+    where = {k: "the run's saved config" for k, v in (saved if state is not None else {}).items()
+             if v is not None and v != defaults.get(k)}  # fmt: skip
     where |= {k: str(v) for k, v in source.items()} | dict.fromkeys(flags, "the command line")
     if origins is not None:
         origins.update(where)
@@ -164,9 +166,15 @@ def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
         raise UsageError(f"--resume: this run was trained with {was}; {now} would change the network its checkpoint "
                          "holds: drop them to continue the run, or start another in a new --output-dir")  # fmt: skip
     same = set(RUN_KEYS) | set(NETWORK_KEYS)
-    changes = {k: [saved[k], getattr(cfg, k)] for k in cfg.to_dict()
-               if k in saved and k not in same and getattr(cfg, k) != saved[k]}  # fmt: skip
-    return changes
+
+    def differs(k) -> bool:
+        now, was = getattr(cfg, k), saved[k]
+        if k == "data_path" and isinstance(was, str) and isinstance(now, str) and not was.startswith("builtin:"):
+            return now != was and os.path.abspath(was) != now  # (a run from before data paths were kept absolute
+            # saved it as given: the same folder named again from the same place is no change)
+        return now != was
+
+    return {k: [saved[k], getattr(cfg, k)] for k in cfg.to_dict() if k in saved and k not in same and differs(k)}
 
 
 def _setting_text(key: str, value) -> str:
@@ -742,7 +750,9 @@ def bad_file_message(e: BadImageError | DaliDecodeError) -> str:
     if isinstance(e, DaliDecodeError):
         head, fix = e.problem, e.remedy(resumable, resume=then)
     elif re.search(r"\.tar:\d+:", e.summary()):  # a member of a tar shard (shard:offset:member)
-        head, fix = e.summary(), f"Rewrite the shard without it (or pass --skip-bad-files) and {then}"
+        head, fix = e.summary(), (f"Rewrite the shard with a good image under the same member name (a shard without it "
+                                  f"is another data set, which a resume inside the epoch refuses), or pass "
+                                  f"--skip-bad-files, and {then}")  # fmt: skip
     else:
         head, fix = e.summary(), f"Replace the file at the same path and {then}"
     return f"{head}. {fix}: {kept}"

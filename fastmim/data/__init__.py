@@ -36,10 +36,20 @@ def default_num_workers(local_world_size: int = 1) -> int:
 SKIP_TRIES = 64  # replacements tried for one unreadable sample before giving up
 
 
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser: a well-spread 64-bit hash of ``x``."""
+    m = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
 def replacement_index(index: int, k: int, n: int, seed: int = 0) -> int:
-    """The k-th (k >= 1) stand-in for sample ``index`` of ``n``: a fixed function of (seed, index, k), never the
-    sample itself."""
-    j = (index * 2654435761 + k * 40503 + seed * 97) % n
+    """The k-th (k >= 1) stand-in for sample ``index`` of ``n``: a fixed function of (seed, index, k) spread over the
+    whole data set whatever ``n`` (a hash, not a stride: a stride sharing a factor with ``n`` had reached one sample
+    in 69), never the sample itself."""
+    j = _mix64(_mix64(_mix64(seed & ((1 << 64) - 1)) ^ index) ^ k) % n
     return j if j != index else (j + 1) % n
 
 
@@ -78,17 +88,23 @@ def load_or_stand_in(dataset, index: int, skip_bad: bool, seed: int = 0):
         if not skip_bad:
             raise
         n = len(dataset)
+        tried = set()
         for k in range(1, SKIP_TRIES + 1):
             j = replacement_index(index, k, n, seed)
+            if j in tried:
+                continue
+            tried.add(j)
             try:
                 item = dataset[j], -1 - j
             except BadImageError:
                 continue
             # named where it happens (a loader worker): the run's count in metrics.jsonl does not say which files
-            print(f"skipped: {first.summary()}; sample {j} stands in for it (--skip-bad-files)", file=sys.stderr,
+            # (on a line of its own: the training process's progress bar holds the current one, without a newline)
+            print(f"\nskipped: {first.summary()}; sample {j} stands in for it (--skip-bad-files)", file=sys.stderr,
                   flush=True)  # fmt: skip
             return item
-        raise BadImageError(f"{first.summary()} (and its {SKIP_TRIES} stand-ins cannot be read either)") from first
+        raise BadImageError(f"{first.summary()} (and the {len(tried)} other samples tried in its place cannot be read "
+                            "either)") from first  # fmt: skip
 
 
 class MaskCollate:

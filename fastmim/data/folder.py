@@ -252,7 +252,7 @@ def list_tar_samples(shards: list[str]) -> tuple[list[str], list[int]]:
     DALI reads them)."""
     import tarfile
 
-    samples, sizes = [], []
+    samples, sizes, left_out = [], [], []
     for shard in shards:
         keys: dict[str, str] = {}
         try:
@@ -260,7 +260,12 @@ def list_tar_samples(shards: list[str]) -> tuple[list[str], list[int]]:
                 for m in tar:
                     base = m.name.rsplit("/", 1)[-1]
                     if not m.isfile() or "." not in base or base.split(".", 1)[1] not in TAR_IMAGE_EXTS:
-                        continue  # what DALI's reader skips too (a dotted base name, an odd-case extension)
+                        # what DALI's reader skips too (a dotted base name, an odd-case extension, a link): said
+                        # below where it looks like an image, so a folder and its shards are not silently different
+                        if (m.isfile() or m.issym() or m.islnk()) and base.rsplit(".", 1)[-1].lower() in \
+                                {e.lstrip(".") for e in IMG_EXTENSIONS}:  # fmt: skip
+                            left_out.append(m.name)
+                        continue
                     key = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
                     if key in keys:
                         raise ValueError(
@@ -271,6 +276,13 @@ def list_tar_samples(shards: list[str]) -> tuple[list[str], list[int]]:
                     sizes.append(m.size)
         except tarfile.ReadError as e:
             raise ValueError(f"{shard!r} is not an uncompressed tar file ({e})") from e
+    if left_out:
+        import sys
+
+        print(f"note: {len(left_out)} image member(s) of the tar shards left out, as webdataset and DALI read them "
+              f"(a sample is KEY.EXT: the base name up to its first dot, a lower-case extension, a regular file): "
+              f"{', '.join(repr(n) for n in left_out[:3])}{' ...' if len(left_out) > 3 else ''}; rename them to "
+              "read them", file=sys.stderr, flush=True)  # fmt: skip
     if not samples:
         raise ValueError(f"the tar shards {shards[0]!r}... hold no images (looked for {', '.join(IMG_EXTENSIONS)})")
     return samples, sizes

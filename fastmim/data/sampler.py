@@ -29,6 +29,28 @@ class ResumableDistributedSampler(Sampler[int]):
         self.start_index = 0
         self.stop_index: int | None = None
         self.per_rank = -(-self.n // num_replicas)  # ceil
+        self.order: dict | None = None  # an epoch resumed on another layout (set_order)
+
+    def set_order(self, order: dict | None) -> None:
+        """``{"epoch": e, "stages": [[world, consumed], ...], "offset": k}``: epoch ``e`` was begun by runs on other
+        layouts. The first stage's run dealt the epoch's order (padded to its ``world``) over its ranks, as this
+        sampler does, and they consumed its first ``consumed`` samples together; each later stage dealt what was left
+        (cut to a multiple of its ``world``) and consumed its first ``consumed``. This sampler deals the rest over its
+        own ranks, each share cut to the same length, after ``k`` unused slots (the samples the resumed epoch counts
+        as done). Any other epoch is dealt as usual. None: no such epoch."""
+        self.order = order
+
+    @staticmethod
+    def rest(order: list[int], stages) -> list[int]:
+        """What the runs of ``stages`` left of an epoch's ``order`` (see ``set_order``)."""
+        rest = list(order)
+        for i, (world, consumed) in enumerate(stages):
+            if i == 0:  # the epoch's first run padded the order to a multiple of its ranks
+                rest += rest[: -(-len(rest) // world) * world - len(rest)]
+            else:  # a resumed run cut what was left to a multiple of its ranks
+                rest = rest[: len(rest) // world * world]
+            rest = rest[consumed:]
+        return rest
 
     def set_epoch(self, epoch: int, start_index: int = 0, stop_index: int | None = None) -> None:
         """Selects the epoch's order, the first sample (within this rank's share) to yield and, with ``stop_index``,
@@ -43,6 +65,10 @@ class ResumableDistributedSampler(Sampler[int]):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
+        if self.order is not None and self.order["epoch"] == self.epoch:  # the rest of an epoch begun elsewhere
+            rest = self.rest(order, self.order["stages"])
+            each = len(rest) // self.num_replicas
+            return [-1] * self.order["offset"] + rest[self.rank :: self.num_replicas][:each]  # (-1: never read)
         total = self.per_rank * self.num_replicas
         order += order[: total - len(order)]  # pad by repeating the start, as DistributedSampler
         return order[self.rank : total : self.num_replicas]
@@ -51,5 +77,8 @@ class ResumableDistributedSampler(Sampler[int]):
         return iter(self._rank_indices()[self.start_index : self.stop_index])
 
     def __len__(self) -> int:
-        stop = self.per_rank if self.stop_index is None else min(self.stop_index, self.per_rank)
+        per_rank = self.per_rank
+        if self.order is not None and self.order["epoch"] == self.epoch:
+            per_rank = len(self._rank_indices())
+        stop = per_rank if self.stop_index is None else min(self.stop_index, per_rank)
         return max(0, stop - self.start_index)

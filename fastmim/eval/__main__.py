@@ -182,9 +182,10 @@ def run(args) -> dict:
     if args.random:
         torch.manual_seed(args.seed)
     encoder, info = load_encoder(args.encoder, args.model or args.random, args.img_size)
-    if args.pool != "auto" and not hasattr(encoder, "blocks"):  # (a ConvNeXt has no tokens to choose from)
-        raise ValueError(f"--pool {args.pool} applies to ViT encoders; {info['encoder']} has its own pooled features "
-                         "(global average pool and norm): leave --pool out")  # fmt: skip
+    if args.pool == "cls" and not hasattr(encoder, "blocks") and not args.resume:  # (no class token to take; a
+        # resumed fine-tuning keeps what it started with)
+        raise ValueError(f"--pool cls applies to ViT encoders; {info['encoder']} has no class token, its feature is "
+                         "its global average pool and norm: leave --pool out")  # fmt: skip
     if dist_info.is_main:
         _out_path(args, info)  # a bad --out is refused before the evaluation runs, not after
     if args.val_path is not None:  # (builtin:digits and builtin:digits-val name the built-in folders)
@@ -299,7 +300,12 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
     run_dir = args.run_dir = _finetune_dir(args, info)
     made = not run_dir.exists()
     ckpt = run_dir / "checkpoint.pt"
-    before = ckpt.stat().st_mtime_ns if ckpt.exists() else None  # (a resume refused before training leaves it so)
+
+    def stamp(path: Path):  # (a checkpoint a resume rewrote is another file: atomic saves rename a new one in)
+        st = path.stat() if path.exists() else None
+        return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    before = stamp(ckpt)  # (a resume refused before training leaves it as it was)
     previous = None  # the args.json a resume replaces
     if args.dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -333,7 +339,7 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
         )  # fmt: skip
     except BaseException:
         if args.dist_info.is_main:
-            unchanged = (ckpt.stat().st_mtime_ns if ckpt.exists() else None) == before
+            unchanged = stamp(ckpt) == before
             if args.resume and previous is not None and unchanged:
                 (run_dir / ARGS_FILE).write_text(previous)  # a refused resume leaves the folder's settings as they were
             if not args.resume and not ckpt.exists():

@@ -21,10 +21,10 @@ fused block ops (the module re-classed, its weights and names transformers' own)
 ``layer_norm``; q, k and v as one matmul read packed by ``attention`` (no head transposes); the residual add and
 ``layernorm_after`` in one ``add_layer_norm`` pass; fc1's bias and the exact GELU in one ``bias_gelu``. A layer falls
 back to transformers' forward for what these do not do: an attention mask or extra arguments, dropout while training,
-another activation, and hooks on its attention (``output_attentions`` records them there). The same values and
-gradients as transformers' layer in fp32 (tested); off by default, like fastmim's own fused block options, until a GPU
-measures it (``benchmarks/hf_vit_mae.py --layers``). Not on CPU: there these ops run their PyTorch references, slower
-than transformers' SDPA (0.41x at ViTMAE-tiny on the 2-core CI machine).
+a hook of the user's on its attention, and a call that asks for the attention weights (``output_attentions``). The
+same values and gradients as transformers' layer in fp32 (tested); off by default, like fastmim's own fused block
+options, until a GPU measures it (``benchmarks/hf_vit_mae.py --layers``). Not on CPU: there these ops run their
+PyTorch references, slower than transformers' SDPA (0.41x at ViTMAE-tiny on the 2-core CI machine).
 """
 
 from __future__ import annotations
@@ -140,8 +140,7 @@ def _fused_layer_class():
         def _plain(self, attention_mask, kwargs) -> bool:
             attn = self.attention
             training_dropout = self.training and (self.dropout.p > 0 or attn.attention_dropout > 0)
-            return (attention_mask is None and not kwargs and not training_dropout
-                    and not (attn._forward_hooks or attn._forward_pre_hooks)
+            return (attention_mask is None and not kwargs and not training_dropout and not _attention_observed(attn)
                     and attn.q_proj.weight.shape[0] == attn.num_attention_heads * attn.head_dim
                     and len({p.bias is None for p in (attn.q_proj, attn.k_proj, attn.v_proj)}) == 1)  # fmt: skip
 
@@ -166,6 +165,20 @@ def _fused_layer_class():
     FusedViTMAELayer.__module__ = __name__
     FusedViTMAELayer.__qualname__ = "FusedViTMAELayer"
     return FusedViTMAELayer
+
+
+def _attention_observed(attn) -> bool:
+    """Whether something reads ``attn``'s own forward: a hook of the user's, or transformers' output capture asked
+    for the attention weights in this call (its capture hooks, installed once and kept, are idle otherwise)."""
+    hooks = [*attn._forward_hooks.values(), *attn._forward_pre_hooks.values()]
+    if any(getattr(h, "__name__", "") != "output_capturing_hook" for h in hooks):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # (a transformers without it records nothing there)
+        return bool(hooks)
+    collecting = _active_collector.get()
+    return collecting is not None and "attentions" in collecting
 
 
 _BUILT: dict[str, type] = {}

@@ -180,7 +180,11 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
                 (``Masks.info()`` or a bool [B, N] tensor, the same count in every sample) with ``targets``; drawn
                 with ``targets`` when None.
             targets: [B, K, H, W] bool target blocks (``Masks.targets``).
+            mask_ratio: not taken (the block scales set the amounts; the argument keeps the recipes' call form).
         """
+        if mask_ratio is not None:
+            raise ValueError("I-JEPA draws multi-block masks whose block scales set the amounts: mask_ratio does not "
+                             "apply (build the strategy with other target_scale / context_scale instead)")  # fmt: skip
         if mask is None:
             drawn = self.make_masks(imgs.shape[0], imgs.device)
             mask, targets = drawn.info(), drawn.targets

@@ -83,7 +83,8 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
             ``mask_type="uniform"``): of the K visible tokens, K - int(K * (1 - vis_mask_ratio)) per sample enter
             the encoder as a learned ``vis_mask_token`` plus their position embedding; the loss stays on the hidden
             patches. Drawn at each forward from torch's generator, as UM-MAE's code does (a resume restores it), or
-            taken from a given ``Masks``' ``secondary``. 0 (default): off, no extra parameter.
+            taken from a given ``Masks``' ``secondary`` (which then decides which tokens and how many, its strategy's
+            ``secondary_ratio``). 0 (default): off, no extra parameter.
         Other arguments as ``VisionTransformer`` (``fused_norm`` and ``fused_gelu`` apply to the encoder and the
         decoder).
     """

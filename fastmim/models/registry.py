@@ -34,6 +34,7 @@ def accepted_keywords(factory) -> set[str]:
     of the class a function passing ``**kwargs`` on returns (its annotation) and of the bases
     each class passes its ``**kwargs`` on to."""
     names: set[str] = set()
+    bound: set[str] = set()
     todo, seen = [factory], set()
     while todo:
         f = todo.pop()
@@ -43,6 +44,12 @@ def accepted_keywords(factory) -> set[str]:
         if isinstance(f, functools.partial):
             names |= set(f.keywords)
             todo += [f.func, *(a for a in f.args if isinstance(a, type))]
+            try:  # the parameters its positional arguments fill are not the caller's to give
+                params = [p for p in inspect.signature(f.func).parameters.values()
+                          if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]  # fmt: skip
+                bound |= {p.name for p in params[: len(f.args)]}
+            except (TypeError, ValueError):
+                pass
             continue
         try:
             sig = inspect.signature(f.__init__ if isinstance(f, type) else f, eval_str=True)
@@ -55,7 +62,7 @@ def accepted_keywords(factory) -> set[str]:
                 todo += [b for b in f.__mro__[1:] if "__init__" in vars(b) and b is not object]
             elif isinstance(sig.return_annotation, type):
                 todo.append(sig.return_annotation)
-    return names
+    return names - bound
 
 
 def _unexpected_hint(factory, error: TypeError) -> str:

@@ -33,6 +33,13 @@ class PixelTarget:
     def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """Prediction [B, L, p*p*C] back in the images' (normalised) pixel space: norm-pix is undone with each target
         patch's own mean and std, as MAE's visualisation does. Returns [B, C, H, W]."""
+        if not getattr(self, "predicts_pixels", True):
+            what = getattr(self, "target", "feature")
+            raise ValueError(f"{type(self).__name__} predicts {what} targets, not pixels: there is no image to "
+                             "reconstruct")  # fmt: skip
+        if pred.dim() != 3 or pred.shape[0] != imgs.shape[0]:
+            raise ValueError(f"reconstruct: pred must be [B, L, D] for the B={imgs.shape[0]} images given, got shape "
+                             f"{tuple(pred.shape)}")  # fmt: skip
         pred = pred.float()
         if self.norm_pix_loss:
             mean, std = patch_stats_ref(self.patchify(imgs.float()))

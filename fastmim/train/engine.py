@@ -109,6 +109,7 @@ class Trainer:
         drops_tokens = getattr(self.raw_model, "drops_tokens", True)
         self.after_step = getattr(self.raw_model, "after_step", None)
         self.skipped_files = 0  # unreadable samples replaced (--skip-bad-files) by this rank (rank 0: + before resume)
+        self.epoch_order: dict | None = None  # an epoch begun on another layout (ResumableDistributedSampler.set_order)
         self.saved_step = 0  # the step of the last checkpoint (of this run or the one it resumes)
         if hasattr(self.raw_model, "set_total_steps"):  # a schedule over the whole run (I-JEPA's teacher momentum):
             # over the configured epochs, as the learning rate's; --max-steps stops a run early, it does not shorten it
@@ -155,6 +156,7 @@ class Trainer:
             "step": self.pos.step,
             "world_size": self.info.world_size,
             "layout": self.data_layout(),
+            "epoch_order": self.epoch_order if (self.epoch_order or {}).get("epoch") == self.pos.epoch else None,
             "rng": self._from_every_rank(ckpt.rng_state()),
             "loader": self._from_every_rank(self.loader.state_dict()) if hasattr(self.loader, "state_dict") else None,
             "skipped_files": int(sum(self._from_every_rank(self.skipped_files))),  # so far, all ranks (collective)
@@ -209,15 +211,12 @@ class Trainer:
         saved_layout = state.get("layout")
         if saved_layout is not None:  # keys added since a checkpoint was written are not compared
             layout = {k: v for k, v in layout.items() if k in saved_layout}
+        self.epoch_order = state.get("epoch_order")
         if saved_layout != layout:
             if self.pos.batch != 0:
-                raise ValueError(
-                    f"the checkpoint stopped mid-epoch with batch size, accumulation, processes and dataset "
-                    f"{saved_layout}; now they are {layout}. Resume mid-epoch with the same ones, or from a checkpoint "
-                    "saved at the end of an epoch."
-                )
-            # at an epoch boundary the position converts exactly: steps are counted in the new units from here on
-            self.pos.step = self.pos.epoch * self.steps_per_epoch
+                self._reshard_epoch(state, saved_layout, layout)
+            else:  # at an epoch boundary the position converts exactly: steps are counted in the new units from here
+                self.pos.step = self.pos.epoch * self.steps_per_epoch
         self.saved_step = self.pos.step  # (in this run's step units)
         if hasattr(self.loader, "load_state_dict"):  # DALI: its reader position and random state
             states = state.get("loader")
@@ -243,6 +242,44 @@ class Trainer:
             if self.info.is_main:
                 n, was = self.info.world_size, state.get("world_size")
                 print(f"note: resuming on {n} process{'es' * (n != 1)}, saved on {was}")
+
+    def _reshard_epoch(self, state: dict, saved: dict | None, layout: dict) -> None:
+        """A checkpoint from inside an epoch, resumed on another layout (processes, batch size, accumulation): the
+        torch loader's epoch order is known, so the samples the stopped run had not reached are dealt over this run's
+        ranks (ResumableDistributedSampler.set_order) and the epoch goes on from there; the position is counted in
+        this run's units. Refused for DALI (its pipeline's state is per process) and for another data set."""
+        e = self.pos.epoch
+        why = None
+        if saved is None:
+            why = "it does not record its layout"
+        elif saved.get("dataset_size") != layout["dataset_size"]:
+            why = f"the data set had {saved.get('dataset_size')} images, now {layout['dataset_size']}"
+        elif state.get("loader") or not isinstance(self.sampler, ResumableDistributedSampler):
+            why = "DALI's pipeline position is per process"
+        if why is not None:
+            raise ValueError(
+                f"the checkpoint stopped mid-epoch with batch size, accumulation, processes and dataset {saved}; now "
+                f"they are {layout}, and the rest of that epoch cannot be dealt anew ({why}). Resume mid-epoch with "
+                "the same ones, or from a checkpoint saved at the end of an epoch."
+            )
+        order = state.get("epoch_order") if (state.get("epoch_order") or {}).get("epoch") == e else None
+        stages, offset = (order["stages"], order["offset"]) if order else ([], 0)
+        consumed = (self.pos.batch * saved["batch_size"] - offset) * saved["world_size"]
+        stages = [*stages, [saved["world_size"], consumed]]
+        n = layout["dataset_size"]
+        rest = len(ResumableDistributedSampler.rest(list(range(n)), stages))
+        left = rest // self.info.world_size
+        accum = self.cfg.accum_iter
+        batches = left // self.cfg.batch_size // accum * accum  # whole optimizer steps of this run
+        start = self.batches_per_epoch - batches
+        self.epoch_order = {"epoch": e, "stages": stages, "offset": start * self.cfg.batch_size}
+        self.pos.batch, self.pos.step = start, e * self.steps_per_epoch + start // accum
+        if self.info.is_main:
+            w = self.info.world_size
+            dropped = rest - batches * self.cfg.batch_size * w
+            print(f"note: resumed inside epoch {e + 1} on another layout ({saved} then): the {rest} samples it had "
+                  f"not reached are dealt over this run's {w} process(es), {batches} batches each"
+                  + (f" ({dropped} left out to make whole steps)" if dropped else ""), flush=True)  # fmt: skip
 
     def _check_finite(self, value: float, what: str) -> None:
         """Stops the run, before anything is saved, when ``what`` (the loss, the weights) is not finite."""
@@ -419,6 +456,7 @@ class Trainer:
             self.pos.epoch = epoch
             start = self.pos.batch
             if isinstance(self.sampler, ResumableDistributedSampler):  # stop where the run will (--max-steps)
+                self.sampler.set_order(self.epoch_order)
                 left = (self.total_steps - self.pos.step) * cfg.accum_iter - self.pos.batch % cfg.accum_iter
                 stop = min(self.batches_per_epoch, start + left) * cfg.batch_size
                 self.sampler.set_epoch(epoch, start * cfg.batch_size, stop)

@@ -204,3 +204,23 @@ def test_index_files_are_written_once_and_a_bad_member_is_named_by_its_real_id(s
     with pytest.raises(DaliDecodeError) as err:
         list(ld)
     assert err.value.path == ds.files[2] and err.value.path.endswith(":m 002.jpg")
+
+
+def test_image_members_webdataset_does_not_read_are_said(tmp_path, shards, capsys):
+    """Dotted base names, odd-case extensions and links are not samples (webdataset's and DALI's rule): left out,
+    and said, so that a folder and its shards do not silently differ; other members (labels) are not mentioned."""
+    root, files = shards
+    capsys.readouterr()
+    list_tar_samples(list_tar_shards(root))  # (.cls members only: nothing to say)
+    assert "left out" not in capsys.readouterr().err
+    shard = tmp_path / "odd.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name in ("x/good.jpg", "x/photo.v2.jpg", "x/holiday.Jpg"):
+            tar.add(files[0], arcname=name)
+        link = tarfile.TarInfo("x/link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "good.jpg"
+        tar.addfile(link)
+    ids, _ = list_tar_samples([str(shard)])
+    assert [i.rsplit(":", 1)[1] for i in ids] == ["x/good.jpg"]
+    err = capsys.readouterr().err
+    assert "note: 3 image member(s) of the tar shards left out" in err and "'x/photo.v2.jpg'" in err, err

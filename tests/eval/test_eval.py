@@ -695,4 +695,4 @@ def test_options_a_mode_does_not_read_are_refused_and_a_convnext_takes_no_pool(c
                       "--device", "cpu"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "--warmup-epochs 10 is not shorter than --epochs 2" in err, err
-    assert "--pool cls applies to ViT encoders; convnextv2_atto has its own pooled features" in err, err
+    assert "--pool cls applies to ViT encoders; convnextv2_atto has no class token" in err, err

@@ -192,8 +192,11 @@ def test_fused_layers_equal_transformers_own_and_fall_back_where_they_must(qkv_b
     torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
     assert ga.keys() == gb.keys()
-    for n in ga:
-        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    for n in ga:  # (mask_token's gradient is a sum over every masked token: fp32 rounding of a large sum)
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-3, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+    again = pickle.loads(pickle.dumps(ours))  # (before any output capture: transformers' capture hooks do not pickle)
+    assert fused_layers(again) == 4
+    torch.testing.assert_close(again(pixel_values=imgs, noise=noise).loss, b.loss.detach())
     calls = {"fused": 0}
     fused_cls = type(ours.vit.layers[0])
     own = fused_cls.forward
@@ -211,11 +214,29 @@ def test_fused_layers_equal_transformers_own_and_fall_back_where_they_must(qkv_b
         ours(pixel_values=imgs, noise=noise)
         assert calls["fused"] == 3  # the hooked layer ran transformers' forward (its attention module)
         hook.remove()
+        calls["fused"] = 0  # transformers' output capture: hidden states are the layers' outputs, fused or not
+        want = ref(pixel_values=imgs, noise=noise, output_hidden_states=True).hidden_states
+        got = ours(pixel_values=imgs, noise=noise, output_hidden_states=True).hidden_states
+        assert calls["fused"] == 4 and len(got) == len(want)
+        for x, y in zip(got, want, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+        calls["fused"] = 0  # attention weights come from transformers' attention: the encoder's layers, whose
+        ours(pixel_values=imgs, noise=noise, output_attentions=True)  # weights are returned, run unfused ...
+        assert calls["fused"] == 2  # (the decoder's: its weights are not returned; sdpa returns none anyway)
+        calls["fused"] = 0  # ... and the capture hooks it leaves behind do not keep later calls off the fused path
+        ours(pixel_values=imgs, noise=noise)
+        assert calls["fused"] == 4
+        calls["fused"] = 0
+        drop = copy.deepcopy(ours)
+        drop.config.hidden_dropout_prob = 0.1
+        for layer in (*drop.vit.layers, *drop.decoder.decoder_layers):
+            layer.dropout.p = 0.1
+        drop.train()(pixel_values=imgs, noise=noise)
+        assert calls["fused"] == 0  # dropout while training: transformers' forward
+        drop.eval()(pixel_values=imgs, noise=noise)
+        assert calls["fused"] == 4
     finally:
         fused_cls.forward = own
-    again = pickle.loads(pickle.dumps(ours))
-    assert fused_layers(again) == 4
-    torch.testing.assert_close(again(pixel_values=imgs, noise=noise).loss, b.loss.detach())
     unpatch_hf_vit_mae(ours)
     assert fused_layers(ours) == 0 and type(ours.vit.layers[0]) is type(ref.vit.layers[0])
     with pytest.raises(ValueError, match="fuses one model's layers: pass the model"):

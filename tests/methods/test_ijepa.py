@@ -152,6 +152,8 @@ def test_bad_inputs():
         m(_imgs(), mask=Masks(drawn.mask).info(ids=False), targets=drawn.targets)
     with pytest.raises(ValueError, match="pred_dim 100 must divide"):
         _tiny(pred_dim=100)
+    with pytest.raises(ValueError, match="mask_ratio does not apply"):
+        m(_imgs(), mask_ratio=0.5)
     with pytest.raises(ValueError, match="every target block must hold at least one token"):
         m(_imgs(), mask=drawn.info(), targets=torch.zeros_like(drawn.targets))
     with pytest.raises(ValueError, match="targets hold True/1 at each block's tokens"):

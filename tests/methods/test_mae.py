@@ -155,6 +155,16 @@ def test_simmim_and_uniform_mask_types_train(mask_type, ratio, hidden):
         tiny_mae(mask_type="uniform", mask_ratio=0.6)(torch.randn(1, 3, 64, 64))
 
 
+def test_reconstruct_refuses_what_is_not_an_image_of_these_images():
+    x = torch.randn(2, 3, 64, 64)
+    hog = tiny_mae(target="hog")
+    with pytest.raises(ValueError, match="predicts hog targets, not pixels: there is no image to reconstruct"):
+        hog.reconstruct(x, hog(x)[1])
+    m = tiny_mae()
+    with pytest.raises(ValueError, match=r"pred must be \[B, L, D\] for the B=1 images given, got shape \(2, 16"):
+        m.reconstruct(x[:1], m(x)[1])
+
+
 def test_reconstruct_undoes_norm_pix():
     m = tiny_mae()
     imgs = torch.randn(1, 3, 64, 64)

@@ -61,6 +61,36 @@ def test_sampler_resume_and_sharding():
     assert all(len(s) == 4 for s in shards) and set(sum(shards, [])) == set(range(10))
 
 
+def test_an_epoch_begun_on_two_processes_goes_on_over_three_then_one():
+    """The rest of an epoch dealt anew (set_order): 2 ranks read 3 samples each of 23 (padded to 24 by repeating the
+    first, as DistributedSampler), then 3 ranks read 2 each of the 18 left, then 1 rank reads the last 12: together
+    the 24 slots of the first dealing, each once."""
+    n, seen = 23, []
+    for r in range(2):
+        s = ResumableDistributedSampler(n, 2, r, seed=5)
+        s.set_epoch(4, 0, 3)
+        seen += list(s)
+    stages = [[2, 6]]
+    for r in range(3):
+        s = ResumableDistributedSampler(n, 3, r, seed=5)
+        s.set_order({"epoch": 4, "stages": stages, "offset": 10})  # 10 slots counted as done, never read
+        s.set_epoch(4, 10, 12)
+        assert len(s) == 2
+        seen += list(s)
+    stages = [[2, 6], [3, 6]]  # the 3 ranks' dealing: 18 left cut to 18, 6 read
+    s = ResumableDistributedSampler(n, 1, 0, seed=5)
+    s.set_order({"epoch": 4, "stages": stages, "offset": 0})
+    s.set_epoch(4)
+    rest = list(s)
+    assert len(rest) == 12 and -1 not in rest
+    full = ResumableDistributedSampler(n, 1, 0, seed=5)
+    full.set_epoch(4)
+    order = list(full)
+    assert sorted(seen + rest) == sorted(order + order[:1])  # the 24 slots of the first dealing, each read once
+    s.set_epoch(5)  # another epoch is dealt as usual
+    assert sorted(s) == list(range(n))
+
+
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     target = tmp_path / "ckpt.pt"
     torch.save({"a": 1}, target)
@@ -243,3 +273,12 @@ def test_a_relative_data_path_is_kept_absolute_so_a_resume_elsewhere_reads_the_s
     monkeypatch.chdir(elsewhere)
     cfg, state = resolve_config(["--resume", "--output-dir", str(tmp_path / "run")])
     assert cfg.data_path == str(tmp_path / "imgs") and state is not None
+    # a run from before data paths were kept absolute saved it as typed: the same command resumes without a change
+    from fastmim.train.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    state["config"]["data_path"] = "imgs"
+    torch.save(state, tmp_path / "run" / "checkpoint.pt")
+    cfg, state = resolve_config(["--resume", "--output-dir", "run", "--data-path", "imgs"])
+    assert state["resume_changes"] == {} and cfg.data_path == str(tmp_path / "imgs")

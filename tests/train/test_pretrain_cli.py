@@ -184,12 +184,38 @@ def test_default_data_folder_is_built_from_sample_photos(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_resume_with_changed_data_layout(image_folder, tmp_path, capsys):
+def test_resume_with_changed_data_layout(image_folder, tmp_path, capsys, monkeypatch):
+    """A checkpoint inside an epoch resumed with another batch size (the same holds for another number of processes:
+    the torch loader's order is dealt anew) reads exactly the samples the stopped run had not reached, in whole
+    steps of the new size, and counts the epoch in the new units; one at an epoch's end converts exactly."""
+    from fastmim.data.sampler import ResumableDistributedSampler
+
+    read = []
+    own = ResumableDistributedSampler.__iter__
+    monkeypatch.setattr(ResumableDistributedSampler, "__iter__",
+                        lambda self: iter([read.append((self.epoch, i)) or i for i in own(self)]))  # fmt: skip
     common = [*TINY_ARGS, "--data-path", str(image_folder), "--vis-interval", "100"]
     mid, boundary = tmp_path / "mid", tmp_path / "boundary"
-    pretrain.run([*common, "--output-dir", str(mid), "--max-steps", "3"])
-    with pytest.raises(ValueError, match="stopped mid-epoch with batch size"):
-        pretrain.run(["--resume", "--output-dir", str(mid), "--batch-size", "2"])
+    pretrain.run([*common, "--output-dir", str(mid), "--max-steps", "3"])  # 3 of the epoch's 6 steps of 4 images
+    first = [i for e, i in read if e == 0]
+    read.clear()
+    capsys.readouterr()
+    pretrain.run(["--resume", "--output-dir", str(mid), "--batch-size", "2", "--epochs", "1", "--max-steps", "100"])
+    rest = [i for e, i in read if e == 0]
+    assert len(first) == 12 and len(rest) == 12 and sorted(first + rest) == list(range(24))  # each sample once
+    assert "the 12 samples it had not reached are dealt over this run's 1 process(es), 6 batches each" in \
+        capsys.readouterr().out  # fmt: skip
+    state = load_checkpoint(mid / "checkpoint.pt")
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 0, 12)  # 1 epoch = 12 steps of 2 from here
+    # the epoch's rest, dealt anew, is itself resumable: stopped again inside it, resumed on the same layout
+    again = tmp_path / "again"
+    pretrain.run([*common, "--output-dir", str(again), "--max-steps", "3"])
+    read.clear()
+    pretrain.run(["--resume", "--output-dir", str(again), "--batch-size", "2", "--max-steps", "9"])  # 3 of 6 left
+    pretrain.run(["--resume", "--output-dir", str(again), "--max-steps", "12"])
+    state = load_checkpoint(again / "checkpoint.pt")
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 0, 12) and state["epoch_order"] is None
+    assert sorted(first + [i for e, i in read if e == 0]) == list(range(24))  # 6 + 6 of the 12 left, each once
     pretrain.run([*common, "--output-dir", str(boundary), "--epochs", "1"])  # 6 steps of 4 images
     pretrain.run(["--resume", "--output-dir", str(boundary), "--epochs", "2", "--batch-size", "8",
                   "--weight-decay", "0.3"])  # fmt: skip

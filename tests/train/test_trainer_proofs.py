@@ -254,6 +254,30 @@ def test_ddp_with_accumulation_equals_one_process(image_folder, tmp_path, graph)
 
 
 @pytest.mark.slow
+def test_a_two_process_run_stopped_mid_epoch_resumes_on_one_process_as_a_one_process_run(image_folder, tmp_path):
+    """2 processes x batch 2 stop inside the first epoch (step 3 of 6); resumed on one process with batch 4, the rest
+    of the epoch is dealt to it: every step trains the same 4 images (with the same masks) as a one-process run with
+    batch 4 throughout, so the losses and the final weights are that run's (a requeue onto fewer nodes)."""
+    from tests.conftest import run_cli
+
+    ddp, one = tmp_path / "ddp", tmp_path / "one"
+    args = _set(_args(image_folder, ddp, "--max-steps", "3"), "--batch-size", "2")
+    r = run_cli(["--standalone", "--nproc_per_node", "2", "-m", "fastmim.pretrain", *args],
+                module=["-m", "torch.distributed.run"], env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert load_checkpoint(ddp / "checkpoint.pt")["batch"] == 3  # inside the epoch of 6 batches
+    pretrain.run(["--resume", "--output-dir", str(ddp), "--batch-size", "4", "--max-steps", "6"])
+    pretrain.run(_set(_args(image_folder, one, "--max-steps", "6"), "--batch-size", "4"))
+    a, b = load_checkpoint(one / "checkpoint.pt"), load_checkpoint(ddp / "checkpoint.pt")
+    assert a["step"] == b["step"] == 6 and (b["epoch"], b["batch"]) == (1, 0)
+    _assert_states_close(a, b, atol=1e-6, rel=1e-5)
+    rows = {row["step"]: row["loss"] for row in _metrics(ddp)}  # (the resumed run's rows after the first run's)
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    for row in _metrics(one):
+        assert rows[row["step"]] == pytest.approx(row["loss"], rel=1e-5), row["step"]
+
+
+@pytest.mark.slow
 def test_two_nodes_by_localhost_rendezvous_equal_one_process(image_folder, tmp_path):
     """Two torchrun "nodes" of one process each, joined by a c10d rendezvous on localhost (the multi-node command of
     the README), train what one process with their combined batch trains; each node's launcher environment
