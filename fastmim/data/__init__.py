@@ -91,7 +91,7 @@ def load_or_stand_in(dataset, index: int, skip_bad: bool, seed: int = 0):
         tried = set()
         for k in range(1, SKIP_TRIES + 1):
             j = replacement_index(index, k, n, seed)
-            if j in tried:
+            if j in tried or j == index:  # (a data set of one image has nothing to stand in)
                 continue
             tried.add(j)
             try:

@@ -276,12 +276,12 @@ def list_tar_samples(shards: list[str]) -> tuple[list[str], list[int]]:
                     sizes.append(m.size)
         except tarfile.ReadError as e:
             raise ValueError(f"{shard!r} is not an uncompressed tar file ({e})") from e
-    if left_out:
+    if left_out and os.environ.get("RANK", "0") == "0":  # (said once, not by every process)
         import sys
 
         print(f"note: {len(left_out)} image member(s) of the tar shards left out, as webdataset and DALI read them "
-              f"(a sample is KEY.EXT: the base name up to its first dot, a lower-case extension, a regular file): "
-              f"{', '.join(repr(n) for n in left_out[:3])}{' ...' if len(left_out) > 3 else ''}; rename them to "
+              f"(a sample is KEY.EXT: the base name up to its first dot, a lower- or upper-case extension, a regular "
+              f"file): {', '.join(repr(n) for n in left_out[:3])}{' ...' if len(left_out) > 3 else ''}; rename them to "
               "read them", file=sys.stderr, flush=True)  # fmt: skip
     if not samples:
         raise ValueError(f"the tar shards {shards[0]!r}... hold no images (looked for {', '.join(IMG_EXTENSIONS)})")

@@ -35,9 +35,9 @@ class ResumableDistributedSampler(Sampler[int]):
         """``{"epoch": e, "stages": [[world, consumed], ...], "offset": k}``: epoch ``e`` was begun by runs on other
         layouts. The first stage's run dealt the epoch's order (padded to its ``world``) over its ranks, as this
         sampler does, and they consumed its first ``consumed`` samples together; each later stage dealt what was left
-        (cut to a multiple of its ``world``) and consumed its first ``consumed``. This sampler deals the rest over its
-        own ranks, each share cut to the same length, after ``k`` unused slots (the samples the resumed epoch counts
-        as done). Any other epoch is dealt as usual. None: no such epoch."""
+        over its ranks and consumed its first ``consumed`` (a prefix of it, whatever cut its shares had). This
+        sampler deals the rest over its own ranks, each share cut to the same length, after ``k`` unused slots (the
+        samples the resumed epoch counts as done). Any other epoch is dealt as usual. None: no such epoch."""
         self.order = order
 
     @staticmethod
@@ -47,9 +47,7 @@ class ResumableDistributedSampler(Sampler[int]):
         for i, (world, consumed) in enumerate(stages):
             if i == 0:  # the epoch's first run padded the order to a multiple of its ranks
                 rest += rest[: -(-len(rest) // world) * world - len(rest)]
-            else:  # a resumed run cut what was left to a multiple of its ranks
-                rest = rest[: len(rest) // world * world]
-            rest = rest[consumed:]
+            rest = rest[consumed:]  # (what a run consumed is a prefix of its dealing, before or after the cut)
         return rest
 
     def set_epoch(self, epoch: int, start_index: int = 0, stop_index: int | None = None) -> None:
@@ -74,7 +72,10 @@ class ResumableDistributedSampler(Sampler[int]):
         return order[self.rank : total : self.num_replicas]
 
     def __iter__(self):
-        return iter(self._rank_indices()[self.start_index : self.stop_index])
+        indices = self._rank_indices()[self.start_index : self.stop_index]
+        if indices and indices[0] < 0:  # (a rebuilt epoch's unused slots: the trainer starts after them)
+            raise RuntimeError("ResumableDistributedSampler: started inside the slots a rebuilt epoch counts as done")
+        return iter(indices)
 
     def __len__(self) -> int:
         per_rank = self.per_rank

@@ -213,10 +213,12 @@ class Trainer:
             layout = {k: v for k, v in layout.items() if k in saved_layout}
         self.epoch_order = state.get("epoch_order")
         if saved_layout != layout:
+            was = self.pos.step
             if self.pos.batch != 0:
                 self._reshard_epoch(state, saved_layout, layout)
             else:  # at an epoch boundary the position converts exactly: steps are counted in the new units from here
                 self.pos.step = self.pos.epoch * self.steps_per_epoch
+            self._convert_step_counts(was)
         self.saved_step = self.pos.step  # (in this run's step units)
         if hasattr(self.loader, "load_state_dict"):  # DALI: its reader position and random state
             states = state.get("loader")
@@ -243,6 +245,19 @@ class Trainer:
                 n, was = self.info.world_size, state.get("world_size")
                 print(f"note: resuming on {n} process{'es' * (n != 1)}, saved on {was}")
 
+    def _convert_step_counts(self, was: int) -> None:
+        """After a layout change moved the step count from ``was`` to this run's units: an EMA teacher's update count
+        follows (its momentum schedule runs over the run's steps, as the learning rate does), and a --max-steps that
+        now means something else is said."""
+        from fastmim.targets.teacher import EMATeacher
+
+        for m in self.raw_model.modules():
+            if isinstance(m, EMATeacher):
+                m.updates.fill_(self.pos.step)
+        if self.cfg.max_steps is not None and self.pos.step != was and self.info.is_main:
+            print(f"note: step {was} of the saved run is step {self.pos.step} at this batch size; --max-steps "
+                  f"{self.cfg.max_steps} counts steps of {self.images_per_step} images", flush=True)  # fmt: skip
+
     def _reshard_epoch(self, state: dict, saved: dict | None, layout: dict) -> None:
         """A checkpoint from inside an epoch, resumed on another layout (processes, batch size, accumulation): the
         torch loader's epoch order is known, so the samples the stopped run had not reached are dealt over this run's
@@ -254,8 +269,10 @@ class Trainer:
             why = "it does not record its layout"
         elif saved.get("dataset_size") != layout["dataset_size"]:
             why = f"the data set had {saved.get('dataset_size')} images, now {layout['dataset_size']}"
-        elif state.get("loader") or not isinstance(self.sampler, ResumableDistributedSampler):
+        elif state.get("loader"):
             why = "DALI's pipeline position is per process"
+        elif not isinstance(self.sampler, ResumableDistributedSampler):
+            why = "this run reads with DALI, whose epoch order is its own: resume with --loader torch"
         if why is not None:
             raise ValueError(
                 f"the checkpoint stopped mid-epoch with batch size, accumulation, processes and dataset {saved}; now "

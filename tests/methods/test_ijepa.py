@@ -242,3 +242,15 @@ def test_per_sample_blocks_are_truncated_to_the_batch_smallest_context(impl):
     loss = model(torch.randn(8, 3, 224, 224), mask=truncated.info(), targets=truncated.targets)[0]
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_a_resume_at_another_batch_size_keeps_the_teachers_schedule_with_the_steps(image_folder, tmp_path, capsys):
+    """Stopped inside the epoch at step 1 with batch 8 and resumed with batch 4: the step count moves to the new
+    units (step 2) and the teacher's update count with it, so its momentum stays where the learning rate is."""
+    out = tmp_path / "run"
+    pretrain.run([*_cli_args(image_folder, out), "--batch-size", "8", "--max-steps", "1"])
+    pretrain.run(["--resume", "--output-dir", str(out), "--batch-size", "4", "--max-steps", "3"])
+    said = capsys.readouterr().out
+    assert "note: step 1 of the saved run is step 2 at this batch size; --max-steps 3 counts steps of 4 images" in said
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["step"] == 3 and int(state["model"]["teacher.updates"]) == 3
