@@ -298,6 +298,8 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
     train_set = LabelledFolder(train_root, finetune_transform(info["img_size"], aa, args.reprob), classes=train.classes)
     n = args.epochs
     run_dir = args.run_dir = _finetune_dir(args, info)
+    if args.resume and not (run_dir / "checkpoint.pt").is_file():  # before any folder is made (a mistyped path)
+        raise FileNotFoundError(f"no fine-tuning checkpoint at {str(run_dir / 'checkpoint.pt')!r} to resume")
     made = not run_dir.exists()
     ckpt = run_dir / "checkpoint.pt"
 

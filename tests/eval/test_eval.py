@@ -581,10 +581,10 @@ def test_cli_finetune_stopped_by_a_signal_exits_for_a_requeue_and_resumes(tmp_pa
     assert (folder / "args.json").read_text() == kept  # a refused resume leaves the folder's settings as they were
     meta = safe_open(str(folder / "finetuned.safetensors"), "pt").metadata()
     assert meta["img_size"] == "32" and meta["step"] == "12" and meta["source"] == str(path)
-    typo = tmp_path / "ft-typo"
+    typo = tmp_path / "nested" / "ft-typo"
     assert eval_main(["finetune", "--resume", str(typo), "--encoder", str(path), "--data-path", str(train),
                       "--val-path", str(val)]) == 2  # fmt: skip
-    assert "no fine-tuning checkpoint" in capsys.readouterr().err and not typo.exists()
+    assert "no fine-tuning checkpoint" in capsys.readouterr().err and not typo.parent.exists()
     with pytest.raises(SystemExit):
         eval_main(["finetune", "--encoder", str(path), "--resume", "if-exists"])
     assert "--resume if-exists needs --finetune-dir" in capsys.readouterr().err
