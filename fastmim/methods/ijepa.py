@@ -12,8 +12,8 @@ tokens. Loss: smooth L1 (beta 1), the mean over target tokens and channels.
 The exported and evaluated encoder is the target encoder (the EMA teacher), as I-JEPA's evaluation (paper, appendix
 A.1); ``export_encoder="context"`` exports the context encoder instead. It has no class token, as I-JEPA's; it exports
 to timm's ``VisionTransformer(class_token=False,
-global_pool="avg", fc_norm=False)``. Deviations: MAE's initialisation; a fixed weight decay and fastmim's
-learning-rate schedule (I-JEPA: weight decay 0.04 -> 0.4, lr warm-up from 2e-4). The trainer calls
+global_pool="avg", fc_norm=False)``. Deviations: MAE's initialisation; a bicubic crop (I-JEPA's is bilinear). I-JEPA's
+weight-decay and learning-rate schedules are the config's (``weight_decay_end``, ``warmup_lr``). The trainer calls
 ``set_total_steps`` (the momentum schedule's length) and ``after_step`` (the EMA update).
 """
 
