@@ -182,16 +182,8 @@ def _setting_text(key: str, value) -> str:
     if value is not None:
         return str(value)
     helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(PretrainConfig)}
-    text = helps.get(key, "")  # each option's help says what unset means: "(... None: WHAT ...)"
-    start = text.find("None: ")
-    if start < 0:
-        return "unset"
-    meant = ""
-    for ch in text[start + len("None: ") :]:
-        if ch in "();":  # up to the end of that clause
-            break
-        meant += ch
-    return f"unset ({meant.strip()})"
+    meant = re.search(r"None: ([^();]*)", helps.get(key, ""))  # each option's help says what unset means
+    return f"unset ({meant.group(1).strip()})" if meant else "unset"
 
 
 def _remove_empty(out: Path, top: Path | None) -> None:

@@ -80,13 +80,18 @@ def as_mask_info(mask, ids: bool, num_tokens: int | None = None, who: str = "the
         raise TypeError(f"{who}: mask must be a MaskInfo (build_mask(...)(batch).info()), a Masks or a [B, N] tensor "
                         f"(True = hidden), got {type(mask).__name__}")  # fmt: skip
     _check_layout(mask, "a mask tensor", num_tokens, grid, batch, who)
-    flat = mask.flatten(1)
-    if flat.dtype != torch.bool:
-        if not bool(((flat == 0) | (flat == 1)).all()):
-            raise ValueError(f"{who}: a mask tensor holds True/1 for hidden patches and False/0 for visible ones; "
-                             f"this one has other values")  # fmt: skip
-        flat = flat != 0
+    flat = as_bool(mask.flatten(1), f"{who}: a mask tensor holds True/1 for hidden patches and False/0 for visible "
+                                    "ones; this one has other values")  # fmt: skip
     return masking_from_bool(flat) if ids else mask_only(flat)
+
+
+def as_bool(t: torch.Tensor, refusal: str) -> torch.Tensor:
+    """A mask given as bool, or as 0/1 of another dtype, as bool; other values are refused with ``refusal``."""
+    if t.dtype == torch.bool:
+        return t
+    if not bool(((t == 0) | (t == 1)).all()):
+        raise ValueError(refusal)
+    return t != 0
 
 
 def _check_layout(mask: torch.Tensor, what: str, num_tokens: int | None, grid: tuple[int, int] | None,

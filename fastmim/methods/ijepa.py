@@ -27,7 +27,7 @@ from torch import nn
 
 from fastmim._args import check_bool, check_int, check_momentum
 from fastmim.masking import MaskInfo, Masks, build_mask
-from fastmim.masking.base import MaskStrategy, as_mask_info
+from fastmim.masking.base import MaskStrategy, as_bool, as_mask_info
 from fastmim.methods.mae import register_vit_family
 from fastmim.models.pos_embed import sincos_2d
 from fastmim.models.vit import Block, VisionTransformer, checkpointed, init_weights
@@ -196,11 +196,9 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
                                         or tuple(targets.shape[2:]) != tuple(self.grid_size)):  # fmt: skip
                 raise ValueError(f"I-JEPA: targets must be [B, K, H, W] = [{imgs.shape[0]}, K, {self.grid_size[0]}, "
                                  f"{self.grid_size[1]}] target blocks, got shape {tuple(targets.shape)}")  # fmt: skip
-            if targets is not None and targets.dtype != torch.bool:  # 0/1 blocks, as the masks may be given
-                if not bool(((targets == 0) | (targets == 1)).all()):
-                    raise ValueError("I-JEPA: targets hold True/1 at each block's tokens and False/0 elsewhere; these "
-                                     "have other values")  # fmt: skip
-                targets = targets != 0
+            if targets is not None:  # 0/1 blocks, as the masks may be given
+                targets = as_bool(targets, "I-JEPA: targets hold True/1 at each block's tokens and False/0 "
+                                           "elsewhere; these have other values")  # fmt: skip
         if targets is None:
             raise ValueError("I-JEPA needs the target blocks with the context: pass the multiblock strategy's Masks "
                              "(mask=masks), or mask=masks.info(), targets=masks.targets")  # fmt: skip
