@@ -18,6 +18,7 @@ import yaml
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 LOADERS = ("auto", "dali", "torch", "torch-gpu")
+CROPS = ("random-resized", "simple")  # fastmim.data.transforms.CROPS (not imported here: torchvision)
 DALI_DEVICES = ("auto", "mixed", "cpu")
 MASK_TYPES = ("random", "block", "simmim", "uniform")
 SPARSE_BACKENDS = ("auto", "fastmim", "dense_masked", "spconv")
@@ -126,6 +127,12 @@ class PretrainConfig:
                           "0.4; None: constant)"},
     )  # fmt: skip
     beta2: float = field(default=0.95, metadata={"help": "AdamW's second-moment decay (MAE 0.95, SimMIM 0.999)"})
+    crop: str = field(
+        default="random-resized",
+        metadata={"help": "the pretraining crop: random-resized (MAE's RandomResizedCrop, bicubic; --crop-min) or "
+                          "simple (PixMIM's: the short side resized to --img-size, bilinear, then a random square with "
+                          "4 px reflect padding; --loader torch or dali)"},
+    )  # fmt: skip
     crop_min: float = field(
         default=0.2, metadata={"help": "RandomResizedCrop's smallest area (MAE 0.2, MaskFeat 0.5, SimMIM 0.67)"}
     )
@@ -212,6 +219,14 @@ class PretrainConfig:
             raise ValueError(f"beta2 must be in (0, 1), got {self.beta2}")
         if not (math.isfinite(self.crop_min) and 0.0 < self.crop_min <= 1.0):
             raise ValueError(f"crop_min must be in (0, 1], got {self.crop_min}")
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
+        if self.crop == "simple" and self.crop_min != type(self).__dataclass_fields__["crop_min"].default:
+            raise ValueError(f"crop_min {self.crop_min} applies to the random-resized crop; crop simple takes the "
+                             "whole short side")  # fmt: skip
+        if self.crop != "random-resized" and self.loader == "torch-gpu":
+            raise ValueError(f"loader torch-gpu crops random-resized boxes on the GPU, not crop {self.crop}: use "
+                             "loader torch or dali")  # fmt: skip
         if isinstance(self.hflip, bool) or not 0.0 <= self.hflip <= 1.0:
             raise ValueError(f"hflip is a probability in [0, 1], got {self.hflip}")
         if not (math.isfinite(self.warmup_lr) and self.warmup_lr >= 0.0):

@@ -288,7 +288,7 @@ def build_dataset(cfg: PretrainConfig, root: str | None = None):
     root = root or cfg.data_path or default_dataset_path()
     try:
         kind = TarShardDataset if list_tar_shards(root) else ImageFolderDataset
-        return kind(root, pretrain_transform(cfg.img_size, cfg.crop_min, cfg.hflip), seed=cfg.seed)
+        return kind(root, pretrain_transform(cfg.img_size, cfg.crop_min, cfg.hflip, cfg.crop), seed=cfg.seed)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise UsageError(str(e)) from e
 
@@ -302,6 +302,8 @@ def choose_loader(cfg: PretrainConfig, device: torch.device) -> tuple[str, str |
         return kind, root, f"{why}; not torch-gpu: this run is on {device}, GPU decoding needs CUDA"
     if kind != "torch" or cfg.loader != "auto" or device.type != "cuda":
         return kind, root, why
+    if cfg.crop != "random-resized":
+        return kind, root, f"{why}; not torch-gpu: it crops random-resized boxes, not --crop {cfg.crop}"
     from fastmim.data.gpu_decode import gpu_decode_problem
 
     problem = gpu_decode_problem(device)
@@ -408,7 +410,7 @@ def build_loader(cfg: PretrainConfig, kind: str, dataset, masks, info: DistInfo,
             loader = DaliLoader(dataset.files, cfg.batch_size, cfg.img_size, device=dali_device,
                                 device_id=device.index if device.type == "cuda" else None, rank=info.rank,
                                 world_size=info.world_size, seed=cfg.seed, num_threads=threads,
-                                scale=(cfg.crop_min, 1.0), hflip=cfg.hflip,
+                                scale=(cfg.crop_min, 1.0), hflip=cfg.hflip, crop=cfg.crop,
                                 tars=getattr(dataset, "shards", None),
                                 tar_sizes=getattr(dataset, "sizes", None))  # fmt: skip
         except ValueError as e:

@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from fastmim.data.folder import TAR_IMAGE_EXTS, is_utf8_name, split_sample_id, usable_cpus
-from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fastmim.data.transforms import CROPS, IMAGENET_MEAN, IMAGENET_STD, SIMPLE_CROP_PAD
 
 DEVICES = ("cpu", "mixed")
 INTERPS = ("auto", "cubic", "linear")
@@ -100,7 +100,7 @@ class DaliDecodeError(RuntimeError):
 
 def _pipeline(files, indices, batch_size, img_size, device, device_id, shard_id, num_shards, seed, num_threads,
               scale, ratio, initial_fill, checkpoint, tars=None, id_bytes=0, interp="cubic",
-              index_paths=None, hflip=0.5):  # fmt: skip
+              index_paths=None, hflip=0.5, crop="random-resized"):  # fmt: skip
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
@@ -122,21 +122,61 @@ def _pipeline(files, indices, batch_size, img_size, device, device_id, shard_id,
         # adjust_orientation=False: the stored pixels, EXIF orientation ignored, as PIL's open + convert (the torch
         # loaders, torchvision's ImageFolder, MAE's official loader) and nvJPEG in --loader torch-gpu read them
         orientation = {"adjust_orientation": False} if _decoder_has_orientation() else {}
-        images = fn.decoders.image_random_crop(
-            jpegs, device=device, output_type=types.RGB, random_area=list(scale), random_aspect_ratio=list(ratio),
-            num_attempts=10, **orientation,
-        )  # fmt: skip
-        down = types.INTERP_CUBIC if interp == "cubic" else types.INTERP_LINEAR
-        images = fn.resize(images, resize_x=img_size, resize_y=img_size, min_filter=down,
-                           mag_filter=types.INTERP_CUBIC, antialias=True)  # fmt: skip
+        if crop == "simple":
+            images, window = _simple_crop(jpegs, device, img_size, orientation)
+        else:
+            images = fn.decoders.image_random_crop(
+                jpegs, device=device, output_type=types.RGB, random_area=list(scale), random_aspect_ratio=list(ratio),
+                num_attempts=10, **orientation,
+            )  # fmt: skip
+            down = types.INTERP_CUBIC if interp == "cubic" else types.INTERP_LINEAR
+            images = fn.resize(images, resize_x=img_size, resize_y=img_size, min_filter=down,
+                               mag_filter=types.INTERP_CUBIC, antialias=True)  # fmt: skip
+            window = {}
         images = fn.crop_mirror_normalize(
             images, mirror=fn.random.coin_flip(probability=hflip), dtype=types.FLOAT, output_layout="CHW",
-            mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
+            mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD], **window,
         )  # fmt: skip
         return images, idx
 
     return pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                 checkpoint=checkpoint)  # fmt: skip
+
+
+def _simple_crop(jpegs, device: str, size: int, orientation: dict):
+    """PixMIM's simple resized crop in a DALI graph, as ``pretrain_transform(crop="simple")``: decode, resize the short
+    side to ``size`` (the long one to ``size * long // short``, torchvision's rounding; antialiased linear), pad
+    ``SIMPLE_CROP_PAD`` pixels on each side by reflection (DALI pads only with a constant: mirrored edge slices,
+    concatenated), and the arguments of ``crop_mirror_normalize`` that cut a uniformly placed size x size window of
+    it. Returns (padded images, those arguments)."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
+    import nvidia.dali.types as types
+
+    pad = SIMPLE_CROP_PAD
+    shape = fn.peek_image_shape(jpegs, dtype=types.INT64, **orientation)  # [H, W, C] as the decoder will give it
+    h, w = shape[0], shape[1]
+    short = dmath.min(h, w)
+    new_h, new_w = size * h // short, size * w // short
+    images = fn.decoders.image(jpegs, device=device, output_type=types.RGB, **orientation)
+    images = fn.resize(images, resize_x=fn.cast(new_w, dtype=types.FLOAT), resize_y=fn.cast(new_h, dtype=types.FLOAT),
+                       interp_type=types.INTERP_LINEAR, antialias=True)  # fmt: skip
+
+    def reflect(x, axis: str, extent):  # x padded by `pad` on both ends of `axis`, reflecting (edge not repeated)
+        first = fn.slice(x, start=[1], shape=[pad], axis_names=axis)
+        last = fn.slice(x, start=fn.cast(extent - (pad + 1), dtype=types.INT32), shape=[pad], axis_names=axis)
+        # fn.flip mirrors horizontally unless told not to
+        mirror = {"horizontal": 1, "vertical": 0} if axis == "W" else {"horizontal": 0, "vertical": 1}
+        return fn.cat(fn.flip(first, **mirror), x, fn.flip(last, **mirror), axis_name=axis)
+
+    images = reflect(reflect(images, "W", new_w), "H", new_h)
+
+    def position(extent):  # crop_pos_* placing the window at a uniform integer offset in [0, extent + 2 pad - size]
+        room = fn.cast(extent + (2 * pad - size), dtype=types.FLOAT)
+        offset = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (room + 1.0))
+        return dmath.min(offset, room) / room  # min: a draw of 1.0 by rounding stays inside
+
+    return images, {"crop_h": size, "crop_w": size, "crop_pos_x": position(new_w), "crop_pos_y": position(new_h)}
 
 
 def _decoder_has_orientation() -> bool:
@@ -159,6 +199,9 @@ class DaliLoader:
         seed: the run's seed: the file order, the shuffles and the crops follow from it (and the rank).
         num_threads: DALI's CPU threads (default: the usable cores).
         scale, ratio: the random-resized crop's area fraction and aspect ranges (MAE's defaults).
+        crop: "random-resized" (MAE's) or "simple" (PixMIM's: the short side resized to ``img_size``, linear, a
+            random square of it with 4 px reflect padding; ``scale``, ``ratio`` and ``interp`` unused), as
+            ``pretrain_transform``.
         hflip: the probability of a horizontal flip (MAE 0.5, I-JEPA 0).
         initial_fill: the reader's shuffle buffer, in samples (capped at the shard).
         interp: the resize filter when shrinking the crop: "cubic" (torchvision's bicubic, antialiased), "linear"
@@ -189,12 +232,15 @@ class DaliLoader:
         tars: Sequence[str] | None = None,
         tar_sizes: Sequence[int] | None = None,
         interp: str = "auto",
+        crop: str = "random-resized",
     ):
         require_dali()
         if device not in DEVICES:
             raise ValueError(f"DALI device must be one of {DEVICES}, got {device!r}")
         if interp not in INTERPS:
             raise ValueError(f"interp must be one of {INTERPS}, got {interp!r}")
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
         # the bicubic antialiased shrink is two thirds of DALI's CPU time; on the GPU it costs little
         self.interp = interp if interp != "auto" else "cubic" if device == "mixed" else "linear"
         if device == "mixed" and not torch.cuda.is_available():
@@ -240,7 +286,7 @@ class DaliLoader:
         )
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_threads = num_threads or usable_cpus()
-        self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), float(hflip)
+        self.scale, self.ratio, self.hflip, self.crop = tuple(scale), tuple(ratio), float(hflip), crop
         self.initial_fill = max(1, min(initial_fill, self.shard_size))
         self.epoch = 0  # the epoch the reader is in
         self.batch = 0  # batches of it handed out
@@ -256,6 +302,7 @@ class DaliLoader:
             files, self._order, self.batch_size, self.img_size, self.device, self.device_id, self.rank,
             self.world_size, self.seed * 1_000_003 + self.rank, self.num_threads, self.scale, self.ratio,
             self.initial_fill, checkpoint, self.tars, self._id_bytes, self.interp, self._index_paths, self.hflip,
+            self.crop,
         )  # fmt: skip
         hint = ("tar members it skips (names over 100 characters in PAX headers, as Python's tarfile writes them?); "
                 "rewrite the shards with GNU tar (tar --format=gnu) or use --loader torch" if self.tars else

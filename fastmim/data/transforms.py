@@ -9,15 +9,42 @@ from torchvision import transforms as T
 
 from fastmim.ops.reference import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "crop_and_flip", "denormalize", "eval_transform", "pretrain_transform"]
+__all__ = [
+    "CROPS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SIMPLE_CROP_PAD",
+    "crop_and_flip",
+    "denormalize",
+    "eval_transform",
+    "pretrain_transform",
+]
+
+# "random-resized": MAE's RandomResizedCrop; "simple": PixMIM's simple resized crop (DeiT III's SRC as mmselfsup's
+# PixMIM config runs it: the short side resized to the output size, then a random square of it, reflect-padded)
+CROPS = ("random-resized", "simple")
+SIMPLE_CROP_PAD = 4  # the reflect padding of the simple crop on each side (mmselfsup: RandomCrop(padding=4))
 
 
-def pretrain_transform(img_size: int, crop_min: float = 0.2, hflip: float = 0.5) -> T.Compose:
-    """RandomResizedCrop(scale crop_min-1 (MAE: 0.2), bicubic) + horizontal flip with probability ``hflip`` (MAE 0.5,
-    I-JEPA 0) + ImageNet normalisation."""
+def pretrain_transform(
+    img_size: int, crop_min: float = 0.2, hflip: float = 0.5, crop: str = "random-resized"
+) -> T.Compose:
+    """The pretraining augmentation: the crop, a horizontal flip with probability ``hflip`` (MAE 0.5, I-JEPA 0) and
+    ImageNet normalisation. ``crop="random-resized"``: RandomResizedCrop(scale crop_min-1 (MAE: 0.2), aspect 3/4-4/3,
+    bicubic). ``crop="simple"`` (PixMIM): Resize(img_size: the short side, bilinear, antialiased), then
+    RandomCrop(img_size, padding=4, reflect), as mmselfsup's PixMIM pipeline; ``crop_min`` is not used."""
+    if crop == "random-resized":
+        steps = [T.RandomResizedCrop(img_size, scale=(crop_min, 1.0), interpolation=T.InterpolationMode.BICUBIC)]
+    elif crop == "simple":
+        steps = [
+            T.Resize(img_size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+            T.RandomCrop(img_size, padding=SIMPLE_CROP_PAD, padding_mode="reflect"),
+        ]
+    else:
+        raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
     return T.Compose(
         [
-            T.RandomResizedCrop(img_size, scale=(crop_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            *steps,
             T.RandomHorizontalFlip(p=hflip),
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -26,11 +53,15 @@ def pretrain_transform(img_size: int, crop_min: float = 0.2, hflip: float = 0.5)
 
 
 def pretrain_steps(transform: T.Compose) -> tuple[T.RandomResizedCrop, T.RandomHorizontalFlip]:
-    """The crop and flip steps of ``pretrain_transform``; TypeError for a transform that does not start with them."""
+    """The crop and flip steps of ``pretrain_transform`` with the random-resized crop; TypeError for a transform that
+    does not start with them (the simple crop, another transform)."""
     steps = transform.transforms if isinstance(transform, T.Compose) else []
     ok = len(steps) >= 2 and isinstance(steps[0], T.RandomResizedCrop) and isinstance(steps[1], T.RandomHorizontalFlip)
     if not ok:
-        raise TypeError(f"expected pretrain_transform (RandomResizedCrop, RandomHorizontalFlip, ...): {transform!r}")
+        raise TypeError(
+            "expected pretrain_transform with the random-resized crop (RandomResizedCrop, "
+            f"RandomHorizontalFlip, ...), got {transform!r}"
+        )
     return steps[0], steps[1]
 
 

@@ -1,0 +1,167 @@
+"""PixMIM's simple resized crop (``--crop simple``): the torch transform and the DALI pipeline each give windows of
+the short-side-resized, reflect-padded image (checked against an independent PIL + NumPy reconstruction, every
+window searched), reach into the padding on every side, and the CLI refuses what cannot run it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastmim.data.dali import dali_problem
+from fastmim.data.transforms import SIMPLE_CROP_PAD, pretrain_transform
+from tests.data.crops import best_window, simple_crop_source
+
+SIZES = [(50, 37), (37, 50), (64, 64), (90, 41), (33, 80)]  # (width, height): landscape, portrait, square, long ones
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Smooth random images (upsampled noise: every window of one is distinct) of SIZES, as JPEGs."""
+    root = tmp_path_factory.mktemp("simple_crop")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate(SIZES):
+        coarse = rng.integers(0, 256, (h // 4 + 2, w // 4 + 2, 3), dtype=np.uint8)
+        path = root / f"{i}.jpg"
+        Image.fromarray(coarse).resize((w, h), Image.BICUBIC).save(path, quality=100)
+        paths.append(str(path))
+    return paths
+
+
+def check_windows(samples, photos, size, tol):
+    """Every (sample, index) is a window of its photo's padded resize within ``tol``; over all of them the windows
+    reach into the padding at the top, bottom, left and right, and both flips occur."""
+    reach, flips = set(), set()
+    for x, i in samples:
+        source = simple_crop_source(photos[i], size)
+        err, (top, left, flipped), (max_top, max_left) = best_window(x, source)
+        assert err <= tol, (photos[i], err)
+        flips.add(flipped)
+        reach |= {side for side, hit in (("top", top < SIMPLE_CROP_PAD), ("bottom", top > max_top - SIMPLE_CROP_PAD),
+                                         ("left", left < SIMPLE_CROP_PAD),
+                                         ("right", left > max_left - SIMPLE_CROP_PAD)) if hit}  # fmt: skip
+    assert reach == {"top", "bottom", "left", "right"} and flips == {False, True}
+
+
+def test_the_torch_transform_is_a_window_of_the_reflect_padded_resize(photos):
+    size = 32
+    tf = pretrain_transform(size, hflip=0.5, crop="simple")
+    samples = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        for i, path in enumerate(photos):
+            with Image.open(path) as im:
+                x = tf(im.convert("RGB"))
+            assert x.shape == (3, size, size) and x.dtype == torch.float32
+            samples.append((x, i))
+    check_windows(samples, photos, size, tol=1e-5)  # the same PIL resize: only float rounding differs
+
+
+def test_an_unknown_crop_is_refused_and_the_random_resized_crop_stays_the_default():
+    with pytest.raises(ValueError, match="crop must be one of random-resized, simple, got 'center'"):
+        pretrain_transform(32, crop="center")
+    from torchvision import transforms as T
+
+    assert isinstance(pretrain_transform(32).transforms[0], T.RandomResizedCrop)
+
+
+@pytest.mark.skipif(dali_problem() is not None, reason=f"optional dependency absent: {dali_problem()}")
+def test_the_dali_pipeline_gives_the_same_windows_and_resumes_from_a_checkpoint(photos):
+    from fastmim.data.dali import DaliLoader
+
+    def make():
+        return DaliLoader(photos, 5, 32, num_threads=1, seed=2, crop="simple", initial_fill=1)
+
+    ld = make()
+    samples = []
+    for epoch in range(8):
+        ld.set_epoch(epoch)
+        samples += [(x, i) for xs, idx in ld for x, i in zip(xs, idx.tolist(), strict=True)]
+    # DALI decodes with libjpeg-turbo and resizes with its own linear filter: a few levels of 255 apart (a
+    # neighbouring window is tens of levels away)
+    check_windows(samples, photos, 32, tol=3.5 / 255)
+    # its random placement is part of the pipeline's checkpoint: a restored loader continues with the same windows
+    ld = make()
+    ld.set_epoch(0)
+    next(iter(ld))
+    state = ld.state_dict()
+    ld.set_epoch(1)
+    want = [x.clone() for x, _ in ld]
+    again = make()
+    again.load_state_dict(state)
+    again.set_epoch(1)
+    got = [x.clone() for x, _ in again]
+    assert len(got) == len(want) == 1 and torch.equal(got[0], want[0])
+
+
+def test_dali_refuses_an_unknown_crop(photos):
+    if dali_problem() is not None:
+        pytest.skip(f"optional dependency absent: {dali_problem()}")
+    from fastmim.data.dali import DaliLoader
+
+    with pytest.raises(ValueError, match="crop must be one of"):
+        DaliLoader(photos, 2, 32, num_threads=1, crop="centre")
+
+
+def test_pretrain_runs_pixmim_with_the_simple_crop_and_records_it(image_folder, tmp_path, capsys):
+    import yaml
+
+    from fastmim import pretrain
+    from tests.conftest import TINY_ARGS
+
+    args = [*TINY_ARGS, "--model", "pixmim_vit_tiny_patch16", "--data-path", str(image_folder), "--loader", "torch",
+            "--crop", "simple", "--max-steps", "2", "--vis-interval", "100"]  # fmt: skip
+    out = tmp_path / "run"
+    assert pretrain.main([*args, "--output-dir", str(out)]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["crop"] == "simple"
+    capsys.readouterr()
+    assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "3"]) == 0  # the crop comes back
+    assert "changed settings" not in capsys.readouterr().out
+    assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "4", "--crop", "random-resized"]) == 0
+    assert "changed settings: crop simple -> random-resized" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--crop", "center"], "crop must be one of random-resized, simple, got 'center'"),
+        (["--crop", "simple", "--loader", "torch-gpu"], "loader torch-gpu crops random-resized boxes on the GPU"),
+        (["--crop", "simple", "--crop-min", "0.5"], "crop_min 0.5 applies to the random-resized crop"),
+    ],
+)
+def test_pretrain_refuses_what_the_simple_crop_cannot_take(image_folder, tmp_path, capsys, flags, message):
+    from fastmim import pretrain
+    from tests.conftest import TINY_ARGS
+
+    out = tmp_path / "run"
+    assert pretrain.main([*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_auto_gives_a_simple_crop_run_on_a_gpu_to_the_torch_loader_and_says_why(image_folder, monkeypatch):
+    import fastmim.data.gpu_decode as gd
+    from fastmim import pretrain
+    from fastmim.config import PretrainConfig
+
+    monkeypatch.setattr(gd, "gpu_decode_problem", lambda device: None)
+    cuda = torch.device("cuda", 0)
+    assert pretrain.choose_loader(PretrainConfig(data_path=str(image_folder)), cuda)[0] == "torch-gpu"
+    kind, _, why = pretrain.choose_loader(PretrainConfig(data_path=str(image_folder), crop="simple"), cuda)
+    assert kind == "torch" and "not torch-gpu: it crops random-resized boxes, not --crop simple" in why
+
+
+@pytest.mark.skipif(dali_problem() is not None, reason=f"optional dependency absent: {dali_problem()}")
+def test_pretrain_hands_the_simple_crop_to_dali(image_folder, monkeypatch):
+    from fastmim import pretrain
+    from fastmim.data import dali
+
+    seen = []
+    monkeypatch.setattr(dali, "_simple_crop", lambda *a, real=dali._simple_crop: seen.append(a) or real(*a))
+    args = [*__import__("tests.conftest", fromlist=["TINY_ARGS"]).TINY_ARGS, "--data-path", str(image_folder),
+            "--loader", "dali", "--allow-unscanned", "--crop", "simple", "--max-steps", "1", "--vis-interval", "100",
+            "--output-dir", str(image_folder.parent / "run")]  # fmt: skip
+    assert pretrain.main(args) == 0
+    assert seen and seen[0][2] == 64  # the pipeline was built with the simple crop at --img-size
