@@ -19,6 +19,7 @@ import yaml
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 LOADERS = ("auto", "dali", "torch", "torch-gpu")
 CROPS = ("random-resized", "simple")  # fastmim.data.transforms.CROPS (not imported here: torchvision)
+CROP_INTERPS = ("bicubic", "bilinear")  # fastmim.data.transforms.CROP_INTERPS
 DALI_DEVICES = ("auto", "mixed", "cpu")
 MASK_TYPES = ("random", "block", "simmim", "uniform")
 SPARSE_BACKENDS = ("auto", "fastmim", "dense_masked", "spconv")
@@ -133,6 +134,11 @@ class PretrainConfig:
                           "simple (PixMIM's: the short side resized to --img-size, bilinear, then a random square with "
                           "4 px reflect padding; --loader torch or dali)"},
     )  # fmt: skip
+    crop_interp: str | None = field(
+        default=None,
+        metadata={"help": "the crop's resize filter (antialiased): bicubic or bilinear (torchvision's default: SimMIM, "
+                          "I-JEPA) (None: the crop's own: bicubic for random-resized, bilinear for simple)"},
+    )  # fmt: skip
     crop_min: float = field(
         default=0.2, metadata={"help": "RandomResizedCrop's smallest area (MAE 0.2, MaskFeat 0.5, SimMIM 0.67)"}
     )
@@ -221,6 +227,9 @@ class PretrainConfig:
             raise ValueError(f"crop_min must be in (0, 1], got {self.crop_min}")
         if self.crop not in CROPS:
             raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
+        if self.crop_interp is not None and self.crop_interp not in CROP_INTERPS:
+            raise ValueError(f"crop_interp must be one of {', '.join(CROP_INTERPS)} (or None: the crop's own), got "
+                             f"{self.crop_interp!r}")  # fmt: skip
         if self.crop == "simple" and self.crop_min != type(self).__dataclass_fields__["crop_min"].default:
             raise ValueError(f"crop_min {self.crop_min} applies to the random-resized crop; crop simple takes the "
                              "whole short side")  # fmt: skip

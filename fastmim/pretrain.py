@@ -288,7 +288,9 @@ def build_dataset(cfg: PretrainConfig, root: str | None = None):
     root = root or cfg.data_path or default_dataset_path()
     try:
         kind = TarShardDataset if list_tar_shards(root) else ImageFolderDataset
-        return kind(root, pretrain_transform(cfg.img_size, cfg.crop_min, cfg.hflip, cfg.crop), seed=cfg.seed)
+        return kind(
+            root, pretrain_transform(cfg.img_size, cfg.crop_min, cfg.hflip, cfg.crop, cfg.crop_interp), seed=cfg.seed
+        )
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise UsageError(str(e)) from e
 
@@ -411,7 +413,7 @@ def build_loader(cfg: PretrainConfig, kind: str, dataset, masks, info: DistInfo,
                                 device_id=device.index if device.type == "cuda" else None, rank=info.rank,
                                 world_size=info.world_size, seed=cfg.seed, num_threads=threads,
                                 scale=(cfg.crop_min, 1.0), hflip=cfg.hflip, crop=cfg.crop,
-                                tars=getattr(dataset, "shards", None),
+                                crop_interp=cfg.crop_interp, tars=getattr(dataset, "shards", None),
                                 tar_sizes=getattr(dataset, "sizes", None))  # fmt: skip
         except ValueError as e:
             raise UsageError(str(e)) from e

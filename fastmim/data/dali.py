@@ -2,7 +2,8 @@
 
 Reader (``fn.readers.file`` over a file list, or ``fn.readers.webdataset`` over tar shards) -> decode with MAE's
 random-resized crop (``fn.decoders.image_random_crop``: area 0.2-1.0 of the image, aspect 3/4-4/3) -> resize to
-``img_size`` (antialiased; bicubic, or linear when shrinking on CPU threads: ``interp``) -> random horizontal flip
+``img_size`` (antialiased; bicubic, or linear when shrinking on CPU threads: ``interp``; or bilinear:
+``crop_interp``) -> random horizontal flip
 -> ImageNet normalisation -> CHW float32, each batch with the samples' dataset indices (masks are drawn from
 (seed, epoch, index)).
 
@@ -30,7 +31,8 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from fastmim.data.folder import TAR_IMAGE_EXTS, is_utf8_name, split_sample_id, usable_cpus
-from fastmim.data.transforms import CROPS, IMAGENET_MEAN, IMAGENET_STD, SIMPLE_CROP_PAD
+from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SIMPLE_CROP_PAD
+from fastmim.data.transforms import crop_interp as resolve_crop_interp
 
 DEVICES = ("cpu", "mixed")
 INTERPS = ("auto", "cubic", "linear")
@@ -99,7 +101,7 @@ class DaliDecodeError(RuntimeError):
 
 
 def _pipeline(files, indices, batch_size, img_size, device, device_id, shard_id, num_shards, seed, num_threads,
-              scale, ratio, initial_fill, checkpoint, tars=None, id_bytes=0, interp="cubic",
+              scale, ratio, initial_fill, checkpoint, tars=None, id_bytes=0, filters=("cubic", "cubic"),
               index_paths=None, hflip=0.5, crop="random-resized"):  # fmt: skip
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
@@ -123,15 +125,13 @@ def _pipeline(files, indices, batch_size, img_size, device, device_id, shard_id,
         # loaders, torchvision's ImageFolder, MAE's official loader) and nvJPEG in --loader torch-gpu read them
         orientation = {"adjust_orientation": False} if _decoder_has_orientation() else {}
         if crop == "simple":
-            images, window = _simple_crop(jpegs, device, img_size, orientation)
+            images, window = _simple_crop(jpegs, device, img_size, orientation, filters)
         else:
             images = fn.decoders.image_random_crop(
                 jpegs, device=device, output_type=types.RGB, random_area=list(scale), random_aspect_ratio=list(ratio),
                 num_attempts=10, **orientation,
             )  # fmt: skip
-            down = types.INTERP_CUBIC if interp == "cubic" else types.INTERP_LINEAR
-            images = fn.resize(images, resize_x=img_size, resize_y=img_size, min_filter=down,
-                               mag_filter=types.INTERP_CUBIC, antialias=True)  # fmt: skip
+            images = fn.resize(images, resize_x=img_size, resize_y=img_size, **_filter_args(filters))
             window = {}
         images = fn.crop_mirror_normalize(
             images, mirror=fn.random.coin_flip(probability=hflip), dtype=types.FLOAT, output_layout="CHW",
@@ -143,9 +143,17 @@ def _pipeline(files, indices, batch_size, img_size, device, device_id, shard_id,
                 checkpoint=checkpoint)  # fmt: skip
 
 
-def _simple_crop(jpegs, device: str, size: int, orientation: dict):
+def _filter_args(filters: tuple[str, str]) -> dict:
+    """``fn.resize``'s antialiased filters for (shrinking, enlarging), each "cubic" or "linear"."""
+    import nvidia.dali.types as types
+
+    kind = {"cubic": types.INTERP_CUBIC, "linear": types.INTERP_LINEAR}
+    return {"min_filter": kind[filters[0]], "mag_filter": kind[filters[1]], "antialias": True}
+
+
+def _simple_crop(jpegs, device: str, size: int, orientation: dict, filters: tuple[str, str]):
     """PixMIM's simple resized crop in a DALI graph, as ``pretrain_transform(crop="simple")``: decode, resize the short
-    side to ``size`` (the long one to ``size * long // short``, torchvision's rounding; antialiased linear), pad
+    side to ``size`` (the long one to ``size * long // short``, torchvision's rounding; ``filters``), pad
     ``SIMPLE_CROP_PAD`` pixels on each side by reflection (DALI pads only with a constant: mirrored edge slices,
     concatenated), and the arguments of ``crop_mirror_normalize`` that cut a uniformly placed size x size window of
     it. Returns (padded images, those arguments)."""
@@ -160,7 +168,7 @@ def _simple_crop(jpegs, device: str, size: int, orientation: dict):
     new_h, new_w = size * h // short, size * w // short
     images = fn.decoders.image(jpegs, device=device, output_type=types.RGB, **orientation)
     images = fn.resize(images, resize_x=fn.cast(new_w, dtype=types.FLOAT), resize_y=fn.cast(new_h, dtype=types.FLOAT),
-                       interp_type=types.INTERP_LINEAR, antialias=True)  # fmt: skip
+                       **_filter_args(filters))  # fmt: skip
 
     def reflect(x, axis: str, extent):  # x padded by `pad` on both ends of `axis`, reflecting (edge not repeated)
         first = fn.slice(x, start=[1], shape=[pad], axis_names=axis)
@@ -199,14 +207,15 @@ class DaliLoader:
         seed: the run's seed: the file order, the shuffles and the crops follow from it (and the rank).
         num_threads: DALI's CPU threads (default: the usable cores).
         scale, ratio: the random-resized crop's area fraction and aspect ranges (MAE's defaults).
-        crop: "random-resized" (MAE's) or "simple" (PixMIM's: the short side resized to ``img_size``, linear, a
-            random square of it with 4 px reflect padding; ``scale``, ``ratio`` and ``interp`` unused), as
-            ``pretrain_transform``.
+        crop: "random-resized" (MAE's) or "simple" (PixMIM's: the short side resized to ``img_size``, a random
+            square of it with 4 px reflect padding; ``scale`` and ``ratio`` unused), as ``pretrain_transform``.
+        crop_interp: the crop's resize filter, "bicubic" or "bilinear" (antialiased), or None: the crop's own
+            (random-resized: bicubic, simple: bilinear), as ``pretrain_transform``'s ``interp``.
         hflip: the probability of a horizontal flip (MAE 0.5, I-JEPA 0).
         initial_fill: the reader's shuffle buffer, in samples (capped at the shard).
-        interp: the resize filter when shrinking the crop: "cubic" (torchvision's bicubic, antialiased), "linear"
-            (antialiased linear: 1.5x DALI's CPU throughput), or "auto": cubic on the GPU, linear on CPU threads.
-            Enlarging is bicubic with either.
+        interp: for a bicubic crop, the filter when shrinking: "cubic" (torchvision's bicubic, antialiased),
+            "linear" (antialiased linear: 1.5x DALI's CPU throughput), or "auto": cubic on the GPU, linear on CPU
+            threads. Enlarging is bicubic with either. A bilinear crop is linear both ways.
         tar_sizes: the members' sizes (``list_tar_samples``): given, DALI reads the shards through index files
             written from ours (cached), else it infers its own index from every tar header at each build.
         tars: webdataset tar shards to read instead of files; ``files`` are then their samples' ids
@@ -233,16 +242,17 @@ class DaliLoader:
         tar_sizes: Sequence[int] | None = None,
         interp: str = "auto",
         crop: str = "random-resized",
+        crop_interp: str | None = None,
     ):
         require_dali()
         if device not in DEVICES:
             raise ValueError(f"DALI device must be one of {DEVICES}, got {device!r}")
         if interp not in INTERPS:
             raise ValueError(f"interp must be one of {INTERPS}, got {interp!r}")
-        if crop not in CROPS:
-            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+        bicubic = resolve_crop_interp(crop, crop_interp) == "bicubic"  # ValueError for another crop or filter
         # the bicubic antialiased shrink is two thirds of DALI's CPU time; on the GPU it costs little
         self.interp = interp if interp != "auto" else "cubic" if device == "mixed" else "linear"
+        self.filters = (self.interp, "cubic") if bicubic else ("linear", "linear")  # (shrinking, enlarging)
         if device == "mixed" and not torch.cuda.is_available():
             raise RuntimeError("DALI device 'mixed' decodes on a GPU and none is visible; use device='cpu'")
         if not 0 <= rank < world_size:
@@ -301,7 +311,7 @@ class DaliLoader:
         pipe = _pipeline(
             files, self._order, self.batch_size, self.img_size, self.device, self.device_id, self.rank,
             self.world_size, self.seed * 1_000_003 + self.rank, self.num_threads, self.scale, self.ratio,
-            self.initial_fill, checkpoint, self.tars, self._id_bytes, self.interp, self._index_paths, self.hflip,
+            self.initial_fill, checkpoint, self.tars, self._id_bytes, self.filters, self._index_paths, self.hflip,
             self.crop,
         )  # fmt: skip
         hint = ("tar members it skips (names over 100 characters in PAX headers, as Python's tarfile writes them?); "

@@ -5,8 +5,8 @@ The workers read each file's bytes and its header (PIL, lazily: the size, not th
 box and flip exactly as ``pretrain_transform`` would for (seed, epoch, index) (``crop_and_flip``), then pack a
 batch's JPEGs end to end into one uint8 tensor (one shared-memory transfer per batch, not one per image). The
 training process decodes the batch with ``torchvision.io.decode_jpeg(device="cuda")`` (batched nvJPEG) and runs
-``fastmim.ops.resized_crop`` (crop, antialiased bicubic resize, flip, normalisation: two Triton launches for the
-batch), in a background thread on its own CUDA stream, a batch or two ahead of the training step.
+``fastmim.ops.resized_crop`` (crop, antialiased bicubic or bilinear resize, flip, normalisation: two Triton
+launches for the batch), in a background thread on its own CUDA stream, a batch or two ahead of the training step.
 
 The same samples, crops and order as ``--loader torch`` for the same seed (the sampler and the crop draws are
 shared); the pixels differ by decoder and resize rounding only. A file that is not a JPEG nvJPEG takes (PNG, CMYK)
@@ -212,6 +212,7 @@ class GpuDecodeLoader:
             device = torch.device("cuda", torch.cuda.current_device())
         self.loader, self.dataset, self.device = loader, dataset, device
         self.img_size, self.skip_bad, self.seed, self.prefetch = img_size, skip_bad, seed, prefetch
+        self.interp = pretrain_steps(dataset.transform)[0].interpolation.value  # the CPU pipeline's filter
         self.sync_timing = sync_timing and self.device.type == "cuda"
         self.stats = dict.fromkeys(STATS, 0)
 
@@ -250,7 +251,7 @@ class GpuDecodeLoader:
         for chunk in _chunks(keep, [decoded[j].numel() for j in keep], CROP_CHUNK_BYTES):
             sel = torch.tensor(chunk, dtype=torch.int64)
             crops = resized_crop([decoded[j] for j in chunk], enc.boxes[sel], enc.flips[sel], s, IMAGENET_MEAN,
-                                 IMAGENET_STD)  # fmt: skip
+                                 IMAGENET_STD, interp=self.interp)  # fmt: skip
             if out is None:
                 out = crops
             else:

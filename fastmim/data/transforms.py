@@ -11,6 +11,7 @@ from fastmim.ops.reference import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "CROPS",
+    "CROP_INTERPS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SIMPLE_CROP_PAD",
@@ -24,24 +25,36 @@ __all__ = [
 # PixMIM config runs it: the short side resized to the output size, then a random square of it, reflect-padded)
 CROPS = ("random-resized", "simple")
 SIMPLE_CROP_PAD = 4  # the reflect padding of the simple crop on each side (mmselfsup: RandomCrop(padding=4))
+CROP_INTERPS = ("bicubic", "bilinear")  # the crop's resize filter (PIL's antialiased ones)
+
+
+def crop_interp(crop: str, interp: str | None = None) -> str:
+    """The resize filter of ``crop``: ``interp``, or None: the crop's own (random-resized: bicubic, as MAE's;
+    simple: bilinear, as mmselfsup's PixMIM). ValueError for another crop or filter."""
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
+    if interp is not None and interp not in CROP_INTERPS:
+        raise ValueError(f"crop_interp must be one of {', '.join(CROP_INTERPS)} (or None: the crop's own), got "
+                         f"{interp!r}")  # fmt: skip
+    return interp or ("bicubic" if crop == "random-resized" else "bilinear")
 
 
 def pretrain_transform(
-    img_size: int, crop_min: float = 0.2, hflip: float = 0.5, crop: str = "random-resized"
+    img_size: int, crop_min: float = 0.2, hflip: float = 0.5, crop: str = "random-resized", interp: str | None = None
 ) -> T.Compose:
     """The pretraining augmentation: the crop, a horizontal flip with probability ``hflip`` (MAE 0.5, I-JEPA 0) and
-    ImageNet normalisation. ``crop="random-resized"``: RandomResizedCrop(scale crop_min-1 (MAE: 0.2), aspect 3/4-4/3,
-    bicubic). ``crop="simple"`` (PixMIM): Resize(img_size: the short side, bilinear, antialiased), then
+    ImageNet normalisation. ``crop="random-resized"``: RandomResizedCrop(scale crop_min-1 (MAE: 0.2), aspect 3/4-4/3;
+    bicubic, or ``interp="bilinear"`` (torchvision's default, which SimMIM and I-JEPA keep)). ``crop="simple"``
+    (PixMIM): Resize(img_size: the short side; bilinear, or ``interp="bicubic"``; antialiased), then
     RandomCrop(img_size, padding=4, reflect), as mmselfsup's PixMIM pipeline; ``crop_min`` is not used."""
+    mode = T.InterpolationMode(crop_interp(crop, interp))
     if crop == "random-resized":
-        steps = [T.RandomResizedCrop(img_size, scale=(crop_min, 1.0), interpolation=T.InterpolationMode.BICUBIC)]
-    elif crop == "simple":
+        steps = [T.RandomResizedCrop(img_size, scale=(crop_min, 1.0), interpolation=mode)]
+    else:
         steps = [
-            T.Resize(img_size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+            T.Resize(img_size, interpolation=mode, antialias=True),
             T.RandomCrop(img_size, padding=SIMPLE_CROP_PAD, padding_mode="reflect"),
         ]
-    else:
-        raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
     return T.Compose(
         [
             *steps,
@@ -54,9 +67,10 @@ def pretrain_transform(
 
 def pretrain_steps(transform: T.Compose) -> tuple[T.RandomResizedCrop, T.RandomHorizontalFlip]:
     """The crop and flip steps of ``pretrain_transform`` with the random-resized crop; TypeError for a transform that
-    does not start with them (the simple crop, another transform)."""
+    does not start with them (the simple crop, another transform, another filter than bicubic or bilinear)."""
     steps = transform.transforms if isinstance(transform, T.Compose) else []
     ok = len(steps) >= 2 and isinstance(steps[0], T.RandomResizedCrop) and isinstance(steps[1], T.RandomHorizontalFlip)
+    ok = ok and steps[0].interpolation.value in CROP_INTERPS
     if not ok:
         raise TypeError(
             "expected pretrain_transform with the random-resized crop (RandomResizedCrop, "

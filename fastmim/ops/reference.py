@@ -421,19 +421,20 @@ def resized_crop_ref(
     size: int,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
+    interp: str = "bicubic",
 ) -> torch.Tensor:
     """Batched random-resized-crop augmentation of decoded images, one image at a time: image n ([C, H_n, W_n], uint8
     0-255 or float on that scale) cropped to ``boxes[n] = (top, left, height, width)``, resized to ``size x size``
-    with the antialiased bicubic filter (PIL's convention, as ``torchvision.transforms.RandomResizedCrop`` on PIL
-    images: separable, ``a = -0.5``, the support widened by the shrink factor; rows first, each pass clamped to
-    [0, 255] as PIL's are, without its rounding to integers), mirrored
-    left-right where ``flips[n]``, then ``(x / 255 - mean_c) / std_c``. Returns [N, C, size, size] fp32."""
+    with the antialiased bicubic (or ``interp="bilinear"``) filter (PIL's convention, as
+    ``torchvision.transforms.RandomResizedCrop`` on PIL images: separable, bicubic ``a = -0.5``, the support widened
+    by the shrink factor; rows first, each pass clamped to [0, 255] as PIL's are, without its rounding to integers),
+    mirrored left-right where ``flips[n]``, then ``(x / 255 - mean_c) / std_c``. Returns [N, C, size, size] fp32."""
     out = []
     for n, img in enumerate(images):
         top, left, h, w = (int(v) for v in boxes[n])
         x = img[:, top : top + h, left : left + w].to(torch.float32)[None]  # [1, C, h, w]
         for shape in ((h, size), (size, size)):  # rows, then columns, each clamped as PIL's 8-bit passes are
-            x = torch.nn.functional.interpolate(x, size=shape, mode="bicubic", antialias=True, align_corners=False)
+            x = torch.nn.functional.interpolate(x, size=shape, mode=interp, antialias=True, align_corners=False)
             x = x.clamp_(0, 255)
         if bool(flips[n]):
             x = x.flip(-1)

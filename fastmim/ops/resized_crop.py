@@ -1,5 +1,5 @@
 """``resized_crop``: the random-resized-crop augmentation of a batch of decoded images of different sizes (crop,
-antialiased bicubic resize, mirror, normalise) in two Triton launches, for GPU-decoded training data.
+antialiased bicubic or bilinear resize, mirror, normalise) in two Triton launches, for GPU-decoded training data.
 
 Not differentiable (data augmentation) and not a ``torch.library`` op: its input is a list of differently-sized
 images, which is the loader's business, not a compiled graph's.
@@ -15,6 +15,8 @@ from fastmim.ops._dispatch import choose_backend
 from fastmim.ops.reference import IMAGENET_MEAN, IMAGENET_STD, resized_crop_ref
 
 _OP = "resized_crop"
+INTERPS = ("bicubic", "bilinear")  # the filter radii: 2 and 1 input pixels (times the shrink factor)
+_RADIUS = {"bicubic": 2, "bilinear": 1}
 
 
 @functools.cache
@@ -31,10 +33,10 @@ def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.devic
     return (1 / (255 * s)).float().to(device), (m / s).float().to(device)
 
 
-def _taps(lengths: torch.Tensor, size: int) -> torch.Tensor:
+def _taps(lengths: torch.Tensor, size: int, radius: int) -> torch.Tensor:
     """How many filter taps an output position of an axis of each of ``lengths`` resized to ``size`` can have at
-    most (PIL's support 2 * max(length / size, 1) on either side, plus the rounding of its ends)."""
-    return torch.ceil(4 * torch.clamp(lengths.double() / size, min=1.0)).long() + 2
+    most (PIL's support radius * max(length / size, 1) on either side, plus the rounding of its ends)."""
+    return torch.ceil(2 * radius * torch.clamp(lengths.double() / size, min=1.0)).long() + 2
 
 
 def resized_crop(
@@ -45,8 +47,9 @@ def resized_crop(
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
     out_dtype: torch.dtype = torch.float32,
+    interp: str = "bicubic",
 ) -> torch.Tensor:
-    """Crops image n to ``boxes[n]``, resizes it to ``size x size`` (antialiased bicubic, as torchvision's
+    """Crops image n to ``boxes[n]``, resizes it to ``size x size`` (antialiased bicubic or bilinear, as torchvision's
     ``RandomResizedCrop`` on PIL images), mirrors it where ``flips[n]`` and normalises it: ``resized_crop_ref``.
 
     Args:
@@ -56,6 +59,7 @@ def resized_crop(
         size: the output side S.
         mean, std: per-channel normalisation of ``x / 255`` (ImageNet's by default).
         out_dtype: float32 (default), bfloat16 or float16.
+        interp: the resize filter, "bicubic" (MAE's crop) or "bilinear" (torchvision's default: SimMIM's, I-JEPA's).
     Returns: [N, C, S, S] ``out_dtype`` on the images' device.
     """
     n = len(images)
@@ -68,6 +72,8 @@ def resized_crop(
         raise ValueError(f"{_OP}: size must be a positive int, got {size!r}")
     if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"{_OP}: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    if interp not in INTERPS:
+        raise ValueError(f"{_OP}: interp must be one of {', '.join(INTERPS)}, got {interp!r}")
     if n == 0:
         return torch.empty(0, len(mean), size, size, dtype=out_dtype)
     device, dtype, c = images[0].device, images[0].dtype, images[0].shape[0]
@@ -87,15 +93,17 @@ def resized_crop(
         raise ValueError(f"{_OP}: box {i} {boxes[i].tolist()} (top, left, height, width) is not inside its "
                          f"{int(heights[i])}x{int(widths[i])} image")  # fmt: skip
     if choose_backend(_OP, device, (torch.float32,)) != "triton":
-        return resized_crop_ref(images, boxes, flips, size, mean, std).to(out_dtype)
+        return resized_crop_ref(images, boxes, flips, size, mean, std, interp).to(out_dtype)
     numel = heights * widths * c
     src_off = torch.cumsum(numel, 0) - numel
     tmp_rows = c * h * size
     tmp_off = torch.cumsum(tmp_rows, 0) - tmp_rows
-    cols = [src_off, heights, widths, top, left, h, w, tmp_off, flips.long(), _taps(w, size), _taps(h, size)]
+    radius = _RADIUS[interp]
+    cols = [src_off, heights, widths, top, left, h, w, tmp_off, flips.long(), _taps(w, size, radius),
+            _taps(h, size, radius)]  # fmt: skip
     meta = torch.stack(cols, 1).to(device)
     src = torch.cat([img.reshape(-1) for img in images])  # [sum C*H*W]: one buffer the kernels index
     a, b = _affine(tuple(map(float, mean)), tuple(map(float, std)), device)
     out = torch.empty(n, c, size, size, dtype=out_dtype, device=device)
     return _triton_resized_crop().resized_crop_fwd(src, meta.contiguous(), int(tmp_rows.sum()), int(h.max()), a, b,
-                                                   out)  # fmt: skip
+                                                   out, interp == "bilinear")  # fmt: skip

@@ -10,14 +10,15 @@ from PIL import Image
 from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
-def simple_crop_source(path, size: int, pad: int = 4) -> np.ndarray:
+def simple_crop_source(path, size: int, pad: int = 4, resample=Image.BILINEAR) -> np.ndarray:
     """The image at ``path`` with its short side resized to ``size`` (torchvision's size rule: the long side is
-    ``int(size * long / short)``) and reflect-padded by ``pad``: [H + 2 pad, W + 2 pad, 3] float64 in [0, 1]."""
+    ``int(size * long / short)``; PIL's ``resample`` filter) and reflect-padded by ``pad``: [H + 2 pad, W + 2 pad, 3]
+    float64 in [0, 1]."""
     with Image.open(path) as im:
         im = im.convert("RGB")
         w, h = im.size
         nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-        small = np.asarray(im.resize((nw, nh), Image.BILINEAR), dtype=np.float64) / 255
+        small = np.asarray(im.resize((nw, nh), resample), dtype=np.float64) / 255
     return np.pad(small, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
 
 

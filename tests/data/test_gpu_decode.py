@@ -30,8 +30,8 @@ def _levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.cpu() - b.cpu()).abs() * STD * 255
 
 
-def _loaders(root, batch=4, workers=0, prefetch=0, seed=5, skip_bad=False, device="cpu", size=48):
-    base = ImageFolderDataset(root, pretrain_transform(size), seed=seed)
+def _loaders(root, batch=4, workers=0, prefetch=0, seed=5, skip_bad=False, device="cpu", size=48, interp=None):
+    base = ImageFolderDataset(root, pretrain_transform(size, interp=interp), seed=seed)
     encoded, sampler = build_pretrain_loader(EncodedImages(base), batch, workers, seed=seed, skip_bad=skip_bad,
                                              collate_images=collate_encoded)  # fmt: skip
     gpu = GpuDecodeLoader(encoded, base, torch.device(device), size, skip_bad=skip_bad, seed=seed, prefetch=prefetch)
@@ -49,9 +49,11 @@ def folder(tmp_path):
     return make_image_folder(tmp_path / "d", n=12, size=(60, 84))
 
 
-def test_same_samples_and_crops_as_the_torch_loader(folder):
-    base, gpu, sampler = _loaders(folder, workers=2, prefetch=2)
-    ref_base = ImageFolderDataset(folder, pretrain_transform(48), seed=5)
+@pytest.mark.parametrize("interp", [None, "bilinear"])  # MAE's bicubic crop; SimMIM's and I-JEPA's bilinear one
+def test_same_samples_and_crops_as_the_torch_loader(folder, interp):
+    base, gpu, sampler = _loaders(folder, workers=2, prefetch=2, interp=interp)
+    assert gpu.interp == (interp or "bicubic")
+    ref_base = ImageFolderDataset(folder, pretrain_transform(48, interp=interp), seed=5)
     ref, ref_sampler = build_pretrain_loader(ref_base, 4, 0, seed=5)
     for epoch in (0, 1):
         got = _epoch(gpu, sampler, base, epoch)

@@ -161,12 +161,13 @@ def specs():
     # low_pass_target's epilogue
     yield low_pass._magnitude_minus_kernel, {"ab_ptr": "fp32", "off_ptr": "fp32", "out_ptr": "fp32"}, {"BLOCK": 1024}
     # resized_crop: uint8 images (float on the 0-255 scale too), fp32 / bf16 / fp16 output
-    consts = {"BLOCK_R": resized_crop._BLOCK_R, "BLOCK_X": resized_crop._BLOCK_X}
-    for src in ("u8", "fp32"):
-        yield resized_crop._resize_rows_kernel, {"src_ptr": src, "meta_ptr": "i64", "tmp_ptr": "fp32"}, consts
-    for out in ("fp32", "bf16", "fp16"):
-        ptrs = {"tmp_ptr": "fp32", "meta_ptr": "i64", "scale_ptr": "fp32", "shift_ptr": "fp32", "out_ptr": out}
-        yield resized_crop._resize_cols_kernel, ptrs, consts
+    for linear in (False, True):  # bicubic, bilinear
+        consts = {"BLOCK_R": resized_crop._BLOCK_R, "BLOCK_X": resized_crop._BLOCK_X, "LINEAR": linear}
+        for src in ("u8", "fp32"):
+            yield resized_crop._resize_rows_kernel, {"src_ptr": src, "meta_ptr": "i64", "tmp_ptr": "fp32"}, consts
+        for out in ("fp32", "bf16", "fp16"):
+            ptrs = {"tmp_ptr": "fp32", "meta_ptr": "i64", "scale_ptr": "fp32", "shift_ptr": "fp32", "out_ptr": out}
+            yield resized_crop._resize_cols_kernel, ptrs, consts
     # block masks: 14x14 with BEiT's 10 tries, and a 64x64 grid (the largest the launcher takes)
     for block, ablock in ((256, 16), (4096, 16)):
         ptrs = {"keys_ptr": "i64", "streams_ptr": "i64", "mask_ptr": "i8", "count_ptr": "i32", "params_ptr": "fp64"}

@@ -32,7 +32,8 @@ BOXES = torch.tensor([[3, 4, 30, 40], [0, 0, 20, 11], [10, 2, 50, 13], [1, 2, 3,
 FLIPS = torch.tensor([True, False, True, False, True, False])
 
 
-def test_reference_is_torchvisions_random_resized_crop_on_pil_images():
+@pytest.mark.parametrize("interp", ["bicubic", "bilinear"])
+def test_reference_is_torchvisions_random_resized_crop_on_pil_images(interp):
     """The CPU loader's pixels (PIL crop + bicubic resize with its 8-bit passes, flip, ToTensor, Normalize) within
     PIL's rounding of the reference's, on photo-like images. (At hard edges, where the bicubic filter overshoots and
     a pass clips, the order of the passes matters: Pillow picks it per resize, the reference always goes rows first.)"""
@@ -44,13 +45,13 @@ def test_reference_is_torchvisions_random_resized_crop_on_pil_images():
         imgs.append((smooth + torch.randn(3, h, w, generator=g) * 6).clamp(0, 255).round().to(torch.uint8))
     boxes = torch.tensor([[5, 10, 60, 70], [0, 3, 40, 30], [10, 10, 9, 12]])  # shrink, shrink, enlarge
     flips = torch.tensor([False, True, True])
-    ref = resized_crop_ref(imgs, boxes, flips, 32)
+    ref = resized_crop_ref(imgs, boxes, flips, 32, interp=interp)
     m = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     s = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     for n, img in enumerate(imgs):
         pil = Image.fromarray(img.permute(1, 2, 0).numpy())
         top, left, h, w = boxes[n].tolist()
-        out = TF.resized_crop(pil, top, left, h, w, [32, 32], TF.InterpolationMode.BICUBIC)
+        out = TF.resized_crop(pil, top, left, h, w, [32, 32], TF.InterpolationMode(interp))
         if flips[n]:
             out = TF.hflip(out)
         want = (TF.to_tensor(out) - m) / s
@@ -58,15 +59,16 @@ def test_reference_is_torchvisions_random_resized_crop_on_pil_images():
         assert diff.max() <= 1.5 and diff.mean() <= 0.5, (n, diff.max().item(), diff.mean().item())
 
 
-def test_backends_match_the_reference(backend):
+@pytest.mark.parametrize("interp", ["bicubic", "bilinear"])
+def test_backends_match_the_reference(backend, interp):
     device, _ = backend
     imgs = [x.to(device) for x in _images(SHAPES)]
     cases = [(imgs, BOXES, FLIPS, 16), (imgs, BOXES, FLIPS, 23)]
     # to one pixel: a 40-row crop takes 161 taps per output (the interpreter runs them one by one: a small batch)
     cases.append(([imgs[2], imgs[4]], torch.tensor([[3, 5, 40, 30], [0, 0, 1, 1]]), torch.tensor([True, False]), 1))
     for batch, boxes, flips, size in cases:
-        out = resized_crop(batch, boxes, flips, size)
-        ref = resized_crop_ref([x.cpu() for x in batch], boxes, flips, size)
+        out = resized_crop(batch, boxes, flips, size, interp=interp)
+        ref = resized_crop_ref([x.cpu() for x in batch], boxes, flips, size, interp=interp)
         assert out.shape == (len(batch), 3, size, size) and out.dtype == torch.float32 and out.device == device
         torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-4)
 
@@ -113,6 +115,8 @@ def test_empty_batch():
 def test_bad_input_is_named(boxes, flips, size, match):
     with pytest.raises(ValueError, match=match):
         resized_crop(_images([(37, 53)]), boxes, flips, size)
+    with pytest.raises(ValueError, match="interp must be one of bicubic, bilinear, got 'nearest'"):
+        resized_crop(_images([(37, 53)]), torch.tensor([[0, 0, 5, 5]]), torch.tensor([False]), 8, interp="nearest")
 
 
 def test_images_that_do_not_match_are_named():
@@ -124,11 +128,14 @@ def test_images_that_do_not_match_are_named():
         resized_crop(imgs, box, torch.tensor([False, False]), 4, mean=(0.5,), std=(0.5,))
 
 
-def test_large_shrink_uses_every_tap(backend):
-    """A 500-px crop to 7 px: about 290 taps per output pixel, all weighed (a tap bound too small would drop some)."""
+@pytest.mark.parametrize("interp", ["bicubic", "bilinear"])
+def test_large_shrink_uses_every_tap(backend, interp):
+    """A 500-px crop to 7 px: about 290 (bilinear 145) taps per output pixel, all weighed (a tap bound too small would
+    drop some)."""
     device, _ = backend
     rng = np.random.default_rng(3)
     img = torch.from_numpy(rng.integers(0, 256, (3, 20, 500), dtype=np.uint8)).to(device)
     box, flip = torch.tensor([[0, 0, 20, 500]]), torch.tensor([False])
-    out = resized_crop([img], box, flip, 7)
-    torch.testing.assert_close(out.cpu(), resized_crop_ref([img.cpu()], box, flip, 7), rtol=1e-5, atol=1e-4)
+    out = resized_crop([img], box, flip, 7, interp=interp)
+    want = resized_crop_ref([img.cpu()], box, flip, 7, interp=interp)
+    torch.testing.assert_close(out.cpu(), want, rtol=1e-5, atol=1e-4)

@@ -1,6 +1,7 @@
-"""PixMIM's simple resized crop (``--crop simple``): the torch transform and the DALI pipeline each give windows of
-the short-side-resized, reflect-padded image (checked against an independent PIL + NumPy reconstruction, every
-window searched), reach into the padding on every side, and the CLI refuses what cannot run it."""
+"""The crop options. PixMIM's simple resized crop (``--crop simple``): the torch transform and the DALI pipeline each
+give windows of the short-side-resized, reflect-padded image (checked against an independent PIL + NumPy
+reconstruction, every window searched), reach into the padding on every side, and the CLI refuses what cannot run it.
+The crop's filter (``--crop-interp``: SimMIM's and I-JEPA's bilinear random-resized crop) reaches every loader."""
 
 from __future__ import annotations
 
@@ -30,12 +31,13 @@ def photos(tmp_path_factory):
     return paths
 
 
-def check_windows(samples, photos, size, tol):
-    """Every (sample, index) is a window of its photo's padded resize within ``tol``; over all of them the windows
-    reach into the padding at the top, bottom, left and right, and both flips occur."""
+def check_windows(samples, photos, size, tol, resample=Image.BILINEAR):
+    """Every (sample, index) is a window of its photo's padded resize (with PIL's ``resample`` filter) within
+    ``tol``; over all of them the windows reach into the padding at the top, bottom, left and right, and both flips
+    occur."""
     reach, flips = set(), set()
     for x, i in samples:
-        source = simple_crop_source(photos[i], size)
+        source = simple_crop_source(photos[i], size, resample=resample)
         err, (top, left, flipped), (max_top, max_left) = best_window(x, source)
         assert err <= tol, (photos[i], err)
         flips.add(flipped)
@@ -45,9 +47,10 @@ def check_windows(samples, photos, size, tol):
     assert reach == {"top", "bottom", "left", "right"} and flips == {False, True}
 
 
-def test_the_torch_transform_is_a_window_of_the_reflect_padded_resize(photos):
+@pytest.mark.parametrize(("interp", "resample"), [(None, Image.BILINEAR), ("bicubic", Image.BICUBIC)])
+def test_the_torch_transform_is_a_window_of_the_reflect_padded_resize(photos, interp, resample):
     size = 32
-    tf = pretrain_transform(size, hflip=0.5, crop="simple")
+    tf = pretrain_transform(size, hflip=0.5, crop="simple", interp=interp)
     samples = []
     for seed in range(12):
         torch.manual_seed(seed)
@@ -56,15 +59,20 @@ def test_the_torch_transform_is_a_window_of_the_reflect_padded_resize(photos):
                 x = tf(im.convert("RGB"))
             assert x.shape == (3, size, size) and x.dtype == torch.float32
             samples.append((x, i))
-    check_windows(samples, photos, size, tol=1e-5)  # the same PIL resize: only float rounding differs
+    check_windows(samples, photos, size, tol=1e-5, resample=resample)  # the same PIL resize: float rounding differs
 
 
-def test_an_unknown_crop_is_refused_and_the_random_resized_crop_stays_the_default():
-    with pytest.raises(ValueError, match="crop must be one of random-resized, simple, got 'center'"):
-        pretrain_transform(32, crop="center")
+def test_an_unknown_crop_or_filter_is_refused_and_the_random_resized_bicubic_crop_stays_the_default():
     from torchvision import transforms as T
 
-    assert isinstance(pretrain_transform(32).transforms[0], T.RandomResizedCrop)
+    with pytest.raises(ValueError, match="crop must be one of random-resized, simple, got 'center'"):
+        pretrain_transform(32, crop="center")
+    with pytest.raises(ValueError, match="crop_interp must be one of bicubic, bilinear .*, got 'nearest'"):
+        pretrain_transform(32, interp="nearest")
+    crop = pretrain_transform(32).transforms[0]
+    assert isinstance(crop, T.RandomResizedCrop) and crop.interpolation == T.InterpolationMode.BICUBIC
+    crop = pretrain_transform(32, interp="bilinear").transforms[0]  # SimMIM's, I-JEPA's
+    assert isinstance(crop, T.RandomResizedCrop) and crop.interpolation == T.InterpolationMode.BILINEAR
 
 
 @pytest.mark.skipif(dali_problem() is not None, reason=f"optional dependency absent: {dali_problem()}")
@@ -82,6 +90,14 @@ def test_the_dali_pipeline_gives_the_same_windows_and_resumes_from_a_checkpoint(
     # DALI decodes with libjpeg-turbo and resizes with its own linear filter: a few levels of 255 apart (a
     # neighbouring window is tens of levels away)
     check_windows(samples, photos, 32, tol=3.5 / 255)
+    # bicubic (--crop-interp bicubic): the same windows (the same draws), through DALI's cubic filter
+    cubic = DaliLoader(
+        photos, 5, 32, num_threads=1, seed=2, crop="simple", initial_fill=1, crop_interp="bicubic", interp="cubic"
+    )  # auto: a linear shrink on CPU threads
+    assert cubic.filters == ("cubic", "cubic")
+    for x, i in zip(*next(iter(cubic)), strict=True):
+        err = best_window(x, simple_crop_source(photos[int(i)], 32, resample=Image.BICUBIC))[0]
+        assert err <= 3.5 / 255, (photos[int(i)], err * 255)
     # its random placement is part of the pipeline's checkpoint: a restored loader continues with the same windows
     ld = make()
     ld.set_epoch(0)
@@ -129,6 +145,7 @@ def test_pretrain_runs_pixmim_with_the_simple_crop_and_records_it(image_folder, 
         (["--crop", "center"], "crop must be one of random-resized, simple, got 'center'"),
         (["--crop", "simple", "--loader", "torch-gpu"], "loader torch-gpu crops random-resized boxes on the GPU"),
         (["--crop", "simple", "--crop-min", "0.5"], "crop_min 0.5 applies to the random-resized crop"),
+        (["--crop-interp", "nearest"], "crop_interp must be one of bicubic, bilinear"),
     ],
 )
 def test_pretrain_refuses_what_the_simple_crop_cannot_take(image_folder, tmp_path, capsys, flags, message):
@@ -165,3 +182,37 @@ def test_pretrain_hands_the_simple_crop_to_dali(image_folder, monkeypatch):
             "--output-dir", str(image_folder.parent / "run")]  # fmt: skip
     assert pretrain.main(args) == 0
     assert seen and seen[0][2] == 64  # the pipeline was built with the simple crop at --img-size
+
+
+@pytest.mark.skipif(dali_problem() is not None, reason=f"optional dependency absent: {dali_problem()}")
+def test_dali_resizes_a_bilinear_random_resized_crop_linearly_both_ways(photos):
+    from fastmim.data.dali import DaliLoader
+
+    def first(**kw):
+        ld = DaliLoader(photos, 5, 32, num_threads=1, seed=3, initial_fill=1, interp="cubic", **kw)
+        return ld, next(iter(ld))
+
+    cubic, (a, ia) = first()
+    linear, (b, ib) = first(crop_interp="bilinear")
+    assert cubic.filters == ("cubic", "cubic") and linear.filters == ("linear", "linear")
+    # the same draws (the same windows), another filter: close, not equal
+    assert torch.equal(ia, ib) and not torch.equal(a, b)
+    levels = ((a - b).abs() * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255).mean()
+    assert 0 < float(levels) < 4
+
+
+def test_pretrain_builds_the_crop_with_the_filter_asked_for(image_folder):
+    from torchvision import transforms as T
+
+    from fastmim.config import PretrainConfig
+    from fastmim.pretrain import build_dataset
+
+    def first_step(**kw):
+        return build_dataset(PretrainConfig(data_path=str(image_folder), **kw)).transform.transforms[0]
+
+    assert first_step().interpolation == T.InterpolationMode.BICUBIC
+    assert first_step(crop_interp="bilinear").interpolation == T.InterpolationMode.BILINEAR
+    assert first_step(crop="simple").interpolation == T.InterpolationMode.BILINEAR
+    assert first_step(crop="simple", crop_interp="bicubic").interpolation == T.InterpolationMode.BICUBIC
+    with pytest.raises(ValueError, match="crop_interp must be one of bicubic, bilinear"):
+        PretrainConfig(crop_interp="area").validate()
