@@ -83,7 +83,12 @@ class PretrainConfig:
         metadata={"help": "FCMAE encoder: auto (fastmim where compiled kernels exist), fastmim, dense_masked, spconv"},
     )
     drop_path: float = field(
-        default=0.0, metadata={"help": "stochastic depth rate of the encoder (FCMAE's ConvNeXt V2; MAE's ViT has none)"}
+        default=0.0,
+        metadata={
+            "help": "stochastic depth rate of the encoder (ViT or FCMAE's ConvNeXt V2), rising linearly over "
+            "its blocks (SimMIM and A2MIM pretrain with 0.1, MAE, PixMIM and MaskFeat with 0; not for "
+            "data2vec 2.0 and I-JEPA)"
+        },
     )
     norm_pix_loss: bool = field(default=True, metadata={"help": "normalise target patches (MAE norm-pix)"})
     # data
@@ -230,9 +235,6 @@ class PretrainConfig:
         if self.crop_interp is not None and self.crop_interp not in CROP_INTERPS:
             raise ValueError(f"crop_interp must be one of {', '.join(CROP_INTERPS)} (or None: the crop's own), got "
                              f"{self.crop_interp!r}")  # fmt: skip
-        if self.crop == "simple" and self.crop_min != type(self).__dataclass_fields__["crop_min"].default:
-            raise ValueError(f"crop_min {self.crop_min} applies to the random-resized crop; crop simple takes the "
-                             "whole short side")  # fmt: skip
         if self.crop != "random-resized" and self.loader == "torch-gpu":
             raise ValueError(f"loader torch-gpu crops random-resized boxes on the GPU, not crop {self.crop}: use "
                              "loader torch or dali")  # fmt: skip

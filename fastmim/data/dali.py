@@ -3,9 +3,9 @@
 Reader (``fn.readers.file`` over a file list, or ``fn.readers.webdataset`` over tar shards) -> decode with MAE's
 random-resized crop (``fn.decoders.image_random_crop``: area 0.2-1.0 of the image, aspect 3/4-4/3) -> resize to
 ``img_size`` (antialiased; bicubic, or linear when shrinking on CPU threads: ``interp``; or bilinear:
-``crop_interp``) -> random horizontal flip
--> ImageNet normalisation -> CHW float32, each batch with the samples' dataset indices (masks are drawn from
-(seed, epoch, index)).
+``crop_interp``) -> random horizontal flip -> ImageNet normalisation -> CHW float32, each batch with the samples'
+dataset indices (masks are drawn from (seed, epoch, index)). Or PixMIM's simple crop (``crop="simple"``,
+``_simple_crop``): decode, resize the short side, reflect-pad, a random square window.
 
 ``DaliLoader`` stands in for the trainer's (DataLoader, sampler) pair: ``len()`` batches per epoch and rank, an
 iterator of ``(images, indices)`` per epoch, ``set_epoch``, and ``state_dict`` / ``load_state_dict`` carrying DALI's
@@ -215,7 +215,8 @@ class DaliLoader:
         initial_fill: the reader's shuffle buffer, in samples (capped at the shard).
         interp: for a bicubic crop, the filter when shrinking: "cubic" (torchvision's bicubic, antialiased),
             "linear" (antialiased linear: 1.5x DALI's CPU throughput), or "auto": cubic on the GPU, linear on CPU
-            threads. Enlarging is bicubic with either. A bilinear crop is linear both ways.
+            threads. Enlarging is bicubic with either. A bilinear crop (the simple crop's default) is linear both
+            ways.
         tar_sizes: the members' sizes (``list_tar_samples``): given, DALI reads the shards through index files
             written from ours (cached), else it infers its own index from every tar header at each build.
         tars: webdataset tar shards to read instead of files; ``files`` are then their samples' ids
@@ -425,8 +426,16 @@ class DaliLoader:
         ``len``: the epoch's end; ``set_epoch`` moves on from there, so a bad file in the dropped tail surfaces in
         the next epoch, never while a checkpoint is written)."""
         dali = self._state_before if self._rewound else self._it.checkpoints()[0]
-        return {"epoch": self.epoch, "batch": self.batch, "dali": dali,
+        return {"epoch": self.epoch, "batch": self.batch, "dali": dali, "crop": self.crop,
                 "files": len(self.files), "rank": self.rank, "world_size": self.world_size}  # fmt: skip
+
+    def state_problem(self, state: dict) -> str | None:
+        """Why ``state`` cannot be loaded into this loader (None: it can): DALI's checkpoint restores only the
+        pipeline it was taken from, and the crop is part of the pipeline's graph."""
+        saved = state.get("crop", "random-resized")  # (checkpoints from before the simple crop)
+        if saved != self.crop:
+            return f"its DALI state is for --crop {saved}, a pipeline of other operators than --crop {self.crop}'s"
+        return None
 
     def load_state_dict(self, state: dict) -> None:
         if (state.get("files"), state.get("world_size")) != (len(self.files), self.world_size):
@@ -434,6 +443,9 @@ class DaliLoader:
                 f"the DALI checkpoint was saved for {state.get('files')} images over {state.get('world_size')} "
                 f"ranks; this run has {len(self.files)} over {self.world_size}"
             )
+        problem = self.state_problem(state)
+        if problem:
+            raise ValueError(f"the DALI checkpoint does not fit this loader: {problem}")
         self._build(state["dali"])
         self.epoch, self.batch = state["epoch"], state["batch"]
 

@@ -45,7 +45,7 @@ class MaskFeatViT(MaskTokenViT):
             mmpretrain uses 16).
         fused_ops: fastmim.ops for the target and the loss (False: the official whole-image HOG and the plain
             loss, the same values).
-        attn_impl, fused_norm: see VisionTransformer.
+        attn_impl, fused_norm, drop_path_rate: see VisionTransformer.
     """
 
     def __init__(
@@ -66,8 +66,10 @@ class MaskFeatViT(MaskTokenViT):
         attn_impl: str = "auto",
         fused_norm: bool = False,
         mask_type: str | None = None,
+        drop_path_rate: float = 0.0,
     ):
-        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm)
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm,
+                         drop_path_rate)  # fmt: skip
         self._set_mask_type(mask_type, "block")
         self.mask_ratio = mask_ratio
         if mask_exact is None:

@@ -30,9 +30,10 @@ class MaskTokenViT(TargetChoice, VisionTransformer):
     the patch embedding (before the class token and the position embedding): SimMIM's and MaskFeat's encoder. Its
     encoder keys are the ViT's (exports to timm like MAE's); ``mask_token`` and ``decoder.*`` are the head's."""
 
-    def __init__(self, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm):
+    def __init__(self, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm,
+                 drop_path_rate=0.0):  # fmt: skip
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
-                         fused_norm=fused_norm)  # fmt: skip
+                         fused_norm=fused_norm, drop_path_rate=drop_path_rate)  # fmt: skip
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
@@ -85,7 +86,7 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
             "hog" (MaskFeat's HOG features, ``hog_cell``; a linear head instead of the pixel-shuffle one, MSE); see
             ``fastmim.targets.choice``.
         fused_ops: fastmim.ops for the loss and patchify (False: the plain reference, the same values).
-        attn_impl: see VisionTransformer.
+        attn_impl, drop_path_rate: see VisionTransformer (SimMIM's ViT-B: drop path 0.1).
     """
 
     def __init__(
@@ -105,8 +106,10 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
         target: str = "pixels",
         hog_cell: int | None = None,
         low_pass_radius: float | None = None,
+        drop_path_rate: float = 0.0,
     ):
-        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm)
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm,
+                         drop_path_rate)  # fmt: skip
         self._set_mask_type(mask_type, "simmim")
         self.mask_ratio = mask_ratio
         self.fused_ops = fused_ops

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmim.models.convnextv2 import DropPath
 from fastmim.models.pos_embed import sincos_2d
 from fastmim.ops.attention import attention
 from fastmim.ops.bias_gelu import bias_gelu
@@ -114,38 +115,41 @@ def set_fused_gelu(model: nn.Module, on: bool = True) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block (timm's ``Block`` without layer scale and drop path)."""
+    """Pre-norm transformer block (timm's ``Block`` without layer scale). ``drop_path``: stochastic depth, each
+    branch's output dropped per sample in training (timm's ``DropPath``, the same draws in the same order)."""
 
     fsdp_unit = True  # sharded on its own under --fsdp (fastmim.train.fsdp)
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, attn_impl="auto"):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, attn_impl="auto",
+                 drop_path: float = 0.0):  # fmt: skip
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_impl=attn_impl)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)  # no parameters: the state dict is timm's either way
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def forward_with_ffn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(``forward(x)``, the MLP's output before its residual add): data2vec 2.0's teacher targets. A method of
         the block (not its parts called from outside) so that FSDP gathers the block's weights for it."""
-        x = x + self.attn(self.norm1(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
         t = self.mlp(self.norm2(x))
-        return x + t, t
+        return x + self.drop_path(t), t
 
     def forward_fused(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The block on the stream ``x + delta`` (``delta``: the previous block's MLP output, not yet added; None for
         the first block) with each residual add fused into the LayerNorm after it (``fastmim.ops.add_layer_norm``).
-        Returns (stream, this block's MLP output): ``forward(x + delta) == stream + mlp_out``."""
+        Returns (stream, this block's MLP output, after drop path): ``forward(x + delta) == stream + mlp_out``."""
         if delta is None:
             h, y = x, self.norm1(x)
         else:
             y, h = add_layer_norm(delta, x, self.norm1.weight, self.norm1.bias, self.norm1.eps)
-        y, h = add_layer_norm(self.attn(y), h, self.norm2.weight, self.norm2.bias, self.norm2.eps)
-        return h, self.mlp(y)
+        y, h = add_layer_norm(self.drop_path(self.attn(y)), h, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        return h, self.drop_path(self.mlp(y))
 
 
 def checkpointed(fn, *args, enabled: bool = True):
@@ -207,6 +211,8 @@ class VisionTransformer(nn.Module):
             same function. Off until it measures faster in the training step.
         fc_norm: the shape of a fine-tuning with MAE's global pool (timm's ``global_pool="avg", fc_norm=True``): no
             final norm on the tokens; ``forward`` normalises the mean of the patch tokens with ``fc_norm``.
+        drop_path_rate: stochastic depth, rising linearly over the blocks from 0 to this value (timm's
+            ``drop_path_rate``; SimMIM and A2MIM pretrain with 0.1). No parameters: the state dict is unchanged.
     """
 
     def __init__(
@@ -225,8 +231,12 @@ class VisionTransformer(nn.Module):
         class_token: bool = True,
         fused_gelu: bool = False,
         fc_norm: bool = False,
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
+        if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, int | float) or not (
+                0.0 <= drop_path_rate < 1.0):  # fmt: skip
+            raise ValueError(f"drop_path_rate must be a number in [0, 1), got {drop_path_rate!r}")
         if fc_norm and fused_norm:
             raise ValueError("fused_norm fuses the final norm, which a ViT with fc_norm does not have")
         self.fused_norm = fused_norm
@@ -245,7 +255,10 @@ class VisionTransformer(nn.Module):
         # fixed, but a parameter (requires_grad=False) so that it is in the state dict as in MAE and timm
         rows = self.num_patches + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, rows, embed_dim), requires_grad=False)
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, attn_impl) for _ in range(depth)])
+        rates = [float(drop_path_rate) * j / max(depth - 1, 1) for j in range(depth)]  # as torch.linspace(0, rate)
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias, attn_impl, rate) for rate in rates]
+        )
         self.norm = nn.Identity() if fc_norm else nn.LayerNorm(embed_dim, eps=1e-6)
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if fc_norm else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()

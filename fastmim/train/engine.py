@@ -222,8 +222,16 @@ class Trainer:
         self.saved_step = self.pos.step  # (in this run's step units)
         if hasattr(self.loader, "load_state_dict"):  # DALI: its reader position and random state
             states = state.get("loader")
-            if states and len(states) == self.info.world_size and saved_layout == layout:
+            fits = bool(states) and len(states) == self.info.world_size and saved_layout == layout
+            problem = self.loader.state_problem(states[self.info.rank]) if fits else None
+            if fits and problem is None:
                 self.loader.load_state_dict(states[self.info.rank])
+            elif self.pos.batch != 0 and problem:  # the pipeline changed (--crop): its state cannot be restored
+                end = (self.pos.epoch + 1) * self.steps_per_epoch
+                raise ValueError(
+                    f"the checkpoint stopped mid-epoch and {problem}: resume with the run's crop to finish the epoch "
+                    f"(--max-steps {end} stops at its end), then change it"
+                )
             elif self.pos.batch != 0:
                 raise ValueError(
                     "the checkpoint stopped mid-epoch without the DALI loader's state (saved with the torch loader "

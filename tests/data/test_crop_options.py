@@ -33,8 +33,8 @@ def photos(tmp_path_factory):
 
 def check_windows(samples, photos, size, tol, resample=Image.BILINEAR):
     """Every (sample, index) is a window of its photo's padded resize (with PIL's ``resample`` filter) within
-    ``tol``; over all of them the windows reach into the padding at the top, bottom, left and right, and both flips
-    occur."""
+    ``tol``; over all of them the windows reach into the padding at the top, bottom, left and right, the very first
+    and last offsets on each axis occur (an off-by-one in the offset's range is caught), and both flips occur."""
     reach, flips = set(), set()
     for x, i in samples:
         source = simple_crop_source(photos[i], size, resample=resample)
@@ -43,8 +43,11 @@ def check_windows(samples, photos, size, tol, resample=Image.BILINEAR):
         flips.add(flipped)
         reach |= {side for side, hit in (("top", top < SIMPLE_CROP_PAD), ("bottom", top > max_top - SIMPLE_CROP_PAD),
                                          ("left", left < SIMPLE_CROP_PAD),
-                                         ("right", left > max_left - SIMPLE_CROP_PAD)) if hit}  # fmt: skip
-    assert reach == {"top", "bottom", "left", "right"} and flips == {False, True}
+                                         ("right", left > max_left - SIMPLE_CROP_PAD), ("top 0", top == 0),
+                                         ("last top", top == max_top), ("left 0", left == 0),
+                                         ("last left", left == max_left)) if hit}  # fmt: skip
+    assert reach == {"top", "bottom", "left", "right", "top 0", "last top", "left 0", "last left"}
+    assert flips == {False, True}
 
 
 @pytest.mark.parametrize(("interp", "resample"), [(None, Image.BILINEAR), ("bicubic", Image.BICUBIC)])
@@ -136,7 +139,8 @@ def test_pretrain_runs_pixmim_with_the_simple_crop_and_records_it(image_folder, 
     assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "3"]) == 0  # the crop comes back
     assert "changed settings" not in capsys.readouterr().out
     assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "4", "--crop", "random-resized"]) == 0
-    assert "changed settings: crop simple -> random-resized" in capsys.readouterr().out
+    said = "changed settings: crop simple -> random-resized (and with it the filter, bilinear -> bicubic)"
+    assert said in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -144,7 +148,6 @@ def test_pretrain_runs_pixmim_with_the_simple_crop_and_records_it(image_folder, 
     [
         (["--crop", "center"], "crop must be one of random-resized, simple, got 'center'"),
         (["--crop", "simple", "--loader", "torch-gpu"], "loader torch-gpu crops random-resized boxes on the GPU"),
-        (["--crop", "simple", "--crop-min", "0.5"], "crop_min 0.5 applies to the random-resized crop"),
         (["--crop-interp", "nearest"], "crop_interp must be one of bicubic, bilinear"),
     ],
 )
@@ -171,17 +174,44 @@ def test_auto_gives_a_simple_crop_run_on_a_gpu_to_the_torch_loader_and_says_why(
 
 
 @pytest.mark.skipif(dali_problem() is not None, reason=f"optional dependency absent: {dali_problem()}")
-def test_pretrain_hands_the_simple_crop_to_dali(image_folder, monkeypatch):
+def test_pretrain_hands_the_crop_and_its_filter_to_dali_and_says_a_linear_shrink(image_folder, monkeypatch, capsys):
+    """The simple crop reaches DALI's pipeline at --img-size; on CPU threads a bicubic crop is shrunk with the linear
+    filter (1.5x faster) unless --crop-interp bicubic asks for bicubic, and the banner says which."""
+    import inspect
+
     from fastmim import pretrain
     from fastmim.data import dali
+    from tests.conftest import TINY_ARGS
 
-    seen = []
+    seen, filters = [], []
     monkeypatch.setattr(dali, "_simple_crop", lambda *a, real=dali._simple_crop: seen.append(a) or real(*a))
-    args = [*__import__("tests.conftest", fromlist=["TINY_ARGS"]).TINY_ARGS, "--data-path", str(image_folder),
-            "--loader", "dali", "--allow-unscanned", "--crop", "simple", "--max-steps", "1", "--vis-interval", "100",
-            "--output-dir", str(image_folder.parent / "run")]  # fmt: skip
+    real_pipeline = dali._pipeline
+
+    def spy(*args, **kwargs):
+        filters.append(inspect.signature(real_pipeline).bind(*args, **kwargs).arguments["filters"])
+        return real_pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(dali, "_pipeline", spy)
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--loader", "dali", "--allow-unscanned", "--max-steps", "1",
+            "--vis-interval", "100"]  # fmt: skip
+    assert pretrain.main([*args, "--crop", "simple", "--output-dir", str(image_folder.parent / "a")]) == 0
+    assert seen and seen[0][2] == 64 and filters[-1] == ("linear", "linear")  # simple: bilinear
+    assert pretrain.main([*args, "--output-dir", str(image_folder.parent / "b")]) == 0
+    assert filters[-1] == ("linear", "cubic")
+    assert "bicubic crops shrunk with the linear filter on CPU threads" in capsys.readouterr().out
+    assert pretrain.main([*args, "--crop-interp", "bicubic", "--output-dir", str(image_folder.parent / "c")]) == 0
+    assert filters[-1] == ("cubic", "cubic") and "shrunk with the linear filter" not in capsys.readouterr().out
+
+
+def test_a_crop_min_under_the_simple_crop_is_said_to_be_unused(image_folder, tmp_path, capsys):
+    """A recipe config's crop_min (SimMIM's 0.67) with --crop simple: the run goes on and says it is not used."""
+    from fastmim import pretrain
+    from tests.conftest import TINY_ARGS
+
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--loader", "torch", "--max-steps", "1", "--vis-interval",
+            "100", "--crop", "simple", "--crop-min", "0.67", "--output-dir", str(tmp_path / "run")]  # fmt: skip
     assert pretrain.main(args) == 0
-    assert seen and seen[0][2] == 64  # the pipeline was built with the simple crop at --img-size
+    assert "note: crop_min 0.67 is not used: --crop simple takes the whole short side" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(dali_problem() is not None, reason=f"optional dependency absent: {dali_problem()}")
@@ -216,3 +246,51 @@ def test_pretrain_builds_the_crop_with_the_filter_asked_for(image_folder):
     assert first_step(crop="simple", crop_interp="bicubic").interpolation == T.InterpolationMode.BICUBIC
     with pytest.raises(ValueError, match="crop_interp must be one of bicubic, bilinear"):
         PretrainConfig(crop_interp="area").validate()
+
+
+def test_an_old_run_without_a_crop_setting_resumed_with_one_says_the_change(image_folder, tmp_path, capsys):
+    """A run from before --crop (its config has no such key) ran the random-resized crop: --crop simple on resume
+    is a change, said and recorded like any other."""
+    import json
+
+    import yaml
+
+    from fastmim import pretrain
+    from fastmim.train.checkpoint import load_checkpoint
+    from tests.conftest import TINY_ARGS
+
+    out = tmp_path / "run"
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--loader", "torch", "--max-steps", "1", "--vis-interval",
+            "100", "--output-dir", str(out)]  # fmt: skip
+    assert pretrain.main(args) == 0
+    state = load_checkpoint(out / "checkpoint.pt")
+    new = ("crop", "crop_interp")  # the settings an older fastmim did not have
+    state["config"] = {k: v for k, v in state["config"].items() if k not in new}
+    torch.save(state, out / "checkpoint.pt")
+    text = yaml.safe_load((out / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in text.items() if k not in new}))
+    capsys.readouterr()
+    assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "2", "--crop", "simple"]) == 0
+    assert "changed settings: crop random-resized -> simple" in capsys.readouterr().out
+    assert json.loads((out / "resumes.jsonl").read_text().splitlines()[-1])["changed"]["crop"] == [
+        "random-resized", "simple"]  # fmt: skip
+
+
+@pytest.mark.skipif(dali_problem() is not None, reason=f"optional dependency absent: {dali_problem()}")
+def test_a_dali_run_changes_its_crop_at_an_epoch_end_and_is_told_how_mid_epoch(image_folder, tmp_path, capsys):
+    """DALI restores only the pipeline its state came from, and the crop changes the pipeline: mid-epoch the resume
+    is refused with the step where the epoch ends; at an epoch's end the new crop starts the next epoch."""
+    from fastmim import pretrain
+    from tests.conftest import TINY_ARGS
+
+    out = tmp_path / "run"
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--loader", "dali", "--allow-unscanned", "--vis-interval",
+            "100", "--output-dir", str(out)]  # fmt: skip
+    assert pretrain.main([*args, "--max-steps", "2"]) == 0  # 24 images / 4: 6 steps an epoch
+    capsys.readouterr()
+    assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "8", "--crop", "simple"]) == 2
+    err = capsys.readouterr().err
+    assert "its DALI state is for --crop random-resized" in err and "--max-steps 6 stops at its end" in err
+    assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "6"]) == 0
+    assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "8", "--crop", "simple"]) == 0
+    assert "changed settings: crop random-resized -> simple" in capsys.readouterr().out

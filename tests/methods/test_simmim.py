@@ -82,10 +82,18 @@ def test_bad_simmim_options_are_refused(image_folder, tmp_path, capsys):
     for flag in ("--decoder-embed-dim", "--decoder-depth", "--decoder-num-heads"):
         i = plain.index(flag)
         del plain[i : i + 2]
-    for model in ("simmim_vit_tiny_patch16", "mae_vit_tiny_patch16", "pixmim_vit_tiny_patch16"):
+    for model in ("data2vec2_vit_tiny_patch16", "ijepa_vit_tiny_patch16"):  # refused, not silently ignored
         plain[plain.index("--model") + 1] = model
-        assert pretrain.main([*plain, "--drop-path", "0.1"]) == 2  # a ViT recipe: refused, not silently ignored
-        assert "--drop-path applies to FCMAE" in capsys.readouterr().err
+        assert pretrain.main([*plain, "--drop-path", "0.1"]) == 2
+        assert "--drop-path does not apply to the teacher recipes" in capsys.readouterr().err
+    for model in ("simmim_vit_tiny_patch16", "a2mim_vit_tiny_patch16", "maskfeat_vit_tiny_patch16",
+                  "mae_vit_tiny_patch16", "pixmim_vit_tiny_patch16"):  # fmt: skip
+        plain[plain.index("--model") + 1] = model
+        cfg, _ = pretrain.resolve_config([*plain, "--drop-path", "0.1"])
+        assert pretrain.build_model(cfg, torch.device("cpu")).blocks[-1].drop_path.p == pytest.approx(0.1), model
+        cfg, _ = pretrain.resolve_config([*plain, "--model-args", "drop_path_rate=0.2"])
+        with pytest.raises(pretrain.UsageError, match="--model-args drop_path_rate: set it with --drop-path"):
+            pretrain.build_model(cfg, torch.device("cpu"))
     # patch 14: SimMIM's mask patches are 2x2 tokens (28 px), as its 32 px are at patch 16
     masks = fastmim.create_model("simmim_vit_tiny_patch14", img_size=56).mask_strategy(seed=0)(4).mask  # [4, 4, 4]
     cells = masks.view(4, 2, 2, 2, 2).permute(0, 1, 3, 2, 4).flatten(3)  # [B, 2, 2, 4]: the 2x2-token cells

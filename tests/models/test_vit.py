@@ -189,3 +189,54 @@ def test_fused_norm_blocks_compute_the_same_model(name, amp, backend, monkeypatc
     for k in g0:
         e_fused, e_plain = _rel(g1[k], gold[k]), _rel(g0[k], gold[k])
         assert e_fused <= 2 * e_plain + 1e-3, f"{k}: fused bf16 error {e_fused:.3g}, plain bf16 error {e_plain:.3g}"
+
+
+def test_block_drop_path_drops_each_branch_per_sample_in_training_only():
+    """Stochastic depth on a block, against the formula written out: each branch's output times a per-sample keep
+    of 0 or 1 / (1 - p), drawn from torch's generator for the attention branch, then for the MLP's; in eval mode the
+    block is the plain one."""
+    p = 0.5
+    torch.manual_seed(0)
+    blk = vit_mod.Block(32, 4, drop_path=p)
+    x = torch.randn(6, 5, 32)
+    torch.manual_seed(3)
+    got = blk(x)
+    torch.manual_seed(3)
+    keep1 = torch.empty(6).bernoulli_(1 - p).view(6, 1, 1) / (1 - p)
+    keep2 = torch.empty(6).bernoulli_(1 - p).view(6, 1, 1) / (1 - p)
+    h = x + keep1 * blk.attn(blk.norm1(x))
+    want = h + keep2 * blk.mlp(blk.norm2(h))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert 0 < int((keep1 == 0).sum() + (keep2 == 0).sum()) < 12  # some samples dropped a branch, not all
+    blk.eval()
+    torch.testing.assert_close(blk(x), x + blk.attn(blk.norm1(x)) + blk.mlp(blk.norm2(x + blk.attn(blk.norm1(x)))))
+
+
+@pytest.mark.parametrize("name", ["mae_vit_tiny_patch16", "simmim_vit_tiny_patch16", "maskfeat_vit_tiny_patch16"])
+def test_drop_path_rises_over_the_blocks_and_fused_norm_draws_the_same(name):
+    """drop_path_rate: 0 at the first block rising linearly to the rate at the last (timm's); with fused_norm the
+    same drops happen (the same loss and gradients for the same seed); in eval mode the model is the one without
+    drop path; the state dict has no new key (encoders export to timm unchanged)."""
+    kw = dict(decoder_depth=1, decoder_embed_dim=64, decoder_num_heads=2) if name.startswith("mae") else {}
+    plain, fused = _mae_pair(name, drop_path_rate=0.3, **kw)
+    rates = [blk.drop_path.p for blk in plain.blocks]
+    assert rates[0] == 0 and rates[-1] == pytest.approx(0.3) and rates == sorted(rates)
+    torch.manual_seed(0)
+    none = fastmim.create_model(name, img_size=64, **kw)
+    assert none.state_dict().keys() == plain.state_dict().keys()
+    none.load_state_dict(plain.state_dict())
+    imgs = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    l0, g0 = _loss_and_grads(plain, name, imgs, None)
+    l1, g1 = _loss_and_grads(fused, name, imgs, None)
+    l2, _ = _loss_and_grads(none, name, imgs, None)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=0)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-4 * g0[k].abs().max().item())
+    assert not torch.equal(l0, l2)  # the drops happened
+    for m in (plain, none):
+        m.eval()
+    with torch.no_grad():
+        tokens = [m.encode_tokens(m.patch_embed(imgs) + m.pos_embed[:, 1:]) for m in (plain, none)]
+    torch.testing.assert_close(tokens[0], tokens[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"drop_path_rate must be a number in \[0, 1\), got 1.0"):
+        fastmim.create_model(name, img_size=64, drop_path_rate=1.0, **kw)

@@ -75,13 +75,22 @@ FCMAE = ["--model", "fcmae_convnextv2_atto", "--img-size", "96", "--batch-size",
          "--warmup-epochs", "1", "--device", "cpu", "--amp", "none", "--drop-path", "0.3"]  # fmt: skip
 
 
+SIMMIM = ["--model", "simmim_vit_tiny_patch16", "--img-size", "64", "--batch-size", "4", "--num-workers", "0",
+          "--warmup-epochs", "1", "--device", "cpu", "--amp", "none", "--drop-path", "0.3"]  # fmt: skip
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("restore_rng", [True, False], ids=["rng-restored", "rng-not-restored"])
-def test_resume_with_drop_path_is_exact_step_by_step(image_folder, tmp_path, monkeypatch, restore_rng):
-    """FCMAE with stochastic depth draws from the global RNG every step: a run stopped after 2 steps and resumed
-    reproduces the straight run's per-step losses, weights and optimizer state exactly. Without the RNG restore the
-    resumed run draws other drop masks and parts from the straight one (the control that this test can fail)."""
-    common = [*FCMAE, "--data-path", str(image_folder), "--log-interval", "1", "--vis-interval", "100",
+@pytest.mark.parametrize(
+    ("recipe", "restore_rng"),
+    [(FCMAE, True), (FCMAE, False), (SIMMIM, True)],
+    ids=["fcmae-rng-restored", "fcmae-rng-not-restored", "simmim-vit-rng-restored"],
+)
+def test_resume_with_drop_path_is_exact_step_by_step(image_folder, tmp_path, monkeypatch, recipe, restore_rng):
+    """FCMAE's ConvNeXt and SimMIM's ViT with stochastic depth draw from the global RNG every step: a run stopped
+    after 2 steps and resumed reproduces the straight run's per-step losses, weights and optimizer state exactly.
+    Without the RNG restore the resumed run draws other drop masks and parts from the straight one (the control that
+    this test can fail)."""
+    common = [*recipe, "--data-path", str(image_folder), "--log-interval", "1", "--vis-interval", "100",
               "--loader", "torch"]  # fmt: skip
     straight, split = tmp_path / "straight", tmp_path / "split"
     pretrain.run([*common, "--output-dir", str(straight), "--max-steps", "4"])
