@@ -308,11 +308,17 @@ def build_dataset(cfg: PretrainConfig, root: str | None = None):
         raise UsageError(str(e)) from e
 
 
-def choose_loader(cfg: PretrainConfig, device: torch.device) -> tuple[str, str | None, str]:
+def choose_loader(cfg: PretrainConfig, device: torch.device, state: dict | None = None) -> tuple[str, str | None, str]:
     """(loader, data root to read, why): "dali" reads a scanned file list (given, or the folder's up-to-date scan;
     the built-in photos need none), "torch" and "torch-gpu" the folder or list as given; "auto" takes DALI where it
-    can, else on a CUDA run "torch-gpu" when torchvision decodes JPEGs there, else "torch"."""
+    can, else on a CUDA run "torch-gpu" when torchvision decodes JPEGs there, else "torch". A resumed ``state`` that
+    a torch loader saved mid-epoch keeps a torch loader (DALI would read other samples for the rest of the epoch)."""
     kind, root, why = _choose_loader(cfg)
+    saved = (state or {}).get("loader")
+    saved_dali = bool(saved) and isinstance(saved[0], dict) and "dali" in saved[0]
+    if kind == "dali" and cfg.loader == "auto" and (state or {}).get("batch", 0) and not saved_dali:
+        why = "the run read with a torch loader and stopped mid-epoch: DALI would read other samples for the rest of it"
+        kind, root = "torch", cfg.data_path
     if kind == "torch" and cfg.loader == "auto" and device.type != "cuda":
         return kind, root, f"{why}; not torch-gpu: this run is on {device}, GPU decoding needs CUDA"
     if kind != "torch" or cfg.loader != "auto" or device.type != "cuda":
@@ -657,7 +663,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     try:  # (DALI's pipeline holds its files mapped: released at the end, not when the collector gets to it)
         try:  # what can still refuse the run (data, model, loader): the folders made for it are not left behind empty
             _seed_everything(cfg.seed)  # every rank builds the same initial weights (FSDP shards them where they are)
-            kind, root, why = choose_loader(data_cfg := with_builtin_data(cfg), device)
+            kind, root, why = choose_loader(data_cfg := with_builtin_data(cfg), device, state)
             _check_loader_on_resume(cfg, state, kind, why)
             dataset = build_dataset(data_cfg, root)
             monitor = build_monitor(cfg, info, device)

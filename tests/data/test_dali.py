@@ -306,6 +306,32 @@ def test_a_dali_run_whose_scan_went_stale_is_told_to_scan_again_not_refused_for_
     assert capsys.readouterr().out == ""
 
 
+def test_auto_keeps_the_torch_loader_of_a_run_stopped_mid_epoch_after_its_folder_is_scanned(image_folder, tmp_path,
+                                                                                          capsys):  # fmt: skip
+    """A run that read with the torch loader (no scan yet) and stopped mid-epoch, resumed with --loader auto after
+    the folder was scanned: auto would now pick DALI, which cannot continue the torch loader's epoch; it keeps the
+    torch loader and says why, and the resumed run equals the uninterrupted one. At the epoch's end it is DALI's."""
+    from fastmim import pretrain
+    from fastmim.data.scan import scan
+    from fastmim.train.checkpoint import load_checkpoint
+    from tests.conftest import TINY_ARGS
+
+    common = [*TINY_ARGS, "--data-path", str(image_folder), "--vis-interval", "100"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    pretrain.run([*common, "--output-dir", str(straight), "--max-steps", "4"])
+    pretrain.run([*common, "--output-dir", str(split), "--max-steps", "2"])  # 6 steps an epoch: stopped inside it
+    scan(str(image_folder))
+    capsys.readouterr()
+    pretrain.run(["--resume", "--output-dir", str(split), "--max-steps", "4"])
+    assert "loader torch (0 workers): the run read with a torch loader and stopped mid-epoch" in capsys.readouterr().out
+    a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+    pretrain.run(["--resume", "--output-dir", str(split), "--max-steps", "6"])  # to the epoch's end, still torch
+    pretrain.run(["--resume", "--output-dir", str(split), "--max-steps", "7"])
+    assert "loader DALI" in capsys.readouterr().out  # a new epoch: the scanned folder is DALI's
+
+
 def test_the_bad_file_line_says_what_the_run_kept():
     """The CLI's line for a bad file, for each thing the run may have kept: a checkpoint at the last step, one
     before it (steps lost), none (no step done, or steps done and lost); for the torch loader's error and DALI's,
