@@ -137,7 +137,7 @@ class PretrainConfig:
         default="random-resized",
         metadata={"help": "the pretraining crop: random-resized (MAE's RandomResizedCrop, bicubic; --crop-min) or "
                           "simple (PixMIM's: the short side resized to --img-size, bilinear, then a random square with "
-                          "4 px reflect padding; --loader torch or dali)"},
+                          "4 px reflect padding)"},
     )  # fmt: skip
     crop_interp: str | None = field(
         default=None,
@@ -235,9 +235,6 @@ class PretrainConfig:
         if self.crop_interp is not None and self.crop_interp not in CROP_INTERPS:
             raise ValueError(f"crop_interp must be one of {', '.join(CROP_INTERPS)} (or None: the crop's own), got "
                              f"{self.crop_interp!r}")  # fmt: skip
-        if self.crop != "random-resized" and self.loader == "torch-gpu":
-            raise ValueError(f"loader torch-gpu crops random-resized boxes on the GPU, not crop {self.crop}: use "
-                             "loader torch or dali")  # fmt: skip
         if isinstance(self.hflip, bool) or not 0.0 <= self.hflip <= 1.0:
             raise ValueError(f"hflip is a probability in [0, 1], got {self.hflip}")
         if not (math.isfinite(self.warmup_lr) and self.warmup_lr >= 0.0):

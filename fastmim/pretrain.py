@@ -323,8 +323,6 @@ def choose_loader(cfg: PretrainConfig, device: torch.device, state: dict | None 
         return kind, root, f"{why}; not torch-gpu: this run is on {device}, GPU decoding needs CUDA"
     if kind != "torch" or cfg.loader != "auto" or device.type != "cuda":
         return kind, root, why
-    if cfg.crop != "random-resized":
-        return kind, root, f"{why}; not torch-gpu: it crops random-resized boxes, not --crop {cfg.crop}"
     from fastmim.data.gpu_decode import gpu_decode_problem
 
     problem = gpu_decode_problem(device)

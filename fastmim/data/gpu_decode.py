@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from fastmim.data.folder import BadImageError
-from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_and_flip, pretrain_steps
+from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SIMPLE_CROP_PAD, crop_and_flip, crop_steps
 
 STATS = ("batches", "cpu_fallbacks", "read_s", "decode_s", "augment_s", "wait_s")
 # decoded images cropped per resized_crop call (it packs its inputs into one buffer: a bounded copy, not a batch of
@@ -105,8 +105,39 @@ def _chunks(items: list, sizes: list[int], limit: int):
         yield run
 
 
+def simple_crops(
+    images: list[torch.Tensor],
+    boxes: torch.Tensor,
+    flips: torch.Tensor,
+    size: int,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    interp: str = "bilinear",
+) -> torch.Tensor:
+    """PixMIM's simple crop of decoded images ([3, H, W] uint8, on one device) where they are, image by image with
+    torch ops (no fused kernel: a few launches per image): each resized to ``boxes[n]``'s (height, width) with PIL's
+    antialiased filter (``interp``; the width first, each pass clamped to [0, 255] as PIL's 8-bit passes are),
+    reflect-padded by ``SIMPLE_CROP_PAD``, its ``size`` x ``size`` window at (top, left) taken, mirrored where
+    ``flips[n]``, normalised. The boxes are ``crop_and_flip``'s for the simple crop. Returns [N, 3, S, S] fp32."""
+    import torch.nn.functional as F
+
+    out = torch.empty(len(images), 3, size, size, dtype=torch.float32, device=images[0].device if images else "cpu")
+    for n, img in enumerate(images):
+        top, left, h, w = (int(v) for v in boxes[n])
+        x = img.to(torch.float32)[None]
+        for shape in ((x.shape[2], w), (h, w)):  # PIL skips the pass of a side that keeps its length
+            if tuple(x.shape[2:]) != shape:
+                x = F.interpolate(x, size=shape, mode=interp, antialias=True, align_corners=False).clamp_(0, 255)
+        x = F.pad(x, (SIMPLE_CROP_PAD,) * 4, mode="reflect")[0, :, top : top + size, left : left + size]
+        out[n] = x.flip(-1) if bool(flips[n]) else x
+    m = torch.tensor(mean, dtype=torch.float32, device=out.device).view(1, -1, 1, 1)
+    sd = torch.tensor(std, dtype=torch.float32, device=out.device).view(1, -1, 1, 1)
+    return (out / 255 - m) / sd
+
+
 class EncodedSample(NamedTuple):
-    """A JPEG as the worker sends it: its bytes, the crop box (top, left, height, width) and the flip."""
+    """A JPEG as the worker sends it: its bytes, the crop box (``crop_and_flip``'s: for the random-resized crop
+    (top, left, height, width) in the image) and the flip."""
 
     data: torch.Tensor  # [nbytes] uint8
     box: tuple[int, int, int, int]
@@ -121,7 +152,7 @@ class EncodedImages(torch.utils.data.Dataset):
     def __init__(self, base):
         if base.transform is None or base.seed is None:
             raise ValueError("EncodedImages needs a dataset with pretrain_transform and a seed")
-        pretrain_steps(base.transform)  # raises for another transform
+        crop_steps(base.transform)  # raises for another transform
         self.base = base
 
     def __len__(self) -> int:
@@ -154,7 +185,7 @@ class EncodedBatch(NamedTuple):
     data: torch.Tensor  # [total bytes] uint8: the JPEGs, end to end
     offsets: torch.Tensor  # [J + 1] int64: JPEG j is data[offsets[j]:offsets[j + 1]]
     positions: torch.Tensor  # [J] int64: JPEG j's place in the batch
-    boxes: torch.Tensor  # [J, 4] int32: (top, left, height, width) in the decoded image
+    boxes: torch.Tensor  # [J, 4] int32: crop_and_flip's boxes (random-resized: (top, left, height, width) in the image)
     flips: torch.Tensor  # [J] bool
     done_positions: torch.Tensor  # [K] int64: the places of the samples decoded in the worker
     done: torch.Tensor  # [K, 3, S, S] fp32: those samples, augmented and normalised
@@ -212,7 +243,7 @@ class GpuDecodeLoader:
             device = torch.device("cuda", torch.cuda.current_device())
         self.loader, self.dataset, self.device = loader, dataset, device
         self.img_size, self.skip_bad, self.seed, self.prefetch = img_size, skip_bad, seed, prefetch
-        self.interp = pretrain_steps(dataset.transform)[0].interpolation.value  # the CPU pipeline's filter
+        self.crop, self.interp, _ = crop_steps(dataset.transform)  # the CPU pipeline's crop and filter
         self.sync_timing = sync_timing and self.device.type == "cuda"
         self.stats = dict.fromkeys(STATS, 0)
 
@@ -248,10 +279,11 @@ class GpuDecodeLoader:
         out = None  # the usual batch (every sample decoded here, one chunk) is resized_crop's own output
         if not keep or len(keep) < enc.size or sum(decoded[j].numel() for j in keep) > CROP_CHUNK_BYTES:
             out = torch.empty(enc.size, 3, s, s, dtype=torch.float32, device=self.device)
+        augment = resized_crop if self.crop == "random-resized" else simple_crops
         for chunk in _chunks(keep, [decoded[j].numel() for j in keep], CROP_CHUNK_BYTES):
             sel = torch.tensor(chunk, dtype=torch.int64)
-            crops = resized_crop([decoded[j] for j in chunk], enc.boxes[sel], enc.flips[sel], s, IMAGENET_MEAN,
-                                 IMAGENET_STD, interp=self.interp)  # fmt: skip
+            crops = augment([decoded[j] for j in chunk], enc.boxes[sel], enc.flips[sel], s, IMAGENET_MEAN,
+                            IMAGENET_STD, interp=self.interp)  # fmt: skip
             if out is None:
                 out = crops
             else:

@@ -112,17 +112,54 @@ def random_resized_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def crop_steps(transform: T.Compose) -> tuple[str, str, float]:
+    """(crop, filter, flip probability) of a ``pretrain_transform``: "random-resized" or "simple", "bicubic" or
+    "bilinear". TypeError for another transform."""
+    steps = transform.transforms if isinstance(transform, T.Compose) else []
+    try:
+        crop, flip = pretrain_steps(transform)
+        return "random-resized", crop.interpolation.value, flip.p
+    except TypeError:
+        pass
+    simple = len(steps) >= 3 and isinstance(steps[0], T.Resize) and isinstance(steps[1], T.RandomCrop)
+    simple = simple and isinstance(steps[2], T.RandomHorizontalFlip) and steps[0].interpolation.value in CROP_INTERPS
+    simple = simple and steps[1].padding == SIMPLE_CROP_PAD and steps[1].padding_mode == "reflect"
+    if not simple:
+        raise TypeError(
+            f"expected a pretrain_transform (random-resized or simple crop, then the flip), got {transform!r}"
+        )
+    return "simple", steps[0].interpolation.value, steps[2].p
+
+
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """torchvision's ``Resize(size)`` output (height, width): the short side ``size``, the long ``int(size * long /
+    short)``."""
+    if width <= height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
 def crop_and_flip(
     transform: T.Compose, img, generator: torch.Generator | None = None
 ) -> tuple[tuple[int, int, int, int], bool]:
-    """What ``pretrain_transform`` draws for ``img`` (a PIL image, lazily opened: only its size is read): the
-    (top, left, height, width) crop box and whether to mirror it, the draws the transform makes, in its order, from
-    ``generator`` (None: torch's global generator, as the transform itself), so a loader that crops elsewhere (on the
-    GPU) sees the same crops as the CPU loader for the same seed. An explicit generator leaves the global one alone:
-    nothing to lock against another thread's draws."""
-    crop, flip = pretrain_steps(transform)
-    box = random_resized_crop_box(*img.size, crop.scale, crop.ratio, generator)
-    return box, bool(torch.rand(1, generator=generator) < flip.p)
+    """What ``pretrain_transform`` draws for ``img`` (a PIL image, lazily opened: only its size is read): the crop
+    box and whether to mirror it, the draws the transform makes, in its order, from ``generator`` (None: torch's
+    global generator, as the transform itself), so a loader that crops elsewhere (on the GPU) sees the same crops as
+    the CPU loader for the same seed. An explicit generator leaves the global one alone: nothing to lock against
+    another thread's draws. The box: the random-resized crop's (top, left, height, width) in the image; the simple
+    crop's (top, left) of its window in the resized image padded by ``SIMPLE_CROP_PAD``, and the resized (height,
+    width)."""
+    kind, _, p = crop_steps(transform)
+    if kind == "random-resized":
+        crop = transform.transforms[0]
+        box = random_resized_crop_box(*img.size, crop.scale, crop.ratio, generator)
+    else:  # RandomCrop.get_params on the padded resize: the row, then the column
+        size = transform.transforms[1].size[0]
+        h, w = resized_size(*img.size, size)
+        top = int(torch.randint(0, h + 2 * SIMPLE_CROP_PAD - size + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w + 2 * SIMPLE_CROP_PAD - size + 1, (1,), generator=generator))
+        box = (top, left, h, w)
+    return box, bool(torch.rand(1, generator=generator) < p)
 
 
 def eval_transform(img_size: int, crop_pct: float = 1.0, normalize: bool = True) -> T.Compose:

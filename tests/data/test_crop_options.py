@@ -147,7 +147,6 @@ def test_pretrain_runs_pixmim_with_the_simple_crop_and_records_it(image_folder, 
     ("flags", "message"),
     [
         (["--crop", "center"], "crop must be one of random-resized, simple, got 'center'"),
-        (["--crop", "simple", "--loader", "torch-gpu"], "loader torch-gpu crops random-resized boxes on the GPU"),
         (["--crop-interp", "nearest"], "crop_interp must be one of bicubic, bilinear"),
     ],
 )
@@ -161,16 +160,32 @@ def test_pretrain_refuses_what_the_simple_crop_cannot_take(image_folder, tmp_pat
     assert not out.exists()
 
 
-def test_auto_gives_a_simple_crop_run_on_a_gpu_to_the_torch_loader_and_says_why(image_folder, monkeypatch):
-    import fastmim.data.gpu_decode as gd
-    from fastmim import pretrain
-    from fastmim.config import PretrainConfig
+def test_crop_and_flip_draws_the_simple_crops_windows_and_flips(photos):
+    """What the GPU loader's workers send for the simple crop (crop_and_flip: the window's place in the padded resize,
+    the resized size, the flip) is what the CPU transform draws from the same generator state."""
+    import torch.nn.functional as F
+    from torchvision.transforms import functional as TF
 
-    monkeypatch.setattr(gd, "gpu_decode_problem", lambda device: None)
-    cuda = torch.device("cuda", 0)
-    assert pretrain.choose_loader(PretrainConfig(data_path=str(image_folder)), cuda)[0] == "torch-gpu"
-    kind, _, why = pretrain.choose_loader(PretrainConfig(data_path=str(image_folder), crop="simple"), cuda)
-    assert kind == "torch" and "not torch-gpu: it crops random-resized boxes, not --crop simple" in why
+    from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_and_flip
+
+    tf = pretrain_transform(32, crop="simple")
+    flips = set()
+    for path in photos:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            for seed in range(6):
+                torch.manual_seed(seed)
+                got = tf(im)
+                (top, left, h, w), flip = crop_and_flip(tf, im, torch.Generator().manual_seed(seed))
+                small = TF.to_tensor(TF.resize(im, 32, interpolation=TF.InterpolationMode.BILINEAR, antialias=True))
+                assert small.shape[1:] == (h, w)
+                window = F.pad(small[None], (SIMPLE_CROP_PAD,) * 4, mode="reflect")[
+                    0, :, top : top + 32, left : left + 32
+                ]
+                want = TF.normalize(window.flip(-1) if flip else window, IMAGENET_MEAN, IMAGENET_STD)
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+                flips.add(flip)
+    assert flips == {False, True}
 
 
 @pytest.mark.skipif(dali_problem() is not None, reason=f"optional dependency absent: {dali_problem()}")

@@ -30,8 +30,9 @@ def _levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.cpu() - b.cpu()).abs() * STD * 255
 
 
-def _loaders(root, batch=4, workers=0, prefetch=0, seed=5, skip_bad=False, device="cpu", size=48, interp=None):
-    base = ImageFolderDataset(root, pretrain_transform(size, interp=interp), seed=seed)
+def _loaders(root, batch=4, workers=0, prefetch=0, seed=5, skip_bad=False, device="cpu", size=48, interp=None,
+             crop="random-resized"):  # fmt: skip
+    base = ImageFolderDataset(root, pretrain_transform(size, interp=interp, crop=crop), seed=seed)
     encoded, sampler = build_pretrain_loader(EncodedImages(base), batch, workers, seed=seed, skip_bad=skip_bad,
                                              collate_images=collate_encoded)  # fmt: skip
     gpu = GpuDecodeLoader(encoded, base, torch.device(device), size, skip_bad=skip_bad, seed=seed, prefetch=prefetch)
@@ -49,11 +50,14 @@ def folder(tmp_path):
     return make_image_folder(tmp_path / "d", n=12, size=(60, 84))
 
 
-@pytest.mark.parametrize("interp", [None, "bilinear"])  # MAE's bicubic crop; SimMIM's and I-JEPA's bilinear one
-def test_same_samples_and_crops_as_the_torch_loader(folder, interp):
-    base, gpu, sampler = _loaders(folder, workers=2, prefetch=2, interp=interp)
-    assert gpu.interp == (interp or "bicubic")
-    ref_base = ImageFolderDataset(folder, pretrain_transform(48, interp=interp), seed=5)
+@pytest.mark.parametrize(
+    ("crop", "interp"),
+    [("random-resized", None), ("random-resized", "bilinear"), ("simple", None), ("simple", "bicubic")],
+)  # MAE's bicubic crop; SimMIM's and I-JEPA's bilinear one; PixMIM's simple crop (bilinear), and bicubic
+def test_same_samples_and_crops_as_the_torch_loader(folder, crop, interp):
+    base, gpu, sampler = _loaders(folder, workers=2, prefetch=2, interp=interp, crop=crop)
+    assert (gpu.crop, gpu.interp) == (crop, interp or ("bicubic" if crop == "random-resized" else "bilinear"))
+    ref_base = ImageFolderDataset(folder, pretrain_transform(48, interp=interp, crop=crop), seed=5)
     ref, ref_sampler = build_pretrain_loader(ref_base, 4, 0, seed=5)
     for epoch in (0, 1):
         got = _epoch(gpu, sampler, base, epoch)
@@ -299,10 +303,11 @@ def test_cli_trains_with_torch_gpu_and_resumes_exactly(image_folder, tmp_path, c
 
 
 @pytest.mark.gpu
-def test_nvjpeg_pixels_match_the_cpu_loaders(tmp_path):
+@pytest.mark.parametrize("crop", ["random-resized", "simple"])
+def test_nvjpeg_pixels_match_the_cpu_loaders(tmp_path, crop):
     root = make_image_folder(tmp_path / "d", n=16, size=(120, 160))
-    base, gpu, sampler = _loaders(root, batch=8, workers=2, prefetch=2, device="cuda", size=64)
-    ref_base = ImageFolderDataset(root, pretrain_transform(64), seed=5)
+    base, gpu, sampler = _loaders(root, batch=8, workers=2, prefetch=2, device="cuda", size=64, crop=crop)
+    ref_base = ImageFolderDataset(root, pretrain_transform(64, crop=crop), seed=5)
     ref, ref_sampler = build_pretrain_loader(ref_base, 8, 0, seed=5)
     got, want = _epoch(gpu, sampler, base, 0), _epoch(ref, ref_sampler, ref_base, 0)
     for (a, ia), (b, ib) in zip(got, want, strict=True):
