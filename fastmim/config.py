@@ -90,6 +90,11 @@ class PretrainConfig:
             "data2vec 2.0 and I-JEPA)"
         },
     )
+    layer_scale: float | None = field(
+        default=None,
+        metadata={"help": "the ViT encoder's layer scale: each block's branches times a learned per-channel gamma "
+                          "starting at this value (SimMIM's and A2MIM's ViT-B: 0.1; timm's init_values) (None: none)"},
+    )  # fmt: skip
     norm_pix_loss: bool = field(default=True, metadata={"help": "normalise target patches (MAE norm-pix)"})
     # data
     data_path: str | None = field(default=None, metadata={"help": "image folder (None: built-in sample photos)"})
@@ -242,6 +247,10 @@ class PretrainConfig:
         wd_end = self.weight_decay_end
         if wd_end is not None and not (math.isfinite(wd_end) and wd_end >= 0):
             raise ValueError(f"weight_decay_end must be a finite number >= 0 (or none), got {self.weight_decay_end}")
+        scale = self.layer_scale
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float) or not (
+                math.isfinite(scale) and scale > 0)):  # fmt: skip
+            raise ValueError(f"layer_scale must be a finite number > 0 (or none), got {scale!r}")
         if not (math.isfinite(self.drop_path) and 0.0 <= self.drop_path < 1.0):
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
         if self.eval_pool not in ("auto", "cls", "avg"):

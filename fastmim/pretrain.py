@@ -145,11 +145,14 @@ def resolve_config(argv: list[str] | None, origins: dict | None = None) -> tuple
 
 
 # what the checkpoint's weights are shaped by: a resume cannot change them
-NETWORK_KEYS = ("model", "img_size", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+NETWORK_KEYS = ("model", "img_size", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "layer_scale")
 # what a resume continues with whatever it was (where the run is, how it reports): not a change of the training
 RUN_KEYS = ("resume", "output_dir", "device", "num_workers", "max_steps", "log_interval", "vis_interval",
             "save_interval", "eval_data", "eval_every", "eval_pool")  # fmt: skip
 CHANGES_FILE = "resumes.jsonl"  # a run's record of the settings each resume changed
+# what a run from before an option existed did, where the option's default is not that: the torch loader (before
+# --loader), torch.compile's default mode (before --compile-mode)
+OLD_MEANING = {"loader": "torch", "compile_mode": "default"}
 
 
 def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
@@ -167,8 +170,10 @@ def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
                          "holds: drop them to continue the run, or start another in a new --output-dir")  # fmt: skip
     same = set(RUN_KEYS) | set(NETWORK_KEYS)
     # a setting the run's fastmim did not have yet ran as its default (each new option's default is the old behaviour)
+    # but for the options whose default is a choice made later (OLD_MEANING)
     fields = dataclasses.fields(PretrainConfig)
-    saved = {f.name: f.default for f in fields if f.name not in saved and f.default is not dataclasses.MISSING} | saved
+    absent = {f.name: f.default for f in fields if f.name not in saved and f.default is not dataclasses.MISSING}
+    saved = absent | {k: v for k, v in OLD_MEANING.items() if k in absent} | saved
 
     def differs(k) -> bool:
         now, was = getattr(cfg, k), saved[k]
@@ -287,9 +292,8 @@ def build_monitor(cfg: PretrainConfig, info: DistInfo, device: torch.device):
         labelled_split(cfg.eval_data)
         if not info.is_main:
             return None
-        return KnnMonitor(
-            cfg.eval_data, cfg.model, cfg.img_size, device, pool=cfg.eval_pool, workers=min(cfg.num_workers or 0, 8)
-        )
+        return KnnMonitor(cfg.eval_data, cfg.model, cfg.img_size, device, pool=cfg.eval_pool,
+                          workers=min(cfg.num_workers or 0, 8), layer_scale=cfg.layer_scale)  # fmt: skip
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise UsageError(str(e) if "--eval-data" in str(e) else f"--eval-data {cfg.eval_data!r}: {e}") from e
 
@@ -483,11 +487,17 @@ def build_model(cfg: PretrainConfig, device: torch.device):
                 raise UsageError(f"--{k.replace('_', '-')} does not apply to {name}: its head is {head}")
             kwargs[k] = getattr(cfg, k)
     if cfg.model.startswith(("data2vec2_", "ijepa_")):
-        if cfg.drop_path:
-            raise UsageError("--drop-path does not apply to the teacher recipes (data2vec 2.0, I-JEPA): their encoders "
-                             "train without stochastic depth, as in the official recipes")  # fmt: skip
+        for flag, value in (("--drop-path", cfg.drop_path), ("--layer-scale", cfg.layer_scale)):
+            if value:
+                raise UsageError(f"{flag} does not apply to the teacher recipes (data2vec 2.0, I-JEPA): their "
+                                 "encoders train without it, as in the official recipes")  # fmt: skip
     elif cfg.model.startswith(("mae_", "pixmim_", "simmim_", "a2mim_", "maskfeat_", "fcmae_")):
-        kwargs["drop_path_rate"] = cfg.drop_path  # stochastic depth (SimMIM and A2MIM: 0.1, FCMAE: 0.1-0.2)
+        kwargs["drop_path_rate"] = cfg.drop_path  # stochastic depth (SimMIM and A2MIM: 0.1)
+        if not cfg.model.startswith("fcmae_"):
+            kwargs["init_values"] = cfg.layer_scale  # layer scale (SimMIM and A2MIM: 0.1)
+        elif cfg.layer_scale is not None:
+            raise UsageError("--layer-scale applies to the ViT recipes; FCMAE's ConvNeXt V2 blocks have none (GRN "
+                             "took its place)")  # fmt: skip
     if cfg.fused_norm:
         kwargs["fused_norm"] = True  # ViT: residual adds fused with the next LayerNorm; FCMAE: bf16-out LayerNorms
     if cfg.fused_gelu:
@@ -545,7 +555,7 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         _no_norm_pix(cfg, kwargs, "the HOG target is not normalised per patch")
     for k, v in (cfg.model_args or {}).items():
         if k in kwargs or k in ("img_size", "norm_pix_loss", "mask_type", "mask_ratio", "num_masks"):
-            flag = {"drop_path_rate": "--drop-path"}.get(k, f"--{k.replace('_', '-')}")
+            flag = {"drop_path_rate": "--drop-path", "init_values": "--layer-scale"}.get(k, f"--{k.replace('_', '-')}")
             raise UsageError(f"--model-args {k}: set it with {flag} (the run's own flag)")
         kwargs[k] = v
     model = fastmim.create_model(cfg.model, **kwargs).to(device)

@@ -54,14 +54,15 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return state, {}
 
 
-def load_encoder(path: str | Path | None = None, model: str | None = None, img_size: int | None = None) -> tuple[
-        nn.Module, dict]:  # fmt: skip
+def load_encoder(path: str | Path | None = None, model: str | None = None, img_size: int | None = None,
+                 init_values: float | None = None) -> tuple[nn.Module, dict]:  # fmt: skip
     """(encoder in eval mode, description). ``path``: a run directory (its encoder.safetensors), an
     encoder.safetensors, a fine-tuning's finetuned.safetensors (without its classifier), or a timm state dict
     (.safetensors, .pth); None: ``model`` randomly initialised.
     ``model``: the encoder (``vit_base_patch16``, ``convnextv2_atto``) or recipe name; None: the file's metadata.
     ``img_size``: a ViT's comes from its position embedding (another size given: the embedding is interpolated to
-    it); a ConvNeXt's is the one its run trained at (the file's metadata), else 224."""
+    it); a ConvNeXt's is the one its run trained at (the file's metadata), else 224. ``init_values``: a random
+    ViT's layer scale (a file's comes with it)."""
     import fastmim
 
     state, meta = None, {}
@@ -88,6 +89,10 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
     if enc.startswith("vit_"):
         class_token = "cls_token" in state if state is not None else not name.startswith("ijepa_")
         kwargs["class_token"] = class_token
+        if state is not None and "blocks.0.ls1.gamma" in state:
+            kwargs["init_values"] = 1.0  # layer scale (SimMIM's, A2MIM's): its learned values come with the state
+        elif state is None and init_values is not None:
+            kwargs["init_values"] = init_values
         if state is not None and "fc_norm.weight" in state and "norm.weight" not in state:
             kwargs["fc_norm"] = True  # a fine-tuning with MAE's global pool (finetuned.safetensors)
         if state is not None and "pos_embed" in state and "patch_embed.proj.weight" in state:

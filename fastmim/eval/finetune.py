@@ -50,7 +50,7 @@ def finetune_network(encoder: nn.Module, info: dict, num_classes: int, drop_path
             depth=len(encoder.blocks), num_heads=blk.attn.num_heads,
             mlp_ratio=blk.mlp.fc1.out_features / encoder.embed_dim,
             class_token=has_cls, global_pool="token" if token else "avg", fc_norm=not token, num_classes=num_classes,
-            drop_path_rate=drop_path,
+            drop_path_rate=drop_path, init_values=1.0 if "blocks.0.ls1.gamma" in state else None,
         )  # fmt: skip
         if not token:  # MAE: the final norm gives way to fc_norm after pooling
             state = {k: v for k, v in state.items() if not k.startswith("norm.")}

@@ -43,7 +43,8 @@ class KnnMonitor:
     k, temperature: DINO's 20 and 0.07; pool: the feature (``pooled_features``); workers: decoding processes."""
 
     def __init__(self, spec: str, model: str, img_size: int, device: torch.device, k: int = 20,
-                 temperature: float = 0.07, pool: str = "auto", workers: int = 0, batch_size: int = 256):  # fmt: skip
+                 temperature: float = 0.07, pool: str = "auto", workers: int = 0, batch_size: int = 256,
+                 layer_scale: float | None = None):  # fmt: skip
         train_root, val_root = labelled_split(spec)
         from fastmim.data.transforms import eval_transform
 
@@ -57,7 +58,7 @@ class KnnMonitor:
                              "smaller labelled set (tens of images per class are enough to follow a run)")  # fmt: skip
         # neither the encoder's throw-away init nor the loaders' seeds may move the run's random numbers
         with torch.random.fork_rng(devices=[]):
-            self.encoder, _ = load_encoder(None, model, img_size)
+            self.encoder, _ = load_encoder(None, model, img_size, init_values=layer_scale)
             self.train_x, self.train_y = _decode_all(train, workers)
             self.val_x, self.val_y = _decode_all(val, workers)
         self.encoder.requires_grad_(False)

@@ -5,7 +5,7 @@ A2MIM's two changes: the input's masked pixels are filled with each image's per-
 embedding, and the mask token is added to the masked patch embeddings (``x + mask_token * m``) instead of replacing
 them; and a frequency term, ``0.1 x fft_loss``: the focal frequency loss of the reconstruction (its visible pixels
 replaced by ``0.5 * rec.detach() + 0.5 * target``) against the image (``fastmim.ops.fft_loss``: one FFT per batch).
-Deviations: MAE's fixed sin-cos position embedding, no layer scale (A2MIM's ViT-B follows SimMIM's).
+Deviations: MAE's fixed sin-cos position embedding, no relative position bias (A2MIM's ViT-B follows SimMIM's).
 """
 
 from __future__ import annotations

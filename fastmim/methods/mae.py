@@ -113,6 +113,7 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
         low_pass_radius: float | None = None,
         vis_mask_ratio: float = 0.0,
         drop_path_rate: float = 0.0,
+        init_values: float | None = None,
     ):
         check_mask_ratio(mask_ratio)
         if isinstance(vis_mask_ratio, bool) or not isinstance(vis_mask_ratio, int | float) or not (
@@ -122,7 +123,8 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
         if mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
-                         fused_norm=fused_norm, fused_gelu=fused_gelu, drop_path_rate=drop_path_rate)  # fmt: skip
+                         fused_norm=fused_norm, fused_gelu=fused_gelu, drop_path_rate=drop_path_rate,
+                         init_values=init_values)  # fmt: skip
         if self.num_patches < 2:  # nothing could be both hidden and seen: the loss would have no patch
             raise ValueError(
                 f"a {img_size}-px image is one {patch_size}-px patch: {type(self).__name__} hides some "

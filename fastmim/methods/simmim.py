@@ -5,8 +5,8 @@ other strategy with ``mask_type``). Encoder: the ViT on every token, the masked 
 mask token right after the patch embedding (before the class token and the position embedding). Head: SimMIM's 1x1
 convolution to p*p*3 channels + PixelShuffle(p) on the normed patch tokens. Target: the normalised image, no per-patch
 normalisation; L1 on the masked pixels, divided by their count times the channels. Deviation: the ViT keeps MAE's
-fixed sin-cos position embedding and no layer scale or relative position bias (SimMIM's ViT-B config uses a shared
-relative position bias and layer scale 0.1).
+fixed sin-cos position embedding and no relative position bias (SimMIM's ViT-B config uses a shared one); its drop
+path and layer scale (0.1, 0.1) are ``drop_path_rate`` and ``init_values``.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ class MaskTokenViT(TargetChoice, VisionTransformer):
     encoder keys are the ViT's (exports to timm like MAE's); ``mask_token`` and ``decoder.*`` are the head's."""
 
     def __init__(self, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm,
-                 drop_path_rate=0.0):  # fmt: skip
+                 drop_path_rate=0.0, init_values=None):  # fmt: skip
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
-                         fused_norm=fused_norm, drop_path_rate=drop_path_rate)  # fmt: skip
+                         fused_norm=fused_norm, drop_path_rate=drop_path_rate, init_values=init_values)  # fmt: skip
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
@@ -86,7 +86,8 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
             "hog" (MaskFeat's HOG features, ``hog_cell``; a linear head instead of the pixel-shuffle one, MSE); see
             ``fastmim.targets.choice``.
         fused_ops: fastmim.ops for the loss and patchify (False: the plain reference, the same values).
-        attn_impl, drop_path_rate: see VisionTransformer (SimMIM's ViT-B: drop path 0.1).
+        attn_impl, drop_path_rate, init_values: see VisionTransformer (SimMIM's ViT-B: drop path 0.1, layer scale
+            0.1).
     """
 
     def __init__(
@@ -107,9 +108,10 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
         hog_cell: int | None = None,
         low_pass_radius: float | None = None,
         drop_path_rate: float = 0.0,
+        init_values: float | None = None,
     ):
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm,
-                         drop_path_rate)  # fmt: skip
+                         drop_path_rate, init_values)  # fmt: skip
         self._set_mask_type(mask_type, "simmim")
         self.mask_ratio = mask_ratio
         self.fused_ops = fused_ops

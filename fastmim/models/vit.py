@@ -6,6 +6,8 @@ An encoder state dict from fastmim loads into ``timm.models.vision_transformer.V
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -114,31 +116,47 @@ def set_fused_gelu(model: nn.Module, on: bool = True) -> nn.Module:
     return model
 
 
+class LayerScale(nn.Module):
+    """A learned per-channel scale of a residual branch (CaiT's layer scale; timm's ``LayerScale``: ``gamma``)."""
+
+    def __init__(self, dim: int, init_values: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma.to(x.dtype)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block (timm's ``Block`` without layer scale). ``drop_path``: stochastic depth, each
-    branch's output dropped per sample in training (timm's ``DropPath``, the same draws in the same order)."""
+    """Pre-norm transformer block (timm's ``Block``). ``drop_path``: stochastic depth, each branch's output dropped
+    per sample in training (timm's ``DropPath``, the same draws in the same order). ``init_values``: layer scale
+    (each branch times a learned per-channel ``ls1.gamma`` / ``ls2.gamma`` starting at this value; SimMIM's ViT 0.1),
+    None: none."""
 
     fsdp_unit = True  # sharded on its own under --fsdp (fastmim.train.fsdp)
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, attn_impl="auto",
-                 drop_path: float = 0.0):  # fmt: skip
+                 drop_path: float = 0.0, init_values: float | None = None):  # fmt: skip
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_impl=attn_impl)
+        self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.drop_path = DropPath(drop_path)  # no parameters: the state dict is timm's either way
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
     def forward_with_ffn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(``forward(x)``, the MLP's output before its residual add): data2vec 2.0's teacher targets. A method of
-        the block (not its parts called from outside) so that FSDP gathers the block's weights for it."""
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+        """(``forward(x)``, the MLP's output before its residual add (and its layer scale)): data2vec 2.0's teacher
+        targets. A method of the block (not its parts called from outside) so that FSDP gathers the block's weights
+        for it."""
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
         t = self.mlp(self.norm2(x))
-        return x + self.drop_path(t), t
+        return x + self.drop_path(self.ls2(t)), t
 
     def forward_fused(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The block on the stream ``x + delta`` (``delta``: the previous block's MLP output, not yet added; None for
@@ -148,8 +166,9 @@ class Block(nn.Module):
             h, y = x, self.norm1(x)
         else:
             y, h = add_layer_norm(delta, x, self.norm1.weight, self.norm1.bias, self.norm1.eps)
-        y, h = add_layer_norm(self.drop_path(self.attn(y)), h, self.norm2.weight, self.norm2.bias, self.norm2.eps)
-        return h, self.drop_path(self.mlp(y))
+        branch = self.drop_path(self.ls1(self.attn(y)))
+        y, h = add_layer_norm(branch, h, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        return h, self.drop_path(self.ls2(self.mlp(y)))
 
 
 def checkpointed(fn, *args, enabled: bool = True):
@@ -213,6 +232,9 @@ class VisionTransformer(nn.Module):
             final norm on the tokens; ``forward`` normalises the mean of the patch tokens with ``fc_norm``.
         drop_path_rate: stochastic depth, rising linearly over the blocks from 0 to this value (timm's
             ``drop_path_rate``; SimMIM and A2MIM pretrain with 0.1). No parameters: the state dict is unchanged.
+        init_values: layer scale, every block's branches times a learned per-channel gamma starting at this value
+            (timm's ``init_values``, the same ``blocks.N.ls1.gamma`` keys; SimMIM's and A2MIM's ViT-B: 0.1); None:
+            none.
     """
 
     def __init__(
@@ -232,8 +254,12 @@ class VisionTransformer(nn.Module):
         fused_gelu: bool = False,
         fc_norm: bool = False,
         drop_path_rate: float = 0.0,
+        init_values: float | None = None,
     ):
         super().__init__()
+        if init_values is not None and (isinstance(init_values, bool) or not isinstance(init_values, int | float)
+                                        or not math.isfinite(init_values) or init_values <= 0):  # fmt: skip
+            raise ValueError(f"init_values (layer scale) must be a finite number > 0 or None, got {init_values!r}")
         if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, int | float) or not (
                 0.0 <= drop_path_rate < 1.0):  # fmt: skip
             raise ValueError(f"drop_path_rate must be a number in [0, 1), got {drop_path_rate!r}")
@@ -257,7 +283,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, rows, embed_dim), requires_grad=False)
         rates = [float(drop_path_rate) * j / max(depth - 1, 1) for j in range(depth)]  # as torch.linspace(0, rate)
         self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias, attn_impl, rate) for rate in rates]
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias, attn_impl, rate, init_values) for rate in rates]
         )
         self.norm = nn.Identity() if fc_norm else nn.LayerNorm(embed_dim, eps=1e-6)
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if fc_norm else None

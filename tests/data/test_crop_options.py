@@ -309,3 +309,18 @@ def test_a_dali_run_changes_its_crop_at_an_epoch_end_and_is_told_how_mid_epoch(i
     assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "6"]) == 0
     assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "8", "--crop", "simple"]) == 0
     assert "changed settings: crop random-resized -> simple" in capsys.readouterr().out
+
+
+def test_an_old_runs_missing_settings_compare_as_what_that_run_did():
+    """Settings an old run's config lacks ran as their defaults, except --loader (the torch loader before it existed)
+    and --compile-mode (torch.compile's default mode): resumed with those, nothing changed; with auto, it did."""
+    from fastmim.config import PretrainConfig
+    from fastmim.pretrain import _check_resumed_settings
+
+    saved = PretrainConfig().to_dict()
+    for k in ("loader", "dali_device", "allow_unscanned", "compile_mode", "crop", "crop_interp"):
+        saved.pop(k)
+    assert _check_resumed_settings(PretrainConfig(loader="torch", compile_mode="default"), saved) == {}
+    changed = _check_resumed_settings(PretrainConfig(crop="simple"), saved)
+    want = {"loader": ["torch", "auto"], "compile_mode": ["default", "auto"], "crop": ["random-resized", "simple"]}
+    assert changed == want

@@ -123,3 +123,53 @@ def test_mae_pretrained_on_the_builtin_digits_beats_its_own_random_init(tmp_path
     rows = _knn_rows(out)
     assert [r["step"] for r in rows] == [0, 10 * (1442 // 32)]
     assert rows[-1]["knn_top1"] > rows[0]["knn_top1"] + 3.0, rows
+
+
+def test_a_simmim_run_with_layer_scale_and_drop_path_is_monitored_evaluated_and_loads_into_timm(image_folder,
+                                                                                              tmp_path):  # fmt: skip
+    """SimMIM's ViT-B settings at tiny size (--layer-scale 0.1 --drop-path 0.1): the kNN monitor builds the encoder
+    with layer scale, encoder.safetensors holds the learned gammas and loads into timm's
+    VisionTransformer(init_values=...) and into python -m fastmim.eval's encoder with the same features; a resume
+    that would change the layer scale is refused (the network's parameters)."""
+    timm = pytest.importorskip("timm", reason="timm is a test dependency (pip install -e '.[test]')")
+    from fastmim.eval.finetune import finetune_network
+
+    args = [
+        *TINY_ARGS,
+        "--model",
+        "simmim_vit_tiny_patch16",
+        "--data-path",
+        str(image_folder),
+        "--loader",
+        "torch",
+        "--layer-scale",
+        "0.1",
+        "--drop-path",
+        "0.1",
+        "--max-steps",
+        "2",
+        "--eval-data",
+        str(_labelled(tmp_path)),
+    ]
+    for flag in ("--decoder-embed-dim", "--decoder-depth", "--decoder-num-heads"):
+        i = args.index(flag)
+        del args[i : i + 2]
+    out = tmp_path / "run"
+    pretrain.run([*args, "--output-dir", str(out)])
+    assert [r["step"] for r in _knn_rows(out)] == [0, 2]  # at the start and at the end of the run
+    state = load_file(out / "encoder.safetensors")
+    gamma = state["blocks.0.ls1.gamma"]
+    assert gamma.shape == (192,) and not torch.allclose(gamma, torch.full_like(gamma, 0.1))  # learned
+    theirs = timm.models.vision_transformer.VisionTransformer(
+        img_size=64, patch_size=16, embed_dim=192, depth=12, num_heads=3, num_classes=0, init_values=1.0
+    ).eval()
+    theirs.load_state_dict(state, strict=True)
+    enc, info = load_encoder(out)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.forward_features(x), theirs.forward_features(x), rtol=1e-5, atol=1e-5)
+    net, missing = finetune_network(enc, info, 3, 0.1)
+    assert all(not k.startswith("blocks.") for k in missing)  # every gamma found its place
+    torch.testing.assert_close(net.blocks[3].ls2.gamma, state["blocks.3.ls2.gamma"])
+    with pytest.raises(pretrain.UsageError, match="trained with layer_scale 0.1; --layer-scale 0.2 would change"):
+        pretrain.run(["--resume", "--output-dir", str(out), "--max-steps", "3", "--layer-scale", "0.2"])

@@ -240,3 +240,30 @@ def test_drop_path_rises_over_the_blocks_and_fused_norm_draws_the_same(name):
     torch.testing.assert_close(tokens[0], tokens[1], rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"drop_path_rate must be a number in \[0, 1\), got 1.0"):
         fastmim.create_model(name, img_size=64, drop_path_rate=1.0, **kw)
+
+
+def test_layer_scale_is_timms_init_values_both_ways_and_in_the_fused_blocks():
+    """init_values: each block's branches times a learned per-channel gamma (timm's ls1.gamma / ls2.gamma), the same
+    keys and values as timm's VisionTransformer(init_values=...) both ways; fused_norm computes the same; a bad value
+    is refused."""
+    torch.manual_seed(0)
+    ours = fastmim.create_model("vit_tiny_patch16", img_size=64, init_values=0.1).eval()
+    with torch.no_grad():
+        for blk in ours.blocks:  # learned values, not the init: a scale left out or applied twice would show
+            blk.ls1.gamma.uniform_(0.05, 2.0)
+            blk.ls2.gamma.uniform_(0.05, 2.0)
+    theirs = TimmViT(img_size=64, patch_size=16, num_classes=0, init_values=1.0, **vit_sizes()["tiny"]).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = theirs.forward_features(x)
+        torch.testing.assert_close(ours.forward_features(x), want, rtol=1e-5, atol=1e-5)
+        plain = fastmim.create_model("vit_tiny_patch16", img_size=64).eval()
+        plain.load_state_dict({k: v for k, v in ours.state_dict().items() if ".ls" not in k}, strict=True)
+        assert (plain.forward_features(x) - want).abs().max() > 1e-2  # the scales matter
+        fused = fastmim.create_model("vit_tiny_patch16", img_size=64, init_values=0.1, fused_norm=True).eval()
+        fused.load_state_dict(ours.state_dict(), strict=True)
+        torch.testing.assert_close(fused.forward_features(x), want, rtol=1e-5, atol=1e-5)
+    assert ours.blocks[0].ls1.gamma.shape == (192,)
+    with pytest.raises(ValueError, match="init_values .* must be a finite number > 0 or None, got 0"):
+        fastmim.create_model("vit_tiny_patch16", init_values=0)
