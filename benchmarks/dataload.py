@@ -225,8 +225,9 @@ def prepare_data(data: str | None, images: int, seed: int) -> tuple[Path, list[s
 class TorchvisionEpochs:
     """``fastmim.data``'s pretraining loader: ``epoch(e)`` is that epoch's batch iterator."""
 
-    def __init__(self, files: list[str], root: Path, batch: int, workers: int, img_size: int, seed: int):
-        self.dataset = ImageFolderDataset(root, transform=pretrain_transform(img_size), seed=seed)
+    def __init__(self, files: list[str], root: Path, batch: int, workers: int, img_size: int, seed: int,
+                 crop: str = "random-resized"):  # fmt: skip
+        self.dataset = ImageFolderDataset(root, transform=pretrain_transform(img_size, crop=crop), seed=seed)
         if len(self.dataset.files) != len(files):  # a subset of a folder of one's own
             self.dataset.files = list(files)
         self.loader, self.sampler = build_pretrain_loader(self.dataset, batch, workers, seed=seed)
@@ -247,10 +248,10 @@ class TorchGpuEpochs(TorchvisionEpochs):
     """``--loader torch-gpu``: ``fastmim.data.gpu_decode``'s loader over the same sampler and crops."""
 
     def __init__(self, files: list[str], root: Path, batch: int, workers: int, img_size: int, seed: int,
-                 device: torch.device, sync_timing: bool = False):  # fmt: skip
+                 device: torch.device, sync_timing: bool = False, crop: str = "random-resized"):  # fmt: skip
         from fastmim.data.gpu_decode import EncodedImages, GpuDecodeLoader, collate_encoded
 
-        super().__init__(files, root, batch, 0, img_size, seed)  # the dataset (the plain loader is not iterated)
+        super().__init__(files, root, batch, 0, img_size, seed, crop)  # the dataset (its plain loader is not iterated)
         encoded, self.sampler = build_pretrain_loader(EncodedImages(self.dataset), batch, workers, seed=seed,
                                                       collate_images=collate_encoded)  # fmt: skip
         self.loader = GpuDecodeLoader(encoded, self.dataset, device, img_size, seed=seed, sync_timing=sync_timing)
@@ -258,11 +259,11 @@ class TorchGpuEpochs(TorchvisionEpochs):
 
 class DaliEpochs:
     def __init__(self, files: list[str], batch: int, threads: int, img_size: int, seed: int, device: str,
-                 interp: str = "auto"):  # fmt: skip
+                 interp: str = "auto", crop: str = "random-resized"):  # fmt: skip
         from fastmim.data.dali import DaliLoader
 
         self.loader = DaliLoader(files, batch, img_size, device=device, seed=seed, num_threads=threads,
-                                 device_id=0 if device == "mixed" else None, interp=interp)  # fmt: skip
+                                 device_id=0 if device == "mixed" else None, interp=interp, crop=crop)  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -357,13 +358,13 @@ def measure(loader: str, count: int, files: list[str], root: Path, args) -> dict
     to the loader's end: its worker processes are joined by then)."""
     c0, t0 = cpu_seconds(), time.perf_counter()
     if loader == "torchvision":
-        epochs = TorchvisionEpochs(files, root, args.batch, count, args.img_size, args.seed)
+        epochs = TorchvisionEpochs(files, root, args.batch, count, args.img_size, args.seed, args.crop)
     elif loader == "torch-gpu":
         epochs = TorchGpuEpochs(files, root, args.batch, count, args.img_size, args.seed, output_device(loader),
-                                args.sync_timing)  # fmt: skip
+                                args.sync_timing, args.crop)  # fmt: skip
     else:
         epochs = DaliEpochs(files, args.batch, count, args.img_size, args.seed, loader.removeprefix("dali-"),
-                            args.dali_interp)  # fmt: skip
+                            args.dali_interp, args.crop)  # fmt: skip
     try:
         setup_s = time.perf_counter() - t0
         timing = time_loader(epochs, args.warmup, args.seconds, cuda=output_device(loader).type == "cuda")
@@ -462,6 +463,8 @@ def main(argv=None) -> int:
                     "torchvision is bicubic)")  # fmt: skip
     ap.add_argument("--sync-timing", action="store_true", help="torch-gpu: synchronise after decoding and after "
                     "augmenting, so its per-batch times include the GPU's (removes some overlap)")  # fmt: skip
+    ap.add_argument("--crop", default="random-resized", choices=("random-resized", "simple"), help="the pretraining "
+                    "crop (default random-resized, MAE's; simple: PixMIM's, which torch-gpu cuts image by image)")
     ap.add_argument("--out", default=None, help="append the JSON rows to this file")
     args = ap.parse_args(argv)
     loaders = [s.strip() for s in args.loaders.split(",") if s.strip()]
@@ -500,6 +503,7 @@ def main(argv=None) -> int:
             key = "workers" if by_workers else "threads"
             interp = "cubic" if by_workers else resolve_interp(args.dali_interp, loader)
             row = {"benchmark": "dataload", "loader": loader, key: count, "batch": args.batch, "interp": interp,
+                   "crop": args.crop,
                    "img_size": args.img_size, **timing, "data": data, **host_info,
                    **environment(output_device(loader))}  # fmt: skip
             rows.append(row)

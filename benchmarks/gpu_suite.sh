@@ -284,6 +284,8 @@ want gpu_data && step "GPU JPEG decoding (--loader torch-gpu): tests, dataload r
     --images 16384 --batch 256 --seconds 8 --out "$RESULTS/dataload.jsonl"
   fits 30 "torch-gpu dataload, --sync-timing" && run 60 $PY benchmarks/dataload.py --loaders torch-gpu --workers 8 \
     --images 16384 --batch 256 --seconds 5 --sync-timing --out "$RESULTS/dataload.jsonl"
+  fits 30 "torch-gpu dataload, PixMIM's simple crop" && run 60 $PY benchmarks/dataload.py --loaders torch-gpu \
+    --workers 8 --images 16384 --batch 256 --seconds 5 --sync-timing --crop simple --out "$RESULTS/dataload.jsonl"
   fits 90 "MAE ViT-B on real JPEGs" && run 180 $PY benchmarks/throughput.py --model vit_base_patch16 \
     --batch-size 256 --amp bf16 --steps 30 --warmup 5 --peak-tflops 790 --modes fastmim --no-flop-count \
     --data "$FASTMIM_CACHE/bench-jpegs-16384" --loader torch-gpu --workers 8 --also-synthetic \
