@@ -463,8 +463,13 @@ def main(argv=None) -> int:
                     "torchvision is bicubic)")  # fmt: skip
     ap.add_argument("--sync-timing", action="store_true", help="torch-gpu: synchronise after decoding and after "
                     "augmenting, so its per-batch times include the GPU's (removes some overlap)")  # fmt: skip
-    ap.add_argument("--crop", default="random-resized", choices=("random-resized", "simple"), help="the pretraining "
-                    "crop (default random-resized, MAE's; simple: PixMIM's, which torch-gpu cuts image by image)")
+    ap.add_argument(
+        "--crop",
+        default="random-resized",
+        choices=("random-resized", "simple"),
+        help="the pretraining "
+        "crop (default random-resized, MAE's; simple: PixMIM's, which torch-gpu cuts image by image)",
+    )
     ap.add_argument("--out", default=None, help="append the JSON rows to this file")
     args = ap.parse_args(argv)
     loaders = [s.strip() for s in args.loaders.split(",") if s.strip()]

@@ -160,14 +160,16 @@ def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
     (flags override the saved config, by design: masks, data, loss, optimizer, augmentation, precision) is said in a
     note and returned as {key: [before, after]}, which the run appends to its resumes.jsonl."""
     # a saved None (the model's default) against a given value may be the same network: load_state_dict decides;
-    # FCMAE's weights do not depend on the image size
+    # but layer_scale None is none (a run from before it too); FCMAE's weights do not depend on the image size
     keys = [k for k in NETWORK_KEYS if not (k == "img_size" and cfg.model.startswith("fcmae_"))]
-    changed = [k for k in keys if saved.get(k) is not None and getattr(cfg, k) != saved[k]]
+    changed = [k for k in keys if (saved.get(k) is not None or k == "layer_scale") and getattr(cfg, k) != saved.get(k)]
     if changed:
-        was = ", ".join(f"{k} {saved[k]}" for k in changed)
+        was = ", ".join(f"{k} {saved.get(k)}" if saved.get(k) is not None else f"no {k}" for k in changed)
         now = ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in changed)
+        back = " (--layer-scale none)" if "layer_scale" in changed and saved.get("layer_scale") is None else ""
         raise UsageError(f"--resume: this run was trained with {was}; {now} would change the network its checkpoint "
-                         "holds: drop them to continue the run, or start another in a new --output-dir")  # fmt: skip
+                         f"holds: drop them{back} to continue the run, or start another in a new "
+                         "--output-dir")  # fmt: skip
     same = set(RUN_KEYS) | set(NETWORK_KEYS)
     # a setting the run's fastmim did not have yet ran as its default (each new option's default is the old behaviour)
     # but for the options whose default is a choice made later (OLD_MEANING)

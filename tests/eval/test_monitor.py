@@ -173,3 +173,15 @@ def test_a_simmim_run_with_layer_scale_and_drop_path_is_monitored_evaluated_and_
     torch.testing.assert_close(net.blocks[3].ls2.gamma, state["blocks.3.ls2.gamma"])
     with pytest.raises(pretrain.UsageError, match="trained with layer_scale 0.1; --layer-scale 0.2 would change"):
         pretrain.run(["--resume", "--output-dir", str(out), "--max-steps", "3", "--layer-scale", "0.2"])
+    with pytest.raises(pretrain.UsageError, match="trained with layer_scale 0.1; --layer-scale None would change"):
+        pretrain.run(["--resume", "--output-dir", str(out), "--max-steps", "3", "--layer-scale", "none"])
+    # a run without layer scale (or from before the option) that a config's layer_scale would give one
+    plain = tmp_path / "plain"
+    i = args.index("--layer-scale")
+    pretrain.run([*args[:i], *args[i + 2 :], "--output-dir", str(plain)])
+    with pytest.raises(
+        pretrain.UsageError,
+        match=r"trained with no layer_scale; --layer-scale 0.1 would change the "
+        r"network its checkpoint holds: drop them \(--layer-scale none\)",
+    ):
+        pretrain.run(["--resume", "--output-dir", str(plain), "--max-steps", "3", "--layer-scale", "0.1"])
