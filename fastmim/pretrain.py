@@ -184,6 +184,8 @@ def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
             # saved it as given: the same folder named again from the same place is no change)
         return now != was
 
+    if not (cfg.compile or saved.get("compile")):
+        same.add("compile_mode")  # read with --compile only: no change without it
     return {k: [saved[k], getattr(cfg, k)] for k in cfg.to_dict() if k in saved and k not in same and differs(k)}
 
 

@@ -135,6 +135,9 @@ def simple_crops(
     return (out / 255 - m) / sd
 
 
+SIMPLE_MAX_ASPECT = 32  # long / short side over which a simple-crop image is augmented in the worker (PIL)
+
+
 class EncodedSample(NamedTuple):
     """A JPEG as the worker sends it: its bytes, the crop box (``crop_and_flip``'s: for the random-resized crop
     (top, left, height, width) in the image) and the flip."""
@@ -152,7 +155,7 @@ class EncodedImages(torch.utils.data.Dataset):
     def __init__(self, base):
         if base.transform is None or base.seed is None:
             raise ValueError("EncodedImages needs a dataset with pretrain_transform and a seed")
-        crop_steps(base.transform)  # raises for another transform
+        self.crop = crop_steps(base.transform)[0]  # raises for another transform
         self.base = base
 
     def __len__(self) -> int:
@@ -168,7 +171,7 @@ class EncodedImages(torch.utils.data.Dataset):
         try:
             with Image.open(io.BytesIO(data)) as img:  # the header only
                 fmt, mode = img.format, img.mode
-                if fmt == "JPEG" and mode in GPU_JPEG_MODES:
+                if fmt == "JPEG" and mode in GPU_JPEG_MODES and not self._too_long(img.size):
                     # its own generator, not the global one: with workers=0 this runs in the loader's thread,
                     # beside the training thread's draws (masks, drop path)
                     box, flip = crop_and_flip(self.base.transform, img, self.base.generator(index))
@@ -177,6 +180,12 @@ class EncodedImages(torch.utils.data.Dataset):
             name = self.base.files[index]
             raise BadImageError(f"cannot read image {name!r}: {e}", name) from e
         return self.base[index]  # not for nvJPEG: decoded and augmented here
+
+    def _too_long(self, size: tuple[int, int]) -> bool:
+        """The simple crop resizes the whole image before cutting its window: an image of an extreme aspect ratio
+        (over SIMPLE_MAX_ASPECT) would hold gigabytes of fp32 on the GPU (224 x 672,000 for a 1 x 3,000 strip), so
+        it is augmented here, by PIL, as the CPU pipeline does."""
+        return self.crop == "simple" and max(size) > SIMPLE_MAX_ASPECT * max(min(size), 1)
 
 
 class EncodedBatch(NamedTuple):

@@ -322,5 +322,26 @@ def test_an_old_runs_missing_settings_compare_as_what_that_run_did():
         saved.pop(k)
     assert _check_resumed_settings(PretrainConfig(loader="torch", compile_mode="default"), saved) == {}
     changed = _check_resumed_settings(PretrainConfig(crop="simple"), saved)
-    want = {"loader": ["torch", "auto"], "compile_mode": ["default", "auto"], "crop": ["random-resized", "simple"]}
-    assert changed == want
+    assert changed == {"loader": ["torch", "auto"], "crop": ["random-resized", "simple"]}  # no --compile: no mode
+    changed = _check_resumed_settings(PretrainConfig(loader="torch", compile=True), {**saved, "compile": True})
+    assert changed == {"compile_mode": ["default", "auto"]}
+
+
+def test_the_gpu_loader_augments_an_extreme_strip_in_the_worker_for_the_simple_crop(tmp_path):
+    """The simple crop resizes the whole image on the GPU before cutting: a strip over 32:1 would take gigabytes
+    there, so its worker augments it with PIL (the CPU pipeline's pixels); ordinary images, and any image under the
+    random-resized crop, go to the GPU as JPEG bytes."""
+    from fastmim.data import ImageFolderDataset
+    from fastmim.data.gpu_decode import EncodedImages, EncodedSample
+
+    root = tmp_path / "d"
+    root.mkdir()
+    Image.new("RGB", (400, 10), (200, 40, 40)).save(root / "strip.jpg")
+    Image.new("RGB", (60, 40), (40, 200, 40)).save(root / "photo.jpg")
+    simple = EncodedImages(ImageFolderDataset(root, pretrain_transform(32, crop="simple"), seed=0))
+    rrc = EncodedImages(ImageFolderDataset(root, pretrain_transform(32), seed=0))
+    names = [p.rsplit("/", 1)[-1] for p in simple.base.files]
+    kinds = {n: (type(simple[i]), type(rrc[i])) for i, n in enumerate(names)}
+    assert kinds["photo.jpg"] == (EncodedSample, EncodedSample)
+    assert kinds["strip.jpg"][0] is torch.Tensor and kinds["strip.jpg"][1] is EncodedSample
+    assert simple[names.index("strip.jpg")].shape == (3, 32, 32)
