@@ -127,6 +127,30 @@ def test_cli_cuda_graph_trains_as_eager_and_resumes_exactly(image_folder, tmp_pa
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def test_cli_cuda_graph_with_grad_ckpt_drop_path_and_layer_scale_on_a_vit_trains_as_eager(image_folder, tmp_path):
+    """SimMIM's ViT with stochastic depth (CUDA generator draws in every block), activation checkpointing (which
+    replays the generator's state to recompute a block) and layer scale: the captured step's losses follow the eager
+    step's, so the recompute inside the graph drew the forward's drop masks."""
+    args = list(TINY_ARGS)
+    args[args.index("--model") + 1] = "simmim_vit_tiny_patch16"
+    for flag in ("--decoder-embed-dim", "--decoder-depth", "--decoder-num-heads"):
+        i = args.index(flag)
+        del args[i : i + 2]
+    args[args.index("--device") + 1] = "cuda"
+    args[args.index("--amp") + 1] = "bf16"
+    args += ["--data-path", str(image_folder), "--log-interval", "1", "--vis-interval", "100", "--loader", "torch",
+             "--epochs", "2", "--grad-ckpt", "--drop-path", "0.3", "--layer-scale", "0.1"]  # fmt: skip
+
+    def run(out, *extra):
+        r = run_cli([*args, "--output-dir", str(out), *extra])
+        assert r.returncode == 0, r.stderr
+        return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    eager, graph = run(tmp_path / "eager"), run(tmp_path / "graph", "--cuda-graph")
+    assert len(graph) == len(eager) == 12
+    assert graph == pytest.approx(eager, rel=2e-3)
+
+
 def test_captured_step_under_ddp_trains_as_the_eager_ddp_step(tmp_path):
     """DDP (a one-process NCCL group: DDP's reducer, buckets and all-reduce run as with more) with accumulation
     (``no_sync`` on the first micro-batch) captured after DDP's 11 warm-up runs, as the trainer does: the losses and
