@@ -121,6 +121,8 @@ def simple_crops(
     ``flips[n]``, normalised. The boxes are ``crop_and_flip``'s for the simple crop. Returns [N, 3, S, S] fp32."""
     import torch.nn.functional as F
 
+    from fastmim.ops.reference import normalize_255
+
     out = torch.empty(len(images), 3, size, size, dtype=torch.float32, device=images[0].device if images else "cpu")
     for n, img in enumerate(images):
         top, left, h, w = (int(v) for v in boxes[n])
@@ -130,9 +132,7 @@ def simple_crops(
                 x = F.interpolate(x, size=shape, mode=interp, antialias=True, align_corners=False).clamp_(0, 255)
         x = F.pad(x, (SIMPLE_CROP_PAD,) * 4, mode="reflect")[0, :, top : top + size, left : left + size]
         out[n] = x.flip(-1) if bool(flips[n]) else x
-    m = torch.tensor(mean, dtype=torch.float32, device=out.device).view(1, -1, 1, 1)
-    sd = torch.tensor(std, dtype=torch.float32, device=out.device).view(1, -1, 1, 1)
-    return (out / 255 - m) / sd
+    return normalize_255(out, mean, std)
 
 
 SIMPLE_MAX_ASPECT = 32  # long / short side over which a simple-crop image is augmented in the worker (PIL)

@@ -439,7 +439,11 @@ def resized_crop_ref(
         if bool(flips[n]):
             x = x.flip(-1)
         out.append(x)
-    x = torch.cat(out) if out else torch.empty(0, len(mean), size, size)
+    return normalize_255(torch.cat(out) if out else torch.empty(0, len(mean), size, size), mean, std)
+
+
+def normalize_255(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """``(x / 255 - mean_c) / std_c`` of images [N, C, H, W] on the 0-255 scale."""
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     return (x / 255 - m) / s
