@@ -95,6 +95,17 @@ class PretrainConfig:
         metadata={"help": "the ViT encoder's layer scale: each block's branches times a learned per-channel gamma "
                           "starting at this value (SimMIM's and A2MIM's ViT-B: 0.1; timm's init_values) (None: none)"},
     )  # fmt: skip
+    rel_pos_bias: str | None = field(
+        default=None,
+        metadata={"help": "the ViT encoder's relative position bias (BEiT's, on the attention logits): shared (one "
+                          "for all blocks: SimMIM's ViT-B), block (one per block: A2MIM's) (None: none); SimMIM, "
+                          "A2MIM and MaskFeat, whose encoders see every token"},
+    )  # fmt: skip
+    abs_pos: str = field(
+        default="sincos",
+        metadata={"help": "the ViT encoder's absolute position embedding: sincos (fixed, MAE's), none (SimMIM's "
+                          "ViT-B: positions from --rel-pos-bias alone)"},
+    )  # fmt: skip
     norm_pix_loss: bool = field(default=True, metadata={"help": "normalise target patches (MAE norm-pix)"})
     # data
     data_path: str | None = field(default=None, metadata={"help": "image folder (None: built-in sample photos)"})
@@ -251,6 +262,13 @@ class PretrainConfig:
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float) or not (
                 math.isfinite(scale) and scale > 0)):  # fmt: skip
             raise ValueError(f"layer_scale must be a finite number > 0 (or none), got {scale!r}")
+        if self.rel_pos_bias not in (None, "shared", "block"):
+            raise ValueError(f"rel_pos_bias must be shared or block (or none), got {self.rel_pos_bias!r}")
+        if self.abs_pos not in ("sincos", "none"):
+            raise ValueError(f"abs_pos must be sincos or none, got {self.abs_pos!r}")
+        if self.abs_pos == "none" and self.rel_pos_bias is None:
+            raise ValueError("abs_pos none without a rel_pos_bias leaves the encoder no position information: add "
+                             "--rel-pos-bias shared (SimMIM's) or block")  # fmt: skip
         if not (math.isfinite(self.drop_path) and 0.0 <= self.drop_path < 1.0):
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
         if self.eval_pool not in ("auto", "cls", "avg"):

@@ -145,7 +145,10 @@ def resolve_config(argv: list[str] | None, origins: dict | None = None) -> tuple
 
 
 # what the checkpoint's weights are shaped by: a resume cannot change them
-NETWORK_KEYS = ("model", "img_size", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "layer_scale")
+NETWORK_KEYS = ("model", "img_size", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "layer_scale",
+                "rel_pos_bias", "abs_pos")  # fmt: skip
+# network settings whose default is a part left out (or an old run's): compared even when the run saved none
+NETWORK_DEFAULTS = {"layer_scale": None, "rel_pos_bias": None, "abs_pos": "sincos"}
 # what a resume continues with whatever it was (where the run is, how it reports): not a change of the training
 RUN_KEYS = ("resume", "output_dir", "device", "num_workers", "max_steps", "log_interval", "vis_interval",
             "save_interval", "eval_data", "eval_every", "eval_pool")  # fmt: skip
@@ -160,13 +163,17 @@ def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
     (flags override the saved config, by design: masks, data, loss, optimizer, augmentation, precision) is said in a
     note and returned as {key: [before, after]}, which the run appends to its resumes.jsonl."""
     # a saved None (the model's default) against a given value may be the same network: load_state_dict decides;
-    # but layer_scale None is none (a run from before it too); FCMAE's weights do not depend on the image size
+    # but NETWORK_DEFAULTS are what they say (a run from before them too); FCMAE's weights do not depend on the size
     keys = [k for k in NETWORK_KEYS if not (k == "img_size" and cfg.model.startswith("fcmae_"))]
-    changed = [k for k in keys if (saved.get(k) is not None or k == "layer_scale") and getattr(cfg, k) != saved.get(k)]
+    saved = {**saved, **{k: v for k, v in NETWORK_DEFAULTS.items() if k not in saved}}
+    changed = [k for k in keys if (saved.get(k) is not None or k in NETWORK_DEFAULTS)
+               and getattr(cfg, k) != saved.get(k)]  # fmt: skip
     if changed:
         was = ", ".join(f"{k} {saved.get(k)}" if saved.get(k) is not None else f"no {k}" for k in changed)
         now = ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in changed)
-        back = " (--layer-scale none)" if "layer_scale" in changed and saved.get("layer_scale") is None else ""
+        back = [f"--{k.replace('_', '-')} {saved[k] if saved[k] is not None else 'none'}" for k in changed
+                if k in NETWORK_DEFAULTS and saved[k] == NETWORK_DEFAULTS[k]]  # fmt: skip
+        back = f" ({', '.join(back)})" if back else ""
         raise UsageError(f"--resume: this run was trained with {was}; {now} would change the network its checkpoint "
                          f"holds: drop them{back} to continue the run, or start another in a new "
                          "--output-dir")  # fmt: skip
@@ -297,7 +304,8 @@ def build_monitor(cfg: PretrainConfig, info: DistInfo, device: torch.device):
         if not info.is_main:
             return None
         return KnnMonitor(cfg.eval_data, cfg.model, cfg.img_size, device, pool=cfg.eval_pool,
-                          workers=min(cfg.num_workers or 0, 8), layer_scale=cfg.layer_scale)  # fmt: skip
+                          workers=min(cfg.num_workers or 0, 8), layer_scale=cfg.layer_scale,
+                          rel_pos_bias=cfg.rel_pos_bias, abs_pos_embed=cfg.abs_pos == "sincos")  # fmt: skip
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise UsageError(str(e) if "--eval-data" in str(e) else f"--eval-data {cfg.eval_data!r}: {e}") from e
 
@@ -490,6 +498,13 @@ def build_model(cfg: PretrainConfig, device: torch.device):
                 name = names[family]
                 raise UsageError(f"--{k.replace('_', '-')} does not apply to {name}: its head is {head}")
             kwargs[k] = getattr(cfg, k)
+    if cfg.model.startswith(("simmim_", "a2mim_", "maskfeat_")):
+        kwargs.update(rel_pos_bias=cfg.rel_pos_bias, abs_pos_embed=cfg.abs_pos == "sincos")
+    else:
+        for flag, value, default in (("--rel-pos-bias", cfg.rel_pos_bias, None), ("--abs-pos", cfg.abs_pos, "sincos")):
+            if value != default:
+                raise UsageError(f"{flag} {value} applies to SimMIM, A2MIM and MaskFeat, whose encoders see every "
+                                 f"token; {cfg.model.split('_')[0]}'s encoder does not take it")  # fmt: skip
     if cfg.model.startswith(("data2vec2_", "ijepa_")):
         for flag, value in (("--drop-path", cfg.drop_path), ("--layer-scale", cfg.layer_scale)):
             if value:
@@ -559,7 +574,8 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         _no_norm_pix(cfg, kwargs, "the HOG target is not normalised per patch")
     for k, v in (cfg.model_args or {}).items():
         if k in kwargs or k in ("img_size", "norm_pix_loss", "mask_type", "mask_ratio", "num_masks"):
-            flag = {"drop_path_rate": "--drop-path", "init_values": "--layer-scale"}.get(k, f"--{k.replace('_', '-')}")
+            flag = {"drop_path_rate": "--drop-path", "init_values": "--layer-scale",
+                    "abs_pos_embed": "--abs-pos"}.get(k, f"--{k.replace('_', '-')}")  # fmt: skip
             raise UsageError(f"--model-args {k}: set it with {flag} (the run's own flag)")
         kwargs[k] = v
     model = fastmim.create_model(cfg.model, **kwargs).to(device)

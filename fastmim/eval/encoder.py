@@ -16,6 +16,7 @@ from torch import nn
 
 from fastmim.data.folder import BadImageError, to_rgb
 from fastmim.models.registry import RECIPE_PREFIXES
+from fastmim.models.vit import from_beit_state_dict
 
 CACHE_VERSION = "v1"
 
@@ -55,14 +56,15 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def load_encoder(path: str | Path | None = None, model: str | None = None, img_size: int | None = None,
-                 init_values: float | None = None) -> tuple[nn.Module, dict]:  # fmt: skip
+                 vit: dict | None = None) -> tuple[nn.Module, dict]:  # fmt: skip
     """(encoder in eval mode, description). ``path``: a run directory (its encoder.safetensors), an
     encoder.safetensors, a fine-tuning's finetuned.safetensors (without its classifier), or a timm state dict
     (.safetensors, .pth); None: ``model`` randomly initialised.
     ``model``: the encoder (``vit_base_patch16``, ``convnextv2_atto``) or recipe name; None: the file's metadata.
     ``img_size``: a ViT's comes from its position embedding (another size given: the embedding is interpolated to
-    it); a ConvNeXt's is the one its run trained at (the file's metadata), else 224. ``init_values``: a random
-    ViT's layer scale (a file's comes with it)."""
+    it); a ConvNeXt's is the one its run trained at (the file's metadata), else 224. ``vit``: a random ViT's
+    ``init_values``, ``rel_pos_bias``, ``abs_pos_embed`` (a file's come with it). A ViT with a relative position bias
+    (SimMIM's, A2MIM's) reads fastmim's keys or timm's ``Beit`` (a fine-tuning's, BEiT-style checkpoints)."""
     import fastmim
 
     state, meta = None, {}
@@ -89,10 +91,25 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
     if enc.startswith("vit_"):
         class_token = "cls_token" in state if state is not None else not name.startswith("ijepa_")
         kwargs["class_token"] = class_token
+        if state is not None and "blocks.0.attn.q_bias" in state:  # timm's Beit (a fine-tuning of such an encoder)
+            state = from_beit_state_dict(state)
         if state is not None and "blocks.0.ls1.gamma" in state:
             kwargs["init_values"] = 1.0  # layer scale (SimMIM's, A2MIM's): its learned values come with the state
-        elif state is None and init_values is not None:
-            kwargs["init_values"] = init_values
+        elif state is None:
+            kwargs.update({k: v for k, v in (vit or {}).items() if v is not None})
+        if state is not None:
+            shared, own = "rel_pos_bias.relative_position_bias_table", "blocks.0.attn.relative_position_bias_table"
+            kwargs["rel_pos_bias"] = "shared" if shared in state else "block" if own in state else None
+            kwargs["abs_pos_embed"] = "pos_embed" in state
+            if kwargs["rel_pos_bias"] is not None:
+                rows = state[shared if shared in state else own].shape[0] - 3  # (2g - 1)^2 patch offsets
+                grid = (math.isqrt(rows) + 1) // 2
+                trained = grid * state["patch_embed.proj.weight"].shape[-1]
+                if img_size is not None and img_size != trained:
+                    raise ValueError(f"--img-size {img_size}: this encoder's relative position bias was trained on "
+                                     f"{grid}x{grid} patches ({trained} px); resampling its table is not supported, "
+                                     f"evaluate at {trained}")  # fmt: skip
+                kwargs["img_size"] = trained
         if state is not None and "fc_norm.weight" in state and "norm.weight" not in state:
             kwargs["fc_norm"] = True  # a fine-tuning with MAE's global pool (finetuned.safetensors)
         if state is not None and "pos_embed" in state and "patch_embed.proj.weight" in state:
@@ -115,7 +132,7 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
         elif img_size is not None:
             kwargs["img_size"] = img_size
         if state is not None:  # a classifier of a timm checkpoint is not the encoder
-            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+            state = {k: v for k, v in state.items() if not k.startswith("head.") and "relative_position_index" not in k}
     elif state is not None:
         state = {k: v for k, v in state.items() if not k.startswith("head.fc.")}
     module = fastmim.create_model(enc, **kwargs)

@@ -39,7 +39,21 @@ def finetune_network(encoder: nn.Module, info: dict, num_classes: int, drop_path
     of the final norm), cls -> the class token after the final norm. ConvNeXt V2: timm's head (pool, norm, fc)."""
     timm = _timm()
     state = encoder.state_dict()
-    if hasattr(encoder, "blocks"):  # ViT
+    if getattr(encoder, "rel_pos_mode", None) is not None:  # a relative position bias: timm's Beit holds it
+        from timm.models.beit import Beit
+
+        from fastmim.models.vit import beit_kwargs, to_beit_state_dict
+
+        check_pool(encoder, pool)
+        token = pool == "cls"  # auto: MAE's global pool (BEiT's and SimMIM's fine-tuning too)
+        pooling = dict(global_pool="token" if token else "avg", use_fc_norm=not token)
+        net = Beit(**(beit_kwargs(encoder) | pooling | dict(num_classes=num_classes, drop_path_rate=drop_path)))
+        state = to_beit_state_dict(state)
+        if not token:
+            state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+        nn.init.trunc_normal_(net.head.weight, std=2e-5)
+        nn.init.zeros_(net.head.bias)
+    elif hasattr(encoder, "blocks"):  # ViT
         from timm.models.vision_transformer import VisionTransformer
 
         blk = encoder.blocks[0]

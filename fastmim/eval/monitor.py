@@ -44,7 +44,8 @@ class KnnMonitor:
 
     def __init__(self, spec: str, model: str, img_size: int, device: torch.device, k: int = 20,
                  temperature: float = 0.07, pool: str = "auto", workers: int = 0, batch_size: int = 256,
-                 layer_scale: float | None = None):  # fmt: skip
+                 layer_scale: float | None = None, rel_pos_bias: str | None = None,
+                 abs_pos_embed: bool = True):  # fmt: skip
         train_root, val_root = labelled_split(spec)
         from fastmim.data.transforms import eval_transform
 
@@ -58,7 +59,8 @@ class KnnMonitor:
                              "smaller labelled set (tens of images per class are enough to follow a run)")  # fmt: skip
         # neither the encoder's throw-away init nor the loaders' seeds may move the run's random numbers
         with torch.random.fork_rng(devices=[]):
-            self.encoder, _ = load_encoder(None, model, img_size, init_values=layer_scale)
+            vit = dict(init_values=layer_scale, rel_pos_bias=rel_pos_bias, abs_pos_embed=abs_pos_embed)
+            self.encoder, _ = load_encoder(None, model, img_size, vit=vit)
             self.train_x, self.train_y = _decode_all(train, workers)
             self.val_x, self.val_y = _decode_all(val, workers)
         self.encoder.requires_grad_(False)

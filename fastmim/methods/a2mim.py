@@ -5,7 +5,9 @@ A2MIM's two changes: the input's masked pixels are filled with each image's per-
 embedding, and the mask token is added to the masked patch embeddings (``x + mask_token * m``) instead of replacing
 them; and a frequency term, ``0.1 x fft_loss``: the focal frequency loss of the reconstruction (its visible pixels
 replaced by ``0.5 * rec.detach() + 0.5 * target``) against the image (``fastmim.ops.fft_loss``: one FFT per batch).
-Deviations: MAE's fixed sin-cos position embedding, no relative position bias (A2MIM's ViT-B follows SimMIM's).
+The ViT's defaults are MAE's; A2MIM's ViT-B (configs/a2mim_vit_base_in1k.yaml) adds drop path 0.1, layer scale 0.1
+and a relative position bias in each block (``rel_pos_bias="block"``, openmixup's ``use_window``), and keeps the
+fixed sin-cos position embedding where openmixup learns one.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class A2MIMViT(SimMIMViT):
         x = x * (1 - m) + imgs.mean(dim=(2, 3)).view(b, -1, 1, 1, 1, 1) * m  # no [B, 1, H, W] mask materialised
         x = self.patch_embed(x.reshape(imgs.shape))
         x = x + self.mask_token.to(x.dtype) * mask.unsqueeze(-1).to(x.dtype)
-        return self.encode_tokens(x + self.pos_embed[:, 1:, :])
+        return self.encode_tokens(self.with_pos(x))
 
     def forward_loss(
         self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, rec: torch.Tensor | None = None

@@ -4,9 +4,10 @@ Mask: 32-px mask patches over 16-px tokens (2x2 tokens: 28 px at patch 14), 60% 
 other strategy with ``mask_type``). Encoder: the ViT on every token, the masked patch embeddings replaced by a learned
 mask token right after the patch embedding (before the class token and the position embedding). Head: SimMIM's 1x1
 convolution to p*p*3 channels + PixelShuffle(p) on the normed patch tokens. Target: the normalised image, no per-patch
-normalisation; L1 on the masked pixels, divided by their count times the channels. Deviation: the ViT keeps MAE's
-fixed sin-cos position embedding and no relative position bias (SimMIM's ViT-B config uses a shared one); its drop
-path and layer scale (0.1, 0.1) are ``drop_path_rate`` and ``init_values``.
+normalisation; L1 on the masked pixels, divided by their count times the channels. The ViT's defaults are MAE's
+(a fixed sin-cos position embedding, no drop path, layer scale or relative position bias); SimMIM's ViT-B (its config
+file and the recipe's configs/simmim_vit_base_in1k.yaml) is ``drop_path_rate=0.1, init_values=0.1,
+abs_pos_embed=False, rel_pos_bias="shared"``.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ class MaskTokenViT(TargetChoice, VisionTransformer):
     encoder keys are the ViT's (exports to timm like MAE's); ``mask_token`` and ``decoder.*`` are the head's."""
 
     def __init__(self, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm,
-                 drop_path_rate=0.0, init_values=None):  # fmt: skip
+                 drop_path_rate=0.0, init_values=None, abs_pos_embed=True, rel_pos_bias=None):  # fmt: skip
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
-                         fused_norm=fused_norm, drop_path_rate=drop_path_rate, init_values=init_values)  # fmt: skip
+                         fused_norm=fused_norm, drop_path_rate=drop_path_rate, init_values=init_values,
+                         abs_pos_embed=abs_pos_embed, rel_pos_bias=rel_pos_bias)  # fmt: skip
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
@@ -59,7 +61,7 @@ class MaskTokenViT(TargetChoice, VisionTransformer):
         x = self.patch_embed(imgs)  # [B, N, D]
         w = mask.unsqueeze(-1).to(x.dtype)
         x = x * (1 - w) + self.mask_token.to(x.dtype) * w
-        return self.encode_tokens(x + self.pos_embed[:, 1:, :])
+        return self.encode_tokens(self.with_pos(x))
 
     def forward_hog(self, imgs: torch.Tensor, mask: MaskInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """MaskFeat's head and loss (``target="hog"``): a linear layer (``decoder``) from the final-normed patch
@@ -86,8 +88,8 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
             "hog" (MaskFeat's HOG features, ``hog_cell``; a linear head instead of the pixel-shuffle one, MSE); see
             ``fastmim.targets.choice``.
         fused_ops: fastmim.ops for the loss and patchify (False: the plain reference, the same values).
-        attn_impl, drop_path_rate, init_values: see VisionTransformer (SimMIM's ViT-B: drop path 0.1, layer scale
-            0.1).
+        attn_impl, drop_path_rate, init_values, abs_pos_embed, rel_pos_bias: see VisionTransformer (SimMIM's
+            ViT-B: drop path 0.1, layer scale 0.1, no absolute position embedding, a shared relative position bias).
     """
 
     def __init__(
@@ -109,9 +111,11 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
         low_pass_radius: float | None = None,
         drop_path_rate: float = 0.0,
         init_values: float | None = None,
+        abs_pos_embed: bool = True,
+        rel_pos_bias: str | None = None,
     ):
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm,
-                         drop_path_rate, init_values)  # fmt: skip
+                         drop_path_rate, init_values, abs_pos_embed, rel_pos_bias)  # fmt: skip
         self._set_mask_type(mask_type, "simmim")
         self.mask_ratio = mask_ratio
         self.fused_ops = fused_ops

@@ -1,12 +1,14 @@
 """A lean Vision Transformer encoder whose parameter names match timm's ``VisionTransformer``.
 
 An encoder state dict from fastmim loads into ``timm.models.vision_transformer.VisionTransformer`` (and
-``timm.create_model("vit_base_patch16_224", num_classes=0)``) with strict key matching, and vice versa.
+``timm.create_model("vit_base_patch16_224", num_classes=0)``) with strict key matching, and vice versa. An encoder with
+BEiT's relative position bias (SimMIM's and A2MIM's) loads into timm's ``Beit`` through ``to_beit_state_dict``.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +56,60 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D]
 
 
+REL_POS_BIAS = (None, "shared", "block")
+
+
+def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
+    """BEiT's relative position index [1 + h*w, 1 + h*w] into a table of (2h - 1)(2w - 1) + 3 rows: a patch pair's row
+    is its offset (dy, dx), the last three rows are class token -> patch, patch -> class token and class token ->
+    itself (the class token is token 0)."""
+    h, w = grid
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    offsets = (2 * h - 1) * (2 * w - 1)
+    index = torch.empty(h * w + 1, h * w + 1, dtype=torch.long)
+    index[1:, 1:] = (ys[:, None] - ys[None, :] + h - 1) * (2 * w - 1) + (xs[:, None] - xs[None, :] + w - 1)
+    index[0, :] = offsets
+    index[:, 0] = offsets + 1
+    index[0, 0] = offsets + 2
+    return index
+
+
+def _rel_pos_table(module: nn.Module, grid: tuple[int, int], num_heads: int) -> None:
+    """Gives ``module`` BEiT's ``relative_position_bias_table`` (zeros, as BEiT and SimMIM start it) and its index (a
+    non-persistent buffer, derived from the grid)."""
+    module.rel_pos_grid = tuple(grid)
+    rows = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+    module.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
+    module.register_buffer("relative_position_index", relative_position_index(grid), persistent=False)
+
+
+def _rel_pos_bias(module: nn.Module) -> torch.Tensor:
+    """The bias [1, H, 1 + N, 1 + N] added to the attention logits, read from ``module``'s table."""
+    index = module.relative_position_index
+    n = index.shape[0]
+    return module.relative_position_bias_table[index.view(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+
+
+class RelativePositionBias(nn.Module):
+    """One relative position bias shared by every block (BEiT's and SimMIM's ``use_shared_rel_pos_bias``; timm's
+    ``Beit.rel_pos_bias``): ``forward()`` -> [1, H, 1 + N, 1 + N]."""
+
+    def __init__(self, grid: tuple[int, int], num_heads: int):
+        super().__init__()
+        _rel_pos_table(self, grid, num_heads)
+
+    def forward(self) -> torch.Tensor:
+        return _rel_pos_bias(self)
+
+
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_impl: str = "auto"):
+    """Multi-head self-attention. ``rel_pos_grid``: a relative position bias of its own over this patch grid (BEiT's
+    ``use_rel_pos_bias``, A2MIM's ``use_window``; the keys of timm's ``Beit`` attention); a shared one is passed to
+    ``forward`` as ``attn_bias``."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_impl: str = "auto",
+                 rel_pos_grid: tuple[int, int] | None = None):  # fmt: skip
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
@@ -68,15 +122,32 @@ class Attention(nn.Module):
         self.attn_impl = attn_impl
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        if rel_pos_grid is not None:
+            _rel_pos_table(self, rel_pos_grid, num_heads)
+        else:
+            self.relative_position_bias_table = None
 
     def _use_flash(self, x: torch.Tensor) -> bool:
         if _flash_qkvpacked is None or self.attn_impl in ("sdpa", "math"):
             return False
         return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.head_dim <= 256
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N, D] -> [B, N, D]; ``attn_bias`` [1, H, N, N] (a shared relative position bias) is added to the
+        scaled logits, as is this block's own."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)  # [B, N, 3, H, hd]
+        if self.relative_position_bias_table is not None:
+            own = _rel_pos_bias(self)
+            attn_bias = own if attn_bias is None else attn_bias + own
+        if attn_bias is not None:  # flash-attn and fastmim's kernels take no bias: SDPA (or the explicit math)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, hd]
+            if self.attn_impl == "math":
+                attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1) + attn_bias  # [B, H, N, N]
+                out = attn.softmax(dim=-1) @ v
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype))
+            return self.proj(out.transpose(1, 2).reshape(b, n, d))
         if self._use_flash(qkv):
             out = _flash_qkvpacked(qkv, 0.0, self.head_dim**-0.5, False)  # [B, N, H, hd]
             return self.proj(out.reshape(b, n, d))
@@ -131,23 +202,25 @@ class Block(nn.Module):
     """Pre-norm transformer block (timm's ``Block``). ``drop_path``: stochastic depth, each branch's output dropped
     per sample in training (timm's ``DropPath``, the same draws in the same order). ``init_values``: layer scale
     (each branch times a learned per-channel ``ls1.gamma`` / ``ls2.gamma`` starting at this value; SimMIM's ViT 0.1),
-    None: none."""
+    None: none. ``rel_pos_grid``: a relative position bias of the block's own (``Attention``); the forward methods take
+    a shared one as ``attn_bias``."""
 
     fsdp_unit = True  # sharded on its own under --fsdp (fastmim.train.fsdp)
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, attn_impl="auto",
-                 drop_path: float = 0.0, init_values: float | None = None):  # fmt: skip
+                 drop_path: float = 0.0, init_values: float | None = None,
+                 rel_pos_grid: tuple[int, int] | None = None):  # fmt: skip
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_impl=attn_impl)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_impl=attn_impl, rel_pos_grid=rel_pos_grid)
         self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.drop_path = DropPath(drop_path)  # no parameters: the state dict is timm's either way
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), attn_bias)))
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
     def forward_with_ffn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +231,9 @@ class Block(nn.Module):
         t = self.mlp(self.norm2(x))
         return x + self.drop_path(self.ls2(t)), t
 
-    def forward_fused(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_fused(
+        self, x: torch.Tensor, delta: torch.Tensor | None, attn_bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The block on the stream ``x + delta`` (``delta``: the previous block's MLP output, not yet added; None for
         the first block) with each residual add fused into the LayerNorm after it (``fastmim.ops.add_layer_norm``).
         Returns (stream, this block's MLP output, after drop path): ``forward(x + delta) == stream + mlp_out``."""
@@ -166,7 +241,7 @@ class Block(nn.Module):
             h, y = x, self.norm1(x)
         else:
             y, h = add_layer_norm(delta, x, self.norm1.weight, self.norm1.bias, self.norm1.eps)
-        branch = self.drop_path(self.ls1(self.attn(y)))
+        branch = self.drop_path(self.ls1(self.attn(y, attn_bias)))
         y, h = add_layer_norm(branch, h, self.norm2.weight, self.norm2.bias, self.norm2.eps)
         return h, self.drop_path(self.ls2(self.mlp(y)))
 
@@ -180,18 +255,25 @@ def checkpointed(fn, *args, enabled: bool = True):
 
 
 def run_blocks(
-    blocks: nn.ModuleList, x: torch.Tensor, norm: nn.LayerNorm, fused_norm: bool = False, grad_ckpt: bool = False
+    blocks: nn.ModuleList,
+    x: torch.Tensor,
+    norm: nn.LayerNorm,
+    fused_norm: bool = False,
+    grad_ckpt: bool = False,
+    attn_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``norm(blocks(x))``; with ``fused_norm`` every residual add is fused with the LayerNorm that follows it, the
     last one with ``norm`` (whose output keeps the stream's dtype, as LayerNorm's under autocast); with ``grad_ckpt``
-    each block's activations are recomputed in the backward (per-block activation checkpointing)."""
+    each block's activations are recomputed in the backward (per-block activation checkpointing). ``attn_bias``: a
+    shared relative position bias, given to every block."""
+    extra = () if attn_bias is None else (attn_bias,)
     if not fused_norm or not len(blocks):
         for blk in blocks:
-            x = checkpointed(blk, x, enabled=grad_ckpt)
+            x = checkpointed(blk, x, *extra, enabled=grad_ckpt)
         return norm(x)
     delta = None
     for blk in blocks:
-        x, delta = checkpointed(blk.forward_fused, x, delta, enabled=grad_ckpt)
+        x, delta = checkpointed(blk.forward_fused, x, delta, *extra, enabled=grad_ckpt)
     s_dtype = torch.promote_types(x.dtype, delta.dtype)
     return add_layer_norm(delta, x, norm.weight, norm.bias, norm.eps, out_dtype=s_dtype)[0]
 
@@ -235,6 +317,13 @@ class VisionTransformer(nn.Module):
         init_values: layer scale, every block's branches times a learned per-channel gamma starting at this value
             (timm's ``init_values``, the same ``blocks.N.ls1.gamma`` keys; SimMIM's and A2MIM's ViT-B: 0.1); None:
             none.
+        abs_pos_embed: the fixed sin-cos position embedding added to the tokens (False: none, SimMIM's ViT-B, whose
+            positions come from its relative position bias alone; ``pos_embed`` is then None).
+        rel_pos_bias: BEiT's relative position bias on the attention logits, a learned table of (2h - 1)(2w - 1) + 3
+            rows per head started at zero: "shared" by all blocks (SimMIM's ViT-B, ``rel_pos_bias.*``), one per
+            "block" (A2MIM's, openmixup's ``use_window``: ``blocks.N.attn.*``), None: none. Needs the class token;
+            attention then runs in SDPA with the bias (not flash-attn or ``fastmim``). Such an encoder loads into
+            timm's ``Beit`` (``to_beit_state_dict``), not its VisionTransformer.
     """
 
     def __init__(
@@ -255,8 +344,20 @@ class VisionTransformer(nn.Module):
         fc_norm: bool = False,
         drop_path_rate: float = 0.0,
         init_values: float | None = None,
+        abs_pos_embed: bool = True,
+        rel_pos_bias: str | None = None,
     ):
         super().__init__()
+        if rel_pos_bias not in REL_POS_BIAS:
+            raise ValueError(f"rel_pos_bias must be one of {REL_POS_BIAS}, got {rel_pos_bias!r}")
+        if rel_pos_bias is not None and not class_token:
+            raise ValueError("rel_pos_bias: BEiT's relative position bias has rows for the class token; this ViT has "
+                             "none (class_token=False)")  # fmt: skip
+        if rel_pos_bias is not None and attn_impl in ("flash", "fastmim"):
+            raise ValueError(f"attn_impl={attn_impl!r} takes no attention bias: a ViT with a relative position bias "
+                             "runs SDPA (auto, sdpa) or math")  # fmt: skip
+        if not abs_pos_embed and rel_pos_bias is None:
+            raise ValueError("abs_pos_embed=False without a rel_pos_bias leaves the ViT no position information")
         if init_values is not None and (isinstance(init_values, bool) or not isinstance(init_values, int | float)
                                         or not math.isfinite(init_values) or init_values <= 0):  # fmt: skip
             raise ValueError(f"init_values (layer scale) must be a finite number > 0 or None, got {init_values!r}")
@@ -280,10 +381,17 @@ class VisionTransformer(nn.Module):
             self.register_parameter("cls_token", None)
         # fixed, but a parameter (requires_grad=False) so that it is in the state dict as in MAE and timm
         rows = self.num_patches + self.num_prefix_tokens
-        self.pos_embed = nn.Parameter(torch.zeros(1, rows, embed_dim), requires_grad=False)
+        if abs_pos_embed:
+            self.pos_embed = nn.Parameter(torch.zeros(1, rows, embed_dim), requires_grad=False)
+        else:
+            self.register_parameter("pos_embed", None)
+        self.rel_pos_mode = rel_pos_bias
+        grid = self.patch_embed.grid_size
+        self.rel_pos_bias = RelativePositionBias(grid, num_heads) if rel_pos_bias == "shared" else None
+        own = grid if rel_pos_bias == "block" else None
         rates = [float(drop_path_rate) * j / max(depth - 1, 1) for j in range(depth)]  # as torch.linspace(0, rate)
         self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias, attn_impl, rate, init_values) for rate in rates]
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias, attn_impl, rate, init_values, own) for rate in rates]
         )
         self.norm = nn.Identity() if fc_norm else nn.LayerNorm(embed_dim, eps=1e-6)
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if fc_norm else None
@@ -296,7 +404,8 @@ class VisionTransformer(nn.Module):
         return self.patch_embed.grid_size
 
     def _init_encoder(self) -> None:
-        self.pos_embed.data.copy_(sincos_2d(self.embed_dim, self.grid_size, cls_token=self.class_token).unsqueeze(0))
+        if self.pos_embed is not None:
+            self.pos_embed.data.copy_(sincos_2d(self.embed_dim, self.grid_size, cls_token=self.class_token)[None])
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer, as MAE
         if self.class_token:
@@ -306,18 +415,29 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
+    def with_pos(self, x: torch.Tensor) -> torch.Tensor:
+        """Every patch token [B, N, D] plus its position embedding (as it is without one)."""
+        return x if self.pos_embed is None else x + self.pos_embed[:, self.num_prefix_tokens :, :]
+
     def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch tokens that carry their position embedding [B, K, D] (all of them, or the visible ones) ->
-        [B, 1 + K, D]: the class token in front (none without one: [B, K, D]), the blocks, the final norm."""
+        """Patch tokens that carry their position embedding [B, K, D] (all of them, or the visible ones; all of them
+        with a relative position bias) -> [B, 1 + K, D]: the class token in front (none without one: [B, K, D]), the
+        blocks, the final norm."""
         if self.class_token:
-            cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
-            x = torch.cat([cls, x], dim=1)
-        return run_blocks(self.blocks, x, self.norm, self.fused_norm, self.grad_ckpt)
+            cls = self.cls_token if self.pos_embed is None else self.cls_token + self.pos_embed[:, :1, :]
+            x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
+        bias = None
+        if self.rel_pos_mode is not None:
+            if x.shape[1] != self.num_patches + 1:
+                raise ValueError(f"a ViT with a relative position bias sees every token ({self.num_patches} patches), "
+                                 f"got {x.shape[1] - 1}")  # fmt: skip
+            bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        return run_blocks(self.blocks, x, self.norm, self.fused_norm, self.grad_ckpt, bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, 1 + N, D] normalised tokens, class token first ([B, N, D] without one; with
         ``fc_norm``, not normalised)."""
-        return self.encode_tokens(self.patch_embed(x) + self.pos_embed[:, self.num_prefix_tokens :, :])
+        return self.encode_tokens(self.with_pos(self.patch_embed(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class-token features [B, D] (the tokens' mean without a class token; with ``fc_norm``, the normalised mean
@@ -326,6 +446,55 @@ class VisionTransformer(nn.Module):
         if self.fc_norm is not None:
             return self.head(self.fc_norm(feats[:, self.num_prefix_tokens :].mean(dim=1)))
         return self.head(feats[:, 0] if self.class_token else feats.mean(dim=1))
+
+
+def to_beit_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A fastmim ViT's state dict in the keys of timm's ``Beit`` (for an encoder with a relative position bias, which
+    timm's VisionTransformer cannot hold): ``qkv.bias`` becomes ``q_bias`` and ``v_bias`` (BEiT has no key bias: a key
+    bias adds the same q.b to every logit of a row, which the softmax cancels, so the function is unchanged) and
+    ``ls1.gamma`` / ``ls2.gamma`` become ``gamma_1`` / ``gamma_2``. Build the timm model with ``beit_kwargs``."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith(".attn.qkv.bias"):
+            d = v.shape[0] // 3
+            out[k.replace("qkv.bias", "q_bias")], out[k.replace("qkv.bias", "v_bias")] = v[:d], v[2 * d :]
+        elif k.endswith((".ls1.gamma", ".ls2.gamma")):
+            out[k.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2")] = v
+        else:
+            out[k] = v
+    return out
+
+
+def from_beit_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``to_beit_state_dict`` undone: timm's ``Beit`` keys (BEiT's and SimMIM's checkpoints) in fastmim's, the key
+    bias zero; ``relative_position_index`` buffers are dropped (fastmim derives them)."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith(".attn.q_bias"):
+            v_bias = state[k.replace("q_bias", "v_bias")]
+            out[k.replace("q_bias", "qkv.bias")] = torch.cat([v, torch.zeros_like(v), v_bias])
+        elif k.endswith((".attn.v_bias", ".attn.k_bias", "relative_position_index")):
+            continue
+        elif k.endswith((".gamma_1", ".gamma_2")):
+            out[k.replace(".gamma_1", ".ls1.gamma").replace(".gamma_2", ".ls2.gamma")] = v
+        else:
+            out[k] = v
+    return out
+
+
+def beit_kwargs(encoder: VisionTransformer) -> dict:
+    """The arguments of timm's ``Beit`` of ``encoder``'s shape (no classifier, the class token after the final
+    norm as its pooled output: add ``num_classes``, ``global_pool``, ``use_fc_norm`` to fine-tune)."""
+    blk = encoder.blocks[0]
+    gamma = getattr(blk.ls1, "gamma", None)
+    return dict(
+        img_size=encoder.patch_embed.img_size, patch_size=encoder.patch_embed.patch_size, in_chans=encoder.in_chans,
+        embed_dim=encoder.embed_dim, depth=len(encoder.blocks), num_heads=blk.attn.num_heads,
+        mlp_ratio=blk.mlp.fc1.out_features / encoder.embed_dim, qkv_bias=blk.attn.qkv.bias is not None,
+        init_values=None if gamma is None else 1.0, use_abs_pos_emb=encoder.pos_embed is not None,
+        use_rel_pos_bias=encoder.rel_pos_mode == "block", use_shared_rel_pos_bias=encoder.rel_pos_mode == "shared",
+        num_classes=0, global_pool="token", use_fc_norm=False, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+    )  # fmt: skip
 
 
 def vit_sizes() -> dict[str, dict]:
@@ -356,11 +525,16 @@ def num_params(model: nn.Module) -> int:
 __all__ = [
     "Block",
     "PatchEmbed",
+    "RelativePositionBias",
     "VisionTransformer",
     "checkpointed",
     "init_weights",
     "num_params",
     "run_blocks",
+    "beit_kwargs",
+    "from_beit_state_dict",
+    "relative_position_index",
     "set_grad_ckpt",
+    "to_beit_state_dict",
     "vit_sizes",
 ]

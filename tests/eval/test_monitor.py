@@ -185,3 +185,57 @@ def test_a_simmim_run_with_layer_scale_and_drop_path_is_monitored_evaluated_and_
         r"network its checkpoint holds: drop them \(--layer-scale none\)",
     ):
         pretrain.run(["--resume", "--output-dir", str(plain), "--max-steps", "3", "--layer-scale", "0.1"])
+
+
+def test_simmims_vit_b_encoder_shared_bias_no_abs_pos_trains_evaluates_fine_tunes_and_resumes(image_folder,
+                                                                                              tmp_path):  # fmt: skip
+    """SimMIM's ViT-B encoder at tiny size (--rel-pos-bias shared --abs-pos none): the kNN monitor builds it,
+    encoder.safetensors holds the learned table and no pos_embed, loads into timm's Beit and into python -m
+    fastmim.eval's encoder with the same features; a fine-tuning network (timm's Beit) saved as finetuned.safetensors
+    loads back as an encoder; a resume that would change either setting is refused, naming the way back."""
+    timm_beit = pytest.importorskip("timm.models.beit", reason="timm is a test dependency (pip install -e '.[test]')")
+    from fastmim.eval.finetune import finetune_network
+    from fastmim.models.vit import beit_kwargs, to_beit_state_dict
+    from fastmim.train.checkpoint import save_encoder
+    from tests.conftest import tiny_args_for
+
+    args = [*tiny_args_for("simmim_vit_tiny_patch16"), "--data-path", str(image_folder), "--loader", "torch",
+            "--rel-pos-bias", "shared", "--abs-pos", "none", "--max-steps", "2",
+            "--eval-data", str(_labelled(tmp_path))]  # fmt: skip
+    out = tmp_path / "run"
+    pretrain.run([*args, "--output-dir", str(out)])
+    assert [r["step"] for r in _knn_rows(out)] == [0, 2]
+    state = load_file(out / "encoder.safetensors")
+    assert "pos_embed" not in state and state["rel_pos_bias.relative_position_bias_table"].abs().sum() > 0  # learned
+    enc, info = load_encoder(out)
+    assert enc.rel_pos_mode == "shared" and enc.pos_embed is None and info["img_size"] == 64
+    theirs = timm_beit.Beit(**beit_kwargs(enc)).eval()
+    theirs.load_state_dict(to_beit_state_dict(state), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.forward_features(x), theirs.forward_features(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="resampling its table is not supported, evaluate at 64"):
+        load_encoder(out, img_size=96)
+    net, missing = finetune_network(enc, info, 3, 0.1)
+    assert isinstance(net, timm_beit.Beit) and sorted(missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias",
+                                                                   "head.weight"]  # fmt: skip
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)
+    save_encoder(tmp_path / "finetuned.safetensors", net.state_dict(), {"model": "vit_tiny_patch16", "pool": "avg"})
+    tuned, _ = load_encoder(tmp_path / "finetuned.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(x), net.eval().forward_head(net.forward_features(x), pre_logits=True),
+                                   rtol=1e-4, atol=1e-4)  # fmt: skip
+    with pytest.raises(pretrain.UsageError, match=r"trained with rel_pos_bias shared; --rel-pos-bias block would"):
+        pretrain.run(["--resume", "--output-dir", str(out), "--max-steps", "3", "--rel-pos-bias", "block"])
+    with pytest.raises(pretrain.UsageError, match=r"trained with abs_pos none; --abs-pos sincos would change"):
+        pretrain.run(["--resume", "--output-dir", str(out), "--max-steps", "3", "--abs-pos", "sincos"])
+    # a run without a bias (or from before the option) that a config's rel_pos_bias would give one
+    plain = tmp_path / "plain"
+    i = args.index("--rel-pos-bias")
+    pretrain.run([*args[:i], *args[i + 4 :], "--output-dir", str(plain)])
+    with pytest.raises(pretrain.UsageError, match=r"drop them \(--rel-pos-bias none\)"):
+        pretrain.run(["--resume", "--output-dir", str(plain), "--max-steps", "3", "--rel-pos-bias", "shared"])
+    with pytest.raises(pretrain.UsageError, match="applies to SimMIM, A2MIM and MaskFeat"):
+        pretrain.run([*TINY_ARGS, "--rel-pos-bias", "shared", "--output-dir", str(tmp_path / "mae")])

@@ -49,6 +49,33 @@ def test_masked_patches_reach_the_encoder_only_as_the_mask_token():
         assert not torch.allclose(m.forward_encoder(imgs, visible), a)
 
 
+@pytest.mark.parametrize("name, mode", [("simmim", "shared"), ("a2mim", "block"), ("maskfeat", "shared")])
+def test_the_mask_token_recipes_train_a_relative_position_bias_without_abs_positions(name, mode):
+    """SimMIM's ViT-B encoder (and A2MIM's per-block bias, and MaskFeat's encoder with one): every tables' gradient is
+    nonzero, the encoder's state has the tables and no pos_embed; a different position of the same hidden patch
+    changes the encoding (the bias is the only position signal)."""
+    torch.manual_seed(0)
+    m = fastmim.create_model(f"{name}_vit_tiny_patch16", img_size=64, depth=2, rel_pos_bias=mode, abs_pos_embed=False)
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = m.mask_strategy(seed=3)(indices=torch.arange(2), device="cpu").info()
+    loss, _, _ = m(imgs, mask=mask)
+    loss.backward()
+    tables = [p for n, p in m.named_parameters() if n.endswith("relative_position_bias_table")]
+    assert len(tables) == (1 if mode == "shared" else 2) and all(t.grad.abs().sum() > 0 for t in tables)
+    state = m.encoder_state_dict()
+    assert "pos_embed" not in state and sum(k.endswith("relative_position_bias_table") for k in state) == len(tables)
+    with torch.no_grad():
+        for t in tables:
+            t.normal_()
+        a = m.eval().forward_encoder(imgs, mask.mask)
+        swapped = imgs.clone()  # two visible patches exchanged: the same tokens in other places
+        (y0, x0), (y1, x1) = [divmod(int(i), 4) for i in (mask.mask[0] == 0).nonzero()[:2, 0]]
+        first = (0, slice(None), slice(y0 * 16, y0 * 16 + 16), slice(x0 * 16, x0 * 16 + 16))
+        second = (0, slice(None), slice(y1 * 16, y1 * 16 + 16), slice(x1 * 16, x1 * 16 + 16))
+        swapped[first], swapped[second] = imgs[second], imgs[first]
+        assert not torch.allclose(m.forward_encoder(swapped, mask.mask)[0, 0], a[0, 0], atol=1e-4)
+
+
 @pytest.mark.slow
 def test_simmim_pretrains_from_the_cli_and_exports_a_timm_encoder(image_folder, tmp_path):
     out = tmp_path / "simmim"
