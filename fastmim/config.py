@@ -106,6 +106,11 @@ class PretrainConfig:
         metadata={"help": "the ViT encoder's absolute position embedding: sincos (fixed, MAE's), none (SimMIM's "
                           "ViT-B: positions from --rel-pos-bias alone)"},
     )  # fmt: skip
+    vit_init: str = field(
+        default="mae",
+        metadata={"help": "the ViT encoder's initialisation: mae (xavier-uniform, MAE's), beit (truncated normal 0.02 "
+                          "with the depth rescaling: BEiT's and SimMIM's); SimMIM, A2MIM and MaskFeat"},
+    )  # fmt: skip
     norm_pix_loss: bool = field(default=True, metadata={"help": "normalise target patches (MAE norm-pix)"})
     # data
     data_path: str | None = field(default=None, metadata={"help": "image folder (None: built-in sample photos)"})
@@ -264,6 +269,8 @@ class PretrainConfig:
             raise ValueError(f"layer_scale must be a finite number > 0 (or none), got {scale!r}")
         if self.rel_pos_bias not in (None, "shared", "block"):
             raise ValueError(f"rel_pos_bias must be shared or block (or none), got {self.rel_pos_bias!r}")
+        if self.vit_init not in ("mae", "beit"):
+            raise ValueError(f"vit_init must be mae or beit, got {self.vit_init!r}")
         if self.abs_pos not in ("sincos", "none"):
             raise ValueError(f"abs_pos must be sincos or none, got {self.abs_pos!r}")
         if self.abs_pos == "none" and self.rel_pos_bias is None:

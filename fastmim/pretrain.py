@@ -149,9 +149,10 @@ NETWORK_KEYS = ("model", "img_size", "decoder_embed_dim", "decoder_depth", "deco
                 "rel_pos_bias", "abs_pos")  # fmt: skip
 # network settings whose default is a part left out (or an old run's): compared even when the run saved none
 NETWORK_DEFAULTS = {"layer_scale": None, "rel_pos_bias": None, "abs_pos": "sincos"}
-# what a resume continues with whatever it was (where the run is, how it reports): not a change of the training
+# what a resume continues with whatever it was (where the run is, how it reports; the initialisation: the weights
+# come from the checkpoint): not a change of the training
 RUN_KEYS = ("resume", "output_dir", "device", "num_workers", "max_steps", "log_interval", "vis_interval",
-            "save_interval", "eval_data", "eval_every", "eval_pool")  # fmt: skip
+            "save_interval", "eval_data", "eval_every", "eval_pool", "vit_init")  # fmt: skip
 CHANGES_FILE = "resumes.jsonl"  # a run's record of the settings each resume changed
 # what a run from before an option existed did, where the option's default is not that: the torch loader (before
 # --loader), torch.compile's default mode (before --compile-mode)
@@ -499,12 +500,15 @@ def build_model(cfg: PretrainConfig, device: torch.device):
                 raise UsageError(f"--{k.replace('_', '-')} does not apply to {name}: its head is {head}")
             kwargs[k] = getattr(cfg, k)
     if cfg.model.startswith(("simmim_", "a2mim_", "maskfeat_")):
-        kwargs.update(rel_pos_bias=cfg.rel_pos_bias, abs_pos_embed=cfg.abs_pos == "sincos")
+        kwargs.update(rel_pos_bias=cfg.rel_pos_bias, abs_pos_embed=cfg.abs_pos == "sincos", init=cfg.vit_init)
     else:
-        for flag, value, default in (("--rel-pos-bias", cfg.rel_pos_bias, None), ("--abs-pos", cfg.abs_pos, "sincos")):
+        why, beit = "whose encoders see every token (a relative position bias needs them all)", "BEiT's family"
+        for flag, value, default, reason in (("--rel-pos-bias", cfg.rel_pos_bias, None, why),
+                                             ("--abs-pos", cfg.abs_pos, "sincos", why),
+                                             ("--vit-init", cfg.vit_init, "mae", beit)):  # fmt: skip
             if value != default:
-                raise UsageError(f"{flag} {value} applies to SimMIM, A2MIM and MaskFeat, whose encoders see every "
-                                 f"token; {cfg.model.split('_')[0]}'s encoder does not take it")  # fmt: skip
+                raise UsageError(f"{flag} {value} applies to SimMIM, A2MIM and MaskFeat, {reason}; "
+                                 f"{cfg.model.split('_')[0]}'s encoder does not take it")  # fmt: skip
     if cfg.model.startswith(("data2vec2_", "ijepa_")):
         for flag, value in (("--drop-path", cfg.drop_path), ("--layer-scale", cfg.layer_scale)):
             if value:
@@ -575,7 +579,7 @@ def build_model(cfg: PretrainConfig, device: torch.device):
     for k, v in (cfg.model_args or {}).items():
         if k in kwargs or k in ("img_size", "norm_pix_loss", "mask_type", "mask_ratio", "num_masks"):
             flag = {"drop_path_rate": "--drop-path", "init_values": "--layer-scale",
-                    "abs_pos_embed": "--abs-pos"}.get(k, f"--{k.replace('_', '-')}")  # fmt: skip
+                    "abs_pos_embed": "--abs-pos", "init": "--vit-init"}.get(k, f"--{k.replace('_', '-')}")  # fmt: skip
             raise UsageError(f"--model-args {k}: set it with {flag} (the run's own flag)")
         kwargs[k] = v
     model = fastmim.create_model(cfg.model, **kwargs).to(device)

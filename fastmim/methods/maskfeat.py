@@ -45,7 +45,8 @@ class MaskFeatViT(MaskTokenViT):
             mmpretrain uses 16).
         fused_ops: fastmim.ops for the target and the loss (False: the official whole-image HOG and the plain
             loss, the same values).
-        attn_impl, fused_norm, drop_path_rate, init_values, abs_pos_embed, rel_pos_bias: see VisionTransformer.
+        attn_impl, fused_norm, drop_path_rate, init_values, abs_pos_embed, rel_pos_bias, init: see
+            VisionTransformer.
     """
 
     def __init__(
@@ -70,9 +71,10 @@ class MaskFeatViT(MaskTokenViT):
         init_values: float | None = None,
         abs_pos_embed: bool = True,
         rel_pos_bias: str | None = None,
+        init: str = "mae",
     ):
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm,
-                         drop_path_rate, init_values, abs_pos_embed, rel_pos_bias)  # fmt: skip
+                         drop_path_rate, init_values, abs_pos_embed, rel_pos_bias, init)  # fmt: skip
         self._set_mask_type(mask_type, "block")
         self.mask_ratio = mask_ratio
         if mask_exact is None:

@@ -5,9 +5,9 @@ other strategy with ``mask_type``). Encoder: the ViT on every token, the masked 
 mask token right after the patch embedding (before the class token and the position embedding). Head: SimMIM's 1x1
 convolution to p*p*3 channels + PixelShuffle(p) on the normed patch tokens. Target: the normalised image, no per-patch
 normalisation; L1 on the masked pixels, divided by their count times the channels. The ViT's defaults are MAE's
-(a fixed sin-cos position embedding, no drop path, layer scale or relative position bias); SimMIM's ViT-B (its config
-file and the recipe's configs/simmim_vit_base_in1k.yaml) is ``drop_path_rate=0.1, init_values=0.1,
-abs_pos_embed=False, rel_pos_bias="shared"``.
+(a fixed sin-cos position embedding, no drop path, layer scale or relative position bias, MAE's initialisation);
+SimMIM's ViT-B (its config file and the recipe's configs/simmim_vit_base_in1k.yaml) is ``drop_path_rate=0.1,
+init_values=0.1, abs_pos_embed=False, rel_pos_bias="shared", init="beit"``.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ class MaskTokenViT(TargetChoice, VisionTransformer):
     encoder keys are the ViT's (exports to timm like MAE's); ``mask_token`` and ``decoder.*`` are the head's."""
 
     def __init__(self, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm,
-                 drop_path_rate=0.0, init_values=None, abs_pos_embed=True, rel_pos_bias=None):  # fmt: skip
+                 drop_path_rate=0.0, init_values=None, abs_pos_embed=True, rel_pos_bias=None, init="mae"):  # fmt: skip
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
                          fused_norm=fused_norm, drop_path_rate=drop_path_rate, init_values=init_values,
-                         abs_pos_embed=abs_pos_embed, rel_pos_bias=rel_pos_bias)  # fmt: skip
+                         abs_pos_embed=abs_pos_embed, rel_pos_bias=rel_pos_bias, init=init)  # fmt: skip
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
@@ -88,8 +88,9 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
             "hog" (MaskFeat's HOG features, ``hog_cell``; a linear head instead of the pixel-shuffle one, MSE); see
             ``fastmim.targets.choice``.
         fused_ops: fastmim.ops for the loss and patchify (False: the plain reference, the same values).
-        attn_impl, drop_path_rate, init_values, abs_pos_embed, rel_pos_bias: see VisionTransformer (SimMIM's
-            ViT-B: drop path 0.1, layer scale 0.1, no absolute position embedding, a shared relative position bias).
+        attn_impl, drop_path_rate, init_values, abs_pos_embed, rel_pos_bias, init: see VisionTransformer (SimMIM's
+            ViT-B: drop path 0.1, layer scale 0.1, no absolute position embedding, a shared relative position bias,
+            BEiT's initialisation).
     """
 
     def __init__(
@@ -113,9 +114,10 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
         init_values: float | None = None,
         abs_pos_embed: bool = True,
         rel_pos_bias: str | None = None,
+        init: str = "mae",
     ):
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm,
-                         drop_path_rate, init_values, abs_pos_embed, rel_pos_bias)  # fmt: skip
+                         drop_path_rate, init_values, abs_pos_embed, rel_pos_bias, init)  # fmt: skip
         self._set_mask_type(mask_type, "simmim")
         self.mask_ratio = mask_ratio
         self.fused_ops = fused_ops

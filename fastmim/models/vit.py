@@ -289,6 +289,21 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+VIT_INITS = ("mae", "beit")
+
+
+def init_weights_beit(module: nn.Module) -> None:
+    """BEiT's and SimMIM's initialisation: truncated-normal (std 0.02) linears and convolutions, zero biases, unit
+    LayerNorms."""
+    if isinstance(module, nn.Linear | nn.Conv2d):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class VisionTransformer(nn.Module):
     grad_ckpt = False  # per-block activation checkpointing (``fastmim.models.vit.set_grad_ckpt``, ``--grad-ckpt``)
 
@@ -324,6 +339,9 @@ class VisionTransformer(nn.Module):
             "block" (A2MIM's, openmixup's ``use_window``: ``blocks.N.attn.*``), None: none. Needs the class token;
             attention then runs in SDPA with the bias (not flash-attn or ``fastmim``). Such an encoder loads into
             timm's ``Beit`` (``to_beit_state_dict``), not its VisionTransformer.
+        init: the encoder's initialisation: "mae" (xavier-uniform linears and patch embedding, MAE's and most
+            recipes'), "beit" (BEiT's and SimMIM's: truncated normal std 0.02 for the linears and the patch
+            embedding, then each block's attn.proj and mlp.fc2 weights divided by sqrt(2 x its depth from 1)).
     """
 
     def __init__(
@@ -346,8 +364,11 @@ class VisionTransformer(nn.Module):
         init_values: float | None = None,
         abs_pos_embed: bool = True,
         rel_pos_bias: str | None = None,
+        init: str = "mae",
     ):
         super().__init__()
+        if init not in VIT_INITS:
+            raise ValueError(f"init must be one of {VIT_INITS}, got {init!r}")
         if rel_pos_bias not in REL_POS_BIAS:
             raise ValueError(f"rel_pos_bias must be one of {REL_POS_BIAS}, got {rel_pos_bias!r}")
         if rel_pos_bias is not None and not class_token:
@@ -396,6 +417,7 @@ class VisionTransformer(nn.Module):
         self.norm = nn.Identity() if fc_norm else nn.LayerNorm(embed_dim, eps=1e-6)
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if fc_norm else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init = init
         self._init_encoder()
         set_fused_gelu(self, fused_gelu)
 
@@ -406,6 +428,14 @@ class VisionTransformer(nn.Module):
     def _init_encoder(self) -> None:
         if self.pos_embed is not None:
             self.pos_embed.data.copy_(sincos_2d(self.embed_dim, self.grid_size, cls_token=self.class_token)[None])
+        if self.init == "beit":
+            self.apply(init_weights_beit)
+            if self.class_token:
+                nn.init.trunc_normal_(self.cls_token, std=0.02)
+            for depth, blk in enumerate(self.blocks, start=1):  # BEiT's fix_init_weight
+                blk.attn.proj.weight.data.div_(math.sqrt(2.0 * depth))
+                blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * depth))
+            return
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer, as MAE
         if self.class_token:

@@ -239,3 +239,5 @@ def test_simmims_vit_b_encoder_shared_bias_no_abs_pos_trains_evaluates_fine_tune
         pretrain.run(["--resume", "--output-dir", str(plain), "--max-steps", "3", "--rel-pos-bias", "shared"])
     with pytest.raises(pretrain.UsageError, match="applies to SimMIM, A2MIM and MaskFeat"):
         pretrain.run([*TINY_ARGS, "--rel-pos-bias", "shared", "--output-dir", str(tmp_path / "mae")])
+    with pytest.raises(pretrain.UsageError, match="--vit-init beit applies to SimMIM, A2MIM and MaskFeat"):
+        pretrain.run([*TINY_ARGS, "--vit-init", "beit", "--output-dir", str(tmp_path / "mae")])

@@ -161,3 +161,24 @@ def test_cuda_bf16_sdpa_with_the_bias_matches_the_fp32_math_path(mode):
     (y_ref, g_ref), (y, g) = grads
     assert (y - y_ref).abs().max() <= 0.05 * y_ref.abs().max()
     assert (g - g_ref).norm() <= 0.05 * g_ref.norm() and g_ref.norm() > 0
+
+
+def test_beit_init_is_truncated_normal_with_the_depth_rescaling():
+    """init="beit": linears and the patch embedding std 0.02 (zero biases), each block's attn.proj and mlp.fc2
+    divided by sqrt(2 x depth); "mae" keeps the xavier-uniform ones (another std)."""
+    torch.manual_seed(0)
+    kw = dict(img_size=32, patch_size=8, embed_dim=192, depth=4, num_heads=3)
+    beit = VisionTransformer(**kw, init="beit", rel_pos_bias="shared")
+    mae = VisionTransformer(**kw)
+    assert beit.patch_embed.proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    for depth, blk in enumerate(beit.blocks, start=1):
+        assert blk.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert blk.mlp.fc1.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        for w in (blk.attn.proj.weight, blk.mlp.fc2.weight):
+            assert w.std().item() == pytest.approx(0.02 / (2 * depth) ** 0.5, rel=0.05)
+        assert not blk.attn.qkv.bias.any() and not blk.mlp.fc2.bias.any()
+    xavier = (6 / (192 + 576)) ** 0.5 / 3**0.5  # uniform(-a, a) has std a / sqrt(3)
+    assert mae.blocks[0].attn.qkv.weight.std().item() == pytest.approx(xavier, rel=0.05)
+    assert not beit.rel_pos_bias.relative_position_bias_table.any()  # BEiT starts the table at zero
+    with pytest.raises(ValueError, match="init must be one of"):
+        VisionTransformer(**kw, init="xavier")
