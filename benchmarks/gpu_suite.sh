@@ -154,6 +154,14 @@ want recipes && step "throughput: MaskFeat and SimMIM ViT-B/16, batch 256, bf16,
       --batch-size 256 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 --modes reference,fastmim \
       --out "$RESULTS/throughput.jsonl"
   done
+  # SimMIM's own ViT-B encoder (configs/simmim_vit_base_in1k.yaml): a shared relative position bias and no absolute
+  # position embedding, layer scale and drop path 0.1. Prediction: 5-10% fewer img/s than the row above: SDPA cannot
+  # use its flash kernel with a bias that needs a gradient (memory-efficient or cuDNN instead, whose backward also sums
+  # the bias gradient over the batch), on 197 tokens in every block; layer scale and drop path add elementwise passes.
+  fits 60 "simmim paper encoder throughput" && run 120 $PY benchmarks/throughput.py --recipe simmim \
+    --model vit_base_patch16 --batch-size 256 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 --modes fastmim \
+    --model-arg rel_pos_bias=shared --model-arg abs_pos_embed=false --model-arg init_values=0.1 \
+    --model-arg drop_path_rate=0.1 --out "$RESULTS/throughput.jsonl"
 }
 
 # issue 17: data2vec 2.0's amortisation (16 masks per image: one teacher pass) against 16 separate passes, and the EMA
