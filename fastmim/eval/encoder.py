@@ -52,6 +52,10 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
+    if any(k.startswith("encoder.") for k in state) and all(k.startswith(("encoder.", "decoder.")) for k in state):
+        # a pretraining checkpoint of SimMIM's (microsoft/SimMIM): the encoder's weights, without its mask token
+        state = {k.removeprefix("encoder."): v for k, v in state.items()
+                 if k.startswith("encoder.") and k != "encoder.mask_token"}  # fmt: skip
     return state, {}
 
 

@@ -696,3 +696,28 @@ def test_options_a_mode_does_not_read_are_refused_and_a_convnext_takes_no_pool(c
     err = capsys.readouterr().err
     assert "--warmup-epochs 10 is not shorter than --epochs 2" in err, err
     assert "--pool cls applies to ViT encoders; convnextv2_atto has no class token" in err, err
+
+
+def test_a_simmim_pretraining_checkpoint_of_the_official_layout_loads_as_its_encoder(tmp_path):
+    """microsoft/SimMIM's checkpoint layout ({"model": {"encoder.*", "encoder.mask_token", "decoder.*"}}, BEiT's keys:
+    q_bias / v_bias, gamma_1 / gamma_2, the relative position index saved as a buffer): python -m fastmim.eval reads
+    its encoder, the same function (written here from timm's Beit, an independent implementation)."""
+    timm_beit = pytest.importorskip("timm.models.beit", reason="timm is a test dependency (pip install -e '.[test]')")
+    from fastmim.models.vit import VisionTransformer, beit_kwargs
+
+    shape = dict(img_size=32, patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    probe = VisionTransformer(**shape, init_values=0.1, abs_pos_embed=False, rel_pos_bias="shared")
+    beit = timm_beit.Beit(**beit_kwargs(probe)).eval()
+    with torch.no_grad():
+        for p in beit.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)
+    state = {f"encoder.{k}": v for k, v in beit.state_dict().items()}
+    state["encoder.rel_pos_bias.relative_position_index"] = beit.rel_pos_bias.relative_position_index.clone()
+    state["encoder.mask_token"] = torch.zeros(1, 1, 192)
+    state["decoder.0.weight"], state["decoder.0.bias"] = torch.zeros(768, 192, 1, 1), torch.zeros(768)
+    torch.save({"model": state, "epoch": 799}, tmp_path / "simmim_pretrain__vit_base__img224__800ep.pth")
+    enc, info = load_encoder(tmp_path / "simmim_pretrain__vit_base__img224__800ep.pth", "vit_tiny_patch16")
+    assert info["img_size"] == 32 and enc.rel_pos_mode == "shared" and enc.pos_embed is None
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.forward_features(x), beit.forward_features(x), rtol=1e-5, atol=1e-5)
