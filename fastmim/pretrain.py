@@ -171,7 +171,8 @@ def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
                and getattr(cfg, k) != saved.get(k)]  # fmt: skip
     if changed:
         was = ", ".join(f"{k} {saved.get(k)}" if saved.get(k) is not None else f"no {k}" for k in changed)
-        now = ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in changed)
+        now = ", ".join(f"--{k.replace('_', '-')} {'none' if getattr(cfg, k) is None else getattr(cfg, k)}"
+                        for k in changed)  # fmt: skip
         back = [f"--{k.replace('_', '-')} {saved[k] if saved[k] is not None else 'none'}" for k in changed
                 if k in NETWORK_DEFAULTS and saved[k] == NETWORK_DEFAULTS[k]]  # fmt: skip
         back = f" ({', '.join(back)})" if back else ""
@@ -722,7 +723,9 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
             step_model = model
             if info.enabled and not cfg.fsdp:
                 ids = [device.index] if device.type == "cuda" else None
-                step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+                # the models' buffers are constants or the same on every rank (a relative position index, I-JEPA's
+                # fixed position embedding, a teacher's update count): no broadcast before every forward
+                step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
             if compile_mode is not None:
                 step_model = compile_model(step_model, compile_mode[0])
             trainer = Trainer(cfg, info, device, step_model, model, optimizer, loader, sampler, dataset, out, lr,

@@ -36,7 +36,9 @@ def finetune_network(encoder: nn.Module, info: dict, num_classes: int, drop_path
         nn.Module, list[str]]:  # fmt: skip
     """(timm's network of the encoder's shape holding its weights, with a fresh classifier; the keys it did not take
     from the encoder). ViT: ``pool`` avg/auto -> MAE's global pool (mean of the patch tokens, a new fc_norm in place
-    of the final norm), cls -> the class token after the final norm. ConvNeXt V2: timm's head (pool, norm, fc)."""
+    of the final norm), cls -> the class token after the final norm; one with a relative position bias is timm's Beit
+    (a shared table copied into every block, as SimMIM's and BEiT's fine-tuning). ConvNeXt V2: timm's head (pool,
+    norm, fc)."""
     timm = _timm()
     state = encoder.state_dict()
     if getattr(encoder, "rel_pos_mode", None) is not None:  # a relative position bias: timm's Beit holds it
@@ -46,9 +48,16 @@ def finetune_network(encoder: nn.Module, info: dict, num_classes: int, drop_path
 
         check_pool(encoder, pool)
         token = pool == "cls"  # auto: MAE's global pool (BEiT's and SimMIM's fine-tuning too)
-        pooling = dict(global_pool="token" if token else "avg", use_fc_norm=not token)
-        net = Beit(**(beit_kwargs(encoder) | pooling | dict(num_classes=num_classes, drop_path_rate=drop_path)))
+        kwargs = beit_kwargs(encoder) | dict(global_pool="token" if token else "avg", use_fc_norm=not token,
+                                             num_classes=num_classes, drop_path_rate=drop_path)  # fmt: skip
         state = to_beit_state_dict(state)
+        if kwargs["use_shared_rel_pos_bias"]:  # SimMIM's and BEiT's fine-tuning: a copy of the table in every block,
+            # each trained at its block's layer-decayed rate (shared, timm would put it in the stem: 0.65^13 of the lr)
+            kwargs.update(use_shared_rel_pos_bias=False, use_rel_pos_bias=True)
+            table = state.pop("rel_pos_bias.relative_position_bias_table")
+            for i in range(len(encoder.blocks)):
+                state[f"blocks.{i}.attn.relative_position_bias_table"] = table.clone()
+        net = Beit(**kwargs)
         if not token:
             state = {k: v for k, v in state.items() if not k.startswith("norm.")}
         nn.init.trunc_normal_(net.head.weight, std=2e-5)
@@ -167,7 +176,8 @@ def finetune(
     model = net
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+        # (its buffers, a Beit's relative position index, are constants: no broadcast before every forward)
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
     soft_ce = SoftTargetCrossEntropy()
     watch = PreemptionWatch(dist_info).install()  # SIGTERM / SIGUSR1: the step in flight ends, then a checkpoint
     try:

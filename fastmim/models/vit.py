@@ -513,8 +513,8 @@ def from_beit_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def beit_kwargs(encoder: VisionTransformer) -> dict:
-    """The arguments of timm's ``Beit`` of ``encoder``'s shape (no classifier, the class token after the final
-    norm as its pooled output: add ``num_classes``, ``global_pool``, ``use_fc_norm`` to fine-tune)."""
+    """The arguments of timm's ``Beit`` of ``encoder``'s shape (no classifier; its pooled output the class token
+    after the final norm, or, for a fine-tuning with MAE's global pool, ``fc_norm`` of the patch tokens' mean)."""
     blk = encoder.blocks[0]
     gamma = getattr(blk.ls1, "gamma", None)
     return dict(
@@ -523,7 +523,8 @@ def beit_kwargs(encoder: VisionTransformer) -> dict:
         mlp_ratio=blk.mlp.fc1.out_features / encoder.embed_dim, qkv_bias=blk.attn.qkv.bias is not None,
         init_values=None if gamma is None else 1.0, use_abs_pos_emb=encoder.pos_embed is not None,
         use_rel_pos_bias=encoder.rel_pos_mode == "block", use_shared_rel_pos_bias=encoder.rel_pos_mode == "shared",
-        num_classes=0, global_pool="token", use_fc_norm=False, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        num_classes=0, global_pool="avg" if encoder.fc_norm is not None else "token",
+        use_fc_norm=encoder.fc_norm is not None, norm_layer=partial(nn.LayerNorm, eps=1e-6),
     )  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 CHECKPOINT_NAME = "checkpoint.pt"
 DCP_NAME = "checkpoint.dcp"  # a sharded (--fsdp) run's checkpoint: a torch.distributed.checkpoint directory
@@ -144,6 +145,14 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def encoder_format(model: nn.Module) -> str:
+    """What the exported encoder loads into (the file's ``format``): timm's ConvNeXt, its VisionTransformer, or, for a
+    ViT with a relative position bias, its Beit through ``fastmim.models.vit.to_beit_state_dict``."""
+    if getattr(model, "rel_pos_mode", None) is not None:
+        return "timm Beit (fastmim.models.vit.to_beit_state_dict)"
+    return "timm VisionTransformer" if hasattr(model, "blocks") else "timm ConvNeXt"
 
 
 def save_encoder(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

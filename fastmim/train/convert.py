@@ -40,7 +40,7 @@ def convert(src: str | Path, dst: str | Path, encoder: str | Path | None = None)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **run}
     ckpt.save_checkpoint(dst, state)
     if encoder is not None:
-        fmt = "timm ConvNeXt" if cfg.model.startswith("fcmae_") else "timm VisionTransformer"
+        fmt = ckpt.encoder_format(model)
         info = {"model": cfg.model, "step": str(meta["step"]), "format": fmt, "img_size": str(cfg.img_size)}
         if hasattr(model, "export_encoder"):  # I-JEPA: which of its encoders this is (target or context)
             info["encoder"] = model.export_encoder

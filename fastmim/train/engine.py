@@ -357,7 +357,7 @@ class Trainer:
         barrier(self.info)
 
     def _save_encoder(self, encoder_state: dict) -> None:
-        fmt = "timm ConvNeXt" if self.cfg.model.startswith("fcmae_") else "timm VisionTransformer"
+        fmt = ckpt.encoder_format(self.raw_model)
         meta = {"model": self.cfg.model, "step": str(self.pos.step), "format": fmt, "img_size": str(self.cfg.img_size)}
         if hasattr(self.raw_model, "export_encoder"):  # I-JEPA: which of its encoders this is (target or context)
             meta["encoder"] = self.raw_model.export_encoder

@@ -173,7 +173,7 @@ def test_a_simmim_run_with_layer_scale_and_drop_path_is_monitored_evaluated_and_
     torch.testing.assert_close(net.blocks[3].ls2.gamma, state["blocks.3.ls2.gamma"])
     with pytest.raises(pretrain.UsageError, match="trained with layer_scale 0.1; --layer-scale 0.2 would change"):
         pretrain.run(["--resume", "--output-dir", str(out), "--max-steps", "3", "--layer-scale", "0.2"])
-    with pytest.raises(pretrain.UsageError, match="trained with layer_scale 0.1; --layer-scale None would change"):
+    with pytest.raises(pretrain.UsageError, match="trained with layer_scale 0.1; --layer-scale none would change"):
         pretrain.run(["--resume", "--output-dir", str(out), "--max-steps", "3", "--layer-scale", "none"])
     # a run without layer scale (or from before the option) that a config's layer_scale would give one
     plain = tmp_path / "plain"
@@ -216,17 +216,39 @@ def test_simmims_vit_b_encoder_shared_bias_no_abs_pos_trains_evaluates_fine_tune
         torch.testing.assert_close(enc.forward_features(x), theirs.forward_features(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="resampling its table is not supported, evaluate at 64"):
         load_encoder(out, img_size=96)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "encoder.safetensors"), "pt") as f:
+        assert f.metadata()["format"].startswith("timm Beit")
     net, missing = finetune_network(enc, info, 3, 0.1)
     assert isinstance(net, timm_beit.Beit) and sorted(missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias",
                                                                    "head.weight"]  # fmt: skip
+    # SimMIM's and BEiT's fine-tuning: the shared table copied into every block, each at its block's layer-decayed lr
+    assert net.rel_pos_bias is None
+    for blk in net.blocks:
+        torch.testing.assert_close(
+            blk.attn.relative_position_bias_table, state["rel_pos_bias.relative_position_bias_table"]
+        )
+    from fastmim.eval.finetune import build_optimizer
+
+    names = {id(p): n for n, p in net.named_parameters()}
+    scales = {
+        names[id(p)]: g["lr_scale"] for g in build_optimizer(net, 1.0, 0.05, 0.65).param_groups for p in g["params"]
+    }
+    assert scales["blocks.0.attn.relative_position_bias_table"] == pytest.approx(0.65**12)
+    assert scales["blocks.11.attn.relative_position_bias_table"] == pytest.approx(0.65)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p), alpha=0.05)
     save_encoder(tmp_path / "finetuned.safetensors", net.state_dict(), {"model": "vit_tiny_patch16", "pool": "avg"})
     tuned, _ = load_encoder(tmp_path / "finetuned.safetensors")
+    assert tuned.rel_pos_mode == "block" and tuned.fc_norm is not None
+    again = timm_beit.Beit(**beit_kwargs(tuned)).eval()  # a fine-tuned encoder (global pool) exports as well
+    again.load_state_dict(to_beit_state_dict(tuned.state_dict()), strict=True)
     with torch.no_grad():
-        torch.testing.assert_close(tuned(x), net.eval().forward_head(net.forward_features(x), pre_logits=True),
-                                   rtol=1e-4, atol=1e-4)  # fmt: skip
+        want = net.eval().forward_head(net.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(tuned(x), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(again(x), want, rtol=1e-4, atol=1e-4)
     with pytest.raises(pretrain.UsageError, match=r"trained with rel_pos_bias shared; --rel-pos-bias block would"):
         pretrain.run(["--resume", "--output-dir", str(out), "--max-steps", "3", "--rel-pos-bias", "block"])
     with pytest.raises(pretrain.UsageError, match=r"trained with abs_pos none; --abs-pos sincos would change"):
