@@ -128,9 +128,10 @@ def test_cli_cuda_graph_trains_as_eager_and_resumes_exactly(image_folder, tmp_pa
 
 
 def test_cli_cuda_graph_with_grad_ckpt_drop_path_and_layer_scale_on_a_vit_trains_as_eager(image_folder, tmp_path):
-    """SimMIM's ViT with stochastic depth (CUDA generator draws in every block), activation checkpointing (which
-    replays the generator's state to recompute a block) and layer scale: the captured step's losses follow the eager
-    step's, so the recompute inside the graph drew the forward's drop masks."""
+    """SimMIM's ViT-B encoder (at tiny size) with stochastic depth (CUDA generator draws in every block), activation
+    checkpointing (which replays the generator's state to recompute a block), layer scale and the shared relative
+    position bias without an absolute one (the table's gather and its scatter-add backward captured): the captured
+    step's losses follow the eager step's, so the recompute inside the graph drew the forward's drop masks."""
     args = list(TINY_ARGS)
     args[args.index("--model") + 1] = "simmim_vit_tiny_patch16"
     for flag in ("--decoder-embed-dim", "--decoder-depth", "--decoder-num-heads"):
@@ -139,7 +140,8 @@ def test_cli_cuda_graph_with_grad_ckpt_drop_path_and_layer_scale_on_a_vit_trains
     args[args.index("--device") + 1] = "cuda"
     args[args.index("--amp") + 1] = "bf16"
     args += ["--data-path", str(image_folder), "--log-interval", "1", "--vis-interval", "100", "--loader", "torch",
-             "--epochs", "2", "--grad-ckpt", "--drop-path", "0.3", "--layer-scale", "0.1"]  # fmt: skip
+             "--epochs", "2", "--grad-ckpt", "--drop-path", "0.3", "--layer-scale", "0.1", "--rel-pos-bias", "shared",
+             "--abs-pos", "none"]  # fmt: skip
 
     def run(out, *extra):
         r = run_cli([*args, "--output-dir", str(out), *extra])
