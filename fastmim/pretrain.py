@@ -104,6 +104,7 @@ def resolve_config(argv: list[str] | None, origins: dict | None = None) -> tuple
             if ckpt_path is None:
                 raise UsageError(f"no checkpoint to resume in {out} (for a job that may not have started yet, "
                                  "--resume if-exists starts the run there when it has none)")  # fmt: skip
+            _say_other_checkpoint(ckpt_path)
         else:
             ckpt_path = _checkpoint_in(Path(resume))
         try:
@@ -157,6 +158,19 @@ CHANGES_FILE = "resumes.jsonl"  # a run's record of the settings each resume cha
 # what a run from before an option existed did, where the option's default is not that: the torch loader (before
 # --loader), torch.compile's default mode (before --compile-mode)
 OLD_MEANING = {"loader": "torch", "compile_mode": "default"}
+
+
+def _say_other_checkpoint(chosen: Path) -> None:
+    """A run that switched between --fsdp and not holds a checkpoint in each format: which one resumes, and why."""
+    from fastmim.train.checkpoint import CHECKPOINT_NAME, DCP_NAME, saved_step
+
+    other = chosen.parent / (DCP_NAME if chosen.name == CHECKPOINT_NAME else CHECKPOINT_NAME)
+    if other.exists() and os.environ.get("RANK", "0") == "0":
+        print(
+            f"note: {chosen.parent} holds {chosen.name} (step {saved_step(chosen)}) and an older {other.name} "
+            f"(step {saved_step(other)}; the run switched --fsdp): resuming from {chosen.name}",
+            flush=True,
+        )
 
 
 def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:

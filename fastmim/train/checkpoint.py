@@ -162,13 +162,29 @@ def save_encoder(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
 
 def run_checkpoint(output_dir: str | Path) -> Path | None:
-    """The checkpoint a run directory resumes from: its ``checkpoint.pt`` or its sharded ``checkpoint.dcp`` (the
-    newer, should a run have switched between --fsdp and not), None if it has neither."""
+    """The checkpoint a run directory resumes from: its ``checkpoint.pt`` or its sharded ``checkpoint.dcp``, None if
+    it has neither. Should a run have switched between --fsdp and not, it holds both: the one of the later step
+    (``saved_step``; file times are not trusted, a plain copy of the folder renews them), the newer on a tie."""
     from fastmim.train.fsdp import dcp_dir
 
     d = Path(output_dir)
     found = [p for p in (d / CHECKPOINT_NAME,) if p.is_file()] + [p for p in [dcp_dir(d / DCP_NAME)] if p]
-    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+    if len(found) < 2:
+        return found[0] if found else None
+    return max(found, key=lambda p: (saved_step(p), p.stat().st_mtime_ns))
+
+
+def saved_step(path: Path) -> int:
+    """The training step a checkpoint (``checkpoint.pt``, or a sharded one's directory) was saved at, read without its
+    tensors (memory-mapped); -1 when it cannot be read (the other one is taken, and its load says what is wrong)."""
+    from fastmim.train.fsdp import load_meta
+
+    try:
+        if path.is_dir():
+            return int(load_meta(path)["step"])
+        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"])
+    except Exception:
+        return -1
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -6,6 +6,7 @@ and bf16 mixed precision train on a sharded model."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -88,7 +89,7 @@ def test_two_process_fsdp_resumes_on_one_process_as_a_single_process_run(image_f
 
 
 @pytest.mark.slow
-def test_single_file_checkpoint_resumes_sharded_and_sharded_resumes_whole(image_folder, tmp_path):
+def test_single_file_checkpoint_resumes_sharded_and_sharded_resumes_whole(image_folder, tmp_path, capsys):
     """One process for an epoch (checkpoint.pt); resumed with --fsdp on 2 processes for the second (the whole
     checkpoint cut into shards): the run of one process throughout. And the other way: the sharded checkpoint
     resumed without --fsdp on one process."""
@@ -97,7 +98,12 @@ def test_single_file_checkpoint_resumes_sharded_and_sharded_resumes_whole(image_
     pretrain.run(_args(image_folder, run, "--epochs", "2", "--max-steps", "6"))
     shutil.copytree(run, back)
     _torchrun(["--resume", str(run / ckpt.CHECKPOINT_NAME), "--fsdp", "--batch-size", "2", "--max-steps", "12"])
-    assert ckpt.run_checkpoint(run) == run / ckpt.DCP_NAME  # the newer of the two
+    assert ckpt.run_checkpoint(run) == run / ckpt.DCP_NAME  # the later of the two
+    os.utime(run / ckpt.CHECKPOINT_NAME)  # the stale file renewed (a plain copy of the folder): its step decides
+    assert ckpt.run_checkpoint(run) == run / ckpt.DCP_NAME
+    capsys.readouterr()
+    pretrain._say_other_checkpoint(run / ckpt.DCP_NAME)
+    assert "holds checkpoint.dcp (step 12) and an older checkpoint.pt (step 6" in capsys.readouterr().out
     _assert_losses_close(ref, run, rel=1e-5)
     _assert_states_close(ckpt.load_checkpoint(ref / ckpt.CHECKPOINT_NAME), convert(run / ckpt.DCP_NAME,
                          tmp_path / "c.pt"), atol=1e-6, rel=1e-5)  # fmt: skip
