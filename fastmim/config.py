@@ -275,7 +275,8 @@ class PretrainConfig:
             raise ValueError(f"abs_pos must be sincos or none, got {self.abs_pos!r}")
         if self.abs_pos == "none" and self.rel_pos_bias is None:
             raise ValueError("abs_pos none without a rel_pos_bias leaves the encoder no position information: add "
-                             "--rel-pos-bias shared (SimMIM's) or block")  # fmt: skip
+                             "--rel-pos-bias shared (SimMIM's) or block (SimMIM, A2MIM and MaskFeat take "
+                             "them)")  # fmt: skip
         if not (math.isfinite(self.drop_path) and 0.0 <= self.drop_path < 1.0):
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
         if self.eval_pool not in ("auto", "cls", "avg"):

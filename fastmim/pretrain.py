@@ -150,10 +150,9 @@ NETWORK_KEYS = ("model", "img_size", "decoder_embed_dim", "decoder_depth", "deco
                 "rel_pos_bias", "abs_pos")  # fmt: skip
 # network settings whose default is a part left out (or an old run's): compared even when the run saved none
 NETWORK_DEFAULTS = {"layer_scale": None, "rel_pos_bias": None, "abs_pos": "sincos"}
-# what a resume continues with whatever it was (where the run is, how it reports; the initialisation: the weights
-# come from the checkpoint): not a change of the training
+# what a resume continues with whatever it was (where the run is, how it reports): not a change of the training
 RUN_KEYS = ("resume", "output_dir", "device", "num_workers", "max_steps", "log_interval", "vis_interval",
-            "save_interval", "eval_data", "eval_every", "eval_pool", "vit_init")  # fmt: skip
+            "save_interval", "eval_data", "eval_every", "eval_pool")  # fmt: skip
 CHANGES_FILE = "resumes.jsonl"  # a run's record of the settings each resume changed
 # what a run from before an option existed did, where the option's default is not that: the torch loader (before
 # --loader), torch.compile's default mode (before --compile-mode)
@@ -213,7 +212,10 @@ def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
 
 
 def _implied(key: str, before, after, cfg: PretrainConfig) -> str:
-    """What a changed setting changes with it, unsaid otherwise: the resize filter of a crop whose filter is unset."""
+    """What a changed setting changes with it, unsaid otherwise: the resize filter of a crop whose filter is unset;
+    nothing, for the initialisation (but a new run from the config.yaml that records it)."""
+    if key == "vit_init":
+        return " (nothing in this run: its weights come from the checkpoint; a new run from its config.yaml would)"
     if key == "crop" and cfg.crop_interp is None:
         from fastmim.data.transforms import crop_interp
 
@@ -597,7 +599,14 @@ def build_model(cfg: PretrainConfig, device: torch.device):
                     "abs_pos_embed": "--abs-pos", "init": "--vit-init"}.get(k, f"--{k.replace('_', '-')}")  # fmt: skip
             raise UsageError(f"--model-args {k}: set it with {flag} (the run's own flag)")
         kwargs[k] = v
-    model = fastmim.create_model(cfg.model, **kwargs).to(device)
+    try:
+        model = fastmim.create_model(cfg.model, **kwargs)
+    except (TypeError, ValueError) as e:  # a --model-args value the recipe cannot take: say where it came from
+        if not cfg.model_args:
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in cfg.model_args.items())
+        raise UsageError(f"{cfg.model}: {e} (with --model-args {given})") from e
+    model = model.to(device)
     if cfg.grad_ckpt:
         from fastmim.models.vit import set_grad_ckpt
 

@@ -2,7 +2,8 @@
 
 Without data paths all three read the built-in labelled data (scikit-learn's digits as class folders);
 ``--data-path ROOT`` alone reads ROOT/train and ROOT/val.
-``--random MODEL`` evaluates a randomly initialised encoder: the baseline a pretrained one must beat. Each result is
+``--random MODEL`` evaluates a randomly initialised encoder: the baseline a pretrained one must beat (``--random RUN``,
+a run's folder: its encoder as the run started it, the run's encoder options and initialisation). Each result is
 appended as one JSON line to ``--out`` (default: eval.jsonl beside the encoder) and printed as one line.
 ``finetune`` runs under torchrun too (data-parallel) and works in its own folder beside eval.jsonl (finetune/,
 finetune-2/, ...: never over an earlier one): checkpoint.pt every epoch, history.jsonl, finetuned.safetensors and
@@ -27,7 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("mode", choices=("knn", "linprobe", "finetune"))
     src = ap.add_mutually_exclusive_group()  # one of them is required, unless finetune --resume reads it
     src.add_argument("--encoder", help="a run directory, its encoder.safetensors, or a timm checkpoint (with --model)")
-    src.add_argument("--random", metavar="MODEL", help="a randomly initialised encoder (vit_tiny_patch16, ...)")
+    src.add_argument(
+        "--random",
+        metavar="MODEL",
+        help="a randomly initialised encoder (vit_tiny_patch16, ...), or a "
+        "run's folder: its encoder as the run started it (layer scale, relative position bias, init)",
+    )
     ap.add_argument("--model", help="the encoder's architecture when the file does not say it (a timm checkpoint)")
     ap.add_argument("--data-path", help="labelled training folder root/<class>/<image> with --val-path; alone, a "
                     "ROOT holding train/<class>/ and val/<class>/, or builtin:digits (the default)")  # fmt: skip
@@ -136,6 +142,18 @@ def _resumed_args(ap, args, argv) -> None:
             setattr(args, name, saved[name])
 
 
+def _run_encoder(run: Path, img_size: int | None) -> tuple[str, dict, int]:
+    """(model, ViT options, image size) of the encoder a pretraining run in ``run`` started from (its config.yaml)."""
+    from fastmim.config import load_yaml
+
+    cfg = load_yaml(run / "config.yaml")
+    vit = {"init_values": cfg.get("layer_scale"), "rel_pos_bias": cfg.get("rel_pos_bias"),
+           "abs_pos_embed": cfg.get("abs_pos", "sincos") != "none", "init": cfg.get("vit_init", "mae")}  # fmt: skip
+    if not str(cfg.get("model", "")).startswith(("simmim_", "a2mim_", "maskfeat_")):
+        vit = {"init_values": vit["init_values"]} if not str(cfg.get("model")).startswith("fcmae_") else None
+    return cfg["model"], vit, img_size or cfg.get("img_size")
+
+
 def _check(ap, args) -> None:
     if args.encoder is None and args.random is None:
         ap.error("one of the arguments --encoder --random is required" + (
@@ -181,7 +199,10 @@ def run(args) -> dict:
     args.dist_info = dist_info
     if args.random:
         torch.manual_seed(args.seed)
-    encoder, info = load_encoder(args.encoder, args.model or args.random, args.img_size)
+    random, vit, size = args.random, None, args.img_size
+    if random is not None and (Path(random) / "config.yaml").is_file():  # a run's folder: its step-0 encoder
+        random, vit, size = _run_encoder(Path(random), args.img_size)
+    encoder, info = load_encoder(args.encoder, args.model or random, size, vit=vit)
     if args.pool == "cls" and not hasattr(encoder, "blocks") and not args.resume:  # (no class token to take; a
         # resumed fine-tuning keeps what it started with)
         raise ValueError(f"--pool cls applies to ViT encoders; {info['encoder']} has no class token, its feature is "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -44,7 +45,14 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             raise ValueError(f"{str(path)!r} is a fastmim checkpoint (a run's whole state), not an encoder: pass "
                              f"the run's folder ({str(path.parent)!r}), or its encoder.safetensors "
                              "(finetuned.safetensors for a fine-tuning)") from None  # fmt: skip
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # (torch's message carries terminal colours)
+        other = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if other:  # a training checkpoint with objects beside its weights (SimMIM's: its yacs config)
+            raise ValueError(f"{str(path)!r} holds a {other.group(1)} beside its weights, which fastmim does not "
+                             "unpickle (unpickling can run code); if you trust the file, save its weights alone and "
+                             "pass that: python -c \"import torch; c = torch.load('FILE', weights_only=False); "
+                             "torch.save(c['model'], 'weights.pth')\"") from None  # fmt: skip
+        first = (text.strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{str(path)!r} is neither safetensors nor a plain torch state dict ({first}); a fastmim "
                          "run's encoder is RUN/encoder.safetensors") from e  # fmt: skip
     for key in ("state_dict", "model"):  # training checkpoints of timm and others

@@ -698,6 +698,10 @@ def test_options_a_mode_does_not_read_are_refused_and_a_convnext_takes_no_pool(c
     assert "--pool cls applies to ViT encoders; convnextv2_atto has no class token" in err, err
 
 
+class _ConfigLike(dict):
+    """Stands for yacs' CfgNode, which SimMIM's save_checkpoint stores beside the weights."""
+
+
 def test_a_simmim_pretraining_checkpoint_of_the_official_layout_loads_as_its_encoder(tmp_path):
     """microsoft/SimMIM's checkpoint layout ({"model": {"encoder.*", "encoder.mask_token", "decoder.*"}}, BEiT's keys:
     q_bias / v_bias, gamma_1 / gamma_2, the relative position index saved as a buffer): python -m fastmim.eval reads
@@ -721,3 +725,8 @@ def test_a_simmim_pretraining_checkpoint_of_the_official_layout_loads_as_its_enc
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(enc.forward_features(x), beit.forward_features(x), rtol=1e-5, atol=1e-5)
+    # SimMIM's own save_checkpoint keeps its config object beside the weights: not unpickled, the way out said
+    torch.save({"model": state, "config": _ConfigLike(a=1)}, tmp_path / "with_config.pth")
+    with pytest.raises(ValueError, match=r"holds a tests\.eval\.test_eval\._ConfigLike beside its weights, which "
+                                         r"fastmim does not unpickle .*torch\.save\(c\['model'\]"):  # fmt: skip
+        load_encoder(tmp_path / "with_config.pth", "vit_tiny_patch16")

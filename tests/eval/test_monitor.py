@@ -187,8 +187,8 @@ def test_a_simmim_run_with_layer_scale_and_drop_path_is_monitored_evaluated_and_
         pretrain.run(["--resume", "--output-dir", str(plain), "--max-steps", "3", "--layer-scale", "0.1"])
 
 
-def test_simmims_vit_b_encoder_shared_bias_no_abs_pos_trains_evaluates_fine_tunes_and_resumes(image_folder,
-                                                                                              tmp_path):  # fmt: skip
+def test_simmims_vit_b_encoder_shared_bias_no_abs_pos_trains_evaluates_fine_tunes_and_resumes(image_folder, tmp_path,
+                                                                                              capsys):  # fmt: skip
     """SimMIM's ViT-B encoder at tiny size (--rel-pos-bias shared --abs-pos none): the kNN monitor builds it,
     encoder.safetensors holds the learned table and no pos_embed, loads into timm's Beit and into python -m
     fastmim.eval's encoder with the same features; a fine-tuning network (timm's Beit) saved as finetuned.safetensors
@@ -263,3 +263,19 @@ def test_simmims_vit_b_encoder_shared_bias_no_abs_pos_trains_evaluates_fine_tune
         pretrain.run([*TINY_ARGS, "--rel-pos-bias", "shared", "--output-dir", str(tmp_path / "mae")])
     with pytest.raises(pretrain.UsageError, match="--vit-init beit applies to SimMIM, A2MIM and MaskFeat"):
         pretrain.run([*TINY_ARGS, "--vit-init", "beit", "--output-dir", str(tmp_path / "mae")])
+    with pytest.raises(pretrain.UsageError, match=r"could not convert .* \(with --model-args fft_weight='abc'\)"):
+        pretrain.run([*tiny_args_for("a2mim_vit_tiny_patch16"), "--model-args", "fft_weight=abc", "--output-dir",
+                      str(tmp_path / "a2")])  # fmt: skip
+    # another initialisation on resume changes nothing in the run, but is said and recorded (config.yaml holds it)
+    capsys.readouterr()
+    pretrain.run(["--resume", "--output-dir", str(out), "--max-steps", "3", "--vit-init", "beit"])
+    assert "vit_init mae -> beit (nothing in this run: its weights come from the checkpoint" in capsys.readouterr().out
+    assert json.loads((out / "resumes.jsonl").read_text().splitlines()[-1])["changed"]["vit_init"] == ["mae", "beit"]
+    # python -m fastmim.eval --random RUN: the baseline of the run's own encoder (its options and initialisation)
+    from fastmim.eval.__main__ import _run_encoder
+
+    model, vit, size = _run_encoder(out, None)
+    fresh, info = load_encoder(None, model, size, vit=vit)
+    assert info["random_init"] and size == 64 and fresh.rel_pos_mode == "shared" and fresh.pos_embed is None
+    assert fresh.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)  # BEiT's init, as resumed
+    assert not fresh.rel_pos_bias.relative_position_bias_table.any()
