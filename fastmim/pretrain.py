@@ -159,6 +159,26 @@ CHANGES_FILE = "resumes.jsonl"  # a run's record of the settings each resume cha
 OLD_MEANING = {"loader": "torch", "compile_mode": "default"}
 
 
+def _unused_settings(cfg: PretrainConfig, loader: str) -> list[str]:
+    """Settings this run does not read, changed from their defaults (a flag or a config's): said, not refused, so
+    that one config file serves runs with and without them."""
+    default = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
+    said = []
+    if not cfg.eval_data:
+        changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in ("eval_every", "eval_pool")
+                   if getattr(cfg, k) != default[k]]  # fmt: skip
+        if changed:
+            verb = "apply" if len(changed) > 1 else "applies"
+            said.append(f"{' and '.join(changed)} {verb} with --eval-data (the kNN monitor), which this run has not")
+    if loader != "dali":
+        changed = [f"--dali-device {cfg.dali_device}"] if cfg.dali_device != default["dali_device"] else []
+        changed += ["--allow-unscanned"] if cfg.allow_unscanned else []
+        if changed:
+            verb = "apply" if len(changed) > 1 else "applies"
+            said.append(f"{' and '.join(changed)} {verb} to the DALI loader; this run reads with {loader}")
+    return said
+
+
 def _say_other_checkpoint(chosen: Path) -> None:
     """A run that switched between --fsdp and not holds a checkpoint in each format: which one resumes, and why."""
     from fastmim.train.checkpoint import CHECKPOINT_NAME, DCP_NAME, saved_step
@@ -733,6 +753,9 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
             if cfg.crop == "simple" and unused_crop_min and info.is_main:  # (a recipe config's, under --crop simple)
                 print(f"note: crop_min {cfg.crop_min} is not used: --crop simple takes the whole short side",
                       flush=True)  # fmt: skip
+            if info.is_main:
+                for text in _unused_settings(cfg, kind):
+                    print(f"note: {text}", flush=True)
             if amp_dtype == torch.float16 and device.type == "cpu" and info.is_main:
                 print("note: --amp fp16 on the CPU runs several times slower than bf16 or none (its loss scaling is "
                       "for GPUs; it runs here for tests): use --amp bf16 or none", flush=True)  # fmt: skip

@@ -385,6 +385,7 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
             "classes": json.dumps(train.classes),
             "source": source,
             "img_size": str(info["img_size"]),
+            "format": f"timm {type(out['network']).__name__}",  # (VisionTransformer, Beit, ConvNeXt)
         }  # (a ConvNeXt's size is known only from it)
         if info["step"] is not None:
             meta["step"] = str(info["step"])

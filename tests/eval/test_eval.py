@@ -370,6 +370,10 @@ def test_cli_finetune_trains_saves_and_never_overwrites(tmp_path, capsys, monkey
     assert [h["epoch"] for h in history] == [1, 2] and history[-1]["top1"] == rows[0]["top1"]
     first = load_file(rows[0]["saved"])
     assert first["head.weight"].shape == (3, 192) and "fc_norm.weight" in first
+    from safetensors import safe_open
+
+    with safe_open(rows[0]["saved"], "pt") as f:
+        assert f.metadata()["format"] == "timm VisionTransformer"  # what it loads into
     assert not torch.equal(first["blocks.0.attn.qkv.weight"], load_file(path)["blocks.0.attn.qkv.weight"])  # trained
     assert "fine-tuning (2 epochs, best top-1" in capsys.readouterr().out
     done = str(path.parent / "finetune")

@@ -279,3 +279,16 @@ def test_simmims_vit_b_encoder_shared_bias_no_abs_pos_trains_evaluates_fine_tune
     assert info["random_init"] and size == 64 and fresh.rel_pos_mode == "shared" and fresh.pos_embed is None
     assert fresh.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)  # BEiT's init, as resumed
     assert not fresh.rel_pos_bias.relative_position_bias_table.any()
+
+
+def test_settings_a_run_does_not_read_are_said(image_folder, tmp_path, capsys):
+    """--eval-every / --eval-pool without --eval-data, --dali-device / --allow-unscanned with the torch loader: each
+    said in a note (a config file may hold them for other runs), none for their defaults."""
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--loader", "torch", "--max-steps", "1"]
+    pretrain.run([*args, "--eval-every", "3", "--eval-pool", "avg", "--dali-device", "cpu", "--allow-unscanned",
+                  "--output-dir", str(tmp_path / "a")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "note: --eval-every 3 and --eval-pool avg apply with --eval-data (the kNN monitor)" in out
+    assert "note: --dali-device cpu and --allow-unscanned apply to the DALI loader; this run reads with torch" in out
+    pretrain.run([*args, "--output-dir", str(tmp_path / "b")])
+    assert "--eval-data (the kNN monitor)" not in capsys.readouterr().out
