@@ -182,14 +182,17 @@ def _unused_settings(cfg: PretrainConfig, loader: str) -> list[str]:
 def _say_other_checkpoint(chosen: Path) -> None:
     """A run that switched between --fsdp and not holds a checkpoint in each format: which one resumes, and why."""
     from fastmim.train.checkpoint import CHECKPOINT_NAME, DCP_NAME, saved_step
+    from fastmim.train.fsdp import dcp_dir
 
-    other = chosen.parent / (DCP_NAME if chosen.name == CHECKPOINT_NAME else CHECKPOINT_NAME)
-    if other.exists() and os.environ.get("RANK", "0") == "0":
-        print(
-            f"note: {chosen.parent} holds {chosen.name} (step {saved_step(chosen)}) and an older {other.name} "
-            f"(step {saved_step(other)}; the run switched --fsdp): resuming from {chosen.name}",
-            flush=True,
-        )
+    sharded = chosen.name != CHECKPOINT_NAME
+    other = chosen.parent / CHECKPOINT_NAME if sharded else dcp_dir(chosen.parent / DCP_NAME)
+    if other is None or not other.exists() or os.environ.get("RANK", "0") != "0":
+        return
+    mine, theirs = saved_step(chosen), saved_step(other)
+    what = ("cannot be read" if theirs < 0 else f"step {theirs}, older" if theirs < mine
+            else f"step {theirs}, the same step: the newer file is taken")  # fmt: skip
+    print(f"note: {chosen.parent} holds {chosen.name} (step {mine}) and {other.name} ({what}; a run that switched "
+          f"--fsdp, or a copied-in checkpoint): resuming from {chosen.name}", flush=True)  # fmt: skip
 
 
 def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
@@ -622,7 +625,7 @@ def build_model(cfg: PretrainConfig, device: torch.device):
     try:
         model = fastmim.create_model(cfg.model, **kwargs)
     except (TypeError, ValueError) as e:  # a --model-args value the recipe cannot take: say where it came from
-        if not cfg.model_args:
+        if not any(str(k) in str(e) or repr(v) in str(e) for k, v in (cfg.model_args or {}).items()):
             raise
         given = ", ".join(f"{k}={v!r}" for k, v in cfg.model_args.items())
         raise UsageError(f"{cfg.model}: {e} (with --model-args {given})") from e

@@ -3,7 +3,7 @@
 Without data paths all three read the built-in labelled data (scikit-learn's digits as class folders);
 ``--data-path ROOT`` alone reads ROOT/train and ROOT/val.
 ``--random MODEL`` evaluates a randomly initialised encoder: the baseline a pretrained one must beat (``--random RUN``,
-a run's folder: its encoder as the run started it, the run's encoder options and initialisation). Each result is
+a run's folder: the encoder its config.yaml describes, with its options and initialisation). Each result is
 appended as one JSON line to ``--out`` (default: eval.jsonl beside the encoder) and printed as one line.
 ``finetune`` runs under torchrun too (data-parallel) and works in its own folder beside eval.jsonl (finetune/,
 finetune-2/, ...: never over an earlier one): checkpoint.pt every epoch, history.jsonl, finetuned.safetensors and
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--random",
         metavar="MODEL",
         help="a randomly initialised encoder (vit_tiny_patch16, ...), or a "
-        "run's folder: its encoder as the run started it (layer scale, relative position bias, init)",
+        "run's folder: the encoder its config.yaml describes (layer scale, relative position bias, init)",
     )
     ap.add_argument("--model", help="the encoder's architecture when the file does not say it (a timm checkpoint)")
     ap.add_argument("--data-path", help="labelled training folder root/<class>/<image> with --val-path; alone, a "
@@ -199,10 +199,14 @@ def run(args) -> dict:
     args.dist_info = dist_info
     if args.random:
         torch.manual_seed(args.seed)
-    random, vit, size = args.random, None, args.img_size
-    if random is not None and (Path(random) / "config.yaml").is_file():  # a run's folder: its step-0 encoder
-        random, vit, size = _run_encoder(Path(random), args.img_size)
+    random, vit, size, run = args.random, None, args.img_size, None
+    if random is not None and (Path(random) / "config.yaml").is_file():  # a run's folder: its encoder at the start
+        run = str(Path(random).resolve())
+        args.random = run  # (absolute in a fine-tuning's args.json: a resume may run from elsewhere)
+        random, vit, size = _run_encoder(Path(run), args.img_size)
     encoder, info = load_encoder(args.encoder, args.model or random, size, vit=vit)
+    if run is not None:
+        info["random_from"], info["random_options"] = run, vit  # (in the result: which run's options)
     if args.pool == "cls" and not hasattr(encoder, "blocks") and not args.resume:  # (no class token to take; a
         # resumed fine-tuning keeps what it started with)
         raise ValueError(f"--pool cls applies to ViT encoders; {info['encoder']} has no class token, its feature is "
@@ -265,6 +269,8 @@ def run(args) -> dict:
         f.write(json.dumps(result) + "\n")
     whose = f"random {info['encoder']}" if info["random_init"] else f"{info['model']}" + (
         f" step {info['step']}" if info["step"] is not None else "")  # fmt: skip
+    if info.get("random_from"):
+        whose += f" (as configured in {info['random_from']})"
     print(f"{what} of {whose}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on {len(val)} images "
           f"({len(train.classes)} classes, {len(train)} training images) -> {out_path}")  # fmt: skip
     return result

@@ -47,11 +47,12 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                              "(finetuned.safetensors for a fine-tuning)") from None  # fmt: skip
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # (torch's message carries terminal colours)
         other = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if other:  # a training checkpoint with objects beside its weights (SimMIM's: its yacs config)
-            raise ValueError(f"{str(path)!r} holds a {other.group(1)} beside its weights, which fastmim does not "
-                             "unpickle (unpickling can run code); if you trust the file, save its weights alone and "
-                             "pass that: python -c \"import torch; c = torch.load('FILE', weights_only=False); "
-                             "torch.save(c['model'], 'weights.pth')\"") from None  # fmt: skip
+        if other:  # a training checkpoint with objects beside its weights (SimMIM's: its yacs config), or a module
+            take = "c.state_dict() if isinstance(c, torch.nn.Module) else c.get('model', c.get('state_dict'))"
+            raise ValueError(f"{str(path)!r} holds an object of {other.group(1)}, which fastmim does not unpickle "
+                             "(unpickling can run code); if you trust the file, save its weights alone and pass "
+                             f"that: python -c \"import torch; c = torch.load({str(path)!r}, weights_only=False); "
+                             f"torch.save({take}, 'weights.pth')\"") from None  # fmt: skip
         first = (text.strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{str(path)!r} is neither safetensors nor a plain torch state dict ({first}); a fastmim "
                          "run's encoder is RUN/encoder.safetensors") from e  # fmt: skip

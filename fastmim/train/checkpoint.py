@@ -175,14 +175,18 @@ def run_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def saved_step(path: Path) -> int:
-    """The training step a checkpoint (``checkpoint.pt``, or a sharded one's directory) was saved at, read without its
-    tensors (memory-mapped); -1 when it cannot be read (the other one is taken, and its load says what is wrong)."""
+    """The training step a checkpoint (``checkpoint.pt``, or a sharded one's directory) was saved at, its tensors
+    memory-mapped where the file allows it (else read); -1 when it cannot be read at all (a truncated file: the other
+    one is taken, and the note says so)."""
     from fastmim.train.fsdp import load_meta
 
     try:
         if path.is_dir():
             return int(load_meta(path)["step"])
-        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"])
+        try:
+            return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"])
+        except Exception:  # an old serialisation, or a filesystem without mmap
+            return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
     except Exception:
         return -1
 

@@ -187,8 +187,9 @@ def test_a_simmim_run_with_layer_scale_and_drop_path_is_monitored_evaluated_and_
         pretrain.run(["--resume", "--output-dir", str(plain), "--max-steps", "3", "--layer-scale", "0.1"])
 
 
-def test_simmims_vit_b_encoder_shared_bias_no_abs_pos_trains_evaluates_fine_tunes_and_resumes(image_folder, tmp_path,
-                                                                                              capsys):  # fmt: skip
+def test_simmims_vit_b_encoder_shared_bias_no_abs_pos_trains_evaluates_fine_tunes_and_resumes(
+    image_folder, tmp_path, capsys, monkeypatch
+):
     """SimMIM's ViT-B encoder at tiny size (--rel-pos-bias shared --abs-pos none): the kNN monitor builds it,
     encoder.safetensors holds the learned table and no pos_embed, loads into timm's Beit and into python -m
     fastmim.eval's encoder with the same features; a fine-tuning network (timm's Beit) saved as finetuned.safetensors
@@ -279,6 +280,12 @@ def test_simmims_vit_b_encoder_shared_bias_no_abs_pos_trains_evaluates_fine_tune
     assert info["random_init"] and size == 64 and fresh.rel_pos_mode == "shared" and fresh.pos_embed is None
     assert fresh.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)  # BEiT's init, as resumed
     assert not fresh.rel_pos_bias.relative_position_bias_table.any()
+    from fastmim.eval.__main__ import main as eval_main
+
+    monkeypatch.chdir(tmp_path)  # a relative run folder, named in the result as an absolute one
+    eval_main(["knn", "--random", "run", "--data-path", "labelled", "--device", "cpu", "--out", "ev.jsonl"])
+    row = json.loads((tmp_path / "ev.jsonl").read_text())
+    assert row["random_from"] == str(out.resolve()) and row["random_options"]["rel_pos_bias"] == "shared"
 
 
 def test_settings_a_run_does_not_read_are_said(image_folder, tmp_path, capsys):

@@ -103,7 +103,7 @@ def test_single_file_checkpoint_resumes_sharded_and_sharded_resumes_whole(image_
     assert ckpt.run_checkpoint(run) == run / ckpt.DCP_NAME
     capsys.readouterr()
     pretrain._say_other_checkpoint(run / ckpt.DCP_NAME)
-    assert "holds checkpoint.dcp (step 12) and an older checkpoint.pt (step 6" in capsys.readouterr().out
+    assert "holds checkpoint.dcp (step 12) and checkpoint.pt (step 6, older;" in capsys.readouterr().out
     _assert_losses_close(ref, run, rel=1e-5)
     _assert_states_close(ckpt.load_checkpoint(ref / ckpt.CHECKPOINT_NAME), convert(run / ckpt.DCP_NAME,
                          tmp_path / "c.pt"), atol=1e-6, rel=1e-5)  # fmt: skip
