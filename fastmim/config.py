@@ -21,6 +21,10 @@ LOADERS = ("auto", "dali", "torch", "torch-gpu")
 CROPS = ("random-resized", "simple")  # fastmim.data.transforms.CROPS (not imported here: torchvision)
 CROP_INTERPS = ("bicubic", "bilinear")  # fastmim.data.transforms.CROP_INTERPS
 DALI_DEVICES = ("auto", "mixed", "cpu")
+REL_POS_BIASES = ("shared", "block")  # fastmim.models.vit.REL_POS_BIAS, but None
+VIT_INITS = ("mae", "beit")  # fastmim.models.vit.VIT_INITS
+# the recipes whose encoder sees every token (the masked ones as a mask token): they take a relative position bias
+EVERY_TOKEN_RECIPES = ("simmim_", "a2mim_", "maskfeat_")
 MASK_TYPES = ("random", "block", "simmim", "uniform")
 SPARSE_BACKENDS = ("auto", "fastmim", "dense_masked", "spconv")
 
@@ -267,9 +271,9 @@ class PretrainConfig:
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float) or not (
                 math.isfinite(scale) and scale > 0)):  # fmt: skip
             raise ValueError(f"layer_scale must be a finite number > 0 (or none), got {scale!r}")
-        if self.rel_pos_bias not in (None, "shared", "block"):
+        if self.rel_pos_bias is not None and self.rel_pos_bias not in REL_POS_BIASES:
             raise ValueError(f"rel_pos_bias must be shared or block (or none), got {self.rel_pos_bias!r}")
-        if self.vit_init not in ("mae", "beit"):
+        if self.vit_init not in VIT_INITS:
             raise ValueError(f"vit_init must be mae or beit, got {self.vit_init!r}")
         if self.abs_pos not in ("sincos", "none"):
             raise ValueError(f"abs_pos must be sincos or none, got {self.abs_pos!r}")
@@ -295,6 +299,20 @@ class PretrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def encoder_options(settings: dict) -> dict | None:
+    """The ViT keyword arguments a run's settings (config keys: a PretrainConfig's ``to_dict()``, a run's
+    config.yaml, old ones included) give its encoder: layer scale for every ViT recipe; the relative position bias,
+    the absolute embedding and the initialisation for those whose encoder sees every token; None for FCMAE."""
+    model = str(settings.get("model") or "")
+    if model.startswith("fcmae_"):
+        return None
+    options = {"init_values": settings.get("layer_scale")}
+    if model.startswith(EVERY_TOKEN_RECIPES):
+        options.update(rel_pos_bias=settings.get("rel_pos_bias"), abs_pos_embed=settings.get("abs_pos") != "none",
+                       init=settings.get("vit_init") or "mae")  # fmt: skip
+    return options
 
 
 def _fields() -> dict[str, dataclasses.Field]:

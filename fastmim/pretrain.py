@@ -18,11 +18,13 @@ import numpy as np
 import torch
 
 from fastmim.config import (
+    EVERY_TOKEN_RECIPES,
     PATH_KEYS,
     PretrainConfig,
     apply_overrides,
     as_mapping,
     cli_overrides,
+    encoder_options,
     expand_path,
     load_yaml,
     migrate_saved_config,
@@ -164,6 +166,8 @@ def _unused_settings(cfg: PretrainConfig, loader: str) -> list[str]:
     that one config file serves runs with and without them."""
     default = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
     said = []
+    if cfg.crop == "simple" and cfg.crop_min != default["crop_min"]:  # (a recipe config's, under --crop simple)
+        said.append(f"crop_min {cfg.crop_min} is not used: --crop simple takes the whole short side")
     if not cfg.eval_data:
         changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in ("eval_every", "eval_pool")
                    if getattr(cfg, k) != default[k]]  # fmt: skip
@@ -345,8 +349,7 @@ def build_monitor(cfg: PretrainConfig, info: DistInfo, device: torch.device):
         if not info.is_main:
             return None
         return KnnMonitor(cfg.eval_data, cfg.model, cfg.img_size, device, pool=cfg.eval_pool,
-                          workers=min(cfg.num_workers or 0, 8), layer_scale=cfg.layer_scale,
-                          rel_pos_bias=cfg.rel_pos_bias, abs_pos_embed=cfg.abs_pos == "sincos")  # fmt: skip
+                          workers=min(cfg.num_workers or 0, 8), vit=encoder_options(cfg.to_dict()))  # fmt: skip
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise UsageError(str(e) if "--eval-data" in str(e) else f"--eval-data {cfg.eval_data!r}: {e}") from e
 
@@ -539,7 +542,7 @@ def build_model(cfg: PretrainConfig, device: torch.device):
                 name = names[family]
                 raise UsageError(f"--{k.replace('_', '-')} does not apply to {name}: its head is {head}")
             kwargs[k] = getattr(cfg, k)
-    if cfg.model.startswith(("simmim_", "a2mim_", "maskfeat_")):
+    if cfg.model.startswith(EVERY_TOKEN_RECIPES):
         kwargs.update(rel_pos_bias=cfg.rel_pos_bias, abs_pos_embed=cfg.abs_pos == "sincos", init=cfg.vit_init)
     else:
         why, beit = "whose encoders see every token (a relative position bias needs them all)", "BEiT's family"
@@ -752,10 +755,6 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
             masks = model.mask_strategy(seed=cfg.seed)
             loader, sampler, loader_desc = build_loader(cfg, kind, dataset, masks, info, device)
             amp_dtype = resolve_amp(cfg.amp, device)
-            unused_crop_min = cfg.crop_min != PretrainConfig.__dataclass_fields__["crop_min"].default
-            if cfg.crop == "simple" and unused_crop_min and info.is_main:  # (a recipe config's, under --crop simple)
-                print(f"note: crop_min {cfg.crop_min} is not used: --crop simple takes the whole short side",
-                      flush=True)  # fmt: skip
             if info.is_main:
                 for text in _unused_settings(cfg, kind):
                     print(f"note: {text}", flush=True)

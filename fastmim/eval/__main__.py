@@ -144,14 +144,10 @@ def _resumed_args(ap, args, argv) -> None:
 
 def _run_encoder(run: Path, img_size: int | None) -> tuple[str, dict, int]:
     """(model, ViT options, image size) of the encoder a pretraining run in ``run`` started from (its config.yaml)."""
-    from fastmim.config import load_yaml
+    from fastmim.config import encoder_options, load_yaml
 
     cfg = load_yaml(run / "config.yaml")
-    vit = {"init_values": cfg.get("layer_scale"), "rel_pos_bias": cfg.get("rel_pos_bias"),
-           "abs_pos_embed": cfg.get("abs_pos", "sincos") != "none", "init": cfg.get("vit_init", "mae")}  # fmt: skip
-    if not str(cfg.get("model", "")).startswith(("simmim_", "a2mim_", "maskfeat_")):
-        vit = {"init_values": vit["init_values"]} if not str(cfg.get("model")).startswith("fcmae_") else None
-    return cfg["model"], vit, img_size or cfg.get("img_size")
+    return cfg["model"], encoder_options(cfg), img_size or cfg.get("img_size")
 
 
 def _check(ap, args) -> None:

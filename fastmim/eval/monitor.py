@@ -40,12 +40,12 @@ def _decode_all(dataset: LabelledFolder, workers: int) -> tuple[torch.Tensor, to
 
 class KnnMonitor:
     """Args: spec (``labelled_split``); model: the recipe's name (its encoder is evaluated); img_size; device;
-    k, temperature: DINO's 20 and 0.07; pool: the feature (``pooled_features``); workers: decoding processes."""
+    k, temperature: DINO's 20 and 0.07; pool: the feature (``pooled_features``); workers: decoding processes; vit:
+    the ViT's options (``fastmim.config.encoder_options``: layer scale, relative position bias, ...)."""
 
     def __init__(self, spec: str, model: str, img_size: int, device: torch.device, k: int = 20,
                  temperature: float = 0.07, pool: str = "auto", workers: int = 0, batch_size: int = 256,
-                 layer_scale: float | None = None, rel_pos_bias: str | None = None,
-                 abs_pos_embed: bool = True):  # fmt: skip
+                 vit: dict | None = None):  # fmt: skip
         train_root, val_root = labelled_split(spec)
         from fastmim.data.transforms import eval_transform
 
@@ -59,7 +59,6 @@ class KnnMonitor:
                              "smaller labelled set (tens of images per class are enough to follow a run)")  # fmt: skip
         # neither the encoder's throw-away init nor the loaders' seeds may move the run's random numbers
         with torch.random.fork_rng(devices=[]):
-            vit = dict(init_values=layer_scale, rel_pos_bias=rel_pos_bias, abs_pos_embed=abs_pos_embed)
             self.encoder, _ = load_encoder(None, model, img_size, vit=vit)
             self.train_x, self.train_y = _decode_all(train, workers)
             self.val_x, self.val_y = _decode_all(val, workers)

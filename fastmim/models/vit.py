@@ -78,7 +78,6 @@ def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
 def _rel_pos_table(module: nn.Module, grid: tuple[int, int], num_heads: int) -> None:
     """Gives ``module`` BEiT's ``relative_position_bias_table`` (zeros, as BEiT and SimMIM start it) and its index (a
     non-persistent buffer, derived from the grid)."""
-    module.rel_pos_grid = tuple(grid)
     rows = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
     module.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
     module.register_buffer("relative_position_index", relative_position_index(grid), persistent=False)
