@@ -282,3 +282,20 @@ def test_a_relative_data_path_is_kept_absolute_so_a_resume_elsewhere_reads_the_s
     torch.save(state, tmp_path / "run" / "checkpoint.pt")
     cfg, state = resolve_config(["--resume", "--output-dir", "run", "--data-path", "imgs"])
     assert state["resume_changes"] == {} and cfg.data_path == str(tmp_path / "imgs")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--rel-pos-bias", "window"], "rel_pos_bias must be shared or block"),
+        (["--abs-pos", "learned"], "abs_pos must be sincos or none"),
+        (["--abs-pos", "none"], "leaves the encoder no position information: add --rel-pos-bias"),
+        (["--vit-init", "xavier"], "vit_init must be mae or beit"),
+        (["--layer-scale", "0"], "layer_scale must be a finite number > 0"),
+        (["--crop", "center"], "crop must be one of random-resized, simple"),
+        (["--crop-interp", "nearest"], "crop_interp must be one of bicubic, bilinear"),
+    ],
+)
+def test_bad_encoder_and_crop_settings_name_the_problem(flags, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_config(["--model", "simmim_vit_tiny_patch16", *flags])
