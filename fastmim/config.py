@@ -20,9 +20,11 @@ AMP_MODES = ("auto", "none", "bf16", "fp16")
 LOADERS = ("auto", "dali", "torch", "torch-gpu")
 CROPS = ("random-resized", "simple")  # fastmim.data.transforms.CROPS (not imported here: torchvision)
 CROP_INTERPS = ("bicubic", "bilinear")  # fastmim.data.transforms.CROP_INTERPS
+DECAY_EXEMPT = ("official", "tokens")  # fastmim.train.optim.DECAY_EXEMPT (not imported here: torch)
 DALI_DEVICES = ("auto", "mixed", "cpu")
 REL_POS_BIASES = ("shared", "block")  # fastmim.models.vit.REL_POS_BIAS, but None
 VIT_INITS = ("mae", "beit")  # fastmim.models.vit.VIT_INITS
+ABS_POS = ("sincos", "learned", "none")  # fastmim.models.vit.ABS_POS
 # the recipes whose encoder sees every token (the masked ones as a mask token): they take a relative position bias
 EVERY_TOKEN_RECIPES = ("simmim_", "a2mim_", "maskfeat_")
 MASK_TYPES = ("random", "block", "simmim", "uniform")
@@ -107,8 +109,9 @@ class PretrainConfig:
     )  # fmt: skip
     abs_pos: str = field(
         default="sincos",
-        metadata={"help": "the ViT encoder's absolute position embedding: sincos (fixed, MAE's), none (SimMIM's "
-                          "ViT-B: positions from --rel-pos-bias alone)"},
+        metadata={"help": "the ViT encoder's absolute position embedding: sincos (fixed, MAE's), learned (from a "
+                          "truncated normal 0.02: MaskFeat's in mmpretrain, A2MIM's in openmixup), none (SimMIM's "
+                          "ViT-B: positions from --rel-pos-bias alone); SimMIM, A2MIM and MaskFeat"},
     )  # fmt: skip
     vit_init: str = field(
         default="mae",
@@ -156,6 +159,13 @@ class PretrainConfig:
         default=None,
         metadata={"help": "cosine weight-decay schedule from --weight-decay to this over the run (I-JEPA 0.04 -> "
                           "0.4; None: constant)"},
+    )  # fmt: skip
+    decay_exempt: str = field(
+        default="official",
+        metadata={"help": "the parameters weight decay leaves alone: official (the recipe's official code's rule: "
+                          "biases and 1-D parameters, and for some recipes tokens: MAE, FCMAE, I-JEPA and data2vec 2.0 "
+                          "decay their class and mask tokens, SimMIM its mask token) or tokens (also every class, mask "
+                          "and position token: timm's convention; fastmim's rule before this option)"},
     )  # fmt: skip
     beta2: float = field(default=0.95, metadata={"help": "AdamW's second-moment decay (MAE 0.95, SimMIM 0.999)"})
     crop: str = field(
@@ -255,6 +265,8 @@ class PretrainConfig:
             raise ValueError(f"beta2 must be in (0, 1), got {self.beta2}")
         if not (math.isfinite(self.crop_min) and 0.0 < self.crop_min <= 1.0):
             raise ValueError(f"crop_min must be in (0, 1], got {self.crop_min}")
+        if self.decay_exempt not in DECAY_EXEMPT:
+            raise ValueError(f"decay_exempt must be one of {', '.join(DECAY_EXEMPT)}, got {self.decay_exempt!r}")
         if self.crop not in CROPS:
             raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
         if self.crop_interp is not None and self.crop_interp not in CROP_INTERPS:
@@ -275,8 +287,8 @@ class PretrainConfig:
             raise ValueError(f"rel_pos_bias must be shared or block (or none), got {self.rel_pos_bias!r}")
         if self.vit_init not in VIT_INITS:
             raise ValueError(f"vit_init must be mae or beit, got {self.vit_init!r}")
-        if self.abs_pos not in ("sincos", "none"):
-            raise ValueError(f"abs_pos must be sincos or none, got {self.abs_pos!r}")
+        if self.abs_pos not in ABS_POS:
+            raise ValueError(f"abs_pos must be one of {', '.join(ABS_POS)}, got {self.abs_pos!r}")
         if self.abs_pos == "none" and self.rel_pos_bias is None:
             raise ValueError("abs_pos none without a rel_pos_bias leaves the encoder no position information: add "
                              "--rel-pos-bias shared (SimMIM's) or block (SimMIM, A2MIM and MaskFeat take "
@@ -310,7 +322,7 @@ def encoder_options(settings: dict) -> dict | None:
         return None
     options = {"init_values": settings.get("layer_scale")}
     if model.startswith(EVERY_TOKEN_RECIPES):
-        options.update(rel_pos_bias=settings.get("rel_pos_bias"), abs_pos_embed=settings.get("abs_pos") != "none",
+        options.update(rel_pos_bias=settings.get("rel_pos_bias"), abs_pos_embed=settings.get("abs_pos") or "sincos",
                        init=settings.get("vit_init") or "mae")  # fmt: skip
     return options
 
@@ -421,19 +433,24 @@ def expand_path(name: str, value: str, source: str) -> str:
 
 
 # 2: mask_type None means the recipe's own masks (format 1 wrote "random" for every recipe, whatever it drew)
-CONFIG_FORMAT = 3
+# 3: an I-JEPA run exports its target encoder; 4: decay_exempt (the runs before it exempted the tokens)
+CONFIG_FORMAT = 4
 
 
 def migrate_saved_config(saved: dict, config_format: int | None) -> dict:
     """A config written by a run (a checkpoint's, or its config.yaml) in an older format, read as this one: format 1's
     ``mask_type: random`` was its default for every recipe, the recipe's own masks (None now); before format 3 an
     I-JEPA run exported its context encoder (now the target encoder by default): a resumed one keeps exporting the
-    same encoder (``export_encoder: context``), so its kNN series and encoder.safetensors do not switch mid-run."""
+    same encoder (``export_encoder: context``), so its kNN series and encoder.safetensors do not switch mid-run;
+    before format 4 every run exempted the class, mask and position tokens from weight decay (``decay_exempt:
+    tokens``): a resumed one keeps its optimizer's groups."""
     fmt = config_format or 1
     if fmt < 2 and saved.get("mask_type") == "random":
         saved = {**saved, "mask_type": None}
     if fmt < 3 and str(saved.get("model", "")).startswith("ijepa_"):
         saved = {**saved, "model_args": {"export_encoder": "context", **(saved.get("model_args") or {})}}
+    if fmt < 4 and "decay_exempt" not in saved:
+        saved = {**saved, "decay_exempt": "tokens"}
     return saved
 
 

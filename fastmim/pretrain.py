@@ -131,6 +131,9 @@ def resolve_config(argv: list[str] | None, origins: dict | None = None) -> tuple
         value = getattr(cfg, key)
         if (key in flags or key in source) and isinstance(value, str) and value and not value.startswith("builtin:"):
             cfg = dataclasses.replace(cfg, **{key: os.path.abspath(value)})
+    if state is not None:  # a recipe file changed since the run began (a requeue's same command) keeps its network
+        cfg, kept = _keep_run_network(cfg, saved, {k: source[k] for k in source if k not in flags})
+        source = {k: v for k, v in source.items() if k not in kept}
     defaults = PretrainConfig().to_dict()  # (a saved default was not set by anyone: not named as where it came from)
     where = {k: "the run's saved config" for k, v in (saved if state is not None else {}).items()
              if v is not None and v != defaults.get(k)}  # fmt: skip
@@ -143,7 +146,10 @@ def resolve_config(argv: list[str] | None, origins: dict | None = None) -> tuple
         key = str(e).split(" ", 1)[0]
         raise ValueError(f"{e} (from {where[key]})" if key in where else str(e)) from None
     if state is not None:
-        state["resume_changes"] = _check_resumed_settings(cfg, saved)
+        try:
+            state["resume_changes"] = _check_resumed_settings(cfg, saved)
+        except UsageError as e:  # a refused network change: say which file set it
+            raise UsageError(with_origins(str(e), where)) from None
     return cfg, state
 
 
@@ -199,16 +205,44 @@ def _say_other_checkpoint(chosen: Path) -> None:
           f"--fsdp, or a copied-in checkpoint): resuming from {chosen.name}", flush=True)  # fmt: skip
 
 
+def _network_keys(cfg: PretrainConfig) -> list[str]:
+    """The NETWORK_KEYS a resume compares: FCMAE's weights do not depend on the image size."""
+    return [k for k in NETWORK_KEYS if not (k == "img_size" and cfg.model.startswith("fcmae_"))]
+
+
+def _network_changes(cfg: PretrainConfig, saved: dict) -> tuple[list[str], dict]:
+    """(the network settings ``cfg`` changes from the run's ``saved`` ones, the saved ones with NETWORK_DEFAULTS
+    filled in). A saved None (the model's default) against a given value may be the same network (load_state_dict
+    decides), but NETWORK_DEFAULTS are what they say, for a run from before them too."""
+    saved = {**saved, **{k: v for k, v in NETWORK_DEFAULTS.items() if k not in saved}}
+    changed = [k for k in _network_keys(cfg) if (saved.get(k) is not None or k in NETWORK_DEFAULTS)
+               and getattr(cfg, k) != saved.get(k)]  # fmt: skip
+    return changed, saved
+
+
+def _keep_run_network(cfg: PretrainConfig, saved: dict, from_files: dict[str, str]) -> tuple[PretrainConfig, list]:
+    """On a resume, a network setting (but the model) that only a --config file changes keeps the run's value, with a
+    note: a recipe file updated since the run began must not stop its requeued job. A flag that changes one is
+    refused (``_check_resumed_settings``). Returns (the config, the keys kept)."""
+    changed, saved = _network_changes(cfg, saved)
+    kept = [k for k in changed if k in from_files and k != "model"]
+    if kept and os.environ.get("RANK", "0") == "0":
+        said = "; ".join(f"{from_files[k]} sets {k} {_cli_value(getattr(cfg, k))}, the run was trained with "
+                         f"{_cli_value(saved[k])}" for k in kept)  # fmt: skip
+        print(f"note: {said}: the run continues with its own (a new run in another --output-dir takes the file's)",
+              flush=True)  # fmt: skip
+    return dataclasses.replace(cfg, **{k: saved[k] for k in kept}), kept
+
+
+def _cli_value(value) -> str:
+    return "none" if value is None else str(value)
+
+
 def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
     """A resume that changes the network is refused naming what the run was trained with; any other changed setting
     (flags override the saved config, by design: masks, data, loss, optimizer, augmentation, precision) is said in a
     note and returned as {key: [before, after]}, which the run appends to its resumes.jsonl."""
-    # a saved None (the model's default) against a given value may be the same network: load_state_dict decides;
-    # but NETWORK_DEFAULTS are what they say (a run from before them too); FCMAE's weights do not depend on the size
-    keys = [k for k in NETWORK_KEYS if not (k == "img_size" and cfg.model.startswith("fcmae_"))]
-    saved = {**saved, **{k: v for k, v in NETWORK_DEFAULTS.items() if k not in saved}}
-    changed = [k for k in keys if (saved.get(k) is not None or k in NETWORK_DEFAULTS)
-               and getattr(cfg, k) != saved.get(k)]  # fmt: skip
+    changed, saved = _network_changes(cfg, saved)
     if changed:
         was = ", ".join(f"{k} {saved.get(k)}" if saved.get(k) is not None else f"no {k}" for k in changed)
         now = ", ".join(f"--{k.replace('_', '-')} {'none' if getattr(cfg, k) is None else getattr(cfg, k)}"
@@ -240,9 +274,12 @@ def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
 
 def _implied(key: str, before, after, cfg: PretrainConfig) -> str:
     """What a changed setting changes with it, unsaid otherwise: the resize filter of a crop whose filter is unset;
-    nothing, for the initialisation (but a new run from the config.yaml that records it)."""
+    nothing, for the initialisation (but a new run from the config.yaml that records it); the weight-decay groups,
+    not the optimizer's state, for --decay-exempt."""
     if key == "vit_init":
         return " (nothing in this run: its weights come from the checkpoint; a new run from its config.yaml would)"
+    if key == "decay_exempt":
+        return " (from here: parameters change weight-decay group, each keeping its AdamW moments)"
     if key == "crop" and cfg.crop_interp is None:
         from fastmim.data.transforms import crop_interp
 
@@ -284,6 +321,7 @@ def _checkpoint_in(path: Path) -> Path:
         found = run_checkpoint(path)
         if found is None:
             raise UsageError(f"--resume {str(path)!r}: no checkpoint in that folder (checkpoint.pt or checkpoint.dcp/)")
+        _say_other_checkpoint(found)
         return found
     return path
 
@@ -543,11 +581,12 @@ def build_model(cfg: PretrainConfig, device: torch.device):
                 raise UsageError(f"--{k.replace('_', '-')} does not apply to {name}: its head is {head}")
             kwargs[k] = getattr(cfg, k)
     if cfg.model.startswith(EVERY_TOKEN_RECIPES):
-        kwargs.update(rel_pos_bias=cfg.rel_pos_bias, abs_pos_embed=cfg.abs_pos == "sincos", init=cfg.vit_init)
+        kwargs.update(rel_pos_bias=cfg.rel_pos_bias, abs_pos_embed=cfg.abs_pos, init=cfg.vit_init)
     else:
         why, beit = "whose encoders see every token (a relative position bias needs them all)", "BEiT's family"
+        other = "whose official encoders have another position embedding than MAE's"
         for flag, value, default, reason in (("--rel-pos-bias", cfg.rel_pos_bias, None, why),
-                                             ("--abs-pos", cfg.abs_pos, "sincos", why),
+                                             ("--abs-pos", cfg.abs_pos, "sincos", other),
                                              ("--vit-init", cfg.vit_init, "mae", beit)):  # fmt: skip
             if value != default:
                 raise UsageError(f"{flag} {value} applies to SimMIM, A2MIM and MaskFeat, {reason}; "
@@ -729,7 +768,7 @@ def _seed_everything(seed: int) -> None:
 def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.device) -> Path:
     from fastmim import _ext
     from fastmim.train.engine import Trainer, resolve_amp
-    from fastmim.train.optim import build_adamw
+    from fastmim.train.optim import build_adamw, decay_summary
 
     changes = (state or {}).pop("resume_changes", None)  # (what resolve_config found the resume changed)
     check_fsdp(cfg)  # before anything is written
@@ -767,7 +806,9 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
                 if not info.enabled:
                     init_single_process_group(device)
                 shard_model(model, amp_dtype)
-            optimizer = build_adamw(model, lr, cfg.weight_decay, betas=(0.9, cfg.beta2), graph=cfg.cuda_graph)
+            optimizer = build_adamw(
+                model, lr, cfg.weight_decay, betas=(0.9, cfg.beta2), graph=cfg.cuda_graph, exempt=cfg.decay_exempt
+            )
             step_model = model
             if info.enabled and not cfg.fsdp:
                 ids = [device.index] if device.type == "cuda" else None
@@ -814,6 +855,8 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
                 f"  data: {len(dataset)} images from {dataset.root}, loader {loader_desc}: {why}\n"
                 f"  batch {eff_batch} (= {cfg.batch_size} x {cfg.accum_iter} accum x {info.world_size} procs), "
                 f"lr {lr:.3g}, {trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps\n"
+                f"  weight decay {cfg.weight_decay} (--decay-exempt {cfg.decay_exempt}): "
+                f"{decay_summary(trainer.raw_model, trainer.optimizer)}\n"
                 f"  output: {out}"
                 + (
                     f"\n  resuming at step {pos.step} (epoch {pos.epoch + 1}, after {pos.batch} of its batches)"

@@ -33,6 +33,12 @@ class A2MIMViT(SimMIMViT):
         self.fft_weight = float(fft_weight)
         self.freq_loss = FrequencyLoss("batch", self.patch_size, fused=self.fused_ops)
 
+    def official_no_decay(self, name: str, p: torch.Tensor) -> bool:
+        """openmixup's A2MIM config exempts norms, biases, layer scales, the class and mask tokens and the position
+        embedding, and (its regular expression "bias" matches them) the relative position tables."""
+        return (p.ndim <= 1 or name.endswith(".bias") or name in ("cls_token", "mask_token", "pos_embed")
+                or "relative_position_bias_table" in name)  # fmt: skip
+
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Masked pixels filled with each image's channel means, then the patch embedding plus the mask token at the
         masked tokens: [B, C, H, W], mask [B, N] (1 = hidden) -> [B, 1 + N, D]."""

@@ -178,6 +178,10 @@ class Data2Vec2ViT(TeacherOfEncoder, VisionTransformer):
         loss = self.forward_loss(pred, latent[:, 0], self.targets(imgs), mask.mask, m)
         return loss, pred, mask.mask
 
+    def official_no_decay(self, name: str, p: torch.Tensor) -> bool:
+        """fairseq's data2vec 2.0 exempts 1-D parameters and biases: the class token decays."""
+        return p.ndim <= 1 or name.endswith(".bias")
+
     # --- Export ---
     def encoder_state_dict(self, state: dict | None = None) -> dict[str, torch.Tensor]:
         """The student encoder alone (no decoder, no teacher): loads into timm's VisionTransformer."""

@@ -114,6 +114,12 @@ class FCMAE(PixelTarget, nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}
 
+    def official_no_decay(self, name: str, p: torch.Tensor) -> bool:
+        """ConvNeXt V2's pretraining exempts 1-D parameters and biases (timm 0.3.2's add_weight_decay): the mask token
+        decays, and so do GRN's gamma and beta, which are (1, C) and (1, 1, 1, C) there (1-D ``grn.weight`` and
+        ``grn.bias`` here)."""
+        return (p.ndim <= 1 or name.endswith(".bias")) and ".grn." not in name
+
     def backend_for(self, device: torch.device) -> str:
         if self.sparse_backend != "auto":
             return self.sparse_backend

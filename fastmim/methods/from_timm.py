@@ -64,6 +64,14 @@ class TimmMAE(PixelTarget, nn.Module):
         own = getattr(self.encoder, "no_weight_decay", lambda: set())()
         return {f"encoder.{n}" for n in own} | {"mask_token", "decoder_pos_embed"}
 
+    def official_no_decay(self, name: str, p: torch.Tensor) -> bool:
+        """MAE's rule (1-D parameters and biases: the class and mask tokens decay); the timm encoder's other
+        ``no_weight_decay()`` names (a learned position embedding, register tokens: MAE's ViT has neither) keep
+        timm's exemption."""
+        own = getattr(self.encoder, "no_weight_decay", lambda: set())() - {"cls_token"}
+        encoder_own = name.startswith("encoder.") and name.removeprefix("encoder.") in own
+        return MaskedAutoencoderViT.official_no_decay(self, name, p) or encoder_own
+
     def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """The visible patches through timm's encoder: [B, C, H, W], [B, K] -> [B, 1 + K, D] (the class token first;
         a model without one gets the visible tokens' mean there, for the decoder; register tokens are dropped after

@@ -119,6 +119,10 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}
 
+    def official_no_decay(self, name: str, p: torch.Tensor) -> bool:
+        """I-JEPA's init_opt exempts 1-D parameters and names holding "bias": the predictor's mask token decays."""
+        return p.ndim <= 1 or "bias" in name
+
     # --- Mask ---
     def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:
         """I-JEPA's multi-block masks (``ratio`` does not apply: the block scales set the amounts)."""

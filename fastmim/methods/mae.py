@@ -148,6 +148,11 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token", "decoder_pos_embed", "vis_mask_token"}
 
+    def official_no_decay(self, name: str, p: torch.Tensor) -> bool:
+        """MAE's pretraining (and UM-MAE's) exempts 1-D parameters and biases only: timm 0.3.2's add_weight_decay with
+        no skip list, so the class and mask tokens decay (the position embeddings are fixed)."""
+        return p.ndim <= 1 or name.endswith(".bias")
+
     # --- Target and loss: PixelTarget (patchify, unpatchify, forward_loss, reconstruct) ---
 
     # --- Mask ---

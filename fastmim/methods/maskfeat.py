@@ -69,7 +69,7 @@ class MaskFeatViT(MaskTokenViT):
         mask_type: str | None = None,
         drop_path_rate: float = 0.0,
         init_values: float | None = None,
-        abs_pos_embed: bool = True,
+        abs_pos_embed: bool | str = True,
         rel_pos_bias: str | None = None,
         init: str = "mae",
     ):
@@ -84,6 +84,12 @@ class MaskFeatViT(MaskTokenViT):
         self.target_dim = self.set_target("hog", hog_cell, hog_bins, gaussian_window)
         self.decoder = LinearHead(embed_dim, self.target_dim)
         self.mask_strategy()  # a ratio or an image size its masks cannot take: refused here, not at every forward
+
+    def official_no_decay(self, name: str, p: torch.Tensor) -> bool:
+        """mmpretrain's MaskFeat (whose recipe the config follows) exempts norms, biases and the mask token: the class
+        token and the learned position embedding decay, and so would layer scales (not norms there). SlowFast's
+        decays the mask token too."""
+        return (p.ndim <= 1 and not name.endswith(".gamma")) or name.endswith(".bias") or name == "mask_token"
 
     # --- Mask ---
     def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:

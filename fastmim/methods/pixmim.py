@@ -7,6 +7,8 @@ norm-pix MSE on the masked patches). The encoder exports to timm like MAE's.
 
 from __future__ import annotations
 
+import torch
+
 from fastmim.methods.mae import MaskedAutoencoderViT, register_vit_family
 
 
@@ -24,6 +26,13 @@ class PixMIMViT(MaskedAutoencoderViT):
                 "PixMIM's target is the low-pass image; for another target use MAE (mae_*) with target=..."
             )
         super().__init__(target="lowpass", low_pass_radius=low_pass_radius, **kwargs)
+
+    def official_no_decay(self, name: str, p: torch.Tensor) -> bool:
+        """mmselfsup's PixMIM (its MAE config's custom keys) exempts norms, biases and names holding cls_token,
+        mask_token or pos_embed: unlike MAE's own code, the class and mask tokens do not decay (layer scales would:
+        they are not norms there)."""
+        return ((p.ndim <= 1 and not name.endswith(".gamma")) or name.endswith(".bias")
+                or any(k in name for k in ("cls_token", "mask_token", "pos_embed")))  # fmt: skip
 
 
 register_vit_family("pixmim", PixMIMViT)

@@ -112,7 +112,7 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
         low_pass_radius: float | None = None,
         drop_path_rate: float = 0.0,
         init_values: float | None = None,
-        abs_pos_embed: bool = True,
+        abs_pos_embed: bool | str = True,
         rel_pos_bias: str | None = None,
         init: str = "mae",
     ):
@@ -129,7 +129,13 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
             self.decoder = PixelShuffleHead(embed_dim, patch_size, in_chans)
         self.mask_strategy()  # a ratio or an image size its masks cannot take: refused here, not at every forward
 
+    def official_no_decay(self, name: str, p: torch.Tensor) -> bool:
+        """SimMIM's ViT pretraining exempts 1-D parameters, biases and its ViT's no_weight_decay (the class token and
+        position embedding): its mask token and relative position tables decay. (A2MIM's differs.)"""
+        return p.ndim <= 1 or name.endswith(".bias") or name in ("cls_token", "pos_embed")
+
     # --- Mask ---
+
     def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:
         """This model's masks (SimMIM's unless ``mask_type`` says otherwise) as a ``fastmim.masking`` strategy of
         (seed, epoch, sample index)."""

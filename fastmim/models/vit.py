@@ -57,6 +57,7 @@ class PatchEmbed(nn.Module):
 
 
 REL_POS_BIAS = (None, "shared", "block")
+ABS_POS = ("sincos", "learned", "none")  # abs_pos_embed: True is "sincos", False "none"
 
 
 def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
@@ -331,8 +332,10 @@ class VisionTransformer(nn.Module):
         init_values: layer scale, every block's branches times a learned per-channel gamma starting at this value
             (timm's ``init_values``, the same ``blocks.N.ls1.gamma`` keys; SimMIM's and A2MIM's ViT-B: 0.1); None:
             none.
-        abs_pos_embed: the fixed sin-cos position embedding added to the tokens (False: none, SimMIM's ViT-B, whose
-            positions come from its relative position bias alone; ``pos_embed`` is then None).
+        abs_pos_embed: the absolute position embedding added to the tokens: "sincos" (or True) fixed sin-cos, MAE's;
+            "learned", started from a truncated normal 0.02 (MaskFeat's in mmpretrain, A2MIM's in openmixup; the class
+            token's row too); "none" (or False), SimMIM's ViT-B, whose positions come from its relative position bias
+            alone (``pos_embed`` is then None).
         rel_pos_bias: BEiT's relative position bias on the attention logits, a learned table of (2h - 1)(2w - 1) + 3
             rows per head started at zero: "shared" by all blocks (SimMIM's ViT-B, ``rel_pos_bias.*``), one per
             "block" (A2MIM's, openmixup's ``use_window``: ``blocks.N.attn.*``), None: none. Needs the class token;
@@ -361,11 +364,14 @@ class VisionTransformer(nn.Module):
         fc_norm: bool = False,
         drop_path_rate: float = 0.0,
         init_values: float | None = None,
-        abs_pos_embed: bool = True,
+        abs_pos_embed: bool | str = True,
         rel_pos_bias: str | None = None,
         init: str = "mae",
     ):
         super().__init__()
+        abs_pos = ("sincos" if abs_pos_embed else "none") if isinstance(abs_pos_embed, bool) else abs_pos_embed
+        if abs_pos not in ABS_POS:
+            raise ValueError(f"abs_pos_embed must be one of {ABS_POS} (or True / False), got {abs_pos_embed!r}")
         if init not in VIT_INITS:
             raise ValueError(f"init must be one of {VIT_INITS}, got {init!r}")
         if rel_pos_bias not in REL_POS_BIAS:
@@ -376,8 +382,8 @@ class VisionTransformer(nn.Module):
         if rel_pos_bias is not None and attn_impl in ("flash", "fastmim"):
             raise ValueError(f"attn_impl={attn_impl!r} takes no attention bias: a ViT with a relative position bias "
                              "runs SDPA (auto, sdpa) or math")  # fmt: skip
-        if not abs_pos_embed and rel_pos_bias is None:
-            raise ValueError("abs_pos_embed=False without a rel_pos_bias leaves the ViT no position information")
+        if abs_pos == "none" and rel_pos_bias is None:
+            raise ValueError("abs_pos_embed none (False) without a rel_pos_bias leaves the ViT no position information")
         if init_values is not None and (isinstance(init_values, bool) or not isinstance(init_values, int | float)
                                         or not math.isfinite(init_values) or init_values <= 0):  # fmt: skip
             raise ValueError(f"init_values (layer scale) must be a finite number > 0 or None, got {init_values!r}")
@@ -399,10 +405,11 @@ class VisionTransformer(nn.Module):
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         else:
             self.register_parameter("cls_token", None)
-        # fixed, but a parameter (requires_grad=False) so that it is in the state dict as in MAE and timm
+        # sin-cos: fixed, but a parameter (requires_grad=False) so that it is in the state dict as in MAE and timm
         rows = self.num_patches + self.num_prefix_tokens
-        if abs_pos_embed:
-            self.pos_embed = nn.Parameter(torch.zeros(1, rows, embed_dim), requires_grad=False)
+        self.abs_pos = abs_pos
+        if abs_pos != "none":
+            self.pos_embed = nn.Parameter(torch.zeros(1, rows, embed_dim), requires_grad=abs_pos == "learned")
         else:
             self.register_parameter("pos_embed", None)
         self.rel_pos_mode = rel_pos_bias
@@ -425,8 +432,10 @@ class VisionTransformer(nn.Module):
         return self.patch_embed.grid_size
 
     def _init_encoder(self) -> None:
-        if self.pos_embed is not None:
+        if self.abs_pos == "sincos":
             self.pos_embed.data.copy_(sincos_2d(self.embed_dim, self.grid_size, cls_token=self.class_token)[None])
+        elif self.abs_pos == "learned":
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.init == "beit":
             self.apply(init_weights_beit)
             if self.class_token:

@@ -17,7 +17,7 @@ def convert(src: str | Path, dst: str | Path, encoder: str | Path | None = None)
     from fastmim.pretrain import build_model
     from fastmim.train import checkpoint as ckpt
     from fastmim.train.fsdp import load_dcp_into, load_meta
-    from fastmim.train.optim import build_adamw
+    from fastmim.train.optim import build_adamw, param_names
 
     dst = Path(dst)
     for out in (dst, encoder):
@@ -31,13 +31,14 @@ def convert(src: str | Path, dst: str | Path, encoder: str | Path | None = None)
     saved = migrate_saved_config(saved, meta.get("config_format"))
     cfg = apply_overrides(PretrainConfig(), saved, f"the config saved in {src}")
     model = build_model(cfg, torch.device("cpu"))
-    optimizer = build_adamw(model, 0.0, cfg.weight_decay, betas=(0.9, cfg.beta2))
+    optimizer = build_adamw(model, 0.0, cfg.weight_decay, betas=(0.9, cfg.beta2), exempt=cfg.decay_exempt)
     load_dcp_into(Path(meta["dcp"]), model, optimizer, meta.get("shard_crc"))
     optim = ckpt.optimizer_tensors(optimizer)
     sums = torch.cat([ckpt.weights_sums(model.parameters()), ckpt.weights_sums(optim)]).tolist()
     ckpt.weights_check(tuple(sums), meta)  # a damaged shard: refused
     run = {k: v for k, v in meta.items() if k not in ("dcp", "shard_crc")}  # the sums too: a resume checks them
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **run}
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "optimizer_params": param_names(model, optimizer), **run}  # fmt: skip
     ckpt.save_checkpoint(dst, state)
     if encoder is not None:
         fmt = ckpt.encoder_format(model)

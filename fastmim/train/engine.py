@@ -23,7 +23,7 @@ from fastmim.masking import Masks
 from fastmim.train import checkpoint as ckpt
 from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier
 from fastmim.train.logger import MetricsLogger
-from fastmim.train.optim import lr_at, set_lr, set_weight_decay, wd_at
+from fastmim.train.optim import lr_at, param_names, regroup_state, saved_param_names, set_lr, set_weight_decay, wd_at
 from fastmim.train.preempt import Preempted, PreemptionWatch, training_finished
 from fastmim.train.step import TrainStep
 from fastmim.train.visualize import reconstruction_grid, save_grid
@@ -145,7 +145,8 @@ class Trainer:
         return objs
 
     def state_dict(self) -> dict:
-        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(), **self.run_state()}
+        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "optimizer_params": param_names(self.raw_model, self.optimizer), **self.run_state()}  # fmt: skip
 
     def run_state(self) -> dict:
         """Everything of a checkpoint but the weights and the optimizer's state (a collective)."""
@@ -185,10 +186,13 @@ class Trainer:
             if "dcp" in state:  # a sharded checkpoint, loaded into this run's shards or whole weights
                 fsdp.load_dcp_into(Path(state["dcp"]), self.raw_model, self.optimizer, state.get("shard_crc"))
             elif self.sharded:  # a single-file checkpoint, cut into this run's shards
-                fsdp.load_full_state(self.raw_model, self.optimizer, state["model"], state["optimizer"])
+                fsdp.load_full_state(self.raw_model, self.optimizer, state["model"], state["optimizer"],
+                                     saved_param_names(state, self.raw_model))  # fmt: skip
             else:
                 self.raw_model.load_state_dict(state["model"])
-                self.optimizer.load_state_dict(state["optimizer"])
+                saved = saved_param_names(state, self.raw_model)
+                now = param_names(self.raw_model, self.optimizer)
+                self.optimizer.load_state_dict(regroup_state(state["optimizer"], saved, self.optimizer, now))
         except (RuntimeError, KeyError) as e:
             first = " ".join(str(e).split("\n")[:3]).strip()  # not the whole key list
             raise ValueError(f"the checkpoint does not fit model {self.cfg.model!r} as configured (a changed "

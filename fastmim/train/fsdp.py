@@ -127,10 +127,15 @@ def full_model_state(model: nn.Module) -> dict:
     return api.get_model_state_dict(model, options=api.StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict) -> None:
-    """Loads a whole (single-file checkpoint) model and optimizer state into a sharded or plain model."""
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict,
+                    saved_names: list[str]) -> None:  # fmt: skip
+    """Loads a whole (single-file checkpoint) model and optimizer state into a sharded or plain model;
+    ``saved_names``: the names of the parameters the optimizer state numbers (``optim.saved_param_names``)."""
+    from fastmim.train.optim import param_names, regroup_state
+
     api = _state_dict_api()
     names = {p: n for n, p in model.named_parameters()}
+    optim_state = regroup_state(optim_state, saved_names, optimizer, param_names(model, optimizer))
     api.set_state_dict(
         model, optimizer, model_state_dict=model_state,
         optim_state_dict=optimizer_fqn_state(optimizer, optim_state, names),
@@ -198,7 +203,9 @@ def load_dcp_into(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 
     api = _state_dict_api()
     msd, osd = api.get_state_dict(model, optimizer)
-    state = {"model": msd, "optimizer": osd}
+    # the parameters' state, by name; the groups are this optimizer's (a changed --decay-exempt moves parameters
+    # between them: each keeps its own moments)
+    state = {"model": msd, "optimizer": {"state": osd["state"]}}
     try:
         with _one_process_is_meant():
             dcp.load(state, checkpoint_id=str(path), no_dist=not _dist_on())
@@ -212,7 +219,8 @@ def load_dcp_into(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
             raise RuntimeError(text[:600]) from e  # a checkpoint of another network: Trainer.load_state_dict says so
         raise CorruptCheckpoint(f"sharded checkpoint {str(path)!r} cannot be read (a shard missing, truncated or "
                                 f"damaged?): {text[:400]}") from None  # fmt: skip
-    api.set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    optim = {"state": state["optimizer"]["state"], "param_groups": osd["param_groups"]}
+    api.set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim)
 
 
 def dcp_dir(path: str | Path) -> Path | None:

@@ -13,6 +13,7 @@ import yaml
 
 import fastmim
 from fastmim import pretrain
+from fastmim.config import CONFIG_FORMAT
 from tests.conftest import tiny_args_for
 
 
@@ -77,6 +78,34 @@ def test_cli_mask_flag_reaches_every_recipe_that_takes_it(image_folder, tmp_path
         assert message in capsys.readouterr().err
 
 
+def test_a_recipe_file_changed_since_the_run_began_keeps_the_runs_network(image_folder, tmp_path, capsys):
+    """A requeued job's same command, whose --config file now sets another network option (a recipe updated since the
+    run began): the run continues with the network it was trained with, and a note names the file; a flag that
+    changes it, or a file that names another model, is refused naming where it came from."""
+    from fastmim.train.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    recipe = tmp_path / "a2mim.yaml"
+    recipe.write_text("model: a2mim_vit_tiny_patch16\nrel_pos_bias: block\n")
+    args = [*tiny_args_for("a2mim_vit_tiny_patch16"), "--data-path", str(image_folder), "--output-dir", str(out),
+            "--config", str(recipe), "--resume", "if-exists"]  # fmt: skip
+    pretrain.run([*args, "--max-steps", "1"])
+    recipe.write_text("model: a2mim_vit_tiny_patch16\nrel_pos_bias: block\nabs_pos: learned\n")
+    capsys.readouterr()
+    pretrain.run([*args, "--max-steps", "2"])
+    said = capsys.readouterr().out
+    assert f"note: {recipe} sets abs_pos learned, the run was trained with sincos: the run continues" in said, said
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["step"] == 2 and state["config"]["abs_pos"] == "sincos" and not (out / "resumes.jsonl").exists()
+    assert pretrain.main([*args, "--max-steps", "3", "--abs-pos", "learned"]) == 2
+    assert "trained with abs_pos sincos; --abs-pos learned would change the network" in capsys.readouterr().err
+    recipe.write_text("model: a2mim_vit_small_patch16\n")
+    i = args.index("--model")
+    assert pretrain.main([*args[:i], *args[i + 2 :], "--max-steps", "3"]) == 2  # the model from the file alone
+    err = capsys.readouterr().err
+    assert "--model a2mim_vit_small_patch16 would change the network" in err and f"model set in {recipe}" in err, err
+
+
 def test_resume_refuses_another_network_and_says_what_changes_the_masks(image_folder, tmp_path, capsys):
     from fastmim.train.checkpoint import load_checkpoint
 
@@ -100,9 +129,9 @@ def test_resume_refuses_another_network_and_says_what_changes_the_masks(image_fo
     assert cfg.mask_type is None
     # so does an old config.yaml passed back with --config (a hand-written one means what it says)
     text = (out / "config.yaml").read_text()
-    assert "config_format: 3" in text
+    assert f"config_format: {CONFIG_FORMAT}\n" in text
     (tmp_path / "old.yaml").write_text(
-        text.replace("config_format: 3\n", "").replace("mask_type: null", "mask_type: random")
+        text.replace(f"config_format: {CONFIG_FORMAT}\n", "").replace("mask_type: null", "mask_type: random")
     )
     assert pretrain.resolve_config(["--config", str(tmp_path / "old.yaml")])[0].mask_type is None
     (tmp_path / "own.yaml").write_text("model: maskfeat_vit_tiny_patch16\nmask_type: random\n")

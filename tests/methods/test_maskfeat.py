@@ -111,3 +111,48 @@ def test_maskfeat_pretrains_from_the_cli(image_folder, tmp_path, capsys):
     assert "does not apply to MaskFeat" in capsys.readouterr().err
     assert pretrain.main([*args, "--output-dir", str(tmp_path / "y"), "--mask-type", "uniform"]) == 2
     assert "uniform masking hides 75% of the tokens" in capsys.readouterr().err  # MaskFeat's ratio is 78/196
+
+
+@pytest.mark.parametrize("name", ["maskfeat", "a2mim"])
+def test_a_learned_position_embedding_trains_and_exports(name):
+    """MaskFeat's (mmpretrain) and A2MIM's (openmixup) learned absolute position embedding, class-token row
+    included: drawn from a truncated normal 0.02, it gets a gradient at every row a token passed through, an
+    optimizer step moves it, and the encoder (its learned values) loads into timm's VisionTransformer with the same
+    features; the fixed sin-cos one stays out of the gradient."""
+    torch.manual_seed(0)
+    m = fastmim.create_model(f"{name}_vit_tiny_patch16", img_size=64, depth=2, abs_pos_embed="learned")
+    pos = m.pos_embed
+    assert pos.requires_grad and pos.shape == (1, 17, 192)
+    assert 0.018 < float(pos.detach().std()) < 0.022  # torch's trunc_normal_(std=0.02): cut at +-2, not 2 std
+    imgs = torch.randn(2, 3, 64, 64)
+    loss, _, _ = m(imgs, mask=m.mask_strategy(seed=1)(indices=torch.arange(2), device="cpu").info(ids=False))
+    loss.backward()
+    assert (pos.grad.abs().sum(-1) > 0).all()  # every row: the class token and each patch (hidden ones as the token)
+    before = pos.detach().clone()
+    torch.optim.SGD([pos], lr=1.0).step()
+    assert not torch.equal(pos.detach(), before)
+    assert_encoder_matches_timm(m, depth=2)
+    fixed = fastmim.create_model(f"{name}_vit_tiny_patch16", img_size=64, depth=2)
+    assert not fixed.pos_embed.requires_grad
+    with pytest.raises(ValueError, match="abs_pos_embed must be one of"):
+        fastmim.create_model(f"{name}_vit_tiny_patch16", img_size=64, depth=2, abs_pos_embed="fourier")
+
+
+@pytest.mark.slow
+def test_a_learned_position_embedding_from_the_cli(image_folder, tmp_path, capsys):
+    """--abs-pos learned: the run trains the embedding (AdamW holds moments for it), encoder.safetensors carries
+    it, and a resume that would fix it is refused."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    args = [*tiny_args_for("maskfeat_vit_tiny_patch16"), "--data-path", str(image_folder), "--output-dir", str(out),
+            "--max-steps", "2", "--abs-pos", "learned"]  # fmt: skip
+    pretrain.run(args)
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["model"]["pos_embed"].shape == (1, 17, 192) and state["config"]["abs_pos"] == "learned"
+    moments = {state["optimizer_params"][i]: st for i, st in state["optimizer"]["state"].items()}
+    assert moments["pos_embed"]["exp_avg"].abs().sum() > 0
+    torch.testing.assert_close(load_file(out / "encoder.safetensors")["pos_embed"], state["model"]["pos_embed"])
+    capsys.readouterr()
+    assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "3", "--abs-pos", "sincos"]) == 2
+    assert "trained with abs_pos learned" in capsys.readouterr().err

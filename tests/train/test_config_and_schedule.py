@@ -35,7 +35,7 @@ def test_no_weight_decay_groups():
     import fastmim
 
     m = fastmim.create_model("mae_vit_tiny_patch16", img_size=32)
-    no_decay, decay = param_groups(m, 0.05)
+    no_decay, decay = param_groups(m, 0.05, "tokens")  # (the official rule: tests/train/test_decay_exempt.py)
     names = {id(p): n for n, p in m.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}
     assert "cls_token" in nd and "mask_token" in nd and "blocks.0.norm1.weight" in nd and "blocks.0.attn.qkv.bias" in nd
@@ -288,7 +288,7 @@ def test_a_relative_data_path_is_kept_absolute_so_a_resume_elsewhere_reads_the_s
     "flags, message",
     [
         (["--rel-pos-bias", "window"], "rel_pos_bias must be shared or block"),
-        (["--abs-pos", "learned"], "abs_pos must be sincos or none"),
+        (["--abs-pos", "fourier"], "abs_pos must be one of sincos, learned, none"),
         (["--abs-pos", "none"], "leaves the encoder no position information: add --rel-pos-bias"),
         (["--vit-init", "xavier"], "vit_init must be mae or beit"),
         (["--layer-scale", "0"], "layer_scale must be a finite number > 0"),

