@@ -20,10 +20,11 @@ AMP_MODES = ("auto", "none", "bf16", "fp16")
 LOADERS = ("auto", "dali", "torch", "torch-gpu")
 CROPS = ("random-resized", "simple")  # fastmim.data.transforms.CROPS (not imported here: torchvision)
 CROP_INTERPS = ("bicubic", "bilinear")  # fastmim.data.transforms.CROP_INTERPS
+LR_SCHEDULES = ("cosine", "multistep")
 DECAY_EXEMPT = ("official", "tokens")  # fastmim.train.optim.DECAY_EXEMPT (not imported here: torch)
 DALI_DEVICES = ("auto", "mixed", "cpu")
 REL_POS_BIASES = ("shared", "block")  # fastmim.models.vit.REL_POS_BIAS, but None
-VIT_INITS = ("mae", "beit")  # fastmim.models.vit.VIT_INITS
+VIT_INITS = ("mae", "beit", "trunc")  # fastmim.models.vit.VIT_INITS
 ABS_POS = ("sincos", "learned", "none")  # fastmim.models.vit.ABS_POS
 # the recipes whose encoder sees every token (the masked ones as a mask token): they take a relative position bias
 EVERY_TOKEN_RECIPES = ("simmim_", "a2mim_", "maskfeat_")
@@ -116,7 +117,8 @@ class PretrainConfig:
     vit_init: str = field(
         default="mae",
         metadata={"help": "the ViT encoder's initialisation: mae (xavier-uniform, MAE's), beit (truncated normal 0.02 "
-                          "with the depth rescaling: BEiT's and SimMIM's); SimMIM, A2MIM and MaskFeat"},
+                          "with the depth rescaling: BEiT's and SimMIM's), trunc (truncated normal 0.02: mmpretrain's "
+                          "MaskFeat); SimMIM, A2MIM and MaskFeat"},
     )  # fmt: skip
     norm_pix_loss: bool = field(default=True, metadata={"help": "normalise target patches (MAE norm-pix)"})
     # data
@@ -154,6 +156,16 @@ class PretrainConfig:
     min_lr: float = field(default=0.0, metadata={"help": "lr floor of the cosine schedule"})
     warmup_epochs: float = field(default=3.0, metadata={"help": "linear warmup epochs"})
     warmup_lr: float = field(default=0.0, metadata={"help": "lr the warmup starts from (MAE 0, I-JEPA 2e-4)"})
+    lr_schedule: str = field(
+        default="cosine",
+        metadata={"help": "the lr after the warmup: cosine (half-cycle to --min-lr: MAE's and most recipes') or "
+                          "multistep (times --lr-gamma at each of --lr-milestones: SimMIM's and A2MIM's, x0.1 at epoch "
+                          "700)"},
+    )  # fmt: skip
+    lr_milestones: str | None = field(
+        default=None, metadata={"help": "the multistep schedule's epochs, comma-separated (SimMIM, A2MIM: 700)"}
+    )
+    lr_gamma: float = field(default=0.1, metadata={"help": "the multistep schedule's factor at each milestone"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
     weight_decay_end: float | None = field(
         default=None,
@@ -258,6 +270,17 @@ class PretrainConfig:
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0 (or none), got {v}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not (math.isfinite(self.lr_gamma) and self.lr_gamma > 0):
+            raise ValueError(f"lr_gamma must be a finite number > 0, got {self.lr_gamma}")
+        steps = self.milestone_epochs()
+        if self.lr_schedule == "multistep" and not steps:
+            raise ValueError("lr_schedule multistep needs --lr-milestones (the epochs it multiplies the lr by "
+                             "--lr-gamma at: SimMIM's 700)")  # fmt: skip
+        if steps and steps[0] < self.warmup_epochs:
+            raise ValueError(f"lr_milestones {self.lr_milestones}: the first comes before the warmup ends (epoch "
+                             f"{self.warmup_epochs:g})")  # fmt: skip
         if self.num_masks is not None and (isinstance(self.num_masks, bool) or not isinstance(self.num_masks, int)
                                            or self.num_masks < 1):  # fmt: skip
             raise ValueError(f"num_masks must be a positive int, got {self.num_masks!r}")
@@ -286,7 +309,7 @@ class PretrainConfig:
         if self.rel_pos_bias is not None and self.rel_pos_bias not in REL_POS_BIASES:
             raise ValueError(f"rel_pos_bias must be shared or block (or none), got {self.rel_pos_bias!r}")
         if self.vit_init not in VIT_INITS:
-            raise ValueError(f"vit_init must be mae or beit, got {self.vit_init!r}")
+            raise ValueError(f"vit_init must be one of {', '.join(VIT_INITS)}, got {self.vit_init!r}")
         if self.abs_pos not in ABS_POS:
             raise ValueError(f"abs_pos must be one of {', '.join(ABS_POS)}, got {self.abs_pos!r}")
         if self.abs_pos == "none" and self.rel_pos_bias is None:
@@ -308,6 +331,19 @@ class PretrainConfig:
         if self.mask_type is not None and self.mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type must be one of {', '.join(MASK_TYPES)} (or None: the recipe's own), got "
                              f"{self.mask_type!r}")  # fmt: skip
+
+    def milestone_epochs(self) -> tuple[float, ...]:
+        """``lr_milestones`` as increasing epochs (fractions allowed); () when unset. ValueError naming a bad one."""
+        if self.lr_milestones is None or not str(self.lr_milestones).strip():
+            return ()
+        try:
+            steps = tuple(float(t) for t in str(self.lr_milestones).split(","))
+        except ValueError:
+            raise ValueError(f"lr_milestones must be epochs separated by commas (700, or 300,700), got "
+                             f"{self.lr_milestones!r}") from None  # fmt: skip
+        if not all(math.isfinite(t) and t > 0 for t in steps) or list(steps) != sorted(set(steps)):
+            raise ValueError(f"lr_milestones must be increasing epochs > 0, got {self.lr_milestones!r}")
+        return steps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

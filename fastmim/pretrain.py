@@ -174,6 +174,19 @@ def _unused_settings(cfg: PretrainConfig, loader: str) -> list[str]:
     said = []
     if cfg.crop == "simple" and cfg.crop_min != default["crop_min"]:  # (a recipe config's, under --crop simple)
         said.append(f"crop_min {cfg.crop_min} is not used: --crop simple takes the whole short side")
+    if cfg.lr_schedule == "cosine":
+        changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in ("lr_milestones", "lr_gamma")
+                   if getattr(cfg, k) != default[k]]  # fmt: skip
+        if changed:
+            verb = "apply" if len(changed) > 1 else "applies"
+            said.append(f"{' and '.join(changed)} {verb} to --lr-schedule multistep; this run's is cosine")
+    else:
+        if cfg.min_lr != default["min_lr"]:
+            said.append(f"min_lr {cfg.min_lr} is not used: it is the cosine schedule's floor; this run's is multistep")
+        late = [f"{t:g}" for t in cfg.milestone_epochs() if t >= cfg.epochs]
+        if late:  # (a recipe's config tried on a short run)
+            said.append(f"lr milestone {', '.join(late)} is not before the run's end (--epochs {cfg.epochs}): the lr "
+                        "does not step there")  # fmt: skip
     if not cfg.eval_data:
         changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in ("eval_every", "eval_pool")
                    if getattr(cfg, k) != default[k]]  # fmt: skip
@@ -583,7 +596,8 @@ def build_model(cfg: PretrainConfig, device: torch.device):
     if cfg.model.startswith(EVERY_TOKEN_RECIPES):
         kwargs.update(rel_pos_bias=cfg.rel_pos_bias, abs_pos_embed=cfg.abs_pos, init=cfg.vit_init)
     else:
-        why, beit = "whose encoders see every token (a relative position bias needs them all)", "BEiT's family"
+        why = "whose encoders see every token (a relative position bias needs them all)"
+        beit = "whose official encoders are initialised otherwise than MAE's"
         other = "whose official encoders have another position embedding than MAE's"
         for flag, value, default, reason in (("--rel-pos-bias", cfg.rel_pos_bias, None, why),
                                              ("--abs-pos", cfg.abs_pos, "sincos", other),

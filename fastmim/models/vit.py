@@ -289,7 +289,7 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-VIT_INITS = ("mae", "beit")
+VIT_INITS = ("mae", "beit", "trunc")
 
 
 def init_weights_beit(module: nn.Module) -> None:
@@ -343,7 +343,8 @@ class VisionTransformer(nn.Module):
             timm's ``Beit`` (``to_beit_state_dict``), not its VisionTransformer.
         init: the encoder's initialisation: "mae" (xavier-uniform linears and patch embedding, MAE's and most
             recipes'), "beit" (BEiT's and SimMIM's: truncated normal std 0.02 for the linears and the patch
-            embedding, then each block's attn.proj and mlp.fc2 weights divided by sqrt(2 x its depth from 1)).
+            embedding, then each block's attn.proj and mlp.fc2 weights divided by sqrt(2 x its depth from 1)),
+            "trunc" (mmpretrain's MaskFeat: the same truncated normal, without the rescaling).
     """
 
     def __init__(
@@ -436,11 +437,11 @@ class VisionTransformer(nn.Module):
             self.pos_embed.data.copy_(sincos_2d(self.embed_dim, self.grid_size, cls_token=self.class_token)[None])
         elif self.abs_pos == "learned":
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.init == "beit":
+        if self.init in ("beit", "trunc"):
             self.apply(init_weights_beit)
             if self.class_token:
                 nn.init.trunc_normal_(self.cls_token, std=0.02)
-            for depth, blk in enumerate(self.blocks, start=1):  # BEiT's fix_init_weight
+            for depth, blk in enumerate(self.blocks if self.init == "beit" else [], start=1):  # BEiT's fix_init_weight
                 blk.attn.proj.weight.data.div_(math.sqrt(2.0 * depth))
                 blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * depth))
             return

@@ -476,6 +476,7 @@ class Trainer:
             if self.info.is_main:
                 print(f"nothing to do: the run is at step {self.pos.step} of {self.total_steps}")
             return self.pos
+        milestones = cfg.milestone_epochs()  # (the multistep lr schedule's)
         running = torch.zeros((), device=self.device)
         count, t_log, step_log = 0, time.perf_counter(), self.pos.step
         self.knn_seconds, t_start = 0.0, t_log
@@ -525,7 +526,8 @@ class Trainer:
                     masks = self.masks(indices=idx, epoch=epoch, device=self.device)
                 micro = b % cfg.accum_iter
                 at = self.pos.step / self.steps_per_epoch
-                lr_now = lr_at(at, self.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs, cfg.warmup_lr)
+                lr_now = lr_at(at, self.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs, cfg.warmup_lr, milestones,
+                               cfg.lr_gamma)  # fmt: skip
                 if micro == 0:
                     set_lr(self.optimizer, lr_now)
                     if cfg.weight_decay_end is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 
@@ -134,11 +135,15 @@ def build_adamw(
         return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
 
 
-def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: int, start_lr: float = 0.0) -> float:
+def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: int, start_lr: float = 0.0,
+          milestones: tuple[float, ...] = (), gamma: float = 0.1) -> float:  # fmt: skip
     """Learning rate at a fractional epoch: linear warmup from start_lr (MAE 0, I-JEPA 2e-4), then half-cycle cosine
-    to min_lr."""
+    to min_lr; with ``milestones`` (epochs) instead lr x gamma ** (the milestones reached): SimMIM's multistep
+    schedule (a milestone's own step already decayed, as its bisect_right over steps), A2MIM's mmcv step policy."""
     if epoch < warmup_epochs:
         return start_lr + (lr - start_lr) * epoch / warmup_epochs
+    if milestones:
+        return lr * gamma ** bisect.bisect_right(milestones, epoch)
     span = max(epochs - warmup_epochs, 1e-8)
     progress = min(1.0, (epoch - warmup_epochs) / span)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))

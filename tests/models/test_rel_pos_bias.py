@@ -165,7 +165,8 @@ def test_cuda_bf16_sdpa_with_the_bias_matches_the_fp32_math_path(mode):
 
 def test_beit_init_is_truncated_normal_with_the_depth_rescaling():
     """init="beit": linears and the patch embedding std 0.02 (zero biases), each block's attn.proj and mlp.fc2
-    divided by sqrt(2 x depth); "mae" keeps the xavier-uniform ones (another std)."""
+    divided by sqrt(2 x depth); "trunc" the same without the rescaling; "mae" keeps the xavier-uniform ones (another
+    std)."""
     torch.manual_seed(0)
     kw = dict(img_size=32, patch_size=8, embed_dim=192, depth=4, num_heads=3)
     beit = VisionTransformer(**kw, init="beit", rel_pos_bias="shared")
@@ -180,5 +181,10 @@ def test_beit_init_is_truncated_normal_with_the_depth_rescaling():
     xavier = (6 / (192 + 576)) ** 0.5 / 3**0.5  # uniform(-a, a) has std a / sqrt(3)
     assert mae.blocks[0].attn.qkv.weight.std().item() == pytest.approx(xavier, rel=0.05)
     assert not beit.rel_pos_bias.relative_position_bias_table.any()  # BEiT starts the table at zero
+    trunc = VisionTransformer(**kw, init="trunc")  # mmpretrain's MaskFeat: the same draw, no rescaling
+    for w in (trunc.patch_embed.proj.weight, trunc.cls_token, *[b.attn.proj.weight for b in trunc.blocks],
+              *[b.mlp.fc2.weight for b in trunc.blocks]):  # fmt: skip
+        assert w.std().item() == pytest.approx(0.02, rel=0.1 if w.numel() < 1000 else 0.05)
+    assert not trunc.blocks[-1].attn.proj.bias.any()
     with pytest.raises(ValueError, match="init must be one of"):
         VisionTransformer(**kw, init="xavier")

@@ -290,7 +290,7 @@ def test_a_relative_data_path_is_kept_absolute_so_a_resume_elsewhere_reads_the_s
         (["--rel-pos-bias", "window"], "rel_pos_bias must be shared or block"),
         (["--abs-pos", "fourier"], "abs_pos must be one of sincos, learned, none"),
         (["--abs-pos", "none"], "leaves the encoder no position information: add --rel-pos-bias"),
-        (["--vit-init", "xavier"], "vit_init must be mae or beit"),
+        (["--vit-init", "xavier"], "vit_init must be one of mae, beit, trunc"),
         (["--layer-scale", "0"], "layer_scale must be a finite number > 0"),
         (["--crop", "center"], "crop must be one of random-resized, simple"),
         (["--crop-interp", "nearest"], "crop_interp must be one of bicubic, bilinear"),

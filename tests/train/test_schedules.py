@@ -1,5 +1,6 @@
-"""The optimisation schedules beyond MAE's: a warmup starting above zero (I-JEPA starts at 2e-4) and I-JEPA's cosine
-weight-decay schedule, the horizontal-flip probability, from the functions to a CLI run."""
+"""The optimisation schedules beyond MAE's: a warmup starting above zero (I-JEPA starts at 2e-4), I-JEPA's cosine
+weight-decay schedule, SimMIM's and A2MIM's multistep learning rate, the horizontal-flip probability, from the
+functions to a CLI run."""
 
 from __future__ import annotations
 
@@ -24,6 +25,25 @@ def test_warmup_starts_at_warmup_lr_and_weight_decay_follows_a_cosine():
     assert wd_at(150.0, 0.04, 0.4, 300) == pytest.approx(0.22)
     assert wd_at(300.0, 0.04, 0.4, 300) == pytest.approx(0.4)
     assert wd_at(75.0, 0.04, 0.4, 300) == pytest.approx(0.4 + (0.04 - 0.4) * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def _simmim_multistep(t: int, base: float, warmup_lr: float, warmup_t: int, milestones: list[int], gamma: float):
+    """SimMIM's MultiStepLRScheduler (lr_scheduler.py) at update t, written out: milestones in updates."""
+    if t < warmup_t:
+        return warmup_lr + t * (base - warmup_lr) / warmup_t
+    return base * gamma ** sum(1 for m in milestones if m <= t)
+
+
+def test_multistep_lr_is_simmims_schedule():
+    """Every update of a 12-epoch run of 5 updates per epoch, 2 warm-up epochs from 1e-5, x0.1 at epochs 6 and 9:
+    fastmim's fractional-epoch schedule against SimMIM's scheduler over updates (milestones x updates per epoch)."""
+    per_epoch, base = 5, 1e-3
+    for t in range(12 * per_epoch):
+        want = _simmim_multistep(t, base, 1e-5, 2 * per_epoch, [6 * per_epoch, 9 * per_epoch], 0.1)
+        got = lr_at(t / per_epoch, base, 0.0, 2, 12, start_lr=1e-5, milestones=(6.0, 9.0), gamma=0.1)
+        assert got == pytest.approx(want, rel=1e-12), t
+    assert lr_at(5.99, base, 0.0, 2, 12, milestones=(6.0,)) == base  # until the milestone's own update
+    assert lr_at(6.0, base, 0.0, 2, 12, milestones=(6.0,)) == pytest.approx(base / 10)
 
 
 def test_set_weight_decay_leaves_biases_and_norms_undecayed():
@@ -57,6 +77,35 @@ def test_cli_warmup_lr_weight_decay_schedule_and_no_flips(image_folder, tmp_path
     assert wd[0] == pytest.approx(0.04) and all(a < b for a, b in zip(wd, wd[1:], strict=False)) and wd[-1] < 0.4
     assert "--weight-decay-end with --cuda-graph" in _fails([*args, "--cuda-graph"], capsys)
     assert "hflip is a probability" in _fails([*args[:-1], "1.5"], capsys)
+
+
+def test_cli_multistep_lr(image_folder, tmp_path, capsys):
+    """--lr-schedule multistep: the logged lr is the base after the warmup, halved at epoch 2 and again at 3 (steps 6
+    and 9 of 3 per epoch); the cosine's --min-lr is said to be unused; a schedule without milestones, milestones
+    inside the warmup or out of order are refused; milestones past the run, and a cosine given them, are said."""
+    out = tmp_path / "run"
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--epochs", "4", "--log-interval",
+            "1", "--vis-interval", "100", "--lr", "1e-3", "--warmup-epochs", "1", "--batch-size", "8",
+            "--lr-schedule", "multistep", "--lr-milestones", "2,3", "--lr-gamma", "0.5"]  # fmt: skip
+    assert pretrain.main([*args, "--min-lr", "1e-6"]) == 0
+    assert "min_lr 1e-06 is not used: it is the cosine schedule's floor" in capsys.readouterr().out
+    late = [*args, "--output-dir", str(tmp_path / "late"), "--lr-milestones", "2,4", "--max-steps", "1"]
+    assert pretrain.main(late) == 0
+    assert "lr milestone 4 is not before the run's end (--epochs 4): the lr does not step there" in \
+        capsys.readouterr().out  # fmt: skip
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    lrs = {r["step"]: r["lr"] for r in rows}
+    assert len(lrs) == 12 and lrs[1] == 0.0 and lrs[4] == pytest.approx(1e-3) and lrs[6] == pytest.approx(1e-3)
+    assert lrs[7] == pytest.approx(5e-4) and lrs[9] == pytest.approx(5e-4) and lrs[10] == pytest.approx(2.5e-4)
+    fresh = [*args[: args.index("--output-dir") + 1], str(tmp_path / "x"), *args[args.index("--output-dir") + 2 :]]
+    assert "multistep needs --lr-milestones" in _fails(fresh[: fresh.index("--lr-milestones")], capsys)
+    assert "the first comes before the warmup ends" in _fails([*fresh, "--lr-milestones", "0.5"], capsys)
+    assert "must be increasing epochs" in _fails([*fresh, "--lr-milestones", "3,2"], capsys)
+    assert "epochs separated by commas" in _fails([*fresh, "--lr-milestones", "two"], capsys)
+    assert "lr_schedule must be one of cosine, multistep" in _fails([*fresh, "--lr-schedule", "step"], capsys)
+    cosine = [*fresh, "--lr-schedule", "cosine", "--max-steps", "1"]
+    assert pretrain.main(cosine) == 0
+    assert "--lr-milestones 2,3 and --lr-gamma 0.5 apply to --lr-schedule multistep" in capsys.readouterr().out
 
 
 def _fails(argv, capsys) -> str:
