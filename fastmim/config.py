@@ -175,9 +175,9 @@ class PretrainConfig:
     decay_exempt: str = field(
         default="official",
         metadata={"help": "the parameters weight decay leaves alone: official (the recipe's official code's rule: "
-                          "biases and 1-D parameters, and for some recipes tokens: MAE, FCMAE, I-JEPA and data2vec 2.0 "
-                          "decay their class and mask tokens, SimMIM its mask token) or tokens (also every class, mask "
-                          "and position token: timm's convention; fastmim's rule before this option)"},
+                          "biases and 1-D parameters, and for some recipes tokens: MAE's, FCMAE's, I-JEPA's and "
+                          "data2vec 2.0's class or mask tokens decay, SimMIM's mask token) or tokens (also every "
+                          "class, mask and position token: timm's convention; fastmim's rule before this option)"},
     )  # fmt: skip
     beta2: float = field(default=0.95, metadata={"help": "AdamW's second-moment decay (MAE 0.95, SimMIM 0.999)"})
     crop: str = field(
@@ -274,7 +274,7 @@ class PretrainConfig:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not (math.isfinite(self.lr_gamma) and self.lr_gamma > 0):
             raise ValueError(f"lr_gamma must be a finite number > 0, got {self.lr_gamma}")
-        steps = self.milestone_epochs()
+        steps = self.milestone_epochs() if self.lr_schedule == "multistep" else ()
         if self.lr_schedule == "multistep" and not steps:
             raise ValueError("lr_schedule multistep needs --lr-milestones (the epochs it multiplies the lr by "
                              "--lr-gamma at: SimMIM's 700)")  # fmt: skip
@@ -399,11 +399,23 @@ def _coerce(name: str, value, tp) -> object:
             return base(value)
         except ValueError:
             pass
+    if name == "lr_milestones" and isinstance(value, list | tuple | int | float | str) and not isinstance(value, bool):
+        return milestones_text(value)
     if base is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, base) or isinstance(value, bool) != (base is bool):
         raise ValueError(f"config key {name!r} must be of type {base.__name__}, got {value!r}")
     return value
+
+
+def milestones_text(value) -> str:
+    """lr_milestones as its canonical text, "300,700" (so that 700 and 700.0, a YAML list or an int, compare equal);
+    what does not parse is kept as given, for ``validate`` to name."""
+    parts = value if isinstance(value, list | tuple) else str(value).split(",")
+    try:
+        return ",".join(f"{float(t):g}" for t in parts)
+    except (TypeError, ValueError):
+        return ",".join(str(t) for t in parts) if isinstance(value, list | tuple) else str(value)
 
 
 def key_value(text: str) -> tuple[str, object]:

@@ -149,7 +149,7 @@ def resolve_config(argv: list[str] | None, origins: dict | None = None) -> tuple
         try:
             state["resume_changes"] = _check_resumed_settings(cfg, saved)
         except UsageError as e:  # a refused network change: say which file set it
-            raise UsageError(with_origins(str(e), where)) from None
+            raise UsageError(with_origins(str(e), {k: v for k, v in where.items() if k in NETWORK_KEYS})) from None
     return cfg, state
 
 
@@ -236,19 +236,22 @@ def _network_changes(cfg: PretrainConfig, saved: dict) -> tuple[list[str], dict]
 def _keep_run_network(cfg: PretrainConfig, saved: dict, from_files: dict[str, str]) -> tuple[PretrainConfig, list]:
     """On a resume, a network setting (but the model) that only a --config file changes keeps the run's value, with a
     note: a recipe file updated since the run began must not stop its requeued job. A flag that changes one is
-    refused (``_check_resumed_settings``). Returns (the config, the keys kept)."""
-    changed, saved = _network_changes(cfg, saved)
-    kept = [k for k in changed if k in from_files and k != "model"]
+    refused (``_check_resumed_settings``), and so is another model, whatever else the file sets. A setting the run
+    left unset (the model's default) stays unset. Returns (the config, the keys kept)."""
+    _, saved = _network_changes(cfg, saved)
+    if cfg.model != saved.get("model"):  # another network altogether: refused as a whole
+        return cfg, []
+    kept = [k for k in _network_keys(cfg) if k in from_files and getattr(cfg, k) != saved.get(k)]
     if kept and os.environ.get("RANK", "0") == "0":
         said = "; ".join(f"{from_files[k]} sets {k} {_cli_value(getattr(cfg, k))}, the run was trained with "
-                         f"{_cli_value(saved[k])}" for k in kept)  # fmt: skip
+                         f"{_cli_value(saved.get(k), unset=True)}" for k in kept)  # fmt: skip
         print(f"note: {said}: the run continues with its own (a new run in another --output-dir takes the file's)",
               flush=True)  # fmt: skip
-    return dataclasses.replace(cfg, **{k: saved[k] for k in kept}), kept
+    return dataclasses.replace(cfg, **{k: saved.get(k) for k in kept}), kept
 
 
-def _cli_value(value) -> str:
-    return "none" if value is None else str(value)
+def _cli_value(value, unset: bool = False) -> str:
+    return ("its default (unset)" if unset else "none") if value is None else str(value)
 
 
 def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
@@ -266,7 +269,7 @@ def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
         raise UsageError(f"--resume: this run was trained with {was}; {now} would change the network its checkpoint "
                          f"holds: drop them{back} to continue the run, or start another in a new "
                          "--output-dir")  # fmt: skip
-    same = set(RUN_KEYS) | set(NETWORK_KEYS)
+    same = set(RUN_KEYS) | set(_network_keys(cfg))  # (FCMAE's image size is data: a change is said)
     # a setting the run's fastmim did not have yet ran as its default (each new option's default is the old behaviour)
     # but for the options whose default is a choice made later (OLD_MEANING)
     fields = dataclasses.fields(PretrainConfig)
@@ -705,7 +708,7 @@ def check_lr_schedule(cfg: PretrainConfig, lr: float, eff_batch: int, info: Dist
     would make the decay climb (refused); a --warmup-lr above it makes the warm-up descend (said: a config's absolute
     warm-up lr with a small batch's scaled peak does that)."""
     origin = "--lr" if cfg.lr is not None else f"--blr {cfg.blr:g} x batch {eff_batch} / 256"
-    if cfg.min_lr > lr:
+    if cfg.min_lr > lr and cfg.lr_schedule == "cosine":
         raise UsageError(f"--min-lr {cfg.min_lr:g} is above the peak learning rate {lr:.3g} ({origin}): the cosine "
                          "decay would raise the learning rate; lower --min-lr or raise the peak")  # fmt: skip
     if cfg.warmup_epochs > cfg.epochs and info.is_main:

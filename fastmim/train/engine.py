@@ -476,7 +476,7 @@ class Trainer:
             if self.info.is_main:
                 print(f"nothing to do: the run is at step {self.pos.step} of {self.total_steps}")
             return self.pos
-        milestones = cfg.milestone_epochs()  # (the multistep lr schedule's)
+        milestones = cfg.milestone_epochs() if cfg.lr_schedule == "multistep" else ()  # (cosine: none)
         running = torch.zeros((), device=self.device)
         count, t_log, step_log = 0, time.perf_counter(), self.pos.step
         self.knn_seconds, t_start = 0.0, t_log

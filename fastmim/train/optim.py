@@ -139,7 +139,8 @@ def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: 
           milestones: tuple[float, ...] = (), gamma: float = 0.1) -> float:  # fmt: skip
     """Learning rate at a fractional epoch: linear warmup from start_lr (MAE 0, I-JEPA 2e-4), then half-cycle cosine
     to min_lr; with ``milestones`` (epochs) instead lr x gamma ** (the milestones reached): SimMIM's multistep
-    schedule (a milestone's own step already decayed, as its bisect_right over steps), A2MIM's mmcv step policy."""
+    schedule, A2MIM's mmcv step policy. Set before each update (MAE's, mmcv's), the update at a milestone already
+    decays; SimMIM's scheduler sets the rate after each update, so there every value comes one update later."""
     if epoch < warmup_epochs:
         return start_lr + (lr - start_lr) * epoch / warmup_epochs
     if milestones:

@@ -99,11 +99,24 @@ def test_a_recipe_file_changed_since_the_run_began_keeps_the_runs_network(image_
     assert state["step"] == 2 and state["config"]["abs_pos"] == "sincos" and not (out / "resumes.jsonl").exists()
     assert pretrain.main([*args, "--max-steps", "3", "--abs-pos", "learned"]) == 2
     assert "trained with abs_pos sincos; --abs-pos learned would change the network" in capsys.readouterr().err
-    recipe.write_text("model: a2mim_vit_small_patch16\n")
+    recipe.write_text("model: a2mim_vit_small_patch16\nabs_pos: learned\n")
     i = args.index("--model")
     assert pretrain.main([*args[:i], *args[i + 2 :], "--max-steps", "3"]) == 2  # the model from the file alone
-    err = capsys.readouterr().err
-    assert "--model a2mim_vit_small_patch16 would change the network" in err and f"model set in {recipe}" in err, err
+    out_err = capsys.readouterr()
+    assert "--model a2mim_vit_small_patch16, --abs-pos learned would change the network" in out_err.err
+    assert f"(model set in {recipe}; abs_pos set in {recipe})" in out_err.err, out_err.err  # (not resume, output_dir)
+    assert "continues with its own" not in out_err.out  # another model: refused as a whole
+    # a setting the run left unset (the model's default) that the file now sets: the run keeps it unset
+    mae, mae_recipe = tmp_path / "mae", tmp_path / "mae.yaml"
+    mae_recipe.write_text("model: mae_vit_tiny_patch16\n")
+    mae_args = [*args[:i], *args[i + 2 :]]
+    mae_args[mae_args.index(str(out))], mae_args[mae_args.index(str(recipe))] = str(mae), str(mae_recipe)
+    pretrain.run([*mae_args, "--max-steps", "1"])
+    mae_recipe.write_text("model: mae_vit_tiny_patch16\ndecoder_depth: 3\n")
+    capsys.readouterr()
+    pretrain.run([*mae_args, "--max-steps", "2"])
+    assert f"{mae_recipe} sets decoder_depth 3, the run was trained with its default (unset)" in capsys.readouterr().out
+    assert load_checkpoint(mae / "checkpoint.pt")["config"]["decoder_depth"] is None
 
 
 def test_resume_refuses_another_network_and_says_what_changes_the_masks(image_folder, tmp_path, capsys):
@@ -293,3 +306,17 @@ def test_a_mask_for_another_grid_or_batch_is_refused_by_name():
     torch.manual_seed(0)
     parts = ijepa(torch.ones(2, 3, 64, 64), mask=masks.info(), targets=masks.targets)[0]
     torch.testing.assert_close(whole, parts)
+
+
+def test_fcmaes_image_size_on_resume_is_a_said_change(image_folder, tmp_path, capsys):
+    """FCMAE's weights do not depend on the image size, so a resume may change it, but not silently: it is said and
+    recorded like any other data setting. And a YAML list of lr milestones reads as their text."""
+    out = tmp_path / "run"
+    args = [*tiny_args_for("fcmae_convnextv2_atto"), "--data-path", str(image_folder), "--output-dir", str(out)]
+    pretrain.run([*args, "--max-steps", "1"])
+    capsys.readouterr()
+    pretrain.run(["--resume", "--output-dir", str(out), "--max-steps", "2", "--img-size", "96"])
+    assert "resuming with changed settings: img_size 64 -> 96" in capsys.readouterr().out
+    assert json.loads((out / "resumes.jsonl").read_text())["changed"] == {"img_size": [64, 96]}
+    (tmp_path / "m.yaml").write_text("lr_schedule: multistep\nlr_milestones: [300, 700.0]\n")
+    assert pretrain.resolve_config(["--config", str(tmp_path / "m.yaml")])[0].milestone_epochs() == (300.0, 700.0)
