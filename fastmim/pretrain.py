@@ -872,9 +872,13 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
                 f"  data: {len(dataset)} images from {dataset.root}, loader {loader_desc}: {why}\n"
                 f"  batch {eff_batch} (= {cfg.batch_size} x {cfg.accum_iter} accum x {info.world_size} procs), "
                 f"lr {lr:.3g}, {trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps\n"
-                f"  weight decay {cfg.weight_decay} (--decay-exempt {cfg.decay_exempt}): "
-                f"{decay_summary(trainer.raw_model, trainer.optimizer)}\n"
-                f"  output: {out}"
+                + (
+                    f"  weight decay {cfg.weight_decay} (--decay-exempt {cfg.decay_exempt}): "
+                    f"{decay_summary(trainer.raw_model, trainer.optimizer)}\n"
+                    if cfg.weight_decay or cfg.weight_decay_end
+                    else "  weight decay 0: none\n"
+                )  # fmt: skip
+                + f"  output: {out}"
                 + (
                     f"\n  resuming at step {pos.step} (epoch {pos.epoch + 1}, after {pos.batch} of its batches)"
                     if cfg.resume

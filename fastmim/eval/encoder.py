@@ -113,7 +113,8 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
         if state is not None:
             shared, own = "rel_pos_bias.relative_position_bias_table", "blocks.0.attn.relative_position_bias_table"
             kwargs["rel_pos_bias"] = "shared" if shared in state else "block" if own in state else None
-            kwargs["abs_pos_embed"] = "pos_embed" in state
+            learned = meta.get("abs_pos") == "learned"  # (a run's --abs-pos learned: it stays trainable)
+            kwargs["abs_pos_embed"] = ("learned" if learned else True) if "pos_embed" in state else False
             if kwargs["rel_pos_bias"] is not None:
                 rows = state[shared if shared in state else own].shape[0] - 3  # (2g - 1)^2 patch offsets
                 grid = (math.isqrt(rows) + 1) // 2

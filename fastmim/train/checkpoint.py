@@ -155,6 +155,17 @@ def encoder_format(model: nn.Module) -> str:
     return "timm VisionTransformer" if hasattr(model, "blocks") else "timm ConvNeXt"
 
 
+def encoder_metadata(model: nn.Module, name: str, step: int, img_size: int) -> dict[str, str]:
+    """encoder.safetensors' metadata: the recipe, step, what it loads into, the image size; I-JEPA's which encoder
+    (target or context); a learned absolute position embedding (a loaded encoder keeps training it)."""
+    meta = {"model": name, "step": str(step), "format": encoder_format(model), "img_size": str(img_size)}
+    if hasattr(model, "export_encoder"):
+        meta["encoder"] = model.export_encoder
+    if getattr(model, "abs_pos", None) == "learned":
+        meta["abs_pos"] = "learned"
+    return meta
+
+
 def save_encoder(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Encoder weights as safetensors (timm-compatible names)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}

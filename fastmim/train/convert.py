@@ -41,10 +41,7 @@ def convert(src: str | Path, dst: str | Path, encoder: str | Path | None = None)
              "optimizer_params": param_names(model, optimizer), **run}  # fmt: skip
     ckpt.save_checkpoint(dst, state)
     if encoder is not None:
-        fmt = ckpt.encoder_format(model)
-        info = {"model": cfg.model, "step": str(meta["step"]), "format": fmt, "img_size": str(cfg.img_size)}
-        if hasattr(model, "export_encoder"):  # I-JEPA: which of its encoders this is (target or context)
-            info["encoder"] = model.export_encoder
+        info = ckpt.encoder_metadata(model, cfg.model, meta["step"], cfg.img_size)
         ckpt.save_encoder(encoder, model.encoder_state_dict(), info)
     return state
 

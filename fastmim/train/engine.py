@@ -361,10 +361,7 @@ class Trainer:
         barrier(self.info)
 
     def _save_encoder(self, encoder_state: dict) -> None:
-        fmt = ckpt.encoder_format(self.raw_model)
-        meta = {"model": self.cfg.model, "step": str(self.pos.step), "format": fmt, "img_size": str(self.cfg.img_size)}
-        if hasattr(self.raw_model, "export_encoder"):  # I-JEPA: which of its encoders this is (target or context)
-            meta["encoder"] = self.raw_model.export_encoder
+        meta = ckpt.encoder_metadata(self.raw_model, self.cfg.model, self.pos.step, self.cfg.img_size)
         ckpt.save_encoder(self.output_dir / "encoder.safetensors", encoder_state, meta)
 
     def _save_sharded(self) -> None:

@@ -141,7 +141,7 @@ def test_a_learned_position_embedding_trains_and_exports(name):
 @pytest.mark.slow
 def test_a_learned_position_embedding_from_the_cli(image_folder, tmp_path, capsys):
     """--abs-pos learned: the run trains the embedding (AdamW holds moments for it), encoder.safetensors carries
-    it, and a resume that would fix it is refused."""
+    it and says so (load_encoder's encoder keeps it trainable), and a resume that would fix it is refused."""
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
@@ -153,6 +153,11 @@ def test_a_learned_position_embedding_from_the_cli(image_folder, tmp_path, capsy
     moments = {state["optimizer_params"][i]: st for i, st in state["optimizer"]["state"].items()}
     assert moments["pos_embed"]["exp_avg"].abs().sum() > 0
     torch.testing.assert_close(load_file(out / "encoder.safetensors")["pos_embed"], state["model"]["pos_embed"])
+    from fastmim.eval import load_encoder
+
+    encoder, _ = load_encoder(out)  # the file says the embedding was learned: it stays trainable there
+    assert encoder.abs_pos == "learned" and encoder.pos_embed.requires_grad
+    torch.testing.assert_close(encoder.pos_embed.detach(), state["model"]["pos_embed"])
     capsys.readouterr()
     assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "3", "--abs-pos", "sincos"]) == 2
     assert "trained with abs_pos learned" in capsys.readouterr().err
