@@ -118,7 +118,7 @@ class PretrainConfig:
         default="mae",
         metadata={"help": "the ViT encoder's initialisation: mae (xavier-uniform, MAE's), beit (truncated normal 0.02 "
                           "with the depth rescaling: BEiT's and SimMIM's), trunc (truncated normal 0.02: mmpretrain's "
-                          "MaskFeat); SimMIM, A2MIM and MaskFeat"},
+                          "MaskFeat, openmixup's A2MIM); SimMIM, A2MIM and MaskFeat"},
     )  # fmt: skip
     norm_pix_loss: bool = field(default=True, metadata={"help": "normalise target patches (MAE norm-pix)"})
     # data

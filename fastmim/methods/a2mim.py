@@ -5,9 +5,10 @@ A2MIM's two changes: the input's masked pixels are filled with each image's per-
 embedding, and the mask token is added to the masked patch embeddings (``x + mask_token * m``) instead of replacing
 them; and a frequency term, ``0.1 x fft_loss``: the focal frequency loss of the reconstruction (its visible pixels
 replaced by ``0.5 * rec.detach() + 0.5 * target``) against the image (``fastmim.ops.fft_loss``: one FFT per batch).
-The ViT's defaults are MAE's; A2MIM's ViT-B (configs/a2mim_vit_base_in1k.yaml) adds drop path 0.1, layer scale 0.1
-and a relative position bias in each block (``rel_pos_bias="block"``, openmixup's ``use_window``), and keeps the
-fixed sin-cos position embedding where openmixup learns one.
+The head's convolution is drawn as openmixup's ``NonLinearMIMNeck`` draws it (truncated normal 0.02, zero bias). The
+ViT's defaults are MAE's; A2MIM's ViT-B (configs/a2mim_vit_base_in1k.yaml) adds drop path 0.1, layer scale 0.1, a
+relative position bias in each block (``rel_pos_bias="block"``, openmixup's ``use_window``), a learned absolute
+position embedding and openmixup's truncated-normal initialisation (``init="trunc"``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class A2MIMViT(SimMIMViT):
                              "(SimMIM with target='hog', or MaskFeat, predict HOG features)")  # fmt: skip
         super().__init__(*args, **kwargs)
         self.fft_weight = float(fft_weight)
+        conv = self.decoder[0]  # openmixup's NonLinearMIMNeck.init_weights: trunc_normal_init(std=0.02, bias=0)
+        torch.nn.init.trunc_normal_(conv.weight, std=0.02)
+        torch.nn.init.zeros_(conv.bias)
         self.freq_loss = FrequencyLoss("batch", self.patch_size, fused=self.fused_ops)
 
     def official_no_decay(self, name: str, p: torch.Tensor) -> bool:

@@ -72,3 +72,26 @@ def test_a2mim_pretrains_from_the_cli(image_folder, tmp_path):
     pretrain.run(args)
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["step"] == 2 and "mask_token" in state["model"] and (out / "encoder.safetensors").exists()
+
+
+def test_head_and_encoder_are_drawn_as_openmixups():
+    """openmixup's NonLinearMIMNeck draws the 1x1 convolution from a truncated normal 0.02 with a zero bias (PyTorch's
+    default, kept by SimMIM, is a uniform draw within 1/sqrt(fan_in) with a uniform bias); its ViT's init_weights,
+    run after its layers' xavier draw, leaves every linear a truncated normal 0.02 with a zero bias (``init="trunc"``,
+    the config's)."""
+    from tests.conftest import ROOT
+
+    torch.manual_seed(0)
+    m = fastmim.create_model("a2mim_vit_base_patch16", depth=1, init="trunc").requires_grad_(False)
+    conv = m.decoder[0]
+    bound = conv.weight.shape[1] ** -0.5  # PyTorch's default draw stays within it
+    assert torch.count_nonzero(conv.bias) == 0
+    assert float(conv.weight.abs().max()) > 1.5 * bound  # a normal's tails, not a uniform
+    assert float(conv.weight.std()) == pytest.approx(0.02, rel=0.02)
+    for lin in (m.blocks[0].attn.qkv, m.blocks[0].mlp.fc1, m.blocks[0].mlp.fc2):
+        assert torch.count_nonzero(lin.bias) == 0
+        assert float(lin.weight.std()) == pytest.approx(0.02, rel=0.03)
+    simmim = fastmim.create_model("simmim_vit_base_patch16", depth=1).requires_grad_(False)
+    assert float(simmim.decoder[0].weight.abs().max()) <= bound  # SimMIM keeps PyTorch's default
+    cfg, _ = pretrain.resolve_config(["--config", str(ROOT / "configs" / "a2mim_vit_base_in1k.yaml")])
+    assert (cfg.vit_init, cfg.abs_pos) == ("trunc", "learned")
