@@ -116,9 +116,9 @@ class PretrainConfig:
     )  # fmt: skip
     vit_init: str = field(
         default="mae",
-        metadata={"help": "the ViT encoder's initialisation: mae (xavier-uniform, MAE's), beit (truncated normal 0.02 "
-                          "with the depth rescaling: BEiT's and SimMIM's), trunc (truncated normal 0.02: mmpretrain's "
-                          "MaskFeat, openmixup's A2MIM); SimMIM, A2MIM and MaskFeat"},
+        metadata={"help": "the ViT encoder's initialisation: mae (xavier-uniform, MAE's), beit (normal 0.02 cut at "
+                          "one std, the depth rescaling: BEiT's and SimMIM's), trunc (truncated normal 0.02: "
+                          "mmpretrain's MaskFeat, openmixup's A2MIM); SimMIM, A2MIM and MaskFeat"},
     )  # fmt: skip
     norm_pix_loss: bool = field(default=True, metadata={"help": "normalise target patches (MAE norm-pix)"})
     # data
@@ -413,9 +413,14 @@ def milestones_text(value) -> str:
     what does not parse is kept as given, for ``validate`` to name."""
     parts = value if isinstance(value, list | tuple) else str(value).split(",")
     try:
-        return ",".join(f"{float(t):g}" for t in parts)
+        return ",".join(_number_text(float(t)) for t in parts)
     except (TypeError, ValueError):
         return ",".join(str(t) for t in parts) if isinstance(value, list | tuple) else str(value)
+
+
+def _number_text(x: float) -> str:
+    """700.0 -> "700", 0.1234567 -> "0.1234567": every digit kept (``:g`` would round to six)."""
+    return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
 
 
 def key_value(text: str) -> tuple[str, object]:

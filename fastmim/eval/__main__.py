@@ -391,6 +391,9 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
         }  # (a ConvNeXt's size is known only from it)
         if info["step"] is not None:
             meta["step"] = str(info["step"])
+        pos = getattr(out["network"], "pos_embed", None)
+        if isinstance(pos, torch.nn.Parameter) and pos.requires_grad:  # fine-tuned (timm trains it): trainable, loaded
+            meta["abs_pos"] = "learned"
         save_encoder(saved, out["network"].state_dict(), meta)
     result.update(top1=out["top1"], top5=out["top5"], best_top1=out["best_top1"], best_epoch=out["best_epoch"],
                   epochs=n, warmup_epochs=args.warmup_epochs, blr=args.blr, lr=out["lr"], min_lr=args.min_lr,

@@ -86,10 +86,10 @@ class MaskFeatViT(MaskTokenViT):
         self.mask_strategy()  # a ratio or an image size its masks cannot take: refused here, not at every forward
 
     def official_no_decay(self, name: str, p: torch.Tensor) -> bool:
-        """mmpretrain's MaskFeat (whose recipe the config follows) exempts norms, biases and the mask token: the class
-        token and the learned position embedding decay, and so would layer scales (not norms there). SlowFast's
-        decays the mask token too."""
-        return (p.ndim <= 1 and not name.endswith(".gamma")) or name.endswith(".bias") or name == "mask_token"
+        """mmpretrain's MaskFeat (whose recipe the config follows) exempts the mask token and every 1-D parameter
+        (norms, biases, layer scales: its paramwise_cfg's flat_decay_mult 0): the class token and the learned position
+        embedding decay. SlowFast's decays the mask token too."""
+        return p.ndim <= 1 or name.endswith(".bias") or name == "mask_token"
 
     # --- Mask ---
     def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:

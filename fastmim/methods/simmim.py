@@ -19,7 +19,7 @@ from fastmim.heads import LinearHead, PixelShuffleHead
 from fastmim.masking import MaskInfo
 from fastmim.masking.base import MaskStrategy, as_mask_info
 from fastmim.methods.mae import MASK_TYPES, mask_strategy_for, register_vit_family
-from fastmim.models.vit import VisionTransformer
+from fastmim.models.vit import VisionTransformer, trunc_normal_02
 from fastmim.ops import masked_mse_loss, masked_mse_loss_ref, patchify
 from fastmim.ops.reference import patchify_ref
 from fastmim.targets.choice import TargetChoice
@@ -37,7 +37,7 @@ class MaskTokenViT(TargetChoice, VisionTransformer):
                          fused_norm=fused_norm, drop_path_rate=drop_path_rate, init_values=init_values,
                          abs_pos_embed=abs_pos_embed, rel_pos_bias=rel_pos_bias, init=init)  # fmt: skip
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        trunc_normal_02(self.mask_token, init)  # (SimMIM's, with BEiT's init: cut at one std)
 
     # the encoder keeps every token: it needs the masks' float form only, whatever each sample's count
     drops_tokens = False

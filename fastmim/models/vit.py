@@ -292,11 +292,19 @@ def init_weights(module: nn.Module) -> None:
 VIT_INITS = ("mae", "beit", "trunc")
 
 
-def init_weights_beit(module: nn.Module) -> None:
-    """BEiT's and SimMIM's initialisation: truncated-normal (std 0.02) linears and convolutions, zero biases, unit
-    LayerNorms."""
+def trunc_normal_02(tensor: torch.Tensor, init: str) -> torch.Tensor:
+    """A normal of std 0.02 truncated as ``init``'s official code truncates it: BEiT's and SimMIM's pretraining models
+    ("beit") cut it at one standard deviation (their ``_trunc_normal_``: a=-std, b=std, so the draw's own std is
+    0.0108), mmpretrain's and openmixup's ("trunc", and the rest) at +-2, where it is in effect not cut."""
+    cut = 0.02 if init == "beit" else 2.0
+    return nn.init.trunc_normal_(tensor, std=0.02, a=-cut, b=cut)
+
+
+def init_weights_beit(module: nn.Module, init: str = "beit") -> None:
+    """BEiT's and SimMIM's initialisation: truncated-normal (std 0.02, ``trunc_normal_02``) linears and
+    convolutions, zero biases, unit LayerNorms."""
     if isinstance(module, nn.Linear | nn.Conv2d):
-        nn.init.trunc_normal_(module.weight, std=0.02)
+        trunc_normal_02(module.weight, init)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -342,9 +350,10 @@ class VisionTransformer(nn.Module):
             attention then runs in SDPA with the bias (not flash-attn or ``fastmim``). Such an encoder loads into
             timm's ``Beit`` (``to_beit_state_dict``), not its VisionTransformer.
         init: the encoder's initialisation: "mae" (xavier-uniform linears and patch embedding, MAE's and most
-            recipes'), "beit" (BEiT's and SimMIM's: truncated normal std 0.02 for the linears and the patch
-            embedding, then each block's attn.proj and mlp.fc2 weights divided by sqrt(2 x its depth from 1)),
-            "trunc" (mmpretrain's MaskFeat: the same truncated normal, without the rescaling).
+            recipes'), "beit" (BEiT's and SimMIM's: a normal of std 0.02 cut at one std for the linears, the patch
+            embedding and the tokens, then each block's attn.proj and mlp.fc2 weights divided by sqrt(2 x its depth
+            from 1)), "trunc" (mmpretrain's MaskFeat, openmixup's A2MIM: a normal of std 0.02 cut at +-2, without
+            the rescaling; the patch embedding's bias PyTorch's uniform draw).
     """
 
     def __init__(
@@ -436,11 +445,14 @@ class VisionTransformer(nn.Module):
         if self.abs_pos == "sincos":
             self.pos_embed.data.copy_(sincos_2d(self.embed_dim, self.grid_size, cls_token=self.class_token)[None])
         elif self.abs_pos == "learned":
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            trunc_normal_02(self.pos_embed, self.init)
         if self.init in ("beit", "trunc"):
-            self.apply(init_weights_beit)
+            self.apply(partial(init_weights_beit, init=self.init))
             if self.class_token:
-                nn.init.trunc_normal_(self.cls_token, std=0.02)
+                trunc_normal_02(self.cls_token, self.init)
+            if self.init == "trunc":  # mmpretrain's MaskFeat and openmixup leave the patch embedding's bias PyTorch's
+                fan_in = self.patch_embed.proj.weight[0].numel()
+                nn.init.uniform_(self.patch_embed.proj.bias, -(fan_in**-0.5), fan_in**-0.5)
             for depth, blk in enumerate(self.blocks if self.init == "beit" else [], start=1):  # BEiT's fix_init_weight
                 blk.attn.proj.weight.data.div_(math.sqrt(2.0 * depth))
                 blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * depth))

@@ -135,6 +135,11 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_st
 
     api = _state_dict_api()
     names = {p: n for n, p in model.named_parameters()}
+    have = set(model.state_dict())
+    missing, unexpected = sorted(have - set(model_state)), sorted(set(model_state) - have)
+    if missing or unexpected:  # another network: said as the model's keys (as a plain load does), not the optimizer's
+        raise RuntimeError(f"Error(s) in loading state_dict: missing keys {missing[:4]}, unexpected keys "
+                           f"{unexpected[:4]}")  # fmt: skip
     optim_state = regroup_state(optim_state, saved_names, optimizer, param_names(model, optimizer))
     api.set_state_dict(
         model, optimizer, model_state_dict=model_state,

@@ -92,7 +92,8 @@ def regroup_state(saved: dict, saved_names: list[str], optimizer: torch.optim.Op
         raise ValueError(f"the checkpoint's optimizer does not fit this model's parameters ({count} saved, "
                          f"{len(names)} now; not here: {gone[:3]}, not saved: {new[:3]})")  # fmt: skip
     number = {n: i for i, n in enumerate(names)}
-    if saved_names == names:
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if saved_names == names and [len(g["params"]) for g in saved["param_groups"]] == sizes:
         out = saved
     else:
         groups, start = [], 0

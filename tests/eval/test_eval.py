@@ -586,6 +586,8 @@ def test_cli_finetune_stopped_by_a_signal_exits_for_a_requeue_and_resumes(tmp_pa
     assert (folder / "args.json").read_text() == kept  # a refused resume leaves the folder's settings as they were
     meta = safe_open(str(folder / "finetuned.safetensors"), "pt").metadata()
     assert meta["img_size"] == "32" and meta["step"] == "12" and meta["source"] == str(path)
+    assert meta["abs_pos"] == "learned"  # the fine-tuning trained the position embedding: loaded trainable
+    assert load_encoder(folder / "finetuned.safetensors")[0].pos_embed.requires_grad
     typo = tmp_path / "nested" / "ft-typo"
     assert eval_main(["finetune", "--resume", str(typo), "--encoder", str(path), "--data-path", str(train),
                       "--val-path", str(val)]) == 2  # fmt: skip

@@ -4,6 +4,8 @@ absolute position embedding: the index against BEiT's definition written out her
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -164,27 +166,40 @@ def test_cuda_bf16_sdpa_with_the_bias_matches_the_fp32_math_path(mode):
 
 
 def test_beit_init_is_truncated_normal_with_the_depth_rescaling():
-    """init="beit": linears and the patch embedding std 0.02 (zero biases), each block's attn.proj and mlp.fc2
-    divided by sqrt(2 x depth); "trunc" the same without the rescaling; "mae" keeps the xavier-uniform ones (another
-    std)."""
+    """init="beit": linears, the patch embedding and the tokens from a normal of std 0.02 cut at one std, as BEiT's and
+    SimMIM's pretraining models draw them (``_trunc_normal_(a=-std, b=std)``: the draw's std is 0.02 x 0.5396), zero
+    biases, each block's attn.proj and mlp.fc2 divided by sqrt(2 x depth); "trunc" (mmpretrain's MaskFeat, openmixup's
+    A2MIM) a normal of std 0.02 cut at +-2, no rescaling, the patch embedding's bias PyTorch's uniform draw; "mae" keeps
+    the xavier-uniform ones (another std)."""
+    import fastmim
+
     torch.manual_seed(0)
     kw = dict(img_size=32, patch_size=8, embed_dim=192, depth=4, num_heads=3)
-    beit = VisionTransformer(**kw, init="beit", rel_pos_bias="shared")
-    mae = VisionTransformer(**kw)
-    assert beit.patch_embed.proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    beit = VisionTransformer(**kw, init="beit", rel_pos_bias="shared", abs_pos_embed="learned").requires_grad_(False)
+    mae = VisionTransformer(**kw).requires_grad_(False)
+    cut = 0.02 * (1 - 2 * math.exp(-0.5) / math.sqrt(2 * math.pi) / math.erf(2**-0.5)) ** 0.5  # N(0, 1) within +-1
+    for w in (beit.patch_embed.proj.weight, beit.cls_token, beit.pos_embed):
+        assert w.abs().max() <= 0.02 and w.std().item() == pytest.approx(cut, rel=0.1 if w.numel() < 10**4 else 0.05)
+    assert not beit.patch_embed.proj.bias.any()
     for depth, blk in enumerate(beit.blocks, start=1):
-        assert blk.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
-        assert blk.mlp.fc1.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert blk.attn.qkv.weight.std().item() == pytest.approx(cut, rel=0.05)
+        assert blk.mlp.fc1.weight.std().item() == pytest.approx(cut, rel=0.05)
+        assert blk.mlp.fc1.weight.abs().max() <= 0.02
         for w in (blk.attn.proj.weight, blk.mlp.fc2.weight):
-            assert w.std().item() == pytest.approx(0.02 / (2 * depth) ** 0.5, rel=0.05)
+            assert w.std().item() == pytest.approx(cut / (2 * depth) ** 0.5, rel=0.05)
         assert not blk.attn.qkv.bias.any() and not blk.mlp.fc2.bias.any()
+    simmim = fastmim.create_model("simmim_vit_tiny_patch16", depth=1, init="beit").requires_grad_(False)
+    assert simmim.mask_token.abs().max() <= 0.02 and simmim.mask_token.std().item() == pytest.approx(cut, rel=0.15)
     xavier = (6 / (192 + 576)) ** 0.5 / 3**0.5  # uniform(-a, a) has std a / sqrt(3)
     assert mae.blocks[0].attn.qkv.weight.std().item() == pytest.approx(xavier, rel=0.05)
     assert not beit.rel_pos_bias.relative_position_bias_table.any()  # BEiT starts the table at zero
-    trunc = VisionTransformer(**kw, init="trunc")  # mmpretrain's MaskFeat: the same draw, no rescaling
+    trunc = VisionTransformer(**kw, init="trunc").requires_grad_(False)  # no cut to speak of, no rescaling
     for w in (trunc.patch_embed.proj.weight, trunc.cls_token, *[b.attn.proj.weight for b in trunc.blocks],
               *[b.mlp.fc2.weight for b in trunc.blocks]):  # fmt: skip
         assert w.std().item() == pytest.approx(0.02, rel=0.1 if w.numel() < 1000 else 0.05)
+    assert trunc.blocks[0].mlp.fc1.weight.abs().max() > 0.06  # a normal's tails, beyond +-3 std
     assert not trunc.blocks[-1].attn.proj.bias.any()
+    bias, bound = trunc.patch_embed.proj.bias, (3 * 8 * 8) ** -0.5  # PyTorch's Conv2d default: U(+-1/sqrt(fan_in))
+    assert bias.abs().max() <= bound and bias.std().item() == pytest.approx(bound / 3**0.5, rel=0.25)
     with pytest.raises(ValueError, match="init must be one of"):
         VisionTransformer(**kw, init="xavier")

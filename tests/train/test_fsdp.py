@@ -243,3 +243,17 @@ def test_a_damaged_checkpoint_is_refused_not_resumed(image_folder, tmp_path, cap
     model.load_state_dict(state["model"])
     sums = ckpt.weights_sums(model.parameters())
     assert state["weights_sum"] == pytest.approx(sums[0].item(), rel=1e-5)
+
+
+def test_a_whole_checkpoint_of_another_network_is_refused_by_its_model_keys():
+    """load_full_state (a single-file checkpoint into --fsdp's shards) names the model's missing keys, as a plain
+    load does, before the optimizer's state is renumbered (whose refusal would name parameters, not the network)."""
+    from fastmim.train.fsdp import load_full_state
+    from fastmim.train.optim import build_adamw, param_names
+
+    a = fastmim.create_model("mae_vit_tiny_patch16", img_size=64, decoder_depth=1)
+    b = fastmim.create_model("mae_vit_tiny_patch16", img_size=64, decoder_depth=2)
+    oa, ob = build_adamw(a, 1e-3, 0.05), build_adamw(b, 1e-3, 0.05)
+    with pytest.raises(RuntimeError, match=r"missing keys \['decoder_blocks\.1\..*unexpected keys \[\]"):
+        load_full_state(b, ob, a.state_dict(), oa.state_dict(), param_names(a, oa))
+    load_full_state(a, oa, a.state_dict(), oa.state_dict(), param_names(a, oa))  # its own: loads

@@ -112,6 +112,17 @@ def test_cli_multistep_lr(image_folder, tmp_path, capsys):
     assert [r["lr"] for r in rows][3:] == pytest.approx([lr_at(s / 3, 1e-3, 0.0, 1, 4) for s in (3, 4)])  # cosine
 
 
+def test_milestones_text_keeps_every_digit():
+    """lr_milestones' canonical text: 700 and 700.0, a YAML list or a number compare equal, and no digit is rounded
+    away (six significant digits once were)."""
+    from fastmim.config import milestones_text
+
+    assert milestones_text([300, 700.0]) == milestones_text("300, 700") == "300,700"
+    assert milestones_text(700) == "700"
+    assert milestones_text("0.1234567,1234567") == "0.1234567,1234567"
+    assert milestones_text("two") == "two"  # kept for validate to name
+
+
 def _fails(argv, capsys) -> str:
     assert pretrain.main(argv) == 2
     return capsys.readouterr().err
