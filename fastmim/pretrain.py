@@ -134,10 +134,17 @@ def resolve_config(argv: list[str] | None, origins: dict | None = None) -> tuple
     if state is not None:  # a recipe file changed since the run began (a requeue's same command) keeps its network
         cfg, kept = _keep_run_network(cfg, saved, {k: source[k] for k in source if k not in flags})
         source = {k: v for k, v in source.items() if k not in kept}
+        cfg = _keep_run_init(cfg, saved)
     defaults = PretrainConfig().to_dict()  # (a saved default was not set by anyone: not named as where it came from)
     where = {k: "the run's saved config" for k, v in (saved if state is not None else {}).items()
              if v is not None and v != defaults.get(k)}  # fmt: skip
-    where |= {k: str(v) for k, v in source.items()} | dict.fromkeys(flags, "the command line")
+    # (a run's config.yaml passed back with --config holds resume: null: not where a --resume came from)
+    where |= {k: str(v) for k, v in source.items() if not (k == "resume" and from_yaml.get(k) is None)}
+    where |= dict.fromkeys(flags, "the command line")
+    if state is None and "max_steps" in source and "max_steps" not in flags and cfg.max_steps is not None:
+        if os.environ.get("RANK", "0") == "0":  # (a run's config.yaml keeps the --max-steps it was last given)
+            print(f"note: max_steps {cfg.max_steps} comes from {source['max_steps']}: the run stops at step "
+                  f"{cfg.max_steps} (--max-steps None trains the whole schedule)", flush=True)  # fmt: skip
     if origins is not None:
         origins.update(where)
     try:
@@ -250,6 +257,20 @@ def _keep_run_network(cfg: PretrainConfig, saved: dict, from_files: dict[str, st
     return dataclasses.replace(cfg, **{k: saved.get(k) for k in kept}), kept
 
 
+def _keep_run_init(cfg: PretrainConfig, saved: dict) -> PretrainConfig:
+    """On a resume, another --vit-init changes nothing (the weights come from the checkpoint): the run keeps the one
+    its weights were drawn with, so that its config.yaml (a new run from it, ``eval --random RUN``) still says it;
+    a note says so. A run from before the option drew MAE's."""
+    was = saved.get("vit_init") or "mae"
+    if cfg.vit_init != was:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: --vit-init {cfg.vit_init} changes nothing in a resumed run (its weights come from the "
+                  f"checkpoint): it keeps vit_init {was}, which its weights were drawn with; a new run in another "
+                  "--output-dir takes another", flush=True)  # fmt: skip
+        cfg = dataclasses.replace(cfg, vit_init=was)
+    return cfg
+
+
 def _cli_value(value, unset: bool = False) -> str:
     return ("its default (unset)" if unset else "none") if value is None else str(value)
 
@@ -290,10 +311,7 @@ def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
 
 def _implied(key: str, before, after, cfg: PretrainConfig) -> str:
     """What a changed setting changes with it, unsaid otherwise: the resize filter of a crop whose filter is unset;
-    nothing, for the initialisation (but a new run from the config.yaml that records it); the weight-decay groups,
-    not the optimizer's state, for --decay-exempt."""
-    if key == "vit_init":
-        return " (nothing in this run: its weights come from the checkpoint; a new run from its config.yaml would)"
+    the weight-decay groups, not the optimizer's state, for --decay-exempt."""
     if key == "decay_exempt":
         return " (from here: parameters change weight-decay group, each keeping its AdamW moments)"
     if key == "crop" and cfg.crop_interp is None:

@@ -151,7 +151,7 @@ def encoder_format(model: nn.Module) -> str:
     """What the exported encoder loads into (the file's ``format``): timm's ConvNeXt, its VisionTransformer, or, for a
     ViT with a relative position bias, its Beit through ``fastmim.models.vit.to_beit_state_dict``."""
     if getattr(model, "rel_pos_mode", None) is not None:
-        return "timm Beit (fastmim.models.vit.to_beit_state_dict)"
+        return "timm Beit after fastmim.models.vit.to_beit_state_dict (the keys here are fastmim's ViT's)"
     return "timm VisionTransformer" if hasattr(model, "blocks") else "timm ConvNeXt"
 
 

@@ -299,3 +299,20 @@ def test_a_relative_data_path_is_kept_absolute_so_a_resume_elsewhere_reads_the_s
 def test_bad_encoder_and_crop_settings_name_the_problem(flags, message):
     with pytest.raises(ValueError, match=message):
         resolve_config(["--model", "simmim_vit_tiny_patch16", *flags])
+
+
+def test_a_runs_config_yaml_passed_back_says_its_max_steps_and_not_its_null_resume(tmp_path, capsys):
+    """A run's config.yaml keeps the --max-steps it was last given: a new run from it says it stops there (and how to
+    train the whole schedule); its ``resume: null`` is not named as where a --resume came from."""
+    from fastmim.pretrain import with_origins
+
+    f = tmp_path / "config.yaml"
+    f.write_text("model: mae_vit_tiny_patch16\nmax_steps: 8\nresume: null\noutput_dir: old\n")
+    origins = {}
+    cfg, _ = resolve_config(["--config", str(f)], origins)
+    assert cfg.max_steps == 8
+    assert f"note: max_steps 8 comes from {f}: the run stops at step 8 (--max-steps None" in capsys.readouterr().out
+    assert "resume" not in origins and origins["output_dir"] == str(f)
+    assert with_origins("pass --resume, or another --output-dir", origins).endswith(f"(output_dir set in {f})")
+    cfg, _ = resolve_config(["--config", str(f), "--max-steps", "None"])
+    assert cfg.max_steps is None and "max_steps" not in capsys.readouterr().out
