@@ -325,6 +325,31 @@ class Trainer:
         else:
             self._save_whole()
         self.saved_step = self.pos.step
+        if self.info.is_main:
+            self._drop_other_format()
+
+    def _drop_other_format(self) -> None:
+        """A run that switched --fsdp holds its earlier checkpoint in the other format: once this save has replaced
+        it (a later step, as each save replaces the last of its own format), it is removed, not left as a stale
+        full-size copy that every resume would have to step over. A later one (copied in) is kept."""
+        import shutil
+
+        from fastmim.train.fsdp import dcp_dir
+
+        d = self.output_dir
+        if self.sharded:
+            mine, other = ckpt.DCP_NAME, d / ckpt.CHECKPOINT_NAME
+        else:
+            mine, other = ckpt.CHECKPOINT_NAME, dcp_dir(d / ckpt.DCP_NAME)
+        if other is None or not other.exists():
+            return
+        step = ckpt.saved_step(other)
+        if step > self.pos.step:
+            return
+        shutil.rmtree(other) if other.is_dir() else other.unlink()
+        was = f"step {step}" if step >= 0 else "unreadable"
+        print(f"note: removed {other.name} ({was}): this run's {mine} (step {self.pos.step}) replaces it",
+              flush=True)  # fmt: skip
 
     def state_sums(self) -> tuple[float, float, float, float]:
         """(sum, sum of absolute values) of the model's weights, then of the optimizer's state, in fp32, over every

@@ -269,17 +269,22 @@ def test_a_changed_rule_resumes_across_checkpoint_formats(image_folder, tmp_path
     """The tokens rule to step 3 (checkpoint.pt); resumed with --fsdp (one process) under the official rule to step 6
     (the whole state cut into shards, each parameter's moments in its new group); then without --fsdp under the
     tokens rule again to step 9 (the sharded checkpoint into whole weights, regrouped by name). With weight decay 0
-    the groups cannot change the numbers: the run of one that kept its rule throughout. (The last resume names the run's
-    folder, which holds both formats: the note says which one it takes.)"""
+    the groups cannot change the numbers: the run of one that kept its rule throughout. (The sharded save removes the
+    older checkpoint.pt; an older one copied back in, the last resume names the run's folder, which holds both
+    formats: the note says which one it takes.)"""
     import shutil
 
     ref, run = tmp_path / "ref", tmp_path / "run"
     _run(image_folder, ref, "--decay-exempt", "tokens", "--max-steps", "3")
     shutil.copytree(ref, run)
+    shutil.copy(ref / ckpt.CHECKPOINT_NAME, tmp_path / "ref3.pt")
     pretrain.run(["--resume", "--output-dir", str(ref), "--max-steps", "9", "--weight-decay", "0"])
     pretrain.run(["--resume", "--output-dir", str(run), "--max-steps", "6", "--weight-decay", "0", "--fsdp",
                   "--decay-exempt", "official"])  # fmt: skip
     assert ckpt.run_checkpoint(run) == run / ckpt.DCP_NAME
+    assert "note: removed checkpoint.pt (step 3): this run's checkpoint.dcp (step 6) replaces it" in \
+        capsys.readouterr().out  # fmt: skip
+    shutil.copy(tmp_path / "ref3.pt", run / ckpt.CHECKPOINT_NAME)  # an older one (step 3) copied back in
     capsys.readouterr()
     pretrain.run(["--resume", str(run), "--max-steps", "9", "--no-fsdp", "--decay-exempt", "tokens"])  # (its folder)
     assert "holds checkpoint.dcp (step 6) and checkpoint.pt (step 3, older;" in capsys.readouterr().out

@@ -98,6 +98,8 @@ def test_single_file_checkpoint_resumes_sharded_and_sharded_resumes_whole(image_
     pretrain.run(_args(image_folder, run, "--epochs", "2", "--max-steps", "6"))
     shutil.copytree(run, back)
     _torchrun(["--resume", str(run / ckpt.CHECKPOINT_NAME), "--fsdp", "--batch-size", "2", "--max-steps", "12"])
+    assert not (run / ckpt.CHECKPOINT_NAME).exists()  # the sharded checkpoint replaced it: not left stale
+    shutil.copy(back / ckpt.CHECKPOINT_NAME, run / ckpt.CHECKPOINT_NAME)  # an older one copied back in
     assert ckpt.run_checkpoint(run) == run / ckpt.DCP_NAME  # the later of the two
     os.utime(run / ckpt.CHECKPOINT_NAME)  # the stale file renewed (a plain copy of the folder): its step decides
     assert ckpt.run_checkpoint(run) == run / ckpt.DCP_NAME
@@ -110,6 +112,9 @@ def test_single_file_checkpoint_resumes_sharded_and_sharded_resumes_whole(image_
     # sharded (one rank) to step 9, then whole: the same run again
     pretrain.run(["--resume", str(back / ckpt.CHECKPOINT_NAME), "--fsdp", "--max-steps", "9"])
     pretrain.run(["--resume", "auto", "--output-dir", str(back), "--no-fsdp", "--max-steps", "12"])
+    assert "note: removed checkpoint.dcp (step 9): this run's checkpoint.pt (step 12) replaces it" in \
+        capsys.readouterr().out  # fmt: skip
+    assert ckpt.run_checkpoint(back) == back / ckpt.CHECKPOINT_NAME and not (back / ckpt.DCP_NAME).exists()
     _assert_losses_close(ref, back, rel=1e-5)
     _assert_states_close(ckpt.load_checkpoint(ref / ckpt.CHECKPOINT_NAME),
                          ckpt.load_checkpoint(back / ckpt.CHECKPOINT_NAME), atol=1e-6, rel=1e-5)  # fmt: skip
