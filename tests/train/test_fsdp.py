@@ -262,3 +262,21 @@ def test_a_whole_checkpoint_of_another_network_is_refused_by_its_model_keys():
     with pytest.raises(RuntimeError, match=r"missing keys \['decoder_blocks\.1\..*unexpected keys \[\]"):
         load_full_state(b, ob, a.state_dict(), oa.state_dict(), param_names(a, oa))
     load_full_state(a, oa, a.state_dict(), oa.state_dict(), param_names(a, oa))  # its own: loads
+
+
+def test_a_save_removes_the_other_formats_older_checkpoint_only(tmp_path, capsys):
+    """After a switch of --fsdp, the save in the new format removes the checkpoint of the other format it replaces
+    (an earlier step), and keeps one of a later step (copied in)."""
+    from types import SimpleNamespace
+
+    from fastmim.train.engine import Trainer
+
+    later = SimpleNamespace(output_dir=tmp_path, sharded=True, pos=SimpleNamespace(step=5))
+    torch.save({"step": 9}, tmp_path / ckpt.CHECKPOINT_NAME)
+    Trainer._drop_other_format(later)
+    assert (tmp_path / ckpt.CHECKPOINT_NAME).exists() and "removed" not in capsys.readouterr().out
+    torch.save({"step": 3}, tmp_path / ckpt.CHECKPOINT_NAME)
+    Trainer._drop_other_format(later)
+    assert not (tmp_path / ckpt.CHECKPOINT_NAME).exists()
+    assert "note: removed checkpoint.pt (step 3): this run's checkpoint.dcp (step 5) replaces it" in \
+        capsys.readouterr().out  # fmt: skip
