@@ -721,10 +721,10 @@ def _no_norm_pix(cfg: PretrainConfig, kwargs: dict, why: str) -> None:
         raise UsageError(f"--no-norm-pix-loss does not apply to {cfg.model}: {why}")
 
 
-def check_lr_schedule(cfg: PretrainConfig, lr: float, eff_batch: int, info: DistInfo) -> None:
+def check_lr_schedule(cfg: PretrainConfig, lr: float, eff_batch: int, info: DistInfo, warm: bool = False) -> None:
     """The schedule warms up from --warmup-lr to the peak ``lr`` and decays to --min-lr: a --min-lr above the peak
     would make the decay climb (refused); a --warmup-lr above it makes the warm-up descend (said: a config's absolute
-    warm-up lr with a small batch's scaled peak does that)."""
+    warm-up lr with a small batch's scaled peak does that; not once the run is past its warm-up, ``warm``)."""
     origin = "--lr" if cfg.lr is not None else f"--blr {cfg.blr:g} x batch {eff_batch} / 256"
     if cfg.min_lr > lr and cfg.lr_schedule == "cosine":
         raise UsageError(f"--min-lr {cfg.min_lr:g} is above the peak learning rate {lr:.3g} ({origin}): the cosine "
@@ -732,7 +732,7 @@ def check_lr_schedule(cfg: PretrainConfig, lr: float, eff_batch: int, info: Dist
     if cfg.warmup_epochs > cfg.epochs and info.is_main:
         print(f"note: --warmup-epochs {cfg.warmup_epochs:g} is longer than the run's --epochs {cfg.epochs}: the "
               f"learning rate never reaches its peak {lr:.3g}", flush=True)  # fmt: skip
-    if cfg.warmup_epochs > 0 and cfg.warmup_lr > lr and info.is_main:
+    if cfg.warmup_epochs > 0 and cfg.warmup_lr > lr and info.is_main and not warm:
         print(f"note: --warmup-lr {cfg.warmup_lr:g} is above the peak learning rate {lr:.3g} ({origin}): the warm-up "
               "lowers the learning rate", flush=True)  # fmt: skip
 
@@ -811,7 +811,8 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     compile_mode = check_compile(cfg, device)
     eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
     lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
-    check_lr_schedule(cfg, lr, eff_batch, info)
+    warm = state is not None and state.get("epoch", 0) >= cfg.warmup_epochs  # (a resume past the warm-up)
+    check_lr_schedule(cfg, lr, eff_batch, info, warm)
     base = Path(cfg.output_dir) if cfg.output_dir else Path("output")  # (the default run folder goes in output/)
     made = [p for p in (base, *base.parents) if not p.exists()]  # the folders the run will make
     out = prepare_output_dir(cfg, info)

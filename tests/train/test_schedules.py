@@ -123,6 +123,21 @@ def test_milestones_text_keeps_every_digit():
     assert milestones_text("two") == "two"  # kept for validate to name
 
 
+def test_a_warmup_lr_above_the_peak_is_said_until_the_warmup_is_over(image_folder, tmp_path, capsys):
+    """--warmup-lr above the peak makes the warm-up descend: said at the start, and on a resume inside the warm-up,
+    not on one past it (a requeue would repeat it for the rest of the run)."""
+    out = tmp_path / "run"
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--epochs", "3", "--vis-interval",
+            "100", "--lr", "1e-4", "--warmup-lr", "1e-3", "--warmup-epochs", "1", "--batch-size", "8"]  # fmt: skip
+    said = "note: --warmup-lr 0.001 is above the peak learning rate 0.0001 (--lr): the warm-up lowers"
+    assert pretrain.main([*args, "--max-steps", "2"]) == 0  # 3 steps an epoch: inside the warm-up
+    assert said in capsys.readouterr().out
+    assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "4"]) == 0
+    assert said in capsys.readouterr().out
+    assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "5"]) == 0  # from step 4: past it
+    assert said not in capsys.readouterr().out
+
+
 def _fails(argv, capsys) -> str:
     assert pretrain.main(argv) == 2
     return capsys.readouterr().err
