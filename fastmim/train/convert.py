@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.dst} (step {state['step']}, epoch {state['epoch']})" + (f" and {args.encoder}" if args.encoder
-          else ""))  # fmt: skip
+    where = f"step {state['step']}: epoch {state['epoch'] + 1}, after {state.get('batch', 0)} of its batches"
+    print(f"wrote {args.dst} ({where}, as a resume says it)" + (f" and {args.encoder}" if args.encoder else ""))
     return 0
 
 

@@ -315,8 +315,8 @@ class Trainer:
         if not math.isfinite(value):
             raise FloatingPointError(
                 f"{what} became {'non-finite' if what == 'the weights' else value} by step {self.pos.step} "
-                f"(epoch {self.pos.epoch}); stopping without saving, so the last checkpoint in {self.output_dir} is "
-                "intact. Try --amp bf16 instead of fp16, a lower --blr, or --clip-grad."
+                f"(in epoch {self.pos.epoch + 1}); stopping without saving, so the last checkpoint in "
+                f"{self.output_dir} is intact. Try --amp bf16 instead of fp16, a lower --blr, or --clip-grad."
             )
 
     def save(self) -> None:
