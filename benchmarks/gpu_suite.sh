@@ -8,7 +8,7 @@
 #   opaque vs Triton twins (twins); the CUDA-graph training step's, add_layer_norm's, layer_norm's, attention's and
 #   bias_gelu's tests (graph_tests); the target and frequency ops' Triton tests (target_tests); the step's throughput,
 #   MAE ViT-B/16 eager, with fused_norm, with fastmim attention, with fused bias+GELU, compiled, FCMAE
-#   ConvNeXtV2-Base, with its fused norm (graph); MaskFeat and SimMIM (recipes); data2vec 2.0's amortisation and the
+#   ConvNeXtV2-Base, with its fused norm (graph); MaskFeat, SimMIM and A2MIM (recipes); data2vec 2.0's amortisation and the
 #   EMA update (teacher); torch.compile's modes (compile_modes); the CUDA kernels under compute-sanitizer
 #   (sanitizer); then pytest -m gpu (the torch.compile tests later); FCMAE ConvNeXtV2-Base
 #   throughput (batch 64) and the sparse conv benchmark, profiled; MAE ViT-B/16 throughput (batch 256, bf16) in all
@@ -148,7 +148,7 @@ want graph && step "throughput: CUDA-graph modes, MAE ViT-B/16 b256 and FCMAE Co
 }
 
 # issue 16: the new recipes end to end (MaskFeat's HOG target, SimMIM), fused ops against the plain-PyTorch path
-want recipes && step "throughput: MaskFeat and SimMIM ViT-B/16, batch 256, bf16, reference vs fused ops" && {
+want recipes && step "throughput: MaskFeat, SimMIM and A2MIM ViT-B/16, batch 256, bf16, reference vs fused ops" && {
   for recipe in maskfeat simmim; do
     fits 60 "$recipe throughput" && run 120 $PY benchmarks/throughput.py --recipe $recipe --model vit_base_patch16 \
       --batch-size 256 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 --modes reference,fastmim \
@@ -162,6 +162,21 @@ want recipes && step "throughput: MaskFeat and SimMIM ViT-B/16, batch 256, bf16,
     --model vit_base_patch16 --batch-size 256 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 --modes fastmim \
     --model-arg rel_pos_bias=shared --model-arg abs_pos_embed=false --model-arg init_values=0.1 \
     --model-arg drop_path_rate=0.1 --out "$RESULTS/throughput.jsonl"
+  # The other two configs' encoders and targets. MaskFeat's (mmpretrain's): a learned position embedding and the
+  # 16-px Gaussian window on the HOG magnitudes. Prediction: within 2% of the MaskFeat row above (the window is one
+  # multiply per pixel inside hog_target's kernel; the learned embedding one more parameter gradient).
+  fits 60 "maskfeat config encoder throughput" && run 120 $PY benchmarks/throughput.py --recipe maskfeat \
+    --model vit_base_patch16 --batch-size 256 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 \
+    --modes reference,fastmim --model-arg gaussian_window=16 --model-arg abs_pos_embed=learned \
+    --out "$RESULTS/throughput.jsonl"
+  # A2MIM's (openmixup's): a relative position bias per block, a learned position embedding, layer scale, drop path;
+  # L1 + 0.1 x fft_loss. Prediction: fastmim within 5% of the SimMIM paper-encoder row (the frequency loss is one
+  # FFT of the batch's mean spectrum, small beside ViT-B at batch 256; a table per block adds 12 small gradients),
+  # and fastmim/reference above SimMIM's ratio (the reference's frequency loss takes 256 FFTs of 3x224x224 images).
+  fits 60 "a2mim config encoder throughput" && run 120 $PY benchmarks/throughput.py --recipe a2mim \
+    --model vit_base_patch16 --batch-size 256 --amp bf16 --steps 10 --warmup 3 --peak-tflops 790 \
+    --modes reference,fastmim --model-arg rel_pos_bias=block --model-arg abs_pos_embed=learned \
+    --model-arg init_values=0.1 --model-arg drop_path_rate=0.1 --out "$RESULTS/throughput.jsonl"
 }
 
 # issue 17: data2vec 2.0's amortisation (16 masks per image: one teacher pass) against 16 separate passes, and the EMA
