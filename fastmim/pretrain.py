@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -269,6 +270,24 @@ def _keep_run_init(cfg: PretrainConfig, saved: dict) -> PretrainConfig:
                   "--output-dir takes another", flush=True)  # fmt: skip
         cfg = dataclasses.replace(cfg, vit_init=was)
     return cfg
+
+
+def _unchanged_defaults(changes: dict, cfg: PretrainConfig, model: torch.nn.Module, state: dict) -> dict:
+    """A resume's changes less those that only name what an unset setting stood for: a --mask-ratio equal to the
+    model's default, an --lr equal to the blr x effective batch / 256 the run had."""
+    import inspect
+
+    out = dict(changes)
+    if "mask_ratio" in out and out["mask_ratio"][0] is None:
+        default = inspect.signature(type(model).__init__).parameters.get("mask_ratio")
+        if default is not None and default.default == out["mask_ratio"][1]:
+            del out["mask_ratio"]
+    if "lr" in out and out["lr"][0] is None:
+        was = {k: out[k][0] if k in out else getattr(cfg, k) for k in ("blr", "batch_size", "accum_iter")}
+        lr = was["blr"] * was["batch_size"] * was["accum_iter"] * state.get("world_size", 1) / 256
+        if math.isclose(lr, out["lr"][1], rel_tol=1e-9):
+            del out["lr"]
+    return out
 
 
 def _cli_value(value, unset: bool = False) -> str:
@@ -825,6 +844,8 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
             dataset = build_dataset(data_cfg, root)
             monitor = build_monitor(cfg, info, device)
             model = build_model(cfg, device)
+            if changes:
+                changes = _unchanged_defaults(changes, cfg, model, state)
             if info.rank:  # then each rank its own random stream (drop path, decoder noise)
                 _seed_everything((cfg.seed + info.rank) % 2**32)
             masks = model.mask_strategy(seed=cfg.seed)

@@ -316,3 +316,21 @@ def test_a_runs_config_yaml_passed_back_says_its_max_steps_and_not_its_null_resu
     assert with_origins("pass --resume, or another --output-dir", origins).endswith(f"(output_dir set in {f})")
     cfg, _ = resolve_config(["--config", str(f), "--max-steps", "None"])
     assert cfg.max_steps is None and "max_steps" not in capsys.readouterr().out
+
+
+def test_a_resume_naming_what_an_unset_setting_stood_for_changes_nothing(image_folder, tmp_path, capsys):
+    """A run saved with --mask-ratio and --lr unset, resumed with the model's ratio and the lr its blr gave, has no
+    changed settings to say or record; another ratio is a change, from the value the run had."""
+    from fastmim import pretrain
+    from tests.conftest import TINY_ARGS
+
+    out = tmp_path / "run"
+    assert pretrain.main([*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--max-steps",
+                          "2"]) == 0  # fmt: skip
+    capsys.readouterr()
+    lr = 1.5e-3 * 4 / 256  # the default blr x batch 4 / 256
+    assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "3", "--mask-ratio", "0.75", "--lr",
+                          str(lr)]) == 0  # fmt: skip
+    assert "changed settings" not in capsys.readouterr().out and not (out / "resumes.jsonl").exists()
+    assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "4", "--mask-ratio", "0.7"]) == 0
+    assert "resuming with changed settings: mask_ratio 0.75 -> 0.7 " in capsys.readouterr().out
