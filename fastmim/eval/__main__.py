@@ -4,7 +4,8 @@ Without data paths all three read the built-in labelled data (scikit-learn's dig
 ``--data-path ROOT`` alone reads ROOT/train and ROOT/val.
 ``--random MODEL`` evaluates a randomly initialised encoder: the baseline a pretrained one must beat (``--random RUN``,
 a run's folder: the encoder its config.yaml describes, with its options and initialisation). Each result is
-appended as one JSON line to ``--out`` (default: eval.jsonl beside the encoder) and printed as one line.
+appended as one JSON line to ``--out`` (default: eval.jsonl beside the encoder, or in the run's folder for ``--random
+RUN``) and printed as one line.
 ``finetune`` runs under torchrun too (data-parallel) and works in its own folder beside eval.jsonl (finetune/,
 finetune-2/, ...: never over an earlier one): checkpoint.pt every epoch, history.jsonl, finetuned.safetensors and
 args.json (the command's settings: ``finetune --resume DIR`` alone continues it with them).
@@ -84,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--seed", type=int, default=0, help="random init (--random) and the probe's shuffling")
     ap.add_argument("--no-cache", action="store_true", help="extract the features again even when cached")
-    ap.add_argument("--out", help="append the result (JSON) here (default: eval.jsonl beside the encoder)")
+    ap.add_argument(
+        "--out",
+        help="append the result (JSON) here (default: eval.jsonl beside the encoder; for "
+        "--random RUN, in RUN beside the trained encoder's)",
+    )
     return ap
 
 
@@ -281,7 +286,8 @@ def _resolved_pool(encoder, args) -> str | None:
 
 
 def _out_path(args, info: dict) -> Path:
-    path = Path(args.out) if args.out else (Path(info["path"]).parent if info["path"] else Path(".")) / "eval.jsonl"
+    beside = Path(info["path"]).parent if info["path"] else Path(info.get("random_from") or ".")  # (--random RUN)
+    path = Path(args.out) if args.out else beside / "eval.jsonl"
     if path.is_dir():  # checked before the evaluation runs, not after
         raise ValueError(f"--out {str(path)!r} is a folder: name the JSON-lines file to append to (e.g. "
                          f"{str(path / 'eval.jsonl')!r})")  # fmt: skip

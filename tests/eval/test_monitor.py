@@ -291,6 +291,9 @@ def test_simmims_vit_b_encoder_shared_bias_no_abs_pos_trains_evaluates_fine_tune
     eval_main(["knn", "--random", "run", "--data-path", "labelled", "--device", "cpu", "--out", "ev.jsonl"])
     row = json.loads((tmp_path / "ev.jsonl").read_text())
     assert row["random_from"] == str(out.resolve()) and row["random_options"]["rel_pos_bias"] == "shared"
+    eval_main(["knn", "--random", "run", "--data-path", "labelled", "--device", "cpu"])  # no --out: in the run's folder
+    row = json.loads((out / "eval.jsonl").read_text().splitlines()[-1])
+    assert row["random_init"] and row["random_from"] == str(out.resolve()) and not (tmp_path / "eval.jsonl").exists()
 
 
 def test_settings_a_run_does_not_read_are_said(image_folder, tmp_path, capsys):
