@@ -177,8 +177,8 @@ class PretrainConfig:
         metadata={"help": "the parameters weight decay leaves alone: official (the recipe's official code's rule: "
                           "biases and 1-D parameters, and for some recipes tokens: MAE's, FCMAE's, I-JEPA's and "
                           "data2vec 2.0's class or mask tokens decay, SimMIM's mask token) or tokens (also every "
-                          "class, mask and position token and the relative position tables: timm's convention; "
-                          "fastmim's rule before this option)"},
+                          "class, mask and position token: timm's convention, but the relative position tables "
+                          "decay; fastmim's rule before this option)"},
     )  # fmt: skip
     beta2: float = field(default=0.95, metadata={"help": "AdamW's second-moment decay (MAE 0.95, SimMIM 0.999)"})
     crop: str = field(

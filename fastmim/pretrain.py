@@ -279,9 +279,12 @@ def _unchanged_defaults(changes: dict, cfg: PretrainConfig, model: torch.nn.Modu
 
     out = dict(changes)
     if "mask_ratio" in out and out["mask_ratio"][0] is None:
-        default = inspect.signature(type(model).__init__).parameters.get("mask_ratio")
-        if default is not None and default.default == out["mask_ratio"][1]:
-            del out["mask_ratio"]
+        for cls in type(model).__mro__:  # (A2MIM's and PixMIM's pass **kwargs on: their base's default)
+            default = inspect.signature(cls.__init__).parameters.get("mask_ratio")
+            if default is not None:
+                if default.default == out["mask_ratio"][1]:
+                    del out["mask_ratio"]
+                break
     if "lr" in out and out["lr"][0] is None:
         was = {k: out[k][0] if k in out else getattr(cfg, k) for k in ("blr", "batch_size", "accum_iter")}
         lr = was["blr"] * was["batch_size"] * was["accum_iter"] * state.get("world_size", 1) / 256

@@ -331,25 +331,29 @@ class Trainer:
     def _drop_other_format(self) -> None:
         """A run that switched --fsdp holds its earlier checkpoint in the other format: once this save has replaced
         it (a later step, as each save replaces the last of its own format), it is removed, not left as a stale
-        full-size copy that every resume would have to step over. A later one (copied in) is kept."""
+        full-size copy that every resume would have to step over. One of a later step (copied in), or one whose step
+        cannot be read (a damaged file may still be resumed unchecked), is kept; a removal that fails is said, not
+        raised (this rank alone does it, after the save)."""
         import shutil
-
-        from fastmim.train.fsdp import dcp_dir
 
         d = self.output_dir
         if self.sharded:
-            mine, other = ckpt.DCP_NAME, d / ckpt.CHECKPOINT_NAME
+            mine, others = ckpt.DCP_NAME, [d / ckpt.CHECKPOINT_NAME]
         else:
-            mine, other = ckpt.CHECKPOINT_NAME, dcp_dir(d / ckpt.DCP_NAME)
-        if other is None or not other.exists():
-            return
-        step = ckpt.saved_step(other)
-        if step > self.pos.step:
-            return
-        shutil.rmtree(other) if other.is_dir() else other.unlink()
-        was = f"step {step}" if step >= 0 else "unreadable"
-        print(f"note: removed {other.name} ({was}): this run's {mine} (step {self.pos.step}) replaces it",
-              flush=True)  # fmt: skip
+            mine, others = ckpt.CHECKPOINT_NAME, [d / ckpt.DCP_NAME, d / f"{ckpt.DCP_NAME}.old"]
+        for other in others:
+            if not other.exists():
+                continue
+            step = ckpt.saved_step(other)
+            if step < 0 or step > self.pos.step:
+                continue
+            try:
+                shutil.rmtree(other) if other.is_dir() else other.unlink()
+            except OSError as e:
+                print(f"note: could not remove {other} (step {step}, replaced by this run's {mine}): {e}", flush=True)
+                continue
+            print(f"note: removed {other.name} (step {step}): this run's {mine} (step {self.pos.step}) replaces it",
+                  flush=True)  # fmt: skip
 
     def state_sums(self) -> tuple[float, float, float, float]:
         """(sum, sum of absolute values) of the model's weights, then of the optimizer's state, in fp32, over every

@@ -20,29 +20,22 @@ def decay_exempt_rule(model: nn.Module, exempt: str = "official"):
     parameters decay too: they are (1, C) there); SimMIM exempts the class token too, MaskFeat the mask token, PixMIM
     both, A2MIM both, its learned position embedding and the relative position tables; a learned position embedding
     decays under MAE's and MaskFeat's rules (fixed by default, it is not trained).
-    ``tokens``: 1-D parameters, the model's ``no_weight_decay()`` names (the class, mask and position tokens) and
-    the relative position tables: timm's convention (its Beit exempts the tables), and fastmim's rule before
-    --decay-exempt (which had no tables yet). A model without ``official_no_decay`` (a user's) takes the ``tokens``
-    rule either way."""
+    ``tokens``: 1-D parameters and the model's ``no_weight_decay()`` names (the class, mask and position tokens:
+    timm's convention for them, and fastmim's rule before --decay-exempt). The relative position tables decay under it
+    (timm's Beit exempts them; runs started with it keep it), and the start-up line says so. A model without
+    ``official_no_decay`` (a user's) takes the ``tokens`` rule either way."""
     if exempt not in DECAY_EXEMPT:
         raise ValueError(f"decay_exempt must be one of {', '.join(DECAY_EXEMPT)}, got {exempt!r}")
     official = getattr(model, "official_no_decay", None)
     if exempt == "official" and official is not None:
         return official
-    return _tokens_rule(model, tables=True)
-
-
-def _tokens_rule(model: nn.Module, tables: bool):
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    if tables:
-        return lambda name, p: p.ndim <= 1 or name in skip or name.endswith("relative_position_bias_table")
     return lambda name, p: p.ndim <= 1 or name in skip
 
 
-def param_groups(model: nn.Module, weight_decay: float, exempt: str = "official", rule=None) -> list[dict]:
-    """[no weight decay, weight decay]: the parameters ``decay_exempt_rule(model, exempt)`` (or ``rule``) exempts, the
-    others."""
-    rule = rule or decay_exempt_rule(model, exempt)
+def param_groups(model: nn.Module, weight_decay: float, exempt: str = "official") -> list[dict]:
+    """[no weight decay, weight decay]: the parameters ``decay_exempt_rule(model, exempt)`` exempts, the others."""
+    rule = decay_exempt_rule(model, exempt)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -83,12 +76,11 @@ def param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]
 
 def saved_param_names(state: dict, model: nn.Module) -> list[str]:
     """The names of the parameters a checkpoint's optimizer state numbers: saved with it (``optimizer_params``)
-    since config format 4; before, the groups of the ``tokens`` rule as it was then (relative position tables
-    decayed) numbered them."""
+    since config format 4; before, the groups of the ``tokens`` rule numbered them."""
     if state.get("optimizer_params") is not None:
         return list(state["optimizer_params"])
     names = {p: n for n, p in model.named_parameters()}
-    return [names[p] for g in param_groups(model, 0.0, rule=_tokens_rule(model, tables=False)) for p in g["params"]]
+    return [names[p] for g in param_groups(model, 0.0, "tokens") for p in g["params"]]
 
 
 def regroup_state(saved: dict, saved_names: list[str], optimizer: torch.optim.Optimizer, names: list[str]) -> dict:

@@ -334,3 +334,9 @@ def test_a_resume_naming_what_an_unset_setting_stood_for_changes_nothing(image_f
     assert "changed settings" not in capsys.readouterr().out and not (out / "resumes.jsonl").exists()
     assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "4", "--mask-ratio", "0.7"]) == 0
     assert "resuming with changed settings: mask_ratio 0.75 -> 0.7 " in capsys.readouterr().out
+    import fastmim
+
+    a2mim = fastmim.create_model("a2mim_vit_tiny_patch16", img_size=64, depth=1)  # its default is its base class's
+    cfg, _ = resolve_config(["--model", "a2mim_vit_tiny_patch16"])
+    assert pretrain._unchanged_defaults({"mask_ratio": [None, 0.6]}, cfg, a2mim, {}) == {}
+    assert pretrain._unchanged_defaults({"mask_ratio": [None, 0.5]}, cfg, a2mim, {}) == {"mask_ratio": [None, 0.5]}

@@ -282,3 +282,12 @@ def test_a_save_removes_the_other_formats_older_checkpoint_only(tmp_path, capsys
     assert not (tmp_path / ckpt.CHECKPOINT_NAME).exists()
     assert "note: removed checkpoint.pt (step 3): this run's checkpoint.dcp (step 5) replaces it" in \
         capsys.readouterr().out  # fmt: skip
+    (tmp_path / ckpt.CHECKPOINT_NAME).write_bytes(b"damaged")  # its step unreadable: kept (it may be resumed unchecked)
+    Trainer._drop_other_format(later)
+    assert (tmp_path / ckpt.CHECKPOINT_NAME).exists()
+    whole = SimpleNamespace(output_dir=tmp_path, sharded=False, pos=SimpleNamespace(step=5))
+    for name in (ckpt.DCP_NAME, f"{ckpt.DCP_NAME}.old"):  # a sharded one and the .old an interrupted save left
+        (tmp_path / name).mkdir()
+        torch.save({"step": 4}, tmp_path / name / "meta.pt")
+    Trainer._drop_other_format(whole)
+    assert not (tmp_path / ckpt.DCP_NAME).exists() and not (tmp_path / f"{ckpt.DCP_NAME}.old").exists()
