@@ -156,7 +156,9 @@ def test_vit_mlp_with_fused_gelu_matches_the_plain_one(backend):
     (out_f * w).sum().backward()
     for (n, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
         if p.grad is not None:
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+            # (a summed gradient, the class token's, carries its sum's rounding: tolerance to the gradient's scale)
+            atol = max(1e-5, 1e-4 * float(p.grad.abs().max()))
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("name", ["simmim_vit_tiny_patch16", "data2vec2_vit_tiny_patch16", "ijepa_vit_tiny_patch16"])
