@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastmim-installed
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# make test: one pytest-xdist worker per core, each on one thread (OMP_NUM_THREADS=1 unless set); TEST_WORKERS=0: the
+# suite in one process
+TEST_WORKERS ?= auto
 
 .PHONY: install pretrain test test-gpu lint clean
 
@@ -23,7 +26,8 @@ pretrain: $(STAMP)
 	$(PY) -m fastmim.pretrain $(ARGS)
 
 test: $(STAMP)
-	FASTMIM_REQUIRE_EXT=1 $(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} FASTMIM_REQUIRE_EXT=1 $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist worksteal \
+	  $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -47,7 +47,8 @@ class PretrainConfig:
         default=None,
         metadata={"help": "more keyword arguments of the model, as fastmim.create_model takes them: KEY=VALUE[,...] "
                           "(a YAML mapping in a config), e.g. low_pass_radius=20 (PixMIM), pred_depth=6 (I-JEPA), "
-                          "hog_cell=4 (MaskFeat), fft_weight=0.2 (A2MIM), target=hog|lowpass (MAE, SimMIM)"},
+                          "hog_cell=4 (MaskFeat), fft_weight=0.2 (A2MIM), target=hog|lowpass (MAE, SimMIM; A2MIM: "
+                          "lowpass)"},
     )  # fmt: skip
     attn_impl: str = field(
         default="auto", metadata={"help": "auto, sdpa, flash, math or fastmim (fastmim.ops.attention's kernels)"}
@@ -446,9 +447,14 @@ def as_mapping(name: str, value) -> dict:
     if isinstance(value, str):
         pairs = [p for p in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", value) if p.strip()]  # commas inside [..] stay
         try:
-            value = dict(key_value(p) for p in pairs)
+            items = [key_value(p) for p in pairs]
         except ValueError:
             raise ValueError(f"config key {name!r} takes KEY=VALUE[,KEY=VALUE...], got {value!r}") from None
+        keys = [k for k, _ in items]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:  # one would silently win
+            raise ValueError(f"config key {name!r} names {', '.join(twice)} more than once in {value!r}")
+        value = dict(items)
     if not isinstance(value, dict) or not all(isinstance(k, str) and k.isidentifier() for k in value):
         raise ValueError(f"config key {name!r} must map argument names to values, got {value!r}")
     return value

@@ -297,6 +297,12 @@ def _cli_value(value, unset: bool = False) -> str:
     return ("its default (unset)" if unset else "none") if value is None else str(value)
 
 
+def _target_of(model_args) -> str:
+    """The target ``model_args`` choose (``fastmim.targets.choice``; pixels when they name none)."""
+    args = as_mapping("model_args", model_args) if _mapping_given(model_args) else {}
+    return str(args.get("target", "pixels"))
+
+
 def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
     """A resume that changes the network is refused naming what the run was trained with; any other changed setting
     (flags override the saved config, by design: masks, data, loss, optimizer, augmentation, precision) is said in a
@@ -311,6 +317,13 @@ def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
         back = f" ({', '.join(back)})" if back else ""
         raise UsageError(f"--resume: this run was trained with {was}; {now} would change the network its checkpoint "
                          f"holds: drop them{back} to continue the run, or start another in a new "
+                         "--output-dir")  # fmt: skip
+    was_target, now_target = _target_of(saved.get("model_args")), _target_of(cfg.model_args)
+    if was_target != now_target:  # another recipe on the same weights' shapes (lowpass and pixels): refused as --model
+        now = (f"--model-args target={now_target}" if now_target != "pixels" else
+               "model_args without a target (pixels)")  # fmt: skip
+        raise UsageError(f"--resume: this run was trained with target={was_target}; {now} would change what it "
+                         f"learns: add --model-args target={was_target} to continue the run, or start another in a new "
                          "--output-dir")  # fmt: skip
     same = set(RUN_KEYS) | set(_network_keys(cfg))  # (FCMAE's image size is data: a change is said)
     # a setting the run's fastmim did not have yet ran as its default (each new option's default is the old behaviour)

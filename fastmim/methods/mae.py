@@ -50,13 +50,23 @@ def add_mae_decoder(model: nn.Module, embed_dim: int, decoder_embed_dim: int, de
         m.apply(init_weights)
 
 
+def require_two_patches(model: nn.Module, img_size, patch_size) -> None:
+    """A recipe hides some patches and predicts them from others: an image of one patch leaves its loss nothing."""
+    if model.num_patches < 2:
+        raise ValueError(
+            f"a {img_size}-px image is one {patch_size}-px patch: {type(model).__name__} hides some "
+            "patches and sees others, so it needs at least two (a larger image or a smaller patch)"
+        )
+
+
 def mask_strategy_for(mask_type: str, grid: tuple[int, int], patch_size: int, seed: int, ratio: float) -> MaskStrategy:
     """The strategy of a recipe's ``mask_type`` (one of MASK_TYPES) over a token grid: "simmim" masks 2x2-token cells
     (SimMIM's 32-px mask patches at patch 16; 28 px at patch 14); "uniform" hides 75% by construction."""
     if mask_type not in MASK_TYPES:
         raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
     if mask_type == "uniform" and abs(ratio - 0.75) > 1e-9:
-        raise ValueError(f"uniform masking hides 75% of the tokens (one visible per 2x2 cell), got {ratio=}")
+        raise ValueError(f"uniform masking hides 75% of the tokens (one visible per 2x2 cell), got {ratio=}: give "
+                         "it mask_ratio=0.75 (--mask-ratio 0.75)")  # fmt: skip
     params = {"secondary_ratio": 0.0} if mask_type == "uniform" else {"ratio": ratio}
     if mask_type == "simmim":
         params.update(mask_patch_size=2 * patch_size, patch_size=patch_size)
@@ -75,8 +85,9 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
         norm_pix_loss: normalise each target patch by its mean and std (pixel targets).
         target: "pixels" (MAE's), "lowpass" (PixMIM's low-frequency image, ``low_pass_radius``; the same norm-pix
             loss) or "hog" (MaskFeat's target on MAE's encoder and decoder: the decoder predicts each masked patch's
-            HOG features, ``fastmim.targets.HOGTarget`` with ``hog_cell`` (None: half the patch), an unnormalised MSE
-            on the masked patches); see ``fastmim.targets.choice``.
+            HOG features, ``fastmim.targets.HOGTarget`` with ``hog_cell`` (None: half the patch), ``hog_bins`` (None:
+            9) and ``gaussian_window`` (None: none), an unnormalised MSE on the masked patches); see
+            ``fastmim.targets.choice``.
         fused_ops: use fastmim.ops (fused gather, decoder-input scatter and loss); False keeps the plain PyTorch
             reference path, which computes the same values.
         vis_mask_ratio: UM-MAE's secondary masking (its ``--vis_mask_ratio``; 0.25 in its paper, with
@@ -110,6 +121,8 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
         fused_gelu: bool = False,
         target: str = "pixels",
         hog_cell: int | None = None,
+        hog_bins: int | None = None,
+        gaussian_window: int | None = None,
         low_pass_radius: float | None = None,
         vis_mask_ratio: float = 0.0,
         drop_path_rate: float = 0.0,
@@ -125,16 +138,14 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
                          fused_norm=fused_norm, fused_gelu=fused_gelu, drop_path_rate=drop_path_rate,
                          init_values=init_values)  # fmt: skip
-        if self.num_patches < 2:  # nothing could be both hidden and seen: the loss would have no patch
-            raise ValueError(
-                f"a {img_size}-px image is one {patch_size}-px patch: {type(self).__name__} hides some "
-                "patches and sees others, so it needs at least two (a larger image or a smaller patch)"
-            )
+        require_two_patches(self, img_size, patch_size)
+        if target == "hog" and not norm_pix_loss:  # (the HOG features are compared as they are)
+            raise ValueError(f"{type(self).__name__}: norm_pix_loss applies to pixel targets, not target='hog'")
         self.mask_ratio = float(mask_ratio)
         self.mask_type = mask_type
         self.norm_pix_loss = norm_pix_loss
         self.fused_ops = fused_ops
-        out_dim = self.set_target(target, hog_cell, low_pass_radius=low_pass_radius)
+        out_dim = self.set_target(target, hog_cell, hog_bins, gaussian_window, low_pass_radius)
         add_mae_decoder(self, embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, out_dim,
                         attn_impl)  # fmt: skip
         set_fused_gelu(self, fused_gelu)  # the decoder's MLPs too
@@ -144,6 +155,7 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
             nn.init.normal_(self.vis_mask_token, std=0.02)
         self._mask_strategy: MaskStrategy | None = None
         self._mask_strategy_ratio: float | None = None
+        self.mask_strategy()  # a ratio or an image size its masks cannot take: refused here, not at the first forward
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token", "decoder_pos_embed", "vis_mask_token"}

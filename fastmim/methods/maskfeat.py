@@ -77,6 +77,9 @@ class MaskFeatViT(MaskTokenViT):
                          drop_path_rate, init_values, abs_pos_embed, rel_pos_bias, init)  # fmt: skip
         self._set_mask_type(mask_type, "block")
         self.mask_ratio = mask_ratio
+        if mask_exact is not None and self.mask_type != "block":
+            raise ValueError(f"MaskFeatViT: mask_exact applies to block masks (MaskFeat's own), not mask_type "
+                             f"{self.mask_type!r}")  # fmt: skip
         if mask_exact is None:
             mask_exact = exact_hidden(self.num_patches, mask_ratio) < MASKFEAT_MIN_BLOCK
         self.mask_exact = bool(mask_exact)

@@ -18,7 +18,7 @@ from torch import nn
 from fastmim.heads import LinearHead, PixelShuffleHead
 from fastmim.masking import MaskInfo
 from fastmim.masking.base import MaskStrategy, as_mask_info
-from fastmim.methods.mae import MASK_TYPES, mask_strategy_for, register_vit_family
+from fastmim.methods.mae import MASK_TYPES, mask_strategy_for, register_vit_family, require_two_patches
 from fastmim.models.vit import VisionTransformer, trunc_normal_02
 from fastmim.ops import masked_mse_loss, masked_mse_loss_ref, patchify
 from fastmim.ops.reference import patchify_ref
@@ -36,6 +36,7 @@ class MaskTokenViT(TargetChoice, VisionTransformer):
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
                          fused_norm=fused_norm, drop_path_rate=drop_path_rate, init_values=init_values,
                          abs_pos_embed=abs_pos_embed, rel_pos_bias=rel_pos_bias, init=init)  # fmt: skip
+        require_two_patches(self, img_size, patch_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         trunc_normal_02(self.mask_token, init)  # (SimMIM's, with BEiT's init: cut at one std)
 
@@ -85,8 +86,8 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
         mask_type: None (SimMIM's: "simmim", random 2x2-token mask patches, 32 px at patch 16 as the paper, 28 px at
             patch 14) or another ``MaskedAutoencoderViT`` mask type ("random", "block", "uniform").
         target: "pixels" (SimMIM's), "lowpass" (PixMIM's low-frequency image, ``low_pass_radius``; the same L1) or
-            "hog" (MaskFeat's HOG features, ``hog_cell``; a linear head instead of the pixel-shuffle one, MSE); see
-            ``fastmim.targets.choice``.
+            "hog" (MaskFeat's HOG features, ``hog_cell``, ``hog_bins``, ``gaussian_window``; a linear head instead of
+            the pixel-shuffle one, MSE); see ``fastmim.targets.choice``.
         fused_ops: fastmim.ops for the loss and patchify (False: the plain reference, the same values).
         attn_impl, drop_path_rate, init_values, abs_pos_embed, rel_pos_bias, init: see VisionTransformer (SimMIM's
             ViT-B: drop path 0.1, layer scale 0.1, no absolute position embedding, a shared relative position bias,
@@ -109,6 +110,8 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
         mask_type: str | None = None,
         target: str = "pixels",
         hog_cell: int | None = None,
+        hog_bins: int | None = None,
+        gaussian_window: int | None = None,
         low_pass_radius: float | None = None,
         drop_path_rate: float = 0.0,
         init_values: float | None = None,
@@ -122,7 +125,7 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
         self.mask_ratio = mask_ratio
         self.fused_ops = fused_ops
         self.norm_pix_loss = False  # SimMIM predicts the normalised image itself
-        out_dim = self.set_target(target, hog_cell, low_pass_radius=low_pass_radius)
+        out_dim = self.set_target(target, hog_cell, hog_bins, gaussian_window, low_pass_radius)
         if target == "hog":
             self.decoder = LinearHead(embed_dim, out_dim)
         else:

@@ -70,6 +70,11 @@ def _unexpected_hint(factory, error: TypeError) -> str:
     m = re.search(r"unexpected keyword argument '(\w+)'", str(error))
     if not m:
         return ""
+    if m.group(1) == "target":  # (fastmim.targets.choice)
+        return (
+            "; this recipe's target is its own: MAE, SimMIM and A2MIM take target=pixels|lowpass|hog (SimMIM "
+            "with mask_type='block' and target='hog' is MaskFeat's target on another recipe)"
+        )
     close = difflib.get_close_matches(m.group(1), sorted(accepted_keywords(factory)), n=3, cutoff=0.6)
     return f"; did you mean {', '.join(close)}?" if close else ""
 

@@ -4,7 +4,8 @@
   A2MIM: L1 on the masked pixels).
 - "lowpass": the same pixel loss on PixMIM's low-frequency image (``low_pass_images``; ``low_pass_radius``, None:
   40 x side / 224 as PixMIM).
-- "hog": MaskFeat's HOG features of each masked patch (``HOGTarget``; ``hog_cell``, None: half the patch; 9 bins);
+- "hog": MaskFeat's HOG features of each masked patch (``HOGTarget``; ``hog_cell``, None: half the patch;
+  ``hog_bins``, None: 9; ``gaussian_window``, None: none);
   the head predicts them and the loss is their plain MSE over the masked patches.
 
 So a recipe is its Mask and Encoder with any of these Targets: MAE's encoder and decoder on HOG or low-pass targets,
@@ -30,23 +31,28 @@ class TargetChoice:
 
     target = "pixels"
 
-    def set_target(self, target: str, hog_cell: int | None = None, hog_bins: int = 9, gaussian_window: int = 0,
-                   low_pass_radius: float | None = None) -> int:  # fmt: skip
-        """Sets the target; returns the values per token the head predicts (p * p * C pixels, or the HOG size)."""
+    def set_target(self, target: str, hog_cell: int | None = None, hog_bins: int | None = None,
+                   gaussian_window: int | None = None, low_pass_radius: float | None = None) -> int:  # fmt: skip
+        """Sets the target; returns the values per token the head predicts (p * p * C pixels, or the HOG size).
+        ``hog_*`` and ``gaussian_window`` (None: half the patch, 9 bins, no window) are the HOG target's."""
         name = type(self).__name__
         if target not in TARGETS:
             raise ValueError(f"{name}: target must be one of {', '.join(TARGETS)}, got {target!r}")
-        if hog_cell is not None and target != "hog":
-            raise ValueError(f"{name}: hog_cell applies to target='hog', not {target!r}")
-        if low_pass_radius is not None and target != "lowpass":
-            raise ValueError(f"{name}: low_pass_radius applies to target='lowpass', not {target!r}")
+        given = {"hog_cell": hog_cell, "hog_bins": hog_bins, "gaussian_window": gaussian_window,
+                 "low_pass_radius": low_pass_radius}  # fmt: skip
+        for key, value in given.items():
+            applies = "lowpass" if key == "low_pass_radius" else "hog"
+            if value is not None and target != applies:
+                raise ValueError(f"{name}: {key} applies to target='{applies}', not {target!r}")
         self.target = target
         p = self.patch_size
         if target == "hog":
             cell = p // 2 if hog_cell is None else check_int(name, "hog_cell", hog_cell)
             if p % cell:
                 raise ValueError(f"{name}: the patch size {p} must be a multiple of hog_cell, got {hog_cell!r}")
-            self.hog = HOGTarget(p, self.in_chans, cell, hog_bins, gaussian_window, fused=self.fused_ops)
+            bins = 9 if hog_bins is None else hog_bins
+            window = 0 if gaussian_window is None else gaussian_window
+            self.hog = HOGTarget(p, self.in_chans, cell, bins, window, fused=self.fused_ops)
             self.predicts_pixels = False  # the trainer shows no reconstructions
             return self.hog.dim
         if target == "lowpass":

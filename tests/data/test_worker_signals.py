@@ -72,20 +72,29 @@ def test_shielded_workers_take_the_signals_in_one_thread_and_survive_another_sen
     assert not set(STOP_SIGNALS) & signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
 
-def test_a_worker_not_started_blocked_keeps_the_default_behaviour():
+class ThreadCount(WorkerState):
+    def __getitem__(self, i: int):
+        return (*super().__getitem__(i), len(os.listdir("/proc/self/task")))
+
+
+def test_a_worker_not_started_blocked_keeps_the_default_behaviour(monkeypatch):
     """A plain DataLoader's spawn worker has native threads with the signals unblocked before its init: the shield
     cannot hold there, and the worker is left as it was (not half-shielded, not immune). (A fork server is one per
     process, started blocked or not by whichever loader came first: not testable here in any order.)"""
+    # the OpenMP pool torch starts on import makes those threads: two of them whatever this process was given (with
+    # one, the worker has no other thread and the shield holds, as it should)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
     loader = torch.utils.data.DataLoader(
-        WorkerState(),
+        ThreadCount(),
         batch_size=None,
         num_workers=1,
         multiprocessing_context="spawn",
         worker_init_fn=ignore_stop_signals,
     )
-    items = _items(loader)
-    assert not any(shield for _, shield, _ in items)
-    assert not any(blocked for _, _, blocked in items)
+    items = [tuple(int(v) for v in b) for b in loader]
+    assert all(threads > 1 for *_, threads in items), items  # the premise
+    assert not any(shield for _, shield, _, _ in items)
+    assert not any(blocked for _, _, blocked, _ in items)
 
 
 def test_shielded_loader_runs_the_users_worker_init_after_the_shield():

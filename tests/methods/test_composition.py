@@ -320,3 +320,63 @@ def test_fcmaes_image_size_on_resume_is_a_said_change(image_folder, tmp_path, ca
     assert json.loads((out / "resumes.jsonl").read_text())["changed"] == {"img_size": [64, 96]}
     (tmp_path / "m.yaml").write_text("lr_schedule: multistep\nlr_milestones: [300, 700.0]\n")
     assert pretrain.resolve_config(["--config", str(tmp_path / "m.yaml")])[0].milestone_epochs() == (300.0, 700.0)
+
+
+def test_hog_options_reach_the_hog_target_of_every_recipe_that_takes_it():
+    """hog_bins and gaussian_window (MaskFeat's mmpretrain setting) on MAE's and SimMIM's HOG target as on MaskFeat's:
+    the same features; on another target, refused by name."""
+    torch.manual_seed(0)
+    imgs = torch.randn(2, 3, 64, 64)
+    want = fastmim.create_model("maskfeat_vit_tiny_patch16", img_size=64, hog_bins=12, gaussian_window=16).hog
+    for name in ("mae_vit_tiny_patch16", "simmim_vit_tiny_patch16"):
+        m = fastmim.create_model(name, img_size=64, target="hog", hog_bins=12, gaussian_window=16)
+        assert m.hog.dim == want.dim == 4 * 12 * 3
+        mask = torch.zeros(2, 16, dtype=torch.bool)
+        mask[:, ::3] = True
+        torch.testing.assert_close(m.hog(imgs, mask), want(imgs, mask))
+        for key, value in (("hog_bins", 12), ("gaussian_window", 16), ("hog_cell", 4)):
+            with pytest.raises(ValueError, match=f"{key} applies to target='hog', not 'lowpass'"):
+                fastmim.create_model(name, img_size=64, target="lowpass", **{key: value})
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, message",
+    [
+        ("mae_vit_tiny_patch16", {"mask_type": "uniform", "mask_ratio": 0.6}, r"hides 75%.*mask_ratio=0.75"),
+        ("mae_vit_tiny_patch16", {"img_size": 48, "mask_type": "uniform"}, "even"),
+        ("pixmim_vit_tiny_patch16", {"img_size": 32, "mask_type": "simmim"}, "SimMIM masks need at least two"),
+        ("simmim_vit_tiny_patch16", {"img_size": 16, "mask_type": "random"}, "one 16-px patch: SimMIMViT"),
+        ("maskfeat_vit_tiny_patch16", {"img_size": 16}, "one 16-px patch: MaskFeatViT"),
+        ("mae_vit_tiny_patch16", {"target": "hog", "norm_pix_loss": False}, "norm_pix_loss applies to pixel"),
+        ("maskfeat_vit_tiny_patch16", {"mask_type": "random", "mask_exact": True}, "mask_exact applies to block"),
+        ("maskfeat_vit_tiny_patch16", {"target": "lowpass"}, "target is its own: MAE, SimMIM and A2MIM take"),
+    ],
+)
+def test_a_composition_its_parts_cannot_take_is_refused_when_built(name, kwargs, message):
+    """Refused by create_model with one message, not at the first forward (nor inside the loss), nor ignored."""
+    with pytest.raises(ValueError, match=message):
+        fastmim.create_model(name, **{"img_size": 64, **kwargs})
+
+
+def test_model_args_naming_a_key_twice_are_refused(image_folder, tmp_path, capsys):
+    args = [*tiny_args_for("mae_vit_tiny_patch16"), "--data-path", str(image_folder), "--output-dir", str(tmp_path)]
+    assert pretrain.main([*args, "--model-args", "target=hog,target=lowpass"]) == 2
+    assert "names target more than once" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_target_as_another_recipe(image_folder, tmp_path, capsys):
+    """A low-pass (PixMIM-like) run resumed without its target, or with another, is refused naming the run's target,
+    even where the weights' shapes would load (pixels and lowpass); the run's own target given again is no change."""
+    out = tmp_path / "run"
+    args = [*tiny_args_for("mae_vit_tiny_patch16"), "--data-path", str(image_folder), "--output-dir", str(out)]
+    pretrain.run([*args, "--max-steps", "1", "--model-args", "target=lowpass,low_pass_radius=6"])
+    resume = ["--resume", "--output-dir", str(out), "--max-steps", "2"]
+    for given, now in ((["--model-args", "none"], "model_args without a target (pixels)"),
+                       (["--model-args", "target=hog"], "--model-args target=hog")):  # fmt: skip
+        assert pretrain.main([*resume, *given]) == 2
+        err = capsys.readouterr().err
+        assert f"this run was trained with target=lowpass; {now} would change what it learns" in err, err
+        assert "size mismatch" not in err
+    assert pretrain.main([*resume, "--model-args", "target=lowpass"]) == 0
+    out_text = capsys.readouterr().out
+    assert "changed settings" not in out_text, out_text

@@ -12,6 +12,7 @@ from fastmim.ops._dispatch import triton_available
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # about a minute on 2 cores: every kernel's every specialisation
 @pytest.mark.skipif(triton_available() is not None, reason=f"triton not importable ({triton_available()})")
 def test_every_kernel_compiles_to_ptx_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
