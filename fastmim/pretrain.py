@@ -298,9 +298,11 @@ def _cli_value(value, unset: bool = False) -> str:
 
 
 def _target_of(model_args) -> str:
-    """The target ``model_args`` choose (``fastmim.targets.choice``; pixels when they name none)."""
+    """The target ``model_args`` choose (``fastmim.targets.choice``; the recipes' default when they name none)."""
+    from fastmim.targets.choice import TargetChoice
+
     args = as_mapping("model_args", model_args) if _mapping_given(model_args) else {}
-    return str(args.get("target", "pixels"))
+    return str(args.get("target", TargetChoice.target))
 
 
 def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
@@ -320,8 +322,8 @@ def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
                          "--output-dir")  # fmt: skip
     was_target, now_target = _target_of(saved.get("model_args")), _target_of(cfg.model_args)
     if was_target != now_target:  # another recipe on the same weights' shapes (lowpass and pixels): refused as --model
-        now = (f"--model-args target={now_target}" if now_target != "pixels" else
-               "model_args without a target (pixels)")  # fmt: skip
+        now = (f"--model-args target={now_target}" if now_target != _target_of(None) else
+               f"model_args without a target ({now_target})")  # fmt: skip
         raise UsageError(f"--resume: this run was trained with target={was_target}; {now} would change what it "
                          f"learns: add --model-args target={was_target} to continue the run, or start another in a new "
                          "--output-dir")  # fmt: skip
