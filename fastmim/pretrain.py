@@ -742,7 +742,9 @@ def build_model(cfg: PretrainConfig, device: torch.device):
         if not any(str(k) in str(e) or repr(v) in str(e) for k, v in (cfg.model_args or {}).items()):
             raise
         given = ", ".join(f"{k}={v!r}" for k, v in cfg.model_args.items())
-        raise UsageError(f"{cfg.model}: {e} (with --model-args {given})") from e
+        where = (f"the model_args of the run being resumed with those given now added: {given}; --model-args none "
+                 "clears the run's" if cfg.resume else f"with --model-args {given}")  # fmt: skip
+        raise UsageError(f"{cfg.model}: {e} ({where})") from e
     model = model.to(device)
     if cfg.grad_ckpt:
         from fastmim.models.vit import set_grad_ckpt

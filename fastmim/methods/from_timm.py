@@ -17,16 +17,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastmim.masking.random import check_mask_ratio
 from fastmim.methods.mae import MaskedAutoencoderViT, add_mae_decoder
 from fastmim.models.registry import register_model
 from fastmim.models.vit import checkpointed
 from fastmim.ops import gather_visible, gather_visible_ref
+from fastmim.targets.choice import TargetChoice
 from fastmim.targets.pixel import PixelTarget
 
 
-class TimmMAE(PixelTarget, nn.Module):
+class TimmMAE(TargetChoice, PixelTarget, nn.Module):
     """Args: encoder: a timm ``VisionTransformer`` instance; decoder_*: MAE's decoder (its defaults: 512 wide, 8
-    blocks, 16 heads); mask_ratio, mask_type, norm_pix_loss, fused_ops, attn_impl: as ``MaskedAutoencoderViT``."""
+    blocks, 16 heads); mask_ratio, mask_type, norm_pix_loss, fused_ops, attn_impl, and the target (``target``:
+    pixels, lowpass or hog, with ``hog_cell``, ``hog_bins``, ``gaussian_window``, ``low_pass_radius``): as
+    ``MaskedAutoencoderViT``."""
 
     grad_ckpt = False
     fused_norm = False  # the decoder's blocks run plainly (timm's blocks are the user's)
@@ -34,9 +38,14 @@ class TimmMAE(PixelTarget, nn.Module):
     def __init__(self, encoder: nn.Module, decoder_embed_dim: int = 512, decoder_depth: int = 8,
                  decoder_num_heads: int = 16, mlp_ratio: float = 4.0, mask_ratio: float = 0.75,
                  mask_type: str = "random", norm_pix_loss: bool = True, fused_ops: bool = True,
-                 attn_impl: str = "auto"):  # fmt: skip
+                 attn_impl: str = "auto", target: str = "pixels", hog_cell: int | None = None,
+                 hog_bins: int | None = None, gaussian_window: int | None = None,
+                 low_pass_radius: float | None = None):  # fmt: skip
         super().__init__()
         _check_encoder(encoder)
+        check_mask_ratio(mask_ratio)  # (mask_type is checked by mask_strategy below)
+        if target == "hog" and not norm_pix_loss:  # (the HOG features are compared as they are)
+            raise ValueError(f"{type(self).__name__}: norm_pix_loss applies to pixel targets, not target='hog'")
         self.encoder = encoder
         pe = encoder.patch_embed
         self.patch_size = pe.patch_size[0]
@@ -47,14 +56,18 @@ class TimmMAE(PixelTarget, nn.Module):
         self.norm_pix_loss, self.fused_ops = norm_pix_loss, fused_ops
         self._mask_strategy = None
         self._mask_strategy_ratio = None
+        out_dim = self.set_target(target, hog_cell, hog_bins, gaussian_window, low_pass_radius)
         add_mae_decoder(self, encoder.embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio,
-                        self.patch_size**2 * self.in_chans, attn_impl)  # fmt: skip
+                        out_dim, attn_impl)  # fmt: skip
+        self.mask_strategy()  # masks it cannot draw: refused here, not at the first forward
 
-    # the mask, the decoder and the forward are MAE's own
+    # the mask, the decoder, the forward and the target's loss are MAE's own
     make_mask = MaskedAutoencoderViT.make_mask
     mask_strategy = MaskedAutoencoderViT.mask_strategy
     forward_decoder = MaskedAutoencoderViT.forward_decoder
     forward = MaskedAutoencoderViT.forward
+    forward_loss = MaskedAutoencoderViT.forward_loss
+    reconstruct = MaskedAutoencoderViT.reconstruct
 
     @property
     def patch_embed(self):  # what MaskedAutoencoderViT.mask_strategy reads

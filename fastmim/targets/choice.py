@@ -61,6 +61,13 @@ class TargetChoice:
                 self.low_pass_radius = default_radius(side)
             else:
                 self.low_pass_radius = check_number(name, "low_pass_radius", low_pass_radius, lo=1e-6)
+            h, w = (g * p for g in self.grid_size)
+            corner = (((h - 1) / 2) ** 2 + ((w - 1) / 2) ** 2) ** 0.5  # the farthest frequency from the centre
+            if self.low_pass_radius >= corner:
+                raise ValueError(f"{name}: low_pass_radius={low_pass_radius!r} keeps the whole spectrum of a {h}x{w} "
+                                 f"image (its corner is {corner:.1f} from the centre): the target would be the image "
+                                 f"itself; give a radius below {corner:.1f} (PixMIM's: {default_radius(side):g}), or "
+                                 "target='pixels'")  # fmt: skip
         return p * p * self.in_chans
 
     def target_images(self, imgs: torch.Tensor) -> torch.Tensor:

@@ -156,9 +156,19 @@ def encoder_format(model: nn.Module) -> str:
 
 
 def encoder_metadata(model: nn.Module, name: str, step: int, img_size: int) -> dict[str, str]:
-    """encoder.safetensors' metadata: the recipe, step, what it loads into, the image size; I-JEPA's which encoder
-    (target or context); a learned absolute position embedding (a loaded encoder keeps training it)."""
+    """encoder.safetensors' metadata: the recipe, step, what it loads into, the image size; the target it learned to
+    predict (pixels, lowpass with its radius, hog with its cell, bins and window; teacher recipes have none);
+    I-JEPA's which encoder (target or context); a learned absolute position embedding (a loaded encoder keeps
+    training it)."""
     meta = {"model": name, "step": str(step), "format": encoder_format(model), "img_size": str(img_size)}
+    target = getattr(model, "target", None)
+    if isinstance(target, str):  # (fastmim.targets.choice)
+        meta["target"] = target
+        if target == "lowpass":
+            meta["low_pass_radius"] = repr(float(model.low_pass_radius))
+        elif target == "hog":
+            hog = model.hog
+            meta.update(hog_cell=str(hog.cell), hog_bins=str(hog.bins), gaussian_window=str(hog.gaussian_window))
     if hasattr(model, "export_encoder"):
         meta["encoder"] = model.export_encoder
     if getattr(model, "abs_pos", None) == "learned":

@@ -44,6 +44,33 @@ def test_mae_around_a_timm_vit_equals_fastmims_mae_with_the_same_weights():
     assert shared == len(trained) - 1
 
 
+@pytest.mark.parametrize("target", [dict(target="hog", hog_bins=6, gaussian_window=8),
+                                    dict(target="lowpass", low_pass_radius=5.0)], ids=["hog", "lowpass"])  # fmt: skip
+def test_mae_around_a_timm_vit_takes_the_targets_of_fastmims_mae(target):
+    """target=hog|lowpass on the wrapper: the same head size, loss and encoder gradients as fastmim's MAE with that
+    target and the same weights."""
+    torch.manual_seed(0)
+    wrapped = fastmim.create_model("mae", encoder=VisionTransformer(num_classes=0, **SHAPE), **DECODER, **target)
+    ours = MaskedAutoencoderViT(**SHAPE, **DECODER, **target)
+    ours.load_state_dict({k.removeprefix("encoder."): v for k, v in wrapped.state_dict().items()}, strict=True)
+    assert wrapped.decoder_pred.out_features == ours.decoder_pred.out_features
+    imgs = torch.randn(2, 3, 32, 32)
+    mask = random_masking(2, 16, 0.75, generator=torch.Generator().manual_seed(1))
+    la, pa, _ = wrapped(imgs, mask=mask)
+    lb, pb, _ = ours(imgs, mask=mask)
+    pixels, _, _ = ours.__class__(**SHAPE, **DECODER)(imgs, mask=mask)  # premise: the target changes the loss
+    assert not torch.allclose(la, pixels)
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(wrapped.encoder.blocks[0].attn.qkv.weight.grad, ours.blocks[0].attn.qkv.weight.grad,
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    if target["target"] == "hog":
+        assert not wrapped.predicts_pixels
+    else:
+        assert wrapped.reconstruct(imgs, pa).shape == imgs.shape
+
+
 @pytest.mark.parametrize("kw", [dict(reg_tokens=4, no_embed_class=True), dict(reg_tokens=2),
                                 dict(class_token=False, global_pool="avg")],
                          ids=["registers-no-embed-class", "registers", "no-class-token"])  # fmt: skip
@@ -77,6 +104,14 @@ def test_wrapping_refuses_what_it_cannot_mask():
         fastmim.create_model("mae", encoder=VisionTransformer(num_classes=0, pos_embed="none", **SHAPE))
     with pytest.raises(ValueError, match="expected a timm VisionTransformer"):
         fastmim.create_model("mae", encoder=torch.nn.Linear(3, 3))
+    vit = VisionTransformer(num_classes=0, **SHAPE)
+    refused = [(dict(mask_type="uniform", mask_ratio=0.6), "mask_ratio=0.75"),  # at construction, not at the forward
+               (dict(mask_type="grid"), "mask_type must be one of"), (dict(mask_ratio=1.0), "mask_ratio"),
+               (dict(target="hog", norm_pix_loss=False), "norm_pix_loss applies to pixel targets"),
+               (dict(target="pixels", hog_bins=6), "hog_bins applies to target='hog'")]  # fmt: skip
+    for kwargs, message in refused:
+        with pytest.raises(ValueError, match=message):
+            fastmim.create_model("mae", encoder=vit, **DECODER, **kwargs)
 
 
 def test_fcmae_from_a_timm_convnext_v2_holds_its_weights_and_gives_them_back():

@@ -14,6 +14,7 @@ import yaml
 import fastmim
 from fastmim import pretrain
 from fastmim.config import CONFIG_FORMAT
+from fastmim.train import checkpoint as ckpt
 from tests.conftest import tiny_args_for
 
 
@@ -205,8 +206,17 @@ def test_mae_with_maskfeats_hog_target_is_the_formula_and_trains_from_the_cli(im
         fastmim.create_model("pixmim_vit_tiny_patch16", target="hog")
     out = tmp_path / "run"
     pretrain.run([*tiny_args_for("mae_vit_tiny_patch16"), "--data-path", str(image_folder), "--output-dir", str(out),
-                  "--max-steps", "2", "--model-args", "target=hog"])  # fmt: skip
+                  "--max-steps", "2", "--model-args", "target=hog,hog_bins=6"])  # fmt: skip
     assert (out / "encoder.safetensors").exists() and not (out / "reconstructions").exists()
+    from safetensors import safe_open
+
+    with safe_open(str(out / "encoder.safetensors"), "pt") as f:  # the file says what its encoder learned to predict
+        meta = f.metadata()
+    assert (meta["target"], meta["hog_cell"], meta["hog_bins"], meta["gaussian_window"]) == ("hog", "8", "6", "0")
+    assert ckpt.encoder_metadata(model, "m", 0, 64)["target"] == "hog"
+    lowpass = fastmim.create_model("pixmim_vit_tiny_patch16", img_size=64, low_pass_radius=7.5)
+    assert ckpt.encoder_metadata(lowpass, "m", 0, 64).items() >= {"target": "lowpass", "low_pass_radius": "7.5"}.items()
+    assert "target" not in ckpt.encoder_metadata(fastmim.create_model("data2vec2_vit_tiny_patch16"), "m", 0, 224)
 
 
 def test_targets_compose_with_other_recipes_encoders_and_heads(image_folder, tmp_path):
@@ -350,6 +360,12 @@ def test_hog_options_reach_the_hog_target_of_every_recipe_that_takes_it():
         ("mae_vit_tiny_patch16", {"target": "hog", "norm_pix_loss": False}, "norm_pix_loss applies to pixel"),
         ("maskfeat_vit_tiny_patch16", {"mask_type": "random", "mask_exact": True}, "mask_exact applies to block"),
         ("maskfeat_vit_tiny_patch16", {"target": "lowpass"}, "target is its own: MAE, SimMIM and A2MIM take"),
+        (
+            "pixmim_vit_tiny_patch16",
+            {"img_size": 64, "low_pass_radius": 44.6},  # the corner: 31.5 * sqrt(2) = 44.55
+            r"keeps the whole spectrum of a 64x64 image \(its corner is 44.5.*below 44.5 \(PixMIM's: 11.4",
+        ),
+        ("simmim_vit_tiny_patch16", {"img_size": 64, "target": "lowpass", "low_pass_radius": 1e3}, "whole spectrum"),
     ],
 )
 def test_a_composition_its_parts_cannot_take_is_refused_when_built(name, kwargs, message):
@@ -377,6 +393,10 @@ def test_resume_refuses_another_target_as_another_recipe(image_folder, tmp_path,
         err = capsys.readouterr().err
         assert f"this run was trained with target=lowpass; {now} would change what it learns" in err, err
         assert "size mismatch" not in err
+    assert pretrain.main([*resume, "--model-args", "hog_bins=6"]) == 2  # the target came from the run: said so
+    err = capsys.readouterr().err
+    assert "hog_bins applies to target='hog'" in err and "the model_args of the run being resumed with those given " \
+        "now added: target='lowpass', low_pass_radius=6, hog_bins=6" in err, err  # fmt: skip
     assert pretrain.main([*resume, "--model-args", "target=lowpass"]) == 0
     out_text = capsys.readouterr().out
     assert "changed settings" not in out_text, out_text
