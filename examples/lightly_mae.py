@@ -33,7 +33,8 @@ class LightlyMAE(nn.Module):
         self.backbone = MaskedVisionTransformerTIMM(vit=vit)
         self.sequence_length = self.backbone.sequence_length
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # lightly 1.6 renames the decoder
+            warnings.simplefilter("ignore", DeprecationWarning)  # lightly 1.6 renames the decoder (a FutureWarning
+            warnings.simplefilter("ignore", FutureWarning)  # in 1.6.x: MaskedVisionTransformerDecoderTIMM)
             self.decoder = MAEDecoderTIMM(num_patches=vit.patch_embed.num_patches, patch_size=self.patch_size,
                                           embed_dim=vit.embed_dim, decoder_embed_dim=decoder_dim,
                                           decoder_depth=decoder_depth, decoder_num_heads=16)  # fmt: skip
@@ -73,7 +74,14 @@ def main(argv=None) -> int:
 
     fl.patch_lightly()  # lightly's own encoder gathers with fastmim's op too
     device = torch.device(args.device)
-    vit = timm.create_model(args.model, img_size=args.img_size, num_classes=0)
+    try:
+        vit = timm.create_model(args.model, img_size=args.img_size, num_classes=0)
+    except (RuntimeError, TypeError) as e:  # an unknown name, or a model without img_size (not a ViT)
+        print(f"error: --model {args.model}: {e} (a timm ViT name, e.g. vit_tiny_patch16_224)", file=sys.stderr)
+        return 2
+    if not hasattr(vit, "patch_embed"):
+        print(f"error: --model {args.model} is not a timm ViT (lightly's MAE masks ViT patches)", file=sys.stderr)
+        return 2
     model = LightlyMAE(vit).to(device)
     data = ImageFolderDataset(args.data_path or default_dataset_path(), pretrain_transform(args.img_size))
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True,
@@ -94,7 +102,7 @@ def main(argv=None) -> int:
             loss.backward()
             opt.step()
             step += 1
-            print(f"epoch {epoch + 1} step {step}: loss {float(loss):.4f}", flush=True)
+            print(f"epoch {epoch + 1} step {step}: loss {loss.item():.4f}", flush=True)
             if args.steps is not None and step >= args.steps:
                 break
         if args.steps is not None and step >= args.steps:

@@ -259,8 +259,13 @@ def patch_hf_vit_mae(model=None, layers: bool = False):
         for cls, name, fn in targets:
             setattr(cls, name, fn)
         return None
-    if not isinstance(model, m.ViTMAEForPreTraining):
-        raise TypeError(f"patch_hf_vit_mae: expected a transformers ViTMAEForPreTraining, got {type(model).__name__}")
+    _check_model(model, "patch_hf_vit_mae")
+    for (cls, name, fn), obj in zip(targets, _owners(model), strict=True):
+        own = inspect.getattr_static(type(obj), name)
+        if own is not fn and own is not _SAVED[(cls, name)]:  # a subclass's own method: an instance patch hides it
+            raise TypeError(f"patch_hf_vit_mae: {type(obj).__name__} overrides {name}, which patching this model "
+                            f"would replace; patch_hf_vit_mae() (no model: the classes) keeps your {name} and runs "
+                            f"transformers' {cls.__name__}.{name} (its super()) on fastmim's ops")  # fmt: skip
     for (_, name, fn), obj in zip(targets, _owners(model), strict=True):
         obj.__dict__[name] = _PatchedMethod(obj, fn.__name__)  # an instance attribute: this model only
     if layers:
@@ -278,6 +283,7 @@ def unpatch_hf_vit_mae(model=None):
         for cls, name, _ in targets:
             setattr(cls, name, _SAVED[(cls, name)])
         return None
+    _check_model(model, "unpatch_hf_vit_mae")
     for (_, name, _), obj in zip(targets, _owners(model), strict=True):
         obj.__dict__.pop(name, None)
     for layer in _layers(model):
@@ -287,12 +293,31 @@ def unpatch_hf_vit_mae(model=None):
 
 
 def is_patched(model=None) -> bool:
-    """Whether ``model`` (or, without one, the ViTMAE classes) runs on fastmim's ops."""
+    """Whether ``model`` (or, without one, the ViTMAE classes) runs on fastmim's ops: for each patched method, the
+    model's own (an instance patch, also inside a wrapper that keeps ``__wrapped__``, as ``torch.autocast``'s and
+    accelerate's do) or, where the model has none, transformers' class method (the class patch: a subclass's
+    method that calls ``super()`` reaches it)."""
     targets = _targets(_modeling())
     if model is None:
         return all(cls.__dict__[name] is fn for cls, name, fn in targets)
-    return all(getattr(getattr(obj, name), "__func__", None) is fn
-               for (_, name, fn), obj in zip(targets, _owners(model), strict=True))  # fmt: skip
+    _check_model(model, "is_patched")
+    return all(_unwrapped(obj.__dict__[name]) is fn if name in obj.__dict__ else cls.__dict__[name] is fn
+               for (cls, name, fn), obj in zip(targets, _owners(model), strict=True))  # fmt: skip
+
+
+def _unwrapped(f):
+    """The function under a bound method, a ``_PatchedMethod`` and ``functools.wraps`` wrappers."""
+    for _ in range(64):  # (a bound cycle guard)
+        inner = getattr(f, "__func__", None) or getattr(f, "__wrapped__", None)
+        if inner is None or inner is f:
+            return f
+        f = inner
+    return f
+
+
+def _check_model(model, who: str) -> None:
+    if not isinstance(model, _modeling().ViTMAEForPreTraining):
+        raise TypeError(f"{who}: expected a transformers ViTMAEForPreTraining, got {type(model).__name__}")
 
 
 def _owners(model) -> tuple:

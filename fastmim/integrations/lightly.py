@@ -47,7 +47,14 @@ def get_at_index(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if tokens.dim() != 3:
         raise ValueError(f"get_at_index: tokens must be [B, N, D], got shape {tuple(tokens.shape)}")
     _check_index("get_at_index", "index", index, tokens.shape[0])
-    return gather_visible(tokens, index)
+    try:
+        return gather_visible(tokens, index)
+    except ValueError as e:
+        if "repeats" not in str(e):
+            raise
+        patched = "get_at_index" in _SAVED  # (patch_lightly installed it as lightly's)
+        how = "; unpatch_lightly() restores lightly's own, which allows repeats" if patched else ""
+        raise ValueError(f"get_at_index (fastmim's gather): {e} (as lightly's masks are){how}") from None
 
 
 def _restore(first: torch.Tensor, rest: torch.Tensor, check: str | None = None) -> torch.Tensor:
@@ -122,7 +129,8 @@ _SAVED: dict[str, object] = {}
 
 def patch_lightly() -> None:
     """lightly's masked encoders and decoders gather the kept tokens with ``fastmim.ops.gather_visible``
-    (``lightly.models.utils.get_at_index`` replaced). Idempotent."""
+    (``lightly.models.utils.get_at_index`` replaced, for every caller: the indices must then be distinct within a
+    row, as lightly's masks are; a repeat is refused on CPU, unchecked on CUDA). Idempotent."""
     utils = _utils()
     if "get_at_index" not in _SAVED:
         _SAVED["get_at_index"] = utils.get_at_index

@@ -50,6 +50,11 @@ def _identity(m) -> bool:
     return m is None or isinstance(m, nn.Identity)
 
 
+def _affine(norm: nn.LayerNorm) -> bool:
+    """A LayerNorm ``fastmim.ops.layer_norm`` computes: a weight and a bias over one trailing dimension."""
+    return norm.weight is not None and norm.bias is not None and len(norm.normalized_shape) == 1
+
+
 def _fused_attention_class():
     timm = require("timm", TESTED, extra="eval")
 
@@ -132,9 +137,12 @@ def _refit(module: nn.Module, fused: type) -> bool:
 
 def fuse_timm_vit(model: nn.Module, parts: tuple[str, ...] = FUSABLE) -> nn.Module:
     """Runs the blocks of ``model`` (a timm ``VisionTransformer``, or any module holding timm ViT ``Block``s) on
-    fastmim's fused ops; ``parts``: any of "norm", "attention", "gelu". Returns ``model``. A part a block does not
-    have in the form fused here (another norm, attention or activation class) keeps timm's own."""
+    fastmim's fused ops; ``parts``: any of "norm", "attention", "gelu" (one name or several). Returns ``model``. A
+    part a block does not have in the form fused here keeps timm's own class, and ``fused_parts`` does not count it:
+    another norm, attention or activation class, a LayerNorm without its weight and bias, attention with ``qk_norm``
+    or a gate, an MLP whose fc1 has no bias."""
     timm = require("timm", TESTED, extra="eval")
+    parts = (parts,) if isinstance(parts, str) else tuple(parts)
     unknown = sorted(set(parts) - set(FUSABLE))
     if unknown:
         raise ValueError(f"fuse_timm_vit: unknown parts {unknown}; choose from {', '.join(FUSABLE)}")
@@ -142,13 +150,16 @@ def fuse_timm_vit(model: nn.Module, parts: tuple[str, ...] = FUSABLE) -> nn.Modu
         if "norm" in parts:
             for name in ("norm1", "norm2"):
                 norm = getattr(block, name, None)
-                if type(norm) in (nn.LayerNorm, getattr(timm.layers, "LayerNorm", nn.LayerNorm)):
+                if type(norm) in (nn.LayerNorm, getattr(timm.layers, "LayerNorm", nn.LayerNorm)) and _affine(norm):
                     _refit(norm, FusedLayerNorm)
-        if "attention" in parts and type(block.attn) is _vit(timm).Attention:
-            _refit(block.attn, __getattr__("FusedAttention"))
+        attn = block.attn
+        if ("attention" in parts and type(attn) is _vit(timm).Attention and getattr(attn, "gate", None) is None
+                and _identity(getattr(attn, "q_norm", None)) and _identity(getattr(attn, "k_norm", None))):  # fmt: skip
+            _refit(attn, __getattr__("FusedAttention"))
         mlp = block.mlp
         if ("gelu" in parts and type(mlp) is _vit(timm).Mlp and isinstance(mlp.fc1, nn.Linear)
-                and type(mlp.act) is nn.GELU and mlp.act.approximate == "none"):  # fmt: skip
+                and mlp.fc1.bias is not None and type(mlp.act) is nn.GELU
+                and mlp.act.approximate == "none"):  # fmt: skip
             _refit(mlp, __getattr__("FusedMlp"))
     return model
 

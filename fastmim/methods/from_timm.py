@@ -4,12 +4,14 @@ from a timm ConvNeXt V2: ``fastmim.create_model("fcmae", encoder=timm.create_mod
 The encoder is timm's own module (its weights, registers, class-token and position-embedding choices, a pretrained
 checkpoint); fastmim adds MAE's decoder and runs the masking gather, the decoder's scatter and the loss on its fused
 ops. ``encoder_state_dict()`` loads back into the same timm model. Supported: timm ``VisionTransformer``s with a
-learned or fixed absolute position embedding (``pos_embed``), with or without a class token, with register tokens,
-with ``no_embed_class``; not: rotary-embedding ViTs (no ``pos_embed``) and ``dynamic_img_size``.
+learned or fixed absolute position embedding (``pos_embed``), with or without a class token, with register tokens or
+DeiT's distillation token, with ``no_embed_class``; not: rotary-embedding ViTs (EVA-02, or no ``pos_embed``) and
+``dynamic_img_size``.
 
 FCMAE's encoder is fastmim's sparse ConvNeXt V2 (masked convolutions need their own implementation): the timm
 model's weights are copied into it (any depths and widths), and ``encoder_state_dict()`` loads back into the timm
-model.
+model (all of it for a model built with ``num_classes=0``; a classifier head is not part of the encoder: load with
+``strict=False`` and the head keeps its own weights).
 """
 
 from __future__ import annotations
@@ -91,9 +93,7 @@ class TimmMAE(TargetChoice, PixelTarget, nn.Module):
         the encoder, as timm's pooling drops them)."""
         enc = self.encoder
         x = enc.patch_embed(imgs)  # [B, N, D]
-        prefix = [
-            t.expand(x.shape[0], -1, -1) for t in (enc.cls_token, getattr(enc, "reg_token", None)) if t is not None
-        ]
+        prefix = [t.expand(x.shape[0], -1, -1) for t in _prefix_tokens(enc)]
         prefix = torch.cat(prefix, dim=1) if prefix else None
         n_prefix = 0 if prefix is None else prefix.shape[1]
         if getattr(enc, "no_embed_class", False):  # the position embedding covers the patches only
@@ -120,6 +120,12 @@ class TimmMAE(TargetChoice, PixelTarget, nn.Module):
         return {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
 
 
+def _prefix_tokens(encoder: nn.Module) -> list[torch.Tensor]:
+    """The learned tokens in front of the patches, in timm's order: class, distillation (DeiT's), registers."""
+    names = ("cls_token", "dist_token", "reg_token")
+    return [t for t in (getattr(encoder, n, None) for n in names) if t is not None]
+
+
 def _check_encoder(encoder: nn.Module) -> None:
     need = ("patch_embed", "blocks", "norm", "cls_token", "pos_embed")
     missing = [n for n in need if not hasattr(encoder, n)]
@@ -129,6 +135,14 @@ def _check_encoder(encoder: nn.Module) -> None:
     if encoder.pos_embed is None:
         raise ValueError("mae(encoder=...): this ViT has no absolute position embedding (rotary ViTs are not "
                          "supported: the visible tokens must carry their positions before the gather)")  # fmt: skip
+    if getattr(encoder, "rope", None) is not None:  # (timm's Eva, EVA-02: an absolute embedding and a rotary one)
+        raise ValueError(f"mae(encoder=...): {type(encoder).__name__} applies a rotary position embedding in its "
+                         "blocks, which this wrapper does not pass on (rotary ViTs are not supported)")  # fmt: skip
+    n_prefix = sum(t.shape[1] for t in _prefix_tokens(encoder))
+    if n_prefix != getattr(encoder, "num_prefix_tokens", n_prefix):
+        raise ValueError(f"mae(encoder=...): {type(encoder).__name__} has {encoder.num_prefix_tokens} prefix tokens, "
+                         f"of which {n_prefix} are the class, distillation and register tokens this wrapper "
+                         "knows")  # fmt: skip
     if getattr(encoder, "dynamic_img_size", False):
         raise ValueError("mae(encoder=...): build the timm model without dynamic_img_size (MAE masks a fixed grid)")
     if getattr(encoder.patch_embed, "patch_size", (0, 1))[0] != encoder.patch_embed.patch_size[1]:
@@ -155,6 +169,9 @@ def build_fcmae(encoder: nn.Module | None = None, **kwargs) -> nn.Module:
     if stages is None or not all(hasattr(b, "mlp") and hasattr(b.mlp, "grn") for s in stages for b in s.blocks):
         raise TypeError(f"create_model('fcmae', encoder=...): expected a timm ConvNeXt V2 (its blocks have GRN); got "
                         f"{type(encoder).__name__}")  # fmt: skip
+    if not isinstance(getattr(encoder, "norm_pre", None), nn.Identity | None):
+        raise ValueError("create_model('fcmae', encoder=...): this ConvNeXt V2 was built with head_norm_first=True (a "
+                         "norm_pre after the stages), which FCMAE's encoder has not; build it without")  # fmt: skip
     depths = tuple(len(s.blocks) for s in stages)
     dims = tuple(s.blocks[0].conv_dw.out_channels for s in stages)
     model = FCMAE(depths=depths, dims=dims, in_chans=encoder.stem[0].in_channels, **kwargs)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from fastmim._args import check_int, check_number
+from fastmim.data.transforms import IMAGENET_MEAN
 from fastmim.ops import masked_mse_loss_patchified, masked_mse_loss_patchified_ref
 from fastmim.targets.hog import HOGTarget
 from fastmim.targets.low_pass import default_radius, low_pass_images
@@ -56,6 +57,10 @@ class TargetChoice:
             self.predicts_pixels = False  # the trainer shows no reconstructions
             return self.hog.dim
         if target == "lowpass":
+            if self.in_chans != len(IMAGENET_MEAN):  # (low_pass_images undoes the images' ImageNet normalisation)
+                raise ValueError(f"{name}: the low-pass target un-normalises the images with ImageNet's 3-channel mean "
+                                 f"and std; in_chans={self.in_chans} is not supported with target='lowpass' "
+                                 "(fastmim.ops.LowPassTarget takes another mean and std)")  # fmt: skip
             side = min(self.grid_size) * p
             if low_pass_radius is None:
                 self.low_pass_radius = default_radius(side)

@@ -84,8 +84,45 @@ def test_class_patch_reaches_every_model_and_both_patches_undo():
     patch_hf_vit_mae(model)
     patch_hf_vit_mae(model)
     assert unpatch_hf_vit_mae(model) is model and not hf_vit_mae_is_patched(model)
-    with pytest.raises(TypeError, match="expected a transformers ViTMAEForPreTraining"):
-        patch_hf_vit_mae(torch.nn.Linear(2, 2))
+    for fn in (patch_hf_vit_mae, unpatch_hf_vit_mae, hf_vit_mae_is_patched):  # the same message for each
+        with pytest.raises(TypeError, match=f"{fn.__name__.split('_vit')[0]}.*expected a transformers ViTMAEForPre"):
+            fn(torch.nn.Linear(2, 2))
+
+
+class _ExtraLoss(ViTMAEForPreTraining):
+    """A user's subclass whose forward adds to the loss (and calls transformers' through super())."""
+
+    def forward(self, pixel_values=None, noise=None, **kw):
+        out = super().forward(pixel_values, noise=noise, **kw)
+        out.loss = out.loss + 100.0
+        return out
+
+
+def test_a_subclass_that_overrides_forward_keeps_it():
+    """The instance patch would hide the subclass's forward: refused, naming the class patch, which keeps it and runs
+    transformers' forward, reached through super(), on fastmim's ops."""
+    model = _ExtraLoss(tiny().config).train()
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    want = model(pixel_values=imgs, noise=noise).loss
+    with pytest.raises(TypeError, match="_ExtraLoss overrides forward.*patch_hf_vit_mae\\(\\) \\(no model"):
+        patch_hf_vit_mae(model)
+    assert not hf_vit_mae_is_patched(model) and "forward" not in model.__dict__  # nothing half-patched
+    try:
+        patch_hf_vit_mae()
+        assert hf_vit_mae_is_patched(model)  # its forward is its own; the super() it calls is fastmim's
+        torch.testing.assert_close(model(pixel_values=imgs, noise=noise).loss, want, rtol=1e-5, atol=1e-5)
+    finally:
+        unpatch_hf_vit_mae()
+
+
+def test_a_patch_under_an_autocast_wrapper_is_still_seen():
+    """accelerate's (and torch.autocast's) way of wrapping a model's forward keeps ``__wrapped__``."""
+    import types
+
+    model = patch_hf_vit_mae(tiny())
+    model.forward = types.MethodType(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward.__func__), model)
+    assert hf_vit_mae_is_patched(model)
+    assert not hf_vit_mae_is_patched(tiny())
 
 
 def test_missing_or_untested_library_is_named(monkeypatch):

@@ -74,9 +74,12 @@ def test_patch_lightly_makes_its_encoder_gather_with_fastmim_and_undoes():
         fl.patch_lightly()
         assert fl.is_patched() and utils.get_at_index is fl.get_at_index
         torch.testing.assert_close(backbone.encode(images=images, idx_keep=idx_keep), want)
+        with pytest.raises(ValueError, match="repeats index 1.*must be distinct.*unpatch_lightly\\(\\) restores"):
+            utils.get_at_index(torch.randn(2, 10, 6), torch.tensor([[1, 1, 2], [3, 4, 5]]))  # lightly's own takes it
     finally:
         fl.unpatch_lightly()
     assert not fl.is_patched()
+    assert utils.get_at_index(torch.randn(2, 10, 6), torch.tensor([[1, 1, 2], [3, 4, 5]])).shape == (2, 3, 6)
 
 
 def test_mae_loss_with_norm_pix_is_maes_normalised_target():
@@ -153,3 +156,6 @@ def test_example_script_trains_lightlys_mae_with_fastmims_ops():
     assert r.returncode == 0, r.stderr[-2000:]
     losses = [float(v) for v in re.findall(r"step \d+: loss ([0-9.]+)", r.stdout)]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses) and "done: 3 steps" in r.stdout
+    assert "Warning" not in r.stderr, r.stderr[-2000:]  # a new user's first lines: no notices that are not theirs
+    r = run_cli(["--model", "resnet18", "--steps", "1"], module=["examples/lightly_mae.py"], timeout=300)
+    assert r.returncode == 2 and "--model resnet18" in r.stderr and "timm ViT" in r.stderr, r.stderr[-2000:]

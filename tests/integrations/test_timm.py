@@ -97,6 +97,26 @@ def test_encoder_path_is_timms_own_forward_when_nothing_is_hidden(kw):
     fresh.load_state_dict(model.encoder_state_dict(), strict=True)
 
 
+def test_a_distilled_deit_keeps_its_distillation_token_and_a_rotary_vit_is_refused():
+    from timm.models.deit import VisionTransformerDistilled
+
+    torch.manual_seed(0)
+    vit = VisionTransformerDistilled(num_classes=0, **SHAPE).eval()
+    model = fastmim.create_model("mae", encoder=vit, **DECODER)
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = model.forward_encoder(imgs, torch.arange(16).expand(2, -1))
+        ref = vit.forward_features(imgs)
+    torch.testing.assert_close(ours, torch.cat([ref[:, :1], ref[:, 2:]], 1), rtol=1e-5, atol=1e-5)  # no dist row
+    loss, _, _ = model.train()(imgs)
+    loss.backward()
+    assert vit.dist_token.grad is not None and vit.dist_token.grad.abs().sum() > 0
+    eva = timm.create_model("eva02_tiny_patch14_224", img_size=28, num_classes=0, depth=1)
+    assert eva.pos_embed is not None  # premise: it passes the position-embedding check; its rope is what is refused
+    with pytest.raises(ValueError, match="Eva applies a rotary position embedding"):
+        fastmim.create_model("mae", encoder=eva, **DECODER)
+
+
 def test_wrapping_refuses_what_it_cannot_mask():
     with pytest.raises(ValueError, match="wraps your timm ViT"):
         fastmim.create_model("mae")
@@ -126,3 +146,6 @@ def test_fcmae_from_a_timm_convnext_v2_holds_its_weights_and_gives_them_back():
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="expected a timm ConvNeXt V2"):
         fastmim.create_model("fcmae", encoder=timm.create_model("convnext_atto", pretrained=False))
+    norm_first = timm.create_model("convnextv2_atto", pretrained=False, num_classes=0, head_norm_first=True)
+    with pytest.raises(ValueError, match="head_norm_first=True"):
+        fastmim.create_model("fcmae", encoder=norm_first)
