@@ -359,10 +359,17 @@ def _implied(key: str, before, after, cfg: PretrainConfig) -> str:
     return ""
 
 
-def _setting_text(key: str, value) -> str:
-    """A setting as the resume note says it: an unset one is the default it stood for, not "None"."""
+def _setting_text(key: str, value, model: str | None = None) -> str:
+    """A setting as the resume note says it: an unset one is the default it stood for, not "None" (a mask ratio: the
+    recipe's own)."""
     if value is not None:
         return str(value)
+    if key == "mask_ratio" and model is not None:
+        from fastmim.models.registry import recipe_default
+
+        default = recipe_default(model, "mask_ratio")
+        if isinstance(default, int | float):
+            return f"unset (the model's, {default:g})"
     helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(PretrainConfig)}
     meant = re.search(r"None: ([^();]*)", helps.get(key, ""))  # each option's help says what unset means
     return f"unset ({meant.group(1).strip()})" if meant else "unset"
@@ -906,7 +913,8 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
         if info.is_main and trainer.pos.step < trainer.total_steps:  # (a resume with nothing to do keeps the run's own)
             save_yaml(cfg, out / "config.yaml")
             if changes:  # config.yaml holds the settings from here on; which steps ran with which is kept here
-                said = "; ".join(f"{k} {_setting_text(k, a)} -> {_setting_text(k, b)}{_implied(k, a, b, cfg)}"
+                said = "; ".join(f"{k} {_setting_text(k, a, cfg.model)} -> {_setting_text(k, b, cfg.model)}"
+                                 f"{_implied(k, a, b, cfg)}"
                                  for k, (a, b) in changes.items())  # fmt: skip
                 print(f"note: resuming with changed settings: {said} (recorded in {CHANGES_FILE})", flush=True)
                 with open(out / CHANGES_FILE, "a") as f:

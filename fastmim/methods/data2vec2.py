@@ -16,6 +16,9 @@ that batch and does not change with how a batch is split over devices and micro-
 Deviations: pre-norm blocks (fastmim's, timm's) where data2vec 2.0's are post-norm, so that the encoder exports to
 timm like MAE's; the first two blocks (fairseq's "prenet", not part of the targets) are ordinary blocks of the ViT:
 ``top_k = depth - 2`` averages the other ten, as fairseq's ten main blocks; MAE's fixed sin-cos position embedding.
+Those are ViT-B's settings; ``data2vec2_vit_large_*`` and ``data2vec2_vit_huge_*`` take fairseq's ViT-L and ViT-H
+image configs (``DATA2VEC2_SIZES``: no prenet, so top 18 of 24 and 24 of 32; mask 0.75 with adjust 0.1; a 3-layer
+kernel-5 decoder 1024 wide; 8 x 16 class-token rows; their momentum schedules). Smaller sizes take ViT-B's.
 The trainer calls ``after_step()`` after each optimizer step: the teacher's EMA update.
 """
 
@@ -30,6 +33,7 @@ from fastmim._args import check_int, check_momentum, check_number
 from fastmim.heads import ConvDecoder2d
 from fastmim.masking import MaskInfo, build_mask
 from fastmim.masking.base import MaskStrategy, as_mask_info
+from fastmim.masking.random import check_mask_ratio
 from fastmim.methods.mae import register_vit_family
 from fastmim.models.vit import VisionTransformer
 from fastmim.ops import gather_visible, gather_visible_ref, masked_mse_loss_patchified, masked_mse_loss_patchified_ref
@@ -40,6 +44,32 @@ DATA2VEC2_NUM_MASKS = 16  # clone_batch
 DATA2VEC2_CLS_WEIGHT = 0.01  # cls_loss
 DATA2VEC2_CLS_ROWS = 16 * 16  # fairseq sums the class-token term over a GPU's 16 images x 16 masks
 DATA2VEC2_NOISE_STD = 0.01  # mask_noise_std
+DATA2VEC2_MAX_MASKS = 256  # each mask is one more student pass of the batch (fairseq: 16 at every size)
+# fairseq's ViT-L/16 and ViT-H/14 image configs (large_images_only_task.yaml, huge_images14_only_task.yaml) where they
+# differ from ViT-B's: no prenet (top_k of 24 and 32 blocks), 75% masked, a 3-layer decoder of kernel 5 (1024 wide),
+# 8 images x 16 masks per GPU (the class-token term's rows), a longer momentum schedule (ViT-H's ends at 1)
+DATA2VEC2_SIZES = {
+    "large": dict(
+        top_k=18,
+        mask_ratio=0.75,
+        mask_adjust=0.1,
+        decoder_dim=1024,
+        decoder_layers=3,
+        decoder_kernel=5,
+        cls_rows=8 * 16,
+        momentum=(0.9998, 0.99999, 150_000),
+    ),  # fmt: skip
+    "huge": dict(
+        top_k=24,
+        mask_ratio=0.75,
+        mask_adjust=0.1,
+        decoder_dim=1024,
+        decoder_layers=3,
+        decoder_kernel=5,
+        cls_rows=8 * 16,
+        momentum=(0.9998, 1.0, 300_000),
+    ),  # fmt: skip
+}
 
 
 def teacher_targets(teacher: VisionTransformer, imgs: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -66,11 +96,14 @@ class Data2Vec2ViT(TeacherOfEncoder, VisionTransformer):
     Args:
         img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio: the ViT.
         mask_ratio: hidden fraction of the inverse block mask (0.8: 157 of 196 hidden).
+        mask_adjust: fairseq's mask_prob_adjust (0.07; ViT-L/H 0.1): the visible squares' centres are drawn for
+            1 - mask_ratio + mask_adjust of the tokens, then the count is trimmed or topped up.
         num_masks: masks per image (fairseq's clone_batch, 16).
         top_k: teacher blocks averaged into the target (None: depth - 2, fairseq's ten main blocks of twelve).
         decoder_dim, decoder_layers, decoder_kernel, decoder_groups: the convolutional decoder (None: embed_dim; 6, 3,
             16).
-        cls_weight: weight of the class-token term (0.01, on fairseq's per-GPU sum over 256 copies; see above).
+        cls_weight: weight of the class-token term (0.01, on fairseq's per-GPU sum over ``cls_rows`` copies: 16
+            images x 16 masks = 256 for ViT-B, 8 x 16 for ViT-L/H; see above).
         momentum: the teacher's (start, end, updates) schedule.
         fused_ops: fastmim.ops for the gather and the loss (False: the plain PyTorch path, the same values).
         attn_impl, fused_norm: see VisionTransformer.
@@ -88,6 +121,7 @@ class Data2Vec2ViT(TeacherOfEncoder, VisionTransformer):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         mask_ratio: float = DATA2VEC2_MASK["ratio"],
+        mask_adjust: float = DATA2VEC2_MASK["adjust"],
         num_masks: int = DATA2VEC2_NUM_MASKS,
         top_k: int | None = None,
         decoder_dim: int | None = None,
@@ -95,6 +129,7 @@ class Data2Vec2ViT(TeacherOfEncoder, VisionTransformer):
         decoder_kernel: int = 3,
         decoder_groups: int = 16,
         cls_weight: float = DATA2VEC2_CLS_WEIGHT,
+        cls_rows: int = DATA2VEC2_CLS_ROWS,
         momentum: tuple[float, float, int] = DATA2VEC2_MOMENTUM,
         fused_ops: bool = True,
         attn_impl: str = "auto",
@@ -103,14 +138,18 @@ class Data2Vec2ViT(TeacherOfEncoder, VisionTransformer):
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl=attn_impl,
                          fused_norm=fused_norm)  # fmt: skip
         who = "data2vec 2.0"
-        check_int(who, "num_masks", num_masks)
+        check_mask_ratio(mask_ratio)
+        mask_adjust = check_number(who, "mask_adjust", mask_adjust, lo=0.0, hi=1.0)
+        check_int(who, "num_masks", num_masks, hi=DATA2VEC2_MAX_MASKS)
+        cls_rows = check_int(who, "cls_rows", cls_rows)
         self.top_k = max(1, depth - 2) if top_k is None else check_int(who, "top_k", top_k, 1, depth)
         cls_weight = check_number(who, "cls_weight", cls_weight, lo=0.0)
         momentum = check_momentum(who, momentum, with_updates=True)
         if self.num_patches < 2:  # the targets' instance norm runs over the tokens
             raise ValueError(f"{who}: needs at least 2 patches; img_size {img_size} at patch {patch_size} gives "
                              f"{self.num_patches}")  # fmt: skip
-        self.mask_ratio, self.num_masks, self.cls_weight, self.fused_ops = mask_ratio, num_masks, cls_weight, fused_ops
+        self.mask_ratio, self.mask_adjust, self.num_masks = float(mask_ratio), mask_adjust, num_masks
+        self.cls_weight, self.cls_rows, self.fused_ops = cls_weight, cls_rows, fused_ops
         self.decoder = ConvDecoder2d(embed_dim, self.grid_size, decoder_dim or embed_dim, decoder_layers,
                                      decoder_kernel, decoder_groups)  # fmt: skip
         encoder = VisionTransformer(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
@@ -120,7 +159,7 @@ class Data2Vec2ViT(TeacherOfEncoder, VisionTransformer):
     # --- Mask ---
     def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:
         """The inverse block mask, ``num_masks`` per sample, a pure function of (seed, epoch, index, mask number)."""
-        params = {**DATA2VEC2_MASK, "ratio": self.mask_ratio if ratio is None else ratio}
+        params = {**DATA2VEC2_MASK, "ratio": self.mask_ratio if ratio is None else ratio, "adjust": self.mask_adjust}
         return build_mask("inverse_block", self.grid_size, seed=seed, num_masks=self.num_masks, **params)
 
     def make_mask(self, batch: int, device: torch.device, mask_ratio: float | None = None) -> MaskInfo:
@@ -152,7 +191,7 @@ class Data2Vec2ViT(TeacherOfEncoder, VisionTransformer):
             return reg
         cls_target = y.mean(dim=1).repeat_interleave(num_masks, 0)
         cls = (cls_pred.float() - cls_target).square().sum(-1).mean() / math.sqrt(d)
-        return reg + self.cls_weight * DATA2VEC2_CLS_ROWS * cls
+        return reg + self.cls_weight * self.cls_rows * cls
 
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: MaskInfo | torch.Tensor | None = None
@@ -189,4 +228,4 @@ class Data2Vec2ViT(TeacherOfEncoder, VisionTransformer):
         return {k: v for k, v in state.items() if not k.startswith(("decoder.", "teacher."))}
 
 
-register_vit_family("data2vec2", Data2Vec2ViT, light_decoder=False)
+register_vit_family("data2vec2", Data2Vec2ViT, light_decoder=False, size_defaults=DATA2VEC2_SIZES)

@@ -12,7 +12,10 @@ tokens. Loss: smooth L1 (beta 1), the mean over target tokens and channels.
 The exported and evaluated encoder is the target encoder (the EMA teacher), as I-JEPA's evaluation (paper, appendix
 A.1); ``export_encoder="context"`` exports the context encoder instead. It has no class token, as I-JEPA's; it exports
 to timm's ``VisionTransformer(class_token=False,
-global_pool="avg", fc_norm=False)``. Deviations: MAE's initialisation; a bicubic crop (I-JEPA's is bilinear). I-JEPA's
+global_pool="avg", fc_norm=False)``. Deviations: MAE's initialisation; the CLI's default crop is bicubic with flips
+(I-JEPA's is bilinear without: ``configs/ijepa_vit_huge14_in1k.yaml`` sets both). On small grids the masks' fallback
+(the collator's: after 20 failed draws a context stops excluding one more target block) lets a context overlap its
+targets more often: rare on 14x14, common on the 64-px demo's 4x4; grids under 3x3 are refused. I-JEPA's
 weight-decay and learning-rate schedules are the config's (``weight_decay_end``, ``warmup_lr``). The trainer calls
 ``set_total_steps`` (the momentum schedule's length) and ``after_step`` (the EMA update).
 """
@@ -96,6 +99,10 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
         momentum = check_momentum(who, momentum, with_updates=False)
         if export_encoder not in EXPORTS:
             raise ValueError(f"{who}: export_encoder must be one of {', '.join(EXPORTS)}, got {export_encoder!r}")
+        if min(self.grid_size) < 3:  # (the context would hold the targets: the predictor would see what it predicts)
+            raise ValueError(f"{who}: needs a grid of at least 3x3 patches for target blocks and a context without "
+                             f"them; img_size {img_size} at patch {patch_size} gives {self.grid_size[0]}x"
+                             f"{self.grid_size[1]}")  # fmt: skip
         if pred_dim % num_heads or pred_dim % 4:
             raise ValueError(f"I-JEPA: pred_dim {pred_dim} must divide into {num_heads} heads and be a multiple of 4")
         self.batch_shared, self.fused_ops = check_bool(who, "batch_shared", batch_shared), fused_ops

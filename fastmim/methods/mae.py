@@ -282,12 +282,13 @@ def _build(cls: type, light_decoder: bool, size: str, patch: int, **kwargs) -> n
     return cls(**{"patch_size": patch, **vit_sizes()[size], **decoder, **kwargs})
 
 
-def register_vit_family(prefix: str, cls: type, light_decoder: bool = True) -> None:
+def register_vit_family(prefix: str, cls: type, light_decoder: bool = True, size_defaults: dict | None = None) -> None:
     """Registers ``{prefix}_vit_{size}_patch{14,16}`` for a ViT recipe class (MAE, PixMIM, SimMIM, ...);
-    ``light_decoder``: ViT-tiny gets MAE's light transformer decoder."""
+    ``light_decoder``: ViT-tiny gets MAE's light transformer decoder; ``size_defaults``: {size: the recipe's own
+    defaults at that size} (the caller's arguments override them)."""
     for size in vit_sizes():
         for patch in (14, 16):
-            build = functools.partial(_build, cls, light_decoder, size, patch)
+            build = functools.partial(_build, cls, light_decoder, size, patch, **(size_defaults or {}).get(size, {}))
             register_model(f"{prefix}_vit_{size}_patch{patch}", build)
 
 

@@ -79,6 +79,25 @@ def _unexpected_hint(factory, error: TypeError) -> str:
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 
+def recipe_default(name: str, key: str):
+    """The value a registered model takes for ``key`` when it is not given (its registration's own, e.g. a size's,
+    else its class's signature default); None when unknown."""
+    _load_providers()
+    f = _REGISTRY.get(name)
+    for _ in range(8):  # partials of partials
+        if not isinstance(f, functools.partial):
+            break
+        if key in f.keywords:
+            return f.keywords[key]
+        classes = [a for a in f.args if isinstance(a, type)]
+        f = classes[0] if classes else f.func
+    try:
+        param = inspect.signature(f.__init__ if isinstance(f, type) else f).parameters.get(key)
+    except (TypeError, ValueError):
+        return None
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style pattern, sorted."""
     _load_providers()

@@ -74,18 +74,30 @@ class EMATeacher(nn.Module):
         theirs = list(student.parameters()) if params is None else list(params)
         if [p.shape for p in theirs] != self._shapes:
             raise ValueError("EMATeacher.update: the student's parameters do not match the teacher's (another model?)")
+        low = {t.dtype for t in mine} - {torch.float32, torch.float64}
+        if low:  # (model.to(torch.bfloat16) / .half() casts the teacher too)
+            raise ValueError(f"EMATeacher.update: the teacher was cast to {', '.join(map(str, sorted(low, key=str)))}; "
+                             "it must stay fp32, where updates of (1 - momentum) ~ 1e-4 survive: keep the model in "
+                             "fp32 and train under torch.autocast, as fastmim's trainer does")  # fmt: skip
         m = self.momentum()
-        src = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in theirs]
+        src = [s.detach() if s.dtype == t.dtype else s.detach().to(t.dtype) for s, t in zip(theirs, mine, strict=True)]
         torch._foreach_lerp_(mine, src, 1.0 - m)
         if student is not None and params is None:
             for t, s in zip(self.model.buffers(), student.buffers(), strict=True):
                 t.copy_(s)
         self.updates += 1
+        self.last_momentum = m  # (the trainer logs it: metrics.jsonl's ema_momentum)
         return m
 
     @torch.no_grad()
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+
+def _forget_student_params(module: nn.Module, incompatible_keys) -> None:
+    """After a ``load_state_dict`` (which with ``assign=True`` replaces the Parameter objects), the list of the
+    student's parameters is built again at the next update."""
+    module._student_params = None
 
 
 class TeacherOfEncoder:
@@ -98,6 +110,7 @@ class TeacherOfEncoder:
         encoder.load_state_dict(getattr(self, "context_encoder_state_dict", self.encoder_state_dict)())
         self.teacher = EMATeacher(encoder, start, end, total_updates)
         self._student_params: list[nn.Parameter] | None = None
+        self.register_load_state_dict_post_hook(_forget_student_params)  # (assign=True brings new Parameters)
 
     def student_parameters(self) -> list[nn.Parameter]:
         """The encoder's parameters in the teacher's order (what the EMA follows)."""

@@ -157,9 +157,9 @@ def encoder_format(model: nn.Module) -> str:
 
 def encoder_metadata(model: nn.Module, name: str, step: int, img_size: int) -> dict[str, str]:
     """encoder.safetensors' metadata: the recipe, step, what it loads into, the image size; the target it learned to
-    predict (pixels, lowpass with its radius, hog with its cell, bins and window; teacher recipes have none);
-    I-JEPA's which encoder (target or context); a learned absolute position embedding (a loaded encoder keeps
-    training it)."""
+    predict (pixels, lowpass with its radius, hog with its cell, bins and window; teacher recipes have none); which
+    encoder of a teacher recipe (I-JEPA's target or context, data2vec 2.0's student); a learned absolute position
+    embedding (a loaded encoder keeps training it)."""
     meta = {"model": name, "step": str(step), "format": encoder_format(model), "img_size": str(img_size)}
     target = getattr(model, "target", None)
     if isinstance(target, str):  # (fastmim.targets.choice)
@@ -171,6 +171,8 @@ def encoder_metadata(model: nn.Module, name: str, step: int, img_size: int) -> d
             meta.update(hog_cell=str(hog.cell), hog_bins=str(hog.bins), gaussian_window=str(hog.gaussian_window))
     if hasattr(model, "export_encoder"):
         meta["encoder"] = model.export_encoder
+    elif hasattr(model, "teacher"):  # data2vec 2.0 exports its student, not the EMA teacher
+        meta["encoder"] = "student"
     if getattr(model, "abs_pos", None) == "learned":
         meta["abs_pos"] = "learned"
     return meta

@@ -587,6 +587,9 @@ class Trainer:
                            "img_per_s": ips}  # fmt: skip
                     if cfg.weight_decay_end is not None:  # what the optimizer used for this step
                         row["weight_decay"] = max(g["weight_decay"] for g in self.optimizer.param_groups)
+                    momentum = getattr(getattr(self.raw_model, "teacher", None), "last_momentum", None)
+                    if momentum is not None:  # the teacher's EMA momentum at this step (fairseq logs ema_decay)
+                        row["ema_momentum"] = momentum
                     if cfg.skip_bad_files:  # every rank's count so far (resumes included)
                         row["skipped_files"] = int(sum(self._from_every_rank(self.skipped_files)))
                     if self.device.type == "cuda":

@@ -160,11 +160,49 @@ def test_teacher_follows_the_student_by_ema_and_is_not_trained():
         (dict(top_k=2.5), "top_k must be an int in"),
         (dict(cls_weight=-1), "cls_weight must be a number in"),
         (dict(img_size=16), "needs at least 2 patches; img_size 16 at patch 16 gives 1"),
+        (dict(mask_ratio=1.5), r"mask_ratio must be a number in the open interval \(0, 1\), got 1.5"),
+        (dict(mask_ratio="0.8"), "mask_ratio must be a number"),  # at construction, not at the first forward
+        (dict(num_masks=100_000), r"num_masks must be an int in \[1, 256\]"),  # B x M student passes a step
+        (dict(mask_adjust=-0.1), "mask_adjust must be a number in"),
     ],
 )
 def test_settings_from_model_args_are_checked_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
         fastmim.create_model("data2vec2_vit_tiny_patch16", **{"img_size": 32, **kwargs})
+
+
+def test_large_and_huge_take_fairseqs_own_configs():
+    """fairseq's large_images_only_task.yaml and huge_images14_only_task.yaml (no prenet: top 18 of 24, 24 of 32;
+    75% masked with adjust 0.1; a 3-layer kernel-5 decoder 1024 wide; 8 x 16 class rows; their momentum), not ViT-B's
+    extrapolated; a keyword still overrides them."""
+    want = {"data2vec2_vit_base_patch16": (10, 0.8, 0.07, 256, 6, 3, 768, (0.9998, 0.99999, 100_000)),
+            "data2vec2_vit_large_patch16": (18, 0.75, 0.1, 128, 3, 5, 1024, (0.9998, 0.99999, 150_000)),
+            "data2vec2_vit_huge_patch14": (24, 0.75, 0.1, 128, 3, 5, 1024, (0.9998, 1.0, 300_000))}  # fmt: skip
+    for name, values in want.items():
+        with torch.device("meta"):
+            m = fastmim.create_model(name)
+        convs = [c for c in m.decoder.modules() if isinstance(c, torch.nn.Conv2d)]
+        got = (m.top_k, m.mask_ratio, m.mask_adjust, m.cls_rows, len(convs), convs[0].kernel_size[0],
+               convs[0].out_channels, (m.teacher.start, m.teacher.end, m.teacher.total_updates))  # fmt: skip
+        assert got == values, (name, got)
+    with torch.device("meta"):
+        assert fastmim.create_model("data2vec2_vit_large_patch16", top_k=12, mask_ratio=0.8).top_k == 12
+    # a resume's note names the recipe's own mask ratio for an unset --mask-ratio (it said MAE's and FCMAE's)
+    assert pretrain._setting_text("mask_ratio", None, "data2vec2_vit_tiny_patch16") == "unset (the model's, 0.8)"
+    assert pretrain._setting_text("mask_ratio", None, "data2vec2_vit_large_patch16") == "unset (the model's, 0.75)"
+    assert pretrain._setting_text("mask_ratio", 0.5, "data2vec2_vit_large_patch16") == "0.5"
+
+
+def test_the_teacher_stays_fp32_or_says_why_and_follows_parameters_a_load_replaced():
+    m = _tiny(momentum=(0.0, 0.0, 1))  # momentum 0: after an update the teacher equals the student
+    m.after_step()  # (the student's parameter list is built here)
+    m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)  # new Parameter objects
+    with torch.no_grad():
+        m.blocks[0].mlp.fc1.weight.add_(1)
+    m.after_step()
+    assert torch.equal(m.teacher.model.blocks[0].mlp.fc1.weight, m.blocks[0].mlp.fc1.weight)
+    with pytest.raises(ValueError, match="teacher was cast to torch.bfloat16; it must stay fp32.*torch.autocast"):
+        _tiny().to(torch.bfloat16).after_step()
 
 
 def test_bad_mask_counts_and_options():
@@ -173,7 +211,7 @@ def test_bad_mask_counts_and_options():
         m(_imgs(3), mask=m.make_mask(2, torch.device("cpu")))
     with pytest.raises(ValueError, match="needs the masks' index form"):
         m(_imgs(2), mask=Masks(torch.zeros(8, 16, dtype=torch.bool)).info(ids=False))
-    with pytest.raises(ValueError, match="num_masks must be an int >= 1"):
+    with pytest.raises(ValueError, match=r"num_masks must be an int in \[1, 256\], got 0"):
         _tiny(num_masks=0)
     with pytest.raises(ValueError, match=r"top_k must be an int in \[1, 3\]"):
         _tiny(top_k=4)
@@ -211,6 +249,13 @@ def test_cli_trains_updates_the_teacher_and_resumes_exactly(image_folder, tmp_pa
     student, teacher = a["model"]["blocks.0.mlp.fc1.weight"], a["model"]["teacher.model.blocks.0.mlp.fc1.weight"]
     assert not torch.equal(student, teacher)
     assert (full / "encoder.safetensors").exists() and not (full / "reconstructions").exists()
+    from safetensors import safe_open
+
+    with safe_open(str(full / "encoder.safetensors"), "pt") as f:
+        assert f.metadata()["encoder"] == "student"  # (I-JEPA's files say target or context)
+    rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    start, end, total = data2vec2.DATA2VEC2_MOMENTUM  # each step's EMA momentum is logged, as fairseq's ema_decay
+    assert [r["ema_momentum"] for r in rows] == pytest.approx([start + (end - start) * i / total for i in range(steps)])
     pretrain.run(_cli_args(image_folder, half, epochs=1))
     pretrain.run([*_cli_args(image_folder, half), "--resume", str(half / "checkpoint.pt")])
     b = load_checkpoint(half / "checkpoint.pt")

@@ -136,6 +136,8 @@ def test_without_set_total_steps_the_momentum_stays_at_its_start_and_says_so():
         (dict(pred_depth="two"), "pred_depth must be an int >= 1, got 'two'"),
         (dict(pred_depth=0), "pred_depth must be an int >= 1, got 0"),
         (dict(batch_shared="maybe"), "batch_shared must be true or false, got 'maybe'"),
+        (dict(img_size=32), "needs a grid of at least 3x3 patches.*img_size 32 at patch 16 gives 2x2"),
+        (dict(img_size=16), "gives 1x1"),  # (every target token was in the context there)
     ],
 )
 def test_settings_from_model_args_are_checked_by_name(kwargs, message):
