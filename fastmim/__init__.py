@@ -5,7 +5,6 @@ fused ops.
 """
 
 from fastmim import _ext
-from fastmim.models import create_model, list_models
 
 __version__ = "0.1.0"
 __all__ = ["create_model", "list_models", "__version__", "has_native_extension"]
@@ -14,3 +13,13 @@ __all__ = ["create_model", "list_models", "__version__", "has_native_extension"]
 def has_native_extension() -> bool:
     """True when the C++ extension ``fastmim._C`` was built and loaded."""
     return _ext.available()
+
+
+def __getattr__(name: str):
+    """``create_model`` and ``list_models``, imported on first use: ``import fastmim.ops`` (the op library other
+    codebases import) loads none of the models."""
+    if name in ("create_model", "list_models"):
+        from fastmim.models import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module 'fastmim' has no attribute {name!r}")

@@ -6,6 +6,7 @@ With no arguments it pretrains a small MAE on the built-in sample photos. Run ``
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -33,7 +34,14 @@ from fastmim.config import (
 )
 from fastmim.data.dali import DaliDecodeError
 from fastmim.data.folder import BadImageError
-from fastmim.train.checkpoint import existing_run_markers, load_checkpoint, remove_stale_temporaries, run_checkpoint
+from fastmim.train.checkpoint import (
+    CHECKPOINT_NAME,
+    DCP_NAME,
+    existing_run_markers,
+    load_checkpoint,
+    remove_stale_temporaries,
+    run_checkpoint,
+)
 from fastmim.train.compile_mode import compile_model, resolve_compile_mode
 from fastmim.train.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from fastmim.train.preempt import REQUEUE_EXIT, Preempted, StopRequested, stop_outside_training
@@ -94,6 +102,9 @@ def resolve_config(argv: list[str] | None, origins: dict | None = None) -> tuple
         if not out:
             raise UsageError("--resume if-exists needs --output-dir (the run to start or continue)")
         if run_checkpoint(out) is None:
+            lost = lost_checkpoint(out)
+            if lost:
+                raise UsageError(lost)
             print(f"--resume if-exists: no checkpoint in {out} yet: starting the run there", flush=True)
             resume = None
             given = {**given, "resume": None}
@@ -105,8 +116,9 @@ def resolve_config(argv: list[str] | None, origins: dict | None = None) -> tuple
                 raise UsageError("--resume without a checkpoint path needs --output-dir (the run to continue)")
             ckpt_path = run_checkpoint(out)
             if ckpt_path is None:
-                raise UsageError(f"no checkpoint to resume in {out} (for a job that may not have started yet, "
-                                 "--resume if-exists starts the run there when it has none)")  # fmt: skip
+                none = (f"no checkpoint to resume in {out} (for a job that may not have started yet, --resume "
+                        "if-exists starts the run there when it has none)")  # fmt: skip
+                raise UsageError(lost_checkpoint(out) or none)
             _say_other_checkpoint(ckpt_path)
         else:
             ckpt_path = _checkpoint_in(Path(resume))
@@ -404,6 +416,34 @@ def _checkpoint_in(path: Path) -> Path:
     return path
 
 
+UNFINISHED_EXTRAS = ("reconstructions", "training.png", CHANGES_FILE)  # files a run may write before its first save
+
+
+def lost_checkpoint(out: str | Path) -> str | None:
+    """The error for a run folder whose run saved (its encoder.safetensors is written after each checkpoint) but whose
+    checkpoint is gone or incomplete (deleted to save space, copied in part): None when it has no such encoder. Such a
+    folder is neither resumed nor started afresh over: either would lose or overwrite the run's outputs."""
+    from fastmim.train.fsdp import META_NAME
+
+    out = Path(out)
+    encoder = out / "encoder.safetensors"
+    if not encoder.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(encoder), "pt") as f:
+            step = f" (step {(f.metadata() or {})['step']})"
+    except Exception:
+        step = ""
+    dcp = out / DCP_NAME
+    why = (f"{DCP_NAME}/ has no {META_NAME} (copied or written in part?)" if dcp.is_dir() else
+           f"neither {CHECKPOINT_NAME} nor {DCP_NAME}/ is there (deleted, or not copied?)")  # fmt: skip
+    return (f"output directory {str(out)!r} holds a trained run's encoder.safetensors{step} but no checkpoint to "
+            f"resume: {why}. Restore the checkpoint to resume it, or choose another --output-dir. Nothing was "
+            "changed.")  # fmt: skip
+
+
 def prepare_output_dir(cfg: PretrainConfig, info: DistInfo) -> Path:
     """Creates the run directory, refusing one that already holds a run unless resuming it.
 
@@ -415,16 +455,27 @@ def prepare_output_dir(cfg: PretrainConfig, info: DistInfo) -> Path:
     if info.is_main:
         markers = existing_run_markers(out)
         resuming_here = cfg.resume is not None and Path(cfg.resume).resolve().parent == out.resolve()
-        if markers and run_checkpoint(out) is None and not resuming_here:
+        lost = lost_checkpoint(out) if markers and run_checkpoint(out) is None and not resuming_here else None
+        if lost:  # a run that saved once (its encoder says so) and lost its checkpoint: nothing of it is touched
+            error = lost
+            markers = []
+        elif markers and run_checkpoint(out) is None and not resuming_here:
             # a run that died before its first checkpoint: nothing to resume; its files are kept aside, not deleted
             aside = out / f"unfinished-{time.strftime('%Y%m%d-%H%M%S')}"
             aside.mkdir()
+            markers += [m for m in UNFINISHED_EXTRAS if (out / m).exists()]  # what it may have written before
             for m in markers:  # (a sharded checkpoint without its meta.pt is an unfinished save)
                 (out / m).rename(aside / m)
             print(f"{out} held a run that stopped before its first checkpoint; its {', '.join(markers)} moved to "
                   f"{aside.name}/, starting afresh", flush=True)  # fmt: skip
             markers = []
-        if markers and not resuming_here:
+        if error:  # (lost_checkpoint's)
+            pass
+        elif markers and not resuming_here and cfg.resume is not None:  # a resume of another run into this one
+            error = (f"output directory {str(out)!r} already holds a run ({', '.join(markers)}); the resume of "
+                     f"{cfg.resume} would write over it: resume in that run's own folder, or choose an empty "
+                     "--output-dir. Nothing was overwritten.")  # fmt: skip
+        elif markers and not resuming_here:
             error = (
                 f"output directory {str(out)!r} already holds a run ({', '.join(markers)}); pass --resume to "
                 "continue it, or choose another --output-dir. Nothing was overwritten."
@@ -898,7 +949,12 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
                 ids = [device.index] if device.type == "cuda" else None
                 # the models' buffers are constants or the same on every rank (a relative position index, I-JEPA's
                 # fixed position embedding, a teacher's update count): no broadcast before every forward
-                step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+                ddp = torch.nn.parallel.DistributedDataParallel
+                # (torch 2.14 deprecates broadcast_buffers for forward_sync_buffers, which also syncs them once at
+                # init: harmless for buffers that are the same on every rank)
+                no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                           else "broadcast_buffers")  # fmt: skip
+                step_model = ddp(model, device_ids=ids, **{no_sync: False})
             if compile_mode is not None:
                 step_model = compile_model(step_model, compile_mode[0])
             trainer = Trainer(cfg, info, device, step_model, model, optimizer, loader, sampler, dataset, out, lr,

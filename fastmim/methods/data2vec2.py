@@ -48,27 +48,11 @@ DATA2VEC2_MAX_MASKS = 256  # each mask is one more student pass of the batch (fa
 # fairseq's ViT-L/16 and ViT-H/14 image configs (large_images_only_task.yaml, huge_images14_only_task.yaml) where they
 # differ from ViT-B's: no prenet (top_k of 24 and 32 blocks), 75% masked, a 3-layer decoder of kernel 5 (1024 wide),
 # 8 images x 16 masks per GPU (the class-token term's rows), a longer momentum schedule (ViT-H's ends at 1)
+_LARGE_IMAGES = dict(mask_ratio=0.75, mask_adjust=0.1, decoder_dim=1024, decoder_layers=3, decoder_kernel=5,
+                     cls_rows=8 * 16)  # fmt: skip
 DATA2VEC2_SIZES = {
-    "large": dict(
-        top_k=18,
-        mask_ratio=0.75,
-        mask_adjust=0.1,
-        decoder_dim=1024,
-        decoder_layers=3,
-        decoder_kernel=5,
-        cls_rows=8 * 16,
-        momentum=(0.9998, 0.99999, 150_000),
-    ),  # fmt: skip
-    "huge": dict(
-        top_k=24,
-        mask_ratio=0.75,
-        mask_adjust=0.1,
-        decoder_dim=1024,
-        decoder_layers=3,
-        decoder_kernel=5,
-        cls_rows=8 * 16,
-        momentum=(0.9998, 1.0, 300_000),
-    ),  # fmt: skip
+    "large": dict(_LARGE_IMAGES, top_k=18, momentum=(0.9998, 0.99999, 150_000)),
+    "huge": dict(_LARGE_IMAGES, top_k=24, momentum=(0.9998, 1.0, 300_000)),
 }
 
 

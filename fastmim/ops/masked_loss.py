@@ -8,6 +8,8 @@ float64 ``pred``), with a gradient for ``pred`` only.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 
 import torch
 
@@ -130,8 +132,8 @@ def _loss_check(pred, target, mask, patch_size, norm_pix, eps, p, grad_loss=None
     check_shape(op, "mask", mask, (b, n))
     if p not in (1, 2):
         raise ValueError(f"{op}: p must be 1 or 2, got {p}")
-    if not eps >= 0:  # also NaN
-        raise ValueError(f"{op}: eps must be >= 0, got {eps!r}")
+    if not 0 <= eps < math.inf:  # also NaN
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
     for name, t in (("target", target), ("mask", mask), ("grad_loss", grad_loss), ("denom", denom)):
         if t is not None:
             check_device(op, name, t, pred.device)
@@ -265,8 +267,12 @@ def _validate(op: str, pred, target, mask, norm_pix: bool, eps: float, p: int, t
         raise ValueError(f"{op}: p must be the int 1 (L1) or 2 (squared error), got {p!r}")
     if pred.shape[2] == 0:
         raise ValueError(f"{op}: pred has no values per patch (shape {tuple(pred.shape)})")
-    if not eps >= 0:  # also catches NaN
-        raise ValueError(f"{op}: eps must be >= 0, got {eps!r}")
+    if pred.shape[1] == 0:
+        raise ValueError(f"{op}: pred has no patches (L = 0, shape {tuple(pred.shape)})")
+    if not isinstance(norm_pix, bool):
+        raise TypeError(f"{op}: norm_pix must be True or False, got {norm_pix!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < math.inf:  # (also NaN)
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
     if tuple(mask.shape) != tuple(pred.shape[:2]):
         grid = " (a [B, h, w] grid of patches flattens with mask.flatten(1))" if mask.dim() == 3 else ""
         raise ValueError(f"{op}: mask has shape {tuple(mask.shape)}, expected [B, L] = {tuple(pred.shape[:2])}{grid}")
@@ -310,7 +316,8 @@ def masked_mse_loss(
         imgs: [B, C, H, W] images (any strides; H and W divisible by ``patch_size``; integer images are converted
             to float32).
         mask: [B, L] weights: 1 for masked patches, 0 for visible ones (bool, integer or float). Patches with weight
-            0 are never read, so NaN or inf there does not reach the loss (the reference ignores them too).
+            0 are never read, so NaN or inf there does not reach the loss (the reference ignores them too) nor the
+            gradient (zeros there; the reference's gradient is NaN there, 0 x NaN).
         patch_size: patch side.
         norm_pix: normalise each target patch (MAE's ``norm_pix_loss``).
         eps: added to the per-patch variance.

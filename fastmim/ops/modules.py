@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastmim._args import check_bool, check_int, check_number
+from fastmim.ops._dispatch import check_patch_size
 from fastmim.ops.fft_loss import fft_loss
 from fastmim.ops.grn import grn
 from fastmim.ops.hog import hog_target
@@ -26,8 +28,13 @@ class MaskedMSELoss(nn.Module):
 
     def __init__(self, patch_size: int | None = None, norm_pix: bool = True, eps: float = 1e-6, p: int = 2):
         super().__init__()
+        name = type(self).__name__  # (the settings are checked here, not at the first call)
         if type(p) is not int or p not in (1, 2):
-            raise ValueError(f"{type(self).__name__}: p must be the int 1 or 2, got {p!r}")
+            raise ValueError(f"{name}: p must be the int 1 or 2, got {p!r}")
+        if patch_size is not None:
+            check_patch_size(name, patch_size)
+        check_bool(name, "norm_pix", norm_pix)
+        check_number(name, "eps", eps, lo=0.0)
         self.patch_size, self.norm_pix, self.eps, self.p = patch_size, norm_pix, eps, p
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -53,6 +60,8 @@ class FFTLoss(nn.Module):
 
     def __init__(self, patch_size: int | None = None):
         super().__init__()
+        if patch_size is not None:
+            check_patch_size(type(self).__name__, patch_size)
         self.patch_size = patch_size
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,6 +76,10 @@ class PatchFFTLoss(nn.Module):
 
     def __init__(self, patch_size: int, alpha: float = 1.0, log_weights: bool = True):
         super().__init__()
+        check_patch_size(type(self).__name__, patch_size)
+        if check_number(type(self).__name__, "alpha", alpha, lo=0.0) == 0:
+            raise ValueError(f"{type(self).__name__}: alpha must be a finite number > 0, got {alpha!r}")
+        check_bool(type(self).__name__, "log_weights", log_weights)
         self.patch_size, self.alpha, self.log_weights = patch_size, alpha, log_weights
 
     def forward(self, pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -81,6 +94,11 @@ class HOGTarget(nn.Module):
 
     def __init__(self, patch_size: int = 16, cell_size: int = 8, nbins: int = 9, gaussian_window: int = 0):
         super().__init__()
+        name = type(self).__name__
+        check_patch_size(name, patch_size)
+        check_int(name, "cell_size", cell_size)
+        check_int(name, "nbins", nbins)
+        check_int(name, "gaussian_window", gaussian_window, lo=0)
         self.patch_size, self.cell_size, self.nbins, self.gaussian_window = (
             patch_size,
             cell_size,
@@ -102,6 +120,10 @@ class LowPassTarget(nn.Module):
 
     def __init__(self, radius: float, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
         super().__init__()
+        check_number(type(self).__name__, "radius", radius, lo=0.0)
+        if len(tuple(mean)) != len(tuple(std)):
+            raise ValueError(f"{type(self).__name__}: mean and std need one value per channel each, got "
+                             f"{len(tuple(mean))} and {len(tuple(std))}")  # fmt: skip
         self.radius, self.mean, self.std = radius, tuple(mean), tuple(std)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -117,7 +139,8 @@ class GRN(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
-        self.eps = eps
+        check_int("GRN", "dim", dim)
+        self.eps = check_number("GRN", "eps", eps, lo=0.0)
         self.weight = nn.Parameter(torch.zeros(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
 

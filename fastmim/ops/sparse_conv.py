@@ -9,6 +9,7 @@ Registered as ``torch.library.custom_op`` (fake kernels, autograd), so it runs u
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -297,6 +298,26 @@ def _check_inputs(x: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor, bias
         check_device(_OP, "bias", bias, x.device)
 
 
+def _check_symmetric(nbr: torch.Tensor) -> None:
+    """``nbr[t, r] = r'`` implies ``nbr[K*K - 1 - t, r'] = r`` (x's backward reads the table flipped); checked where
+    the ids are (CPU tensors, or CUDA with ``FASTMIM_CHECK_IDS=1``), after their range."""
+    if nbr.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if nbr.device.type != "cpu" and os.environ.get("FASTMIM_CHECK_IDS", "0") != "1":
+        return
+    check_id_values(_OP, "nbr", nbr, nbr.shape[1], distinct=False, lower=-1)
+    ids = nbr.long()
+    back = nbr.flip(0).long().gather(1, ids.clamp(min=0))  # nbr[K*K - 1 - t, nbr[t, r]]
+    rows = torch.arange(nbr.shape[1], device=nbr.device).expand_as(ids)
+    bad = (ids >= 0) & (back != rows)
+    if bool(bad.any()):
+        t, r = bad.nonzero()[0].tolist()
+        other = int(ids[t, r])
+        raise ValueError(f"{_OP}: nbr is not symmetric, which x's gradient needs: nbr[{t}, {r}] = {other} but "
+                         f"nbr[{nbr.shape[0] - 1 - t}, {other}] = {int(nbr[nbr.shape[0] - 1 - t, other])}, not {r} "
+                         "(SparseLayout.neighbors builds symmetric tables)")  # fmt: skip
+
+
 def sparse_dwconv(
     x: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -320,6 +341,8 @@ def sparse_dwconv(
     memory-safe instead: an id outside [-1, M) gives a NaN output row.
     """
     _check_inputs(x, nbr, weight, bias)
+    if x.requires_grad and torch.is_grad_enabled():  # x's gradient runs the flipped table: it must be symmetric
+        _check_symmetric(nbr)
     if use_custom_op():
         return _sparse_dwconv_op(x, nbr, weight, bias)
     return _SparseDWConv.apply(x, nbr, weight, bias)

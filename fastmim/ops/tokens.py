@@ -85,6 +85,7 @@ def _gather_bwd_check(grad: torch.Tensor, ids_keep: torch.Tensor, n: int) -> Non
     check_ids(op, "ids_keep", ids_keep, tuple(grad.shape[:2]), grad.device)
     if n < grad.shape[1]:
         raise ValueError(f"{op}: n = {n} is fewer than the {grad.shape[1]} kept tokens")
+    check_id_values(op, "ids_keep", ids_keep, n, distinct=True)  # a repeat would keep one of its gradients only
 
 
 _gather_visible_backward_op = custom_op("fastmim::gather_visible_backward", _gather_bwd, _gather_bwd_check)

@@ -222,7 +222,12 @@ class Trainer:
                 self._reshard_epoch(state, saved_layout, layout)
             else:  # at an epoch boundary the position converts exactly: steps are counted in the new units from here
                 self.pos.step = self.pos.epoch * self.steps_per_epoch
-            self._convert_step_counts(was)
+            diff = [f"{k} {(saved_layout or {}).get(k)} -> {v}" for k, v in layout.items()
+                    if (saved_layout or {}).get(k) != v]  # fmt: skip
+            derived = [d for d in diff if not d.startswith("loader_batches")]  # (follows the others)
+            changed = ", ".join(derived or diff)
+            self._convert_step_counts(was, changed)
+            self._say_lr_change(saved_layout)
         self.saved_step = self.pos.step  # (in this run's step units)
         if hasattr(self.loader, "load_state_dict"):  # DALI: its reader position and random state
             states = state.get("loader")
@@ -257,18 +262,32 @@ class Trainer:
                 n, was = self.info.world_size, state.get("world_size")
                 print(f"note: resuming on {n} process{'es' * (n != 1)}, saved on {was}")
 
-    def _convert_step_counts(self, was: int) -> None:
+    def _say_lr_change(self, saved: dict | None) -> None:
+        """The peak lr follows the images per step (``--blr`` x images / 256) unless ``--lr`` fixes it: a resume on
+        other processes, batch size or accumulation changes it, which is said with the way to keep the run's."""
+        keys = ("batch_size", "accum_iter", "world_size")
+        if self.cfg.lr is not None or not saved or not all(isinstance(saved.get(k), int) for k in keys):
+            return
+        before = saved["batch_size"] * saved["accum_iter"] * saved["world_size"]
+        if before != self.images_per_step and self.info.is_main:
+            was = self.lr * before / self.images_per_step
+            print(f"note: the peak lr follows the images per step ({before} -> {self.images_per_step}, --blr "
+                  f"{self.cfg.blr:g} x images / 256): {was:.4g} -> {self.lr:.4g}; --lr {was:.4g} keeps the run's",
+                  flush=True)  # fmt: skip
+
+    def _convert_step_counts(self, was: int, changed: str = "") -> None:
         """After a layout change moved the step count from ``was`` to this run's units: an EMA teacher's update count
         follows (its momentum schedule runs over the run's steps, as the learning rate does), and a --max-steps that
-        now means something else is said."""
+        now means something else is said (with what changed: ``changed``)."""
         from fastmim.targets.teacher import EMATeacher
 
         for m in self.raw_model.modules():
             if isinstance(m, EMATeacher):
                 m.updates.fill_(self.pos.step)
         if self.cfg.max_steps is not None and self.pos.step != was and self.info.is_main:
-            print(f"note: step {was} of the saved run is step {self.pos.step} at this batch size; --max-steps "
-                  f"{self.cfg.max_steps} counts steps of {self.images_per_step} images", flush=True)  # fmt: skip
+            print(f"note: step {was} of the saved run is step {self.pos.step} now ({changed or 'another layout'}); "
+                  f"--max-steps {self.cfg.max_steps} counts steps of {self.images_per_step} images",
+                  flush=True)  # fmt: skip
 
     def _reshard_epoch(self, state: dict, saved: dict | None, layout: dict) -> None:
         """A checkpoint from inside an epoch, resumed on another layout (processes, batch size, accumulation): the

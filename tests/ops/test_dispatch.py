@@ -112,6 +112,14 @@ def test_importing_the_ops_does_not_load_the_compiler():
     code = "import sys, fastmim.ops; print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    # nor the rest of fastmim (the models): only the ops, the extensions and the helpers they share
+    code = ("import sys, fastmim.ops; print(sorted(m for m in sys.modules if m.startswith('fastmim.') and not "
+            "m.startswith(('fastmim.ops', 'fastmim._'))))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    code = "import fastmim; from fastmim import create_model; print(create_model is fastmim.create_model)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "True", out.stderr
     code = "import torch, fastmim.ops; print(torch.ops.fastmim.gather_visible_triton.default._schema)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     if "has no attribute" not in out.stderr:  # (no twins where triton is absent)

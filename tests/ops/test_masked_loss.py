@@ -235,8 +235,13 @@ def test_bad_arguments_raise():
             masked_mse_loss(pred, imgs, mask, 8, p=bad_p)
     with pytest.raises(ValueError, match="no values per patch"):
         masked_mse_loss_patchified(pred[..., :0], pred.detach()[..., :0], mask)
-    with pytest.raises(ValueError, match="eps must be >= 0"):
-        masked_mse_loss(pred, imgs, mask, 8, eps=float("nan"))
+    for eps in (float("nan"), float("inf"), "1e-6"):  # (inf reached the C++ binding; its message named that)
+        with pytest.raises(ValueError, match="masked_mse_loss: eps must be a finite number >= 0"):
+            masked_mse_loss(pred, imgs, mask, 8, eps=eps)
+    with pytest.raises(TypeError, match="norm_pix must be True or False, got 'no'"):  # (was pybind11's signature list)
+        masked_mse_loss(pred, imgs, mask, 8, norm_pix="no")
+    with pytest.raises(ValueError, match=r"pred has no patches \(L = 0"):
+        masked_mse_loss_patchified(pred[:, :0], pred.detach()[:, :0], mask[:, :0])
     with pytest.raises(ValueError, match="imgs requires grad"):
         masked_mse_loss(pred, imgs.clone().requires_grad_(), mask, 8)
     with pytest.raises(ValueError, match="norm_pix needs at least 2 values"):

@@ -173,11 +173,22 @@ def test_raw_loss_refuses_a_negative_eps_and_a_zero_denominator(backend):
     device, _ = backend
     pred, target, mask = torch.randn(2, 4, 8, device=device), torch.randn(2, 4, 8, device=device), torch.ones(2, 4)
     mask = mask.to(device)
-    for eps in (-10.0, float("nan")):
-        with pytest.raises(ValueError, match="eps must be >= 0"):
+    for eps in (-10.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
             torch.ops.fastmim.masked_loss(pred, target, mask, 0, True, eps, 2)
     if device.type == "cpu":
         with pytest.raises(ValueError, match="denom must be the forward's positive mask sum, got 0"):
             zero = torch.zeros((), device=device)
             torch.ops.fastmim.masked_loss_backward(torch.ones((), device=device), pred, target, mask, zero, 0, True,
                                                    1e-6, 2)  # fmt: skip
+
+
+def test_raw_gather_backward_refuses_repeated_ids_on_cpu(backend):
+    """Called directly (not after the public gather, which checks its ids), a repeated id would have kept one of its
+    gradient rows only; on CPU it is refused like the forward's."""
+    device, _ = backend
+    if device.type != "cpu":
+        pytest.skip("ids are checked on CPU tensors only (on CUDA a check would cost a host sync)")
+    grad = torch.randn(2, 2, 4)
+    with pytest.raises(ValueError, match="gather_visible_backward: ids_keep row 0 repeats index 0"):
+        torch.ops.fastmim.gather_visible_backward(grad, torch.tensor([[0, 0], [1, 2]]), 3)

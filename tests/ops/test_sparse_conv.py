@@ -312,6 +312,18 @@ def test_nbr_out_of_range_raises_on_cpu(bad):
         sparse_dwconv(x, nbr, w, b)
 
 
+def test_an_asymmetric_table_is_refused_where_x_needs_a_gradient():
+    """x's gradient runs the flipped table, so an in-range but asymmetric one gave it silently wrong values; the
+    forward alone (no gradient of x) does not need the symmetry."""
+    _, _, (x, nbr, w, b) = _problem(2, 5, 7, 5, 3, "random", True, "cpu")
+    nbr = nbr.clone()
+    r = int((nbr[0] >= 0).nonzero()[0])  # a tap with a neighbour: point it at another row
+    nbr[0, r] = (nbr[0, r] + 1) % x.shape[0]
+    with pytest.raises(ValueError, match=rf"nbr is not symmetric, which x's gradient needs: nbr\[0, {r}\] ="):
+        sparse_dwconv(x, nbr, w, b)
+    torch.testing.assert_close(sparse_dwconv(x.detach(), nbr, w, b), sparse_dwconv_ref(x.detach(), nbr, w, b))
+
+
 def test_bad_layout_inputs_raise():
     with pytest.raises(TypeError, match="active must be a bool tensor"):
         SparseLayout.from_mask(torch.ones(2, 3, 3))

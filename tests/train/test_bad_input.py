@@ -268,13 +268,43 @@ def test_a_run_that_died_before_its_first_checkpoint_restarts_in_place(image_fol
     out.mkdir()
     (out / "config.yaml").write_text("model: old\n")
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (out / "training.png").write_bytes(b"old plot")  # what it wrote before dying goes with it
     args = [*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--max-steps", "1"]
     pretrain.run(args)
     (aside,) = out.glob("unfinished-*")
     assert (aside / "config.yaml").read_text() == "model: old\n" and (aside / "metrics.jsonl").exists()
+    assert (aside / "training.png").read_bytes() == b"old plot"
     assert (out / "checkpoint.pt").exists() and "moved to unfinished-" in capsys.readouterr().out
     err = fails(args, capsys)
     assert "already holds a run" in err and "Nothing was overwritten" in err
+    import shutil
+
+    other = shutil.copytree(out, tmp_path / "other")  # a resume of one run into another run's folder
+    err = fails([*args, "--resume", str(out / "checkpoint.pt"), "--output-dir", str(other)], capsys)
+    assert "already holds a run" in err and "the resume of" in err and "pass --resume" not in err, err
+
+
+def test_a_trained_run_whose_checkpoint_is_gone_is_neither_started_over_nor_resumed(image_folder, tmp_path, capsys):
+    """A finished run with its checkpoint.pt deleted (to save space), or a sharded checkpoint copied without its
+    meta.pt: its encoder.safetensors shows it trained, so a new run there, --resume and --resume if-exists are all
+    refused, naming what is missing; nothing in the folder changes (it was moved aside and the encoder overwritten)."""
+    import shutil
+
+    out = tmp_path / "run"
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--max-steps", "2"]
+    pretrain.run(args)
+    (out / "checkpoint.pt").unlink()
+    (out / "checkpoint.dcp").mkdir()  # a sharded save's shards without its meta.pt (an rsync cut short)
+    (out / "checkpoint.dcp" / "__0_0.distcp").write_bytes(b"shard")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for extra in ([], ["--resume"], ["--resume", "if-exists"]):
+        err = fails([*args, *extra], capsys)
+        assert "holds a trained run's encoder.safetensors (step 2) but no checkpoint to resume: checkpoint.dcp/ has " \
+            "no meta.pt" in err and "Nothing was changed" in err, err  # fmt: skip
+        assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    shutil.rmtree(out / "checkpoint.dcp")
+    assert "neither checkpoint.pt nor checkpoint.dcp/ is there (deleted, or not copied?)" in fails(args, capsys)
+    assert not list(out.glob("unfinished-*"))
 
 
 @pytest.mark.slow
