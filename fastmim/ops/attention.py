@@ -163,3 +163,28 @@ def attention(qkv: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     if needs_autograd(qkv):
         return _Attention.apply(qkv, scale)[0]
     return _fwd(qkv, scale)[0]
+
+
+def _register_flop_formulas() -> None:
+    """torch.utils.flop_counter counts the op as it counts scaled_dot_product_attention: 4 B H N^2 hd forward (q k^T,
+    then p v), 10 B H N^2 hd backward (the scores again and the four gradient matmuls), so a model's FLOPs and MFU
+    come out the same with either."""
+    try:
+        from torch.utils.flop_counter import register_flop_formula
+    except ImportError:  # older torch: the counter just sees no FLOPs here
+        return
+
+    def per_matmul(qkv_shape) -> int:
+        b, n, _, h, d = qkv_shape
+        return 2 * b * h * n * n * d
+
+    @register_flop_formula(torch.ops.fastmim.attention)
+    def _fwd_flops(qkv_shape, *args, **kwargs) -> int:
+        return 2 * per_matmul(qkv_shape)
+
+    @register_flop_formula(torch.ops.fastmim.attention_backward)
+    def _bwd_flops(grad_shape, qkv_shape, *args, **kwargs) -> int:
+        return 5 * per_matmul(qkv_shape)
+
+
+_register_flop_formulas()

@@ -151,3 +151,20 @@ def test_vit_attn_impl_fastmim_is_the_same_model(backend, amp):
         e1 = float((g1[k] - gg[k]).norm() / gg[k].norm().clamp_min(1e-30))
         e0 = float((g0[k] - gg[k]).norm() / gg[k].norm().clamp_min(1e-30))
         assert e1 <= 2 * e0 + 1e-3, f"{k}: fastmim attention bf16 error {e1:.3g}, SDPA's {e0:.3g}"
+
+
+def test_flop_counter_counts_it_as_attention():
+    """FlopCounterMode (a model's FLOPs, MFU) counted 0 for it: now the forward counts what the reference's two
+    matmuls count, and forward + backward torch's formula for scaled_dot_product_attention (4 + 10 B H N^2 hd)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    b, n, h, d = 2, 17, 4, 8
+    qkv = torch.randn(b, n, 3, h, d, requires_grad=True)
+    with FlopCounterMode(display=False) as ref:
+        attention_ref(qkv.detach())
+    with FlopCounterMode(display=False) as fwd:
+        attention(qkv.detach())
+    with FlopCounterMode(display=False) as both:
+        attention(qkv).sum().backward()
+    assert fwd.get_total_flops() == ref.get_total_flops() == 4 * b * h * n * n * d
+    assert both.get_total_flops() == 14 * b * h * n * n * d
