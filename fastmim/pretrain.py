@@ -455,11 +455,9 @@ def prepare_output_dir(cfg: PretrainConfig, info: DistInfo) -> Path:
     if info.is_main:
         markers = existing_run_markers(out)
         resuming_here = cfg.resume is not None and Path(cfg.resume).resolve().parent == out.resolve()
-        lost = lost_checkpoint(out) if markers and run_checkpoint(out) is None and not resuming_here else None
-        if lost:  # a run that saved once (its encoder says so) and lost its checkpoint: nothing of it is touched
-            error = lost
-            markers = []
-        elif markers and run_checkpoint(out) is None and not resuming_here:
+        unfinished = bool(markers) and run_checkpoint(out) is None and not resuming_here
+        error = lost_checkpoint(out) if unfinished else None  # a run that saved, its checkpoint since lost: untouched
+        if unfinished and not error:
             # a run that died before its first checkpoint: nothing to resume; its files are kept aside, not deleted
             aside = out / f"unfinished-{time.strftime('%Y%m%d-%H%M%S')}"
             aside.mkdir()
@@ -469,20 +467,15 @@ def prepare_output_dir(cfg: PretrainConfig, info: DistInfo) -> Path:
             print(f"{out} held a run that stopped before its first checkpoint; its {', '.join(markers)} moved to "
                   f"{aside.name}/, starting afresh", flush=True)  # fmt: skip
             markers = []
-        if error:  # (lost_checkpoint's)
-            pass
-        elif markers and not resuming_here and cfg.resume is not None:  # a resume of another run into this one
-            error = (f"output directory {str(out)!r} already holds a run ({', '.join(markers)}); the resume of "
-                     f"{cfg.resume} would write over it: resume in that run's own folder, or choose an empty "
-                     "--output-dir. Nothing was overwritten.")  # fmt: skip
-        elif markers and not resuming_here:
-            error = (
-                f"output directory {str(out)!r} already holds a run ({', '.join(markers)}); pass --resume to "
-                "continue it, or choose another --output-dir. Nothing was overwritten."
-            )
-        elif out.exists() and not out.is_dir():
+        if not error and markers and not resuming_here:
+            how = (f"the resume of {cfg.resume} would write over it: resume in that run's own folder, or choose an "
+                   "empty --output-dir" if cfg.resume is not None else  # (a resume of another run into this one)
+                   "pass --resume to continue it, or choose another --output-dir")  # fmt: skip
+            error = f"output directory {str(out)!r} already holds a run ({', '.join(markers)}); {how}. Nothing was " \
+                "overwritten."  # fmt: skip
+        if not error and out.exists() and not out.is_dir():
             error = f"output path {str(out)!r} exists and is not a directory"
-        else:
+        if not error:
             out.mkdir(parents=True, exist_ok=True)
             freed = remove_stale_temporaries(out)  # what a save killed mid-write (kill -9) left behind
             if freed:

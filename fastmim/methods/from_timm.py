@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fastmim.masking.random import check_mask_ratio
-from fastmim.methods.mae import MaskedAutoencoderViT, add_mae_decoder
+from fastmim.methods.mae import MaskedAutoencoderViT, add_mae_decoder, refuse_norm_pix_off_for_hog
 from fastmim.models.registry import register_model
 from fastmim.models.vit import checkpointed
 from fastmim.ops import gather_visible, gather_visible_ref
@@ -46,8 +46,7 @@ class TimmMAE(TargetChoice, PixelTarget, nn.Module):
         super().__init__()
         _check_encoder(encoder)
         check_mask_ratio(mask_ratio)  # (mask_type is checked by mask_strategy below)
-        if target == "hog" and not norm_pix_loss:  # (the HOG features are compared as they are)
-            raise ValueError(f"{type(self).__name__}: norm_pix_loss applies to pixel targets, not target='hog'")
+        refuse_norm_pix_off_for_hog(self, target, norm_pix_loss)
         self.encoder = encoder
         pe = encoder.patch_embed
         self.patch_size = pe.patch_size[0]

@@ -59,6 +59,13 @@ def require_two_patches(model: nn.Module, img_size, patch_size) -> None:
         )
 
 
+def refuse_norm_pix_off_for_hog(model: nn.Module, target: str, norm_pix_loss: bool) -> None:
+    """MAE's norm_pix_loss is about pixel patches: turning it off with the HOG target (compared as it is) would be a
+    setting silently ignored."""
+    if target == "hog" and not norm_pix_loss:
+        raise ValueError(f"{type(model).__name__}: norm_pix_loss applies to pixel targets, not target='hog'")
+
+
 def mask_strategy_for(mask_type: str, grid: tuple[int, int], patch_size: int, seed: int, ratio: float) -> MaskStrategy:
     """The strategy of a recipe's ``mask_type`` (one of MASK_TYPES) over a token grid: "simmim" masks 2x2-token cells
     (SimMIM's 32-px mask patches at patch 16; 28 px at patch 14); "uniform" hides 75% by construction."""
@@ -139,8 +146,7 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
                          fused_norm=fused_norm, fused_gelu=fused_gelu, drop_path_rate=drop_path_rate,
                          init_values=init_values)  # fmt: skip
         require_two_patches(self, img_size, patch_size)
-        if target == "hog" and not norm_pix_loss:  # (the HOG features are compared as they are)
-            raise ValueError(f"{type(self).__name__}: norm_pix_loss applies to pixel targets, not target='hog'")
+        refuse_norm_pix_off_for_hog(self, target, norm_pix_loss)
         self.mask_ratio = float(mask_ratio)
         self.mask_type = mask_type
         self.norm_pix_loss = norm_pix_loss

@@ -114,6 +114,13 @@ def _check_denom(denom: torch.Tensor) -> None:
         )
 
 
+def _check_eps(op: str, eps) -> None:
+    """eps, added to each patch's variance: a finite number >= 0 (NaN, inf and a negative one are refused here, not
+    by the kernels)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < math.inf:
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+
+
 def _loss_check(pred, target, mask, patch_size, norm_pix, eps, p, grad_loss=None, denom=None) -> None:
     """The raw ops' shapes: pred [B, L, D]; target images [B, C, H, W] whose patches are L x D, or [B, L, D]
     (patch_size 0); mask [B, L]."""
@@ -132,8 +139,7 @@ def _loss_check(pred, target, mask, patch_size, norm_pix, eps, p, grad_loss=None
     check_shape(op, "mask", mask, (b, n))
     if p not in (1, 2):
         raise ValueError(f"{op}: p must be 1 or 2, got {p}")
-    if not 0 <= eps < math.inf:  # also NaN
-        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+    _check_eps(op, eps)
     for name, t in (("target", target), ("mask", mask), ("grad_loss", grad_loss), ("denom", denom)):
         if t is not None:
             check_device(op, name, t, pred.device)
@@ -271,8 +277,7 @@ def _validate(op: str, pred, target, mask, norm_pix: bool, eps: float, p: int, t
         raise ValueError(f"{op}: pred has no patches (L = 0, shape {tuple(pred.shape)})")
     if not isinstance(norm_pix, bool):
         raise TypeError(f"{op}: norm_pix must be True or False, got {norm_pix!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < math.inf:  # (also NaN)
-        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+    _check_eps(op, eps)
     if tuple(mask.shape) != tuple(pred.shape[:2]):
         grid = " (a [B, h, w] grid of patches flattens with mask.flatten(1))" if mask.dim() == 3 else ""
         raise ValueError(f"{op}: mask has shape {tuple(mask.shape)}, expected [B, L] = {tuple(pred.shape[:2])}{grid}")
