@@ -31,6 +31,7 @@ from fastmim.masking.strategies import build_mask
 from fastmim.models.convnextv2 import Block, ConvNeXtV2, convnextv2_sizes
 from fastmim.models.convnextv2_sparse import BACKENDS, sparse_forward
 from fastmim.models.registry import register_model
+from fastmim.models.vit import to_2tuple
 from fastmim.targets import PixelTarget
 
 ENCODER_HEAD_KEYS = ("head.norm.weight", "head.norm.bias")
@@ -77,7 +78,7 @@ class FCMAE(PixelTarget, nn.Module):
         check_mask_ratio(mask_ratio)
         if sparse_backend not in (*BACKENDS, "auto"):
             raise ValueError(f"sparse_backend must be one of {(*BACKENDS, 'auto')}, got {sparse_backend!r}")
-        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.img_size = to_2tuple(img_size, "img_size")
         self.encoder = ConvNeXtV2(in_chans, depths, dims, drop_path_rate, head=False)
         self.encoder.fused_norm = fused_norm
         stride = self.encoder.stride

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmim._args import as_int
 from fastmim.models.convnextv2 import DropPath
 from fastmim.models.pos_embed import sincos_2d
 from fastmim.ops.attention import attention
@@ -28,12 +29,13 @@ except Exception:  # ImportError, or a broken build that fails at import
 ATTN_IMPLS = ("auto", "sdpa", "flash", "math", "fastmim")
 
 
-def to_2tuple(x: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(x, int):
-        return (x, x)
-    if len(x) != 2:
-        raise ValueError(f"expected an int or a pair, got {x!r}")
-    return (int(x[0]), int(x[1]))
+def to_2tuple(x: int | tuple[int, int], name: str = "size") -> tuple[int, int]:
+    """An int (numpy's too) as (x, x), or a pair of ints as a tuple."""
+    if as_int(x) is not None:
+        return (as_int(x), as_int(x))
+    if isinstance(x, (str, bytes)) or not hasattr(x, "__len__") or len(x) != 2 or None in map(as_int, x):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {x!r}")
+    return (as_int(x[0]), as_int(x[1]))
 
 
 class PatchEmbed(nn.Module):
@@ -41,8 +43,8 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, img_size: int | tuple[int, int], patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
-        self.img_size = to_2tuple(img_size)
-        self.patch_size = to_2tuple(patch_size)
+        self.img_size = to_2tuple(img_size, "img_size")
+        self.patch_size = to_2tuple(patch_size, "patch_size")
         for side, p in zip(self.img_size, self.patch_size, strict=True):
             if side % p:
                 raise ValueError(f"image size {self.img_size} is not divisible by the patch size {patch_size}")
@@ -406,10 +408,10 @@ class VisionTransformer(nn.Module):
         self.fused_gelu = fused_gelu
         self.class_token = bool(class_token)
         self.num_prefix_tokens = 1 if class_token else 0
-        self.patch_size = patch_size
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_size = as_int(patch_size) if as_int(patch_size) is not None else patch_size  # (numpy's int)
         self.in_chans = in_chans
         self.embed_dim = embed_dim
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.num_patches = self.patch_embed.num_patches
         if class_token:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))

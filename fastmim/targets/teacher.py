@@ -55,6 +55,9 @@ class EMATeacher(nn.Module):
         self.start, self.end, self.total_updates = float(start), float(end), total_updates
         self.model = copy.deepcopy(student).float().eval().requires_grad_(False)
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        # the count on the host too: reading the buffer each step would wait for the GPU (a sync per step); it is
+        # read again only when the buffer was written or replaced by something else (a load, .to(device))
+        self._host_updates = (0, self._buffer_key())
         self._shapes = [p.shape for p in self.model.parameters()]
 
     def train(self, mode: bool = True) -> EMATeacher:
@@ -62,8 +65,21 @@ class EMATeacher(nn.Module):
         self.model.eval()  # the teacher never trains: dropout, drop path and the like stay off
         return self
 
+    def _buffer_key(self) -> tuple[int, int] | None:
+        try:
+            return id(self.updates), self.updates._version  # (in-place writes bump _version)
+        except RuntimeError:  # an inference-mode tensor has no version: read each time
+            return None
+
+    def _updates_now(self) -> int:
+        count, key = self._host_updates
+        if key is None or key != self._buffer_key():
+            count = int(self.updates)
+            self._host_updates = (count, self._buffer_key())
+        return count
+
     def momentum(self) -> float:
-        return momentum_at(int(self.updates), self.start, self.end, self.total_updates)
+        return momentum_at(self._updates_now(), self.start, self.end, self.total_updates)
 
     @torch.no_grad()
     def update(self, student: nn.Module | None = None, params: list[torch.Tensor] | None = None) -> float:
@@ -85,7 +101,9 @@ class EMATeacher(nn.Module):
         if student is not None and params is None:
             for t, s in zip(self.model.buffers(), student.buffers(), strict=True):
                 t.copy_(s)
+        count = self._updates_now()
         self.updates += 1
+        self._host_updates = (count + 1, self._buffer_key())
         self.last_momentum = m  # (the trainer logs it: metrics.jsonl's ema_momentum)
         return m
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastmim.targets.teacher import DATA2VEC2_MOMENTUM, EMATeacher, ijepa_momentum, momentum_at
 
@@ -78,3 +79,40 @@ def test_resume_from_the_state_dict_is_exact():
         assert a.update(student) == b.update(student)
     for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+class _ScalarReads(TorchDispatchMode):
+    """Counts reads of a tensor's value onto the host (``int(t)``, ``t.item()``): each is a GPU sync on CUDA."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_schedule_does_not_read_the_update_count_back_each_step():
+    # int(self.updates) in every update() was a host sync per step on the GPU (and breaks CUDA-graph capture)
+    student = _student()
+    teacher = EMATeacher(student, 0.5, 0.99, total_updates=10)
+    with _ScalarReads() as mode:
+        for step in range(4):
+            _perturb(student, step)
+            teacher.update(student)
+        assert teacher.momentum() == pytest.approx(momentum_at(4, 0.5, 0.99, 10))
+    assert mode.reads == 0
+    # a count written from outside (a load, in place or with assign=True) is read back once, then counted again
+    other = EMATeacher(_student(seed=1), 0.5, 0.99, total_updates=10)
+    for assign in (False, True):
+        other.load_state_dict(teacher.state_dict(), assign=assign)
+        with _ScalarReads() as mode:
+            assert other.momentum() == pytest.approx(momentum_at(4, 0.5, 0.99, 10))
+            other.update(student)
+            other.update(student)
+            assert other.momentum() == pytest.approx(momentum_at(6, 0.5, 0.99, 10))
+        assert mode.reads == 1
+        other.updates.fill_(2)
+        assert other.momentum() == pytest.approx(momentum_at(2, 0.5, 0.99, 10))

@@ -129,6 +129,21 @@ def test_bad_inputs():
     m = fastmim.create_model("vit_tiny_patch16", img_size=32)
     with pytest.raises(ValueError, match=r"expected images \[B, C, 32, 32\], got \(1, 3, 48, 48\)"):
         m(torch.randn(1, 3, 48, 48))
+    for bad in ("64", (64,), 64.0, (64, "a")):
+        with pytest.raises(ValueError, match="img_size must be an int or a pair of ints"):
+            fastmim.create_model("mae_vit_tiny_patch16", img_size=bad)
+
+
+@pytest.mark.parametrize("name", ["mae_vit_tiny_patch16", "simmim_vit_tiny_patch16", "fcmae_convnextv2_atto"])
+def test_sizes_may_be_numpy_ints(name):
+    # (a size read from a numpy array or a sweep's np.arange: "object of type 'numpy.int64' has no len()" before)
+    np = pytest.importorskip("numpy")
+    kwargs = {"img_size": np.int64(64)}
+    if "convnext" not in name:
+        kwargs.update(img_size=np.int32(64), patch_size=np.int64(16))
+    loss = fastmim.create_model(name, **kwargs)(torch.randn(2, 3, 64, 64))[0]
+    loss.backward()
+    assert torch.isfinite(loss)
 
 
 def test_registry_lists_all_sizes():
