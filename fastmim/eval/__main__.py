@@ -53,17 +53,26 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     ap.add_argument("--k", type=int, default=20, help="kNN: neighbours (DINO: 20)")
     ap.add_argument("--temperature", type=float, default=0.07, help="kNN: vote temperature (DINO: 0.07)")
-    ap.add_argument("--epochs", type=int, default=None, help="linprobe: 90, finetune: 100 (MAE's ViT-B)")
-    ap.add_argument("--warmup-epochs", type=float, default=None, help="linprobe: 10, finetune: 5")
-    ap.add_argument("--blr", type=float, default=None, help="lr = blr x batch / 256 (linprobe: 0.1, finetune: 5e-4)")
-    ft = ap.add_argument_group("finetune (MAE's ViT-B recipe; ViT-L: --blr 1e-3 --layer-decay 0.75 --drop-path 0.2)")
-    ft.add_argument("--layer-decay", type=float, default=0.65, help="layer-wise lr decay")
-    ft.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
-    ft.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--epochs", type=int, default=None, help="linprobe: 90, finetune: the recipe's")
+    ap.add_argument("--warmup-epochs", type=float, default=None, help="linprobe: 10, finetune: the recipe's")
+    ap.add_argument("--blr", type=float, default=None, help="lr = blr x batch / 256 (linprobe: 0.1, finetune: the "
+                    "recipe's)")  # fmt: skip
+    ft = ap.add_argument_group(
+        "finetune (defaults: the encoder's official recipe, named when it starts: MAE's ViT-B: 100 epochs, blr 5e-4, "
+        "layer decay 0.65, drop path 0.1; ViT-L: 50 epochs, blr 1e-3, 0.75, 0.2; ViT-H: as L, drop path 0.3; "
+        "ConvNeXt V2's Atto, Tiny and Base (TRAINING.md), e.g. Base: 100 epochs, 20 warm-up, blr 6.25e-4, group "
+        "layer decay 0.6)"
+    )
+    ft.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay")
+    ft.add_argument("--layer-decay-type", choices=("single", "group"), default=None,
+                    help="ConvNeXt: one layer per block (single) or ConvNeXt V2's 12 groups (group: its Base and "
+                    "larger recipe)")  # fmt: skip
+    ft.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
+    ft.add_argument("--weight-decay", type=float, default=None)
     ft.add_argument("--min-lr", type=float, default=1e-6, help="the cosine's floor")
-    ft.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
-    ft.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
-    ft.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    ft.add_argument("--mixup", type=float, default=None, help="mixup alpha (0: off)")
+    ft.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (0: off)")
+    ft.add_argument("--smoothing", type=float, default=None, help="label smoothing")
     ft.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy ('none': off)")
     ft.add_argument("--reprob", type=float, default=0.25, help="random-erasing probability")
     ft.add_argument(
@@ -94,14 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEFAULTS = {"knn": dict(batch_size=256), "linprobe": dict(batch_size=256, epochs=90, warmup_epochs=10, blr=0.1),
-            "finetune": dict(batch_size=64, epochs=100, warmup_epochs=5, blr=5e-4)}  # fmt: skip
+            "finetune": dict(batch_size=64)}  # (the rest: the encoder's recipe, finetune_recipe)  # fmt: skip
 
 
 # what finetune --resume reads from the folder's args.json when the command does not give it (not the machine's
 # --device or --workers, nor what names the folder or only changes outputs)
 RESUMED_ARGS = ("encoder", "random", "model", "data_path", "val_path", "img_size", "pool", "batch_size", "epochs",
-                "warmup_epochs", "blr", "layer_decay", "drop_path", "weight_decay", "min_lr", "mixup", "cutmix",
-                "smoothing", "aa", "reprob", "seed", "out")  # fmt: skip
+                "warmup_epochs", "blr", "layer_decay", "layer_decay_type", "drop_path", "weight_decay", "min_lr",
+                "mixup", "cutmix", "smoothing", "aa", "reprob", "seed", "out")  # fmt: skip
 PATH_ARGS = ("encoder", "data_path", "val_path", "out")
 ARGS_FILE = "args.json"
 
@@ -117,8 +126,9 @@ def _given(ap, argv) -> set[str]:
 # the options only some modes read: given to another, they are refused rather than silently ignored
 MODE_OPTIONS = {"k": ("knn",), "temperature": ("knn",), "no_augment": ("linprobe",),
                 **dict.fromkeys(("epochs", "warmup_epochs", "blr"), ("linprobe", "finetune")),
-                **dict.fromkeys(("layer_decay", "drop_path", "weight_decay", "min_lr", "mixup", "cutmix", "smoothing",
-                                 "aa", "reprob", "finetune_dir", "resume"), ("finetune",))}  # fmt: skip
+                **dict.fromkeys(("layer_decay", "layer_decay_type", "drop_path", "weight_decay", "min_lr", "mixup",
+                                 "cutmix", "smoothing", "aa", "reprob", "finetune_dir", "resume"),
+                                ("finetune",))}  # fmt: skip
 
 
 def _check_mode_options(ap, args, argv) -> None:
@@ -171,18 +181,44 @@ def _check(ap, args) -> None:
     if args.workers < 0 or (args.warmup_epochs or 0) < 0 or args.temperature <= 0 or (
             args.blr is not None and not args.blr > 0):  # fmt: skip
         ap.error("--workers and --warmup-epochs must be >= 0, --blr and --temperature > 0")
-    if not 0 < args.layer_decay <= 1 or not 0 <= args.drop_path < 1 or not 0 <= args.reprob <= 1:
+    layer_decay, drop_path = (1 if args.layer_decay is None else args.layer_decay), args.drop_path or 0
+    if not 0 < layer_decay <= 1 or not 0 <= drop_path < 1 or not 0 <= args.reprob <= 1:
         ap.error("--layer-decay must be in (0, 1], --drop-path in [0, 1), --reprob in [0, 1]")
-    if min(args.mixup, args.cutmix, args.smoothing, args.weight_decay, args.min_lr) < 0:
+    given = (args.mixup, args.cutmix, args.smoothing, args.weight_decay, args.min_lr)
+    if min(v for v in (*given, 0) if v is not None) < 0:
         ap.error("--mixup, --cutmix, --smoothing, --weight-decay and --min-lr must be >= 0")
     if args.resume and args.finetune_dir and Path(args.resume) != Path(args.finetune_dir):
         ap.error("--resume DIR continues in DIR: leave out --finetune-dir")
     if args.val_path is not None and args.data_path is None:
         ap.error("--val-path needs --data-path (the training folder its classes come from)")
-    if args.mode != "knn" and args.warmup_epochs >= args.epochs:
+    if args.mode == "linprobe":
+        _note_long_warmup(args)
+
+
+def _note_long_warmup(args) -> None:
+    if args.warmup_epochs >= args.epochs:
         print(f"note: --warmup-epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: the learning "
               f"rate never reaches its peak (give --warmup-epochs for a short {args.mode})",
               file=sys.stderr)  # fmt: skip
+
+
+def _apply_recipe(args, info: dict) -> None:
+    """finetune: the settings the command leaves out from the encoder's official recipe, which it names."""
+    from fastmim.eval.finetune import finetune_recipe
+
+    if args.layer_decay_type == "group" and info["encoder"].startswith("vit"):
+        raise ValueError("--layer-decay-type group is ConvNeXt V2's grouping of its blocks; a ViT's layers are its "
+                         "blocks: leave it out")  # fmt: skip
+    where, recipe = finetune_recipe(info["encoder"])
+    taken = {k: v for k, v in recipe.items() if getattr(args, k) is None}
+    for k, v in taken.items():
+        setattr(args, k, v)
+    if taken and args.dist_info.is_main:
+        said = ", ".join(f"{k.replace('_', ' ')} {v:g}" if not isinstance(v, str) else f"{k.replace('_', ' ')} {v}"
+                         for k, v in taken.items())  # fmt: skip
+        print(f"finetune: {info['encoder']} takes the recipe of {where}: {said}", flush=True)
+    args.recipe = where
+    _note_long_warmup(args)
 
 
 def run(args) -> dict:
@@ -323,6 +359,7 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
     from fastmim.eval.finetune import finetune, finetune_transform
     from fastmim.train.checkpoint import save_encoder
 
+    _apply_recipe(args, info)
     aa = None if args.aa == "none" else args.aa
     train_set = LabelledFolder(train_root, finetune_transform(info["img_size"], aa, args.reprob), classes=train.classes)
     n = args.epochs
@@ -361,7 +398,8 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
         out = finetune(
             encoder, info, train_set, val, len(train.classes), device, epochs=n, warmup_epochs=args.warmup_epochs,
             batch_size=args.batch_size, blr=args.blr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-            layer_decay=args.layer_decay, drop_path=args.drop_path, mixup=args.mixup, cutmix=args.cutmix,
+            layer_decay=args.layer_decay, layer_decay_type=args.layer_decay_type, drop_path=args.drop_path,
+            mixup=args.mixup, cutmix=args.cutmix,
             smoothing=args.smoothing, pool=args.pool, workers=args.workers, seed=args.seed, log=log,
             dist_info=args.dist_info, run_dir=run_dir, resume=bool(args.resume),
             data_settings=dict(auto_augment=aa, reprob=args.reprob, train_data=str(Path(train_root).resolve()),
@@ -403,7 +441,8 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
         save_encoder(saved, out["network"].state_dict(), meta)
     result.update(top1=out["top1"], top5=out["top5"], best_top1=out["best_top1"], best_epoch=out["best_epoch"],
                   epochs=n, warmup_epochs=args.warmup_epochs, blr=args.blr, lr=out["lr"], min_lr=args.min_lr,
-                  layer_decay=args.layer_decay, drop_path=args.drop_path,
+                  layer_decay=args.layer_decay, layer_decay_type=args.layer_decay_type, recipe=args.recipe,
+                  drop_path=args.drop_path,
                   mixup=args.mixup, cutmix=args.cutmix, smoothing=args.smoothing, auto_augment=aa, reprob=args.reprob,
                   weight_decay=args.weight_decay, new_keys=out["fresh_keys"], saved=str(saved),
                   processes=args.dist_info.world_size, resumed=bool(args.resume),

@@ -1,6 +1,7 @@
-"""Full fine-tuning of a pretrained encoder with MAE's recipe (``main_finetune.py``), built on timm's parts: the
-encoder's weights in timm's network of the same shape (drop path, global-pool + fc_norm head), AdamW with layer-wise
-lr decay (timm's ``param_groups_layer_decay``: MAE's ``lrd``), RandAugment ``rand-m9-mstd0.5-inc1`` and random
+"""Full fine-tuning of a pretrained encoder with MAE's recipe (``main_finetune.py``; ConvNeXt V2's settings and
+layer numbering for a ConvNeXt: ``finetune_recipe``), built on timm's parts: the encoder's weights in timm's network
+of the same shape (drop path, global-pool + fc_norm head), AdamW with layer-wise lr decay (``layer_id``: MAE's
+``param_groups_lrd``, ConvNeXt V2's ``get_parameter_groups``), RandAugment ``rand-m9-mstd0.5-inc1`` and random
 erasing (``timm.data.create_transform``), mixup 0.8 / cutmix 1.0 with label smoothing 0.1 (``timm.data.Mixup``),
 lr = blr x batch x processes / 256 with a linear warm-up and a half-cosine per iteration. Evaluated on the centre crop
 after every epoch; data-parallel under torchrun; a checkpoint every epoch, resumed exactly."""
@@ -79,7 +80,9 @@ def finetune_network(encoder: nn.Module, info: dict, num_classes: int, drop_path
             state = {k: v for k, v in state.items() if not k.startswith("norm.")}
         nn.init.trunc_normal_(net.head.weight, std=2e-5)  # MAE's head init
     else:
-        net = timm.create_model(info["encoder"], pretrained=False, num_classes=num_classes, drop_path_rate=drop_path)
+        # (ConvNeXt V2's fine-tuning scales the fresh classifier by --head_init_scale 0.001)
+        net = timm.create_model(info["encoder"], pretrained=False, num_classes=num_classes, drop_path_rate=drop_path,
+                                head_init_scale=0.001)  # fmt: skip
         state = {k: v for k, v in state.items() if not k.startswith("head.fc.")}
     missing, unexpected = net.load_state_dict(state, strict=False)
     if unexpected:
@@ -102,6 +105,7 @@ def finetune(
     min_lr: float = 1e-6,
     weight_decay: float = 0.05,
     layer_decay: float = 0.65,
+    layer_decay_type: str = "single",
     drop_path: float = 0.1,
     mixup: float = 0.8,
     cutmix: float = 1.0,
@@ -134,6 +138,7 @@ def finetune(
     rank, world = dist_info.rank, dist_info.world_size
     settings = dict(model=info["model"], num_classes=num_classes, batch_size=batch_size, blr=blr, min_lr=min_lr,
                     warmup_epochs=warmup_epochs, weight_decay=weight_decay, layer_decay=layer_decay,
+                    layer_decay_type=layer_decay_type, param_groups=PARAM_GROUPS,
                     drop_path=drop_path, mixup=mixup, cutmix=cutmix, smoothing=smoothing, pool=pool, seed=seed,
                     processes=world, **(data_settings or {}))  # fmt: skip
     state = _load_checkpoint(run_dir, settings, epochs) if resume else None
@@ -141,7 +146,7 @@ def finetune(
     net, fresh = finetune_network(encoder, info, num_classes, drop_path, pool)
     net = net.to(device)
     lr = blr * batch_size * world / 256
-    opt = build_optimizer(net, lr, weight_decay, layer_decay)
+    opt = build_optimizer(net, lr, weight_decay, layer_decay, layer_decay_type)
     mixing = mixup > 0 or cutmix > 0
     if mixing and batch_size % 2:
         raise ValueError(f"mixup/cutmix mix a batch with its reverse: --batch-size must be even, got {batch_size}")
@@ -320,6 +325,12 @@ def _load_checkpoint(run_dir, settings: dict, epochs: int) -> dict:
         raise FileNotFoundError(f"no fine-tuning checkpoint at {str(path)!r} to resume")
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
     saved = state["settings"]  # (a checkpoint from before a setting was recorded is not refused for it)
+    if saved.get("param_groups") != settings["param_groups"]:
+        raise ValueError(
+            f"--resume {str(run_dir)!r}: the fine-tuning was started by an earlier fastmim, whose "
+            "optimizer grouped the parameters as timm does; its state does not fit the official "
+            "recipes' groups used now: start it again (or finish it with the fastmim that started it)"
+        )
     differ = {k: (saved.get(k), v) for k, v in settings.items() if k != "processes" and k in saved and saved[k] != v}
     if differ:
         said = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items())
@@ -382,10 +393,104 @@ def posterize_keeping(img, bits_to_keep: int, **_):
     return ImageOps.posterize(img, bits_to_keep)
 
 
-def build_optimizer(net: nn.Module, lr: float, weight_decay: float = 0.05, layer_decay: float = 0.65):
-    """AdamW over timm's layer-decay groups: each group's ``lr_scale`` is ``layer_decay ** (L - layer)`` (the patch
-    embedding, class token and position embedding layer 0, block i layer i + 1, the head L = blocks + 1), and
-    one-dimensional parameters and the model's ``no_weight_decay()`` names have no weight decay."""
-    from timm.optim import create_optimizer_v2
+# The official fine-tuning recipes: python -m fastmim.eval finetune's defaults for the encoder (``finetune_recipe``)
+_MAE_B = dict(epochs=100, warmup_epochs=5, blr=5e-4, layer_decay=0.65, layer_decay_type="single", drop_path=0.1,
+              weight_decay=0.05, mixup=0.8, cutmix=1.0, smoothing=0.1)  # fmt: skip
+_MAE_L = _MAE_B | dict(epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.2)
+_CONVNEXT_A = dict(epochs=600, warmup_epochs=0, blr=2e-4, layer_decay=0.9, layer_decay_type="single", drop_path=0.1,
+                   weight_decay=0.3, mixup=0.0, cutmix=0.0, smoothing=0.2)  # fmt: skip
+_CONVNEXT_T = dict(epochs=300, warmup_epochs=40, blr=8e-4, layer_decay=0.9, layer_decay_type="single", drop_path=0.2,
+                   weight_decay=0.05, mixup=0.8, cutmix=1.0, smoothing=0.1)  # fmt: skip
+_CONVNEXT_B = dict(epochs=100, warmup_epochs=20, blr=6.25e-4, layer_decay=0.6, layer_decay_type="group",
+                   drop_path=0.1, weight_decay=0.05, mixup=0.8, cutmix=1.0, smoothing=0.1)  # fmt: skip
+RECIPES = {  # encoder size -> (the recipe's source, its settings)
+    "vit_base": ("MAE's ViT-B (FINETUNE.md)", _MAE_B),
+    "vit_large": ("MAE's ViT-L (FINETUNE.md)", _MAE_L),
+    "vit_huge": ("MAE's ViT-H (FINETUNE.md)", _MAE_L | dict(drop_path=0.3)),
+    "convnextv2_atto": ("ConvNeXt V2's Atto (TRAINING.md)", _CONVNEXT_A),
+    "convnextv2_tiny": ("ConvNeXt V2's Tiny (TRAINING.md)", _CONVNEXT_T),
+    "convnextv2_base": ("ConvNeXt V2's Base (TRAINING.md)", _CONVNEXT_B),
+}
+_NEAREST = {"vit": "vit_base", "vit_giant": "vit_huge", "convnextv2_femto": "convnextv2_atto",
+            "convnextv2_pico": "convnextv2_atto", "convnextv2_nano": "convnextv2_atto",
+            "convnextv2_large": "convnextv2_base", "convnextv2_huge": "convnextv2_base"}  # fmt: skip
+RECIPE_KEYS = tuple(_MAE_B)
 
-    return create_optimizer_v2(net, "adamw", lr=lr, weight_decay=weight_decay, layer_decay=layer_decay)
+
+def finetune_recipe(encoder_name: str) -> tuple[str, dict]:
+    """(where it comes from, the settings) of the official fine-tuning recipe for encoder ``encoder_name``
+    (``vit_base_patch16``, ``convnextv2_atto``, ...): MAE's for ViT-B, -L and -H (smaller ViTs take ViT-B's, ViT-g
+    ViT-H's), ConvNeXt V2's for Atto, Tiny and Base (Femto to Nano take Atto's, Large and Huge Base's; all of them use
+    an EMA of the weights for their reported accuracy, which fastmim does not keep)."""
+    size = "_".join(encoder_name.split("_")[:2]) if encoder_name.startswith(("vit_", "convnextv2_")) else ""
+    if size in RECIPES:
+        return RECIPES[size]
+    near = _NEAREST.get(size, "convnextv2_base" if encoder_name.startswith("convnext") else "vit_base")
+    where, settings = RECIPES[near]
+    return f"{where[:-1]}; the nearest published one)", settings
+
+
+PARAM_GROUPS = "official-lrd-1"  # (in a checkpoint's settings: one from timm's groups, before, is not resumed)
+LAYER_DECAY_TYPES = ("single", "group")
+
+
+def layer_id(name: str, net: nn.Module, layer_decay_type: str = "single") -> tuple[int, int]:
+    """(layer of parameter ``name``, number of layers L) for layer-wise lr decay, as the official fine-tuning codes
+    number them; a parameter at layer i trains at ``layer_decay ** (L - i)`` of the lr.
+
+    ViT (MAE's ``util/lr_decay.py``): class token, position embedding and patch embedding 0, block i i + 1, all the
+    rest (final norm, fc_norm, head) L = blocks + 1. ConvNeXt V2 (its ``optim_factory.py``), with timm's names:
+    ``single``: stage s's downsampling (the stem for s = 0) and its first block sum(depths[:s]) + 1, block j of stage s
+    sum(depths[:s]) + j + 1, the head L = sum(depths) + 1; ``group`` (the official recipe for Base and larger): 12
+    groups: stem 0, stages 0 and 1 (with stage 1's downsampling) 1 and 2, stage 2's downsampling 3 and its blocks
+    3 + j // 3, stage 3 and its downsampling 12, the head L = 13."""
+    parts = name.split(".")
+    if hasattr(net, "blocks"):  # ViT, Beit
+        top = len(net.blocks) + 1
+        if parts[0] in ("cls_token", "pos_embed", "patch_embed", "reg_token", "dist_token"):
+            return 0, top
+        return (int(parts[1]) + 1 if parts[0] == "blocks" else top), top
+    depths = [len(stage.blocks) for stage in net.stages]
+    stage = 0 if parts[0] == "stem" else int(parts[1]) if parts[0] == "stages" else None
+    block = int(parts[3]) if parts[0] == "stages" and parts[2] == "blocks" else None  # None: the downsampling
+    if layer_decay_type == "single":
+        top = sum(depths) + 1
+        if stage is None:
+            return top, top
+        return sum(depths[:stage]) + (block or 0) + 1, top
+    if stage is None:
+        return 13, 13
+    if stage == 3:
+        return 12, 13
+    if block is None:  # the stem, or the downsampling in front of stage 1 or 2
+        return (0 if stage == 0 else stage + 1), 13
+    return (stage + 1 if stage < 2 else 3 + block // 3), 13
+
+
+def param_groups(net: nn.Module, weight_decay: float, layer_decay: float, layer_decay_type: str = "single") -> list:
+    """The optimizer's parameter groups, one per (layer, decayed or not), each with ``lr_scale`` (``layer_id``) and
+    its weight decay: none for biases, one-dimensional parameters (norms, GRN) and the network's
+    ``no_weight_decay()`` names (class token, position embedding, relative position tables), as MAE's
+    ``param_groups_lrd`` and ConvNeXt V2's ``get_parameter_groups``."""
+    if layer_decay_type not in LAYER_DECAY_TYPES:
+        raise ValueError(f"layer_decay_type must be one of {LAYER_DECAY_TYPES}, got {layer_decay_type!r}")
+    skip = set(net.no_weight_decay()) if hasattr(net, "no_weight_decay") else set()
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not (p.ndim == 1 or name.endswith(".bias") or name in skip)
+        layer, top = layer_id(name, net, layer_decay_type)
+        group = groups.setdefault((layer, decay), {"params": [], "names": [], "lr_scale": layer_decay ** (top - layer),
+                                                   "weight_decay": weight_decay if decay else 0.0})  # fmt: skip
+        group["params"].append(p)
+        group["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def build_optimizer(net: nn.Module, lr: float, weight_decay: float = 0.05, layer_decay: float = 0.65,
+                    layer_decay_type: str = "single"):  # fmt: skip
+    """AdamW (betas 0.9, 0.999) over ``param_groups``; the loop sets each group's lr to the schedule's times its
+    ``lr_scale``."""
+    return torch.optim.AdamW(param_groups(net, weight_decay, layer_decay, layer_decay_type), lr=lr,
+                             betas=(0.9, 0.999))  # fmt: skip

@@ -51,7 +51,8 @@ def _fwd_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     with no_autocast(x.device):
         gx, d = _norms(x, eps)
         scale = torch.addcmul(torch.ones_like(gx), weight.to(stat), gx / d)  # [B, 1, C]
-        return torch.addcmul(bias.to(stat), x, scale).to(x.dtype)
+        # (contiguous, as the Triton kernel's and the fake's: addcmul would follow a strided x's layout)
+        return torch.addcmul(bias.to(stat), x, scale).to(x.dtype).contiguous()
 
 
 def _bwd_torch(
@@ -78,7 +79,7 @@ def _bwd_torch(
             dgx = dnx / d - (dnx * gx).sum(dim=-1, keepdim=True) / (gx.shape[-1] * d * d)
             t = torch.where(gx > 0, dgx / torch.where(gx > 0, gx, 1.0), 0.0)  # [B, 1, C]
             scale = torch.addcmul(torch.ones_like(nx), w, nx)
-            dx = torch.addcmul(grad * scale, x, t).to(x.dtype)
+            dx = torch.addcmul(grad * scale, x, t).to(x.dtype).contiguous()
     return dx, dw, db
 
 
@@ -129,8 +130,10 @@ def _bwd(
         dx, dw, db = _bwd_torch(grad, x, weight, eps, need_x, need_w, need_b)
     if dx is None:
         dx = x.new_empty((0, 0, x.shape[2]))
-    none = x.new_empty((0,), dtype=stat_dtype(x))
-    return dx, none if dw is None else dw, none if db is None else db
+    # (each its own empty tensor: a custom op's outputs may not alias each other, which torch.compile checks)
+    dw = x.new_empty((0,), dtype=stat_dtype(x)) if dw is None else dw
+    db = x.new_empty((0,), dtype=stat_dtype(x)) if db is None else db
+    return dx, dw, db
 
 
 _grn_backward_op = torch.library.custom_op("fastmim::grn_backward", checked(_bwd, _raw_bwd_check), mutates_args=())

@@ -111,7 +111,8 @@ def _fwd(
         _, d2, u, mult = _spectrum(_gather_diff(pred, imgs, sel, p), alpha, log_weights)
         top = u.amax(dim=(-2, -1))  # [M, C]
         s = ((u * d2) @ mult).sum(-1)  # [M, C]: sum of u * d2 over the full spectrum
-        rows = torch.where(top > 0, s / top, 0.0).sum(-1)  # [M]: sum of w * d2 over the patch's spectra
+        # [M]: sum of w * d2 over the patch's spectra; a zero spectrum counts 0, a NaN or infinite one gives NaN
+        rows = torch.where(s == 0, 0.0, s / torch.where(top == 0, 1.0, top)).sum(-1)
         loss = (rows * mask.reshape(-1)[sel].to(rows.dtype)).sum() / denom
         rowmax = torch.zeros((b * n, c), device=pred.device, dtype=torch.float32)
         rowmax[sel] = top.float()
@@ -164,8 +165,8 @@ def _bwd(
     scale = (grad.float() / (mask.sum() * (c * p * p))).reshape(1)
     if choose_backend(_OP, pred.device, (pred.dtype, imgs.dtype)) == "triton":
         kr, ki, mult = half_dft(p, torch.float32, str(pred.device))
-        return _triton_pfft().patch_fft_bwd(scale, pred, imgs, mask.contiguous(), rowmax, kr, ki, mult, p, alpha,
-                                            log_weights)  # fmt: skip
+        return _like(pred, _triton_pfft().patch_fft_bwd(scale, pred, imgs, mask.contiguous(), rowmax, kr, ki, mult, p,
+                                                        alpha, log_weights))  # fmt: skip
     with no_autocast(pred.device):
         sel = (mask.reshape(-1) != 0).nonzero().squeeze(1)
         f, _, u, _ = _spectrum(_gather_diff(pred, imgs, sel, p), alpha, log_weights)
@@ -175,7 +176,14 @@ def _bwd(
         de = de * (2.0 * scale.to(de.dtype) * mask.reshape(-1)[sel].to(de.dtype)).view(-1, 1, 1, 1)
         dpred = torch.zeros(pred.shape, device=pred.device, dtype=pred.dtype)
         dpred.view(b * n, -1)[sel] = de.permute(0, 2, 3, 1).reshape(len(sel), -1).to(pred.dtype)
-    return dpred
+    return _like(pred, dpred)
+
+
+def _like(pred: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The contiguous ``grad`` in ``torch.empty_like(pred)``'s layout (a transposed pred's), as the fake kernel says
+    and inductor checks."""
+    out = torch.empty_like(pred)
+    return grad if out.stride() == grad.stride() else out.copy_(grad)
 
 
 _pfft_backward_op = custom_op("fastmim::patch_fft_loss_backward", _bwd, _raw_bwd_check)

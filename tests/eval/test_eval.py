@@ -303,6 +303,65 @@ def test_finetune_network_holds_the_encoder_and_mae_layer_decay():
             assert g["weight_decay"] == (0.0 if no_decay else 0.05), name
             seen += 1
     assert seen == len(names)
+    # the class token's network: its final norm is outside the blocks, at the head's rate (timm's groups put it one
+    # layer down: 0.65 of the lr)
+    scales = {n: g["lr_scale"] for g in build_optimizer(token, 1.0, 0.05, decay).param_groups for n in g["names"]}
+    assert scales["norm.weight"] == scales["head.weight"] == 1.0 and scales["blocks.11.norm1.weight"] == decay
+
+
+def _official_convnext_layer(name: str, depths: list[int], group: bool) -> int:
+    """ConvNeXt V2's optim_factory.py numbering (get_num_layer_for_convnext_single / _convnext), on its own names:
+    downsample_layers.i (timm: the stem, stages.i.downsample), stages.i.j (timm: stages.i.blocks.j)."""
+    p = name.split(".")
+    if p[0] == "stem" or p[0] == "stages" and p[2] == "downsample":
+        s = 0 if p[0] == "stem" else int(p[1])
+        return ({0: 0, 1: 2, 2: 3, 3: 12}[s]) if group else sum(depths[:s]) + 1
+    if p[0] == "stages":
+        s, j = int(p[1]), int(p[3])
+        if group:
+            return s + 1 if s < 2 else 3 + j // 3 if s == 2 else 12
+        return sum(depths[:s]) + j + 1
+    return 13 if group else sum(depths) + 1
+
+
+@pytest.mark.parametrize("layer_decay_type", ["single", "group"])
+def test_convnext_finetuning_numbers_its_layers_as_the_official_code(layer_decay_type):
+    # timm's groups put the stem at layer 0 (one more decay than ConvNeXt V2's), and had no 12-group mode: at the
+    # Base recipe's 0.6 the first stages trained at ~1e-7 of the lr
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    from fastmim.eval.finetune import build_optimizer, finetune_network
+
+    enc, info = load_encoder(None, "convnextv2_atto", 64)
+    net, _ = finetune_network(enc, info, 5, drop_path=0.0)
+    depths, decay, group = [2, 2, 6, 2], 0.6, layer_decay_type == "group"
+    top = 13 if group else sum(depths) + 1
+    opt = build_optimizer(net, 1.0, 0.05, decay, layer_decay_type)
+    seen = set()
+    for g in opt.param_groups:
+        for name, p in zip(g["names"], g["params"], strict=True):
+            want = decay ** (top - _official_convnext_layer(name, depths, group))
+            assert g["lr_scale"] == pytest.approx(want), name
+            assert g["weight_decay"] == (0.0 if p.ndim == 1 or name.endswith(".bias") else 0.05), name
+            seen.add(name)
+    assert seen == {n for n, _ in net.named_parameters()}
+    assert net.head.fc.weight.std() < 1e-4  # ConvNeXt V2's head_init_scale 0.001 (timm's init: std 0.02)
+
+
+def test_finetuning_defaults_are_the_encoders_official_recipe():
+    from fastmim.eval.finetune import finetune_recipe
+
+    assert finetune_recipe("vit_base_patch16")[1] == dict(epochs=100, warmup_epochs=5, blr=5e-4, layer_decay=0.65,
+                                                          layer_decay_type="single", drop_path=0.1, weight_decay=0.05,
+                                                          mixup=0.8, cutmix=1.0, smoothing=0.1)  # fmt: skip
+    large, huge = finetune_recipe("vit_large_patch16")[1], finetune_recipe("vit_huge_patch14")[1]
+    assert (large["epochs"], large["blr"], large["layer_decay"], large["drop_path"]) == (50, 1e-3, 0.75, 0.2)
+    assert huge["drop_path"] == 0.3 and finetune_recipe("vit_tiny_patch16")[0].endswith("nearest published one)")
+    base = finetune_recipe("convnextv2_base")[1]
+    assert (base["layer_decay_type"], base["layer_decay"], base["warmup_epochs"], base["blr"]) == ("group", 0.6, 20,
+                                                                                                   6.25e-4)  # fmt: skip
+    atto = finetune_recipe("convnextv2_atto")[1]
+    assert [atto[k] for k in ("epochs", "mixup", "cutmix", "smoothing", "weight_decay")] == [600, 0, 0, 0.2, 0.3]
+    assert finetune_recipe("convnextv2_large")[1] == base and finetune_recipe("convnextv2_nano")[1] == atto
 
 
 @pytest.mark.parametrize("pool", ["avg", "cls"])
@@ -376,7 +435,14 @@ def test_cli_finetune_trains_saves_and_never_overwrites(tmp_path, capsys, monkey
     with safe_open(rows[0]["saved"], "pt") as f:
         assert f.metadata()["format"] == "timm VisionTransformer"  # what it loads into
     assert not torch.equal(first["blocks.0.attn.qkv.weight"], load_file(path)["blocks.0.attn.qkv.weight"])  # trained
-    assert "fine-tuning (2 epochs, best top-1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fine-tuning (2 epochs, best top-1" in out
+    # the settings the command left out are the encoder's official recipe (ViT-tiny: MAE's ViT-B), named and recorded
+    assert "finetune: vit_tiny_patch16 takes the recipe of MAE's ViT-B (FINETUNE.md; the nearest published one): " \
+           "blr 0.0005, layer decay 0.65, layer decay type single, drop path 0.1" in out  # fmt: skip
+    assert rows[0]["recipe"].startswith("MAE's ViT-B") and (rows[0]["layer_decay"], rows[0]["drop_path"],
+                                                            rows[0]["blr"]) == (0.65, 0.1, 5e-4)  # fmt: skip
+    assert rows[1]["mixup"] == 0 and rows[0]["mixup"] == 0.8
     done = str(path.parent / "finetune")
     assert eval_main([*args, "--finetune-dir", done]) == 2
     assert "holds a fine-tuning already: --resume" in capsys.readouterr().err
@@ -404,6 +470,15 @@ def test_cli_finetune_trains_saves_and_never_overwrites(tmp_path, capsys, monkey
     with pytest.raises(SystemExit):
         eval_main([*args, "--layer-decay", "0"])
     assert "--layer-decay must be in (0, 1]" in capsys.readouterr().err
+    assert eval_main([*args, "--layer-decay-type", "group"]) == 2
+    assert "--layer-decay-type group is ConvNeXt V2's" in capsys.readouterr().err
+    # a fine-tuning an earlier fastmim started (timm's parameter groups): its optimizer state does not fit
+    ckpt = Path(done) / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False)
+    del state["settings"]["param_groups"]
+    torch.save(state, ckpt)
+    assert eval_main(["finetune", "--resume", done, "--epochs", "6"]) == 2
+    assert "started by an earlier fastmim" in capsys.readouterr().err
 
 
 def test_finetune_views_survive_randaugments_zero_bit_posterize():

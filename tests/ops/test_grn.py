@@ -202,6 +202,29 @@ def test_compile_fullgraph(backend):
     check_against_reference(compiled, block, [x, w, b], f"compiled[{name}]")
 
 
+def test_compile_with_frozen_parameters_and_a_strided_input(backend):
+    """Inductor checks what the fake kernels promise: the backward's unused weight and bias gradients were one empty
+    tensor (two outputs aliasing: refused), and the torch backend's output followed a strided x's layout where the
+    fake is contiguous (a stride assertion)."""
+    device, name = backend
+    x, w, b, eps = _problem(2, 9, 12, device)
+    w, b = w.detach(), b.detach()  # frozen: only x needs a gradient
+    strided = x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # [B, N, C] of a [B, C, N]
+    assert not strided.is_contiguous()
+
+    def fn(x):
+        return grn(x, w, b, eps)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="inductor")
+    torch._dynamo.reset()
+    for inp in (x, strided):
+        out = compiled(inp)
+        torch.testing.assert_close(out, grn_ref(inp, w, b, eps), rtol=1e-5, atol=1e-5)
+        (got,) = torch.autograd.grad(out.square().sum(), inp)
+        (want,) = torch.autograd.grad(grn_ref(inp, w, b, eps).square().sum(), inp)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     b=st.integers(1, 3),

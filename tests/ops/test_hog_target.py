@@ -106,6 +106,17 @@ def test_low_precision_and_strided_images(backend):
     torch.testing.assert_close(hog_target(cl), hog_target_ref(imgs.double()).float(), rtol=1e-5, atol=1e-6)
 
 
+def test_a_nan_pixel_makes_its_cells_nan(backend):
+    """As the reference: every bin of a cell whose block sum is NaN is NaN (Triton's max(norm, eps) turned the NaN
+    norm into eps and wrote the other bins times 1e12)."""
+    device, name = backend
+    imgs = _imgs(1, 1, 16, 16, device=device)
+    imgs[0, 0, 5, 5] = float("nan")
+    want, got = hog_target_ref(imgs.double()).float(), hog_target(imgs)
+    assert torch.equal(want.isnan(), got.isnan()), name
+    torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), rtol=1e-5, atol=1e-6)
+
+
 def test_no_gradient_and_bad_inputs():
     imgs = _imgs(1, 3, 32, 32).requires_grad_()
     assert not hog_target(imgs).requires_grad

@@ -123,6 +123,21 @@ def test_unmasked_patches_are_never_read(backend):
     assert not grad[mask == 0].any()
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_counted_patch_gives_a_nan_loss(backend, value):
+    """As the reference: NaN, not a finite loss over NaN gradients (the zero-spectrum guard hid a NaN spectrum, whose
+    maximum is NaN, and Triton's max drops NaNs), so that a finite-loss check stops the run."""
+    device, name = backend
+    pred, imgs, mask = _inputs(2, 3, 32, 32, 16, device=device, ratio=0.5)
+    rows = mask.nonzero()
+    bad = pred.detach().clone()
+    bad[rows[0, 0], rows[0, 1], 5] = value
+    assert patch_fft_loss_ref(bad, imgs, mask, 16).isnan()
+    bad.requires_grad_()
+    loss = patch_fft_loss(bad, imgs, mask, 16)
+    assert loss.isnan(), f"[{name}] {value}: loss {loss.item()}"
+
+
 def test_half_dft_is_the_orthonormal_dft():
     """Kr + i Ki equals torch.fft.fft2(norm='ortho') on the kept half; mult counts each column's conjugate."""
     for p in (2, 5, 8):
@@ -171,6 +186,20 @@ def test_opcheck_and_compile(backend):
     (want,) = torch.autograd.grad(loss_fn(pred), pred)
     (got,) = torch.autograd.grad(compiled(pred), pred)
     torch.testing.assert_close(got, want)
+
+
+def test_compile_with_a_strided_prediction(backend):
+    """The backward's fake kernel promised pred's strides while both backends return a contiguous gradient: inductor's
+    stride assertion failed for a transposed prediction."""
+    device, name = backend
+    pred, imgs, mask = _inputs(2, 3, 4, 6, 2, device=device)  # (a shape where inductor keeps pred's layout)
+    strided = pred.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    assert not strided.is_contiguous()
+    compiled = torch.compile(lambda x: patch_fft_loss(x, imgs, mask, 2), fullgraph=True, backend="inductor")
+    torch._dynamo.reset()
+    (got,) = torch.autograd.grad(compiled(strided), strided)
+    (want,) = torch.autograd.grad(patch_fft_loss_ref(strided, imgs, mask, 2), strided)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_frequency_loss_module_runs_both_losses():

@@ -99,7 +99,7 @@ def _hog_cell_kernel(
             s_k = tl.sum(tl.sum(tl.where(b_idx == k, mag, 0.0), axis=1), axis=0)
             hist = tl.where(bins == k, s_k, hist)
         norm = tl.sqrt(tl.sum(hist * hist, axis=0))
-        hist = hist / tl.maximum(norm, 1e-12)
+        hist = hist / tl.where(norm < 1e-12, 1e-12, norm)  # (a NaN norm stays NaN: tl.maximum would drop it)
         col = c * NBINS * K * K + bins * (K * K) + (cy % K) * K + cx % K
         tl.store(out_ptr + (b * L + tok) * (C * NBINS * K * K) + col, hist, mask=(bins < NBINS) & active)
 

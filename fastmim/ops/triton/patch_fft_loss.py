@@ -106,7 +106,9 @@ def _pfft_kernel(
         tl.store(dst, cast_for_store(de * s[:, None], dpred_ptr), mask=rvalid[:, None] & nvalid[None, :])
     else:
         tl.store(rowmax_ptr + out, top, mask=rvalid)
-        tl.store(rowloss_ptr + out, tl.where(top > 0.0, acc / tl.where(top > 0.0, top, 1.0), 0.0) * wt, mask=rvalid)
+        # a zero spectrum counts 0; a NaN one (tl.max drops NaNs from top, but not from the sum) stays NaN
+        row = tl.where(acc == 0.0, 0.0, acc / tl.where(top == 0.0, 1.0, top))
+        tl.store(rowloss_ptr + out, row * wt, mask=rvalid)
 
 
 def _meta(pred: torch.Tensor, imgs: torch.Tensor, p: int, h2: int, alpha: float, log_weights: bool) -> dict:
