@@ -470,6 +470,8 @@ def main(argv=None) -> int:
         help="the pretraining "
         "crop (default random-resized, MAE's; simple: PixMIM's, which torch-gpu cuts image by image)",
     )
+    ap.add_argument("--prepare-only", action="store_true", help="make (or check) the data set, then stop (a "
+                    "command of its own on a GPU: a time limit on the measuring cannot cut its writing)")  # fmt: skip
     ap.add_argument("--out", default=None, help="append the JSON rows to this file")
     args = ap.parse_args(argv)
     loaders = [s.strip() for s in args.loaders.split(",") if s.strip()]
@@ -490,6 +492,9 @@ def main(argv=None) -> int:
             missing[loader] = why
             print(f"not measured: {loader}: {why}", file=sys.stderr)
     root, files, data = prepare_data(args.data, args.images, args.data_seed)
+    if args.prepare_only:
+        print(f"data: {len(files)} images in {root}", file=sys.stderr)
+        return 0
     host_info = host()
     rows: list[dict] = []
     # torchvision first: its workers fork before any DALI thread exists in this process

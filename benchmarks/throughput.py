@@ -44,6 +44,7 @@ import re
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -629,10 +630,13 @@ def main(argv=None) -> int:
                     common["copy_gbps_measured"],
                     common["peak_tflops_measured"],
                 )
-            except torch.cuda.OutOfMemoryError as e:
+            except Exception as e:  # out of memory, a capture that fails, a non-finite loss: a row, and the next mode
+                what = "out of memory" if isinstance(e, torch.cuda.OutOfMemoryError) else type(e).__name__
                 row = {"benchmark": "throughput", "recipe": recipe.name, "model": model_name, "mode": mode,
                        "batch_size": args.batch_size, "amp": args.amp,
-                       "error": f"out of memory: {str(e)[:200]}"}  # fmt: skip
+                       "error": f"{what}: {str(e)[:300]}"}  # fmt: skip
+                if not isinstance(e, torch.cuda.OutOfMemoryError):
+                    traceback.print_exc()
             release(device)
             row["data"] = data_desc
             if stats is not None:  # where the loader's time went over this mode's steps, per batch

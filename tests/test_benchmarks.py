@@ -1,5 +1,7 @@
 import gzip
 import json
+import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -90,6 +92,27 @@ def test_throughput_graph_modes_on_cpu(tmp_path, capsys):
     assert rows["reference+graph"]["loss"] == pytest.approx(rows["reference"]["loss"], rel=1e-4)
     with pytest.raises(SystemExit):
         throughput.main([*SMALL, "--modes", "fastmim+graph+compile"])  # the order is MODE+graph
+
+
+def test_a_mode_that_fails_is_a_row_and_the_next_mode_runs(tmp_path, monkeypatch, capsys):
+    """A failed capture or a non-finite first loss in one mode costs that mode's row only (on a GPU window, the
+    command's other modes are the expensive part); only running out of memory was caught before."""
+    out = tmp_path / "rows.jsonl"
+    real = throughput.run_mode
+
+    def flaky(mode, *args, **kwargs):
+        if mode == "fastmim+graph":
+            raise RuntimeError("CUDA graph capture failed: operation not permitted when stream is capturing")
+        return real(mode, *args, **kwargs)
+
+    monkeypatch.setattr(throughput, "run_mode", flaky)
+    args = [*SMALL, "--steps", "1", "--warmup", "1", "--no-flop-count", "--peak-tflops", "0.01",
+            "--modes", "fastmim+graph,fastmim", "--out", str(out)]  # fmt: skip
+    throughput.main(args)
+    rows = read_rows(out)
+    assert [r["mode"] for r in rows] == ["fastmim+graph", "fastmim"]
+    assert rows[0]["error"].startswith("RuntimeError: CUDA graph capture failed") and rows[1]["img_per_s"] > 0
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_throughput_fsdp_rows_train_as_the_plain_model(tmp_path):
@@ -428,6 +451,31 @@ def test_report_shows_graph_modes_once_measured(tmp_path):
     assert "6,000" in table and "2.00x (fastmim+compile+graph)" in table
 
 
+def test_report_ratios_of_fused_block_rows_and_forced_backends(tmp_path):
+    """A row with fastmim's model options (fused blocks, graph modes) takes its ratio from the same model's plain
+    reference row of that day, said so; a forced backend's row is its own, not the auto backend's."""
+    rows = [_tp("reference", 2000.0), _tp("fastmim", 2500.0, ops_backend="auto[sm90] gather=cuda"),
+            _tp("fastmim", 2400.0, date="2026-12-01T11:00:00+00:00", ops_backend="triton"),
+            _tp("fastmim+graph", 5000.0, model_args={"fused_norm": True})]  # fmt: skip
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "throughput.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    lines = [x for x in report.throughput_table(report.load_rows(tmp_path)).splitlines() if x.startswith("| 2026")]
+    assert len(lines) == 3
+    assert any("2,500" in x and "1.25x (fastmim)" in x and "backend" not in x for x in lines)
+    assert any("2,400" in x and "backend=triton" in x and "1.20x (fastmim; its plain row)" in x for x in lines)
+    assert any("5,000" in x and "fused_norm=True" in x and "2.50x (fastmim+graph; its plain row)" in x for x in lines)
+
+
+def test_report_keeps_the_gpu_loaders_crop_and_timing_rows_apart():
+    base = {"benchmark": "dataload", "loader": "torch-gpu", "workers": 8, "batch": 256, "img_size": 224,
+            "device": "NVIDIA H200", "date": "2026-12-01T10:00:00+00:00", "commit": "abc"}  # fmt: skip
+    rows = [base | {"img_per_s": 9000.0}, base | {"img_per_s": 7000.0, "sync_timing": True},
+            base | {"img_per_s": 6000.0, "sync_timing": True, "crop": "simple"}]  # fmt: skip
+    lines = [x for x in report.dataload_table(rows).splitlines() if x.startswith("| 2026")]
+    assert len(lines) == 3 and "9,000" in lines[0] and "(sync-timed)" not in lines[0]
+    assert any("(simple crop) (sync-timed)" in x and "6,000" in x for x in lines)
+
+
 def test_report_rejects_a_broken_row_naming_the_file(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"benchmark": "ops"\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
@@ -463,6 +511,38 @@ def test_gpu_suite_script_is_valid_bash():
 
     proc = subprocess.run([bash, "-n", str(BENCH / "gpu_suite.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_gpu_suite_dry_run_runs_the_named_steps_in_order_and_refuses_an_unknown_one(tmp_path):
+    """GPU_SUITE_DRY_RUN=1 prints the commands of the selected steps, in GPU_SUITE_ONLY's order (a window spent on the
+    most important first); a misspelt step name stops it before anything runs (it ran nothing, silently, before)."""
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash is not installed")
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GPU_SUITE_DRY_RUN": "1", "PYTHON": sys.executable, "FASTMIM_COMMIT": "abc1234"}
+
+    def suite(only: str | None, out: str):
+        e = dict(env, GPU_SUITE_ONLY=only) if only else env
+        return subprocess.run([bash, str(BENCH / "gpu_suite.sh"), str(tmp_path / out)], capture_output=True,
+                              text=True, env=e, timeout=300)  # fmt: skip
+
+    proc = suite("gpu_data,ops", "a")
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    log = proc.stdout
+    assert "command not found" not in log and "No such file" not in log
+    assert log.index("GPU JPEG decoding") < log.index("ops benchmark") and "pytest: the ops on CUDA" not in log
+    assert "dataload.py --images 16384 --prepare-only" in log and "--ops gather,scatter,loss" in log
+    proc = suite("ops,graphs", "b")
+    assert proc.returncode == 2 and "unknown step 'graphs'" in proc.stdout and "DRY RUN (limit" not in proc.stdout
+    full = suite(None, "c")
+    assert full.returncode == 0 and "command not found" not in full.stdout + full.stderr
+    script = (BENCH / "gpu_suite.sh").read_text()
+    names = re.search(r'STEPS="([^"]*)"', script).group(1).split()
+    assert len(names) == len(set(names)) and all(f"\ns_{n}() {{" in script for n in names)
+    assert full.stdout.count("\n=== ") >= len(names)
 
 
 def _suite_commands() -> list[tuple[str, list[str]]]:
