@@ -253,7 +253,7 @@ class PretrainConfig:
         if self.mask_ratio is not None:
             check_mask_ratio(self.mask_ratio)
         if self.sparse_backend not in SPARSE_BACKENDS:
-            raise ValueError(f"sparse_backend must be one of {SPARSE_BACKENDS}, got {self.sparse_backend!r}")
+            raise ValueError(f"sparse_backend must be one of {', '.join(SPARSE_BACKENDS)}, got {self.sparse_backend!r}")
         if not 0 <= self.seed < 2**32:  # numpy's and DALI's seeds are 32-bit
             raise ValueError(f"seed must be in [0, 2^32), got {self.seed}")
         positive = ("img_size", "epochs", "batch_size", "accum_iter", "log_interval", "vis_interval", "eval_every")
@@ -325,7 +325,7 @@ class PretrainConfig:
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.amp not in AMP_MODES:
-            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+            raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if self.loader not in LOADERS:
             raise ValueError(f"loader must be one of {', '.join(LOADERS)}, got {self.loader!r}")
         if self.dali_device not in DALI_DEVICES:
@@ -474,7 +474,7 @@ def apply_overrides(cfg: PretrainConfig, overrides: dict, source: str) -> Pretra
         try:
             values[name] = _coerce(name, value, hints[name])
         except ValueError as e:
-            raise ValueError(f"{e} (in {source})") from None
+            raise ValueError(f"{e} (from {source})") from None
     return dataclasses.replace(cfg, **values)
 
 

@@ -1071,7 +1071,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Preempted as e:  # SIGTERM / SIGUSR1: saved at the step boundary; the exit status asks for a requeue
         print(f"{_rank_prefix()}stopped on {e}", file=sys.stderr)  # (each rank says it stopped, once)
-        return REQUEUE_EXIT
+        return e.exit_status  # (130 for Ctrl-C: not a requeue)
     except StopRequested as e:  # outside the training loop: no step to save
         print(f"{_rank_prefix()}stopped on {e} outside training: nothing new to save, the last checkpoint (if any) is "
               "intact; run the command again with --resume if-exists to continue (it starts the run when it has no "

@@ -130,7 +130,10 @@ class MaskCollate:
         return (imgs, idx, masks.mask) if masks.targets is None else (imgs, idx, masks.mask, masks.targets)
 
 
-STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+# (SIGINT too: Ctrl-C in a terminal reaches the whole foreground process group, workers included, while the trainer
+# stops at its step boundary with a checkpoint, fastmim.train.preempt)
+STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None),
+                                 getattr(signal, "SIGINT", None)) if s is not None)  # fmt: skip
 
 
 def _all_threads_block(signals) -> bool:
@@ -149,13 +152,13 @@ def _all_threads_block(signals) -> bool:
 
 
 def ignore_stop_signals(_worker_id: int = 0, trainer: int | None = None) -> None:
-    """A loader worker's init: SIGTERM and SIGUSR1 from anyone but the training process (``trainer``, its pid; the
-    worker's parent when None) are left to the training process, which finishes its step, checkpoints it and exits
-    (``fastmim.train.preempt``). A scheduler (Slurm's preemption, scancel) signals every process of the job: a worker
-    killed by the signal would end the run before its checkpoint (PyTorch's loader raises its death in the training
-    process wherever that is, a checkpoint's save included). The training process's own SIGTERM (PyTorch's loader, or
-    multiprocessing at exit, ending its workers) still ends the worker, as it must, or the worker would outlive the
-    run; so does any signal once the worker's parent is gone.
+    """A loader worker's init: SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) from anyone but the training process (``trainer``,
+    its pid; the worker's parent when None) are left to the training process, which finishes its step, checkpoints it
+    and exits (``fastmim.train.preempt``). A scheduler (Slurm's preemption, scancel) signals every process of the job: a
+    worker killed by the signal would end the run before its checkpoint (PyTorch's loader raises its death in the
+    training process wherever that is, a checkpoint's save included). The training process's own SIGTERM (PyTorch's
+    loader, or multiprocessing at exit, ending its workers) still ends the worker, as it must, or the worker would
+    outlive the run; so does any signal once the worker's parent is gone.
 
     The signals are blocked in the worker's threads and taken by one thread with ``sigwaitinfo``, which says who sent
     each. A worker started by fork has one thread here, and so has one forked by a fork server (Python 3.14's

@@ -305,11 +305,12 @@ def run(args) -> dict:
     with open(out_path, "a") as f:  # appended: earlier evaluations are kept
         f.write(json.dumps(result) + "\n")
     whose = f"random {info['encoder']}" if info["random_init"] else f"{info['model']}" + (
+        " fine-tuned from" if info.get("finetuned") else "") + (
         f" step {info['step']}" if info["step"] is not None else "")  # fmt: skip
     if info.get("random_from"):
         whose += f" (as configured in {info['random_from']})"
     print(f"{what} of {whose}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on {len(val)} images "
-          f"({len(train.classes)} classes, {len(train)} training images) -> {out_path}")  # fmt: skip
+          f"({len(train.classes)} classes, {len(train)} training images) -> {out_path.resolve()}")  # fmt: skip
     return result
 
 
@@ -465,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     _check(ap, args)
     from fastmim.data.folder import BadImageError
     from fastmim.eval.finetune import FinetuneStopped
-    from fastmim.train.preempt import REQUEUE_EXIT, StopRequested, stop_outside_training
+    from fastmim.train.preempt import INTERRUPT_EXIT, REQUEUE_EXIT, StopRequested, stop_outside_training
 
     try:  # finetune: a stop signal exits with the requeue status, after a checkpoint when in training
         with stop_outside_training() if args.mode == "finetune" else contextlib.nullcontext():
@@ -481,7 +482,13 @@ def main(argv: list[str] | None = None) -> int:
         folder = getattr(args, "run_dir", None)
         print(f"stopped on {e}" + (f"; continue with python -m fastmim.eval finetune --resume {folder}" if e.saved
                                    and folder else ""), file=sys.stderr)  # fmt: skip
-        return REQUEUE_EXIT
+        return INTERRUPT_EXIT if e.signame == "SIGINT" else REQUEUE_EXIT
+    except KeyboardInterrupt:  # Ctrl-C outside the fine-tuning's steps, or a second one inside
+        folder = getattr(args, "run_dir", None)
+        saved = folder is not None and (Path(folder) / "checkpoint.pt").is_file()
+        print("interrupted" + (f"; the last checkpoint is intact: continue with python -m fastmim.eval finetune "
+                               f"--resume {folder}" if saved else ""), file=sys.stderr)  # fmt: skip
+        return INTERRUPT_EXIT
     except StopRequested as e:
         folder = getattr(args, "run_dir", None)
         saved = folder is not None and (Path(folder) / "checkpoint.pt").is_file()

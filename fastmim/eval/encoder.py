@@ -154,7 +154,7 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            first = str(e).splitlines()[1:4]
+            first = [line if len(line) < 300 else line[:300] + "..." for line in str(e).splitlines()[1:4]]
             raise ValueError(f"the weights in {str(path)!r} do not fit encoder {enc!r}: {' '.join(first)}") from e
     side = getattr(module, "img_size", None)
     trained = int(meta["img_size"]) if meta.get("img_size", "").isdigit() else None  # a run's encoder says it
@@ -162,6 +162,8 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
     info = {"encoder": enc, "model": name, "img_size": int(size), "path": os.path.abspath(path) if path else None,
             "step": int(meta["step"]) if meta.get("step", "").isdigit() else None,
             "random_init": path is None}  # fmt: skip
+    if "classes" in meta:  # a fine-tuning's finetuned.safetensors (its step is the pretraining's it started from)
+        info["finetuned"] = True
     return module.eval(), info
 
 

@@ -197,9 +197,11 @@ def _bwd(
     """grad_x [M, C] (x's dtype; [0, C] if not needed), grad_weight [C, 1, K, K] fp32 ([0] if not needed),
     grad_bias [C] fp32 ([0] if not needed). Relies on the table's symmetry for grad_x."""
     m, c = x.shape
+    check_id_values(_OP, "nbr", nbr, m, distinct=False, lower=-1)  # (as the forward: every backend, on CPU tensors)
     backend = choose_backend(_OP, x.device, (grad.dtype, x.dtype, weight.dtype))
     gx = x.new_empty((0, c))
-    gw = gb = x.new_empty((0,), dtype=torch.float32)
+    gw, gb = x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.float32)  # (never one tensor:
+    # a custom op's outputs may not alias each other)
     if backend == "triton":
         kernels = _triton_sparse_conv()
         if need_x:  # submanifold: grad_x is the same convolution of grad with the kernel flipped

@@ -449,7 +449,7 @@ class Trainer:
             try:
                 shown.append(tf(self.dataset.load(i)))
             except BadImageError as e:
-                print(f"reconstructions: skipped ({e.summary()})", flush=True)
+                print(f"reconstructions: one picture left out ({e.summary()})", flush=True)
         if not shown:
             return
         imgs = torch.stack(shown).to(self.device)

@@ -1,6 +1,7 @@
 """Preemption: SIGTERM or SIGUSR1 (what Slurm and other schedulers send before they stop a job) ends the run at the
 next step boundary, with a checkpoint of that step, and the process exits with ``REQUEUE_EXIT`` (75, sysexits'
-EX_TEMPFAIL: "try again"), which a job script can map to a requeue.
+EX_TEMPFAIL: "try again"), which a job script can map to a requeue. Ctrl-C (SIGINT, where Python's own handler is in
+place) does the same during training, exiting with 130; a second Ctrl-C stops at once (the last checkpoint stays).
 
 The handler only records the signal: the step in flight finishes, the trainer saves (atomically, as every save), and
 a second signal while it saves changes nothing. Under DDP every rank must stop at the same step even if the signal
@@ -11,6 +12,7 @@ reaches them at different times: at each step boundary the ranks take the maximu
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 
@@ -23,12 +25,19 @@ REQUEUE_EXIT = 75  # EX_TEMPFAIL
 SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
 
 
+INTERRUPT_EXIT = 130  # Ctrl-C's, as a shell reports it (128 + SIGINT): not a requeue
+
+
 class Preempted(Exception):
     """The run stopped on a signal after checkpointing ``step``."""
 
     def __init__(self, step: int, signame: str):
         super().__init__(f"{signame}: checkpointed at step {step}; resume with --resume to continue")
         self.step, self.signame = step, signame
+
+    @property
+    def exit_status(self) -> int:
+        return INTERRUPT_EXIT if self.signame == "SIGINT" else REQUEUE_EXIT
 
 
 class StopRequested(BaseException):
@@ -94,6 +103,8 @@ class PreemptionWatch:
             return self
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._record)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not where it is ignored: nohup, &)
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         if _pending and self.signame is None:  # a stop that came while the run started and was not acted on
             self.signame = _pending[0]
         if self.info.enabled:
@@ -104,6 +115,15 @@ class PreemptionWatch:
     def _record(self, signum, frame) -> None:
         if self.signame is None:
             self.signame = signal.Signals(signum).name
+
+    def _interrupt(self, signum, frame) -> None:
+        """Ctrl-C: the first one stops the run at the next step boundary with a checkpoint (said at once: os.write,
+        which cannot re-enter a print the signal interrupted); another one stops it at once."""
+        if self.signame is not None:
+            raise KeyboardInterrupt
+        self.signame = "SIGINT"
+        os.write(2, b"\nCtrl-C: stopping after the step in flight, with a checkpoint of it (Ctrl-C again: stop now, "
+                 b"from the last checkpoint)\n")  # fmt: skip
 
     def requested(self) -> bool:
         """Whether any rank got a signal (a collective under DDP: every rank calls it at the same step)."""

@@ -192,3 +192,22 @@ def test_raw_gather_backward_refuses_repeated_ids_on_cpu(backend):
     grad = torch.randn(2, 2, 4)
     with pytest.raises(ValueError, match="gather_visible_backward: ids_keep row 0 repeats index 0"):
         torch.ops.fastmim.gather_visible_backward(grad, torch.tensor([[0, 0], [1, 2]]), 3)
+
+
+def test_raw_sparse_dwconv_backward_checks_its_table_on_cpu(backend):
+    """The backward called directly checks the table as the forward does, on every backend (Triton's gave NaN rows
+    for an id out of range where the C++ one refused it); with no weight or bias gradient asked, its two empty
+    outputs are two tensors (a custom op's outputs may not alias)."""
+    device, name = backend
+    if device.type != "cpu":
+        pytest.skip("ids are checked on CPU tensors only (on CUDA a check would cost a host sync)")
+    nbr = torch.full((9, 4), -1000, dtype=torch.int32)
+    with pytest.raises(IndexError, match=r"sparse_dwconv: nbr\[0, 0\] = -1000 is out of range \[-1, 4\)"):
+        torch.ops.fastmim.sparse_dwconv_backward(torch.randn(4, 3), torch.randn(4, 3), nbr, torch.randn(3, 1, 3, 3),
+                                                 True, True, True)  # fmt: skip
+    nbr = torch.full((9, 4), -1, dtype=torch.int32)
+    nbr[4] = torch.arange(4, dtype=torch.int32)  # the centre tap: each row itself
+    args = (torch.randn(4, 3), torch.randn(4, 3), nbr, torch.randn(3, 1, 3, 3), True, False, False)
+    gx, gw, gb = torch.ops.fastmim.sparse_dwconv_backward(*args)
+    assert gx.shape == (4, 3) and gw.numel() == gb.numel() == 0
+    torch.library.opcheck(torch.ops.fastmim.sparse_dwconv_backward.default, args)  # (checks the outputs' aliasing)

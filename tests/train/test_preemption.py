@@ -202,6 +202,49 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers(image_folder, tm
         pytest.fail("a loader worker outlived the run")
 
 
+# the CLI with Python's own SIGINT handler, as from a terminal (a test run in the background inherits SIGINT ignored)
+_WITH_CTRL_C = """import runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.argv = ["fastmim.pretrain", *sys.argv[1:]]
+runpy.run_module("fastmim.pretrain", run_name="__main__", alter_sys=True)"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_the_step_and_a_second_one_stops_at_once(image_folder, tmp_path):
+    """Ctrl-C reaches the whole foreground process group: the loader workers ignore it, the trainer finishes its step,
+    checkpoints it and exits 130 (before: KeyboardInterrupt lost every step since the last checkpoint, up to an
+    epoch, and the message gave no step)."""
+    cut = tmp_path / "cut"
+    args = _args(image_folder, cut)
+    args[args.index("--num-workers") + 1] = "2"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for twice in (False, True):
+        proc = subprocess.Popen([sys.executable, "-c", _WITH_CTRL_C, *args, *(["--resume"] if twice else [])],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # fmt: skip
+        metrics, logged = cut / "metrics.jsonl", (cut / "metrics.jsonl").read_text().count("\n") if twice else 0
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and metrics.read_text().count("\n") >= logged + 2:
+                break
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        if twice:  # at once: the step in flight is not saved, the last checkpoint stays
+            time.sleep(0.01)
+            os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 130, out + err
+        assert "Ctrl-C: stopping after the step in flight" in err and "killed by signal" not in err
+        state = load_checkpoint(cut / "checkpoint.pt")
+        if not twice:
+            assert "stopped on SIGINT: checkpointed at step" in err, err
+            assert 2 <= state["step"] < 36 and len(_losses(cut)) == state["step"]
+            first = state["step"]
+        else:
+            assert "interrupted; the last checkpoint is intact" in err, err
+            assert state["step"] >= first
+
+
 @pytest.mark.slow
 def test_torchrun_fsdp_ranks_checkpoint_the_same_step_on_sigterm_to_the_agent(image_folder, tmp_path):
     """torchrun, 2 processes, --fsdp: SIGTERM to the launcher's agent reaches both ranks (the agent forwards it); they
