@@ -163,10 +163,11 @@ def crop_and_flip(
 
 
 def eval_transform(img_size: int, crop_pct: float = 1.0, normalize: bool = True) -> T.Compose:
-    """Resize (bicubic, the short side to img_size / crop_pct; evaluation protocols: 0.875, 224 from 256) + centre crop
-    + ImageNet normalisation: a deterministic view. ``normalize=False``: uint8 [3, H, W], to normalise later."""
+    """Resize (bicubic, the short side to int(img_size / crop_pct), as MAE's ``build_transform``; evaluation protocols:
+    0.875, 224 from 256) + centre crop + ImageNet normalisation: a deterministic view. ``normalize=False``: uint8
+    [3, H, W], to normalise later."""
     tail = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)] if normalize else [T.PILToTensor()]
-    size = round(img_size / crop_pct)
+    size = int(img_size / crop_pct)
     return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size), *tail])
 
 

@@ -223,7 +223,14 @@ def _apply_recipe(args, info: dict) -> None:
 
 def run(args) -> dict:
     from fastmim.data.samples import builtin_digits, resolve_data_path
-    from fastmim.eval.encoder import LabelledFolder, cached_features, eval_transform, load_encoder, train_transform
+    from fastmim.eval.encoder import (
+        LabelledFolder,
+        cached_features,
+        eval_crop_pct,
+        eval_transform,
+        load_encoder,
+        train_transform,
+    )
     from fastmim.eval.knn import knn_accuracy
     from fastmim.eval.linprobe import train_linear_probe
     from fastmim.eval.monitor import labelled_split
@@ -264,6 +271,8 @@ def run(args) -> dict:
         "train": os.path.abspath(train.root), "val": os.path.abspath(val.root), "classes": len(train.classes),
         "train_images": len(train), "val_images": len(val), "device": str(device), "seed": args.seed,
         "batch_size": args.batch_size, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "encoder_sha256": _file_digest(info["path"]), "versions": _versions(),
+        "view": {"crop_pct": eval_crop_pct(size), "interpolation": "bicubic"},
     }  # fmt: skip
     t0 = time.perf_counter()
     if args.mode == "finetune":
@@ -312,6 +321,33 @@ def run(args) -> dict:
     print(f"{what} of {whose}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on {len(val)} images "
           f"({len(train.classes)} classes, {len(train)} training images) -> {out_path.resolve()}")  # fmt: skip
     return result
+
+
+def _file_digest(path: str | None) -> str | None:
+    """The first 16 hex digits of the encoder file's SHA-256: which weights were evaluated, whatever the file is
+    called or wherever it moved since (None for a random initialisation)."""
+    if not path:
+        return None
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _versions() -> dict:
+    import fastmim
+
+    out = {"fastmim": fastmim.__version__, "torch": torch.__version__}
+    try:
+        import timm
+
+        out["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return out
 
 
 def _resolved_pool(encoder, args) -> str | None:

@@ -19,7 +19,7 @@ from fastmim.data.folder import BadImageError, to_rgb
 from fastmim.models.registry import RECIPE_PREFIXES
 from fastmim.models.vit import from_beit_state_dict
 
-CACHE_VERSION = "v1"
+CACHE_VERSION = "v2"  # (v2: the evaluation view as MAE crops it above 224 px and rounds its resize)
 
 
 def encoder_name(name: str) -> str:
@@ -278,10 +278,15 @@ class LabelledFolder(torch.utils.data.Dataset):
 CROP_PCT = 0.875  # the evaluation view: resize to img_size / 0.875, centre-crop img_size (224 from 256)
 
 
+def eval_crop_pct(img_size: int) -> float:
+    """MAE's evaluation crop (``util/datasets.py``): 224 / 256 up to 224 px, the whole resized image (1.0) above."""
+    return CROP_PCT if img_size <= 224 else 1.0
+
+
 def eval_transform(img_size: int):
     from fastmim.data.transforms import eval_transform as view
 
-    return view(img_size, CROP_PCT)
+    return view(img_size, eval_crop_pct(img_size))
 
 
 def train_transform(img_size: int):
@@ -326,8 +331,9 @@ def cached_features(encoder: nn.Module, info: dict, dataset, device: torch.devic
     path = None
     if use_cache and info.get("path"):
         st = Path(info["path"]).stat()
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"  # (_autocast's)
         key = f"{CACHE_VERSION}|{Path(info['path']).resolve()}|{st.st_size}|{st.st_mtime_ns}|{info['model']}|" \
-              f"{info['img_size']}|{pool}|{dataset.root.resolve()}|{dataset.fingerprint()}"  # fmt: skip
+              f"{info['img_size']}|{pool}|{dataset.root.resolve()}|{dataset.fingerprint()}|{precision}"  # fmt: skip
         path = cache_root() / "features" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
         if path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=True)

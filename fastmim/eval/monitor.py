@@ -10,7 +10,14 @@ from pathlib import Path
 import torch
 
 from fastmim.data import ShieldedLoader
-from fastmim.eval.encoder import CROP_PCT, LabelledFolder, _autocast, check_pool, load_encoder, pooled_features
+from fastmim.eval.encoder import (
+    LabelledFolder,
+    _autocast,
+    check_pool,
+    eval_crop_pct,
+    load_encoder,
+    pooled_features,
+)
 from fastmim.eval.knn import knn_accuracy
 
 MAX_BYTES = 4 << 30  # decoded images held in memory
@@ -49,7 +56,7 @@ class KnnMonitor:
         train_root, val_root = labelled_split(spec)
         from fastmim.data.transforms import eval_transform
 
-        view = eval_transform(img_size, CROP_PCT, normalize=False)  # uint8: normalised on the device
+        view = eval_transform(img_size, eval_crop_pct(img_size), normalize=False)  # uint8: normalised on the device
         train = LabelledFolder(train_root, view)
         val = LabelledFolder(val_root, view, classes=train.classes)
         need = (len(train) + len(val)) * 3 * img_size * img_size

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import fastmim
 from fastmim.eval import LARS, knn_accuracy, knn_scores, load_encoder, pooled_features
 from fastmim.eval.__main__ import main as eval_main
 from fastmim.eval.encoder import LabelledFolder
@@ -223,6 +224,12 @@ def test_cli_knn_and_linprobe_write_json_and_reuse_features(tmp_path, capsys, mo
     assert all(0 <= r["top1"] <= r["top5"] <= 100 for r in lines) and lines[2]["augment"] and not lines[3]["augment"]
     assert (lines[2]["warmup_epochs"], lines[2]["min_lr"], lines[3]["warmup_epochs"]) == (1, 0.0, 10)  # the schedule
     assert "kNN (k=20, T=0.07) of mae_vit_tiny_patch16 step 12: top-1" in capsys.readouterr().out
+    # what reproduces it: the weights' digest (whatever the file is called later), the versions, the view
+    import hashlib
+
+    assert first["encoder_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    assert first["versions"]["fastmim"] == fastmim.__version__ and first["versions"]["torch"] == torch.__version__
+    assert first["view"] == {"crop_pct": 0.875, "interpolation": "bicubic"}
 
 
 def test_cli_knn_of_an_fcmae_convnext_at_its_training_size(tmp_path):
@@ -821,3 +828,17 @@ def test_a_simmim_pretraining_checkpoint_of_the_official_layout_loads_as_its_enc
     again, _ = load_encoder(tmp_path / "weights.pth", "vit_tiny_patch16")
     with torch.no_grad():
         torch.testing.assert_close(again.forward_features(x), beit.forward_features(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_evaluation_view_is_maes():
+    """MAE's util/datasets.py: resize the short side to int(size / crop_pct), crop_pct 224/256 up to 224 px and 1.0
+    above (fastmim resized 448 to 512 then cropped, and rounded 32 / 0.875 up to 37)."""
+    import torchvision.transforms as T
+
+    from fastmim.eval.encoder import eval_transform
+
+    for size, resize in ((224, 256), (32, 36), (96, 109), (384, 384), (448, 448)):
+        tf = eval_transform(size)
+        r = next(t for t in tf.transforms if isinstance(t, T.Resize))
+        c = next(t for t in tf.transforms if isinstance(t, T.CenterCrop))
+        assert (r.size, tuple(c.size)) == (resize, (size, size)), size
