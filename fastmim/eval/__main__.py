@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--mixup", type=float, default=None, help="mixup alpha (0: off)")
     ft.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (0: off)")
     ft.add_argument("--smoothing", type=float, default=None, help="label smoothing")
+    ft.add_argument("--model-ema", type=float, default=None, metavar="DECAY",
+                    help="keep an EMA of the weights with this decay and report its accuracy too (ConvNeXt V2's "
+                    "recipes: 0.9999; 0: off, MAE's)")  # fmt: skip
     ft.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy ('none': off)")
     ft.add_argument("--reprob", type=float, default=0.25, help="random-erasing probability")
     ft.add_argument(
@@ -110,7 +113,7 @@ DEFAULTS = {"knn": dict(batch_size=256), "linprobe": dict(batch_size=256, epochs
 # --device or --workers, nor what names the folder or only changes outputs)
 RESUMED_ARGS = ("encoder", "random", "model", "data_path", "val_path", "img_size", "pool", "batch_size", "epochs",
                 "warmup_epochs", "blr", "layer_decay", "layer_decay_type", "drop_path", "weight_decay", "min_lr",
-                "mixup", "cutmix", "smoothing", "aa", "reprob", "seed", "out")  # fmt: skip
+                "mixup", "cutmix", "smoothing", "model_ema", "aa", "reprob", "seed", "out")  # fmt: skip
 PATH_ARGS = ("encoder", "data_path", "val_path", "out")
 ARGS_FILE = "args.json"
 
@@ -127,7 +130,7 @@ def _given(ap, argv) -> set[str]:
 MODE_OPTIONS = {"k": ("knn",), "temperature": ("knn",), "no_augment": ("linprobe",),
                 **dict.fromkeys(("epochs", "warmup_epochs", "blr"), ("linprobe", "finetune")),
                 **dict.fromkeys(("layer_decay", "layer_decay_type", "drop_path", "weight_decay", "min_lr", "mixup",
-                                 "cutmix", "smoothing", "aa", "reprob", "finetune_dir", "resume"),
+                                 "cutmix", "smoothing", "model_ema", "aa", "reprob", "finetune_dir", "resume"),
                                 ("finetune",))}  # fmt: skip
 
 
@@ -184,6 +187,8 @@ def _check(ap, args) -> None:
     layer_decay, drop_path = (1 if args.layer_decay is None else args.layer_decay), args.drop_path or 0
     if not 0 < layer_decay <= 1 or not 0 <= drop_path < 1 or not 0 <= args.reprob <= 1:
         ap.error("--layer-decay must be in (0, 1], --drop-path in [0, 1), --reprob in [0, 1]")
+    if args.model_ema is not None and not 0 <= args.model_ema < 1:
+        ap.error(f"--model-ema must be a decay in [0, 1) (0: no EMA), got {args.model_ema}")
     given = (args.mixup, args.cutmix, args.smoothing, args.weight_decay, args.min_lr)
     if min(v for v in (*given, 0) if v is not None) < 0:
         ap.error("--mixup, --cutmix, --smoothing, --weight-decay and --min-lr must be >= 0")
@@ -428,7 +433,8 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
     def log(row):
         with open(run_dir / "history.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"finetune epoch {row['epoch']}/{n}: loss {row['loss']:.4f}, val top-1 {row['top1']:.2f}% "
+        ema = f" (EMA {row['top1_ema']:.2f}%)" if "top1_ema" in row else ""
+        print(f"finetune epoch {row['epoch']}/{n}: loss {row['loss']:.4f}, val top-1 {row['top1']:.2f}%{ema} "
               f"({row['seconds']:.1f} s)", flush=True)  # fmt: skip
 
     try:
@@ -436,7 +442,7 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
             encoder, info, train_set, val, len(train.classes), device, epochs=n, warmup_epochs=args.warmup_epochs,
             batch_size=args.batch_size, blr=args.blr, min_lr=args.min_lr, weight_decay=args.weight_decay,
             layer_decay=args.layer_decay, layer_decay_type=args.layer_decay_type, drop_path=args.drop_path,
-            mixup=args.mixup, cutmix=args.cutmix,
+            mixup=args.mixup, cutmix=args.cutmix, model_ema=args.model_ema,
             smoothing=args.smoothing, pool=args.pool, workers=args.workers, seed=args.seed, log=log,
             dist_info=args.dist_info, run_dir=run_dir, resume=bool(args.resume),
             data_settings=dict(auto_augment=aa, reprob=args.reprob, train_data=str(Path(train_root).resolve()),
@@ -476,15 +482,21 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
         if isinstance(pos, torch.nn.Parameter) and pos.requires_grad:  # fine-tuned (timm trains it): trainable, loaded
             meta["abs_pos"] = "learned"
         save_encoder(saved, out["network"].state_dict(), meta)
+        if "network_ema" in out:  # the EMA's weights beside (ConvNeXt V2 reports their accuracy)
+            save_encoder(run_dir / "finetuned_ema.safetensors", out["network_ema"].state_dict(), meta | {"ema": "1"})
+    if "network_ema" in out:
+        result.update({k: out[k] for k in ("top1_ema", "top5_ema", "best_top1_ema", "best_epoch_ema")},
+                      saved_ema=str(run_dir / "finetuned_ema.safetensors"))  # fmt: skip
     result.update(top1=out["top1"], top5=out["top5"], best_top1=out["best_top1"], best_epoch=out["best_epoch"],
                   epochs=n, warmup_epochs=args.warmup_epochs, blr=args.blr, lr=out["lr"], min_lr=args.min_lr,
                   layer_decay=args.layer_decay, layer_decay_type=args.layer_decay_type, recipe=args.recipe,
-                  drop_path=args.drop_path,
+                  drop_path=args.drop_path, model_ema=args.model_ema,
                   mixup=args.mixup, cutmix=args.cutmix, smoothing=args.smoothing, auto_augment=aa, reprob=args.reprob,
                   weight_decay=args.weight_decay, new_keys=out["fresh_keys"], saved=str(saved),
                   processes=args.dist_info.world_size, resumed=bool(args.resume),
                   history=[{k: round(v, 5) for k, v in r.items()} for r in out["history"]])  # fmt: skip
-    return f"fine-tuning ({n} epochs, best top-1 {out['best_top1']:.2f}% at epoch {out['best_epoch']})"
+    ema = f"; EMA: best {out['best_top1_ema']:.2f}% at epoch {out['best_epoch_ema']}" if "network_ema" in out else ""
+    return f"fine-tuning ({n} epochs, best top-1 {out['best_top1']:.2f}% at epoch {out['best_epoch']}{ema})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,6 +110,7 @@ def finetune(
     mixup: float = 0.8,
     cutmix: float = 1.0,
     smoothing: float = 0.1,
+    model_ema: float = 0.0,
     pool: str = "auto",
     workers: int = 0,
     seed: int = 0,
@@ -139,12 +140,18 @@ def finetune(
     settings = dict(model=info["model"], num_classes=num_classes, batch_size=batch_size, blr=blr, min_lr=min_lr,
                     warmup_epochs=warmup_epochs, weight_decay=weight_decay, layer_decay=layer_decay,
                     layer_decay_type=layer_decay_type, param_groups=PARAM_GROUPS,
-                    drop_path=drop_path, mixup=mixup, cutmix=cutmix, smoothing=smoothing, pool=pool, seed=seed,
+                    drop_path=drop_path, mixup=mixup, cutmix=cutmix, smoothing=smoothing, model_ema=model_ema,
+                    pool=pool, seed=seed,
                     processes=world, **(data_settings or {}))  # fmt: skip
     state = _load_checkpoint(run_dir, settings, epochs) if resume else None
     torch.manual_seed(seed)  # the same network on every process (DDP checks it)
     net, fresh = finetune_network(encoder, info, num_classes, drop_path, pool)
     net = net.to(device)
+    ema = None
+    if model_ema:  # ConvNeXt V2's --model_ema: an EMA of the weights and buffers after every step, evaluated too
+        from timm.utils import ModelEmaV2
+
+        ema = ModelEmaV2(net, decay=model_ema)
     lr = blr * batch_size * world / 256
     opt = build_optimizer(net, lr, weight_decay, layer_decay, layer_decay_type)
     mixing = mixup > 0 or cutmix > 0
@@ -170,6 +177,8 @@ def finetune(
         source = state.get("source", source)  # (a checkpoint from before it was kept: the file's, as given)
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
         history, best, start, first = state["history"], state["best"], state["epoch"], state.get("batch", 0)
         if first and len(state["rng"]) != world:
             n = len(state["rng"])
@@ -213,25 +222,31 @@ def finetune(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if ema is not None:
+                    ema.update(net)
                 total += loss.detach() * len(y)
                 count += len(y)
                 if i + 1 < per_epoch and watch.requested():  # (every rank asks at every step: a collective)
                     if run_dir is not None:
                         part = {"total": float(total), "count": count, "seconds": spent + time.perf_counter() - t0}
                         _save_checkpoint(run_dir, net, opt, epoch, history, best, settings, dist_info, batch=i + 1,
-                                         partial=part, source=source)  # fmt: skip
+                                         partial=part, source=source, ema=ema)  # fmt: skip
                     raise FinetuneStopped(watch.signame, epoch, i + 1, per_epoch, run_dir is not None)
             mean_loss = float(all_reduce_mean(total / count, dist_info))
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"the fine-tuning loss became {mean_loss} in epoch {epoch + 1}; lower --blr "
                                          "(the last checkpoint is intact)")  # fmt: skip
             acc = evaluate(net, val_loader, num_classes, device, dist_info)
+            if ema is not None:  # (ConvNeXt V2 reports the EMA's accuracy: --model_ema_eval)
+                acc.update({f"{k}_ema": v for k, v in evaluate(ema.module, val_loader, num_classes, device,
+                                                                 dist_info).items()})  # fmt: skip
             row = {"epoch": epoch + 1, "loss": mean_loss, **acc,
                    "seconds": round(spent + time.perf_counter() - t0, 2)}  # fmt: skip
             history.append(row)
             best = row if best is None or row["top1"] > best["top1"] else best
             if run_dir is not None:
-                _save_checkpoint(run_dir, net, opt, epoch + 1, history, best, settings, dist_info, source=source)
+                _save_checkpoint(run_dir, net, opt, epoch + 1, history, best, settings, dist_info, source=source,
+                                 ema=ema)  # fmt: skip
             if log is not None and dist_info.is_main:
                 log(row)
             if epoch + 1 < epochs and watch.requested():  # a signal during the validation: the epoch is saved
@@ -240,8 +255,13 @@ def finetune(
     finally:
         watch.close()
     last = history[-1]
-    return {"top1": last["top1"], "top5": last["top5"], "best_top1": best["top1"], "best_epoch": best["epoch"],
-            "lr": lr, "history": history, "network": net.cpu(), "fresh_keys": fresh, "source": source}  # fmt: skip
+    out = {"top1": last["top1"], "top5": last["top5"], "best_top1": best["top1"], "best_epoch": best["epoch"],
+           "lr": lr, "history": history, "network": net.cpu(), "fresh_keys": fresh, "source": source}  # fmt: skip
+    if ema is not None:
+        best_ema = max(history, key=lambda r: r["top1_ema"])
+        out.update(top1_ema=last["top1_ema"], top5_ema=last["top5_ema"], best_top1_ema=best_ema["top1_ema"],
+                   best_epoch_ema=best_ema["epoch"], network_ema=ema.module.cpu())  # fmt: skip
+    return out
 
 
 CHECKPOINT = "checkpoint.pt"
@@ -298,7 +318,7 @@ def _rng_state() -> dict:
 
 
 def _save_checkpoint(run_dir, net, opt, epoch, history, best, settings, dist_info: DistInfo, batch: int = 0,
-                     partial: dict | None = None, source: dict | None = None) -> None:  # fmt: skip
+                     partial: dict | None = None, source: dict | None = None, ema=None) -> None:  # fmt: skip
     """``epoch`` epochs done, and ``batch`` batches of the next (a stop inside it: ``partial``, this process's loss
     sums and seconds of that epoch so far)."""
     from fastmim.train.checkpoint import atomic_write
@@ -315,6 +335,8 @@ def _save_checkpoint(run_dir, net, opt, epoch, history, best, settings, dist_inf
                  "source": source}  # fmt: skip
         if batch:
             state["partial"] = [p for _, p in mine]
+        if ema is not None:
+            state["ema"] = ema.module.state_dict()
         atomic_write(Path(run_dir) / CHECKPOINT, lambda tmp: torch.save(state, tmp))
     barrier(dist_info)
 
@@ -395,14 +417,14 @@ def posterize_keeping(img, bits_to_keep: int, **_):
 
 # The official fine-tuning recipes: python -m fastmim.eval finetune's defaults for the encoder (``finetune_recipe``)
 _MAE_B = dict(epochs=100, warmup_epochs=5, blr=5e-4, layer_decay=0.65, layer_decay_type="single", drop_path=0.1,
-              weight_decay=0.05, mixup=0.8, cutmix=1.0, smoothing=0.1)  # fmt: skip
+              weight_decay=0.05, mixup=0.8, cutmix=1.0, smoothing=0.1, model_ema=0.0)  # fmt: skip
 _MAE_L = _MAE_B | dict(epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.2)
 _CONVNEXT_A = dict(epochs=600, warmup_epochs=0, blr=2e-4, layer_decay=0.9, layer_decay_type="single", drop_path=0.1,
-                   weight_decay=0.3, mixup=0.0, cutmix=0.0, smoothing=0.2)  # fmt: skip
+                   weight_decay=0.3, mixup=0.0, cutmix=0.0, smoothing=0.2, model_ema=0.9999)  # fmt: skip
 _CONVNEXT_T = dict(epochs=300, warmup_epochs=40, blr=8e-4, layer_decay=0.9, layer_decay_type="single", drop_path=0.2,
-                   weight_decay=0.05, mixup=0.8, cutmix=1.0, smoothing=0.1)  # fmt: skip
-_CONVNEXT_B = dict(epochs=100, warmup_epochs=20, blr=6.25e-4, layer_decay=0.6, layer_decay_type="group",
-                   drop_path=0.1, weight_decay=0.05, mixup=0.8, cutmix=1.0, smoothing=0.1)  # fmt: skip
+                   weight_decay=0.05, mixup=0.8, cutmix=1.0, smoothing=0.1, model_ema=0.9999)  # fmt: skip
+_CONVNEXT_B = _CONVNEXT_T | dict(epochs=100, warmup_epochs=20, blr=6.25e-4, layer_decay=0.6, layer_decay_type="group",
+                                 drop_path=0.1)  # fmt: skip
 RECIPES = {  # encoder size -> (the recipe's source, its settings)
     "vit_base": ("MAE's ViT-B (FINETUNE.md)", _MAE_B),
     "vit_large": ("MAE's ViT-L (FINETUNE.md)", _MAE_L),
@@ -420,8 +442,8 @@ RECIPE_KEYS = tuple(_MAE_B)
 def finetune_recipe(encoder_name: str) -> tuple[str, dict]:
     """(where it comes from, the settings) of the official fine-tuning recipe for encoder ``encoder_name``
     (``vit_base_patch16``, ``convnextv2_atto``, ...): MAE's for ViT-B, -L and -H (smaller ViTs take ViT-B's, ViT-g
-    ViT-H's), ConvNeXt V2's for Atto, Tiny and Base (Femto to Nano take Atto's, Large and Huge Base's; all of them use
-    an EMA of the weights for their reported accuracy, which fastmim does not keep)."""
+    ViT-H's), ConvNeXt V2's for Atto, Tiny and Base (Femto to Nano take Atto's, Large and Huge Base's), which keep an
+    EMA of the weights (decay 0.9999) and report its accuracy too."""
     size = "_".join(encoder_name.split("_")[:2]) if encoder_name.startswith(("vit_", "convnextv2_")) else ""
     if size in RECIPES:
         return RECIPES[size]

@@ -11,8 +11,11 @@ the rest keeps the official implementation's (``proj``, ``mask_token``, ``decode
 Where this differs from the official code (facebookresearch/ConvNeXt-V2), on purpose: GRN's statistic is taken per
 sample over its visible pixels, as the dense model computes it (the official MinkowskiGRN pools over the whole batch,
 a known upstream issue); weights start from timm's ConvNeXt initialisation (truncated normal, std 0.02) rather than
-the official FCMAE's std-1.0 re-initialisation; GRN parameters and the mask token get no weight decay (1-D
-parameters, as in timm's fine-tuning recipes).
+the official FCMAE's re-initialisation (``trunc_normal_`` without a std: timm's 1.0, cut at +-2, for the stem, the
+depthwise kernels, the block linears, ``proj``, ``pred`` and the decoder's depthwise conv; PyTorch's default for the
+decoder's linears). Weight decay follows the official code by default (``--decay-exempt official``: timm 0.3.2's
+rule, which decays GRN's parameters and the mask token); ``--decay-exempt tokens`` exempts them, as timm's
+fine-tuning recipes do.
 """
 
 from __future__ import annotations

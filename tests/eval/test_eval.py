@@ -359,7 +359,8 @@ def test_finetuning_defaults_are_the_encoders_official_recipe():
 
     assert finetune_recipe("vit_base_patch16")[1] == dict(epochs=100, warmup_epochs=5, blr=5e-4, layer_decay=0.65,
                                                           layer_decay_type="single", drop_path=0.1, weight_decay=0.05,
-                                                          mixup=0.8, cutmix=1.0, smoothing=0.1)  # fmt: skip
+                                                          mixup=0.8, cutmix=1.0, smoothing=0.1,
+                                                          model_ema=0.0)  # fmt: skip
     large, huge = finetune_recipe("vit_large_patch16")[1], finetune_recipe("vit_huge_patch14")[1]
     assert (large["epochs"], large["blr"], large["layer_decay"], large["drop_path"]) == (50, 1e-3, 0.75, 0.2)
     assert huge["drop_path"] == 0.3 and finetune_recipe("vit_tiny_patch16")[0].endswith("nearest published one)")
@@ -369,6 +370,7 @@ def test_finetuning_defaults_are_the_encoders_official_recipe():
     atto = finetune_recipe("convnextv2_atto")[1]
     assert [atto[k] for k in ("epochs", "mixup", "cutmix", "smoothing", "weight_decay")] == [600, 0, 0, 0.2, 0.3]
     assert finetune_recipe("convnextv2_large")[1] == base and finetune_recipe("convnextv2_nano")[1] == atto
+    assert base["model_ema"] == atto["model_ema"] == 0.9999  # ConvNeXt V2 reports its EMA's accuracy
 
 
 @pytest.mark.parametrize("pool", ["avg", "cls"])
@@ -842,3 +844,43 @@ def test_the_evaluation_view_is_maes():
         r = next(t for t in tf.transforms if isinstance(t, T.Resize))
         c = next(t for t in tf.transforms if isinstance(t, T.CenterCrop))
         assert (r.size, tuple(c.size)) == (resize, (size, size)), size
+
+
+def test_finetune_model_ema_is_evaluated_saved_and_resumed_exactly(tmp_path, capsys, monkeypatch, noted_sigusr1):
+    """--model-ema (ConvNeXt V2's recipes): the EMA of the weights after every step, its accuracy in every epoch's
+    row and the result, its weights in finetuned_ema.safetensors; a run stopped inside an epoch (SIGUSR1) resumes
+    its EMA exactly: the same EMA weights as a run never stopped."""
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    from safetensors.torch import load_file
+
+    train = make_image_folder(tmp_path / "train", n=12, classes=3)
+    val = make_image_folder(tmp_path / "val", n=6, classes=3, seed=1)
+    common = ["finetune", "--random", "convnextv2_atto", "--img-size", "32", "--data-path", str(train), "--val-path",
+              str(val), "--batch-size", "4", "--model-ema", "0.5", "--epochs", "2", "--out",
+              str(tmp_path / "eval.jsonl")]  # fmt: skip
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert eval_main([*common, "--finetune-dir", str(straight)]) == 0
+    reads, item = {"n": 0}, LabelledFolder.__getitem__
+
+    def signalling(self, i):
+        reads["n"] += 1
+        if reads["n"] == 6 and self.root == train:  # the second training batch
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return item(self, i)
+
+    monkeypatch.setattr(LabelledFolder, "__getitem__", signalling)
+    assert eval_main([*common, "--finetune-dir", str(cut)]) == 75
+    assert "ema" in torch.load(cut / "checkpoint.pt", weights_only=False)
+    monkeypatch.setattr(LabelledFolder, "__getitem__", item)
+    assert eval_main(["finetune", "--resume", str(cut)]) == 0
+    rows = [json.loads(s) for s in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert rows[0]["model_ema"] == 0.5 and all("top1_ema" in h for h in rows[0]["history"])
+    assert 0 <= rows[0]["best_top1_ema"] <= 100 and rows[0]["saved_ema"].endswith("finetuned_ema.safetensors")
+    assert [h["top1_ema"] for h in rows[-1]["history"]] == [h["top1_ema"] for h in rows[0]["history"]]
+    a, b = load_file(straight / "finetuned_ema.safetensors"), load_file(cut / "finetuned_ema.safetensors")
+    weights = load_file(straight / "finetuned.safetensors")
+    assert a.keys() == b.keys() == weights.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)  # resumed: the same EMA
+    assert any(not torch.equal(a[k], weights[k]) for k in a if a[k].is_floating_point())  # an average, not a copy
+    assert "(EMA " in capsys.readouterr().out
