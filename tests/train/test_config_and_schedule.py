@@ -188,7 +188,7 @@ def test_config_files_merge_expand_paths_and_errors_name_their_file(tmp_path, mo
         resolve_config(["--config", str(b)])
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: ten\n")
-    with pytest.raises(ValueError, match=rf"config key 'epochs' must be of type int, got 'ten' \(in {bad}\)"):
+    with pytest.raises(ValueError, match=rf"config key 'epochs' must be of type int, got 'ten' \(from {bad}\)"):
         resolve_config(["--config", str(bad)])
     bad.write_text("mask_ratio: 1.5\n")
     with pytest.raises(ValueError, match=rf"\(from {bad}\)"):
@@ -197,7 +197,7 @@ def test_config_files_merge_expand_paths_and_errors_name_their_file(tmp_path, mo
         resolve_config(["--config", str(a), "--blr=-1"])
     # each file's own value is checked against that file; --model-args none clears the files' mappings
     bad.write_text("epochs: ten\n")
-    with pytest.raises(ValueError, match=rf"got 'ten' \(in {bad}\)"):
+    with pytest.raises(ValueError, match=rf"got 'ten' \(from {bad}\)"):
         resolve_config(["--config", str(a), "--config", str(bad)])
     monkeypatch.setenv("FASTMIM_TEST_DATA", "/data/set")
     assert resolve_config(["--config", str(a), "--config", str(b), "--model-args", "none"])[0].model_args is None
