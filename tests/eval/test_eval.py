@@ -575,6 +575,21 @@ def test_finetune_resumes_exactly_and_refuses_other_settings(tmp_path):
         _finetune_run(tmp_path, tmp_path / "c", resume=True)
 
 
+def _sigusr1_on_second_batch(monkeypatch, train):
+    """SIGUSR1 to this process while the second training batch (batch size 4) of ``train`` loads; returns the
+    unpatched ``LabelledFolder.__getitem__``."""
+    reads, item = {"n": 0}, LabelledFolder.__getitem__
+
+    def signalling(self, i):
+        reads["n"] += 1
+        if reads["n"] == 6 and self.root == train:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return item(self, i)
+
+    monkeypatch.setattr(LabelledFolder, "__getitem__", signalling)
+    return item
+
+
 @pytest.fixture
 def noted_sigusr1():
     """SIGUSR1 noted, not fatal, outside what the test runs (were the fine-tuning not to take it, the test fails
@@ -636,16 +651,7 @@ def test_cli_finetune_stopped_by_a_signal_exits_for_a_requeue_and_resumes(tmp_pa
     model, path = _save_run_encoder(tmp_path)
     train = make_image_folder(tmp_path / "train", n=12, classes=3)
     val = make_image_folder(tmp_path / "val", n=6, classes=3, seed=1)
-    reads = {"n": 0}
-    item = LabelledFolder.__getitem__
-
-    def signalling(self, i):
-        reads["n"] += 1
-        if reads["n"] == 6 and self.root == train:  # the second training batch
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return item(self, i)
-
-    monkeypatch.setattr(LabelledFolder, "__getitem__", signalling)
+    _sigusr1_on_second_batch(monkeypatch, train)
     folder = tmp_path / "ft"
     job = ["finetune", "--encoder", str(path), "--data-path", str(train), "--val-path", str(val), "--batch-size", "4",
            "--epochs", "2", "--warmup-epochs", "1", "--resume", "if-exists", "--finetune-dir", str(folder)]  # fmt: skip
@@ -860,15 +866,7 @@ def test_finetune_model_ema_is_evaluated_saved_and_resumed_exactly(tmp_path, cap
               str(tmp_path / "eval.jsonl")]  # fmt: skip
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     assert eval_main([*common, "--finetune-dir", str(straight)]) == 0
-    reads, item = {"n": 0}, LabelledFolder.__getitem__
-
-    def signalling(self, i):
-        reads["n"] += 1
-        if reads["n"] == 6 and self.root == train:  # the second training batch
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return item(self, i)
-
-    monkeypatch.setattr(LabelledFolder, "__getitem__", signalling)
+    item = _sigusr1_on_second_batch(monkeypatch, train)
     assert eval_main([*common, "--finetune-dir", str(cut)]) == 75
     assert "ema" in torch.load(cut / "checkpoint.pt", weights_only=False)
     monkeypatch.setattr(LabelledFolder, "__getitem__", item)
