@@ -194,8 +194,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("aspect_max"), py::arg("context_scale_min"), py::arg("context_scale_max"), py::arg("min_keep"),
         py::arg("max_tries"), py::arg("num_threads") = 0,
         "I-JEPA multi-block masks of the samples keyed by keys [B]: (context bool [B, H, W], True = context token "
-        "kept; targets bool [B, num_targets, H, W]). RuntimeError when a context keeps < min_keep tokens in "
-        "max_tries draws.");
+        "kept; targets bool [B, num_targets, H, W]). A context keeping < min_keep tokens is redrawn; every max_tries "
+        "draws one target fewer is excluded; RuntimeError when even none excluded fails.");
 
   // Tensor kernels (fastmim/ops): pointers are data_ptr() ints of contiguous tensors validated in Python; sizes are
   // re-checked here and every index read from data is range-checked (ValueError on a bad one). GIL released.

@@ -58,7 +58,8 @@ void fill_rect(uint8_t* plane, int64_t width, const Rect& r, uint8_t v) {
   }
 }
 
-// Returns false when no context block kept min_keep tokens in max_tries draws.
+// Returns false when no context block kept min_keep tokens: after max_tries draws excluding every target, the next
+// max_tries exclude one target fewer (the last), and so on down to none, as I-JEPA's collator gives up a constraint.
 bool multiblock_sample(const MultiBlockParams& p, Rng& rng, uint8_t* context, uint8_t* targets, Rect* rects) {
   const int64_t n = p.height * p.width;
   const double la = std::log(p.aspect_min), ha = std::log(p.aspect_max);
@@ -67,11 +68,12 @@ bool multiblock_sample(const MultiBlockParams& p, Rng& rng, uint8_t* context, ui
     rects[k] = draw_block(p, rng, p.target_scale_min, p.target_scale_max, la, ha);
     fill_rect(targets + k * n, p.width, rects[k], 1);
   }
-  for (int64_t t = 0; t < p.max_tries; ++t) {
+  for (int64_t t = 0; t < p.max_tries * (p.num_targets + 1); ++t) {
+    const int64_t excluded = p.num_targets - t / p.max_tries;
     std::fill(context, context + n, uint8_t{0});
     const Rect c = draw_block(p, rng, p.context_scale_min, p.context_scale_max, 0.0, 0.0);
     fill_rect(context, p.width, c, 1);
-    for (int64_t k = 0; k < p.num_targets; ++k) {  // minus every target: clear the overlap of the two rectangles
+    for (int64_t k = 0; k < excluded; ++k) {  // minus the targets: clear the overlap of the two rectangles
       const Rect& r = rects[k];
       const int64_t top = std::max(c.top, r.top), bottom = std::min(c.top + c.h, r.top + r.h);
       const int64_t left = std::max(c.left, r.left), right = std::min(c.left + c.w, r.left + r.w);
@@ -173,8 +175,9 @@ void multiblock_mask_keys(const MultiBlockParams& p, const uint64_t* keys, int64
   error.rethrow();
   if (first_failed != std::numeric_limits<int64_t>::max())
     throw std::runtime_error(std::string(fn) + ": no context block kept min_keep=" + std::to_string(p.min_keep) +
-                             " tokens in max_tries=" + std::to_string(p.max_tries) + " tries (first failing sample: " +
-                             std::to_string(first_failed) + "); lower min_keep or the target scale");
+                             " tokens, even without excluding the targets (max_tries=" + std::to_string(p.max_tries) +
+                             " draws per target dropped; first failing sample: " + std::to_string(first_failed) +
+                             "); lower min_keep or raise context_scale");
 }
 
 }  // namespace fastmim

@@ -51,10 +51,16 @@ class BlockMaskConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.exact, bool):
             raise TypeError(f"BlockMaskConfig.exact must be a bool, got {type(self.exact).__name__}")
-        for name in ("height", "width", "num_masked", "min_num_patches", "max_attempts"):
+        for name in ("height", "width", "num_masked", "min_num_patches", "max_attempts", "max_num_patches"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | np.integer):
-                raise TypeError(f"BlockMaskConfig.{name} must be an int, got {type(v).__name__}")
+            if name == "max_num_patches" and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int | np.integer):  # (a NaN, 30.5 or "30" too)
+                raise TypeError(f"BlockMaskConfig.{name} must be an int, got {v!r}")
+        for name in ("min_aspect", "max_aspect"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating)):
+                raise TypeError(f"BlockMaskConfig.{name} must be a number, got {v!r}")
         if self.height < 1 or self.width < 1:
             raise ValueError(f"grid must be at least 1x1, got {self.height}x{self.width}")
         n = self.height * self.width

@@ -245,8 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     except (AttributeError, NotImplementedError, RuntimeError, TypeError, ValueError) as e:  # e.g. no C++ build
         ap.error(f"{args.strategy} (impl={args.impl}): {e}")
     out = Path(args.out or f"masks_{args.strategy}.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    draw_grid(image, masks, args.strategy, args.cols).save(out)
+    if out.is_dir() or out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"):
+        ap.error(f"--out {str(out)!r}: name an image file (.png, .jpg, ...)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        draw_grid(image, masks, args.strategy, args.cols).save(out)
+    except OSError as e:
+        ap.error(f"--out {str(out)!r}: cannot write it ({e.strerror or e})")
     hidden = masks.mask.flatten(1).sum(1).float()
     per = masks.mask.shape[0] // max(args.num, 1)  # (a strategy drawing several masks per image: num_masks)
     count = f"{args.num} images x {per} masks" if per > 1 else f"{args.num} masks"

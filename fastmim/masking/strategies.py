@@ -23,11 +23,12 @@ Python loop; GPU) and a readable per-sample reference; block, multiblock and uni
 from __future__ import annotations
 
 import math
+import numbers
 import random
 
 import torch
 
-from fastmim._args import as_int
+from fastmim._args import as_int, check_bool
 from fastmim.masking.base import Masks, MaskStrategy, as_grid, check_range, check_ratio
 from fastmim.masking.random import num_visible
 from fastmim.masking.rng import randint, uniform
@@ -214,7 +215,7 @@ class InverseBlockMask(MaskStrategy):
         if as_int(block) is None or block < 2:
             raise ValueError(f"block must be an int >= 2 (data2vec 2.0: 3), got {block!r}")
         block = as_int(block)
-        if isinstance(adjust, bool) or not isinstance(adjust, int | float) or not 0 <= adjust < 1:
+        if isinstance(adjust, bool) or not isinstance(adjust, numbers.Real) or not 0 <= adjust < 1:  # (numpy's too)
             raise ValueError(f"adjust must be a number in [0, 1), got {adjust!r}")
         self.block, self.adjust = block, float(adjust)
         self.num_visible = num_visible(self.num_tokens, self.ratio)
@@ -369,7 +370,8 @@ class MultiBlockMask(MaskStrategy):
     """I-JEPA's multi-block masking: ``num_targets`` target blocks (scale ``target_scale`` of the grid, aspect ratio in
     ``aspect_range``) and one context block (scale ``context_scale``, aspect 1) from which every target token is
     removed. ``mask`` hides everything but the context; ``targets`` [B, K, H, W] are the blocks to predict. A context
-    keeping fewer than ``min_keep`` tokens is redrawn (up to ``max_tries`` times, then an error).
+    keeping fewer than ``min_keep`` tokens is redrawn; after ``max_tries`` draws it excludes one target block fewer
+    (the last), as I-JEPA's collator gives up a constraint (small grids: a target may then overlap the context).
 
     Per sample (default): each sample draws its own block sizes (a log-uniform aspect), so that a mask depends on its
     sample alone. ``batch_shared=True`` is I-JEPA's collator instead (``src/masks/multiblock.py``): one target size and
@@ -391,8 +393,9 @@ class MultiBlockMask(MaskStrategy):
                  context_scale=(0.85, 1.0), min_keep: int = 10, max_tries: int = 20, batch_shared: bool = False,
                  truncate: bool = False, **kw):  # fmt: skip
         super().__init__(grid, **kw)
-        self.batch_shared = bool(batch_shared)
-        self.truncate = bool(truncate) and not self.batch_shared  # (batch-shared masks are truncated already)
+        self.batch_shared = check_bool("multiblock", "batch_shared", batch_shared)  # ("false" from a YAML: refused)
+        self.truncate = check_bool("multiblock", "truncate", truncate) and not self.batch_shared  # (batch-shared
+        # masks are truncated already)
         if as_int(num_targets) is None or num_targets < 1:
             raise ValueError(f"num_targets must be a positive int, got {num_targets!r}")
         self.num_targets = as_int(num_targets)
@@ -505,18 +508,18 @@ class MultiBlockMask(MaskStrategy):
         if self.batch_shared:
             return self._shared(keys)
         targets = self._blocks(keys, 0, self.num_targets, self.target_scale, self.aspect_range)  # [B, K, H, W]
-        union = targets.any(dim=1)
-        context = torch.zeros_like(union)
+        context = torch.zeros_like(targets[:, 0])
         need = torch.ones(keys.shape[0], dtype=torch.bool, device=keys.device)
-        for t in range(self.max_tries):
+        for t in range(self.max_tries * (self.num_targets + 1)):  # (every max_tries: one target fewer excluded)
+            union = targets[:, : self.num_targets - t // self.max_tries].any(dim=1)
             ctx = self._blocks(keys, 16 + 3 * t, 1, self.context_scale, (1.0, 1.0))[:, 0] & ~union
             context = torch.where(need.view(-1, 1, 1), ctx, context)
             need &= context.flatten(1).sum(1) < self.min_keep
             if not bool(need.any()):
                 break
         else:
-            raise RuntimeError(f"multi-block masking: no context block kept {self.min_keep} tokens in {self.max_tries} "
-                               "tries; lower min_keep or the target scale")  # fmt: skip
+            raise RuntimeError(f"multi-block masking: no context block kept {self.min_keep} tokens, even without "
+                               "excluding the targets; lower min_keep or raise context_scale")  # fmt: skip
         return Masks(~context, targets=targets)
 
     def _ref(self, rng):
@@ -532,13 +535,13 @@ class MultiBlockMask(MaskStrategy):
             return m
 
         targets = torch.stack([block(self.target_scale, self.aspect_range) for _ in range(self.num_targets)])
-        union = targets.any(0)
-        for _ in range(self.max_tries):
+        for t in range(self.max_tries * (self.num_targets + 1)):  # (every max_tries: one target fewer excluded)
+            union = targets[: self.num_targets - t // self.max_tries].any(0)
             context = block(self.context_scale, (1.0, 1.0)) & ~union
             if int(context.sum()) >= self.min_keep:
                 return Masks(~context, targets=targets)
-        raise RuntimeError(f"multi-block masking: no context block kept {self.min_keep} tokens in {self.max_tries} "
-                           "tries; lower min_keep or the target scale")  # fmt: skip
+        raise RuntimeError(f"multi-block masking: no context block kept {self.min_keep} tokens, even without "
+                           "excluding the targets; lower min_keep or raise context_scale")  # fmt: skip
 
     def _cpp(self, keys):
         if self.batch_shared:

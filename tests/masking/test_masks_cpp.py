@@ -194,19 +194,20 @@ def test_multiblock_invariants(grid, params):
 
 
 def test_multiblock_context_fails_like_torch():
-    """A context that can never keep min_keep tokens: RuntimeError naming min_keep and max_tries, as in Python."""
+    """A context block that can never keep min_keep tokens, even with no target excluded: RuntimeError naming
+    min_keep, as in Python."""
     params = dict(
         num_targets=1,
         target_scale=(1.0, 1.0),
         aspect_range=(1.0, 1.0),
-        context_scale=(0.5, 0.5),
-        min_keep=1,
-        max_tries=3,
+        context_scale=(0.05, 0.5),
+        min_keep=10,
+        max_tries=2,
     )
-    with pytest.raises(RuntimeError, match="kept 1 tokens in 3 tries"):
-        build_mask("multiblock", 6, impl="torch", **params)(4)
-    with pytest.raises(RuntimeError, match="min_keep=1 tokens in max_tries=3 tries"):
-        build_mask("multiblock", 6, impl="cpp", **params)(4)
+    with pytest.raises(RuntimeError, match="kept 10 tokens, even without excluding the targets"):
+        build_mask("multiblock", 6, impl="torch", **params)(indices=torch.arange(64))
+    with pytest.raises(RuntimeError, match="min_keep=10 tokens, even without excluding the targets"):
+        build_mask("multiblock", 6, impl="cpp", **params)(indices=torch.arange(64))
 
 
 # --------------------------------------------------------------------------------------- determinism and threads

@@ -174,6 +174,17 @@ def test_bad_arguments_exit_with_a_message(args, message, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_bad_output_path_exits_with_a_message(tmp_path, capsys):
+    """A folder, a name without an image extension or a folder that cannot be made: one line, not PIL's traceback."""
+    for out, message in ((tmp_path, "name an image file"), (tmp_path / "noext", "name an image file"),
+                         (tmp_path / "file.png" / "x.png", "cannot write it")):  # fmt: skip
+        if out.name == "x.png":
+            (tmp_path / "file.png").write_text("a file, not a folder")
+        with pytest.raises(SystemExit) as e:
+            show.main(["--strategy", "block", "--grid", "4", "--num", "1", "--out", str(out)])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not _ext.available(), reason="fastmim._C not built")
 @pytest.mark.parametrize("strategy", ["block", "uniform", "multiblock"])
 def test_cpp_impl_draws_with_a_cpp_generator(strategy, tmp_path):
