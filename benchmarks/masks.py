@@ -259,7 +259,7 @@ def report_targets(rows: list[dict], skipped: list[str]) -> None:
               "(no CUDA rows)", file=sys.stderr)  # fmt: skip
     for r in gpu:
         verdict = "met" if r["masks_per_s"] >= TARGET_GPU_MASKS_PER_S else "NOT met"
-        print(f"  batched GPU generation >= {TARGET_GPU_MASKS_PER_S:,.0f} masks/s: {r['strategy']:<10} {r['impl']:<7}"
+        print(f"  batched GPU generation >= {TARGET_GPU_MASKS_PER_S:,.0f} masks/s: {r['strategy']:<14} {r['impl']:<7}"
               f"{r['masks_per_s']:>14,.0f} masks/s at batch {r['batch']:>6}: {verdict}", file=sys.stderr)  # fmt: skip
 
 
@@ -337,11 +337,11 @@ def main(argv=None) -> int:
         emit([r for r in one_core if r["strategy"] == name])
         emit(measure_rows([name], [i for i in in_process if i in ("cpp", "ref")], args, args.grid, devices, skipped))
 
-    print(f"\n  {'strategy':<11}{'impl':<10}{'on':<5}{'batch':>7}{'threads':>8}{'masks/s':>15}{'ms/batch':>11}"
+    print(f"\n  {'strategy':<14}{'impl':<10}{'on':<5}{'batch':>7}{'threads':>8}{'masks/s':>15}{'ms/batch':>11}"
           f"{'vs beit':>10}", file=sys.stderr)  # fmt: skip
     for r in rows:
         threads = "" if r["threads"] is None else str(r["threads"])
-        print(f"  {r['strategy']:<11}{r['impl']:<10}{r['on']:<5}{r['batch']:>7}{threads:>8}{r['masks_per_s']:>15,.0f}"
+        print(f"  {r['strategy']:<14}{r['impl']:<10}{r['on']:<5}{r['batch']:>7}{threads:>8}{r['masks_per_s']:>15,.0f}"
               f"{r['ms_per_batch']:>11.3f}{r['speedup_vs_beit_loop']:>9.2f}x", file=sys.stderr)  # fmt: skip
     report_targets(rows, skipped)
     return 0
