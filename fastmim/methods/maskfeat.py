@@ -7,10 +7,12 @@ embedding (``MaskTokenViT``, as SimMIM). Target: the HOG features of each masked
 Sobel gradients, 9 unsigned orientation bins, 8-px cells, L2 per cell, 108 values per 16-px RGB patch), computed
 from the normalised input image for the masked patches only. Head: one linear layer from the final-normed patch
 tokens to the HOG dimension. Loss: MSE on the masked tokens (the mean over masked tokens of the mean over the 108
-values). The masks are BEiT's: when no further block fits, the generator stops a few tokens short of 78 (about 1
-in 196 on average; ``mask_exact=True`` grows the blocks to exactly 78 instead; on grids too small for one block of 15
-within the count, such as the 4 x 4 demo grid, the default grows them too). Deviation: the ViT keeps MAE's fixed
-sin-cos position embedding (MaskFeat's is learned).
+values). The masks are BEiT's own generator's (microsoft/unilm): when no further block fits, it stops a few tokens
+short of 78 (about 1 in 196 on average; ``mask_exact=True`` grows the blocks to exactly 78 instead; on grids too small
+for one block of 15 within the count, such as the 4 x 4 demo grid, the default grows them too). Deviations:
+mmpretrain's port of that generator differs twice: numpy's exclusive ``randint`` never places a block on the last row
+or column (27 of 196 tokens are never targets there), and it draws blocks until exactly 78; fastmim's masks are
+BEiT's. The class default keeps MAE's fixed sin-cos position embedding (MaskFeat's is learned: the config sets it).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class MaskFeatViT(MaskTokenViT):
         gaussian_window: side of the Gaussian window on the gradient magnitudes (0: none, the official image model;
             mmpretrain uses 16).
         fused_ops: fastmim.ops for the target and the loss (False: the official whole-image HOG and the plain
-            loss, the same values).
+            loss: the same values except on flat regions, see ``fastmim.ops.hog``).
         attn_impl, fused_norm, drop_path_rate, init_values, abs_pos_embed, rel_pos_bias, init: see
             VisionTransformer.
     """

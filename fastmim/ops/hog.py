@@ -2,8 +2,12 @@
 
 ``hog_target(imgs, mask, patch_size=16, cell_size=8, nbins=9, gaussian_window=0)`` -> [B, L, C * nbins * K * K]
 (K = patch_size / cell_size; 108 values per 16-px RGB patch) in fp32: the rows of masked patches hold their HOG
-features exactly as ``hog_target_ref`` (the official whole-image computation) gives them; the other rows are zero
-and never computed (the loss reads masked rows only). ``mask=None`` computes every patch. A target: no gradient.
+features as ``hog_target_ref`` (the official whole-image computation) gives them, to 1e-6, except on flat regions:
+here the gradients are exact differences, 0 on a flat cell, whose HOG is then zero, where the official fp32
+convolution leaves rounding noise (~1e-7) that the per-cell L2 normalisation turns into a unit vector (bin 0, or a
+bin on a boundary flipped); on photos with flat areas (a black background) many rows differ there. The other rows
+are zero and never computed (the loss reads masked rows only). ``mask=None`` computes every patch. A target: no
+gradient.
 
 Backends: Triton (CUDA tensors: one program per cell, reading its pixels and a one-pixel rim, no full-resolution
 intermediate) and "torch" (CPU and other dtypes: the masked patches' pixel windows gathered once, then the same
