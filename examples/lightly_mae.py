@@ -58,8 +58,10 @@ def main(argv=None) -> int:
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--data-path", help="image folder (default: fastmim's built-in photos)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=None, help="stop after this many steps")
+    ap.add_argument("--epochs", type=int, default=None, help="passes over the data (default 1; with --steps, as many "
+                    "as the steps need)")  # fmt: skip
+    ap.add_argument("--steps", type=int, default=None, help="train this many steps (over as many epochs as they take, "
+                    "unless --epochs stops it first)")  # fmt: skip
     ap.add_argument("--lr", type=float, default=1.5e-4)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
@@ -93,7 +95,8 @@ def main(argv=None) -> int:
     gpu = device.type == "cuda"
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else torch.autocast("cpu", enabled=False)
     step, t0 = 0, time.perf_counter()
-    for epoch in range(args.epochs):
+    epochs = args.epochs if args.epochs is not None else 1 if args.steps is None else -(-args.steps // len(loader))
+    for epoch in range(epochs):
         for batch in loader:
             images = (batch[0] if isinstance(batch, list | tuple) else batch).to(device, non_blocking=True)
             with amp:

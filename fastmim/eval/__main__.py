@@ -64,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
         "layer decay 0.6)"
     )
     ft.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay")
-    ft.add_argument("--layer-decay-type", choices=("single", "group"), default=None,
-                    help="ConvNeXt: one layer per block (single) or ConvNeXt V2's 12 groups (group: its Base and "
-                    "larger recipe)")  # fmt: skip
+    ft.add_argument("--layer-decay-type", choices=("single", "group", "blocks"), default=None,
+                    help="one layer per block (single; the stem or patch embedding first, the head last); ConvNeXt "
+                    "V2's 12 groups (group: its Base and larger recipe); only a ViT's blocks decayed (blocks: "
+                    "data2vec 2.0's)")  # fmt: skip
     ft.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
     ft.add_argument("--weight-decay", type=float, default=None)
     ft.add_argument("--min-lr", type=float, default=1e-6, help="the cosine's floor")
@@ -214,7 +215,10 @@ def _apply_recipe(args, info: dict) -> None:
     if args.layer_decay_type == "group" and info["encoder"].startswith("vit"):
         raise ValueError("--layer-decay-type group is ConvNeXt V2's grouping of its blocks; a ViT's layers are its "
                          "blocks: leave it out")  # fmt: skip
-    where, recipe = finetune_recipe(info["encoder"])
+    if args.layer_decay_type == "blocks" and not info["encoder"].startswith("vit"):
+        raise ValueError("--layer-decay-type blocks is for a ViT (data2vec 2.0's: only its blocks decayed); a "
+                         "ConvNeXt's are single or group")  # fmt: skip
+    where, recipe = finetune_recipe(info["encoder"], info.get("model"))
     taken = {k: v for k, v in recipe.items() if getattr(args, k) is None}
     for k, v in taken.items():
         setattr(args, k, v)
@@ -398,10 +402,12 @@ def _finetune_dir(args, info: dict) -> Path:
 
 def _finetune(args, encoder, info, train_root, train, val, device, result: dict) -> str:
     from fastmim.eval.encoder import LabelledFolder
-    from fastmim.eval.finetune import finetune, finetune_transform
+    from fastmim.eval.finetune import finetune, finetune_transform, recipe_extras
     from fastmim.train.checkpoint import save_encoder
 
     _apply_recipe(args, info)
+    extras = recipe_extras(info.get("model"))  # (AdamW's betas, mixup's share, the head's init: the recipe's)
+    result.update(betas=list(extras["betas"]), mixup_prob=extras["mixup_prob"], head_init_std=extras["head_init_std"])
     aa = None if args.aa == "none" else args.aa
     train_set = LabelledFolder(train_root, finetune_transform(info["img_size"], aa, args.reprob), classes=train.classes)
     n = args.epochs
@@ -442,7 +448,7 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
             encoder, info, train_set, val, len(train.classes), device, epochs=n, warmup_epochs=args.warmup_epochs,
             batch_size=args.batch_size, blr=args.blr, min_lr=args.min_lr, weight_decay=args.weight_decay,
             layer_decay=args.layer_decay, layer_decay_type=args.layer_decay_type, drop_path=args.drop_path,
-            mixup=args.mixup, cutmix=args.cutmix, model_ema=args.model_ema,
+            mixup=args.mixup, cutmix=args.cutmix, model_ema=args.model_ema, **extras,
             smoothing=args.smoothing, pool=args.pool, workers=args.workers, seed=args.seed, log=log,
             dist_info=args.dist_info, run_dir=run_dir, resume=bool(args.resume),
             data_settings=dict(auto_augment=aa, reprob=args.reprob, train_data=str(Path(train_root).resolve()),

@@ -33,8 +33,8 @@ def _timm():
     return timm
 
 
-def finetune_network(encoder: nn.Module, info: dict, num_classes: int, drop_path: float, pool: str = "auto") -> tuple[
-        nn.Module, list[str]]:  # fmt: skip
+def finetune_network(encoder: nn.Module, info: dict, num_classes: int, drop_path: float, pool: str = "auto",
+                     head_init_std: float = 2e-5) -> tuple[nn.Module, list[str]]:  # fmt: skip
     """(timm's network of the encoder's shape holding its weights, with a fresh classifier; the keys it did not take
     from the encoder). ViT: ``pool`` avg/auto -> MAE's global pool (mean of the patch tokens, a new fc_norm in place
     of the final norm), cls -> the class token after the final norm; one with a relative position bias is timm's Beit
@@ -61,7 +61,7 @@ def finetune_network(encoder: nn.Module, info: dict, num_classes: int, drop_path
         net = Beit(**kwargs)
         if not token:
             state = {k: v for k, v in state.items() if not k.startswith("norm.")}
-        nn.init.trunc_normal_(net.head.weight, std=2e-5)
+        nn.init.trunc_normal_(net.head.weight, std=head_init_std)
         nn.init.zeros_(net.head.bias)
     elif hasattr(encoder, "blocks"):  # ViT
         from timm.models.vision_transformer import VisionTransformer
@@ -78,7 +78,7 @@ def finetune_network(encoder: nn.Module, info: dict, num_classes: int, drop_path
         )  # fmt: skip
         if not token:  # MAE: the final norm gives way to fc_norm after pooling
             state = {k: v for k, v in state.items() if not k.startswith("norm.")}
-        nn.init.trunc_normal_(net.head.weight, std=2e-5)  # MAE's head init
+        nn.init.trunc_normal_(net.head.weight, std=head_init_std)  # MAE's head init (data2vec 2.0's: 0.02)
     else:
         # (ConvNeXt V2's fine-tuning scales the fresh classifier by --head_init_scale 0.001)
         net = timm.create_model(info["encoder"], pretrained=False, num_classes=num_classes, drop_path_rate=drop_path,
@@ -111,6 +111,9 @@ def finetune(
     cutmix: float = 1.0,
     smoothing: float = 0.1,
     model_ema: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    mixup_prob: float = 1.0,
+    head_init_std: float = 2e-5,
     pool: str = "auto",
     workers: int = 0,
     seed: int = 0,
@@ -141,11 +144,11 @@ def finetune(
                     warmup_epochs=warmup_epochs, weight_decay=weight_decay, layer_decay=layer_decay,
                     layer_decay_type=layer_decay_type, param_groups=PARAM_GROUPS,
                     drop_path=drop_path, mixup=mixup, cutmix=cutmix, smoothing=smoothing, model_ema=model_ema,
-                    pool=pool, seed=seed,
+                    betas=list(betas), mixup_prob=mixup_prob, head_init_std=head_init_std, pool=pool, seed=seed,
                     processes=world, **(data_settings or {}))  # fmt: skip
     state = _load_checkpoint(run_dir, settings, epochs) if resume else None
     torch.manual_seed(seed)  # the same network on every process (DDP checks it)
-    net, fresh = finetune_network(encoder, info, num_classes, drop_path, pool)
+    net, fresh = finetune_network(encoder, info, num_classes, drop_path, pool, head_init_std)
     net = net.to(device)
     ema = None
     if model_ema:  # ConvNeXt V2's --model_ema: an EMA of the weights and buffers after every step, evaluated too
@@ -153,12 +156,12 @@ def finetune(
 
         ema = ModelEmaV2(net, decay=model_ema)
     lr = blr * batch_size * world / 256
-    opt = build_optimizer(net, lr, weight_decay, layer_decay, layer_decay_type)
+    opt = build_optimizer(net, lr, weight_decay, layer_decay, layer_decay_type, betas)
     mixing = mixup > 0 or cutmix > 0
     if mixing and batch_size % 2:
         raise ValueError(f"mixup/cutmix mix a batch with its reverse: --batch-size must be even, got {batch_size}")
-    mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing, num_classes=num_classes) if mixing \
-        else None  # fmt: skip
+    mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, label_smoothing=smoothing,
+                num_classes=num_classes) if mixing else None  # fmt: skip
     # every epoch's order from (seed, epoch), shared by the processes; the last incomplete global batch dropped
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed,
                                                   drop_last=len(train_set) >= batch_size * world)  # fmt: skip
@@ -425,6 +428,10 @@ _CONVNEXT_T = dict(epochs=300, warmup_epochs=40, blr=8e-4, layer_decay=0.9, laye
                    weight_decay=0.05, mixup=0.8, cutmix=1.0, smoothing=0.1, model_ema=0.9999)  # fmt: skip
 _CONVNEXT_B = _CONVNEXT_T | dict(epochs=100, warmup_epochs=20, blr=6.25e-4, layer_decay=0.6, layer_decay_type="group",
                                  drop_path=0.1)  # fmt: skip
+# data2vec 2.0's image fine-tuning (fairseq mae_image_classification.py, vision/finetuning/mae_imagenet_clean.yaml):
+# lr 1e-3 at batch 512 (blr 5e-4), 250,200 updates (100 epochs) with 16,000 of warm-up (6.4 epochs), mixup 0.7
+# applied to 90% of the batches, cutmix 1.0, smoothing 0.1, layer decay 0.65 over the blocks only
+_DATA2VEC2 = _MAE_B | dict(warmup_epochs=6.4, mixup=0.7, layer_decay_type="blocks")
 RECIPES = {  # encoder size -> (the recipe's source, its settings)
     "vit_base": ("MAE's ViT-B (FINETUNE.md)", _MAE_B),
     "vit_large": ("MAE's ViT-L (FINETUNE.md)", _MAE_L),
@@ -439,11 +446,24 @@ _NEAREST = {"vit": "vit_base", "vit_giant": "vit_huge", "convnextv2_femto": "con
 RECIPE_KEYS = tuple(_MAE_B)
 
 
-def finetune_recipe(encoder_name: str) -> tuple[str, dict]:
+# what a recipe sets that is no command-line option: AdamW's betas, the share of batches mixed, the head's init
+RECIPE_EXTRAS = {"mae": dict(betas=(0.9, 0.999), mixup_prob=1.0, head_init_std=2e-5),
+                 "data2vec2": dict(betas=(0.9, 0.95), mixup_prob=0.9, head_init_std=0.02)}  # fmt: skip
+
+
+def recipe_extras(model_name: str | None) -> dict:
+    """``RECIPE_EXTRAS`` of the recipe a run's encoder came from (its metadata's model: data2vec2_..., mae_...)."""
+    return RECIPE_EXTRAS["data2vec2" if str(model_name or "").startswith("data2vec2_") else "mae"]
+
+
+def finetune_recipe(encoder_name: str, model_name: str | None = None) -> tuple[str, dict]:
     """(where it comes from, the settings) of the official fine-tuning recipe for encoder ``encoder_name``
     (``vit_base_patch16``, ``convnextv2_atto``, ...): MAE's for ViT-B, -L and -H (smaller ViTs take ViT-B's, ViT-g
     ViT-H's), ConvNeXt V2's for Atto, Tiny and Base (Femto to Nano take Atto's, Large and Huge Base's), which keep an
-    EMA of the weights (decay 0.9999) and report its accuracy too."""
+    EMA of the weights (decay 0.9999) and report its accuracy too; a data2vec 2.0 run's ViT (``model_name``, its
+    encoder file's metadata: ``data2vec2_...``) takes fairseq's (``_DATA2VEC2``, with ``RECIPE_EXTRAS``)."""
+    if str(model_name or "").startswith("data2vec2_") and encoder_name.startswith("vit_"):
+        return "data2vec 2.0's (fairseq mae_imagenet_clean.yaml)", _DATA2VEC2
     size = "_".join(encoder_name.split("_")[:2]) if encoder_name.startswith(("vit_", "convnextv2_")) else ""
     if size in RECIPES:
         return RECIPES[size]
@@ -453,7 +473,7 @@ def finetune_recipe(encoder_name: str) -> tuple[str, dict]:
 
 
 PARAM_GROUPS = "official-lrd-1"  # (in a checkpoint's settings: one from timm's groups, before, is not resumed)
-LAYER_DECAY_TYPES = ("single", "group")
+LAYER_DECAY_TYPES = ("single", "group", "blocks")
 
 
 def layer_id(name: str, net: nn.Module, layer_decay_type: str = "single") -> tuple[int, int]:
@@ -465,12 +485,13 @@ def layer_id(name: str, net: nn.Module, layer_decay_type: str = "single") -> tup
     ``single``: stage s's downsampling (the stem for s = 0) and its first block sum(depths[:s]) + 1, block j of stage s
     sum(depths[:s]) + j + 1, the head L = sum(depths) + 1; ``group`` (the official recipe for Base and larger): 12
     groups: stem 0, stages 0 and 1 (with stage 1's downsampling) 1 and 2, stage 2's downsampling 3 and its blocks
-    3 + j // 3, stage 3 and its downsampling 12, the head L = 13."""
+    3 + j // 3, stage 3 and its downsampling 12, the head L = 13. ``blocks`` (a ViT; data2vec 2.0's fine-tuning):
+    only the blocks are decayed, everything else is at the head's rate."""
     parts = name.split(".")
     if hasattr(net, "blocks"):  # ViT, Beit
         top = len(net.blocks) + 1
         if parts[0] in ("cls_token", "pos_embed", "patch_embed", "reg_token", "dist_token"):
-            return 0, top
+            return (top if layer_decay_type == "blocks" else 0), top
         return (int(parts[1]) + 1 if parts[0] == "blocks" else top), top
     depths = [len(stage.blocks) for stage in net.stages]
     stage = 0 if parts[0] == "stem" else int(parts[1]) if parts[0] == "stages" else None
@@ -511,8 +532,8 @@ def param_groups(net: nn.Module, weight_decay: float, layer_decay: float, layer_
 
 
 def build_optimizer(net: nn.Module, lr: float, weight_decay: float = 0.05, layer_decay: float = 0.65,
-                    layer_decay_type: str = "single"):  # fmt: skip
-    """AdamW (betas 0.9, 0.999) over ``param_groups``; the loop sets each group's lr to the schedule's times its
-    ``lr_scale``."""
+                    layer_decay_type: str = "single", betas: tuple[float, float] = (0.9, 0.999)):  # fmt: skip
+    """AdamW (MAE's betas 0.9, 0.999; data2vec 2.0's 0.9, 0.95) over ``param_groups``; the loop sets each group's lr
+    to the schedule's times its ``lr_scale``."""
     return torch.optim.AdamW(param_groups(net, weight_decay, layer_decay, layer_decay_type), lr=lr,
-                             betas=(0.9, 0.999))  # fmt: skip
+                             betas=tuple(betas))  # fmt: skip

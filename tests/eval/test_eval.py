@@ -882,3 +882,29 @@ def test_finetune_model_ema_is_evaluated_saved_and_resumed_exactly(tmp_path, cap
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)  # resumed: the same EMA
     assert any(not torch.equal(a[k], weights[k]) for k in a if a[k].is_floating_point())  # an average, not a copy
     assert "(EMA " in capsys.readouterr().out
+
+
+def test_a_data2vec2_encoder_is_finetuned_with_fairsecs_recipe():
+    """fairseq's mae_image_classification for a data2vec 2.0 run's ViT: layer decay over the blocks only (the patch
+    embedding, tokens and head at the full lr), AdamW betas (0.9, 0.95), mixup 0.7 on 90% of the batches, 6.4
+    warm-up epochs (16k updates), a head initialised with std 0.02; MAE's recipe for every other ViT."""
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    from fastmim.eval.finetune import build_optimizer, finetune_network, finetune_recipe, recipe_extras
+
+    where, recipe = finetune_recipe("vit_base_patch16", "data2vec2_vit_base_patch16")
+    assert where.startswith("data2vec 2.0's") and recipe["layer_decay_type"] == "blocks"
+    assert (recipe["warmup_epochs"], recipe["mixup"], recipe["cutmix"], recipe["layer_decay"]) == (6.4, 0.7, 1.0, 0.65)
+    assert finetune_recipe("vit_base_patch16", "mae_vit_base_patch16")[1]["layer_decay_type"] == "single"
+    extras = recipe_extras("data2vec2_vit_tiny_patch16")
+    assert extras == {"betas": (0.9, 0.95), "mixup_prob": 0.9, "head_init_std": 0.02}
+    assert recipe_extras("mae_vit_tiny_patch16")["betas"] == (0.9, 0.999)
+    enc, info = load_encoder(None, "vit_tiny_patch16", 32)
+    net, _ = finetune_network(enc, info, 5, drop_path=0.0, head_init_std=extras["head_init_std"])
+    assert net.head.weight.std() > 0.01  # (MAE's 2e-5: 1000x smaller)
+    opt = build_optimizer(net, 1.0, 0.05, 0.65, "blocks", extras["betas"])
+    scales = {n: g["lr_scale"] for g in opt.param_groups for n in g["names"]}
+    depth = len(enc.blocks)
+    assert scales["patch_embed.proj.weight"] == scales["cls_token"] == scales["head.weight"] == 1.0
+    assert scales["blocks.0.attn.qkv.weight"] == pytest.approx(0.65**depth)
+    assert scales[f"blocks.{depth - 1}.mlp.fc1.weight"] == pytest.approx(0.65)
+    assert all(g["betas"] == (0.9, 0.95) for g in opt.param_groups)

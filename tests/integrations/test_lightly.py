@@ -151,11 +151,13 @@ def test_example_script_trains_lightlys_mae_with_fastmims_ops():
 
     from tests.conftest import run_cli
 
-    r = run_cli(["--model", "vit_tiny_patch16_224", "--img-size", "64", "--steps", "3", "--batch-size", "4",
+    # --steps 8 at batch 16: more than the 6 batches of the 100 built-in photos, so a second epoch (it stopped at 6)
+    r = run_cli(["--model", "vit_tiny_patch16_224", "--img-size", "32", "--steps", "8", "--batch-size", "16",
                  "--device", "cpu"], module=["examples/lightly_mae.py"], timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     losses = [float(v) for v in re.findall(r"step \d+: loss ([0-9.]+)", r.stdout)]
-    assert len(losses) == 3 and all(math.isfinite(v) for v in losses) and "done: 3 steps" in r.stdout
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses) and "done: 8 steps" in r.stdout
+    assert "epoch 2 step 7" in r.stdout
     assert "Warning" not in r.stderr, r.stderr[-2000:]  # a new user's first lines: no notices that are not theirs
     r = run_cli(["--model", "resnet18", "--steps", "1"], module=["examples/lightly_mae.py"], timeout=300)
     assert r.returncode == 2 and "--model resnet18" in r.stderr and "timm ViT" in r.stderr, r.stderr[-2000:]
