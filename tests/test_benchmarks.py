@@ -464,6 +464,21 @@ def test_report_ratios_of_fused_block_rows_and_forced_backends(tmp_path):
     assert any("2,500" in x and "1.25x (fastmim)" in x and "backend" not in x for x in lines)
     assert any("2,400" in x and "backend=triton" in x and "1.20x (fastmim; its plain row)" in x for x in lines)
     assert any("5,000" in x and "fused_norm=True" in x and "2.50x (fastmim+graph; its plain row)" in x for x in lines)
+    # an option that changes the network (SimMIM's paper encoder) is not divided by the plain one's reference
+    rows.append(_tp("fastmim", 1500.0, model_args={"rel_pos_bias": "shared", "abs_pos_embed": False}))
+    (tmp_path / "r" / "throughput.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    lines = [x for x in report.throughput_table(report.load_rows(tmp_path)).splitlines() if x.startswith("| 2026")]
+    rel = next(x for x in lines if "rel_pos_bias" in x)
+    assert "1,500" in rel and "its plain row" not in rel
+    # rows bundled in a results.tar (a GPU run with more files than the device tool returns) are read too
+    import tarfile
+
+    (tmp_path / "r2").mkdir()
+    (tmp_path / "r2" / "ops.jsonl").write_text(json.dumps(_tp("fastmim+compile", 7777.0)) + "\n")
+    with tarfile.open(tmp_path / "r2" / "results.tar", "w") as t:
+        t.add(tmp_path / "r2" / "ops.jsonl", arcname="./throughput.jsonl")
+    (tmp_path / "r2" / "ops.jsonl").unlink()
+    assert "7,777" in report.throughput_table(report.load_rows(tmp_path))
 
 
 def test_report_keeps_the_gpu_loaders_crop_and_timing_rows_apart():

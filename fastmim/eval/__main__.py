@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "data2vec 2.0's)")  # fmt: skip
     ft.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
     ft.add_argument("--weight-decay", type=float, default=None)
-    ft.add_argument("--min-lr", type=float, default=1e-6, help="the cosine's floor")
+    ft.add_argument("--min-lr", type=float, default=None, help="the cosine's floor (the recipe's: 1e-6; data2vec 2.0's "
+                    "ViT-L 1e-7)")  # fmt: skip
     ft.add_argument("--mixup", type=float, default=None, help="mixup alpha (0: off)")
     ft.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (0: off)")
     ft.add_argument("--smoothing", type=float, default=None, help="label smoothing")
@@ -222,12 +223,16 @@ def _apply_recipe(args, info: dict) -> None:
     taken = {k: v for k, v in recipe.items() if getattr(args, k) is None}
     for k, v in taken.items():
         setattr(args, k, v)
+    for k in ("min_lr",):  # (an option every recipe sets, the others' defaults)
+        if getattr(args, k) is None:
+            setattr(args, k, 1e-6)
     if taken and args.dist_info.is_main:
         said = ", ".join(f"{k.replace('_', ' ')} {v:g}" if not isinstance(v, str) else f"{k.replace('_', ' ')} {v}"
                          for k, v in taken.items())  # fmt: skip
         print(f"finetune: {info['encoder']} takes the recipe of {where}: {said}", flush=True)
     args.recipe = where
-    _note_long_warmup(args)
+    if args.dist_info.is_main:
+        _note_long_warmup(args)
 
 
 def run(args) -> dict:
@@ -407,7 +412,8 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
 
     _apply_recipe(args, info)
     extras = recipe_extras(info.get("model"))  # (AdamW's betas, mixup's share, the head's init: the recipe's)
-    result.update(betas=list(extras["betas"]), mixup_prob=extras["mixup_prob"], head_init_std=extras["head_init_std"])
+    result.update(betas=list(extras["betas"]), mixup_prob=extras["mixup_prob"], head_init_std=extras["head_init_std"],
+                  clip_grad=extras["clip_grad"])  # fmt: skip
     aa = None if args.aa == "none" else args.aa
     train_set = LabelledFolder(train_root, finetune_transform(info["img_size"], aa, args.reprob), classes=train.classes)
     n = args.epochs

@@ -114,6 +114,7 @@ def finetune(
     betas: tuple[float, float] = (0.9, 0.999),
     mixup_prob: float = 1.0,
     head_init_std: float = 2e-5,
+    clip_grad: float | None = None,
     pool: str = "auto",
     workers: int = 0,
     seed: int = 0,
@@ -144,7 +145,8 @@ def finetune(
                     warmup_epochs=warmup_epochs, weight_decay=weight_decay, layer_decay=layer_decay,
                     layer_decay_type=layer_decay_type, param_groups=PARAM_GROUPS,
                     drop_path=drop_path, mixup=mixup, cutmix=cutmix, smoothing=smoothing, model_ema=model_ema,
-                    betas=list(betas), mixup_prob=mixup_prob, head_init_std=head_init_std, pool=pool, seed=seed,
+                    betas=list(betas), mixup_prob=mixup_prob, head_init_std=head_init_std, clip_grad=clip_grad,
+                    pool=pool, seed=seed,
                     processes=world, **(data_settings or {}))  # fmt: skip
     state = _load_checkpoint(run_dir, settings, epochs) if resume else None
     torch.manual_seed(seed)  # the same network on every process (DDP checks it)
@@ -224,6 +226,8 @@ def finetune(
                         loss = F.cross_entropy(model(x).float(), y, label_smoothing=smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if clip_grad:  # (data2vec 2.0's ViT-L/H fine-tuning: fairseq's clip_norm 4)
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), clip_grad)
                 opt.step()
                 if ema is not None:
                     ema.update(net)
@@ -420,18 +424,22 @@ def posterize_keeping(img, bits_to_keep: int, **_):
 
 # The official fine-tuning recipes: python -m fastmim.eval finetune's defaults for the encoder (``finetune_recipe``)
 _MAE_B = dict(epochs=100, warmup_epochs=5, blr=5e-4, layer_decay=0.65, layer_decay_type="single", drop_path=0.1,
-              weight_decay=0.05, mixup=0.8, cutmix=1.0, smoothing=0.1, model_ema=0.0)  # fmt: skip
+              weight_decay=0.05, mixup=0.8, cutmix=1.0, smoothing=0.1, model_ema=0.0, min_lr=1e-6)  # fmt: skip
 _MAE_L = _MAE_B | dict(epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.2)
 _CONVNEXT_A = dict(epochs=600, warmup_epochs=0, blr=2e-4, layer_decay=0.9, layer_decay_type="single", drop_path=0.1,
-                   weight_decay=0.3, mixup=0.0, cutmix=0.0, smoothing=0.2, model_ema=0.9999)  # fmt: skip
+                   weight_decay=0.3, mixup=0.0, cutmix=0.0, smoothing=0.2, model_ema=0.9999, min_lr=1e-6)  # fmt: skip
 _CONVNEXT_T = dict(epochs=300, warmup_epochs=40, blr=8e-4, layer_decay=0.9, layer_decay_type="single", drop_path=0.2,
-                   weight_decay=0.05, mixup=0.8, cutmix=1.0, smoothing=0.1, model_ema=0.9999)  # fmt: skip
+                   weight_decay=0.05, mixup=0.8, cutmix=1.0, smoothing=0.1, model_ema=0.9999, min_lr=1e-6)  # fmt: skip
 _CONVNEXT_B = _CONVNEXT_T | dict(epochs=100, warmup_epochs=20, blr=6.25e-4, layer_decay=0.6, layer_decay_type="group",
                                  drop_path=0.1)  # fmt: skip
 # data2vec 2.0's image fine-tuning (fairseq mae_image_classification.py, vision/finetuning/mae_imagenet_clean.yaml):
 # lr 1e-3 at batch 512 (blr 5e-4), 250,200 updates (100 epochs) with 16,000 of warm-up (6.4 epochs), mixup 0.7
 # applied to 90% of the batches, cutmix 1.0, smoothing 0.1, layer decay 0.65 over the blocks only
 _DATA2VEC2 = _MAE_B | dict(warmup_epochs=6.4, mixup=0.7, layer_decay_type="blocks")
+# ViT-L and ViT-H (mae_imagenet_large_clean.yaml, mae_imagenet_huge_clean.yaml): lr 5e-4 at 512 (blr 2.5e-4), 125,200
+# updates (50 epochs), layer decay 0.75, drop path 0.2, gradients clipped at norm 4, the cosine to 1e-7 (L) or 1e-20
+_DATA2VEC2_L = _DATA2VEC2 | dict(epochs=50, blr=2.5e-4, layer_decay=0.75, drop_path=0.2, min_lr=1e-7)
+_DATA2VEC2_H = _DATA2VEC2_L | dict(min_lr=1e-20)
 RECIPES = {  # encoder size -> (the recipe's source, its settings)
     "vit_base": ("MAE's ViT-B (FINETUNE.md)", _MAE_B),
     "vit_large": ("MAE's ViT-L (FINETUNE.md)", _MAE_L),
@@ -447,13 +455,18 @@ RECIPE_KEYS = tuple(_MAE_B)
 
 
 # what a recipe sets that is no command-line option: AdamW's betas, the share of batches mixed, the head's init
-RECIPE_EXTRAS = {"mae": dict(betas=(0.9, 0.999), mixup_prob=1.0, head_init_std=2e-5),
-                 "data2vec2": dict(betas=(0.9, 0.95), mixup_prob=0.9, head_init_std=0.02)}  # fmt: skip
+_D2V_EXTRAS = dict(betas=(0.9, 0.95), mixup_prob=0.9, head_init_std=0.02, clip_grad=None)
+RECIPE_EXTRAS = {"mae": dict(betas=(0.9, 0.999), mixup_prob=1.0, head_init_std=2e-5, clip_grad=None),
+                 "data2vec2": _D2V_EXTRAS, "data2vec2_large": _D2V_EXTRAS | dict(clip_grad=4.0)}  # fmt: skip
 
 
 def recipe_extras(model_name: str | None) -> dict:
     """``RECIPE_EXTRAS`` of the recipe a run's encoder came from (its metadata's model: data2vec2_..., mae_...)."""
-    return RECIPE_EXTRAS["data2vec2" if str(model_name or "").startswith("data2vec2_") else "mae"]
+    name = str(model_name or "")
+    if not name.startswith("data2vec2_"):
+        return RECIPE_EXTRAS["mae"]
+    return RECIPE_EXTRAS["data2vec2_large" if name.startswith(("data2vec2_vit_large", "data2vec2_vit_huge",
+                                                               "data2vec2_vit_giant")) else "data2vec2"]  # fmt: skip
 
 
 def finetune_recipe(encoder_name: str, model_name: str | None = None) -> tuple[str, dict]:
@@ -463,6 +476,10 @@ def finetune_recipe(encoder_name: str, model_name: str | None = None) -> tuple[s
     EMA of the weights (decay 0.9999) and report its accuracy too; a data2vec 2.0 run's ViT (``model_name``, its
     encoder file's metadata: ``data2vec2_...``) takes fairseq's (``_DATA2VEC2``, with ``RECIPE_EXTRAS``)."""
     if str(model_name or "").startswith("data2vec2_") and encoder_name.startswith("vit_"):
+        if encoder_name.startswith("vit_large"):
+            return "data2vec 2.0's ViT-L (fairseq mae_imagenet_large_clean.yaml)", _DATA2VEC2_L
+        if encoder_name.startswith(("vit_huge", "vit_giant")):
+            return "data2vec 2.0's ViT-H (fairseq mae_imagenet_huge_clean.yaml)", _DATA2VEC2_H
         return "data2vec 2.0's (fairseq mae_imagenet_clean.yaml)", _DATA2VEC2
     size = "_".join(encoder_name.split("_")[:2]) if encoder_name.startswith(("vit_", "convnextv2_")) else ""
     if size in RECIPES:
@@ -472,7 +489,7 @@ def finetune_recipe(encoder_name: str, model_name: str | None = None) -> tuple[s
     return f"{where[:-1]}; the nearest published one)", settings
 
 
-PARAM_GROUPS = "official-lrd-1"  # (in a checkpoint's settings: one from timm's groups, before, is not resumed)
+PARAM_GROUPS = "official-lrd-2"  # (in a checkpoint's settings: one from timm's groups, before, is not resumed)
 LAYER_DECAY_TYPES = ("single", "group", "blocks")
 
 
@@ -517,6 +534,10 @@ def param_groups(net: nn.Module, weight_decay: float, layer_decay: float, layer_
     ``param_groups_lrd`` and ConvNeXt V2's ``get_parameter_groups``."""
     if layer_decay_type not in LAYER_DECAY_TYPES:
         raise ValueError(f"layer_decay_type must be one of {LAYER_DECAY_TYPES}, got {layer_decay_type!r}")
+    vit = hasattr(net, "blocks")
+    if (layer_decay_type == "group" and vit) or (layer_decay_type == "blocks" and not vit):
+        raise ValueError(f"layer_decay_type {layer_decay_type!r} is for a {'ConvNeXt' if vit else 'ViT'}; this is a "
+                         f"{type(net).__name__}")  # fmt: skip
     skip = set(net.no_weight_decay()) if hasattr(net, "no_weight_decay") else set()
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in net.named_parameters():

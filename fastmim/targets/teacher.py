@@ -58,6 +58,8 @@ class EMATeacher(nn.Module):
         # the count on the host too: reading the buffer each step would wait for the GPU (a sync per step); it is
         # read again only when the buffer was written or replaced by something else (a load, .to(device))
         self._host_updates = (0, self._buffer_key())
+        self.register_load_state_dict_post_hook(_reread_updates)  # (a load that swaps the tensor's contents in
+        # place, torch's swap_module_params_on_conversion, keeps its id and may keep its version)
         self._shapes = [p.shape for p in self.model.parameters()]
 
     def train(self, mode: bool = True) -> EMATeacher:
@@ -65,9 +67,9 @@ class EMATeacher(nn.Module):
         self.model.eval()  # the teacher never trains: dropout, drop path and the like stay off
         return self
 
-    def _buffer_key(self) -> tuple[int, int] | None:
-        try:
-            return id(self.updates), self.updates._version  # (in-place writes bump _version)
+    def _buffer_key(self) -> tuple[int, int, int] | None:
+        try:  # (in-place writes bump _version; a new tensor has another id or data)
+            return id(self.updates), self.updates.data_ptr(), self.updates._version
         except RuntimeError:  # an inference-mode tensor has no version: read each time
             return None
 
@@ -110,6 +112,10 @@ class EMATeacher(nn.Module):
     @torch.no_grad()
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+
+def _reread_updates(module: EMATeacher, incompatible_keys) -> None:
+    module._host_updates = (0, None)  # the loaded count is read at the next momentum()
 
 
 def _forget_student_params(module: nn.Module, incompatible_keys) -> None:

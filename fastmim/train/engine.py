@@ -339,10 +339,12 @@ class Trainer:
             )
 
     def save(self) -> None:
-        if self.sharded:
-            self._save_sharded()
-        else:
-            self._save_whole()
+        watch = getattr(self, "preempt", None)  # (a save outside fit(): none)
+        with watch.saving_now() if watch is not None else contextlib.nullcontext():
+            if self.sharded:
+                self._save_sharded()
+            else:
+                self._save_whole()
         self.saved_step = self.pos.step
         if self.info.is_main:
             self._drop_other_format()
@@ -633,6 +635,12 @@ class Trainer:
                 self.pos.epoch, self.pos.batch = epoch + 1, 0
             last = self.pos.step >= self.total_steps
             self.save()  # before the pictures: nothing they do can cost the checkpoint
+            if last and self.preempt.requested():  # a stop asked in the last step: the
+                if self.info.is_main:  # run is complete and saved; what would follow is left out
+                    print(f"stopped on {self.preempt.signame} in the last step: the run is complete and saved at "
+                          f"step {self.pos.step}; its reconstructions and kNN evaluation are left out",
+                          flush=True)  # fmt: skip
+                break
             if last or self.pos.batch == 0 and self.pos.epoch % cfg.vis_interval == 0:
                 self.visualize()
             if last or self.pos.batch == 0 and self.pos.epoch % cfg.eval_every == 0:

@@ -89,12 +89,22 @@ def stop_outside_training():
             _finished.clear()
 
 
+def _say(text: str) -> None:
+    """To stderr from a signal handler: a raw write (no print to re-enter), and nothing if stderr is gone (a pipe whose
+    reader the same Ctrl-C ended: `| tee log`)."""
+    try:
+        os.write(2, text.encode())
+    except OSError:
+        pass
+
+
 class PreemptionWatch:
     """Records SIGTERM / SIGUSR1 from ``install()`` to ``close()`` (which restores the previous handlers)."""
 
     def __init__(self, info: DistInfo):
         self.info = info
         self.signame: str | None = None
+        self.saving = False  # set while a checkpoint is written: a second Ctrl-C then waits for it (``saving_now``)
         self._previous: dict[int, object] = {}
         self._group = None
 
@@ -118,18 +128,38 @@ class PreemptionWatch:
 
     def _interrupt(self, signum, frame) -> None:
         """Ctrl-C: the first one stops the run at the next step boundary with a checkpoint (said at once: os.write,
-        which cannot re-enter a print the signal interrupted); another one stops it at once."""
-        if self.signame is not None:
+        which cannot re-enter a print the signal interrupted); another one stops it at once, unless a checkpoint is
+        being written (a checkpoint and its encoder file are written as a pair): then right after it."""
+        if self.signame is not None and not self.saving:
             raise KeyboardInterrupt
-        self.signame = "SIGINT"
-        os.write(2, b"\nCtrl-C: stopping after the step in flight, with a checkpoint of it (Ctrl-C again: stop now, "
-                 b"from the last checkpoint)\n")  # fmt: skip
+        first = self.signame is None
+        self.signame = self.signame or "SIGINT"
+        if first:
+            _say("\nCtrl-C: stopping after the step in flight, with a checkpoint of it (Ctrl-C again: stop now, from "
+                 "the last checkpoint)\n")  # fmt: skip
+        else:
+            _say("\nCtrl-C: a checkpoint is being written; the run stops right after it\n")
+
+    @contextlib.contextmanager
+    def saving_now(self):
+        """While a checkpoint is written, a second Ctrl-C does not interrupt it."""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
 
     def requested(self) -> bool:
-        """Whether any rank got a signal (a collective under DDP: every rank calls it at the same step)."""
+        """Whether any rank got a signal (a collective under DDP: every rank calls it at the same step). Once one did,
+        the ranks agree on which: a scheduler's SIGTERM / SIGUSR1 over a Ctrl-C, so that every rank exits with the same
+        status (75, a requeue, or 130)."""
         flag = self.any_rank(self.signame is not None)
-        if flag and self.signame is None:
-            self.signame = "a signal on another rank"
+        if flag and self.info.enabled:
+            names = [n for n in self.gather(self.signame) if n is not None]
+            scheduler = [n for n in names if n != "SIGINT"]
+            agreed = (scheduler or names or [None])[0]
+            if self.signame is None or (agreed != "SIGINT" and self.signame == "SIGINT"):
+                self.signame = agreed if agreed is not None else "a signal on another rank"
         return flag
 
     def any_rank(self, flag: bool) -> bool:

@@ -360,7 +360,7 @@ def test_finetuning_defaults_are_the_encoders_official_recipe():
     assert finetune_recipe("vit_base_patch16")[1] == dict(epochs=100, warmup_epochs=5, blr=5e-4, layer_decay=0.65,
                                                           layer_decay_type="single", drop_path=0.1, weight_decay=0.05,
                                                           mixup=0.8, cutmix=1.0, smoothing=0.1,
-                                                          model_ema=0.0)  # fmt: skip
+                                                          model_ema=0.0, min_lr=1e-6)  # fmt: skip
     large, huge = finetune_recipe("vit_large_patch16")[1], finetune_recipe("vit_huge_patch14")[1]
     assert (large["epochs"], large["blr"], large["layer_decay"], large["drop_path"]) == (50, 1e-3, 0.75, 0.2)
     assert huge["drop_path"] == 0.3 and finetune_recipe("vit_tiny_patch16")[0].endswith("nearest published one)")
@@ -896,7 +896,7 @@ def test_a_data2vec2_encoder_is_finetuned_with_fairsecs_recipe():
     assert (recipe["warmup_epochs"], recipe["mixup"], recipe["cutmix"], recipe["layer_decay"]) == (6.4, 0.7, 1.0, 0.65)
     assert finetune_recipe("vit_base_patch16", "mae_vit_base_patch16")[1]["layer_decay_type"] == "single"
     extras = recipe_extras("data2vec2_vit_tiny_patch16")
-    assert extras == {"betas": (0.9, 0.95), "mixup_prob": 0.9, "head_init_std": 0.02}
+    assert extras == {"betas": (0.9, 0.95), "mixup_prob": 0.9, "head_init_std": 0.02, "clip_grad": None}
     assert recipe_extras("mae_vit_tiny_patch16")["betas"] == (0.9, 0.999)
     enc, info = load_encoder(None, "vit_tiny_patch16", 32)
     net, _ = finetune_network(enc, info, 5, drop_path=0.0, head_init_std=extras["head_init_std"])
@@ -908,3 +908,37 @@ def test_a_data2vec2_encoder_is_finetuned_with_fairsecs_recipe():
     assert scales["blocks.0.attn.qkv.weight"] == pytest.approx(0.65**depth)
     assert scales[f"blocks.{depth - 1}.mlp.fc1.weight"] == pytest.approx(0.65)
     assert all(g["betas"] == (0.9, 0.95) for g in opt.param_groups)
+    # ViT-L and ViT-H: fairseq's own large and huge configs, not ViT-B's
+    where, large = finetune_recipe("vit_large_patch16", "data2vec2_vit_large_patch16")
+    assert "mae_imagenet_large_clean.yaml" in where
+    assert [large[k] for k in ("epochs", "blr", "layer_decay", "drop_path", "min_lr")] == [50, 2.5e-4, 0.75, 0.2, 1e-7]
+    assert finetune_recipe("vit_huge_patch14", "data2vec2_vit_huge_patch14")[1]["min_lr"] == 1e-20
+    assert recipe_extras("data2vec2_vit_large_patch16")["clip_grad"] == 4.0 and extras["clip_grad"] is None
+    with pytest.raises(ValueError, match="layer_decay_type 'group' is for a ConvNeXt"):
+        build_optimizer(net, 1.0, 0.05, 0.65, "group")
+    cnx, cinfo = load_encoder(None, "convnextv2_atto", 64)
+    with pytest.raises(ValueError, match="layer_decay_type 'blocks' is for a ViT"):
+        build_optimizer(finetune_network(cnx, cinfo, 3, drop_path=0.0)[0], 1.0, 0.05, 0.65, "blocks")
+
+
+def test_the_recipes_gradient_clipping_and_betas_reach_the_training(tmp_path, monkeypatch):
+    """A data2vec 2.0 encoder (here a random one of that recipe) fine-tunes with its recipe's extras: AdamW's betas,
+    and the gradient clipping of fairseq's ViT-L/H configs (switched on here for the tiny model)."""
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    import fastmim.eval.finetune as ft
+
+    monkeypatch.setitem(ft.RECIPE_EXTRAS, "data2vec2", ft.RECIPE_EXTRAS["data2vec2"] | {"clip_grad": 1.0})
+    clipped, betas = [], []
+    real_clip, real_adamw = torch.nn.utils.clip_grad_norm_, torch.optim.AdamW
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, norm: clipped.append(norm)
+                        or real_clip(params, norm))  # fmt: skip
+    monkeypatch.setattr(torch.optim, "AdamW", lambda groups, **kw: betas.append(kw["betas"])
+                        or real_adamw(groups, **kw))  # fmt: skip
+    train = make_image_folder(tmp_path / "train", n=12, classes=3)
+    val = make_image_folder(tmp_path / "val", n=6, classes=3, seed=1)
+    assert eval_main(["finetune", "--random", "data2vec2_vit_tiny_patch16", "--img-size", "32", "--data-path",
+                      str(train), "--val-path", str(val), "--batch-size", "4", "--epochs", "1", "--out",
+                      str(tmp_path / "eval.jsonl")]) == 0  # fmt: skip
+    assert clipped == [1.0] * 3 and betas == [(0.9, 0.95)]
+    row = json.loads((tmp_path / "eval.jsonl").read_text().splitlines()[-1])
+    assert row["recipe"].startswith("data2vec 2.0's") and row["clip_grad"] == 1.0 and row["betas"] == [0.9, 0.95]

@@ -3,6 +3,8 @@ teacher for a bf16 student, a frozen eval-mode copy, and an exact resume from it
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -116,3 +118,17 @@ def test_the_schedule_does_not_read_the_update_count_back_each_step():
         assert mode.reads == 1
         other.updates.fill_(2)
         assert other.momentum() == pytest.approx(momentum_at(2, 0.5, 0.99, 10))
+    # a load that swaps the new values into the same tensor object (torch's swap_module_params_on_conversion)
+    swapped = EMATeacher(_student(seed=2), 0.5, 0.99, total_updates=10)
+    swapped.update(student)
+    buf = io.BytesIO()
+    torch.save(teacher.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)  # (a checkpoint read back: its tensors' versions start over)
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        swapped.load_state_dict(state, assign=True)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    loaded = int(state["updates"])  # (2: the assign=True load above shared teacher's buffer with other)
+    assert loaded != 1 and swapped.momentum() == pytest.approx(momentum_at(loaded, 0.5, 0.99, 10))
