@@ -223,9 +223,6 @@ def _apply_recipe(args, info: dict) -> None:
     taken = {k: v for k, v in recipe.items() if getattr(args, k) is None}
     for k, v in taken.items():
         setattr(args, k, v)
-    for k in ("min_lr",):  # (an option every recipe sets, the others' defaults)
-        if getattr(args, k) is None:
-            setattr(args, k, 1e-6)
     if taken and args.dist_info.is_main:
         said = ", ".join(f"{k.replace('_', ' ')} {v:g}" if not isinstance(v, str) else f"{k.replace('_', ' ')} {v}"
                          for k, v in taken.items())  # fmt: skip
