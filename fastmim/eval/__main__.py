@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     _check(ap, args)
     from fastmim.data.folder import BadImageError
     from fastmim.eval.finetune import FinetuneStopped
-    from fastmim.train.preempt import INTERRUPT_EXIT, REQUEUE_EXIT, StopRequested, stop_outside_training
+    from fastmim.train.preempt import INTERRUPT_EXIT, REQUEUE_EXIT, StopRequested, exit_status, stop_outside_training
 
     try:  # finetune: a stop signal exits with the requeue status, after a checkpoint when in training
         with stop_outside_training() if args.mode == "finetune" else contextlib.nullcontext():
@@ -539,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = getattr(args, "run_dir", None)
         print(f"stopped on {e}" + (f"; continue with python -m fastmim.eval finetune --resume {folder}" if e.saved
                                    and folder else ""), file=sys.stderr)  # fmt: skip
-        return INTERRUPT_EXIT if e.signame == "SIGINT" else REQUEUE_EXIT
+        return exit_status(e.signame)
     except KeyboardInterrupt:  # Ctrl-C outside the fine-tuning's steps, or a second one inside
         folder = getattr(args, "run_dir", None)
         saved = folder is not None and (Path(folder) / "checkpoint.pt").is_file()

@@ -440,6 +440,9 @@ _DATA2VEC2 = _MAE_B | dict(warmup_epochs=6.4, mixup=0.7, layer_decay_type="block
 # updates (50 epochs), layer decay 0.75, drop path 0.2, gradients clipped at norm 4, the cosine to 1e-7 (L) or 1e-20
 _DATA2VEC2_L = _DATA2VEC2 | dict(epochs=50, blr=2.5e-4, layer_decay=0.75, drop_path=0.2, min_lr=1e-7)
 _DATA2VEC2_H = _DATA2VEC2_L | dict(min_lr=1e-20)
+DATA2VEC2_RECIPES = {"base": ("data2vec 2.0's (fairseq mae_imagenet_clean.yaml)", _DATA2VEC2),
+                     "large": ("data2vec 2.0's ViT-L (fairseq mae_imagenet_large_clean.yaml)", _DATA2VEC2_L),
+                     "huge": ("data2vec 2.0's ViT-H (fairseq mae_imagenet_huge_clean.yaml)", _DATA2VEC2_H)}  # fmt: skip
 RECIPES = {  # encoder size -> (the recipe's source, its settings)
     "vit_base": ("MAE's ViT-B (FINETUNE.md)", _MAE_B),
     "vit_large": ("MAE's ViT-L (FINETUNE.md)", _MAE_L),
@@ -460,13 +463,20 @@ RECIPE_EXTRAS = {"mae": dict(betas=(0.9, 0.999), mixup_prob=1.0, head_init_std=2
                  "data2vec2": _D2V_EXTRAS, "data2vec2_large": _D2V_EXTRAS | dict(clip_grad=4.0)}  # fmt: skip
 
 
+def _data2vec2_size(name: str | None) -> str | None:
+    """A data2vec 2.0 run's model (``data2vec2_vit_large_patch16``): which of fairseq's fine-tuning configs is its,
+    "base", "large" (ViT-L) or "huge" (ViT-H and ViT-g); None for another recipe's."""
+    name = str(name or "")
+    if not name.startswith("data2vec2_vit_"):
+        return None
+    vit = name.removeprefix("data2vec2_")
+    return "large" if vit.startswith("vit_large") else "huge" if vit.startswith(("vit_huge", "vit_giant")) else "base"
+
+
 def recipe_extras(model_name: str | None) -> dict:
     """``RECIPE_EXTRAS`` of the recipe a run's encoder came from (its metadata's model: data2vec2_..., mae_...)."""
-    name = str(model_name or "")
-    if not name.startswith("data2vec2_"):
-        return RECIPE_EXTRAS["mae"]
-    return RECIPE_EXTRAS["data2vec2_large" if name.startswith(("data2vec2_vit_large", "data2vec2_vit_huge",
-                                                               "data2vec2_vit_giant")) else "data2vec2"]  # fmt: skip
+    size = _data2vec2_size(model_name)
+    return RECIPE_EXTRAS["mae" if size is None else "data2vec2" if size == "base" else "data2vec2_large"]
 
 
 def finetune_recipe(encoder_name: str, model_name: str | None = None) -> tuple[str, dict]:
@@ -475,12 +485,9 @@ def finetune_recipe(encoder_name: str, model_name: str | None = None) -> tuple[s
     ViT-H's), ConvNeXt V2's for Atto, Tiny and Base (Femto to Nano take Atto's, Large and Huge Base's), which keep an
     EMA of the weights (decay 0.9999) and report its accuracy too; a data2vec 2.0 run's ViT (``model_name``, its
     encoder file's metadata: ``data2vec2_...``) takes fairseq's (``_DATA2VEC2``, with ``RECIPE_EXTRAS``)."""
-    if str(model_name or "").startswith("data2vec2_") and encoder_name.startswith("vit_"):
-        if encoder_name.startswith("vit_large"):
-            return "data2vec 2.0's ViT-L (fairseq mae_imagenet_large_clean.yaml)", _DATA2VEC2_L
-        if encoder_name.startswith(("vit_huge", "vit_giant")):
-            return "data2vec 2.0's ViT-H (fairseq mae_imagenet_huge_clean.yaml)", _DATA2VEC2_H
-        return "data2vec 2.0's (fairseq mae_imagenet_clean.yaml)", _DATA2VEC2
+    d2v = _data2vec2_size(model_name) if encoder_name.startswith("vit_") else None
+    if d2v is not None:
+        return DATA2VEC2_RECIPES[d2v]
     size = "_".join(encoder_name.split("_")[:2]) if encoder_name.startswith(("vit_", "convnextv2_")) else ""
     if size in RECIPES:
         return RECIPES[size]

@@ -293,15 +293,18 @@ def check_device(op: str, name: str, t: torch.Tensor, device: torch.device) -> N
         raise ValueError(f"{op}: {name} is on {t.device}, the other inputs on {device}")
 
 
-def check_id_values(op: str, name: str, ids: torch.Tensor, upper: int, distinct: bool, lower: int = 0) -> None:
-    """Range (and, if asked, per-row distinctness) of ``ids`` in [lower, upper): run on CPU tensors only.
-
-    On CUDA this would cost a host sync every call, so there it runs only with ``FASTMIM_CHECK_IDS=1`` (debugging);
-    otherwise the kernels are memory-safe instead (an out-of-range id gives NaN rows, never an out-of-bounds read).
-    """
+def ids_checked_here(ids: torch.Tensor) -> bool:
+    """Whether the values of ``ids`` are checked: on CPU tensors, outside torch.compile's tracing. On CUDA a check
+    would cost a host sync every call, so there it runs only with ``FASTMIM_CHECK_IDS=1`` (debugging); otherwise the
+    kernels are memory-safe instead (an out-of-range id gives NaN rows, never an out-of-bounds read)."""
     if ids.numel() == 0 or torch.compiler.is_compiling():
-        return
-    if ids.device.type != "cpu" and getenv("FASTMIM_CHECK_IDS", "0") != "1":
+        return False
+    return ids.device.type == "cpu" or getenv("FASTMIM_CHECK_IDS", "0") == "1"
+
+
+def check_id_values(op: str, name: str, ids: torch.Tensor, upper: int, distinct: bool, lower: int = 0) -> None:
+    """Range (and, if asked, per-row distinctness) of ``ids`` in [lower, upper), where ``ids_checked_here``."""
+    if not ids_checked_here(ids):
         return
     lo, hi = (int(v) for v in torch.aminmax(ids))
     if lo < lower or hi >= upper:

@@ -9,7 +9,6 @@ Registered as ``torch.library.custom_op`` (fake kernels, autograd), so it runs u
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +23,7 @@ from fastmim.ops._dispatch import (
     checked,
     choose_backend,
     eager_function,
+    ids_checked_here,
     no_second_derivative,
     use_custom_op,
 )
@@ -303,9 +303,7 @@ def _check_inputs(x: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor, bias
 def _check_symmetric(nbr: torch.Tensor) -> None:
     """``nbr[t, r] = r'`` implies ``nbr[K*K - 1 - t, r'] = r`` (x's backward reads the table flipped); checked where
     the ids are (CPU tensors, or CUDA with ``FASTMIM_CHECK_IDS=1``), after their range."""
-    if nbr.numel() == 0 or torch.compiler.is_compiling():
-        return
-    if nbr.device.type != "cpu" and os.environ.get("FASTMIM_CHECK_IDS", "0") != "1":
+    if not ids_checked_here(nbr):
         return
     check_id_values(_OP, "nbr", nbr, nbr.shape[1], distinct=False, lower=-1)
     ids = nbr.long()

@@ -97,13 +97,13 @@ class EMATeacher(nn.Module):
             raise ValueError(f"EMATeacher.update: the teacher was cast to {', '.join(map(str, sorted(low, key=str)))}; "
                              "it must stay fp32, where updates of (1 - momentum) ~ 1e-4 survive: keep the model in "
                              "fp32 and train under torch.autocast, as fastmim's trainer does")  # fmt: skip
-        m = self.momentum()
+        count = self._updates_now()
+        m = momentum_at(count, self.start, self.end, self.total_updates)
         src = [s.detach() if s.dtype == t.dtype else s.detach().to(t.dtype) for s, t in zip(theirs, mine, strict=True)]
         torch._foreach_lerp_(mine, src, 1.0 - m)
         if student is not None and params is None:
             for t, s in zip(self.model.buffers(), student.buffers(), strict=True):
                 t.copy_(s)
-        count = self._updates_now()
         self.updates += 1
         self._host_updates = (count + 1, self._buffer_key())
         self.last_momentum = m  # (the trainer logs it: metrics.jsonl's ema_momentum)

@@ -101,6 +101,7 @@ class Trainer:
         if self.cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, self.cfg.max_steps)
         self.logger = MetricsLogger(self.output_dir, enabled=self.info.is_main)
+        self.preempt: PreemptionWatch | None = None  # (fit() installs it: a save outside fit() has none)
         self.images_per_step = self.cfg.batch_size * self.cfg.accum_iter * self.info.world_size
         # each sample's mask from (seed, epoch, dataset index): the same whatever the workers, ranks or restarts
         self.masks = self.raw_model.mask_strategy(seed=self.cfg.seed)
@@ -339,8 +340,7 @@ class Trainer:
             )
 
     def save(self) -> None:
-        watch = getattr(self, "preempt", None)  # (a save outside fit(): none)
-        with watch.saving_now() if watch is not None else contextlib.nullcontext():
+        with self.preempt.saving_now() if self.preempt is not None else contextlib.nullcontext():
             if self.sharded:
                 self._save_sharded()
             else:

@@ -37,7 +37,12 @@ class Preempted(Exception):
 
     @property
     def exit_status(self) -> int:
-        return INTERRUPT_EXIT if self.signame == "SIGINT" else REQUEUE_EXIT
+        return exit_status(self.signame)
+
+
+def exit_status(signame: str | None) -> int:
+    """The status of a process stopped on ``signame``: 130 for a Ctrl-C, else a requeue's 75."""
+    return INTERRUPT_EXIT if signame == "SIGINT" else REQUEUE_EXIT
 
 
 class StopRequested(BaseException):
