@@ -27,7 +27,7 @@
 # (the tree sent to a GPU machine has no .git, so FASTMIM_COMMIT names the commit in every row). The device tool returns
 # at most 8 files per call: suite.log, profiles.tar (torch.profiler traces) and the .jsonl rows (throughput, ops,
 # ops_compiled, host_overhead, demo_metrics, fsdp_metrics, sparse_conv, tune_*, hf_vit_mae, eval, masks, dataload);
-# when there are more than 8 files, the .jsonl files go into one results.tar.
+# when there are more than 8 files, the .jsonl files go into one results.tar (a dry run leaves the folder as it is).
 set -uo pipefail
 RESULTS=${1:?usage: gpu_suite.sh RESULTS_DIR}
 mkdir -p "$RESULTS"
@@ -425,8 +425,10 @@ if [ -d "$SCRATCH/profiles" ]; then  # the device tool returns files up to 16 Mi
   tar -cf "$RESULTS/profiles.tar" -C "$SCRATCH" profiles
 fi
 [ "$DRY" = 1 ] || $PY benchmarks/report.py --results "$RESULTS" || status=1
-if [ "$(ls "$RESULTS" | wc -l)" -gt 8 ]; then  # the device tool returns 8 files: the rows in one archive
-  (cd "$RESULTS" && tar -cf results.tar ./*.jsonl && rm -f ./*.jsonl) && echo "the .jsonl files are in results.tar"
+# the device tool returns 8 files: the rows in one archive (added to one a run before left in this folder: -r)
+if [ "$DRY" != 1 ] && [ "$(ls "$RESULTS" | wc -l)" -gt 8 ] && ls "$RESULTS"/*.jsonl >/dev/null 2>&1; then
+  (cd "$RESULTS" && tar -$([ -f results.tar ] && echo r || echo c)f results.tar ./*.jsonl && rm -f ./*.jsonl) &&
+    echo "the .jsonl files are in results.tar"
 fi
 ls -la "$RESULTS"
 step "done, status $status"

@@ -3,8 +3,25 @@ is named with the setting, instead of failing later inside torch or being taken 
 
 from __future__ import annotations
 
+import argparse
 import math
 import operator
+import os
+
+
+def says_usage_errors() -> bool:
+    """Whether this process prints a usage error. Under torchrun every rank parses the same command and would print
+    the same error once each: local rank 0 of each node says it, the others exit with the same status silently."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's, with its errors printed once per node under torchrun (``says_usage_errors``)."""
+
+    def error(self, message):
+        if not says_usage_errors():
+            self.exit(2)
+        super().error(message)
 
 
 def as_int(value) -> int | None:

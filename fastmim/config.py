@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from fastmim._args import ArgumentParser
+
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 LOADERS = ("auto", "dali", "torch", "torch-gpu")
 CROPS = ("random-resized", "simple")  # fastmim.data.transforms.CROPS (not imported here: torchvision)
@@ -542,11 +544,14 @@ def save_yaml(cfg: PretrainConfig, path: str | Path) -> None:
     d = cfg.to_dict()
     d["resume"] = None
     d["config_format"] = CONFIG_FORMAT
-    Path(path).write_text(yaml.safe_dump(d, sort_keys=False))
+    from fastmim.train.checkpoint import atomic_write
+
+    text = yaml.safe_dump(d, sort_keys=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))  # (a full disk leaves the last one whole)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m fastmim.pretrain",
         description="Masked image modeling pretraining: MAE, PixMIM, SimMIM, A2MIM, MaskFeat, data2vec 2.0, I-JEPA "
         "and FCMAE (--model; fastmim.list_models() lists them). With no arguments: a small MAE on built-in photos.",

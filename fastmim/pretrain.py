@@ -6,6 +6,7 @@ With no arguments it pretrains a small MAE on the built-in sample photos. Run ``
 from __future__ import annotations
 
 import dataclasses
+import errno
 import inspect
 import json
 import math
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastmim._args import says_usage_errors
 from fastmim.config import (
     EVERY_TOKEN_RECIPES,
     PATH_KEYS,
@@ -37,6 +39,7 @@ from fastmim.data.folder import BadImageError
 from fastmim.train.checkpoint import (
     CHECKPOINT_NAME,
     DCP_NAME,
+    NoSpaceError,
     existing_run_markers,
     load_checkpoint,
     remove_stale_temporaries,
@@ -45,6 +48,7 @@ from fastmim.train.checkpoint import (
 from fastmim.train.compile_mode import compile_model, resolve_compile_mode
 from fastmim.train.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from fastmim.train.preempt import REQUEUE_EXIT, Preempted, StopRequested, stop_outside_training
+from fastmim.train.runlock import RunLock
 
 
 class UsageError(Exception):
@@ -444,47 +448,63 @@ def lost_checkpoint(out: str | Path) -> str | None:
             "changed.")  # fmt: skip
 
 
-def prepare_output_dir(cfg: PretrainConfig, info: DistInfo) -> Path:
-    """Creates the run directory, refusing one that already holds a run unless resuming it.
+def prepare_output_dir(cfg: PretrainConfig, info: DistInfo) -> tuple[Path, RunLock | None]:
+    """Creates the run directory, refusing one that already holds a run unless resuming it, and one another process
+    writes in; returns it and rank 0's lock on it (``RunLock``: release it when the run ends).
 
     Rank 0 decides and tells the others, so a slow rank never mistakes rank 0's fresh files for an old run.
     """
     out = cfg.output_dir or f"output/{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(broadcast_object(out, info))
-    error = None
-    if info.is_main:
-        markers = existing_run_markers(out)
-        resuming_here = cfg.resume is not None and Path(cfg.resume).resolve().parent == out.resolve()
-        unfinished = bool(markers) and run_checkpoint(out) is None and not resuming_here
-        error = lost_checkpoint(out) if unfinished else None  # a run that saved, its checkpoint since lost: untouched
-        if unfinished and not error:
-            # a run that died before its first checkpoint: nothing to resume; its files are kept aside, not deleted
-            aside = out / f"unfinished-{time.strftime('%Y%m%d-%H%M%S')}"
-            aside.mkdir()
-            markers += [m for m in UNFINISHED_EXTRAS if (out / m).exists()]  # what it may have written before
-            for m in markers:  # (a sharded checkpoint without its meta.pt is an unfinished save)
-                (out / m).rename(aside / m)
-            print(f"{out} held a run that stopped before its first checkpoint; its {', '.join(markers)} moved to "
-                  f"{aside.name}/, starting afresh", flush=True)  # fmt: skip
-            markers = []
-        if not error and markers and not resuming_here:
-            how = (f"the resume of {cfg.resume} would write over it: resume in that run's own folder, or choose an "
-                   "empty --output-dir" if cfg.resume is not None else  # (a resume of another run into this one)
-                   "pass --resume to continue it, or choose another --output-dir")  # fmt: skip
-            error = f"output directory {str(out)!r} already holds a run ({', '.join(markers)}); {how}. Nothing was " \
-                "overwritten."  # fmt: skip
-        if not error and out.exists() and not out.is_dir():
-            error = f"output path {str(out)!r} exists and is not a directory"
+    error = lock = None
+    if info.is_main and out.exists() and not out.is_dir():
+        error = f"output path {str(out)!r} exists and is not a directory"
+    elif info.is_main:
+        made = [p for p in (out, *out.parents) if not p.exists()]
+        out.mkdir(parents=True, exist_ok=True)  # (the lock's place; removed again if the run is refused)
+        lock = RunLock(out, f"run {cfg.model}")
+        error = lock.acquire()
         if not error:
-            out.mkdir(parents=True, exist_ok=True)
-            freed = remove_stale_temporaries(out)  # what a save killed mid-write (kill -9) left behind
-            if freed:
-                print(f"note: removed {freed / 2**20:.1f} MiB of temporary files an interrupted save left in {out}",
-                      flush=True)  # fmt: skip
+            error = _check_output_dir(cfg, out)
+        if error:
+            lock.release()
+            lock = None
+            _remove_empty(out, made[-1] if made else None)
     error = broadcast_object(error, info)
     if error:
         raise UsageError(error)
-    return out
+    return out, lock
+
+
+def _check_output_dir(cfg: PretrainConfig, out: Path) -> str | None:
+    """Rank 0's part of ``prepare_output_dir``, under the folder's lock: why ``out`` cannot take this run, or None.
+    Either way it removes the temporary files of a save killed mid-write (under the lock no save is under way)."""
+    freed = remove_stale_temporaries(out)  # (kill -9, a launcher's timeout: each a checkpoint's size)
+    if freed:
+        print(f"note: removed {freed / 2**20:.1f} MiB of temporary files an interrupted save left in {out}", flush=True)
+    markers = existing_run_markers(out)
+    resuming_here = cfg.resume is not None and Path(cfg.resume).resolve().parent == out.resolve()
+    unfinished = bool(markers) and run_checkpoint(out) is None and not resuming_here
+    if unfinished:
+        error = lost_checkpoint(out)  # a run that saved, its checkpoint since lost: untouched
+        if error:
+            return error
+        # a run that died before its first checkpoint: nothing to resume; its files are kept aside, not deleted
+        aside = out / f"unfinished-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir()
+        markers += [m for m in UNFINISHED_EXTRAS if (out / m).exists()]  # what it may have written before
+        for m in markers:  # (a sharded checkpoint without its meta.pt is an unfinished save)
+            (out / m).rename(aside / m)
+        print(f"{out} held a run that stopped before its first checkpoint; its {', '.join(markers)} moved to "
+              f"{aside.name}/, starting afresh", flush=True)  # fmt: skip
+        return None
+    if markers and not resuming_here:
+        how = (f"the resume of {cfg.resume} would write over it: resume in that run's own folder, or choose an "
+               "empty --output-dir" if cfg.resume is not None else  # (a resume of another run into this one)
+               "pass --resume to continue it, or choose another --output-dir")  # fmt: skip
+        return f"output directory {str(out)!r} already holds a run ({', '.join(markers)}); {how}. Nothing was " \
+            "overwritten."  # fmt: skip
+    return None
 
 
 def with_builtin_data(cfg: PretrainConfig) -> PretrainConfig:
@@ -905,7 +925,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     check_lr_schedule(cfg, lr, eff_batch, info, warm)
     base = Path(cfg.output_dir) if cfg.output_dir else Path("output")  # (the default run folder goes in output/)
     made = [p for p in (base, *base.parents) if not p.exists()]  # the folders the run will make
-    out = prepare_output_dir(cfg, info)
+    out, lock = prepare_output_dir(cfg, info)
     loader = None
     try:  # (DALI's pipeline holds its files mapped: released at the end, not when the collector gets to it)
         try:  # what can still refuse the run (data, model, loader): the folders made for it are not left behind empty
@@ -957,6 +977,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
                 del state
         except BaseException:
             if info.is_main:
+                lock.release()  # (its file too: a folder made for the run goes if it is empty)
                 _remove_empty(out, made[-1] if made else (out if cfg.output_dir is None else None))
             raise
         if info.is_main and trainer.pos.step < trainer.total_steps:  # (a resume with nothing to do keeps the run's own)
@@ -1014,6 +1035,8 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     finally:
         if hasattr(loader, "close"):
             loader.close()
+        if lock is not None:
+            lock.release()
     if info.is_main:
         print(f"done: step {pos.step}, outputs in {out}", flush=True)
     return out
@@ -1061,10 +1084,16 @@ def main(argv: list[str] | None = None) -> int:
         with stop_outside_training():  # a stop signal before or after training: exit REQUEUE_EXIT too
             run(argv)
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not isinstance(e, UsageError) or says_usage_errors():  # (the command's own: once per node under torchrun)
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only or unwritable folder: one line; any other keeps its traceback
+        if isinstance(e, NoSpaceError) or e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
+            print(f"error: {e if isinstance(e, NoSpaceError) else f'{e.strerror}: {e.filename}'}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact", file=sys.stderr)
+        print("interrupted; the last checkpoint (if any) is intact", file=sys.stderr)
         return 130
     except (BadImageError, DaliDecodeError) as e:  # one line naming the file, not a worker's traceback
         print(f"error: {bad_file_message(e)}", file=sys.stderr)

@@ -552,8 +552,13 @@ def test_gpu_suite_dry_run_runs_the_named_steps_in_order_and_refuses_an_unknown_
     assert "dataload.py --images 16384 --prepare-only" in log and "--ops gather,scatter,loss" in log
     proc = suite("ops,graphs", "b")
     assert proc.returncode == 2 and "unknown step 'graphs'" in proc.stdout and "DRY RUN (limit" not in proc.stdout
+    rows = [f"r{i}.jsonl" for i in range(9)]  # an earlier run's rows: a dry run leaves them (it bundled them)
+    (tmp_path / "c").mkdir()
+    for name in rows:
+        (tmp_path / "c" / name).write_text("{}\n")
     full = suite(None, "c")
     assert full.returncode == 0 and "command not found" not in full.stdout + full.stderr
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted([*rows, "suite.log"])
     script = (BENCH / "gpu_suite.sh").read_text()
     names = re.search(r'STEPS="([^"]*)"', script).group(1).split()
     assert len(names) == len(set(names)) and all(f"\ns_{n}() {{" in script for n in names)

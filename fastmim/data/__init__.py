@@ -130,10 +130,11 @@ class MaskCollate:
         return (imgs, idx, masks.mask) if masks.targets is None else (imgs, idx, masks.mask, masks.targets)
 
 
-# (SIGINT too: Ctrl-C in a terminal reaches the whole foreground process group, workers included, while the trainer
-# stops at its step boundary with a checkpoint, fastmim.train.preempt)
+# (SIGINT and SIGHUP too: Ctrl-C, or a closed terminal, reaches the whole foreground process group, workers included,
+# while the trainer stops at its step boundary with a checkpoint, fastmim.train.preempt)
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None),
-                                 getattr(signal, "SIGINT", None)) if s is not None)  # fmt: skip
+                                 getattr(signal, "SIGINT", None), getattr(signal, "SIGHUP", None))
+                     if s is not None)  # fmt: skip
 
 
 def _all_threads_block(signals) -> bool:

@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 
+from fastmim._args import ArgumentParser
+
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m fastmim.eval", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m fastmim.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("mode", choices=("knn", "linprobe", "finetune"))
     src = ap.add_mutually_exclusive_group()  # one of them is required, unless finetune --resume reads it
     src.add_argument("--encoder", help="a run directory, its encoder.safetensors, or a timm checkpoint (with --model)")
@@ -287,7 +289,11 @@ def run(args) -> dict:
     }  # fmt: skip
     t0 = time.perf_counter()
     if args.mode == "finetune":
-        what = _finetune(args, encoder, info, train_root, train, val, device, result)
+        try:
+            what = _finetune(args, encoder, info, train_root, train, val, device, result)
+        finally:
+            if getattr(args, "run_lock", None) is not None:
+                args.run_lock.release()
     else:
         cache = not args.no_cache
         tf = tl = None
@@ -383,6 +389,7 @@ def _finetune_dir(args, info: dict) -> Path:
     """--resume's or --finetune-dir's folder, else the first free finetune, finetune-2, ... beside eval.jsonl (decided
     on rank 0, agreed by all)."""
     from fastmim.train.distributed import broadcast_object
+    from fastmim.train.runlock import LOCK_NAME
 
     if args.resume:
         return Path(args.resume)
@@ -391,7 +398,7 @@ def _finetune_dir(args, info: dict) -> Path:
         if args.dist_info.is_main and (d / "checkpoint.pt").exists():
             raise ValueError(f"--finetune-dir {str(d)!r} holds a fine-tuning already: --resume {d} to continue it, "
                              "or choose another folder")  # fmt: skip
-        if args.dist_info.is_main and d.is_dir() and any(f.name != ARGS_FILE for f in d.iterdir()):
+        if args.dist_info.is_main and d.is_dir() and any(f.name not in (ARGS_FILE, LOCK_NAME) for f in d.iterdir()):
             raise ValueError(f"--finetune-dir {str(d)!r} holds files but no checkpoint (a fine-tuning stopped in its "
                              "first epoch?): choose an empty or new folder; nothing there is overwritten")  # fmt: skip
         return d
@@ -406,6 +413,8 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
     from fastmim.eval.encoder import LabelledFolder
     from fastmim.eval.finetune import finetune, finetune_transform, recipe_extras
     from fastmim.train.checkpoint import save_encoder
+    from fastmim.train.distributed import broadcast_object
+    from fastmim.train.runlock import RunLock
 
     _apply_recipe(args, info)
     extras = recipe_extras(info.get("model"))  # (AdamW's betas, mixup's share, the head's init: the recipe's)
@@ -425,9 +434,17 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
         return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
 
     before = stamp(ckpt)  # (a resume refused before training leaves it as it was)
-    previous = None  # the args.json a resume replaces
-    if args.dist_info.is_main:
+    previous = problem = None  # the args.json a resume replaces; why the folder cannot be used
+    if args.dist_info.is_main:  # one process at a time in the folder: its lock, released by run()
         run_dir.mkdir(parents=True, exist_ok=True)
+        args.run_lock = RunLock(run_dir, "a fine-tuning")
+        problem = args.run_lock.acquire()
+        if problem and made and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+    problem = broadcast_object(problem, args.dist_info)
+    if problem:
+        raise ValueError(problem)
+    if args.dist_info.is_main:
         print(f"finetune: {'resuming in' if args.resume else 'writing to'} {run_dir}", flush=True)
         # what --resume DIR alone reads back (paths absolute: it may run from elsewhere); a resume that trains
         # longer keeps its --epochs there, so that the next resume (after a requeue) does not ask for fewer
@@ -456,7 +473,7 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
             dist_info=args.dist_info, run_dir=run_dir, resume=bool(args.resume),
             data_settings=dict(auto_augment=aa, reprob=args.reprob, train_data=str(Path(train_root).resolve()),
                                encoder_file=str(Path(info["path"]).resolve()) if info.get("path") else None),
-            source={"step": info["step"]},
+            source={"step": info["step"], "encoder_sha256": result["encoder_sha256"]},
         )  # fmt: skip
     except BaseException:
         if args.dist_info.is_main:
@@ -465,15 +482,18 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
                 (run_dir / ARGS_FILE).write_text(previous)  # a refused resume leaves the folder's settings as they were
             if not args.resume and not ckpt.exists():
                 (run_dir / ARGS_FILE).unlink(missing_ok=True)  # a refused or failed start leaves nothing behind
+            args.run_lock.release()  # (its file too)
             if made and run_dir.is_dir() and not any(run_dir.iterdir()):
                 run_dir.rmdir()  # (no empty finetune-N, nor a folder a mistyped --resume made)
         raise
-    was = (out["source"] or {}).get("step", info["step"])
-    if was != info["step"]:  # the encoder file was rewritten since the fine-tuning started from it
+    started = out["source"] or {}  # (a checkpoint from before the digest was kept: the file's, as it is now)
+    was, digest = started.get("step", info["step"]), started.get("encoder_sha256", result["encoder_sha256"])
+    if was != info["step"] or digest != result["encoder_sha256"]:  # the file was rewritten since the fine-tuning began
         if args.dist_info.is_main:
-            print(f"note: {info['path']} now holds step {info['step']}; this fine-tuning started from step {was} "
-                  "and is reported as such", flush=True)  # fmt: skip
+            print(f"note: {info['path']} has changed (now step {info['step']}) since this fine-tuning started from it "
+                  f"(step {was}); it is reported as the encoder it started from", flush=True)  # fmt: skip
         info["step"] = result["step"] = was
+        result["encoder_sha256"] = digest
     saved = run_dir / "finetuned.safetensors"
     if args.dist_info.is_main:
         source = str(Path(info["path"]).resolve()) if info["path"] else "None"

@@ -199,6 +199,12 @@ def finetune(
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
     soft_ce = SoftTargetCrossEntropy()
     watch = PreemptionWatch(dist_info).install()  # SIGTERM / SIGUSR1: the step in flight ends, then a checkpoint
+
+    def save(epoch: int, **part) -> None:  # (a second Ctrl-C while it is written waits for it)
+        with watch.saving_now():
+            _save_checkpoint(run_dir, net, opt, epoch, history, best, settings, dist_info, source=source, ema=ema,
+                             **part)  # fmt: skip
+
     try:
         for epoch in range(start, epochs):
             sampler.set_epoch(epoch)
@@ -236,8 +242,7 @@ def finetune(
                 if i + 1 < per_epoch and watch.requested():  # (every rank asks at every step: a collective)
                     if run_dir is not None:
                         part = {"total": float(total), "count": count, "seconds": spent + time.perf_counter() - t0}
-                        _save_checkpoint(run_dir, net, opt, epoch, history, best, settings, dist_info, batch=i + 1,
-                                         partial=part, source=source, ema=ema)  # fmt: skip
+                        save(epoch, batch=i + 1, partial=part)
                     raise FinetuneStopped(watch.signame, epoch, i + 1, per_epoch, run_dir is not None)
             mean_loss = float(all_reduce_mean(total / count, dist_info))
             if not math.isfinite(mean_loss):
@@ -252,8 +257,7 @@ def finetune(
             history.append(row)
             best = row if best is None or row["top1"] > best["top1"] else best
             if run_dir is not None:
-                _save_checkpoint(run_dir, net, opt, epoch + 1, history, best, settings, dist_info, source=source,
-                                 ema=ema)  # fmt: skip
+                save(epoch + 1)
             if log is not None and dist_info.is_main:
                 log(row)
             if epoch + 1 < epochs and watch.requested():  # a signal during the validation: the epoch is saved
@@ -275,7 +279,7 @@ CHECKPOINT = "checkpoint.pt"
 
 
 class FinetuneStopped(Exception):
-    """SIGTERM or SIGUSR1 stopped the fine-tuning at a step boundary, after a checkpoint there (when it has a
+    """SIGTERM, SIGUSR1 or Ctrl-C stopped the fine-tuning at a step boundary, after a checkpoint there (when it has a
     folder); ``epoch`` epochs and ``batch`` batches of the next were done."""
 
     def __init__(self, signame: str, epoch: int, batch: int, per_epoch: int, saved: bool):

@@ -3,23 +3,27 @@
 Mask: the inverse block mask (``fastmim.masking`` "inverse_block": a few 3x3 squares stay visible, exactly 39 of 196),
 ``num_masks`` (16) masks per image. Encoder: the ViT on the visible tokens of each mask; the patch embedding runs once
 per image and is repeated (``clone_batch``). Target: an EMA teacher (``fastmim.targets.EMATeacher``, momentum 0.9998 ->
-0.99999 over 100k updates, fp32) runs once per image on every token: the FFN outputs (before the residual) of its
-top ``top_k`` blocks, each instance-normalised over the tokens, averaged, layer-normalised; repeated for the masks.
-Head: the convolutional decoder (``fastmim.heads.ConvDecoder2d``) on the encoder's outputs with the masked tokens
-filled by N(0, 0.01) noise (no learned mask token, no position embedding). Loss: ``sum over masked tokens and
-channels of (pred - target)^2 / sqrt(D)``, divided by the masked count, plus the class-token term: the student's class
-token regresses the mean of its image's targets, ``0.01 x 256 x the mean over masked copies of sum over channels of
-(cls - mean target)^2 / sqrt(D)``. fairseq sums that term over each GPU's 256 copies (16 images x 16 masks; it
-scales it by the masked count before its gradient normalisation divides by it): the mean times 256 is the same at
-that batch and does not change with how a batch is split over devices and micro-batches.
+0.99999 over 100k updates, the n-th update at fairseq's count n, fp32) runs once per image on every token: the FFN
+outputs (before the residual) of its top ``top_k`` blocks, each instance-normalised over the tokens, averaged,
+layer-normalised; repeated for the masks. Head: the convolutional decoder (``fastmim.heads.ConvDecoder2d``) on the
+encoder's outputs with the masked tokens filled by N(0, 0.01) noise (no learned mask token, no position embedding).
+Loss: ``sum over masked tokens and channels of (pred - target)^2 / sqrt(D)``, divided by the masked count, plus the
+class-token term: the student's class token regresses the mean of its image's targets, ``0.01 x 256 x the mean over
+masked copies of sum over channels of (cls - mean target)^2 / sqrt(D)``. fairseq sums that term over each GPU's 256
+copies (16 images x 16 masks; it scales it by the masked count before its gradient normalisation divides by it): the
+mean times 256 is the same at that batch and does not change with how a batch is split over devices and micro-batches.
 
-Deviations: pre-norm blocks (fastmim's, timm's) where data2vec 2.0's are post-norm, so that the encoder exports to
-timm like MAE's; the first two blocks (fairseq's "prenet", not part of the targets) are ordinary blocks of the ViT:
-``top_k = depth - 2`` averages the other ten, as fairseq's ten main blocks; MAE's fixed sin-cos position embedding.
-Those are ViT-B's settings; ``data2vec2_vit_large_*`` and ``data2vec2_vit_huge_*`` take fairseq's ViT-L and ViT-H
-image configs (``DATA2VEC2_SIZES``: no prenet, so top 18 of 24 and 24 of 32; mask 0.75 with adjust 0.1; a 3-layer
-kernel-5 decoder 1024 wide; 8 x 16 class-token rows; their momentum schedules). Smaller sizes take ViT-B's.
-The trainer calls ``after_step()`` after each optimizer step: the teacher's EMA update.
+Deviations: pre-norm blocks (fastmim's, timm's) where data2vec 2.0's are post-norm, so that the encoder exports to timm
+like MAE's: a block's FFN target is ``mlp(norm2(x))`` of its input (fairseq's: ``mlp(norm1(x + attn(x)))``), there is no
+LayerNorm on the embedded patches before the first block (fairseq has one) and the decoder and the class-token term read
+the final LayerNorm's output (fairseq's: the last block's, which ends in a norm); MAE's initialisation (xavier-uniform
+linears, a class token of std 0.02) where fairseq's is BERT's (linears N(0, 0.02), a class token N(0, 1), which its
+input LayerNorm tames); the first two blocks (fairseq's "prenet", not part of the targets) are ordinary blocks of the
+ViT: ``top_k = depth - 2`` averages the other ten, as fairseq's ten main blocks; MAE's fixed sin-cos position embedding.
+Those are ViT-B's settings; ``data2vec2_vit_large_*`` and ``data2vec2_vit_huge_*`` take fairseq's ViT-L and ViT-H image
+configs (``DATA2VEC2_SIZES``: no prenet, so top 18 of 24 and 24 of 32; mask 0.75 with adjust 0.1; a 3-layer kernel-5
+decoder 1024 wide; 8 x 16 class-token rows; their momentum schedules). Smaller sizes take ViT-B's. The trainer calls
+``after_step()`` after each optimizer step: the teacher's EMA update.
 """
 
 from __future__ import annotations
@@ -138,7 +142,7 @@ class Data2Vec2ViT(TeacherOfEncoder, VisionTransformer):
                                      decoder_kernel, decoder_groups)  # fmt: skip
         encoder = VisionTransformer(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
                                     attn_impl=attn_impl)  # fmt: skip
-        self.init_teacher(encoder, *momentum)
+        self.init_teacher(encoder, *momentum, count_from=1)  # fairseq reads its schedule after the count's increment
 
     # --- Mask ---
     def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:

@@ -16,7 +16,9 @@ global_pool="avg", fc_norm=False)``. Deviations: MAE's initialisation; the CLI's
 (I-JEPA's is bilinear without: ``configs/ijepa_vit_huge14_in1k.yaml`` sets both). On small grids the masks' fallback
 (the collator's: after 20 failed draws a context stops excluding one more target block) lets a context overlap its
 targets more often: rare on 14x14, common on the 64-px demo's 4x4; grids under 3x3 are refused. I-JEPA's
-weight-decay and learning-rate schedules are the config's (``weight_decay_end``, ``warmup_lr``). The trainer calls
+weight-decay and learning-rate schedules are the config's (``weight_decay_end``, ``warmup_lr``); fastmim's step n
+takes the schedules' value at n (I-JEPA's schedulers step before they are read: n + 1; at most 3e-4 of the lr apart
+over the 300-epoch run). The trainer calls
 ``set_total_steps`` (the momentum schedule's length) and ``after_step`` (the EMA update).
 """
 

@@ -1,7 +1,7 @@
 """A momentum (EMA) teacher: a frozen fp32 copy of the student's encoder, moved toward the student after each optimizer
 step (data2vec 2.0, I-JEPA; issue 17's first piece: recipes and the trainer's checkpoints use it next).
 
-``teacher = EMATeacher(encoder, *DATA2VEC2_MOMENTUM)`` (``encoder``: the module to follow, e.g.
+``teacher = EMATeacher(encoder, *DATA2VEC2_MOMENTUM, count_from=1)`` (``encoder``: the module to follow, e.g.
 ``fastmim.create_model("vit_base_patch16")``); after each ``optimizer.step()``, ``teacher.update(encoder)``;
 ``teacher(x)`` runs the copy in eval mode without gradients. The recipes with a teacher (data2vec 2.0, I-JEPA) hold
 one: call their ``after_step()`` after each optimizer step (and I-JEPA's ``set_total_steps(N)`` before training), as
@@ -44,15 +44,19 @@ class EMATeacher(nn.Module):
     """Args:
     student: the module to follow (its parameters' order and shapes are the teacher's).
     start, end, total_updates: the momentum schedule (``momentum_at``).
+    count_from: the schedule's index of the first update: 0 (I-JEPA: its first update uses ``start``) or 1
+        (fairseq's data2vec 2.0 reads the schedule at the update count after the increment).
     """
 
-    def __init__(self, student: nn.Module, start: float = 0.9998, end: float = 0.99999, total_updates: int = 100_000):
+    def __init__(self, student: nn.Module, start: float = 0.9998, end: float = 0.99999, total_updates: int = 100_000,
+                 count_from: int = 0):  # fmt: skip
         super().__init__()
         for name, v in (("start", start), ("end", end)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"EMATeacher: {name} momentum must be in [0, 1], got {v}")
         total_updates = check_int("EMATeacher", "total_updates", total_updates, lo=0)
         self.start, self.end, self.total_updates = float(start), float(end), total_updates
+        self.count_from = check_int("EMATeacher", "count_from", count_from, lo=0, hi=1)
         self.model = copy.deepcopy(student).float().eval().requires_grad_(False)
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         # the count on the host too: reading the buffer each step would wait for the GPU (a sync per step); it is
@@ -81,7 +85,7 @@ class EMATeacher(nn.Module):
         return count
 
     def momentum(self) -> float:
-        return momentum_at(self._updates_now(), self.start, self.end, self.total_updates)
+        return momentum_at(self._updates_now() + self.count_from, self.start, self.end, self.total_updates)
 
     @torch.no_grad()
     def update(self, student: nn.Module | None = None, params: list[torch.Tensor] | None = None) -> float:
@@ -98,7 +102,7 @@ class EMATeacher(nn.Module):
                              "it must stay fp32, where updates of (1 - momentum) ~ 1e-4 survive: keep the model in "
                              "fp32 and train under torch.autocast, as fastmim's trainer does")  # fmt: skip
         count = self._updates_now()
-        m = momentum_at(count, self.start, self.end, self.total_updates)
+        m = momentum_at(count + self.count_from, self.start, self.end, self.total_updates)
         src = [s.detach() if s.dtype == t.dtype else s.detach().to(t.dtype) for s, t in zip(theirs, mine, strict=True)]
         torch._foreach_lerp_(mine, src, 1.0 - m)
         if student is not None and params is None:
@@ -129,10 +133,11 @@ class TeacherOfEncoder:
     encoder: ``init_teacher(encoder, ...)`` builds it from a fresh encoder module of the same shape, ``after_step()``
     (the trainer calls it after every optimizer step) moves it toward the encoder's current weights."""
 
-    def init_teacher(self, encoder: nn.Module, start: float, end: float, total_updates: int) -> None:
+    def init_teacher(self, encoder: nn.Module, start: float, end: float, total_updates: int,
+                     count_from: int = 0) -> None:  # fmt: skip
         # the student's encoder (I-JEPA's exported encoder is the teacher itself)
         encoder.load_state_dict(getattr(self, "context_encoder_state_dict", self.encoder_state_dict)())
-        self.teacher = EMATeacher(encoder, start, end, total_updates)
+        self.teacher = EMATeacher(encoder, start, end, total_updates, count_from)
         self._student_params: list[nn.Parameter] | None = None
         self.register_load_state_dict_post_hook(_forget_student_params)  # (assign=True brings new Parameters)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import random
+import shutil
 import tempfile
 import zipfile
 import zlib
@@ -86,8 +88,17 @@ def check_files_crc(folder: str | Path, crcs: dict[str, int] | None, rank: int =
     return problems
 
 
+class NoSpaceError(OSError):
+    """A write that ran out of disk space (or quota); its text says which file and what was kept."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 def atomic_write(path: str | Path, write) -> None:
-    """Calls write(tmp_path), then renames tmp_path onto path; a crash leaves the old file intact."""
+    """Calls write(tmp_path), then renames tmp_path onto path; a crash leaves the old file intact. A write that fails
+    for want of space raises ``NoSpaceError`` naming the file (torch.save says "unexpected pos", safetensors "os
+    error 28")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -98,12 +109,34 @@ def atomic_write(path: str | Path, write) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
+    except Exception as e:
+        full = _out_of_space(path.parent, tmp, e)  # (measured while the partial file still takes its space)
+        if full:
+            raise NoSpaceError(errno.ENOSPC, f"no space left to write {path} ({full}); the previous {path.name} is "
+                                             "intact: free space, then resume") from e  # fmt: skip
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-RUN_FILES = (CHECKPOINT_NAME, "encoder.safetensors")  # the large files a run writes with atomic_write
+def _out_of_space(folder: Path, tmp: str, e: Exception) -> str | None:
+    """What says that ``e``, a write's failure, came from a full disk or quota; None when nothing does."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return e.strerror or "no space"
+    text = str(e)
+    if "No space left" in text or "quota exceeded" in text.lower():
+        return "no space left on the device"
+    try:
+        free, written = shutil.disk_usage(folder).free, os.path.getsize(tmp)
+    except OSError:
+        return None
+    if free < 16 * 2**20:  # (the partial file filled what was left)
+        return f"{written / 2**20:.1f} MiB of it written, {free / 2**20:.1f} MiB free on its device"
+    return None
+
+
+RUN_FILES = (CHECKPOINT_NAME, "encoder.safetensors", "config.yaml")  # what a run writes with atomic_write
 
 
 def remove_stale_temporaries(output_dir: str | Path, names=RUN_FILES) -> int:

@@ -88,6 +88,7 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self._bar = None  # the epoch's progress bar while fit() runs
         # a whole epoch's batches, read before a resume starts the sampler mid-epoch (the loader is shorter then)
         self.loader_batches = len(self.loader)
         self.batches_per_epoch = (self.loader_batches // self.cfg.accum_iter) * self.cfg.accum_iter
@@ -333,10 +334,15 @@ class Trainer:
     def _check_finite(self, value: float, what: str) -> None:
         """Stops the run, before anything is saved, when ``what`` (the loss, the weights) is not finite."""
         if not math.isfinite(value):
+            tips = ["--amp bf16 instead of fp16"] if self.amp_dtype == torch.float16 else []
+            tips.append("a lower --lr" if self.cfg.lr is not None else "a lower --blr")
+            tips.append("a lower --clip-grad" if self.cfg.clip_grad else "--clip-grad (e.g. 3.0)")
+            if self._bar is not None:
+                self._bar.close()  # (the error's line below the bar, not appended to it in a log)
             raise FloatingPointError(
                 f"{what} became {'non-finite' if what == 'the weights' else value} by step {self.pos.step} "
                 f"(in epoch {self.pos.epoch + 1}); stopping without saving, so the last checkpoint in "
-                f"{self.output_dir} is intact. Try --amp bf16 instead of fp16, a lower --blr, or --clip-grad."
+                f"{self.output_dir} is intact. Try {', '.join(tips[:-1])}{',' if len(tips) > 2 else ''} or {tips[-1]}."
             )
 
     def save(self) -> None:
@@ -544,7 +550,7 @@ class Trainer:
             collate = getattr(self.loader, "collate_fn", None)
             if hasattr(collate, "set_epoch"):  # masks drawn in the workers: (seed, epoch, index)
                 collate.set_epoch(epoch)
-            bar = tqdm(
+            bar = self._bar = tqdm(
                 total=self.batches_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 disable=not self.info.is_main, dynamic_ncols=True, mininterval=1.0,
             )  # fmt: skip
@@ -647,6 +653,9 @@ class Trainer:
                 self.evaluate_knn()
             if last:
                 break
+            if self.preempt.requested():  # a stop asked during the epoch's end (its save, pictures, kNN): that save
+                self.logger.close()  # holds this step; stop here, not a step later
+                raise Preempted(self.pos.step, self.preempt.signame)
         self.logger.close()
         if self.info.is_main:
             if self.knn_seconds:

@@ -2,6 +2,7 @@
 next step boundary, with a checkpoint of that step, and the process exits with ``REQUEUE_EXIT`` (75, sysexits'
 EX_TEMPFAIL: "try again"), which a job script can map to a requeue. Ctrl-C (SIGINT, where Python's own handler is in
 place) does the same during training, exiting with 130; a second Ctrl-C stops at once (the last checkpoint stays).
+So does a closed terminal (SIGHUP, where not ignored as nohup does: an ssh session that dropped), exiting with 129.
 
 The handler only records the signal: the step in flight finishes, the trainer saves (atomically, as every save), and
 a second signal while it saves changes nothing. Under DDP every rank must stop at the same step even if the signal
@@ -26,6 +27,7 @@ SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "S
 
 
 INTERRUPT_EXIT = 130  # Ctrl-C's, as a shell reports it (128 + SIGINT): not a requeue
+TERMINAL_EXIT = {"SIGINT": INTERRUPT_EXIT, "SIGHUP": 129}  # a terminal's signals (128 + N): not a requeue
 
 
 class Preempted(Exception):
@@ -41,8 +43,9 @@ class Preempted(Exception):
 
 
 def exit_status(signame: str | None) -> int:
-    """The status of a process stopped on ``signame``: 130 for a Ctrl-C, else a requeue's 75."""
-    return INTERRUPT_EXIT if signame == "SIGINT" else REQUEUE_EXIT
+    """The status of a process stopped on ``signame``: 130 for a Ctrl-C, 129 for a closed terminal, else a requeue's
+    75."""
+    return TERMINAL_EXIT.get(signame, REQUEUE_EXIT)
 
 
 class StopRequested(BaseException):
@@ -94,6 +97,13 @@ def stop_outside_training():
             _finished.clear()
 
 
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
 def _say(text: str) -> None:
     """To stderr from a signal handler: a raw write (no print to re-enter), and nothing if stderr is gone (a pipe whose
     reader the same Ctrl-C ended: `| tee log`)."""
@@ -104,12 +114,14 @@ def _say(text: str) -> None:
 
 
 class PreemptionWatch:
-    """Records SIGTERM / SIGUSR1 from ``install()`` to ``close()`` (which restores the previous handlers)."""
+    """Records SIGTERM / SIGUSR1 (and SIGINT, SIGHUP) from ``install()`` to ``close()`` (which restores the previous
+    handlers)."""
 
     def __init__(self, info: DistInfo):
         self.info = info
         self.signame: str | None = None
         self.saving = False  # set while a checkpoint is written: a second Ctrl-C then waits for it (``saving_now``)
+        self._ttys: list[int] = []  # stdout / stderr when they are a terminal (``_hangup``)
         self._previous: dict[int, object] = {}
         self._group = None
 
@@ -118,8 +130,12 @@ class PreemptionWatch:
             return self
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._record)
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not where it is ignored: nohup, &)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not where ignored: a script's & job)
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+        hup = getattr(signal, "SIGHUP", None)
+        if hup is not None and signal.getsignal(hup) is signal.SIG_DFL:  # (not where ignored: nohup)
+            self._ttys = [fd for fd in (1, 2) if _isatty(fd)]  # (asked now: a hung-up terminal no longer answers)
+            self._previous[hup] = signal.signal(hup, self._hangup)
         if _pending and self.signame is None:  # a stop that came while the run started and was not acted on
             self.signame = _pending[0]
         if self.info.enabled:
@@ -145,6 +161,18 @@ class PreemptionWatch:
         else:
             _say("\nCtrl-C: a checkpoint is being written; the run stops right after it\n")
 
+    def _hangup(self, signum, frame) -> None:
+        """The terminal closed (an ssh session dropped): stop at the next step boundary with a checkpoint, as a first
+        Ctrl-C does. What is printed from now on would fail on the gone terminal (EIO) and end the run before its
+        save, so stdout and stderr that were that terminal go to /dev/null."""
+        if self._ttys:
+            null = os.open(os.devnull, os.O_WRONLY)
+            for fd in self._ttys:
+                os.dup2(null, fd)
+            os.close(null)
+            self._ttys = []
+        self.signame = self.signame or "SIGHUP"
+
     @contextlib.contextmanager
     def saving_now(self):
         """While a checkpoint is written, a second Ctrl-C does not interrupt it."""
@@ -161,9 +189,9 @@ class PreemptionWatch:
         flag = self.any_rank(self.signame is not None)
         if flag and self.info.enabled:
             names = [n for n in self.gather(self.signame) if n is not None]
-            scheduler = [n for n in names if n != "SIGINT"]
+            scheduler = [n for n in names if n not in TERMINAL_EXIT]
             agreed = (scheduler or names or [None])[0]
-            if self.signame is None or (agreed != "SIGINT" and self.signame == "SIGINT"):
+            if self.signame is None or (agreed not in TERMINAL_EXIT and self.signame in TERMINAL_EXIT):
                 self.signame = agreed if agreed is not None else "a signal on another rank"
         return flag
 

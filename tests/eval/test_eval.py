@@ -4,6 +4,7 @@ and timm checkpoints, the built-in labelled digits, the CLI and its errors."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -225,8 +226,6 @@ def test_cli_knn_and_linprobe_write_json_and_reuse_features(tmp_path, capsys, mo
     assert (lines[2]["warmup_epochs"], lines[2]["min_lr"], lines[3]["warmup_epochs"]) == (1, 0.0, 10)  # the schedule
     assert "kNN (k=20, T=0.07) of mae_vit_tiny_patch16 step 12: top-1" in capsys.readouterr().out
     # what reproduces it: the weights' digest (whatever the file is called later), the versions, the view
-    import hashlib
-
     assert first["encoder_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     assert first["versions"]["fastmim"] == fastmim.__version__ and first["versions"]["torch"] == torch.__version__
     assert first["view"] == {"crop_pct": 0.875, "interpolation": "bicubic"}
@@ -513,10 +512,10 @@ def test_finetune_views_survive_randaugments_zero_bit_posterize():
 
 
 class _SignalAt(torch.utils.data.Dataset):
-    """A dataset that sends this process SIGUSR1 when its ``at``-th item is read (a scheduler's stop mid-step)."""
+    """A dataset that sends this process ``signum`` when its ``at``-th item is read (a scheduler's stop mid-step)."""
 
-    def __init__(self, ds, at):
-        self.ds, self.at, self.n = ds, at, 0
+    def __init__(self, ds, at, signum=signal.SIGUSR1):
+        self.ds, self.at, self.n, self.signum = ds, at, 0, signum
 
     def __len__(self):
         return len(self.ds)
@@ -524,11 +523,12 @@ class _SignalAt(torch.utils.data.Dataset):
     def __getitem__(self, i):
         self.n += 1
         if self.n == self.at:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), self.signum)
         return self.ds[i]
 
 
-def _finetune_run(tmp_path, run_dir, epochs=2, stop_after=None, resume=False, signal_at=None, **kw):
+def _finetune_run(tmp_path, run_dir, epochs=2, stop_after=None, resume=False, signal_at=None, signum=signal.SIGUSR1,
+                  **kw):  # fmt: skip
     from fastmim.eval.encoder import LabelledFolder, eval_transform
     from fastmim.eval.finetune import finetune, finetune_transform
 
@@ -537,7 +537,7 @@ def _finetune_run(tmp_path, run_dir, epochs=2, stop_after=None, resume=False, si
     torch.manual_seed(0)  # the same encoder in every call
     enc, info = load_encoder(None, "vit_tiny_patch16", 32)
     train_set = LabelledFolder(train, finetune_transform(32))
-    train_set = _SignalAt(train_set, signal_at) if signal_at else train_set
+    train_set = _SignalAt(train_set, signal_at, signum) if signal_at else train_set
     val_set = LabelledFolder(train, eval_transform(32))
 
     def log(row):
@@ -624,6 +624,32 @@ def test_a_stop_signal_inside_a_finetuning_epoch_checkpoints_that_step_and_resum
         [{k: v for k, v in h.items() if k not in drop} for h in straight["history"]]  # fmt: skip
 
 
+def test_a_second_ctrl_c_while_the_finetuning_checkpoint_is_written_waits_for_it(tmp_path, monkeypatch):
+    """Ctrl-C from a terminal (Python's own handler): the first stops after the step with a checkpoint; a second one
+    while that checkpoint is written lets the writing finish (before, it raised KeyboardInterrupt inside it, and the
+    first epoch's only checkpoint was lost)."""
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    from fastmim.eval.finetune import FinetuneStopped
+
+    real, saves = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "opt" in obj:  # the fine-tuning's checkpoint
+            saves.append(obj["batch"])
+            os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, while it is written
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(FinetuneStopped) as stop:
+            _finetune_run(tmp_path, tmp_path / "b", signal_at=6, signum=signal.SIGINT)  # the second batch of 4
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert saves == [2] and (stop.value.signame, stop.value.batch, stop.value.saved) == ("SIGINT", 2, True)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["batch"] == 2
+
+
 def test_a_stop_signal_at_or_after_the_last_step_lets_the_fine_tuning_finish(tmp_path, noted_sigusr1):
     """SIGUSR1 during the last batch (no step follows to stop at) and again after finetune() returned, inside the
     CLI's stop handling: the fine-tuning ends normally and the caller can write its outputs (a requeue then would
@@ -660,10 +686,15 @@ def test_cli_finetune_stopped_by_a_signal_exits_for_a_requeue_and_resumes(tmp_pa
     assert f"stopped on SIGUSR1: checkpointed at epoch 1, batch 2 of 3; continue with python -m fastmim.eval " \
         f"finetune --resume {folder}" in err, err  # fmt: skip
     # the pretraining run goes on meanwhile and rewrites its encoder file: the fine-tuning is still of step 12's
+    started = hashlib.sha256(path.read_bytes()).hexdigest()[:16]  # (eval.jsonl keeps 16 hex digits)
+    with torch.no_grad():
+        model.pos_embed.add_(1.0)  # (other weights)
     save_encoder(path, model.encoder_state_dict(), {"model": "mae_vit_tiny_patch16", "step": "20", "img_size": "32"})
+    assert hashlib.sha256(path.read_bytes()).hexdigest()[:16] != started
     assert eval_main(job) == 0  # the same command: it continues in the folder
-    assert "now holds step 20; this fine-tuning started from step 12" in capsys.readouterr().out
-    assert json.loads((path.parent / "eval.jsonl").read_text().splitlines()[-1])["step"] == 12
+    assert "has changed (now step 20) since this fine-tuning started from it (step 12)" in capsys.readouterr().out
+    row = json.loads((path.parent / "eval.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 12 and row["encoder_sha256"] == started  # the weights it fine-tuned, not the file's now
     assert [json.loads(s)["epoch"] for s in (folder / "history.jsonl").read_text().splitlines()] == [1, 2]
     assert (folder / "finetuned.safetensors").exists()
     assert eval_main(["finetune", "--resume", str(folder), "--epochs", "3"]) == 0
@@ -942,3 +973,25 @@ def test_the_recipes_gradient_clipping_and_betas_reach_the_training(tmp_path, mo
     assert clipped == [1.0] * 3 and betas == [(0.9, 0.95)]
     row = json.loads((tmp_path / "eval.jsonl").read_text().splitlines()[-1])
     assert row["recipe"].startswith("data2vec 2.0's") and row["clip_grad"] == 1.0 and row["betas"] == [0.9, 0.95]
+
+
+def test_a_finetuning_folder_another_process_writes_in_is_refused(tmp_path, capsys):
+    """Two fine-tunings in one --finetune-dir (or a requeued job while the old one drains) would write over each
+    other's checkpoint and history: the second is refused while the first holds the folder's lock."""
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    from fastmim.train.runlock import LOCK_NAME, RunLock
+
+    _, path = _save_run_encoder(tmp_path)
+    train = make_image_folder(tmp_path / "train", n=6, classes=2)
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    held = RunLock(folder, "a fine-tuning")
+    assert held.acquire() is None
+    job = ["finetune", "--encoder", str(path), "--data-path", str(train), "--val-path", str(train), "--batch-size", "2",
+           "--epochs", "1", "--warmup-epochs", "0", "--finetune-dir", str(folder)]  # fmt: skip
+    assert eval_main(job) == 2
+    assert f"{folder} is in use: a fine-tuning (pid {os.getpid()} on" in capsys.readouterr().err
+    assert [p.name for p in folder.iterdir()] == [LOCK_NAME]  # nothing written
+    held.release()
+    assert eval_main(job) == 0, capsys.readouterr().err
+    assert (folder / "finetuned.safetensors").exists() and not (folder / LOCK_NAME).exists()

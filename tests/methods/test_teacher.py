@@ -49,6 +49,10 @@ def test_schedules():
     )
     with pytest.raises(ValueError, match="start momentum"):
         EMATeacher(_student(), 1.5)
+    fairseq = EMATeacher(_student(), 0.5, 0.9, total_updates=4, count_from=1)  # read after the count's increment
+    assert [fairseq.update(_student()) for _ in range(5)] == pytest.approx([0.6, 0.7, 0.8, 0.9, 0.9])
+    with pytest.raises(ValueError, match="count_from must be an int in"):
+        EMATeacher(_student(), count_from=2)
 
 
 def test_teacher_is_a_frozen_fp32_eval_copy_of_a_bf16_student():

@@ -1,6 +1,7 @@
 """Bad input gets a clear error naming the problem, and nothing is lost."""
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -420,3 +421,73 @@ def test_crc_check_refuses_changed_records_and_takes_files_written_without_crcs(
         config.save.compute_crc32 = before
     check_crc(plain)  # no CRCs recorded: nothing to compare
     assert torch.load(plain)["w"].sum() == 10
+
+
+def test_a_folder_another_process_writes_in_is_refused_naming_it(image_folder, tmp_path, capsys):
+    """Two runs in one folder (two starts, or a requeued job while the old one still drains) wrote over each other's
+    checkpoint and metrics; the second is refused while the first holds the folder's lock, which goes with it."""
+    from fastmim.train.runlock import LOCK_NAME, RunLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    held = RunLock(out, "run mae_vit_tiny_patch16")  # (another open file: flock refuses it as another process)
+    assert held.acquire() is None
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--max-steps", "1"]
+    for argv in (args, [*args, "--resume", "if-exists"]):
+        err = fails(argv, capsys)
+        assert f"{out} is in use: run mae_vit_tiny_patch16 (pid {os.getpid()} on" in err and "another folder" in err
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written
+    held.release()
+    assert not out.exists() or not any(out.iterdir())  # (the lock's file goes with it)
+    assert pretrain.main(args) == 0
+    assert not (out / LOCK_NAME).exists() and (out / "checkpoint.pt").exists()
+
+
+def test_a_full_disk_or_a_read_only_folder_is_one_line(image_folder, tmp_path, capsys, monkeypatch):
+    """A save that runs out of space (torch.save says only "unexpected pos"; safetensors "os error 28") names the file
+    and what was kept, exit 2; a folder that cannot be written is one line too, not a traceback."""
+    import errno
+    import shutil
+
+    import torch
+
+    out = tmp_path / "run"
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--max-steps", "1"]
+    real_save = torch.save
+
+    def full(obj, f, *a, **k):
+        if isinstance(obj, dict) and "step" in obj:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 14939968 vs 14939856")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    err = fails(args, capsys)
+    assert f"no space left to write {out / 'checkpoint.pt'}" in err and "Traceback" not in err
+    assert "free on its device); the previous checkpoint.pt is intact: free space, then resume" in err
+    assert not list(out.glob(".checkpoint.pt.*"))  # the partial file is gone
+    monkeypatch.undo()
+
+    def read_only(self, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    err = fails([*args[:-4], "--output-dir", str(tmp_path / "ro" / "run")], capsys)
+    assert err.strip() == f"error: Read-only file system: {tmp_path / 'ro' / 'run'}"
+
+
+def test_usage_errors_are_said_once_per_node_under_torchrun(monkeypatch, capsys):
+    """Every rank parses the same command: local rank 0 says what is wrong with it, the other ranks exit with the
+    same status silently (8 copies of one error, before). (A node's own problem, its data path, is said by its local
+    rank 0.)"""
+    from fastmim.eval.__main__ import main as eval_main
+
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        with pytest.raises(SystemExit) as stop:
+            pretrain.main(["--no-such-flag"])
+        assert stop.value.code == 2 and ("unrecognized arguments: --no-such-flag" in capsys.readouterr().err) == said
+        assert ("--resume was given an empty path" in fails(["--resume="], capsys)) == said
+        with pytest.raises(SystemExit):
+            eval_main(["knn", "--no-such-flag"])
+        assert ("unrecognized arguments" in capsys.readouterr().err) == said
