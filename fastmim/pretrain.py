@@ -46,7 +46,7 @@ from fastmim.train.checkpoint import (
     run_checkpoint,
 )
 from fastmim.train.compile_mode import compile_model, resolve_compile_mode
-from fastmim.train.distributed import DistInfo, broadcast_object, cleanup, init_distributed
+from fastmim.train.distributed import DistInfo, broadcast_object, cleanup, init_distributed, wrap_ddp
 from fastmim.train.preempt import REQUEUE_EXIT, Preempted, StopRequested, stop_outside_training
 from fastmim.train.runlock import RunLock
 
@@ -291,7 +291,6 @@ def _keep_run_init(cfg: PretrainConfig, saved: dict) -> PretrainConfig:
 def _unchanged_defaults(changes: dict, cfg: PretrainConfig, model: torch.nn.Module, state: dict) -> dict:
     """A resume's changes less those that only name what an unset setting stood for: a --mask-ratio equal to the
     model's default, an --lr equal to the blr x effective batch / 256 the run had."""
-    import inspect
 
     out = dict(changes)
     if "mask_ratio" in out and out["mask_ratio"][0] is None:
@@ -959,15 +958,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
             )
             step_model = model
             if info.enabled and not cfg.fsdp:
-                ids = [device.index] if device.type == "cuda" else None
-                # the models' buffers are constants or the same on every rank (a relative position index, I-JEPA's
-                # fixed position embedding, a teacher's update count): no broadcast before every forward
-                ddp = torch.nn.parallel.DistributedDataParallel
-                # (torch 2.14 deprecates broadcast_buffers for forward_sync_buffers, which also syncs them once at
-                # init: harmless for buffers that are the same on every rank)
-                no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                           else "broadcast_buffers")  # fmt: skip
-                step_model = ddp(model, device_ids=ids, **{no_sync: False})
+                step_model = wrap_ddp(model, device)
             if compile_mode is not None:
                 step_model = compile_model(step_model, compile_mode[0])
             trainer = Trainer(cfg, info, device, step_model, model, optimizer, loader, sampler, dataset, out, lr,

@@ -20,7 +20,7 @@ from torch import nn
 from fastmim.data import ShieldedLoader
 from fastmim.eval.encoder import _autocast, check_pool
 from fastmim.eval.knn import percent, topk_hits
-from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier
+from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier, wrap_ddp
 from fastmim.train.optim import lr_at
 from fastmim.train.preempt import PreemptionWatch, training_finished
 
@@ -194,9 +194,7 @@ def finetune(
         _set_rng(None, seed, rank, 0)
     model = net
     if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        # (its buffers, a Beit's relative position index, are constants: no broadcast before every forward)
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+        model = wrap_ddp(net, device)  # (its buffers, a Beit's relative position index, are constants)
     soft_ce = SoftTargetCrossEntropy()
     watch = PreemptionWatch(dist_info).install()  # SIGTERM / SIGUSR1: the step in flight ends, then a checkpoint
 

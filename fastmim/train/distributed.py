@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +59,23 @@ def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank, world, local_rank, local_world), device
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` under DistributedDataParallel, without a broadcast of its buffers before every forward (the models'
+    buffers are constants or the same on every rank: a relative position index, I-JEPA's fixed position embedding, a
+    teacher's update count). torch 2.14 deprecates broadcast_buffers for forward_sync_buffers (which also syncs them
+    once at init: harmless here).
+
+    On CPU, DDP's "Grad strides do not match bucket view strides" is hidden: the CPU convolution's backward returns a
+    depthwise weight's gradient [C, 1, k, k] with another stride on its size-1 dimension (the same memory layout),
+    and DDP compares strides exactly, so every ConvNeXt run warned for nothing."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else \
+        "broadcast_buffers"  # fmt: skip
+    if device.type == "cpu":
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
 
 
 def broadcast_object(obj, info: DistInfo):
