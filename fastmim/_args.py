@@ -12,7 +12,7 @@ import os
 def says_usage_errors() -> bool:
     """Whether this process prints a usage error. Under torchrun every rank parses the same command and would print
     the same error once each: local rank 0 of each node says it, the others exit with the same status silently."""
-    return os.environ.get("LOCAL_RANK", "0") == "0"
+    return os.environ.get("LOCAL_RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1"
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import inspect
+import itertools
 import json
 import math
 import os
@@ -462,25 +463,33 @@ def prepare_output_dir(cfg: PretrainConfig, info: DistInfo) -> tuple[Path, RunLo
         made = [p for p in (out, *out.parents) if not p.exists()]
         out.mkdir(parents=True, exist_ok=True)  # (the lock's place; removed again if the run is refused)
         lock = RunLock(out, f"run {cfg.model}")
-        error = lock.acquire()
-        if not error:
-            error = _check_output_dir(cfg, out)
-        if error:
+        try:
+            error = lock.acquire() or _check_output_dir(cfg, out, lock.held)
+        except BaseException:  # (a Ctrl-C or stop signal while it reads the folder, a failed rename)
+            error = True
+            raise
+        finally:
+            if error:
+                lock.release()
+                _remove_empty(out, made[-1] if made else None)
+    try:
+        error = broadcast_object(error, info)
+    except BaseException:
+        if lock is not None:
             lock.release()
-            lock = None
-            _remove_empty(out, made[-1] if made else None)
-    error = broadcast_object(error, info)
+        raise
     if error:
         raise UsageError(error)
     return out, lock
 
 
-def _check_output_dir(cfg: PretrainConfig, out: Path) -> str | None:
-    """Rank 0's part of ``prepare_output_dir``, under the folder's lock: why ``out`` cannot take this run, or None.
-    Either way it removes the temporary files of a save killed mid-write (under the lock no save is under way)."""
-    freed = remove_stale_temporaries(out)  # (kill -9, a launcher's timeout: each a checkpoint's size)
-    if freed:
-        print(f"note: removed {freed / 2**20:.1f} MiB of temporary files an interrupted save left in {out}", flush=True)
+def _check_output_dir(cfg: PretrainConfig, out: Path, locked: bool) -> str | None:
+    """Rank 0's part of ``prepare_output_dir``: why ``out`` cannot take this run, or None. It removes the temporary
+    files of a save killed mid-write (kill -9, a launcher's timeout: each a checkpoint's size): under the folder's
+    lock (``locked``) no save is under way, so also when the run is refused; unlocked (a file system without locks),
+    only for a run that starts there."""
+    if locked:
+        _remove_stale_temporaries(out)
     markers = existing_run_markers(out)
     resuming_here = cfg.resume is not None and Path(cfg.resume).resolve().parent == out.resolve()
     unfinished = bool(markers) and run_checkpoint(out) is None and not resuming_here
@@ -489,21 +498,31 @@ def _check_output_dir(cfg: PretrainConfig, out: Path) -> str | None:
         if error:
             return error
         # a run that died before its first checkpoint: nothing to resume; its files are kept aside, not deleted
-        aside = out / f"unfinished-{time.strftime('%Y%m%d-%H%M%S')}"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = next(out / f"unfinished-{stamp}{f'-{n}' if n > 1 else ''}" for n in itertools.count(1)
+                     if not (out / f"unfinished-{stamp}{f'-{n}' if n > 1 else ''}").exists())  # fmt: skip
         aside.mkdir()
         markers += [m for m in UNFINISHED_EXTRAS if (out / m).exists()]  # what it may have written before
         for m in markers:  # (a sharded checkpoint without its meta.pt is an unfinished save)
             (out / m).rename(aside / m)
         print(f"{out} held a run that stopped before its first checkpoint; its {', '.join(markers)} moved to "
               f"{aside.name}/, starting afresh", flush=True)  # fmt: skip
-        return None
+        markers = []
     if markers and not resuming_here:
         how = (f"the resume of {cfg.resume} would write over it: resume in that run's own folder, or choose an "
                "empty --output-dir" if cfg.resume is not None else  # (a resume of another run into this one)
                "pass --resume to continue it, or choose another --output-dir")  # fmt: skip
         return f"output directory {str(out)!r} already holds a run ({', '.join(markers)}); {how}. Nothing was " \
             "overwritten."  # fmt: skip
+    if not locked:
+        _remove_stale_temporaries(out)
     return None
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    freed = remove_stale_temporaries(out)
+    if freed:
+        print(f"note: removed {freed / 2**20:.1f} MiB of temporary files an interrupted save left in {out}", flush=True)
 
 
 def with_builtin_data(cfg: PretrainConfig) -> PretrainConfig:
@@ -1079,7 +1098,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a read-only or unwritable folder: one line; any other keeps its traceback
-        if isinstance(e, NoSpaceError) or e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
+        if isinstance(e, NoSpaceError) or e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC,
+                                                      errno.EDQUOT):  # fmt: skip
             print(f"error: {e if isinstance(e, NoSpaceError) else f'{e.strerror}: {e.filename}'}", file=sys.stderr)
             return 2
         raise

@@ -174,6 +174,8 @@ def _run_encoder(run: Path, img_size: int | None) -> tuple[str, dict, int]:
 
 def _check(ap, args) -> None:
     if args.encoder is None and args.random is None:
+        if args.resume and not (Path(args.resume) / "checkpoint.pt").is_file():  # (a mistyped folder)
+            ap.error(f"--resume: no fine-tuning checkpoint at {str(Path(args.resume) / 'checkpoint.pt')!r} to resume")
         ap.error("one of the arguments --encoder --random is required" + (
             f" ({str(Path(args.resume) / ARGS_FILE)!r} is missing, so the command must give the settings)"
             if args.resume else ""))  # fmt: skip
@@ -262,6 +264,9 @@ def run(args) -> dict:
         args.random = run  # (absolute in a fine-tuning's args.json: a resume may run from elsewhere)
         random, vit, size = _run_encoder(Path(run), args.img_size)
     encoder, info = load_encoder(args.encoder, args.model or random, size, vit=vit)
+    pool_arg = args.pool
+    if args.pool == "auto" and args.mode != "finetune" and str(info.get("model") or "").startswith("data2vec2"):
+        args.pool = "avg"  # data2vec 2.0's evaluation pools the tokens' mean (fairseq's mean pooling)
     if run is not None:
         info["random_from"], info["random_options"] = run, vit  # (in the result: which run's options)
     if args.pool == "cls" and not hasattr(encoder, "blocks") and not args.resume:  # (no class token to take; a
@@ -278,9 +283,12 @@ def run(args) -> dict:
         train_root, val_root = builtin_digits()
     size = info["img_size"]
     train = LabelledFolder(train_root, eval_transform(size))
+    if len(train.classes) < 2:  # (every accuracy would be 100%, and be appended to eval.jsonl like a real one)
+        raise ValueError(f"{train.root} holds {len(train.classes)} class folder: a classification needs at least 2 "
+                         "(one folder of images per class)")  # fmt: skip
     val = LabelledFolder(val_root, eval_transform(size), classes=train.classes)
     result = {
-        "mode": args.mode, **info, "pool": _resolved_pool(encoder, args), "pool_arg": args.pool,
+        "mode": args.mode, **info, "pool": _resolved_pool(encoder, args), "pool_arg": pool_arg,
         "train": os.path.abspath(train.root), "val": os.path.abspath(val.root), "classes": len(train.classes),
         "train_images": len(train), "val_images": len(val), "device": str(device), "seed": args.seed,
         "batch_size": args.batch_size, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -341,8 +349,8 @@ def run(args) -> dict:
 
 
 def _file_digest(path: str | None) -> str | None:
-    """The first 16 hex digits of the encoder file's SHA-256: which weights were evaluated, whatever the file is
-    called or wherever it moved since (None for a random initialisation)."""
+    """The encoder file's SHA-256 (hex): which weights were evaluated, whatever the file is called or wherever it
+    moved since (None for a random initialisation)."""
     if not path:
         return None
     import hashlib
@@ -351,7 +359,7 @@ def _file_digest(path: str | None) -> str | None:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 def _versions() -> dict:
@@ -499,7 +507,7 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
         source = str(Path(info["path"]).resolve()) if info["path"] else "None"
         meta = {
             "model": info["encoder"],
-            "pool": args.pool,
+            "pool": result["pool"] or "convnext",  # (as resolved: avg for MAE's global pool, cls)
             "classes": json.dumps(train.classes),
             "source": source,
             "img_size": str(info["img_size"]),

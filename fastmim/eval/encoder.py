@@ -70,7 +70,8 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def load_encoder(path: str | Path | None = None, model: str | None = None, img_size: int | None = None,
                  vit: dict | None = None) -> tuple[nn.Module, dict]:  # fmt: skip
-    """(encoder in eval mode, description). ``path``: a run directory (its encoder.safetensors), an
+    """(encoder in eval mode, description). ``path``: a run directory (its encoder.safetensors; a fine-tuning's:
+    its finetuned.safetensors), an
     encoder.safetensors, a fine-tuning's finetuned.safetensors (without its classifier), or a timm state dict
     (.safetensors, .pth); None: ``model`` randomly initialised.
     ``model``: the encoder (``vit_base_patch16``, ``convnextv2_atto``) or recipe name; None: the file's metadata.
@@ -83,11 +84,14 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
     state, meta = None, {}
     if path is not None:
         path = Path(path)
-        if path.is_dir():
-            path = path / "encoder.safetensors"
+        if path.is_dir():  # a run's folder, or a fine-tuning's (its network, without the classifier)
+            tuned = path / "finetuned.safetensors"
+            path = tuned if tuned.is_file() and not (path / "encoder.safetensors").is_file() else \
+                path / "encoder.safetensors"  # fmt: skip
             if not path.is_file():
                 raise FileNotFoundError(f"no encoder.safetensors in {str(path.parent)!r} (a run writes it with its "
-                                        "first checkpoint)")  # fmt: skip
+                                        "first checkpoint; a fine-tuning writes finetuned.safetensors at its "
+                                        "end)")  # fmt: skip
         if not path.is_file():
             raise FileNotFoundError(f"no encoder at {str(path)!r}")
         state, meta = _read_weights(path)

@@ -112,8 +112,12 @@ def atomic_write(path: str | Path, write) -> None:
     except Exception as e:
         full = _out_of_space(path.parent, tmp, e)  # (measured while the partial file still takes its space)
         if full:
-            raise NoSpaceError(errno.ENOSPC, f"no space left to write {path} ({full}); the previous {path.name} is "
-                                             "intact: free space, then resume") from e  # fmt: skip
+            said = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise NoSpaceError(
+                errno.ENOSPC,
+                f"no space left to write {path} ({full}; the write said: {said}); "
+                f"the previous {path.name} is intact: free space, then resume",
+            ) from e
         raise
     finally:
         if os.path.exists(tmp):

@@ -345,6 +345,11 @@ class Trainer:
                 f"{self.output_dir} is intact. Try {', '.join(tips[:-1])}{',' if len(tips) > 2 else ''} or {tips[-1]}."
             )
 
+    def _stop_after_save(self) -> None:
+        """A stop signal's end of the run just after a save of this step (an epoch's end)."""
+        self.logger.close()
+        raise Preempted(self.pos.step, self.preempt.signame)
+
     def save(self) -> None:
         with self.preempt.saving_now() if self.preempt is not None else contextlib.nullcontext():
             if self.sharded:
@@ -634,15 +639,16 @@ class Trainer:
                         self._check_finite(float(all_reduce_mean(running / max(count, 1), self.info)), "the loss")
                         self.save()
                     bar.close()
-                    self.logger.close()
-                    raise Preempted(self.pos.step, self.preempt.signame)
+                    self._stop_after_save()
             bar.close()
             if self.pos.batch == self.batches_per_epoch:  # the epoch is complete
                 self.pos.epoch, self.pos.batch = epoch + 1, 0
             last = self.pos.step >= self.total_steps
             self.save()  # before the pictures: nothing they do can cost the checkpoint
-            if last and self.preempt.requested():  # a stop asked in the last step: the
-                if self.info.is_main:  # run is complete and saved; what would follow is left out
+            if self.preempt.requested():  # a stop asked by now: this save holds the step; what would follow (the
+                if not last:  # pictures, kNN: a scheduler's grace period is short) is left out, and no step more
+                    self._stop_after_save()
+                if self.info.is_main:  # the last step: the run is complete and saved
                     print(f"stopped on {self.preempt.signame} in the last step: the run is complete and saved at "
                           f"step {self.pos.step}; its reconstructions and kNN evaluation are left out",
                           flush=True)  # fmt: skip
@@ -651,11 +657,10 @@ class Trainer:
                 self.visualize()
             if last or self.pos.batch == 0 and self.pos.epoch % cfg.eval_every == 0:
                 self.evaluate_knn()
+            if not last and self.preempt.requested():  # asked during the pictures or kNN: stop here
+                self._stop_after_save()
             if last:
                 break
-            if self.preempt.requested():  # a stop asked during the epoch's end (its save, pictures, kNN): that save
-                self.logger.close()  # holds this step; stop here, not a step later
-                raise Preempted(self.pos.step, self.preempt.signame)
         self.logger.close()
         if self.info.is_main:
             if self.knn_seconds:

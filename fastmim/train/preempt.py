@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
 import threading
 
 import torch
@@ -97,9 +98,11 @@ def stop_outside_training():
             _finished.clear()
 
 
-def _isatty(fd: int) -> bool:
+def _gone_with_terminal(fd: int) -> bool:
+    """Whether writes to ``fd`` fail once the terminal closes: the terminal itself (EIO), or a pipe (`| tee log`: its
+    reader gets the hang-up too, EPIPE). A file keeps taking them."""
     try:
-        return os.isatty(fd)
+        return os.isatty(fd) or stat.S_ISFIFO(os.fstat(fd).st_mode)
     except OSError:
         return False
 
@@ -133,8 +136,9 @@ class PreemptionWatch:
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not where ignored: a script's & job)
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         hup = getattr(signal, "SIGHUP", None)
-        if hup is not None and signal.getsignal(hup) is signal.SIG_DFL:  # (not where ignored: nohup)
-            self._ttys = [fd for fd in (1, 2) if _isatty(fd)]  # (asked now: a hung-up terminal no longer answers)
+        if hup is not None and signal.getsignal(hup) == signal.SIG_DFL:  # (not where ignored: nohup)
+            self._ttys = [fd for fd in (1, 2) if _gone_with_terminal(fd)]  # (asked now: a hung-up one no longer
+            # answers)
             self._previous[hup] = signal.signal(hup, self._hangup)
         if _pending and self.signame is None:  # a stop that came while the run started and was not acted on
             self.signame = _pending[0]
@@ -163,8 +167,9 @@ class PreemptionWatch:
 
     def _hangup(self, signum, frame) -> None:
         """The terminal closed (an ssh session dropped): stop at the next step boundary with a checkpoint, as a first
-        Ctrl-C does. What is printed from now on would fail on the gone terminal (EIO) and end the run before its
-        save, so stdout and stderr that were that terminal go to /dev/null."""
+        Ctrl-C does. What is printed from now on would fail on the gone terminal (EIO), or on a pipe whose reader
+        went with it (EPIPE), and end the run before its save, so stdout and stderr that were either go to
+        /dev/null."""
         if self._ttys:
             null = os.open(os.devnull, os.O_WRONLY)
             for fd in self._ttys:
@@ -191,8 +196,7 @@ class PreemptionWatch:
             names = [n for n in self.gather(self.signame) if n is not None]
             scheduler = [n for n in names if n not in TERMINAL_EXIT]
             agreed = (scheduler or names or [None])[0]
-            if self.signame is None or (agreed not in TERMINAL_EXIT and self.signame in TERMINAL_EXIT):
-                self.signame = agreed if agreed is not None else "a signal on another rank"
+            self.signame = agreed if agreed is not None else "a signal on another rank"  # (the same on every rank)
         return flag
 
     def any_rank(self, flag: bool) -> bool:

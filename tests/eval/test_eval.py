@@ -226,7 +226,7 @@ def test_cli_knn_and_linprobe_write_json_and_reuse_features(tmp_path, capsys, mo
     assert (lines[2]["warmup_epochs"], lines[2]["min_lr"], lines[3]["warmup_epochs"]) == (1, 0.0, 10)  # the schedule
     assert "kNN (k=20, T=0.07) of mae_vit_tiny_patch16 step 12: top-1" in capsys.readouterr().out
     # what reproduces it: the weights' digest (whatever the file is called later), the versions, the view
-    assert first["encoder_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    assert first["encoder_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert first["versions"]["fastmim"] == fastmim.__version__ and first["versions"]["torch"] == torch.__version__
     assert first["view"] == {"crop_pct": 0.875, "interpolation": "bicubic"}
 
@@ -442,6 +442,11 @@ def test_cli_finetune_trains_saves_and_never_overwrites(tmp_path, capsys, monkey
 
     with safe_open(rows[0]["saved"], "pt") as f:
         assert f.metadata()["format"] == "timm VisionTransformer"  # what it loads into
+        assert f.metadata()["pool"] == "avg"  # (as resolved: the command said auto)
+    import timm  # the README's way to load it
+
+    timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=32, global_pool="avg",
+                      fc_norm=True).load_state_dict(first)  # fmt: skip
     assert not torch.equal(first["blocks.0.attn.qkv.weight"], load_file(path)["blocks.0.attn.qkv.weight"])  # trained
     out = capsys.readouterr().out
     assert "fine-tuning (2 epochs, best top-1" in out
@@ -686,11 +691,11 @@ def test_cli_finetune_stopped_by_a_signal_exits_for_a_requeue_and_resumes(tmp_pa
     assert f"stopped on SIGUSR1: checkpointed at epoch 1, batch 2 of 3; continue with python -m fastmim.eval " \
         f"finetune --resume {folder}" in err, err  # fmt: skip
     # the pretraining run goes on meanwhile and rewrites its encoder file: the fine-tuning is still of step 12's
-    started = hashlib.sha256(path.read_bytes()).hexdigest()[:16]  # (eval.jsonl keeps 16 hex digits)
+    started = hashlib.sha256(path.read_bytes()).hexdigest()
     with torch.no_grad():
         model.pos_embed.add_(1.0)  # (other weights)
     save_encoder(path, model.encoder_state_dict(), {"model": "mae_vit_tiny_patch16", "step": "20", "img_size": "32"})
-    assert hashlib.sha256(path.read_bytes()).hexdigest()[:16] != started
+    assert hashlib.sha256(path.read_bytes()).hexdigest() != started
     assert eval_main(job) == 0  # the same command: it continues in the folder
     assert "has changed (now step 20) since this fine-tuning started from it (step 12)" in capsys.readouterr().out
     row = json.loads((path.parent / "eval.jsonl").read_text().splitlines()[-1])
@@ -995,3 +1000,32 @@ def test_a_finetuning_folder_another_process_writes_in_is_refused(tmp_path, caps
     held.release()
     assert eval_main(job) == 0, capsys.readouterr().err
     assert (folder / "finetuned.safetensors").exists() and not (folder / LOCK_NAME).exists()
+
+
+def test_what_users_pass_that_gave_misleading_results(tmp_path, capsys):
+    """One class folder (every accuracy 100%, appended like a real result) is refused; a data2vec 2.0 encoder's auto
+    pool is the token mean (its evaluation's); a fine-tuning's folder is an encoder (its finetuned.safetensors); a
+    mistyped --resume folder says so (it asked for --encoder)."""
+    from safetensors.torch import save_file
+
+    _, path = _save_run_encoder(tmp_path)
+    one = make_image_folder(tmp_path / "one", n=4, classes=1)
+    assert eval_main(["knn", "--encoder", str(path), "--data-path", str(one), "--val-path", str(one)]) == 2
+    assert "holds 1 class folder: a classification needs at least 2" in capsys.readouterr().err
+    two = make_image_folder(tmp_path / "two", n=6, classes=2)
+    enc, info = load_encoder(path)
+    d2v = tmp_path / "d2v" / "encoder.safetensors"
+    d2v.parent.mkdir()
+    save_file(enc.state_dict(), str(d2v), metadata={"model": "data2vec2_vit_tiny_patch16", "img_size": "32"})
+    tuned = tmp_path / "ft" / "finetuned.safetensors"
+    tuned.parent.mkdir()
+    save_file(enc.state_dict(), str(tuned), metadata={"model": "vit_tiny_patch16", "img_size": "32"})
+    for encoder, pool in ((d2v, "avg"), (path, "cls"), (tuned.parent, "cls")):
+        assert eval_main(["knn", "--encoder", str(encoder), "--data-path", str(two), "--val-path", str(two),
+                          "--no-cache", "--out", str(tmp_path / "rows.jsonl")]) == 0  # fmt: skip
+        row = json.loads((tmp_path / "rows.jsonl").read_text().splitlines()[-1])
+        assert (row["pool"], row["pool_arg"]) == (pool, "auto"), encoder
+    assert row["encoder_sha256"] == hashlib.sha256(tuned.read_bytes()).hexdigest()  # (the folder's file, in full)
+    with pytest.raises(SystemExit):
+        eval_main(["finetune", "--resume", str(tmp_path / "nope")])
+    assert "--resume: no fine-tuning checkpoint at" in capsys.readouterr().err

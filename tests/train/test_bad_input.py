@@ -464,7 +464,8 @@ def test_a_full_disk_or_a_read_only_folder_is_one_line(image_folder, tmp_path, c
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
     err = fails(args, capsys)
     assert f"no space left to write {out / 'checkpoint.pt'}" in err and "Traceback" not in err
-    assert "free on its device); the previous checkpoint.pt is intact: free space, then resume" in err
+    assert "free on its device; the write said: [enforce fail at inline_container.cc:672] . unexpected pos" in err
+    assert "); the previous checkpoint.pt is intact: free space, then resume" in err
     assert not list(out.glob(".checkpoint.pt.*"))  # the partial file is gone
     monkeypatch.undo()
 
@@ -482,6 +483,7 @@ def test_usage_errors_are_said_once_per_node_under_torchrun(monkeypatch, capsys)
     rank 0.)"""
     from fastmim.eval.__main__ import main as eval_main
 
+    monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, said in (("1", False), ("0", True)):
         monkeypatch.setenv("LOCAL_RANK", rank)
         with pytest.raises(SystemExit) as stop:
@@ -491,3 +493,66 @@ def test_usage_errors_are_said_once_per_node_under_torchrun(monkeypatch, capsys)
         with pytest.raises(SystemExit):
             eval_main(["knn", "--no-such-flag"])
         assert ("unrecognized arguments" in capsys.readouterr().err) == said
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # (a single process whose environment says local rank 1: it says them)
+    assert "--resume was given an empty path" in fails(["--resume="], capsys)
+
+
+def test_a_killed_runs_lock_goes_with_it_though_its_loader_workers_linger(tmp_path):
+    """kill -9 of the trainer: its forked loader workers live on for seconds (until PyTorch's watchdog ends them); a
+    flock belongs to the open file a fork shares, so they kept the folder locked and a prompt requeue was refused.
+    Forked children close their copy at once."""
+    import subprocess
+    import sys
+
+    from fastmim.train.runlock import RunLock
+    from tests.conftest import ROOT
+
+    script = (
+        "import os, sys, time\n"
+        "from fastmim.train.runlock import RunLock\n"
+        "assert RunLock(sys.argv[1]).acquire() is None\n"
+        "if os.fork() == 0:\n"
+        "    null = os.open(os.devnull, os.O_WRONLY)\n"
+        "    os.dup2(null, 1), os.dup2(null, 2)\n"  # (the test's pipes are not held open)
+        "    time.sleep(10)\n"  # a loader worker outliving the trainer
+        "    os._exit(0)\n"
+        "print('locked', flush=True)\n"
+        "os._exit(0)\n"  # the trainer dies without releasing (kill -9)
+    )
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert r.stdout.strip() == "locked", r.stderr
+    lock = RunLock(tmp_path)
+    assert lock.acquire() is None  # while the child still sleeps
+    lock.release()
+
+
+def test_the_folder_lock_is_let_go_whatever_stops_the_start(image_folder, tmp_path, capsys, monkeypatch):
+    """A Ctrl-C while the folder is checked (or a failed move of an unfinished run aside) left the lock held: the
+    next run in this process was refused by its own lock. Without locks (a network file system), a refused start
+    does not delete the temporary file of the run that is writing there."""
+    import errno
+    import fcntl
+
+    out = tmp_path / "run"
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--max-steps", "1"]
+    real = pretrain.existing_run_markers
+
+    def interrupted(folder):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "existing_run_markers", interrupted)
+    assert pretrain.main(args) == 130
+    monkeypatch.setattr(pretrain, "existing_run_markers", real)
+    assert not out.exists()  # (made for the run, removed)
+    assert pretrain.main(args) == 0
+    live = out / ".checkpoint.pt.x1.tmp"  # a save under way in the run that holds the folder
+    live.write_bytes(b"\0" * 1024)
+
+    def no_locks(fd, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    err = fails(args, capsys)
+    assert "already holds a run" in err and live.exists()

@@ -248,10 +248,12 @@ def test_ctrl_c_checkpoints_the_step_and_a_second_one_stops_at_once(image_folder
 
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="no pseudo-terminals")
-def test_a_closed_terminal_checkpoints_the_step_and_exits_129(image_folder, tmp_path):
+@pytest.mark.parametrize("stderr", ["terminal", "pipe"])
+def test_a_closed_terminal_checkpoints_the_step_and_exits_129(image_folder, tmp_path, stderr):
     """A run in a terminal that closes (an ssh session that dropped, without nohup): the kernel sends SIGHUP to the
     session, loader workers included. The trainer finishes its step, checkpoints it (its output, now going nowhere,
-    does not end it: EIO) and exits 129; before, SIGHUP ended it at once, losing every step since the last save."""
+    does not end it: EIO on the terminal, EPIPE on a pipe whose reader went too, `2>&1 | tee log`) and exits 129;
+    before, SIGHUP ended it at once, losing every step since the last save."""
     import fcntl
     import select
     import termios
@@ -260,18 +262,28 @@ def test_a_closed_terminal_checkpoints_the_step_and_exits_129(image_folder, tmp_
     args = _args(image_folder, cut)
     args[args.index("--num-workers") + 1] = "2"
     master, slave = os.openpty()
+    reader, writer = os.pipe() if stderr == "pipe" else (master, slave)
+
+    def login():  # its own session, the pty its controlling terminal, SIGHUP's default action (as a login shell
+        # gives; a suite started under nohup would pass SIGHUP on ignored)
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
     proc = subprocess.Popen([sys.executable, "-m", "fastmim.pretrain", *args], cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdin=slave, stdout=slave, stderr=slave,
-                            start_new_session=True,  # its own session, the pty its controlling terminal
-                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # fmt: skip
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdin=slave, stdout=slave, stderr=writer,
+                            start_new_session=True, preexec_fn=login)  # fmt: skip
     os.close(slave)
+    if stderr == "pipe":
+        os.close(writer)
     metrics, seen, deadline = cut / "metrics.jsonl", b"", time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:  # (its output read, so that it never blocks)
-        if select.select([master], [], [], 0.02)[0]:
-            seen += os.read(master, 65536)
+        for fd in select.select(sorted({master, reader}), [], [], 0.02)[0]:
+            seen += os.read(fd, 65536)
         if metrics.exists() and metrics.read_text().count("\n") >= 2:
             break
     os.close(master)  # the terminal hangs up
+    if stderr == "pipe":
+        os.close(reader)  # and the pipe's reader goes with it
     assert proc.wait(timeout=240) == 129, seen.decode(errors="replace")[-3000:]
     state = load_checkpoint(cut / "checkpoint.pt")
     assert 2 <= state["step"] < 36 and len(_losses(cut)) == state["step"]
@@ -324,8 +336,15 @@ def test_ranks_agree_on_the_stop_signal_and_its_exit_status():
         w.gather = lambda obj: [obj, others]
         return w
 
+    # (rank 0's view: the gathered names in rank order, the same list on every rank; a terminal's Ctrl-C on one rank
+    # and hang-up on another agree on the first rank's: 130 on both, where each kept its own before)
     for mine, other, agreed in ((None, "SIGINT", "SIGINT"), ("SIGINT", None, "SIGINT"), (None, "SIGTERM", "SIGTERM"),
-                                ("SIGINT", "SIGTERM", "SIGTERM"), ("SIGUSR1", "SIGINT", "SIGUSR1")):  # fmt: skip
+                                ("SIGINT", "SIGTERM", "SIGTERM"), ("SIGUSR1", "SIGINT", "SIGUSR1"),
+                                ("SIGINT", "SIGHUP", "SIGINT"), ("SIGHUP", "SIGINT", "SIGHUP"),
+                                ("SIGHUP", "SIGUSR1", "SIGUSR1"), (None, "SIGHUP", "SIGHUP")):  # fmt: skip
         w = watch(mine, other)
         assert w.requested() and w.signame == agreed, (mine, other)
-        assert Preempted(3, w.signame).exit_status == (130 if agreed == "SIGINT" else REQUEUE_EXIT)
+        assert Preempted(3, w.signame).exit_status == {"SIGINT": 130, "SIGHUP": 129}.get(agreed, REQUEUE_EXIT)
+    w = PreemptionWatch(DistInfo(rank=1, world_size=2, local_rank=1))  # rank 1 of the Ctrl-C / hang-up pair
+    w.signame, w.any_rank, w.gather = "SIGHUP", lambda flag: True, lambda obj: ["SIGINT", obj]
+    assert w.requested() and w.signame == "SIGINT"
