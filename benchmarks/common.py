@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -19,14 +20,62 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def git_commit() -> str:
-    """HEAD's short hash; FASTMIM_COMMIT names it where the tree has no .git (a copy sent to a GPU machine)."""
+    """HEAD's short hash, "+dirty" when tracked files differ from it; FASTMIM_COMMIT names it where the tree has no
+    .git (a copy sent to a GPU machine). "unknown" (with a warning) when neither says, also for a copy that sits
+    inside another checkout (whose hash is not this tree's)."""
     if os.environ.get("FASTMIM_COMMIT"):
         return os.environ["FASTMIM_COMMIT"]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              check=True).stdout.strip()  # fmt: skip
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != ROOT.resolve():
+            raise RuntimeError("another checkout's")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
     except Exception:
+        print("warning: the rows' commit is unknown (no git checkout here): set FASTMIM_COMMIT", file=sys.stderr)
         return "unknown"
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int of at least 1 (0 or a negative size ended in a traceback, or ran as the default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def checked_device(ap: argparse.ArgumentParser, name: str) -> torch.device:
+    """``--device``'s value as a device this machine has, or argparse's one-line error."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        ap.error(f"--device {name!r}: {e}")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device {name}: the benchmarks run on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {name}: CUDA is not available here (use --device cpu)")
+    return device
+
+
+def out_file(path: str) -> str:
+    """``--out``'s type: a file the rows can be appended to, checked before anything is measured (a bad path found
+    at the first row lost that measurement and every one after it)."""
+    p = Path(path)
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{path!r} is a folder: name the JSON-lines file to append the rows to")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "a"):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot append to {path!r}: {e.strerror}") from None
+    return path
 
 
 def environment(device: torch.device) -> dict:

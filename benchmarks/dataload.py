@@ -58,7 +58,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import environment, host, parse_counts, usable_cpus, write_row  # noqa: E402
+from benchmarks.common import environment, host, out_file, parse_counts, usable_cpus, write_row  # noqa: E402
 from fastmim.data import ImageFolderDataset, build_pretrain_loader, list_images, pretrain_transform  # noqa: E402
 from fastmim.data.samples import _skimage_data_dir, cache_root  # noqa: E402
 
@@ -472,7 +472,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--prepare-only", action="store_true", help="make (or check) the data set, then stop (a "
                     "command of its own on a GPU: a time limit on the measuring cannot cut its writing)")  # fmt: skip
-    ap.add_argument("--out", default=None, help="append the JSON rows to this file")
+    ap.add_argument("--out", default=None, type=out_file, help="append the JSON rows to this file")
     args = ap.parse_args(argv)
     loaders = [s.strip() for s in args.loaders.split(",") if s.strip()]
     if not loaders or any(s not in LOADERS for s in loaders):

@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import call_timer, environment, write_row  # noqa: E402
+from benchmarks.common import call_timer, environment, out_file, write_row  # noqa: E402
 from fastmim.models.vit import VisionTransformer, vit_sizes  # noqa: E402
 from fastmim.targets.teacher import DATA2VEC2_MOMENTUM, EMATeacher  # noqa: E402
 
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=None, help="timed calls (default 50 on GPU, 5 on CPU)")
-    ap.add_argument("--out", default=None, help="append the JSON row to this file")
+    ap.add_argument("--out", default=None, type=out_file, help="append the JSON row to this file")
     args = ap.parse_args(argv)
     try:
         _, size, patch = args.model.split("_")

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import call_timer, environment, host, write_row  # noqa: E402
+from benchmarks.common import call_timer, environment, host, out_file, write_row  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="timed steps per model (default 20 on GPU, 3 on CPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (after patching)")
     ap.add_argument("--layers", action="store_true", help="the patched model's layers on the fused block ops too")
-    ap.add_argument("--out", default=None, help="append the JSON row to this file")
+    ap.add_argument("--out", default=None, type=out_file, help="append the JSON row to this file")
     args = ap.parse_args(argv)
     try:
         from transformers import ViTMAEConfig, ViTMAEForPreTraining

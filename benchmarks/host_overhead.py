@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import environment, write_row  # noqa: E402
+from benchmarks.common import checked_device, environment, out_file, positive_int, write_row  # noqa: E402
 from fastmim import _ext  # noqa: E402
 from fastmim.masking import random_masking  # noqa: E402
 from fastmim.ops import add_layer_norm, gather_visible, masked_mse_loss, patchify, scatter_masked  # noqa: E402
@@ -54,10 +54,10 @@ def _direct_launch(on: bool) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--calls", type=int, default=200)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--calls", type=positive_int, default=200)
+    ap.add_argument("--out", default=None, type=out_file)
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    device = checked_device(ap, args.device)
     env = environment(device)
     b, n, d = 2, 16, 64
     info = random_masking(b, n, 0.75, device=device)

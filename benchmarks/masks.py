@@ -48,7 +48,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import environment, host, parse_counts, write_row  # noqa: E402
+from benchmarks.common import environment, host, out_file, parse_counts, write_row  # noqa: E402
 from fastmim import _ext  # noqa: E402
 from fastmim.masking.strategies import STRATEGIES, build_mask  # noqa: E402
 
@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
     ap.add_argument("--budget-s", type=float, default=2.0, help="stop timing a row after this many seconds once "
                     "--min-reps are done (default 2)")  # fmt: skip
-    ap.add_argument("--out", default=None, help="append the JSON rows to this file")
+    ap.add_argument("--out", default=None, type=out_file, help="append the JSON rows to this file")
     ap.add_argument("--one-core-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -330,7 +330,13 @@ def main(argv=None) -> int:
            "ms_per_batch": round(sec * 1e3, 4), "masks_per_s": round(args.ref_batch / sec, 1)}])  # fmt: skip
     cpp_names = [n for n in names if STRATEGIES[n].has_cpp] if "cpp" in impls else []
     one_core = cpp_one_core_rows(args, cpp_names, skipped) if cpp_names and "1" in cpp_threads else []
-    in_process = [i for i in impls if i != "cpp" or "all" in cpp_threads]
+    # (at one thread, all cores is the one-core child's measurement again: two rows of "1 thread", and the table's
+    # one-core column took the in-process one; measured once)
+    all_cores = "all" in cpp_threads and not (one_core and torch.get_num_threads() == 1)
+    if "all" in cpp_threads and not all_cores:
+        print("note: this process runs torch at one thread (OMP_NUM_THREADS=1): the all-cores cpp rows would repeat "
+              "the one-core ones, left out", flush=True)  # fmt: skip
+    in_process = [i for i in impls if i != "cpp" or all_cores]
     for name in names:
         emit(measure_rows([name], [i for i in in_process if i in ("torch", "triton")], args, args.grid, devices,
                           skipped))  # fmt: skip

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import copy_bandwidth, environment, write_row  # noqa: E402
+from benchmarks.common import checked_device, copy_bandwidth, environment, out_file, positive_int, write_row  # noqa: E402
 from fastmim import _ext  # noqa: E402
 from fastmim.masking import random_masking  # noqa: E402
 from fastmim.ops import (  # noqa: E402
@@ -378,14 +378,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {', '.join(OPS)}")
-    ap.add_argument("--batch-size", type=int, default=None, help="default: 256 on a GPU (MAE ViT-B/16), 32 on CPU")
-    ap.add_argument("--img-size", type=int, default=224)
-    ap.add_argument("--patch-size", type=int, default=16)
-    ap.add_argument("--encoder-dim", type=int, default=768)
-    ap.add_argument("--decoder-dim", type=int, default=512)
+    ap.add_argument(
+        "--batch-size", type=positive_int, default=None, help="default: 256 on a GPU (MAE ViT-B/16), 32 on CPU"
+    )
+    ap.add_argument("--img-size", type=positive_int, default=224)
+    ap.add_argument("--patch-size", type=positive_int, default=16)
+    ap.add_argument("--encoder-dim", type=positive_int, default=768)
+    ap.add_argument("--decoder-dim", type=positive_int, default=512)
     ap.add_argument("--mask-ratio", type=float, default=0.75)
     ap.add_argument("--fp32", action="store_true", help="fp32 activations on a GPU too (default: bf16 as autocast)")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 on GPU, 10 on CPU)")
+    ap.add_argument("--reps", type=positive_int, default=None, help="timed repetitions (default 20 on GPU, 10 on CPU)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) column")
     ap.add_argument("--cuda-graph", action="store_true", help="also time each pass replayed from a CUDA graph")
     ap.add_argument(
@@ -393,21 +395,22 @@ def main(argv=None) -> int:
         action="store_true",
         help=f"also time the fused ops compiled, opaque and as Triton twins ({', '.join(TWIN_OPS)})",
     )
-    ap.add_argument("--out", default=None, help="append the JSON rows to this file")
+    ap.add_argument("--out", default=None, type=out_file, help="append the JSON rows to this file")
     args = ap.parse_args(argv)
 
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        ap.error(f"--device {args.device!r}: {e}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+    device = checked_device(ap, args.device)
+    if args.img_size % args.patch_size:
+        ap.error(f"--img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
+    if not 0 < args.mask_ratio < 1:
+        ap.error(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
     if args.cuda_graph and device.type != "cuda":
         ap.error("--cuda-graph times CUDA-graph replays: it needs a CUDA device")
     if args.compiled_fused and args.no_compile:
         ap.error("--compiled-fused times the fused ops under torch.compile: leave out --no-compile")
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = sorted(set(ops) - set(OPS))
+    if not ops:
+        ap.error(f"--ops names no op; choose from {OPS}")
     if unknown:
         ap.error(f"unknown ops {unknown}; choose from {OPS}")
     b = args.batch_size or (256 if device.type == "cuda" else 32)

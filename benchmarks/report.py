@@ -270,6 +270,10 @@ def main(argv=None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--readme", type=Path, default=README)
     args = ap.parse_args(argv)
+    if not args.results.is_dir():  # (a typo rendered empty tables, and --write put them in the README)
+        ap.error(f"--results {str(args.results)!r} is not a folder of results (benchmarks/results: one folder per run)")
+    if not load_rows(args.results):
+        ap.error(f"--results {str(args.results)!r} holds no result rows (*.jsonl, results.tar): nothing to report")
     block = render(args.results)
     if not (args.write or args.check):
         print(block)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fastmim  # noqa: E402
-from benchmarks.common import call_timer, environment, write_row  # noqa: E402
+from benchmarks.common import call_timer, environment, out_file, write_row  # noqa: E402
 from fastmim.models.convnextv2_sparse import BACKENDS, sparse_forward  # noqa: E402
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 on GPU, 5 on CPU)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-dense", action="store_true", help="skip the unmasked dense row")
-    ap.add_argument("--out", default=None, help="append the JSON rows to this file")
+    ap.add_argument("--out", default=None, type=out_file, help="append the JSON rows to this file")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not cuda:

@@ -52,7 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import copy_bandwidth, environment, write_row  # noqa: E402
+from benchmarks.common import copy_bandwidth, environment, out_file, write_row  # noqa: E402
 from benchmarks.recipes import RECIPES, core_model, get_recipe  # noqa: E402
 from fastmim.data.folder import usable_cpus  # noqa: E402
 from fastmim.masking import MaskInfo  # noqa: E402
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--profile-dir", default="benchmarks/profiles", help="where the traces (.json.gz) go")
     ap.add_argument("--top", type=int, default=15, help="kernels listed per profiled mode")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="append the JSON rows to this file")
+    ap.add_argument("--out", default=None, type=out_file, help="append the JSON rows to this file")
     return ap
 
 

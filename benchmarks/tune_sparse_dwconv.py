@@ -22,7 +22,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import environment, write_row  # noqa: E402
+from benchmarks.common import environment, out_file, write_row  # noqa: E402
 from fastmim.ops import SparseLayout  # noqa: E402
 from fastmim.ops.triton._common import target_programs  # noqa: E402
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--visible", type=int, default=19, help="visible 32-px patches per sample, of 49")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, type=out_file)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA device (the Triton kernels' block sizes only matter there)")

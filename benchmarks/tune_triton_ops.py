@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import copy_bandwidth, environment, write_row  # noqa: E402
+from benchmarks.common import copy_bandwidth, environment, out_file, write_row  # noqa: E402
 
 # patchify's (form, a, b, num_warps): the flat kernel's BLOCK (its default first), and the strip kernel's tiles
 PATCHIFY_CONFIGS = [("flat", 1024, 0, 4), ("flat", 2048, 0, 8), ("flat", 512, 0, 4), ("flat", 4096, 0, 8),
@@ -49,7 +49,7 @@ KERNELS = ("patchify", "unpatchify", "gather", "gather_bwd", "scatter", "scatter
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, type=out_file)
     ap.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated subset of {','.join(KERNELS)}")
     args = ap.parse_args(argv)
     kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
