@@ -142,7 +142,7 @@ def test_throughput_on_a_real_image_folder(tmp_path):
     assert row["mfu"] == pytest.approx(row["gflop_per_img"] * row["img_per_s"] / 10, rel=0.01)
 
 
-def test_throughput_real_data_beside_synthetic_with_the_gpu_decoding_loader(tmp_path):
+def test_throughput_real_data_beside_synthetic_with_the_gpu_decoding_loader(tmp_path, capsys):
     """--loader torch-gpu (decoding on the CPU here) --also-synthetic: a synthetic and a real-data row per mode, the
     ratio of their wall img/s and where the loader's time went."""
     folder = make_image_folder(tmp_path / "imgs", n=6)
@@ -174,6 +174,8 @@ def test_throughput_real_data_beside_synthetic_with_the_gpu_decoding_loader(tmp_
     assert real["real_over_synthetic"] == pytest.approx(real["img_per_s_wall"] / synthetic["img_per_s_wall"], rel=1e-3)
     assert set(real["loader_ms_per_batch"]) == {"read", "decode", "augment", "wait"}
     assert all(v >= 0 for v in real["loader_ms_per_batch"].values()) and real["loader_ms_per_batch"]["decode"] > 0
+    err = capsys.readouterr().err  # (the 90% target is a GPU's: a CPU dry run said "NOT met")
+    assert "target >= 90%: a GPU target, not judged on cpu" in err and "NOT met" not in err
 
 
 @pytest.mark.parametrize(
@@ -214,6 +216,10 @@ def test_throughput_refuses_what_it_cannot_run_before_measuring_anything(tmp_pat
     monkeypatch.setattr(throughput, "measure_peak_tflops", lambda *a: pytest.fail("measured before refusing"))
     for extra, message in [
         (["--data", str(tmp_path / "nope")], "does not exist"),
+        (["--data", __file__], "is not a folder of images"),  # (tracebacks, before)
+        (["--data", str(tmp_path), "--workers", "-1"], "--workers must be 0 or more"),
+        (["--device", "meta"], "the benchmarks run on cpu or cuda"),
+        (["--peak-matmul-size", "-5"], "--peak-matmul-size must be at least 1"),
         (["--model", "fcmae_convnextv2_atto"], "is a fcmae model: add --recipe fcmae"),
         (["--also-synthetic"], "are for --data"),
         (["--workers", "2"], "are for --data"),
