@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import call_timer, environment, out_file, write_row  # noqa: E402
+from benchmarks.common import call_timer, checked_device, environment, out_file, write_row  # noqa: E402
 from fastmim.models.vit import VisionTransformer, vit_sizes  # noqa: E402
 from fastmim.targets.teacher import DATA2VEC2_MOMENTUM, EMATeacher  # noqa: E402
 
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
         cfg = {**vit_sizes()[size], "patch_size": int(patch.removeprefix("patch"))}
     except (ValueError, KeyError):
         ap.error(f"--model must be vit_<size>_patch<p> with a size of {', '.join(vit_sizes())}, got {args.model!r}")
-    device = torch.device(args.device)
+    device = checked_device(ap, args.device)
     reps = args.reps or (50 if device.type == "cuda" else 5)
     torch.manual_seed(0)
     student = VisionTransformer(args.img_size, **cfg).to(device)

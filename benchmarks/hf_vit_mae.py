@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import call_timer, environment, host, out_file, write_row  # noqa: E402
+from benchmarks.common import call_timer, checked_device, environment, host, out_file, write_row  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         ap.error("transformers is not installed: pip install 'fastmim[hf]'")
     from fastmim.integrations import patch_hf_vit_mae
 
-    device = torch.device(args.device)
+    device = checked_device(ap, args.device)
     gpu = device.type == "cuda"
     batch = args.batch_size if args.batch_size is not None else (64 if gpu else 8)
     reps = args.reps if args.reps is not None else (20 if gpu else 3)

@@ -243,8 +243,9 @@ def dataload_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def render(results: Path = RESULTS) -> str:
-    rows = load_rows(results)
+def render(results: Path = RESULTS, rows: list[dict] | None = None) -> str:
+    """The README's tables from ``rows`` (default: every row under ``results``)."""
+    rows = load_rows(results) if rows is None else rows
     return (
         f"{BEGIN}\n\n### Training throughput (img/s)\n\n{throughput_table(rows)}\n\n"
         f"### Fused ops, forward + backward\n\n{ops_table(rows)}\n\n"
@@ -272,9 +273,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.results.is_dir():  # (a typo rendered empty tables, and --write put them in the README)
         ap.error(f"--results {str(args.results)!r} is not a folder of results (benchmarks/results: one folder per run)")
-    if not load_rows(args.results):
+    rows = load_rows(args.results)
+    if not rows:
         ap.error(f"--results {str(args.results)!r} holds no result rows (*.jsonl, results.tar): nothing to report")
-    block = render(args.results)
+    block = render(args.results, rows)
     if not (args.write or args.check):
         print(block)
         return 0

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fastmim  # noqa: E402
-from benchmarks.common import call_timer, environment, out_file, write_row  # noqa: E402
+from benchmarks.common import call_timer, checked_device, environment, out_file, write_row  # noqa: E402
 from fastmim.models.convnextv2_sparse import BACKENDS, sparse_forward  # noqa: E402
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,9 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-dense", action="store_true", help="skip the unmasked dense row")
     ap.add_argument("--out", default=None, type=out_file, help="append the JSON rows to this file")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not cuda:
-        ap.error(f"--device {args.device}: CUDA is not available here")
+    device = checked_device(ap, args.device)
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     if any(not 0.0 <= r < 1.0 for r in ratios):
         ap.error(f"--ratios must lie in [0, 1), got {ratios}")

@@ -462,14 +462,12 @@ def prepare_output_dir(cfg: PretrainConfig, info: DistInfo) -> tuple[Path, RunLo
     elif info.is_main:
         made = [p for p in (out, *out.parents) if not p.exists()]
         out.mkdir(parents=True, exist_ok=True)  # (the lock's place; removed again if the run is refused)
-        lock = RunLock(out, f"run {cfg.model}")
-        try:
+        lock, taken = RunLock(out, f"run {cfg.model}"), False
+        try:  # (a refusal, or a Ctrl-C / stop signal / failed rename while it reads the folder: let go of it)
             error = lock.acquire() or _check_output_dir(cfg, out, lock.held)
-        except BaseException:  # (a Ctrl-C or stop signal while it reads the folder, a failed rename)
-            error = True
-            raise
+            taken = not error
         finally:
-            if error:
+            if not taken:
                 lock.release()
                 _remove_empty(out, made[-1] if made else None)
     try:

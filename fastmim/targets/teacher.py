@@ -85,7 +85,11 @@ class EMATeacher(nn.Module):
         return count
 
     def momentum(self) -> float:
-        return momentum_at(self._updates_now() + self.count_from, self.start, self.end, self.total_updates)
+        return self._momentum_of(self._updates_now())
+
+    def _momentum_of(self, count: int) -> float:
+        """The momentum of the update after ``count`` updates (``count_from``: where the schedule is read)."""
+        return momentum_at(count + self.count_from, self.start, self.end, self.total_updates)
 
     @torch.no_grad()
     def update(self, student: nn.Module | None = None, params: list[torch.Tensor] | None = None) -> float:
@@ -102,7 +106,7 @@ class EMATeacher(nn.Module):
                              "it must stay fp32, where updates of (1 - momentum) ~ 1e-4 survive: keep the model in "
                              "fp32 and train under torch.autocast, as fastmim's trainer does")  # fmt: skip
         count = self._updates_now()
-        m = momentum_at(count + self.count_from, self.start, self.end, self.total_updates)
+        m = self._momentum_of(count)
         src = [s.detach() if s.dtype == t.dtype else s.detach().to(t.dtype) for s, t in zip(theirs, mine, strict=True)]
         torch._foreach_lerp_(mine, src, 1.0 - m)
         if student is not None and params is None:
