@@ -113,4 +113,4 @@ if os.environ.get("FASTMIM_BUILD_EXT", "1") != "0":
     ext_modules.append(CMakeExtension("fastmim._C"))
     if _build_cuda():
         ext_modules.append(CMakeExtension("fastmim._cuda"))
-setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild})
+setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild}, license="Apache-2.0")  # (dynamic in pyproject.toml)

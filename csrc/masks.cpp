@@ -58,7 +58,7 @@ void fill_rect(uint8_t* plane, int64_t width, const Rect& r, uint8_t v) {
   }
 }
 
-// Returns false when no context block kept min_keep tokens: after max_tries draws excluding every target, the next
+// Returns false when no context block kept more than min_keep tokens: after max_tries draws excluding every target, the next
 // max_tries exclude one target fewer (the last), and so on down to none, as I-JEPA's collator gives up a constraint.
 bool multiblock_sample(const MultiBlockParams& p, Rng& rng, uint8_t* context, uint8_t* targets, Rect* rects) {
   const int64_t n = p.height * p.width;
@@ -82,7 +82,7 @@ bool multiblock_sample(const MultiBlockParams& p, Rng& rng, uint8_t* context, ui
     int64_t kept = 0;
     for (int64_t i = c.top; i < c.top + c.h; ++i)
       for (int64_t j = c.left; j < c.left + c.w; ++j) kept += context[i * p.width + j];
-    if (kept >= p.min_keep) return true;
+    if (kept > p.min_keep) return true;  // more than min_keep, as I-JEPA's collator
   }
   return false;
 }
@@ -120,8 +120,8 @@ void validate(const MultiBlockParams& p) {
     fail(fn, "context_scale_min and context_scale_max must be in (0, 1]");
   if (p.context_scale_min > p.context_scale_max) fail(fn, "context_scale_min must be <= context_scale_max");
   const int64_t n = p.height * p.width;
-  if (p.min_keep < 0 || p.min_keep > n)
-    fail(fn, "min_keep=" + std::to_string(p.min_keep) + " is outside [0, " + std::to_string(n) + "]");
+  if (p.min_keep < 0 || p.min_keep >= n)  // a context keeps more than min_keep tokens
+    fail(fn, "min_keep=" + std::to_string(p.min_keep) + " is outside [0, " + std::to_string(n - 1) + "]");
   if (p.max_tries < 1) fail(fn, "max_tries must be >= 1, got " + std::to_string(p.max_tries));
 }
 
@@ -174,7 +174,7 @@ void multiblock_mask_keys(const MultiBlockParams& p, const uint64_t* keys, int64
   }
   error.rethrow();
   if (first_failed != std::numeric_limits<int64_t>::max())
-    throw std::runtime_error(std::string(fn) + ": no context block kept min_keep=" + std::to_string(p.min_keep) +
+    throw std::runtime_error(std::string(fn) + ": no context block kept more than min_keep=" + std::to_string(p.min_keep) +
                              " tokens, even without excluding the targets (max_tries=" + std::to_string(p.max_tries) +
                              " draws per target dropped; first failing sample: " + std::to_string(first_failed) +
                              "); lower min_keep or raise context_scale");

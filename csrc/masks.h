@@ -32,7 +32,7 @@ struct MultiBlockParams {
   double target_scale_min, target_scale_max;  // in (0, 1]
   double aspect_min, aspect_max;              // > 0, sampled log-uniformly
   double context_scale_min, context_scale_max;  // in (0, 1]; the context block has aspect ratio 1
-  int64_t min_keep;                             // in [0, height * width]
+  int64_t min_keep;                             // in [0, height * width - 1]
   int64_t max_tries;                            // >= 1
 };
 
@@ -40,7 +40,7 @@ struct MultiBlockParams {
 void validate(const MultiBlockParams& p);
 
 // targets[batch, num_targets, H, W] (0/1): the target blocks; context[batch, H, W] (1 = context token kept): the
-// context block minus the union of the targets, redrawn up to max_tries times until it keeps >= min_keep tokens.
+// context block minus the union of the targets, redrawn up to max_tries times until it keeps > min_keep tokens.
 // Throws std::runtime_error (RuntimeError in Python) naming min_keep, max_tries and the first failing sample when a
 // sample's context never keeps enough tokens.
 void multiblock_mask_keys(const MultiBlockParams& p, const uint64_t* keys, int64_t batch, uint8_t* context,

@@ -370,8 +370,9 @@ class MultiBlockMask(MaskStrategy):
     """I-JEPA's multi-block masking: ``num_targets`` target blocks (scale ``target_scale`` of the grid, aspect ratio in
     ``aspect_range``) and one context block (scale ``context_scale``, aspect 1) from which every target token is
     removed. ``mask`` hides everything but the context; ``targets`` [B, K, H, W] are the blocks to predict. A context
-    keeping fewer than ``min_keep`` tokens is redrawn; after ``max_tries`` draws it excludes one target block fewer
-    (the last), as I-JEPA's collator gives up a constraint (small grids: a target may then overlap the context).
+    keeping ``min_keep`` tokens or fewer is redrawn (it keeps more than ``min_keep``, as I-JEPA's: at least one);
+    after ``max_tries`` draws it excludes one target block fewer (the last), as I-JEPA's collator gives up a
+    constraint (small grids: a target may then overlap the context).
 
     Per sample (default): each sample draws its own block sizes (a log-uniform aspect), so that a mask depends on its
     sample alone. ``batch_shared=True`` is I-JEPA's collator instead (``src/masks/multiblock.py``): one target size and
@@ -404,23 +405,22 @@ class MultiBlockMask(MaskStrategy):
         self.context_scale = check_range("context_scale", context_scale)
         if self.target_scale[1] > 1 or self.context_scale[1] > 1:
             raise ValueError("target_scale and context_scale are fractions of the grid: at most 1")
-        if as_int(min_keep) is None or not 0 <= min_keep <= self.num_tokens:
-            raise ValueError(f"min_keep must be an int in [0, {self.num_tokens}], got {min_keep!r}")
+        if as_int(min_keep) is None or not 0 <= min_keep < self.num_tokens:  # (a context keeps more than min_keep)
+            raise ValueError(f"min_keep must be an int in [0, {self.num_tokens - 1}], got {min_keep!r}")
         self.min_keep = min_keep = as_int(min_keep)
         if as_int(max_tries) is None or max_tries < 1:
             raise ValueError(f"max_tries must be a positive int, got {max_tries!r}")
         self.max_tries = as_int(max_tries)
-        # the largest context must be able to keep min_keep tokens next to the largest targets (the collator's
-        # blocks stay smaller than the grid, and keep more than min_keep)
+        # the largest context must be able to keep more than min_keep tokens (the collator's blocks stay smaller
+        # than the grid)
         if self.batch_shared:
             hmax, wmax = self._shared_size_at(1.0, self.context_scale, (1.0, 1.0))
         else:
             hmax, wmax = (int(v) for v in _block_hw(torch.tensor(self.context_scale[1]), torch.tensor(1.0), *self.grid))
-        if hmax * wmax < min_keep + self.batch_shared:
+        if hmax * wmax <= min_keep:
             raise ValueError(f"a context block of scale {self.context_scale[1]} on a {self.grid[0]}x{self.grid[1]} "
-                             f"grid has at most {hmax * wmax} tokens, too few to keep "
-                             f"{'more than ' if self.batch_shared else ''}min_keep={min_keep}: lower min_keep (the "
-                             "I-JEPA models use at most 1/8 of the grid)")  # fmt: skip
+                             f"grid has at most {hmax * wmax} tokens, too few to keep more than min_keep={min_keep}: "
+                             "lower min_keep (the I-JEPA models use at most 1/8 of the grid)")  # fmt: skip
 
     def _blocks(self, keys, stream, n, scale_range, aspect_range):
         """[B, n] block sizes and positions -> [B, n, H, W] bool."""
@@ -514,12 +514,12 @@ class MultiBlockMask(MaskStrategy):
             union = targets[:, : self.num_targets - t // self.max_tries].any(dim=1)
             ctx = self._blocks(keys, 16 + 3 * t, 1, self.context_scale, (1.0, 1.0))[:, 0] & ~union
             context = torch.where(need.view(-1, 1, 1), ctx, context)
-            need &= context.flatten(1).sum(1) < self.min_keep
+            need &= context.flatten(1).sum(1) <= self.min_keep
             if not bool(need.any()):
                 break
         else:
-            raise RuntimeError(f"multi-block masking: no context block kept {self.min_keep} tokens, even without "
-                               "excluding the targets; lower min_keep or raise context_scale")  # fmt: skip
+            raise RuntimeError(f"multi-block masking: no context block kept more than min_keep={self.min_keep} tokens, "
+                               "even without excluding the targets; lower min_keep or raise context_scale")  # fmt: skip
         return Masks(~context, targets=targets)
 
     def _ref(self, rng):
@@ -538,10 +538,10 @@ class MultiBlockMask(MaskStrategy):
         for t in range(self.max_tries * (self.num_targets + 1)):  # (every max_tries: one target fewer excluded)
             union = targets[: self.num_targets - t // self.max_tries].any(0)
             context = block(self.context_scale, (1.0, 1.0)) & ~union
-            if int(context.sum()) >= self.min_keep:
+            if int(context.sum()) > self.min_keep:
                 return Masks(~context, targets=targets)
-        raise RuntimeError(f"multi-block masking: no context block kept {self.min_keep} tokens, even without "
-                           "excluding the targets; lower min_keep or raise context_scale")  # fmt: skip
+        raise RuntimeError(f"multi-block masking: no context block kept more than min_keep={self.min_keep} tokens, "
+                           "even without excluding the targets; lower min_keep or raise context_scale")  # fmt: skip
 
     def _cpp(self, keys):
         if self.batch_shared:
