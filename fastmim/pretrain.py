@@ -159,9 +159,10 @@ def resolve_config(argv: list[str] | None, origins: dict | None = None) -> tuple
     # (a run's config.yaml passed back with --config holds resume: null: not where a --resume came from)
     where |= {k: str(v) for k, v in source.items() if not (k == "resume" and from_yaml.get(k) is None)}
     where |= dict.fromkeys(flags, "the command line")
-    if state is None and "max_steps" in source and "max_steps" not in flags and cfg.max_steps is not None:
-        if os.environ.get("RANK", "0") == "0":  # (a run's config.yaml keeps the --max-steps it was last given)
-            print(f"note: max_steps {cfg.max_steps} comes from {source['max_steps']}: the run stops at step "
+    if "max_steps" in where and "max_steps" not in flags and cfg.max_steps is not None:
+        if os.environ.get("RANK", "0") == "0":  # (a run's config.yaml keeps the --max-steps it was last given, and a
+            # resume keeps it: a requeue stops where the run was planned to)
+            print(f"note: max_steps {cfg.max_steps} comes from {where['max_steps']}: the run stops at step "
                   f"{cfg.max_steps} (--max-steps None trains the whole schedule)", flush=True)  # fmt: skip
     if origins is not None:
         origins.update(where)
@@ -362,9 +363,16 @@ def _check_resumed_settings(cfg: PretrainConfig, saved: dict) -> dict:
     return {k: [saved[k], getattr(cfg, k)] for k in cfg.to_dict() if k in saved and k not in same and differs(k)}
 
 
-def _implied(key: str, before, after, cfg: PretrainConfig) -> str:
+def _implied(key: str, before, after, cfg: PretrainConfig, trainer=None) -> str:
     """What a changed setting changes with it, unsaid otherwise: the resize filter of a crop whose filter is unset;
-    the weight-decay groups, not the optimizer's state, for --decay-exempt."""
+    the weight-decay groups, not the optimizer's state, for --decay-exempt; the learning rate from here, for --epochs
+    (the schedule is re-planned over the new count: a finished cosine rises again)."""
+    if key == "epochs" and trainer is not None and isinstance(before, int) and cfg.lr_schedule == "cosine":
+        step = trainer.pos.step
+        was, now = trainer.lr_of(step, epochs=before), trainer.lr_of(step)
+        if not math.isclose(was, now, rel_tol=1e-3):
+            return (f" (the lr schedule is re-planned over {after} epochs: step {step + 1}'s lr goes {was:.3g} -> "
+                    f"{now:.3g}{', back up' if now > was else ''})")  # fmt: skip
     if key == "decay_exempt":
         return " (from here: parameters change weight-decay group, each keeping its AdamW moments)"
     if key == "crop" and cfg.crop_interp is None:
@@ -983,26 +991,29 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
             if state is not None:
                 trainer.load_state_dict(state)
                 del state
+            if info.is_main and trainer.pos.step < trainer.total_steps:  # (a resume with nothing to do keeps its own; a
+                # full disk here leaves no empty folder behind)
+                save_yaml(cfg, out / "config.yaml")
+                if changes:  # config.yaml holds the settings from here on; which steps ran with which is kept here
+                    said = "; ".join(f"{k} {_setting_text(k, a, cfg.model)} -> {_setting_text(k, b, cfg.model)}"
+                                     f"{_implied(k, a, b, cfg, trainer)}"
+                                     for k, (a, b) in changes.items())  # fmt: skip
+                    print(f"note: resuming with changed settings: {said} (recorded in {CHANGES_FILE})", flush=True)
+                    with open(out / CHANGES_FILE, "a") as f:
+                        f.write(json.dumps({"step": trainer.pos.step, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                            "changed": changes}, default=str) + "\n")  # fmt: skip
+            elif info.is_main and changes:  # a finished run: nothing trains, so nothing of them applies
+                said = ", ".join(changes)
+                more = ("raise --epochs" if trainer.total_steps == trainer.schedule_steps else
+                        f"raise --max-steps (its {cfg.max_steps} ends the run; None: the whole schedule)")  # fmt: skip
+                print(f"note: the run has no steps left, so the changed settings ({said}) change nothing: its outputs "
+                      f"(encoder.safetensors included) stay as they are; {more} to train on with them",
+                      flush=True)  # fmt: skip
         except BaseException:
             if info.is_main:
                 lock.release()  # (its file too: a folder made for the run goes if it is empty)
                 _remove_empty(out, made[-1] if made else (out if cfg.output_dir is None else None))
             raise
-        if info.is_main and trainer.pos.step < trainer.total_steps:  # (a resume with nothing to do keeps the run's own)
-            save_yaml(cfg, out / "config.yaml")
-            if changes:  # config.yaml holds the settings from here on; which steps ran with which is kept here
-                said = "; ".join(f"{k} {_setting_text(k, a, cfg.model)} -> {_setting_text(k, b, cfg.model)}"
-                                 f"{_implied(k, a, b, cfg)}"
-                                 for k, (a, b) in changes.items())  # fmt: skip
-                print(f"note: resuming with changed settings: {said} (recorded in {CHANGES_FILE})", flush=True)
-                with open(out / CHANGES_FILE, "a") as f:
-                    f.write(json.dumps({"step": trainer.pos.step, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                        "changed": changes}, default=str) + "\n")  # fmt: skip
-        elif info.is_main and changes:  # a finished run: nothing trains, so nothing of them applies
-            said = ", ".join(changes)
-            print(f"note: the run has no steps left, so the changed settings ({said}) change nothing: its outputs "
-                  "(encoder.safetensors included) stay as they are; raise --epochs to train on with them",
-                  flush=True)  # fmt: skip
         if info.is_main:
             pos = trainer.pos  # (epochs counted from 1 in what is printed, as the progress bar does)
             n_params = sum(p.numel() for p in model.parameters()) / 1e6

@@ -32,8 +32,9 @@ class ResumableDistributedSampler(Sampler[int]):
         self.order: dict | None = None  # an epoch resumed on another layout (set_order)
 
     def set_order(self, order: dict | None) -> None:
-        """``{"epoch": e, "stages": [[world, consumed], ...], "offset": k}``: epoch ``e`` was begun by runs on other
-        layouts. The first stage's run dealt the epoch's order (padded to its ``world``) over its ranks, as this
+        """``{"epoch": e, "stages": [[world, consumed], ...], "offset": k, "seed": s}``: epoch ``e`` was begun by
+        runs on other layouts. The first stage's run dealt the epoch's order (from seed ``s`` when given: a run
+        resumed with another seed finishes the epoch it began; padded to its ``world``) over its ranks, as this
         sampler does, and they consumed its first ``consumed`` samples together; each later stage dealt what was left
         over its ranks and consumed its first ``consumed`` (a prefix of it, whatever cut its shares had). This
         sampler deals the rest over its own ranks, each share cut to the same length, after ``k`` unused slots (the
@@ -58,12 +59,14 @@ class ResumableDistributedSampler(Sampler[int]):
         self.stop_index = stop_index
 
     def _rank_indices(self) -> list[int]:
+        begun = self.order is not None and self.order["epoch"] == self.epoch  # (the rest of an epoch begun elsewhere)
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            seed = self.order.get("seed", self.seed) if begun else self.seed
+            g = torch.Generator().manual_seed(seed * 100_003 + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
-        if self.order is not None and self.order["epoch"] == self.epoch:  # the rest of an epoch begun elsewhere
+        if begun:
             rest = self.rest(order, self.order["stages"])
             each = len(rest) // self.num_replicas
             return [-1] * self.order["offset"] + rest[self.rank :: self.num_replicas][:each]  # (-1: never read)

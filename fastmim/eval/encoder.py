@@ -38,13 +38,15 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         return load_file(str(path)), meta
+    whole_run = ValueError(f"{str(path)!r} is a fastmim checkpoint (a run's whole state), not an encoder: pass the "
+                           f"run's folder ({str(path.parent)!r}), or its encoder.safetensors (finetuned.safetensors "
+                           "for a fine-tuning)")  # fmt: skip
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if path.name == "checkpoint.pt":  # (torch's weights_only explanation runs to a dozen lines: not repeated)
-            raise ValueError(f"{str(path)!r} is a fastmim checkpoint (a run's whole state), not an encoder: pass "
-                             f"the run's folder ({str(path.parent)!r}), or its encoder.safetensors "
-                             "(finetuned.safetensors for a fine-tuning)") from None  # fmt: skip
+        if path.name == "checkpoint.pt":  # (torch's weights_only explanation runs to a dozen lines: not repeated;
+            # an older fastmim's checkpoint: numpy's random state refused)
+            raise whole_run from None
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # (torch's message carries terminal colours)
         other = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
         if other:  # a training checkpoint with objects beside its weights (SimMIM's: its yacs config), or a module
@@ -56,6 +58,10 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         first = (text.strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{str(path)!r} is neither safetensors nor a plain torch state dict ({first}); a fastmim "
                          "run's encoder is RUN/encoder.safetensors") from e  # fmt: skip
+    if isinstance(state, dict) and (
+        {"model", "optimizer", "rng", "step"} <= state.keys() or {"net", "opt", "rng", "settings"} <= state.keys()
+    ):  # fmt: skip (a pretraining's
+        raise whole_run  # and a fine-tuning's checkpoint: the model with its decoder or head, not an encoder)
     for key in ("state_dict", "model"):  # training checkpoints of timm and others
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -310,8 +310,10 @@ def _set_rng(saved: dict | None, seed: int, rank: int, epoch: int) -> None:
         s = (seed * 1_000_003 + rank * 7919 + epoch) % 2**31
         random.seed(s), np.random.seed(s), torch.manual_seed(s)
         return
+    from fastmim.train.checkpoint import set_numpy_rng_state
+
     random.setstate(saved["python"])
-    np.random.set_state(saved["numpy"])
+    set_numpy_rng_state(saved["numpy"])
     torch.set_rng_state(saved["torch"])
     if saved.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(saved["cuda"])
@@ -320,10 +322,10 @@ def _set_rng(saved: dict | None, seed: int, rank: int, epoch: int) -> None:
 def _rng_state() -> dict:
     import random
 
-    import numpy as np
+    from fastmim.train.checkpoint import numpy_rng_state
 
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
+    return {"python": random.getstate(), "numpy": numpy_rng_state(), "torch": torch.get_rng_state(), "cuda": cuda}
 
 
 def _save_checkpoint(run_dir, net, opt, epoch, history, best, settings, dist_info: DistInfo, batch: int = 0,
@@ -354,7 +356,8 @@ def _load_checkpoint(run_dir, settings: dict, epochs: int) -> dict:
     path = Path(run_dir or ".") / CHECKPOINT
     if run_dir is None or not path.is_file():
         raise FileNotFoundError(f"no fine-tuning checkpoint at {str(path)!r} to resume")
-    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file (an older one's numpy RNG state
+    # is an ndarray, which weights_only refuses)
     saved = state["settings"]  # (a checkpoint from before a setting was recorded is not refused for it)
     if saved.get("param_groups") != settings["param_groups"]:
         raise ValueError(

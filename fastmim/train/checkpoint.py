@@ -166,15 +166,29 @@ def _umask() -> int:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The process's random states, in types ``torch.load(..., weights_only=True)`` (torch's default) reads: numpy's
+    key array as a tensor, not an ndarray (a checkpoint holding one could not be loaded by plain ``torch.load``)."""
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def numpy_rng_state() -> tuple:
+    """``np.random.get_state()`` with its key array as a tensor (weights_only loads read it)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)
+
+
+def set_numpy_rng_state(state) -> None:
+    """Restores ``numpy_rng_state()``'s state, or ``np.random.get_state()``'s (checkpoints before 2026-12-07)."""
+    kind, keys, *rest = state
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
+
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    set_numpy_rng_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -68,6 +68,13 @@ class Position:
     step: int = 0
 
 
+def _seconds(fn) -> float:
+    """Runs ``fn()``; its wall-clock seconds (what a logged img/s leaves out)."""
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 @dataclass
 class Trainer:
     cfg: PretrainConfig
@@ -98,7 +105,7 @@ class Trainer:
                 f"one epoch has {len(self.loader)} batches, fewer than --accum-iter {self.cfg.accum_iter}: "
                 "lower --accum-iter or --batch-size"
             )
-        self.total_steps = self.steps_per_epoch * self.cfg.epochs
+        self.schedule_steps = self.total_steps = self.steps_per_epoch * self.cfg.epochs
         if self.cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, self.cfg.max_steps)
         self.logger = MetricsLogger(self.output_dir, enabled=self.info.is_main)
@@ -115,7 +122,7 @@ class Trainer:
         self.saved_step = 0  # the step of the last checkpoint (of this run or the one it resumes)
         if hasattr(self.raw_model, "set_total_steps"):  # a schedule over the whole run (I-JEPA's teacher momentum):
             # over the configured epochs, as the learning rate's; --max-steps stops a run early, it does not shorten it
-            self.raw_model.set_total_steps(self.steps_per_epoch * self.cfg.epochs)
+            self.raw_model.set_total_steps(self.schedule_steps)
         if self.cfg.cuda_graph and drops_tokens and self.masks.exact_hidden is None:
             raise ValueError(
                 f"--cuda-graph needs masks that hide the same number of patches in every sample (a graph has fixed "
@@ -169,8 +176,10 @@ class Trainer:
         }
 
     def data_layout(self) -> dict:
-        """What positions are counted in: a change of any of these moves batch and step boundaries."""
+        """What positions are counted in: a change of any of these moves batch and step boundaries (the seed deals
+        each epoch's order: changed inside an epoch, the rest of it is dealt from the order the run began it in)."""
         return {
+            "seed": self.cfg.seed,
             "batch_size": self.cfg.batch_size,
             "accum_iter": self.cfg.accum_iter,
             "world_size": self.info.world_size,
@@ -264,6 +273,15 @@ class Trainer:
                 n, was = self.info.world_size, state.get("world_size")
                 print(f"note: resuming on {n} process{'es' * (n != 1)}, saved on {was}")
 
+    def lr_of(self, step: int, epochs: int | None = None, milestones: tuple[float, ...] | None = None) -> float:
+        """The learning rate the schedule sets for ``step`` (of this run's units); ``epochs``: planned over that many
+        epochs instead (what a resume that changed --epochs re-planned)."""
+        cfg = self.cfg
+        if milestones is None:
+            milestones = cfg.milestone_epochs() if cfg.lr_schedule == "multistep" else ()
+        return lr_at(step / self.steps_per_epoch, self.lr, cfg.min_lr, cfg.warmup_epochs, epochs or cfg.epochs,
+                     cfg.warmup_lr, milestones, cfg.lr_gamma)  # fmt: skip
+
     def _say_lr_change(self, saved: dict | None) -> None:
         """The peak lr follows the images per step (``--blr`` x images / 256) unless ``--lr`` fixes it: a resume on
         other processes, batch size or accumulation changes it, which is said with the way to keep the run's."""
@@ -322,9 +340,13 @@ class Trainer:
         accum = self.cfg.accum_iter
         batches = left // self.cfg.batch_size // accum * accum  # whole optimizer steps of this run
         start = self.batches_per_epoch - batches
-        self.epoch_order = {"epoch": e, "stages": stages, "offset": start * self.cfg.batch_size}
+        seed = (order or {}).get("seed", saved.get("seed", self.cfg.seed))  # (the seed that dealt the epoch)
+        self.epoch_order = {"epoch": e, "stages": stages, "offset": start * self.cfg.batch_size, "seed": seed}
         self.pos.batch, self.pos.step = start, e * self.steps_per_epoch + start // accum
-        if self.info.is_main:
+        if self.info.is_main and seed != self.cfg.seed:
+            print(f"note: the rest of epoch {e + 1} is dealt from seed {seed}'s order (the samples it has not "
+                  f"reached); seed {self.cfg.seed} deals the epochs after it", flush=True)  # fmt: skip
+        if self.info.is_main and any(saved.get(k) != v for k, v in layout.items() if k != "seed"):
             w = self.info.world_size
             dropped = rest - batches * self.cfg.batch_size * w
             print(f"note: resumed inside epoch {e + 1} on another layout ({saved} then): the {rest} samples it had "
@@ -532,14 +554,17 @@ class Trainer:
         cfg = self.cfg
         if self.pos.step >= self.total_steps:
             if self.info.is_main:
-                print(f"nothing to do: the run is at step {self.pos.step} of {self.total_steps}")
+                capped = self.total_steps < self.schedule_steps  # (by --max-steps)
+                print(f"nothing to do: the run is at step {self.pos.step} of {self.total_steps}"
+                      + (f" (--max-steps {cfg.max_steps}; the schedule has {self.schedule_steps}: --max-steps None "
+                         "or a larger one trains on)" if capped else ""))  # fmt: skip
             return self.pos
         milestones = cfg.milestone_epochs() if cfg.lr_schedule == "multistep" else ()  # (cosine: none)
         running = torch.zeros((), device=self.device)
         count, t_log, step_log = 0, time.perf_counter(), self.pos.step
         self.knn_seconds, t_start = 0.0, t_log
         if self.pos.step == 0:  # the baseline: the encoder as initialised
-            self.evaluate_knn()
+            t_log += _seconds(self.evaluate_knn)  # (img/s counts the steps' time: saves, pictures and kNN left out)
         for epoch in range(self.pos.epoch, cfg.epochs):
             self.pos.epoch = epoch
             start = self.pos.batch
@@ -583,12 +608,11 @@ class Trainer:
                 else:
                     masks = self.masks(indices=idx, epoch=epoch, device=self.device)
                 micro = b % cfg.accum_iter
-                at = self.pos.step / self.steps_per_epoch
-                lr_now = lr_at(at, self.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs, cfg.warmup_lr, milestones,
-                               cfg.lr_gamma)  # fmt: skip
+                lr_now = self.lr_of(self.pos.step, milestones=milestones)
                 if micro == 0:
                     set_lr(self.optimizer, lr_now)
                     if cfg.weight_decay_end is not None:
+                        at = self.pos.step / self.steps_per_epoch
                         set_weight_decay(self.optimizer, wd_at(at, cfg.weight_decay, cfg.weight_decay_end, cfg.epochs))
                 last_micro = micro == cfg.accum_iter - 1
                 # a graph-mode step copies the batch into its buffers itself (pinned host memory: asynchronously)
@@ -627,11 +651,12 @@ class Trainer:
                     if self.device.type == "cuda":
                         row["max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                     self.logger.log(row, self.pos.step)
-                    bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{ips:.1f}", lr=f"{lr_now:.2e}")
+                    # (refresh=False: the bar redraws at most once a second, as mininterval says, even in a log file)
+                    bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{ips:.1f}", lr=f"{lr_now:.2e}", refresh=False)
                     running.zero_()
                     count, t_log, step_log = 0, now, self.pos.step
                 if save_now:  # the loss was checked finite just above
-                    self.save()
+                    t_log += _seconds(self.save)
                 if done:
                     break
                 if self.preempt.requested():  # SIGTERM / SIGUSR1: a checkpoint of this step, then stop (requeue)
@@ -644,7 +669,7 @@ class Trainer:
             if self.pos.batch == self.batches_per_epoch:  # the epoch is complete
                 self.pos.epoch, self.pos.batch = epoch + 1, 0
             last = self.pos.step >= self.total_steps
-            self.save()  # before the pictures: nothing they do can cost the checkpoint
+            t_log += _seconds(self.save)  # before the pictures: nothing they do can cost the checkpoint
             if self.preempt.requested():  # a stop asked by now: this save holds the step; what would follow (the
                 if not last:  # pictures, kNN: a scheduler's grace period is short) is left out, and no step more
                     self._stop_after_save()
@@ -654,9 +679,9 @@ class Trainer:
                           flush=True)  # fmt: skip
                 break
             if last or self.pos.batch == 0 and self.pos.epoch % cfg.vis_interval == 0:
-                self.visualize()
+                t_log += _seconds(self.visualize)
             if last or self.pos.batch == 0 and self.pos.epoch % cfg.eval_every == 0:
-                self.evaluate_knn()
+                t_log += _seconds(self.evaluate_knn)
             if not last and self.preempt.requested():  # asked during the pictures or kNN: stop here
                 self._stop_after_save()
             if last:

@@ -563,7 +563,7 @@ def test_finetune_resumes_exactly_and_refuses_other_settings(tmp_path):
     straight = _finetune_run(tmp_path, tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):
         _finetune_run(tmp_path, tmp_path / "b", stop_after=1)
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 1  # (torch's default reads it)
     resumed = _finetune_run(tmp_path, tmp_path / "b", resume=True)
     for k, v in straight["network"].state_dict().items():
         torch.testing.assert_close(resumed["network"].state_dict()[k], v, rtol=0, atol=0)
@@ -759,6 +759,13 @@ def test_encoder_files_that_are_not_encoders_are_named_in_one_line(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}, "config": argparse.Namespace(model="x")}, ckpt)  # not weights only
     with pytest.raises(ValueError, match=r"is a fastmim checkpoint \(a run's whole state\), not an encoder: pass"):
         load_encoder(ckpt)
+    for state in (
+        {"model": {}, "optimizer": {}, "rng": [], "step": 3},  # a pretraining's and a fine-tuning's, which
+        {"net": {}, "opt": {}, "rng": [], "settings": {}},
+    ):  # fmt: skip (weights_only reads now)
+        torch.save(state, ckpt)
+        with pytest.raises(ValueError, match=r"is a fastmim checkpoint \(a run's whole state\), not an encoder"):
+            load_encoder(ckpt)
     other = tmp_path / "notes.pth"
     other.write_text("not a tensor file")
     with pytest.raises(ValueError, match=r"is neither safetensors nor a plain torch state dict \([^\n]*\); a fastmim"):

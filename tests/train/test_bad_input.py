@@ -468,6 +468,19 @@ def test_a_full_disk_or_a_read_only_folder_is_one_line(image_folder, tmp_path, c
     assert "); the previous checkpoint.pt is intact: free space, then resume" in err
     assert not list(out.glob(".checkpoint.pt.*"))  # the partial file is gone
     monkeypatch.undo()
+    real_write = Path.write_text
+
+    def no_space(self, *a, **k):
+        if ".config.yaml" in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_write(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", no_space)  # a new run whose first write, config.yaml, finds the disk full
+    fresh = tmp_path / "new" / "run"
+    err = fails([*args[:-4], "--output-dir", str(fresh)], capsys)
+    assert "config.yaml" in err and "Traceback" not in err
+    assert not (tmp_path / "new").exists()  # the folders made for it are not left behind empty
+    monkeypatch.undo()
 
     def read_only(self, *a, **k):
         raise OSError(errno.EROFS, "Read-only file system", str(self))

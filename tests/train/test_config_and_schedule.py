@@ -340,3 +340,21 @@ def test_a_resume_naming_what_an_unset_setting_stood_for_changes_nothing(image_f
     cfg, _ = resolve_config(["--model", "a2mim_vit_tiny_patch16"])
     assert pretrain._unchanged_defaults({"mask_ratio": [None, 0.6]}, cfg, a2mim, {}) == {}
     assert pretrain._unchanged_defaults({"mask_ratio": [None, 0.5]}, cfg, a2mim, {}) == {"mask_ratio": [None, 0.5]}
+
+
+def test_numpy_random_state_round_trips_in_both_checkpoint_forms():
+    """A checkpoint keeps numpy's random state with a tensor for its keys (torch.load's weights_only reads it); a
+    checkpoint from before holds np.random.get_state() itself: both restore the same draws."""
+    import numpy as np
+
+    from fastmim.train.checkpoint import numpy_rng_state, set_numpy_rng_state
+
+    np.random.seed(3)
+    np.random.standard_normal()  # (a cached Gaussian in the state)
+    new, old = numpy_rng_state(), np.random.get_state()
+    assert isinstance(new[1], torch.Tensor) and new[1].dtype == torch.int64
+    after = np.random.standard_normal(5)
+    for state in (new, old):
+        np.random.seed(99)
+        set_numpy_rng_state(state)
+        assert np.array_equal(np.random.standard_normal(5), after)

@@ -31,6 +31,8 @@ def test_cli_end_to_end_writes_all_outputs(image_folder, tmp_path):
     assert all(r["loss"] > 0 and r["img_per_s"] > 0 and r["lr"] >= 0 for r in rows)
     state = load_checkpoint(out / "checkpoint.pt")
     assert (state["epoch"], state["batch"], state["step"]) == (2, 0, 12)
+    # torch.load's default (weights_only, torch >= 2.6) reads it: numpy's random state is kept as a tensor
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["model"].keys() == state["model"].keys()
     for epoch in (1, 2):
         png = Image.open(out / "reconstructions" / f"epoch_{epoch:04d}.png")
         # 3 columns (original | masked | reconstruction) of 64 px, 8 rows, 2 px padding
@@ -73,9 +75,19 @@ def test_resume_mid_epoch_reproduces_an_uninterrupted_run(image_folder, tmp_path
     lr_straight = {r["step"]: r["lr"] for r in read_metrics(straight)}
     assert all(lr_straight[r["step"]] == pytest.approx(r["lr"]) for r in read_metrics(split))
     assert yaml.safe_load((split / "config.yaml").read_text())["max_steps"] == 8
+    capsys.readouterr()
     pretrain.run(["--resume", str(split / "checkpoint.pt")])  # finished: a no-op that leaves the run as it is
-    assert "nothing to do: the run is at step 8 of 8" in capsys.readouterr().out
+    said = capsys.readouterr().out  # (the saved --max-steps is named: it, not the schedule, ended the run)
+    assert "note: max_steps 8 comes from the run's saved config" in said
+    assert "nothing to do: the run is at step 8 of 8 (--max-steps 8; the schedule has 12: --max-steps None" in said
     assert load_checkpoint(split / "checkpoint.pt")["step"] == 8
+    pretrain.run(["--resume", str(split / "checkpoint.pt"), "--epochs", "3"])  # more epochs: still capped
+    assert "raise --max-steps (its 8 ends the run; None: the whole schedule) to train on" in capsys.readouterr().out
+    pretrain.run(["--resume", str(split / "checkpoint.pt"), "--epochs", "3", "--max-steps", "9"])
+    said = capsys.readouterr().out  # the cosine re-planned over 3 epochs: step 9's lr rises (said with its value)
+    lr = {r["step"]: r["lr"] for r in read_metrics(split)}
+    assert "epochs 2 -> 3 (the lr schedule is re-planned over 3 epochs: step 9's lr goes" in said
+    assert f"-> {lr[9]:.3g}, back up)" in said and lr[9] > lr[8]
 
 
 @pytest.mark.slow
@@ -227,6 +239,45 @@ def test_resume_with_changed_data_layout(image_folder, tmp_path, capsys, monkeyp
     assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [0.0, 0.3]  # the new value wins
 
 
+@pytest.mark.slow
+def test_a_seed_changed_inside_an_epoch_finishes_the_epoch_in_its_order(image_folder, tmp_path, capsys, monkeypatch):
+    """--seed deals each epoch's order: changed on a resume inside an epoch, the rest of that epoch is the samples
+    the run had not reached (a new order repeated 6 of 24 and skipped 6), and the new seed deals the next epoch."""
+    from fastmim.data.sampler import ResumableDistributedSampler
+
+    read = []
+    own = ResumableDistributedSampler.__iter__
+    monkeypatch.setattr(ResumableDistributedSampler, "__iter__",
+                        lambda self: iter([read.append((self.epoch, i)) or i for i in own(self)]))  # fmt: skip
+    out = tmp_path / "run"
+    pretrain.run(
+        [
+            *TINY_ARGS,
+            "--data-path",
+            str(image_folder),
+            "--vis-interval",
+            "100",
+            "--epochs",
+            "2",
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "3",
+        ]
+    )  # fmt: skip (3 of the epoch's 6 steps of 4)
+    capsys.readouterr()
+    pretrain.run(["--resume", "--output-dir", str(out), "--seed", "7", "--max-steps", "None"])
+    said = capsys.readouterr().out
+    assert "the rest of epoch 1 is dealt from seed 0's order" in said and "another layout" not in said
+    epoch0, epoch1 = [i for e, i in read if e == 0], [i for e, i in read if e == 1]
+    assert len(epoch0) == 24 and sorted(epoch0) == list(range(24))  # each sample once
+    fresh = ResumableDistributedSampler(24, seed=7)
+    fresh.set_epoch(1)
+    assert epoch1 == list(fresh)  # the new seed from the next epoch on
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert (state["epoch"], state["step"], state["layout"]["seed"]) == (2, 12, 7) and state["epoch_order"] is None
+
+
 def test_saved_config_does_not_resume_or_overwrite(image_folder, tmp_path, capsys):
     out = tmp_path / "run"
     pretrain.run([*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--max-steps", "2"])
@@ -308,3 +359,42 @@ def test_fused_norm_trains_fcmae_as_the_plain_layer_norm(image_folder, tmp_path,
     fused = _losses(image_folder, tmp_path / "fused", *args, "--fused-norm")
     assert calls, "--fused-norm did not reach FCMAE's sparse blocks"
     assert len(plain) == 2 and fused == pytest.approx(plain, rel=1e-5)
+
+
+def test_logged_throughput_leaves_out_saves_and_the_bar_redraws_once_a_second(image_folder, tmp_path, capsys,
+                                                                               monkeypatch):  # fmt: skip
+    """img_per_s is the training steps' rate: a checkpoint every step (each made 1.5 s slower here) is not counted
+    in it (it was: the row after a save, the first of an epoch after the pictures and kNN, dipped 5-15x); and the
+    progress bar's postfix does not force a redraw per logged row (a log file got one per step)."""
+    import time
+
+    from fastmim.train.engine import Trainer
+
+    own = Trainer.save
+    monkeypatch.setattr(Trainer, "save", lambda self: (time.sleep(1.5), own(self))[1])
+    out = tmp_path / "run"
+    pretrain.run([*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--max-steps", "5",
+                  "--log-interval", "1", "--save-interval", "1", "--vis-interval", "100"])  # fmt: skip
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    seconds = [4 / r["img_per_s"] for r in rows]  # (4 images a step)
+    assert max(seconds[1:]) < 1.0, seconds  # a step of the tiny model takes well under a second
+    monkeypatch.undo()
+    capsys.readouterr()
+    pretrain.run(
+        [
+            *TINY_ARGS,
+            "--data-path",
+            str(image_folder),
+            "--output-dir",
+            str(tmp_path / "bar"),
+            "--max-steps",
+            "12",
+            "--log-interval",
+            "1",
+            "--vis-interval",
+            "100",
+        ]
+    )  # fmt: skip (2 epochs)
+    redraws = capsys.readouterr().err.count("loss=")
+    assert redraws <= 6, redraws  # 12 rows in 2 epochs of ~1 s: each bar's close and about one a second, not 12
