@@ -320,13 +320,18 @@ class Trainer:
             why = "it does not record its layout"
         elif saved.get("dataset_size") != layout["dataset_size"]:
             why = f"the data set had {saved.get('dataset_size')} images, now {layout['dataset_size']}"
+        elif state.get("loader") and {k for k, v in layout.items() if saved.get(k) != v} == {"seed"}:
+            end = (e + 1) * self.steps_per_epoch
+            why = (f"DALI's file list is shuffled with the seed: --seed {saved['seed']} finishes the epoch, "
+                   f"--max-steps {end} stops at its end, then change it")  # fmt: skip
         elif state.get("loader"):
             why = "DALI's pipeline position is per process"
         elif not isinstance(self.sampler, ResumableDistributedSampler):
             why = "this run reads with DALI, whose epoch order is its own: resume with --loader torch"
         if why is not None:
             raise ValueError(
-                f"the checkpoint stopped mid-epoch with batch size, accumulation, processes and dataset {saved}; now "
+                f"the checkpoint stopped mid-epoch with seed, batch size, accumulation, processes and dataset {saved}; "
+                f"now "
                 f"they are {layout}, and the rest of that epoch cannot be dealt anew ({why}). Resume mid-epoch with "
                 "the same ones, or from a checkpoint saved at the end of an epoch."
             )

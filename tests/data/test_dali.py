@@ -204,6 +204,10 @@ def test_pretrain_with_dali_resumes_mid_epoch_to_the_uninterrupted_model(image_f
     assert (b["epoch"], b["batch"], b["step"]) == (1, 2, 8)
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+    # the file list is shuffled with the seed: another seed inside the epoch would read other files than the rest
+    with pytest.raises(ValueError, match="DALI's file list is shuffled with the seed: --seed 0 finishes the epoch, "
+                                         "--max-steps 12 stops at its end, then change it"):  # fmt: skip
+        pretrain.run(["--resume", "--output-dir", str(split), "--max-steps", "10", "--seed", "5"])
 
 
 def test_pretrain_refuses_an_unscanned_folder_for_dali_and_auto_falls_back(image_folder, tmp_path, capsys):
