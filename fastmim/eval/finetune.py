@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from fastmim.data import ShieldedLoader
 from fastmim.eval.encoder import _autocast, check_pool
@@ -124,6 +125,7 @@ def finetune(
     log=None,
     data_settings: dict | None = None,
     source: dict | None = None,
+    progress: bool | None = None,
 ) -> dict:
     """Fine-tunes; returns the final and best top-1/top-5 on ``val_set``, the history and the trained network.
 
@@ -135,7 +137,8 @@ def finetune(
     depends on that the caller decided (the augmentation, the data, the encoder file), saved with the settings so that
     a resume with other values is refused like a changed argument. ``source``: what the encoder was when the
     fine-tuning started (its pretraining step), kept in the checkpoint and returned as ``out["source"]``: a resume
-    reports the encoder it started from even if the file has been rewritten since (a pretraining run that went on)."""
+    reports the encoder it started from even if the file has been rewritten since (a pretraining run that went on).
+    ``progress``: a progress bar of each epoch's steps on stderr (rank 0; None: when ``log`` is given, as the CLI)."""
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
 
@@ -217,6 +220,15 @@ def finetune(
             batches = iter(loader)  # (this draws the loader's base seed from torch's generator)
             if resumed:  # the random state of the stopped step, after that draw: the next step's draws as if never
                 _set_rng(state["rng"][rank], seed, rank, start)  # stopped (loader workers draw their own)
+            bar = tqdm(
+                total=per_epoch,
+                initial=first if resumed else 0,
+                desc=f"finetune epoch {epoch + 1}/{epochs}",
+                disable=not (log is not None if progress is None else progress) or not dist_info.is_main,
+                dynamic_ncols=True,
+                mininterval=1.0,
+                leave=False,
+            )  # fmt: skip (the epoch's line follows it)
             for i, (x, y) in enumerate(batches, start=first if resumed else 0):
                 it = epoch * per_epoch + i
                 for g in opt.param_groups:  # timm's layer decay: each group's lr_scale
@@ -237,11 +249,16 @@ def finetune(
                     ema.update(net)
                 total += loss.detach() * len(y)
                 count += len(y)
+                bar.update()
+                if not bar.disable and (i + 1) % 20 == 0:  # (the loss: one host read every 20 steps)
+                    bar.set_postfix(loss=f"{float(total) / count:.4f}", refresh=False)
                 if i + 1 < per_epoch and watch.requested():  # (every rank asks at every step: a collective)
+                    bar.close()
                     if run_dir is not None:
                         part = {"total": float(total), "count": count, "seconds": spent + time.perf_counter() - t0}
                         save(epoch, batch=i + 1, partial=part)
                     raise FinetuneStopped(watch.signame, epoch, i + 1, per_epoch, run_dir is not None)
+            bar.close()
             mean_loss = float(all_reduce_mean(total / count, dist_info))
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"the fine-tuning loss became {mean_loss} in epoch {epoch + 1}; lower --blr "

@@ -556,6 +556,17 @@ def _finetune_run(tmp_path, run_dir, epochs=2, stop_after=None, resume=False, si
                     **settings)  # fmt: skip
 
 
+def test_finetune_shows_each_epochs_progress(tmp_path, capsys):
+    """An epoch of fine-tuning (minutes on ImageNet) printed nothing until its end: a bar of its steps now, on stderr,
+    where a log is kept (the CLI) or asked for; none for an API call that asked for neither."""
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    _finetune_run(tmp_path, None, epochs=1)
+    err = capsys.readouterr().err
+    assert "finetune epoch 1/1" in err and "| 0/4 [" in err  # 16 images, batches of 4
+    _finetune_run(tmp_path, None, epochs=1, progress=False)
+    assert "finetune epoch" not in capsys.readouterr().err
+
+
 def test_finetune_resumes_exactly_and_refuses_other_settings(tmp_path):
     """Two epochs straight equal one epoch, a stop, and a resume (augmentation, mixup and drop path draws included);
     a resume with other settings, or one with nothing left to do, is refused by name."""
