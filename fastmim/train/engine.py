@@ -68,6 +68,14 @@ class Position:
     step: int = 0
 
 
+def _duration(seconds: float) -> str:
+    """3h05m, 12m30s, 45s (a run's time left, in the progress bar)."""
+    s = int(min(seconds, 99 * 86400))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 def _seconds(fn) -> float:
     """Runs ``fn()``; its wall-clock seconds (what a logged img/s leaves out)."""
     t = time.perf_counter()
@@ -657,7 +665,9 @@ class Trainer:
                         row["max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                     self.logger.log(row, self.pos.step)
                     # (refresh=False: the bar redraws at most once a second, as mininterval says, even in a log file)
-                    bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{ips:.1f}", lr=f"{lr_now:.2e}", refresh=False)
+                    eta = (self.total_steps - self.pos.step) * self.images_per_step / max(ips, 1e-9)  # (the run's)
+                    bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{ips:.1f}", lr=f"{lr_now:.2e}",
+                                    run_eta=_duration(eta), refresh=False)  # fmt: skip
                     running.zero_()
                     count, t_log, step_log = 0, now, self.pos.step
                 if save_now:  # the loss was checked finite just above
