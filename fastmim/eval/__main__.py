@@ -26,9 +26,11 @@ import torch
 from fastmim._args import ArgumentParser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(mode: str | None = None) -> argparse.ArgumentParser:
+    """The command's parser; ``mode``: its --help lists that mode's options alone (``knn --help``)."""
     ap = ArgumentParser(prog="python -m fastmim.eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("mode", choices=("knn", "linprobe", "finetune"))
+    ap.add_argument("mode", choices=("knn", "linprobe", "finetune"),
+                    help="what to run (MODE --help: that mode's options alone)")  # fmt: skip
     src = ap.add_mutually_exclusive_group()  # one of them is required, unless finetune --resume reads it
     src.add_argument("--encoder", help="a run directory, its encoder.safetensors, or a timm checkpoint (with --model)")
     src.add_argument(
@@ -106,7 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="append the result (JSON) here (default: eval.jsonl beside the encoder; for "
         "--random RUN, in RUN beside the trained encoder's)",
     )
+    if mode is not None:  # the other modes' options: not listed (and refused if given, _check_mode_options)
+        for action in ap._actions:
+            if mode not in MODE_OPTIONS.get(action.dest, (mode,)):
+                action.help = argparse.SUPPRESS
+        for group in ap._action_groups:  # (a group left empty is not shown)
+            if group._group_actions and all(a.help == argparse.SUPPRESS for a in group._group_actions):
+                group.title, group.description = None, None
     return ap
+
+
+def _help_mode(argv: list[str]) -> str | None:
+    """The mode of ``MODE --help`` (its options alone are listed); None otherwise."""
+    if not {"-h", "--help"} & set(argv):
+        return None
+    return next((a for a in argv if a in ("knn", "linprobe", "finetune")), None)
 
 
 DEFAULTS = {"knn": dict(batch_size=256), "linprobe": dict(batch_size=256, epochs=90, warmup_epochs=10, blr=0.1),
@@ -537,7 +553,7 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
+    ap = build_parser(_help_mode(sys.argv[1:] if argv is None else argv))
     args = ap.parse_args(argv)
     _check_mode_options(ap, args, argv)
     if args.mode == "finetune" and args.resume == "if-exists":  # a job script's one command, requeued or not

@@ -1047,3 +1047,23 @@ def test_what_users_pass_that_gave_misleading_results(tmp_path, capsys):
     with pytest.raises(SystemExit):
         eval_main(["finetune", "--resume", str(tmp_path / "nope")])
     assert "--resume: no fine-tuning checkpoint at" in capsys.readouterr().err
+
+
+def test_each_modes_help_lists_its_own_options(capsys):
+    """``knn --help`` listed the fine-tuning's 17 options too: MODE --help lists that mode's alone."""
+    from fastmim.eval.__main__ import main as eval_main
+
+    said = {}
+    for mode in ("knn", "linprobe", "finetune"):
+        with pytest.raises(SystemExit) as stop:
+            eval_main([mode, "--help"])
+        assert stop.value.code == 0
+        said[mode] = capsys.readouterr().out
+    assert "--temperature" in said["knn"] and "--layer-decay" not in said["knn"] and "--epochs" not in said["knn"]
+    assert "--no-augment" in said["linprobe"] and "--epochs" in said["linprobe"] and "--k " not in said["linprobe"]
+    assert "--layer-decay" in said["finetune"] and "--resume" in said["finetune"] and "--no-augment" not in \
+        said["finetune"]  # fmt: skip
+    assert all("--encoder" in text and "--data-path" in text for text in said.values())  # (every mode's)
+    with pytest.raises(SystemExit):
+        eval_main(["--help"])
+    assert "--layer-decay" in capsys.readouterr().out and "--temperature" in said["knn"]  # no mode: all of them
