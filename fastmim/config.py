@@ -516,26 +516,59 @@ def migrate_saved_config(saved: dict, config_format: int | None) -> dict:
     return saved
 
 
+class _RepeatedKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader refusing a mapping that repeats a key (``epochs: 3`` ... ``epochs: 5``; a second
+    ``model_args:`` that replaced a recipe's): config keys are compared as their option names (``batch-size`` is
+    ``batch_size``)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            name = key.replace("-", "_") if isinstance(key, str) else key
+            try:
+                if name in seen:
+                    at = key_node.start_mark.line + 1
+                    raise _RepeatedKey(f"{key!r} (line {seen[name]} and line {at})")
+                seen[name] = key_node.start_mark.line + 1
+            except TypeError:  # an unhashable key: the constructor says so
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict:
-    """Reads a YAML mapping of config keys; errors name the file. A run's own config.yaml (it has a ``resume`` key)
-    of an older format is migrated (``migrate_saved_config``); ``config_format`` is not a config key."""
+    """Reads a YAML mapping of config keys; errors name the file, and a key given twice (YAML keeps the last without
+    a word). A run's own config.yaml of an older format is migrated (``migrate_saved_config``); ``config_format`` is
+    not a config key."""
     p = Path(path).expanduser()
     if p.is_dir():
         raise ValueError(f"config file {str(p)!r} is a folder: name one of its YAML files")
     if not p.is_file():
         raise FileNotFoundError(f"config file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         raise ValueError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    except _RepeatedKey as e:
+        raise ValueError(f"config file {str(p)!r} gives {e} twice (YAML would keep the last one silently): give "
+                         "it once") from None  # fmt: skip
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(p)!r} must hold a mapping of keys to values, got {type(data).__name__}")
     config_format = data.pop("config_format", None)
-    if "resume" in data:  # written by save_yaml (a hand-written file says what it means)
-        data = migrate_saved_config(data, config_format)
+    if config_format is not None or _written_by_a_run(data):  # (a hand-written file says what it means: one with
+        data = migrate_saved_config(data, config_format)  # a resume: key, as README's job scripts, is not migrated)
     return data
+
+
+def _written_by_a_run(data: dict) -> bool:
+    """A run's config.yaml from before ``config_format`` was written: save_yaml wrote every key, ``resume: null``."""
+    return data.get("resume", "") is None and {"model", "seed", "epochs", "output_dir", "data_path"} <= data.keys()
 
 
 def save_yaml(cfg: PretrainConfig, path: str | Path) -> None:
@@ -572,12 +605,19 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.name == "resume":
             parser.add_argument(*flags, nargs="?", const="auto", metavar="CHECKPOINT", **kw)
         else:
-            metavar = "KEY=VALUE[,...]" if base is dict else base.__name__.upper()
-            parser.add_argument(*flags, dest=f.name, type=str, metavar=metavar, **kw)
+            if base is dict:  # (repeatable: the pairs of every one, a key given twice refused, not the last kept)
+                kw["help"] = kw["help"].replace(" (default:", "; repeatable (default:", 1)
+                parser.add_argument(*flags, dest=f.name, action="append", metavar="KEY=VALUE[,...]", **kw)
+            else:
+                parser.add_argument(*flags, dest=f.name, type=str, metavar=base.__name__.upper(), **kw)
     return parser
 
 
 def cli_overrides(argv: list[str] | None) -> tuple[list[str], dict]:
-    """(the --config paths in order, the flags the user actually gave) from a command line."""
+    """(the --config paths in order, the flags the user actually gave) from a command line; a repeated
+    --model-args is one list of pairs (``a=1 --model-args b=2`` is ``a=1,b=2``: each flag's pairs kept)."""
     ns = vars(build_parser().parse_args(argv))
+    for k, v in ns.items():
+        if isinstance(v, list) and k != "config":
+            ns[k] = v[0] if len(v) == 1 else ",".join(v)
     return [os.path.expanduser(p) for p in ns.pop("config", None) or []], ns

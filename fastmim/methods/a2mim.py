@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from fastmim._args import check_number
 from fastmim.methods.mae import register_vit_family
 from fastmim.methods.simmim import SimMIMViT
 from fastmim.targets.frequency import FrequencyLoss
@@ -31,7 +32,7 @@ class A2MIMViT(SimMIMViT):
             raise ValueError("A2MIM's frequency loss compares reconstructed images: target='hog' does not apply "
                              "(SimMIM with target='hog', or MaskFeat, predict HOG features)")  # fmt: skip
         super().__init__(*args, **kwargs)
-        self.fft_weight = float(fft_weight)
+        self.fft_weight = check_number("A2MIMViT", "fft_weight", fft_weight, lo=0.0)  # (-1 maximised the FFT loss)
         conv = self.decoder[0]  # openmixup's NonLinearMIMNeck.init_weights: trunc_normal_init(std=0.02, bias=0)
         torch.nn.init.trunc_normal_(conv.weight, std=0.02)
         torch.nn.init.zeros_(conv.bias)

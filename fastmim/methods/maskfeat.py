@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from fastmim._args import check_bool
 from fastmim.heads import LinearHead
 from fastmim.masking import MaskInfo, build_mask
 from fastmim.masking.base import MaskStrategy, as_mask_info
@@ -84,7 +85,7 @@ class MaskFeatViT(MaskTokenViT):
                              f"{self.mask_type!r}")  # fmt: skip
         if mask_exact is None:
             mask_exact = exact_hidden(self.num_patches, mask_ratio) < MASKFEAT_MIN_BLOCK
-        self.mask_exact = bool(mask_exact)
+        self.mask_exact = check_bool("MaskFeatViT", "mask_exact", mask_exact)  # ('false' was True)
         self.fused_ops = fused_ops
         self.target_dim = self.set_target("hog", hog_cell, hog_bins, gaussian_window)
         self.decoder = LinearHead(embed_dim, self.target_dim)

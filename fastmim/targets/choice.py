@@ -51,8 +51,8 @@ class TargetChoice:
             cell = p // 2 if hog_cell is None else check_int(name, "hog_cell", hog_cell)
             if p % cell:
                 raise ValueError(f"{name}: the patch size {p} must be a multiple of hog_cell, got {hog_cell!r}")
-            bins = 9 if hog_bins is None else hog_bins
-            window = 0 if gaussian_window is None else gaussian_window
+            bins = 9 if hog_bins is None else check_int(name, "hog_bins", hog_bins)  # (2.5 failed deep in torch)
+            window = 0 if gaussian_window is None else check_int(name, "gaussian_window", gaussian_window, lo=0)
             self.hog = HOGTarget(p, self.in_chans, cell, bins, window, fused=self.fused_ops)
             self.predicts_pixels = False  # the trainer shows no reconstructions
             return self.hog.dim

@@ -13,7 +13,7 @@ import yaml
 
 import fastmim
 from fastmim import pretrain
-from fastmim.config import CONFIG_FORMAT
+from fastmim.config import CONFIG_FORMAT, PretrainConfig
 from fastmim.train import checkpoint as ckpt
 from tests.conftest import tiny_args_for
 
@@ -150,6 +150,12 @@ def test_resume_refuses_another_network_and_says_what_changes_the_masks(image_fo
     assert pretrain.resolve_config(["--config", str(tmp_path / "old.yaml")])[0].mask_type is None
     (tmp_path / "own.yaml").write_text("model: maskfeat_vit_tiny_patch16\nmask_type: random\n")
     assert pretrain.resolve_config(["--config", str(tmp_path / "own.yaml")])[0].mask_type == "random"
+    # a job script's own file with a resume: key (README's requeue advice) is not taken for an old run's: it kept
+    # mask_type random, and no decay_exempt was slipped in (both were rewritten, silently)
+    (tmp_path / "job.yaml").write_text(f"model: maskfeat_vit_tiny_patch16\nmask_type: random\nresume: if-exists\n"
+                                       f"output_dir: {tmp_path / 'job'}\n")  # fmt: skip
+    cfg = pretrain.resolve_config(["--config", str(tmp_path / "job.yaml")])[0]
+    assert cfg.mask_type == "random" and cfg.decay_exempt == PretrainConfig().decay_exempt
 
 
 def test_model_args_reach_the_recipe_from_flags_and_yaml(image_folder, tmp_path, capsys):
@@ -401,3 +407,19 @@ def test_resume_refuses_another_target_as_another_recipe(image_folder, tmp_path,
     assert pretrain.main([*resume, "--model-args", "target=lowpass"]) == 0
     out_text = capsys.readouterr().out
     assert "changed settings" not in out_text, out_text
+
+
+@pytest.mark.parametrize("model,kw,said", [
+    ("maskfeat_vit_tiny_patch16", {"mask_exact": "false"}, "mask_exact must be true or false, got 'false'"),
+    ("maskfeat_vit_tiny_patch16", {"hog_bins": 2.5}, "hog_bins must be an int >= 1, got 2.5"),
+    ("maskfeat_vit_tiny_patch16", {"gaussian_window": True}, "gaussian_window must be an int >= 0, got True"),
+    ("a2mim_vit_tiny_patch16", {"fft_weight": -1}, r"fft_weight must be a number in \[0, inf\], got -1"),
+    ("a2mim_vit_tiny_patch16", {"fft_weight": "0.2"}, "fft_weight must be a number"),
+    ("a2mim_vit_tiny_patch16", {"fft_weight": float("nan")}, "fft_weight must be a number"),
+])  # fmt: skip
+def test_recipe_settings_of_the_wrong_kind_are_refused_by_name(model, kw, said):
+    """From --model-args or a YAML file: mask_exact went through bool() ('false' was True), fft_weight through float()
+    (-1 maximised the frequency loss, a string was taken), hog_bins failed deep in torch and gaussian_window only at
+    the first step."""
+    with pytest.raises(ValueError, match=said):
+        fastmim.create_model(model, img_size=64, **kw)

@@ -87,6 +87,11 @@ def test_bad_config_value_and_file(tmp_path, capsys):
     assert "must hold a mapping" in fails(["--config", str(cfg)], capsys)
     cfg.write_text("epochs: [1\n")
     assert "is not valid YAML" in fails(["--config", str(cfg)], capsys)
+    cfg.write_text("epochs: 3\nblr: 1e-3\nepochs: 5\n")  # YAML keeps the last silently; so did the config
+    assert "gives 'epochs' (line 1 and line 3) twice (YAML would keep the last one silently)" in \
+        fails(["--config", str(cfg)], capsys)  # fmt: skip
+    cfg.write_text("batch-size: 3\nmodel_args:\n  hog_cell: 4\nbatch_size: 5\n")  # (one option, two spellings)
+    assert "gives 'batch_size' (line 1 and line 4) twice" in fails(["--config", str(cfg)], capsys)
     assert "does not exist" in fails(["--config", str(tmp_path / "missing.yaml")], capsys)
     assert "batch_size must be >= 1" in fails(["--batch-size", "0"], capsys)
     assert "amp must be one of" in fails(["--amp", "fp8"], capsys)

@@ -358,3 +358,13 @@ def test_numpy_random_state_round_trips_in_both_checkpoint_forms():
         np.random.seed(99)
         set_numpy_rng_state(state)
         assert np.array_equal(np.random.standard_normal(5), after)
+
+
+def test_a_repeated_model_args_flag_keeps_every_flags_pairs():
+    """argparse kept the last --model-args alone (hog_cell=4 was dropped without a word): the pairs of each are kept,
+    and a key two of them give is refused, as within one."""
+    cfg = resolve_config(["--model", "maskfeat_vit_tiny_patch16", "--model-args", "hog_cell=4",
+                          "--model-args", "gaussian_window=8"])[0]  # fmt: skip
+    assert cfg.model_args == {"hog_cell": 4, "gaussian_window": 8}
+    with pytest.raises(ValueError, match="names hog_cell more than once"):
+        resolve_config(["--model-args", "hog_cell=4", "--model-args", "hog_cell=8"])
