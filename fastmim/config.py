@@ -127,7 +127,11 @@ class PretrainConfig:
     # data
     data_path: str | None = field(default=None, metadata={"help": "image folder (None: built-in sample photos)"})
     num_workers: int | None = field(
-        default=None, metadata={"help": "loader processes (torch) or decoding threads (DALI) per rank (None: auto)"}
+        default=None,
+        metadata={
+            "help": "loader processes (torch) or decoding threads (DALI) per rank (None: auto: "
+            "the usable CPUs per process on the node less one, 1 to 8; DALI: all of them, its threads)"
+        },
     )
     loader: str = field(
         default="auto",
@@ -254,6 +258,14 @@ class PretrainConfig:
 
         if self.mask_ratio is not None:
             check_mask_ratio(self.mask_ratio)
+        from fastmim.models.vit import ATTN_IMPLS
+        from fastmim.train.compile_mode import COMPILE_MODES
+
+        if self.attn_impl not in ATTN_IMPLS:  # (with the other keys: an error from a file names it)
+            raise ValueError(f"attn_impl must be one of {', '.join(ATTN_IMPLS)}, got {self.attn_impl!r}")
+        if self.compile_mode is not None and self.compile_mode not in ("auto", *COMPILE_MODES):  # (without --compile
+            # too: saved in config.yaml, it failed a later run with --compile)
+            raise ValueError(f"compile_mode must be one of auto, {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.sparse_backend not in SPARSE_BACKENDS:
             raise ValueError(f"sparse_backend must be one of {', '.join(SPARSE_BACKENDS)}, got {self.sparse_backend!r}")
         if not 0 <= self.seed < 2**32:  # numpy's and DALI's seeds are 32-bit
@@ -270,6 +282,8 @@ class PretrainConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        if self.blr == 0 and self.lr is None:  # (as --lr 0: a run that never moves its weights)
+            raise ValueError("blr must be > 0 (lr = blr x images per step / 256 would be 0), got 0")
         for name in ("lr", "clip_grad"):
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
@@ -391,8 +405,8 @@ def _coerce(name: str, value, tp) -> object:
     if base is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "1", "yes", "on")  # (unquoted, YAML 1.1 reads on/off as booleans)
         raise ValueError(f"config key {name!r} must be true or false, got {value!r}")
     if base is int and isinstance(value, float) and value.is_integer():
         value = int(value)

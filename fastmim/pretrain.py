@@ -913,6 +913,11 @@ def run(argv: list[str] | None = None) -> Path:
         return _run(cfg, state, info, device)
     except UsageError as e:  # a refused flag that the user set in a config file: say which file
         raise UsageError(with_origins(str(e), origins)) from None
+    except ValueError as e:  # (one naming a --flag: "fewer than --accum-iter 8", set by a recipe's file)
+        said = with_origins(str(e), origins)
+        if type(e) is not ValueError or said == str(e):
+            raise
+        raise ValueError(said) from None
     finally:
         cleanup(info)
 

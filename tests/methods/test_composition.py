@@ -131,6 +131,9 @@ def test_resume_refuses_another_network_and_says_what_changes_the_masks(image_fo
     err = capsys.readouterr().err
     assert "this run was trained with model maskfeat_vit_tiny_patch16; --model maskfeat_vit_small_patch16" in err
     assert "size mismatch" not in err  # one line, not load_state_dict's key dump
+    (tmp_path / "ma.yaml").write_text("model_args:\n  mlp_ratio: 2.0\n")  # a file's model_args with other shapes
+    assert pretrain.main([*resume, "--config", str(tmp_path / "ma.yaml")]) == 2
+    assert f"model_args set in {tmp_path / 'ma.yaml'}" in capsys.readouterr().err  # (the file was not named)
     assert pretrain.main([*resume, "--mask", "random"]) == 0
     said = capsys.readouterr().out
     assert "note: resuming with changed settings: mask_type unset (the recipe's own) -> random" in said, said

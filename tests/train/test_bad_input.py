@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fastmim import pretrain
-from tests.conftest import TINY_ARGS
+from tests.conftest import ROOT, TINY_ARGS
 
 
 def fails(argv, capsys) -> str:
@@ -92,12 +92,18 @@ def test_bad_config_value_and_file(tmp_path, capsys):
         fails(["--config", str(cfg)], capsys)  # fmt: skip
     cfg.write_text("batch-size: 3\nmodel_args:\n  hog_cell: 4\nbatch_size: 5\n")  # (one option, two spellings)
     assert "gives 'batch_size' (line 1 and line 4) twice" in fails(["--config", str(cfg)], capsys)
+    cfg.write_text("attn_impl: foo\n")  # checked with the other keys, so the file is named (it was not)
+    assert f"attn_impl must be one of auto, sdpa, flash, math, fastmim, got 'foo' (from {cfg})" in \
+        fails(["--config", str(cfg)], capsys)  # fmt: skip
+    cfg.write_text("compile_mode: fastest\n")  # without --compile too: saved, it failed a later run with it
+    assert "compile_mode must be one of auto, default, reduce-overhead" in fails(["--config", str(cfg)], capsys)
     assert "does not exist" in fails(["--config", str(tmp_path / "missing.yaml")], capsys)
     assert "batch_size must be >= 1" in fails(["--batch-size", "0"], capsys)
     assert "amp must be one of" in fails(["--amp", "fp8"], capsys)
     assert "clip_grad must be a finite number > 0" in fails(["--clip-grad", "-1"], capsys)
     assert "blr must be a finite number >= 0" in fails(["--blr", "nan"], capsys)
     assert "lr must be a finite number > 0" in fails(["--lr", "0"], capsys)
+    assert "blr must be > 0 (lr = blr x images per step / 256 would be 0)" in fails(["--blr", "0"], capsys)
 
 
 def test_existing_run_is_refused_and_left_untouched(image_folder, tmp_path, capsys):
@@ -446,6 +452,17 @@ def test_a_folder_another_process_writes_in_is_refused_naming_it(image_folder, t
     assert not out.exists() or not any(out.iterdir())  # (the lock's file goes with it)
     assert pretrain.main(args) == 0
     assert not (out / LOCK_NAME).exists() and (out / "checkpoint.pt").exists()
+
+
+def test_a_recipe_files_accumulation_that_a_small_data_set_cannot_fill_is_named_with_the_file(
+    image_folder, tmp_path, capsys
+):
+    """configs/mae_vit_base_in1k.yaml sets accum_iter 8: on a small folder "fewer than --accum-iter 8" did not say
+    that the user's --config set it."""
+    cfg = ROOT / "configs" / "mae_vit_base_in1k.yaml"
+    err = fails(["--config", str(cfg), *TINY_ARGS, "--data-path", str(image_folder), "--output-dir",
+                 str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "8"], capsys)  # fmt: skip
+    assert "fewer than --accum-iter 8" in err and f"accum_iter set in {cfg}" in err
 
 
 def test_a_full_disk_or_a_read_only_folder_is_one_line(image_folder, tmp_path, capsys, monkeypatch):

@@ -368,3 +368,11 @@ def test_a_repeated_model_args_flag_keeps_every_flags_pairs():
     assert cfg.model_args == {"hog_cell": 4, "gaussian_window": 8}
     with pytest.raises(ValueError, match="names hog_cell more than once"):
         resolve_config(["--model-args", "hog_cell=4", "--model-args", "hog_cell=8"])
+
+
+def test_quoted_on_and_off_are_booleans_as_yes_and_no(tmp_path):
+    """YAML reads unquoted on/off as booleans; quoted 'yes'/'no' were taken and quoted 'on'/'off' refused."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("fused_norm: 'on'\ngrad_ckpt: 'off'\n")
+    got = resolve_config(["--config", str(cfg)])[0]
+    assert got.fused_norm is True and got.grad_ckpt is False
