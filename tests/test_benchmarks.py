@@ -1161,3 +1161,16 @@ def test_report_refuses_a_results_path_without_rows_and_out_is_checked_before_me
         with pytest.raises(argparse.ArgumentTypeError):
             out_file(str(bad))
     assert out_file(str(tmp_path / "new" / "rows.jsonl")) and (tmp_path / "new" / "rows.jsonl").exists()
+
+
+def test_the_masks_gpu_target_is_judged_on_its_own_grid_only(capsys):
+    """The GPU target (1M masks/s) is stated for 14x14: a --grid 7 run's rows said "met" against it, without the
+    grid; now each line names its grid, and another grid's rows are not judged."""
+    import masks
+
+    row = {"strategy": "block", "impl": "torch", "on": "cuda", "batch": 16384, "masks_per_s": 2e6}
+    masks.report_targets([row], [], (7, 7))
+    err = capsys.readouterr().err
+    assert "on 7x7: not judged (the target is for 14x14, this is 7x7)" in err and ": met" not in err
+    masks.report_targets([row], [], (14, 14))
+    assert "at batch  16384 on 14x14: met" in capsys.readouterr().err
