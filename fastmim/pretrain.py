@@ -48,7 +48,7 @@ from fastmim.train.checkpoint import (
 )
 from fastmim.train.compile_mode import compile_model, resolve_compile_mode
 from fastmim.train.distributed import DistInfo, broadcast_object, cleanup, init_distributed, wrap_ddp
-from fastmim.train.preempt import REQUEUE_EXIT, Preempted, StopRequested, stop_outside_training
+from fastmim.train.preempt import REQUEUE_EXIT, Preempted, StopRequested, guard_output, stop_outside_training
 from fastmim.train.runlock import RunLock
 
 
@@ -1104,6 +1104,7 @@ def _rank_prefix() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    guard_output()  # (a terminal that goes while SIGHUP is ignored, disown or nohup: the run prints on, to /dev/null)
     try:
         with stop_outside_training():  # a stop signal before or after training: exit REQUEUE_EXIT too
             run(argv)

@@ -553,6 +553,9 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fastmim.train.preempt import guard_output
+
+    guard_output()  # (a terminal that goes while SIGHUP is ignored: the fine-tuning prints on, to /dev/null)
     ap = build_parser(_help_mode(sys.argv[1:] if argv is None else argv))
     args = ap.parse_args(argv)
     _check_mode_options(ap, args, argv)

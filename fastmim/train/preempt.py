@@ -13,9 +13,11 @@ reaches them at different times: at each step boundary the ranks take the maximu
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import stat
+import sys
 import threading
 
 import torch
@@ -114,6 +116,54 @@ def _say(text: str) -> None:
         os.write(2, text.encode())
     except OSError:
         pass
+
+
+class _OutputGuard:
+    """sys.stdout / sys.stderr over a terminal or a pipe, where SIGHUP is ignored (``&`` then ``disown``, nohup with
+    ``| tee``): the run outlives the terminal, but its next print failed (EIO on the gone terminal, EPIPE on a pipe
+    whose reader went with it) and ended it before its next save. The first such failure sends the descriptor to
+    /dev/null, and the run goes on."""
+
+    def __init__(self, stream, fd: int):
+        self._stream, self._fd = stream, fd
+
+    def _gone(self, e: OSError) -> bool:
+        if e.errno not in (errno.EIO, errno.EPIPE):
+            return False
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self._fd)
+        os.close(null)
+        with contextlib.suppress(OSError, ValueError):  # (what was buffered goes to /dev/null)
+            self._stream.flush()
+        return True
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            if not self._gone(e):
+                raise
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except OSError as e:
+            if not self._gone(e):
+                raise
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def guard_output() -> None:
+    """A command's sys.stdout and sys.stderr, where they are a terminal or a pipe, in an ``_OutputGuard`` for the rest
+    of the process (the CLIs call it first)."""
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        stream = getattr(sys, name)
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # (a stream without a descriptor: as it is)
+            if not isinstance(stream, _OutputGuard) and stream.fileno() == fd and _gone_with_terminal(fd):
+                setattr(sys, name, _OutputGuard(stream, fd))
 
 
 class PreemptionWatch:

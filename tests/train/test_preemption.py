@@ -290,6 +290,39 @@ def test_a_closed_terminal_checkpoints_the_step_and_exits_129(image_folder, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="no pseudo-terminals")
+def test_a_run_that_ignores_sighup_outlives_its_terminal(image_folder, tmp_path):
+    """`python -m fastmim.pretrain ... &` then `disown` (or nohup with `| tee`): SIGHUP is ignored, so the run goes
+    on when the terminal closes, but its next progress line failed with EIO and ended it (exit 1, every step since the
+    last save lost). Its output now goes to /dev/null from that failure on, and it trains to the end."""
+    import fcntl
+    import select
+    import termios
+
+    out = tmp_path / "run"
+    args = _args(image_folder, out, "--max-steps", "8")
+    master, slave = os.openpty()
+
+    def login():  # a session of its own on the pty, SIGHUP ignored (disown / nohup)
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    proc = subprocess.Popen([sys.executable, "-m", "fastmim.pretrain", *args], cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True, preexec_fn=login)  # fmt: skip
+    os.close(slave)
+    metrics, seen, deadline = out / "metrics.jsonl", b"", time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        for fd in select.select([master], [], [], 0.02)[0]:
+            seen += os.read(fd, 65536)
+        if metrics.exists() and metrics.read_text().count("\n") >= 2:
+            break
+    os.close(master)  # the terminal hangs up; the run prints on (its progress bar, its last lines)
+    assert proc.wait(timeout=240) == 0, seen.decode(errors="replace")[-3000:]
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 8 and len(_losses(out)) == 8
+
+
+@pytest.mark.slow
 def test_torchrun_fsdp_ranks_checkpoint_the_same_step_on_sigterm_to_the_agent(image_folder, tmp_path):
     """torchrun, 2 processes, --fsdp: SIGTERM to the launcher's agent reaches both ranks (the agent forwards it); they
     agree on one step, write its sharded checkpoint and stop with the requeue status (the agent itself then exits
