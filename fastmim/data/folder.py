@@ -33,19 +33,35 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def iter_files(root: str | Path, skipped: dict[str, int] | None = None) -> Iterator[str]:
+def _up_the_tree(root: str | Path) -> set[str]:
+    """The real paths of ``root`` and of every folder above it, as written and as its links resolve: a folder holding
+    the root, whose walk would lead back into it."""
+    above: set[str] = set()
+    for q in (Path(os.path.abspath(root)), *Path(os.path.abspath(root)).parents):
+        real = Path(os.path.realpath(q))
+        above.update(str(r) for r in (real, *real.parents))
+    return above
+
+
+def iter_files(root: str | Path, skipped: dict[str, int] | None = None, exclude: set[str] | frozenset = frozenset()
+               ) -> Iterator[str]:  # fmt: skip
     """Every file below root, following symlinks, each folder once: a symlinked folder whose target was already
-    walked (a link back up the tree, a second link to the same folder) is not walked again, so a loop cannot repeat
-    the images. Hidden files and folders (name starting with '.', such as macOS's ``._*`` AppleDouble files) are
-    skipped. Unordered. ``skipped``: counts the folders not walked again, under "walked twice"."""
+    walked (a second link to the same folder) or holds root (a link back up the tree: root, its parent or any folder
+    above it) is not walked again, so a loop cannot repeat the images nor reach beyond root. Hidden files and folders
+    (name starting with '.', such as macOS's ``._*`` AppleDouble files) are skipped. Unordered. ``exclude``: the real
+    paths of folders not to walk either (a labelled folder's other class folders). ``skipped``: counts the folders
+    not walked, under "walked twice" (again or up the tree) and "excluded"."""
     seen = {os.path.realpath(root)}
+    above = _up_the_tree(root)
     skipped = {} if skipped is None else skipped
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         keep = []
         for d in sorted(d for d in dirnames if not d.startswith(".")):
             real = os.path.realpath(os.path.join(dirpath, d))
-            if real in seen:
+            if real in seen or real in above:
                 skipped["walked twice"] = skipped.get("walked twice", 0) + 1
+            elif real in exclude:
+                skipped["excluded"] = skipped.get("excluded", 0) + 1
             else:
                 seen.add(real)
                 keep.append(d)
@@ -58,13 +74,20 @@ _NOTED: set[str] = set()  # the roots whose skipped entries were noted in this p
 
 def _note_skipped(root: Path, skipped: dict[str, int]) -> None:
     """Says once per folder what the walk left out, so that a data set smaller than the files on disk is explained
-    (a folder reached again through a link is not read twice)."""
+    (a folder reached again through a link is not read twice; a labelled folder's link into another class's folder
+    is not read as this class)."""
     key = str(root)
-    if key in _NOTED or not skipped.get("walked twice"):
+    if key in _NOTED or not (skipped.get("walked twice") or skipped.get("excluded")):
         return
     _NOTED.add(key)
-    print(f"note: {key}: {skipped['walked twice']} linked folder(s) lead to a folder already read (a link loop or a "
-          "second link to the same folder): their images are read once", file=sys.stderr, flush=True)  # fmt: skip
+    if skipped.get("walked twice"):
+        print(f"note: {key}: {skipped['walked twice']} linked folder(s) lead to a folder already read or holding it (a "
+              "link loop or back up the tree, or a second link to the same folder): their images are read once",
+              file=sys.stderr, flush=True)  # fmt: skip
+    if skipped.get("excluded"):
+        print(f"note: {key}: {skipped['excluded']} linked folder(s) in a class folder lead to another class's folder: "
+              "not read there (an image is labelled by its own class folder alone)", file=sys.stderr,
+              flush=True)  # fmt: skip
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -185,6 +185,31 @@ def test_labelled_folder_errors_name_the_problem(tmp_path):
     assert LabelledFolder(train).classes == ["class0", "class1"]
 
 
+def test_a_link_in_a_class_folder_up_the_tree_or_into_another_class_labels_no_image_as_that_class(tmp_path, capsys):
+    """A symlink in a class folder back to the data root (``ln -s .. D/train/10/loop``) labelled every other class's
+    images as that class, silently: a class's walk enters neither the root, nor a folder above it, nor another class's
+    folder, and says what it left out; a symlinked class folder and linked images are read."""
+    from fastmim.data.folder import list_images
+
+    root = make_image_folder(tmp_path / "train", n=6, classes=3)
+    outside = make_image_folder(tmp_path / "elsewhere", n=2, classes=1, seed=1)
+    (root / "class0" / "loop").symlink_to("..")  # the data root
+    (root / "class0" / "top").symlink_to(tmp_path)  # above it
+    (root / "class1" / "other").symlink_to(root / "class2")  # another class's folder
+    (root / "class3").symlink_to(outside / "class0")  # a symlinked class folder
+    (root / "class2" / "linked.jpg").symlink_to(outside / "class0" / "img000.jpg")  # a linked image
+    folder = LabelledFolder(root)
+    assert folder.classes == ["class0", "class1", "class2", "class3"]
+    assert sorted((os.path.relpath(p, root), y) for p, y in folder.samples) == [
+        ("class0/img000.jpg", 0), ("class0/img003.jpg", 0), ("class1/img001.jpg", 1), ("class1/img004.jpg", 1),
+        ("class2/img002.jpg", 2), ("class2/img005.jpg", 2), ("class2/linked.jpg", 2), ("class3/img000.jpg", 3),
+        ("class3/img001.jpg", 3)]  # fmt: skip
+    err = capsys.readouterr().err
+    assert "2 linked folder(s) lead to a folder already read or holding it" in err
+    assert "1 linked folder(s) in a class folder lead to another class's folder: not read there" in err
+    assert not any("/top/" in f for f in list_images(root))  # the pretraining's walk does not go above its root
+
+
 def test_builtin_digits_are_real_labelled_class_folders():
     from fastmim.data.samples import builtin_digits, resolve_data_path
 
