@@ -44,13 +44,33 @@ def test_knn_scores_equal_the_weighted_vote_written_out(k, chunk):
     want = numpy_weighted_knn(train, train_labels, test, 6, min(k, 300), 0.07)
     got = knn_scores(torch.tensor(train, dtype=torch.float32), torch.tensor(train_labels), torch.tensor(test,
                      dtype=torch.float32), 6, k=k, temperature=0.07, chunk=chunk)  # fmt: skip
-    np.testing.assert_allclose(got.numpy(), want, rtol=2e-4)
+    unit = [a / np.linalg.norm(a, axis=1, keepdims=True) for a in (train, test)]
+    nearest = (unit[1] @ unit[0].T).max(1, keepdims=True)  # each row scaled by exp(-nearest / T): no overflow
+    np.testing.assert_allclose(got.numpy(), want * np.exp(-nearest / 0.07), rtol=2e-4)
     tensors = [torch.tensor(a) for a in (train, train_labels, test, test_labels)]
     acc = knn_accuracy(*tensors, 6, k=k)
     top1 = 100 * np.mean(want.argmax(1) == test_labels)
     top5 = 100 * np.mean([t in np.argsort(-s, kind="stable")[:5] for s, t in zip(want, test_labels, strict=True)])
     assert acc["top1"] == pytest.approx(top1) and acc["top5"] == pytest.approx(top5)
     assert 40 < acc["top1"] < 100  # the clusters overlap: neither trivial nor hopeless
+
+
+def test_knn_at_a_small_temperature_votes_for_the_nearest_neighbour():
+    """exp(s / T) overflowed fp32 at T < 0.0113 (cos / T > 88.7): every near neighbour voted inf, the classes tied and
+    top-1 collapsed (99% -> 10%); at T = 0.001 the vote is the nearest neighbour's class (1-NN)."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 16))
+    train_labels, test_labels = rng.integers(0, 10, size=200), rng.integers(0, 10, size=50)
+    train = torch.tensor(centres[train_labels] + rng.normal(scale=0.8, size=(200, 16)), dtype=torch.float32)
+    test = torch.tensor(centres[test_labels] + rng.normal(scale=0.8, size=(50, 16)), dtype=torch.float32)
+    scores = knn_scores(train, torch.tensor(train_labels), test, 10, k=20, temperature=0.001)
+    assert torch.isfinite(scores).all()
+    sims = torch.nn.functional.normalize(test, dim=1) @ torch.nn.functional.normalize(train, dim=1).T
+    one_nn = torch.tensor(train_labels)[sims.argmax(1)]
+    assert torch.equal(scores.argmax(1), one_nn)
+    acc = knn_accuracy(train, torch.tensor(train_labels), test, torch.tensor(test_labels), 10, k=20, temperature=0.001)
+    assert acc["top1"] == pytest.approx(100 * float((one_nn == torch.tensor(test_labels)).float().mean()))
+    assert acc["top1"] > 80
 
 
 def test_knn_refuses_mismatched_shapes():
