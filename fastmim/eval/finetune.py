@@ -151,6 +151,10 @@ def finetune(
                     betas=list(betas), mixup_prob=mixup_prob, head_init_std=head_init_std, clip_grad=clip_grad,
                     pool=pool, seed=seed,
                     processes=world, **(data_settings or {}))  # fmt: skip
+    classes = getattr(train_set, "classes", None)  # a LabelledFolder's: the head's output i is class i
+    if classes is not None and "classes" not in settings:
+        settings["classes"] = list(classes)
+    settings["train_images"] = len(train_set)  # (a resume mid-epoch takes its place in the epoch's order)
     state = _load_checkpoint(run_dir, settings, epochs) if resume else None
     torch.manual_seed(seed)  # the same network on every process (DDP checks it)
     net, fresh = finetune_network(encoder, info, num_classes, drop_path, pool, head_init_std)
@@ -382,7 +386,19 @@ def _load_checkpoint(run_dir, settings: dict, epochs: int) -> dict:
             "optimizer grouped the parameters as timm does; its state does not fit the official "
             "recipes' groups used now: start it again (or finish it with the fastmim that started it)"
         )
-    differ = {k: (saved.get(k), v) for k, v in settings.items() if k != "processes" and k in saved and saved[k] != v}
+    if "classes" in saved and "classes" in settings and list(saved["classes"]) != list(settings["classes"]):
+        raise ValueError(f"--resume {str(run_dir)!r}: the training folder's classes have changed since the fine-tuning "
+                         f"started ({_class_change(saved['classes'], settings['classes'])}): its head's outputs are "
+                         "the classes it started with; restore the class folders' names or start a new "
+                         "fine-tuning")  # fmt: skip
+    now, then = settings.get("train_images"), saved.get("train_images")
+    if state.get("batch") and then is not None and now is not None and now != then:
+        raise ValueError(f"--resume {str(run_dir)!r}: the fine-tuning stopped inside epoch {state['epoch'] + 1} with "
+                         f"{then} training images; the training folder holds {now} now, so its place in that epoch's "
+                         f"order is lost: restore the {then} images to finish the epoch (a changed folder is read from "
+                         "the next)")  # fmt: skip
+    differ = {k: (saved.get(k), v) for k, v in settings.items()
+              if k not in ("processes", "train_images") and k in saved and saved[k] != v}  # fmt: skip
     if differ:
         said = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items())
         raise ValueError(f"--resume {str(run_dir)!r}: the fine-tuning was started with other settings ({said})")
@@ -394,6 +410,17 @@ def _load_checkpoint(run_dir, settings: dict, epochs: int) -> dict:
         print(f"note: resumed on {settings['processes']} processes, saved on {state['settings'].get('processes')}: "
               "the same schedule, other random draws", flush=True)  # fmt: skip
     return state
+
+
+def _class_change(then: list[str], now: list[str]) -> str:
+    """What differs between two class lists, in words: the names gone and new, or the labels that moved."""
+    gone, new = [c for c in then if c not in now], [c for c in now if c not in then]
+    said = [f"{', '.join(repr(c) for c in names[:5])}{' ...' if len(names) > 5 else ''} {what}"
+            for names, what in ((gone, "gone"), (new, "new")) if names]  # fmt: skip
+    if not said:
+        moved = [i for i, (a, b) in enumerate(zip(then, now, strict=False)) if a != b] or [0]
+        said = [f"the same names in another order: label {moved[0]} was {then[moved[0]]!r}, now {now[moved[0]]!r}"]
+    return "; ".join(said) + f" ({len(then)} classes then, {len(now)} now)"
 
 
 @torch.no_grad()

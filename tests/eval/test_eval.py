@@ -636,6 +636,29 @@ def test_finetune_resumes_exactly_and_refuses_other_settings(tmp_path):
         _finetune_run(tmp_path, tmp_path / "c", resume=True)
 
 
+def test_finetune_resume_refuses_a_training_folder_whose_classes_changed(tmp_path):
+    """A class folder renamed between a stop and its resume (the sorted order, so the labels, changed) was resumed,
+    training the old head under the new labels: refused, naming the change; so is a resume inside an epoch whose
+    folder holds another number of images now. A checkpoint from before the classes were saved still resumes."""
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    with pytest.raises(KeyboardInterrupt):
+        _finetune_run(tmp_path, tmp_path / "b", stop_after=1)
+    saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    (tmp_path / "train" / "class1").rename(tmp_path / "train" / "aaa")  # sorted first now: label 0
+    with pytest.raises(ValueError, match=r"classes have changed since the fine-tuning started \('class1' gone; "
+                                         r"'aaa' new \(2 classes then, 2 now\)\)"):  # fmt: skip
+        _finetune_run(tmp_path, tmp_path / "b", resume=True)
+    (tmp_path / "train" / "aaa").rename(tmp_path / "train" / "class1")
+    assert saved["settings"]["classes"] == ["class0", "class1"] and saved["settings"]["train_images"] == 16
+    mid = dict(saved, batch=2, settings=dict(saved["settings"], train_images=20))  # stopped inside epoch 2, 20 images
+    torch.save(mid, tmp_path / "b" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="inside epoch 2 with 20 training images; the training folder holds 16"):
+        _finetune_run(tmp_path, tmp_path / "b", resume=True)
+    old = dict(saved, settings={k: v for k, v in saved["settings"].items() if k not in ("classes", "train_images")})
+    torch.save(old, tmp_path / "b" / "checkpoint.pt")  # from before the classes were saved: resumed
+    assert len(_finetune_run(tmp_path, tmp_path / "b", resume=True)["history"]) == 2
+
+
 def _sigusr1_on_second_batch(monkeypatch, train):
     """SIGUSR1 to this process while the second training batch (batch size 4) of ``train`` loads; returns the
     unpatched ``LabelledFolder.__getitem__``."""
