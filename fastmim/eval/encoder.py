@@ -288,7 +288,8 @@ class LabelledFolder(torch.utils.data.Dataset):
         h = hashlib.sha256()
         for path, label in self.samples:
             st = Path(path).stat()
-            h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            # (the name's bytes as they are: one that is not UTF-8 decodes to surrogates, which .encode() refused)
+            h.update(os.fsencode(path) + f"|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         return h.hexdigest()[:16]
 
 
@@ -351,7 +352,8 @@ def cached_features(encoder: nn.Module, info: dict, dataset, device: torch.devic
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"  # (_autocast's)
         key = f"{CACHE_VERSION}|{Path(info['path']).resolve()}|{st.st_size}|{st.st_mtime_ns}|{info['model']}|" \
               f"{info['img_size']}|{pool}|{dataset.root.resolve()}|{dataset.fingerprint()}|{precision}"  # fmt: skip
-        path = cache_root() / "features" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()  # (a path that is not UTF-8)
+        path = cache_root() / "features" / f"{digest[:24]}.pt"
         if path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=True)
             return saved["features"], saved["labels"], 0.0, True

@@ -877,6 +877,28 @@ def test_images_and_folders_users_have(tmp_path):
     assert np.asarray(data.load(data.files.index(str(root / "class0" / "deep.png")))).max() < 255
 
 
+def test_knn_and_linprobe_read_folders_whose_names_are_not_utf8(tmp_path, capsys):
+    """A folder named in Latin-1 (b'gr\\xe9en', not UTF-8) crashed kNN and the probe with "surrogates not allowed" (exit
+    2, no path named) when its features were fingerprinted for the cache: its bytes are hashed as they are."""
+    _, path = _save_run_encoder(tmp_path)
+    try:
+        odd = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"d\xe9j\xe0"))  # the data root
+        os.mkdir(os.fsencode(odd))
+        train = make_image_folder(Path(odd) / "train", n=6, classes=2)
+        os.rename(os.fsencode(train / "class1"), os.path.join(os.fsencode(train), b"gr\xe9en"))
+    except (OSError, UnicodeError) as e:
+        pytest.skip(f"the file system refuses a name that is not UTF-8 ({e})")
+    folder = LabelledFolder(train)
+    assert folder.classes == ["class0", os.fsdecode(b"gr\xe9en")] and len(folder.fingerprint()) == 16
+    data = ["--encoder", str(path), "--data-path", str(train), "--val-path", str(train), "--batch-size", "4"]
+    assert eval_main(["knn", *data]) == 0, capsys.readouterr().err
+    assert eval_main(["knn", *data]) == 0  # from the cache
+    assert eval_main(["linprobe", *data, "--epochs", "1", "--no-augment"]) == 0, capsys.readouterr().err
+    rows = [json.loads(s) for s in (path.parent / "eval.jsonl").read_text().splitlines()]
+    assert [r["mode"] for r in rows] == ["knn", "knn", "linprobe"] and rows[1]["features_cached"]
+    assert os.fsencode(rows[0]["train"]) == os.fsencode(train)
+
+
 def test_eval_cli_refuses_contradictions_before_it_runs(tmp_path, capsys):
     _, path = _save_run_encoder(tmp_path)
     train = make_image_folder(tmp_path / "train", n=6, classes=2)
