@@ -201,6 +201,9 @@ def _check(ap, args) -> None:
     for name in ("batch_size", "k", "epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.mode == "linprobe" and args.batch_size < 2:  # (PyTorch: "Expected more than 1 value per channel")
+        ap.error(f"--batch-size must be at least 2 for linprobe, got {args.batch_size}: the probe's BatchNorm "
+                 "normalises each feature over the batch")  # fmt: skip
     if args.img_size is not None and args.img_size < 1:
         ap.error(f"--img-size must be a positive number of pixels, got {args.img_size}")
     if args.workers < 0 or (args.warmup_epochs or 0) < 0 or args.temperature <= 0 or (

@@ -53,6 +53,10 @@ def train_linear_probe(
     """Trains the probe; returns its final top-1 / top-5 on the validation features and the training history.
     ``train_feats``/``train_labels`` given: trains on them (no augmentation); else on ``train_set``'s augmented
     views through the frozen encoder."""
+    n = len(train_feats) if train_feats is not None else len(train_set)
+    if batch_size < 2 or n < 2:  # (a batch of one: PyTorch's "Expected more than 1 value per channel")
+        raise ValueError(f"the linear probe's BatchNorm normalises each feature over a batch: it needs a batch size "
+                         f"of at least 2 and as many training images, got {batch_size} and {n}")  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     dim = val_feats.shape[1]
@@ -60,8 +64,7 @@ def train_linear_probe(
     lr = blr * batch_size / 256
     opt = LARS(head.parameters(), lr=lr, weight_decay=0.0)
     encoder = encoder.to(device).eval().requires_grad_(False)
-    n = len(train_feats) if train_feats is not None else len(train_set)
-    if train_feats is None:
+    if train_feats is None:  # (every batch holds at least 2: full ones, or all n when n <= batch_size)
         loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=n > batch_size,
                                              num_workers=workers, generator=gen,
                                              pin_memory=device.type == "cuda")  # fmt: skip

@@ -922,6 +922,27 @@ def test_eval_cli_refuses_contradictions_before_it_runs(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_linprobe_refuses_a_batch_of_one_by_its_option(tmp_path, capsys):
+    """linprobe --batch-size 1 failed with PyTorch's "Expected more than 1 value per channel when training" (the
+    probe's BatchNorm): refused up front, naming --batch-size; the API names the batch size too."""
+    from fastmim.eval.linprobe import train_linear_probe
+
+    _, path = _save_run_encoder(tmp_path)
+    train = make_image_folder(tmp_path / "train", n=6, classes=2)
+    with pytest.raises(SystemExit):
+        eval_main(["linprobe", "--encoder", str(path), "--data-path", str(train), "--val-path", str(train),
+                   "--batch-size", "1", "--epochs", "1"])  # fmt: skip
+    assert "--batch-size must be at least 2 for linprobe, got 1" in capsys.readouterr().err
+    feats, labels = torch.randn(5, 8), torch.tensor([0, 1, 0, 1, 0])
+    with pytest.raises(ValueError, match="a batch size of at least 2 and as many training images, got 1 and 5"):
+        train_linear_probe(None, None, feats, labels, 2, torch.device("cpu"), train_feats=feats, train_labels=labels,
+                           batch_size=1, epochs=1)  # fmt: skip
+    for n, batch in ((5, 2), (3, 4)):  # the last incomplete batch dropped (one of 1 left); all 3 in one batch
+        out = train_linear_probe(torch.nn.Identity(), None, feats, labels, 2, torch.device("cpu"), epochs=1,
+                                 train_feats=feats[:n], train_labels=labels[:n], batch_size=batch)  # fmt: skip
+        assert len(out["history"]) == 1
+
+
 def test_options_a_mode_does_not_read_are_refused_and_a_convnext_takes_no_pool(capsys):
     """knn --epochs, linprobe --mixup: refused by name rather than ignored; --pool cls on a ConvNeXt (its own pooled
     features) is refused before any data is read; a warm-up as long as the run is noted."""
