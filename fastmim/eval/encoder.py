@@ -265,8 +265,18 @@ class LabelledFolder(torch.utils.data.Dataset):
         self.classes = list(classes) if classes is not None else found
         unknown = sorted(c for c in set(found) - set(self.classes) if files[c])  # an empty folder adds no image
         if unknown:
+            import unicodedata
+
+            nfc = {unicodedata.normalize("NFC", c): c for c in self.classes}
+
+            def named(u: str) -> str:  # a name that prints as a training class's: what differs
+                same = nfc.get(unicodedata.normalize("NFC", u))
+                return u if same is None else (f"{u} (it differs from the training folder's {same!r} only in its "
+                                               f"Unicode normalisation, {ascii(u)} vs {ascii(same)}, as a copy from "
+                                               "macOS can leave it: rename one)")  # fmt: skip
+
             raise ValueError(f"{str(self.root)!r} has classes the training folder has not (or has no images of): "
-                             f"{', '.join(unknown[:10])}")  # fmt: skip
+                             f"{', '.join(named(u) for u in unknown[:10])}")  # fmt: skip
         index = {c: i for i, c in enumerate(self.classes)}
         self.samples = [(f, index[c]) for c in found if c in index for f in files[c]]
         if not self.samples:

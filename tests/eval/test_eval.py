@@ -230,6 +230,26 @@ def test_a_link_in_a_class_folder_up_the_tree_or_into_another_class_labels_no_im
     assert not any("/top/" in f for f in list_images(root))  # the pretraining's walk does not go above its root
 
 
+def test_a_validation_class_differing_only_in_unicode_normalisation_is_named_so(tmp_path):
+    """A validation class 'cafe\\u0301' (NFD, as macOS can write it) beside the training folder's 'caf\\xe9' (NFC) was
+    refused as a class the training folder has not, which looked impossible (both print café): the message says
+    how they differ. They are not merged."""
+    train = make_image_folder(tmp_path / "train", n=4, classes=2)
+    val = make_image_folder(tmp_path / "val", n=4, classes=2, seed=1)
+    try:
+        (train / "class1").rename(train / "caf\u00e9")
+        (val / "class1").rename(val / "cafe\u0301")
+    except OSError as e:
+        pytest.skip(f"the file system refuses the names ({e})")
+    if sorted(os.listdir(val)) == sorted(os.listdir(train)):
+        pytest.skip("the file system normalises names itself (both are one class here)")
+    said = r"has classes the training folder has not \(or has no images of\): cafe\u0301 \(it differs from the " \
+        r"training folder's 'caf\u00e9' only in its Unicode normalisation, 'cafe\\u0301' vs 'caf\\xe9', as a copy " \
+        r"from macOS can leave it: rename one\)$"  # fmt: skip
+    with pytest.raises(ValueError, match=said):
+        LabelledFolder(val, classes=LabelledFolder(train).classes)
+
+
 def test_builtin_digits_are_real_labelled_class_folders():
     from fastmim.data.samples import builtin_digits, resolve_data_path
 
