@@ -172,6 +172,9 @@ void masked_loss_backward_py(double scale, uintptr_t pred, int64_t pred_dtype, u
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastmim native CPU kernels (no libtorch dependency)";
+  // What fastmim._ext checks: a build from other sources (a checkout pulled without `pip install -e .`) is not used.
+  // Raise it whenever a function's meaning or signature changes (2: multi-block contexts keep more than min_keep).
+  m.attr("SOURCE_VERSION") = 2;
   m.def("block_mask", &block_mask_py, py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("num_masked"),
         py::arg("min_num_patches"), py::arg("max_num_patches"), py::arg("min_aspect"), py::arg("max_aspect"),
         py::arg("max_attempts"), py::arg("seed"), py::arg("num_threads") = 0, py::arg("exact") = true,

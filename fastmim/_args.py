@@ -52,7 +52,8 @@ def check_bool(who: str, name: str, value) -> bool:
 def check_number(who: str, name: str, value, lo: float = -math.inf, hi: float = math.inf) -> float:
     """``value`` as a finite float in [lo, hi] (an int is taken; a bool or a string is not)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi or math.isinf(value):
-        raise ValueError(f"{who}: {name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+        where = f"a finite number >= {lo:g}" if hi == math.inf else f"a number in [{lo:g}, {hi:g}]"
+        raise ValueError(f"{who}: {name} must be {where}, got {value!r}")
     return float(value)
 
 

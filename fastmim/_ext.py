@@ -14,18 +14,28 @@ class ExtensionWarning(RuntimeWarning):
     """Issued once when fastmim runs without its native extension."""
 
 
-def _load(name: str) -> tuple[ModuleType | None, str | None]:
+# csrc/bindings.cpp's SOURCE_VERSION these Python sources expect of fastmim._C
+C_SOURCE_VERSION = 2
+
+
+def _load(name: str, version: int | None = None) -> tuple[ModuleType | None, str | None]:
     """(fastmim.<name>, None), or (None, why not): not built (FASTMIM_BUILD_EXT=0, FASTMIM_CUDA=0, a source
-    checkout), built for another Python, or disabled by FASTMIM_NO_EXT=1."""
+    checkout), built for another Python, built from older sources than these (``version``: a checkout pulled without
+    rebuilding; its functions may mean something else now), or disabled by FASTMIM_NO_EXT=1."""
     if os.environ.get("FASTMIM_NO_EXT", "0") == "1":
         return None, "disabled by FASTMIM_NO_EXT=1"
     try:
-        return importlib.import_module(f"fastmim.{name}"), None
+        module = importlib.import_module(f"fastmim.{name}")
     except ImportError as e:
         return None, str(e)
+    built = getattr(module, "SOURCE_VERSION", 1)
+    if version is not None and built != version:
+        return None, (f"{module.__file__} was built from other sources (version {built}, these need {version}): "
+                      "rebuild it with `pip install -e .`")  # fmt: skip
+    return module, None
 
 
-_C, load_error = _load("_C")
+_C, load_error = _load("_C", C_SOURCE_VERSION)
 _cuda, cuda_load_error = _load("_cuda")
 
 if _C is None:

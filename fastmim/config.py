@@ -458,6 +458,24 @@ def key_value(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _fold_mappings(name: str, values: list):
+    """Repeated --model-args texts as one value: the pairs of each added in order; a clearing one (none, null, "")
+    drops what came before it."""
+    out = values[0]
+    for v in values[1:]:
+        clears = lambda x: isinstance(x, str) and x.strip().lower() in ("", "none", "null")  # noqa: E731
+        if clears(v) or clears(out):
+            out = v
+            continue
+        was, new = as_mapping(name, out), as_mapping(name, v)
+        both = sorted(set(was) & set(new))
+        if both:
+            raise ValueError(f"config key {name!r} names {', '.join(both)} in two --{name.replace('_', '-')} flags "
+                             f"({out!r}, {v!r}): one would silently win")  # fmt: skip
+        out = {**was, **new}
+    return out
+
+
 def as_mapping(name: str, value) -> dict:
     """A mapping key's value: a dict with string keys, or ``KEY=VALUE[,KEY=VALUE]`` (``key_value``'s rules)."""
     if isinstance(value, str):
@@ -542,6 +560,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # (<<: *anchor: merged keys, which the mapping's override)
+                continue
             key = self.construct_object(key_node, deep=True)
             name = key.replace("-", "_") if isinstance(key, str) else key
             try:
@@ -628,10 +648,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cli_overrides(argv: list[str] | None) -> tuple[list[str], dict]:
-    """(the --config paths in order, the flags the user actually gave) from a command line; a repeated
-    --model-args is one list of pairs (``a=1 --model-args b=2`` is ``a=1,b=2``: each flag's pairs kept)."""
+    """(the --config paths in order, the flags the user actually gave) from a command line; repeated --model-args
+    flags are folded in order: each one's pairs added to the ones before (a key two of them give is refused), one
+    that clears (none, "") clears what came before it."""
     ns = vars(build_parser().parse_args(argv))
     for k, v in ns.items():
         if isinstance(v, list) and k != "config":
-            ns[k] = v[0] if len(v) == 1 else ",".join(v)
+            ns[k] = _fold_mappings(k, v)
     return [os.path.expanduser(p) for p in ns.pop("config", None) or []], ns

@@ -20,6 +20,18 @@ def test_native_extension_loaded_when_required():
     assert isinstance(_C.with_openmp, bool)
 
 
+def test_an_extension_built_from_other_sources_is_not_used():
+    """A checkout pulled without `pip install -e .` kept an _C whose functions meant something else (the multi-block
+    context's min_keep): a build whose SOURCE_VERSION differs from these sources' is not loaded, and says why."""
+    if not fastmim.has_native_extension():
+        pytest.skip("fastmim._C is not built here")
+    from fastmim import _C, _ext
+
+    assert _C.SOURCE_VERSION == _ext.C_SOURCE_VERSION  # (raise both together)
+    module, why = _ext._load("_C", _ext.C_SOURCE_VERSION + 1)
+    assert module is None and "was built from other sources (version" in why and "pip install -e ." in why
+
+
 def test_import_without_extension_warns_once_and_works():
     code = (
         "import warnings, fastmim, torch\n"

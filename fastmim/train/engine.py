@@ -232,6 +232,9 @@ class Trainer:
         self.skipped_files = int(state.get("skipped_files", 0)) if self.info.is_main else 0
         layout = self.data_layout()
         saved_layout = state.get("layout")
+        was_seed = (state.get("config") or {}).get("seed")
+        if saved_layout is not None and "seed" not in saved_layout and isinstance(was_seed, int):
+            saved_layout = {**saved_layout, "seed": was_seed}  # (a checkpoint from before the seed was in its layout)
         if saved_layout is not None:  # keys added since a checkpoint was written are not compared
             layout = {k: v for k, v in layout.items() if k in saved_layout}
         self.epoch_order = state.get("epoch_order")
@@ -575,6 +578,7 @@ class Trainer:
         milestones = cfg.milestone_epochs() if cfg.lr_schedule == "multistep" else ()  # (cosine: none)
         running = torch.zeros((), device=self.device)
         count, t_log, step_log = 0, time.perf_counter(), self.pos.step
+        step_start = self.pos.step
         self.knn_seconds, t_start = 0.0, t_log
         if self.pos.step == 0:  # the baseline: the encoder as initialised
             t_log += _seconds(self.evaluate_knn)  # (img/s counts the steps' time: saves, pictures and kNN left out)
@@ -665,7 +669,8 @@ class Trainer:
                         row["max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                     self.logger.log(row, self.pos.step)
                     # (refresh=False: the bar redraws at most once a second, as mininterval says, even in a log file)
-                    eta = (self.total_steps - self.pos.step) * self.images_per_step / max(ips, 1e-9)  # (the run's)
+                    # the run's time left at its pace so far in this process, saves, pictures and kNN included
+                    eta = (self.total_steps - self.pos.step) * (now - t_start) / max(self.pos.step - step_start, 1)
                     bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{ips:.1f}", lr=f"{lr_now:.2e}",
                                     run_eta=_duration(eta), refresh=False)  # fmt: skip
                     running.zero_()

@@ -623,7 +623,7 @@ def _finetune_run(tmp_path, run_dir, epochs=2, stop_after=None, resume=False, si
 
 def test_finetune_shows_each_epochs_progress(tmp_path, capsys):
     """An epoch of fine-tuning (minutes on ImageNet) printed nothing until its end: a bar of its steps now, on stderr,
-    where a log is kept (the CLI) or asked for; none for an API call that asked for neither."""
+    where a log is kept (the CLI) or asked for; none where it is turned off (progress=False)."""
     pytest.importorskip("timm", reason="fine-tuning builds on timm")
     _finetune_run(tmp_path, None, epochs=1)
     err = capsys.readouterr().err
@@ -1197,4 +1197,5 @@ def test_each_modes_help_lists_its_own_options(capsys):
     assert all("--encoder" in text and "--data-path" in text for text in said.values())  # (every mode's)
     with pytest.raises(SystemExit):
         eval_main(["--help"])
-    assert "--layer-decay" in capsys.readouterr().out and "--temperature" in said["knn"]  # no mode: all of them
+    every = capsys.readouterr().out  # no mode: all of them
+    assert "--layer-decay" in every and "--temperature" in every and "--no-augment" in every

@@ -92,6 +92,13 @@ def test_bad_config_value_and_file(tmp_path, capsys):
         fails(["--config", str(cfg)], capsys)  # fmt: skip
     cfg.write_text("batch-size: 3\nmodel_args:\n  hog_cell: 4\nbatch_size: 5\n")  # (one option, two spellings)
     assert "gives 'batch_size' (line 1 and line 4) twice" in fails(["--config", str(cfg)], capsys)
+    from fastmim.config import load_yaml
+
+    cfg.write_text(
+        "model_args: &a {hog_cell: 4}\nmodel: maskfeat_vit_tiny_patch16\nepochs: 3\n"
+        "x: &b\n  <<: *a\n  gaussian_window: 8\n"
+    )  # fmt: skip (YAML's merge key: still read)
+    assert load_yaml(cfg)["x"] == {"hog_cell": 4, "gaussian_window": 8}
     cfg.write_text("attn_impl: foo\n")  # checked with the other keys, so the file is named (it was not)
     assert f"attn_impl must be one of auto, sdpa, flash, math, fastmim, got 'foo' (from {cfg})" in \
         fails(["--config", str(cfg)], capsys)  # fmt: skip

@@ -366,8 +366,12 @@ def test_a_repeated_model_args_flag_keeps_every_flags_pairs():
     cfg = resolve_config(["--model", "maskfeat_vit_tiny_patch16", "--model-args", "hog_cell=4",
                           "--model-args", "gaussian_window=8"])[0]  # fmt: skip
     assert cfg.model_args == {"hog_cell": 4, "gaussian_window": 8}
-    with pytest.raises(ValueError, match="names hog_cell more than once"):
+    with pytest.raises(ValueError, match="names hog_cell in two --model-args flags"):
         resolve_config(["--model-args", "hog_cell=4", "--model-args", "hog_cell=8"])
+    flags = ["--model", "maskfeat_vit_tiny_patch16", "--model-args"]  # one that clears drops what came before it
+    assert resolve_config([*flags, "none", "--model-args", "hog_cell=4"])[0].model_args == {"hog_cell": 4}
+    assert not resolve_config([*flags, "hog_cell=4", "--model-args", "none"])[0].model_args
+    assert not resolve_config([*flags, "hog_cell=4", "--model-args", ""])[0].model_args
 
 
 def test_quoted_on_and_off_are_booleans_as_yes_and_no(tmp_path):

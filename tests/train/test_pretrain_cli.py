@@ -240,7 +240,9 @@ def test_resume_with_changed_data_layout(image_folder, tmp_path, capsys, monkeyp
 
 
 @pytest.mark.slow
-def test_a_seed_changed_inside_an_epoch_finishes_the_epoch_in_its_order(image_folder, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("old", [False, True], ids=["checkpoint", "checkpoint-without-seed-in-its-layout"])
+def test_a_seed_changed_inside_an_epoch_finishes_the_epoch_in_its_order(image_folder, tmp_path, capsys, monkeypatch,
+                                                                         old):  # fmt: skip
     """--seed deals each epoch's order: changed on a resume inside an epoch, the rest of that epoch is the samples
     the run had not reached (a new order repeated 6 of 24 and skipped 6), and the new seed deals the next epoch."""
     from fastmim.data.sampler import ResumableDistributedSampler
@@ -253,6 +255,10 @@ def test_a_seed_changed_inside_an_epoch_finishes_the_epoch_in_its_order(image_fo
     args = [*TINY_ARGS, "--data-path", str(image_folder), "--vis-interval", "100", "--epochs", "2", "--output-dir",
             str(out), "--max-steps", "3"]  # fmt: skip
     pretrain.run(args)  # 3 of the epoch's 6 steps of 4
+    if old:  # a checkpoint from before the seed was in its layout: the seed its config holds is compared
+        state = torch.load(out / "checkpoint.pt", weights_only=False)
+        del state["layout"]["seed"]
+        torch.save(state, out / "checkpoint.pt")
     capsys.readouterr()
     pretrain.run(["--resume", "--output-dir", str(out), "--seed", "7", "--max-steps", "None"])
     said = capsys.readouterr().out
