@@ -264,7 +264,8 @@ def test_simmims_vit_b_encoder_shared_bias_no_abs_pos_trains_evaluates_fine_tune
         pretrain.run([*TINY_ARGS, "--rel-pos-bias", "shared", "--output-dir", str(tmp_path / "mae")])
     with pytest.raises(pretrain.UsageError, match="--vit-init beit applies to SimMIM, A2MIM and MaskFeat"):
         pretrain.run([*TINY_ARGS, "--vit-init", "beit", "--output-dir", str(tmp_path / "mae")])
-    with pytest.raises(pretrain.UsageError, match=r"could not convert .* \(with --model-args fft_weight='abc'\)"):
+    said = r"fft_weight must be a finite number >= 0, got 'abc' \(with --model-args fft_weight='abc'\)"
+    with pytest.raises(pretrain.UsageError, match=said):
         pretrain.run([*tiny_args_for("a2mim_vit_tiny_patch16"), "--model-args", "fft_weight=abc", "--output-dir",
                       str(tmp_path / "a2")])  # fmt: skip
     # another initialisation on resume changes nothing in the run: said, and the run keeps (and records) its own
