@@ -246,28 +246,20 @@ def test_ctrl_c_checkpoints_the_step_and_a_second_one_stops_at_once(image_folder
             assert first <= state["step"] < 36 and len(_losses(cut)) >= state["step"]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not hasattr(os, "openpty"), reason="no pseudo-terminals")
-@pytest.mark.parametrize("stderr", ["terminal", "pipe"])
-def test_a_closed_terminal_checkpoints_the_step_and_exits_129(image_folder, tmp_path, stderr):
-    """A run in a terminal that closes (an ssh session that dropped, without nohup): the kernel sends SIGHUP to the
-    session, loader workers included. The trainer finishes its step, checkpoints it (its output, now going nowhere,
-    does not end it: EIO on the terminal, EPIPE on a pipe whose reader went too, `2>&1 | tee log`) and exits 129;
-    before, SIGHUP ended it at once, losing every step since the last save."""
+def _run_until_the_terminal_closes(args, out, sighup, stderr="terminal") -> tuple[int, bytes]:
+    """The CLI on a pseudo-terminal in a session of its own (the pty its controlling terminal), SIGHUP at ``sighup``
+    (SIG_DFL as a login shell gives: a suite started under nohup would pass it on ignored), stderr on the terminal or
+    a pipe; the terminal (and the pipe's reader) close after its second metrics row. (its exit status, what it said)"""
     import fcntl
     import select
     import termios
 
-    cut = tmp_path / "cut"
-    args = _args(image_folder, cut)
-    args[args.index("--num-workers") + 1] = "2"
     master, slave = os.openpty()
     reader, writer = os.pipe() if stderr == "pipe" else (master, slave)
 
-    def login():  # its own session, the pty its controlling terminal, SIGHUP's default action (as a login shell
-        # gives; a suite started under nohup would pass SIGHUP on ignored)
+    def login():
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, sighup)
 
     proc = subprocess.Popen([sys.executable, "-m", "fastmim.pretrain", *args], cwd=ROOT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdin=slave, stdout=slave, stderr=writer,
@@ -275,7 +267,7 @@ def test_a_closed_terminal_checkpoints_the_step_and_exits_129(image_folder, tmp_
     os.close(slave)
     if stderr == "pipe":
         os.close(writer)
-    metrics, seen, deadline = cut / "metrics.jsonl", b"", time.monotonic() + 240
+    metrics, seen, deadline = out / "metrics.jsonl", b"", time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:  # (its output read, so that it never blocks)
         for fd in select.select(sorted({master, reader}), [], [], 0.02)[0]:
             seen += os.read(fd, 65536)
@@ -284,7 +276,22 @@ def test_a_closed_terminal_checkpoints_the_step_and_exits_129(image_folder, tmp_
     os.close(master)  # the terminal hangs up
     if stderr == "pipe":
         os.close(reader)  # and the pipe's reader goes with it
-    assert proc.wait(timeout=240) == 129, seen.decode(errors="replace")[-3000:]
+    return proc.wait(timeout=240), seen
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="no pseudo-terminals")
+@pytest.mark.parametrize("stderr", ["terminal", "pipe"])
+def test_a_closed_terminal_checkpoints_the_step_and_exits_129(image_folder, tmp_path, stderr):
+    """A run in a terminal that closes (an ssh session that dropped, without nohup): the kernel sends SIGHUP to the
+    session, loader workers included. The trainer finishes its step, checkpoints it (its output, now going nowhere,
+    does not end it: EIO on the terminal, EPIPE on a pipe whose reader went too, `2>&1 | tee log`) and exits 129;
+    before, SIGHUP ended it at once, losing every step since the last save."""
+    cut = tmp_path / "cut"
+    args = _args(image_folder, cut)
+    args[args.index("--num-workers") + 1] = "2"
+    status, seen = _run_until_the_terminal_closes(args, cut, signal.SIG_DFL, stderr)
+    assert status == 129, seen.decode(errors="replace")[-3000:]
     state = load_checkpoint(cut / "checkpoint.pt")
     assert 2 <= state["step"] < 36 and len(_losses(cut)) == state["step"]
 
@@ -295,30 +302,9 @@ def test_a_run_that_ignores_sighup_outlives_its_terminal(image_folder, tmp_path)
     """`python -m fastmim.pretrain ... &` then `disown` (or nohup with `| tee`): SIGHUP is ignored, so the run goes
     on when the terminal closes, but its next progress line failed with EIO and ended it (exit 1, every step since the
     last save lost). Its output now goes to /dev/null from that failure on, and it trains to the end."""
-    import fcntl
-    import select
-    import termios
-
     out = tmp_path / "run"
-    args = _args(image_folder, out, "--max-steps", "8")
-    master, slave = os.openpty()
-
-    def login():  # a session of its own on the pty, SIGHUP ignored (disown / nohup)
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-
-    proc = subprocess.Popen([sys.executable, "-m", "fastmim.pretrain", *args], cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdin=slave, stdout=slave, stderr=slave,
-                            start_new_session=True, preexec_fn=login)  # fmt: skip
-    os.close(slave)
-    metrics, seen, deadline = out / "metrics.jsonl", b"", time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        for fd in select.select([master], [], [], 0.02)[0]:
-            seen += os.read(fd, 65536)
-        if metrics.exists() and metrics.read_text().count("\n") >= 2:
-            break
-    os.close(master)  # the terminal hangs up; the run prints on (its progress bar, its last lines)
-    assert proc.wait(timeout=240) == 0, seen.decode(errors="replace")[-3000:]
+    status, seen = _run_until_the_terminal_closes(_args(image_folder, out, "--max-steps", "8"), out, signal.SIG_IGN)
+    assert status == 0, seen.decode(errors="replace")[-3000:]
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 8 and len(_losses(out)) == 8
 
 
