@@ -557,21 +557,26 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     ``model_args:`` that replaced a recipe's): config keys are compared as their option names (``batch-size`` is
     ``batch_size``)."""
 
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # (<<: *anchor: merged keys, which the mapping's override)
-                continue
-            key = self.construct_object(key_node, deep=True)
-            name = key.replace("-", "_") if isinstance(key, str) else key
-            try:
-                if name in seen:
-                    at = key_node.start_mark.line + 1
-                    raise _RepeatedKey(f"{key!r} (line {seen[name]} and line {at})")
-                seen[name] = key_node.start_mark.line + 1
-            except TypeError:  # an unhashable key: the constructor says so
-                break
-        return super().construct_mapping(node, deep=deep)
+    def flatten_mapping(self, node):
+        # each mapping is checked as written, once, before PyYAML merges into it (<<: *anchor puts the merged keys,
+        # which the mapping's own override, among its pairs: in place, so a node merged elsewhere first is seen so)
+        checked = self.__dict__.setdefault("_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                name = key.replace("-", "_") if isinstance(key, str) else key
+                try:
+                    if name in seen:
+                        at = key_node.start_mark.line + 1
+                        raise _RepeatedKey(f"{key!r} (line {seen[name]} and line {at})")
+                    seen[name] = key_node.start_mark.line + 1
+                except TypeError:  # an unhashable key: the constructor says so
+                    break
+        super().flatten_mapping(node)
 
 
 def load_yaml(path: str | Path) -> dict:

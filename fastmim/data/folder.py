@@ -34,25 +34,43 @@ def usable_cpus() -> int:
 
 
 def _up_the_tree(root: str | Path) -> set[str]:
-    """The real paths of ``root`` and of every folder above it, as written and as its links resolve: a folder holding
-    the root, whose walk would lead back into it."""
+    """The real paths of ``root`` and of every folder above it, as written and as its links resolve (its real path's
+    too: ``link/..`` is above the link's target, not beside it as the text says): a folder holding the root, whose
+    walk would lead back into it."""
     above: set[str] = set()
-    for q in (Path(os.path.abspath(root)), *Path(os.path.abspath(root)).parents):
+    written = Path(os.path.abspath(root))
+    for q in (Path(os.path.realpath(root)), written, *written.parents):
         real = Path(os.path.realpath(q))
         above.update(str(r) for r in (real, *real.parents))
     return above
 
 
-def iter_files(root: str | Path, skipped: dict[str, int] | None = None, exclude: set[str] | frozenset = frozenset()
-               ) -> Iterator[str]:  # fmt: skip
+def _inside(real: str, folders: set[str] | frozenset, own: str) -> bool:
+    """Whether the real path ``real`` is one of ``folders`` or below one before it is below ``own`` (the walk's
+    root, which may be one of them: a folder inside it is its own, unless inside another of them first)."""
+    if not folders:
+        return False
+    p = Path(real)
+    for q in (p, *p.parents):
+        if str(q) == own:
+            return False
+        if str(q) in folders:
+            return True
+    return False
+
+
+def iter_files(root: str | Path, skipped: dict[str, int] | None = None, exclude: set[str] | frozenset = frozenset(),
+               above: set[str] | None = None) -> Iterator[str]:  # fmt: skip
     """Every file below root, following symlinks, each folder once: a symlinked folder whose target was already
     walked (a second link to the same folder) or holds root (a link back up the tree: root, its parent or any folder
     above it) is not walked again, so a loop cannot repeat the images nor reach beyond root. Hidden files and folders
     (name starting with '.', such as macOS's ``._*`` AppleDouble files) are skipped. Unordered. ``exclude``: the real
-    paths of folders not to walk either (a labelled folder's other class folders). ``skipped``: counts the folders
+    paths of folders not to walk, nor anything below them (a labelled folder's class folders: a class's walk stays
+    out of the others'). ``above``: ``_up_the_tree(root)``, when the caller has it. ``skipped``: counts the folders
     not walked, under "walked twice" (again or up the tree) and "excluded"."""
-    seen = {os.path.realpath(root)}
-    above = _up_the_tree(root)
+    own = os.path.realpath(root)
+    seen = {own}
+    above = _up_the_tree(root) if above is None else above
     skipped = {} if skipped is None else skipped
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         keep = []
@@ -60,7 +78,7 @@ def iter_files(root: str | Path, skipped: dict[str, int] | None = None, exclude:
             real = os.path.realpath(os.path.join(dirpath, d))
             if real in seen or real in above:
                 skipped["walked twice"] = skipped.get("walked twice", 0) + 1
-            elif real in exclude:
+            elif _inside(real, exclude, own):
                 skipped["excluded"] = skipped.get("excluded", 0) + 1
             else:
                 seen.add(real)
@@ -85,8 +103,9 @@ def _note_skipped(root: Path, skipped: dict[str, int]) -> None:
               "link loop or back up the tree, or a second link to the same folder): their images are read once",
               file=sys.stderr, flush=True)  # fmt: skip
     if skipped.get("excluded"):
-        print(f"note: {key}: {skipped['excluded']} linked folder(s) in a class folder lead to another class's folder: "
-              "not read there (an image is labelled by its own class folder alone)", file=sys.stderr,
+        print(f"note: {key}: {skipped['excluded']} folder(s) in a class folder lead into another class's folder (a "
+              "link, or class folders inside one another): not read there (an image is labelled by its own class "
+              "folder alone)", file=sys.stderr,
               flush=True)  # fmt: skip
 
 

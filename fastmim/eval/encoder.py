@@ -239,7 +239,7 @@ class LabelledFolder(torch.utils.data.Dataset):
     names to index by (a validation folder takes its training folder's), default the folder's own, sorted."""
 
     def __init__(self, root: str | Path, transform=None, classes: list[str] | None = None):
-        from fastmim.data.folder import _note_skipped, is_image_file, iter_files
+        from fastmim.data.folder import _note_skipped, _up_the_tree, is_image_file, iter_files
 
         self.root, self.transform = Path(root), transform
         if not self.root.is_dir():
@@ -251,10 +251,18 @@ class LabelledFolder(torch.utils.data.Dataset):
         # a class's walk stays in its folder: a link in it up the tree (the root, above it) or into another class's
         # folder is not walked, or that class's images would be labelled as this one (a symlinked class folder, and
         # linked images, are read)
-        real = {c: os.path.realpath(self.root / c) for c in found}
+        classes_real = {os.path.realpath(self.root / c) for c in found}  # (a class's own is walked: seen first)
+        root_above = _up_the_tree(self.root)  # (once: a class folder's ancestors are the root's and the root)
+
+        def above(c: str) -> set[str]:
+            folder = self.root / c
+            if folder.is_symlink():  # a class folder elsewhere: its own ancestors there
+                return root_above | _up_the_tree(folder)
+            return root_above | {os.path.realpath(folder), os.path.abspath(folder)}
+
         skipped: dict[str, int] = {}
-        files = {c: sorted(f for f in iter_files(self.root / c, skipped, set(real.values()) - {real[c]})
-                           if is_image_file(f)) for c in found}  # fmt: skip
+        files = {c: sorted(f for f in iter_files(self.root / c, skipped, classes_real, above(c)) if is_image_file(f))
+                 for c in found}  # fmt: skip
         _note_skipped(self.root, skipped)
         if classes is None:  # a class folder without images is not a class (it would widen a classifier's head)
             empty = [c for c in found if not files[c]]

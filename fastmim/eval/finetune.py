@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -412,14 +413,22 @@ def _load_checkpoint(run_dir, settings: dict, epochs: int) -> dict:
     return state
 
 
+def _named(name: str) -> str:
+    """A class name as a message shows it: repr, or ascii where that hides a difference (a re-normalised 'café')."""
+    return repr(name) if name.isascii() or unicodedata.is_normalized("NFC", name) else ascii(name)
+
+
 def _class_change(then: list[str], now: list[str]) -> str:
     """What differs between two class lists, in words: the names gone and new, or the labels that moved."""
     gone, new = [c for c in then if c not in now], [c for c in now if c not in then]
-    said = [f"{', '.join(repr(c) for c in names[:5])}{' ...' if len(names) > 5 else ''} {what}"
+    said = [f"{', '.join(_named(c) for c in names[:5])}{' ...' if len(names) > 5 else ''} {what}"
             for names, what in ((gone, "gone"), (new, "new")) if names]  # fmt: skip
     if not said:
         moved = [i for i, (a, b) in enumerate(zip(then, now, strict=False)) if a != b] or [0]
-        said = [f"the same names in another order: label {moved[0]} was {then[moved[0]]!r}, now {now[moved[0]]!r}"]
+        said = [
+            f"the same names in another order: label {moved[0]} was {_named(then[moved[0]])}, now "
+            f"{_named(now[moved[0]])}"
+        ]
     return "; ".join(said) + f" ({len(then)} classes then, {len(now)} now)"
 
 

@@ -578,7 +578,7 @@ class Trainer:
         milestones = cfg.milestone_epochs() if cfg.lr_schedule == "multistep" else ()  # (cosine: none)
         running = torch.zeros((), device=self.device)
         count, t_log, step_log = 0, time.perf_counter(), self.pos.step
-        step_start = self.pos.step
+        first_row = None  # (when and at which step this process logged its first row: run_eta's start)
         self.knn_seconds, t_start = 0.0, t_log
         if self.pos.step == 0:  # the baseline: the encoder as initialised
             t_log += _seconds(self.evaluate_knn)  # (img/s counts the steps' time: saves, pictures and kNN left out)
@@ -669,8 +669,13 @@ class Trainer:
                         row["max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                     self.logger.log(row, self.pos.step)
                     # (refresh=False: the bar redraws at most once a second, as mininterval says, even in a log file)
-                    # the run's time left at its pace so far in this process, saves, pictures and kNN included
-                    eta = (self.total_steps - self.pos.step) * (now - t_start) / max(self.pos.step - step_start, 1)
+                    # the run's time left at its pace since this process's first row (saves, pictures and kNN
+                    # included; the first steps' compile or graph capture and the baseline kNN left out)
+                    if first_row is None:
+                        first_row = (now, self.pos.step)
+                    done = self.pos.step - first_row[1]
+                    eta = (self.total_steps - self.pos.step) * ((now - first_row[0]) / done if done else
+                                                                self.images_per_step / max(ips, 1e-9))  # fmt: skip
                     bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{ips:.1f}", lr=f"{lr_now:.2e}",
                                     run_eta=_duration(eta), refresh=False)  # fmt: skip
                     running.zero_()

@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -218,15 +219,19 @@ def test_a_link_in_a_class_folder_up_the_tree_or_into_another_class_labels_no_im
     (root / "class1" / "other").symlink_to(root / "class2")  # another class's folder
     (root / "class3").symlink_to(outside / "class0")  # a symlinked class folder
     (root / "class2" / "linked.jpg").symlink_to(outside / "class0" / "img000.jpg")  # a linked image
+    (root / "class2" / "sub").mkdir()  # a link into a folder inside another class's
+    shutil.copy(root / "class2" / "img002.jpg", root / "class2" / "sub" / "deep.jpg")
+    (root / "class1" / "deeper").symlink_to(root / "class2" / "sub")
     folder = LabelledFolder(root)
     assert folder.classes == ["class0", "class1", "class2", "class3"]
     assert sorted((os.path.relpath(p, root), y) for p, y in folder.samples) == [
         ("class0/img000.jpg", 0), ("class0/img003.jpg", 0), ("class1/img001.jpg", 1), ("class1/img004.jpg", 1),
-        ("class2/img002.jpg", 2), ("class2/img005.jpg", 2), ("class2/linked.jpg", 2), ("class3/img000.jpg", 3),
-        ("class3/img001.jpg", 3)]  # fmt: skip
+        ("class2/img002.jpg", 2), ("class2/img005.jpg", 2), ("class2/linked.jpg", 2), ("class2/sub/deep.jpg", 2),
+        ("class3/img000.jpg", 3), ("class3/img001.jpg", 3)]  # fmt: skip
     err = capsys.readouterr().err
     assert "2 linked folder(s) lead to a folder already read or holding it" in err
-    assert "1 linked folder(s) in a class folder lead to another class's folder: not read there" in err
+    assert "2 folder(s) in a class folder lead into another class's folder (a link, or class folders inside one " \
+        "another): not read there" in err  # fmt: skip
     assert not any("/top/" in f for f in list_images(root))  # the pretraining's walk does not go above its root
 
 
@@ -1199,3 +1204,12 @@ def test_each_modes_help_lists_its_own_options(capsys):
         eval_main(["--help"])
     every = capsys.readouterr().out  # no mode: all of them
     assert "--layer-decay" in every and "--temperature" in every and "--no-augment" in every
+
+
+def test_a_class_renamed_only_in_its_unicode_normalisation_is_told_apart_in_the_resume_refusal():
+    """A fine-tuning resumed on re-normalised class folders is refused (its labels could differ); the message showed
+    "'café' gone; 'café' new": a name that is not NFC is spelled out."""
+    from fastmim.eval.finetune import _class_change
+
+    assert _class_change(["a", "caf\u00e9"], ["a", "cafe\u0301"]) == \
+        "'café' gone; 'cafe\\u0301' new (2 classes then, 2 now)"  # fmt: skip

@@ -99,6 +99,8 @@ def test_bad_config_value_and_file(tmp_path, capsys):
         "x: &b\n  <<: *a\n  gaussian_window: 8\n"
     )  # fmt: skip (YAML's merge key: still read)
     assert load_yaml(cfg)["x"] == {"hog_cell": 4, "gaussian_window": 8}
+    cfg.write_text("x:\n  inner: &b {<<: &a {hog_cell: 4}, hog_cell: 8}\ny: {<<: *b}\n")  # (merged elsewhere first)
+    assert load_yaml(cfg)["y"] == {"hog_cell": 8}
     cfg.write_text("attn_impl: foo\n")  # checked with the other keys, so the file is named (it was not)
     assert f"attn_impl must be one of auto, sdpa, flash, math, fastmim, got 'foo' (from {cfg})" in \
         fails(["--config", str(cfg)], capsys)  # fmt: skip
