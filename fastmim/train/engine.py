@@ -673,8 +673,8 @@ class Trainer:
                     # included; the first steps' compile or graph capture and the baseline kNN left out)
                     if first_row is None:
                         first_row = (now, self.pos.step)
-                    done = self.pos.step - first_row[1]
-                    eta = (self.total_steps - self.pos.step) * ((now - first_row[0]) / done if done else
+                    since = self.pos.step - first_row[1]
+                    eta = (self.total_steps - self.pos.step) * ((now - first_row[0]) / since if since else
                                                                 self.images_per_step / max(ips, 1e-9))  # fmt: skip
                     bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{ips:.1f}", lr=f"{lr_now:.2e}",
                                     run_eta=_duration(eta), refresh=False)  # fmt: skip
