@@ -158,7 +158,7 @@ def test_teacher_follows_the_student_by_ema_and_is_not_trained():
         (dict(momentum=(0.9, 1.0)), r"momentum must be \[start, end, updates\]"),
         (dict(momentum=(0.9, 1.0, 2.5)), "momentum's updates must be an int >= 1"),
         (dict(top_k=2.5), "top_k must be an int in"),
-        (dict(cls_weight=-1), "cls_weight must be a number in"),
+        (dict(cls_weight=-1), "cls_weight must be a finite number >= 0"),
         (dict(img_size=16), "needs at least 2 patches; img_size 16 at patch 16 gives 1"),
         (dict(mask_ratio=1.5), r"mask_ratio must be a number in the open interval \(0, 1\), got 1.5"),
         (dict(mask_ratio="0.8"), "mask_ratio must be a number"),  # at construction, not at the first forward

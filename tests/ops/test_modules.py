@@ -40,13 +40,13 @@ def test_masked_loss_settings_are_checked():
         ops.MaskedMSELoss()(torch.randn(1, 4, 48), torch.randn(1, 3, 8, 8), torch.ones(1, 4))
     # every module form refuses a bad setting when built, not at its first call
     bad = [(lambda: ops.MaskedMSELoss(0), "MaskedMSELoss: patch_size must be a positive int, got 0"),
-           (lambda: ops.MaskedMSELoss(4, eps=-1.0), "MaskedMSELoss: eps must be a number in"),
+           (lambda: ops.MaskedMSELoss(4, eps=-1.0), "MaskedMSELoss: eps must be a finite number >= 0"),
            (lambda: ops.MaskedL1Loss(4, norm_pix="yes"), "MaskedL1Loss: norm_pix must be true or false"),
            (lambda: ops.PatchFFTLoss(2, alpha=-1), "PatchFFTLoss: alpha must be a"),
            (lambda: ops.PatchFFTLoss(2, alpha=0), "PatchFFTLoss: alpha must be a finite number > 0"),
            (lambda: ops.FFTLoss(0), "FFTLoss: patch_size must be a positive int"),
            (lambda: ops.HOGTarget(16, nbins=0), "HOGTarget: nbins must be an int >= 1"),
-           (lambda: ops.LowPassTarget(-1), "LowPassTarget: radius must be a number in"),
+           (lambda: ops.LowPassTarget(-1), "LowPassTarget: radius must be a finite number >= 0"),
            (lambda: ops.LowPassTarget(3, mean=(0.5,)), "LowPassTarget: mean and std need one value per channel"),
            (lambda: ops.GRN(0), "GRN: dim must be an int >= 1")]  # fmt: skip
     for build, message in bad:
