@@ -251,8 +251,15 @@ class LabelledFolder(torch.utils.data.Dataset):
         # a class's walk stays in its folder: a link in it up the tree (the root, above it) or into another class's
         # folder is not walked, or that class's images would be labelled as this one (a symlinked class folder, and
         # linked images, are read)
-        classes_real = {os.path.realpath(self.root / c) for c in found}  # (a class's own is walked: seen first)
         root_above = _up_the_tree(self.root)  # (once: a class folder's ancestors are the root's and the root)
+        loops = [c for c in found if os.path.realpath(self.root / c) in root_above]  # (a linked "class" holding the
+        if loops:  # root, `up -> ..`: its walk would read the other classes' images, or the root's parent's)
+            print(f"note: {str(self.root)!r}: folder(s) linking back up the tree are not classes: "
+                  f"{', '.join(loops[:10])}", flush=True)  # fmt: skip
+            found = [c for c in found if c not in loops]
+            if not found:
+                raise ValueError(f"{str(self.root)!r} has no class folders: labelled data is root/<class>/<image>")
+        classes_real = {os.path.realpath(self.root / c) for c in found}  # (a class's own is walked: seen first)
 
         def above(c: str) -> set[str]:
             folder = self.root / c

@@ -342,9 +342,8 @@ class Trainer:
         if why is not None:
             raise ValueError(
                 f"the checkpoint stopped mid-epoch with seed, batch size, accumulation, processes and dataset {saved}; "
-                f"now "
-                f"they are {layout}, and the rest of that epoch cannot be dealt anew ({why}). Resume mid-epoch with "
-                "the same ones, or from a checkpoint saved at the end of an epoch."
+                f"now they are {layout}, and the rest of that epoch cannot be dealt anew ({why}). Resume mid-epoch "
+                "with the same ones, or from a checkpoint saved at the end of an epoch."
             )
         order = state.get("epoch_order") if (state.get("epoch_order") or {}).get("epoch") == e else None
         stages, offset = (order["stages"], order["offset"]) if order else ([], 0)

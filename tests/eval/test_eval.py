@@ -233,6 +233,10 @@ def test_a_link_in_a_class_folder_up_the_tree_or_into_another_class_labels_no_im
     assert "2 folder(s) in a class folder lead into another class's folder (a link, or class folders inside one " \
         "another): not read there" in err  # fmt: skip
     assert not any("/top/" in f for f in list_images(root))  # the pretraining's walk does not go above its root
+    (root / "up").symlink_to("..")  # a "class folder" linking back up: not a class (it read every other's images)
+    folder = LabelledFolder(root)
+    assert folder.classes == ["class0", "class1", "class2", "class3"] and len(folder.samples) == 10
+    assert "folder(s) linking back up the tree are not classes: up" in capsys.readouterr().out
 
 
 def test_a_validation_class_differing_only_in_unicode_normalisation_is_named_so(tmp_path):

@@ -282,7 +282,7 @@ def test_targets_compose_with_other_recipes_encoders_and_heads(image_folder, tmp
             "low_pass_radius applies to target='lowpass'",
         ),
         ("simmim_vit_tiny_patch16", dict(target="hog", hog_cell=6), "must be a multiple of hog_cell, got 6"),
-        ("mae_vit_tiny_patch16", dict(target="lowpass", low_pass_radius=0), "low_pass_radius must be a finite number >="),
+        ("mae_vit_tiny_patch16", dict(target="lowpass", low_pass_radius=0), "low_pass_radius must be a finite"),
         ("simmim_vit_tiny_patch16", dict(target="tokens"), "target must be one of pixels, lowpass, hog"),
     ]:
         with pytest.raises(ValueError, match=message):
