@@ -505,8 +505,8 @@ def _check_output_dir(cfg: PretrainConfig, out: Path, locked: bool) -> str | Non
             return error
         # a run that died before its first checkpoint: nothing to resume; its files are kept aside, not deleted
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside = next(out / f"unfinished-{stamp}{f'-{n}' if n > 1 else ''}" for n in itertools.count(1)
-                     if not (out / f"unfinished-{stamp}{f'-{n}' if n > 1 else ''}").exists())  # fmt: skip
+        names = (out / f"unfinished-{stamp}{f'-{n}' if n > 1 else ''}" for n in itertools.count(1))
+        aside = next(p for p in names if not p.exists())
         aside.mkdir()
         markers += [m for m in UNFINISHED_EXTRAS if (out / m).exists()]  # what it may have written before
         for m in markers:  # (a sharded checkpoint without its meta.pt is an unfinished save)

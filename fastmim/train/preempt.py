@@ -118,6 +118,15 @@ def _say(text: str) -> None:
         pass
 
 
+def _to_devnull(fds: list[int]) -> None:
+    """Points each of ``fds`` at /dev/null (output whose terminal or pipe reader is gone)."""
+    if fds:
+        null = os.open(os.devnull, os.O_WRONLY)
+        for fd in fds:
+            os.dup2(null, fd)
+        os.close(null)
+
+
 class _OutputGuard:
     """sys.stdout / sys.stderr over a terminal or a pipe, where SIGHUP is ignored (``&`` then ``disown``, nohup with
     ``| tee``): the run outlives the terminal, but its next print failed (EIO on the gone terminal, EPIPE on a pipe
@@ -130,9 +139,7 @@ class _OutputGuard:
     def _gone(self, e: OSError) -> bool:
         if e.errno not in (errno.EIO, errno.EPIPE):
             return False
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, self._fd)
-        os.close(null)
+        _to_devnull([self._fd])
         with contextlib.suppress(OSError, ValueError):  # (what was buffered goes to /dev/null)
             self._stream.flush()
         return True
@@ -220,12 +227,8 @@ class PreemptionWatch:
         Ctrl-C does. What is printed from now on would fail on the gone terminal (EIO), or on a pipe whose reader
         went with it (EPIPE), and end the run before its save, so stdout and stderr that were either go to
         /dev/null."""
-        if self._ttys:
-            null = os.open(os.devnull, os.O_WRONLY)
-            for fd in self._ttys:
-                os.dup2(null, fd)
-            os.close(null)
-            self._ttys = []
+        _to_devnull(self._ttys)
+        self._ttys = []
         self.signame = self.signame or "SIGHUP"
 
     @contextlib.contextmanager
