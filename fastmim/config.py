@@ -417,6 +417,13 @@ def _coerce(name: str, value, tp) -> object:
             return base(value)
         except ValueError:
             pass
+        if base is int:  # (--epochs 3.0 as YAML's epochs: 3.0)
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if number.is_integer():
+                return int(number)
     if name == "lr_milestones" and isinstance(value, list | tuple | int | float | str) and not isinstance(value, bool):
         return milestones_text(value)
     if base is str and isinstance(value, int | float) and not isinstance(value, bool):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +28,13 @@ def knn_scores(
         k: neighbours (DINO: 20; fewer training samples: all of them); temperature: DINO's 0.07.
         chunk: test rows per similarity block (memory: chunk x N_train).
     """
+    return _knn_log_votes(train, train_labels, test, num_classes, k, temperature, chunk).exp()
+
+
+def _knn_log_votes(train, train_labels, test, num_classes: int, k: int, temperature: float, chunk: int = 1024):
+    """log of ``knn_scores`` (-inf for a class none of the k neighbours has), summed per class in log space: at a
+    small T the votes of every class but the nearest neighbour's underflow to 0 in ``knn_scores``, and top-5 would
+    rank those classes arbitrarily, where their log votes still order them."""
     if train.ndim != 2 or test.ndim != 2 or train.shape[1] != test.shape[1]:
         raise ValueError(
             f"knn: features must be [N, D] with the same D, got {tuple(train.shape)} and {tuple(test.shape)}"
@@ -42,11 +51,13 @@ def knn_scores(
     for start in range(0, test.shape[0], chunk):
         sim = test[start : start + chunk] @ train.T  # [c, N_train]
         top, idx = sim.topk(k, dim=1)
-        votes = torch.zeros(sim.shape[0], num_classes, dtype=torch.float32, device=sim.device)
-        # exp((s - s_max) / T): DINO's weights times the row's constant exp(-s_max / T), the same ranking; exp(s / T)
+        cls = labels[idx]
+        # (s - s_max) / T: DINO's log weights s / T less the row's constant s_max / T, the same ranking; exp(s / T)
         # overflowed fp32 for s / T > 88.7 (T < 0.0113), every near neighbour voting inf
-        votes.scatter_add_(1, labels[idx], ((top - top[:, :1]) / temperature).exp())
-        out[start : start + chunk] = votes
+        x = (top - top[:, :1]) / temperature
+        peak = torch.full_like(out[: sim.shape[0]], -math.inf).scatter_reduce(1, cls, x, "amax")
+        summed = torch.zeros_like(peak).scatter_add_(1, cls, (x - peak.gather(1, cls)).exp())
+        out[start : start + chunk] = summed.log() + peak  # (a class with no neighbour: log 0 - inf)
     return out
 
 
@@ -60,7 +71,8 @@ def knn_accuracy(
     temperature: float = 0.07,
 ) -> dict[str, float]:
     """Top-1 and top-5 accuracy (%) of ``knn_scores`` (top-5 over min(5, classes) classes)."""
-    return _topk_accuracy(knn_scores(train, train_labels, test, num_classes, k, temperature), test_labels, num_classes)
+    scores = _knn_log_votes(train, train_labels, test, num_classes, k, temperature)
+    return _topk_accuracy(scores, test_labels, num_classes)
 
 
 def topk_hits(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

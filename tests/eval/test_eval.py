@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -72,6 +73,15 @@ def test_knn_at_a_small_temperature_votes_for_the_nearest_neighbour():
     acc = knn_accuracy(train, torch.tensor(train_labels), test, torch.tensor(test_labels), 10, k=20, temperature=0.001)
     assert acc["top1"] == pytest.approx(100 * float((one_nn == torch.tensor(test_labels)).float().mean()))
     assert acc["top1"] > 80
+    # top-5: the other classes' votes underflow to 0 at this T, yet they are ranked by their nearest neighbour among
+    # the k (log votes), not arbitrarily
+    top, idx = sims.topk(20, dim=1)
+    best = torch.full((50, 10), -math.inf).scatter_reduce(1, torch.tensor(train_labels)[idx], top, "amax")
+    ranked = best.topk(5, dim=1).indices
+    expected = (ranked == torch.tensor(test_labels).view(-1, 1)).any(1).float().mean()
+    for t in (0.001, 0.0001):
+        acc = knn_accuracy(train, torch.tensor(train_labels), test, torch.tensor(test_labels), 10, k=20, temperature=t)
+        assert acc["top5"] == pytest.approx(100 * float(expected)), t
 
 
 def test_knn_refuses_mismatched_shapes():

@@ -186,6 +186,12 @@ def test_config_files_merge_expand_paths_and_errors_name_their_file(tmp_path, mo
     monkeypatch.delenv("FASTMIM_TEST_DATA")
     with pytest.raises(ValueError, match=r"names the environment variable \$FASTMIM_TEST_DATA, which is not set"):
         resolve_config(["--config", str(b)])
+    # a whole number written as 3.0 is taken from a flag as it is from YAML; 3.5 is refused from both
+    c = tmp_path / "c.yaml"
+    c.write_text("epochs: 3.0\n")
+    assert resolve_config(["--config", str(c)])[0].epochs == resolve_config(["--epochs", "3.0"])[0].epochs == 3
+    with pytest.raises(ValueError, match=r"config key 'epochs' must be of type int, got '3.5' \(from the command"):
+        resolve_config(["--epochs", "3.5"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: ten\n")
     with pytest.raises(ValueError, match=rf"config key 'epochs' must be of type int, got 'ten' \(from {bad}\)"):
