@@ -11,6 +11,10 @@
 
 #include "launch.h"
 
+#ifndef FASTMIM_CUDA_ARCHS_TEXT
+#define FASTMIM_CUDA_ARCHS_TEXT ""  // (a build that did not say: fastmim.ops does not check the GPU against it)
+#endif
+
 namespace py = pybind11;
 namespace fc = fastmim_cuda;
 
@@ -199,6 +203,9 @@ void patchify(uintptr_t src, uintptr_t dst, int elem_size, int64_t B, int64_t C,
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "fastmim's CUDA kernels (raw device pointers; use fastmim.ops, which validates and dispatches)";
   m.attr("LOSS_MAX_D") = fc::kLossMaxD;
+  // CMake's CUDA_ARCHITECTURES of this build, comma-separated ("80-real,90": sm_80 code, sm_90 code + PTX): a GPU
+  // none of them runs on (a T4's sm_75) gets Triton instead of "no kernel image is available"
+  m.attr("ARCHS") = FASTMIM_CUDA_ARCHS_TEXT;
   m.def("gather_visible", &gather_visible);
   m.def("gather_visible_backward", &gather_visible_backward);
   m.def("scatter_masked", &scatter_masked);

@@ -18,6 +18,7 @@ import functools
 import inspect
 import math
 import os
+import re
 from collections.abc import Callable
 
 import torch
@@ -197,7 +198,54 @@ def _cuda_problem(device: torch.device) -> str | None:
         return f"the CUDA backend runs on CUDA tensors, these are on {device}"
     if not _ext.cuda_available():
         return f"fastmim._cuda is not available ({_ext.cuda_load_error})"
-    return None
+    if device.index not in _cuda_arch_problems:
+        _cuda_arch_problems[device.index] = _cuda_arch_problem(device)
+    return _cuda_arch_problems[device.index]
+
+
+_cuda_arch_problems: dict[int | None, str | None] = {}
+
+
+def _cuda_arch_problem(device: torch.device) -> str | None:
+    """Why fastmim._cuda's code cannot run on ``device``'s GPU (built for sm_80 and sm_90, a T4 is sm_75: each launch
+    would fail with "no kernel image is available"), or None."""
+    archs = getattr(_ext._cuda, "ARCHS", "")
+    try:
+        capability = torch.cuda.get_device_capability(device)
+    except Exception:  # no driver (CPU tests of the CUDA branch): nothing to check against
+        return None
+    if cuda_archs_run_on(archs, capability) is not False:
+        return None
+    sm = f"sm_{capability[0]}{capability[1]}"
+    return (
+        f"fastmim._cuda was built for CUDA architectures {archs}, which do not run on this GPU ({sm}); "
+        f"rebuild with FASTMIM_CUDA_ARCHS={capability[0]}{capability[1]} for it (its Triton kernels run there)"
+    )
+
+
+def cuda_archs_run_on(archs: str, capability: tuple[int, int]) -> bool | None:
+    """Whether code built for CMake's CUDA_ARCHITECTURES ``archs`` ("80-real,90") runs on a GPU of compute
+    ``capability``: machine code for sm_XY runs on the same major version with a minor >= Y ("a"-suffixed: only on
+    XY itself; "f"-suffixed: on its family, the same major), PTX for compute_XY on any GPU >= XY (the driver compiles
+    it). None when ``archs`` is empty or not a list of numbers ("native", "all"): nothing is known."""
+    entries = [a.strip() for a in archs.replace(";", ",").split(",") if a.strip()]
+    parsed = [re.fullmatch(r"(\d+)([af]?)(-real|-virtual)?", a) for a in entries]
+    if not parsed or not all(parsed):
+        return None
+    cap = capability[0] * 10 + capability[1]
+    for m in parsed:
+        num, suffix, kind = int(m.group(1)), m.group(2), m.group(3) or ""
+        same_family = num // 10 == capability[0]
+        if suffix == "a":
+            fits = cap == num
+        elif suffix == "f":
+            fits = same_family and cap >= num
+        else:
+            real = kind != "-virtual" and same_family and cap >= num
+            fits = real or (kind != "-real" and cap >= num)
+        if fits:
+            return True
+    return False
 
 
 _choices: dict[tuple, str] = {}

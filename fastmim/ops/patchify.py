@@ -6,6 +6,7 @@ Each is the other's backward. Any patch size and channel count; non-contiguous i
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -39,14 +40,25 @@ def _fresh(out: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return out.contiguous()
 
 
-def _cuda_fits(channels: int, p: int, element_size: int) -> bool:
-    """One patch must fit the CUDA kernel's shared memory; larger ones run the Triton kernel."""
-    return p * p * channels * element_size <= _cuda.PATCHIFY_MAX_BYTES
+def _cuda_fits(channels: int, p: int, element_size: int, device: torch.device) -> bool:
+    """One patch must fit the CUDA kernel's shared memory on ``device`` (at most PATCHIFY_MAX_BYTES; an A100 opts
+    in to 163 KiB a block, an RTX 30/40 to 99 KiB); larger ones run the Triton kernel."""
+    return p * p * channels * element_size <= _shared_memory_limit(device.index)
+
+
+@functools.cache
+def _shared_memory_limit(index: int | None) -> int:
+    try:
+        props = torch.cuda.get_device_properties(index)
+    except Exception:  # no driver (CPU tests of the CUDA branch)
+        return _cuda.PATCHIFY_MAX_BYTES
+    optin = getattr(props, "shared_memory_per_block_optin", 0) or _cuda.PATCHIFY_MAX_BYTES
+    return min(_cuda.PATCHIFY_MAX_BYTES, int(optin))
 
 
 def _patchify_impl(imgs: torch.Tensor, p: int) -> torch.Tensor:
     backend = choose_backend("patchify", imgs.device, (imgs.dtype,))
-    if backend == "cuda" and _cuda_fits(imgs.shape[1], p, imgs.element_size()):
+    if backend == "cuda" and _cuda_fits(imgs.shape[1], p, imgs.element_size(), imgs.device):
         return _cuda.patchify(imgs, p)
     if backend in ("triton", "cuda"):
         return _triton_patchify().patchify(imgs, p)
@@ -57,7 +69,7 @@ def _patchify_impl(imgs: torch.Tensor, p: int) -> torch.Tensor:
 
 def _unpatchify_impl(x: torch.Tensor, p: int, gh: int, gw: int, channels: int) -> torch.Tensor:
     backend = choose_backend("unpatchify", x.device, (x.dtype,))
-    if backend == "cuda" and _cuda_fits(channels, p, x.element_size()):
+    if backend == "cuda" and _cuda_fits(channels, p, x.element_size(), x.device):
         return _cuda.unpatchify(x, p, (gh, gw), channels)
     if backend in ("triton", "cuda"):
         return _triton_patchify().unpatchify(x, p, (gh, gw), channels)

@@ -48,9 +48,9 @@ def patch_stats_ref(target: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tens
 
     Args:
         target: [B, L, D] patchified images.
-    Returns: mean [B, L, 1], std [B, L, 1], in fp32.
+    Returns: mean [B, L, 1], std [B, L, 1], in fp32 (float64 for a float64 target).
     """
-    t = target.float()
+    t = target.to(torch.promote_types(target.dtype, torch.float32))  # (float64 stays float64: 1e30-pixel patches)
     mean = t.mean(dim=-1, keepdim=True)
     var = t.var(dim=-1, keepdim=True)  # unbiased, as torch.var in MAE
     return mean, (var + eps) ** 0.5
@@ -174,21 +174,23 @@ def sparse_dwconv_ref(
         nbr: [K*K, M] int row id of tap t's input pixel, -1 for none (``SparseLayout.neighbors``).
         weight: [C, 1, K, K], a depthwise ``nn.Conv2d`` weight.
         bias: optional [C].
-    Returns: [M, C] in x's dtype (computed in the promoted dtype of the inputs).
+    Returns: [M, C] in x's dtype, computed in fp32 (float64 where an input is float64) and rounded once, as the
+    kernels do.
     """
     m, c = x.shape
     kk = nbr.shape[0]
-    rows = torch.cat([x, x.new_zeros(1, c)])  # [M + 1, C]: row M is the zero every empty tap reads
+    stat = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+    rows = torch.cat([x.to(stat), x.new_zeros(1, c, dtype=stat)])  # [M + 1, C]: row M is the zero empty taps read
     ids = torch.where(nbr < 0, m, nbr.long())  # [K*K, M]
-    w = weight.reshape(c, kk)  # [C, K*K]
+    w = weight.reshape(c, kk).to(stat)  # [C, K*K]
     out = None
     for t in range(kk):  # one tap at a time: [M, C] memory, not [K*K, M, C]
         term = rows.index_select(0, ids[t]) * w[:, t]
         out = term if out is None else out + term
     if out is None:  # K*K = 0 cannot happen (odd K); keeps the type checker honest
-        out = x.new_zeros(m, c)
+        out = x.new_zeros(m, c, dtype=stat)
     if bias is not None:
-        out = out + bias
+        out = out + bias.to(stat)
     return out.to(x.dtype)
 
 

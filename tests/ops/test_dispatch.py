@@ -95,6 +95,7 @@ def test_auto_cuda_table_per_gpu_model(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: names[torch.device(d).index][0])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: names[torch.device(d).index][1])
     monkeypatch.setattr(_dispatch, "_auto_cuda_by_index", {})
+    monkeypatch.setattr(_dispatch, "_cuda_arch_problems", {})
     monkeypatch.setattr(_dispatch, "triton_problem", lambda device: None)
     monkeypatch.setattr(_dispatch._ext, "_cuda", object())
     _dispatch._choices.clear()
@@ -158,3 +159,43 @@ def test_a_mask_that_does_not_sum_to_a_positive_number_is_named(bad, backend):
             ops.masked_mse_loss(*args)
     with pytest.raises(ValueError, match=r"masked loss \(reference\): the mask's weights sum to (nan|0)"):
         ops.masked_mse_loss_ref(torch.randn(1, 4, 48), torch.randn(1, 3, 8, 8), mask, 4)
+
+
+def test_cuda_archs_run_on_follows_cudas_compatibility_rules():
+    run_on = _dispatch.cuda_archs_run_on
+    default = "80-real,90"  # sm_80 code, sm_90 code + compute_90 PTX
+    assert run_on(default, (8, 0)) and run_on(default, (8, 6)) and run_on(default, (8, 9))  # sm_80 code on sm_8x
+    assert run_on(default, (9, 0)) and run_on(default, (10, 0)) and run_on(default, (12, 0))  # PTX: later GPUs
+    assert run_on(default, (7, 5)) is False and run_on(default, (7, 0)) is False  # T4, V100
+    assert run_on("80-real", (9, 0)) is False and run_on("80-real;90-real", (10, 0)) is False  # no PTX to JIT
+    assert run_on("86-real", (8, 0)) is False and run_on("75", (8, 0)) is True  # code: same major, minor >= its own
+    assert run_on("90a", (9, 0)) is True and run_on("90a", (10, 0)) is False  # arch-specific: that GPU only
+    assert run_on("100f", (10, 3)) is True and run_on("100f", (12, 0)) is False  # family-specific
+    assert run_on("", (7, 5)) is None and run_on("native", (7, 5)) is None and run_on("all-major", (7, 5)) is None
+
+
+def test_a_gpu_fastmim_cuda_was_not_built_for_gets_triton_and_a_forced_cuda_names_why(monkeypatch):
+    """A T4 (sm_75) with the default build (sm_80 code, sm_90 code and PTX): the CUDA kernels cannot load there, so
+    the automatic choice is Triton, not a "no kernel image is available" error on the first launch."""
+
+    class FakeCuda:
+        ARCHS = "80-real,90"
+
+    names = {0: ("Tesla T4", (7, 5)), 1: ("NVIDIA H200", (9, 0))}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: names[torch.device(d).index][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: names[torch.device(d).index][1])
+    monkeypatch.setattr(_dispatch, "AUTO_CUDA", {"H200": {"masked_mse_loss": "cuda"}})
+    monkeypatch.setattr(_dispatch, "_auto_cuda_by_index", {})
+    monkeypatch.setattr(_dispatch, "_cuda_arch_problems", {})
+    monkeypatch.setattr(_dispatch, "triton_problem", lambda device: None)
+    monkeypatch.setattr(_dispatch._ext, "_cuda", FakeCuda())
+    _dispatch._choices.clear()
+    try:
+        assert choose_backend("masked_mse_loss", torch.device("cuda", 0), (torch.bfloat16,)) == "triton"
+        assert choose_backend("masked_mse_loss", torch.device("cuda", 1), (torch.bfloat16,)) == "cuda"
+        monkeypatch.setenv("FASTMIM_BACKEND", "cuda")
+        with pytest.raises(RuntimeError, match=r"built for CUDA architectures 80-real,90, which do not run on this "
+                           r"GPU \(sm_75\); rebuild with FASTMIM_CUDA_ARCHS=75"):  # fmt: skip
+            choose_backend("masked_mse_loss", torch.device("cuda", 0), (torch.bfloat16,))
+    finally:
+        _dispatch._choices.clear()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -325,3 +326,24 @@ def test_a_float64_pred_gets_a_float64_loss_that_passes_gradcheck(fn, device):
     torch.testing.assert_close(fused(pred), ref(pred), rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(fused, (pred,))
     assert fused(pred.detach().float()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_norm_pix_statistics_are_float64(device):
+    """The per-patch mean and std of a float64 target were taken in fp32: a 1e30-scaled image's variance (1e60)
+    overflowed to inf and the target became 0; a 1e150-scaled one gave NaN. Against NumPy's float64, written out."""
+    g = torch.Generator().manual_seed(1)
+    pred = torch.randn(2, 4, 12, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    imgs = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 1]])
+    for scale in (1.0, 1e30, 1e150):
+        t = imgs.numpy().reshape(2, 3, 2, 2, 2, 2).transpose(0, 2, 4, 3, 5, 1).reshape(2, 4, 12) * scale
+        t = (t - t.mean(-1, keepdims=True)) / np.sqrt(t.var(-1, ddof=1, keepdims=True) + 1e-6)
+        per_patch = ((pred.detach().cpu().numpy() - t) ** 2).mean(-1)
+        expected = (per_patch * mask.numpy()).sum() / mask.numpy().sum()
+        for fn in (masked_mse_loss, masked_mse_loss_ref):
+            loss = fn(pred, (imgs * scale).to(device), mask.to(device), 2)
+            assert float(loss) == pytest.approx(expected, rel=1e-9), (fn.__name__, scale)
+        (grad,) = torch.autograd.grad(masked_mse_loss(pred, (imgs * scale).to(device), mask.to(device), 2), pred)
+        expected_grad = 2 * (pred.detach().cpu().numpy() - t) * mask.numpy()[..., None] / mask.numpy().sum() / 12
+        np.testing.assert_allclose(grad.cpu().numpy(), expected_grad, rtol=1e-9, atol=1e-12)

@@ -104,3 +104,31 @@ def test_both_triton_kernel_forms_and_their_tiles(config, layout):
     assert torch.equal(kernels.patchify(imgs, p, config), want)
     pat = torch.randn(b, gh * gw, p * p * c + 5, device=device)[:, :, 3 : 3 + p * p * c]  # rows with a stride
     assert torch.equal(kernels.unpatchify(pat, p, (gh, gw), c, config), unpatchify_ref(pat, p, (gh, gw), c))
+
+
+def test_the_cuda_patchify_takes_patches_the_gpus_shared_memory_holds(monkeypatch):
+    """The CUDA kernel holds one patch in shared memory: up to 200 KiB on an H100 (227 KiB opt-in), but an RTX 4090
+    opts in to 99 KiB a block, where a 64-pixel fp32 RGB patch (48 KiB) fits and a 112-pixel one (147 KiB) goes to
+    Triton instead of failing its launch."""
+    import sys
+
+    from fastmim.ops import _cuda as cuda_ops
+
+    patchify_module = sys.modules["fastmim.ops.patchify"]  # (fastmim.ops.patchify is also the function's name)
+
+    class Props:
+        def __init__(self, optin):
+            self.shared_memory_per_block_optin = optin
+
+    props = {0: Props(232448), 1: Props(101376)}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
+    patchify_module._shared_memory_limit.cache_clear()
+    try:
+        fits = patchify_module._cuda_fits
+        h100, rtx = torch.device("cuda", 0), torch.device("cuda", 1)
+        assert fits(3, 64, 4, h100) and fits(3, 64, 4, rtx)
+        assert fits(3, 112, 4, h100) and not fits(3, 112, 4, rtx)
+        assert not fits(3, 160, 4, h100)  # 300 KiB: over the kernel's own 200 KiB bound everywhere
+        assert patchify_module._shared_memory_limit(0) == cuda_ops.PATCHIFY_MAX_BYTES
+    finally:
+        patchify_module._shared_memory_limit.cache_clear()

@@ -278,3 +278,34 @@ def test_triton_kernels_are_memory_safe_on_bad_ids():
     assert g.sum() == 8 and g[0, 0].eq(1).all() and g[1, 1].eq(1).all()
     dec = tokens.scatter_masked(x[:, :2], torch.tensor([[0, 1, 99], [2, 1, 0]]), torch.zeros(4), None, None, x.dtype)
     assert torch.isnan(dec[0, 2]).all() and not torch.isnan(dec[1]).any()
+
+
+@pytest.mark.parametrize("per_sample_cls", [True, False])
+def test_triton_token_kernels_slice_a_batch_past_the_grid_limit(monkeypatch, per_sample_cls):
+    """The batch is grid axis 1, which stops at 65535 programs on CUDA: a larger batch (I-JEPA gathers batch x
+    targets rows) is launched in slices, here with the limit lowered to 2 samples for a batch of 5."""
+    from tests.ops.conftest import _skip_reason
+
+    why = _skip_reason("cpu", "triton")
+    if why:
+        pytest.skip(why)
+    from fastmim.ops.triton import tokens
+
+    monkeypatch.setattr(tokens, "MAX_GRID_Y", 2)
+    x = _randn(5, 9, 6, grad=False)
+    ids = _ids_keep(5, 9, 4, "cpu")
+    torch.testing.assert_close(tokens.gather_visible(x, ids), gather_visible_ref(x, ids), rtol=0, atol=0)
+    g = _randn(5, 4, 6, seed=1, grad=False)
+    expected = torch.zeros(5, 9, 6).scatter_(1, ids.unsqueeze(-1).expand(-1, -1, 6), g)
+    torch.testing.assert_close(tokens.gather_visible_backward(g, ids, 9), expected, rtol=0, atol=0)
+    restore = _ids_restore(5, 9, "cpu", seed=2)
+    xv, mt, pos = _randn(5, 4, 6, seed=3, grad=False), _randn(6, seed=4, grad=False), _randn(10, 6, seed=5, grad=False)
+    cls = _randn(5 if per_sample_cls else 1, 1, 6, seed=6, grad=False)
+    got = tokens.scatter_masked(xv, restore, mt, pos, cls.view(-1, 6), torch.float32)
+    torch.testing.assert_close(got, scatter_masked_ref(xv, restore, mt, pos, cls), rtol=1e-6, atol=1e-6)
+    # the backward: every sample's gradient, with the batch chunks made larger instead (a constexpr: no slicing)
+    gd = _randn(5, 10, 6, seed=7, grad=False)
+    gx, gmt, gpos = tokens.scatter_masked_backward(gd, restore, 4, True, True, torch.float32, (4, 8, 1, 4))
+    xr, mr, pr = xv.clone().requires_grad_(), mt.clone().requires_grad_(), pos.clone().requires_grad_()
+    torch.autograd.backward(scatter_masked_ref(xr, restore, mr, pr, cls), gd)
+    torch.testing.assert_close((gx, gmt, gpos), (xr.grad, mr.grad, pr.grad), rtol=1e-5, atol=1e-5)

@@ -31,6 +31,18 @@ def row_config(d: int) -> tuple[int, int, int]:
     return (*_blocks(d), 4)
 
 
+# grid axis 1 (the batch here) stops at 65535 programs on CUDA: a larger batch is launched in slices of this many
+# samples (I-JEPA gathers B x targets rows)
+MAX_GRID_Y = 65535
+
+
+def _batch_slices(b: int, *tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """``[tensors]`` (no new views: host time), or past MAX_GRID_Y samples the tensors' batch slices."""
+    if b <= MAX_GRID_Y:
+        return [tensors]
+    return [tuple(t[s : s + MAX_GRID_Y] for t in tensors) for s in range(0, b, MAX_GRID_Y)]
+
+
 @functools.cache
 def scatter_bwd_config(d: int) -> tuple[int, int, int, int]:
     """The default (BLOCK_R, BLOCK_D, B_CHUNK, num_warps) of the scatter's backward, for rows of d."""
@@ -56,7 +68,7 @@ def _gather_rows_kernel(
     b = tl.program_id(1)  # the batch on axis 1, row blocks on axis 0 (whose limit is 2^31 - 1, not 65535)
     k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K]
     kmask = k < K
-    ids = tl.load(ids_ptr + b * si_b + k * si_k, mask=kmask, other=0).to(tl.int64)
+    ids = tl.load(ids_ptr + b.to(tl.int64) * si_b + k.to(tl.int64) * si_k, mask=kmask, other=0).to(tl.int64)
     valid = (ids >= 0) & (ids < N)
     ids = tl.where(valid, ids, 0)
     for d0 in range(0, D, BLOCK_D):
@@ -88,7 +100,7 @@ def _put_rows_kernel(
     b = tl.program_id(1)
     k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = k < K
-    ids = tl.load(ids_ptr + b * si_b + k * si_k, mask=kmask, other=-1).to(tl.int64)
+    ids = tl.load(ids_ptr + b.to(tl.int64) * si_b + k.to(tl.int64) * si_k, mask=kmask, other=-1).to(tl.int64)
     ok = kmask & (ids >= 0) & (ids < N)  # an out-of-range id is skipped, never written out of bounds
     ids = tl.where(ok, ids, 0)
     for d0 in range(0, D, BLOCK_D):
@@ -108,10 +120,10 @@ def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor, config: tuple[int, i
     if out.numel() == 0:
         return out
     block_k, block_d, warps = config or row_config(int(d))
-    grid = (triton.cdiv(k, block_k), b)
-    _gather_rows_kernel[grid](
-        x, ids_keep, out, n, k, d, *x.stride(), *ids_keep.stride(), BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps
-    )
+    for xs, ids, o in _batch_slices(b, x, ids_keep, out):
+        _gather_rows_kernel[(triton.cdiv(k, block_k), o.shape[0])](
+            xs, ids, o, n, k, d, *xs.stride(), *ids.stride(), BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps
+        )
     return out
 
 
@@ -126,10 +138,10 @@ def gather_visible_backward(
     if out.numel() == 0 or k == 0:
         return out
     block_k, block_d, warps = config or row_config(int(d))
-    _put_rows_kernel[(triton.cdiv(k, block_k), b)](
-        grad, ids_keep, out, n, k, d, *grad.stride(), *ids_keep.stride(), BLOCK_K=block_k, BLOCK_D=block_d,
-        num_warps=warps,
-    )  # fmt: skip
+    for g, ids, o in _batch_slices(b, grad, ids_keep, out):
+        _put_rows_kernel[(triton.cdiv(k, block_k), o.shape[0])](
+            g, ids, o, n, k, d, *g.stride(), *ids.stride(), BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps
+        )
     return out
 
 
@@ -165,7 +177,8 @@ def _scatter_masked_kernel(
     rmask = r < R
     n = r - HAS_CLS  # patch index, -1 for the class row
     is_patch = rmask & (n >= 0)
-    j = tl.load(ids_ptr + b * si_b + tl.where(is_patch, n, 0) * si_n, mask=is_patch, other=0).to(tl.int64)
+    at = b.to(tl.int64) * si_b + tl.where(is_patch, n, 0).to(tl.int64) * si_n  # (int64: any strides)
+    j = tl.load(ids_ptr + at, mask=is_patch, other=0).to(tl.int64)
     vis = is_patch & (j >= 0) & (j < K)
     msk = is_patch & (j >= K) & (j < N)
     bad = is_patch & ~vis & ~msk
@@ -181,7 +194,8 @@ def _scatter_masked_kernel(
             c = tl.load(cls_ptr + b.to(tl.int64) * scls_b + d * scls_d, mask=dmask, other=0.0).to(tl.float32)
             v = tl.where((r == 0)[:, None], c[None, :], v)
         if HAS_POS:
-            pe = tl.load(pos_ptr + r[:, None] * spos_r + d[None, :] * spos_d, mask=rmask[:, None] & dmask[None, :])
+            pe = tl.load(pos_ptr + r[:, None].to(tl.int64) * spos_r + d[None, :] * spos_d,
+                         mask=rmask[:, None] & dmask[None, :])  # fmt: skip
             v += pe.to(tl.float32)
         v = tl.where(bad[:, None], float("nan"), v)
         dst = out_ptr + (b.to(tl.int64) * R + r[:, None]) * D + d[None, :]
@@ -226,11 +240,13 @@ def _scatter_masked_bwd_kernel(
         for i in range(0, B_CHUNK):
             b = pid_b * B_CHUNK + i
             live = b < B
-            j = tl.load(ids_ptr + b * si_b + tl.where(is_patch, n, 0) * si_n, mask=is_patch & live, other=-1)
+            at = b.to(tl.int64) * si_b + tl.where(is_patch, n, 0).to(tl.int64) * si_n
+            j = tl.load(ids_ptr + at, mask=is_patch & live, other=-1)
             j = j.to(tl.int64)
             vis = is_patch & live & (j >= 0) & (j < K)
             msk = is_patch & live & (j >= K) & (j < N)
-            src = g_ptr + b.to(tl.int64) * sg_b + r[:, None] * sg_r + d[None, :] * sg_d
+            # (r int64 too: a [R, B, D] gradient seen as [B, R, D] has sg_r = B * D, and r * sg_r passed 2^31)
+            src = g_ptr + b.to(tl.int64) * sg_b + r[:, None].to(tl.int64) * sg_r + d[None, :] * sg_d
             g = tl.load(src, mask=(rmask & live)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
             if NEED_POS:
                 pos_acc += g
@@ -264,11 +280,14 @@ def scatter_masked(
     pos = pos_embed if pos_embed is not None else dummy.view(1, -1)
     cls = cls_token if has_cls else dummy.view(1, -1)
     scls_b = cls.stride(0) if cls.shape[0] > 1 else 0
-    _scatter_masked_kernel[(triton.cdiv(r, block_r), b)](
-        x_vis, ids_restore, mask_token, pos, cls, out, n, k, d,
-        *x_vis.stride(), *ids_restore.stride(), mask_token.stride(0), *pos.stride(), scls_b, cls.stride(1),
-        HAS_POS=pos_embed is not None, HAS_CLS=has_cls, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
-    )  # fmt: skip
+    batch = (x_vis, ids_restore, out, cls) if scls_b else (x_vis, ids_restore, out)
+    for xs, ids, o, *own in _batch_slices(b, *batch):
+        c = own[0] if own else cls
+        _scatter_masked_kernel[(triton.cdiv(r, block_r), o.shape[0])](
+            xs, ids, mask_token, pos, c, o, n, k, d,
+            *xs.stride(), *ids.stride(), mask_token.stride(0), *pos.stride(), scls_b, c.stride(1),
+            HAS_POS=pos_embed is not None, HAS_CLS=has_cls, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+        )  # fmt: skip
     return out
 
 
@@ -287,6 +306,7 @@ def scatter_masked_backward(
     # zero-filled so that rows no valid id points at are zeros, not garbage
     gx = torch.zeros((b, k, d), dtype=x_dtype, device=grad.device)
     block_r, block_d, b_chunk, warps = config or scatter_bwd_config(int(d))
+    b_chunk = max(b_chunk, triton.cdiv(b, MAX_GRID_Y))  # (batch chunks on grid axis 1)
     grid = (triton.cdiv(r, block_r), triton.cdiv(b, b_chunk))
     gmt = torch.empty((grid[0] * grid[1], d), dtype=torch.float32, device=grad.device)
     gpos = torch.empty((grid[1], r, d) if need_pos else (1, 1, 1), dtype=torch.float32, device=grad.device)
