@@ -46,12 +46,16 @@ class Masks:
     secondary: uniform only: [B, H, W] bool, visible tokens the encoder sees as mask tokens (UM-MAE's secondary
                masking); always a subset of ~mask.
     num_hidden: the hidden count of every sample, where the strategy makes it exact (None: it varies).
+    target_tokens: multi-block only: the smallest target block's token count, where it is known on the host (the
+               targets drawn on the CPU, or block sizes shared by the batch); None: counted from ``targets``, a host
+               sync where they are on a GPU.
     """
 
     mask: torch.Tensor
     targets: torch.Tensor | None = None
     secondary: torch.Tensor | None = None
     num_hidden: int | None = None
+    target_tokens: int | None = None
 
     def info(self, ids: bool = True) -> MaskInfo:
         """MAE's index form of ``mask`` flattened per sample: needs the same hidden count in every sample (with an
@@ -60,8 +64,29 @@ class Masks:
         return masking_from_bool(self.mask.flatten(1), self.num_hidden) if ids else mask_only(self.mask.flatten(1))
 
     def to(self, device) -> Masks:
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Masks(move(self.mask), move(self.targets), move(self.secondary), self.num_hidden)
+        """On ``device``, asynchronously: CPU tensors going to a GPU are pinned first (a copy from pageable memory
+        may wait for the stream). The host counts (``num_hidden``, ``target_tokens``; the smallest target block
+        counted here from CPU targets) come along."""
+        device = torch.device(device)
+        tokens = self.target_tokens
+        if tokens is None and self.targets is not None and self.targets.device.type == "cpu":
+            tokens = smallest_block(self.targets)
+
+        def move(t):
+            if t is None or t.device == device:
+                return t
+            if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+                t = t.pin_memory()
+            return t.to(device, non_blocking=True)
+
+        return Masks(move(self.mask), move(self.targets), move(self.secondary), self.num_hidden, tokens)
+
+
+def smallest_block(targets: torch.Tensor) -> int:
+    """The token count of the smallest of the target blocks [B, K, H, W] (or [B, K, N]); 0 when there are none (a
+    host read: on a GPU, a sync)."""
+    flat = targets.flatten(2)
+    return int(flat.sum(-1).min()) if flat.numel() else 0
 
 
 def as_mask_info(mask, ids: bool, num_tokens: int | None = None, who: str = "the model",
@@ -241,10 +266,14 @@ class MaskStrategy(abc.ABC):
             if seed is None:
                 raise TypeError(f"seed must be an int, got {type(given).__name__}")
         # keys from the indices where they are (the loader's: CPU, where the check costs no host sync), then moved
-        keys = sample_keys(self.seed if seed is None else seed, epoch, indices).to(dev, non_blocking=True)
-        if num_masks > 1:
-            keys = torch.stack([keys] + [stream_keys(keys, CLONE_STREAM + j) for j in range(1, num_masks)], 1).flatten()
+        keys = sample_keys(self.seed if seed is None else seed, epoch, indices)
+        if num_masks > 1:  # (where the indices are, the loader's CPU: not ~300 small launches on a GPU)
+            clones = stream_keys(keys, [CLONE_STREAM + j for j in range(1, num_masks)])  # [B, M - 1]
+            keys = torch.cat([keys[:, None], clones], 1).flatten()
             inputs = {k: v.repeat_interleave(num_masks, 0) for k, v in inputs.items()}
+        if dev.type == "cuda" and keys.device.type == "cpu":  # pinned: an asynchronous copy (a pageable one may wait)
+            keys = keys.pin_memory()
+        keys = keys.to(dev, non_blocking=True)
         impl = self.resolve_impl(dev)
         if impl == "torch":
             out = self._torch(keys, **inputs)

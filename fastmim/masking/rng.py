@@ -56,9 +56,13 @@ def sample_keys(seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
     return hash32(hash32((idx & M32) ^ k) ^ ((idx >> 32) & M32))
 
 
-def stream_keys(keys: torch.Tensor, stream: int) -> torch.Tensor:
-    """Keys of an independent stream (a second draw for the same samples)."""
-    return hash32(keys ^ _scalar_key(stream, 0x5EED))
+def stream_keys(keys: torch.Tensor, stream: int | list[int]) -> torch.Tensor:
+    """Keys of an independent stream (a second draw for the same samples); a list of S streams: [B, S], column s
+    ``stream_keys(keys, stream[s])``."""
+    if not isinstance(stream, list):
+        return hash32(keys ^ _scalar_key(stream, 0x5EED))
+    consts = torch.tensor([_scalar_key(s, 0x5EED) for s in stream], dtype=torch.int64)  # (host keys: the sampler's)
+    return hash32(keys[:, None] ^ consts.to(keys.device, non_blocking=True))
 
 
 def uniform(keys: torch.Tensor, n: int, stream: int = 0) -> torch.Tensor:
@@ -72,5 +76,9 @@ def uniform(keys: torch.Tensor, n: int, stream: int = 0) -> torch.Tensor:
 def randint(keys: torch.Tensor, low: torch.Tensor | int, high: torch.Tensor | int, n: int, stream: int = 0):
     """[B, n] int64 uniform on [low, high] (inclusive; ``low``/``high`` broadcast against [B, n])."""
     u = uniform(keys, n, stream).double()
-    span = torch.as_tensor(high, device=keys.device) - torch.as_tensor(low, device=keys.device) + 1
+    if not isinstance(low, torch.Tensor) and not isinstance(high, torch.Tensor):
+        # host ints stay on the host: a tensor made from them on a GPU is a blocking copy (a sync) per call
+        span = int(high) - int(low) + 1
+        return low + (u * span).long().clamp_max(span - 1)
+    span = high - low + 1  # (a tensor: the bounds' own, on the keys' device)
     return low + torch.minimum((u * span).long(), span - 1)

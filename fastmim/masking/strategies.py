@@ -487,7 +487,7 @@ class MultiBlockMask(MaskStrategy):
         keep = int(ctx.sum(1).min()) if len(contexts) else 0
         ctx &= torch.cumsum(ctx, dim=1) <= keep  # each sample's first ``keep`` context tokens in raster order
         tgt = torch.stack(targets) if targets else torch.zeros(0, self.num_targets, h, w, dtype=torch.bool)
-        return Masks((~ctx).view(-1, h, w).to(dev), targets=tgt.to(dev), num_hidden=h * w - keep)
+        return Masks((~ctx).view(-1, h, w), targets=tgt, num_hidden=h * w - keep).to(dev)  # (counted on the CPU)
 
     def _ref_batch(self, keys: torch.Tensor, **inputs: torch.Tensor) -> Masks:
         return self._shared(keys) if self.batch_shared else super()._ref_batch(keys, **inputs)
@@ -502,7 +502,8 @@ class MultiBlockMask(MaskStrategy):
         ctx = ~out.mask.flatten(1)
         keep = int(ctx.sum(1).min()) if ctx.shape[0] else 0
         ctx &= torch.cumsum(ctx, dim=1) <= keep
-        return Masks((~ctx).view_as(out.mask), targets=out.targets, num_hidden=ctx.shape[1] - keep)
+        return Masks((~ctx).view_as(out.mask), out.targets, num_hidden=ctx.shape[1] - keep,
+                     target_tokens=out.target_tokens)  # fmt: skip
 
     def _torch(self, keys):
         if self.batch_shared:

@@ -115,6 +115,12 @@ def _block_mask_kernel(
     tl.store(count_ptr + pid, count)
 
 
+@functools.cache  # (made once: a tensor made on a GPU from host values is a blocking copy, a sync per call)
+def _params(min_num_patches: float, aspect_lo: float, aspect_hi: float, device: torch.device) -> torch.Tensor:
+    values = [min_num_patches, math.log(aspect_lo), math.log(aspect_hi)]
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
 @functools.cache
 def _streams(n: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([_scalar_key(r, 0x5EED) for r in range(max(n, 1))], dtype=torch.int64, device=device)
@@ -131,8 +137,7 @@ def block_mask_blocks(keys: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tens
     count = torch.empty(b, dtype=torch.int32, device=keys.device)
     if b == 0 or cfg.num_masked == 0:
         return mask.zero_().view(b, h, w).bool(), count.zero_().long()
-    lo, hi = (math.log(x) for x in cfg.aspect_range)
-    params = torch.tensor([float(cfg.min_num_patches), lo, hi], dtype=torch.float64, device=keys.device)
+    params = _params(float(cfg.min_num_patches), *cfg.aspect_range, keys.device)
     block = triton.next_power_of_2(h * w)
     ablock = triton.next_power_of_2(cfg.max_attempts)
     _block_mask_kernel[(b,)](

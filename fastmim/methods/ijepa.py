@@ -32,7 +32,7 @@ from torch import nn
 
 from fastmim._args import check_bool, check_int, check_momentum
 from fastmim.masking import MaskInfo, Masks, build_mask
-from fastmim.masking.base import MaskStrategy, as_bool, as_mask_info
+from fastmim.masking.base import MaskStrategy, as_bool, as_mask_info, smallest_block
 from fastmim.methods.mae import register_vit_family
 from fastmim.models.pos_embed import sincos_2d
 from fastmim.models.vit import Block, VisionTransformer, checkpointed, init_weights
@@ -46,11 +46,13 @@ EXPORTS = ("target", "context")
 UNSET_UPDATES = 2**62  # the schedule's length before set_total_steps: the momentum stays at its start
 
 
-def target_indices(targets: torch.Tensor) -> torch.Tensor:
+def target_indices(targets: torch.Tensor, tokens: int | None = None) -> torch.Tensor:
     """Target blocks [B, K, H, W] (or [B, K, N]) bool -> indices [B, K, T] of each block's first T tokens in raster
-    order, T the smallest block of the batch (I-JEPA's truncation; its batch-shared blocks are all T already)."""
+    order, T the smallest block of the batch (I-JEPA's truncation; its batch-shared blocks are all T already).
+    ``tokens``: T where the caller knows it on the host (``Masks.target_tokens``); None: counted here, a host sync
+    for targets on a GPU (and a graph break under torch.compile)."""
     flat = targets.flatten(2)
-    t = int(flat.sum(-1).min()) if flat.numel() else 0
+    t = smallest_block(targets) if tokens is None else tokens
     if t == 0:  # (the count is read here anyway: checking it costs no extra sync)
         raise ValueError(f"I-JEPA: every target block must hold at least one token; the targets [B, K, ...] = "
                          f"{tuple(targets.shape[:2])} include an empty one (or K is 0)")  # fmt: skip
@@ -184,6 +186,7 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
         mask_ratio: float | None = None,
         mask: MaskInfo | None = None,
         targets: torch.Tensor | None = None,
+        target_tokens: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (loss, predictions [B * K, T, D], mask [B, N] with 1 = outside the context).
 
@@ -193,6 +196,8 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
                 (``Masks.info()`` or a bool [B, N] tensor, the same count in every sample) with ``targets``; drawn
                 with ``targets`` when None.
             targets: [B, K, H, W] bool target blocks (``Masks.targets``).
+            target_tokens: the smallest target block's token count where the host knows it (``Masks.target_tokens``,
+                taken from ``mask`` when it is the Masks): no host sync to count it.
             mask_ratio: not taken (the block scales set the amounts; the argument keeps the recipes' call form).
         """
         if mask_ratio is not None:
@@ -200,10 +205,11 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
                              "apply (build the strategy with other target_scale / context_scale instead)")  # fmt: skip
         if mask is None:
             drawn = self.make_masks(imgs.shape[0], imgs.device)
-            mask, targets = drawn.info(), drawn.targets
+            mask, targets, target_tokens = drawn.info(), drawn.targets, drawn.target_tokens
         else:  # a multiblock strategy's Masks (its context and its target blocks), a MaskInfo or a bool tensor
             if isinstance(mask, Masks) and targets is None:
                 targets = mask.targets
+                target_tokens = mask.target_tokens if target_tokens is None else target_tokens
             mask = as_mask_info(mask, True, self.num_patches, "I-JEPA", grid=self.grid_size, batch=imgs.shape[0])
             if targets is not None and (targets.dim() != 4 or targets.shape[0] != imgs.shape[0]
                                         or tuple(targets.shape[2:]) != tuple(self.grid_size)):  # fmt: skip
@@ -217,7 +223,7 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
                              "(mask=masks), or mask=masks.info(), targets=masks.targets")  # fmt: skip
         if mask.ids_keep is None:
             raise ValueError("I-JEPA drops the tokens outside the context: it needs the masks' index form (info())")
-        tgt_ids = target_indices(targets)  # [B, K, T]
+        tgt_ids = target_indices(targets, target_tokens)  # [B, K, T]
         self.last_counts = (mask.ids_keep.shape[1], *tgt_ids.shape[1:])  # (context, blocks, block tokens): FLOP counts
         x = self.patch_embed(imgs) + self.pos_embed  # no class token: a position row per patch
         x = (gather_visible if self.fused_ops else gather_visible_ref)(x, mask.ids_keep)

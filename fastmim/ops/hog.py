@@ -67,7 +67,7 @@ def _hog_torch(imgs, mask, window, patch_size: int, cell_size: int, nbins: int) 
     p, k = patch_size, patch_size // cell_size
     gh, gw = h // p, w // p
     out = torch.zeros((b, gh * gw, c * nbins * k * k), device=imgs.device, dtype=torch.float32)
-    sel = mask.reshape(b, gh * gw) if mask is not None else torch.ones(b, gh * gw, dtype=torch.bool)
+    sel = mask.reshape(b, gh * gw) if mask is not None else torch.ones(b, gh * gw, dtype=torch.bool, device=imgs.device)
     bi, li = sel.to(torch.bool).nonzero(as_tuple=True)
     if bi.numel() == 0:
         return out

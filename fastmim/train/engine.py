@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -14,12 +15,14 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from fastmim import _ext
 from fastmim.config import CONFIG_FORMAT, PretrainConfig, save_yaml
 from fastmim.data import decode_indices
 from fastmim.data.dali import DaliDecodeError
 from fastmim.data.folder import BadImageError
 from fastmim.data.sampler import ResumableDistributedSampler
 from fastmim.masking import Masks
+from fastmim.masking.base import smallest_block
 from fastmim.train import checkpoint as ckpt
 from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier
 from fastmim.train.logger import MetricsLogger
@@ -43,11 +46,16 @@ def _masked_forward(
     mask: torch.Tensor,
     num_hidden: int | None,
     targets: torch.Tensor | None = None,
+    target_tokens: int | None = None,
 ) -> torch.Tensor:
     """The loss of one micro-batch; the masks' index form (``ids``: for models that drop the masked tokens) is made
-    here, inside a captured step. ``targets``: the target blocks of a multi-block mask (I-JEPA)."""
+    here, inside a captured step. ``targets``: the target blocks of a multi-block mask (I-JEPA), ``target_tokens``
+    the smallest one's count where the host knows it."""
     info = Masks(mask, num_hidden=num_hidden).info(ids=ids)
-    return (model(imgs, mask=info) if targets is None else model(imgs, mask=info, targets=targets))[0]
+    if targets is None:
+        return model(imgs, mask=info)[0]
+    tokens = {} if target_tokens is None else {"target_tokens": target_tokens}  # (a model that takes it)
+    return model(imgs, mask=info, targets=targets, **tokens)[0]
 
 
 def _cpu_count(mask: torch.Tensor) -> int | None:
@@ -139,6 +147,8 @@ class Trainer:
         from fastmim.train import fsdp
 
         self.sharded = fsdp.is_sharded(self.raw_model)  # --fsdp: FSDP2 shards, sharded checkpoints
+        # I-JEPA's forward takes the smallest target block's count from the host (no sync to count it)
+        self._takes_target_tokens = "target_tokens" in inspect.signature(self.raw_model.forward).parameters
         ddp = self.info.enabled and hasattr(self.model, "no_sync")
         no_sync = self.model.no_sync if ddp else None
         if self.sharded:
@@ -528,6 +538,15 @@ class Trainer:
                   f"{row['knn_top5']:.2f}% ({row['knn_s']:.1f} s)", flush=True)  # fmt: skip
         barrier(self.info)
 
+    def _draw_masks(self, idx: torch.Tensor, epoch: int) -> Masks:
+        """The batch's masks, drawn here (a loader whose workers do not draw them: DALI's). For a GPU, a strategy with
+        a C++ generator draws on the CPU, counted there, and the masks are copied asynchronously: drawn on the GPU,
+        its counts (an exact count's top-up, I-JEPA's truncation and target size) were each a host sync."""
+        s = self.masks
+        if self.device.type == "cuda" and s.impl == "auto" and s.has_cpp and _ext.available():
+            return s(indices=idx, epoch=epoch, device="cpu")
+        return s(indices=idx, epoch=epoch, device=self.device)
+
     def _bad_file_on_any_rank(self, bad: Exception | None) -> Exception | None:
         """DDP: whether any rank's batch failed to load (a flag over the CPU group at every batch: the ranks that
         loaded theirs would otherwise wait in the gradient all-reduce for one that stopped). Then every rank gets the
@@ -622,7 +641,9 @@ class Trainer:
                     masks = Masks(drawn[0], targets=drawn[1] if len(drawn) > 1 else None,
                                   num_hidden=self.masks.exact_hidden or _cpu_count(drawn[0]))  # fmt: skip
                 else:
-                    masks = self.masks(indices=idx, epoch=epoch, device=self.device)
+                    masks = self._draw_masks(idx, epoch)
+                if masks.targets is not None and masks.target_tokens is None and masks.targets.device.type == "cpu":
+                    masks.target_tokens = smallest_block(masks.targets)  # (read on the host: no device sync)
                 micro = b % cfg.accum_iter
                 lr_now = self.lr_of(self.pos.step, milestones=milestones)
                 if micro == 0:
@@ -635,7 +656,8 @@ class Trainer:
                 if not cfg.cuda_graph:
                     imgs = imgs.to(self.device, non_blocking=True)
                     masks = masks.to(self.device)
-                loss = self.step(imgs, masks.mask, masks.num_hidden, masks.targets, last=last_micro)
+                tokens = masks.target_tokens if self._takes_target_tokens else None
+                loss = self.step(imgs, masks.mask, masks.num_hidden, masks.targets, tokens, last=last_micro)
                 running += loss
                 count += 1
                 bar.update(1)

@@ -434,3 +434,35 @@ def test_numpy_numbers_are_taken_where_python_ones_are():
         assert torch.equal(got.mask, want.mask), name
     with pytest.raises(ValueError, match="num_targets must be a positive int, got 2.0"):
         build_mask("multiblock", 8, num_targets=2.0)
+
+
+class _HostValuesOnADevice(torch.overrides.TorchFunctionMode):
+    """Records torch.tensor / torch.as_tensor calls given a device: a tensor made from host values there, which on a
+    GPU is a blocking copy (a sync that drains the stream) each time."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if kwargs.get("device") is not None and func in (torch.tensor, torch.as_tensor):
+            self.calls.append(func.__name__)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_the_device_path_makes_no_tensor_from_host_values_per_call(name):
+    """What runs on a GPU (impl torch, the Triton block kernel's launcher where it runs) makes no tensor from host
+    values on the device after the first call (cached ones are made once): data2vec 2.0's inverse-block masks made
+    two per call (randint's bounds), the Triton block masks one (the kernel's parameters)."""
+    impls = ["torch"] + (["triton"] if name == "block" and triton_available() is None and _interpreted() else [])
+    for impl in impls:
+        draw(name, impl, batch=4, num_masks=3) if name == "inverse_block" else draw(name, impl, batch=4)
+        with _HostValuesOnADevice() as rec:
+            draw(name, impl, batch=4, num_masks=3) if name == "inverse_block" else draw(name, impl, batch=4)
+        assert rec.calls == [], (name, impl, rec.calls)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -35,6 +35,7 @@ def test_target_indices_truncate_to_the_smallest_block_in_raster_order():
     t[1, 0, [7, 8, 11]] = True
     t[1, 1, [4, 12, 13, 14, 15]] = True
     assert target_indices(t).tolist() == [[[1, 2, 5], [0, 3, 9]], [[7, 8, 11], [4, 12, 13]]]
+    assert torch.equal(target_indices(t, tokens=3), target_indices(t))  # the count the host knows: no read
 
 
 def test_loss_is_smooth_l1_of_the_predictor_against_the_teachers_layer_normed_blocks():
@@ -259,3 +260,50 @@ def test_a_resume_at_another_batch_size_keeps_the_teachers_schedule_with_the_ste
     assert "note: the peak lr follows the images per step (8 -> 4, --blr" in said and "--lr " in said, said
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["step"] == 3 and int(state["model"]["teacher.updates"]) == 3
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_the_trainer_gives_the_forward_the_target_size_from_the_host(image_folder, tmp_path, monkeypatch, workers):
+    """The smallest target block's size is counted where the masks are drawn, on the CPU, and handed to the forward:
+    counted there from targets on a GPU it was a host sync every step (and a graph break under torch.compile)."""
+    import fastmim.methods.ijepa as ijepa
+
+    def counted_in_the_forward(targets):
+        raise AssertionError("the forward counted the target blocks itself")
+
+    monkeypatch.setattr(ijepa, "smallest_block", counted_in_the_forward)
+    out = tmp_path / "run"
+    pretrain.run(_cli_args(image_folder, out, "--max-steps", "2", "--num-workers", workers, epochs=1))
+    assert len(_losses(out)) == 2
+
+
+def test_a_gpu_run_draws_masks_with_a_cpp_generator_on_the_cpu(monkeypatch):
+    """Drawn for a GPU without loader workers (DALI): a strategy with a C++ generator draws on the CPU, counts there
+    and the masks are copied asynchronously; drawn on the GPU, its counts were host syncs. One without (data2vec 2.0's
+    inverse blocks) draws on the GPU."""
+    from types import SimpleNamespace
+
+    from fastmim.masking import build_mask
+    from fastmim.train.engine import Trainer
+
+    asked = []
+
+    class Recording:
+        def __init__(self, strategy):
+            self.strategy, self.impl, self.has_cpp = strategy, strategy.impl, strategy.has_cpp
+
+        def __call__(self, **kw):
+            asked.append(str(kw["device"]))
+            return self.strategy(**{**kw, "device": "cpu"})
+
+    idx = torch.arange(8, 16)
+    multiblock = build_mask("multiblock", 14, seed=3)
+    trainer = SimpleNamespace(device=torch.device("cuda", 0), masks=Recording(multiblock))
+    masks = Trainer._draw_masks(trainer, idx, 2)
+    if fastmim._ext.available():
+        assert asked == ["cpu"] and masks.target_tokens is not None
+        expected = build_mask("multiblock", 14, seed=3, impl="cpp")(indices=idx, epoch=2)
+        assert torch.equal(masks.mask, expected.mask) and torch.equal(masks.targets, expected.targets)
+    trainer.masks = Recording(build_mask("inverse_block", 14, seed=3))
+    Trainer._draw_masks(trainer, idx, 2)
+    assert asked[-1] == "cuda:0"
