@@ -102,11 +102,12 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
             raise FileNotFoundError(f"no encoder at {str(path)!r}")
         state, meta = _read_weights(path)
     if model and meta.get("model") and model not in (meta["model"], encoder_name(meta["model"])):
-        raise ValueError(f"{str(path)!r} says it holds {meta['model']!r}; --model {model} contradicts it (--model is "
-                         "for files that do not say their architecture: drop it)")  # fmt: skip
+        raise ValueError(f"{str(path)!r} says it holds {meta['model']!r}; --model {model} contradicts it (--model, "
+                         "model= in Python, is for files that do not say their architecture: drop it)")  # fmt: skip
     name = meta.get("model") or model  # the file's own name where it has one (a recipe's: the run it came from)
     if name is None:
-        raise ValueError(f"{str(path)!r} does not say its architecture: name it with --model (e.g. vit_base_patch16)")
+        raise ValueError(f"{str(path)!r} does not say its architecture: name it with --model (model= in Python; "
+                         "e.g. vit_base_patch16)")  # fmt: skip
     enc = encoder_name(name)
     if enc not in fastmim.list_models():
         raise ValueError(f"unknown encoder {name!r}: ViTs are vit_<size>_patch<14|16>, ConvNeXt V2 convnextv2_<size>")

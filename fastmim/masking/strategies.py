@@ -370,7 +370,8 @@ class MultiBlockMask(MaskStrategy):
     """I-JEPA's multi-block masking: ``num_targets`` target blocks (scale ``target_scale`` of the grid, aspect ratio in
     ``aspect_range``) and one context block (scale ``context_scale``, aspect 1) from which every target token is
     removed. ``mask`` hides everything but the context; ``targets`` [B, K, H, W] are the blocks to predict. A context
-    keeping ``min_keep`` tokens or fewer is redrawn (it keeps more than ``min_keep``, as I-JEPA's: at least one);
+    keeping ``min_keep`` tokens or fewer is redrawn (it keeps more than ``min_keep``, as I-JEPA's: at least one;
+    default: I-JEPA's 10, at most 1/8 of a smaller grid, as the I-JEPA models take it);
     after ``max_tries`` draws it excludes one target block fewer (the last), as I-JEPA's collator gives up a
     constraint (small grids: a target may then overlap the context).
 
@@ -391,8 +392,8 @@ class MultiBlockMask(MaskStrategy):
     has_cpp = True
 
     def __init__(self, grid, num_targets: int = 4, target_scale=(0.15, 0.2), aspect_range=(0.75, 1.5),
-                 context_scale=(0.85, 1.0), min_keep: int = 10, max_tries: int = 20, batch_shared: bool = False,
-                 truncate: bool = False, **kw):  # fmt: skip
+                 context_scale=(0.85, 1.0), min_keep: int | None = None, max_tries: int = 20,
+                 batch_shared: bool = False, truncate: bool = False, **kw):  # fmt: skip
         super().__init__(grid, **kw)
         self.batch_shared = check_bool("multiblock", "batch_shared", batch_shared)  # ("false" from a YAML: refused)
         self.truncate = check_bool("multiblock", "truncate", truncate) and not self.batch_shared  # (batch-shared
@@ -405,6 +406,8 @@ class MultiBlockMask(MaskStrategy):
         self.context_scale = check_range("context_scale", context_scale)
         if self.target_scale[1] > 1 or self.context_scale[1] > 1:
             raise ValueError("target_scale and context_scale are fractions of the grid: at most 1")
+        if min_keep is None:  # I-JEPA's 10 (5% of 14 x 14); a 2 x 3 grid could never keep more than 10
+            min_keep = min(10, self.num_tokens // 8)
         if as_int(min_keep) is None or not 0 <= min_keep < self.num_tokens:  # (a context keeps more than min_keep)
             raise ValueError(f"min_keep must be an int in [0, {self.num_tokens - 1}], got {min_keep!r}")
         self.min_keep = min_keep = as_int(min_keep)

@@ -47,6 +47,7 @@ class A2MIMViT(SimMIMViT):
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Masked pixels filled with each image's channel means, then the patch embedding plus the mask token at the
         masked tokens: [B, C, H, W], mask [B, N] (1 = hidden) -> [B, 1 + N, D]."""
+        self.patch_embed.check(imgs)  # (before the reshapes below, whose errors would not say it)
         b, _, h, w = imgs.shape
         p = self.patch_size
         m = mask.view(b, 1, h // p, 1, w // p, 1).to(imgs.dtype)

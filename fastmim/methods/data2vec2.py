@@ -186,6 +186,7 @@ class Data2Vec2ViT(TeacherOfEncoder, VisionTransformer):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (loss, pred [B*M, N, D], mask [B*M, N] with 1 = hidden); ``mask`` holds M masks per image,
         sample-major."""
+        self.check_teacher_follows()
         b = imgs.shape[0]
         if mask is None:
             mask = self.make_mask(b, imgs.device, mask_ratio)

@@ -200,6 +200,7 @@ class IJEPAViT(TeacherOfEncoder, VisionTransformer):
                 taken from ``mask`` when it is the Masks): no host sync to count it.
             mask_ratio: not taken (the block scales set the amounts; the argument keeps the recipes' call form).
         """
+        self.check_teacher_follows()
         if mask_ratio is not None:
             raise ValueError("I-JEPA draws multi-block masks whose block scales set the amounts: mask_ratio does not "
                              "apply (build the strategy with other target_scale / context_scale instead)")  # fmt: skip

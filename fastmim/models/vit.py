@@ -52,9 +52,14 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
 
+    def check(self, x: torch.Tensor) -> None:
+        """ValueError naming the expected [B, C, H, W] when ``x`` is not a batch of this embedding's images."""
+        c = self.proj.in_channels
+        if x.dim() != 4 or x.shape[1] != c or tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(f"expected images [B, {c}, {self.img_size[0]}, {self.img_size[1]}], got {tuple(x.shape)}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"expected images [B, C, {self.img_size[0]}, {self.img_size[1]}], got {tuple(x.shape)}")
+        self.check(x)
         return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D]
 
 

@@ -15,6 +15,8 @@ is ``t <- m t + (1 - m) s`` over every parameter in one multi-tensor pass (``tor
 from __future__ import annotations
 
 import copy
+import functools
+import warnings
 
 import torch
 from torch import nn
@@ -130,6 +132,17 @@ def _forget_student_params(module: nn.Module, incompatible_keys) -> None:
     """After a ``load_state_dict`` (which with ``assign=True`` replaces the Parameter objects), the list of the
     student's parameters is built again at the next update."""
     module._student_params = None
+    module._seen_version = None  # (loaded weights: not an optimizer step without an update)
+
+
+@functools.cache
+def _sharded(cls: type) -> bool:
+    """An FSDP2-sharded module (fully_shard gives it a class of its own)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # (a torch without torch.distributed)
+        return False
+    return issubclass(cls, FSDPModule)
 
 
 class TeacherOfEncoder:
@@ -155,3 +168,26 @@ class TeacherOfEncoder:
     def after_step(self) -> None:
         """The teacher's EMA update."""
         self.teacher.update(params=self.student_parameters())
+        self._seen_version = self._student_version()
+
+    def check_teacher_follows(self) -> None:
+        """Called at the forward: warns once when the encoder's weights changed (an optimizer step) since the last
+        forward with no ``after_step()`` between: the EMA teacher would silently stay at its initial weights in a
+        training loop that forgot it. (Gradient accumulation's forwards without a step do not warn.)"""
+        if torch.compiler.is_compiling() or not (self.training and torch.is_grad_enabled()) or _sharded(type(self)):
+            return  # (FSDP2 swaps the parameters for gathered copies during the forward: nothing to compare)
+        version, seen = self._student_version(), getattr(self, "_seen_version", None)
+        if seen is not None and version != seen and not getattr(self, "_warned_no_update", False):
+            self._warned_no_update = True
+            warnings.warn(f"{type(self).__name__}: the encoder's weights changed since the last forward (an optimizer "
+                          "step) but after_step() was not called, so the EMA teacher did not follow them: call "
+                          "model.after_step() after every optimizer.step() (fastmim's trainer does)",
+                          stacklevel=3)  # fmt: skip
+        self._seen_version = version
+
+    def _student_version(self) -> int | None:
+        """The in-place version counter of the student's first trainable parameter (an optimizer step bumps it)."""
+        try:
+            return next(p._version for p in self.student_parameters() if p.requires_grad)
+        except (StopIteration, AttributeError, RuntimeError):  # (nothing trainable; a tensor without the counter)
+            return None

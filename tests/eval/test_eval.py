@@ -185,7 +185,7 @@ def test_timm_checkpoint_gives_timm_features(tmp_path, timm_name, ours):
     torch.manual_seed(0)
     ref = timm.create_model(timm_name, pretrained=False, num_classes=7).eval()
     torch.save({"state_dict": ref.state_dict()}, tmp_path / "timm.pth")
-    with pytest.raises(ValueError, match="name it with --model"):
+    with pytest.raises(ValueError, match=r"name it with --model \(model= in Python; "):
         load_encoder(tmp_path / "timm.pth")
     enc, info = load_encoder(tmp_path / "timm.pth", model=ours)
     x = torch.randn(2, 3, 224, 224)

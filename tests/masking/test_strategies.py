@@ -466,3 +466,15 @@ def test_the_device_path_makes_no_tensor_from_host_values_per_call(name):
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_multiblock_default_min_keep_fits_small_grids():
+    """I-JEPA's min_keep 10 by default, at most 1/8 of a smaller grid (as the I-JEPA models take it): a 2x3 grid
+    refused the default with 'min_keep must be an int in [0, 5], got 10', a value the user never gave."""
+    assert build_mask("multiblock", 14).min_keep == 10 and build_mask("multiblock", 8).min_keep == 8
+    small = build_mask("multiblock", (2, 3))
+    assert small.min_keep == 0
+    m = small(4)
+    assert (~m.mask).flatten(1).sum(1).min() >= 1 and m.targets.shape == (4, 4, 2, 3)
+    with pytest.raises(ValueError, match=r"min_keep must be an int in \[0, 5\], got 10"):
+        build_mask("multiblock", (2, 3), min_keep=10)  # given: still checked

@@ -136,3 +136,39 @@ def test_the_schedule_does_not_read_the_update_count_back_each_step():
         torch.__future__.set_swap_module_params_on_conversion(False)
     loaded = int(state["updates"])  # (2: the assign=True load above shared teacher's buffer with other)
     assert loaded != 1 and swapped.momentum() == pytest.approx(momentum_at(loaded, 0.5, 0.99, 10))
+
+
+@pytest.mark.parametrize("name", ["data2vec2_vit_tiny_patch16", "ijepa_vit_tiny_patch16"])
+def test_a_training_loop_that_forgets_after_step_is_warned(name):
+    """A loop of one's own that steps the optimizer but never calls after_step() left the EMA teacher at its initial
+    weights silently; now the next forward warns, once. after_step() after each step, gradient accumulation (two
+    forwards per step) and a loaded state do not warn."""
+    import warnings
+
+    from fastmim import create_model
+
+    model = create_model(name, img_size=32, patch_size=8)
+    if hasattr(model, "set_total_steps"):
+        model.set_total_steps(10)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def messages(record):
+        return [str(w.message) for w in record if "after_step() was not called" in str(w.message)]
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            for _ in range(2):  # accumulation: no step between these forwards
+                model(x)[0].backward()
+            opt.step()
+            opt.zero_grad()
+            model.after_step()
+        model.load_state_dict(model.state_dict())
+        model(x)[0].backward()
+        assert messages(record) == []
+        for _ in range(3):  # no after_step()
+            opt.step()
+            opt.zero_grad()
+            model(x)[0].backward()
+    assert len(messages(record)) == 1 and "call model.after_step() after every optimizer.step()" in messages(record)[0]

@@ -1,5 +1,7 @@
 """ViT encoder: shapes, registry, and parameter-name and numerical compatibility with timm."""
 
+import re
+
 import pytest
 import torch
 
@@ -127,8 +129,14 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="attn_impl must be one of"):
         fastmim.create_model("vit_tiny_patch16", attn_impl="xformers")
     m = fastmim.create_model("vit_tiny_patch16", img_size=32)
-    with pytest.raises(ValueError, match=r"expected images \[B, C, 32, 32\], got \(1, 3, 48, 48\)"):
+    with pytest.raises(ValueError, match=r"expected images \[B, 3, 32, 32\], got \(1, 3, 48, 48\)"):
         m(torch.randn(1, 3, 48, 48))
+    # the channels too (a grey batch met the convolution's own error), and A2MIM's mean fill, which reshaped first
+    for name in ("vit_tiny_patch16", "mae_vit_tiny_patch16", "a2mim_vit_tiny_patch16"):
+        model = fastmim.create_model(name, img_size=32)
+        for shape in ((2, 1, 32, 32), (2, 3, 16, 16), (3, 32, 32)):
+            with pytest.raises(ValueError, match=rf"expected images \[B, 3, 32, 32\], got {re.escape(str(shape))}"):
+                model(torch.randn(*shape))
     for bad in ("64", (64,), 64.0, (64, "a")):
         with pytest.raises(ValueError, match="img_size must be an int or a pair of ints"):
             fastmim.create_model("mae_vit_tiny_patch16", img_size=bad)
