@@ -346,6 +346,11 @@ class PretrainConfig:
             raise ValueError(f"loader must be one of {', '.join(LOADERS)}, got {self.loader!r}")
         if self.dali_device not in DALI_DEVICES:
             raise ValueError(f"dali_device must be one of {', '.join(DALI_DEVICES)}, got {self.dali_device!r}")
+        given = sorted({"image_mean", "image_std"} & set(self.model_args or {}))
+        if given:  # (a low-pass target computed for other constants than the images carry: silently another one)
+            raise ValueError(f"model_args {', '.join(given)}: fastmim's loaders normalise the images with ImageNet's "
+                             "mean and std, which the low-pass target already undoes; these are for a training loop "
+                             "of your own whose images are normalised otherwise")  # fmt: skip
         if self.mask_type is not None and self.mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type must be one of {', '.join(MASK_TYPES)} (or None: the recipe's own), got "
                              f"{self.mask_type!r}")  # fmt: skip

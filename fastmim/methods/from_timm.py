@@ -31,7 +31,8 @@ from fastmim.targets.pixel import PixelTarget
 class TimmMAE(TargetChoice, PixelTarget, nn.Module):
     """Args: encoder: a timm ``VisionTransformer`` instance; decoder_*: MAE's decoder (its defaults: 512 wide, 8
     blocks, 16 heads); mask_ratio, mask_type, norm_pix_loss, fused_ops, attn_impl, and the target (``target``:
-    pixels, lowpass or hog, with ``hog_cell``, ``hog_bins``, ``gaussian_window``, ``low_pass_radius``): as
+    pixels, lowpass or hog, with ``hog_cell``, ``hog_bins``, ``gaussian_window``, ``low_pass_radius``, ``image_mean``,
+    ``image_std``): as
     ``MaskedAutoencoderViT``."""
 
     grad_ckpt = False
@@ -42,7 +43,7 @@ class TimmMAE(TargetChoice, PixelTarget, nn.Module):
                  mask_type: str = "random", norm_pix_loss: bool = True, fused_ops: bool = True,
                  attn_impl: str = "auto", target: str = "pixels", hog_cell: int | None = None,
                  hog_bins: int | None = None, gaussian_window: int | None = None,
-                 low_pass_radius: float | None = None):  # fmt: skip
+                 low_pass_radius: float | None = None, image_mean=None, image_std=None):  # fmt: skip
         super().__init__()
         _check_encoder(encoder)
         check_mask_ratio(mask_ratio)  # (mask_type is checked by mask_strategy below)
@@ -57,7 +58,7 @@ class TimmMAE(TargetChoice, PixelTarget, nn.Module):
         self.norm_pix_loss, self.fused_ops = norm_pix_loss, fused_ops
         self._mask_strategy = None
         self._mask_strategy_ratio = None
-        out_dim = self.set_target(target, hog_cell, hog_bins, gaussian_window, low_pass_radius)
+        out_dim = self.set_target(target, hog_cell, hog_bins, gaussian_window, low_pass_radius, image_mean, image_std)
         add_mae_decoder(self, encoder.embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio,
                         out_dim, attn_impl)  # fmt: skip
         self.mask_strategy()  # masks it cannot draw: refused here, not at the first forward

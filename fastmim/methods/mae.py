@@ -90,10 +90,11 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
             2x2-token mask patches: SimMIM's 32 px at patch 16, 28 px at patch 14) or "uniform" (UM-MAE's one
             visible token per 2x2 cell: 75% hidden); see ``fastmim.masking.strategies``.
         norm_pix_loss: normalise each target patch by its mean and std (pixel targets).
-        target: "pixels" (MAE's), "lowpass" (PixMIM's low-frequency image, ``low_pass_radius``; the same norm-pix
-            loss) or "hog" (MaskFeat's target on MAE's encoder and decoder: the decoder predicts each masked patch's
-            HOG features, ``fastmim.targets.HOGTarget`` with ``hog_cell`` (None: half the patch), ``hog_bins`` (None:
-            9) and ``gaussian_window`` (None: none), an unnormalised MSE on the masked patches); see
+        target: "pixels" (MAE's), "lowpass" (PixMIM's low-frequency image, ``low_pass_radius``, and ``image_mean`` /
+            ``image_std``, the normalisation the images carry, None: ImageNet's; the same norm-pix loss) or "hog"
+            (MaskFeat's target on MAE's encoder and decoder: the decoder predicts each masked patch's HOG features,
+            ``fastmim.targets.HOGTarget`` with ``hog_cell`` (None: half the patch), ``hog_bins`` (None: 9) and
+            ``gaussian_window`` (None: none), an unnormalised MSE on the masked patches); see
             ``fastmim.targets.choice``.
         fused_ops: use fastmim.ops (fused gather, decoder-input scatter and loss); False keeps the plain PyTorch
             reference path, which computes the same values.
@@ -131,6 +132,8 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
         hog_bins: int | None = None,
         gaussian_window: int | None = None,
         low_pass_radius: float | None = None,
+        image_mean: tuple[float, ...] | None = None,
+        image_std: tuple[float, ...] | None = None,
         vis_mask_ratio: float = 0.0,
         drop_path_rate: float = 0.0,
         init_values: float | None = None,
@@ -151,7 +154,7 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
         self.mask_type = mask_type
         self.norm_pix_loss = norm_pix_loss
         self.fused_ops = fused_ops
-        out_dim = self.set_target(target, hog_cell, hog_bins, gaussian_window, low_pass_radius)
+        out_dim = self.set_target(target, hog_cell, hog_bins, gaussian_window, low_pass_radius, image_mean, image_std)
         add_mae_decoder(self, embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, out_dim,
                         attn_impl)  # fmt: skip
         set_fused_gelu(self, fused_gelu)  # the decoder's MLPs too

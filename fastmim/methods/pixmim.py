@@ -17,6 +17,8 @@ class PixMIMViT(MaskedAutoencoderViT):
 
     Args:
         low_pass_radius: radius of the circular filter in the shifted spectrum; None: 40 x img_size / 224.
+        image_mean, image_std (in ``kwargs``): the normalisation the images carry, undone before the filter (None:
+            ImageNet's, what fastmim's loaders give).
         **kwargs: MaskedAutoencoderViT's.
     """
 

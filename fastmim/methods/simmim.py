@@ -85,7 +85,8 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
         mask_ratio: fraction of the mask patches hidden (SimMIM: 0.6).
         mask_type: None (SimMIM's: "simmim", random 2x2-token mask patches, 32 px at patch 16 as the paper, 28 px at
             patch 14) or another ``MaskedAutoencoderViT`` mask type ("random", "block", "uniform").
-        target: "pixels" (SimMIM's), "lowpass" (PixMIM's low-frequency image, ``low_pass_radius``; the same L1) or
+        target: "pixels" (SimMIM's), "lowpass" (PixMIM's low-frequency image, ``low_pass_radius``, ``image_mean`` /
+            ``image_std`` as MAE's; the same L1) or
             "hog" (MaskFeat's HOG features, ``hog_cell``, ``hog_bins``, ``gaussian_window``; a linear head instead of
             the pixel-shuffle one, MSE); see ``fastmim.targets.choice``.
         fused_ops: fastmim.ops for the loss and patchify (False: the plain reference, the same values).
@@ -113,6 +114,8 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
         hog_bins: int | None = None,
         gaussian_window: int | None = None,
         low_pass_radius: float | None = None,
+        image_mean: tuple[float, ...] | None = None,
+        image_std: tuple[float, ...] | None = None,
         drop_path_rate: float = 0.0,
         init_values: float | None = None,
         abs_pos_embed: bool | str = True,
@@ -125,7 +128,7 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
         self.mask_ratio = mask_ratio
         self.fused_ops = fused_ops
         self.norm_pix_loss = False  # SimMIM predicts the normalised image itself
-        out_dim = self.set_target(target, hog_cell, hog_bins, gaussian_window, low_pass_radius)
+        out_dim = self.set_target(target, hog_cell, hog_bins, gaussian_window, low_pass_radius, image_mean, image_std)
         if target == "hog":
             self.decoder = LinearHead(embed_dim, out_dim)
         else:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from fastmim._args import check_int, check_number
-from fastmim.data.transforms import IMAGENET_MEAN
+from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fastmim.ops import masked_mse_loss_patchified, masked_mse_loss_patchified_ref
 from fastmim.targets.hog import HOGTarget
 from fastmim.targets.low_pass import default_radius, low_pass_images
@@ -33,16 +33,19 @@ class TargetChoice:
     target = "pixels"
 
     def set_target(self, target: str, hog_cell: int | None = None, hog_bins: int | None = None,
-                   gaussian_window: int | None = None, low_pass_radius: float | None = None) -> int:  # fmt: skip
+                   gaussian_window: int | None = None, low_pass_radius: float | None = None,
+                   image_mean=None, image_std=None) -> int:  # fmt: skip
         """Sets the target; returns the values per token the head predicts (p * p * C pixels, or the HOG size).
-        ``hog_*`` and ``gaussian_window`` (None: half the patch, 9 bins, no window) are the HOG target's."""
+        ``hog_*`` and ``gaussian_window`` (None: half the patch, 9 bins, no window) are the HOG target's;
+        ``image_mean`` / ``image_std`` (None: ImageNet's) the normalisation the images carry, which the low-pass
+        target undoes before filtering (the filtered image is not the same for another normalisation)."""
         name = type(self).__name__
         if target not in TARGETS:
             raise ValueError(f"{name}: target must be one of {', '.join(TARGETS)}, got {target!r}")
         given = {"hog_cell": hog_cell, "hog_bins": hog_bins, "gaussian_window": gaussian_window,
-                 "low_pass_radius": low_pass_radius}  # fmt: skip
+                 "low_pass_radius": low_pass_radius, "image_mean": image_mean, "image_std": image_std}  # fmt: skip
         for key, value in given.items():
-            applies = "lowpass" if key == "low_pass_radius" else "hog"
+            applies = "lowpass" if key in ("low_pass_radius", "image_mean", "image_std") else "hog"
             if value is not None and target != applies:
                 raise ValueError(f"{name}: {key} applies to target='{applies}', not {target!r}")
         self.target = target
@@ -57,10 +60,16 @@ class TargetChoice:
             self.predicts_pixels = False  # the trainer shows no reconstructions
             return self.hog.dim
         if target == "lowpass":
-            if self.in_chans != len(IMAGENET_MEAN):  # (low_pass_images undoes the images' ImageNet normalisation)
+            if (image_mean is None) != (image_std is None):
+                raise ValueError(f"{name}: give image_mean and image_std together (the images' normalisation)")
+            if image_mean is None and self.in_chans != len(IMAGENET_MEAN):  # (undone before the filter)
                 raise ValueError(f"{name}: the low-pass target un-normalises the images with ImageNet's 3-channel mean "
-                                 f"and std; in_chans={self.in_chans} is not supported with target='lowpass' "
-                                 "(fastmim.ops.LowPassTarget takes another mean and std)")  # fmt: skip
+                                 f"and std by default; for in_chans={self.in_chans} give image_mean and image_std "
+                                 f"({self.in_chans} values each)")  # fmt: skip
+            self.image_mean = IMAGENET_MEAN if image_mean is None else _channels(name, "image_mean", image_mean,
+                                                                                 self.in_chans)  # fmt: skip
+            self.image_std = IMAGENET_STD if image_std is None else _channels(name, "image_std", image_std,
+                                                                              self.in_chans, positive=True)  # fmt: skip
             side = min(self.grid_size) * p
             if low_pass_radius is None:
                 self.low_pass_radius = default_radius(side)
@@ -78,10 +87,20 @@ class TargetChoice:
     def target_images(self, imgs: torch.Tensor) -> torch.Tensor:
         """The images a pixel target is read from: ``imgs``, or their low-frequency part (fp32, no gradient)."""
         if self.target == "lowpass":
-            return low_pass_images(imgs, self.low_pass_radius, fused=self.fused_ops)
+            return low_pass_images(imgs, self.low_pass_radius, self.image_mean, self.image_std, fused=self.fused_ops)
         return imgs
 
     def hog_loss(self, pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """MSE of the predicted HOG features [B, N, dim] against the masked patches' (MaskFeat's loss)."""
         loss_fn = masked_mse_loss_patchified if self.fused_ops else masked_mse_loss_patchified_ref
         return loss_fn(pred, self.hog(imgs, mask), mask, norm_pix=False)
+
+
+def _channels(who: str, name: str, values, channels: int, positive: bool = False) -> tuple[float, ...]:
+    """A per-channel normalisation constant: ``channels`` finite numbers (> 0 where ``positive``)."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) != channels:
+        raise ValueError(f"{who}: {name} must be {channels} numbers, one per channel, got {values!r}")
+    out = tuple(check_number(who, name, v) for v in values)
+    if positive and min(out) <= 0:
+        raise ValueError(f"{who}: {name} must be > 0, got {values!r}")
+    return out

@@ -60,6 +60,31 @@ def test_pixmim_loss_is_mae_loss_on_low_pass_targets():
         fastmim.create_model("pixmim_vit_tiny_patch16", img_size=64, low_pass_radius=0)
 
 
+def test_the_low_pass_target_takes_the_images_normalisation():
+    """The filter acts on the un-normalised image, so images normalised another way (mean 0.5, std 0.5) need their
+    own constants: ImageNet's were the only ones, and gave another target. Another channel count takes its own."""
+    imgs = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    half = dict(image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+    m = fastmim.create_model("pixmim_vit_tiny_patch16", img_size=64, **half)
+    r = m.low_pass_radius
+    torch.testing.assert_close(m.target_images(imgs), low_pass_images(imgs, r, half["image_mean"], half["image_std"]))
+    assert (m.target_images(imgs) - low_pass_images(imgs, r)).abs().max() > 1e-2  # ImageNet's: another target
+    for name in ("mae_vit_tiny_patch16", "simmim_vit_tiny_patch16"):
+        other = fastmim.create_model(name, img_size=64, target="lowpass", **half)
+        torch.testing.assert_close(other.target_images(imgs), m.target_images(imgs))
+    grey = fastmim.create_model("pixmim_vit_tiny_patch16", img_size=64, in_chans=1, image_mean=(0.5,),
+                                image_std=(0.25,))  # fmt: skip
+    assert torch.isfinite(grey(torch.randn(2, 1, 64, 64))[0])
+    with pytest.raises(ValueError, match="for in_chans=1 give image_mean and image_std"):
+        fastmim.create_model("pixmim_vit_tiny_patch16", img_size=64, in_chans=1)
+    with pytest.raises(ValueError, match="image_std must be > 0"):
+        fastmim.create_model("pixmim_vit_tiny_patch16", img_size=64, image_mean=(0, 0, 0), image_std=(1, 0, 1))
+    with pytest.raises(ValueError, match="image_mean must be 3 numbers, one per channel"):
+        fastmim.create_model("pixmim_vit_tiny_patch16", img_size=64, image_mean=(0, 0), image_std=(1, 1))
+    with pytest.raises(ValueError, match="image_mean applies to target='lowpass', not 'pixels'"):
+        fastmim.create_model("mae_vit_tiny_patch16", img_size=64, **half)
+
+
 def test_pixmim_without_fused_ops_runs_no_fastmim_op(monkeypatch):
     """fused_ops=False (--no-fused-ops, the benchmark's reference): the official low-pass computation, not the fused
     op; the same loss."""
@@ -92,3 +117,11 @@ def test_pixmim_pretrains_from_the_cli_and_exports_a_timm_encoder(image_folder, 
         img_size=64, patch_size=16, embed_dim=192, depth=12, num_heads=3, num_classes=0
     )
     enc.load_state_dict(load_file(out / "encoder.safetensors"), strict=True)
+
+
+def test_the_cli_refuses_another_normalisation_for_the_low_pass_target():
+    """The CLI's loaders normalise with ImageNet's constants: other ones in model_args would filter the wrong image."""
+    from fastmim.pretrain import resolve_config
+
+    with pytest.raises(ValueError, match="model_args image_mean: fastmim's loaders normalise the images with ImageNet"):
+        resolve_config(["--model", "pixmim_vit_tiny_patch16", "--model-args", "image_mean=0.5"])
