@@ -60,6 +60,8 @@ def checked_device(ap: argparse.ArgumentParser, name: str) -> torch.device:
         ap.error(f"--device {name}: the benchmarks run on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {name}: CUDA is not available here (use --device cpu)")
+    if device.type == "cuda":  # current as well: Triton launches and CUDA events use the current device
+        torch.cuda.set_device(device)
     return device
 
 

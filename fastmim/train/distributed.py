@@ -54,9 +54,9 @@ def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":  # the current device too (one process on cuda:1 included): Triton launches, CUDA
+        torch.cuda.set_device(device)  # events and streams take the current device, not their tensors'
     if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank, world, local_rank, local_world), device
 

@@ -99,9 +99,10 @@ class TrainStep:
 
     def _run(self, inputs, last: bool) -> torch.Tensor:
         sync = contextlib.nullcontext() if last or self.no_sync is None else self.no_sync()
-        with sync, self._autocast():
-            loss = self.forward(*inputs)
-        self.scaler.scale(loss / self.accum_iter).backward()
+        with sync:  # the backward too: FSDP2 reads it there (DDP decides at the forward)
+            with self._autocast():
+                loss = self.forward(*inputs)
+            self.scaler.scale(loss / self.accum_iter).backward()
         out = loss.detach().float()
         if last:
             if self.clip_grad is not None:

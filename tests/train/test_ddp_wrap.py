@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from tests.conftest import ROOT
 
 _SCRIPT = """
@@ -34,3 +36,20 @@ def test_the_cpu_size1_stride_false_alarm_is_not_shown(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         said[mode] = r.stdout.split()[-1]
     assert said == {"plain": "WARNED", "wrapped": "QUIET"}
+
+
+def test_one_process_on_a_second_gpu_makes_it_the_current_device(monkeypatch):
+    """--device cuda:1 without torchrun left GPU 0 current: Triton launches (which take the current device, not their
+    tensors') would have run on GPU 0's stream with GPU 1's pointers. Checked with torch.cuda's calls stood in for."""
+    from fastmim.train import distributed
+
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: made_current.append(torch.device(d)))
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    info, device = distributed.init_distributed("cuda:1")
+    assert device == torch.device("cuda", 1) and made_current == [device] and info.world_size == 1
+    distributed.init_distributed("cpu")
+    assert made_current == [device]  # (nothing made current for a CPU run)

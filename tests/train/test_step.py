@@ -145,6 +145,34 @@ def test_host_values_are_part_of_the_call():
     assert seen == [4, 2, 4] and len(step._static) == 2
 
 
+@pytest.mark.parametrize("graph", [False, True])
+def test_the_backward_of_a_micro_batch_before_the_last_runs_without_gradient_sync(graph):
+    """FSDP2 reads set_requires_gradient_sync in its post-backward hooks: the no-sync context held only the forward,
+    so every micro-batch's backward reduce-scattered (DDP decides at the forward). Now it holds the backward too."""
+    import contextlib
+
+    w = nn.Parameter(torch.ones(4))
+    opt = build_adamw(nn.ParameterList([w]), 1e-3, 0.0, graph=graph)
+    state = {"syncing": True}
+    seen = []
+    w.register_hook(lambda g: seen.append(state["syncing"]))
+
+    @contextlib.contextmanager
+    def no_sync():
+        state["syncing"] = False
+        try:
+            yield
+        finally:
+            state["syncing"] = True
+
+    step = TrainStep(lambda x: (x * w).sum(), [w], opt, torch.amp.GradScaler("cpu", enabled=False), device="cpu",
+                     accum_iter=2, no_sync=no_sync, graph=graph)  # fmt: skip
+    for _ in range(2):
+        step(torch.randn(2, 4), last=False)
+        step(torch.randn(2, 4), last=True)
+    assert seen == [False, True, False, True]
+
+
 def test_graph_mode_needs_the_graph_optimizer():
     model = nn.Linear(4, 4)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
