@@ -56,6 +56,54 @@ class UsageError(Exception):
     """A problem with the user's input; printed without a traceback."""
 
 
+class OutOfMemory(Exception):
+    """The training ran out of (GPU or host) memory; its message says how the run could fit. Printed without a
+    traceback (exit status 1)."""
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError that says so)."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e)
+    )
+
+
+def out_of_memory_advice(cfg: PretrainConfig, device: torch.device, e: BaseException) -> str:
+    """What ran out, at which settings, and the flags that make the run fit (the effective batch, and so the learning
+    rate, kept where they can be)."""
+    from fastmim.train.engine import resolve_amp
+
+    said = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    said = said if len(said) <= 240 else said[:237] + "..."
+    where = f"on {device}"
+    if device.type == "cuda":
+        try:
+            total = torch.cuda.get_device_properties(device).total_memory / 2**30
+            peak = torch.cuda.max_memory_allocated(device) / 2**30
+            where += f" ({peak:.1f} GiB allocated at the peak of {total:.1f} GiB)"
+        except Exception:  # (a driver that cannot say: the message stands without it)
+            pass
+    amp = resolve_amp(cfg.amp, device)
+    settings = (f"--model {cfg.model}, --img-size {cfg.img_size}, --batch-size {cfg.batch_size} per process, "
+                f"--accum-iter {cfg.accum_iter}, amp {'off' if amp is None else str(amp).removeprefix('torch.')}, "
+                f"activation checkpointing {'on' if cfg.grad_ckpt else 'off'}")  # fmt: skip
+    fixes = []
+    if cfg.batch_size >= 2:
+        half, before = cfg.batch_size // 2 * cfg.accum_iter * 2, cfg.batch_size * cfg.accum_iter
+        same = "the same images per optimizer step, so the same learning rate" if half == before else \
+            f"{half} images per process and optimizer step instead of {before}"  # fmt: skip
+        fixes.append(f"--batch-size {cfg.batch_size // 2} --accum-iter {cfg.accum_iter * 2} ({same})")
+    if not cfg.grad_ckpt:
+        fixes.append("--grad-ckpt (the blocks' activations recomputed in the backward)")
+    if amp is None and device.type == "cuda":
+        fixes.append("--amp bf16")
+    fix = "; ".join(fixes) if fixes else "a smaller --img-size or model"
+    return (
+        f"out of memory {where}: {said}\nsettings: {settings}\nto fit: {fix}. The last checkpoint, if any, is "
+        "intact: run the same command with --resume (and those flags) to continue from it"
+    )
+
+
 def _mapping_given(value) -> bool:
     """A model_args value that adds keys (a mapping or KEY=VALUE text), not one that clears them (none, null, "")."""
     return value is not None and not (isinstance(value, str) and value.strip().lower() in ("", "none", "null"))
@@ -918,6 +966,10 @@ def run(argv: list[str] | None = None) -> Path:
         if type(e) is not ValueError or said == str(e):
             raise
         raise ValueError(said) from None
+    except RuntimeError as e:
+        if _out_of_memory(e):  # (a traceback through the autograd engine tells the user nothing to do)
+            raise OutOfMemory(out_of_memory_advice(cfg, device, e)) from None
+        raise
     finally:
         cleanup(info)
 
@@ -1121,6 +1173,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint (if any) is intact", file=sys.stderr)
         return 130
+    except OutOfMemory as e:
+        print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
+        return 1
     except (BadImageError, DaliDecodeError) as e:  # one line naming the file, not a worker's traceback
         print(f"error: {bad_file_message(e)}", file=sys.stderr)
         return 2

@@ -582,6 +582,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.summary()}. Replace or remove it (python -m fastmim.data.scan FOLDER names every file that "
               "does not decode) and run again", file=sys.stderr)  # fmt: skip
         return 2
+    except torch.cuda.OutOfMemoryError as e:  # (a RuntimeError: first) what would fit, not torch's page of text
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "CUDA out of memory"
+        half = max(1, args.batch_size // 2)
+        lr = " (the lr follows: blr x batch / 256)" if args.mode != "knn" else ""
+        print(f"error: out of memory: {first}\nto fit: --batch-size {half} (was {args.batch_size})"
+              f"{lr}" + ("; the last checkpoint, if any, is intact" if args.mode == "finetune" else ""),
+              file=sys.stderr)  # fmt: skip
+        return 1
     except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -583,6 +583,8 @@ class Trainer:
             return pos
         finally:
             self.preempt.close()
+            if self._bar is not None:  # (any error's line below the bar, not appended to it: out of memory, ...)
+                self._bar.close()
 
     def _fit(self) -> Position:
         cfg = self.cfg

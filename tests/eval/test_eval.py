@@ -1227,3 +1227,23 @@ def test_a_class_renamed_only_in_its_unicode_normalisation_is_told_apart_in_the_
 
     assert _class_change(["a", "caf\u00e9"], ["a", "cafe\u0301"]) == \
         "'café' gone; 'cafe\\u0301' new (2 classes then, 2 now)"  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["knn", "finetune"])
+def test_out_of_memory_says_the_batch_that_would_fit(tmp_path, capsys, monkeypatch, mode):
+    """CUDA's OutOfMemoryError (a RuntimeError) was printed whole as any other error, exit 2: now its first line and
+    the batch size that would fit, exit 1."""
+    import fastmim.eval.__main__ as eval_cli
+
+    def runs_out(args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB.\nIf reserved but ...")
+
+    monkeypatch.setattr(eval_cli, "run", runs_out)
+    train = make_image_folder(tmp_path / "train", n=4, classes=2)
+    common = ["--random", "vit_tiny_patch16", "--data-path", str(train), "--batch-size", "6"]
+    assert eval_main([mode, *common]) == 1
+    err = capsys.readouterr().err
+    assert "error: out of memory: CUDA out of memory. Tried to allocate 1.50 GiB.\nto fit: --batch-size 3 (was 6)" \
+        in err  # fmt: skip
+    assert "If reserved" not in err
+    assert ("the lr follows" in err) == (mode == "finetune")

@@ -600,3 +600,36 @@ def test_the_folder_lock_is_let_go_whatever_stops_the_start(image_folder, tmp_pa
     monkeypatch.setattr(fcntl, "flock", no_locks)
     err = fails(args, capsys)
     assert "already holds a run" in err and live.exists()
+
+
+@pytest.mark.parametrize("kind", ["cuda", "cpu"])
+def test_out_of_memory_says_what_would_fit_and_keeps_the_checkpoint(image_folder, tmp_path, capsys, monkeypatch, kind):
+    """Running out of memory (CUDA's OutOfMemoryError, or the CPU allocator's) printed a traceback through the
+    autograd engine; now one error with the settings and the flags that fit (the same images per step), exit 1, the
+    last checkpoint intact, and the bar closed before the message."""
+    import torch
+
+    from fastmim.train import step as step_module
+
+    real, calls = step_module.TrainStep.__call__, []
+
+    def runs_out_at_the_fifth(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            if kind == "cuda":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore detail")
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(step_module.TrainStep, "__call__", runs_out_at_the_fifth)
+    out = tmp_path / "run"
+    argv = [*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--save-interval", "3"]
+    assert pretrain.main(argv) == 1
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "error:" in line]
+    assert len(said) == 1 and said[0].startswith("error: out of memory on cpu: "), err
+    assert ("Tried to allocate 2.00 GiB." if kind == "cuda" else "can't allocate memory") in said[0]
+    assert "more detail" not in err and "Traceback" not in err
+    assert "--batch-size 4 per process, --accum-iter 1, amp off, activation checkpointing off" in err
+    assert "to fit: --batch-size 2 --accum-iter 2 (the same images per optimizer step" in err and "--grad-ckpt" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
