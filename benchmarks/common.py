@@ -61,6 +61,10 @@ def checked_device(ap: argparse.ArgumentParser, name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {name}: CUDA is not available here (use --device cpu)")
     if device.type == "cuda":  # current as well: Triton launches and CUDA events use the current device
+        if device.index is None:  # ("cuda": the current one, as torch takes it)
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            ap.error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(device)
     return device
 

@@ -56,9 +56,9 @@ class UsageError(Exception):
     """A problem with the user's input; printed without a traceback."""
 
 
-class OutOfMemory(Exception):
+class OutOfMemory(torch.cuda.OutOfMemoryError):
     """The training ran out of (GPU or host) memory; its message says how the run could fit. Printed without a
-    traceback (exit status 1)."""
+    traceback (exit status 1); an OutOfMemoryError (a RuntimeError) still, for callers of ``run`` that catch those."""
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -73,8 +73,11 @@ def out_of_memory_advice(cfg: PretrainConfig, device: torch.device, e: BaseExcep
     rate, kept where they can be)."""
     from fastmim.train.engine import resolve_amp
 
-    said = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    said = said if len(said) <= 240 else said[:237] + "..."
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    said = lines[0] if len(lines[0]) <= 240 else lines[0][:237] + "..."
+    # torch's own hint on fragmentation, when it gives one ("... try setting PYTORCH_CUDA_ALLOC_CONF=...")
+    alloc = next((m.group(0) for m in map(re.compile(r"PYTORCH_CUDA_ALLOC_CONF=\S+?(?=[\s.,;]*$|\s)").search, lines)
+                  if m), None)  # fmt: skip
     where = f"on {device}"
     if device.type == "cuda":
         try:
@@ -96,12 +99,13 @@ def out_of_memory_advice(cfg: PretrainConfig, device: torch.device, e: BaseExcep
     if not cfg.grad_ckpt:
         fixes.append("--grad-ckpt (the blocks' activations recomputed in the backward)")
     if amp is None and device.type == "cuda":
-        fixes.append("--amp bf16")
+        fixes.append("--amp bf16" if torch.cuda.is_bf16_supported() else "--amp fp16")
+    if alloc:
+        fixes.append(f"{alloc} in the environment (torch's advice against fragmentation)")
     fix = "; ".join(fixes) if fixes else "a smaller --img-size or model"
-    return (
-        f"out of memory {where}: {said}\nsettings: {settings}\nto fit: {fix}. The last checkpoint, if any, is "
-        "intact: run the same command with --resume (and those flags) to continue from it"
-    )
+    return (f"out of memory {where}: {said}\nsettings: {settings}\nto fit: {fix}. The last checkpoint, if any, is "
+            "intact: run the same command with --resume and those flags to continue from it (under DALI, from a "
+            "checkpoint saved at the end of an epoch)")  # fmt: skip
 
 
 def _mapping_given(value) -> bool:

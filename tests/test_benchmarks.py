@@ -1185,3 +1185,28 @@ def test_the_measured_peak_takes_the_models_own_matmul_call_too(monkeypatch):
     monkeypatch.setattr(F, "linear", lambda *a, **k: calls.append(1) or own(*a, **k))
     peak = throughput.measure_peak_tflops(torch.device("cpu"), torch.bfloat16, 64)
     assert peak > 0 and len(calls) == 13  # 3 warm-up and 10 timed calls
+
+
+def test_checked_device_makes_the_gpu_current_with_or_without_an_index(monkeypatch):
+    """--device cuda (the benchmarks' default) has no index: torch.cuda.set_device refuses such a device, so every
+    GPU benchmark would have stopped at its start. The current device is taken for it; cuda:N is checked first."""
+    from benchmarks.common import checked_device
+
+    made_current = []
+
+    def set_device(d):
+        d = torch.device(d) if not isinstance(d, torch.device) else d
+        if d.type == "cuda" and d.index is None:  # (torch's own refusal)
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{d}")
+        made_current.append(d)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    ap = argparse.ArgumentParser()
+    assert checked_device(ap, "cuda") == torch.device("cuda", 0) and checked_device(ap, "cuda:1").index == 1
+    assert made_current == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    with pytest.raises(SystemExit):
+        checked_device(ap, "cuda:2")
+    assert checked_device(ap, "cpu") == torch.device("cpu") and len(made_current) == 2

@@ -555,6 +555,27 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
     return f"fine-tuning ({n} epochs, best top-1 {out['best_top1']:.2f}% at epoch {out['best_epoch']}{ema})"
 
 
+def _out_of_memory_advice(args: argparse.Namespace, e: BaseException) -> str:
+    """torch's first line, and the batch size that would fit where the mode takes one (linprobe: at least 2; finetune:
+    even, mixup and cutmix pair each image with another)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else "CUDA out of memory"
+    b = args.batch_size
+    half = max(2, b // 2 // 2 * 2) if args.mode == "finetune" else max(2 if args.mode == "linprobe" else 1, b // 2)
+    if half >= b:
+        return f"{first}\nto fit: a smaller --img-size or encoder (--batch-size {b} is the smallest this mode takes)"
+    fix = f"--batch-size {half} (was {b})"
+    if args.mode == "knn":
+        fix += " for the features; the kNN itself compares 1024 images at a time with the whole training set"
+    elif args.mode == "linprobe":
+        fix += "; the lr follows it (blr x batch / 256)"
+    else:
+        fix += (
+            "; the lr follows it (blr x batch / 256). A checkpoint resumes only at the batch it was saved with: "
+            "the smaller batch starts a new fine-tuning (another --finetune-dir)"
+        )
+    return f"{first}\nto fit: {fix}"
+
+
 def main(argv: list[str] | None = None) -> int:
     from fastmim.train.preempt import guard_output
 
@@ -583,12 +604,7 @@ def main(argv: list[str] | None = None) -> int:
               "does not decode) and run again", file=sys.stderr)  # fmt: skip
         return 2
     except torch.cuda.OutOfMemoryError as e:  # (a RuntimeError: first) what would fit, not torch's page of text
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "CUDA out of memory"
-        half = max(1, args.batch_size // 2)
-        lr = " (the lr follows: blr x batch / 256)" if args.mode != "knn" else ""
-        print(f"error: out of memory: {first}\nto fit: --batch-size {half} (was {args.batch_size})"
-              f"{lr}" + ("; the last checkpoint, if any, is intact" if args.mode == "finetune" else ""),
-              file=sys.stderr)  # fmt: skip
+        print(f"error: out of memory: {_out_of_memory_advice(args, e)}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -64,8 +64,8 @@ class Masks:
         return masking_from_bool(self.mask.flatten(1), self.num_hidden) if ids else mask_only(self.mask.flatten(1))
 
     def to(self, device) -> Masks:
-        """On ``device``, asynchronously: CPU tensors going to a GPU are pinned first (a copy from pageable memory
-        may wait for the stream). The host counts (``num_hidden``, ``target_tokens``; the smallest target block
+        """On ``device``; to a GPU asynchronously: CPU tensors are pinned first (a copy from pageable memory may wait
+        for the stream). The host counts (``num_hidden``, ``target_tokens``; the smallest target block
         counted here from CPU targets) come along."""
         device = torch.device(device)
         tokens = self.target_tokens
@@ -75,7 +75,9 @@ class Masks:
         def move(t):
             if t is None or t.device == device:
                 return t
-            if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+            if device.type != "cuda":  # (to the host: a blocking copy, so that the values are there when read)
+                return t.to(device)
+            if t.device.type == "cpu" and not t.is_pinned():
                 t = t.pin_memory()
             return t.to(device, non_blocking=True)
 

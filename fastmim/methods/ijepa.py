@@ -53,6 +53,9 @@ def target_indices(targets: torch.Tensor, tokens: int | None = None) -> torch.Te
     for targets on a GPU (and a graph break under torch.compile)."""
     flat = targets.flatten(2)
     t = smallest_block(targets) if tokens is None else tokens
+    if tokens is not None and targets.device.type == "cpu" and tokens != smallest_block(targets):  # (no sync here)
+        raise ValueError(f"I-JEPA: target_tokens={tokens} but the smallest target block holds "
+                         f"{smallest_block(targets)} tokens (Masks.target_tokens must be that count)")  # fmt: skip
     if t == 0:  # (the count is read here anyway: checking it costs no extra sync)
         raise ValueError(f"I-JEPA: every target block must hold at least one token; the targets [B, K, ...] = "
                          f"{tuple(targets.shape[:2])} include an empty one (or K is 0)")  # fmt: skip

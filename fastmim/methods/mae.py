@@ -132,11 +132,11 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
         hog_bins: int | None = None,
         gaussian_window: int | None = None,
         low_pass_radius: float | None = None,
-        image_mean: tuple[float, ...] | None = None,
-        image_std: tuple[float, ...] | None = None,
         vis_mask_ratio: float = 0.0,
         drop_path_rate: float = 0.0,
         init_values: float | None = None,
+        image_mean: tuple[float, ...] | None = None,  # (last: the positions of the arguments before stay)
+        image_std: tuple[float, ...] | None = None,
     ):
         check_mask_ratio(mask_ratio)
         if isinstance(vis_mask_ratio, bool) or not isinstance(vis_mask_ratio, int | float) or not (

@@ -114,13 +114,13 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
         hog_bins: int | None = None,
         gaussian_window: int | None = None,
         low_pass_radius: float | None = None,
-        image_mean: tuple[float, ...] | None = None,
-        image_std: tuple[float, ...] | None = None,
         drop_path_rate: float = 0.0,
         init_values: float | None = None,
         abs_pos_embed: bool | str = True,
         rel_pos_bias: str | None = None,
         init: str = "mae",
+        image_mean: tuple[float, ...] | None = None,  # (last: the positions of the arguments before stay)
+        image_std: tuple[float, ...] | None = None,
     ):
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, attn_impl, fused_norm,
                          drop_path_rate, init_values, abs_pos_embed, rel_pos_bias, init)  # fmt: skip

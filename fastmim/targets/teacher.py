@@ -179,10 +179,12 @@ class TeacherOfEncoder:
         version, seen = self._student_version(), getattr(self, "_seen_version", None)
         if seen is not None and version != seen and not getattr(self, "_warned_no_update", False):
             self._warned_no_update = True
-            warnings.warn(f"{type(self).__name__}: the encoder's weights changed since the last forward (an optimizer "
-                          "step) but after_step() was not called, so the EMA teacher did not follow them: call "
-                          "model.after_step() after every optimizer.step() (fastmim's trainer does)",
-                          stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"{type(self).__name__}: the encoder's weights changed since the last forward (an optimizer "
+                "step) but after_step() was not called after it, so the EMA teacher did not follow them: "
+                "call model.after_step() after every optimizer.step() (fastmim's trainer does)",
+                stacklevel=5,
+            )  # fmt: skip (the caller of model(...): through nn.Module's two call frames)
         self._seen_version = version
 
     def _student_version(self) -> int | None:

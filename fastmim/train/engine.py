@@ -654,10 +654,11 @@ class Trainer:
                         at = self.pos.step / self.steps_per_epoch
                         set_weight_decay(self.optimizer, wd_at(at, cfg.weight_decay, cfg.weight_decay_end, cfg.epochs))
                 last_micro = micro == cfg.accum_iter - 1
-                # a graph-mode step copies the batch into its buffers itself (pinned host memory: asynchronously)
+                # a graph-mode step copies the images into its buffers itself (pinned host memory: asynchronously);
+                # the masks go pinned in every mode (drawn here on the CPU, they are not pinned yet)
                 if not cfg.cuda_graph:
                     imgs = imgs.to(self.device, non_blocking=True)
-                    masks = masks.to(self.device)
+                masks = masks.to(self.device)
                 tokens = masks.target_tokens if self._takes_target_tokens else None
                 loss = self.step(imgs, masks.mask, masks.num_hidden, masks.targets, tokens, last=last_micro)
                 running += loss

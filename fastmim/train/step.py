@@ -152,6 +152,8 @@ class TrainStep:
             with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
                 loss = self._run(static, last)
         except RuntimeError as e:
+            if isinstance(e, torch.cuda.OutOfMemoryError):  # (what the trainer's caller advises on, as it is)
+                raise
             raise RuntimeError(
                 f"capturing the training step in a CUDA graph failed: {e}\nSomething in the step waits for the host "
                 "(a .item(), a data-dependent shape, a CPU tensor) or is not capturable; train without --cuda-graph "

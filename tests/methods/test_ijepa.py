@@ -36,6 +36,8 @@ def test_target_indices_truncate_to_the_smallest_block_in_raster_order():
     t[1, 1, [4, 12, 13, 14, 15]] = True
     assert target_indices(t).tolist() == [[[1, 2, 5], [0, 3, 9]], [[7, 8, 11], [4, 12, 13]]]
     assert torch.equal(target_indices(t, tokens=3), target_indices(t))  # the count the host knows: no read
+    with pytest.raises(ValueError, match="target_tokens=4 but the smallest target block holds 3 tokens"):
+        target_indices(t, tokens=4)  # (a wrong count would take tokens outside the blocks: checked where it is free)
 
 
 def test_loss_is_smooth_l1_of_the_predictor_against_the_teachers_layer_normed_blocks():
@@ -268,13 +270,16 @@ def test_the_trainer_gives_the_forward_the_target_size_from_the_host(image_folde
     counted there from targets on a GPU it was a host sync every step (and a graph break under torch.compile)."""
     import fastmim.methods.ijepa as ijepa
 
-    def counted_in_the_forward(targets):
-        raise AssertionError("the forward counted the target blocks itself")
+    real, given = ijepa.target_indices, []
 
-    monkeypatch.setattr(ijepa, "smallest_block", counted_in_the_forward)
+    def recording(targets, tokens=None):
+        given.append(tokens)
+        return real(targets, tokens)
+
+    monkeypatch.setattr(ijepa, "target_indices", recording)
     out = tmp_path / "run"
     pretrain.run(_cli_args(image_folder, out, "--max-steps", "2", "--num-workers", workers, epochs=1))
-    assert len(_losses(out)) == 2
+    assert len(_losses(out)) == 2 and len(given) >= 2 and None not in given, given
 
 
 def test_a_gpu_run_draws_masks_with_a_cpp_generator_on_the_cpu(monkeypatch):

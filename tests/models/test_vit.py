@@ -133,9 +133,9 @@ def test_bad_inputs():
         m(torch.randn(1, 3, 48, 48))
     # the channels too (a grey batch met the convolution's own error), and A2MIM's mean fill, which reshaped first
     for name in ("vit_tiny_patch16", "mae_vit_tiny_patch16", "a2mim_vit_tiny_patch16"):
-        model = fastmim.create_model(name, img_size=32)
-        for shape in ((2, 1, 32, 32), (2, 3, 16, 16), (3, 32, 32)):
-            with pytest.raises(ValueError, match=rf"expected images \[B, 3, 32, 32\], got {re.escape(str(shape))}"):
+        model = fastmim.create_model(name, img_size=64)
+        for shape in ((2, 1, 64, 64), (2, 3, 32, 32), (3, 64, 64)):
+            with pytest.raises(ValueError, match=rf"expected images \[B, 3, 64, 64\], got {re.escape(str(shape))}"):
                 model(torch.randn(*shape))
     for bad in ("64", (64,), 64.0, (64, "a")):
         with pytest.raises(ValueError, match="img_size must be an int or a pair of ints"):

@@ -617,7 +617,10 @@ def test_out_of_memory_says_what_would_fit_and_keeps_the_checkpoint(image_folder
         calls.append(1)
         if len(calls) == 5:
             if kind == "cuda":
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore detail")
+                raise torch.cuda.OutOfMemoryError(
+                    "CUDA out of memory. Tried to allocate 2.00 GiB.\nmore detail. If reserved but unallocated memory "
+                    "is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation."
+                )
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory")
         return real(self, *args, **kwargs)
 
@@ -633,3 +636,9 @@ def test_out_of_memory_says_what_would_fit_and_keeps_the_checkpoint(image_folder
     assert "--batch-size 4 per process, --accum-iter 1, amp off, activation checkpointing off" in err
     assert "to fit: --batch-size 2 --accum-iter 2 (the same images per optimizer step" in err and "--grad-ckpt" in err
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
+    if kind == "cuda":  # torch's advice against fragmentation is kept
+        assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the environment" in err
+    # run() raises it as an OutOfMemoryError still (a caller's batch-size back-off catches it)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="to fit: --batch-size 2 --accum-iter 2"):
+        calls.clear()
+        pretrain.run([*argv[:-2], "--output-dir", str(tmp_path / "again")])
