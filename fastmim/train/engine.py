@@ -31,6 +31,8 @@ from fastmim.train.preempt import Preempted, PreemptionWatch, training_finished
 from fastmim.train.step import TrainStep
 from fastmim.train.visualize import reconstruction_grid, save_grid
 
+MIN_LOSS_SCALE = 1e-4  # fp16: a scale below this (fairseq's --min-loss-scale) means every step is skipped
+
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for --amp, or None for full fp32."""
@@ -388,9 +390,49 @@ class Trainer:
                 self._bar.close()  # (the error's line below the bar, not appended to it in a log)
             raise FloatingPointError(
                 f"{what} became {'non-finite' if what == 'the weights' else value} by step {self.pos.step} "
-                f"(in epoch {self.pos.epoch + 1}); stopping without saving, so the last checkpoint in "
-                f"{self.output_dir} is intact. Try {', '.join(tips[:-1])}{',' if len(tips) > 2 else ''} or {tips[-1]}."
+                f"(in epoch {self.pos.epoch + 1}); stopping without saving, so {self._kept()}. "
+                f"Try {', '.join(tips[:-1])}{',' if len(tips) > 2 else ''} or {tips[-1]}."
             )
+
+    def _kept(self) -> str:
+        """What a stop without saving leaves: the last checkpoint, or none yet."""
+        if ckpt.run_checkpoint(self.output_dir) is not None:
+            return f"the last checkpoint in {self.output_dir} is intact"
+        return f"{self.output_dir} holds no checkpoint yet (the same command starts the run afresh)"
+
+    def _optimizer_steps(self) -> int:
+        """The optimizer steps taken so far (AdamW's own count: a step the fp16 GradScaler skipped is not one); a
+        host read, at a logged step only."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                step = self.optimizer.state.get(p, {}).get("step")
+                if step is not None:
+                    return int(step)
+        return 0
+
+    def _loss_scale_row(self, row: dict, steps: int) -> None:
+        """fp16: the GradScaler's scale and the steps it skipped (inf/NaN gradients) since the last row, in ``row``;
+        a run whose scale has collapsed (every step skipped: the weights no longer move) stops with advice, as
+        fairseq's minimum loss scale does, and one whose steps since the last row were all skipped says so."""
+        scale = float(self.scaler.get_scale())
+        taken = self._optimizer_steps()
+        skipped = max(steps - (taken - self._steps_taken), 0)
+        self._steps_taken = taken
+        row["loss_scale"], row["skipped_steps"] = scale, skipped
+        if scale < MIN_LOSS_SCALE:
+            if self._bar is not None:
+                self._bar.close()
+            raise FloatingPointError(
+                f"the fp16 loss scale fell to {scale:g} by step {self.pos.step}: the gradients were inf or NaN at "
+                f"every scale tried, so the steps were skipped ({skipped} of the {steps} since the last row) and the "
+                f"weights did not move; stopping without saving, so {self._kept()}. Try --amp bf16, a lower "
+                f"{'--lr' if self.cfg.lr is not None else '--blr'} or {'a lower ' if self.cfg.clip_grad else ''}"
+                "--clip-grad."
+            )
+        if steps and skipped == steps and scale < 1 and self.info.is_main:  # (not the first steps' usual back-off
+            # from 65536: below 1, over 16 steps in a row were skipped)
+            print(f"note: the fp16 loss scaler skipped all {steps} steps since the last row (inf or NaN gradients; "
+                  f"the scale is now {scale:g}): the weights did not move in them", flush=True)  # fmt: skip
 
     def _stop_after_save(self) -> None:
         """A stop signal's end of the run just after a save of this step (an epoch's end)."""
@@ -596,6 +638,7 @@ class Trainer:
                          "or a larger one trains on)" if capped else ""))  # fmt: skip
             return self.pos
         milestones = cfg.milestone_epochs() if cfg.lr_schedule == "multistep" else ()  # (cosine: none)
+        self._steps_taken = self._optimizer_steps() if self.scaler.is_enabled() else 0  # (fp16's skipped steps)
         running = torch.zeros((), device=self.device)
         count, t_log, step_log = 0, time.perf_counter(), self.pos.step
         first_row = None  # (when and at which step this process logged its first row: run_eta's start)
@@ -691,6 +734,8 @@ class Trainer:
                         row["skipped_files"] = int(sum(self._from_every_rank(self.skipped_files)))
                     if self.device.type == "cuda":
                         row["max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    if self.scaler.is_enabled():
+                        self._loss_scale_row(row, self.pos.step - step_log)
                     self.logger.log(row, self.pos.step)
                     # (refresh=False: the bar redraws at most once a second, as mininterval says, even in a log file)
                     # the run's time left at its pace since this process's first row (saves, pictures and kNN

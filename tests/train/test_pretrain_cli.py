@@ -182,6 +182,40 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(image_folder, tmp_path,
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def test_fp16_rows_hold_the_loss_scale_and_a_collapsed_scale_stops_the_run(image_folder, tmp_path, capsys,
+                                                                            monkeypatch):  # fmt: skip
+    """fp16: every row holds the GradScaler's scale and the steps it skipped since the row before (both were
+    nowhere); gradients inf at every step (a finite loss) skipped every step and the run ended 'done' without one
+    update; now the scale's collapse stops it, as fairseq's minimum loss scale does (lowered here to stop soon)."""
+    from fastmim.methods.mae import MaskedAutoencoderViT
+    from fastmim.train import engine
+
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--amp", "fp16", "--log-interval", "1",
+            "--vis-interval", "100", "--epochs", "1"]  # fmt: skip
+    assert pretrain.main([*args, "--output-dir", str(tmp_path / "ok")]) == 0
+    rows = _rows(tmp_path / "ok")
+    assert len(rows) == 6 and all(r["loss_scale"] == 65536.0 and r["skipped_steps"] == 0 for r in rows)
+
+    real = MaskedAutoencoderViT.forward_loss
+
+    def inf_gradients(self, imgs, pred, mask):  # the loss finite, its gradients not
+        zero = pred.sum() * 0
+        if zero.requires_grad:
+            zero.register_hook(lambda g: g + float("inf"))
+        return real(self, imgs, pred, mask) + zero
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", inf_gradients)
+    monkeypatch.setattr(engine, "MIN_LOSS_SCALE", 4096.0)  # 65536 halved four times
+    out = tmp_path / "skipped"
+    capsys.readouterr()
+    assert pretrain.main([*args, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "\nerror: the fp16 loss scale fell to 2048 by step 5: the gradients were inf or NaN at every scale" in err
+    assert "skipped (1 of the 1 since the last row)" in err and "holds no checkpoint yet (the same command" in err
+    assert "Try --amp bf16, a lower --blr or --clip-grad." in err
+    assert [r["skipped_steps"] for r in _rows(out)] == [1, 1, 1, 1]  # (the fifth row stopped the run)
+
+
 def test_default_data_folder_is_built_from_sample_photos(tmp_path, monkeypatch):
     pytest.importorskip("skimage", reason="scikit-image provides the built-in photos")
     from fastmim.data import list_images
@@ -399,3 +433,7 @@ def test_logged_throughput_leaves_out_saves_and_the_bar_redraws_once_a_second(im
     from fastmim.train.engine import _duration
 
     assert [_duration(s) for s in (45.7, 750, 11100, 1e9)] == ["45s", "12m30s", "3h05m", "2376h00m"]
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
