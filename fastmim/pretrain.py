@@ -1152,6 +1152,12 @@ def bad_file_message(e: BadImageError | DaliDecodeError) -> str:
     return f"{head}. {fix}: {kept}"
 
 
+def _say(text: str) -> None:
+    """``text`` on stderr, each of its lines prefixed with "rank N: " in a process other than rank 0."""
+    prefix = _rank_prefix()
+    print("\n".join(prefix + line for line in text.splitlines()) if prefix else text, file=sys.stderr)
+
+
 def _rank_prefix() -> str:
     """ "rank N: " in front of what a process other than rank 0 prints (read from the launcher's environment, which
     holds whether or not the process group still exists); nothing for rank 0 or a single process."""
@@ -1165,8 +1171,14 @@ def main(argv: list[str] | None = None) -> int:
         with stop_outside_training():  # a stop signal before or after training: exit REQUEUE_EXIT too
             run(argv)
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as e:
-        if not isinstance(e, UsageError) or says_usage_errors():  # (the command's own: once per node under torchrun)
-            print(f"error: {e}", file=sys.stderr)
+        # (a usage error: once per node under torchrun; a non-finite loss or a collapsed loss scale, which every rank
+        # finds alike from the all-reduced loss and the shared gradients: once, by rank 0)
+        if isinstance(e, UsageError):
+            shown = says_usage_errors()
+        else:
+            shown = _rank_prefix() == "" or not isinstance(e, FloatingPointError)
+        if shown:
+            _say(f"error: {e}")
         return 2
     except OSError as e:  # a full disk, a read-only or unwritable folder: one line; any other keeps its traceback
         if isinstance(e, NoSpaceError) or e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC,
@@ -1178,7 +1190,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; the last checkpoint (if any) is intact", file=sys.stderr)
         return 130
     except OutOfMemory as e:
-        print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
+        _say(f"error: {e}")  # (each rank its own, every line prefixed: the ranks' blocks can be told apart)
         return 1
     except (BadImageError, DaliDecodeError) as e:  # one line naming the file, not a worker's traceback
         print(f"error: {bad_file_message(e)}", file=sys.stderr)

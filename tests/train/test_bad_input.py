@@ -642,3 +642,27 @@ def test_out_of_memory_says_what_would_fit_and_keeps_the_checkpoint(image_folder
     with pytest.raises(torch.cuda.OutOfMemoryError, match="to fit: --batch-size 2 --accum-iter 2"):
         calls.clear()
         pretrain.run([*argv[:-2], "--output-dir", str(tmp_path / "again")])
+
+
+def test_errors_under_torchrun_say_their_rank_on_every_line_and_a_shared_one_once(monkeypatch, capsys):
+    """Each rank's out-of-memory advice is its own: every line of it prefixed 'rank N: ' (only the first was, and
+    the ranks' blocks interleaved); a non-finite loss or a collapsed fp16 scale, which every rank finds alike, is said
+    once, by rank 0 (it was said N times, unprefixed)."""
+    monkeypatch.setenv("RANK", "1")
+
+    def raises(error):
+        def run(argv):
+            raise error
+
+        return run
+
+    monkeypatch.setattr(
+        pretrain, "run", raises(pretrain.OutOfMemory("out of memory on cuda:1: x\nsettings: s\nto fit: f"))
+    )
+    assert pretrain.main([]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["rank 1: error: out of memory on cuda:1: x", "rank 1: settings: s", "rank 1: to fit: f"]
+    monkeypatch.setattr(pretrain, "run", raises(FloatingPointError("the loss became nan by step 5")))
+    assert pretrain.main([]) == 2 and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert pretrain.main([]) == 2 and capsys.readouterr().err == "error: the loss became nan by step 5\n"
