@@ -70,3 +70,12 @@ def check_momentum(who: str, momentum, with_updates: bool) -> tuple:
     if with_updates:
         return start, end, check_int(who, "momentum's updates", momentum[2], lo=1)
     return start, end
+
+
+def out_of_memory_summary(e: BaseException) -> str:
+    """The part of an out-of-memory message that says what ran out: torch's CUDA one is a paragraph on one line
+    (what it tried to allocate, the totals, then advice and a documentation link), cut before the advice."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    for tail in (" If reserved but unallocated", " See documentation"):
+        text = text.split(tail)[0]
+    return text if len(text) <= 400 else text[:397] + "..."

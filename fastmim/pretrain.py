@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastmim._args import says_usage_errors
+from fastmim._args import out_of_memory_summary, says_usage_errors
 from fastmim.config import (
     EVERY_TOKEN_RECIPES,
     PATH_KEYS,
@@ -73,11 +73,11 @@ def out_of_memory_advice(cfg: PretrainConfig, device: torch.device, e: BaseExcep
     rate, kept where they can be)."""
     from fastmim.train.engine import resolve_amp
 
-    lines = str(e).strip().splitlines() or [type(e).__name__]
-    said = lines[0] if len(lines[0]) <= 240 else lines[0][:237] + "..."
-    # torch's own hint on fragmentation, when it gives one ("... try setting PYTORCH_CUDA_ALLOC_CONF=...")
-    alloc = next((m.group(0) for m in map(re.compile(r"PYTORCH_CUDA_ALLOC_CONF=\S+?(?=[\s.,;]*$|\s)").search, lines)
-                  if m), None)  # fmt: skip
+    said = out_of_memory_summary(e)
+    # torch's own hint on fragmentation, when it gives one ("... try setting PYTORCH_CUDA_ALLOC_CONF=...") and it is
+    # not set already
+    hint = re.search(r"PYTORCH_CUDA_ALLOC_CONF=(\S+?)(?=[\s.,;]*$|\s)", str(e))
+    alloc = hint.group(0) if hint and hint.group(1) not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") else None
     where = f"on {device}"
     if device.type == "cuda":
         try:
@@ -98,8 +98,8 @@ def out_of_memory_advice(cfg: PretrainConfig, device: torch.device, e: BaseExcep
         fixes.append(f"--batch-size {cfg.batch_size // 2} --accum-iter {cfg.accum_iter * 2} ({same})")
     if not cfg.grad_ckpt:
         fixes.append("--grad-ckpt (the blocks' activations recomputed in the backward)")
-    if amp is None and device.type == "cuda":
-        fixes.append("--amp bf16" if torch.cuda.is_bf16_supported() else "--amp fp16")
+    if amp is None and device.type == "cuda" and (torch.cuda.is_bf16_supported() or not cfg.fsdp):
+        fixes.append("--amp bf16" if torch.cuda.is_bf16_supported() else "--amp fp16")  # (--fsdp refuses fp16)
     if alloc:
         fixes.append(f"{alloc} in the environment (torch's advice against fragmentation)")
     fix = "; ".join(fixes) if fixes else "a smaller --img-size or model"
@@ -1176,7 +1176,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, UsageError):
             shown = says_usage_errors()
         else:
-            shown = _rank_prefix() == "" or not isinstance(e, FloatingPointError)
+            shown = _rank_prefix() == "" or not getattr(e, "same_on_every_rank", False)
         if shown:
             _say(f"error: {e}")
         return 2

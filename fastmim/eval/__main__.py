@@ -556,11 +556,14 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
 
 
 def _out_of_memory_advice(args: argparse.Namespace, e: BaseException) -> str:
-    """torch's first line, and the batch size that would fit where the mode takes one (linprobe: at least 2; finetune:
-    even, mixup and cutmix pair each image with another)."""
-    first = str(e).strip().splitlines()[0] if str(e).strip() else "CUDA out of memory"
+    """What ran out, and the batch size that would fit where the mode takes one (linprobe: at least 2; finetune with
+    mixup or cutmix, the recipes' default: even, they pair each image with another)."""
+    from fastmim._args import out_of_memory_summary
+
+    first = out_of_memory_summary(e)
     b = args.batch_size
-    half = max(2, b // 2 // 2 * 2) if args.mode == "finetune" else max(2 if args.mode == "linprobe" else 1, b // 2)
+    paired = args.mode == "finetune" and not (args.mixup == 0 and args.cutmix == 0)  # (mixup/cutmix: pairs)
+    half = max(2, b // 2 // 2 * 2) if paired else max(2 if args.mode == "linprobe" else 1, b // 2)
     if half >= b:
         return f"{first}\nto fit: a smaller --img-size or encoder (--batch-size {b} is the smallest this mode takes)"
     fix = f"--batch-size {half} (was {b})"

@@ -371,7 +371,7 @@ class MultiBlockMask(MaskStrategy):
     ``aspect_range``) and one context block (scale ``context_scale``, aspect 1) from which every target token is
     removed. ``mask`` hides everything but the context; ``targets`` [B, K, H, W] are the blocks to predict. A context
     keeping ``min_keep`` tokens or fewer is redrawn (it keeps more than ``min_keep``, as I-JEPA's: at least one;
-    default: I-JEPA's 10, or 1/8 of a grid too small for a context of more than 10);
+    default: I-JEPA's 10, at most 1/8 of a smaller grid, as the I-JEPA models take it);
     after ``max_tries`` draws it excludes one target block fewer (the last), as I-JEPA's collator gives up a
     constraint (small grids: a target may then overlap the context).
 
@@ -415,8 +415,9 @@ class MultiBlockMask(MaskStrategy):
             hmax, wmax = self._shared_size_at(1.0, self.context_scale, (1.0, 1.0))
         else:
             hmax, wmax = (int(v) for v in _block_hw(torch.tensor(self.context_scale[1]), torch.tensor(1.0), *self.grid))
-        if min_keep is None:  # I-JEPA's 10; where no context could keep more (a 2 x 3 grid), 1/8 of the grid
-            min_keep = 10 if hmax * wmax > 10 and self.num_tokens > 10 else self.num_tokens // 8
+        if min_keep is None:  # I-JEPA's 10, at most 1/8 of the grid as the I-JEPA models take it (10 on a 4 x 4 grid
+            # left no context once the targets were cut out: they were let overlap it), below the largest context
+            min_keep = min(10, self.num_tokens // 8, max(hmax * wmax - 1, 0))
         if as_int(min_keep) is None or not 0 <= min_keep < self.num_tokens:  # (a context keeps more than min_keep)
             raise ValueError(f"min_keep must be an int in [0, {self.num_tokens - 1}], got {min_keep!r}")
         self.min_keep = min_keep = as_int(min_keep)

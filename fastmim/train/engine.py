@@ -388,11 +388,15 @@ class Trainer:
             tips.append("a lower --clip-grad" if self.cfg.clip_grad else "--clip-grad (e.g. 3.0)")
             if self._bar is not None:
                 self._bar.close()  # (the error's line below the bar, not appended to it in a log)
-            raise FloatingPointError(
+            err = FloatingPointError(
                 f"{what} became {'non-finite' if what == 'the weights' else value} by step {self.pos.step} "
                 f"(in epoch {self.pos.epoch + 1}); stopping without saving, so {self._kept()}. "
                 f"Try {', '.join(tips[:-1])}{',' if len(tips) > 2 else ''} or {tips[-1]}."
             )
+            # the all-reduced loss, or the sharded weights' all-reduced sums: every rank stops alike (said once);
+            # a DDP rank's own weights may differ from the others': it says so itself
+            err.same_on_every_rank = what == "the loss" or self.sharded
+            raise err
 
     def _kept(self) -> str:
         """What a stop without saving leaves: the last checkpoint, or none yet."""
@@ -400,39 +404,53 @@ class Trainer:
             return f"the last checkpoint in {self.output_dir} is intact"
         return f"{self.output_dir} holds no checkpoint yet (the same command starts the run afresh)"
 
-    def _optimizer_steps(self) -> int:
-        """The optimizer steps taken so far (AdamW's own count: a step the fp16 GradScaler skipped is not one); a
-        host read, at a logged step only."""
+    def _optimizer_steps(self) -> int | None:
+        """The optimizer steps taken so far (AdamW's own count: a step the fp16 GradScaler skipped is not one; 0
+        before its first); None for an optimizer that keeps no count. A host read, at a logged step only."""
+        kept = False
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                step = self.optimizer.state.get(p, {}).get("step")
-                if step is not None:
-                    return int(step)
-        return 0
+                state = self.optimizer.state.get(p)
+                if state:
+                    kept = True
+                    if state.get("step") is not None:
+                        return int(state["step"])
+        return None if kept else 0
 
-    def _loss_scale_row(self, row: dict, steps: int) -> None:
+    def _loss_scale_row(self, row: dict, steps: int) -> FloatingPointError | None:
         """fp16: the GradScaler's scale and the steps it skipped (inf/NaN gradients) since the last row, in ``row``;
-        a run whose scale has collapsed (every step skipped: the weights no longer move) stops with advice, as
-        fairseq's minimum loss scale does, and one whose steps since the last row were all skipped says so."""
+        for a run whose scale has collapsed (the steps skipped over and over) the error that stops it with advice,
+        as fairseq's minimum loss scale does, raised once the row is logged; one whose steps since the last row were
+        all skipped is said."""
         scale = float(self.scaler.get_scale())
-        taken = self._optimizer_steps()
-        skipped = max(steps - (taken - self._steps_taken), 0)
+        row["loss_scale"] = scale
+        taken, skipped = self._optimizer_steps(), None
+        if taken is not None and self._steps_taken is not None:
+            skipped = row["skipped_steps"] = max(steps - (taken - self._steps_taken), 0)
         self._steps_taken = taken
-        row["loss_scale"], row["skipped_steps"] = scale, skipped
+        every = skipped is not None and steps and skipped == steps
         if scale < MIN_LOSS_SCALE:
-            if self._bar is not None:
-                self._bar.close()
-            raise FloatingPointError(
-                f"the fp16 loss scale fell to {scale:g} by step {self.pos.step}: the gradients were inf or NaN at "
-                f"every scale tried, so the steps were skipped ({skipped} of the {steps} since the last row) and the "
-                f"weights did not move; stopping without saving, so {self._kept()}. Try --amp bf16, a lower "
-                f"{'--lr' if self.cfg.lr is not None else '--blr'} or {'a lower ' if self.cfg.clip_grad else ''}"
-                "--clip-grad."
+            if every:
+                said = (
+                    f"the gradients were inf or NaN at every scale tried (the {steps} steps since the last row "
+                    "were skipped: the weights did not move in them)"
+                )
+            else:
+                said = "the steps keep being skipped for inf or NaN gradients" + (
+                    f" ({skipped} of the {steps} since the last row)" if skipped else ""
+                )
+            err = FloatingPointError(
+                f"the fp16 loss scale fell to {scale:g} by step {self.pos.step}: {said}; stopping without saving, "
+                f"so {self._kept()}. Try --amp bf16, a lower {'--lr' if self.cfg.lr is not None else '--blr'} or "
+                f"{'a lower ' if self.cfg.clip_grad else ''}--clip-grad."
             )
-        if steps and skipped == steps and scale < 1 and self.info.is_main:  # (not the first steps' usual back-off
-            # from 65536: below 1, over 16 steps in a row were skipped)
+            err.same_on_every_rank = True  # (the gradients are all-reduced: every rank's scaler alike)
+            return err
+        if every and scale < 1 and self.info.is_main:  # (not the first steps' usual back-off from 65536: below 1,
+            # over 16 steps in a row were skipped)
             print(f"note: the fp16 loss scaler skipped all {steps} steps since the last row (inf or NaN gradients; "
                   f"the scale is now {scale:g}): the weights did not move in them", flush=True)  # fmt: skip
+        return None
 
     def _stop_after_save(self) -> None:
         """A stop signal's end of the run just after a save of this step (an epoch's end)."""
@@ -734,9 +752,13 @@ class Trainer:
                         row["skipped_files"] = int(sum(self._from_every_rank(self.skipped_files)))
                     if self.device.type == "cuda":
                         row["max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    collapsed = None
                     if self.scaler.is_enabled():
-                        self._loss_scale_row(row, self.pos.step - step_log)
+                        collapsed = self._loss_scale_row(row, self.pos.step - step_log)
                     self.logger.log(row, self.pos.step)
+                    if collapsed is not None:  # (after its row: the collapsed scale is in metrics.jsonl)
+                        bar.close()
+                        raise collapsed
                     # (refresh=False: the bar redraws at most once a second, as mininterval says, even in a log file)
                     # the run's time left at its pace since this process's first row (saves, pictures and kNN
                     # included; the first steps' compile or graph capture and the baseline kNN left out)

@@ -1236,7 +1236,10 @@ def test_out_of_memory_says_the_batch_that_would_fit(tmp_path, capsys, monkeypat
     import fastmim.eval.__main__ as eval_cli
 
     def runs_out(args):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB.\nIf reserved but ...")
+        raise torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 1.50 GiB. If reserved but "
+            "unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=x"
+        )
 
     monkeypatch.setattr(eval_cli, "run", runs_out)
     train = make_image_folder(tmp_path / "train", n=4, classes=2)

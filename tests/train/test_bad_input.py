@@ -602,6 +602,15 @@ def test_the_folder_lock_is_let_go_whatever_stops_the_start(image_folder, tmp_pa
     assert "already holds a run" in err and live.exists()
 
 
+TORCH_OOM = (
+    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.20 GiB "
+    "is free. Of the allocated memory 70.00 GiB is allocated by PyTorch, and 6.00 GiB is reserved by PyTorch but "
+    "unallocated. If reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:"
+    "True to avoid fragmentation.  See documentation for Memory Management  (https://pytorch.org/docs/stable/notes/"
+    "cuda.html#environment-variables)"
+)
+
+
 @pytest.mark.parametrize("kind", ["cuda", "cpu"])
 def test_out_of_memory_says_what_would_fit_and_keeps_the_checkpoint(image_folder, tmp_path, capsys, monkeypatch, kind):
     """Running out of memory (CUDA's OutOfMemoryError, or the CPU allocator's) printed a traceback through the
@@ -617,10 +626,7 @@ def test_out_of_memory_says_what_would_fit_and_keeps_the_checkpoint(image_folder
         calls.append(1)
         if len(calls) == 5:
             if kind == "cuda":
-                raise torch.cuda.OutOfMemoryError(
-                    "CUDA out of memory. Tried to allocate 2.00 GiB.\nmore detail. If reserved but unallocated memory "
-                    "is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation."
-                )
+                raise torch.cuda.OutOfMemoryError(TORCH_OOM)  # (torch's message: one line)
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory")
         return real(self, *args, **kwargs)
 
@@ -631,17 +637,23 @@ def test_out_of_memory_says_what_would_fit_and_keeps_the_checkpoint(image_folder
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if "error:" in line]
     assert len(said) == 1 and said[0].startswith("error: out of memory on cpu: "), err
-    assert ("Tried to allocate 2.00 GiB." if kind == "cuda" else "can't allocate memory") in said[0]
-    assert "more detail" not in err and "Traceback" not in err
+    if kind == "cuda":  # what ran out, without torch's advice and link (its hint is among the fixes)
+        assert said[0].endswith("reserved by PyTorch but unallocated.") and "Tried to allocate 2.00 GiB." in said[0]
+    else:
+        assert "can't allocate memory" in said[0]
+    assert "If reserved" not in err and "documentation" not in err and "Traceback" not in err
     assert "--batch-size 4 per process, --accum-iter 1, amp off, activation checkpointing off" in err
     assert "to fit: --batch-size 2 --accum-iter 2 (the same images per optimizer step" in err and "--grad-ckpt" in err
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
     if kind == "cuda":  # torch's advice against fragmentation is kept
         assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the environment" in err
-    # run() raises it as an OutOfMemoryError still (a caller's batch-size back-off catches it)
-    with pytest.raises(torch.cuda.OutOfMemoryError, match="to fit: --batch-size 2 --accum-iter 2"):
+    # run() raises it as an OutOfMemoryError still (a caller's batch-size back-off catches it); torch's hint is left
+    # out where it is set already
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="to fit: --batch-size 2 --accum-iter 2") as caught:
         calls.clear()
         pretrain.run([*argv[:-2], "--output-dir", str(tmp_path / "again")])
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in str(caught.value)
 
 
 def test_errors_under_torchrun_say_their_rank_on_every_line_and_a_shared_one_once(monkeypatch, capsys):
@@ -662,7 +674,12 @@ def test_errors_under_torchrun_say_their_rank_on_every_line_and_a_shared_one_onc
     assert pretrain.main([]) == 1
     lines = capsys.readouterr().err.splitlines()
     assert lines == ["rank 1: error: out of memory on cuda:1: x", "rank 1: settings: s", "rank 1: to fit: f"]
-    monkeypatch.setattr(pretrain, "run", raises(FloatingPointError("the loss became nan by step 5")))
+    shared = FloatingPointError("the loss became nan by step 5")
+    shared.same_on_every_rank = True  # (what the trainer marks: the all-reduced loss, a collapsed fp16 scale)
+    monkeypatch.setattr(pretrain, "run", raises(shared))
     assert pretrain.main([]) == 2 and capsys.readouterr().err == ""
+    monkeypatch.setattr(pretrain, "run", raises(FloatingPointError("the weights became non-finite")))  # this rank's
+    assert pretrain.main([]) == 2 and capsys.readouterr().err == "rank 1: error: the weights became non-finite\n"
+    monkeypatch.setattr(pretrain, "run", raises(shared))
     monkeypatch.setenv("RANK", "0")
     assert pretrain.main([]) == 2 and capsys.readouterr().err == "error: the loss became nan by step 5\n"
