@@ -15,13 +15,13 @@ is ``t <- m t + (1 - m) s`` over every parameter in one multi-tensor pass (``tor
 from __future__ import annotations
 
 import copy
-import functools
 import warnings
 
 import torch
 from torch import nn
 
 from fastmim._args import check_int
+from fastmim.train.fsdp import is_sharded
 
 DATA2VEC2_MOMENTUM = (
     0.9998,
@@ -135,16 +135,6 @@ def _forget_student_params(module: nn.Module, incompatible_keys) -> None:
     module._seen_version = None  # (loaded weights: not an optimizer step without an update)
 
 
-@functools.cache
-def _sharded(cls: type) -> bool:
-    """An FSDP2-sharded module (fully_shard gives it a class of its own)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # (a torch without torch.distributed)
-        return False
-    return issubclass(cls, FSDPModule)
-
-
 class TeacherOfEncoder:
     """Mixin for a recipe (an ``nn.Module`` with ``encoder_state_dict()``) whose ``teacher`` is an EMA copy of its own
     encoder: ``init_teacher(encoder, ...)`` builds it from a fresh encoder module of the same shape, ``after_step()``
@@ -174,7 +164,7 @@ class TeacherOfEncoder:
         """Called at the forward: warns once when the encoder's weights changed (an optimizer step) since the last
         forward with no ``after_step()`` between: the EMA teacher would silently stay at its initial weights in a
         training loop that forgot it. (Gradient accumulation's forwards without a step do not warn.)"""
-        if torch.compiler.is_compiling() or not (self.training and torch.is_grad_enabled()) or _sharded(type(self)):
+        if torch.compiler.is_compiling() or not (self.training and torch.is_grad_enabled()) or is_sharded(self):
             return  # (FSDP2 swaps the parameters for gathered copies during the forward: nothing to compare)
         version, seen = self._student_version(), getattr(self, "_seen_version", None)
         if seen is not None and version != seen and not getattr(self, "_warned_no_update", False):

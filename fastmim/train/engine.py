@@ -22,7 +22,6 @@ from fastmim.data.dali import DaliDecodeError
 from fastmim.data.folder import BadImageError
 from fastmim.data.sampler import ResumableDistributedSampler
 from fastmim.masking import Masks
-from fastmim.masking.base import smallest_block
 from fastmim.train import checkpoint as ckpt
 from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier
 from fastmim.train.logger import MetricsLogger
@@ -386,8 +385,6 @@ class Trainer:
             tips = ["--amp bf16 instead of fp16"] if self.amp_dtype == torch.float16 else []
             tips.append("a lower --lr" if self.cfg.lr is not None else "a lower --blr")
             tips.append("a lower --clip-grad" if self.cfg.clip_grad else "--clip-grad (e.g. 3.0)")
-            if self._bar is not None:
-                self._bar.close()  # (the error's line below the bar, not appended to it in a log)
             err = FloatingPointError(
                 f"{what} became {'non-finite' if what == 'the weights' else value} by step {self.pos.step} "
                 f"(in epoch {self.pos.epoch + 1}); stopping without saving, so {self._kept()}. "
@@ -643,8 +640,8 @@ class Trainer:
             return pos
         finally:
             self.preempt.close()
-            if self._bar is not None:  # (any error's line below the bar, not appended to it: out of memory, ...)
-                self._bar.close()
+            if self._bar is not None:  # (an error's line below the bar, not appended to it in a log: a bad file,
+                self._bar.close()  # a non-finite loss, out of memory, ...)
 
     def _fit(self) -> Position:
         cfg = self.cfg
@@ -695,7 +692,6 @@ class Trainer:
                     self._stop_on_bad_file(b)
                     bad.resumable = ckpt.run_checkpoint(self.output_dir) is not None  # what the error can advise
                     bad.saved_step, bad.steps_lost = self.saved_step, self.pos.step - self.saved_step
-                    bar.close()  # the error's line below the bar, not appended to its last line in a log
                     raise bad
                 if self.cfg.skip_bad_files:  # stand-ins for unreadable samples come as -1 - index: counted
                     idx, stand_ins = decode_indices(idx)
@@ -705,8 +701,6 @@ class Trainer:
                                   num_hidden=self.masks.exact_hidden or _cpu_count(drawn[0]))  # fmt: skip
                 else:
                     masks = self._draw_masks(idx, epoch)
-                if masks.targets is not None and masks.target_tokens is None and masks.targets.device.type == "cpu":
-                    masks.target_tokens = smallest_block(masks.targets)  # (read on the host: no device sync)
                 micro = b % cfg.accum_iter
                 lr_now = self.lr_of(self.pos.step, milestones=milestones)
                 if micro == 0:
@@ -716,7 +710,8 @@ class Trainer:
                         set_weight_decay(self.optimizer, wd_at(at, cfg.weight_decay, cfg.weight_decay_end, cfg.epochs))
                 last_micro = micro == cfg.accum_iter - 1
                 # a graph-mode step copies the images into its buffers itself (pinned host memory: asynchronously);
-                # the masks go pinned in every mode (drawn here on the CPU, they are not pinned yet)
+                # the masks go pinned in every mode (drawn here on the CPU, they are not pinned yet), I-JEPA's
+                # smallest target block counted on the host on the way (Masks.to)
                 if not cfg.cuda_graph:
                     imgs = imgs.to(self.device, non_blocking=True)
                 masks = masks.to(self.device)
@@ -757,7 +752,6 @@ class Trainer:
                         collapsed = self._loss_scale_row(row, self.pos.step - step_log)
                     self.logger.log(row, self.pos.step)
                     if collapsed is not None:  # (after its row: the collapsed scale is in metrics.jsonl)
-                        bar.close()
                         raise collapsed
                     # (refresh=False: the bar redraws at most once a second, as mininterval says, even in a log file)
                     # the run's time left at its pace since this process's first row (saves, pictures and kNN
