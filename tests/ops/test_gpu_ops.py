@@ -183,3 +183,28 @@ def test_id_checks_on_cuda_on_request(monkeypatch):
         gather_visible(x, ids)
     with pytest.raises(ValueError, match="repeats index 1"):
         gather_visible(x, torch.tensor([[1, 1], [0, 2]], device="cuda"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (tensors on a GPU that is not the current)")
+def test_ops_on_a_gpu_that_is_not_current(gpu_backend):
+    """A library call on cuda:1 with cuda:0 current (no set_device) gives what the same call with cuda:1 current
+    gives, forward and backward."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 196, 64, generator=g)
+    imgs = torch.randn(8, 3, 224, 224, generator=g)
+    pred = torch.randn(8, 196, 768, generator=g)
+    info = random_masking(8, 196, 0.75, generator=g)
+    results = []
+    for current in (1, 0):
+        with torch.cuda.device(current):
+            xc = x.to("cuda:1").requires_grad_()
+            pc = pred.to("cuda:1").requires_grad_()
+            ic = imgs.to("cuda:1")
+            vis = gather_visible(xc, info.ids_keep.to("cuda:1"))
+            loss = masked_mse_loss(pc, ic, info.mask.to("cuda:1"), 16)
+            (vis.square().mean() + loss).backward()
+            results.append((vis, loss, xc.grad, pc.grad, patchify(ic, 16)))
+    torch.cuda.synchronize(1)
+    for a, b in zip(results[0], results[1], strict=True):
+        assert a.device == torch.device("cuda:1")
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -145,6 +145,37 @@ def test_a_signature_goes_through_triton_once_then_launches_directly(kernel):
     assert kernel.jit_fn.log[2][1][:3] == (2, 3, 1)
 
 
+class _OnGpu(_CudaLike):
+    """A _CudaLike on GPU 1."""
+
+    def get_device(self):
+        return 1
+
+
+def test_a_launch_on_another_gpu_makes_that_gpu_current_while_it_launches(kernel, monkeypatch):
+    entered = []
+
+    class OnDevice:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+            monkeypatch.setattr(_launch, "_current_device", lambda: self.index)
+
+        def __exit__(self, *exc):
+            monkeypatch.setattr(_launch, "_current_device", lambda: 3)
+
+    monkeypatch.setattr(_launch, "_on_device", OnDevice)
+    x = torch.Tensor._make_subclass(_OnGpu, torch.zeros(64))
+    for _ in range(2):  # through Triton, then directly: both on GPU 1's stream
+        kernel[(5,)](x, 32, BLOCK=128)
+    assert entered == [1, 1] and _kinds(kernel) == ["triton", "direct"]
+    assert kernel.jit_fn.log[1][1][3] == 1001  # GPU 1's stream, not the current GPU 3's
+    kernel[(5,)](_cuda_like(torch.zeros(64)), 32, BLOCK=128)  # on the current GPU: no switch
+    assert entered == [1, 1]
+
+
 @pytest.mark.parametrize(
     "change",
     ["n not divisible by 16", "n == 1", "n past int32", "misaligned x", "x dtype", "constexpr", "options", "kw order"],

@@ -7,11 +7,12 @@ sub-millisecond sizes of the token ops that host time is the op's time (benchmar
 
 ``@jit_kernel`` instead of ``@triton.jit`` keeps the call syntax. The first call with a given argument signature goes
 through Triton (which compiles or finds the kernel, launches it and returns the compiled kernel); later calls with
-the same signature launch that compiled kernel directly on the current stream. The signature holds everything
-Triton specialises a kernel on (see ``signature``: each tensor's dtype and 16-byte alignment, each int's value), the
-keyword arguments (constexprs and launch options), the current device and the Triton settings its own cache key reads
-(debug, instrumentation, an arch override, fp fusion), so a direct launch runs exactly the kernel Triton would have
-chosen.
+the same signature launch that compiled kernel directly on the current stream. The signature holds everything Triton
+specialises a kernel on (see ``signature``: each tensor's dtype and 16-byte alignment, each int's value), the keyword
+arguments (constexprs and launch options), the current device and the Triton settings its own cache key reads (debug,
+instrumentation, an arch override, fp fusion), so a direct launch runs exactly the kernel Triton would have chosen.
+A launch whose first tensor is on a GPU other than the current one makes that GPU current while it launches (Triton
+itself launches on the current device).
 
 Triton's own path is taken when its launch hooks or the kernel's pre-run hooks are set (a profiler such as proton
 is listening), under the
@@ -122,6 +123,17 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
     lambda index: torch.cuda.current_stream(index).cuda_stream
 )
 
+_on_device = torch.cuda.device
+
+
+def _device_of(args: tuple) -> int:
+    """The GPU index of the first tensor argument (-1: a CPU, meta or traced tensor, or no tensor)."""
+    for a in args:
+        if isinstance(a, _Tensor):
+            return -1 if isinstance(a, _TRACED) or not a.is_cuda else a.get_device()
+    return -1
+
+
 # a signature that always launches through Triton (CPU tensors, whose check only Triton's launcher makes; a direct
 # launch the launcher rejected)
 _VIA_TRITON = object()
@@ -160,6 +172,15 @@ class JitKernel:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid, args: tuple, kwargs: dict):
+        # Triton launches on the current device; tensors on another GPU (a library call without set_device) make
+        # theirs current for the launch, as torch's own ops do
+        dev = _device_of(args)
+        if dev >= 0 and dev != _current_device():
+            with _on_device(dev):
+                return self._launch(grid, args, kwargs)
+        return self._launch(grid, args, kwargs)
+
+    def _launch(self, grid, args: tuple, kwargs: dict):
         if not DIRECT or type(grid) is not tuple or getattr(self.jit_fn, "pre_run_hooks", None):
             return self.via_triton(grid, args, kwargs)
         state = _triton_state()
