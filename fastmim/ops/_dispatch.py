@@ -322,7 +322,20 @@ def is_finite_number(x) -> bool:
     return -math.inf < x < math.inf  # False for NaN
 
 
+def check_tensor(op: str, name: str, t) -> None:
+    """``t`` is a tensor (not a list, an array or None)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+
+
+def check_tensors(op: str, **tensors) -> None:
+    """``check_tensor`` of each argument given; an optional one is passed only when it is not None."""
+    for name, t in tensors.items():
+        check_tensor(op, name, t)
+
+
 def check_float(op: str, name: str, t: torch.Tensor) -> None:
+    check_tensor(op, name, t)
     if not t.is_floating_point():
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
 
@@ -330,6 +343,7 @@ def check_float(op: str, name: str, t: torch.Tensor) -> None:
 def check_ids(op: str, name: str, ids: torch.Tensor, shape: tuple[int | None, ...], device: torch.device) -> None:
     """Shape (None: any size), dtype and device of an index tensor (values are checked where that costs no host
     sync)."""
+    check_tensor(op, name, ids)
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{op}: {name} must be int64 (or int32) indices, got {ids.dtype}")
     check_shape(op, name, ids, tuple(shape))
@@ -373,6 +387,7 @@ def check_id_values(op: str, name: str, ids: torch.Tensor, upper: int, distinct:
 def check_image_grid(op: str, imgs: torch.Tensor, patch_size: int, name: str = "imgs") -> None:
     """H and W of ``imgs`` [B, C, H, W] divisible by ``patch_size``; the error shows how the shape was read (a
     channels-last [B, H, W, C] tensor is the usual cause)."""
+    check_tensor(op, name, imgs)
     h, w = imgs.shape[2], imgs.shape[3]
     if h % patch_size or w % patch_size:
         hint = ""
@@ -453,6 +468,7 @@ def check_shape(op: str, name: str, t: torch.Tensor | None, shape: tuple[int | N
     """``t`` (skipped when None) has ``shape``, None entries matching any size."""
     if t is None:
         return
+    check_tensor(op, name, t)
     if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape, strict=True)):
         want = ", ".join("*" if s is None else str(s) for s in shape)
         raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected [{want}]")

@@ -23,6 +23,7 @@ from fastmim.ops._dispatch import (
     check_float,
     check_image_grid,
     check_shape,
+    check_tensor,
     choose_backend,
     custom_op,
     eager_function,
@@ -181,15 +182,18 @@ def fft_loss(
     Returns: the scalar loss (fp32), with gradients for pred and target.
     """
     for name, t in (("pred", pred), ("target", target)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{_OP}: {name} must be [B, C, H, W], got {getattr(t, 'shape', type(t).__name__)}")
+        check_tensor(_OP, name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{_OP}: {name} must be [B, C, H, W], got {tuple(t.shape)}")
         check_float(_OP, name, t)
     if target.shape != pred.shape:
         raise ValueError(f"{_OP}: target has shape {tuple(target.shape)}, pred {tuple(pred.shape)}")
     check_device(_OP, "target", target, pred.device)
-    b, _, h, w = pred.shape
+    b, c, h, w = pred.shape
     if b == 0:
         raise ValueError(f"{_OP}: an empty batch has no spectrum to average")
+    if 0 in (c, h, w):
+        raise ValueError(f"{_OP}: pred and target have no pixels to transform: C, H, W = {c}, {h}, {w}")
     p = 1
     if mask is not None:
         if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:

@@ -117,6 +117,9 @@ def _raw_check(imgs, mask, patch_size, cell_size, nbins, gaussian_window) -> Non
         raise ValueError(f"{_OP}: image size {h}x{w}, patch_size {patch_size}, cell_size {cell_size} and nbins "
                          f"{nbins} do not fit (whole patches of whole cells, at least 2x2 pixels, at most 16 "
                          "bins)")  # fmt: skip
+    if gaussian_window < 0 or gaussian_window and (h % gaussian_window or w % gaussian_window):
+        raise ValueError(f"{_OP}: gaussian_window {gaussian_window} must be 0 (none) or divide the image size "
+                         f"{h}x{w}")  # fmt: skip
     check_shape(_OP, "mask", mask, (b, (h // patch_size) * (w // patch_size)))
 
 

@@ -65,7 +65,7 @@ def spectral_filters(h: int, w: int, radius: float, dtype: torch.dtype, device: 
     fy, ny, oy = _frequencies(h)
     fx, nx, ox = _frequencies(w)
     fx, nx = fx[:kw], nx[:kw]
-    r2 = float(radius) ** 2
+    r2 = min(float(radius), float(h + w)) ** 2  # past the corners: the whole spectrum (and no overflow)
     m = ((fy[:, None] + oy) ** 2 + (fx[None, :] + ox) ** 2 <= r2).double()
     m_neg = ((ny[:, None] + oy) ** 2 + (nx[None, :] + ox) ** 2 <= r2).double()
     sym, anti = (m + m_neg) / 2, (m - m_neg) / 2
@@ -120,8 +120,10 @@ def _(imgs, radius, mean, std):
 
 def _channel_values(name: str, v, c: int) -> list[float]:
     try:
+        if isinstance(v, (str, bytes)):
+            raise TypeError
         vals = [float(x) for x in v]
-    except TypeError:
+    except (TypeError, ValueError):
         raise ValueError(f"{_OP}: {name} must be a sequence of {c} floats, got {v!r}") from None
     if len(vals) != c or not all(is_finite_number(x) for x in vals):
         raise ValueError(f"{_OP}: {name} must hold {c} finite values (one per channel), got {v!r}")
@@ -140,7 +142,7 @@ def low_pass_target(
         imgs: [B, C, H, W] images normalised with ``mean`` / ``std`` (any float dtype; computed in fp32, or float64
             for float64 images).
         radius: radius of the ideal circular filter in the shifted spectrum, >= 0 (PixMIM: 40 at 224 px).
-        mean, std: the per-channel normalisation the images carry (ImageNet's by default); std nonzero.
+        mean, std: the per-channel normalisation the images carry (ImageNet's by default); std > 0.
     Returns: [B, C, H, W] fp32 (float64 for float64 images), normalised like the input; no gradient.
     """
     if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4:
@@ -150,8 +152,8 @@ def low_pass_target(
         raise ValueError(f"{_OP}: radius must be a finite number >= 0, got {radius!r}")
     c = imgs.shape[1]
     mean, std = _channel_values("mean", mean, c), _channel_values("std", std, c)
-    if any(s == 0 for s in std):
-        raise ValueError(f"{_OP}: std must be nonzero, got {std}")
+    if any(s <= 0 for s in std):
+        raise ValueError(f"{_OP}: std must be > 0 (a normalisation's scale), got {std}")
     imgs = imgs.detach()
     if use_custom_op():
         return _low_pass_op(imgs, float(radius), mean, std)

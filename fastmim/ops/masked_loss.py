@@ -20,6 +20,7 @@ from fastmim.ops._dispatch import (
     check_image_grid,
     check_patch_size,
     check_shape,
+    check_tensors,
     choose_backend,
     custom_op,
     eager_function,
@@ -330,6 +331,7 @@ def masked_mse_loss(
     Returns: 0-d fp32 loss (float64 for a float64 ``pred``); the gradient flows to ``pred`` only.
     """
     op = "masked_mse_loss"
+    check_tensors(op, pred=pred, imgs=imgs, mask=mask)
     if imgs.dim() != 4:
         raise ValueError(f"{op}: imgs must be [B, C, H, W], got shape {tuple(imgs.shape)}")
     check_patch_size(op, patch_size)
@@ -361,6 +363,7 @@ def masked_mse_loss_patchified(
         mask, norm_pix, eps, p: as ``masked_mse_loss``.
     """
     op = "masked_mse_loss_patchified"
+    check_tensors(op, pred=pred, target=target, mask=mask)
     if tuple(target.shape) != tuple(pred.shape):
         raise ValueError(f"{op}: target has shape {tuple(target.shape)}, pred {tuple(pred.shape)}")
     mask = _validate(op, pred, target, mask, norm_pix, eps, p, "target")

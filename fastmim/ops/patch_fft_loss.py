@@ -242,6 +242,8 @@ def patch_fft_loss(
     check_patch_size(_OP, patch_size)
     check_image_grid(_OP, imgs, patch_size)
     b, c, h, w = imgs.shape
+    if 0 in (c, h, w):
+        raise ValueError(f"{_OP}: imgs have no pixels to transform: C, H, W = {c}, {h}, {w}")
     expected = (b, (h // patch_size) * (w // patch_size), patch_size * patch_size * c)
     if tuple(pred.shape) != expected:
         raise ValueError(f"{_OP}: pred has shape {tuple(pred.shape)}, expected {expected} for images "

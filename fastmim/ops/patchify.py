@@ -16,6 +16,7 @@ from fastmim.ops._dispatch import (
     check_image_grid,
     check_patch_size,
     check_shape,
+    check_tensor,
     choose_backend,
     custom_op,
     eager_function,
@@ -80,6 +81,7 @@ def _unpatchify_impl(x: torch.Tensor, p: int, gh: int, gw: int, channels: int) -
 
 def _patchify_check(imgs: torch.Tensor, p: int) -> None:
     """The public function's checks, and the raw op's."""
+    check_tensor("patchify", "imgs", imgs)
     if imgs.dim() != 4:
         raise ValueError(f"patchify: imgs must be [B, C, H, W], got shape {tuple(imgs.shape)}")
     check_patch_size("patchify", p)
@@ -190,6 +192,7 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid: int | tuple[int, int], ch
         grid: (gh, gw) patches per column and row, gh * gw = L; one int for a square grid.
         channels: C.
     """
+    check_tensor("unpatchify", "x", x)
     check_patch_size("unpatchify", patch_size)
     if isinstance(grid, (int, torch.SymInt)) and not isinstance(grid, bool):
         grid = (grid, grid)  # a square grid

@@ -352,7 +352,8 @@ def low_pass_filter(h: int, w: int, radius: float, device: torch.device | str | 
         raise ValueError(f"low_pass_filter: radius must be >= 0, got {radius!r}")
     i = torch.arange(h, dtype=torch.float64).view(-1, 1) - (h - 1) / 2
     j = torch.arange(w, dtype=torch.float64).view(1, -1) - (w - 1) / 2
-    return (i.square() + j.square() <= float(radius) ** 2).to(device=device, dtype=torch.float32)
+    r = min(float(radius), float(h + w))  # past the corners: the whole spectrum (and no overflow of radius^2)
+    return (i.square() + j.square() <= r * r).to(device=device, dtype=torch.float32)
 
 
 def low_pass_target_ref(

@@ -76,18 +76,23 @@ def resized_crop(
         raise ValueError(f"{_OP}: interp must be one of {', '.join(INTERPS)}, got {interp!r}")
     if n == 0:
         return torch.empty(0, len(mean), size, size, dtype=out_dtype)
+    for i, img in enumerate(images):
+        if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.is_complex():
+            what = f"{img.dtype} {tuple(img.shape)}" if isinstance(img, torch.Tensor) else type(img).__name__
+            raise ValueError(f"{_OP}: image {i} is {what}; images must be real [C, H, W] tensors")
     device, dtype, c = images[0].device, images[0].dtype, images[0].shape[0]
     if len(mean) != c or len(std) != c or any(s == 0 for s in std):
         raise ValueError(f"{_OP}: mean and std need {c} values (std nonzero), got {mean}, {std}")
     for i, img in enumerate(images):
-        if img.dim() != 3 or img.shape[0] != c or img.device != device or img.dtype != dtype:
+        if img.shape[0] != c or img.device != device or img.dtype != dtype:
             first = f"{dtype} {tuple(images[0].shape)} on {device}"
             raise ValueError(f"{_OP}: image {i} is {img.dtype} {tuple(img.shape)} on {img.device}; image 0 is "
                              f"{first}: all must be [{c}, H, W] alike")  # fmt: skip
     top, left, h, w = boxes.long().unbind(1)
     heights = torch.tensor([img.shape[1] for img in images])
     widths = torch.tensor([img.shape[2] for img in images])
-    bad = (top < 0) | (left < 0) | (h < 1) | (w < 1) | (top + h > heights) | (left + w > widths)
+    # (no sums of box values: top + h could wrap past int64 and pass; every value then fits the kernels' int32)
+    bad = (top < 0) | (left < 0) | (h < 1) | (w < 1) | (h > heights - top) | (w > widths - left)
     if bad.any():
         i = int(bad.nonzero()[0])
         raise ValueError(f"{_OP}: box {i} {boxes[i].tolist()} (top, left, height, width) is not inside its "

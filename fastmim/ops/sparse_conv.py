@@ -20,6 +20,7 @@ from fastmim.ops._dispatch import (
     check_float,
     check_id_values,
     check_shape,
+    check_tensors,
     checked,
     choose_backend,
     eager_function,
@@ -273,6 +274,7 @@ _SparseDWConv = eager_function(
 
 
 def _check_inputs(x: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    check_tensors(_OP, x=x, nbr=nbr, weight=weight, **({} if bias is None else {"bias": bias}))
     if x.dim() != 2:
         raise ValueError(f"{_OP}: x must be [M, C] rows, got shape {tuple(x.shape)}")
     check_float(_OP, "x", x)

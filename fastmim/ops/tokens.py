@@ -17,6 +17,7 @@ from fastmim.ops._dispatch import (
     check_id_values,
     check_ids,
     check_shape,
+    check_tensors,
     choose_backend,
     custom_op,
     eager_function,
@@ -167,6 +168,7 @@ def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     the kernel is memory-safe instead: an out-of-range id gives a NaN row.
     """
     op = "gather_visible"
+    check_tensors(op, x=x, ids_keep=ids_keep)
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be [B, N, D], got shape {tuple(x.shape)}")
     check_float(op, "x", x)
@@ -419,6 +421,7 @@ def scatter_masked(
     Returns: [B, N(+1), D]. Gradients flow to x_vis, mask_token, cls_token and (when it requires grad) pos_embed.
     """
     op = "scatter_masked"
+    check_tensors(op, x_vis=x_vis, ids_restore=ids_restore, mask_token=mask_token)
     if x_vis.dim() != 3:
         raise ValueError(f"{op}: x_vis must be [B, K, D], got shape {tuple(x_vis.shape)}")
     b, k, d = x_vis.shape

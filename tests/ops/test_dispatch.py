@@ -199,3 +199,35 @@ def test_a_gpu_fastmim_cuda_was_not_built_for_gets_triton_and_a_forced_cuda_name
             choose_backend("masked_mse_loss", torch.device("cuda", 0), (torch.bfloat16,))
     finally:
         _dispatch._choices.clear()
+
+
+_X, _IDS, _MASK, _IMGS = (
+    torch.randn(2, 8, 4),
+    torch.tensor([[0, 1], [2, 3]]),
+    torch.zeros(2, 4),
+    torch.randn(2, 3, 32, 32),
+)
+_NOT_TENSORS = {  # (op, argument name, call with that argument replaced by a list, an array or None)
+    "gather x": ("gather_visible", "x", lambda: ops.gather_visible(_X.tolist(), _IDS)),
+    "gather ids": ("gather_visible", "ids_keep", lambda: ops.gather_visible(_X, _IDS.numpy())),
+    "scatter x": ("scatter_masked", "x_vis", lambda: ops.scatter_masked([1.0], _IDS, torch.zeros(1, 1, 4))),
+    "scatter ids": ("scatter_masked", "ids_restore", lambda: ops.scatter_masked(_X, None, torch.zeros(1, 1, 4))),
+    "loss pred": ("masked_mse_loss", "pred", lambda: ops.masked_mse_loss(None, _IMGS, _MASK, 16)),
+    "loss imgs": ("masked_mse_loss", "imgs", lambda: ops.masked_mse_loss(_X, _IMGS.numpy(), _MASK, 16)),
+    "loss mask": ("masked_mse_loss", "mask", lambda: ops.masked_mse_loss(torch.randn(2, 4, 768), _IMGS, [0, 1], 16)),
+    "patched target": ("masked_mse_loss_patchified", "target", lambda: ops.masked_mse_loss_patchified(_X, [1], _MASK)),
+    "patched mask": ("masked_mse_loss_patchified", "mask", lambda: ops.masked_mse_loss_patchified(_X, _X, None)),
+    "patchify": ("patchify", "imgs", lambda: ops.patchify(_IMGS.numpy(), 16)),
+    "unpatchify": ("unpatchify", "x", lambda: ops.unpatchify([1, 2], 16, 3)),
+    "sparse_dwconv": ("sparse_dwconv", "x", lambda: ops.sparse_dwconv([1.0], torch.zeros(3, 3), None)),
+    "fft_loss": ("fft_loss", "target", lambda: ops.fft_loss(_IMGS, _IMGS.numpy())),
+}
+
+
+@pytest.mark.parametrize("case", list(_NOT_TENSORS))
+def test_an_argument_that_is_not_a_tensor_is_named(case):
+    """A list, a NumPy array or None where a tensor belongs: a TypeError naming the op and the argument, not an
+    AttributeError from inside the op."""
+    op, name, call = _NOT_TENSORS[case]
+    with pytest.raises(TypeError, match=rf"^{op}: {name} must be a tensor, got (list|ndarray|NoneType)$"):
+        call()

@@ -119,6 +119,9 @@ def test_bad_inputs():
         fft_loss(cl, target.permute(0, 2, 3, 1), _mask(2, 4, "cpu"), 16)
     with pytest.raises(ValueError, match="must be \\[B, C, H, W\\]"):
         fft_loss(pred[0], target[0])
+    for shape in ((2, 0, 4, 4), (2, 3, 0, 4)):  # (torch.fft's own errors name neither the op nor the dimension)
+        with pytest.raises(ValueError, match=r"no pixels to transform: C, H, W = \d, \d, 4"):
+            fft_loss(torch.zeros(shape), torch.zeros(shape))
 
 
 def test_opcheck_and_compile(backend):

@@ -123,8 +123,17 @@ def test_no_gradient_empty_batch_and_bad_inputs():
         low_pass_target(_imgs(1, 3, 16, 16), float("nan"))
     with pytest.raises(ValueError, match="mean must hold 3 finite values"):
         low_pass_target(_imgs(1, 3, 16, 16), 3.0, mean=(0.5,))
-    with pytest.raises(ValueError, match="std must be nonzero"):
-        low_pass_target(_imgs(1, 3, 16, 16), 3.0, std=(1.0, 0.0, 1.0))
+    for std in ((1.0, 0.0, 1.0), (-0.2, 0.2, 0.2)):  # a negative scale: the magnitude's sign would be lost
+        with pytest.raises(ValueError, match=r"std must be > 0 \(a normalisation's scale\)"):
+            low_pass_target(_imgs(1, 3, 16, 16), 3.0, std=std)
+    with pytest.raises(ValueError, match="std must be a sequence of 3 floats, got 'abc'"):
+        low_pass_target(_imgs(1, 3, 16, 16), 3.0, std="abc")
+    # a radius past the corners keeps the whole spectrum (no overflow of radius^2), as one just past them
+    x = _imgs(2, 3, 16, 12)
+    whole = low_pass_target_ref(x, 20.0)
+    for r in (1e300, 1e200):
+        torch.testing.assert_close(low_pass_target(x, r), whole)
+        torch.testing.assert_close(low_pass_target_ref(x, r), whole)
     with pytest.raises(ValueError, match=r"imgs must be \[B, C, H, W\]"):
         low_pass_target(torch.zeros(3, 16, 16), 3.0)
     with pytest.raises(TypeError, match="floating-point"):

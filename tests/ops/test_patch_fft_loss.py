@@ -165,6 +165,8 @@ def test_bad_inputs():
         patch_fft_loss(pred, imgs.clone().requires_grad_(), mask, 16)
     with pytest.raises(TypeError, match="floating-point"):
         patch_fft_loss(pred, imgs.to(torch.uint8), mask, 16)
+    with pytest.raises(ValueError, match="imgs have no pixels to transform: C, H, W = 0, 32, 32"):  # (Triton: NaN)
+        patch_fft_loss(torch.zeros(1, 4, 0), torch.zeros(1, 0, 32, 32), mask, 16)
 
 
 def test_backend_choice(monkeypatch):

@@ -126,6 +126,12 @@ CASES.update(
         "hog_target: image size 16x16, patch_size 16, cell_size 8 and nbins 17": lambda: torch.ops.fastmim.hog_target(
             _t(1, 3, 16, 16), None, 16, 8, 17, 0
         ),
+        "hog_target: gaussian_window -4 must be 0 (none)": lambda: torch.ops.fastmim.hog_target(
+            _t(1, 3, 32, 32), None, 16, 8, 9, -4
+        ),
+        "hog_target: gaussian_window 12 must be 0 (none) or divide the image size 32x32": lambda: (
+            torch.ops.fastmim.hog_target(_t(1, 3, 32, 32), None, 16, 8, 9, 12)
+        ),
         "low_pass_target: mean has 1 values, expected one per channel (3)": lambda: torch.ops.fastmim.low_pass_target(
             _t(1, 3, 8, 8), 2.0, [0.5], [0.25, 0.25, 0.25]
         ),

@@ -106,6 +106,10 @@ def test_empty_batch():
         (torch.tensor([[0, 0, 38, 10]]), torch.tensor([False]), 8, r"box 0 \[0, 0, 38, 10\] .* not inside its 37x53"),
         (torch.tensor([[-1, 0, 5, 5]]), torch.tensor([False]), 8, "not inside"),
         (torch.tensor([[0, 0, 0, 5]]), torch.tensor([False]), 8, "not inside"),
+        # values whose sums wrap past int64 (top + height < 0): refused, not cut to the kernels' int32
+        (torch.tensor([[0, 2**63 - 2**30, 20, 2**32 + 10]]), torch.tensor([False]), 8, "not inside"),
+        (torch.tensor([[0, 2**63 - 3, 15, 10]]), torch.tensor([False]), 8, "not inside"),
+        (torch.tensor([[2**62, 3, 2**62, 20]]), torch.tensor([False]), 8, "not inside"),
         (torch.tensor([[0.0, 0, 5, 5]]), torch.tensor([False]), 8, "boxes must be a CPU integer tensor"),
         (torch.tensor([[0, 0, 5, 5, 1]]), torch.tensor([False]), 8, r"boxes must be .*\[1, 4\]"),
         (torch.tensor([[0, 0, 5, 5]]), torch.tensor([False, True]), 8, r"flips must be a CPU tensor \[1\]"),
@@ -126,6 +130,10 @@ def test_images_that_do_not_match_are_named():
         resized_crop([imgs[0], imgs[1].float()], box, torch.tensor([False, False]), 4)
     with pytest.raises(ValueError, match="mean and std need 3 values"):
         resized_crop(imgs, box, torch.tensor([False, False]), 4, mean=(0.5,), std=(0.5,))
+    with pytest.raises(ValueError, match=r"image 0 is torch.uint8 \(1, 3, 10, 10\); images must be real \[C, H, W\]"):
+        resized_crop([imgs[0][None], imgs[1]], box, torch.tensor([False, False]), 4)  # a batch, not an image
+    with pytest.raises(ValueError, match="image 1 is list"):
+        resized_crop([imgs[0], [1, 2]], box, torch.tensor([False, False]), 4)
 
 
 @pytest.mark.parametrize("interp", ["bicubic", "bilinear"])
