@@ -7,7 +7,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,23 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def git_commit() -> str:
-    """HEAD's short hash, "+dirty" when tracked files differ from it; FASTMIM_COMMIT names it where the tree has no
-    .git (a copy sent to a GPU machine). "unknown" (with a warning) when neither says, also for a copy that sits
-    inside another checkout (whose hash is not this tree's)."""
-    if os.environ.get("FASTMIM_COMMIT"):
-        return os.environ["FASTMIM_COMMIT"]
+    """``fastmim.provenance.git_commit()`` (FASTMIM_COMMIT names it where the tree has no .git: a copy sent to a GPU
+    machine); "unknown", with a warning, when neither says (also for a copy that sits inside another checkout)."""
+    from fastmim.provenance import git_commit as commit
 
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
-
-    try:
-        if Path(git("rev-parse", "--show-toplevel")).resolve() != ROOT.resolve():
-            raise RuntimeError("another checkout's")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
-    except Exception:
+    found = commit()
+    if found is None:
         print("warning: the rows' commit is unknown (no git checkout here): set FASTMIM_COMMIT", file=sys.stderr)
         return "unknown"
+    return found
 
 
 def positive_int(text: str) -> int:

@@ -622,15 +622,20 @@ def _written_by_a_run(data: dict) -> bool:
     return data.get("resume", "") is None and {"model", "seed", "epochs", "output_dir", "data_path"} <= data.keys()
 
 
-def save_yaml(cfg: PretrainConfig, path: str | Path) -> None:
+def save_yaml(cfg: PretrainConfig, path: str | Path, provenance: dict | None = None) -> None:
     """Writes the resolved config; ``resume`` is left out, so passing the file back with --config starts (or is
-    refused as) a new run instead of silently resuming one."""
+    refused as) a new run instead of silently resuming one. ``provenance`` (``fastmim.provenance.run_provenance``:
+    versions, the loader the run read with) follows as comments."""
     d = cfg.to_dict()
     d["resume"] = None
     d["config_format"] = CONFIG_FORMAT
     from fastmim.train.checkpoint import atomic_write
 
     text = yaml.safe_dump(d, sort_keys=False)
+    if provenance:
+        from fastmim.provenance import as_comments
+
+        text += as_comments(provenance)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))  # (a full disk leaves the last one whole)
 
 

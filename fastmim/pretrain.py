@@ -652,7 +652,12 @@ def _check_loader_on_resume(cfg: PretrainConfig, state: dict | None, kind: str, 
     another loader (its folder's scan went out of date: a file was touched or added): refused mid-epoch with what to
     do (the other loader would read other samples, and the dataset's size may differ), noted at an epoch boundary."""
     saved = (state or {}).get("loader")
+    was = ((state or {}).get("provenance") or {}).get("loader")  # (recorded since: the torch loaders too)
     if cfg.loader != "auto" or kind == "dali" or not (saved and isinstance(saved[0], dict) and "dali" in saved[0]):
+        if cfg.loader == "auto" and was is not None and was != kind and not (state or {}).get("batch", 0):
+            order = " and its order" if "dali" in (was, kind) else ""
+            print(f"note: this run read its data with the {was} loader; --loader auto now picks {kind} ({why}): the "
+                  f"crops{order} differ from here on; --loader {was} keeps the run's", flush=True)  # fmt: skip
         return
     data = cfg.data_path or "DATA_PATH"
     stale = "scan" in why  # the folder's scan went out of date (not: DALI missing, --skip-bad-files)
@@ -711,7 +716,11 @@ def _choose_loader(cfg: PretrainConfig) -> tuple[str, str | None, str]:
     if path.is_dir():
         scan = find_scan(path)
         if scan is not None:
-            return "dali", str(scan), f"the folder's up-to-date scan {scan}"
+            from fastmim.data.scan import scan_header
+
+            bad = scan_header(scan)[2]
+            left = f", which leaves out the {_n(bad, 'bad image')} it found" if bad else ""
+            return "dali", str(scan), f"the folder's up-to-date scan {scan}{left}"
         if cfg.allow_unscanned:
             return "dali", cfg.data_path, "--allow-unscanned (a bad image stops the run)"
         if cfg.loader == "dali":
@@ -1047,14 +1056,19 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
                 step_model = wrap_ddp(model, device)
             if compile_mode is not None:
                 step_model = compile_model(step_model, compile_mode[0])
+            from fastmim.provenance import run_provenance
+
+            provenance = run_provenance(loader=kind, loader_why=why, data=str(root), device=str(device),
+                                        amp=str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
+                                        world_size=info.world_size)  # fmt: skip
             trainer = Trainer(cfg, info, device, step_model, model, optimizer, loader, sampler, dataset, out, lr,
-                              amp_dtype=amp_dtype, monitor=monitor)  # fmt: skip
+                              amp_dtype=amp_dtype, monitor=monitor, provenance=provenance)  # fmt: skip
             if state is not None:
                 trainer.load_state_dict(state)
                 del state
             if info.is_main and trainer.pos.step < trainer.total_steps:  # (a resume with nothing to do keeps its own; a
                 # full disk here leaves no empty folder behind)
-                save_yaml(cfg, out / "config.yaml")
+                save_yaml(cfg, out / "config.yaml", trainer.provenance)
                 if changes:  # config.yaml holds the settings from here on; which steps ran with which is kept here
                     said = "; ".join(f"{k} {_setting_text(k, a, cfg.model)} -> {_setting_text(k, b, cfg.model)}"
                                      f"{_implied(k, a, b, cfg, trainer)}"
@@ -1078,6 +1092,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
         if info.is_main:
             pos = trainer.pos  # (epochs counted from 1 in what is printed, as the progress bar does)
             n_params = sum(p.numel() for p in model.parameters()) / 1e6
+            source = dataset.root if root == data_cfg.data_path else data_cfg.data_path  # (the folder, not its scan)
             amp_name = str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "fp32"
             per_node = info.local_world_size
             nodes = f" ({info.world_size // per_node} nodes x {per_node})" if 0 < per_node < info.world_size else ""
@@ -1087,7 +1102,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
                 f"amp={amp_name}, native ext={'yes' if _ext.available() else 'no'}"
                 + (f", torch.compile mode {compile_mode[0]} ({compile_mode[1]})" if compile_mode else "")
                 + "\n"
-                f"  data: {len(dataset)} images from {dataset.root}, loader {loader_desc}: {why}\n"
+                f"  data: {len(dataset)} images from {source}, loader {loader_desc}: {why}\n"
                 f"  batch {eff_batch} (= {cfg.batch_size} x {cfg.accum_iter} accum x {info.world_size} procs), "
                 f"lr {lr:.3g}, {trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps\n"
                 + (
@@ -1111,7 +1126,16 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
                 ),  # fmt: skip
                 flush=True,
             )
-        pos = trainer.fit()
+        try:
+            pos = trainer.fit()
+        except BadImageError as e:  # a folder with a scan, read as it is: the scan lists the good files
+            if kind != "dali" and root is not None and os.path.isdir(root):
+                from fastmim.data.scan import find_scan, scan_header
+
+                scan = find_scan(root)
+                if scan is not None and scan_header(scan)[2]:
+                    e.scan = (scan, scan_header(scan)[2])
+            raise
     finally:
         if hasattr(loader, "close"):
             loader.close()
@@ -1149,6 +1173,10 @@ def bad_file_message(e: BadImageError | DaliDecodeError) -> str:
                                   f"--skip-bad-files, and {then}")  # fmt: skip
     else:
         head, fix = e.summary(), f"Replace the file at the same path and {then}"
+        scan = getattr(e, "scan", None)
+        if scan is not None:  # (a new data set for the run: a resume inside the epoch refuses it)
+            fix += (f" (or start a run with --data-path {scan[0]}, this folder's up-to-date scan, which leaves out the "
+                    f"{_n(scan[1], 'bad image')} it found, or with --skip-bad-files)")  # fmt: skip
     return f"{head}. {fix}: {kept}"
 
 

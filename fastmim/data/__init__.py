@@ -273,7 +273,7 @@ def build_pretrain_loader(
     data cannot fill one global batch."""
     if len(dataset) < batch_size * world_size:
         raise ValueError(
-            f"the dataset has {len(dataset)} images, fewer than one global batch "
+            f"the dataset has {len(dataset)} image{'' if len(dataset) == 1 else 's'}, fewer than one global batch "
             f"({batch_size} per device x {world_size} devices): lower --batch-size or add images"
         )
     sampler = ResumableDistributedSampler(len(dataset), world_size, rank, seed=seed)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 # seeded() swaps the process's CPU generator state: threads that draw crops in one process (an in-process loader in
 # the GPU loader's thread, its fallbacks in the consumer's) take turns
@@ -25,7 +27,26 @@ def _new_seeded_lock() -> None:  # a forked loader worker must not inherit the l
 
 os.register_at_fork(after_in_child=_new_seeded_lock)
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+def _pixel_limit() -> None:
+    """FASTMIM_MAX_IMAGE_PIXELS: Pillow's limit against decompression bombs (``Image.MAX_IMAGE_PIXELS``; an image
+    over twice it is refused), for data sets of large images (slides, satellite, panoramas); 0: no limit. Read at
+    import, so loader workers and scan processes take it too."""
+    text = os.environ.get("FASTMIM_MAX_IMAGE_PIXELS", "").strip()
+    if not text:
+        return
+    try:
+        value = int(text)
+        if value < 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"FASTMIM_MAX_IMAGE_PIXELS must be a pixel count >= 0 (0: no limit), got {text!r}") from None
+    Image.MAX_IMAGE_PIXELS = value or None
+
+
+_pixel_limit()
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def usable_cpus() -> int:
@@ -109,6 +130,58 @@ def _note_skipped(root: Path, skipped: dict[str, int]) -> None:
               flush=True)  # fmt: skip
 
 
+def extension_counts(paths: list[str], most: int = 6) -> str:
+    """The files' extensions with their counts, most common first: ".gif 3, .txt 1" ("(none)" for no extension)."""
+    counts: dict[str, int] = {}
+    for p in paths:
+        ext = os.path.splitext(p)[1].lower() or "(none)"
+        counts[ext] = counts.get(ext, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{e} {n}" for e, n in ranked[:most])
+    return text + (f" and {len(ranked) - most} more kinds" if len(ranked) > most else "")
+
+
+def note_other_files(root: str | Path, others: list[str]) -> None:
+    """Says once per folder how many files were not read as images, by extension, so that a format fastmim does not
+    read (.gif, .heic, ...) is not left out unseen."""
+    key = f"others:{root}"
+    if not others or key in _NOTED:
+        return
+    _NOTED.add(key)
+    print(f"note: {str(root)}: {len(others)} file(s) without an image extension ({', '.join(IMG_EXTENSIONS)}) "
+          f"not read: {extension_counts(others)}", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def decode_problem(e: Exception, src: str | Path | bytes) -> str:
+    """What is wrong with an image file (a path, or its bytes) that PIL could not open or decode, in words (PIL's own
+    text names a BytesIO object by its address, or the path a second time)."""
+    try:
+        empty = len(src) == 0 if isinstance(src, (bytes, bytearray)) else os.path.getsize(src) == 0
+    except OSError:
+        empty = False
+    if empty:
+        return "empty file (0 bytes)"
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image (PIL cannot identify its format)"
+    text = " ".join(str(e).split()).rstrip(".") or type(e).__name__
+    if isinstance(e, Image.DecompressionBombError):
+        text += " (Pillow's guard against decompression bombs; FASTMIM_MAX_IMAGE_PIXELS=N raises it, 0 removes it)"
+    return text
+
+
+def open_rgb(src: str | Path | bytes, name: str) -> Image.Image:
+    """The 8-bit RGB image (``to_rgb``) of a file or of its bytes; ``BadImageError`` naming ``name`` and what is
+    wrong when it cannot be read. Pillow's warning about a large image (below its refusal size) is not printed: the
+    data set is the user's own."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
+                return to_rgb(img)
+    except Exception as e:  # PIL raises several types for truncated or non-image files
+        raise BadImageError(f"cannot read image {str(name)!r}: {decode_problem(e, src)}", str(name)) from e
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB of any PIL image. 16-bit and 32-bit grey (modes I;16*, I, F) are scaled to 8 bits first: PIL's
     convert("RGB") clips them at 255, turning a 16-bit PNG white."""
@@ -161,10 +234,15 @@ def list_images(root: str | Path) -> list[str]:
     if not root.is_dir():
         raise NotADirectoryError(f"data path {str(root)!r} is not a directory")
     skipped: dict[str, int] = {}
-    files = [f for f in iter_files(root, skipped) if is_image_file(f)]
+    files, others = [], []
+    for f in iter_files(root, skipped):
+        (files if is_image_file(f) else others).append(f)
     _note_skipped(root, skipped)
-    if not files:
-        raise ValueError(f"data path {str(root)!r} holds no images (looked for {', '.join(IMG_EXTENSIONS)})")
+    if files:
+        note_other_files(root, others)
+    else:
+        held = f"; it holds {len(others)} other file(s): {extension_counts(others)}" if others else ""
+        raise ValueError(f"data path {str(root)!r} holds no images (looked for {', '.join(IMG_EXTENSIONS)}){held}")
     return sorted(files)
 
 
@@ -221,12 +299,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise BadImageError(f"cannot read image {path!r}: {e}", path) from e
 
     def load(self, index: int) -> Image.Image:
-        path = self.files[index]
-        try:
-            with Image.open(path) as img:
-                return to_rgb(img)
-        except Exception as e:  # PIL raises several types for truncated or non-image files
-            raise BadImageError(f"cannot read image {path!r}: {e}", path) from e
+        return open_rgb(self.files[index], self.files[index])
 
     @contextlib.contextmanager
     def seeded(self, index: int):
@@ -243,7 +316,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             yield
 
     def _sample_seed(self, index: int) -> int:
-        return ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**63
+        from fastmim.masking.rng import sample_seed
+
+        return sample_seed(self.seed, self.epoch, index)
 
     def generator(self, index: int) -> torch.Generator | None:
         """A CPU generator in the state ``seeded(index)`` puts torch's global one in (None when ``seed`` is None):
@@ -357,11 +432,4 @@ class TarShardDataset(ImageFolderDataset):
         return data
 
     def load(self, index: int) -> Image.Image:
-        import io
-
-        data = self.read_bytes(index)
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                return to_rgb(img)
-        except Exception as e:  # PIL raises several types for truncated or non-image data
-            raise BadImageError(f"cannot read image {self.files[index]!r}: {e}", self.files[index]) from e
+        return open_rgb(self.read_bytes(index), self.files[index])

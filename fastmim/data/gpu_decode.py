@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from fastmim.data.folder import BadImageError
+from fastmim.data.folder import BadImageError, decode_problem
 from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SIMPLE_CROP_PAD, crop_and_flip, crop_steps
 
 STATS = ("batches", "cpu_fallbacks", "read_s", "decode_s", "augment_s", "wait_s")
@@ -178,7 +178,7 @@ class EncodedImages(torch.utils.data.Dataset):
                     return EncodedSample(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip)
         except Exception as e:  # PIL raises several types for non-image data
             name = self.base.files[index]
-            raise BadImageError(f"cannot read image {name!r}: {e}", name) from e
+            raise BadImageError(f"cannot read image {name!r}: {decode_problem(e, data)}", name) from e
         return self.base[index]  # not for nvJPEG: decoded and augmented here
 
     def _too_long(self, size: tuple[int, int]) -> bool:

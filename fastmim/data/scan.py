@@ -8,8 +8,12 @@ loaders take as ``--data-path``::
 
 The list is UTF-8 text: a header line, then one path per line relative to the scanned root, sorted::
 
-    # fastmim-scan v1 root=/data/imagenet/train images=1281166 bad=1 files=1281167 mtime=1715000000.123
+    # fastmim-scan v1 root=/data/imagenet/train images=1281166 bad=1 files=1281167 mtime=1715000000.123 digest=...
     n01440764/n01440764_10026.JPEG
+
+``digest`` is a hash of every file's path, size and modification time (lists written before it was added have none,
+and are checked by count and newest time alone): a file replaced by another one, whatever time it was given,
+makes the scan out of date, while a copy that keeps sizes and times (rsync -a to the same path) does not.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ MAGIC = "# fastmim-scan"
 NON_IMAGE = "not an image file (extension)"
 _HEADER = re.compile(
     r"# fastmim-scan v1 root=(?P<root>.+) images=(?P<images>\d+) bad=(?P<bad>\d+) files=(?P<files>\d+)"
-    r" mtime=(?P<mtime>\S+)"
+    r" mtime=(?P<mtime>\S+)(?: digest=(?P<digest>[0-9a-f]+))?"
 )
 _MAX_PRINTED_NON_IMAGES = 20
 
@@ -100,6 +104,7 @@ class _Header(NamedTuple):
     bad: int
     files: int
     mtime: float
+    digest: str | None  # None in a list written before it was added
 
 
 def _resolve(root: str | Path) -> str:
@@ -112,17 +117,35 @@ def default_list_path(root: str | Path) -> Path:
     return cache_root() / "scans" / f"{digest}.txt"
 
 
-def _walk(root: str) -> tuple[list[str], list[str], float]:
-    """(image files, other files, newest mtime) below root. Image files are exactly those ``list_images`` reads
-    (``iter_files``: hidden files such as ``.DS_Store`` are not walked)."""
-    images, others, newest = [], [], 0.0
+def _walk(root: str) -> tuple[list[str], list[str], float, str]:
+    """(image files, other files, newest mtime, ``_digest`` of them all) below root. Image files are exactly those
+    ``list_images`` reads (``iter_files``: hidden files such as ``.DS_Store`` are not walked)."""
+    images, others, newest, stats = [], [], 0.0, []
     for path in iter_files(root):
         (images if is_image_file(path) else others).append(path)
         try:
-            newest = max(newest, os.stat(path).st_mtime)
+            st = os.stat(path)
         except OSError:  # a broken link: counted, and reported as unreadable if it names an image
-            pass
-    return sorted(images), sorted(others), newest
+            stats.append((path, -1, -1))
+            continue
+        newest = max(newest, st.st_mtime)
+        stats.append((path, st.st_size, st.st_mtime_ns))
+    return sorted(images), sorted(others), newest, _digest(stats)
+
+
+def _digest(stats: list[tuple[str, int, int]]) -> str:
+    """A hash of (path, size, mtime in ns) of every file: any file written, replaced, renamed or given another time
+    changes it."""
+    h = hashlib.sha1()
+    for path, size, mtime in sorted(stats):
+        h.update(f"{path}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:20]
+
+
+def _shard_stats(shards: list[str]) -> tuple[float, str]:
+    """(newest mtime, ``_digest``) of tar shards."""
+    stats = [(s, st.st_size, st.st_mtime_ns) for s, st in ((s, os.stat(s)) for s in shards)]
+    return max(os.stat(s).st_mtime for s in shards), _digest(stats)
 
 
 def _ends_with_eoi(data: bytes) -> bool:
@@ -133,7 +156,7 @@ def _ends_with_eoi(data: bytes) -> bool:
 
 def check_image(path: str) -> str | None:
     """None when PIL decodes the whole file, else the reason it does not: ``empty``, ``truncated``, ``not an image``,
-    ``too large``, ``unreadable: <message>`` or ``corrupt: <message>``."""
+    ``too large: ...``, ``unreadable: <message>`` or ``corrupt: <message>``."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -170,7 +193,7 @@ def check_bytes(data: bytes) -> str | None:
                 with Image.open(io.BytesIO(data)) as img:
                     img.verify()
     except Image.DecompressionBombError:
-        return "too large"
+        return "too large: over Pillow's pixel limit (FASTMIM_MAX_IMAGE_PIXELS=N raises it, 0 removes it)"
     except UnidentifiedImageError:
         return "not an image"
     except Exception as e:  # PIL raises OSError, SyntaxError, EOFError, ValueError, struct.error ...
@@ -272,7 +295,7 @@ def scan(
     resolved = _resolve(root)
     if "\n" in resolved or "\r" in resolved:
         raise ValueError(f"data path {str(root)!r} holds a line break; a file list cannot name it")
-    images, others, mtime = _walk(resolved)
+    images, others, mtime, digest = _walk(resolved)
     if not images and not others:
         raise ValueError(f"data path {str(root)!r} is empty (no files; hidden files and folders are skipped)")
     if not images:
@@ -295,7 +318,7 @@ def scan(
     list_path = Path(out) if out is not None else default_list_path(resolved)
     header = (
         f"{MAGIC} {FORMAT} root={resolved} images={len(good)} bad={len(bad)} files={len(images) + len(others)} "
-        f"mtime={mtime!r}"
+        f"mtime={mtime!r} digest={digest}"
     )
     _write_atomic(list_path, "".join([header, "\n", *(p[len(prefix) :] + "\n" for p in good)]))
     return ScanResult(resolved, good, bad, others, list_path, len(images) + len(others), mtime)
@@ -312,9 +335,12 @@ def _scan_tars(resolved: str, shards: list[str], workers, out, progress) -> Scan
     good = [i for i, r in zip(ids, reasons, strict=True) if r is None]
     bad = [(i, r) for i, r in zip(ids, reasons, strict=True) if r is not None]
     base = resolved if os.path.isdir(resolved) else os.path.dirname(resolved)
-    mtime = max(os.stat(s).st_mtime for s in shards)
+    mtime, digest = _shard_stats(shards)
     list_path = Path(out) if out is not None else default_list_path(resolved)
-    header = f"{MAGIC} {FORMAT} root={resolved} images={len(good)} bad={len(bad)} files={len(shards)} mtime={mtime!r}"
+    header = (
+        f"{MAGIC} {FORMAT} root={resolved} images={len(good)} bad={len(bad)} files={len(shards)} mtime={mtime!r} "
+        f"digest={digest}"
+    )
     _write_atomic(list_path, "".join([header, "\n", *(os.path.relpath(i, base) + "\n" for i in good)]))
     return ScanResult(resolved, good, bad, [], list_path, len(shards), mtime)
 
@@ -351,7 +377,7 @@ def _read_header(path: Path) -> tuple[_Header, bytes]:
             mtime = float(m["mtime"])
         except ValueError:
             raise ValueError(f"scan list {str(path)!r} has a damaged header {line!r}: scan the folder again") from None
-        header = _Header(m["root"], int(m["images"]), int(m["bad"]), int(m["files"]), mtime)
+        header = _Header(m["root"], int(m["images"]), int(m["bad"]), int(m["files"]), mtime, m["digest"])
         return header, f.read()
 
 
@@ -391,8 +417,9 @@ def read_file_list(path: str | Path) -> tuple[str, list[str]]:
 
 
 def find_scan(root: str | Path) -> Path | None:
-    """The default scan list of root when it exists and is up to date, else None. Up to date: root holds as many
-    files as when it was scanned, none newer than the newest then, and every listed image is still there."""
+    """The default scan list of root when it exists and is up to date, else None. Up to date: root holds the same
+    files, of the same sizes and times, as when it was scanned (a list without a digest: as many files, none newer
+    than the newest then), and every listed image is still there."""
     resolved = _resolve(root)
     path = default_list_path(resolved)
     if not path.is_file():
@@ -405,18 +432,26 @@ def find_scan(root: str | Path) -> Path | None:
         return None
     shards = list_tar_shards(resolved)
     if shards is not None:  # tar shards: the same shards, none changed since
-        newest = max(os.stat(s).st_mtime for s in shards)
-        if len(shards) != header.files or newest != header.mtime:
+        newest, digest = _shard_stats(shards)
+        if len(shards) != header.files or newest != header.mtime or header.digest not in (None, digest):
             return None
         known = set(shards)
         return path if all(split_sample_id(f)[0] in known for f in files) else None
-    images, others, mtime = _walk(resolved)
-    if len(images) + len(others) != header.files or mtime != header.mtime:
+    images, others, mtime, digest = _walk(resolved)
+    if len(images) + len(others) != header.files or mtime != header.mtime or header.digest not in (None, digest):
         return None
     present = set(images)
     if not all(f in present for f in files):  # a rename keeps the count and mtime
         return None
     return path
+
+
+def _printable(path: str) -> str:
+    """A path as it prints on one line: quoted with escapes (repr) when it holds a line break, a control character
+    or bytes that are not UTF-8 (which the file system gives as surrogates)."""
+    if path.isprintable() and is_utf8_name(path):
+        return path
+    return repr(os.fsencode(path)) if not is_utf8_name(path) else repr(path)  # (the bytes of a non-UTF-8 name)
 
 
 def format_summary(result: ScanResult) -> str:
@@ -427,10 +462,10 @@ def format_summary(result: ScanResult) -> str:
     ]
     if result.bad:
         lines.append("bad files (left out of the list): " + ", ".join(f"{n} {r}" for r, n in result.counts().items()))
-        lines += [f"  {p}: {r}" for p, r in result.bad]
+        lines += [f"  {_printable(p)}: {r}" for p, r in result.bad]
     if result.non_images:
         lines.append(f"{NON_IMAGE}, left out:")
-        lines += [f"  {p}" for p in result.non_images[:_MAX_PRINTED_NON_IMAGES]]
+        lines += [f"  {_printable(p)}" for p in result.non_images[:_MAX_PRINTED_NON_IMAGES]]
         if len(result.non_images) > _MAX_PRINTED_NON_IMAGES:
             lines.append(f"  ... and {len(result.non_images) - _MAX_PRINTED_NON_IMAGES} more (all in --report)")
     lines.append(f"clean list of {len(result.good)} images: {result.list_path}")

@@ -382,16 +382,9 @@ def _file_digest(path: str | None) -> str | None:
 
 
 def _versions() -> dict:
-    import fastmim
+    from fastmim.provenance import versions
 
-    out = {"fastmim": fastmim.__version__, "torch": torch.__version__}
-    try:
-        import timm
-
-        out["timm"] = timm.__version__
-    except ImportError:
-        pass
-    return out
+    return versions()
 
 
 def _resolved_pool(encoder, args) -> str | None:

@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 
-from fastmim.data.folder import BadImageError, to_rgb
+from fastmim.data.folder import open_rgb
 from fastmim.models.registry import RECIPE_PREFIXES
 from fastmim.models.vit import from_beit_state_dict
 
@@ -240,7 +239,14 @@ class LabelledFolder(torch.utils.data.Dataset):
     names to index by (a validation folder takes its training folder's), default the folder's own, sorted."""
 
     def __init__(self, root: str | Path, transform=None, classes: list[str] | None = None):
-        from fastmim.data.folder import _note_skipped, _up_the_tree, is_image_file, iter_files
+        from fastmim.data.folder import (
+            IMG_EXTENSIONS,
+            _note_skipped,
+            _up_the_tree,
+            extension_counts,
+            is_image_file,
+            iter_files,
+        )
 
         self.root, self.transform = Path(root), transform
         if not self.root.is_dir():
@@ -269,14 +275,21 @@ class LabelledFolder(torch.utils.data.Dataset):
             return root_above | {os.path.realpath(folder), os.path.abspath(folder)}
 
         skipped: dict[str, int] = {}
-        files = {c: sorted(f for f in iter_files(self.root / c, skipped, classes_real, above(c)) if is_image_file(f))
-                 for c in found}  # fmt: skip
+        files, others = {}, {}
+        for c in found:
+            walked = list(iter_files(self.root / c, skipped, classes_real, above(c)))
+            files[c] = sorted(f for f in walked if is_image_file(f))
+            others[c] = [f for f in walked if not is_image_file(f)]
         _note_skipped(self.root, skipped)
         if classes is None:  # a class folder without images is not a class (it would widen a classifier's head)
             empty = [c for c in found if not files[c]]
             if empty and len(empty) < len(found):
-                print(f"note: {str(self.root)!r}: class folders without images left out: {', '.join(empty[:10])}",
-                      flush=True)  # fmt: skip
+
+                def why(c: str) -> str:  # files of a format not read, or none at all
+                    return f"{c} ({extension_counts(others[c], 3)})" if others[c] else c
+
+                print(f"note: {str(self.root)!r}: class folders without images ({', '.join(IMG_EXTENSIONS)}) left "
+                      f"out: {', '.join(why(c) for c in empty[:10])}", flush=True)  # fmt: skip
                 found = [c for c in found if files[c]]
         self.classes = list(classes) if classes is not None else found
         unknown = sorted(c for c in set(found) - set(self.classes) if files[c])  # an empty folder adds no image
@@ -303,11 +316,7 @@ class LabelledFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        try:
-            with Image.open(path) as im:
-                img = to_rgb(im)
-        except Exception as e:  # one line naming the file, from a loader worker too (BadImageError.summary)
-            raise BadImageError(f"cannot read image {path!r}: {e}", str(path)) from e
+        img = open_rgb(path, path)  # (BadImageError: one line naming the file, from a loader worker too)
         return (self.transform(img) if self.transform else img), label
 
     def fingerprint(self) -> str:

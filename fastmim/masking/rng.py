@@ -43,6 +43,14 @@ def _scalar_key(*parts: int) -> int:
     return k
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample's draws in one epoch (its augmentation's generator), a hash of the three: no
+    sample of one epoch shares another epoch's seeds, however large the data set (an affine mix of them did past
+    its multiplier)."""
+    # (two chains over the parts in other orders: the second is no function of the first, so 63 bits are random)
+    return ((_scalar_key(seed, epoch, index) << 31) ^ _scalar_key(0xA06, index, epoch, seed)) & (2**63 - 1)
+
+
 def sample_keys(seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
     """[B] int64 keys in [0, 2^32), one per sample: a hash of (seed, epoch, index)."""
     if indices.dtype not in (torch.int64, torch.int32):

@@ -109,6 +109,7 @@ class Trainer:
     pos: Position = field(default_factory=Position)
     scaler: torch.amp.GradScaler | None = None
     monitor: object | None = None  # --eval-data: the kNN monitor (fastmim.eval.monitor.KnnMonitor), on rank 0
+    provenance: dict | None = None  # fastmim.provenance.run_provenance: into checkpoints and config.yaml
 
     def __post_init__(self) -> None:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -192,7 +193,29 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "config_format": CONFIG_FORMAT,
             "fastmim_version": __import__("fastmim").__version__,
+            "provenance": self.provenance,
+            "data_digest": self.data_digest(),
         }
+
+    def data_digest(self) -> str | None:
+        """A hash of the data set's file names, in the order samples are indexed, relative to their common folder:
+        the same files wherever the folder is (copied elsewhere), and the same after a file is replaced at its path
+        (how a bad file is fixed); another after a file is added, removed or renamed. None for a data set without a
+        file list."""
+        if not hasattr(self, "_data_digest"):
+            import hashlib
+            import os
+
+            files = getattr(self.dataset, "files", None)
+            digest = None
+            if files:  # (every path lies below the common folder of the least and the greatest)
+                base = os.path.commonpath([min(files), max(files)]) if len(files) > 1 else os.path.dirname(files[0])
+                cut = len(os.path.join(base, ""))
+                h = hashlib.sha1()
+                h.update("\n".join(f[cut:] for f in files).encode("utf-8", "surrogateescape"))
+                digest = h.hexdigest()[:16]
+            self._data_digest = digest
+        return self._data_digest
 
     def data_layout(self) -> dict:
         """What positions are counted in: a change of any of these moves batch and step boundaries (the seed deals
@@ -239,6 +262,7 @@ class Trainer:
         if state["scaler"] and self.scaler.is_enabled():  # empty when saved without fp16 (a changed --amp)
             self.scaler.load_state_dict(state["scaler"])
         self.pos = Position(state["epoch"], state["batch"], state["step"])
+        self._check_same_run_inputs(state)
         # the run's count continues (rank 0 carries what every rank had skipped: the sum is right on any world size)
         self.skipped_files = int(state.get("skipped_files", 0)) if self.info.is_main else 0
         layout = self.data_layout()
@@ -294,6 +318,37 @@ class Trainer:
             if self.info.is_main:
                 n, was = self.info.world_size, state.get("world_size")
                 print(f"note: resuming on {n} process{'es' * (n != 1)}, saved on {was}")
+
+    def _check_same_run_inputs(self, state: dict) -> None:
+        """What would make the resumed run read other data or draw other masks than the saved one did: its data set's
+        files changed (samples are indexed in the sorted file list, so a file added, removed or renamed gives most
+        indices other images): refused inside an epoch, said at its end; the masks' generator changed (fastmim's
+        native extension, whose C++ generator draws the block, uniform and multi-block masks, present in one and not
+        the other): said."""
+        saved = state.get("data_digest")
+        now = self.data_digest()
+        if saved is not None and now is not None and saved != now:
+            size = (state.get("layout") or {}).get("dataset_size")
+            what = f"{size} images then, {len(self.dataset)} now" if size is not None else f"{len(self.dataset)} now"
+            if self.pos.batch != 0:
+                end = (self.pos.epoch + 1) * self.steps_per_epoch
+                raise ValueError(
+                    f"the data set's files changed since the checkpoint ({what}: a file added, removed or renamed), "
+                    f"which stopped inside epoch {self.pos.epoch + 1}: the rest of that epoch would read other images "
+                    f"at its positions. Put the files back to finish the epoch (--max-steps {end} stops at its end), "
+                    "or resume from an end-of-epoch checkpoint"
+                )
+            if self.info.is_main:
+                print(f"note: the data set's files changed since the checkpoint ({what}: a file added, removed or "
+                      "renamed); from this epoch on the samples are the new file list's", flush=True)  # fmt: skip
+        was = (state.get("provenance") or {}).get("native_ext")
+        if was is not None and was != _ext.available() and self.masks.has_cpp and self.info.is_main:
+            if was:
+                why = f"fastmim's native extension drew them, and it does not load here ({_ext.load_error})"
+            else:
+                why = "torch drew them (the native extension did not load then), and the extension's C++ generator does"
+            print(f"note: the {self.masks.name} masks from here on differ from the ones this run would have drawn (the "
+                  f"same distribution): {why}", flush=True)  # fmt: skip
 
     def lr_of(self, step: int, epochs: int | None = None, milestones: tuple[float, ...] | None = None) -> float:
         """The learning rate the schedule sets for ``step`` (of this run's units); ``epochs``: planned over that many
@@ -522,7 +577,7 @@ class Trainer:
         if self.info.is_main:
             ckpt.save_checkpoint(self.output_dir / ckpt.CHECKPOINT_NAME, state)
             self._save_encoder(self.raw_model.encoder_state_dict())
-            save_yaml(self.cfg, self.output_dir / "config.yaml")
+            save_yaml(self.cfg, self.output_dir / "config.yaml", self.provenance)
         barrier(self.info)
 
     def _save_encoder(self, encoder_state: dict) -> None:
@@ -542,7 +597,7 @@ class Trainer:
         whole = fsdp.full_model_state(self.raw_model)  # collective; the tensors on rank 0
         if self.info.is_main:
             self._save_encoder(self.raw_model.encoder_state_dict(whole))
-            save_yaml(self.cfg, self.output_dir / "config.yaml")
+            save_yaml(self.cfg, self.output_dir / "config.yaml", self.provenance)
         barrier(self.info)
 
     # --- loop ---

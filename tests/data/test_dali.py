@@ -223,6 +223,31 @@ def test_pretrain_refuses_an_unscanned_folder_for_dali_and_auto_falls_back(image
     assert "not torch-gpu: this run is on cpu, GPU decoding needs CUDA" in out  # why not the GPU loader either
 
 
+def test_a_scanned_folder_with_bad_files_says_what_each_loader_reads(tmp_path, monkeypatch, capsys):
+    """One folder, a scan that found a bad file: auto reads the scan with DALI and says how many bad images it leaves
+    out, naming the folder; --loader torch reads the folder as it is and, on the bad file, says what it is and
+    points at the scan (or --skip-bad-files)."""
+    from fastmim import pretrain
+    from fastmim.data.scan import scan
+    from tests.conftest import TINY_ARGS
+
+    monkeypatch.setenv("FASTMIM_CACHE", str(tmp_path / "cache"))
+    data = make_image_folder(tmp_path / "d", n=8)
+    (data / "class0" / "aaa_empty.jpg").write_bytes(b"")
+    listed = scan(str(data), workers=0, progress=False).list_path
+    args = [*TINY_ARGS, "--data-path", str(data), "--max-steps", "1", "--vis-interval", "100", "--output-dir"]
+    pretrain.run([*args, str(tmp_path / "auto")])
+    out = capsys.readouterr().out
+    assert f"data: 8 images from {data}, loader DALI" in out
+    assert f"the folder's up-to-date scan {listed}, which leaves out the 1 bad image it found" in out
+    assert pretrain.main([*args, str(tmp_path / "torch"), "--loader", "torch", "--max-steps", "4"]) == 2
+    err = capsys.readouterr().err
+    err = err[err.index("error: ") :].splitlines()[0]
+    assert f"cannot read image '{data / 'class0' / 'aaa_empty.jpg'}': empty file (0 bytes)" in err
+    assert f"(or start a run with --data-path {listed}, this folder's up-to-date scan, which leaves out the 1 bad " \
+           "image it found, or with --skip-bad-files)" in err  # fmt: skip
+
+
 @pytest.mark.slow
 def test_a_bad_file_met_in_training_checkpoints_names_the_file_and_the_run_resumes_once_fixed(image_folder, tmp_path,
                                                                                               capsys):  # fmt: skip

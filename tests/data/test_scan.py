@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from fastmim.data.folder import ImageFolderDataset, list_images
-from fastmim.data.scan import default_list_path, find_scan, main, read_file_list, scan
+from fastmim.data.scan import default_list_path, find_scan, format_summary, main, read_file_list, scan
 from fastmim.data.transforms import eval_transform
 from tests.conftest import ROOT, make_image_folder
 
@@ -106,6 +106,32 @@ def test_find_scan_is_up_to_date_until_the_folder_changes(planted, tmp_path, mon
     assert find_scan(root) == result.list_path
     (root / "class0" / "new.png").write_bytes((root / "class0" / "p0.png").read_bytes())
     assert find_scan(root) is None
+
+
+def test_a_file_replaced_with_an_old_time_makes_the_scan_out_of_date(planted, tmp_path, monkeypatch):
+    """cp -p, rsync -a, tar x or touch -d give a rewritten file an old time: the newest time and the count stay, the
+    listed names too; the digest of sizes and times sees it (the auto loader would otherwise send a bad file to
+    DALI). Times and sizes put back as they were (a copy that keeps them) find the scan again; a list written before
+    the digest (no such field) is checked as before."""
+    monkeypatch.setenv("FASTMIM_CACHE", str(tmp_path / "cache"))
+    root, good = planted
+    result = scan(root, workers=0, progress=False)
+    target = good[0]
+    st = os.stat(target)
+    original = Path(target).read_bytes()
+    Path(target).write_bytes((root / "class0" / "truncated.jpg").read_bytes())
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns - 10**9))  # a second older than it was
+    assert find_scan(root) is None
+    Path(target).write_bytes(original)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert find_scan(root) == result.list_path
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns - 10**9))  # the same bytes, another time: a change too
+    assert find_scan(root) is None
+    lines = result.list_path.read_text().split("\n")
+    assert lines[0].rsplit(" ", 1)[1].startswith("digest=")
+    result.list_path.write_text("\n".join([lines[0].rsplit(" ", 1)[0], *lines[1:]]))  # an older fastmim's list
+    assert find_scan(root) == result.list_path  # (the newest time and the count are unchanged)
+    assert read_file_list(result.list_path)[1] == good
 
 
 def test_workers_give_the_same_result_as_in_process(planted, tmp_path):
@@ -244,6 +270,8 @@ def test_a_name_that_is_not_utf8_is_left_out_by_the_scan_and_named_by_dali(tmp_p
     assert [(os.fsencode(p), r) for p, r in result.bad] == [(odd, "name is not valid UTF-8 (DALI cannot open it; "
                                                                    "rename the file)")]  # fmt: skip
     assert len(result.good) == 3
+    line = next(x for x in format_summary(result).splitlines() if "latin1_" in x)  # its bytes, not a surrogate
+    assert line.startswith("  b'") and "latin1_\\xe9.jpg': name is not valid UTF-8" in line and "\\udce9" not in line
     files = list_images(root)
     assert len(ImageFolderDataset(root, eval_transform(32))[files.index(os.fsdecode(odd))].shape) == 3
     pytest.importorskip("nvidia.dali", reason="DALI's check needs DALI installed (fastmim[dali])")

@@ -49,3 +49,87 @@ def test_a_loader_refuses_a_dataset_smaller_than_one_global_batch(folder):
     ds = ImageFolderDataset(folder, pretrain_transform(32))
     with pytest.raises(ValueError, match="fewer than one global batch"):
         build_pretrain_loader(ds, 16, 0, 0, 2)
+
+
+def test_files_the_loader_does_not_read_are_counted_by_extension(tmp_path, capsys):
+    """.jfif and .jpe (JPEGs under other names) are read; files of other extensions (a GIF, a HEIC, notes) are not,
+    and the folder's note counts them by extension, once; a folder holding no image names what it holds."""
+    from PIL import Image
+
+    from fastmim.data.folder import list_images
+
+    data = make_image_folder(tmp_path / "d", n=4)
+    jpeg = (data / "class0" / "img000.jpg").read_bytes()
+    (data / "class0" / "photo.jfif").write_bytes(jpeg)
+    (data / "class0" / "photo.JPE").write_bytes(jpeg)
+    Image.new("RGB", (8, 8)).save(data / "class1" / "anim.gif")
+    (data / "class1" / "iphone.heic").write_bytes(b"\0" * 16)
+    (data / "class1" / "more.gif").write_bytes(b"GIF89a")
+    (data / "notes.txt").write_text("x")
+    files = list_images(data)
+    assert len(files) == 6 and str(data / "class0" / "photo.jfif") in files
+    err = capsys.readouterr().err
+    assert f"note: {data}: 4 file(s) without an image extension" in err and "not read: .gif 2, .heic 1, .txt 1" in err
+    list_images(data)
+    assert capsys.readouterr().err == ""  # said once
+    only = tmp_path / "gifs"
+    only.mkdir()
+    Image.new("RGB", (8, 8)).save(only / "a.gif")
+    with pytest.raises(ValueError, match=r"holds no images \(looked for .*\); it holds 1 other file\(s\): .gif 1"):
+        list_images(only)
+
+
+def test_what_is_wrong_with_a_file_is_said_in_words(tmp_path, monkeypatch):
+    """A bad image's line says what is wrong, with no object address (PIL's own text for bytes names a BytesIO at
+    an address that changes every run): empty, not an image, too large for Pillow's guard (which
+    FASTMIM_MAX_IMAGE_PIXELS sets); an image above Pillow's warning size is read without its warning."""
+    import os
+    import subprocess
+    import sys
+    import warnings
+
+    from PIL import Image
+
+    from fastmim.data.folder import BadImageError, open_rgb
+    from tests.conftest import ROOT
+
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("hello")
+    for src in (tmp_path / "empty.jpg", b""):
+        with pytest.raises(BadImageError, match=r"cannot read image '.*': empty file \(0 bytes\)$"):
+            open_rgb(src, str(tmp_path / "empty.jpg"))
+    for src in (tmp_path / "text.jpg", b"hello"):
+        with pytest.raises(BadImageError, match=r"': not an image \(PIL cannot identify its format\)$"):
+            open_rgb(src, "text.jpg")
+    Image.new("L", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels: over twice the limit
+    with pytest.raises(BadImageError, match="decompression bomb.*FASTMIM_MAX_IMAGE_PIXELS=N raises it, 0 removes it"):
+        open_rgb(tmp_path / "big.png", "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # over the limit, under twice it: PIL warns, read quietly
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert open_rgb(tmp_path / "big.png", "big.png").size == (64, 64)
+    code = "from PIL import Image; import fastmim.data.folder; print(Image.MAX_IMAGE_PIXELS)"
+    for value, want in (("0", "None"), ("500000000", "500000000")):
+        env = {**os.environ, "FASTMIM_MAX_IMAGE_PIXELS": value, "PYTHONPATH": str(ROOT)}
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert run.stdout.strip() == want
+    env["FASTMIM_MAX_IMAGE_PIXELS"] = "lots"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "FASTMIM_MAX_IMAGE_PIXELS must be a pixel count >= 0" in run.stderr
+
+
+def test_augmentation_seeds_never_repeat_across_epochs_however_large_the_data_set():
+    """Sample i + 10,000,019 of epoch e had sample i's seed of epoch e + 1 (an affine mix; ImageNet-22k has 14M
+    images): the seeds are a hash of (seed, epoch, index) now, with 63 random bits (no collision among 600,000)."""
+    from fastmim.data.folder import ImageFolderDataset
+
+    ds = ImageFolderDataset.__new__(ImageFolderDataset)  # the seeding alone: no files needed
+    ds.seed = 0
+    seeds = {}
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        for i in (*range(200_000), 10_000_019, 10_000_020, 20_000_038):
+            seeds.setdefault(ds._sample_seed(i), []).append((epoch, i))
+    assert all(len(v) == 1 for v in seeds.values()), [v for v in seeds.values() if len(v) > 1][:3]
+    assert all(0 <= s < 2**63 for s in seeds)

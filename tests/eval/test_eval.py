@@ -195,7 +195,7 @@ def test_timm_checkpoint_gives_timm_features(tmp_path, timm_name, ours):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_labelled_folder_errors_name_the_problem(tmp_path):
+def test_labelled_folder_errors_name_the_problem(tmp_path, capsys):
     flat = tmp_path / "flat"
     flat.mkdir()
     from PIL import Image
@@ -213,7 +213,16 @@ def test_labelled_folder_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="no images"):
         LabelledFolder(tmp_path / "empty")
     (train / "zzz_empty").mkdir()  # an empty class folder beside real ones: not a class
-    assert LabelledFolder(train).classes == ["class0", "class1"]
+    (train / "owl").mkdir()  # a class of a format not read: left out, and the note says what its files are
+    Image.new("RGB", (8, 8)).save(train / "owl" / "o.gif")
+    (train / "owl2").mkdir()
+    Image.new("RGB", (8, 8)).save(train / "owl2" / "o.jfif", "JPEG")  # a JPEG under its other name: read
+    capsys.readouterr()
+    assert LabelledFolder(train).classes == ["class0", "class1", "owl2"]
+    out = capsys.readouterr().out
+    assert (
+        "class folders without images (.jpg, .jpeg, .jpe, .jfif," in out and "left out: owl (.gif 1), zzz_empty" in out
+    )
 
 
 def test_a_link_in_a_class_folder_up_the_tree_or_into_another_class_labels_no_image_as_that_class(tmp_path, capsys):
