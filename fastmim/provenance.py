@@ -59,7 +59,7 @@ def versions() -> dict:
     from fastmim import _ext
 
     out = {"fastmim": fastmim.__version__, "commit": git_commit(), "python": sys.version.split()[0],
-           "torch": torch.__version__, "cuda": torch.version.cuda}  # fmt: skip
+           "torch": str(torch.__version__), "cuda": torch.version.cuda}  # fmt: skip
     for name, dist in (("torchvision", "torchvision"), ("triton", "triton"), ("timm", "timm"), ("pillow", "pillow"),
                        ("numpy", "numpy")):  # fmt: skip
         out[name] = _version(dist)
@@ -76,5 +76,6 @@ def run_provenance(**run) -> dict:
 def as_comments(provenance: dict) -> str:
     """YAML comment lines holding ``provenance`` (config.yaml stays a config that --config reads)."""
     lines = ["# written by this run (not read back: the settings above are the config):"]
-    lines += [f"#   {k}: {v}" for k, v in provenance.items()]
+    # (a value with a line break or another control character, a data path say, quoted: it must not end the comment)
+    lines += [f"#   {k}: {v if not isinstance(v, str) or v.isprintable() else repr(v)}" for k, v in provenance.items()]
     return "\n".join(lines) + "\n"

@@ -28,23 +28,31 @@ def _new_seeded_lock() -> None:  # a forked loader worker must not inherit the l
 os.register_at_fork(after_in_child=_new_seeded_lock)
 
 
-def _pixel_limit() -> None:
+def _pixel_limit() -> str | None:
     """FASTMIM_MAX_IMAGE_PIXELS: Pillow's limit against decompression bombs (``Image.MAX_IMAGE_PIXELS``; an image
     over twice it is refused), for data sets of large images (slides, satellite, panoramas); 0: no limit. Read at
-    import, so loader workers and scan processes take it too."""
+    import, so loader workers and scan processes take it too; a value that is not a count is left unused and
+    returned as the problem, which ``check_pixel_limit`` raises where data is read (not at import). Pillow's warning
+    for an image over the limit (but under twice it) is not shown: the data set is the user's own (a filter set
+    once for the process: ``warnings.catch_warnings`` around each decode would race with loader threads)."""
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     text = os.environ.get("FASTMIM_MAX_IMAGE_PIXELS", "").strip()
     if not text:
-        return
-    try:
-        value = int(text)
-        if value < 0:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"FASTMIM_MAX_IMAGE_PIXELS must be a pixel count >= 0 (0: no limit), got {text!r}") from None
-    Image.MAX_IMAGE_PIXELS = value or None
+        return None
+    if not text.isdigit():
+        return f"FASTMIM_MAX_IMAGE_PIXELS must be a pixel count >= 0 (0: no limit), got {text!r}"
+    Image.MAX_IMAGE_PIXELS = int(text) or None
+    return None
 
 
-_pixel_limit()
+_PIXEL_LIMIT_PROBLEM = _pixel_limit()
+
+
+def check_pixel_limit() -> None:
+    """ValueError for a FASTMIM_MAX_IMAGE_PIXELS that is not a pixel count."""
+    if _PIXEL_LIMIT_PROBLEM:
+        raise ValueError(_PIXEL_LIMIT_PROBLEM)
+
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -171,13 +179,10 @@ def decode_problem(e: Exception, src: str | Path | bytes) -> str:
 
 def open_rgb(src: str | Path | bytes, name: str) -> Image.Image:
     """The 8-bit RGB image (``to_rgb``) of a file or of its bytes; ``BadImageError`` naming ``name`` and what is
-    wrong when it cannot be read. Pillow's warning about a large image (below its refusal size) is not printed: the
-    data set is the user's own."""
+    wrong when it cannot be read."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
-                return to_rgb(img)
+        with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
+            return to_rgb(img)
     except Exception as e:  # PIL raises several types for truncated or non-image files
         raise BadImageError(f"cannot read image {str(name)!r}: {decode_problem(e, src)}", str(name)) from e
 
@@ -273,6 +278,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: str | Path, transform: Callable | None = None, seed: int | None = None):
+        check_pixel_limit()
         self.root = str(root)
         self.files = self._list(root)
         self.transform = transform

@@ -8,12 +8,13 @@ loaders take as ``--data-path``::
 
 The list is UTF-8 text: a header line, then one path per line relative to the scanned root, sorted::
 
-    # fastmim-scan v1 root=/data/imagenet/train images=1281166 bad=1 files=1281167 mtime=1715000000.123 digest=...
+    # fastmim-scan v2 root=/data/imagenet/train images=1281166 bad=1 files=1281167 mtime=1715000000.123 digest=...
     n01440764/n01440764_10026.JPEG
 
-``digest`` is a hash of every file's path, size and modification time (lists written before it was added have none,
-and are checked by count and newest time alone): a file replaced by another one, whatever time it was given,
-makes the scan out of date, while a copy that keeps sizes and times (rsync -a to the same path) does not.
+``digest`` (format v2) is a hash of every file's path, size and modification time: a file replaced by another one,
+whatever time it was given, makes the scan out of date, while a copy that keeps sizes and times (rsync -a to the
+same path) does not. A v1 list (written before the digest) is still read, and checked by its count and newest time
+alone: scan again to get the digest's check.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from fastmim.data.folder import (
     IMG_EXTENSIONS,
+    check_pixel_limit,
     is_image_file,
     is_utf8_name,
     iter_files,
@@ -49,13 +51,14 @@ from fastmim.data.folder import (
 )
 from fastmim.data.samples import cache_root
 
-FORMAT = "v1"
+FORMAT = "v2"  # written; v1 (no digest) is read too
+_READ_FORMATS = ("v1", "v2")
 # what PIL may identify and DALI's decoders (nvImageCodec) read as well; the others (GIF, TGA, ICO, ...) stop DALI
 DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "PPM", "TIFF", "WEBP", "JPEG2000"})
 MAGIC = "# fastmim-scan"
 NON_IMAGE = "not an image file (extension)"
 _HEADER = re.compile(
-    r"# fastmim-scan v1 root=(?P<root>.+) images=(?P<images>\d+) bad=(?P<bad>\d+) files=(?P<files>\d+)"
+    r"# fastmim-scan v[12] root=(?P<root>.+) images=(?P<images>\d+) bad=(?P<bad>\d+) files=(?P<files>\d+)"
     r" mtime=(?P<mtime>\S+)(?: digest=(?P<digest>[0-9a-f]+))?"
 )
 _MAX_PRINTED_NON_IMAGES = 20
@@ -285,6 +288,7 @@ def scan(
         FileNotFoundError, NotADirectoryError: root is missing or not a folder.
         ValueError: root holds no file, or no image file.
     """
+    check_pixel_limit()
     if not os.path.exists(root):
         raise FileNotFoundError(f"data path {str(root)!r} does not exist")
     shards = list_tar_shards(root)
@@ -346,13 +350,14 @@ def _scan_tars(resolved: str, shards: list[str], workers, out, progress) -> Scan
 
 
 def scan_header(path: str | Path) -> tuple[str, int, int]:
-    """(root, good images, bad images) from a scan list's header."""
-    header, _ = _read_header(Path(path))
+    """(root, good images, bad images) from a scan list's header (its first line alone is read)."""
+    header, _ = _read_header(Path(path), body=False)
     return header.root, header.images, header.bad
 
 
-def _read_header(path: Path) -> tuple[_Header, bytes]:
-    """The parsed header and the rest of the file; ValueError naming what is wrong when it is not a scan list."""
+def _read_header(path: Path, body: bool = True) -> tuple[_Header, bytes]:
+    """The parsed header and the rest of the file (b"" unless ``body``); ValueError naming what is wrong when it is
+    not a scan list."""
     with open(path, "rb") as f:
         first = f.readline(65536)
         what = f"data path {str(path)!r} is a file but not a fastmim scan list"
@@ -365,10 +370,10 @@ def _read_header(path: Path) -> tuple[_Header, bytes]:
             )
         line = first.decode("utf-8", "surrogateescape").rstrip("\r\n")
         version = line[len(MAGIC) :].split()[:1]
-        if version != [FORMAT]:
+        if not version or version[0] not in _READ_FORMATS:
             raise ValueError(
                 f"scan list {str(path)!r} has format {' '.join(version) or '(none)'!r}; this fastmim reads "
-                f"{FORMAT}: scan the folder again"
+                f"{' and '.join(_READ_FORMATS)}: scan the folder again"
             )
         m = _HEADER.fullmatch(line)
         if m is None:
@@ -378,7 +383,7 @@ def _read_header(path: Path) -> tuple[_Header, bytes]:
         except ValueError:
             raise ValueError(f"scan list {str(path)!r} has a damaged header {line!r}: scan the folder again") from None
         header = _Header(m["root"], int(m["images"]), int(m["bad"]), int(m["files"]), mtime, m["digest"])
-        return header, f.read()
+        return header, f.read() if body else b""
 
 
 def _read(path: str | Path) -> tuple[_Header, list[str]]:

@@ -243,11 +243,13 @@ class LabelledFolder(torch.utils.data.Dataset):
             IMG_EXTENSIONS,
             _note_skipped,
             _up_the_tree,
+            check_pixel_limit,
             extension_counts,
             is_image_file,
             iter_files,
         )
 
+        check_pixel_limit()
         self.root, self.transform = Path(root), transform
         if not self.root.is_dir():
             raise FileNotFoundError(f"labelled data folder {str(self.root)!r} does not exist")

@@ -200,19 +200,25 @@ class Trainer:
     def data_digest(self) -> str | None:
         """A hash of the data set's file names, in the order samples are indexed, relative to their common folder:
         the same files wherever the folder is (copied elsewhere), and the same after a file is replaced at its path
-        (how a bad file is fixed); another after a file is added, removed or renamed. None for a data set without a
-        file list."""
+        (how a bad file is fixed; a tar sample's id without its offset, which a replaced member moves); another after
+        a file is added, removed or renamed. None for a data set without a file list."""
         if not hasattr(self, "_data_digest"):
             import hashlib
             import os
 
+            from fastmim.data.folder import TarShardDataset, split_sample_id
+
             files = getattr(self.dataset, "files", None)
             digest = None
-            if files:  # (every path lies below the common folder of the least and the greatest)
+            if files:
+                if isinstance(self.dataset, TarShardDataset):  # shard:offset:member -> shard:member
+                    files = [f"{shard}:{member}" for shard, _, member in map(split_sample_id, files)]
+                # (every path lies below the common folder of the least and the greatest)
                 base = os.path.commonpath([min(files), max(files)]) if len(files) > 1 else os.path.dirname(files[0])
                 cut = len(os.path.join(base, ""))
                 h = hashlib.sha1()
-                h.update("\n".join(f[cut:] for f in files).encode("utf-8", "surrogateescape"))
+                for f in files:
+                    h.update(f[cut:].encode("utf-8", "surrogateescape") + b"\n")
                 digest = h.hexdigest()[:16]
             self._data_digest = digest
         return self._data_digest
@@ -327,20 +333,29 @@ class Trainer:
         the other): said."""
         saved = state.get("data_digest")
         now = self.data_digest()
+        layout = state.get("layout") or {}
+        size = layout.get("dataset_size")
+        what = f"{size} images then, {len(self.dataset)} now" if size is not None else f"{len(self.dataset)} now"
+        how = ("a file added, removed or renamed; or the data path now a folder's scan list, which leaves out the "
+               "files that failed the scan, or the other way round")  # fmt: skip
         if saved is not None and now is not None and saved != now:
-            size = (state.get("layout") or {}).get("dataset_size")
-            what = f"{size} images then, {len(self.dataset)} now" if size is not None else f"{len(self.dataset)} now"
             if self.pos.batch != 0:
-                end = (self.pos.epoch + 1) * self.steps_per_epoch
+                saved_steps = layout.get("loader_batches", 0) // max(layout.get("accum_iter", 1), 1)
+                end = (self.pos.epoch + 1) * (saved_steps or self.steps_per_epoch)  # (the saved run's steps)
                 raise ValueError(
-                    f"the data set's files changed since the checkpoint ({what}: a file added, removed or renamed), "
-                    f"which stopped inside epoch {self.pos.epoch + 1}: the rest of that epoch would read other images "
-                    f"at its positions. Put the files back to finish the epoch (--max-steps {end} stops at its end), "
-                    "or resume from an end-of-epoch checkpoint"
+                    f"the data set's files changed since the checkpoint ({what}: {how}), which stopped inside epoch "
+                    f"{self.pos.epoch + 1}: the rest of that epoch would read other images at its positions. Put the "
+                    f"files back to finish the epoch (--max-steps {end} stops at its end), or resume from an "
+                    "end-of-epoch checkpoint"
                 )
             if self.info.is_main:
-                print(f"note: the data set's files changed since the checkpoint ({what}: a file added, removed or "
-                      "renamed); from this epoch on the samples are the new file list's", flush=True)  # fmt: skip
+                print(f"note: the data set's files changed since the checkpoint ({what}: {how}); from this epoch on "
+                      "the samples are the new file list's", flush=True)  # fmt: skip
+        if "provenance" not in state and self.pos.batch != 0 and self.info.is_main:
+            # a checkpoint of an earlier fastmim, inside an epoch: what this one draws differently for its rest
+            print(f"note: this checkpoint was written by an earlier fastmim: the rest of epoch {self.pos.epoch + 1} "
+                  "gets other crops and flips than that run's (the augmentation seeds are a hash of seed, epoch and "
+                  "index now), the masks the same", flush=True)  # fmt: skip
         was = (state.get("provenance") or {}).get("native_ext")
         if was is not None and was != _ext.available() and self.masks.has_cpp and self.info.is_main:
             if was:
@@ -397,6 +412,10 @@ class Trainer:
             why = "it does not record its layout"
         elif saved.get("dataset_size") != layout["dataset_size"]:
             why = f"the data set had {saved.get('dataset_size')} images, now {layout['dataset_size']}"
+            newly = [f for f in getattr(self.dataset, "files", []) if f.lower().endswith((".jpe", ".jfif"))]
+            if "provenance" not in state and newly:  # (read since: an earlier fastmim's run left them out)
+                why += (f"; this fastmim reads .jpe and .jfif files too ({len(newly)} here), which the one that wrote "
+                        "the checkpoint left out: rename them (add .hold, say) until the epoch is done")  # fmt: skip
         elif state.get("loader") and {k for k, v in layout.items() if saved.get(k) != v} == {"seed"}:
             end = (e + 1) * self.steps_per_epoch
             why = (f"DALI's file list is shuffled with the seed: --seed {saved['seed']} finishes the epoch, "

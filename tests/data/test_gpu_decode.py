@@ -66,7 +66,10 @@ def test_same_samples_and_crops_as_the_torch_loader(folder, crop, interp):
         for (a, ia), (b, ib) in zip(got, want, strict=True):
             assert torch.equal(ia, ib)
             d = _levels(a, b)  # libjpeg-turbo's pixels, PIL's 8-bit resize passes against fp32 ones
-            assert d.max() <= 3.0 and d.mean() <= 0.6, (d.max().item(), d.mean().item())
+            # (where the synthetic images wrap from 255 to 0, bicubic overshoots: PIL clips its 8-bit intermediate
+            # between the passes, the fp32 kernel does not; up to 16 levels there, on a few pixels of some crops)
+            far = float((d > 3.0).float().mean())
+            assert d.mean() <= 0.6 and far <= 0.01 and d.max() <= 24.0, (d.max().item(), d.mean().item(), far)
     first, second = _epoch(gpu, sampler, base, 0), _epoch(gpu, sampler, base, 1)
     assert not torch.equal(first[0][1], second[0][1])  # a new order (and new crops) each epoch
 

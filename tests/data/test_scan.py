@@ -84,7 +84,7 @@ def test_list_round_trips_and_loads_as_a_dataset(planted, tmp_path):
     result = scan(root, workers=0, out=out, progress=False)
     assert result.list_path == out
     lines = out.read_text(encoding="utf-8").splitlines()
-    assert lines[0].startswith(f"# fastmim-scan v1 root={root} images=10 bad=7 files=18 mtime=")
+    assert lines[0].startswith(f"# fastmim-scan v2 root={root} images=10 bad=7 files=18 mtime=")
     assert lines[1:] == [os.path.relpath(p, root) for p in good]
     assert read_file_list(out) == (str(root), good)
     assert not [p for p in os.listdir(out.parent) if p != "clean.txt"]  # no temporary file left behind
@@ -129,7 +129,8 @@ def test_a_file_replaced_with_an_old_time_makes_the_scan_out_of_date(planted, tm
     assert find_scan(root) is None
     lines = result.list_path.read_text().split("\n")
     assert lines[0].rsplit(" ", 1)[1].startswith("digest=")
-    result.list_path.write_text("\n".join([lines[0].rsplit(" ", 1)[0], *lines[1:]]))  # an older fastmim's list
+    older = lines[0].rsplit(" ", 1)[0].replace(" v2 ", " v1 ")  # an older fastmim's list: v1, no digest
+    result.list_path.write_text("\n".join([older, *lines[1:]]))
     assert find_scan(root) == result.list_path  # (the newest time and the count are unchanged)
     assert read_file_list(result.list_path)[1] == good
 
@@ -208,9 +209,9 @@ def test_read_file_list_says_what_is_wrong(planted, tmp_path):
     cut.write_text("".join(lines[:-2]))
     with pytest.raises(ValueError, match="names 8 images but its header says images=10"):
         read_file_list(cut)
-    newer = tmp_path / "v2.txt"
-    newer.write_text(lines[0].replace(" v1 ", " v2 ") + "".join(lines[1:]))
-    with pytest.raises(ValueError, match="format 'v2'"):
+    newer = tmp_path / "v3.txt"
+    newer.write_text(lines[0].replace(" v2 ", " v3 ") + "".join(lines[1:]))
+    with pytest.raises(ValueError, match="format 'v3'; this fastmim reads v1 and v2"):
         read_file_list(newer)
     moved = tmp_path / "moved.txt"
     moved.write_text(lines[0].replace(f"root={root} ", f"root={tmp_path / 'gone'} ") + "".join(lines[1:]))

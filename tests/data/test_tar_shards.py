@@ -224,3 +224,23 @@ def test_image_members_webdataset_does_not_read_are_said(tmp_path, shards, capsy
     assert [i.rsplit(":", 1)[1] for i in ids] == ["x/good.jpg"]
     err = capsys.readouterr().err
     assert "note: 3 image member(s) of the tar shards left out" in err and "'x/photo.v2.jpg'" in err, err
+
+
+def test_the_run_data_digest_of_shards_keeps_a_replaced_member_and_sees_a_new_one(tmp_path):
+    """The checkpoint's data-set digest names a tar sample by shard and member, not by its offset: a bad member
+    rewritten at its name (another size: the later members' offsets move) is the same data set, moved shards too; a
+    member more is another."""
+    from types import SimpleNamespace
+
+    from fastmim.train.engine import Trainer
+
+    files = list_images(make_image_folder(tmp_path / "src", n=6, size=(40, 30)))
+
+    def digest(folder):
+        return Trainer.data_digest(SimpleNamespace(dataset=TarShardDataset(folder)))
+
+    good = digest(make_shards(tmp_path / "a", files))
+    fixed = truncated_member_shard(tmp_path / "b" / "shard-0000.tar", files, 0, "s0/k{:03d}.jpg")  # a short member 0
+    assert TarShardDataset(fixed).files != TarShardDataset(tmp_path / "a").files  # (the offsets moved)
+    assert digest(fixed) == digest(make_shards(tmp_path / "c", files, extra=False)) == good
+    assert digest(make_shards(tmp_path / "d", [*files, files[0]])) != good

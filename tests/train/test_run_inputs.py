@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from fastmim import pretrain
+from fastmim.provenance import as_comments
 from fastmim.train.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import TINY_ARGS, make_image_folder
 
@@ -28,6 +29,12 @@ def test_the_data_sets_file_list_is_checked_on_resume(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"the data set's files changed since the checkpoint \(24 images then, 24 "
                                          r"now.*stopped inside epoch 1.*--max-steps 6 stops at its end"):  # fmt: skip
         pretrain.run(["--resume", "--output-dir", str(out), "--data-path", str(data)])
+    for k in range(4):  # 28 images: 7 steps an epoch now, the saved run's epoch ends at 6 all the same
+        shutil.copy(first, data / "class0" / f"more{k}.jpg")
+    with pytest.raises(ValueError, match=r"\(24 images then, 28 now.*--max-steps 6 stops at its end"):
+        pretrain.run(["--resume", "--output-dir", str(out), "--data-path", str(data)])
+    for k in range(4):
+        (data / "class0" / f"more{k}.jpg").unlink()
     (data / "class0" / "img000b.jpg").rename(data / "class1" / "img001.jpg")  # the names as they were
     first.write_bytes(first.read_bytes())  # rewritten in place
     moved = shutil.copytree(data, tmp_path / "elsewhere" / "d")
@@ -52,6 +59,22 @@ def test_config_yaml_records_the_runs_provenance_and_still_reads_back(tmp_path, 
     assert isinstance(saved["data_digest"], str)
     pretrain.run(["--config", str(out / "config.yaml"), "--output-dir", str(tmp_path / "again"), "--max-steps", "1"])
     assert load_checkpoint(tmp_path / "again" / "checkpoint.pt")["data_digest"] == saved["data_digest"]
+    odd = "a: 1\n" + as_comments({"data": "/x\ny: 2", "loader": "torch"})  # a line break must not end the comment
+    assert yaml.safe_load(odd) == {"a": 1} and "#   data: '/x\\ny: 2'" in odd
+
+
+def test_a_checkpoint_of_an_earlier_fastmim_resumed_inside_an_epoch_says_its_crops_differ(tmp_path, image_folder,
+                                                                                          capsys):  # fmt: skip
+    out = tmp_path / "run"
+    pretrain.run([*ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--max-steps", "2"])
+    state = load_checkpoint(out / "checkpoint.pt")
+    del state["provenance"], state["data_digest"]  # as written before they were recorded
+    save_checkpoint(out / "checkpoint.pt", state)
+    capsys.readouterr()
+    pretrain.run(["--resume", "--output-dir", str(out), "--max-steps", "3"])
+    assert "note: this checkpoint was written by an earlier fastmim: the rest of epoch 1 gets other crops" in (
+        capsys.readouterr().out
+    )
 
 
 def test_a_resume_that_draws_masks_with_another_generator_says_so(tmp_path, image_folder, capsys):

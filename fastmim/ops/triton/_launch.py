@@ -175,12 +175,16 @@ class JitKernel:
         # Triton launches on the current device; tensors on another GPU (a library call without set_device) make
         # theirs current for the launch, as torch's own ops do
         dev = _device_of(args)
-        if dev >= 0 and dev != _current_device():
+        if dev < 0:
+            return self._launch(grid, args, kwargs, None)
+        current = _current_device()
+        if dev != current:
             with _on_device(dev):
-                return self._launch(grid, args, kwargs)
-        return self._launch(grid, args, kwargs)
+                return self._launch(grid, args, kwargs, dev)
+        return self._launch(grid, args, kwargs, current)
 
-    def _launch(self, grid, args: tuple, kwargs: dict):
+    def _launch(self, grid, args: tuple, kwargs: dict, current: int | None):
+        """``current``: the current device's index, when the caller has it."""
         if not DIRECT or type(grid) is not tuple or getattr(self.jit_fn, "pre_run_hooks", None):
             return self.via_triton(grid, args, kwargs)
         state = _triton_state()
@@ -189,7 +193,7 @@ class JitKernel:
         key, full = signature(args)
         if key is None:
             return self.via_triton(grid, args, kwargs)
-        dev = _current_device()
+        dev = _current_device() if current is None else current
         key.append(dev)
         key.append(state)
         key.extend(kwargs.items())
