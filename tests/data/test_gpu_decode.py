@@ -316,7 +316,9 @@ def test_nvjpeg_pixels_match_the_cpu_loaders(tmp_path, crop):
     for (a, ia), (b, ib) in zip(got, want, strict=True):
         assert torch.equal(ia, ib)
         d = _levels(a, b)  # nvJPEG's IDCT and upsampling differ from libjpeg-turbo's by a level or two
-        assert d.max() <= 12.0 and d.mean() <= 1.5, (d.max().item(), d.mean().item())
+        # (and PIL's clipped 8-bit intermediate at the synthetic 255->0 wraps: see the CPU test above)
+        far = float((d > 6.0).float().mean())
+        assert d.mean() <= 1.5 and far <= 0.01 and d.max() <= 32.0, (d.max().item(), d.mean().item(), far)
     assert gpu.stats["cpu_fallbacks"] == 0
 
 
