@@ -654,7 +654,8 @@ def _check_loader_on_resume(cfg: PretrainConfig, state: dict | None, kind: str, 
     saved = (state or {}).get("loader")
     was = ((state or {}).get("provenance") or {}).get("loader")  # (recorded since: the torch loaders too)
     if cfg.loader != "auto" or kind == "dali" or not (saved and isinstance(saved[0], dict) and "dali" in saved[0]):
-        if cfg.loader == "auto" and was is not None and was != kind and not (state or {}).get("batch", 0):
+        switched = cfg.loader == "auto" and was is not None and was != kind
+        if switched and not (state or {}).get("batch", 0) and not _rank_prefix():  # (rank 0 says it)
             order = " and its order" if "dali" in (was, kind) else ""
             print(f"note: this run read its data with the {was} loader; --loader auto now picks {kind} ({why}): the "
                   f"crops{order} differ from here on; --loader {was} keeps the run's", flush=True)  # fmt: skip

@@ -153,7 +153,7 @@ def note_other_files(root: str | Path, others: list[str]) -> None:
     """Says once per folder how many files were not read as images, by extension, so that a format fastmim does not
     read (.gif, .heic, ...) is not left out unseen."""
     key = f"others:{root}"
-    if not others or key in _NOTED:
+    if not others or key in _NOTED or os.environ.get("RANK", "0") != "0":  # (once per run: rank 0 says it)
         return
     _NOTED.add(key)
     print(f"note: {str(root)}: {len(others)} file(s) without an image extension ({', '.join(IMG_EXTENSIONS)}) "
