@@ -1094,6 +1094,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
             pos = trainer.pos  # (epochs counted from 1 in what is printed, as the progress bar does)
             n_params = sum(p.numel() for p in model.parameters()) / 1e6
             source = dataset.root if root == data_cfg.data_path else data_cfg.data_path  # (the folder, not its scan)
+            shards = f" in {_n(len(dataset.shards), 'tar shard')}" if getattr(dataset, "shards", None) else ""
             amp_name = str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "fp32"
             per_node = info.local_world_size
             nodes = f" ({info.world_size // per_node} nodes x {per_node})" if 0 < per_node < info.world_size else ""
@@ -1103,7 +1104,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
                 f"amp={amp_name}, native ext={'yes' if _ext.available() else 'no'}"
                 + (f", torch.compile mode {compile_mode[0]} ({compile_mode[1]})" if compile_mode else "")
                 + "\n"
-                f"  data: {len(dataset)} images from {source}, loader {loader_desc}: {why}\n"
+                f"  data: {len(dataset)} images{shards} from {source}, loader {loader_desc}: {why}\n"
                 f"  batch {eff_batch} (= {cfg.batch_size} x {cfg.accum_iter} accum x {info.world_size} procs), "
                 f"lr {lr:.3g}, {trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps\n"
                 + (

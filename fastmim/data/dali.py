@@ -277,6 +277,9 @@ class DaliLoader:
         # sample stays its position in ``files``
         order = list(range(n))
         self.tars = list(tars) if tars else None
+        if self.tars:  # a shard without an image sample (an empty tar: a writer stopped after a roll-over) is left
+            held = {split_sample_id(f)[0] for f in self.files}  # out: DALI's reader refuses an index of 0 samples
+            self.tars = [t for t in self.tars if t in held]
         if self.tars:  # tar shards are read in order: the shuffle buffer is all the mixing there is
             # DALI's source_info is "shard:offset:member": samples are found by (shard, offset), which DALI reports
             # exactly whatever it makes of the member's name (PAX names, bytes that are not UTF-8)

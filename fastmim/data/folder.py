@@ -149,6 +149,21 @@ def extension_counts(paths: list[str], most: int = 6) -> str:
     return text + (f" and {len(ranked) - most} more kinds" if len(ranked) > most else "")
 
 
+_COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.zst", ".tar.bz2", ".tar.xz")
+
+
+def _tar_hint(others: list[str]) -> str:
+    """What to do about tar shards among files not read as images (compressed ones; ones beside images or in
+    subfolders): "" when there are none."""
+    if any(o.lower().endswith(_COMPRESSED_TARS) for o in others):
+        return ("; compressed tar shards are not read: decompress them (gunzip ...: uncompressed tars, as DALI reads "
+                "them)")  # fmt: skip
+    if any(o.lower().endswith(".tar") for o in others):
+        return ("; tar shards are read from a .tar file, or a folder holding them directly with no images below it: "
+                "pass that")  # fmt: skip
+    return ""
+
+
 def note_other_files(root: str | Path, others: list[str]) -> None:
     """Says once per folder how many files were not read as images, by extension, so that a format fastmim does not
     read (.gif, .heic, ...) is not left out unseen."""
@@ -157,7 +172,7 @@ def note_other_files(root: str | Path, others: list[str]) -> None:
         return
     _NOTED.add(key)
     print(f"note: {str(root)}: {len(others)} file(s) without an image extension ({', '.join(IMG_EXTENSIONS)}) "
-          f"not read: {extension_counts(others)}", file=sys.stderr, flush=True)  # fmt: skip
+          f"not read: {extension_counts(others)}{_tar_hint(others)}", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def decode_problem(e: Exception, src: str | Path | bytes) -> str:
@@ -230,6 +245,8 @@ def list_images(root: str | Path) -> list[str]:
     if root.is_file():
         from fastmim.data.scan import read_file_list  # scan imports this module
 
+        if root.name.lower().endswith(_COMPRESSED_TARS):
+            raise ValueError(f"data path {str(root)!r} is a compressed tar shard{_tar_hint([root.name])}")
         image_root, files = read_file_list(root)
         if not files:
             raise ValueError(
@@ -247,6 +264,7 @@ def list_images(root: str | Path) -> list[str]:
         note_other_files(root, others)
     else:
         held = f"; it holds {len(others)} other file(s): {extension_counts(others)}" if others else ""
+        held += _tar_hint(others)
         raise ValueError(f"data path {str(root)!r} holds no images (looked for {', '.join(IMG_EXTENSIONS)}){held}")
     return sorted(files)
 
@@ -375,11 +393,16 @@ def list_tar_samples(shards: list[str]) -> tuple[list[str], list[int]]:
     DALI reads them)."""
     import tarfile
 
-    samples, sizes, left_out = [], [], []
+    samples, sizes, left_out, cut = [], [], [], []
     for shard in shards:
         keys: dict[str, str] = {}
         try:
-            with tarfile.open(shard, "r:") as tar:
+            tar = tarfile.open(shard, "r:")
+        except tarfile.ReadError as e:
+            what = "an empty file (0 bytes)" if os.path.getsize(shard) == 0 else f"not an uncompressed tar file ({e})"
+            raise ValueError(f"tar shard {shard!r} is {what}: re-write or remove it") from e
+        with tar:
+            try:
                 for m in tar:
                     base = m.name.rsplit("/", 1)[-1]
                     if not m.isfile() or "." not in base or base.split(".", 1)[1] not in TAR_IMAGE_EXTS:
@@ -392,16 +415,19 @@ def list_tar_samples(shards: list[str]) -> tuple[list[str], list[int]]:
                     key = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
                     if key in keys:
                         raise ValueError(
-                            f"tar shard {shard!r}: sample {key!r} holds two images ({keys[key]}, {m.name})"
+                            f"tar shard {shard!r}: sample {key!r} holds two images ({keys[key]}, {m.name}): a sample "
+                            "is one image; rename the other's extension (KEY.mask.png, say), which leaves it out"
                         )
                     keys[key] = m.name
                     samples.append(f"{shard}:{m.offset_data}:{m.name}")
                     sizes.append(m.size)
-        except tarfile.ReadError as e:
-            raise ValueError(f"{shard!r} is not an uncompressed tar file ({e})") from e
+            except tarfile.ReadError:  # the shard ends inside a member or a header (an interrupted download or copy):
+                cut.append(shard)  # its members up to there are read; a member cut short is a bad file when read
+    if cut and os.environ.get("RANK", "0") == "0":
+        print(f"note: {len(cut)} tar shard(s) end inside a member (truncated: an interrupted download or copy?): "
+              f"{', '.join(repr(c) for c in cut[:3])}{' ...' if len(cut) > 3 else ''}; their members up to the cut "
+              "are read (python -m fastmim.data.scan names the one cut)", file=sys.stderr, flush=True)  # fmt: skip
     if left_out and os.environ.get("RANK", "0") == "0":  # (said once, not by every process)
-        import sys
-
         print(f"note: {len(left_out)} image member(s) of the tar shards left out, as webdataset and DALI read them "
               f"(a sample is KEY.EXT: the base name up to its first dot, a lower- or upper-case extension, a regular "
               f"file): {', '.join(repr(n) for n in left_out[:3])}{' ...' if len(left_out) > 3 else ''}; rename them to "

@@ -40,6 +40,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from fastmim.data.folder import (
     IMG_EXTENSIONS,
+    _tar_hint,
     check_pixel_limit,
     is_image_file,
     is_utf8_name,
@@ -306,6 +307,7 @@ def scan(
         raise ValueError(
             f"data path {str(root)!r} holds no images (looked for {', '.join(IMG_EXTENSIONS)}); "
             f"it holds {len(others)} other file(s), such as {os.path.relpath(others[0], resolved)!r}"
+            f"{_tar_hint(others)}"
         )
     prefix = os.path.join(resolved, "")
     listable = [p for p in images if "\n" not in p and "\r" not in p and is_utf8_name(p)]

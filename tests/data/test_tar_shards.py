@@ -88,7 +88,7 @@ def test_pretrain_reads_tar_shards_with_the_torch_loader_and_refuses_dali_withou
     args = [*TINY_ARGS, "--data-path", str(root), "--max-steps", "2"]
     pretrain.run([*args, "--output-dir", str(tmp_path / "t")])
     out = capsys.readouterr().out
-    assert "24 images from" in out and "loader torch" in out and "done: step 2" in out
+    assert "24 images in 3 tar shards from" in out and "loader torch" in out and "done: step 2" in out
     if dali_problem() is None:
         with pytest.raises(pretrain.UsageError, match="holds tar shards; they have not been scanned"):
             pretrain.run([*args, "--output-dir", str(tmp_path / "d"), "--loader", "dali"])
@@ -244,3 +244,65 @@ def test_the_run_data_digest_of_shards_keeps_a_replaced_member_and_sees_a_new_on
     assert TarShardDataset(fixed).files != TarShardDataset(tmp_path / "a").files  # (the offsets moved)
     assert digest(fixed) == digest(make_shards(tmp_path / "c", files, extra=False)) == good
     assert digest(make_shards(tmp_path / "d", [*files, files[0]])) != good
+
+
+def test_a_shard_cut_short_keeps_its_members_up_to_the_cut_and_names_the_cut_one(tmp_path, shards, capsys):
+    """An interrupted download or copy ends a shard inside its last member: the whole data set was refused ("not an
+    uncompressed tar file", no member named); now the members before the cut are read, a note says which shard, the
+    member cut short is a bad file named when read (or by the scan), and --skip-bad-files trains past it."""
+    from fastmim.data.folder import BadImageError, split_sample_id
+    from fastmim.data.scan import scan
+
+    src, files = shards
+    root = tmp_path / "cut"
+    root.mkdir()
+    whole = (src / "shard-0001.tar").read_bytes()
+    (root / "shard-0000.tar").write_bytes((src / "shard-0000.tar").read_bytes())
+    last = TarShardDataset(src / "shard-0001.tar").files[-1]
+    _, offset, member = split_sample_id(last)
+    (root / "shard-0001.tar").write_bytes(whole[: offset + 100])  # inside the last member's data
+    ds = TarShardDataset(root)
+    assert len(ds) == 20 and ds.files[-1].endswith(f":{offset}:{member}")
+    assert "1 tar shard(s) end inside a member (truncated" in capsys.readouterr().err
+    with pytest.raises(BadImageError, match=r"the shard ends .* bytes into it"):
+        ds.read_bytes(19)
+    assert ds.load(18).size == (70, 90)  # the ones before it read
+    found = scan(root, workers=0, progress=False, out=tmp_path / "list.txt")
+    assert [(p.rsplit(":", 1)[1], r) for p, r in found.bad] == [(member, "truncated")] and len(found.good) == 19
+
+
+def test_empty_zero_byte_compressed_and_misplaced_shards_are_named(tmp_path, shards, capsys):
+    """A 0-byte shard and a compressed one are named with what to do; a tar with no image sample (a writer stopped
+    after rolling over) between good ones is left out of DALI's reader (whose index of 0 samples stopped the run);
+    shards beside images or in subfolders, and compressed ones, are hinted at where a folder is read as images."""
+    from fastmim.data.folder import list_images
+
+    src, files = shards
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "zero" / "a.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"tar shard '.*a.tar' is an empty file \(0 bytes\): re-write or remove it"):
+        TarShardDataset(tmp_path / "zero")
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    with tarfile.open(gz / "a.tar.gz", "w:gz") as tar:
+        tar.add(files[0], arcname="x.jpg")
+    with pytest.raises(ValueError, match="compressed tar shards are not read: decompress them"):
+        list_images(gz)
+    with pytest.raises(ValueError, match="is a compressed tar shard; compressed tar shards are not read"):
+        list_images(gz / "a.tar.gz")
+    mixed = make_shards(tmp_path / "mixed", files[:10])
+    (mixed / "thumb.jpg").write_bytes(open(files[0], "rb").read())
+    capsys.readouterr()
+    assert len(list_images(mixed)) == 1
+    assert "tar shards are read from a .tar file, or a folder holding them directly" in capsys.readouterr().err
+    empty = make_shards(tmp_path / "empty", files[:20])
+    with tarfile.open(empty / "shard-0001b.tar", "w"):
+        pass  # no member at all, between the two good shards
+    ds = TarShardDataset(empty)
+    assert len(ds) == 20 and len(ds.shards) == 3
+    if dali_problem() is not None:
+        return  # (the DALI half needs DALI: fastmim[dali])
+    from fastmim.data.dali import DaliLoader
+
+    loader = DaliLoader(ds.files, 4, 32, num_threads=1, tars=ds.shards, tar_sizes=ds.sizes)
+    assert sorted(int(i) for _, idx in loader for i in idx) == list(range(20))
