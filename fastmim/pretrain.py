@@ -653,6 +653,8 @@ def _check_loader_on_resume(cfg: PretrainConfig, state: dict | None, kind: str, 
     do (the other loader would read other samples, and the dataset's size may differ), noted at an epoch boundary."""
     saved = (state or {}).get("loader")
     was = ((state or {}).get("provenance") or {}).get("loader")  # (recorded since: the torch loaders too)
+    if was is None and state is not None and "provenance" not in state and not saved:
+        was = "torch"  # (an earlier fastmim's checkpoint without DALI's state: a torch loader read it)
     if cfg.loader != "auto" or kind == "dali" or not (saved and isinstance(saved[0], dict) and "dali" in saved[0]):
         switched = cfg.loader == "auto" and was is not None and was != kind
         if switched and not (state or {}).get("batch", 0) and not _rank_prefix():  # (rank 0 says it)
@@ -717,10 +719,13 @@ def _choose_loader(cfg: PretrainConfig) -> tuple[str, str | None, str]:
     if path.is_dir():
         scan = find_scan(path)
         if scan is not None:
-            from fastmim.data.scan import scan_header
+            from fastmim.data.scan import scan_format, scan_header
 
             bad = scan_header(scan)[2]
             left = f", which leaves out the {_n(bad, 'bad image')} it found" if bad else ""
+            if scan_format(scan) == "v1":
+                left += (" (an earlier fastmim's scan: checked by file count and newest time only; scan again for "
+                         "the check of every file's size and time)")  # fmt: skip
             return "dali", str(scan), f"the folder's up-to-date scan {scan}{left}"
         if cfg.allow_unscanned:
             return "dali", cfg.data_path, "--allow-unscanned (a bad image stops the run)"
@@ -1062,6 +1067,8 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
             provenance = run_provenance(loader=kind, loader_why=why, data=str(root), device=str(device),
                                         amp=str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
                                         world_size=info.world_size)  # fmt: skip
+            if state is not None:  # the steps before this resume: made with what (kept when the versions changed)
+                provenance["earlier"] = earlier_provenance(state, provenance)
             trainer = Trainer(cfg, info, device, step_model, model, optimizer, loader, sampler, dataset, out, lr,
                               amp_dtype=amp_dtype, monitor=monitor, provenance=provenance)  # fmt: skip
             if state is not None:
@@ -1150,6 +1157,19 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
 
 def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def earlier_provenance(state: dict, now: dict) -> list[dict]:
+    """The saved run's record of its earlier segments, and one for the segment that ends at the checkpoint when its
+    fastmim, commit or library versions differ from ``now`` (an earlier fastmim's checkpoint has no record)."""
+    was = state.get("provenance")
+    if was is None:
+        return [{"until_step": state.get("step"), "fastmim": "an earlier fastmim (no record)"}]
+    earlier = list(was.get("earlier") or [])
+    keys = ("fastmim", "commit", "torch", "torchvision", "triton", "pillow", "dali", "native_ext")
+    if any(was.get(k) != now.get(k) for k in keys):
+        earlier.append({"until_step": state.get("step"), **{k: was.get(k) for k in keys}})
+    return earlier
 
 
 def bad_file_message(e: BadImageError | DaliDecodeError) -> str:

@@ -279,7 +279,21 @@ class DaliLoader:
         self.tars = list(tars) if tars else None
         if self.tars:  # a shard without an image sample (an empty tar: a writer stopped after a roll-over) is left
             held = {split_sample_id(f)[0] for f in self.files}  # out: DALI's reader refuses an index of 0 samples
+            unknown = held - set(self.tars)
+            if unknown:
+                raise ValueError(f"DALI's samples name shards that tars does not list (spelled alike?): "
+                                 f"{sorted(unknown)[:2]}")  # fmt: skip
             self.tars = [t for t in self.tars if t in held]
+            if tar_sizes:  # a member past the shard's end (a shard cut short) makes DALI read unmapped memory
+                ends = {t: os.path.getsize(t) for t in self.tars}
+                for f, size in zip(self.files, tar_sizes, strict=True):
+                    shard, offset, member = split_sample_id(f)
+                    if offset + size > ends[shard]:
+                        raise ValueError(
+                            f"tar shard {shard!r} ends inside its member {member!r} (cut short: an interrupted "
+                            "download or copy?), which DALI cannot read: re-write the shard, or read it with --loader "
+                            "torch --skip-bad-files"
+                        )
         if self.tars:  # tar shards are read in order: the shuffle buffer is all the mixing there is
             # DALI's source_info is "shard:offset:member": samples are found by (shard, offset), which DALI reports
             # exactly whatever it makes of the member's name (PAX names, bytes that are not UTF-8)
@@ -326,8 +340,9 @@ class DaliLoader:
         except RuntimeError as e:  # e.g. a webdataset reader that found no sample it can read
             raise ValueError(f"DALI cannot set up its reader ({_dali_reason(e)}): {hint}") from e
         seen = pipe.reader_meta(READER)["epoch_size"]
-        if seen != len(self._order):
-            raise ValueError(f"DALI's reader finds {seen} samples where the index has {len(self._order)}: {hint}")
+        expected = len(self.files) if self.tars else len(self._order)  # (DALI reads every sample of the shards)
+        if seen != expected:
+            raise ValueError(f"DALI's reader finds {seen} samples where the index has {expected}: {hint}")
         self._pipe = pipe
         self._rewound = False  # the state to save is the one from before the last batch asked for (see _next)
         self._it = DALIGenericIterator(
@@ -498,12 +513,13 @@ def write_wds_indexes(ids: Sequence[str], sizes: Sequence[int], shards: Sequence
     paths = []
     for shard in shards:
         st = os.stat(shard)
+        lines = per_shard[shard]
         key = hashlib.sha1(
             f"{os.path.abspath(shard)}|{st.st_size}|{st.st_mtime_ns}|v1.2".encode(errors="surrogateescape")
         )
+        key.update("".join(lines).encode())  # the members listed (a fastmim that reads more extensions lists more)
         path = folder / f"{key.hexdigest()[:20]}.idx"
         if not path.is_file():
-            lines = per_shard[shard]
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(f"v1.2 {len(lines)}\n" + "".join(lines))
             os.replace(tmp, path)  # atomic: ranks writing the same index race harmlessly

@@ -39,7 +39,7 @@ def _pixel_limit() -> str | None:
     text = os.environ.get("FASTMIM_MAX_IMAGE_PIXELS", "").strip()
     if not text:
         return None
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         return f"FASTMIM_MAX_IMAGE_PIXELS must be a pixel count >= 0 (0: no limit), got {text!r}"
     Image.MAX_IMAGE_PIXELS = int(text) or None
     return None
@@ -156,11 +156,11 @@ def _tar_hint(others: list[str]) -> str:
     """What to do about tar shards among files not read as images (compressed ones; ones beside images or in
     subfolders): "" when there are none."""
     if any(o.lower().endswith(_COMPRESSED_TARS) for o in others):
-        return ("; compressed tar shards are not read: decompress them (gunzip ...: uncompressed tars, as DALI reads "
-                "them)")  # fmt: skip
+        return ("; if the compressed tars are webdataset shards, decompress them to read them (uncompressed tars, as "
+                "DALI reads them)")  # fmt: skip
     if any(o.lower().endswith(".tar") for o in others):
-        return ("; tar shards are read from a .tar file, or a folder holding them directly with no images below it: "
-                "pass that")  # fmt: skip
+        return ("; if the .tar files are webdataset shards, pass a .tar file, or a folder holding them directly with "
+                "no images below it")  # fmt: skip
     return ""
 
 
@@ -196,8 +196,14 @@ def open_rgb(src: str | Path | bytes, name: str) -> Image.Image:
     """The 8-bit RGB image (``to_rgb``) of a file or of its bytes; ``BadImageError`` naming ``name`` and what is
     wrong when it cannot be read."""
     try:
-        with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
-            return to_rgb(img)
+        try:
+            with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
+                return to_rgb(img)
+        except Image.DecompressionBombWarning:  # warnings made errors (or fastmim's filter reset): read it as Pillow
+            with warnings.catch_warnings():  # would without them (only on this rare path: the filter is per process)
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
+                    return to_rgb(img)
     except Exception as e:  # PIL raises several types for truncated or non-image files
         raise BadImageError(f"cannot read image {str(name)!r}: {decode_problem(e, src)}", str(name)) from e
 
@@ -363,10 +369,11 @@ def list_tar_shards(root: str | Path) -> list[str] | None:
     images; None for anything else (an image folder or a scan list)."""
     root = Path(root)
     if root.is_file():
-        return [str(root)] if root.suffix == ".tar" else None
+        return [str(root)] if root.suffix.lower() == ".tar" else None
     if not root.is_dir():
         return None
-    tars = sorted(str(p) for p in root.iterdir() if p.suffix == ".tar" and not p.name.startswith("."))
+    tars = sorted(str(p) for p in root.iterdir() if p.suffix.lower() == ".tar" and not p.name.startswith(".")
+                  and p.is_file())  # fmt: skip
     if not tars or any(is_image_file(p) for p in iter_files(root)):
         return None
     return tars

@@ -116,9 +116,14 @@ def _resolve(root: str | Path) -> str:
 
 
 def default_list_path(root: str | Path) -> Path:
-    """Where ``scan(root)`` writes its list unless told otherwise: ``<cache>/scans/<sha1 of the resolved root>.txt``."""
+    """Where ``scan(root)`` writes its list unless told otherwise: ``<cache>/scans/<sha1 of the resolved root>.v2.txt``
+    (a name of its own per format: a fastmim that reads v1 only keeps its own list beside it in a shared cache)."""
+    return _list_path(root, ".v2.txt")
+
+
+def _list_path(root: str | Path, suffix: str) -> Path:
     digest = hashlib.sha1(_resolve(root).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return cache_root() / "scans" / f"{digest}.txt"
+    return cache_root() / "scans" / f"{digest}{suffix}"
 
 
 def _walk(root: str) -> tuple[list[str], list[str], float, str]:
@@ -178,7 +183,7 @@ def check_member(sample: tuple[str, int, int]) -> str | None:
             data = f.read(size)
     except OSError as e:
         return f"unreadable: {e.strerror or e}"
-    return check_bytes(data) if len(data) == size or not data else "truncated"
+    return check_bytes(data) if len(data) == size else "truncated"  # (a member of size 0: check_bytes says empty)
 
 
 def check_bytes(data: bytes) -> str | None:
@@ -351,6 +356,11 @@ def _scan_tars(resolved: str, shards: list[str], workers, out, progress) -> Scan
     return ScanResult(resolved, good, bad, [], list_path, len(shards), mtime)
 
 
+def scan_format(path: str | Path) -> str:
+    """The format of a scan list ("v1": written before the digest, checked by file count and newest time only)."""
+    return "v1" if _read_header(Path(path), body=False)[0].digest is None else FORMAT
+
+
 def scan_header(path: str | Path) -> tuple[str, int, int]:
     """(root, good images, bad images) from a scan list's header (its first line alone is read)."""
     header, _ = _read_header(Path(path), body=False)
@@ -430,7 +440,9 @@ def find_scan(root: str | Path) -> Path | None:
     resolved = _resolve(root)
     path = default_list_path(resolved)
     if not path.is_file():
-        return None
+        path = _list_path(resolved, ".txt")  # an earlier fastmim's (v1)
+        if not path.is_file():
+            return None
     try:
         header, files = _read(path)
     except (OSError, ValueError):
@@ -438,6 +450,8 @@ def find_scan(root: str | Path) -> Path | None:
     if header.root != resolved:
         return None
     shards = list_tar_shards(resolved)
+    if shards is not None and header.digest is None:  # v1: its fastmim did not list .jpe / .jfif members: scan again
+        return None
     if shards is not None:  # tar shards: the same shards, none changed since
         newest, digest = _shard_stats(shards)
         if len(shards) != header.files or newest != header.mtime or header.digest not in (None, digest):
@@ -446,6 +460,8 @@ def find_scan(root: str | Path) -> Path | None:
         return path if all(split_sample_id(f)[0] in known for f in files) else None
     images, others, mtime, digest = _walk(resolved)
     if len(images) + len(others) != header.files or mtime != header.mtime or header.digest not in (None, digest):
+        return None
+    if header.digest is None and len(images) != header.images + header.bad:  # v1: images it did not read (.jfif)
         return None
     present = set(images)
     if not all(f in present for f in files):  # a rename keeps the count and mtime

@@ -351,11 +351,18 @@ class Trainer:
             if self.info.is_main:
                 print(f"note: the data set's files changed since the checkpoint ({what}: {how}); from this epoch on "
                       "the samples are the new file list's", flush=True)  # fmt: skip
-        if "provenance" not in state and self.pos.batch != 0 and self.info.is_main:
-            # a checkpoint of an earlier fastmim, inside an epoch: what this one draws differently for its rest
-            print(f"note: this checkpoint was written by an earlier fastmim: the rest of epoch {self.pos.epoch + 1} "
-                  "gets other crops and flips than that run's (the augmentation seeds are a hash of seed, epoch and "
-                  "index now), the masks the same", flush=True)  # fmt: skip
+        dali = hasattr(self.loader, "load_state_dict")  # (DALI restores its own state: the same crops)
+        if "provenance" not in state and self.info.is_main:  # a checkpoint of an earlier fastmim
+            if saved is None and size is not None and size != len(self.dataset) and self.pos.batch == 0:
+                newly = sum(f.lower().endswith((".jpe", ".jfif")) for f in getattr(self.dataset, "files", []))
+                print(f"note: the data set has {len(self.dataset)} images, {size} when the checkpoint was written"
+                      + (f" (this fastmim reads .jpe and .jfif files too: {newly} here)" if newly else "")
+                      + "; from this epoch on the samples are the new file list's", flush=True)  # fmt: skip
+            if not dali:  # what this one draws differently from here on
+                rest = f"the rest of epoch {self.pos.epoch + 1}" if self.pos.batch else "the epochs from here"
+                print(f"note: this checkpoint was written by an earlier fastmim: {rest} will have other crops and "
+                      "flips than it would have drawn (the augmentation seeds are a hash of seed, epoch and index "
+                      "now), the masks the same", flush=True)  # fmt: skip
         was = (state.get("provenance") or {}).get("native_ext")
         if was is not None and was != _ext.available() and self.masks.has_cpp and self.info.is_main:
             if was:
@@ -414,8 +421,11 @@ class Trainer:
             why = f"the data set had {saved.get('dataset_size')} images, now {layout['dataset_size']}"
             newly = [f for f in getattr(self.dataset, "files", []) if f.lower().endswith((".jpe", ".jfif"))]
             if "provenance" not in state and newly:  # (read since: an earlier fastmim's run left them out)
+                end = (e + 1) * (saved.get("loader_batches", 0) // max(saved.get("accum_iter", 1), 1))
+                fix = ("finish the epoch with that fastmim" if ":" in newly[0] and ".tar:" in newly[0] else
+                       "rename them (add .hold, say) to finish the epoch")  # fmt: skip
                 why += (f"; this fastmim reads .jpe and .jfif files too ({len(newly)} here), which the one that wrote "
-                        "the checkpoint left out: rename them (add .hold, say) until the epoch is done")  # fmt: skip
+                        f"the checkpoint left out: {fix} (--max-steps {end} stops at its end)")  # fmt: skip
         elif state.get("loader") and {k for k, v in layout.items() if saved.get(k) != v} == {"seed"}:
             end = (e + 1) * self.steps_per_epoch
             why = (f"DALI's file list is shuffled with the seed: --seed {saved['seed']} finishes the epoch, "

@@ -68,8 +68,8 @@ def test_same_samples_and_crops_as_the_torch_loader(folder, crop, interp):
             d = _levels(a, b)  # libjpeg-turbo's pixels, PIL's 8-bit resize passes against fp32 ones
             # (where the synthetic images wrap from 255 to 0, bicubic overshoots: PIL clips its 8-bit intermediate
             # between the passes, the fp32 kernel does not; up to 16 levels there, on a few pixels of some crops)
-            far = float((d > 3.0).float().mean())
-            assert d.mean() <= 0.6 and far <= 0.01 and d.max() <= 24.0, (d.max().item(), d.mean().item(), far)
+            far = float((d > 3.0).flatten(1).float().mean(1).max())  # per image: a bug in one image shows
+            assert d.mean() <= 0.6 and far <= 0.02 and d.max() <= 24.0, (d.max().item(), d.mean().item(), far)
     first, second = _epoch(gpu, sampler, base, 0), _epoch(gpu, sampler, base, 1)
     assert not torch.equal(first[0][1], second[0][1])  # a new order (and new crops) each epoch
 
@@ -317,8 +317,8 @@ def test_nvjpeg_pixels_match_the_cpu_loaders(tmp_path, crop):
         assert torch.equal(ia, ib)
         d = _levels(a, b)  # nvJPEG's IDCT and upsampling differ from libjpeg-turbo's by a level or two
         # (and PIL's clipped 8-bit intermediate at the synthetic 255->0 wraps: see the CPU test above)
-        far = float((d > 6.0).float().mean())
-        assert d.mean() <= 1.5 and far <= 0.01 and d.max() <= 32.0, (d.max().item(), d.mean().item(), far)
+        far = float((d > 6.0).flatten(1).float().mean(1).max())  # per image
+        assert d.mean() <= 1.5 and far <= 0.02 and d.max() <= 32.0, (d.max().item(), d.mean().item(), far)
     assert gpu.stats["cpu_fallbacks"] == 0
 
 

@@ -280,3 +280,26 @@ def test_a_name_that_is_not_utf8_is_left_out_by_the_scan_and_named_by_dali(tmp_p
 
     with pytest.raises(ValueError, match=r"DALI cannot open b'.*latin1_\\xe9.jpg': its name is not valid UTF-8"):
         DaliLoader(files, 2, 32, num_threads=1)
+
+
+def test_an_earlier_fastmims_scan_is_found_and_out_of_date_once_it_missed_images(tmp_path, monkeypatch):
+    """A shared cache: an earlier fastmim's list (v1, under its own name) is still found; one written before .jfif
+    files were read (counted then among the other files) is out of date, or DALI would leave them out silently."""
+    from fastmim.data.scan import _list_path
+
+    monkeypatch.setenv("FASTMIM_CACHE", str(tmp_path / "cache"))
+    root = make_image_folder(tmp_path / "d", n=6)
+    result = scan(root, workers=0, progress=False)
+    assert result.list_path.name.endswith(".v2.txt")
+    lines = result.list_path.read_text().split("\n")
+    v1 = lines[0].rsplit(" ", 1)[0].replace(" v2 ", " v1 ")
+    legacy = _list_path(root, ".txt")
+    legacy.write_text("\n".join([v1, *lines[1:]]))
+    result.list_path.unlink()
+    assert find_scan(root) == legacy  # (the same files: up to date by its count and newest time)
+    jfif = root / "class0" / "photo.jfif"
+    jfif.write_bytes((root / "class0" / "img000.jpg").read_bytes())
+    os.utime(jfif, (0, 0))  # older than the newest: the count of files grew, though
+    files = int(v1.split(" files=")[1].split()[0])
+    legacy.write_text("\n".join([v1.replace(f" files={files} ", f" files={files + 1} "), *lines[1:]]))
+    assert find_scan(root) is None  # 6 images and no bad one listed, 7 read now

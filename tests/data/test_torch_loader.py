@@ -119,9 +119,17 @@ def test_what_is_wrong_with_a_file_is_said_in_words(tmp_path, monkeypatch):
     # a value that is not a count: imports still work (--help, the benchmarks); reading data says what is wrong
     from fastmim.data import folder
 
+    monkeypatch.setenv("FASTMIM_MAX_IMAGE_PIXELS", "\u00b2")  # a digit to str.isdigit, not to int()
+    assert folder._pixel_limit() == "FASTMIM_MAX_IMAGE_PIXELS must be a pixel count >= 0 (0: no limit), got '\u00b2'"
     monkeypatch.setenv("FASTMIM_MAX_IMAGE_PIXELS", "lots")
     problem = folder._pixel_limit()
     assert problem == "FASTMIM_MAX_IMAGE_PIXELS must be a pixel count >= 0 (0: no limit), got 'lots'"
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
+    with warnings.catch_warnings():  # warnings made errors in the user's process: the image is still read
+        warnings.simplefilter("error")
+        assert open_rgb(tmp_path / "big.png", "big.png").size == (64, 64)
     monkeypatch.setattr(folder, "_PIXEL_LIMIT_PROBLEM", problem)
     with pytest.raises(ValueError, match="FASTMIM_MAX_IMAGE_PIXELS must be a pixel count"):
         folder.ImageFolderDataset(tmp_path)

@@ -72,9 +72,10 @@ def test_a_checkpoint_of_an_earlier_fastmim_resumed_inside_an_epoch_says_its_cro
     save_checkpoint(out / "checkpoint.pt", state)
     capsys.readouterr()
     pretrain.run(["--resume", "--output-dir", str(out), "--max-steps", "3"])
-    assert "note: this checkpoint was written by an earlier fastmim: the rest of epoch 1 gets other crops" in (
-        capsys.readouterr().out
-    )
+    out = capsys.readouterr().out
+    assert "note: this checkpoint was written by an earlier fastmim: the rest of epoch 1 will have other crops" in out
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert saved["provenance"]["earlier"] == [{"until_step": 2, "fastmim": "an earlier fastmim (no record)"}]
 
 
 def test_a_resume_that_draws_masks_with_another_generator_says_so(tmp_path, image_folder, capsys):
