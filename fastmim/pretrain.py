@@ -1064,7 +1064,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
                 step_model = compile_model(step_model, compile_mode[0])
             from fastmim.provenance import run_provenance
 
-            provenance = run_provenance(loader=kind, loader_why=why, data=str(root), device=str(device),
+            provenance = run_provenance(loader=kind, loader_why=why, data=str(root or dataset.root), device=str(device),
                                         amp=str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
                                         world_size=info.world_size)  # fmt: skip
             if state is not None:  # the steps before this resume: made with what (kept when the versions changed)
