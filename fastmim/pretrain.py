@@ -1142,8 +1142,9 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
                 from fastmim.data.scan import find_scan, scan_header
 
                 scan = find_scan(root)
-                if scan is not None and scan_header(scan)[2]:
-                    e.scan = (scan, scan_header(scan)[2])
+                bad = scan_header(scan)[2] if scan is not None else 0
+                if bad:
+                    e.scan = (scan, bad)
             raise
     finally:
         if hasattr(loader, "close"):

@@ -195,15 +195,18 @@ def decode_problem(e: Exception, src: str | Path | bytes) -> str:
 def open_rgb(src: str | Path | bytes, name: str) -> Image.Image:
     """The 8-bit RGB image (``to_rgb``) of a file or of its bytes; ``BadImageError`` naming ``name`` and what is
     wrong when it cannot be read."""
+
+    def read() -> Image.Image:
+        with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
+            return to_rgb(img)
+
     try:
         try:
-            with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
-                return to_rgb(img)
+            return read()
         except Image.DecompressionBombWarning:  # warnings made errors (or fastmim's filter reset): read it as Pillow
             with warnings.catch_warnings():  # would without them (only on this rare path: the filter is per process)
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
-                    return to_rgb(img)
+                return read()
     except Exception as e:  # PIL raises several types for truncated or non-image files
         raise BadImageError(f"cannot read image {str(name)!r}: {decode_problem(e, src)}", str(name)) from e
 
