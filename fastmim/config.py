@@ -125,7 +125,13 @@ class PretrainConfig:
     )  # fmt: skip
     norm_pix_loss: bool = field(default=True, metadata={"help": "normalise target patches (MAE norm-pix)"})
     # data
-    data_path: str | None = field(default=None, metadata={"help": "image folder (None: built-in sample photos)"})
+    data_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "image folder, its scan list, or webdataset tar shards (a .tar, a folder of them, or a pattern "
+            "in quotes: 'DIR/train-{0000..0146}.tar'); None: built-in sample photos"
+        },
+    )
     num_workers: int | None = field(
         default=None,
         metadata={

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -662,7 +663,7 @@ def _check_loader_on_resume(cfg: PretrainConfig, state: dict | None, kind: str, 
             print(f"note: this run read its data with the {was} loader; --loader auto now picks {kind} ({why}): the "
                   f"crops{order} differ from here on; --loader {was} keeps the run's", flush=True)  # fmt: skip
         return
-    data = cfg.data_path or "DATA_PATH"
+    data = shlex.quote(cfg.data_path) if cfg.data_path else "DATA_PATH"
     stale = "scan" in why  # the folder's scan went out of date (not: DALI missing, --skip-bad-files)
     fix = f"scan the data again (python -m fastmim.data.scan {data})" if stale else "resume with --loader dali"
     if state.get("batch", 0):
@@ -695,7 +696,12 @@ def _choose_loader(cfg: PretrainConfig) -> tuple[str, str | None, str]:
     from fastmim.data.folder import list_tar_shards
     from fastmim.data.scan import find_scan
 
-    if list_tar_shards(cfg.data_path):  # DALI reads every sample of a shard: only a clean scan clears them
+    try:
+        shards = list_tar_shards(cfg.data_path)
+    except (FileNotFoundError, ValueError) as e:  # a pattern of shards that names none, or a missing one
+        raise UsageError(str(e)) from e
+    quoted = shlex.quote(cfg.data_path)  # (a pattern of shards is passed in quotes)
+    if shards:  # DALI reads every sample of a shard: only a clean scan clears them
         from fastmim.data.scan import scan_header
 
         scan = find_scan(cfg.data_path)
@@ -708,7 +714,7 @@ def _choose_loader(cfg: PretrainConfig) -> tuple[str, str | None, str]:
             f"the scan found {bad} bad image(s) in them, and DALI reads every sample of a shard: rewrite the shards "
             "without them (python -m fastmim.data.scan lists them)"
             if bad
-            else f"they have not been scanned (or changed since): run python -m fastmim.data.scan {cfg.data_path}"
+            else f"they have not been scanned (or changed since): run python -m fastmim.data.scan {quoted}"
         )
         if cfg.loader == "dali":
             raise UsageError(f"--loader dali: {cfg.data_path!r} holds tar shards; {problem}, or pass --allow-unscanned")
@@ -732,7 +738,7 @@ def _choose_loader(cfg: PretrainConfig) -> tuple[str, str | None, str]:
         if cfg.loader == "dali":
             raise UsageError(
                 f"--loader dali: {cfg.data_path!r} has not been scanned (or changed since): a DALI pipeline stops at "
-                f"the first bad image. Run python -m fastmim.data.scan {cfg.data_path} first, or pass "
+                f"the first bad image. Run python -m fastmim.data.scan {quoted} first, or pass "
                 "--allow-unscanned"
             )
         return "torch", cfg.data_path, "the folder has no up-to-date scan for DALI (python -m fastmim.data.scan)"

@@ -159,8 +159,9 @@ def _tar_hint(others: list[str]) -> str:
         return ("; if the compressed tars are webdataset shards, decompress them to read them (uncompressed tars, as "
                 "DALI reads them)")  # fmt: skip
     if any(o.lower().endswith(".tar") for o in others):
-        return ("; if the .tar files are webdataset shards, pass a .tar file, or a folder holding them directly with "
-                "no images below it")  # fmt: skip
+        return ("; if the .tar files are webdataset shards, pass a .tar file, a folder holding them directly with "
+                "no images below it, or a pattern of them in quotes ('DIR/train-{0000..0146}.tar', "
+                "'DIR/*/*.tar')")  # fmt: skip
     return ""
 
 
@@ -367,9 +368,113 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             return self.transform(img)
 
 
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def is_shard_pattern(path: str | Path) -> bool:
+    """Whether ``path`` is a pattern of tar shards, as webdataset takes them: braces (``train-{0000..0146}.tar``,
+    ``{train,extra}-*.tar``) or glob characters (``shards/*/*.tar``), in a path that does not itself exist."""
+    text = os.fspath(path)
+    return bool(_BRACE.search(text) or _GLOB_CHARS.search(text)) and not os.path.exists(text)
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """Bash's brace expansion, in order: ``{a,b}`` alternatives and ``{lo..hi}`` integer ranges (zero-padded to the
+    wider end when an end has a leading zero, as webdataset's braceexpand pads); several groups multiply."""
+    m = _BRACE.search(pattern)
+    if m is None:
+        if "{" in pattern or "}" in pattern:
+            raise ValueError(f"shard pattern {pattern!r} has an unmatched brace")
+        return [pattern]
+    body = m[1]
+    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if rng:
+        lo, hi = int(rng[1]), int(rng[2])
+        pad = max(len(rng[1]), len(rng[2])) if re.match(r"-?0\d", rng[1]) or re.match(r"-?0\d", rng[2]) else 0
+        step = 1 if hi >= lo else -1
+        if abs(hi - lo) >= 10_000_000:
+            raise ValueError(f"shard pattern {pattern!r}: the range {{{body}}} names over 10 million shards")
+        items = [f"{i:0{pad}d}" for i in range(lo, hi + step, step)]
+    elif "," in body:
+        items = body.split(",")
+    else:
+        raise ValueError(f"shard pattern {pattern!r}: {{{body}}} is neither a range {{LO..HI}} nor a list {{A,B}}")
+    head, tail = pattern[: m.start()], pattern[m.end() :]
+    return [head + item + rest for item in items for rest in _expand_braces(tail)]
+
+
+def expand_shard_pattern(pattern: str | Path) -> list[str]:
+    """The tar shards a pattern names (``is_shard_pattern``), in the pattern's order: every name a brace expands to
+    must be a .tar file; a glob takes the .tar files it matches, sorted (hidden ones left out).
+
+    Raises:
+        FileNotFoundError: a named shard is missing, or a glob matches no .tar file.
+        ValueError: the pattern is malformed, or names something other than a .tar file.
+    """
+    import glob
+
+    text = os.fspath(pattern)
+    shards, missing, seen = [], [], set()
+    for name in _expand_braces(text):
+        if _GLOB_CHARS.search(name):
+            found = [p for p in sorted(glob.glob(name)) if p.lower().endswith(".tar") and os.path.isfile(p)]
+            if not found:
+                missing.append(name)
+        elif not os.path.exists(name):
+            missing.append(name)
+            found = []
+        elif not (name.lower().endswith(".tar") and os.path.isfile(name)):
+            raise ValueError(f"shard pattern {text!r} names {name!r}, which is not a .tar file: a pattern names "
+                             "webdataset tar shards only")  # fmt: skip
+        else:
+            found = [name]
+        for p in found:
+            if p not in seen:
+                seen.add(p)
+                shards.append(p)
+    if missing:
+        what = "match no .tar file" if all(_GLOB_CHARS.search(n) for n in missing) else "do not exist"
+        named = ", ".join(repr(n) for n in missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise FileNotFoundError(f"shard pattern {text!r}: {len(missing)} of the names it expands to {what}: {named}")
+    return shards
+
+
+def _shard_family(path: str) -> str:
+    """A shard's name with its last run of digits (its number) taken out: "imagenet1k-train-#.tar"."""
+    name = os.path.basename(path)
+    m = re.search(r"\d+(?!.*\d)", name)
+    return name if m is None else name[: m.start()] + "#" + name[m.end() :]
+
+
+def note_shard_families(root: str | Path, shards: list[str]) -> None:
+    """Says (once, rank 0) when a folder's shards are of several name families, such as the train and validation
+    shards of one download side by side: all of them are read, and a pattern picks some."""
+    families: dict[str, int] = {}
+    for s in shards:
+        families[_shard_family(s)] = families.get(_shard_family(s), 0) + 1
+    key = f"families:{root}"
+    if len(families) < 2 or key in _NOTED or os.environ.get("RANK", "0") != "0":
+        return
+    _NOTED.add(key)
+    named = ", ".join(f"{f} ({n})" for f, n in sorted(families.items(), key=lambda kv: -kv[1])[:4])
+    example = next(iter(sorted(families, key=lambda f: -families[f]))).replace("#", "*")
+    print(f"note: {str(root)}: the {len(shards)} tar shards are of {len(families)} name families, all read: {named}"
+          f"{' ...' if len(families) > 4 else ''}; to read some (the training shards of a download that also holds "
+          f"the validation ones), pass a pattern, e.g. '{os.path.join(str(root), example)}'", file=sys.stderr,
+          flush=True)  # fmt: skip
+
+
 def list_tar_shards(root: str | Path) -> list[str] | None:
-    """The webdataset tar shards ``root`` names, sorted: a ``.tar`` file, or a folder holding ``.tar`` files and no
-    images; None for anything else (an image folder or a scan list)."""
+    """The webdataset tar shards ``root`` names: a ``.tar`` file; a folder holding ``.tar`` files and no images
+    (sorted); or a pattern of them (``expand_shard_pattern``). None for anything else (an image folder or a scan
+    list).
+
+    Raises:
+        FileNotFoundError, ValueError: a pattern that names no shard, or a missing one (``expand_shard_pattern``).
+    """
+    if is_shard_pattern(root):
+        return expand_shard_pattern(root)
     root = Path(root)
     if root.is_file():
         return [str(root)] if root.suffix.lower() == ".tar" else None
@@ -380,6 +485,13 @@ def list_tar_shards(root: str | Path) -> list[str] | None:
     if not tars or any(is_image_file(p) for p in iter_files(root)):
         return None
     return tars
+
+
+def shard_base(root: str) -> str:
+    """The folder a scan list of shards names its samples relative to: the folder itself, else the .tar file's or the
+    pattern's folder (a pattern's samples are joined to it and normalised: ``../`` where the pattern has braces or
+    globs in a folder's name)."""
+    return root if os.path.isdir(root) else os.path.dirname(root)
 
 
 # a webdataset image component: DALI's extension is everything after the first dot of the member's base name,
@@ -454,8 +566,12 @@ class TarShardDataset(ImageFolderDataset):
     def _list(self, root: str | Path) -> list[str]:
         shards = list_tar_shards(root)
         if shards is None:
-            raise ValueError(f"data path {str(root)!r} is not a .tar file or a folder of .tar shards")
+            raise ValueError(
+                f"data path {str(root)!r} is not a .tar file, a folder of .tar shards or a pattern of them"
+            )
         self.shards = shards
+        if os.path.isdir(root):
+            note_shard_families(root, shards)
         files, self.sizes = list_tar_samples(shards)
         return files
 

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import tempfile
@@ -43,10 +44,13 @@ from fastmim.data.folder import (
     _tar_hint,
     check_pixel_limit,
     is_image_file,
+    is_shard_pattern,
     is_utf8_name,
     iter_files,
     list_tar_samples,
     list_tar_shards,
+    note_shard_families,
+    shard_base,
     split_sample_id,
     usable_cpus,
 )
@@ -295,11 +299,14 @@ def scan(
         ValueError: root holds no file, or no image file.
     """
     check_pixel_limit()
-    if not os.path.exists(root):
+    if not is_shard_pattern(root) and not os.path.exists(root):
         raise FileNotFoundError(f"data path {str(root)!r} does not exist")
     shards = list_tar_shards(root)
     if shards is not None:
-        return _scan_tars(_resolve(root), shards, workers, out, progress)
+        if os.path.isdir(root):
+            note_shard_families(root, shards)
+        resolved = _resolve(root)  # (the shards as the list names them: below the resolved root)
+        return _scan_tars(resolved, list_tar_shards(resolved) or shards, workers, out, progress)
     if not os.path.isdir(root):
         raise NotADirectoryError(f"data path {str(root)!r} is not a directory")
     resolved = _resolve(root)
@@ -345,7 +352,7 @@ def _scan_tars(resolved: str, shards: list[str], workers, out, progress) -> Scan
     reasons = _check_all(samples, n_workers, progress, check=check_member)
     good = [i for i, r in zip(ids, reasons, strict=True) if r is None]
     bad = [(i, r) for i, r in zip(ids, reasons, strict=True) if r is not None]
-    base = resolved if os.path.isdir(resolved) else os.path.dirname(resolved)
+    base = shard_base(resolved)
     mtime, digest = _shard_stats(shards)
     list_path = Path(out) if out is not None else default_list_path(resolved)
     header = (
@@ -409,8 +416,10 @@ def _read(path: str | Path) -> tuple[_Header, list[str]]:
             f"scan list {str(path)!r} names {len(rel)} images but its header says images={header.images} "
             "(cut short or edited): scan the folder again"
         )
-    base = os.path.dirname(header.root) if os.path.isfile(header.root) else header.root  # one tar shard: its folder
-    return header, [os.path.join(base, r) for r in rel]
+    if os.path.isdir(header.root):
+        return header, [os.path.join(header.root, r) for r in rel]
+    base = shard_base(header.root)  # one tar shard or a pattern of them: its folder
+    return header, [os.path.normpath(os.path.join(base, r)) for r in rel]
 
 
 def read_file_list(path: str | Path) -> tuple[str, list[str]]:
@@ -449,7 +458,10 @@ def find_scan(root: str | Path) -> Path | None:
         return None
     if header.root != resolved:
         return None
-    shards = list_tar_shards(resolved)
+    try:
+        shards = list_tar_shards(resolved)
+    except (OSError, ValueError):  # a pattern that names a shard no longer there
+        return None
     if shards is not None and header.digest is None:  # v1: its fastmim did not list .jpe / .jfif members: scan again
         return None
     if shards is not None:  # tar shards: the same shards, none changed since
@@ -493,15 +505,16 @@ def format_summary(result: ScanResult) -> str:
             lines.append(f"  ... and {len(result.non_images) - _MAX_PRINTED_NON_IMAGES} more (all in --report)")
     lines.append(f"clean list of {len(result.good)} images: {result.list_path}")
     if result.good and list_tar_shards(result.root) is not None:  # tar shards are passed themselves, not the list
+        data = shlex.quote(result.root)  # (a pattern of shards is passed in quotes)
         if result.bad:
             lines.append(f"DALI reads every sample of a shard, so it will not read these: rewrite the shards without "
-                         f"the bad images, or train on them with python -m fastmim.pretrain --data-path {result.root} "
+                         f"the bad images, or train on them with python -m fastmim.pretrain --data-path {data} "
                          "--loader torch --skip-bad-files ...")  # fmt: skip
         else:
-            lines.append(f"use them: python -m fastmim.pretrain --data-path {result.root} ... (DALI reads the shards: "
-                         "this scan cleared them)")  # fmt: skip
+            lines.append(f"use them: python -m fastmim.pretrain --data-path {data} ... (DALI reads the shards: this "
+                         "scan cleared them)")  # fmt: skip
     elif result.good:
-        lines.append(f"use it: python -m fastmim.pretrain --data-path {result.list_path} ...")
+        lines.append(f"use it: python -m fastmim.pretrain --data-path {shlex.quote(str(result.list_path))} ...")
     else:
         lines.append("no image decoded: the list is empty")
     return "\n".join(lines)
@@ -513,7 +526,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Decode every image below PATH; list the corrupt, truncated and non-image files; write a list of "
         "the good images, to pass as --data-path.",
     )
-    parser.add_argument("path", metavar="PATH", help="folder of images or of class folders")
+    parser.add_argument(
+        "path",
+        metavar="PATH",
+        help="folder of images or of class folders; or webdataset tar "
+        "shards: a .tar file, a folder of them, or a pattern in quotes ('DIR/train-{0000..0146}.tar')",
+    )
     parser.add_argument("--out", help="where to write the list (default: the cache, where find_scan looks)")
     parser.add_argument("--workers", type=int, help="decoding processes (default: the usable CPUs; 0 or 1: none)")
     parser.add_argument("--report", help="also write the findings as JSON to this file")

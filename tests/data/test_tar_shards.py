@@ -76,7 +76,7 @@ def test_bad_shards_name_the_problem(tmp_path, shards):
         tar.add(files[1], arcname="x.png")
     with pytest.raises(ValueError, match="sample 'x' holds two images"):
         TarShardDataset(tmp_path / "two.tar")
-    with pytest.raises(ValueError, match="is not a .tar file or a folder of .tar shards"):
+    with pytest.raises(ValueError, match="is not a .tar file, a folder of .tar shards or a pattern of them"):
         TarShardDataset(tmp_path / "missing.tar")
 
 
@@ -346,3 +346,75 @@ def test_upper_case_tar_shards_are_shards_and_a_folder_named_tar_is_not(tmp_path
     (root / "A.TAR").write_bytes((src / "shard-0000.tar").read_bytes())
     (root / "dir.tar").mkdir()
     assert list_tar_shards(root) == [str(root / "A.TAR")] and len(TarShardDataset(root)) == 10
+
+
+def test_brace_and_glob_patterns_name_shards_as_webdataset_does(tmp_path, shards):
+    """A download's train and validation shards often share a folder: a pattern picks some ('train-{0000..0146}.tar',
+    '{a,b}/*.tar'), in the pattern's order; a missing shard, a pattern that names none or a non-tar is refused."""
+    from fastmim.data.folder import _expand_braces, is_shard_pattern
+
+    src, _ = shards
+    for part in ("a", "b"):
+        (tmp_path / part).mkdir()
+        for i in range(3):
+            (tmp_path / part / f"shard-{i:04d}.tar").write_bytes((src / f"shard-{i:04d}.tar").read_bytes())
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    a = tmp_path / "a"
+    assert _expand_braces("x{8..10}") == ["x8", "x9", "x10"] and _expand_braces("x{08..10}") == ["x08", "x09", "x10"]
+    assert _expand_braces("{2..0}{a,b}") == ["2a", "2b", "1a", "1b", "0a", "0b"]
+    assert list_tar_shards(f"{a}/shard-{{0002,0000}}.tar") == [str(a / "shard-0002.tar"), str(a / "shard-0000.tar")]
+    assert list_tar_shards(f"{a}/shard-{{0000..0001}}.tar") == [str(a / f"shard-{i:04d}.tar") for i in range(2)]
+    assert list_tar_shards(f"{a}/*") == list_tar_shards(a)  # (a glob takes the .tar files only)
+    both = list_tar_shards(f"{tmp_path}/{{a,b}}/shard-000[12].tar")
+    assert both == [str(tmp_path / p / f"shard-{i:04d}.tar") for p in "ab" for i in (1, 2)]
+    assert len(TarShardDataset(f"{tmp_path}/*/shard-0000.tar")) == 20
+    with pytest.raises(FileNotFoundError, match=r"1 of the names it expands to do not exist: '.*shard-0003.tar'"):
+        list_tar_shards(f"{a}/shard-{{0000..0003}}.tar")
+    with pytest.raises(FileNotFoundError, match="match no .tar file"):
+        list_tar_shards(f"{a}/train-*.tar")
+    with pytest.raises(ValueError, match="'.*notes.txt', which is not a .tar file"):
+        list_tar_shards(f"{a}/{{notes.txt,shard-0000.tar}}")
+    with pytest.raises(ValueError, match="neither a range"):
+        list_tar_shards(f"{a}/shard-{{0000}}.tar")
+    with pytest.raises(ValueError, match="unmatched brace"):
+        list_tar_shards(f"{a}/shard-{{0000,0001}}}}.tar")
+    literal = tmp_path / "c{1,2}"  # a folder whose name has braces is itself, not a pattern
+    literal.mkdir()
+    (literal / "s.tar").write_bytes((src / "shard-0000.tar").read_bytes())
+    assert not is_shard_pattern(literal) and list_tar_shards(literal) == [str(literal / "s.tar")]
+
+
+def test_pretrain_and_the_scan_take_a_pattern_and_a_mixed_folder_is_said(tmp_path, shards, capsys):
+    from fastmim import pretrain
+    from fastmim.data.scan import find_scan, main, scan
+    from tests.conftest import TINY_ARGS
+
+    src, _ = shards
+    root = tmp_path / "download"
+    root.mkdir()
+    for i in range(3):
+        for name in (f"imagenet1k-train-{i:04d}.tar", f"imagenet1k-validation-{i:02d}.tar"):
+            (root / name).write_bytes((src / f"shard-{i:04d}.tar").read_bytes())
+    assert len(TarShardDataset(root)) == 48
+    err = capsys.readouterr().err
+    assert "the 6 tar shards are of 2 name families, all read: imagenet1k-train-#.tar (3)" in err
+    assert f"pass a pattern, e.g. '{root}/imagenet1k-train-*.tar'" in err
+    TarShardDataset(src)
+    assert "name families" not in capsys.readouterr().err  # (one family)
+    pattern = f"{root}/imagenet1k-train-{{0000..0001}}.tar"
+    args = [*TINY_ARGS, "--max-steps", "1", "--output-dir"]
+    pretrain.run([*args, str(tmp_path / "t"), "--data-path", pattern, "--loader", "torch"])
+    assert f"20 images in 2 tar shards from {pattern}, loader torch" in capsys.readouterr().out
+    with pytest.raises(pretrain.UsageError, match=r"names it expands to do not exist: '.*-0005.tar'"):
+        pretrain.run([*args, str(tmp_path / "u"), "--data-path", f"{root}/imagenet1k-train-{{0000..0005}}.tar"])
+    # the scan of a pattern: its own list, found again for the same pattern, its command quoted for a shell
+    assert main([pattern, "--quiet", "--workers", "0"]) == 0
+    assert f"--data-path '{pattern}' ... (DALI reads the shards" in capsys.readouterr().out
+    listed = scan(pattern, workers=0, progress=False)
+    assert find_scan(pattern) == listed.list_path and find_scan(f"{root}/imagenet1k-train-*.tar") is None
+    assert listed.good == TarShardDataset(pattern).files
+    if dali_problem() is None:
+        pretrain.run([*args, str(tmp_path / "d"), "--data-path", pattern])  # auto: scanned clean -> DALI
+        assert "loader DALI" in capsys.readouterr().out
+        (root / "imagenet1k-train-0001.tar").touch()
+        assert find_scan(pattern) is None
