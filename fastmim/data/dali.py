@@ -261,6 +261,8 @@ class DaliLoader:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.files = list(files)
+        # (a TarShardDataset's sizes are a numpy array)
+        tar_sizes = [int(s) for s in tar_sizes] if tar_sizes is not None and len(tar_sizes) else None
         if not tars:  # DALI takes its file names as UTF-8: a name with other bytes (Latin-1 from an old archive)
             for f in self.files:  # fails deep in the pipeline's build with "Unsupported argument type"
                 if not is_utf8_name(f):

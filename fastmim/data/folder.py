@@ -9,11 +9,14 @@ import re
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from fastmim.data.pathlist import PathList
 
 # seeded() swaps the process's CPU generator state: threads that draw crops in one process (an in-process loader in
 # the GPU loader's thread, its fallbacks in the consumer's) take turns
@@ -308,7 +311,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, transform: Callable | None = None, seed: int | None = None):
         check_pixel_limit()
         self.root = str(root)
-        self.files = self._list(root)
+        # (packed, so that forked loader workers reading it do not each copy a Python list of every name)
+        self.files: Sequence[str] = PathList(self._list(root))
         self.transform = transform
         self.seed = seed
         self.epoch = 0
@@ -572,20 +576,22 @@ class TarShardDataset(ImageFolderDataset):
         self.shards = shards
         if os.path.isdir(root):
             note_shard_families(root, shards)
-        files, self.sizes = list_tar_samples(shards)
+        files, sizes = list_tar_samples(shards)
+        self.sizes = np.asarray(sizes, dtype=np.int64)  # (each member's size; an array, as files is packed)
         return files
 
     def read_bytes(self, index: int) -> bytes:
         name = self.files[index]
         shard, offset, _ = split_sample_id(name)
         try:
+            size = int(self.sizes[index])
             with open(shard, "rb") as f:
                 f.seek(offset)
-                data = f.read(self.sizes[index])
+                data = f.read(size)
         except OSError as e:
             raise BadImageError(f"cannot read image {name!r}: {e}", name) from e
-        if len(data) != self.sizes[index]:
-            raise BadImageError(f"cannot read image {name!r}: the shard ends {self.sizes[index] - len(data)} bytes "
+        if len(data) != size:
+            raise BadImageError(f"cannot read image {name!r}: the shard ends {size - len(data)} bytes "
                                 "into it (truncated since it was listed?)", name)  # fmt: skip
         return data
 

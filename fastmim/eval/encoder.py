@@ -248,6 +248,7 @@ class LabelledFolder(torch.utils.data.Dataset):
             is_image_file,
             iter_files,
         )
+        from fastmim.data.pathlist import LabelledPaths
 
         check_pixel_limit()
         self.root, self.transform = Path(root), transform
@@ -309,7 +310,8 @@ class LabelledFolder(torch.utils.data.Dataset):
             raise ValueError(f"{str(self.root)!r} has classes the training folder has not (or has no images of): "
                              f"{', '.join(named(u) for u in unknown[:10])}")  # fmt: skip
         index = {c: i for i, c in enumerate(self.classes)}
-        self.samples = [(f, index[c]) for c in found if c in index for f in files[c]]
+        # (packed, so that forked loader workers reading it do not each copy a Python list of every sample)
+        self.samples = LabelledPaths((f, index[c]) for c in found if c in index for f in files[c])
         if not self.samples:
             raise ValueError(f"{str(self.root)!r} has class folders but no images in them")
 
