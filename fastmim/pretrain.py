@@ -625,12 +625,17 @@ def build_dataset(cfg: PretrainConfig, root: str | None = None):
         raise UsageError(str(e)) from e
 
 
-def choose_loader(cfg: PretrainConfig, device: torch.device, state: dict | None = None) -> tuple[str, str | None, str]:
+def choose_loader(
+    cfg: PretrainConfig, device: torch.device, state: dict | None = None, info: DistInfo | None = None
+) -> tuple[str, str | None, str]:
     """(loader, data root to read, why): "dali" reads a scanned file list (given, or the folder's up-to-date scan;
     the built-in photos need none), "torch" and "torch-gpu" the folder or list as given; "auto" takes DALI where it
     can, else on a CUDA run "torch-gpu" when torchvision decodes JPEGs there, else "torch". A resumed ``state`` that
-    a torch loader saved mid-epoch keeps a torch loader (DALI would read other samples for the rest of the epoch)."""
-    kind, root, why = _choose_loader(cfg)
+    a torch loader saved mid-epoch keeps a torch loader (DALI would read other samples for the rest of the epoch).
+    Under torchrun (``info``) rank 0 looks at the data and the others take its answer: the scan's check stats every
+    file (11 s for 1.28M on a local disk; a shared file system's metadata server would take it from every process),
+    and every rank must read with the same loader."""
+    kind, root, why = _choose_loader_on_rank0(cfg, info)
     saved = (state or {}).get("loader")
     saved_dali = bool(saved) and isinstance(saved[0], dict) and "dali" in saved[0]
     if kind == "dali" and cfg.loader == "auto" and (state or {}).get("batch", 0) and not saved_dali:
@@ -673,6 +678,31 @@ def _check_loader_on_resume(cfg: PretrainConfig, state: dict | None, kind: str, 
                          "checkpoint)")  # fmt: skip
     print(f"note: this run read its data with DALI; --loader auto now picks {kind} ({why}); to go on with DALI, "
           f"{fix}", flush=True)  # fmt: skip
+
+
+def _choose_loader_on_rank0(cfg: PretrainConfig, info: DistInfo | None) -> tuple[str, str | None, str]:
+    """``_choose_loader``'s answer on rank 0, given to every rank (its usage error raised on every rank too)."""
+    if info is None or not info.enabled:
+        return _choose_loader(cfg)
+    answer = None
+    if info.is_main:
+        try:
+            answer = _choose_loader(cfg)
+        except UsageError as e:
+            answer = e
+        except Exception as e:  # (told to the others, so that they do not wait for an answer that never comes)
+            broadcast_object(RuntimeError(f"rank 0 failed choosing the data loader: {type(e).__name__}: {e}"), info)
+            raise
+    answer = broadcast_object(answer, info)
+    if isinstance(answer, Exception):
+        raise answer
+    kind, root, why = answer
+    if kind == "dali" and root and root != cfg.data_path and not os.path.exists(root):
+        raise UsageError(f"rank {info.rank}: rank 0 reads the data with DALI through the folder's scan list {root}, "
+                         "which this machine does not have (its fastmim cache is not rank 0's): set FASTMIM_CACHE to "
+                         "a folder every machine shares, or pass the list itself as --data-path from a shared "
+                         "folder")  # fmt: skip
+    return kind, root, why
 
 
 def _choose_loader(cfg: PretrainConfig) -> tuple[str, str | None, str]:
@@ -1036,7 +1066,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     try:  # (DALI's pipeline holds its files mapped: released at the end, not when the collector gets to it)
         try:  # what can still refuse the run (data, model, loader): the folders made for it are not left behind empty
             _seed_everything(cfg.seed)  # every rank builds the same initial weights (FSDP shards them where they are)
-            kind, root, why = choose_loader(data_cfg := with_builtin_data(cfg), device, state)
+            kind, root, why = choose_loader(data_cfg := with_builtin_data(cfg), device, state, info)
             _check_loader_on_resume(cfg, state, kind, why)
             dataset = build_dataset(data_cfg, root)
             monitor = build_monitor(cfg, info, device)
