@@ -512,43 +512,89 @@ def split_sample_id(sample: str) -> tuple[str, int, str]:
     return m[1], int(m[2]), m[3]
 
 
+_TAR_LISTING = "v1"  # the cached listing's format (and what it lists): another value lists the shards again
+
+
+def _read_shard(shard: str) -> dict:
+    """One shard's image samples as ``list_tar_samples`` takes them: {"samples": [[data offset, size, member], ...],
+    "left_out": [image members webdataset does not read], "cut": whether the shard ends inside a member}."""
+    import tarfile
+
+    samples, left_out, keys, cut = [], [], {}, False
+    try:
+        tar = tarfile.open(shard, "r:")
+    except tarfile.ReadError as e:
+        what = "an empty file (0 bytes)" if os.path.getsize(shard) == 0 else f"not an uncompressed tar file ({e})"
+        raise ValueError(f"tar shard {shard!r} is {what}: re-write or remove it") from e
+    with tar:
+        try:
+            for m in tar:
+                base = m.name.rsplit("/", 1)[-1]
+                if not m.isfile() or "." not in base or base.split(".", 1)[1] not in TAR_IMAGE_EXTS:
+                    # what DALI's reader skips too (a dotted base name, an odd-case extension, a link): said
+                    # below where it looks like an image, so a folder and its shards are not silently different
+                    if (m.isfile() or m.issym() or m.islnk()) and base.rsplit(".", 1)[-1].lower() in \
+                            {e.lstrip(".") for e in IMG_EXTENSIONS}:  # fmt: skip
+                        left_out.append(m.name)
+                    continue
+                key = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
+                if key in keys:
+                    raise ValueError(
+                        f"tar shard {shard!r}: sample {key!r} holds two images ({keys[key]}, {m.name}): a sample "
+                        "is one image; rename the other's extension (KEY.mask.png, say), which leaves it out"
+                    )
+                keys[key] = m.name
+                samples.append([m.offset_data, m.size, m.name])
+        except tarfile.ReadError:  # the shard ends inside a member or a header (an interrupted download or copy):
+            cut = True  # its members up to there are read; a member cut short is a bad file when read
+    return {"samples": samples, "left_out": left_out, "cut": cut}
+
+
+def _shard_listing(shard: str) -> dict:
+    """``_read_shard``, kept in the fastmim cache (``tar-lists/``) keyed by the shard's real path, size and time: a
+    start-up (every rank's, every resume's) reads one small file per shard instead of every member's header (Python's
+    tarfile: 8.4 s for 128k samples from the page cache, scattered reads through the whole shard from a disk)."""
+    import hashlib
+    import json
+
+    from fastmim.data.samples import cache_root
+
+    st = os.stat(shard)
+    key = f"{os.path.realpath(shard)}|{st.st_size}|{st.st_mtime_ns}|{_TAR_LISTING}|{','.join(TAR_IMAGE_EXTS)}"
+    path = (
+        cache_root() / "tar-lists" / (hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:24] + ".json")
+    )
+    try:
+        listing = json.loads(path.read_text("ascii"))
+        if listing.get("key") == key:
+            return listing
+    except (OSError, ValueError, AttributeError):  # none yet, or damaged: listed again
+        pass
+    listing = {"key": key, **_read_shard(shard)}
+    try:  # (ascii JSON: a member name with bytes that are not UTF-8 round-trips as its escaped surrogates)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(listing, separators=(",", ":")), "ascii")
+        os.replace(tmp, path)  # atomic: ranks listing the same shard race harmlessly
+    except OSError:  # a read-only or full cache: listed again next time
+        pass
+    return listing
+
+
 def list_tar_samples(shards: list[str]) -> tuple[list[str], list[int]]:
     """(ids, sizes) of every image of the tar shards, in shard and member order. An id is
     ``"shard:offset:member"``, DALI's ``source_info`` of a webdataset sample (offset: the member's data). One image
     per sample key (webdataset: the member name up to the first dot of its base name); uncompressed tars only (as
-    DALI reads them)."""
-    import tarfile
-
+    DALI reads them). Each shard's listing is cached (``_shard_listing``)."""
     samples, sizes, left_out, cut = [], [], [], []
     for shard in shards:
-        keys: dict[str, str] = {}
-        try:
-            tar = tarfile.open(shard, "r:")
-        except tarfile.ReadError as e:
-            what = "an empty file (0 bytes)" if os.path.getsize(shard) == 0 else f"not an uncompressed tar file ({e})"
-            raise ValueError(f"tar shard {shard!r} is {what}: re-write or remove it") from e
-        with tar:
-            try:
-                for m in tar:
-                    base = m.name.rsplit("/", 1)[-1]
-                    if not m.isfile() or "." not in base or base.split(".", 1)[1] not in TAR_IMAGE_EXTS:
-                        # what DALI's reader skips too (a dotted base name, an odd-case extension, a link): said
-                        # below where it looks like an image, so a folder and its shards are not silently different
-                        if (m.isfile() or m.issym() or m.islnk()) and base.rsplit(".", 1)[-1].lower() in \
-                                {e.lstrip(".") for e in IMG_EXTENSIONS}:  # fmt: skip
-                            left_out.append(m.name)
-                        continue
-                    key = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
-                    if key in keys:
-                        raise ValueError(
-                            f"tar shard {shard!r}: sample {key!r} holds two images ({keys[key]}, {m.name}): a sample "
-                            "is one image; rename the other's extension (KEY.mask.png, say), which leaves it out"
-                        )
-                    keys[key] = m.name
-                    samples.append(f"{shard}:{m.offset_data}:{m.name}")
-                    sizes.append(m.size)
-            except tarfile.ReadError:  # the shard ends inside a member or a header (an interrupted download or copy):
-                cut.append(shard)  # its members up to there are read; a member cut short is a bad file when read
+        listing = _shard_listing(shard)
+        for offset, size, name in listing["samples"]:
+            samples.append(f"{shard}:{offset}:{name}")
+            sizes.append(size)
+        left_out += listing["left_out"]
+        if listing["cut"]:
+            cut.append(shard)
     if cut and os.environ.get("RANK", "0") == "0":
         print(f"note: {len(cut)} tar shard(s) end inside a member (truncated: an interrupted download or copy?): "
               f"{', '.join(repr(c) for c in cut[:3])}{' ...' if len(cut) > 3 else ''}; their members up to the cut "
