@@ -5,6 +5,7 @@ With no arguments it pretrains a small MAE on the built-in sample photos. Run ``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import inspect
@@ -37,7 +38,7 @@ from fastmim.config import (
     save_yaml,
 )
 from fastmim.data.dali import DaliDecodeError
-from fastmim.data.folder import BadImageError
+from fastmim.data.folder import BadImageError, absolute_data_path
 from fastmim.train.checkpoint import (
     CHECKPOINT_NAME,
     DCP_NAME,
@@ -48,7 +49,14 @@ from fastmim.train.checkpoint import (
     run_checkpoint,
 )
 from fastmim.train.compile_mode import compile_model, resolve_compile_mode
-from fastmim.train.distributed import DistInfo, broadcast_object, cleanup, init_distributed, wrap_ddp
+from fastmim.train.distributed import (
+    DistInfo,
+    broadcast_object,
+    cleanup,
+    gather_objects,
+    init_distributed,
+    wrap_ddp,
+)
 from fastmim.train.preempt import REQUEUE_EXIT, Preempted, StopRequested, guard_output, stop_outside_training
 from fastmim.train.runlock import RunLock
 
@@ -201,7 +209,7 @@ def resolve_config(argv: list[str] | None, origins: dict | None = None) -> tuple
     for key in ("data_path", "eval_data"):
         value = getattr(cfg, key)
         if (key in flags or key in source) and isinstance(value, str) and value and not value.startswith("builtin:"):
-            cfg = dataclasses.replace(cfg, **{key: os.path.abspath(value)})
+            cfg = dataclasses.replace(cfg, **{key: absolute_data_path(value)})
     if state is not None:  # a recipe file changed since the run began (a requeue's same command) keeps its network
         cfg, kept = _keep_run_network(cfg, saved, {k: source[k] for k in source if k not in flags})
         source = {k: v for k, v in source.items() if k not in kept}
@@ -625,6 +633,26 @@ def build_dataset(cfg: PretrainConfig, root: str | None = None):
         raise UsageError(str(e)) from e
 
 
+def check_same_data(dataset, info: DistInfo) -> None:
+    """Under torchrun every rank must read the same samples: a node whose copy of the folder differs, or that reads
+    its own out-of-date scan list, would deal other epochs (another length: the ranks' collectives fall out of step).
+    Refused on every rank, naming the first that differs."""
+    if not info.enabled:
+        return
+    from fastmim.data.folder import dataset_digest
+
+    seen = gather_objects((len(dataset), dataset_digest(dataset)), info)
+    differ = [r for r, v in enumerate(seen) if v != seen[0]]
+    if differ:
+        r = differ[0]
+        raise UsageError(
+            f"the ranks read different data: rank 0 has {_n(seen[0][0], 'image')} (names digest {seen[0][1]}), rank "
+            f"{r} {_n(seen[r][0], 'image')} (digest {seen[r][1]}); {len(differ)} of {info.world_size} ranks differ "
+            "from rank 0. Every node must hold the same files at the same path (a node's copy still being written? "
+            "its own out-of-date scan list in an unshared cache: set FASTMIM_CACHE to a shared folder)"
+        )
+
+
 def choose_loader(
     cfg: PretrainConfig, device: torch.device, state: dict | None = None, info: DistInfo | None = None
 ) -> tuple[str, str | None, str]:
@@ -690,8 +718,9 @@ def _choose_loader_on_rank0(cfg: PretrainConfig, info: DistInfo | None) -> tuple
             answer = _choose_loader(cfg)
         except UsageError as e:
             answer = e
-        except Exception as e:  # (told to the others, so that they do not wait for an answer that never comes)
-            broadcast_object(RuntimeError(f"rank 0 failed choosing the data loader: {type(e).__name__}: {e}"), info)
+        except BaseException as e:  # (told to the others, so that they do not wait for an answer that never comes)
+            with contextlib.suppress(Exception):
+                broadcast_object(RuntimeError(f"rank 0 failed choosing the data loader: {type(e).__name__}: {e}"), info)
             raise
     answer = broadcast_object(answer, info)
     if isinstance(answer, Exception):
@@ -1069,6 +1098,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
             kind, root, why = choose_loader(data_cfg := with_builtin_data(cfg), device, state, info)
             _check_loader_on_resume(cfg, state, kind, why)
             dataset = build_dataset(data_cfg, root)
+            check_same_data(dataset, info)
             monitor = build_monitor(cfg, info, device)
             model = build_model(cfg, device)
             if changes:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
+import math
 import os
 import re
 import sys
@@ -373,39 +375,93 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_BRACE = re.compile(r"\{([^{}]*)\}")
+_MAX_SHARD_NAMES = 10_000_000  # (what a pattern may expand to: a typo's {0..99999999} is refused, not built)
 
 
 def is_shard_pattern(path: str | Path) -> bool:
     """Whether ``path`` is a pattern of tar shards, as webdataset takes them: braces (``train-{0000..0146}.tar``,
-    ``{train,extra}-*.tar``) or glob characters (``shards/*/*.tar``), in a path that does not itself exist."""
+    ``{train,extra}-*.tar``) or glob characters (``shards/*/*.tar``) in a path that ends in ``.tar`` (or ``*``) and
+    does not itself exist."""
     text = os.fspath(path)
-    return bool(_BRACE.search(text) or _GLOB_CHARS.search(text)) and not os.path.exists(text)
+    if not text.lower().endswith((".tar", "*")) or os.path.exists(text):
+        return False
+    return "{" in text or bool(_GLOB_CHARS.search(text))
+
+
+def _brace_items(body: str, pattern: str) -> list[str] | None:
+    """The alternatives of one brace group, as bash expands it: ``a,b``; ``LO..HI[..STEP]`` of integers (zero-padded
+    to the wider end when an end has a leading zero, as webdataset's braceexpand pads) or of letters. None for a
+    group bash leaves as it is (``{x}``)."""
+    ints = re.fullmatch(r"(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?", body)
+    letters = re.fullmatch(r"([A-Za-z])\.\.([A-Za-z])(?:\.\.(-?\d+))?", body)
+    if ints or letters:
+        m = ints or letters
+        lo, hi = (int(m[1]), int(m[2])) if ints else (ord(m[1]), ord(m[2]))
+        step = abs(int(m[3] or 1)) or 1
+        if abs(hi - lo) // step >= _MAX_SHARD_NAMES:
+            raise ValueError(f"shard pattern {pattern!r}: {{{body}}} names over {_MAX_SHARD_NAMES:,} shards")
+        values = range(lo, hi + 1, step) if hi >= lo else range(lo, hi - 1, -step)
+        if letters:
+            return [chr(v) for v in values]
+        pad = max(len(m[1]), len(m[2])) if re.match(r"-?0\d", m[1]) or re.match(r"-?0\d", m[2]) else 0
+        return [f"{v:0{pad}d}" for v in values]
+    return body.split(",") if "," in body else None
 
 
 def _expand_braces(pattern: str) -> list[str]:
-    """Bash's brace expansion, in order: ``{a,b}`` alternatives and ``{lo..hi}`` integer ranges (zero-padded to the
-    wider end when an end has a leading zero, as webdataset's braceexpand pads); several groups multiply."""
-    m = _BRACE.search(pattern)
-    if m is None:
-        if "{" in pattern or "}" in pattern:
-            raise ValueError(f"shard pattern {pattern!r} has an unmatched brace")
-        return [pattern]
-    body = m[1]
-    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
-    if rng:
-        lo, hi = int(rng[1]), int(rng[2])
-        pad = max(len(rng[1]), len(rng[2])) if re.match(r"-?0\d", rng[1]) or re.match(r"-?0\d", rng[2]) else 0
-        step = 1 if hi >= lo else -1
-        if abs(hi - lo) >= 10_000_000:
-            raise ValueError(f"shard pattern {pattern!r}: the range {{{body}}} names over 10 million shards")
-        items = [f"{i:0{pad}d}" for i in range(lo, hi + step, step)]
-    elif "," in body:
-        items = body.split(",")
-    else:
-        raise ValueError(f"shard pattern {pattern!r}: {{{body}}} is neither a range {{LO..HI}} nor a list {{A,B}}")
-    head, tail = pattern[: m.start()], pattern[m.end() :]
-    return [head + item + rest for item in items for rest in _expand_braces(tail)]
+    """Bash's brace expansion of ``pattern``, in order (``_brace_items``); several groups multiply. Nested braces are
+    refused, as is an expansion to over ten million names."""
+    parts: list[list[str]] = []
+    literal, i = "", 0
+    while i < len(pattern):
+        if pattern[i] == "}":
+            raise ValueError(f"shard pattern {pattern!r} has an unmatched '}}'")
+        if pattern[i] != "{":
+            literal += pattern[i]
+            i += 1
+            continue
+        end = pattern.find("}", i)
+        if end == -1:
+            raise ValueError(f"shard pattern {pattern!r} has an unmatched '{{'")
+        body = pattern[i + 1 : end]
+        if "{" in body:
+            raise ValueError(f"shard pattern {pattern!r}: nested braces are not expanded; write the names out")
+        items = _brace_items(body, pattern)
+        if items is None:  # ({x}: kept as it is, as bash keeps it)
+            literal += pattern[i : end + 1]
+        else:
+            parts += [[literal], items]
+            literal = ""
+        i = end + 1
+    parts.append([literal])
+    if math.prod(len(p) for p in parts) > _MAX_SHARD_NAMES:
+        raise ValueError(f"shard pattern {pattern!r} expands to over {_MAX_SHARD_NAMES:,} names")
+    return ["".join(p) for p in itertools.product(*parts)]
+
+
+def absolute_data_path(path: str) -> str:
+    """``path`` made absolute, as a run's config keeps it (a resume from another directory reads the same data): a
+    pattern of shards is joined to the working directory unless it is absolute or its first brace group's
+    alternatives all are (not normalised: a ``..`` inside braces belongs to its alternative)."""
+    if not is_shard_pattern(path):
+        return os.path.abspath(path)
+    if path.startswith("{") and "}" in path:
+        items = _brace_items(path[1 : path.index("}")], path) or []
+        if items and all(os.path.isabs(i) for i in items):
+            return path
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+
+
+def _glob_tars(name: str) -> list[str]:
+    """The .tar files a glob matches, sorted (hidden ones left out, as glob leaves them); the folders of its longest
+    prefix that exists are taken as they are (a folder named ``set[v2]`` is not a character class)."""
+    import glob
+
+    head = name
+    while head and not os.path.exists(head) and os.path.dirname(head) != head:
+        head = os.path.dirname(head)
+    pattern = glob.escape(head) + name[len(head) :] if head and os.path.exists(head) else name
+    return [p for p in sorted(glob.glob(pattern)) if p.lower().endswith(".tar") and os.path.isfile(p)]
 
 
 def expand_shard_pattern(pattern: str | Path) -> list[str]:
@@ -416,23 +472,21 @@ def expand_shard_pattern(pattern: str | Path) -> list[str]:
         FileNotFoundError: a named shard is missing, or a glob matches no .tar file.
         ValueError: the pattern is malformed, or names something other than a .tar file.
     """
-    import glob
-
     text = os.fspath(pattern)
     shards, missing, seen = [], [], set()
     for name in _expand_braces(text):
-        if _GLOB_CHARS.search(name):
-            found = [p for p in sorted(glob.glob(name)) if p.lower().endswith(".tar") and os.path.isfile(p)]
+        if os.path.exists(name) or not _GLOB_CHARS.search(name):
+            if not os.path.exists(name):
+                missing.append(name)
+                continue
+            if not (name.lower().endswith(".tar") and os.path.isfile(name)):
+                raise ValueError(f"shard pattern {text!r} names {name!r}, which is not a .tar file: a pattern names "
+                                 "webdataset tar shards only")  # fmt: skip
+            found = [name]
+        else:
+            found = _glob_tars(name)
             if not found:
                 missing.append(name)
-        elif not os.path.exists(name):
-            missing.append(name)
-            found = []
-        elif not (name.lower().endswith(".tar") and os.path.isfile(name)):
-            raise ValueError(f"shard pattern {text!r} names {name!r}, which is not a .tar file: a pattern names "
-                             "webdataset tar shards only")  # fmt: skip
-        else:
-            found = [name]
         for p in found:
             if p not in seen:
                 seen.add(p)
@@ -444,29 +498,36 @@ def expand_shard_pattern(pattern: str | Path) -> list[str]:
     return shards
 
 
-def _shard_family(path: str) -> str:
-    """A shard's name with its last run of digits (its number) taken out: "imagenet1k-train-#.tar"."""
-    name = os.path.basename(path)
-    m = re.search(r"\d+(?!.*\d)", name)
-    return name if m is None else name[: m.start()] + "#" + name[m.end() :]
+def _shard_families(shards: list[str]) -> dict[str, list[str]]:
+    """The shards' names grouped by their name with every run of digits taken out ("train-#-of-#.tar")."""
+    families: dict[str, list[str]] = {}
+    for s in shards:
+        name = os.path.basename(s)
+        families.setdefault(re.sub(r"\d+", "#", name), []).append(name)
+    return families
+
+
+def _family_pattern(names: list[str]) -> str:
+    """A glob of one family's names: each run of digits kept where the names share it, else ``*``."""
+    split = [re.split(r"(\d+)", n) for n in names]
+    return "".join(p if k % 2 == 0 or all(q[k] == p for q in split) else "*" for k, p in enumerate(split[0]))
 
 
 def note_shard_families(root: str | Path, shards: list[str]) -> None:
     """Says (once, rank 0) when a folder's shards are of several name families, such as the train and validation
     shards of one download side by side: all of them are read, and a pattern picks some."""
-    families: dict[str, int] = {}
-    for s in shards:
-        families[_shard_family(s)] = families.get(_shard_family(s), 0) + 1
+    families = _shard_families(shards)
     key = f"families:{root}"
     if len(families) < 2 or key in _NOTED or os.environ.get("RANK", "0") != "0":
         return
     _NOTED.add(key)
-    named = ", ".join(f"{f} ({n})" for f, n in sorted(families.items(), key=lambda kv: -kv[1])[:4])
-    example = next(iter(sorted(families, key=lambda f: -families[f]))).replace("#", "*")
+    ranked = sorted(families.values(), key=lambda names: -len(names))
+    named = ", ".join(f"{_family_pattern(n)} ({len(n)})" for n in ranked[:4])
+    example = os.path.join(str(root), _family_pattern(ranked[0]))
     print(f"note: {str(root)}: the {len(shards)} tar shards are of {len(families)} name families, all read: {named}"
           f"{' ...' if len(families) > 4 else ''}; to read some (the training shards of a download that also holds "
-          f"the validation ones), pass a pattern, e.g. '{os.path.join(str(root), example)}'", file=sys.stderr,
-          flush=True)  # fmt: skip
+          f"the validation ones), pass a pattern in quotes, e.g. '{example}'",
+          file=sys.stderr, flush=True)  # fmt: skip
 
 
 def list_tar_shards(root: str | Path) -> list[str] | None:
@@ -560,7 +621,10 @@ def _shard_listing(shard: str) -> dict:
     from fastmim.data.samples import cache_root
 
     st = os.stat(shard)
-    key = f"{os.path.realpath(shard)}|{st.st_size}|{st.st_mtime_ns}|{_TAR_LISTING}|{','.join(TAR_IMAGE_EXTS)}"
+    # (the inode and the change time too: a shard rewritten with the same size and its time restored, as rsync -a or
+    # cp -p leave it, moves its members; ctime cannot be set back)
+    key = (f"{os.path.realpath(shard)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}|{_TAR_LISTING}|"
+           f"{','.join(TAR_IMAGE_EXTS)}")  # fmt: skip
     path = (
         cache_root() / "tar-lists" / (hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:24] + ".json")
     )
@@ -574,8 +638,11 @@ def _shard_listing(shard: str) -> dict:
     try:  # (ascii JSON: a member name with bytes that are not UTF-8 round-trips as its escaped surrogates)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(listing, separators=(",", ":")), "ascii")
-        os.replace(tmp, path)  # atomic: ranks listing the same shard race harmlessly
+        try:
+            tmp.write_text(json.dumps(listing, separators=(",", ":")), "ascii")
+            os.replace(tmp, path)  # atomic: ranks listing the same shard race harmlessly
+        finally:
+            tmp.unlink(missing_ok=True)
     except OSError:  # a read-only or full cache: listed again next time
         pass
     return listing
@@ -607,6 +674,35 @@ def list_tar_samples(shards: list[str]) -> tuple[list[str], list[int]]:
     if not samples:
         raise ValueError(f"the tar shards {shards[0]!r}... hold no images (looked for {', '.join(IMG_EXTENSIONS)})")
     return samples, sizes
+
+
+def dataset_digest(dataset) -> str | None:
+    """A hash of a data set's file names (``files``), in the order samples are indexed, relative to their common
+    folder: the same files wherever the folder is (copied elsewhere), and the same after a file is replaced at its
+    path (how a bad file is fixed; a tar sample's id without its offset, which a replaced member moves); another after
+    a file is added, removed or renamed. None for a data set without a file list. Kept on the data set (1.3 s for
+    1.28M names)."""
+    import hashlib
+
+    files = getattr(dataset, "files", None)
+    if not files:
+        return None
+    known = getattr(dataset, "_fastmim_digest", None)
+    if known is not None and known[0] is files:
+        return known[1]
+    names = files
+    if isinstance(dataset, TarShardDataset):  # shard:offset:member -> shard:member
+        names = [f"{shard}:{member}" for shard, _, member in map(split_sample_id, files)]
+    # (every path lies below the common folder of the least and the greatest)
+    base = os.path.commonpath([min(names), max(names)]) if len(names) > 1 else os.path.dirname(names[0])
+    cut = len(os.path.join(base, ""))
+    h = hashlib.sha1()
+    for f in names:
+        h.update(f[cut:].encode("utf-8", "surrogateescape") + b"\n")
+    digest = h.hexdigest()[:16]
+    with contextlib.suppress(AttributeError):  # (a data set with __slots__)
+        dataset._fastmim_digest = (files, digest)
+    return digest
 
 
 class TarShardDataset(ImageFolderDataset):

@@ -416,7 +416,7 @@ def _read(path: str | Path) -> tuple[_Header, list[str]]:
             f"scan list {str(path)!r} names {len(rel)} images but its header says images={header.images} "
             "(cut short or edited): scan the folder again"
         )
-    if os.path.isdir(header.root):
+    if not (header.root.lower().endswith(".tar") or is_shard_pattern(header.root)):  # a folder (of shards)
         return header, [os.path.join(header.root, r) for r in rel]
     base = shard_base(header.root)  # one tar shard or a pattern of them: its folder
     return header, [os.path.normpath(os.path.join(base, r)) for r in rel]
@@ -430,7 +430,11 @@ def read_file_list(path: str | Path) -> tuple[str, list[str]]:
         FileNotFoundError: the list or the folder it was made for does not exist.
     """
     header, files = _read(path)
-    if list_tar_shards(header.root) is not None:
+    try:
+        shards = list_tar_shards(header.root)
+    except (OSError, ValueError):  # a pattern that names a shard no longer there: a list of shards all the same
+        shards = []
+    if shards is not None:
         raise ValueError(
             f"scan list {str(path)!r} is of the tar shards {header.root!r}: pass the shards themselves as the data "
             "path (their scan clears them for DALI)"

@@ -203,24 +203,9 @@ class Trainer:
         (how a bad file is fixed; a tar sample's id without its offset, which a replaced member moves); another after
         a file is added, removed or renamed. None for a data set without a file list."""
         if not hasattr(self, "_data_digest"):
-            import hashlib
-            import os
+            from fastmim.data.folder import dataset_digest
 
-            from fastmim.data.folder import TarShardDataset, split_sample_id
-
-            files = getattr(self.dataset, "files", None)
-            digest = None
-            if files:
-                if isinstance(self.dataset, TarShardDataset):  # shard:offset:member -> shard:member
-                    files = [f"{shard}:{member}" for shard, _, member in map(split_sample_id, files)]
-                # (every path lies below the common folder of the least and the greatest)
-                base = os.path.commonpath([min(files), max(files)]) if len(files) > 1 else os.path.dirname(files[0])
-                cut = len(os.path.join(base, ""))
-                h = hashlib.sha1()
-                for f in files:
-                    h.update(f[cut:].encode("utf-8", "surrogateescape") + b"\n")
-                digest = h.hexdigest()[:16]
-            self._data_digest = digest
+            self._data_digest = dataset_digest(self.dataset)
         return self._data_digest
 
     def data_layout(self) -> dict:

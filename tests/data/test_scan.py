@@ -347,3 +347,32 @@ def torch_cpu():
     import torch
 
     return torch.device("cpu")
+
+
+def test_under_torchrun_ranks_reading_different_data_are_refused(tmp_path, monkeypatch):
+    """A node with its own out-of-date scan list (or a copy of the folder still being written) read other samples:
+    other epoch lengths, and the ranks' collectives fell out of step. Every rank now compares (gather stood in)."""
+    from fastmim import pretrain
+    from fastmim.data.folder import dataset_digest
+    from fastmim.train.distributed import DistInfo
+
+    folder = tmp_path / "data"
+    (folder / "c").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / "c" / f"{i}.png")
+    ds = ImageFolderDataset(folder)
+    mine = (4, dataset_digest(ds))
+    monkeypatch.setattr(pretrain, "gather_objects", lambda obj, info: [obj, mine, obj])
+    pretrain.check_same_data(ds, DistInfo(0, 3))  # the same names: taken
+    fewer = ImageFolderDataset(folder)
+    fewer.files = fewer.files[:3]
+    with pytest.raises(pretrain.UsageError, match=r"rank 0 has 3 images .*, rank 1 4 images .*; 1 of 3 ranks differ"):
+        pretrain.check_same_data(fewer, DistInfo(0, 3))
+    renamed = ImageFolderDataset(folder)
+    renamed.files = [*renamed.files[:3], str(folder / "c" / "other.png")]  # as many, another name
+    with pytest.raises(pretrain.UsageError, match="the ranks read different data"):
+        pretrain.check_same_data(renamed, DistInfo(0, 3))
+    copied = tmp_path / "elsewhere"  # the same names under another folder: the same data
+    copied.mkdir()
+    (folder / "c").rename(copied / "c")
+    pretrain.check_same_data(ImageFolderDataset(copied), DistInfo(0, 3))

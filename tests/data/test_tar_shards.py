@@ -362,6 +362,14 @@ def test_brace_and_glob_patterns_name_shards_as_webdataset_does(tmp_path, shards
     a = tmp_path / "a"
     assert _expand_braces("x{8..10}") == ["x8", "x9", "x10"] and _expand_braces("x{08..10}") == ["x08", "x09", "x10"]
     assert _expand_braces("{2..0}{a,b}") == ["2a", "2b", "1a", "1b", "0a", "0b"]
+    assert _expand_braces("{00..10..5}{x..z}") == [f"{n}{c}" for n in ("00", "05", "10") for c in "xyz"]
+    assert _expand_braces("run{1}/s{1,2}") == ["run{1}/s1", "run{1}/s2"]  # ({x} is kept, as bash keeps it)
+    # the folders that exist are taken as they are: "set[v2]" is not a character class, "{1}" not a group
+    odd = tmp_path / "set[v2]" / "run{1}"
+    odd.mkdir(parents=True)
+    (odd / "s-0.tar").write_bytes((src / "shard-0000.tar").read_bytes())
+    assert list_tar_shards(f"{odd}/*.tar") == list_tar_shards(f"{odd}/s-{{0..0}}.tar") == [str(odd / "s-0.tar")]
+    assert not is_shard_pattern(tmp_path / "set[v2]" / "typo")  # (an image folder's typo: not a pattern of shards)
     assert list_tar_shards(f"{a}/shard-{{0002,0000}}.tar") == [str(a / "shard-0002.tar"), str(a / "shard-0000.tar")]
     assert list_tar_shards(f"{a}/shard-{{0000..0001}}.tar") == [str(a / f"shard-{i:04d}.tar") for i in range(2)]
     assert list_tar_shards(f"{a}/*") == list_tar_shards(a)  # (a glob takes the .tar files only)
@@ -372,11 +380,16 @@ def test_brace_and_glob_patterns_name_shards_as_webdataset_does(tmp_path, shards
         list_tar_shards(f"{a}/shard-{{0000..0003}}.tar")
     with pytest.raises(FileNotFoundError, match="match no .tar file"):
         list_tar_shards(f"{a}/train-*.tar")
-    with pytest.raises(ValueError, match="'.*notes.txt', which is not a .tar file"):
-        list_tar_shards(f"{a}/{{notes.txt,shard-0000.tar}}")
-    with pytest.raises(ValueError, match="neither a range"):
+    (a / "sub.tar").mkdir()
+    with pytest.raises(ValueError, match="'.*sub.tar', which is not a .tar file"):
+        list_tar_shards(f"{a}/{{sub,shard-0000}}.tar")
+    with pytest.raises(FileNotFoundError, match=r"do not exist: '.*/shard-\{0000\}.tar'"):  # ({x}: as bash, kept)
         list_tar_shards(f"{a}/shard-{{0000}}.tar")
-    with pytest.raises(ValueError, match="unmatched brace"):
+    with pytest.raises(ValueError, match="nested braces"):
+        list_tar_shards(f"{a}/shard-{{000{{0,1}}}}.tar")
+    with pytest.raises(ValueError, match="expands to over 10,000,000 names"):
+        list_tar_shards(f"{a}/{{0..9999}}-{{0..9999}}.tar")
+    with pytest.raises(ValueError, match="unmatched"):
         list_tar_shards(f"{a}/shard-{{0000,0001}}}}.tar")
     literal = tmp_path / "c{1,2}"  # a folder whose name has braces is itself, not a pattern
     literal.mkdir()
@@ -397,8 +410,8 @@ def test_pretrain_and_the_scan_take_a_pattern_and_a_mixed_folder_is_said(tmp_pat
             (root / name).write_bytes((src / f"shard-{i:04d}.tar").read_bytes())
     assert len(TarShardDataset(root)) == 48
     err = capsys.readouterr().err
-    assert "the 6 tar shards are of 2 name families, all read: imagenet1k-train-#.tar (3)" in err
-    assert f"pass a pattern, e.g. '{root}/imagenet1k-train-*.tar'" in err
+    assert "the 6 tar shards are of 2 name families, all read: imagenet1k-train-*.tar (3)" in err
+    assert f"pass a pattern in quotes, e.g. '{root}/imagenet1k-train-*.tar'" in err
     TarShardDataset(src)
     assert "name families" not in capsys.readouterr().err  # (one family)
     pattern = f"{root}/imagenet1k-train-{{0000..0001}}.tar"
@@ -461,3 +474,48 @@ def test_a_shards_listing_is_cached_until_the_shard_changes(tmp_path, shards, mo
     (tmp_path / "file").write_text("x")  # a cache that cannot be written: listed each time, no error
     monkeypatch.setenv("FASTMIM_CACHE", str(tmp_path / "file" / "cache"))
     assert list_tar_samples([str(root / "a.tar")])[0][0].endswith(":only.jpg")
+
+
+def test_a_pattern_is_kept_absolute_as_written_and_its_scan_list_named_when_a_shard_goes(tmp_path, shards, monkeypatch):
+    import os
+
+    from fastmim.data.folder import absolute_data_path
+    from fastmim.data.scan import read_file_list, scan
+
+    src, _ = shards
+    monkeypatch.chdir(tmp_path)
+    assert absolute_data_path("s/x-{0..3}.tar") == f"{tmp_path}/s/x-{{0..3}}.tar"
+    assert absolute_data_path("{/x/a,/x/b}/s.tar") == "{/x/a,/x/b}/s.tar"  # (os.path.abspath made it cwd//x/a)
+    assert absolute_data_path("/x/{a,b/../c}/s.tar") == "/x/{a,b/../c}/s.tar"  # (normpath cut it to /x/c}/s.tar)
+    assert absolute_data_path("s/../t") == f"{tmp_path}/t"
+    root = tmp_path / "p"
+    root.mkdir()
+    for i in range(2):
+        (root / f"s-{i}.tar").write_bytes((src / f"shard-000{i}.tar").read_bytes())
+    listed = scan(f"{root}/s-{{0..1}}.tar", workers=0, progress=False).list_path
+    os.remove(root / "s-1.tar")
+    with pytest.raises(ValueError, match="is of the tar shards"):
+        read_file_list(listed)
+
+
+def test_a_shard_rewritten_with_its_size_and_time_restored_is_listed_again(tmp_path, shards, monkeypatch):
+    """rsync -a or cp -p of a shard whose members moved (same size: tar pads to 10 KiB records) kept the listing's
+    key (path, size, mtime): the torch loader would read the old offsets. The key has the inode and ctime too."""
+    import os
+
+    monkeypatch.setenv("FASTMIM_CACHE", str(tmp_path / "cache"))
+    _, files = shards
+    shard = tmp_path / "a.tar"
+    for order in (files[:4], files[:4][::-1]):
+        with tarfile.open(tmp_path / "new.tar", "w") as tar:
+            for f in order:
+                tar.add(f, arcname=f"k{files.index(f)}.jpg")
+        if shard.exists():
+            st = shard.stat()
+            os.replace(tmp_path / "new.tar", shard)
+            os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+            assert shard.stat().st_size == st.st_size
+        else:
+            os.replace(tmp_path / "new.tar", shard)
+        ids, _ = list_tar_samples([str(shard)])
+        assert ids[0].endswith(f":k{files.index(order[0])}.jpg")
