@@ -246,6 +246,11 @@ class PretrainConfig:
     log_interval: int = field(default=10, metadata={"help": "steps between logged metrics (host syncs)"})
     save_interval: int = field(default=0, metadata={"help": "steps between checkpoints (0: every epoch)"})
     vis_interval: int = field(default=10, metadata={"help": "epochs between reconstruction images"})
+    keep_every: int = field(
+        default=0,
+        metadata={"help": "epochs between encoder snapshots kept for evaluating the run part way "
+                          "(encoder-epochNNNN.safetensors beside encoder.safetensors; 0: none)"},
+    )  # fmt: skip
     eval_data: str | None = field(
         default=None,
         metadata={"help": "labelled data for a kNN monitor of the encoder (metrics.jsonl: knn_top1): ROOT holding "
@@ -284,7 +289,7 @@ class PretrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
-        for name in ("blr", "min_lr", "warmup_epochs", "weight_decay", "save_interval"):
+        for name in ("blr", "min_lr", "warmup_epochs", "weight_decay", "save_interval", "keep_every"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")

@@ -247,7 +247,7 @@ NETWORK_KEYS = ("model", "img_size", "decoder_embed_dim", "decoder_depth", "deco
 NETWORK_DEFAULTS = {"layer_scale": None, "rel_pos_bias": None, "abs_pos": "sincos"}
 # what a resume continues with whatever it was (where the run is, how it reports): not a change of the training
 RUN_KEYS = ("resume", "output_dir", "device", "num_workers", "max_steps", "log_interval", "vis_interval",
-            "save_interval", "eval_data", "eval_every", "eval_pool")  # fmt: skip
+            "save_interval", "keep_every", "eval_data", "eval_every", "eval_pool")  # fmt: skip
 CHANGES_FILE = "resumes.jsonl"  # a run's record of the settings each resume changed
 # what a run from before an option existed did, where the option's default is not that: the torch loader (before
 # --loader), torch.compile's default mode (before --compile-mode)

@@ -141,9 +141,10 @@ def _out_of_space(folder: Path, tmp: str, e: Exception) -> str | None:
 
 
 RUN_FILES = (CHECKPOINT_NAME, "encoder.safetensors", "config.yaml")  # what a run writes with atomic_write
+SNAPSHOT_GLOB = "encoder-epoch[0-9]*.safetensors"  # --keep-every's snapshots (Trainer._keep_encoder_snapshot)
 
 
-def remove_stale_temporaries(output_dir: str | Path, names=RUN_FILES) -> int:
+def remove_stale_temporaries(output_dir: str | Path, names=(*RUN_FILES, SNAPSHOT_GLOB)) -> int:
     """Deletes the temporary files ``atomic_write`` left in ``output_dir`` when its process was killed mid-write
     (``kill -9``, a launcher's timeout): each is a whole checkpoint's size, and nothing reads them. Call it only when
     this run owns the directory and nothing writes there yet. Returns the bytes freed."""

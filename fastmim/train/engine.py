@@ -6,6 +6,7 @@ import contextlib
 import functools
 import inspect
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -594,6 +595,27 @@ class Trainer:
             save_yaml(self.cfg, self.output_dir / "config.yaml", self.provenance)
         barrier(self.info)
 
+    def _keep_encoder_snapshot(self) -> None:
+        """--keep-every: the encoder.safetensors just saved at the end of an epoch, kept as
+        ``encoder-epochNNNN.safetensors`` (a hard link where the file system allows, else a copy; put in place
+        atomically, replacing one an earlier attempt of this run left). Each save writes encoder.safetensors anew, so
+        the link keeps this epoch's weights."""
+        import shutil
+
+        src = self.output_dir / "encoder.safetensors"
+        dst = self.output_dir / f"encoder-epoch{self.pos.epoch:04d}.safetensors"
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")  # (a killed copy's: removed at the next start)
+        try:
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
+        except OSError as e:  # (a full disk: the run goes on; its checkpoint is intact)
+            print(f"note: could not keep the encoder snapshot {dst.name}: {e}", flush=True)
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def _save_encoder(self, encoder_state: dict) -> None:
         meta = ckpt.encoder_metadata(self.raw_model, self.cfg.model, self.pos.step, self.cfg.img_size)
         ckpt.save_encoder(self.output_dir / "encoder.safetensors", encoder_state, meta)
@@ -849,6 +871,8 @@ class Trainer:
                 self.pos.epoch, self.pos.batch = epoch + 1, 0
             last = self.pos.step >= self.total_steps
             t_log += _seconds(self.save)  # before the pictures: nothing they do can cost the checkpoint
+            if cfg.keep_every and self.pos.batch == 0 and self.pos.epoch % cfg.keep_every == 0 and self.info.is_main:
+                self._keep_encoder_snapshot()
             if self.preempt.requested():  # a stop asked by now: this save holds the step; what would follow (the
                 if not last:  # pictures, kNN: a scheduler's grace period is short) is left out, and no step more
                     self._stop_after_save()

@@ -438,3 +438,35 @@ def test_logged_throughput_leaves_out_saves_and_the_bar_redraws_once_a_second(im
 
 def _rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def test_keep_every_keeps_an_encoder_snapshot_per_epochs_each_loadable_for_evaluation(image_folder, tmp_path, capsys):
+    """A run kept only its latest encoder: evaluating epoch 2 of 4 (MAE's code keeps a checkpoint every 20 epochs)
+    meant stopping the run there. --keep-every N keeps encoder-epochNNNN.safetensors at every N-th epoch's end."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from fastmim.eval.encoder import load_encoder
+    from fastmim.train.checkpoint import remove_stale_temporaries
+
+    out = tmp_path / "run"
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--vis-interval", "10"]
+    pretrain.run([*args, "--epochs", "4", "--keep-every", "2", "--max-steps", "13"])  # (6 steps an epoch)
+    assert sorted(p.name for p in out.glob("encoder-epoch*")) == ["encoder-epoch0002.safetensors"]
+    pretrain.run([*args, "--epochs", "4", "--resume", "--max-steps", "24"])  # (the run's --keep-every, resumed)
+    kept = sorted(p.name for p in out.glob("encoder-epoch*"))
+    assert kept == ["encoder-epoch0002.safetensors", "encoder-epoch0004.safetensors"]
+    steps = {}
+    for name in (*kept, "encoder.safetensors"):
+        with safe_open(out / name, "pt") as f:
+            steps[name] = int(f.metadata()["step"])
+    assert steps == {kept[0]: 12, kept[1]: 24, "encoder.safetensors": 24}
+    early, last = load_file(out / kept[0]), load_file(out / "encoder.safetensors")
+    assert not all(torch.equal(early[k], last[k]) for k in last)  # (epoch 2's weights, not the last ones)
+    assert torch.equal(load_file(out / kept[1])["pos_embed"], last["pos_embed"])
+    encoder, _ = load_encoder(out / kept[0])
+    assert all(torch.equal(v, early[k]) for k, v in encoder.state_dict().items() if k in early)
+    (out / ".encoder-epoch0006.safetensors.123.tmp").write_bytes(b"x" * 10)  # a copy killed part way
+    assert remove_stale_temporaries(out) == 10
+    with pytest.raises(ValueError, match="keep_every must be a finite number >= 0"):
+        pretrain.run([*args, "--keep-every", "-1", "--output-dir", str(tmp_path / "bad")])
