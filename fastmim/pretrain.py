@@ -496,12 +496,15 @@ def lost_checkpoint(out: str | Path) -> str | None:
     """The error for a run folder whose run saved (its encoder.safetensors is written after each checkpoint) but whose
     checkpoint is gone or incomplete (deleted to save space, copied in part): None when it has no such encoder. Such a
     folder is neither resumed nor started afresh over: either would lose or overwrite the run's outputs."""
+    from fastmim.train.checkpoint import SNAPSHOT_GLOB
     from fastmim.train.fsdp import META_NAME
 
     out = Path(out)
     encoder = out / "encoder.safetensors"
-    if not encoder.is_file():
-        return None
+    if not encoder.is_file():  # (--keep-every's snapshots left when the rest was deleted to save space: the newest)
+        encoder = max((p for p in out.glob(SNAPSHOT_GLOB) if p.is_file()), default=None)
+        if encoder is None:
+            return None
     try:
         from safetensors import safe_open
 
@@ -512,7 +515,7 @@ def lost_checkpoint(out: str | Path) -> str | None:
     dcp = out / DCP_NAME
     why = (f"{DCP_NAME}/ has no {META_NAME} (copied or written in part?)" if dcp.is_dir() else
            f"neither {CHECKPOINT_NAME} nor {DCP_NAME}/ is there (deleted, or not copied?)")  # fmt: skip
-    return (f"output directory {str(out)!r} holds a trained run's encoder.safetensors{step} but no checkpoint to "
+    return (f"output directory {str(out)!r} holds a trained run's {encoder.name}{step} but no checkpoint to "
             f"resume: {why}. Restore the checkpoint to resume it, or choose another --output-dir. Nothing was "
             "changed.")  # fmt: skip
 
@@ -633,23 +636,36 @@ def build_dataset(cfg: PretrainConfig, root: str | None = None):
         raise UsageError(str(e)) from e
 
 
-def check_same_data(dataset, info: DistInfo) -> None:
+def check_same_data(dataset, info: DistInfo, problem: Exception | None = None) -> None:
     """Under torchrun every rank must read the same samples: a node whose copy of the folder differs, or that reads
     its own out-of-date scan list, would deal other epochs (another length: the ranks' collectives fall out of step).
-    Refused on every rank, naming the first that differs."""
+    Refused on every rank, naming the first that differs. ``problem``: this rank's failure to set up its data (a
+    folder missing on its node), raised here on every rank at once rather than on this one alone, which would leave
+    the others waiting in their next collective."""
     if not info.enabled:
+        if problem is not None:
+            raise problem
         return
     from fastmim.data.folder import dataset_digest
 
-    seen = gather_objects((len(dataset), dataset_digest(dataset)), info)
+    if problem is not None:
+        said = str(problem) if isinstance(problem, UsageError) else f"{type(problem).__name__}: {problem}"
+        gather_objects((None, None, said), info)
+        raise problem
+    seen = gather_objects((len(dataset), dataset_digest(dataset), None), info)
+    failed = [r for r, v in enumerate(seen) if v[2] is not None]
+    if failed:
+        more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+        raise UsageError(f"rank {failed[0]}{more} could not set up its data: {seen[failed[0]][2]}")
     differ = [r for r, v in enumerate(seen) if v != seen[0]]
     if differ:
         r = differ[0]
         raise UsageError(
             f"the ranks read different data: rank 0 has {_n(seen[0][0], 'image')} (names digest {seen[0][1]}), rank "
             f"{r} {_n(seen[r][0], 'image')} (digest {seen[r][1]}); {len(differ)} of {info.world_size} ranks differ "
-            "from rank 0. Every node must hold the same files at the same path (a node's copy still being written? "
-            "its own out-of-date scan list in an unshared cache: set FASTMIM_CACHE to a shared folder)"
+            "from rank 0. Every node must hold the same files (the same names below the data folder: a node's copy "
+            "still being written? its own out-of-date scan list in an unshared cache: set FASTMIM_CACHE to a shared "
+            "folder)"
         )
 
 
@@ -718,12 +734,15 @@ def _choose_loader_on_rank0(cfg: PretrainConfig, info: DistInfo | None) -> tuple
             answer = _choose_loader(cfg)
         except UsageError as e:
             answer = e
-        except BaseException as e:  # (told to the others, so that they do not wait for an answer that never comes)
+        except BaseException as e:  # (told to the others, so that they do not wait for an answer that never comes;
+            # a stop signal or Ctrl-C as itself, so that every rank exits as a stop does)
+            relay = e if not isinstance(e, Exception) else RuntimeError(
+                f"rank 0 failed choosing the data loader: {type(e).__name__}: {e}")  # fmt: skip
             with contextlib.suppress(Exception):
-                broadcast_object(RuntimeError(f"rank 0 failed choosing the data loader: {type(e).__name__}: {e}"), info)
+                broadcast_object(relay, info)
             raise
     answer = broadcast_object(answer, info)
-    if isinstance(answer, Exception):
+    if isinstance(answer, BaseException):
         raise answer
     kind, root, why = answer
     if kind == "dali" and root and root != cfg.data_path and not os.path.exists(root):
@@ -1095,10 +1114,16 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
     try:  # (DALI's pipeline holds its files mapped: released at the end, not when the collector gets to it)
         try:  # what can still refuse the run (data, model, loader): the folders made for it are not left behind empty
             _seed_everything(cfg.seed)  # every rank builds the same initial weights (FSDP shards them where they are)
-            kind, root, why = choose_loader(data_cfg := with_builtin_data(cfg), device, state, info)
-            _check_loader_on_resume(cfg, state, kind, why)
-            dataset = build_dataset(data_cfg, root)
-            check_same_data(dataset, info)
+            data_cfg, dataset, problem = with_builtin_data(cfg), None, None
+            try:  # (under torchrun a rank's own problem is told to every rank below, so none waits for it)
+                kind, root, why = choose_loader(data_cfg, device, state, info)
+                _check_loader_on_resume(cfg, state, kind, why)
+                dataset = build_dataset(data_cfg, root)
+            except Exception as e:
+                if not info.enabled:
+                    raise
+                problem = e
+            check_same_data(dataset, info, problem)
             monitor = build_monitor(cfg, info, device)
             model = build_model(cfg, device)
             if changes:

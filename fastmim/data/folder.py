@@ -375,7 +375,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_MAX_SHARD_NAMES = 10_000_000  # (what a pattern may expand to: a typo's {0..99999999} is refused, not built)
+_MAX_SHARD_NAMES = 1_000_000  # (what a pattern may expand to: a typo's {0..99999999} is refused, not built)
 
 
 def is_shard_pattern(path: str | Path) -> bool:
@@ -388,29 +388,36 @@ def is_shard_pattern(path: str | Path) -> bool:
     return "{" in text or bool(_GLOB_CHARS.search(text))
 
 
-def _brace_items(body: str, pattern: str) -> list[str] | None:
+def _brace_items(body: str, pattern: str, count: bool = False):
     """The alternatives of one brace group, as bash expands it: ``a,b``; ``LO..HI[..STEP]`` of integers (zero-padded
     to the wider end when an end has a leading zero, as webdataset's braceexpand pads) or of letters. None for a
-    group bash leaves as it is (``{x}``)."""
+    group bash leaves as it is (``{x}``). ``count``: how many, without making them."""
     ints = re.fullmatch(r"(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?", body)
     letters = re.fullmatch(r"([A-Za-z])\.\.([A-Za-z])(?:\.\.(-?\d+))?", body)
     if ints or letters:
         m = ints or letters
         lo, hi = (int(m[1]), int(m[2])) if ints else (ord(m[1]), ord(m[2]))
         step = abs(int(m[3] or 1)) or 1
-        if abs(hi - lo) // step >= _MAX_SHARD_NAMES:
-            raise ValueError(f"shard pattern {pattern!r}: {{{body}}} names over {_MAX_SHARD_NAMES:,} shards")
         values = range(lo, hi + 1, step) if hi >= lo else range(lo, hi - 1, -step)
+        if count:
+            return len(values)
         if letters:
             return [chr(v) for v in values]
         pad = max(len(m[1]), len(m[2])) if re.match(r"-?0\d", m[1]) or re.match(r"-?0\d", m[2]) else 0
         return [f"{v:0{pad}d}" for v in values]
-    return body.split(",") if "," in body else None
+    if "," not in body:
+        return None
+    return body.count(",") + 1 if count else body.split(",")
 
 
 def _expand_braces(pattern: str) -> list[str]:
     """Bash's brace expansion of ``pattern``, in order (``_brace_items``); several groups multiply. Nested braces are
-    refused, as is an expansion to over ten million names."""
+    refused, as is an expansion to over a million names (counted before any is made)."""
+    total = math.prod(
+        n or 1 for n in (_brace_items(b, pattern, count=True) for b in re.findall(r"\{([^{}]*)\}", pattern))
+    )
+    if total > _MAX_SHARD_NAMES:
+        raise ValueError(f"shard pattern {pattern!r} expands to over {_MAX_SHARD_NAMES:,} names")
     parts: list[list[str]] = []
     literal, i = "", 0
     while i < len(pattern):
@@ -434,8 +441,6 @@ def _expand_braces(pattern: str) -> list[str]:
             literal = ""
         i = end + 1
     parts.append([literal])
-    if math.prod(len(p) for p in parts) > _MAX_SHARD_NAMES:
-        raise ValueError(f"shard pattern {pattern!r} expands to over {_MAX_SHARD_NAMES:,} names")
     return ["".join(p) for p in itertools.product(*parts)]
 
 
@@ -449,7 +454,11 @@ def absolute_data_path(path: str) -> str:
         items = _brace_items(path[1 : path.index("}")], path) or []
         if items and all(os.path.isabs(i) for i in items):
             return path
-    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    path = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    # the folders before the first brace or glob normalised ("/./", "//", ".."), as os.path.abspath does a path's
+    head = path[: min((path.find(c) for c in "{*?[" if c in path), default=len(path))]
+    cut = head.rfind("/")
+    return os.path.normpath(head[:cut]) + path[cut:] if cut > 0 else path
 
 
 def _glob_tars(name: str) -> list[str]:
@@ -693,9 +702,10 @@ def dataset_digest(dataset) -> str | None:
     names = files
     if isinstance(dataset, TarShardDataset):  # shard:offset:member -> shard:member
         names = [f"{shard}:{member}" for shard, _, member in map(split_sample_id, files)]
-    # (every path lies below the common folder of the least and the greatest)
-    base = os.path.commonpath([min(names), max(names)]) if len(names) > 1 else os.path.dirname(names[0])
-    cut = len(os.path.join(base, ""))
+    # (every path lies below the common folder of the least and the greatest: their common text up to its last '/',
+    # as written; os.path.commonpath would drop a '.' or an empty part of a path spelled with "/./" or "//")
+    common = os.path.commonprefix([min(names), max(names)]) if len(names) > 1 else names[0]
+    cut = common.rfind("/") + 1
     h = hashlib.sha1()
     for f in names:
         h.update(f[cut:].encode("utf-8", "surrogateescape") + b"\n")

@@ -152,9 +152,9 @@ def remove_stale_temporaries(output_dir: str | Path, names=(*RUN_FILES, SNAPSHOT
     for name in names:
         for tmp in Path(output_dir).glob(f".{name}.*.tmp"):
             try:
-                size = tmp.stat().st_size
+                st = tmp.stat()
                 tmp.unlink()
-                freed += size
+                freed += st.st_size if st.st_nlink == 1 else 0  # (a hard link's bytes stay with the other name)
             except OSError:  # gone already, or not ours to delete: left as it is
                 pass
     return freed
@@ -336,4 +336,7 @@ def weights_check(got: tuple[float, ...], state: dict) -> None:
 def existing_run_markers(output_dir: str | Path) -> list[str]:
     """Files in output_dir that show a run is already there."""
     d = Path(output_dir)
-    return [m for m in RUN_MARKERS if (d / m).exists()] if d.is_dir() else []
+    if not d.is_dir():
+        return []
+    kept = sorted(p.name for p in d.glob(SNAPSHOT_GLOB))  # (--keep-every's: the newest stands for them all)
+    return [m for m in RUN_MARKERS if (d / m).exists()] + kept[-1:]

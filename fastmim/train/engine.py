@@ -595,6 +595,22 @@ class Trainer:
             save_yaml(self.cfg, self.output_dir / "config.yaml", self.provenance)
         barrier(self.info)
 
+    def _keep_missed_snapshot(self) -> None:
+        """A run resumed at the end of an epoch --keep-every keeps (stopped between its save and its snapshot, or
+        given --keep-every on this resume): the snapshot from encoder.safetensors, when that is this step's."""
+        k = self.cfg.keep_every
+        if not k or self.pos.epoch % k or (self.output_dir / f"encoder-epoch{self.pos.epoch:04d}.safetensors").exists():
+            return
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(self.output_dir / "encoder.safetensors"), "pt") as f:
+                step = int((f.metadata() or {}).get("step", -1))
+        except Exception:  # (none, or unreadable: no snapshot to make)
+            return
+        if step == self.pos.step:
+            self._keep_encoder_snapshot()
+
     def _keep_encoder_snapshot(self) -> None:
         """--keep-every: the encoder.safetensors just saved at the end of an epoch, kept as
         ``encoder-epochNNNN.safetensors`` (a hard link where the file system allows, else a copy; put in place
@@ -751,6 +767,8 @@ class Trainer:
         self.knn_seconds, t_start = 0.0, t_log
         if self.pos.step == 0:  # the baseline: the encoder as initialised
             t_log += _seconds(self.evaluate_knn)  # (img/s counts the steps' time: saves, pictures and kNN left out)
+        elif self.pos.batch == 0 and self.info.is_main:  # resumed at an epoch's end: its snapshot, if it was missed
+            self._keep_missed_snapshot()
         for epoch in range(self.pos.epoch, cfg.epochs):
             self.pos.epoch = epoch
             start = self.pos.batch
@@ -872,7 +890,7 @@ class Trainer:
             last = self.pos.step >= self.total_steps
             t_log += _seconds(self.save)  # before the pictures: nothing they do can cost the checkpoint
             if cfg.keep_every and self.pos.batch == 0 and self.pos.epoch % cfg.keep_every == 0 and self.info.is_main:
-                self._keep_encoder_snapshot()
+                t_log += _seconds(self._keep_encoder_snapshot)
             if self.preempt.requested():  # a stop asked by now: this save holds the step; what would follow (the
                 if not last:  # pictures, kNN: a scheduler's grace period is short) is left out, and no step more
                     self._stop_after_save()

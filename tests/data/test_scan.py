@@ -361,7 +361,7 @@ def test_under_torchrun_ranks_reading_different_data_are_refused(tmp_path, monke
     for i in range(4):
         Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / "c" / f"{i}.png")
     ds = ImageFolderDataset(folder)
-    mine = (4, dataset_digest(ds))
+    mine = (4, dataset_digest(ds), None)
     monkeypatch.setattr(pretrain, "gather_objects", lambda obj, info: [obj, mine, obj])
     pretrain.check_same_data(ds, DistInfo(0, 3))  # the same names: taken
     fewer = ImageFolderDataset(folder)
@@ -376,3 +376,45 @@ def test_under_torchrun_ranks_reading_different_data_are_refused(tmp_path, monke
     copied.mkdir()
     (folder / "c").rename(copied / "c")
     pretrain.check_same_data(ImageFolderDataset(copied), DistInfo(0, 3))
+
+
+def test_a_rank_that_cannot_set_up_its_data_is_named_on_every_rank(tmp_path, monkeypatch):
+    """A rank whose node lacks the folder stopped alone; the others waited in their next collective (on several
+    nodes, until a timeout). Its problem is gathered: every rank stops, naming it. (gather stood in.)"""
+    from fastmim import pretrain
+    from fastmim.train.distributed import DistInfo
+
+    folder = tmp_path / "data"
+    (folder / "c").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "c" / "0.png")
+    ds = ImageFolderDataset(folder)
+    gathered = []
+    monkeypatch.setattr(pretrain, "gather_objects", lambda obj, info: gathered.append(obj) or [(1, "x", None), obj])
+    with pytest.raises(pretrain.UsageError, match="no such folder"):  # (the rank's own problem, as it was)
+        pretrain.check_same_data(None, DistInfo(1, 2), pretrain.UsageError("no such folder"))
+    assert gathered == [(None, None, "no such folder")]
+    monkeypatch.setattr(pretrain, "gather_objects", lambda obj, info: [obj, (None, None, "OSError: disk gone")])
+    with pytest.raises(pretrain.UsageError, match="rank 1 could not set up its data: OSError: disk gone"):
+        pretrain.check_same_data(ds, DistInfo(0, 2))
+    # rank 0 stopped (Ctrl-C, a stop signal) while choosing the loader: the others stop as it does
+    monkeypatch.setattr(pretrain, "broadcast_object", lambda obj, info: KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.choose_loader(pretrain.PretrainConfig(data_path=str(folder)), torch_cpu(), info=DistInfo(1, 2))
+
+
+def test_the_data_digest_is_the_same_however_the_path_is_spelled(tmp_path):
+    from fastmim.data.folder import dataset_digest
+
+    folder = tmp_path / "data"
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(folder / c / "0.png")
+
+    class Named:
+        def __init__(self, files):
+            self.files = files
+
+    plain = dataset_digest(ImageFolderDataset(folder))
+    for spelled in (f"{tmp_path}//data", f"{tmp_path}/./data"):
+        names = [f"{spelled}/a/0.png", f"{spelled}/b/0.png"]
+        assert dataset_digest(Named(names)) == plain

@@ -470,3 +470,18 @@ def test_keep_every_keeps_an_encoder_snapshot_per_epochs_each_loadable_for_evalu
     assert remove_stale_temporaries(out) == 10
     with pytest.raises(ValueError, match="keep_every must be a finite number >= 0"):
         pretrain.run([*args, "--keep-every", "-1", "--output-dir", str(tmp_path / "bad")])
+
+
+def test_kept_snapshots_mark_a_run_and_one_missed_at_an_epoch_end_is_made_on_resume(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--vis-interval", "10"]
+    pretrain.run([*args, "--epochs", "3", "--max-steps", "12"])  # two epochs, no snapshot asked for
+    assert not list(out.glob("encoder-epoch*"))
+    pretrain.run([*args, "--epochs", "3", "--resume", "--max-steps", "18", "--keep-every", "2"])
+    assert sorted(p.name for p in out.glob("encoder-epoch*")) == ["encoder-epoch0002.safetensors"]  # (made at start)
+    # the snapshots alone (the rest deleted to save space) still mark the run: neither overwritten nor moved aside
+    for name in ("checkpoint.pt", "encoder.safetensors", "config.yaml", "metrics.jsonl"):
+        (out / name).unlink()
+    with pytest.raises(pretrain.UsageError, match="trained run.s encoder-epoch0002.safetensors .step 12. but no"):
+        pretrain.run([*args, "--epochs", "3"])
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("encoder")) == ["encoder-epoch0002.safetensors"]
