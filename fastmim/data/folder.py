@@ -118,7 +118,8 @@ def iter_files(root: str | Path, skipped: dict[str, int] | None = None, exclude:
                 seen.add(real)
                 keep.append(d)
         dirnames[:] = keep
-        yield from (os.path.join(dirpath, f) for f in filenames if not f.startswith("."))
+        prefix = os.path.join(dirpath, "")  # (os.path.join per file: 2.5 s of 1.28M files' walk)
+        yield from (prefix + f for f in filenames if not f.startswith("."))
 
 
 _NOTED: set[str] = set()  # the roots whose skipped entries were noted in this process

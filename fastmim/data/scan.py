@@ -133,17 +133,40 @@ def _list_path(root: str | Path, suffix: str) -> Path:
 def _walk(root: str) -> tuple[list[str], list[str], float, str]:
     """(image files, other files, newest mtime, ``_digest`` of them all) below root. Image files are exactly those
     ``list_images`` reads (``iter_files``: hidden files such as ``.DS_Store`` are not walked)."""
-    images, others, newest, stats = [], [], 0.0, []
-    for path in iter_files(root):
+    images, others = [], []
+    paths = list(iter_files(root))
+    for path in paths:
         (images if is_image_file(path) else others).append(path)
-        try:
-            st = os.stat(path)
-        except OSError:  # a broken link: counted, and reported as unreadable if it names an image
+    stats, newest = [], 0.0
+    for path, st in zip(paths, _stat_all(paths), strict=True):
+        if st is None:  # a broken link: counted, and reported as unreadable if it names an image
             stats.append((path, -1, -1))
             continue
         newest = max(newest, st.st_mtime)
         stats.append((path, st.st_size, st.st_mtime_ns))
     return sorted(images), sorted(others), newest, _digest(stats)
+
+
+def _stat_all(paths: list[str], threads: int = 16, chunk: int = 512) -> list[os.stat_result | None]:
+    """os.stat of every path (None where it fails), in order, by ``threads`` threads: a shared file system answers
+    each stat in 0.1-1 ms, so a single thread's check of ImageNet's 1.28M files took minutes there (rank 0 does it
+    while the other ranks wait: see pretrain's choose_loader)."""
+
+    def stat_chunk(start: int) -> list[os.stat_result | None]:
+        out = []
+        for p in paths[start : start + chunk]:
+            try:
+                out.append(os.stat(p))
+            except OSError:
+                out.append(None)
+        return out
+
+    if len(paths) <= chunk:
+        return stat_chunk(0)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return [st for part in pool.map(stat_chunk, range(0, len(paths), chunk)) for st in part]
 
 
 def _digest(stats: list[tuple[str, int, int]]) -> str:
@@ -417,7 +440,8 @@ def _read(path: str | Path) -> tuple[_Header, list[str]]:
             "(cut short or edited): scan the folder again"
         )
     if not (header.root.lower().endswith(".tar") or is_shard_pattern(header.root)):  # a folder (of shards)
-        return header, [os.path.join(header.root, r) for r in rel]
+        prefix = os.path.join(header.root, "")  # (os.path.join per name: 2.5 s of ImageNet's list)
+        return header, [r if r.startswith("/") else prefix + r for r in rel]
     base = shard_base(header.root)  # one tar shard or a pattern of them: its folder
     return header, [os.path.normpath(os.path.join(base, r)) for r in rel]
 
