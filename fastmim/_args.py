@@ -21,7 +21,27 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         if not says_usage_errors():
             self.exit(2)
+        if message.startswith("unrecognized arguments:") and ".tar" in message.lower():
+            # (a pattern of shards left unquoted: the shell gave every shard after the first as an argument)
+            n = sum(1 for word in message.split() if word.lower().endswith(".tar"))
+            self.exit(2, f"{self.prog}: error: {n} more .tar paths after the data path: the shell expanded a pattern "
+                         "of shards into paths; put the pattern in quotes, e.g. "
+                         "'/data/in1k/imagenet1k-train-{0000..1023}.tar'\n")  # fmt: skip
         super().error(message)
+
+
+class Once(argparse.Action):
+    """A flag that takes one value and may be given once: a path repeated is most likely a pattern the shell expanded
+    (``--data-path=train-{0..3}.tar`` unquoted gives four flags; argparse would keep the last, silently)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if hasattr(namespace, self.dest):
+            was = getattr(namespace, self.dest)
+            hint = (": the shell expanded a pattern of shards into several flags; put it in quotes, e.g. "
+                    f"{option_string}='/data/in1k/imagenet1k-train-{{0000..1023}}.tar'"
+                    if str(values).lower().endswith(".tar") else "")  # fmt: skip
+            parser.error(f"{option_string} given twice ({was!r}, then {values!r}){hint}")
+        setattr(namespace, self.dest, values)
 
 
 def as_int(value) -> int | None:

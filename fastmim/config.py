@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from fastmim._args import ArgumentParser
+from fastmim._args import ArgumentParser, Once
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 LOADERS = ("auto", "dali", "torch", "torch-gpu")
@@ -676,6 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
                 kw["help"] = kw["help"].replace(" (default:", "; repeatable (default:", 1)
                 parser.add_argument(*flags, dest=f.name, action="append", metavar="KEY=VALUE[,...]", **kw)
             else:
+                if f.name in ("data_path", "eval_data"):  # (a second path: a pattern the shell expanded)
+                    kw["action"] = Once
                 parser.add_argument(*flags, dest=f.name, type=str, metavar=base.__name__.upper(), **kw)
     return parser
 

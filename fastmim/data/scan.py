@@ -19,7 +19,6 @@ alone: scan again to get the digest's check.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -549,7 +548,9 @@ def format_summary(result: ScanResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    from fastmim._args import ArgumentParser
+
+    parser = ArgumentParser(
         prog="python -m fastmim.data.scan",
         description="Decode every image below PATH; list the corrupt, truncated and non-image files; write a list of "
         "the good images, to pass as --data-path.",

@@ -389,9 +389,14 @@ class Trainer:
         for m in self.raw_model.modules():
             if isinstance(m, EMATeacher):
                 m.updates.fill_(self.pos.step)
-        if self.cfg.max_steps is not None and self.pos.step != was and self.info.is_main:
-            print(f"note: step {was} of the saved run is step {self.pos.step} now ({changed or 'another layout'}); "
-                  f"--max-steps {self.cfg.max_steps} counts steps of {self.images_per_step} images",
+        if self.pos.step != was and self.info.is_main:  # (said always: metrics.jsonl's and the encoder's steps follow)
+            later = " (metrics.jsonl's rows from here carry the new numbers" + (
+                ", and a row whose step goes back starts its plot over there)" if self.pos.step < was else ")"
+            )
+            capped = (f"; --max-steps {self.cfg.max_steps} counts steps of {self.images_per_step} images"
+                      if self.cfg.max_steps is not None else "")  # fmt: skip
+            print(f"note: step {was} of the saved run is step {self.pos.step} now: an epoch is "
+                  f"{self.steps_per_epoch} steps ({changed or 'another layout'}){later}{capped}",
                   flush=True)  # fmt: skip
 
     def _reshard_epoch(self, state: dict, saved: dict | None, layout: dict) -> None:

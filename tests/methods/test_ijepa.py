@@ -256,8 +256,8 @@ def test_a_resume_at_another_batch_size_keeps_the_teachers_schedule_with_the_ste
     pretrain.run([*_cli_args(image_folder, out), "--batch-size", "8", "--max-steps", "1"])
     pretrain.run(["--resume", "--output-dir", str(out), "--batch-size", "4", "--max-steps", "3"])
     said = capsys.readouterr().out
-    assert "note: step 1 of the saved run is step 2 now (batch_size 8 -> 4); --max-steps 3 counts steps of 4 images" \
-        in said  # fmt: skip
+    assert "note: step 1 of the saved run is step 2 now: an epoch is 6 steps (batch_size 8 -> 4) (metrics.jsonl's " \
+        "rows from here carry the new numbers); --max-steps 3 counts steps of 4 images" in said  # fmt: skip
     # the peak lr follows the images per step unless --lr fixes it: said, with the way to keep the run's
     assert "note: the peak lr follows the images per step (8 -> 4, --blr" in said and "--lr " in said, said
     state = load_checkpoint(out / "checkpoint.pt")

@@ -47,6 +47,21 @@ def test_the_data_sets_file_list_is_checked_on_resume(tmp_path, capsys):
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 7
 
 
+def test_a_data_set_that_grew_between_epochs_renumbers_the_steps_and_says_so(tmp_path, capsys):
+    """Resumed at an epoch's end on a data set with more images, the run counts its steps in the new epoch length
+    (epoch 1 of 7 steps ends at step 7): metrics.jsonl's and the encoder's steps jump; that was not said."""
+    data = make_image_folder(tmp_path / "d")
+    out = tmp_path / "run"
+    pretrain.run([*ARGS, "--data-path", str(data), "--output-dir", str(out), "--max-steps", "6"])
+    for k in range(4):  # 28 images: 7 steps an epoch
+        shutil.copy(data / "class0" / "img000.jpg", data / "class0" / f"more{k}.jpg")
+    capsys.readouterr()
+    pretrain.run(["--resume", "--output-dir", str(out), "--max-steps", "8"])
+    said = capsys.readouterr().out
+    assert "note: step 6 of the saved run is step 7 now: an epoch is 7 steps (dataset_size 24 -> 28)" in said, said
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 8
+
+
 def test_config_yaml_records_the_runs_provenance_and_still_reads_back(tmp_path, image_folder):
     out = tmp_path / "run"
     pretrain.run([*ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--max-steps", "1"])
