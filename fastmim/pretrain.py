@@ -779,13 +779,12 @@ def _choose_loader(cfg: PretrainConfig) -> tuple[str, str | None, str]:
     except (FileNotFoundError, ValueError) as e:  # a pattern of shards that names none, or a missing one
         raise UsageError(str(e)) from e
     quoted = shlex.quote(cfg.data_path)  # (a pattern of shards is passed in quotes)
-    if shards:  # DALI reads every sample of a shard: only a clean scan clears them
-        from fastmim.data.scan import scan_header
+    if shards:  # DALI reads every sample of a shard: only a clean scan of every one clears them
+        from fastmim.data.scan import scanned_bad
 
-        scan = find_scan(cfg.data_path)
-        bad = scan_header(scan)[2] if scan is not None else None
+        bad = scanned_bad(shards)
         if bad == 0:
-            return "dali", cfg.data_path, f"webdataset tar shards, scanned clean ({scan})"
+            return "dali", cfg.data_path, f"webdataset tar shards, {_n(len(shards), 'shard')} scanned clean"
         if cfg.allow_unscanned:
             return "dali", cfg.data_path, "webdataset tar shards, --allow-unscanned (a bad image stops the run)"
         problem = (

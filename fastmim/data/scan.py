@@ -382,7 +382,44 @@ def _scan_tars(resolved: str, shards: list[str], workers, out, progress) -> Scan
         f"digest={digest}"
     )
     _write_atomic(list_path, "".join([header, "\n", *(os.path.relpath(i, base) + "\n" for i in good)]))
+    per_shard = Counter(split_sample_id(i)[0] for i, _ in bad)
+    for shard in shards:
+        _record_shard_scan(shard, per_shard.get(shard, 0))
     return ScanResult(resolved, good, bad, [], list_path, len(shards), mtime)
+
+
+def _shard_scan_path(shard: str) -> tuple[Path, str]:
+    """Where a shard's scan result is kept, and its key: the shard's name, size and modification time, which a move,
+    a ``cp -p`` or ``rsync -a`` copy keep (the same bytes: still cleared), and a rewrite changes."""
+    st = os.stat(shard)
+    key = f"{os.path.basename(shard)}|{st.st_size}|{st.st_mtime_ns}|{FORMAT}"
+    name = hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    return cache_root() / "tar-scans" / f"{name}.json", key
+
+
+def _record_shard_scan(shard: str, bad: int) -> None:
+    path, key = _shard_scan_path(shard)
+    try:
+        _write_atomic(path, json.dumps({"key": key, "bad": bad}))
+    except OSError:  # (a cache that cannot be written: the shards are not cleared, which the run says)
+        pass
+
+
+def scanned_bad(shards: list[str]) -> int | None:
+    """The bad images the scans found in these tar shards, each scanned on its own or in any set (a folder, a pattern,
+    another pattern over the same files): None when one of them has no scan of its current bytes. DALI reads every
+    sample of a shard, so only 0 clears the shards for it."""
+    total = 0
+    for shard in shards:
+        try:
+            path, key = _shard_scan_path(shard)
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("key") != key or not isinstance(record.get("bad"), int):
+            return None
+        total += record["bad"]
+    return total
 
 
 def scan_format(path: str | Path) -> str:

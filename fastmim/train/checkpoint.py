@@ -231,9 +231,32 @@ def encoder_metadata(model: nn.Module, name: str, step: int, img_size: int) -> d
 
 
 def save_encoder(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Encoder weights as safetensors (timm-compatible names)."""
+    """Encoder weights as safetensors (timm-compatible names), the same bytes for the same weights and metadata."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def write(tmp: str) -> None:
+        save_file(tensors, tmp, metadata=metadata)
+        _order_header(tmp)
+
+    atomic_write(path, write)
+
+
+def _order_header(path: str) -> None:
+    """Rewrites a safetensors file's header in place in a fixed order: safetensors writes its metadata in the order
+    of a Rust hash map, which differs from process to process, so the same weights gave other bytes (another
+    sha256 in eval.jsonl). The header keeps its length (the data's offsets count from its end)."""
+    import json
+
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None)
+        ordered = {"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}
+        ordered |= dict(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"][0], kv[0])))
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) <= n:  # (the same entries: the same length; the rest is padding, as safetensors pads)
+            f.seek(8)
+            f.write(text + b" " * (n - len(text)))
 
 
 def run_checkpoint(output_dir: str | Path) -> Path | None:

@@ -519,3 +519,35 @@ def test_a_shard_rewritten_with_its_size_and_time_restored_is_listed_again(tmp_p
             os.replace(tmp_path / "new.tar", shard)
         ids, _ = list_tar_samples([str(shard)])
         assert ids[0].endswith(f":k{files.index(order[0])}.jpg")
+
+
+def test_a_scan_clears_each_shard_whatever_names_it_later(tmp_path, shards, monkeypatch):
+    """A scan's clearance was looked up by the exact data path: the folder scanned, then a pattern over its
+    training shards (or another spelling, or the folder moved) was "not scanned" and --loader auto read with torch.
+    Each shard's result is kept by its name, size and time: any set of scanned shards is cleared."""
+    import os
+    import shutil
+
+    from fastmim import pretrain
+    from fastmim.config import PretrainConfig
+    from fastmim.data.scan import main, scanned_bad
+
+    monkeypatch.setenv("FASTMIM_CACHE", str(tmp_path / "cache"))
+    src, files = shards
+    root = tmp_path / "dl"
+    shutil.copytree(src, root)
+    bad = truncated_member_shard(tmp_path / "b" / "shard-0009.tar", files[:4], 2, "k{:03d}.jpg")
+    assert scanned_bad(list_tar_shards(root)) is None
+    assert main([str(root), "--quiet", "--workers", "0", "--out", str(tmp_path / "elsewhere.txt")]) == 0
+    for spelled in (f"{root}/shard-{{0000..0001}}.tar", f"{root}/shard-000[02].tar", str(root / "shard-0001.tar")):
+        assert scanned_bad(list_tar_shards(spelled)) == 0, spelled
+    moved = tmp_path / "moved"
+    os.rename(root, moved)
+    assert scanned_bad(list_tar_shards(f"{moved}/*.tar")) == 0  # (the same bytes: a move keeps name, size, time)
+    assert main([str(bad / "shard-0009.tar"), "--quiet", "--workers", "0"]) == 0
+    assert scanned_bad([str(bad / "shard-0009.tar"), str(moved / "shard-0000.tar")]) == 1
+    (moved / "shard-0001.tar").touch()  # changed since
+    assert scanned_bad(list_tar_shards(moved)) is None
+    if dali_problem() is None:
+        kind, _, why = pretrain._choose_loader(PretrainConfig(data_path=f"{moved}/shard-000[02].tar"))
+        assert (kind, why) == ("dali", "webdataset tar shards, 2 shards scanned clean")

@@ -1264,3 +1264,30 @@ def test_out_of_memory_says_the_batch_that_would_fit(tmp_path, capsys, monkeypat
     assert eval_main([mode, *common[:-1], "2"]) == 1  # nothing smaller to take
     err = capsys.readouterr().err
     assert "a smaller --img-size or encoder" in err if mode == "finetune" else "--batch-size 1 (was 2)" in err
+
+
+def test_the_same_encoder_is_the_same_file_from_any_process(tmp_path):
+    """safetensors writes its metadata in a Rust hash map's order, which differs from process to process: the same
+    weights gave other bytes, so eval.jsonl's encoder_sha256 differed between a resumed and an uninterrupted run."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = (
+        "import sys, torch\n"
+        "from fastmim.train.checkpoint import save_encoder\n"
+        "t = {'pos_embed': torch.zeros(1, 2), 'a.weight': torch.arange(6.).view(2, 3), 'b': torch.ones(3).bfloat16()}\n"
+        "save_encoder(sys.argv[1], t, {f'k{i}': f'v{i}' for i in range(16)})\n"
+    )
+    digests = set()
+    for i in range(3):
+        path = tmp_path / f"{i}.safetensors"
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {f"k{i}": f"v{i}" for i in range(16)} and f.get_tensor("a.weight")[1, 2] == 5
