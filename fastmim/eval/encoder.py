@@ -73,6 +73,17 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return state, {}
 
 
+def _snapshots_there(folder: Path) -> str:
+    """The --keep-every snapshots a folder holds, as a hint: "" when none."""
+    from fastmim.train.checkpoint import SNAPSHOT_GLOB
+
+    kept = sorted(p.name for p in folder.glob(SNAPSHOT_GLOB)) if folder.is_dir() else []
+    if not kept:
+        return ""
+    shown = ", ".join(kept[:3] + (["..."] if len(kept) > 4 else []) + kept[3:][-1:])
+    return f"; it holds {len(kept)} encoder snapshot(s) (--keep-every): {shown}"
+
+
 def load_encoder(path: str | Path | None = None, model: str | None = None, img_size: int | None = None,
                  vit: dict | None = None) -> tuple[nn.Module, dict]:  # fmt: skip
     """(encoder in eval mode, description). ``path``: a run directory (its encoder.safetensors; a fine-tuning's:
@@ -96,9 +107,9 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
             if not path.is_file():
                 raise FileNotFoundError(f"no encoder.safetensors in {str(path.parent)!r} (a run writes it with its "
                                         "first checkpoint; a fine-tuning writes finetuned.safetensors at its "
-                                        "end)")  # fmt: skip
+                                        f"end){_snapshots_there(path.parent)}")  # fmt: skip
         if not path.is_file():
-            raise FileNotFoundError(f"no encoder at {str(path)!r}")
+            raise FileNotFoundError(f"no encoder at {str(path)!r}{_snapshots_there(path.parent)}")
         state, meta = _read_weights(path)
     if model and meta.get("model") and model not in (meta["model"], encoder_name(meta["model"])):
         raise ValueError(f"{str(path)!r} says it holds {meta['model']!r}; --model {model} contradicts it (--model, "

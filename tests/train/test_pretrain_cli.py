@@ -485,3 +485,7 @@ def test_kept_snapshots_mark_a_run_and_one_missed_at_an_epoch_end_is_made_on_res
     with pytest.raises(pretrain.UsageError, match="trained run.s encoder-epoch0002.safetensors .step 12. but no"):
         pretrain.run([*args, "--epochs", "3"])
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("encoder")) == ["encoder-epoch0002.safetensors"]
+    from fastmim.eval.encoder import load_encoder
+
+    with pytest.raises(FileNotFoundError, match=r"holds 1 encoder snapshot\(s\) \(--keep-every\): encoder-epoch0002"):
+        load_encoder(out)
