@@ -21,9 +21,10 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         if not says_usage_errors():
             self.exit(2)
-        if message.startswith("unrecognized arguments:") and ".tar" in message.lower():
+        words = message.removeprefix("unrecognized arguments:").split()
+        if message.startswith("unrecognized arguments:") and words and all(w.lower().endswith(".tar") for w in words):
             # (a pattern of shards left unquoted: the shell gave every shard after the first as an argument)
-            n = sum(1 for word in message.split() if word.lower().endswith(".tar"))
+            n = len(words)
             self.exit(2, f"{self.prog}: error: {n} more .tar paths after the data path: the shell expanded a pattern "
                          "of shards into paths; put the pattern in quotes, e.g. "
                          "'/data/in1k/imagenet1k-train-{0000..1023}.tar'\n")  # fmt: skip

@@ -158,7 +158,8 @@ class PretrainConfig:
     allow_unscanned: bool = field(
         default=False,
         metadata={"help": "let DALI read a folder never checked by python -m fastmim.data.scan (a bad file stops "
-                          "the run)"},
+                          "the run; a JPEG cut short is decoded as far as it goes, by DALI's CPU decoder, and trained "
+                          "on)"},
     )  # fmt: skip
     # optimisation
     epochs: int = field(default=30, metadata={"help": "training epochs"})

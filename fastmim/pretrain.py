@@ -713,7 +713,8 @@ def _check_loader_on_resume(cfg: PretrainConfig, state: dict | None, kind: str, 
                   f"crops{order} differ from here on; --loader {was} keeps the run's", flush=True)  # fmt: skip
         return
     data = shlex.quote(cfg.data_path) if cfg.data_path else "DATA_PATH"
-    stale = "scan" in why  # the folder's scan went out of date (not: DALI missing, --skip-bad-files)
+    # the data's scan went out of date (not: DALI missing, --skip-bad-files, bad images found, which a new scan keeps)
+    stale = "not been scanned" in why or "no up-to-date scan" in why
     fix = f"scan the data again (python -m fastmim.data.scan {data})" if stale else "resume with --loader dali"
     if state.get("batch", 0):
         todo = f"{fix} and resume: DALI then reads the new scan" if stale else f"{fix} where DALI can run"
@@ -753,6 +754,11 @@ def _choose_loader_on_rank0(cfg: PretrainConfig, info: DistInfo | None) -> tuple
     return kind, root, why
 
 
+# what --allow-unscanned risks: DALI cannot skip a file it cannot decode, and its CPU decoder (libjpeg-turbo) decodes
+# a truncated JPEG as far as it goes, logging an error, and hands that on
+_UNSCANNED = "a bad image stops the run, or one cut short is trained on as far as it decodes"
+
+
 def _choose_loader(cfg: PretrainConfig) -> tuple[str, str | None, str]:
     """The choice between DALI and the torch loader (``choose_loader`` then decodes on the GPU where it can)."""
     from fastmim.data.dali import dali_problem
@@ -786,7 +792,7 @@ def _choose_loader(cfg: PretrainConfig) -> tuple[str, str | None, str]:
         if bad == 0:
             return "dali", cfg.data_path, f"webdataset tar shards, {_n(len(shards), 'shard')} scanned clean"
         if cfg.allow_unscanned:
-            return "dali", cfg.data_path, "webdataset tar shards, --allow-unscanned (a bad image stops the run)"
+            return "dali", cfg.data_path, f"webdataset tar shards, --allow-unscanned ({_UNSCANNED})"
         problem = (
             f"the scan found {bad} bad image(s) in them, and DALI reads every sample of a shard: rewrite the shards "
             "without them (python -m fastmim.data.scan lists them)"
@@ -811,7 +817,7 @@ def _choose_loader(cfg: PretrainConfig) -> tuple[str, str | None, str]:
                          "the check of every file's size and time)")  # fmt: skip
             return "dali", str(scan), f"the folder's up-to-date scan {scan}{left}"
         if cfg.allow_unscanned:
-            return "dali", cfg.data_path, "--allow-unscanned (a bad image stops the run)"
+            return "dali", cfg.data_path, f"--allow-unscanned ({_UNSCANNED})"
         if cfg.loader == "dali":
             raise UsageError(
                 f"--loader dali: {cfg.data_path!r} has not been scanned (or changed since): a DALI pipeline stops at "

@@ -504,8 +504,11 @@ def expand_shard_pattern(pattern: str | Path) -> list[str]:
     if missing:
         what = "match no .tar file" if all(_GLOB_CHARS.search(n) for n in missing) else "do not exist"
         named = ", ".join(repr(n) for n in missing[:3]) + (" ..." if len(missing) > 3 else "")
-        folder = os.path.dirname(missing[0])
-        there = sorted(n for n in os.listdir(folder) if n.lower().endswith(".tar")) if os.path.isdir(folder) else []
+        folder = os.path.dirname(missing[0]) or "."
+        try:
+            there = sorted(n for n in os.listdir(folder) if n.lower().endswith(".tar"))
+        except OSError:  # (missing, or a folder that may be entered but not listed)
+            there = []
         held = (f"; {folder} holds {len(there)} .tar file(s): {there[0]} ... {there[-1]}" if len(there) > 1 else
                 f"; {folder} holds {there[0]}" if there else "")  # fmt: skip
         raise FileNotFoundError(

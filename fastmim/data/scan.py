@@ -369,6 +369,7 @@ def _scan_tars(resolved: str, shards: list[str], workers, out, progress) -> Scan
     good samples by id (``shard:offset:member``, the shard relative to the root). DALI reads every sample of a shard,
     so only a scan that found no bad image clears the shards for it (``find_scan`` + ``scan_header``)."""
     ids, sizes = list_tar_samples(shards)
+    keys = {shard: _shard_scan_path(shard) for shard in shards}  # (as listed: a shard written during the scan differs)
     samples = [(s, o, n) for (s, o, _), n in zip(map(split_sample_id, ids), sizes, strict=True)]
     n_workers = default_workers() if workers is None else workers
     reasons = _check_all(samples, n_workers, progress, check=check_member)
@@ -384,21 +385,26 @@ def _scan_tars(resolved: str, shards: list[str], workers, out, progress) -> Scan
     _write_atomic(list_path, "".join([header, "\n", *(os.path.relpath(i, base) + "\n" for i in good)]))
     per_shard = Counter(split_sample_id(i)[0] for i, _ in bad)
     for shard in shards:
-        _record_shard_scan(shard, per_shard.get(shard, 0))
+        _record_shard_scan(keys[shard], per_shard.get(shard, 0))
     return ScanResult(resolved, good, bad, [], list_path, len(shards), mtime)
 
 
 def _shard_scan_path(shard: str) -> tuple[Path, str]:
-    """Where a shard's scan result is kept, and its key: the shard's name, size and modification time, which a move,
-    a ``cp -p`` or ``rsync -a`` copy keep (the same bytes: still cleared), and a rewrite changes."""
+    """Where a shard's scan result is kept, and its key: the shard's name, size and modification time and a digest
+    of its members' names, places and sizes (its cached listing), which a move, a ``cp -p`` or ``rsync -a`` copy
+    keep (the same bytes: still cleared) and a rewrite changes."""
+    from fastmim.data.folder import _shard_listing
+
     st = os.stat(shard)
-    key = f"{os.path.basename(shard)}|{st.st_size}|{st.st_mtime_ns}|{FORMAT}"
+    listing = _shard_listing(shard)
+    members = hashlib.sha1(json.dumps([listing["samples"], listing["cut"]]).encode("ascii")).hexdigest()[:16]
+    key = f"{os.path.basename(shard)}|{st.st_size}|{st.st_mtime_ns}|{members}|{FORMAT}"
     name = hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:24]
     return cache_root() / "tar-scans" / f"{name}.json", key
 
 
-def _record_shard_scan(shard: str, bad: int) -> None:
-    path, key = _shard_scan_path(shard)
+def _record_shard_scan(where: tuple[Path, str], bad: int) -> None:
+    path, key = where
     try:
         _write_atomic(path, json.dumps({"key": key, "bad": bad}))
     except OSError:  # (a cache that cannot be written: the shards are not cleared, which the run says)
@@ -414,12 +420,37 @@ def scanned_bad(shards: list[str]) -> int | None:
         try:
             path, key = _shard_scan_path(shard)
             record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
+        except (OSError, ValueError):  # (none: the shards' up-to-date scan list, as an earlier fastmim kept it)
+            return _from_scan_list(shards)
         if not isinstance(record, dict) or record.get("key") != key or not isinstance(record.get("bad"), int):
-            return None
+            return _from_scan_list(shards)
         total += record["bad"]
     return total
+
+
+def _from_scan_list(shards: list[str]) -> int | None:
+    """The bad images of an up-to-date scan list of exactly these shards (a folder's or a pattern's, scanned before
+    the per-shard records): recorded per shard when it found none, so that any set of them is cleared from now on."""
+    roots = {os.path.dirname(shards[0])} if len(shards) > 1 else {shards[0], os.path.dirname(shards[0])}
+    for root in roots:
+        try:
+            found = find_scan(root) if os.path.isdir(root) or root.lower().endswith(".tar") else None
+        except (OSError, ValueError):
+            found = None
+        if found is None:
+            continue
+        header, _ = _read_header(found, body=False)
+        try:
+            listed = list_tar_shards(header.root)
+        except (OSError, ValueError):
+            continue
+        if listed is None or sorted(map(os.path.realpath, listed)) != sorted(map(os.path.realpath, shards)):
+            continue
+        if header.bad == 0:
+            for shard in shards:
+                _record_shard_scan(_shard_scan_path(shard), 0)
+        return header.bad
+    return None
 
 
 def scan_format(path: str | Path) -> str:

@@ -552,3 +552,47 @@ def test_a_scan_clears_each_shard_whatever_names_it_later(tmp_path, shards, monk
     if dali_problem() is None:
         kind, _, why = pretrain._choose_loader(PretrainConfig(data_path=f"{moved}/shard-000[02].tar"))
         assert (kind, why) == ("dali", "webdataset tar shards, 2 shards scanned clean")
+
+
+def test_shard_clearance_tells_same_named_shards_apart_and_reads_an_earlier_scan(tmp_path, shards, monkeypatch):
+    """Two shards of one name, size and time (tar pads to 10 KiB records) shared one scan record: the last scan's
+    verdict cleared the other. Members now count in the key. A scan list written before the per-shard records (an
+    earlier fastmim's, still up to date) clears the shards it covers, as it did."""
+    import os
+    import shutil
+
+    from fastmim.data.scan import _shard_scan_path, scan, scanned_bad
+
+    monkeypatch.setenv("FASTMIM_CACHE", str(tmp_path / "cache"))
+    _, files = shards
+    blob = open(files[0], "rb").read()
+    for folder, second in (("A", "x1.jpg"), ("B", "y1.jpg")):  # the same sizes, another member name
+        (tmp_path / folder).mkdir()
+        with tarfile.open(tmp_path / folder / "s.tar", "w") as tar:
+            for name in ("x0.jpg", second):
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+        os.utime(tmp_path / folder / "s.tar", ns=(10**18, 10**18))
+    a, b = str(tmp_path / "A" / "s.tar"), str(tmp_path / "B" / "s.tar")
+    assert os.path.getsize(a) == os.path.getsize(b) and _shard_scan_path(a)[1] != _shard_scan_path(b)[1]
+    scan(a, workers=0, progress=False)
+    assert scanned_bad([a]) == 0 and scanned_bad([b]) is None
+    root = tmp_path / "dl"
+    shutil.copytree(shards[0], root)
+    scan(root, workers=0, progress=False)
+    shutil.rmtree(tmp_path / "cache" / "tar-scans")  # (as an earlier fastmim left the cache: its scan list alone)
+    assert scanned_bad(list_tar_shards(root)) == 0
+    assert len(list((tmp_path / "cache" / "tar-scans").glob("*.json"))) == 3  # (recorded from it)
+    assert scanned_bad(list_tar_shards(root)[:1]) == 0
+
+
+def test_a_missing_shard_in_a_folder_that_cannot_be_listed_is_still_a_clear_error(tmp_path, shards, monkeypatch):
+    import os
+
+    src, _ = shards
+    real = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda p=".": (_ for _ in ()).throw(PermissionError(13, "denied")))
+    with pytest.raises(FileNotFoundError, match=r"do not exist: '.*shard-0009.tar'$"):
+        list_tar_shards(f"{src}/shard-{{0008..0009}}.tar")
+    monkeypatch.setattr(os, "listdir", real)

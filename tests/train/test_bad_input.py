@@ -683,3 +683,21 @@ def test_errors_under_torchrun_say_their_rank_on_every_line_and_a_shared_one_onc
     monkeypatch.setattr(pretrain, "run", raises(shared))
     monkeypatch.setenv("RANK", "0")
     assert pretrain.main([]) == 2 and capsys.readouterr().err == "error: the loss became nan by step 5\n"
+
+
+def test_a_shard_pattern_the_shell_expanded_is_refused_with_a_quoting_hint(tmp_path, capsys):
+    """Unquoted, --data-path=DIR/s-{0..2}.tar is three flags (argparse kept the last: one shard of three, silently)
+    and --data-path DIR/s-*.tar one flag and loose paths."""
+    out = ["--output-dir", str(tmp_path / "o")]
+    shards = [f"--data-path={tmp_path}/s-{i}.tar" for i in range(3)]
+    with pytest.raises(SystemExit):
+        pretrain.main([*TINY_ARGS, *shards, *out])
+    err = capsys.readouterr().err
+    assert f"--data-path given twice ('{tmp_path}/s-0.tar', then '{tmp_path}/s-1.tar')" in err and "in quotes" in err
+    with pytest.raises(SystemExit):
+        pretrain.main([*TINY_ARGS, "--data-path", f"{tmp_path}/s-0.tar", f"{tmp_path}/s-1.tar", *out])
+    assert "error: 1 more .tar paths after the data path: the shell expanded a pattern" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a typo'd flag is argparse's own error, naming it
+        pretrain.main([*TINY_ARGS, "--data-pth", f"{tmp_path}/s-0.tar", *out])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --data-pth" in err and "shell expanded" not in err

@@ -126,3 +126,19 @@ def test_a_resume_that_auto_gives_another_loader_says_so(tmp_path, capsys):
     assert "note: this run read its data with the torch loader; --loader auto now picks dali" in (
         capsys.readouterr().out
     )
+
+
+def test_a_dali_run_stopped_mid_epoch_on_shards_with_bad_images_is_not_told_to_scan_again():
+    """--loader auto gives a DALI run's resume to torch when its shards' scan found bad images: "scan the data
+    again" (the advice for a scan gone out of date) cannot help there; the shards must be rewritten."""
+    from fastmim.config import PretrainConfig
+
+    state = {"loader": [{"dali": b"x"}], "batch": 3, "provenance": {"loader": "dali"}}
+    bad = ("tar shards not cleared for DALI: the scan found 2 bad image(s) in them, and DALI reads every sample of a "
+           "shard: rewrite the shards without them (python -m fastmim.data.scan lists them)")  # fmt: skip
+    with pytest.raises(pretrain.UsageError) as e:
+        pretrain._check_loader_on_resume(PretrainConfig(data_path="/d/s.tar"), state, "torch", bad)
+    assert "scan the data again" not in str(e.value) and "resume with --loader dali" in str(e.value)
+    stale = "tar shards not cleared for DALI: they have not been scanned (or changed since): run python -m ..."
+    with pytest.raises(pretrain.UsageError, match="scan the data again"):
+        pretrain._check_loader_on_resume(PretrainConfig(data_path="/d/s.tar"), state, "torch", stale)
