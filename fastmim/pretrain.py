@@ -677,8 +677,8 @@ def choose_loader(
     can, else on a CUDA run "torch-gpu" when torchvision decodes JPEGs there, else "torch". A resumed ``state`` that
     a torch loader saved mid-epoch keeps a torch loader (DALI would read other samples for the rest of the epoch).
     Under torchrun (``info``) rank 0 looks at the data and the others take its answer: the scan's check stats every
-    file (11 s for 1.28M on a local disk; a shared file system's metadata server would take it from every process),
-    and every rank must read with the same loader."""
+    file (about 10 s for 1.28M on a local disk; a shared file system's metadata server would take it from every
+    process), and every rank must read with the same loader."""
     kind, root, why = _choose_loader_on_rank0(cfg, info)
     saved = (state or {}).get("loader")
     saved_dali = bool(saved) and isinstance(saved[0], dict) and "dali" in saved[0]

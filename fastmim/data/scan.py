@@ -367,7 +367,7 @@ def scan(
 def _scan_tars(resolved: str, shards: list[str], workers, out, progress) -> ScanResult:
     """The scan of webdataset tar shards (a .tar or a folder of them): every image member decoded; the list names the
     good samples by id (``shard:offset:member``, the shard relative to the root). DALI reads every sample of a shard,
-    so only a scan that found no bad image clears the shards for it (``find_scan`` + ``scan_header``)."""
+    so only a scan that found no bad image clears the shards for it, each on its own (``scanned_bad``)."""
     ids, sizes = list_tar_samples(shards)
     keys = {shard: _shard_scan_path(shard) for shard in shards}  # (as listed: a shard written during the scan differs)
     samples = [(s, o, n) for (s, o, _), n in zip(map(split_sample_id, ids), sizes, strict=True)]
