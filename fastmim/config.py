@@ -446,7 +446,9 @@ def _coerce(name: str, value, tp) -> object:
     if base is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, base) or isinstance(value, bool) != (base is bool):
-        raise ValueError(f"config key {name!r} must be of type {base.__name__}, got {value!r}")
+        hint = (": a value that starts with '{' (a pattern of shards) is read as a YAML mapping; put it in quotes, "
+                f"{name}: '{{/a,/b}}/train-*.tar'" if base is str and isinstance(value, dict) else "")  # fmt: skip
+        raise ValueError(f"config key {name!r} must be of type {base.__name__}, got {value!r}{hint}")
     return value
 
 
@@ -615,7 +617,11 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
-        raise ValueError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        line = p.read_text().splitlines()[mark.line] if mark is not None else ""
+        hint = ("; a value that starts with '{' (a pattern of shards) is read as a YAML mapping: put it in quotes, "
+                "data_path: '{/a,/b}/train-*.tar'" if re.search(r":\s*\{", line) else "")  # fmt: skip
+        raise ValueError(f"config file {str(p)!r} is not valid YAML: {e}{hint}") from e
     except _RepeatedKey as e:
         raise ValueError(f"config file {str(p)!r} gives {e} twice (YAML would keep the last one silently): give "
                          "it once") from None  # fmt: skip

@@ -386,3 +386,15 @@ def test_quoted_on_and_off_are_booleans_as_yes_and_no(tmp_path):
     cfg.write_text("fused_norm: 'on'\ngrad_ckpt: 'off'\n")
     got = resolve_config(["--config", str(cfg)])[0]
     assert got.fused_norm is True and got.grad_ckpt is False
+
+
+def test_an_unquoted_shard_pattern_in_yaml_gets_a_quoting_hint(tmp_path):
+    """YAML reads a value that starts with '{' as a mapping: a brace pattern left unquoted was a YAML syntax error
+    or "must be of type str, got {...}", without saying why."""
+    for n, text in enumerate(("data_path: {/x/a,/x/b}/s.tar\n", "data_path: {/x/a.tar,/x/b.tar}\n")):
+        path = tmp_path / f"{n}.yaml"
+        path.write_text(text)
+        with pytest.raises(ValueError, match="read as a YAML mapping.*put it in quotes, data_path: '"):
+            resolve_config(["--config", str(path)])
+    (tmp_path / "ok.yaml").write_text("data_path: '{/x/a,/x/b}/s.tar'\n")
+    assert resolve_config(["--config", str(tmp_path / "ok.yaml")])[0].data_path == "{/x/a,/x/b}/s.tar"
