@@ -618,7 +618,8 @@ def load_yaml(path: str | Path) -> dict:
         data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        line = p.read_text().splitlines()[mark.line] if mark is not None else ""
+        lines = p.read_text().splitlines()
+        line = lines[mark.line] if mark is not None and 0 <= mark.line < len(lines) else ""
         hint = ("; a value that starts with '{' (a pattern of shards) is read as a YAML mapping: put it in quotes, "
                 "data_path: '{/a,/b}/train-*.tar'" if re.search(r":\s*\{", line) else "")  # fmt: skip
         raise ValueError(f"config file {str(p)!r} is not valid YAML: {e}{hint}") from e
