@@ -634,36 +634,17 @@ def _shard_listing(shard: str) -> dict:
     """``_read_shard``, kept in the fastmim cache (``tar-lists/``) keyed by the shard's real path, size and time: a
     start-up (every rank's, every resume's) reads one small file per shard instead of every member's header (Python's
     tarfile: 8.4 s for 128k samples from the page cache, scattered reads through the whole shard from a disk)."""
-    import hashlib
-    import json
-
-    from fastmim.data.samples import cache_root
+    from fastmim.data.samples import cached_record, write_record
 
     st = os.stat(shard)
     # (the inode and the change time too: a shard rewritten with the same size and its time restored, as rsync -a or
     # cp -p leave it, moves its members; ctime cannot be set back)
     key = (f"{os.path.realpath(shard)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}|{_TAR_LISTING}|"
            f"{','.join(TAR_IMAGE_EXTS)}")  # fmt: skip
-    path = (
-        cache_root() / "tar-lists" / (hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:24] + ".json")
-    )
-    try:
-        listing = json.loads(path.read_text("ascii"))
-        if listing.get("key") == key:
-            return listing
-    except (OSError, ValueError, AttributeError):  # none yet, or damaged: listed again
-        pass
-    listing = {"key": key, **_read_shard(shard)}
-    try:  # (ascii JSON: a member name with bytes that are not UTF-8 round-trips as its escaped surrogates)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(listing, separators=(",", ":")), "ascii")
-            os.replace(tmp, path)  # atomic: ranks listing the same shard race harmlessly
-        finally:
-            tmp.unlink(missing_ok=True)
-    except OSError:  # a read-only or full cache: listed again next time
-        pass
+    path, listing = cached_record("tar-lists", key)
+    if listing is None:
+        listing = {"key": key, **_read_shard(shard)}
+        write_record(path, listing)
     return listing
 
 

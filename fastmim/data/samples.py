@@ -7,6 +7,7 @@ same loader as a user's ImageFolder.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -29,6 +30,39 @@ def cache_root() -> Path:
     if os.environ.get("FASTMIM_CACHE"):
         return Path(os.environ["FASTMIM_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastmim"
+
+
+def cached_record(kind: str, key: str) -> tuple[Path, dict | None]:
+    """A JSON record kept in the cache under ``kind/`` for ``key`` (its file named by the key's hash): its path, and
+    the record when the file holds one of that key (else None: none yet, damaged, or a hash collision)."""
+    import hashlib
+    import json
+
+    name = hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    path = cache_root() / kind / f"{name}.json"
+    try:
+        record = json.loads(path.read_text("ascii"))
+    except (OSError, ValueError):
+        return path, None
+    return path, record if isinstance(record, dict) and record.get("key") == key else None
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Writes a ``cached_record`` atomically (ranks writing the same one race harmlessly) as ASCII JSON (a name with
+    bytes that are not UTF-8 round-trips as its escaped surrogates); a cache that cannot be written is left as it is
+    (the record is made again next time)."""
+    import json
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(record, separators=(",", ":")), "ascii")
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):  # (none left, or a cache path that cannot hold one)
+            tmp.unlink(missing_ok=True)
 
 
 def _skimage_data_dir() -> Path:

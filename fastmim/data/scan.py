@@ -53,7 +53,7 @@ from fastmim.data.folder import (
     split_sample_id,
     usable_cpus,
 )
-from fastmim.data.samples import cache_root
+from fastmim.data.samples import cache_root, cached_record, write_record
 
 FORMAT = "v2"  # written; v1 (no digest) is read too
 _READ_FORMATS = ("v1", "v2")
@@ -389,26 +389,23 @@ def _scan_tars(resolved: str, shards: list[str], workers, out, progress) -> Scan
     return ScanResult(resolved, good, bad, [], list_path, len(shards), mtime)
 
 
-def _shard_scan_path(shard: str) -> tuple[Path, str]:
-    """Where a shard's scan result is kept, and its key: the shard's name, size and modification time and a digest
-    of its members' names, places and sizes (its cached listing), which a move, a ``cp -p`` or ``rsync -a`` copy
-    keep (the same bytes: still cleared) and a rewrite changes."""
+def _shard_scan_path(shard: str) -> tuple[Path, str, dict | None]:
+    """Where a shard's scan result is kept (``tar-scans/``), its key and the result kept there (None: none): the key
+    is the shard's name, size and modification time and a digest of its members' names, places and sizes (its cached
+    listing), which a move, a ``cp -p`` or ``rsync -a`` copy keep (the same bytes: still cleared) and a rewrite
+    changes."""
     from fastmim.data.folder import _shard_listing
 
     st = os.stat(shard)
     listing = _shard_listing(shard)
     members = hashlib.sha1(json.dumps([listing["samples"], listing["cut"]]).encode("ascii")).hexdigest()[:16]
     key = f"{os.path.basename(shard)}|{st.st_size}|{st.st_mtime_ns}|{members}|{FORMAT}"
-    name = hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:24]
-    return cache_root() / "tar-scans" / f"{name}.json", key
+    path, record = cached_record("tar-scans", key)
+    return path, key, record
 
 
-def _record_shard_scan(where: tuple[Path, str], bad: int) -> None:
-    path, key = where
-    try:
-        _write_atomic(path, json.dumps({"key": key, "bad": bad}))
-    except OSError:  # (a cache that cannot be written: the shards are not cleared, which the run says)
-        pass
+def _record_shard_scan(where: tuple[Path, str, dict | None], bad: int) -> None:
+    write_record(where[0], {"key": where[1], "bad": bad})
 
 
 def scanned_bad(shards: list[str]) -> int | None:
@@ -418,12 +415,11 @@ def scanned_bad(shards: list[str]) -> int | None:
     total = 0
     for shard in shards:
         try:
-            path, key = _shard_scan_path(shard)
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):  # (none: the shards' up-to-date scan list, as an earlier fastmim kept it)
-            return _from_scan_list(shards)
-        if not isinstance(record, dict) or record.get("key") != key or not isinstance(record.get("bad"), int):
-            return _from_scan_list(shards)
+            record = _shard_scan_path(shard)[2]
+        except (OSError, ValueError):  # (a shard gone since it was named)
+            return None
+        if record is None or not isinstance(record.get("bad"), int):  # (none: the shards' up-to-date scan list, as
+            return _from_scan_list(shards)  # an earlier fastmim kept it)
         total += record["bad"]
     return total
 

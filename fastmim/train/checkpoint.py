@@ -144,6 +144,11 @@ RUN_FILES = (CHECKPOINT_NAME, "encoder.safetensors", "config.yaml")  # what a ru
 SNAPSHOT_GLOB = "encoder-epoch[0-9]*.safetensors"  # --keep-every's snapshots (Trainer._keep_encoder_snapshot)
 
 
+def snapshot_name(epoch: int) -> str:
+    """The file --keep-every keeps the encoder in at the end of ``epoch`` (``SNAPSHOT_GLOB`` matches it)."""
+    return f"encoder-epoch{epoch:04d}.safetensors"
+
+
 def remove_stale_temporaries(output_dir: str | Path, names=(*RUN_FILES, SNAPSHOT_GLOB)) -> int:
     """Deletes the temporary files ``atomic_write`` left in ``output_dir`` when its process was killed mid-write
     (``kill -9``, a launcher's timeout): each is a whole checkpoint's size, and nothing reads them. Call it only when

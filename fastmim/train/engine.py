@@ -604,7 +604,7 @@ class Trainer:
         """A run resumed at the end of an epoch --keep-every keeps (stopped between its save and its snapshot, or
         given --keep-every on this resume): the snapshot from encoder.safetensors, when that is this step's."""
         k = self.cfg.keep_every
-        if not k or self.pos.epoch % k or (self.output_dir / f"encoder-epoch{self.pos.epoch:04d}.safetensors").exists():
+        if not k or self.pos.epoch % k or (self.output_dir / ckpt.snapshot_name(self.pos.epoch)).exists():
             return
         try:
             from safetensors import safe_open
@@ -624,7 +624,7 @@ class Trainer:
         import shutil
 
         src = self.output_dir / "encoder.safetensors"
-        dst = self.output_dir / f"encoder-epoch{self.pos.epoch:04d}.safetensors"
+        dst = self.output_dir / ckpt.snapshot_name(self.pos.epoch)
         tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")  # (a killed copy's: removed at the next start)
         try:
             try:
