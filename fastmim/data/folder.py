@@ -537,7 +537,9 @@ def note_shard_families(root: str | Path, shards: list[str]) -> None:
     shards of one download side by side: all of them are read, and a pattern picks some."""
     families = _shard_families(shards)
     key = f"families:{root}"
-    if len(families) < 2 or key in _NOTED or os.environ.get("RANK", "0") != "0":
+    # Names that follow no numbered scheme (a.tar, b.tar; content hashes) make a family each: not worth a note.
+    numbered = max(map(len, families.values())) >= 2 and len(families) <= max(2, len(shards) // 4)
+    if len(families) < 2 or not numbered or key in _NOTED or os.environ.get("RANK", "0") != "0":
         return
     _NOTED.add(key)
     ranked = sorted(families.values(), key=lambda names: -len(names))

@@ -415,6 +415,13 @@ def test_pretrain_and_the_scan_take_a_pattern_and_a_mixed_folder_is_said(tmp_pat
     assert f"pass a pattern in quotes, e.g. '{root}/imagenet1k-train-*.tar'" in err
     TarShardDataset(src)
     assert "name families" not in capsys.readouterr().err  # (one family)
+    unnumbered = tmp_path / "unnumbered"  # names of no numbered scheme: a family each, and no note
+    unnumbered.mkdir()
+    for i, name in enumerate(("alpha.tar", "beta.tar", "3f9a2c.tar", "d41d8c.tar")):
+        (unnumbered / name).write_bytes((src / f"shard-{i % 3:04d}.tar").read_bytes())
+    expected = sum(len(TarShardDataset(src / f"shard-{i % 3:04d}.tar")) for i in range(4))
+    assert len(TarShardDataset(unnumbered)) == expected
+    assert "name families" not in capsys.readouterr().err
     pattern = f"{root}/imagenet1k-train-{{0000..0001}}.tar"
     args = [*TINY_ARGS, "--max-steps", "1", "--output-dir"]
     pretrain.run([*args, str(tmp_path / "t"), "--data-path", pattern, "--loader", "torch"])
