@@ -47,6 +47,9 @@ def get_at_index(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if tokens.dim() != 3:
         raise ValueError(f"get_at_index: tokens must be [B, N, D], got shape {tuple(tokens.shape)}")
     _check_index("get_at_index", "index", index, tokens.shape[0])
+    if not tokens.is_floating_point():  # (lightly gathers integer tensors too: its grid masks' patch indices) the
+        # plain gather, lightly's own: nothing to differentiate, and repeats allowed
+        return torch.gather(tokens, 1, index.long().unsqueeze(-1).expand(-1, -1, tokens.shape[2]))
     try:
         return gather_visible(tokens, index)
     except ValueError as e:

@@ -69,11 +69,16 @@ def test_patch_lightly_makes_its_encoder_gather_with_fastmim_and_undoes():
     images = torch.randn(2, 3, 32, 32)
     idx_keep, _ = utils.random_token_mask((2, backbone.sequence_length), mask_ratio=0.75)
     want = backbone.encode(images=images, idx_keep=idx_keep)
+    torch.manual_seed(1)
+    grid = utils.random_grid_token_mask(size=(2, 17), mask_ratio=0.5, grid_size=2)  # (it gathers integer indices)
     try:
         fl.patch_lightly()
         fl.patch_lightly()
         assert fl.is_patched() and utils.get_at_index is fl.get_at_index
         torch.testing.assert_close(backbone.encode(images=images, idx_keep=idx_keep), want)
+        torch.manual_seed(1)
+        for a, b in zip(utils.random_grid_token_mask(size=(2, 17), mask_ratio=0.5, grid_size=2), grid, strict=True):
+            assert torch.equal(a, b)
         with pytest.raises(ValueError, match="repeats index 1.*must be distinct.*unpatch_lightly\\(\\) restores"):
             utils.get_at_index(torch.randn(2, 10, 6), torch.tensor([[1, 1, 2], [3, 4, 5]]))  # lightly's own takes it
     finally:
