@@ -153,7 +153,8 @@ class PretrainConfig:
     skip_bad_files: bool = field(
         default=False,
         metadata={"help": "torch loaders: replace an unreadable image by another sample (a fixed choice), counted as "
-                          "skipped_files in metrics.jsonl, instead of stopping the run"},
+                          "skipped_files in metrics.jsonl, instead of stopping the run (the --eval-data monitor leaves "
+                          "its unreadable images out)"},
     )  # fmt: skip
     allow_unscanned: bool = field(
         default=False,

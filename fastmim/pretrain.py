@@ -617,7 +617,11 @@ def build_monitor(cfg: PretrainConfig, info: DistInfo, device: torch.device):
         if not info.is_main:
             return None
         return KnnMonitor(cfg.eval_data, cfg.model, cfg.img_size, device, pool=cfg.eval_pool,
-                          workers=min(cfg.num_workers or 0, 8), vit=encoder_options(cfg.to_dict()))  # fmt: skip
+                          workers=min(cfg.num_workers or 0, 8), vit=encoder_options(cfg.to_dict()),
+                          skip_bad=cfg.skip_bad_files)  # fmt: skip
+    except BadImageError as e:  # (a RuntimeError, from a loader worker with its traceback: the line naming the file)
+        raise UsageError(f"--eval-data {cfg.eval_data!r}: {e.summary()}; replace or remove it, or run with "
+                         "--skip-bad-files (the monitor then leaves it out)") from e  # fmt: skip
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise UsageError(str(e) if "--eval-data" in str(e) else f"--eval-data {cfg.eval_data!r}: {e}") from e
 

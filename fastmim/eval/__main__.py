@@ -101,6 +101,11 @@ def build_parser(mode: str | None = None) -> argparse.ArgumentParser:
         action="store_true",
         help="linprobe: train on the cached centre-crop features, not augmented views (much faster)",
     )
+    ap.add_argument("--skip-bad-files", action="store_true",
+                    help="an image that cannot be read or decoded is named and left out (features, kNN, "
+                    "accuracies: over the readable images; counted in the result) or, in a training set (linprobe's "
+                    "augmented views, finetune), replaced by another image (a fixed choice), instead of "
+                    "stopping")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0, help="random init (--random) and the probe's shuffling")
     ap.add_argument("--no-cache", action="store_true", help="extract the features again even when cached")
     ap.add_argument(
@@ -133,7 +138,8 @@ DEFAULTS = {"knn": dict(batch_size=256), "linprobe": dict(batch_size=256, epochs
 # --device or --workers, nor what names the folder or only changes outputs)
 RESUMED_ARGS = ("encoder", "random", "model", "data_path", "val_path", "img_size", "pool", "batch_size", "epochs",
                 "warmup_epochs", "blr", "layer_decay", "layer_decay_type", "drop_path", "weight_decay", "min_lr",
-                "mixup", "cutmix", "smoothing", "model_ema", "aa", "reprob", "seed", "out")  # fmt: skip
+                "mixup", "cutmix", "smoothing", "model_ema", "aa", "reprob", "seed", "out",
+                "skip_bad_files")  # fmt: skip
 PATH_ARGS = ("encoder", "data_path", "val_path", "out")
 ARGS_FILE = "args.json"
 
@@ -301,11 +307,14 @@ def run(args) -> dict:
     else:
         train_root, val_root = builtin_digits()
     size = info["img_size"]
-    train = LabelledFolder(train_root, eval_transform(size))
+    # --skip-bad-files: an unreadable image is left out of what is measured, and replaced in what is trained on
+    drop, replace = ("drop", "replace") if args.skip_bad_files else ("raise", "raise")
+    train = LabelledFolder(train_root, eval_transform(size), bad=drop)
     if len(train.classes) < 2:  # (every accuracy would be 100%, and be appended to eval.jsonl like a real one)
         raise ValueError(f"{train.root} holds {len(train.classes)} class folder: a classification needs at least 2 "
                          "(one folder of images per class)")  # fmt: skip
-    val = LabelledFolder(val_root, eval_transform(size), classes=train.classes)
+    val = LabelledFolder(val_root, eval_transform(size), classes=train.classes, bad=drop)
+    args.bad_images = replace, args.seed  # (the fine-tuning's training set's)
     result = {
         "mode": args.mode, **info, "pool": _resolved_pool(encoder, args), "pool_arg": pool_arg,
         "train": os.path.abspath(train.root), "val": os.path.abspath(val.root), "classes": len(train.classes),
@@ -334,6 +343,14 @@ def run(args) -> dict:
         speed = round(n_extracted / (t_train + t_val), 1) if n_extracted else None
         result.update(feature_dim=vf.shape[1], features_s=round(t_train + t_val, 3),
                       features_cached=hit_train and hit_val, features_img_per_s=speed)  # fmt: skip
+        for name, labels, folder in (("training", tl, train), ("validation", vl, val)):
+            if labels is not None and not len(labels):
+                raise ValueError(f"no image of the {name} folder {str(folder.root)!r} can be read")
+        if args.skip_bad_files:  # the images measured: the readable ones
+            left_out = {"val": len(val) - len(vl), **({"train": len(train) - len(tl)} if tl is not None else {})}
+            result.update(left_out=left_out, val_images=len(vl))
+            if tl is not None:
+                result["train_images"] = len(tl)
     if args.mode == "knn":
         if args.k > len(tl):
             print(f"note: --k {args.k} is more than the {len(tl)} training images: every one of them votes",
@@ -342,7 +359,8 @@ def run(args) -> dict:
         result.update(acc, k=args.k, temperature=args.temperature)
         what = f"kNN (k={args.k}, T={args.temperature})"
     elif args.mode == "linprobe":
-        probe_set = LabelledFolder(train_root, train_transform(size), classes=train.classes)
+        probe_set = LabelledFolder(train_root, train_transform(size), classes=train.classes, bad=replace,
+                                   seed=args.seed)  # fmt: skip
         feats = dict(train_feats=tf, train_labels=tl) if args.no_augment else {}
         out = train_linear_probe(encoder, probe_set, vf, vl, len(train.classes), device, epochs=args.epochs,
                                  warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, blr=args.blr,
@@ -362,8 +380,10 @@ def run(args) -> dict:
         f" step {info['step']}" if info["step"] is not None else "")  # fmt: skip
     if info.get("random_from"):
         whose += f" (as configured in {info['random_from']})"
-    print(f"{what} of {whose}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on {len(val)} images "
-          f"({len(train.classes)} classes, {len(train)} training images) -> {out_path.resolve()}")  # fmt: skip
+    left = sum(result.get("left_out", {}).values())
+    print(f"{what} of {whose}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on {result['val_images']} "
+          f"images ({len(train.classes)} classes, {result['train_images']} training images"
+          f"{f'; {left} unreadable left out' if left else ''}) -> {out_path.resolve()}")  # fmt: skip
     return result
 
 
@@ -441,7 +461,9 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
     result.update(betas=list(extras["betas"]), mixup_prob=extras["mixup_prob"], head_init_std=extras["head_init_std"],
                   clip_grad=extras["clip_grad"])  # fmt: skip
     aa = None if args.aa == "none" else args.aa
-    train_set = LabelledFolder(train_root, finetune_transform(info["img_size"], aa, args.reprob), classes=train.classes)
+    bad, seed = args.bad_images
+    train_set = LabelledFolder(train_root, finetune_transform(info["img_size"], aa, args.reprob), classes=train.classes,
+                               bad=bad, seed=seed)  # fmt: skip
     n = args.epochs
     run_dir = args.run_dir = _finetune_dir(args, info)
     if args.resume and not (run_dir / "checkpoint.pt").is_file():  # before any folder is made (a mistyped path)
@@ -597,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
             run(args)
     except BadImageError as e:  # (a RuntimeError: first) one line, not a loader worker's traceback
         print(f"error: {e.summary()}. Replace or remove it (python -m fastmim.data.scan FOLDER names every file that "
-              "does not decode) and run again", file=sys.stderr)  # fmt: skip
+              "does not decode) and run again, or run with --skip-bad-files", file=sys.stderr)  # fmt: skip
         return 2
     except torch.cuda.OutOfMemoryError as e:  # (a RuntimeError: first) what would fit, not torch's page of text
         print(f"error: out of memory: {_out_of_memory_advice(args, e)}", file=sys.stderr)

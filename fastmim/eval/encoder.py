@@ -245,11 +245,29 @@ def pooled_features(encoder: nn.Module, imgs: torch.Tensor, pool: str = "auto") 
 
 
 # --- labelled data ---
+LEFT_OUT = -1  # the label of an unreadable image ``LabelledFolder(bad="drop")`` leaves out
+
+
+def kept(labels: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``labels`` and ``others`` (rows alike) without the rows labelled ``LEFT_OUT`` (unreadable images)."""
+    keep = labels != LEFT_OUT
+    if bool(keep.all()):
+        return (labels, *others)
+    return (labels[keep], *(t[keep.to(t.device)] for t in others))
+
+
 class LabelledFolder(torch.utils.data.Dataset):
     """ImageNet-style ``root/<class>/<image>``: item i is (transform(RGB image), class index). ``classes``: the class
-    names to index by (a validation folder takes its training folder's), default the folder's own, sorted."""
+    names to index by (a validation folder takes its training folder's), default the folder's own, sorted.
 
-    def __init__(self, root: str | Path, transform=None, classes: list[str] | None = None):
+    ``bad``: what an image that cannot be read or decoded does: "raise" (``BadImageError`` naming it, the default);
+    "drop" (it is named on stderr and comes as a black view labelled ``LEFT_OUT``, which ``extract_features`` and
+    the evaluations leave out: features, kNN and accuracies over the readable images); "replace" (it is named and a
+    readable sample stands in for it, the same one in every run: ``fastmim.data.replacement_index`` of ``seed``;
+    for training sets, whose batches must stay full)."""
+
+    def __init__(self, root: str | Path, transform=None, classes: list[str] | None = None, bad: str = "raise",
+                 seed: int = 0):  # fmt: skip
         from fastmim.data.folder import (
             IMG_EXTENSIONS,
             _note_skipped,
@@ -262,7 +280,9 @@ class LabelledFolder(torch.utils.data.Dataset):
         from fastmim.data.pathlist import LabelledPaths
 
         check_pixel_limit()
-        self.root, self.transform = Path(root), transform
+        if bad not in ("raise", "drop", "replace"):
+            raise ValueError(f"bad={bad!r}: expected 'raise', 'drop' or 'replace'")
+        self.root, self.transform, self.bad, self.seed = Path(root), transform, bad, seed
         if not self.root.is_dir():
             raise FileNotFoundError(f"labelled data folder {str(self.root)!r} does not exist")
         found = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -329,10 +349,30 @@ class LabelledFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def load(self, i: int):
+        """Item i, or ``BadImageError`` (one line naming the file, from a loader worker too) whatever ``bad``."""
         path, label = self.samples[i]
-        img = open_rgb(path, path)  # (BadImageError: one line naming the file, from a loader worker too)
+        img = open_rgb(path, path)
         return (self.transform(img) if self.transform else img), label
+
+    def __getitem__(self, i: int):
+        if self.bad == "raise":
+            return self.load(i)
+        from fastmim.data import load_or_stand_in
+        from fastmim.data.folder import BadImageError
+
+        try:
+            return self.load(i)
+        except BadImageError as e:
+            if self.bad == "replace":  # (it names the file and its stand-in)
+                return load_or_stand_in(_Loads(self), i, True, self.seed)[0]
+            import sys
+
+            from PIL import Image
+
+            print(f"\nskipped: {e.summary()}; left out (--skip-bad-files)", file=sys.stderr, flush=True)
+            black = Image.new("RGB", (32, 32))  # (a view of the transform's shape, so that the batch collates)
+            return (self.transform(black) if self.transform else black), LEFT_OUT
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -341,6 +381,19 @@ class LabelledFolder(torch.utils.data.Dataset):
             # (the name's bytes as they are: one that is not UTF-8 decodes to surrogates, which .encode() refused)
             h.update(os.fsencode(path) + f"|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         return h.hexdigest()[:16]
+
+
+class _Loads:
+    """A ``LabelledFolder`` whose items raise ``BadImageError`` (``load_or_stand_in`` reads stand-ins from it)."""
+
+    def __init__(self, folder: LabelledFolder):
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int):
+        return self.folder.load(i)
 
 
 CROP_PCT = 0.875  # the evaluation view: resize to img_size / 0.875, centre-crop img_size (224 from 256)
@@ -378,7 +431,8 @@ def _autocast(device: torch.device):
 @torch.no_grad()
 def extract_features(encoder: nn.Module, dataset, device: torch.device, batch_size: int = 256, workers: int = 0,
                      pool: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(features [N, D] fp32 on the CPU, labels [N]) of every sample of ``dataset``, in order, batched."""
+    """(features [N, D] fp32 on the CPU, labels [N]) of every sample of ``dataset``, in order, batched; samples
+    labelled ``LEFT_OUT`` (unreadable images a ``LabelledFolder(bad="drop")`` skipped) are left out."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == "cuda")  # fmt: skip
     encoder = encoder.to(device).eval()
@@ -387,7 +441,8 @@ def extract_features(encoder: nn.Module, dataset, device: torch.device, batch_si
         with _autocast(device):
             feats.append(pooled_features(encoder, imgs.to(device, non_blocking=True), pool).float().cpu())
         labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+    labels, feats = kept(torch.cat(labels), torch.cat(feats))
+    return feats, labels
 
 
 def cached_features(encoder: nn.Module, info: dict, dataset, device: torch.device, batch_size: int, workers: int,
@@ -406,7 +461,10 @@ def cached_features(encoder: nn.Module, info: dict, dataset, device: torch.devic
         path = cache_root() / "features" / f"{digest[:24]}.pt"
         if path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            return saved["features"], saved["labels"], 0.0, True
+            # (features that leave out unreadable images are not those of a run that reads every image: it extracts
+            # them again, which names the first unreadable one)
+            if len(saved["labels"]) == len(dataset) or getattr(dataset, "bad", "raise") == "drop":
+                return saved["features"], saved["labels"], 0.0, True
     t0 = time.perf_counter()
     feats, labels = extract_features(encoder, dataset, device, batch_size, workers, pool)
     seconds = time.perf_counter() - t0

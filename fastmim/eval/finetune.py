@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastmim.data import ShieldedLoader
-from fastmim.eval.encoder import _autocast, check_pool
+from fastmim.eval.encoder import _autocast, check_pool, kept
 from fastmim.eval.knn import percent, topk_hits
 from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier, wrap_ddp
 from fastmim.train.optim import lr_at
@@ -435,12 +435,15 @@ def _class_change(then: list[str], now: list[str]) -> str:
 @torch.no_grad()
 def evaluate(net: nn.Module, loader, num_classes: int, device: torch.device,
              dist_info: DistInfo | None = None) -> dict[str, float]:  # fmt: skip
-    """Top-1/top-5 (%) over the loader's images (each process its share: the counts are summed)."""
+    """Top-1/top-5 (%) over the loader's images (each process its share: the counts are summed), those labelled
+    ``LEFT_OUT`` (unreadable, skipped) left out."""
     net.eval()
     hits = torch.zeros(3, dtype=torch.float64, device=device)  # top-1, top-5, images
     for x, y in loader:
         with _autocast(device):
-            hits += topk_hits(net(x.to(device, non_blocking=True)).float(), y, num_classes)
+            scores = net(x.to(device, non_blocking=True)).float()
+        y, scores = kept(y, scores)
+        hits += topk_hits(scores, y, num_classes)
     if dist_info is not None and dist_info.enabled:
         import torch.distributed as dist
 

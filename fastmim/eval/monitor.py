@@ -15,6 +15,7 @@ from fastmim.eval.encoder import (
     _autocast,
     check_pool,
     eval_crop_pct,
+    kept,
     load_encoder,
     pooled_features,
 )
@@ -42,23 +43,26 @@ def _decode_all(dataset: LabelledFolder, workers: int) -> tuple[torch.Tensor, to
     # (shielded: a scheduler's SIGTERM meanwhile must not kill a worker and end the run with a traceback)
     loader = ShieldedLoader(dataset, batch_size=64, shuffle=False, num_workers=workers)
     xs, ys = zip(*loader, strict=True)
-    return torch.cat(xs), torch.cat(ys)
+    y, x = kept(torch.cat(ys), torch.cat(xs))  # (unreadable images a bad="drop" folder skipped: left out)
+    return x, y
 
 
 class KnnMonitor:
     """Args: spec (``labelled_split``); model: the recipe's name (its encoder is evaluated); img_size; device;
     k, temperature: DINO's 20 and 0.07; pool: the feature (``pooled_features``); workers: decoding processes; vit:
-    the ViT's options (``fastmim.config.encoder_options``: layer scale, relative position bias, ...)."""
+    the ViT's options (``fastmim.config.encoder_options``: layer scale, relative position bias, ...); skip_bad:
+    unreadable images are named and left out (the run's --skip-bad-files) instead of stopping it."""
 
     def __init__(self, spec: str, model: str, img_size: int, device: torch.device, k: int = 20,
                  temperature: float = 0.07, pool: str = "auto", workers: int = 0, batch_size: int = 256,
-                 vit: dict | None = None):  # fmt: skip
+                 vit: dict | None = None, skip_bad: bool = False):  # fmt: skip
         train_root, val_root = labelled_split(spec)
         from fastmim.data.transforms import eval_transform
 
         view = eval_transform(img_size, eval_crop_pct(img_size), normalize=False)  # uint8: normalised on the device
-        train = LabelledFolder(train_root, view)
-        val = LabelledFolder(val_root, view, classes=train.classes)
+        bad = "drop" if skip_bad else "raise"
+        train = LabelledFolder(train_root, view, bad=bad)
+        val = LabelledFolder(val_root, view, classes=train.classes, bad=bad)
         need = (len(train) + len(val)) * 3 * img_size * img_size
         if need > MAX_BYTES:
             raise ValueError(f"--eval-data {spec!r}: {len(train) + len(val)} images at {img_size} px take "
@@ -74,7 +78,7 @@ class KnnMonitor:
             check_pool(self.encoder, pool, "--eval-pool")
         self.num_classes, self.device = len(train.classes), device
         self.k, self.temperature, self.pool, self.batch_size = k, temperature, pool, batch_size
-        self.spec, self.train_images, self.val_images = spec, len(train), len(val)
+        self.spec, self.train_images, self.val_images = spec, len(self.train_y), len(self.val_y)
 
     @torch.no_grad()
     def _features(self, x: torch.Tensor) -> torch.Tensor:

@@ -1291,3 +1291,61 @@ def test_the_same_encoder_is_the_same_file_from_any_process(tmp_path):
 
     with safe_open(str(path), "pt") as f:
         assert f.metadata() == {f"k{i}": f"v{i}" for i in range(16)} and f.get_tensor("a.weight")[1, 2] == 5
+
+
+def test_skip_bad_files_leaves_unreadable_images_out_of_measures_and_replaces_them_in_training(tmp_path, capfd):
+    """--skip-bad-files: the kNN of folders holding an unreadable image equals the kNN of the same folders without
+    it (features and votes over the readable images, counted in left_out); features it cached are not taken by a
+    run without the flag (which names the file); the probe's and the fine-tuning's training sets get a stand-in."""
+    _, path = _save_run_encoder(tmp_path)
+    train = make_image_folder(tmp_path / "d" / "train", n=10, classes=2)
+    val = make_image_folder(tmp_path / "d" / "val", n=6, classes=2, seed=1)
+    bad = [sorted(train.rglob("*.jpg"))[3], sorted(val.rglob("*.jpg"))[1]]
+    clean = tmp_path / "clean"
+    shutil.copytree(tmp_path / "d", clean)
+    for f in bad:
+        (clean / f.relative_to(tmp_path / "d")).unlink()
+        f.write_bytes(b"junk")
+    knn = ["knn", "--encoder", str(path), "--k", "3", "--out", str(tmp_path / "r.jsonl")]
+    assert eval_main([*knn, "--data-path", str(clean), "--no-cache"]) == 0
+    assert eval_main([*knn, "--data-path", str(tmp_path / "d"), "--no-cache"]) == 2
+    assert "or run with --skip-bad-files" in capfd.readouterr().err
+    assert eval_main([*knn, "--data-path", str(tmp_path / "d"), "--skip-bad-files", "--workers", "1"]) == 0
+    err = capfd.readouterr().err
+    assert all(f"skipped: cannot read image {str(f)!r}" in err for f in bad), err
+    want, got = [json.loads(s) for s in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert (got["top1"], got["top5"]) == (want["top1"], want["top5"])
+    assert got["left_out"] == {"train": 1, "val": 1} and (got["train_images"], got["val_images"]) == (9, 5)
+    assert (want["train_images"], want["val_images"]) == (9, 5) and "left_out" not in want
+    assert eval_main([*knn, "--data-path", str(tmp_path / "d")]) == 2  # (its cache holds 9 of the 10: not taken)
+    assert "cannot read image" in capfd.readouterr().err
+    assert eval_main([*knn, "--data-path", str(tmp_path / "d"), "--skip-bad-files"]) == 0  # (from the cache)
+    assert json.loads((tmp_path / "r.jsonl").read_text().splitlines()[-1])["features_cached"] is True
+    probe = ["linprobe", "--encoder", str(path), "--data-path", str(tmp_path / "d"), "--epochs", "1",
+             "--batch-size", "4", "--skip-bad-files", "--out", str(tmp_path / "r.jsonl")]  # fmt: skip
+    assert eval_main(probe) == 0
+    assert "stands in for it (--skip-bad-files)" in capfd.readouterr().err
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    tune = ["finetune", "--encoder", str(path), "--data-path", str(tmp_path / "d"), "--epochs", "1", "--batch-size",
+            "4", "--aa", "none", "--mixup", "0", "--cutmix", "0", "--finetune-dir", str(tmp_path / "ft"),
+            "--skip-bad-files", "--out", str(tmp_path / "r.jsonl")]  # fmt: skip
+    assert eval_main(tune) == 0
+    err = capfd.readouterr().err
+    assert "stands in for it (--skip-bad-files)" in err and "left out (--skip-bad-files)" in err
+    assert json.loads((tmp_path / "ft" / "args.json").read_text())["skip_bad_files"] is True  # (a resume keeps it)
+
+
+def test_finetune_evaluation_leaves_out_the_images_a_folder_skipped():
+    """evaluate(): the rows labelled LEFT_OUT count neither as hits nor as images."""
+    from fastmim.eval.encoder import LEFT_OUT
+    from fastmim.eval.finetune import evaluate
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    net = torch.nn.Identity()
+    y_out = y.clone()
+    y_out[[1, 6]] = LEFT_OUT
+    keep = y_out != LEFT_OUT
+    got = evaluate(net, [(x[:4], y_out[:4]), (x[4:], y_out[4:])], 5, torch.device("cpu"))
+    assert got == evaluate(net, [(x[keep], y[keep])], 5, torch.device("cpu"))
+    assert got != evaluate(net, [(x, y)], 5, torch.device("cpu"))  # (the two rows change the accuracy)

@@ -308,3 +308,23 @@ def test_settings_a_run_does_not_read_are_said(image_folder, tmp_path, capsys):
     assert "note: --dali-device cpu and --allow-unscanned apply to the DALI loader; this run reads with torch" in out
     pretrain.run([*args, "--output-dir", str(tmp_path / "b")])
     assert "--eval-data (the kNN monitor)" not in capsys.readouterr().out
+
+
+def test_an_unreadable_eval_data_image_stops_the_run_unless_it_skips_bad_files(image_folder, tmp_path, capfd):
+    """The monitor's images are decoded before training: an unreadable one is refused by name, or, with the run's
+    --skip-bad-files, left out (named; the monitor counts the readable ones)."""
+    from fastmim.eval.monitor import KnnMonitor
+
+    labelled = _labelled(tmp_path)
+    bad = sorted((labelled / "val").rglob("*.jpg"))[2]
+    bad.write_bytes(b"junk")
+    base = [*TINY_ARGS, "--data-path", str(image_folder), "--max-steps", "1", "--loader", "torch", "--eval-data",
+            str(labelled)]  # fmt: skip
+    with pytest.raises(pretrain.UsageError, match="cannot read image") as e:
+        pretrain.run([*base, "--output-dir", str(tmp_path / "a"), "--num-workers", "1"])
+    assert "Traceback" not in str(e.value) and "or run with --skip-bad-files" in str(e.value)
+    pretrain.run([*base, "--output-dir", str(tmp_path / "b"), "--skip-bad-files"])
+    assert f"skipped: cannot read image {str(bad)!r}" in capfd.readouterr().err
+    assert len(_knn_rows(tmp_path / "b")) == 2  # (step 0 and the end)
+    monitor = KnnMonitor(str(labelled), "mae_vit_tiny_patch16", 32, torch.device("cpu"), skip_bad=True)
+    assert (monitor.train_images, monitor.val_images) == (12, 5)
