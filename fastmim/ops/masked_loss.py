@@ -195,7 +195,10 @@ def _masked_loss_backward_ref(grad_loss, pred, target, mask, denom, patch_size, 
         t = (t - mean) / std
     diff = pred.to(dt) - t
     local = diff.sign() if p == 1 else 2 * diff
-    coef = (mask.to(dt) * (grad_loss.to(dt) / denom.to(dt) / pred.shape[-1])).unsqueeze(-1)  # [B, L, 1]
+    # (denom is the forward's fp32 sum, the kernels' contract: a float64 pred's own, of fractional weights, in
+    # float64, as the reference's autograd has it)
+    denom = mask.to(dt).sum() if dt == torch.float64 else denom.to(dt)
+    coef = (mask.to(dt) * (grad_loss.to(dt) / denom / pred.shape[-1])).unsqueeze(-1)  # [B, L, 1]
     return torch.where(coef != 0, local * coef, 0.0).to(pred.dtype)  # weight-0 patches: 0 even if not finite
 
 

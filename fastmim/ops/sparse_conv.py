@@ -177,12 +177,18 @@ def _(x, nbr, weight, bias):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _wgrad_ref(grad: torch.Tensor, x: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
-    """[C, K*K] fp32: ``gw[c, t] = sum_r grad[r, c] * x[nbr[t, r], c]``, one tap at a time ([M, C] memory)."""
+def _grad_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The weight and bias gradients' accumulation dtype: fp32, float64 where x or the weight is float64."""
+    return torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
+
+
+def _wgrad_ref(grad: torch.Tensor, x: torch.Tensor, nbr: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """[C, K*K] in ``dtype``: ``gw[c, t] = sum_r grad[r, c] * x[nbr[t, r], c]``, one tap at a time ([M, C]
+    memory)."""
     m, c = x.shape
-    rows = torch.cat([x.float(), x.new_zeros((1, c), dtype=torch.float32)])  # [M + 1, C]
+    rows = torch.cat([x.to(dtype), x.new_zeros((1, c), dtype=dtype)])  # [M + 1, C]
     ids = torch.where(nbr < 0, m, nbr.long())  # [K*K, M]
-    g = grad.float()
+    g = grad.to(dtype)
     return torch.stack([(g * rows[ids[t]]).sum(0) for t in range(nbr.shape[0])], dim=1)
 
 
@@ -195,8 +201,8 @@ def _bwd(
     need_w: bool,
     need_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grad_x [M, C] (x's dtype; [0, C] if not needed), grad_weight [C, 1, K, K] fp32 ([0] if not needed),
-    grad_bias [C] fp32 ([0] if not needed). Relies on the table's symmetry for grad_x."""
+    """grad_x [M, C] (x's dtype; [0, C] if not needed), grad_weight [C, 1, K, K] and grad_bias [C] in fp32 (float64
+    for float64 x or weight: ``_grad_dtype``; [0] if not needed). Relies on the table's symmetry for grad_x."""
     m, c = x.shape
     check_id_values(_OP, "nbr", nbr, m, distinct=False, lower=-1)  # (as the forward: every backend, on CPU tensors)
     backend = choose_backend(_OP, x.device, (grad.dtype, x.dtype, weight.dtype))
@@ -221,14 +227,15 @@ def _bwd(
     else:
         if need_x:
             gx = sparse_dwconv_ref(grad, nbr, weight.flip((-2, -1))).to(x.dtype)
+        acc = _grad_dtype(x, weight)
         if need_w:
-            gw = _wgrad_ref(grad, x, nbr)
-        if need_b:
-            gb = grad.float().sum(0)
+            gw = _wgrad_ref(grad, x, nbr, acc)
+        gw = gw if need_w else gw.to(acc)
+        gb = grad.to(acc).sum(0) if need_b else gb.to(acc)
     if need_w:
         gw = gw.reshape(weight.shape)
     if not need_b:
-        gb = x.new_empty((0,), dtype=torch.float32)
+        gb = x.new_empty((0,), dtype=gw.dtype)
     return gx, gw, gb
 
 
@@ -242,8 +249,9 @@ no_second_derivative(_sparse_dwconv_backward_op, "fastmim.ops.sparse_dwconv", "s
 def _(grad, x, nbr, weight, need_x, need_w, need_b):
     m, c = x.shape
     gx = x.new_empty((m if need_x else 0, c))
-    gw = x.new_empty(tuple(weight.shape) if need_w else (0,), dtype=torch.float32)
-    gb = x.new_empty((c if need_b else 0,), dtype=torch.float32)
+    acc = _grad_dtype(x, weight)
+    gw = x.new_empty(tuple(weight.shape) if need_w else (0,), dtype=acc)
+    gb = x.new_empty((c if need_b else 0,), dtype=acc)
     return gx, gw, gb
 
 

@@ -326,6 +326,11 @@ def test_a_float64_pred_gets_a_float64_loss_that_passes_gradcheck(fn, device):
     torch.testing.assert_close(fused(pred), ref(pred), rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(fused, (pred,))
     assert fused(pred.detach().float()).dtype == torch.float32
+    # fractional weights (an fp32 mask): the gradient divides by their float64 sum, as the reference's autograd (the
+    # forward's fp32 sum gave a 3e-8 relative error, which gradcheck's tolerance lets through)
+    mask.copy_(torch.rand(2, 4, generator=g))
+    (got,), (want,) = (torch.autograd.grad(f(pred), pred) for f in (fused, ref))
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -207,6 +207,20 @@ def test_non_contiguous_inputs(backend):
     torch.testing.assert_close(gw, rw)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float64, torch.float64), (torch.float32, torch.float64)])
+def test_float64_weight_and_bias_gradients_are_float64_accurate(dtypes):
+    """float64 x or weights: the weight and bias gradients were summed in fp32 (8e-8 relative error); as the
+    reference's autograd now."""
+    _, _, (x, nbr, w, b) = _problem(2, 6, 7, 4, 7, "random", True, "cpu", *dtypes)
+    w, b = w.requires_grad_(), b.requires_grad_()
+    grad = _randn(x.shape[0], 4, dtype=x.dtype, device="cpu", seed=9)
+    got = torch.autograd.grad(sparse_dwconv(x, nbr, w, b), (w, b), grad)
+    want = torch.autograd.grad(sparse_dwconv_ref(x, nbr, w, b), (w, b), grad)
+    for g, r in zip(got, want, strict=True):
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
 def test_cpp_backend_is_chosen_on_cpu(monkeypatch):
     """CPU tensors run the C++ kernels when fastmim._C is built (auto or forced), the reference when forced."""
     if not _ext.available():
