@@ -606,6 +606,27 @@ def with_builtin_data(cfg: PretrainConfig) -> PretrainConfig:
         raise UsageError(str(e)) from e
 
 
+def cpu_has_bf16() -> bool | None:
+    """Whether this CPU computes bf16 natively (AVX512-BF16, AMX), as oneDNN finds; None if that cannot be asked."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _note_cpu_autocast(amp_dtype: torch.dtype) -> None:
+    """A CPU run under autocast: fp16 (its loss scaling is for GPUs) and bf16 on a CPU without bf16 instructions
+    run several times slower than fp32 (measured about 10x on a 2-core AVX2 VM); the configs' bf16 is for GPUs."""
+    if amp_dtype == torch.float16:
+        also = "bf16 or none" if cpu_has_bf16() else "none"
+        print("note: --amp fp16 on the CPU runs several times slower than fp32 (its loss scaling is for GPUs; it runs "
+              f"here for tests): use --amp {also}", flush=True)  # fmt: skip
+    elif cpu_has_bf16() is False:
+        print(f"note: --amp bf16 on this CPU ({torch.backends.cpu.get_cpu_capability()}, no bf16 instructions) runs "
+              "several times slower than fp32 (a config's bf16 autocast is for GPUs): add --amp none to try it "
+              "here", flush=True)  # fmt: skip
+
+
 def build_monitor(cfg: PretrainConfig, info: DistInfo, device: torch.device):
     """--eval-data: the kNN monitor (rank 0 holds it; every rank checks the path, so a bad one stops them all)."""
     if not cfg.eval_data:
@@ -998,7 +1019,7 @@ def build_model(cfg: PretrainConfig, device: torch.device):
             raise
         given = ", ".join(f"{k}={v!r}" for k, v in cfg.model_args.items())
         where = (f"the model_args of the run being resumed with those given now added: {given}; --model-args none "
-                 "clears the run's" if cfg.resume else f"with --model-args {given}")  # fmt: skip
+                 "clears the run's" if cfg.resume else f"model_args {given}")  # fmt: skip
         raise UsageError(f"{cfg.model}: {e} ({where})") from e
     model = model.to(device)
     if cfg.grad_ckpt:
@@ -1072,9 +1093,9 @@ def run(argv: list[str] | None = None) -> Path:
     try:
         return _run(cfg, state, info, device)
     except UsageError as e:  # a refused flag that the user set in a config file: say which file
-        raise UsageError(with_origins(str(e), origins)) from None
+        raise UsageError(with_origins(str(e), origins, cfg.to_dict())) from None
     except ValueError as e:  # (one naming a --flag: "fewer than --accum-iter 8", set by a recipe's file)
-        said = with_origins(str(e), origins)
+        said = with_origins(str(e), origins, cfg.to_dict())
         if type(e) is not ValueError or said == str(e):
             raise
         raise ValueError(said) from None
@@ -1086,14 +1107,24 @@ def run(argv: list[str] | None = None) -> Path:
         cleanup(info)
 
 
-def with_origins(message: str, origins: dict) -> str:
+def with_origins(message: str, origins: dict, values: dict | None = None) -> str:
     """``message`` with, for each --flag it names whose value came from a config file or the run's saved config
-    (not the command line), where that value was set."""
+    (not the command line), where that value was set; ``model_args`` named as such too. With ``values`` (the run's
+    settings), a flag followed by another number than the run's ("--max-steps 75 stops at its end") is advice, not
+    the value at fault: not followed up."""
     said = []
-    for flag in dict.fromkeys(re.findall(r"--([a-z][a-z0-9-]*)", message)):
-        key = flag.replace("-", "_")
-        if origins.get(key, "the command line") != "the command line":
-            said.append(f"{key} set in {origins[key]}")
+    named = re.findall(r"--([a-z][a-z0-9-]*)(?:[ =]([-+.\w]+))?", message)
+    named += [("model-args", "")] if re.search(r"\bmodel_args\b", message) else []
+    for key in dict.fromkeys(flag.replace("-", "_") for flag, _ in named):
+        if origins.get(key, "the command line") == "the command line":
+            continue
+        current = (values or {}).get(key)
+        if isinstance(current, (int, float)) and not isinstance(current, bool):
+            said_values = [v for f, v in named if f.replace("-", "_") == key and v]
+            numbers = [float(v) for v in said_values if re.fullmatch(r"[-+]?\d+(\.\d*)?(e[-+]?\d+)?", v)]
+            if numbers and all(n != current for n in numbers):
+                continue
+        said.append(f"{key} set in {origins[key]}")
     return f"{message} ({'; '.join(said)})" if said else message
 
 
@@ -1145,9 +1176,8 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
             if info.is_main:
                 for text in _unused_settings(cfg, kind):
                     print(f"note: {text}", flush=True)
-            if amp_dtype == torch.float16 and device.type == "cpu" and info.is_main:
-                print("note: --amp fp16 on the CPU runs several times slower than bf16 or none (its loss scaling is "
-                      "for GPUs; it runs here for tests): use --amp bf16 or none", flush=True)  # fmt: skip
+            if amp_dtype is not None and device.type == "cpu" and info.is_main:
+                _note_cpu_autocast(amp_dtype)
             if cfg.fsdp:  # sharded before the optimizer is built: it steps the shards
                 from fastmim.train.fsdp import init_single_process_group, shard_model
 

@@ -134,6 +134,15 @@ def test_resume_refuses_another_network_and_says_what_changes_the_masks(image_fo
     (tmp_path / "ma.yaml").write_text("model_args:\n  mlp_ratio: 2.0\n")  # a file's model_args with other shapes
     assert pretrain.main([*resume, "--config", str(tmp_path / "ma.yaml")]) == 2
     assert f"model_args set in {tmp_path / 'ma.yaml'}" in capsys.readouterr().err  # (the file was not named)
+    (tmp_path / "typo.yaml").write_text("model_args:\n  low_pass_radus: 3\n")  # (a new run: no flag was given)
+    assert (
+        pretrain.main([*args[:-2], "--output-dir", str(tmp_path / "new"), "--config", str(tmp_path / "typo.yaml")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert (
+        f"(model_args low_pass_radus=3) (model_args set in {tmp_path / 'typo.yaml'})" in err
+        and "--model-args" not in err
+    )
     assert pretrain.main([*resume, "--mask", "random"]) == 0
     said = capsys.readouterr().out
     assert "note: resuming with changed settings: mask_type unset (the recipe's own) -> random" in said, said

@@ -320,6 +320,12 @@ def test_a_runs_config_yaml_passed_back_says_its_max_steps_and_not_its_null_resu
     assert f"note: max_steps 8 comes from {f}: the run stops at step 8 (--max-steps None" in capsys.readouterr().out
     assert "resume" not in origins and origins["output_dir"] == str(f)
     assert with_origins("pass --resume, or another --output-dir", origins).endswith(f"(output_dir set in {f})")
+    # a flag with another number than the run's is advice ("--max-steps 75 stops at the epoch's end"), not the
+    # value at fault: its origin is not said; the same number, or a setting named as model_args, is followed up
+    values = {"max_steps": 8, "model_args": {"x": 1}}
+    assert with_origins("--seed 0 finishes the epoch, --max-steps 75 stops at its end", origins, values).endswith("end")
+    assert with_origins("fewer than --max-steps 8", origins, values).endswith(f"(max_steps set in {f})")
+    assert with_origins("bad (model_args x=1)", {"model_args": str(f)}, values).endswith(f"(model_args set in {f})")
     cfg, _ = resolve_config(["--config", str(f), "--max-steps", "None"])
     assert cfg.max_steps is None and "max_steps" not in capsys.readouterr().out
 

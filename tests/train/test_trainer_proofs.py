@@ -317,3 +317,17 @@ def test_two_nodes_by_localhost_rendezvous_equal_one_process(image_folder, tmp_p
     a, b = load_checkpoint(one / "checkpoint.pt"), load_checkpoint(nodes / "checkpoint.pt")
     assert a["step"] == b["step"] == 3 and len(set(b["weights_sum_per_rank"])) == 1
     _assert_states_close(a, b, atol=1e-6, rel=1e-5)
+
+
+@pytest.mark.parametrize("native", [True, False, None])
+def test_cpu_autocast_notes_say_what_runs_slowly_here(native, monkeypatch, capsys):
+    """bf16 autocast on a CPU without bf16 instructions (AVX2) ran a config's recipe about 10x slower than fp32,
+    unsaid, and the fp16 note advised it: each note names what is fast on this CPU."""
+    monkeypatch.setattr(pretrain, "cpu_has_bf16", lambda: native)
+    pretrain._note_cpu_autocast(torch.bfloat16)
+    out = capsys.readouterr().out
+    assert ("note: --amp bf16 on this CPU" in out and "add --amp none" in out) == (native is False), out
+    pretrain._note_cpu_autocast(torch.float16)
+    out = capsys.readouterr().out
+    assert "note: --amp fp16 on the CPU runs several times slower" in out
+    assert out.rstrip().endswith("use --amp bf16 or none" if native else "use --amp none"), out
