@@ -321,7 +321,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.epoch = 0
 
     def _list(self, root: str | Path) -> list[str]:
-        return list_images(root)
+        files = list_images(root)
+        note_split_folders(root, files)
+        return files
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch's augmentation seeds (call before creating the loader iterator)."""
@@ -530,6 +532,31 @@ def _family_pattern(names: list[str]) -> str:
     """A glob of one family's names: each run of digits kept where the names share it, else ``*``."""
     split = [re.split(r"(\d+)", n) for n in names]
     return "".join(p if k % 2 == 0 or all(q[k] == p for q in split) else "*" for k, p in enumerate(split[0]))
+
+
+_SPLITS = ("val", "validation", "valid", "test")  # the held-out splits of a download that sit beside its train/
+
+
+def note_split_folders(root: str | Path, files: Sequence[str]) -> None:
+    """Says (once, rank 0) when a folder read for pretraining holds a train/ split and a held-out one (val/, ...)
+    with images in both: all of them are read, the held-out images too."""
+    if not os.path.isdir(root) or f"splits:{root}" in _NOTED or os.environ.get("RANK", "0") != "0":
+        return
+    base = os.path.join(str(root), "")
+    counts: dict[str, int] = {}
+    for f in files:
+        top = f[len(base) :].split(os.sep, 1)[0] if f.startswith(base) else ""
+        if top.lower() in ("train", *_SPLITS):
+            counts[top] = counts.get(top, 0) + 1
+    train = next((t for t in counts if t.lower() == "train"), None)
+    held = [t for t in counts if t.lower() in _SPLITS]
+    if train is None or not held:
+        return
+    _NOTED.add(f"splits:{root}")
+    said = ", ".join(f"{t}/ ({counts[t]} images)" for t in [train, *held])
+    print(f"note: {str(root)} holds the splits {said}, all read for pretraining; to pretrain on the training images "
+          f"alone (the others held out for evaluation), pass --data-path {os.path.join(str(root), train)}",
+          file=sys.stderr, flush=True)  # fmt: skip
 
 
 def note_shard_families(root: str | Path, shards: list[str]) -> None:

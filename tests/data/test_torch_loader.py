@@ -149,3 +149,21 @@ def test_augmentation_seeds_never_repeat_across_epochs_however_large_the_data_se
             seeds.setdefault(ds._sample_seed(i), []).append((epoch, i))
     assert all(len(v) == 1 for v in seeds.values()), [v for v in seeds.values() if len(v) > 1][:3]
     assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_a_folder_holding_train_and_val_splits_is_said_to_be_read_whole(tmp_path, capsys):
+    """A download's root with train/ and val/ was pretrained on whole, its validation images too, unsaid: a note
+    names the splits and the training folder to pass; a folder of classes, or a train/ alone, gets none."""
+    root = tmp_path / "imagenet"
+    make_image_folder(root / "train", n=8, classes=2)
+    make_image_folder(root / "val", n=4, classes=2, seed=1)
+    assert len(ImageFolderDataset(root)) == 12
+    err = capsys.readouterr().err
+    assert f"note: {root} holds the splits train/ (8 images), val/ (4 images), all read" in err, err
+    assert err.rstrip().endswith(f"pass --data-path {root / 'train'}")
+    ImageFolderDataset(root)
+    assert "holds the splits" not in capsys.readouterr().err  # (once)
+    ImageFolderDataset(root / "train")
+    (root / "val").rename(root / "extra")
+    ImageFolderDataset(str(root) + "/")
+    assert "holds the splits" not in capsys.readouterr().err
