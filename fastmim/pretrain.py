@@ -57,7 +57,14 @@ from fastmim.train.distributed import (
     init_distributed,
     wrap_ddp,
 )
-from fastmim.train.preempt import REQUEUE_EXIT, Preempted, StopRequested, guard_output, stop_outside_training
+from fastmim.train.preempt import (
+    REQUEUE_EXIT,
+    Preempted,
+    StopRequested,
+    guard_output,
+    stop_outside_training,
+    stopped_status,
+)
 from fastmim.train.runlock import RunLock
 
 
@@ -171,7 +178,8 @@ def resolve_config(argv: list[str] | None, origins: dict | None = None) -> tuple
             lost = lost_checkpoint(out)
             if lost:
                 raise UsageError(lost)
-            print(f"--resume if-exists: no checkpoint in {out} yet: starting the run there", flush=True)
+            if os.environ.get("RANK", "0") == "0":  # (before the process group: the launcher's rank; once)
+                print(f"--resume if-exists: no checkpoint in {out} yet: starting the run there", flush=True)
             resume = None
             given = {**given, "resume": None}
         else:
@@ -1378,12 +1386,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Preempted as e:  # SIGTERM / SIGUSR1: saved at the step boundary; the exit status asks for a requeue
         print(f"{_rank_prefix()}stopped on {e}", file=sys.stderr)  # (each rank says it stopped, once)
-        return e.exit_status  # (130 for Ctrl-C: not a requeue)
+        return stopped_status(e.exit_status, argv)  # (130 for Ctrl-C: not a requeue)
     except StopRequested as e:  # outside the training loop: no step to save
         print(f"{_rank_prefix()}stopped on {e} outside training: nothing new to save, the last checkpoint (if any) is "
               "intact; run the command again with --resume if-exists to continue (it starts the run when it has no "
               "checkpoint yet)", file=sys.stderr)  # fmt: skip
-        return REQUEUE_EXIT
+        return stopped_status(REQUEUE_EXIT, argv)
     return 0
 
 

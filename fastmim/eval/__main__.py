@@ -612,7 +612,14 @@ def main(argv: list[str] | None = None) -> int:
     _check(ap, args)
     from fastmim.data.folder import BadImageError
     from fastmim.eval.finetune import FinetuneStopped
-    from fastmim.train.preempt import INTERRUPT_EXIT, REQUEUE_EXIT, StopRequested, exit_status, stop_outside_training
+    from fastmim.train.preempt import (
+        INTERRUPT_EXIT,
+        REQUEUE_EXIT,
+        StopRequested,
+        exit_status,
+        stop_outside_training,
+        stopped_status,
+    )
 
     try:  # finetune: a stop signal exits with the requeue status, after a checkpoint when in training
         with stop_outside_training() if args.mode == "finetune" else contextlib.nullcontext():
@@ -631,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = getattr(args, "run_dir", None)
         print(f"stopped on {e}" + (f"; continue with python -m fastmim.eval finetune --resume {folder}" if e.saved
                                    and folder else ""), file=sys.stderr)  # fmt: skip
-        return exit_status(e.signame)
+        return stopped_status(exit_status(e.signame), argv)
     except KeyboardInterrupt:  # Ctrl-C outside the fine-tuning's steps, or a second one inside
         folder = getattr(args, "run_dir", None)
         saved = folder is not None and (Path(folder) / "checkpoint.pt").is_file()
@@ -644,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped on {e} outside the fine-tuning's steps: nothing new to save, " + (
             f"its checkpoint is intact; continue with python -m fastmim.eval finetune --resume {folder}" if saved
             else "no checkpoint had been written"), file=sys.stderr)  # fmt: skip
-        return REQUEUE_EXIT
+        return stopped_status(REQUEUE_EXIT, argv)
     finally:
         if getattr(args, "dist_info", None) is not None and args.dist_info.enabled:  # torchrun's group, joined in run
             from fastmim.train.distributed import cleanup

@@ -100,6 +100,31 @@ def stop_outside_training():
             _finished.clear()
 
 
+def exit_on_stop_signals(status: int) -> int:
+    """Returns ``status``, the one a CLI that stopped on a signal exits with; until the process ends, a stop signal
+    ends it at once with that status. Under torchrun, the agent sends SIGTERM to every rank as soon as one exits: a
+    rank still tearing down (its process group, loader workers) died of it with -15 instead of the requeue status."""
+    if threading.current_thread() is not threading.main_thread():
+        return status
+
+    def leave(signum, frame):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+
+    for sig in SIGNALS:
+        signal.signal(sig, leave)
+    return status
+
+
+def stopped_status(status: int, argv: list[str] | None) -> int:
+    """The status a CLI's ``main(argv)`` returns when a signal stopped it; when it runs as the command (``argv``
+    None: not a caller's in-process run), a stop signal while the process tears down also ends it with that status
+    (``exit_on_stop_signals``)."""
+    return exit_on_stop_signals(status) if argv is None else status
+
+
 def _gone_with_terminal(fd: int) -> bool:
     """Whether writes to ``fd`` fail once the terminal closes: the terminal itself (EIO), or a pipe (`| tee log`: its
     reader gets the hang-up too, EPIPE). A file keeps taking them."""

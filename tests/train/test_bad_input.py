@@ -202,6 +202,10 @@ def test_resume_if_exists_starts_then_continues_with_one_command(image_folder, t
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert steps == list(range(1, 13))
     assert "needs --output-dir" in fails(["--resume", "if-exists"], capsys)
+    with pytest.MonkeyPatch.context() as mp:  # under torchrun the start is said once, by rank 0
+        mp.setenv("RANK", "1")
+        pretrain.resolve_config([*TINY_ARGS, "--output-dir", str(tmp_path / "other"), "--resume", "if-exists"])
+    assert "no checkpoint in" not in capsys.readouterr().out
 
 
 def test_unreadable_image_is_named(tmp_path, capsys):

@@ -367,3 +367,26 @@ def test_ranks_agree_on_the_stop_signal_and_its_exit_status():
     w = PreemptionWatch(DistInfo(rank=1, world_size=2, local_rank=1))  # rank 1 of the Ctrl-C / hang-up pair
     w.signame, w.any_rank, w.gather = "SIGHUP", lambda flag: True, lambda obj: ["SIGINT", obj]
     assert w.requested() and w.signame == "SIGINT"
+
+
+def test_a_stop_signal_while_the_stopped_command_tears_down_keeps_the_requeue_status(tmp_path):
+    """torchrun's agent sends SIGTERM to every rank as soon as one exits: a rank that had stopped for a requeue and was
+    still tearing down (its process group, its loader workers) died of it with -15 instead of exiting 75. The command
+    (not an in-process caller's run) exits 75 on it."""
+    script = tmp_path / "stopped.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from fastmim import pretrain\n"
+        "from fastmim.train.preempt import StopRequested\n"
+        "def stopped(argv):\n"
+        "    raise StopRequested('SIGTERM')\n"
+        "pretrain.run = stopped\n"
+        "assert pretrain.main(['--max-steps', '1']) == 75 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL\n"
+        "status = pretrain.main()\n"
+        "print('returned', status, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)  # (the agent's, during the teardown)\n"
+        "time.sleep(30)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 75 and "returned 75" in done.stdout, (done.returncode, done.stdout, done.stderr)
