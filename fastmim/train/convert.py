@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    where = f"step {state['step']}: epoch {state['epoch'] + 1}, after {state.get('batch', 0)} of its batches"
-    print(f"wrote {args.dst} ({where}, as a resume says it)" + (f" and {args.encoder}" if args.encoder else ""))
+    epoch, batch = state["epoch"], state.get("batch", 0)  # (at an epoch's end, a finished run's too: that epoch)
+    where = f"epoch {epoch + 1}, after {batch} of its batches" if batch or not epoch else f"the end of epoch {epoch}"
+    print(f"wrote {args.dst} (step {state['step']}: {where})" + (f" and {args.encoder}" if args.encoder else ""))
     return 0
 
 
