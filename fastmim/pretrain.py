@@ -615,9 +615,10 @@ def with_builtin_data(cfg: PretrainConfig) -> PretrainConfig:
 
 
 def cpu_has_bf16() -> bool | None:
-    """Whether this CPU computes bf16 natively (AVX512-BF16, AMX), as oneDNN finds; None if that cannot be asked."""
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX; oneDNN also counts plain AVX-512, which
+    emulates them slowly); None if that cannot be asked."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         return None
 
@@ -1122,15 +1123,19 @@ def with_origins(message: str, origins: dict, values: dict | None = None) -> str
     the value at fault: not followed up."""
     said = []
     named = re.findall(r"--([a-z][a-z0-9-]*)(?:[ =]([-+.\w]+))?", message)
-    named += [("model-args", "")] if re.search(r"\bmodel_args\b", message) else []
+    if re.search(r"\(model_args ", message):  # (build_model's: from a file, named as set there; else the flag)
+        if origins.get("model_args", "the command line") == "the command line":
+            message = message.replace("(model_args ", "(with --model-args ")
+        named.append(("model-args", ""))
     for key in dict.fromkeys(flag.replace("-", "_") for flag, _ in named):
         if origins.get(key, "the command line") == "the command line":
             continue
         current = (values or {}).get(key)
         if isinstance(current, (int, float)) and not isinstance(current, bool):
             said_values = [v for f, v in named if f.replace("-", "_") == key and v]
-            numbers = [float(v) for v in said_values if re.fullmatch(r"[-+]?\d+(\.\d*)?(e[-+]?\d+)?", v)]
-            if numbers and all(n != current for n in numbers):
+            numbers = [float(v) for v in said_values if re.fullmatch(r"[-+]?\d+(\.\d*)?([eE][-+]?\d+)?", v)]
+            # (messages print values to 6 digits, {:g}: a number that close is the value itself)
+            if numbers and not any(math.isclose(n, current, rel_tol=1e-5) for n in numbers):
                 continue
         said.append(f"{key} set in {origins[key]}")
     return f"{message} ({'; '.join(said)})" if said else message

@@ -539,8 +539,12 @@ _SPLITS = ("val", "validation", "valid", "test")  # the held-out splits of a dow
 
 def note_split_folders(root: str | Path, files: Sequence[str]) -> None:
     """Says (once, rank 0) when a folder read for pretraining holds a train/ split and a held-out one (val/, ...)
-    with images in both: all of them are read, the held-out images too."""
-    if not os.path.isdir(root) or f"splits:{root}" in _NOTED or os.environ.get("RANK", "0") != "0":
+    with images in both: all of them are read, the held-out images too. ``root``: the folder, or its scan list."""
+    if not files or f"splits:{root}" in _NOTED or os.environ.get("RANK", "0") != "0":
+        return
+    if os.path.isfile(root):  # a scan list (DALI reads a scanned folder through it): the folder its images are in
+        root = os.path.commonpath([files[0], files[len(files) // 2], files[-1]])
+    elif not os.path.isdir(root):
         return
     base = os.path.join(str(root), "")
     counts: dict[str, int] = {}
@@ -564,9 +568,10 @@ def note_shard_families(root: str | Path, shards: list[str]) -> None:
     shards of one download side by side: all of them are read, and a pattern picks some."""
     families = _shard_families(shards)
     key = f"families:{root}"
-    # Names that follow no numbered scheme (a.tar, b.tar; content hashes) make a family each: not worth a note.
-    numbered = max(map(len, families.values())) >= 2 and len(families) <= max(2, len(shards) // 4)
-    if len(families) < 2 or not numbered or key in _NOTED or os.environ.get("RANK", "0") != "0":
+    # only families of a numbered scheme, a run of digits standing as a part of the name ("train-#.tar", "#.tar"),
+    # count: names of none (a.tar, b.tar; content hashes such as 3f9a2c.tar) make a family each, not worth a note
+    numbered = [t for t in families if re.search(r"(^|[-_.])#([-_.]|$)", t)]
+    if len(numbered) < 2 or key in _NOTED or os.environ.get("RANK", "0") != "0":
         return
     _NOTED.add(key)
     ranked = sorted(families.values(), key=lambda names: -len(names))

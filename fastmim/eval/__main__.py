@@ -101,11 +101,11 @@ def build_parser(mode: str | None = None) -> argparse.ArgumentParser:
         action="store_true",
         help="linprobe: train on the cached centre-crop features, not augmented views (much faster)",
     )
-    ap.add_argument("--skip-bad-files", action="store_true",
+    ap.add_argument("--skip-bad-files", action=argparse.BooleanOptionalAction, default=False,
                     help="an image that cannot be read or decoded is named and left out (features, kNN, "
                     "accuracies: over the readable images; counted in the result) or, in a training set (linprobe's "
                     "augmented views, finetune), replaced by another image (a fixed choice), instead of "
-                    "stopping")  # fmt: skip
+                    "stopping (a resumed fine-tuning keeps its choice: --no-skip-bad-files to change it)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0, help="random init (--random) and the probe's shuffling")
     ap.add_argument("--no-cache", action="store_true", help="extract the features again even when cached")
     ap.add_argument(
@@ -558,6 +558,8 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
     if "network_ema" in out:
         result.update({k: out[k] for k in ("top1_ema", "top5_ema", "best_top1_ema", "best_epoch_ema")},
                       saved_ema=str(run_dir / "finetuned_ema.safetensors"))  # fmt: skip
+    if args.skip_bad_files and out["val_images"] is not None:  # the images scored: the readable ones
+        result.update(val_images=out["val_images"], left_out={"val": len(val) - out["val_images"]})
     result.update(top1=out["top1"], top5=out["top5"], best_top1=out["best_top1"], best_epoch=out["best_epoch"],
                   epochs=n, warmup_epochs=args.warmup_epochs, blr=args.blr, lr=out["lr"], min_lr=args.min_lr,
                   layer_decay=args.layer_decay, layer_decay_type=args.layer_decay_type, recipe=args.recipe,

@@ -433,6 +433,12 @@ def extract_features(encoder: nn.Module, dataset, device: torch.device, batch_si
                      pool: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(features [N, D] fp32 on the CPU, labels [N]) of every sample of ``dataset``, in order, batched; samples
     labelled ``LEFT_OUT`` (unreadable images a ``LabelledFolder(bad="drop")`` skipped) are left out."""
+    labels, feats = kept(*reversed(_features_of_all(encoder, dataset, device, batch_size, workers, pool)))
+    return feats, labels
+
+
+def _features_of_all(encoder, dataset, device, batch_size, workers, pool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``extract_features`` with the samples labelled ``LEFT_OUT`` still in."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == "cuda")  # fmt: skip
     encoder = encoder.to(device).eval()
@@ -441,8 +447,17 @@ def extract_features(encoder: nn.Module, dataset, device: torch.device, batch_si
         with _autocast(device):
             feats.append(pooled_features(encoder, imgs.to(device, non_blocking=True), pool).float().cpu())
         labels.append(y)
-    labels, feats = kept(torch.cat(labels), torch.cat(feats))
-    return feats, labels
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _readable(path: str) -> bool:
+    from fastmim.data.folder import BadImageError
+
+    try:
+        open_rgb(path, path)
+    except BadImageError:
+        return False
+    return True
 
 
 def cached_features(encoder: nn.Module, info: dict, dataset, device: torch.device, batch_size: int, workers: int,
@@ -461,15 +476,26 @@ def cached_features(encoder: nn.Module, info: dict, dataset, device: torch.devic
         path = cache_root() / "features" / f"{digest[:24]}.pt"
         if path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            # (features that leave out unreadable images are not those of a run that reads every image: it extracts
-            # them again, which names the first unreadable one)
-            if len(saved["labels"]) == len(dataset) or getattr(dataset, "bad", "raise") == "drop":
+            left = saved.get("left_out", [])
+            # features that leave out unreadable images: not those of a run that reads every image (it extracts them
+            # again, which names the first unreadable one), nor once one of them reads again (a passing error)
+            whole = len(saved["labels"]) == len(dataset) and not left
+            if whole or (left and getattr(dataset, "bad", "raise") == "drop" and not any(map(_readable, left))):
+                if left:
+                    import sys
+
+                    print(f"note: {len(left)} unreadable image(s) left out of the cached features of "
+                          f"{str(dataset.root)!r}, e.g. {left[0]!r} (--skip-bad-files)", file=sys.stderr,
+                          flush=True)  # fmt: skip
                 return saved["features"], saved["labels"], 0.0, True
     t0 = time.perf_counter()
-    feats, labels = extract_features(encoder, dataset, device, batch_size, workers, pool)
+    feats, labels = _features_of_all(encoder, dataset, device, batch_size, workers, pool)
+    left = [dataset.samples[i][0] for i in torch.nonzero(labels == LEFT_OUT).flatten().tolist()]
+    labels, feats = kept(labels, feats)
     seconds = time.perf_counter() - t0
     if path is not None:
         from fastmim.train.checkpoint import atomic_write
 
-        atomic_write(path, lambda tmp: torch.save({"features": feats, "labels": labels}, tmp))
+        record = {"features": feats, "labels": labels, "left_out": left}
+        atomic_write(path, lambda tmp: torch.save(record, tmp))
     return feats, labels, seconds, False

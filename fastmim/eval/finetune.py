@@ -211,6 +211,7 @@ def finetune(
             _save_checkpoint(run_dir, net, opt, epoch, history, best, settings, dist_info, source=source, ema=ema,
                              **part)  # fmt: skip
 
+    val_images = None  # (the last evaluation's count; none when a resume finds every epoch done)
     try:
         for epoch in range(start, epochs):
             sampler.set_epoch(epoch)
@@ -269,9 +270,12 @@ def finetune(
                 raise FloatingPointError(f"the fine-tuning loss became {mean_loss} in epoch {epoch + 1}; lower --blr "
                                          "(the last checkpoint is intact)")  # fmt: skip
             acc = evaluate(net, val_loader, num_classes, device, dist_info)
+            val_images = acc.pop("images")  # (fewer than the folder's: unreadable ones skipped)
+            if not val_images:
+                raise ValueError("no image of the validation folder can be read (the last checkpoint is intact)")
             if ema is not None:  # (ConvNeXt V2 reports the EMA's accuracy: --model_ema_eval)
                 acc.update({f"{k}_ema": v for k, v in evaluate(ema.module, val_loader, num_classes, device,
-                                                                 dist_info).items()})  # fmt: skip
+                                                                 dist_info).items() if k != "images"})  # fmt: skip
             row = {"epoch": epoch + 1, "loss": mean_loss, **acc,
                    "seconds": round(spent + time.perf_counter() - t0, 2)}  # fmt: skip
             history.append(row)
@@ -287,7 +291,8 @@ def finetune(
         watch.close()
     last = history[-1]
     out = {"top1": last["top1"], "top5": last["top5"], "best_top1": best["top1"], "best_epoch": best["epoch"],
-           "lr": lr, "history": history, "network": net.cpu(), "fresh_keys": fresh, "source": source}  # fmt: skip
+           "lr": lr, "history": history, "network": net.cpu(), "fresh_keys": fresh, "source": source,
+           "val_images": val_images}  # fmt: skip
     if ema is not None:
         best_ema = max(history, key=lambda r: r["top1_ema"])
         out.update(top1_ema=last["top1_ema"], top5_ema=last["top5_ema"], best_top1_ema=best_ema["top1_ema"],
@@ -436,7 +441,7 @@ def _class_change(then: list[str], now: list[str]) -> str:
 def evaluate(net: nn.Module, loader, num_classes: int, device: torch.device,
              dist_info: DistInfo | None = None) -> dict[str, float]:  # fmt: skip
     """Top-1/top-5 (%) over the loader's images (each process its share: the counts are summed), those labelled
-    ``LEFT_OUT`` (unreadable, skipped) left out."""
+    ``LEFT_OUT`` (unreadable, skipped) left out, and "images": how many were scored."""
     net.eval()
     hits = torch.zeros(3, dtype=torch.float64, device=device)  # top-1, top-5, images
     for x, y in loader:
@@ -448,7 +453,7 @@ def evaluate(net: nn.Module, loader, num_classes: int, device: torch.device,
         import torch.distributed as dist
 
         dist.all_reduce(hits)
-    return percent(hits)
+    return {**percent(hits), "images": int(hits[2])}
 
 
 def finetune_transform(img_size: int, auto_augment: str | None = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25):

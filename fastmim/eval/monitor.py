@@ -73,6 +73,10 @@ class KnnMonitor:
             self.encoder, _ = load_encoder(None, model, img_size, vit=vit)
             self.train_x, self.train_y = _decode_all(train, workers)
             self.val_x, self.val_y = _decode_all(val, workers)
+        for name, labels, folder in (("training", self.train_y, train), ("validation", self.val_y, val)):
+            if not len(labels):  # (every image left out as unreadable: an accuracy of nothing)
+                raise ValueError(f"--eval-data {spec!r}: no image of the {name} folder {str(folder.root)!r} can "
+                                 "be read")  # fmt: skip
         self.encoder.requires_grad_(False)
         if hasattr(self.encoder, "blocks"):
             check_pool(self.encoder, pool, "--eval-pool")

@@ -527,6 +527,9 @@ class Trainer:
     def _stop_after_save(self) -> None:
         """A stop signal's end of the run just after a save of this step (an epoch's end)."""
         self.logger.close()
+        # saved: another stop signal while the run tears down (torchrun's agent sends one to every rank as the first
+        # exits) changes nothing; it had replaced this stop by one "outside training, nothing new to save"
+        training_finished()
         raise Preempted(self.pos.step, self.preempt.signame)
 
     def save(self) -> None:

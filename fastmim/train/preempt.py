@@ -63,8 +63,9 @@ _finished: list[bool] = []  # set by training_finished(): a stop signal then cha
 
 
 def training_finished() -> None:
-    """The run trained to its end (and saved): a stop signal from now on is ignored, so that the process exits 0 and a
-    job script does not requeue finished work."""
+    """The run trained to its end (and saved), or stopped on a signal after its save: a stop signal from now on is
+    ignored, so that the process exits 0 and a job script does not requeue finished work, or exits with the first
+    stop's status and message."""
     _finished.append(True)
 
 

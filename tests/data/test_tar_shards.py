@@ -422,6 +422,12 @@ def test_pretrain_and_the_scan_take_a_pattern_and_a_mixed_folder_is_said(tmp_pat
     expected = sum(len(TarShardDataset(src / f"shard-{i % 3:04d}.tar")) for i in range(4))
     assert len(TarShardDataset(unnumbered)) == expected
     assert "name families" not in capsys.readouterr().err
+    from fastmim.data.folder import note_shard_families
+
+    note_shard_families(tmp_path / "mini", ["mini-train-0000.tar", "mini-val-0000.tar"])  # (one shard each)
+    assert "the 2 tar shards are of 2 name families" in capsys.readouterr().err
+    note_shard_families(tmp_path / "one", ["shard-0001.tar", "shard-0002.tar", "extra.tar"])
+    assert "name families" not in capsys.readouterr().err  # (one numbered family)
     pattern = f"{root}/imagenet1k-train-{{0000..0001}}.tar"
     args = [*TINY_ARGS, "--max-steps", "1", "--output-dir"]
     pretrain.run([*args, str(tmp_path / "t"), "--data-path", pattern, "--loader", "torch"])

@@ -163,6 +163,12 @@ def test_a_folder_holding_train_and_val_splits_is_said_to_be_read_whole(tmp_path
     assert err.rstrip().endswith(f"pass --data-path {root / 'train'}")
     ImageFolderDataset(root)
     assert "holds the splits" not in capsys.readouterr().err  # (once)
+    from fastmim.data import folder
+    from fastmim.data.scan import scan
+
+    folder._NOTED.clear()  # (a scanned folder is read through its scan list, as DALI reads it: said too)
+    ImageFolderDataset(scan(root, workers=1, progress=False).list_path)
+    assert f"note: {root} holds the splits train/ (8 images), val/ (4 images)" in capsys.readouterr().err
     ImageFolderDataset(root / "train")
     (root / "val").rename(root / "extra")
     ImageFolderDataset(str(root) + "/")

@@ -1332,6 +1332,8 @@ def test_skip_bad_files_leaves_unreadable_images_out_of_measures_and_replaces_th
     assert eval_main(tune) == 0
     err = capfd.readouterr().err
     assert "stands in for it (--skip-bad-files)" in err and "left out (--skip-bad-files)" in err
+    row = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[-1])
+    assert row["left_out"] == {"val": 1} and row["val_images"] == 5 and "images" not in row["history"][0]
     assert json.loads((tmp_path / "ft" / "args.json").read_text())["skip_bad_files"] is True  # (a resume keeps it)
 
 
@@ -1347,5 +1349,36 @@ def test_finetune_evaluation_leaves_out_the_images_a_folder_skipped():
     y_out[[1, 6]] = LEFT_OUT
     keep = y_out != LEFT_OUT
     got = evaluate(net, [(x[:4], y_out[:4]), (x[4:], y_out[4:])], 5, torch.device("cpu"))
-    assert got == evaluate(net, [(x[keep], y[keep])], 5, torch.device("cpu"))
-    assert got != evaluate(net, [(x, y)], 5, torch.device("cpu"))  # (the two rows change the accuracy)
+    assert got == evaluate(net, [(x[keep], y[keep])], 5, torch.device("cpu")) and got["images"] == 6
+    whole = evaluate(net, [(x, y)], 5, torch.device("cpu"))
+    assert (got["top1"], got["top5"]) != (whole["top1"], whole["top5"])  # (the two rows change the accuracy)
+
+
+def test_cached_features_that_left_an_image_out_are_extracted_again_once_it_reads(tmp_path, capfd, monkeypatch):
+    """An image left out as unreadable by a passing error (an NFS hiccup; its size and time unchanged, so the cache's
+    key too) is not left out of every later evaluation: a hit whose left-out images now read is extracted again."""
+    import fastmim.eval.encoder as enc
+    from fastmim.data.folder import BadImageError
+
+    _, path = _save_run_encoder(tmp_path)
+    make_image_folder(tmp_path / "d" / "train", n=8, classes=2)
+    make_image_folder(tmp_path / "d" / "val", n=4, classes=2, seed=1)
+    sorted((tmp_path / "d" / "val").rglob("*.jpg"))[0].write_bytes(b"junk")
+    flaky = str(sorted((tmp_path / "d" / "train").rglob("*.jpg"))[2])
+    real = enc.open_rgb
+
+    def hiccup(source, name):
+        if name == flaky:
+            raise BadImageError(f"cannot read image {name!r}: [Errno 5] Input/output error", name)
+        return real(source, name)
+
+    knn = ["knn", "--encoder", str(path), "--k", "3", "--data-path", str(tmp_path / "d"), "--skip-bad-files"]
+    monkeypatch.setattr(enc, "open_rgb", hiccup)
+    assert eval_main(knn) == 0
+    monkeypatch.undo()
+    assert eval_main(knn) == 0
+    assert eval_main(knn) == 0
+    rows = [json.loads(s) for s in (path.parent / "eval.jsonl").read_text().splitlines()]
+    assert [r["left_out"] for r in rows] == [{"train": 1, "val": 1}, {"train": 0, "val": 1}, {"train": 0, "val": 1}]
+    assert [r["features_cached"] for r in rows] == [False, False, True]
+    assert "note: 1 unreadable image(s) left out of the cached features" in capfd.readouterr().err

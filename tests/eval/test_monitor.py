@@ -328,3 +328,14 @@ def test_an_unreadable_eval_data_image_stops_the_run_unless_it_skips_bad_files(i
     assert len(_knn_rows(tmp_path / "b")) == 2  # (step 0 and the end)
     monitor = KnnMonitor(str(labelled), "mae_vit_tiny_patch16", 32, torch.device("cpu"), skip_bad=True)
     assert (monitor.train_images, monitor.val_images) == (12, 5)
+
+
+def test_the_monitor_refuses_a_split_it_can_read_no_image_of(tmp_path):
+    """Every validation image unreadable and skipped: an accuracy of nothing (0%, every evaluation) was logged."""
+    from fastmim.eval.monitor import KnnMonitor
+
+    labelled = _labelled(tmp_path)
+    for f in (labelled / "val").rglob("*.jpg"):
+        f.write_bytes(b"junk")
+    with pytest.raises(ValueError, match="no image of the validation folder .* can be read"):
+        KnnMonitor(str(labelled), "mae_vit_tiny_patch16", 32, torch.device("cpu"), skip_bad=True)

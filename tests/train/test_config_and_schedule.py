@@ -326,6 +326,9 @@ def test_a_runs_config_yaml_passed_back_says_its_max_steps_and_not_its_null_resu
     assert with_origins("--seed 0 finishes the epoch, --max-steps 75 stops at its end", origins, values).endswith("end")
     assert with_origins("fewer than --max-steps 8", origins, values).endswith(f"(max_steps set in {f})")
     assert with_origins("bad (model_args x=1)", {"model_args": str(f)}, values).endswith(f"(model_args set in {f})")
+    assert with_origins("bad (model_args x=1)", {}, values) == "bad (with --model-args x=1)"  # (given as the flag)
+    said = with_origins("below --min-lr 1.23457E-05", {"min_lr": str(f)}, {"min_lr": 1.23456789e-5})  # (printed :g)
+    assert said.endswith(f"(min_lr set in {f})")
     cfg, _ = resolve_config(["--config", str(f), "--max-steps", "None"])
     assert cfg.max_steps is None and "max_steps" not in capsys.readouterr().out
 
