@@ -544,7 +544,10 @@ def note_split_folders(root: str | Path, files: Sequence[str]) -> None:
         return
     if os.path.isfile(root):  # a scan list (DALI reads a scanned folder through it): the folder its images are in
         root = os.path.commonpath([files[0], files[len(files) // 2], files[-1]])
-    elif not os.path.isdir(root):
+    try:  # (the folder's own entries first: the names are counted only where the splits are there)
+        if not any(n.lower() == "train" for n in os.listdir(root)):
+            return
+    except OSError:
         return
     base = os.path.join(str(root), "")
     counts: dict[str, int] = {}

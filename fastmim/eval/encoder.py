@@ -433,7 +433,8 @@ def extract_features(encoder: nn.Module, dataset, device: torch.device, batch_si
                      pool: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(features [N, D] fp32 on the CPU, labels [N]) of every sample of ``dataset``, in order, batched; samples
     labelled ``LEFT_OUT`` (unreadable images a ``LabelledFolder(bad="drop")`` skipped) are left out."""
-    labels, feats = kept(*reversed(_features_of_all(encoder, dataset, device, batch_size, workers, pool)))
+    feats, labels = _features_of_all(encoder, dataset, device, batch_size, workers, pool)
+    labels, feats = kept(labels, feats)
     return feats, labels
 
 

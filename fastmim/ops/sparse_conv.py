@@ -207,8 +207,9 @@ def _bwd(
     check_id_values(_OP, "nbr", nbr, m, distinct=False, lower=-1)  # (as the forward: every backend, on CPU tensors)
     backend = choose_backend(_OP, x.device, (grad.dtype, x.dtype, weight.dtype))
     gx = x.new_empty((0, c))
-    gw, gb = x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.float32)  # (never one tensor:
-    # a custom op's outputs may not alias each other)
+    acc = _grad_dtype(x, weight)  # (fp32 for the kernels: they never take float64)
+    gw, gb = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)  # (never one tensor: a custom op's outputs
+    # may not alias each other)
     if backend == "triton":
         kernels = _triton_sparse_conv()
         if need_x:  # submanifold: grad_x is the same convolution of grad with the kernel flipped
@@ -216,26 +217,25 @@ def _bwd(
         if need_w:
             gw, gb = kernels.sparse_dwconv_wgrad(grad, x, nbr)
         elif need_b:
-            gb = grad.float().sum(0)
+            gb = grad.to(acc).sum(0)
     elif backend == "cpp":
         if need_x:  # the flipped kernel through the symmetric table, as Triton
             gx = _cpu.sparse_dwconv(grad, nbr, weight, None, flip=True, out_dtype=x.dtype)
         if need_w:
             gw, gb = _cpu.sparse_dwconv_wgrad(grad, x, nbr, weight.shape[-1], need_bias=need_b)
         elif need_b:
-            gb = grad.float().sum(0)
+            gb = grad.to(acc).sum(0)
     else:
         if need_x:
             gx = sparse_dwconv_ref(grad, nbr, weight.flip((-2, -1))).to(x.dtype)
-        acc = _grad_dtype(x, weight)
         if need_w:
             gw = _wgrad_ref(grad, x, nbr, acc)
-        gw = gw if need_w else gw.to(acc)
-        gb = grad.to(acc).sum(0) if need_b else gb.to(acc)
+        if need_b:
+            gb = grad.to(acc).sum(0)
     if need_w:
         gw = gw.reshape(weight.shape)
     if not need_b:
-        gb = x.new_empty((0,), dtype=gw.dtype)
+        gb = x.new_empty((0,), dtype=acc)
     return gx, gw, gb
 
 
