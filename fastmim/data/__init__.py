@@ -71,17 +71,35 @@ class WithIndex(torch.utils.data.Dataset):
 
     def __init__(self, dataset: torch.utils.data.Dataset, skip_bad: bool = False, seed: int = 0):
         self.dataset, self.skip_bad, self.seed = dataset, skip_bad, seed
+        self.named = NamedOnce(len(dataset)) if skip_bad else None  # (each unreadable file named once, not per epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        return load_or_stand_in(self.dataset, index, self.skip_bad, self.seed)
+        return load_or_stand_in(self.dataset, index, self.skip_bad, self.seed, self.named)
 
 
-def load_or_stand_in(dataset, index: int, skip_bad: bool, seed: int = 0):
+class NamedOnce:
+    """Which of ``n`` samples were already named as unreadable, shared by the process and its loader workers (one
+    shared-memory byte each, made before the workers start): each file is named once per run and process, not again
+    in every epoch that reads it (1.28M samples: 1.3 MB)."""
+
+    def __init__(self, n: int):
+        self.flags = torch.zeros(n, dtype=torch.uint8).share_memory_()
+
+    def first(self, index: int) -> bool:
+        """Whether ``index`` is named now for the first time (two workers meeting it at once may both say so)."""
+        if self.flags[index]:
+            return False
+        self.flags[index] = 1
+        return True
+
+
+def load_or_stand_in(dataset, index: int, skip_bad: bool, seed: int = 0, named: NamedOnce | None = None):
     """``(dataset[index], index)``; when that raises ``BadImageError`` and ``skip_bad``, ``(dataset[j], -1 - j)`` for
-    the first readable stand-in ``j = replacement_index(index, k, ...)``, k = 1, 2, ... (a fixed choice)."""
+    the first readable stand-in ``j = replacement_index(index, k, ...)``, k = 1, 2, ... (a fixed choice). The file is
+    named on stderr, only the first time when ``named`` is given."""
     try:
         return dataset[index], index
     except BadImageError as first:
@@ -100,8 +118,9 @@ def load_or_stand_in(dataset, index: int, skip_bad: bool, seed: int = 0):
                 continue
             # named where it happens (a loader worker): the run's count in metrics.jsonl does not say which files
             # (on a line of its own: the training process's progress bar holds the current one, without a newline)
-            print(f"\nskipped: {first.summary()}; sample {j} stands in for it (--skip-bad-files)", file=sys.stderr,
-                  flush=True)  # fmt: skip
+            if named is None or named.first(index):
+                print(f"\nskipped: {first.summary()}; sample {j} stands in for it (--skip-bad-files" + (
+                    "; named once" if named is not None else "") + ")", file=sys.stderr, flush=True)  # fmt: skip
             return item
         raise BadImageError(f"{first.summary()} (and the {len(tried)} other samples tried in its place cannot be read "
                             "either)") from first  # fmt: skip

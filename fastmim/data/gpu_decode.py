@@ -317,7 +317,8 @@ class GpuDecodeLoader:
         for pos in pending:
             sent = int(idx[pos])
             index = -1 - sent if sent < 0 else sent
-            img, got = load_or_stand_in(self.dataset, index, self.skip_bad, self.seed)
+            named = getattr(getattr(self.loader, "dataset", None), "named", None)  # (its workers' record: WithIndex)
+            img, got = load_or_stand_in(self.dataset, index, self.skip_bad, self.seed, named)
             idx[pos] = -1 - got if sent < 0 and got >= 0 else got
             out[pos] = img.to(self.device)
             self.stats["cpu_fallbacks"] += 1

@@ -345,6 +345,10 @@ class LabelledFolder(torch.utils.data.Dataset):
         self.samples = LabelledPaths((f, index[c]) for c in found if c in index for f in files[c])
         if not self.samples:
             raise ValueError(f"{str(self.root)!r} has class folders but no images in them")
+        if bad != "raise":  # each unreadable file named once, not at every epoch's evaluation
+            from fastmim.data import NamedOnce
+
+            self.named = NamedOnce(len(self.samples))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -365,12 +369,13 @@ class LabelledFolder(torch.utils.data.Dataset):
             return self.load(i)
         except BadImageError as e:
             if self.bad == "replace":  # (it names the file and its stand-in)
-                return load_or_stand_in(_Loads(self), i, True, self.seed)[0]
+                return load_or_stand_in(_Loads(self), i, True, self.seed, self.named)[0]
             import sys
 
             from PIL import Image
 
-            print(f"\nskipped: {e.summary()}; left out (--skip-bad-files)", file=sys.stderr, flush=True)
+            if self.named.first(i):
+                print(f"\nskipped: {e.summary()}; left out (--skip-bad-files; named once)", file=sys.stderr, flush=True)
             black = Image.new("RGB", (32, 32))  # (a view of the transform's shape, so that the batch collates)
             return (self.transform(black) if self.transform else black), LEFT_OUT
 

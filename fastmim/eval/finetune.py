@@ -263,6 +263,7 @@ def finetune(
                     if run_dir is not None:
                         part = {"total": float(total), "count": count, "seconds": spent + time.perf_counter() - t0}
                         save(epoch, batch=i + 1, partial=part)
+                    training_finished()  # stopped: a stop signal while the command tears down changes nothing
                     raise FinetuneStopped(watch.signame, epoch, i + 1, per_epoch, run_dir is not None)
             bar.close()
             mean_loss = float(all_reduce_mean(total / count, dist_info))
@@ -285,6 +286,7 @@ def finetune(
             if log is not None and dist_info.is_main:
                 log(row)
             if epoch + 1 < epochs and watch.requested():  # a signal during the validation: the epoch is saved
+                training_finished()
                 raise FinetuneStopped(watch.signame, epoch + 1, 0, per_epoch, run_dir is not None)
         training_finished()  # the last epoch is saved: a stop signal from now on (the outputs' writing) is ignored
     finally:

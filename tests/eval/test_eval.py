@@ -782,6 +782,21 @@ def test_a_second_ctrl_c_while_the_finetuning_checkpoint_is_written_waits_for_it
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["batch"] == 2
 
 
+def test_a_stop_signal_while_a_stopped_finetuning_tears_down_changes_nothing(tmp_path, noted_sigusr1):
+    """torchrun's agent sends SIGTERM to every rank as one exits: a fine-tuning stopped (and checkpointed) by a first
+    signal took a second one during its teardown for a new stop "outside the fine-tuning's steps, nothing new to
+    save", replacing the first stop's message; the pretraining's trainer already ignored it."""
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    from fastmim.eval.finetune import FinetuneStopped
+    from fastmim.train.preempt import stop_outside_training
+
+    with stop_outside_training():
+        with pytest.raises(FinetuneStopped) as stop:
+            _finetune_run(tmp_path, tmp_path / "b", signal_at=6)  # the second batch of 4
+        os.kill(os.getpid(), signal.SIGUSR1)  # (the agent's, while the command tears down)
+    assert stop.value.batch == 2 and stop.value.saved and not noted_sigusr1
+
+
 def test_a_stop_signal_at_or_after_the_last_step_lets_the_fine_tuning_finish(tmp_path, noted_sigusr1):
     """SIGUSR1 during the last batch (no step follows to stop at) and again after finetune() returned, inside the
     CLI's stop handling: the fine-tuning ends normally and the caller can write its outputs (a requeue then would
@@ -1324,14 +1339,16 @@ def test_skip_bad_files_leaves_unreadable_images_out_of_measures_and_replaces_th
     probe = ["linprobe", "--encoder", str(path), "--data-path", str(tmp_path / "d"), "--epochs", "1",
              "--batch-size", "4", "--skip-bad-files", "--out", str(tmp_path / "r.jsonl")]  # fmt: skip
     assert eval_main(probe) == 0
-    assert "stands in for it (--skip-bad-files)" in capfd.readouterr().err
+    assert "stands in for it (--skip-bad-files" in capfd.readouterr().err
     pytest.importorskip("timm", reason="fine-tuning builds on timm")
-    tune = ["finetune", "--encoder", str(path), "--data-path", str(tmp_path / "d"), "--epochs", "1", "--batch-size",
+    tune = ["finetune", "--encoder", str(path), "--data-path", str(tmp_path / "d"), "--epochs", "2", "--batch-size",
             "4", "--aa", "none", "--mixup", "0", "--cutmix", "0", "--finetune-dir", str(tmp_path / "ft"),
             "--skip-bad-files", "--out", str(tmp_path / "r.jsonl")]  # fmt: skip
     assert eval_main(tune) == 0
     err = capfd.readouterr().err
-    assert "stands in for it (--skip-bad-files)" in err and "left out (--skip-bad-files)" in err
+    assert "stands in for it (--skip-bad-files" in err and "left out (--skip-bad-files" in err
+    # each named once, not at each of the 2 epochs (its training and its evaluation)
+    assert [err.count(f"skipped: cannot read image {str(f)!r}") for f in bad] == [1, 1], err
     row = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[-1])
     assert row["left_out"] == {"val": 1} and row["val_images"] == 5 and "images" not in row["history"][0]
     assert json.loads((tmp_path / "ft" / "args.json").read_text())["skip_bad_files"] is True  # (a resume keeps it)

@@ -366,7 +366,7 @@ def test_max_steps_stops_before_loading_what_it_will_not_use(tmp_path, capsys, m
 
 
 @pytest.mark.slow
-def test_skip_bad_files_replaces_them_by_a_fixed_choice_and_counts_them(tmp_path, capsys):
+def test_skip_bad_files_replaces_them_by_a_fixed_choice_and_counts_them(tmp_path, capfd):
     """--skip-bad-files: two unreadable files of 12 are replaced, every epoch, by the same stand-ins (2 loader
     workers or none: the same weights), counted as skipped_files in metrics.jsonl; DALI is refused, not chosen."""
     import json
@@ -384,11 +384,11 @@ def test_skip_bad_files_replaces_them_by_a_fixed_choice_and_counts_them(tmp_path
         with open(files[i], "wb") as f:
             f.write(b"not an image")
     ds = WithIndex(ImageFolderDataset(data), skip_bad=True)
-    capsys.readouterr()
+    capfd.readouterr()
     img, sent = ds[3]
     stand_in = replacement_index(3, 1, 12)
     assert sent == -1 - stand_in and stand_in not in (3, 7) and img.size == (72, 80)
-    said = capsys.readouterr().err  # the file is named where it is skipped
+    said = capfd.readouterr().err  # the file is named where it is skipped
     assert said.startswith(f"\nskipped: cannot read image {files[3]!r}") and f"sample {stand_in} stands in" in said
     # the stand-ins spread over the whole data set whatever its size (a stride sharing a factor with 69 had reached
     # one sample): two unreadable files of 69 stop nothing
@@ -403,6 +403,8 @@ def test_skip_bad_files_replaces_them_by_a_fixed_choice_and_counts_them(tmp_path
                       "--num-workers", str(workers), "--skip-bad-files", "--log-interval", "1"])  # fmt: skip
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert rows[-1]["skipped_files"] == 4  # 2 files x 2 epochs
+        err = capfd.readouterr().err  # (from the loader workers too)
+        assert [err.count(f"skipped: cannot read image {files[i]!r}") for i in (3, 7)] == [1, 1], (workers, err)
         runs[workers] = load_checkpoint(out / "checkpoint.pt")["model"]
     for k, v in runs[0].items():
         torch.testing.assert_close(runs[2][k], v, rtol=0, atol=0, msg=k)
@@ -413,7 +415,7 @@ def test_skip_bad_files_replaces_them_by_a_fixed_choice_and_counts_them(tmp_path
     rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["skipped_files"] == 4 and load_checkpoint(cut / "checkpoint.pt")["skipped_files"] == 4
     err = fails([*TINY_ARGS, "--data-path", str(data), "--output-dir", str(tmp_path / "x"), "--skip-bad-files",
-                 "--loader", "dali"], capsys)  # fmt: skip
+                 "--loader", "dali"], capfd)  # fmt: skip
     assert "--skip-bad-files needs --loader torch" in err
 
 
