@@ -255,10 +255,10 @@ def default_workers() -> int:
 
 
 def _check_all(paths: list, workers: int, progress: bool, check=check_image) -> list[str | None]:
-    from tqdm import tqdm
+    from fastmim.train.progress import progress_bar
 
     if workers <= 1 or len(paths) <= 1:
-        with tqdm(total=len(paths), desc="scan", unit="img", disable=not progress, file=sys.stderr) as bar:
+        with progress_bar(total=len(paths), desc="scan", unit="img", disable=not progress) as bar:
             reasons = []
             for p in paths:
                 reasons.append(check(p))
@@ -272,7 +272,7 @@ def _check_all(paths: list, workers: int, progress: bool, check=check_image) -> 
     ex = ProcessPoolExecutor(min(workers, len(paths)), mp_context=ctx, initializer=_ignore_sigint)
     try:
         results = ex.map(check, paths, chunksize=chunksize)  # submits everything: the workers start here
-        with tqdm(total=len(paths), desc="scan", unit="img", disable=not progress, file=sys.stderr) as bar:
+        with progress_bar(total=len(paths), desc="scan", unit="img", disable=not progress) as bar:
             reasons = []
             for r in results:
                 reasons.append(r)

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from fastmim.data import ShieldedLoader
 from fastmim.eval.encoder import _autocast, check_pool, kept
@@ -25,6 +24,7 @@ from fastmim.eval.knn import percent, topk_hits
 from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier, wrap_ddp
 from fastmim.train.optim import lr_at
 from fastmim.train.preempt import PreemptionWatch, training_finished
+from fastmim.train.progress import progress_bar
 
 
 def _timm():
@@ -226,7 +226,7 @@ def finetune(
             batches = iter(loader)  # (this draws the loader's base seed from torch's generator)
             if resumed:  # the random state of the stopped step, after that draw: the next step's draws as if never
                 _set_rng(state["rng"][rank], seed, rank, start)  # stopped (loader workers draw their own)
-            bar = tqdm(
+            bar = progress_bar(
                 total=per_epoch,
                 initial=first if resumed else 0,
                 desc=f"finetune epoch {epoch + 1}/{epochs}",

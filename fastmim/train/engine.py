@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from fastmim import _ext
 from fastmim.config import CONFIG_FORMAT, PretrainConfig, save_yaml
@@ -28,6 +27,7 @@ from fastmim.train.distributed import DistInfo, all_reduce_mean, barrier
 from fastmim.train.logger import MetricsLogger
 from fastmim.train.optim import lr_at, param_names, regroup_state, saved_param_names, set_lr, set_weight_decay, wd_at
 from fastmim.train.preempt import Preempted, PreemptionWatch, training_finished
+from fastmim.train.progress import progress_bar
 from fastmim.train.step import TrainStep
 from fastmim.train.visualize import reconstruction_grid, save_grid
 
@@ -792,7 +792,7 @@ class Trainer:
             collate = getattr(self.loader, "collate_fn", None)
             if hasattr(collate, "set_epoch"):  # masks drawn in the workers: (seed, epoch, index)
                 collate.set_epoch(epoch)
-            bar = self._bar = tqdm(
+            bar = self._bar = progress_bar(
                 total=self.batches_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 disable=not self.info.is_main, dynamic_ncols=True, mininterval=1.0,
             )  # fmt: skip

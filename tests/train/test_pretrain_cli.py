@@ -24,6 +24,9 @@ def test_cli_end_to_end_writes_all_outputs(image_folder, tmp_path):
                  "--log-interval", "2"])  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "done: step 12" in r.stdout  # 24 images / batch 4 = 6 steps per epoch
+    # stderr, a pipe: the progress in lines, not a bar redrawn every second and joined by carriage returns
+    assert "\r" not in r.stderr and any(line.startswith("epoch 2/2: 6/6 [") and "loss=" in line
+                                        for line in r.stderr.splitlines()), r.stderr  # fmt: skip
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["epochs"] == 2 and cfg["model"] == "mae_vit_tiny_patch16" and cfg["data_path"] == str(image_folder)
     rows = read_metrics(out)

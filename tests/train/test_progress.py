@@ -1,0 +1,59 @@
+"""Progress bars: redrawn in place on a terminal, plain lines at most every FASTMIM_PROGRESS_S seconds in a log."""
+
+import io
+
+import pytest
+
+from fastmim.train.progress import progress_bar
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_log_gets_one_line_per_state_and_no_carriage_returns(monkeypatch):
+    """Into a file or a pipe: each drawn state is a line of its own (tqdm's bar joined them with carriage returns
+    into one line, redrawn every second); the redraw at close with only its times changed is not a second line."""
+    monkeypatch.setenv("FASTMIM_PROGRESS_S", "0")
+    log = io.StringIO()
+    bar = progress_bar(stream=log, total=4, desc="epoch 1/2")
+    for i in range(4):
+        bar.update()
+        if i == 3:  # (the trainer sets its figures without a redraw)
+            bar.set_postfix(loss="0.5000", refresh=False)
+    bar.close()
+    lines = log.getvalue().split("\n")
+    assert "\r" not in log.getvalue() and lines[-1] == "", repr(log.getvalue())
+    counts = [line.split(" [")[0] for line in lines[:-1]]
+    assert counts == ["epoch 1/2: 0/4", "epoch 1/2: 1/4", "epoch 1/2: 2/4", "epoch 1/2: 3/4", "epoch 1/2: 4/4",
+                      "epoch 1/2: 4/4"], lines  # fmt: skip
+    assert lines[-2].endswith(", loss=0.5000]") and "loss" not in lines[-3]  # the final figures: the one repeat
+    assert "<" in lines[2] and "it/s" in lines[2]  # elapsed<remaining, rate
+
+
+def test_a_log_gets_a_line_at_most_every_interval(monkeypatch):
+    """FASTMIM_PROGRESS_S=3600: 500 quick steps give the first state and the last, not 500 lines."""
+    monkeypatch.setenv("FASTMIM_PROGRESS_S", "3600")
+    log = io.StringIO()
+    with progress_bar(stream=log, total=500, desc="scan", unit="img") as bar:
+        for _ in range(500):
+            bar.update()
+    assert [line.split(" [")[0] for line in log.getvalue().splitlines()] == ["scan: 0/500", "scan: 500/500"]
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv("FASTMIM_PROGRESS_S", bad)
+        with pytest.raises(ValueError, match=f"FASTMIM_PROGRESS_S='{bad}'"):
+            progress_bar(stream=io.StringIO(), total=3)
+
+
+def test_a_terminal_keeps_the_bar_and_a_disabled_bar_writes_nothing(monkeypatch):
+    monkeypatch.setenv("FASTMIM_PROGRESS_S", "soon")  # (not read for a terminal or a disabled bar)
+    term = Terminal()
+    with progress_bar(stream=term, total=3, desc="epoch 1/1", mininterval=0) as bar:
+        for _ in range(3):
+            bar.update()
+    assert term.getvalue().count("\r") >= 3 and "|" in term.getvalue()  # redrawn in place, with its bar
+    quiet = io.StringIO()
+    with progress_bar(stream=quiet, total=3, disable=True) as bar:
+        bar.update(3)
+    assert quiet.getvalue() == ""
