@@ -15,11 +15,19 @@ def has_native_extension() -> bool:
     return _ext.available()
 
 
+# subpackages reachable as attributes after a plain ``import fastmim`` (``fastmim.eval.load_encoder(...)``)
+SUBPACKAGES = ("data", "eval", "heads", "integrations", "masking", "methods", "models", "ops", "targets", "train")
+
+
 def __getattr__(name: str):
-    """``create_model`` and ``list_models``, imported on first use: ``import fastmim.ops`` (the op library other
-    codebases import) loads none of the models."""
+    """``create_model`` and ``list_models``, and the subpackages, imported on first use: ``import fastmim.ops`` (the
+    op library other codebases import) loads none of the models."""
     if name in ("create_model", "list_models"):
         from fastmim.models import registry
 
         return getattr(registry, name)
+    if name in SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"fastmim.{name}")
     raise AttributeError(f"module 'fastmim' has no attribute {name!r}")

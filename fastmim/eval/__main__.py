@@ -368,7 +368,8 @@ def run(args) -> dict:
         result.update(top1=out["top1"], top5=out["top5"], epochs=args.epochs, warmup_epochs=args.warmup_epochs,
                       blr=args.blr, lr=out["lr"], min_lr=out["min_lr"], augment=not args.no_augment,
                       final_loss=round(out["history"][-1]["loss"], 5))  # fmt: skip
-        what = f"linear probe ({args.epochs} epochs{', cached features' if args.no_augment else ''})"
+        what = f"linear probe ({args.epochs} epoch{'' if args.epochs == 1 else 's'}" + (
+            ", cached features)" if args.no_augment else ")")
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if not dist_info.is_main:
         return result
@@ -569,7 +570,8 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
                   processes=args.dist_info.world_size, resumed=bool(args.resume),
                   history=[{k: round(v, 5) for k, v in r.items()} for r in out["history"]])  # fmt: skip
     ema = f"; EMA: best {out['best_top1_ema']:.2f}% at epoch {out['best_epoch_ema']}" if "network_ema" in out else ""
-    return f"fine-tuning ({n} epochs, best top-1 {out['best_top1']:.2f}% at epoch {out['best_epoch']}{ema})"
+    epochs = f"{n} epoch{'' if n == 1 else 's'}"
+    return f"fine-tuning ({epochs}, best top-1 {out['best_top1']:.2f}% at epoch {out['best_epoch']}{ema})"
 
 
 def _out_of_memory_advice(args: argparse.Namespace, e: BaseException) -> str:

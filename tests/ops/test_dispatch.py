@@ -121,6 +121,12 @@ def test_importing_the_ops_does_not_load_the_compiler():
     code = "import fastmim; from fastmim import create_model; print(create_model is fastmim.create_model)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "True", out.stderr
+    # the README's fastmim.eval.load_encoder(RUN) after a plain `import fastmim` (an AttributeError before), loaded on
+    # that first use
+    code = ("import sys, fastmim; before = 'fastmim.eval' in sys.modules; print(before, fastmim.eval.load_encoder."
+            "__name__, fastmim.masking.__name__, hasattr(fastmim, 'nothing'))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False", "load_encoder", "fastmim.masking", "False"], out.stdout + out.stderr
     code = "import torch, fastmim.ops; print(torch.ops.fastmim.gather_visible_triton.default._schema)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     if "has no attribute" not in out.stderr:  # (no twins where triton is absent)
