@@ -368,8 +368,8 @@ def run(args) -> dict:
         result.update(top1=out["top1"], top5=out["top5"], epochs=args.epochs, warmup_epochs=args.warmup_epochs,
                       blr=args.blr, lr=out["lr"], min_lr=out["min_lr"], augment=not args.no_augment,
                       final_loss=round(out["history"][-1]["loss"], 5))  # fmt: skip
-        what = f"linear probe ({args.epochs} epoch{'' if args.epochs == 1 else 's'}" + (
-            ", cached features)" if args.no_augment else ")")
+        cached = ", cached features" if args.no_augment else ""
+        what = f"linear probe ({args.epochs} epoch{'' if args.epochs == 1 else 's'}{cached})"
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if not dist_info.is_main:
         return result
