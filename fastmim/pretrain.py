@@ -42,7 +42,7 @@ from fastmim.data.folder import BadImageError, absolute_data_path
 from fastmim.train.checkpoint import (
     CHECKPOINT_NAME,
     DCP_NAME,
-    NoSpaceError,
+    WriteError,
     existing_run_markers,
     load_checkpoint,
     remove_stale_temporaries,
@@ -537,8 +537,10 @@ def prepare_output_dir(cfg: PretrainConfig, info: DistInfo) -> tuple[Path, RunLo
     out = cfg.output_dir or f"output/{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(broadcast_object(out, info))
     error = lock = None
-    if info.is_main and out.exists() and not out.is_dir():
-        error = f"output path {str(out)!r} exists and is not a directory"
+    there = next((p for p in (out, *out.parents) if p.exists()), None) if info.is_main else None
+    if there is not None and not there.is_dir():  # (mkdir's "[Errno 20] Not a directory" named neither)
+        error = f"output path {str(out)!r} " + ("exists and is not a directory" if there == out else
+                                                f"is under {str(there)!r}, a file, not a directory")  # fmt: skip
     elif info.is_main:
         made = [p for p in (out, *out.parents) if not p.exists()]
         out.mkdir(parents=True, exist_ok=True)  # (the lock's place; removed again if the run is refused)
@@ -1374,10 +1376,11 @@ def main(argv: list[str] | None = None) -> int:
         if shown:
             _say(f"error: {e}")
         return 2
-    except OSError as e:  # a full disk, a read-only or unwritable folder: one line; any other keeps its traceback
-        if isinstance(e, NoSpaceError) or e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC,
-                                                      errno.EDQUOT):  # fmt: skip
-            print(f"error: {e if isinstance(e, NoSpaceError) else f'{e.strerror}: {e.filename}'}", file=sys.stderr)
+    except OSError as e:  # a full disk, a failed save, a read-only or unwritable folder: one line; any other keeps
+        # its traceback
+        if isinstance(e, WriteError) or e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC,
+                                                    errno.EDQUOT):  # fmt: skip
+            print(f"error: {e if isinstance(e, WriteError) else f'{e.strerror}: {e.filename}'}", file=sys.stderr)
             return 2
         raise
     except KeyboardInterrupt:

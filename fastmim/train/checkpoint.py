@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import zipfile
@@ -88,17 +90,26 @@ def check_files_crc(folder: str | Path, crcs: dict[str, int] | None, rank: int =
     return problems
 
 
-class NoSpaceError(OSError):
-    """A write that ran out of disk space (or quota); its text says which file and what was kept."""
+class WriteError(OSError):
+    """A run file's write that failed (the file system refused it: too large for it, an I/O error, a network share
+    gone); its text says which file, why, and that the previous one was kept."""
 
     def __str__(self) -> str:
         return self.strerror
 
 
+class NoSpaceError(WriteError):
+    """A write that ran out of disk space (or quota)."""
+
+
+# what torch.save and safetensors say when the file system fails them (a RuntimeError / SafetensorError, not OSError)
+_IO_FAILURE = re.compile(r"inline_container|iostream|unexpected pos|os error|IoError|file too large|input/output", re.I)
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Calls write(tmp_path), then renames tmp_path onto path; a crash leaves the old file intact. A write that fails
     for want of space raises ``NoSpaceError`` naming the file (torch.save says "unexpected pos", safetensors "os
-    error 28")."""
+    error 28"); one the file system fails otherwise (EFBIG, EIO, ...) ``WriteError``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -111,14 +122,16 @@ def atomic_write(path: str | Path, write) -> None:
         os.replace(tmp, path)
     except Exception as e:
         full = _out_of_space(path.parent, tmp, e)  # (measured while the partial file still takes its space)
+        if not full and not (isinstance(e, OSError) or _IO_FAILURE.search(str(e))):
+            raise
+        said = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        kept, again = (f"the previous {path.name} is intact", "resume") if path.exists() else \
+            (f"no earlier {path.name} was there", "run again")  # fmt: skip
         if full:
-            said = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise NoSpaceError(
-                errno.ENOSPC,
-                f"no space left to write {path} ({full}; the write said: {said}); "
-                f"the previous {path.name} is intact: free space, then resume",
-            ) from e
-        raise
+            raise NoSpaceError(errno.ENOSPC, f"no space left to write {path} ({full}; the write said: {said}); "
+                                             f"{kept}: free space, then {again}") from e  # fmt: skip
+        raise WriteError(errno.EIO, f"cannot write {path} ({said}); {kept}: fix the file system's problem, then "
+                                    f"{again}") from e  # fmt: skip
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -156,13 +169,24 @@ def remove_stale_temporaries(output_dir: str | Path, names=(*RUN_FILES, SNAPSHOT
     freed = 0
     for name in names:
         for tmp in Path(output_dir).glob(f".{name}.*.tmp"):
-            try:
-                st = tmp.stat()
-                tmp.unlink()
-                freed += st.st_size if st.st_nlink == 1 else 0  # (a hard link's bytes stay with the other name)
-            except OSError:  # gone already, or not ours to delete: left as it is
-                pass
+            freed += _remove(tmp)
+        for inner in Path(output_dir).glob(f".{name}.*.tmp.d"):  # (save_encoder's folder for safetensors' own)
+            if inner.is_dir() and not inner.is_symlink():
+                freed += sum(_remove(f) for f in inner.iterdir() if f.is_file() and not f.is_symlink())
+                with contextlib.suppress(OSError):
+                    inner.rmdir()
     return freed
+
+
+def _remove(path: Path) -> int:
+    """Deletes the file ``path``; returns the bytes that freed (0 for one gone already, not ours to delete, or whose
+    bytes stay with another hard link)."""
+    try:
+        st = path.stat()
+        path.unlink()
+        return st.st_size if st.st_nlink == 1 else 0
+    except OSError:
+        return 0
 
 
 def _umask() -> int:
@@ -240,7 +264,16 @@ def save_encoder(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
     def write(tmp: str) -> None:
-        save_file(tensors, tmp, metadata=metadata)
+        # safetensors writes a temporary file of its own beside its target (".tmpXXXXXX"), which a kill -9 left in
+        # the run folder, the encoder's size each time: its target is inside a folder named as ours, which
+        # remove_stale_temporaries removes whole
+        inner = Path(f"{tmp}.d")
+        inner.mkdir()
+        try:
+            save_file(tensors, str(inner / "encoder"), metadata=metadata)
+            os.replace(inner / "encoder", tmp)
+        finally:
+            shutil.rmtree(inner, ignore_errors=True)
         _order_header(tmp)
 
     atomic_write(path, write)

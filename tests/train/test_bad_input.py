@@ -144,15 +144,52 @@ def test_temporary_files_of_a_save_killed_mid_write_are_removed_on_resume(image_
     out = tmp_path / "run"
     assert pretrain.main([*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--max-steps",
                           "1"]) == 0  # fmt: skip
-    stale = [out / ".checkpoint.pt.ab12cd.tmp", out / ".encoder.safetensors.x.tmp"]
+    (out / ".encoder.safetensors.y.tmp.d").mkdir()  # safetensors' own temporary file, in save_encoder's folder
+    stale = [out / ".checkpoint.pt.ab12cd.tmp", out / ".encoder.safetensors.x.tmp",
+             out / ".encoder.safetensors.y.tmp.d" / ".tmpAb12Cd"]  # fmt: skip
     for f in stale:
         f.write_bytes(b"\0" * 2**20)
     other = out / ".notes.tmp"  # not one of the run's files: kept
     other.write_text("mine")
     capsys.readouterr()
     assert pretrain.main(["--resume", "--output-dir", str(out), "--max-steps", "2"]) == 0
-    assert "removed 2.0 MiB of temporary files an interrupted save left" in capsys.readouterr().out
+    assert "removed 3.0 MiB of temporary files an interrupted save left" in capsys.readouterr().out
     assert not any(f.exists() for f in stale) and other.exists() and (out / "checkpoint.pt").exists()
+    assert not (out / ".encoder.safetensors.y.tmp.d").exists()
+
+
+def test_safetensors_writes_its_own_temporary_file_inside_a_folder_named_as_the_run_s(tmp_path, monkeypatch):
+    """safetensors' save_file writes a ".tmpXXXXXX" of its own beside its target, then renames it: a kill -9 during
+    the encoder's save left that file in the run folder, under a name the start-up clean-up did not know (the
+    encoder's size at every such kill). Its target is now inside ".encoder.safetensors.*.tmp.d", removed whole."""
+    import torch
+
+    from fastmim.train import checkpoint as ckpt
+
+    folders = []
+
+    def spy(tensors, filename, metadata=None):
+        folders.append(Path(filename).parent)
+        return real(tensors, filename, metadata=metadata)
+
+    real = ckpt.save_file
+    monkeypatch.setattr(ckpt, "save_file", spy)
+    ckpt.save_encoder(tmp_path / "encoder.safetensors", {"w": torch.ones(3)}, {"model": "m"})
+    (inner,) = folders
+    assert inner.parent == tmp_path and inner.name.startswith(".encoder.safetensors.") and inner.name.endswith(
+        ".tmp.d")  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.safetensors"]  # nothing left beside it
+
+
+def test_an_output_path_that_is_or_is_under_a_file_is_named(tmp_path, capsys):
+    """--output-dir runs/afile/sub said only "[Errno 20] Not a directory: 'runs/afile/sub'"."""
+    afile = tmp_path / "afile"
+    afile.write_text("notes")
+    err = fails([*TINY_ARGS, "--output-dir", str(afile / "sub" / "run")], capsys)
+    assert err.strip() == f"error: output path {str(afile / 'sub' / 'run')!r} is under {str(afile)!r}, a file, not " \
+        "a directory", err  # fmt: skip
+    err = fails([*TINY_ARGS, "--output-dir", str(afile)], capsys)
+    assert f"output path {str(afile)!r} exists and is not a directory" in err and afile.read_text() == "notes"
 
 
 def test_bad_device_is_named(capsys):
@@ -502,8 +539,16 @@ def test_a_full_disk_or_a_read_only_folder_is_one_line(image_folder, tmp_path, c
     err = fails(args, capsys)
     assert f"no space left to write {out / 'checkpoint.pt'}" in err and "Traceback" not in err
     assert "free on its device; the write said: [enforce fail at inline_container.cc:672] . unexpected pos" in err
-    assert "); the previous checkpoint.pt is intact: free space, then resume" in err
+    assert "); no earlier checkpoint.pt was there: free space, then run again" in err  # (a fresh run's first save)
     assert not list(out.glob(".checkpoint.pt.*"))  # the partial file is gone
+    # the same words from a file system that fails otherwise (EFBIG from a file size limit, EIO, a share gone) with
+    # space to spare: one line naming the file, not torch.save's traceback
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**9, 10**12 - 10**9))
+    err = fails([*args[:-4], "--output-dir", str(tmp_path / "big")], capsys)
+    assert err.strip().splitlines()[-1] == f"error: cannot write {tmp_path / 'big' / 'checkpoint.pt'} ([enforce " \
+        "fail at inline_container.cc:672] . unexpected pos 14939968 vs 14939856); no earlier checkpoint.pt was " \
+        "there: fix the file system's problem, then run again", err  # fmt: skip
+    assert "Traceback" not in err
     monkeypatch.undo()
     real_write = Path.write_text
 
