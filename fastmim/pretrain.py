@@ -1216,20 +1216,30 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
                 provenance["earlier"] = earlier_provenance(state, provenance)
             trainer = Trainer(cfg, info, device, step_model, model, optimizer, loader, sampler, dataset, out, lr,
                               amp_dtype=amp_dtype, monitor=monitor, provenance=provenance)  # fmt: skip
-            if state is not None:
+            resumed = state is not None
+            if resumed:
                 trainer.load_state_dict(state)
                 del state
-            if info.is_main and trainer.pos.step < trainer.total_steps:  # (a resume with nothing to do keeps its own; a
-                # full disk here leaves no empty folder behind)
-                save_yaml(cfg, out / "config.yaml", trainer.provenance)
+            if info.is_main and trainer.pos.step < trainer.total_steps:
+                if not resumed:  # (a full disk here leaves no empty folder behind)
+                    save_yaml(cfg, out / "config.yaml", trainer.provenance)
+                # a resume's config.yaml is rewritten with its first checkpoint, as at every save: until then it
+                # says what the checkpoint was made with (a resume that diverged or died before saving left the
+                # settings that never trained in it, for a --config of the run to bring back)
                 if changes:  # config.yaml holds the settings from here on; which steps ran with which is kept here
                     said = "; ".join(f"{k} {_setting_text(k, a, cfg.model)} -> {_setting_text(k, b, cfg.model)}"
                                      f"{_implied(k, a, b, cfg, trainer)}"
                                      for k, (a, b) in changes.items())  # fmt: skip
-                    print(f"note: resuming with changed settings: {said} (recorded in {CHANGES_FILE})", flush=True)
-                    with open(out / CHANGES_FILE, "a") as f:
-                        f.write(json.dumps({"step": trainer.pos.step, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                            "changed": changes}, default=str) + "\n")  # fmt: skip
+                    print(f"note: resuming with changed settings: {said} (recorded in {CHANGES_FILE} with this "
+                          "resume's first checkpoint)", flush=True)  # fmt: skip
+                    row = json.dumps({"step": trainer.pos.step, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                      "changed": changes}, default=str)  # fmt: skip
+
+                    def record(row=row) -> None:
+                        with open(out / CHANGES_FILE, "a") as f:
+                            f.write(row + "\n")
+
+                    trainer.after_next_save.append(record)
             elif info.is_main and changes:  # a finished run: nothing trains, so nothing of them applies
                 said = ", ".join(changes)
                 more = ("raise --epochs" if trainer.total_steps == trainer.schedule_steps else

@@ -115,6 +115,7 @@ class Trainer:
     def __post_init__(self) -> None:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self._bar = None  # the epoch's progress bar while fit() runs
+        self.after_next_save: list = []  # rank 0's calls once the next checkpoint is written
         # a whole epoch's batches, read before a resume starts the sampler mid-epoch (the loader is shorter then)
         self.loader_batches = len(self.loader)
         self.batches_per_epoch = (self.loader_batches // self.cfg.accum_iter) * self.cfg.accum_iter
@@ -541,6 +542,8 @@ class Trainer:
         self.saved_step = self.pos.step
         if self.info.is_main:
             self._drop_other_format()
+            while self.after_next_save:  # (what holds only once a checkpoint does: a resume's resumes.jsonl row)
+                self.after_next_save.pop(0)()
 
     def _drop_other_format(self) -> None:
         """A run that switched --fsdp holds its earlier checkpoint in the other format: once this save has replaced

@@ -249,7 +249,7 @@ def test_a_resume_records_every_setting_it_changes(image_folder, tmp_path, capsy
                   "--no-norm-pix-loss", "--log-interval", "3"])  # fmt: skip
     said = capsys.readouterr().out
     assert "note: resuming with changed settings: norm_pix_loss True -> False; beta2 0.95 -> 0.99; crop_min 0.2 -> " \
-        "0.5 (recorded in resumes.jsonl)" in said, said  # fmt: skip
+        "0.5 (recorded in resumes.jsonl with this resume's first checkpoint)" in said, said  # fmt: skip
     (row,) = [json.loads(s) for s in (out / "resumes.jsonl").read_text().splitlines()]
     assert row["step"] == 1 and row["changed"] == {"norm_pix_loss": [True, False], "beta2": [0.95, 0.99],
                                                    "crop_min": [0.2, 0.5]}  # fmt: skip
@@ -258,6 +258,38 @@ def test_a_resume_records_every_setting_it_changes(image_folder, tmp_path, capsy
     said = capsys.readouterr().out
     assert "lr unset (blr x effective batch / 256) -> 0.0001; clip_grad unset (no clip) -> 1.0" in said, said
     assert json.loads((out / "resumes.jsonl").read_text().splitlines()[-1])["changed"]["lr"] == [None, 0.0001]
+
+
+def test_a_resume_that_stops_before_its_first_checkpoint_leaves_config_and_resumes_as_they_were(
+    image_folder, tmp_path, monkeypatch
+):
+    """A resume with --lr 1e6 that diverged (or was killed, or could not save) before writing a checkpoint had already
+    rewritten config.yaml with lr 1e6 and recorded the change in resumes.jsonl: settings that never trained in any
+    saved step, which a --config of the run brought back. Both are written with the resume's first checkpoint."""
+    import json
+
+    import yaml
+
+    from fastmim import pretrain
+    from fastmim.train.engine import Trainer
+    from tests.conftest import TINY_ARGS
+
+    out = tmp_path / "run"
+    pretrain.run([*TINY_ARGS, "--data-path", str(image_folder), "--output-dir", str(out), "--max-steps", "1"])
+    config = (out / "config.yaml").read_text()
+
+    def cannot(self):
+        raise RuntimeError("the save failed")
+
+    monkeypatch.setattr(Trainer, "save", cannot)
+    with pytest.raises(RuntimeError, match="the save failed"):
+        pretrain.run(["--resume", "--output-dir", str(out), "--max-steps", "2", "--lr", "1e6"])
+    assert (out / "config.yaml").read_text() == config and not (out / "resumes.jsonl").exists()
+    monkeypatch.undo()
+    pretrain.run(["--resume", "--output-dir", str(out), "--max-steps", "2", "--lr", "1e-4"])
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == 1e-4
+    (row,) = [json.loads(s) for s in (out / "resumes.jsonl").read_text().splitlines()]
+    assert row["step"] == 1 and row["changed"] == {"lr": [None, 1e-4]}
 
 
 def test_a_relative_data_path_is_kept_absolute_so_a_resume_elsewhere_reads_the_same_folder(tmp_path, monkeypatch):
