@@ -1254,6 +1254,8 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
             raise
         if info.is_main:
             pos = trainer.pos  # (epochs counted from 1 in what is printed, as the progress bar does)
+            where = f"epoch {pos.epoch + 1}, after {pos.batch} of its batches" if pos.batch or not pos.epoch else \
+                f"the end of epoch {pos.epoch}"  # fmt: skip
             n_params = sum(p.numel() for p in model.parameters()) / 1e6
             source = dataset.root if root == data_cfg.data_path else data_cfg.data_path  # (the folder, not its scan)
             shards = f" in {_n(len(dataset.shards), 'tar shard')}" if getattr(dataset, "shards", None) else ""
@@ -1277,9 +1279,7 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
                 )  # fmt: skip
                 + f"  output: {out}"
                 + (
-                    f"\n  resuming at step {pos.step} (epoch {pos.epoch + 1}, after {pos.batch} of its batches)"
-                    if cfg.resume
-                    else ""
+                    f"\n  resuming at step {pos.step} ({where})" if cfg.resume else ""
                 )  # fmt: skip  # (epochs counted from 1, as the progress bar does)
                 + (
                     f"\n  note: --accum-iter {cfg.accum_iter} does not divide the {trainer.loader_batches} batches "

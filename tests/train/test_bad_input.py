@@ -235,7 +235,7 @@ def test_resume_if_exists_starts_then_continues_with_one_command(image_folder, t
     assert pretrain.main([*cmd, "--epochs", "1"]) == 0
     assert "no checkpoint in" in capsys.readouterr().out
     assert pretrain.main([*cmd, "--epochs", "2"]) == 0
-    assert "resuming at step 6" in capsys.readouterr().out
+    assert "resuming at step 6 (the end of epoch 1)" in capsys.readouterr().out  # (not "epoch 2, after 0 of ...")
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert steps == list(range(1, 13))
     assert "needs --output-dir" in fails(["--resume", "if-exists"], capsys)
