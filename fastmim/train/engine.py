@@ -475,7 +475,7 @@ class Trainer:
         """What a stop without saving leaves: the last checkpoint, or none yet."""
         if ckpt.run_checkpoint(self.output_dir) is not None:
             return f"the last checkpoint in {self.output_dir} is intact"
-        return f"{self.output_dir} holds no checkpoint yet (the same command starts the run afresh)"
+        return f"{self.output_dir} holds no checkpoint yet (run again there with other settings: it begins afresh)"
 
     def _optimizer_steps(self) -> int | None:
         """The optimizer steps taken so far (AdamW's own count: a step the fp16 GradScaler skipped is not one; 0
