@@ -112,7 +112,8 @@ def test_mae_pretrained_on_the_builtin_digits_beats_its_own_random_init(tmp_path
     """The monitor's first and last kNN on the built-in digits: the encoder at step 0 (its random init) and after 10
     epochs of ViT-tiny MAE (one-block decoder, batch 32: 450 steps). Measured on 2 CPU cores (torch 2.14.1): top-1
     (patch-token mean) 77.46% -> 83.38% (+5.9 points on 355 images); asked: +3.0, half the measured margin. About
-    45 s (30 epochs at batch 64, 660 steps, gave +7.0 in 100 s; 12 epochs at batch 64 were still below the init)."""
+    45 s on 2 threads, 160 s on the one thread make test gives it (30 epochs at batch 64, 660 steps, gave +7.0 in
+    100 s; 12 epochs at batch 64 were still below the init)."""
     out = tmp_path / "digits"
     pretrain.run([
         "--data-path", "builtin:digits", "--img-size", "64", "--epochs", "10", "--batch-size", "32",
