@@ -29,3 +29,16 @@ def test_the_common_tasks_op_snippet_runs_and_matches_the_references():
     torch.testing.assert_close(ns["dec_in"], scatter_masked_ref(ns["x_vis"], ns["ids_restore"], torch.zeros(D)))
     assert int(ns["mask"].sum()) == B * (N - K) and ns["pred"].grad is not None
     assert torch.isfinite(ns["loss"]) and ns["loss"].ndim == 0  # (its equality to masked_mse_loss_ref: tests/ops)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but hyphens and underscores dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_within_the_readme_names_one_of_its_headings():
+    text = re.sub(r"```.*?```", "", (ROOT / "README.md").read_text(), flags=re.S)  # (a shell comment is no heading)
+    anchors = {_slug(h) for h in re.findall(r"^#{1,4} (.+)$", text, flags=re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert len(links) >= 10 and "fused-ops-fastmimops" in anchors
+    assert [a for a in links if a not in anchors] == []
