@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared check for one H100/H200 machine (Python 3.12, torch + CUDA, triton, nvcc, cmake, ninja, pybind11, timm;
 # no network, DALI, spconv or flash-attn: those parts are skipped and the log says so). In priority order, within a
-# time budget (GPU_SUITE_BUDGET_S, default 480 s; a step that would not fit is skipped and named):
+# time budget (GPU_SUITE_BUDGET_S, default 480 s; 300 leaves a 15-minute session room for a second call; a step that
+# would not fit is skipped and named):
 #   build fastmim._C and the CUDA kernels fastmim._cuda (sm_90 here); the ops' GPU tests for both GPU backends
 #   (ops_tests); host time per call (host); the ops benchmark with host time and CUDA-graph timing (ops); MAE ViT-B/16
 #   eager throughput with each GPU backend of the fused ops (vit_b_eager) and compiled (vit_b_compile); compiled ops
@@ -62,9 +63,21 @@ fits() {
 }
 # run LIMIT CMD...: CMD under a time limit (seconds), never past the budget (with none left it is skipped: timeout 0
 # would mean no limit); a failure or timeout fails the suite
+DRY_TOTAL=0
+# the arguments as a shell would take them back: quoted where they hold spaces or other special characters
+quoted() {
+  local a out=()
+  for a in "$@"; do
+    if [[ "$a" =~ ^[A-Za-z0-9_./=:,+@%-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
+  done
+  echo "${out[*]}"
+}
 run() {
   local limit=$1; shift
-  if [ "$DRY" = 1 ]; then echo "DRY RUN (limit $limit s): $*"; return 0; fi
+  if [ "$DRY" = 1 ]; then
+    DRY_TOTAL=$((DRY_TOTAL + limit))
+    echo "DRY RUN (limit $limit s, $DRY_TOTAL s so far): $(quoted "$@")"; return 0
+  fi
   local l; l=$(left); [ "$l" -lt "$limit" ] && limit=$l
   if [ "$limit" -le 0 ]; then echo "SKIPPED (the budget is spent): $*"; status=1; return 124; fi
   timeout --signal=INT --kill-after=15 "$limit" "$@"
@@ -85,9 +98,13 @@ done
 step "build fastmim._C and fastmim._cuda (FASTMIM_CUDA_ARCHS=${FASTMIM_CUDA_ARCHS:-90})"
 rm -f fastmim/_C*.so fastmim/_cuda*.so
 export FASTMIM_CUDA=1 FASTMIM_CUDA_ARCHS=${FASTMIM_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16}
-$PY -m pip install --no-deps --no-build-isolation --no-index -e . >"$SCRATCH/build.log" 2>&1 \
-  || $PY setup.py build_ext --inplace >>"$SCRATCH/build.log" 2>&1 || { echo "BUILD FAILED"; cat "$SCRATCH/build.log"; status=1; }
+# (a failed build stops the suite: every step after it would time a fallback, not the kernels it is for)
+timeout 300 $PY -m pip install --no-deps --no-build-isolation --no-index -e . >"$SCRATCH/build.log" 2>&1 \
+  || timeout 300 $PY setup.py build_ext --inplace >>"$SCRATCH/build.log" 2>&1 \
+  || { echo "BUILD FAILED (the steps are not run: fix the build first)"; tail -60 "$SCRATCH/build.log"; exit 3; }
 $PY -c "import fastmim, fastmim._ext as e; print('native extension:', fastmim.has_native_extension(), '| fastmim._cuda:', e.cuda_available(), e.cuda_load_error or '')"
+$PY -c "import fastmim._ext as e, sys; sys.exit(0 if e.available() and e.cuda_available() else 1)" \
+  || { echo "BUILD FAILED: an extension does not load (the steps are not run)"; tail -60 "$SCRATCH/build.log"; exit 3; }
 fi
 
 s_ops_tests() {
@@ -154,8 +171,9 @@ s_target_tests() {
   step "pytest: hog_target, fft_loss, patch_fft_loss, low_pass_target on CUDA (Triton backend)" &&
     fits 40 "target op tests" && run 120 $PY -m pytest -q -ra -p no:cacheprovider --durations=5 -m gpu -k "cuda-triton" \
     tests/ops/test_hog_target.py tests/ops/test_fft_loss.py tests/ops/test_patch_fft_loss.py \
-    tests/ops/test_low_pass_target.py &&
-    fits 40 "target ops benchmark" && run 90 $PY benchmarks/ops.py --cuda-graph --ops hog,fft,pfft,lowpass \
+    tests/ops/test_low_pass_target.py
+  # (the rows whatever the tests say: a failed test is in the log, and is no reason to lose the timings)
+  fits 40 "target ops benchmark" && run 90 $PY benchmarks/ops.py --cuda-graph --ops hog,fft,pfft,lowpass \
     --out "$RESULTS/ops.jsonl"
 }
 
@@ -253,7 +271,9 @@ s_teacher() {
 # whose mode regresses shows here, measured, not assumed)
 s_compile_modes() {
   step "throughput: MAE ViT-B/16, batch 256, bf16, fastmim+compile in each torch.compile mode" && {
-    for cmode in max-autotune-no-cudagraphs reduce-overhead max-autotune; do
+    # (the cheapest compile first: max-autotune's autotuning takes minutes on a machine without inductor's cache, so
+    # a budget that runs out takes the dearest; best in a call of its own: GPU_SUITE_ONLY=compile_modes)
+    for cmode in reduce-overhead max-autotune-no-cudagraphs max-autotune; do
       fits 150 "compile mode $cmode" && run 300 $PY benchmarks/throughput.py --model vit_base_patch16 --batch-size 256 \
         --amp bf16 --steps 15 --warmup 4 --peak-tflops 790 --modes fastmim+compile --compile-mode "$cmode" \
         --out "$RESULTS/throughput.jsonl"
@@ -368,12 +388,13 @@ s_hf() {
       $PY -m pip install -q --no-index --find-links .wheels transformers 2>&1 | tail -2
     fi
     if $PY -c "import transformers" 2>/dev/null; then
-      fits 60 "hf" && run 120 $PY -m pytest -q -p no:cacheprovider tests/integrations/test_hf.py &&
-        run 150 $PY benchmarks/hf_vit_mae.py --batch-size 64 --out "$RESULTS/hf_vit_mae.jsonl" &&
-        fits 90 "hf, fused layers" && run 150 $PY benchmarks/hf_vit_mae.py --batch-size 64 --layers \
-          --out "$RESULTS/hf_vit_mae.jsonl" &&
-        fits 120 "hf, compiled" && run 240 $PY benchmarks/hf_vit_mae.py --batch-size 64 --compile \
-          --out "$RESULTS/hf_vit_mae.jsonl"
+      fits 60 "hf" && run 120 $PY -m pytest -q -p no:cacheprovider tests/integrations/test_hf.py
+      # (each benchmark whatever the tests and the one before say)
+      fits 60 "hf benchmark" && run 150 $PY benchmarks/hf_vit_mae.py --batch-size 64 --out "$RESULTS/hf_vit_mae.jsonl"
+      fits 90 "hf, fused layers" && run 150 $PY benchmarks/hf_vit_mae.py --batch-size 64 --layers \
+        --out "$RESULTS/hf_vit_mae.jsonl"
+      fits 120 "hf, compiled" && run 240 $PY benchmarks/hf_vit_mae.py --batch-size 64 --compile \
+        --out "$RESULTS/hf_vit_mae.jsonl"
     else
       echo "SKIPPED: transformers is not installed here and no .wheels/ was carried (bash benchmarks/wheels.sh)"
     fi
@@ -431,5 +452,9 @@ if [ "$DRY" != 1 ] && [ "$(ls "$RESULTS" | wc -l)" -gt 8 ] && ls "$RESULTS"/*.js
     echo "the .jsonl files are in results.tar"
 fi
 ls -la "$RESULTS"
+if [ "$DRY" = 1 ]; then
+  echo "DRY RUN: the commands' limits add up to $DRY_TOTAL s against a budget of $BUDGET s (plus about 40 s of set-up" \
+    "and build inside it); a step that would not fit when its turn comes is skipped"
+fi
 step "done, status $status"
 exit $status

@@ -561,6 +561,12 @@ def test_gpu_suite_dry_run_runs_the_named_steps_in_order_and_refuses_an_unknown_
     assert "command not found" not in log and "No such file" not in log
     assert log.index("GPU JPEG decoding") < log.index("ops benchmark") and "pytest: the ops on CUDA" not in log
     assert "dataload.py --images 16384 --prepare-only" in log and "--ops gather,scatter,loss" in log
+    # what the selection's commands may take against the budget (a call sized past it loses its last steps), and
+    # each command as a shell takes it back (a -k filter with spaces quoted)
+    limits = [int(n) for n in re.findall(r"DRY RUN \(limit (\d+) s", log)]
+    assert len(limits) >= 7 and f"limits add up to {sum(limits)} s against a budget of 480 s" in log
+    quoted = suite("ops_tests", "q").stdout
+    assert "-k 'cuda-cuda or test_gpu_ops or " in quoted, quoted
     proc = suite("ops,graphs", "b")
     assert proc.returncode == 2 and "unknown step 'graphs'" in proc.stdout and "DRY RUN (limit" not in proc.stdout
     rows = [f"r{i}.jsonl" for i in range(9)]  # an earlier run's rows: a dry run leaves them (it bundled them)
