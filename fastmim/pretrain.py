@@ -1098,6 +1098,12 @@ def check_compile(cfg: PretrainConfig, device: torch.device) -> tuple[str, str] 
 
 def run(argv: list[str] | None = None) -> Path:
     """Runs pretraining; returns the output directory."""
+    from fastmim.train.progress import check_progress_setting
+
+    try:
+        check_progress_setting()  # (before any work: the first progress bar comes after the model's build)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     origins = {}
     cfg, state = resolve_config(argv, origins)
     info, device = init_distributed(cfg.device)

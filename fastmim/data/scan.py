@@ -633,6 +633,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers is not None and args.workers < 0:
         parser.error("--workers must be 0 or more")
     try:
+        from fastmim.train.progress import check_progress_setting
+
+        check_progress_setting()
         result = scan(args.path, workers=args.workers, out=args.out, progress=not args.quiet)
         if args.report:
             _write_atomic(Path(args.report), json.dumps(result.to_json(), indent=1) + "\n")

@@ -616,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     _check(ap, args)
     from fastmim.data.folder import BadImageError
     from fastmim.eval.finetune import FinetuneStopped
+    from fastmim.train.checkpoint import WriteError
     from fastmim.train.preempt import (
         INTERRUPT_EXIT,
         REQUEUE_EXIT,
@@ -624,8 +625,10 @@ def main(argv: list[str] | None = None) -> int:
         stop_outside_training,
         stopped_status,
     )
+    from fastmim.train.progress import check_progress_setting
 
     try:  # finetune: a stop signal exits with the requeue status, after a checkpoint when in training
+        check_progress_setting()
         with stop_outside_training() if args.mode == "finetune" else contextlib.nullcontext():
             run(args)
     except BadImageError as e:  # (a RuntimeError: first) one line, not a loader worker's traceback
@@ -635,8 +638,8 @@ def main(argv: list[str] | None = None) -> int:
     except torch.cuda.OutOfMemoryError as e:  # (a RuntimeError: first) what would fit, not torch's page of text
         print(f"error: out of memory: {_out_of_memory_advice(args, e)}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError, WriteError) as e:
+        print(f"error: {e}", file=sys.stderr)  # (WriteError: a checkpoint or cache the file system refused)
         return 2
     except FinetuneStopped as e:
         folder = getattr(args, "run_dir", None)

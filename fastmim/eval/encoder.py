@@ -500,8 +500,13 @@ def cached_features(encoder: nn.Module, info: dict, dataset, device: torch.devic
     labels, feats = kept(labels, feats)
     seconds = time.perf_counter() - t0
     if path is not None:
-        from fastmim.train.checkpoint import atomic_write
+        from fastmim.train.checkpoint import WriteError, atomic_write
 
         record = {"features": feats, "labels": labels, "left_out": left}
-        atomic_write(path, lambda tmp: torch.save(record, tmp))
+        try:
+            atomic_write(path, lambda tmp: torch.save(record, tmp))
+        except (WriteError, PermissionError) as e:  # (a full disk, a read-only cache: the evaluation goes on)
+            import sys
+
+            print(f"note: the features were not cached ({e}); the evaluation goes on", file=sys.stderr, flush=True)
     return feats, labels, seconds, False

@@ -130,8 +130,9 @@ def atomic_write(path: str | Path, write) -> None:
         if full:
             raise NoSpaceError(errno.ENOSPC, f"no space left to write {path} ({full}; the write said: {said}); "
                                              f"{kept}: free space, then {again}") from e  # fmt: skip
-        raise WriteError(errno.EIO, f"cannot write {path} ({said}); {kept}: fix the file system's problem, then "
-                                    f"{again}") from e  # fmt: skip
+        code = e.errno if isinstance(e, OSError) and e.errno else errno.EIO  # (EACCES, EFBIG, ... kept)
+        raise WriteError(code, f"cannot write {path} ({said}); {kept}: fix the file system's problem, then "
+                               f"{again}") from e  # fmt: skip
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

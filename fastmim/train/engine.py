@@ -115,7 +115,7 @@ class Trainer:
     def __post_init__(self) -> None:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self._bar = None  # the epoch's progress bar while fit() runs
-        self.after_next_save: list = []  # rank 0's calls once the next checkpoint is written
+        self.after_next_save: list = []  # rank 0's calls once the next checkpoint is in place (_checkpoint_written)
         # a whole epoch's batches, read before a resume starts the sampler mid-epoch (the loader is shorter then)
         self.loader_batches = len(self.loader)
         self.batches_per_epoch = (self.loader_batches // self.cfg.accum_iter) * self.cfg.accum_iter
@@ -542,8 +542,6 @@ class Trainer:
         self.saved_step = self.pos.step
         if self.info.is_main:
             self._drop_other_format()
-            while self.after_next_save:  # (what holds only once a checkpoint does: a resume's resumes.jsonl row)
-                self.after_next_save.pop(0)()
 
     def _drop_other_format(self) -> None:
         """A run that switched --fsdp holds its earlier checkpoint in the other format: once this save has replaced
@@ -602,9 +600,16 @@ class Trainer:
         )
         if self.info.is_main:
             ckpt.save_checkpoint(self.output_dir / ckpt.CHECKPOINT_NAME, state)
+            self._checkpoint_written()
             self._save_encoder(self.raw_model.encoder_state_dict())
-            save_yaml(self.cfg, self.output_dir / "config.yaml", self.provenance)
         barrier(self.info)
+
+    def _checkpoint_written(self) -> None:
+        """Rank 0, as soon as a checkpoint is in place: config.yaml says what it holds, and what waited for it (a
+        resume's resumes.jsonl row) is written, before the encoder's file (a disk that fills there loses neither)."""
+        save_yaml(self.cfg, self.output_dir / "config.yaml", self.provenance)
+        while self.after_next_save:
+            self.after_next_save.pop(0)()
 
     def _keep_missed_snapshot(self) -> None:
         """A run resumed at the end of an epoch --keep-every keeps (stopped between its save and its snapshot, or
@@ -659,8 +664,8 @@ class Trainer:
         fsdp.save_dcp(self.output_dir / ckpt.DCP_NAME, self.raw_model, self.optimizer, meta, self.info.is_main)
         whole = fsdp.full_model_state(self.raw_model)  # collective; the tensors on rank 0
         if self.info.is_main:
+            self._checkpoint_written()
             self._save_encoder(self.raw_model.encoder_state_dict(whole))
-            save_yaml(self.cfg, self.output_dir / "config.yaml", self.provenance)
         barrier(self.info)
 
     # --- loop ---

@@ -14,6 +14,13 @@ LOG_INTERVAL_S = 60.0  # a log file's progress line at most this often (FASTMIM_
 LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
 
+def check_progress_setting() -> None:
+    """Raises ``ValueError`` naming a bad ``FASTMIM_PROGRESS_S``: a command calls it at its start, so that the value
+    is refused before any work (the first progress bar, after the model's build, found it late, and on rank 0 only),
+    whether or not stderr is a terminal."""
+    _interval()
+
+
 def _interval() -> float:
     raw = os.environ.get("FASTMIM_PROGRESS_S", "")
     try:
@@ -52,11 +59,17 @@ def _is_terminal(stream) -> bool:
         return False
 
 
+def _notebook(stream) -> bool:
+    """A Jupyter kernel's output stream (not a terminal, yet it redraws a carriage return in place)."""
+    return type(stream).__module__.split(".")[0] == "ipykernel"
+
+
 def progress_bar(*, stream=None, **kwargs) -> tqdm:
-    """``tqdm(**kwargs)`` on ``stream`` (stderr by default): as asked on a terminal; elsewhere in lines, one at most
-    every ``FASTMIM_PROGRESS_S`` seconds (and the last state at close)."""
+    """``tqdm(**kwargs)`` on ``stream`` (stderr by default): as asked on a terminal (or in a notebook); elsewhere in
+    lines, one at most every ``FASTMIM_PROGRESS_S`` seconds (and, for a bar that stays, ``leave=True``, its last state
+    at close)."""
     stream = sys.stderr if stream is None else stream
-    if kwargs.get("disable") or _is_terminal(stream):
+    if kwargs.get("disable") or _is_terminal(stream) or _notebook(stream):
         return tqdm(file=stream, **kwargs)
     every = _interval()
     kwargs.update(file=_Lines(stream), mininterval=every, maxinterval=max(every, 10.0), bar_format=LINE_FORMAT,

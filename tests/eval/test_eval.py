@@ -336,6 +336,39 @@ def test_cli_knn_of_an_fcmae_convnext_at_its_training_size(tmp_path):
     assert row["img_size"] == 64 and row["feature_dim"] == 320 and row["model"] == "fcmae_convnextv2_atto"
 
 
+def test_a_write_the_file_system_refuses_is_one_line_and_an_uncached_evaluation_goes_on(tmp_path, capsys,
+                                                                                        monkeypatch):  # fmt: skip
+    """torch.save's "unexpected pos" with space to spare (a file size limit, an I/O error): the feature cache not
+    written is a note, the kNN still reported; a fine-tuning checkpoint not written stops it in one line naming the
+    file (a traceback, exit 1, since such failures became WriteError, an OSError eval did not catch)."""
+    import shutil
+
+    _, path = _save_run_encoder(tmp_path)
+    data = tmp_path / "d"
+    make_image_folder(data / "train", n=8, classes=2)
+    make_image_folder(data / "val", n=4, classes=2, seed=1)
+    real = torch.save
+
+    def refused(obj, f, *a, **k):
+        if isinstance(obj, dict) and ("features" in obj or "opt" in obj):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 100 vs 50")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", refused)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**9, 10**12 - 10**9))
+    monkeypatch.setenv("FASTMIM_CACHE", str(tmp_path / "cache"))
+    assert eval_main(["knn", "--encoder", str(path), "--data-path", str(data), "--k", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "note: the features were not cached (cannot write " in err and "; the evaluation goes on" in err, err
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    tune = ["finetune", "--encoder", str(path), "--data-path", str(data), "--epochs", "1", "--batch-size", "4",
+            "--aa", "none", "--mixup", "0", "--cutmix", "0", "--finetune-dir", str(tmp_path / "ft")]  # fmt: skip
+    assert eval_main(tune) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"error: cannot write {tmp_path / 'ft' / 'checkpoint.pt'} (")
+    assert "Traceback" not in err
+
+
 def test_cli_errors(tmp_path, capsys):
     _, path = _save_run_encoder(tmp_path)
     train = make_image_folder(tmp_path / "train", n=6, classes=2)

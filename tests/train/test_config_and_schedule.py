@@ -286,7 +286,19 @@ def test_a_resume_that_stops_before_its_first_checkpoint_leaves_config_and_resum
         pretrain.run(["--resume", "--output-dir", str(out), "--max-steps", "2", "--lr", "1e6"])
     assert (out / "config.yaml").read_text() == config and not (out / "resumes.jsonl").exists()
     monkeypatch.undo()
-    pretrain.run(["--resume", "--output-dir", str(out), "--max-steps", "2", "--lr", "1e-4"])
+    # the checkpoint written, then the disk full at the encoder's file: the row and config.yaml are written with the
+    # checkpoint, before the encoder (written after it all, the row was lost for good: the next resume compares with
+    # a checkpoint that holds the change already)
+    from fastmim.train import checkpoint as ckpt
+
+    def full(*args, **kwargs):
+        raise ckpt.NoSpaceError(28, "no space left to write encoder.safetensors")
+
+    monkeypatch.setattr(ckpt, "save_encoder", full)
+    with pytest.raises(ckpt.NoSpaceError):
+        pretrain.run(["--resume", "--output-dir", str(out), "--max-steps", "2", "--lr", "1e-4"])
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(out / "checkpoint.pt")["step"] == 2
     assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == 1e-4
     (row,) = [json.loads(s) for s in (out / "resumes.jsonl").read_text().splitlines()]
     assert row["step"] == 1 and row["changed"] == {"lr": [None, 1e-4]}

@@ -57,3 +57,30 @@ def test_a_terminal_keeps_the_bar_and_a_disabled_bar_writes_nothing(monkeypatch)
     with progress_bar(stream=quiet, total=3, disable=True) as bar:
         bar.update(3)
     assert quiet.getvalue() == ""
+
+
+def test_a_bad_interval_is_refused_by_each_command_before_any_work(tmp_path, capsys, monkeypatch):
+    """FASTMIM_PROGRESS_S=soon was found by the first progress bar: after the model's build and the kNN baseline, with
+    config.yaml written (the next start then set the folder aside as unfinished), on rank 0 only; on a terminal,
+    never. Each command refuses it at its start, exit 2, having written nothing."""
+    from fastmim import pretrain
+    from fastmim.data import scan
+    from fastmim.eval.__main__ import main as eval_main
+
+    monkeypatch.setenv("FASTMIM_PROGRESS_S", "soon")
+    out = tmp_path / "run"
+    assert pretrain.main(["--output-dir", str(out), "--max-steps", "1"]) == 2
+    assert "error: FASTMIM_PROGRESS_S='soon': expected seconds" in capsys.readouterr().err and not out.exists()
+    assert scan.main([str(tmp_path)]) == 2 and "FASTMIM_PROGRESS_S='soon'" in capsys.readouterr().err
+    assert eval_main(["knn", "--random", "vit_tiny_patch16", "--data-path", str(tmp_path / "none")]) == 2
+    assert "FASTMIM_PROGRESS_S='soon'" in capsys.readouterr().err
+
+
+def test_a_notebook_keeps_the_bar(monkeypatch):
+    """A Jupyter kernel's stream is no terminal, yet it redraws in place: the bar, not a line a minute."""
+    monkeypatch.setenv("FASTMIM_PROGRESS_S", "3600")
+    OutStream = type("OutStream", (io.StringIO,), {"__module__": "ipykernel.iostream"})
+    cell = OutStream()
+    with progress_bar(stream=cell, total=3, mininterval=0) as bar:
+        bar.update(3)
+    assert cell.getvalue().count("\r") >= 2 and "|" in cell.getvalue()
