@@ -136,6 +136,8 @@ def atomic_write(path: str | Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if os.path.isdir(f"{tmp}.d"):  # (a writer's own folder for a library's temporary file: save_encoder's)
+            shutil.rmtree(f"{tmp}.d", ignore_errors=True)
 
 
 def _out_of_space(folder: Path, tmp: str, e: Exception) -> str | None:
@@ -268,13 +270,10 @@ def save_encoder(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
         # safetensors writes a temporary file of its own beside its target (".tmpXXXXXX"), which a kill -9 left in
         # the run folder, the encoder's size each time: its target is inside a folder named as ours, which
         # remove_stale_temporaries removes whole
-        inner = Path(f"{tmp}.d")
+        inner = Path(f"{tmp}.d")  # (atomic_write removes it, after a failure's space is measured with it in place)
         inner.mkdir()
-        try:
-            save_file(tensors, str(inner / "encoder"), metadata=metadata)
-            os.replace(inner / "encoder", tmp)
-        finally:
-            shutil.rmtree(inner, ignore_errors=True)
+        save_file(tensors, str(inner / "encoder"), metadata=metadata)
+        os.replace(inner / "encoder", tmp)
         _order_header(tmp)
 
     atomic_write(path, write)
