@@ -59,6 +59,9 @@ FORMAT = "v2"  # written; v1 (no digest) is read too
 _READ_FORMATS = ("v1", "v2")
 # what PIL may identify and DALI's decoders (nvImageCodec) read as well; the others (GIF, TGA, ICO, ...) stop DALI
 DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "PPM", "TIFF", "WEBP", "JPEG2000"})
+# TIFFs whose pixels DALI 2.4's decoders refuse (bilevel "1": no BitsPerSample for its parser; 32-bit integer "I") or
+# decode to other colours than PIL (CIELAB: up to 84 levels apart); checked with fn.decoders.image on CPU
+DALI_TIFF_MODES_NOT = {"1": "1-bit", "I": "32-bit integer", "LAB": "CIELAB"}
 MAGIC = "# fastmim-scan"
 NON_IMAGE = "not an image file (extension)"
 _HEADER = re.compile(
@@ -222,7 +225,7 @@ def check_bytes(data: bytes) -> str | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # EXIF and size warnings: the image decodes, so it is good
             with Image.open(io.BytesIO(data)) as img:
-                fmt = img.format
+                fmt, mode = img.format, img.mode
                 img.load()
             if fmt == "PNG":  # chunk checksums and the end chunk, which load() does not check and DALI does
                 with Image.open(io.BytesIO(data)) as img:
@@ -240,6 +243,8 @@ def check_bytes(data: bytes) -> str | None:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
     if fmt not in DALI_FORMATS:  # PIL opens by content: a GIF named .jpg decodes here, and stops a DALI pipeline
         return f"not a format DALI decodes ({fmt})"
+    if fmt == "TIFF" and mode in DALI_TIFF_MODES_NOT:  # (the torch loaders read it: convert it, or train with them)
+        return f"a TIFF DALI does not decode as PIL does ({DALI_TIFF_MODES_NOT[mode]} pixels, mode {mode})"
     # libjpeg stops at the last complete scan; DALI's decoders reject a JPEG cut before its end-of-image marker
     if fmt in ("JPEG", "MPO") and not _ends_with_eoi(data):
         return "truncated"

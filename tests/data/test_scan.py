@@ -436,3 +436,63 @@ def test_the_up_to_date_check_stats_in_threads_in_order(tmp_path):
     got = _stat_all(paths, threads=4, chunk=3)
     assert [None if st is None else st.st_size for st in got] == [0, 1, 2, 3, None, 5, 6, 7, 8, 9]
     assert [st and st.st_size for st in _stat_all(paths)] == [st and st.st_size for st in got]
+
+
+def _tiffs() -> dict[str, bytes]:
+    import io
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8))
+    kinds = {"RGB": rgb, "L": rgb.convert("L"), "1": rgb.convert("1"), "LAB": rgb.convert("LAB"),
+             "I": Image.fromarray(rng.integers(0, 2**31, (24, 32)).astype(np.int32)),
+             "I;16": Image.fromarray(rng.integers(0, 65535, (24, 32)).astype(np.uint16)),
+             "F": Image.fromarray(rng.random((24, 32)).astype(np.float32))}  # fmt: skip
+    out = {}
+    for mode, img in kinds.items():
+        buf = io.BytesIO()
+        img.save(buf, format="TIFF")
+        out[mode] = buf.getvalue()
+    return out
+
+
+def test_tiffs_dali_does_not_decode_as_pil_are_named_by_the_scan():
+    """A 1-bit (scanned documents) or 32-bit integer TIFF passed the scan, which cleared the folder for DALI, whose
+    decoder then stopped the run on it ("missing: BitsPerSample") and pointed back to the scan; a CIELAB one decodes
+    in other colours there. The torch loaders read them all."""
+    from fastmim.data.folder import open_rgb
+    from fastmim.data.scan import check_bytes
+
+    reasons = {mode: check_bytes(data) for mode, data in _tiffs().items()}
+    assert {m for m, r in reasons.items() if r is not None} == {"1", "I", "LAB"}, reasons
+    assert reasons["1"] == "a TIFF DALI does not decode as PIL does (1-bit pixels, mode 1)"
+    for mode, data in _tiffs().items():
+        assert open_rgb(data, mode).size == (32, 24)  # (what --loader torch trains on)
+
+
+def test_the_tiff_modes_the_scan_passes_are_those_dali_decodes():
+    """The scan's list, checked against the installed DALI's CPU decoder: each TIFF it passes decodes, each 1-bit or
+    integer one it names fails (a DALI that learns them shows here, to widen the list)."""
+    pytest.importorskip("nvidia.dali", reason="DALI is an optional dependency (pip install nvidia-dali-cuda130)")
+    from nvidia.dali import fn, pipeline_def, types
+
+    from fastmim.data.scan import check_bytes
+
+    def decodes(data: bytes) -> bool:
+        arr = np.frombuffer(data, dtype=np.uint8)
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+        def pipe():
+            return fn.decoders.image(fn.external_source(source=lambda: [arr], batch=True, dtype=types.UINT8),
+                                     device="cpu", output_type=types.RGB)  # fmt: skip
+
+        p = pipe()
+        p.build()
+        try:
+            p.run()
+            return True
+        except RuntimeError:
+            return False
+
+    for mode, data in _tiffs().items():
+        if mode != "LAB":  # (decoded, in other colours: named for that)
+            assert decodes(data) == (check_bytes(data) is None), mode
