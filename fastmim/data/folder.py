@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import itertools
 import math
 import os
 import re
+import stat
 import sys
 import threading
 import warnings
@@ -182,13 +184,33 @@ def note_other_files(root: str | Path, others: list[str]) -> None:
           f"not read: {extension_counts(others)}{_tar_hint(others)}", file=sys.stderr, flush=True)  # fmt: skip
 
 
+def open_regular(path: str | Path):
+    """``open(path, "rb")`` of a regular file; a named pipe, socket or device with an image's name raises OSError at
+    once (opened plainly, a pipe blocked the scan or a loader until a writer came: for ever, through Ctrl-C)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a named pipe, socket or device)", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def decode_problem(e: Exception, src: str | Path | bytes) -> str:
     """What is wrong with an image file (a path, or its bytes) that PIL could not open or decode, in words (PIL's own
     text names a BytesIO object by its address, or the path a second time)."""
     try:
-        empty = len(src) == 0 if isinstance(src, (bytes, bytearray)) else os.path.getsize(src) == 0
+        if isinstance(src, (bytes, bytearray)):
+            empty = len(src) == 0
+        else:
+            st = os.stat(src)
+            empty = stat.S_ISREG(st.st_mode) and st.st_size == 0  # (a named pipe's size is 0 too)
     except OSError:
         empty = False
+    if isinstance(e, OSError) and e.strerror and e.strerror.startswith("not a regular file"):
+        return e.strerror
     if empty:
         return "empty file (0 bytes)"
     if isinstance(e, UnidentifiedImageError):
@@ -204,7 +226,10 @@ def open_rgb(src: str | Path | bytes, name: str) -> Image.Image:
     wrong when it cannot be read."""
 
     def read() -> Image.Image:
-        with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
+        if isinstance(src, (bytes, bytearray)):
+            with Image.open(io.BytesIO(src)) as img:
+                return to_rgb(img)
+        with open_regular(src) as f, Image.open(f) as img:
             return to_rgb(img)
 
     try:
@@ -336,10 +361,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         """The encoded file of sample ``index``; ``BadImageError`` naming it when it cannot be read."""
         path = self.files[index]
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:
                 return f.read()
         except OSError as e:
-            raise BadImageError(f"cannot read image {path!r}: {e}", path) from e
+            raise BadImageError(f"cannot read image {path!r}: {e.strerror or e}", path) from e
 
     def load(self, index: int) -> Image.Image:
         return open_rgb(self.files[index], self.files[index])

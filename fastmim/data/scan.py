@@ -49,6 +49,7 @@ from fastmim.data.folder import (
     list_tar_samples,
     list_tar_shards,
     note_shard_families,
+    open_regular,
     shard_base,
     split_sample_id,
     usable_cpus,
@@ -196,7 +197,7 @@ def check_image(path: str) -> str | None:
     """None when PIL decodes the whole file, else the reason it does not: ``empty``, ``truncated``, ``not an image``,
     ``too large: ...``, ``unreadable: <message>`` or ``corrupt: <message>``."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             data = f.read()
     except OSError as e:
         return f"unreadable: {e.strerror or e}"

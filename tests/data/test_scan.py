@@ -496,3 +496,33 @@ def test_the_tiff_modes_the_scan_passes_are_those_dali_decodes():
     for mode, data in _tiffs().items():
         if mode != "LAB":  # (decoded, in other colours: named for that)
             assert decodes(data) == (check_bytes(data) is None), mode
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_named_pipe_with_an_image_name_is_named_not_waited_on(tmp_path):
+    """mkfifo pipe.jpg: the scan and the loaders opened it and waited for a writer, for ever (Ctrl-C's stop after
+    the step in flight never came). It is an unreadable file now, named as such."""
+    import signal as sig
+
+    from fastmim.data.folder import BadImageError, open_rgb
+    from fastmim.data.scan import check_image
+
+    root = make_image_folder(tmp_path / "d", n=4, classes=1)
+    pipe = root / "class0" / "pipe.jpg"
+    os.mkfifo(pipe)
+    sig.signal(sig.SIGALRM, lambda *a: pytest.fail("a read of the named pipe blocked"))
+    sig.alarm(60)
+    try:
+        assert check_image(str(pipe)) == "unreadable: not a regular file (a named pipe, socket or device)"
+        with pytest.raises(BadImageError, match="not a regular file"):
+            open_rgb(str(pipe), str(pipe))
+        ds = ImageFolderDataset(root)  # (read_bytes: the encoded file --loader torch-gpu sends to the GPU)
+        with pytest.raises(BadImageError, match="not a regular file"):
+            ds.read_bytes(ds.files.index(str(pipe)))
+        with pytest.raises(BadImageError, match="not a regular file"):
+            ds[ds.files.index(str(pipe))]
+        result = scan(root, workers=0, out=tmp_path / "list.txt", progress=False)
+    finally:
+        sig.alarm(0)
+    assert result.bad == [(str(pipe), "unreadable: not a regular file (a named pipe, socket or device)")]
+    assert len(result.good) == 4
