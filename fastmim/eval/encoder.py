@@ -276,6 +276,7 @@ class LabelledFolder(torch.utils.data.Dataset):
             extension_counts,
             is_image_file,
             iter_files,
+            note_other_files,
         )
         from fastmim.data.pathlist import LabelledPaths
 
@@ -325,6 +326,8 @@ class LabelledFolder(torch.utils.data.Dataset):
                 print(f"note: {str(self.root)!r}: class folders without images ({', '.join(IMG_EXTENSIONS)}) left "
                       f"out: {', '.join(why(c) for c in empty[:10])}", flush=True)  # fmt: skip
                 found = [c for c in found if files[c]]
+        note_other_files(self.root, [f for c in found if files[c] for f in others[c]])  # (.gif, .heic: said, as the
+        # pretraining's folder says them; an empty class's were said with it)
         self.classes = list(classes) if classes is not None else found
         unknown = sorted(c for c in set(found) - set(self.classes) if files[c])  # an empty folder adds no image
         if unknown:

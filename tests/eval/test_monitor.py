@@ -340,3 +340,22 @@ def test_the_monitor_refuses_a_split_it_can_read_no_image_of(tmp_path):
         f.write_bytes(b"junk")
     with pytest.raises(ValueError, match="no image of the validation folder .* can be read"):
         KnnMonitor(str(labelled), "mae_vit_tiny_patch16", 32, torch.device("cpu"), skip_bad=True)
+
+
+def test_a_labelled_folder_says_the_files_it_does_not_read(tmp_path, capfd):
+    """GIFs and other non-image files inside class folders were left out of the kNN in silence (the pretraining's
+    folder says them): the evaluation says them too, by extension."""
+    from PIL import Image
+
+    from fastmim.eval.encoder import LabelledFolder
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "train", n=6, classes=2)
+    for i in range(3):
+        Image.new("RGB", (40, 40), (i * 50, 0, 0)).save(root / "class0" / f"g{i}.gif")
+    (root / "class1" / "readme.txt").write_text("x")
+    capfd.readouterr()
+    folder = LabelledFolder(root)
+    assert len(folder) == 6
+    err = capfd.readouterr().err
+    assert f"note: {root}: 4 file(s) without an image extension" in err and ".gif" in err and ".txt" in err, err
