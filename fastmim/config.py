@@ -699,4 +699,6 @@ def cli_overrides(argv: list[str] | None) -> tuple[list[str], dict]:
     for k, v in ns.items():
         if isinstance(v, list) and k != "config":
             ns[k] = _fold_mappings(k, v)
+        elif k in PATH_KEYS and isinstance(v, str) and v.startswith("~"):  # (--data-path=~/x: no shell expands it)
+            ns[k] = os.path.expanduser(v)
     return [os.path.expanduser(p) for p in ns.pop("config", None) or []], ns

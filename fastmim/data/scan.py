@@ -636,6 +636,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", help="also write the findings as JSON to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    for key in ("path", "out", "report"):  # ('~/data' in quotes, or --out=~/x: no shell expands the ~)
+        value = getattr(args, key)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, key, os.path.expanduser(value))
     if args.workers is not None and args.workers < 0:
         parser.error("--workers must be 0 or more")
     try:

@@ -451,3 +451,16 @@ def test_an_unquoted_shard_pattern_in_yaml_gets_a_quoting_hint(tmp_path):
             resolve_config(["--config", str(path)])
     (tmp_path / "ok.yaml").write_text("data_path: '{/x/a,/x/b}/s.tar'\n")
     assert resolve_config(["--config", str(tmp_path / "ok.yaml")])[0].data_path == "{/x/a,/x/b}/s.tar"
+
+
+def test_a_tilde_on_the_command_line_is_the_home_folder_as_in_a_config_file(tmp_path, monkeypatch, capsys):
+    """--data-path=~/imgs: the shell leaves a ~ after "=" as it is; fastmim looked for a folder named "~" (a config
+    file's data_path: ~/imgs was expanded already). The scan's and the evaluation's paths too."""
+    from fastmim.data import scan
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg, _ = resolve_config(["--data-path=~/imgs", "--output-dir=~/runs/a"])
+    assert (cfg.data_path, cfg.output_dir) == (str(tmp_path / "imgs"), str(tmp_path / "runs" / "a"))
+    assert scan.main(["~/nothing", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nothing") in err and "~" not in err, err
