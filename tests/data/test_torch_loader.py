@@ -173,3 +173,23 @@ def test_a_folder_holding_train_and_val_splits_is_said_to_be_read_whole(tmp_path
     (root / "val").rename(root / "extra")
     ImageFolderDataset(str(root) + "/")
     assert "holds the splits" not in capsys.readouterr().err
+
+
+def test_hidden_images_and_folders_left_out_are_said(tmp_path, capfd):
+    """Hidden files and folders are not read (.DS_Store, .ipynb_checkpoints): an image named with a leading '.', or
+    inside a hidden folder, was left out without a word. macOS's "._*" AppleDouble files carry no image: not counted."""
+    from fastmim.data.folder import list_images
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "d", n=4, classes=1)
+    jpeg = next(root.rglob("*.jpg")).read_bytes()
+    (root / ".thumbs").mkdir()
+    (root / ".thumbs" / "t.jpg").write_bytes(jpeg)
+    (root / "class0" / ".again.jpg").write_bytes(jpeg)
+    (root / "class0" / "._img000.jpg").write_bytes(b"\0" * 82)
+    (root / ".DS_Store").write_bytes(b"\0")
+    capfd.readouterr()
+    assert len(list_images(root)) == 4
+    err = capfd.readouterr().err
+    assert f"note: {root}: hidden files and folders (names starting with '.') are not read: 1 image(s) and 1 " \
+        "folder(s) left out" in err, err  # fmt: skip
