@@ -342,7 +342,8 @@ def scan(
         raise ValueError(f"data path {str(root)!r} holds a line break; a file list cannot name it")
     images, others, mtime, digest = _walk(resolved)
     if not images and not others:
-        raise ValueError(f"data path {str(root)!r} is empty (no files; hidden files and folders are skipped)")
+        raise ValueError(f"data path {str(root)!r} is empty (or holds only hidden files and folders, names starting "
+                         "with '.', which are not read)")  # fmt: skip
     if not images:
         raise ValueError(
             f"data path {str(root)!r} holds no images (looked for {', '.join(IMG_EXTENSIONS)}); "
