@@ -688,7 +688,7 @@ def test_finetune_shows_each_epochs_progress(tmp_path, capsys):
     pytest.importorskip("timm", reason="fine-tuning builds on timm")
     _finetune_run(tmp_path, None, epochs=1)
     err = capsys.readouterr().err
-    assert "finetune epoch 1/1" in err and "| 0/4 [" in err  # 16 images, batches of 4
+    assert "finetune epoch 1/1: 0/4 [" in err  # 16 images, batches of 4 (a captured stderr: the log's lines)
     _finetune_run(tmp_path, None, epochs=1, progress=False)
     assert "finetune epoch" not in capsys.readouterr().err
 
