@@ -9,6 +9,14 @@ import operator
 import os
 
 
+def expand_home(values: dict, keys) -> None:
+    """A ``~`` at the start of ``values[key]`` (paths from a command line) is the home folder, as in a config file:
+    no shell expands one after "=" (``--data-path=~/imgs``) or in quotes."""
+    for key in keys:
+        if isinstance(values.get(key), str):
+            values[key] = os.path.expanduser(values[key])
+
+
 def says_usage_errors() -> bool:
     """Whether this process prints a usage error. Under torchrun every rank parses the same command and would print
     the same error once each: local rank 0 of each node says it, the others exit with the same status silently."""

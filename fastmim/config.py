@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from fastmim._args import ArgumentParser, Once
+from fastmim._args import ArgumentParser, Once, expand_home
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 LOADERS = ("auto", "dali", "torch", "torch-gpu")
@@ -699,6 +699,5 @@ def cli_overrides(argv: list[str] | None) -> tuple[list[str], dict]:
     for k, v in ns.items():
         if isinstance(v, list) and k != "config":
             ns[k] = _fold_mappings(k, v)
-        elif k in PATH_KEYS and isinstance(v, str) and v.startswith("~"):  # (--data-path=~/x: no shell expands it)
-            ns[k] = os.path.expanduser(v)
+    expand_home(ns, PATH_KEYS)
     return [os.path.expanduser(p) for p in ns.pop("config", None) or []], ns

@@ -314,10 +314,10 @@ class GpuDecodeLoader:
         from fastmim.data import load_or_stand_in
 
         out, idx, *rest = item
+        named = getattr(getattr(self.loader, "dataset", None), "named", None)  # (its workers' record: WithIndex)
         for pos in pending:
             sent = int(idx[pos])
             index = -1 - sent if sent < 0 else sent
-            named = getattr(getattr(self.loader, "dataset", None), "named", None)  # (its workers' record: WithIndex)
             img, got = load_or_stand_in(self.dataset, index, self.skip_bad, self.seed, named)
             idx[pos] = -1 - got if sent < 0 and got >= 0 else got
             out[pos] = img.to(self.device)

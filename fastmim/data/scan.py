@@ -619,7 +619,7 @@ def format_summary(result: ScanResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fastmim._args import ArgumentParser
+    from fastmim._args import ArgumentParser, expand_home
 
     parser = ArgumentParser(
         prog="python -m fastmim.data.scan",
@@ -637,10 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", help="also write the findings as JSON to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    for key in ("path", "out", "report"):  # ('~/data' in quotes, or --out=~/x: no shell expands the ~)
-        value = getattr(args, key)
-        if isinstance(value, str) and value.startswith("~"):
-            setattr(args, key, os.path.expanduser(value))
+    expand_home(vars(args), ("path", "out", "report"))
     if args.workers is not None and args.workers < 0:
         parser.error("--workers must be 0 or more")
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fastmim._args import ArgumentParser
+from fastmim._args import ArgumentParser, expand_home
 
 
 def build_parser(mode: str | None = None) -> argparse.ArgumentParser:
@@ -604,10 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     guard_output()  # (a terminal that goes while SIGHUP is ignored: the fine-tuning prints on, to /dev/null)
     ap = build_parser(_help_mode(sys.argv[1:] if argv is None else argv))
     args = ap.parse_args(argv)
-    for key in ("encoder", "random", "data_path", "val_path", "finetune_dir", "resume", "out"):
-        value = getattr(args, key, None)  # (--data-path=~/x: no shell expands the ~ after an =)
-        if isinstance(value, str) and value.startswith("~"):
-            setattr(args, key, os.path.expanduser(value))
+    expand_home(vars(args), ("encoder", "random", "data_path", "val_path", "finetune_dir", "resume", "out"))
     _check_mode_options(ap, args, argv)
     if args.mode == "finetune" and args.resume == "if-exists":  # a job script's one command, requeued or not
         if not args.finetune_dir:
