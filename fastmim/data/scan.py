@@ -32,7 +32,7 @@ import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -70,6 +70,12 @@ _HEADER = re.compile(
     r" mtime=(?P<mtime>\S+)(?: digest=(?P<digest>[0-9a-f]+))?"
 )
 _MAX_PRINTED_NON_IMAGES = 20
+_LEFT_OUT = {  # iter_files's counts, as the summary says them
+    "hidden images": "hidden image(s) (names starting with '.')",
+    "hidden folders": "hidden folder(s)",
+    "walked twice": "linked folder(s) leading to a folder already read (a link loop or a second link: read once)",
+    "excluded": "folder(s) excluded",
+}
 
 
 @dataclass
@@ -82,6 +88,8 @@ class ScanResult:
         non_images: files without an image extension (never listed; not errors).
         list_path: where the clean list was written.
         files: files seen (good + bad + non_images); mtime: the newest modification time among them.
+        left_out: what the folder walk did not read, counted as ``iter_files`` counts it ("hidden images", "hidden
+            folders", "walked twice": linked folders leading to a folder already read).
     """
 
     root: str
@@ -91,6 +99,7 @@ class ScanResult:
     list_path: Path
     files: int = 0
     mtime: float = 0.0
+    left_out: dict[str, int] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """Bad files per reason (``corrupt: <message>`` counted as ``corrupt``), most common first."""
@@ -106,6 +115,7 @@ class ScanResult:
             "counts": self.counts(),
             "non_images": self.non_images,
             "mtime": self.mtime,
+            "left_out": self.left_out,
         }
 
 
@@ -133,11 +143,12 @@ def _list_path(root: str | Path, suffix: str) -> Path:
     return cache_root() / "scans" / f"{digest}{suffix}"
 
 
-def _walk(root: str) -> tuple[list[str], list[str], float, str]:
+def _walk(root: str, skipped: dict[str, int] | None = None) -> tuple[list[str], list[str], float, str]:
     """(image files, other files, newest mtime, ``_digest`` of them all) below root. Image files are exactly those
-    ``list_images`` reads (``iter_files``: hidden files such as ``.DS_Store`` are not walked)."""
+    ``list_images`` reads (``iter_files``: hidden files such as ``.DS_Store`` are not walked; ``skipped`` counts what
+    the walk left out)."""
     images, others = [], []
-    paths = list(iter_files(root))
+    paths = list(iter_files(root, skipped))
     for path in paths:
         (images if is_image_file(path) else others).append(path)
     stats, newest = [], 0.0
@@ -340,7 +351,8 @@ def scan(
     resolved = _resolve(root)
     if "\n" in resolved or "\r" in resolved:
         raise ValueError(f"data path {str(root)!r} holds a line break; a file list cannot name it")
-    images, others, mtime, digest = _walk(resolved)
+    skipped: dict[str, int] = {}
+    images, others, mtime, digest = _walk(resolved, skipped)
     if not images and not others:
         raise ValueError(f"data path {str(root)!r} is empty (or holds only hidden files and folders, names starting "
                          "with '.', which are not read)")  # fmt: skip
@@ -368,7 +380,8 @@ def scan(
         f"mtime={mtime!r} digest={digest}"
     )
     _write_atomic(list_path, "".join([header, "\n", *(p[len(prefix) :] + "\n" for p in good)]))
-    return ScanResult(resolved, good, bad, others, list_path, len(images) + len(others), mtime)
+    left_out = {k: n for k, n in skipped.items() if n}
+    return ScanResult(resolved, good, bad, others, list_path, len(images) + len(others), mtime, left_out)
 
 
 def _scan_tars(resolved: str, shards: list[str], workers, out, progress) -> ScanResult:
@@ -601,6 +614,9 @@ def format_summary(result: ScanResult) -> str:
         lines += [f"  {_printable(p)}" for p in result.non_images[:_MAX_PRINTED_NON_IMAGES]]
         if len(result.non_images) > _MAX_PRINTED_NON_IMAGES:
             lines.append(f"  ... and {len(result.non_images) - _MAX_PRINTED_NON_IMAGES} more (all in --report)")
+    left_out = [f"{result.left_out[k]} {what}" for k, what in _LEFT_OUT.items() if result.left_out.get(k)]
+    if left_out:
+        lines.append("not read (the loaders do not read them either): " + ", ".join(left_out))
     lines.append(f"clean list of {len(result.good)} images: {result.list_path}")
     if result.good and list_tar_shards(result.root) is not None:  # tar shards are passed themselves, not the list
         data = shlex.quote(result.root)  # (a pattern of shards is passed in quotes)

@@ -526,3 +526,19 @@ def test_a_named_pipe_with_an_image_name_is_named_not_waited_on(tmp_path):
         sig.alarm(0)
     assert result.bad == [(str(pipe), "unreadable: not a regular file (a named pipe, socket or device)")]
     assert len(result.good) == 4
+
+
+def test_the_summary_says_what_the_walk_left_out(tmp_path):
+    """Hidden images and folders and a link loop are not read by the loaders; the scan's summary and its report
+    say how many, so that its count of files is explained (before: they were left out unsaid)."""
+    root = make_image_folder(tmp_path / "d", n=4)
+    (root / "class0" / ".hidden.jpg").write_bytes((root / "class0" / "img000.jpg").read_bytes())
+    (root / ".thumbs").mkdir()
+    (root / "class1" / "up").symlink_to("..")
+    result = scan(root, workers=0, progress=False, out=tmp_path / "l.txt")
+    assert result.left_out == {"hidden images": 1, "hidden folders": 1, "walked twice": 1}
+    assert len(result.good) == 4 and result.to_json()["left_out"] == result.left_out
+    line = next(x for x in format_summary(result).splitlines() if x.startswith("not read"))
+    assert "1 hidden image(s)" in line and "1 hidden folder(s)" in line and "1 linked folder(s)" in line, line
+    plain = scan(make_image_folder(tmp_path / "plain", n=2), workers=0, progress=False, out=tmp_path / "p.txt")
+    assert plain.left_out == {} and "not read" not in format_summary(plain)
