@@ -43,9 +43,9 @@ from fastmim.train.checkpoint import (
     CHECKPOINT_NAME,
     DCP_NAME,
     WriteError,
+    clear_stale_temporaries,
     existing_run_markers,
     load_checkpoint,
-    remove_stale_temporaries,
     run_checkpoint,
 )
 from fastmim.train.compile_mode import compile_model, resolve_compile_mode
@@ -569,7 +569,7 @@ def _check_output_dir(cfg: PretrainConfig, out: Path, locked: bool) -> str | Non
     lock (``locked``) no save is under way, so also when the run is refused; unlocked (a file system without locks),
     only for a run that starts there."""
     if locked:
-        _remove_stale_temporaries(out)
+        clear_stale_temporaries(out)
     markers = existing_run_markers(out)
     resuming_here = cfg.resume is not None and Path(cfg.resume).resolve().parent == out.resolve()
     unfinished = bool(markers) and run_checkpoint(out) is None and not resuming_here
@@ -595,14 +595,8 @@ def _check_output_dir(cfg: PretrainConfig, out: Path, locked: bool) -> str | Non
         return f"output directory {str(out)!r} already holds a run ({', '.join(markers)}); {how}. Nothing was " \
             "overwritten."  # fmt: skip
     if not locked:
-        _remove_stale_temporaries(out)
+        clear_stale_temporaries(out)
     return None
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    freed = remove_stale_temporaries(out)
-    if freed:
-        print(f"note: removed {freed / 2**20:.1f} MiB of temporary files an interrupted save left in {out}", flush=True)
 
 
 def with_builtin_data(cfg: PretrainConfig) -> PretrainConfig:

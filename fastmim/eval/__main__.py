@@ -452,8 +452,8 @@ def _finetune_dir(args, info: dict) -> Path:
 
 def _finetune(args, encoder, info, train_root, train, val, device, result: dict) -> str:
     from fastmim.eval.encoder import LabelledFolder
-    from fastmim.eval.finetune import finetune, finetune_transform, recipe_extras
-    from fastmim.train.checkpoint import save_encoder
+    from fastmim.eval.finetune import CHECKPOINT, finetune, finetune_transform, recipe_extras
+    from fastmim.train.checkpoint import clear_stale_temporaries, save_encoder
     from fastmim.train.distributed import broadcast_object
     from fastmim.train.runlock import RunLock
 
@@ -484,6 +484,8 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
         problem = args.run_lock.acquire()
         if problem and made and not any(run_dir.iterdir()):
             run_dir.rmdir()
+        elif not problem:  # (the folder is this run's: a save killed mid-write left its temporary checkpoint)
+            clear_stale_temporaries(run_dir, names=(CHECKPOINT,))
     problem = broadcast_object(problem, args.dist_info)
     if problem:
         raise ValueError(problem)

@@ -181,6 +181,15 @@ def remove_stale_temporaries(output_dir: str | Path, names=(*RUN_FILES, SNAPSHOT
     return freed
 
 
+def clear_stale_temporaries(output_dir: str | Path, names=(*RUN_FILES, SNAPSHOT_GLOB)) -> int:
+    """``remove_stale_temporaries``, saying what it freed (a note on stdout) when it freed anything."""
+    freed = remove_stale_temporaries(output_dir, names)
+    if freed:
+        print(f"note: removed {freed / 2**20:.1f} MiB of temporary files an interrupted save left in {output_dir}",
+              flush=True)  # fmt: skip
+    return freed
+
+
 def _remove(path: Path) -> int:
     """Deletes the file ``path``; returns the bytes that freed (0 for one gone already, not ours to delete, or whose
     bytes stay with another hard link)."""

@@ -847,8 +847,8 @@ def test_cli_finetune_stopped_by_a_signal_exits_for_a_requeue_and_resumes(tmp_pa
                                                                           noted_sigusr1):  # fmt: skip
     """A job script's one command (--resume if-exists --finetune-dir F): the first start is stopped by SIGUSR1
     inside the first epoch and exits 75 (requeue) naming the place; the same command run again continues it and
-    finishes; a later --resume F --epochs 3 trains one more epoch and keeps --epochs 3 in args.json, so that the next
-    resume does not ask for fewer."""
+    finishes, removing the temporary file of a save killed mid-write; a later --resume F --epochs 3 trains one more
+    epoch and keeps --epochs 3 in args.json, so that the next resume does not ask for fewer."""
     pytest.importorskip("timm", reason="fine-tuning builds on timm")
     from safetensors import safe_open
 
@@ -871,8 +871,12 @@ def test_cli_finetune_stopped_by_a_signal_exits_for_a_requeue_and_resumes(tmp_pa
         model.pos_embed.add_(1.0)  # (other weights)
     save_encoder(path, model.encoder_state_dict(), {"model": "mae_vit_tiny_patch16", "step": "20", "img_size": "32"})
     assert hashlib.sha256(path.read_bytes()).hexdigest() != started
+    stale = folder / ".checkpoint.pt.k9x2.tmp"  # a save killed mid-write (kill -9) left its temporary file
+    stale.write_bytes(bytes(2 * 2**20))
     assert eval_main(job) == 0  # the same command: it continues in the folder
-    assert "has changed (now step 20) since this fine-tuning started from it (step 12)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "has changed (now step 20) since this fine-tuning started from it (step 12)" in out
+    assert f"removed 2.0 MiB of temporary files an interrupted save left in {folder}" in out and not stale.exists()
     row = json.loads((path.parent / "eval.jsonl").read_text().splitlines()[-1])
     assert row["step"] == 12 and row["encoder_sha256"] == started  # the weights it fine-tuned, not the file's now
     assert [json.loads(s)["epoch"] for s in (folder / "history.jsonl").read_text().splitlines()] == [1, 2]
