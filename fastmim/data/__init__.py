@@ -119,7 +119,9 @@ def load_or_stand_in(dataset, index: int, skip_bad: bool, seed: int = 0, named: 
             # named where it happens (a loader worker): the run's count in metrics.jsonl does not say which files
             # (on a line of its own: the training process's progress bar holds the current one, without a newline)
             if named is None or named.first(index):
-                print(f"\nskipped: {first.summary()}; sample {j} stands in for it (--skip-bad-files" + (
+                from fastmim.train.progress import line_break
+
+                print(f"{line_break()}skipped: {first.summary()}; sample {j} stands in for it (--skip-bad-files" + (
                     "; named once" if named is not None else "") + ")", file=sys.stderr, flush=True)  # fmt: skip
             return item
         raise BadImageError(f"{first.summary()} (and the {len(tried)} other samples tried in its place cannot be read "

@@ -377,8 +377,14 @@ class LabelledFolder(torch.utils.data.Dataset):
 
             from PIL import Image
 
+            from fastmim.train.progress import line_break
+
             if self.named.first(i):
-                print(f"\nskipped: {e.summary()}; left out (--skip-bad-files; named once)", file=sys.stderr, flush=True)
+                print(
+                    f"{line_break()}skipped: {e.summary()}; left out (--skip-bad-files; named once)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             black = Image.new("RGB", (32, 32))  # (a view of the transform's shape, so that the batch collates)
             return (self.transform(black) if self.transform else black), LEFT_OUT
 

@@ -64,6 +64,14 @@ def _notebook(stream) -> bool:
     return type(stream).__module__.split(".")[0] == "ipykernel"
 
 
+def line_break(stream=None) -> str:
+    """What starts a message on a line of its own beside a progress bar on ``stream`` (stderr by default): a newline
+    where the bar is redrawn in place (a terminal, a notebook: the bar's line has no newline yet), none in a log,
+    whose progress lines end in one (there it printed a blank line before every message)."""
+    stream = sys.stderr if stream is None else stream
+    return "\n" if _is_terminal(stream) or _notebook(stream) else ""
+
+
 def progress_bar(*, stream=None, **kwargs) -> tqdm:
     """``tqdm(**kwargs)`` on ``stream`` (stderr by default): as asked on a terminal (or in a notebook); elsewhere in
     lines, one at most every ``FASTMIM_PROGRESS_S`` seconds (and, for a bar that stays, ``leave=True``, its last state

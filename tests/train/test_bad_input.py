@@ -425,8 +425,8 @@ def test_skip_bad_files_replaces_them_by_a_fixed_choice_and_counts_them(tmp_path
     img, sent = ds[3]
     stand_in = replacement_index(3, 1, 12)
     assert sent == -1 - stand_in and stand_in not in (3, 7) and img.size == (72, 80)
-    said = capfd.readouterr().err  # the file is named where it is skipped
-    assert said.startswith(f"\nskipped: cannot read image {files[3]!r}") and f"sample {stand_in} stands in" in said
+    said = capfd.readouterr().err  # the file is named where it is skipped (a log: no blank line before it)
+    assert said.startswith(f"skipped: cannot read image {files[3]!r}") and f"sample {stand_in} stands in" in said
     # the stand-ins spread over the whole data set whatever its size (a stride sharing a factor with 69 had reached
     # one sample): two unreadable files of 69 stop nothing
     for n in (9, 69, 1761, 40503):

@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-from fastmim.train.progress import progress_bar
+from fastmim.train.progress import line_break, progress_bar
 
 
 class Terminal(io.StringIO):
@@ -84,3 +84,10 @@ def test_a_notebook_keeps_the_bar(monkeypatch):
     with progress_bar(stream=cell, total=3, mininterval=0) as bar:
         bar.update(3)
     assert cell.getvalue().count("\r") >= 2 and "|" in cell.getvalue()
+
+
+def test_a_message_beside_a_bar_breaks_the_line_only_where_the_bar_is_redrawn_in_place():
+    """A loader worker's "skipped: ..." starts on a new line on a terminal (the bar's line has no newline yet); in a
+    log, whose progress lines end in one, it printed a blank line before every message."""
+    assert line_break(Terminal()) == "\n"
+    assert line_break(io.StringIO()) == ""
