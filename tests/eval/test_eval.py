@@ -873,10 +873,14 @@ def test_cli_finetune_stopped_by_a_signal_exits_for_a_requeue_and_resumes(tmp_pa
     assert hashlib.sha256(path.read_bytes()).hexdigest() != started
     stale = folder / ".checkpoint.pt.k9x2.tmp"  # a save killed mid-write (kill -9) left its temporary file
     stale.write_bytes(bytes(2 * 2**20))
+    inner = folder / ".finetuned.safetensors.b7q1.tmp.d"  # and the network's save, safetensors' own file in its folder
+    inner.mkdir()
+    (inner / "tmpa1b2c3").write_bytes(bytes(2**20))
     assert eval_main(job) == 0  # the same command: it continues in the folder
     out = capsys.readouterr().out
     assert "has changed (now step 20) since this fine-tuning started from it (step 12)" in out
-    assert f"removed 2.0 MiB of temporary files an interrupted save left in {folder}" in out and not stale.exists()
+    assert f"removed 3.0 MiB of temporary files an interrupted save left in {folder}" in out
+    assert not stale.exists() and not inner.exists()
     row = json.loads((path.parent / "eval.jsonl").read_text().splitlines()[-1])
     assert row["step"] == 12 and row["encoder_sha256"] == started  # the weights it fine-tuned, not the file's now
     assert [json.loads(s)["epoch"] for s in (folder / "history.jsonl").read_text().splitlines()] == [1, 2]
