@@ -26,9 +26,20 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Tests write the built-in sample folder into a temporary cache, never the user's."""
+    """Tests write the built-in sample folder into a temporary cache, never the user's. The processes they start
+    keep their temporary files in the session's folder (TMPDIR), which pytest removes: torchrun's agent left an
+    empty torchelastic_* folder in /tmp per launch (21 a run), a killed process its pymp-* folder. Compiled code
+    stays cached where torch keeps it by default."""
     if "FASTMIM_CACHE" not in os.environ:
         os.environ["FASTMIM_CACHE"] = str(tmp_path_factory.mktemp("fastmim-cache"))
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # (torch's default is under the temporary folder)
+        try:
+            from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = default_cache_dir()
+        except ImportError:  # (another torch: its subprocesses' compiles are then cached for the session only)
+            pass
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
     yield
 
 
