@@ -57,6 +57,17 @@ class Masks:
     num_hidden: int | None = None
     target_tokens: int | None = None
 
+    def __post_init__(self) -> None:
+        # bool only: a float or integer tensor here was taken as is (0.5 everywhere hid some tokens, weighted others
+        # in a loss); a plain tensor given to a model is checked for 0/1 values instead (as_mask_info)
+        for name in ("mask", "targets", "secondary"):
+            t = getattr(self, name)
+            if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != torch.bool):
+                got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                raise TypeError(f"Masks.{name} must be a bool tensor (True = hidden), got {got}; a 0/1 tensor: "
+                                "pass it as t.bool(), or give a model the plain tensor, which checks its "
+                                "values")  # fmt: skip
+
     def info(self, ids: bool = True) -> MaskInfo:
         """MAE's index form of ``mask`` flattened per sample: needs the same hidden count in every sample (with an
         exact count known, no host sync). ``ids=False``: the float mask alone (``mask_only``), for encoders that keep

@@ -483,3 +483,25 @@ def test_multiblock_default_min_keep_fits_small_grids():
     assert (~m.mask).flatten(1).sum(1).min() >= 1 and m.targets.shape == (4, 4, 2, 3)
     with pytest.raises(ValueError, match=r"min_keep must be an int in \[0, 5\], got 10"):
         build_mask("multiblock", (2, 3), min_keep=10)  # given: still checked
+
+
+def test_a_masks_of_another_dtype_than_bool_is_refused_by_name():
+    """Masks(...) took any tensor as it was: a model given Masks(torch.full(..., 0.5)) hid the last tokens of each
+    sample, and SimMIM weighted its loss by 0.5, while the same plain tensor was refused for its values."""
+    import fastmim
+    from fastmim.masking import Masks
+
+    half = torch.full((2, 4, 4), 0.5)
+    for bad in (half, half.round().to(torch.uint8), torch.zeros(2, 4, 4, dtype=torch.int64)):
+        with pytest.raises(TypeError, match=rf"Masks.mask must be a bool tensor \(True = hidden\), got {bad.dtype}"):
+            Masks(bad)
+    with pytest.raises(TypeError, match="Masks.targets must be a bool tensor"):
+        Masks(torch.zeros(2, 4, 4, dtype=torch.bool), targets=torch.zeros(2, 1, 4, 4))
+    model = fastmim.create_model("mae_vit_tiny_patch16", img_size=32, patch_size=8, decoder_depth=1,
+                                 decoder_embed_dim=32, decoder_num_heads=2)  # fmt: skip
+    with pytest.raises(ValueError, match="has other values"):  # the plain tensor: its values checked, as before
+        model(torch.randn(2, 3, 32, 32), mask=half)
+    ok = torch.zeros(2, 4, 4, dtype=torch.bool)
+    ok[:, :2] = True
+    loss, _, mask = model(torch.randn(2, 3, 32, 32), mask=Masks(ok))
+    assert torch.equal(mask.bool(), ok.flatten(1)) and torch.isfinite(loss)
