@@ -247,7 +247,7 @@ class PretrainConfig:
     )  # fmt: skip
     log_interval: int = field(default=10, metadata={"help": "steps between logged metrics (host syncs)"})
     save_interval: int = field(default=0, metadata={"help": "steps between checkpoints (0: every epoch)"})
-    vis_interval: int = field(default=10, metadata={"help": "epochs between reconstruction images"})
+    vis_interval: int = field(default=10, metadata={"help": "epochs between reconstruction images (0: none)"})
     keep_every: int = field(
         default=0,
         metadata={"help": "epochs between encoder snapshots kept for evaluating the run part way "
@@ -283,7 +283,9 @@ class PretrainConfig:
             raise ValueError(f"sparse_backend must be one of {', '.join(SPARSE_BACKENDS)}, got {self.sparse_backend!r}")
         if not 0 <= self.seed < 2**32:  # numpy's and DALI's seeds are 32-bit
             raise ValueError(f"seed must be in [0, 2^32), got {self.seed}")
-        positive = ("img_size", "epochs", "batch_size", "accum_iter", "log_interval", "vis_interval", "eval_every")
+        positive = ("img_size", "epochs", "batch_size", "accum_iter", "log_interval", "eval_every")
+        if self.vis_interval < 0:
+            raise ValueError(f"vis_interval must be >= 0 (0: no reconstruction pictures), got {self.vis_interval}")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -387,12 +389,16 @@ class PretrainConfig:
 
 def encoder_options(settings: dict) -> dict | None:
     """The ViT keyword arguments a run's settings (config keys: a PretrainConfig's ``to_dict()``, a run's
-    config.yaml, old ones included) give its encoder: layer scale for every ViT recipe; the relative position bias,
+    config.yaml, old ones included) give its encoder: layer scale and the patch size for every ViT recipe (the
+    latter where model_args sets it); the relative position bias,
     the absolute embedding and the initialisation for those whose encoder sees every token; None for FCMAE."""
     model = str(settings.get("model") or "")
     if model.startswith("fcmae_"):
         return None
     options = {"init_values": settings.get("layer_scale")}
+    patch = as_mapping("model_args", settings.get("model_args") or {}).get("patch_size")
+    if patch is not None:  # (--model-args patch_size=8: another patch than the name's)
+        options["patch_size"] = patch
     if model.startswith(EVERY_TOKEN_RECIPES):
         options.update(rel_pos_bias=settings.get("rel_pos_bias"), abs_pos_embed=settings.get("abs_pos") or "sincos",
                        init=settings.get("vit_init") or "mae")  # fmt: skip

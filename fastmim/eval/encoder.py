@@ -29,6 +29,19 @@ def encoder_name(name: str) -> str:
     return name
 
 
+def _plain_encoder(name: str) -> str | None:
+    """The registered encoder (``vit_*``, ``convnextv2_*``) a model name stands for: a recipe's
+    (``mae_vit_base_patch16`` -> ``vit_base_patch16``), or one whose name ends in it (a model registered by a
+    user's script, ``mae_sobel_vit_tiny_patch16``); None: none."""
+    import fastmim
+
+    encoders = [m for m in fastmim.list_models() if m.startswith(("vit_", "convnextv2_"))]
+    enc = encoder_name(name)
+    if enc in encoders:
+        return enc
+    return next((m for m in sorted(encoders, key=len, reverse=True) if name.endswith("_" + m)), None)
+
+
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -111,16 +124,22 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
         if not path.is_file():
             raise FileNotFoundError(f"no encoder at {str(path)!r}{_snapshots_there(path.parent)}")
         state, meta = _read_weights(path)
-    if model and meta.get("model") and model not in (meta["model"], encoder_name(meta["model"])):
-        raise ValueError(f"{str(path)!r} says it holds {meta['model']!r}; --model {model} contradicts it (--model, "
+    said = meta.get("model")
+    if model and said and _plain_encoder(said) is not None and model not in (said, encoder_name(said)):
+        raise ValueError(f"{str(path)!r} says it holds {said!r}; --model {model} contradicts it (--model, "
                          "model= in Python, is for files that do not say their architecture: drop it)")  # fmt: skip
-    name = meta.get("model") or model  # the file's own name where it has one (a recipe's: the run it came from)
+    # the file's own name where it has one (a recipe's: the run it came from); --model for a name this process does
+    # not know (a model registered by the script that pretrained it)
+    name = model if model and said and _plain_encoder(said) is None else said or model
     if name is None:
         raise ValueError(f"{str(path)!r} does not say its architecture: name it with --model (model= in Python; "
                          "e.g. vit_base_patch16)")  # fmt: skip
-    enc = encoder_name(name)
-    if enc not in fastmim.list_models():
-        raise ValueError(f"unknown encoder {name!r}: ViTs are vit_<size>_patch<14|16>, ConvNeXt V2 convnextv2_<size>")
+    enc = _plain_encoder(name)
+    if enc is None:
+        own = ("; a model registered by your own code: name its encoder's architecture with --model (model= in "
+               "Python), e.g. --model vit_base_patch16") if path is not None else ""  # fmt: skip
+        raise ValueError(f"unknown encoder {name!r}: ViTs are vit_<size>_patch<14|16>, ConvNeXt V2 "
+                         f"convnextv2_<size>{own}")  # fmt: skip
     kwargs: dict = {"num_classes": 0}
     if enc.startswith("vit_"):
         class_token = "cls_token" in state if state is not None else not name.startswith("ijepa_")
@@ -152,6 +171,7 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
             grid = math.isqrt(tokens)
             patch = state["patch_embed.proj.weight"].shape[-1]
             kwargs["img_size"] = grid * patch
+            kwargs["patch_size"] = patch  # (a run's --model-args patch_size=8 trains another than its name's)
             if img_size is not None and img_size != kwargs["img_size"]:
                 if img_size % patch:
                     raise ValueError(f"--img-size {img_size} is not a multiple of the encoder's patch size {patch}")

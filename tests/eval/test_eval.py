@@ -1440,3 +1440,50 @@ def test_cached_features_that_left_an_image_out_are_extracted_again_once_it_read
     assert [r["left_out"] for r in rows] == [{"train": 1, "val": 1}, {"train": 0, "val": 1}, {"train": 0, "val": 1}]
     assert [r["features_cached"] for r in rows] == [False, False, True]
     assert "note: 1 unreadable image(s) left out of the cached features" in capfd.readouterr().err
+
+
+def test_an_encoder_of_another_patch_size_or_a_users_own_model_name_is_evaluated(tmp_path, capsys):
+    """A run with --model-args patch_size=8 wrote mae_vit_tiny_patch16's name: its encoder did not load (position
+    embedding 5 against 17), its --eval-data monitor stopped the run, and --random RUN built a patch-16 ViT as that
+    run's random baseline. A model registered by the user's own script (mae_sobel_vit_tiny_patch16) was an unknown
+    encoder, and --model was refused as contradicting the file."""
+    from safetensors.torch import load_file
+
+    from fastmim import pretrain
+    from tests.conftest import TINY_ARGS
+
+    data = make_image_folder(tmp_path / "d", n=8)
+    labelled = tmp_path / "labelled"
+    make_image_folder(labelled / "train", n=4)
+    make_image_folder(labelled / "val", n=2, seed=1)
+    run = tmp_path / "p8"
+    pretrain.run([*TINY_ARGS, "--img-size", "32", "--data-path", str(data), "--output-dir", str(run), "--max-steps",
+                  "2", "--model-args", "patch_size=8", "--eval-data", str(labelled)])  # fmt: skip
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "knn_top1" in r] == [0, 2]  # the monitor's encoder too
+    enc, info = load_encoder(run)
+    assert enc.patch_embed.patch_size == (8, 8) and info["img_size"] == 32
+    state = load_file(run / "encoder.safetensors")
+    assert all(torch.equal(v, state[k]) for k, v in enc.state_dict().items())
+    assert enc(torch.randn(2, 3, 32, 32)).shape[0] == 2
+    assert eval_main(["knn", "--random", str(run), "--data-path", str(data), "--val-path", str(data), "--k", "2",
+                      "--batch-size", "4", "--device", "cpu"]) == 0  # fmt: skip
+    row = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
+    assert row["random_options"]["patch_size"] == 8  # the random baseline has the run's patches
+    capsys.readouterr()
+    # a name only the user's script registers: read as the encoder its name ends in, or named with --model
+    _, path = _save_run_encoder(tmp_path, img_size=32)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = {**f.metadata(), "model": "mae_sobel_vit_tiny_patch16"}
+    save_file(load_file(path), path, metadata=meta)
+    assert load_encoder(path)[1]["encoder"] == "vit_tiny_patch16"
+    save_file(load_file(path), path, metadata={**meta, "model": "my_method"})
+    with pytest.raises(ValueError, match="unknown encoder 'my_method'.*name its encoder's architecture with --model"):
+        load_encoder(path)
+    assert load_encoder(path, model="vit_tiny_patch16")[1]["encoder"] == "vit_tiny_patch16"
+    with pytest.raises(ValueError, match="contradicts it"):  # a name it knows is still the file's word
+        save_file(load_file(path), path, metadata={**meta, "model": "mae_vit_tiny_patch16"})
+        load_encoder(path, model="vit_small_patch16")
