@@ -29,7 +29,7 @@ from fastmim.train.optim import lr_at, param_names, regroup_state, saved_param_n
 from fastmim.train.preempt import Preempted, PreemptionWatch, training_finished
 from fastmim.train.progress import progress_bar
 from fastmim.train.step import TrainStep
-from fastmim.train.visualize import reconstruction_grid, save_grid
+from fastmim.train.visualize import NotPixels, reconstruction_grid, save_grid
 
 MIN_LOSS_SCALE = 1e-4  # fp16: a scale below this (fairseq's --min-loss-scale) means every step is skipped
 
@@ -151,6 +151,7 @@ class Trainer:
         from fastmim.train import fsdp
 
         self.sharded = fsdp.is_sharded(self.raw_model)  # --fsdp: FSDP2 shards, sharded checkpoints
+        self.no_pictures = False  # set when the model's predictions turn out not to be pixels (visualize)
         # I-JEPA's forward takes the smallest target block's count from the host (no sync to count it)
         self._takes_target_tokens = "target_tokens" in inspect.signature(self.raw_model.forward).parameters
         ddp = self.info.enabled and hasattr(self.model, "no_sync")
@@ -675,7 +676,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def visualize(self) -> None:
-        if not getattr(self.raw_model, "predicts_pixels", True):  # MaskFeat predicts HOG
+        if not getattr(self.raw_model, "predicts_pixels", True) or self.no_pictures:  # MaskFeat predicts HOG
             return
         if not self.info.is_main and not self.sharded:  # (sharded: every rank takes part in the forward)
             return
@@ -695,8 +696,14 @@ class Trainer:
         imgs = torch.stack(shown).to(self.device)
         # after a whole epoch: epoch_<epochs done>; a stop inside an epoch: step_<steps done>
         name = f"epoch_{self.pos.epoch:04d}.png" if self.pos.batch == 0 else f"step_{self.pos.step:07d}.png"
-        with self.autocast():
-            grid = reconstruction_grid(self.raw_model, imgs)
+        try:
+            with self.autocast():
+                grid = reconstruction_grid(self.raw_model, imgs)
+        except NotPixels as e:  # the pictures are for the eye: the run goes on without them
+            self.no_pictures = True
+            if self.info.is_main:
+                print(f"note: no reconstruction pictures in this run: {e}", flush=True)
+            return
         if self.info.is_main:
             save_grid(grid, self.output_dir / "reconstructions" / name)
 
@@ -915,7 +922,7 @@ class Trainer:
                           f"step {self.pos.step}; its reconstructions and kNN evaluation are left out",
                           flush=True)  # fmt: skip
                 break
-            if last or self.pos.batch == 0 and self.pos.epoch % cfg.vis_interval == 0:
+            if cfg.vis_interval and (last or self.pos.batch == 0 and self.pos.epoch % cfg.vis_interval == 0):
                 t_log += _seconds(self.visualize)
             if last or self.pos.batch == 0 and self.pos.epoch % cfg.eval_every == 0:
                 t_log += _seconds(self.evaluate_knn)

@@ -11,6 +11,10 @@ from fastmim.data.transforms import denormalize
 from fastmim.train.checkpoint import atomic_write
 
 
+class NotPixels(ValueError):
+    """The model's predictions cannot be drawn as the image's patches."""
+
+
 @torch.no_grad()
 def reconstruction_grid(model, imgs: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """[3, H', W'] image in [0, 1] for a batch of normalised images [B, 3, H, W].
@@ -25,7 +29,11 @@ def reconstruction_grid(model, imgs: torch.Tensor, seed: int = 0) -> torch.Tenso
         torch.manual_seed(seed)
         _, pred, mask = model(imgs)
     model.train(was_training)
-    recon = model.reconstruct(imgs, pred)  # [B, 3, H, W], normalised pixel space
+    try:
+        recon = model.reconstruct(imgs, pred)  # [B, 3, H, W], normalised pixel space
+    except ValueError as e:  # (a model of the user's own that predicts another target with pixel_target's head)
+        raise NotPixels(f"the model's predictions {tuple(pred.shape)} are not pixel patches ({e}); a model class "
+                        "with predicts_pixels = False, or --vis-interval 0, draws none") from e  # fmt: skip
     p = model.patch_size
     pix_mask = mask.reshape(-1, *model.grid_size, 1, 1).float()
     pix_mask = pix_mask.expand(-1, -1, -1, p, p).permute(0, 1, 3, 2, 4).reshape(imgs.shape[0], 1, *imgs.shape[-2:])

@@ -493,3 +493,47 @@ def test_kept_snapshots_mark_a_run_and_one_missed_at_an_epoch_end_is_made_on_res
 
     with pytest.raises(FileNotFoundError, match=r"holds 1 encoder snapshot\(s\) \(--keep-every\): encoder-epoch0002"):
         load_encoder(out)
+
+
+def _histogram_mae(**kwargs):
+    """A user's own method, as the README describes one: MAE whose head predicts a 24-wide target per patch (its own
+    forward_loss), registered by the user's script."""
+    import types
+
+    import fastmim
+
+    model = fastmim.create_model("mae_vit_tiny_patch16", **kwargs)
+    model.decoder_pred = torch.nn.Linear(model.decoder_pred.in_features, 24)
+
+    def forward_loss(self, imgs, pred, mask):
+        target = imgs.unfold(2, 16, 16).unfold(3, 16, 16).mean((-1, -2)).flatten(2).transpose(1, 2)  # [B, N, 3]
+        err = (pred - target.repeat(1, 1, 8)).pow(2).mean(-1)
+        return (err * mask).sum() / mask.sum()
+
+    model.forward_loss = types.MethodType(forward_loss, model)
+    return model
+
+
+def test_a_users_model_predicting_another_target_trains_without_pictures(image_folder, tmp_path, capsys, monkeypatch):
+    """A registered model whose predictions are not pixel patches: the run stopped at its end (and at every
+    --vis-interval epoch) with "tokens (8, 16, 24) do not match grid 4x4, patch 16, channels 3" from the reconstruction
+    picture, and --vis-interval 0 was refused. Now the run says once that it draws no pictures and finishes;
+    --vis-interval 0 draws none, silently."""
+    from fastmim.models import registry
+
+    monkeypatch.setitem(registry._REGISTRY, "mae_hist_vit_tiny_patch16", _histogram_mae)
+    args = [*TINY_ARGS, "--model", "mae_hist_vit_tiny_patch16", "--data-path", str(image_folder), "--epochs", "2",
+            "--max-steps", "8"]  # fmt: skip
+    pretrain.run([*args, "--output-dir", str(tmp_path / "a")])
+    out = capsys.readouterr().out
+    assert out.count("note: no reconstruction pictures in this run: the model's predictions (8, 16, 24) are not "
+                     "pixel patches") == 1, out  # fmt: skip
+    assert "done: step 8" in out and not list((tmp_path / "a").glob("reconstructions/*.png"))
+    pretrain.run([*args, "--output-dir", str(tmp_path / "b"), "--vis-interval", "0"])
+    out = capsys.readouterr().out
+    assert "reconstruction" not in out and "done: step 8" in out and not (tmp_path / "b" / "reconstructions").exists()
+    pretrain.run([*TINY_ARGS, "--data-path", str(image_folder), "--max-steps", "2", "--vis-interval", "0",
+                  "--output-dir", str(tmp_path / "c")])  # fmt: skip
+    assert not list((tmp_path / "c").glob("reconstructions/*.png"))  # 0: none for a pixel model either
+    with pytest.raises(ValueError, match=r"vis_interval must be >= 0 \(0: no reconstruction pictures\), got -1"):
+        pretrain.run([*args, "--output-dir", str(tmp_path / "d"), "--vis-interval", "-1"])
