@@ -9,6 +9,7 @@ import os
 import platform
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -75,6 +76,10 @@ def out_file(path: str) -> str:
     return path
 
 
+# this process's rows share it: a ratio between rows is a same-process one only where their "run" is the same
+RUN = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def environment(device: torch.device) -> dict:
     try:
         import triton
@@ -92,7 +97,7 @@ def environment(device: torch.device) -> dict:
         ops_backend = f"auto[{key}] " + ",".join(f"{op}={b}" for op, b in sorted(table.items())) if table else "auto"
     return {"device": name, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
             "ops_backend": ops_backend, "compiled_ops": compiled_ops(),
-            "python": sys.version.split()[0], "commit": git_commit(),
+            "python": sys.version.split()[0], "commit": git_commit(), "run": RUN,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
 
 

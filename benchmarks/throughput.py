@@ -349,15 +349,27 @@ def make_batches(args, device: torch.device, real: bool | None = None):
     return next_batch, f"{args.data} ({len(dataset)} images, loader {kind}, {workers} workers)", stats
 
 
+MIN_TRUSTED_STEPS = 5  # fewer timed steps: DOUBTFUL
+MAX_SPREAD = 1.25  # p80 above this times p20: DOUBTFUL
+
+
 def sanity_notes(row: dict, device_type: str) -> list[str]:
     """What makes a row's numbers doubtful: faster than its floor or above 100% MFU (the peak or the bandwidth was
-    measured while other work loaded the machine, or the spec peak is wrong), or a CPU run on a machine busier than
-    its cores (OpenMP threads then wait for each other: the timings depend on what else ran)."""
+    measured while other work loaded the machine, or the spec peak is wrong), too few timed steps or step times
+    spread wide, or a CPU run on a machine busier than its cores (OpenMP threads then wait for each other: the
+    timings depend on what else ran)."""
     notes = []
     if row.get("floor_gap") is not None and row["floor_gap"] < 1:
         notes.append("DOUBTFUL: faster than its floor (the peak or copy rate was measured under other load?)")
     elif row.get("mfu") is not None and row["mfu"] > 1:
         notes.append("DOUBTFUL: above 100% MFU (a --peak-tflops below the device's, or a peak measured under load)")
+    if row.get("steps") is not None and row["steps"] < MIN_TRUSTED_STEPS:
+        notes.append(f"DOUBTFUL: {row['steps']} timed step(s): a median and p20/p80 of so few say little (--steps "
+                     f"{MIN_TRUSTED_STEPS * 2} or more)")  # fmt: skip
+    p20, p80 = row.get("step_ms_p20"), row.get("step_ms_p80")
+    if p20 and p80 and p80 > MAX_SPREAD * p20:  # (committed rows: at most 1.15x; a GPU's 1.01x)
+        notes.append(f"DOUBTFUL: step times spread from {p20:g} ms (p20) to {p80:g} ms (p80): something else ran, "
+                     "or the steps differ (more --steps, an idle machine)")  # fmt: skip
     others = row.get("host_load_1m", 0) - row.get("host_threads", 0)  # the load beyond this run's own threads
     if device_type == "cpu" and others > 0.5 * row.get("host_cpus", 1e9):
         notes.append(f"DOUBTFUL: load {row['host_load_1m']} on {row['host_cpus']} CPUs, {others:.1f} beyond this "

@@ -19,13 +19,12 @@ _COMMIT: list[str | None] = []  # (asked once per process)
 
 
 def git_commit() -> str | None:
-    """The short hash of the checkout fastmim runs from, "+dirty" when tracked files differ from it; the
-    FASTMIM_COMMIT environment variable where it is set (a copy without .git); None for an installed package (no
-    checkout of its own: one that fastmim merely sits inside is another project's)."""
-    if os.environ.get("FASTMIM_COMMIT"):
-        return os.environ["FASTMIM_COMMIT"]
+    """The short hash of the checkout fastmim runs from, "+dirty" when tracked files differ from it; where there is
+    none (a copy without .git), the FASTMIM_COMMIT environment variable, else None (an installed package: a checkout
+    that fastmim merely sits inside is another project's). The checkout comes first: a FASTMIM_COMMIT left exported
+    from an earlier copy named other code, and hid "+dirty"."""
     if _COMMIT:
-        return _COMMIT[0]
+        return _COMMIT[0] or os.environ.get("FASTMIM_COMMIT") or None
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, check=True,
@@ -40,7 +39,7 @@ def git_commit() -> str | None:
         except (OSError, subprocess.SubprocessError):  # no git, or not a checkout after all
             commit = None
     _COMMIT.append(commit)
-    return commit
+    return commit or os.environ.get("FASTMIM_COMMIT") or None
 
 
 def _version(dist: str) -> str | None:

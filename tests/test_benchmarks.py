@@ -199,8 +199,8 @@ def test_throughput_bad_arguments_name_the_problem(args, message, capsys):
 
 
 def test_throughput_flags_rows_it_cannot_trust():
-    """A step faster than its floor, MFU above 100%, or a CPU run on a machine loaded past its cores: the printed line
-    says DOUBTFUL and why; a plausible row says nothing."""
+    """A step faster than its floor, MFU above 100%, too few timed steps or step times spread wide, or a CPU run on a
+    machine loaded past its cores: the printed line says DOUBTFUL and why; a plausible row says nothing."""
     ok = {"floor_gap": 1.8, "mfu": 0.4, "host_load_1m": 2.5, "host_cpus": 2, "host_threads": 2}  # its own threads
     assert throughput.sanity_notes(ok, "cpu") == []
     assert "faster than its floor" in throughput.sanity_notes({**ok, "floor_gap": 0.66, "mfu": 1.25}, "cuda")[0]
@@ -208,6 +208,13 @@ def test_throughput_flags_rows_it_cannot_trust():
     assert "load 5.0 on 2 CPUs, 3.0 beyond this run's threads" in throughput.sanity_notes({**ok, "host_load_1m": 5.0},
                                                                                         "cpu")[0]  # fmt: skip
     assert throughput.sanity_notes({**ok, "host_load_1m": 5.0}, "cuda") == []
+    # a 3-step run, and one whose steps spread from 64.9 to 104.6 ms (a trial's: 0.86x one run, 1.75x the next)
+    timed = {**ok, "steps": 20, "step_ms_p20": 70.0, "step_ms_p80": 80.0}
+    assert throughput.sanity_notes(timed, "cuda") == []
+    assert "3 timed step(s)" in throughput.sanity_notes({**timed, "steps": 3}, "cuda")[0]
+    spread = throughput.sanity_notes({**timed, "step_ms_p20": 64.9, "step_ms_p80": 104.6}, "cuda")
+    assert spread == ["DOUBTFUL: step times spread from 64.9 ms (p20) to 104.6 ms (p80): something else ran, or the "
+                      "steps differ (more --steps, an idle machine)"]  # fmt: skip
 
 
 def test_throughput_refuses_what_it_cannot_run_before_measuring_anything(tmp_path, capsys, monkeypatch):
@@ -419,6 +426,27 @@ def test_report_one_row_per_device_and_date_with_the_latest_of_each_mode(tmp_pat
     assert "50.5%" in h100  # 6800 / 13460
 
 
+def test_report_takes_a_speedup_only_between_rows_of_one_run(tmp_path):
+    """The latest rows of a day can come from separate runs: the H200 table's 1.40x divided a compiled row of commit
+    6686661 by 9d62092's reference, measured by another process. The ratio is now that of the fastest mode measured
+    beside the reference (the same "run"; rows without one: the same commit and file), the others named."""
+    one, two = {"run": "11-aa"}, {"run": "22-bb"}
+    rows = [_tp("reference", 3000.0, **one), _tp("fastmim", 3300.0, **one),
+            _tp("fastmim+compile", 6000.0, date="2026-12-01T11:00:00+00:00", **two)]  # fmt: skip
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "throughput.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    line = next(x for x in report.throughput_table(report.load_rows(tmp_path)).splitlines() if x.startswith("| 2026"))
+    assert "1.10x (fastmim; fastmim+compile: another run)" in line and "2.00x" not in line, line
+    assert "44.6%" in line  # the best MFU is still the fastest row's (6000 / 13460)
+    legacy = [_tp("reference", 3000.0), _tp("fastmim+compile", 6000.0, commit="def5678")]  # (no "run": by commit)
+    (tmp_path / "r" / "throughput.jsonl").write_text("\n".join(json.dumps(r) for r in legacy) + "\n")
+    line = next(x for x in report.throughput_table(report.load_rows(tmp_path)).splitlines() if x.startswith("| 2026"))
+    assert "(fastmim+compile: another run)" in line and "x (" not in line, line
+    from benchmarks.common import environment
+
+    assert environment(torch.device("cpu"))["run"] == environment(torch.device("cpu"))["run"]  # one per process
+
+
 def test_report_keeps_other_compile_modes_and_compiled_ops_apart(tmp_path):
     rows = [_tp("fastmim+compile", 5000.0, compile_mode="default", compiled_ops="opaque"),
             _tp("fastmim+compile", 5200.0, date="2026-12-01T11:00:00+00:00", compile_mode="reduce-overhead",
@@ -502,10 +530,21 @@ def test_report_keeps_the_gpu_loaders_crop_and_timing_rows_apart():
     assert any("(simple crop) (sync-timed)" in x and "6,000" in x for x in lines)
 
 
-def test_report_rejects_a_broken_row_naming_the_file(tmp_path):
+def test_report_rejects_a_broken_row_naming_the_file(tmp_path, capsys):
+    """A truncated line, a line that is a list, a row without its device: one line naming the file and line (the
+    last two were a TypeError and a KeyError with no file named)."""
     (tmp_path / "bad.jsonl").write_text('{"benchmark": "ops"\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         report.load_rows(tmp_path)
+    assert report.main(["--results", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: bad.jsonl:1 is not a JSON row")
+    row = json.dumps(_tp("reference", 3000.0))
+    for bad, said in (("[1, 2]", "bad.jsonl:2 is not a JSON row: a list, not an object"),
+                      (json.dumps({"benchmark": "throughput", "img_per_s": 5.0, "date": "2026-12-01"}),
+                       "bad.jsonl:2 is not a benchmark's row: it has no device")):  # fmt: skip
+        (tmp_path / "bad.jsonl").write_text(f"{row}\n{bad}\n")
+        assert report.main(["--results", str(tmp_path)]) == 2
+        assert capsys.readouterr().err == f"error: {said}\n"
 
 
 def test_report_write_and_check_round_trip(tmp_path):
@@ -569,6 +608,11 @@ def test_gpu_suite_dry_run_runs_the_named_steps_in_order_and_refuses_an_unknown_
     assert "-k 'cuda-cuda or test_gpu_ops or " in quoted, quoted
     proc = suite("ops,graphs", "b")
     assert proc.returncode == 2 and "unknown step 'graphs'" in proc.stdout and "DRY RUN (limit" not in proc.stdout
+    for budget in ("abc", "5m", "-1"):  # (not whole seconds: the budget was off, every step ran to its limit)
+        env["GPU_SUITE_BUDGET_S"] = budget
+        proc = suite("ops", "b")
+        assert proc.returncode == 2 and f"expected whole seconds (300), got '{budget}'" in proc.stdout, proc.stdout
+    del env["GPU_SUITE_BUDGET_S"]
     rows = [f"r{i}.jsonl" for i in range(9)]  # an earlier run's rows: a dry run leaves them (it bundled them)
     (tmp_path / "c").mkdir()
     for name in rows:
@@ -1216,3 +1260,22 @@ def test_checked_device_makes_the_gpu_current_with_or_without_an_index(monkeypat
     with pytest.raises(SystemExit):
         checked_device(ap, "cuda:2")
     assert checked_device(ap, "cpu") == torch.device("cpu") and len(made_current) == 2
+
+
+def test_a_rows_commit_is_the_checkouts_before_an_exported_fastmim_commit(tmp_path, monkeypatch):
+    """FASTMIM_COMMIT names the commit of a copy without .git (the GPU machine's); exported in a checkout, it named
+    other code in every row, and hid "+dirty". The checkout's own hash comes first now."""
+    from fastmim import provenance
+
+    monkeypatch.setenv("FASTMIM_COMMIT", "deadbee")
+    monkeypatch.setattr(provenance, "_COMMIT", [])
+    if not (provenance.ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout (an installed copy): the checkout's hash cannot be read")
+    commit = provenance.git_commit()
+    assert commit and commit != "deadbee" and provenance.git_commit() == commit
+    copy = tmp_path / "copy"  # a copy without .git: the variable names it
+    monkeypatch.setattr(provenance, "ROOT", copy)
+    monkeypatch.setattr(provenance, "_COMMIT", [])
+    assert provenance.git_commit() == "deadbee"
+    monkeypatch.delenv("FASTMIM_COMMIT")
+    assert provenance.git_commit() is None
