@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -67,12 +68,21 @@ def out_file(path: str) -> str:
     p = Path(path)
     if p.is_dir():
         raise argparse.ArgumentTypeError(f"{path!r} is a folder: name the JSON-lines file to append the rows to")
+    made = [d for d in (p.parent, *p.parent.parents) if not d.exists()]  # (deepest first)
+    existed = p.exists()
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         with open(p, "a"):
             pass
     except OSError as e:
         raise argparse.ArgumentTypeError(f"cannot append to {path!r}: {e.strerror}") from None
+    finally:  # checked, not made: a run refused later (a bad flag, no GPU) leaves no empty file or folder behind
+        if not existed:
+            with contextlib.suppress(OSError):
+                p.unlink(missing_ok=True)
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
     return path
 
 

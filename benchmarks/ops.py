@@ -387,7 +387,9 @@ def main(argv=None) -> int:
     ap.add_argument("--decoder-dim", type=positive_int, default=512)
     ap.add_argument("--mask-ratio", type=float, default=0.75)
     ap.add_argument("--fp32", action="store_true", help="fp32 activations on a GPU too (default: bf16 as autocast)")
-    ap.add_argument("--reps", type=positive_int, default=None, help="timed repetitions (default 20 on GPU, 10 on CPU)")
+    ap.add_argument("--reps", type=positive_int, default=None,
+                    help="CPU: timed repetitions (default 10); GPU: the timing budget of triton's do_bench, 5 ms per "
+                    "rep and at least 100 ms (default 20: 100 ms)")  # fmt: skip
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) column")
     ap.add_argument("--cuda-graph", action="store_true", help="also time each pass replayed from a CUDA graph")
     ap.add_argument(

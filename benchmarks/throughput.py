@@ -710,4 +710,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # (each mode's row is written whole when it ends: the file holds the finished ones)
+        print("interrupted: the modes that finished are written; the one running was not", file=sys.stderr)
+        sys.exit(130)

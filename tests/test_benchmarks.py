@@ -1210,7 +1210,13 @@ def test_report_refuses_a_results_path_without_rows_and_out_is_checked_before_me
         (tmp_path / "file").write_text("a file, not a folder")
         with pytest.raises(argparse.ArgumentTypeError):
             out_file(str(bad))
-    assert out_file(str(tmp_path / "new" / "rows.jsonl")) and (tmp_path / "new" / "rows.jsonl").exists()
+    # checked, not made: a run refused after the check (a bad model, no GPU) left an empty file and its folders
+    assert out_file(str(tmp_path / "new" / "sub" / "rows.jsonl")) and not (tmp_path / "new").exists()
+    (tmp_path / "kept.jsonl").write_text('{"a": 1}\n')
+    assert out_file(str(tmp_path / "kept.jsonl")) and (tmp_path / "kept.jsonl").read_text() == '{"a": 1}\n'
+    with pytest.raises(SystemExit):
+        throughput.main([*SMALL, "--model", "vit_bogus", "--out", str(tmp_path / "t" / "rows.jsonl")])
+    assert not (tmp_path / "t").exists()
 
 
 def test_the_masks_gpu_target_is_judged_on_its_own_grid_only(capsys):
@@ -1279,3 +1285,27 @@ def test_a_rows_commit_is_the_checkouts_before_an_exported_fastmim_commit(tmp_pa
     assert provenance.git_commit() == "deadbee"
     monkeypatch.delenv("FASTMIM_COMMIT")
     assert provenance.git_commit() is None
+
+
+def test_ctrl_c_in_a_throughput_run_keeps_the_finished_rows_and_says_so(tmp_path):
+    """Ctrl-C printed a KeyboardInterrupt traceback from inside autograd; the rows written stay whole, and the run
+    now says which are there and exits 130."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "rows.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(BENCH / "throughput.py"), *SMALL, "--modes",
+                             "reference,fastmim,reference+compile",
+                             "--steps", "2", "--warmup", "1", "--no-flop-count", "--out", str(out)], env=env,
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (out.exists() and out.read_text().count("\n") >= 1) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the reference's row is written: a later mode runs (the compiled one takes seconds)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert "interrupted: the modes that finished are written; the one running was not" in err
+    modes = [json.loads(x)["mode"] for x in out.read_text().splitlines()]  # whole rows, in order
+    assert modes in (["reference"], ["reference", "fastmim"]), modes
