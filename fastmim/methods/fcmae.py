@@ -133,7 +133,11 @@ class FCMAE(PixelTarget, nn.Module):
 
     # --- Mask ---
     def make_mask(self, batch: int, device: torch.device, mask_ratio: float | None = None) -> MaskInfo:
+        """The masks of a forward given none (the reconstruction pictures): random, or those of a subclass's own
+        ``mask_strategy`` (the trainer's: the pictures showed random masks where it trained on others)."""
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        if type(self).mask_strategy is not FCMAE.mask_strategy:
+            return self.mask_strategy(ratio=ratio).draw(batch, device).info()
         return random_masking(batch, self.num_patches, ratio, device=device)
 
     def mask_strategy(self, seed: int = 0, ratio: float | None = None) -> MaskStrategy:

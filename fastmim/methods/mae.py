@@ -178,8 +178,11 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
 
     # --- Mask ---
     def make_mask(self, batch: int, device: torch.device, mask_ratio: float | None = None) -> MaskInfo:
+        """The masks of a forward given none (the reconstruction pictures, a plain ``model(imgs)``): MAE's random
+        masking, or this model's ``mask_strategy`` (a subclass's own too: the pictures showed random masks where the
+        trainer drew others)."""
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        if self.mask_type == "random":
+        if self.mask_type == "random" and type(self).mask_strategy is MaskedAutoencoderViT.mask_strategy:
             return random_masking(batch, self.num_patches, ratio, device=device)
         if self._mask_strategy is None or self._mask_strategy_ratio != ratio:
             self._mask_strategy = self.mask_strategy(ratio=ratio)

@@ -19,6 +19,13 @@ RECIPE_PREFIXES = ("mae_", "pixmim_", "simmim_", "a2mim_", "maskfeat_", "data2ve
 
 
 def register_model(name: str, fn: Callable[..., nn.Module]) -> None:
+    """Makes ``fastmim.create_model(name, **kwargs)`` (and ``--model name``) build ``fn(**kwargs)``. A ViT recipe
+    class of your own: ``fastmim.methods.mae.register_vit_family(prefix, cls)`` registers every size; a name ending
+    in its encoder's (``..._vit_base_patch16``) lets ``python -m fastmim.eval`` read its encoder.safetensors.
+
+    Raises:
+        ValueError: ``name`` is registered already, to another function.
+    """
     if name in _REGISTRY and _REGISTRY[name] is not fn:
         raise ValueError(f"model {name!r} is registered twice")
     _REGISTRY[name] = fn

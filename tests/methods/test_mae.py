@@ -302,3 +302,48 @@ def test_um_mae_secondary_masking_follows_the_official_encoder():
     assert not hasattr(plain, "vis_mask_token")
     with pytest.raises(ValueError, match=r"vis_mask_ratio must be a number in \[0, 1\), got 1.0"):
         tiny_mae(vis_mask_ratio=1.0)
+
+
+def test_a_subclass_mask_strategy_draws_the_masks_of_a_forward_given_none():
+    """A user's MAE whose mask_strategy() is its own: the trainer drew those masks, but model(imgs) (the
+    reconstruction pictures) drew MAE's random ones, so the pictures showed masks the run never trained on."""
+    import fastmim
+    from fastmim.masking import Masks
+    from fastmim.methods.fcmae import FCMAE
+    from fastmim.methods.mae import MaskedAutoencoderViT
+
+    class LeftHalf:  # hides the left half of the grid
+        def __init__(self, grid):
+            self.grid = grid
+
+        def draw(self, batch, device):
+            m = torch.zeros(batch, *self.grid, dtype=torch.bool, device=device)
+            m[..., : self.grid[1] // 2] = True
+            return Masks(m, num_hidden=m[0].sum().item())
+
+    class Mine(MaskedAutoencoderViT):
+        def mask_strategy(self, seed=0, ratio=None):
+            return LeftHalf(self.grid_size)
+
+    base = fastmim.create_model("mae_vit_tiny_patch16", img_size=64, decoder_depth=1, decoder_embed_dim=32,
+                                decoder_num_heads=2)  # fmt: skip
+    base.__class__ = Mine  # (the same weights, the subclass's masks)
+    _, _, mask = base(torch.randn(2, 3, 64, 64))
+    want = torch.zeros(2, 4, 4, dtype=torch.bool)
+    want[..., :2] = True
+    assert torch.equal(mask.bool(), want.flatten(1))
+    fc = fastmim.create_model("fcmae_convnextv2_atto", img_size=64)
+
+    class MineFC(FCMAE):
+        def mask_strategy(self, seed=0, ratio=None):
+            return LeftHalf(self.grid_size)
+
+    fc.__class__ = MineFC
+    g = fc.grid_size
+    info = fc.make_mask(2, torch.device("cpu"))
+    half = torch.zeros(2, *g, dtype=torch.bool)
+    half[..., : g[1] // 2] = True
+    assert torch.equal(info.mask.bool(), half.flatten(1))
+    base.__class__ = MaskedAutoencoderViT  # MAE's own: random masks, 75% hidden, not the left half
+    _, _, mask = base(torch.randn(2, 3, 64, 64))
+    assert mask.sum().item() == 2 * 12 and not torch.equal(mask.bool(), want.flatten(1))
