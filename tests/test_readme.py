@@ -42,3 +42,40 @@ def test_every_link_within_the_readme_names_one_of_its_headings():
     links = re.findall(r"\]\(#([^)]+)\)", text)
     assert len(links) >= 10 and "fused-ops-fastmimops" in anchors
     assert [a for a in links if a not in anchors] == []
+
+
+def test_the_own_method_snippet_runs_and_trains_through_the_cli(tmp_path, capsys):
+    """The "Your own method" snippet as pasted: its model hides a checkerboard (8 of 16 tokens, either phase), its
+    target is the edges, it trains through fastmim.pretrain and its encoder is evaluated by name."""
+    import json
+
+    from fastmim import pretrain
+    from fastmim.eval.__main__ import main as eval_main
+    from fastmim.models import registry
+    from tests.conftest import TINY_ARGS, make_image_folder
+
+    (snippet,) = [b for b in _python_blocks("Models and the library") if "Checkerboard" in b]
+    ns: dict = {}
+    try:
+        exec(compile(snippet, "README.md", "exec"), ns)
+        mask = ns["mask"].bool().view(2, 4, 4)
+        board = (torch.arange(4)[:, None] + torch.arange(4)) % 2 == 0
+        assert all(torch.equal(m, board) or torch.equal(m, ~board) for m in mask)
+        assert ns["model"].decoder_pred.weight.grad is not None and torch.isfinite(ns["loss"])
+        ref = ns["Checkerboard"](4, seed=0, impl="ref")(indices=torch.arange(6))
+        assert all(torch.equal(m, board) or torch.equal(m, ~board) for m in ref.mask)
+        data = make_image_folder(tmp_path / "d", n=8, classes=2)
+        labelled = tmp_path / "labelled"
+        make_image_folder(labelled / "train", n=4)
+        make_image_folder(labelled / "val", n=2, seed=1)
+        out = tmp_path / "run"
+        pretrain.run([*TINY_ARGS, "--model", "mae_sobel_vit_tiny_patch16", "--data-path", str(data), "--output-dir",
+                      str(out), "--max-steps", "2"])  # fmt: skip
+        assert "no reconstruction pictures" not in capsys.readouterr().out  # the edges are drawn as an image
+        assert eval_main(["knn", "--encoder", str(out), "--data-path", str(labelled), "--k", "2", "--device",
+                          "cpu"]) == 0  # fmt: skip
+        row = json.loads((out / "eval.jsonl").read_text().splitlines()[-1])
+        assert row["encoder"] == "vit_tiny_patch16" and row["model"] == "mae_sobel_vit_tiny_patch16"
+    finally:
+        for name in [n for n in registry._REGISTRY if n.startswith("mae_sobel_")]:
+            del registry._REGISTRY[name]
