@@ -271,12 +271,13 @@ class MaskedAutoencoderViT(TargetChoice, PixelTarget, VisionTransformer):
         HOG features."""
         if self.target == "hog":
             return self.hog_loss(pred, imgs, mask)
-        return PixelTarget.forward_loss(self, self.target_images(imgs), pred, mask)  # (named: TimmMAE borrows this)
+        # (PixelTarget's, named: TimmMAE borrows this)
+        return PixelTarget.forward_loss(self, self.checked_target_images(imgs), pred, mask)
 
     @torch.no_grad()
     def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """The prediction as an image (norm-pix undone with the target's own patch statistics)."""
-        return PixelTarget.reconstruct(self, self.target_images(imgs), pred)
+        return PixelTarget.reconstruct(self, self.checked_target_images(imgs), pred)
 
     def encoder_state_dict(self, state: dict | None = None) -> dict[str, torch.Tensor]:
         """The encoder's weights alone (no decoder, no mask token): loads into timm's VisionTransformer."""

@@ -178,11 +178,11 @@ class SimMIMViT(PixelTarget, MaskTokenViT):
             return self.forward_hog(imgs, mask)
         rec = self.forward_decoder(self.forward_encoder(imgs, mask.mask))  # [B, C, H, W]
         pred = (patchify if self.fused_ops else patchify_ref)(rec, self.patch_size)
-        return self.forward_loss(self.target_images(imgs), pred, mask.mask, rec), pred, mask.mask
+        return self.forward_loss(self.checked_target_images(imgs), pred, mask.mask, rec), pred, mask.mask
 
     @torch.no_grad()
     def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        return super().reconstruct(self.target_images(imgs), pred)
+        return super().reconstruct(self.checked_target_images(imgs), pred)
 
 
 register_vit_family("simmim", SimMIMViT, light_decoder=False)

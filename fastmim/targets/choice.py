@@ -90,6 +90,17 @@ class TargetChoice:
             return low_pass_images(imgs, self.low_pass_radius, self.image_mean, self.image_std, fused=self.fused_ops)
         return imgs
 
+    def checked_target_images(self, imgs: torch.Tensor) -> torch.Tensor:
+        """``target_images(imgs)``, refused by name unless it is a floating-point tensor of the images' shape (a
+        subclass's own target of another shape failed in the loss, which blamed ``pred``)."""
+        t = self.target_images(imgs)
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.shape != imgs.shape:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{type(self).__name__}.target_images(imgs) must give a floating-point tensor shaped as "
+                             f"the images, {tuple(imgs.shape)} (the head predicts its patches), got {got}; a target "
+                             "of another width replaces the head and forward_loss too")  # fmt: skip
+        return t
+
     def hog_loss(self, pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """MSE of the predicted HOG features [B, N, dim] against the masked patches' (MaskFeat's loss)."""
         loss_fn = masked_mse_loss_patchified if self.fused_ops else masked_mse_loss_patchified_ref

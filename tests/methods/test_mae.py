@@ -1,6 +1,7 @@
 """MAE recipe: official state-dict layout, loss semantics, encoder-on-visible-tokens, decoder unshuffle."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -347,3 +348,21 @@ def test_a_subclass_mask_strategy_draws_the_masks_of_a_forward_given_none():
     base.__class__ = MaskedAutoencoderViT  # MAE's own: random masks, 75% hidden, not the left half
     _, _, mask = base(torch.randn(2, 3, 64, 64))
     assert mask.sum().item() == 2 * 12 and not torch.equal(mask.bool(), want.flatten(1))
+
+
+@pytest.mark.parametrize("name", ["mae_vit_tiny_patch16", "simmim_vit_tiny_patch16"])
+def test_a_target_of_another_shape_is_refused_naming_target_images(name):
+    """A subclass's target_images giving one channel, or half the size: the loss said "pred has shape (4, 16, 192),
+    expected (4, 16, 64)", blaming the prediction; an integer target went in as it was."""
+    model = fastmim.create_model(name, img_size=64)
+    imgs = torch.randn(2, 3, 64, 64)
+    for bad, got in ((lambda x: x.mean(1, keepdim=True), "torch.float32 (2, 1, 64, 64)"),
+                     (lambda x: x[..., ::2, ::2], "torch.float32 (2, 3, 32, 32)"),
+                     (lambda x: (x > 0).to(torch.uint8), "torch.uint8 (2, 3, 64, 64)")):  # fmt: skip
+        model.target_images = bad
+        with pytest.raises(ValueError, match=rf"target_images\(imgs\) must give a floating-point tensor shaped as the "
+                                             rf"images, \(2, 3, 64, 64\) .*got {re.escape(got)}"):  # fmt: skip
+            model(imgs)
+    model.target_images = lambda x: x.flip(-1)  # a target of the images' shape: trained on
+    loss, _, _ = model(imgs)
+    assert torch.isfinite(loss)
