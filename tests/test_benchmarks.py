@@ -447,6 +447,23 @@ def test_report_takes_a_speedup_only_between_rows_of_one_run(tmp_path):
     assert environment(torch.device("cpu"))["run"] == environment(torch.device("cpu"))["run"]  # one per process
 
 
+def test_report_leaves_out_uncaptured_graph_rows_and_too_few_steps(tmp_path):
+    """A CPU 'fastmim+graph' row ran the eager step (cuda_graph false) and filled the graph column and the best MFU;
+    a 3-step row went in as any other. Both are left out; a captured graph row and an older row without a step count
+    stay."""
+    rows = [_tp("reference", 3000.0, steps=20), _tp("fastmim", 3300.0, steps=20),
+            _tp("fastmim+graph", 9000.0, steps=20, cuda_graph=False), _tp("reference+compile", 9500.0, steps=3),
+            _tp("fastmim+compile", 4000.0)]  # fmt: skip
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "throughput.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    table = report.throughput_table(report.load_rows(tmp_path))
+    assert "+graph" not in table and "9,000" not in table and "9,500" not in table and "4,000" in table
+    rows[2]["cuda_graph"] = True
+    (tmp_path / "r" / "throughput.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert "3.00x (fastmim+graph)" in report.throughput_table(report.load_rows(tmp_path))
+    assert report.MIN_STEPS == throughput.MIN_TRUSTED_STEPS
+
+
 def test_report_keeps_other_compile_modes_and_compiled_ops_apart(tmp_path):
     rows = [_tp("fastmim+compile", 5000.0, compile_mode="default", compiled_ops="opaque"),
             _tp("fastmim+compile", 5200.0, date="2026-12-01T11:00:00+00:00", compile_mode="reduce-overhead",
@@ -1309,3 +1326,16 @@ def test_ctrl_c_in_a_throughput_run_keeps_the_finished_rows_and_says_so(tmp_path
     assert "interrupted: the modes that finished are written; the one running was not" in err
     modes = [json.loads(x)["mode"] for x in out.read_text().splitlines()]  # whole rows, in order
     assert modes in (["reference"], ["reference", "fastmim"]), modes
+
+
+def test_report_puts_a_cpu_mask_row_of_another_batch_in_its_own_column(tmp_path):
+    """masks.py --batch 256 on CPU: its C++ row shared the 4096-batch rows' column (the latest replacing them)."""
+    base = {"benchmark": "masks", "strategy": "block", "on": "cpu", "device": "cpu", "date": "2026-12-01T10:00:00",
+            "grid": 14, "commit": "abc1234"}  # fmt: skip
+    rows = [{**base, "impl": "cpp", "threads": 1, "batch": 4096, "masks_per_s": 500000.0},
+            {**base, "impl": "cpp", "threads": 1, "batch": 256, "masks_per_s": 300000.0, "date": "2026-12-01T11:00"},
+            {**base, "impl": "ref", "threads": 1, "batch": 256, "masks_per_s": 9000.0}]  # fmt: skip
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    table = report.masks_table(report.load_rows(tmp_path))
+    assert "cpp (1 thr) masks/s" in table and "cpp (1 thr) (batch 256) masks/s" in table and "ref masks/s" in table
+    assert "500,000" in table and "300,000" in table
