@@ -165,6 +165,9 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
             f"--compile-mode {args.compile_mode} records inductor's own CUDA graphs, which cannot be captured inside "
             f"the whole step's graph of {', '.join(graphs)}: use default or max-autotune-no-cudagraphs"
         )
+    if args.compile_mode != "default" and not any("+compile" in m for m in args.modes):  # (was ignored, unsaid)
+        ap.error(f"--compile-mode {args.compile_mode} applies to the compiled modes; --modes {','.join(args.modes)} "
+                 "has none")  # fmt: skip
     for name in ("batch_size", "img_size", "steps", "profile_steps", "top"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")

@@ -190,6 +190,7 @@ def test_throughput_real_data_beside_synthetic_with_the_gpu_decoding_loader(tmp_
         (["--model-arg", "depthh=2"], "bad arguments for model"),
         (["--peak-tflops", "-1"], "--peak-tflops must be positive"),
         (["--fsdp", "--modes", "fastmim+compile"], "--fsdp runs the eager modes"),
+        (["--modes", "reference", "--compile-mode", "max-autotune"], "applies to the compiled modes"),  # (ignored)
     ],
 )
 def test_throughput_bad_arguments_name_the_problem(args, message, capsys):
@@ -800,10 +801,15 @@ def test_masks_benchmark_smoke_on_cpu(tmp_path, capsys):
     assert not [r for r in rows if r["impl"] == "triton"]  # CUDA only: on CPU it would time Triton's interpreter
     for r in rows:
         assert r["benchmark"] == "masks" and r["grid"] == "8x8" and r["device"] == "cpu" and r["commit"] and r["torch"]
-        assert r["masks_per_s"] > 0 and r["ms_per_batch"] > 0 and r["speedup_vs_beit_loop"] > 0 and r["reps"] >= 1
+        assert r["masks_per_s"] > 0 and r["ms_per_batch"] > 0 and r["reps"] >= 1
         assert r["batch"] == (4 if r["impl"] in ("ref", "beit_loop") else 32)
         assert r["masks_per_s"] == pytest.approx(r["batch"] / r["ms_per_batch"] * 1e3, rel=1e-3)
-        assert r["speedup_vs_beit_loop"] == pytest.approx(r["masks_per_s"] / rows[0]["masks_per_s"], rel=0.01, abs=0.01)
+        if r["strategy"] == "block":  # the loop is BEiT's block algorithm: another strategy's ratio would compare two
+            # algorithms (it did: random's "speedup" over the block loop)
+            assert r["speedup_vs_beit_loop"] == pytest.approx(r["masks_per_s"] / rows[0]["masks_per_s"], rel=0.01,
+                                                              abs=0.01)  # fmt: skip
+        else:
+            assert "speedup_vs_beit_loop" not in r
     # C++ rows (block, uniform, multiblock) on one core (a child process) and on all cores, or the reason they are
     # missing (the extension is not built)
     for name in (n for n, cls in STRATEGIES.items() if cls.has_cpp):
@@ -837,7 +843,8 @@ def test_masks_benchmark_bad_arguments(capsys):
 
     for args, message in ((["--strategies", "block,blob"], "--strategies must come from"),
                           (["--impls", "cuda"], "--impls must come from"), (["--batch", "0"], "--batch must be"),
-                          (["--cpp-threads", "4"], "--cpp-threads"), (["--devices", "tpu"], "--devices")):  # fmt: skip
+                          (["--cpp-threads", "4"], "--cpp-threads"), (["--devices", "tpu"], "--devices"),
+                          (["--reps", "2", "--min-reps", "5"], "--min-reps 5 is more than --reps 2")):  # fmt: skip
         with pytest.raises(SystemExit):
             masks.main(args)
         assert message in capsys.readouterr().err
