@@ -101,7 +101,8 @@ class Case:
 def build_cases(ops, b: int, img: int, patch: int, enc_dim: int, dec_dim: int, ratio: float, device, lowp: bool):
     n = (img // patch) ** 2
     info = random_masking(b, n, ratio, device=device, generator=torch.Generator().manual_seed(0))
-    k = info.ids_keep.shape[1]
+    k = info.ids_keep.shape[1]  # (MAE's rule: N - int(N (1 - ratio)) hidden; the labels say the share hidden)
+    hidden = f"{(n - k) / n:.0%} masked"
     act = torch.bfloat16 if lowp else torch.float32  # autocast activations; parameters and images stay fp32
     f32 = torch.float32
 
@@ -131,7 +132,7 @@ def build_cases(ops, b: int, img: int, patch: int, enc_dim: int, dec_dim: int, r
         m = info.mask
         frac = float(m.float().mean())
         read = int(frac * b * n * d * (pred.element_size() + 4)) + b * n * 4
-        cases.append(Case("masked_mse_loss", f"B{b} {img}px p{patch} {ratio:.0%} masked", f"pred {act}, imgs fp32",
+        cases.append(Case("masked_mse_loss", f"B{b} {img}px p{patch} {hidden}", f"pred {act}, imgs fp32",
                           [pred, imgs, m], lambda p, i, m: masked_mse_loss(p, i, m, patch),
                           lambda p, i, m: masked_mse_loss_ref(p, i, m, patch), read,
                           read + b * n * d * pred.element_size(),
@@ -210,7 +211,7 @@ def build_cases(ops, b: int, img: int, patch: int, enc_dim: int, dec_dim: int, r
         pred, imgs = t(b, n, d, dtype=act), t(b, 3, img, img, grad=False)
         m = info.mask
         read = int(float(m.float().mean()) * b * n * d * (pred.element_size() + 4)) + b * n * 4
-        cases.append(Case("patch_fft_loss", f"B{b} {img}px p{patch} {ratio:.0%} masked", f"pred {act}, imgs fp32",
+        cases.append(Case("patch_fft_loss", f"B{b} {img}px p{patch} {hidden}", f"pred {act}, imgs fp32",
                           [pred, imgs, m], lambda p, i, m: patch_fft_loss(p, i, m, patch),
                           lambda p, i, m: patch_fft_loss_ref(p, i, m, patch), read,
                           read + b * n * d * pred.element_size(),

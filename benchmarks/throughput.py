@@ -571,7 +571,10 @@ def run_mode(
         row["host_load_1m"], row["host_cpus"] = round(os.getloadavg()[0], 2), usable_cpus()
         row["host_threads"] = torch.get_num_threads() + ((args.workers or 0) if args.data else 0)
     if args.profile:
-        trace = Path(args.profile_dir) / f"{model_name}-b{args.batch_size}-{mode.replace('+', '_')}.json.gz"
+        # (named by what sets it apart: two configurations of one model and batch overwrote each other's trace)
+        extra = re.sub(r"[^\w.=-]", "_", "".join(f"-{k}={v}" for k, v in sorted(dict(args.model_arg).items())))
+        trace = Path(args.profile_dir) / (f"{model_name}-{args.img_size}px-b{args.batch_size}-{args.amp}{extra}-"
+                                          f"{mode.replace('+', '_')}.json.gz")  # fmt: skip
         row["profile"] = profile_steps(step, device, args.profile_steps, trace, args.top)
         print_profile(mode, row["profile"])
     return row
