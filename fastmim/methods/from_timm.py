@@ -92,6 +92,10 @@ class TimmMAE(TargetChoice, PixelTarget, nn.Module):
         a model without one gets the visible tokens' mean there, for the decoder; register tokens are dropped after
         the encoder, as timm's pooling drops them)."""
         enc = self.encoder
+        want = (self.in_chans, *enc.patch_embed.img_size)
+        if imgs.dim() != 4 or tuple(imgs.shape[1:]) != want:  # (timm's own check is an AssertionError from inside)
+            raise ValueError(f"expected images [B, {want[0]}, {want[1]}, {want[2]}] (the timm encoder's img_size), "
+                             f"got {tuple(imgs.shape)}")  # fmt: skip
         x = enc.patch_embed(imgs)  # [B, N, D]
         prefix = [t.expand(x.shape[0], -1, -1) for t in _prefix_tokens(enc)]
         prefix = torch.cat(prefix, dim=1) if prefix else None

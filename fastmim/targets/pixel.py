@@ -25,8 +25,11 @@ class PixelTarget:
         return unpatchify_ref(x, self.patch_size, self.grid_size, self.in_chans)
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean over masked patches of the per-patch MSE against (norm-pix) targets; computed in fp32."""
-        loss_fn = masked_mse_loss if self.fused_ops else masked_mse_loss_ref
+        """Mean over masked patches of the per-patch MSE against (norm-pix) targets; computed in fp32. A target that
+        requires grad (images a user differentiates the loss by) takes the plain path, which carries it: the fused
+        loss differentiates the prediction only (fused_ops changes the speed, never the gradients)."""
+        carried = imgs.requires_grad and torch.is_grad_enabled()
+        loss_fn = masked_mse_loss if self.fused_ops and not carried else masked_mse_loss_ref
         return loss_fn(pred, imgs, mask, self.patch_size, norm_pix=self.norm_pix_loss)
 
     @torch.no_grad()

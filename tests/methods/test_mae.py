@@ -366,3 +366,34 @@ def test_a_target_of_another_shape_is_refused_naming_target_images(name):
     model.target_images = lambda x: x.flip(-1)  # a target of the images' shape: trained on
     loss, _, _ = model(imgs)
     assert torch.isfinite(loss)
+
+
+def test_images_a_user_differentiates_the_loss_by_get_the_same_gradient_with_or_without_fused_ops():
+    """The fused loss differentiates the prediction only: with fused_ops the model refused images that require grad
+    (a saliency map of the loss), without them it carried the gradient. Both carry it now, equal."""
+    torch.manual_seed(0)
+    model = fastmim.create_model("mae_vit_tiny_patch16", img_size=32, decoder_depth=1, decoder_embed_dim=32,
+                                 decoder_num_heads=2)  # fmt: skip
+    imgs = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 4)
+    grads = []
+    for fused in (True, False):
+        model.fused_ops = fused
+        x = imgs.clone().requires_grad_()
+        loss, _, _ = model(x, mask=masking_from_noise(noise, 1))  # 3 of 4 patches hidden
+        loss.backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0
+
+
+def test_a_timm_encoder_given_images_of_another_size_is_refused_in_fastmims_words():
+    """create_model("mae", encoder=timm_vit) at another image size failed with timm's AssertionError from inside."""
+    timm = pytest.importorskip("timm", reason="timm is an optional dependency (fastmim[timm])")
+    enc = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=0)
+    model = fastmim.create_model("mae", encoder=enc, decoder_depth=1, decoder_embed_dim=32, decoder_num_heads=2)
+    with pytest.raises(ValueError, match=r"expected images \[B, 3, 32, 32\] \(the timm encoder's img_size\), got "
+                                         r"\(2, 3, 64, 64\)"):  # fmt: skip
+        model(torch.randn(2, 3, 64, 64))
+    loss, _, _ = model(torch.randn(2, 3, 32, 32))
+    assert torch.isfinite(loss)
