@@ -79,3 +79,18 @@ def test_the_own_method_snippet_runs_and_trains_through_the_cli(tmp_path, capsys
     finally:
         for name in [n for n in registry._REGISTRY if n.startswith("mae_sobel_")]:
             del registry._REGISTRY[name]
+
+
+def test_the_masks_snippet_runs_and_its_comments_hold():
+    """The Masks snippet as pasted (it used names it never defined and a GPU): every count and shape its comments
+    give."""
+    (snippet,) = [b for b in _python_blocks("Models and the library") if 'build_mask("block"' in b]
+    ns: dict = {}
+    exec(compile(snippet, "README.md", "exec"), ns)
+    assert ns["masks"].mask.shape == (8, 14, 14) and ns["masks"].mask.dtype == torch.bool
+    assert ns["masks"].mask.flatten(1).sum(1).tolist() == [79] * 8
+    assert ns["info"].ids_keep.shape == (8, 196 - 79)
+    assert ns["jepa"].targets.shape == (64, 4, 14, 14)
+    assert ns["d2v"].mask.shape == (8 * 16, 14, 14) and ns["d2v"].mask.flatten(1).logical_not().sum(1).eq(39).all()
+    assert ns["hard"].mask.flatten(1).sum(1).eq(147).all()  # 75% of 196
+    assert torch.equal(ns["mask"].bool(), ns["masks"].mask.flatten(1)) and torch.isfinite(ns["loss"])
