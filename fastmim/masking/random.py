@@ -96,6 +96,8 @@ def masking_from_bool(mask: torch.Tensor, num_hidden: int | None = None) -> Mask
                              "(build_mask('block', ..., exact=True) and build_mask('multiblock', ..., truncate=True) "
                              "make equal counts)")  # fmt: skip
         num_hidden = int(counts[0]) if counts.numel() else 0
+    if mask.shape[0] and num_hidden >= n:  # (as mask_ratio=1 is refused: the encoder would see only its class token)
+        raise ValueError(f"the mask hides all {n} tokens: an encoder that drops the hidden ones would see none")
     # visible tokens first, each group in raster order: a stable sort of the 0/1 mask
     noise = mask.float() * n + torch.arange(n, device=mask.device, dtype=torch.float32)
     return masking_from_noise(noise, n - num_hidden)

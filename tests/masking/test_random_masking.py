@@ -58,3 +58,16 @@ def test_a_cpu_generator_serves_any_device():
     if torch.cuda.is_available():
         c = random_masking(4, 49, 0.6, device="cuda", generator=torch.Generator().manual_seed(3))
         torch.testing.assert_close(c.mask.cpu(), a.mask)
+
+
+def test_a_mask_hiding_every_token_is_refused_for_an_encoder_that_drops_them():
+    """mask_ratio=1 was refused, but an explicit all-hidden mask went through: the encoder saw no patch at all."""
+    import fastmim
+
+    model = fastmim.create_model("mae_vit_tiny_patch16", img_size=32, decoder_depth=1, decoder_embed_dim=32,
+                                 decoder_num_heads=2)  # fmt: skip
+    with pytest.raises(ValueError, match="the mask hides all 4 tokens"):
+        model(torch.randn(2, 3, 32, 32), mask=torch.ones(2, 4, dtype=torch.bool))
+    simmim = fastmim.create_model("simmim_vit_tiny_patch16", img_size=64)  # keeps every token: a choice it can take
+    loss, _, _ = simmim(torch.randn(2, 3, 64, 64), mask=torch.ones(2, 4, 4, dtype=torch.bool))
+    assert torch.isfinite(loss)
