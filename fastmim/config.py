@@ -245,6 +245,13 @@ class PretrainConfig:
         metadata={"help": "checkpoint to resume ('auto', or the flag alone: output_dir's; 'if-exists': output_dir's "
                           "when it has one, else a new run there: one command for a job's first start and requeues)"},
     )  # fmt: skip
+    init_weights: str | None = field(
+        default=None,
+        metadata={"help": "start a new run from these weights: a fastmim run's folder, checkpoint.pt or "
+                          "encoder.safetensors, or another code's checkpoint of the model or its encoder (MAE's "
+                          "{'model': ...}, timm's); the whole model where all its tensors fit, else the encoder "
+                          "(the decoder starts fresh). A resume takes its weights from its checkpoint"},
+    )  # fmt: skip
     log_interval: int = field(default=10, metadata={"help": "steps between logged metrics (host syncs)"})
     save_interval: int = field(default=0, metadata={"help": "steps between checkpoints (0: every epoch)"})
     vis_interval: int = field(default=10, metadata={"help": "epochs between reconstruction images (0: none)"})
@@ -545,7 +552,7 @@ def apply_overrides(cfg: PretrainConfig, overrides: dict, source: str) -> Pretra
     return dataclasses.replace(cfg, **values)
 
 
-PATH_KEYS = ("data_path", "output_dir", "resume", "eval_data")
+PATH_KEYS = ("data_path", "output_dir", "resume", "eval_data", "init_weights")
 
 
 def expand_path(name: str, value: str, source: str) -> str:

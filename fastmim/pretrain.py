@@ -45,7 +45,9 @@ from fastmim.train.checkpoint import (
     WriteError,
     clear_stale_temporaries,
     existing_run_markers,
+    init_model_weights,
     load_checkpoint,
+    read_init_weights,
     run_checkpoint,
 )
 from fastmim.train.compile_mode import compile_model, resolve_compile_mode
@@ -200,6 +202,13 @@ def resolve_config(argv: list[str] | None, origins: dict | None = None) -> tuple
             state = load_checkpoint(ckpt_path)
         except RuntimeError as e:  # a file that is not a checkpoint (or a truncated one): one line, not a traceback
             raise UsageError(f"--resume: {e}") from None
+        lacks = [k for k in ("model", "optimizer", "step")
+                 if not isinstance(state, dict) or ("dcp" not in state and k not in state)]  # fmt: skip
+        if lacks:  # (another code's checkpoint: MAE's {"model": ...} failed on its 'optimizer' key as a "changed
+            # --decoder-embed-dim")
+            raise UsageError(f"--resume: {str(ckpt_path)!r} is not a fastmim checkpoint (it has no "
+                             f"{', '.join(lacks)}): --resume continues a fastmim run; to start a new run from its "
+                             f"weights, --init-weights {shlex.quote(str(ckpt_path))}")  # fmt: skip
         saved = {k: v for k, v in state.get("config", {}).items() if k not in ("resume", "output_dir")}
         saved = migrate_saved_config(saved, state.get("config_format"))
         cfg = apply_overrides(cfg, saved, f"the config saved in {ckpt_path}")
@@ -214,7 +223,7 @@ def resolve_config(argv: list[str] | None, origins: dict | None = None) -> tuple
     cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if k not in run_keys}, "the command line")
     # data paths given now are kept absolute in the run's config: a resume from another directory (a job script's
     # cd) must read the same folder, not whatever that directory's relative path names
-    for key in ("data_path", "eval_data"):
+    for key in ("data_path", "eval_data", "init_weights"):
         value = getattr(cfg, key)
         if (key in flags or key in source) and isinstance(value, str) and value and not value.startswith("builtin:"):
             cfg = dataclasses.replace(cfg, **{key: absolute_data_path(value)})
@@ -255,7 +264,7 @@ NETWORK_KEYS = ("model", "img_size", "decoder_embed_dim", "decoder_depth", "deco
 NETWORK_DEFAULTS = {"layer_scale": None, "rel_pos_bias": None, "abs_pos": "sincos"}
 # what a resume continues with whatever it was (where the run is, how it reports): not a change of the training
 RUN_KEYS = ("resume", "output_dir", "device", "num_workers", "max_steps", "log_interval", "vis_interval",
-            "save_interval", "keep_every", "eval_data", "eval_every", "eval_pool")  # fmt: skip
+            "save_interval", "keep_every", "eval_data", "eval_every", "eval_pool", "init_weights")  # fmt: skip
 CHANGES_FILE = "resumes.jsonl"  # a run's record of the settings each resume changed
 # what a run from before an option existed did, where the option's default is not that: the torch loader (before
 # --loader), torch.compile's default mode (before --compile-mode)
@@ -1181,6 +1190,10 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
             check_same_data(dataset, info, problem)
             monitor = build_monitor(cfg, info, device)
             model = build_model(cfg, device)
+            if state is None and cfg.init_weights:  # (a resume's weights are its checkpoint's)
+                said = init_model_weights(model, read_init_weights(cfg.init_weights), repr(cfg.init_weights))
+                if info.is_main:
+                    print(f"note: {said}", flush=True)
             if changes:
                 changes = _unchanged_defaults(changes, cfg, model, state)
             if info.rank:  # then each rank its own random stream (drop path, decoder noise)

@@ -74,11 +74,22 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         {"model", "optimizer", "rng", "step"} <= state.keys() or {"net", "opt", "rng", "settings"} <= state.keys()
     ):  # fmt: skip (a pretraining's
         raise whole_run  # and a fine-tuning's checkpoint: the model with its decoder or head, not an encoder)
+    if isinstance(state, dict) and isinstance(state.get("target_encoder"), dict):  # I-JEPA's checkpoint: the encoder
+        # it evaluates (and fastmim exports) is the EMA target encoder
+        print(f"note: {path.name}: an I-JEPA checkpoint; its target_encoder is read", flush=True)
+        state = state["target_encoder"]
     for key in ("state_dict", "model"):  # training checkpoints of timm and others
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
+    from fastmim.train.checkpoint import strip_wrapper_prefixes
+
+    state = strip_wrapper_prefixes(state)  # saved from DDP, or from a torch.compile'd model (or both)
+    if "blocks.0.attn.qkv.weight" in state and any(k.startswith("decoder_") for k in state):
+        # MAE's pretraining checkpoint (facebookresearch/mae): the encoder's weights beside the decoder's, which
+        # MAE's fine-tuning drops too (its strict=False load)
+        state = {k: v for k, v in state.items() if not k.startswith("decoder_") and k != "mask_token"}
     if any(k.startswith("encoder.") for k in state) and all(k.startswith(("encoder.", "decoder.")) for k in state):
         # a pretraining checkpoint of SimMIM's (microsoft/SimMIM): the encoder's weights, without its mask token
         state = {k.removeprefix("encoder."): v for k, v in state.items()
@@ -200,6 +211,12 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
     side = getattr(module, "img_size", None)
     trained = int(meta["img_size"]) if meta.get("img_size", "").isdigit() else None  # a run's encoder says it
     size = kwargs.get("img_size") or img_size or (side[0] if isinstance(side, tuple) else side) or trained or 224
+    if enc.startswith("vit_") and kwargs.get("patch_size") is not None:  # the weights' patch, whatever the name says
+        named = enc
+        enc = re.sub(r"_patch\d+$", f"_patch{kwargs['patch_size']}", enc)
+        if model and named != enc and model in (named, name):
+            print(f"note: the weights are in {kwargs['patch_size']}-pixel patches: --model {model} is read as "
+                  f"{enc}", flush=True)  # fmt: skip
     info = {"encoder": enc, "model": name, "img_size": int(size), "path": os.path.abspath(path) if path else None,
             "step": int(meta["step"]) if meta.get("step", "").isdigit() else None,
             "random_init": path is None}  # fmt: skip

@@ -385,8 +385,9 @@ def _load_checkpoint(run_dir, settings: dict, epochs: int) -> dict:
     path = Path(run_dir or ".") / CHECKPOINT
     if run_dir is None or not path.is_file():
         raise FileNotFoundError(f"no fine-tuning checkpoint at {str(path)!r} to resume")
-    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file (an older one's numpy RNG state
-    # is an ndarray, which weights_only refuses)
+    from fastmim.train.checkpoint import safe_load
+
+    state = safe_load(path)  # (an older one's numpy RNG state is an ndarray: allowed; no other object is unpickled)
     saved = state["settings"]  # (a checkpoint from before a setting was recorded is not refused for it)
     if saved.get("param_groups") != settings["param_groups"]:
         raise ValueError(

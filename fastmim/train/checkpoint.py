@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -319,6 +321,126 @@ def run_checkpoint(output_dir: str | Path) -> Path | None:
     return max(found, key=lambda p: (saved_step(p), p.stat().st_mtime_ns))
 
 
+class ForeignCheckpointError(ValueError):
+    """A file that holds Python objects other than tensors, plain values and numpy arrays: not unpickled."""
+
+
+def _resolve_global(name: str):
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def safe_load(path: str | Path, **kwargs):
+    """``torch.load`` of a fastmim file (a checkpoint, a sharded one's meta.pt) that runs no code from it: tensors,
+    plain Python values and numpy arrays (an older checkpoint's numpy RNG state) only. Anything else is refused by
+    ``ForeignCheckpointError`` naming the objects (``weights_only=False``, which the resume used, ran whatever a
+    downloaded .pth carried)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except pickle.UnpicklingError:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        foreign = [n for n in names if not n.startswith("numpy.")]
+        if not names or foreign:
+            raise ForeignCheckpointError(
+                f"{str(path)!r} holds Python objects fastmim does not load ({', '.join(foreign or names)}): not a "
+                "fastmim checkpoint (unpickling them could run code from the file)"
+            ) from None
+        # (an array's dtype class, numpy.dtypes.UInt32DType say, is reached through numpy.dtype: not in the scan)
+        where = getattr(np, "dtypes", None)  # (numpy >= 1.25)
+        dtypes = [getattr(where, n) for n in dir(where) if n.endswith("DType")] if where else []
+        with torch.serialization.safe_globals([*(_resolve_global(n) for n in names), *dtypes]):
+            return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+
+
+def strip_wrapper_prefixes(state: dict) -> dict:
+    """A state dict without the prefix every key carries when it was saved from a wrapped model: DDP's ``module.``,
+    torch.compile's ``_orig_mod.`` (or both)."""
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
+
+
+def read_init_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors ``--init-weights`` starts a run from: a fastmim run's folder (its checkpoint's model, else its
+    encoder.safetensors), a checkpoint.pt, a .safetensors file, or a torch file holding a state dict (as it is, or
+    under "model" / "state_dict": MAE's and timm's checkpoints; I-JEPA's "target_encoder"). Only tensors and plain
+    values are read (``safe_load``)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--init-weights: {str(path)!r} does not exist")
+    if path.is_dir():
+        found = run_checkpoint(path)
+        if found is None and (path / "encoder.safetensors").is_file():
+            found = path / "encoder.safetensors"
+        if found is None:
+            raise FileNotFoundError(f"--init-weights: {str(path)!r} holds no checkpoint.pt or encoder.safetensors")
+        if found.is_dir():
+            raise ValueError(f"--init-weights: {str(found)!r} is a sharded checkpoint: make it one file first "
+                             f"(python -m fastmim.train.convert {str(found)!r})")  # fmt: skip
+        path = found
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        try:
+            state = safe_load(path)
+        except ForeignCheckpointError as e:  # (MAE's own checkpoints keep their argparse args beside the weights)
+            raise ValueError(f"--init-weights: {e}; if you trust the file, save its weights alone and pass that: "
+                             f"python -c \"import torch; c = torch.load({str(path)!r}, weights_only=False); "
+                             "torch.save(c.get('model', c), 'weights.pth')\"") from None  # fmt: skip
+        except Exception as e:
+            raise ValueError(f"--init-weights: {str(path)!r} cannot be read as torch weights ({e})") from None
+        for key in ("model", "state_dict", "target_encoder"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--init-weights: {str(path)!r} does not hold a state dict of tensors")
+    return strip_wrapper_prefixes(state)
+
+
+def init_model_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> str:
+    """Copies ``tensors`` into ``model``: the whole model where they are all of its tensors with its shapes, else its
+    encoder's (``model.encoder_state_dict()``'s keys, found as they are or under ``encoder.``), the rest keeping its
+    initialisation. Anything else is refused naming what does not fit. Returns what was taken, for a note."""
+    own = model.state_dict()
+    mapped, unknown = {}, []
+    for k, v in tensors.items():
+        name = k if k in own else f"encoder.{k}" if f"encoder.{k}" in own else None
+        if name is None:
+            unknown.append(k)
+        else:
+            mapped[name] = v
+    encoder = [k if k in own else f"encoder.{k}" for k in model.encoder_state_dict()]
+    encoder = [k for k in encoder if k in own]  # (FCMAE's export adds timm's head norm, which it does not train)
+    missing = [k for k in encoder if k not in mapped]
+    if missing:
+        also = f"; it holds others, such as {', '.join(unknown[:3])}" if unknown else ""
+        raise ValueError(f"--init-weights {source}: holds neither this model's weights nor its encoder's: "
+                         f"{len(missing)} of the encoder's {len(encoder)} tensors are missing, such as "
+                         f"{', '.join(missing[:3])}{also}")  # fmt: skip
+    wrong = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in mapped.items() if v.shape != own[k].shape}
+    bad = [k for k in encoder if k in wrong]
+    if bad:
+        k = bad[0]
+        raise ValueError(f"--init-weights {source}: {len(bad)} of the encoder's tensors have other shapes than this "
+                         f"model's, such as {k} {wrong[k][0]} against {wrong[k][1]} (another size, patch or image "
+                         "size?)")  # fmt: skip
+    whole = set(mapped) == set(own) and not wrong
+    take = mapped if whole else {k: mapped[k] for k in encoder}
+    model.load_state_dict({**own, **take}, strict=True)
+    left = f"; {len(unknown)} of its tensors are not this model's, left out" if unknown else ""
+    if whole:
+        return f"initialised from {source}: the whole model ({len(take)} tensors){left}"
+    rest = "not in the file" if not (set(own) - set(encoder)) & set(mapped) else "of other shapes in the file"
+    return (
+        f"initialised from {source}: the encoder ({len(take)} tensors); the rest of the model "
+        f"({len(own) - len(take)} tensors, {rest}) keeps its initialisation{left}"
+    )
+
+
 def saved_step(path: Path) -> int:
     """The training step a checkpoint (``checkpoint.pt``, or a sharded one's directory) was saved at, its tensors
     memory-mapped where the file allows it (else read); -1 when it cannot be read at all (a truncated file: the other
@@ -329,9 +451,11 @@ def saved_step(path: Path) -> int:
         if path.is_dir():
             return int(load_meta(path)["step"])
         try:
-            return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"])
+            return int(safe_load(path, mmap=True)["step"])
+        except ForeignCheckpointError:
+            raise
         except Exception:  # an old serialisation, or a filesystem without mmap
-            return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
+            return int(safe_load(path)["step"])
     except Exception:
         return -1
 
@@ -348,8 +472,9 @@ def load_checkpoint(path: str | Path) -> dict:
         raise FileNotFoundError(f"no checkpoint to resume at {str(path)!r}")
     check_crc(path)
     try:
-        # weights_only=False: the file holds RNG states and the config, written by fastmim itself
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = safe_load(path)  # (RNG states, the config: plain values; no code from the file runs)
+    except ForeignCheckpointError:
+        raise
     except Exception as e:
         raise RuntimeError(
             f"checkpoint {str(path)!r} cannot be read ({e}); it may be truncated or not fastmim's"

@@ -249,11 +249,13 @@ def load_meta(path: Path) -> dict:
             raise FileNotFoundError(f"{str(path)!r} is a run's folder: its sharded checkpoint is "
                                     f"{str(path / 'checkpoint.dcp')!r}")  # fmt: skip
         raise FileNotFoundError(f"{str(path)!r} is not a complete sharded checkpoint (no {META_NAME} in it)")
-    from fastmim.train.checkpoint import check_crc
+    from fastmim.train.checkpoint import ForeignCheckpointError, check_crc, safe_load
 
     check_crc(found / META_NAME)
     try:
-        meta = torch.load(found / META_NAME, map_location="cpu", weights_only=False)
+        meta = safe_load(found / META_NAME)
+    except ForeignCheckpointError:
+        raise
     except Exception as e:
         raise RuntimeError(f"{str(found / META_NAME)!r} cannot be read ({e}); it may be truncated") from e
     return {**meta, "dcp": str(found)}

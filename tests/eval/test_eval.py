@@ -1487,3 +1487,50 @@ def test_an_encoder_of_another_patch_size_or_a_users_own_model_name_is_evaluated
     with pytest.raises(ValueError, match="contradicts it"):  # a name it knows is still the file's word
         save_file(load_file(path), path, metadata={**meta, "model": "mae_vit_tiny_patch16"})
         load_encoder(path, model="vit_small_patch16")
+
+
+def test_official_mae_and_ijepa_checkpoints_and_ddp_prefixes_load_as_their_encoders(tmp_path, capsys):
+    """MAE's pretraining checkpoint ({"model": encoder + decoder_* + mask_token}) was refused for its decoder keys;
+    a DDP ("module.") or torch.compile ("_orig_mod.") prefix failed on the position embedding it could not find;
+    I-JEPA's checkpoint (encoder, predictor, target_encoder, opt, ...) "does not hold a state dict of tensors"; a
+    --model of another patch size than the weights' was recorded as the encoder."""
+    torch.manual_seed(0)
+    mae = fastmim.create_model("mae_vit_tiny_patch16", img_size=32)  # the official layout (strict-loads MAE's own)
+    state = mae.state_dict()
+    assert "decoder_embed.weight" in state and "mask_token" in state
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = mae.forward_features(x) if hasattr(mae, "forward_features") else None
+    for name, saved in (("mae_pretrain.pth", {"model": state}),
+                        ("ddp.pth", {"model": {f"module.{k}": v for k, v in state.items()}}),
+                        ("compiled.pth", {f"_orig_mod.{k}": v for k, v in state.items()})):  # fmt: skip
+        torch.save(saved, tmp_path / name)
+        enc, info = load_encoder(tmp_path / name, "vit_tiny_patch16")
+        assert info["img_size"] == 32, name
+        own = {k: v for k, v in state.items() if not k.startswith("decoder_") and k != "mask_token"}
+        assert all(torch.equal(v, own[k]) for k, v in enc.state_dict().items()), name
+        if want is not None:
+            with torch.no_grad():
+                torch.testing.assert_close(enc.forward_features(x), want)
+    capsys.readouterr()  # --model naming another patch than the weights': built, and recorded, as the weights are
+    enc, info = load_encoder(tmp_path / "mae_pretrain.pth", "vit_tiny_patch14")
+    assert info["encoder"] == "vit_tiny_patch16" and enc.patch_embed.patch_size == (16, 16)
+    assert "--model vit_tiny_patch14 is read as vit_tiny_patch16" in capsys.readouterr().out
+    jepa = fastmim.create_model("ijepa_vit_tiny_patch16", img_size=64)
+    target = jepa.encoder_state_dict()  # what fastmim exports for I-JEPA: its target encoder
+    official = {
+        "encoder": {f"module.{k}": torch.zeros_like(v) for k, v in target.items()},
+        "predictor": {"module.predictor_embed.weight": torch.zeros(4, 4)},
+        "target_encoder": {f"module.{k}": v for k, v in target.items()},
+        "opt": {"state": {}},
+        "epoch": 3,
+        "loss": 0.5,
+        "batch_size": 64,
+        "world_size": 1,
+        "lr": 1e-3,
+    }
+    torch.save(official, tmp_path / "ijepa-latest.pth.tar")
+    capsys.readouterr()
+    enc, info = load_encoder(tmp_path / "ijepa-latest.pth.tar", "vit_tiny_patch16")
+    assert info["img_size"] == 64 and "an I-JEPA checkpoint; its target_encoder is read" in capsys.readouterr().out
+    assert all(torch.equal(v, target[k]) for k, v in enc.state_dict().items())

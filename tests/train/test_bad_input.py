@@ -752,3 +752,35 @@ def test_a_shard_pattern_the_shell_expanded_is_refused_with_a_quoting_hint(tmp_p
         pretrain.main([*TINY_ARGS, "--data-pth", f"{tmp_path}/s-0.tar", *out])
     err = capsys.readouterr().err
     assert "unrecognized arguments: --data-pth" in err and "shell expanded" not in err
+
+
+class _RunsCode:  # what a downloaded .pth can carry: unpickling it calls os.system
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_runs_no_code_from_the_file_and_reads_an_older_numpy_rng_state(tmp_path, capsys):
+    """--resume unpickled any file (weights_only=False): a .pth carrying an object ran its code before the "does not
+    fit" error. Now only tensors, plain values and numpy arrays (an older fastmim's numpy RNG state) are read."""
+    import numpy as np
+    import torch
+
+    from fastmim.train.checkpoint import ForeignCheckpointError, load_checkpoint, safe_load
+
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {}, "x": _RunsCode(str(marker))}, evil)
+    with pytest.raises(ForeignCheckpointError, match=r"holds Python objects fastmim does not load \(posix.system"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+    assert pretrain.main(["--resume", str(evil), "--data-path", "builtin:samples", "--device", "cpu"]) == 2
+    assert "not a fastmim checkpoint" in capsys.readouterr().err and not marker.exists()
+    old = tmp_path / "old.pt"  # an older checkpoint's RNG states: numpy's is a tuple holding an ndarray
+    torch.save({"step": 3, "rng": {"numpy": np.random.get_state()}, "model": {"w": torch.ones(2)}}, old)
+    state = safe_load(old)
+    assert state["step"] == 3 and np.array_equal(state["rng"]["numpy"][1], np.random.get_state()[1])

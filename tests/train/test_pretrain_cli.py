@@ -537,3 +537,65 @@ def test_a_users_model_predicting_another_target_trains_without_pictures(image_f
     assert not list((tmp_path / "c").glob("reconstructions/*.png"))  # 0: none for a pixel model either
     with pytest.raises(ValueError, match=r"vis_interval must be >= 0 \(0: no reconstruction pictures\), got -1"):
         pretrain.run([*args, "--output-dir", str(tmp_path / "d"), "--vis-interval", "-1"])
+
+
+def test_init_weights_starts_a_run_from_a_run_or_an_official_checkpoint(image_folder, tmp_path, capsys):
+    """A run started from MAE's official pretraining checkpoint ({"model": state dict}; --resume took it for a
+    fastmim checkpoint and failed on its 'optimizer' key as a "changed --decoder-embed-dim"): --init-weights takes the
+    whole model where it fits, else the encoder, and says which; a resume then keeps its own weights."""
+    import fastmim
+    from fastmim.train.checkpoint import load_checkpoint
+
+    args = [*TINY_ARGS, "--data-path", str(image_folder), "--max-steps", "1", "--epochs", "1"]
+    torch.manual_seed(3)
+    kw = dict(img_size=64, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2)
+    official = fastmim.create_model("mae_vit_tiny_patch16", **kw).state_dict()  # MAE's own layout
+    torch.save({"model": official, "epoch": 799}, tmp_path / "mae_pretrain.pth")
+    with pytest.raises(pretrain.UsageError, match=r"is not a fastmim checkpoint \(it has no optimizer, step\): "
+                                                  r"--resume continues a fastmim run; .*--init-weights"):  # fmt: skip
+        pretrain.run([*args, "--resume", str(tmp_path / "mae_pretrain.pth"), "--output-dir", str(tmp_path / "r")])
+    capsys.readouterr()
+    out = pretrain.run([*args, "--init-weights", str(tmp_path / "mae_pretrain.pth"), "--output-dir",
+                        str(tmp_path / "whole"), "--blr", "1e-12"])  # fmt: skip
+    assert "the whole model (" in capsys.readouterr().out
+    after = load_checkpoint(out / "checkpoint.pt")["model"]
+    for k, v in official.items():  # a step at lr ~1e-14: the weights it started from
+        torch.testing.assert_close(after[k], v, rtol=0, atol=1e-9, msg=k)
+    # another decoder (MAE's 512-wide 8 blocks on this tiny run's 64-wide 1): the encoder alone
+    big = fastmim.create_model("mae_vit_tiny_patch16", img_size=64, decoder_embed_dim=96, decoder_depth=2,
+                               decoder_num_heads=2).state_dict()  # fmt: skip
+    torch.save({"model": {f"module.{k}": v for k, v in big.items()}}, tmp_path / "ddp.pth")
+    out = pretrain.run([*args, "--init-weights", str(tmp_path / "ddp.pth"), "--output-dir", str(tmp_path / "enc"),
+                        "--blr", "1e-12"])  # fmt: skip
+    said = capsys.readouterr().out
+    assert "the encoder (" in said and "keeps its initialisation" in said, said
+    after = load_checkpoint(out / "checkpoint.pt")["model"]
+    enc = [k for k in big if not k.startswith("decoder_") and k != "mask_token"]
+    for k in enc:
+        torch.testing.assert_close(after[k], big[k], rtol=0, atol=1e-9, msg=k)
+    assert not torch.equal(after["decoder_pred.weight"][:1], big["decoder_pred.weight"][:1, :64])  # its own init
+    # a run's folder (its checkpoint) works too; a resume of the new run keeps its own weights, not the file's
+    pretrain.run([*args, "--init-weights", str(tmp_path / "whole"), "--output-dir", str(tmp_path / "again")])
+    assert "the whole model" in capsys.readouterr().out
+    pretrain.run(["--resume", "--output-dir", str(tmp_path / "again"), "--max-steps", "2"])
+    assert "initialised from" not in capsys.readouterr().out
+    # weights of another model: refused, naming what does not fit
+    small = fastmim.create_model("mae_vit_small_patch16", img_size=64).state_dict()
+    torch.save(small, tmp_path / "small.pth")
+    with pytest.raises(ValueError, match=r"--init-weights .*encoder's tensors have other shapes than this model's, "
+                                         r"such as \S+ \(.*\) against"):  # fmt: skip
+        pretrain.run([*args, "--init-weights", str(tmp_path / "small.pth"), "--output-dir", str(tmp_path / "s")])
+    torch.save({"w": torch.ones(2)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="holds neither this model's weights nor its encoder's"):
+        pretrain.run([*args, "--init-weights", str(tmp_path / "other.pth"), "--output-dir", str(tmp_path / "o")])
+
+
+def test_init_weights_refuses_a_checkpoint_with_objects_saying_how_to_take_its_weights(tmp_path):
+    """MAE's own checkpoints keep their argparse args beside the weights: not unpickled, the way out said."""
+    import argparse
+
+    from fastmim.train.checkpoint import read_init_weights
+
+    torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1.0)}, tmp_path / "full.pth")
+    with pytest.raises(ValueError, match=r"argparse.Namespace.*if you trust the file, save its weights alone"):
+        read_init_weights(tmp_path / "full.pth")
