@@ -201,6 +201,11 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
             state = {k: v for k, v in state.items() if not k.startswith("head.") and "relative_position_index" not in k}
     elif state is not None:
         state = {k: v for k, v in state.items() if not k.startswith("head.fc.")}
+        if "stem.0.weight" in state and not any(k.startswith("head.norm.") for k in state):
+            # an FCMAE encoder from ConvNeXt V2's code (timm's keys): pretraining has no final norm, and its
+            # fine-tuning starts a fresh one, as here (the kNN and probe features take it at its initial values)
+            dim = state["stem.0.weight"].shape[0] * 8
+            state = {**state, "head.norm.weight": torch.ones(dim), "head.norm.bias": torch.zeros(dim)}
     module = fastmim.create_model(enc, **kwargs)
     if state is not None:
         try:

@@ -1534,3 +1534,17 @@ def test_official_mae_and_ijepa_checkpoints_and_ddp_prefixes_load_as_their_encod
     enc, info = load_encoder(tmp_path / "ijepa-latest.pth.tar", "vit_tiny_patch16")
     assert info["img_size"] == 64 and "an I-JEPA checkpoint; its target_encoder is read" in capsys.readouterr().out
     assert all(torch.equal(v, target[k]) for k, v in enc.state_dict().items())
+
+
+def test_a_convnextv2_fcmae_encoder_without_timms_head_norm_loads(tmp_path):
+    """ConvNeXt V2's pretraining has no final norm: its encoder in timm's keys (after timm's checkpoint filter) was
+    refused for the missing head.norm; it loads with the norm at its initial values, as fastmim's own export holds."""
+    model = fastmim.create_model("fcmae_convnextv2_atto", img_size=64)
+    exported = model.encoder_state_dict()
+    torch.save({k: v for k, v in exported.items() if not k.startswith("head.norm.")}, tmp_path / "fcmae.pth")
+    enc, info = load_encoder(tmp_path / "fcmae.pth", "convnextv2_atto")
+    assert info["encoder"] == "convnextv2_atto"
+    assert all(torch.equal(v, exported[k]) for k, v in enc.state_dict().items())
+    torch.save({k: v for k, v in exported.items() if k != "stem.0.bias"}, tmp_path / "cut.pth")
+    with pytest.raises(ValueError, match="do not fit encoder 'convnextv2_atto'.*stem.0.bias"):  # the rest: strict
+        load_encoder(tmp_path / "cut.pth", "convnextv2_atto")
