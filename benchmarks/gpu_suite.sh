@@ -39,7 +39,8 @@ export PYTHONUNBUFFERED=1 FASTMIM_CACHE=/tmp/fastmim-cache
 PY=${PYTHON:-python3}
 BUDGET=${GPU_SUITE_BUDGET_S:-480}
 # (a value that is not whole seconds turned the budget off: every step "fitted" and ran to its own limit)
-[[ "$BUDGET" =~ ^[0-9]+$ ]] || { echo "GPU_SUITE_BUDGET_S: expected whole seconds (300), got '$BUDGET'"; exit 2; }
+# (nor with a leading zero: bash reads 0300 as octal, 0900 not at all)
+[[ "$BUDGET" =~ ^(0|[1-9][0-9]*)$ ]] || { echo "GPU_SUITE_BUDGET_S: expected whole seconds (300), got '$BUDGET'"; exit 2; }
 START=$(date +%s)
 SCRATCH=$(mktemp -d)
 trap 'rm -rf "$SCRATCH"' EXIT

@@ -286,7 +286,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cpp-threads", default="1,all", help="thread counts of the cpp rows: 1 (a child process), all "
                     "(this process, the extension's default) or both (default)")  # fmt: skip
     ap.add_argument("--reps", type=int, default=10, help="timed calls per row (default 10)")
-    ap.add_argument("--min-reps", type=int, default=3, help="timed calls per row even past --budget-s (default 3)")
+    ap.add_argument(
+        "--min-reps",
+        type=int,
+        default=None,
+        help="timed calls per row even past --budget-s (default 3, or --reps where it is fewer)",
+    )
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
     ap.add_argument("--budget-s", type=float, default=2.0, help="stop timing a row after this many seconds once "
                     "--min-reps are done (default 2)")  # fmt: skip
@@ -299,6 +304,8 @@ def main(argv=None) -> int:
     impls = [s.strip() for s in args.impls.split(",") if s.strip()]
     if any(s not in IMPLS for s in impls):
         ap.error(f"--impls must come from {', '.join(IMPLS)}, got {args.impls!r}")
+    if args.min_reps is None:  # (--reps 2 alone: two calls, not a refusal of the default)
+        args.min_reps = min(3, args.reps) if args.reps >= 1 else 3
     for flag in ("batch", "ref_batch", "reps", "min_reps"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")

@@ -482,9 +482,11 @@ def run_mode(
     peak: float,
     copy_gbps: float,
     matmul_tflops: float,
+    feed: str = "synthetic",
 ):
     """Builds, warms up and times one mode; returns its row. ``peak``: the TFLOP/s that MFU divides by (the spec when
-    given); ``matmul_tflops``: the matmul rate measured on this device in this run, which the floor uses."""
+    given); ``matmul_tflops``: the matmul rate measured on this device in this run, which the floor uses; ``feed``:
+    synthetic or real (--data), in the profile's name."""
     impl, *flags = mode.split("+")
     compiled, graph = "compile" in flags, "graph" in flags
     dtype = AMP[args.amp]
@@ -572,7 +574,9 @@ def run_mode(
         row["host_threads"] = torch.get_num_threads() + ((args.workers or 0) if args.data else 0)
     if args.profile:
         # (named by what sets it apart: two configurations of one model and batch overwrote each other's trace)
-        extra = re.sub(r"[^\w.=-]", "_", "".join(f"-{k}={v}" for k, v in sorted(dict(args.model_arg).items())))
+        extra = "".join(f"-{k}={v}" for k, v in sorted(dict(args.model_arg).items()))
+        extra += f"-{args.compile_mode}" if compiled and args.compile_mode != "default" else ""
+        extra = re.sub(r"[^\w.=-]", "_", extra + ("-real" if feed == "real" else ""))
         trace = Path(args.profile_dir) / (f"{model_name}-{args.img_size}px-b{args.batch_size}-{args.amp}{extra}-"
                                           f"{mode.replace('+', '_')}.json.gz")  # fmt: skip
         row["profile"] = profile_steps(step, device, args.profile_steps, trace, args.top)
@@ -605,10 +609,14 @@ def print_summary(rows: list[dict]) -> None:
         print(f"  {a['mode']:<28} {cells}", file=sys.stderr)
 
 
+_RUN: dict = {}  # this process's --out, for the interrupt's message
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     check_args(ap, args)
+    _RUN["out"] = args.out
     if args.compiled_ops:
         set_compiled_ops(args.compiled_ops)
     recipe = get_recipe(args.recipe)
@@ -666,6 +674,7 @@ def main(argv=None) -> int:
                     common["peak_tflops"],
                     common["copy_gbps_measured"],
                     common["peak_tflops_measured"],
+                    feed="synthetic" if data_desc == "synthetic" else "real",
                 )
             except Exception as e:  # out of memory, a capture that fails, a non-finite loss: a row, and the next mode
                 what = "out of memory" if isinstance(e, torch.cuda.OutOfMemoryError) else type(e).__name__
@@ -719,5 +728,6 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # (each mode's row is written whole when it ends: the file holds the finished ones)
-        print("interrupted: the modes that finished are written; the one running was not", file=sys.stderr)
+        said = f" to {_RUN['out']}" if _RUN.get("out") else " (printed above; no --out)"
+        print(f"interrupted: the modes that finished are written{said}; the one running was not", file=sys.stderr)
         sys.exit(130)

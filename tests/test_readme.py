@@ -1,5 +1,6 @@
 """The README's copy-paste snippets run as written."""
 
+import os
 import re
 
 import torch
@@ -44,41 +45,52 @@ def test_every_link_within_the_readme_names_one_of_its_headings():
     assert [a for a in links if a not in anchors] == []
 
 
-def test_the_own_method_snippet_runs_and_trains_through_the_cli(tmp_path, capsys):
-    """The "Your own method" snippet as pasted: its model hides a checkerboard (8 of 16 tokens, either phase), its
-    target is the edges, it trains through fastmim.pretrain and its encoder is evaluated by name."""
+def test_the_own_method_snippet_runs_and_trains_through_the_cli(tmp_path):
+    """The "Your own method" snippet as pasted: its model hides a checkerboard (8 of 16 tokens, either phase) and
+    learns the edges; saved as the README says (without its last three lines, with its ending) it trains as a
+    script, with a loader worker, and its encoder is evaluated by name."""
     import json
+    import subprocess
+    import sys
 
-    from fastmim import pretrain
-    from fastmim.eval.__main__ import main as eval_main
     from fastmim.models import registry
     from tests.conftest import TINY_ARGS, make_image_folder
 
-    (snippet,) = [b for b in _python_blocks("Models and the library") if "Checkerboard" in b]
+    blocks = _python_blocks("Models and the library")
+    (snippet,) = [b for b in blocks if "Checkerboard" in b]
+    (ending,) = [b for b in blocks if "pretrain.main()" in b]
     ns: dict = {}
     try:
         exec(compile(snippet, "README.md", "exec"), ns)
-        mask = ns["mask"].bool().view(2, 4, 4)
-        board = (torch.arange(4)[:, None] + torch.arange(4)) % 2 == 0
-        assert all(torch.equal(m, board) or torch.equal(m, ~board) for m in mask)
-        assert ns["model"].decoder_pred.weight.grad is not None and torch.isfinite(ns["loss"])
-        ref = ns["Checkerboard"](4, seed=0, impl="ref")(indices=torch.arange(6))
-        assert all(torch.equal(m, board) or torch.equal(m, ~board) for m in ref.mask)
-        data = make_image_folder(tmp_path / "d", n=8, classes=2)
-        labelled = tmp_path / "labelled"
-        make_image_folder(labelled / "train", n=4)
-        make_image_folder(labelled / "val", n=2, seed=1)
-        out = tmp_path / "run"
-        pretrain.run([*TINY_ARGS, "--model", "mae_sobel_vit_tiny_patch16", "--data-path", str(data), "--output-dir",
-                      str(out), "--max-steps", "2"])  # fmt: skip
-        assert "no reconstruction pictures" not in capsys.readouterr().out  # the edges are drawn as an image
-        assert eval_main(["knn", "--encoder", str(out), "--data-path", str(labelled), "--k", "2", "--device",
-                          "cpu"]) == 0  # fmt: skip
-        row = json.loads((out / "eval.jsonl").read_text().splitlines()[-1])
-        assert row["encoder"] == "vit_tiny_patch16" and row["model"] == "mae_sobel_vit_tiny_patch16"
     finally:
         for name in [n for n in registry._REGISTRY if n.startswith("mae_sobel_")]:
             del registry._REGISTRY[name]
+    mask = ns["mask"].bool().view(2, 4, 4)
+    board = (torch.arange(4)[:, None] + torch.arange(4)) % 2 == 0
+    assert all(torch.equal(m, board) or torch.equal(m, ~board) for m in mask)
+    assert ns["model"].decoder_pred.weight.grad is not None and torch.isfinite(ns["loss"])
+    ref = ns["Checkerboard"](4, seed=0, impl="ref")(indices=torch.arange(6))
+    assert all(torch.equal(m, board) or torch.equal(m, ~board) for m in ref.mask)
+    script = tmp_path / "train_sobel.py"
+    script.write_text("\n".join(snippet.rstrip("\n").split("\n")[:-3]) + "\n\n" + ending)
+    data = make_image_folder(tmp_path / "d", n=8, classes=2)
+    labelled = tmp_path / "labelled"
+    make_image_folder(labelled / "train", n=4)
+    make_image_folder(labelled / "val", n=2, seed=1)
+    out = tmp_path / "run"
+    args = [a if a != "0" or TINY_ARGS[i - 1] != "--num-workers" else "1" for i, a in enumerate(TINY_ARGS)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(script), *args, "--model", "mae_sobel_vit_tiny_patch16", "--data-path",
+                        str(data), "--output-dir", str(out), "--max-steps", "2", "--loader", "torch"],
+                       capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "no reconstruction pictures" not in r.stdout  # the edges are drawn as an image
+    from fastmim.eval.__main__ import main as eval_main
+
+    assert eval_main(["knn", "--encoder", str(out), "--data-path", str(labelled), "--k", "2", "--device",
+                      "cpu"]) == 0  # fmt: skip
+    row = json.loads((out / "eval.jsonl").read_text().splitlines()[-1])
+    assert row["encoder"] == "vit_tiny_patch16" and row["model"] == "mae_sobel_vit_tiny_patch16"
 
 
 def test_the_masks_snippet_runs_and_its_comments_hold():

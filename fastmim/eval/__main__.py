@@ -485,7 +485,7 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
         if problem and made and not any(run_dir.iterdir()):
             run_dir.rmdir()
         elif not problem:  # (the folder is this run's: a save killed mid-write left its temporary checkpoint)
-            clear_stale_temporaries(run_dir, names=(CHECKPOINT, "finetuned.safetensors"))
+            clear_stale_temporaries(run_dir, names=(CHECKPOINT, "finetuned.safetensors", "finetuned_ema.safetensors"))
     problem = broadcast_object(problem, args.dist_info)
     if problem:
         raise ValueError(problem)

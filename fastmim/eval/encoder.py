@@ -136,7 +136,7 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
             raise FileNotFoundError(f"no encoder at {str(path)!r}{_snapshots_there(path.parent)}")
         state, meta = _read_weights(path)
     said = meta.get("model")
-    if model and said and _plain_encoder(said) is not None and model not in (said, encoder_name(said)):
+    if model and said and _plain_encoder(said) is not None and model not in (said, _plain_encoder(said)):
         raise ValueError(f"{str(path)!r} says it holds {said!r}; --model {model} contradicts it (--model, "
                          "model= in Python, is for files that do not say their architecture: drop it)")  # fmt: skip
     # the file's own name where it has one (a recipe's: the run it came from); --model for a name this process does
@@ -161,6 +161,8 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
             kwargs["init_values"] = 1.0  # layer scale (SimMIM's, A2MIM's): its learned values come with the state
         elif state is None:
             kwargs.update({k: v for k, v in (vit or {}).items() if v is not None})
+        if state is not None and "patch_embed.proj.weight" in state:  # the weights' patch, whatever the name says
+            kwargs["patch_size"] = state["patch_embed.proj.weight"].shape[-1]  # (--model-args patch_size=8)
         if state is not None:
             shared, own = "rel_pos_bias.relative_position_bias_table", "blocks.0.attn.relative_position_bias_table"
             kwargs["rel_pos_bias"] = "shared" if shared in state else "block" if own in state else None
@@ -182,7 +184,6 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
             grid = math.isqrt(tokens)
             patch = state["patch_embed.proj.weight"].shape[-1]
             kwargs["img_size"] = grid * patch
-            kwargs["patch_size"] = patch  # (a run's --model-args patch_size=8 trains another than its name's)
             if img_size is not None and img_size != kwargs["img_size"]:
                 if img_size % patch:
                     raise ValueError(f"--img-size {img_size} is not a multiple of the encoder's patch size {patch}")

@@ -58,15 +58,18 @@ class Masks:
     target_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        # bool only: a float or integer tensor here was taken as is (0.5 everywhere hid some tokens, weighted others
-        # in a loss); a plain tensor given to a model is checked for 0/1 values instead (as_mask_info)
+        # bool, or 0/1 of another dtype (a strategy of one's own from numpy: made bool here, as a plain tensor given
+        # to a model is); other values are refused: Masks(torch.full(..., 0.5)) was taken as it was, and hid
+        # arbitrary tokens or weighted a loss by 0.5 (the check reads the values: a sync on a GPU, for non-bool only)
         for name in ("mask", "targets", "secondary"):
             t = getattr(self, name)
-            if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != torch.bool):
+            if t is None or (isinstance(t, torch.Tensor) and t.dtype == torch.bool):
+                continue
+            if not isinstance(t, torch.Tensor) or t.is_complex():
                 got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-                raise TypeError(f"Masks.{name} must be a bool tensor (True = hidden), got {got}; a 0/1 tensor: "
-                                "pass it as t.bool(), or give a model the plain tensor, which checks its "
-                                "values")  # fmt: skip
+                raise TypeError(f"Masks.{name} must be a bool tensor (True = hidden), got {got}")
+            setattr(self, name, as_bool(t, f"Masks.{name} holds True/1 for hidden tokens and False/0 for visible "
+                                           f"ones; this {t.dtype} one has other values"))  # fmt: skip
 
     def info(self, ids: bool = True) -> MaskInfo:
         """MAE's index form of ``mask`` flattened per sample: needs the same hidden count in every sample (with an

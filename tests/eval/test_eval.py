@@ -1480,10 +1480,21 @@ def test_an_encoder_of_another_patch_size_or_a_users_own_model_name_is_evaluated
         meta = {**f.metadata(), "model": "mae_sobel_vit_tiny_patch16"}
     save_file(load_file(path), path, metadata=meta)
     assert load_encoder(path)[1]["encoder"] == "vit_tiny_patch16"
+    assert load_encoder(path, model="vit_tiny_patch16")[1]["encoder"] == "vit_tiny_patch16"  # (was "contradicts")
     save_file(load_file(path), path, metadata={**meta, "model": "my_method"})
     with pytest.raises(ValueError, match="unknown encoder 'my_method'.*name its encoder's architecture with --model"):
         load_encoder(path)
     assert load_encoder(path, model="vit_tiny_patch16")[1]["encoder"] == "vit_tiny_patch16"
+    # SimMIM's paper setting (no absolute position embedding, a shared relative bias) at patch 8: the patch from the
+    # weights too (it was taken only beside a position embedding)
+    from fastmim.train.checkpoint import save_encoder
+
+    simmim = fastmim.create_model("simmim_vit_tiny_patch16", img_size=32, patch_size=8, rel_pos_bias="shared",
+                                  abs_pos_embed=False)  # fmt: skip
+    save_encoder(tmp_path / "s8.safetensors", simmim.encoder_state_dict(),
+                 {"model": "simmim_vit_tiny_patch16", "step": "1", "img_size": "32"})  # fmt: skip
+    enc, info = load_encoder(tmp_path / "s8.safetensors")
+    assert enc.patch_embed.patch_size == (8, 8) and info["encoder"] == "vit_tiny_patch8" and info["img_size"] == 32
     with pytest.raises(ValueError, match="contradicts it"):  # a name it knows is still the file's word
         save_file(load_file(path), path, metadata={**meta, "model": "mae_vit_tiny_patch16"})
         load_encoder(path, model="vit_small_patch16")

@@ -485,18 +485,25 @@ def test_multiblock_default_min_keep_fits_small_grids():
         build_mask("multiblock", (2, 3), min_keep=10)  # given: still checked
 
 
-def test_a_masks_of_another_dtype_than_bool_is_refused_by_name():
+def test_a_masks_of_values_other_than_0_and_1_is_refused_by_name():
     """Masks(...) took any tensor as it was: a model given Masks(torch.full(..., 0.5)) hid the last tokens of each
-    sample, and SimMIM weighted its loss by 0.5, while the same plain tensor was refused for its values."""
+    sample, and SimMIM weighted its loss by 0.5, while the same plain tensor was refused for its values. Values other
+    than 0/1 are refused now; 0/1 of another dtype is made bool, as for a plain tensor."""
     import fastmim
     from fastmim.masking import Masks
 
     half = torch.full((2, 4, 4), 0.5)
-    for bad in (half, half.round().to(torch.uint8), torch.zeros(2, 4, 4, dtype=torch.int64)):
-        with pytest.raises(TypeError, match=rf"Masks.mask must be a bool tensor \(True = hidden\), got {bad.dtype}"):
+    for bad in (half, torch.full((2, 4, 4), 2, dtype=torch.uint8), torch.full((2, 4, 4), -1)):
+        with pytest.raises(ValueError, match=rf"Masks.mask holds True/1 .* this {bad.dtype} one has other values"):
             Masks(bad)
-    with pytest.raises(TypeError, match="Masks.targets must be a bool tensor"):
-        Masks(torch.zeros(2, 4, 4, dtype=torch.bool), targets=torch.zeros(2, 1, 4, 4))
+    with pytest.raises(ValueError, match="Masks.targets holds True/1"):
+        Masks(torch.zeros(2, 4, 4, dtype=torch.bool), targets=torch.full((2, 1, 4, 4), 0.5))
+    with pytest.raises(TypeError, match="Masks.mask must be a bool tensor"):
+        Masks([[True]])
+    ones = torch.zeros(2, 4, 4, dtype=torch.uint8)  # 0/1 of another dtype (a strategy's numpy output): made bool
+    ones[:, :2] = 1
+    got = Masks(ones, targets=ones[:, None].long())
+    assert got.mask.dtype == got.targets.dtype == torch.bool and torch.equal(got.mask, ones.bool())
     model = fastmim.create_model("mae_vit_tiny_patch16", img_size=32, patch_size=8, decoder_depth=1,
                                  decoder_embed_dim=32, decoder_num_heads=2)  # fmt: skip
     with pytest.raises(ValueError, match="has other values"):  # the plain tensor: its values checked, as before
