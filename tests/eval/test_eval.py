@@ -1556,6 +1556,10 @@ def test_a_convnextv2_fcmae_encoder_without_timms_head_norm_loads(tmp_path):
     enc, info = load_encoder(tmp_path / "fcmae.pth", "convnextv2_atto")
     assert info["encoder"] == "convnextv2_atto"
     assert all(torch.equal(v, exported[k]) for k, v in enc.state_dict().items())
+    own = {"downsample_layers.0.0.weight": exported["stem.0.weight"], "stages.0.0.dwconv.weight": torch.ones(1)}
+    torch.save(own, tmp_path / "convnextv2_code.pth")  # ConvNeXt V2's own keys: the way to timm's names said
+    with pytest.raises(ValueError, match="ConvNeXt V2's own keys.*checkpoint_filter_fn"):
+        load_encoder(tmp_path / "convnextv2_code.pth", "convnextv2_atto")
     torch.save({k: v for k, v in exported.items() if k != "stem.0.bias"}, tmp_path / "cut.pth")
     with pytest.raises(ValueError, match="do not fit encoder 'convnextv2_atto'.*stem.0.bias"):  # the rest: strict
         load_encoder(tmp_path / "cut.pth", "convnextv2_atto")
