@@ -3,9 +3,11 @@ finishes each kernel long before the next launch: every number is host time). Ex
 benchmarks/ops.py: how much is ours (checks, backend choice, the extension call) and how much is PyTorch's
 (autograd.Function, the autograd engine's backward, an allocation, a launch).
 
-    python benchmarks/host_overhead.py --out benchmarks/results/host_overhead.jsonl
+    python benchmarks/host_overhead.py --out /tmp/host_overhead.jsonl   # (a results/<date>-<device>-<commit>/ folder
+                                                                         # for rows to keep)
 
-Each row: what was called, the backend, us per call (median of 5 rounds of ``--calls`` calls, one sync per round).
+Each row: what was called, the backend, us per call (median of 5 rounds of ``--calls`` calls, one sync per round),
+``calls``, the host's CPU model and cores.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import checked_device, environment, out_file, positive_int, write_row  # noqa: E402
+from benchmarks.common import checked_device, environment, host, out_file, positive_int, write_row  # noqa: E402
 from fastmim import _ext  # noqa: E402
 from fastmim.masking import random_masking  # noqa: E402
 from fastmim.ops import add_layer_norm, gather_visible, masked_mse_loss, patchify, scatter_masked  # noqa: E402
@@ -116,7 +118,17 @@ def main(argv=None) -> int:
             if backend:
                 set_backend(prev)
         print(f"{what:40} {us:9.1f}")
-        write_row({"benchmark": "host_overhead", "call": what, "us_per_call": round(us, 2), **env}, args.out)
+        write_row(
+            {
+                "benchmark": "host_overhead",
+                "call": what,
+                "us_per_call": round(us, 2),
+                "calls": args.calls,
+                **host(),
+                **env,
+            },
+            args.out,
+        )  # fmt: skip (the host's CPU decides host time: its model and cores)
     return 0
 
 

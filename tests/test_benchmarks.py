@@ -1347,3 +1347,13 @@ def test_report_puts_a_cpu_mask_row_of_another_batch_in_its_own_column(tmp_path)
     table = report.masks_table(report.load_rows(tmp_path))
     assert "cpp (1 thr) masks/s" in table and "cpp (1 thr) (batch 256) masks/s" in table and "ref masks/s" in table
     assert "500,000" in table and "300,000" in table
+
+
+def test_host_overhead_rows_say_their_calls_and_host(tmp_path):
+    """host_overhead.py's rows held neither the calls per round nor the host, which decide a host time."""
+    import host_overhead
+
+    out = tmp_path / "ho.jsonl"
+    assert host_overhead.main(["--device", "cpu", "--calls", "2", "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert rows and all(r["calls"] == 2 and r["cpu_count"] >= 1 and r["us_per_call"] > 0 and r["run"] for r in rows)
