@@ -85,7 +85,8 @@ class TargetChoice:
         return p * p * self.in_chans
 
     def target_images(self, imgs: torch.Tensor) -> torch.Tensor:
-        """The images a pixel target is read from: ``imgs``, or their low-frequency part (fp32, no gradient)."""
+        """The images a pixel or HOG target is read from: ``imgs``, or their low-frequency part (fp32, no gradient);
+        a subclass may give others of the same shape (edges, another colour space)."""
         if self.target == "lowpass":
             return low_pass_images(imgs, self.low_pass_radius, self.image_mean, self.image_std, fused=self.fused_ops)
         return imgs
@@ -104,7 +105,8 @@ class TargetChoice:
     def hog_loss(self, pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """MSE of the predicted HOG features [B, N, dim] against the masked patches' (MaskFeat's loss)."""
         loss_fn = masked_mse_loss_patchified if self.fused_ops else masked_mse_loss_patchified_ref
-        return loss_fn(pred, self.hog(imgs, mask), mask, norm_pix=False)
+        # (from target_images: a subclass's own images, such as edges, give their HOG; it was ignored, unsaid)
+        return loss_fn(pred, self.hog(self.checked_target_images(imgs), mask), mask, norm_pix=False)
 
 
 def _channels(who: str, name: str, values, channels: int, positive: bool = False) -> tuple[float, ...]:

@@ -397,3 +397,19 @@ def test_a_timm_encoder_given_images_of_another_size_is_refused_in_fastmims_word
         model(torch.randn(2, 3, 64, 64))
     loss, _, _ = model(torch.randn(2, 3, 32, 32))
     assert torch.isfinite(loss)
+
+
+def test_a_hog_target_is_read_from_target_images():
+    """A model with target=hog and target_images of its own trained on the plain images' HOG, unsaid: the HOG is
+    now taken of target_images(imgs), as the pixel targets are (the built-in one gives imgs: the same loss)."""
+    torch.manual_seed(0)
+    model = fastmim.create_model("mae_vit_tiny_patch16", img_size=32, target="hog", decoder_depth=1,
+                                 decoder_embed_dim=32, decoder_num_heads=2)  # fmt: skip
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 4)
+    model.target_images = lambda x: x.flip(-1)
+    loss, pred, mask = model(imgs, mask=masking_from_noise(noise, 1))
+    del model.target_images
+    with torch.no_grad():
+        want, plain = model.hog_loss(pred, imgs.flip(-1), mask), model.hog_loss(pred, imgs, mask)
+    torch.testing.assert_close(loss.detach(), want)
+    assert not torch.allclose(loss.detach(), plain)
