@@ -1194,6 +1194,10 @@ def _run(cfg: PretrainConfig, state: dict | None, info: DistInfo, device: torch.
                 said = init_model_weights(model, read_init_weights(cfg.init_weights), repr(cfg.init_weights))
                 if info.is_main:
                     print(f"note: {said}", flush=True)
+            elif cfg.init_weights and cfg.init_weights != (state.get("config") or {}).get("init_weights"):
+                if info.is_main:
+                    print(f"note: --init-weights changes nothing in a resumed run: its weights come from its "
+                          f"checkpoint ({str(cfg.init_weights)!r} is not read)", flush=True)  # fmt: skip
             if changes:
                 changes = _unchanged_defaults(changes, cfg, model, state)
             if info.rank:  # then each rank its own random stream (drop path, decoder noise)

@@ -578,7 +578,12 @@ def test_init_weights_starts_a_run_from_a_run_or_an_official_checkpoint(image_fo
     pretrain.run([*args, "--init-weights", str(tmp_path / "whole"), "--output-dir", str(tmp_path / "again")])
     assert "the whole model" in capsys.readouterr().out
     pretrain.run(["--resume", "--output-dir", str(tmp_path / "again"), "--max-steps", "2"])
-    assert "initialised from" not in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "initialised from" not in said and "--init-weights changes nothing" not in said  # (its own, kept)
+    pretrain.run(["--resume", "--output-dir", str(tmp_path / "again"), "--max-steps", "3", "--init-weights",
+                  str(tmp_path / "ddp.pth")])  # fmt: skip
+    said = capsys.readouterr().out
+    assert "initialised from" not in said and "--init-weights changes nothing in a resumed run" in said
     # weights of another model: refused, naming what does not fit
     small = fastmim.create_model("mae_vit_small_patch16", img_size=64).state_dict()
     torch.save(small, tmp_path / "small.pth")
