@@ -42,6 +42,7 @@ from fastmim.data.folder import BadImageError, absolute_data_path
 from fastmim.train.checkpoint import (
     CHECKPOINT_NAME,
     DCP_NAME,
+    ForeignCheckpointError,
     WriteError,
     clear_stale_temporaries,
     existing_run_markers,
@@ -202,6 +203,9 @@ def resolve_config(argv: list[str] | None, origins: dict | None = None) -> tuple
             state = load_checkpoint(ckpt_path)
         except RuntimeError as e:  # a file that is not a checkpoint (or a truncated one): one line, not a traceback
             raise UsageError(f"--resume: {e}") from None
+        except ForeignCheckpointError as e:  # (MAE's own checkpoints keep their argparse args beside the weights)
+            raise UsageError(f"--resume: {e}; --resume continues a fastmim run: another code's weights start a new "
+                             "run with --init-weights (it says how to save them alone)") from None  # fmt: skip
         lacks = [k for k in ("model", "optimizer", "step")
                  if not isinstance(state, dict) or ("dcp" not in state and k not in state)]  # fmt: skip
         if lacks:  # (another code's checkpoint: MAE's {"model": ...} failed on its 'optimizer' key as a "changed

@@ -1322,14 +1322,19 @@ def test_ctrl_c_in_a_throughput_run_keeps_the_finished_rows_and_says_so(tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, str(BENCH / "throughput.py"), *SMALL, "--modes", "reference,fastmim",
                              "--steps", "100000", "--warmup", "1", "--no-flop-count", "--out", str(out)], env=env,
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
-    seen = []
-    for line in proc.stderr:  # the line said once the modes begin (after the peak's measurement)
-        seen.append(line)
-        if "GFLOP per image" in line:
-            break
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            # (an xdist worker ignores SIGINT, and a child inherits that: Ctrl-C's default back)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    try:
+        seen = []
+        for line in proc.stderr:  # the line said once the modes begin (after the peak's measurement)
+            seen.append(line)
+            if "GFLOP per image" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
     err = "".join(seen) + err
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert f"interrupted: the modes that finished are written to {out}; the one running was not" in err

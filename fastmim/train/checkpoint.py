@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib
 import math
 import os
 import pickle
@@ -325,9 +324,22 @@ class ForeignCheckpointError(ValueError):
     """A file that holds Python objects other than tensors, plain values and numpy arrays: not unpickled."""
 
 
-def _resolve_global(name: str):
-    module, _, attr = name.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
+def _numpy_array_globals() -> dict[str, object]:
+    """The globals a pickled numpy array needs, by the names numpy 1 and 2 write them under: the array's
+    reconstruction, the array and dtype types and the dtype classes. Nothing else of numpy is allowed (a prefix rule
+    let any numpy function through, numpy.testing's runstring among them: code from the file ran)."""
+    core = getattr(np, "_core", None) or np.core
+    names = {
+        "numpy.core.multiarray._reconstruct": core.multiarray._reconstruct,
+        "numpy._core.multiarray._reconstruct": core.multiarray._reconstruct,
+        "numpy.ndarray": np.ndarray,
+        "numpy.dtype": np.dtype,
+    }
+    where = getattr(np, "dtypes", None)  # (numpy >= 1.25)
+    for n in dir(where) if where else ():
+        if n.endswith("DType"):
+            names[f"numpy.dtypes.{n}"] = getattr(where, n)
+    return names
 
 
 def safe_load(path: str | Path, **kwargs):
@@ -339,25 +351,28 @@ def safe_load(path: str | Path, **kwargs):
         return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
     except pickle.UnpicklingError:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        foreign = [n for n in names if not n.startswith("numpy.")]
+        allowed = _numpy_array_globals()
+        foreign = [n for n in names if n not in allowed]
         if not names or foreign:
             raise ForeignCheckpointError(
                 f"{str(path)!r} holds Python objects fastmim does not load ({', '.join(foreign or names)}): not a "
                 "fastmim checkpoint (unpickling them could run code from the file)"
             ) from None
-        # (an array's dtype class, numpy.dtypes.UInt32DType say, is reached through numpy.dtype: not in the scan)
-        where = getattr(np, "dtypes", None)  # (numpy >= 1.25)
-        dtypes = [getattr(where, n) for n in dir(where) if n.endswith("DType")] if where else []
-        with torch.serialization.safe_globals([*(_resolve_global(n) for n in names), *dtypes]):
+        # (each under the name the file uses: numpy 1's numpy.core is numpy 2's numpy._core)
+        with torch.serialization.safe_globals([(obj, name) for name, obj in allowed.items()]):
             return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
 
 
 def strip_wrapper_prefixes(state: dict) -> dict:
     """A state dict without the prefix every key carries when it was saved from a wrapped model: DDP's ``module.``,
     torch.compile's ``_orig_mod.`` (or both)."""
-    for prefix in ("module.", "_orig_mod."):
-        if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
-            state = {k.removeprefix(prefix): v for k, v in state.items()}
+    stripped = True
+    while stripped and state:  # (in either order, each once or more: a compiled DDP model, a DDP'd compiled one)
+        stripped = False
+        for prefix in ("module.", "_orig_mod."):
+            if all(isinstance(k, str) and k.startswith(prefix) for k in state):
+                state = {k.removeprefix(prefix): v for k, v in state.items()}
+                stripped = True
     return state
 
 
@@ -392,7 +407,7 @@ def read_init_weights(path: str | Path) -> dict[str, torch.Tensor]:
                              "torch.save(c.get('model', c), 'weights.pth')\"") from None  # fmt: skip
         except Exception as e:
             raise ValueError(f"--init-weights: {str(path)!r} cannot be read as torch weights ({e})") from None
-        for key in ("model", "state_dict", "target_encoder"):
+        for key in ("target_encoder", "model", "state_dict"):  # (in the order python -m fastmim.eval takes them)
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
                 break
@@ -428,17 +443,34 @@ def init_model_weights(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
         raise ValueError(f"--init-weights {source}: {len(bad)} of the encoder's tensors have other shapes than this "
                          f"model's, such as {k} {wrong[k][0]} against {wrong[k][1]} (another size, patch or image "
                          "size?)")  # fmt: skip
-    whole = set(mapped) == set(own) and not wrong
+    # the whole model only where the file is exactly this model (a deeper decoder of the same width would give a
+    # mix of two decoders: its first blocks with its own norm and head)
+    whole = set(mapped) == set(own) and not wrong and not unknown
     take = mapped if whole else {k: mapped[k] for k in encoder}
     model.load_state_dict({**own, **take}, strict=True)
-    left = f"; {len(unknown)} of its tensors are not this model's, left out" if unknown else ""
+    said = f"initialised from {source}: "
     if whole:
-        return f"initialised from {source}: the whole model ({len(take)} tensors){left}"
-    rest = "not in the file" if not (set(own) - set(encoder)) & set(mapped) else "of other shapes in the file"
-    return (
-        f"initialised from {source}: the encoder ({len(take)} tensors); the rest of the model "
-        f"({len(own) - len(take)} tensors, {rest}) keeps its initialisation{left}"
-    )
+        said += f"the whole model ({len(take)} tensors)"
+    else:
+        why = [f"{len(unknown)} of the file's tensors are not this model's"] if unknown else []
+        why += [f"{len(wrong)} have other shapes"] if wrong else []
+        absent = len([k for k in own if k not in mapped])
+        why += [f"{absent} of this model's are not in the file"] if absent else []
+        said += (f"the encoder ({len(take)} tensors); the rest of the model ({len(own) - len(take)} tensors) keeps "
+                 f"its initialisation ({', '.join(why)})")  # fmt: skip
+    teacher = getattr(model, "teacher", None)
+    if teacher is not None and hasattr(teacher, "updates"):  # an EMA teacher (I-JEPA, data2vec 2.0): a new run's
+        # schedule from its start; the teacher a copy of the student where the file gave the student alone (it
+        # held the teacher's random weights: the targets of a random network)
+        with torch.no_grad():
+            if not whole:
+                student = getattr(model, "context_encoder_state_dict", model.encoder_state_dict)()
+                teacher.model.load_state_dict(student)
+            teacher.updates.zero_()
+        teacher._host_updates = (0, None)
+        said += ("; its EMA teacher keeps the file's, its momentum schedule from the start" if whole else
+                 "; its EMA teacher starts as a copy of the encoder, as the recipe starts")  # fmt: skip
+    return said
 
 
 def saved_step(path: Path) -> int:

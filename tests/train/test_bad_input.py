@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -754,6 +755,16 @@ def test_a_shard_pattern_the_shell_expanded_is_refused_with_a_quoting_hint(tmp_p
     assert "unrecognized arguments: --data-pth" in err and "shell expanded" not in err
 
 
+class _RunsNumpyCode:  # the same through a numpy function (numpy.testing's runstring execs a string)
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from numpy.testing._private.utils import runstring
+
+        return (runstring, (f"open({self.marker!r}, 'w').close()", {}))
+
+
 class _RunsCode:  # what a downloaded .pth can carry: unpickling it calls os.system
     def __init__(self, marker):
         self.marker = marker
@@ -779,8 +790,24 @@ def test_resume_runs_no_code_from_the_file_and_reads_an_older_numpy_rng_state(tm
         load_checkpoint(evil)
     assert not marker.exists()
     assert pretrain.main(["--resume", str(evil), "--data-path", "builtin:samples", "--device", "cpu"]) == 2
-    assert "not a fastmim checkpoint" in capsys.readouterr().err and not marker.exists()
+    err = capsys.readouterr().err
+    assert "not a fastmim checkpoint" in err and "--init-weights" in err and not marker.exists()
+    numpy_code = tmp_path / "numpy_code.pth"  # a numpy function that runs code: not let through for being numpy's
+    torch.save({"model": {}, "x": _RunsNumpyCode(str(marker))}, numpy_code)
+    with pytest.raises(ForeignCheckpointError, match=r"numpy\.testing\._private\.utils\.runstring"):
+        safe_load(numpy_code)
+    assert not marker.exists()
     old = tmp_path / "old.pt"  # an older checkpoint's RNG states: numpy's is a tuple holding an ndarray
     torch.save({"step": 3, "rng": {"numpy": np.random.get_state()}, "model": {"w": torch.ones(2)}}, old)
     state = safe_load(old)
     assert state["step"] == 3 and np.array_equal(state["rng"]["numpy"][1], np.random.get_state()[1])
+    # written under numpy 1, whose arrays pickle as numpy.core.multiarray (numpy 2: numpy._core): read as well
+    numpy1 = tmp_path / "numpy1.pt"
+    with zipfile.ZipFile(old) as zin, zipfile.ZipFile(numpy1, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            zout.writestr(item, data)
+    assert "numpy.core.multiarray._reconstruct" in torch.serialization.get_unsafe_globals_in_checkpoint(str(numpy1))
+    assert safe_load(numpy1)["step"] == 3

@@ -604,3 +604,49 @@ def test_init_weights_refuses_a_checkpoint_with_objects_saying_how_to_take_its_w
     torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1.0)}, tmp_path / "full.pth")
     with pytest.raises(ValueError, match=r"argparse.Namespace.*if you trust the file, save its weights alone"):
         read_init_weights(tmp_path / "full.pth")
+
+
+@pytest.mark.parametrize("name", ["ijepa_vit_tiny_patch16", "data2vec2_vit_tiny_patch16"])
+def test_init_weights_of_a_teacher_recipe_starts_its_teacher_from_them(name):
+    """An encoder-only --init-weights left I-JEPA's and data2vec 2.0's EMA teacher at its random weights (the targets
+    of a random network); a whole-model one carried the file's update count (the momentum at its schedule's end).
+    The teacher now starts as a copy of the loaded encoder, or keeps the file's, with its schedule from the start."""
+    import fastmim
+    from fastmim.train.checkpoint import init_model_weights, strip_wrapper_prefixes
+
+    torch.manual_seed(0)
+    source = fastmim.create_model(name, img_size=64)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p), alpha=0.1)
+        source.teacher.updates.fill_(500000)
+    model = fastmim.create_model(name, img_size=64)
+    said = init_model_weights(model, source.encoder_state_dict(), "'enc'")
+    assert "its EMA teacher starts as a copy of the encoder" in said
+    student = getattr(model, "context_encoder_state_dict", model.encoder_state_dict)()
+    teacher = model.teacher.model.state_dict()
+    assert all(torch.equal(teacher[k], v) for k, v in student.items())
+    assert all(torch.equal(v, source.encoder_state_dict()[k]) for k, v in model.encoder_state_dict().items())
+    model = fastmim.create_model(name, img_size=64)
+    whole = strip_wrapper_prefixes({f"_orig_mod.module.{k}": v for k, v in source.state_dict().items()})
+    said = init_model_weights(model, whole, "'whole'")
+    assert "the whole model" in said and int(model.teacher.updates) == 0 and model.teacher.momentum() == pytest.approx(
+        model.teacher.start)  # fmt: skip
+
+
+def test_init_weights_takes_the_encoder_alone_from_a_deeper_decoder_of_the_same_width():
+    """MAE with a 2-block decoder into a 1-block one was "the whole model": block 0 with the deeper decoder's norm and
+    head, a mix of two decoders. The encoder alone is taken, and the note says why."""
+    import fastmim
+    from fastmim.train.checkpoint import init_model_weights
+
+    kw = dict(img_size=64, decoder_embed_dim=32, decoder_num_heads=2)
+    deep = fastmim.create_model("mae_vit_tiny_patch16", decoder_depth=2, **kw)
+    model = fastmim.create_model("mae_vit_tiny_patch16", decoder_depth=1, **kw)
+    before = model.decoder_pred.weight.clone()
+    said = init_model_weights(model, deep.state_dict(), "'deep'")
+    assert "the encoder (" in said and "of the file's tensors are not this model's" in said, said
+    assert torch.equal(model.decoder_pred.weight, before)
+    shallow = fastmim.create_model("mae_vit_tiny_patch16", decoder_depth=1, **kw)
+    said = init_model_weights(deep, shallow.state_dict(), "'shallow'")
+    assert "of this model's are not in the file" in said and "other shapes" not in said, said
