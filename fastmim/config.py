@@ -249,8 +249,8 @@ class PretrainConfig:
         default=None,
         metadata={"help": "start a new run from these weights: a fastmim run's folder, checkpoint.pt or "
                           "encoder.safetensors, or another code's checkpoint of the model or its encoder (MAE's "
-                          "{'model': ...}, timm's); the whole model where all its tensors fit, else the encoder "
-                          "(the decoder starts fresh). A resume takes its weights from its checkpoint"},
+                          "{'model': ...}, timm's); the whole model where the file holds exactly its tensors, else "
+                          "the encoder (the decoder starts fresh). A resume takes its weights from its checkpoint"},
     )  # fmt: skip
     log_interval: int = field(default=10, metadata={"help": "steps between logged metrics (host syncs)"})
     save_interval: int = field(default=0, metadata={"help": "steps between checkpoints (0: every epoch)"})
