@@ -58,11 +58,23 @@ fi
 if [ -z "${FASTMIM_COMMIT:-}" ] && ! git rev-parse --short HEAD >/dev/null 2>&1; then
   echo "WARNING: FASTMIM_COMMIT is not set and this tree has no .git: every row's commit will read 'unknown'"
 fi
-left() { echo $((BUDGET - ($(date +%s) - START))); }
+# a dry run counts each step that fits as taking its estimate (fits' SECONDS): it shows which steps a call of this
+# budget would skip were they to take that long (the commands' limits, DRY_TOTAL, are the worst case)
+DRY_EXPECT=0
+DRY_SKIPPED=""
+left() {
+  if [ "$DRY" = 1 ]; then echo $((BUDGET - DRY_EXPECT)); else echo $((BUDGET - ($(date +%s) - START))); fi
+}
 step() { echo; echo "=== $* (t=$(($(date +%s) - START))s)"; }
 # fits SECONDS NAME: true when SECONDS of the budget remain, else says the step is skipped
 fits() {
-  if [ "$(left)" -lt "$1" ]; then echo "SKIPPED: $2 needs about $1 s, $(left) s of the ${BUDGET} s budget left"; return 1; fi
+  if [ "$(left)" -lt "$1" ]; then
+    echo "SKIPPED: $2 needs about $1 s, $(left) s of the ${BUDGET} s budget left"
+    DRY_SKIPPED="${DRY_SKIPPED:+$DRY_SKIPPED; }$2"
+    return 1
+  fi
+  if [ "$DRY" = 1 ]; then DRY_EXPECT=$((DRY_EXPECT + $1)); fi
+  return 0
 }
 # run LIMIT CMD...: CMD under a time limit (seconds), never past the budget (with none left it is skipped: timeout 0
 # would mean no limit); a failure or timeout fails the suite
@@ -458,6 +470,7 @@ ls -la "$RESULTS"
 if [ "$DRY" = 1 ]; then
   echo "DRY RUN: the commands' limits add up to $DRY_TOTAL s against a budget of $BUDGET s (plus about 40 s of set-up" \
     "and build inside it); a step that would not fit when its turn comes is skipped"
+  echo "DRY RUN: at the steps' estimates (about $DRY_EXPECT s for those that fit), skipped: ${DRY_SKIPPED:-none}"
 fi
 step "done, status $status"
 exit $status

@@ -622,6 +622,13 @@ def test_gpu_suite_dry_run_runs_the_named_steps_in_order_and_refuses_an_unknown_
     # each command as a shell takes it back (a -k filter with spaces quoted)
     limits = [int(n) for n in re.findall(r"DRY RUN \(limit (\d+) s", log)]
     assert len(limits) >= 7 and f"limits add up to {sum(limits)} s against a budget of 480 s" in log
+    # what a 300 s call would skip were each step to take its estimate: the graph step's later runs
+    env["GPU_SUITE_BUDGET_S"] = "300"
+    graph = suite("graph", "g").stdout
+    del env["GPU_SUITE_BUDGET_S"]
+    said = re.search(r"DRY RUN: at the steps' estimates \(about (\d+) s for those that fit\), skipped: (.*)", graph)
+    assert said and int(said.group(1)) <= 300 and "FCMAE graph throughput" in said.group(2), graph[-1500:]
+    assert graph.count("SKIPPED: ") == said.group(2).count(";") + 1
     quoted = suite("ops_tests", "q").stdout
     assert "-k 'cuda-cuda or test_gpu_ops or " in quoted, quoted
     proc = suite("ops,graphs", "b")
