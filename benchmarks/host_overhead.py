@@ -118,17 +118,9 @@ def main(argv=None) -> int:
             if backend:
                 set_backend(prev)
         print(f"{what:40} {us:9.1f}")
-        write_row(
-            {
-                "benchmark": "host_overhead",
-                "call": what,
-                "us_per_call": round(us, 2),
-                "calls": args.calls,
-                **host(),
-                **env,
-            },
-            args.out,
-        )  # fmt: skip (the host's CPU decides host time: its model and cores)
+        # (the host's CPU decides a host time: its model and cores)
+        row = {"benchmark": "host_overhead", "call": what, "us_per_call": round(us, 2), "calls": args.calls}
+        write_row({**row, **host(), **env}, args.out)
     return 0
 
 

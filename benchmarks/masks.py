@@ -305,7 +305,7 @@ def main(argv=None) -> int:
     if any(s not in IMPLS for s in impls):
         ap.error(f"--impls must come from {', '.join(IMPLS)}, got {args.impls!r}")
     if args.min_reps is None:  # (--reps 2 alone: two calls, not a refusal of the default)
-        args.min_reps = min(3, args.reps) if args.reps >= 1 else 3
+        args.min_reps = min(3, args.reps)  # (a --reps below 1 is refused just below, before it)
     for flag in ("batch", "ref_batch", "reps", "min_reps"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")

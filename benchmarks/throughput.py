@@ -609,14 +609,20 @@ def print_summary(rows: list[dict]) -> None:
         print(f"  {a['mode']:<28} {cells}", file=sys.stderr)
 
 
-_RUN: dict = {}  # this process's --out, for the interrupt's message
-
-
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     check_args(ap, args)
-    _RUN["out"] = args.out
+    try:
+        return measure(ap, args)
+    except KeyboardInterrupt:  # (each mode's row is written whole when it ends: the file holds the finished ones)
+        said = f" to {args.out}" if args.out else " (printed above; no --out)"
+        print(f"interrupted: the modes that finished are written{said}; the one running was not", file=sys.stderr)
+        return 130
+
+
+def measure(ap: argparse.ArgumentParser, args) -> int:
+    """Times ``args.modes`` (checked by ``check_args``), writing each mode's row as it ends."""
     if args.compiled_ops:
         set_compiled_ops(args.compiled_ops)
     recipe = get_recipe(args.recipe)
@@ -725,9 +731,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # (each mode's row is written whole when it ends: the file holds the finished ones)
-        said = f" to {_RUN['out']}" if _RUN.get("out") else " (printed above; no --out)"
-        print(f"interrupted: the modes that finished are written{said}; the one running was not", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(main())

@@ -199,13 +199,17 @@ def note_other_files(root: str | Path, others: list[str]) -> None:
           f"not read: {extension_counts(others)}{_tar_hint(others)}", file=sys.stderr, flush=True)  # fmt: skip
 
 
+class NotRegularFileError(OSError):
+    """A named pipe, socket or device with an image's name: ``open_regular`` refuses it."""
+
+
 def open_regular(path: str | Path):
     """``open(path, "rb")`` of a regular file; a named pipe, socket or device with an image's name raises OSError at
     once (opened plainly, a pipe blocked the scan or a loader until a writer came: for ever, through Ctrl-C)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file (a named pipe, socket or device)", str(path))
+            raise NotRegularFileError(errno.EINVAL, "not a regular file (a named pipe, socket or device)", str(path))
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -224,7 +228,7 @@ def decode_problem(e: Exception, src: str | Path | bytes) -> str:
             empty = stat.S_ISREG(st.st_mode) and st.st_size == 0  # (a named pipe's size is 0 too)
     except OSError:
         empty = False
-    if isinstance(e, OSError) and e.strerror and e.strerror.startswith("not a regular file"):
+    if isinstance(e, NotRegularFileError):
         return e.strerror
     if empty:
         return "empty file (0 bytes)"

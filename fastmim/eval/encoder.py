@@ -74,18 +74,13 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         {"model", "optimizer", "rng", "step"} <= state.keys() or {"net", "opt", "rng", "settings"} <= state.keys()
     ):  # fmt: skip (a pretraining's
         raise whole_run  # and a fine-tuning's checkpoint: the model with its decoder or head, not an encoder)
-    if isinstance(state, dict) and isinstance(state.get("target_encoder"), dict):  # I-JEPA's checkpoint: the encoder
-        # it evaluates (and fastmim exports) is the EMA target encoder
+    from fastmim.train.checkpoint import weights_in
+
+    state, target = weights_in(state)  # training checkpoints of timm, MAE, I-JEPA; saved from DDP or torch.compile
+    if target:  # (the encoder I-JEPA evaluates, and fastmim exports, is its EMA target encoder)
         print(f"note: {path.name}: an I-JEPA checkpoint; its target_encoder is read", flush=True)
-        state = state["target_encoder"]
-    for key in ("state_dict", "model"):  # training checkpoints of timm and others
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
-    from fastmim.train.checkpoint import strip_wrapper_prefixes
-
-    state = strip_wrapper_prefixes(state)  # saved from DDP, or from a torch.compile'd model (or both)
     if "blocks.0.attn.qkv.weight" in state and any(k.startswith("decoder_") for k in state):
         # MAE's pretraining checkpoint (facebookresearch/mae): the encoder's weights beside the decoder's, which
         # MAE's fine-tuning drops too (its strict=False load)
@@ -136,12 +131,13 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
             raise FileNotFoundError(f"no encoder at {str(path)!r}{_snapshots_there(path.parent)}")
         state, meta = _read_weights(path)
     said = meta.get("model")
-    if model and said and _plain_encoder(said) is not None and model not in (said, _plain_encoder(said)):
+    known = _plain_encoder(said) if said else None  # the encoder the file's own name stands for
+    if model and known is not None and model not in (said, known):
         raise ValueError(f"{str(path)!r} says it holds {said!r}; --model {model} contradicts it (--model, "
                          "model= in Python, is for files that do not say their architecture: drop it)")  # fmt: skip
     # the file's own name where it has one (a recipe's: the run it came from); --model for a name this process does
     # not know (a model registered by the script that pretrained it)
-    name = model if model and said and _plain_encoder(said) is None else said or model
+    name = model if model and said and known is None else said or model
     if name is None:
         raise ValueError(f"{str(path)!r} does not say its architecture: name it with --model (model= in Python; "
                          "e.g. vit_base_patch16)")  # fmt: skip

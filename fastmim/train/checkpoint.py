@@ -376,6 +376,22 @@ def strip_wrapper_prefixes(state: dict) -> dict:
     return state
 
 
+def weights_in(state) -> tuple[object, bool]:
+    """The state dict a training checkpoint holds: I-JEPA's ``target_encoder`` (the encoder it evaluates), else the
+    one under "state_dict" and/or "model" (timm's, MAE's), its keys without a wrapped model's prefixes. Returns (it,
+    whether it was I-JEPA's target encoder); what is no dict of tensors comes back as found, for the caller to
+    refuse (``python -m fastmim.eval`` and ``--init-weights`` read files the same way)."""
+    target = isinstance(state, dict) and isinstance(state.get("target_encoder"), dict)
+    if target:
+        state = state["target_encoder"]
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
+        state = strip_wrapper_prefixes(state)
+    return state, target
+
+
 def read_init_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors ``--init-weights`` starts a run from: a fastmim run's folder (its checkpoint's model, else its
     encoder.safetensors), a checkpoint.pt, a .safetensors file, or a torch file holding a state dict (as it is, or
@@ -407,13 +423,10 @@ def read_init_weights(path: str | Path) -> dict[str, torch.Tensor]:
                              "torch.save(c.get('model', c), 'weights.pth')\"") from None  # fmt: skip
         except Exception as e:
             raise ValueError(f"--init-weights: {str(path)!r} cannot be read as torch weights ({e})") from None
-        for key in ("target_encoder", "model", "state_dict"):  # (in the order python -m fastmim.eval takes them)
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-                break
+        state, _ = weights_in(state)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"--init-weights: {str(path)!r} does not hold a state dict of tensors")
-    return strip_wrapper_prefixes(state)
+    return strip_wrapper_prefixes(state)  # (a .safetensors file's too)
 
 
 def init_model_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> str:
