@@ -12,7 +12,7 @@ from fastmim import pretrain
 from fastmim.masking import random_masking
 from fastmim.ops import fft_loss_ref
 from fastmim.train.checkpoint import load_checkpoint
-from tests.conftest import tiny_args_for
+from tests.conftest import ROOT, tiny_args_for
 from tests.methods.test_simmim import official_loss
 
 
@@ -79,7 +79,6 @@ def test_head_and_encoder_are_drawn_as_openmixups():
     default, kept by SimMIM, is a uniform draw within 1/sqrt(fan_in) with a uniform bias); its ViT's init_weights,
     run after its layers' xavier draw, leaves every linear a truncated normal 0.02 with a zero bias (``init="trunc"``,
     the config's)."""
-    from tests.conftest import ROOT
 
     torch.manual_seed(0)
     m = fastmim.create_model("a2mim_vit_base_patch16", depth=1, init="trunc").requires_grad_(False)
@@ -95,3 +94,16 @@ def test_head_and_encoder_are_drawn_as_openmixups():
     assert float(simmim.decoder[0].weight.abs().max()) <= bound  # SimMIM keeps PyTorch's default
     cfg, _ = pretrain.resolve_config(["--config", str(ROOT / "configs" / "a2mim_vit_base_in1k.yaml")])
     assert (cfg.vit_init, cfg.abs_pos) == ("trunc", "learned")
+
+
+def test_paper_config_keeps_openmixups_images_per_forward_pass():
+    """The frequency loss compares spectra averaged over one forward pass's images, so splitting a batch changes it
+    (accumulation does not undo that): the ViT-B config must pass openmixup's 128 images per process (8 x 128 x 2)."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(8, 3, 32, 32, generator=g)
+    pred = target + 0.5 * torch.randn(8, 3, 32, 32, generator=g)
+    whole = fft_loss_ref(pred, target)
+    halves = (fft_loss_ref(pred[:4], target[:4]) + fft_loss_ref(pred[4:], target[4:])) / 2
+    assert float(halves) > 1.3 * float(whole)  # independent errors: the smaller passes' term is larger
+    cfg, _ = pretrain.resolve_config(["--config", str(ROOT / "configs" / "a2mim_vit_base_in1k.yaml")])
+    assert (cfg.batch_size, cfg.batch_size * cfg.accum_iter * 8) == (128, 2048)
