@@ -130,10 +130,16 @@ def scatter_masked_backward(
     return gx, gmt, gpos, gcls
 
 
+def _loss_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The mask in a dtype the kernels read: float64 weights as float32 (bool and integer masks arrive as float32).
+    The caller holds the result until the kernel is queued: freed earlier, its memory could be reused or returned
+    before the kernel reads it (PYTORCH_NO_CUDA_MEMORY_CACHING=1, the cudaMallocAsync backend)."""
+    return mask if mask.dtype in CPP_DTYPE else mask.float()
+
+
 def _loss_args(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, geometry: tuple[int, ...]) -> tuple:
+    """The kernels' shared arguments; ``mask`` already through ``_loss_mask`` (a pointer to it is taken)."""
     b, n, d = pred.shape
-    if mask.dtype not in CPP_DTYPE:  # float64 weights (bool and integer masks arrive as float32)
-        mask = mask.float()
     sp, sm = pred.stride(), mask.stride()
     return (
         pred.data_ptr(), CPP_DTYPE[pred.dtype], sp[0], sp[1], sp[2], target.data_ptr(), CPP_DTYPE[target.dtype],
@@ -155,6 +161,7 @@ def masked_loss_forward(
     blocks = _loss_blocks(dev)
     buf = torch.empty(2 + 2 * blocks, dtype=torch.float32, device=pred.device)
     ptr = buf.data_ptr()
+    mask = _loss_mask(mask)
     _cu.masked_loss_forward(
         *_loss_args(pred, target, mask, geometry), eps, norm_pix, p, ptr, ptr + 8, blocks, dev, _raw_stream(dev)
     )
@@ -177,6 +184,7 @@ def masked_loss_backward(
         grad_loss = grad_loss.float()
     grad = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
     dev = pred.get_device()
+    mask = _loss_mask(mask)
     _cu.masked_loss_backward(
         *_loss_args(pred, target, mask, geometry), eps, norm_pix, p, grad_loss.data_ptr(), denom.data_ptr(),
         grad.data_ptr(), dev, _raw_stream(dev),
