@@ -133,6 +133,12 @@ def specs():
                 yield attention._attn_bwd_kernel, ptrs, {**consts, "DQ": dq}
         yield attention._attn_delta_kernel, {"o_ptr": dt, "do_ptr": dt, "delta_ptr": "fp32"}, {"BLOCK_M": 64,
                                                                                              "BLOCK_D": 64}  # fmt: skip
+    # ViT-H/14 (head dim 80) and ViT-g/14 (104): bf16, padded to 128 with 8 warps (attention._config)
+    ptrs = {"qkv_ptr": "bf16", "do_ptr": "bf16", "lse_ptr": "fp32", "delta_ptr": "fp32", "dqkv_ptr": "bf16"}
+    consts = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128, "UPCAST": False, "PRECISION": "tf32"}
+    yield attention._attn_fwd_kernel, {"qkv_ptr": "bf16", "o_ptr": "bf16", "lse_ptr": "fp32"}, consts, {"num_warps": 8}
+    for dq in (False, True):
+        yield attention._attn_bwd_kernel, ptrs, {**consts, "DQ": dq}, {"num_warps": 8}
     # hog_target: MaskFeat's 8-px cells over RGB (with and without the Gaussian window and a mask), 4-px cells
     for dt in ("fp32", "bf16"):
         for window, has_mask, cell in ((0, True, 8), (16, True, 8), (0, False, 4)):
@@ -192,11 +198,12 @@ _SPECS: list = []
 
 
 def _compile(i: int) -> str:
-    kernel, ptrs, consts = _SPECS[i]
+    kernel, ptrs, consts, *options = _SPECS[i]  # options: the launch's (num_warps), where not the default
+    options = options[0] if options else {}
     kernel = getattr(kernel, "jit_fn", kernel)  # fastmim's @jit_kernel wraps the triton.jit function
-    what = f"{kernel.fn.__name__} {ptrs} {consts}"
+    what = f"{kernel.fn.__name__} {ptrs} {consts}" + (f" {options}" if options else "")
     try:
-        triton.compile(ASTSource(kernel, signature(kernel, ptrs, consts), consts), target=TARGET)
+        triton.compile(ASTSource(kernel, signature(kernel, ptrs, consts), consts), target=TARGET, options=options)
         return "ok   " + what
     except Exception as e:  # report every kernel, then fail
         return f"FAIL {what} {type(e).__name__}: {e}"
