@@ -138,6 +138,12 @@ def triton_interpreted() -> bool:
 _override: str | None = None
 
 
+def _setting_name(fn: str, name) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{fn}: expected a name (str) or None, got {type(name).__name__} {name!r}")
+    return name.strip().lower()
+
+
 def set_backend(name: str | None) -> str | None:
     """Forces a backend for every op in this process (``None`` or "auto": back to ``FASTMIM_BACKEND`` / auto);
     returns the previous setting. Takes precedence over ``FASTMIM_BACKEND``.
@@ -147,7 +153,7 @@ def set_backend(name: str | None) -> str | None:
     """
     global _override
     if name is not None:
-        name = name.strip().lower()
+        name = _setting_name("set_backend", name)
         if name == "auto":
             name = None
         elif name not in BACKENDS:
@@ -531,7 +537,7 @@ def set_compiled_ops(name: str | None) -> str | None:
     Set it before compiling; returns the previous setting."""
     global _compiled_override
     if name is not None:
-        name = name.strip().lower()
+        name = _setting_name("set_compiled_ops", name)
         if name not in COMPILED_OPS:
             raise ValueError(f"set_compiled_ops: {name!r} is not one of {', '.join(COMPILED_OPS)}")
     prev, _compiled_override = _compiled_override, name
@@ -578,23 +584,33 @@ def traced_op(op: str, opaque, twin, device: torch.device, dtypes: tuple[torch.d
     run there (CUDA tensors of the kernels' dtypes; meta tensors, which tests trace with), else the opaque op (which
     runs the reference for other dtypes, float64 say). A forced backend other than Triton keeps the opaque op, and so
     does the interpreter (its kernels cannot be traced)."""
+    mode = compiled_ops()  # read first: a bad FASTMIM_COMPILED_OPS is refused on every device, not only on CUDA
     if twin is None or device.type not in ("cuda", "meta") or triton_interpreted():
         return opaque
     if not all(dt in KERNEL_DTYPES for dt in dtypes):
         return opaque
-    mode = compiled_ops()
     if mode == "opaque" or (mode == "auto" and AUTO_COMPILED.get(op) != "triton"):
         return opaque
     return twin if forced_backend() in (None, "triton") else opaque
 
 
-def use_custom_op() -> bool:
-    """True when a call must go through the registered custom op rather than the lower-overhead eager
-    ``autograd.Function``: while torch.compile traces, and while a dispatch mode is active (FlopCounterMode,
-    FakeTensorMode, ...), so that such modes see ``torch.ops.fastmim.*`` and their registered formulas."""
+def use_custom_op(op: str) -> bool:
+    """True when a call of public op ``op`` must go through the registered custom op rather than the lower-overhead
+    eager ``autograd.Function``: while torch.compile traces, and while a dispatch mode is active (FlopCounterMode,
+    FakeTensorMode, ...), so that such modes see ``torch.ops.fastmim.*`` and their registered formulas.
+
+    Under a torch.func transform (vmap, grad, jacrev, ...) the call is refused, naming ``op`` and its reference: the
+    kernels read plain tensors' memory (vmap's batched tensors have none) and the ops define no functorch rules, so
+    it failed inside torch with a message about data pointers or ``setup_context``."""
     if torch.compiler.is_compiling():
         return True
+    if _functorch_active():
+        raise NotImplementedError(f"fastmim.ops.{op} does not support torch.func transforms (vmap, grad, jacrev, "
+                                  f"...); fastmim.ops.{op}_ref, plain PyTorch, does")  # fmt: skip
     return _get_current_dispatch_mode() is not None
+
+
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:

@@ -158,7 +158,7 @@ def attention(qkv: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         )
         raise ValueError(f"{_OP}: scale must be a finite number, got {what}{hint}")
     scale = float(scale)
-    if use_custom_op():
+    if use_custom_op("attention"):
         return _attention_op(qkv, scale)[0]
     if needs_autograd(qkv):
         return _Attention.apply(qkv, scale)[0]

@@ -136,7 +136,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{_OP}: bias has shape {tuple(bias.shape)}, expected [N] = [{x.shape[-1]}]")
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
-    if use_custom_op():
+    if use_custom_op("bias_gelu"):
         y = _bias_gelu_op(x2, bias)
     elif needs_autograd(x, bias):
         y = _BiasGelu.apply(x2, bias)

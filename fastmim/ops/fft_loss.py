@@ -204,7 +204,7 @@ def fft_loss(
             raise ValueError(f"{_OP}: mask must be [B, L] = [{b}, {n}], got {getattr(mask, 'shape', mask)}")
         check_device(_OP, "mask", mask, pred.device)
         mask, p = mask.reshape(b, n).float(), patch_size
-    if use_custom_op():
+    if use_custom_op("fft_loss"):
         return _fft_loss_op(pred, target, mask, p)[0]
     if needs_autograd(pred, target):
         return _FftLoss.apply(pred, target, mask, p)[0]

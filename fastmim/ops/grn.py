@@ -207,6 +207,6 @@ def grn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 
     """
     _check_inputs(x, weight, bias, eps)
     eps = float(eps)
-    if use_custom_op():
+    if use_custom_op("grn"):
         return _grn_op(x, weight, bias, eps)
     return _Grn.apply(x, weight, bias, eps)

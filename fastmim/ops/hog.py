@@ -183,6 +183,6 @@ def hog_target(
         check_device(_OP, "mask", mask, imgs.device)
         mask = mask.reshape(b, n).to(torch.bool)
     imgs = imgs.detach()
-    if use_custom_op():
+    if use_custom_op("hog_target"):
         return _hog_op(imgs, mask, patch_size, cell_size, nbins, gaussian_window)
     return _fwd(imgs, mask, patch_size, cell_size, nbins, gaussian_window)

@@ -275,7 +275,7 @@ def add_layer_norm(
     out_dtype = out_dtype or default_norm_dtype(x, residual)
     x2, r2 = x.reshape(-1, c).contiguous(), residual.reshape(-1, c).contiguous()
     eps = float(eps)
-    if use_custom_op():
+    if use_custom_op("add_layer_norm"):
         y, s, _, _ = _add_ln_op(x2, r2, weight, bias, eps, out_dtype)
     elif needs_autograd(x, residual, weight, bias):
         y, s, _, _ = _AddLayerNorm.apply(x2, r2, weight, bias, eps, out_dtype)
@@ -306,7 +306,7 @@ def layer_norm(
     out_dtype = out_dtype or default_norm_dtype(x, x)
     x2 = x.reshape(-1, c).contiguous()
     eps = float(eps)
-    if use_custom_op():
+    if use_custom_op("layer_norm"):
         y = _add_ln_op(x2, None, weight, bias, eps, out_dtype)[0]
     elif needs_autograd(x, weight, bias):
         y = _AddLayerNorm.apply(x2, None, weight, bias, eps, out_dtype)[0]

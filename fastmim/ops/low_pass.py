@@ -155,6 +155,6 @@ def low_pass_target(
     if any(s <= 0 for s in std):
         raise ValueError(f"{_OP}: std must be > 0 (a normalisation's scale), got {std}")
     imgs = imgs.detach()
-    if use_custom_op():
+    if use_custom_op("low_pass_target"):
         return _low_pass_op(imgs, float(radius), mean, std)
     return _fwd(imgs, float(radius), mean, std)

@@ -258,7 +258,7 @@ if _masked_loss_twin is not None:
 
 
 def _call(*args) -> torch.Tensor:
-    if use_custom_op():
+    if use_custom_op("masked_mse_loss"):
         pred = args[0]
         twin = _masked_loss_twin if pred.shape[-1] <= TRITON_MAX_PATCH else None
         return traced_op("masked_mse_loss", _masked_loss_op, twin, pred.device, (pred.dtype, args[1].dtype))(*args)[0]

@@ -264,7 +264,7 @@ def patch_fft_loss(
     if mask.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(mask.sum() > 0):
         raise ValueError(f"{_OP}: mask has no masked patch: the masked loss is undefined")
     args = (pred, imgs, mask, patch_size, float(alpha), bool(log_weights))
-    if use_custom_op():
+    if use_custom_op("patch_fft_loss"):
         return _pfft_op(*args)[0]
     if needs_autograd(pred):
         return _PatchFftLoss.apply(*args)[0]

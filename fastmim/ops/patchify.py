@@ -178,7 +178,7 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
         patch_size: patch side p.
     """
     _patchify_check(imgs, patch_size)
-    if use_custom_op():
+    if use_custom_op("patchify"):
         return traced_op("patchify", _patchify_op, _patchify_twin, imgs.device, (imgs.dtype,))(imgs, patch_size)
     return _Patchify.apply(imgs, patch_size) if needs_autograd(imgs) else _patchify_impl(imgs, patch_size)
 
@@ -208,7 +208,7 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid: int | tuple[int, int], ch
             f"unpatchify: x has shape {tuple(x.shape)}, expected [B, {gh * gw}, {patch_size * patch_size * channels}] "
             f"for grid {gh}x{gw}, patch {patch_size}, {channels} channels"
         )
-    if use_custom_op():
+    if use_custom_op("unpatchify"):
         return traced_op("patchify", _unpatchify_op, _unpatchify_twin, x.device, (x.dtype,))(
             x, patch_size, gh, gw, channels
         )

@@ -205,6 +205,8 @@ def _bwd(
     for float64 x or weight: ``_grad_dtype``; [0] if not needed). Relies on the table's symmetry for grad_x."""
     m, c = x.shape
     check_id_values(_OP, "nbr", nbr, m, distinct=False, lower=-1)  # (as the forward: every backend, on CPU tensors)
+    if need_x:  # here too: under torch.compile the public function's check is traced away, this body is not
+        _check_symmetric(nbr)
     backend = choose_backend(_OP, x.device, (grad.dtype, x.dtype, weight.dtype))
     gx = x.new_empty((0, c))
     acc = _grad_dtype(x, weight)  # (fp32 for the kernels: they never take float64)
@@ -353,7 +355,7 @@ def sparse_dwconv(
     _check_inputs(x, nbr, weight, bias)
     if x.requires_grad and torch.is_grad_enabled():  # x's gradient runs the flipped table: it must be symmetric
         _check_symmetric(nbr)
-    if use_custom_op():
+    if use_custom_op("sparse_dwconv"):
         return _sparse_dwconv_op(x, nbr, weight, bias)
     return _SparseDWConv.apply(x, nbr, weight, bias)
 

@@ -165,7 +165,8 @@ def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     differentiable itself (second derivatives work).
 
     Ids are checked on CPU tensors (range and distinctness); on CUDA that would cost a host sync per call, so there
-    the kernel is memory-safe instead: an out-of-range id gives a NaN row.
+    the kernel is memory-safe instead: an out-of-range id gives a NaN row, while a repeated id goes undetected (the
+    row is copied twice and the backward keeps one of its gradients; ``FASTMIM_CHECK_IDS=1`` checks it there).
     """
     op = "gather_visible"
     check_tensors(op, x=x, ids_keep=ids_keep)
@@ -177,7 +178,7 @@ def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     check_ids(op, "ids_keep", ids_keep, (x.shape[0], None), x.device)
     if ids_keep.shape[1] > x.shape[1]:
         raise ValueError(f"{op}: ids_keep keeps {ids_keep.shape[1]} tokens of {x.shape[1]}; ids must be distinct")
-    if use_custom_op():
+    if use_custom_op("gather_visible"):
         return traced_op("gather_visible", _gather_visible_op, _gather_visible_twin, x.device, (x.dtype,))(x, ids_keep)
     return _GatherVisible.apply(x, ids_keep) if needs_autograd(x) else _gather_fwd(x, ids_keep)
 
@@ -310,6 +311,8 @@ def _scatter_bwd_check(grad, ids_restore, k, has_cls, need_pos, x_dtype, cls_dty
         raise ValueError(f"{op}: k = {k} visible tokens of {ids_restore.shape[1]} positions")
     if has_cls and cls_rows not in (1, b):
         raise ValueError(f"{op}: cls_rows = {cls_rows}, expected 1 or B = {b}")
+    # a permutation, as the forward's: a repeat would keep one of its gradients, -1 would wrap to the last row
+    check_id_values(op, "ids_restore", ids_restore, ids_restore.shape[1], distinct=True)
 
 
 _scatter_masked_backward_op = custom_op("fastmim::scatter_masked_backward", unaliased(_scatter_bwd), _scatter_bwd_check)
@@ -466,7 +469,7 @@ def scatter_masked(
         if cls_token.dim() != 2:
             cls_token = cls_token.reshape(-1, d)
     args = (x_vis, ids_restore, mask_token if mask_token.dim() == 1 else mask_token.reshape(d), pos_embed, cls_token)
-    if use_custom_op():
+    if use_custom_op("scatter_masked"):
         dtypes = tuple(t.dtype for t in args if t is not None and t.is_floating_point())
         return traced_op("scatter_masked", _scatter_masked_op, _scatter_masked_twin, device, dtypes)(*args)
     return (

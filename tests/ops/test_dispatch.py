@@ -237,3 +237,35 @@ def test_an_argument_that_is_not_a_tensor_is_named(case):
     op, name, call = _NOT_TENSORS[case]
     with pytest.raises(TypeError, match=rf"^{op}: {name} must be a tensor, got (list|ndarray|NoneType)$"):
         call()
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+@pytest.mark.parametrize("op", ["gather_visible", "masked_mse_loss", "patchify"])
+def test_torch_func_transforms_are_refused_naming_the_reference(transform, op):
+    """Under vmap the kernels read a batched tensor's (missing) memory: 'Cannot access data pointer of Tensor that
+    doesn't have storage'; under grad torch asked for a setup_context the user never wrote. Each names the op and the
+    reference that works, which then gives the transform's answer."""
+    ids = torch.tensor([[0, 1], [2, 3]])
+    calls = {
+        "gather_visible": (lambda x: ops.gather_visible(x, ids), lambda x: ops.gather_visible_ref(x, ids), (2, 5, 3)),
+        "masked_mse_loss": (
+            lambda p: ops.masked_mse_loss(p, torch.ones(2, 3, 8, 8), torch.ones(2, 4), 4),
+            lambda p: ops.masked_mse_loss_ref(p, torch.ones(2, 3, 8, 8), torch.ones(2, 4), 4),
+            (2, 4, 48),
+        ),
+        "patchify": (lambda im: ops.patchify(im, 4), lambda im: ops.patchify_ref(im, 4), (2, 3, 8, 8)),
+    }
+    fused, ref, shape = calls[op]
+    if transform == "vmap":
+        x = torch.randn(3, *shape)
+        wrap = torch.func.vmap
+    else:
+        x = torch.randn(*shape)
+        wrap = lambda f: torch.func.grad(lambda t: f(t).sum())  # noqa: E731
+    with pytest.raises(NotImplementedError, match=rf"fastmim.ops.{op} does not support torch.func transforms .* "
+                                                  rf"fastmim.ops.{op}_ref, plain PyTorch, does"):  # fmt: skip
+        wrap(fused)(x)
+    if transform == "vmap":
+        torch.testing.assert_close(wrap(ref)(x), torch.stack([ref(xi) for xi in x]))
+    else:
+        assert wrap(ref)(x).shape == x.shape

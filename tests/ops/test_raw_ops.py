@@ -200,6 +200,21 @@ def test_raw_gather_backward_refuses_repeated_ids_on_cpu(backend):
         torch.ops.fastmim.gather_visible_backward(grad, torch.tensor([[0, 0], [1, 2]]), 3)
 
 
+def test_raw_scatter_backward_refuses_repeated_and_negative_ids_on_cpu(backend):
+    """Called directly, a repeated id kept one of its gradient rows only (C++), and -1 wrapped to the last row (the
+    torch path for float64): ids_restore is checked as the forward's, a permutation of its positions."""
+    device, _ = backend
+    if device.type != "cpu":
+        pytest.skip("ids are checked on CPU tensors only (on CUDA a check would cost a host sync)")
+    f32, f64 = torch.float32, torch.float64
+    with pytest.raises(ValueError, match="scatter_masked_backward: ids_restore row 0 repeats index 1"):
+        torch.ops.fastmim.scatter_masked_backward(torch.ones(1, 4, 3), torch.tensor([[1, 1, 2, 3]]), 2, False, False,
+                                                  f32, f32, 0)  # fmt: skip
+    with pytest.raises(IndexError, match=r"scatter_masked_backward: ids_restore\[0, 0\] = -1 is out of range"):
+        torch.ops.fastmim.scatter_masked_backward(torch.ones(1, 4, 3, dtype=f64), torch.tensor([[-1, 1, 2, 3]]), 2,
+                                                  False, False, f64, f64, 0)  # fmt: skip
+
+
 def test_raw_sparse_dwconv_backward_checks_its_table_on_cpu(backend):
     """The backward called directly checks the table as the forward does, on every backend (Triton's gave NaN rows
     for an id out of range where the C++ one refused it); with no weight or bias gradient asked, its two empty

@@ -338,6 +338,19 @@ def test_an_asymmetric_table_is_refused_where_x_needs_a_gradient():
     torch.testing.assert_close(sparse_dwconv(x.detach(), nbr, w, b), sparse_dwconv_ref(x.detach(), nbr, w, b))
 
 
+def test_an_asymmetric_table_is_refused_under_torch_compile_too():
+    """Under torch.compile the public function's check is traced away (ids are not read while tracing); the backward
+    op's body runs at every call and refuses the table there (it gave x a silently wrong gradient)."""
+    _, _, (x, nbr, w, b) = _problem(2, 5, 7, 5, 3, "random", True, "cpu")
+    nbr = nbr.clone()
+    r = int((nbr[0] >= 0).nonzero()[0])
+    nbr[0, r] = (nbr[0, r] + 1) % x.shape[0]
+    compiled = torch.compile(sparse_dwconv, fullgraph=True, backend="aot_eager")
+    out = compiled(x.detach().requires_grad_(), nbr, w, b)
+    with pytest.raises(ValueError, match=r"nbr is not symmetric, which x's gradient needs"):
+        out.sum().backward()
+
+
 def test_bad_layout_inputs_raise():
     with pytest.raises(TypeError, match="active must be a bool tensor"):
         SparseLayout.from_mask(torch.ones(2, 3, 3))

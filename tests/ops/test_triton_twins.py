@@ -91,6 +91,13 @@ def test_compiled_ops_setting_and_environment(monkeypatch):
     monkeypatch.setenv("FASTMIM_COMPILED_OPS", "inductor")
     with pytest.raises(ValueError, match="FASTMIM_COMPILED_OPS='inductor' is not one of auto, opaque, triton"):
         _dispatch.compiled_ops()
+    # refused when compiling on CPU too (it was read only for CUDA and meta tensors: ignored on CPU)
+    compiled = torch.compile(lambda x, i: ops.gather_visible(x, i), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="FASTMIM_COMPILED_OPS='inductor' is not one of"):
+        compiled(torch.randn(2, 4, 3), torch.tensor([[0, 1], [2, 3]]))
+    for setter in (ops.set_compiled_ops, ops.set_backend):
+        with pytest.raises(TypeError, match=rf"{setter.__name__}: expected a name \(str\) or None, got int 3"):
+            setter(3)
 
 
 def _twin_cases(device, dtype):
