@@ -269,7 +269,7 @@ class PretrainConfig:
     eval_pool: str = field(
         default="auto",
         metadata={"help": "the kNN monitor's ViT feature: cls (the class token), avg (the patch tokens' mean), auto "
-                          "(cls when the ViT has one)"},
+                          "(cls when the ViT has one; avg for data2vec 2.0, as python -m fastmim.eval)"},
     )  # fmt: skip
 
     def validate(self) -> None:

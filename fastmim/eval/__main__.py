@@ -269,6 +269,7 @@ def run(args) -> dict:
         eval_crop_pct,
         eval_transform,
         load_encoder,
+        recipe_pool,
         train_transform,
     )
     from fastmim.eval.knn import knn_accuracy
@@ -290,8 +291,8 @@ def run(args) -> dict:
         random, vit, size = _run_encoder(Path(run), args.img_size)
     encoder, info = load_encoder(args.encoder, args.model or random, size, vit=vit)
     pool_arg = args.pool
-    if args.pool == "auto" and args.mode != "finetune" and str(info.get("model") or "").startswith("data2vec2"):
-        args.pool = "avg"  # data2vec 2.0's evaluation pools the tokens' mean (fairseq's mean pooling)
+    if args.mode != "finetune":
+        args.pool = recipe_pool(info.get("model"), args.pool)  # (data2vec 2.0's auto: the tokens' mean)
     if run is not None:
         info["random_from"], info["random_options"] = run, vit  # (in the result: which run's options)
     if args.pool == "cls" and not hasattr(encoder, "blocks") and not args.resume:  # (no class token to take; a

@@ -266,6 +266,15 @@ def check_pool(encoder: nn.Module, pool: str, flag: str = "--pool") -> bool:
     return has_cls
 
 
+def recipe_pool(model: str | None, pool: str) -> str:
+    """``pool`` for an encoder of recipe ``model``: "auto" is the token mean ("avg") for data2vec 2.0, whose own
+    evaluation pools the tokens' mean (fairseq's mean pooling); else ``pool`` as given. The evaluation command and
+    the pretraining's kNN monitor both read it, so their numbers are of one feature."""
+    if pool == "auto" and str(model or "").startswith("data2vec2"):
+        return "avg"
+    return pool
+
+
 def resolve_pool(encoder: nn.Module, pool: str) -> str | None:
     """What ``pool`` means for ``encoder``: a ViT's "cls" or "avg" (auto: the class token where it has one, unless it
     was fine-tuned with MAE's global pool); None for a ConvNeXt (its own pooled features). Checked (``check_pool``)."""

@@ -18,6 +18,7 @@ from fastmim.eval.encoder import (
     kept,
     load_encoder,
     pooled_features,
+    recipe_pool,
 )
 from fastmim.eval.knn import knn_accuracy
 
@@ -78,6 +79,7 @@ class KnnMonitor:
                 raise ValueError(f"--eval-data {spec!r}: no image of the {name} folder {str(folder.root)!r} can "
                                  "be read")  # fmt: skip
         self.encoder.requires_grad_(False)
+        pool = recipe_pool(model, pool)  # the feature python -m fastmim.eval takes for this recipe's encoder
         if hasattr(self.encoder, "blocks"):
             check_pool(self.encoder, pool, "--eval-pool")
         self.num_classes, self.device = len(train.classes), device

@@ -359,3 +359,16 @@ def test_a_labelled_folder_says_the_files_it_does_not_read(tmp_path, capfd):
     assert len(folder) == 6
     err = capfd.readouterr().err
     assert f"note: {root}: 4 file(s) without an image extension" in err and ".gif" in err and ".txt" in err, err
+
+
+def test_monitor_takes_the_feature_the_evaluation_takes_for_data2vec2(tmp_path):
+    """--eval-pool auto was the class token in the monitor but the token mean in python -m fastmim.eval for a
+    data2vec 2.0 encoder (its own evaluation's), so metrics.jsonl's knn_top1 and the evaluation's were of two
+    features; both now read one rule. Other recipes keep the class token."""
+    from fastmim.eval.monitor import KnnMonitor
+
+    labelled = _labelled(tmp_path)
+    d2v = KnnMonitor(str(labelled), "data2vec2_vit_tiny_patch16", 32, torch.device("cpu"))
+    assert d2v.pool == "avg"
+    assert KnnMonitor(str(labelled), "mae_vit_tiny_patch16", 32, torch.device("cpu")).pool == "auto"
+    assert KnnMonitor(str(labelled), "data2vec2_vit_tiny_patch16", 32, torch.device("cpu"), pool="cls").pool == "cls"
