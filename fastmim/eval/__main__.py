@@ -52,7 +52,11 @@ def build_parser(mode: str | None = None) -> argparse.ArgumentParser:
         "(avg); finetune: MAE's global pool, a new fc_norm on the patch tokens' mean (auto, avg), or the class "
         "token (cls)",
     )
-    ap.add_argument("--batch-size", type=int, default=None, help="default: 256 (knn, linprobe), 64 (finetune)")
+    ap.add_argument("--batch-size", type=int, default=None, help="knn: images per forward pass (256); linprobe: the "
+                    "probe's batch (16384, MAE's: 32 GPUs x 512; all the images where fewer); finetune: per process "
+                    "(64)")  # fmt: skip
+    ap.add_argument("--feature-batch", type=int, default=256, help="linprobe: images per forward pass of the frozen "
+                    "encoder, 256 (its features are gathered into the probe's batch)")  # fmt: skip
     ap.add_argument("--workers", type=int, default=0, help="loader processes")
     ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     ap.add_argument("--k", type=int, default=20, help="kNN: neighbours (DINO: 20)")
@@ -130,7 +134,7 @@ def _help_mode(argv: list[str]) -> str | None:
     return next((a for a in argv if a in ("knn", "linprobe", "finetune")), None)
 
 
-DEFAULTS = {"knn": dict(batch_size=256), "linprobe": dict(batch_size=256, epochs=90, warmup_epochs=10, blr=0.1),
+DEFAULTS = {"knn": dict(batch_size=256), "linprobe": dict(batch_size=16384, epochs=90, warmup_epochs=10, blr=0.1),
             "finetune": dict(batch_size=64)}  # (the rest: the encoder's recipe, finetune_recipe)  # fmt: skip
 
 
@@ -153,7 +157,7 @@ def _given(ap, argv) -> set[str]:
 
 
 # the options only some modes read: given to another, they are refused rather than silently ignored
-MODE_OPTIONS = {"k": ("knn",), "temperature": ("knn",), "no_augment": ("linprobe",),
+MODE_OPTIONS = {"k": ("knn",), "temperature": ("knn",), "no_augment": ("linprobe",), "feature_batch": ("linprobe",),
                 **dict.fromkeys(("epochs", "warmup_epochs", "blr"), ("linprobe", "finetune")),
                 **dict.fromkeys(("layer_decay", "layer_decay_type", "drop_path", "weight_decay", "min_lr", "mixup",
                                  "cutmix", "smoothing", "model_ema", "aa", "reprob", "finetune_dir", "resume"),
@@ -204,7 +208,7 @@ def _check(ap, args) -> None:
     for name, value in DEFAULTS[args.mode].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("batch_size", "k", "epochs"):
+    for name in ("batch_size", "feature_batch", "k", "epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.mode == "linprobe" and args.batch_size < 2:  # (PyTorch: "Expected more than 1 value per channel")
@@ -335,10 +339,11 @@ def run(args) -> dict:
         cache = not args.no_cache
         tf = tl = None
         t_train, hit_train = 0.0, True  # the augmented probe trains on views of the images, not on these features
+        per_pass = args.batch_size if args.mode == "knn" else args.feature_batch  # (linprobe's is the probe's)
         if args.mode == "knn" or args.no_augment:
-            tf, tl, t_train, hit_train = cached_features(encoder, info, train, device, args.batch_size, args.workers,
+            tf, tl, t_train, hit_train = cached_features(encoder, info, train, device, per_pass, args.workers,
                                                          args.pool, cache)  # fmt: skip
-        vf, vl, t_val, hit_val = cached_features(encoder, info, val, device, args.batch_size, args.workers, args.pool,
+        vf, vl, t_val, hit_val = cached_features(encoder, info, val, device, per_pass, args.workers, args.pool,
                                                  cache)  # fmt: skip
         n_extracted = (0 if hit_train else len(train)) + (0 if hit_val else len(val))
         speed = round(n_extracted / (t_train + t_val), 1) if n_extracted else None
@@ -365,7 +370,8 @@ def run(args) -> dict:
         feats = dict(train_feats=tf, train_labels=tl) if args.no_augment else {}
         out = train_linear_probe(encoder, probe_set, vf, vl, len(train.classes), device, epochs=args.epochs,
                                  warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, blr=args.blr,
-                                 pool=args.pool, workers=args.workers, seed=args.seed, **feats)  # fmt: skip
+                                 pool=args.pool, workers=args.workers, seed=args.seed,
+                                 feature_batch=args.feature_batch, **feats)  # fmt: skip
         result.update(top1=out["top1"], top5=out["top5"], epochs=args.epochs, warmup_epochs=args.warmup_epochs,
                       blr=args.blr, lr=out["lr"], min_lr=out["min_lr"], augment=not args.no_augment,
                       final_loss=round(out["history"][-1]["loss"], 5))  # fmt: skip
@@ -578,21 +584,24 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
 
 
 def _out_of_memory_advice(args: argparse.Namespace, e: BaseException) -> str:
-    """What ran out, and the batch size that would fit where the mode takes one (linprobe: at least 2; finetune with
-    mixup or cutmix, the recipes' default: even, they pair each image with another)."""
+    """What ran out, and the batch size that would fit (linprobe: its --feature-batch, the encoder's passes; finetune
+    with mixup or cutmix, the recipes' default: even, they pair each image with another)."""
     from fastmim._args import out_of_memory_summary
 
     first = out_of_memory_summary(e)
+    if args.mode == "linprobe":  # (the encoder's passes hold the memory; the probe's batch is features only)
+        f = args.feature_batch
+        if f == 1:
+            return f"{first}\nto fit: a smaller --img-size or encoder (--feature-batch is 1)"
+        return f"{first}\nto fit: --feature-batch {f // 2} (was {f}: images per forward pass of the encoder)"
     b = args.batch_size
     paired = args.mode == "finetune" and not (args.mixup == 0 and args.cutmix == 0)  # (mixup/cutmix: pairs)
-    half = max(2, b // 2 // 2 * 2) if paired else max(2 if args.mode == "linprobe" else 1, b // 2)
+    half = max(2, b // 2 // 2 * 2) if paired else max(1, b // 2)
     if half >= b:
         return f"{first}\nto fit: a smaller --img-size or encoder (--batch-size {b} is the smallest this mode takes)"
     fix = f"--batch-size {half} (was {b})"
     if args.mode == "knn":
         fix += " for the features; the kNN itself compares 1024 images at a time with the whole training set"
-    elif args.mode == "linprobe":
-        fix += "; the lr follows it (blr x batch / 256)"
     else:
         fix += (
             "; the lr follows it (blr x batch / 256). A checkpoint resumes only at the batch it was saved with: "

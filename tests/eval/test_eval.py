@@ -1047,6 +1047,45 @@ def test_linprobe_refuses_a_batch_of_one_by_its_option(tmp_path, capsys):
         assert len(out["history"]) == 1
 
 
+def test_linprobe_gathers_its_batch_from_feature_passes(monkeypatch):
+    """MAE's probe batch (16384) is far more images than one forward pass holds: the encoder runs --feature-batch
+    images at a time and a step takes exactly the probe's batch of their features; an epoch takes n // batch steps
+    (the rest, too few for one, is not even read), and the chunking does not change the result."""
+    from fastmim.eval import linprobe
+
+    steps, rows = [], []
+
+    class Counting(linprobe.LARS):
+        def step(self, *a, **k):
+            steps.append(1)
+            return super().step(*a, **k)
+
+    monkeypatch.setattr(linprobe, "LARS", Counting)
+    g = torch.Generator().manual_seed(0)
+    imgs, labels = torch.randn(10, 3, 4, 4, generator=g), torch.arange(10) % 2
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 6))
+    encoder.register_forward_hook(lambda m, i, o: rows.append(len(o)))
+    train_set = torch.utils.data.TensorDataset(imgs, labels)
+    val = torch.randn(4, 6, generator=g), torch.tensor([0, 1, 0, 1])
+
+    def probe(feature_batch):
+        steps.clear(), rows.clear()
+        return linprobe.train_linear_probe(encoder, train_set, *val, 2, torch.device("cpu"), epochs=2,
+                                           warmup_epochs=0, batch_size=4, blr=5.0,
+                                           feature_batch=feature_batch)  # fmt: skip
+
+    out = probe(3)
+    assert len(steps) == 4 and rows == [3, 3, 3] * 2  # 2 steps of 4 per epoch from 3 chunks; the 10th image unread
+    assert out["lr"] == 5.0 * 4 / 256
+    whole = probe(4)
+    assert len(steps) == 4 and rows == [4, 4] * 2
+    assert out["history"][-1]["loss"] == pytest.approx(whole["history"][-1]["loss"], rel=1e-5)
+    assert probe(64)["lr"] == 5.0 * 4 / 256  # (chunks never larger than the probe's batch)
+    small = linprobe.train_linear_probe(encoder, train_set, *val, 2, torch.device("cpu"), epochs=1, batch_size=16384,
+                                        blr=0.1)  # fmt: skip
+    assert small["lr"] == 0.1 * 10 / 256  # fewer images than a batch: one step of all 10, its lr from 10
+
+
 def test_options_a_mode_does_not_read_are_refused_and_a_convnext_takes_no_pool(capsys):
     """knn --epochs, linprobe --mixup: refused by name rather than ignored; --pool cls on a ConvNeXt (its own pooled
     features) is refused before any data is read; a warm-up as long as the run is noted."""
@@ -1322,6 +1361,23 @@ def test_out_of_memory_says_the_batch_that_would_fit(tmp_path, capsys, monkeypat
     assert "a smaller --img-size or encoder" in err if mode == "finetune" else "--batch-size 1 (was 2)" in err
 
 
+def test_linprobe_out_of_memory_names_the_feature_batch(tmp_path, capsys, monkeypatch):
+    """The probe's own batch (16384 by default, MAE's) holds only features: what runs out is the encoder's forward
+    pass, so the advice halves --feature-batch, not --batch-size."""
+    import fastmim.eval.__main__ as eval_cli
+
+    def runs_out(args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(eval_cli, "run", runs_out)
+    train = make_image_folder(tmp_path / "train", n=4, classes=2)
+    common = ["linprobe", "--random", "vit_tiny_patch16", "--data-path", str(train)]
+    assert eval_main(common) == 1
+    assert "to fit: --feature-batch 128 (was 256: images per forward pass of the encoder)" in capsys.readouterr().err
+    assert eval_main([*common, "--feature-batch", "1"]) == 1
+    assert "a smaller --img-size or encoder (--feature-batch is 1)" in capsys.readouterr().err
+
+
 def test_the_same_encoder_is_the_same_file_from_any_process(tmp_path):
     """safetensors writes its metadata in a Rust hash map's order, which differs from process to process: the same
     weights gave other bytes, so eval.jsonl's encoder_sha256 differed between a resumed and an uninterrupted run."""
@@ -1563,3 +1619,39 @@ def test_a_convnextv2_fcmae_encoder_without_timms_head_norm_loads(tmp_path):
     torch.save({k: v for k, v in exported.items() if k != "stem.0.bias"}, tmp_path / "cut.pth")
     with pytest.raises(ValueError, match="do not fit encoder 'convnextv2_atto'.*stem.0.bias"):  # the rest: strict
         load_encoder(tmp_path / "cut.pth", "convnextv2_atto")
+
+
+def test_probe_crop_is_maes_single_draw_not_torchvisions_retry_loop():
+    """MAE's linear probe crops with its util/crop.py (one draw of area and log-aspect, each side rounded and clipped
+    to the image, placed uniformly), not torchvision's 10-try loop with a centre-crop fallback, which gives smaller
+    crops. The box matches that rule draw for draw (written out here from MAE's code), and on a 4:3 photo its mean area
+    share is MAE's ~0.52, not torchvision's ~0.44; the probe's transform uses it and pickles (spawned workers)."""
+    import pickle
+
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from fastmim.eval.encoder import SingleDrawResizedCrop, single_draw_crop_box, train_transform
+
+    def mae_box(width, height):
+        area = width * height * torch.empty(1).uniform_(0.08, 1.0).item()
+        log_r = torch.log(torch.tensor((3 / 4, 4 / 3)))
+        aspect = torch.exp(torch.empty(1).uniform_(log_r[0], log_r[1])).item()
+        w, h = min(int(round(math.sqrt(area * aspect))), width), min(int(round(math.sqrt(area / aspect))), height)
+        top = torch.randint(0, height - h + 1, size=(1,)).item()
+        return top, torch.randint(0, width - w + 1, size=(1,)).item(), h, w
+
+    for size in ((500, 375), (64, 300), (7, 7)):
+        torch.manual_seed(1)
+        want = [mae_box(*size) for _ in range(300)]
+        torch.manual_seed(1)
+        assert [single_draw_crop_box(*size) for _ in range(300)] == want
+    img = Image.new("RGB", (500, 375))
+    torch.manual_seed(0)
+    ours = np.mean([h * w for _, _, h, w in (single_draw_crop_box(500, 375) for _ in range(4000))]) / (500 * 375)
+    tv = np.mean([h * w for _, _, h, w in (T.RandomResizedCrop.get_params(img, (0.08, 1), (3 / 4, 4 / 3))
+                                           for _ in range(4000))]) / (500 * 375)  # fmt: skip
+    assert abs(ours - 0.52) < 0.02 and abs(tv - 0.44) < 0.02
+    transform = pickle.loads(pickle.dumps(train_transform(32)))
+    assert isinstance(transform.transforms[0], SingleDrawResizedCrop)
+    assert transform(img).shape == (3, 32, 32)
