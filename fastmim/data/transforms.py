@@ -162,11 +162,14 @@ def crop_and_flip(
     return box, bool(torch.rand(1, generator=generator) < p)
 
 
-def eval_transform(img_size: int, crop_pct: float = 1.0, normalize: bool = True) -> T.Compose:
+def eval_transform(img_size: int, crop_pct: float = 1.0, normalize: bool = True, warp: bool = False) -> T.Compose:
     """Resize (bicubic, the short side to int(img_size / crop_pct), as MAE's ``build_transform``; evaluation protocols:
-    0.875, 224 from 256) + centre crop + ImageNet normalisation: a deterministic view. ``normalize=False``: uint8
-    [3, H, W], to normalise later."""
+    0.875, 224 from 256) + centre crop + ImageNet normalisation: a deterministic view. ``warp``: the whole image
+    resized to img_size x img_size instead, aspect not kept (ConvNeXt V2's view from 384 px). ``normalize=False``:
+    uint8 [3, H, W], to normalise later."""
     tail = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)] if normalize else [T.PILToTensor()]
+    if warp:
+        return T.Compose([T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BICUBIC), *tail])
     size = int(img_size / crop_pct)
     return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size), *tail])
 

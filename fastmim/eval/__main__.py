@@ -270,8 +270,8 @@ def run(args) -> dict:
     from fastmim.eval.encoder import (
         LabelledFolder,
         cached_features,
-        eval_crop_pct,
         eval_transform,
+        eval_view,
         load_encoder,
         recipe_pool,
         train_transform,
@@ -314,11 +314,12 @@ def run(args) -> dict:
     size = info["img_size"]
     # --skip-bad-files: an unreadable image is left out of what is measured, and replaced in what is trained on
     drop, replace = ("drop", "replace") if args.skip_bad_files else ("raise", "raise")
-    train = LabelledFolder(train_root, eval_transform(size), bad=drop)
+    view = eval_view(size, info["encoder"])  # (MAE's; ConvNeXt V2's for a ConvNeXt)
+    train = LabelledFolder(train_root, eval_transform(size, info["encoder"]), bad=drop)
     if len(train.classes) < 2:  # (every accuracy would be 100%, and be appended to eval.jsonl like a real one)
         raise ValueError(f"{train.root} holds {len(train.classes)} class folder: a classification needs at least 2 "
                          "(one folder of images per class)")  # fmt: skip
-    val = LabelledFolder(val_root, eval_transform(size), classes=train.classes, bad=drop)
+    val = LabelledFolder(val_root, eval_transform(size, info["encoder"]), classes=train.classes, bad=drop)
     args.bad_images = replace, args.seed  # (the fine-tuning's training set's)
     result = {
         "mode": args.mode, **info, "pool": _resolved_pool(encoder, args), "pool_arg": pool_arg,
@@ -326,7 +327,7 @@ def run(args) -> dict:
         "train_images": len(train), "val_images": len(val), "device": str(device), "seed": args.seed,
         "batch_size": args.batch_size, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "encoder_sha256": _file_digest(info["path"]), "versions": _versions(),
-        "view": {"crop_pct": eval_crop_pct(size), "interpolation": "bicubic"},
+        "view": {**view, "interpolation": "bicubic"},
     }  # fmt: skip
     t0 = time.perf_counter()
     if args.mode == "finetune":

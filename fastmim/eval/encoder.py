@@ -18,7 +18,8 @@ from fastmim.data.folder import open_rgb
 from fastmim.models.registry import RECIPE_PREFIXES
 from fastmim.models.vit import from_beit_state_dict
 
-CACHE_VERSION = "v2"  # (v2: the evaluation view as MAE crops it above 224 px and rounds its resize)
+CACHE_VERSION = "v3"  # (v2: the evaluation view as MAE crops it above 224 px and rounds its resize; v3: ConvNeXt's
+# as ConvNeXt V2's above 224 px)
 
 
 def encoder_name(name: str) -> str:
@@ -474,10 +475,19 @@ def eval_crop_pct(img_size: int) -> float:
     return CROP_PCT if img_size <= 224 else 1.0
 
 
-def eval_transform(img_size: int):
+def eval_view(img_size: int, encoder: str = "") -> dict:
+    """The evaluation view of an ``encoder`` (its name) at ``img_size``: MAE's (``eval_crop_pct``) for a ViT;
+    ConvNeXt V2's (its ``datasets.py``) for a ConvNeXt: the 224 / 256 crop below 384 px, and from 384 the whole
+    image squashed to img_size x img_size ("warp", no crop)."""
+    if "convnext" in encoder:
+        return {"warp": True} if img_size >= 384 else {"crop_pct": CROP_PCT}
+    return {"crop_pct": eval_crop_pct(img_size)}
+
+
+def eval_transform(img_size: int, encoder: str = ""):
     from fastmim.data.transforms import eval_transform as view
 
-    return view(img_size, eval_crop_pct(img_size))
+    return view(img_size, **eval_view(img_size, encoder))
 
 
 def single_draw_crop_box(width: int, height: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, ...]:

@@ -14,7 +14,7 @@ from fastmim.eval.encoder import (
     LabelledFolder,
     _autocast,
     check_pool,
-    eval_crop_pct,
+    eval_view,
     kept,
     load_encoder,
     pooled_features,
@@ -60,7 +60,7 @@ class KnnMonitor:
         train_root, val_root = labelled_split(spec)
         from fastmim.data.transforms import eval_transform
 
-        view = eval_transform(img_size, eval_crop_pct(img_size), normalize=False)  # uint8: normalised on the device
+        view = eval_transform(img_size, **eval_view(img_size, model), normalize=False)  # uint8: normalised later
         bad = "drop" if skip_bad else "raise"
         train = LabelledFolder(train_root, view, bad=bad)
         val = LabelledFolder(val_root, view, classes=train.classes, bad=bad)

@@ -1655,3 +1655,22 @@ def test_probe_crop_is_maes_single_draw_not_torchvisions_retry_loop():
     transform = pickle.loads(pickle.dumps(train_transform(32)))
     assert isinstance(transform.transforms[0], SingleDrawResizedCrop)
     assert transform(img).shape == (3, 32, 32)
+
+
+def test_convnext_is_evaluated_in_convnext_v2s_view_above_224():
+    """MAE's view (224 / 256 up to 224 px, a centre crop without margin above) was used for every encoder; ConvNeXt
+    V2's datasets.py crops 224 / 256 below 384 and squashes the whole image to S x S from 384 (no crop)."""
+    from PIL import Image
+
+    from fastmim.eval.encoder import eval_transform, eval_view
+
+    assert eval_view(224, "vit_base_patch16") == eval_view(224, "convnextv2_atto") == {"crop_pct": 0.875}
+    assert eval_view(288, "vit_base_patch16") == {"crop_pct": 1.0}
+    assert eval_view(288, "convnextv2_atto") == {"crop_pct": 0.875}
+    assert eval_view(384, "convnextv2_atto") == {"warp": True}
+    img = Image.new("RGB", (400, 200))
+    img.paste((255, 0, 0), (0, 0, 40, 200))  # a red band on the left tenth: cropped away by a centre crop
+    squashed = eval_transform(384, "convnextv2_atto")(img)
+    cropped = eval_transform(384, "vit_base_patch16")(img)
+    assert squashed.shape == cropped.shape == (3, 384, 384)
+    assert squashed[0, :, :20].mean() > 2 and cropped[0, :, :20].mean() < 0  # red (normalised) only when squashed
