@@ -55,6 +55,9 @@ def build_parser(mode: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=None, help="knn: images per forward pass (256); linprobe: the "
                     "probe's batch (16384, MAE's: 32 GPUs x 512; all the images where fewer); finetune: per process "
                     "(64)")  # fmt: skip
+    ap.add_argument("--accum-iter", type=int, default=None, help="finetune: batches whose gradients are summed per "
+                    "optimizer step (1; the recipes' effective batch is 1024, data2vec 2.0's 512: --batch-size 64 "
+                    "--accum-iter 16 on one GPU)")  # fmt: skip
     ap.add_argument("--feature-batch", type=int, default=256, help="linprobe: images per forward pass of the frozen "
                     "encoder, 256 (its features are gathered into the probe's batch)")  # fmt: skip
     ap.add_argument("--workers", type=int, default=0, help="loader processes")
@@ -135,14 +138,14 @@ def _help_mode(argv: list[str]) -> str | None:
 
 
 DEFAULTS = {"knn": dict(batch_size=256), "linprobe": dict(batch_size=16384, epochs=90, warmup_epochs=10, blr=0.1),
-            "finetune": dict(batch_size=64)}  # (the rest: the encoder's recipe, finetune_recipe)  # fmt: skip
+            "finetune": dict(batch_size=64, accum_iter=1)}  # (the rest: the recipe's, finetune_recipe)  # fmt: skip
 
 
 # what finetune --resume reads from the folder's args.json when the command does not give it (not the machine's
 # --device or --workers, nor what names the folder or only changes outputs)
-RESUMED_ARGS = ("encoder", "random", "model", "data_path", "val_path", "img_size", "pool", "batch_size", "epochs",
-                "warmup_epochs", "blr", "layer_decay", "layer_decay_type", "drop_path", "weight_decay", "min_lr",
-                "mixup", "cutmix", "smoothing", "model_ema", "aa", "reprob", "seed", "out",
+RESUMED_ARGS = ("encoder", "random", "model", "data_path", "val_path", "img_size", "pool", "batch_size", "accum_iter",
+                "epochs", "warmup_epochs", "blr", "layer_decay", "layer_decay_type", "drop_path", "weight_decay",
+                "min_lr", "mixup", "cutmix", "smoothing", "model_ema", "aa", "reprob", "seed", "out",
                 "skip_bad_files")  # fmt: skip
 PATH_ARGS = ("encoder", "data_path", "val_path", "out")
 ARGS_FILE = "args.json"
@@ -160,7 +163,8 @@ def _given(ap, argv) -> set[str]:
 MODE_OPTIONS = {"k": ("knn",), "temperature": ("knn",), "no_augment": ("linprobe",), "feature_batch": ("linprobe",),
                 **dict.fromkeys(("epochs", "warmup_epochs", "blr"), ("linprobe", "finetune")),
                 **dict.fromkeys(("layer_decay", "layer_decay_type", "drop_path", "weight_decay", "min_lr", "mixup",
-                                 "cutmix", "smoothing", "model_ema", "aa", "reprob", "finetune_dir", "resume"),
+                                 "cutmix", "smoothing", "model_ema", "aa", "reprob", "finetune_dir", "resume",
+                                 "accum_iter"),
                                 ("finetune",))}  # fmt: skip
 
 
@@ -208,7 +212,7 @@ def _check(ap, args) -> None:
     for name, value in DEFAULTS[args.mode].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("batch_size", "feature_batch", "k", "epochs"):
+    for name in ("batch_size", "feature_batch", "accum_iter", "k", "epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.mode == "linprobe" and args.batch_size < 2:  # (PyTorch: "Expected more than 1 value per channel")
@@ -263,6 +267,23 @@ def _apply_recipe(args, info: dict) -> None:
     args.recipe = where
     if args.dist_info.is_main:
         _note_long_warmup(args)
+        _note_effective_batch(args, info)
+
+
+def _note_effective_batch(args, info: dict) -> None:
+    """A note where the fine-tuning's effective batch is not its recipe's (the blr scales to it, but the number of
+    steps, the warm-up's and the EMA's horizon in images do not), with the --accum-iter that gives it."""
+    from fastmim.eval.finetune import recipe_batch
+
+    want, world = recipe_batch(info["encoder"], info.get("model")), args.dist_info.world_size
+    have = args.batch_size * args.accum_iter * world
+    if have == want:
+        return
+    fix = ""
+    if want % (args.batch_size * world) == 0:
+        fix = f": --accum-iter {want // (args.batch_size * world)} gives it"
+    print(f"note: effective batch {have} (--batch-size {args.batch_size} x --accum-iter {args.accum_iter} x {world} "
+          f"process{'es' if world > 1 else ''}); the recipe's is {want}{fix}", flush=True)  # fmt: skip
 
 
 def run(args) -> dict:
@@ -519,7 +540,8 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
     try:
         out = finetune(
             encoder, info, train_set, val, len(train.classes), device, epochs=n, warmup_epochs=args.warmup_epochs,
-            batch_size=args.batch_size, blr=args.blr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+            batch_size=args.batch_size, accum_iter=args.accum_iter, blr=args.blr, min_lr=args.min_lr,
+            weight_decay=args.weight_decay,
             layer_decay=args.layer_decay, layer_decay_type=args.layer_decay_type, drop_path=args.drop_path,
             mixup=args.mixup, cutmix=args.cutmix, model_ema=args.model_ema, **extras,
             smoothing=args.smoothing, pool=args.pool, workers=args.workers, seed=args.seed, log=log,
@@ -573,6 +595,7 @@ def _finetune(args, encoder, info, train_root, train, val, device, result: dict)
         result.update(val_images=out["val_images"], left_out={"val": len(val) - out["val_images"]})
     result.update(top1=out["top1"], top5=out["top5"], best_top1=out["best_top1"], best_epoch=out["best_epoch"],
                   epochs=n, warmup_epochs=args.warmup_epochs, blr=args.blr, lr=out["lr"], min_lr=args.min_lr,
+                  accum_iter=args.accum_iter,
                   layer_decay=args.layer_decay, layer_decay_type=args.layer_decay_type, recipe=args.recipe,
                   drop_path=args.drop_path, model_ema=args.model_ema,
                   mixup=args.mixup, cutmix=args.cutmix, smoothing=args.smoothing, auto_augment=aa, reprob=args.reprob,
@@ -604,9 +627,14 @@ def _out_of_memory_advice(args: argparse.Namespace, e: BaseException) -> str:
     if args.mode == "knn":
         fix += " for the features; the kNN itself compares 1024 images at a time with the whole training set"
     else:
+        accum = args.accum_iter or 1
+        if b % half == 0:  # the same effective batch, so the same lr and steps, in more passes
+            fix += f" with --accum-iter {accum * (b // half)} (was {accum}): the same effective batch"
+        else:
+            fix += "; the lr follows it (blr x batch / 256)"
         fix += (
-            "; the lr follows it (blr x batch / 256). A checkpoint resumes only at the batch it was saved with: "
-            "the smaller batch starts a new fine-tuning (another --finetune-dir)"
+            ". A checkpoint resumes only at the batch it was saved with: the smaller batch starts a new fine-tuning "
+            "(another --finetune-dir)"
         )
     return f"{first}\nto fit: {fix}"
 

@@ -8,6 +8,7 @@ after every epoch; data-parallel under torchrun; a checkpoint every epoch, resum
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -103,6 +104,7 @@ def finetune(
     epochs: int = 100,
     warmup_epochs: float = 5,
     batch_size: int = 64,
+    accum_iter: int = 1,
     blr: float = 5e-4,
     min_lr: float = 1e-6,
     weight_decay: float = 0.05,
@@ -132,7 +134,10 @@ def finetune(
 
     ``train_set`` yields augmented views (``finetune_transform``), ``val_set`` centre crops. Under torchrun
     (``dist_info``) the network is DDP-wrapped, each process takes its share of every epoch and of the validation set
-    (exact counts, summed), and lr = blr x batch x processes / 256. ``run_dir``: rank 0 writes ``checkpoint.pt`` there
+    (exact counts, summed), and lr = blr x batch x accum_iter x processes / 256. ``accum_iter``: the gradients of that
+    many batches are summed before each optimizer step (MAE's --accum_iter, ConvNeXt V2's --update_freq: their
+    effective batch of 1024 on fewer GPUs); the lr moves and the EMA updates once per step, an epoch takes only whole
+    steps, and a stop signal is taken at a step's end. ``run_dir``: rank 0 writes ``checkpoint.pt`` there
     after every epoch (network, optimizer, history, every process's random state); ``resume`` continues from it,
     exactly as if never stopped when the number of processes is the same. ``data_settings``: what else the result
     depends on that the caller decided (the augmentation, the data, the encoder file), saved with the settings so that
@@ -145,13 +150,12 @@ def finetune(
 
     dist_info = dist_info or DistInfo()
     rank, world = dist_info.rank, dist_info.world_size
-    settings = dict(model=info["model"], num_classes=num_classes, batch_size=batch_size, blr=blr, min_lr=min_lr,
-                    warmup_epochs=warmup_epochs, weight_decay=weight_decay, layer_decay=layer_decay,
-                    layer_decay_type=layer_decay_type, param_groups=PARAM_GROUPS,
+    settings = dict(model=info["model"], num_classes=num_classes, batch_size=batch_size, accum_iter=accum_iter,
+                    blr=blr, min_lr=min_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
+                    layer_decay=layer_decay, layer_decay_type=layer_decay_type, param_groups=PARAM_GROUPS,
                     drop_path=drop_path, mixup=mixup, cutmix=cutmix, smoothing=smoothing, model_ema=model_ema,
                     betas=list(betas), mixup_prob=mixup_prob, head_init_std=head_init_std, clip_grad=clip_grad,
-                    pool=pool, seed=seed,
-                    processes=world, **(data_settings or {}))  # fmt: skip
+                    pool=pool, seed=seed, processes=world, **(data_settings or {}))  # fmt: skip
     classes = getattr(train_set, "classes", None)  # a LabelledFolder's: the head's output i is class i
     if classes is not None and "classes" not in settings:
         settings["classes"] = list(classes)
@@ -165,7 +169,9 @@ def finetune(
         from timm.utils import ModelEmaV2
 
         ema = ModelEmaV2(net, decay=model_ema)
-    lr = blr * batch_size * world / 256
+    if accum_iter < 1:
+        raise ValueError(f"accum_iter must be at least 1, got {accum_iter}")
+    lr = blr * batch_size * accum_iter * world / 256
     opt = build_optimizer(net, lr, weight_decay, layer_decay, layer_decay_type, betas)
     mixing = mixup > 0 or cutmix > 0
     if mixing and batch_size % 2:
@@ -179,10 +185,11 @@ def finetune(
     # (the workers survive a scheduler's SIGTERM to the whole job, so that the step in flight can finish and save)
     loader = ShieldedLoader(train_set, batch_size=batch_size, sampler=skip, drop_last=True, num_workers=workers,
                             pin_memory=device.type == "cuda")  # fmt: skip
-    per_epoch = len(sampler) // batch_size
+    per_epoch = len(sampler) // batch_size // accum_iter * accum_iter  # batches, whole optimizer steps only
     if per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training images make no batch of {batch_size} per process x {world}: "
-                         "lower --batch-size")  # fmt: skip
+        steps = f" x --accum-iter {accum_iter}" if accum_iter > 1 else ""
+        raise ValueError(f"{len(train_set)} training images make no batch of {batch_size} per process{steps} x "
+                         f"{world}: lower --batch-size" + (" or --accum-iter" if steps else ""))  # fmt: skip
     mine = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))  # each image once, over all processes
     val_loader = ShieldedLoader(mine, batch_size=batch_size, shuffle=False, num_workers=workers)
     history, best, start, first = [], None, 0, 0
@@ -236,29 +243,39 @@ def finetune(
                 leave=False,
             )  # fmt: skip (the epoch's line follows it)
             for i, (x, y) in enumerate(batches, start=first if resumed else 0):
+                if i == per_epoch:  # (the epoch's last batches, too few for an optimizer step: not trained on)
+                    break
                 it = epoch * per_epoch + i
-                for g in opt.param_groups:  # timm's layer decay: each group's lr_scale
-                    g["lr"] = lr_at(it / per_epoch, lr, min_lr, warmup_epochs, epochs) * g.get("lr_scale", 1.0)
+                stepping = (i + 1) % accum_iter == 0  # the last batch of an optimizer step
+                if i % accum_iter == 0:  # a step's first batch: its lr (as MAE's, at the step's start) and fresh grads
+                    for g in opt.param_groups:  # timm's layer decay: each group's lr_scale
+                        g["lr"] = lr_at(it / per_epoch, lr, min_lr, warmup_epochs, epochs) * g.get("lr_scale", 1.0)
+                    opt.zero_grad(set_to_none=True)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with _autocast(device):
-                    if mix is not None:
-                        x, target = mix(x, y)
-                        loss = soft_ce(model(x).float(), target)
-                    else:
-                        loss = F.cross_entropy(model(x).float(), y, label_smoothing=smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if clip_grad:  # (data2vec 2.0's ViT-L/H fine-tuning: fairseq's clip_norm 4)
-                    torch.nn.utils.clip_grad_norm_(net.parameters(), clip_grad)
-                opt.step()
-                if ema is not None:
-                    ema.update(net)
+                # DDP all-reduces the gradients at a step's last batch only
+                sync = contextlib.nullcontext() if stepping or model is net else model.no_sync()
+                with sync:
+                    with _autocast(device):
+                        if mix is not None:
+                            x, target = mix(x, y)
+                            loss = soft_ce(model(x).float(), target)
+                        else:
+                            loss = F.cross_entropy(model(x).float(), y, label_smoothing=smoothing)
+                    (loss / accum_iter if accum_iter > 1 else loss).backward()
+                if stepping:
+                    if clip_grad:  # (data2vec 2.0's ViT-L/H fine-tuning: fairseq's clip_norm 4)
+                        torch.nn.utils.clip_grad_norm_(net.parameters(), clip_grad)
+                    opt.step()
+                    if ema is not None:
+                        ema.update(net)
                 total += loss.detach() * len(y)
                 count += len(y)
                 bar.update()
                 if not bar.disable and (i + 1) % 20 == 0:  # (the loss: one host read every 20 steps)
                     bar.set_postfix(loss=f"{float(total) / count:.4f}", refresh=False)
-                if i + 1 < per_epoch and watch.requested():  # (every rank asks at every step: a collective)
+                if (
+                    stepping and i + 1 < per_epoch and watch.requested()
+                ):  # (every rank asks at every step: a collective)
                     bar.close()
                     if run_dir is not None:
                         part = {"total": float(total), "count": count, "seconds": spent + time.perf_counter() - t0}
@@ -388,7 +405,8 @@ def _load_checkpoint(run_dir, settings: dict, epochs: int) -> dict:
     from fastmim.train.checkpoint import safe_load
 
     state = safe_load(path)  # (an older one's numpy RNG state is an ndarray: allowed; no other object is unpickled)
-    saved = state["settings"]  # (a checkpoint from before a setting was recorded is not refused for it)
+    saved = {"accum_iter": 1, **state["settings"]}  # (one from before a setting was recorded is not refused for it;
+    # before --accum-iter, every fine-tuning summed one batch per step)
     if saved.get("param_groups") != settings["param_groups"]:
         raise ValueError(
             f"--resume {str(run_dir)!r}: the fine-tuning was started by an earlier fastmim, whose "
@@ -524,6 +542,13 @@ _NEAREST = {"vit": "vit_base", "vit_giant": "vit_huge", "convnextv2_femto": "con
             "convnextv2_pico": "convnextv2_atto", "convnextv2_nano": "convnextv2_atto",
             "convnextv2_large": "convnextv2_base", "convnextv2_huge": "convnextv2_base"}  # fmt: skip
 RECIPE_KEYS = tuple(_MAE_B)
+
+
+def recipe_batch(encoder_name: str, model_name: str | None = None) -> int:
+    """The effective batch (per step, over all processes) of the recipe ``finetune_recipe`` gives: 1024 for MAE's
+    (32 x 8 GPUs x accum 4) and ConvNeXt V2's (32 x 32 GPUs), 512 for data2vec 2.0's. Its blr scales to that batch."""
+    d2v = _data2vec2_size(model_name) if encoder_name.startswith("vit_") else None
+    return 512 if d2v is not None else 1024
 
 
 # what a recipe sets that is no command-line option: AdamW's betas, the share of batches mixed, the head's init

@@ -789,6 +789,31 @@ def test_a_stop_signal_inside_a_finetuning_epoch_checkpoints_that_step_and_resum
         [{k: v for k, v in h.items() if k not in drop} for h in straight["history"]]  # fmt: skip
 
 
+def test_finetune_accumulation_equals_the_larger_batch_and_stops_at_a_step(tmp_path, noted_sigusr1):
+    """--accum-iter 2 at batch 2 trains as batch 4 (MAE's accum_iter: the gradients summed, the lr at the step's
+    start, lr = blr x 2 x 2 / 256); a stop signal inside a step ends that step, not the batch, so the checkpoint is at
+    a step boundary and the resume ends as a run never stopped."""
+    pytest.importorskip("timm", reason="fine-tuning builds on timm")
+    from fastmim.eval.finetune import FinetuneStopped
+
+    plain = dict(mixup=0.0, cutmix=0.0, drop_path=0.0, epochs=1)  # (mixup pairs within a batch: not the same pairs)
+    whole = _finetune_run(tmp_path, None, **plain)
+    accum = _finetune_run(tmp_path, None, batch_size=2, accum_iter=2, **plain)
+    assert accum["lr"] == whole["lr"] == 1e-3 * 4 / 256
+    for k, v in whole["network"].state_dict().items():
+        torch.testing.assert_close(accum["network"].state_dict()[k], v, rtol=1e-4, atol=1e-6, msg=k)
+    assert accum["history"][0]["loss"] == pytest.approx(whole["history"][0]["loss"], rel=1e-5)
+    straight = _finetune_run(tmp_path, tmp_path / "a", batch_size=2, accum_iter=2)
+    with pytest.raises(FinetuneStopped) as stop:
+        _finetune_run(tmp_path, tmp_path / "b", batch_size=2, accum_iter=2, signal_at=1)  # in the first batch
+    assert (stop.value.epoch, stop.value.batch) == (0, 2)  # the step's second batch done too: batch 2 of 8
+    with pytest.raises(ValueError, match="accum_iter"):  # another accumulation is another run
+        _finetune_run(tmp_path, tmp_path / "b", batch_size=2, accum_iter=1, resume=True)
+    resumed = _finetune_run(tmp_path, tmp_path / "b", batch_size=2, accum_iter=2, resume=True)
+    for k, v in straight["network"].state_dict().items():
+        torch.testing.assert_close(resumed["network"].state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
 def test_a_second_ctrl_c_while_the_finetuning_checkpoint_is_written_waits_for_it(tmp_path, monkeypatch):
     """Ctrl-C from a terminal (Python's own handler): the first stops after the step with a checkpoint; a second one
     while that checkpoint is written lets the writing finish (before, it raised KeyboardInterrupt inside it, and the
@@ -908,8 +933,9 @@ def test_cli_finetune_stopped_by_a_signal_exits_for_a_requeue_and_resumes(tmp_pa
 
 @pytest.mark.slow
 def test_finetune_under_torchrun_shares_the_epochs_and_counts_every_val_image(tmp_path):
-    """Two processes (gloo): lr scaled by the processes, a checkpoint and the network saved once, and the validation
-    accuracy summed from both shares equal to one process's evaluation of the saved network."""
+    """Two processes (gloo): lr scaled by the processes and the accumulation (DDP's all-reduce at a step's last batch
+    only), a checkpoint and the network saved once, and the validation accuracy summed from both shares equal to one
+    process's evaluation of the saved network."""
     pytest.importorskip("timm", reason="fine-tuning builds on timm")
     from safetensors.torch import load_file
 
@@ -921,13 +947,15 @@ def test_finetune_under_torchrun_shares_the_epochs_and_counts_every_val_image(tm
     train = make_image_folder(tmp_path / "train", n=16, classes=3)
     val = make_image_folder(tmp_path / "val", n=9, classes=3, seed=1)  # odd: the shares differ in size
     r = run_cli(["--standalone", "--nproc_per_node", "2", "-m", "fastmim.eval", "finetune", "--encoder", str(path),
-                 "--data-path", str(train), "--val-path", str(val), "--batch-size", "4", "--epochs", "2",
-                 "--warmup-epochs", "1", "--device", "cpu"],
+                 "--data-path", str(train), "--val-path", str(val), "--batch-size", "2", "--accum-iter", "2",
+                 "--epochs", "2", "--warmup-epochs", "1", "--device", "cpu"],
                 module=["-m", "torch.distributed.run"], timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(s) for s in (path.parent / "eval.jsonl").read_text().splitlines()]
-    assert len(rows) == 1 and rows[0]["processes"] == 2 and rows[0]["lr"] == pytest.approx(5e-4 * 4 * 2 / 256)
+    assert len(rows) == 1 and rows[0]["processes"] == 2 and rows[0]["lr"] == pytest.approx(5e-4 * 2 * 2 * 2 / 256)
+    assert rows[0]["accum_iter"] == 2
     assert r.stdout.count("finetune epoch 2/2") == 1  # printed by rank 0 only
+    assert r.stdout.count("note: effective batch 8 (--batch-size 2 x --accum-iter 2 x 2 processes)") == 1
     enc, info = load_encoder(path)
     net, _ = finetune_network(enc, info, 3, drop_path=0.0)
     net.load_state_dict(load_file(rows[0]["saved"]))
@@ -1354,7 +1382,7 @@ def test_out_of_memory_says_the_batch_that_would_fit(tmp_path, capsys, monkeypat
     said = "error: out of memory: CUDA out of memory. Tried to allocate 1.50 GiB."
     assert f"{said}\nto fit: --batch-size {half} (was 6)" in err
     assert "If reserved" not in err
-    assert ("the lr follows" in err) == (mode == "finetune")
+    assert ("with --accum-iter 3 (was 1): the same effective batch" in err) == (mode == "finetune")
     assert ("the smaller batch starts a new fine-tuning" in err) == (mode == "finetune")
     assert eval_main([mode, *common[:-1], "2"]) == 1  # nothing smaller to take
     err = capsys.readouterr().err
@@ -1674,3 +1702,21 @@ def test_convnext_is_evaluated_in_convnext_v2s_view_above_224():
     cropped = eval_transform(384, "vit_base_patch16")(img)
     assert squashed.shape == cropped.shape == (3, 384, 384)
     assert squashed[0, :, :20].mean() > 2 and cropped[0, :, :20].mean() < 0  # red (normalised) only when squashed
+
+
+def test_finetune_notes_an_effective_batch_other_than_the_recipes(capsys):
+    """The blr scales to the batch, but the steps, the warm-up and the EMA's horizon do not: a fine-tuning at another
+    effective batch than its recipe's is noted with the --accum-iter that gives the recipe's."""
+    from fastmim.eval.__main__ import _note_effective_batch
+    from fastmim.train.distributed import DistInfo
+
+    def note(batch, accum, encoder="vit_base_patch16", model=None):
+        args = argparse.Namespace(batch_size=batch, accum_iter=accum, dist_info=DistInfo())
+        _note_effective_batch(args, {"encoder": encoder, "model": model})
+        return capsys.readouterr().out
+
+    assert note(64, 1) == ("note: effective batch 64 (--batch-size 64 x --accum-iter 1 x 1 process); the recipe's is "
+                           "1024: --accum-iter 16 gives it\n")  # fmt: skip
+    assert note(64, 16) == note(32, 32, "convnextv2_atto") == ""
+    assert "the recipe's is 512: --accum-iter 8 gives it" in note(64, 1, model="data2vec2_vit_base_patch16")
+    assert note(48, 1).endswith("the recipe's is 1024\n")  # (no whole --accum-iter gives it)
