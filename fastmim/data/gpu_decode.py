@@ -320,7 +320,9 @@ class GpuDecodeLoader:
             index = -1 - sent if sent < 0 else sent
             img, got = load_or_stand_in(self.dataset, index, self.skip_bad, self.seed, named)
             idx[pos] = -1 - got if sent < 0 and got >= 0 else got
-            out[pos] = img.to(self.device)
+            if torch.device(self.device).type == "cuda":  # (from pageable memory the copy would wait for the GPU)
+                img = img.pin_memory()
+            out[pos] = img.to(self.device, non_blocking=True)
             self.stats["cpu_fallbacks"] += 1
         return (out, idx, *rest)
 

@@ -290,16 +290,17 @@ def _scatter_bwd_on(backend: str, grad, ids_restore, k, has_cls, need_pos, x_dty
 
 
 def _scatter_backward_ref(grad, ids_restore, k, has_cls, need_pos, x_dtype):
+    """Without boolean indexing or a host read (each a sync on CUDA, and a break in a captured CUDA graph): the
+    hidden positions' rows go to a spare row k, dropped; the mask token's gradient is the hidden rows' masked sum."""
     b, r, d = grad.shape
     g = grad[:, int(has_cls) :].to(stat_dtype(grad))  # [B, N, D]
     ids = ids_restore.long()
     vis = ids < k
-    gx = torch.zeros((b, k, d), dtype=g.dtype, device=grad.device)
-    bi = torch.arange(b, device=grad.device).unsqueeze(1).expand_as(ids)
-    gx[bi[vis], ids[vis]] = g[vis]
-    gmt = g[~vis].sum(0) if (~vis).any() else g.new_zeros(d)
+    dest = torch.where(vis, ids, k).unsqueeze(-1).expand_as(g)  # (visible ids are distinct: one write each)
+    gx = torch.zeros((b, k + 1, d), dtype=g.dtype, device=grad.device).scatter_(1, dest, g)[:, :k]
+    gmt = (g * (~vis).unsqueeze(-1).to(g.dtype)).sum((0, 1))
     gpos = grad.to(g.dtype).sum(0) if need_pos else None
-    return gx.to(x_dtype), gmt, gpos
+    return gx.to(x_dtype).contiguous(), gmt, gpos  # (the spare row's slice: contiguous, as the kernels' outputs)
 
 
 def _scatter_bwd_check(grad, ids_restore, k, has_cls, need_pos, x_dtype, cls_dtype, cls_rows) -> None:
