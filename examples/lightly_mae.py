@@ -6,7 +6,7 @@
     python examples/lightly_mae.py --data-path /data/train --epochs 100 --batch-size 256
     python examples/lightly_mae.py --model vit_tiny_patch16_224 --img-size 64 --steps 20   # a quick CPU run
 
-Needs lightly and timm (``pip install 'fastmim[lightly]'``).
+Needs lightly and timm (``pip install -e '.[lightly]'`` from a checkout: fastmim is not on PyPI).
 """
 
 from __future__ import annotations

@@ -214,7 +214,7 @@ class DaliLoader:
         hflip: the probability of a horizontal flip (MAE 0.5, I-JEPA 0).
         initial_fill: the reader's shuffle buffer, in samples (capped at the shard).
         interp: for a bicubic crop, the filter when shrinking: "cubic" (torchvision's bicubic, antialiased),
-            "linear" (antialiased linear: 1.5x DALI's CPU throughput), or "auto": cubic on the GPU, linear on CPU
+            "linear" (antialiased linear: 1.1-1.5x DALI's CPU throughput), or "auto": cubic on the GPU, linear on CPU
             threads. Enlarging is bicubic with either. A bilinear crop (the simple crop's default) is linear both
             ways.
         tar_sizes: the members' sizes (``list_tar_samples``): given, DALI reads the shards through index files

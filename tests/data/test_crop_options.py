@@ -191,7 +191,7 @@ def test_crop_and_flip_draws_the_simple_crops_windows_and_flips(photos):
 @pytest.mark.skipif(dali_problem() is not None, reason=f"optional dependency absent: {dali_problem()}")
 def test_pretrain_hands_the_crop_and_its_filter_to_dali_and_says_a_linear_shrink(image_folder, monkeypatch, capsys):
     """The simple crop reaches DALI's pipeline at --img-size; on CPU threads a bicubic crop is shrunk with the linear
-    filter (1.5x faster) unless --crop-interp bicubic asks for bicubic, and the banner says which."""
+    filter (about 1.2x faster) unless --crop-interp bicubic asks for bicubic, and the banner says which."""
     import inspect
 
     from fastmim import pretrain
