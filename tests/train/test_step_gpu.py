@@ -92,6 +92,36 @@ def test_captured_step_trains_as_the_eager_step(kind, dtype):
     assert len({round(x, 6) for x in graph_losses[8:]}) == 8
 
 
+@pytest.mark.parametrize("kind", ["mae", "fcmae"])
+def test_an_eager_step_never_waits_for_the_gpu(kind):
+    """After two warm-up steps (lazy initialisation), three eager steps of the fused-op model (forward, backward,
+    clipping, the fused AdamW) make no host-device synchronisation: torch's sync debug mode raises on any (an
+    ``.item()``, a data-dependent shape, a copy to the host). The CPU test tests/train/test_host_reads.py counts the
+    same step's reads by their fastmim caller."""
+    model = _build(kind)
+    opt = build_adamw(model, 1e-3, 0.05)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+
+    def forward(imgs, ids_keep, ids_restore, mask):
+        return model(imgs, mask=MaskInfo(ids_keep, ids_restore, mask))[0]
+
+    step = TrainStep(forward, model.parameters(), opt, scaler, device=torch.device("cuda"), clip_grad=1.0,
+                     amp_dtype=torch.bfloat16)  # fmt: skip
+    batches = [tuple(t.cuda() for t in batch) for batch in _batches(kind, 5)]
+    torch.cuda.synchronize()
+    for batch in batches[:2]:
+        step(*batch)
+    torch.cuda.synchronize()
+    losses = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch in batches[2:]:
+            losses.append(step(*batch))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(torch.stack(losses)).tolist())
+
+
 def test_captured_step_with_torch_compile():
     batches = _batches("mae", 12)
     eager, _, _, eager_losses = _train("mae", False, torch.bfloat16, batches, compile=True)
