@@ -900,8 +900,9 @@ def build_loader(cfg: PretrainConfig, kind: str, dataset, masks, info: DistInfo,
             raise UsageError(str(e)) from e
         shrink = ""
         if loader.filters[0] != "cubic" and cfg.crop_interp is None and loader.filters[1] == "cubic":
-            shrink = ("; bicubic crops shrunk with the linear filter on CPU threads, about 1.2x faster: "
-                      "--crop-interp bicubic")
+            shrink = (
+                "; bicubic crops shrunk with the linear filter on CPU threads, about 1.2x faster: --crop-interp bicubic"
+            )
         return loader, loader, f"DALI ({dali_device}, {_n(threads, 'thread')}{shrink})"
     workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(info.local_world_size)
     # masks with a C++ generator are drawn in the loader workers; the others on the training device

@@ -86,6 +86,9 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         # MAE's pretraining checkpoint (facebookresearch/mae): the encoder's weights beside the decoder's, which
         # MAE's fine-tuning drops too (its strict=False load)
         state = {k: v for k, v in state.items() if not k.startswith("decoder_") and k != "mask_token"}
+    if "encoder.stem.0.weight" in state and "proj.weight" in state:
+        # an FCMAE pretraining's model (fastmim's, or ConvNeXt V2's own in fastmim's names): its encoder
+        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     if any(k.startswith("encoder.") for k in state) and all(k.startswith(("encoder.", "decoder.")) for k in state):
         # a pretraining checkpoint of SimMIM's (microsoft/SimMIM): the encoder's weights, without its mask token
         state = {k.removeprefix("encoder."): v for k, v in state.items()
@@ -210,15 +213,7 @@ def load_encoder(path: str | Path | None = None, model: str | None = None, img_s
             module.load_state_dict(state, strict=True)
         except RuntimeError as e:
             first = [line if len(line) < 300 else line[:300] + "..." for line in str(e).splitlines()[1:4]]
-            hint = ""
-            if any("downsample_layers." in k for k in state):  # ConvNeXt V2's own code's keys (before timm's)
-                hint = (
-                    "; these are ConvNeXt V2's own keys (downsample_layers, stages): timm's names come from its "
-                    "checkpoint filter, after ConvNeXt V2's remap_checkpoint_keys for an FCMAE checkpoint: "
-                    "timm.models.convnext.checkpoint_filter_fn(state, timm.create_model('convnextv2_atto'))"
-                )
-            raise ValueError(f"the weights in {str(path)!r} do not fit encoder {enc!r}: {' '.join(first)}"
-                             f"{hint}") from e  # fmt: skip
+            raise ValueError(f"the weights in {str(path)!r} do not fit encoder {enc!r}: {' '.join(first)}") from e
     side = getattr(module, "img_size", None)
     trained = int(meta["img_size"]) if meta.get("img_size", "").isdigit() else None  # a run's encoder says it
     size = kwargs.get("img_size") or img_size or (side[0] if isinstance(side, tuple) else side) or trained or 224

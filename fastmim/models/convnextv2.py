@@ -9,6 +9,8 @@ these same modules.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -174,7 +176,7 @@ class ConvNeXtV2(nn.Module):
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.in_chans = in_chans
         self.depths, self.dims = tuple(depths), tuple(dims)
-        self.conv_mlp = dims[0] <= 80 if conv_mlp is None else conv_mlp
+        self.conv_mlp = default_conv_mlp(dims[0]) if conv_mlp is None else conv_mlp
         self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4), LayerNorm2d(dims[0], eps=1e-6))
         n = sum(depths)
         rates = [drop_path_rate * j / max(n - 1, 1) for j in range(n)]  # linear from 0 (as torch.linspace)
@@ -219,6 +221,61 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def default_conv_mlp(first_dim: int) -> bool:
+    """timm's choice: the pointwise layers as 1x1 convolutions for the small sizes (atto ... nano, widths <= 80)."""
+    return first_dim <= 80
+
+
+def _official_kernel(v: torch.Tensor) -> torch.Tensor:
+    """A MinkowskiEngine kernel of ConvNeXt V2's sparse FCMAE encoder as a dense conv weight, as its own fine-tuning
+    reads it (``utils.remap_checkpoint_keys``): [K*K, in, out] -> [out, in, K, K], a depthwise [K*K, C] -> [C, 1, K,
+    K]; the kernel offsets run column-major there, hence the last two axes swapped."""
+    k = math.isqrt(v.shape[0])
+    if v.dim() == 3:
+        return v.permute(2, 1, 0).reshape(v.shape[2], v.shape[1], k, k).transpose(3, 2).contiguous()
+    return v.permute(1, 0).reshape(v.shape[1], 1, k, k).transpose(3, 2).contiguous()
+
+
+def is_official_state_dict(state: dict) -> bool:
+    """Whether ``state`` has the keys of ConvNeXt V2's own code (facebookresearch/ConvNeXt-V2: ``downsample_layers``,
+    ``stages.i.j``), the whole model's or an FCMAE checkpoint's (under ``encoder.``)."""
+    return any(k.removeprefix("encoder.").startswith("downsample_layers.0.0.") for k in state)
+
+
+def from_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ConvNeXt V2's own checkpoints in fastmim's (timm's) names and shapes: a fine-tuned dense model's (its final
+    ``norm`` -> ``head.norm``, its classifier ``head`` -> ``head.fc``) and an FCMAE pretraining's, whose sparse encoder
+    keeps MinkowskiEngine's layouts (kernels, ``.ln.`` and ``.linear.`` wrappers, (1, C) biases and GRN parameters)
+    and whose ``proj``, ``mask_token``, ``decoder`` blocks and ``pred`` keep their names in fastmim's FCMAE. The
+    pointwise layers of the encoder's stages take timm's shape for the size (1x1 convolutions up to width 80)."""
+    first = next((v for k, v in state.items() if k.removeprefix("encoder.") == "downsample_layers.0.0.weight"), None)
+    conv_mlp = first is not None and default_conv_mlp(first.shape[0])
+    out = {}
+    for key, v in state.items():
+        prefix = "encoder." if key.startswith("encoder.") else ""
+        parts = [p for p in key.removeprefix(prefix).split(".") if p not in ("ln", "linear")]
+        if parts[-1] == "kernel":
+            parts[-1], v = "weight", _official_kernel(v)
+        elif parts[-1] == "bias" and v.dim() != 1:
+            v = v.reshape(-1)
+        if parts[-1] in ("gamma", "beta") and "grn" in parts:
+            parts[-1], v = {"gamma": "weight", "beta": "bias"}[parts[-1]], v.reshape(-1)
+        if parts[0] == "downsample_layers" and parts[1] == "0":
+            parts = ["stem", *parts[2:]]
+        elif parts[0] == "downsample_layers":
+            parts = ["stages", parts[1], "downsample", *parts[2:]]
+        elif parts[0] == "stages" and len(parts) > 2:
+            parts = ["stages", parts[1], "blocks", *parts[2:]]
+        elif parts[0] in ("norm", "head") and not prefix:  # the fine-tuned model's final norm and classifier
+            parts = ["head", "norm" if parts[0] == "norm" else "fc", *parts[1:]]
+        renames = {"dwconv": ["conv_dw"], "pwconv1": ["mlp", "fc1"], "pwconv2": ["mlp", "fc2"], "grn": ["mlp", "grn"]}
+        parts = [q for p in parts for q in renames.get(p, [p])]
+        if parts[0] == "stages" and parts[-2] in ("fc1", "fc2") and parts[-1] == "weight" and v.dim() == 2:
+            v = v[:, :, None, None] if conv_mlp else v
+        out[prefix + ".".join(parts)] = v
+    return out
+
+
 def convnextv2_sizes() -> dict[str, dict]:
     """Depths and widths of ConvNeXt V2's sizes (the paper's table; timm's names)."""
     return {
@@ -234,4 +291,5 @@ def convnextv2_sizes() -> dict[str, dict]:
 
 
 __all__ = ["Block", "ConvNeXtV2", "DropPath", "GlobalResponseNorm", "LayerNorm2d", "PointwiseLinear",
-           "convnextv2_sizes", "drop_path_keep"]  # fmt: skip
+           "convnextv2_sizes", "default_conv_mlp", "drop_path_keep", "from_official_state_dict",
+           "is_official_state_dict"]  # fmt: skip

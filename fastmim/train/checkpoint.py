@@ -378,9 +378,10 @@ def strip_wrapper_prefixes(state: dict) -> dict:
 
 def weights_in(state) -> tuple[object, bool]:
     """The state dict a training checkpoint holds: I-JEPA's ``target_encoder`` (the encoder it evaluates), else the
-    one under "state_dict" and/or "model" (timm's, MAE's), its keys without a wrapped model's prefixes. Returns (it,
-    whether it was I-JEPA's target encoder); what is no dict of tensors comes back as found, for the caller to
-    refuse (``python -m fastmim.eval`` and ``--init-weights`` read files the same way)."""
+    one under "state_dict" and/or "model" (timm's, MAE's), its keys without a wrapped model's prefixes, ConvNeXt V2's
+    own keys (a fine-tuned model's, an FCMAE pretraining's) in fastmim's names (``from_official_state_dict``).
+    Returns (it, whether it was I-JEPA's target encoder); what is no dict of tensors comes back as found, for the
+    caller to refuse (``python -m fastmim.eval`` and ``--init-weights`` read files the same way)."""
     target = isinstance(state, dict) and isinstance(state.get("target_encoder"), dict)
     if target:
         state = state["target_encoder"]
@@ -389,6 +390,10 @@ def weights_in(state) -> tuple[object, bool]:
             state = state[key]
     if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
         state = strip_wrapper_prefixes(state)
+        from fastmim.models.convnextv2 import from_official_state_dict, is_official_state_dict
+
+        if is_official_state_dict(state):  # ConvNeXt V2's own code's (FCMAE's sparse encoder included): timm's names
+            state = from_official_state_dict(state)
     return state, target
 
 

@@ -1640,10 +1640,6 @@ def test_a_convnextv2_fcmae_encoder_without_timms_head_norm_loads(tmp_path):
     enc, info = load_encoder(tmp_path / "fcmae.pth", "convnextv2_atto")
     assert info["encoder"] == "convnextv2_atto"
     assert all(torch.equal(v, exported[k]) for k, v in enc.state_dict().items())
-    own = {"downsample_layers.0.0.weight": exported["stem.0.weight"], "stages.0.0.dwconv.weight": torch.ones(1)}
-    torch.save(own, tmp_path / "convnextv2_code.pth")  # ConvNeXt V2's own keys: the way to timm's names said
-    with pytest.raises(ValueError, match="ConvNeXt V2's own keys.*checkpoint_filter_fn"):
-        load_encoder(tmp_path / "convnextv2_code.pth", "convnextv2_atto")
     torch.save({k: v for k, v in exported.items() if k != "stem.0.bias"}, tmp_path / "cut.pth")
     with pytest.raises(ValueError, match="do not fit encoder 'convnextv2_atto'.*stem.0.bias"):  # the rest: strict
         load_encoder(tmp_path / "cut.pth", "convnextv2_atto")
@@ -1720,3 +1716,78 @@ def test_finetune_notes_an_effective_batch_other_than_the_recipes(capsys):
     assert note(64, 16) == note(32, 32, "convnextv2_atto") == ""
     assert "the recipe's is 512: --accum-iter 8 gives it" in note(64, 1, model="data2vec2_vit_base_patch16")
     assert note(48, 1).endswith("the recipe's is 1024\n")  # (no whole --accum-iter gives it)
+
+
+def _official_names(state: dict, sparse: bool) -> dict:
+    """fastmim's (timm's) ConvNeXt V2 keys as ConvNeXt V2's own code names them, written out here from its models:
+    the dense model (downsample_layers, stages.i.j, dwconv, pwconv, grn gamma/beta [1, 1, 1, C], norm, head), or with
+    ``sparse`` FCMAE's encoder, whose MinkowskiEngine modules keep kernels [K*K, in, out] / [K*K, C] (offsets
+    column-major: ``utils.remap_checkpoint_keys`` swaps the last two axes), (1, C) biases, ``.ln.`` / ``.linear.``
+    wrappers and GRN parameters (1, C)."""
+    import re
+
+    def kernel(w):  # the inverse of remap_checkpoint_keys's reshape
+        k = w.shape[-1]
+        if w.shape[1] == 1 and "conv_dw" in name:
+            return w.transpose(3, 2).reshape(w.shape[0], k * k).permute(1, 0)
+        return w.transpose(3, 2).reshape(w.shape[0], w.shape[1], k * k).permute(2, 1, 0)
+
+    out = {}
+    for name, v in state.items():
+        pre = "encoder." if name.startswith("encoder.") else ""
+        key = name.removeprefix(pre)
+        key = re.sub(r"^stem\.", "downsample_layers.0.", key)
+        key = re.sub(r"^stages\.(\d+)\.downsample\.", r"downsample_layers.\1.", key)
+        key = re.sub(r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2.", key)
+        key = key.replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv").replace("mlp.grn.weight", "grn.gamma")
+        key = key.replace("mlp.grn.bias", "grn.beta").replace("head.norm.", "norm.").replace("head.fc.", "head.")
+        if "pwconv" in key and key.endswith("weight"):
+            v = v.reshape(v.shape[0], v.shape[1])  # nn.Linear (timm's 1x1 conv for atto)
+        sparse_here = sparse and pre and not key.startswith("downsample_layers.0.")  # (the stem stays dense)
+        if "grn" in key:
+            v = v.reshape(1, -1) if sparse_here else v.reshape(1, 1, 1, -1)
+        if sparse_here:
+            layer = key.split(".")
+            if key.startswith("downsample_layers.") and layer[2] == "0" or ".norm." in key:
+                key = key.rsplit(".", 1)[0] + ".ln." + layer[-1]  # MinkowskiLayerNorm wraps nn.LayerNorm
+            elif "pwconv" in key:
+                key = key.rsplit(".", 1)[0] + ".linear." + layer[-1]  # MinkowskiLinear wraps nn.Linear
+            elif (key.startswith("downsample_layers.") or "dwconv" in key) and layer[-1] == "weight":
+                key, v = key[: -len("weight")] + "kernel", kernel(v)
+            elif (key.startswith("downsample_layers.") or "dwconv" in key) and layer[-1] == "bias":
+                v = v.reshape(1, -1)
+        out[pre + key] = v
+    return out
+
+
+@pytest.mark.parametrize("size", ["atto", "tiny"])
+def test_convnextv2_own_code_checkpoints_load_in_fastmims_names(tmp_path, size):
+    """ConvNeXt V2's own checkpoints were refused with a hint to timm's filter: a fine-tuned model's (dense,
+    classifier and final norm included) and an FCMAE pretraining's (the sparse encoder's MinkowskiEngine layouts beside
+    the decoder) now load, the encoder in python -m fastmim.eval and the whole FCMAE model with --init-weights.
+    Both sizes: atto's pointwise layers are 1x1 convolutions in timm's layout, tiny's linear."""
+    from fastmim.train.checkpoint import init_model_weights, read_init_weights
+
+    torch.manual_seed(0)
+    dense = fastmim.create_model(f"convnextv2_{size}", num_classes=5)
+    torch.save({"model": _official_names(dense.state_dict(), sparse=False)}, tmp_path / "finetuned.pth")
+    enc, info = load_encoder(tmp_path / "finetuned.pth", f"convnextv2_{size}")
+    want = {k: v for k, v in dense.state_dict().items() if not k.startswith("head.fc.")}
+    assert enc.state_dict().keys() == want.keys()
+    assert all(torch.equal(v, want[k]) for k, v in enc.state_dict().items())
+
+    fcmae = fastmim.create_model(f"fcmae_convnextv2_{size}", img_size=64)
+    with torch.no_grad():  # (not the initial zeros and ones: a layout mistake must show)
+        for p in fcmae.parameters():
+            p.normal_()
+    official = _official_names(fcmae.state_dict(), sparse=True)
+    assert "encoder.stages.0.0.dwconv.kernel" in official and "decoder.0.grn.gamma" in official
+    torch.save({"model": official, "epoch": 1599}, tmp_path / "fcmae.pt")
+    fresh = fastmim.create_model(f"fcmae_convnextv2_{size}", img_size=64)
+    said = init_model_weights(fresh, read_init_weights(tmp_path / "fcmae.pt"), "fcmae.pt")
+    assert "whole" in said or "model" in said, said
+    for k, v in fcmae.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    enc, _ = load_encoder(tmp_path / "fcmae.pt", f"convnextv2_{size}")
+    exported = fcmae.encoder_state_dict()
+    assert all(torch.equal(v, exported[k]) for k, v in enc.state_dict().items() if not k.startswith("head.norm."))
