@@ -20,6 +20,11 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # the options without torch's import (3 s)
+    from fastmim.config import build_parser
+
+    build_parser().parse_args(sys.argv[1:])  # (prints them and exits, as the full command's parse would)
+
 import numpy as np
 import torch
 

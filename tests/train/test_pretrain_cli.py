@@ -10,7 +10,7 @@ from PIL import Image
 
 from fastmim import pretrain
 from fastmim.train.checkpoint import load_checkpoint
-from tests.conftest import TINY_ARGS, run_cli
+from tests.conftest import ROOT, TINY_ARGS, run_cli
 
 
 def read_metrics(out):
@@ -650,3 +650,19 @@ def test_init_weights_takes_the_encoder_alone_from_a_deeper_decoder_of_the_same_
     shallow = fastmim.create_model("mae_vit_tiny_patch16", decoder_depth=1, **kw)
     said = init_model_weights(deep, shallow.state_dict(), "'shallow'")
     assert "of this model's are not in the file" in said and "other shapes" not in said, said
+
+
+def test_help_is_printed_without_importing_torch():
+    """--help took 3-6 s (torch, torchvision and DALI imported first); the options come from the config's parser
+    alone, so they are printed before those imports: the same text, in a tenth of a second."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "fastmim.pretrain", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0 and "--init-weights" in r.stdout and "usage: python -m fastmim.pretrain" in r.stdout
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "fastmim.config" in imported and "torch" not in imported
+    from fastmim.config import build_parser
+
+    assert r.stdout == build_parser().format_help()
