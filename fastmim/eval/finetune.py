@@ -3,8 +3,8 @@ layer numbering for a ConvNeXt: ``finetune_recipe``), built on timm's parts: the
 of the same shape (drop path, global-pool + fc_norm head), AdamW with layer-wise lr decay (``layer_id``: MAE's
 ``param_groups_lrd``, ConvNeXt V2's ``get_parameter_groups``), RandAugment ``rand-m9-mstd0.5-inc1`` and random
 erasing (``timm.data.create_transform``), mixup 0.8 / cutmix 1.0 with label smoothing 0.1 (``timm.data.Mixup``),
-lr = blr x batch x processes / 256 with a linear warm-up and a half-cosine per iteration. Evaluated on the centre crop
-after every epoch; data-parallel under torchrun; a checkpoint every epoch, resumed exactly."""
+lr = blr x batch x accum_iter x processes / 256 with a linear warm-up and a half-cosine per iteration. Evaluated on
+the centre crop after every epoch; data-parallel under torchrun; a checkpoint every epoch, resumed exactly."""
 
 from __future__ import annotations
 
@@ -283,6 +283,7 @@ def finetune(
                     training_finished()  # stopped: a stop signal while the command tears down changes nothing
                     raise FinetuneStopped(watch.signame, epoch, i + 1, per_epoch, run_dir is not None)
             bar.close()
+            del batches  # (left before its end, with --accum-iter: its workers go before the validation's start)
             mean_loss = float(all_reduce_mean(total / count, dist_info))
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"the fine-tuning loss became {mean_loss} in epoch {epoch + 1}; lower --blr "

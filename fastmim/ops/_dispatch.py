@@ -374,7 +374,8 @@ def check_id_values(op: str, name: str, ids: torch.Tensor, upper: int, distinct:
     """Range (and, if asked, per-row distinctness) of ``ids`` in [lower, upper), where ``ids_checked_here``."""
     if not ids_checked_here(ids):
         return
-    lo, hi = (int(v) for v in torch.aminmax(ids))
+    lo, hi = torch.aminmax(ids)
+    lo, hi = int(lo), int(hi)
     if lo < lower or hi >= upper:
         where = ((ids < lower) | (ids >= upper)).nonzero()[0].tolist()
         raise IndexError(
@@ -594,22 +595,18 @@ def traced_op(op: str, opaque, twin, device: torch.device, dtypes: tuple[torch.d
     return twin if forced_backend() in (None, "triton") else opaque
 
 
-def use_custom_op(op: str) -> bool:
-    """True when a call of public op ``op`` must go through the registered custom op rather than the lower-overhead
-    eager ``autograd.Function``: while torch.compile traces, and while a dispatch mode is active (FlopCounterMode,
-    FakeTensorMode, ...), so that such modes see ``torch.ops.fastmim.*`` and their registered formulas.
-
-    Under a torch.func transform (vmap, grad, jacrev, ...) the call is refused, naming ``op`` and its reference: the
-    kernels read plain tensors' memory (vmap's batched tensors have none) and the ops define no functorch rules, so
-    it failed inside torch with a message about data pointers or ``setup_context``."""
+def use_custom_op() -> bool:
+    """True when a call must go through the registered custom op rather than the lower-overhead eager
+    ``autograd.Function``: while torch.compile traces, and while a dispatch mode is active (FlopCounterMode,
+    FakeTensorMode, ...), so that such modes see ``torch.ops.fastmim.*`` and their registered formulas."""
     if torch.compiler.is_compiling():
         return True
-    if _functorch_active():
-        raise NotImplementedError(f"fastmim.ops.{op} does not support torch.func transforms (vmap, grad, jacrev, "
-                                  f"...); fastmim.ops.{op}_ref, plain PyTorch, does")  # fmt: skip
     return _get_current_dispatch_mode() is not None
 
 
+# torch.func transforms (vmap, grad, jacrev, ...): the public ops run their plain-PyTorch reference under them (the
+# kernels read plain tensors' memory, which vmap's batched tensors have none of, and the ops define no functorch
+# rules: inside torch they failed with messages about data pointers or setup_context)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from fastmim.ops import reference as _reference
 from fastmim.ops._dispatch import (
+    _functorch_active,
     check_float,
     check_shape,
     choose_backend,
@@ -139,6 +141,8 @@ def attention(qkv: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         scale: multiplies the scores; default hd^-0.5.
     Under autocast the input is used as given (a bf16 projection gives bf16 attention with fp32 softmax).
     """
+    if _functorch_active():  # torch.func transforms: the plain-PyTorch reference (kernels read plain tensors)
+        return _reference.attention_ref(qkv, scale)
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
         shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
         raise ValueError(f"{_OP}: qkv must be [B, N, 3, H, hd], got {shape}")
@@ -158,7 +162,7 @@ def attention(qkv: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         )
         raise ValueError(f"{_OP}: scale must be a finite number, got {what}{hint}")
     scale = float(scale)
-    if use_custom_op("attention"):
+    if use_custom_op():
         return _attention_op(qkv, scale)[0]
     if needs_autograd(qkv):
         return _Attention.apply(qkv, scale)[0]

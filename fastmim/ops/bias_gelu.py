@@ -17,7 +17,9 @@ import math
 
 import torch
 
+from fastmim.ops import reference as _reference
 from fastmim.ops._dispatch import (
+    _functorch_active,
     check_device,
     check_float,
     check_shape,
@@ -125,6 +127,8 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     Returns: [..., N] in x's dtype. Gradients flow to x and bias (the bias's in its own dtype, summed in fp32).
     Under autocast the inputs are used as given (no casts).
     """
+    if _functorch_active():  # torch.func transforms: the plain-PyTorch reference (kernels read plain tensors)
+        return _reference.bias_gelu_ref(x, bias)
     for name, t in (("x", x), ("bias", bias)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{_OP}: {name} must be a tensor, got {type(t).__name__}")
@@ -136,7 +140,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{_OP}: bias has shape {tuple(bias.shape)}, expected [N] = [{x.shape[-1]}]")
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
-    if use_custom_op("bias_gelu"):
+    if use_custom_op():
         y = _bias_gelu_op(x2, bias)
     elif needs_autograd(x, bias):
         y = _BiasGelu.apply(x2, bias)

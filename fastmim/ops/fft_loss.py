@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from fastmim.ops import reference as _reference
 from fastmim.ops._dispatch import (
+    _functorch_active,
     check_device,
     check_float,
     check_image_grid,
@@ -181,6 +183,8 @@ def fft_loss(
         patch_size: the mask's token side in pixels (required with a mask; H and W multiples of it).
     Returns: the scalar loss (fp32), with gradients for pred and target.
     """
+    if _functorch_active():  # torch.func transforms: the plain-PyTorch reference (kernels read plain tensors)
+        return _reference.fft_loss_ref(pred, target, mask, patch_size)
     for name, t in (("pred", pred), ("target", target)):
         check_tensor(_OP, name, t)
         if t.dim() != 4:
@@ -204,7 +208,7 @@ def fft_loss(
             raise ValueError(f"{_OP}: mask must be [B, L] = [{b}, {n}], got {getattr(mask, 'shape', mask)}")
         check_device(_OP, "mask", mask, pred.device)
         mask, p = mask.reshape(b, n).float(), patch_size
-    if use_custom_op("fft_loss"):
+    if use_custom_op():
         return _fft_loss_op(pred, target, mask, p)[0]
     if needs_autograd(pred, target):
         return _FftLoss.apply(pred, target, mask, p)[0]

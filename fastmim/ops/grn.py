@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from fastmim.ops import reference as _reference
 from fastmim.ops._dispatch import (
+    _functorch_active,
     check_device,
     check_float,
     check_shape,
@@ -205,8 +207,10 @@ def grn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 
     bias, each in its own dtype; a channel that is zero in a sample gets vector_norm's zero subgradient (finite).
     Under autocast the inputs are used as given (no casts).
     """
+    if _functorch_active():  # torch.func transforms: the plain-PyTorch reference (kernels read plain tensors)
+        return _reference.grn_ref(x, weight, bias, eps)
     _check_inputs(x, weight, bias, eps)
     eps = float(eps)
-    if use_custom_op("grn"):
+    if use_custom_op():
         return _grn_op(x, weight, bias, eps)
     return _Grn.apply(x, weight, bias, eps)

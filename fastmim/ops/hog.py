@@ -22,7 +22,9 @@ import math
 
 import torch
 
+from fastmim.ops import reference as _reference
 from fastmim.ops._dispatch import (
+    _functorch_active,
     check_device,
     check_float,
     check_image_grid,
@@ -159,6 +161,13 @@ def hog_target(
             model; mmpretrain's MaskFeat uses 16); must divide H and W.
     Returns: [B, L, C * nbins * (patch_size / cell_size)^2] fp32, zero rows where the patch is not masked.
     """
+    if _functorch_active():  # torch.func transforms: the plain-PyTorch reference (kernels read plain tensors)
+        if mask is not None:
+            raise NotImplementedError(
+                "fastmim.ops.hog_target with a mask under torch.func transforms: use "
+                "fastmim.ops.hog_target_ref (every patch) and select the masked ones"
+            )
+        return _reference.hog_target_ref(imgs, patch_size, cell_size, nbins, gaussian_window)
     if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4:
         raise ValueError(f"{_OP}: imgs must be [B, C, H, W], got {getattr(imgs, 'shape', type(imgs).__name__)}")
     check_float(_OP, "imgs", imgs)
@@ -183,6 +192,6 @@ def hog_target(
         check_device(_OP, "mask", mask, imgs.device)
         mask = mask.reshape(b, n).to(torch.bool)
     imgs = imgs.detach()
-    if use_custom_op("hog_target"):
+    if use_custom_op():
         return _hog_op(imgs, mask, patch_size, cell_size, nbins, gaussian_window)
     return _fwd(imgs, mask, patch_size, cell_size, nbins, gaussian_window)

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from fastmim.ops import reference as _reference
 from fastmim.ops._dispatch import (
+    _functorch_active,
     check_device,
     check_float,
     check_shape,
@@ -269,13 +271,15 @@ def add_layer_norm(
     Returns: y [..., C] in out_dtype, s [..., C] in the promoted dtype of x and residual. Gradients flow to x,
     residual, weight and bias (each in its own dtype) from both outputs. Under autocast the inputs are used as given.
     """
+    if _functorch_active():  # torch.func transforms: the plain-PyTorch reference (kernels read plain tensors)
+        return _reference.add_layer_norm_ref(x, residual, weight, bias, eps, out_dtype)
     _check_inputs(x, residual, weight, bias, eps)
     _check_out_dtype(_OP, out_dtype)
     shape, c = x.shape, x.shape[-1]
     out_dtype = out_dtype or default_norm_dtype(x, residual)
     x2, r2 = x.reshape(-1, c).contiguous(), residual.reshape(-1, c).contiguous()
     eps = float(eps)
-    if use_custom_op("add_layer_norm"):
+    if use_custom_op():
         y, s, _, _ = _add_ln_op(x2, r2, weight, bias, eps, out_dtype)
     elif needs_autograd(x, residual, weight, bias):
         y, s, _, _ = _AddLayerNorm.apply(x2, r2, weight, bias, eps, out_dtype)
@@ -299,6 +303,8 @@ def layer_norm(
         out_dtype: the output's dtype; default the autocast dtype when autocast is on for x's device, else x's dtype.
     Returns: [..., C] in out_dtype. Gradients flow to x, weight and bias (each in its own dtype).
     """
+    if _functorch_active():  # torch.func transforms: the plain-PyTorch reference (kernels read plain tensors)
+        return _reference.layer_norm_ref(x, weight, bias, eps, out_dtype)
     op = "layer_norm"
     _check_inputs(x, None, weight, bias, eps, op)
     _check_out_dtype(op, out_dtype)
@@ -306,7 +312,7 @@ def layer_norm(
     out_dtype = out_dtype or default_norm_dtype(x, x)
     x2 = x.reshape(-1, c).contiguous()
     eps = float(eps)
-    if use_custom_op("layer_norm"):
+    if use_custom_op():
         y = _add_ln_op(x2, None, weight, bias, eps, out_dtype)[0]
     elif needs_autograd(x, weight, bias):
         y = _AddLayerNorm.apply(x2, None, weight, bias, eps, out_dtype)[0]

@@ -30,7 +30,9 @@ import math
 
 import torch
 
+from fastmim.ops import reference as _reference
 from fastmim.ops._dispatch import (
+    _functorch_active,
     check_float,
     check_shape,
     choose_backend,
@@ -145,6 +147,8 @@ def low_pass_target(
         mean, std: the per-channel normalisation the images carry (ImageNet's by default); std > 0.
     Returns: [B, C, H, W] fp32 (float64 for float64 images), normalised like the input; no gradient.
     """
+    if _functorch_active():  # torch.func transforms: the plain-PyTorch reference (kernels read plain tensors)
+        return _reference.low_pass_target_ref(imgs, radius, mean, std)
     if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4:
         raise ValueError(f"{_OP}: imgs must be [B, C, H, W], got {getattr(imgs, 'shape', type(imgs).__name__)}")
     check_float(_OP, "imgs", imgs)
@@ -155,6 +159,6 @@ def low_pass_target(
     if any(s <= 0 for s in std):
         raise ValueError(f"{_OP}: std must be > 0 (a normalisation's scale), got {std}")
     imgs = imgs.detach()
-    if use_custom_op("low_pass_target"):
+    if use_custom_op():
         return _low_pass_op(imgs, float(radius), mean, std)
     return _fwd(imgs, float(radius), mean, std)

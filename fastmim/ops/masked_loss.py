@@ -14,7 +14,9 @@ import numbers
 import torch
 
 from fastmim.ops import _cpu, _cuda
+from fastmim.ops import reference as _reference
 from fastmim.ops._dispatch import (
+    _functorch_active,
     check_device,
     check_float,
     check_image_grid,
@@ -258,7 +260,7 @@ if _masked_loss_twin is not None:
 
 
 def _call(*args) -> torch.Tensor:
-    if use_custom_op("masked_mse_loss"):
+    if use_custom_op():
         pred = args[0]
         twin = _masked_loss_twin if pred.shape[-1] <= TRITON_MAX_PATCH else None
         return traced_op("masked_mse_loss", _masked_loss_op, twin, pred.device, (pred.dtype, args[1].dtype))(*args)[0]
@@ -333,6 +335,8 @@ def masked_mse_loss(
         p: 2 for squared error, 1 for absolute error.
     Returns: 0-d fp32 loss (float64 for a float64 ``pred``); the gradient flows to ``pred`` only.
     """
+    if _functorch_active():  # torch.func transforms: the plain-PyTorch reference (kernels read plain tensors)
+        return _reference.masked_mse_loss_ref(pred, imgs, mask, patch_size, norm_pix, eps, p)
     op = "masked_mse_loss"
     check_tensors(op, pred=pred, imgs=imgs, mask=mask)
     if imgs.dim() != 4:
@@ -365,6 +369,8 @@ def masked_mse_loss_patchified(
         target: [B, L, D] targets (any strides).
         mask, norm_pix, eps, p: as ``masked_mse_loss``.
     """
+    if _functorch_active():  # torch.func transforms: the plain-PyTorch reference (kernels read plain tensors)
+        return _reference.masked_mse_loss_patchified_ref(pred, target, mask, norm_pix, eps, p)
     op = "masked_mse_loss_patchified"
     check_tensors(op, pred=pred, target=target, mask=mask)
     if tuple(target.shape) != tuple(pred.shape):

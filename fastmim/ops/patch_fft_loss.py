@@ -28,7 +28,9 @@ import math
 
 import torch
 
+from fastmim.ops import reference as _reference
 from fastmim.ops._dispatch import (
+    _functorch_active,
     check_device,
     check_float,
     check_image_grid,
@@ -233,6 +235,8 @@ def patch_fft_loss(
         log_weights: weights ``log(1 + |dF|^alpha)`` (the official ``log_matrix``) instead of ``|dF|^alpha``.
     Returns: the 0-d fp32 loss ``sum(mask * patch_loss) / sum(mask)``; the gradient flows to ``pred`` only.
     """
+    if _functorch_active():  # torch.func transforms: the plain-PyTorch reference (kernels read plain tensors)
+        return _reference.patch_fft_loss_ref(pred, imgs, mask, patch_size, alpha, log_weights)
     if not isinstance(pred, torch.Tensor) or pred.dim() != 3:
         raise ValueError(f"{_OP}: pred must be [B, L, D] patches, got {getattr(pred, 'shape', type(pred).__name__)}")
     if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4:
@@ -264,7 +268,7 @@ def patch_fft_loss(
     if mask.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(mask.sum() > 0):
         raise ValueError(f"{_OP}: mask has no masked patch: the masked loss is undefined")
     args = (pred, imgs, mask, patch_size, float(alpha), bool(log_weights))
-    if use_custom_op("patch_fft_loss"):
+    if use_custom_op():
         return _pfft_op(*args)[0]
     if needs_autograd(pred):
         return _PatchFftLoss.apply(*args)[0]

@@ -12,7 +12,9 @@ import operator
 import torch
 
 from fastmim.ops import _cpu, _cuda
+from fastmim.ops import reference as _reference
 from fastmim.ops._dispatch import (
+    _functorch_active,
     check_image_grid,
     check_patch_size,
     check_shape,
@@ -177,8 +179,10 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
         imgs: [B, C, H, W]; H and W divisible by ``patch_size``.
         patch_size: patch side p.
     """
+    if _functorch_active():  # torch.func transforms: the plain-PyTorch reference (kernels read plain tensors)
+        return _reference.patchify_ref(imgs, patch_size)
     _patchify_check(imgs, patch_size)
-    if use_custom_op("patchify"):
+    if use_custom_op():
         return traced_op("patchify", _patchify_op, _patchify_twin, imgs.device, (imgs.dtype,))(imgs, patch_size)
     return _Patchify.apply(imgs, patch_size) if needs_autograd(imgs) else _patchify_impl(imgs, patch_size)
 
@@ -192,6 +196,8 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid: int | tuple[int, int], ch
         grid: (gh, gw) patches per column and row, gh * gw = L; one int for a square grid.
         channels: C.
     """
+    if _functorch_active():  # torch.func transforms: the plain-PyTorch reference (kernels read plain tensors)
+        return _reference.unpatchify_ref(x, patch_size, grid, channels)
     check_tensor("unpatchify", "x", x)
     check_patch_size("unpatchify", patch_size)
     if isinstance(grid, (int, torch.SymInt)) and not isinstance(grid, bool):
@@ -208,7 +214,7 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid: int | tuple[int, int], ch
             f"unpatchify: x has shape {tuple(x.shape)}, expected [B, {gh * gw}, {patch_size * patch_size * channels}] "
             f"for grid {gh}x{gw}, patch {patch_size}, {channels} channels"
         )
-    if use_custom_op("unpatchify"):
+    if use_custom_op():
         return traced_op("patchify", _unpatchify_op, _unpatchify_twin, x.device, (x.dtype,))(
             x, patch_size, gh, gw, channels
         )

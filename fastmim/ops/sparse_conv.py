@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from fastmim.ops import _cpu
+from fastmim.ops import reference as _reference
 from fastmim.ops._dispatch import (
+    _functorch_active,
     check_device,
     check_float,
     check_id_values,
@@ -167,6 +169,8 @@ def _raw_check(x: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor, bias: t
 def _raw_bwd_check(grad, x, nbr, weight, need_x, need_w, need_b) -> None:
     _raw_check(x, nbr, weight)
     check_shape(_OP, "grad", grad, tuple(x.shape))
+    if need_x:  # the registered op (torch.compile's graphs, a direct call), where the public function's check was
+        _check_symmetric(nbr)  # traced away or never ran; the eager backward runs _bwd itself, after that check
 
 
 _sparse_dwconv_op = torch.library.custom_op("fastmim::sparse_dwconv", checked(_fwd, _raw_check), mutates_args=())
@@ -205,8 +209,6 @@ def _bwd(
     for float64 x or weight: ``_grad_dtype``; [0] if not needed). Relies on the table's symmetry for grad_x."""
     m, c = x.shape
     check_id_values(_OP, "nbr", nbr, m, distinct=False, lower=-1)  # (as the forward: every backend, on CPU tensors)
-    if need_x:  # here too: under torch.compile the public function's check is traced away, this body is not
-        _check_symmetric(nbr)
     backend = choose_backend(_OP, x.device, (grad.dtype, x.dtype, weight.dtype))
     gx = x.new_empty((0, c))
     acc = _grad_dtype(x, weight)  # (fp32 for the kernels: they never take float64)
@@ -352,10 +354,12 @@ def sparse_dwconv(
     Ids are range-checked on CPU tensors; on CUDA that would cost a host sync per call, so there the kernels are
     memory-safe instead: an id outside [-1, M) gives a NaN output row.
     """
+    if _functorch_active():  # torch.func transforms: the plain-PyTorch reference (kernels read plain tensors)
+        return _reference.sparse_dwconv_ref(x, nbr, weight, bias)
     _check_inputs(x, nbr, weight, bias)
     if x.requires_grad and torch.is_grad_enabled():  # x's gradient runs the flipped table: it must be symmetric
         _check_symmetric(nbr)
-    if use_custom_op("sparse_dwconv"):
+    if use_custom_op():
         return _sparse_dwconv_op(x, nbr, weight, bias)
     return _SparseDWConv.apply(x, nbr, weight, bias)
 

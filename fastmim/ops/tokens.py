@@ -11,7 +11,9 @@ import functools
 import torch
 
 from fastmim.ops import _cpu, _cuda
+from fastmim.ops import reference as _reference
 from fastmim.ops._dispatch import (
+    _functorch_active,
     check_device,
     check_float,
     check_id_values,
@@ -168,6 +170,8 @@ def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     the kernel is memory-safe instead: an out-of-range id gives a NaN row, while a repeated id goes undetected (the
     row is copied twice and the backward keeps one of its gradients; ``FASTMIM_CHECK_IDS=1`` checks it there).
     """
+    if _functorch_active():  # torch.func transforms: the plain-PyTorch reference (kernels read plain tensors)
+        return _reference.gather_visible_ref(x, ids_keep)
     op = "gather_visible"
     check_tensors(op, x=x, ids_keep=ids_keep)
     if x.dim() != 3:
@@ -178,7 +182,7 @@ def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     check_ids(op, "ids_keep", ids_keep, (x.shape[0], None), x.device)
     if ids_keep.shape[1] > x.shape[1]:
         raise ValueError(f"{op}: ids_keep keeps {ids_keep.shape[1]} tokens of {x.shape[1]}; ids must be distinct")
-    if use_custom_op("gather_visible"):
+    if use_custom_op():
         return traced_op("gather_visible", _gather_visible_op, _gather_visible_twin, x.device, (x.dtype,))(x, ids_keep)
     return _GatherVisible.apply(x, ids_keep) if needs_autograd(x) else _gather_fwd(x, ids_keep)
 
@@ -424,6 +428,8 @@ def scatter_masked(
         cls_token: optional [B, 1, D] (MAE: the encoder's class token after the decoder embedding) or [1, 1, D].
     Returns: [B, N(+1), D]. Gradients flow to x_vis, mask_token, cls_token and (when it requires grad) pos_embed.
     """
+    if _functorch_active():  # torch.func transforms: the plain-PyTorch reference (kernels read plain tensors)
+        return _reference.scatter_masked_ref(x_vis, ids_restore, mask_token, pos_embed, cls_token)
     op = "scatter_masked"
     check_tensors(op, x_vis=x_vis, ids_restore=ids_restore, mask_token=mask_token)
     if x_vis.dim() != 3:
@@ -470,7 +476,7 @@ def scatter_masked(
         if cls_token.dim() != 2:
             cls_token = cls_token.reshape(-1, d)
     args = (x_vis, ids_restore, mask_token if mask_token.dim() == 1 else mask_token.reshape(d), pos_embed, cls_token)
-    if use_custom_op("scatter_masked"):
+    if use_custom_op():
         dtypes = tuple(t.dtype for t in args if t is not None and t.is_floating_point())
         return traced_op("scatter_masked", _scatter_masked_op, _scatter_masked_twin, device, dtypes)(*args)
     return (

@@ -1108,7 +1108,7 @@ def test_linprobe_gathers_its_batch_from_feature_passes(monkeypatch):
     whole = probe(4)
     assert len(steps) == 4 and rows == [4, 4] * 2
     assert out["history"][-1]["loss"] == pytest.approx(whole["history"][-1]["loss"], rel=1e-5)
-    assert probe(64)["lr"] == 5.0 * 4 / 256  # (chunks never larger than the probe's batch)
+    assert probe(64)["lr"] == 5.0 * 4 / 256 and rows == [4, 4] * 2  # (chunks never larger than the probe's batch)
     small = linprobe.train_linear_probe(encoder, train_set, *val, 2, torch.device("cpu"), epochs=1, batch_size=16384,
                                         blr=0.1)  # fmt: skip
     assert small["lr"] == 0.1 * 10 / 256  # fewer images than a batch: one step of all 10, its lr from 10

@@ -240,32 +240,36 @@ def test_an_argument_that_is_not_a_tensor_is_named(case):
 
 
 @pytest.mark.parametrize("transform", ["vmap", "grad"])
-@pytest.mark.parametrize("op", ["gather_visible", "masked_mse_loss", "patchify"])
-def test_torch_func_transforms_are_refused_naming_the_reference(transform, op):
-    """Under vmap the kernels read a batched tensor's (missing) memory: 'Cannot access data pointer of Tensor that
-    doesn't have storage'; under grad torch asked for a setup_context the user never wrote. Each names the op and the
-    reference that works, which then gives the transform's answer."""
+@pytest.mark.parametrize("op", ["gather_visible", "masked_mse_loss", "masked_mse_loss_patchified", "patchify",
+                                "layer_norm", "attention", "sparse_dwconv"])  # fmt: skip
+def test_torch_func_transforms_run_the_reference(transform, op):
+    """Under vmap the kernels read a batched tensor's (missing) memory ('Cannot access data pointer of Tensor that
+    doesn't have storage'); under grad torch asked for a setup_context the user never wrote; some ops happened to
+    work. Under any torch.func transform every op now runs its plain-PyTorch reference: the transform's answer, the
+    reference's values."""
     ids = torch.tensor([[0, 1], [2, 3]])
+    nbr = ops.SparseLayout.from_mask(torch.ones(1, 3, 3, dtype=torch.bool)).neighbors(3)
+    w, imgs, mask = torch.randn(4, 1, 3, 3), torch.randn(2, 3, 8, 8), torch.ones(2, 4)
     calls = {
         "gather_visible": (lambda x: ops.gather_visible(x, ids), lambda x: ops.gather_visible_ref(x, ids), (2, 5, 3)),
-        "masked_mse_loss": (
-            lambda p: ops.masked_mse_loss(p, torch.ones(2, 3, 8, 8), torch.ones(2, 4), 4),
-            lambda p: ops.masked_mse_loss_ref(p, torch.ones(2, 3, 8, 8), torch.ones(2, 4), 4),
-            (2, 4, 48),
-        ),
+        "masked_mse_loss": (lambda p: ops.masked_mse_loss(p, imgs, mask, 4),
+                            lambda p: ops.masked_mse_loss_ref(p, imgs, mask, 4), (2, 4, 48)),
+        "masked_mse_loss_patchified": (lambda p: ops.masked_mse_loss_patchified(p, ops.patchify(imgs, 4), mask),
+                                       lambda p: ops.masked_mse_loss_patchified_ref(p, ops.patchify(imgs, 4), mask),
+                                       (2, 4, 48)),
         "patchify": (lambda im: ops.patchify(im, 4), lambda im: ops.patchify_ref(im, 4), (2, 3, 8, 8)),
-    }
+        "layer_norm": (lambda x: ops.layer_norm(x, torch.ones(6), torch.zeros(6)),
+                       lambda x: ops.layer_norm_ref(x, torch.ones(6), torch.zeros(6)), (2, 5, 6)),
+        "attention": (lambda q: ops.attention(q), lambda q: ops.attention_ref(q), (2, 5, 3, 2, 4)),
+        "sparse_dwconv": (lambda x: ops.sparse_dwconv(x, nbr, w), lambda x: ops.sparse_dwconv_ref(x, nbr, w), (9, 4)),
+    }  # fmt: skip
     fused, ref, shape = calls[op]
     if transform == "vmap":
         x = torch.randn(3, *shape)
-        wrap = torch.func.vmap
+        got = torch.func.vmap(fused)(x)
+        torch.testing.assert_close(got, torch.stack([ref(xi) for xi in x]))
     else:
         x = torch.randn(*shape)
-        wrap = lambda f: torch.func.grad(lambda t: f(t).sum())  # noqa: E731
-    with pytest.raises(NotImplementedError, match=rf"fastmim.ops.{op} does not support torch.func transforms .* "
-                                                  rf"fastmim.ops.{op}_ref, plain PyTorch, does"):  # fmt: skip
-        wrap(fused)(x)
-    if transform == "vmap":
-        torch.testing.assert_close(wrap(ref)(x), torch.stack([ref(xi) for xi in x]))
-    else:
-        assert wrap(ref)(x).shape == x.shape
+        got = torch.func.grad(lambda t: fused(t).square().sum())(x)
+        want = torch.autograd.grad(ref(x.requires_grad_()).square().sum(), x)[0]
+        torch.testing.assert_close(got, want)
