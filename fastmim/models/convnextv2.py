@@ -239,7 +239,7 @@ def _official_kernel(v: torch.Tensor) -> torch.Tensor:
 def is_official_state_dict(state: dict) -> bool:
     """Whether ``state`` has the keys of ConvNeXt V2's own code (facebookresearch/ConvNeXt-V2: ``downsample_layers``,
     ``stages.i.j``), the whole model's or an FCMAE checkpoint's (under ``encoder.``)."""
-    return any(k.removeprefix("encoder.").startswith("downsample_layers.0.0.") for k in state)
+    return any(isinstance(k, str) and k.removeprefix("encoder.").startswith("downsample_layers.0.0.") for k in state)
 
 
 def from_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

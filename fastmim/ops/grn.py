@@ -207,9 +207,9 @@ def grn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 
     bias, each in its own dtype; a channel that is zero in a sample gets vector_norm's zero subgradient (finite).
     Under autocast the inputs are used as given (no casts).
     """
+    _check_inputs(x, weight, bias, eps)  # (shapes first: the reference would normalise a [N, C] x over C)
     if _functorch_active():  # torch.func transforms: the plain-PyTorch reference (kernels read plain tensors)
         return _reference.grn_ref(x, weight, bias, eps)
-    _check_inputs(x, weight, bias, eps)
     eps = float(eps)
     if use_custom_op():
         return _grn_op(x, weight, bias, eps)

@@ -167,7 +167,7 @@ def hog_target(
                 "fastmim.ops.hog_target with a mask under torch.func transforms: use "
                 "fastmim.ops.hog_target_ref (every patch) and select the masked ones"
             )
-        return _reference.hog_target_ref(imgs, patch_size, cell_size, nbins, gaussian_window)
+        return _reference.hog_target_ref(imgs.detach(), patch_size, cell_size, nbins, gaussian_window)  # (a target)
     if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4:
         raise ValueError(f"{_OP}: imgs must be [B, C, H, W], got {getattr(imgs, 'shape', type(imgs).__name__)}")
     check_float(_OP, "imgs", imgs)

@@ -148,7 +148,7 @@ def low_pass_target(
     Returns: [B, C, H, W] fp32 (float64 for float64 images), normalised like the input; no gradient.
     """
     if _functorch_active():  # torch.func transforms: the plain-PyTorch reference (kernels read plain tensors)
-        return _reference.low_pass_target_ref(imgs, radius, mean, std)
+        return _reference.low_pass_target_ref(imgs.detach(), radius, mean, std)
     if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4:
         raise ValueError(f"{_OP}: imgs must be [B, C, H, W], got {getattr(imgs, 'shape', type(imgs).__name__)}")
     check_float(_OP, "imgs", imgs)

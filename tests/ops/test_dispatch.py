@@ -241,7 +241,7 @@ def test_an_argument_that_is_not_a_tensor_is_named(case):
 
 @pytest.mark.parametrize("transform", ["vmap", "grad"])
 @pytest.mark.parametrize("op", ["gather_visible", "masked_mse_loss", "masked_mse_loss_patchified", "patchify",
-                                "layer_norm", "attention", "sparse_dwconv"])  # fmt: skip
+                                "layer_norm", "attention", "sparse_dwconv", "grn"])  # fmt: skip
 def test_torch_func_transforms_run_the_reference(transform, op):
     """Under vmap the kernels read a batched tensor's (missing) memory ('Cannot access data pointer of Tensor that
     doesn't have storage'); under grad torch asked for a setup_context the user never wrote; some ops happened to
@@ -262,6 +262,8 @@ def test_torch_func_transforms_run_the_reference(transform, op):
                        lambda x: ops.layer_norm_ref(x, torch.ones(6), torch.zeros(6)), (2, 5, 6)),
         "attention": (lambda q: ops.attention(q), lambda q: ops.attention_ref(q), (2, 5, 3, 2, 4)),
         "sparse_dwconv": (lambda x: ops.sparse_dwconv(x, nbr, w), lambda x: ops.sparse_dwconv_ref(x, nbr, w), (9, 4)),
+        "grn": (lambda x: ops.grn(x, torch.ones(6), torch.zeros(6)),
+                lambda x: ops.grn_ref(x, torch.ones(6), torch.zeros(6)), (2, 5, 6)),
     }  # fmt: skip
     fused, ref, shape = calls[op]
     if transform == "vmap":
@@ -273,3 +275,14 @@ def test_torch_func_transforms_run_the_reference(transform, op):
         got = torch.func.grad(lambda t: fused(t).square().sum())(x)
         want = torch.autograd.grad(ref(x.requires_grad_()).square().sum(), x)[0]
         torch.testing.assert_close(got, want)
+
+
+def test_under_torch_func_the_ops_keep_their_shape_checks_and_targets_stay_constants():
+    """The reference runs after the op's shape checks: grn's on one sample [N, C] (a vmap over the batch) would have
+    normalised over C, silently; the targets take no gradient under torch.func.grad either, as in eager."""
+    x = torch.randn(2, 6, 4)
+    with pytest.raises(ValueError, match=r"x must be \[B, N, C\]"):
+        torch.func.vmap(lambda t: ops.grn(t, torch.ones(4), torch.zeros(4)))(x)
+    imgs = torch.randn(2, 3, 16, 16)
+    for target in (lambda t: ops.low_pass_target(t, 4.0), lambda t: ops.hog_target(t, patch_size=8)):
+        assert torch.func.grad(lambda t, f=target: f(t).square().sum())(imgs).abs().max() == 0

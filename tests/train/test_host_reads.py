@@ -1,9 +1,11 @@
-"""What a training step reads back to the host. On a GPU each read of a tensor's value (``.item()``, ``bool(t)``,
-``int(t)``, ``.tolist()``: aten's ``_local_scalar_dense``; ``nonzero``, behind boolean indexing and
-``masked_select``; a copy to the CPU) waits for the GPU to drain, and breaks a captured CUDA graph. On this CPU a
-dispatch mode sees every such aten call inside the step, each named by the fastmim function that made it, and they
-must be among the checks that run on CPU tensors only (named here with their guard): a new read in the step fails
-this test until it is made device-side or guarded the same way."""
+"""What a training step reads back to the host. On a GPU each read of a tensor's value waits for the GPU to drain,
+and breaks a captured CUDA graph: ``.item()``, ``bool(t)``, ``int(t)`` (aten's ``_local_scalar_dense``), the ops
+whose output size depends on values (``nonzero``, behind boolean indexing and ``masked_select``; ``unique``,
+``bincount``, ``repeat_interleave`` without ``output_size``, ``equal``), and ``.tolist()``, ``.cpu()`` or ``.numpy()``
+(which dispatch no aten op on a CPU tensor: counted as the Tensor methods). On this CPU every such
+call inside the step is counted, each by the fastmim function that made it, and must be among the checks that run on
+CPU tensors only (named here with their guard): a new read in the step fails this test until it is made
+device-side or guarded the same way."""
 
 from __future__ import annotations
 
@@ -21,7 +23,20 @@ from fastmim.train import step as step_module
 from tests.conftest import TINY_ARGS, tiny_args_for
 
 PACKAGE = os.path.dirname(os.path.dirname(step_module.__file__))
-READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "nonzero_static"}
+READS = {
+    "_local_scalar_dense",
+    "nonzero",
+    "masked_select",
+    "unique",
+    "_unique2",
+    "unique_consecutive",
+    "unique_dim",
+    "bincount",
+    "repeat_interleave",
+    "equal",
+}  # fmt: skip (nonzero_static, sync-free, is not one)
+METHODS = ("tolist", "cpu", "numpy")  # host copies that dispatch nothing on CPU tensors (a .to(device) cannot be told
+# from one here: on this CPU every device is the host)
 
 # (file, function) -> why it reads nothing on a GPU
 CPU_ONLY = {
@@ -37,7 +52,7 @@ CPU_ONLY = {
 
 
 class _Reads(TorchDispatchMode):
-    """Records the host-reading aten calls (and copies to the CPU of tensors elsewhere) by their fastmim caller."""
+    """Records the host-reading aten calls by their fastmim caller."""
 
     def __init__(self, reads: collections.Counter):
         super().__init__()
@@ -49,25 +64,48 @@ class _Reads(TorchDispatchMode):
             isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else ())
         ):  # fmt: skip (a boolean index: its nonzero runs inside the kernel, below this mode)
             name = f"{name} (boolean)"
+        if name == "repeat_interleave" and (kwargs or {}).get("output_size") is not None:
+            name = ""  # (its size given: no read)
         if name in READS or name.endswith("(boolean)"):
-            for frame in reversed(traceback.extract_stack()[:-1]):
-                if frame.filename.startswith(PACKAGE):
-                    self.reads[(name, os.path.relpath(frame.filename, PACKAGE), frame.name)] += 1
-                    break
+            _record(self.reads, name)
         return func(*args, **(kwargs or {}))
+
+
+def _record(reads: collections.Counter, name: str) -> None:
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if frame.filename.startswith(PACKAGE):
+            reads[(name, os.path.relpath(frame.filename, PACKAGE), frame.name)] += 1
+            return
 
 
 @pytest.fixture
 def step_reads(monkeypatch):
     """A Counter of (aten read, file, function) made inside TrainStep calls, by the innermost fastmim frame. The ops
     keep their eager path (a dispatch mode would otherwise send them through their custom ops)."""
-    reads = collections.Counter()
+    reads, inside = collections.Counter(), [False]
     monkeypatch.setattr(_dispatch, "_get_current_dispatch_mode", lambda: None)
     real_call = step_module.TrainStep.__call__
 
+    def counted(name):
+        real = getattr(torch.Tensor, name)
+
+        def method(self, *args, **kwargs):
+            if inside[0]:
+                _record(reads, name)
+            return real(self, *args, **kwargs)
+
+        return method
+
+    for name in METHODS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+
     def call(self, *args, **kwargs):
-        with _Reads(reads):
-            return real_call(self, *args, **kwargs)
+        inside[0] = True
+        try:
+            with _Reads(reads):
+                return real_call(self, *args, **kwargs)
+        finally:
+            inside[0] = False
 
     monkeypatch.setattr(step_module.TrainStep, "__call__", call)
     return reads
