@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastmim-installed
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 # make test: one pytest-xdist worker per core, each on one thread (OMP_NUM_THREADS=1 unless set); TEST_WORKERS=0: the
-# suite in one process; the 15 slowest tests are named at the end (the suite's time is watched: ~14 min on 2 cores)
+# suite in one process; the 15 slowest tests are named at the end (the suite's time is watched: ~10-12 min on 2 cores)
 TEST_WORKERS ?= auto
 
 .PHONY: install pretrain test test-gpu lint clean
