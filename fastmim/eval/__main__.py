@@ -394,9 +394,19 @@ def run(args) -> dict:
                                  warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, blr=args.blr,
                                  pool=args.pool, workers=args.workers, seed=args.seed,
                                  feature_batch=args.feature_batch, **feats)  # fmt: skip
-        result.update(top1=out["top1"], top5=out["top5"], epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-                      blr=args.blr, lr=out["lr"], min_lr=out["min_lr"], augment=not args.no_augment,
-                      final_loss=round(out["history"][-1]["loss"], 5))  # fmt: skip
+        result.update(
+            top1=out["top1"],
+            top5=out["top5"],
+            epochs=args.epochs,
+            warmup_epochs=args.warmup_epochs,
+            blr=args.blr,
+            lr=out["lr"],
+            min_lr=out["min_lr"],
+            augment=not args.no_augment,
+            probe_batch=out["batch"],
+            steps_per_epoch=out["steps_per_epoch"],
+            final_loss=round(out["history"][-1]["loss"], 5),
+        )
         cached = ", cached features" if args.no_augment else ""
         what = f"linear probe ({args.epochs} epoch{'' if args.epochs == 1 else 's'}{cached})"
     result["seconds"] = round(time.perf_counter() - t0, 2)

@@ -273,9 +273,8 @@ def finetune(
                 bar.update()
                 if not bar.disable and (i + 1) % 20 == 0:  # (the loss: one host read every 20 steps)
                     bar.set_postfix(loss=f"{float(total) / count:.4f}", refresh=False)
-                if (
-                    stepping and i + 1 < per_epoch and watch.requested()
-                ):  # (every rank asks at every step: a collective)
+                # (every rank asks at every optimizer step's end: a collective)
+                if stepping and i + 1 < per_epoch and watch.requested():
                     bar.close()
                     if run_dir is not None:
                         part = {"total": float(total), "count": count, "seconds": spent + time.perf_counter() - t0}

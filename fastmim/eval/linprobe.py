@@ -119,4 +119,4 @@ def train_linear_probe(
         logits = head(val_feats.to(device).float()).cpu()
     acc = _topk_accuracy(logits, val_labels, num_classes)
     history[-1].update(acc)
-    return {**acc, "lr": lr, "min_lr": MIN_LR, "history": history}
+    return {**acc, "lr": lr, "min_lr": MIN_LR, "batch": used, "steps_per_epoch": per_epoch, "history": history}

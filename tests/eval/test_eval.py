@@ -317,6 +317,7 @@ def test_cli_knn_and_linprobe_write_json_and_reuse_features(tmp_path, capsys, mo
     assert first["pool"] == "cls" and first["pool_arg"] == "auto" and first["seed"] == 0 and first["batch_size"] == 5
     assert all(0 <= r["top1"] <= r["top5"] <= 100 for r in lines) and lines[2]["augment"] and not lines[3]["augment"]
     assert (lines[2]["warmup_epochs"], lines[2]["min_lr"], lines[3]["warmup_epochs"]) == (1, 0.0, 10)  # the schedule
+    assert (lines[2]["probe_batch"], lines[2]["steps_per_epoch"]) == (5, 2)  # --batch-size 5 of 12 images
     assert "kNN (k=20, T=0.07) of mae_vit_tiny_patch16 step 12: top-1" in capsys.readouterr().out
     # what reproduces it: the weights' digest (whatever the file is called later), the versions, the view
     assert first["encoder_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
