@@ -198,6 +198,7 @@ class Trainer:
             "fastmim_version": __import__("fastmim").__version__,
             "provenance": self.provenance,
             "data_digest": self.data_digest(),
+            "monitor_pool": getattr(self.monitor, "pool", None),  # (the kNN monitor's feature, as resolved)
         }
 
     def data_digest(self) -> str | None:
@@ -351,6 +352,13 @@ class Trainer:
                 print(f"note: this checkpoint was written by an earlier fastmim: {rest} will have other crops and "
                       "flips than it would have drawn (the augmentation seeds are a hash of seed, epoch and index "
                       "now), the masks the same", flush=True)  # fmt: skip
+        monitored = (state.get("config") or {}).get("eval_data")  # (the run had a monitor before this resume)
+        pool = getattr(self.monitor, "pool", None)
+        if pool == "avg" and monitored and "monitor_pool" not in state and self.cfg.eval_pool == "auto":
+            # a data2vec 2.0 run monitored before the monitor took its recipe's feature (the evaluation's)
+            print("note: the kNN monitor now takes the token mean of a data2vec 2.0 encoder with --eval-pool auto, "
+                  "as python -m fastmim.eval does; this run's earlier knn_top1 rows are of the class token "
+                  "(--eval-pool cls keeps to it)", flush=True)  # fmt: skip
         was = (state.get("provenance") or {}).get("native_ext")
         if was is not None and was != _ext.available() and self.masks.has_cpp and self.info.is_main:
             if was:

@@ -372,3 +372,26 @@ def test_monitor_takes_the_feature_the_evaluation_takes_for_data2vec2(tmp_path):
     assert d2v.pool == "avg"
     assert KnnMonitor(str(labelled), "mae_vit_tiny_patch16", 32, torch.device("cpu")).pool == "auto"
     assert KnnMonitor(str(labelled), "data2vec2_vit_tiny_patch16", 32, torch.device("cpu"), pool="cls").pool == "cls"
+
+
+def test_a_data2vec2_run_monitored_before_the_token_mean_says_so_at_its_resume(image_folder, tmp_path, capsys):
+    """A data2vec 2.0 run's monitor took the class token before it took the evaluation's feature (the token mean):
+    resumed from such a checkpoint (no monitor_pool in it), knn_top1 changes feature at that step, and the run says
+    so; a checkpoint that records the feature resumes without the note."""
+    from tests.conftest import tiny_args_for
+
+    out = tmp_path / "run"
+    args = [*tiny_args_for("data2vec2_vit_tiny_patch16"), "--data-path", str(image_folder), "--output-dir", str(out),
+            "--eval-data", str(_labelled(tmp_path)), "--epochs", "2", "--vis-interval", "0"]  # fmt: skip
+    assert pretrain.main([*args, "--max-steps", "2"]) == 0
+    ckpt = out / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False)
+    assert state["monitor_pool"] == "avg"
+    capsys.readouterr()
+    assert pretrain.main([*args, "--max-steps", "3", "--resume"]) == 0
+    assert "token mean of a data2vec 2.0 encoder" not in capsys.readouterr().out
+    state = torch.load(ckpt, weights_only=False)
+    del state["monitor_pool"]  # as an earlier fastmim wrote it
+    torch.save(state, ckpt)
+    assert pretrain.main([*args, "--max-steps", "4", "--resume"]) == 0
+    assert "this run's earlier knn_top1 rows are of the class token" in capsys.readouterr().out
