@@ -508,9 +508,7 @@ class MultiBlockMask(MaskStrategy):
                                     .astype(bool))  # fmt: skip
 
         b = len(contexts)
-        ctx = bits(contexts) if b else torch.zeros(0, n, dtype=torch.bool)
-        keep = int(ctx.sum(1).min()) if b else 0
-        ctx &= torch.cumsum(ctx, dim=1) <= keep  # each sample's first ``keep`` context tokens in raster order
+        ctx, keep = _truncated(bits(contexts) if b else torch.zeros(0, n, dtype=torch.bool))
         tgt = bits(targets).view(b, self.num_targets, h, w) if b else torch.zeros(0, self.num_targets, h, w,
                                                                                   dtype=torch.bool)  # fmt: skip
         return Masks((~ctx).view(-1, h, w), targets=tgt, num_hidden=n - keep).to(dev)  # (counted on the CPU)
@@ -541,9 +539,7 @@ class MultiBlockMask(MaskStrategy):
                     excluded, tries = excluded - 1, 0
             targets.append(tgt)
             contexts.append(ctx.flatten())
-        ctx = torch.stack(contexts)  # [B, N]
-        keep = int(ctx.sum(1).min()) if len(contexts) else 0
-        ctx &= torch.cumsum(ctx, dim=1) <= keep  # each sample's first ``keep`` context tokens in raster order
+        ctx, keep = _truncated(torch.stack(contexts))  # [B, N]
         tgt = torch.stack(targets) if targets else torch.zeros(0, self.num_targets, h, w, dtype=torch.bool)
         return Masks((~ctx).view(-1, h, w), targets=tgt, num_hidden=h * w - keep).to(dev)  # (counted on the CPU)
 
@@ -557,9 +553,7 @@ class MultiBlockMask(MaskStrategy):
         # per-sample blocks, then every context truncated to the call's smallest (its first tokens in raster order,
         # as I-JEPA's collator truncates): one hidden count for the call, so the context can be gathered (one host
         # read of the count where the masks are on a GPU)
-        ctx = ~out.mask.flatten(1)
-        keep = int(ctx.sum(1).min()) if ctx.shape[0] else 0
-        ctx &= torch.cumsum(ctx, dim=1) <= keep
+        ctx, keep = _truncated(~out.mask.flatten(1))
         return Masks((~ctx).view_as(out.mask), out.targets, num_hidden=ctx.shape[1] - keep,
                      target_tokens=out.target_tokens)  # fmt: skip
 
@@ -613,6 +607,14 @@ class MultiBlockMask(MaskStrategy):
             *self.context_scale, self.min_keep, self.max_tries,
         )  # fmt: skip
         return Masks(~torch.from_numpy(ctx), targets=torch.from_numpy(tgt))
+
+
+def _truncated(ctx: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """I-JEPA's truncation of contexts [B, N] (bool, modified in place) to the batch's smallest: each sample keeps its
+    first ``keep`` context tokens in raster order, as the collator cuts its index lists. Returns (ctx, keep)."""
+    keep = int(ctx.sum(1).min()) if ctx.shape[0] else 0
+    ctx &= torch.cumsum(ctx, dim=1) <= keep
+    return ctx, keep
 
 
 class TubeMask(MaskStrategy):
