@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from fastmim._args import ArgumentParser, expand_home
 
 
@@ -166,6 +164,12 @@ MODE_OPTIONS = {"k": ("knn",), "temperature": ("knn",), "no_augment": ("linprobe
                                  "cutmix", "smoothing", "model_ema", "aa", "reprob", "finetune_dir", "resume",
                                  "accum_iter"),
                                 ("finetune",))}  # fmt: skip
+
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    build_parser(_help_mode(sys.argv[1:])).parse_args(sys.argv[1:])  # the options without torch's import (3 s)
+
+import torch  # noqa: E402 (after the --help fast path)
 
 
 def _check_mode_options(ap, args, argv) -> None:

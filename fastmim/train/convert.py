@@ -8,11 +8,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 
 def convert(src: str | Path, dst: str | Path, encoder: str | Path | None = None) -> dict:
     """Writes ``dst`` (and ``encoder``) from the sharded checkpoint ``src``; returns the written state."""
+    import torch  # (here: ``--help`` and a usage error print without torch's import)
+
     from fastmim.config import PretrainConfig, apply_overrides, migrate_saved_config
     from fastmim.pretrain import build_model
     from fastmim.train import checkpoint as ckpt

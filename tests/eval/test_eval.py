@@ -1353,6 +1353,27 @@ def test_each_modes_help_lists_its_own_options(capsys):
     assert "--layer-decay" in every and "--temperature" in every and "--no-augment" in every
 
 
+@pytest.mark.parametrize("command", [["fastmim.eval", "knn", "--help"], ["fastmim.eval", "--help"],
+                                     ["fastmim.train.convert", "--help"]])  # fmt: skip
+def test_help_is_printed_without_importing_torch(command):
+    """``python -m fastmim.eval --help`` took 3-4 s (the package imported torch and the encoders first), convert's
+    1.5 s: both print their options before torch's import, the same text as the full command's parse."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", *command], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0 and f"usage: python -m {command[0]}" in r.stdout, r.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported and "fastmim" in imported
+    if command[0] == "fastmim.eval":
+        from fastmim.eval.__main__ import build_parser
+
+        assert r.stdout == build_parser(command[1] if len(command) == 3 else None).format_help()
+
+
 def test_a_class_renamed_only_in_its_unicode_normalisation_is_told_apart_in_the_resume_refusal():
     """A fine-tuning resumed on re-normalised class folders is refused (its labels could differ); the message showed
     "'café' gone; 'café' new": a name that is not NFC is spelled out."""
