@@ -152,3 +152,41 @@ def test_cuda_backend_forced_without_a_gpu_fails_clearly(monkeypatch):
     x, ids = torch.randn(2, 5, 3), torch.tensor([[0, 1], [2, 3]])
     with pytest.raises(RuntimeError, match="FASTMIM_BACKEND=cuda cannot run here: the CUDA backend runs on CUDA"):
         gather_visible(x, ids)
+
+
+def test_cpp_kernels_refuse_an_id_and_a_buffer_one_past_the_end():
+    """The C++ kernels' own checks, the backstop behind the Python ones for a caller of fastmim._C: an id equal to N
+    (sample 0's would read sample 1's first row) and a target one element shorter than its strides reach are
+    refused, and the last valid id and the exact buffer are taken."""
+    if not fastmim.has_native_extension():
+        pytest.skip(f"fastmim._C not built ({fastmim._ext.load_error})")
+    from fastmim import _C
+    from fastmim.ops import masked_mse_loss_ref
+    from fastmim.ops._cpu import CPP_DTYPE
+
+    b, n, k, d = 2, 5, 3, 4
+    x, grad = torch.randn(b, n, d), torch.randn(b, k, d)
+    ok, bad = torch.tensor([[0, 2, n - 1], [1, 3, 4]]), torch.tensor([[0, 2, n], [1, 3, 4]])
+    out, back = torch.empty(b, k, d), torch.empty(b, n, d)
+    _C.gather_visible(x.data_ptr(), ok.data_ptr(), out.data_ptr(), b, n, k, d, 4)
+    torch.testing.assert_close(out, torch.gather(x, 1, ok[..., None].expand(-1, -1, d)), rtol=0, atol=0)
+    _C.gather_visible_backward(grad.data_ptr(), ok.data_ptr(), back.data_ptr(), b, n, k, d, 4)
+    torch.testing.assert_close(back.gather(1, ok[..., None].expand(-1, -1, d)), grad, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"gather_visible: ids_keep\[0, 2\] = 5 is out of range \[0, 5\)"):
+        _C.gather_visible(x.data_ptr(), bad.data_ptr(), out.data_ptr(), b, n, k, d, 4)
+    with pytest.raises(ValueError, match=r"gather_visible_backward: ids_keep\[0, 2\] = 5 is out of range \[0, 5\)"):
+        _C.gather_visible_backward(grad.data_ptr(), bad.data_ptr(), back.data_ptr(), b, n, k, d, 4)
+
+    imgs, pred = torch.randn(2, 3, 16, 16), torch.randn(2, 4, 192)
+    mask = torch.tensor([[1.0, 0, 1, 1], [0, 1, 0, 1]])
+    geometry = (2, 4, 192, 2, 768, 128, 8, 8, 3, 16, 1, 256)  # B L D gw, strides of a sample/patch row/column, P C ...
+    f32 = CPP_DTYPE[torch.float32]
+
+    def loss(numel):
+        return _C.masked_loss_forward(pred.data_ptr(), f32, imgs.data_ptr(), f32, numel, mask.data_ptr(), *geometry,
+                                      True, 1e-6, 2)  # fmt: skip
+
+    total, count = loss(imgs.numel())
+    assert count == 5 and total / count == pytest.approx(masked_mse_loss_ref(pred, imgs, mask, 8, True).item())
+    with pytest.raises(ValueError, match="the target strides reach element 1535, beyond target_numel = 1535"):
+        loss(imgs.numel() - 1)

@@ -196,3 +196,18 @@ def test_block_statistics_stay_beits_in_both_modes(impl):
 def test_exact_must_be_a_bool():
     with pytest.raises(TypeError, match="exact must be a bool"):
         BlockMaskConfig(14, 14, 75, exact=1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("grid", [(12, 1), (1, 12)])
+def test_exact_top_up_grows_the_mask_along_both_axes(impl, grid):
+    """On a one-patch-wide grid no BEiT block fits: exact=True's top-up makes the whole mask, each cell next to a
+    masked one, so every mask is one run of 6, down a column as along a row (a top-up that looked at one axis only
+    scattered the cells of the other)."""
+    from fastmim.masking import build_mask
+
+    s = build_mask("block", grid, impl=impl, seed=1, ratio=6 / 12, exact=True)
+    m = s(indices=torch.arange(64), device="cpu").mask.numpy()
+    assert (m.reshape(64, -1).sum(1) == 6).all()
+    assert all(connected_pieces(x.reshape(grid)) == 1 for x in m), impl
+    assert len({tuple(x.ravel()) for x in m}) > 3  # (the runs start at different cells)

@@ -43,6 +43,30 @@ def test_environment_changes_are_seen_despite_the_cache(monkeypatch):
         choose_backend("patchify", dev, (torch.float32,))
 
 
+def test_the_backend_setting_is_read_in_any_case_and_spacing(monkeypatch):
+    dev = torch.device("cpu")
+    for said in (" Torch ", "TORCH", "torch\n"):
+        monkeypatch.setenv("FASTMIM_BACKEND", said)
+        assert forced_backend() == "torch"
+        assert choose_backend("patchify", dev, (torch.float32,)) == "torch"
+    monkeypatch.setenv("FASTMIM_BACKEND", " AUTO")
+    assert forced_backend() is None
+
+
+def test_a_triton_choice_on_cpu_is_not_kept_once_the_interpreter_is_off(monkeypatch):
+    """Triton runs CPU tensors only in its interpreter: a choice cached while TRITON_INTERPRET=1 must not be
+    returned after it is unset (the cache key holds the interpreter's setting)."""
+    if _dispatch.triton_available() is not None:
+        pytest.skip(f"Triton is not usable here: {_dispatch.triton_available()}")
+    dev = torch.device("cpu")
+    monkeypatch.setenv("FASTMIM_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert choose_backend("patchify", dev, (torch.float32,)) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        choose_backend("patchify", dev, (torch.float32,))
+
+
 def test_getenv_matches_os_environ(monkeypatch):
     monkeypatch.setenv("FASTMIM_TEST_VAR", "välue")
     assert getenv("FASTMIM_TEST_VAR") == "välue"

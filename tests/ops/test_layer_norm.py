@@ -42,6 +42,23 @@ def test_matches_reference(backend, shape):
     check_against_reference(layer_norm, layer_norm_ref, _problem(shape, device), f"fp32[{name}]", rtol=1e-5)
 
 
+def test_rows_of_variance_near_eps_match_the_reference(backend):
+    """Where eps enters shows only on rows whose variance is about eps (small activations, a zero-initialised residual
+    stream early in training): 1 / sqrt(var + eps), nn.LayerNorm's, not 1 / (sqrt(var) + eps)."""
+    device, name = backend
+    x, w, b = _problem((2, 6, 64), device)
+    with torch.no_grad():
+        x.mul_(1e-3)  # variance about 2e-6
+        x[0, 0] = 0.25  # a constant row (its mean exact in any summation order)
+        x[1, 2] = 0.25
+        x[1, 2, 5] += 1e-4  # one value off
+    check_against_reference(lambda *a: layer_norm(*a, EPS), lambda *a: layer_norm_ref(*a, EPS), [x, w, b],
+                            f"near-flat[{name}]", rtol=1e-5)  # fmt: skip
+    r = x.detach()[1, 2].cpu().double()  # (the row tells the two apart)
+    assert ((r - r.mean()) / (r.var(unbiased=False) + EPS).sqrt()).abs().max() < 0.2
+    assert ((r - r.mean()) / (r.var(unbiased=False).sqrt() + EPS)).abs().max() > 7
+
+
 @pytest.mark.parametrize("dtypes", ["bf16-params-fp32", "bf16", "fp16"])
 def test_low_precision_matches_reference(backend, dtypes):
     """``bf16-params-fp32``: a model under autocast (bf16 activation, fp32 parameters, bf16 output)."""

@@ -194,6 +194,31 @@ def test_weight_zero_patches_are_ignored_even_when_not_finite(backend):
         assert (grad[mask == 0] == 0).all()
 
 
+def test_near_flat_patches_follow_maes_normalisation(backend):
+    """Real images have near-flat patches (borders, sky) whose variance is about eps: there, where eps enters matters
+    ((var + eps) ** 0.5, MAE's, against var ** 0.5 + eps: 3.75 against 13.7 for one grey level off in a flat patch),
+    and a constant masked patch must give a finite loss. The other tests' images (variance 4) cannot tell them apart.
+    """
+    device, name = backend
+    pred, imgs, _ = _case(2, 3, 16, 16, 8, device)
+    imgs = imgs * 1e-3  # variance 4e-6: eps (1e-6) is a fifth of it
+    imgs[0, :, 0:8, 0:8] = 0.25  # patch 0 of sample 0: constant
+    imgs[1, :, 8:16, 8:16] = 0.5  # patch 3 of sample 1: one value 1/255 off
+    imgs[1, 0, 12, 12] += 1 / 255
+    mask = torch.tensor([[1.0, 0, 1, 1], [0, 1, 0, 1]], device=device)
+    for p in (1, 2):
+        check_against_reference(
+            lambda x, p=p: masked_mse_loss(x, imgs, mask, 8, norm_pix=True, p=p),
+            lambda x, p=p: masked_mse_loss_ref(x, imgs, mask, 8, norm_pix=True, p=p),
+            [pred],
+            f"near-flat[{name}, p={p}]",
+            rtol=1e-5,
+        )
+    t = patchify_ref(imgs, 8)[1, 3]  # the case tells the two apart:
+    assert ((t - t.mean()) / (t.var() + 1e-6) ** 0.5).max().item() == pytest.approx(3.75, abs=0.01)
+    assert ((t - t.mean()) / (t.var() ** 0.5 + 1e-6)).max().item() == pytest.approx(13.7, abs=0.1)
+
+
 def test_double_backward_raises_instead_of_dropping_terms(backend):
     """The fused backwards are kernels, not differentiable graphs: a second derivative must fail loudly."""
     device, name = backend

@@ -33,6 +33,18 @@ def test_masked_losses_equal_the_reference_for_images_and_patches(p, norm_pix):
                                ops.masked_mse_loss_patchified_ref(pred2, target, mask, norm_pix, 1e-6, p))  # fmt: skip
 
 
+def test_masked_loss_defaults_are_maes_and_simmims():
+    """MaskedMSELoss() is MAE's loss (norm_pix, squared error), MaskedL1Loss() SimMIM's (raw pixels, absolute error):
+    the defaults as values, not only as reprs."""
+    torch.manual_seed(0)
+    imgs, mask, pred = torch.randn(2, 3, 16, 16), _mask(2, 4), torch.randn(2, 4, 192)
+    torch.testing.assert_close(ops.MaskedMSELoss(8)(pred, imgs, mask), ops.masked_mse_loss_ref(pred, imgs, mask, 8,
+                               True, 1e-6, 2))  # fmt: skip
+    torch.testing.assert_close(ops.MaskedL1Loss(8)(pred, imgs, mask), ops.masked_mse_loss_ref(pred, imgs, mask, 8,
+                               False, 1e-6, 1))  # fmt: skip
+    assert (ops.MaskedMSELoss().norm_pix, ops.MaskedL1Loss().norm_pix, ops.MaskedL1Loss().p) == (True, False, 1)
+
+
 def test_masked_loss_settings_are_checked():
     with pytest.raises(ValueError, match="p must be the int 1 or 2"):
         ops.MaskedMSELoss(16, p=3)
