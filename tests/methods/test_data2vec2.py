@@ -273,6 +273,29 @@ def test_cli_trains_updates_the_teacher_and_resumes_exactly(image_folder, tmp_pa
 
 
 @pytest.mark.slow
+def test_the_teacher_moves_toward_the_student_after_its_optimizer_step(image_folder, tmp_path):
+    """Step 2's EMA update reads the student's weights after step 2's optimizer update, not before (a teacher one
+    step behind, with nothing else to show it). A momentum of 0.5 makes the difference far larger than rounding."""
+    out = tmp_path / "run"
+    args = [*_cli_args(image_folder, out), "--model-args", "momentum=(0.5, 0.5, 1)", "--warmup-epochs", "0",
+            "--lr", "1e-3"]  # fmt: skip
+    pretrain.run([*args, "--max-steps", "1"])
+    h = load_checkpoint(out / "checkpoint.pt")
+    pretrain.run([*args, "--resume", str(out / "checkpoint.pt"), "--max-steps", "2"])
+    h1 = load_checkpoint(out / "checkpoint.pt")
+    assert (h["step"], h1["step"]) == (1, 2) and int(h1["model"]["teacher.updates"]) == 2
+    moved = [key for key in h1["model"] if key.startswith("teacher.model.") and h1["model"][key].is_floating_point()]
+    assert len(moved) > 10
+    apart = 0.0
+    for key in moved:
+        before, after = (s["model"][key.removeprefix("teacher.model.")].double() for s in (h, h1))
+        teacher = h1["model"][key].double()
+        torch.testing.assert_close(teacher, 0.5 * h["model"][key].double() + 0.5 * after, rtol=0, atol=1e-7, msg=key)
+        apart = max(apart, (0.5 * (after - before)).abs().max().item())
+    assert apart > 1e-5  # (the student's step moved the expected teacher by more than the tolerance)
+
+
+@pytest.mark.slow
 def test_torchrun_two_processes_keep_one_teacher(image_folder, tmp_path):
     """DDP: each rank updates its teacher after every all-reduced step, so the ranks' weights, teachers included,
     stay equal bit for bit (the trainer checks the sums of every parameter per rank before saving)."""

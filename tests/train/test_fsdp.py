@@ -56,7 +56,8 @@ def test_shard_units_are_the_blocks_innermost_first():
 def test_two_process_fsdp_resumes_on_one_process_as_a_single_process_run(image_folder, tmp_path):
     """2 processes x batch 2 under --fsdp for an epoch; resumed on one process (batch 4, FSDP over one rank) for the
     second; the per-step losses, weights and AdamW moments are those of one process with batch 4 throughout. The
-    sharded checkpoint converts to a single-file one and an encoder.safetensors equal to the run's."""
+    sharded checkpoint converts to a single-file one and an encoder.safetensors equal to the run's, and converted at
+    step 6 it resumes (without FSDP) as the run goes on."""
     ref, sh = tmp_path / "ref", tmp_path / "sh"
     pretrain.run(_args(image_folder, ref, "--epochs", "2"))
     args = _set(_args(image_folder, sh, "--epochs", "2", "--fsdp", "--max-steps", "6"), "--batch-size", "2")
@@ -65,12 +66,22 @@ def test_two_process_fsdp_resumes_on_one_process_as_a_single_process_run(image_f
     dcp = sh / ckpt.DCP_NAME
     assert len(list(dcp.glob("*.distcp"))) == 2 and not (sh / ckpt.CHECKPOINT_NAME).exists()
     assert ckpt.load_checkpoint(dcp)["step"] == 6
+    conv6 = tmp_path / "conv6"  # converted mid-run, the single file resumes (a run moved off FSDP) as the run would
+    conv6.mkdir()
+    convert(dcp, conv6 / ckpt.CHECKPOINT_NAME)
+    pretrain.run(["--resume", str(conv6 / ckpt.CHECKPOINT_NAME), "--no-fsdp", "--batch-size", "4", "--max-steps", "12"])
     pretrain.run(["--resume", str(dcp), "--batch-size", "4", "--max-steps", "12"])
     assert len(list(dcp.glob("*.distcp"))) == 1  # rewritten by the one process
     _assert_losses_close(ref, sh, rel=1e-5)
     state = convert(dcp, tmp_path / "conv.pt", encoder=tmp_path / "enc.safetensors")
     assert state["step"] == 12 and state["epoch"] == 2
     _assert_states_close(ckpt.load_checkpoint(ref / ckpt.CHECKPOINT_NAME), state, atol=1e-6, rel=1e-5)
+    moved = ckpt.load_checkpoint(conv6 / ckpt.CHECKPOINT_NAME)
+    assert moved["step"] == 12
+    _assert_states_close(ckpt.load_checkpoint(ref / ckpt.CHECKPOINT_NAME), moved, atol=1e-6, rel=1e-5)
+    ref_rows = dict(_losses(ref))
+    assert [s for s, _ in _losses(conv6)] == list(range(7, 13))
+    assert all(loss == pytest.approx(ref_rows[s], rel=1e-5) for s, loss in _losses(conv6))
     ours, conv = load_file(sh / "encoder.safetensors"), load_file(tmp_path / "enc.safetensors")
     assert ours.keys() == conv.keys() and all(torch.equal(ours[k], conv[k]) for k in ours)
     with safe_open(str(tmp_path / "enc.safetensors"), "pt") as f, safe_open(str(sh / "encoder.safetensors"), "pt") as g:

@@ -313,9 +313,10 @@ def test_a_run_that_ignores_sighup_outlives_its_terminal(image_folder, tmp_path)
 def test_torchrun_fsdp_ranks_checkpoint_the_same_step_on_sigterm_to_the_agent(image_folder, tmp_path):
     """torchrun, 2 processes, --fsdp: SIGTERM to the launcher's agent reaches both ranks (the agent forwards it); they
     agree on one step, write its sharded checkpoint and stop with the requeue status (the agent itself then exits
-    1, its own SignalException); resumed on the same 2 processes, the run ends as an uninterrupted one."""
+    1, its own SignalException); resumed on the same 2 processes, the run ends as an uninterrupted one. With drop
+    path: each rank gets back its own random stream (rank 0's on both parted the runs)."""
     straight, cut = tmp_path / "straight", tmp_path / "cut"
-    args = [a for a in _args(image_folder, cut, "--fsdp", "--epochs", "3")]
+    args = [a for a in _args(image_folder, cut, "--fsdp", "--epochs", "3", "--drop-path", "0.2")]
     args[args.index("--batch-size") + 1] = "2"
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

@@ -157,6 +157,31 @@ def test_cli_cuda_graph_trains_as_eager_and_resumes_exactly(image_folder, tmp_pa
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def test_cli_resume_with_drop_path_on_cuda_draws_the_straight_runs_masks(image_folder, tmp_path):
+    """Stochastic depth on a GPU draws from the CUDA generator: its state is saved and restored with the checkpoint,
+    so a run stopped after an epoch and resumed ends with the uninterrupted run's weights (the CPU tests cannot see
+    the CUDA generator; without its restore the resumed run drops other paths)."""
+    args = list(TINY_ARGS)
+    args[args.index("--device") + 1] = "cuda"
+    args += ["--data-path", str(image_folder), "--log-interval", "1", "--vis-interval", "100", "--loader", "torch",
+             "--drop-path", "0.3"]  # fmt: skip
+
+    def run(out, *extra):
+        r = run_cli([*args, "--output-dir", str(out), *extra])
+        assert r.returncode == 0, r.stderr
+        return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    straight = run(tmp_path / "straight", "--epochs", "2")
+    run(tmp_path / "half", "--epochs", "1")
+    resumed = run(tmp_path / "half", "--epochs", "2", "--resume", str(tmp_path / "half" / "checkpoint.pt"))
+    assert resumed == pytest.approx(straight, rel=1e-5)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "half" / "checkpoint.pt")
+    assert a["step"] == b["step"] == len(straight)
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
 def test_cli_cuda_graph_with_grad_ckpt_drop_path_and_layer_scale_on_a_vit_trains_as_eager(image_folder, tmp_path):
     """SimMIM's ViT-B encoder (at tiny size) with stochastic depth (CUDA generator draws in every block), activation
     checkpointing (which replays the generator's state to recompute a block), layer scale and the shared relative

@@ -71,6 +71,52 @@ def test_accumulation_equals_the_larger_batch(image_folder, tmp_path):
         assert rb["lr"] == pytest.approx(ra["lr"], rel=1e-12)
 
 
+@pytest.mark.slow
+def test_accumulation_that_does_not_divide_the_epoch_leaves_its_remainder_untrained(tmp_path):
+    """24 images, batch 4 x --accum-iter 4: 6 loader batches, one whole step (4 batches) per epoch, the last 2 left
+    out; so two epochs train what --batch-size 16 trains (its one full batch per epoch, the same 16 samples).
+    Trained, the 2 left over leaked their gradients into the next epoch's step."""
+    from tests.conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "data", n=24)
+    big, acc = tmp_path / "b16", tmp_path / "b4x4"
+    pretrain.run(_set(_args(folder, big, "--epochs", "2"), "--batch-size", "16"))
+    pretrain.run(_args(folder, acc, "--epochs", "2", "--accum-iter", "4"))
+    a, b = load_checkpoint(big / "checkpoint.pt"), load_checkpoint(acc / "checkpoint.pt")
+    assert a["step"] == b["step"] == 2 and (b["epoch"], b["batch"]) == (2, 0)
+    _assert_states_close(a, b, atol=1e-6, rel=1e-5)
+    for ra, rb in zip(_metrics(big), _metrics(acc), strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6), (ra, rb)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask_type", ["random", "block"])  # drawn by the trainer; by the loader's collate (C++)
+def test_every_epoch_draws_new_crops_and_masks_for_each_image(tmp_path, monkeypatch, mask_type):
+    """Crops, flips and masks are seeded by (seed, epoch, index): the trainer moves the dataset and the mask collator
+    on to each epoch. 4 images at batch 4 for 2 epochs: each step sees all of them, and no image or mask of the
+    second epoch repeats one of the first (without the moves every one did: augmentation and masks lost)."""
+    if mask_type == "block" and not fastmim.has_native_extension():
+        pytest.skip("the loader draws masks only with fastmim._C's generators (not built here)")
+    from fastmim.train.step import TrainStep
+    from tests.conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "data", n=4)
+    seen, call = [], TrainStep.__call__
+
+    def spy(self, imgs, mask, *rest, **kw):
+        seen.append((imgs.detach().clone(), mask.detach().clone()))
+        return call(self, imgs, mask, *rest, **kw)
+
+    monkeypatch.setattr(TrainStep, "__call__", spy)
+    pretrain.run(_args(folder, tmp_path / "run", "--epochs", "2", "--mask-type", mask_type))
+    assert len(seen) == 2
+    (i0, m0), (i1, m1) = seen
+    assert i0.shape[0] == m0.shape[0] == 4
+    for a in range(4):
+        for b in range(4):
+            assert not torch.equal(i0[a], i1[b]) and not torch.equal(m0[a], m1[b]), (a, b)
+
+
 FCMAE = ["--model", "fcmae_convnextv2_atto", "--img-size", "96", "--batch-size", "4", "--num-workers", "0",
          "--warmup-epochs", "1", "--device", "cpu", "--amp", "none", "--drop-path", "0.3"]  # fmt: skip
 
@@ -238,11 +284,27 @@ def test_bf16_autocast_run_on_cpu(image_folder, tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+_COUNTING_NO_SYNC = """
+import sys
+from torch.nn.parallel import DistributedDataParallel
+entered, no_sync = [0], DistributedDataParallel.no_sync
+def counted(self):
+    entered[0] += 1
+    return no_sync(self)
+DistributedDataParallel.no_sync = counted
+from fastmim import pretrain
+status = pretrain.main(sys.argv[1:])
+print(f"no_sync entered {entered[0]} times", flush=True)
+sys.exit(status)
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph-mode"])
 def test_ddp_with_accumulation_equals_one_process(image_folder, tmp_path, graph):
     """torchrun, 2 processes x batch 2 x accum 2 (DDP's no_sync on the first micro-batch) trains what one process
-    with batch 8 trains: the same 8 images per step, gradients all-reduced once per step. ``graph-mode``: the ranks
+    with batch 8 trains: the same 8 images per step, gradients all-reduced once per step (no_sync counted: without
+    it the weights are the same, and every micro-batch all-reduces). ``graph-mode``: the ranks
     step through --cuda-graph's code path (uncaptured on CPU: static buffers, gradients kept, tensor lr)."""
     from tests.conftest import run_cli
 
@@ -250,10 +312,13 @@ def test_ddp_with_accumulation_equals_one_process(image_folder, tmp_path, graph)
     args = _set(_args(image_folder, ddp, "--max-steps", "3", "--accum-iter", "2"), "--batch-size", "2")
     env = {"OMP_NUM_THREADS": "1", **({"FASTMIM_CUDA_GRAPH_ON_CPU": "1"} if graph else {})}
     args += ["--cuda-graph"] if graph else []
-    r = run_cli(["--standalone", "--nproc_per_node", "2", "-m", "fastmim.pretrain", *args],
+    script = tmp_path / "counting_no_sync.py"  # the CLI, with DDP's no_sync counted on each rank
+    script.write_text(_COUNTING_NO_SYNC)
+    r = run_cli(["--standalone", "--nproc_per_node", "2", str(script), *args],
                 module=["-m", "torch.distributed.run"], env=env)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert "batch 8 (= 2 x 2 accum x 2 procs)" in r.stdout
+    assert r.stdout.count("no_sync entered 3 times") == 2, r.stdout  # each rank's first micro-batch of each step
     pretrain.run(_set(_args(image_folder, one, "--max-steps", "3"), "--batch-size", "8"))
     a, b = load_checkpoint(one / "checkpoint.pt"), load_checkpoint(ddp / "checkpoint.pt")
     assert a["step"] == b["step"] == 3 and len(set(b["weights_sum_per_rank"])) == 1
