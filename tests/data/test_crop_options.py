@@ -74,6 +74,7 @@ def test_an_unknown_crop_or_filter_is_refused_and_the_random_resized_bicubic_cro
         pretrain_transform(32, interp="nearest")
     crop = pretrain_transform(32).transforms[0]
     assert isinstance(crop, T.RandomResizedCrop) and crop.interpolation == T.InterpolationMode.BICUBIC
+    assert crop.scale == (0.2, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))  # MAE's, not torchvision's 0.08
     crop = pretrain_transform(32, interp="bilinear").transforms[0]  # SimMIM's, I-JEPA's
     assert isinstance(crop, T.RandomResizedCrop) and crop.interpolation == T.InterpolationMode.BILINEAR
 

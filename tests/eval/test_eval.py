@@ -1076,6 +1076,22 @@ def test_linprobe_refuses_a_batch_of_one_by_its_option(tmp_path, capsys):
         assert len(out["history"]) == 1
 
 
+def test_the_probe_is_maes_batchnorm_without_affine_then_the_linear_layer():
+    """MAE's head: BatchNorm1d(affine=False, eps=1e-6) then the linear layer, whose weight and bias are the only
+    parameters LARS steps; and the kNN defaults are DINO's (k=20, T=0.07) for a caller of the functions."""
+    import inspect
+
+    from fastmim.eval import knn_accuracy, knn_scores
+    from fastmim.eval.linprobe import LinearProbe
+
+    head = LinearProbe(8, 3)
+    assert not head.norm.affine and head.norm.eps == 1e-6
+    assert {name for name, _ in head.named_parameters()} == {"fc.weight", "fc.bias"}
+    for fn in (knn_scores, knn_accuracy):
+        params = inspect.signature(fn).parameters
+        assert params["k"].default == 20 and params["temperature"].default == 0.07, fn.__name__
+
+
 def test_linprobe_gathers_its_batch_from_feature_passes(monkeypatch):
     """MAE's probe batch (16384) is far more images than one forward pass holds: the encoder runs --feature-batch
     images at a time and a step takes exactly the probe's batch of their features; an epoch takes n // batch steps
@@ -1187,6 +1203,9 @@ def test_the_evaluation_view_is_maes():
         r = next(t for t in tf.transforms if isinstance(t, T.Resize))
         c = next(t for t in tf.transforms if isinstance(t, T.CenterCrop))
         assert (r.size, tuple(c.size)) == (resize, (size, size)), size
+        assert r.interpolation == T.InterpolationMode.BICUBIC, size
+    warped = next(t for t in eval_transform(448, "convnextv2_atto").transforms if isinstance(t, T.Resize))
+    assert warped.size == (448, 448) and warped.interpolation == T.InterpolationMode.BICUBIC
 
 
 def test_finetune_model_ema_is_evaluated_saved_and_resumed_exactly(tmp_path, capsys, monkeypatch, noted_sigusr1):
@@ -1202,7 +1221,17 @@ def test_finetune_model_ema_is_evaluated_saved_and_resumed_exactly(tmp_path, cap
               str(val), "--batch-size", "4", "--model-ema", "0.5", "--epochs", "2", "--out",
               str(tmp_path / "eval.jsonl")]  # fmt: skip
     straight, cut = tmp_path / "straight", tmp_path / "cut"
+    from timm.utils import ModelEmaV2
+
+    updates, smoothing, ema_update, ce = [], [], ModelEmaV2.update, torch.nn.functional.cross_entropy
+    monkeypatch.setattr(ModelEmaV2, "update", lambda self, model: updates.append(1) or ema_update(self, model))
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **kw: (
+        smoothing.append(kw.get("label_smoothing")) if torch.is_grad_enabled() else None) or ce(*a, **kw))  # fmt: skip
     assert eval_main([*common, "--finetune-dir", str(straight)]) == 0
+    assert len(updates) == 6  # after each of the 2 x 3 steps
+    assert smoothing == [0.2] * 6  # the atto recipe's smoothing, without mixup (timm's soft targets carry it there)
+    monkeypatch.setattr(ModelEmaV2, "update", ema_update)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", ce)
     item = _sigusr1_on_second_batch(monkeypatch, train)
     assert eval_main([*common, "--finetune-dir", str(cut)]) == 75
     assert "ema" in torch.load(cut / "checkpoint.pt", weights_only=False)
@@ -1260,7 +1289,8 @@ def test_a_data2vec2_encoder_is_finetuned_with_fairsecs_recipe():
 
 def test_the_recipes_gradient_clipping_and_betas_reach_the_training(tmp_path, monkeypatch):
     """A data2vec 2.0 encoder (here a random one of that recipe) fine-tunes with its recipe's extras: AdamW's betas,
-    and the gradient clipping of fairseq's ViT-L/H configs (switched on here for the tiny model)."""
+    mixup on 90% of the batches, and the gradient clipping of fairseq's ViT-L/H configs (switched on here for the
+    tiny model)."""
     pytest.importorskip("timm", reason="fine-tuning builds on timm")
     import fastmim.eval.finetune as ft
 
@@ -1271,12 +1301,22 @@ def test_the_recipes_gradient_clipping_and_betas_reach_the_training(tmp_path, mo
                         or real_clip(params, norm))  # fmt: skip
     monkeypatch.setattr(torch.optim, "AdamW", lambda groups, **kw: betas.append(kw["betas"])
                         or real_adamw(groups, **kw))  # fmt: skip
+    import timm.data
+
+    mixes, real_mixup = [], timm.data.Mixup
+    monkeypatch.setattr(timm.data, "Mixup", lambda **kw: mixes.append(kw) or real_mixup(**kw))
     train = make_image_folder(tmp_path / "train", n=12, classes=3)
     val = make_image_folder(tmp_path / "val", n=6, classes=3, seed=1)
     assert eval_main(["finetune", "--random", "data2vec2_vit_tiny_patch16", "--img-size", "32", "--data-path",
                       str(train), "--val-path", str(val), "--batch-size", "4", "--epochs", "1", "--out",
                       str(tmp_path / "eval.jsonl")]) == 0  # fmt: skip
     assert clipped == [1.0] * 3 and betas == [(0.9, 0.95)]
+    assert len(mixes) == 1 and (
+        mixes[0]["prob"],
+        mixes[0]["mixup_alpha"],
+        mixes[0]["cutmix_alpha"],
+        mixes[0]["label_smoothing"],
+    ) == (0.9, 0.7, 1.0, 0.1)  # (mixing 90% of the batches)
     row = json.loads((tmp_path / "eval.jsonl").read_text().splitlines()[-1])
     assert row["recipe"].startswith("data2vec 2.0's") and row["clip_grad"] == 1.0 and row["betas"] == [0.9, 0.95]
 

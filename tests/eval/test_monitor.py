@@ -395,3 +395,14 @@ def test_a_data2vec2_run_monitored_before_the_token_mean_says_so_at_its_resume(i
     torch.save(state, ckpt)
     assert pretrain.main([*args, "--max-steps", "4", "--resume"]) == 0
     assert "this run's earlier knn_top1 rows are of the class token" in capsys.readouterr().out
+
+
+def test_the_monitor_votes_as_dino_by_default():
+    """The pretraining run builds its monitor with the defaults: DINO's k=20 and T=0.07, as python -m fastmim.eval knn
+    (a monitor's knn_top1 and the evaluation's are the same number for the same encoder)."""
+    import inspect
+
+    from fastmim.eval.monitor import KnnMonitor
+
+    params = inspect.signature(KnnMonitor).parameters
+    assert (params["k"].default, params["temperature"].default) == (20, 0.07)

@@ -249,6 +249,20 @@ def test_multiblock_batch_shared_is_ijepas_collator():
     assert (~per_sample.mask).flatten(1).sum(1).float().mean() > sum(kept) / 12 + 15  # ~90, untruncated
 
 
+def test_multiblock_batch_shared_blocks_are_ijepas_squares_off_the_last_row_and_column():
+    """I-JEPA's _sample_block_mask draws top from randint(0, H - h): no block, context or target, reaches the last
+    row or column; its encoder block has aspect (1, 1): the context block is square."""
+    s = build_mask("multiblock", 14, batch_shared=True, impl="torch")
+    for e in range(20):
+        idx = torch.arange(32) + 1000 * e
+        m = s(indices=idx, epoch=1)
+        ctx = ~m.mask
+        assert not (m.targets[..., -1, :].any() or m.targets[..., :, -1].any()), e
+        assert not (ctx[:, -1, :].any() or ctx[:, :, -1].any()), e
+        _, _, eh, ew = s._shared_sizes(idx)
+        assert eh == ew, (e, eh, ew)
+
+
 @pytest.mark.parametrize("grid, kw", [(14, {}), (16, {}), ((8, 12), {}), (5, {"num_targets": 1}),
                                       (14, {"context_scale": (0.3, 1.0), "max_tries": 2})])  # fmt: skip
 def test_multiblock_batch_shared_on_ints_draws_the_reference_masks(grid, kw):

@@ -59,6 +59,13 @@ def test_sampler_resume_and_sharding():
         s.set_epoch(2)
         shards.append(list(s))
     assert all(len(s) == 4 for s in shards) and set(sum(shards, [])) == set(range(10))
+    # 10 padded to 12 by repeating the epoch's first 2 (DistributedSampler's rule; rest() counts on it), dealt
+    # round-robin: rank r reads slots r, r + 3, ...
+    dealt = [shards[i % 3][i // 3] for i in range(12)]
+    assert dealt[:10] == order and dealt[10:] == order[:2]
+    other = ResumableDistributedSampler(10, 1, 0, seed=4)  # another --seed, another order
+    other.set_epoch(2)
+    assert list(other) != order
 
 
 def test_an_epoch_begun_on_two_processes_goes_on_over_three_then_one():
