@@ -40,11 +40,15 @@ def test_masked_patches_enter_as_channel_means_plus_the_mask_token():
     m = _tiny().eval()
     imgs = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     info = random_masking(2, 16, 0.5, generator=torch.Generator().manual_seed(0))
-    seen = {}
+    seen, with_pos = {}, m.with_pos
     handle = m.patch_embed.register_forward_hook(lambda mod, inp, out: seen.update(x=inp[0], out=out))
+    m.with_pos = lambda x: seen.update(tokens=x) or with_pos(x)
     with torch.no_grad():
+        m.mask_token.normal_(generator=torch.Generator().manual_seed(3))
         m.forward_encoder(imgs, info.mask)
     handle.remove()
+    added = seen["out"] + m.mask_token.detach() * info.mask.unsqueeze(-1)  # plus, not instead (SimMIM's)
+    torch.testing.assert_close(seen["tokens"], added, rtol=0, atol=1e-6)
     pix = info.mask.view(2, 4, 4).repeat_interleave(16, 1).repeat_interleave(16, 2).unsqueeze(1).bool()
     means = imgs.mean(dim=(2, 3), keepdim=True).expand_as(imgs)
     torch.testing.assert_close(seen["x"][pix.expand_as(imgs)], means[pix.expand_as(imgs)])  # filled with the means
