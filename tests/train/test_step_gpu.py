@@ -132,24 +132,32 @@ def test_captured_step_with_torch_compile():
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
 
 
+def _cuda_args(image_folder, amp: str) -> list[str]:
+    """The tiny MAE run of the CPU tests on the GPU, under ``--amp amp``, logging every step's loss."""
+    args = list(TINY_ARGS)
+    args[args.index("--device") + 1] = "cuda"
+    args[args.index("--amp") + 1] = amp
+    return [*args, "--data-path", str(image_folder), "--log-interval", "1", "--vis-interval", "100", "--loader",
+            "torch"]  # fmt: skip
+
+
+def _losses(args: list[str], out, *extra: str) -> list[float]:
+    """Runs the CLI into ``out``; the losses of its metrics.jsonl (a resumed run's follow the earlier run's)."""
+    r = run_cli([*args, "--output-dir", str(out), *extra])
+    assert r.returncode == 0, r.stderr
+    return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
 def test_cli_cuda_graph_trains_as_eager_and_resumes_exactly(image_folder, tmp_path):
     """--cuda-graph end to end: the eager run's losses, and a run stopped after one epoch and resumed (warm-up and
     capture again) ends with the uninterrupted run's weights, bit for bit."""
-    args = list(TINY_ARGS)
-    args[args.index("--device") + 1] = "cuda"
-    args[args.index("--amp") + 1] = "bf16"
-    args += ["--data-path", str(image_folder), "--log-interval", "1", "--vis-interval", "100", "--loader", "torch"]
-
-    def run(out, *extra):
-        r = run_cli([*args, "--output-dir", str(out), *extra])
-        assert r.returncode == 0, r.stderr
-        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-
-    eager = run(tmp_path / "eager", "--epochs", "2")
-    graph = run(tmp_path / "graph", "--epochs", "2", "--cuda-graph")
-    assert [r["loss"] for r in graph] == pytest.approx([r["loss"] for r in eager], rel=2e-3)
-    run(tmp_path / "half", "--epochs", "1", "--cuda-graph")
-    run(tmp_path / "half", "--epochs", "2", "--cuda-graph", "--resume", str(tmp_path / "half" / "checkpoint.pt"))
+    args = _cuda_args(image_folder, "bf16")
+    eager = _losses(args, tmp_path / "eager", "--epochs", "2")
+    graph = _losses(args, tmp_path / "graph", "--epochs", "2", "--cuda-graph")
+    assert graph == pytest.approx(eager, rel=2e-3)
+    half = tmp_path / "half"
+    _losses(args, half, "--epochs", "1", "--cuda-graph")
+    _losses(args, half, "--epochs", "2", "--cuda-graph", "--resume", str(half / "checkpoint.pt"))
     a = load_checkpoint(tmp_path / "graph" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "half" / "checkpoint.pt")
     assert a["step"] == b["step"] == len(graph)
@@ -161,19 +169,10 @@ def test_cli_resume_with_drop_path_on_cuda_draws_the_straight_runs_masks(image_f
     """Stochastic depth on a GPU draws from the CUDA generator: its state is saved and restored with the checkpoint,
     so a run stopped after an epoch and resumed ends with the uninterrupted run's weights (the CPU tests cannot see
     the CUDA generator; without its restore the resumed run drops other paths)."""
-    args = list(TINY_ARGS)
-    args[args.index("--device") + 1] = "cuda"
-    args += ["--data-path", str(image_folder), "--log-interval", "1", "--vis-interval", "100", "--loader", "torch",
-             "--drop-path", "0.3"]  # fmt: skip
-
-    def run(out, *extra):
-        r = run_cli([*args, "--output-dir", str(out), *extra])
-        assert r.returncode == 0, r.stderr
-        return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-
-    straight = run(tmp_path / "straight", "--epochs", "2")
-    run(tmp_path / "half", "--epochs", "1")
-    resumed = run(tmp_path / "half", "--epochs", "2", "--resume", str(tmp_path / "half" / "checkpoint.pt"))
+    args = [*_cuda_args(image_folder, "none"), "--drop-path", "0.3"]
+    straight = _losses(args, tmp_path / "straight", "--epochs", "2")
+    _losses(args, tmp_path / "half", "--epochs", "1")
+    resumed = _losses(args, tmp_path / "half", "--epochs", "2", "--resume", str(tmp_path / "half" / "checkpoint.pt"))
     assert resumed == pytest.approx(straight, rel=1e-5)
     a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "half" / "checkpoint.pt")
@@ -187,23 +186,14 @@ def test_cli_cuda_graph_with_grad_ckpt_drop_path_and_layer_scale_on_a_vit_trains
     checkpointing (which replays the generator's state to recompute a block), layer scale and the shared relative
     position bias without an absolute one (the table's gather and its scatter-add backward captured): the captured
     step's losses follow the eager step's, so the recompute inside the graph drew the forward's drop masks."""
-    args = list(TINY_ARGS)
+    args = _cuda_args(image_folder, "bf16")
     args[args.index("--model") + 1] = "simmim_vit_tiny_patch16"
     for flag in ("--decoder-embed-dim", "--decoder-depth", "--decoder-num-heads"):
         i = args.index(flag)
         del args[i : i + 2]
-    args[args.index("--device") + 1] = "cuda"
-    args[args.index("--amp") + 1] = "bf16"
-    args += ["--data-path", str(image_folder), "--log-interval", "1", "--vis-interval", "100", "--loader", "torch",
-             "--epochs", "2", "--grad-ckpt", "--drop-path", "0.3", "--layer-scale", "0.1", "--rel-pos-bias", "shared",
+    args += ["--epochs", "2", "--grad-ckpt", "--drop-path", "0.3", "--layer-scale", "0.1", "--rel-pos-bias", "shared",
              "--abs-pos", "none"]  # fmt: skip
-
-    def run(out, *extra):
-        r = run_cli([*args, "--output-dir", str(out), *extra])
-        assert r.returncode == 0, r.stderr
-        return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-
-    eager, graph = run(tmp_path / "eager"), run(tmp_path / "graph", "--cuda-graph")
+    eager, graph = _losses(args, tmp_path / "eager"), _losses(args, tmp_path / "graph", "--cuda-graph")
     assert len(graph) == len(eager) == 12
     assert graph == pytest.approx(eager, rel=2e-3)
 
